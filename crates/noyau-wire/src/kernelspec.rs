@@ -1,0 +1,1 @@
+//! Kernelspecs on the Jupyter paths (filled in by the kernelspec work).
