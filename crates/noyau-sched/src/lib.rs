@@ -1,1 +1,105 @@
-//! noyau-sched
+//! Where an agent runs.
+//!
+//! A [`Backend`] takes a [`JobSpec`] (the `noyau agent` command, its
+//! environment, a name that says what runs and carries no secret) and starts
+//! it somewhere: [`local`] as a child process of the caller, the embedded
+//! default; batch schedulers later. Whatever the backend, the caller follows
+//! the job through a [`JobState`] watch channel, and an error talking to a
+//! scheduler is [`JobState::Unknown`], never "the job is gone".
+//!
+//! Backends are an enum rather than a trait object: there are few of them,
+//! each is known at compile time, and the enum keeps `async fn` simple.
+
+pub mod local;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use tokio::sync::watch;
+
+/// What to run in the job.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    /// Shown by the scheduler to every user: never put a secret in it.
+    pub name: String,
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    /// Secrets travel here (the job's environment), never in `args`.
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobState {
+    Pending { reason: String },
+    Running { node: String },
+    Ended(JobEnd),
+    /// The scheduler could not be asked; the job may well be alive.
+    Unknown { why: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobEnd {
+    /// E.g. "exited with status 0", "was killed by signal 9 (SIGKILL)".
+    pub description: String,
+    pub success: bool,
+}
+
+/// A submitted job.
+#[derive(Debug)]
+pub struct Job {
+    pub id: String,
+    pub backend: &'static str,
+    pub state: watch::Receiver<JobState>,
+    handle: JobHandle,
+}
+
+#[derive(Debug)]
+enum JobHandle {
+    Local(local::LocalHandle),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchedError {
+    #[error("unknown backend {0:?}; available backends: local")]
+    UnknownBackend(String),
+    #[error("cannot start the agent `{program}` locally: {source}")]
+    LocalSpawn {
+        program: String,
+        source: std::io::Error,
+    },
+}
+
+/// A scheduler backend.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    Local(local::LocalBackend),
+}
+
+impl Backend {
+    pub fn from_name(name: &str) -> Result<Self, SchedError> {
+        match name {
+            "local" => Ok(Backend::Local(local::LocalBackend)),
+            other => Err(SchedError::UnknownBackend(other.into())),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Local(_) => "local",
+        }
+    }
+
+    pub async fn submit(&self, spec: JobSpec) -> Result<Job, SchedError> {
+        match self {
+            Backend::Local(b) => b.submit(spec).await,
+        }
+    }
+
+    /// Asks the job to end (the agent then stops its kernel), and makes sure it does.
+    pub async fn cancel(&self, job: &Job) {
+        match &job.handle {
+            JobHandle::Local(h) => h.cancel().await,
+        }
+    }
+}

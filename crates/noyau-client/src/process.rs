@@ -1,0 +1,225 @@
+//! The kernel process: started in its own process group, signalled as a
+//! group, killed with its parent, and described in words when it ends.
+
+use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("the kernelspec's argv is empty; its kernel.json must give the command that starts the kernel")]
+    EmptyArgv,
+    #[error("cannot start the kernel `{program}`: {source}. Is it installed where the kernel runs, and on PATH?")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+}
+
+/// How a kernel process ended, for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitDescription {
+    pub text: String,
+    pub signal: Option<i32>,
+    pub code: Option<i32>,
+    pub oom_killed: bool,
+}
+
+impl std::fmt::Display for ExitDescription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl ExitDescription {
+    pub fn from_status(status: ExitStatus, oom_killed: bool) -> Self {
+        let signal = status.signal();
+        let code = status.code();
+        let text = if oom_killed {
+            format!(
+                "was killed by the out-of-memory killer ({}); ask for more memory or use less",
+                signal_name(signal.unwrap_or(libc::SIGKILL))
+            )
+        } else if let Some(sig) = signal {
+            format!("was killed by signal {sig} ({})", signal_name(sig))
+        } else {
+            format!("exited with status {}", code.unwrap_or(-1))
+        };
+        ExitDescription {
+            text,
+            signal,
+            code,
+            oom_killed,
+        }
+    }
+}
+
+pub fn signal_name(sig: i32) -> String {
+    Signal::try_from(sig)
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_else(|_| format!("signal {sig}"))
+}
+
+/// A running kernel.
+#[derive(Debug)]
+pub struct KernelProcess {
+    child: Child,
+    pid: u32,
+    oom_kills_at_start: Option<u64>,
+}
+
+/// Substitutes the kernelspec templates Jupyter defines.
+pub fn expand_argv(argv: &[String], connection_file: &Path, resource_dir: &Path) -> Vec<String> {
+    argv.iter()
+        .map(|a| {
+            a.replace("{connection_file}", &connection_file.to_string_lossy())
+                .replace("{resource_dir}", &resource_dir.to_string_lossy())
+        })
+        .collect()
+}
+
+impl KernelProcess {
+    /// Starts `argv` (already expanded) with `env` added to ours.
+    pub fn launch(
+        argv: &[String],
+        env: &BTreeMap<String, String>,
+        cwd: Option<&Path>,
+    ) -> Result<Self, LaunchError> {
+        let (program, args) = argv.split_first().ok_or(LaunchError::EmptyArgv)?;
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .envs(env)
+            .stdin(Stdio::null())
+            .process_group(0)
+            .kill_on_drop(true);
+        if let Some(dir) = cwd {
+            cmd.current_dir(dir);
+        }
+        // SAFETY: prctl is async-signal-safe; it runs in the child between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                // The kernel must not outlive its agent, even one killed by SIGKILL.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let oom_kills_at_start = oom_kill_count();
+        let child = cmd.spawn().map_err(|source| LaunchError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
+        let pid = child.id().unwrap_or(0);
+        Ok(KernelProcess {
+            child,
+            pid,
+            oom_kills_at_start,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Sends a signal to the kernel's whole process group.
+    pub fn signal(&self, sig: Signal) -> std::io::Result<()> {
+        killpg(Pid::from_raw(self.pid as i32), sig).map_err(std::io::Error::from)
+    }
+
+    /// Waits for the kernel to end and says how. Cancel-safe.
+    pub async fn wait(&mut self) -> ExitDescription {
+        let status = match self.child.wait().await {
+            Ok(s) => s,
+            Err(e) => {
+                return ExitDescription {
+                    text: format!("could not be waited for: {e}"),
+                    signal: None,
+                    code: None,
+                    oom_killed: false,
+                }
+            }
+        };
+        let oom = status.signal() == Some(libc::SIGKILL)
+            && matches!((self.oom_kills_at_start, oom_kill_count()), (Some(a), Some(b)) if b > a);
+        // Whatever the kernel started goes with it.
+        let _ = self.signal(Signal::SIGKILL);
+        ExitDescription::from_status(status, oom)
+    }
+
+    /// Kills the process group and reaps the kernel.
+    pub async fn kill(&mut self) -> ExitDescription {
+        let _ = self.signal(Signal::SIGKILL);
+        self.wait().await
+    }
+}
+
+/// The cgroup v2 `oom_kill` counter of our cgroup, to tell an OOM kill from
+/// another SIGKILL.
+fn oom_kill_count() -> Option<u64> {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let events: PathBuf = Path::new("/sys/fs/cgroup")
+        .join(rel.trim_start_matches('/'))
+        .join("memory.events");
+    let text = std::fs::read_to_string(events).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn describes_exit_and_signal() {
+        let mut p = KernelProcess::launch(
+            &["sh".into(), "-c".into(), "exit 3".into()],
+            &BTreeMap::new(),
+            None,
+        )
+        .unwrap();
+        let d = p.wait().await;
+        assert_eq!(d.code, Some(3));
+        assert_eq!(d.text, "exited with status 3");
+
+        let mut p = KernelProcess::launch(
+            &["sleep".into(), "30".into()],
+            &BTreeMap::new(),
+            None,
+        )
+        .unwrap();
+        p.signal(Signal::SIGKILL).unwrap();
+        let d = p.wait().await;
+        assert_eq!(d.signal, Some(9));
+        assert!(d.text.contains("SIGKILL"), "{}", d.text);
+    }
+
+    #[test]
+    fn missing_program_is_a_clear_error() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _g = rt.enter();
+        let e = KernelProcess::launch(&["/nonexistent/kernel".into()], &BTreeMap::new(), None)
+            .unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/kernel"), "{e}");
+    }
+
+    #[test]
+    fn argv_templates() {
+        let a = expand_argv(
+            &["py".into(), "-f".into(), "{connection_file}".into(), "{resource_dir}/x".into()],
+            Path::new("/r/k.json"),
+            Path::new("/spec"),
+        );
+        assert_eq!(a, vec!["py", "-f", "/r/k.json", "/spec/x"]);
+    }
+}
