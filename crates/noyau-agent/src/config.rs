@@ -1,0 +1,98 @@
+//! How an agent learns where its proxy is and how to prove who it is.
+//!
+//! The address, certificate pin and token come from the job's environment
+//! or from a 0600 file, never from argv, where `ps` and `squeue` would show
+//! them to every user of the machine. They are removed from the environment
+//! once read, so the kernel does not inherit them.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub link_addr: String,
+    pub pin: String,
+    pub token: String,
+    /// Name of the kernelspec to run, found on this node's Jupyter paths.
+    pub inner: String,
+    /// How long to wait for a new proxy after the last one detached.
+    pub reattach_grace: Duration,
+    /// How long to keep redialling a proxy that went away without a word.
+    pub give_up_after: Duration,
+}
+
+#[derive(Deserialize)]
+struct SecretsFile {
+    link_addr: String,
+    pin: String,
+    token: String,
+}
+
+fn take_env(name: &str) -> Option<String> {
+    let v = std::env::var(name).ok();
+    std::env::remove_var(name);
+    v
+}
+
+fn secs(name: &str, default: u64) -> anyhow::Result<Duration> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse::<f64>()
+            .ok()
+            .filter(|s| *s >= 0.0)
+            .map(Duration::from_secs_f64)
+            .with_context(|| format!("{name}={v:?} is not a number of seconds")),
+        Err(_) => Ok(Duration::from_secs(default)),
+    }
+}
+
+impl AgentConfig {
+    /// Reads the configuration, from `secrets_file` if given (deleted once
+    /// read), else from `NOYAU_LINK_ADDR`, `NOYAU_LINK_PIN`, `NOYAU_LINK_TOKEN`.
+    pub fn load(secrets_file: Option<&Path>, inner: Option<String>) -> anyhow::Result<Self> {
+        let (link_addr, pin, token) = match secrets_file {
+            Some(path) => {
+                let meta = std::fs::metadata(path)
+                    .with_context(|| format!("cannot read the agent's secrets file {}", path.display()))?;
+                if meta.mode() & 0o077 != 0 {
+                    bail!(
+                        "secrets file {} has mode {:o}; it must be readable by its owner only (0600)",
+                        path.display(),
+                        meta.mode() & 0o777
+                    );
+                }
+                let text = std::fs::read(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                let _ = std::fs::remove_file(path);
+                let s: SecretsFile = serde_json::from_slice(&text)
+                    .with_context(|| format!("{} is not a noyau secrets file", path.display()))?;
+                (s.link_addr, s.pin, s.token)
+            }
+            None => {
+                let missing = |n: &str| {
+                    format!("{n} is not set: `noyau agent` is started by `noyau kernel` through a backend, which passes it the link address, pin and token")
+                };
+                (
+                    take_env("NOYAU_LINK_ADDR").with_context(|| missing("NOYAU_LINK_ADDR"))?,
+                    take_env("NOYAU_LINK_PIN").with_context(|| missing("NOYAU_LINK_PIN"))?,
+                    take_env("NOYAU_LINK_TOKEN").with_context(|| missing("NOYAU_LINK_TOKEN"))?,
+                )
+            }
+        };
+        let inner = inner
+            .or_else(|| take_env("NOYAU_INNER"))
+            .unwrap_or_else(|| "python3".into());
+        Ok(AgentConfig {
+            link_addr,
+            pin,
+            token,
+            inner,
+            reattach_grace: secs("NOYAU_REATTACH_GRACE", 30)?,
+            give_up_after: secs("NOYAU_LINK_GIVE_UP", 120)?,
+        })
+    }
+}

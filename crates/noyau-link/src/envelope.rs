@@ -1,0 +1,101 @@
+//! What travels in a link message: either a Jupyter message's raw frames,
+//! untouched, or one of the few events the proxy and the agent exchange
+//! about the kernel itself. The first frame says which.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+const JUPYTER: &[u8] = b"J";
+const EVENT: &[u8] = b"E";
+
+/// Events between proxy and agent. Kernel events travel on the IOPub lane
+/// so that they arrive after every output the kernel sent before them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// Agent → proxy, first thing on every new session.
+    AgentHello {
+        pid: u32,
+        host: String,
+        version: String,
+    },
+    /// Agent → proxy: the kernel answers and its IOPub is subscribed.
+    KernelReady {
+        pid: u32,
+        kernel_info: serde_json::Value,
+    },
+    /// Agent → proxy: the kernel ended; `expected` after a shutdown request.
+    KernelDied { description: String, expected: bool },
+    /// Agent → proxy: something went wrong before a kernel could run.
+    AgentError { message: String },
+    /// Proxy → agent: this proxy is going away; keep the kernel's allocation
+    /// and wait for the next proxy, which will present `token`.
+    Detach { token: String },
+    /// Agent → proxy: detach understood.
+    DetachAck,
+    /// Proxy → agent: stop the kernel and end the job.
+    Shutdown,
+}
+
+#[derive(Debug)]
+pub enum Payload {
+    Jupyter(Vec<Bytes>),
+    Event(Event),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("empty link message")]
+    Empty,
+    #[error("link message has unknown kind {0:?}")]
+    UnknownKind(Bytes),
+    #[error("malformed link event: {0}")]
+    BadEvent(String),
+}
+
+pub fn jupyter(mut frames: Vec<Bytes>) -> Vec<Bytes> {
+    frames.insert(0, Bytes::from_static(JUPYTER));
+    frames
+}
+
+pub fn event(ev: &Event) -> Vec<Bytes> {
+    let json = serde_json::to_vec(ev).expect("events serialise");
+    vec![Bytes::from_static(EVENT), Bytes::from(json)]
+}
+
+pub fn open(mut frames: Vec<Bytes>) -> Result<Payload, EnvelopeError> {
+    if frames.is_empty() {
+        return Err(EnvelopeError::Empty);
+    }
+    let kind = frames.remove(0);
+    match kind.as_ref() {
+        JUPYTER => Ok(Payload::Jupyter(frames)),
+        EVENT => {
+            let body = frames.first().ok_or(EnvelopeError::Empty)?;
+            serde_json::from_slice(body)
+                .map(Payload::Event)
+                .map_err(|e| EnvelopeError::BadEvent(e.to_string()))
+        }
+        _ => Err(EnvelopeError::UnknownKind(kind)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips() {
+        let f = vec![Bytes::from_static(b"a"), Bytes::from_static(b"")];
+        match open(jupyter(f.clone())).unwrap() {
+            Payload::Jupyter(g) => assert_eq!(f, g),
+            p => panic!("{p:?}"),
+        }
+        let ev = Event::Detach { token: "t".into() };
+        match open(event(&ev)).unwrap() {
+            Payload::Event(e) => assert_eq!(e, ev),
+            p => panic!("{p:?}"),
+        }
+        assert!(open(vec![Bytes::from_static(b"X")]).is_err());
+    }
+}
