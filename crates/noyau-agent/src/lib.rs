@@ -1,1 +1,313 @@
-//! noyau-agent
+//! `noyau agent`: the compute-node side of noyau.
+//!
+//! Started by a backend (a local child process, or inside a batch job), the
+//! agent dials the proxy over the link ([`config`] says how it learns where
+//! and with which secrets), starts the real kernel in a private runtime
+//! directory ([`kernel`]) and relays between the two: the proxy has already
+//! checked each frontend message against the frontend's key, the agent
+//! re-signs it with the kernel's own key; each kernel message is checked with
+//! the kernel's key and passed on for the proxy to re-sign ([`outbox`]).
+//!
+//! The agent owns the kernel's lifetime. It interrupts it (by signal or by
+//! message, as the kernelspec says), restarts it on
+//! `shutdown_request{restart: true}` without leaving the allocation, reports
+//! its death, and outlives a proxy that detaches (a frontend restarting the
+//! kernel replaces the proxy process) for a grace period, so the next proxy
+//! finds the same allocation. It ends when the kernel is shut down, when it
+//! is cancelled, or when no proxy comes back in time.
+
+pub mod config;
+pub mod kernel;
+pub mod outbox;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use noyau_client::RuntimeDir;
+use noyau_link::envelope::{self, Event, Payload};
+use noyau_link::{Incoming, Lane, Link, LinkConfig, LinkEvent};
+use noyau_wire::kernelspec::{self, FoundSpec};
+use noyau_wire::{RawMessage, Signer};
+use tokio::signal::unix::{signal, SignalKind};
+
+pub use config::AgentConfig;
+use kernel::{Kernel, Launch};
+use outbox::Outbox;
+
+/// How long a kernel gets to exit after a shutdown request before it is killed.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+struct Agent {
+    cfg: AgentConfig,
+    spec: Option<FoundSpec>,
+    dir: RuntimeDir,
+    key: String,
+    signer: Signer,
+    session: String,
+    outbox: Arc<Outbox>,
+    kernel: Option<Kernel>,
+    generation: u32,
+    /// Set when a shutdown_request went to the kernel: Some(restart).
+    shutdown: Option<(bool, Instant)>,
+}
+
+enum SessionEnd {
+    Detached(String),
+    Finished(i32),
+}
+
+/// Runs the agent until its kernel is done; returns the process exit code.
+pub async fn run(cfg: AgentConfig) -> anyhow::Result<i32> {
+    let dir = RuntimeDir::create("agent")?;
+    let key = noyau_wire::connection::random_key();
+    let signer = Signer::new(key.as_bytes());
+    let session = uuid::Uuid::new_v4().to_string();
+    let outbox = Arc::new(Outbox::new(signer.clone(), session.clone()));
+    let spec = kernelspec::find(&cfg.inner);
+    let mut agent = Agent {
+        spec: spec.as_ref().ok().cloned(),
+        cfg,
+        dir,
+        key,
+        signer,
+        session,
+        outbox,
+        kernel: None,
+        generation: 0,
+        shutdown: None,
+    };
+    let spec_error = spec.err().map(|e| e.to_string());
+    let mut token = agent.cfg.token.clone();
+    let mut first = true;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    loop {
+        let wait = if first { Duration::from_secs(30) } else { agent.cfg.reattach_grace };
+        let link = tokio::select! {
+            l = dial_until(&agent.cfg, &token, wait) => l,
+            _ = sigterm.recv() => {
+                agent.stop_kernel().await;
+                return Ok(143);
+            }
+        };
+        let mut link = match link {
+            Ok(l) => l,
+            Err(e) if first => return Err(e),
+            Err(e) => {
+                tracing::info!("no proxy came back within {}s ({e:#}); ending", wait.as_secs());
+                agent.stop_kernel().await;
+                return Ok(0);
+            }
+        };
+        first = false;
+        agent.outbox.attach(link.sender());
+        agent.outbox.event(
+            Lane::Control,
+            &Event::AgentHello {
+                pid: std::process::id(),
+                host: hostname(),
+                version: env!("CARGO_PKG_VERSION").into(),
+            },
+        );
+        if let Some(msg) = &spec_error {
+            agent.outbox.event(Lane::Iopub, &Event::AgentError { message: msg.clone() });
+            link.close().await;
+            return Ok(1);
+        }
+        match agent.ensure_kernel().await {
+            Ok(()) => {}
+            Err(e) => {
+                agent
+                    .outbox
+                    .event(Lane::Iopub, &Event::AgentError { message: format!("{e:#}") });
+                link.close().await;
+                return Ok(1);
+            }
+        }
+        match agent.session(&mut link, &mut sigterm).await {
+            SessionEnd::Detached(t) => {
+                agent.outbox.detach();
+                link.close().await;
+                token = t;
+            }
+            SessionEnd::Finished(code) => {
+                link.close().await;
+                return Ok(code);
+            }
+        }
+    }
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Dials until a proxy accepts us or `within` has passed.
+async fn dial_until(cfg: &AgentConfig, token: &str, within: Duration) -> anyhow::Result<Link> {
+    let deadline = Instant::now() + within;
+    let link_cfg = LinkConfig {
+        give_up_after: cfg.give_up_after,
+        ..LinkConfig::default()
+    };
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match noyau_link::dial(&cfg.link_addr, &cfg.pin, token, link_cfg.clone()).await {
+            Ok(link) => return Ok(link),
+            Err(e) if Instant::now() + delay < deadline => {
+                tracing::debug!("dialling the proxy at {}: {e}", cfg.link_addr);
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot reach the proxy at {}", cfg.link_addr))
+            }
+        }
+    }
+}
+
+impl Agent {
+    async fn ensure_kernel(&mut self) -> anyhow::Result<()> {
+        if let Some(k) = &self.kernel {
+            self.outbox.event(Lane::Iopub, &k.ready_event());
+            return Ok(());
+        }
+        let spec = self.spec.as_ref().expect("spec checked before");
+        self.generation += 1;
+        let k = Kernel::start(Launch {
+            spec,
+            dir: self.dir.path(),
+            generation: self.generation,
+            signer: &self.signer,
+            key: &self.key,
+            session: &self.session,
+            outbox: self.outbox.clone(),
+        })
+        .await
+        .with_context(|| format!("starting the {} kernel", spec.name))?;
+        self.outbox.event(Lane::Iopub, &k.ready_event());
+        self.kernel = Some(k);
+        Ok(())
+    }
+
+    async fn stop_kernel(&mut self) {
+        if let Some(mut k) = self.kernel.take() {
+            k.kill().await;
+        }
+    }
+
+    async fn session(
+        &mut self,
+        link: &mut Link,
+        sigterm: &mut tokio::signal::unix::Signal,
+    ) -> SessionEnd {
+        loop {
+            let kill_at = self.shutdown.map(|(_, at)| at + SHUTDOWN_GRACE);
+            tokio::select! {
+                incoming = link.recv() => match incoming {
+                    Some(Incoming::Message(lane, frames)) => {
+                        if let Some(end) = self.from_proxy(lane, frames).await {
+                            return end;
+                        }
+                    }
+                    Some(Incoming::Event(LinkEvent::Closed(reason))) => {
+                        tracing::warn!("the link to the proxy is closed ({reason}); stopping the kernel");
+                        self.stop_kernel().await;
+                        return SessionEnd::Finished(1);
+                    }
+                    Some(Incoming::Event(ev)) => tracing::info!("link: {ev:?}"),
+                    None => {
+                        self.stop_kernel().await;
+                        return SessionEnd::Finished(1);
+                    }
+                },
+                desc = async { match self.kernel.as_mut() { Some(k) => k.wait().await, None => std::future::pending().await } } => {
+                    self.kernel = None;
+                    match self.shutdown.take() {
+                        Some((true, _)) => {
+                            tracing::info!("kernel {desc} for a restart; starting a new one");
+                            if let Err(e) = self.ensure_kernel().await {
+                                self.outbox.event(Lane::Iopub, &Event::AgentError { message: format!("{e:#}") });
+                            }
+                        }
+                        Some((false, _)) => {
+                            self.outbox.event(Lane::Iopub, &Event::KernelDied { description: desc.text, expected: true });
+                            return SessionEnd::Finished(0);
+                        }
+                        None => {
+                            tracing::warn!("kernel {desc}");
+                            self.outbox.event(Lane::Iopub, &Event::KernelDied { description: desc.text, expected: false });
+                        }
+                    }
+                }
+                _ = async { match kill_at { Some(t) => tokio::time::sleep_until(t.into()).await, None => std::future::pending().await } } => {
+                    tracing::warn!("the kernel did not exit within {}s of its shutdown request; killing it", SHUTDOWN_GRACE.as_secs());
+                    if let Some(k) = self.kernel.as_mut() {
+                        let _ = k.kill_group();
+                    }
+                    self.shutdown = self.shutdown.map(|(r, _)| (r, Instant::now() + Duration::from_secs(3600)));
+                }
+                _ = sigterm.recv() => {
+                    tracing::info!("cancelled (SIGTERM); stopping the kernel");
+                    self.stop_kernel().await;
+                    self.outbox.event(Lane::Iopub, &Event::KernelDied { description: "was stopped: its job was cancelled".into(), expected: false });
+                    return SessionEnd::Finished(143);
+                }
+            }
+        }
+    }
+
+    async fn from_proxy(&mut self, lane: Lane, frames: Vec<bytes::Bytes>) -> Option<SessionEnd> {
+        let payload = match envelope::open(frames) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!("dropped a malformed link message: {e}");
+                return None;
+            }
+        };
+        match payload {
+            Payload::Jupyter(frames) => {
+                let msg = match RawMessage::from_frames(frames) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!("dropped a malformed message from the proxy: {e}");
+                        return None;
+                    }
+                };
+                let Some(kernel) = self.kernel.as_mut() else {
+                    tracing::warn!(?lane, "no kernel is running; dropped a message from the proxy");
+                    return None;
+                };
+                if lane == Lane::Control {
+                    let ty = msg.peek_header().map(|h| h.msg_type).unwrap_or_default();
+                    if ty == "interrupt_request" {
+                        kernel.interrupt(msg, &self.outbox).await;
+                        return None;
+                    }
+                    if ty == "shutdown_request" {
+                        let restart = serde_json::from_slice::<serde_json::Value>(&msg.content)
+                            .ok()
+                            .and_then(|c| c.get("restart").and_then(|r| r.as_bool()))
+                            .unwrap_or(false);
+                        self.shutdown = Some((restart, Instant::now()));
+                    }
+                }
+                kernel.send(lane, msg).await;
+                None
+            }
+            Payload::Event(Event::Detach { token }) => {
+                self.outbox.event(Lane::Control, &Event::DetachAck);
+                Some(SessionEnd::Detached(token))
+            }
+            Payload::Event(Event::Shutdown) => {
+                self.stop_kernel().await;
+                Some(SessionEnd::Finished(0))
+            }
+            Payload::Event(ev) => {
+                tracing::warn!("unexpected event from the proxy: {ev:?}");
+                None
+            }
+        }
+    }
+}

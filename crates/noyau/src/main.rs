@@ -1,1 +1,107 @@
-fn main() {}
+//! The `noyau` command: a thin CLI over the crates that do the work.
+
+mod install;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "noyau", version, about = "Jupyter kernels and notebooks on HPC clusters")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The proxy kernel a noyau kernelspec starts (run by Jupyter, not by hand)
+    Kernel(KernelArgs),
+    /// The compute-node side, started by a backend (run by noyau, not by hand)
+    Agent(AgentArgs),
+    /// Install a kernelspec that runs an existing kernel through noyau
+    Install(install::InstallArgs),
+    /// List the kernelspecs on the Jupyter paths
+    Kernelspecs(install::KernelspecsArgs),
+}
+
+#[derive(clap::Args)]
+struct KernelArgs {
+    /// The connection file written by the frontend
+    #[arg(short = 'f', long = "connection-file", value_name = "FILE")]
+    connection_file: PathBuf,
+    /// The kernelspec to run where the job runs
+    #[arg(long, default_value = "python3")]
+    inner: String,
+    /// Where the kernel runs: local (a child process), …
+    #[arg(long, default_value = "local")]
+    backend: String,
+    /// Resource profile for the backend
+    #[arg(long)]
+    profile: Option<String>,
+    /// Address the proxy listens on for its agent [default: 127.0.0.1, any free port]
+    #[arg(long, value_name = "ADDR:PORT")]
+    link_bind: Option<SocketAddr>,
+    /// Address the agent is told to dial, when it differs (a forwarder, a gateway)
+    #[arg(long, value_name = "HOST:PORT")]
+    link_advertise: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// Read the link address, pin and token from this 0600 file (deleted once
+    /// read) instead of NOYAU_LINK_ADDR/NOYAU_LINK_PIN/NOYAU_LINK_TOKEN
+    #[arg(long, value_name = "FILE")]
+    secrets_file: Option<PathBuf>,
+    /// The kernelspec to run [default: $NOYAU_INNER, else python3]
+    #[arg(long)]
+    inner: Option<String>,
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NOYAU_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+/// A single-threaded runtime: the proxy and the agent are relays whose work
+/// is mostly waiting, and one thread keeps their latency and memory low.
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+        .block_on(f)
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging();
+    let result: anyhow::Result<i32> = match cli.command {
+        Command::Kernel(a) => block_on(noyau_proxy::run(noyau_proxy::ProxyConfig {
+            connection_file: a.connection_file,
+            inner: a.inner,
+            backend: a.backend,
+            profile: a.profile,
+            link_bind: a.link_bind,
+            link_advertise: a.link_advertise,
+            noyau_exe: std::env::current_exe().unwrap_or_else(|_| "noyau".into()),
+        })),
+        Command::Agent(a) => noyau_agent::AgentConfig::load(a.secrets_file.as_deref(), a.inner)
+            .and_then(|cfg| block_on(noyau_agent::run(cfg))),
+        Command::Install(a) => install::install(&a).map(|()| 0),
+        Command::Kernelspecs(a) => install::kernelspecs(&a).map(|()| 0),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("noyau: error: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! One real kernel under the agent: started from its kernelspec with ipc
+//! sockets in the agent's private directory, checked ready before anything
+//! is relayed to it, and read by one task per channel that verifies each
+//! message with the kernel's key and passes it on unchanged.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use nix::sys::signal::Signal;
+use noyau_client::process::{expand_argv, ExitDescription, KernelProcess};
+use noyau_client::sockets::{to_zmq, KernelSockets};
+use noyau_link::{envelope::Event, Lane};
+use noyau_wire::kernelspec::FoundSpec;
+use noyau_wire::{build, ConnectionInfo, RawMessage, Signer};
+use serde_json::{json, Value};
+use tokio::task::JoinHandle;
+use zeromq::{DealerSendHalf, SocketRecv, SocketSend, ZmqMessage};
+
+use crate::outbox::Outbox;
+
+/// How long a kernel may take from exec to answering kernel_info.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Messages the agent sent itself (readiness probes); their replies and
+/// statuses are not the frontend's business.
+type Probes = Arc<Mutex<HashSet<String>>>;
+
+pub struct Kernel {
+    process: KernelProcess,
+    signer: Signer,
+    session: String,
+    shell: DealerSendHalf,
+    control: DealerSendHalf,
+    stdin: DealerSendHalf,
+    readers: Vec<JoinHandle<()>>,
+    interrupt_by_message: bool,
+    pub kernel_info: Value,
+}
+
+impl Drop for Kernel {
+    fn drop(&mut self) {
+        for r in &self.readers {
+            r.abort();
+        }
+        let _ = self.process.signal(Signal::SIGKILL);
+    }
+}
+
+pub struct Launch<'a> {
+    pub spec: &'a FoundSpec,
+    pub dir: &'a std::path::Path,
+    pub generation: u32,
+    pub signer: &'a Signer,
+    pub key: &'a str,
+    pub session: &'a str,
+    pub outbox: Arc<Outbox>,
+}
+
+impl Kernel {
+    pub async fn start(l: Launch<'_>) -> anyhow::Result<Kernel> {
+        let mut info = ConnectionInfo::new_ipc(l.dir, Some(l.spec.name.clone()));
+        // A fresh socket name per launch: a killed kernel leaves its files behind.
+        info.ip = l.dir.join(format!("k{}", l.generation)).to_string_lossy().into_owned();
+        info.key = l.key.to_string();
+        let cf = l.dir.join(format!("kernel-{}.json", l.generation));
+        info.write(&cf)?;
+        let argv = expand_argv(&l.spec.spec.argv, &cf, &l.spec.dir);
+        let env: BTreeMap<String, String> = l.spec.spec.env.clone();
+        let mut process = KernelProcess::launch(&argv, &env, None)?;
+        tracing::info!(pid = process.pid(), argv = ?argv, "kernel started");
+
+        let sockets = tokio::select! {
+            s = KernelSockets::connect(&info, READY_TIMEOUT) => s.context("connecting to the kernel")?,
+            d = process.wait() => bail!("the kernel {d} before it opened its sockets (command: {})", argv.join(" ")),
+        };
+        let KernelSockets { shell, control, stdin, mut iopub } = sockets;
+        let (mut shell_tx, mut shell_rx) = shell.split();
+        let (control_tx, control_rx) = control.split();
+        let (stdin_tx, stdin_rx) = stdin.split();
+
+        let probes: Probes = Arc::default();
+        let ready = wait_ready(&mut shell_tx, &mut shell_rx, &mut iopub, l.signer, l.session, &probes);
+        let kernel_info = tokio::select! {
+            r = tokio::time::timeout(READY_TIMEOUT, ready) => r
+                .map_err(|_| anyhow::anyhow!("the kernel did not answer kernel_info within {}s", READY_TIMEOUT.as_secs()))??,
+            d = process.wait() => bail!("the kernel {d} while starting (command: {})", argv.join(" ")),
+        };
+
+        let readers = vec![
+            tokio::spawn(read_dealer(shell_rx, Lane::Shell, l.signer.clone(), l.outbox.clone(), probes.clone())),
+            tokio::spawn(read_dealer(control_rx, Lane::Control, l.signer.clone(), l.outbox.clone(), Probes::default())),
+            tokio::spawn(read_dealer(stdin_rx, Lane::Stdin, l.signer.clone(), l.outbox.clone(), Probes::default())),
+            tokio::spawn(read_iopub(iopub, l.signer.clone(), l.outbox.clone(), probes)),
+        ];
+        Ok(Kernel {
+            process,
+            signer: l.signer.clone(),
+            session: l.session.to_string(),
+            shell: shell_tx,
+            control: control_tx,
+            stdin: stdin_tx,
+            readers,
+            interrupt_by_message: l.spec.spec.interrupt_by_message(),
+            kernel_info,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// Re-signs a frontend message with the kernel's key and sends it.
+    pub async fn send(&mut self, lane: Lane, mut msg: RawMessage) {
+        self.signer.resign(&mut msg);
+        let Some(z) = to_zmq(msg.into_frames()) else { return };
+        let socket = match lane {
+            Lane::Shell => &mut self.shell,
+            Lane::Control => &mut self.control,
+            Lane::Stdin => &mut self.stdin,
+            Lane::Iopub => return,
+        };
+        if let Err(e) = socket.send(z).await {
+            tracing::warn!(?lane, "sending to the kernel failed: {e}");
+        }
+    }
+
+    /// Interrupts the kernel the way its kernelspec asks: by forwarding the
+    /// request, or by SIGINT to its process group and answering ourselves.
+    pub async fn interrupt(&mut self, request: RawMessage, outbox: &Outbox) {
+        if self.interrupt_by_message {
+            self.send(Lane::Control, request).await;
+            return;
+        }
+        let status = match self.process.signal(Signal::SIGINT) {
+            Ok(()) => json!({"status": "ok"}),
+            Err(e) => json!({"status": "error", "ename": "InterruptError",
+                "evalue": format!("could not signal the kernel: {e}"), "traceback": []}),
+        };
+        let reply = build::message(
+            &self.signer,
+            request.identities.clone(),
+            "interrupt_reply",
+            &self.session,
+            &request.header,
+            status,
+        );
+        outbox.jupyter(Lane::Control, reply.into_frames(), &request.header);
+    }
+
+    pub async fn wait(&mut self) -> ExitDescription {
+        self.process.wait().await
+    }
+
+    pub async fn kill(&mut self) -> ExitDescription {
+        self.process.kill().await
+    }
+
+    pub fn ready_event(&self) -> Event {
+        Event::KernelReady {
+            pid: self.pid(),
+            kernel_info: self.kernel_info.clone(),
+        }
+    }
+}
+
+/// Sends kernel_info requests until the kernel answers one and IOPub shows
+/// we are subscribed (a status for one of our probes, or the kernel's
+/// `iopub_welcome`). Until then a frontend's first outputs could be lost.
+async fn wait_ready(
+    shell_tx: &mut DealerSendHalf,
+    shell_rx: &mut zeromq::DealerRecvHalf,
+    iopub: &mut zeromq::SubSocket,
+    signer: &Signer,
+    session: &str,
+    probes: &Probes,
+) -> anyhow::Result<Value> {
+    let mut reply: Option<Value> = None;
+    let mut subscribed = false;
+    let mut last_probe = String::new();
+    while reply.is_none() || !subscribed {
+        if reply.is_none() || !subscribed {
+            let probe = build::message(signer, vec![], "kernel_info_request", session, &Bytes::new(), json!({}));
+            last_probe = probe.peek_header()?.msg_id;
+            probes.lock().expect("probes").insert(last_probe.clone());
+            let z = to_zmq(probe.into_frames()).expect("non-empty");
+            shell_tx.send(z).await.context("sending kernel_info_request")?;
+        }
+        let deadline = tokio::time::sleep(Duration::from_millis(500));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                m = shell_rx.recv() => {
+                    let m = RawMessage::from_frames(m.context("kernel shell socket")?.into_vec())?;
+                    signer.verify(&m)?;
+                    if m.parent_msg_id().as_deref() == Some(last_probe.as_str()) {
+                        let content: Value = serde_json::from_slice(&m.content)?;
+                        reply = Some(content);
+                    }
+                }
+                m = iopub.recv() => {
+                    let m = RawMessage::from_frames(m.context("kernel iopub socket")?.into_vec())?;
+                    signer.verify(&m)?;
+                    let ty = m.peek_header()?.msg_type;
+                    let ours = m.parent_msg_id().is_some_and(|p| probes.lock().expect("probes").contains(&p));
+                    if ty == "iopub_welcome" || ours {
+                        subscribed = true;
+                    }
+                }
+                _ = &mut deadline => break,
+            }
+            if reply.is_some() && subscribed {
+                break;
+            }
+        }
+    }
+    Ok(reply.expect("loop ends with a reply"))
+}
+
+fn verified(frames: ZmqMessage, signer: &Signer, lane: Lane) -> Option<RawMessage> {
+    let msg = match RawMessage::from_frames(frames.into_vec()) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(?lane, "dropped a malformed message from the kernel: {e}");
+            return None;
+        }
+    };
+    if let Err(e) = signer.verify(&msg) {
+        tracing::warn!(?lane, "dropped a message from the kernel: {e}");
+        return None;
+    }
+    Some(msg)
+}
+
+/// True for replies/statuses answering our own probes; forgets a probe once
+/// its final `idle` status has gone by.
+fn is_probe_traffic(msg: &RawMessage, probes: &Probes) -> bool {
+    let mut set = probes.lock().expect("probes");
+    if set.is_empty() {
+        return false;
+    }
+    match msg.parent_msg_id() {
+        Some(p) if set.contains(&p) => {
+            if msg.content.windows(6).any(|w| w == b"\"idle\"") {
+                set.remove(&p);
+            }
+            true
+        }
+        _ => false,
+    }
+}
+
+async fn read_dealer(
+    mut rx: zeromq::DealerRecvHalf,
+    lane: Lane,
+    signer: Signer,
+    outbox: Arc<Outbox>,
+    probes: Probes,
+) {
+    while let Ok(frames) = rx.recv().await {
+        let Some(msg) = verified(frames, &signer, lane) else { continue };
+        if lane == Lane::Shell && msg.parent_msg_id().is_some_and(|p| probes.lock().expect("probes").contains(&p)) {
+            continue;
+        }
+        let parent = msg.parent_header.clone();
+        outbox.jupyter(lane, msg.into_frames(), &parent);
+    }
+}
+
+async fn read_iopub(mut rx: zeromq::SubSocket, signer: Signer, outbox: Arc<Outbox>, probes: Probes) {
+    while let Ok(frames) = rx.recv().await {
+        let Some(msg) = verified(frames, &signer, Lane::Iopub) else { continue };
+        // The proxy greets its own subscribers; the kernel's greeting was for us.
+        if msg.header.windows(15).any(|w| w == b"\"iopub_welcome\"") || is_probe_traffic(&msg, &probes) {
+            continue;
+        }
+        let parent = msg.parent_header.clone();
+        outbox.jupyter(Lane::Iopub, msg.into_frames(), &parent);
+    }
+}
+
+impl Kernel {
+    /// SIGKILL to the kernel's process group, without waiting.
+    pub fn kill_group(&self) -> std::io::Result<()> {
+        self.process.signal(Signal::SIGKILL)
+    }
+}

@@ -1,0 +1,80 @@
+//! Handing an agent from one proxy process to the next.
+//!
+//! A frontend restarts a kernel by ending the kernel process and starting a
+//! new one with the same connection file. For noyau that process is the
+//! proxy, but the allocation (and so the agent) should survive. The leaving
+//! proxy writes a handover record (0600, in the private runtime directory,
+//! named after the connection file) with the link's address, certificate and
+//! a fresh one-time token it has also sent to the agent; the next proxy for
+//! the same connection file takes the record, listens on the same address
+//! with the same certificate, and the agent dials in with that token.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use noyau_link::ServerIdentity;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Handover {
+    pub link_addr: std::net::SocketAddr,
+    pub advertise: String,
+    pub identity: ServerIdentity,
+    pub token: String,
+    pub agent_pid: Option<u32>,
+    pub backend: String,
+    pub job_id: String,
+    pub written_at: u64,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+/// The record's path for a connection file (same file → same record).
+pub fn path_for(connection_file: &Path) -> anyhow::Result<PathBuf> {
+    let base = noyau_client::runtime::base_dir();
+    noyau_client::runtime::ensure_private_dir(&base)?;
+    let abs = std::fs::canonicalize(connection_file)
+        .with_context(|| format!("cannot resolve {}", connection_file.display()))?;
+    let digest = Sha256::digest(abs.as_os_str().as_encoded_bytes());
+    Ok(base.join(format!("handover-{}.json", &hex::encode(digest)[..32])))
+}
+
+pub fn write(path: &Path, h: &Handover) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = noyau_wire::connection::private_file(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(&serde_json::to_vec(h)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Takes (reads and removes) a record not older than `max_age`.
+pub fn take(path: &Path, max_age: Duration) -> Option<Handover> {
+    let text = std::fs::read(path).ok()?;
+    let _ = std::fs::remove_file(path);
+    let h: Handover = match serde_json::from_slice(&text) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!("ignoring unreadable handover record {}: {e}", path.display());
+            return None;
+        }
+    };
+    if now().saturating_sub(h.written_at) > max_age.as_secs() {
+        tracing::info!("handover record {} is stale; starting a new agent", path.display());
+        return None;
+    }
+    Some(h)
+}
+
+pub fn stamp() -> u64 {
+    now()
+}
