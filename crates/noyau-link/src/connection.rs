@@ -1,0 +1,302 @@
+//! One TLS connection carrying a session: a reader and a writer running
+//! side by side until the connection breaks or the session ends.
+//!
+//! The writer batches: it drains the highest-priority lane first, appends
+//! frames to one buffer, and flushes only when nothing more is queued, so a
+//! flood of small messages costs a few large TLS records instead of one
+//! record and one syscall per message. Acks ride along with data when there is
+//! some, otherwise they go out after 64 deliveries or 20 ms.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_rustls::TlsStream;
+
+use crate::codec::{self, Frame};
+use crate::state::Shared;
+use crate::{Incoming, Lane, LinkError};
+
+/// Ack after this many deliveries...
+const ACK_EVERY: usize = 64;
+/// ...or after this long, whichever first.
+const ACK_DELAY: Duration = Duration::from_millis(20);
+/// Writer batch limits: small enough that a control message queued behind a
+/// batch waits for at most this much, big enough to fill TLS records.
+const BATCH_MSGS: usize = 256;
+const BATCH_BYTES: usize = 64 * 1024;
+/// Parts at least this big are written straight from their buffer instead of
+/// being copied into the batch buffer.
+const BIG_PART: usize = 32 * 1024;
+/// How long a closing side waits for the peer's goodbye.
+const GOODBYE_WAIT: Duration = Duration::from_secs(5);
+
+/// An established TLS stream plus whatever was read past the last frame.
+pub(crate) struct Conn {
+    pub(crate) stream: TlsStream<TcpStream>,
+    pub(crate) rbuf: BytesMut,
+}
+
+impl Conn {
+    pub(crate) fn new(stream: TlsStream<TcpStream>) -> Self {
+        Conn {
+            stream,
+            rbuf: BytesMut::with_capacity(16 * 1024),
+        }
+    }
+
+    /// Handshake helper: writes one frame and flushes.
+    pub(crate) async fn write_frame(&mut self, f: &Frame) -> Result<(), LinkError> {
+        let mut b = BytesMut::new();
+        codec::encode(f, &mut b);
+        self.stream
+            .write_all(&b)
+            .await
+            .map_err(|e| LinkError::io("writing handshake frame", e))?;
+        self.stream
+            .flush()
+            .await
+            .map_err(|e| LinkError::io("writing handshake frame", e))
+    }
+
+    /// Handshake helper: reads exactly one frame.
+    pub(crate) async fn read_frame(&mut self) -> Result<Frame, LinkError> {
+        loop {
+            if let Some(f) = codec::decode(&mut self.rbuf)? {
+                return Ok(f);
+            }
+            let n = self
+                .stream
+                .read_buf(&mut self.rbuf)
+                .await
+                .map_err(|e| LinkError::io("reading handshake frame", e))?;
+            if n == 0 {
+                return Err(LinkError::Eof);
+            }
+        }
+    }
+}
+
+/// How a connection ended.
+pub(crate) enum End<R> {
+    /// We said goodbye (after flushing) and the peer answered or went away.
+    LocalClose,
+    /// The peer said goodbye.
+    PeerClosed,
+    /// Broken: reconnect.
+    Broken(LinkError),
+    /// The proxy got a reconnect for this session while the old connection
+    /// still looked alive (half-open TCP): switch to the new one.
+    Replaced(R),
+}
+
+/// Runs the session over `conn` until it ends. `replacements` yields newer
+/// connections for the same session (proxy side only).
+pub(crate) async fn run<R>(
+    shared: &Arc<Shared>,
+    conn: Conn,
+    tx: &mpsc::Sender<Incoming>,
+    replacements: Option<&mut mpsc::Receiver<R>>,
+) -> End<R> {
+    let Conn { stream, rbuf } = conn;
+    let (r, w) = tokio::io::split(stream);
+    let reader = read_loop(shared, r, rbuf, tx);
+    let writer = write_loop(shared, w);
+    tokio::pin!(reader, writer);
+    let mut goodbye_sent: Option<Instant> = None;
+    let mut replacements = replacements;
+    loop {
+        let wait_goodbye = goodbye_sent.map(|t| t + GOODBYE_WAIT);
+        tokio::select! {
+            res = &mut reader => {
+                return match res {
+                    Ok(()) if goodbye_sent.is_some() => End::LocalClose,
+                    Ok(()) => {
+                        // Answer the goodbye so the peer can close cleanly.
+                        shared.peer_goodbye.store(true, Ordering::SeqCst);
+                        shared.wake_writer.notify_one();
+                        let _ = tokio::time::timeout(GOODBYE_WAIT, &mut writer).await;
+                        End::PeerClosed
+                    }
+                    // Once we said goodbye, the peer hanging up is the answer.
+                    Err(_) if goodbye_sent.is_some() => End::LocalClose,
+                    Err(e) => End::Broken(e),
+                };
+            }
+            res = &mut writer, if goodbye_sent.is_none() => match res {
+                Ok(()) => goodbye_sent = Some(Instant::now()),
+                Err(e) => return End::Broken(e),
+            },
+            Some(new) = async {
+                match replacements.as_mut() {
+                    Some(r) => r.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => return End::Replaced(new),
+            _ = tokio::time::sleep_until(wait_goodbye.unwrap_or_else(Instant::now)), if wait_goodbye.is_some() => {
+                return End::LocalClose;
+            }
+        }
+    }
+}
+
+/// Reads frames until the peer says goodbye (`Ok`) or the connection fails.
+async fn read_loop<S: AsyncRead>(
+    shared: &Arc<Shared>,
+    mut r: tokio::io::ReadHalf<S>,
+    mut rbuf: BytesMut,
+    tx: &mpsc::Sender<Incoming>,
+) -> Result<(), LinkError> {
+    let idle = shared.cfg.idle_timeout;
+    loop {
+        while let Some(frame) = codec::decode(&mut rbuf)? {
+            match frame {
+                Frame::Data { lane, seq, parts } => {
+                    let last = shared.recv().last[lane as usize];
+                    if seq <= last {
+                        // Resent after a reconnect but already delivered.
+                        continue;
+                    }
+                    if seq != last + 1 {
+                        return Err(LinkError::Protocol(format!(
+                            "lane {lane:?}: expected message {}, got {seq}",
+                            last + 1
+                        )));
+                    }
+                    // If the connection dies while we wait here, this future
+                    // is dropped before `last` moves, so the message will be
+                    // resent rather than lost. A dropped Link just discards.
+                    let _ = tx.send(Incoming::Message(lane, parts)).await;
+                    let due = {
+                        let mut rs = shared.recv();
+                        rs.last[lane as usize] = seq;
+                        rs.unacked += 1;
+                        if rs.unacked_since.is_none() {
+                            rs.unacked_since = Some(std::time::Instant::now());
+                        }
+                        rs.unacked == 1 || rs.unacked >= ACK_EVERY
+                    };
+                    // Wake the writer on the first delivery (to arm the 20 ms
+                    // timer) and when the count threshold is reached.
+                    if due {
+                        shared.wake_writer.notify_one();
+                    }
+                }
+                Frame::Ack { last_recv } => shared.out().ack(&last_recv)?,
+                Frame::Ping => {}
+                Frame::Goodbye => return Ok(()),
+                other => {
+                    return Err(LinkError::Protocol(format!(
+                        "unexpected {} frame on an established link",
+                        frame_name(&other)
+                    )))
+                }
+            }
+        }
+        if rbuf.capacity() - rbuf.len() < 4096 {
+            rbuf.reserve(32 * 1024);
+        }
+        let n = tokio::time::timeout(idle, r.read_buf(&mut rbuf))
+            .await
+            .map_err(|_| LinkError::IdleTimeout(idle))?
+            .map_err(|e| LinkError::io("reading from the link", e))?;
+        if n == 0 {
+            return Err(LinkError::Eof);
+        }
+    }
+}
+
+fn frame_name(f: &Frame) -> &'static str {
+    match f {
+        Frame::Hello { .. } => "hello",
+        Frame::Resume { .. } => "resume",
+        Frame::Welcome { .. } => "welcome",
+        Frame::Refused { .. } => "refused",
+        Frame::Data { .. } => "data",
+        Frame::Ack { .. } => "ack",
+        Frame::Ping => "ping",
+        Frame::Goodbye => "goodbye",
+    }
+}
+
+/// Writes until it has said goodbye (`Ok`) or the connection fails.
+async fn write_loop<S: AsyncWrite>(
+    shared: &Arc<Shared>,
+    mut w: tokio::io::WriteHalf<S>,
+) -> Result<(), LinkError> {
+    let io = |e| LinkError::io("writing to the link", e);
+    let ping_every = shared.cfg.ping_interval;
+    let mut buf = BytesMut::with_capacity(BATCH_BYTES + 1024);
+    let mut batch: Vec<(Lane, u64, Vec<Bytes>)> = Vec::with_capacity(BATCH_MSGS);
+    let mut last_write = Instant::now();
+    loop {
+        batch.clear();
+        let (goodbye, more) = {
+            let mut out = shared.out();
+            out.next_batch(&mut batch, BATCH_MSGS, BATCH_BYTES);
+            let more = out.has_unsent();
+            let goodbye = shared.peer_goodbye.load(Ordering::SeqCst) || (out.closing && !more);
+            (goodbye, more)
+        };
+        let ack = {
+            let mut rs = shared.recv();
+            let due = rs.unacked > 0
+                && (!batch.is_empty()
+                    || goodbye
+                    || rs.unacked >= ACK_EVERY
+                    || rs.unacked_since.is_some_and(|t| t.elapsed() >= ACK_DELAY));
+            due.then(|| rs.take_ack())
+        };
+        if let Some(last_recv) = ack {
+            codec::encode(&Frame::Ack { last_recv }, &mut buf);
+        }
+        for (lane, seq, parts) in batch.drain(..) {
+            codec::put_data_header(&mut buf, lane, seq, &parts);
+            for p in &parts {
+                codec::put_part_len(&mut buf, p);
+                if p.len() >= BIG_PART {
+                    w.write_all(&buf).await.map_err(io)?;
+                    buf.clear();
+                    w.write_all(p).await.map_err(io)?;
+                } else {
+                    buf.extend_from_slice(p);
+                }
+            }
+        }
+        if buf.is_empty() && !goodbye && last_write.elapsed() >= ping_every {
+            codec::encode(&Frame::Ping, &mut buf);
+        }
+        if goodbye {
+            codec::encode(&Frame::Goodbye, &mut buf);
+        }
+        if !buf.is_empty() {
+            w.write_all(&buf).await.map_err(io)?;
+            buf.clear();
+            last_write = Instant::now();
+        }
+        if goodbye {
+            w.flush().await.map_err(io)?;
+            return Ok(());
+        }
+        if more {
+            // More is queued: keep filling records, flush later.
+            continue;
+        }
+        w.flush().await.map_err(io)?;
+        let ack_at = shared
+            .recv()
+            .unacked_since
+            .map(|t| Instant::from_std(t) + ACK_DELAY);
+        let ping_at = last_write + ping_every;
+        let wake_at = ack_at.map_or(ping_at, |a| a.min(ping_at));
+        tokio::select! {
+            _ = shared.wake_writer.notified() => {}
+            _ = tokio::time::sleep_until(wake_at) => {}
+        }
+    }
+}
