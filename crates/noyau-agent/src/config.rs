@@ -56,8 +56,9 @@ impl AgentConfig {
     pub fn load(secrets_file: Option<&Path>, inner: Option<String>) -> anyhow::Result<Self> {
         let (link_addr, pin, token) = match secrets_file {
             Some(path) => {
-                let meta = std::fs::metadata(path)
-                    .with_context(|| format!("cannot read the agent's secrets file {}", path.display()))?;
+                let meta = std::fs::metadata(path).with_context(|| {
+                    format!("cannot read the agent's secrets file {}", path.display())
+                })?;
                 if meta.mode() & 0o077 != 0 {
                     bail!(
                         "secrets file {} has mode {:o}; it must be readable by its owner only (0600)",

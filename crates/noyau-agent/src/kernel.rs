@@ -63,7 +63,11 @@ impl Kernel {
     pub async fn start(l: Launch<'_>) -> anyhow::Result<Kernel> {
         let mut info = ConnectionInfo::new_ipc(l.dir, Some(l.spec.name.clone()));
         // A fresh socket name per launch: a killed kernel leaves its files behind.
-        info.ip = l.dir.join(format!("k{}", l.generation)).to_string_lossy().into_owned();
+        info.ip = l
+            .dir
+            .join(format!("k{}", l.generation))
+            .to_string_lossy()
+            .into_owned();
         info.key = l.key.to_string();
         let cf = l.dir.join(format!("kernel-{}.json", l.generation));
         info.write(&cf)?;
@@ -76,13 +80,25 @@ impl Kernel {
             s = KernelSockets::connect(&info, READY_TIMEOUT) => s.context("connecting to the kernel")?,
             d = process.wait() => bail!("the kernel {d} before it opened its sockets (command: {})", argv.join(" ")),
         };
-        let KernelSockets { shell, control, stdin, mut iopub } = sockets;
+        let KernelSockets {
+            shell,
+            control,
+            stdin,
+            mut iopub,
+        } = sockets;
         let (mut shell_tx, mut shell_rx) = shell.split();
         let (control_tx, control_rx) = control.split();
         let (stdin_tx, stdin_rx) = stdin.split();
 
         let probes: Probes = Arc::default();
-        let ready = wait_ready(&mut shell_tx, &mut shell_rx, &mut iopub, l.signer, l.session, &probes);
+        let ready = wait_ready(
+            &mut shell_tx,
+            &mut shell_rx,
+            &mut iopub,
+            l.signer,
+            l.session,
+            &probes,
+        );
         let kernel_info = tokio::select! {
             r = tokio::time::timeout(READY_TIMEOUT, ready) => r
                 .map_err(|_| anyhow::anyhow!("the kernel did not answer kernel_info within {}s", READY_TIMEOUT.as_secs()))??,
@@ -90,10 +106,33 @@ impl Kernel {
         };
 
         let readers = vec![
-            tokio::spawn(read_dealer(shell_rx, Lane::Shell, l.signer.clone(), l.outbox.clone(), probes.clone())),
-            tokio::spawn(read_dealer(control_rx, Lane::Control, l.signer.clone(), l.outbox.clone(), Probes::default())),
-            tokio::spawn(read_dealer(stdin_rx, Lane::Stdin, l.signer.clone(), l.outbox.clone(), Probes::default())),
-            tokio::spawn(read_iopub(iopub, l.signer.clone(), l.outbox.clone(), probes)),
+            tokio::spawn(read_dealer(
+                shell_rx,
+                Lane::Shell,
+                l.signer.clone(),
+                l.outbox.clone(),
+                probes.clone(),
+            )),
+            tokio::spawn(read_dealer(
+                control_rx,
+                Lane::Control,
+                l.signer.clone(),
+                l.outbox.clone(),
+                Probes::default(),
+            )),
+            tokio::spawn(read_dealer(
+                stdin_rx,
+                Lane::Stdin,
+                l.signer.clone(),
+                l.outbox.clone(),
+                Probes::default(),
+            )),
+            tokio::spawn(read_iopub(
+                iopub,
+                l.signer.clone(),
+                l.outbox.clone(),
+                probes,
+            )),
         ];
         Ok(Kernel {
             process,
@@ -115,7 +154,9 @@ impl Kernel {
     /// Re-signs a frontend message with the kernel's key and sends it.
     pub async fn send(&mut self, lane: Lane, mut msg: RawMessage) {
         self.signer.resign(&mut msg);
-        let Some(z) = to_zmq(msg.into_frames()) else { return };
+        let Some(z) = to_zmq(msg.into_frames()) else {
+            return;
+        };
         let socket = match lane {
             Lane::Shell => &mut self.shell,
             Lane::Control => &mut self.control,
@@ -182,11 +223,21 @@ async fn wait_ready(
     let mut last_probe = String::new();
     while reply.is_none() || !subscribed {
         if reply.is_none() || !subscribed {
-            let probe = build::message(signer, vec![], "kernel_info_request", session, &Bytes::new(), json!({}));
+            let probe = build::message(
+                signer,
+                vec![],
+                "kernel_info_request",
+                session,
+                &Bytes::new(),
+                json!({}),
+            );
             last_probe = probe.peek_header()?.msg_id;
             probes.lock().expect("probes").insert(last_probe.clone());
             let z = to_zmq(probe.into_frames()).expect("non-empty");
-            shell_tx.send(z).await.context("sending kernel_info_request")?;
+            shell_tx
+                .send(z)
+                .await
+                .context("sending kernel_info_request")?;
         }
         let deadline = tokio::time::sleep(Duration::from_millis(500));
         tokio::pin!(deadline);
@@ -260,8 +311,14 @@ async fn read_dealer(
     probes: Probes,
 ) {
     while let Ok(frames) = rx.recv().await {
-        let Some(msg) = verified(frames, &signer, lane) else { continue };
-        if lane == Lane::Shell && msg.parent_msg_id().is_some_and(|p| probes.lock().expect("probes").contains(&p)) {
+        let Some(msg) = verified(frames, &signer, lane) else {
+            continue;
+        };
+        if lane == Lane::Shell
+            && msg
+                .parent_msg_id()
+                .is_some_and(|p| probes.lock().expect("probes").contains(&p))
+        {
             continue;
         }
         let parent = msg.parent_header.clone();
@@ -269,11 +326,20 @@ async fn read_dealer(
     }
 }
 
-async fn read_iopub(mut rx: zeromq::SubSocket, signer: Signer, outbox: Arc<Outbox>, probes: Probes) {
+async fn read_iopub(
+    mut rx: zeromq::SubSocket,
+    signer: Signer,
+    outbox: Arc<Outbox>,
+    probes: Probes,
+) {
     while let Ok(frames) = rx.recv().await {
-        let Some(msg) = verified(frames, &signer, Lane::Iopub) else { continue };
+        let Some(msg) = verified(frames, &signer, Lane::Iopub) else {
+            continue;
+        };
         // The proxy greets its own subscribers; the kernel's greeting was for us.
-        if msg.header.windows(15).any(|w| w == b"\"iopub_welcome\"") || is_probe_traffic(&msg, &probes) {
+        if msg.header.windows(15).any(|w| w == b"\"iopub_welcome\"")
+            || is_probe_traffic(&msg, &probes)
+        {
             continue;
         }
         let parent = msg.parent_header.clone();

@@ -82,7 +82,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<i32> {
     let mut first = true;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     loop {
-        let wait = if first { Duration::from_secs(30) } else { agent.cfg.reattach_grace };
+        let wait = if first {
+            Duration::from_secs(30)
+        } else {
+            agent.cfg.reattach_grace
+        };
         let link = tokio::select! {
             l = dial_until(&agent.cfg, &token, wait) => l,
             _ = sigterm.recv() => {
@@ -94,7 +98,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<i32> {
             Ok(l) => l,
             Err(e) if first => return Err(e),
             Err(e) => {
-                tracing::info!("no proxy came back within {}s ({e:#}); ending", wait.as_secs());
+                tracing::info!(
+                    "no proxy came back within {}s ({e:#}); ending",
+                    wait.as_secs()
+                );
                 agent.stop_kernel().await;
                 return Ok(0);
             }
@@ -110,16 +117,24 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<i32> {
             },
         );
         if let Some(msg) = &spec_error {
-            agent.outbox.event(Lane::Iopub, &Event::AgentError { message: msg.clone() });
+            agent.outbox.event(
+                Lane::Iopub,
+                &Event::AgentError {
+                    message: msg.clone(),
+                },
+            );
             link.close().await;
             return Ok(1);
         }
         match agent.ensure_kernel().await {
             Ok(()) => {}
             Err(e) => {
-                agent
-                    .outbox
-                    .event(Lane::Iopub, &Event::AgentError { message: format!("{e:#}") });
+                agent.outbox.event(
+                    Lane::Iopub,
+                    &Event::AgentError {
+                        message: format!("{e:#}"),
+                    },
+                );
                 link.close().await;
                 return Ok(1);
             }
@@ -161,7 +176,8 @@ async fn dial_until(cfg: &AgentConfig, token: &str, within: Duration) -> anyhow:
                 delay = (delay * 2).min(Duration::from_secs(1));
             }
             Err(e) => {
-                return Err(e).with_context(|| format!("cannot reach the proxy at {}", cfg.link_addr))
+                return Err(e)
+                    .with_context(|| format!("cannot reach the proxy at {}", cfg.link_addr))
             }
         }
     }
@@ -276,7 +292,10 @@ impl Agent {
                     }
                 };
                 let Some(kernel) = self.kernel.as_mut() else {
-                    tracing::warn!(?lane, "no kernel is running; dropped a message from the proxy");
+                    tracing::warn!(
+                        ?lane,
+                        "no kernel is running; dropped a message from the proxy"
+                    );
                     return None;
                 };
                 if lane == Lane::Control {

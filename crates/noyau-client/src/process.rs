@@ -189,12 +189,8 @@ mod tests {
         assert_eq!(d.code, Some(3));
         assert_eq!(d.text, "exited with status 3");
 
-        let mut p = KernelProcess::launch(
-            &["sleep".into(), "30".into()],
-            &BTreeMap::new(),
-            None,
-        )
-        .unwrap();
+        let mut p =
+            KernelProcess::launch(&["sleep".into(), "30".into()], &BTreeMap::new(), None).unwrap();
         p.signal(Signal::SIGKILL).unwrap();
         let d = p.wait().await;
         assert_eq!(d.signal, Some(9));
@@ -216,7 +212,12 @@ mod tests {
     #[test]
     fn argv_templates() {
         let a = expand_argv(
-            &["py".into(), "-f".into(), "{connection_file}".into(), "{resource_dir}/x".into()],
+            &[
+                "py".into(),
+                "-f".into(),
+                "{connection_file}".into(),
+                "{resource_dir}/x".into(),
+            ],
             Path::new("/r/k.json"),
             Path::new("/spec"),
         );

@@ -78,11 +78,7 @@ impl RuntimeDir {
     pub fn create(prefix: &str) -> Result<Self, RuntimeDirError> {
         let base = base_dir();
         ensure_private_dir(&base)?;
-        let name = format!(
-            "{prefix}-{}-{:08x}",
-            std::process::id(),
-            rand_u32()
-        );
+        let name = format!("{prefix}-{}-{:08x}", std::process::id(), rand_u32());
         let path = base.join(name);
         ensure_private_dir(&path)?;
         Ok(RuntimeDir { path })
@@ -116,10 +112,16 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let p = t.path().join("rt");
         ensure_private_dir(&p).unwrap();
-        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
         let e = ensure_private_dir(&p).unwrap_err();
-        assert!(matches!(e, RuntimeDirError::TooOpen { mode: 0o755, .. }), "{e}");
+        assert!(
+            matches!(e, RuntimeDirError::TooOpen { mode: 0o755, .. }),
+            "{e}"
+        );
         assert!(e.to_string().contains("chmod 700"));
     }
 }

@@ -35,6 +35,7 @@
 mod codec;
 mod connection;
 mod dial;
+pub mod envelope;
 mod error;
 mod listener;
 mod session;

@@ -114,6 +114,12 @@ impl LinkListener {
         token
     }
 
+    /// Accepts a one-time token chosen elsewhere: a proxy taking over from
+    /// the previous one honours the token its predecessor gave the agent.
+    pub fn add_token(&self, token: &str) {
+        lock(&self.registry.tokens).insert(Sha256::digest(token.as_bytes()).into());
+    }
+
     /// The next new authenticated session.
     pub async fn accept(&mut self) -> Result<Link, LinkError> {
         self.new_links.recv().await.ok_or(LinkError::ListenerClosed)

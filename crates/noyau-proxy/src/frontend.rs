@@ -15,7 +15,10 @@ use anyhow::Context;
 use noyau_link::Lane;
 use noyau_wire::{Channel, ConnectionInfo, RawMessage, Signer};
 use tokio::sync::{mpsc, watch};
-use zeromq::{RepSocket, RouterRecvHalf, RouterSendHalf, RouterSocket, Socket, SocketRecv, SocketSend, XPubSocket};
+use zeromq::{
+    RepSocket, RouterRecvHalf, RouterSendHalf, RouterSocket, Socket, SocketRecv, SocketSend,
+    XPubSocket,
+};
 
 pub struct Frontend {
     pub shell: RouterSendHalf,
@@ -30,9 +33,12 @@ pub struct Frontend {
 
 async fn bind<S: Socket>(mut s: S, info: &ConnectionInfo, ch: Channel) -> anyhow::Result<S> {
     let ep = info.endpoint(ch);
-    s.bind(&ep)
-        .await
-        .with_context(|| format!("cannot bind the {} socket at {ep} (is another kernel using this connection file?)", ch.name()))?;
+    s.bind(&ep).await.with_context(|| {
+        format!(
+            "cannot bind the {} socket at {ep} (is another kernel using this connection file?)",
+            ch.name()
+        )
+    })?;
     Ok(s)
 }
 
@@ -49,8 +55,18 @@ impl Frontend {
         let (control_tx, control_rx) = control.split();
         let (stdin_tx, stdin_rx) = stdin.split();
         let dropped = Arc::new(AtomicBool::new(false));
-        for (rx, lane) in [(shell_rx, Lane::Shell), (control_rx, Lane::Control), (stdin_rx, Lane::Stdin)] {
-            tokio::spawn(read_router(rx, lane, signer.clone(), tx.clone(), dropped.clone()));
+        for (rx, lane) in [
+            (shell_rx, Lane::Shell),
+            (control_rx, Lane::Control),
+            (stdin_rx, Lane::Stdin),
+        ] {
+            tokio::spawn(read_router(
+                rx,
+                lane,
+                signer.clone(),
+                tx.clone(),
+                dropped.clone(),
+            ));
         }
         let (alive, alive_rx) = watch::channel(true);
         tokio::spawn(heartbeat(hb, alive_rx));
@@ -91,7 +107,10 @@ async fn read_router(
             }
         };
         if let Err(e) = signer.verify(&msg) {
-            let what = msg.peek_header().map(|h| h.msg_type).unwrap_or_else(|_| "?".into());
+            let what = msg
+                .peek_header()
+                .map(|h| h.msg_type)
+                .unwrap_or_else(|_| "?".into());
             tracing::warn!(?lane, msg_type = %what, "dropped a message from the frontend: {e}");
             dropped.store(true, Ordering::Relaxed);
             continue;
@@ -124,19 +143,28 @@ pub fn router_for(fe: &mut Frontend, lane: Lane) -> Option<&mut RouterSendHalf> 
 }
 
 pub async fn send_router(fe: &mut Frontend, lane: Lane, msg: RawMessage) {
-    let Some(router) = router_for(fe, lane) else { return };
+    let Some(router) = router_for(fe, lane) else {
+        return;
+    };
     if msg.identities.is_empty() {
-        tracing::warn!(?lane, "a reply without a routing identity cannot reach any frontend; dropped");
+        tracing::warn!(
+            ?lane,
+            "a reply without a routing identity cannot reach any frontend; dropped"
+        );
         return;
     }
-    let Ok(z) = zeromq::ZmqMessage::try_from(msg.into_frames()) else { return };
+    let Ok(z) = zeromq::ZmqMessage::try_from(msg.into_frames()) else {
+        return;
+    };
     if let Err(e) = router.send(z).await {
         tracing::debug!(?lane, "frontend went away before its reply: {e}");
     }
 }
 
 pub async fn publish(fe: &mut Frontend, msg: RawMessage) {
-    let Ok(z) = zeromq::ZmqMessage::try_from(msg.into_frames()) else { return };
+    let Ok(z) = zeromq::ZmqMessage::try_from(msg.into_frames()) else {
+        return;
+    };
     if let Err(e) = fe.iopub.send(z).await {
         tracing::warn!("publishing on iopub failed: {e}");
     }

@@ -64,12 +64,18 @@ pub fn take(path: &Path, max_age: Duration) -> Option<Handover> {
     let h: Handover = match serde_json::from_slice(&text) {
         Ok(h) => h,
         Err(e) => {
-            tracing::warn!("ignoring unreadable handover record {}: {e}", path.display());
+            tracing::warn!(
+                "ignoring unreadable handover record {}: {e}",
+                path.display()
+            );
             return None;
         }
     };
     if now().saturating_sub(h.written_at) > max_age.as_secs() {
-        tracing::info!("handover record {} is stale; starting a new agent", path.display());
+        tracing::info!(
+            "handover record {} is stale; starting a new agent",
+            path.display()
+        );
         return None;
     }
     Some(h)

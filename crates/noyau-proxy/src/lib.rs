@@ -26,11 +26,14 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::Bytes;
 use noyau_link::envelope::{self, Event, Payload};
-use noyau_link::{Incoming, Lane, Link, LinkConfig, LinkEvent, LinkListener, LinkSender, ServerIdentity};
+use noyau_link::{
+    Incoming, Lane, Link, LinkConfig, LinkEvent, LinkListener, LinkSender, ServerIdentity,
+};
 use noyau_sched::{Backend, Job, JobSpec, JobState};
 use noyau_wire::{build, ConnectionInfo, RawMessage, Signer};
 use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
+use zeromq::SocketRecv;
 
 use frontend::{publish, send_router, Frontend};
 
@@ -77,12 +80,16 @@ impl AgentWatch {
         match self {
             AgentWatch::Job(_, job) => {
                 let mut st = job.state.clone();
-                match st.wait_for(|s| matches!(s, JobState::Ended(_))).await {
+                let ended = match st.wait_for(|s| matches!(s, JobState::Ended(_))).await {
                     Ok(s) => match &*s {
-                        JobState::Ended(end) => end.description.clone(),
-                        _ => unreachable!(),
+                        JobState::Ended(end) => Some(end.description.clone()),
+                        _ => None,
                     },
-                    Err(_) => std::future::pending().await,
+                    Err(_) => None,
+                };
+                match ended {
+                    Some(d) => d,
+                    None => std::future::pending().await,
                 }
             }
             AgentWatch::Pid(pid) => loop {
@@ -113,7 +120,10 @@ impl AgentWatch {
 fn pid_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // A zombie is dead, just not yet reaped.
-        Ok(stat) => !stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')),
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z')),
         Err(_) => false,
     }
 }
@@ -143,49 +153,52 @@ pub async fn run(cfg: ProxyConfig) -> anyhow::Result<i32> {
     let link_cfg = LinkConfig::default();
     let handover_path = handover::path_for(&cfg.connection_file)?;
 
-    let (listener, identity, advertise, agent) = match handover::take(&handover_path, reattach_grace()) {
-        Some(h) => {
-            tracing::info!(agent = ?h.agent_pid, "taking over the agent of the previous proxy");
-            let listener = LinkListener::bind(h.link_addr, h.identity.clone(), link_cfg)
-                .await
-                .with_context(|| format!("cannot listen for the agent on {}", h.link_addr))?;
-            listener.add_token(&h.token);
-            let watch = match (h.backend.as_str(), h.agent_pid) {
-                ("local", Some(pid)) => AgentWatch::Pid(pid),
-                _ => AgentWatch::Remote,
-            };
-            (listener, h.identity, h.advertise, watch)
-        }
-        None => {
-            let bind = cfg.link_bind.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
-            let identity = ServerIdentity::generate(&["localhost".to_string()])
-                .context("making the link's certificate")?;
-            let listener = LinkListener::bind(bind, identity.clone(), link_cfg)
-                .await
-                .with_context(|| format!("cannot listen for the agent on {bind}"))?;
-            let advertise = cfg
-                .link_advertise
-                .clone()
-                .unwrap_or_else(|| listener.local_addr().to_string());
-            let backend = Backend::from_name(&cfg.backend)?;
-            let mut env = std::collections::BTreeMap::new();
-            env.insert("NOYAU_LINK_ADDR".into(), advertise.clone());
-            env.insert("NOYAU_LINK_PIN".into(), listener.pin());
-            env.insert("NOYAU_LINK_TOKEN".into(), listener.issue_token());
-            env.insert("NOYAU_INNER".into(), cfg.inner.clone());
-            let job = backend
-                .submit(JobSpec {
-                    name: format!("noyau-kernel-{}", cfg.inner),
-                    program: cfg.noyau_exe.clone(),
-                    args: vec!["agent".into()],
-                    env,
-                    cwd: None,
-                })
-                .await?;
-            tracing::info!(job = %job.id, backend = %backend.name(), "agent submitted");
-            (listener, identity, advertise, AgentWatch::Job(backend, job))
-        }
-    };
+    let (listener, identity, advertise, agent) =
+        match handover::take(&handover_path, reattach_grace()) {
+            Some(h) => {
+                tracing::info!(agent = ?h.agent_pid, "taking over the agent of the previous proxy");
+                let listener = LinkListener::bind(h.link_addr, h.identity.clone(), link_cfg)
+                    .await
+                    .with_context(|| format!("cannot listen for the agent on {}", h.link_addr))?;
+                listener.add_token(&h.token);
+                let watch = match (h.backend.as_str(), h.agent_pid) {
+                    ("local", Some(pid)) => AgentWatch::Pid(pid),
+                    _ => AgentWatch::Remote,
+                };
+                (listener, h.identity, h.advertise, watch)
+            }
+            None => {
+                let bind = cfg
+                    .link_bind
+                    .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+                let identity = ServerIdentity::generate(&["localhost".to_string()])
+                    .context("making the link's certificate")?;
+                let listener = LinkListener::bind(bind, identity.clone(), link_cfg)
+                    .await
+                    .with_context(|| format!("cannot listen for the agent on {bind}"))?;
+                let advertise = cfg
+                    .link_advertise
+                    .clone()
+                    .unwrap_or_else(|| listener.local_addr().to_string());
+                let backend = Backend::from_name(&cfg.backend)?;
+                let mut env = std::collections::BTreeMap::new();
+                env.insert("NOYAU_LINK_ADDR".into(), advertise.clone());
+                env.insert("NOYAU_LINK_PIN".into(), listener.pin());
+                env.insert("NOYAU_LINK_TOKEN".into(), listener.issue_token());
+                env.insert("NOYAU_INNER".into(), cfg.inner.clone());
+                let job = backend
+                    .submit(JobSpec {
+                        name: format!("noyau-kernel-{}", cfg.inner),
+                        program: cfg.noyau_exe.clone(),
+                        args: vec!["agent".into()],
+                        env,
+                        cwd: None,
+                    })
+                    .await?;
+                tracing::info!(job = %job.id, backend = %backend.name(), "agent submitted");
+                (listener, identity, advertise, AgentWatch::Job(backend, job))
+            }
+        };
 
     let mut proxy = Proxy {
         cfg,
@@ -306,7 +319,11 @@ impl Proxy {
             return;
         }
         let topic = frame.slice(1..);
-        let ids = if topic.is_empty() { vec![] } else { vec![topic.clone()] };
+        let ids = if topic.is_empty() {
+            vec![]
+        } else {
+            vec![topic.clone()]
+        };
         let msg = build::message(
             &self.signer,
             ids,
@@ -322,12 +339,15 @@ impl Proxy {
     async fn from_agent(&mut self, incoming: Option<Incoming>) -> Option<i32> {
         match incoming {
             None => {
-                self.report_death("The link to the noyau agent closed; the kernel is gone.").await;
+                self.report_death("The link to the noyau agent closed; the kernel is gone.")
+                    .await;
                 Some(1)
             }
             Some(Incoming::Event(LinkEvent::Closed(reason))) => {
-                self.report_death(&format!("The link to the noyau agent was lost for good ({reason}); the kernel is gone."))
-                    .await;
+                self.report_death(&format!(
+                    "The link to the noyau agent was lost for good ({reason}); the kernel is gone."
+                ))
+                .await;
                 Some(1)
             }
             Some(Incoming::Event(ev)) => {
@@ -364,7 +384,9 @@ impl Proxy {
                 self.pending.remove(&parent);
             }
             shutdown_reply = self.shutdown.is_some()
-                && msg.peek_header().is_ok_and(|h| h.msg_type == "shutdown_reply");
+                && msg
+                    .peek_header()
+                    .is_ok_and(|h| h.msg_type == "shutdown_reply");
         }
         send_router(&mut self.fe, lane, msg).await;
         if shutdown_reply {
@@ -390,11 +412,17 @@ impl Proxy {
                 self.fe.set_alive(true);
                 None
             }
-            Event::KernelDied { description, expected: true } => {
+            Event::KernelDied {
+                description,
+                expected: true,
+            } => {
                 tracing::info!("kernel {description} after its shutdown request");
                 None
             }
-            Event::KernelDied { description, expected: false } => {
+            Event::KernelDied {
+                description,
+                expected: false,
+            } => {
                 self.report_death(&format!(
                     "The kernel died: it {description}. Restart the kernel to continue (the allocation is kept)."
                 ))
@@ -403,7 +431,8 @@ impl Proxy {
                 Some(1)
             }
             Event::AgentError { message } => {
-                self.report_death(&format!("noyau could not start the kernel: {message}")).await;
+                self.report_death(&format!("noyau could not start the kernel: {message}"))
+                    .await;
                 self.stop_agent().await;
                 Some(1)
             }
@@ -422,26 +451,57 @@ impl Proxy {
         let mut any_execute = false;
         let order: Vec<String> = self.order.drain(..).collect();
         for id in order {
-            let Some(p) = self.pending.remove(&id) else { continue };
+            let Some(p) = self.pending.remove(&id) else {
+                continue;
+            };
             if p.msg_type == "execute_request" {
                 any_execute = true;
-                let err = build::iopub(&self.signer, "error", &self.session, &p.header, json!({
-                    "ename": ename, "evalue": evalue, "traceback": [text],
-                }));
+                let err = build::iopub(
+                    &self.signer,
+                    "error",
+                    &self.session,
+                    &p.header,
+                    json!({
+                        "ename": ename, "evalue": evalue, "traceback": [text],
+                    }),
+                );
                 publish(&mut self.fe, err).await;
             }
-            let reply_type = p.msg_type.strip_suffix("_request").map(|t| format!("{t}_reply")).unwrap_or_else(|| "error".into());
-            let reply = build::message(&self.signer, p.identities, &reply_type, &self.session, &p.header, json!({
-                "status": "error", "ename": ename, "evalue": evalue, "traceback": [text], "execution_count": null,
-            }));
+            let reply_type = p
+                .msg_type
+                .strip_suffix("_request")
+                .map(|t| format!("{t}_reply"))
+                .unwrap_or_else(|| "error".into());
+            let reply = build::message(
+                &self.signer,
+                p.identities,
+                &reply_type,
+                &self.session,
+                &p.header,
+                json!({
+                    "status": "error", "ename": ename, "evalue": evalue, "traceback": [text], "execution_count": null,
+                }),
+            );
             send_router(&mut self.fe, Lane::Shell, reply).await;
-            let idle = build::iopub(&self.signer, "status", &self.session, &p.header, json!({"execution_state": "idle"}));
+            let idle = build::iopub(
+                &self.signer,
+                "status",
+                &self.session,
+                &p.header,
+                json!({"execution_state": "idle"}),
+            );
             publish(&mut self.fe, idle).await;
         }
         if !any_execute {
-            let note = build::iopub(&self.signer, "stream", &self.session, &Bytes::new(), json!({
-                "name": "stderr", "text": format!("{text}\n"),
-            }));
+            let note = build::iopub(
+                &self.signer,
+                "stream",
+                &self.session,
+                &Bytes::new(),
+                json!({
+                    "name": "stderr", "text": format!("{text}\n"),
+                }),
+            );
             publish(&mut self.fe, note).await;
         }
     }
@@ -449,7 +509,9 @@ impl Proxy {
     /// Leaves the agent (and its allocation) to the next proxy for this
     /// connection file.
     async fn hand_over(&mut self) {
-        let Some(link) = self.link.as_mut() else { return };
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
         let token = noyau_wire::connection::random_key();
         let record = handover::Handover {
             link_addr: self.listener.local_addr(),
@@ -475,7 +537,9 @@ impl Proxy {
             tracing::warn!("cannot hand the agent over: {e:#}");
             return;
         }
-        let _ = link.sender().send(Lane::Control, envelope::event(&Event::Detach { token }));
+        let _ = link
+            .sender()
+            .send(Lane::Control, envelope::event(&Event::Detach { token }));
         let acked = tokio::time::timeout(Duration::from_secs(5), async {
             loop {
                 match link.recv().await {

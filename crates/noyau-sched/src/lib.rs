@@ -31,11 +31,17 @@ pub struct JobSpec {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobState {
-    Pending { reason: String },
-    Running { node: String },
+    Pending {
+        reason: String,
+    },
+    Running {
+        node: String,
+    },
     Ended(JobEnd),
     /// The scheduler could not be asked; the job may well be alive.
-    Unknown { why: String },
+    Unknown {
+        why: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

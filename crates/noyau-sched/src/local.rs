@@ -86,7 +86,10 @@ impl LocalHandle {
         }
         let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGTERM);
         let ended = state.wait_for(|s| matches!(s, JobState::Ended(_)));
-        if tokio::time::timeout(Duration::from_secs(5), ended).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), ended)
+            .await
+            .is_err()
+        {
             let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
         }
     }

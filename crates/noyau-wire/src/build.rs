@@ -54,7 +54,14 @@ pub fn iopub(
     content: Value,
 ) -> RawMessage {
     let topic = Bytes::from(format!("kernel.noyau.{msg_type}"));
-    message(signer, vec![topic], msg_type, session, parent_header, content)
+    message(
+        signer,
+        vec![topic],
+        msg_type,
+        session,
+        parent_header,
+        content,
+    )
 }
 
 /// True when frames look like a complete message (used by tests).
@@ -70,7 +77,13 @@ mod tests {
     fn built_messages_verify() {
         let s = Signer::new(b"k");
         let parent = Bytes::from_static(br#"{"msg_id":"p"}"#);
-        let m = iopub(&s, "status", "sess", &parent, json!({"execution_state": "idle"}));
+        let m = iopub(
+            &s,
+            "status",
+            "sess",
+            &parent,
+            json!({"execution_state": "idle"}),
+        );
         s.verify(&m).unwrap();
         assert_eq!(m.parent_msg_id().as_deref(), Some("p"));
         assert_eq!(m.peek_header().unwrap().msg_type, "status");

@@ -171,7 +171,8 @@ impl ConnectionInfo {
 
     /// The ipc socket file of a channel, when the transport is ipc.
     pub fn ipc_path(&self, channel: Channel) -> Option<PathBuf> {
-        (self.transport == "ipc").then(|| PathBuf::from(format!("{}-{}", self.ip, self.port(channel))))
+        (self.transport == "ipc")
+            .then(|| PathBuf::from(format!("{}-{}", self.ip, self.port(channel))))
     }
 }
 
@@ -222,7 +223,10 @@ mod tests {
             std::fs::metadata(&out).unwrap().permissions().mode() & 0o777,
             0o600
         );
-        assert_eq!(ConnectionInfo::read(&out).unwrap().extra["jupyter_session"], "/x.ipynb");
+        assert_eq!(
+            ConnectionInfo::read(&out).unwrap().extra["jupyter_session"],
+            "/x.ipynb"
+        );
     }
 
     #[test]

@@ -72,10 +72,17 @@ mod tests {
 
     fn msg(signer: &Signer) -> RawMessage {
         let mut m = RawMessage::from_frames(
-            [DELIMITER, b"", br#"{"msg_id":"1","msg_type":"x"}"#, b"{}", b"{}", b"{}"]
-                .iter()
-                .map(|p| Bytes::copy_from_slice(p))
-                .collect(),
+            [
+                DELIMITER,
+                b"",
+                br#"{"msg_id":"1","msg_type":"x"}"#,
+                b"{}",
+                b"{}",
+                b"{}",
+            ]
+            .iter()
+            .map(|p| Bytes::copy_from_slice(p))
+            .collect(),
         )
         .unwrap();
         signer.resign(&mut m);

@@ -8,7 +8,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "noyau", version, about = "Jupyter kernels and notebooks on HPC clusters")]
+#[command(
+    name = "noyau",
+    version,
+    about = "Jupyter kernels and notebooks on HPC clusters"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
