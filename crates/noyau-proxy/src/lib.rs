@@ -143,10 +143,25 @@ struct Proxy {
     identity: ServerIdentity,
     advertise: String,
     agent: AgentWatch,
+    started: chrono::DateTime<chrono::Utc>,
+}
+
+/// True when the message's header date is before `t`.
+fn sent_before(msg: &RawMessage, t: chrono::DateTime<chrono::Utc>) -> bool {
+    #[derive(serde::Deserialize)]
+    struct H {
+        date: Option<String>,
+    }
+    serde_json::from_slice::<H>(&msg.header)
+        .ok()
+        .and_then(|h| h.date)
+        .and_then(|d| chrono::DateTime::parse_from_rfc3339(&d).ok())
+        .is_some_and(|d| d < t)
 }
 
 /// Runs the proxy until its kernel is gone; returns the exit code.
 pub async fn run(cfg: ProxyConfig) -> anyhow::Result<i32> {
+    let started = chrono::Utc::now();
     let info = ConnectionInfo::read(&cfg.connection_file)?;
     let signer = Signer::new(info.key.as_bytes());
     let fe = Frontend::bind(&info, signer.clone()).await?;
@@ -214,8 +229,12 @@ pub async fn run(cfg: ProxyConfig) -> anyhow::Result<i32> {
         identity,
         advertise,
         agent,
+        started,
     };
     let code = proxy.relay().await;
+    // Socket writers drain their queues in background tasks; give them the
+    // moment ZMQ_LINGER would, so last replies and errors reach the frontend.
+    tokio::time::sleep(Duration::from_millis(150)).await;
     Ok(code)
 }
 
@@ -282,6 +301,16 @@ impl Proxy {
     fn from_frontend(&mut self, lane: Lane, msg: RawMessage) {
         if lane == Lane::Shell || lane == Lane::Control {
             if let Ok(h) = msg.peek_header() {
+                tracing::debug!(?lane, msg_type = %h.msg_type, "from the frontend");
+                if lane == Lane::Control
+                    && (h.msg_type == "shutdown_request" || h.msg_type == "interrupt_request")
+                    && sent_before(&msg, self.started)
+                {
+                    // A frontend restarting a dead kernel queues these for the dead
+                    // process; its socket delivers them to us, the new one.
+                    tracing::info!(msg_type = %h.msg_type, "ignored a request sent before this kernel started (meant for the previous kernel process)");
+                    return;
+                }
                 if h.msg_type == "shutdown_request" {
                     let restart = serde_json::from_slice::<serde_json::Value>(&msg.content)
                         .ok()
