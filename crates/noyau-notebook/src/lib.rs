@@ -20,6 +20,8 @@
 //!    on disk is always either the previous or the new complete notebook.
 
 pub mod notebook;
+pub mod outputs;
 mod pyjson;
 
 pub use notebook::{new_cell_id, write_atomic, write_atomic_with, Cell, Notebook, NotebookError};
+pub use outputs::{DisplayIndex, OutputBuilder, OutputError, OutputEvent, StreamMode};
