@@ -21,7 +21,9 @@
 
 pub mod notebook;
 pub mod outputs;
+pub mod params;
 mod pyjson;
 
 pub use notebook::{new_cell_id, write_atomic, write_atomic_with, Cell, Notebook, NotebookError};
 pub use outputs::{DisplayIndex, OutputBuilder, OutputError, OutputEvent, StreamMode};
+pub use params::{inject, InjectOptions, Injected, Language, Param, ParamError, Parameters};
