@@ -168,7 +168,7 @@ async fn dial_until(cfg: &AgentConfig, token: &str, within: Duration) -> anyhow:
     };
     let mut delay = Duration::from_millis(50);
     loop {
-        match noyau_link::dial(&cfg.link_addr, &cfg.pin, token, link_cfg.clone()).await {
+        match noyau_link::dial(&cfg.link_addr, &cfg.pin, token, link_cfg).await {
             Ok(link) => return Ok(link),
             Err(e) if Instant::now() + delay < deadline => {
                 tracing::debug!("dialling the proxy at {}: {e}", cfg.link_addr);
@@ -223,7 +223,7 @@ impl Agent {
             tokio::select! {
                 incoming = link.recv() => match incoming {
                     Some(Incoming::Message(lane, frames)) => {
-                        if let Some(end) = self.from_proxy(lane, frames).await {
+                        if let Some(end) = self.on_proxy_message(lane, frames).await {
                             return end;
                         }
                     }
@@ -274,7 +274,11 @@ impl Agent {
         }
     }
 
-    async fn from_proxy(&mut self, lane: Lane, frames: Vec<bytes::Bytes>) -> Option<SessionEnd> {
+    async fn on_proxy_message(
+        &mut self,
+        lane: Lane,
+        frames: Vec<bytes::Bytes>,
+    ) -> Option<SessionEnd> {
         let payload = match envelope::open(frames) {
             Ok(p) => p,
             Err(e) => {

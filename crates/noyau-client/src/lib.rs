@@ -6,7 +6,9 @@
 //! (so an interrupt or a kill reaches everything it started) and describes
 //! how it ended (exit code, signal, out-of-memory kill) in words a user can
 //! act on. [`sockets`] connects to the kernel's channels as a client.
+//! [`agent`] starts `noyau agent` through a scheduler backend and follows it.
 
+pub mod agent;
 pub mod process;
 pub mod runtime;
 pub mod sockets;

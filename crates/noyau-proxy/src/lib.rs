@@ -25,11 +25,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
+use noyau_client::agent::{start_agent, AgentLaunch, AgentWatch};
 use noyau_link::envelope::{self, Event, Payload};
 use noyau_link::{
     Incoming, Lane, Link, LinkConfig, LinkEvent, LinkListener, LinkSender, ServerIdentity,
 };
-use noyau_sched::{Backend, Job, JobSpec, JobState};
 use noyau_wire::{build, ConnectionInfo, RawMessage, Signer};
 use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
@@ -65,67 +65,6 @@ struct Pending {
     identities: Vec<Bytes>,
     header: Bytes,
     msg_type: String,
-}
-
-enum AgentWatch {
-    Job(Backend, Job),
-    /// An agent handed over by an earlier local proxy: not our child, watched by pid.
-    Pid(u32),
-    Remote,
-}
-
-impl AgentWatch {
-    /// Resolves with a description when the agent is known to be gone.
-    async fn ended(&mut self) -> String {
-        match self {
-            AgentWatch::Job(_, job) => {
-                let mut st = job.state.clone();
-                let ended = match st.wait_for(|s| matches!(s, JobState::Ended(_))).await {
-                    Ok(s) => match &*s {
-                        JobState::Ended(end) => Some(end.description.clone()),
-                        _ => None,
-                    },
-                    Err(_) => None,
-                };
-                match ended {
-                    Some(d) => d,
-                    None => std::future::pending().await,
-                }
-            }
-            AgentWatch::Pid(pid) => loop {
-                tokio::time::sleep(Duration::from_millis(250)).await;
-                if !pid_alive(*pid) {
-                    return "ended".into();
-                }
-            },
-            AgentWatch::Remote => std::future::pending().await,
-        }
-    }
-
-    fn pid(&self) -> Option<u32> {
-        match self {
-            AgentWatch::Job(_, job) => job.id.strip_prefix("local:").and_then(|p| p.parse().ok()),
-            AgentWatch::Pid(p) => Some(*p),
-            AgentWatch::Remote => None,
-        }
-    }
-
-    async fn cancel(&self) {
-        if let AgentWatch::Job(b, job) = self {
-            b.cancel(job).await;
-        }
-    }
-}
-
-fn pid_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // A zombie is dead, just not yet reaped.
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|r| r.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
 }
 
 struct Proxy {
@@ -183,35 +122,21 @@ pub async fn run(cfg: ProxyConfig) -> anyhow::Result<i32> {
                 (listener, h.identity, h.advertise, watch)
             }
             None => {
-                let bind = cfg
-                    .link_bind
-                    .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
-                let identity = ServerIdentity::generate(&["localhost".to_string()])
-                    .context("making the link's certificate")?;
-                let listener = LinkListener::bind(bind, identity.clone(), link_cfg)
-                    .await
-                    .with_context(|| format!("cannot listen for the agent on {bind}"))?;
-                let advertise = cfg
-                    .link_advertise
-                    .clone()
-                    .unwrap_or_else(|| listener.local_addr().to_string());
-                let backend = Backend::from_name(&cfg.backend)?;
-                let mut env = std::collections::BTreeMap::new();
-                env.insert("NOYAU_LINK_ADDR".into(), advertise.clone());
-                env.insert("NOYAU_LINK_PIN".into(), listener.pin());
-                env.insert("NOYAU_LINK_TOKEN".into(), listener.issue_token());
-                env.insert("NOYAU_INNER".into(), cfg.inner.clone());
-                let job = backend
-                    .submit(JobSpec {
-                        name: format!("noyau-kernel-{}", cfg.inner),
-                        program: cfg.noyau_exe.clone(),
-                        args: vec!["agent".into()],
-                        env,
+                let a = start_agent(
+                    AgentLaunch {
+                        backend: cfg.backend.clone(),
+                        inner: cfg.inner.clone(),
+                        link_bind: cfg.link_bind,
+                        link_advertise: cfg.link_advertise.clone(),
+                        noyau_exe: cfg.noyau_exe.clone(),
+                        job_name: format!("noyau-kernel-{}", cfg.inner),
                         cwd: None,
-                    })
-                    .await?;
-                tracing::info!(job = %job.id, backend = %backend.name(), "agent submitted");
-                (listener, identity, advertise, AgentWatch::Job(backend, job))
+                        env: Default::default(),
+                    },
+                    link_cfg,
+                )
+                .await?;
+                (a.listener, a.identity, a.advertise, a.watch)
             }
         };
 
@@ -257,7 +182,7 @@ impl Proxy {
                 }
                 m = self.fe.incoming.recv() => {
                     let Some((lane, msg)) = m else { return 1 };
-                    self.from_frontend(lane, msg);
+                    self.on_frontend_message(lane, msg);
                 }
                 sub = self.fe.iopub.recv() => {
                     if let Ok(sub) = sub {
@@ -269,7 +194,7 @@ impl Proxy {
                     Err(e) => tracing::warn!("link: {e}"),
                 },
                 incoming = async { match self.link.as_mut() { Some(l) => l.recv().await, None => std::future::pending().await } } => {
-                    if let Some(code) = self.from_agent(incoming).await {
+                    if let Some(code) = self.on_agent_message(incoming).await {
                         return code;
                     }
                 }
@@ -298,7 +223,7 @@ impl Proxy {
         self.link.as_ref().map(|l| l.sender())
     }
 
-    fn from_frontend(&mut self, lane: Lane, msg: RawMessage) {
+    fn on_frontend_message(&mut self, lane: Lane, msg: RawMessage) {
         if lane == Lane::Shell || lane == Lane::Control {
             if let Ok(h) = msg.peek_header() {
                 tracing::debug!(?lane, msg_type = %h.msg_type, "from the frontend");
@@ -365,7 +290,7 @@ impl Proxy {
     }
 
     /// One link message or event; Some(exit code) when the proxy must end.
-    async fn from_agent(&mut self, incoming: Option<Incoming>) -> Option<i32> {
+    async fn on_agent_message(&mut self, incoming: Option<Incoming>) -> Option<i32> {
         match incoming {
             None => {
                 self.report_death("The link to the noyau agent closed; the kernel is gone.")
@@ -384,7 +309,7 @@ impl Proxy {
                 None
             }
             Some(Incoming::Message(lane, frames)) => match envelope::open(frames) {
-                Ok(Payload::Jupyter(frames)) => self.to_frontend(lane, frames).await,
+                Ok(Payload::Jupyter(frames)) => self.relay_to_frontend(lane, frames).await,
                 Ok(Payload::Event(ev)) => self.on_event(ev).await,
                 Err(e) => {
                     tracing::warn!("dropped a malformed link message: {e}");
@@ -394,7 +319,7 @@ impl Proxy {
         }
     }
 
-    async fn to_frontend(&mut self, lane: Lane, frames: Vec<Bytes>) -> Option<i32> {
+    async fn relay_to_frontend(&mut self, lane: Lane, frames: Vec<Bytes>) -> Option<i32> {
         let mut msg = match RawMessage::from_frames(frames) {
             Ok(m) => m,
             Err(e) => {
@@ -549,10 +474,7 @@ impl Proxy {
             token: token.clone(),
             agent_pid: self.agent.pid(),
             backend: self.cfg.backend.clone(),
-            job_id: match &self.agent {
-                AgentWatch::Job(_, j) => j.id.clone(),
-                _ => String::new(),
-            },
+            job_id: self.agent.job_id().unwrap_or_default().to_string(),
             written_at: handover::stamp(),
         };
         let path = match handover::path_for(&self.cfg.connection_file) {
