@@ -140,14 +140,21 @@ def tagged(var: str, value: str) -> set[int]:
     return {p for p in pids() if p != me and alive(p) and environ(p).get(var) == value}
 
 
-def is_agent(pid: int) -> bool:
+def _noyau_subcommand(pid: int) -> str | None:
+    """`agent` for `noyau agent ...`; also understands `python .../fake_noyau agent`."""
     argv = cmdline(pid)
-    return len(argv) > 1 and argv[1] == "agent" and "noyau" in os.path.basename(argv[0])
+    for i in (0, 1):
+        if len(argv) > i + 1 and "noyau" in os.path.basename(argv[i]):
+            return argv[i + 1]
+    return None
+
+
+def is_agent(pid: int) -> bool:
+    return _noyau_subcommand(pid) == "agent"
 
 
 def is_proxy(pid: int) -> bool:
-    argv = cmdline(pid)
-    return len(argv) > 1 and argv[1] == "kernel" and "noyau" in os.path.basename(argv[0])
+    return _noyau_subcommand(pid) == "kernel"
 
 
 def is_inner_kernel(pid: int) -> bool:

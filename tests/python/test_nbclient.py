@@ -79,7 +79,8 @@ def execute(kernel_name: str, tmp: Path) -> Any:
     return _cache[kernel_name]
 
 
-_UUID = re.compile(r"\b[0-9a-f]{32}\b|\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b")
+# 32 hex digits or a dashed uuid, also inside e.g. "IPY_MODEL_<hex>" (so no \b)
+_UUID = re.compile(r"(?<![0-9a-f])(?:[0-9a-f]{32}|[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12})(?![0-9a-f])")
 
 
 def normalise(nb: Any) -> Any:
