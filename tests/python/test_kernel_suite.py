@@ -102,6 +102,7 @@ _PythonKernelTests.__test__ = False  # type: ignore[attr-defined]
 _WelcomeTests.__test__ = False  # type: ignore[attr-defined]
 for _cls in (TestDirectKernel, TestDirectWelcome, TestNoyauKernel, TestNoyauWelcome):
     _cls.__test__ = True  # type: ignore[attr-defined]
+del _cls
 
 
 def test_zz_every_direct_pass_passes_through_noyau() -> None:
