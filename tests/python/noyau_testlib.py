@@ -141,11 +141,10 @@ def tagged(var: str, value: str) -> set[int]:
 
 
 def _noyau_subcommand(pid: int) -> str | None:
-    """`agent` for `noyau agent ...`; also understands `python .../fake_noyau agent`."""
+    """`agent` for `noyau agent ...`."""
     argv = cmdline(pid)
-    for i in (0, 1):
-        if len(argv) > i + 1 and "noyau" in os.path.basename(argv[i]):
-            return argv[i + 1]
+    if len(argv) > 1 and os.path.basename(argv[0]) == "noyau":
+        return argv[1]
     return None
 
 
