@@ -65,7 +65,7 @@ struct AgentArgs {
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("NOYAU_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,zeromq=error"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
