@@ -14,8 +14,9 @@
 //!   ack, ping, goodbye), decoded defensively with a 512 MiB cap.
 //! * `listener`/`dial`: authentication. A new session needs a one-time token
 //!   from [`LinkListener::issue_token`]; the proxy answers with a session id
-//!   and a resume secret, which opens exactly one reconnect and is replaced
-//!   by a new one each time.
+//!   and a resume secret. Each reconnect hands out a new one; the old one
+//!   stays valid only until the new one has been used (so a connection lost
+//!   mid-handshake cannot lock the agent out).
 //! * `state`: what outlives a connection. Every message gets a per-lane
 //!   sequence number and stays queued until the peer acks it; a reconnect
 //!   exchanges "last received" per lane and resends from there, dropping

@@ -37,7 +37,12 @@ pub(crate) struct Resumed {
 }
 
 struct SessionEntry {
+    /// The secret the agent is known to hold.
     secret: Secret,
+    /// The secret last handed out, not yet proven received: a connection
+    /// that drops before the agent reads its Welcome must not lock the agent
+    /// out, so `secret` stays valid until `pending` is used once.
+    pending: Option<Secret>,
     conns: mpsc::Sender<Resumed>,
 }
 
@@ -187,7 +192,14 @@ async fn handshake(
             let session: SessionId = rand::random();
             let secret: Secret = rand::random();
             let (tx, rx) = mpsc::channel(4);
-            lock(&registry.sessions).insert(session, SessionEntry { secret, conns: tx });
+            lock(&registry.sessions).insert(
+                session,
+                SessionEntry {
+                    secret,
+                    pending: None,
+                    conns: tx,
+                },
+            );
             let mut side = ProxySide {
                 session,
                 registry: registry.clone(),
@@ -227,10 +239,15 @@ async fn handshake(
             let entry = {
                 let mut sessions = lock(&registry.sessions);
                 match sessions.get_mut(&session) {
-                    Some(e) if ct_eq(&e.secret, &secret) => {
-                        // Consumed now: a secret opens one reconnect only.
+                    Some(e)
+                        if ct_eq(&e.secret, &secret)
+                            || e.pending.is_some_and(|p| ct_eq(&p, &secret)) =>
+                    {
+                        // Using the pending secret proves the agent has it; the
+                        // older one is retired. Each reconnect gets a new one.
+                        e.secret = secret;
                         let next: Secret = rand::random();
-                        e.secret = next;
+                        e.pending = Some(next);
                         Some((e.conns.clone(), next))
                     }
                     _ => None,
