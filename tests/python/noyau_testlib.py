@@ -185,7 +185,7 @@ class Kernel:
     """One kernel started through jupyter_client, with the processes it owns."""
 
     def __init__(self, kernel_name: str, stderr: Any = None, env: dict[str, str] | None = None,
-                 ready_timeout: float = 60):
+                 ready_timeout: float = 60, transport: str = "tcp"):
         from jupyter_client.manager import KernelManager
 
         self.tag = f"{os.environ.get(SESSION_VAR, 'nosession')}-{uuid.uuid4().hex[:12]}"
@@ -193,7 +193,10 @@ class Kernel:
         kenv[TAG_VAR] = self.tag
         if env:
             kenv.update(env)
-        self.km = KernelManager(kernel_name=kernel_name)
+        self.km = KernelManager(kernel_name=kernel_name, transport=transport)
+        if transport == "ipc":
+            # ipc socket paths are "{ip}-{port}": put them in the session's private dir.
+            self.km.ip = os.path.join(os.environ.get("JUPYTER_RUNTIME_DIR", "/tmp"), f"k-{self.tag[-12:]}")
         self.km.start_kernel(env=kenv, stderr=stderr)
         self.kc = self.km.client()
         self.kc.start_channels()

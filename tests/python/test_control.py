@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
@@ -116,4 +117,18 @@ def test_bad_signature_is_dropped_and_logged(kernel_name: str, tmp_path: Path) -
     finally:
         sock.close()
         ctx.term()
+        k.shutdown()
+
+
+def test_ipc_transport(kernel_name: str) -> None:
+    """A frontend that asks for ipc sockets gets them, and a working kernel."""
+    k = lib.Kernel(kernel_name, transport="ipc")
+    try:
+        info = k.km.get_connection_info()
+        assert info["transport"] == "ipc"
+        assert os.path.exists(f"{info['ip']}-{info['shell_port']}"), "no ipc socket file for shell"
+        reply, iopub = k.run("print('over ipc')")
+        assert reply["content"]["status"] == "ok"
+        assert any(m["msg_type"] == "stream" and "over ipc" in m["content"]["text"] for m in iopub)
+    finally:
         k.shutdown()
