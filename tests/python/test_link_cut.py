@@ -114,6 +114,54 @@ class Forwarder:
         self.thread.join(timeout=10)
 
 
+def _forwarded_spec(noyau_kernelspec: str, prefix: Path) -> tuple[str, Forwarder]:
+    """A kernelspec whose agent dials through a fresh forwarder (started)."""
+    bind, advertise = free_port(), free_port()
+    spec = lib.read_kernelspec(prefix, noyau_kernelspec)
+    spec["argv"] = spec["argv"] + ["--link-bind", f"127.0.0.1:{bind}",
+                                   "--link-advertise", f"127.0.0.1:{advertise}"]
+    name = f"noyau-linkcut-{advertise}"
+    d = prefix / "share" / "jupyter" / "kernels" / name
+    d.mkdir(parents=True)
+    (d / "kernel.json").write_text(json.dumps(spec, indent=1))
+    fwd = Forwarder(advertise, bind)
+    fwd.start()
+    return name, fwd
+
+
+def test_output_lost_to_a_full_buffer_is_reported(noyau_kernelspec: str, prefix: Path, tmp_path: Path) -> None:
+    """With the link down longer than its buffer lasts, the user is told how
+    much output was lost, and the kernel goes on."""
+    name, fwd = _forwarded_spec(noyau_kernelspec, prefix)
+    marker = tmp_path / "produced"
+    k = None
+    try:
+        k = lib.Kernel(name, env={"NOYAU_LINK_BUFFER_MB": "1"})
+        msg_id = k.execute(
+            "import time, pathlib\n"
+            "print('start', flush=True)\n"
+            "for i in range(400):\n"
+            "    print('x' * 10_000, flush=True)\n"
+            f"pathlib.Path({str(marker)!r}).write_text('done')\n"
+            "print('end', flush=True)\n")
+        k.iopub_for(msg_id, lambda m: m["msg_type"] == "stream" and "start" in m["content"]["text"], 60)
+        fwd.cut()
+        # The kernel writes the marker once all 4 MB have gone to the agent.
+        lib.wait_until(marker.exists, 60, "the cell to produce its output while the link is down")
+        fwd.restore()
+        texts = [m["content"]["text"] for m in k.iopub_for(msg_id, lib.is_idle, 120) if m["msg_type"] == "stream"]
+        reply = k.reply_for(msg_id, 30)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        lost = [t for t in texts if "were lost" in t]
+        assert lost, "no notice of lost output"
+        assert "NOYAU_LINK_BUFFER_MB" in lost[0], lost[0]
+        assert texts[-1].endswith("end\n"), texts[-1][-80:]
+    finally:
+        if k is not None:
+            k.shutdown()
+        fwd.stop()
+
+
 def test_link_cut_mid_cell(noyau_kernelspec: str, prefix: Path) -> None:
     bind, advertise = free_port(), free_port()
     spec = lib.read_kernelspec(prefix, noyau_kernelspec)

@@ -23,6 +23,8 @@ pub struct AgentConfig {
     pub reattach_grace: Duration,
     /// How long to keep redialling a proxy that went away without a word.
     pub give_up_after: Duration,
+    /// What the link may hold while the proxy is unreachable.
+    pub buffer_limit: usize,
 }
 
 #[derive(Deserialize)]
@@ -94,6 +96,17 @@ impl AgentConfig {
             inner,
             reattach_grace: secs("NOYAU_REATTACH_GRACE", 30)?,
             give_up_after: secs("NOYAU_LINK_GIVE_UP", 120)?,
+            buffer_limit: match std::env::var("NOYAU_LINK_BUFFER_MB") {
+                Ok(v) => v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|mb| *mb > 0)
+                    .map(|mb| mb << 20)
+                    .with_context(|| {
+                        format!("NOYAU_LINK_BUFFER_MB={v:?} is not a positive number of MiB")
+                    })?,
+                Err(_) => noyau_link::LinkConfig::default().buffer_limit,
+            },
         })
     }
 }

@@ -188,7 +188,7 @@ impl Kernel {
             &request.header,
             status,
         );
-        outbox.jupyter(Lane::Control, reply.into_frames(), &request.header);
+        outbox.jupyter(Lane::Control, reply.into_frames());
     }
 
     pub async fn wait(&mut self) -> ExitDescription {
@@ -321,8 +321,7 @@ async fn read_dealer(
         {
             continue;
         }
-        let parent = msg.parent_header.clone();
-        outbox.jupyter(lane, msg.into_frames(), &parent);
+        outbox.jupyter(lane, msg.into_frames());
     }
 }
 
@@ -342,8 +341,7 @@ async fn read_iopub(
         {
             continue;
         }
-        let parent = msg.parent_header.clone();
-        outbox.jupyter(Lane::Iopub, msg.into_frames(), &parent);
+        outbox.jupyter(Lane::Iopub, msg.into_frames());
     }
 }
 

@@ -63,7 +63,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<i32> {
     let key = noyau_wire::connection::random_key();
     let signer = Signer::new(key.as_bytes());
     let session = uuid::Uuid::new_v4().to_string();
-    let outbox = Arc::new(Outbox::new(signer.clone(), session.clone()));
+    let outbox = Outbox::new(signer.clone(), session.clone(), cfg.buffer_limit);
     let spec = kernelspec::find(&cfg.inner);
     let mut agent = Agent {
         spec: spec.as_ref().ok().cloned(),
@@ -164,6 +164,7 @@ async fn dial_until(cfg: &AgentConfig, token: &str, within: Duration) -> anyhow:
     let deadline = Instant::now() + within;
     let link_cfg = LinkConfig {
         give_up_after: cfg.give_up_after,
+        buffer_limit: cfg.buffer_limit,
         ..LinkConfig::default()
     };
     let mut delay = Duration::from_millis(50);

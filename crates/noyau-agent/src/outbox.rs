@@ -1,91 +1,179 @@
 //! Everything the kernel says goes through the outbox on its way to the link.
 //!
-//! The outbox outlives links: between a proxy's detach and the next proxy's
-//! arrival it keeps what the kernel sends (bounded), and when the link's own
-//! buffer is full it counts what had to be dropped and tells the user so in
-//! the output stream, instead of losing it silently.
+//! Normally a message goes straight into the link, whose own buffer carries
+//! it across short outages. When the link is detached (between two proxies)
+//! or its buffer is full (a long outage), messages wait here, in order. This
+//! queue is bounded too, but only for bulk output: past the bound, `stream`
+//! and display messages are dropped and counted, and a notice saying how many
+//! were lost takes their place in the output. Statuses, replies and errors
+//! are never dropped, so a frontend always learns that a cell finished.
+//! A ticker retries the queue, so it drains even when the kernel is quiet.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use noyau_link::{envelope, Lane, LinkError, LinkSender};
-use noyau_wire::{build, Signer};
+use noyau_wire::{build, RawMessage, Signer};
 use serde_json::json;
-
-/// Bound for what is kept while no link is attached.
-const DETACHED_LIMIT: usize = 64 << 20;
 
 pub struct Outbox {
     inner: Mutex<Inner>,
+    /// Bound for bulk output waiting here (the link holds as much again).
+    limit: usize,
     signer: Signer,
     session: String,
 }
 
+enum Entry {
+    Message {
+        lane: Lane,
+        frames: Vec<Bytes>,
+    },
+    /// Stands for `count` dropped outputs; becomes a stream message on send.
+    Lost {
+        count: u64,
+        parent: Bytes,
+    },
+}
+
 struct Inner {
     link: Option<LinkSender>,
-    backlog: VecDeque<(Lane, Vec<Bytes>)>,
-    backlog_bytes: usize,
-    lost: u64,
+    queue: VecDeque<Entry>,
+    queued_bytes: usize,
 }
 
 fn size(frames: &[Bytes]) -> usize {
     frames.iter().map(|f| f.len() + 8).sum()
 }
 
+/// True for output a user can be told was lost: streams and displays.
+fn droppable(lane: Lane, frames: &[Bytes]) -> bool {
+    if lane != Lane::Iopub {
+        return false;
+    }
+    // Envelope tag first, then the Jupyter frames.
+    match RawMessage::from_frames(frames[1..].to_vec()).and_then(|m| m.peek_header()) {
+        Ok(h) => matches!(
+            h.msg_type.as_str(),
+            "stream" | "display_data" | "update_display_data"
+        ),
+        Err(_) => false,
+    }
+}
+
+fn parent_of(frames: &[Bytes]) -> Bytes {
+    RawMessage::from_frames(frames[1..].to_vec())
+        .map(|m| m.parent_header)
+        .unwrap_or_default()
+}
+
 impl Outbox {
-    pub fn new(signer: Signer, session: String) -> Self {
-        Outbox {
+    pub fn new(signer: Signer, session: String, limit: usize) -> Arc<Self> {
+        let outbox = Arc::new(Outbox {
+            limit,
             inner: Mutex::new(Inner {
                 link: None,
-                backlog: VecDeque::new(),
-                backlog_bytes: 0,
-                lost: 0,
+                queue: VecDeque::new(),
+                queued_bytes: 0,
             }),
             signer,
             session,
-        }
+        });
+        let weak = Arc::downgrade(&outbox);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            loop {
+                tick.tick().await;
+                let Some(outbox) = weak.upgrade() else { return };
+                outbox.flush();
+            }
+        });
+        outbox
     }
 
-    /// Attaches a new link and hands it what was kept meanwhile.
+    /// Attaches a new link and hands it what waited meanwhile.
     pub fn attach(&self, link: LinkSender) {
-        let mut inner = self.inner.lock().expect("outbox lock");
-        let backlog = std::mem::take(&mut inner.backlog);
-        inner.backlog_bytes = 0;
-        for (lane, frames) in backlog {
-            if link.send(lane, frames).is_err() {
-                inner.lost += 1;
-            }
-        }
-        inner.link = Some(link);
+        self.lock().link = Some(link);
+        self.flush();
     }
 
     pub fn detach(&self) {
-        self.inner.lock().expect("outbox lock").link = None;
+        self.lock().link = None;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Sends a Jupyter message (raw frames, already verified) on a lane.
-    pub fn jupyter(&self, lane: Lane, frames: Vec<Bytes>, parent_header: &Bytes) {
-        self.push(lane, envelope::jupyter(frames), Some(parent_header));
+    pub fn jupyter(&self, lane: Lane, frames: Vec<Bytes>) {
+        self.push(lane, envelope::jupyter(frames));
     }
 
-    /// Sends an event; events are small and never dropped for space.
+    /// Sends an event (small; never dropped).
     pub fn event(&self, lane: Lane, ev: &envelope::Event) {
-        self.push(lane, envelope::event(ev), None);
+        self.push(lane, envelope::event(ev));
     }
 
-    fn push(&self, lane: Lane, frames: Vec<Bytes>, parent: Option<&Bytes>) {
-        let mut inner = self.inner.lock().expect("outbox lock");
-        if inner.lost > 0 {
-            if let Some(parent) = parent {
-                let notice = self.lost_notice(inner.lost, parent);
-                if try_send(&mut inner, Lane::Iopub, notice) {
-                    inner.lost = 0;
+    fn push(&self, lane: Lane, frames: Vec<Bytes>) {
+        let mut inner = self.lock();
+        if inner.queue.is_empty() {
+            match send(&inner, lane, frames) {
+                Ok(()) => return,
+                Err(frames) => self.enqueue(&mut inner, lane, frames),
+            }
+        } else {
+            self.enqueue(&mut inner, lane, frames);
+            self.drain(&mut inner);
+        }
+    }
+
+    fn enqueue(&self, inner: &mut Inner, lane: Lane, frames: Vec<Bytes>) {
+        let n = size(&frames);
+        if inner.queued_bytes + n > self.limit && droppable(lane, &frames) {
+            match inner.queue.back_mut() {
+                Some(Entry::Lost { count, .. }) => *count += 1,
+                _ => inner.queue.push_back(Entry::Lost {
+                    count: 1,
+                    parent: parent_of(&frames),
+                }),
+            }
+            return;
+        }
+        inner.queued_bytes += n;
+        inner.queue.push_back(Entry::Message { lane, frames });
+    }
+
+    /// Moves what it can from the queue into the link.
+    pub fn flush(&self) {
+        let mut inner = self.lock();
+        self.drain(&mut inner);
+    }
+
+    fn drain(&self, inner: &mut Inner) {
+        while let Some(entry) = inner.queue.pop_front() {
+            match entry {
+                Entry::Message { lane, frames } => {
+                    let n = size(&frames);
+                    match send(inner, lane, frames) {
+                        Ok(()) => inner.queued_bytes -= n,
+                        Err(frames) => {
+                            inner.queue.push_front(Entry::Message { lane, frames });
+                            return;
+                        }
+                    }
+                }
+                Entry::Lost { count, parent } => {
+                    let notice = self.lost_notice(count, &parent);
+                    if send(inner, Lane::Iopub, notice).is_err() {
+                        inner.queue.push_front(Entry::Lost { count, parent });
+                        return;
+                    }
+                    tracing::warn!(lost = count, "output lost: the link's buffer was full");
                 }
             }
-        }
-        if !try_send(&mut inner, lane, frames) {
-            inner.lost += 1;
         }
     }
 
@@ -102,30 +190,23 @@ impl Outbox {
             parent,
             json!({"name": "stderr", "text": text}),
         );
-        tracing::warn!(lost, "output lost: link buffer full");
         envelope::jupyter(msg.into_frames())
     }
 }
 
-/// True when the message was taken (by the link or the backlog).
-fn try_send(inner: &mut Inner, lane: Lane, frames: Vec<Bytes>) -> bool {
-    match &inner.link {
-        Some(link) => match link.send(lane, frames) {
-            Ok(()) => true,
-            Err(LinkError::BufferFull { .. }) => false,
-            Err(e) => {
-                tracing::warn!("link send failed: {e}");
-                false
-            }
-        },
-        None => {
-            let n = size(&frames);
-            if inner.backlog_bytes + n > DETACHED_LIMIT && lane != Lane::Control {
-                return false;
-            }
-            inner.backlog_bytes += n;
-            inner.backlog.push_back((lane, frames));
-            true
+/// Gives the frames to the link, or back when it cannot take them now.
+fn send(inner: &Inner, lane: Lane, frames: Vec<Bytes>) -> Result<(), Vec<Bytes>> {
+    let Some(link) = &inner.link else {
+        return Err(frames);
+    };
+    // The link takes ownership; keep a cheap copy (Bytes are refcounted) to
+    // hand back if it refuses.
+    match link.send(lane, frames.clone()) {
+        Ok(()) => Ok(()),
+        Err(LinkError::BufferFull { .. }) => Err(frames),
+        Err(e) => {
+            tracing::debug!("link send failed: {e}");
+            Err(frames)
         }
     }
 }
