@@ -121,7 +121,7 @@ impl Outbox {
         let mut inner = self.lock();
         if inner.queue.is_empty() {
             match send(&inner, lane, frames) {
-                Ok(()) => return,
+                Ok(()) => {}
                 Err(frames) => self.enqueue(&mut inner, lane, frames),
             }
         } else {
