@@ -159,18 +159,33 @@ impl KernelProcess {
     }
 }
 
-/// The cgroup v2 `oom_kill` counter of our cgroup, to tell an OOM kill from
-/// another SIGKILL.
+/// The `oom_kill` counter of our memory cgroup, to tell an OOM kill from
+/// another SIGKILL. cgroup v2 keeps it in `memory.events`, v1 in
+/// `memory.oom_control`; hybrid hosts mount v2 under `unified`.
 fn oom_kill_count() -> Option<u64> {
-    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let rel = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
-    let events: PathBuf = Path::new("/sys/fs/cgroup")
-        .join(rel.trim_start_matches('/'))
-        .join("memory.events");
-    let text = std::fs::read_to_string(events).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("oom_kill "))
-        .and_then(|v| v.trim().parse().ok())
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let root = Path::new("/sys/fs/cgroup");
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    for line in cgroups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let rel = path.trim_start_matches('/');
+        if controllers.split(',').any(|c| c == "memory") {
+            candidates.push(root.join("memory").join(rel).join("memory.oom_control"));
+        } else if controllers.is_empty() {
+            candidates.push(root.join(rel).join("memory.events"));
+            candidates.push(root.join("unified").join(rel).join("memory.events"));
+        }
+    }
+    candidates.iter().find_map(|file| {
+        let text = std::fs::read_to_string(file).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|v| v.trim().parse().ok())
+    })
 }
 
 #[cfg(test)]
