@@ -303,12 +303,14 @@ impl Agent {
                     );
                     return None;
                 };
-                if lane == Lane::Control {
+                if lane == Lane::Control || lane == Lane::Shell {
                     let ty = msg.peek_header().map(|h| h.msg_type).unwrap_or_default();
-                    if ty == "interrupt_request" {
+                    if ty == "interrupt_request" && lane == Lane::Control {
                         kernel.interrupt(msg, &self.outbox).await;
                         return None;
                     }
+                    // Older frontends send it on shell; either way the exit that
+                    // follows is expected.
                     if ty == "shutdown_request" {
                         let restart = serde_json::from_slice::<serde_json::Value>(&msg.content)
                             .ok()
