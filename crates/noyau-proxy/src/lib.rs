@@ -379,10 +379,7 @@ impl Proxy {
                 self.fe.set_alive(true);
                 None
             }
-            Event::KernelDied {
-                description,
-                expected: true,
-            } => {
+            Event::KernelDied { description, .. } if self.shutdown.is_some() => {
                 tracing::info!("kernel {description} after its shutdown request");
                 None
             }
