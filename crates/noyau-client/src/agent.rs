@@ -56,6 +56,15 @@ pub async fn start_agent(l: AgentLaunch, link_cfg: LinkConfig) -> anyhow::Result
         .unwrap_or_else(|| listener.local_addr().to_string());
     let backend = Backend::from_name(&l.backend)?;
     let mut env = l.env.clone();
+    if l.backend == "local" {
+        // A local agent whose proxy vanished (a frontend's SIGKILL to the
+        // proxy's process group) has no allocation worth keeping: end soon.
+        for (k, v) in [("NOYAU_LINK_GIVE_UP", "10"), ("NOYAU_REATTACH_GRACE", "10")] {
+            if std::env::var_os(k).is_none() {
+                env.entry(k.into()).or_insert_with(|| v.into());
+            }
+        }
+    }
     env.insert("NOYAU_LINK_ADDR".into(), advertise.clone());
     env.insert("NOYAU_LINK_PIN".into(), listener.pin());
     env.insert("NOYAU_LINK_TOKEN".into(), listener.issue_token());
@@ -141,7 +150,7 @@ impl AgentWatch {
     }
 }
 
-fn pid_alive(pid: u32) -> bool {
+pub fn pid_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // A zombie is dead, just not yet reaped.
         Ok(stat) => !stat

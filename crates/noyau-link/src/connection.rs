@@ -24,6 +24,8 @@ use crate::{Incoming, Lane, LinkError};
 
 /// Ack after this many deliveries...
 const ACK_EVERY: usize = 64;
+/// ...or this many bytes (a quarter of the sender's window)...
+const ACK_BYTES: usize = crate::state::WINDOW / 4;
 /// ...or after this long, whichever first.
 const ACK_DELAY: Duration = Duration::from_millis(20);
 /// Writer batch limits: small enough that a control message queued behind a
@@ -171,15 +173,17 @@ async fn read_loop<S: AsyncRead>(
                     // If the connection dies while we wait here, this future
                     // is dropped before `last` moves, so the message will be
                     // resent rather than lost. A dropped Link just discards.
+                    let size: usize = parts.iter().map(|p| p.len() + 4).sum();
                     let _ = tx.send(Incoming::Message(lane, parts)).await;
                     let due = {
                         let mut rs = shared.recv();
                         rs.last[lane as usize] = seq;
                         rs.unacked += 1;
+                        rs.unacked_bytes += size;
                         if rs.unacked_since.is_none() {
                             rs.unacked_since = Some(std::time::Instant::now());
                         }
-                        rs.unacked == 1 || rs.unacked >= ACK_EVERY
+                        rs.unacked == 1 || rs.unacked >= ACK_EVERY || rs.unacked_bytes >= ACK_BYTES
                     };
                     // Wake the writer on the first delivery (to arm the 20 ms
                     // timer) and when the count threshold is reached.
@@ -187,7 +191,11 @@ async fn read_loop<S: AsyncRead>(
                         shared.wake_writer.notify_one();
                     }
                 }
-                Frame::Ack { last_recv } => shared.out().ack(&last_recv)?,
+                Frame::Ack { last_recv } => {
+                    shared.out().ack(&last_recv)?;
+                    // The window may have opened.
+                    shared.wake_writer.notify_one();
+                }
                 Frame::Ping => {}
                 Frame::Goodbye => return Ok(()),
                 other => {
@@ -239,8 +247,11 @@ async fn write_loop<S: AsyncWrite>(
         let (goodbye, more) = {
             let mut out = shared.out();
             out.next_batch(&mut batch, BATCH_MSGS, BATCH_BYTES);
-            let more = out.has_unsent();
-            let goodbye = shared.peer_goodbye.load(Ordering::SeqCst) || (out.closing && !more);
+            // Unsent messages held back by the window don't count: the
+            // ack that opens it wakes us.
+            let more = out.has_sendable();
+            let goodbye =
+                shared.peer_goodbye.load(Ordering::SeqCst) || (out.closing && !out.has_unsent());
             (goodbye, more)
         };
         let ack = {
@@ -249,6 +260,7 @@ async fn write_loop<S: AsyncWrite>(
                 && (!batch.is_empty()
                     || goodbye
                     || rs.unacked >= ACK_EVERY
+                    || rs.unacked_bytes >= ACK_BYTES
                     || rs.unacked_since.is_some_and(|t| t.elapsed() >= ACK_DELAY));
             due.then(|| rs.take_ack())
         };

@@ -22,6 +22,12 @@ use crate::{CloseReason, Lane, LinkConfig, LinkError};
 /// flood of empty messages is bounded too.
 const MSG_OVERHEAD: usize = 64;
 
+/// Most bytes of non-control messages on the wire but not yet acked. Without
+/// this cap the writer would fill the kernel's socket buffers (several MiB on
+/// Linux), and a control message would queue behind all of it; with it, a
+/// control message waits behind at most this much.
+pub(crate) const WINDOW: usize = 1024 * 1024;
+
 pub(crate) struct Shared {
     pub(crate) cfg: LinkConfig,
     pub(crate) out: Mutex<OutState>,
@@ -92,6 +98,8 @@ pub(crate) struct OutState {
     lanes: [LaneOut; 4],
     /// Bytes held (unsent + unacked) over all lanes.
     pub(crate) buffered: usize,
+    /// Bytes of non-control messages sent on this connection but not acked.
+    inflight: usize,
     /// `close()` was called: no new messages; the writer says goodbye once
     /// everything queued is sent.
     pub(crate) closing: bool,
@@ -138,6 +146,13 @@ impl OutState {
             .any(|l| l.next_send != 0 && l.next_send <= l.last_seq)
     }
 
+    /// True if the writer may send something now (window permitting).
+    pub(crate) fn has_sendable(&self) -> bool {
+        self.lanes.iter().enumerate().any(|(i, l)| {
+            l.next_send != 0 && l.next_send <= l.last_seq && (i == 0 || self.inflight < WINDOW)
+        })
+    }
+
     /// Moves up to `max_msgs` / about `max_bytes` of the highest-priority
     /// unsent messages into `batch`. Priority is re-decided per message, so a
     /// control message queued now goes out in the very next batch.
@@ -149,17 +164,19 @@ impl OutState {
     ) {
         let mut bytes = 0;
         while batch.len() < max_msgs && bytes < max_bytes {
-            let Some(i) = self
-                .lanes
-                .iter()
-                .position(|l| l.next_send != 0 && l.next_send <= l.last_seq)
-            else {
+            let inflight = self.inflight;
+            let Some(i) = self.lanes.iter().enumerate().position(|(i, l)| {
+                l.next_send != 0 && l.next_send <= l.last_seq && (i == 0 || inflight < WINDOW)
+            }) else {
                 break;
             };
             let l = &mut self.lanes[i];
             let front = l.msgs.front().map_or(l.next_send, |m| m.seq);
             let m = &l.msgs[(l.next_send - front) as usize];
             bytes += m.cost;
+            if i != 0 {
+                self.inflight += m.cost;
+            }
             batch.push((Lane::ALL[i], m.seq, m.parts.clone()));
             l.next_send += 1;
         }
@@ -179,6 +196,9 @@ impl OutState {
             while l.msgs.front().is_some_and(|m| m.seq <= n) {
                 if let Some(m) = l.msgs.pop_front() {
                     self.buffered -= m.cost;
+                    if i != 0 && m.seq < l.next_send {
+                        self.inflight = self.inflight.saturating_sub(m.cost);
+                    }
                 }
             }
             if l.next_send != 0 && l.next_send <= n {
@@ -192,6 +212,8 @@ impl OutState {
     /// the rest.
     pub(crate) fn rewind(&mut self, peer_last: &LaneSeqs) -> Result<(), LinkError> {
         self.ack(peer_last)?;
+        // Everything unacked goes again on the new connection.
+        self.inflight = 0;
         for (l, &n) in self.lanes.iter_mut().zip(peer_last) {
             if l.last_seq > 0 {
                 l.next_send = n + 1;
@@ -207,6 +229,8 @@ pub(crate) struct RecvState {
     pub(crate) last: LaneSeqs,
     /// Messages delivered since the last ack we sent.
     pub(crate) unacked: usize,
+    /// Their payload bytes: acking by size too keeps the sender's window open.
+    pub(crate) unacked_bytes: usize,
     /// When the oldest unacked delivery happened.
     pub(crate) unacked_since: Option<Instant>,
 }
@@ -215,6 +239,7 @@ impl RecvState {
     /// Returns the ack to send and resets the counters.
     pub(crate) fn take_ack(&mut self) -> LaneSeqs {
         self.unacked = 0;
+        self.unacked_bytes = 0;
         self.unacked_since = None;
         self.last
     }
@@ -251,5 +276,28 @@ mod tests {
         assert_eq!(batch.len(), 1);
         assert_eq!((batch[0].0, batch[0].1), (Lane::Iopub, 2));
         assert!(o.ack(&[9, 0, 0, 0]).is_err());
+        assert_eq!(o.inflight, 10);
+        o.ack(&[1, 0, 0, 2]).unwrap();
+        assert_eq!((o.inflight, o.buffered), (0, 0));
+    }
+
+    #[test]
+    fn window_holds_back_bulk_but_not_control() {
+        let mut o = OutState::default();
+        for _ in 0..3 {
+            o.push(Lane::Iopub, b("x"), WINDOW / 2);
+        }
+        let mut batch = Vec::new();
+        o.next_batch(&mut batch, 10, usize::MAX);
+        assert_eq!(batch.len(), 2);
+        assert!(!o.has_sendable());
+        o.push(Lane::Control, b("c"), 10);
+        assert!(o.has_sendable());
+        batch.clear();
+        o.next_batch(&mut batch, 10, usize::MAX);
+        assert_eq!(batch.len(), 1);
+        assert_eq!(batch[0].0, Lane::Control);
+        o.ack(&[1, 0, 0, 1]).unwrap();
+        assert!(o.has_sendable());
     }
 }

@@ -57,7 +57,7 @@ fn reattach_grace() -> Duration {
         .ok()
         .and_then(|v| v.parse::<f64>().ok())
         .map(Duration::from_secs_f64)
-        .unwrap_or(Duration::from_secs(30))
+        .unwrap_or(Duration::from_secs(120))
 }
 
 /// A shell request the kernel has not answered yet.
@@ -108,7 +108,10 @@ pub async fn run(cfg: ProxyConfig) -> anyhow::Result<i32> {
     let handover_path = handover::path_for(&cfg.connection_file)?;
 
     let (listener, identity, advertise, agent) =
-        match handover::take(&handover_path, reattach_grace()) {
+        match handover::take(&handover_path, reattach_grace()).filter(|h| {
+            // A local agent that already gave up cannot be taken over.
+            h.backend != "local" || h.agent_pid.is_some_and(noyau_client::agent::pid_alive)
+        }) {
             Some(h) => {
                 tracing::info!(agent = ?h.agent_pid, "taking over the agent of the previous proxy");
                 let listener = LinkListener::bind(h.link_addr, h.identity.clone(), link_cfg)
@@ -172,9 +175,19 @@ impl Proxy {
                 return 1;
             }
         };
+        // Interrupts reach the kernel as interrupt_request messages; a SIGINT
+        // sent to our process group (a terminal's Ctrl-C) must not end us.
+        let mut sigint = match signal(SignalKind::interrupt()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("cannot handle SIGINT: {e}");
+                return 1;
+            }
+        };
         loop {
             tokio::select! {
                 biased;
+                _ = sigint.recv() => tracing::info!("SIGINT ignored; interrupts go to the kernel by message"),
                 _ = sigterm.recv() => {
                     tracing::info!("terminated; stopping the agent");
                     self.stop_agent().await;
@@ -200,7 +213,7 @@ impl Proxy {
                 }
                 desc = self.agent.ended() => {
                     self.report_death(&format!(
-                        "The noyau agent running the kernel {desc}; the kernel is gone. Restart the kernel to start a new one."
+                        "The noyau agent running the kernel died: it {desc}; the kernel is gone. Restart the kernel to start a new one."
                     )).await;
                     return 1;
                 }

@@ -1,0 +1,182 @@
+"""The agent↔proxy link is cut and restored in the middle of a cell printing
+100,000 numbered lines; afterwards every line has arrived exactly once, in
+order.
+
+The agent is told (--link-advertise) to dial a TCP forwarder run by this test,
+which forwards to where the proxy listens (--link-bind). Cutting aborts every
+live forwarded connection and closes the listener, so reconnects are refused
+until it is restored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import socket
+import threading
+import time
+from pathlib import Path
+
+import noyau_testlib as lib
+
+LINES = 100_000
+CUT_AT = LINES // 5  # cut once 20% of the lines have arrived
+CUT_FOR = 1.0  # seconds the link stays down
+
+# ~2 s of output: 200 flushed chunks of 500 lines with a 10 ms pause, so the cut
+# falls in the middle of the cell rather than after it.
+CELL = f"""\
+import sys, time
+for i in range({LINES}):
+    print(f"line {{i:06d}}")
+    if i % 500 == 499:
+        sys.stdout.flush()
+        time.sleep(0.01)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Forwarder:
+    """A TCP forwarder on its own event loop thread that can be cut and restored."""
+
+    def __init__(self, listen_port: int, target_port: int) -> None:
+        self.listen_port, self.target_port = listen_port, target_port
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server: asyncio.base_events.Server | None = None
+        self.conns: dict[int, tuple[asyncio.BaseTransport, asyncio.BaseTransport]] = {}
+        self.accepted = 0
+        self.aborted = 0
+        self.bytes_to_proxy = 0
+
+    def _call(self, coro):  # type: ignore[no-untyped-def]
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up: bool) -> None:
+        try:
+            while data := await reader.read(65536):
+                if up:
+                    self.bytes_to_proxy += len(data)
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.transport.abort()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        key = id(writer)
+        self.conns[key] = (writer.transport, up_writer.transport)
+        try:
+            await asyncio.gather(self._pipe(reader, up_writer, True), self._pipe(up_reader, writer, False))
+        finally:
+            self.conns.pop(key, None)
+
+    async def _start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.listen_port,
+                                                 reuse_address=True)
+
+    async def _cut(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for pair in list(self.conns.values()):
+            if not all(t.is_closing() for t in pair):
+                self.aborted += 1
+            for t in pair:
+                t.abort()
+        self.server = None
+
+    def start(self) -> None:
+        self._call(self._start())
+
+    restore = start
+
+    def cut(self) -> None:
+        self._call(self._cut())
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.cut()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+def test_link_cut_mid_cell(noyau_kernelspec: str, prefix: Path) -> None:
+    bind, advertise = free_port(), free_port()
+    spec = lib.read_kernelspec(prefix, noyau_kernelspec)
+    spec["argv"] = spec["argv"] + ["--link-bind", f"127.0.0.1:{bind}",
+                                   "--link-advertise", f"127.0.0.1:{advertise}"]
+    spec["display_name"] += " (link via forwarder)"
+    name = f"noyau-linkcut-{advertise}"
+    d = prefix / "share" / "jupyter" / "kernels" / name
+    d.mkdir(parents=True)
+    (d / "kernel.json").write_text(json.dumps(spec, indent=1))
+
+    fwd = Forwarder(advertise, bind)
+    fwd.start()
+    k = None
+    try:
+        k = lib.Kernel(name)
+        assert fwd.accepted >= 1, "the agent did not dial the advertised address"
+        msg_id = k.execute(CELL)
+        text: list[str] = []
+        count = 0
+        cut_at = restored_at = None
+        idle = False
+        deadline = time.monotonic() + 180
+        while not idle:
+            assert time.monotonic() < deadline, f"cell not finished; {count} lines so far"
+            if cut_at is not None and restored_at is None and time.monotonic() - cut_at >= CUT_FOR:
+                fwd.restore()
+                restored_at = time.monotonic()
+            try:
+                m = k.kc.get_iopub_msg(timeout=0.05)
+            except queue.Empty:
+                continue
+            if m["parent_header"].get("msg_id") != msg_id:
+                continue
+            if m["msg_type"] == "stream":
+                assert m["content"]["name"] == "stdout", m["content"]
+                text.append(m["content"]["text"])
+                count += m["content"]["text"].count("\n")
+                if cut_at is None and count >= CUT_AT:
+                    fwd.cut()
+                    cut_at = time.monotonic()
+            idle = lib.is_idle(m)
+        assert cut_at is not None, "the cell ended before 20% of its lines arrived"
+        assert restored_at is not None, "the cell ended while the link was cut"
+        assert fwd.aborted >= 1, "there was no live link connection to cut"
+        assert fwd.accepted >= 2, "the agent never reconnected"
+        reply = k.reply_for(msg_id, 30)
+        assert reply["content"]["status"] == "ok", reply["content"]
+
+        lines = "".join(text).splitlines()
+        expected = [f"line {i:06d}" for i in range(LINES)]
+        if lines != expected:
+            seen = set()
+            dups = [x for x in lines if x in seen or seen.add(x)]  # type: ignore[func-returns-value]
+            missing = sorted(set(expected) - set(lines))
+            first_bad = next(i for i, (a, b) in enumerate(zip(lines + [""] * LINES, expected)) if a != b)
+            raise AssertionError(
+                f"{len(lines)} lines, {len(missing)} missing (first {missing[:3]}), "
+                f"{len(dups)} duplicated (first {dups[:3]}), first difference at line {first_bad}")
+
+        reply, iopub = k.run("print('still here')")
+        assert lib.stream_text(iopub) == "still here\n"
+    finally:
+        if k is not None:
+            k.shutdown()
+        fwd.stop()
