@@ -40,6 +40,9 @@ pub enum KernelError {
     /// The kernel did not become ready in time.
     #[error("the kernel did not start within {0} s (use --start-timeout to wait longer)")]
     StartTimeout(u64),
+    /// The caller gave up waiting for the kernel to start.
+    #[error("the kernel start was cancelled")]
+    Cancelled,
     /// The link to the agent failed.
     #[error("the link to the agent: {0}")]
     Link(String),
@@ -122,6 +125,16 @@ impl RemoteKernel {
     /// Submits the agent, accepts its link and waits until the kernel
     /// answered `kernel_info` with IOPub subscribed.
     pub async fn start(launch: AgentLaunch, timeout: Duration) -> anyhow::Result<RemoteKernel> {
+        Self::start_until(launch, timeout, std::future::pending()).await
+    }
+
+    /// [`RemoteKernel::start`], given up (and the agent job cancelled) when
+    /// `cancel` resolves first: fails with [`KernelError::Cancelled`].
+    pub async fn start_until(
+        launch: AgentLaunch,
+        timeout: Duration,
+        cancel: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<RemoteKernel> {
         let backend = launch.backend.clone();
         let started = start_agent(launch, LinkConfig::default()).await?;
         let mut listener = started.listener;
@@ -161,7 +174,10 @@ impl RemoteKernel {
                 }
             }
         };
-        let result = tokio::time::timeout(timeout, waiting).await;
+        let result = tokio::select! {
+            r = tokio::time::timeout(timeout, waiting) => r,
+            () = cancel => Ok(Err(KernelError::Cancelled)),
+        };
         let (link, host, kernel_info) = match result {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {

@@ -256,14 +256,20 @@ pub async fn run(args: RunArgs) -> Result<i32, Failure> {
         }
     }
     let start_timeout = Duration::from_secs_f64(args.start_timeout.max(0.1));
-    let mut kernel = tokio::select! {
-        k = RemoteKernel::start(launch, start_timeout) => k.map_err(kernel_failure)?,
-        (name, code) = signals.recv() => {
+    let got: std::cell::Cell<Option<(&'static str, i32)>> = std::cell::Cell::new(None);
+    let started = RemoteKernel::start_until(launch, start_timeout, async {
+        got.set(Some(signals.recv().await));
+    })
+    .await;
+    let mut kernel = match (started, got.get()) {
+        (Ok(k), _) => k,
+        (Err(_), Some((name, code))) => {
             eprintln!("noyau: {name} while the kernel was starting; stopping");
             pm::add_stop_marker(&mut nb, name, None);
             finish_output(&mut saver, &nb, &output)?;
             return Ok(code);
         }
+        (Err(e), None) => return Err(kernel_failure(e)),
     };
     nb.metadata.insert(
         "noyau".into(),
