@@ -6,10 +6,13 @@
 //! (so an interrupt or a kill reaches everything it started) and describes
 //! how it ended (exit code, signal, out-of-memory kill) in words a user can
 //! act on. [`sockets`] connects to the kernel's channels as a client.
-//! [`agent`] starts `noyau agent` through a scheduler backend and follows it.
+//! [`agent`] starts `noyau agent` through a scheduler backend and follows it;
+//! [`remote`] drives the kernel such an agent runs (execute, interrupt,
+//! shutdown, death) for clients that are frontends themselves, like `noyau run`.
 
 pub mod agent;
 pub mod process;
+pub mod remote;
 pub mod runtime;
 pub mod sockets;
 

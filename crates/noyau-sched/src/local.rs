@@ -37,12 +37,23 @@ fn describe(status: std::process::ExitStatus) -> JobEnd {
     }
 }
 
+fn agent_stdout() -> Stdio {
+    use std::os::fd::AsFd;
+    match std::io::stderr().as_fd().try_clone_to_owned() {
+        Ok(fd) => Stdio::from(fd),
+        Err(_) => Stdio::null(),
+    }
+}
+
 impl LocalBackend {
     pub(crate) async fn submit(&self, spec: JobSpec) -> Result<Job, SchedError> {
         let mut cmd = Command::new(&spec.program);
         cmd.args(&spec.args)
             .envs(&spec.env)
             .stdin(Stdio::null())
+            // The caller's stdout may be data (`noyau run nb.ipynb -`): what
+            // the agent or its kernel print goes to stderr, as a job's log.
+            .stdout(agent_stdout())
             // Its own group: a Ctrl-C meant for the frontend must not reach the agent.
             .process_group(0);
         if let Some(cwd) = &spec.cwd {

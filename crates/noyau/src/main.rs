@@ -20,6 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a notebook headless, with parameters (papermill-compatible)
+    Run(noyau_run::RunArgs),
     /// The proxy kernel a noyau kernelspec starts (run by Jupyter, not by hand)
     Kernel(KernelArgs),
     /// The compute-node side, started by a backend (run by noyau, not by hand)
@@ -87,6 +89,7 @@ fn main() {
     let cli = Cli::parse();
     init_logging();
     let result: anyhow::Result<i32> = match cli.command {
+        Command::Run(a) => Ok(noyau_run::main(a)),
         Command::Kernel(a) => block_on(noyau_proxy::run(noyau_proxy::ProxyConfig {
             connection_file: a.connection_file,
             inner: a.inner,

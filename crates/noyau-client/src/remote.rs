@@ -1,0 +1,413 @@
+//! A typed client of one kernel reached through a `noyau agent`.
+//!
+//! The proxy kernel relays a frontend's messages without reading them;
+//! `noyau run` is the frontend itself, so it needs the other half: build
+//! requests, match replies and IOPub messages to them, and turn the agent's
+//! events into errors that say what happened. [`RemoteKernel::start`]
+//! submits the agent through a backend and waits for `KernelReady`;
+//! [`RemoteKernel::execute_request`] sends code and [`RemoteKernel::next`]
+//! yields every message that comes back, in order (the link keeps IOPub
+//! order and delivers a `KernelDied` only after the outputs before it), so a
+//! caller that keeps calling `next` never loses output and can save
+//! partial results, watch timers and signals between messages.
+//!
+//! Messages sent over the link need no valid signature: the agent re-signs
+//! them with the kernel's key. Execute requests carry `allow_stdin: false`,
+//! like nbclient's, so `input()` fails at once with an error instead of
+//! waiting for an answer nobody will type.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use noyau_link::envelope::{self, Event, Payload};
+pub use noyau_link::Lane;
+use noyau_link::{Incoming, Link, LinkConfig, LinkEvent, LinkSender};
+use noyau_wire::{build, RawMessage, Signer};
+use serde_json::{json, Value};
+
+use crate::agent::{start_agent, AgentLaunch, AgentWatch};
+
+/// Why the kernel cannot be used (any more).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum KernelError {
+    /// The kernel (or its agent) is gone: the text says how
+    /// ("exited with status 1", "was killed by signal 9 (SIGKILL)").
+    #[error("the kernel died: it {0}")]
+    Died(String),
+    /// The agent could not start the kernel (missing kernelspec, …).
+    #[error("noyau could not start the kernel: {0}")]
+    AgentError(String),
+    /// The kernel did not become ready in time.
+    #[error("the kernel did not start within {0} s (use --start-timeout to wait longer)")]
+    StartTimeout(u64),
+    /// The caller gave up waiting for the kernel to start.
+    #[error("the kernel start was cancelled")]
+    Cancelled,
+    /// The link to the agent failed.
+    #[error("the link to the agent: {0}")]
+    Link(String),
+}
+
+/// One message from the kernel, its JSON parts parsed.
+#[derive(Debug, Clone)]
+pub struct KernelMessage {
+    pub lane: Lane,
+    pub msg_type: String,
+    pub msg_id: String,
+    /// `parent_header.msg_id`, if any.
+    pub parent_id: Option<String>,
+    /// `header.date` as the kernel wrote it.
+    pub date: Option<String>,
+    pub content: Value,
+    pub metadata: Value,
+}
+
+impl KernelMessage {
+    fn parse(lane: Lane, raw: &RawMessage) -> Option<KernelMessage> {
+        let header: Value = serde_json::from_slice(&raw.header).ok()?;
+        let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+        Some(KernelMessage {
+            lane,
+            msg_type: s(&header, "msg_type")?,
+            msg_id: s(&header, "msg_id").unwrap_or_default(),
+            parent_id: raw.parent_msg_id(),
+            date: s(&header, "date"),
+            content: serde_json::from_slice(&raw.content).unwrap_or(Value::Null),
+            metadata: serde_json::from_slice(&raw.metadata).unwrap_or(Value::Null),
+        })
+    }
+}
+
+/// Options of one execute request.
+#[derive(Debug, Clone)]
+pub struct ExecuteOptions {
+    pub silent: bool,
+    pub store_history: bool,
+    /// Abort the queued requests after an error (nbclient: not when the cell
+    /// may raise).
+    pub stop_on_error: bool,
+}
+
+impl Default for ExecuteOptions {
+    fn default() -> Self {
+        ExecuteOptions {
+            silent: false,
+            store_history: true,
+            stop_on_error: true,
+        }
+    }
+}
+
+/// What a whole execution gave (see [`RemoteKernel::execute`]).
+#[derive(Debug, Clone)]
+pub struct Execution {
+    pub iopub: Vec<KernelMessage>,
+    pub reply: KernelMessage,
+}
+
+/// A kernel started through an agent.
+pub struct RemoteKernel {
+    link: Link,
+    sender: LinkSender,
+    watch: AgentWatch,
+    signer: Signer,
+    session: String,
+    /// The kernel's `kernel_info_reply` content.
+    pub kernel_info: Value,
+    /// Where the agent runs (from its hello).
+    pub host: Option<String>,
+    pub backend: String,
+    dead: Option<KernelError>,
+    agent_gone: Option<String>,
+}
+
+impl RemoteKernel {
+    /// Submits the agent, accepts its link and waits until the kernel
+    /// answered `kernel_info` with IOPub subscribed.
+    pub async fn start(launch: AgentLaunch, timeout: Duration) -> anyhow::Result<RemoteKernel> {
+        Self::start_until(launch, timeout, std::future::pending()).await
+    }
+
+    /// [`RemoteKernel::start`], given up (and the agent job cancelled) when
+    /// `cancel` resolves first: fails with [`KernelError::Cancelled`].
+    pub async fn start_until(
+        launch: AgentLaunch,
+        timeout: Duration,
+        cancel: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<RemoteKernel> {
+        let backend = launch.backend.clone();
+        let started = start_agent(launch, LinkConfig::default()).await?;
+        let mut listener = started.listener;
+        let mut watch = started.watch;
+        let waiting = async {
+            let mut link = tokio::select! {
+                l = listener.accept() => l.map_err(|e| KernelError::Link(e.to_string()))?,
+                desc = watch.ended() => return Err(KernelError::Died(format!("(its agent) {desc} before connecting"))),
+            };
+            let mut host = None;
+            loop {
+                let incoming = tokio::select! {
+                    m = link.recv() => m,
+                    desc = watch.ended() => return Err(KernelError::Died(format!("(its agent) {desc} while starting"))),
+                };
+                match incoming {
+                    None | Some(Incoming::Event(LinkEvent::Closed(_))) => {
+                        let desc = watch.ended().await;
+                        return Err(KernelError::Died(format!(
+                            "(its agent) {desc} while starting"
+                        )));
+                    }
+                    Some(Incoming::Event(_)) => {}
+                    Some(Incoming::Message(_, frames)) => match envelope::open(frames) {
+                        Ok(Payload::Event(Event::AgentHello { host: h, .. })) => host = Some(h),
+                        Ok(Payload::Event(Event::KernelReady { kernel_info, .. })) => {
+                            return Ok((link, host, kernel_info))
+                        }
+                        Ok(Payload::Event(Event::AgentError { message })) => {
+                            return Err(KernelError::AgentError(message))
+                        }
+                        Ok(Payload::Event(Event::KernelDied { description, .. })) => {
+                            return Err(KernelError::Died(description))
+                        }
+                        _ => {}
+                    },
+                }
+            }
+        };
+        let result = tokio::select! {
+            r = tokio::time::timeout(timeout, waiting) => r,
+            () = cancel => Ok(Err(KernelError::Cancelled)),
+        };
+        let (link, host, kernel_info) = match result {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                watch.cancel().await;
+                return Err(e.into());
+            }
+            Err(_) => {
+                watch.cancel().await;
+                return Err(KernelError::StartTimeout(timeout.as_secs()).into());
+            }
+        };
+        Ok(RemoteKernel {
+            sender: link.sender(),
+            link,
+            watch,
+            signer: Signer::new(b""),
+            session: uuid_like(),
+            kernel_info,
+            host,
+            backend,
+            dead: None,
+            agent_gone: None,
+        })
+    }
+
+    /// The backend's job id (`local:1234`), if there is one.
+    pub fn job_id(&self) -> Option<&str> {
+        self.watch.job_id()
+    }
+
+    /// The language name from `kernel_info` (`language_info.name`).
+    pub fn language_info(&self) -> Option<&Value> {
+        self.kernel_info.get("language_info")
+    }
+
+    fn send(&self, lane: Lane, msg_type: &str, content: Value) -> Result<String, KernelError> {
+        if let Some(e) = &self.dead {
+            return Err(e.clone());
+        }
+        let msg = build::message(
+            &self.signer,
+            vec![],
+            msg_type,
+            &self.session,
+            &Bytes::new(),
+            content,
+        );
+        let id = msg.peek_header().map(|h| h.msg_id).unwrap_or_default();
+        self.sender
+            .send(lane, envelope::jupyter(msg.into_frames()))
+            .map_err(|e| KernelError::Link(e.to_string()))?;
+        Ok(id)
+    }
+
+    /// Sends an `execute_request`; returns its msg_id. Follow it with
+    /// [`RemoteKernel::next`] until the reply and IOPub `idle` have come.
+    pub fn execute_request(&self, code: &str, o: &ExecuteOptions) -> Result<String, KernelError> {
+        self.send(
+            Lane::Shell,
+            "execute_request",
+            json!({
+                "code": code,
+                "silent": o.silent,
+                "store_history": o.store_history,
+                "user_expressions": {},
+                "allow_stdin": false,
+                "stop_on_error": o.stop_on_error,
+            }),
+        )
+    }
+
+    /// Sends `kernel_info_request`; the reply comes through `next`.
+    pub fn kernel_info_request(&self) -> Result<String, KernelError> {
+        self.send(Lane::Shell, "kernel_info_request", json!({}))
+    }
+
+    /// Asks for an interrupt (the agent signals the kernel or forwards the
+    /// request, as its kernelspec says).
+    pub fn interrupt(&self) -> Result<String, KernelError> {
+        self.send(Lane::Control, "interrupt_request", json!({}))
+    }
+
+    /// The next message from the kernel, in arrival order. Fails once the
+    /// kernel or its agent is gone (after every message that came before).
+    /// Cancel-safe: it can be used in `select!`.
+    pub async fn next(&mut self) -> Result<KernelMessage, KernelError> {
+        loop {
+            if let Some(e) = &self.dead {
+                return Err(e.clone());
+            }
+            let incoming = if let Some(desc) = self.agent_gone.clone() {
+                // The agent is gone: take what it sent before, then report.
+                match tokio::time::timeout(Duration::from_millis(300), self.link.recv()).await {
+                    Ok(Some(m)) => Some(m),
+                    _ => {
+                        self.dead = Some(KernelError::Died(format!("(its noyau agent) {desc}")));
+                        continue;
+                    }
+                }
+            } else {
+                tokio::select! {
+                    biased;
+                    m = self.link.recv() => m,
+                    desc = self.watch.ended() => {
+                        self.agent_gone = Some(desc);
+                        continue;
+                    }
+                }
+            };
+            match incoming {
+                None | Some(Incoming::Event(LinkEvent::Closed(_))) => {
+                    let desc = tokio::time::timeout(Duration::from_secs(5), self.watch.ended())
+                        .await
+                        .unwrap_or_else(|_| "closed its link".into());
+                    self.dead = Some(KernelError::Died(format!("(its noyau agent) {desc}")));
+                }
+                Some(Incoming::Event(ev)) => tracing::info!("link: {ev:?}"),
+                Some(Incoming::Message(lane, frames)) => match envelope::open(frames) {
+                    Ok(Payload::Jupyter(frames)) => {
+                        let Ok(raw) = RawMessage::from_frames(frames) else {
+                            tracing::warn!("dropped a malformed message from the agent");
+                            continue;
+                        };
+                        if let Some(m) = KernelMessage::parse(lane, &raw) {
+                            return Ok(m);
+                        }
+                    }
+                    Ok(Payload::Event(Event::KernelDied { description, .. })) => {
+                        self.dead = Some(KernelError::Died(description));
+                    }
+                    Ok(Payload::Event(Event::AgentError { message })) => {
+                        self.dead = Some(KernelError::AgentError(message));
+                    }
+                    Ok(Payload::Event(ev)) => tracing::debug!("event {ev:?}"),
+                    Err(e) => tracing::warn!("dropped a malformed link message: {e}"),
+                },
+            }
+        }
+    }
+
+    /// Runs `code` to the end and collects its IOPub messages and reply
+    /// (messages of other requests are dropped).
+    pub async fn execute(
+        &mut self,
+        code: &str,
+        o: &ExecuteOptions,
+    ) -> Result<Execution, KernelError> {
+        let id = self.execute_request(code, o)?;
+        let mut iopub = Vec::new();
+        let mut reply = None;
+        let mut idle = false;
+        while reply.is_none() || !idle {
+            let m = self.next().await?;
+            if m.parent_id.as_deref() != Some(&id) {
+                continue;
+            }
+            match m.lane {
+                Lane::Iopub => {
+                    if m.msg_type == "status"
+                        && m.content.get("execution_state").and_then(Value::as_str) == Some("idle")
+                    {
+                        idle = true;
+                    }
+                    iopub.push(m);
+                }
+                Lane::Shell if m.msg_type == "execute_reply" => reply = Some(m),
+                _ => {}
+            }
+        }
+        Ok(Execution {
+            iopub,
+            reply: reply.expect("loop ends with a reply"),
+        })
+    }
+
+    /// Whether the kernel is known to be gone.
+    pub fn is_dead(&self) -> bool {
+        self.dead.is_some()
+    }
+
+    /// Asks the kernel to shut down and waits (up to `grace`) for the agent
+    /// job to end; cancels the job otherwise.
+    pub async fn shutdown(mut self, grace: Duration) {
+        if self.dead.is_none() {
+            let _ = self.send(Lane::Control, "shutdown_request", json!({"restart": false}));
+            let link = &mut self.link;
+            let watch = &mut self.watch;
+            let ended = tokio::time::timeout(grace, async {
+                loop {
+                    tokio::select! {
+                        _ = watch.ended() => return,
+                        m = link.recv() => if m.is_none() { watch.ended().await; return },
+                    }
+                }
+            })
+            .await;
+            if ended.is_ok() {
+                self.link.close().await;
+                return;
+            }
+            let _ = self
+                .sender
+                .send(Lane::Control, envelope::event(&Event::Shutdown));
+        }
+        self.watch.cancel().await;
+    }
+
+    /// Ends the agent at once (Shutdown event, then the backend's cancel).
+    pub async fn kill(self) {
+        let _ = self
+            .sender
+            .send(Lane::Control, envelope::event(&Event::Shutdown));
+        self.watch.cancel().await;
+    }
+}
+
+fn uuid_like() -> String {
+    noyau_wire::connection::random_key()
+}
+
+/// Builds the [`AgentLaunch`] for a local kernel of `kernelspec`.
+pub fn local_launch(kernelspec: &str, cwd: Option<std::path::PathBuf>) -> AgentLaunch {
+    AgentLaunch {
+        backend: "local".into(),
+        inner: kernelspec.into(),
+        link_bind: None,
+        link_advertise: None,
+        noyau_exe: std::env::current_exe().unwrap_or_else(|_| "noyau".into()),
+        job_name: format!("noyau-run-{kernelspec}"),
+        cwd,
+        env: Default::default(),
+    }
+}

@@ -1,0 +1,134 @@
+//! The managed Python kernel: what makes `noyau run nb.ipynb` work on a
+//! machine where no Python kernel is installed.
+//!
+//! When the `python3` kernelspec is nowhere on the Jupyter paths, noyau
+//! makes a virtual environment with a pinned ipykernel in its cache
+//! (`$XDG_CACHE_HOME/noyau/kernels/python3-ipykernel-7.4.0`, with uv when it
+//! is on PATH, else `python3 -m venv` + pip), writes a kernelspec beside it
+//! whose argv names that environment's interpreter, and points the agent at
+//! it through `JUPYTER_PATH`. The environment is built in a temporary
+//! directory and renamed into place, so concurrent first runs do not see a
+//! half-made one.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub const IPYKERNEL_VERSION: &str = "7.4.0";
+
+pub fn cache_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| std::env::temp_dir().join("noyau-cache"));
+    base.join("noyau")
+        .join("kernels")
+        .join(format!("python3-ipykernel-{IPYKERNEL_VERSION}"))
+}
+
+/// The Jupyter data dir (`…/share/jupyter`) holding the managed `python3`
+/// kernelspec, made on first use.
+pub fn ensure_python_kernel() -> Result<PathBuf, String> {
+    let dir = cache_dir();
+    let data = dir.join("share").join("jupyter");
+    if dir.join(".complete").exists() {
+        return Ok(data);
+    }
+    let parent = dir.parent().expect("cache dir has a parent");
+    std::fs::create_dir_all(parent)
+        .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    eprintln!(
+        "noyau: no python3 kernelspec is installed; making a managed Python kernel \
+         (ipykernel=={IPYKERNEL_VERSION}) in {} — once, it is reused by later runs",
+        dir.display()
+    );
+    let tmp = parent.join(format!(".tmp-{}-{}", std::process::id(), IPYKERNEL_VERSION));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let built = build(&tmp);
+    if let Err(e) = built {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    match std::fs::rename(&tmp, &dir) {
+        Ok(()) => {}
+        Err(_) if dir.join(".complete").exists() => {
+            // Another run finished first; use its environment.
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(format!(
+                "cannot move the environment to {}: {e}",
+                dir.display()
+            ));
+        }
+    }
+    write_spec(&dir)?;
+    std::fs::write(dir.join(".complete"), b"")
+        .map_err(|e| format!("cannot write in {}: {e}", dir.display()))?;
+    eprintln!("noyau: managed Python kernel ready");
+    Ok(data)
+}
+
+fn on_path(exe: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(exe).is_file()))
+        .unwrap_or(false)
+}
+
+fn run(cmd: &mut Command) -> Result<(), String> {
+    let shown = format!("{cmd:?}");
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {shown}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{shown} failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
+}
+
+fn build(tmp: &Path) -> Result<(), String> {
+    let pin = format!("ipykernel=={IPYKERNEL_VERSION}");
+    let python = tmp.join("bin").join("python");
+    if on_path("uv") {
+        run(Command::new("uv").arg("venv").arg("--quiet").arg(tmp))?;
+        run(Command::new("uv")
+            .args(["pip", "install", "--quiet", "--python"])
+            .arg(&python)
+            .arg(&pin))?;
+    } else {
+        run(Command::new("python3").arg("-m").arg("venv").arg(tmp)).map_err(|e| {
+            format!("{e}\nnoyau needs python3 with the venv module (Debian: apt install python3-venv), or uv")
+        })?;
+        run(Command::new(&python).args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            &pin,
+        ]))?;
+    }
+    Ok(())
+}
+
+fn write_spec(dir: &Path) -> Result<(), String> {
+    let spec_dir = dir.join("share/jupyter/kernels/python3");
+    std::fs::create_dir_all(&spec_dir)
+        .map_err(|e| format!("cannot create {}: {e}", spec_dir.display()))?;
+    let spec = serde_json::json!({
+        "argv": [dir.join("bin/python"), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (noyau managed)",
+        "language": "python",
+        "metadata": {"debugger": true},
+    });
+    std::fs::write(
+        spec_dir.join("kernel.json"),
+        serde_json::to_vec_pretty(&spec).expect("json"),
+    )
+    .map_err(|e| format!("cannot write the kernelspec in {}: {e}", spec_dir.display()))
+}

@@ -1,0 +1,609 @@
+//! One run, start to end: read and prepare the notebook, start the kernel,
+//! execute the cells in order the way nbclient does (IOPub `idle` after the
+//! `execute_reply` ends a cell), record papermill's and nbclient's metadata,
+//! save as it goes, and stop cleanly on errors, kernel death, timeouts and
+//! signals.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use noyau_client::remote::{ExecuteOptions, KernelError, KernelMessage, Lane, RemoteKernel};
+use noyau_notebook::{InjectOptions, Notebook, OutputBuilder, StreamMode};
+use serde_json::{json, Value};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
+use crate::options::{exit, RunArgs};
+use crate::papermill as pm;
+use crate::progress::Progress;
+use crate::save::Saver;
+
+/// A run that could not go on: exit code and what to tell the user.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: i32,
+    pub message: String,
+}
+
+fn bad(message: impl Into<String>) -> Failure {
+    Failure {
+        code: exit::BAD_INPUT,
+        message: message.into(),
+    }
+}
+
+/// Where the output goes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    Stdout,
+    File(PathBuf),
+}
+
+impl Output {
+    fn shown(&self) -> String {
+        match self {
+            Output::Stdout => "-".into(),
+            Output::File(p) => p.display().to_string(),
+        }
+    }
+}
+
+/// `OUTPUT`, or the default: `name.out.ipynb` beside the input, stdout for stdin.
+pub fn output_for(input: &str, output: Option<&str>) -> Output {
+    match output {
+        Some("-") => Output::Stdout,
+        Some(p) => Output::File(p.into()),
+        None if input == "-" => Output::Stdout,
+        None => {
+            let p = Path::new(input);
+            let stem = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let stem = stem.strip_suffix(".ipynb").unwrap_or(&stem).to_string();
+            Output::File(p.with_file_name(format!("{stem}.out.ipynb")))
+        }
+    }
+}
+
+/// Reads and parses the input (upgrading nbformat 3 and 4.0–4.4).
+pub fn read_input(input: &str) -> Result<Notebook, Failure> {
+    let mut bytes = Vec::new();
+    let res = if input == "-" {
+        std::io::stdin().read_to_end(&mut bytes).map(|_| ())
+    } else {
+        std::fs::read(input).map(|b| bytes = b)
+    };
+    res.map_err(|e| bad(format!("cannot read {input}: {e}")))?;
+    let what = if input == "-" { "stdin" } else { input };
+    let b = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&bytes);
+    let mut v: Value = serde_json::from_slice(b).map_err(|e| {
+        bad(format!(
+            "{what} is not a notebook: invalid JSON ({e}); pass a Jupyter .ipynb file"
+        ))
+    })?;
+    if crate::upgrade::is_v3(&v) {
+        v = crate::upgrade::v3_to_v4(v)
+            .map_err(|e| bad(format!("{what}: malformed nbformat 3 notebook: {e}")))?;
+    }
+    let mut nb = Notebook::from_value(v).map_err(|e| bad(format!("{what}: {e}")))?;
+    nb.upgrade_minor();
+    Ok(nb)
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+fn stream_mode(s: &str) -> Result<StreamMode, Failure> {
+    match s {
+        "coalesce" => Ok(StreamMode::Coalesce),
+        "separate" => Ok(StreamMode::Separate),
+        "nbclient" => Ok(StreamMode::Nbclient),
+        other => Err(bad(format!(
+            "--stream-mode {other:?}: use coalesce, separate or nbclient"
+        ))),
+    }
+}
+
+/// nbclient's `timestamp(msg)`: the header date, `%Y-%m-%dT%H:%M:%S.%fZ`.
+fn timestamp(m: &KernelMessage) -> String {
+    let t = m
+        .date
+        .as_deref()
+        .and_then(|d| chrono::DateTime::parse_from_rfc3339(d).ok())
+        .map(|d| d.to_utc())
+        .unwrap_or_else(chrono::Utc::now);
+    t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+/// How a cell ended.
+enum CellEnd {
+    Ok,
+    Error { ename: String, evalue: String },
+    Died(String),
+    Timeout(f64),
+    Signal(&'static str, i32),
+}
+
+struct Signals {
+    int: Signal,
+    term: Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Signals, Failure> {
+        let mk = |k| {
+            signal(k).map_err(|e| Failure {
+                code: exit::BAD_INPUT,
+                message: format!("cannot handle signals: {e}"),
+            })
+        };
+        Ok(Signals {
+            int: mk(SignalKind::interrupt())?,
+            term: mk(SignalKind::terminate())?,
+        })
+    }
+
+    async fn recv(&mut self) -> (&'static str, i32) {
+        tokio::select! {
+            _ = self.int.recv() => ("SIGINT", exit::SIGINT),
+            _ = self.term.recv() => ("SIGTERM", exit::SIGTERM),
+        }
+    }
+}
+
+fn kernel_failure(e: anyhow::Error) -> Failure {
+    Failure {
+        code: exit::KERNEL_START,
+        message: format!("{e:#}"),
+    }
+}
+
+/// Runs the whole thing; returns the exit code.
+pub async fn run(args: RunArgs) -> Result<i32, Failure> {
+    let params = args.parameters().map_err(bad)?;
+    let mode = stream_mode(&args.stream_mode)?;
+    let output = output_for(&args.input, args.output.as_deref());
+    if let Output::File(p) = &output {
+        if args.input != "-" && same_file(Path::new(&args.input), p) {
+            return Err(bad(format!(
+                "the output {} is the input notebook; noyau never modifies its input: name another OUTPUT",
+                p.display()
+            )));
+        }
+    }
+    let mut nb = read_input(&args.input)?;
+    pm::on_load(&mut nb);
+    if !params.is_empty() {
+        let injected = noyau_notebook::inject(
+            &mut nb,
+            &params,
+            &InjectOptions {
+                kernel_name: args.kernel.as_deref(),
+                language: args.language.as_deref(),
+                hide_source: args.report_mode,
+                ..Default::default()
+            },
+        )
+        .map_err(|e| bad(format!("{e}")))?;
+        if let Some(w) = injected.warning {
+            eprintln!("noyau: warning: {w}; the parameters go in a new cell at the top");
+        }
+    }
+    pm::prepare(&mut nb, &args.input, &output.shown(), args.report_mode);
+
+    let out_path = match &output {
+        Output::File(p) => Some(p.clone()),
+        Output::Stdout => None,
+    };
+    let mut saver = Saver::new(out_path);
+    if args.prepare_only {
+        finish_output(&mut saver, &nb, &output)?;
+        return Ok(exit::OK);
+    }
+
+    // Which kernel, and where its spec is.
+    let kernel_name = args
+        .kernel
+        .clone()
+        .or_else(|| nb.kernel_name().map(str::to_string))
+        .unwrap_or_else(|| "python3".into());
+    let mut env = std::collections::BTreeMap::new();
+    if args.backend == "local" {
+        if let Err(e) = noyau_wire::kernelspec::find(&kernel_name) {
+            let python = matches!(kernel_name.as_str(), "python3" | "python");
+            if python && matches!(e, noyau_wire::kernelspec::KernelSpecError::NotFound { .. }) {
+                let data = crate::kernelenv::ensure_python_kernel().map_err(|m| Failure {
+                    code: exit::KERNEL_START,
+                    message: format!("cannot make the managed Python kernel: {m}"),
+                })?;
+                let mut jp = data.display().to_string();
+                if let Ok(old) = std::env::var("JUPYTER_PATH") {
+                    if !old.is_empty() {
+                        jp = format!("{jp}:{old}");
+                    }
+                }
+                env.insert("JUPYTER_PATH".to_string(), jp);
+            } else {
+                return Err(bad(format!(
+                    "{e}\n(choose a kernel with --kernel NAME; `noyau kernelspecs` lists them)"
+                )));
+            }
+        }
+    }
+
+    let run_start = chrono::Utc::now();
+    pm::notebook_start(&mut nb, &pm::iso(run_start));
+    // The first save checks the output is writable before any work.
+    if let Err(e) = saver.save(&nb) {
+        return Err(bad(format!(
+            "cannot write the output {}: {e}",
+            output.shown()
+        )));
+    }
+
+    let mut signals = Signals::new()?;
+    let mut launch = noyau_client::remote::local_launch(&kernel_name, args.cwd.clone());
+    launch.backend = args.backend.clone();
+    launch.env = env;
+    if let Some(cwd) = &args.cwd {
+        if !cwd.is_dir() {
+            return Err(bad(format!("--cwd {}: not a directory", cwd.display())));
+        }
+    }
+    let start_timeout = Duration::from_secs_f64(args.start_timeout.max(0.1));
+    let got: std::cell::Cell<Option<(&'static str, i32)>> = std::cell::Cell::new(None);
+    let started = RemoteKernel::start_until(launch, start_timeout, async {
+        got.set(Some(signals.recv().await));
+    })
+    .await;
+    let mut kernel = match (started, got.get()) {
+        (Ok(k), _) => k,
+        (Err(_), Some((name, code))) => {
+            eprintln!("noyau: {name} while the kernel was starting; stopping");
+            pm::add_stop_marker(&mut nb, name, None);
+            finish_output(&mut saver, &nb, &output)?;
+            return Ok(code);
+        }
+        (Err(e), None) => return Err(kernel_failure(e)),
+    };
+    nb.metadata.insert(
+        "noyau".into(),
+        json!({
+            "backend": kernel.backend,
+            "host": kernel.host,
+            "job_id": kernel.job_id(),
+            "kernel": kernel_name,
+            "version": env!("CARGO_PKG_VERSION"),
+        }),
+    );
+    if let Some(li) = kernel.language_info() {
+        nb.metadata.insert("language_info".into(), li.clone());
+    }
+
+    let mut runner = Runner {
+        builder: OutputBuilder::new(mode),
+        progress: Progress::new(!args.no_progress, nb.cells.len()),
+        nb,
+        saver,
+        args: &args,
+    };
+    let (code, kernel_alive) = runner.run_cells(&mut kernel, &mut signals, run_start).await;
+    runner.progress.finish();
+    let Runner { nb, mut saver, .. } = runner;
+    let out = finish_output(&mut saver, &nb, &output);
+    if kernel_alive {
+        kernel.shutdown(Duration::from_secs(5)).await;
+    } else {
+        kernel.kill().await;
+    }
+    out?;
+    Ok(code)
+}
+
+fn finish_output(saver: &mut Saver, nb: &Notebook, output: &Output) -> Result<(), Failure> {
+    match output {
+        Output::Stdout => {
+            use std::io::Write;
+            let mut o = std::io::stdout().lock();
+            o.write_all(nb.to_json_string().as_bytes())
+                .and_then(|()| o.flush())
+                .map_err(|e| bad(format!("cannot write the notebook to stdout: {e}")))
+        }
+        Output::File(_) => saver
+            .save(nb)
+            .map_err(|e| bad(format!("cannot write the output: {e}"))),
+    }
+}
+
+struct Runner<'a> {
+    nb: Notebook,
+    builder: OutputBuilder,
+    saver: Saver,
+    progress: Progress,
+    args: &'a RunArgs,
+}
+
+impl Runner<'_> {
+    /// Returns (exit code, whether the kernel is still alive).
+    async fn run_cells(
+        &mut self,
+        kernel: &mut RemoteKernel,
+        signals: &mut Signals,
+        run_start: chrono::DateTime<chrono::Utc>,
+    ) -> (i32, bool) {
+        let total = self.nb.cells.len();
+        let mut i = 0;
+        while i < self.nb.cells.len() {
+            let start = chrono::Utc::now();
+            pm::cell_start(&mut self.nb.cells[i], &pm::iso(start));
+            let cell = &self.nb.cells[i];
+            let runs =
+                cell.is_code() && !cell.source.trim().is_empty() && !cell.has_tag("skip-execution");
+            if !runs {
+                pm::cell_complete(&mut self.nb.cells[i], start);
+                self.progress.cell_done();
+                i += 1;
+                continue;
+            }
+            self.progress.cell_start(i, total, &self.nb.cells[i].source);
+            let may_raise = self.args.allow_errors || self.nb.cells[i].has_tag("raises-exception");
+            let end = self.run_cell(kernel, signals, i, may_raise).await;
+            let exec_count = self.nb.cells[i].execution_count();
+            let stop = match end {
+                CellEnd::Ok => None,
+                CellEnd::Error { ename, evalue } => {
+                    let sys_exit = ename == "SystemExit" && (evalue.is_empty() || evalue == "0");
+                    if may_raise && !sys_exit {
+                        None
+                    } else {
+                        pm::cell_exception(&mut self.nb, i);
+                        if sys_exit {
+                            Some((exit::OK, true, None))
+                        } else {
+                            eprintln!(
+                                "noyau: cell {} (In [{}]) raised {ename}: {evalue}",
+                                i + 1,
+                                exec_count.map_or("None".into(), |n| n.to_string())
+                            );
+                            Some((exit::CELL_ERROR, true, None))
+                        }
+                    }
+                }
+                CellEnd::Died(desc) => {
+                    pm::cell_exception(&mut self.nb, i);
+                    let text = format!("Kernel died: {desc}");
+                    self.nb.cells[i].outputs_mut().push(json!({
+                        "output_type": "error", "ename": "DeadKernelError",
+                        "evalue": text, "traceback": [format!("DeadKernelError: {text}")],
+                    }));
+                    eprintln!("noyau: cell {} : the kernel died: {desc}", i + 1);
+                    Some((exit::KERNEL_DIED, false, None))
+                }
+                CellEnd::Timeout(secs) => {
+                    pm::cell_exception(&mut self.nb, i);
+                    let text = format!("Cell execution timed out after {secs} s (--timeout)");
+                    self.nb.cells[i].outputs_mut().push(json!({
+                        "output_type": "error", "ename": "CellTimeoutError",
+                        "evalue": text, "traceback": [format!("CellTimeoutError: {text}")],
+                    }));
+                    eprintln!("noyau: cell {}: {text}", i + 1);
+                    Some((exit::TIMEOUT, !kernel.is_dead(), None))
+                }
+                CellEnd::Signal(name, code) => {
+                    pm::cell_exception(&mut self.nb, i);
+                    eprintln!("noyau: {name}: saving the output and stopping");
+                    Some((code, false, Some(name)))
+                }
+            };
+            pm::cell_complete(&mut self.nb.cells[i], start);
+            self.progress.cell_done();
+            if let Some((code, alive, signal)) = stop {
+                let markers = code != exit::OK;
+                pm::notebook_complete(&mut self.nb, run_start, false);
+                if let Some(name) = signal {
+                    pm::add_stop_marker(&mut self.nb, name, Some((i, exec_count)));
+                } else if markers {
+                    pm::add_error_markers(&mut self.nb, i, exec_count);
+                }
+                return (code, alive);
+            }
+            self.saver.cell_finished(&self.nb);
+            i += 1;
+        }
+        pm::notebook_complete(&mut self.nb, run_start, true);
+        (exit::OK, true)
+    }
+
+    async fn run_cell(
+        &mut self,
+        kernel: &mut RemoteKernel,
+        signals: &mut Signals,
+        i: usize,
+        may_raise: bool,
+    ) -> CellEnd {
+        self.nb.cells[i]
+            .metadata
+            .insert("execution".into(), json!({}));
+        let _ = self.builder.start_cell(&mut self.nb, i);
+        let opts = ExecuteOptions {
+            stop_on_error: !may_raise,
+            ..Default::default()
+        };
+        let id = match kernel.execute_request(&self.nb.cells[i].source, &opts) {
+            Ok(id) => id,
+            Err(e) => return died(e),
+        };
+        let deadline = self
+            .args
+            .timeout
+            .map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+        let mut reply: Option<Value> = None;
+        let mut idle = false;
+        loop {
+            if reply.is_some() && idle {
+                break;
+            }
+            let save_at = self.saver.due();
+            tokio::select! {
+                biased;
+                (name, code) = signals.recv() => return CellEnd::Signal(name, code),
+                _ = sleep_until(deadline) => {
+                    let _ = kernel.interrupt();
+                    // Give the interrupted cell a moment to report.
+                    return self.drain_after_timeout(kernel, i, &id).await;
+                }
+                _ = sleep_until(save_at) => self.saver.on_due(&self.nb),
+                m = kernel.next() => match m {
+                    Err(e) => return died(e),
+                    Ok(m) => {
+                        if m.parent_id.as_deref() != Some(id.as_str()) {
+                            continue;
+                        }
+                        match m.lane {
+                            Lane::Iopub => idle |= self.on_iopub(i, &m),
+                            Lane::Shell if m.msg_type == "execute_reply" => {
+                                if let Some(e) = self.nb.cells[i].metadata.get_mut("execution").and_then(Value::as_object_mut) {
+                                    e.insert("shell.execute_reply".into(), timestamp(&m).into());
+                                }
+                                reply = Some(m.content);
+                            }
+                            _ => {}
+                        }
+                    }
+                },
+            }
+        }
+        let _ = self.builder.finish_cell(&mut self.nb, i);
+        let content = reply.unwrap_or(Value::Null);
+        if content.get("status").and_then(Value::as_str) == Some("error") {
+            let s = |k: &str| {
+                content
+                    .get(k)
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string()
+            };
+            return CellEnd::Error {
+                ename: s("ename"),
+                evalue: s("evalue"),
+            };
+        }
+        CellEnd::Ok
+    }
+
+    async fn drain_after_timeout(
+        &mut self,
+        kernel: &mut RemoteKernel,
+        i: usize,
+        id: &str,
+    ) -> CellEnd {
+        let secs = self.args.timeout.unwrap_or(0.0);
+        let until = Instant::now() + Duration::from_secs(5);
+        let (mut reply, mut idle) = (false, false);
+        while !(reply && idle) {
+            let m = tokio::select! {
+                m = kernel.next() => m,
+                _ = tokio::time::sleep_until(until.into()) => break,
+            };
+            let Ok(m) = m else { break };
+            if m.parent_id.as_deref() != Some(id) {
+                continue;
+            }
+            match m.lane {
+                Lane::Iopub => idle |= self.on_iopub(i, &m),
+                _ => reply |= m.msg_type == "execute_reply",
+            }
+        }
+        CellEnd::Timeout(secs)
+    }
+
+    /// One IOPub message of cell `i`; true on `idle`.
+    fn on_iopub(&mut self, i: usize, m: &KernelMessage) -> bool {
+        let exec = |nb: &mut Notebook, k: &str| {
+            if let Some(e) = nb.cells[i]
+                .metadata
+                .get_mut("execution")
+                .and_then(Value::as_object_mut)
+            {
+                e.insert(k.into(), timestamp(m).into());
+            }
+        };
+        match m.msg_type.as_str() {
+            "status" => {
+                match m.content.get("execution_state").and_then(Value::as_str) {
+                    Some("busy") => exec(&mut self.nb, "iopub.status.busy"),
+                    Some("idle") => {
+                        exec(&mut self.nb, "iopub.status.idle");
+                        return true;
+                    }
+                    _ => {}
+                }
+                return false;
+            }
+            "execute_input" => {
+                exec(&mut self.nb, "iopub.execute_input");
+                if let Some(n) = m.content.get("execution_count") {
+                    self.nb.cells[i].set_execution_count(n.as_i64());
+                }
+                return false;
+            }
+            _ => {}
+        }
+        if self.args.log_output {
+            self.log(m);
+        }
+        match self
+            .builder
+            .handle(&mut self.nb, i, &m.msg_type, &m.content)
+        {
+            Ok(noyau_notebook::OutputEvent::Ignored) => {}
+            Ok(_) => self.saver.output_changed(),
+            Err(e) => tracing::warn!("an output could not be recorded: {e}"),
+        }
+        false
+    }
+
+    fn log(&self, m: &KernelMessage) {
+        let c = &m.content;
+        let text = match m.msg_type.as_str() {
+            "stream" => c.get("text").and_then(Value::as_str).map(str::to_string),
+            "error" => c.get("traceback").and_then(Value::as_array).map(|t| {
+                let mut s = t
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                s.push('\n');
+                s
+            }),
+            "execute_result" | "display_data" => c
+                .get("data")
+                .and_then(|d| d.get("text/plain"))
+                .and_then(Value::as_str)
+                .map(|t| format!("{t}\n")),
+            _ => None,
+        };
+        if let Some(t) = text {
+            self.progress.log(&t);
+        }
+    }
+}
+
+fn died(e: KernelError) -> CellEnd {
+    match e {
+        KernelError::Died(d) => CellEnd::Died(d),
+        other => CellEnd::Died(other.to_string()),
+    }
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}

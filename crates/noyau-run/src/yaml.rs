@@ -1,0 +1,359 @@
+//! Parameter files and `-y` strings read the way papermill reads them:
+//! PyYAML's `SafeLoader` without the timestamp rule (papermill's
+//! `NoDatesSafeLoader`), i.e. YAML 1.1 typing of plain scalars.
+//!
+//! YAML 1.2 parsers (and so the usual Rust crates' loaders) type `yes`,
+//! `off`, `0o17`, `1:30` or `1e3` differently from PyYAML, and a parameter
+//! that is a bool under papermill must not become a string under noyau. So
+//! this module takes yaml-rust2's events, which keep the scalar style (plain
+//! or quoted), and applies PyYAML's implicit resolvers itself.
+
+use std::collections::HashMap;
+
+use noyau_notebook::Param;
+use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser, Tag};
+use yaml_rust2::scanner::{Marker, TScalarStyle};
+
+#[derive(Debug, thiserror::Error)]
+pub enum YamlError {
+    #[error("invalid YAML: {0}")]
+    Syntax(String),
+    #[error("unsupported YAML tag !!{0} (use plain values, lists and mappings)")]
+    Tag(String),
+    #[error("invalid YAML: the value {0:?} does not fit its tag")]
+    BadValue(String),
+}
+
+enum Frame {
+    Seq(usize, Vec<Param>),
+    Map(usize, Vec<(String, Param)>, Option<String>),
+}
+
+#[derive(Default)]
+struct Builder {
+    stack: Vec<Frame>,
+    root: Option<Param>,
+    anchors: HashMap<usize, Param>,
+    error: Option<YamlError>,
+}
+
+impl Builder {
+    fn push_value(&mut self, v: Param, anchor: usize) {
+        if anchor > 0 {
+            self.anchors.insert(anchor, v.clone());
+        }
+        match self.stack.last_mut() {
+            None => {
+                if self.root.is_none() {
+                    self.root = Some(v)
+                }
+            }
+            Some(Frame::Seq(_, items)) => items.push(v),
+            Some(Frame::Map(_, entries, key)) => match key.take() {
+                None => *key = Some(key_string(&v)),
+                Some(k) => {
+                    // PyYAML: a repeated key keeps its last value.
+                    if let Some(e) = entries.iter_mut().find(|(n, _)| *n == k) {
+                        e.1 = v;
+                    } else {
+                        entries.push((k, v));
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// Mapping keys become strings (Python would keep an int key as an int;
+/// notebook parameters are names, so they are strings anyway).
+fn key_string(v: &Param) -> String {
+    match v {
+        Param::Str(s) => s.clone(),
+        Param::None => "None".into(),
+        Param::Bool(b) => if *b { "True" } else { "False" }.into(),
+        Param::Int(i) => i.to_string(),
+        Param::Float(f) => f.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+impl MarkedEventReceiver for Builder {
+    fn on_event(&mut self, ev: Event, _mark: Marker) {
+        if self.error.is_some() {
+            return;
+        }
+        match ev {
+            Event::Scalar(value, style, anchor, tag) => match scalar(&value, style, tag.as_ref()) {
+                Ok(v) => self.push_value(v, anchor),
+                Err(e) => self.error = Some(e),
+            },
+            Event::Alias(id) => {
+                let v = self.anchors.get(&id).cloned().unwrap_or(Param::None);
+                self.push_value(v, 0);
+            }
+            Event::SequenceStart(anchor, _) => self.stack.push(Frame::Seq(anchor, vec![])),
+            Event::MappingStart(anchor, _) => self.stack.push(Frame::Map(anchor, vec![], None)),
+            Event::SequenceEnd | Event::MappingEnd => {
+                let (anchor, v) = match self.stack.pop() {
+                    Some(Frame::Seq(a, items)) => (a, Param::List(items)),
+                    Some(Frame::Map(a, entries, _)) => (a, Param::Dict(entries)),
+                    None => return,
+                };
+                self.push_value(v, anchor);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Parses one YAML document into a value (an empty document is `None`).
+pub fn parse(text: &str) -> Result<Param, YamlError> {
+    let mut b = Builder::default();
+    let mut parser = Parser::new_from_str(text);
+    parser
+        .load(&mut b, false)
+        .map_err(|e| YamlError::Syntax(e.to_string()))?;
+    if let Some(e) = b.error {
+        return Err(e);
+    }
+    Ok(b.root.unwrap_or(Param::None))
+}
+
+fn scalar(v: &str, style: TScalarStyle, tag: Option<&Tag>) -> Result<Param, YamlError> {
+    if let Some(tag) = tag {
+        if tag.handle == "!!" || tag.handle == "tag:yaml.org,2002:" {
+            let bad = || YamlError::BadValue(v.to_string());
+            return match tag.suffix.as_str() {
+                "str" => Ok(Param::Str(v.into())),
+                "int" => py_int(v).map(Param::Int).ok_or_else(bad),
+                "float" => py_float(v)
+                    .or_else(|| py_int(v).map(|i| i as f64))
+                    .map(Param::Float)
+                    .ok_or_else(bad),
+                "bool" => py_bool(v).map(Param::Bool).ok_or_else(bad),
+                "null" => Ok(Param::None),
+                other => Err(YamlError::Tag(other.into())),
+            };
+        }
+        return Err(YamlError::Tag(format!("{}{}", tag.handle, tag.suffix)));
+    }
+    if style != TScalarStyle::Plain {
+        return Ok(Param::Str(v.into()));
+    }
+    Ok(resolve_plain(v))
+}
+
+/// PyYAML's implicit resolvers for a plain scalar (no timestamps).
+pub fn resolve_plain(v: &str) -> Param {
+    if matches!(v, "" | "~" | "null" | "Null" | "NULL") {
+        return Param::None;
+    }
+    if let Some(b) = py_bool(v) {
+        return Param::Bool(b);
+    }
+    if let Some(i) = py_int(v) {
+        return Param::Int(i);
+    }
+    if let Some(f) = py_float(v) {
+        return Param::Float(f);
+    }
+    Param::Str(v.into())
+}
+
+fn py_bool(v: &str) -> Option<bool> {
+    match v {
+        "yes" | "Yes" | "YES" | "true" | "True" | "TRUE" | "on" | "On" | "ON" => Some(true),
+        "no" | "No" | "NO" | "false" | "False" | "FALSE" | "off" | "Off" | "OFF" => Some(false),
+        _ => None,
+    }
+}
+
+fn split_sign(v: &str) -> (i64, &str) {
+    match v.as_bytes().first() {
+        Some(b'-') => (-1, &v[1..]),
+        Some(b'+') => (1, &v[1..]),
+        _ => (1, v),
+    }
+}
+
+fn all(s: &str, f: impl Fn(u8) -> bool) -> bool {
+    !s.is_empty() && s.bytes().all(f)
+}
+
+/// PyYAML 1.1 ints: `0b…`, `0…` octal, decimal, `0x…`, sexagesimal `1:30`,
+/// with `_` allowed between digits.
+fn py_int(v: &str) -> Option<i64> {
+    let (sign, rest) = split_sign(v);
+    let clean: String = rest.chars().filter(|c| *c != '_').collect();
+    let n = if let Some(b) = rest.strip_prefix("0b") {
+        if !all(b, |c| c == b'0' || c == b'1' || c == b'_') {
+            return None;
+        }
+        i64::from_str_radix(&clean[2..], 2).ok()?
+    } else if let Some(h) = rest.strip_prefix("0x") {
+        if !all(h, |c| c.is_ascii_hexdigit() || c == b'_') {
+            return None;
+        }
+        i64::from_str_radix(&clean[2..], 16).ok()?
+    } else if rest == "0" {
+        0
+    } else if let Some(oct) = rest.strip_prefix('0') {
+        if !all(oct, |c| (b'0'..=b'7').contains(&c) || c == b'_') {
+            return None;
+        }
+        i64::from_str_radix(&clean[1..], 8).ok()?
+    } else if rest.contains(':') {
+        let mut parts = rest.split(':');
+        let first = parts.next()?;
+        if !first.starts_with(|c: char| ('1'..='9').contains(&c))
+            || !all(first, |c| c.is_ascii_digit() || c == b'_')
+        {
+            return None;
+        }
+        let mut n: i64 = first.replace('_', "").parse().ok()?;
+        for p in parts {
+            if p.is_empty() || p.len() > 2 || !all(p, |c| c.is_ascii_digit()) {
+                return None;
+            }
+            let d: i64 = p.parse().ok()?;
+            if d > 59 {
+                return None;
+            }
+            n = n.checked_mul(60)?.checked_add(d)?;
+        }
+        n
+    } else {
+        if !rest.starts_with(|c: char| ('1'..='9').contains(&c))
+            || !all(rest, |c| c.is_ascii_digit() || c == b'_')
+        {
+            return None;
+        }
+        clean.parse().ok()?
+    };
+    Some(sign * n)
+}
+
+/// PyYAML 1.1 floats: a dot is required (`1e3` is a string), an exponent
+/// needs its sign, `.inf`, `.nan`, sexagesimal `1:30.5`.
+fn py_float(v: &str) -> Option<f64> {
+    let (sign, rest) = split_sign(v);
+    let sign = sign as f64;
+    match rest {
+        ".inf" | ".Inf" | ".INF" => return Some(sign * f64::INFINITY),
+        ".nan" | ".NaN" | ".NAN" if v == rest => return Some(f64::NAN),
+        _ => {}
+    }
+    if rest.contains(':') {
+        let (whole, frac) = rest.rsplit_once('.')?;
+        let mut parts = whole.split(':');
+        let first = parts.next()?;
+        if !all(first, |c| c.is_ascii_digit() || c == b'_') {
+            return None;
+        }
+        let mut n: f64 = first.replace('_', "").parse().ok()?;
+        for p in parts {
+            if p.is_empty() || p.len() > 2 || !all(p, |c| c.is_ascii_digit()) {
+                return None;
+            }
+            n = n * 60.0 + p.parse::<f64>().ok()?;
+        }
+        let frac_v: f64 = format!("0.{}", frac.replace('_', "")).parse().ok()?;
+        return Some(sign * (n + frac_v));
+    }
+    let (mantissa, exp) = match rest.find(['e', 'E']) {
+        Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+        None => (rest, None),
+    };
+    let (int_part, frac_part) = mantissa.split_once('.')?;
+    if !int_part.is_empty() && !all(int_part, |c| c.is_ascii_digit() || c == b'_') {
+        return None;
+    }
+    if !int_part.is_empty() && int_part.starts_with('_') {
+        return None;
+    }
+    if int_part.is_empty() && (frac_part.is_empty() || v != rest) {
+        // `.5` is a float only without a sign; `.` alone is not.
+        return None;
+    }
+    if !frac_part.is_empty() && !all(frac_part, |c| c.is_ascii_digit() || c == b'_') {
+        return None;
+    }
+    if let Some(e) = exp {
+        let digits = e.strip_prefix(['+', '-'])?;
+        if !all(digits, |c| c.is_ascii_digit()) {
+            return None;
+        }
+    }
+    let clean: String = rest.chars().filter(|c| *c != '_').collect();
+    let clean = if clean.starts_with('.') {
+        format!("0{clean}")
+    } else {
+        clean
+    };
+    let clean = clean.replace(".e", ".0e").replace(".E", ".0E");
+    let clean = clean.strip_suffix('.').map(str::to_string).unwrap_or(clean);
+    Some(sign * clean.parse::<f64>().ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(s: &str) -> Param {
+        parse(s).unwrap()
+    }
+
+    #[test]
+    fn pyyaml_scalars() {
+        assert_eq!(one("yes"), Param::Bool(true));
+        assert_eq!(one("Off"), Param::Bool(false));
+        assert_eq!(one("'yes'"), Param::Str("yes".into()));
+        assert_eq!(one("~"), Param::None);
+        assert_eq!(one("null"), Param::None);
+        assert_eq!(one("010"), Param::Int(8));
+        assert_eq!(one("0x1f"), Param::Int(31));
+        assert_eq!(one("0b101"), Param::Int(5));
+        assert_eq!(one("1_000"), Param::Int(1000));
+        assert_eq!(one("-3"), Param::Int(-3));
+        assert_eq!(one("1:30"), Param::Int(90));
+        assert_eq!(one("1e3"), Param::Str("1e3".into()));
+        assert_eq!(one("1.0e+3"), Param::Float(1000.0));
+        assert_eq!(one("1.5"), Param::Float(1.5));
+        assert_eq!(one("1."), Param::Float(1.0));
+        assert_eq!(one(".5"), Param::Float(0.5));
+        assert_eq!(one("-.inf"), Param::Float(f64::NEG_INFINITY));
+        assert!(matches!(one(".nan"), Param::Float(f) if f.is_nan()));
+        assert_eq!(one("2024-01-02"), Param::Str("2024-01-02".into()));
+        assert_eq!(one("!!str 12"), Param::Str("12".into()));
+        assert_eq!(one("!!float 12"), Param::Float(12.0));
+        assert_eq!(one("hello world"), Param::Str("hello world".into()));
+        assert_eq!(one(""), Param::None);
+    }
+
+    #[test]
+    fn structures_keep_order_and_aliases() {
+        let v = one("b: [1, two, {c: off}]\na: &x 3\nd: *x\n");
+        assert_eq!(
+            v,
+            Param::Dict(vec![
+                (
+                    "b".into(),
+                    Param::List(vec![
+                        Param::Int(1),
+                        Param::Str("two".into()),
+                        Param::Dict(vec![("c".into(), Param::Bool(false))])
+                    ])
+                ),
+                ("a".into(), Param::Int(3)),
+                ("d".into(), Param::Int(3)),
+            ])
+        );
+    }
+
+    #[test]
+    fn errors_are_reported() {
+        assert!(parse("a: [1, 2").is_err());
+        assert!(parse("!!binary aGk=").is_err());
+        assert!(parse("!!int abc").is_err());
+    }
+}

@@ -1,0 +1,343 @@
+"""`noyau run` end to end: a real binary, a real ipykernel, real papermill.
+
+Self-contained: the binary is $NOYAU_BIN (default target/debug/noyau); the
+`python3` kernelspec is the one on JUPYTER_PATH (conftest installs it), else
+one is written into a temporary JUPYTER_PATH for this venv's python.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+NOYAU = os.environ.get("NOYAU_BIN") or str(ROOT / "target" / "debug" / "noyau")
+
+pytestmark = pytest.mark.skipif(not Path(NOYAU).is_file(), reason=f"no noyau binary at {NOYAU}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def python3_kernelspec(tmp_path_factory):
+    for d in os.environ.get("JUPYTER_PATH", "").split(os.pathsep):
+        if d and (Path(d) / "kernels" / "python3" / "kernel.json").is_file():
+            yield
+            return
+    jp = tmp_path_factory.mktemp("jp")
+    spec = jp / "kernels" / "python3"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3", "language": "python"}))
+    old = os.environ.get("JUPYTER_PATH")
+    os.environ["JUPYTER_PATH"] = str(jp) + (os.pathsep + old if old else "")
+    yield
+    if old is None:
+        os.environ.pop("JUPYTER_PATH", None)
+    else:
+        os.environ["JUPYTER_PATH"] = old
+
+
+def notebook(*cells, minor=5, metadata=None):
+    out = []
+    for i, c in enumerate(cells):
+        if isinstance(c, str):
+            c = {"source": c}
+        cell = {"cell_type": c.get("cell_type", "code"), "metadata": c.get("metadata", {}),
+                "source": c["source"]}
+        if minor >= 5:
+            cell["id"] = f"cell-{i}"
+        if cell["cell_type"] == "code":
+            cell["outputs"] = []
+            cell["execution_count"] = None
+        out.append(cell)
+    md = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
+    md.update(metadata or {})
+    return {"nbformat": 4, "nbformat_minor": minor, "metadata": md, "cells": out}
+
+
+def write(path: Path, nb) -> Path:
+    path.write_text(json.dumps(nb, indent=1))
+    return path
+
+
+def run(*args, timeout=120, **kw):
+    return subprocess.run([NOYAU, "run", "--no-progress", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def text_of(cell):
+    out = []
+    for o in cell.get("outputs", []):
+        if o["output_type"] == "stream":
+            out.append("".join(o["text"]))
+    return "".join(out)
+
+
+def sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+PARAMS_NB = notebook(
+    {"source": "a = 1\nb = 'x'\nc = None", "metadata": {"tags": ["parameters"]}},
+    {"source": "# Title", "cell_type": "markdown"},
+    "print(a, b, c)",
+    "from IPython.display import display\ndisplay({'text/plain': 'shown'}, raw=True)\na * 2",
+    "raise ValueError('boom ' + str(a))",
+    "print('never')",
+)
+
+
+def comparable(nb):
+    """What must be equal between papermill and noyau (timings and ids aside)."""
+    cells = []
+    for c in nb["cells"]:
+        outs = []
+        for o in c.get("outputs", []):
+            if o["output_type"] == "stream":
+                if outs and outs[-1][0] == "stream" and outs[-1][1] == o["name"]:
+                    outs[-1] = ("stream", o["name"], outs[-1][2] + "".join(o["text"]))
+                else:
+                    outs.append(("stream", o["name"], "".join(o["text"])))
+            elif o["output_type"] == "error":
+                outs.append(("error", o["ename"], o["evalue"]))
+            else:
+                outs.append((o["output_type"], json.dumps(o.get("data"), sort_keys=True)))
+        pm = c["metadata"].get("papermill", {})
+        cells.append((c["cell_type"], "".join(c["source"]), c.get("execution_count"),
+                      tuple(c["metadata"].get("tags", [])), pm.get("status"), pm.get("exception"),
+                      sorted(pm), sorted(c["metadata"].get("execution", {})), tuple(outs)))
+    top = nb["metadata"]["papermill"]
+    return cells, sorted(top), top["parameters"], top["exception"]
+
+
+def test_same_as_papermill(tmp_path):
+    src = write(tmp_path / "in.ipynb", PARAMS_NB)
+    before = sha(src)
+    pm_out, ny_out = tmp_path / "pm.ipynb", tmp_path / "noyau.ipynb"
+    pm = subprocess.run([sys.executable, "-m", "papermill", "--no-progress-bar", str(src), str(pm_out),
+                         "-p", "a", "5", "-r", "b", "7", "-y", "c: yes"],
+                        capture_output=True, text=True, timeout=120)
+    assert pm.returncode != 0, pm.stderr
+    ny = run(src, ny_out, "-p", "a", "5", "-r", "b", "7", "-y", "c: yes")
+    assert ny.returncode == 1, ny.stderr
+    assert "ValueError" in ny.stderr and "boom 5" in ny.stderr
+    assert sha(src) == before
+    a, b = json.loads(pm_out.read_text()), json.loads(ny_out.read_text())
+    ca, cb = comparable(a), comparable(b)
+    for x, y in zip(ca[0], cb[0]):
+        assert x == y
+    assert ca == cb
+    assert b["cells"][0]["metadata"]["tags"] == ["papermill-error-cell-tag"]
+    assert "In [5]" in "".join(b["cells"][0]["source"])
+    assert b["metadata"]["noyau"]["backend"] == "local"
+    assert b["metadata"]["noyau"]["job_id"].startswith("local:")
+    assert b["metadata"]["language_info"]["name"] == "python"
+
+
+def test_raises_exception_tag_skip_execution_and_allow_errors(tmp_path):
+    nb = notebook({"source": "1/0", "metadata": {"tags": ["raises-exception"]}},
+                  {"source": "print('skipped')", "metadata": {"tags": ["skip-execution"]}},
+                  "print('ran')")
+    src = write(tmp_path / "in.ipynb", nb)
+    r = run(src, tmp_path / "out.ipynb")
+    assert r.returncode == 0, r.stderr
+    out = json.loads((tmp_path / "out.ipynb").read_text())
+    assert out["cells"][0]["outputs"][0]["ename"] == "ZeroDivisionError"
+    assert out["cells"][1]["outputs"] == []
+    assert text_of(out["cells"][2]) == "ran\n"
+    src2 = write(tmp_path / "in2.ipynb", notebook("1/0", "print('on')"))
+    r = run(src2, tmp_path / "out2.ipynb", "--allow-errors")
+    assert r.returncode == 0, r.stderr
+    assert text_of(json.loads((tmp_path / "out2.ipynb").read_text())["cells"][1]) == "on\n"
+
+
+def test_input_errors_at_once(tmp_path):
+    src = write(tmp_path / "in.ipynb", notebook("input('name? ')"))
+    t = time.monotonic()
+    r = run(src, tmp_path / "out.ipynb", timeout=60)
+    assert time.monotonic() - t < 30
+    assert r.returncode == 1
+    out = json.loads((tmp_path / "out.ipynb").read_text())
+    err = [o for c in out["cells"] for o in c.get("outputs", []) if o["output_type"] == "error"]
+    assert err and err[0]["ename"] == "StdinNotImplementedError"
+
+
+def test_kernel_death_mid_notebook(tmp_path):
+    nb = notebook("print('before')", "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", "print('after')")
+    src = write(tmp_path / "in.ipynb", nb)
+    r = run(src, tmp_path / "out.ipynb")
+    assert r.returncode == 3, r.stderr
+    out = json.loads((tmp_path / "out.ipynb").read_text())
+    cells = [c for c in out["cells"] if "papermill-error-cell-tag" not in c["metadata"].get("tags", [])]
+    assert text_of(cells[0]) == "before\n"
+    dead = cells[1]
+    assert dead["metadata"]["papermill"]["status"] == "failed"
+    err = dead["outputs"][-1]
+    assert err["ename"] == "DeadKernelError" and "SIGKILL" in err["evalue"], err
+    assert cells[2]["metadata"]["papermill"]["status"] == "pending"
+    assert cells[2]["outputs"] == []
+
+
+def test_timeout(tmp_path):
+    src = write(tmp_path / "in.ipynb", notebook("import time\ntime.sleep(60)", "print('no')"))
+    t = time.monotonic()
+    r = run(src, tmp_path / "out.ipynb", "--timeout", "1")
+    assert r.returncode == 4, r.stderr
+    assert time.monotonic() - t < 30
+    out = json.loads((tmp_path / "out.ipynb").read_text())
+    enames = [o["ename"] for c in out["cells"] for o in c.get("outputs", []) if o["output_type"] == "error"]
+    assert "CellTimeoutError" in enames
+
+
+def wait_for(pred, timeout):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if pred():
+                return True
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    return False
+
+
+def test_sigterm_mid_cell(tmp_path):
+    nb = notebook("print('first')", "import time\nprint('started', flush=True)\ntime.sleep(60)", "print('never')")
+    src = write(tmp_path / "in.ipynb", nb)
+    out_p = tmp_path / "out.ipynb"
+    p = subprocess.Popen([NOYAU, "run", "--no-progress", str(src), str(out_p)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The running cell's partial output reaches the file within a few seconds.
+    assert wait_for(lambda: "started" in text_of(json.loads(out_p.read_text())["cells"][1]), 30), \
+        "partial output never saved"
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 143, err
+    out = json.loads(out_p.read_text())
+    assert "stopped by SIGTERM" in "".join(out["cells"][0]["source"])
+    body = out["cells"][1:]
+    assert text_of(body[0]) == "first\n"
+    assert "started" in text_of(body[1])
+    assert body[1]["metadata"]["papermill"]["status"] == "failed"
+    assert body[2]["metadata"]["papermill"]["status"] == "pending"
+
+
+def test_sigkill_mid_run_keeps_finished_cells(tmp_path):
+    cells = [f"print({i})" for i in range(5)] + ["import time\ntime.sleep(60)"]
+    src = write(tmp_path / "in.ipynb", notebook(*cells))
+    out_p = tmp_path / "out.ipynb"
+    p = subprocess.Popen([NOYAU, "run", "--no-progress", str(src), str(out_p)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Wait until the last cell runs (its status is saved with the next save), then 1.2 s more.
+    ok = wait_for(lambda: json.loads(out_p.read_text())["cells"][4]["metadata"]["papermill"]["status"] == "completed", 30)
+    assert ok
+    time.sleep(1.2)
+    p.kill()
+    p.wait(timeout=10)
+    out = json.loads(out_p.read_text())
+    for i in range(5):
+        assert text_of(out["cells"][i]) == f"{i}\n"
+        assert out["cells"][i]["metadata"]["papermill"]["status"] == "completed"
+
+
+@pytest.mark.parametrize("case", ["invalid-json", "not-notebook", "nbformat5", "missing-kernel",
+                                  "unwritable", "bad-yaml", "same-file", "bad-param-file", "missing-input"])
+def test_bad_inputs(tmp_path, case):
+    src = tmp_path / "in.ipynb"
+    write(src, notebook("print(1)"))
+    out = tmp_path / "out.ipynb"
+    extra = []
+    if case == "invalid-json":
+        src.write_text('{"nbformat": 4, "cells": [')
+    elif case == "not-notebook":
+        src.write_text('{"hello": "world"}')
+    elif case == "nbformat5":
+        src.write_text(json.dumps({"nbformat": 5, "nbformat_minor": 0, "metadata": {}, "cells": []}))
+    elif case == "missing-kernel":
+        extra = ["--kernel", "no-such-kernel"]
+    elif case == "unwritable":
+        out = tmp_path / "no" / "such" / "dir" / "out.ipynb"
+    elif case == "bad-yaml":
+        extra = ["-y", "a: [1, 2"]
+    elif case == "same-file":
+        out = src
+    elif case == "bad-param-file":
+        extra = ["-f", str(tmp_path / "missing.yaml")]
+    elif case == "missing-input":
+        src = tmp_path / "absent.ipynb"
+    before = sha(src) if src.exists() else None
+    r = run(src, out, *extra, timeout=60)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "panicked" not in r.stderr and "RUST_BACKTRACE" not in r.stderr
+    assert r.stderr.strip(), "no message"
+    if before:
+        assert sha(src) == before
+
+
+def test_unknown_metadata_preserved_and_old_minor(tmp_path):
+    nb = notebook({"source": "print('hi')", "metadata": {"x-cell": {"k": [1, 2]}}},
+                  minor=4, metadata={"x-top": {"deep": True}})
+    nb["x-root"] = 7
+    nb["cells"][0]["x-cell-key"] = "kept"
+    nb["cells"][0]["outputs"] = [{"output_type": "stream", "name": "stdout", "text": "old\n", "x-out": 1}]
+    src = write(tmp_path / "in.ipynb", nb)
+    r = run(src, tmp_path / "out.ipynb")
+    assert r.returncode == 0, r.stderr
+    out = json.loads((tmp_path / "out.ipynb").read_text())
+    assert out["nbformat_minor"] == 5
+    assert out["x-root"] == 7
+    assert out["metadata"]["x-top"] == {"deep": True}
+    c = out["cells"][0]
+    assert c["metadata"]["x-cell"] == {"k": [1, 2]}
+    assert c["x-cell-key"] == "kept"
+    assert c["id"]
+    assert text_of(c) == "hi\n"
+    # written like nbformat: 1-space indent, sorted keys, trailing newline
+    text = (tmp_path / "out.ipynb").read_text()
+    assert text.endswith("}\n") and text.startswith('{\n "cells": [')
+
+
+def test_v3_notebook(tmp_path):
+    v3 = {"nbformat": 3, "nbformat_minor": 0, "metadata": {"name": "old", "x-keep": 1},
+          "worksheets": [{"cells": [
+              {"cell_type": "heading", "level": 1, "source": "Old", "metadata": {}},
+              {"cell_type": "code", "language": "python", "input": "print('v3')", "prompt_number": 1,
+               "outputs": [], "metadata": {}, "collapsed": False}]}]}
+    src = write(tmp_path / "in.ipynb", v3)
+    r = run(src, tmp_path / "out.ipynb")
+    assert r.returncode == 0, r.stderr
+    out = json.loads((tmp_path / "out.ipynb").read_text())
+    assert out["nbformat"] == 4 and out["nbformat_minor"] == 5
+    assert out["metadata"]["x-keep"] == 1
+    assert "".join(out["cells"][0]["source"]) == "# Old"
+    assert text_of(out["cells"][1]) == "v3\n"
+
+
+def test_stdin_to_stdout_and_prepare_only(tmp_path):
+    data = json.dumps(notebook({"source": "x = 1", "metadata": {"tags": ["parameters"]}}, "print(x)"))
+    r = run("-", "-", "-p", "x", "42", input=data)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert text_of(out["cells"][2]) == "42\n"
+    src = write(tmp_path / "in.ipynb", json.loads(data))
+    r = run(src, tmp_path / "prep.ipynb", "--prepare-only", "-p", "x", "3")
+    assert r.returncode == 0, r.stderr
+    prep = json.loads((tmp_path / "prep.ipynb").read_text())
+    assert "".join(prep["cells"][1]["source"]) == "# Parameters\nx = 3\n"
+    assert prep["cells"][2].get("outputs") == []
+
+
+def test_default_output_name_and_log_output(tmp_path):
+    src = write(tmp_path / "nb.ipynb", notebook("print('logged line')"))
+    r = run(src, "--log-output")
+    assert r.returncode == 0, r.stderr
+    assert "logged line" in r.stderr
+    assert (tmp_path / "nb.out.ipynb").is_file()
