@@ -291,6 +291,8 @@ pub async fn run(args: RunArgs) -> Result<i32, Failure> {
         nb,
         saver,
         args: &args,
+        ahead: None,
+        early: Default::default(),
     };
     let (code, kernel_alive) = runner.run_cells(&mut kernel, &mut signals, run_start).await;
     runner.progress.finish();
@@ -326,6 +328,15 @@ struct Runner<'a> {
     saver: Saver,
     progress: Progress,
     args: &'a RunArgs,
+    /// The next cell's request, already sent so the kernel never waits for
+    /// us between cells: (cell index, msg_id).
+    ahead: Option<(usize, String)>,
+    /// Messages for the request sent ahead that came before its turn.
+    early: std::collections::VecDeque<KernelMessage>,
+}
+
+fn runnable(cell: &noyau_notebook::Cell) -> bool {
+    cell.is_code() && !cell.source.trim().is_empty() && !cell.has_tag("skip-execution")
 }
 
 impl Runner<'_> {
@@ -341,10 +352,7 @@ impl Runner<'_> {
         while i < self.nb.cells.len() {
             let start = chrono::Utc::now();
             pm::cell_start(&mut self.nb.cells[i], &pm::iso(start));
-            let cell = &self.nb.cells[i];
-            let runs =
-                cell.is_code() && !cell.source.trim().is_empty() && !cell.has_tag("skip-execution");
-            if !runs {
+            if !runnable(&self.nb.cells[i]) {
                 pm::cell_complete(&mut self.nb.cells[i], start);
                 self.progress.cell_done();
                 i += 1;
@@ -434,10 +442,33 @@ impl Runner<'_> {
             stop_on_error: !may_raise,
             ..Default::default()
         };
-        let id = match kernel.execute_request(&self.nb.cells[i].source, &opts) {
-            Ok(id) => id,
-            Err(e) => return died(e),
+        // What came early was for this cell (the one sent ahead); what comes
+        // early from now on is for the next.
+        let mut backlog = std::mem::take(&mut self.early);
+        let id = match self.ahead.take() {
+            Some((j, id)) if j == i => id,
+            _ => match kernel.execute_request(&self.nb.cells[i].source, &opts) {
+                Ok(id) => id,
+                Err(e) => return died(e),
+            },
         };
+        // Send the next cell now: the kernel runs it as soon as this one ends,
+        // and if this one fails, stop_on_error makes the kernel abort it. Not
+        // with a timeout (an interrupt could hit the next cell) nor when this
+        // cell may raise (the next must not run if this one calls sys.exit).
+        if self.args.timeout.is_none() && !may_raise {
+            if let Some(j) = (i + 1..self.nb.cells.len()).find(|&j| runnable(&self.nb.cells[j])) {
+                let next_may_raise =
+                    self.args.allow_errors || self.nb.cells[j].has_tag("raises-exception");
+                let opts = ExecuteOptions {
+                    stop_on_error: !next_may_raise,
+                    ..Default::default()
+                };
+                if let Ok(next) = kernel.execute_request(&self.nb.cells[j].source, &opts) {
+                    self.ahead = Some((j, next));
+                }
+            }
+        }
         let deadline = self
             .args
             .timeout
@@ -448,34 +479,53 @@ impl Runner<'_> {
             if reply.is_some() && idle {
                 break;
             }
-            let save_at = self.saver.due();
-            tokio::select! {
-                biased;
-                (name, code) = signals.recv() => return CellEnd::Signal(name, code),
-                _ = sleep_until(deadline) => {
-                    let _ = kernel.interrupt();
-                    // Give the interrupted cell a moment to report.
-                    return self.drain_after_timeout(kernel, i, &id).await;
-                }
-                _ = sleep_until(save_at) => self.saver.on_due(&self.nb),
-                m = kernel.next() => match m {
-                    Err(e) => return died(e),
-                    Ok(m) => {
-                        if m.parent_id.as_deref() != Some(id.as_str()) {
+            let m = match backlog.pop_front() {
+                Some(m) => Ok(m),
+                None => {
+                    let save_at = self.saver.due();
+                    tokio::select! {
+                        biased;
+                        (name, code) = signals.recv() => return CellEnd::Signal(name, code),
+                        _ = sleep_until(deadline) => {
+                            let _ = kernel.interrupt();
+                            // Give the interrupted cell a moment to report.
+                            return self.drain_after_timeout(kernel, i, &id).await;
+                        }
+                        _ = sleep_until(save_at) => {
+                            self.saver.on_due(&self.nb);
                             continue;
                         }
-                        match m.lane {
-                            Lane::Iopub => idle |= self.on_iopub(i, &m),
-                            Lane::Shell if m.msg_type == "execute_reply" => {
-                                if let Some(e) = self.nb.cells[i].metadata.get_mut("execution").and_then(Value::as_object_mut) {
-                                    e.insert("shell.execute_reply".into(), timestamp(&m).into());
-                                }
-                                reply = Some(m.content);
-                            }
-                            _ => {}
-                        }
+                        m = kernel.next() => m,
                     }
-                },
+                }
+            };
+            let m = match m {
+                Err(e) => return died(e),
+                Ok(m) => m,
+            };
+            if m.parent_id.as_deref() != Some(id.as_str()) {
+                if self
+                    .ahead
+                    .as_ref()
+                    .is_some_and(|(_, a)| m.parent_id.as_deref() == Some(a.as_str()))
+                {
+                    self.early.push_back(m);
+                }
+                continue;
+            }
+            match m.lane {
+                Lane::Iopub => idle |= self.on_iopub(i, &m),
+                Lane::Shell if m.msg_type == "execute_reply" => {
+                    if let Some(e) = self.nb.cells[i]
+                        .metadata
+                        .get_mut("execution")
+                        .and_then(Value::as_object_mut)
+                    {
+                        e.insert("shell.execute_reply".into(), timestamp(&m).into());
+                    }
+                    reply = Some(m.content);
+                }
+                _ => {}
             }
         }
         let _ = self.builder.finish_cell(&mut self.nb, i);
