@@ -150,7 +150,9 @@ def test_controller_down_for_30_s_does_not_kill_the_kernel(slurm: None) -> None:
             time.sleep(max(0.0, 30 - (time.monotonic() - down)))
         finally:
             # restart it without -c: it keeps its jobs
-            subprocess.run(["slurmctld", "-f", conf], check=True)
+            # (and without this session's marker: conftest kills marked leftovers)
+            env = {k: v for k, v in os.environ.items() if k not in (lib.SESSION_VAR, lib.TAG_VAR)}
+            subprocess.run(["slurmctld", "-f", conf], check=True, env=env)
         lib.wait_until(lambda: subprocess.run(["squeue", "-h"], capture_output=True).returncode == 0,
                        60, "slurmctld to answer again", interval=0.5)
         reply, iopub = k.run("n += 1; print(n)", timeout=60)
