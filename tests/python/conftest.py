@@ -80,8 +80,25 @@ def _install_kernelspecs() -> None:
                                 f"stdout: {r.stdout}\nstderr: {r.stderr}")
 
 
+def _install_slurm_kernelspec() -> None:
+    """With the test cluster up: profile `test` (partition debug) in the user config
+    file, and the kernelspec `noyau-slurm-python3` that runs python3 through it."""
+    if not NOYAU_BIN or not lib.slurm_up():
+        return
+    cfg = Path(os.environ["XDG_CONFIG_HOME"]) / "noyau" / "config.toml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text(lib.SLURM_TEST_CONFIG)
+    cmd = [NOYAU_BIN, "install", "--name", lib.SLURM_KERNEL_NAME, "--inner", "python3",
+           "--backend", "slurm", "--profile", "test", "--prefix", str(PREFIX),
+           "--display-name", "Python 3 (noyau slurm)"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        lib.noyau_install_error = f"`{' '.join(cmd)}` exited {r.returncode}: {r.stderr}"
+
+
 def pytest_configure(config: pytest.Config) -> None:
     _install_kernelspecs()
+    _install_slurm_kernelspec()
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

@@ -297,3 +297,54 @@ def message_text(msg: dict) -> str:
 
 def read_kernelspec(prefix: Path, name: str) -> dict:
     return json.loads((prefix / "share" / "jupyter" / "kernels" / name / "kernel.json").read_text())
+
+
+# --------------------------------------------------------------------------
+# the Slurm test cluster (scripts/slurm-up, started by scripts/test as root)
+
+SLURM_KERNEL_NAME = "noyau-slurm-python3"
+SLURM_TEST_CONFIG = """\
+[profiles.test]
+backend = "slurm"
+partition = "debug"
+time = "10"
+mem = "500M"
+"""
+
+
+def slurm_up() -> bool:
+    import subprocess
+
+    if not os.environ.get("SLURM_CONF"):
+        return False
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def require_slurm() -> None:
+    """Skip without a cluster, except under CI (or with NOYAU_TEST_SLURM=1), where that fails."""
+    import pytest
+
+    require_noyau()
+    if slurm_up():
+        return
+    if os.environ.get("CI") or os.environ.get("NOYAU_TEST_SLURM"):
+        pytest.fail("no Slurm test cluster: scripts/test starts one as root (scripts/slurm-up)",
+                    pytrace=False)
+    pytest.skip("no Slurm test cluster (run as root: eval \"$(scripts/slurm-up DIR)\")")
+
+
+def squeue_noyau() -> list[dict[str, str]]:
+    """This user's noyau jobs still in the queue (pending or running)."""
+    import subprocess
+
+    out = subprocess.run(["squeue", "--me", "-h", "-o", "%i|%T|%r|%j"], capture_output=True,
+                         text=True, timeout=30, check=True).stdout
+    jobs = []
+    for line in out.splitlines():
+        i, st, r, name = line.split("|", 3)
+        if name.startswith("noyau-"):
+            jobs.append({"id": i, "state": st, "reason": r, "name": name})
+    return jobs

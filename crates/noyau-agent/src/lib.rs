@@ -81,6 +81,14 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<i32> {
     let mut token = agent.cfg.token.clone();
     let mut first = true;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    // A batch job asks for SIGUSR1 before its walltime (`--signal=B:USR1@…`);
+    // its default action would end the agent, so it is only noted for now.
+    let mut usr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
+    tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            tracing::warn!("SIGUSR1: the job's walltime is near");
+        }
+    });
     loop {
         let wait = if first {
             Duration::from_secs(30)

@@ -31,6 +31,8 @@ pub struct AgentLaunch {
     pub cwd: Option<PathBuf>,
     /// More environment for the agent (not secrets of ours).
     pub env: BTreeMap<String, String>,
+    /// What to ask the scheduler for.
+    pub profile: noyau_config::Profile,
 }
 
 /// A submitted agent and the listener it will dial.
@@ -42,18 +44,28 @@ pub struct StartedAgent {
 }
 
 pub async fn start_agent(l: AgentLaunch, link_cfg: LinkConfig) -> anyhow::Result<StartedAgent> {
-    let bind = l
-        .link_bind
-        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+    // A batch job dials from a compute node: listen on every address and
+    // advertise this host's name, unless told otherwise.
+    let batch = l.backend != "local";
+    let bind = match (l.link_bind, &l.profile.link_bind) {
+        (Some(b), _) => b,
+        (None, Some(b)) => b
+            .parse()
+            .with_context(|| format!("link_bind {b:?} is not an ADDR:PORT"))?,
+        (None, None) if batch => SocketAddr::from(([0, 0, 0, 0], 0)),
+        (None, None) => SocketAddr::from(([127, 0, 0, 1], 0)),
+    };
     let identity = ServerIdentity::generate(&["localhost".to_string()])
         .context("making the link's certificate")?;
     let listener = LinkListener::bind(bind, identity.clone(), link_cfg)
         .await
         .with_context(|| format!("cannot listen for the agent on {bind}"))?;
-    let advertise = l
-        .link_advertise
-        .clone()
-        .unwrap_or_else(|| listener.local_addr().to_string());
+    let port = listener.local_addr().port();
+    let advertise = match (l.link_advertise.clone(), l.profile.link_advertise.clone()) {
+        (Some(a), _) | (None, Some(a)) => a,
+        (None, None) if bind.ip().is_unspecified() => format!("{}:{port}", hostname()),
+        (None, None) => listener.local_addr().to_string(),
+    };
     let backend = Backend::from_name(&l.backend)?;
     let mut env = l.env.clone();
     if l.backend == "local" {
@@ -76,6 +88,7 @@ pub async fn start_agent(l: AgentLaunch, link_cfg: LinkConfig) -> anyhow::Result
             args: vec!["agent".into()],
             env,
             cwd: l.cwd.clone(),
+            profile: l.profile.clone(),
         })
         .await?;
     tracing::info!(job = %job.id, backend = %backend.name(), "agent submitted");
@@ -135,6 +148,14 @@ impl AgentWatch {
         }
     }
 
+    /// The scheduler's view of the job, when we submitted it.
+    pub fn state(&self) -> Option<tokio::sync::watch::Receiver<JobState>> {
+        match self {
+            AgentWatch::Job(_, j) => Some(j.state.clone()),
+            _ => None,
+        }
+    }
+
     pub fn job_id(&self) -> Option<&str> {
         match self {
             AgentWatch::Job(_, j) => Some(&j.id),
@@ -148,6 +169,13 @@ impl AgentWatch {
             b.cancel(job).await;
         }
     }
+}
+
+/// This host's name, as compute nodes resolve it.
+pub fn hostname() -> String {
+    nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "localhost".into())
 }
 
 pub fn pid_alive(pid: u32) -> bool {

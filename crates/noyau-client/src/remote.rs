@@ -409,5 +409,6 @@ pub fn local_launch(kernelspec: &str, cwd: Option<std::path::PathBuf>) -> AgentL
         job_name: format!("noyau-run-{kernelspec}"),
         cwd,
         env: Default::default(),
+        profile: Default::default(),
     }
 }

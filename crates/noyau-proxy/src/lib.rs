@@ -17,11 +17,12 @@
 
 pub mod frontend;
 pub mod handover;
+pub mod queued;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -30,6 +31,7 @@ use noyau_link::envelope::{self, Event, Payload};
 use noyau_link::{
     Incoming, Lane, Link, LinkConfig, LinkEvent, LinkListener, LinkSender, ServerIdentity,
 };
+use noyau_sched::JobState;
 use noyau_wire::{build, ConnectionInfo, RawMessage, Signer};
 use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
@@ -48,6 +50,8 @@ pub struct ProxyConfig {
     /// The address the agent is told to dial, when it differs from the bound one.
     pub link_advertise: Option<String>,
     pub noyau_exe: PathBuf,
+    /// The resolved profile: what to ask the scheduler for.
+    pub resources: noyau_config::Profile,
 }
 
 /// How long a detached agent waits for the next proxy; the proxy trusts a
@@ -83,6 +87,11 @@ struct Proxy {
     advertise: String,
     agent: AgentWatch,
     started: chrono::DateTime<chrono::Utc>,
+    /// The batch job's state while we wait for its agent (None: local, or taken over).
+    job_state: Option<tokio::sync::watch::Receiver<JobState>>,
+    /// The queue note shown in the first waiting cell.
+    note: Option<queued::Note>,
+    submitted: Instant,
 }
 
 /// True when the message's header date is before `t`.
@@ -135,6 +144,7 @@ pub async fn run(cfg: ProxyConfig) -> anyhow::Result<i32> {
                         job_name: format!("noyau-kernel-{}", cfg.inner),
                         cwd: None,
                         env: Default::default(),
+                        profile: cfg.resources.clone(),
                     },
                     link_cfg,
                 )
@@ -143,7 +153,20 @@ pub async fn run(cfg: ProxyConfig) -> anyhow::Result<i32> {
             }
         };
 
+    let job_state = if cfg.backend == "local" {
+        None
+    } else {
+        agent.state()
+    };
+    if job_state.is_some() {
+        // The kernel is "alive" while its job waits: frontends must not
+        // take a queued kernel for a dead one.
+        fe.set_alive(true);
+    }
     let mut proxy = Proxy {
+        job_state,
+        note: None,
+        submitted: Instant::now(),
         cfg,
         fe,
         signer,
@@ -184,7 +207,9 @@ impl Proxy {
                 return 1;
             }
         };
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
         loop {
+            let waiting = self.link.is_none() && self.job_state.is_some();
             tokio::select! {
                 biased;
                 _ = sigint.recv() => tracing::info!("SIGINT ignored; interrupts go to the kernel by message"),
@@ -195,15 +220,25 @@ impl Proxy {
                 }
                 m = self.fe.incoming.recv() => {
                     let Some((lane, msg)) = m else { return 1 };
-                    self.on_frontend_message(lane, msg);
+                    if let Some(code) = self.on_frontend_message(lane, msg).await {
+                        return code;
+                    }
                 }
+                changed = async { match self.job_state.as_mut() { Some(rx) => rx.changed().await.is_ok(), None => std::future::pending().await } }, if waiting => {
+                    if changed {
+                        self.on_job_state().await;
+                    } else {
+                        self.job_state = None;
+                    }
+                }
+                _ = tick.tick(), if waiting => self.on_job_state().await,
                 sub = self.fe.iopub.recv() => {
                     if let Ok(sub) = sub {
                         self.welcome(sub).await;
                     }
                 }
                 accepted = self.listener.accept(), if self.link.is_none() => match accepted {
-                    Ok(link) => self.attach(link),
+                    Ok(link) => self.attach(link).await,
                     Err(e) => tracing::warn!("link: {e}"),
                 },
                 incoming = async { match self.link.as_mut() { Some(l) => l.recv().await, None => std::future::pending().await } } => {
@@ -221,8 +256,9 @@ impl Proxy {
         }
     }
 
-    fn attach(&mut self, link: Link) {
+    async fn attach(&mut self, link: Link) {
         tracing::info!("agent connected");
+        self.clear_note().await;
         let sender = link.sender();
         for (lane, frames) in self.queued.drain(..) {
             if let Err(e) = sender.send(lane, frames) {
@@ -236,7 +272,163 @@ impl Proxy {
         self.link.as_ref().map(|l| l.sender())
     }
 
-    fn on_frontend_message(&mut self, lane: Lane, msg: RawMessage) {
+    /// True while the batch job has not started (the proxy stands in for the kernel).
+    fn queued(&self) -> bool {
+        self.link.is_none()
+            && self.job_state.as_ref().is_some_and(|rx| {
+                matches!(
+                    *rx.borrow(),
+                    JobState::Pending { .. } | JobState::Unknown { .. }
+                )
+            })
+    }
+
+    fn job_label(&self) -> String {
+        self.agent.job_id().unwrap_or("?").to_string()
+    }
+
+    async fn on_job_state(&mut self) {
+        let Some(rx) = &self.job_state else { return };
+        let st = rx.borrow().clone();
+        let text = queued::describe(
+            &self.cfg.backend,
+            &self.job_label(),
+            &st,
+            self.submitted.elapsed().as_secs(),
+        );
+        match text {
+            None => {
+                if let JobState::Running { node } = &st {
+                    tracing::info!(job = %self.job_label(), %node, waited = ?self.submitted.elapsed(), "job started");
+                }
+                self.clear_note().await;
+            }
+            Some(text) => {
+                let Some(note) = self.note.as_mut() else {
+                    return;
+                };
+                if let Some((kind, content)) = note.update(&text) {
+                    let msg =
+                        build::iopub(&self.signer, kind, &self.session, &note.parent, content);
+                    publish(&mut self.fe, msg).await;
+                }
+            }
+        }
+    }
+
+    /// Removes the queue note from its cell, before the kernel writes there.
+    async fn clear_note(&mut self) {
+        if let Some(note) = self.note.take() {
+            if note.shown {
+                let msg = build::iopub(
+                    &self.signer,
+                    "clear_output",
+                    &self.session,
+                    &note.parent,
+                    json!({"wait": false}),
+                );
+                publish(&mut self.fe, msg).await;
+            }
+        }
+    }
+
+    /// A request the proxy handles itself while the job is queued; Some(code) to end.
+    async fn while_queued(&mut self, lane: Lane, msg: &RawMessage) -> Option<Option<i32>> {
+        let h = msg.peek_header().ok()?;
+        let reply = |me: &Self, kind: &str, content: serde_json::Value| {
+            build::message(
+                &me.signer,
+                msg.identities.clone(),
+                kind,
+                &me.session,
+                &msg.header,
+                content,
+            )
+        };
+        let status = |me: &Self, state: &str| {
+            build::iopub(
+                &me.signer,
+                "status",
+                &me.session,
+                &msg.header,
+                json!({"execution_state": state}),
+            )
+        };
+        match (lane, h.msg_type.as_str()) {
+            (Lane::Shell | Lane::Control, "kernel_info_request") => {
+                let language = noyau_wire::kernelspec::find(&self.cfg.inner)
+                    .map(|f| f.spec.language)
+                    .unwrap_or_else(|_| "python".into());
+                let busy = status(self, "busy");
+                publish(&mut self.fe, busy).await;
+                let r = reply(
+                    self,
+                    "kernel_info_reply",
+                    queued::kernel_info_content(&language, &self.job_label()),
+                );
+                send_router(&mut self.fe, lane, r).await;
+                let idle = status(self, "idle");
+                publish(&mut self.fe, idle).await;
+                Some(None)
+            }
+            (Lane::Control, "shutdown_request" | "interrupt_request")
+                if !sent_before(msg, self.started) =>
+            {
+                let shutdown = h.msg_type == "shutdown_request";
+                tracing::info!(job = %self.job_label(), "{} while queued: cancelling the job", h.msg_type);
+                let content = if shutdown {
+                    let restart = serde_json::from_slice::<serde_json::Value>(&msg.content)
+                        .ok()
+                        .and_then(|c| c.get("restart").and_then(|r| r.as_bool()))
+                        .unwrap_or(false);
+                    json!({"status": "ok", "restart": restart})
+                } else {
+                    json!({"status": "ok"})
+                };
+                let kind = if shutdown {
+                    "shutdown_reply"
+                } else {
+                    "interrupt_reply"
+                };
+                let r = reply(self, kind, content);
+                send_router(&mut self.fe, Lane::Control, r).await;
+                self.clear_note().await;
+                self.agent.cancel().await;
+                if shutdown {
+                    return Some(Some(0));
+                }
+                let text = format!(
+                    "The kernel's {} job {} was cancelled while queued (interrupt). Restart the kernel to submit a new one.",
+                    self.cfg.backend,
+                    self.job_label()
+                );
+                self.report_death(&text).await;
+                Some(Some(1))
+            }
+            _ => None,
+        }
+    }
+
+    async fn on_frontend_message(&mut self, lane: Lane, msg: RawMessage) -> Option<i32> {
+        if self.queued() {
+            if let Some(done) = self.while_queued(lane, &msg).await {
+                return done;
+            }
+            if lane == Lane::Shell
+                && self.note.is_none()
+                && msg
+                    .peek_header()
+                    .is_ok_and(|h| h.msg_type == "execute_request")
+            {
+                self.note = Some(queued::Note::new(msg.header.clone()));
+                self.on_job_state().await;
+            }
+        }
+        self.forward_frontend_message(lane, msg);
+        None
+    }
+
+    fn forward_frontend_message(&mut self, lane: Lane, msg: RawMessage) {
         if lane == Lane::Shell || lane == Lane::Control {
             if let Ok(h) = msg.peek_header() {
                 tracing::debug!(?lane, msg_type = %h.msg_type, "from the frontend");

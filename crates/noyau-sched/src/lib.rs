@@ -11,6 +11,7 @@
 //! each is known at compile time, and the enum keeps `async fn` simple.
 
 pub mod local;
+pub mod slurm;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -18,7 +19,7 @@ use std::path::PathBuf;
 use tokio::sync::watch;
 
 /// What to run in the job.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct JobSpec {
     /// Shown by the scheduler to every user: never put a secret in it.
     pub name: String,
@@ -27,12 +28,18 @@ pub struct JobSpec {
     /// Secrets travel here (the job's environment), never in `args`.
     pub env: BTreeMap<String, String>,
     pub cwd: Option<PathBuf>,
+    /// What to ask the scheduler for (ignored by `local`).
+    pub profile: noyau_config::Profile,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobState {
     Pending {
+        /// The scheduler's reason (Slurm: Priority, Resources, …).
         reason: String,
+        /// The scheduler's estimated start time, when it has one.
+        start: Option<String>,
+        partition: Option<String>,
     },
     Running {
         node: String,
@@ -63,12 +70,17 @@ pub struct Job {
 #[derive(Debug)]
 enum JobHandle {
     Local(local::LocalHandle),
+    Slurm(slurm::SlurmHandle),
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum SchedError {
-    #[error("unknown backend {0:?}; available backends: local")]
+    #[error("unknown backend {0:?}; available backends: local, slurm")]
     UnknownBackend(String),
+    #[error("invalid resource request: {0}")]
+    Invalid(String),
+    #[error("cannot submit the job: {0}")]
+    Submit(String),
     #[error("cannot start the agent `{program}` locally: {source}")]
     LocalSpawn {
         program: String,
@@ -80,12 +92,14 @@ pub enum SchedError {
 #[derive(Debug, Clone)]
 pub enum Backend {
     Local(local::LocalBackend),
+    Slurm(slurm::SlurmBackend),
 }
 
 impl Backend {
     pub fn from_name(name: &str) -> Result<Self, SchedError> {
         match name {
             "local" => Ok(Backend::Local(local::LocalBackend)),
+            "slurm" => Ok(Backend::Slurm(slurm::SlurmBackend::global())),
             other => Err(SchedError::UnknownBackend(other.into())),
         }
     }
@@ -93,12 +107,35 @@ impl Backend {
     pub fn name(&self) -> &'static str {
         match self {
             Backend::Local(_) => "local",
+            Backend::Slurm(_) => "slurm",
         }
     }
 
     pub async fn submit(&self, spec: JobSpec) -> Result<Job, SchedError> {
         match self {
             Backend::Local(b) => b.submit(spec).await,
+            Backend::Slurm(b) => b.submit(spec).await,
+        }
+    }
+
+    /// What `submit` would run, for `--dry-run`: the job script, or the
+    /// local command line. Checks the profile with the scheduler as
+    /// `submit` would.
+    pub async fn dry_run(&self, spec: &JobSpec) -> Result<String, SchedError> {
+        match self {
+            Backend::Local(_) => Ok(format!(
+                "{} {}\n",
+                slurm::sh_quote(&spec.program.display().to_string()),
+                spec.args
+                    .iter()
+                    .map(|a| slurm::sh_quote(a))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            )),
+            Backend::Slurm(b) => {
+                b.validate(&spec.profile).await?;
+                Ok(slurm::job_script(spec, &slurm::log_dir()))
+            }
         }
     }
 
@@ -106,6 +143,12 @@ impl Backend {
     pub async fn cancel(&self, job: &Job) {
         match &job.handle {
             JobHandle::Local(h) => h.cancel().await,
+            JobHandle::Slurm(h) => match self {
+                Backend::Slurm(b) => b.cancel(h).await,
+                Backend::Local(_) => {
+                    slurm::SlurmBackend::global().cancel(h).await;
+                }
+            },
         }
     }
 }

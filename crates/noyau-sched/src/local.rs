@@ -124,6 +124,7 @@ mod tests {
                 args: vec!["-c".into(), "exit $NOYAU_TEST_SECRET".into()],
                 env,
                 cwd: None,
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -152,6 +153,7 @@ mod tests {
                 args: vec!["60".into()],
                 env: BTreeMap::new(),
                 cwd: None,
+                ..Default::default()
             })
             .await
             .unwrap();

@@ -1,6 +1,7 @@
 //! The `noyau` command: a thin CLI over the crates that do the work.
 
 mod install;
+mod jobs;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,22 +31,53 @@ enum Command {
     Install(install::InstallArgs),
     /// List the kernelspecs on the Jupyter paths
     Kernelspecs(install::KernelspecsArgs),
+    /// List this user's noyau jobs (kind, name, state, reason, node, time left)
+    Ps(PsArgs),
+    /// Cancel one of this user's noyau jobs
+    Cancel(CancelArgs),
+}
+
+#[derive(clap::Args)]
+struct PsArgs {
+    /// The scheduler to ask
+    #[arg(long, default_value = "slurm")]
+    backend: String,
+}
+
+#[derive(clap::Args)]
+struct CancelArgs {
+    /// The job id (as `noyau ps` shows it)
+    id: String,
+    #[arg(long, default_value = "slurm")]
+    backend: String,
 }
 
 #[derive(clap::Args)]
 struct KernelArgs {
     /// The connection file written by the frontend
-    #[arg(short = 'f', long = "connection-file", value_name = "FILE")]
-    connection_file: PathBuf,
+    #[arg(
+        short = 'f',
+        long = "connection-file",
+        value_name = "FILE",
+        required_unless_present = "dry_run"
+    )]
+    connection_file: Option<PathBuf>,
     /// The kernelspec to run where the job runs
     #[arg(long, default_value = "python3")]
     inner: String,
-    /// Where the kernel runs: local (a child process), …
-    #[arg(long, default_value = "local")]
-    backend: String,
-    /// Resource profile for the backend
+    /// Where the kernel runs: local (a child process) or slurm [default: the profile's, else local]
+    #[arg(long)]
+    backend: Option<String>,
+    /// Resource profile ([profiles.NAME] in /etc/noyau/config.toml,
+    /// ~/.config/noyau/config.toml, ./noyau.toml)
     #[arg(long)]
     profile: Option<String>,
+    /// Override one profile key (KEY=VALUE, env.NAME=VALUE); repeatable
+    #[arg(short = 'o', long = "option", value_name = "KEY=VALUE")]
+    options: Vec<String>,
+    /// Print the job script (or command) that would start the agent, and exit
+    #[arg(long)]
+    dry_run: bool,
     /// Address the proxy listens on for its agent [default: 127.0.0.1, any free port]
     #[arg(long, value_name = "ADDR:PORT")]
     link_bind: Option<SocketAddr>,
@@ -85,24 +117,45 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
+fn kernel(a: KernelArgs) -> anyhow::Result<i32> {
+    let cwd = std::env::current_dir()?;
+    let config = noyau_config::Config::load(&cwd)?;
+    let resources = config.profile(a.profile.as_deref(), &a.options)?;
+    let backend = a
+        .backend
+        .or_else(|| resources.backend.clone())
+        .unwrap_or_else(|| "local".into());
+    let noyau_exe = std::env::current_exe().unwrap_or_else(|_| "noyau".into());
+    if a.dry_run {
+        return block_on(jobs::dry_run(&backend, &a.inner, noyau_exe, resources));
+    }
+    let Some(connection_file) = a.connection_file else {
+        anyhow::bail!("-f CONNECTION_FILE is required");
+    };
+    block_on(noyau_proxy::run(noyau_proxy::ProxyConfig {
+        connection_file,
+        inner: a.inner,
+        backend,
+        profile: a.profile,
+        link_bind: a.link_bind,
+        link_advertise: a.link_advertise,
+        noyau_exe,
+        resources,
+    }))
+}
+
 fn main() {
     let cli = Cli::parse();
     init_logging();
     let result: anyhow::Result<i32> = match cli.command {
         Command::Run(a) => Ok(noyau_run::main(a)),
-        Command::Kernel(a) => block_on(noyau_proxy::run(noyau_proxy::ProxyConfig {
-            connection_file: a.connection_file,
-            inner: a.inner,
-            backend: a.backend,
-            profile: a.profile,
-            link_bind: a.link_bind,
-            link_advertise: a.link_advertise,
-            noyau_exe: std::env::current_exe().unwrap_or_else(|_| "noyau".into()),
-        })),
+        Command::Kernel(a) => kernel(a),
         Command::Agent(a) => noyau_agent::AgentConfig::load(a.secrets_file.as_deref(), a.inner)
             .and_then(|cfg| block_on(noyau_agent::run(cfg))),
         Command::Install(a) => install::install(&a).map(|()| 0),
         Command::Kernelspecs(a) => install::kernelspecs(&a).map(|()| 0),
+        Command::Ps(a) => block_on(jobs::ps(&a.backend)),
+        Command::Cancel(a) => block_on(jobs::cancel(&a.backend, &a.id)),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -1,0 +1,727 @@
+//! The Slurm backend: the agent runs as a batch job.
+//!
+//! * **Submission.** [`job_script`] writes the script (`#SBATCH` lines from
+//!   the profile, a job name that says what runs, the profile's environment
+//!   and prologue, then `exec noyau agent`); `sbatch --parsable` reads it on
+//!   stdin. The link's address, pin and token are set only in the
+//!   environment of the `sbatch` child, which Slurm exports to the job by
+//!   default: never in argv, in the script or in the job name, which other
+//!   users can read.
+//! * **One watcher.** Every job a process tracks is followed by one
+//!   [`Watcher`]: one `squeue --me --states=all` call per interval (2 s by
+//!   default, ±20 % jitter, `NOYAU_SLURM_POLL`) whatever the number of jobs.
+//!   A job that has left the listing is looked up with `sacct`; on a
+//!   cluster without accounting its end is reported as such, and the caller
+//!   learns how it ended from the agent's last word on the link. A failing
+//!   or timed-out `squeue` makes every job [`JobState::Unknown`], never
+//!   ended: a controller restart must not kill a kernel.
+//! * **Cancel** is `scancel`: Slurm sends SIGTERM to the agent, which stops
+//!   its kernel.
+//!
+//! Not yet here (the API leaves room): walltime warnings in the notebook
+//! (the script already asks for `--signal=B:USR1@…`), job arrays for
+//! sweeps (`JobSpec` would gain an `array` field), detached runs.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use noyau_config::Profile;
+use rand::Rng;
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+use tokio::sync::watch;
+
+use crate::{Job, JobEnd, JobHandle, JobSpec, JobState, SchedError};
+
+/// The Slurm client commands, by path or name (looked up on PATH).
+#[derive(Debug, Clone)]
+pub struct Commands {
+    pub sbatch: PathBuf,
+    pub squeue: PathBuf,
+    pub scancel: PathBuf,
+    pub sacct: PathBuf,
+    pub sinfo: PathBuf,
+    /// How long one command may take before it counts as failed.
+    pub timeout: Duration,
+}
+
+impl Default for Commands {
+    fn default() -> Self {
+        Commands {
+            sbatch: "sbatch".into(),
+            squeue: "squeue".into(),
+            scancel: "scancel".into(),
+            sacct: "sacct".into(),
+            sinfo: "sinfo".into(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Runs a Slurm command; its stdout, or an error naming the command.
+async fn run(
+    program: &Path,
+    args: &[&str],
+    timeout: Duration,
+    stdin: Option<&str>,
+    env: &std::collections::BTreeMap<String, String>,
+) -> Result<String, String> {
+    let shown = format!("{} {}", program.display(), args.join(" "));
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .envs(env)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let fut = async {
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot run `{shown}`: {e}"))?;
+        if let (Some(text), Some(mut w)) = (stdin, child.stdin.take()) {
+            w.write_all(text.as_bytes())
+                .await
+                .map_err(|e| format!("`{shown}`: writing its input: {e}"))?;
+        }
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|e| format!("`{shown}`: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "`{shown}` failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    };
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("`{shown}` did not answer within {timeout:?}")),
+    }
+}
+
+fn no_env() -> &'static std::collections::BTreeMap<String, String> {
+    static E: OnceLock<std::collections::BTreeMap<String, String>> = OnceLock::new();
+    E.get_or_init(Default::default)
+}
+
+/// Quotes a word for sh.
+pub fn sh_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,@%+".contains(&b))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// Where job logs go: `$XDG_STATE_HOME/noyau/jobs` (default
+/// `~/.local/state/noyau/jobs`), which a cluster's compute nodes see when
+/// home directories are shared.
+pub fn log_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("noyau").join("jobs")
+}
+
+/// Seconds before the walltime at which the job gets SIGUSR1.
+fn warning_secs(profile: &Profile) -> u64 {
+    match profile.time_secs() {
+        Some(t) if t > 0 => (t / 10).clamp(30, 600),
+        _ => 600,
+    }
+}
+
+/// The batch script for `spec` (holds no secret: secrets are in `spec.env`,
+/// which goes to sbatch's environment, not here).
+pub fn job_script(spec: &JobSpec, log_dir: &Path) -> String {
+    let p = &spec.profile;
+    let mut s = String::from("#!/bin/sh\n");
+    let mut opt = |k: &str, v: &str| s.push_str(&format!("#SBATCH --{k}={v}\n"));
+    opt("job-name", &spec.name);
+    opt("output", &log_dir.join("%x-%j.log").display().to_string());
+    opt("signal", &format!("B:USR1@{}", warning_secs(p)));
+    if let Some(cwd) = &spec.cwd {
+        opt("chdir", &cwd.display().to_string());
+    }
+    let strs = [
+        ("partition", &p.partition),
+        ("time", &p.time),
+        ("mem", &p.mem),
+        ("gpus", &p.gpus),
+        ("gres", &p.gres),
+        ("account", &p.account),
+        ("qos", &p.qos),
+        ("reservation", &p.reservation),
+        ("constraint", &p.constraint),
+    ];
+    for (k, v) in strs {
+        if let Some(v) = v {
+            opt(k, v);
+        }
+    }
+    for (k, v) in [
+        ("nodes", p.nodes),
+        ("ntasks", p.ntasks),
+        ("cpus-per-task", p.cpus_per_task),
+    ] {
+        if let Some(v) = v {
+            opt(k, &v.to_string());
+        }
+    }
+    for line in &p.sbatch {
+        s.push_str(&format!("#SBATCH {}\n", line.trim()));
+    }
+    if !p.env.is_empty() {
+        s.push_str("\n# environment of the profile\n");
+        for (k, v) in &p.env {
+            s.push_str(&format!("export {k}={}\n", sh_quote(v)));
+        }
+    }
+    if let Some(pro) = &p.prologue {
+        s.push_str("\n# prologue of the profile\n");
+        s.push_str(pro.trim_end());
+        s.push('\n');
+    }
+    s.push_str("\n# the link's address, pin and token are in the job's environment\nexec ");
+    s.push_str(&sh_quote(&spec.program.display().to_string()));
+    for a in &spec.args {
+        s.push(' ');
+        s.push_str(&sh_quote(a));
+    }
+    s.push('\n');
+    s
+}
+
+/// One line of the watcher's squeue listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueLine {
+    pub id: String,
+    pub state: String,
+    pub reason: String,
+    pub node: String,
+    pub start: String,
+    pub partition: String,
+    pub time_left: String,
+    pub name: String,
+}
+
+/// The squeue format the watcher and `noyau ps` read (name last: it may hold `|`).
+pub const SQUEUE_FORMAT: &str = "%i|%T|%r|%N|%S|%P|%L|%j";
+
+pub fn parse_squeue(out: &str) -> Vec<QueueLine> {
+    out.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.trim().splitn(8, '|').collect();
+            if f.len() < 8 || f[0].is_empty() {
+                return None;
+            }
+            Some(QueueLine {
+                id: f[0].into(),
+                state: f[1].into(),
+                reason: f[2].into(),
+                node: f[3].into(),
+                start: f[4].into(),
+                partition: f[5].into(),
+                time_left: f[6].into(),
+                name: f[7].into(),
+            })
+        })
+        .collect()
+}
+
+fn known(v: &str) -> Option<String> {
+    let v = v.trim();
+    (!v.is_empty() && !matches!(v, "N/A" | "(null)" | "None" | "Unknown")).then(|| v.to_string())
+}
+
+/// What a Slurm job state means for us.
+pub fn state_of(l: &QueueLine) -> JobState {
+    match l.state.as_str() {
+        "PENDING" | "REQUEUED" | "REQUEUE_HOLD" | "REQUEUE_FED" | "RESV_DEL_HOLD"
+        | "CONFIGURING" => JobState::Pending {
+            reason: known(&l.reason).unwrap_or_else(|| l.state.to_lowercase()),
+            start: known(&l.start),
+            partition: known(&l.partition),
+        },
+        "RUNNING" | "COMPLETING" | "SUSPENDED" | "SIGNALING" | "STAGE_OUT" | "RESIZING"
+        | "STOPPED" => JobState::Running {
+            node: known(&l.node).unwrap_or_default(),
+        },
+        other => JobState::Ended(end_of(other, None)),
+    }
+}
+
+fn end_of(state: &str, exit: Option<&str>) -> JobEnd {
+    let what = match state {
+        "COMPLETED" => "completed".to_string(),
+        "CANCELLED" => "was cancelled".into(),
+        "TIMEOUT" => "reached its walltime (Slurm state TIMEOUT)".into(),
+        "OUT_OF_MEMORY" => "ran out of memory (Slurm state OUT_OF_MEMORY)".into(),
+        "NODE_FAIL" => "lost its node (Slurm state NODE_FAIL)".into(),
+        "PREEMPTED" => "was preempted".into(),
+        "FAILED" => "failed".into(),
+        other => format!("ended in Slurm state {other}"),
+    };
+    let exit = exit
+        .filter(|e| !e.is_empty() && *e != "0:0")
+        .map(|e| format!(" (exit code {e})"))
+        .unwrap_or_default();
+    JobEnd {
+        description: format!("{what}{exit}"),
+        success: state == "COMPLETED",
+    }
+}
+
+struct Tracked {
+    tx: watch::Sender<JobState>,
+    since: Instant,
+}
+
+struct Inner {
+    cmds: Commands,
+    interval: Duration,
+    jobs: Mutex<HashMap<String, Tracked>>,
+    running: std::sync::atomic::AtomicBool,
+}
+
+/// Follows every Slurm job of this process with one squeue call per interval.
+#[derive(Clone)]
+pub struct Watcher(Arc<Inner>);
+
+impl std::fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watcher")
+            .field("interval", &self.0.interval)
+            .finish()
+    }
+}
+
+fn default_interval() -> Duration {
+    std::env::var("NOYAU_SLURM_POLL")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|v| *v > 0.0)
+        .map(Duration::from_secs_f64)
+        .unwrap_or(Duration::from_secs(2))
+}
+
+impl Watcher {
+    pub fn new(cmds: Commands, interval: Duration) -> Self {
+        Watcher(Arc::new(Inner {
+            cmds,
+            interval,
+            jobs: Mutex::new(HashMap::new()),
+            running: false.into(),
+        }))
+    }
+
+    /// The process's watcher (its loop runs on the first runtime that tracks a job).
+    pub fn global() -> Self {
+        static W: OnceLock<Watcher> = OnceLock::new();
+        W.get_or_init(|| Watcher::new(Commands::default(), default_interval()))
+            .clone()
+    }
+
+    pub fn commands(&self) -> &Commands {
+        &self.0.cmds
+    }
+
+    /// Starts following a job; its state starts as pending.
+    pub fn track(&self, id: &str, partition: Option<String>) -> watch::Receiver<JobState> {
+        let (tx, rx) = watch::channel(JobState::Pending {
+            reason: "submitted".into(),
+            start: None,
+            partition,
+        });
+        self.0.jobs.lock().unwrap().insert(
+            id.into(),
+            Tracked {
+                tx,
+                since: Instant::now(),
+            },
+        );
+        if !self
+            .0
+            .running
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            let me = self.clone();
+            tokio::spawn(async move { me.poll_loop().await });
+        }
+        rx
+    }
+
+    async fn poll_loop(self) {
+        loop {
+            let jitter = rand::rng().random_range(0.8..1.2);
+            tokio::time::sleep(self.0.interval.mul_f64(jitter)).await;
+            if Arc::strong_count(&self.0) == 1 {
+                // nobody can track a job any more
+                return;
+            }
+            if self.0.jobs.lock().unwrap().is_empty() {
+                continue;
+            }
+            self.poll_once().await;
+        }
+    }
+
+    /// One squeue call for every tracked job; updates their states.
+    pub async fn poll_once(&self) {
+        let asked = Instant::now();
+        let out = run(
+            &self.0.cmds.squeue,
+            &["--me", "--states=all", "-h", "-o", SQUEUE_FORMAT],
+            self.0.cmds.timeout,
+            None,
+            no_env(),
+        )
+        .await;
+        let lines = match out {
+            Ok(o) => parse_squeue(&o),
+            Err(why) => {
+                tracing::warn!("{why}");
+                let jobs = self.0.jobs.lock().unwrap();
+                for t in jobs.values() {
+                    t.tx.send_replace(JobState::Unknown { why: why.clone() });
+                }
+                return;
+            }
+        };
+        let by_id: HashMap<&str, &QueueLine> = lines.iter().map(|l| (l.id.as_str(), l)).collect();
+        let mut gone = Vec::new();
+        {
+            let mut jobs = self.0.jobs.lock().unwrap();
+            jobs.retain(|id, t| match by_id.get(id.as_str()) {
+                Some(l) => {
+                    let st = state_of(l);
+                    let ended = matches!(st, JobState::Ended(_));
+                    t.tx.send_if_modified(|cur| {
+                        if *cur != st {
+                            *cur = st;
+                            true
+                        } else {
+                            false
+                        }
+                    });
+                    !ended
+                }
+                // Tracked after this listing was asked for: not a verdict.
+                None if t.since > asked => true,
+                None => {
+                    gone.push(id.clone());
+                    true
+                }
+            });
+        }
+        if !gone.is_empty() {
+            let ends = self.resolve_gone(&gone).await;
+            let mut jobs = self.0.jobs.lock().unwrap();
+            for id in gone {
+                if let Some(t) = jobs.remove(&id) {
+                    let end = ends.get(&id).cloned().unwrap_or_else(|| JobEnd {
+                        description: "left the Slurm queue (this cluster keeps no accounting to say how it ended)".into(),
+                        success: false,
+                    });
+                    t.tx.send_replace(JobState::Ended(end));
+                }
+            }
+        }
+    }
+
+    /// Asks sacct how jobs that left the queue ended (nothing when it cannot say).
+    async fn resolve_gone(&self, ids: &[String]) -> HashMap<String, JobEnd> {
+        let list = ids.join(",");
+        let out = run(
+            &self.0.cmds.sacct,
+            &["-n", "-P", "-X", "-j", &list, "-o", "JobID,State,ExitCode"],
+            self.0.cmds.timeout,
+            None,
+            no_env(),
+        )
+        .await;
+        let mut ends = HashMap::new();
+        match out {
+            Ok(o) => {
+                for l in o.lines() {
+                    let f: Vec<&str> = l.split('|').collect();
+                    if f.len() >= 3 {
+                        // "CANCELLED by 0" → CANCELLED
+                        let state = f[1].split_whitespace().next().unwrap_or("");
+                        ends.insert(f[0].to_string(), end_of(state, Some(f[2])));
+                    }
+                }
+            }
+            Err(why) => tracing::debug!("sacct cannot say how jobs ended: {why}"),
+        }
+        ends
+    }
+
+    fn forget(&self, id: &str) {
+        self.0.jobs.lock().unwrap().remove(id);
+    }
+}
+
+/// Submits agents as Slurm batch jobs.
+#[derive(Debug, Clone)]
+pub struct SlurmBackend {
+    pub watcher: Watcher,
+}
+
+#[derive(Debug)]
+pub(crate) struct SlurmHandle {
+    id: String,
+}
+
+impl SlurmBackend {
+    pub fn global() -> Self {
+        SlurmBackend {
+            watcher: Watcher::global(),
+        }
+    }
+
+    pub fn with_watcher(watcher: Watcher) -> Self {
+        SlurmBackend { watcher }
+    }
+
+    fn cmds(&self) -> &Commands {
+        self.watcher.commands()
+    }
+
+    /// The partitions Slurm knows (`sinfo`).
+    pub async fn partitions(&self) -> Result<Vec<String>, String> {
+        let out = run(
+            &self.cmds().sinfo,
+            &["-h", "-o", "%R"],
+            self.cmds().timeout,
+            None,
+            no_env(),
+        )
+        .await?;
+        Ok(out
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect())
+    }
+
+    /// Checks what only Slurm knows: that the profile's partition exists.
+    pub async fn validate(&self, profile: &Profile) -> Result<(), SchedError> {
+        let Some(part) = &profile.partition else {
+            return Ok(());
+        };
+        match self.partitions().await {
+            Ok(known) if !known.contains(part) => Err(SchedError::Invalid(format!(
+                "Slurm has no partition {part:?}{}; partitions: {}",
+                noyau_config::suggest(part, known.iter().map(String::as_str)),
+                known.join(", ")
+            ))),
+            Ok(_) => Ok(()),
+            Err(why) => {
+                tracing::warn!("cannot check the partition: {why}");
+                Ok(())
+            }
+        }
+    }
+
+    pub(crate) async fn submit(&self, spec: JobSpec) -> Result<Job, SchedError> {
+        self.validate(&spec.profile).await?;
+        let dir = log_dir();
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            })
+            .map_err(|e| {
+                SchedError::Submit(format!(
+                    "cannot make the log directory {}: {e}",
+                    dir.display()
+                ))
+            })?;
+        let script = job_script(&spec, &dir);
+        // The secrets go in sbatch's own environment, which Slurm exports to the job.
+        let out = run(
+            &self.cmds().sbatch,
+            &["--parsable"],
+            self.cmds().timeout,
+            Some(&script),
+            &spec.env,
+        )
+        .await
+        .map_err(SchedError::Submit)?;
+        let id = out
+            .trim()
+            .split(';')
+            .next()
+            .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit() || b == b'_'))
+            .ok_or_else(|| SchedError::Submit(format!("sbatch printed no job id: {out:?}")))?
+            .to_string();
+        let state = self.watcher.track(&id, spec.profile.partition.clone());
+        tracing::info!(job = %id, log = %dir.join(format!("{}-{id}.log", spec.name)).display(), "submitted to Slurm");
+        Ok(Job {
+            id: id.clone(),
+            backend: "slurm",
+            state,
+            handle: JobHandle::Slurm(SlurmHandle { id }),
+        })
+    }
+
+    pub(crate) async fn cancel(&self, h: &SlurmHandle) {
+        if let Err(e) = self.scancel(&h.id).await {
+            tracing::warn!("{e}");
+        }
+    }
+
+    pub async fn scancel(&self, id: &str) -> Result<(), String> {
+        run(
+            &self.cmds().scancel,
+            &[id],
+            self.cmds().timeout,
+            None,
+            no_env(),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Stops following a job without cancelling it.
+    pub fn forget(&self, id: &str) {
+        self.watcher.forget(id);
+    }
+
+    /// This user's noyau jobs (names starting `noyau-`), as squeue lists them.
+    pub async fn list_mine(&self) -> Result<Vec<QueueLine>, String> {
+        let out = run(
+            &self.cmds().squeue,
+            &["--me", "-h", "-o", SQUEUE_FORMAT],
+            self.cmds().timeout,
+            None,
+            no_env(),
+        )
+        .await?;
+        Ok(parse_squeue(&out)
+            .into_iter()
+            .filter(|l| l.name.starts_with("noyau-"))
+            .collect())
+    }
+}
+
+/// The distinct ids in a listing (for tests and `noyau ps`).
+pub fn ids(lines: &[QueueLine]) -> HashSet<String> {
+    lines.iter().map(|l| l.id.clone()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn spec() -> JobSpec {
+        let mut env = BTreeMap::new();
+        env.insert("NOYAU_LINK_TOKEN".into(), "s3cret-token".into());
+        let mut profile = Profile {
+            partition: Some("debug".into()),
+            time: Some("1:00:00".into()),
+            cpus_per_task: Some(2),
+            mem: Some("4G".into()),
+            sbatch: vec!["--exclusive".into()],
+            prologue: Some("module load python".into()),
+            ..Default::default()
+        };
+        profile.env.insert("OMP_NUM_THREADS".into(), "2 x".into());
+        JobSpec {
+            name: "noyau-kernel-python3".into(),
+            program: "/opt/noyau bin/noyau".into(),
+            args: vec!["agent".into()],
+            env,
+            cwd: Some("/home/u/nb".into()),
+            profile,
+        }
+    }
+
+    #[test]
+    fn script_has_the_profile_and_no_secret() {
+        let s = job_script(&spec(), Path::new("/home/u/.local/state/noyau/jobs"));
+        for want in [
+            "#!/bin/sh\n",
+            "#SBATCH --job-name=noyau-kernel-python3\n",
+            "#SBATCH --output=/home/u/.local/state/noyau/jobs/%x-%j.log\n",
+            "#SBATCH --signal=B:USR1@360\n",
+            "#SBATCH --chdir=/home/u/nb\n",
+            "#SBATCH --partition=debug\n",
+            "#SBATCH --time=1:00:00\n",
+            "#SBATCH --mem=4G\n",
+            "#SBATCH --cpus-per-task=2\n",
+            "#SBATCH --exclusive\n",
+            "export OMP_NUM_THREADS='2 x'\n",
+            "module load python\n",
+            "exec '/opt/noyau bin/noyau' agent\n",
+        ] {
+            assert!(s.contains(want), "missing {want:?} in\n{s}");
+        }
+        assert!(!s.contains("s3cret"), "{s}");
+        // every #SBATCH line comes before the first command
+        let first_cmd = s.find("\nexport").unwrap();
+        assert!(s.rfind("#SBATCH").unwrap() < first_cmd);
+    }
+
+    #[test]
+    fn squeue_lines_and_states() {
+        let out = "12|PENDING|Priority|||debug|1:00:00|noyau-kernel-python3\n\
+                   13|PENDING|Resources||2026-01-01T10:00:00|batch|1:00:00|noyau-kernel-x|y\n\
+                   14|RUNNING|None|node7|2026-01-01T09:00:00|debug|59:00|noyau-run-a\n\
+                   15|CANCELLED|None|node7|N/A|debug|0:00|noyau-run-b\n\
+                   garbage\n";
+        let l = parse_squeue(out);
+        assert_eq!(l.len(), 4);
+        assert_eq!(l[1].name, "noyau-kernel-x|y");
+        assert_eq!(
+            state_of(&l[0]),
+            JobState::Pending {
+                reason: "Priority".into(),
+                start: None,
+                partition: Some("debug".into())
+            }
+        );
+        assert!(
+            matches!(state_of(&l[1]), JobState::Pending { start: Some(s), .. } if s.starts_with("2026"))
+        );
+        assert_eq!(
+            state_of(&l[2]),
+            JobState::Running {
+                node: "node7".into()
+            }
+        );
+        assert!(
+            matches!(state_of(&l[3]), JobState::Ended(JobEnd { success: false, ref description }) if description == "was cancelled")
+        );
+        assert_eq!(
+            end_of("FAILED", Some("1:0")).description,
+            "failed (exit code 1:0)"
+        );
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(sh_quote("abc/d-1"), "abc/d-1");
+        assert_eq!(sh_quote("it's"), r"'it'\''s'");
+        assert_eq!(sh_quote(""), "''");
+        assert_eq!(sh_quote("$HOME"), "'$HOME'");
+    }
+}

@@ -1,0 +1,203 @@
+//! The Slurm backend against the real test cluster that `scripts/test`
+//! starts (`scripts/slurm-up`, which exports SLURM_CONF). Without a cluster
+//! these tests pass with a note, except under CI, where they fail.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use noyau_config::Profile;
+use noyau_sched::slurm::{Commands, SlurmBackend, Watcher};
+use noyau_sched::{Backend, JobSpec, JobState};
+
+fn cluster() -> bool {
+    let up = std::env::var_os("SLURM_CONF").is_some()
+        && std::process::Command::new("sinfo")
+            .arg("-h")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if !up {
+        if std::env::var_os("CI").is_some() {
+            panic!("no Slurm test cluster under CI: scripts/test starts one (scripts/slurm-up)");
+        }
+        eprintln!(
+            "SKIPPED: no Slurm test cluster (run scripts/slurm-up as root and export SLURM_CONF)"
+        );
+    }
+    up
+}
+
+fn sleeper(name: &str, env: BTreeMap<String, String>) -> JobSpec {
+    JobSpec {
+        name: name.into(),
+        program: "sleep".into(),
+        args: vec!["300".into()],
+        env,
+        cwd: Some(std::env::temp_dir()),
+        profile: Profile {
+            partition: Some("debug".into()),
+            time: Some("5".into()),
+            mem: Some("100M".into()),
+            ..Default::default()
+        },
+    }
+}
+
+async fn wait_state(job: &noyau_sched::Job, what: &str, f: impl Fn(&JobState) -> bool) -> JobState {
+    let mut st = job.state.clone();
+    let got = tokio::time::timeout(Duration::from_secs(30), st.wait_for(|s| f(s)))
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "job {} not {what} after 30 s: {:?}",
+                job.id,
+                *job.state.borrow()
+            )
+        })
+        .unwrap()
+        .clone();
+    got
+}
+
+#[tokio::test]
+async fn the_token_never_shows_and_cancel_ends_the_job() {
+    if !cluster() {
+        return;
+    }
+    let b = Backend::Slurm(SlurmBackend::with_watcher(Watcher::new(
+        Commands::default(),
+        Duration::from_millis(300),
+    )));
+    let token = format!("tok{}", std::process::id()) + "Zq81xw";
+    let mut env = BTreeMap::new();
+    env.insert("NOYAU_LINK_TOKEN".to_string(), token.clone());
+    let job = b.submit(sleeper("noyau-test-secret", env)).await.unwrap();
+    let st = wait_state(&job, "running", |s| matches!(s, JobState::Running { .. })).await;
+    assert!(
+        matches!(st, JobState::Running { ref node } if !node.is_empty()),
+        "{st:?}"
+    );
+
+    let show = std::process::Command::new("scontrol")
+        .args(["show", "job", &job.id])
+        .output()
+        .unwrap();
+    let show = String::from_utf8_lossy(&show.stdout);
+    assert!(show.contains("JobName=noyau-test-secret"), "{show}");
+    assert!(!show.contains(&token), "scontrol shows the token:\n{show}");
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            assert!(
+                !String::from_utf8_lossy(&cmd).contains(&token),
+                "the token is on the command line of process {:?}",
+                e.file_name()
+            );
+        }
+    }
+    // the job did get it, through its environment
+    let sleeper_env = std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+        std::fs::read(e.path().join("environ")).is_ok_and(|env| {
+            String::from_utf8_lossy(&env).contains(&format!("NOYAU_LINK_TOKEN={token}"))
+        })
+    });
+    assert!(
+        sleeper_env,
+        "no process of the job has the token in its environment"
+    );
+
+    b.cancel(&job).await;
+    let st = wait_state(&job, "ended", |s| matches!(s, JobState::Ended(_))).await;
+    assert!(
+        matches!(st, JobState::Ended(ref e) if e.description.contains("cancelled")),
+        "{st:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_partition_is_refused_before_submitting() {
+    if !cluster() {
+        return;
+    }
+    let b = Backend::from_name("slurm").unwrap();
+    let mut spec = sleeper("noyau-test-badpart", BTreeMap::new());
+    spec.profile.partition = Some("debgu".into());
+    let e = b.submit(spec).await.unwrap_err().to_string();
+    assert!(
+        e.contains("no partition \"debgu\", did you mean `debug`?"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn one_squeue_call_per_interval_for_ten_jobs() {
+    if !cluster() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("calls.log");
+    let real = String::from_utf8(
+        std::process::Command::new("sh")
+            .args(["-c", "command -v squeue"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let wrapper = dir.path().join("squeue");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> '{}'\nexec {} \"$@\"\n",
+            log.display(),
+            real.trim()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let interval = Duration::from_millis(500);
+    let watcher = Watcher::new(
+        Commands {
+            squeue: wrapper,
+            ..Default::default()
+        },
+        interval,
+    );
+    let b = Backend::Slurm(SlurmBackend::with_watcher(watcher));
+    let mut jobs = Vec::new();
+    for i in 0..10 {
+        jobs.push(
+            b.submit(sleeper(&format!("noyau-test-many-{i}"), BTreeMap::new()))
+                .await
+                .unwrap(),
+        );
+    }
+    let _ = std::fs::remove_file(&log);
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let elapsed = t0.elapsed();
+    let calls = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    for j in &jobs {
+        let st = j.state.borrow().clone();
+        assert!(
+            matches!(st, JobState::Pending { .. } | JobState::Running { .. }),
+            "job {}: {st:?}",
+            j.id
+        );
+    }
+    for j in &jobs {
+        b.cancel(j).await;
+    }
+    let max = (elapsed.as_secs_f64() / (interval.as_secs_f64() * 0.8)).ceil() as usize + 1;
+    assert!(
+        (3..=max).contains(&calls),
+        "{calls} squeue calls in {elapsed:?} for 10 jobs (interval {interval:?}, at most {max} expected)"
+    );
+    let running = jobs
+        .iter()
+        .filter(|j| matches!(*j.state.borrow(), JobState::Running { .. }))
+        .count();
+    eprintln!("{calls} squeue calls in {elapsed:?}; {running} of 10 jobs were running");
+}
