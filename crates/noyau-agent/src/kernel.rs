@@ -36,6 +36,7 @@ pub struct Kernel {
     control: DealerSendHalf,
     stdin: DealerSendHalf,
     readers: Vec<JoinHandle<()>>,
+    activity: Arc<Activity>,
     interrupt_by_message: bool,
     pub kernel_info: Value,
 }
@@ -105,6 +106,7 @@ impl Kernel {
             d = process.wait() => bail!("the kernel {d} while starting (command: {})", argv.join(" ")),
         };
 
+        let activity = Arc::new(Activity::new());
         let readers = vec![
             tokio::spawn(read_dealer(
                 shell_rx,
@@ -112,6 +114,7 @@ impl Kernel {
                 l.signer.clone(),
                 l.outbox.clone(),
                 probes.clone(),
+                activity.clone(),
             )),
             tokio::spawn(read_dealer(
                 control_rx,
@@ -119,6 +122,7 @@ impl Kernel {
                 l.signer.clone(),
                 l.outbox.clone(),
                 Probes::default(),
+                activity.clone(),
             )),
             tokio::spawn(read_dealer(
                 stdin_rx,
@@ -126,12 +130,14 @@ impl Kernel {
                 l.signer.clone(),
                 l.outbox.clone(),
                 Probes::default(),
+                activity.clone(),
             )),
             tokio::spawn(read_iopub(
                 iopub,
                 l.signer.clone(),
                 l.outbox.clone(),
                 probes,
+                activity.clone(),
             )),
         ];
         Ok(Kernel {
@@ -142,6 +148,7 @@ impl Kernel {
             control: control_tx,
             stdin: stdin_tx,
             readers,
+            activity,
             interrupt_by_message: l.spec.spec.interrupt_by_message(),
             kernel_info,
         })
@@ -191,8 +198,13 @@ impl Kernel {
         outbox.jupyter(Lane::Control, reply.into_frames());
     }
 
+    /// Waits for the kernel to end, then for its last messages: each
+    /// channel has its own reader, and a reply still in a socket buffer when
+    /// the process exits must reach the frontend before the news of the death.
     pub async fn wait(&mut self) -> ExitDescription {
-        self.process.wait().await
+        let d = self.process.wait().await;
+        self.activity.settle().await;
+        d
     }
 
     pub async fn kill(&mut self) -> ExitDescription {
@@ -309,8 +321,10 @@ async fn read_dealer(
     signer: Signer,
     outbox: Arc<Outbox>,
     probes: Probes,
+    activity: Arc<Activity>,
 ) {
     while let Ok(frames) = rx.recv().await {
+        activity.touch();
         let Some(msg) = verified(frames, &signer, lane) else {
             continue;
         };
@@ -330,8 +344,10 @@ async fn read_iopub(
     signer: Signer,
     outbox: Arc<Outbox>,
     probes: Probes,
+    activity: Arc<Activity>,
 ) {
     while let Ok(frames) = rx.recv().await {
+        activity.touch();
         let Some(msg) = verified(frames, &signer, Lane::Iopub) else {
             continue;
         };
@@ -349,5 +365,43 @@ impl Kernel {
     /// SIGKILL to the kernel's process group, without waiting.
     pub fn kill_group(&self) -> std::io::Result<()> {
         self.process.signal(Signal::SIGKILL)
+    }
+}
+
+/// When a reader last got a message from the kernel.
+struct Activity {
+    base: std::time::Instant,
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Activity {
+    /// Quiet time after which the sockets are taken as drained.
+    const QUIET: Duration = Duration::from_millis(30);
+    /// Never wait longer than this for a dead kernel's last words.
+    const MAX: Duration = Duration::from_millis(500);
+
+    fn new() -> Self {
+        Activity {
+            base: std::time::Instant::now(),
+            last_ms: Default::default(),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.base.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    async fn settle(&self) {
+        let give_up = std::time::Instant::now() + Self::MAX;
+        loop {
+            let last =
+                Duration::from_millis(self.last_ms.load(std::sync::atomic::Ordering::Relaxed));
+            let quiet_for = self.base.elapsed().saturating_sub(last);
+            if quiet_for >= Self::QUIET || std::time::Instant::now() >= give_up {
+                return;
+            }
+            tokio::time::sleep(Self::QUIET - quiet_for).await;
+        }
     }
 }

@@ -95,6 +95,9 @@ impl KernelProcess {
         cmd.args(args)
             .envs(env)
             .stdin(Stdio::null())
+            // A kernel's own stdout carries only its start-up banner (ipykernel
+            // captures everything else into IOPub); stderr keeps tracebacks.
+            .stdout(Stdio::null())
             .process_group(0)
             .kill_on_drop(true);
         if let Some(dir) = cwd {

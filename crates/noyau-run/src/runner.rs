@@ -500,6 +500,13 @@ impl Runner<'_> {
                 }
             };
             let m = match m {
+                // The kernel died after this cell ended (IOPub idle) but
+                // before its reply came: the cell itself is done; the death
+                // belongs to the next one.
+                Err(_) if idle => {
+                    let _ = self.builder.finish_cell(&mut self.nb, i);
+                    return self.end_from_outputs(i);
+                }
                 Err(e) => return died(e),
                 Ok(m) => m,
             };
@@ -544,6 +551,26 @@ impl Runner<'_> {
             };
         }
         CellEnd::Ok
+    }
+
+    /// A finished cell's end, read from its outputs (an `error` output
+    /// means it failed), for when its reply never came.
+    fn end_from_outputs(&self, i: usize) -> CellEnd {
+        let error = self.nb.cells[i]
+            .outputs
+            .iter()
+            .flatten()
+            .find(|o| o.get("output_type").and_then(Value::as_str) == Some("error"));
+        match error {
+            Some(o) => {
+                let s = |k: &str| o.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+                CellEnd::Error {
+                    ename: s("ename"),
+                    evalue: s("evalue"),
+                }
+            }
+            None => CellEnd::Ok,
+        }
     }
 
     async fn drain_after_timeout(
