@@ -18,6 +18,15 @@ from test_kernel_suite import _PythonKernelTests, _WelcomeTests
 from test_nbclient import CELLS, execute, normalise
 
 
+def _wait_until_running(kc) -> None:  # type: ignore[no-untyped-def]
+    """Runs one cell to the end: once it has, the job runs and the agent is
+    attached. The suite checks a running kernel's protocol; while the job is
+    queued the proxy puts a queue note before a cell's own messages, which
+    test_slurm_kernel.py checks."""
+    reply = kc.execute_interactive("1", timeout=300, output_hook=lambda m: None)
+    assert reply["content"]["status"] == "ok", reply["content"]
+
+
 class TestSlurmKernel(_PythonKernelTests):
     kernel_name = lib.SLURM_KERNEL_NAME
 
@@ -25,6 +34,7 @@ class TestSlurmKernel(_PythonKernelTests):
     def setUpClass(cls) -> None:
         require_slurm()
         super().setUpClass()
+        _wait_until_running(cls.kc)
 
 
 class TestSlurmWelcome(_WelcomeTests):
