@@ -163,18 +163,7 @@ def test_output_lost_to_a_full_buffer_is_reported(noyau_kernelspec: str, prefix:
 
 
 def test_link_cut_mid_cell(noyau_kernelspec: str, prefix: Path) -> None:
-    bind, advertise = free_port(), free_port()
-    spec = lib.read_kernelspec(prefix, noyau_kernelspec)
-    spec["argv"] = spec["argv"] + ["--link-bind", f"127.0.0.1:{bind}",
-                                   "--link-advertise", f"127.0.0.1:{advertise}"]
-    spec["display_name"] += " (link via forwarder)"
-    name = f"noyau-linkcut-{advertise}"
-    d = prefix / "share" / "jupyter" / "kernels" / name
-    d.mkdir(parents=True)
-    (d / "kernel.json").write_text(json.dumps(spec, indent=1))
-
-    fwd = Forwarder(advertise, bind)
-    fwd.start()
+    name, fwd = _forwarded_spec(noyau_kernelspec, prefix)
     k = None
     try:
         k = lib.Kernel(name)

@@ -107,39 +107,30 @@ impl Kernel {
         };
 
         let activity = Arc::new(Activity::new());
-        let readers = vec![
+        let mut readers: Vec<JoinHandle<()>> = [
+            (shell_rx, Lane::Shell, probes.clone()),
+            (control_rx, Lane::Control, Probes::default()),
+            (stdin_rx, Lane::Stdin, Probes::default()),
+        ]
+        .into_iter()
+        .map(|(rx, lane, probes)| {
             tokio::spawn(read_dealer(
-                shell_rx,
-                Lane::Shell,
-                l.signer.clone(),
-                l.outbox.clone(),
-                probes.clone(),
-                activity.clone(),
-            )),
-            tokio::spawn(read_dealer(
-                control_rx,
-                Lane::Control,
-                l.signer.clone(),
-                l.outbox.clone(),
-                Probes::default(),
-                activity.clone(),
-            )),
-            tokio::spawn(read_dealer(
-                stdin_rx,
-                Lane::Stdin,
-                l.signer.clone(),
-                l.outbox.clone(),
-                Probes::default(),
-                activity.clone(),
-            )),
-            tokio::spawn(read_iopub(
-                iopub,
+                rx,
+                lane,
                 l.signer.clone(),
                 l.outbox.clone(),
                 probes,
                 activity.clone(),
-            )),
-        ];
+            ))
+        })
+        .collect();
+        readers.push(tokio::spawn(read_iopub(
+            iopub,
+            l.signer.clone(),
+            l.outbox.clone(),
+            probes,
+            activity.clone(),
+        )));
         Ok(Kernel {
             process,
             signer: l.signer.clone(),
