@@ -25,6 +25,9 @@ pub struct AgentConfig {
     pub give_up_after: Duration,
     /// What the link may hold while the proxy is unreachable.
     pub buffer_limit: usize,
+    /// The environment to realise before the kernel starts, from
+    /// `NOYAU_ENV_SPEC` (JSON) or the 0600 file `NOYAU_ENV_SPEC_FILE`.
+    pub env_spec: Option<noyau_env::EnvSpec>,
 }
 
 #[derive(Deserialize)]
@@ -89,7 +92,29 @@ impl AgentConfig {
         let inner = inner
             .or_else(|| take_env("NOYAU_INNER"))
             .unwrap_or_else(|| "python3".into());
+        let env_spec = match (
+            take_env(noyau_env::SPEC_ENV),
+            take_env(noyau_env::SPEC_FILE_ENV),
+        ) {
+            (Some(json), _) => Some(json),
+            (None, Some(f)) => {
+                let text = std::fs::read_to_string(&f)
+                    .with_context(|| format!("cannot read the environment spec file {f}"))?;
+                let _ = std::fs::remove_file(&f);
+                Some(text)
+            }
+            (None, None) => None,
+        }
+        .map(|json| {
+            serde_json::from_str(&json)
+                .map_err(|e| anyhow::anyhow!("{e}"))
+                .and_then(|v| noyau_env::EnvSpec::from_value(v).map_err(Into::into))
+                .and_then(|s| s.normalise().map_err(Into::into))
+                .context("the kernel's environment spec")
+        })
+        .transpose()?;
         Ok(AgentConfig {
+            env_spec,
             link_addr,
             pin,
             token,

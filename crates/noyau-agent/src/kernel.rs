@@ -58,6 +58,8 @@ pub struct Launch<'a> {
     pub key: &'a str,
     pub session: &'a str,
     pub outbox: Arc<Outbox>,
+    /// The environment the kernel runs in (noyau-env wraps its command).
+    pub env: Option<&'a noyau_env::Realised>,
 }
 
 impl Kernel {
@@ -73,7 +75,11 @@ impl Kernel {
         let cf = l.dir.join(format!("kernel-{}.json", l.generation));
         info.write(&cf)?;
         let argv = expand_argv(&l.spec.spec.argv, &cf, &l.spec.dir);
-        let env: BTreeMap<String, String> = l.spec.spec.env.clone();
+        let mut env: BTreeMap<String, String> = l.spec.spec.env.clone();
+        let mut argv = argv;
+        if let Some(r) = l.env {
+            (argv, env) = r.command(&argv, &env, l.dir)?;
+        }
         let mut process = KernelProcess::launch(&argv, &env, None)?;
         tracing::info!(pid = process.pid(), argv = ?argv, "kernel started");
 

@@ -47,6 +47,8 @@ struct Agent {
     session: String,
     outbox: Arc<Outbox>,
     kernel: Option<Kernel>,
+    /// The kernel's environment, realised once (restarts reuse it).
+    env: Option<noyau_env::Realised>,
     generation: u32,
     /// Set when a shutdown_request went to the kernel: Some(restart).
     shutdown: Option<(bool, Instant)>,
@@ -74,6 +76,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<i32> {
         session,
         outbox,
         kernel: None,
+        env: None,
         generation: 0,
         shutdown: None,
     };
@@ -161,6 +164,28 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<i32> {
     }
 }
 
+/// Builds (or finds) the kernel's environment off the async threads; its
+/// progress lines go to the proxy as they come.
+async fn realise_env(
+    spec: noyau_env::EnvSpec,
+    outbox: &Arc<Outbox>,
+) -> anyhow::Result<noyau_env::Realised> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let work = tokio::task::spawn_blocking(move || {
+        let cache = noyau_env::Cache::at_default();
+        noyau_env::realise(&spec, &cache, &mut |l: &str| {
+            let _ = tx.send(l.to_string());
+        })
+    });
+    while let Some(line) = rx.recv().await {
+        tracing::info!("environment: {line}");
+        outbox.event(Lane::Iopub, &Event::EnvProgress { line });
+    }
+    work.await
+        .context("the environment build panicked")?
+        .map_err(|e| anyhow::anyhow!("the kernel's environment: {e}"))
+}
+
 fn hostname() -> String {
     nix::unistd::gethostname()
         .map(|h| h.to_string_lossy().into_owned())
@@ -198,6 +223,16 @@ impl Agent {
             self.outbox.event(Lane::Iopub, &k.ready_event());
             return Ok(());
         }
+        if let (Some(env_spec), None) = (&self.cfg.env_spec, &self.env) {
+            let r = realise_env(env_spec.clone(), &self.outbox).await?;
+            self.outbox.event(
+                Lane::Iopub,
+                &Event::EnvReady {
+                    record: r.record.clone(),
+                },
+            );
+            self.env = Some(r);
+        }
         let spec = self.spec.as_ref().expect("spec checked before");
         self.generation += 1;
         let k = Kernel::start(Launch {
@@ -208,6 +243,7 @@ impl Agent {
             key: &self.key,
             session: &self.session,
             outbox: self.outbox.clone(),
+            env: self.env.as_ref(),
         })
         .await
         .with_context(|| format!("starting the {} kernel", spec.name))?;

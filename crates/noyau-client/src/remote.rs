@@ -117,6 +117,8 @@ pub struct RemoteKernel {
     /// Where the agent runs (from its hello).
     pub host: Option<String>,
     pub backend: String,
+    /// The environment the agent made for the kernel (noyau-env's record).
+    pub environment: Option<Value>,
     dead: Option<KernelError>,
     agent_gone: Option<String>,
 }
@@ -145,6 +147,7 @@ impl RemoteKernel {
                 desc = watch.ended() => return Err(KernelError::Died(format!("(its agent) {desc} before connecting"))),
             };
             let mut host = None;
+            let mut environment = None;
             loop {
                 let incoming = tokio::select! {
                     m = link.recv() => m,
@@ -161,7 +164,14 @@ impl RemoteKernel {
                     Some(Incoming::Message(_, frames)) => match envelope::open(frames) {
                         Ok(Payload::Event(Event::AgentHello { host: h, .. })) => host = Some(h),
                         Ok(Payload::Event(Event::KernelReady { kernel_info, .. })) => {
-                            return Ok((link, host, kernel_info))
+                            return Ok((link, host, kernel_info, environment))
+                        }
+                        Ok(Payload::Event(Event::EnvProgress { line })) => {
+                            tracing::info!("environment: {line}");
+                            eprintln!("noyau: environment: {line}");
+                        }
+                        Ok(Payload::Event(Event::EnvReady { record })) => {
+                            environment = Some(record)
                         }
                         Ok(Payload::Event(Event::AgentError { message })) => {
                             return Err(KernelError::AgentError(message))
@@ -178,7 +188,7 @@ impl RemoteKernel {
             r = tokio::time::timeout(timeout, waiting) => r,
             () = cancel => Ok(Err(KernelError::Cancelled)),
         };
-        let (link, host, kernel_info) = match result {
+        let (link, host, kernel_info, environment) = match result {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
                 watch.cancel().await;
@@ -198,6 +208,7 @@ impl RemoteKernel {
             kernel_info,
             host,
             backend,
+            environment,
             dead: None,
             agent_gone: None,
         })

@@ -130,6 +130,9 @@ pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) ->
 struct File {
     #[serde(default)]
     profiles: BTreeMap<String, RawProfile>,
+    /// The kernel's environment: read and checked by noyau-env, not here.
+    #[serde(default, rename = "environment")]
+    _environment: Option<toml::Value>,
 }
 
 /// A profile as one file writes it: every key optional, so layers merge.

@@ -26,6 +26,12 @@ pub enum Event {
     },
     /// Agent → proxy: the kernel ended; `expected` after a shutdown request.
     KernelDied { description: String, expected: bool },
+    /// Agent → proxy: a line of progress while the kernel's environment is
+    /// built (before `KernelReady`).
+    EnvProgress { line: String },
+    /// Agent → proxy: the environment the kernel runs in (noyau-env's
+    /// record: spec, lock, lock hash), sent before `KernelReady`.
+    EnvReady { record: serde_json::Value },
     /// Agent → proxy: something went wrong before a kernel could run.
     AgentError { message: String },
     /// Proxy → agent: this proxy is going away; keep the kernel's allocation

@@ -64,6 +64,20 @@ fn reattach_grace() -> Duration {
         .unwrap_or(Duration::from_secs(120))
 }
 
+/// The kernel's environment, for the agent: `[environment]` in
+/// `./noyau.toml` (Jupyter starts a kernel in its notebook's directory),
+/// overridden key by key by `NOYAU_ENV` (an inline TOML/JSON table or a
+/// file, as `noyau run --env` takes; a kernelspec can set it).
+fn env_spec_for_agent() -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let cwd = std::env::current_dir().context("the kernel's working directory")?;
+    let cli = std::env::var("NOYAU_ENV").ok().filter(|v| !v.is_empty());
+    let spec = noyau_env::sources::for_notebook(&cwd, None, cli.as_deref(), &cwd)?;
+    Ok(spec
+        .map(|s| (noyau_env::SPEC_ENV.to_string(), s.to_value().to_string()))
+        .into_iter()
+        .collect())
+}
+
 /// A shell request the kernel has not answered yet.
 struct Pending {
     identities: Vec<Bytes>,
@@ -143,7 +157,7 @@ pub async fn run(cfg: ProxyConfig) -> anyhow::Result<i32> {
                         noyau_exe: cfg.noyau_exe.clone(),
                         job_name: format!("noyau-kernel-{}", cfg.inner),
                         cwd: None,
-                        env: Default::default(),
+                        env: env_spec_for_agent()?,
                         profile: cfg.resources.clone(),
                     },
                     link_cfg,
@@ -564,6 +578,30 @@ impl Proxy {
         match ev {
             Event::AgentHello { pid, host, version } => {
                 tracing::info!(pid, %host, %version, "agent attached");
+                None
+            }
+            Event::EnvProgress { line } => {
+                // Shown in the first waiting cell (its stderr), else as
+                // output with no cell (JupyterLab's log console).
+                let parent = self
+                    .order
+                    .iter()
+                    .filter_map(|id| self.pending.get(id))
+                    .find(|p| p.msg_type == "execute_request")
+                    .map(|p| p.header.clone())
+                    .unwrap_or_else(|| Bytes::from_static(b"{}"));
+                let msg = build::iopub(
+                    &self.signer,
+                    "stream",
+                    &self.session,
+                    &parent,
+                    json!({"name": "stderr", "text": format!("noyau: environment: {line}\n")}),
+                );
+                publish(&mut self.fe, msg).await;
+                None
+            }
+            Event::EnvReady { record } => {
+                tracing::info!(lock_sha256 = %record["lock_sha256"], "kernel environment ready");
                 None
             }
             Event::KernelReady { pid, .. } => {

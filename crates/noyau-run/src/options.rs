@@ -91,6 +91,14 @@ pub struct RunArgs {
     /// Hide the source of code cells in the output (papermill's report mode)
     #[arg(long)]
     pub report_mode: bool,
+    /// The kernel's environment: an inline TOML or JSON table
+    /// (`--env '{requirements = ["six==1.16.0"]}'`) or a file (.json, or
+    /// .toml with the keys at top level or under [environment]). Its keys
+    /// override `[environment]` in noyau.toml next to the notebook and the
+    /// notebook's `metadata.noyau.environment`. The environment used (spec,
+    /// lock, lock hash) is recorded in the output's metadata.noyau.environment.
+    #[arg(long, value_name = "TABLE|FILE")]
+    pub env: Option<String>,
     /// Where the kernel runs
     #[arg(long, default_value = "local")]
     pub backend: String,

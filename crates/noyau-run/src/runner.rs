@@ -246,6 +246,27 @@ pub async fn run(args: RunArgs) -> Result<i32, Failure> {
         )));
     }
 
+    // The kernel's environment: noyau.toml, the notebook's metadata, --env.
+    let cwd = std::env::current_dir().unwrap_or_else(|_| ".".into());
+    let nb_dir = if args.input == "-" {
+        cwd.clone()
+    } else {
+        std::path::absolute(Path::new(&args.input))
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .unwrap_or_else(|| cwd.clone())
+    };
+    let env_spec = noyau_env::sources::for_notebook(
+        &nb_dir,
+        Some(&Value::Object(nb.metadata.clone())),
+        args.env.as_deref(),
+        &cwd,
+    )
+    .map_err(|e| bad(format!("{e}")))?;
+    if let Some(spec) = &env_spec {
+        env.insert(noyau_env::SPEC_ENV.to_string(), spec.to_value().to_string());
+    }
+
     let mut signals = Signals::new()?;
     let mut launch = noyau_client::remote::local_launch(&kernel_name, args.cwd.clone());
     launch.backend = args.backend.clone();
@@ -281,6 +302,11 @@ pub async fn run(args: RunArgs) -> Result<i32, Failure> {
             "version": env!("CARGO_PKG_VERSION"),
         }),
     );
+    if let Some(record) = &kernel.environment {
+        // spec, resolved lock and its hash: running this output again
+        // reproduces the environment (sources::from_metadata reads it back).
+        nb.metadata["noyau"]["environment"] = record.clone();
+    }
     if let Some(li) = kernel.language_info() {
         nb.metadata.insert("language_info".into(), li.clone());
     }

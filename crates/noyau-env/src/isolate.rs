@@ -1,0 +1,96 @@
+//! `isolation = "container"` with bubblewrap, like `guix shell --container`:
+//!
+//! * the whole system read-only (`--ro-bind / /`), fresh `/dev`, `/proc`,
+//!   and a private `/tmp`;
+//! * the home directory hidden under an empty tmpfs (the environment and
+//!   the interpreter it needs are shown again read-only when they live
+//!   there, as are the paths in `ro_bind`);
+//! * writable: the notebook's directory, `scratch`, and the agent's runtime
+//!   directory (the kernel's ipc sockets and connection file);
+//! * no network (`--unshare-net`: only a loopback of its own) unless
+//!   `network = true`.
+//!
+//! Interrupts: the agent signals the kernel's process group, which includes
+//! bwrap, and SIGINT would end bwrap (and, with `--die-with-parent`, the
+//! kernel). So bwrap is started with SIGINT ignored (`env
+//! --ignore-signal=INT`) and the kernel with it restored (`env
+//! --default-signal=INT`); no `--new-session`, which would take the kernel
+//! out of the process group.
+
+use std::path::{Path, PathBuf};
+
+use crate::EnvSpec;
+
+pub fn wrap(
+    spec: &EnvSpec,
+    runtime_dir: &Path,
+    ro_binds: &[PathBuf],
+    argv: Vec<String>,
+) -> Vec<String> {
+    let s = |p: &Path| p.display().to_string();
+    let mut v: Vec<String> = [
+        "env",
+        "--ignore-signal=INT",
+        "bwrap",
+        "--ro-bind",
+        "/",
+        "/",
+        "--dev",
+        "/dev",
+        "--proc",
+        "/proc",
+        "--tmpfs",
+        "/tmp",
+        "--die-with-parent",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .filter(|h| h.is_dir() && h != Path::new("/"));
+    if let Some(h) = &home {
+        v.extend(["--tmpfs".into(), s(h)]);
+    }
+    let mut ro: Vec<PathBuf> = ro_binds.iter().filter(|p| p.exists()).cloned().collect();
+    ro.sort_by_key(|p| p.components().count());
+    for p in ro {
+        v.extend(["--ro-bind".into(), s(&p), s(&p)]);
+    }
+    let nb = spec.notebook_dir();
+    let mut rw = vec![nb.clone(), runtime_dir.to_path_buf()];
+    rw.extend(spec.scratch.clone());
+    for p in &rw {
+        if p.exists() {
+            v.extend(["--bind".into(), s(p), s(p)]);
+        }
+    }
+    if !spec.network {
+        v.push("--unshare-net".into());
+    }
+    let cwd = std::env::current_dir().ok();
+    let chdir = match (&cwd, &home) {
+        (Some(c), Some(h)) if c.starts_with(h) && !c.starts_with(&nb) => nb.clone(),
+        (Some(c), _) if !c.starts_with("/tmp") || rw.iter().any(|r| c.starts_with(r)) => c.clone(),
+        _ => nb.clone(),
+    };
+    v.extend(["--chdir".into(), s(&chdir)]);
+    if let Some(s) = &spec.scratch {
+        v.extend(["--setenv".into(), "TMPDIR".into(), s.display().to_string()]);
+    }
+    v.extend(["--".into(), "env".into(), "--default-signal=INT".into()]);
+    v.extend(argv);
+    v
+}
+
+/// The installation prefix of an executable (`/opt/py/bin/python3` →
+/// `/opt/py`), following symlinks: what a sandbox must show for it to run.
+pub fn exe_prefix(exe: &str) -> Option<PathBuf> {
+    let p = if exe.contains('/') {
+        PathBuf::from(exe)
+    } else {
+        crate::cmd::which(exe)?
+    };
+    let real = std::fs::canonicalize(p).ok()?;
+    real.parent()?.parent().map(Path::to_path_buf)
+}

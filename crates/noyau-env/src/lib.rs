@@ -1,0 +1,91 @@
+//! Kernel environments: what a notebook says its code needs, built once where
+//! the kernel runs, recorded so that a later run gets the same thing, and
+//! optionally isolated.
+//!
+//! The pieces, in the order a kernel start meets them:
+//!
+//! * [`spec`]: [`EnvSpec`], the declaration (`kind = "python" | "modules" |
+//!   "prefix" | "guix" | "apptainer"`, plus `isolation`/`network`), its
+//!   validation, and its normal form, whose hash is the cache key.
+//! * [`sources`]: where a spec comes from, later wins key by key:
+//!   `[environment]` in `noyau.toml` next to the notebook, then the
+//!   notebook's `metadata.noyau.environment`, then `--env` (an inline
+//!   TOML/JSON table, or a file). Relative paths are resolved against the
+//!   source's directory before merging, so the merged spec is self-contained
+//!   and can travel to a compute node.
+//! * [`cache`]: a content-addressed directory (default
+//!   `$XDG_CACHE_HOME/noyau/envs`, `NOYAU_ENV_CACHE` to move it to a shared
+//!   filesystem). An entry is built in a temporary directory and renamed into
+//!   place under an exclusive `flock`, so however many agents ask for the
+//!   same spec at once it is built once; an entry without its completion
+//!   record (a killed build) is removed and rebuilt.
+//! * [`python`] (uv: resolve to a lock with hashes, sync it into a venv),
+//!   [`modules`] (`module load` lines in a shell that then execs the kernel),
+//!   [`prefix`] (an existing venv or conda env, recorded by its package
+//!   list), [`guix`] and [`apptainer`] (command lines around the kernel):
+//!   each turns a spec into a [`Realised`] environment and a record.
+//! * [`isolate`]: `isolation = "container"` puts the kernel under bubblewrap.
+//! * [`realise()`](realise::realise) ties them together; the agent calls it
+//!   once before starting the kernel, then [`Realised::command`] wraps each
+//!   kernel launch (the argv and environment given to
+//!   `noyau_client::process::KernelProcess::launch`).
+//!
+//! Everything here is synchronous (it runs subprocesses and takes file
+//! locks); async callers use `spawn_blocking`. Progress lines (uv's own
+//! output included) go to a caller-supplied callback.
+
+pub mod apptainer;
+pub mod cache;
+mod cmd;
+pub mod guix;
+pub mod isolate;
+pub mod modules;
+pub mod prefix;
+pub mod python;
+pub mod realise;
+pub mod sources;
+pub mod spec;
+
+pub use cache::Cache;
+pub use realise::{realise, Realised};
+pub use spec::{EnvSpec, Isolation, Kind};
+
+/// Environment variable carrying a spec (normalised JSON) to the agent.
+pub const SPEC_ENV: &str = "NOYAU_ENV_SPEC";
+/// Environment variable naming a 0600 file holding the spec (read and deleted).
+pub const SPEC_FILE_ENV: &str = "NOYAU_ENV_SPEC_FILE";
+
+/// A failure to read, build or use an environment.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvError {
+    /// The spec itself is wrong: what, and how to fix it.
+    #[error("environment spec: {0}")]
+    Invalid(String),
+    /// A build step failed; `output` is the tool's own message.
+    #[error("{summary}\n{output}")]
+    Build { summary: String, output: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl EnvError {
+    pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        EnvError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+/// Where progress lines go.
+pub type Progress<'a> = &'a mut dyn FnMut(&str);
+
+/// SHA-256 of bytes, in hex.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}

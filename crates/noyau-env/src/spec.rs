@@ -1,0 +1,309 @@
+//! The declaration of an environment, and its normal form.
+//!
+//! One flat table rather than one type per kind: the same keys come from a
+//! TOML file, notebook metadata and the command line, merged key by key, so
+//! a later source can change one key (`lock`, `isolation`) without
+//! restating the rest. `kind` may be left out; it is inferred from the keys
+//! present. Unknown keys are refused, so a typo is an error, not a silently
+//! different environment.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::EnvError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// No environment: the kernelspec as it is (e.g. only to isolate it).
+    System,
+    Python,
+    Modules,
+    Prefix,
+    Guix,
+    Apptainer,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    #[default]
+    None,
+    Container,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<Kind>,
+
+    // python
+    /// A Python version or interpreter for `uv venv --python` (default: python3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub python: Option<String>,
+    /// Requirement lines (`six==1.16.0`); ipykernel is added when missing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requirements: Vec<String>,
+    /// A lock (requirements.txt with exact versions and `--hash` lines, as
+    /// `uv pip compile --generate-hashes` writes it): installed exactly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock: Option<String>,
+    /// A file holding the lock; read into `lock` when the spec is normalised.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_file: Option<PathBuf>,
+
+    // modules (also usable with any other kind)
+    /// Modules to load before the kernel starts (`gcc/12`, `cuda/12.4`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub modules: Vec<String>,
+    /// Directories for `module use` before loading.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub module_use: Vec<PathBuf>,
+    /// The shell init file defining `module` (default: the first found of
+    /// `$MODULESHOME/init/bash`, environment-modules' and Lmod's usual places).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modules_init: Option<PathBuf>,
+
+    // prefix
+    /// An existing venv or conda environment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<PathBuf>,
+
+    // guix
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channels: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<PathBuf>,
+    /// Guix packages, when there is no manifest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packages: Vec<String>,
+
+    // apptainer
+    /// An image file (`.sif`) or a URI (`docker://…`, `oras://…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Pass the GPUs in (`--nv`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub nv: bool,
+
+    // isolation
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub isolation: Isolation,
+    /// Under isolation, keep the network (default: none).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub network: bool,
+    /// Under isolation, an extra writable scratch directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scratch: Option<PathBuf>,
+    /// Under isolation, more paths to show read-only (e.g. data under $HOME).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ro_bind: Vec<PathBuf>,
+
+    /// The notebook's directory: writable under isolation, the base for
+    /// relative paths. Set by [`crate::sources`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notebook_dir: Option<PathBuf>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+fn is_default(i: &Isolation) -> bool {
+    *i == Isolation::None
+}
+
+/// Keys holding paths, resolved against their source's directory.
+pub(crate) const PATH_KEYS: &[&str] = &[
+    "lock_file",
+    "modules_init",
+    "prefix",
+    "channels",
+    "manifest",
+    "scratch",
+    "notebook_dir",
+];
+pub(crate) const PATH_LIST_KEYS: &[&str] = &["module_use", "ro_bind"];
+
+impl EnvSpec {
+    /// Reads a spec from a JSON value (the merged sources).
+    pub fn from_value(v: Value) -> Result<Self, EnvError> {
+        serde_json::from_value(v).map_err(|e| {
+            EnvError::Invalid(format!(
+                "{e}. Known keys: kind, python, requirements, lock, lock_file, modules, module_use, \
+                 modules_init, prefix, channels, manifest, packages, image, nv, isolation, network, \
+                 scratch, ro_bind"
+            ))
+        })
+    }
+
+    pub fn to_value(&self) -> Value {
+        serde_json::to_value(self).expect("a spec serialises")
+    }
+
+    /// The kind, given or inferred.
+    pub fn kind(&self) -> Result<Kind, EnvError> {
+        if let Some(k) = self.kind {
+            return Ok(k);
+        }
+        let k = if self.image.is_some() {
+            Kind::Apptainer
+        } else if self.manifest.is_some() || self.channels.is_some() || !self.packages.is_empty() {
+            Kind::Guix
+        } else if self.prefix.is_some() {
+            Kind::Prefix
+        } else if self.python.is_some() || !self.requirements.is_empty() || self.lock.is_some() {
+            Kind::Python
+        } else if !self.modules.is_empty() {
+            Kind::Modules
+        } else if self.isolation != Isolation::None {
+            Kind::System
+        } else {
+            return Err(EnvError::Invalid(
+                "it says nothing to build: give `kind` and its keys (e.g. kind = \"python\", \
+                 requirements = [\"numpy\"])"
+                    .into(),
+            ));
+        };
+        Ok(k)
+    }
+
+    /// Checks the keys fit the kind, reads `lock_file`, and sorts what has
+    /// no order, so that equal environments have equal normal forms.
+    pub fn normalise(mut self) -> Result<Self, EnvError> {
+        let kind = self.kind()?;
+        self.kind = Some(kind);
+        if let Some(f) = self.lock_file.take() {
+            if self.lock.is_some() {
+                return Err(EnvError::Invalid(
+                    "both `lock` and `lock_file` are given; keep one".into(),
+                ));
+            }
+            let text = std::fs::read_to_string(&f).map_err(|e| {
+                EnvError::Invalid(format!("cannot read lock_file {}: {e}", f.display()))
+            })?;
+            self.lock = Some(text);
+        }
+        for r in &mut self.requirements {
+            *r = r.trim().to_string();
+        }
+        self.requirements.retain(|r| !r.is_empty());
+        self.requirements.sort();
+        self.requirements.dedup();
+        self.packages.sort();
+        self.packages.dedup();
+        let need = |ok: bool, what: &str| -> Result<(), EnvError> {
+            if ok {
+                Ok(())
+            } else {
+                Err(EnvError::Invalid(what.to_string()))
+            }
+        };
+        match kind {
+            Kind::Python | Kind::System => {}
+            Kind::Modules => need(
+                !self.modules.is_empty(),
+                "kind = \"modules\" needs `modules = [\"gcc/12\", …]`",
+            )?,
+            Kind::Prefix => need(
+                self.prefix.is_some(),
+                "kind = \"prefix\" needs `prefix = \"/path/to/env\"`",
+            )?,
+            Kind::Guix => need(
+                self.manifest.is_some() || !self.packages.is_empty(),
+                "kind = \"guix\" needs `manifest = \"manifest.scm\"` or `packages = [...]`",
+            )?,
+            Kind::Apptainer => need(
+                self.image.is_some(),
+                "kind = \"apptainer\" needs `image = \"image.sif\"`",
+            )?,
+        }
+        if kind != Kind::Python && (!self.requirements.is_empty() || self.lock.is_some()) {
+            return Err(EnvError::Invalid(format!(
+                "`requirements`/`lock` belong to kind = \"python\", not {kind:?}"
+            )));
+        }
+        Ok(self)
+    }
+
+    /// The content-addressed key of what gets built: the build-relevant
+    /// keys of the normal form (not isolation or the notebook's place, which
+    /// change how the kernel is started, not what is built).
+    pub fn cache_key(&self) -> String {
+        let build = serde_json::json!({
+            "v": 1,
+            "kind": self.kind,
+            "python": self.python,
+            "requirements": self.requirements,
+            "lock": self.lock,
+        });
+        let digest = crate::sha256_hex(build.to_string().as_bytes());
+        format!("py-{}", &digest[..32])
+    }
+
+    /// The notebook's directory, or the current one.
+    pub fn notebook_dir(&self) -> PathBuf {
+        self.notebook_dir
+            .clone()
+            .or_else(|| std::env::current_dir().ok())
+            .unwrap_or_else(|| PathBuf::from("."))
+    }
+}
+
+/// Makes `p` absolute against `base` (no symlink resolution).
+pub(crate) fn absolute(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn kind_is_inferred_and_keys_checked() {
+        let s = EnvSpec::from_value(json!({"requirements": ["six==1.16.0"]})).unwrap();
+        assert_eq!(s.kind().unwrap(), Kind::Python);
+        let s = EnvSpec::from_value(json!({"image": "x.sif"})).unwrap();
+        assert_eq!(s.kind().unwrap(), Kind::Apptainer);
+        let e = EnvSpec::from_value(json!({"requirement": ["six"]})).unwrap_err();
+        assert!(e.to_string().contains("requirement"), "{e}");
+        let e = EnvSpec::from_value(json!({"kind": "modules"}))
+            .unwrap()
+            .normalise()
+            .unwrap_err();
+        assert!(e.to_string().contains("modules = "), "{e}");
+        let e =
+            EnvSpec::from_value(json!({"kind": "prefix", "prefix": "/x", "requirements": ["a"]}))
+                .unwrap()
+                .normalise()
+                .unwrap_err();
+        assert!(e.to_string().contains("kind = \"python\""), "{e}");
+    }
+
+    #[test]
+    fn key_ignores_order_and_isolation() {
+        let a = EnvSpec::from_value(json!({"requirements": ["b", "a"]}))
+            .unwrap()
+            .normalise()
+            .unwrap();
+        let b = EnvSpec::from_value(
+            json!({"requirements": ["a", " b "], "isolation": "container", "notebook_dir": "/x"}),
+        )
+        .unwrap()
+        .normalise()
+        .unwrap();
+        assert_eq!(a.cache_key(), b.cache_key());
+        let c = EnvSpec::from_value(json!({"requirements": ["a", "b"], "lock": "a==1\n"}))
+            .unwrap()
+            .normalise()
+            .unwrap();
+        assert_ne!(a.cache_key(), c.cache_key());
+    }
+}

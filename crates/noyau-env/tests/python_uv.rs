@@ -1,0 +1,112 @@
+//! A real uv-built environment with a small pinned pure-Python package.
+//! uv is taken from PATH, or installed by noyau from PyPI into the cache
+//! (`python3 -m pip install uv`), as it would be on a cluster.
+
+use std::process::Command;
+
+use noyau_env::{realise, Cache, EnvSpec};
+use serde_json::json;
+
+fn pip_freeze(python: &str) -> String {
+    let out = Command::new(python)
+        .args(["-c", "import importlib.metadata as m; print('\\n'.join(sorted(f\"{d.metadata['Name'].lower()}=={d.version}\" for d in m.distributions())))"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_uv_environment_rebuilt_from_its_lock_on_a_clean_cache_is_identical() {
+    let t = tempfile::tempdir().unwrap();
+    let spec =
+        EnvSpec::from_value(json!({"requirements": ["six==1.16.0"], "notebook_dir": t.path()}))
+            .unwrap()
+            .normalise()
+            .unwrap();
+    let first = Cache::new(t.path().join("cache1"));
+    let mut lines = Vec::new();
+    let r1 = realise(&spec, &first, &mut |l: &str| lines.push(l.to_string())).unwrap();
+    let lock = r1.record["lock"].as_str().unwrap().to_string();
+    assert!(
+        lock.contains("six==1.16.0") && lock.contains("--hash=sha256:"),
+        "{lock}"
+    );
+    assert!(
+        lock.contains("ipykernel=="),
+        "ipykernel was not added: {lock}"
+    );
+    assert_eq!(
+        r1.record["lock_sha256"],
+        json!(noyau_env::sha256_hex(lock.as_bytes()))
+    );
+    assert!(lines.iter().any(|l| l.contains("resolving")), "{lines:?}");
+    let (argv1, _) = r1
+        .command(&["python3".into()], &Default::default(), t.path())
+        .unwrap();
+    let freeze1 = pip_freeze(&argv1[0]);
+    assert!(freeze1.contains("six==1.16.0"), "{freeze1}");
+
+    // Asking again: found in the cache, nothing built.
+    let mut again = Vec::new();
+    let r1b = realise(&spec, &first, &mut |l: &str| again.push(l.to_string())).unwrap();
+    assert_eq!(r1b.record["build_id"], r1.record["build_id"]);
+    assert!(again.is_empty(), "{again:?}");
+
+    // The recorded lock, on a clean cache (uv reused from the first one).
+    let uv = std::fs::read_dir(first.root().join(".tools"))
+        .ok()
+        .and_then(|mut d| d.find_map(|e| e.ok().map(|e| e.path().join("venv/bin/uv"))))
+        .filter(|p| p.exists());
+    if let Some(uv) = uv {
+        std::env::set_var("NOYAU_UV", uv);
+    }
+    let locked = EnvSpec::from_value(
+        json!({"requirements": ["six==1.16.0"], "lock": lock, "notebook_dir": t.path()}),
+    )
+    .unwrap()
+    .normalise()
+    .unwrap();
+    let second = Cache::new(t.path().join("cache2"));
+    let r2 = realise(&locked, &second, &mut |_: &str| {}).unwrap();
+    let (argv2, env2) = r2
+        .command(
+            &["python3".into(), "-m".into(), "ipykernel_launcher".into()],
+            &Default::default(),
+            t.path(),
+        )
+        .unwrap();
+    assert!(
+        argv2[0].starts_with(second.root().to_str().unwrap()),
+        "{argv2:?}"
+    );
+    assert!(env2["VIRTUAL_ENV"].starts_with(second.root().to_str().unwrap()));
+    assert_eq!(pip_freeze(&argv2[0]), freeze1);
+    assert_eq!(r2.record["freeze"], r1.record["freeze"]);
+    assert_eq!(r2.record["lock"], r1.record["lock"]);
+
+    // A requirement that cannot be resolved: uv's own message, a summary, nothing cached.
+    let bad =
+        EnvSpec::from_value(json!({"requirements": ["six==0.0.999"], "notebook_dir": t.path()}))
+            .unwrap()
+            .normalise()
+            .unwrap();
+    let e = realise(&bad, &second, &mut |_: &str| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("could not be built") && e.contains("nothing was cached"),
+        "{e}"
+    );
+    assert!(
+        e.contains("six==0.0.999") || e.contains("six"),
+        "no uv message: {e}"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(second.root())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".tmp") || n == &bad.cache_key())
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
