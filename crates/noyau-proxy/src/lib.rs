@@ -15,9 +15,11 @@
 //! restarts the kernel, the proxy hands the agent over to the next proxy
 //! process ([`handover`]) so the allocation is kept.
 
+mod delegate;
 pub mod frontend;
 pub mod handover;
 pub mod queued;
+pub mod targets;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -101,6 +103,12 @@ struct Proxy {
     advertise: String,
     agent: AgentWatch,
     started: chrono::DateTime<chrono::Utc>,
+    /// `%%noyau on` targets by name, and where their tasks report.
+    targets: std::collections::BTreeMap<String, targets::Target>,
+    target_tx: tokio::sync::mpsc::Sender<targets::TargetEvent>,
+    target_rx: tokio::sync::mpsc::Receiver<targets::TargetEvent>,
+    /// The notebook kernel's last execution count, for cells noyau answers.
+    exec_count: i64,
     /// The batch job's state while we wait for its agent (None: local, or taken over).
     job_state: Option<tokio::sync::watch::Receiver<JobState>>,
     /// The queue note shown in the first waiting cell.
@@ -177,6 +185,7 @@ pub async fn run(cfg: ProxyConfig) -> anyhow::Result<i32> {
         // take a queued kernel for a dead one.
         fe.set_alive(true);
     }
+    let (target_tx, target_rx) = tokio::sync::mpsc::channel(1024);
     let mut proxy = Proxy {
         job_state,
         note: None,
@@ -195,8 +204,13 @@ pub async fn run(cfg: ProxyConfig) -> anyhow::Result<i32> {
         advertise,
         agent,
         started,
+        targets: Default::default(),
+        target_tx,
+        target_rx,
+        exec_count: 0,
     };
     let code = proxy.relay().await;
+    proxy.release_targets();
     // Socket writers drain their queues in background tasks; give them the
     // moment ZMQ_LINGER would, so last replies and errors reach the frontend.
     tokio::time::sleep(Duration::from_millis(150)).await;
@@ -222,6 +236,7 @@ impl Proxy {
             }
         };
         let mut tick = tokio::time::interval(Duration::from_secs(10));
+        let mut idle_tick = tokio::time::interval(Duration::from_secs(10));
         loop {
             let waiting = self.link.is_none() && self.job_state.is_some();
             tokio::select! {
@@ -246,6 +261,12 @@ impl Proxy {
                     }
                 }
                 _ = tick.tick(), if waiting => self.on_job_state().await,
+                ev = self.target_rx.recv() => {
+                    if let Some(ev) = ev {
+                        self.on_target_event(ev).await;
+                    }
+                }
+                _ = idle_tick.tick() => self.release_idle_targets(),
                 sub = self.fe.iopub.recv() => {
                     if let Ok(sub) = sub {
                         self.welcome(sub).await;
@@ -424,6 +445,10 @@ impl Proxy {
     }
 
     async fn on_frontend_message(&mut self, lane: Lane, msg: RawMessage) -> Option<i32> {
+        let msg = match self.intercept(lane, msg).await {
+            Some(m) => m,
+            None => return None,
+        };
         if self.queued() {
             if let Some(done) = self.while_queued(lane, &msg).await {
                 return done;
@@ -555,6 +580,12 @@ impl Proxy {
         if lane == Lane::Shell || lane == Lane::Control {
             if let Some(parent) = msg.parent_msg_id() {
                 self.pending.remove(&parent);
+            }
+            if let Some(n) = serde_json::from_slice::<serde_json::Value>(&msg.content)
+                .ok()
+                .and_then(|c| c.get("execution_count").and_then(|n| n.as_i64()))
+            {
+                self.exec_count = n;
             }
             shutdown_reply = self.shutdown.is_some()
                 && msg

@@ -1,0 +1,384 @@
+//! The proxy's side of cell-level delegation ([`crate::targets`]): which
+//! cells go to a target, what noyau answers itself, and what a target's
+//! agent sends back.
+
+use bytes::Bytes;
+use noyau_client::agent::AgentLaunch;
+use noyau_link::envelope::{Event, Payload};
+use noyau_link::Lane;
+use noyau_wire::{build, RawMessage};
+use serde_json::json;
+
+use crate::frontend::{publish, send_router};
+use crate::targets::{self, Magic, OnMagic, RunningCell, State, Target, TargetEvent};
+use crate::Proxy;
+
+impl Proxy {
+    /// Takes the messages that are noyau's business; gives back the others.
+    pub(crate) async fn intercept(&mut self, lane: Lane, msg: RawMessage) -> Option<RawMessage> {
+        let Ok(h) = msg.peek_header() else {
+            return Some(msg);
+        };
+        match (lane, h.msg_type.as_str()) {
+            (Lane::Shell, "execute_request") => {
+                let code = serde_json::from_slice::<serde_json::Value>(&msg.content)
+                    .ok()
+                    .and_then(|c| c.get("code").and_then(|c| c.as_str()).map(str::to_string))
+                    .unwrap_or_default();
+                match targets::parse(&code) {
+                    Ok(Magic::None) => Some(msg),
+                    Ok(Magic::On(m, body)) => {
+                        self.run_on_target(m, body, msg).await;
+                        None
+                    }
+                    Ok(Magic::Line(words)) => {
+                        self.line_magic(&words, &msg).await;
+                        None
+                    }
+                    Err(usage) => {
+                        self.answer(&msg, Err(("UsageError", usage))).await;
+                        None
+                    }
+                }
+            }
+            // An interrupt goes where cells are running: to the targets busy
+            // with one, else to the notebook's kernel.
+            (Lane::Control, "interrupt_request") => {
+                let busy: Vec<String> = self
+                    .targets
+                    .values()
+                    .filter(|t| !t.running.is_empty())
+                    .map(|t| t.name.clone())
+                    .collect();
+                if busy.is_empty() {
+                    return Some(msg);
+                }
+                for name in busy {
+                    if let Some(t) = self.targets.get_mut(&name) {
+                        t.send(Lane::Control, msg.clone().into_frames());
+                    }
+                }
+                None
+            }
+            (_, "shutdown_request") => {
+                self.release_targets();
+                Some(msg)
+            }
+            _ => Some(msg),
+        }
+    }
+
+    async fn run_on_target(&mut self, m: OnMagic, body: String, mut msg: RawMessage) {
+        if !self.targets.contains_key(&m.target) {
+            if let Err(e) = self.start_target(&m).await {
+                let text = format!("cannot start target {:?}: {e:#}", m.target);
+                self.answer(&msg, Err(("NoyauTargetError", text))).await;
+                return;
+            }
+        }
+        let Some(content) = targets::with_code(&msg.content, &body) else {
+            self.answer(
+                &msg,
+                Err(("NoyauTargetError", "malformed execute_request".into())),
+            )
+            .await;
+            return;
+        };
+        msg.content = content;
+        let Some(id) = msg.peek_header().ok().map(|h| h.msg_id) else {
+            return;
+        };
+        let t = self.targets.get_mut(&m.target).expect("just started");
+        t.running.insert(
+            id,
+            RunningCell {
+                identities: msg.identities.clone(),
+                header: msg.header.clone(),
+                announced: m.quiet,
+            },
+        );
+        t.last_used = std::time::Instant::now();
+        if t.state == State::Queued {
+            let note = build::iopub(
+                &self.signer,
+                "stream",
+                &self.session,
+                &msg.header,
+                json!({"name": "stderr", "text": format!(
+                    "[noyau] starting target {} ({} job {}); the cell runs when it is up\n",
+                    t.name, t.backend, t.job)}),
+            );
+            publish(&mut self.fe, note).await;
+        }
+        t.send(Lane::Shell, msg.into_frames());
+    }
+
+    async fn start_target(&mut self, m: &OnMagic) -> anyhow::Result<()> {
+        let cwd = std::env::current_dir()?;
+        let config = noyau_config::Config::load(&cwd)?;
+        let profile = config.profile(Some(&m.target), &m.overrides)?;
+        let backend = profile.backend.clone().unwrap_or_else(|| "local".into());
+        let launch = AgentLaunch {
+            backend,
+            inner: self.cfg.inner.clone(),
+            link_bind: None,
+            link_advertise: None,
+            noyau_exe: self.cfg.noyau_exe.clone(),
+            job_name: format!("noyau-target-{}", m.target),
+            cwd: None,
+            env: crate::env_spec_for_agent()?,
+            profile,
+        };
+        let t = Target::start(&m.target, launch, self.target_tx.clone()).await?;
+        tracing::info!(target = %m.target, job = %t.job, "target submitted");
+        self.targets.insert(m.target.clone(), t);
+        Ok(())
+    }
+
+    async fn line_magic(&mut self, words: &[String], msg: &RawMessage) {
+        let words: Vec<&str> = words.iter().map(String::as_str).collect();
+        let result = match words.as_slice() {
+            ["targets"] => Ok(self.targets_table()),
+            ["release", name] | ["cancel", name] => match self.targets.get_mut(*name) {
+                Some(t) => {
+                    t.release();
+                    Ok(format!(
+                        "[noyau] releasing target {name} ({} job {})\n",
+                        t.backend, t.job
+                    ))
+                }
+                None => Err((
+                    "NoyauTargetError",
+                    format!("no target named {name:?} is running; `%noyau targets` lists them"),
+                )),
+            },
+            _ => Err((
+                "UsageError",
+                "usage: %noyau targets | %noyau release TARGET | %noyau cancel TARGET; \
+                 %%noyau on TARGET [key=value …] [--quiet] runs a cell on a target"
+                    .to_string(),
+            )),
+        };
+        self.answer(msg, result).await;
+    }
+
+    fn targets_table(&self) -> String {
+        if self.targets.is_empty() {
+            return "[noyau] no targets; `%%noyau on NAME` starts one from [profiles.NAME] in noyau.toml\n".into();
+        }
+        let mut out = format!(
+            "{:<14} {:<9} {:<8} {:<14} {:<14} {}\n",
+            "TARGET", "STATE", "BACKEND", "JOB", "NODE", "IDLE"
+        );
+        for t in self.targets.values() {
+            out.push_str(&format!(
+                "{:<14} {:<9} {:<8} {:<14} {:<14} {}s\n",
+                t.name,
+                t.describe_state(),
+                t.backend,
+                t.job,
+                t.node.as_deref().unwrap_or("-"),
+                t.last_used.elapsed().as_secs()
+            ));
+        }
+        out
+    }
+
+    /// Answers a cell as a kernel would: busy, the output, the reply, idle.
+    async fn answer(&mut self, msg: &RawMessage, result: Result<String, (&str, String)>) {
+        let parent = &msg.header;
+        let busy = build::iopub(
+            &self.signer,
+            "status",
+            &self.session,
+            parent,
+            json!({"execution_state": "busy"}),
+        );
+        publish(&mut self.fe, busy).await;
+        let reply_content = match &result {
+            Ok(text) => {
+                let out = build::iopub(
+                    &self.signer,
+                    "stream",
+                    &self.session,
+                    parent,
+                    json!({"name": "stdout", "text": text}),
+                );
+                publish(&mut self.fe, out).await;
+                json!({"status": "ok", "execution_count": self.exec_count, "user_expressions": {}, "payload": []})
+            }
+            Err((ename, evalue)) => {
+                let err = build::iopub(
+                    &self.signer,
+                    "error",
+                    &self.session,
+                    parent,
+                    json!({
+                        "ename": ename, "evalue": evalue, "traceback": [format!("{ename}: {evalue}")],
+                    }),
+                );
+                publish(&mut self.fe, err).await;
+                json!({"status": "error", "execution_count": self.exec_count, "ename": ename,
+                       "evalue": evalue, "traceback": [format!("{ename}: {evalue}")]})
+            }
+        };
+        let reply = build::message(
+            &self.signer,
+            msg.identities.clone(),
+            "execute_reply",
+            &self.session,
+            parent,
+            reply_content,
+        );
+        send_router(&mut self.fe, Lane::Shell, reply).await;
+        let idle = build::iopub(
+            &self.signer,
+            "status",
+            &self.session,
+            parent,
+            json!({"execution_state": "idle"}),
+        );
+        publish(&mut self.fe, idle).await;
+    }
+
+    pub(crate) async fn on_target_event(&mut self, ev: TargetEvent) {
+        match ev {
+            TargetEvent::Attached(name, sender) => {
+                if let Some(t) = self.targets.get_mut(&name) {
+                    t.attach(sender);
+                }
+            }
+            TargetEvent::Message(name, lane, Payload::Jupyter(frames)) => {
+                self.from_target(&name, lane, frames).await;
+            }
+            TargetEvent::Message(name, _, Payload::Event(ev)) => match ev {
+                Event::AgentHello { host, .. } => {
+                    if let Some(t) = self.targets.get_mut(&name) {
+                        t.node = Some(host);
+                    }
+                }
+                Event::KernelReady { .. } => {
+                    if let Some(t) = self.targets.get_mut(&name) {
+                        t.state = State::Ready;
+                    }
+                }
+                Event::KernelDied { description, .. } => {
+                    self.end_target(&name, &format!("its kernel died: it {description}"))
+                        .await;
+                }
+                Event::AgentError { message } => {
+                    self.end_target(&name, &format!("it could not start: {message}"))
+                        .await;
+                }
+                other => tracing::debug!(target = %name, "event {other:?}"),
+            },
+            TargetEvent::Ended(name, why) => self.end_target(&name, &why).await,
+        }
+    }
+
+    async fn from_target(&mut self, name: &str, lane: Lane, frames: Vec<Bytes>) {
+        let mut msg = match RawMessage::from_frames(frames) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(target = %name, "dropped a malformed message: {e}");
+                return;
+            }
+        };
+        self.signer.resign(&mut msg);
+        let Some(t) = self.targets.get_mut(name) else {
+            return;
+        };
+        let parent = msg.parent_msg_id().unwrap_or_default();
+        let msg_type = msg.peek_header().map(|h| h.msg_type).unwrap_or_default();
+        if lane == Lane::Iopub {
+            // The where-line goes right after the cell's execute_input.
+            let announce =
+                msg_type == "execute_input" && t.running.get(&parent).is_some_and(|c| !c.announced);
+            let where_line = t.where_line();
+            let parent_header = msg.parent_header.clone();
+            publish(&mut self.fe, msg).await;
+            if announce {
+                if let Some(c) = self
+                    .targets
+                    .get_mut(name)
+                    .and_then(|t| t.running.get_mut(&parent))
+                {
+                    c.announced = true;
+                }
+                let line = build::iopub(
+                    &self.signer,
+                    "stream",
+                    &self.session,
+                    &parent_header,
+                    json!({"name": "stderr", "text": where_line}),
+                );
+                publish(&mut self.fe, line).await;
+            }
+            return;
+        }
+        if msg_type == "execute_reply" {
+            t.running.remove(&parent);
+            t.last_used = std::time::Instant::now();
+        }
+        send_router(&mut self.fe, lane, msg).await;
+    }
+
+    /// A target is gone: its running cells fail with the reason.
+    async fn end_target(&mut self, name: &str, why: &str) {
+        let Some(mut t) = self.targets.remove(name) else {
+            return;
+        };
+        t.release();
+        tracing::info!(target = %name, "target ended: {why}");
+        let text = format!("target {name} ended: {why}");
+        for (_, cell) in std::mem::take(&mut t.running) {
+            let err = build::iopub(
+                &self.signer,
+                "error",
+                &self.session,
+                &cell.header,
+                json!({
+                    "ename": "NoyauTargetError", "evalue": text, "traceback": [text],
+                }),
+            );
+            publish(&mut self.fe, err).await;
+            let reply = build::message(
+                &self.signer,
+                cell.identities,
+                "execute_reply",
+                &self.session,
+                &cell.header,
+                json!({
+                    "status": "error", "execution_count": self.exec_count,
+                    "ename": "NoyauTargetError", "evalue": text, "traceback": [text],
+                }),
+            );
+            send_router(&mut self.fe, Lane::Shell, reply).await;
+            let idle = build::iopub(
+                &self.signer,
+                "status",
+                &self.session,
+                &cell.header,
+                json!({"execution_state": "idle"}),
+            );
+            publish(&mut self.fe, idle).await;
+        }
+    }
+
+    pub(crate) fn release_idle_targets(&mut self) {
+        let limit = targets::idle_timeout();
+        for t in self.targets.values_mut() {
+            if t.running.is_empty() && t.last_used.elapsed() >= limit {
+                tracing::info!(target = %t.name, "idle for {}s; releasing", limit.as_secs());
+                t.release();
+            }
+        }
+    }
+
+    /// Ends every target's job (shutdown, or the proxy going away).
+    pub(crate) fn release_targets(&mut self) {
+        for t in self.targets.values_mut() {
+            t.release();
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! Cell-level delegation: `%%noyau on TARGET` runs one cell in another
+//! kernel, in its own allocation, from the same notebook.
+//!
+//! A target is a named profile (noyau.toml's `[profiles.NAME]`). The first
+//! cell sent to it starts an agent through the profile's backend, exactly as
+//! the notebook's own kernel was started; the agent and its kernel stay for
+//! the following cells (state persists) until `%noyau release`, an idle
+//! timeout, or the notebook kernel's shutdown.
+//!
+//! The proxy strips the magic line and forwards the cell with its original
+//! header, so every reply and output the target's kernel sends is parented
+//! to the frontend's request and goes back to it unchanged; only the
+//! `content` frame of that one request is rewritten. Each target's link is
+//! read by a task of its own that feeds [`TargetEvent`]s to the proxy's loop.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use noyau_client::agent::{start_agent, AgentLaunch};
+use noyau_link::envelope::{self, Event, Payload};
+use noyau_link::{Incoming, Lane, LinkConfig, LinkEvent, LinkSender};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+
+/// What a target's tasks tell the proxy.
+pub enum TargetEvent {
+    /// The agent dialled in.
+    Attached(String, LinkSender),
+    /// A message or event from the target's agent.
+    Message(String, Lane, Payload),
+    /// The agent is gone (released, cancelled, died, link lost).
+    Ended(String, String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Queued,
+    Starting,
+    Ready,
+}
+
+pub struct Target {
+    pub name: String,
+    pub backend: String,
+    pub state: State,
+    pub job: String,
+    pub node: Option<String>,
+    pub last_used: Instant,
+    /// Cells running there, by msg_id.
+    pub running: BTreeMap<String, RunningCell>,
+    sender: Option<LinkSender>,
+    queued: VecDeque<(Lane, Vec<Bytes>)>,
+    release: Option<oneshot::Sender<()>>,
+}
+
+/// A cell running on a target, for its where-line and for error replies
+/// should the target go away.
+pub struct RunningCell {
+    pub identities: Vec<Bytes>,
+    pub header: Bytes,
+    /// The where-line was shown (or is not wanted).
+    pub announced: bool,
+}
+
+/// A parsed `%%noyau on NAME [key=value …] [--quiet]` first line.
+#[derive(Debug, PartialEq, Eq)]
+pub struct OnMagic {
+    pub target: String,
+    pub overrides: Vec<String>,
+    pub quiet: bool,
+}
+
+/// What the proxy does with a cell.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Magic {
+    /// Run `body` on a target.
+    On(OnMagic, String),
+    /// A `%noyau …` line magic the proxy answers itself.
+    Line(Vec<String>),
+    /// Not ours.
+    None,
+}
+
+/// Recognises a cell's magic from its code.
+pub fn parse(code: &str) -> Result<Magic, String> {
+    let trimmed = code.trim_start();
+    let (first, body) = trimmed.split_once('\n').unwrap_or((trimmed, ""));
+    let words: Vec<&str> = first.split_whitespace().collect();
+    match words.first() {
+        Some(&"%%noyau") => {
+            if words.get(1) != Some(&"on") || words.len() < 3 {
+                return Err("usage: %%noyau on TARGET [key=value …] [--quiet] as the cell's first line, the code below it".into());
+            }
+            let mut m = OnMagic {
+                target: words[2].to_string(),
+                overrides: vec![],
+                quiet: false,
+            };
+            for w in &words[3..] {
+                match *w {
+                    "--quiet" | "-q" => m.quiet = true,
+                    kv if kv.contains('=') => m.overrides.push(kv.to_string()),
+                    other => {
+                        return Err(format!(
+                            "%%noyau on: {other:?} is neither key=value nor --quiet"
+                        ))
+                    }
+                }
+            }
+            Ok(Magic::On(m, body.to_string()))
+        }
+        Some(&"%noyau") => Ok(Magic::Line(
+            words[1..].iter().map(|w| w.to_string()).collect(),
+        )),
+        _ => Ok(Magic::None),
+    }
+}
+
+/// The idle time after which a target's allocation is given back.
+pub fn idle_timeout() -> Duration {
+    std::env::var("NOYAU_TARGET_IDLE")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(Duration::from_secs_f64)
+        .unwrap_or(Duration::from_secs(30 * 60))
+}
+
+impl Target {
+    /// Submits the target's agent and spawns the tasks that follow it.
+    pub async fn start(
+        name: &str,
+        launch: AgentLaunch,
+        events: mpsc::Sender<TargetEvent>,
+    ) -> anyhow::Result<Target> {
+        let backend = launch.backend.clone();
+        let started = start_agent(launch, LinkConfig::default()).await?;
+        let job = started.watch.job_id().unwrap_or("?").to_string();
+        let (release_tx, release_rx) = oneshot::channel();
+        let mut listener = started.listener;
+        let mut watch = started.watch;
+        let n = name.to_string();
+        tokio::spawn(async move {
+            let ev = &events;
+            // A dropped sender (the proxy is going away) releases too.
+            let mut release_rx = release_rx;
+            let link = tokio::select! {
+                l = listener.accept() => l,
+                desc = watch.ended() => {
+                    let _ = ev.send(TargetEvent::Ended(n.clone(), format!("its agent {desc} before connecting"))).await;
+                    return;
+                }
+                _ = &mut release_rx => {
+                    watch.cancel().await;
+                    let _ = ev.send(TargetEvent::Ended(n.clone(), "released".into())).await;
+                    return;
+                }
+            };
+            let mut link = match link {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = ev
+                        .send(TargetEvent::Ended(
+                            n.clone(),
+                            format!("its link failed: {e}"),
+                        ))
+                        .await;
+                    return;
+                }
+            };
+            let _ = ev
+                .send(TargetEvent::Attached(n.clone(), link.sender()))
+                .await;
+            let why = loop {
+                tokio::select! {
+                    m = link.recv() => match m {
+                        Some(Incoming::Message(lane, frames)) => match envelope::open(frames) {
+                            Ok(p) => { let _ = ev.send(TargetEvent::Message(n.clone(), lane, p)).await; }
+                            Err(e) => tracing::warn!(target = %n, "dropped a malformed link message: {e}"),
+                        },
+                        Some(Incoming::Event(LinkEvent::Closed(r))) => break format!("its link closed ({r})"),
+                        Some(Incoming::Event(e)) => tracing::info!(target = %n, "link: {e:?}"),
+                        None => break "its link closed".to_string(),
+                    },
+                    desc = watch.ended() => break format!("its agent {desc}"),
+                    _ = &mut release_rx => {
+                        let _ = link.sender().send(Lane::Control, envelope::event(&Event::Shutdown));
+                        watch.cancel().await;
+                        break "released".to_string();
+                    }
+                }
+            };
+            let _ = ev.send(TargetEvent::Ended(n, why)).await;
+        });
+        Ok(Target {
+            name: name.to_string(),
+            backend,
+            state: State::Queued,
+            job,
+            node: None,
+            last_used: Instant::now(),
+            running: BTreeMap::new(),
+            sender: None,
+            queued: VecDeque::new(),
+            release: Some(release_tx),
+        })
+    }
+
+    pub fn attach(&mut self, sender: LinkSender) {
+        for (lane, frames) in self.queued.drain(..) {
+            if let Err(e) = sender.send(lane, frames) {
+                tracing::warn!(target = %self.name, "cannot pass a message on: {e}");
+            }
+        }
+        self.sender = Some(sender);
+        self.state = State::Starting;
+    }
+
+    /// Sends (or keeps until the agent connects) a Jupyter message.
+    pub fn send(&mut self, lane: Lane, frames: Vec<Bytes>) {
+        let frames = envelope::jupyter(frames);
+        match &self.sender {
+            Some(s) => {
+                if let Err(e) = s.send(lane, frames) {
+                    tracing::warn!(target = %self.name, "cannot pass a message on: {e}");
+                }
+            }
+            None => self.queued.push_back((lane, frames)),
+        }
+    }
+
+    /// Ends the target's job (its task reports `Ended`).
+    pub fn release(&mut self) {
+        if let Some(r) = self.release.take() {
+            let _ = r.send(());
+        }
+    }
+
+    pub fn describe_state(&self) -> &'static str {
+        match self.state {
+            State::Queued => "queued",
+            State::Starting => "starting",
+            State::Ready if self.running.is_empty() => "idle",
+            State::Ready => "busy",
+        }
+    }
+
+    /// The line telling where a cell ran.
+    pub fn where_line(&self) -> String {
+        format!(
+            "[noyau] on target {} ({} job {}{})\n",
+            self.name,
+            self.backend,
+            self.job,
+            self.node
+                .as_ref()
+                .map(|n| format!(", node {n}"))
+                .unwrap_or_default()
+        )
+    }
+}
+
+/// The cell's content with its code replaced by `body`.
+pub fn with_code(content: &[u8], body: &str) -> Option<Bytes> {
+    let mut c: Value = serde_json::from_slice(content).ok()?;
+    c.as_object_mut()?
+        .insert("code".into(), Value::String(body.to_string()));
+    serde_json::to_vec(&c).ok().map(Bytes::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_magics() {
+        assert_eq!(
+            parse("%%noyau on gpu mem=4G --quiet\nimport torch\nx = 1").unwrap(),
+            Magic::On(
+                OnMagic {
+                    target: "gpu".into(),
+                    overrides: vec!["mem=4G".into()],
+                    quiet: true
+                },
+                "import torch\nx = 1".into()
+            )
+        );
+        assert_eq!(
+            parse("%noyau release gpu").unwrap(),
+            Magic::Line(vec!["release".into(), "gpu".into()])
+        );
+        assert_eq!(parse("print('%%noyau on x')").unwrap(), Magic::None);
+        assert!(parse("%%noyau gpu\n1").unwrap_err().contains("usage"));
+        assert!(parse("%%noyau on gpu bogus\n1").is_err());
+    }
+
+    #[test]
+    fn rewrites_only_the_code() {
+        let c = br#"{"code":"%%noyau on a\n1","silent":false,"x-unknown":[1]}"#;
+        let out: Value = serde_json::from_slice(&with_code(c, "1").unwrap()).unwrap();
+        assert_eq!(out["code"], "1");
+        assert_eq!(out["x-unknown"], serde_json::json!([1]));
+    }
+}

@@ -1,0 +1,104 @@
+"""Cell-level delegation: `%%noyau on TARGET` runs a cell in another kernel
+(its own agent and allocation, here the local backend), keeps its state,
+routes interrupts to it, and ends with the notebook's kernel."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from jupyter_client.manager import KernelManager
+
+import noyau_testlib as lib
+
+
+@pytest.fixture
+def km(noyau_kernelspec: str, tmp_path: Path):  # type: ignore[no-untyped-def]
+    (tmp_path / "noyau.toml").write_text('[profiles.side]\nbackend = "local"\n')
+    m = KernelManager(kernel_name=noyau_kernelspec)
+    m.start_kernel(cwd=str(tmp_path))
+    kc = m.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=60)
+    m.kc = kc  # type: ignore[attr-defined]
+    yield m
+    kc.stop_channels()
+    if m.is_alive():
+        m.shutdown_kernel()
+
+
+def run(km, code: str, timeout: float = 60):  # type: ignore[no-untyped-def]
+    out: list[dict] = []
+    reply = km.kc.execute_interactive(code, timeout=timeout, output_hook=out.append)
+    text = "".join(m["content"].get("text", "") for m in out if m["msg_type"] == "stream")
+    errors = [m["content"] for m in out if m["msg_type"] == "error"]
+    return reply["content"], text, errors
+
+
+def agents() -> set[int]:
+    return {p for p in lib.pids() if lib.is_agent(p) and lib.alive(p)}
+
+
+def test_cell_runs_on_target_keeps_state_and_says_where(km) -> None:  # type: ignore[no-untyped-def]
+    _, main_pid, _ = run(km, "import os; print(os.getpid())")
+    before = agents()
+    reply, text, _ = run(km, "%%noyau on side\nimport os\nprint(os.getpid())\nsecret = 41")
+    assert reply["status"] == "ok", reply
+    lines = text.splitlines()
+    assert any(line.startswith("[noyau] on target side (local job local:") for line in lines), text
+    target_pid = next(line for line in lines if line.isdigit())
+    assert target_pid != main_pid.strip()
+    assert len(agents() - before) == 1, "a second agent should run the target"
+    reply, text, _ = run(km, "%%noyau on side --quiet\nprint(secret + 1)")
+    assert text == "42\n", text
+    reply, text, errors = run(km, "print('secret' in globals())")
+    assert text == "False\n", "the notebook's own kernel must not see the target's state"
+    reply, text, _ = run(km, "%noyau targets")
+    assert "side" in text and "local" in text, text
+
+
+def test_interrupt_reaches_the_target_only(km) -> None:  # type: ignore[no-untyped-def]
+    run(km, "main_alive = True")
+    msg_id = km.kc.execute("%%noyau on side --quiet\nimport time\nprint('sleeping', flush=True)\ntime.sleep(60)")
+    deadline = time.monotonic() + 60
+    while True:
+        m = km.kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+        if m["parent_header"].get("msg_id") == msg_id and m["msg_type"] == "stream" and "sleeping" in m["content"]["text"]:
+            break
+    t0 = time.monotonic()
+    km.interrupt_kernel()
+    while True:
+        r = km.kc.get_shell_msg(timeout=5)
+        if r["parent_header"].get("msg_id") == msg_id:
+            break
+    assert r["content"]["ename"] == "KeyboardInterrupt", r["content"]
+    assert time.monotonic() - t0 <= 2.0
+    _, text, _ = run(km, "print(main_alive)")
+    assert text == "True\n"
+
+
+def test_release_and_shutdown_end_target_agents(km) -> None:  # type: ignore[no-untyped-def]
+    before = agents()
+    run(km, "%%noyau on side\nx = 1")
+    started = agents() - before
+    assert len(started) == 1
+    reply, text, _ = run(km, "%noyau release side")
+    assert "releasing target side" in text
+    lib.wait_until(lambda: not (started & agents()), 20, "the released target's agent to end")
+    run(km, "%%noyau on side\nx = 2")
+    again = agents() - before
+    assert again, "the target did not start again"
+    km.kc.stop_channels()
+    km.shutdown_kernel()
+    lib.wait_until(lambda: not (again & agents()), 20, "the target's agent to end with the notebook's kernel")
+
+
+def test_unknown_target_is_a_clear_error(km) -> None:  # type: ignore[no-untyped-def]
+    reply, _, errors = run(km, "%%noyau on sdie\n1")
+    assert reply["status"] == "error"
+    assert "sdie" in reply["evalue"] and "side" in reply["evalue"], reply["evalue"]
+    reply, _, _ = run(km, "%%noyau sdie\n1")
+    assert reply["ename"] == "UsageError"
+    reply, text, _ = run(km, "1 + 1")
+    assert reply["status"] == "ok"
