@@ -249,7 +249,7 @@ impl Proxy {
                 }
             }
             TargetEvent::Message(name, lane, Payload::Jupyter(frames)) => {
-                self.from_target(&name, lane, frames).await;
+                self.relay_from_target(&name, lane, frames).await;
             }
             TargetEvent::Message(name, _, Payload::Event(ev)) => match ev {
                 Event::AgentHello { host, .. } => {
@@ -276,7 +276,7 @@ impl Proxy {
         }
     }
 
-    async fn from_target(&mut self, name: &str, lane: Lane, frames: Vec<Bytes>) {
+    async fn relay_from_target(&mut self, name: &str, lane: Lane, frames: Vec<Bytes>) {
         let mut msg = match RawMessage::from_frames(frames) {
             Ok(m) => m,
             Err(e) => {
