@@ -102,3 +102,18 @@ def test_unknown_target_is_a_clear_error(km) -> None:  # type: ignore[no-untyped
     assert reply["ename"] == "UsageError"
     reply, text, _ = run(km, "1 + 1")
     assert reply["status"] == "ok"
+
+
+def test_cell_runs_in_a_slurm_job(km) -> None:  # type: ignore[no-untyped-def]
+    """A notebook kernel here, one cell in a Slurm job (profile `test`)."""
+    lib.require_slurm()
+    reply, text, _ = run(km, "%%noyau on test\nimport os\nprint('job', os.environ.get('SLURM_JOB_ID'))", timeout=120)
+    assert reply["status"] == "ok", reply
+    job = next(line.split()[1] for line in text.splitlines() if line.startswith("job "))
+    assert job.isdigit(), text
+    assert f"[noyau] on target test (slurm job {job}" in text, text
+    assert any(j["id"] == job for j in lib.squeue_noyau()), "the target's job is not in the queue"
+    km.kc.stop_channels()
+    km.shutdown_kernel()
+    lib.wait_until(lambda: not any(j["id"] == job for j in lib.squeue_noyau()), 30,
+                   "the target's job to end with the notebook's kernel", interval=0.5)
