@@ -4,6 +4,7 @@ routes interrupts to it, and ends with the notebook's kernel."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -16,8 +17,11 @@ import noyau_testlib as lib
 @pytest.fixture
 def km(noyau_kernelspec: str, tmp_path: Path):  # type: ignore[no-untyped-def]
     (tmp_path / "noyau.toml").write_text('[profiles.side]\nbackend = "local"\n')
+    global _tag
+    _tag = f"targets-{tmp_path.name}"
     m = KernelManager(kernel_name=noyau_kernelspec)
-    m.start_kernel(cwd=str(tmp_path))
+    m.start_kernel(cwd=str(tmp_path), env={**os.environ, "NOYAU_TEST_TAG": _tag})
+    _proxies[:] = [m.provisioner.process.pid]
     kc = m.client()
     kc.start_channels()
     kc.wait_for_ready(timeout=60)
@@ -36,8 +40,15 @@ def run(km, code: str, timeout: float = 60):  # type: ignore[no-untyped-def]
     return reply["content"], text, errors
 
 
+_proxies: list[int] = []
+_tag = ""
+
+
 def agents() -> set[int]:
-    return {p for p in lib.pids() if lib.is_agent(p) and lib.alive(p)}
+    """Agents started by this test's notebook kernel (its proxy's descendants;
+    they outlive it only if noyau failed to end them, so remember the proxy)."""
+    return {p for proxy in _proxies for p in lib.descendants(proxy) if lib.is_agent(p) and lib.alive(p)} | {
+        p for p in lib.pids() if lib.is_agent(p) and lib.alive(p) and lib.environ(p).get("NOYAU_TEST_TAG") == _tag}
 
 
 def test_cell_runs_on_target_keeps_state_and_says_where(km) -> None:  # type: ignore[no-untyped-def]
@@ -117,3 +128,55 @@ def test_cell_runs_in_a_slurm_job(km) -> None:  # type: ignore[no-untyped-def]
     km.shutdown_kernel()
     lib.wait_until(lambda: not any(j["id"] == job for j in lib.squeue_noyau()), 30,
                    "the target's job to end with the notebook's kernel", interval=0.5)
+
+
+def test_queued_target_shows_its_reason_and_the_notebook_stays_usable(km) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import subprocess
+
+    lib.require_slurm()
+    cpus = os.cpu_count() or 1
+    blocker = subprocess.run(
+        ["sbatch", "--parsable", "-p", "batch", "-J", "noyau-test-blocker", "-c", str(cpus),
+         "--mem", "100M", "-t", "5", "--wrap", "sleep 300"],
+        capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        lib.wait_until(lambda: any(j["id"] == blocker and j["state"] == "RUNNING"
+                                   for j in lib.squeue_noyau()), 30, "the blocker to run")
+        msg_id = km.kc.execute("%%noyau on test\nprint('ran on the target')")
+        seen: list[dict] = []
+
+        def note_with_reason() -> bool:
+            try:
+                m = km.kc.get_iopub_msg(timeout=0.2)
+            except Exception:
+                return False
+            if m["parent_header"].get("msg_id") == msg_id:
+                seen.append(m)
+            return m["msg_type"] in ("display_data", "update_display_data") and "reason" in lib.message_text(m)
+
+        lib.wait_until(note_with_reason, 60, "the queue note with Slurm's reason", interval=0)
+        text = lib.message_text(seen[-1])
+        assert "queued on slurm job" in text and "(target test)" in text, text
+        # the notebook's own kernel answers meanwhile
+        other = km.kc.execute_interactive("print(6 * 7)", timeout=30, output_hook=seen.append)
+        assert other["content"]["status"] == "ok"
+        subprocess.run(["scancel", blocker], check=True)
+        rest: list[dict] = []
+        reply = km.kc.execute_interactive  # for the type checker's sake: the reply is read below
+        deadline = time.monotonic() + 120
+        while not any(m["msg_type"] == "status" and m["content"]["execution_state"] == "idle"
+                      and m["parent_header"].get("msg_id") == msg_id for m in rest):
+            assert time.monotonic() < deadline, [m["msg_type"] for m in rest]
+            try:
+                m = km.kc.get_iopub_msg(timeout=1)
+            except Exception:
+                continue
+            if m["parent_header"].get("msg_id") == msg_id:
+                rest.append(m)
+        types = [m["msg_type"] for m in rest]
+        assert "clear_output" in types and types.index("clear_output") < types.index("stream"), types
+        assert "ran on the target" in lib.stream_text(rest)
+        del reply
+    finally:
+        subprocess.run(["scancel", blocker], check=False)

@@ -54,7 +54,13 @@ impl Proxy {
                     return Some(msg);
                 }
                 for name in busy {
-                    if let Some(t) = self.targets.get_mut(&name) {
+                    let Some(t) = self.targets.get_mut(&name) else {
+                        continue;
+                    };
+                    if t.state == State::Queued {
+                        // Interrupting a cell that waits for its job cancels the job.
+                        t.release();
+                    } else {
                         t.send(Lane::Control, msg.clone().into_frames());
                     }
                 }
@@ -98,17 +104,8 @@ impl Proxy {
             },
         );
         t.last_used = std::time::Instant::now();
-        if t.state == State::Queued {
-            let note = build::iopub(
-                &self.signer,
-                "stream",
-                &self.session,
-                &msg.header,
-                json!({"name": "stderr", "text": format!(
-                    "[noyau] starting target {} ({} job {}); the cell runs when it is up\n",
-                    t.name, t.backend, t.job)}),
-            );
-            publish(&mut self.fe, note).await;
+        if t.state == State::Queued && t.note.is_none() {
+            t.note = Some(crate::queued::Note::new(msg.header.clone()));
         }
         t.send(Lane::Shell, msg.into_frames());
     }
@@ -246,6 +243,37 @@ impl Proxy {
             TargetEvent::Attached(name, sender) => {
                 if let Some(t) = self.targets.get_mut(&name) {
                     t.attach(sender);
+                    // The cell's output is the target's from now on.
+                    if let Some(note) = t.note.take().filter(|n| n.shown) {
+                        let clear = build::iopub(
+                            &self.signer,
+                            "clear_output",
+                            &self.session,
+                            &note.parent,
+                            json!({"wait": false}),
+                        );
+                        publish(&mut self.fe, clear).await;
+                    }
+                }
+            }
+            TargetEvent::Queue(name, state) => {
+                let Some(t) = self.targets.get_mut(&name) else {
+                    return;
+                };
+                let label = format!("{} (target {name})", t.job);
+                let Some(text) = crate::queued::describe(
+                    &t.backend,
+                    &label,
+                    &state,
+                    t.submitted.elapsed().as_secs(),
+                ) else {
+                    return;
+                };
+                let Some(note) = t.note.as_mut() else { return };
+                if let Some((kind, content)) = note.update(&text) {
+                    let msg =
+                        build::iopub(&self.signer, kind, &self.session, &note.parent, content);
+                    publish(&mut self.fe, msg).await;
                 }
             }
             TargetEvent::Message(name, lane, Payload::Jupyter(frames)) => {

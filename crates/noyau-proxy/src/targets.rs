@@ -31,6 +31,8 @@ pub enum TargetEvent {
     Message(String, Lane, Payload),
     /// The agent is gone (released, cancelled, died, link lost).
     Ended(String, String),
+    /// The job's state while the agent has not dialled in (also every 10 s).
+    Queue(String, noyau_sched::JobState),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +53,9 @@ pub struct Target {
     pub running: BTreeMap<String, RunningCell>,
     sender: Option<LinkSender>,
     queued: VecDeque<(Lane, Vec<Bytes>)>,
+    /// The queue note in the first cell waiting for this target.
+    pub note: Option<crate::queued::Note>,
+    pub submitted: Instant,
     release: Option<oneshot::Sender<()>>,
 }
 
@@ -144,16 +149,30 @@ impl Target {
             let ev = &events;
             // A dropped sender (the proxy is going away) releases too.
             let mut release_rx = release_rx;
-            let link = tokio::select! {
-                l = listener.accept() => l,
-                desc = watch.ended() => {
-                    let _ = ev.send(TargetEvent::Ended(n.clone(), format!("its agent {desc} before connecting"))).await;
-                    return;
+            let mut state = watch.state();
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            let link = loop {
+                tokio::select! {
+                    l = listener.accept() => break l,
+                    desc = watch.ended() => {
+                        let _ = ev.send(TargetEvent::Ended(n.clone(), format!("its agent {desc} before connecting"))).await;
+                        return;
+                    }
+                    _ = &mut release_rx => {
+                        watch.cancel().await;
+                        let _ = ev.send(TargetEvent::Ended(n.clone(), "released".into())).await;
+                        return;
+                    }
+                    changed = async { match state.as_mut() { Some(rx) => rx.changed().await.is_ok(), None => std::future::pending().await } } => {
+                        if !changed {
+                            state = None;
+                        }
+                    }
+                    _ = tick.tick() => {}
                 }
-                _ = &mut release_rx => {
-                    watch.cancel().await;
-                    let _ = ev.send(TargetEvent::Ended(n.clone(), "released".into())).await;
-                    return;
+                if let Some(rx) = &state {
+                    let st = rx.borrow().clone();
+                    let _ = ev.send(TargetEvent::Queue(n.clone(), st)).await;
                 }
             };
             let mut link = match link {
@@ -202,6 +221,8 @@ impl Target {
             running: BTreeMap::new(),
             sender: None,
             queued: VecDeque::new(),
+            note: None,
+            submitted: Instant::now(),
             release: Some(release_tx),
         })
     }
