@@ -18,9 +18,9 @@
 //! * **Cancel** is `scancel`: Slurm sends SIGTERM to the agent, which stops
 //!   its kernel.
 //!
-//! Not yet here (the API leaves room): walltime warnings in the notebook
-//! (the script already asks for `--signal=B:USR1@…`), job arrays for
-//! sweeps (`JobSpec` would gain an `array` field), detached runs.
+//! * **Walltime.** The script asks for `--signal=B:USR1@N` (the profile's
+//!   `walltime_signal`, else a tenth of `time`, 30 s to 10 min); the agent,
+//!   which `exec` makes the batch shell, turns it into a walltime event.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -141,6 +141,9 @@ pub fn log_dir() -> PathBuf {
 
 /// Seconds before the walltime at which the job gets SIGUSR1.
 fn warning_secs(profile: &Profile) -> u64 {
+    if let Some(s) = profile.walltime_signal {
+        return s.into();
+    }
     match profile.time_secs() {
         Some(t) if t > 0 => (t / 10).clamp(30, 600),
         _ => 600,
