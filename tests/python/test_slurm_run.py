@@ -1,0 +1,166 @@
+"""`noyau run` and `noyau sweep` with the Slurm backend, on the real test cluster
+of scripts/slurm-up (profile `test` in the session's user config, partition
+`debug`; conftest writes it).
+
+The runner stays on this host and drives a kernel in a batch job; walltime
+runs and sweeps (one job array) are checked against squeue and the output
+notebooks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import noyau_testlib as lib
+from noyau_testlib import require_slurm
+
+
+@pytest.fixture
+def slurm() -> None:
+    require_slurm()
+    yield
+    left = lib.squeue_noyau()
+    if left:
+        subprocess.run(["scancel", *[j["id"] for j in left]], check=False)
+    assert not left, f"noyau jobs left in the queue: {left}"
+
+
+def notebook(path: Path, *sources: str, params: str | None = None) -> Path:
+    cells = []
+    if params is not None:
+        cells.append({"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": params,
+                      "outputs": [], "execution_count": None, "id": "params"})
+    for i, s in enumerate(sources):
+        cells.append({"cell_type": "code", "metadata": {}, "source": s, "outputs": [],
+                      "execution_count": None, "id": f"c{i}"})
+    path.write_text(json.dumps({
+        "cells": cells, "nbformat": 4, "nbformat_minor": 5,
+        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                    "language": "python"}}}))
+    return path
+
+
+def stdout_of(cell: dict) -> str:
+    return "".join("".join(o.get("text", "")) for o in cell.get("outputs", [])
+                   if o.get("output_type") == "stream" and o.get("name") == "stdout")
+
+
+class Proc:
+    """A noyau command whose stderr is collected line by line as it comes."""
+
+    def __init__(self, argv: list[str], cwd: Path, env: dict | None = None) -> None:
+        self.lines: list[str] = []
+        self.p = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=env)
+        self.t = threading.Thread(target=self._read, daemon=True)
+        self.t.start()
+
+    def _read(self) -> None:
+        assert self.p.stderr
+        for line in self.p.stderr:
+            self.lines.append(line)
+
+    def wait(self, timeout: float) -> int:
+        rc = self.p.wait(timeout=timeout)
+        self.t.join(5)
+        return rc
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.lines)
+
+
+def test_run_drives_a_kernel_in_a_job(slurm: None, noyau_bin: str, tmp_path: Path) -> None:
+    nb = notebook(tmp_path / "in.ipynb",
+                  "import os, socket\nprint(x * 2, os.environ.get('SLURM_JOB_ID'), socket.gethostname())",
+                  params="x = 1")
+    out = tmp_path / "out.ipynb"
+    r = subprocess.run([noyau_bin, "run", str(nb), str(out), "--backend", "slurm", "--profile", "test",
+                        "-o", "mem=400M", "-p", "x", "21"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    meta = res["metadata"]["noyau"]
+    assert meta["backend"] == "slurm"
+    assert meta["job_id"].isdigit(), meta
+    assert meta["node"], meta
+    value, job_id, host = stdout_of(res["cells"][-1]).split()
+    assert value == "42" and job_id == meta["job_id"] and host == meta["node"]
+    # the runner stayed here: the job ran only the agent and is gone
+    lib.wait_until(lambda: not lib.squeue_noyau(), 30, "the run's job to leave the queue", 0.5)
+
+
+def test_run_queued_shows_reason_and_start_then_runs(slurm: None, noyau_bin: str,
+                                                     tmp_path: Path) -> None:
+    cpus = os.cpu_count() or 1
+    blocker = subprocess.run(
+        ["sbatch", "--parsable", "-p", "batch", "-J", "noyau-test-blocker", "-c", str(cpus),
+         "--mem", "100M", "-t", "5", "--wrap", "sleep 300"],
+        capture_output=True, text=True, check=True).stdout.strip()
+    proc = None
+    try:
+        lib.wait_until(lambda: any(j["id"] == blocker and j["state"] == "RUNNING"
+                                   for j in lib.squeue_noyau()), 30, "the blocker to run")
+        nb = notebook(tmp_path / "q.ipynb", "print('ran after the queue')")
+        out = tmp_path / "q.out.ipynb"
+        proc = Proc([noyau_bin, "run", str(nb), str(out), "--profile", "test"], cwd=tmp_path)
+        lib.wait_until(lambda: any("queued: Resources" in l or "queued: Priority" in l
+                                   for l in proc.lines), 60, "a queued line with Slurm's reason")
+        line = next(l for l in proc.lines if "queued: R" in l or "queued: P" in l)
+        assert "partition debug" in line and "est. start" in line, line
+        runs = [j for j in lib.squeue_noyau() if j["name"] == "noyau-run-q"]
+        assert len(runs) == 1 and runs[0]["state"] == "PENDING", runs
+        subprocess.run(["scancel", blocker], check=True)
+        rc = proc.wait(120)
+        assert rc == 0, proc.stderr
+        assert "ran after the queue" in stdout_of(json.loads(out.read_text())["cells"][0])
+    finally:
+        subprocess.run(["scancel", blocker], check=False)
+        if proc and proc.p.poll() is None:
+            proc.p.kill()
+
+
+def test_walltime_saves_finished_cells_and_exits_6(slurm: None, noyau_bin: str,
+                                                   tmp_path: Path) -> None:
+    """A 1-minute job with a long cell: Slurm's early SIGUSR1 (walltime_signal=20;
+    Slurm may send it up to a minute early) reaches the agent, which tells the
+    runner; the runner saves, marks the cell and exits 6."""
+    nb = notebook(tmp_path / "long.ipynb", "print('a')", "print('b')",
+                  "import time\nfor _ in range(600):\n    time.sleep(1)", "print('never')")
+    out = tmp_path / "long.out.ipynb"
+    t0 = time.monotonic()
+    r = subprocess.run([noyau_bin, "run", str(nb), str(out), "--profile", "test",
+                        "-o", "time=00:01:00", "-o", "walltime_signal=20",
+                        "-o", "env.NOYAU_WALLTIME_WARN=50"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 6, r.stderr
+    assert time.monotonic() - t0 < 120
+    assert "walltime reached" in r.stderr, r.stderr
+    res = json.loads(out.read_text())
+    cells = [c for c in res["cells"] if "papermill-error-cell-tag" not in c["metadata"].get("tags", [])]
+    marker = res["cells"][0]
+    assert "papermill-error-cell-tag" in marker["metadata"]["tags"]
+    assert "walltime" in "".join(marker["source"]), marker
+    assert stdout_of(cells[0]) == "a\n" and stdout_of(cells[1]) == "b\n"
+    assert [c["metadata"]["papermill"]["status"] for c in cells] == \
+        ["completed", "completed", "failed", "pending"]
+    err = cells[2]["outputs"][-1]
+    assert err["output_type"] == "error" and err["ename"] == "WalltimeError", err
+    assert "walltime reached" in err["evalue"]
+    assert cells[3]["outputs"] == []
+    lib.wait_until(lambda: not lib.squeue_noyau(), 30, "the run's job to leave the queue", 0.5)
+
+
+def test_exit_codes_documented(noyau_bin: str) -> None:
+    r = subprocess.run([noyau_bin, "run", "--help"], capture_output=True, text=True, check=True)
+    assert "6    walltime reached" in r.stdout
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "run.md").read_text()
+    assert "| 6 | walltime reached" in doc
