@@ -157,7 +157,15 @@ pub fn job_script(spec: &JobSpec, log_dir: &Path) -> String {
     let mut s = String::from("#!/bin/sh\n");
     let mut opt = |k: &str, v: &str| s.push_str(&format!("#SBATCH --{k}={v}\n"));
     opt("job-name", &spec.name);
-    opt("output", &log_dir.join("%x-%j.log").display().to_string());
+    let log = if spec.array.is_some() {
+        "%x-%A_%a.log"
+    } else {
+        "%x-%j.log"
+    };
+    opt("output", &log_dir.join(log).display().to_string());
+    if let Some(a) = &spec.array {
+        opt("array", a);
+    }
     opt("signal", &format!("B:USR1@{}", warning_secs(p)));
     if let Some(cwd) = &spec.cwd {
         opt("chdir", &cwd.display().to_string());
@@ -544,6 +552,47 @@ impl SlurmBackend {
     }
 
     pub(crate) async fn submit(&self, spec: JobSpec) -> Result<Job, SchedError> {
+        let id = self.sbatch(&spec).await?;
+        let state = self.watcher.track(&id, spec.profile.partition.clone());
+        Ok(Job {
+            id: id.clone(),
+            backend: "slurm",
+            state,
+            handle: JobHandle::Slurm(SlurmHandle { id }),
+        })
+    }
+
+    /// Submits a job array (`spec.array` set) and returns its job id. The
+    /// watcher does not follow it: its tasks are asked with [`Self::array_tasks`].
+    pub async fn submit_array(&self, spec: &JobSpec) -> Result<String, SchedError> {
+        if spec.array.is_none() {
+            return Err(SchedError::Invalid("a job array needs its task ids".into()));
+        }
+        self.sbatch(spec).await
+    }
+
+    /// The tasks of a job array still known to Slurm (one squeue call, one
+    /// line per task); None once Slurm no longer knows the job.
+    pub async fn array_tasks(&self, id: &str) -> Result<Option<Vec<QueueLine>>, String> {
+        let out = run(
+            &self.cmds().squeue,
+            &["-h", "-r", "--states=all", "-j", id, "-o", SQUEUE_FORMAT],
+            self.cmds().timeout,
+            None,
+            no_env(),
+        )
+        .await;
+        match out {
+            Ok(o) => {
+                let lines = parse_squeue(&o);
+                Ok((!lines.is_empty()).then_some(lines))
+            }
+            Err(e) if e.contains("Invalid job id") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn sbatch(&self, spec: &JobSpec) -> Result<String, SchedError> {
         self.validate(&spec.profile).await?;
         let dir = log_dir();
         std::fs::create_dir_all(&dir)
@@ -557,7 +606,7 @@ impl SlurmBackend {
                     dir.display()
                 ))
             })?;
-        let script = job_script(&spec, &dir);
+        let script = job_script(spec, &dir);
         // The secrets go in sbatch's own environment, which Slurm exports to the job.
         let out = run(
             &self.cmds().sbatch,
@@ -575,14 +624,8 @@ impl SlurmBackend {
             .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit() || b == b'_'))
             .ok_or_else(|| SchedError::Submit(format!("sbatch printed no job id: {out:?}")))?
             .to_string();
-        let state = self.watcher.track(&id, spec.profile.partition.clone());
         tracing::info!(job = %id, log = %dir.join(format!("{}-{id}.log", spec.name)).display(), "submitted to Slurm");
-        Ok(Job {
-            id: id.clone(),
-            backend: "slurm",
-            state,
-            handle: JobHandle::Slurm(SlurmHandle { id }),
-        })
+        Ok(id)
     }
 
     pub(crate) async fn cancel(&self, h: &SlurmHandle) {
@@ -655,6 +698,7 @@ mod tests {
             env,
             cwd: Some("/home/u/nb".into()),
             profile,
+            array: None,
         }
     }
 
