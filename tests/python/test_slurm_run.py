@@ -164,3 +164,104 @@ def test_exit_codes_documented(noyau_bin: str) -> None:
     assert "6    walltime reached" in r.stdout
     doc = (Path(__file__).resolve().parents[2] / "docs" / "run.md").read_text()
     assert "| 6 | walltime reached" in doc
+
+
+SWEEP_NB = ("import os\n"
+            "if os.path.exists(FLAG) and x == 2:\n"
+            "    raise ValueError('point x=2 fails while the flag exists')\n"
+            "print(x, y, os.environ.get('SLURM_ARRAY_JOB_ID'), os.environ.get('SLURM_ARRAY_TASK_ID'))")
+
+
+def sweep_notebook(tmp_path: Path) -> tuple[Path, Path]:
+    flag = tmp_path / "flag"
+    nb = notebook(tmp_path / "sw.ipynb", SWEEP_NB, params=f"x = 0\ny = 'a'\nFLAG = {str(flag)!r}")
+    return nb, flag
+
+
+def check_summary(outdir: Path, n: int) -> dict:
+    summary = json.loads((outdir / "summary.json").read_text())
+    assert len(summary["points"]) == n
+    csv_lines = (outdir / "summary.csv").read_text().splitlines()
+    assert csv_lines[0].split(",")[:3] == ["index", "x", "y"], csv_lines[0]
+    assert csv_lines[0].endswith("status,exit_code,duration_s,output")
+    assert len(csv_lines) == n + 1
+    for p in summary["points"]:
+        assert Path(p["output"]).is_file(), p
+        assert isinstance(p["duration_s"], float), p
+    return summary
+
+
+def test_sweep_is_one_job_array_and_retry_reruns_only_failed(slurm: None, noyau_bin: str,
+                                                             tmp_path: Path) -> None:
+    nb, flag = sweep_notebook(tmp_path)
+    flag.write_text("fail x=2")
+    outdir = tmp_path / "out"
+    seen: set[str] = set()
+    proc = Proc([noyau_bin, "sweep", str(nb), "--grid", "x=1,2,3", "--grid", "y=a,b",
+                 "--max-parallel", "2", "--profile", "test", "-o", str(outdir)], cwd=tmp_path)
+    while proc.p.poll() is None:
+        for j in lib.squeue_noyau():
+            seen.add(j["id"].split("_")[0])
+            assert j["name"] == "noyau-sweep-sw", j
+        time.sleep(0.3)
+    rc = proc.wait(10)
+    assert rc == 1, proc.stderr  # the two x=2 points failed
+    summary = check_summary(outdir, 6)
+    job = summary["job_id"]
+    assert seen <= {job}, (seen, job)  # one job array, nothing else
+    assert "--array=0-5%2" in proc.stderr
+    statuses = [(p["parameters"]["x"], p["parameters"]["y"], p["status"]) for p in summary["points"]]
+    assert statuses == [(1, "a", "ok"), (1, "b", "ok"), (2, "a", "failed"), (2, "b", "failed"),
+                        (3, "a", "ok"), (3, "b", "ok")], statuses
+    for i, p in enumerate(summary["points"]):
+        assert p["job"] == f"{job}_{i}", p
+        out = json.loads(Path(p["output"]).read_text())
+        assert out["metadata"]["noyau"]["allocation"] == f"{job}_{i}"
+        assert out["metadata"]["papermill"]["parameters"]["x"] == p["parameters"]["x"]
+        if p["status"] == "ok":
+            assert stdout_of(out["cells"][-1]).split() == [str(p["parameters"]["x"]), p["parameters"]["y"],
+                                                         job, str(i)]
+    mtimes = {p["output"]: Path(p["output"]).stat().st_mtime_ns for p in summary["points"]}
+
+    flag.unlink()
+    r = subprocess.run([noyau_bin, "sweep", str(nb), "--retry-failed", "--profile", "test",
+                        "-o", str(outdir)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "--array=2-3%4" in r.stderr, r.stderr
+    summary2 = check_summary(outdir, 6)
+    assert [p["status"] for p in summary2["points"]] == ["ok"] * 6
+    retry_job = summary2["job_id"]
+    assert retry_job != job
+    for i, p in enumerate(summary2["points"]):
+        rerun = i in (2, 3)
+        assert p["job"] == (f"{retry_job}_{i}" if rerun else f"{job}_{i}"), p
+        assert (Path(p["output"]).stat().st_mtime_ns != mtimes[p["output"]]) == rerun
+    lib.wait_until(lambda: not lib.squeue_noyau(), 30, "the sweep's jobs to leave the queue", 0.5)
+
+
+def test_local_sweep_runs_k_at_a_time(noyau_bin: str, tmp_path: Path) -> None:
+    nb, _ = sweep_notebook(tmp_path)
+    r = subprocess.run([noyau_bin, "sweep", str(nb), "--grid", "x=1,2", "--grid", "y=a,b",
+                        "--max-parallel", "2", "--backend", "local"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    outdir = tmp_path / "sw.sweep"
+    summary = check_summary(outdir, 4)
+    assert summary["backend"] == "local" and summary["job_id"] is None
+    assert [p["status"] for p in summary["points"]] == ["ok"] * 4
+    assert sorted(p.name for p in outdir.glob("sw-*.ipynb")) == [f"sw-{i}.ipynb" for i in range(4)]
+    assert "2 running" in r.stderr and "3 running" not in r.stderr, r.stderr
+
+
+def test_sweep_bad_input(noyau_bin: str, tmp_path: Path) -> None:
+    nb, _ = sweep_notebook(tmp_path)
+    for args, want in [(["--grid", "x"], "NAME=V1,V2"), ([], "no points"),
+                       (["--retry-failed"], "no summary")]:
+        r = subprocess.run([noyau_bin, "sweep", str(nb), "--backend", "local", *args],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and want in r.stderr, (args, r.stderr)
+    bad = tmp_path / "bad.ipynb"
+    bad.write_text("{nope")
+    r = subprocess.run([noyau_bin, "sweep", str(bad), "--grid", "x=1"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "invalid JSON" in r.stderr, r.stderr

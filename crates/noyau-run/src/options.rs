@@ -113,13 +113,16 @@ pub struct RunArgs {
     /// message, like papermill), nbclient (jupyter execute --coalesce-streams)
     #[arg(long, value_name = "MODE", default_value = "coalesce")]
     pub stream_mode: String,
+    /// Parameters set before the command line's (a sweep's point).
+    #[arg(skip)]
+    pub preset: Parameters,
 }
 
 impl RunArgs {
     /// The parameters, merged like papermill: `-f` files, then `-y`, then
     /// `-p` and `-r` in order.
     pub fn parameters(&self) -> Result<Parameters, String> {
-        let mut params = Parameters::new();
+        let mut params = self.preset.clone();
         for f in &self.parameters_file {
             let text = std::fs::read_to_string(f)
                 .map_err(|e| format!("cannot read the parameters file {}: {e}", f.display()))?;

@@ -176,14 +176,26 @@ impl Signals {
 /// (as `noyau kernel` takes them); the backend is `--backend`, else the
 /// profile's, else local.
 fn resources(args: &RunArgs) -> Result<(String, noyau_config::Profile), Failure> {
+    backend_and_profile(
+        args.backend.as_deref(),
+        args.profile.as_deref(),
+        &args.options,
+    )
+}
+
+/// The backend and profile from `--backend`, `--profile` and `-o` overrides.
+pub fn backend_and_profile(
+    backend: Option<&str>,
+    profile: Option<&str>,
+    options: &[String],
+) -> Result<(String, noyau_config::Profile), Failure> {
     let cwd = std::env::current_dir().map_err(|e| bad(format!("no current directory: {e}")))?;
     let config = noyau_config::Config::load(&cwd).map_err(|e| bad(e.to_string()))?;
     let profile = config
-        .profile(args.profile.as_deref(), &args.options)
+        .profile(profile, options)
         .map_err(|e| bad(e.to_string()))?;
-    let backend = args
-        .backend
-        .clone()
+    let backend = backend
+        .map(str::to_string)
         .or_else(|| profile.backend.clone())
         .unwrap_or_else(|| "local".into());
     if !matches!(backend.as_str(), "local" | "slurm") {
