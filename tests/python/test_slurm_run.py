@@ -265,3 +265,38 @@ def test_sweep_bad_input(noyau_bin: str, tmp_path: Path) -> None:
     r = subprocess.run([noyau_bin, "sweep", str(bad), "--grid", "x=1"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "invalid JSON" in r.stderr, r.stderr
+
+
+def test_detached_run_is_the_job_and_ps_shows_its_cells(slurm: None, noyau_bin: str,
+                                                        tmp_path: Path) -> None:
+    nb = notebook(tmp_path / "det.ipynb", "import time", *["time.sleep(1)"] * 6,
+                  "import os\nprint(x, os.environ.get('SLURM_JOB_ID'))", params="x = 0")
+    out = tmp_path / "det.out.ipynb"
+    t0 = time.monotonic()
+    r = subprocess.run([noyau_bin, "run", str(nb), str(out), "--detach", "--profile", "test",
+                        "-p", "x", "7"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - t0 < 15, "--detach waited for the run"
+    job = r.stdout.strip()
+    assert job.isdigit(), r.stdout
+    seen = set()
+
+    def cells() -> str | None:
+        ps = subprocess.run([noyau_bin, "ps"], capture_output=True, text=True, check=True).stdout
+        line = next((l for l in ps.splitlines() if l.split()[:1] == [job]), None)
+        if line is None:
+            return None
+        assert " run " in line and "noyau-run-det" in line, line
+        f = line.split()
+        if f[-1].count("/") == 1:
+            seen.add(f[-1])
+        return line
+
+    lib.wait_until(lambda: cells() is None and out.exists(), 120, "the detached run to end", 0.3)
+    done = {int(s.split("/")[0]) for s in seen}
+    assert seen and all(s.endswith("/10") for s in seen), seen
+    assert len(done) >= 2, f"progress never moved: {seen}"
+    res = json.loads(out.read_text())
+    assert [c["metadata"]["papermill"]["status"] for c in res["cells"]] == ["completed"] * 10
+    assert stdout_of(res["cells"][-1]).split() == ["7", job]
+    assert res["metadata"]["noyau"]["allocation"] == job

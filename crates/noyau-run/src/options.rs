@@ -113,6 +113,10 @@ pub struct RunArgs {
     /// message, like papermill), nbclient (jupyter execute --coalesce-streams)
     #[arg(long, value_name = "MODE", default_value = "coalesce")]
     pub stream_mode: String,
+    /// Submit the runner itself as the batch job and return at once
+    /// (`noyau ps` shows its progress); needs a batch backend
+    #[arg(long)]
+    pub detach: bool,
     /// Parameters set before the command line's (a sweep's point).
     #[arg(skip)]
     pub preset: Parameters,

@@ -259,6 +259,160 @@ fn queue_note(st: &JobState) -> String {
     }
 }
 
+/// Where a detached run in job `id` reports its progress (`noyau ps` reads it).
+pub fn status_path(id: &str) -> PathBuf {
+    let logs = noyau_sched::slurm::log_dir();
+    logs.parent()
+        .unwrap_or(&logs)
+        .join("runs")
+        .join(format!("{id}.json"))
+}
+
+/// A detached run's progress, in a 0600 file: `{"done": 3, "total": 10}`,
+/// rewritten (atomically) after each cell. Only when this runner is the job.
+struct StatusFile {
+    path: Option<PathBuf>,
+    done: usize,
+    total: usize,
+}
+
+impl StatusFile {
+    fn new(total: usize) -> StatusFile {
+        let path = (std::env::var_os("NOYAU_DETACHED").is_some())
+            .then(allocation)
+            .flatten()
+            .map(|id| status_path(&id));
+        let s = StatusFile {
+            path,
+            done: 0,
+            total,
+        };
+        s.write();
+        s
+    }
+
+    fn cell_done(&mut self) {
+        self.done += 1;
+        self.write();
+    }
+
+    fn write(&self) {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let Some(p) = &self.path else { return };
+        let _ = std::fs::create_dir_all(p.parent().unwrap_or(Path::new(".")));
+        let tmp = p.with_extension("tmp");
+        let text = json!({"done": self.done, "total": self.total}).to_string();
+        let ok = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .and_then(|()| std::fs::rename(&tmp, p));
+        if let Err(e) = ok {
+            tracing::warn!("cannot write the run's status file {}: {e}", p.display());
+        }
+    }
+}
+
+/// `noyau run --detach`: the runner itself becomes the batch job (a local
+/// kernel inside the allocation); this command returns once it is submitted.
+async fn detach(
+    args: &RunArgs,
+    backend: &str,
+    profile: noyau_config::Profile,
+) -> Result<i32, Failure> {
+    if backend != "slurm" {
+        return Err(bad(
+            "--detach needs a batch backend (--backend slurm or a slurm profile)",
+        ));
+    }
+    if args.input == "-" || args.output.as_deref() == Some("-") {
+        return Err(bad(
+            "--detach needs an input and an output file, not stdin/stdout",
+        ));
+    }
+    read_input(&args.input)?;
+    let Output::File(out) = output_for(&args.input, args.output.as_deref()) else {
+        return Err(bad("--detach needs an output file"));
+    };
+    let abs = |p: &Path| {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            std::env::current_dir().unwrap_or_default().join(p)
+        }
+    };
+    let path_arg = |p: &Path| abs(p).display().to_string();
+    let mut a: Vec<String> = vec![
+        "run".into(),
+        path_arg(Path::new(&args.input)),
+        path_arg(&out),
+        "--backend".into(),
+        "local".into(),
+        "--no-progress".into(),
+        "--start-timeout".into(),
+        args.start_timeout.to_string(),
+        "--stream-mode".into(),
+        args.stream_mode.clone(),
+    ];
+    for (flag, list) in [("-p", &args.parameters), ("-r", &args.parameters_raw)] {
+        for pair in list.chunks(2) {
+            a.push(flag.into());
+            a.extend(pair.iter().cloned());
+        }
+    }
+    for f in &args.parameters_file {
+        a.extend(["-f".into(), path_arg(f)]);
+    }
+    for y in &args.parameters_yaml {
+        a.extend(["-y".into(), y.clone()]);
+    }
+    let opt = |a: &mut Vec<String>, k: &str, v: Option<String>| {
+        if let Some(v) = v {
+            a.extend([k.to_string(), v]);
+        }
+    };
+    opt(&mut a, "--kernel", args.kernel.clone());
+    opt(&mut a, "--language", args.language.clone());
+    opt(&mut a, "--cwd", args.cwd.as_deref().map(path_arg));
+    opt(&mut a, "--timeout", args.timeout.map(|t| t.to_string()));
+    for (on, flag) in [
+        (args.allow_errors, "--allow-errors"),
+        (args.log_output, "--log-output"),
+        (args.report_mode, "--report-mode"),
+    ] {
+        if on {
+            a.push(flag.into());
+        }
+    }
+    let spec = noyau_sched::JobSpec {
+        name: job_name(&args.input),
+        program: std::env::current_exe().unwrap_or_else(|_| "noyau".into()),
+        args: a,
+        env: [("NOYAU_DETACHED".to_string(), "1".to_string())].into(),
+        cwd: std::env::current_dir().ok(),
+        profile,
+        array: None,
+    };
+    let id = noyau_sched::slurm::SlurmBackend::global()
+        .submit_detached(&spec)
+        .await
+        .map_err(|e| Failure {
+            code: exit::KERNEL_START,
+            message: e.to_string(),
+        })?;
+    eprintln!(
+        "noyau: submitted Slurm job {id} ({}): the run goes on in the job; output {}; `noyau ps` shows its progress, `noyau cancel {id}` stops it",
+        spec.name,
+        abs(&out).display()
+    );
+    println!("{id}");
+    Ok(exit::OK)
+}
+
 /// The batch allocation this runner itself runs in (a sweep task, a
 /// detached run): `1234` or `1234_5` for an array task.
 pub fn allocation() -> Option<String> {
@@ -280,6 +434,9 @@ fn kernel_failure(e: anyhow::Error) -> Failure {
 pub async fn run(args: RunArgs) -> Result<i32, Failure> {
     let params = args.parameters().map_err(bad)?;
     let (backend, resources) = resources(&args)?;
+    if args.detach {
+        return detach(&args, &backend, resources).await;
+    }
     let mode = stream_mode(&args.stream_mode)?;
     let output = output_for(&args.input, args.output.as_deref());
     if let Output::File(p) = &output {
@@ -420,6 +577,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Failure> {
         nb.metadata.insert("language_info".into(), li.clone());
     }
 
+    let total_cells = nb.cells.len();
     let mut runner = Runner {
         builder: OutputBuilder::new(mode),
         progress: Progress::new(!args.no_progress, nb.cells.len()),
@@ -429,6 +587,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Failure> {
         ahead: None,
         early: Default::default(),
         walltime: None,
+        status: StatusFile::new(total_cells),
     };
     let (code, kernel_alive) = runner.run_cells(&mut kernel, &mut signals, run_start).await;
     runner.progress.finish();
@@ -471,6 +630,7 @@ struct Runner<'a> {
     early: std::collections::VecDeque<KernelMessage>,
     /// The batch job and when it ends, once a walltime warning said so.
     walltime: Option<(String, Instant)>,
+    status: StatusFile,
 }
 
 fn runnable(cell: &noyau_notebook::Cell) -> bool {
@@ -493,6 +653,8 @@ impl Runner<'_> {
             if !runnable(&self.nb.cells[i]) {
                 pm::cell_complete(&mut self.nb.cells[i], start);
                 self.progress.cell_done();
+                self.status.cell_done();
+                self.status.cell_done();
                 i += 1;
                 continue;
             }
@@ -569,6 +731,7 @@ impl Runner<'_> {
             };
             pm::cell_complete(&mut self.nb.cells[i], start);
             self.progress.cell_done();
+            self.status.cell_done();
             if let Some((code, alive, signal)) = stop {
                 let markers = code != exit::OK;
                 pm::notebook_complete(&mut self.nb, run_start, false);

@@ -592,6 +592,12 @@ impl SlurmBackend {
         }
     }
 
+    /// Submits a job nobody in this process follows (a detached run);
+    /// returns its id.
+    pub async fn submit_detached(&self, spec: &JobSpec) -> Result<String, SchedError> {
+        self.sbatch(spec).await
+    }
+
     async fn sbatch(&self, spec: &JobSpec) -> Result<String, SchedError> {
         self.validate(&spec.profile).await?;
         let dir = log_dir();
