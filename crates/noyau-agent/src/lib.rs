@@ -19,6 +19,7 @@
 pub mod config;
 pub mod kernel;
 pub mod outbox;
+pub mod walltime;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -85,13 +86,36 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<i32> {
     let mut first = true;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     // A batch job asks for SIGUSR1 before its walltime (`--signal=B:USR1@…`);
-    // its default action would end the agent, so it is only noted for now.
+    // its default action would end the agent: it becomes a WalltimeNear event.
     let mut usr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
-    tokio::spawn(async move {
-        while usr1.recv().await.is_some() {
-            tracing::warn!("SIGUSR1: the job's walltime is near");
-        }
-    });
+    let end = walltime::End::default();
+    if let Some(job) = walltime::slurm_job() {
+        tokio::spawn(walltime::watch(
+            job.clone(),
+            agent.outbox.clone(),
+            end.clone(),
+        ));
+        let outbox = agent.outbox.clone();
+        tokio::spawn(async move {
+            while usr1.recv().await.is_some() {
+                let seconds_left = end.seconds_left();
+                tracing::warn!(job, ?seconds_left, "SIGUSR1: the job's walltime is near");
+                outbox.event(
+                    Lane::Iopub,
+                    &Event::WalltimeNear {
+                        job: job.clone(),
+                        seconds_left,
+                    },
+                );
+            }
+        });
+    } else {
+        tokio::spawn(async move {
+            while usr1.recv().await.is_some() {
+                tracing::warn!("SIGUSR1 outside a Slurm job: ignored");
+            }
+        });
+    }
     loop {
         let wait = if first {
             Duration::from_secs(30)

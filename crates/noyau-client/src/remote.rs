@@ -25,7 +25,31 @@ use noyau_link::{Incoming, Link, LinkConfig, LinkEvent, LinkSender};
 use noyau_wire::{build, RawMessage, Signer};
 use serde_json::{json, Value};
 
+use noyau_sched::JobState;
+use tokio::time::Instant;
+
 use crate::agent::{start_agent, AgentLaunch, AgentWatch};
+
+/// Resolves when the job's state changes; never without a job or once the
+/// channel is closed.
+async fn state_changed(rx: &mut Option<tokio::sync::watch::Receiver<JobState>>) {
+    match rx {
+        Some(r) => {
+            if r.changed().await.is_err() {
+                *rx = None;
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
 
 /// Why the kernel cannot be used (any more).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -76,6 +100,27 @@ impl KernelMessage {
             metadata: serde_json::from_slice(&raw.metadata).unwrap_or(Value::Null),
         })
     }
+}
+
+/// What the agent says about its job's walltime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Walltime {
+    /// A warning threshold: the job ends in about `seconds_left`.
+    Warning { job: String, seconds_left: u64 },
+    /// The scheduler's early signal: the job ends soon; save and stop.
+    Near {
+        job: String,
+        seconds_left: Option<u64>,
+    },
+}
+
+/// One thing from the agent: a kernel message or a walltime notice.
+/// (Messages are nearly everything that comes: not boxed.)
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub enum KernelEvent {
+    Message(KernelMessage),
+    Walltime(Walltime),
 }
 
 /// Options of one execute request.
@@ -137,21 +182,52 @@ impl RemoteKernel {
         timeout: Duration,
         cancel: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<RemoteKernel> {
+        Self::start_watching(launch, timeout, cancel, |_| {}).await
+    }
+
+    /// [`RemoteKernel::start_until`], calling `on_state` with each state of
+    /// the agent's job while it waits (queued: Slurm's reason and estimated
+    /// start; running: the node). For a batch backend `timeout` counts from
+    /// the job's start, not its submission: the queue may hold it for hours.
+    pub async fn start_watching(
+        launch: AgentLaunch,
+        timeout: Duration,
+        cancel: impl std::future::Future<Output = ()>,
+        mut on_state: impl FnMut(&JobState),
+    ) -> anyhow::Result<RemoteKernel> {
         let backend = launch.backend.clone();
         let started = start_agent(launch, LinkConfig::default()).await?;
         let mut listener = started.listener;
         let mut watch = started.watch;
+        let mut states = watch.state();
+        let batch = backend != "local";
         let waiting = async {
-            let mut link = tokio::select! {
-                l = listener.accept() => l.map_err(|e| KernelError::Link(e.to_string()))?,
-                desc = watch.ended() => return Err(KernelError::Died(format!("(its agent) {desc} before connecting"))),
+            let mut deadline = (!batch).then(|| Instant::now() + timeout);
+            let mut link = loop {
+                tokio::select! {
+                    l = listener.accept() => break l.map_err(|e| KernelError::Link(e.to_string()))?,
+                    desc = watch.ended() => return Err(KernelError::Died(format!("(its agent) {desc} before connecting"))),
+                    () = state_changed(&mut states) => {
+                        if let Some(rx) = states.as_mut() {
+                            let st = rx.borrow_and_update().clone();
+                            if matches!(st, JobState::Running { .. }) && deadline.is_none() {
+                                deadline = Some(Instant::now() + timeout);
+                            }
+                            on_state(&st);
+                        }
+                    }
+                    () = sleep_until(deadline) => return Err(KernelError::StartTimeout(timeout.as_secs())),
+                }
             };
+            // The agent dialled: its job runs, whatever squeue said last.
+            let deadline = deadline.unwrap_or_else(|| Instant::now() + timeout);
             let mut host = None;
             let mut environment = None;
             loop {
                 let incoming = tokio::select! {
                     m = link.recv() => m,
                     desc = watch.ended() => return Err(KernelError::Died(format!("(its agent) {desc} while starting"))),
+                    () = sleep_until(Some(deadline)) => return Err(KernelError::StartTimeout(timeout.as_secs())),
                 };
                 match incoming {
                     None | Some(Incoming::Event(LinkEvent::Closed(_))) => {
@@ -185,18 +261,14 @@ impl RemoteKernel {
             }
         };
         let result = tokio::select! {
-            r = tokio::time::timeout(timeout, waiting) => r,
-            () = cancel => Ok(Err(KernelError::Cancelled)),
+            r = waiting => r,
+            () = cancel => Err(KernelError::Cancelled),
         };
         let (link, host, kernel_info, environment) = match result {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => {
+            Ok(v) => v,
+            Err(e) => {
                 watch.cancel().await;
                 return Err(e.into());
-            }
-            Err(_) => {
-                watch.cancel().await;
-                return Err(KernelError::StartTimeout(timeout.as_secs()).into());
             }
         };
         Ok(RemoteKernel {
@@ -271,10 +343,22 @@ impl RemoteKernel {
         self.send(Lane::Control, "interrupt_request", json!({}))
     }
 
-    /// The next message from the kernel, in arrival order. Fails once the
-    /// kernel or its agent is gone (after every message that came before).
-    /// Cancel-safe: it can be used in `select!`.
+    /// The next message from the kernel, in arrival order (walltime notices
+    /// are logged and skipped; see [`RemoteKernel::next_event`]). Fails once
+    /// the kernel or its agent is gone (after every message that came
+    /// before). Cancel-safe: it can be used in `select!`.
     pub async fn next(&mut self) -> Result<KernelMessage, KernelError> {
+        loop {
+            match self.next_event().await? {
+                KernelEvent::Message(m) => return Ok(m),
+                KernelEvent::Walltime(w) => tracing::warn!("{w:?}"),
+            }
+        }
+    }
+
+    /// The next message or walltime notice from the agent, in arrival order.
+    /// Cancel-safe.
+    pub async fn next_event(&mut self) -> Result<KernelEvent, KernelError> {
         loop {
             if let Some(e) = &self.dead {
                 return Err(e.clone());
@@ -313,7 +397,7 @@ impl RemoteKernel {
                             continue;
                         };
                         if let Some(m) = KernelMessage::parse(lane, &raw) {
-                            return Ok(m);
+                            return Ok(KernelEvent::Message(m));
                         }
                     }
                     Ok(Payload::Event(Event::KernelDied { description, .. })) => {
@@ -321,6 +405,15 @@ impl RemoteKernel {
                     }
                     Ok(Payload::Event(Event::AgentError { message })) => {
                         self.dead = Some(KernelError::AgentError(message));
+                    }
+                    Ok(Payload::Event(Event::WalltimeWarning { job, seconds_left })) => {
+                        return Ok(KernelEvent::Walltime(Walltime::Warning {
+                            job,
+                            seconds_left,
+                        }));
+                    }
+                    Ok(Payload::Event(Event::WalltimeNear { job, seconds_left })) => {
+                        return Ok(KernelEvent::Walltime(Walltime::Near { job, seconds_left }));
                     }
                     Ok(Payload::Event(ev)) => tracing::debug!("event {ev:?}"),
                     Err(e) => tracing::warn!("dropped a malformed link message: {e}"),

@@ -64,6 +64,10 @@ pub struct Profile {
     pub link_bind: Option<String>,
     /// The address the agent dials (default: this host's name and the bound port).
     pub link_advertise: Option<String>,
+    /// Seconds before the walltime at which Slurm sends the job SIGUSR1
+    /// (`--signal=B:USR1@N`), for a run to save and stop [default: a tenth
+    /// of `time`, 30 s to 10 min].
+    pub walltime_signal: Option<u32>,
 }
 
 /// The keys a profile may hold, for suggestions and `-o`.
@@ -86,6 +90,7 @@ pub const KEYS: &[&str] = &[
     "env",
     "link_bind",
     "link_advertise",
+    "walltime_signal",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +162,7 @@ struct RawProfile {
     env: Option<BTreeMap<String, String>>,
     link_bind: Option<String>,
     link_advertise: Option<String>,
+    walltime_signal: Option<u32>,
 }
 
 impl Profile {
@@ -180,7 +186,8 @@ impl Profile {
             constraint,
             prologue,
             link_bind,
-            link_advertise
+            link_advertise,
+            walltime_signal
         );
         if let Some(s) = r.sbatch {
             self.sbatch = s;
@@ -231,6 +238,7 @@ impl Profile {
             "prologue" => self.prologue = s,
             "link_bind" => self.link_bind = s,
             "link_advertise" => self.link_advertise = s,
+            "walltime_signal" => self.walltime_signal = Some(num(&value)?),
             other => {
                 return Err(err(format!(
                     "unknown key `{other}`{}; valid keys: {}, env.NAME",

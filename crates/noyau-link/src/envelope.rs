@@ -41,6 +41,15 @@ pub enum Event {
     DetachAck,
     /// Proxy → agent: stop the kernel and end the job.
     Shutdown,
+    /// Agent → proxy: the batch job reaches its walltime in `seconds_left`
+    /// (one of the warning thresholds).
+    WalltimeWarning { job: String, seconds_left: u64 },
+    /// Agent → proxy: the scheduler's early signal (SIGUSR1) came: the job
+    /// ends soon (`seconds_left` when the agent knows). A run saves and stops.
+    WalltimeNear {
+        job: String,
+        seconds_left: Option<u64>,
+    },
 }
 
 #[derive(Debug)]

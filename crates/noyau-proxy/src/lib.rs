@@ -114,6 +114,17 @@ struct Proxy {
     /// The queue note shown in the first waiting cell.
     note: Option<queued::Note>,
     submitted: Instant,
+    /// A walltime notice that came while no cell ran: shown in the next one.
+    walltime_notice: Option<String>,
+}
+
+/// `9 min 58 s`.
+fn human(secs: u64) -> String {
+    match (secs / 60, secs % 60) {
+        (0, s) => format!("{s} s"),
+        (m, 0) => format!("{m} min"),
+        (m, s) => format!("{m} min {s} s"),
+    }
 }
 
 /// True when the message's header date is before `t`.
@@ -190,6 +201,7 @@ pub async fn run(cfg: ProxyConfig) -> anyhow::Result<i32> {
         job_state,
         note: None,
         submitted: Instant::now(),
+        walltime_notice: None,
         cfg,
         fe,
         signer,
@@ -463,6 +475,17 @@ impl Proxy {
                 self.on_job_state().await;
             }
         }
+        if lane == Lane::Shell
+            && self.walltime_notice.is_some()
+            && msg
+                .peek_header()
+                .is_ok_and(|h| h.msg_type == "execute_request")
+        {
+            if let Some(text) = self.walltime_notice.take() {
+                let parent = msg.header.clone();
+                self.publish_stderr(&parent, &text).await;
+            }
+        }
         self.forward_frontend_message(lane, msg);
         None
     }
@@ -661,11 +684,55 @@ impl Proxy {
                 self.stop_agent().await;
                 Some(1)
             }
+            Event::WalltimeWarning { job, seconds_left } => {
+                self.walltime_notice(format!(
+                    "noyau: the batch job {job} reaches its walltime in {}; the kernel ends then: save your work.\n",
+                    human(seconds_left)
+                ))
+                .await;
+                None
+            }
+            Event::WalltimeNear { job, seconds_left } => {
+                let when =
+                    seconds_left.map_or("soon".to_string(), |s| format!("in about {}", human(s)));
+                self.walltime_notice(format!(
+                    "noyau: walltime reached soon: the batch job {job} ends {when}; save your work now.\n"
+                ))
+                .await;
+                None
+            }
             other => {
                 tracing::debug!("event {other:?}");
                 None
             }
         }
+    }
+
+    /// A walltime notice, as stderr of the running cell (the oldest waiting
+    /// execution), else of the next cell the frontend sends.
+    async fn walltime_notice(&mut self, text: String) {
+        tracing::warn!("{}", text.trim_end());
+        let running = self
+            .order
+            .iter()
+            .filter_map(|id| self.pending.get(id))
+            .find(|p| p.msg_type == "execute_request")
+            .map(|p| p.header.clone());
+        match running {
+            Some(parent) => self.publish_stderr(&parent, &text).await,
+            None => self.walltime_notice = Some(text),
+        }
+    }
+
+    async fn publish_stderr(&mut self, parent: &Bytes, text: &str) {
+        let msg = build::iopub(
+            &self.signer,
+            "stream",
+            &self.session,
+            parent,
+            json!({"name": "stderr", "text": text}),
+        );
+        publish(&mut self.fe, msg).await;
     }
 
     /// Tells every waiting request, and IOPub, that the kernel is gone.

@@ -29,10 +29,12 @@ pub mod papermill;
 pub mod progress;
 pub mod runner;
 pub mod save;
+pub mod sweep;
 pub mod upgrade;
 pub mod yaml;
 
 pub use options::{exit, RunArgs};
+pub use sweep::{SweepArgs, SweepTaskArgs};
 
 /// Runs `noyau run` to the end; returns the process exit code. Errors are
 /// printed to stderr here.

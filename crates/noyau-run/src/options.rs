@@ -21,6 +21,9 @@ pub mod exit {
     pub const TIMEOUT: i32 = 4;
     /// The kernel could not be started (or not within `--start-timeout`).
     pub const KERNEL_START: i32 = 5;
+    /// The batch job reached (or was about to reach) its walltime: the run
+    /// stopped, every finished cell saved, the running cell marked.
+    pub const WALLTIME: i32 = 6;
     /// Stopped by SIGINT (Ctrl-C) / SIGTERM; the output was saved first.
     pub const SIGINT: i32 = 130;
     pub const SIGTERM: i32 = 143;
@@ -35,6 +38,8 @@ Exit codes:
   3    the kernel died during the run (the running cell is marked failed)
   4    a cell ran longer than --timeout
   5    the kernel could not be started (or not within --start-timeout)
+  6    walltime reached: the batch job hit (or was about to hit) its time limit; every
+       finished cell is saved, the running cell has a WalltimeError and a marker is at the top
   130  interrupted by SIGINT (Ctrl-C), 143 terminated by SIGTERM: the output was saved first
 
 The output notebook is saved atomically while the run goes on: every finished cell is on
@@ -73,7 +78,8 @@ pub struct RunArgs {
     /// Seconds a cell may run before it is interrupted and the run stops [default: no limit]
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<f64>,
-    /// Seconds to wait for the kernel to start
+    /// Seconds to wait for the kernel to start (for a batch job, counted from
+    /// the job's start: the time it waits in the queue does not count)
     #[arg(long, value_name = "SECS", default_value_t = 60.0)]
     pub start_timeout: f64,
     /// Keep going after a cell raises an error (exit 0)
@@ -99,21 +105,36 @@ pub struct RunArgs {
     /// lock, lock hash) is recorded in the output's metadata.noyau.environment.
     #[arg(long, value_name = "TABLE|FILE")]
     pub env: Option<String>,
-    /// Where the kernel runs
-    #[arg(long, default_value = "local")]
-    pub backend: String,
+    /// Where the kernel runs: local (a child process) or slurm (a batch job;
+    /// this command stays here and drives it) [default: the profile's, else local]
+    #[arg(long)]
+    pub backend: Option<String>,
+    /// Resource profile ([profiles.NAME] in /etc/noyau/config.toml,
+    /// ~/.config/noyau/config.toml, ./noyau.toml)
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// Override one profile key (KEY=VALUE, env.NAME=VALUE); repeatable
+    #[arg(short = 'o', long = "option", value_name = "KEY=VALUE")]
+    pub options: Vec<String>,
     /// How stream output becomes notebook outputs: coalesce (one output per
     /// run of the same stream, as Jupyter frontends save), separate (one per
     /// message, like papermill), nbclient (jupyter execute --coalesce-streams)
     #[arg(long, value_name = "MODE", default_value = "coalesce")]
     pub stream_mode: String,
+    /// Submit the runner itself as the batch job and return at once
+    /// (`noyau ps` shows its progress); needs a batch backend
+    #[arg(long)]
+    pub detach: bool,
+    /// Parameters set before the command line's (a sweep's point).
+    #[arg(skip)]
+    pub preset: Parameters,
 }
 
 impl RunArgs {
     /// The parameters, merged like papermill: `-f` files, then `-y`, then
     /// `-p` and `-r` in order.
     pub fn parameters(&self) -> Result<Parameters, String> {
-        let mut params = Parameters::new();
+        let mut params = self.preset.clone();
         for f in &self.parameters_file {
             let text = std::fs::read_to_string(f)
                 .map_err(|e| format!("cannot read the parameters file {}: {e}", f.display()))?;

@@ -8,8 +8,11 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use noyau_client::remote::{ExecuteOptions, KernelError, KernelMessage, Lane, RemoteKernel};
+use noyau_client::remote::{
+    ExecuteOptions, KernelError, KernelEvent, KernelMessage, Lane, RemoteKernel, Walltime,
+};
 use noyau_notebook::{InjectOptions, Notebook, OutputBuilder, StreamMode};
+use noyau_sched::JobState;
 use serde_json::{json, Value};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -123,15 +126,26 @@ fn timestamp(m: &KernelMessage) -> String {
 /// How a cell ended.
 enum CellEnd {
     Ok,
-    Error { ename: String, evalue: String },
+    Error {
+        ename: String,
+        evalue: String,
+    },
     Died(String),
     Timeout(f64),
     Signal(&'static str, i32),
+    /// The job's walltime is near (the scheduler's early signal) or reached.
+    Walltime {
+        job: String,
+        seconds_left: Option<u64>,
+    },
 }
 
 struct Signals {
     int: Signal,
     term: Signal,
+    /// The scheduler's early walltime signal, when this runner is itself
+    /// the batch job (a sweep task, a detached run): `--signal=B:USR1@…`.
+    usr1: Signal,
 }
 
 impl Signals {
@@ -145,6 +159,7 @@ impl Signals {
         Ok(Signals {
             int: mk(SignalKind::interrupt())?,
             term: mk(SignalKind::terminate())?,
+            usr1: mk(SignalKind::user_defined1())?,
         })
     }
 
@@ -152,7 +167,259 @@ impl Signals {
         tokio::select! {
             _ = self.int.recv() => ("SIGINT", exit::SIGINT),
             _ = self.term.recv() => ("SIGTERM", exit::SIGTERM),
+            _ = self.usr1.recv() => ("SIGUSR1 (the job's walltime is near)", exit::WALLTIME),
         }
+    }
+}
+
+/// The backend and the resource profile: `--profile` and `-o` overrides
+/// (as `noyau kernel` takes them); the backend is `--backend`, else the
+/// profile's, else local.
+fn resources(args: &RunArgs) -> Result<(String, noyau_config::Profile), Failure> {
+    backend_and_profile(
+        args.backend.as_deref(),
+        args.profile.as_deref(),
+        &args.options,
+    )
+}
+
+/// The backend and profile from `--backend`, `--profile` and `-o` overrides.
+pub fn backend_and_profile(
+    backend: Option<&str>,
+    profile: Option<&str>,
+    options: &[String],
+) -> Result<(String, noyau_config::Profile), Failure> {
+    let cwd = std::env::current_dir().map_err(|e| bad(format!("no current directory: {e}")))?;
+    let config = noyau_config::Config::load(&cwd).map_err(|e| bad(e.to_string()))?;
+    let profile = config
+        .profile(profile, options)
+        .map_err(|e| bad(e.to_string()))?;
+    let backend = backend
+        .map(str::to_string)
+        .or_else(|| profile.backend.clone())
+        .unwrap_or_else(|| "local".into());
+    if !matches!(backend.as_str(), "local" | "slurm") {
+        return Err(bad(format!(
+            "unknown backend {backend:?}; available backends: local, slurm"
+        )));
+    }
+    Ok((backend, profile))
+}
+
+/// The job name schedulers show: what runs, never a secret
+/// (`noyau-run-analysis` for analysis.ipynb).
+pub fn job_name(input: &str) -> String {
+    let stem = Path::new(input)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = stem.strip_suffix(".ipynb").unwrap_or(&stem);
+    let clean: String = stem
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(40)
+        .collect();
+    if clean.is_empty() || input == "-" {
+        "noyau-run-stdin".into()
+    } else {
+        format!("noyau-run-{clean}")
+    }
+}
+
+/// One line saying where the kernel's job is ("" when there is nothing to say).
+fn queue_note(st: &JobState) -> String {
+    match st {
+        JobState::Pending {
+            reason,
+            start,
+            partition,
+        } => {
+            let mut s = format!("queued: {reason}");
+            if let Some(p) = partition {
+                s.push_str(&format!(", partition {p}"));
+            }
+            s.push_str(&format!(
+                ", est. start {}",
+                start.as_deref().unwrap_or("unknown")
+            ));
+            s
+        }
+        JobState::Running { node } if node.is_empty() => "job running; starting the kernel".into(),
+        JobState::Running { node } => format!("job running on {node}; starting the kernel"),
+        JobState::Unknown { why } => {
+            format!("the scheduler does not answer ({why}); still waiting")
+        }
+        JobState::Ended(_) => String::new(),
+    }
+}
+
+/// Where a detached run in job `id` reports its progress (`noyau ps` reads it).
+pub fn status_path(id: &str) -> PathBuf {
+    let logs = noyau_sched::slurm::log_dir();
+    logs.parent()
+        .unwrap_or(&logs)
+        .join("runs")
+        .join(format!("{id}.json"))
+}
+
+/// A detached run's progress, in a 0600 file: `{"done": 3, "total": 10}`,
+/// rewritten (atomically) after each cell. Only when this runner is the job.
+struct StatusFile {
+    path: Option<PathBuf>,
+    done: usize,
+    total: usize,
+}
+
+impl StatusFile {
+    fn new(total: usize) -> StatusFile {
+        let path = (std::env::var_os("NOYAU_DETACHED").is_some())
+            .then(allocation)
+            .flatten()
+            .map(|id| status_path(&id));
+        let s = StatusFile {
+            path,
+            done: 0,
+            total,
+        };
+        s.write();
+        s
+    }
+
+    fn cell_done(&mut self) {
+        self.done += 1;
+        self.write();
+    }
+
+    fn write(&self) {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let Some(p) = &self.path else { return };
+        let _ = std::fs::create_dir_all(p.parent().unwrap_or(Path::new(".")));
+        let tmp = p.with_extension("tmp");
+        let text = json!({"done": self.done, "total": self.total}).to_string();
+        let ok = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .and_then(|()| std::fs::rename(&tmp, p));
+        if let Err(e) = ok {
+            tracing::warn!("cannot write the run's status file {}: {e}", p.display());
+        }
+    }
+}
+
+/// `noyau run --detach`: the runner itself becomes the batch job (a local
+/// kernel inside the allocation); this command returns once it is submitted.
+async fn detach(
+    args: &RunArgs,
+    backend: &str,
+    profile: noyau_config::Profile,
+) -> Result<i32, Failure> {
+    if backend != "slurm" {
+        return Err(bad(
+            "--detach needs a batch backend (--backend slurm or a slurm profile)",
+        ));
+    }
+    if args.input == "-" || args.output.as_deref() == Some("-") {
+        return Err(bad(
+            "--detach needs an input and an output file, not stdin/stdout",
+        ));
+    }
+    read_input(&args.input)?;
+    let Output::File(out) = output_for(&args.input, args.output.as_deref()) else {
+        return Err(bad("--detach needs an output file"));
+    };
+    let abs = |p: &Path| {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            std::env::current_dir().unwrap_or_default().join(p)
+        }
+    };
+    let path_arg = |p: &Path| abs(p).display().to_string();
+    let mut a: Vec<String> = vec![
+        "run".into(),
+        path_arg(Path::new(&args.input)),
+        path_arg(&out),
+        "--backend".into(),
+        "local".into(),
+        "--no-progress".into(),
+        "--start-timeout".into(),
+        args.start_timeout.to_string(),
+        "--stream-mode".into(),
+        args.stream_mode.clone(),
+    ];
+    for (flag, list) in [("-p", &args.parameters), ("-r", &args.parameters_raw)] {
+        for pair in list.chunks(2) {
+            a.push(flag.into());
+            a.extend(pair.iter().cloned());
+        }
+    }
+    for f in &args.parameters_file {
+        a.extend(["-f".into(), path_arg(f)]);
+    }
+    for y in &args.parameters_yaml {
+        a.extend(["-y".into(), y.clone()]);
+    }
+    let opt = |a: &mut Vec<String>, k: &str, v: Option<String>| {
+        if let Some(v) = v {
+            a.extend([k.to_string(), v]);
+        }
+    };
+    opt(&mut a, "--kernel", args.kernel.clone());
+    opt(&mut a, "--language", args.language.clone());
+    opt(&mut a, "--cwd", args.cwd.as_deref().map(path_arg));
+    opt(&mut a, "--timeout", args.timeout.map(|t| t.to_string()));
+    for (on, flag) in [
+        (args.allow_errors, "--allow-errors"),
+        (args.log_output, "--log-output"),
+        (args.report_mode, "--report-mode"),
+    ] {
+        if on {
+            a.push(flag.into());
+        }
+    }
+    let spec = noyau_sched::JobSpec {
+        name: job_name(&args.input),
+        program: std::env::current_exe().unwrap_or_else(|_| "noyau".into()),
+        args: a,
+        env: [("NOYAU_DETACHED".to_string(), "1".to_string())].into(),
+        cwd: std::env::current_dir().ok(),
+        profile,
+        array: None,
+    };
+    let id = noyau_sched::slurm::SlurmBackend::global()
+        .submit_detached(&spec)
+        .await
+        .map_err(|e| Failure {
+            code: exit::KERNEL_START,
+            message: e.to_string(),
+        })?;
+    eprintln!(
+        "noyau: submitted Slurm job {id} ({}): the run goes on in the job; output {}; `noyau ps` shows its progress, `noyau cancel {id}` stops it",
+        spec.name,
+        abs(&out).display()
+    );
+    println!("{id}");
+    Ok(exit::OK)
+}
+
+/// The batch allocation this runner itself runs in (a sweep task, a
+/// detached run): `1234` or `1234_5` for an array task.
+pub fn allocation() -> Option<String> {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    match (var("SLURM_ARRAY_JOB_ID"), var("SLURM_ARRAY_TASK_ID")) {
+        (Some(j), Some(t)) => Some(format!("{j}_{t}")),
+        _ => var("SLURM_JOB_ID"),
     }
 }
 
@@ -166,6 +433,10 @@ fn kernel_failure(e: anyhow::Error) -> Failure {
 /// Runs the whole thing; returns the exit code.
 pub async fn run(args: RunArgs) -> Result<i32, Failure> {
     let params = args.parameters().map_err(bad)?;
+    let (backend, resources) = resources(&args)?;
+    if args.detach {
+        return detach(&args, &backend, resources).await;
+    }
     let mode = stream_mode(&args.stream_mode)?;
     let output = output_for(&args.input, args.output.as_deref());
     if let Output::File(p) = &output {
@@ -213,7 +484,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Failure> {
         .or_else(|| nb.kernel_name().map(str::to_string))
         .unwrap_or_else(|| "python3".into());
     let mut env = std::collections::BTreeMap::new();
-    if args.backend == "local" {
+    if backend == "local" {
         if let Err(e) = noyau_wire::kernelspec::find(&kernel_name) {
             let python = matches!(kernel_name.as_str(), "python3" | "python");
             if python && matches!(e, noyau_wire::kernelspec::KernelSpecError::NotFound { .. }) {
@@ -269,8 +540,10 @@ pub async fn run(args: RunArgs) -> Result<i32, Failure> {
 
     let mut signals = Signals::new()?;
     let mut launch = noyau_client::remote::local_launch(&kernel_name, args.cwd.clone());
-    launch.backend = args.backend.clone();
+    launch.backend = backend.clone();
     launch.env = env;
+    launch.job_name = job_name(&args.input);
+    launch.profile = resources;
     if let Some(cwd) = &args.cwd {
         if !cwd.is_dir() {
             return Err(bad(format!("--cwd {}: not a directory", cwd.display())));
@@ -278,9 +551,26 @@ pub async fn run(args: RunArgs) -> Result<i32, Failure> {
     }
     let start_timeout = Duration::from_secs_f64(args.start_timeout.max(0.1));
     let got: std::cell::Cell<Option<(&'static str, i32)>> = std::cell::Cell::new(None);
-    let started = RemoteKernel::start_until(launch, start_timeout, async {
-        got.set(Some(signals.recv().await));
-    })
+    let node: std::cell::RefCell<Option<String>> = Default::default();
+    let show_queue = !args.no_progress && backend != "local";
+    let mut last_note = String::new();
+    let started = RemoteKernel::start_watching(
+        launch,
+        start_timeout,
+        async {
+            got.set(Some(signals.recv().await));
+        },
+        |st| {
+            if let JobState::Running { node: n } = st {
+                *node.borrow_mut() = Some(n.clone()).filter(|n| !n.is_empty());
+            }
+            let note = queue_note(st);
+            if show_queue && !note.is_empty() && note != last_note {
+                eprintln!("noyau: {note}");
+                last_note = note;
+            }
+        },
+    )
     .await;
     let mut kernel = match (started, got.get()) {
         (Ok(k), _) => k,
@@ -297,7 +587,9 @@ pub async fn run(args: RunArgs) -> Result<i32, Failure> {
         json!({
             "backend": kernel.backend,
             "host": kernel.host,
+            "node": node.into_inner().or_else(|| kernel.host.clone()),
             "job_id": kernel.job_id(),
+            "allocation": allocation(),
             "kernel": kernel_name,
             "version": env!("CARGO_PKG_VERSION"),
         }),
@@ -311,6 +603,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Failure> {
         nb.metadata.insert("language_info".into(), li.clone());
     }
 
+    let total_cells = nb.cells.len();
     let mut runner = Runner {
         builder: OutputBuilder::new(mode),
         progress: Progress::new(!args.no_progress, nb.cells.len()),
@@ -319,6 +612,8 @@ pub async fn run(args: RunArgs) -> Result<i32, Failure> {
         args: &args,
         ahead: None,
         early: Default::default(),
+        walltime: None,
+        status: StatusFile::new(total_cells),
     };
     let (code, kernel_alive) = runner.run_cells(&mut kernel, &mut signals, run_start).await;
     runner.progress.finish();
@@ -359,6 +654,9 @@ struct Runner<'a> {
     ahead: Option<(usize, String)>,
     /// Messages for the request sent ahead that came before its turn.
     early: std::collections::VecDeque<KernelMessage>,
+    /// The batch job and when it ends, once a walltime warning said so.
+    walltime: Option<(String, Instant)>,
+    status: StatusFile,
 }
 
 fn runnable(cell: &noyau_notebook::Cell) -> bool {
@@ -381,6 +679,8 @@ impl Runner<'_> {
             if !runnable(&self.nb.cells[i]) {
                 pm::cell_complete(&mut self.nb.cells[i], start);
                 self.progress.cell_done();
+                self.status.cell_done();
+                self.status.cell_done();
                 i += 1;
                 continue;
             }
@@ -431,16 +731,38 @@ impl Runner<'_> {
                 CellEnd::Signal(name, code) => {
                     pm::cell_exception(&mut self.nb, i);
                     eprintln!("noyau: {name}: saving the output and stopping");
-                    Some((code, false, Some(name)))
+                    Some((code, false, Some(name.to_string())))
+                }
+                CellEnd::Walltime { job, seconds_left } => {
+                    pm::cell_exception(&mut self.nb, i);
+                    let when = match seconds_left {
+                        Some(s) => format!(" (in about {s} s)"),
+                        None => String::new(),
+                    };
+                    let text = format!(
+                        "walltime reached: the batch job {job} ends at its time limit{when}; \
+                         noyau stopped the run and saved every finished cell"
+                    );
+                    self.nb.cells[i].outputs_mut().push(json!({
+                        "output_type": "error", "ename": "WalltimeError",
+                        "evalue": text, "traceback": [format!("WalltimeError: {text}")],
+                    }));
+                    eprintln!("noyau: cell {}: {text}", i + 1);
+                    Some((
+                        exit::WALLTIME,
+                        false,
+                        Some(format!("the walltime of batch job {job}")),
+                    ))
                 }
             };
             pm::cell_complete(&mut self.nb.cells[i], start);
             self.progress.cell_done();
+            self.status.cell_done();
             if let Some((code, alive, signal)) = stop {
                 let markers = code != exit::OK;
                 pm::notebook_complete(&mut self.nb, run_start, false);
                 if let Some(name) = signal {
-                    pm::add_stop_marker(&mut self.nb, name, Some((i, exec_count)));
+                    pm::add_stop_marker(&mut self.nb, &name, Some((i, exec_count)));
                 } else if markers {
                     pm::add_error_markers(&mut self.nb, i, exec_count);
                 }
@@ -475,7 +797,7 @@ impl Runner<'_> {
             Some((j, id)) if j == i => id,
             _ => match kernel.execute_request(&self.nb.cells[i].source, &opts) {
                 Ok(id) => id,
-                Err(e) => return died(e),
+                Err(e) => return self.died(e),
             },
         };
         // Send the next cell now: the kernel runs it as soon as this one ends,
@@ -511,7 +833,15 @@ impl Runner<'_> {
                     let save_at = self.saver.due();
                     tokio::select! {
                         biased;
-                        (name, code) = signals.recv() => return CellEnd::Signal(name, code),
+                        (name, code) = signals.recv() => {
+                            if code == exit::WALLTIME {
+                                return CellEnd::Walltime {
+                                    job: allocation().unwrap_or_else(|| "?".into()),
+                                    seconds_left: None,
+                                };
+                            }
+                            return CellEnd::Signal(name, code);
+                        }
                         _ = sleep_until(deadline) => {
                             let _ = kernel.interrupt();
                             // Give the interrupted cell a moment to report.
@@ -521,7 +851,16 @@ impl Runner<'_> {
                             self.saver.on_due(&self.nb);
                             continue;
                         }
-                        m = kernel.next() => m,
+                        e = kernel.next_event() => match e {
+                            Ok(KernelEvent::Message(m)) => Ok(m),
+                            Ok(KernelEvent::Walltime(w)) => {
+                                if let Some(end) = self.on_walltime(w) {
+                                    return end;
+                                }
+                                continue;
+                            }
+                            Err(e) => Err(e),
+                        },
                     }
                 }
             };
@@ -533,7 +872,7 @@ impl Runner<'_> {
                     let _ = self.builder.finish_cell(&mut self.nb, i);
                     return self.end_from_outputs(i);
                 }
-                Err(e) => return died(e),
+                Err(e) => return self.died(e),
                 Ok(m) => m,
             };
             if m.parent_id.as_deref() != Some(id.as_str()) {
@@ -697,10 +1036,59 @@ impl Runner<'_> {
     }
 }
 
-fn died(e: KernelError) -> CellEnd {
-    match e {
-        KernelError::Died(d) => CellEnd::Died(d),
-        other => CellEnd::Died(other.to_string()),
+impl Runner<'_> {
+    /// A kernel that is gone: at (or past) the walltime a warning announced,
+    /// or by Slurm's TIMEOUT, that is the walltime, not a crash.
+    fn died(&self, e: KernelError) -> CellEnd {
+        let desc = match e {
+            KernelError::Died(d) => d,
+            other => other.to_string(),
+        };
+        let past_end = self
+            .walltime
+            .as_ref()
+            .is_some_and(|(_, end)| Instant::now() + Duration::from_secs(5) >= *end);
+        if past_end || desc.contains("walltime") {
+            let job = self
+                .walltime
+                .as_ref()
+                .map(|(j, _)| j.clone())
+                .unwrap_or_else(|| "?".into());
+            return CellEnd::Walltime {
+                job,
+                seconds_left: Some(0),
+            };
+        }
+        CellEnd::Died(desc)
+    }
+
+    /// A walltime notice from the agent: a warning is logged; the early
+    /// signal ends the cell (Some).
+    fn on_walltime(&mut self, w: Walltime) -> Option<CellEnd> {
+        match w {
+            Walltime::Warning { job, seconds_left } => {
+                self.walltime = Some((
+                    job.clone(),
+                    Instant::now() + Duration::from_secs(seconds_left),
+                ));
+                self.progress.log(&format!(
+                    "noyau: walltime: batch job {job} ends in {} (at its time limit); \
+                     the run will be saved and stopped then\n",
+                    human(seconds_left)
+                ));
+                None
+            }
+            Walltime::Near { job, seconds_left } => Some(CellEnd::Walltime { job, seconds_left }),
+        }
+    }
+}
+
+/// `9 min 58 s`.
+fn human(secs: u64) -> String {
+    match (secs / 60, secs % 60) {
+        (0, s) => format!("{s} s"),
+        (m, 0) => format!("{m} min"),
+        (m, s) => format!("{m} min {s} s"),
     }
 }
 

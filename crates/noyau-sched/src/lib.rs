@@ -30,6 +30,9 @@ pub struct JobSpec {
     pub cwd: Option<PathBuf>,
     /// What to ask the scheduler for (ignored by `local`).
     pub profile: noyau_config::Profile,
+    /// A job array's task ids (`0-5%2`, `1,4%2`): one job, many tasks
+    /// (Slurm only; see `SlurmBackend::submit_array`).
+    pub array: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -18,9 +18,9 @@
 //! * **Cancel** is `scancel`: Slurm sends SIGTERM to the agent, which stops
 //!   its kernel.
 //!
-//! Not yet here (the API leaves room): walltime warnings in the notebook
-//! (the script already asks for `--signal=B:USR1@…`), job arrays for
-//! sweeps (`JobSpec` would gain an `array` field), detached runs.
+//! * **Walltime.** The script asks for `--signal=B:USR1@N` (the profile's
+//!   `walltime_signal`, else a tenth of `time`, 30 s to 10 min); the agent,
+//!   which `exec` makes the batch shell, turns it into a walltime event.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -141,6 +141,9 @@ pub fn log_dir() -> PathBuf {
 
 /// Seconds before the walltime at which the job gets SIGUSR1.
 fn warning_secs(profile: &Profile) -> u64 {
+    if let Some(s) = profile.walltime_signal {
+        return s.into();
+    }
     match profile.time_secs() {
         Some(t) if t > 0 => (t / 10).clamp(30, 600),
         _ => 600,
@@ -154,7 +157,15 @@ pub fn job_script(spec: &JobSpec, log_dir: &Path) -> String {
     let mut s = String::from("#!/bin/sh\n");
     let mut opt = |k: &str, v: &str| s.push_str(&format!("#SBATCH --{k}={v}\n"));
     opt("job-name", &spec.name);
-    opt("output", &log_dir.join("%x-%j.log").display().to_string());
+    let log = if spec.array.is_some() {
+        "%x-%A_%a.log"
+    } else {
+        "%x-%j.log"
+    };
+    opt("output", &log_dir.join(log).display().to_string());
+    if let Some(a) = &spec.array {
+        opt("array", a);
+    }
     opt("signal", &format!("B:USR1@{}", warning_secs(p)));
     if let Some(cwd) = &spec.cwd {
         opt("chdir", &cwd.display().to_string());
@@ -541,6 +552,53 @@ impl SlurmBackend {
     }
 
     pub(crate) async fn submit(&self, spec: JobSpec) -> Result<Job, SchedError> {
+        let id = self.sbatch(&spec).await?;
+        let state = self.watcher.track(&id, spec.profile.partition.clone());
+        Ok(Job {
+            id: id.clone(),
+            backend: "slurm",
+            state,
+            handle: JobHandle::Slurm(SlurmHandle { id }),
+        })
+    }
+
+    /// Submits a job array (`spec.array` set) and returns its job id. The
+    /// watcher does not follow it: its tasks are asked with [`Self::array_tasks`].
+    pub async fn submit_array(&self, spec: &JobSpec) -> Result<String, SchedError> {
+        if spec.array.is_none() {
+            return Err(SchedError::Invalid("a job array needs its task ids".into()));
+        }
+        self.sbatch(spec).await
+    }
+
+    /// The tasks of a job array still known to Slurm (one squeue call, one
+    /// line per task); None once Slurm no longer knows the job.
+    pub async fn array_tasks(&self, id: &str) -> Result<Option<Vec<QueueLine>>, String> {
+        let out = run(
+            &self.cmds().squeue,
+            &["-h", "-r", "--states=all", "-j", id, "-o", SQUEUE_FORMAT],
+            self.cmds().timeout,
+            None,
+            no_env(),
+        )
+        .await;
+        match out {
+            Ok(o) => {
+                let lines = parse_squeue(&o);
+                Ok((!lines.is_empty()).then_some(lines))
+            }
+            Err(e) if e.contains("Invalid job id") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Submits a job nobody in this process follows (a detached run);
+    /// returns its id.
+    pub async fn submit_detached(&self, spec: &JobSpec) -> Result<String, SchedError> {
+        self.sbatch(spec).await
+    }
+
+    async fn sbatch(&self, spec: &JobSpec) -> Result<String, SchedError> {
         self.validate(&spec.profile).await?;
         let dir = log_dir();
         std::fs::create_dir_all(&dir)
@@ -554,7 +612,7 @@ impl SlurmBackend {
                     dir.display()
                 ))
             })?;
-        let script = job_script(&spec, &dir);
+        let script = job_script(spec, &dir);
         // The secrets go in sbatch's own environment, which Slurm exports to the job.
         let out = run(
             &self.cmds().sbatch,
@@ -572,14 +630,8 @@ impl SlurmBackend {
             .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit() || b == b'_'))
             .ok_or_else(|| SchedError::Submit(format!("sbatch printed no job id: {out:?}")))?
             .to_string();
-        let state = self.watcher.track(&id, spec.profile.partition.clone());
         tracing::info!(job = %id, log = %dir.join(format!("{}-{id}.log", spec.name)).display(), "submitted to Slurm");
-        Ok(Job {
-            id: id.clone(),
-            backend: "slurm",
-            state,
-            handle: JobHandle::Slurm(SlurmHandle { id }),
-        })
+        Ok(id)
     }
 
     pub(crate) async fn cancel(&self, h: &SlurmHandle) {
@@ -652,6 +704,7 @@ mod tests {
             env,
             cwd: Some("/home/u/nb".into()),
             profile,
+            array: None,
         }
     }
 

@@ -39,6 +39,7 @@ fn sleeper(name: &str, env: BTreeMap<String, String>) -> JobSpec {
             mem: Some("100M".into()),
             ..Default::default()
         },
+        array: None,
     }
 }
 

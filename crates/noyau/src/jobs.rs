@@ -28,8 +28,8 @@ pub async fn ps(backend: &str) -> anyhow::Result<i32> {
     let b = slurm(backend)?;
     let jobs = b.list_mine().await.map_err(anyhow::Error::msg)?;
     println!(
-        "{:<10} {:<7} {:<28} {:<10} {:<16} {:<12} TIME_LEFT",
-        "JOBID", "KIND", "NAME", "STATE", "REASON", "NODE"
+        "{:<10} {:<7} {:<28} {:<10} {:<16} {:<12} {:<10} CELLS",
+        "JOBID", "KIND", "NAME", "STATE", "REASON", "NODE", "TIME_LEFT"
     );
     for j in jobs {
         let reason = if j.state == "PENDING" {
@@ -37,15 +37,22 @@ pub async fn ps(backend: &str) -> anyhow::Result<i32> {
         } else {
             ""
         };
+        // A detached run reports its cells in a status file.
+        let cells = std::fs::read_to_string(noyau_run::runner::status_path(&j.id))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .map(|v| format!("{}/{}", v["done"], v["total"]))
+            .unwrap_or_default();
         println!(
-            "{:<10} {:<7} {:<28} {:<10} {:<16} {:<12} {}",
+            "{:<10} {:<7} {:<28} {:<10} {:<16} {:<12} {:<10} {}",
             j.id,
             kind(&j.name),
             j.name,
             j.state,
             reason,
             j.node,
-            j.time_left
+            j.time_left,
+            cells
         );
     }
     Ok(0)

@@ -23,6 +23,12 @@ struct Cli {
 enum Command {
     /// Run a notebook headless, with parameters (papermill-compatible)
     Run(noyau_run::RunArgs),
+    /// Run a notebook over a parameter grid: one output per point, a summary
+    /// (one Slurm job array, or local processes K at a time)
+    Sweep(noyau_run::SweepArgs),
+    /// One point of a sweep (run by `noyau sweep`, not by hand)
+    #[command(hide = true)]
+    SweepTask(noyau_run::SweepTaskArgs),
     /// The proxy kernel a noyau kernelspec starts (run by Jupyter, not by hand)
     Kernel(KernelArgs),
     /// The compute-node side, started by a backend (run by noyau, not by hand)
@@ -149,6 +155,8 @@ fn main() {
     init_logging();
     let result: anyhow::Result<i32> = match cli.command {
         Command::Run(a) => Ok(noyau_run::main(a)),
+        Command::Sweep(a) => Ok(noyau_run::sweep::main(a)),
+        Command::SweepTask(a) => Ok(noyau_run::sweep::task_main(a)),
         Command::Kernel(a) => kernel(a),
         Command::Agent(a) => noyau_agent::AgentConfig::load(a.secrets_file.as_deref(), a.inner)
             .and_then(|cfg| block_on(noyau_agent::run(cfg))),

@@ -1,0 +1,880 @@
+//! `noyau sweep`: one notebook run over a parameter set, one output
+//! notebook per point, and a summary of them all.
+//!
+//! The points (a `--grid` product, or a YAML file's `grid`/`points`) are
+//! written once to a plan, `OUTDIR/sweep.json`. Each point is then run by
+//! `noyau sweep-task PLAN --index I`, which is `noyau run` headless on that
+//! point with a local kernel, and which writes the point's result to
+//! `OUTDIR/results/I.json` when it ends:
+//!
+//! * with Slurm, the whole set is ONE job array (`--array=0-N%K`): each
+//!   array task is a runner inside its allocation, like `noyau run
+//!   --detach` (no link to this host, no secret anywhere: the kernel's key
+//!   is made inside the task);
+//! * locally, the tasks are child processes, K at a time.
+//!
+//! The sweep command waits, showing progress, and writes `summary.json`
+//! and `summary.csv` (parameters, status, duration, output path) when all
+//! are done. Ctrl-C (or SIGTERM) cancels what runs (running points save
+//! their finished cells and a marker, as `noyau run` does on SIGTERM), the
+//! summary is still written, and the exit code is 130. `--retry-failed`
+//! reads the summary and reruns only the points that are not `ok`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use noyau_notebook::{Param, Parameters};
+use serde_json::{json, Value};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::options::exit;
+
+/// Exit codes of `noyau sweep`.
+pub mod sweep_exit {
+    /// Every point ran to the end (status `ok`).
+    pub const OK: i32 = 0;
+    /// At least one point did not (see the summary's statuses).
+    pub const SOME_FAILED: i32 = 1;
+    /// Bad input or usage, or the job array could not be submitted.
+    pub const BAD_INPUT: i32 = 2;
+    /// Stopped by Ctrl-C / SIGTERM: running points were cancelled and saved.
+    pub const INTERRUPTED: i32 = 130;
+}
+
+pub const SWEEP_HELP: &str = "\
+Each point's output is OUTDIR/<name>-<index>.ipynb; OUTDIR/summary.json and summary.csv list
+every point's parameters, status, exit code, duration and output when all are done.
+Statuses: ok, failed (a cell raised), error (bad input), kernel died, timeout,
+kernel start failed, walltime, cancelled, not run (no result: never started, or killed).
+
+With --backend slurm the whole set is one job array (--array=0-N%K); each task runs the
+notebook headless inside its allocation. Ctrl-C cancels the running points (they save
+their finished cells), writes the summary and exits 130.
+
+A sweep file (-f) is YAML:
+  parameters: {common: 1}        # given to every point
+  grid: {alpha: [0.1, 0.2], n: [10, 20]}   # the product of these lists
+  points: [{alpha: 0.5, n: 7}]   # or: explicit points (not with grid)
+
+Exit codes: 0 every point ok; 1 some point not ok; 2 bad input or submission error;
+130 interrupted.";
+
+/// Run one notebook over a parameter grid: one output per point, a summary
+#[derive(Args, Debug, Clone)]
+#[command(after_long_help = SWEEP_HELP)]
+pub struct SweepArgs {
+    /// The notebook to run
+    pub notebook: PathBuf,
+    /// A parameter and its values (typed like -p); the points are the product of all grids
+    #[arg(long = "grid", value_name = "NAME=V1,V2,...")]
+    pub grid: Vec<String>,
+    /// A YAML sweep file (parameters, grid, points)
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// How many points run at once (the job array's %K)
+    #[arg(long, value_name = "K", default_value_t = 4)]
+    pub max_parallel: usize,
+    /// Rerun only the points whose status in OUTDIR/summary.json is not ok
+    #[arg(long)]
+    pub retry_failed: bool,
+    /// Where the outputs and the summary go [default: NOTEBOOK's name + .sweep, beside it]
+    #[arg(short = 'o', long = "output-dir", value_name = "OUTDIR")]
+    pub output_dir: Option<PathBuf>,
+    /// Where the points run: local (child processes) or slurm (one job array)
+    /// [default: the profile's, else local]
+    #[arg(long)]
+    pub backend: Option<String>,
+    /// Resource profile for each array task
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// Override one profile key (KEY=VALUE, env.NAME=VALUE); repeatable
+    #[arg(long = "option", value_name = "KEY=VALUE")]
+    pub options: Vec<String>,
+    /// The kernelspec [default: the notebook's, else python3]
+    #[arg(short = 'k', long = "kernel", value_name = "NAME")]
+    pub kernel: Option<String>,
+    /// Seconds a cell may run (per point)
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<f64>,
+    /// Seconds to wait for each point's kernel to start
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    pub start_timeout: f64,
+    /// Points go on after a cell raises
+    #[arg(long)]
+    pub allow_errors: bool,
+}
+
+/// `noyau sweep-task`: one point of a sweep (run by the sweep, not by hand).
+#[derive(Args, Debug, Clone)]
+pub struct SweepTaskArgs {
+    /// The sweep's plan (OUTDIR/sweep.json)
+    pub plan: PathBuf,
+    /// The point [default: $SLURM_ARRAY_TASK_ID]
+    #[arg(long)]
+    pub index: Option<usize>,
+}
+
+fn bad(m: impl std::fmt::Display) -> (i32, String) {
+    (sweep_exit::BAD_INPUT, m.to_string())
+}
+
+/// `name=v1,v2` → (name, typed values).
+pub fn parse_grid(arg: &str) -> Result<(String, Vec<Param>), String> {
+    let (name, values) = arg
+        .split_once('=')
+        .ok_or_else(|| format!("--grid {arg:?}: expected NAME=V1,V2,..."))?;
+    let name = name.trim();
+    if name.is_empty() {
+        return Err(format!("--grid {arg:?}: the parameter name is empty"));
+    }
+    if values.is_empty() {
+        return Err(format!("--grid {arg:?}: no values"));
+    }
+    Ok((
+        name.to_string(),
+        values.split(',').map(Param::from_cli).collect(),
+    ))
+}
+
+/// What a sweep file says.
+#[derive(Debug, Default)]
+pub struct SweepSpec {
+    pub common: Parameters,
+    pub grid: Vec<(String, Vec<Param>)>,
+    pub points: Vec<Parameters>,
+}
+
+pub fn parse_file(text: &str) -> Result<SweepSpec, String> {
+    let doc = crate::yaml::parse(text).map_err(|e| e.to_string())?;
+    let mut spec = SweepSpec::default();
+    let entries = match doc {
+        Param::None => return Ok(spec),
+        Param::Dict(d) => d,
+        _ => return Err("expected a mapping with parameters, grid or points".into()),
+    };
+    for (k, v) in entries {
+        match (k.as_str(), v) {
+            ("parameters", v) => spec
+                .common
+                .merge(v)
+                .map_err(|e| format!("parameters: {e}"))?,
+            ("grid", Param::Dict(g)) => {
+                for (name, values) in g {
+                    let values = match values {
+                        Param::List(l) if !l.is_empty() => l,
+                        Param::List(_) => return Err(format!("grid: {name} has no values")),
+                        one => vec![one],
+                    };
+                    spec.grid.push((name, values));
+                }
+            }
+            ("grid", _) => return Err("grid: expected a mapping NAME: [values]".into()),
+            ("points", Param::List(l)) => {
+                for (i, p) in l.into_iter().enumerate() {
+                    let mut params = Parameters::new();
+                    params.merge(p).map_err(|e| format!("points[{i}]: {e}"))?;
+                    spec.points.push(params);
+                }
+            }
+            ("points", _) => return Err("points: expected a list of mappings".into()),
+            (other, _) => {
+                return Err(format!(
+                    "unknown key `{other}`{}; a sweep file has parameters, grid, points",
+                    noyau_config::suggest(other, ["parameters", "grid", "points"])
+                ))
+            }
+        }
+    }
+    Ok(spec)
+}
+
+/// Every point: the grid's product (first name varies slowest), or the
+/// explicit points, each with the common parameters first.
+pub fn expand(spec: &SweepSpec) -> Result<Vec<Parameters>, String> {
+    if !spec.points.is_empty() && !spec.grid.is_empty() {
+        return Err("give either a grid or explicit points, not both".into());
+    }
+    if !spec.points.is_empty() {
+        return Ok(spec
+            .points
+            .iter()
+            .map(|p| {
+                let mut all = spec.common.clone();
+                for (k, v) in p.iter() {
+                    all.set(k, v.clone());
+                }
+                all
+            })
+            .collect());
+    }
+    if spec.grid.is_empty() {
+        return Ok(vec![]);
+    }
+    let mut acc = vec![spec.common.clone()];
+    for (name, values) in &spec.grid {
+        acc = acc
+            .iter()
+            .flat_map(|p| {
+                values.iter().map(move |v| {
+                    let mut q = p.clone();
+                    q.set(name.clone(), v.clone());
+                    q
+                })
+            })
+            .collect();
+    }
+    Ok(acc)
+}
+
+/// Slurm's `--array` for these task ids, at most `k` at once.
+pub fn array_spec(ids: &[usize], k: usize) -> String {
+    let contiguous = ids.windows(2).all(|w| w[1] == w[0] + 1);
+    let list = match (ids.first(), ids.last()) {
+        (Some(a), Some(b)) if contiguous && a != b => format!("{a}-{b}"),
+        _ => ids
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+    };
+    format!("{list}%{}", k.max(1))
+}
+
+/// A point's status from its runner's exit code.
+pub fn status_of(code: i32) -> &'static str {
+    match code {
+        exit::OK => "ok",
+        exit::CELL_ERROR => "failed",
+        exit::BAD_INPUT => "error",
+        exit::KERNEL_DIED => "kernel died",
+        exit::TIMEOUT => "timeout",
+        exit::KERNEL_START => "kernel start failed",
+        exit::WALLTIME => "walltime",
+        exit::SIGINT | exit::SIGTERM => "cancelled",
+        _ => "error",
+    }
+}
+
+fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+fn abs(p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(p)
+    }
+}
+
+fn results_dir(outdir: &Path) -> PathBuf {
+    outdir.join("results")
+}
+
+fn result_path(outdir: &Path, i: usize) -> PathBuf {
+    results_dir(outdir).join(format!("{i}.json"))
+}
+
+fn read_json(path: &Path) -> Option<Value> {
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
+// ---------------------------------------------------------------- the task
+
+/// `noyau sweep-task`: runs one point, writes its result; returns the
+/// runner's exit code.
+pub fn task_main(a: SweepTaskArgs) -> i32 {
+    let plan = match read_json(&a.plan) {
+        Some(p) => p,
+        None => {
+            eprintln!(
+                "noyau sweep-task: cannot read the plan {}",
+                a.plan.display()
+            );
+            return exit::BAD_INPUT;
+        }
+    };
+    let index = a.index.or_else(|| {
+        std::env::var("SLURM_ARRAY_TASK_ID")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    let Some(index) = index else {
+        eprintln!("noyau sweep-task: no --index and no SLURM_ARRAY_TASK_ID");
+        return exit::BAD_INPUT;
+    };
+    let Some(point) = plan["points"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["index"].as_u64() == Some(index as u64)))
+    else {
+        eprintln!("noyau sweep-task: the plan has no point {index}");
+        return exit::BAD_INPUT;
+    };
+    let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    let output = s(&point["output"]);
+    let mut argv = vec![
+        "noyau-run".to_string(),
+        s(&plan["notebook"]),
+        output.clone(),
+        "--no-progress".into(),
+        "--backend".into(),
+        "local".into(),
+        "--start-timeout".into(),
+        plan["start_timeout"].as_f64().unwrap_or(60.0).to_string(),
+    ];
+    if let Some(k) = plan["kernel"].as_str() {
+        argv.extend(["--kernel".into(), k.into()]);
+    }
+    if let Some(t) = plan["timeout"].as_f64() {
+        argv.extend(["--timeout".into(), t.to_string()]);
+    }
+    if plan["allow_errors"].as_bool() == Some(true) {
+        argv.push("--allow-errors".into());
+    }
+    #[derive(clap::Parser)]
+    struct W {
+        #[command(flatten)]
+        run: crate::RunArgs,
+    }
+    let mut run = match <W as clap::Parser>::try_parse_from(&argv) {
+        Ok(w) => w.run,
+        Err(e) => {
+            eprintln!("noyau sweep-task: {e}");
+            return exit::BAD_INPUT;
+        }
+    };
+    if let Some(Value::Object(m)) = point.get("parameters") {
+        for (k, v) in m {
+            run.preset.set(k.clone(), Param::from_json(v));
+        }
+    }
+    let outdir = a.plan.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let t0 = Instant::now();
+    let code = crate::main(run);
+    let result = json!({
+        "index": index,
+        "status": status_of(code),
+        "exit_code": code,
+        "duration_s": (t0.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
+        "output": output,
+        "job": crate::runner::allocation(),
+    });
+    let _ = std::fs::create_dir_all(results_dir(&outdir));
+    if let Err(e) = write_atomic(
+        &result_path(&outdir, index),
+        &serde_json::to_string_pretty(&result).unwrap_or_default(),
+    ) {
+        eprintln!("noyau sweep-task: cannot write the result of point {index}: {e}");
+    }
+    code
+}
+
+// ---------------------------------------------------------------- the sweep
+
+/// Runs `noyau sweep`; returns the exit code.
+pub fn main(args: SweepArgs) -> i32 {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("noyau sweep: cannot start: {e}");
+            return sweep_exit::BAD_INPUT;
+        }
+    };
+    match rt.block_on(sweep(args)) {
+        Ok(code) => code,
+        Err((code, message)) => {
+            eprintln!("noyau sweep: error: {message}");
+            code
+        }
+    }
+}
+
+struct Point {
+    index: usize,
+    params: Value,
+    output: PathBuf,
+}
+
+async fn sweep(a: SweepArgs) -> Result<i32, (i32, String)> {
+    // The notebook must be one before anything is submitted.
+    let nb_path = abs(&a.notebook);
+    crate::runner::read_input(&nb_path.display().to_string()).map_err(|f| bad(f.message))?;
+    let stem = nb_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = stem.strip_suffix(".ipynb").unwrap_or(&stem).to_string();
+    let outdir = abs(&a
+        .output_dir
+        .clone()
+        .unwrap_or_else(|| nb_path.with_file_name(format!("{stem}.sweep"))));
+    if a.max_parallel == 0 {
+        return Err(bad("--max-parallel must be at least 1"));
+    }
+
+    // The points: from the command line / file, or from the summary to retry.
+    let mut spec = match &a.file {
+        Some(f) => {
+            let text = std::fs::read_to_string(f)
+                .map_err(|e| bad(format!("cannot read {}: {e}", f.display())))?;
+            parse_file(&text).map_err(|e| bad(format!("{}: {e}", f.display())))?
+        }
+        None => SweepSpec::default(),
+    };
+    for g in &a.grid {
+        let (name, values) = parse_grid(g).map_err(bad)?;
+        spec.grid.retain(|(n, _)| *n != name);
+        spec.grid.push((name, values));
+    }
+    let given = expand(&spec).map_err(bad)?;
+    let summary_path = outdir.join("summary.json");
+    let previous = if a.retry_failed {
+        let s = read_json(&summary_path).ok_or_else(|| {
+            bad(format!(
+                "--retry-failed: no summary at {} (run the sweep first, with the same -o)",
+                summary_path.display()
+            ))
+        })?;
+        let pts = s["points"].as_array().cloned().unwrap_or_default();
+        if !given.is_empty() {
+            let same = given.len() == pts.len()
+                && given
+                    .iter()
+                    .zip(&pts)
+                    .all(|(g, p)| g.to_json() == p["parameters"]);
+            if !same {
+                return Err(bad(format!(
+                    "--retry-failed: the points given differ from those of {}; drop --grid/-f to retry that sweep",
+                    summary_path.display()
+                )));
+            }
+        }
+        Some(pts)
+    } else {
+        None
+    };
+    let points: Vec<Point> = match &previous {
+        Some(pts) => pts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Point {
+                index: i,
+                params: p["parameters"].clone(),
+                output: PathBuf::from(p["output"].as_str().unwrap_or_default()),
+            })
+            .collect(),
+        None => {
+            if given.is_empty() {
+                return Err(bad(
+                    "no points: give --grid NAME=V1,V2 (repeatable) or -f sweep.yaml",
+                ));
+            }
+            let width = (given.len() - 1).to_string().len();
+            given
+                .iter()
+                .enumerate()
+                .map(|(i, p)| Point {
+                    index: i,
+                    params: p.to_json(),
+                    output: outdir.join(format!("{stem}-{i:0width$}.ipynb")),
+                })
+                .collect()
+        }
+    };
+    let todo: Vec<usize> = match &previous {
+        Some(pts) => pts
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p["status"].as_str() != Some("ok"))
+            .map(|(i, _)| i)
+            .collect(),
+        None => points.iter().map(|p| p.index).collect(),
+    };
+    if todo.is_empty() {
+        eprintln!(
+            "noyau sweep: every point of {} is ok: nothing to retry",
+            summary_path.display()
+        );
+        return Ok(sweep_exit::OK);
+    }
+
+    std::fs::create_dir_all(results_dir(&outdir))
+        .map_err(|e| bad(format!("cannot make {}: {e}", outdir.display())))?;
+    for &i in &todo {
+        let _ = std::fs::remove_file(result_path(&outdir, i));
+    }
+    let plan_path = outdir.join("sweep.json");
+    let plan = json!({
+        "notebook": nb_path,
+        "kernel": a.kernel,
+        "timeout": a.timeout,
+        "start_timeout": a.start_timeout,
+        "allow_errors": a.allow_errors,
+        "points": points.iter().map(|p| json!({
+            "index": p.index, "parameters": p.params, "output": p.output,
+        })).collect::<Vec<_>>(),
+    });
+    write_atomic(
+        &plan_path,
+        &serde_json::to_string_pretty(&plan).unwrap_or_default(),
+    )
+    .map_err(|e| bad(format!("cannot write {}: {e}", plan_path.display())))?;
+
+    let (backend, profile) =
+        crate::runner::backend_and_profile(a.backend.as_deref(), a.profile.as_deref(), &a.options)
+            .map_err(|f| (f.code, f.message))?;
+    eprintln!(
+        "noyau sweep: {} point(s) of {} ({backend}), at most {} at a time; outputs in {}",
+        todo.len(),
+        nb_path.display(),
+        a.max_parallel,
+        outdir.display()
+    );
+    let t0 = Instant::now();
+    let (interrupted, job_id) = match backend.as_str() {
+        "slurm" => run_slurm(&a, &stem, &plan_path, &outdir, &todo, profile).await?,
+        _ => (run_local(&a, &plan_path, &outdir, &todo).await?, None),
+    };
+
+    // The summary: this round's results, the previous summary for the rest.
+    let mut rows = Vec::new();
+    for p in &points {
+        let mut row = json!({
+            "index": p.index, "parameters": p.params, "status": "not run",
+            "exit_code": null, "duration_s": null, "output": p.output, "job": null,
+        });
+        if let Some(r) = read_json(&result_path(&outdir, p.index)) {
+            for k in ["status", "exit_code", "duration_s", "job"] {
+                row[k] = r[k].clone();
+            }
+        } else if !todo.contains(&p.index) {
+            if let Some(old) = previous.as_ref().and_then(|v| v.get(p.index)) {
+                row = old.clone();
+            }
+        }
+        rows.push(row);
+    }
+    let summary = json!({
+        "notebook": nb_path,
+        "output_dir": outdir,
+        "backend": backend,
+        "job_id": job_id,
+        "finished": chrono::Utc::now().to_rfc3339(),
+        "points": rows,
+    });
+    write_atomic(
+        &summary_path,
+        &(serde_json::to_string_pretty(&summary).unwrap_or_default() + "\n"),
+    )
+    .map_err(|e| bad(format!("cannot write {}: {e}", summary_path.display())))?;
+    let csv_path = outdir.join("summary.csv");
+    write_atomic(&csv_path, &csv(&rows))
+        .map_err(|e| bad(format!("cannot write {}: {e}", csv_path.display())))?;
+    let ok = rows.iter().filter(|r| r["status"] == "ok").count();
+    eprintln!(
+        "noyau sweep: {ok}/{} ok in {:.1} s; summary: {} and {}",
+        rows.len(),
+        t0.elapsed().as_secs_f64(),
+        summary_path.display(),
+        csv_path.display()
+    );
+    if interrupted {
+        return Ok(sweep_exit::INTERRUPTED);
+    }
+    Ok(if ok == rows.len() {
+        sweep_exit::OK
+    } else {
+        sweep_exit::SOME_FAILED
+    })
+}
+
+/// The summary as CSV: index, one column per parameter, status, exit_code,
+/// duration_s, output.
+pub fn csv(rows: &[Value]) -> String {
+    let mut names: Vec<String> = Vec::new();
+    for r in rows {
+        if let Some(m) = r["parameters"].as_object() {
+            for k in m.keys() {
+                if !names.contains(k) {
+                    names.push(k.clone());
+                }
+            }
+        }
+    }
+    fn field(v: &Value) -> String {
+        let s = match v {
+            Value::Null => String::new(),
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        if s.contains([',', '"', '\n', '\r']) {
+            format!("\"{}\"", s.replace('"', "\"\""))
+        } else {
+            s
+        }
+    }
+    let mut out = String::from("index");
+    for n in &names {
+        out.push(',');
+        out.push_str(&field(&Value::String(n.clone())));
+    }
+    out.push_str(",status,exit_code,duration_s,output\n");
+    for r in rows {
+        let mut line = vec![field(&r["index"])];
+        for n in &names {
+            line.push(field(&r["parameters"][n.as_str()]));
+        }
+        for k in ["status", "exit_code", "duration_s", "output"] {
+            line.push(field(&r[k]));
+        }
+        out.push_str(&line.join(","));
+        out.push('\n');
+    }
+    out
+}
+
+fn count_done(outdir: &Path, todo: &[usize]) -> (usize, usize) {
+    let mut done = 0;
+    let mut ok = 0;
+    for &i in todo {
+        if let Some(r) = read_json(&result_path(outdir, i)) {
+            done += 1;
+            ok += usize::from(r["status"] == "ok");
+        }
+    }
+    (done, ok)
+}
+
+struct Stop {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Stop {
+    fn new() -> Result<Stop, (i32, String)> {
+        Ok(Stop {
+            int: signal(SignalKind::interrupt()).map_err(bad)?,
+            term: signal(SignalKind::terminate()).map_err(bad)?,
+        })
+    }
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
+    }
+}
+
+/// The points as child processes, K at a time; true when interrupted.
+async fn run_local(
+    a: &SweepArgs,
+    plan: &Path,
+    outdir: &Path,
+    todo: &[usize],
+) -> Result<bool, (i32, String)> {
+    let exe = std::env::current_exe().map_err(bad)?;
+    let logs = outdir.join("logs");
+    std::fs::create_dir_all(&logs).map_err(bad)?;
+    let mut stop = Stop::new()?;
+    let mut queue = todo.iter().copied();
+    let mut running: Vec<(usize, tokio::process::Child)> = Vec::new();
+    let mut interrupted = false;
+    let mut shown = String::new();
+    loop {
+        while !interrupted && running.len() < a.max_parallel {
+            let Some(i) = queue.next() else { break };
+            let log = std::fs::File::create(logs.join(format!("{i}.log"))).map_err(bad)?;
+            let child = tokio::process::Command::new(&exe)
+                .arg("sweep-task")
+                .arg(plan)
+                .arg("--index")
+                .arg(i.to_string())
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(log)
+                .process_group(0)
+                .spawn()
+                .map_err(|e| bad(format!("cannot start {}: {e}", exe.display())))?;
+            running.push((i, child));
+        }
+        if running.is_empty() {
+            break;
+        }
+        tokio::select! {
+            () = stop.recv(), if !interrupted => {
+                eprintln!("noyau sweep: interrupted: stopping the running points (they save what they finished)");
+                interrupted = true;
+                for (_, c) in &running {
+                    if let Some(pid) = c.id() {
+                        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+                    }
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+        running.retain_mut(|(_, c)| matches!(c.try_wait(), Ok(None)));
+        let (done, ok) = count_done(outdir, todo);
+        let line = format!(
+            "{done}/{} done ({ok} ok), {} running",
+            todo.len(),
+            running.len()
+        );
+        if line != shown {
+            eprintln!("noyau sweep: {line}");
+            shown = line;
+        }
+    }
+    Ok(interrupted)
+}
+
+/// The points as ONE Slurm job array; true when interrupted, and the job id.
+async fn run_slurm(
+    a: &SweepArgs,
+    stem: &str,
+    plan: &Path,
+    outdir: &Path,
+    todo: &[usize],
+    profile: noyau_config::Profile,
+) -> Result<(bool, Option<String>), (i32, String)> {
+    use noyau_sched::slurm::{state_of, SlurmBackend};
+    use noyau_sched::{JobSpec, JobState};
+    let exe = std::env::current_exe().map_err(bad)?;
+    let spec = JobSpec {
+        name: crate::runner::job_name(stem).replacen("noyau-run-", "noyau-sweep-", 1),
+        program: exe,
+        args: vec!["sweep-task".into(), plan.display().to_string()],
+        env: BTreeMap::new(),
+        cwd: std::env::current_dir().ok(),
+        profile,
+        array: Some(array_spec(todo, a.max_parallel)),
+    };
+    let b = SlurmBackend::global();
+    let id = b.submit_array(&spec).await.map_err(bad)?;
+    eprintln!(
+        "noyau sweep: submitted job array {id} (--array={}, job name {})",
+        spec.array.as_deref().unwrap_or(""),
+        spec.name
+    );
+    let poll = std::env::var("NOYAU_SLURM_POLL")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|v| *v > 0.0)
+        .map(Duration::from_secs_f64)
+        .unwrap_or(Duration::from_secs(2));
+    let mut stop = Stop::new()?;
+    let mut interrupted = false;
+    let mut shown = String::new();
+    let mut gone_since: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            () = stop.recv(), if !interrupted => {
+                eprintln!("noyau sweep: interrupted: cancelling job array {id} (running points save what they finished)");
+                interrupted = true;
+                if let Err(e) = b.scancel(&id).await {
+                    eprintln!("noyau sweep: {e}");
+                }
+            }
+            _ = tokio::time::sleep(poll) => {}
+        }
+        let (done, ok) = count_done(outdir, todo);
+        let tasks = b.array_tasks(&id).await;
+        let (running, alive, note) = match &tasks {
+            Ok(Some(lines)) => {
+                let running = lines
+                    .iter()
+                    .filter(|l| matches!(state_of(l), JobState::Running { .. }))
+                    .count();
+                let alive = lines
+                    .iter()
+                    .any(|l| !matches!(state_of(l), JobState::Ended(_)));
+                let reason = lines.iter().find_map(|l| match state_of(l) {
+                    JobState::Pending { reason, start, .. } => Some(format!(
+                        "; pending: {reason}, est. start {}",
+                        start.as_deref().unwrap_or("unknown")
+                    )),
+                    _ => None,
+                });
+                (running, alive, reason.unwrap_or_default())
+            }
+            Ok(None) => (0, false, String::new()),
+            Err(e) => (
+                0,
+                true,
+                format!("; squeue does not answer ({e}), still waiting"),
+            ),
+        };
+        let line = format!(
+            "{done}/{} done ({ok} ok), {running} running{note}",
+            todo.len()
+        );
+        if line != shown {
+            eprintln!("noyau sweep: {line}");
+            shown = line;
+        }
+        if done == todo.len() {
+            break;
+        }
+        if alive {
+            gone_since = None;
+        } else {
+            // Every task has ended: give their last result files a moment
+            // (a shared file system may lag), then stop waiting.
+            let since = *gone_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_secs(5) {
+                break;
+            }
+        }
+    }
+    Ok((interrupted, Some(id)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grid_product_and_file() {
+        let mut spec = SweepSpec::default();
+        spec.grid.push(parse_grid("a=1,2").unwrap());
+        spec.grid.push(parse_grid("b=x,0.5,True").unwrap());
+        let pts = expand(&spec).unwrap();
+        assert_eq!(pts.len(), 6);
+        assert_eq!(pts[0].to_json(), json!({"a": 1, "b": "x"}));
+        assert_eq!(pts[5].to_json(), json!({"a": 2, "b": true}));
+        let f = parse_file("parameters: {c: 3}\ngrid:\n  n: [1, 2]\n  s: hi\n").unwrap();
+        let pts = expand(&f).unwrap();
+        assert_eq!(pts[1].to_json(), json!({"c": 3, "n": 2, "s": "hi"}));
+        let f = parse_file("points:\n  - {n: 1}\n  - {n: 2, m: 0}\n").unwrap();
+        assert_eq!(expand(&f).unwrap()[1].to_json(), json!({"n": 2, "m": 0}));
+        assert!(parse_file("grdi: {a: [1]}")
+            .unwrap_err()
+            .contains("did you mean `grid`"));
+        assert!(parse_grid("a").is_err() && parse_grid("=1").is_err());
+    }
+
+    #[test]
+    fn arrays() {
+        assert_eq!(array_spec(&[0, 1, 2, 3, 4, 5], 2), "0-5%2");
+        assert_eq!(array_spec(&[1, 4], 3), "1,4%3");
+        assert_eq!(array_spec(&[3], 1), "3%1");
+    }
+
+    #[test]
+    fn csv_quotes() {
+        let rows = vec![
+            json!({"index": 0, "parameters": {"a": "x,y", "b": 1.5}, "status": "ok",
+                               "exit_code": 0, "duration_s": 1.2, "output": "/o/n-0.ipynb"}),
+        ];
+        assert_eq!(
+            csv(&rows),
+            "index,a,b,status,exit_code,duration_s,output\n0,\"x,y\",1.5,ok,0,1.2,/o/n-0.ipynb\n"
+        );
+    }
+}

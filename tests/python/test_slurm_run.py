@@ -1,0 +1,302 @@
+"""`noyau run` and `noyau sweep` with the Slurm backend, on the real test cluster
+of scripts/slurm-up (profile `test` in the session's user config, partition
+`debug`; conftest writes it).
+
+The runner stays on this host and drives a kernel in a batch job; walltime
+runs and sweeps (one job array) are checked against squeue and the output
+notebooks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import noyau_testlib as lib
+from noyau_testlib import require_slurm
+
+
+@pytest.fixture
+def slurm() -> None:
+    require_slurm()
+    yield
+    left = lib.squeue_noyau()
+    if left:
+        subprocess.run(["scancel", *[j["id"] for j in left]], check=False)
+    assert not left, f"noyau jobs left in the queue: {left}"
+
+
+def notebook(path: Path, *sources: str, params: str | None = None) -> Path:
+    cells = []
+    if params is not None:
+        cells.append({"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": params,
+                      "outputs": [], "execution_count": None, "id": "params"})
+    for i, s in enumerate(sources):
+        cells.append({"cell_type": "code", "metadata": {}, "source": s, "outputs": [],
+                      "execution_count": None, "id": f"c{i}"})
+    path.write_text(json.dumps({
+        "cells": cells, "nbformat": 4, "nbformat_minor": 5,
+        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                    "language": "python"}}}))
+    return path
+
+
+def stdout_of(cell: dict) -> str:
+    return "".join("".join(o.get("text", "")) for o in cell.get("outputs", [])
+                   if o.get("output_type") == "stream" and o.get("name") == "stdout")
+
+
+class Proc:
+    """A noyau command whose stderr is collected line by line as it comes."""
+
+    def __init__(self, argv: list[str], cwd: Path, env: dict | None = None) -> None:
+        self.lines: list[str] = []
+        self.p = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=env)
+        self.t = threading.Thread(target=self._read, daemon=True)
+        self.t.start()
+
+    def _read(self) -> None:
+        assert self.p.stderr
+        for line in self.p.stderr:
+            self.lines.append(line)
+
+    def wait(self, timeout: float) -> int:
+        rc = self.p.wait(timeout=timeout)
+        self.t.join(5)
+        return rc
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.lines)
+
+
+def test_run_drives_a_kernel_in_a_job(slurm: None, noyau_bin: str, tmp_path: Path) -> None:
+    nb = notebook(tmp_path / "in.ipynb",
+                  "import os, socket\nprint(x * 2, os.environ.get('SLURM_JOB_ID'), socket.gethostname())",
+                  params="x = 1")
+    out = tmp_path / "out.ipynb"
+    r = subprocess.run([noyau_bin, "run", str(nb), str(out), "--backend", "slurm", "--profile", "test",
+                        "-o", "mem=400M", "-p", "x", "21"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    meta = res["metadata"]["noyau"]
+    assert meta["backend"] == "slurm"
+    assert meta["job_id"].isdigit(), meta
+    assert meta["node"], meta
+    value, job_id, host = stdout_of(res["cells"][-1]).split()
+    assert value == "42" and job_id == meta["job_id"] and host == meta["node"]
+    # the runner stayed here: the job ran only the agent and is gone
+    lib.wait_until(lambda: not lib.squeue_noyau(), 30, "the run's job to leave the queue", 0.5)
+
+
+def test_run_queued_shows_reason_and_start_then_runs(slurm: None, noyau_bin: str,
+                                                     tmp_path: Path) -> None:
+    cpus = os.cpu_count() or 1
+    blocker = subprocess.run(
+        ["sbatch", "--parsable", "-p", "batch", "-J", "noyau-test-blocker", "-c", str(cpus),
+         "--mem", "100M", "-t", "5", "--wrap", "sleep 300"],
+        capture_output=True, text=True, check=True).stdout.strip()
+    proc = None
+    try:
+        lib.wait_until(lambda: any(j["id"] == blocker and j["state"] == "RUNNING"
+                                   for j in lib.squeue_noyau()), 30, "the blocker to run")
+        nb = notebook(tmp_path / "q.ipynb", "print('ran after the queue')")
+        out = tmp_path / "q.out.ipynb"
+        proc = Proc([noyau_bin, "run", str(nb), str(out), "--profile", "test"], cwd=tmp_path)
+        lib.wait_until(lambda: any("queued: Resources" in l or "queued: Priority" in l
+                                   for l in proc.lines), 60, "a queued line with Slurm's reason")
+        line = next(l for l in proc.lines if "queued: R" in l or "queued: P" in l)
+        assert "partition debug" in line and "est. start" in line, line
+        runs = [j for j in lib.squeue_noyau() if j["name"] == "noyau-run-q"]
+        assert len(runs) == 1 and runs[0]["state"] == "PENDING", runs
+        subprocess.run(["scancel", blocker], check=True)
+        rc = proc.wait(120)
+        assert rc == 0, proc.stderr
+        assert "ran after the queue" in stdout_of(json.loads(out.read_text())["cells"][0])
+    finally:
+        subprocess.run(["scancel", blocker], check=False)
+        if proc and proc.p.poll() is None:
+            proc.p.kill()
+
+
+def test_walltime_saves_finished_cells_and_exits_6(slurm: None, noyau_bin: str,
+                                                   tmp_path: Path) -> None:
+    """A 1-minute job with a long cell: Slurm's early SIGUSR1 (walltime_signal=20;
+    Slurm may send it up to a minute early) reaches the agent, which tells the
+    runner; the runner saves, marks the cell and exits 6."""
+    nb = notebook(tmp_path / "long.ipynb", "print('a')", "print('b')",
+                  "import time\nfor _ in range(600):\n    time.sleep(1)", "print('never')")
+    out = tmp_path / "long.out.ipynb"
+    t0 = time.monotonic()
+    r = subprocess.run([noyau_bin, "run", str(nb), str(out), "--profile", "test",
+                        "-o", "time=00:01:00", "-o", "walltime_signal=20",
+                        "-o", "env.NOYAU_WALLTIME_WARN=50"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 6, r.stderr
+    assert time.monotonic() - t0 < 120
+    assert "walltime reached" in r.stderr, r.stderr
+    res = json.loads(out.read_text())
+    cells = [c for c in res["cells"] if "papermill-error-cell-tag" not in c["metadata"].get("tags", [])]
+    marker = res["cells"][0]
+    assert "papermill-error-cell-tag" in marker["metadata"]["tags"]
+    assert "walltime" in "".join(marker["source"]), marker
+    assert stdout_of(cells[0]) == "a\n" and stdout_of(cells[1]) == "b\n"
+    assert [c["metadata"]["papermill"]["status"] for c in cells] == \
+        ["completed", "completed", "failed", "pending"]
+    err = cells[2]["outputs"][-1]
+    assert err["output_type"] == "error" and err["ename"] == "WalltimeError", err
+    assert "walltime reached" in err["evalue"]
+    assert cells[3]["outputs"] == []
+    lib.wait_until(lambda: not lib.squeue_noyau(), 30, "the run's job to leave the queue", 0.5)
+
+
+def test_exit_codes_documented(noyau_bin: str) -> None:
+    r = subprocess.run([noyau_bin, "run", "--help"], capture_output=True, text=True, check=True)
+    assert "6    walltime reached" in r.stdout
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "run.md").read_text()
+    assert "| 6 | walltime reached" in doc
+
+
+SWEEP_NB = ("import os\n"
+            "if os.path.exists(FLAG) and x == 2:\n"
+            "    raise ValueError('point x=2 fails while the flag exists')\n"
+            "print(x, y, os.environ.get('SLURM_ARRAY_JOB_ID'), os.environ.get('SLURM_ARRAY_TASK_ID'))")
+
+
+def sweep_notebook(tmp_path: Path) -> tuple[Path, Path]:
+    flag = tmp_path / "flag"
+    nb = notebook(tmp_path / "sw.ipynb", SWEEP_NB, params=f"x = 0\ny = 'a'\nFLAG = {str(flag)!r}")
+    return nb, flag
+
+
+def check_summary(outdir: Path, n: int) -> dict:
+    summary = json.loads((outdir / "summary.json").read_text())
+    assert len(summary["points"]) == n
+    csv_lines = (outdir / "summary.csv").read_text().splitlines()
+    assert csv_lines[0].split(",")[:3] == ["index", "x", "y"], csv_lines[0]
+    assert csv_lines[0].endswith("status,exit_code,duration_s,output")
+    assert len(csv_lines) == n + 1
+    for p in summary["points"]:
+        assert Path(p["output"]).is_file(), p
+        assert isinstance(p["duration_s"], float), p
+    return summary
+
+
+def test_sweep_is_one_job_array_and_retry_reruns_only_failed(slurm: None, noyau_bin: str,
+                                                             tmp_path: Path) -> None:
+    nb, flag = sweep_notebook(tmp_path)
+    flag.write_text("fail x=2")
+    outdir = tmp_path / "out"
+    seen: set[str] = set()
+    proc = Proc([noyau_bin, "sweep", str(nb), "--grid", "x=1,2,3", "--grid", "y=a,b",
+                 "--max-parallel", "2", "--profile", "test", "-o", str(outdir)], cwd=tmp_path)
+    while proc.p.poll() is None:
+        for j in lib.squeue_noyau():
+            seen.add(j["id"].split("_")[0])
+            assert j["name"] == "noyau-sweep-sw", j
+        time.sleep(0.3)
+    rc = proc.wait(10)
+    assert rc == 1, proc.stderr  # the two x=2 points failed
+    summary = check_summary(outdir, 6)
+    job = summary["job_id"]
+    assert seen <= {job}, (seen, job)  # one job array, nothing else
+    assert "--array=0-5%2" in proc.stderr
+    statuses = [(p["parameters"]["x"], p["parameters"]["y"], p["status"]) for p in summary["points"]]
+    assert statuses == [(1, "a", "ok"), (1, "b", "ok"), (2, "a", "failed"), (2, "b", "failed"),
+                        (3, "a", "ok"), (3, "b", "ok")], statuses
+    for i, p in enumerate(summary["points"]):
+        assert p["job"] == f"{job}_{i}", p
+        out = json.loads(Path(p["output"]).read_text())
+        assert out["metadata"]["noyau"]["allocation"] == f"{job}_{i}"
+        assert out["metadata"]["papermill"]["parameters"]["x"] == p["parameters"]["x"]
+        if p["status"] == "ok":
+            assert stdout_of(out["cells"][-1]).split() == [str(p["parameters"]["x"]), p["parameters"]["y"],
+                                                         job, str(i)]
+    mtimes = {p["output"]: Path(p["output"]).stat().st_mtime_ns for p in summary["points"]}
+
+    flag.unlink()
+    r = subprocess.run([noyau_bin, "sweep", str(nb), "--retry-failed", "--profile", "test",
+                        "-o", str(outdir)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "--array=2-3%4" in r.stderr, r.stderr
+    summary2 = check_summary(outdir, 6)
+    assert [p["status"] for p in summary2["points"]] == ["ok"] * 6
+    retry_job = summary2["job_id"]
+    assert retry_job != job
+    for i, p in enumerate(summary2["points"]):
+        rerun = i in (2, 3)
+        assert p["job"] == (f"{retry_job}_{i}" if rerun else f"{job}_{i}"), p
+        assert (Path(p["output"]).stat().st_mtime_ns != mtimes[p["output"]]) == rerun
+    lib.wait_until(lambda: not lib.squeue_noyau(), 30, "the sweep's jobs to leave the queue", 0.5)
+
+
+def test_local_sweep_runs_k_at_a_time(noyau_bin: str, tmp_path: Path) -> None:
+    nb, _ = sweep_notebook(tmp_path)
+    r = subprocess.run([noyau_bin, "sweep", str(nb), "--grid", "x=1,2", "--grid", "y=a,b",
+                        "--max-parallel", "2", "--backend", "local"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    outdir = tmp_path / "sw.sweep"
+    summary = check_summary(outdir, 4)
+    assert summary["backend"] == "local" and summary["job_id"] is None
+    assert [p["status"] for p in summary["points"]] == ["ok"] * 4
+    assert sorted(p.name for p in outdir.glob("sw-*.ipynb")) == [f"sw-{i}.ipynb" for i in range(4)]
+    assert "2 running" in r.stderr and "3 running" not in r.stderr, r.stderr
+
+
+def test_sweep_bad_input(noyau_bin: str, tmp_path: Path) -> None:
+    nb, _ = sweep_notebook(tmp_path)
+    for args, want in [(["--grid", "x"], "NAME=V1,V2"), ([], "no points"),
+                       (["--retry-failed"], "no summary")]:
+        r = subprocess.run([noyau_bin, "sweep", str(nb), "--backend", "local", *args],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and want in r.stderr, (args, r.stderr)
+    bad = tmp_path / "bad.ipynb"
+    bad.write_text("{nope")
+    r = subprocess.run([noyau_bin, "sweep", str(bad), "--grid", "x=1"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "invalid JSON" in r.stderr, r.stderr
+
+
+def test_detached_run_is_the_job_and_ps_shows_its_cells(slurm: None, noyau_bin: str,
+                                                        tmp_path: Path) -> None:
+    nb = notebook(tmp_path / "det.ipynb", "import time", *["time.sleep(1)"] * 6,
+                  "import os\nprint(x, os.environ.get('SLURM_JOB_ID'))", params="x = 0")
+    out = tmp_path / "det.out.ipynb"
+    t0 = time.monotonic()
+    r = subprocess.run([noyau_bin, "run", str(nb), str(out), "--detach", "--profile", "test",
+                        "-p", "x", "7"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - t0 < 15, "--detach waited for the run"
+    job = r.stdout.strip()
+    assert job.isdigit(), r.stdout
+    seen = set()
+
+    def cells() -> str | None:
+        ps = subprocess.run([noyau_bin, "ps"], capture_output=True, text=True, check=True).stdout
+        line = next((l for l in ps.splitlines() if l.split()[:1] == [job]), None)
+        if line is None:
+            return None
+        assert " run " in line and "noyau-run-det" in line, line
+        f = line.split()
+        if f[-1].count("/") == 1:
+            seen.add(f[-1])
+        return line
+
+    lib.wait_until(lambda: cells() is None and out.exists(), 120, "the detached run to end", 0.3)
+    done = {int(s.split("/")[0]) for s in seen}
+    assert seen and all(s.endswith("/10") for s in seen), seen
+    assert len(done) >= 2, f"progress never moved: {seen}"
+    res = json.loads(out.read_text())
+    assert [c["metadata"]["papermill"]["status"] for c in res["cells"]] == ["completed"] * 10
+    assert stdout_of(res["cells"][-1]).split() == ["7", job]
+    assert res["metadata"]["noyau"]["allocation"] == job
