@@ -865,12 +865,34 @@ impl Runner<'_> {
                 }
             };
             let m = match m {
-                // The kernel died after this cell ended (IOPub idle) but
-                // before its reply came: the cell itself is done; the death
-                // belongs to the next one.
-                Err(_) if idle => {
+                // The kernel died after this cell ended (its reply, or IOPub
+                // idle, came; with the next cell sent ahead, a kernel killed by
+                // that cell can lose this one's last IOPub messages): the cell
+                // itself is done, the death belongs to the next one.
+                Err(_) if idle || reply.is_some() => {
                     let _ = self.builder.finish_cell(&mut self.nb, i);
-                    return self.end_from_outputs(i);
+                    return match reply
+                        .as_ref()
+                        .and_then(|r| r.get("status"))
+                        .and_then(Value::as_str)
+                    {
+                        Some("error") => {
+                            let s = |k: &str| {
+                                reply
+                                    .as_ref()
+                                    .and_then(|r| r.get(k))
+                                    .and_then(Value::as_str)
+                                    .unwrap_or("")
+                                    .to_string()
+                            };
+                            CellEnd::Error {
+                                ename: s("ename"),
+                                evalue: s("evalue"),
+                            }
+                        }
+                        Some(_) => CellEnd::Ok,
+                        None => self.end_from_outputs(i),
+                    };
                 }
                 Err(e) => return self.died(e),
                 Ok(m) => m,
