@@ -341,3 +341,31 @@ def test_default_output_name_and_log_output(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "logged line" in r.stderr
     assert (tmp_path / "nb.out.ipynb").is_file()
+
+
+def test_first_run_makes_a_managed_python_kernel(tmp_path):
+    """No python3 kernelspec anywhere: noyau makes a managed ipykernel
+    environment in its cache (from PyPI), says so, uses it, and reuses it."""
+    home = tmp_path / "home"
+    home.mkdir()
+    venv_bin = str(Path(sys.executable).parent)
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != venv_bin)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("JUPYTER", "VIRTUAL_ENV", "CONDA", "XDG_", "IPYTHON"))}
+    env.update(HOME=str(home), PATH=path, XDG_CACHE_HOME=str(tmp_path / "cache"),
+               JUPYTER_PATH=str(tmp_path / "empty"), JUPYTER_DATA_DIR=str(tmp_path / "empty"))
+    listed = subprocess.run([NOYAU, "kernelspecs", "--json"], env=env, capture_output=True, text=True)
+    if "python3" in listed.stdout:
+        pytest.skip("a python3 kernelspec is installed system-wide here; the first-run path cannot be reached")
+    src = write(tmp_path / "in.ipynb", notebook("import sys; print(sys.prefix)"))
+    r = subprocess.run([NOYAU, "run", "--no-progress", str(src), str(tmp_path / "out.ipynb")],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "making a managed Python kernel" in r.stderr, r.stderr
+    out = json.loads((tmp_path / "out.ipynb").read_text())
+    prefix = text_of(out["cells"][0]).strip()
+    assert prefix.startswith(str(tmp_path / "cache" / "noyau" / "kernels")), prefix
+    r = subprocess.run([NOYAU, "run", "--no-progress", str(src), str(tmp_path / "again.ipynb")],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "making a managed" not in r.stderr, "the managed kernel was made twice"
