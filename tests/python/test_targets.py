@@ -180,3 +180,21 @@ def test_queued_target_shows_its_reason_and_the_notebook_stays_usable(km) -> Non
         del reply
     finally:
         subprocess.run(["scancel", blocker], check=False)
+
+
+def test_push_and_pull_variables(km) -> None:  # type: ignore[no-untyped-def]
+    run(km, "data = {'a': [1, 2, 3], 'name': 'é'}\nscale = 10")
+    run(km, "%%noyau on side --quiet\nready = True")
+    reply, text, errors = run(km, "%noyau push side data scale")
+    assert reply["status"] == "ok", (reply, errors)
+    assert "pushed data, scale to target side" in text, text
+    reply, text, _ = run(km, "%%noyau on side --quiet\nresult = [x * scale for x in data['a']]\nprint(data['name'], result)")
+    assert text == "é [10, 20, 30]\n", text
+    reply, text, errors = run(km, "%noyau pull side result")
+    assert reply["status"] == "ok", (reply, errors)
+    reply, text, _ = run(km, "print(result)")
+    assert text == "[10, 20, 30]\n"
+    reply, _, _ = run(km, "%noyau pull side nothing_here")
+    assert reply["status"] == "error" and "NameError" in reply["evalue"], reply
+    reply, _, _ = run(km, "%noyau push side 'x; import os'")
+    assert reply["status"] == "error" and "variable name" in reply["evalue"], reply

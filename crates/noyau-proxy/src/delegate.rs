@@ -11,6 +11,7 @@ use serde_json::json;
 
 use crate::frontend::{publish, send_router};
 use crate::targets::{self, Magic, OnMagic, RunningCell, State, Target, TargetEvent};
+use crate::transfer::{self, Direction, Stage, Transfer};
 use crate::Proxy;
 
 impl Proxy {
@@ -136,6 +137,18 @@ impl Proxy {
         let words: Vec<&str> = words.iter().map(String::as_str).collect();
         let result = match words.as_slice() {
             ["targets"] => Ok(self.targets_table()),
+            ["push", name, vars @ ..] | ["pull", name, vars @ ..] => {
+                let direction = if words[0] == "push" {
+                    Direction::Push
+                } else {
+                    Direction::Pull
+                };
+                let vars: Vec<String> = vars.iter().map(|v| v.to_string()).collect();
+                match self.start_transfer(direction, name, vars, msg) {
+                    Ok(()) => return,
+                    Err(e) => Err(("NoyauTransferError", e)),
+                }
+            }
             ["release", name] | ["cancel", name] => match self.targets.get_mut(*name) {
                 Some(t) => {
                     t.release();
@@ -151,7 +164,8 @@ impl Proxy {
             },
             _ => Err((
                 "UsageError",
-                "usage: %noyau targets | %noyau release TARGET | %noyau cancel TARGET; \
+                "usage: %noyau targets | %noyau release TARGET | %noyau cancel TARGET | \
+                 %noyau push TARGET NAME… | %noyau pull TARGET NAME…; \
                  %%noyau on TARGET [key=value …] [--quiet] runs a cell on a target"
                     .to_string(),
             )),
@@ -183,7 +197,16 @@ impl Proxy {
 
     /// Answers a cell as a kernel would: busy, the output, the reply, idle.
     async fn answer(&mut self, msg: &RawMessage, result: Result<String, (&str, String)>) {
-        let parent = &msg.header;
+        self.answer_to(msg.identities.clone(), &msg.header.clone(), result)
+            .await;
+    }
+
+    async fn answer_to(
+        &mut self,
+        identities: Vec<Bytes>,
+        parent: &Bytes,
+        result: Result<String, (&str, String)>,
+    ) {
         let busy = build::iopub(
             &self.signer,
             "status",
@@ -221,7 +244,7 @@ impl Proxy {
         };
         let reply = build::message(
             &self.signer,
-            msg.identities.clone(),
+            identities,
             "execute_reply",
             &self.session,
             parent,
@@ -313,11 +336,19 @@ impl Proxy {
             }
         };
         self.signer.resign(&mut msg);
+        let parent = msg.parent_msg_id().unwrap_or_default();
+        let msg_type = msg.peek_header().map(|h| h.msg_type).unwrap_or_default();
+        if self.internal.contains(&parent) {
+            if lane == Lane::Shell && msg_type == "execute_reply" {
+                self.advance_transfer(&parent, &msg.content).await;
+            } else if transfer::is_idle(&msg) {
+                self.internal.remove(&parent);
+            }
+            return;
+        }
         let Some(t) = self.targets.get_mut(name) else {
             return;
         };
-        let parent = msg.parent_msg_id().unwrap_or_default();
-        let msg_type = msg.peek_header().map(|h| h.msg_type).unwrap_or_default();
         if lane == Lane::Iopub {
             // The where-line goes right after the cell's execute_input.
             let announce =
@@ -359,6 +390,22 @@ impl Proxy {
         t.release();
         tracing::info!(target = %name, "target ended: {why}");
         let text = format!("target {name} ended: {why}");
+        let stuck: Vec<String> = self
+            .transfers
+            .iter()
+            .filter(|(_, tr)| tr.target == name)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in stuck {
+            if let Some(tr) = self.transfers.remove(&id) {
+                self.answer_to(
+                    tr.identities,
+                    &tr.header,
+                    Err(("NoyauTransferError", text.clone())),
+                )
+                .await;
+            }
+        }
         for (_, cell) in std::mem::take(&mut t.running) {
             let err = build::iopub(
                 &self.signer,
@@ -408,5 +455,147 @@ impl Proxy {
         for t in self.targets.values_mut() {
             t.release();
         }
+    }
+}
+
+impl Proxy {
+    /// Sends the source kernel the request that dumps `vars`.
+    fn start_transfer(
+        &mut self,
+        direction: Direction,
+        target: &str,
+        vars: Vec<String>,
+        msg: &RawMessage,
+    ) -> Result<(), String> {
+        transfer::check_names(&vars)?;
+        if !self.targets.contains_key(target) {
+            return Err(format!(
+                "no target named {target:?} is running; start it with a `%%noyau on {target}` cell"
+            ));
+        }
+        let request = build::message(
+            &self.signer,
+            vec![],
+            "execute_request",
+            &self.session,
+            &Bytes::new(),
+            transfer::dump_request(&vars),
+        );
+        let id = request.peek_header().map(|h| h.msg_id).unwrap_or_default();
+        let from = match direction {
+            Direction::Push => None,
+            Direction::Pull => Some(target.to_string()),
+        };
+        self.send_internal(from.as_deref(), request)?;
+        self.internal.insert(id.clone());
+        self.transfers.insert(
+            id,
+            Transfer {
+                direction,
+                target: target.to_string(),
+                names: vars,
+                stage: Stage::Dump,
+                identities: msg.identities.clone(),
+                header: msg.header.clone(),
+                bytes: 0,
+            },
+        );
+        Ok(())
+    }
+
+    /// A request of the proxy's own, to a target or (None) the notebook's kernel.
+    fn send_internal(&mut self, target: Option<&str>, request: RawMessage) -> Result<(), String> {
+        match target {
+            Some(name) => {
+                let t = self
+                    .targets
+                    .get_mut(name)
+                    .ok_or_else(|| format!("target {name:?} is gone"))?;
+                t.send(Lane::Shell, request.into_frames());
+                Ok(())
+            }
+            None => {
+                let s = self
+                    .sender()
+                    .ok_or("the notebook's kernel has not started yet")?;
+                s.send(
+                    Lane::Shell,
+                    noyau_link::envelope::jupyter(request.into_frames()),
+                )
+                .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// The reply to one of a transfer's requests.
+    pub(crate) async fn advance_transfer(&mut self, id: &str, content: &Bytes) {
+        let Some(mut tr) = self.transfers.remove(id) else {
+            return;
+        };
+        let reply: serde_json::Value = serde_json::from_slice(content).unwrap_or_default();
+        let failed = |reply: &serde_json::Value| {
+            (reply["status"] != "ok").then(|| {
+                format!(
+                    "{}: {}",
+                    reply["ename"].as_str().unwrap_or("error"),
+                    reply["evalue"].as_str().unwrap_or("")
+                )
+            })
+        };
+        let outcome: Result<Option<String>, String> = match tr.stage {
+            Stage::Dump => match failed(&reply).map_or_else(|| transfer::dumped(&reply), Err) {
+                Err(e) => Err(e),
+                Ok(b64) => {
+                    tr.bytes = b64.len() * 3 / 4;
+                    let request = build::message(
+                        &self.signer,
+                        vec![],
+                        "execute_request",
+                        &self.session,
+                        &Bytes::new(),
+                        transfer::load_request(&b64),
+                    );
+                    let next = request.peek_header().map(|h| h.msg_id).unwrap_or_default();
+                    let to = match tr.direction {
+                        Direction::Push => Some(tr.target.clone()),
+                        Direction::Pull => None,
+                    };
+                    match self.send_internal(to.as_deref(), request) {
+                        Ok(()) => {
+                            tr.stage = Stage::Load;
+                            self.internal.insert(next.clone());
+                            self.transfers.insert(next, tr);
+                            return;
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+            },
+            Stage::Load => match failed(&reply) {
+                Some(e) => Err(e),
+                None => Ok(Some(format!(
+                    "[noyau] {} {} {} target {} ({} bytes)\n",
+                    if tr.direction == Direction::Push {
+                        "pushed"
+                    } else {
+                        "pulled"
+                    },
+                    tr.names.join(", "),
+                    if tr.direction == Direction::Push {
+                        "to"
+                    } else {
+                        "from"
+                    },
+                    tr.target,
+                    tr.bytes
+                ))),
+            },
+        };
+        let result = match outcome {
+            Ok(Some(text)) => Ok(text),
+            Ok(None) => return,
+            Err(e) => Err(("NoyauTransferError", e)),
+        };
+        self.answer_to(tr.identities, &tr.header, result).await;
     }
 }

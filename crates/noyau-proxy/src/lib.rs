@@ -20,6 +20,7 @@ pub mod frontend;
 pub mod handover;
 pub mod queued;
 pub mod targets;
+pub mod transfer;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -109,6 +110,10 @@ struct Proxy {
     target_rx: tokio::sync::mpsc::Receiver<targets::TargetEvent>,
     /// The notebook kernel's last execution count, for cells noyau answers.
     exec_count: i64,
+    /// `%noyau push/pull` in flight, by the msg_id of their current request.
+    transfers: HashMap<String, transfer::Transfer>,
+    /// msg_ids of the proxy's own requests: their replies stop here.
+    internal: std::collections::HashSet<String>,
     /// The batch job's state while we wait for its agent (None: local, or taken over).
     job_state: Option<tokio::sync::watch::Receiver<JobState>>,
     /// The queue note shown in the first waiting cell.
@@ -220,6 +225,8 @@ pub async fn run(cfg: ProxyConfig) -> anyhow::Result<i32> {
         target_tx,
         target_rx,
         exec_count: 0,
+        transfers: HashMap::new(),
+        internal: Default::default(),
     };
     let code = proxy.relay().await;
     proxy.release_targets();
@@ -595,6 +602,16 @@ impl Proxy {
             }
         };
         self.signer.resign(&mut msg);
+        if !self.internal.is_empty() {
+            if let Some(parent) = msg.parent_msg_id().filter(|p| self.internal.contains(p)) {
+                if lane == Lane::Shell {
+                    self.advance_transfer(&parent, &msg.content).await;
+                } else if transfer::is_idle(&msg) {
+                    self.internal.remove(&parent);
+                }
+                return None;
+            }
+        }
         if lane == Lane::Iopub {
             publish(&mut self.fe, msg).await;
             return None;
