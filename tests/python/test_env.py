@@ -111,3 +111,38 @@ def test_modules_from_noyau_toml_set_the_kernels_environment(tmp_path):
     assert p.returncode == 0, p.stderr
     assert text(out["cells"][0]).strip() == "loaded-1.0"
     assert "noyautest/1.0" in out["metadata"]["noyau"]["environment"]["module_list"]
+
+
+def test_interactive_kernel_in_a_declared_environment_and_env_magics(tmp_path):
+    """A notebook kernel (noyau kernelspec) started in a directory whose
+    noyau.toml declares an environment runs in it; `%noyau env show` tells
+    what it is, `%noyau env lock` writes noyau.lock, which reproduces it."""
+    from jupyter_client.manager import KernelManager
+
+    import noyau_testlib as lib
+
+    lib.require_noyau()
+    (tmp_path / "noyau.toml").write_text('[environment]\nrequirements = ["six==1.16.0"]\n')
+    km = KernelManager(kernel_name=lib.NOYAU_KERNEL_NAME)
+    km.start_kernel(cwd=str(tmp_path), env=dict(os.environ, NOYAU_ENV_CACHE=str(tmp_path / "cache")))
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=300)
+
+        def run_cell(code: str) -> tuple[dict, str]:
+            out: list[dict] = []
+            reply = kc.execute_interactive(code, timeout=300, output_hook=out.append)
+            return reply["content"], "".join(m["content"].get("text", "") for m in out if m["msg_type"] == "stream")
+
+        reply, out = run_cell("import six; print(six.__version__)")
+        assert reply["status"] == "ok" and out.endswith("1.16.0\n"), (reply, out)
+        reply, out = run_cell("%noyau env show")
+        assert reply["status"] == "ok" and "six==1.16.0" in out and "lock_sha256" in out, out
+        reply, out = run_cell("%noyau env lock")
+        assert reply["status"] == "ok", reply
+        lock = (tmp_path / "noyau.lock").read_text()
+        assert "six==1.16.0" in lock and "--hash=sha256:" in lock, lock
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel()

@@ -114,6 +114,8 @@ struct Proxy {
     transfers: HashMap<String, transfer::Transfer>,
     /// msg_ids of the proxy's own requests: their replies stop here.
     internal: std::collections::HashSet<String>,
+    /// What the agent built the kernel's environment from, and its lock.
+    env_record: Option<serde_json::Value>,
     /// The batch job's state while we wait for its agent (None: local, or taken over).
     job_state: Option<tokio::sync::watch::Receiver<JobState>>,
     /// The queue note shown in the first waiting cell.
@@ -227,6 +229,7 @@ pub async fn run(cfg: ProxyConfig) -> anyhow::Result<i32> {
         exec_count: 0,
         transfers: HashMap::new(),
         internal: Default::default(),
+        env_record: None,
     };
     let code = proxy.relay().await;
     proxy.release_targets();
@@ -673,6 +676,7 @@ impl Proxy {
             }
             Event::EnvReady { record } => {
                 tracing::info!(lock_sha256 = %record["lock_sha256"], "kernel environment ready");
+                self.env_record = Some(record);
                 None
             }
             Event::KernelReady { pid, .. } => {
