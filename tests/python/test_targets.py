@@ -16,7 +16,8 @@ import noyau_testlib as lib
 
 @pytest.fixture
 def km(noyau_kernelspec: str, tmp_path: Path):  # type: ignore[no-untyped-def]
-    (tmp_path / "noyau.toml").write_text('[profiles.side]\nbackend = "local"\n')
+    (tmp_path / "noyau.toml").write_text('[profiles.side]\nbackend = "local"\n\n'
+                                         '[profiles.other]\nbackend = "local"\nkernel = "python3-other"\n')
     global _tag
     _tag = f"targets-{tmp_path.name}"
     m = KernelManager(kernel_name=noyau_kernelspec)
@@ -198,3 +199,40 @@ def test_push_and_pull_variables(km) -> None:  # type: ignore[no-untyped-def]
     assert reply["status"] == "error" and "NameError" in reply["evalue"], reply
     reply, _, _ = run(km, "%noyau push side 'x; import os'")
     assert reply["status"] == "error" and "variable name" in reply["evalue"], reply
+
+
+def test_a_target_may_run_another_kernelspec(km, prefix: Path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    spec = lib.read_kernelspec(prefix, lib.DIRECT_KERNEL_NAME)
+    spec["env"] = {"WHICH_KERNEL": "the other one"}
+    d = prefix / "share" / "jupyter" / "kernels" / "python3-other"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "kernel.json").write_text(json.dumps(spec))
+    reply, text, _ = run(km, "%%noyau on other --quiet\nimport os\nprint(os.environ.get('WHICH_KERNEL'))")
+    assert reply["status"] == "ok" and text == "the other one\n", (reply, text)
+    _, text, _ = run(km, "import os\nprint(os.environ.get('WHICH_KERNEL'))")
+    assert text == "None\n"
+
+
+def test_tasks_fan_out_with_outputs_grouped_by_task(km) -> None:  # type: ignore[no-untyped-def]
+    reply, text, _ = run(km, "%%noyau on side --quiet --tasks 3\nimport os\n"
+                             "print('I am', os.environ['NOYAU_TASK_ID'], 'of', os.environ['NOYAU_NTASKS'])")
+    assert reply["status"] == "ok", reply
+    assert text == "".join(f"--- task {i} ---\nI am {i} of 3\n" for i in range(3)), text
+    reply, _, _ = run(km, "%%noyau on side --quiet --tasks 2\nimport os, sys\nsys.exit(int(os.environ['NOYAU_TASK_ID']))")
+    assert reply["status"] == "error" and "task 1 exited 1" in reply["evalue"], reply
+
+
+def test_tasks_run_as_srun_steps_in_a_slurm_allocation(km) -> None:  # type: ignore[no-untyped-def]
+    lib.require_slurm()
+    reply, text, _ = run(km, "%%noyau on test --quiet --tasks 2\nimport os\n"
+                             "print(os.environ['NOYAU_TASK_ID'], os.environ.get('SLURM_STEP_ID'), os.environ['SLURM_JOB_ID'])",
+                         timeout=180)
+    assert reply["status"] == "ok", (reply, text)
+    lines = text.splitlines()
+    assert lines[0] == "--- task 0 ---" and lines[2] == "--- task 1 ---", text
+    t0, t1 = lines[1].split(), lines[3].split()
+    assert t0[0] == "0" and t1[0] == "1", text
+    assert t0[1] == t1[1] != "None", "both tasks must be one srun step"
+    assert t0[2] == t1[2], "both tasks must be in the target's one job"

@@ -68,6 +68,9 @@ pub struct Profile {
     /// (`--signal=B:USR1@N`), for a run to save and stop [default: a tenth
     /// of `time`, 30 s to 10 min].
     pub walltime_signal: Option<u32>,
+    /// The kernelspec a target of this profile runs (`%%noyau on`), when it
+    /// is not the notebook's own (e.g. `ir` for R cells in a Python notebook).
+    pub kernel: Option<String>,
 }
 
 /// The keys a profile may hold, for suggestions and `-o`.
@@ -91,6 +94,7 @@ pub const KEYS: &[&str] = &[
     "link_bind",
     "link_advertise",
     "walltime_signal",
+    "kernel",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -163,6 +167,7 @@ struct RawProfile {
     link_bind: Option<String>,
     link_advertise: Option<String>,
     walltime_signal: Option<u32>,
+    kernel: Option<String>,
 }
 
 impl Profile {
@@ -187,7 +192,8 @@ impl Profile {
             prologue,
             link_bind,
             link_advertise,
-            walltime_signal
+            walltime_signal,
+            kernel
         );
         if let Some(s) = r.sbatch {
             self.sbatch = s;
@@ -239,6 +245,7 @@ impl Profile {
             "link_bind" => self.link_bind = s,
             "link_advertise" => self.link_advertise = s,
             "walltime_signal" => self.walltime_signal = Some(num(&value)?),
+            "kernel" => self.kernel = s,
             other => {
                 return Err(err(format!(
                     "unknown key `{other}`{}; valid keys: {}, env.NAME",

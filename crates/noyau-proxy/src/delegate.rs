@@ -75,7 +75,17 @@ impl Proxy {
         }
     }
 
-    async fn run_on_target(&mut self, m: OnMagic, body: String, mut msg: RawMessage) {
+    async fn run_on_target(&mut self, mut m: OnMagic, body: String, mut msg: RawMessage) {
+        let body = match m.tasks {
+            Some(n) => {
+                // The allocation must hold the tasks; only the first cell sizes it.
+                if !m.overrides.iter().any(|o| o.starts_with("ntasks=")) {
+                    m.overrides.push(format!("ntasks={n}"));
+                }
+                targets::fan_out(&body, n)
+            }
+            None => body,
+        };
         if !self.targets.contains_key(&m.target) {
             if let Err(e) = self.start_target(&m).await {
                 let text = format!("cannot start target {:?}: {e:#}", m.target);
@@ -116,9 +126,13 @@ impl Proxy {
         let config = noyau_config::Config::load(&cwd)?;
         let profile = config.profile(Some(&m.target), &m.overrides)?;
         let backend = profile.backend.clone().unwrap_or_else(|| "local".into());
+        let inner = profile
+            .kernel
+            .clone()
+            .unwrap_or_else(|| self.cfg.inner.clone());
         let launch = AgentLaunch {
             backend,
-            inner: self.cfg.inner.clone(),
+            inner,
             link_bind: None,
             link_advertise: None,
             noyau_exe: self.cfg.noyau_exe.clone(),
