@@ -161,3 +161,24 @@ def test_controller_down_for_30_s_does_not_kill_the_kernel(slurm: None) -> None:
     finally:
         k.shutdown()
     no_noyau_job(30, "no noyau job after shutdown")
+
+
+def test_restart_keeps_the_job_and_its_death_is_still_seen(slurm: None) -> None:
+    """A restart hands the agent (and its allocation) to the next proxy,
+    which follows the same Slurm job: cancelling it afterwards is reported."""
+    k = Kernel(lib.SLURM_KERNEL_NAME, ready_timeout=120)
+    try:
+        _, iopub = k.run("import os; print(os.environ['SLURM_JOB_ID'])")
+        job = lib.stream_text(iopub).strip()
+        assert job.isdigit()
+        k.km.restart_kernel(now=False)
+        k.kc.wait_for_ready(timeout=120)
+        _, iopub = k.run("import os; print(os.environ['SLURM_JOB_ID'])")
+        assert lib.stream_text(iopub).strip() == job, "the restart lost the allocation"
+        msg_id = k.execute("import time; time.sleep(120)")
+        subprocess.run(["scancel", job], check=True)
+        reply = k.reply_for(msg_id, 30)
+        assert reply["content"]["status"] == "error" and "died" in reply["content"]["evalue"], reply["content"]
+    finally:
+        k.shutdown()
+    no_noyau_job(30, "no noyau job after the cancelled kernel")

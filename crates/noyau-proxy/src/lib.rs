@@ -169,7 +169,14 @@ pub async fn run(cfg: ProxyConfig) -> anyhow::Result<i32> {
                 listener.add_token(&h.token);
                 let watch = match (h.backend.as_str(), h.agent_pid) {
                     ("local", Some(pid)) => AgentWatch::Pid(pid),
-                    _ => AgentWatch::Remote,
+                    (backend, _) => match noyau_sched::Backend::from_name(backend)
+                        .ok()
+                        .and_then(|b| b.adopt(&h.job_id).map(|j| (b, j)))
+                    {
+                        // The job the previous proxy submitted: watched as ours.
+                        Some((b, job)) => AgentWatch::Job(b, job),
+                        None => AgentWatch::Remote,
+                    },
                 };
                 (listener, h.identity, h.advertise, watch)
             }

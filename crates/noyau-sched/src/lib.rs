@@ -121,6 +121,15 @@ impl Backend {
         }
     }
 
+    /// Follows a batch job another process submitted (None for the local
+    /// backend, whose jobs are child processes of their submitter).
+    pub fn adopt(&self, id: &str) -> Option<Job> {
+        match self {
+            Backend::Local(_) => None,
+            Backend::Slurm(b) => Some(b.adopt(id)),
+        }
+    }
+
     /// What `submit` would run, for `--dry-run`: the job script, or the
     /// local command line. Checks the profile with the scheduler as
     /// `submit` would.

@@ -562,6 +562,18 @@ impl SlurmBackend {
         })
     }
 
+    /// Follows a job submitted by another process (a proxy taking over
+    /// from the one that submitted it).
+    pub(crate) fn adopt(&self, id: &str) -> Job {
+        let state = self.watcher.track(id, None);
+        Job {
+            id: id.to_string(),
+            backend: "slurm",
+            state,
+            handle: JobHandle::Slurm(SlurmHandle { id: id.to_string() }),
+        }
+    }
+
     /// Submits a job array (`spec.array` set) and returns its job id. The
     /// watcher does not follow it: its tasks are asked with [`Self::array_tasks`].
     pub async fn submit_array(&self, spec: &JobSpec) -> Result<String, SchedError> {
