@@ -69,6 +69,7 @@ impl Proxy {
             }
             (_, "shutdown_request") => {
                 self.release_targets();
+                self.dask_release().await;
                 Some(msg)
             }
             _ => Some(msg),
@@ -151,6 +152,11 @@ impl Proxy {
         let words: Vec<&str> = words.iter().map(String::as_str).collect();
         let result = match words.as_slice() {
             ["targets"] => Ok(self.targets_table()),
+            ["dask", rest @ ..] => {
+                self.dask_magic(rest, msg.identities.clone(), msg.header.clone())
+                    .await;
+                return;
+            }
             ["env"] | ["env", "show"] => Ok(self.env_show()),
             ["env", "lock"] => self.env_lock().map_err(|e| ("NoyauEnvError", e)),
             ["push", name, vars @ ..] | ["pull", name, vars @ ..] => {
@@ -180,7 +186,7 @@ impl Proxy {
             },
             _ => Err((
                 "UsageError",
-                "usage: %noyau env [show] | %noyau env lock | %noyau targets | %noyau release TARGET | %noyau cancel TARGET | \
+                "usage: %noyau env [show] | %noyau env lock | %noyau targets | %noyau dask up|status|down | %noyau release TARGET | %noyau cancel TARGET | \
                  %noyau push TARGET NAME… | %noyau pull TARGET NAME…; \
                  %%noyau on TARGET [key=value …] [--quiet] runs a cell on a target"
                     .to_string(),
@@ -217,7 +223,7 @@ impl Proxy {
             .await;
     }
 
-    async fn answer_to(
+    pub(crate) async fn answer_to(
         &mut self,
         identities: Vec<Bytes>,
         parent: &Bytes,

@@ -15,6 +15,7 @@
 //! restarts the kernel, the proxy hands the agent over to the next proxy
 //! process ([`handover`]) so the allocation is kept.
 
+mod dask;
 mod delegate;
 pub mod frontend;
 pub mod handover;
@@ -116,6 +117,8 @@ struct Proxy {
     internal: std::collections::HashSet<String>,
     /// What the agent built the kernel's environment from, and its lock.
     env_record: Option<serde_json::Value>,
+    /// The kernel's Dask cluster (`%noyau dask up`).
+    dask: Option<dask::Cluster>,
     /// The batch job's state while we wait for its agent (None: local, or taken over).
     job_state: Option<tokio::sync::watch::Receiver<JobState>>,
     /// The queue note shown in the first waiting cell.
@@ -237,9 +240,11 @@ pub async fn run(cfg: ProxyConfig) -> anyhow::Result<i32> {
         transfers: HashMap::new(),
         internal: Default::default(),
         env_record: None,
+        dask: None,
     };
     let code = proxy.relay().await;
     proxy.release_targets();
+    proxy.dask_release().await;
     // Socket writers drain their queues in background tasks; give them the
     // moment ZMQ_LINGER would, so last replies and errors reach the frontend.
     tokio::time::sleep(Duration::from_millis(150)).await;
@@ -266,6 +271,7 @@ impl Proxy {
         };
         let mut tick = tokio::time::interval(Duration::from_secs(10));
         let mut idle_tick = tokio::time::interval(Duration::from_secs(10));
+        let mut dask_tick = tokio::time::interval(Duration::from_millis(500));
         loop {
             let waiting = self.link.is_none() && self.job_state.is_some();
             tokio::select! {
@@ -296,6 +302,7 @@ impl Proxy {
                     }
                 }
                 _ = idle_tick.tick() => self.release_idle_targets(),
+                _ = dask_tick.tick(), if self.dask.as_ref().is_some_and(|c| c.waiting()) => self.dask_poll().await,
                 sub = self.fe.iopub.recv() => {
                     if let Ok(sub) = sub {
                         self.welcome(sub).await;
@@ -614,7 +621,9 @@ impl Proxy {
         self.signer.resign(&mut msg);
         if !self.internal.is_empty() {
             if let Some(parent) = msg.parent_msg_id().filter(|p| self.internal.contains(p)) {
-                if lane == Lane::Shell {
+                if lane == Lane::Shell && self.dask.as_ref().is_some_and(|c| c.is_setup(&parent)) {
+                    self.dask_setup_reply(&msg.content).await;
+                } else if lane == Lane::Shell {
                     self.advance_transfer(&parent, &msg.content).await;
                 } else if transfer::is_idle(&msg) {
                     self.internal.remove(&parent);

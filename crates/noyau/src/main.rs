@@ -41,6 +41,25 @@ enum Command {
     Ps(PsArgs),
     /// Cancel one of this user's noyau jobs
     Cancel(CancelArgs),
+    /// A Dask scheduler or worker of `%noyau dask up` (run by noyau in a job, not by hand)
+    #[command(hide = true)]
+    DaskJob(DaskJobArgs),
+}
+
+#[derive(clap::Args)]
+struct DaskJobArgs {
+    /// scheduler or worker
+    role: noyau_dask::job::Role,
+    /// The cluster's directory (TLS material, scheduler file)
+    #[arg(long)]
+    dir: PathBuf,
+    /// The kernelspec whose Python runs Dask
+    #[arg(long, default_value = "python3")]
+    inner: String,
+    #[arg(long)]
+    nthreads: Option<u32>,
+    #[arg(long)]
+    memory_limit: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -164,6 +183,13 @@ fn main() {
         Command::Kernelspecs(a) => install::kernelspecs(&a).map(|()| 0),
         Command::Ps(a) => block_on(jobs::ps(&a.backend)),
         Command::Cancel(a) => block_on(jobs::cancel(&a.backend, &a.id)),
+        Command::DaskJob(a) => noyau_dask::job::run(noyau_dask::job::JobArgs {
+            role: a.role,
+            dir: a.dir,
+            inner: a.inner,
+            nthreads: a.nthreads,
+            memory_limit: a.memory_limit,
+        }),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -1,0 +1,233 @@
+//! `noyau dask-job scheduler|worker`: what a cluster's batch job runs.
+//!
+//! It realises the target's environment as an agent does (the spec comes in
+//! `NOYAU_ENV_SPEC`), takes the Python of the inner kernelspec (the one the
+//! target's kernel would run), checks that this Python imports
+//! `distributed`, and execs Dask's own scheduler or worker CLI with TLS.
+//! When it cannot, it writes the reason into the cluster directory's
+//! `error` file, which the proxy shows in the notebook.
+
+use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::Context;
+
+use crate::ClusterDir;
+
+/// The scheduler's preload: writes the worker list into `status.json`
+/// every second, for `%noyau dask status`.
+pub const PRELOAD: &str = r#"# Written by noyau: lists the scheduler's workers in status.json for `%noyau dask status`.
+import json
+import os
+
+from tornado.ioloop import PeriodicCallback
+
+
+def dask_setup(scheduler):
+    path = os.path.join(os.environ["NOYAU_DASK_DIR"], "status.json")
+
+    def write():
+        workers = [
+            {"address": a, "name": str(w.name), "nthreads": w.nthreads,
+             "memory_limit": w.memory_limit or 0, "host": w.host}
+            for a, w in list(scheduler.workers.items())
+        ]
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"workers": workers}, f)
+        os.replace(tmp, path)
+
+    write()
+    PeriodicCallback(write, 1000).start()
+"#;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Scheduler,
+    Worker,
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "scheduler" => Ok(Role::Scheduler),
+            "worker" => Ok(Role::Worker),
+            o => Err(format!("{o:?}: expected scheduler or worker")),
+        }
+    }
+}
+
+/// What `noyau dask-job` was asked to run.
+#[derive(Debug, Clone)]
+pub struct JobArgs {
+    pub role: Role,
+    pub dir: PathBuf,
+    /// The kernelspec whose Python runs Dask.
+    pub inner: String,
+    pub nthreads: Option<u32>,
+    pub memory_limit: Option<String>,
+}
+
+/// The Dask command line (before the environment wraps it).
+pub fn dask_argv(a: &JobArgs, python: &str) -> Vec<String> {
+    let d = ClusterDir(a.dir.clone());
+    let p = |p: PathBuf| p.display().to_string();
+    let mut argv = vec![python.to_string(), "-m".into()];
+    match a.role {
+        Role::Scheduler => {
+            argv.push("distributed.cli.dask_scheduler".into());
+            argv.extend([
+                "--port".into(),
+                "0".into(),
+                "--dashboard-address".into(),
+                ":0".into(),
+                "--preload".into(),
+                p(d.preload()),
+            ]);
+        }
+        Role::Worker => {
+            argv.push("distributed.cli.dask_worker".into());
+            if let Some(n) = a.nthreads {
+                argv.extend(["--nthreads".into(), n.to_string()]);
+            }
+            if let Some(m) = &a.memory_limit {
+                argv.extend(["--memory-limit".into(), m.clone()]);
+            }
+            if let Ok(id) = std::env::var("SLURM_JOB_ID") {
+                argv.extend(["--name".into(), format!("slurm-{id}")]);
+            }
+        }
+    }
+    argv.extend([
+        "--scheduler-file".into(),
+        p(d.scheduler_file()),
+        "--protocol".into(),
+        "tls".into(),
+        "--tls-ca-file".into(),
+        p(d.ca()),
+        "--tls-cert".into(),
+        p(d.cert()),
+        "--tls-key".into(),
+        p(d.key()),
+    ]);
+    argv
+}
+
+/// Runs the job: returns only on error (the reason is also in `error`).
+pub fn run(a: JobArgs) -> anyhow::Result<i32> {
+    let d = ClusterDir(a.dir.clone());
+    match prepare(&a) {
+        Ok((argv, env)) => {
+            let err = Command::new(&argv[0])
+                .args(&argv[1..])
+                .env_clear()
+                .envs(env)
+                .exec();
+            let msg = format!("cannot start {}: {err}", argv.join(" "));
+            report(&d, &msg);
+            anyhow::bail!(msg)
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            report(&d, &msg);
+            anyhow::bail!(msg)
+        }
+    }
+}
+
+fn report(d: &ClusterDir, msg: &str) {
+    eprintln!("noyau dask-job: {msg}");
+    // The first error wins: it is the one that explains the others.
+    if d.error().is_none() {
+        let _ = std::fs::write(d.error_file(), msg);
+    }
+}
+
+type Prepared = (Vec<String>, BTreeMap<String, String>);
+
+fn prepare(a: &JobArgs) -> anyhow::Result<Prepared> {
+    let mut env: BTreeMap<String, String> = std::env::vars().collect();
+    env.insert("NOYAU_DASK_DIR".into(), a.dir.display().to_string());
+    let spec_json = env.remove(noyau_env::SPEC_ENV);
+    let python = python_of(&a.inner);
+    let mut argv = dask_argv(a, &python);
+    let mut check = vec![
+        python.clone(),
+        "-c".into(),
+        "import distributed, sys; print(distributed.__version__)".into(),
+    ];
+    if let Some(json) = spec_json {
+        let spec = serde_json::from_str(&json)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .and_then(|v| noyau_env::EnvSpec::from_value(v).map_err(Into::into))
+            .and_then(|s| s.normalise().map_err(Into::into))
+            .context("the environment spec")?;
+        let cache = noyau_env::Cache::at_default();
+        let r = noyau_env::realise(&spec, &cache, &mut |l: &str| {
+            eprintln!("environment: {l}");
+        })
+        .map_err(|e| anyhow::anyhow!("the cluster's environment: {e}"))?;
+        let (a2, e2) = r.command(&argv, &env, &a.dir)?;
+        (check, _) = r.command(&check, &env, &a.dir)?;
+        argv = a2;
+        env = e2;
+    }
+    let out = Command::new(&check[0])
+        .args(&check[1..])
+        .env_clear()
+        .envs(&env)
+        .output()
+        .with_context(|| format!("cannot run {}", check[0]))?;
+    if !out.status.success() {
+        let why = String::from_utf8_lossy(&out.stderr);
+        let last = why.lines().last().unwrap_or("").trim().to_string();
+        anyhow::bail!(
+            "the environment has no usable `distributed` ({python}: {last}); \
+             add `distributed` to the requirements under [environment] in noyau.toml \
+             (or install it into the kernel's Python) and run `%noyau dask up` again"
+        );
+    }
+    Ok((argv, env))
+}
+
+/// The inner kernelspec's Python, else `python3`.
+fn python_of(inner: &str) -> String {
+    if let Ok(p) = std::env::var("NOYAU_DASK_PYTHON") {
+        if !p.is_empty() {
+            return p;
+        }
+    }
+    noyau_wire::kernelspec::find(inner)
+        .ok()
+        .and_then(|f| f.spec.argv.first().cloned())
+        .filter(|a0| {
+            std::path::Path::new(a0)
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("python"))
+        })
+        .unwrap_or_else(|| "python3".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_argv_has_tls_and_resources() {
+        let a = JobArgs {
+            role: Role::Worker,
+            dir: "/d".into(),
+            inner: "python3".into(),
+            nthreads: Some(2),
+            memory_limit: Some("1GB".into()),
+        };
+        let argv = dask_argv(&a, "py").join(" ");
+        assert!(
+            argv.starts_with("py -m distributed.cli.dask_worker --nthreads 2 --memory-limit 1GB")
+        );
+        assert!(argv.contains("--scheduler-file /d/scheduler.json --protocol tls --tls-ca-file /d/ca.pem --tls-cert /d/cert.pem --tls-key /d/key.pem"));
+    }
+}

@@ -1,0 +1,223 @@
+//! Dask clusters on the batch scheduler, owned by a notebook's kernel
+//! (`%noyau dask up`).
+//!
+//! The proxy makes a private *cluster directory* (0700, on the filesystem
+//! the compute nodes share with the login node, under
+//! `$XDG_STATE_HOME/noyau/dask/`), writes TLS material into it
+//! ([`certs`]), and submits one scheduler job and N worker jobs through the
+//! target's backend. Each job runs `noyau dask-job` ([`job`]), which
+//! realises the target's environment like an agent does, checks that it
+//! holds `distributed`, and execs `dask scheduler` / `dask worker` with TLS
+//! on. The scheduler writes `scheduler.json` (its `tls://` address) and,
+//! through a preload, `status.json` (its workers) into the directory; the
+//! proxy reads both ([`ClusterDir`]).
+//!
+//! Why files rather than talking Dask's protocol from Rust: the scheduler
+//! file is Dask's own rendezvous, and a shared filesystem is already what
+//! job logs rely on; the proxy stays a relay.
+
+pub mod certs;
+pub mod job;
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where the proxy keeps a cluster's files.
+pub fn clusters_root() -> PathBuf {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("noyau").join("dask")
+}
+
+/// The files of one cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterDir(pub PathBuf);
+
+/// What the scheduler wrote in its scheduler file.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SchedulerInfo {
+    pub address: String,
+    #[serde(default)]
+    pub services: serde_json::Map<String, serde_json::Value>,
+}
+
+/// One worker as the scheduler's preload lists it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct WorkerInfo {
+    pub address: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub nthreads: u64,
+    #[serde(default)]
+    pub memory_limit: u64,
+    #[serde(default)]
+    pub host: String,
+}
+
+impl ClusterDir {
+    /// Makes a new private directory with the cluster's TLS material.
+    pub fn create(root: &Path, id: &str) -> anyhow::Result<Self> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::create_dir_all(root)?;
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))?;
+        let dir = root.join(id);
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        let c = ClusterDir(dir);
+        certs::write(&c.0)?;
+        std::fs::write(c.preload(), job::PRELOAD)?;
+        Ok(c)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    pub fn scheduler_file(&self) -> PathBuf {
+        self.0.join("scheduler.json")
+    }
+    pub fn status_file(&self) -> PathBuf {
+        self.0.join("status.json")
+    }
+    pub fn preload(&self) -> PathBuf {
+        self.0.join("noyau_dask_preload.py")
+    }
+    /// Written by a job that could not start Dask (e.g. no `distributed`).
+    pub fn error_file(&self) -> PathBuf {
+        self.0.join("error")
+    }
+    pub fn ca(&self) -> PathBuf {
+        self.0.join(certs::CA)
+    }
+    pub fn cert(&self) -> PathBuf {
+        self.0.join(certs::CERT)
+    }
+    pub fn key(&self) -> PathBuf {
+        self.0.join(certs::KEY)
+    }
+
+    /// The scheduler's address once it is up.
+    pub fn scheduler(&self) -> Option<SchedulerInfo> {
+        let text = std::fs::read_to_string(self.scheduler_file()).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// The first job error, if a job wrote one.
+    pub fn error(&self) -> Option<String> {
+        std::fs::read_to_string(self.error_file())
+            .ok()
+            .filter(|s| !s.trim().is_empty())
+    }
+
+    /// The workers the scheduler knew at its last status write.
+    pub fn workers(&self) -> Vec<WorkerInfo> {
+        #[derive(Deserialize)]
+        struct Status {
+            workers: Vec<WorkerInfo>,
+        }
+        std::fs::read_to_string(self.status_file())
+            .ok()
+            .and_then(|t| serde_json::from_str::<Status>(&t).ok())
+            .map(|s| s.workers)
+            .unwrap_or_default()
+    }
+
+    /// `http://HOST:PORT/status` when the scheduler serves a dashboard.
+    pub fn dashboard(&self) -> Option<String> {
+        let info = self.scheduler()?;
+        let port = info.services.get("dashboard")?.as_u64()?;
+        let host = host_of(&info.address)?;
+        Some(format!("http://{host}:{port}/status"))
+    }
+}
+
+/// `tls://node1:40123` → `node1`.
+pub fn host_of(address: &str) -> Option<&str> {
+    let rest = address.split_once("://").map_or(address, |(_, r)| r);
+    let (host, _port) = rest.rsplit_once(':')?;
+    Some(host.trim_start_matches('[').trim_end_matches(']'))
+}
+
+/// The Python the notebook kernel runs (silently) so that a bare
+/// `Client()` finds the cluster: the address and TLS files in
+/// `dask.config` and in the environment (`DASK_…`, read by processes the
+/// kernel starts and by `dask` when it is imported later).
+pub fn kernel_setup_code(dir: &ClusterDir, address: &str) -> String {
+    let q = |p: PathBuf| py_str(&p.display().to_string());
+    let (ca, cert, key) = (q(dir.ca()), q(dir.cert()), q(dir.key()));
+    let addr = py_str(address);
+    format!(
+        "def _noyau_dask_setup():\n\
+         \x20   import os\n\
+         \x20   env = {{'DASK_SCHEDULER_ADDRESS': {addr},\n\
+         \x20          'DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION': 'True',\n\
+         \x20          'DASK_DISTRIBUTED__COMM__TLS__CA_FILE': {ca},\n\
+         \x20          'DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT': {cert},\n\
+         \x20          'DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY': {key}}}\n\
+         \x20   os.environ.update(env)\n\
+         \x20   try:\n\
+         \x20       import dask, distributed\n\
+         \x20   except ImportError as e:\n\
+         \x20       return 'the notebook kernel cannot import dask.distributed (' + str(e) + '): install distributed in its environment to use the cluster'\n\
+         \x20   dask.config.set({{'scheduler-address': {addr},\n\
+         \x20                    'distributed.comm.require-encryption': True,\n\
+         \x20                    'distributed.comm.tls.ca-file': {ca},\n\
+         \x20                    'distributed.comm.tls.client.cert': {cert},\n\
+         \x20                    'distributed.comm.tls.client.key': {key}}})\n\
+         \x20   return 'ok'\n"
+    )
+}
+
+/// The `user_expressions` entry that runs [`kernel_setup_code`]'s function.
+pub const KERNEL_SETUP_EXPR: &str = "_noyau_dask_setup()";
+
+/// A Python string literal (JSON's escapes are valid Python).
+pub fn py_str(s: &str) -> String {
+    serde_json::Value::String(s.to_string()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_of_addresses() {
+        assert_eq!(host_of("tls://node1:40123"), Some("node1"));
+        assert_eq!(host_of("tls://[::1]:5"), Some("::1"));
+        assert_eq!(host_of("nohost"), None);
+    }
+
+    #[test]
+    fn cluster_dir_is_private_and_holds_tls_material() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let c = ClusterDir::create(root.path(), "c1").unwrap();
+        let mode = std::fs::metadata(c.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        let kmode = std::fs::metadata(c.key()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(kmode, 0o600);
+        assert!(std::fs::read_to_string(c.ca())
+            .unwrap()
+            .contains("BEGIN CERTIFICATE"));
+        assert!(c.scheduler().is_none());
+        assert!(c.workers().is_empty());
+        std::fs::write(
+            c.scheduler_file(),
+            r#"{"type":"Scheduler","address":"tls://n1:4000","services":{"dashboard":8787}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.scheduler().unwrap().address, "tls://n1:4000");
+        assert_eq!(c.dashboard().unwrap(), "http://n1:8787/status");
+    }
+
+    #[test]
+    fn setup_code_quotes_paths() {
+        let c = ClusterDir(PathBuf::from("/tmp/it's"));
+        let code = kernel_setup_code(&c, "tls://n:1");
+        assert!(code.contains(r#""/tmp/it's/ca.pem""#));
+        assert!(code.contains("'scheduler-address': \"tls://n:1\""));
+    }
+}

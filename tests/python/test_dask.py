@@ -1,0 +1,143 @@
+"""`%noyau dask up|status|down`: a Dask cluster whose scheduler and workers are
+Slurm jobs (the real test cluster of scripts/slurm-up, the real `distributed`
+from PyPI), owned by a noyau notebook kernel and secured with Dask's TLS."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from jupyter_client.manager import KernelManager
+
+import noyau_testlib as lib
+from noyau_testlib import require_slurm
+
+PROFILE = """\
+[profiles.hpc]
+backend = "slurm"
+partition = "debug"
+time = "10"
+mem = "500M"
+"""
+
+
+def dask_jobs() -> list[dict[str, str]]:
+    return [j for j in lib.squeue_noyau() if j["name"].startswith("noyau-dask-")]
+
+
+@pytest.fixture
+def km(noyau_kernelspec: str, tmp_path: Path):  # type: ignore[no-untyped-def]
+    require_slurm()
+    pytest.importorskip("distributed")
+    cpus = subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True, timeout=30).stdout.split()
+    if not cpus or int(cpus[0]) < 3:
+        pytest.skip("the test cluster has fewer than 3 CPUs for scheduler + 2 workers: "
+                    "start it with SLURM_UP_CPUS=4 scripts/slurm-up DIR")
+    (tmp_path / "noyau.toml").write_text(PROFILE)
+    m = KernelManager(kernel_name=noyau_kernelspec)
+    m.start_kernel(cwd=str(tmp_path), env=dict(os.environ))
+    kc = m.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=60)
+    m.kc = kc  # type: ignore[attr-defined]
+    yield m
+    kc.stop_channels()
+    if m.is_alive():
+        m.shutdown_kernel()
+    try:
+        lib.wait_until(lambda: not dask_jobs(), 30, "the cluster's jobs to leave the queue", interval=0.5)
+    except Exception:
+        pass
+    left = dask_jobs()
+    if left:
+        subprocess.run(["scancel", *[j["id"] for j in left]], check=False)
+    assert not left, f"Dask jobs left in the queue: {left}"
+
+
+def run(km, code: str, timeout: float = 60):  # type: ignore[no-untyped-def]
+    out: list[dict] = []
+    reply = km.kc.execute_interactive(code, timeout=timeout, output_hook=out.append)
+    text = "".join(m["content"].get("text", "") for m in out if m["msg_type"] == "stream")
+    errors = [m["content"] for m in out if m["msg_type"] == "error"]
+    return reply["content"], text, errors
+
+
+def test_dask_up_compute_status_down_and_shutdown(km) -> None:  # type: ignore[no-untyped-def]
+    reply, text, errors = run(km, "%noyau dask up 2 --target hpc", timeout=180)
+    assert reply["status"] == "ok", (text, errors)
+    m = re.search(r"Client\(\"(tls://[^\"]+)\"\)", text)
+    assert m, text
+    address = m.group(1)
+    jobs = dask_jobs()
+    assert sorted(j["name"] for j in jobs) == ["noyau-dask-scheduler", "noyau-dask-worker", "noyau-dask-worker"], jobs
+
+    # a bare Client() finds the cluster, with TLS, and both workers compute
+    reply, text, errors = run(km, (
+        "import os\n"
+        "from dask.distributed import Client\n"
+        "client = Client()\n"
+        "client.wait_for_workers(2, timeout=120)\n"
+        "futs = client.map(lambda x: x * x, range(100))\n"
+        "print(client.scheduler.address, os.environ['DASK_SCHEDULER_ADDRESS'])\n"
+        "print(sum(client.gather(futs)))\n"
+        "print(len({w for w in client.who_has(futs).values() for w in w}) >= 1)\n"
+    ), timeout=180)
+    assert reply["status"] == "ok", (text, errors)
+    lines = text.splitlines()
+    assert lines[0] == f"{address} {address}", text
+    assert lines[1] == str(sum(x * x for x in range(100))), text
+
+    def status() -> str:
+        reply, text, _ = run(km, "%noyau dask status")
+        assert reply["status"] == "ok"
+        return text
+
+    # the scheduler lists its workers once a second
+    lib.wait_until(lambda: "workers: 2" in status(), 10, "dask status to list 2 workers", interval=0.5)
+    text = status()
+    assert f"scheduler: {address}" in text, text
+    assert "workers: 2" in text, text
+    assert text.count("running on") == 3, text
+
+    # a client without the cluster's certificate cannot connect
+    probe = subprocess.run([sys.executable, "-c", (
+        "import sys\n"
+        "from distributed import Client\n"
+        "from distributed.security import Security\n"
+        f"addr = {address!r}\n"
+        "for sec in (None, Security(require_encryption=True)):\n"
+        "    try:\n"
+        "        Client(addr, security=sec, timeout=5)\n"
+        "    except Exception as e:\n"
+        "        print('refused', type(e).__name__)\n"
+        "    else:\n"
+        "        print('CONNECTED')\n"
+    )], capture_output=True, text=True, timeout=120, env={k: v for k, v in os.environ.items() if not k.startswith("DASK_")})
+    assert probe.stdout.count("refused") == 2 and "CONNECTED" not in probe.stdout, (probe.stdout, probe.stderr)
+
+    reply, text, _ = run(km, "client.close()\n")
+    reply, text, _ = run(km, "%noyau dask down")
+    assert reply["status"] == "ok" and "cancelled its 3 jobs" in text, text
+    lib.wait_until(lambda: not dask_jobs(), 30, "the cluster's jobs to leave the queue", interval=0.5)
+
+    # shutdown ends a cluster that was left up
+    reply, text, errors = run(km, "%noyau dask up 1 --target hpc", timeout=180)
+    assert reply["status"] == "ok", (text, errors)
+    assert len(dask_jobs()) == 2
+    km.shutdown_kernel()
+    lib.wait_until(lambda: not dask_jobs(), 30, "the cluster's jobs to leave the queue after shutdown", interval=0.5)
+
+
+def test_dask_up_needs_distributed_in_the_environment(km, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # a Python without distributed: the system's
+    (tmp_path / "noyau.toml").write_text(PROFILE + 'env = { NOYAU_DASK_PYTHON = "/usr/bin/python3" }\n')
+    if subprocess.run(["/usr/bin/python3", "-c", "import distributed"], capture_output=True).returncode == 0:
+        pytest.skip("the system Python has distributed")
+    reply, text, errors = run(km, "%noyau dask up 1 --target hpc", timeout=180)
+    assert reply["status"] == "error", text
+    assert "no usable `distributed`" in errors[0]["evalue"], errors
+    lib.wait_until(lambda: not dask_jobs(), 30, "the cluster's jobs to be cancelled", interval=0.5)
