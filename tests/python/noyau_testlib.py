@@ -348,3 +348,11 @@ def squeue_noyau() -> list[dict[str, str]]:
         if name.startswith("noyau-"):
             jobs.append({"id": i, "state": st, "reason": r, "name": name})
     return jobs
+
+
+def slurm_node_cpus() -> int:
+    """The CPUs the test cluster's node declares (may exceed the machine's)."""
+    import subprocess
+
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%c"], capture_output=True, text=True, check=True).stdout
+    return max(int(x) for x in out.split())

@@ -52,7 +52,7 @@ def test_cells_run_in_a_job_and_shutdown_ends_it(slurm: None) -> None:
 
 
 def test_queued_kernel_shows_the_reason_then_runs(slurm: None) -> None:
-    cpus = os.cpu_count() or 1
+    cpus = lib.slurm_node_cpus()
     blocker = subprocess.run(
         ["sbatch", "--parsable", "-p", "batch", "-J", "noyau-test-blocker", "-c", str(cpus),
          "--mem", "100M", "-t", "5", "--wrap", "sleep 300"],
@@ -95,7 +95,7 @@ def test_queued_kernel_shows_the_reason_then_runs(slurm: None) -> None:
 
 
 def test_shutdown_while_queued_cancels_the_job(slurm: None) -> None:
-    cpus = os.cpu_count() or 1
+    cpus = lib.slurm_node_cpus()
     blocker = subprocess.run(
         ["sbatch", "--parsable", "-p", "batch", "-J", "noyau-test-blocker", "-c", str(cpus),
          "--mem", "100M", "-t", "5", "--wrap", "sleep 300"],

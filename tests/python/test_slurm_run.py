@@ -100,7 +100,7 @@ def test_run_drives_a_kernel_in_a_job(slurm: None, noyau_bin: str, tmp_path: Pat
 
 def test_run_queued_shows_reason_and_start_then_runs(slurm: None, noyau_bin: str,
                                                      tmp_path: Path) -> None:
-    cpus = os.cpu_count() or 1
+    cpus = lib.slurm_node_cpus()
     blocker = subprocess.run(
         ["sbatch", "--parsable", "-p", "batch", "-J", "noyau-test-blocker", "-c", str(cpus),
          "--mem", "100M", "-t", "5", "--wrap", "sleep 300"],

@@ -136,7 +136,7 @@ def test_queued_target_shows_its_reason_and_the_notebook_stays_usable(km) -> Non
     import subprocess
 
     lib.require_slurm()
-    cpus = os.cpu_count() or 1
+    cpus = lib.slurm_node_cpus()
     blocker = subprocess.run(
         ["sbatch", "--parsable", "-p", "batch", "-J", "noyau-test-blocker", "-c", str(cpus),
          "--mem", "100M", "-t", "5", "--wrap", "sleep 300"],

@@ -83,14 +83,26 @@ pub fn wrap(
     v
 }
 
-/// The installation prefix of an executable (`/opt/py/bin/python3` →
-/// `/opt/py`), following symlinks: what a sandbox must show for it to run.
-pub fn exe_prefix(exe: &str) -> Option<PathBuf> {
+/// The installation prefixes of an executable, as written and with
+/// symlinks followed (`/x/.venv/bin/python` → `/x/.venv`, and the prefix of
+/// the interpreter the venv links to): what a sandbox must show for it to
+/// run. A venv under a hidden directory (`/tmp`, home) needs both.
+pub fn exe_prefixes(exe: &str) -> Vec<PathBuf> {
     let p = if exe.contains('/') {
         PathBuf::from(exe)
     } else {
-        crate::cmd::which(exe)?
+        match crate::cmd::which(exe) {
+            Some(p) => p,
+            None => return vec![],
+        }
     };
-    let real = std::fs::canonicalize(p).ok()?;
-    real.parent()?.parent().map(Path::to_path_buf)
+    let lexical = std::path::absolute(&p)
+        .ok()
+        .and_then(|a| a.parent()?.parent().map(Path::to_path_buf));
+    let real = std::fs::canonicalize(&p)
+        .ok()
+        .and_then(|r| r.parent()?.parent().map(Path::to_path_buf));
+    let mut out: Vec<PathBuf> = lexical.into_iter().chain(real).collect();
+    out.dedup();
+    out
 }

@@ -150,7 +150,7 @@ impl Realised {
         }
         let mut ro = self.ro_binds.clone();
         if let Some(a0) = argv.first() {
-            ro.extend(isolate::exe_prefix(a0));
+            ro.extend(isolate::exe_prefixes(a0));
         }
         match kind {
             Kind::Guix => argv = guix::wrap(&self.spec, runtime_dir, argv),

@@ -362,9 +362,10 @@ impl Proxy {
         let msg_type = msg.peek_header().map(|h| h.msg_type).unwrap_or_default();
         if self.internal.contains(&parent) {
             if lane == Lane::Shell && msg_type == "execute_reply" {
+                self.internal.seen(&parent, true);
                 self.advance_transfer(&parent, &msg.content).await;
             } else if transfer::is_idle(&msg) {
-                self.internal.remove(&parent);
+                self.internal.seen(&parent, false);
             }
             return;
         }

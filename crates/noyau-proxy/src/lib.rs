@@ -114,7 +114,7 @@ struct Proxy {
     /// `%noyau push/pull` in flight, by the msg_id of their current request.
     transfers: HashMap<String, transfer::Transfer>,
     /// msg_ids of the proxy's own requests: their replies stop here.
-    internal: std::collections::HashSet<String>,
+    internal: transfer::Internal,
     /// What the agent built the kernel's environment from, and its lock.
     env_record: Option<serde_json::Value>,
     /// The kernel's Dask cluster (`%noyau dask up`).
@@ -622,11 +622,13 @@ impl Proxy {
         if !self.internal.is_empty() {
             if let Some(parent) = msg.parent_msg_id().filter(|p| self.internal.contains(p)) {
                 if lane == Lane::Shell && self.dask.as_ref().is_some_and(|c| c.is_setup(&parent)) {
+                    self.internal.seen(&parent, true);
                     self.dask_setup_reply(&msg.content).await;
                 } else if lane == Lane::Shell {
+                    self.internal.seen(&parent, true);
                     self.advance_transfer(&parent, &msg.content).await;
                 } else if transfer::is_idle(&msg) {
-                    self.internal.remove(&parent);
+                    self.internal.seen(&parent, false);
                 }
                 return None;
             }

@@ -13,6 +13,42 @@
 use bytes::Bytes;
 use serde_json::{json, Value};
 
+/// The proxy's own requests in flight. An id is forgotten once both its
+/// reply (shell) and its final `idle` (IOPub) have passed: they travel on
+/// different channels, and either may come first.
+#[derive(Default)]
+pub struct Internal {
+    ids: std::collections::HashMap<String, (bool, bool)>,
+}
+
+impl Internal {
+    pub fn insert(&mut self, id: String) {
+        self.ids.insert(id, (false, false));
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.ids.contains_key(id)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Notes the reply (`reply`) or the idle status of `id`.
+    pub fn seen(&mut self, id: &str, reply: bool) {
+        if let Some(e) = self.ids.get_mut(id) {
+            if reply {
+                e.0 = true;
+            } else {
+                e.1 = true;
+            }
+            if e.0 && e.1 {
+                self.ids.remove(id);
+            }
+        }
+    }
+}
+
 /// Which way the variables go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
