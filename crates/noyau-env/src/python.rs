@@ -88,6 +88,9 @@ pub fn build(
     dir: &Path,
     progress: crate::Progress<'_>,
 ) -> Result<Value, EnvError> {
+    // Absolute, as uv's resolve runs inside `dir` (a relative cache root).
+    let dir = &std::path::absolute(dir)
+        .map_err(|e| EnvError::io(format!("resolving {}", dir.display()), e))?;
     let venv = dir.join("venv");
     let python = spec.python.clone().unwrap_or_else(|| "python3".into());
     progress(&format!("creating a Python {python} venv with uv"));
@@ -115,8 +118,13 @@ pub fn build(
             std::fs::write(&input, reqs.join("\n") + "\n")
                 .map_err(|e| EnvError::io(format!("writing {}", input.display()), e))?;
             progress(&format!("resolving {} with uv", reqs.join(", ")));
+            // Run in the build directory and name the input relatively: uv's
+            // `# via -r FILE` annotations then say `requirements.in`, not the
+            // temporary path, so the same spec gives the same lock (and
+            // lock_sha256) whatever the cache's path, on any node.
             cmd::run(
                 uv_cmd(uv)
+                    .current_dir(dir)
                     .args([
                         "pip",
                         "compile",
@@ -126,7 +134,7 @@ pub fn build(
                     ])
                     .arg("--python")
                     .arg(&interp)
-                    .arg(&input)
+                    .arg("requirements.in")
                     .arg("-o")
                     .arg(&lock_path),
                 "uv could not resolve the requirements",

@@ -40,6 +40,12 @@ fn a_uv_environment_rebuilt_from_its_lock_on_a_clean_cache_is_identical() {
         r1.record["lock_sha256"],
         json!(noyau_env::sha256_hex(lock.as_bytes()))
     );
+    // The lock names no build path: the same spec locks the same anywhere.
+    assert!(
+        !lock.contains(".tmp-") && !lock.contains(first.root().to_str().unwrap()),
+        "{lock}"
+    );
+    assert!(lock.contains("# via -r requirements.in"), "{lock}");
     assert!(lines.iter().any(|l| l.contains("resolving")), "{lines:?}");
     let (argv1, _) = r1
         .command(&["python3".into()], &Default::default(), t.path())
