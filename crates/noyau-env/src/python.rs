@@ -7,6 +7,12 @@
 //! installs exactly the lock and nothing else, so a spec that carries the
 //! lock an earlier build recorded reproduces that build.
 //!
+//! The venv's modules are compiled to `.pyc` at build time
+//! (`--compile-bytecode`; uv does not by default): the entry is shared and
+//! shown read-only under isolation, so a kernel could not write them, and
+//! without them every kernel start recompiles ipykernel's imports (about
+//! +0.3 s here).
+//!
 //! The venv is made `--relocatable` (it is built in a temporary directory
 //! and renamed into the cache) and with `UV_LINK_MODE=copy` (hard links
 //! into uv's cache would not survive on another filesystem).
@@ -149,7 +155,13 @@ pub fn build(
     progress("installing the locked packages with uv");
     cmd::run(
         uv_cmd(uv)
-            .args(["pip", "sync", "--require-hashes", "--python"])
+            .args([
+                "pip",
+                "sync",
+                "--require-hashes",
+                "--compile-bytecode",
+                "--python",
+            ])
             .arg(&interp)
             .arg(&lock_path),
         "uv could not install the lock",
