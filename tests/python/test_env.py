@@ -122,8 +122,9 @@ def test_modules_from_noyau_toml_set_the_kernels_environment(tmp_path):
 
 def test_interactive_kernel_in_a_declared_environment_and_env_magics(tmp_path):
     """A notebook kernel (noyau kernelspec) started in a directory whose
-    noyau.toml declares an environment runs in it; `%noyau env show` tells
-    what it is, `%noyau env lock` writes noyau.lock, which reproduces it."""
+    noyau.toml declares an environment runs in it; the first cell shows the
+    build's progress lines; `%noyau env show` tells what it is,
+    `%noyau env lock` writes noyau.lock, which reproduces it."""
     from jupyter_client.manager import KernelManager
 
     lib.require_noyau()
@@ -142,6 +143,10 @@ def test_interactive_kernel_in_a_declared_environment_and_env_magics(tmp_path):
 
         reply, out = run_cell("import six; print(six.__version__)")
         assert reply["status"] == "ok" and out.endswith("1.16.0\n"), (reply, out)
+        # The build ran at kernel start, before any cell: its lines were held
+        # and shown in this first cell, from the first to the last.
+        assert "noyau: environment: building the Python environment" in out, out
+        assert "noyau: environment: environment ready" in out, out
         reply, out = run_cell("%noyau env show")
         assert reply["status"] == "ok" and "six==1.16.0" in out and "lock_sha256" in out, out
         reply, out = run_cell("%noyau env lock")
