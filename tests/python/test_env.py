@@ -6,7 +6,12 @@ ipykernel started by the agent inside the environment noyau-env made.
   cache rebuilds from the recorded lock and the package list is identical;
 * container isolation with real bubblewrap: reading the home directory and
   opening a network connection fail, writing to the notebook's dir works;
-* `modules` from noyau.toml with Debian's environment-modules.
+* `modules` from noyau.toml with Debian's environment-modules;
+* the same `python` environment through the Slurm backend: built inside the
+  job into a cache shared with this host, recorded with the same lock as a
+  local run;
+* `prefix`: an existing venv, recorded by its package list and a hash that
+  changes when the venv does.
 
 uv comes from PATH or is installed by noyau itself from PyPI into the cache.
 """
@@ -23,7 +28,9 @@ from pathlib import Path
 
 import pytest
 
+import noyau_testlib as lib
 from test_run_noyau import NOYAU, notebook, python3_kernelspec  # noqa: F401  (fixture)
+from test_slurm_run import slurm  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.skipif(not Path(NOYAU).is_file(), reason=f"no noyau binary at {NOYAU}")
 
@@ -37,7 +44,7 @@ def run(tmp: Path, nb: dict, *args: str, cache: Path, name: str = "nb.ipynb") ->
     out = tmp / (name + ".out.ipynb")
     env = dict(os.environ, NOYAU_ENV_CACHE=str(cache))
     p = subprocess.run([NOYAU, "run", str(src), str(out), "--no-progress", "--start-timeout", "300", *args],
-                       capture_output=True, text=True, env=env, timeout=600)
+                       capture_output=True, text=True, env=env, timeout=600, cwd=tmp)
     assert out.exists(), p.stderr
     return p, json.loads(out.read_text())
 
@@ -115,11 +122,10 @@ def test_modules_from_noyau_toml_set_the_kernels_environment(tmp_path):
 
 def test_interactive_kernel_in_a_declared_environment_and_env_magics(tmp_path):
     """A notebook kernel (noyau kernelspec) started in a directory whose
-    noyau.toml declares an environment runs in it; `%noyau env show` tells
-    what it is, `%noyau env lock` writes noyau.lock, which reproduces it."""
+    noyau.toml declares an environment runs in it; the first cell shows the
+    build's progress lines; `%noyau env show` tells what it is,
+    `%noyau env lock` writes noyau.lock, which reproduces it."""
     from jupyter_client.manager import KernelManager
-
-    import noyau_testlib as lib
 
     lib.require_noyau()
     (tmp_path / "noyau.toml").write_text('[environment]\nrequirements = ["six==1.16.0"]\n')
@@ -137,6 +143,10 @@ def test_interactive_kernel_in_a_declared_environment_and_env_magics(tmp_path):
 
         reply, out = run_cell("import six; print(six.__version__)")
         assert reply["status"] == "ok" and out.endswith("1.16.0\n"), (reply, out)
+        # The build ran at kernel start, before any cell: its lines were held
+        # and shown in this first cell, from the first to the last.
+        assert "noyau: environment: building the Python environment" in out, out
+        assert "noyau: environment: environment ready" in out, out
         reply, out = run_cell("%noyau env show")
         assert reply["status"] == "ok" and "six==1.16.0" in out and "lock_sha256" in out, out
         reply, out = run_cell("%noyau env lock")
@@ -146,3 +156,71 @@ def test_interactive_kernel_in_a_declared_environment_and_env_magics(tmp_path):
     finally:
         kc.stop_channels()
         km.shutdown_kernel()
+
+
+SIX = '{requirements = ["six==1.16.0"]}'
+
+
+def test_uv_environment_through_slurm_is_built_in_the_job_and_records_the_local_lock(slurm, tmp_path):
+    """`noyau run --backend slurm --env …`: the agent in the batch job builds
+    the environment into the cache NOYAU_ENV_CACHE names (exported to the
+    job, a directory both sides see), and the output records the same lock,
+    hash and package list as a local run of the same spec."""
+    nb = notebook("import os, sys, six\nprint(six.__version__, os.environ.get('SLURM_JOB_ID'), sys.prefix)",
+                  FREEZE)
+    local_dir, slurm_dir = tmp_path / "local", tmp_path / "slurm"
+    local_dir.mkdir()
+    slurm_dir.mkdir()
+    p, local = run(local_dir, nb, "--env", SIX, cache=local_dir / "cache")
+    assert p.returncode == 0, p.stderr
+
+    shared = slurm_dir / "shared-cache"
+    p, out = run(slurm_dir, nb, "--backend", "slurm", "--profile", "test", "--env", SIX, cache=shared)
+    assert p.returncode == 0, p.stderr
+    assert "noyau: environment:" in p.stderr  # the job's build progress reached the runner
+    meta = out["metadata"]["noyau"]
+    assert meta["backend"] == "slurm" and meta["job_id"].isdigit(), meta
+    version, job_id, prefix = text(out["cells"][0]).split()
+    assert version == "1.16.0" and job_id == meta["job_id"]
+    # the kernel ran in the environment built in the job, in the shared cache
+    assert Path(prefix).resolve().is_relative_to(shared.resolve()), prefix
+    built = [d for d in shared.iterdir() if (d / "noyau-env.json").is_file()]
+    assert len(built) == 1 and Path(prefix).resolve() == (built[0] / "venv").resolve(), (built, prefix)
+
+    env, lenv = meta["environment"], local["metadata"]["noyau"]["environment"]
+    assert env["spec"] == lenv["spec"] == {"kind": "python", "requirements": ["six==1.16.0"]}
+    assert env["lock"] == lenv["lock"] and env["lock_sha256"] == lenv["lock_sha256"]
+    assert env["freeze"] == lenv["freeze"]
+    assert text(out["cells"][1]) == text(local["cells"][1])  # identical package list in both kernels
+    lib.wait_until(lambda: not lib.squeue_noyau(), 30, "the run's job to leave the queue", 0.5)
+
+
+def test_prefix_environment_records_its_packages_and_hash_which_follow_the_prefix(tmp_path):
+    """`prefix`: an existing venv (made here, with ipykernel and six) is the
+    kernel's environment; the record lists its packages and their hash;
+    installing another six into it changes both."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "ipykernel", "six==1.16.0"], check=True, capture_output=True, timeout=600)
+    spec = json.dumps({"prefix": str(venv)})
+    nb = notebook("import sys, six; print(sys.prefix, six.__version__)")
+
+    p, out = run(tmp_path, nb, "--env", spec, cache=tmp_path / "cache")
+    assert p.returncode == 0, p.stderr
+    assert text(out["cells"][0]).split() == [str(venv), "1.16.0"]
+    rec = out["metadata"]["noyau"]["environment"]
+    assert rec["kind"] == "prefix" and rec["prefix"] == str(venv)
+    assert rec["spec"] == {"kind": "prefix", "prefix": str(venv)}
+    assert "six==1.16.0" in rec["packages"]
+    assert any(x.startswith("ipykernel==") for x in rec["packages"]), rec["packages"]
+    import hashlib
+    assert rec["packages_sha256"] == hashlib.sha256("\n".join(rec["packages"]).encode()).hexdigest()
+
+    subprocess.run([*pip, "six==1.17.0"], check=True, capture_output=True, timeout=600)
+    p2, out2 = run(tmp_path, nb, "--env", spec, cache=tmp_path / "cache", name="again.ipynb")
+    assert p2.returncode == 0, p2.stderr
+    assert text(out2["cells"][0]).split() == [str(venv), "1.17.0"]
+    rec2 = out2["metadata"]["noyau"]["environment"]
+    assert "six==1.17.0" in rec2["packages"] and "six==1.16.0" not in rec2["packages"]
+    assert rec2["packages_sha256"] != rec["packages_sha256"]

@@ -7,6 +7,12 @@
 //! installs exactly the lock and nothing else, so a spec that carries the
 //! lock an earlier build recorded reproduces that build.
 //!
+//! The venv's modules are compiled to `.pyc` at build time
+//! (`--compile-bytecode`; uv does not by default): the entry is shared and
+//! shown read-only under isolation, so a kernel could not write them, and
+//! without them every kernel start recompiles ipykernel's imports (about
+//! +0.3 s here).
+//!
 //! The venv is made `--relocatable` (it is built in a temporary directory
 //! and renamed into the cache) and with `UV_LINK_MODE=copy` (hard links
 //! into uv's cache would not survive on another filesystem).
@@ -88,6 +94,9 @@ pub fn build(
     dir: &Path,
     progress: crate::Progress<'_>,
 ) -> Result<Value, EnvError> {
+    // Absolute, as uv's resolve runs inside `dir` (a relative cache root).
+    let dir = &std::path::absolute(dir)
+        .map_err(|e| EnvError::io(format!("resolving {}", dir.display()), e))?;
     let venv = dir.join("venv");
     let python = spec.python.clone().unwrap_or_else(|| "python3".into());
     progress(&format!("creating a Python {python} venv with uv"));
@@ -115,8 +124,13 @@ pub fn build(
             std::fs::write(&input, reqs.join("\n") + "\n")
                 .map_err(|e| EnvError::io(format!("writing {}", input.display()), e))?;
             progress(&format!("resolving {} with uv", reqs.join(", ")));
+            // Run in the build directory and name the input relatively: uv's
+            // `# via -r FILE` annotations then say `requirements.in`, not the
+            // temporary path, so the same spec gives the same lock (and
+            // lock_sha256) whatever the cache's path, on any node.
             cmd::run(
                 uv_cmd(uv)
+                    .current_dir(dir)
                     .args([
                         "pip",
                         "compile",
@@ -126,7 +140,7 @@ pub fn build(
                     ])
                     .arg("--python")
                     .arg(&interp)
-                    .arg(&input)
+                    .arg("requirements.in")
                     .arg("-o")
                     .arg(&lock_path),
                 "uv could not resolve the requirements",
@@ -141,7 +155,13 @@ pub fn build(
     progress("installing the locked packages with uv");
     cmd::run(
         uv_cmd(uv)
-            .args(["pip", "sync", "--require-hashes", "--python"])
+            .args([
+                "pip",
+                "sync",
+                "--require-hashes",
+                "--compile-bytecode",
+                "--python",
+            ])
             .arg(&interp)
             .arg(&lock_path),
         "uv could not install the lock",

@@ -40,10 +40,26 @@ fn a_uv_environment_rebuilt_from_its_lock_on_a_clean_cache_is_identical() {
         r1.record["lock_sha256"],
         json!(noyau_env::sha256_hex(lock.as_bytes()))
     );
+    // The lock names no build path: the same spec locks the same anywhere.
+    assert!(
+        !lock.contains(".tmp-") && !lock.contains(first.root().to_str().unwrap()),
+        "{lock}"
+    );
+    assert!(lock.contains("# via -r requirements.in"), "{lock}");
     assert!(lines.iter().any(|l| l.contains("resolving")), "{lines:?}");
     let (argv1, _) = r1
         .command(&["python3".into()], &Default::default(), t.path())
         .unwrap();
+    // Compiled at build time: a read-only shared entry still starts fast.
+    let lib = first
+        .entry(r1.record["key"].as_str().unwrap())
+        .join("venv/lib");
+    let compiled = std::fs::read_dir(&lib).unwrap().flatten().any(|py| {
+        py.path()
+            .join("site-packages/ipykernel/__pycache__")
+            .is_dir()
+    });
+    assert!(compiled, "no ipykernel/__pycache__ under {}", lib.display());
     let freeze1 = pip_freeze(&argv1[0]);
     assert!(freeze1.contains("six==1.16.0"), "{freeze1}");
 

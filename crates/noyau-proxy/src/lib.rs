@@ -126,7 +126,14 @@ struct Proxy {
     submitted: Instant,
     /// A walltime notice that came while no cell ran: shown in the next one.
     walltime_notice: Option<String>,
+    /// Environment build lines that came while no cell waited (a kernel
+    /// building its environment at start): shown in the next cell.
+    env_held: String,
 }
+
+/// At most this many bytes of environment build lines are held for the
+/// next cell; later ones go to the log only.
+const ENV_HELD_MAX: usize = 64 * 1024;
 
 /// `9 min 58 s`.
 fn human(secs: u64) -> String {
@@ -219,6 +226,7 @@ pub async fn run(cfg: ProxyConfig) -> anyhow::Result<i32> {
         note: None,
         submitted: Instant::now(),
         walltime_notice: None,
+        env_held: String::new(),
         cfg,
         fe,
         signer,
@@ -500,13 +508,17 @@ impl Proxy {
             }
         }
         if lane == Lane::Shell
-            && self.walltime_notice.is_some()
+            && (self.walltime_notice.is_some() || !self.env_held.is_empty())
             && msg
                 .peek_header()
                 .is_ok_and(|h| h.msg_type == "execute_request")
         {
+            let parent = msg.header.clone();
+            let held = std::mem::take(&mut self.env_held);
+            if !held.is_empty() {
+                self.publish_stderr(&parent, &held).await;
+            }
             if let Some(text) = self.walltime_notice.take() {
-                let parent = msg.header.clone();
                 self.publish_stderr(&parent, &text).await;
             }
         }
@@ -673,23 +685,21 @@ impl Proxy {
                 None
             }
             Event::EnvProgress { line } => {
-                // Shown in the first waiting cell (its stderr), else as
-                // output with no cell (JupyterLab's log console).
-                let parent = self
+                // Shown in the first waiting cell (its stderr); with no cell
+                // waiting (the build runs at kernel start), held for the
+                // next cell, so the cell that waits on the build tells why.
+                let text = format!("noyau: environment: {line}\n");
+                let waiting = self
                     .order
                     .iter()
                     .filter_map(|id| self.pending.get(id))
                     .find(|p| p.msg_type == "execute_request")
-                    .map(|p| p.header.clone())
-                    .unwrap_or_else(|| Bytes::from_static(b"{}"));
-                let msg = build::iopub(
-                    &self.signer,
-                    "stream",
-                    &self.session,
-                    &parent,
-                    json!({"name": "stderr", "text": format!("noyau: environment: {line}\n")}),
-                );
-                publish(&mut self.fe, msg).await;
+                    .map(|p| p.header.clone());
+                match waiting {
+                    Some(parent) => self.publish_stderr(&parent, &text).await,
+                    None if self.env_held.len() < ENV_HELD_MAX => self.env_held.push_str(&text),
+                    None => tracing::info!("{}", text.trim_end()),
+                }
                 None
             }
             Event::EnvReady { record } => {
