@@ -369,3 +369,26 @@ def test_first_run_makes_a_managed_python_kernel(tmp_path):
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "making a managed" not in r.stderr, "the managed kernel was made twice"
+
+
+def test_delegated_cells_run_on_their_targets_headless(tmp_path):
+    """The same `%%noyau on` cells an interactive notebook delegates are
+    delegated by `noyau run` too: state per target, outputs in their cells."""
+    (tmp_path / "noyau.toml").write_text('[profiles.side]\nbackend = "local"\n')
+    nb = notebook(
+        "import os\nmain_pid = os.getpid()\nx = 'main'",
+        "%%noyau on side\nimport os\nx = 'side'\nprint('side pid differs:', os.getpid())",
+        "print(x)",
+        "%%noyau on side\nprint(x)",
+        "%%noyau on side --tasks 2\nimport os\nprint('task', os.environ['NOYAU_TASK_ID'])",
+    )
+    src = write(tmp_path / "in.ipynb", nb)
+    r = run(src, tmp_path / "out.ipynb", cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    cells = json.loads((tmp_path / "out.ipynb").read_text())["cells"]
+    assert text_of(cells[1]).startswith("side pid differs:")
+    assert text_of(cells[2]) == "main\n", "the notebook's kernel must keep its own state"
+    assert text_of(cells[3]) == "side\n", "the target must keep its state between cells"
+    assert text_of(cells[4]) == "--- task 0 ---\ntask 0\n--- task 1 ---\ntask 1\n"
+    assert cells[1]["metadata"]["noyau"]["target"]["target"] == "side"
+    assert cells[1]["metadata"]["noyau"]["target"]["job_id"].startswith("local:")

@@ -8,6 +8,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use noyau_client::magic::{self as magic, Magic};
 use noyau_client::remote::{
     ExecuteOptions, KernelError, KernelEvent, KernelMessage, Lane, RemoteKernel, Walltime,
 };
@@ -604,6 +605,12 @@ pub async fn run(args: RunArgs) -> Result<i32, Failure> {
     }
 
     let total_cells = nb.cells.len();
+    // Cells delegated with `%%noyau on` run on kernels of their own; sending
+    // cells ahead is for one kernel only.
+    let delegating = nb
+        .cells
+        .iter()
+        .any(|c| c.is_code() && !matches!(magic::parse(&c.source), Ok(Magic::None)));
     let mut runner = Runner {
         builder: OutputBuilder::new(mode),
         progress: Progress::new(!args.no_progress, nb.cells.len()),
@@ -614,9 +621,15 @@ pub async fn run(args: RunArgs) -> Result<i32, Failure> {
         early: Default::default(),
         walltime: None,
         status: StatusFile::new(total_cells),
+        delegating,
+        targets: Default::default(),
+        target_base: kernel_name.clone(),
     };
     let (code, kernel_alive) = runner.run_cells(&mut kernel, &mut signals, run_start).await;
     runner.progress.finish();
+    for (_, t) in std::mem::take(&mut runner.targets) {
+        t.shutdown(Duration::from_secs(5)).await;
+    }
     let Runner { nb, mut saver, .. } = runner;
     let out = finish_output(&mut saver, &nb, &output);
     if kernel_alive {
@@ -654,6 +667,12 @@ struct Runner<'a> {
     ahead: Option<(usize, String)>,
     /// Messages for the request sent ahead that came before its turn.
     early: std::collections::VecDeque<KernelMessage>,
+    /// The notebook has `%%noyau on` cells: no cell is sent ahead.
+    delegating: bool,
+    /// Kernels of `%%noyau on` targets, started on first use.
+    targets: std::collections::BTreeMap<String, RemoteKernel>,
+    /// The notebook's kernelspec (a target's default).
+    target_base: String,
     /// The batch job and when it ends, once a walltime warning said so.
     walltime: Option<(String, Instant)>,
     status: StatusFile,
@@ -680,13 +699,17 @@ impl Runner<'_> {
                 pm::cell_complete(&mut self.nb.cells[i], start);
                 self.progress.cell_done();
                 self.status.cell_done();
-                self.status.cell_done();
                 i += 1;
                 continue;
             }
             self.progress.cell_start(i, total, &self.nb.cells[i].source);
             let may_raise = self.args.allow_errors || self.nb.cells[i].has_tag("raises-exception");
-            let end = self.run_cell(kernel, signals, i, may_raise).await;
+            let end = match magic::parse(&self.nb.cells[i].source) {
+                Ok(Magic::None) => self.run_cell(kernel, signals, i, may_raise, None).await,
+                Ok(Magic::On(m, body)) => self.run_on_target(m, body, signals, i, may_raise).await,
+                Ok(Magic::Line(words)) => self.line_magic(&words, i).await,
+                Err(usage) => self.cell_error(i, "UsageError", usage),
+            };
             let exec_count = self.nb.cells[i].execution_count();
             let stop = match end {
                 CellEnd::Ok => None,
@@ -781,7 +804,9 @@ impl Runner<'_> {
         signals: &mut Signals,
         i: usize,
         may_raise: bool,
+        code: Option<String>,
     ) -> CellEnd {
+        let code = code.unwrap_or_else(|| self.nb.cells[i].source.clone());
         self.nb.cells[i]
             .metadata
             .insert("execution".into(), json!({}));
@@ -795,7 +820,7 @@ impl Runner<'_> {
         let mut backlog = std::mem::take(&mut self.early);
         let id = match self.ahead.take() {
             Some((j, id)) if j == i => id,
-            _ => match kernel.execute_request(&self.nb.cells[i].source, &opts) {
+            _ => match kernel.execute_request(&code, &opts) {
                 Ok(id) => id,
                 Err(e) => return self.died(e),
             },
@@ -804,7 +829,7 @@ impl Runner<'_> {
         // and if this one fails, stop_on_error makes the kernel abort it. Not
         // with a timeout (an interrupt could hit the next cell) nor when this
         // cell may raise (the next must not run if this one calls sys.exit).
-        if self.args.timeout.is_none() && !may_raise {
+        if self.args.timeout.is_none() && !may_raise && !self.delegating {
             if let Some(j) = (i + 1..self.nb.cells.len()).find(|&j| runnable(&self.nb.cells[j])) {
                 let next_may_raise =
                     self.args.allow_errors || self.nb.cells[j].has_tag("raises-exception");
@@ -938,6 +963,110 @@ impl Runner<'_> {
             };
         }
         CellEnd::Ok
+    }
+
+    /// A `%%noyau on TARGET` cell: its body runs in the target's kernel
+    /// (started on first use from the profile), its outputs in this cell.
+    async fn run_on_target(
+        &mut self,
+        mut m: magic::OnMagic,
+        body: String,
+        signals: &mut Signals,
+        i: usize,
+        may_raise: bool,
+    ) -> CellEnd {
+        let body = match m.tasks {
+            Some(n) => {
+                if !m.overrides.iter().any(|o| o.starts_with("ntasks=")) {
+                    m.overrides.push(format!("ntasks={n}"));
+                }
+                magic::fan_out(&body, n)
+            }
+            None => body,
+        };
+        if !self.targets.contains_key(&m.target) {
+            if let Err(e) = self.start_target(&m).await {
+                return self.cell_error(
+                    i,
+                    "NoyauTargetError",
+                    format!("cannot start target {:?}: {e:#}", m.target),
+                );
+            }
+        }
+        let Some(mut t) = self.targets.remove(&m.target) else {
+            return self.cell_error(i, "NoyauTargetError", "the target is gone".into());
+        };
+        let end = self
+            .run_cell(&mut t, signals, i, may_raise, Some(body))
+            .await;
+        let where_ =
+            json!({"target": m.target, "backend": t.backend, "job_id": t.job_id(), "host": t.host});
+        if let Some(md) = self.nb.cells[i]
+            .metadata
+            .get_mut("noyau")
+            .and_then(Value::as_object_mut)
+        {
+            md.insert("target".into(), where_);
+        } else {
+            self.nb.cells[i]
+                .metadata
+                .insert("noyau".into(), json!({"target": where_}));
+        }
+        self.targets.insert(m.target, t);
+        end
+    }
+
+    async fn start_target(&mut self, m: &magic::OnMagic) -> anyhow::Result<()> {
+        let cwd = std::env::current_dir()?;
+        let config = noyau_config::Config::load(&cwd)?;
+        let profile = config.profile(Some(&m.target), &m.overrides)?;
+        let inner = profile
+            .kernel
+            .clone()
+            .unwrap_or_else(|| self.target_base.clone());
+        let mut launch = noyau_client::remote::local_launch(&inner, self.args.cwd.clone());
+        launch.backend = profile.backend.clone().unwrap_or_else(|| "local".into());
+        launch.job_name = format!("noyau-target-{}", m.target);
+        launch.profile = profile;
+        let timeout = Duration::from_secs_f64(self.args.start_timeout.max(0.1));
+        self.progress.log(&format!(
+            "noyau: starting target {} ({})\n",
+            m.target, launch.backend
+        ));
+        let kernel = RemoteKernel::start_until(launch, timeout, std::future::pending()).await?;
+        self.targets.insert(m.target.clone(), kernel);
+        Ok(())
+    }
+
+    /// `%noyau …` in a headless run: `release` ends a target; the rest is
+    /// for interactive kernels.
+    async fn line_magic(&mut self, words: &[String], i: usize) -> CellEnd {
+        let words: Vec<&str> = words.iter().map(String::as_str).collect();
+        match words.as_slice() {
+            ["release", name] | ["cancel", name] => {
+                if let Some(t) = self.targets.remove(*name) {
+                    t.shutdown(Duration::from_secs(5)).await;
+                }
+                CellEnd::Ok
+            }
+            other => self.cell_error(
+                i,
+                "NoyauMagicError",
+                format!("`%noyau {}` is for interactive kernels; `noyau run` handles %%noyau on and %noyau release", other.join(" ")),
+            ),
+        }
+    }
+
+    /// Records an error noyau itself raised for cell `i`.
+    fn cell_error(&mut self, i: usize, ename: &str, evalue: String) -> CellEnd {
+        self.nb.cells[i].outputs_mut().push(json!({
+            "output_type": "error", "ename": ename, "evalue": evalue,
+            "traceback": [format!("{ename}: {evalue}")],
+        }));
+        CellEnd::Error {
+            ename: ename.into(),
+            evalue,
+        }
     }
 
     /// A finished cell's end, read from its outputs (an `error` output
