@@ -183,6 +183,43 @@ def test_queued_target_shows_its_reason_and_the_notebook_stays_usable(km) -> Non
         subprocess.run(["scancel", blocker], check=False)
 
 
+def test_push_and_pull_a_numpy_array(km) -> None:  # type: ignore[no-untyped-def]
+    run(km, "import numpy as np\narr = np.arange(12, dtype=np.float64).reshape(3, 4)")
+    reply, _, errors = run(km, "%noyau push side arr")
+    assert reply["status"] == "ok", (reply, errors)
+    _, text, _ = run(km, "%%noyau on side --quiet\nprint(arr.shape, arr.dtype, arr.sum())\narr2 = arr * 2")
+    assert text == "(3, 4) float64 66.0\n", text
+    reply, _, errors = run(km, "%noyau pull side arr2")
+    assert reply["status"] == "ok", (reply, errors)
+    _, text, _ = run(km, "print(type(arr2).__name__, (arr2 == arr * 2).all())")
+    assert text == "ndarray True\n", text
+
+
+def test_idle_target_is_released(noyau_kernelspec: str, tmp_path: Path) -> None:
+    (tmp_path / "noyau.toml").write_text('[profiles.side]\nbackend = "local"\n')
+    global _tag
+    _tag = f"targets-idle-{tmp_path.name}"
+    m = KernelManager(kernel_name=noyau_kernelspec)
+    m.start_kernel(cwd=str(tmp_path), env={**os.environ, "NOYAU_TEST_TAG": _tag, "NOYAU_TARGET_IDLE": "1"})
+    _proxies[:] = [m.provisioner.process.pid]
+    kc = m.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        m.kc = kc  # type: ignore[attr-defined]
+        before = agents()
+        run(m, "%%noyau on side\nx = 1")
+        started = agents() - before
+        assert len(started) == 1
+        # The proxy checks idleness every 10 s; the target was idle for 1 s.
+        lib.wait_until(lambda: not (started & agents()), 30, "the idle target's agent to end")
+        reply, text, _ = run(m, "%noyau targets")
+        assert "no targets" in text, text
+    finally:
+        kc.stop_channels()
+        m.shutdown_kernel()
+
+
 def test_push_and_pull_variables(km) -> None:  # type: ignore[no-untyped-def]
     run(km, "data = {'a': [1, 2, 3], 'name': 'é'}\nscale = 10")
     run(km, "%%noyau on side --quiet\nready = True")

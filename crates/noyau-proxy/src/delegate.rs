@@ -166,7 +166,7 @@ impl Proxy {
                     Direction::Pull
                 };
                 let vars: Vec<String> = vars.iter().map(|v| v.to_string()).collect();
-                match self.start_transfer(direction, name, vars, msg) {
+                match self.start_transfer(direction, name, vars, msg).await {
                     Ok(()) => return,
                     Err(e) => Err(("NoyauTransferError", e)),
                 }
@@ -483,7 +483,7 @@ impl Proxy {
 
 impl Proxy {
     /// Sends the source kernel the request that dumps `vars`.
-    fn start_transfer(
+    async fn start_transfer(
         &mut self,
         direction: Direction,
         target: &str,
@@ -492,9 +492,21 @@ impl Proxy {
     ) -> Result<(), String> {
         transfer::check_names(&vars)?;
         if !self.targets.contains_key(target) {
-            return Err(format!(
-                "no target named {target:?} is running; start it with a `%%noyau on {target}` cell"
-            ));
+            if direction == Direction::Pull {
+                return Err(format!(
+                    "no target named {target:?} is running; start it with a `%%noyau on {target}` cell"
+                ));
+            }
+            // Pushing is a fine first use of a target: start it.
+            let on = OnMagic {
+                target: target.to_string(),
+                overrides: vec![],
+                quiet: true,
+                tasks: None,
+            };
+            self.start_target(&on)
+                .await
+                .map_err(|e| format!("cannot start target {target:?}: {e:#}"))?;
         }
         let request = build::message(
             &self.signer,
