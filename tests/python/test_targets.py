@@ -273,3 +273,24 @@ def test_tasks_run_as_srun_steps_in_a_slurm_allocation(km) -> None:  # type: ign
     assert t0[0] == "0" and t1[0] == "1", text
     assert t0[1] == t1[1] != "None", "both tasks must be one srun step"
     assert t0[2] == t1[2], "both tasks must be in the target's one job"
+
+
+def test_idle_slurm_target_leaves_the_queue(noyau_kernelspec: str, tmp_path: Path) -> None:
+    lib.require_slurm()
+    global _tag
+    _tag = f"targets-idle-slurm-{tmp_path.name}"
+    m = KernelManager(kernel_name=noyau_kernelspec)
+    m.start_kernel(cwd=str(tmp_path), env={**os.environ, "NOYAU_TEST_TAG": _tag, "NOYAU_TARGET_IDLE": "1"})
+    kc = m.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        m.kc = kc  # type: ignore[attr-defined]
+        reply, text, _ = run(m, "%%noyau on test\nimport os\nprint('job', os.environ['SLURM_JOB_ID'])", timeout=120)
+        assert reply["status"] == "ok", reply
+        job = next(line.split()[1] for line in text.splitlines() if line.startswith("job "))
+        lib.wait_until(lambda: not any(j["id"] == job for j in lib.squeue_noyau()), 40,
+                       "the idle target's job to leave the queue", interval=0.5)
+    finally:
+        kc.stop_channels()
+        m.shutdown_kernel()
