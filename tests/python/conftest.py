@@ -39,6 +39,7 @@ for var, sub in {
     "XDG_CONFIG_HOME": "xdg-config",
     "XDG_DATA_HOME": "xdg-data",
     "XDG_CACHE_HOME": "xdg-cache",
+    "XDG_STATE_HOME": "xdg-state",
     "XDG_RUNTIME_DIR": "xdg-runtime",
     "MPLCONFIGDIR": "mpl",
 }.items():

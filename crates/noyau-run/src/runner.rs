@@ -297,6 +297,13 @@ impl StatusFile {
         self.write();
     }
 
+    /// The run is over and its job leaves the queue: nothing to report.
+    fn finish(&self) {
+        if let Some(p) = &self.path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
     fn write(&self) {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
@@ -405,6 +412,9 @@ async fn detach(
             code: exit::KERNEL_START,
             message: e.to_string(),
         })?;
+    // A status file left by an earlier job with the same id (another or a
+    // reset cluster) must not pass for this run's progress.
+    let _ = std::fs::remove_file(status_path(&id));
     eprintln!(
         "noyau: submitted Slurm job {id} ({}): the run goes on in the job; output {}; `noyau ps` shows its progress, `noyau cancel {id}` stops it",
         spec.name,
@@ -630,6 +640,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Failure> {
     for (_, t) in std::mem::take(&mut runner.targets) {
         t.shutdown(Duration::from_secs(5)).await;
     }
+    runner.status.finish();
     let Runner { nb, mut saver, .. } = runner;
     let out = finish_output(&mut saver, &nb, &output);
     if kernel_alive {
