@@ -334,19 +334,11 @@ impl Proxy {
         };
         c.address = Some(info.address.clone());
         let code = noyau_dask::kernel_setup_code(&c.dir, &info.address);
-        let request = build::message(
-            &self.signer,
-            vec![],
-            "execute_request",
-            &self.session,
-            &Bytes::new(),
-            json!({
-                "code": code, "silent": true, "store_history": false,
-                "allow_stdin": false, "stop_on_error": false,
-                "user_expressions": {"noyau_dask": noyau_dask::KERNEL_SETUP_EXPR},
-            }),
-        );
-        let id = request.peek_header().map(|h| h.msg_id).unwrap_or_default();
+        let (request, id) = self.own_request(json!({
+            "code": code, "silent": true, "store_history": false,
+            "allow_stdin": false, "stop_on_error": false,
+            "user_expressions": {"noyau_dask": noyau_dask::KERNEL_SETUP_EXPR},
+        }));
         match self.send_internal_to_kernel(request) {
             Ok(()) => {
                 self.internal.insert(id.clone());

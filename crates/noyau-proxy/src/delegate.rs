@@ -508,15 +508,7 @@ impl Proxy {
                 .await
                 .map_err(|e| format!("cannot start target {target:?}: {e:#}"))?;
         }
-        let request = build::message(
-            &self.signer,
-            vec![],
-            "execute_request",
-            &self.session,
-            &Bytes::new(),
-            transfer::dump_request(&vars),
-        );
-        let id = request.peek_header().map(|h| h.msg_id).unwrap_or_default();
+        let (request, id) = self.own_request(transfer::dump_request(&vars));
         let from = match direction {
             Direction::Push => None,
             Direction::Pull => Some(target.to_string()),
@@ -536,6 +528,20 @@ impl Proxy {
             },
         );
         Ok(())
+    }
+
+    /// An execute_request of the proxy's own (no frontend behind it), and its msg_id.
+    pub(crate) fn own_request(&self, content: serde_json::Value) -> (RawMessage, String) {
+        let request = build::message(
+            &self.signer,
+            vec![],
+            "execute_request",
+            &self.session,
+            &Bytes::new(),
+            content,
+        );
+        let id = request.peek_header().map(|h| h.msg_id).unwrap_or_default();
+        (request, id)
     }
 
     /// A request of the proxy's own, to a target or (None) the notebook's kernel.
@@ -582,15 +588,7 @@ impl Proxy {
                 Err(e) => Err(e),
                 Ok(b64) => {
                     tr.bytes = b64.len() * 3 / 4;
-                    let request = build::message(
-                        &self.signer,
-                        vec![],
-                        "execute_request",
-                        &self.session,
-                        &Bytes::new(),
-                        transfer::load_request(&b64),
-                    );
-                    let next = request.peek_header().map(|h| h.msg_id).unwrap_or_default();
+                    let (request, next) = self.own_request(transfer::load_request(&b64));
                     let to = match tr.direction {
                         Direction::Push => Some(tr.target.clone()),
                         Direction::Pull => None,
