@@ -55,7 +55,7 @@ def test_queued_kernel_shows_the_reason_then_runs(slurm: None) -> None:
     cpus = lib.slurm_node_cpus()
     blocker = subprocess.run(
         ["sbatch", "--parsable", "-p", "batch", "-J", "noyau-test-blocker", "-c", str(cpus),
-         "--mem", "100M", "-t", "5", "--wrap", "sleep 300"],
+         "--mem", "100M", "-t", "5", "-o", "/dev/null", "--wrap", "sleep 300"],
         capture_output=True, text=True, check=True).stdout.strip()
     k = None
     try:
@@ -98,7 +98,7 @@ def test_shutdown_while_queued_cancels_the_job(slurm: None) -> None:
     cpus = lib.slurm_node_cpus()
     blocker = subprocess.run(
         ["sbatch", "--parsable", "-p", "batch", "-J", "noyau-test-blocker", "-c", str(cpus),
-         "--mem", "100M", "-t", "5", "--wrap", "sleep 300"],
+         "--mem", "100M", "-t", "5", "-o", "/dev/null", "--wrap", "sleep 300"],
         capture_output=True, text=True, check=True).stdout.strip()
     try:
         lib.wait_until(lambda: any(j["id"] == blocker and j["state"] == "RUNNING"

@@ -103,7 +103,7 @@ def test_run_queued_shows_reason_and_start_then_runs(slurm: None, noyau_bin: str
     cpus = lib.slurm_node_cpus()
     blocker = subprocess.run(
         ["sbatch", "--parsable", "-p", "batch", "-J", "noyau-test-blocker", "-c", str(cpus),
-         "--mem", "100M", "-t", "5", "--wrap", "sleep 300"],
+         "--mem", "100M", "-t", "5", "-o", "/dev/null", "--wrap", "sleep 300"],
         capture_output=True, text=True, check=True).stdout.strip()
     proc = None
     try:

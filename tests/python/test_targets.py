@@ -139,7 +139,7 @@ def test_queued_target_shows_its_reason_and_the_notebook_stays_usable(km) -> Non
     cpus = lib.slurm_node_cpus()
     blocker = subprocess.run(
         ["sbatch", "--parsable", "-p", "batch", "-J", "noyau-test-blocker", "-c", str(cpus),
-         "--mem", "100M", "-t", "5", "--wrap", "sleep 300"],
+         "--mem", "100M", "-t", "5", "-o", "/dev/null", "--wrap", "sleep 300"],
         capture_output=True, text=True, check=True).stdout.strip()
     try:
         lib.wait_until(lambda: any(j["id"] == blocker and j["state"] == "RUNNING"
