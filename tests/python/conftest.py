@@ -169,3 +169,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         sys.stderr.write(f"\nnoyau tests: killed {len(left)} leftover process(es): {names}\n")
     if not os.environ.get("NOYAU_KEEP_TMP"):
         shutil.rmtree(TMP, ignore_errors=True)
+
+
+@pytest.fixture
+def slurm() -> None:
+    """The test cluster is up; no test may leave a noyau job behind for the next one."""
+    lib.require_slurm()
+    yield
+    left = lib.squeue_noyau()
+    if left:
+        subprocess.run(["scancel", *[j["id"] for j in left]], check=False)
+    assert not left, f"noyau jobs left in the queue: {left}"

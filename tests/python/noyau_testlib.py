@@ -356,3 +356,41 @@ def slurm_node_cpus() -> int:
 
     out = subprocess.run(["sinfo", "-h", "-N", "-o", "%c"], capture_output=True, text=True, check=True).stdout
     return max(int(x) for x in out.split())
+
+
+def fill_the_node() -> str:
+    """Submits a job holding every CPU of the test node (partition `batch`)
+    and waits until it runs; returns its id. The caller scancels it."""
+    import subprocess
+
+    blocker = subprocess.run(
+        ["sbatch", "--parsable", "-p", "batch", "-J", "noyau-test-blocker", "-c", str(slurm_node_cpus()),
+         "--mem", "100M", "-t", "5", "-o", "/dev/null", "--wrap", "sleep 300"],
+        capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        wait_until(lambda: any(j["id"] == blocker and j["state"] == "RUNNING" for j in squeue_noyau()),
+                   30, "the blocker to run")
+    except AssertionError:
+        subprocess.run(["scancel", blocker], check=False)
+        raise
+    return blocker
+
+
+def kernel_in(kernel_name: str, cwd: Path | str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    """A KernelManager started in `cwd` (where its noyau.toml is), its client
+    ready and attached as `.kc`."""
+    from jupyter_client.manager import KernelManager
+
+    km = KernelManager(kernel_name=kernel_name)
+    km.start_kernel(cwd=str(cwd), env={**os.environ, **(env or {})})
+    kc = km.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=60)
+    km.kc = kc  # type: ignore[attr-defined]
+    return km
+
+
+def stop_kernel(km) -> None:  # type: ignore[no-untyped-def]
+    km.kc.stop_channels()
+    if km.is_alive():
+        km.shutdown_kernel()

@@ -30,7 +30,6 @@ import pytest
 
 import noyau_testlib as lib
 from test_run_noyau import NOYAU, notebook, python3_kernelspec  # noqa: F401  (fixture)
-from test_slurm_run import slurm  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.skipif(not Path(NOYAU).is_file(), reason=f"no noyau binary at {NOYAU}")
 

@@ -13,21 +13,10 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 import noyau_testlib as lib
-from noyau_testlib import Kernel, require_slurm
+from noyau_testlib import Kernel
 
 
-@pytest.fixture
-def slurm() -> None:
-    require_slurm()
-    yield
-    # no test may leave a job behind for the next one
-    left = lib.squeue_noyau()
-    if left:
-        subprocess.run(["scancel", *[j["id"] for j in left]], check=False)
-    assert not left, f"noyau jobs left in the queue: {left}"
 
 
 def no_noyau_job(timeout: float, what: str) -> None:
@@ -52,15 +41,9 @@ def test_cells_run_in_a_job_and_shutdown_ends_it(slurm: None) -> None:
 
 
 def test_queued_kernel_shows_the_reason_then_runs(slurm: None) -> None:
-    cpus = lib.slurm_node_cpus()
-    blocker = subprocess.run(
-        ["sbatch", "--parsable", "-p", "batch", "-J", "noyau-test-blocker", "-c", str(cpus),
-         "--mem", "100M", "-t", "5", "-o", "/dev/null", "--wrap", "sleep 300"],
-        capture_output=True, text=True, check=True).stdout.strip()
+    blocker = lib.fill_the_node()
     k = None
     try:
-        lib.wait_until(lambda: any(j["id"] == blocker and j["state"] == "RUNNING"
-                                   for j in lib.squeue_noyau()), 30, "the blocker to run")
         t0 = time.monotonic()
         k = Kernel(lib.SLURM_KERNEL_NAME, ready_timeout=30)
         assert time.monotonic() - t0 < 15, "kernel_info was not answered while queued"
@@ -95,14 +78,8 @@ def test_queued_kernel_shows_the_reason_then_runs(slurm: None) -> None:
 
 
 def test_shutdown_while_queued_cancels_the_job(slurm: None) -> None:
-    cpus = lib.slurm_node_cpus()
-    blocker = subprocess.run(
-        ["sbatch", "--parsable", "-p", "batch", "-J", "noyau-test-blocker", "-c", str(cpus),
-         "--mem", "100M", "-t", "5", "-o", "/dev/null", "--wrap", "sleep 300"],
-        capture_output=True, text=True, check=True).stdout.strip()
+    blocker = lib.fill_the_node()
     try:
-        lib.wait_until(lambda: any(j["id"] == blocker and j["state"] == "RUNNING"
-                                   for j in lib.squeue_noyau()), 30, "the blocker to run")
         k = Kernel(lib.SLURM_KERNEL_NAME, ready_timeout=30)
         lib.wait_until(lambda: any(j["name"] == "noyau-kernel-python3" and j["state"] == "PENDING"
                                    for j in lib.squeue_noyau()), 20, "the kernel's job to queue")

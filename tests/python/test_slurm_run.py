@@ -10,27 +10,14 @@ notebooks.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-import pytest
-
 import noyau_testlib as lib
-from noyau_testlib import require_slurm
 
 
-@pytest.fixture
-def slurm() -> None:
-    require_slurm()
-    yield
-    left = lib.squeue_noyau()
-    if left:
-        subprocess.run(["scancel", *[j["id"] for j in left]], check=False)
-    assert not left, f"noyau jobs left in the queue: {left}"
 
 
 def notebook(path: Path, *sources: str, params: str | None = None) -> Path:
@@ -100,15 +87,9 @@ def test_run_drives_a_kernel_in_a_job(slurm: None, noyau_bin: str, tmp_path: Pat
 
 def test_run_queued_shows_reason_and_start_then_runs(slurm: None, noyau_bin: str,
                                                      tmp_path: Path) -> None:
-    cpus = lib.slurm_node_cpus()
-    blocker = subprocess.run(
-        ["sbatch", "--parsable", "-p", "batch", "-J", "noyau-test-blocker", "-c", str(cpus),
-         "--mem", "100M", "-t", "5", "-o", "/dev/null", "--wrap", "sleep 300"],
-        capture_output=True, text=True, check=True).stdout.strip()
+    blocker = lib.fill_the_node()
     proc = None
     try:
-        lib.wait_until(lambda: any(j["id"] == blocker and j["state"] == "RUNNING"
-                                   for j in lib.squeue_noyau()), 30, "the blocker to run")
         nb = notebook(tmp_path / "q.ipynb", "print('ran after the queue')")
         out = tmp_path / "q.out.ipynb"
         proc = Proc([noyau_bin, "run", str(nb), str(out), "--profile", "test"], cwd=tmp_path)

@@ -4,12 +4,10 @@ routes interrupts to it, and ends with the notebook's kernel."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import pytest
-from jupyter_client.manager import KernelManager
 
 import noyau_testlib as lib
 
@@ -20,17 +18,10 @@ def km(noyau_kernelspec: str, tmp_path: Path):  # type: ignore[no-untyped-def]
                                          '[profiles.other]\nbackend = "local"\nkernel = "python3-other"\n')
     global _tag
     _tag = f"targets-{tmp_path.name}"
-    m = KernelManager(kernel_name=noyau_kernelspec)
-    m.start_kernel(cwd=str(tmp_path), env={**os.environ, "NOYAU_TEST_TAG": _tag})
+    m = lib.kernel_in(noyau_kernelspec, tmp_path, {"NOYAU_TEST_TAG": _tag})
     _proxies[:] = [m.provisioner.process.pid]
-    kc = m.client()
-    kc.start_channels()
-    kc.wait_for_ready(timeout=60)
-    m.kc = kc  # type: ignore[attr-defined]
     yield m
-    kc.stop_channels()
-    if m.is_alive():
-        m.shutdown_kernel()
+    lib.stop_kernel(m)
 
 
 def run(km, code: str, timeout: float = 60):  # type: ignore[no-untyped-def]
@@ -132,18 +123,11 @@ def test_cell_runs_in_a_slurm_job(km) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_queued_target_shows_its_reason_and_the_notebook_stays_usable(km) -> None:  # type: ignore[no-untyped-def]
-    import os
     import subprocess
 
     lib.require_slurm()
-    cpus = lib.slurm_node_cpus()
-    blocker = subprocess.run(
-        ["sbatch", "--parsable", "-p", "batch", "-J", "noyau-test-blocker", "-c", str(cpus),
-         "--mem", "100M", "-t", "5", "-o", "/dev/null", "--wrap", "sleep 300"],
-        capture_output=True, text=True, check=True).stdout.strip()
+    blocker = lib.fill_the_node()
     try:
-        lib.wait_until(lambda: any(j["id"] == blocker and j["state"] == "RUNNING"
-                                   for j in lib.squeue_noyau()), 30, "the blocker to run")
         msg_id = km.kc.execute("%%noyau on test\nprint('ran on the target')")
         seen: list[dict] = []
 
@@ -164,7 +148,6 @@ def test_queued_target_shows_its_reason_and_the_notebook_stays_usable(km) -> Non
         assert other["content"]["status"] == "ok"
         subprocess.run(["scancel", blocker], check=True)
         rest: list[dict] = []
-        reply = km.kc.execute_interactive  # for the type checker's sake: the reply is read below
         deadline = time.monotonic() + 120
         while not any(m["msg_type"] == "status" and m["content"]["execution_state"] == "idle"
                       and m["parent_header"].get("msg_id") == msg_id for m in rest):
@@ -178,7 +161,6 @@ def test_queued_target_shows_its_reason_and_the_notebook_stays_usable(km) -> Non
         types = [m["msg_type"] for m in rest]
         assert "clear_output" in types and types.index("clear_output") < types.index("stream"), types
         assert "ran on the target" in lib.stream_text(rest)
-        del reply
     finally:
         subprocess.run(["scancel", blocker], check=False)
 
@@ -199,14 +181,9 @@ def test_idle_target_is_released(noyau_kernelspec: str, tmp_path: Path) -> None:
     (tmp_path / "noyau.toml").write_text('[profiles.side]\nbackend = "local"\n')
     global _tag
     _tag = f"targets-idle-{tmp_path.name}"
-    m = KernelManager(kernel_name=noyau_kernelspec)
-    m.start_kernel(cwd=str(tmp_path), env={**os.environ, "NOYAU_TEST_TAG": _tag, "NOYAU_TARGET_IDLE": "1"})
+    m = lib.kernel_in(noyau_kernelspec, tmp_path, {"NOYAU_TEST_TAG": _tag, "NOYAU_TARGET_IDLE": "1"})
     _proxies[:] = [m.provisioner.process.pid]
-    kc = m.client()
-    kc.start_channels()
     try:
-        kc.wait_for_ready(timeout=60)
-        m.kc = kc  # type: ignore[attr-defined]
         before = agents()
         run(m, "%%noyau on side\nx = 1")
         started = agents() - before
@@ -216,8 +193,7 @@ def test_idle_target_is_released(noyau_kernelspec: str, tmp_path: Path) -> None:
         reply, text, _ = run(m, "%noyau targets")
         assert "no targets" in text, text
     finally:
-        kc.stop_channels()
-        m.shutdown_kernel()
+        lib.stop_kernel(m)
 
 
 def test_push_and_pull_variables(km) -> None:  # type: ignore[no-untyped-def]
@@ -279,18 +255,12 @@ def test_idle_slurm_target_leaves_the_queue(noyau_kernelspec: str, tmp_path: Pat
     lib.require_slurm()
     global _tag
     _tag = f"targets-idle-slurm-{tmp_path.name}"
-    m = KernelManager(kernel_name=noyau_kernelspec)
-    m.start_kernel(cwd=str(tmp_path), env={**os.environ, "NOYAU_TEST_TAG": _tag, "NOYAU_TARGET_IDLE": "1"})
-    kc = m.client()
-    kc.start_channels()
+    m = lib.kernel_in(noyau_kernelspec, tmp_path, {"NOYAU_TEST_TAG": _tag, "NOYAU_TARGET_IDLE": "1"})
     try:
-        kc.wait_for_ready(timeout=60)
-        m.kc = kc  # type: ignore[attr-defined]
         reply, text, _ = run(m, "%%noyau on test\nimport os\nprint('job', os.environ['SLURM_JOB_ID'])", timeout=120)
         assert reply["status"] == "ok", reply
         job = next(line.split()[1] for line in text.splitlines() if line.startswith("job "))
         lib.wait_until(lambda: not any(j["id"] == job for j in lib.squeue_noyau()), 40,
                        "the idle target's job to leave the queue", interval=0.5)
     finally:
-        kc.stop_channels()
-        m.shutdown_kernel()
+        lib.stop_kernel(m)

@@ -113,30 +113,19 @@ impl Kernel {
         };
 
         let activity = Arc::new(Activity::new());
-        let mut readers: Vec<JoinHandle<()>> = [
-            (shell_rx, Lane::Shell, probes.clone()),
-            (control_rx, Lane::Control, Probes::default()),
-            (stdin_rx, Lane::Stdin, Probes::default()),
-        ]
-        .into_iter()
-        .map(|(rx, lane, probes)| {
-            tokio::spawn(read_dealer(
-                rx,
-                lane,
-                l.signer.clone(),
-                l.outbox.clone(),
-                probes,
-                activity.clone(),
-            ))
-        })
-        .collect();
-        readers.push(tokio::spawn(read_iopub(
-            iopub,
-            l.signer.clone(),
-            l.outbox.clone(),
+        let reader = |lane: Lane, probes: Probes| Reader {
+            lane,
+            signer: l.signer.clone(),
+            outbox: l.outbox.clone(),
             probes,
-            activity.clone(),
-        )));
+            activity: activity.clone(),
+        };
+        let readers = vec![
+            tokio::spawn(reader(Lane::Shell, probes.clone()).run(shell_rx)),
+            tokio::spawn(reader(Lane::Control, Probes::default()).run(control_rx)),
+            tokio::spawn(reader(Lane::Stdin, Probes::default()).run(stdin_rx)),
+            tokio::spawn(reader(Lane::Iopub, probes).run(iopub)),
+        ];
         Ok(Kernel {
             process,
             signer: l.signer.clone(),
@@ -312,49 +301,39 @@ fn is_probe_traffic(msg: &RawMessage, probes: &Probes) -> bool {
     }
 }
 
-async fn read_dealer(
-    mut rx: zeromq::DealerRecvHalf,
+/// Reads one of the kernel's channels: each message is checked with the
+/// kernel's key and passed on unchanged, except what answers the agent's
+/// own readiness probes and the kernel's IOPub welcome (the proxy greets its
+/// own subscribers).
+struct Reader {
     lane: Lane,
     signer: Signer,
     outbox: Arc<Outbox>,
     probes: Probes,
     activity: Arc<Activity>,
-) {
-    while let Ok(frames) = rx.recv().await {
-        activity.touch();
-        let Some(msg) = verified(frames, &signer, lane) else {
-            continue;
-        };
-        if lane == Lane::Shell
-            && msg
-                .parent_msg_id()
-                .is_some_and(|p| probes.lock().expect("probes").contains(&p))
-        {
-            continue;
-        }
-        outbox.jupyter(lane, msg.into_frames());
-    }
 }
 
-async fn read_iopub(
-    mut rx: zeromq::SubSocket,
-    signer: Signer,
-    outbox: Arc<Outbox>,
-    probes: Probes,
-    activity: Arc<Activity>,
-) {
-    while let Ok(frames) = rx.recv().await {
-        activity.touch();
-        let Some(msg) = verified(frames, &signer, Lane::Iopub) else {
-            continue;
-        };
-        // The proxy greets its own subscribers; the kernel's greeting was for us.
-        if msg.header.windows(15).any(|w| w == b"\"iopub_welcome\"")
-            || is_probe_traffic(&msg, &probes)
-        {
-            continue;
+impl Reader {
+    async fn run<S: SocketRecv>(self, mut rx: S) {
+        while let Ok(frames) = rx.recv().await {
+            self.activity.touch();
+            let Some(msg) = verified(frames, &self.signer, self.lane) else {
+                continue;
+            };
+            let agents_own = match self.lane {
+                Lane::Iopub => {
+                    msg.header.windows(15).any(|w| w == b"\"iopub_welcome\"")
+                        || is_probe_traffic(&msg, &self.probes)
+                }
+                _ => {
+                    let probes = self.probes.lock().expect("probes");
+                    !probes.is_empty() && msg.parent_msg_id().is_some_and(|p| probes.contains(&p))
+                }
+            };
+            if !agents_own {
+                self.outbox.jupyter(self.lane, msg.into_frames());
+            }
         }
-        outbox.jupyter(Lane::Iopub, msg.into_frames());
     }
 }
 

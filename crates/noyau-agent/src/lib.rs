@@ -380,10 +380,7 @@ impl Agent {
                     // Older frontends send it on shell; either way the exit that
                     // follows is expected.
                     if ty == "shutdown_request" {
-                        let restart = serde_json::from_slice::<serde_json::Value>(&msg.content)
-                            .ok()
-                            .and_then(|c| c.get("restart").and_then(|r| r.as_bool()))
-                            .unwrap_or(false);
+                        let restart = msg.restart_requested();
                         self.shutdown = Some((restart, Instant::now()));
                     }
                 }

@@ -16,7 +16,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use noyau_link::{envelope, Lane, LinkError, LinkSender};
 use noyau_wire::{build, RawMessage, Signer};
-use serde_json::json;
 
 pub struct Outbox {
     inner: Mutex<Inner>,
@@ -183,13 +182,7 @@ impl Outbox {
              was down long enough for its buffer to fill up. Raise NOYAU_LINK_BUFFER_MB, or write \
              large outputs to files.\n"
         );
-        let msg = build::iopub(
-            &self.signer,
-            "stream",
-            &self.session,
-            parent,
-            json!({"name": "stderr", "text": text}),
-        );
+        let msg = build::stream(&self.signer, &self.session, parent, "stderr", &text);
         envelope::jupyter(msg.into_frames())
     }
 }

@@ -106,6 +106,7 @@ impl End {
 pub async fn watch(job: String, outbox: Arc<Outbox>, end: End) {
     let mut warned: Vec<u64> = Vec::new();
     let mut failures = 0;
+    let thresholds = thresholds();
     loop {
         let left = match ask_time_left(&job).await {
             Ok(Some(l)) => l,
@@ -130,7 +131,7 @@ pub async fn watch(job: String, outbox: Arc<Outbox>, end: End) {
         }
         // The next threshold below what is left (one already passed at the
         // start is not announced: a 1-minute job needs no "10 minutes left").
-        let Some(&next) = thresholds()
+        let Some(&next) = thresholds
             .iter()
             .find(|t| **t < left && !warned.contains(t))
         else {

@@ -83,21 +83,25 @@ pub struct KernelMessage {
     /// `header.date` as the kernel wrote it.
     pub date: Option<String>,
     pub content: Value,
-    pub metadata: Value,
 }
 
 impl KernelMessage {
     fn parse(lane: Lane, raw: &RawMessage) -> Option<KernelMessage> {
-        let header: Value = serde_json::from_slice(&raw.header).ok()?;
-        let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+        #[derive(serde::Deserialize)]
+        struct Header {
+            msg_type: String,
+            #[serde(default)]
+            msg_id: String,
+            date: Option<String>,
+        }
+        let header: Header = serde_json::from_slice(&raw.header).ok()?;
         Some(KernelMessage {
             lane,
-            msg_type: s(&header, "msg_type")?,
-            msg_id: s(&header, "msg_id").unwrap_or_default(),
+            msg_type: header.msg_type,
+            msg_id: header.msg_id,
             parent_id: raw.parent_msg_id(),
-            date: s(&header, "date"),
+            date: header.date,
             content: serde_json::from_slice(&raw.content).unwrap_or(Value::Null),
-            metadata: serde_json::from_slice(&raw.metadata).unwrap_or(Value::Null),
         })
     }
 }
@@ -143,13 +147,6 @@ impl Default for ExecuteOptions {
     }
 }
 
-/// What a whole execution gave (see [`RemoteKernel::execute`]).
-#[derive(Debug, Clone)]
-pub struct Execution {
-    pub iopub: Vec<KernelMessage>,
-    pub reply: KernelMessage,
-}
-
 /// A kernel started through an agent.
 pub struct RemoteKernel {
     link: Link,
@@ -170,12 +167,7 @@ pub struct RemoteKernel {
 
 impl RemoteKernel {
     /// Submits the agent, accepts its link and waits until the kernel
-    /// answered `kernel_info` with IOPub subscribed.
-    pub async fn start(launch: AgentLaunch, timeout: Duration) -> anyhow::Result<RemoteKernel> {
-        Self::start_until(launch, timeout, std::future::pending()).await
-    }
-
-    /// [`RemoteKernel::start`], given up (and the agent job cancelled) when
+    /// answered `kernel_info` with IOPub subscribed; given up (and the agent job cancelled) when
     /// `cancel` resolves first: fails with [`KernelError::Cancelled`].
     pub async fn start_until(
         launch: AgentLaunch,
@@ -276,7 +268,7 @@ impl RemoteKernel {
             link,
             watch,
             signer: Signer::new(b""),
-            session: uuid_like(),
+            session: noyau_wire::connection::random_key(),
             kernel_info,
             host,
             backend,
@@ -330,11 +322,6 @@ impl RemoteKernel {
                 "stop_on_error": o.stop_on_error,
             }),
         )
-    }
-
-    /// Sends `kernel_info_request`; the reply comes through `next`.
-    pub fn kernel_info_request(&self) -> Result<String, KernelError> {
-        self.send(Lane::Shell, "kernel_info_request", json!({}))
     }
 
     /// Asks for an interrupt (the agent signals the kernel or forwards the
@@ -422,41 +409,6 @@ impl RemoteKernel {
         }
     }
 
-    /// Runs `code` to the end and collects its IOPub messages and reply
-    /// (messages of other requests are dropped).
-    pub async fn execute(
-        &mut self,
-        code: &str,
-        o: &ExecuteOptions,
-    ) -> Result<Execution, KernelError> {
-        let id = self.execute_request(code, o)?;
-        let mut iopub = Vec::new();
-        let mut reply = None;
-        let mut idle = false;
-        while reply.is_none() || !idle {
-            let m = self.next().await?;
-            if m.parent_id.as_deref() != Some(&id) {
-                continue;
-            }
-            match m.lane {
-                Lane::Iopub => {
-                    if m.msg_type == "status"
-                        && m.content.get("execution_state").and_then(Value::as_str) == Some("idle")
-                    {
-                        idle = true;
-                    }
-                    iopub.push(m);
-                }
-                Lane::Shell if m.msg_type == "execute_reply" => reply = Some(m),
-                _ => {}
-            }
-        }
-        Ok(Execution {
-            iopub,
-            reply: reply.expect("loop ends with a reply"),
-        })
-    }
-
     /// Whether the kernel is known to be gone.
     pub fn is_dead(&self) -> bool {
         self.dead.is_some()
@@ -496,10 +448,6 @@ impl RemoteKernel {
             .send(Lane::Control, envelope::event(&Event::Shutdown));
         self.watch.cancel().await;
     }
-}
-
-fn uuid_like() -> String {
-    noyau_wire::connection::random_key()
 }
 
 /// Builds the [`AgentLaunch`] for a local kernel of `kernelspec`.

@@ -424,6 +424,26 @@ impl Config {
     }
 }
 
+/// What the command line and the config files in effect at the current
+/// directory say: the profile `name` (none: an empty one) with `overrides`,
+/// and the backend (`backend` if given, else the profile's, else `local`).
+pub fn resolve(
+    backend: Option<&str>,
+    name: Option<&str>,
+    overrides: &[String],
+) -> Result<(String, Profile), ConfigError> {
+    let cwd = std::env::current_dir().map_err(|source| ConfigError::Read {
+        path: ".".into(),
+        source,
+    })?;
+    let profile = Config::load(&cwd)?.profile(name, overrides)?;
+    let backend = backend
+        .map(str::to_string)
+        .or_else(|| profile.backend.clone())
+        .unwrap_or_else(|| "local".into());
+    Ok((backend, profile))
+}
+
 /// toml's message with its position, plus the closest valid key for an unknown one.
 fn explain(e: &toml::de::Error) -> String {
     let mut s = e.to_string().trim_end().to_string();

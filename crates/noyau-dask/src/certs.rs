@@ -5,7 +5,6 @@
 //! so whoever lacks the 0600 key cannot join the cluster or submit work.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use rcgen::{
@@ -51,10 +50,5 @@ pub fn write(dir: &Path) -> anyhow::Result<()> {
 }
 
 fn private_write(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(data)
+    noyau_wire::connection::private_file(path)?.write_all(data)
 }

@@ -23,16 +23,6 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-/// Where the proxy keeps a cluster's files.
-pub fn clusters_root() -> PathBuf {
-    let base = std::env::var_os("XDG_STATE_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
-        .unwrap_or_else(std::env::temp_dir);
-    base.join("noyau").join("dask")
-}
-
 /// The files of one cluster.
 #[derive(Debug, Clone)]
 pub struct ClusterDir(pub PathBuf);

@@ -113,6 +113,8 @@ pub fn build(
     let lock = match &spec.lock {
         Some(lock) => {
             progress("installing exactly the given lock");
+            std::fs::write(&lock_path, lock)
+                .map_err(|e| EnvError::io(format!("writing {}", lock_path.display()), e))?;
             lock.clone()
         }
         None => {
@@ -150,8 +152,6 @@ pub fn build(
                 .map_err(|e| EnvError::io(format!("reading {}", lock_path.display()), e))?
         }
     };
-    std::fs::write(&lock_path, &lock)
-        .map_err(|e| EnvError::io(format!("writing {}", lock_path.display()), e))?;
     progress("installing the locked packages with uv");
     cmd::run(
         uv_cmd(uv)

@@ -99,7 +99,6 @@ pub fn realise(
     shown.notebook_dir = None;
     if let Value::Object(m) = &mut record {
         m.insert("spec".into(), shown.to_value());
-        m.remove("freeze_path");
     }
     Ok(Realised {
         spec: spec.clone(),
@@ -148,10 +147,7 @@ impl Realised {
                 env.insert("VIRTUAL_ENV".into(), p.display().to_string());
             }
         }
-        let mut ro = self.ro_binds.clone();
-        if let Some(a0) = argv.first() {
-            ro.extend(isolate::exe_prefixes(a0));
-        }
+        let kernel_exe = argv.first().cloned();
         match kind {
             Kind::Guix => argv = guix::wrap(&self.spec, runtime_dir, argv),
             Kind::Apptainer => {
@@ -164,6 +160,14 @@ impl Realised {
         }
         let own_container = matches!(kind, Kind::Guix | Kind::Apptainer);
         if self.spec.isolation == Isolation::Container && !own_container {
+            // What the kernel's interpreter needs, from where it was before any wrapping.
+            let mut ro = self.ro_binds.clone();
+            ro.extend(
+                kernel_exe
+                    .as_deref()
+                    .map(isolate::exe_prefixes)
+                    .unwrap_or_default(),
+            );
             argv = isolate::wrap(&self.spec, runtime_dir, &ro, argv);
         }
         Ok((argv, env))

@@ -15,10 +15,8 @@ use std::time::Instant;
 use bytes::Bytes;
 use noyau_dask::ClusterDir;
 use noyau_sched::{Backend, Job, JobSpec, JobState};
-use noyau_wire::build;
 use serde_json::json;
 
-use crate::frontend::publish;
 use crate::Proxy;
 
 /// What `%noyau dask up` was asked for.
@@ -195,11 +193,10 @@ impl Proxy {
             anyhow::bail!("this kernel already has a Dask cluster; `%noyau dask status` shows it, `%noyau dask down` ends it");
         }
         let (target, profile) = match &a.target {
-            Some(t) => {
-                let cwd = std::env::current_dir()?;
-                let config = noyau_config::Config::load(&cwd)?;
-                (format!("target {t}"), config.profile(Some(t), &[])?)
-            }
+            Some(t) => (
+                format!("target {t}"),
+                noyau_config::resolve(None, Some(t), &[])?.1,
+            ),
             None => (
                 "the kernel's profile".to_string(),
                 self.cfg.resources.clone(),
@@ -216,7 +213,7 @@ impl Proxy {
             chrono::Utc::now().format("%Y%m%dT%H%M%S"),
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
-        let dir = ClusterDir::create(&noyau_dask::clusters_root(), &id)?;
+        let dir = ClusterDir::create(&noyau_sched::slurm::state_dir().join("dask"), &id)?;
         let env = crate::env_spec_for_agent()?;
         let spec = |role: &str, profile: noyau_config::Profile, extra: Vec<String>| {
             let mut args = vec![
@@ -293,14 +290,7 @@ impl Proxy {
             backend.name()
         );
         self.dask = Some(cluster);
-        let out = build::iopub(
-            &self.signer,
-            "stream",
-            &self.session,
-            header,
-            json!({"name": "stdout", "text": text}),
-        );
-        publish(&mut self.fe, out).await;
+        self.publish_stream(header, "stdout", &text).await;
         Ok(())
     }
 
@@ -339,7 +329,7 @@ impl Proxy {
             "allow_stdin": false, "stop_on_error": false,
             "user_expressions": {"noyau_dask": noyau_dask::KERNEL_SETUP_EXPR},
         }));
-        match self.send_internal_to_kernel(request) {
+        match self.send_internal(None, request) {
             Ok(()) => {
                 self.internal.insert(id.clone());
                 if let Some(c) = self.dask.as_mut() {
@@ -445,17 +435,6 @@ impl Proxy {
             c.cancel_all().await;
             let _ = std::fs::remove_dir_all(c.dir.path());
         }
-    }
-
-    fn send_internal_to_kernel(&mut self, request: noyau_wire::RawMessage) -> Result<(), String> {
-        let s = self
-            .sender()
-            .ok_or("the notebook's kernel has not started yet")?;
-        s.send(
-            noyau_link::Lane::Shell,
-            noyau_link::envelope::jupyter(request.into_frames()),
-        )
-        .map_err(|e| e.to_string())
     }
 }
 

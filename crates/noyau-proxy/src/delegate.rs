@@ -123,10 +123,7 @@ impl Proxy {
     }
 
     async fn start_target(&mut self, m: &OnMagic) -> anyhow::Result<()> {
-        let cwd = std::env::current_dir()?;
-        let config = noyau_config::Config::load(&cwd)?;
-        let profile = config.profile(Some(&m.target), &m.overrides)?;
-        let backend = profile.backend.clone().unwrap_or_else(|| "local".into());
+        let (backend, profile) = noyau_config::resolve(None, Some(&m.target), &m.overrides)?;
         let inner = profile
             .kernel
             .clone()
@@ -229,58 +226,36 @@ impl Proxy {
         parent: &Bytes,
         result: Result<String, (&str, String)>,
     ) {
-        let busy = build::iopub(
-            &self.signer,
-            "status",
-            &self.session,
-            parent,
-            json!({"execution_state": "busy"}),
-        );
-        publish(&mut self.fe, busy).await;
-        let reply_content = match &result {
+        self.publish_status(parent, "busy").await;
+        match result {
             Ok(text) => {
-                let out = build::iopub(
+                self.publish_stream(parent, "stdout", &text).await;
+                let reply = build::message(
                     &self.signer,
-                    "stream",
+                    identities,
+                    "execute_reply",
                     &self.session,
                     parent,
-                    json!({"name": "stdout", "text": text}),
+                    json!({"status": "ok", "execution_count": self.exec_count, "user_expressions": {}, "payload": []}),
                 );
-                publish(&mut self.fe, out).await;
-                json!({"status": "ok", "execution_count": self.exec_count, "user_expressions": {}, "payload": []})
+                send_router(&mut self.fe, Lane::Shell, reply).await;
+                self.publish_status(parent, "idle").await;
             }
             Err((ename, evalue)) => {
-                let err = build::iopub(
-                    &self.signer,
-                    "error",
-                    &self.session,
+                let traceback = json!([format!("{ename}: {evalue}")]);
+                let count = json!(self.exec_count);
+                self.fail_request(
+                    identities,
                     parent,
-                    json!({
-                        "ename": ename, "evalue": evalue, "traceback": [format!("{ename}: {evalue}")],
-                    }),
-                );
-                publish(&mut self.fe, err).await;
-                json!({"status": "error", "execution_count": self.exec_count, "ename": ename,
-                       "evalue": evalue, "traceback": [format!("{ename}: {evalue}")]})
+                    "execute_reply",
+                    ename,
+                    &evalue,
+                    traceback,
+                    count,
+                )
+                .await;
             }
-        };
-        let reply = build::message(
-            &self.signer,
-            identities,
-            "execute_reply",
-            &self.session,
-            parent,
-            reply_content,
-        );
-        send_router(&mut self.fe, Lane::Shell, reply).await;
-        let idle = build::iopub(
-            &self.signer,
-            "status",
-            &self.session,
-            parent,
-            json!({"execution_state": "idle"}),
-        );
-        publish(&mut self.fe, idle).await;
+        }
     }
 
     pub(crate) async fn on_target_event(&mut self, ev: TargetEvent) {
@@ -387,14 +362,8 @@ impl Proxy {
                 {
                     c.announced = true;
                 }
-                let line = build::iopub(
-                    &self.signer,
-                    "stream",
-                    &self.session,
-                    &parent_header,
-                    json!({"name": "stderr", "text": where_line}),
-                );
-                publish(&mut self.fe, line).await;
+                self.publish_stream(&parent_header, "stderr", &where_line)
+                    .await;
             }
             return;
         }
@@ -430,36 +399,17 @@ impl Proxy {
             }
         }
         for (_, cell) in std::mem::take(&mut t.running) {
-            let err = build::iopub(
-                &self.signer,
-                "error",
-                &self.session,
-                &cell.header,
-                json!({
-                    "ename": "NoyauTargetError", "evalue": text, "traceback": [text],
-                }),
-            );
-            publish(&mut self.fe, err).await;
-            let reply = build::message(
-                &self.signer,
+            let count = json!(self.exec_count);
+            self.fail_request(
                 cell.identities,
+                &cell.header,
                 "execute_reply",
-                &self.session,
-                &cell.header,
-                json!({
-                    "status": "error", "execution_count": self.exec_count,
-                    "ename": "NoyauTargetError", "evalue": text, "traceback": [text],
-                }),
-            );
-            send_router(&mut self.fe, Lane::Shell, reply).await;
-            let idle = build::iopub(
-                &self.signer,
-                "status",
-                &self.session,
-                &cell.header,
-                json!({"execution_state": "idle"}),
-            );
-            publish(&mut self.fe, idle).await;
+                "NoyauTargetError",
+                &text,
+                json!([text]),
+                count,
+            )
+            .await;
         }
     }
 
@@ -545,7 +495,11 @@ impl Proxy {
     }
 
     /// A request of the proxy's own, to a target or (None) the notebook's kernel.
-    fn send_internal(&mut self, target: Option<&str>, request: RawMessage) -> Result<(), String> {
+    pub(crate) fn send_internal(
+        &mut self,
+        target: Option<&str>,
+        request: RawMessage,
+    ) -> Result<(), String> {
         match target {
             Some(name) => {
                 let t = self

@@ -424,30 +424,19 @@ impl Proxy {
                 content,
             )
         };
-        let status = |me: &Self, state: &str| {
-            build::iopub(
-                &me.signer,
-                "status",
-                &me.session,
-                &msg.header,
-                json!({"execution_state": state}),
-            )
-        };
         match (lane, h.msg_type.as_str()) {
             (Lane::Shell | Lane::Control, "kernel_info_request") => {
                 let language = noyau_wire::kernelspec::find(&self.cfg.inner)
                     .map(|f| f.spec.language)
                     .unwrap_or_else(|_| "python".into());
-                let busy = status(self, "busy");
-                publish(&mut self.fe, busy).await;
+                self.publish_status(&msg.header, "busy").await;
                 let r = reply(
                     self,
                     "kernel_info_reply",
                     queued::kernel_info_content(&language, &self.job_label()),
                 );
                 send_router(&mut self.fe, lane, r).await;
-                let idle = status(self, "idle");
-                publish(&mut self.fe, idle).await;
+                self.publish_status(&msg.header, "idle").await;
                 Some(None)
             }
             (Lane::Control, "shutdown_request" | "interrupt_request")
@@ -456,10 +445,7 @@ impl Proxy {
                 let shutdown = h.msg_type == "shutdown_request";
                 tracing::info!(job = %self.job_label(), "{} while queued: cancelling the job", h.msg_type);
                 let content = if shutdown {
-                    let restart = serde_json::from_slice::<serde_json::Value>(&msg.content)
-                        .ok()
-                        .and_then(|c| c.get("restart").and_then(|r| r.as_bool()))
-                        .unwrap_or(false);
+                    let restart = msg.restart_requested();
                     json!({"status": "ok", "restart": restart})
                 } else {
                     json!({"status": "ok"})
@@ -516,10 +502,10 @@ impl Proxy {
             let parent = msg.header.clone();
             let held = std::mem::take(&mut self.env_held);
             if !held.is_empty() {
-                self.publish_stderr(&parent, &held).await;
+                self.publish_stream(&parent, "stderr", &held).await;
             }
             if let Some(text) = self.walltime_notice.take() {
-                self.publish_stderr(&parent, &text).await;
+                self.publish_stream(&parent, "stderr", &text).await;
             }
         }
         self.forward_frontend_message(lane, msg);
@@ -540,10 +526,7 @@ impl Proxy {
                     return;
                 }
                 if h.msg_type == "shutdown_request" {
-                    let restart = serde_json::from_slice::<serde_json::Value>(&msg.content)
-                        .ok()
-                        .and_then(|c| c.get("restart").and_then(|r| r.as_bool()))
-                        .unwrap_or(false);
+                    let restart = msg.restart_requested();
                     self.shutdown = Some(restart);
                 }
                 if lane == Lane::Shell {
@@ -696,7 +679,7 @@ impl Proxy {
                     .find(|p| p.msg_type == "execute_request")
                     .map(|p| p.header.clone());
                 match waiting {
-                    Some(parent) => self.publish_stderr(&parent, &text).await,
+                    Some(parent) => self.publish_stream(&parent, "stderr", &text).await,
                     None if self.env_held.len() < ENV_HELD_MAX => self.env_held.push_str(&text),
                     None => tracing::info!("{}", text.trim_end()),
                 }
@@ -768,82 +751,91 @@ impl Proxy {
             .find(|p| p.msg_type == "execute_request")
             .map(|p| p.header.clone());
         match running {
-            Some(parent) => self.publish_stderr(&parent, &text).await,
+            Some(parent) => self.publish_stream(&parent, "stderr", &text).await,
             None => self.walltime_notice = Some(text),
         }
     }
 
-    async fn publish_stderr(&mut self, parent: &Bytes, text: &str) {
-        let msg = build::iopub(
-            &self.signer,
-            "stream",
-            &self.session,
-            parent,
-            json!({"name": "stderr", "text": text}),
-        );
+    pub(crate) async fn publish_stream(&mut self, parent: &Bytes, name: &str, text: &str) {
+        let msg = build::stream(&self.signer, &self.session, parent, name, text);
         publish(&mut self.fe, msg).await;
+    }
+
+    pub(crate) async fn publish_status(&mut self, parent: &Bytes, state: &str) {
+        let msg = build::status(&self.signer, &self.session, parent, state);
+        publish(&mut self.fe, msg).await;
+    }
+
+    /// Answers a request the kernel never will: for an execution an IOPub
+    /// `error`, then the error reply, then `idle`, as a kernel would.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn fail_request(
+        &mut self,
+        identities: Vec<Bytes>,
+        header: &Bytes,
+        reply_type: &str,
+        ename: &str,
+        evalue: &str,
+        traceback: serde_json::Value,
+        execution_count: serde_json::Value,
+    ) {
+        if reply_type == "execute_reply" {
+            let err = build::iopub(
+                &self.signer,
+                "error",
+                &self.session,
+                header,
+                json!({
+                    "ename": ename, "evalue": evalue, "traceback": traceback,
+                }),
+            );
+            publish(&mut self.fe, err).await;
+        }
+        let reply = build::message(
+            &self.signer,
+            identities,
+            reply_type,
+            &self.session,
+            header,
+            json!({
+                "status": "error", "ename": ename, "evalue": evalue, "traceback": traceback,
+                "execution_count": execution_count,
+            }),
+        );
+        send_router(&mut self.fe, Lane::Shell, reply).await;
+        self.publish_status(header, "idle").await;
     }
 
     /// Tells every waiting request, and IOPub, that the kernel is gone.
     async fn report_death(&mut self, text: &str) {
         tracing::error!("{text}");
         self.fe.set_alive(false);
-        let (ename, evalue) = ("KernelDied", text.to_string());
         let mut any_execute = false;
         let order: Vec<String> = self.order.drain(..).collect();
         for id in order {
             let Some(p) = self.pending.remove(&id) else {
                 continue;
             };
-            if p.msg_type == "execute_request" {
-                any_execute = true;
-                let err = build::iopub(
-                    &self.signer,
-                    "error",
-                    &self.session,
-                    &p.header,
-                    json!({
-                        "ename": ename, "evalue": evalue, "traceback": [text],
-                    }),
-                );
-                publish(&mut self.fe, err).await;
-            }
+            any_execute |= p.msg_type == "execute_request";
             let reply_type = p
                 .msg_type
                 .strip_suffix("_request")
                 .map(|t| format!("{t}_reply"))
                 .unwrap_or_else(|| "error".into());
-            let reply = build::message(
-                &self.signer,
+            self.fail_request(
                 p.identities,
+                &p.header,
                 &reply_type,
-                &self.session,
-                &p.header,
-                json!({
-                    "status": "error", "ename": ename, "evalue": evalue, "traceback": [text], "execution_count": null,
-                }),
-            );
-            send_router(&mut self.fe, Lane::Shell, reply).await;
-            let idle = build::iopub(
-                &self.signer,
-                "status",
-                &self.session,
-                &p.header,
-                json!({"execution_state": "idle"}),
-            );
-            publish(&mut self.fe, idle).await;
+                "KernelDied",
+                text,
+                json!([text]),
+                json!(null),
+            )
+            .await;
         }
         if !any_execute {
-            let note = build::iopub(
-                &self.signer,
-                "stream",
-                &self.session,
-                &Bytes::new(),
-                json!({
-                    "name": "stderr", "text": format!("{text}\n"),
-                }),
-            );
-            publish(&mut self.fe, note).await;
+            self.publish_stream(&Bytes::new(), "stderr", &format!("{text}\n"))
+                .await;
         }
     }
 

@@ -190,15 +190,8 @@ pub fn backend_and_profile(
     profile: Option<&str>,
     options: &[String],
 ) -> Result<(String, noyau_config::Profile), Failure> {
-    let cwd = std::env::current_dir().map_err(|e| bad(format!("no current directory: {e}")))?;
-    let config = noyau_config::Config::load(&cwd).map_err(|e| bad(e.to_string()))?;
-    let profile = config
-        .profile(profile, options)
-        .map_err(|e| bad(e.to_string()))?;
-    let backend = backend
-        .map(str::to_string)
-        .or_else(|| profile.backend.clone())
-        .unwrap_or_else(|| "local".into());
+    let (backend, profile) =
+        noyau_config::resolve(backend, profile, options).map_err(|e| bad(e.to_string()))?;
     if !matches!(backend.as_str(), "local" | "slurm") {
         return Err(bad(format!(
             "unknown backend {backend:?}; available backends: local, slurm"
@@ -262,9 +255,7 @@ fn queue_note(st: &JobState) -> String {
 
 /// Where a detached run in job `id` reports its progress (`noyau ps` reads it).
 pub fn status_path(id: &str) -> PathBuf {
-    let logs = noyau_sched::slurm::log_dir();
-    logs.parent()
-        .unwrap_or(&logs)
+    noyau_sched::slurm::state_dir()
         .join("runs")
         .join(format!("{id}.json"))
 }
@@ -1028,15 +1019,13 @@ impl Runner<'_> {
     }
 
     async fn start_target(&mut self, m: &magic::OnMagic) -> anyhow::Result<()> {
-        let cwd = std::env::current_dir()?;
-        let config = noyau_config::Config::load(&cwd)?;
-        let profile = config.profile(Some(&m.target), &m.overrides)?;
+        let (backend, profile) = noyau_config::resolve(None, Some(&m.target), &m.overrides)?;
         let inner = profile
             .kernel
             .clone()
             .unwrap_or_else(|| self.target_base.clone());
         let mut launch = noyau_client::remote::local_launch(&inner, self.args.cwd.clone());
-        launch.backend = profile.backend.clone().unwrap_or_else(|| "local".into());
+        launch.backend = backend;
         launch.job_name = format!("noyau-target-{}", m.target);
         launch.profile = profile;
         let timeout = Duration::from_secs_f64(self.args.start_timeout.max(0.1));

@@ -258,9 +258,7 @@ pub fn status_of(code: i32) -> &'static str {
 }
 
 fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
+    noyau_notebook::write_atomic(path, text.as_bytes())
 }
 
 fn abs(p: &Path) -> PathBuf {
@@ -762,12 +760,7 @@ async fn run_slurm(
         spec.array.as_deref().unwrap_or(""),
         spec.name
     );
-    let poll = std::env::var("NOYAU_SLURM_POLL")
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-        .filter(|v| *v > 0.0)
-        .map(Duration::from_secs_f64)
-        .unwrap_or(Duration::from_secs(2));
+    let poll = noyau_sched::slurm::default_interval();
     let mut stop = Stop::new()?;
     let mut interrupted = false;
     let mut shown = String::new();
@@ -787,14 +780,13 @@ async fn run_slurm(
         let tasks = b.array_tasks(&id).await;
         let (running, alive, note) = match &tasks {
             Ok(Some(lines)) => {
-                let running = lines
+                let states: Vec<JobState> = lines.iter().map(state_of).collect();
+                let running = states
                     .iter()
-                    .filter(|l| matches!(state_of(l), JobState::Running { .. }))
+                    .filter(|s| matches!(s, JobState::Running { .. }))
                     .count();
-                let alive = lines
-                    .iter()
-                    .any(|l| !matches!(state_of(l), JobState::Ended(_)));
-                let reason = lines.iter().find_map(|l| match state_of(l) {
+                let alive = states.iter().any(|s| !matches!(s, JobState::Ended(_)));
+                let reason = states.into_iter().find_map(|s| match s {
                     JobState::Pending { reason, start, .. } => Some(format!(
                         "; pending: {reason}, est. start {}",
                         start.as_deref().unwrap_or("unknown")

@@ -22,7 +22,7 @@
 //!   `walltime_signal`, else a tenth of `time`, 30 s to 10 min); the agent,
 //!   which `exec` makes the batch shell, turns it into a walltime event.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -131,12 +131,18 @@ pub fn sh_quote(s: &str) -> String {
 /// `~/.local/state/noyau/jobs`), which a cluster's compute nodes see when
 /// home directories are shared.
 pub fn log_dir() -> PathBuf {
-    let base = std::env::var_os("XDG_STATE_HOME")
+    state_dir().join("jobs")
+}
+
+/// noyau's state directory: `$XDG_STATE_HOME/noyau` (default
+/// `~/.local/state/noyau`): job logs, detached runs' progress, Dask clusters.
+pub fn state_dir() -> PathBuf {
+    std::env::var_os("XDG_STATE_HOME")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
-        .unwrap_or_else(std::env::temp_dir);
-    base.join("noyau").join("jobs")
+        .unwrap_or_else(std::env::temp_dir)
+        .join("noyau")
 }
 
 /// Seconds before the walltime at which the job gets SIGUSR1.
@@ -323,7 +329,8 @@ impl std::fmt::Debug for Watcher {
     }
 }
 
-fn default_interval() -> Duration {
+/// The watcher's poll interval: `NOYAU_SLURM_POLL` seconds, default 2.
+pub fn default_interval() -> Duration {
     std::env::var("NOYAU_SLURM_POLL")
         .ok()
         .and_then(|v| v.parse::<f64>().ok())
@@ -482,10 +489,6 @@ impl Watcher {
             Err(why) => tracing::debug!("sacct cannot say how jobs ended: {why}"),
         }
         ends
-    }
-
-    fn forget(&self, id: &str) {
-        self.0.jobs.lock().unwrap().remove(id);
     }
 }
 
@@ -664,11 +667,6 @@ impl SlurmBackend {
         Ok(())
     }
 
-    /// Stops following a job without cancelling it.
-    pub fn forget(&self, id: &str) {
-        self.watcher.forget(id);
-    }
-
     /// This user's noyau jobs (names starting `noyau-`), as squeue lists them.
     pub async fn list_mine(&self) -> Result<Vec<QueueLine>, String> {
         let out = run(
@@ -684,11 +682,6 @@ impl SlurmBackend {
             .filter(|l| l.name.starts_with("noyau-"))
             .collect())
     }
-}
-
-/// The distinct ids in a listing (for tests and `noyau ps`).
-pub fn ids(lines: &[QueueLine]) -> HashSet<String> {
-    lines.iter().map(|l| l.id.clone()).collect()
 }
 
 #[cfg(test)]

@@ -64,6 +64,34 @@ pub fn iopub(
     )
 }
 
+/// An IOPub `stream` message (`name` is "stdout" or "stderr").
+pub fn stream(
+    signer: &Signer,
+    session: &str,
+    parent: &Bytes,
+    name: &str,
+    text: &str,
+) -> RawMessage {
+    iopub(
+        signer,
+        "stream",
+        session,
+        parent,
+        json!({"name": name, "text": text}),
+    )
+}
+
+/// An IOPub `status` message (`state` is "busy" or "idle").
+pub fn status(signer: &Signer, session: &str, parent: &Bytes, state: &str) -> RawMessage {
+    iopub(
+        signer,
+        "status",
+        session,
+        parent,
+        json!({"execution_state": state}),
+    )
+}
+
 /// True when frames look like a complete message (used by tests).
 pub fn is_message(frames: &[Bytes]) -> bool {
     frames.iter().any(|f| f.as_ref() == DELIMITER)

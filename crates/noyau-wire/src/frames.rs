@@ -99,6 +99,16 @@ impl RawMessage {
         serde_json::from_slice(&self.header).map_err(|e| WireError::BadHeader(e.to_string()))
     }
 
+    /// For a `shutdown_request`: whether it asks for a restart.
+    pub fn restart_requested(&self) -> bool {
+        #[derive(Deserialize)]
+        struct C {
+            #[serde(default)]
+            restart: bool,
+        }
+        serde_json::from_slice::<C>(&self.content).is_ok_and(|c| c.restart)
+    }
+
     /// The `msg_id` of the parent header, if there is one.
     pub fn parent_msg_id(&self) -> Option<String> {
         #[derive(Deserialize)]

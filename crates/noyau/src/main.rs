@@ -143,13 +143,8 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 }
 
 fn kernel(a: KernelArgs) -> anyhow::Result<i32> {
-    let cwd = std::env::current_dir()?;
-    let config = noyau_config::Config::load(&cwd)?;
-    let resources = config.profile(a.profile.as_deref(), &a.options)?;
-    let backend = a
-        .backend
-        .or_else(|| resources.backend.clone())
-        .unwrap_or_else(|| "local".into());
+    let (backend, resources) =
+        noyau_config::resolve(a.backend.as_deref(), a.profile.as_deref(), &a.options)?;
     let noyau_exe = std::env::current_exe().unwrap_or_else(|_| "noyau".into());
     if a.dry_run {
         return block_on(jobs::dry_run(&backend, &a.inner, noyau_exe, resources));
