@@ -736,20 +736,18 @@ impl Runner<'_> {
                 CellEnd::Died(desc) => {
                     pm::cell_exception(&mut self.nb, i);
                     let text = format!("Kernel died: {desc}");
-                    self.nb.cells[i].outputs_mut().push(json!({
-                        "output_type": "error", "ename": "DeadKernelError",
-                        "evalue": text, "traceback": [format!("DeadKernelError: {text}")],
-                    }));
+                    self.nb.cells[i]
+                        .outputs_mut()
+                        .push(noyau_error_output("DeadKernelError", &text));
                     eprintln!("noyau: cell {} : the kernel died: {desc}", i + 1);
                     Some((exit::KERNEL_DIED, false, None))
                 }
                 CellEnd::Timeout(secs) => {
                     pm::cell_exception(&mut self.nb, i);
                     let text = format!("Cell execution timed out after {secs} s (--timeout)");
-                    self.nb.cells[i].outputs_mut().push(json!({
-                        "output_type": "error", "ename": "CellTimeoutError",
-                        "evalue": text, "traceback": [format!("CellTimeoutError: {text}")],
-                    }));
+                    self.nb.cells[i]
+                        .outputs_mut()
+                        .push(noyau_error_output("CellTimeoutError", &text));
                     eprintln!("noyau: cell {}: {text}", i + 1);
                     Some((exit::TIMEOUT, !kernel.is_dead(), None))
                 }
@@ -768,10 +766,9 @@ impl Runner<'_> {
                         "walltime reached: the batch job {job} ends at its time limit{when}; \
                          noyau stopped the run and saved every finished cell"
                     );
-                    self.nb.cells[i].outputs_mut().push(json!({
-                        "output_type": "error", "ename": "WalltimeError",
-                        "evalue": text, "traceback": [format!("WalltimeError: {text}")],
-                    }));
+                    self.nb.cells[i]
+                        .outputs_mut()
+                        .push(noyau_error_output("WalltimeError", &text));
                     eprintln!("noyau: cell {}: {text}", i + 1);
                     Some((
                         exit::WALLTIME,
@@ -1059,10 +1056,9 @@ impl Runner<'_> {
 
     /// Records an error noyau itself raised for cell `i`.
     fn cell_error(&mut self, i: usize, ename: &str, evalue: String) -> CellEnd {
-        self.nb.cells[i].outputs_mut().push(json!({
-            "output_type": "error", "ename": ename, "evalue": evalue,
-            "traceback": [format!("{ename}: {evalue}")],
-        }));
+        self.nb.cells[i]
+            .outputs_mut()
+            .push(noyau_error_output(ename, &evalue));
         CellEnd::Error {
             ename: ename.into(),
             evalue,
@@ -1248,4 +1244,13 @@ async fn sleep_until(t: Option<Instant>) {
         Some(t) => tokio::time::sleep_until(t.into()).await,
         None => std::future::pending().await,
     }
+}
+
+/// An `error` output for a failure noyau itself detected (not the kernel's),
+/// with a one-line traceback so frontends that only show tracebacks show it.
+fn noyau_error_output(ename: &str, evalue: &str) -> serde_json::Value {
+    json!({
+        "output_type": "error", "ename": ename, "evalue": evalue,
+        "traceback": [format!("{ename}: {evalue}")],
+    })
 }
