@@ -603,14 +603,12 @@ impl OarBackend {
         write_private(&script, &job_script(spec, &env_file), 0o700)?;
         let args = oarsub_args(spec, &logs, &script);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = run(
-            &self.cmds().oarsub,
-            &args,
-            self.cmds().timeout,
-            None,
-            no_env(),
-        )
-        .await;
+        // oarsub takes its default directory from $PWD, not from getcwd:
+        // give it the real one (a parent may have changed directory since).
+        let cwd: BTreeMap<String, String> = std::env::current_dir()
+            .map(|d| [("PWD".to_string(), d.display().to_string())].into())
+            .unwrap_or_default();
+        let out = run(&self.cmds().oarsub, &args, self.cmds().timeout, None, &cwd).await;
         let ids = match out {
             Ok(o) => parse_oarsub(&o),
             Err(e) => {
