@@ -14,6 +14,13 @@
 //! `D-HH:MM:SS`) and sizes Slurm sizes (`500M`, `4G`). What only the
 //! scheduler knows (does this partition exist?) is checked by the backend.
 //!
+//! One profile serves Slurm and OAR where the keys translate
+//! ([`Profile::check_for`]): `partition` is OAR's queue and `queue` Slurm's
+//! partition, `account` OAR's project and `project` Slurm's account; `time`,
+//! `nodes`, `ntasks` and `cpus_per_task` become `-l nodes=N/core=C,walltime=…`.
+//! A key that means nothing on the chosen scheduler (`mem` or `sbatch` on
+//! OAR, `properties` or `oarsub` on Slurm) is an error naming it.
+//!
 //! ```toml
 //! [profiles.gpu]
 //! backend = "slurm"
@@ -25,6 +32,15 @@
 //! prologue = "module load cuda"
 //! sbatch = ["--exclusive"]
 //! env = { OMP_NUM_THREADS = "8" }
+//!
+//! [profiles.oar-big]
+//! backend = "oar"
+//! queue = "default"
+//! project = "myproject"
+//! properties = "cluster='dahu'"
+//! time = "2:00:00"
+//! cpus_per_task = 8
+//! oarsub = ["-t", "besteffort"]
 //! ```
 
 use std::collections::BTreeMap;
@@ -36,7 +52,7 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Profile {
-    /// `local` or `slurm`.
+    /// `local`, `slurm` or `oar`.
     pub backend: Option<String>,
     pub partition: Option<String>,
     /// Walltime, as Slurm writes it (checked by [`parse_time`]).
@@ -55,6 +71,15 @@ pub struct Profile {
     /// Extra `#SBATCH` options, one per item (e.g. `"--exclusive"`).
     #[serde(default)]
     pub sbatch: Vec<String>,
+    /// OAR's queue (`oarsub -q`); Slurm's partition when `partition` is unset.
+    pub queue: Option<String>,
+    /// OAR's project (`oarsub --project`); Slurm's account when `account` is unset.
+    pub project: Option<String>,
+    /// OAR's resource properties, an SQL expression (`oarsub -p`, e.g. `"cluster='dahu'"`).
+    pub properties: Option<String>,
+    /// Extra `oarsub` arguments, one per item (e.g. `"-t"`, `"besteffort"`).
+    #[serde(default)]
+    pub oarsub: Vec<String>,
     /// Shell lines run in the job before the agent (e.g. `module load python`).
     pub prologue: Option<String>,
     /// Environment variables set in the job (not secrets: the script is readable).
@@ -73,6 +98,9 @@ pub struct Profile {
     pub kernel: Option<String>,
 }
 
+/// The backends a profile may name.
+pub const BACKENDS: &[&str] = &["local", "slurm", "oar"];
+
 /// The keys a profile may hold, for suggestions and `-o`.
 pub const KEYS: &[&str] = &[
     "backend",
@@ -89,6 +117,10 @@ pub const KEYS: &[&str] = &[
     "reservation",
     "constraint",
     "sbatch",
+    "queue",
+    "project",
+    "properties",
+    "oarsub",
     "prologue",
     "env",
     "link_bind",
@@ -162,6 +194,10 @@ struct RawProfile {
     reservation: Option<String>,
     constraint: Option<String>,
     sbatch: Option<Vec<String>>,
+    queue: Option<String>,
+    project: Option<String>,
+    properties: Option<String>,
+    oarsub: Option<Vec<String>>,
     prologue: Option<String>,
     env: Option<BTreeMap<String, String>>,
     link_bind: Option<String>,
@@ -189,6 +225,9 @@ impl Profile {
             qos,
             reservation,
             constraint,
+            queue,
+            project,
+            properties,
             prologue,
             link_bind,
             link_advertise,
@@ -197,6 +236,9 @@ impl Profile {
         );
         if let Some(s) = r.sbatch {
             self.sbatch = s;
+        }
+        if let Some(s) = r.oarsub {
+            self.oarsub = s;
         }
         if let Some(env) = r.env {
             self.env.extend(env);
@@ -241,6 +283,10 @@ impl Profile {
             "reservation" => self.reservation = s,
             "constraint" => self.constraint = s,
             "sbatch" => self.sbatch.push(value),
+            "queue" => self.queue = s,
+            "project" => self.project = s,
+            "properties" => self.properties = s,
+            "oarsub" => self.oarsub.push(value),
             "prologue" => self.prologue = s,
             "link_bind" => self.link_bind = s,
             "link_advertise" => self.link_advertise = s,
@@ -264,10 +310,11 @@ impl Profile {
             message,
         };
         if let Some(b) = &self.backend {
-            if !["local", "slurm"].contains(&b.as_str()) {
+            if !BACKENDS.contains(&b.as_str()) {
                 return Err(bad(format!(
-                    "backend {b:?} is not known{}; backends: local, slurm",
-                    suggest(b, ["local", "slurm"])
+                    "backend {b:?} is not known{}; backends: {}",
+                    suggest(b, BACKENDS.iter().copied()),
+                    BACKENDS.join(", ")
                 )));
             }
         }
@@ -315,6 +362,8 @@ impl Profile {
             ("constraint", &self.constraint),
             ("gpus", &self.gpus),
             ("gres", &self.gres),
+            ("queue", &self.queue),
+            ("project", &self.project),
         ] {
             if let Some(v) = v {
                 if v.is_empty() || v.contains(char::is_whitespace) {
@@ -323,6 +372,47 @@ impl Profile {
             }
         }
         Ok(())
+    }
+
+    /// Checks that every key set means something on `backend` (`local`
+    /// ignores the scheduler keys): a Slurm-only key on OAR or an OAR-only
+    /// key on Slurm is an error naming the key and what to write instead.
+    pub fn check_for(&self, backend: &str) -> Result<(), String> {
+        let set = |k: &str| match k {
+            "mem" => self.mem.is_some(),
+            "gpus" => self.gpus.is_some(),
+            "gres" => self.gres.is_some(),
+            "qos" => self.qos.is_some(),
+            "reservation" => self.reservation.is_some(),
+            "constraint" => self.constraint.is_some(),
+            "sbatch" => !self.sbatch.is_empty(),
+            "properties" => self.properties.is_some(),
+            "oarsub" => !self.oarsub.is_empty(),
+            _ => false,
+        };
+        let (foreign, hint): (&[&str], &str) = match backend {
+            "oar" => (
+                &["mem", "gpus", "gres", "qos", "reservation", "constraint", "sbatch"],
+                "OAR allocates whole resources (memory comes with the cores): select \
+                 nodes with `properties` (e.g. properties = \"gpu_count > 0\") and pass other \
+                 oarsub options in `oarsub`",
+            ),
+            "slurm" => (
+                &["properties", "oarsub"],
+                "on Slurm, select nodes with `constraint` and pass other sbatch options in `sbatch`",
+            ),
+            _ => return Ok(()),
+        };
+        let bad: Vec<&str> = foreign.iter().copied().filter(|k| set(k)).collect();
+        if bad.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "{} {} no meaning on {}; {hint}",
+            bad.join(", "),
+            if bad.len() == 1 { "has" } else { "have" },
+            if backend == "oar" { "OAR" } else { "Slurm" },
+        ))
     }
 
     /// The walltime in seconds, when one is set (and valid).
@@ -634,6 +724,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn keys_are_checked_against_the_scheduler() {
+        let c = cfg(&["[profiles.p]\ntime = \"1:00:00\"\ncpus_per_task = 4\npartition = \"debug\"\n\
+                       [profiles.s]\nmem = \"4G\"\nsbatch = [\"--exclusive\"]\n\
+                       [profiles.o]\nproperties = \"host='a'\"\noarsub = [\"-t\", \"besteffort\"]\n"])
+        .unwrap();
+        let p = c.profile(Some("p"), &[]).unwrap();
+        for b in ["local", "slurm", "oar"] {
+            assert_eq!(p.check_for(b), Ok(()), "{b}");
+        }
+        let s = c.profile(Some("s"), &[]).unwrap();
+        assert_eq!(s.check_for("slurm"), Ok(()));
+        let e = s.check_for("oar").unwrap_err();
+        assert!(e.starts_with("mem, sbatch have no meaning on OAR"), "{e}");
+        assert!(e.contains("properties"), "{e}");
+        let o = c.profile(Some("o"), &[]).unwrap();
+        assert_eq!(o.check_for("oar"), Ok(()));
+        let e = o.check_for("slurm").unwrap_err();
+        assert!(
+            e.starts_with("properties, oarsub have no meaning on Slurm"),
+            "{e}"
+        );
+        let e = c
+            .profile(Some("p"), &["backend=oarr".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("did you mean `oar`"), "{e}");
     }
 
     #[test]

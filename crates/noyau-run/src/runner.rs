@@ -192,9 +192,10 @@ pub fn backend_and_profile(
 ) -> Result<(String, noyau_config::Profile), Failure> {
     let (backend, profile) =
         noyau_config::resolve(backend, profile, options).map_err(|e| bad(e.to_string()))?;
-    if !matches!(backend.as_str(), "local" | "slurm") {
+    if !noyau_config::BACKENDS.contains(&backend.as_str()) {
         return Err(bad(format!(
-            "unknown backend {backend:?}; available backends: local, slurm"
+            "unknown backend {backend:?}; available backends: {}",
+            noyau_config::BACKENDS.join(", ")
         )));
     }
     Ok((backend, profile))
@@ -323,9 +324,9 @@ async fn detach(
     backend: &str,
     profile: noyau_config::Profile,
 ) -> Result<i32, Failure> {
-    if backend != "slurm" {
+    if !matches!(backend, "slurm" | "oar") {
         return Err(bad(
-            "--detach needs a batch backend (--backend slurm or a slurm profile)",
+            "--detach needs a batch backend (--backend slurm|oar, or a profile that names one)",
         ));
     }
     if args.input == "-" || args.output.as_deref() == Some("-") {
@@ -396,18 +397,24 @@ async fn detach(
         profile,
         array: None,
     };
-    let id = noyau_sched::slurm::SlurmBackend::global()
-        .submit_detached(&spec)
-        .await
-        .map_err(|e| Failure {
-            code: exit::KERNEL_START,
-            message: e.to_string(),
-        })?;
+    let submitted = if backend == "oar" {
+        noyau_sched::oar::OarBackend::global()
+            .submit_detached(&spec)
+            .await
+    } else {
+        noyau_sched::slurm::SlurmBackend::global()
+            .submit_detached(&spec)
+            .await
+    };
+    let id = submitted.map_err(|e| Failure {
+        code: exit::KERNEL_START,
+        message: e.to_string(),
+    })?;
     // A status file left by an earlier job with the same id (another or a
     // reset cluster) must not pass for this run's progress.
     let _ = std::fs::remove_file(status_path(&id));
     eprintln!(
-        "noyau: submitted Slurm job {id} ({}): the run goes on in the job; output {}; `noyau ps` shows its progress, `noyau cancel {id}` stops it",
+        "noyau: submitted {backend} job {id} ({}): the run goes on in the job; output {}; `noyau ps --backend {backend}` shows its progress, `noyau cancel --backend {backend} {id}` stops it",
         spec.name,
         abs(&out).display()
     );
@@ -421,7 +428,7 @@ pub fn allocation() -> Option<String> {
     let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     match (var("SLURM_ARRAY_JOB_ID"), var("SLURM_ARRAY_TASK_ID")) {
         (Some(j), Some(t)) => Some(format!("{j}_{t}")),
-        _ => var("SLURM_JOB_ID"),
+        _ => var("SLURM_JOB_ID").or_else(|| var("OAR_JOB_ID")),
     }
 }
 

@@ -538,6 +538,14 @@ async fn sweep(a: SweepArgs) -> Result<i32, (i32, String)> {
     let t0 = Instant::now();
     let (interrupted, job_id) = match backend.as_str() {
         "slurm" => run_slurm(&a, &stem, &plan_path, &outdir, &todo, profile).await?,
+        "oar" => {
+            return Err((
+                sweep_exit::BAD_INPUT,
+                "noyau sweep does not run on OAR yet (no OAR job arrays); run the points \
+                 with --backend local inside an OAR job, or with `noyau run --backend oar` each"
+                    .into(),
+            ))
+        }
         _ => (run_local(&a, &plan_path, &outdir, &todo).await?, None),
     };
 

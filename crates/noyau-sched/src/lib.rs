@@ -3,7 +3,7 @@
 //! A [`Backend`] takes a [`JobSpec`] (the `noyau agent` command, its
 //! environment, a name that says what runs and carries no secret) and starts
 //! it somewhere: [`local`] as a child process of the caller, the embedded
-//! default; batch schedulers later. Whatever the backend, the caller follows
+//! default; [`slurm`] and [`oar`] as batch jobs. Whatever the backend, the caller follows
 //! the job through a [`JobState`] watch channel, and an error talking to a
 //! scheduler is [`JobState::Unknown`], never "the job is gone".
 //!
@@ -11,6 +11,7 @@
 //! each is known at compile time, and the enum keeps `async fn` simple.
 
 pub mod local;
+pub mod oar;
 pub mod slurm;
 
 use std::collections::BTreeMap;
@@ -31,7 +32,8 @@ pub struct JobSpec {
     /// What to ask the scheduler for (ignored by `local`).
     pub profile: noyau_config::Profile,
     /// A job array's task ids (`0-5%2`, `1,4%2`): one job, many tasks
-    /// (Slurm only; see `SlurmBackend::submit_array`).
+    /// (Slurm: `--array`, see `SlurmBackend::submit_array`; OAR: a count,
+    /// `--array N`, see `OarBackend::oarsub`).
     pub array: Option<String>,
 }
 
@@ -74,11 +76,12 @@ pub struct Job {
 enum JobHandle {
     Local(local::LocalHandle),
     Slurm(slurm::SlurmHandle),
+    Oar(oar::OarHandle),
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum SchedError {
-    #[error("unknown backend {0:?}; available backends: local, slurm")]
+    #[error("unknown backend {0:?}; available backends: local, slurm, oar")]
     UnknownBackend(String),
     #[error("invalid resource request: {0}")]
     Invalid(String),
@@ -96,6 +99,7 @@ pub enum SchedError {
 pub enum Backend {
     Local(local::LocalBackend),
     Slurm(slurm::SlurmBackend),
+    Oar(oar::OarBackend),
 }
 
 impl Backend {
@@ -103,6 +107,7 @@ impl Backend {
         match name {
             "local" => Ok(Backend::Local(local::LocalBackend)),
             "slurm" => Ok(Backend::Slurm(slurm::SlurmBackend::global())),
+            "oar" => Ok(Backend::Oar(oar::OarBackend::global())),
             other => Err(SchedError::UnknownBackend(other.into())),
         }
     }
@@ -111,6 +116,7 @@ impl Backend {
         match self {
             Backend::Local(_) => "local",
             Backend::Slurm(_) => "slurm",
+            Backend::Oar(_) => "oar",
         }
     }
 
@@ -118,6 +124,7 @@ impl Backend {
         match self {
             Backend::Local(b) => b.submit(spec).await,
             Backend::Slurm(b) => b.submit(spec).await,
+            Backend::Oar(b) => b.submit(spec).await,
         }
     }
 
@@ -127,6 +134,7 @@ impl Backend {
         match self {
             Backend::Local(_) => None,
             Backend::Slurm(b) => Some(b.adopt(id)),
+            Backend::Oar(b) => Some(b.adopt(id)),
         }
     }
 
@@ -148,6 +156,7 @@ impl Backend {
                 b.validate(&spec.profile).await?;
                 Ok(slurm::job_script(spec, &slurm::log_dir()))
             }
+            Backend::Oar(b) => b.dry_run(spec),
         }
     }
 
@@ -157,9 +166,11 @@ impl Backend {
             JobHandle::Local(h) => h.cancel().await,
             JobHandle::Slurm(h) => match self {
                 Backend::Slurm(b) => b.cancel(h).await,
-                Backend::Local(_) => {
-                    slurm::SlurmBackend::global().cancel(h).await;
-                }
+                _ => slurm::SlurmBackend::global().cancel(h).await,
+            },
+            JobHandle::Oar(h) => match self {
+                Backend::Oar(b) => b.cancel(h).await,
+                _ => oar::OarBackend::global().cancel(h).await,
             },
         }
     }

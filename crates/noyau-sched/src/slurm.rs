@@ -61,8 +61,8 @@ impl Default for Commands {
     }
 }
 
-/// Runs a Slurm command; its stdout, or an error naming the command.
-async fn run(
+/// Runs a scheduler command; its stdout, or an error naming the command.
+pub(crate) async fn run(
     program: &Path,
     args: &[&str],
     timeout: Duration,
@@ -146,7 +146,7 @@ pub fn state_dir() -> PathBuf {
 }
 
 /// Seconds before the walltime at which the job gets SIGUSR1.
-fn warning_secs(profile: &Profile) -> u64 {
+pub(crate) fn warning_secs(profile: &Profile) -> u64 {
     if let Some(s) = profile.walltime_signal {
         return s.into();
     }
@@ -176,16 +176,17 @@ pub fn job_script(spec: &JobSpec, log_dir: &Path) -> String {
     if let Some(cwd) = &spec.cwd {
         opt("chdir", &cwd.display().to_string());
     }
+    // OAR's names, where the Slurm ones are unset: one profile for both
     let strs = [
-        ("partition", &p.partition),
-        ("time", &p.time),
-        ("mem", &p.mem),
-        ("gpus", &p.gpus),
-        ("gres", &p.gres),
-        ("account", &p.account),
-        ("qos", &p.qos),
-        ("reservation", &p.reservation),
-        ("constraint", &p.constraint),
+        ("partition", p.partition.as_ref().or(p.queue.as_ref())),
+        ("time", p.time.as_ref()),
+        ("mem", p.mem.as_ref()),
+        ("gpus", p.gpus.as_ref()),
+        ("gres", p.gres.as_ref()),
+        ("account", p.account.as_ref().or(p.project.as_ref())),
+        ("qos", p.qos.as_ref()),
+        ("reservation", p.reservation.as_ref()),
+        ("constraint", p.constraint.as_ref()),
     ];
     for (k, v) in strs {
         if let Some(v) = v {
@@ -537,7 +538,8 @@ impl SlurmBackend {
 
     /// Checks what only Slurm knows: that the profile's partition exists.
     pub async fn validate(&self, profile: &Profile) -> Result<(), SchedError> {
-        let Some(part) = &profile.partition else {
+        profile.check_for("slurm").map_err(SchedError::Invalid)?;
+        let Some(part) = profile.partition.as_ref().or(profile.queue.as_ref()) else {
             return Ok(());
         };
         match self.partitions().await {

@@ -4,16 +4,16 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use noyau_sched::slurm::SlurmBackend;
-use noyau_sched::{Backend, JobSpec};
+use noyau_sched::oar;
+use noyau_sched::{Backend, JobSpec, JobState};
 
-fn slurm(backend: &str) -> anyhow::Result<SlurmBackend> {
+/// A batch backend (the local one keeps no job list).
+fn batch(backend: &str) -> anyhow::Result<Backend> {
     match Backend::from_name(backend)? {
-        Backend::Slurm(b) => Ok(b),
-        other => bail!(
-            "the {} backend keeps no job list: its agents are child processes of their proxies",
-            other.name()
+        Backend::Local(_) => bail!(
+            "the local backend keeps no job list: its agents are child processes of their proxies"
         ),
+        b => Ok(b),
     }
 }
 
@@ -24,19 +24,78 @@ fn kind(name: &str) -> &str {
         .unwrap_or("?")
 }
 
+/// One line of `noyau ps`, whatever the scheduler.
+struct Row {
+    id: String,
+    name: String,
+    state: String,
+    reason: String,
+    node: String,
+    time_left: String,
+}
+
+async fn rows(b: &Backend) -> anyhow::Result<Vec<Row>> {
+    Ok(match b {
+        Backend::Slurm(b) => b
+            .list_mine()
+            .await
+            .map_err(anyhow::Error::msg)?
+            .into_iter()
+            .map(|j| Row {
+                reason: if j.state == "PENDING" {
+                    j.reason
+                } else {
+                    String::new()
+                },
+                id: j.id,
+                name: j.name,
+                state: j.state,
+                node: j.node,
+                time_left: j.time_left,
+            })
+            .collect(),
+        Backend::Oar(b) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            b.list_mine()
+                .await
+                .map_err(anyhow::Error::msg)?
+                .into_iter()
+                .map(|j| {
+                    let (reason, node) = match oar::state_of(&j) {
+                        JobState::Pending { reason, .. } => (reason, String::new()),
+                        JobState::Running { node } => (String::new(), node),
+                        _ => Default::default(),
+                    };
+                    let time_left = match (j.state.as_str(), j.start_time, j.walltime) {
+                        ("Running", Some(s), Some(w)) if s > 0 => {
+                            oar::walltime((s + w - now).max(0) as u64)
+                        }
+                        _ => String::new(),
+                    };
+                    Row {
+                        id: j.id.to_string(),
+                        name: j.name.unwrap_or_default(),
+                        state: j.state,
+                        reason,
+                        node,
+                        time_left,
+                    }
+                })
+                .collect()
+        }
+        Backend::Local(_) => Vec::new(),
+    })
+}
+
 pub async fn ps(backend: &str) -> anyhow::Result<i32> {
-    let b = slurm(backend)?;
-    let jobs = b.list_mine().await.map_err(anyhow::Error::msg)?;
+    let b = batch(backend)?;
     println!(
         "{:<10} {:<7} {:<28} {:<10} {:<16} {:<12} {:<10} CELLS",
         "JOBID", "KIND", "NAME", "STATE", "REASON", "NODE", "TIME_LEFT"
     );
-    for j in jobs {
-        let reason = if j.state == "PENDING" {
-            j.reason.as_str()
-        } else {
-            ""
-        };
+    for j in rows(&b).await? {
         // A detached run reports its cells in a status file.
         let cells = std::fs::read_to_string(noyau_run::runner::status_path(&j.id))
             .ok()
@@ -49,7 +108,7 @@ pub async fn ps(backend: &str) -> anyhow::Result<i32> {
             kind(&j.name),
             j.name,
             j.state,
-            reason,
+            j.reason,
             j.node,
             j.time_left,
             cells
@@ -58,15 +117,48 @@ pub async fn ps(backend: &str) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-pub async fn cancel(backend: &str, id: &str) -> anyhow::Result<i32> {
-    let b = slurm(backend)?;
-    let mine = b.list_mine().await.map_err(anyhow::Error::msg)?;
-    if !mine.iter().any(|j| j.id == id) {
+async fn check_mine(b: &Backend, id: &str) -> anyhow::Result<()> {
+    if !rows(b).await?.iter().any(|j| j.id == id) {
         bail!("{id} is not one of your noyau jobs in the queue (see `noyau ps`)");
     }
-    b.scancel(id).await.map_err(anyhow::Error::msg)?;
+    Ok(())
+}
+
+pub async fn cancel(backend: &str, id: &str) -> anyhow::Result<i32> {
+    let b = batch(backend)?;
+    check_mine(&b, id).await?;
+    match &b {
+        Backend::Slurm(s) => s.scancel(id).await,
+        Backend::Oar(o) => o.oardel(id).await,
+        Backend::Local(_) => unreachable!("batch() refuses the local backend"),
+    }
+    .map_err(anyhow::Error::msg)?;
     println!("cancelled {id}");
     Ok(0)
+}
+
+/// `noyau extend ID DURATION`: more walltime for a running or queued job,
+/// where the scheduler lets users ask for it.
+pub async fn extend(backend: &str, id: &str, duration: &str) -> anyhow::Result<i32> {
+    let secs = noyau_config::parse_time(duration)
+        .ok()
+        .filter(|s| *s > 0)
+        .with_context(|| {
+            format!("{duration:?} is not a duration; write MM, HH:MM:SS or D-HH:MM:SS (e.g. 30, 1:00:00)")
+        })?;
+    let b = batch(backend)?;
+    check_mine(&b, id).await?;
+    match &b {
+        Backend::Oar(o) => {
+            let answer = o.extend(id, secs).await.map_err(anyhow::Error::msg)?;
+            println!("{answer}");
+            Ok(0)
+        }
+        _ => bail!(
+            "Slurm lets only its administrators extend a job's time limit \
+             (scontrol update JobId={id} TimeLimit=…): ask yours, or resubmit with a longer `time`"
+        ),
+    }
 }
 
 pub async fn dry_run(

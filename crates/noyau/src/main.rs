@@ -41,6 +41,9 @@ enum Command {
     Ps(PsArgs),
     /// Cancel one of this user's noyau jobs
     Cancel(CancelArgs),
+    /// Ask the scheduler for more walltime for one of this user's noyau jobs
+    /// (OAR's oarwalltime, where the site allows it)
+    Extend(ExtendArgs),
     /// A Dask scheduler or worker of `%noyau dask up` (run by noyau in a job, not by hand)
     #[command(hide = true)]
     DaskJob(DaskJobArgs),
@@ -78,6 +81,16 @@ struct CancelArgs {
 }
 
 #[derive(clap::Args)]
+struct ExtendArgs {
+    /// The job id (as `noyau ps` shows it)
+    id: String,
+    /// How much more time: MM, HH:MM:SS or D-HH:MM:SS
+    duration: String,
+    #[arg(long, default_value = "oar")]
+    backend: String,
+}
+
+#[derive(clap::Args)]
 struct KernelArgs {
     /// The connection file written by the frontend
     #[arg(
@@ -90,7 +103,7 @@ struct KernelArgs {
     /// The kernelspec to run where the job runs
     #[arg(long, default_value = "python3")]
     inner: String,
-    /// Where the kernel runs: local (a child process) or slurm [default: the profile's, else local]
+    /// Where the kernel runs: local (a child process), slurm or oar [default: the profile's, else local]
     #[arg(long)]
     backend: Option<String>,
     /// Resource profile ([profiles.NAME] in /etc/noyau/config.toml,
@@ -178,6 +191,7 @@ fn main() {
         Command::Kernelspecs(a) => install::kernelspecs(&a).map(|()| 0),
         Command::Ps(a) => block_on(jobs::ps(&a.backend)),
         Command::Cancel(a) => block_on(jobs::cancel(&a.backend, &a.id)),
+        Command::Extend(a) => block_on(jobs::extend(&a.backend, &a.id, &a.duration)),
         Command::DaskJob(a) => noyau_dask::job::run(noyau_dask::job::JobArgs {
             role: a.role,
             dir: a.dir,

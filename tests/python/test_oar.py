@@ -1,0 +1,209 @@
+"""noyau on a real OAR 2.5 (scripts/oar-up): runs, kernels driven by nbclient,
+cells delegated to a target, ps/cancel/extend, and profile keys checked
+against the scheduler.
+
+OAR runs no job of root's, so every noyau command here runs as the test user
+of scripts/oar-up ($NOYAU_OAR_USER), with a clean environment and a HOME of
+its own (OAR's job resource manager deletes the user's files in /tmp when
+their last job ends, so nothing of theirs lives there). That user gets a
+venv of its own (ipykernel and nbclient at this suite's pins) and a python3
+kernelspec, made once. Without a cluster the tests skip, except under CI
+(or with NOYAU_TEST_OAR=1), where that fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import noyau_testlib as lib
+
+REQ = Path(__file__).with_name("requirements.txt")
+
+
+class OarUser:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.home = Path(pwd.getpwnam(name).pw_dir)
+        self.venv = self.home / "noyau-test-venv"
+        self.bin = self.home / "noyau"
+
+    def env(self) -> dict[str, str]:
+        return {"HOME": str(self.home), "USER": self.name, "LOGNAME": self.name,
+                "PATH": f"{self.venv}/bin:/usr/local/bin:/usr/bin:/bin",
+                "LANG": "C.UTF-8", "NOYAU_LOG": "info", "NOYAU_OAR_POLL": "0.5"}
+
+    def run(self, args: list[str], cwd: Path, timeout: float = 180,
+            check: bool = False) -> subprocess.CompletedProcess:
+        r = subprocess.run(["runuser", "-u", self.name, "--", "env", "-i",
+                            *(f"{k}={v}" for k, v in self.env().items()), *args],
+                           cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError(f"{args} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
+        return r
+
+    def workdir(self, name: str) -> Path:
+        d = self.home / "tests" / name
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        shutil.chown(self.home / "tests", self.name, self.name)
+        shutil.chown(d, self.name, self.name)
+        return d
+
+    def write(self, path: Path, text: str) -> Path:
+        path.write_text(text)
+        shutil.chown(path, self.name, self.name)
+        return path
+
+
+@pytest.fixture(scope="module")
+def oar() -> OarUser:
+    name = os.environ.get("NOYAU_OAR_USER")
+    if not name or not shutil.which("oarsub"):
+        msg = "no OAR test cluster (run `eval \"$(scripts/oar-up DIR)\"` as root)"
+        if os.environ.get("CI") or os.environ.get("NOYAU_TEST_OAR"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    lib.require_noyau()
+    noyau = lib.noyau_bin()
+    u = OarUser(name)
+    # The test user's own copy of the binary: the checkout may sit where it cannot read.
+    shutil.copy2(noyau, u.bin)
+    shutil.chown(u.bin, name, name)
+    if not (u.venv / "bin" / "jupyter-kernel").exists():
+        u.run(["/usr/bin/python3", "-m", "venv", "--clear", str(u.venv)], u.home, check=True)
+        req = u.write(u.home / "noyau-test-requirements.txt", REQ.read_text())
+        u.run([f"{u.venv}/bin/pip", "install", "-q", "--disable-pip-version-check",
+               "-c", str(req), "ipykernel", "nbclient", "jupyter-client", "nbformat"],
+              u.home, timeout=600, check=True)
+    u.run([f"{u.venv}/bin/python", "-m", "ipykernel", "install", "--user"], u.home, check=True)
+    u.run([str(u.bin), "install", "--name", "noyau-oar", "--inner", "python3", "--backend",
+           "oar", "--user"], u.home, check=True)
+    return u
+
+
+def notebook(*sources: str, kernel: str = "python3") -> str:
+    cells = [{"cell_type": "code", "metadata": {}, "source": s, "outputs": [],
+              "execution_count": None, "id": f"c{i}"} for i, s in enumerate(sources)]
+    return json.dumps({"cells": cells, "nbformat": 4, "nbformat_minor": 5,
+                       "metadata": {"kernelspec": {"name": kernel, "display_name": kernel,
+                                                   "language": "python"}}})
+
+
+def outputs(path: Path) -> list[str]:
+    nb = json.loads(path.read_text())
+    return ["".join("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", ""))
+                    for o in c["outputs"]) for c in nb["cells"]]
+
+
+def oar_state(job: str) -> str:
+    r = subprocess.run(["oarstat", "-s", "-j", job], capture_output=True, text=True)
+    return r.stdout.strip().rpartition(": ")[2]
+
+
+def wait_state(job: str, want: set[str], secs: float = 90) -> str:
+    deadline = time.monotonic() + secs
+    while (s := oar_state(job)) not in want:
+        assert time.monotonic() < deadline, f"job {job} still {s!r}, wanted {want}"
+        time.sleep(0.3)
+    return s
+
+
+SHOW_JOB = ("import os\n"
+            "print(os.environ.get('OAR_JOB_ID'), 'NOYAU_LINK_TOKEN' in os.environ, "
+            "len(os.sched_getaffinity(0)) >= 1)")
+
+
+def test_run_on_oar(oar: OarUser) -> None:
+    d = oar.workdir("run")
+    oar.write(d / "nb.ipynb", notebook(SHOW_JOB, "6 * 7"))
+    r = oar.run([str(oar.bin), "run", "--backend", "oar", "-o", "cpus_per_task=2",
+                 "-o", "time=5", "nb.ipynb", "out.ipynb"], d, check=True)
+    first, second = outputs(d / "out.ipynb")
+    job, token_seen, _ = first.split()
+    assert job.isdigit() and token_seen == "False", first
+    assert second == "42"
+    assert wait_state(job, {"Terminated", "Error"}) == "Terminated", r.stderr
+    # what every user sees in oarstat holds no secret, and the 0600 files are gone
+    full = subprocess.run(["oarstat", "-f", "-j", job], capture_output=True, text=True).stdout
+    assert "core=2" in full and "walltime=0:5:0" in full, full
+    assert "NOYAU_LINK" not in full
+    assert list((oar.home / ".local/state/noyau/oar").glob("*.env")) == []
+
+
+def test_kernel_driven_by_nbclient_on_oar(oar: OarUser) -> None:
+    d = oar.workdir("kernel")
+    oar.write(d / "nb.ipynb", notebook(SHOW_JOB, "x = 5", "x * 2", kernel="noyau-oar"))
+    oar.write(d / "drive.py", textwrap.dedent("""\
+        import nbformat, nbclient
+        nb = nbformat.read("nb.ipynb", as_version=4)
+        nbclient.NotebookClient(nb, timeout=120, startup_timeout=120, kernel_name="noyau-oar").execute()
+        nbformat.write(nb, "out.ipynb")
+    """))
+    oar.run([f"{oar.venv}/bin/python", "drive.py"], d, check=True)
+    first, _, third = outputs(d / "out.ipynb")
+    job, token_seen, _ = first.split()
+    assert job.isdigit() and token_seen == "False", first
+    assert third == "10"
+    # the kernel's shutdown ends the job
+    wait_state(job, {"Terminated", "Error"})
+
+
+def test_target_cell_runs_in_its_own_oar_job(oar: OarUser) -> None:
+    d = oar.workdir("target")
+    oar.write(d / "noyau.toml", '[profiles.big]\nbackend = "oar"\ncpus_per_task = 2\ntime = "5"\n')
+    oar.write(d / "nb.ipynb", notebook(
+        "import os\nprint(os.environ.get('OAR_JOB_ID'))",
+        "%%noyau on big\nimport os\nprint(os.environ.get('OAR_JOB_ID'))"))
+    oar.run([str(oar.bin), "run", "--backend", "oar", "-o", "time=5", "nb.ipynb", "out.ipynb"],
+            d, check=True)
+    here, there = outputs(d / "out.ipynb")
+    there = there.split()[-1] if there.split() else there
+    assert here.strip().isdigit() and there.strip().isdigit(), (here, there)
+    assert here.strip() != there.strip()
+    meta = json.loads((d / "out.ipynb").read_text())["cells"][1]["metadata"]["noyau"]["target"]
+    assert meta["backend"] == "oar" and str(meta["job_id"]) == there.strip(), meta
+
+
+def test_detached_run_ps_extend_cancel(oar: OarUser) -> None:
+    d = oar.workdir("detach")
+    oar.write(d / "nb.ipynb", notebook("import time\ntime.sleep(600)"))
+    r = oar.run([str(oar.bin), "run", "--detach", "--backend", "oar", "-o", "time=10",
+                 "nb.ipynb", "out.ipynb"], d, check=True)
+    job = r.stdout.strip()
+    assert job.isdigit(), r.stdout + r.stderr
+    wait_state(job, {"Running"})
+    ps = oar.run([str(oar.bin), "ps", "--backend", "oar"], d, check=True).stdout
+    assert any(l.split()[0] == job and "noyau-run-nb" in l for l in ps.splitlines()[1:]), ps
+    ext = oar.run([str(oar.bin), "extend", job, "5"], d)
+    assert ext.returncode == 0, ext.stdout + ext.stderr
+    deadline = time.monotonic() + 60
+    while "walltime = 0:15:0" not in subprocess.run(
+            ["oarstat", "-f", "-j", job], capture_output=True, text=True).stdout:
+        assert time.monotonic() < deadline, "oarwalltime's extension never applied"
+        time.sleep(0.5)
+    bad = oar.run([str(oar.bin), "extend", "999999", "5"], d)
+    assert bad.returncode != 0 and "not one of your noyau jobs" in bad.stderr
+    oar.run([str(oar.bin), "cancel", "--backend", "oar", job], d, check=True)
+    assert wait_state(job, {"Terminated", "Error"}) == "Error"
+
+
+def test_profile_keys_checked_for_oar(oar: OarUser) -> None:
+    d = oar.workdir("keys")
+    r = oar.run([str(oar.bin), "kernel", "--dry-run", "--backend", "oar", "-o", "mem=4G"], d)
+    assert r.returncode != 0 and "mem has no meaning on OAR" in r.stderr, r.stderr
+    r = oar.run([str(oar.bin), "kernel", "--dry-run", "--backend", "oar", "-o", "partition=batch",
+                 "-o", "account=proj", "-o", "cpus_per_task=3", "-o", "time=1:00:00",
+                 "-o", "properties=host='localhost'"], d, check=True)
+    assert "-q batch" in r.stdout and "--project proj" in r.stdout, r.stdout
+    assert "nodes=1/core=3,walltime=1:00:00" in r.stdout, r.stdout
+    r = oar.run([str(oar.bin), "kernel", "--dry-run", "--backend", "slurm", "-o", "properties=x"], d)
+    assert r.returncode != 0 and "properties has no meaning on Slurm" in r.stderr, r.stderr
