@@ -234,7 +234,8 @@ def test_env_magic_restarts_an_interactive_kernel_in_a_new_environment(tmp_path)
     in the cell, and restarts the kernel in it: a cell sent right behind the
     magic (held meanwhile) imports six from the cache. A spec uv cannot
     resolve shows uv's message and leaves that kernel running, state kept,
-    and nothing half-built in the cache; a malformed spec is refused at once."""
+    and nothing half-built in the cache; a malformed spec is refused at once.
+    A restart afterwards keeps the chosen environment."""
     lib.require_noyau()
     cache = tmp_path / "cache"
     km = lib.kernel_in(lib.NOYAU_KERNEL_NAME, tmp_path, env={"NOYAU_ENV_CACHE": str(cache)})
@@ -306,6 +307,15 @@ def test_env_magic_restarts_an_interactive_kernel_in_a_new_environment(tmp_path)
         assert reply["status"] == "error" and "takes one prefix" in out, out
         reply, out = run_cell("print(state)")
         assert out.strip() == "42", out
+
+        # A frontend restart keeps the chosen environment (the agent is
+        # handed to the next proxy, which learns what it runs in).
+        km.restart_kernel()
+        kc.wait_for_ready(timeout=60)
+        reply, out = run_cell("import six, sys; print(six.__version__, sys.prefix, 'state' in globals())")
+        assert reply["status"] == "ok" and out.split() == ["1.16.0", prefix, "False"], (reply, out)
+        reply, out = run_cell("%noyau env show")
+        assert reply["status"] == "ok" and "six==1.16.0" in out, out
     finally:
         lib.stop_kernel(km)
 
