@@ -367,3 +367,33 @@ def test_eight_runs_asking_for_the_same_new_environment_at_once_build_it_once(tm
         assert Path(prefix).resolve() == (entries[0] / "venv").resolve(), prefix
         assert out["metadata"]["noyau"]["environment"]["build_id"] == record["build_id"]
     assert not [e.name for e in cache.iterdir() if e.name.startswith(".tmp-")]
+
+
+def test_env_magic_through_slurm_builds_in_the_job_and_restarts_the_kernel_there(slurm, tmp_path):
+    """`%noyau env` in a notebook kernel whose agent is a Slurm job: the
+    environment is built inside that job, into the cache NOYAU_ENV_CACHE
+    names (exported to the job), and the kernel restarts in it in the same
+    job."""
+    shared = tmp_path / "shared-cache"
+    km = lib.kernel_in(lib.SLURM_KERNEL_NAME, tmp_path, env={"NOYAU_ENV_CACHE": str(shared)})
+
+    def run_cell(code: str) -> tuple[dict, str]:
+        out: list[dict] = []
+        reply = km.kc.execute_interactive(code, timeout=300, output_hook=out.append)
+        return reply["content"], "".join(lib.message_text(m) for m in out)
+
+    try:
+        reply, out = run_cell("import os; print(os.environ['SLURM_JOB_ID'])")
+        assert reply["status"] == "ok", (reply, out)
+        job = out.strip().splitlines()[-1]
+        reply, out = run_cell("%noyau env six==1.16.0")
+        assert reply["status"] == "ok", (reply, out)
+        assert "noyau: environment: resolving" in out, out
+        reply, out = run_cell("import os, sys, six; print(six.__version__, os.environ['SLURM_JOB_ID'], sys.prefix)")
+        assert reply["status"] == "ok", (reply, out)
+        version, job2, prefix = out.split()
+        assert version == "1.16.0" and job2 == job, out
+        assert Path(prefix).resolve().is_relative_to(shared.resolve()), prefix
+    finally:
+        lib.stop_kernel(km)
+    lib.wait_until(lambda: not lib.squeue_noyau(), 30, "the kernel's job to leave the queue", 0.5)
