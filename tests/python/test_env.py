@@ -272,6 +272,8 @@ def test_env_magic_restarts_an_interactive_kernel_in_a_new_environment(tmp_path)
         assert reply["status"] == "ok", reply
         assert not out.strip().startswith(str(cache)), out
 
+        # A comm message gets no reply: it must not keep the switch waiting.
+        kc.shell_channel.send(kc.session.msg("comm_open", {"comm_id": "c1", "target_name": "none", "data": {}}))
         # The magic and the next cell are sent together, as a frontend does.
         magic = kc.execute("%noyau env python six==1.16.0")
         after = kc.execute("import six, sys; print(six.__version__, sys.prefix, 'before' in globals())")
