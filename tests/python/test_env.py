@@ -399,3 +399,14 @@ def test_env_magic_through_slurm_builds_in_the_job_and_restarts_the_kernel_there
     finally:
         lib.stop_kernel(km)
     lib.wait_until(lambda: not lib.squeue_noyau(), 30, "the kernel's job to leave the queue", 0.5)
+
+
+def test_env_magic_in_a_headless_run_says_where_a_run_takes_its_environment(tmp_path):
+    """`noyau run` cannot restart its kernel from a cell: a `%noyau env SPEC`
+    cell fails with a message naming what a run reads instead."""
+    p, out = run(tmp_path, notebook("%noyau env six==1.16.0", "print('not reached')"), cache=tmp_path / "cache")
+    assert p.returncode != 0
+    cell = next(c for c in out["cells"] if c["cell_type"] == "code")  # after papermill's error marker
+    err = [o for o in cell["outputs"] if o["output_type"] == "error"]
+    assert err and err[0]["ename"] == "NoyauMagicError" and "--env" in err[0]["evalue"], cell
+    assert not (tmp_path / "cache").exists()  # nothing was built

@@ -470,6 +470,15 @@ mod tests {
         assert!(s.network);
         let s = cell(r#"{requirements = ["six"], python = "3.11"}"#, d).unwrap();
         assert_eq!(s.requirements, vec!["six"]);
+        let s = cell("apptainer img.sif nv=true", d).unwrap();
+        assert_eq!(
+            s.image.as_deref(),
+            Some(d.join("img.sif").to_str().unwrap())
+        );
+        assert!(s.nv);
+        let s = cell("guix python python-numpy channels=ch.scm", d).unwrap();
+        assert_eq!(s.packages, vec!["python", "python-numpy"]);
+        assert_eq!(s.channels, Some(d.join("ch.scm")));
         let s = cell("system", d).unwrap();
         assert_eq!(s.kind, Some(crate::Kind::System));
         std::fs::create_dir(d.join("sub")).unwrap();
