@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -223,3 +225,188 @@ def test_prefix_environment_records_its_packages_and_hash_which_follow_the_prefi
     rec2 = out2["metadata"]["noyau"]["environment"]
     assert "six==1.17.0" in rec2["packages"] and "six==1.16.0" not in rec2["packages"]
     assert rec2["packages_sha256"] != rec["packages_sha256"]
+
+
+def test_env_magic_restarts_an_interactive_kernel_in_a_new_environment(tmp_path):
+    """A notebook kernel started with no environment; `%noyau env python
+    six==1.16.0` (the proxy answers it, the inner kernel never sees it)
+    builds the environment with uv on the agent's side, its progress lines
+    in the cell, and restarts the kernel in it: a cell sent right behind the
+    magic (held meanwhile) imports six from the cache. A spec uv cannot
+    resolve shows uv's message and leaves that kernel running, state kept,
+    and nothing half-built in the cache; a malformed spec is refused at once.
+    A restart afterwards keeps the chosen environment."""
+    lib.require_noyau()
+    cache = tmp_path / "cache"
+    km = lib.kernel_in(lib.NOYAU_KERNEL_NAME, tmp_path, env={"NOYAU_ENV_CACHE": str(cache)})
+    kc = km.kc
+
+    def collect(msg_id: str, timeout: float = 300) -> tuple[dict, str, list[dict]]:
+        deadline = time.monotonic() + timeout
+        reply = None
+        while reply is None:
+            assert time.monotonic() < deadline, f"no reply to {msg_id}"
+            try:
+                m = kc.get_shell_msg(timeout=1)
+            except queue.Empty:
+                continue
+            if m["parent_header"].get("msg_id") == msg_id:
+                reply = m["content"]
+        msgs: list[dict] = []
+        while not (msgs and lib.is_idle(msgs[-1])):
+            assert time.monotonic() < deadline, f"no idle for {msg_id}: {[m['msg_type'] for m in msgs]}"
+            try:
+                m = kc.get_iopub_msg(timeout=1)
+            except queue.Empty:
+                continue
+            if m["parent_header"].get("msg_id") == msg_id:
+                msgs.append(m)
+        return reply, "".join(lib.message_text(m) for m in msgs), msgs
+
+    def run_cell(code: str) -> tuple[dict, str]:
+        reply, text, _ = collect(kc.execute(code))
+        return reply, text
+
+    try:
+        reply, out = run_cell("import sys; before = 1; print(sys.prefix)")
+        assert reply["status"] == "ok", reply
+        assert not out.strip().startswith(str(cache)), out
+
+        # A comm message gets no reply: it must not keep the switch waiting.
+        kc.shell_channel.send(kc.session.msg("comm_open", {"comm_id": "c1", "target_name": "none", "data": {}}))
+        # The magic and the next cell are sent together, as a frontend does.
+        magic = kc.execute("%noyau env python six==1.16.0")
+        after = kc.execute("import six, sys; print(six.__version__, sys.prefix, 'before' in globals())")
+        reply, out, msgs = collect(magic)
+        assert reply["status"] == "ok", (reply, out)
+        assert not any(m["msg_type"] == "execute_input" for m in msgs), "the inner kernel saw the magic"
+        assert "noyau: environment: resolving" in out, out  # progress lines in the cell
+        assert "the kernel restarted in its new environment" in out, out
+        reply, out, _ = collect(after)
+        assert reply["status"] == "ok", (reply, out)
+        version, prefix, kept = out.split()
+        assert version == "1.16.0" and kept == "False", out  # a new kernel
+        assert Path(prefix).resolve().is_relative_to(cache.resolve()), prefix
+
+        reply, out = run_cell("%noyau env show")
+        assert reply["status"] == "ok" and "six==1.16.0" in out and "lock_sha256" in out, out
+
+        # A spec uv cannot resolve: uv's own message, and the kernel stays.
+        reply, out = run_cell("state = 42")
+        assert reply["status"] == "ok"
+        entries = sorted(p.name for p in cache.iterdir())
+        reply, out = run_cell("%noyau env noyau-no-such-package-xyz==0.0.1")
+        assert reply["status"] == "error" and reply["ename"] == "NoyauEnvError", reply
+        assert "noyau-no-such-package-xyz" in out and "could not resolve" in out, out
+        assert "runs on in its previous environment" in out, out
+        reply, out = run_cell("print(state, six.__version__)")
+        assert reply["status"] == "ok" and out.strip() == "42 1.16.0", (reply, out)
+        left = sorted(p.name for p in cache.iterdir())
+        assert [n for n in left if n not in entries and not n.endswith(".lock")] == [], left
+
+        # A malformed spec is refused before anything is built.
+        reply, out = run_cell("%noyau env prefix")
+        assert reply["status"] == "error" and "takes one prefix" in out, out
+        reply, out = run_cell("print(state)")
+        assert out.strip() == "42", out
+
+        # A frontend restart keeps the chosen environment (the agent is
+        # handed to the next proxy, which learns what it runs in).
+        km.restart_kernel()
+        kc.wait_for_ready(timeout=60)
+        reply, out = run_cell("import six, sys; print(six.__version__, sys.prefix, 'state' in globals())")
+        assert reply["status"] == "ok" and out.split() == ["1.16.0", prefix, "False"], (reply, out)
+        reply, out = run_cell("%noyau env show")
+        assert reply["status"] == "ok" and "six==1.16.0" in out, out
+    finally:
+        lib.stop_kernel(km)
+
+
+def test_eight_runs_asking_for_the_same_new_environment_at_once_build_it_once(tmp_path):
+    """8 `noyau run`s (8 agents, 8 real kernels) started together with the
+    same new environment on one clean cache: every agent finds it missing
+    and asks for it, exactly one builds it (uv's own "Creating virtual
+    environment" line appears in one run's log; the other 7 say they used
+    what another job built), and all 8 kernels run their cell in that one
+    entry, recording the same build id."""
+    cache = tmp_path / "cache"
+    nb = notebook("import six, sys; print(six.__version__, sys.prefix)")
+    env = dict(os.environ, NOYAU_ENV_CACHE=str(cache))
+    runs = []
+    for i in range(8):
+        d = tmp_path / f"run{i}"
+        d.mkdir()
+        (d / "nb.ipynb").write_text(json.dumps(nb))
+        log = open(d / "stderr.log", "w")
+        p = subprocess.Popen([NOYAU, "run", "nb.ipynb", "out.ipynb", "--no-progress", "--start-timeout", "300",
+                              "--env", SIX], cwd=d, env=env, stdout=subprocess.DEVNULL, stderr=log)
+        runs.append((d, p, log))
+    try:
+        for d, p, log in runs:
+            assert p.wait(timeout=300) == 0, (d / "stderr.log").read_text()[-3000:]
+    finally:
+        for _, p, log in runs:
+            if p.poll() is None:
+                p.kill()
+            log.close()
+
+    logs = [(d / "stderr.log").read_text() for d, _, _ in runs]
+    outs = [json.loads((d / "out.ipynb").read_text()) for d, _, _ in runs]
+    asked = [log for log in logs if "noyau: environment: building the Python environment py-" in log]
+    built = [i for i, log in enumerate(logs) if "Creating virtual environment at:" in log]
+    waited = [i for i, log in enumerate(logs)
+              if any("was built by another job meanwhile" in line and " py-" in line for line in log.splitlines())]
+    assert len(asked) == 8, f"only {len(asked)} of 8 runs found the environment missing (not at once)"
+    assert len(built) == 1, f"the environment was built by runs {built}"
+    assert sorted(built + waited) == list(range(8)), (built, waited)
+
+    entries = [e for e in cache.iterdir() if (e / "noyau-env.json").is_file()]
+    assert len(entries) == 1, entries
+    record = json.loads((entries[0] / "noyau-env.json").read_text())
+    for out in outs:
+        version, prefix = text(out["cells"][0]).split()
+        assert version == "1.16.0"
+        assert Path(prefix).resolve() == (entries[0] / "venv").resolve(), prefix
+        assert out["metadata"]["noyau"]["environment"]["build_id"] == record["build_id"]
+    assert not [e.name for e in cache.iterdir() if e.name.startswith(".tmp-")]
+
+
+def test_env_magic_through_slurm_builds_in_the_job_and_restarts_the_kernel_there(slurm, tmp_path):
+    """`%noyau env` in a notebook kernel whose agent is a Slurm job: the
+    environment is built inside that job, into the cache NOYAU_ENV_CACHE
+    names (exported to the job), and the kernel restarts in it in the same
+    job."""
+    shared = tmp_path / "shared-cache"
+    km = lib.kernel_in(lib.SLURM_KERNEL_NAME, tmp_path, env={"NOYAU_ENV_CACHE": str(shared)})
+
+    def run_cell(code: str) -> tuple[dict, str]:
+        out: list[dict] = []
+        reply = km.kc.execute_interactive(code, timeout=300, output_hook=out.append)
+        return reply["content"], "".join(lib.message_text(m) for m in out)
+
+    try:
+        reply, out = run_cell("import os; print(os.environ['SLURM_JOB_ID'])")
+        assert reply["status"] == "ok", (reply, out)
+        job = out.strip().splitlines()[-1]
+        reply, out = run_cell("%noyau env six==1.16.0")
+        assert reply["status"] == "ok", (reply, out)
+        assert "noyau: environment: resolving" in out, out
+        reply, out = run_cell("import os, sys, six; print(six.__version__, os.environ['SLURM_JOB_ID'], sys.prefix)")
+        assert reply["status"] == "ok", (reply, out)
+        version, job2, prefix = out.split()
+        assert version == "1.16.0" and job2 == job, out
+        assert Path(prefix).resolve().is_relative_to(shared.resolve()), prefix
+    finally:
+        lib.stop_kernel(km)
+    lib.wait_until(lambda: not lib.squeue_noyau(), 30, "the kernel's job to leave the queue", 0.5)
+
+
+def test_env_magic_in_a_headless_run_says_where_a_run_takes_its_environment(tmp_path):
+    """`noyau run` cannot restart its kernel from a cell: a `%noyau env SPEC`
+    cell fails with a message naming what a run reads instead."""
+    p, out = run(tmp_path, notebook("%noyau env six==1.16.0", "print('not reached')"), cache=tmp_path / "cache")
+    assert p.returncode != 0
+    cell = next(c for c in out["cells"] if c["cell_type"] == "code")  # after papermill's error marker
+    err = [o for o in cell["outputs"] if o["output_type"] == "error"]
+    assert err and err[0]["ename"] == "NoyauMagicError" and "--env" in err[0]["evalue"], cell
+    assert not (tmp_path / "cache").exists()  # nothing was built

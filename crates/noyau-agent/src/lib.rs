@@ -50,6 +50,9 @@ struct Agent {
     kernel: Option<Kernel>,
     /// The kernel's environment, realised once (restarts reuse it).
     env: Option<noyau_env::Realised>,
+    /// An environment a cell asked for (`SwitchEnv`), being built while
+    /// the current kernel keeps running.
+    building: Option<tokio::task::JoinHandle<anyhow::Result<noyau_env::Realised>>>,
     generation: u32,
     /// Set when a shutdown_request went to the kernel: Some(restart).
     shutdown: Option<(bool, Instant)>,
@@ -78,6 +81,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<i32> {
         outbox,
         kernel: None,
         env: None,
+        building: None,
         generation: 0,
         shutdown: None,
     };
@@ -244,6 +248,15 @@ async fn dial_until(cfg: &AgentConfig, token: &str, within: Duration) -> anyhow:
 impl Agent {
     async fn ensure_kernel(&mut self) -> anyhow::Result<()> {
         if let Some(k) = &self.kernel {
+            // A proxy taking over (after a restart) learns the environment too.
+            if let Some(r) = &self.env {
+                self.outbox.event(
+                    Lane::Iopub,
+                    &Event::EnvReady {
+                        record: r.record.clone(),
+                    },
+                );
+            }
             self.outbox.event(Lane::Iopub, &k.ready_event());
             return Ok(());
         }
@@ -274,6 +287,73 @@ impl Agent {
         self.outbox.event(Lane::Iopub, &k.ready_event());
         self.kernel = Some(k);
         Ok(())
+    }
+
+    /// `SwitchEnv`: builds the environment in the background; the current
+    /// kernel runs on meanwhile ([`Agent::switch_built`] finishes).
+    fn switch_env(&mut self, spec: serde_json::Value) {
+        if self.building.is_some() {
+            self.outbox.event(
+                Lane::Iopub,
+                &Event::EnvFailed {
+                    message: "another environment is being built for this kernel; wait for it"
+                        .into(),
+                },
+            );
+            return;
+        }
+        let spec = match noyau_env::EnvSpec::from_value(spec) {
+            Ok(s) => s,
+            Err(e) => {
+                self.outbox.event(
+                    Lane::Iopub,
+                    &Event::EnvFailed {
+                        message: e.to_string(),
+                    },
+                );
+                return;
+            }
+        };
+        let outbox = self.outbox.clone();
+        self.building = Some(tokio::spawn(
+            async move { realise_env(spec, &outbox).await },
+        ));
+    }
+
+    /// The environment of a `SwitchEnv` is built (or failed): on success the
+    /// kernel is replaced by one started in it, as a restart would.
+    async fn switch_built(&mut self, built: anyhow::Result<noyau_env::Realised>) {
+        let r = match built {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("environment switch failed: {e:#}");
+                self.outbox.event(
+                    Lane::Iopub,
+                    &Event::EnvFailed {
+                        message: format!("{e:#}"),
+                    },
+                );
+                return;
+            }
+        };
+        self.outbox.event(
+            Lane::Iopub,
+            &Event::EnvReady {
+                record: r.record.clone(),
+            },
+        );
+        self.env = Some(r);
+        self.stop_kernel().await;
+        self.shutdown = None;
+        tracing::info!("restarting the kernel in its new environment");
+        if let Err(e) = self.ensure_kernel().await {
+            self.outbox.event(
+                Lane::Iopub,
+                &Event::AgentError {
+                    message: format!("{e:#}"),
+                },
+            );
+        }
     }
 
     async fn stop_kernel(&mut self) {
@@ -325,6 +405,11 @@ impl Agent {
                             self.outbox.event(Lane::Iopub, &Event::KernelDied { description: desc.text, expected: false });
                         }
                     }
+                }
+                built = async { match self.building.as_mut() { Some(h) => h.await, None => std::future::pending().await } } => {
+                    self.building = None;
+                    let built = built.unwrap_or_else(|e| Err(anyhow::anyhow!("the environment build panicked: {e}")));
+                    self.switch_built(built).await;
                 }
                 _ = async { match kill_at { Some(t) => tokio::time::sleep_until(t.into()).await, None => std::future::pending().await } } => {
                     tracing::warn!("the kernel did not exit within {}s of its shutdown request; killing it", SHUTDOWN_GRACE.as_secs());
@@ -390,6 +475,10 @@ impl Agent {
             Payload::Event(Event::Detach { token }) => {
                 self.outbox.event(Lane::Control, &Event::DetachAck);
                 Some(SessionEnd::Detached(token))
+            }
+            Payload::Event(Event::SwitchEnv { spec }) => {
+                self.switch_env(spec);
+                None
             }
             Payload::Event(Event::Shutdown) => {
                 self.stop_kernel().await;

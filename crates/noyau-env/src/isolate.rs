@@ -52,8 +52,21 @@ pub fn wrap(
     if let Some(h) = &home {
         v.extend(["--tmpfs".into(), s(h)]);
     }
-    let mut ro: Vec<PathBuf> = ro_binds.iter().filter(|p| p.exists()).cloned().collect();
+    let hidden =
+        |p: &Path| p.starts_with("/tmp") || home.as_ref().is_some_and(|h| p.starts_with(h));
+    let mut ro: Vec<PathBuf> = ro_binds
+        .iter()
+        .filter(|p| p.exists())
+        .map(|p| match std::fs::canonicalize(p) {
+            // A symlink the sandbox shows (`/` is bound) cannot be a mount
+            // point: show what it points to, where it is. One under a
+            // hidden directory is not there, so bwrap makes it a directory.
+            Ok(real) if !hidden(p) => real,
+            _ => p.clone(),
+        })
+        .collect();
     ro.sort_by_key(|p| p.components().count());
+    ro.dedup();
     for p in ro {
         v.extend(["--ro-bind".into(), s(&p), s(&p)]);
     }

@@ -12,7 +12,8 @@
 //!   notebook's `metadata.noyau.environment`, then `--env` (an inline
 //!   TOML/JSON table, or a file). Relative paths are resolved against the
 //!   source's directory before merging, so the merged spec is self-contained
-//!   and can travel to a compute node.
+//!   and can travel to a compute node. An interactive kernel's cell chooses
+//!   one with `%noyau env …` (`sources::for_cell`).
 //! * [`cache`]: a content-addressed directory (default
 //!   `$XDG_CACHE_HOME/noyau/envs`, `NOYAU_ENV_CACHE` to move it to a shared
 //!   filesystem). An entry is built in a temporary directory and renamed into

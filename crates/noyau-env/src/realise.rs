@@ -53,7 +53,7 @@ pub fn realise(
                         .map_err(|e| match e {
                             EnvError::Build { summary, output } => EnvError::Build {
                                 summary: format!(
-                                    "the Python environment could not be built: {summary}; nothing was cached, fix the spec and start the kernel again"
+                                    "the Python environment could not be built: {summary}; nothing was cached; fix the spec and try again"
                                 ),
                                 output,
                             },

@@ -11,6 +11,14 @@
 //! Paths inside each source are made absolute against that source's
 //! directory (the notebook's directory for the first two, the file's for an
 //! `--env` file, the current directory for an inline table) before merging.
+//!
+//! An interactive kernel cannot see its notebook's metadata; a cell chooses
+//! its environment with `%noyau env …` instead ([`from_magic`],
+//! [`for_cell`]). The cell says what to build and replaces that part of the
+//! kernel's start spec whole (a `modules` cell does not inherit a
+//! `requirements` list); only how the kernel is run (`isolation`,
+//! `network`, `scratch`, `ro_bind`) is kept from `noyau.toml`/`NOYAU_ENV`
+//! unless the cell sets it too.
 
 use std::path::{Path, PathBuf};
 
@@ -172,6 +180,197 @@ pub fn for_notebook(
     merge(&sources, notebook_dir)
 }
 
+/// Keys saying how the kernel runs rather than what is built: a cell's
+/// `%noyau env` keeps them from the kernel's start sources.
+const RUN_KEYS: &[&str] = &["isolation", "network", "scratch", "ro_bind"];
+/// Keys taking a list; in a cell's `key=value` words the items are
+/// separated by commas.
+const LIST_KEYS: &[&str] = &[
+    "requirements",
+    "modules",
+    "module_use",
+    "packages",
+    "ro_bind",
+];
+const BOOL_KEYS: &[&str] = &["nv", "network"];
+/// Keys a cell may set with `key=value` (not `notebook_dir`, which is the
+/// kernel's directory).
+const CELL_KEYS: &[&str] = &[
+    "kind",
+    "python",
+    "requirements",
+    "lock",
+    "lock_file",
+    "modules",
+    "module_use",
+    "modules_init",
+    "prefix",
+    "channels",
+    "manifest",
+    "packages",
+    "image",
+    "nv",
+    "isolation",
+    "network",
+    "scratch",
+    "ro_bind",
+];
+
+/// The usage of `%noyau env`, for error messages.
+pub const MAGIC_USAGE: &str = "%noyau env [python] REQUIREMENT… [key=value…] | %noyau env modules MODULE… | \
+     %noyau env prefix PATH | %noyau env apptainer IMAGE | %noyau env guix PACKAGE… | %noyau env system | \
+     %noyau env file PATH/noyau.toml | %noyau env {TOML inline table}";
+
+/// What a `%noyau env ARGS` cell says, relative paths based on `cwd` (the
+/// notebook's directory). The forms:
+///
+/// * `{…}`: an inline TOML/JSON table, as `--env` takes;
+/// * `file PATH`: a file, as `--env PATH` takes (`[environment]` of a
+///   noyau.toml, a bare TOML table, or `.json`);
+/// * `KIND WORD…` with KIND one of `python` (words: requirements, and a
+///   bare version such as `3.11` for the interpreter), `modules` (module
+///   names), `prefix` / `apptainer` (one path or image), `guix` (package
+///   names), `system` (no words: the kernelspec's own environment);
+/// * words alone: requirements (`six==1.16.0 idna`), so `python` is implied.
+///
+/// Any form of words may add `key=value` words for the spec's keys
+/// (`python=3.11`, `isolation=container`, `network=true`,
+/// `modules=gcc/12,cuda/12.4`: lists by commas). A word whose text before
+/// `=` is not a spec key (`six==1.16.0`) is a requirement.
+pub fn from_magic(args: &str, cwd: &Path) -> Result<Source, EnvError> {
+    let args = args.trim();
+    let what = format!("%noyau env {args}");
+    let invalid = |m: String| EnvError::Invalid(format!("{m}; usage: {MAGIC_USAGE}"));
+    if args.starts_with('{') {
+        return from_cli(args, cwd).map(|s| Source { what, ..s });
+    }
+    let mut words = args.split_whitespace().peekable();
+    if words.peek() == Some(&"file") {
+        words.next();
+        return match (words.next(), words.next()) {
+            (Some(path), None) => from_cli(path, cwd).map(|s| Source { what, ..s }),
+            _ => Err(invalid("`%noyau env file` takes one path".into())),
+        };
+    }
+    let kind = match words.peek().copied() {
+        Some(k @ ("python" | "modules" | "prefix" | "apptainer" | "guix" | "system")) => {
+            words.next();
+            Some(k)
+        }
+        _ => None,
+    };
+    let mut table = Map::new();
+    let mut bare = Vec::new();
+    for w in words {
+        match w.split_once('=') {
+            Some((k, v)) if CELL_KEYS.contains(&k) && !v.starts_with('=') => {
+                let value = if LIST_KEYS.contains(&k) {
+                    Value::Array(
+                        v.split(',')
+                            .filter(|s| !s.is_empty())
+                            .map(|s| Value::String(s.to_string()))
+                            .collect(),
+                    )
+                } else if BOOL_KEYS.contains(&k) {
+                    match v {
+                        "true" => Value::Bool(true),
+                        "false" => Value::Bool(false),
+                        _ => return Err(invalid(format!("{k}={v}: {k} is true or false"))),
+                    }
+                } else {
+                    Value::String(v.to_string())
+                };
+                table.insert(k.to_string(), value);
+            }
+            _ => bare.push(Value::String(w.to_string())),
+        }
+    }
+    let one = |bare: Vec<Value>, what: &str| match <[Value; 1]>::try_from(bare) {
+        Ok([v]) => Ok(v),
+        Err(b) => Err(invalid(format!(
+            "`%noyau env {what}` takes one {what}, not {}",
+            b.len()
+        ))),
+    };
+    match kind {
+        Some("python") | None => {
+            if kind.is_some() {
+                table.insert("kind".into(), Value::String("python".into()));
+            }
+            // `python 3.11`: a bare version right after the kind is the interpreter.
+            if kind.is_some()
+                && bare.first().and_then(Value::as_str).is_some_and(|v| {
+                    v.chars().all(|c| c.is_ascii_digit() || c == '.')
+                        && v.starts_with(|c: char| c.is_ascii_digit())
+                })
+            {
+                table.insert("python".into(), bare.remove(0));
+            }
+            if !bare.is_empty() {
+                table.insert("requirements".into(), Value::Array(bare));
+            }
+            if table.is_empty() {
+                return Err(invalid("it names no environment".into()));
+            }
+        }
+        Some(k @ ("modules" | "guix")) => {
+            table.insert("kind".into(), Value::String(k.into()));
+            if !bare.is_empty() {
+                let key = if k == "modules" {
+                    "modules"
+                } else {
+                    "packages"
+                };
+                table.insert(key.into(), Value::Array(bare));
+            }
+        }
+        Some(k @ ("prefix" | "apptainer")) => {
+            table.insert("kind".into(), Value::String(k.into()));
+            let key = if k == "prefix" { "prefix" } else { "image" };
+            if !table.contains_key(key) {
+                table.insert(key.into(), one(bare, key)?);
+            } else if !bare.is_empty() {
+                return Err(invalid(format!("unexpected words {bare:?}")));
+            }
+        }
+        Some(k) => {
+            table.insert("kind".into(), Value::String(k.into()));
+            if !bare.is_empty() {
+                return Err(invalid(format!(
+                    "`%noyau env {k}` takes no words but key=value, not {bare:?}"
+                )));
+            }
+        }
+    }
+    Ok(Source {
+        what,
+        table,
+        base: cwd.to_path_buf(),
+    })
+}
+
+/// The environment a `%noyau env ARGS` cell chooses for the kernel started
+/// in `notebook_dir` with `kernel_env` (its `NOYAU_ENV`): the cell's spec,
+/// with the run keys of the kernel's start sources it does not set.
+pub fn for_cell(
+    notebook_dir: &Path,
+    kernel_env: Option<&str>,
+    args: &str,
+) -> Result<EnvSpec, EnvError> {
+    let cell = from_magic(args, notebook_dir)?;
+    let mut sources = Vec::new();
+    sources.extend(from_noyau_toml(notebook_dir)?);
+    if let Some(e) = kernel_env {
+        sources.push(from_cli(e, notebook_dir)?);
+    }
+    for s in &mut sources {
+        s.table.retain(|k, _| RUN_KEYS.contains(&k.as_str()));
+    }
+    sources.retain(|s| !s.table.is_empty());
+    sources.push(cell);
+    Ok(merge(&sources, notebook_dir)?.expect("the cell is a source"))
+}
+
 fn resolve_paths(table: &Map<String, Value>, base: &Path) -> Map<String, Value> {
     let abs = |v: &Value| match v {
         Value::String(s) => Value::String(absolute(base, Path::new(s)).display().to_string()),
@@ -242,6 +441,89 @@ mod tests {
         assert!(spec.network);
         assert_eq!(spec.scratch, Some(dir.path().join("work")));
         assert_eq!(spec.notebook_dir.as_deref(), Some(dir.path()));
+    }
+
+    fn cell(args: &str, dir: &Path) -> Result<EnvSpec, EnvError> {
+        for_cell(dir, None, args)
+    }
+
+    #[test]
+    fn cell_forms() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let s = cell("six==1.16.0 idna", d).unwrap();
+        assert_eq!(s.kind, Some(crate::Kind::Python));
+        assert_eq!(s.requirements, vec!["idna", "six==1.16.0"]);
+        let s = cell("python 3.11 six==1.16.0 isolation=container", d).unwrap();
+        assert_eq!(s.python.as_deref(), Some("3.11"));
+        assert_eq!(s.requirements, vec!["six==1.16.0"]);
+        assert_eq!(s.isolation, crate::Isolation::Container);
+        let s = cell("python=3.12 image==1.5.2", d).unwrap();
+        assert_eq!(s.python.as_deref(), Some("3.12"));
+        assert_eq!(s.requirements, vec!["image==1.5.2"]);
+        let s = cell("modules gcc/12 cuda/12.4 module_use=mf,other", d).unwrap();
+        assert_eq!(s.modules, vec!["gcc/12", "cuda/12.4"]);
+        assert_eq!(s.module_use, vec![d.join("mf"), d.join("other")]);
+        let s = cell("prefix envs/x network=true", d).unwrap();
+        assert_eq!(s.kind, Some(crate::Kind::Prefix));
+        assert_eq!(s.prefix, Some(d.join("envs/x")));
+        assert!(s.network);
+        let s = cell(r#"{requirements = ["six"], python = "3.11"}"#, d).unwrap();
+        assert_eq!(s.requirements, vec!["six"]);
+        let s = cell("apptainer img.sif nv=true", d).unwrap();
+        assert_eq!(
+            s.image.as_deref(),
+            Some(d.join("img.sif").to_str().unwrap())
+        );
+        assert!(s.nv);
+        let s = cell("guix python python-numpy channels=ch.scm", d).unwrap();
+        assert_eq!(s.packages, vec!["python", "python-numpy"]);
+        assert_eq!(s.channels, Some(d.join("ch.scm")));
+        let s = cell("system", d).unwrap();
+        assert_eq!(s.kind, Some(crate::Kind::System));
+        std::fs::create_dir(d.join("sub")).unwrap();
+        std::fs::write(
+            d.join("sub/noyau.toml"),
+            "[environment]\nprefix = \"venv\"\n",
+        )
+        .unwrap();
+        let s = cell("file sub/noyau.toml", d).unwrap();
+        assert_eq!(s.prefix, Some(d.join("sub/venv")));
+
+        for (bad, says) in [
+            ("prefix", "takes one prefix"),
+            ("prefix a b", "takes one prefix"),
+            ("modules", "modules = "),
+            ("system numpy", "takes no words"),
+            ("network=maybe six", "true or false"),
+            ("file", "one path"),
+            ("kind=conda", "conda"),
+            ("isolation=bogus", "bogus"),
+        ] {
+            let e = cell(bad, d).err().map(|e| e.to_string());
+            assert!(
+                e.as_deref().is_some_and(|e| e.contains(says)),
+                "{bad}: {e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_cell_replaces_what_is_built_and_keeps_how_the_kernel_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("noyau.toml"),
+            "[environment]\nrequirements = [\"numpy\"]\nisolation = \"container\"\n",
+        )
+        .unwrap();
+        let s = for_cell(dir.path(), Some("{network = true}"), "modules gcc/12").unwrap();
+        assert_eq!(s.kind, Some(crate::Kind::Modules));
+        assert!(s.requirements.is_empty());
+        assert_eq!(s.isolation, crate::Isolation::Container);
+        assert!(s.network);
+        let s = for_cell(dir.path(), None, "six isolation=none").unwrap();
+        assert_eq!(s.isolation, crate::Isolation::None);
+        assert_eq!(s.requirements, vec!["six"]);
     }
 
     #[test]

@@ -168,3 +168,46 @@ fn container_isolation_hides_home_and_network_and_keeps_the_notebook_dir_writabl
     assert!(ok, "network = true but no network: {out}");
     let _ = std::fs::remove_file(&secret);
 }
+
+#[test]
+fn container_isolation_runs_an_interpreter_reached_through_a_symlink() {
+    if !have("bwrap") && skip("bwrap (Debian package bubblewrap)") {
+        return;
+    }
+    // A venv under /tmp (hidden in the sandbox) named through a symlink
+    // that is not hidden (a worktree's `.venv` linking to another one).
+    let t = tempfile::tempdir().unwrap();
+    let venv = t.path().join("venv");
+    let made = Command::new("python3")
+        .args(["-m", "venv", "--without-pip"])
+        .arg(&venv)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let links = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let link = links.path().join(".venv");
+    std::os::unix::fs::symlink(&venv, &link).unwrap();
+    let nb = t.path().join("nb");
+    let rt = t.path().join("rt");
+    std::fs::create_dir_all(&nb).unwrap();
+    std::fs::create_dir_all(&rt).unwrap();
+    let spec = EnvSpec::from_value(json!({"isolation": "container", "notebook_dir": nb}))
+        .unwrap()
+        .normalise()
+        .unwrap();
+    let r = realise(
+        &spec,
+        &Cache::new(t.path().join("cache")),
+        &mut |_: &str| {},
+    )
+    .unwrap();
+    let argv = vec![
+        link.join("bin/python").display().to_string(),
+        "-c".into(),
+        "import sys; print(sys.prefix)".into(),
+    ];
+    let (argv, env) = r.command(&argv, &BTreeMap::new(), &rt).unwrap();
+    let (ok, out) = run(&argv, &env, &nb);
+    assert!(ok, "{argv:?}: {out}");
+    assert_eq!(out.trim(), link.display().to_string());
+}

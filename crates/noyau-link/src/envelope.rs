@@ -34,6 +34,14 @@ pub enum Event {
     EnvReady { record: serde_json::Value },
     /// Agent → proxy: something went wrong before a kernel could run.
     AgentError { message: String },
+    /// Proxy → agent: build the environment `spec` (noyau-env's normal
+    /// form, as JSON) with `EnvProgress` lines, then replace the kernel with
+    /// one started in it (`EnvReady`, `KernelReady`); if the build fails,
+    /// `EnvFailed` and the running kernel stays.
+    SwitchEnv { spec: serde_json::Value },
+    /// Agent → proxy: the environment of a `SwitchEnv` could not be built
+    /// (the tool's own message and a summary); the kernel was not touched.
+    EnvFailed { message: String },
     /// Proxy → agent: this proxy is going away; keep the kernel's allocation
     /// and wait for the next proxy, which will present `token`.
     Detach { token: String },

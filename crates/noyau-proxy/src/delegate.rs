@@ -156,6 +156,10 @@ impl Proxy {
             }
             ["env"] | ["env", "show"] => Ok(self.env_show()),
             ["env", "lock"] => self.env_lock().map_err(|e| ("NoyauEnvError", e)),
+            ["env", spec @ ..] => {
+                self.env_switch(&spec.join(" "), msg).await;
+                return;
+            }
             ["push", name, vars @ ..] | ["pull", name, vars @ ..] => {
                 let direction = if words[0] == "push" {
                     Direction::Push
@@ -183,7 +187,7 @@ impl Proxy {
             },
             _ => Err((
                 "UsageError",
-                "usage: %noyau env [show] | %noyau env lock | %noyau targets | %noyau dask up|status|down | %noyau release TARGET | %noyau cancel TARGET | \
+                "usage: %noyau env [show] | %noyau env lock | %noyau env SPEC (see %noyau env help) | %noyau targets | %noyau dask up|status|down | %noyau release TARGET | %noyau cancel TARGET | \
                  %noyau push TARGET NAME… | %noyau pull TARGET NAME…; \
                  %%noyau on TARGET [key=value …] [--quiet] runs a cell on a target"
                     .to_string(),
@@ -215,7 +219,11 @@ impl Proxy {
     }
 
     /// Answers a cell as a kernel would: busy, the output, the reply, idle.
-    async fn answer(&mut self, msg: &RawMessage, result: Result<String, (&str, String)>) {
+    pub(crate) async fn answer(
+        &mut self,
+        msg: &RawMessage,
+        result: Result<String, (&str, String)>,
+    ) {
         self.answer_to(msg.identities.clone(), &msg.header.clone(), result)
             .await;
     }
@@ -227,6 +235,17 @@ impl Proxy {
         result: Result<String, (&str, String)>,
     ) {
         self.publish_status(parent, "busy").await;
+        self.finish_answer(identities, parent, result).await;
+    }
+
+    /// The end of an answer whose `busy` went out earlier: the output, the
+    /// reply, idle.
+    pub(crate) async fn finish_answer(
+        &mut self,
+        identities: Vec<Bytes>,
+        parent: &Bytes,
+        result: Result<String, (&str, String)>,
+    ) {
         match result {
             Ok(text) => {
                 self.publish_stream(parent, "stdout", &text).await;
@@ -584,54 +603,5 @@ impl Proxy {
             Err(e) => Err(("NoyauTransferError", e)),
         };
         self.answer_to(tr.identities, &tr.header, result).await;
-    }
-}
-
-impl Proxy {
-    /// `%noyau env show`: the environment the kernel runs in.
-    fn env_show(&self) -> String {
-        let Some(record) = &self.env_record else {
-            return "[noyau] the kernel runs in its kernelspec's own environment \
-                    (no [environment] in ./noyau.toml and no NOYAU_ENV)\n"
-                .into();
-        };
-        let mut shown = record.clone();
-        if let Some(o) = shown.as_object_mut() {
-            // The full lock and freeze are long; `%noyau env lock` writes them.
-            for k in ["lock", "freeze"] {
-                if let Some(v) = o.get(k).and_then(|v| v.as_str()) {
-                    let n = v.lines().count();
-                    o.insert(k.into(), serde_json::Value::String(format!("({n} lines)")));
-                }
-            }
-        }
-        format!(
-            "{}\n",
-            serde_json::to_string_pretty(&shown).unwrap_or_default()
-        )
-    }
-
-    /// `%noyau env lock`: writes the resolved lock to ./noyau.lock.
-    fn env_lock(&self) -> Result<String, String> {
-        let lock = self
-            .env_record
-            .as_ref()
-            .and_then(|r| r.get("lock"))
-            .and_then(|l| l.as_str())
-            .ok_or(
-                "this kernel's environment has no lock (no [environment], or a kind without one)",
-            )?;
-        let path = std::env::current_dir()
-            .map_err(|e| e.to_string())?
-            .join("noyau.lock");
-        let tmp = path.with_extension("lock.tmp");
-        std::fs::write(&tmp, lock)
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        Ok(format!(
-            "[noyau] wrote {} ({} lines); `lock_file = \"noyau.lock\"` under [environment] in noyau.toml reproduces it\n",
-            path.display(),
-            lock.lines().count()
-        ))
     }
 }

@@ -17,6 +17,7 @@
 
 mod dask;
 mod delegate;
+mod env;
 pub mod frontend;
 pub mod handover;
 pub mod queued;
@@ -74,12 +75,16 @@ fn reattach_grace() -> Duration {
 /// file, as `noyau run --env` takes; a kernelspec can set it).
 fn env_spec_for_agent() -> anyhow::Result<std::collections::BTreeMap<String, String>> {
     let cwd = std::env::current_dir().context("the kernel's working directory")?;
-    let cli = std::env::var("NOYAU_ENV").ok().filter(|v| !v.is_empty());
-    let spec = noyau_env::sources::for_notebook(&cwd, None, cli.as_deref(), &cwd)?;
+    let spec = noyau_env::sources::for_notebook(&cwd, None, kernel_env_var().as_deref(), &cwd)?;
     Ok(spec
         .map(|s| (noyau_env::SPEC_ENV.to_string(), s.to_value().to_string()))
         .into_iter()
         .collect())
+}
+
+/// `NOYAU_ENV`, when set.
+fn kernel_env_var() -> Option<String> {
+    std::env::var("NOYAU_ENV").ok().filter(|v| !v.is_empty())
 }
 
 /// A shell request the kernel has not answered yet.
@@ -117,6 +122,8 @@ struct Proxy {
     internal: transfer::Internal,
     /// What the agent built the kernel's environment from, and its lock.
     env_record: Option<serde_json::Value>,
+    /// A `%noyau env SPEC` cell in progress.
+    switch: Option<env::EnvSwitch>,
     /// The kernel's Dask cluster (`%noyau dask up`).
     dask: Option<dask::Cluster>,
     /// The batch job's state while we wait for its agent (None: local, or taken over).
@@ -248,6 +255,7 @@ pub async fn run(cfg: ProxyConfig) -> anyhow::Result<i32> {
         transfers: HashMap::new(),
         internal: Default::default(),
         env_record: None,
+        switch: None,
         dask: None,
     };
     let code = proxy.relay().await;
@@ -475,6 +483,7 @@ impl Proxy {
     }
 
     async fn on_frontend_message(&mut self, lane: Lane, msg: RawMessage) -> Option<i32> {
+        let msg = self.hold_during_switch(lane, msg)?;
         let msg = match self.intercept(lane, msg).await {
             Some(m) => m,
             None => return None,
@@ -649,6 +658,9 @@ impl Proxy {
                     .is_ok_and(|h| h.msg_type == "shutdown_reply");
         }
         send_router(&mut self.fe, lane, msg).await;
+        if self.switch.is_some() {
+            self.send_switch_when_idle().await;
+        }
         if shutdown_reply {
             let restart = self.shutdown == Some(true);
             if restart {
@@ -672,12 +684,15 @@ impl Proxy {
                 // waiting (the build runs at kernel start), held for the
                 // next cell, so the cell that waits on the build tells why.
                 let text = format!("noyau: environment: {line}\n");
-                let waiting = self
-                    .order
-                    .iter()
-                    .filter_map(|id| self.pending.get(id))
-                    .find(|p| p.msg_type == "execute_request")
-                    .map(|p| p.header.clone());
+                let waiting = match &self.switch {
+                    Some(sw) => Some(sw.header().clone()),
+                    None => self
+                        .order
+                        .iter()
+                        .filter_map(|id| self.pending.get(id))
+                        .find(|p| p.msg_type == "execute_request")
+                        .map(|p| p.header.clone()),
+                };
                 match waiting {
                     Some(parent) => self.publish_stream(&parent, "stderr", &text).await,
                     None if self.env_held.len() < ENV_HELD_MAX => self.env_held.push_str(&text),
@@ -688,11 +703,17 @@ impl Proxy {
             Event::EnvReady { record } => {
                 tracing::info!(lock_sha256 = %record["lock_sha256"], "kernel environment ready");
                 self.env_record = Some(record);
+                self.switch_built().await;
+                None
+            }
+            Event::EnvFailed { message } => {
+                self.switch_failed(message).await;
                 None
             }
             Event::KernelReady { pid, .. } => {
                 tracing::info!(pid, "kernel ready");
                 self.fe.set_alive(true);
+                self.switch_kernel_ready().await;
                 None
             }
             Event::KernelDied { description, .. } if self.shutdown.is_some() => {
@@ -810,6 +831,7 @@ impl Proxy {
     async fn report_death(&mut self, text: &str) {
         tracing::error!("{text}");
         self.fe.set_alive(false);
+        self.switch_into_pending();
         let mut any_execute = false;
         let order: Vec<String> = self.order.drain(..).collect();
         for id in order {

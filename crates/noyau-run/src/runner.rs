@@ -1053,6 +1053,12 @@ impl Runner<'_> {
                 }
                 CellEnd::Ok
             }
+            ["env", ..] => self.cell_error(
+                i,
+                "NoyauMagicError",
+                format!("`%noyau {}` is for interactive kernels; `noyau run` takes the environment from --env, \
+                         metadata.noyau.environment or [environment] in noyau.toml, and records it in the output's metadata", words.join(" ")),
+            ),
             other => self.cell_error(
                 i,
                 "NoyauMagicError",
