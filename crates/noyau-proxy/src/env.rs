@@ -97,12 +97,7 @@ impl Proxy {
     /// Sends the pending `SwitchEnv` once no earlier request waits for the
     /// kernel: the new kernel replaces the old one only between cells.
     pub(crate) async fn send_switch_when_idle(&mut self) {
-        // Only requests get replies (comm messages on shell do not).
-        if self
-            .pending
-            .values()
-            .any(|p| p.msg_type.ends_with("_request"))
-        {
+        if !self.pending.is_empty() {
             return;
         }
         let Some(sw) = self.switch.as_mut().filter(|s| !s.sent) else {

@@ -538,7 +538,9 @@ impl Proxy {
                     let restart = msg.restart_requested();
                     self.shutdown = Some(restart);
                 }
-                if lane == Lane::Shell {
+                // Only requests get a reply that ends them; comm messages
+                // (widgets send many) would stay in the table for ever.
+                if lane == Lane::Shell && h.msg_type.ends_with("_request") {
                     self.order.push_back(h.msg_id.clone());
                     self.pending.insert(
                         h.msg_id,
@@ -645,6 +647,14 @@ impl Proxy {
         if lane == Lane::Shell || lane == Lane::Control {
             if let Some(parent) = msg.parent_msg_id() {
                 self.pending.remove(&parent);
+                // Answered requests leave the order too (replies come in order).
+                while self
+                    .order
+                    .front()
+                    .is_some_and(|id| !self.pending.contains_key(id))
+                {
+                    self.order.pop_front();
+                }
             }
             if let Some(n) = serde_json::from_slice::<serde_json::Value>(&msg.content)
                 .ok()
