@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,25 +30,47 @@ def dask_jobs() -> list[dict[str, str]]:
     return [j for j in lib.squeue_noyau() if j["name"].startswith("noyau-dask-")]
 
 
-@pytest.fixture
-def km(noyau_kernelspec: str, tmp_path: Path):  # type: ignore[no-untyped-def]
-    require_slurm()
-    pytest.importorskip("distributed")
-    if lib.slurm_node_cpus() < 3:
-        pytest.skip("the test cluster has fewer than 3 CPUs for scheduler + 2 workers: "
-                    "start it with SLURM_UP_CPUS=4 scripts/slurm-up DIR")
-    (tmp_path / "noyau.toml").write_text(PROFILE)
-    m = lib.kernel_in(noyau_kernelspec, tmp_path)
-    yield m
-    lib.stop_kernel(m)
+def end_cluster_jobs(timeout: float = 30) -> None:
+    """Waits for the cluster's jobs to leave the queue; cancels and fails on leftovers."""
     try:
-        lib.wait_until(lambda: not dask_jobs(), 30, "the cluster's jobs to leave the queue", interval=0.5)
+        lib.wait_until(lambda: not dask_jobs(), timeout, "the cluster's jobs to leave the queue", interval=0.5)
     except Exception:
         pass
     left = dask_jobs()
     if left:
         subprocess.run(["scancel", *[j["id"] for j in left]], check=False)
     assert not left, f"Dask jobs left in the queue: {left}"
+
+
+@pytest.fixture
+def kernel(noyau_kernelspec: str, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Starts a noyau kernel in tmp_path (with the `hpc` Slurm profile) with
+    extra environment variables; ends it and checks no Dask job is left."""
+    require_slurm()
+    pytest.importorskip("distributed")
+    if lib.slurm_node_cpus() < 3:
+        pytest.skip("the test cluster has fewer than 3 CPUs for scheduler + 2 workers: "
+                    "start it with SLURM_UP_CPUS=4 scripts/slurm-up DIR")
+    (tmp_path / "noyau.toml").write_text(PROFILE)
+    started = []
+
+    def start(env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+        m = lib.kernel_in(noyau_kernelspec, tmp_path, env)
+        started.append(m)
+        return m
+
+    yield start
+    for m in started:
+        try:
+            lib.stop_kernel(m)
+        except Exception:
+            pass
+    end_cluster_jobs()
+
+
+@pytest.fixture
+def km(kernel):  # type: ignore[no-untyped-def]
+    return kernel()
 
 
 def run(km, code: str, timeout: float = 60):  # type: ignore[no-untyped-def]
@@ -131,3 +155,18 @@ def test_dask_up_needs_distributed_in_the_environment(km, tmp_path: Path) -> Non
     assert reply["status"] == "error", text
     assert "no usable `distributed`" in errors[0]["evalue"], errors
     lib.wait_until(lambda: not dask_jobs(), 30, "the cluster's jobs to be cancelled", interval=0.5)
+
+
+def test_kill_9_of_the_proxy_ends_every_job_after_the_grace(kernel) -> None:  # type: ignore[no-untyped-def]
+    km = kernel({"NOYAU_LINK_GIVE_UP": "10", "NOYAU_REATTACH_GRACE": "10"})
+    reply, text, errors = run(km, "%noyau dask up 2 --target hpc", timeout=180)
+    assert reply["status"] == "ok", (text, errors)
+    jobs = dask_jobs()
+    assert len(jobs) == 3, jobs
+    lib.kill(km.provisioner.process.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    lib.wait_until(lambda: not dask_jobs(), 60, "the cluster's jobs to leave the queue after the owner died",
+                   interval=0.5)
+    # they outlived the proxy for the grace period (10 s), not until their walltime
+    assert time.monotonic() - killed >= 8, "the cluster ended before the grace period"
+    lib.wait_until(lambda: not lib.squeue_noyau(), 60, "the kernel's own job to end after its grace", interval=0.5)

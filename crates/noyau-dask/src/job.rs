@@ -10,10 +10,12 @@
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use crate::owner::OwnerWatch;
 use crate::ClusterDir;
 
 /// The scheduler's preload: writes the worker list into `status.json`
@@ -116,26 +118,78 @@ pub fn dask_argv(a: &JobArgs, python: &str) -> Vec<String> {
     argv
 }
 
-/// Runs the job: returns only on error (the reason is also in `error`).
+/// Runs the job: Dask as a child process, watched together with the
+/// cluster's owner ([`crate::owner`]); returns Dask's exit code.
 pub fn run(a: JobArgs) -> anyhow::Result<i32> {
     let d = ClusterDir(a.dir.clone());
-    match prepare(&a) {
-        Ok((argv, env)) => {
-            let err = Command::new(&argv[0])
-                .args(&argv[1..])
-                .env_clear()
-                .envs(env)
-                .exec();
-            let msg = format!("cannot start {}: {err}", argv.join(" "));
-            report(&d, &msg);
-            anyhow::bail!(msg)
+    let fail = |msg: String| {
+        report(&d, &msg);
+        anyhow::anyhow!(msg)
+    };
+    let (argv, env) = prepare(&a).map_err(|e| fail(format!("{e:#}")))?;
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]).env_clear().envs(env);
+    // SAFETY: prctl is async-signal-safe; it runs in the child between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            // Dask must not outlive this job's noyau (cancelled, or killed).
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| fail(format!("cannot start {}: {e}", argv.join(" "))))?;
+    let mut owner = OwnerWatch::from_env();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status.code().unwrap_or(1));
         }
-        Err(e) => {
-            let msg = format!("{e:#}");
-            report(&d, &msg);
-            anyhow::bail!(msg)
+        if let Some(why) = owner.check(&d.owner_file(), Instant::now()) {
+            eprintln!("noyau dask-job: {why}; ending the {:?}", a.role);
+            if a.role == Role::Scheduler {
+                end_cluster(&d);
+            }
+            stop(&mut child);
+            return Ok(0);
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// The owner is gone: cancels every job of the cluster (this one last) and
+/// removes its directory (its keys with it).
+fn end_cluster(d: &ClusterDir) {
+    let me = std::env::var("SLURM_JOB_ID").ok();
+    let mut ids = d.slurm_jobs();
+    ids.retain(|id| Some(id) != me.as_ref());
+    if !ids.is_empty() {
+        match Command::new("scancel").args(&ids).status() {
+            Ok(s) if s.success() => eprintln!("noyau dask-job: cancelled jobs {}", ids.join(" ")),
+            Ok(s) => eprintln!("noyau dask-job: scancel {} failed ({s})", ids.join(" ")),
+            Err(e) => eprintln!("noyau dask-job: cannot run scancel: {e}"),
         }
     }
+    if let Err(e) = std::fs::remove_dir_all(d.path()) {
+        eprintln!("noyau dask-job: cannot remove {}: {e}", d.path().display());
+    }
+}
+
+/// SIGTERM, then SIGKILL if Dask has not ended within 10 s.
+fn stop(child: &mut Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 fn report(d: &ClusterDir, msg: &str) {

@@ -18,6 +18,7 @@
 
 pub mod certs;
 pub mod job;
+pub mod owner;
 
 use std::path::{Path, PathBuf};
 

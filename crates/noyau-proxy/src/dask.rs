@@ -109,6 +109,9 @@ pub(crate) struct Cluster {
     /// msg_id of the proxy's setup request to the notebook's kernel.
     setup: Option<String>,
     started: Instant,
+    /// The owner heartbeat ([`noyau_dask::owner`]).
+    beat: u64,
+    last_beat: Instant,
 }
 
 impl Cluster {
@@ -118,6 +121,14 @@ impl Cluster {
 
     pub(crate) fn is_setup(&self, id: &str) -> bool {
         self.setup.as_deref() == Some(id)
+    }
+
+    /// Keeps `DIR/jobs` equal to the jobs submitted.
+    fn record_jobs(&self) {
+        let jobs = self.jobs.iter().map(|j| (j.job.backend, j.job.id.as_str()));
+        if let Err(e) = self.dir.write_jobs(jobs) {
+            tracing::warn!("cannot list the Dask cluster's jobs in its directory: {e}");
+        }
     }
 
     async fn cancel_all(&mut self) {
@@ -214,7 +225,14 @@ impl Proxy {
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
         let dir = ClusterDir::create(&noyau_sched::slurm::state_dir().join("dask"), &id)?;
-        let env = crate::env_spec_for_agent()?;
+        dir.heartbeat(0)?;
+        let mut env = crate::env_spec_for_agent()?;
+        env.insert(
+            noyau_dask::owner::GRACE_ENV.into(),
+            noyau_dask::owner::grace_from_env()
+                .as_secs_f64()
+                .to_string(),
+        );
         let spec = |role: &str, profile: noyau_config::Profile, extra: Vec<String>| {
             let mut args = vec![
                 "dask-job".to_string(),
@@ -244,6 +262,8 @@ impl Proxy {
             waiting: Some((identities.to_vec(), header.clone())),
             setup: None,
             started: Instant::now(),
+            beat: 0,
+            last_beat: Instant::now(),
         };
         let submitted = async {
             let job = backend
@@ -275,6 +295,7 @@ impl Proxy {
             Ok::<(), noyau_sched::SchedError>(())
         }
         .await;
+        cluster.record_jobs();
         if let Err(e) = submitted {
             cluster.cancel_all().await;
             let _ = std::fs::remove_dir_all(dir.path());
@@ -294,13 +315,24 @@ impl Proxy {
         Ok(())
     }
 
-    /// Called often while `dask up` waits: the scheduler's address, or why
-    /// it will not come.
-    pub(crate) async fn dask_poll(&mut self) {
+    /// Called every half second while a cluster exists.
+    pub(crate) async fn dask_tick(&mut self) {
         let Some(c) = self.dask.as_mut() else { return };
-        if !c.waiting() {
-            return;
+        if c.last_beat.elapsed() >= noyau_dask::owner::HEARTBEAT {
+            c.beat += 1;
+            c.last_beat = Instant::now();
+            if let Err(e) = c.dir.heartbeat(c.beat) {
+                tracing::warn!("cannot write the Dask cluster's owner heartbeat: {e}");
+            }
         }
+        if c.waiting() {
+            self.dask_poll().await;
+        }
+    }
+
+    /// While `dask up` waits: the scheduler's address, or why it will not come.
+    async fn dask_poll(&mut self) {
+        let Some(c) = self.dask.as_mut() else { return };
         let failure = if let Some(e) = c.dir.error() {
             Some(format!("a job of the cluster failed: {}", e.trim()))
         } else {

@@ -310,7 +310,7 @@ impl Proxy {
                     }
                 }
                 _ = idle_tick.tick() => self.release_idle_targets(),
-                _ = dask_tick.tick(), if self.dask.as_ref().is_some_and(|c| c.waiting()) => self.dask_poll().await,
+                _ = dask_tick.tick(), if self.dask.is_some() => self.dask_tick().await,
                 sub = self.fe.iopub.recv() => {
                     if let Ok(sub) = sub {
                         self.welcome(sub).await;
