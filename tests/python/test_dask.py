@@ -170,3 +170,64 @@ def test_kill_9_of_the_proxy_ends_every_job_after_the_grace(kernel) -> None:  # 
     # they outlived the proxy for the grace period (10 s), not until their walltime
     assert time.monotonic() - killed >= 8, "the cluster ended before the grace period"
     lib.wait_until(lambda: not lib.squeue_noyau(), 60, "the kernel's own job to end after its grace", interval=0.5)
+
+
+def worker_jobs() -> set[str]:
+    return {j["id"] for j in dask_jobs() if j["name"] == "noyau-dask-worker"}
+
+
+def direction_changes(counts: list[int]) -> int:
+    """How many times a sequence of job counts turns (up then down is 1)."""
+    steps = [b - a for a, b in zip(counts, counts[1:]) if b != a]
+    return sum(1 for a, b in zip(steps, steps[1:]) if (a > 0) != (b > 0))
+
+
+def test_adapt_starts_workers_under_load_and_cancels_them_when_idle(km) -> None:  # type: ignore[no-untyped-def]
+    reply, text, errors = run(km, "%noyau dask up --adapt 0 2 --target hpc --worker-cores 1", timeout=180)
+    assert reply["status"] == "ok", (text, errors)
+    assert "adaptive 0 to 2" in text, text
+    assert worker_jobs() == set(), "MIN is 0: no worker before there is work"
+
+    # about 40 s of work for one single-threaded worker: Dask's target asks for 2
+    msg_id = km.kc.execute(
+        "import time\n"
+        "from dask.distributed import Client\n"
+        "client = Client()\n"
+        "futs = client.map(lambda i: (time.sleep(1), i)[1], range(40), pure=False)\n"
+        "total = sum(client.gather(futs))\n"
+        "del futs  # results held in the cluster keep a worker (Dask's target stays 1)\n"
+        "print(total)\n")
+    seen: set[str] = set()
+    counts: list[int] = []
+
+    def observe() -> int:
+        jobs = worker_jobs()
+        seen.update(jobs)
+        counts.append(len(jobs))
+        return len(jobs)
+
+    deadline = time.monotonic() + 240
+    reply = None
+    while reply is None and time.monotonic() < deadline:
+        observe()
+        try:
+            r = km.kc.get_shell_msg(timeout=0.5)
+        except Exception:
+            continue
+        if r["parent_header"].get("msg_id") == msg_id:
+            reply = r
+    assert reply is not None and reply["content"]["status"] == "ok", reply
+    assert max(counts) == 2, counts
+    while (m := km.kc.get_iopub_msg(timeout=10)):
+        if m["msg_type"] == "stream":
+            assert m["content"]["text"].strip() == str(sum(range(40)))
+            break
+
+    # idle: after Dask's target has stayed at 0 for a while, the jobs are retired
+    lib.wait_until(lambda: observe() == 0, 120, "the idle workers' jobs to end", interval=0.5)
+    assert len(seen) == 2, f"worker jobs started: {sorted(seen)} (counts {counts})"
+    assert direction_changes(counts) <= 1, f"the job count oscillated: {counts}"
+
+    reply, text, _ = run(km, "%noyau dask status")
+    assert "2 started, 2 ended by scale-down" in text, text
+    assert "Dask's target: 0" in text, text

@@ -20,7 +20,9 @@ use crate::ClusterDir;
 
 /// The scheduler's preload: writes the worker list into `status.json`
 /// every second, for `%noyau dask status`.
-pub const PRELOAD: &str = r#"# Written by noyau: lists the scheduler's workers in status.json for `%noyau dask status`.
+pub const PRELOAD: &str = r#"# Written by noyau: reports the scheduler's workers and its adaptive target in
+# status.json every second, and retires the workers noyau names in retire.json.
+import asyncio
 import json
 import os
 
@@ -28,17 +30,41 @@ from tornado.ioloop import PeriodicCallback
 
 
 def dask_setup(scheduler):
-    path = os.path.join(os.environ["NOYAU_DASK_DIR"], "status.json")
+    d = os.environ["NOYAU_DASK_DIR"]
+    path = os.path.join(d, "status.json")
+    retire_path = os.path.join(d, "retire.json")
+    done = {"seq": 0}
+
+    def retire():
+        try:
+            with open(retire_path) as f:
+                req = json.load(f)
+        except (OSError, ValueError):
+            return
+        if req.get("seq", 0) <= done["seq"]:
+            return
+        done["seq"] = req["seq"]
+        # Moves their data to the other workers first, then closes them
+        # (and their nannies): their jobs end by themselves.
+        asyncio.ensure_future(
+            scheduler.retire_workers(names=req["names"], close_workers=True, remove=True))
 
     def write():
+        retire()
         workers = [
             {"address": a, "name": str(w.name), "nthreads": w.nthreads,
              "memory_limit": w.memory_limit or 0, "host": w.host}
             for a, w in list(scheduler.workers.items())
         ]
+        status = {
+            "workers": workers,
+            "target": scheduler.adaptive_target(),
+            "to_close": [str(n) for n in scheduler.workers_to_close(attribute="name")],
+            "tasks": len(scheduler.tasks),
+        }
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"workers": workers}, f)
+            json.dump(status, f)
         os.replace(tmp, path)
 
     write()
@@ -71,6 +97,10 @@ pub struct JobArgs {
     pub inner: String,
     pub nthreads: Option<u32>,
     pub memory_limit: Option<String>,
+    /// The worker's name, chosen by the proxy (`w1`, `w2`…).
+    pub name: Option<String>,
+    /// Seconds after which the worker retires gracefully (before its walltime).
+    pub lifetime: Option<u64>,
 }
 
 /// The Dask command line (before the environment wraps it).
@@ -98,8 +128,11 @@ pub fn dask_argv(a: &JobArgs, python: &str) -> Vec<String> {
             if let Some(m) = &a.memory_limit {
                 argv.extend(["--memory-limit".into(), m.clone()]);
             }
-            if let Ok(id) = std::env::var("SLURM_JOB_ID") {
-                argv.extend(["--name".into(), format!("slurm-{id}")]);
+            if let Some(n) = &a.name {
+                argv.extend(["--name".into(), n.clone()]);
+            }
+            if let Some(l) = a.lifetime {
+                argv.extend(["--lifetime".into(), format!("{l}s")]);
             }
         }
     }
@@ -277,10 +310,13 @@ mod tests {
             inner: "python3".into(),
             nthreads: Some(2),
             memory_limit: Some("1GB".into()),
+            name: Some("w3".into()),
+            lifetime: Some(90),
         };
         let argv = dask_argv(&a, "py").join(" ");
         assert!(
-            argv.starts_with("py -m distributed.cli.dask_worker --nthreads 2 --memory-limit 1GB")
+            argv.starts_with("py -m distributed.cli.dask_worker --nthreads 2 --memory-limit 1GB --name w3 --lifetime 90s"),
+            "{argv}"
         );
         assert!(argv.contains("--scheduler-file /d/scheduler.json --protocol tls --tls-ca-file /d/ca.pem --tls-cert /d/cert.pem --tls-key /d/key.pem"));
     }

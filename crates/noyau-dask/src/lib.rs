@@ -36,6 +36,20 @@ pub struct SchedulerInfo {
     pub services: serde_json::Map<String, serde_json::Value>,
 }
 
+/// The scheduler's state as its preload writes it every second.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Status {
+    #[serde(default)]
+    pub workers: Vec<WorkerInfo>,
+    /// Dask's own adaptive target (`Scheduler.adaptive_target`): how many
+    /// workers the current load asks for.
+    #[serde(default)]
+    pub target: Option<u32>,
+    /// The workers Dask would close first (`Scheduler.workers_to_close`), by name.
+    #[serde(default)]
+    pub to_close: Vec<String>,
+}
+
 /// One worker as the scheduler's preload lists it.
 #[derive(Debug, Clone, Deserialize)]
 pub struct WorkerInfo {
@@ -103,17 +117,24 @@ impl ClusterDir {
             .filter(|s| !s.trim().is_empty())
     }
 
+    /// What the scheduler wrote at its last status write (every second).
+    pub fn status(&self) -> Option<Status> {
+        let text = std::fs::read_to_string(self.status_file()).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
     /// The workers the scheduler knew at its last status write.
     pub fn workers(&self) -> Vec<WorkerInfo> {
-        #[derive(Deserialize)]
-        struct Status {
-            workers: Vec<WorkerInfo>,
-        }
-        std::fs::read_to_string(self.status_file())
-            .ok()
-            .and_then(|t| serde_json::from_str::<Status>(&t).ok())
-            .map(|s| s.workers)
-            .unwrap_or_default()
+        self.status().map(|s| s.workers).unwrap_or_default()
+    }
+
+    /// Asks the scheduler to retire these workers gracefully (request
+    /// `seq`, increasing): their data moves to other workers, then they close.
+    pub fn retire(&self, seq: u64, names: &[String]) -> std::io::Result<()> {
+        let text = serde_json::json!({"seq": seq, "names": names}).to_string();
+        let tmp = self.0.join(".retire.tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(tmp, self.0.join("retire.json"))
     }
 
     /// `http://HOST:PORT/status` when the scheduler serves a dashboard.

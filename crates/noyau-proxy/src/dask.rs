@@ -10,7 +10,7 @@
 //! bare `Client()` connects; the cell ends with a `Client('tls://…')` line.
 //! `down`, and any shutdown of the kernel, cancel every job of the cluster.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use noyau_dask::ClusterDir;
@@ -23,14 +23,21 @@ use crate::Proxy;
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct UpArgs {
     pub workers: u32,
+    /// `--adapt MIN MAX`: the worker jobs follow Dask's adaptive target.
+    pub adapt: Option<(u32, u32)>,
     pub target: Option<String>,
     pub worker_cores: Option<u32>,
     pub worker_mem: Option<String>,
+    /// The worker jobs' walltime (Slurm time), when not the profile's.
+    pub worker_time: Option<String>,
 }
 
 pub const USAGE: &str =
-    "usage: %noyau dask up [N] [--target T] [--worker-cores C] [--worker-mem M] | \
+    "usage: %noyau dask up [N | --adapt MIN MAX] [--target T] [--worker-cores C] [--worker-mem M] [--worker-time T] | \
                          %noyau dask status | %noyau dask down";
+
+/// At most this many workers (fixed or adaptive).
+const MAX_WORKERS: u32 = 1000;
 
 /// Parses the words after `dask up`.
 pub fn parse_up(words: &[&str]) -> Result<UpArgs, String> {
@@ -55,6 +62,26 @@ pub fn parse_up(words: &[&str]) -> Result<UpArgs, String> {
                         format!("--worker-cores {v:?}: expected a positive integer")
                     })?);
             }
+            "--adapt" => {
+                let mut bound = |what: &str| -> Result<u32, String> {
+                    let v = value("--adapt")?;
+                    v.parse().ok().filter(|n| *n <= MAX_WORKERS).ok_or_else(|| {
+                        format!("--adapt {what} {v:?}: expected 0 to {MAX_WORKERS}; {USAGE}")
+                    })
+                };
+                let (min, max) = (bound("MIN")?, bound("MAX")?);
+                if max == 0 || min > max {
+                    return Err(format!(
+                        "--adapt {min} {max}: expected MIN <= MAX and MAX >= 1 (e.g. --adapt 0 10)"
+                    ));
+                }
+                a.adapt = Some((min, max));
+            }
+            "--worker-time" => {
+                let v = value("--worker-time")?;
+                noyau_config::parse_time(&v).map_err(|e| format!("--worker-time: {e}"))?;
+                a.worker_time = Some(v);
+            }
             "--worker-mem" => {
                 let v = value("--worker-mem")?;
                 noyau_config::parse_size(&v).map_err(|e| format!("--worker-mem {v:?}: {e}"))?;
@@ -64,12 +91,19 @@ pub fn parse_up(words: &[&str]) -> Result<UpArgs, String> {
                 a.workers = n
                     .parse()
                     .ok()
-                    .filter(|n| (1..=1000).contains(n))
-                    .ok_or_else(|| format!("{n:?}: the number of workers is 1 to 1000; {USAGE}"))?;
+                    .filter(|n| (1..=MAX_WORKERS).contains(n))
+                    .ok_or_else(|| {
+                        format!("{n:?}: the number of workers is 1 to {MAX_WORKERS}; {USAGE}")
+                    })?;
                 seen_n = true;
             }
             other => return Err(format!("unexpected {other:?}; {USAGE}")),
         }
+    }
+    if seen_n && a.adapt.is_some() {
+        return Err(format!(
+            "give a number of workers or --adapt MIN MAX, not both; {USAGE}"
+        ));
     }
     Ok(a)
 }
@@ -94,6 +128,59 @@ enum Role {
 struct ClusterJob {
     role: Role,
     job: Job,
+    /// The worker's name in Dask (`w1`…), "scheduler" for the scheduler.
+    name: String,
+    submitted: Instant,
+    running_since: Option<Instant>,
+    /// Asked to retire (scale down) at this time.
+    retiring: Option<Instant>,
+    /// A replacement was submitted ahead of its walltime.
+    replaced: bool,
+}
+
+impl ClusterJob {
+    fn ended(&self) -> bool {
+        matches!(*self.job.state.borrow(), JobState::Ended(_))
+    }
+    fn running(&self) -> bool {
+        matches!(*self.job.state.borrow(), JobState::Running { .. })
+    }
+}
+
+/// How many workers the cluster keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Size {
+    Fixed(u32),
+    Adapt { min: u32, max: u32 },
+}
+
+/// Dask's target must stay below the number of worker jobs this long
+/// before jobs are cancelled: starting a batch job costs a queue wait, so a
+/// short lull must not cancel what the next burst needs (no start/cancel loop).
+const SCALE_DOWN_AFTER: Duration = Duration::from_secs(20);
+/// A retired worker whose job has not ended by then is cancelled.
+const RETIRE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The margin between a worker's graceful retirement and its job's
+/// walltime: a quarter of the walltime, 30 s to 5 min (at most half).
+fn lifetime_for(walltime: Duration) -> Duration {
+    let margin = (walltime / 4)
+        .clamp(Duration::from_secs(30), Duration::from_secs(300))
+        .min(walltime / 2);
+    walltime - margin
+}
+
+/// True when the worker job retires for its walltime (after `lifetime`)
+/// before a job submitted now would be up (`startup` plus 30 s): it no
+/// longer counts, so its replacement is started ahead of time.
+fn expiring(lifetime: Option<Duration>, startup: Duration, j: &ClusterJob, now: Instant) -> bool {
+    match (lifetime, j.running_since) {
+        (Some(l), Some(t)) => {
+            let lead = (startup + Duration::from_secs(30)).min(l / 2);
+            now.saturating_duration_since(t) + lead >= l
+        }
+        _ => false,
+    }
 }
 
 /// The one cluster of this kernel.
@@ -112,6 +199,24 @@ pub(crate) struct Cluster {
     /// The owner heartbeat ([`noyau_dask::owner`]).
     beat: u64,
     last_beat: Instant,
+    last_manage: Instant,
+    size: Size,
+    /// What each worker job runs, before its `--name` and `--lifetime`.
+    worker_spec: JobSpec,
+    workers_made: u32,
+    /// Workers retire this long after they start, before their walltime.
+    lifetime: Option<Duration>,
+    /// How long the last worker job took from submission to running.
+    startup: Duration,
+    /// Since when Dask's target has been below the worker jobs counted.
+    low_since: Option<Instant>,
+    retire_seq: u64,
+    last_target: Option<u32>,
+    /// Worker jobs: started, cancelled or retired by scale-down, replaced
+    /// before their walltime.
+    n_started: u32,
+    n_scaled_down: u32,
+    n_replaced: u32,
 }
 
 impl Cluster {
@@ -137,12 +242,166 @@ impl Cluster {
         }
     }
 
+    async fn submit_workers(&mut self, n: u32) -> Result<(), noyau_sched::SchedError> {
+        for _ in 0..n {
+            self.workers_made += 1;
+            let name = format!("w{}", self.workers_made);
+            let mut spec = self.worker_spec.clone();
+            spec.args.extend(["--name".into(), name.clone()]);
+            if let Some(l) = self.lifetime {
+                spec.args
+                    .extend(["--lifetime".into(), l.as_secs().to_string()]);
+            }
+            let job = self.backend.submit(spec).await?;
+            tracing::info!(job = %job.id, %name, "submitted a Dask worker job");
+            self.n_started += 1;
+            self.jobs.push(ClusterJob {
+                role: Role::Worker,
+                job,
+                name,
+                submitted: Instant::now(),
+                running_since: None,
+                retiring: None,
+                replaced: false,
+            });
+            self.record_jobs();
+        }
+        Ok(())
+    }
+
+    /// Once a second after the scheduler is up: follows the worker jobs and
+    /// keeps as many as the size asks for (fixed, or Dask's adaptive
+    /// target), replacing workers ahead of their walltime.
+    async fn manage(&mut self) {
+        let now = Instant::now();
+        for j in self.jobs.iter_mut() {
+            if j.role == Role::Worker && j.running_since.is_none() && j.running() {
+                j.running_since = Some(now);
+                self.startup = now.saturating_duration_since(j.submitted);
+            }
+        }
+        let before = self.jobs.len();
+        self.jobs
+            .retain(|j| j.role == Role::Scheduler || !j.ended());
+        if self.jobs.len() != before {
+            self.record_jobs();
+        }
+        for j in &self.jobs {
+            if j.retiring
+                .is_some_and(|t| now.duration_since(t) > RETIRE_TIMEOUT)
+            {
+                tracing::warn!(job = %j.job.id, "a retired worker's job did not end; cancelling it");
+                self.backend.cancel(&j.job).await;
+            }
+        }
+        let scheduler_gone = self
+            .jobs
+            .iter()
+            .any(|j| j.role == Role::Scheduler && j.ended());
+        // A job that could not start Dask wrote why: resubmitting would loop.
+        if scheduler_gone || self.dir.error().is_some() {
+            return;
+        }
+        let status = self.dir.status();
+        self.last_target = status.as_ref().and_then(|s| s.target);
+        let desired = match self.size {
+            Size::Fixed(n) => n,
+            Size::Adapt { min, max } => match self.last_target {
+                Some(t) => t.clamp(min, max),
+                None => return,
+            },
+        };
+        let (lifetime, startup) = (self.lifetime, self.startup);
+        let expiring = |j: &ClusterJob| expiring(lifetime, startup, j, now);
+        let counted: Vec<usize> = (0..self.jobs.len())
+            .filter(|&i| {
+                let j = &self.jobs[i];
+                j.role == Role::Worker && j.retiring.is_none() && !expiring(j)
+            })
+            .collect();
+        let active = counted.len() as u32;
+        if desired > active {
+            self.low_since = None;
+            // Pending jobs count: only the difference is submitted.
+            let n = desired - active;
+            let mut replacing = n;
+            for j in self.jobs.iter_mut() {
+                if replacing > 0 && j.role == Role::Worker && !j.replaced && expiring(j) {
+                    j.replaced = true;
+                    replacing -= 1;
+                    self.n_replaced += 1;
+                }
+            }
+            if let Err(e) = self.submit_workers(n).await {
+                tracing::warn!("cannot submit Dask worker jobs: {e}");
+            }
+        } else if desired < active {
+            let since = *self.low_since.get_or_insert(now);
+            if now.duration_since(since) >= SCALE_DOWN_AFTER {
+                self.low_since = None;
+                self.scale_down(active - desired, &counted, status.unwrap_or_default())
+                    .await;
+            }
+        } else {
+            self.low_since = None;
+        }
+    }
+
+    /// Ends `n` of the counted worker jobs: pending ones first (newest
+    /// first), then the running workers Dask would close first, retired
+    /// gracefully (their data moves to the others).
+    async fn scale_down(&mut self, n: u32, counted: &[usize], status: noyau_dask::Status) {
+        let mut left = n as usize;
+        let mut cancel = Vec::new();
+        for &i in counted.iter().rev() {
+            if left > 0 && !self.jobs[i].running() {
+                cancel.push(i);
+                left -= 1;
+            }
+        }
+        let mut names = Vec::new();
+        for name in &status.to_close {
+            if left == 0 {
+                break;
+            }
+            if let Some(&i) = counted
+                .iter()
+                .find(|&&i| &self.jobs[i].name == name && self.jobs[i].running())
+            {
+                names.push(name.clone());
+                self.jobs[i].retiring = Some(Instant::now());
+                left -= 1;
+            }
+        }
+        for &i in &cancel {
+            tracing::info!(job = %self.jobs[i].job.id, "scale down: cancelling a pending worker job");
+            self.backend.cancel(&self.jobs[i].job).await;
+        }
+        self.n_scaled_down += (cancel.len() + names.len()) as u32;
+        let mut i = 0;
+        self.jobs.retain(|_| {
+            i += 1;
+            !cancel.contains(&(i - 1))
+        });
+        if !cancel.is_empty() {
+            self.record_jobs();
+        }
+        if !names.is_empty() {
+            tracing::info!(?names, "scale down: retiring workers");
+            self.retire_seq += 1;
+            if let Err(e) = self.dir.retire(self.retire_seq, &names) {
+                tracing::warn!("cannot ask the Dask scheduler to retire workers: {e}");
+            }
+        }
+    }
+
     fn describe_jobs(&self) -> String {
+        let now = Instant::now();
         let mut out = String::new();
         for j in &self.jobs {
             let role = match j.role {
-                Role::Scheduler => "scheduler",
-                Role::Worker => "worker",
+                Role::Scheduler => "scheduler".to_string(),
+                Role::Worker => format!("worker {}", j.name),
             };
             let state = match &*j.job.state.borrow() {
                 JobState::Pending { reason, .. } => format!("pending ({reason})"),
@@ -150,8 +409,15 @@ impl Cluster {
                 JobState::Ended(e) => format!("ended: {}", e.description),
                 JobState::Unknown { why } => format!("unknown ({why})"),
             };
+            let note = if j.retiring.is_some() {
+                ", retiring (scale down)"
+            } else if j.role == Role::Worker && expiring(self.lifetime, self.startup, j, now) {
+                ", retiring before its walltime (replaced)"
+            } else {
+                ""
+            };
             out.push_str(&format!(
-                "  {:<10} {} job {:<10} {state}\n",
+                "  {:<12} {} job {:<10} {state}{note}\n",
                 role,
                 self.backend.name(),
                 j.job.id
@@ -253,6 +519,30 @@ impl Proxy {
                 array: None,
             }
         };
+        let mut wp = profile.clone();
+        let mut extra = Vec::new();
+        if let Some(c) = a.worker_cores {
+            wp.cpus_per_task = Some(c);
+            extra.extend(["--nthreads".to_string(), c.to_string()]);
+        }
+        if let Some(m) = &a.worker_mem {
+            wp.mem = Some(m.clone());
+            extra.extend(["--memory-limit".to_string(), dask_memory(m)]);
+        }
+        if let Some(t) = &a.worker_time {
+            wp.time = Some(t.clone());
+        }
+        // Only a batch job has a walltime to retire before.
+        let lifetime = match (&backend, &wp.time) {
+            (Backend::Local(_), _) | (_, None) => None,
+            (_, Some(t)) => Some(noyau_config::parse_time(t).map_err(anyhow::Error::msg)?)
+                .filter(|s| *s > 0)
+                .map(|s| lifetime_for(Duration::from_secs(s))),
+        };
+        let size = match a.adapt {
+            Some((min, max)) => Size::Adapt { min, max },
+            None => Size::Fixed(a.workers),
+        };
         let mut cluster = Cluster {
             dir: dir.clone(),
             backend: backend.clone(),
@@ -264,6 +554,22 @@ impl Proxy {
             started: Instant::now(),
             beat: 0,
             last_beat: Instant::now(),
+            last_manage: Instant::now(),
+            size,
+            worker_spec: spec("worker", wp, extra),
+            workers_made: 0,
+            lifetime,
+            startup: Duration::ZERO,
+            low_since: None,
+            retire_seq: 0,
+            last_target: None,
+            n_started: 0,
+            n_scaled_down: 0,
+            n_replaced: 0,
+        };
+        let first = match size {
+            Size::Fixed(n) => n,
+            Size::Adapt { min, .. } => min,
         };
         let submitted = async {
             let job = backend
@@ -272,43 +578,38 @@ impl Proxy {
             cluster.jobs.push(ClusterJob {
                 role: Role::Scheduler,
                 job,
+                name: "scheduler".into(),
+                submitted: Instant::now(),
+                running_since: None,
+                retiring: None,
+                replaced: false,
             });
-            let mut wp = profile.clone();
-            let mut extra = Vec::new();
-            if let Some(c) = a.worker_cores {
-                wp.cpus_per_task = Some(c);
-                extra.extend(["--nthreads".to_string(), c.to_string()]);
-            }
-            if let Some(m) = &a.worker_mem {
-                wp.mem = Some(m.clone());
-                extra.extend(["--memory-limit".to_string(), dask_memory(m)]);
-            }
-            for _ in 0..a.workers {
-                let job = backend
-                    .submit(spec("worker", wp.clone(), extra.clone()))
-                    .await?;
-                cluster.jobs.push(ClusterJob {
-                    role: Role::Worker,
-                    job,
-                });
-            }
-            Ok::<(), noyau_sched::SchedError>(())
+            cluster.record_jobs();
+            cluster.submit_workers(first).await
         }
         .await;
-        cluster.record_jobs();
         if let Err(e) = submitted {
             cluster.cancel_all().await;
             let _ = std::fs::remove_dir_all(dir.path());
             return Err(e.into());
         }
         let ids: Vec<String> = cluster.jobs.iter().map(|j| j.job.id.clone()).collect();
+        let sizing = match size {
+            Size::Fixed(_) => String::new(),
+            Size::Adapt { min, max } => {
+                format!(", adaptive {min} to {max} workers (Dask's own target)")
+            }
+        };
         let text = format!(
-            "[noyau] Dask cluster from {}: scheduler job {} and {} worker job(s) {} ({}); waiting for the scheduler…\n",
+            "[noyau] Dask cluster from {}: scheduler job {} and {first} worker job(s) {} ({}){sizing}{}; waiting for the scheduler…\n",
             cluster.target,
             ids[0],
-            a.workers,
             ids[1..].join(", "),
-            backend.name()
+            backend.name(),
+            lifetime.map_or(String::new(), |l| format!(
+                "; workers retire after {} s, before their walltime, and are replaced ahead of time",
+                l.as_secs()
+            )),
         );
         self.dask = Some(cluster);
         self.publish_stream(header, "stdout", &text).await;
@@ -327,6 +628,9 @@ impl Proxy {
         }
         if c.waiting() {
             self.dask_poll().await;
+        } else if c.address.is_some() && c.last_manage.elapsed() >= Duration::from_secs(1) {
+            c.last_manage = Instant::now();
+            c.manage().await;
         }
     }
 
@@ -447,6 +751,18 @@ impl Proxy {
             "dashboard: {}\n",
             c.dir.dashboard().unwrap_or_else(|| "none".into())
         ));
+        out.push_str(&match c.size {
+            Size::Fixed(n) => format!("size: {n} worker(s)\n"),
+            Size::Adapt { min, max } => format!(
+                "size: adaptive {min} to {max}; Dask's target: {}\n",
+                c.last_target
+                    .map_or("not known yet".to_string(), |t| t.to_string())
+            ),
+        });
+        out.push_str(&format!(
+            "worker jobs: {} started, {} ended by scale-down, {} replaced before their walltime\n",
+            c.n_started, c.n_scaled_down, c.n_replaced
+        ));
         let workers = c.dir.workers();
         out.push_str(&format!("workers: {}\n", workers.len()));
         for w in &workers {
@@ -493,13 +809,30 @@ mod tests {
                 workers: 2,
                 target: Some("gpu".into()),
                 worker_cores: Some(4),
-                worker_mem: Some("2G".into())
+                worker_mem: Some("2G".into()),
+                ..Default::default()
             }
         );
+        let a = parse_up(&["--adapt", "0", "3", "--worker-time", "2"]).unwrap();
+        assert_eq!(a.adapt, Some((0, 3)));
+        assert_eq!(a.worker_time.as_deref(), Some("2"));
+        assert!(parse_up(&["--adapt", "3", "1"]).is_err());
+        assert!(parse_up(&["--adapt", "0", "0"]).is_err());
+        assert!(parse_up(&["--adapt", "0"]).is_err());
+        assert!(parse_up(&["2", "--adapt", "0", "3"]).is_err());
+        assert!(parse_up(&["--worker-time", "soon"]).is_err());
         assert!(parse_up(&["0"]).is_err());
         assert!(parse_up(&["--worker-cores"]).is_err());
         assert!(parse_up(&["--worker-mem", "lots"]).is_err());
         assert!(parse_up(&["2", "3"]).is_err());
+    }
+
+    #[test]
+    fn workers_retire_before_their_walltime() {
+        let s = Duration::from_secs;
+        assert_eq!(lifetime_for(s(120)), s(90));
+        assert_eq!(lifetime_for(s(3600)), s(3300));
+        assert_eq!(lifetime_for(s(40)), s(20));
     }
 
     #[test]
