@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,14 @@ def test_dask_up_compute_status_down_and_shutdown(km) -> None:  # type: ignore[n
     m = re.search(r"Client\(\"(tls://[^\"]+)\"\)", text)
     assert m, text
     address = m.group(1)
+    # the dashboard, through the port noyau forwards on this host
+    pytest.importorskip("bokeh")
+    d = re.search(r"dashboard: (http://127\.0\.0\.1:\d+/status) \(noyau forwards it to http://", text)
+    assert d, text
+    dashboard = d.group(1)
+    with urllib.request.urlopen(dashboard, timeout=30) as r:
+        page = r.read().decode()
+    assert r.status == 200 and "Dask" in page and "bokeh" in page.lower(), page[:500]
     jobs = dask_jobs()
     assert sorted(j["name"] for j in jobs) == ["noyau-dask-scheduler", "noyau-dask-worker", "noyau-dask-worker"], jobs
 
@@ -114,6 +123,7 @@ def test_dask_up_compute_status_down_and_shutdown(km) -> None:  # type: ignore[n
     lib.wait_until(lambda: "workers: 2" in status(), 10, "dask status to list 2 workers", interval=0.5)
     text = status()
     assert f"scheduler: {address}" in text, text
+    assert f"dashboard: {dashboard}" in text, text
     assert "workers: 2" in text, text
     assert text.count("running on") == 3, text
 
@@ -231,3 +241,51 @@ def test_adapt_starts_workers_under_load_and_cancels_them_when_idle(km) -> None:
     reply, text, _ = run(km, "%noyau dask status")
     assert "2 started, 2 ended by scale-down" in text, text
     assert "Dask's target: 0" in text, text
+
+
+@pytest.mark.timeout(600)
+def test_a_computation_longer_than_the_worker_walltime_finishes(km) -> None:  # type: ignore[no-untyped-def]
+    # workers of 2 minutes retire gracefully after 90 s; each is replaced ahead of time
+    reply, text, errors = run(km, "%noyau dask up 1 --target hpc --worker-cores 1 --worker-time 2", timeout=180)
+    assert reply["status"] == "ok", (text, errors)
+    assert "workers retire after 90 s" in text, text
+
+    # about 3 minutes of work for one single-threaded worker
+    msg_id = km.kc.execute(
+        "import time\n"
+        "from dask.distributed import Client\n"
+        "client = Client()\n"
+        "futs = client.map(lambda i: (time.sleep(2), i * i)[1], range(90), pure=False)\n"
+        "print(sum(client.gather(futs)))\n")
+    running: dict[str, list[float]] = {}  # job id -> [first, last] seen running
+    deadline = time.monotonic() + 420
+    reply = None
+    while reply is None and time.monotonic() < deadline:
+        now = time.monotonic()
+        for j in dask_jobs():
+            if j["name"] == "noyau-dask-worker" and j["state"] == "RUNNING":
+                running.setdefault(j["id"], [now, now])[1] = now
+        try:
+            r = km.kc.get_shell_msg(timeout=0.5)
+        except Exception:
+            continue
+        if r["parent_header"].get("msg_id") == msg_id:
+            reply = r
+    assert reply is not None and reply["content"]["status"] == "ok", reply
+    while (m := km.kc.get_iopub_msg(timeout=10)):
+        if m["msg_type"] == "stream":
+            assert m["content"]["text"].strip() == str(sum(i * i for i in range(90)))
+            break
+    assert len(running) >= 2, f"no worker was replaced: {running}"
+    ids = sorted(running, key=int)
+    still = {j["id"] for j in dask_jobs()}
+    for i in ids:
+        first, last = running[i]
+        if i not in still:
+            # ended by its own graceful retirement, well before the 120 s walltime
+            assert last - first < 110, f"worker job {i} ran {last - first:.0f} s: {running}"
+    # each replacement started before the job it replaces ended (no gap)
+    for old, new in zip(ids, ids[1:]):
+        assert running[new][0] < running[old][1], f"job {new} started after {old} ended: {running}"
+    reply, text, _ = run(km, "%noyau dask status")
+    assert re.search(r"[1-9]\d* replaced before their walltime", text), text

@@ -172,6 +172,15 @@ pub fn run(a: JobArgs) -> anyhow::Result<i32> {
             Ok(())
         });
     }
+    // The job script asks Slurm for SIGUSR1 before the walltime (the
+    // agent's warning); its default action would end this job early.
+    // Workers retire by their own --lifetime instead.
+    // SAFETY: the handler does nothing, so it is async-signal-safe.
+    unsafe {
+        use nix::sys::signal::{signal, SigHandler, Signal};
+        extern "C" fn ignore(_: libc::c_int) {}
+        signal(Signal::SIGUSR1, SigHandler::Handler(ignore))?;
+    }
     let mut child = cmd
         .spawn()
         .map_err(|e| fail(format!("cannot start {}: {e}", argv.join(" "))))?;

@@ -137,12 +137,13 @@ impl ClusterDir {
         std::fs::rename(tmp, self.0.join("retire.json"))
     }
 
-    /// `http://HOST:PORT/status` when the scheduler serves a dashboard.
-    pub fn dashboard(&self) -> Option<String> {
+    /// The scheduler's dashboard (host, port), when it serves one (the
+    /// environment has bokeh).
+    pub fn dashboard(&self) -> Option<(String, u16)> {
         let info = self.scheduler()?;
         let port = info.services.get("dashboard")?.as_u64()?;
         let host = host_of(&info.address)?;
-        Some(format!("http://{host}:{port}/status"))
+        Some((host.to_string(), u16::try_from(port).ok()?))
     }
 }
 
@@ -222,7 +223,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.scheduler().unwrap().address, "tls://n1:4000");
-        assert_eq!(c.dashboard().unwrap(), "http://n1:8787/status");
+        assert_eq!(c.dashboard().unwrap(), ("n1".to_string(), 8787));
     }
 
     #[test]

@@ -183,6 +183,62 @@ fn expiring(lifetime: Option<Duration>, startup: Duration, j: &ClusterJob, now: 
     }
 }
 
+/// The dashboard as the user's browser reaches it: a port on the proxy's
+/// host, forwarded to the scheduler's dashboard in its allocation.
+pub(crate) struct Dashboard {
+    /// `http://127.0.0.1:PORT/status`.
+    link: String,
+    /// Where it goes (`http://node:port/status`).
+    upstream: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Dashboard {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Listens on 127.0.0.1 (a free port; `NOYAU_DASK_DASHBOARD_PORT` picks
+/// one) and relays every connection, bytes as they are (HTTP and the
+/// dashboard's websockets alike), to the scheduler's dashboard.
+async fn forward_dashboard(host: String, port: u16) -> std::io::Result<Dashboard> {
+    let local: u16 = std::env::var("NOYAU_DASK_DASHBOARD_PORT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", local)).await?;
+    let local = listener.local_addr()?.port();
+    let upstream = format!("http://{host}:{port}/status");
+    let task = tokio::spawn(async move {
+        loop {
+            let mut inbound = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // e.g. out of file descriptors: try again shortly
+                    tracing::warn!("dashboard: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let host = host.clone();
+            tokio::spawn(async move {
+                match tokio::net::TcpStream::connect((host.as_str(), port)).await {
+                    Ok(mut out) => {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                    Err(e) => tracing::warn!("dashboard: cannot reach {host}:{port}: {e}"),
+                }
+            });
+        }
+    });
+    Ok(Dashboard {
+        link: format!("http://127.0.0.1:{local}/status"),
+        upstream,
+        task,
+    })
+}
+
 /// The one cluster of this kernel.
 pub(crate) struct Cluster {
     dir: ClusterDir,
@@ -191,6 +247,7 @@ pub(crate) struct Cluster {
     target: String,
     jobs: Vec<ClusterJob>,
     address: Option<String>,
+    dashboard: Option<Dashboard>,
     /// The `dask up` cell, answered once the kernel is configured.
     waiting: Option<(Vec<Bytes>, Bytes)>,
     /// msg_id of the proxy's setup request to the notebook's kernel.
@@ -226,6 +283,16 @@ impl Cluster {
 
     pub(crate) fn is_setup(&self, id: &str) -> bool {
         self.setup.as_deref() == Some(id)
+    }
+
+    fn dashboard_line(&self) -> String {
+        match (&self.dashboard, self.dir.dashboard()) {
+            (Some(d), _) => format!("{} (noyau forwards it to {})", d.link, d.upstream),
+            (None, Some((host, port))) => format!("http://{host}:{port}/status"),
+            (None, None) => {
+                "none (the cluster's environment lacks bokeh, which Dask's dashboard needs)".into()
+            }
+        }
     }
 
     /// Keeps `DIR/jobs` equal to the jobs submitted.
@@ -549,6 +616,7 @@ impl Proxy {
             target,
             jobs: Vec::new(),
             address: None,
+            dashboard: None,
             waiting: Some((identities.to_vec(), header.clone())),
             setup: None,
             started: Instant::now(),
@@ -659,6 +727,12 @@ impl Proxy {
             return;
         };
         c.address = Some(info.address.clone());
+        if let Some((host, port)) = c.dir.dashboard() {
+            match forward_dashboard(host, port).await {
+                Ok(d) => c.dashboard = Some(d),
+                Err(e) => tracing::warn!("cannot forward the Dask dashboard: {e}"),
+            }
+        }
         let code = noyau_dask::kernel_setup_code(&c.dir, &info.address);
         let (request, id) = self.own_request(json!({
             "code": code, "silent": true, "store_history": false,
@@ -691,11 +765,7 @@ impl Proxy {
         };
         let address = c.address.clone().unwrap_or_default();
         let result = if ok {
-            let dashboard = c
-                .dir
-                .dashboard()
-                .map(|d| format!("dashboard: {d}\n"))
-                .unwrap_or_else(|| "no dashboard (the cluster's environment lacks bokeh)\n".into());
+            let dashboard = format!("dashboard: {}\n", c.dashboard_line());
             Ok(format!(
                 "[noyau] scheduler up after {} s; this kernel is configured for it (TLS, certificate of this cluster only)\n\
                  Client({})  # `from dask.distributed import Client; client = Client()` connects\n{dashboard}",
@@ -747,10 +817,7 @@ impl Proxy {
             "scheduler: {}\n",
             c.address.as_deref().unwrap_or("(not started yet)")
         ));
-        out.push_str(&format!(
-            "dashboard: {}\n",
-            c.dir.dashboard().unwrap_or_else(|| "none".into())
-        ));
+        out.push_str(&format!("dashboard: {}\n", c.dashboard_line()));
         out.push_str(&match c.size {
             Size::Fixed(n) => format!("size: {n} worker(s)\n"),
             Size::Adapt { min, max } => format!(
