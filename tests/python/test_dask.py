@@ -192,8 +192,10 @@ def direction_changes(counts: list[int]) -> int:
     return sum(1 for a, b in zip(steps, steps[1:]) if (a > 0) != (b > 0))
 
 
-def test_adapt_starts_workers_under_load_and_cancels_them_when_idle(km) -> None:  # type: ignore[no-untyped-def]
-    reply, text, errors = run(km, "%noyau dask up --adapt 0 2 --target hpc --worker-cores 1", timeout=180)
+def test_adapt_starts_workers_under_load_and_cancels_them_when_idle(km, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # the settings come from [dask] in noyau.toml (the same as --adapt 0 2 --target hpc --worker-cores 1)
+    (tmp_path / "noyau.toml").write_text(PROFILE + '[dask]\ntarget = "hpc"\nadapt = [0, 2]\nworker_cores = 1\n')
+    reply, text, errors = run(km, "%noyau dask up", timeout=180)
     assert reply["status"] == "ok", (text, errors)
     assert "adaptive 0 to 2" in text, text
     assert worker_jobs() == set(), "MIN is 0: no worker before there is work"

@@ -39,14 +39,12 @@ pub const USAGE: &str =
 /// At most this many workers (fixed or adaptive).
 const MAX_WORKERS: u32 = 1000;
 
-/// Parses the words after `dask up`.
-pub fn parse_up(words: &[&str]) -> Result<UpArgs, String> {
-    let mut a = UpArgs {
-        workers: 1,
-        ..Default::default()
-    };
+/// Parses the words after `dask up`; what they leave out comes from
+/// `[dask]` in noyau.toml (`defaults`), checked the same way.
+pub fn parse_up(words: &[&str], defaults: &noyau_config::DaskSettings) -> Result<UpArgs, String> {
+    let mut a = UpArgs::default();
     let mut it = words.iter();
-    let mut seen_n = false;
+    let mut n: Option<u32> = None;
     while let Some(w) = it.next() {
         let mut value = |name: &str| {
             it.next()
@@ -58,54 +56,102 @@ pub fn parse_up(words: &[&str]) -> Result<UpArgs, String> {
             "--worker-cores" => {
                 let v = value("--worker-cores")?;
                 a.worker_cores =
-                    Some(v.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    Some(v.parse().map_err(|_| {
                         format!("--worker-cores {v:?}: expected a positive integer")
                     })?);
             }
             "--adapt" => {
                 let mut bound = |what: &str| -> Result<u32, String> {
                     let v = value("--adapt")?;
-                    v.parse().ok().filter(|n| *n <= MAX_WORKERS).ok_or_else(|| {
-                        format!("--adapt {what} {v:?}: expected 0 to {MAX_WORKERS}; {USAGE}")
-                    })
+                    v.parse()
+                        .map_err(|_| format!("--adapt {what} {v:?}: expected a number; {USAGE}"))
                 };
-                let (min, max) = (bound("MIN")?, bound("MAX")?);
-                if max == 0 || min > max {
-                    return Err(format!(
-                        "--adapt {min} {max}: expected MIN <= MAX and MAX >= 1 (e.g. --adapt 0 10)"
-                    ));
-                }
-                a.adapt = Some((min, max));
+                a.adapt = Some((bound("MIN")?, bound("MAX")?));
             }
-            "--worker-time" => {
-                let v = value("--worker-time")?;
-                noyau_config::parse_time(&v).map_err(|e| format!("--worker-time: {e}"))?;
-                a.worker_time = Some(v);
-            }
-            "--worker-mem" => {
-                let v = value("--worker-mem")?;
-                noyau_config::parse_size(&v).map_err(|e| format!("--worker-mem {v:?}: {e}"))?;
-                a.worker_mem = Some(v);
-            }
-            n if !seen_n && !n.starts_with('-') => {
-                a.workers = n
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=MAX_WORKERS).contains(n))
-                    .ok_or_else(|| {
-                        format!("{n:?}: the number of workers is 1 to {MAX_WORKERS}; {USAGE}")
-                    })?;
-                seen_n = true;
+            "--worker-time" => a.worker_time = Some(value("--worker-time")?),
+            "--worker-mem" => a.worker_mem = Some(value("--worker-mem")?),
+            w if n.is_none() && !w.starts_with('-') => {
+                n = Some(w.parse().map_err(|_| {
+                    format!("{w:?}: the number of workers is 1 to {MAX_WORKERS}; {USAGE}")
+                })?);
             }
             other => return Err(format!("unexpected {other:?}; {USAGE}")),
         }
     }
-    if seen_n && a.adapt.is_some() {
+    if n.is_some() && a.adapt.is_some() {
         return Err(format!(
             "give a number of workers or --adapt MIN MAX, not both; {USAGE}"
         ));
     }
-    Ok(a)
+    check(&a, n, "--")?;
+    // What the line leaves out comes from [dask]; a size on the line
+    // (N or --adapt) replaces [dask]'s (workers or adapt).
+    let from_file = n.is_none() && a.adapt.is_none();
+    let d = UpArgs {
+        workers: 0,
+        adapt: defaults
+            .adapt
+            .map(|[lo, hi]| (lo, hi))
+            .filter(|_| from_file),
+        target: defaults.target.clone(),
+        worker_cores: defaults.worker_cores,
+        worker_mem: defaults.worker_mem.clone(),
+        worker_time: defaults.worker_time.clone(),
+    };
+    let dn = defaults.workers.filter(|_| from_file);
+    if dn.is_some() && d.adapt.is_some() {
+        return Err("[dask] in noyau.toml: give `workers` or `adapt`, not both".into());
+    }
+    check(&d, dn, "[dask] ")?;
+    Ok(UpArgs {
+        workers: n.or(dn).unwrap_or(1),
+        adapt: a.adapt.or(d.adapt),
+        target: a.target.or(d.target),
+        worker_cores: a.worker_cores.or(d.worker_cores),
+        worker_mem: a.worker_mem.or(d.worker_mem),
+        worker_time: a.worker_time.or(d.worker_time),
+    })
+}
+
+/// Checks the values of `dask up`'s flags (`src` "--") or of `[dask]`
+/// (`src` "[dask] "), naming the one at fault as the user wrote it.
+fn check(a: &UpArgs, workers: Option<u32>, src: &str) -> Result<(), String> {
+    let key = |flag: &str| {
+        if src == "--" {
+            format!("--{flag}")
+        } else {
+            format!("{src}{}", flag.replace('-', "_"))
+        }
+    };
+    if let Some(n) = workers.filter(|n| !(1..=MAX_WORKERS).contains(n)) {
+        let what = if src == "--" {
+            "the number of workers".to_string()
+        } else {
+            key("workers")
+        };
+        return Err(format!("{what} {n}: expected 1 to {MAX_WORKERS}"));
+    }
+    if let Some((min, max)) = a.adapt {
+        if max == 0 || min > max || max > MAX_WORKERS {
+            return Err(format!(
+                "{} {min} {max}: expected MIN <= MAX, MAX from 1 to {MAX_WORKERS} (e.g. 0 10)",
+                key("adapt")
+            ));
+        }
+    }
+    if a.worker_cores == Some(0) {
+        return Err(format!(
+            "{} 0: expected a positive integer",
+            key("worker-cores")
+        ));
+    }
+    if let Some(m) = &a.worker_mem {
+        noyau_config::parse_size(m).map_err(|e| format!("{}: {e}", key("worker-mem")))?;
+    }
+    if let Some(t) = &a.worker_time {
+        noyau_config::parse_time(t).map_err(|e| format!("{}: {e}", key("worker-time")))?;
+    }
+    Ok(())
 }
 
 /// Slurm's `4G` (GiB) as Dask writes it (`4GiB`).
@@ -503,7 +549,11 @@ impl Proxy {
         header: Bytes,
     ) {
         let result = match words {
-            ["up", rest @ ..] => match parse_up(rest) {
+            ["up", rest @ ..] => match std::env::current_dir()
+                .map_err(|e| e.to_string())
+                .and_then(|cwd| noyau_config::Config::load(&cwd).map_err(|e| e.to_string()))
+                .and_then(|cfg| parse_up(rest, &cfg.dask))
+            {
                 Err(e) => Err(("UsageError", e)),
                 Ok(a) => match self.dask_up(a, &identities, &header).await {
                     Ok(()) => return,
@@ -859,8 +909,10 @@ mod tests {
 
     #[test]
     fn up_arguments() {
-        assert_eq!(parse_up(&[]).unwrap().workers, 1);
-        let a = parse_up(&[
+        let none = noyau_config::DaskSettings::default();
+        let parse = |w: &[&str]| parse_up(w, &none);
+        assert_eq!(parse(&[]).unwrap().workers, 1);
+        let a = parse(&[
             "2",
             "--target",
             "gpu",
@@ -880,18 +932,48 @@ mod tests {
                 ..Default::default()
             }
         );
-        let a = parse_up(&["--adapt", "0", "3", "--worker-time", "2"]).unwrap();
+        let a = parse(&["--adapt", "0", "3", "--worker-time", "2"]).unwrap();
         assert_eq!(a.adapt, Some((0, 3)));
         assert_eq!(a.worker_time.as_deref(), Some("2"));
-        assert!(parse_up(&["--adapt", "3", "1"]).is_err());
-        assert!(parse_up(&["--adapt", "0", "0"]).is_err());
-        assert!(parse_up(&["--adapt", "0"]).is_err());
-        assert!(parse_up(&["2", "--adapt", "0", "3"]).is_err());
-        assert!(parse_up(&["--worker-time", "soon"]).is_err());
-        assert!(parse_up(&["0"]).is_err());
-        assert!(parse_up(&["--worker-cores"]).is_err());
-        assert!(parse_up(&["--worker-mem", "lots"]).is_err());
-        assert!(parse_up(&["2", "3"]).is_err());
+        assert!(parse(&["--adapt", "3", "1"]).is_err());
+        assert!(parse(&["--adapt", "0", "0"]).is_err());
+        assert!(parse(&["--adapt", "0"]).is_err());
+        assert!(parse(&["2", "--adapt", "0", "3"]).is_err());
+        assert!(parse(&["--worker-time", "soon"]).is_err());
+        assert!(parse(&["0"]).is_err());
+        assert!(parse(&["--worker-cores"]).is_err());
+        assert!(parse(&["--worker-cores", "0"]).is_err());
+        assert!(parse(&["--worker-mem", "lots"]).is_err());
+        assert!(parse(&["2", "3"]).is_err());
+    }
+
+    #[test]
+    fn dask_settings_fill_what_the_line_leaves_out() {
+        let d = noyau_config::DaskSettings {
+            target: Some("hpc".into()),
+            adapt: Some([0, 8]),
+            worker_mem: Some("2G".into()),
+            ..Default::default()
+        };
+        let a = parse_up(&["--worker-mem", "1G"], &d).unwrap();
+        assert_eq!(a.adapt, Some((0, 8)));
+        assert_eq!(a.target.as_deref(), Some("hpc"));
+        assert_eq!(a.worker_mem.as_deref(), Some("1G"));
+        // a size on the line replaces [dask]'s
+        let a = parse_up(&["3"], &d).unwrap();
+        assert_eq!((a.workers, a.adapt), (3, None));
+        let bad = noyau_config::DaskSettings {
+            worker_time: Some("soon".into()),
+            ..Default::default()
+        };
+        let e = parse_up(&[], &bad).unwrap_err();
+        assert!(e.starts_with("[dask] worker_time:"), "{e}");
+        let both = noyau_config::DaskSettings {
+            workers: Some(2),
+            adapt: Some([0, 2]),
+            ..Default::default()
+        };
+        assert!(parse_up(&[], &both).unwrap_err().contains("not both"));
     }
 
     #[test]
