@@ -159,9 +159,10 @@ pub fn run(a: JobArgs) -> anyhow::Result<i32> {
         report(&d, &msg);
         anyhow::anyhow!(msg)
     };
-    let (argv, env) = prepare(&a).map_err(|e| fail(format!("{e:#}")))?;
+    let p = prepare(&a).map_err(|e| fail(format!("{e:#}")))?;
+    let argv = &p.argv;
     let mut cmd = Command::new(&argv[0]);
-    cmd.args(&argv[1..]).env_clear().envs(env);
+    cmd.args(&argv[1..]).env_clear().envs(&p.env);
     // SAFETY: prctl is async-signal-safe; it runs in the child between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
@@ -187,6 +188,9 @@ pub fn run(a: JobArgs) -> anyhow::Result<i32> {
     let mut owner = OwnerWatch::from_env();
     loop {
         if let Some(status) = child.try_wait()? {
+            if !status.success() && status.code().is_some() {
+                return Err(fail(explain_failure(&p, a.role, status)));
+            }
             return Ok(status.code().unwrap_or(1));
         }
         if let Some(why) = owner.check(&d.owner_file(), Instant::now()) {
@@ -242,7 +246,13 @@ fn report(d: &ClusterDir, msg: &str) {
     }
 }
 
-type Prepared = (Vec<String>, BTreeMap<String, String>);
+/// Dask's command line and environment, and the check that explains a failure.
+struct Prepared {
+    argv: Vec<String>,
+    env: BTreeMap<String, String>,
+    check: Vec<String>,
+    python: String,
+}
 
 fn prepare(a: &JobArgs) -> anyhow::Result<Prepared> {
     let mut env: BTreeMap<String, String> = std::env::vars().collect();
@@ -271,22 +281,37 @@ fn prepare(a: &JobArgs) -> anyhow::Result<Prepared> {
         argv = a2;
         env = e2;
     }
-    let out = Command::new(&check[0])
-        .args(&check[1..])
+    Ok(Prepared {
+        argv,
+        env,
+        check,
+        python,
+    })
+}
+
+/// Dask failed: says why, in the words a user can act on when the
+/// environment lacks `distributed` (checked only now, so that a sound
+/// environment pays no extra Python start on the way to a running cluster).
+fn explain_failure(p: &Prepared, role: Role, status: std::process::ExitStatus) -> String {
+    let out = Command::new(&p.check[0])
+        .args(&p.check[1..])
         .env_clear()
-        .envs(&env)
-        .output()
-        .with_context(|| format!("cannot run {}", check[0]))?;
-    if !out.status.success() {
-        let why = String::from_utf8_lossy(&out.stderr);
-        let last = why.lines().last().unwrap_or("").trim().to_string();
-        anyhow::bail!(
-            "the environment has no usable `distributed` ({python}: {last}); \
-             add `distributed` to the requirements under [environment] in noyau.toml \
-             (or install it into the kernel's Python) and run `%noyau dask up` again"
-        );
+        .envs(&p.env)
+        .output();
+    match out {
+        Ok(out) if !out.status.success() => {
+            let why = String::from_utf8_lossy(&out.stderr);
+            let last = why.lines().last().unwrap_or("").trim().to_string();
+            format!(
+                "the environment has no usable `distributed` ({}: {last}); \
+                 add `distributed` to the requirements under [environment] in noyau.toml \
+                 (or install it into the kernel's Python) and run `%noyau dask up` again",
+                p.python
+            )
+        }
+        Err(e) => format!("cannot run {}: {e}", p.check[0]),
+        Ok(_) => format!("Dask's {role:?} exited ({status}); its job log says why"),
     }
-    Ok((argv, env))
 }
 
 /// The inner kernelspec's Python, else `python3`.

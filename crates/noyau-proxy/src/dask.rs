@@ -734,7 +734,7 @@ impl Proxy {
         Ok(())
     }
 
-    /// Called every half second while a cluster exists.
+    /// Called every 100 ms while a cluster exists.
     pub(crate) async fn dask_tick(&mut self) {
         let Some(c) = self.dask.as_mut() else { return };
         if c.last_beat.elapsed() >= noyau_dask::owner::HEARTBEAT {

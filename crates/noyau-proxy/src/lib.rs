@@ -279,7 +279,7 @@ impl Proxy {
         };
         let mut tick = tokio::time::interval(Duration::from_secs(10));
         let mut idle_tick = tokio::time::interval(Duration::from_secs(10));
-        let mut dask_tick = tokio::time::interval(Duration::from_millis(500));
+        let mut dask_tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             let waiting = self.link.is_none() && self.job_state.is_some();
             tokio::select! {
