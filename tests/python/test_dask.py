@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -28,25 +31,47 @@ def dask_jobs() -> list[dict[str, str]]:
     return [j for j in lib.squeue_noyau() if j["name"].startswith("noyau-dask-")]
 
 
-@pytest.fixture
-def km(noyau_kernelspec: str, tmp_path: Path):  # type: ignore[no-untyped-def]
-    require_slurm()
-    pytest.importorskip("distributed")
-    if lib.slurm_node_cpus() < 3:
-        pytest.skip("the test cluster has fewer than 3 CPUs for scheduler + 2 workers: "
-                    "start it with SLURM_UP_CPUS=4 scripts/slurm-up DIR")
-    (tmp_path / "noyau.toml").write_text(PROFILE)
-    m = lib.kernel_in(noyau_kernelspec, tmp_path)
-    yield m
-    lib.stop_kernel(m)
+def end_cluster_jobs(timeout: float = 30) -> None:
+    """Waits for the cluster's jobs to leave the queue; cancels and fails on leftovers."""
     try:
-        lib.wait_until(lambda: not dask_jobs(), 30, "the cluster's jobs to leave the queue", interval=0.5)
+        lib.wait_until(lambda: not dask_jobs(), timeout, "the cluster's jobs to leave the queue", interval=0.5)
     except Exception:
         pass
     left = dask_jobs()
     if left:
         subprocess.run(["scancel", *[j["id"] for j in left]], check=False)
     assert not left, f"Dask jobs left in the queue: {left}"
+
+
+@pytest.fixture
+def kernel(noyau_kernelspec: str, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Starts a noyau kernel in tmp_path (with the `hpc` Slurm profile) with
+    extra environment variables; ends it and checks no Dask job is left."""
+    require_slurm()
+    pytest.importorskip("distributed")
+    if lib.slurm_node_cpus() < 3:
+        pytest.skip("the test cluster has fewer than 3 CPUs for scheduler + 2 workers: "
+                    "start it with SLURM_UP_CPUS=4 scripts/slurm-up DIR")
+    (tmp_path / "noyau.toml").write_text(PROFILE)
+    started = []
+
+    def start(env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+        m = lib.kernel_in(noyau_kernelspec, tmp_path, env)
+        started.append(m)
+        return m
+
+    yield start
+    for m in started:
+        try:
+            lib.stop_kernel(m)
+        except Exception:
+            pass
+    end_cluster_jobs()
+
+
+@pytest.fixture
+def km(kernel):  # type: ignore[no-untyped-def]
+    return kernel()
 
 
 def run(km, code: str, timeout: float = 60):  # type: ignore[no-untyped-def]
@@ -63,6 +88,14 @@ def test_dask_up_compute_status_down_and_shutdown(km) -> None:  # type: ignore[n
     m = re.search(r"Client\(\"(tls://[^\"]+)\"\)", text)
     assert m, text
     address = m.group(1)
+    # the dashboard, through the port noyau forwards on this host
+    pytest.importorskip("bokeh")
+    d = re.search(r"dashboard: (http://127\.0\.0\.1:\d+/status) \(noyau forwards it to http://", text)
+    assert d, text
+    dashboard = d.group(1)
+    with urllib.request.urlopen(dashboard, timeout=30) as r:
+        page = r.read().decode()
+    assert r.status == 200 and "Dask" in page and "bokeh" in page.lower(), page[:500]
     jobs = dask_jobs()
     assert sorted(j["name"] for j in jobs) == ["noyau-dask-scheduler", "noyau-dask-worker", "noyau-dask-worker"], jobs
 
@@ -90,6 +123,7 @@ def test_dask_up_compute_status_down_and_shutdown(km) -> None:  # type: ignore[n
     lib.wait_until(lambda: "workers: 2" in status(), 10, "dask status to list 2 workers", interval=0.5)
     text = status()
     assert f"scheduler: {address}" in text, text
+    assert f"dashboard: {dashboard}" in text, text
     assert "workers: 2" in text, text
     assert text.count("running on") == 3, text
 
@@ -131,3 +165,129 @@ def test_dask_up_needs_distributed_in_the_environment(km, tmp_path: Path) -> Non
     assert reply["status"] == "error", text
     assert "no usable `distributed`" in errors[0]["evalue"], errors
     lib.wait_until(lambda: not dask_jobs(), 30, "the cluster's jobs to be cancelled", interval=0.5)
+
+
+def test_kill_9_of_the_proxy_ends_every_job_after_the_grace(kernel) -> None:  # type: ignore[no-untyped-def]
+    km = kernel({"NOYAU_LINK_GIVE_UP": "10", "NOYAU_REATTACH_GRACE": "10"})
+    reply, text, errors = run(km, "%noyau dask up 2 --target hpc", timeout=180)
+    assert reply["status"] == "ok", (text, errors)
+    jobs = dask_jobs()
+    assert len(jobs) == 3, jobs
+    lib.kill(km.provisioner.process.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    lib.wait_until(lambda: not dask_jobs(), 60, "the cluster's jobs to leave the queue after the owner died",
+                   interval=0.5)
+    # they outlived the proxy for the grace period (10 s), not until their walltime
+    assert time.monotonic() - killed >= 8, "the cluster ended before the grace period"
+    lib.wait_until(lambda: not lib.squeue_noyau(), 60, "the kernel's own job to end after its grace", interval=0.5)
+
+
+def worker_jobs() -> set[str]:
+    return {j["id"] for j in dask_jobs() if j["name"] == "noyau-dask-worker"}
+
+
+def direction_changes(counts: list[int]) -> int:
+    """How many times a sequence of job counts turns (up then down is 1)."""
+    steps = [b - a for a, b in zip(counts, counts[1:]) if b != a]
+    return sum(1 for a, b in zip(steps, steps[1:]) if (a > 0) != (b > 0))
+
+
+def test_adapt_starts_workers_under_load_and_cancels_them_when_idle(km, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # the settings come from [dask] in noyau.toml (the same as --adapt 0 2 --target hpc --worker-cores 1)
+    (tmp_path / "noyau.toml").write_text(PROFILE + '[dask]\ntarget = "hpc"\nadapt = [0, 2]\nworker_cores = 1\n')
+    reply, text, errors = run(km, "%noyau dask up", timeout=180)
+    assert reply["status"] == "ok", (text, errors)
+    assert "adaptive 0 to 2" in text, text
+    assert worker_jobs() == set(), "MIN is 0: no worker before there is work"
+
+    # about 40 s of work for one single-threaded worker: Dask's target asks for 2
+    msg_id = km.kc.execute(
+        "import time\n"
+        "from dask.distributed import Client\n"
+        "client = Client()\n"
+        "futs = client.map(lambda i: (time.sleep(1), i)[1], range(40), pure=False)\n"
+        "total = sum(client.gather(futs))\n"
+        "del futs  # results held in the cluster keep a worker (Dask's target stays 1)\n"
+        "print(total)\n")
+    seen: set[str] = set()
+    counts: list[int] = []
+
+    def observe() -> int:
+        jobs = worker_jobs()
+        seen.update(jobs)
+        counts.append(len(jobs))
+        return len(jobs)
+
+    deadline = time.monotonic() + 240
+    reply = None
+    while reply is None and time.monotonic() < deadline:
+        observe()
+        try:
+            r = km.kc.get_shell_msg(timeout=0.5)
+        except Exception:
+            continue
+        if r["parent_header"].get("msg_id") == msg_id:
+            reply = r
+    assert reply is not None and reply["content"]["status"] == "ok", reply
+    assert max(counts) == 2, counts
+    while (m := km.kc.get_iopub_msg(timeout=10)):
+        if m["msg_type"] == "stream":
+            assert m["content"]["text"].strip() == str(sum(range(40)))
+            break
+
+    # idle: after Dask's target has stayed at 0 for a while, the jobs are retired
+    lib.wait_until(lambda: observe() == 0, 120, "the idle workers' jobs to end", interval=0.5)
+    assert len(seen) == 2, f"worker jobs started: {sorted(seen)} (counts {counts})"
+    assert direction_changes(counts) <= 1, f"the job count oscillated: {counts}"
+
+    reply, text, _ = run(km, "%noyau dask status")
+    assert "2 started, 2 ended by scale-down" in text, text
+    assert "Dask's target: 0" in text, text
+
+
+@pytest.mark.timeout(600)
+def test_a_computation_longer_than_the_worker_walltime_finishes(km) -> None:  # type: ignore[no-untyped-def]
+    # workers of 2 minutes retire gracefully after 90 s; each is replaced ahead of time
+    reply, text, errors = run(km, "%noyau dask up 1 --target hpc --worker-cores 1 --worker-time 2", timeout=180)
+    assert reply["status"] == "ok", (text, errors)
+    assert "workers retire after 90 s" in text, text
+
+    # about 3 minutes of work for one single-threaded worker
+    msg_id = km.kc.execute(
+        "import time\n"
+        "from dask.distributed import Client\n"
+        "client = Client()\n"
+        "futs = client.map(lambda i: (time.sleep(2), i * i)[1], range(90), pure=False)\n"
+        "print(sum(client.gather(futs)))\n")
+    running: dict[str, list[float]] = {}  # job id -> [first, last] seen running
+    deadline = time.monotonic() + 420
+    reply = None
+    while reply is None and time.monotonic() < deadline:
+        now = time.monotonic()
+        for j in dask_jobs():
+            if j["name"] == "noyau-dask-worker" and j["state"] == "RUNNING":
+                running.setdefault(j["id"], [now, now])[1] = now
+        try:
+            r = km.kc.get_shell_msg(timeout=0.5)
+        except Exception:
+            continue
+        if r["parent_header"].get("msg_id") == msg_id:
+            reply = r
+    assert reply is not None and reply["content"]["status"] == "ok", reply
+    while (m := km.kc.get_iopub_msg(timeout=10)):
+        if m["msg_type"] == "stream":
+            assert m["content"]["text"].strip() == str(sum(i * i for i in range(90)))
+            break
+    assert len(running) >= 2, f"no worker was replaced: {running}"
+    ids = sorted(running, key=int)
+    still = {j["id"] for j in dask_jobs()}
+    for i in ids:
+        first, last = running[i]
+        if i not in still:
+            # ended by its own graceful retirement, well before the 120 s walltime
+            assert last - first < 110, f"worker job {i} ran {last - first:.0f} s: {running}"
+    # each replacement started before the job it replaces ended (no gap)
+    for old, new in zip(ids, ids[1:]):
+        assert running[new][0] < running[old][1], f"job {new} started after {old} ended: {running}"
+    reply, text, _ = run(km, "%noyau dask status")
+    assert re.search(r"[1-9]\d* replaced before their walltime", text), text

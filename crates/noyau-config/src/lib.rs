@@ -174,6 +174,45 @@ struct File {
     /// The kernel's environment: read and checked by noyau-env, not here.
     #[serde(default, rename = "environment")]
     _environment: Option<toml::Value>,
+    #[serde(default)]
+    dask: Option<DaskSettings>,
+}
+
+/// `[dask]`: defaults for `%noyau dask up` (its flags win). Checked where
+/// they are used, with the flags.
+///
+/// ```toml
+/// [dask]
+/// target = "hpc"          # the profile the jobs come from
+/// workers = 4             # or: adapt = [0, 20]
+/// worker_cores = 2
+/// worker_mem = "4G"
+/// worker_time = "1:00:00" # workers retire before it and are replaced
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaskSettings {
+    pub target: Option<String>,
+    pub workers: Option<u32>,
+    /// `[MIN, MAX]`.
+    pub adapt: Option<[u32; 2]>,
+    pub worker_cores: Option<u32>,
+    pub worker_mem: Option<String>,
+    pub worker_time: Option<String>,
+}
+
+impl DaskSettings {
+    /// Key by key, `later` wins; `workers` and `adapt` replace each other.
+    fn merge(&mut self, later: DaskSettings) {
+        if later.workers.is_some() || later.adapt.is_some() {
+            self.workers = later.workers;
+            self.adapt = later.adapt;
+        }
+        macro_rules! take {
+            ($($f:ident),*) => { $( if later.$f.is_some() { self.$f = later.$f; } )* };
+        }
+        take!(target, worker_cores, worker_mem, worker_time);
+    }
 }
 
 /// A profile as one file writes it: every key optional, so layers merge.
@@ -425,6 +464,8 @@ impl Profile {
 #[derive(Debug, Default, Clone)]
 pub struct Config {
     profiles: BTreeMap<String, Profile>,
+    /// `[dask]`, merged over the files.
+    pub dask: DaskSettings,
     /// The files read, in order.
     pub sources: Vec<PathBuf>,
 }
@@ -478,6 +519,9 @@ impl Config {
         })?;
         for (name, raw) in file.profiles {
             self.profiles.entry(name).or_default().merge(raw);
+        }
+        if let Some(d) = file.dask {
+            self.dask.merge(d);
         }
         self.sources.push(path.into());
         Ok(())
@@ -760,5 +804,27 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let paths = default_paths(d.path());
         assert_eq!(paths.last().unwrap(), &d.path().join("noyau.toml"));
+    }
+
+    #[test]
+    fn dask_settings_merge_and_unknown_keys_are_named() {
+        let c = cfg(&[
+            "[dask]\ntarget = \"hpc\"\nworkers = 4\nworker_mem = \"2G\"\n",
+            "[dask]\nadapt = [0, 8]\nworker_time = \"30\"\n",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.dask,
+            DaskSettings {
+                target: Some("hpc".into()),
+                workers: None,
+                adapt: Some([0, 8]),
+                worker_cores: None,
+                worker_mem: Some("2G".into()),
+                worker_time: Some("30".into()),
+            }
+        );
+        let e = cfg(&["[dask]\nworker = 2\n"]).unwrap_err().to_string();
+        assert!(e.contains("worker"), "{e}");
     }
 }

@@ -10,15 +10,19 @@
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use crate::owner::OwnerWatch;
 use crate::ClusterDir;
 
 /// The scheduler's preload: writes the worker list into `status.json`
 /// every second, for `%noyau dask status`.
-pub const PRELOAD: &str = r#"# Written by noyau: lists the scheduler's workers in status.json for `%noyau dask status`.
+pub const PRELOAD: &str = r#"# Written by noyau: reports the scheduler's workers and its adaptive target in
+# status.json every second, and retires the workers noyau names in retire.json.
+import asyncio
 import json
 import os
 
@@ -26,17 +30,41 @@ from tornado.ioloop import PeriodicCallback
 
 
 def dask_setup(scheduler):
-    path = os.path.join(os.environ["NOYAU_DASK_DIR"], "status.json")
+    d = os.environ["NOYAU_DASK_DIR"]
+    path = os.path.join(d, "status.json")
+    retire_path = os.path.join(d, "retire.json")
+    done = {"seq": 0}
+
+    def retire():
+        try:
+            with open(retire_path) as f:
+                req = json.load(f)
+        except (OSError, ValueError):
+            return
+        if req.get("seq", 0) <= done["seq"]:
+            return
+        done["seq"] = req["seq"]
+        # Moves their data to the other workers first, then closes them
+        # (and their nannies): their jobs end by themselves.
+        asyncio.ensure_future(
+            scheduler.retire_workers(names=req["names"], close_workers=True, remove=True))
 
     def write():
+        retire()
         workers = [
             {"address": a, "name": str(w.name), "nthreads": w.nthreads,
              "memory_limit": w.memory_limit or 0, "host": w.host}
             for a, w in list(scheduler.workers.items())
         ]
+        status = {
+            "workers": workers,
+            "target": scheduler.adaptive_target(),
+            "to_close": [str(n) for n in scheduler.workers_to_close(attribute="name")],
+            "tasks": len(scheduler.tasks),
+        }
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"workers": workers}, f)
+            json.dump(status, f)
         os.replace(tmp, path)
 
     write()
@@ -69,6 +97,10 @@ pub struct JobArgs {
     pub inner: String,
     pub nthreads: Option<u32>,
     pub memory_limit: Option<String>,
+    /// The worker's name, chosen by the proxy (`w1`, `w2`…).
+    pub name: Option<String>,
+    /// Seconds after which the worker retires gracefully (before its walltime).
+    pub lifetime: Option<u64>,
 }
 
 /// The Dask command line (before the environment wraps it).
@@ -96,8 +128,11 @@ pub fn dask_argv(a: &JobArgs, python: &str) -> Vec<String> {
             if let Some(m) = &a.memory_limit {
                 argv.extend(["--memory-limit".into(), m.clone()]);
             }
-            if let Ok(id) = std::env::var("SLURM_JOB_ID") {
-                argv.extend(["--name".into(), format!("slurm-{id}")]);
+            if let Some(n) = &a.name {
+                argv.extend(["--name".into(), n.clone()]);
+            }
+            if let Some(l) = a.lifetime {
+                argv.extend(["--lifetime".into(), format!("{l}s")]);
             }
         }
     }
@@ -116,26 +151,91 @@ pub fn dask_argv(a: &JobArgs, python: &str) -> Vec<String> {
     argv
 }
 
-/// Runs the job: returns only on error (the reason is also in `error`).
+/// Runs the job: Dask as a child process, watched together with the
+/// cluster's owner ([`crate::owner`]); returns Dask's exit code.
 pub fn run(a: JobArgs) -> anyhow::Result<i32> {
     let d = ClusterDir(a.dir.clone());
-    match prepare(&a) {
-        Ok((argv, env)) => {
-            let err = Command::new(&argv[0])
-                .args(&argv[1..])
-                .env_clear()
-                .envs(env)
-                .exec();
-            let msg = format!("cannot start {}: {err}", argv.join(" "));
-            report(&d, &msg);
-            anyhow::bail!(msg)
+    let fail = |msg: String| {
+        report(&d, &msg);
+        anyhow::anyhow!(msg)
+    };
+    let p = prepare(&a).map_err(|e| fail(format!("{e:#}")))?;
+    let argv = &p.argv;
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]).env_clear().envs(&p.env);
+    // SAFETY: prctl is async-signal-safe; it runs in the child between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            // Dask must not outlive this job's noyau (cancelled, or killed).
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    // The job script asks Slurm for SIGUSR1 before the walltime (the
+    // agent's warning); its default action would end this job early.
+    // Workers retire by their own --lifetime instead.
+    // SAFETY: the handler does nothing, so it is async-signal-safe.
+    unsafe {
+        use nix::sys::signal::{signal, SigHandler, Signal};
+        extern "C" fn ignore(_: libc::c_int) {}
+        signal(Signal::SIGUSR1, SigHandler::Handler(ignore))?;
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| fail(format!("cannot start {}: {e}", argv.join(" "))))?;
+    let mut owner = OwnerWatch::from_env();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            if !status.success() && status.code().is_some() {
+                return Err(fail(explain_failure(&p, a.role, status)));
+            }
+            return Ok(status.code().unwrap_or(1));
         }
-        Err(e) => {
-            let msg = format!("{e:#}");
-            report(&d, &msg);
-            anyhow::bail!(msg)
+        if let Some(why) = owner.check(&d.owner_file(), Instant::now()) {
+            eprintln!("noyau dask-job: {why}; ending the {:?}", a.role);
+            if a.role == Role::Scheduler {
+                end_cluster(&d);
+            }
+            stop(&mut child);
+            return Ok(0);
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// The owner is gone: cancels every job of the cluster (this one last) and
+/// removes its directory (its keys with it).
+fn end_cluster(d: &ClusterDir) {
+    let me = std::env::var("SLURM_JOB_ID").ok();
+    let mut ids = d.slurm_jobs();
+    ids.retain(|id| Some(id) != me.as_ref());
+    if !ids.is_empty() {
+        match Command::new("scancel").args(&ids).status() {
+            Ok(s) if s.success() => eprintln!("noyau dask-job: cancelled jobs {}", ids.join(" ")),
+            Ok(s) => eprintln!("noyau dask-job: scancel {} failed ({s})", ids.join(" ")),
+            Err(e) => eprintln!("noyau dask-job: cannot run scancel: {e}"),
         }
     }
+    if let Err(e) = std::fs::remove_dir_all(d.path()) {
+        eprintln!("noyau dask-job: cannot remove {}: {e}", d.path().display());
+    }
+}
+
+/// SIGTERM, then SIGKILL if Dask has not ended within 10 s.
+fn stop(child: &mut Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 fn report(d: &ClusterDir, msg: &str) {
@@ -146,7 +246,13 @@ fn report(d: &ClusterDir, msg: &str) {
     }
 }
 
-type Prepared = (Vec<String>, BTreeMap<String, String>);
+/// Dask's command line and environment, and the check that explains a failure.
+struct Prepared {
+    argv: Vec<String>,
+    env: BTreeMap<String, String>,
+    check: Vec<String>,
+    python: String,
+}
 
 fn prepare(a: &JobArgs) -> anyhow::Result<Prepared> {
     let mut env: BTreeMap<String, String> = std::env::vars().collect();
@@ -175,22 +281,37 @@ fn prepare(a: &JobArgs) -> anyhow::Result<Prepared> {
         argv = a2;
         env = e2;
     }
-    let out = Command::new(&check[0])
-        .args(&check[1..])
+    Ok(Prepared {
+        argv,
+        env,
+        check,
+        python,
+    })
+}
+
+/// Dask failed: says why, in the words a user can act on when the
+/// environment lacks `distributed` (checked only now, so that a sound
+/// environment pays no extra Python start on the way to a running cluster).
+fn explain_failure(p: &Prepared, role: Role, status: std::process::ExitStatus) -> String {
+    let out = Command::new(&p.check[0])
+        .args(&p.check[1..])
         .env_clear()
-        .envs(&env)
-        .output()
-        .with_context(|| format!("cannot run {}", check[0]))?;
-    if !out.status.success() {
-        let why = String::from_utf8_lossy(&out.stderr);
-        let last = why.lines().last().unwrap_or("").trim().to_string();
-        anyhow::bail!(
-            "the environment has no usable `distributed` ({python}: {last}); \
-             add `distributed` to the requirements under [environment] in noyau.toml \
-             (or install it into the kernel's Python) and run `%noyau dask up` again"
-        );
+        .envs(&p.env)
+        .output();
+    match out {
+        Ok(out) if !out.status.success() => {
+            let why = String::from_utf8_lossy(&out.stderr);
+            let last = why.lines().last().unwrap_or("").trim().to_string();
+            format!(
+                "the environment has no usable `distributed` ({}: {last}); \
+                 add `distributed` to the requirements under [environment] in noyau.toml \
+                 (or install it into the kernel's Python) and run `%noyau dask up` again",
+                p.python
+            )
+        }
+        Err(e) => format!("cannot run {}: {e}", p.check[0]),
+        Ok(_) => format!("Dask's {role:?} exited ({status}); its job log says why"),
     }
-    Ok((argv, env))
 }
 
 /// The inner kernelspec's Python, else `python3`.
@@ -223,10 +344,13 @@ mod tests {
             inner: "python3".into(),
             nthreads: Some(2),
             memory_limit: Some("1GB".into()),
+            name: Some("w3".into()),
+            lifetime: Some(90),
         };
         let argv = dask_argv(&a, "py").join(" ");
         assert!(
-            argv.starts_with("py -m distributed.cli.dask_worker --nthreads 2 --memory-limit 1GB")
+            argv.starts_with("py -m distributed.cli.dask_worker --nthreads 2 --memory-limit 1GB --name w3 --lifetime 90s"),
+            "{argv}"
         );
         assert!(argv.contains("--scheduler-file /d/scheduler.json --protocol tls --tls-ca-file /d/ca.pem --tls-cert /d/cert.pem --tls-key /d/key.pem"));
     }

@@ -18,6 +18,7 @@
 
 pub mod certs;
 pub mod job;
+pub mod owner;
 
 use std::path::{Path, PathBuf};
 
@@ -33,6 +34,20 @@ pub struct SchedulerInfo {
     pub address: String,
     #[serde(default)]
     pub services: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The scheduler's state as its preload writes it every second.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Status {
+    #[serde(default)]
+    pub workers: Vec<WorkerInfo>,
+    /// Dask's own adaptive target (`Scheduler.adaptive_target`): how many
+    /// workers the current load asks for.
+    #[serde(default)]
+    pub target: Option<u32>,
+    /// The workers Dask would close first (`Scheduler.workers_to_close`), by name.
+    #[serde(default)]
+    pub to_close: Vec<String>,
 }
 
 /// One worker as the scheduler's preload lists it.
@@ -102,25 +117,33 @@ impl ClusterDir {
             .filter(|s| !s.trim().is_empty())
     }
 
-    /// The workers the scheduler knew at its last status write.
-    pub fn workers(&self) -> Vec<WorkerInfo> {
-        #[derive(Deserialize)]
-        struct Status {
-            workers: Vec<WorkerInfo>,
-        }
-        std::fs::read_to_string(self.status_file())
-            .ok()
-            .and_then(|t| serde_json::from_str::<Status>(&t).ok())
-            .map(|s| s.workers)
-            .unwrap_or_default()
+    /// What the scheduler wrote at its last status write (every second).
+    pub fn status(&self) -> Option<Status> {
+        let text = std::fs::read_to_string(self.status_file()).ok()?;
+        serde_json::from_str(&text).ok()
     }
 
-    /// `http://HOST:PORT/status` when the scheduler serves a dashboard.
-    pub fn dashboard(&self) -> Option<String> {
+    /// The workers the scheduler knew at its last status write.
+    pub fn workers(&self) -> Vec<WorkerInfo> {
+        self.status().map(|s| s.workers).unwrap_or_default()
+    }
+
+    /// Asks the scheduler to retire these workers gracefully (request
+    /// `seq`, increasing): their data moves to other workers, then they close.
+    pub fn retire(&self, seq: u64, names: &[String]) -> std::io::Result<()> {
+        let text = serde_json::json!({"seq": seq, "names": names}).to_string();
+        let tmp = self.0.join(".retire.tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(tmp, self.0.join("retire.json"))
+    }
+
+    /// The scheduler's dashboard (host, port), when it serves one (the
+    /// environment has bokeh).
+    pub fn dashboard(&self) -> Option<(String, u16)> {
         let info = self.scheduler()?;
         let port = info.services.get("dashboard")?.as_u64()?;
         let host = host_of(&info.address)?;
-        Some(format!("http://{host}:{port}/status"))
+        Some((host.to_string(), u16::try_from(port).ok()?))
     }
 }
 
@@ -200,7 +223,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.scheduler().unwrap().address, "tls://n1:4000");
-        assert_eq!(c.dashboard().unwrap(), "http://n1:8787/status");
+        assert_eq!(c.dashboard().unwrap(), ("n1".to_string(), 8787));
     }
 
     #[test]

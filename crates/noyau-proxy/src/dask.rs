@@ -10,7 +10,7 @@
 //! bare `Client()` connects; the cell ends with a `Client('tls://…')` line.
 //! `down`, and any shutdown of the kernel, cancel every job of the cluster.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use noyau_dask::ClusterDir;
@@ -23,23 +23,28 @@ use crate::Proxy;
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct UpArgs {
     pub workers: u32,
+    /// `--adapt MIN MAX`: the worker jobs follow Dask's adaptive target.
+    pub adapt: Option<(u32, u32)>,
     pub target: Option<String>,
     pub worker_cores: Option<u32>,
     pub worker_mem: Option<String>,
+    /// The worker jobs' walltime (Slurm time), when not the profile's.
+    pub worker_time: Option<String>,
 }
 
 pub const USAGE: &str =
-    "usage: %noyau dask up [N] [--target T] [--worker-cores C] [--worker-mem M] | \
+    "usage: %noyau dask up [N | --adapt MIN MAX] [--target T] [--worker-cores C] [--worker-mem M] [--worker-time T] | \
                          %noyau dask status | %noyau dask down";
 
-/// Parses the words after `dask up`.
-pub fn parse_up(words: &[&str]) -> Result<UpArgs, String> {
-    let mut a = UpArgs {
-        workers: 1,
-        ..Default::default()
-    };
+/// At most this many workers (fixed or adaptive).
+const MAX_WORKERS: u32 = 1000;
+
+/// Parses the words after `dask up`; what they leave out comes from
+/// `[dask]` in noyau.toml (`defaults`), checked the same way.
+pub fn parse_up(words: &[&str], defaults: &noyau_config::DaskSettings) -> Result<UpArgs, String> {
+    let mut a = UpArgs::default();
     let mut it = words.iter();
-    let mut seen_n = false;
+    let mut n: Option<u32> = None;
     while let Some(w) = it.next() {
         let mut value = |name: &str| {
             it.next()
@@ -51,27 +56,102 @@ pub fn parse_up(words: &[&str]) -> Result<UpArgs, String> {
             "--worker-cores" => {
                 let v = value("--worker-cores")?;
                 a.worker_cores =
-                    Some(v.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    Some(v.parse().map_err(|_| {
                         format!("--worker-cores {v:?}: expected a positive integer")
                     })?);
             }
-            "--worker-mem" => {
-                let v = value("--worker-mem")?;
-                noyau_config::parse_size(&v).map_err(|e| format!("--worker-mem {v:?}: {e}"))?;
-                a.worker_mem = Some(v);
+            "--adapt" => {
+                let mut bound = |what: &str| -> Result<u32, String> {
+                    let v = value("--adapt")?;
+                    v.parse()
+                        .map_err(|_| format!("--adapt {what} {v:?}: expected a number; {USAGE}"))
+                };
+                a.adapt = Some((bound("MIN")?, bound("MAX")?));
             }
-            n if !seen_n && !n.starts_with('-') => {
-                a.workers = n
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=1000).contains(n))
-                    .ok_or_else(|| format!("{n:?}: the number of workers is 1 to 1000; {USAGE}"))?;
-                seen_n = true;
+            "--worker-time" => a.worker_time = Some(value("--worker-time")?),
+            "--worker-mem" => a.worker_mem = Some(value("--worker-mem")?),
+            w if n.is_none() && !w.starts_with('-') => {
+                n = Some(w.parse().map_err(|_| {
+                    format!("{w:?}: the number of workers is 1 to {MAX_WORKERS}; {USAGE}")
+                })?);
             }
             other => return Err(format!("unexpected {other:?}; {USAGE}")),
         }
     }
-    Ok(a)
+    if n.is_some() && a.adapt.is_some() {
+        return Err(format!(
+            "give a number of workers or --adapt MIN MAX, not both; {USAGE}"
+        ));
+    }
+    check(&a, n, "--")?;
+    // What the line leaves out comes from [dask]; a size on the line
+    // (N or --adapt) replaces [dask]'s (workers or adapt).
+    let from_file = n.is_none() && a.adapt.is_none();
+    let d = UpArgs {
+        workers: 0,
+        adapt: defaults
+            .adapt
+            .map(|[lo, hi]| (lo, hi))
+            .filter(|_| from_file),
+        target: defaults.target.clone(),
+        worker_cores: defaults.worker_cores,
+        worker_mem: defaults.worker_mem.clone(),
+        worker_time: defaults.worker_time.clone(),
+    };
+    let dn = defaults.workers.filter(|_| from_file);
+    if dn.is_some() && d.adapt.is_some() {
+        return Err("[dask] in noyau.toml: give `workers` or `adapt`, not both".into());
+    }
+    check(&d, dn, "[dask] ")?;
+    Ok(UpArgs {
+        workers: n.or(dn).unwrap_or(1),
+        adapt: a.adapt.or(d.adapt),
+        target: a.target.or(d.target),
+        worker_cores: a.worker_cores.or(d.worker_cores),
+        worker_mem: a.worker_mem.or(d.worker_mem),
+        worker_time: a.worker_time.or(d.worker_time),
+    })
+}
+
+/// Checks the values of `dask up`'s flags (`src` "--") or of `[dask]`
+/// (`src` "[dask] "), naming the one at fault as the user wrote it.
+fn check(a: &UpArgs, workers: Option<u32>, src: &str) -> Result<(), String> {
+    let key = |flag: &str| {
+        if src == "--" {
+            format!("--{flag}")
+        } else {
+            format!("{src}{}", flag.replace('-', "_"))
+        }
+    };
+    if let Some(n) = workers.filter(|n| !(1..=MAX_WORKERS).contains(n)) {
+        let what = if src == "--" {
+            "the number of workers".to_string()
+        } else {
+            key("workers")
+        };
+        return Err(format!("{what} {n}: expected 1 to {MAX_WORKERS}"));
+    }
+    if let Some((min, max)) = a.adapt {
+        if max == 0 || min > max || max > MAX_WORKERS {
+            return Err(format!(
+                "{} {min} {max}: expected MIN <= MAX, MAX from 1 to {MAX_WORKERS} (e.g. 0 10)",
+                key("adapt")
+            ));
+        }
+    }
+    if a.worker_cores == Some(0) {
+        return Err(format!(
+            "{} 0: expected a positive integer",
+            key("worker-cores")
+        ));
+    }
+    if let Some(m) = &a.worker_mem {
+        noyau_config::parse_size(m).map_err(|e| format!("{}: {e}", key("worker-mem")))?;
+    }
+    if let Some(t) = &a.worker_time {
+        noyau_config::parse_time(t).map_err(|e| format!("{}: {e}", key("worker-time")))?;
+    }
+    Ok(())
 }
 
 /// Slurm's `4G` (GiB) as Dask writes it (`4GiB`).
@@ -94,6 +174,115 @@ enum Role {
 struct ClusterJob {
     role: Role,
     job: Job,
+    /// The worker's name in Dask (`w1`…), "scheduler" for the scheduler.
+    name: String,
+    submitted: Instant,
+    running_since: Option<Instant>,
+    /// Asked to retire (scale down) at this time.
+    retiring: Option<Instant>,
+    /// A replacement was submitted ahead of its walltime.
+    replaced: bool,
+}
+
+impl ClusterJob {
+    fn ended(&self) -> bool {
+        matches!(*self.job.state.borrow(), JobState::Ended(_))
+    }
+    fn running(&self) -> bool {
+        matches!(*self.job.state.borrow(), JobState::Running { .. })
+    }
+}
+
+/// How many workers the cluster keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Size {
+    Fixed(u32),
+    Adapt { min: u32, max: u32 },
+}
+
+/// Dask's target must stay below the number of worker jobs this long
+/// before jobs are cancelled: starting a batch job costs a queue wait, so a
+/// short lull must not cancel what the next burst needs (no start/cancel loop).
+const SCALE_DOWN_AFTER: Duration = Duration::from_secs(20);
+/// A retired worker whose job has not ended by then is cancelled.
+const RETIRE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The margin between a worker's graceful retirement and its job's
+/// walltime: a quarter of the walltime, 30 s to 5 min (at most half).
+fn lifetime_for(walltime: Duration) -> Duration {
+    let margin = (walltime / 4)
+        .clamp(Duration::from_secs(30), Duration::from_secs(300))
+        .min(walltime / 2);
+    walltime - margin
+}
+
+/// True when the worker job retires for its walltime (after `lifetime`)
+/// before a job submitted now would be up (`startup` plus 30 s): it no
+/// longer counts, so its replacement is started ahead of time.
+fn expiring(lifetime: Option<Duration>, startup: Duration, j: &ClusterJob, now: Instant) -> bool {
+    match (lifetime, j.running_since) {
+        (Some(l), Some(t)) => {
+            let lead = (startup + Duration::from_secs(30)).min(l / 2);
+            now.saturating_duration_since(t) + lead >= l
+        }
+        _ => false,
+    }
+}
+
+/// The dashboard as the user's browser reaches it: a port on the proxy's
+/// host, forwarded to the scheduler's dashboard in its allocation.
+pub(crate) struct Dashboard {
+    /// `http://127.0.0.1:PORT/status`.
+    link: String,
+    /// Where it goes (`http://node:port/status`).
+    upstream: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Dashboard {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Listens on 127.0.0.1 (a free port; `NOYAU_DASK_DASHBOARD_PORT` picks
+/// one) and relays every connection, bytes as they are (HTTP and the
+/// dashboard's websockets alike), to the scheduler's dashboard.
+async fn forward_dashboard(host: String, port: u16) -> std::io::Result<Dashboard> {
+    let local: u16 = std::env::var("NOYAU_DASK_DASHBOARD_PORT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", local)).await?;
+    let local = listener.local_addr()?.port();
+    let upstream = format!("http://{host}:{port}/status");
+    let task = tokio::spawn(async move {
+        loop {
+            let mut inbound = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // e.g. out of file descriptors: try again shortly
+                    tracing::warn!("dashboard: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let host = host.clone();
+            tokio::spawn(async move {
+                match tokio::net::TcpStream::connect((host.as_str(), port)).await {
+                    Ok(mut out) => {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                    Err(e) => tracing::warn!("dashboard: cannot reach {host}:{port}: {e}"),
+                }
+            });
+        }
+    });
+    Ok(Dashboard {
+        link: format!("http://127.0.0.1:{local}/status"),
+        upstream,
+        task,
+    })
 }
 
 /// The one cluster of this kernel.
@@ -104,11 +293,33 @@ pub(crate) struct Cluster {
     target: String,
     jobs: Vec<ClusterJob>,
     address: Option<String>,
+    dashboard: Option<Dashboard>,
     /// The `dask up` cell, answered once the kernel is configured.
     waiting: Option<(Vec<Bytes>, Bytes)>,
     /// msg_id of the proxy's setup request to the notebook's kernel.
     setup: Option<String>,
     started: Instant,
+    /// The owner heartbeat ([`noyau_dask::owner`]).
+    beat: u64,
+    last_beat: Instant,
+    last_manage: Instant,
+    size: Size,
+    /// What each worker job runs, before its `--name` and `--lifetime`.
+    worker_spec: JobSpec,
+    workers_made: u32,
+    /// Workers retire this long after they start, before their walltime.
+    lifetime: Option<Duration>,
+    /// How long the last worker job took from submission to running.
+    startup: Duration,
+    /// Since when Dask's target has been below the worker jobs counted.
+    low_since: Option<Instant>,
+    retire_seq: u64,
+    last_target: Option<u32>,
+    /// Worker jobs: started, cancelled or retired by scale-down, replaced
+    /// before their walltime.
+    n_started: u32,
+    n_scaled_down: u32,
+    n_replaced: u32,
 }
 
 impl Cluster {
@@ -120,18 +331,190 @@ impl Cluster {
         self.setup.as_deref() == Some(id)
     }
 
+    fn dashboard_line(&self) -> String {
+        match (&self.dashboard, self.dir.dashboard()) {
+            (Some(d), _) => format!("{} (noyau forwards it to {})", d.link, d.upstream),
+            (None, Some((host, port))) => format!("http://{host}:{port}/status"),
+            (None, None) => {
+                "none (the cluster's environment lacks bokeh, which Dask's dashboard needs)".into()
+            }
+        }
+    }
+
+    /// Keeps `DIR/jobs` equal to the jobs submitted.
+    fn record_jobs(&self) {
+        let jobs = self.jobs.iter().map(|j| (j.job.backend, j.job.id.as_str()));
+        if let Err(e) = self.dir.write_jobs(jobs) {
+            tracing::warn!("cannot list the Dask cluster's jobs in its directory: {e}");
+        }
+    }
+
     async fn cancel_all(&mut self) {
         for j in &self.jobs {
             self.backend.cancel(&j.job).await;
         }
     }
 
+    async fn submit_workers(&mut self, n: u32) -> Result<(), noyau_sched::SchedError> {
+        for _ in 0..n {
+            self.workers_made += 1;
+            let name = format!("w{}", self.workers_made);
+            let mut spec = self.worker_spec.clone();
+            spec.args.extend(["--name".into(), name.clone()]);
+            if let Some(l) = self.lifetime {
+                spec.args
+                    .extend(["--lifetime".into(), l.as_secs().to_string()]);
+            }
+            let job = self.backend.submit(spec).await?;
+            tracing::info!(job = %job.id, %name, "submitted a Dask worker job");
+            self.n_started += 1;
+            self.jobs.push(ClusterJob {
+                role: Role::Worker,
+                job,
+                name,
+                submitted: Instant::now(),
+                running_since: None,
+                retiring: None,
+                replaced: false,
+            });
+            self.record_jobs();
+        }
+        Ok(())
+    }
+
+    /// Once a second after the scheduler is up: follows the worker jobs and
+    /// keeps as many as the size asks for (fixed, or Dask's adaptive
+    /// target), replacing workers ahead of their walltime.
+    async fn manage(&mut self) {
+        let now = Instant::now();
+        for j in self.jobs.iter_mut() {
+            if j.role == Role::Worker && j.running_since.is_none() && j.running() {
+                j.running_since = Some(now);
+                self.startup = now.saturating_duration_since(j.submitted);
+            }
+        }
+        let before = self.jobs.len();
+        self.jobs
+            .retain(|j| j.role == Role::Scheduler || !j.ended());
+        if self.jobs.len() != before {
+            self.record_jobs();
+        }
+        for j in &self.jobs {
+            if j.retiring
+                .is_some_and(|t| now.duration_since(t) > RETIRE_TIMEOUT)
+            {
+                tracing::warn!(job = %j.job.id, "a retired worker's job did not end; cancelling it");
+                self.backend.cancel(&j.job).await;
+            }
+        }
+        let scheduler_gone = self
+            .jobs
+            .iter()
+            .any(|j| j.role == Role::Scheduler && j.ended());
+        // A job that could not start Dask wrote why: resubmitting would loop.
+        if scheduler_gone || self.dir.error().is_some() {
+            return;
+        }
+        let status = self.dir.status();
+        self.last_target = status.as_ref().and_then(|s| s.target);
+        let desired = match self.size {
+            Size::Fixed(n) => n,
+            Size::Adapt { min, max } => match self.last_target {
+                Some(t) => t.clamp(min, max),
+                None => return,
+            },
+        };
+        let (lifetime, startup) = (self.lifetime, self.startup);
+        let expiring = |j: &ClusterJob| expiring(lifetime, startup, j, now);
+        let counted: Vec<usize> = (0..self.jobs.len())
+            .filter(|&i| {
+                let j = &self.jobs[i];
+                j.role == Role::Worker && j.retiring.is_none() && !expiring(j)
+            })
+            .collect();
+        let active = counted.len() as u32;
+        if desired > active {
+            self.low_since = None;
+            // Pending jobs count: only the difference is submitted.
+            let n = desired - active;
+            let mut replacing = n;
+            for j in self.jobs.iter_mut() {
+                if replacing > 0 && j.role == Role::Worker && !j.replaced && expiring(j) {
+                    j.replaced = true;
+                    replacing -= 1;
+                    self.n_replaced += 1;
+                }
+            }
+            if let Err(e) = self.submit_workers(n).await {
+                tracing::warn!("cannot submit Dask worker jobs: {e}");
+            }
+        } else if desired < active {
+            let since = *self.low_since.get_or_insert(now);
+            if now.duration_since(since) >= SCALE_DOWN_AFTER {
+                self.low_since = None;
+                self.scale_down(active - desired, &counted, status.unwrap_or_default())
+                    .await;
+            }
+        } else {
+            self.low_since = None;
+        }
+    }
+
+    /// Ends `n` of the counted worker jobs: pending ones first (newest
+    /// first), then the running workers Dask would close first, retired
+    /// gracefully (their data moves to the others).
+    async fn scale_down(&mut self, n: u32, counted: &[usize], status: noyau_dask::Status) {
+        let mut left = n as usize;
+        let mut cancel = Vec::new();
+        for &i in counted.iter().rev() {
+            if left > 0 && !self.jobs[i].running() {
+                cancel.push(i);
+                left -= 1;
+            }
+        }
+        let mut names = Vec::new();
+        for name in &status.to_close {
+            if left == 0 {
+                break;
+            }
+            if let Some(&i) = counted
+                .iter()
+                .find(|&&i| &self.jobs[i].name == name && self.jobs[i].running())
+            {
+                names.push(name.clone());
+                self.jobs[i].retiring = Some(Instant::now());
+                left -= 1;
+            }
+        }
+        for &i in &cancel {
+            tracing::info!(job = %self.jobs[i].job.id, "scale down: cancelling a pending worker job");
+            self.backend.cancel(&self.jobs[i].job).await;
+        }
+        self.n_scaled_down += (cancel.len() + names.len()) as u32;
+        let mut i = 0;
+        self.jobs.retain(|_| {
+            i += 1;
+            !cancel.contains(&(i - 1))
+        });
+        if !cancel.is_empty() {
+            self.record_jobs();
+        }
+        if !names.is_empty() {
+            tracing::info!(?names, "scale down: retiring workers");
+            self.retire_seq += 1;
+            if let Err(e) = self.dir.retire(self.retire_seq, &names) {
+                tracing::warn!("cannot ask the Dask scheduler to retire workers: {e}");
+            }
+        }
+    }
+
     fn describe_jobs(&self) -> String {
+        let now = Instant::now();
         let mut out = String::new();
         for j in &self.jobs {
             let role = match j.role {
-                Role::Scheduler => "scheduler",
-                Role::Worker => "worker",
+                Role::Scheduler => "scheduler".to_string(),
+                Role::Worker => format!("worker {}", j.name),
             };
             let state = match &*j.job.state.borrow() {
                 JobState::Pending { reason, .. } => format!("pending ({reason})"),
@@ -139,8 +522,15 @@ impl Cluster {
                 JobState::Ended(e) => format!("ended: {}", e.description),
                 JobState::Unknown { why } => format!("unknown ({why})"),
             };
+            let note = if j.retiring.is_some() {
+                ", retiring (scale down)"
+            } else if j.role == Role::Worker && expiring(self.lifetime, self.startup, j, now) {
+                ", retiring before its walltime (replaced)"
+            } else {
+                ""
+            };
             out.push_str(&format!(
-                "  {:<10} {} job {:<10} {state}\n",
+                "  {:<12} {} job {:<10} {state}{note}\n",
                 role,
                 self.backend.name(),
                 j.job.id
@@ -159,7 +549,11 @@ impl Proxy {
         header: Bytes,
     ) {
         let result = match words {
-            ["up", rest @ ..] => match parse_up(rest) {
+            ["up", rest @ ..] => match std::env::current_dir()
+                .map_err(|e| e.to_string())
+                .and_then(|cwd| noyau_config::Config::load(&cwd).map_err(|e| e.to_string()))
+                .and_then(|cfg| parse_up(rest, &cfg.dask))
+            {
                 Err(e) => Err(("UsageError", e)),
                 Ok(a) => match self.dask_up(a, &identities, &header).await {
                     Ok(()) => return,
@@ -214,7 +608,14 @@ impl Proxy {
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
         let dir = ClusterDir::create(&noyau_sched::slurm::state_dir().join("dask"), &id)?;
-        let env = crate::env_spec_for_agent()?;
+        dir.heartbeat(0)?;
+        let mut env = crate::env_spec_for_agent()?;
+        env.insert(
+            noyau_dask::owner::GRACE_ENV.into(),
+            noyau_dask::owner::grace_from_env()
+                .as_secs_f64()
+                .to_string(),
+        );
         let spec = |role: &str, profile: noyau_config::Profile, extra: Vec<String>| {
             let mut args = vec![
                 "dask-job".to_string(),
@@ -235,15 +636,58 @@ impl Proxy {
                 array: None,
             }
         };
+        let mut wp = profile.clone();
+        let mut extra = Vec::new();
+        if let Some(c) = a.worker_cores {
+            wp.cpus_per_task = Some(c);
+            extra.extend(["--nthreads".to_string(), c.to_string()]);
+        }
+        if let Some(m) = &a.worker_mem {
+            wp.mem = Some(m.clone());
+            extra.extend(["--memory-limit".to_string(), dask_memory(m)]);
+        }
+        if let Some(t) = &a.worker_time {
+            wp.time = Some(t.clone());
+        }
+        // Only a batch job has a walltime to retire before.
+        let lifetime = match (&backend, &wp.time) {
+            (Backend::Local(_), _) | (_, None) => None,
+            (_, Some(t)) => Some(noyau_config::parse_time(t).map_err(anyhow::Error::msg)?)
+                .filter(|s| *s > 0)
+                .map(|s| lifetime_for(Duration::from_secs(s))),
+        };
+        let size = match a.adapt {
+            Some((min, max)) => Size::Adapt { min, max },
+            None => Size::Fixed(a.workers),
+        };
         let mut cluster = Cluster {
             dir: dir.clone(),
             backend: backend.clone(),
             target,
             jobs: Vec::new(),
             address: None,
+            dashboard: None,
             waiting: Some((identities.to_vec(), header.clone())),
             setup: None,
             started: Instant::now(),
+            beat: 0,
+            last_beat: Instant::now(),
+            last_manage: Instant::now(),
+            size,
+            worker_spec: spec("worker", wp, extra),
+            workers_made: 0,
+            lifetime,
+            startup: Duration::ZERO,
+            low_since: None,
+            retire_seq: 0,
+            last_target: None,
+            n_started: 0,
+            n_scaled_down: 0,
+            n_replaced: 0,
+        };
+        let first = match size {
+            Size::Fixed(n) => n,
+            Size::Adapt { min, .. } => min,
         };
         let submitted = async {
             let job = backend
@@ -252,27 +696,14 @@ impl Proxy {
             cluster.jobs.push(ClusterJob {
                 role: Role::Scheduler,
                 job,
+                name: "scheduler".into(),
+                submitted: Instant::now(),
+                running_since: None,
+                retiring: None,
+                replaced: false,
             });
-            let mut wp = profile.clone();
-            let mut extra = Vec::new();
-            if let Some(c) = a.worker_cores {
-                wp.cpus_per_task = Some(c);
-                extra.extend(["--nthreads".to_string(), c.to_string()]);
-            }
-            if let Some(m) = &a.worker_mem {
-                wp.mem = Some(m.clone());
-                extra.extend(["--memory-limit".to_string(), dask_memory(m)]);
-            }
-            for _ in 0..a.workers {
-                let job = backend
-                    .submit(spec("worker", wp.clone(), extra.clone()))
-                    .await?;
-                cluster.jobs.push(ClusterJob {
-                    role: Role::Worker,
-                    job,
-                });
-            }
-            Ok::<(), noyau_sched::SchedError>(())
+            cluster.record_jobs();
+            cluster.submit_workers(first).await
         }
         .await;
         if let Err(e) = submitted {
@@ -281,26 +712,49 @@ impl Proxy {
             return Err(e.into());
         }
         let ids: Vec<String> = cluster.jobs.iter().map(|j| j.job.id.clone()).collect();
+        let sizing = match size {
+            Size::Fixed(_) => String::new(),
+            Size::Adapt { min, max } => {
+                format!(", adaptive {min} to {max} workers (Dask's own target)")
+            }
+        };
         let text = format!(
-            "[noyau] Dask cluster from {}: scheduler job {} and {} worker job(s) {} ({}); waiting for the scheduler…\n",
+            "[noyau] Dask cluster from {}: scheduler job {} and {first} worker job(s) {} ({}){sizing}{}; waiting for the scheduler…\n",
             cluster.target,
             ids[0],
-            a.workers,
             ids[1..].join(", "),
-            backend.name()
+            backend.name(),
+            lifetime.map_or(String::new(), |l| format!(
+                "; workers retire after {} s, before their walltime, and are replaced ahead of time",
+                l.as_secs()
+            )),
         );
         self.dask = Some(cluster);
         self.publish_stream(header, "stdout", &text).await;
         Ok(())
     }
 
-    /// Called often while `dask up` waits: the scheduler's address, or why
-    /// it will not come.
-    pub(crate) async fn dask_poll(&mut self) {
+    /// Called every 100 ms while a cluster exists.
+    pub(crate) async fn dask_tick(&mut self) {
         let Some(c) = self.dask.as_mut() else { return };
-        if !c.waiting() {
-            return;
+        if c.last_beat.elapsed() >= noyau_dask::owner::HEARTBEAT {
+            c.beat += 1;
+            c.last_beat = Instant::now();
+            if let Err(e) = c.dir.heartbeat(c.beat) {
+                tracing::warn!("cannot write the Dask cluster's owner heartbeat: {e}");
+            }
         }
+        if c.waiting() {
+            self.dask_poll().await;
+        } else if c.address.is_some() && c.last_manage.elapsed() >= Duration::from_secs(1) {
+            c.last_manage = Instant::now();
+            c.manage().await;
+        }
+    }
+
+    /// While `dask up` waits: the scheduler's address, or why it will not come.
+    async fn dask_poll(&mut self) {
+        let Some(c) = self.dask.as_mut() else { return };
         let failure = if let Some(e) = c.dir.error() {
             Some(format!("a job of the cluster failed: {}", e.trim()))
         } else {
@@ -323,6 +777,12 @@ impl Proxy {
             return;
         };
         c.address = Some(info.address.clone());
+        if let Some((host, port)) = c.dir.dashboard() {
+            match forward_dashboard(host, port).await {
+                Ok(d) => c.dashboard = Some(d),
+                Err(e) => tracing::warn!("cannot forward the Dask dashboard: {e}"),
+            }
+        }
         let code = noyau_dask::kernel_setup_code(&c.dir, &info.address);
         let (request, id) = self.own_request(json!({
             "code": code, "silent": true, "store_history": false,
@@ -355,11 +815,7 @@ impl Proxy {
         };
         let address = c.address.clone().unwrap_or_default();
         let result = if ok {
-            let dashboard = c
-                .dir
-                .dashboard()
-                .map(|d| format!("dashboard: {d}\n"))
-                .unwrap_or_else(|| "no dashboard (the cluster's environment lacks bokeh)\n".into());
+            let dashboard = format!("dashboard: {}\n", c.dashboard_line());
             Ok(format!(
                 "[noyau] scheduler up after {} s; this kernel is configured for it (TLS, certificate of this cluster only)\n\
                  Client({})  # `from dask.distributed import Client; client = Client()` connects\n{dashboard}",
@@ -411,9 +867,18 @@ impl Proxy {
             "scheduler: {}\n",
             c.address.as_deref().unwrap_or("(not started yet)")
         ));
+        out.push_str(&format!("dashboard: {}\n", c.dashboard_line()));
+        out.push_str(&match c.size {
+            Size::Fixed(n) => format!("size: {n} worker(s)\n"),
+            Size::Adapt { min, max } => format!(
+                "size: adaptive {min} to {max}; Dask's target: {}\n",
+                c.last_target
+                    .map_or("not known yet".to_string(), |t| t.to_string())
+            ),
+        });
         out.push_str(&format!(
-            "dashboard: {}\n",
-            c.dir.dashboard().unwrap_or_else(|| "none".into())
+            "worker jobs: {} started, {} ended by scale-down, {} replaced before their walltime\n",
+            c.n_started, c.n_scaled_down, c.n_replaced
         ));
         let workers = c.dir.workers();
         out.push_str(&format!("workers: {}\n", workers.len()));
@@ -444,8 +909,10 @@ mod tests {
 
     #[test]
     fn up_arguments() {
-        assert_eq!(parse_up(&[]).unwrap().workers, 1);
-        let a = parse_up(&[
+        let none = noyau_config::DaskSettings::default();
+        let parse = |w: &[&str]| parse_up(w, &none);
+        assert_eq!(parse(&[]).unwrap().workers, 1);
+        let a = parse(&[
             "2",
             "--target",
             "gpu",
@@ -461,13 +928,60 @@ mod tests {
                 workers: 2,
                 target: Some("gpu".into()),
                 worker_cores: Some(4),
-                worker_mem: Some("2G".into())
+                worker_mem: Some("2G".into()),
+                ..Default::default()
             }
         );
-        assert!(parse_up(&["0"]).is_err());
-        assert!(parse_up(&["--worker-cores"]).is_err());
-        assert!(parse_up(&["--worker-mem", "lots"]).is_err());
-        assert!(parse_up(&["2", "3"]).is_err());
+        let a = parse(&["--adapt", "0", "3", "--worker-time", "2"]).unwrap();
+        assert_eq!(a.adapt, Some((0, 3)));
+        assert_eq!(a.worker_time.as_deref(), Some("2"));
+        assert!(parse(&["--adapt", "3", "1"]).is_err());
+        assert!(parse(&["--adapt", "0", "0"]).is_err());
+        assert!(parse(&["--adapt", "0"]).is_err());
+        assert!(parse(&["2", "--adapt", "0", "3"]).is_err());
+        assert!(parse(&["--worker-time", "soon"]).is_err());
+        assert!(parse(&["0"]).is_err());
+        assert!(parse(&["--worker-cores"]).is_err());
+        assert!(parse(&["--worker-cores", "0"]).is_err());
+        assert!(parse(&["--worker-mem", "lots"]).is_err());
+        assert!(parse(&["2", "3"]).is_err());
+    }
+
+    #[test]
+    fn dask_settings_fill_what_the_line_leaves_out() {
+        let d = noyau_config::DaskSettings {
+            target: Some("hpc".into()),
+            adapt: Some([0, 8]),
+            worker_mem: Some("2G".into()),
+            ..Default::default()
+        };
+        let a = parse_up(&["--worker-mem", "1G"], &d).unwrap();
+        assert_eq!(a.adapt, Some((0, 8)));
+        assert_eq!(a.target.as_deref(), Some("hpc"));
+        assert_eq!(a.worker_mem.as_deref(), Some("1G"));
+        // a size on the line replaces [dask]'s
+        let a = parse_up(&["3"], &d).unwrap();
+        assert_eq!((a.workers, a.adapt), (3, None));
+        let bad = noyau_config::DaskSettings {
+            worker_time: Some("soon".into()),
+            ..Default::default()
+        };
+        let e = parse_up(&[], &bad).unwrap_err();
+        assert!(e.starts_with("[dask] worker_time:"), "{e}");
+        let both = noyau_config::DaskSettings {
+            workers: Some(2),
+            adapt: Some([0, 2]),
+            ..Default::default()
+        };
+        assert!(parse_up(&[], &both).unwrap_err().contains("not both"));
+    }
+
+    #[test]
+    fn workers_retire_before_their_walltime() {
+        let s = Duration::from_secs;
+        assert_eq!(lifetime_for(s(120)), s(90));
+        assert_eq!(lifetime_for(s(3600)), s(3300));
+        assert_eq!(lifetime_for(s(40)), s(20));
     }
 
     #[test]

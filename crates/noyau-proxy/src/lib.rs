@@ -287,7 +287,7 @@ impl Proxy {
         };
         let mut tick = tokio::time::interval(Duration::from_secs(10));
         let mut idle_tick = tokio::time::interval(Duration::from_secs(10));
-        let mut dask_tick = tokio::time::interval(Duration::from_millis(500));
+        let mut dask_tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             let waiting = self.link.is_none() && self.job_state.is_some();
             tokio::select! {
@@ -318,7 +318,7 @@ impl Proxy {
                     }
                 }
                 _ = idle_tick.tick() => self.release_idle_targets(),
-                _ = dask_tick.tick(), if self.dask.as_ref().is_some_and(|c| c.waiting()) => self.dask_poll().await,
+                _ = dask_tick.tick(), if self.dask.is_some() => self.dask_tick().await,
                 sub = self.fe.iopub.recv() => {
                     if let Ok(sub) = sub {
                         self.welcome(sub).await;

@@ -63,6 +63,12 @@ struct DaskJobArgs {
     nthreads: Option<u32>,
     #[arg(long)]
     memory_limit: Option<String>,
+    /// The worker's name in the cluster
+    #[arg(long)]
+    name: Option<String>,
+    /// Retire the worker gracefully after this many seconds
+    #[arg(long)]
+    lifetime: Option<u64>,
 }
 
 #[derive(clap::Args)]
@@ -198,6 +204,8 @@ fn main() {
             inner: a.inner,
             nthreads: a.nthreads,
             memory_limit: a.memory_limit,
+            name: a.name,
+            lifetime: a.lifetime,
         }),
     };
     match result {
