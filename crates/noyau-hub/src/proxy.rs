@@ -1,0 +1,182 @@
+//! `/user/NAME/…`: forwards a user's requests to their JupyterLab through
+//! the tunnel of their running session, only for that user.
+//!
+//! Each forwarded HTTP connection is one tunnel stream; hyper's client
+//! speaks HTTP/1.1 over it. A WebSocket upgrade is forwarded as a request
+//! too; once both sides have switched protocols the two upgraded
+//! connections are spliced, so kernel traffic is bytes to the hub.
+//!
+//! The target is never taken from the request: the only place a request
+//! can go is the owner's Jupyter server socket on the node. Requests that
+//! try to name another target (an absolute URI, `..` segments, the
+//! `/proxy/PORT` paths of jupyter-server-proxy) are refused.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use hyper_util::rt::TokioIo;
+
+use crate::auth::{LOGIN_COOKIE, PRE_COOKIE};
+use crate::Hub;
+
+pub async fn user_route(State(hub): State<Arc<Hub>>, req: Request) -> Response {
+    let path = req.uri().path().to_string();
+    let rest = path.strip_prefix("/user/").unwrap_or_default();
+    let (name, sub) = rest.split_once('/').unwrap_or((rest, ""));
+    let Some(who) = hub.who(req.headers()) else {
+        return crate::pages::redirect(&format!(
+            "/hub/login?next={}",
+            crate::pages::url_encode(&path)
+        ));
+    };
+    if who.name != name {
+        hub.db.audit(&who.name, "forbidden", &path);
+        return crate::pages::error(
+            StatusCode::FORBIDDEN,
+            "This is another user's server: only its owner can reach it.",
+        );
+    }
+    if let Err(why) = check_target(&req, sub) {
+        hub.db.audit(&who.name, "refused-path", &path);
+        return crate::pages::error(StatusCode::BAD_REQUEST, why);
+    }
+    let Some(tunnel) = hub.user_tunnel(name) else {
+        return crate::pages::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "You have no running session (or it is still starting): start one from the home page, /hub/home.",
+        );
+    };
+    match forward(&tunnel, req).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(user = name, "forwarding {path}: {e:#}");
+            crate::pages::error(StatusCode::BAD_GATEWAY, "Your Jupyter server did not answer; it may be stopping. Try again, or relaunch the session from /hub/home.")
+        }
+    }
+}
+
+/// Refuses requests that try to reach something else than the user's own
+/// Jupyter server.
+fn check_target(req: &Request, sub: &str) -> Result<(), &'static str> {
+    if req.uri().authority().is_some() {
+        return Err(
+            "Absolute request URIs are refused: the hub forwards only to your own Jupyter server.",
+        );
+    }
+    let decoded = percent_decode(sub);
+    if decoded
+        .split(['/', '\\'])
+        .any(|seg| seg == ".." || seg == ".")
+    {
+        return Err("Paths with `.` or `..` segments are refused.");
+    }
+    let first = decoded.split('/').next().unwrap_or("");
+    if matches!(first, "proxy" | "absproxy") || decoded.contains("://") {
+        return Err(
+            "The hub does not forward to other hosts or ports, only to your own Jupyter server.",
+        );
+    }
+    Ok(())
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("");
+            if let Ok(v) = u8::from_str_radix(hex, 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The request's cookies minus the hub's own, which the user's server has
+/// no use for.
+fn strip_hub_cookies(req: &mut Request) {
+    let kept: Vec<String> = req
+        .headers()
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|kv| {
+            let k = kv.split('=').next().unwrap_or("");
+            !kv.is_empty() && k != LOGIN_COOKIE && k != PRE_COOKIE
+        })
+        .map(String::from)
+        .collect();
+    req.headers_mut().remove(header::COOKIE);
+    if !kept.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+            req.headers_mut().insert(header::COOKIE, v);
+        }
+    }
+}
+
+async fn forward(
+    tunnel: &Arc<noyau_link::tunnel::Tunnel>,
+    mut req: Request,
+) -> anyhow::Result<Response> {
+    let stream = tunnel.open()?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!("tunnelled connection: {e}");
+        }
+    });
+    strip_hub_cookies(&mut req);
+    let upgrade = req
+        .headers()
+        .contains_key(header::UPGRADE)
+        .then(|| hyper::upgrade::on(&mut req));
+    let mut resp = sender.send_request(req).await?;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_side) = upgrade {
+            let server_side = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                match tokio::try_join!(client_side, server_side) {
+                    Ok((c, s)) => {
+                        let _ = tokio::io::copy_bidirectional(
+                            &mut TokioIo::new(c),
+                            &mut TokioIo::new(s),
+                        )
+                        .await;
+                    }
+                    Err(e) => tracing::debug!("WebSocket upgrade: {e}"),
+                }
+            });
+        }
+    }
+    Ok(resp.map(Body::new).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(uri: &str) -> Request {
+        Request::builder().uri(uri).body(Body::empty()).unwrap()
+    }
+
+    #[test]
+    fn only_the_users_own_server_is_a_target() {
+        assert!(check_target(&req("/user/a/lab"), "lab").is_ok());
+        assert!(check_target(&req("/user/a/api/contents/d%2Ff"), "api/contents/d%2Ff").is_ok());
+        assert!(check_target(&req("/user/a/proxy/8080/"), "proxy/8080/").is_err());
+        assert!(check_target(&req("/user/a/%2e%2e/b/lab"), "%2e%2e/b/lab").is_err());
+        assert!(check_target(&req("http://evil:22/user/a/lab"), "lab").is_err());
+        assert!(check_target(&req("/user/a/x"), "http://evil:22/").is_err());
+    }
+}
