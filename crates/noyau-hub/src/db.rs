@@ -220,8 +220,8 @@ impl Db {
         let choice = serde_json::to_string(&s.choice)?;
         let c = self.conn();
         c.execute(
-            "INSERT INTO sessions (id, user, choice, state, log_path, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![s.id, s.user, choice, s.state.as_str(), s.log_path, s.created],
+            "INSERT INTO sessions (id, user, choice, state, reason, log_path, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![s.id, s.user, choice, s.state.as_str(), s.reason, s.log_path, s.created],
         )?;
         c.execute(
             "INSERT INTO users (name, last_choice) VALUES (?1, ?2)
