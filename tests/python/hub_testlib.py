@@ -52,9 +52,13 @@ class UnixUser:
         subprocess.run(["chpasswd"], input=f"{self.name}:{self.password}", text=True, check=True)
 
     def remove(self) -> None:
+        uid = subprocess.run(["id", "-u", self.name], capture_output=True, text=True).stdout.strip()
         subprocess.run(["scancel", "-u", self.name], check=False, capture_output=True)
         subprocess.run(["pkill", "-KILL", "-u", self.name], check=False)
         subprocess.run(["userdel", "-r", "-f", self.name], check=False, capture_output=True)
+        if uid:
+            # The uid is reused by the next test user: leave it no runtime dir.
+            shutil.rmtree(f"/tmp/noyau-{uid}", ignore_errors=True)
 
 
 def free_port() -> int:
