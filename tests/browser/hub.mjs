@@ -27,6 +27,14 @@ const shot = async (page, name) => {
 };
 try {
   await context.grantPermissions(["notifications"], { origin: url });
+  // Headless Chromium shows no notifications: record what the page asks for.
+  await context.addInitScript(() => {
+    const Real = window.Notification;
+    window.__notes = [];
+    window.Notification = function (title, opts) { window.__notes.push((opts && opts.body) || title); };
+    window.Notification.permission = Real ? Real.permission : "granted";
+    window.Notification.requestPermission = async () => window.Notification.permission;
+  });
   const page = context.pages()[0] ?? await context.newPage();
 
   await page.goto(`${url}/hub/login`);
@@ -54,6 +62,8 @@ try {
   await shot(page, "03-queued");
 
   await page.waitForSelector(".card[data-state=running]", { timeout: 180000 });
+  await page.waitForFunction(() => window.__notes.length >= 2, null, { timeout: 10000 }).catch(() => {});
+  step("notifications", { notes: await page.evaluate(() => window.__notes) });
   await shot(page, "04-running");
 
   await page.click("a[id^=open-]");

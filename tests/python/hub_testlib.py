@@ -104,6 +104,14 @@ cores = {{ min = 1, max = 2, default = 1 }}
 mem_gb = {{ min = 1, max = 2, default = 1 }}
 minutes = {{ min = 1, max = 30, default = 10 }}
 env = {{ PATH = "{path}", NOYAU_LOG = "info" }}
+
+[profiles.broken]
+label = "A profile whose Jupyter is missing"
+partitions = ["debug"]
+cores = {{ min = 1, max = 1, default = 1 }}
+mem_gb = {{ min = 1, max = 1, default = 1 }}
+minutes = {{ min = 1, max = 5, default = 5 }}
+env = {{ PATH = "/nonexistent:/usr/bin:/bin" }}
 """)
         self.proc: subprocess.Popen | None = None
 

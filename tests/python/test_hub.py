@@ -23,7 +23,7 @@ import noyau_testlib as lib
 @pytest.fixture
 def users():  # type: ignore[no-untyped-def]
     hl.require_hub_env()
-    made = [hl.UnixUser("nha"), hl.UnixUser("nhb")]
+    made = [hl.UnixUser("nha"), hl.UnixUser("nhb"), hl.UnixUser("nhadm")]
     yield made
     for u in made:
         u.remove()
@@ -31,7 +31,7 @@ def users():  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def hub(tmp_path: Path, users):  # type: ignore[no-untyped-def]
-    h = hl.Hub(tmp_path, admins=[])
+    h = hl.Hub(tmp_path, admins=[users[2].name])
     h.start()
     yield h
     h.close()
@@ -40,7 +40,7 @@ def hub(tmp_path: Path, users):  # type: ignore[no-untyped-def]
 def test_login_spawn_run_a_cell_cancel(hub, users, slurm) -> None:  # type: ignore[no-untyped-def]
     import requests
 
-    a, b = users
+    a, b, adm = users
     # A wrong password is refused, and sets no login cookie.
     anon = requests.Session()
     r = anon.post(hub.url + "/hub/login", data={"user": a.name, "password": "wrong",
@@ -105,6 +105,35 @@ def test_login_spawn_run_a_cell_cancel(hub, users, slurm) -> None:  # type: igno
     assert ended["ended_why"] == "cancelled"
     assert sa.get(f"{hub.url}/user/{a.name}/api/status").status_code == 503
 
+    # Relaunch: a new session with the same settings; an admin sees it and
+    # cancels it, but may not enter A's server either.
+    r = sa.post(f"{hub.url}/hub/sessions/{s['id']}/relaunch", data={"_csrf": csrf})
+    assert r.status_code == 200
+    again = hl.sessions(sa, hub.url)[0]
+    assert again["id"] != s["id"] and again["choice"] == s["choice"] and again["state"] != "ended"
+    sadm = hub.login(adm.name, adm.password)
+    admin_page = sadm.get(hub.url + "/hub/admin").text
+    assert f"card-{again['id']}" in admin_page and f"card-{s['id']}" in admin_page
+    assert {x["user"] for x in sadm.get(hub.url + "/hub/api/sessions?all=true").json()["sessions"]} == {a.name}
+    r = sadm.post(f"{hub.url}/hub/sessions/{again['id']}/cancel",
+                  data={"_csrf": hl.csrf_of(admin_page)}, headers={"Referer": hub.url + "/hub/admin"})
+    assert r.status_code == 200 and r.url.endswith("/hub/admin")
+    ended = hl.wait_state(sa, hub.url, "ended", timeout=60)
+    assert ended["ended_why"] == f"cancelled by the administrator {adm.name}"
+    assert sadm.get(f"{hub.url}/user/{a.name}/api/status").status_code == 403
+
+
+def test_a_failed_job_says_why_with_its_log(hub, users, slurm) -> None:  # type: ignore[no-untyped-def]
+    a = users[0]
+    sa = hub.login(a.name, a.password)
+    csrf = hl.csrf_of(sa.get(hub.url + "/hub/home").text)
+    sa.post(hub.url + "/hub/spawn", data={"_csrf": csrf, "profile": "broken", "partition": "debug", "cores": 1,
+                                          "mem_gb": 1, "gpus": 0, "minutes": 5})
+    ended = hl.wait_state(sa, hub.url, "ended", timeout=60)
+    assert "failed" in ended["ended_why"], ended
+    card = sa.get(hub.url + "/hub/cards").text
+    assert "cannot start `jupyter lab`" in card  # the job log's tail, on the card
+
 
 def assert_no_tcp_listener_of(user: str) -> None:
     """No process of `user` listens on TCP (ss shows listeners with owners)."""
@@ -115,7 +144,7 @@ def assert_no_tcp_listener_of(user: str) -> None:
 
 
 def test_sessions_survive_a_hub_restart(hub, users, slurm) -> None:  # type: ignore[no-untyped-def]
-    a, _ = users
+    a = users[0]
     sa = hub.login(a.name, a.password)
     csrf = hl.csrf_of(sa.get(hub.url + "/hub/home").text)
     sa.post(hub.url + "/hub/spawn", data={"_csrf": csrf, "profile": "cpu", "partition": "batch", "cores": 1,

@@ -69,6 +69,10 @@ def test_browser_login_spawn_queued_running_lab_cell_cancel(tmp_path: Path, slur
         assert rc == 0 and not errors, f"browser scenario failed: {errors} (screenshots in {SHOTS}; hub log {hub.log})"
         by_step = {s["step"]: s for s in steps}
         assert "Queued" in by_step["queued"]["text"] and "Resources" in by_step["queued"]["text"]
+        notes = by_step["notifications"]["notes"]
+        # The session starting, and (10 minutes asked for) less than 10 minutes left.
+        assert any(n.startswith("Your session is running") for n in notes), notes
+        assert any("(walltime)" in n for n in notes), notes
         assert by_step["cell"]["output"].strip() == "42"
         assert "Ended: cancelled" in by_step["ended"]["text"]
         for name in ("01-wrong-password", "02-home", "03-queued", "04-running", "05-jupyterlab", "06-cell-ran",
