@@ -133,6 +133,13 @@ def test_a_failed_job_says_why_with_its_log(hub, users, slurm) -> None:  # type:
     assert "failed" in ended["ended_why"], ended
     card = sa.get(hub.url + "/hub/cards").text
     assert "cannot start `jupyter lab`" in card  # the job log's tail, on the card
+    # The hub reads the log as root from a path the user controls: a log
+    # replaced by a link to a file the user may not read shows nothing.
+    log = Path(ended["log_path"])
+    log.unlink()
+    log.symlink_to("/etc/shadow")
+    card = sa.get(hub.url + "/hub/cards").text
+    assert "root:" not in card and "Ended:" in card
 
 
 def assert_no_tcp_listener_of(user: str) -> None:

@@ -271,7 +271,7 @@ pub fn cards(sessions: &[Session], who: &Who, with_user: bool) -> String {
                 let tail = s
                     .log_path
                     .as_deref()
-                    .and_then(|p| jobs::log_tail(p, 12))
+                    .and_then(|p| jobs::log_tail(p, &s.user, 12))
                     .filter(|t| !t.trim().is_empty())
                     .map(|t| format!("<pre class=\"log\">{}</pre>", esc(&t)))
                     .unwrap_or_default();
