@@ -242,7 +242,7 @@ async fn poll_once(hub: &Hub) -> anyhow::Result<()> {
                     ..Default::default()
                 },
                 JobState::Running { node } => Update {
-                    state: Some(if hub.tunnel(&s.id).is_some() {
+                    state: Some(if hub.upstream(&s.id).is_some() {
                         State::Running
                     } else {
                         State::Starting
@@ -260,7 +260,7 @@ async fn poll_once(hub: &Hub) -> anyhow::Result<()> {
             None => ended(&s, "left the queue".into(), slack),
         };
         if u.state == Some(State::Ended) {
-            hub.drop_tunnel(&s.id);
+            hub.drop_upstream(&s.id);
         }
         hub.db.update(&s.id, &u)?;
     }

@@ -62,7 +62,8 @@ pub struct Hub {
     link_advertise: String,
     agent_exe: PathBuf,
     tokens: noyau_link::Tokens,
-    tunnels: Mutex<HashMap<String, Arc<Tunnel>>>,
+    /// The connected sessions' servers, by session id.
+    upstreams: Mutex<HashMap<String, Arc<proxy::Upstream>>>,
     /// squeue calls since start (shown on the admin page).
     pub squeue_calls: AtomicU64,
     sinfo_cache: tokio::sync::Mutex<Option<(Instant, Vec<jobs::PartitionLoad>)>>,
@@ -74,27 +75,27 @@ impl Hub {
         self.mac(&format!("link:{session}"))
     }
 
-    pub fn tunnel(&self, session: &str) -> Option<Arc<Tunnel>> {
-        self.tunnels
+    pub fn upstream(&self, session: &str) -> Option<Arc<proxy::Upstream>> {
+        self.upstreams
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(session)
             .cloned()
     }
 
-    fn drop_tunnel(&self, session: &str) {
-        self.tunnels
+    fn drop_upstream(&self, session: &str) {
+        self.upstreams
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(session);
     }
 
-    /// The tunnel to `user`'s running session (one live session per user).
-    fn user_tunnel(&self, user: &str) -> Option<Arc<Tunnel>> {
+    /// `user`'s running session's server (one live session per user).
+    fn user_upstream(&self, user: &str) -> Option<Arc<proxy::Upstream>> {
         let live = self.db.live_sessions().ok()?;
         live.iter()
             .filter(|s| s.user == user)
-            .find_map(|s| self.tunnel(&s.id))
+            .find_map(|s| self.upstream(&s.id))
     }
 }
 
@@ -182,7 +183,7 @@ pub async fn run(config: &Path) -> anyhow::Result<()> {
         key,
         link_advertise,
         agent_exe,
-        tunnels: Mutex::new(HashMap::new()),
+        upstreams: Mutex::new(HashMap::new()),
         squeue_calls: AtomicU64::new(0),
         sinfo_cache: tokio::sync::Mutex::new(None),
     });
@@ -289,10 +290,11 @@ async fn serve_agent(hub: Arc<Hub>, mut link: noyau_link::Link) {
     // Its next dial (after a hub restart or a long outage) needs the token again.
     hub.tokens.add(token);
     tracing::info!(session, host = hello["host"].as_str(), "agent connected");
-    hub.tunnels
+    let upstream = proxy::Upstream::new(tunnel.clone());
+    hub.upstreams
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .insert(session.clone(), tunnel.clone());
+        .insert(session.clone(), upstream.clone());
     let _ = hub.db.update(
         &session,
         &Update {
@@ -325,12 +327,12 @@ async fn serve_agent(hub: Arc<Hub>, mut link: noyau_link::Link) {
             Incoming::Event(_) => {}
         }
     }
-    let mut tunnels = hub.tunnels.lock().unwrap_or_else(|e| e.into_inner());
-    if tunnels
+    let mut upstreams = hub.upstreams.lock().unwrap_or_else(|e| e.into_inner());
+    if upstreams
         .get(&session)
-        .is_some_and(|t| Arc::ptr_eq(t, &tunnel))
+        .is_some_and(|u| Arc::ptr_eq(u, &upstream))
     {
-        tunnels.remove(&session);
+        upstreams.remove(&session);
     }
 }
 
