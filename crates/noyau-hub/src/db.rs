@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 
 const SCHEMA: &str = "
 PRAGMA journal_mode = WAL;
+-- WAL with NORMAL syncs at checkpoints, not at every commit: a power cut
+-- may lose the last card updates, which the watcher rewrites anyway.
+PRAGMA synchronous = NORMAL;
 CREATE TABLE IF NOT EXISTS users (
     name TEXT PRIMARY KEY,
     last_choice TEXT
@@ -35,8 +38,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     time_left TEXT,
     ended_why TEXT,
     log_path TEXT,
-    created INTEGER NOT NULL,
-    running_since INTEGER
+    created INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sessions_user ON sessions(user);
 CREATE TABLE IF NOT EXISTS audit (
@@ -132,7 +134,8 @@ fn session_row(r: &rusqlite::Row) -> rusqlite::Result<Session> {
     })
 }
 
-/// A change to a session's card, from the watcher or the link.
+/// A change to a session's card, from the watcher or the link: `None`
+/// leaves a field as it is.
 #[derive(Debug, Default)]
 pub struct Update {
     pub state: Option<State>,
@@ -141,6 +144,21 @@ pub struct Update {
     pub node: Option<Option<String>>,
     pub time_left: Option<Option<String>>,
     pub ended_why: Option<String>,
+}
+
+impl Update {
+    /// Whether applying this would change `s` (the watcher writes only then).
+    pub fn changes(&self, s: &Session) -> bool {
+        let differs = |new: &Option<Option<String>>, cur: &Option<String>| {
+            new.as_ref().is_some_and(|n| n != cur)
+        };
+        self.state.is_some_and(|st| st != s.state)
+            || differs(&self.reason, &s.reason)
+            || differs(&self.start_est, &s.start_est)
+            || differs(&self.node, &s.node)
+            || differs(&self.time_left, &s.time_left)
+            || (self.ended_why.is_some() && s.ended_why.is_none())
+    }
 }
 
 impl Db {
@@ -239,39 +257,37 @@ impl Db {
         Ok(())
     }
 
+    /// Applies `u` in one statement (one transaction).
     pub fn update(&self, id: &str, u: &Update) -> anyhow::Result<()> {
-        let c = self.conn();
-        if let Some(st) = u.state {
-            c.execute(
-                "UPDATE sessions SET state = ?2 WHERE id = ?1",
-                params![id, st.as_str()],
-            )?;
-            if st == State::Running {
-                c.execute(
-                    "UPDATE sessions SET running_since = COALESCE(running_since, ?2) WHERE id = ?1",
-                    params![id, now()],
-                )?;
-            }
-        }
-        for (col, v) in [
-            ("reason", &u.reason),
-            ("start_est", &u.start_est),
-            ("node", &u.node),
-            ("time_left", &u.time_left),
-        ] {
-            if let Some(v) = v {
-                c.execute(
-                    &format!("UPDATE sessions SET {col} = ?2 WHERE id = ?1"),
-                    params![id, v],
-                )?;
-            }
-        }
-        if let Some(why) = &u.ended_why {
-            c.execute(
-                "UPDATE sessions SET ended_why = COALESCE(ended_why, ?2) WHERE id = ?1",
-                params![id, why],
-            )?;
-        }
+        let set = |v: &Option<Option<String>>| (v.is_some(), v.clone().flatten());
+        let (reason, start, node, left) = (
+            set(&u.reason),
+            set(&u.start_est),
+            set(&u.node),
+            set(&u.time_left),
+        );
+        self.conn().execute(
+            "UPDATE sessions SET state = COALESCE(?2, state),
+                reason = CASE WHEN ?3 THEN ?4 ELSE reason END,
+                start_est = CASE WHEN ?5 THEN ?6 ELSE start_est END,
+                node = CASE WHEN ?7 THEN ?8 ELSE node END,
+                time_left = CASE WHEN ?9 THEN ?10 ELSE time_left END,
+                ended_why = COALESCE(ended_why, ?11)
+             WHERE id = ?1",
+            params![
+                id,
+                u.state.map(State::as_str),
+                reason.0,
+                reason.1,
+                start.0,
+                start.1,
+                node.0,
+                node.1,
+                left.0,
+                left.1,
+                u.ended_why
+            ],
+        )?;
         Ok(())
     }
 

@@ -262,7 +262,9 @@ async fn poll_once(hub: &Hub) -> anyhow::Result<()> {
         if u.state == Some(State::Ended) {
             hub.drop_upstream(&s.id);
         }
-        hub.db.update(&s.id, &u)?;
+        if u.changes(&s) {
+            hub.db.update(&s.id, &u)?;
+        }
     }
     Ok(())
 }

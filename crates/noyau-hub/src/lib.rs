@@ -90,12 +90,15 @@ impl Hub {
             .remove(session);
     }
 
-    /// `user`'s running session's server (one live session per user).
+    /// `user`'s running session's server (one live session per user),
+    /// found without the database: this is on every proxied request.
     fn user_upstream(&self, user: &str) -> Option<Arc<proxy::Upstream>> {
-        let live = self.db.live_sessions().ok()?;
-        live.iter()
-            .filter(|s| s.user == user)
-            .find_map(|s| self.upstream(&s.id))
+        self.upstreams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .find(|u| u.user == user)
+            .cloned()
     }
 }
 
@@ -290,7 +293,10 @@ async fn serve_agent(hub: Arc<Hub>, mut link: noyau_link::Link) {
     // Its next dial (after a hub restart or a long outage) needs the token again.
     hub.tokens.add(token);
     tracing::info!(session, host = hello["host"].as_str(), "agent connected");
-    let upstream = proxy::Upstream::new(tunnel.clone());
+    let Some(owner) = known.as_ref().map(|s| s.user.clone()) else {
+        return;
+    };
+    let upstream = proxy::Upstream::new(owner.clone(), tunnel.clone());
     hub.upstreams
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -302,9 +308,7 @@ async fn serve_agent(hub: Arc<Hub>, mut link: noyau_link::Link) {
             ..Default::default()
         },
     );
-    if let Some(s) = known {
-        hub.db.audit(&s.user, "running", &session);
-    }
+    hub.db.audit(&owner, "running", &session);
     while let Some(m) = link.recv().await {
         match m {
             Incoming::Message(_, frames) => {

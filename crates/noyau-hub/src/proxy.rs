@@ -140,13 +140,15 @@ const IDLE_MAX: usize = 8;
 /// A session's Jupyter server, as the hub reaches it: its tunnel and the
 /// idle HTTP connections over it.
 pub struct Upstream {
+    pub user: String,
     pub tunnel: Arc<Tunnel>,
     idle: Mutex<Vec<SendRequest<Body>>>,
 }
 
 impl Upstream {
-    pub fn new(tunnel: Arc<Tunnel>) -> Arc<Self> {
+    pub fn new(user: String, tunnel: Arc<Tunnel>) -> Arc<Self> {
         Arc::new(Upstream {
+            user,
             tunnel,
             idle: Mutex::new(Vec::new()),
         })
@@ -208,7 +210,9 @@ impl http_body::Body for Reusing {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(None) = r {
+        // hyper stops polling once `is_end_stream` says so (a body with a
+        // Content-Length), so the last frame gives the connection back too.
+        if matches!(r, Poll::Ready(None)) || self.inner.is_end_stream() {
             self.give_back();
         }
         r
