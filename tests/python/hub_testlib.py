@@ -186,6 +186,15 @@ def wait_state(s, url: str, state: str, timeout: float = 120) -> dict:  # type: 
     return got
 
 
+def secs_of(slurm_time: str) -> int:
+    """Seconds in Slurm's D-HH:MM:SS / HH:MM:SS / MM:SS."""
+    days, _, rest = slurm_time.rpartition("-")
+    secs = 0
+    for part in rest.split(":"):
+        secs = secs * 60 + int(part)
+    return secs + int(days or 0) * 86400
+
+
 def run_cell(s, url: str, user: str, code: str, timeout: float = 60) -> str:  # type: ignore[no-untyped-def]
     """Starts a kernel in the user's JupyterLab through the hub, runs `code`
     over the kernel WebSocket, returns the text of its result; deletes the kernel."""

@@ -215,3 +215,17 @@ def test_one_squeue_per_interval_for_fifty_users(tmp_path: Path, slurm) -> None:
         if jobs:
             subprocess.run(["scancel", *jobs], check=False)
         hub.close()
+
+
+def test_a_session_at_its_walltime_ends_saying_so(hub, users, slurm) -> None:  # type: ignore[no-untyped-def]
+    """A one-minute session: Slurm ends it at its walltime (about 90 s with
+    the kill wait), and the card says why."""
+    a = users[0]
+    sa = hub.login(a.name, a.password)
+    csrf = hl.csrf_of(sa.get(hub.url + "/hub/home").text)
+    sa.post(hub.url + "/hub/spawn", data={"_csrf": csrf, "profile": "cpu", "partition": "debug", "cores": 1,
+                                          "mem_gb": 1, "gpus": 0, "minutes": 1})
+    running = hl.wait_state(sa, hub.url, "running")
+    assert hl.secs_of(running["time_left"]) <= 60
+    ended = hl.wait_state(sa, hub.url, "ended", timeout=240)
+    assert ended["ended_why"] == "reached its walltime", ended
