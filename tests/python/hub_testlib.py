@@ -70,7 +70,8 @@ def free_port() -> int:
 class Hub:
     """One `noyau hub` with its own configuration and state directory."""
 
-    def __init__(self, workdir: Path, admins: list[str], poll: float = 1.0, squeue: str = "squeue") -> None:
+    def __init__(self, workdir: Path, admins: list[str], poll: float = 1.0, squeue: str = "squeue",
+                 auth: str = "pam") -> None:
         self.dir = workdir
         self.dir.chmod(0o755)
         self.bin_dir = Path(tempfile.mkdtemp(prefix="noyau-hub-bin-"))
@@ -89,6 +90,7 @@ listen = "127.0.0.1:{self.port}"
 link_bind = "127.0.0.1:{self.link_port}"
 link_advertise = "127.0.0.1:{self.link_port}"
 state_dir = "{self.state}"
+auth = "{auth}"
 admins = {json.dumps(admins)}
 poll_interval = {poll}
 cookie_secure = false
@@ -128,7 +130,7 @@ env = {{ PATH = "/nonexistent:/usr/bin:/bin" }}
         if self.proc and self.proc.poll() is not None:
             raise AssertionError(f"the hub exited with {self.proc.returncode}: {self.log.read_text()}")
         try:
-            return requests.get(self.url + "/hub/login", timeout=2).status_code == 200
+            return requests.get(self.url + "/hub/login", timeout=2).status_code < 500
         except requests.ConnectionError:
             return False
 

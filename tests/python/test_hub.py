@@ -229,3 +229,30 @@ def test_a_session_at_its_walltime_ends_saying_so(hub, users, slurm) -> None:  #
     assert hl.secs_of(running["time_left"]) <= 60
     ended = hl.wait_state(sa, hub.url, "ended", timeout=240)
     assert ended["ended_why"] == "reached its walltime", ended
+
+
+def test_trusted_header_mode(tmp_path: Path, slurm) -> None:  # type: ignore[no-untyped-def]
+    """Behind an SSO proxy: the user comes from X-Remote-User; forms still
+    need their CSRF token, which is bound to the user."""
+    import requests
+
+    hl.require_hub_env()
+    hub = hl.Hub(tmp_path, admins=[], auth="header")
+    try:
+        hub.start()
+        assert requests.get(hub.url + "/hub/home").status_code == 401
+        assert requests.get(hub.url + "/hub/home", headers={"X-Remote-User": "../root"}).status_code == 401
+        home = requests.get(hub.url + "/hub/home", headers={"X-Remote-User": "alice"})
+        assert home.status_code == 200 and '<b id="who">alice</b>' in home.text
+        csrf = hl.csrf_of(home.text)
+        form = {"profile": "cpu", "partition": "debug", "cores": 99, "mem_gb": 1, "gpus": 0, "minutes": 5}
+        # Bob cannot use Alice's token; Alice's (over-limit) form gets past CSRF to the limits.
+        r = requests.post(hub.url + "/hub/spawn", data=dict(form, _csrf=csrf), headers={"X-Remote-User": "bob"})
+        assert r.status_code == 403
+        r = requests.post(hub.url + "/hub/spawn", data=dict(form, _csrf=csrf), headers={"X-Remote-User": "alice"})
+        assert r.status_code == 400 and "cores must be between" in r.text
+        assert requests.get(hub.url + "/user/bob/lab", headers={"X-Remote-User": "alice"}).status_code == 403
+        # There is no password login in this mode.
+        assert requests.post(hub.url + "/hub/login", data={"user": "alice", "password": "x", "_csrf": "0"}).status_code == 404
+    finally:
+        hub.close()
