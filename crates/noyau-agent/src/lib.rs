@@ -20,6 +20,7 @@ pub mod config;
 pub mod kernel;
 pub mod outbox;
 pub mod walltime;
+pub mod web;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

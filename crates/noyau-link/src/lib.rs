@@ -42,13 +42,14 @@ mod listener;
 mod session;
 mod state;
 mod tls;
+pub mod tunnel;
 
 use std::fmt;
 use std::time::Duration;
 
 pub use dial::dial;
 pub use error::LinkError;
-pub use listener::LinkListener;
+pub use listener::{LinkListener, Tokens};
 pub use session::{Link, LinkSender};
 pub use tls::ServerIdentity;
 

@@ -125,9 +125,26 @@ impl LinkListener {
         lock(&self.registry.tokens).insert(Sha256::digest(token.as_bytes()).into());
     }
 
+    /// A handle that accepts tokens while `accept` is being awaited
+    /// elsewhere (the hub adds one per session it follows).
+    pub fn tokens(&self) -> Tokens {
+        Tokens(self.registry.clone())
+    }
+
     /// The next new authenticated session.
     pub async fn accept(&mut self) -> Result<Link, LinkError> {
         self.new_links.recv().await.ok_or(LinkError::ListenerClosed)
+    }
+}
+
+/// Adds one-time tokens to a listener; cheap to clone.
+#[derive(Clone)]
+pub struct Tokens(Arc<Registry>);
+
+impl Tokens {
+    /// As [`LinkListener::add_token`].
+    pub fn add(&self, token: &str) {
+        lock(&self.0.tokens).insert(Sha256::digest(token.as_bytes()).into());
     }
 }
 

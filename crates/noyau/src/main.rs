@@ -44,6 +44,8 @@ enum Command {
     /// Ask the scheduler for more walltime for one of this user's noyau jobs
     /// (OAR's oarwalltime, where the site allows it)
     Extend(ExtendArgs),
+    /// The web portal: JupyterLab in batch jobs for a centre's users
+    Hub(HubArgs),
     /// A Dask scheduler or worker of `%noyau dask up` (run by noyau in a job, not by hand)
     #[command(hide = true)]
     DaskJob(DaskJobArgs),
@@ -69,6 +71,13 @@ struct DaskJobArgs {
     /// Retire the worker gracefully after this many seconds
     #[arg(long)]
     lifetime: Option<u64>,
+}
+
+#[derive(clap::Args)]
+struct HubArgs {
+    /// The hub's configuration (listen addresses, login, profiles)
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -139,6 +148,10 @@ struct AgentArgs {
     /// The kernelspec to run [default: $NOYAU_INNER, else python3]
     #[arg(long)]
     inner: Option<String>,
+    /// Serve a Jupyter server to `noyau hub` instead of running a kernel:
+    /// lab (JupyterLab) or server (jupyter_server)
+    #[arg(long, value_name = "APP")]
+    serve: Option<noyau_agent::web::Server>,
 }
 
 fn init_logging() {
@@ -192,7 +205,15 @@ fn main() {
         Command::SweepTask(a) => Ok(noyau_run::sweep::task_main(a)),
         Command::Kernel(a) => kernel(a),
         Command::Agent(a) => noyau_agent::AgentConfig::load(a.secrets_file.as_deref(), a.inner)
-            .and_then(|cfg| block_on(noyau_agent::run(cfg))),
+            .and_then(|cfg| match a.serve {
+                Some(server) => noyau_agent::web::WebConfig::from_env(cfg, server)
+                    .and_then(|w| block_on(noyau_agent::web::serve(w))),
+                None => block_on(noyau_agent::run(cfg)),
+            }),
+        Command::Hub(a) => tokio::runtime::Runtime::new()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(noyau_hub::run(&a.config)))
+            .map(|()| 0),
         Command::Install(a) => install::install(&a).map(|()| 0),
         Command::Kernelspecs(a) => install::kernelspecs(&a).map(|()| 0),
         Command::Ps(a) => block_on(jobs::ps(&a.backend)),

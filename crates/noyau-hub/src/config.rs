@@ -1,0 +1,201 @@
+//! `hub.toml`: where the hub listens, how users log in, and the spawn form's
+//! profiles with the limits enforced on every request.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubConfig {
+    /// The web server's address (put TLS in front, e.g. nginx, for a centre).
+    pub listen: SocketAddr,
+    /// Where agents dial in: a fixed port, so that they find the hub again
+    /// after a restart.
+    pub link_bind: SocketAddr,
+    /// The address jobs dial (default: this host's name and link_bind's port).
+    pub link_advertise: Option<String>,
+    /// Database, link identity and key (created 0700).
+    pub state_dir: PathBuf,
+    #[serde(default)]
+    pub auth: Auth,
+    /// The PAM service used to check passwords.
+    #[serde(default = "default_pam_service")]
+    pub pam_service: String,
+    /// The header an SSO reverse proxy sets to the user name (`auth = "header"`).
+    #[serde(default = "default_auth_header")]
+    pub auth_header: String,
+    #[serde(default)]
+    pub admins: Vec<String>,
+    /// Seconds between squeue calls (one for all users).
+    #[serde(default = "default_poll")]
+    pub poll_interval: f64,
+    /// Send cookies with `Secure` (set false only for plain-HTTP tests).
+    #[serde(default = "default_true")]
+    pub cookie_secure: bool,
+    /// The command prefix that runs sbatch as the user; `{user}` is replaced.
+    #[serde(default = "default_submit_as")]
+    pub submit_as: Vec<String>,
+    /// The noyau binary the job runs (default: this one).
+    pub agent: Option<PathBuf>,
+    /// Where job logs go; `{home}` and `{user}` are replaced.
+    #[serde(default = "default_log_dir")]
+    pub log_dir: String,
+    #[serde(default)]
+    pub slurm: SlurmCommands,
+    pub profiles: BTreeMap<String, HubProfile>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Auth {
+    #[default]
+    Pam,
+    Header,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlurmCommands {
+    #[serde(default = "s_sbatch")]
+    pub sbatch: String,
+    #[serde(default = "s_squeue")]
+    pub squeue: String,
+    #[serde(default = "s_scancel")]
+    pub scancel: String,
+    #[serde(default = "s_sinfo")]
+    pub sinfo: String,
+}
+
+impl Default for SlurmCommands {
+    fn default() -> Self {
+        SlurmCommands {
+            sbatch: s_sbatch(),
+            squeue: s_squeue(),
+            scancel: s_scancel(),
+            sinfo: s_sinfo(),
+        }
+    }
+}
+
+/// A numeric field of the form: allowed range and the preset value.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Range {
+    pub min: u32,
+    pub max: u32,
+    pub default: u32,
+}
+
+impl Range {
+    fn check(&self, what: &str, profile: &str) -> anyhow::Result<()> {
+        if !(self.min <= self.default && self.default <= self.max) {
+            bail!("profile {profile}: {what} needs min <= default <= max");
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubProfile {
+    /// What the form shows.
+    pub label: Option<String>,
+    pub partitions: Vec<String>,
+    pub cores: Range,
+    pub mem_gb: Range,
+    #[serde(default = "no_gpus")]
+    pub gpus: Range,
+    pub minutes: Range,
+    /// `lab` (JupyterLab) or `server` (jupyter_server).
+    #[serde(default = "default_server")]
+    pub server: String,
+    /// Environment of the job (e.g. PATH to the Jupyter installation).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Shell lines run before the agent (e.g. `module load jupyter`).
+    pub prologue: Option<String>,
+    pub account: Option<String>,
+    pub qos: Option<String>,
+}
+
+fn default_pam_service() -> String {
+    "login".into()
+}
+fn default_auth_header() -> String {
+    "X-Remote-User".into()
+}
+fn default_poll() -> f64 {
+    5.0
+}
+fn default_true() -> bool {
+    true
+}
+fn default_submit_as() -> Vec<String> {
+    ["runuser", "-u", "{user}", "--"].map(String::from).to_vec()
+}
+fn default_log_dir() -> String {
+    "{home}/.local/state/noyau/hub".into()
+}
+fn default_server() -> String {
+    "lab".into()
+}
+fn no_gpus() -> Range {
+    Range {
+        min: 0,
+        max: 0,
+        default: 0,
+    }
+}
+fn s_sbatch() -> String {
+    "sbatch".into()
+}
+fn s_squeue() -> String {
+    "squeue".into()
+}
+fn s_scancel() -> String {
+    "scancel".into()
+}
+fn s_sinfo() -> String {
+    "sinfo".into()
+}
+
+impl HubConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the hub configuration {}", path.display()))?;
+        let cfg: HubConfig = toml::from_str(&text)
+            .with_context(|| format!("{} is not a valid hub configuration", path.display()))?;
+        cfg.validate()
+            .with_context(|| format!("in {}", path.display()))?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.profiles.is_empty() {
+            bail!("no [profiles.NAME]: the spawn form needs at least one");
+        }
+        if self.poll_interval.is_nan() || self.poll_interval < 0.1 {
+            bail!("poll_interval must be at least 0.1 seconds");
+        }
+        for (name, p) in &self.profiles {
+            if p.partitions.is_empty() {
+                bail!("profile {name}: partitions is empty");
+            }
+            p.cores.check("cores", name)?;
+            p.mem_gb.check("mem_gb", name)?;
+            p.gpus.check("gpus", name)?;
+            p.minutes.check("minutes", name)?;
+            if p.cores.min == 0 || p.minutes.min == 0 {
+                bail!("profile {name}: cores and minutes must be at least 1");
+            }
+            if !matches!(p.server.as_str(), "lab" | "server") {
+                bail!("profile {name}: server must be \"lab\" or \"server\"");
+            }
+        }
+        Ok(())
+    }
+}

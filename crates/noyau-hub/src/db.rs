@@ -1,0 +1,324 @@
+//! The hub's state in SQLite: users (their last choices), logins, sessions
+//! and the audit log. Everything the hub must remember across a restart is
+//! here; what a running job is doing is asked of Slurm again.
+//!
+//! One connection behind a mutex: every statement is a few microseconds, far
+//! below the cost of the HTTP request around it.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use anyhow::Context;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+const SCHEMA: &str = "
+PRAGMA journal_mode = WAL;
+-- WAL with NORMAL syncs at checkpoints, not at every commit: a power cut
+-- may lose the last card updates, which the watcher rewrites anyway.
+PRAGMA synchronous = NORMAL;
+CREATE TABLE IF NOT EXISTS users (
+    name TEXT PRIMARY KEY,
+    last_choice TEXT
+);
+CREATE TABLE IF NOT EXISTS logins (
+    id_hash TEXT PRIMARY KEY,
+    user TEXT NOT NULL,
+    expires INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    user TEXT NOT NULL,
+    choice TEXT NOT NULL,
+    job_id TEXT,
+    state TEXT NOT NULL,
+    reason TEXT,
+    start_est TEXT,
+    node TEXT,
+    time_left TEXT,
+    ended_why TEXT,
+    log_path TEXT,
+    created INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_user ON sessions(user);
+CREATE TABLE IF NOT EXISTS audit (
+    ts INTEGER NOT NULL,
+    user TEXT NOT NULL,
+    action TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+";
+
+/// What the user picked in the spawn form.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Choice {
+    pub profile: String,
+    pub partition: String,
+    pub cores: u32,
+    pub mem_gb: u32,
+    pub gpus: u32,
+    pub minutes: u32,
+}
+
+/// A session's life: queued → starting (job running, agent not yet
+/// connected) → running → ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Queued,
+    Starting,
+    Running,
+    Ended,
+}
+
+impl State {
+    fn as_str(self) -> &'static str {
+        match self {
+            State::Queued => "queued",
+            State::Starting => "starting",
+            State::Running => "running",
+            State::Ended => "ended",
+        }
+    }
+    fn parse(s: &str) -> State {
+        match s {
+            "queued" => State::Queued,
+            "starting" => State::Starting,
+            "running" => State::Running,
+            _ => State::Ended,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Session {
+    pub id: String,
+    pub user: String,
+    pub choice: Choice,
+    pub job_id: Option<String>,
+    pub state: State,
+    pub reason: Option<String>,
+    pub start_est: Option<String>,
+    pub node: Option<String>,
+    pub time_left: Option<String>,
+    pub ended_why: Option<String>,
+    pub log_path: Option<String>,
+    pub created: i64,
+}
+
+pub struct Db(Mutex<Connection>);
+
+pub fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+const SESSION_COLS: &str = "id, user, choice, job_id, state, reason, start_est, node, time_left, ended_why, log_path, created";
+
+fn session_row(r: &rusqlite::Row) -> rusqlite::Result<Session> {
+    let choice: String = r.get(2)?;
+    Ok(Session {
+        id: r.get(0)?,
+        user: r.get(1)?,
+        choice: serde_json::from_str(&choice).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, e.into())
+        })?,
+        job_id: r.get(3)?,
+        state: State::parse(&r.get::<_, String>(4)?),
+        reason: r.get(5)?,
+        start_est: r.get(6)?,
+        node: r.get(7)?,
+        time_left: r.get(8)?,
+        ended_why: r.get(9)?,
+        log_path: r.get(10)?,
+        created: r.get(11)?,
+    })
+}
+
+/// A change to a session's card, from the watcher or the link: `None`
+/// leaves a field as it is.
+#[derive(Debug, Default)]
+pub struct Update {
+    pub state: Option<State>,
+    pub reason: Option<Option<String>>,
+    pub start_est: Option<Option<String>>,
+    pub node: Option<Option<String>>,
+    pub time_left: Option<Option<String>>,
+    pub ended_why: Option<String>,
+}
+
+impl Update {
+    /// Whether applying this would change `s` (the watcher writes only then).
+    pub fn changes(&self, s: &Session) -> bool {
+        let differs = |new: &Option<Option<String>>, cur: &Option<String>| {
+            new.as_ref().is_some_and(|n| n != cur)
+        };
+        self.state.is_some_and(|st| st != s.state)
+            || differs(&self.reason, &s.reason)
+            || differs(&self.start_est, &s.start_est)
+            || differs(&self.node, &s.node)
+            || differs(&self.time_left, &s.time_left)
+            || (self.ended_why.is_some() && s.ended_why.is_none())
+    }
+}
+
+impl Db {
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        let conn = Connection::open(path)
+            .with_context(|| format!("cannot open the hub database {}", path.display()))?;
+        conn.execute_batch(SCHEMA)
+            .with_context(|| format!("cannot set up the hub database {}", path.display()))?;
+        Ok(Db(Mutex::new(conn)))
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn audit(&self, user: &str, action: &str, detail: &str) {
+        if let Err(e) = self.conn().execute(
+            "INSERT INTO audit (ts, user, action, detail) VALUES (?1, ?2, ?3, ?4)",
+            params![now(), user, action, detail],
+        ) {
+            tracing::error!("cannot write the audit log: {e}");
+        }
+    }
+
+    pub fn audit_count(&self, action: &str) -> anyhow::Result<i64> {
+        Ok(self.conn().query_row(
+            "SELECT COUNT(*) FROM audit WHERE action = ?1",
+            [action],
+            |r| r.get(0),
+        )?)
+    }
+
+    pub fn add_login(&self, id_hash: &str, user: &str, expires: i64) -> anyhow::Result<()> {
+        let c = self.conn();
+        c.execute("DELETE FROM logins WHERE expires < ?1", [now()])?;
+        c.execute(
+            "INSERT INTO logins (id_hash, user, expires) VALUES (?1, ?2, ?3)",
+            params![id_hash, user, expires],
+        )?;
+        c.execute(
+            "INSERT OR IGNORE INTO users (name) VALUES (?1)",
+            params![user],
+        )?;
+        Ok(())
+    }
+
+    pub fn login_user(&self, id_hash: &str) -> anyhow::Result<Option<String>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT user FROM logins WHERE id_hash = ?1 AND expires >= ?2",
+                params![id_hash, now()],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    pub fn remove_login(&self, id_hash: &str) -> anyhow::Result<()> {
+        self.conn()
+            .execute("DELETE FROM logins WHERE id_hash = ?1", [id_hash])?;
+        Ok(())
+    }
+
+    pub fn last_choice(&self, user: &str) -> anyhow::Result<Option<Choice>> {
+        let s: Option<Option<String>> = self
+            .conn()
+            .query_row(
+                "SELECT last_choice FROM users WHERE name = ?1",
+                [user],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(s.flatten().and_then(|s| serde_json::from_str(&s).ok()))
+    }
+
+    pub fn new_session(&self, s: &Session) -> anyhow::Result<()> {
+        let choice = serde_json::to_string(&s.choice)?;
+        let c = self.conn();
+        c.execute(
+            "INSERT INTO sessions (id, user, choice, state, reason, log_path, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![s.id, s.user, choice, s.state.as_str(), s.reason, s.log_path, s.created],
+        )?;
+        c.execute(
+            "INSERT INTO users (name, last_choice) VALUES (?1, ?2)
+             ON CONFLICT(name) DO UPDATE SET last_choice = excluded.last_choice",
+            params![s.user, choice],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_job(&self, id: &str, job_id: &str, log_path: &str) -> anyhow::Result<()> {
+        self.conn().execute(
+            "UPDATE sessions SET job_id = ?2, log_path = ?3 WHERE id = ?1",
+            params![id, job_id, log_path],
+        )?;
+        Ok(())
+    }
+
+    /// Applies `u` in one statement (one transaction).
+    pub fn update(&self, id: &str, u: &Update) -> anyhow::Result<()> {
+        let set = |v: &Option<Option<String>>| (v.is_some(), v.clone().flatten());
+        let (reason, start, node, left) = (
+            set(&u.reason),
+            set(&u.start_est),
+            set(&u.node),
+            set(&u.time_left),
+        );
+        self.conn().execute(
+            "UPDATE sessions SET state = COALESCE(?2, state),
+                reason = CASE WHEN ?3 THEN ?4 ELSE reason END,
+                start_est = CASE WHEN ?5 THEN ?6 ELSE start_est END,
+                node = CASE WHEN ?7 THEN ?8 ELSE node END,
+                time_left = CASE WHEN ?9 THEN ?10 ELSE time_left END,
+                ended_why = COALESCE(ended_why, ?11)
+             WHERE id = ?1",
+            params![
+                id,
+                u.state.map(State::as_str),
+                reason.0,
+                reason.1,
+                start.0,
+                start.1,
+                node.0,
+                node.1,
+                left.0,
+                left.1,
+                u.ended_why
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn session(&self, id: &str) -> anyhow::Result<Option<Session>> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!("SELECT {SESSION_COLS} FROM sessions WHERE id = ?1"),
+                [id],
+                session_row,
+            )
+            .optional()?)
+    }
+
+    /// A user's sessions (every user's when `user` is None), newest first.
+    pub fn sessions(&self, user: Option<&str>) -> anyhow::Result<Vec<Session>> {
+        let c = self.conn();
+        let mut st = c.prepare(&format!(
+            "SELECT {SESSION_COLS} FROM sessions WHERE ?1 IS NULL OR user = ?1 ORDER BY created DESC, rowid DESC LIMIT 200"
+        ))?;
+        let rows = st.query_map([user], session_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Sessions not ended: what the watcher follows and the link accepts.
+    pub fn live_sessions(&self) -> anyhow::Result<Vec<Session>> {
+        let c = self.conn();
+        let mut st = c.prepare(&format!(
+            "SELECT {SESSION_COLS} FROM sessions WHERE state != 'ended'"
+        ))?;
+        let rows = st.query_map([], session_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}

@@ -1,0 +1,382 @@
+//! Slurm for the hub: submitting a session's job as its user, cancelling
+//! it, the one watcher that follows every user's session with a single
+//! `squeue` per interval, and the free cores per partition from `sinfo`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use noyau_sched::slurm::{parse_squeue, sh_quote, state_of, SQUEUE_FORMAT};
+use noyau_sched::{JobSpec, JobState};
+use rand::Rng;
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+use crate::db::{now, Session, State, Update};
+use crate::Hub;
+
+/// How long a Slurm command may take.
+const TIMEOUT: Duration = Duration::from_secs(30);
+/// The job name squeue shows to everyone: says what runs, holds no secret.
+pub const JOB_NAME: &str = "noyau-hub";
+
+/// Runs a command; stdout, or an error naming it.
+async fn run(
+    argv: &[String],
+    stdin: Option<&str>,
+    env: &[(String, String)],
+) -> Result<String, String> {
+    let shown = argv.join(" ");
+    let (prog, args) = argv.split_first().ok_or("empty command")?;
+    let mut cmd = Command::new(prog);
+    cmd.args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if !env.is_empty() {
+        // A job gets a clean environment, not the hub's.
+        cmd.env_clear().envs(env.iter().map(|(k, v)| (k, v)));
+    }
+    let fut = async {
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot run `{shown}`: {e}"))?;
+        if let (Some(text), Some(mut w)) = (stdin, child.stdin.take()) {
+            w.write_all(text.as_bytes())
+                .await
+                .map_err(|e| format!("`{shown}`: writing its input: {e}"))?;
+        }
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|e| format!("`{shown}`: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "`{shown}` failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    };
+    tokio::time::timeout(TIMEOUT, fut)
+        .await
+        .unwrap_or_else(|_| Err(format!("`{shown}` did not answer within {TIMEOUT:?}")))
+}
+
+/// The submit_as prefix for `user`, then `rest`.
+fn as_user(hub: &Hub, user: &str, rest: &[&str]) -> Vec<String> {
+    hub.cfg
+        .submit_as
+        .iter()
+        .map(|a| a.replace("{user}", user))
+        .chain(rest.iter().map(|s| s.to_string()))
+        .collect()
+}
+
+/// Submits the session's job as its user; returns the job id and log path.
+pub async fn submit(hub: &Hub, s: &Session) -> Result<(String, String), String> {
+    let user = nix::unistd::User::from_name(&s.user)
+        .map_err(|e| format!("cannot look up user {}: {e}", s.user))?
+        .ok_or_else(|| format!("{} is not a user of this system", s.user))?;
+    let home = user.dir.display().to_string();
+    let prof = hub
+        .cfg
+        .profiles
+        .get(&s.choice.profile)
+        .ok_or_else(|| format!("profile {} is no longer offered", s.choice.profile))?;
+    let c = &s.choice;
+    let profile = noyau_config::Profile {
+        partition: Some(c.partition.clone()),
+        time: Some(c.minutes.to_string()),
+        cpus_per_task: Some(c.cores),
+        mem: Some(format!("{}G", c.mem_gb)),
+        gpus: (c.gpus > 0).then(|| c.gpus.to_string()),
+        account: prof.account.clone(),
+        qos: prof.qos.clone(),
+        env: prof.env.clone(),
+        prologue: prof.prologue.clone(),
+        ..Default::default()
+    };
+    let log_dir = PathBuf::from(
+        hub.cfg
+            .log_dir
+            .replace("{home}", &home)
+            .replace("{user}", &s.user),
+    );
+    // Slurm opens the log before the script runs: the directory must exist,
+    // and belong to the user.
+    run(
+        &as_user(
+            hub,
+            &s.user,
+            &["mkdir", "-p", &log_dir.display().to_string()],
+        ),
+        None,
+        &[],
+    )
+    .await?;
+    let spec = JobSpec {
+        name: JOB_NAME.into(),
+        program: hub.agent_exe.clone(),
+        args: vec!["agent".into(), "--serve".into(), prof.server.clone()],
+        env: Default::default(),
+        cwd: Some(user.dir.clone()),
+        profile,
+        array: None,
+    };
+    let script = noyau_sched::slurm::job_script(&spec, &log_dir);
+    // Secrets go in sbatch's environment, which Slurm exports to the job.
+    let mut env: Vec<(String, String)> = ["PATH", "SLURM_CONF", "LANG"]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+        .collect();
+    env.extend([
+        ("NOYAU_LINK_ADDR".into(), hub.link_advertise.clone()),
+        ("NOYAU_LINK_PIN".into(), hub.pin.clone()),
+        ("NOYAU_LINK_TOKEN".into(), hub.link_token(&s.id)),
+        ("NOYAU_HUB_SESSION".into(), s.id.clone()),
+        ("NOYAU_HUB_BASE_URL".into(), format!("/user/{}/", s.user)),
+    ]);
+    let argv = as_user(hub, &s.user, &[&hub.cfg.slurm.sbatch, "--parsable"]);
+    let out = run(&argv, Some(&script), &env).await?;
+    let id = out
+        .trim()
+        .split(';')
+        .next()
+        .filter(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+        .ok_or_else(|| format!("sbatch answered {:?}, not a job id", out.trim()))?
+        .to_string();
+    let log = log_dir.join(format!("{JOB_NAME}-{id}.log"));
+    tracing::info!(
+        user = s.user,
+        job = id,
+        "submitted: {}",
+        sh_quote(&log.display().to_string())
+    );
+    Ok((id, log.display().to_string()))
+}
+
+/// Cancels a job (the hub is root, or the Slurm operator).
+pub async fn cancel(hub: &Hub, job: &str) -> Result<(), String> {
+    run(&[hub.cfg.slurm.scancel.clone(), job.to_string()], None, &[])
+        .await
+        .map(|_| ())
+}
+
+/// Seconds in a Slurm duration (`D-HH:MM:SS`, `HH:MM:SS`, `MM:SS`).
+pub fn secs_of(t: &str) -> Option<u64> {
+    let (days, rest) = match t.split_once('-') {
+        Some((d, r)) => (d.parse::<u64>().ok()?, r),
+        None => (0, t),
+    };
+    let parts: Vec<u64> = rest
+        .split(':')
+        .map(|p| p.parse().ok())
+        .collect::<Option<_>>()?;
+    let hms = match parts[..] {
+        [h, m, s] => h * 3600 + m * 60 + s,
+        [m, s] => m * 60 + s,
+        [s] => s,
+        _ => return None,
+    };
+    Some(days * 86400 + hms)
+}
+
+/// The one watcher: a single `squeue` for every user's live session per
+/// interval (±20 % jitter), whatever their number.
+pub async fn watch(hub: Arc<Hub>) {
+    let interval = Duration::from_secs_f64(hub.cfg.poll_interval);
+    loop {
+        let jitter = rand::rng().random_range(0.8..1.2);
+        tokio::time::sleep(interval.mul_f64(jitter)).await;
+        if let Err(e) = poll_once(&hub).await {
+            tracing::warn!("watching the sessions' jobs: {e:#}");
+        }
+    }
+}
+
+async fn poll_once(hub: &Hub) -> anyhow::Result<()> {
+    let live: Vec<Session> = hub
+        .db
+        .live_sessions()?
+        .into_iter()
+        .filter(|s| s.job_id.is_some())
+        .collect();
+    if live.is_empty() {
+        return Ok(());
+    }
+    let asked = now();
+    hub.squeue_calls
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let argv = [
+        hub.cfg.slurm.squeue.clone(),
+        "--states=all".into(),
+        "-h".into(),
+        "-o".into(),
+        SQUEUE_FORMAT.into(),
+    ];
+    let lines = match run(&argv, None, &[]).await {
+        Ok(o) => parse_squeue(&o),
+        // Slurm may be restarting: that says nothing about the jobs.
+        Err(why) => anyhow::bail!("{why}"),
+    };
+    let by_id: HashMap<&str, _> = lines.iter().map(|l| (l.id.as_str(), l)).collect();
+    let slack = (2.0 * hub.cfg.poll_interval) as u64 + 5;
+    for s in live {
+        let job = s.job_id.as_deref().unwrap_or_default();
+        let u = match by_id.get(job) {
+            Some(line) => match state_of(line) {
+                JobState::Pending { reason, start, .. } => Update {
+                    state: Some(State::Queued),
+                    reason: Some(Some(reason)),
+                    start_est: Some(start),
+                    ..Default::default()
+                },
+                JobState::Running { node } => Update {
+                    state: Some(if hub.upstream(&s.id).is_some() {
+                        State::Running
+                    } else {
+                        State::Starting
+                    }),
+                    reason: Some(None),
+                    node: Some(Some(node)),
+                    time_left: Some(Some(line.time_left.clone())),
+                    ..Default::default()
+                },
+                JobState::Ended(end) => ended(&s, end.description, slack),
+                JobState::Unknown { .. } => continue,
+            },
+            // Submitted after the listing was asked for: not a verdict.
+            None if s.created >= asked - 1 => continue,
+            None => ended(&s, "left the queue".into(), slack),
+        };
+        if u.state == Some(State::Ended) {
+            hub.drop_upstream(&s.id);
+        }
+        if u.changes(&s) {
+            hub.db.update(&s.id, &u)?;
+        }
+    }
+    Ok(())
+}
+
+fn ended(s: &Session, description: String, slack: u64) -> Update {
+    let near_walltime = s
+        .time_left
+        .as_deref()
+        .and_then(secs_of)
+        .is_some_and(|t| t <= slack);
+    let why = if description.contains("TIMEOUT") || near_walltime {
+        "reached its walltime".to_string()
+    } else if description.contains("cancelled") {
+        "cancelled".to_string()
+    } else if s.state == State::Queued {
+        format!("failed before it started: the job {description}")
+    } else {
+        format!("the job {description}")
+    };
+    Update {
+        state: Some(State::Ended),
+        ended_why: Some(why),
+        time_left: Some(None),
+        ..Default::default()
+    }
+}
+
+/// Free and total cores per partition, from one `sinfo` call (cached).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PartitionLoad {
+    pub partition: String,
+    pub idle_cores: u64,
+    pub total_cores: u64,
+    pub gres: String,
+}
+
+pub async fn partitions(hub: &Hub) -> Result<Vec<PartitionLoad>, String> {
+    let ttl = Duration::from_secs_f64(hub.cfg.poll_interval.max(5.0));
+    if let Some((at, v)) = &*hub.sinfo_cache.lock().await {
+        if at.elapsed() < ttl {
+            return Ok(v.clone());
+        }
+    }
+    let out = run(
+        &[
+            hub.cfg.slurm.sinfo.clone(),
+            "-h".into(),
+            "-o".into(),
+            "%R|%C|%G".into(),
+        ],
+        None,
+        &[],
+    )
+    .await?;
+    let mut v: Vec<PartitionLoad> = Vec::new();
+    for l in out.lines() {
+        let f: Vec<&str> = l.trim().split('|').collect();
+        let [p, cpus, gres] = f[..] else { continue };
+        // %C: allocated/idle/other/total
+        let c: Vec<u64> = cpus.split('/').filter_map(|x| x.parse().ok()).collect();
+        let [_, idle, _, total] = c[..] else { continue };
+        match v.iter_mut().find(|x| x.partition == p) {
+            Some(x) => {
+                x.idle_cores += idle;
+                x.total_cores += total;
+            }
+            None => v.push(PartitionLoad {
+                partition: p.into(),
+                idle_cores: idle,
+                total_cores: total,
+                gres: gres.into(),
+            }),
+        }
+    }
+    *hub.sinfo_cache.lock().await = Some((Instant::now(), v.clone()));
+    Ok(v)
+}
+
+/// The last lines of a job's log, for the card of an ended session. The
+/// hub reads as root a path the user controls: only a regular file owned by
+/// the session's user, not through a symlink, is shown.
+pub fn log_tail(path: &str, user: &str, lines: usize) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+
+    let uid = nix::unistd::User::from_name(user).ok()??.uid.as_raw();
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+        .ok()?;
+    let meta = f.metadata().ok()?;
+    if !meta.is_file() || meta.uid() != uid {
+        return None;
+    }
+    f.seek(SeekFrom::Start(meta.len().saturating_sub(16 * 1024)))
+        .ok()?;
+    let mut text = Vec::new();
+    f.read_to_end(&mut text).ok()?;
+    let text = String::from_utf8_lossy(&text);
+    let all: Vec<&str> = text.lines().collect();
+    Some(all[all.len().saturating_sub(lines)..].join("\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slurm_durations() {
+        assert_eq!(secs_of("1-02:03:04"), Some(93784));
+        assert_eq!(secs_of("05:00"), Some(300));
+        assert_eq!(secs_of("UNLIMITED"), None);
+    }
+}

@@ -1,0 +1,97 @@
+// The hub's browser scenario, in Debian's headless Chromium driven by
+// playwright-core (no downloaded browser): log in, fill the spawn form, see
+// the card go Queued -> Running, open JupyterLab through the hub, run a cell,
+// cancel. A screenshot of each step goes to $SHOTS_DIR; one JSON line per
+// step goes to stdout, for the Python test to follow.
+//
+// Environment: HUB_URL, HUB_USER, HUB_PASSWORD, SHOTS_DIR, PARTITION,
+// CHROMIUM (default /usr/bin/chromium), PROFILE_DIR (a fresh directory).
+import { chromium } from "playwright-core";
+import path from "node:path";
+
+const env = (k, d) => process.env[k] ?? d ?? (() => { throw new Error(`${k} is not set`); })();
+const url = env("HUB_URL"), user = env("HUB_USER"), password = env("HUB_PASSWORD");
+const shots = env("SHOTS_DIR"), partition = env("PARTITION", "debug");
+const step = (name, extra = {}) => console.log(JSON.stringify({ step: name, ...extra }));
+
+const context = await chromium.launchPersistentContext(env("PROFILE_DIR"), {
+  executablePath: env("CHROMIUM", "/usr/bin/chromium"),
+  headless: true,
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+  viewport: { width: 1280, height: 900 },
+});
+const shot = async (page, name) => {
+  await page.screenshot({ path: path.join(shots, `${name}.png`), fullPage: true });
+  step(name);
+};
+try {
+  await context.grantPermissions(["notifications"], { origin: url });
+  // Headless Chromium shows no notifications: record what the page asks for.
+  await context.addInitScript(() => {
+    const Real = window.Notification;
+    window.__notes = [];
+    window.Notification = function (title, opts) { window.__notes.push((opts && opts.body) || title); };
+    window.Notification.permission = Real ? Real.permission : "granted";
+    window.Notification.requestPermission = async () => window.Notification.permission;
+  });
+  const page = context.pages()[0] ?? await context.newPage();
+
+  await page.goto(`${url}/hub/login`);
+  await page.fill("#user", user);
+  await page.fill("#password", "not-the-password");
+  await page.click("#login");
+  await page.waitForSelector("#error");
+  await shot(page, "01-wrong-password");
+
+  await page.fill("#user", user);
+  await page.fill("#password", password);
+  await page.click("#login");
+  await page.waitForSelector("#who");
+  await shot(page, "02-home");
+
+  await page.selectOption("#partition-cpu", partition);
+  await page.fill("#cores", "1");
+  await page.fill("#minutes", "10");
+  await Promise.all([page.waitForNavigation(), page.click("#spawn-cpu button")]);
+  const card = page.locator(".card[data-session]").first();
+  // Queued with Slurm's own reason (the watcher's first poll replaces "submitting").
+  await page.locator(".card[data-state=queued] .state", { hasNotText: "submitting" }).first()
+    .waitFor({ timeout: 60000 });
+  step("queued", { text: await card.innerText() });
+  await shot(page, "03-queued");
+
+  await page.waitForSelector(".card[data-state=running]", { timeout: 180000 });
+  await page.waitForFunction(() => window.__notes.length >= 2, null, { timeout: 10000 }).catch(() => {});
+  step("notifications", { notes: await page.evaluate(() => window.__notes) });
+  await shot(page, "04-running");
+
+  await page.click("a[id^=open-]");
+  await page.waitForSelector(".jp-LauncherCard", { timeout: 120000 });
+  await shot(page, "05-jupyterlab");
+  await page.click('.jp-LauncherCard[data-category="Notebook"]');
+  const editor = page.locator(".jp-Notebook .jp-Cell .cm-content").first();
+  await editor.waitFor({ timeout: 60000 });
+  // The kernel must be connected and idle before the cell is run.
+  await page.locator(".jp-StatusBar-TextItem", { hasText: "| Idle" }).first().waitFor({ timeout: 120000 });
+  await editor.click();
+  await page.keyboard.type("6 * 7");
+  await page.keyboard.press("Shift+Enter");
+  const out = page.locator(".jp-OutputArea-output", { hasText: "42" }).first();
+  await out.waitFor({ timeout: 120000 });
+  step("cell", { output: await out.innerText() });
+  await shot(page, "06-cell-ran");
+
+  await page.goto(`${url}/hub/home`);
+  await Promise.all([page.waitForNavigation(), page.click("button[id^=cancel-]")]);
+  await page.waitForSelector(".card[data-state=ended]", { timeout: 60000 });
+  step("ended", { text: await page.locator(".card[data-session]").first().innerText() });
+  await shot(page, "07-cancelled");
+} catch (e) {
+  const page = context.pages()[0];
+  if (page) await page.screenshot({ path: path.join(shots, "failure.png"), fullPage: true }).catch(() => {});
+  console.log(JSON.stringify({ error: String(e && e.stack || e) }));
+  process.exitCode = 1;
+} finally {
+  await context.close();
+}

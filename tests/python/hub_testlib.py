@@ -1,0 +1,238 @@
+"""Helpers for the hub's end-to-end tests: Unix users made for the test, a
+`noyau hub` process with its own hub.toml and state, a logged-in HTTP
+client, and a kernel round trip through JupyterLab's REST and WebSocket
+APIs.
+
+The jobs run as the test users, so what they execute must be readable by
+them: the noyau binary is copied into a 0755 directory, and Jupyter comes
+from a venv outside /root (NOYAU_HUB_JUPYTER_VENV, made by scripts/test:
+/opt/noyau-test/hub-venv).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import noyau_testlib as lib
+
+JUPYTER_VENV = Path(os.environ.get("NOYAU_HUB_JUPYTER_VENV", "/opt/noyau-test/hub-venv"))
+
+
+def require_hub_env() -> None:
+    import pytest
+
+    lib.require_slurm()
+    if os.geteuid() != 0:
+        pytest.skip("the hub tests make Unix users and submit jobs as them: run as root")
+    if not (JUPYTER_VENV / "bin" / "jupyter-lab").exists():
+        msg = f"no JupyterLab for the test users in {JUPYTER_VENV} (scripts/test makes it)"
+        if os.environ.get("CI") or os.environ.get("NOYAU_TEST_SLURM"):
+            pytest.fail(msg, pytrace=False)
+        pytest.skip(msg)
+
+
+class UnixUser:
+    """A real account with a password, removed at the end."""
+
+    def __init__(self, prefix: str) -> None:
+        self.name = f"{prefix}{uuid.uuid4().hex[:6]}"
+        self.password = "pw-" + secrets.token_hex(8)
+        subprocess.run(["useradd", "-m", "-s", "/bin/sh", self.name], check=True)
+        subprocess.run(["chpasswd"], input=f"{self.name}:{self.password}", text=True, check=True)
+
+    def remove(self) -> None:
+        uid = subprocess.run(["id", "-u", self.name], capture_output=True, text=True).stdout.strip()
+        subprocess.run(["scancel", "-u", self.name], check=False, capture_output=True)
+        subprocess.run(["pkill", "-KILL", "-u", self.name], check=False)
+        subprocess.run(["userdel", "-r", "-f", self.name], check=False, capture_output=True)
+        if uid:
+            # The uid is reused by the next test user: leave it no runtime dir.
+            shutil.rmtree(f"/tmp/noyau-{uid}", ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Hub:
+    """One `noyau hub` with its own configuration and state directory."""
+
+    def __init__(self, workdir: Path, admins: list[str], poll: float = 1.0, squeue: str = "squeue",
+                 auth: str = "pam") -> None:
+        self.dir = workdir
+        self.dir.chmod(0o755)
+        self.bin_dir = Path(tempfile.mkdtemp(prefix="noyau-hub-bin-"))
+        self.bin_dir.chmod(0o755)
+        noyau = self.bin_dir / "noyau"
+        shutil.copy2(lib.noyau_bin(), noyau)
+        noyau.chmod(0o755)
+        self.port, self.link_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.state = self.dir / "state"
+        self.log = self.dir / "hub.log"
+        self.config = self.dir / "hub.toml"
+        path = f"{JUPYTER_VENV}/bin:/usr/local/bin:/usr/bin:/bin"
+        self.config.write_text(f"""
+listen = "127.0.0.1:{self.port}"
+link_bind = "127.0.0.1:{self.link_port}"
+link_advertise = "127.0.0.1:{self.link_port}"
+state_dir = "{self.state}"
+auth = "{auth}"
+admins = {json.dumps(admins)}
+poll_interval = {poll}
+cookie_secure = false
+agent = "{noyau}"
+
+[slurm]
+squeue = "{squeue}"
+
+[profiles.cpu]
+label = "CPU session"
+partitions = ["debug", "batch"]
+cores = {{ min = 1, max = 2, default = 1 }}
+mem_gb = {{ min = 1, max = 2, default = 1 }}
+minutes = {{ min = 1, max = 30, default = 10 }}
+env = {{ PATH = "{path}", NOYAU_LOG = "info" }}
+
+[profiles.broken]
+label = "A profile whose Jupyter is missing"
+partitions = ["debug"]
+cores = {{ min = 1, max = 1, default = 1 }}
+mem_gb = {{ min = 1, max = 1, default = 1 }}
+minutes = {{ min = 1, max = 5, default = 5 }}
+env = {{ PATH = "/nonexistent:/usr/bin:/bin" }}
+""")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = dict(os.environ, NOYAU_LOG="info")
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([lib.noyau_bin(), "hub", "--config", str(self.config)],
+                                         stdout=log, stderr=subprocess.STDOUT, env=env)
+        lib.wait_until(self._answers, 30, f"the hub to answer (log: {self.log})", interval=0.1)
+
+    def _answers(self) -> bool:
+        import requests
+
+        if self.proc and self.proc.poll() is not None:
+            raise AssertionError(f"the hub exited with {self.proc.returncode}: {self.log.read_text()}")
+        try:
+            return requests.get(self.url + "/hub/login", timeout=2).status_code < 500
+        except requests.ConnectionError:
+            return False
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def close(self) -> None:
+        self.kill()
+        shutil.rmtree(self.bin_dir, ignore_errors=True)
+
+    def login(self, user: str, password: str):  # type: ignore[no-untyped-def]
+        """A requests.Session logged in as `user`, or AssertionError."""
+        import requests
+
+        s = requests.Session()
+        r = s.post(self.url + "/hub/login", data={"user": user, "password": password,
+                                                   "_csrf": login_csrf(s, self.url)},
+                   allow_redirects=False, timeout=30)
+        assert r.status_code == 303, f"login as {user} answered {r.status_code}: {r.text[:300]}"
+        return s
+
+
+def login_csrf(s, url: str) -> str:  # type: ignore[no-untyped-def]
+    return csrf_of(s.get(url + "/hub/login", timeout=10).text)
+
+
+def csrf_of(html: str) -> str:
+    m = re.search(r'name="_csrf" value="([0-9a-f]+)"', html)
+    assert m, f"no CSRF token in the page: {html[:300]}"
+    return m.group(1)
+
+
+def sessions(s, url: str) -> list[dict]:  # type: ignore[no-untyped-def]
+    r = s.get(url + "/hub/api/sessions", timeout=10)
+    r.raise_for_status()
+    return r.json()["sessions"]
+
+
+def wait_state(s, url: str, state: str, timeout: float = 120) -> dict:  # type: ignore[no-untyped-def]
+    """Polls the user's newest session until it is in `state`."""
+    seen: list[str] = []
+
+    def check():  # type: ignore[no-untyped-def]
+        cur = sessions(s, url)[0]
+        if not seen or seen[-1] != cur["state"]:
+            seen.append(cur["state"])
+        if cur["state"] == "ended" and state != "ended":
+            raise AssertionError(f"the session ended: {cur}")
+        return cur if cur["state"] == state else None
+
+    got = lib.wait_until(check, timeout, f"the session to be {state} (seen {seen})", interval=0.3)
+    got["seen"] = seen
+    return got
+
+
+def secs_of(slurm_time: str) -> int:
+    """Seconds in Slurm's D-HH:MM:SS / HH:MM:SS / MM:SS."""
+    days, _, rest = slurm_time.rpartition("-")
+    secs = 0
+    for part in rest.split(":"):
+        secs = secs * 60 + int(part)
+    return secs + int(days or 0) * 86400
+
+
+def run_cell(s, url: str, user: str, code: str, timeout: float = 60) -> str:  # type: ignore[no-untyped-def]
+    """Starts a kernel in the user's JupyterLab through the hub, runs `code`
+    over the kernel WebSocket, returns the text of its result; deletes the kernel."""
+    import websocket
+
+    base = f"{url}/user/{user}"
+    s.get(f"{base}/lab", timeout=30).raise_for_status()  # sets _xsrf
+    xsrf = s.cookies.get("_xsrf", "")
+    r = s.post(f"{base}/api/kernels", json={"name": "python3"}, headers={"X-XSRFToken": xsrf}, timeout=60)
+    assert r.status_code == 201, f"starting a kernel through the hub: {r.status_code} {r.text[:300]}"
+    kid = r.json()["id"]
+    cookie = "; ".join(f"{k}={v}" for k, v in s.cookies.items())
+    ws = websocket.create_connection(f"ws://{url.removeprefix('http://')}/user/{user}/api/kernels/{kid}/channels",
+                                     cookie=cookie, timeout=timeout, origin=url)
+    try:
+        msg_id = uuid.uuid4().hex
+        ws.send(json.dumps({
+            "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": user, "session": uuid.uuid4().hex,
+                       "date": "", "version": "5.3"},
+            "parent_header": {}, "metadata": {}, "channel": "shell",
+            "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
+                        "allow_stdin": False, "stop_on_error": True},
+        }))
+        deadline = time.monotonic() + timeout
+        result = None
+        while time.monotonic() < deadline:
+            m = json.loads(ws.recv())
+            if m.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            if m["msg_type"] == "execute_result":
+                result = m["content"]["data"]["text/plain"]
+            if m["msg_type"] == "error":
+                raise AssertionError(f"the cell failed: {m['content']}")
+            if m["msg_type"] == "status" and m["content"]["execution_state"] == "idle" and result is not None:
+                return result
+        raise AssertionError("no result from the kernel in time")
+    finally:
+        ws.close()
+        s.delete(f"{base}/api/kernels/{kid}", headers={"X-XSRFToken": xsrf}, timeout=30)

@@ -1,0 +1,87 @@
+"""The hub in a real browser: Debian's headless Chromium, driven by
+playwright-core (tests/browser/hub.mjs), against the hub, real Slurm and real
+JupyterLab. Screenshots of every step land in target/test-logs/hub-browser/.
+
+The node is filled first (a blocker job in partition `batch`), so the
+session, asked for in `batch`, visibly queues; the test releases the node
+once the page has shown the queued card.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import hub_testlib as hl
+import noyau_testlib as lib
+
+ROOT = Path(__file__).resolve().parents[2]
+BROWSER = ROOT / "tests" / "browser"
+SHOTS = ROOT / "target" / "test-logs" / "hub-browser"
+
+
+def require_browser() -> None:
+    missing = [what for what, ok in (("/usr/bin/chromium", Path("/usr/bin/chromium").exists()),
+                                     ("node", shutil.which("node") is not None),
+                                     ("tests/browser/node_modules/playwright-core",
+                                      (BROWSER / "node_modules" / "playwright-core").exists())) if not ok]
+    if missing:
+        msg = f"missing for the browser test: {', '.join(missing)} (scripts/test installs them)"
+        if os.environ.get("CI") or os.environ.get("NOYAU_TEST_SLURM"):
+            pytest.fail(msg, pytrace=False)
+        pytest.skip(msg)
+
+
+def test_browser_login_spawn_queued_running_lab_cell_cancel(tmp_path: Path, slurm) -> None:  # type: ignore[no-untyped-def]
+    hl.require_hub_env()
+    require_browser()
+    user = hl.UnixUser("nhw")
+    (tmp_path / "hub").mkdir()
+    hub = hl.Hub(tmp_path / "hub", admins=[])
+    blocker = None
+    shutil.rmtree(SHOTS, ignore_errors=True)
+    SHOTS.mkdir(parents=True)
+    proc = None
+    try:
+        hub.start()
+        blocker = lib.fill_the_node()
+        env = dict(os.environ, HUB_URL=hub.url, HUB_USER=user.name, HUB_PASSWORD=user.password,
+                   SHOTS_DIR=str(SHOTS), PARTITION="batch", PROFILE_DIR=str(tmp_path / "chromium-profile"))
+        proc = subprocess.Popen(["node", str(BROWSER / "hub.mjs")], stdout=subprocess.PIPE, text=True, env=env,
+                                cwd=BROWSER)
+        steps: list[dict] = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            steps.append(json.loads(line))
+            if "error" in steps[-1]:
+                break
+            if steps[-1]["step"] == "03-queued":
+                # The page showed the queued card: free the node.
+                subprocess.run(["scancel", blocker], check=True)
+                blocker = None
+        rc = proc.wait(60)
+        errors = [s["error"] for s in steps if "error" in s]
+        assert rc == 0 and not errors, f"browser scenario failed: {errors} (screenshots in {SHOTS}; hub log {hub.log})"
+        by_step = {s["step"]: s for s in steps}
+        assert "Queued" in by_step["queued"]["text"] and "Resources" in by_step["queued"]["text"]
+        notes = by_step["notifications"]["notes"]
+        # The session starting, and (10 minutes asked for) less than 10 minutes left.
+        assert any(n.startswith("Your session is running") for n in notes), notes
+        assert any("(walltime)" in n for n in notes), notes
+        assert by_step["cell"]["output"].strip() == "42"
+        assert "Ended: cancelled" in by_step["ended"]["text"]
+        for name in ("01-wrong-password", "02-home", "03-queued", "04-running", "05-jupyterlab", "06-cell-ran",
+                     "07-cancelled"):
+            assert (SHOTS / f"{name}.png").stat().st_size > 1000, name
+    finally:
+        if proc and proc.poll() is None:
+            proc.kill()
+        if blocker:
+            subprocess.run(["scancel", blocker], check=False)
+        hub.close()
+        user.remove()
