@@ -50,6 +50,12 @@ class OarUser:
             raise AssertionError(f"{args} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
         return r
 
+    def popen(self, args: list[str], cwd: Path) -> subprocess.Popen:
+        return subprocess.Popen(["runuser", "-u", self.name, "--", "env", "-i",
+                                 *(f"{k}={v}" for k, v in self.env().items()), *args],
+                                cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+
     def workdir(self, name: str) -> Path:
         d = self.home / "tests" / name
         shutil.rmtree(d, ignore_errors=True)
@@ -207,3 +213,69 @@ def test_profile_keys_checked_for_oar(oar: OarUser) -> None:
     assert "nodes=1/core=3,walltime=1:00:00" in r.stdout, r.stdout
     r = oar.run([str(oar.bin), "kernel", "--dry-run", "--backend", "slurm", "-o", "properties=x"], d)
     assert r.returncode != 0 and "properties has no meaning on Slurm" in r.stderr, r.stderr
+
+
+SWEEP_NB = ("import os\n"
+            "if os.path.exists(FLAG) and x == 2:\n"
+            "    raise ValueError('point x=2 fails while the flag exists')\n"
+            "print(x, y, os.environ.get('OAR_ARRAY_ID'), os.environ.get('OAR_JOB_ID'))")
+
+
+def test_sweep_is_one_oar_array_k_at_a_time_and_retry_reruns_only_failed(oar: OarUser) -> None:
+    """As test_slurm_run's sweep test: OAR has no %K, so the tasks beyond K
+    wait held and the sweep resumes them; never more than K queued or running."""
+    from test_slurm_run import check_summary, notebook as param_notebook, stdout_of
+    d = oar.workdir("sweep")
+    flag = oar.write(d / "flag", "fail x=2")
+    nb = param_notebook(d / "sw.ipynb", SWEEP_NB, params=f"x = 0\ny = 'a'\nFLAG = {str(flag)!r}")
+    shutil.chown(nb, oar.name, oar.name)
+    outdir = d / "out"
+    proc = oar.popen([str(oar.bin), "sweep", "sw.ipynb", "--grid", "x=1,2,3",
+                      "--grid", "y=a,b", "--max-parallel", "2", "--backend", "oar",
+                      "-o", str(outdir)], d)
+    arrays: set[int] = set()
+    held_seen = most_active = 0
+    while proc.poll() is None:
+        out = subprocess.run(["oarstat", "-J", "-f", "-u", oar.name], capture_output=True,
+                             text=True).stdout
+        jobs = [j for j in (json.loads(out) if out.strip() else {}).values()
+                if j["state"] not in ("Terminated", "Error")]
+        for j in jobs:
+            assert j["name"] == "noyau-sweep-sw", j
+            arrays.add(j["array_id"])
+        held_seen += sum(j["state"] == "Hold" for j in jobs)
+        most_active = max(most_active, sum(j["state"] != "Hold" for j in jobs))
+        assert most_active <= 2, jobs
+        time.sleep(0.3)
+    stderr = proc.stderr.read()
+    assert proc.wait() == 1, stderr  # the two x=2 points failed
+    summary = check_summary(outdir, 6)
+    array = summary["job_id"]
+    assert summary["backend"] == "oar" and arrays <= {int(array)}, (arrays, array)
+    assert held_seen and most_active == 2, (held_seen, most_active)
+    assert "6 tasks, 2 at a time" in stderr, stderr
+    statuses = [(p["parameters"]["x"], p["parameters"]["y"], p["status"]) for p in summary["points"]]
+    assert statuses == [(1, "a", "ok"), (1, "b", "ok"), (2, "a", "failed"), (2, "b", "failed"),
+                        (3, "a", "ok"), (3, "b", "ok")], statuses
+    for p in summary["points"]:
+        out = json.loads(Path(p["output"]).read_text())
+        assert out["metadata"]["noyau"]["allocation"] == p["job"], p
+        if p["status"] == "ok":
+            assert stdout_of(out["cells"][-1]).split() == [
+                str(p["parameters"]["x"]), p["parameters"]["y"], array, p["job"]]
+    mtimes = {p["output"]: Path(p["output"]).stat().st_mtime_ns for p in summary["points"]}
+    # the array's files (environment, script, tasks) are gone with it
+    assert list((oar.home / ".local/state/noyau/oar").glob("noyau-sweep-*")) == []
+
+    flag.unlink()
+    r = oar.run([str(oar.bin), "sweep", "sw.ipynb", "--retry-failed", "--backend", "oar",
+                 "-o", str(outdir)], d, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "2 tasks, 4 at a time" in r.stderr, r.stderr
+    summary2 = check_summary(outdir, 6)
+    assert [p["status"] for p in summary2["points"]] == ["ok"] * 6
+    assert summary2["job_id"] != array
+    for i, (old, new) in enumerate(zip(summary["points"], summary2["points"])):
+        rerun = i in (2, 3)
+        assert (new["job"] != old["job"]) == rerun, (old, new)
+        assert (Path(new["output"]).stat().st_mtime_ns != mtimes[new["output"]]) == rerun
