@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import textwrap
@@ -279,3 +280,39 @@ def test_sweep_is_one_oar_array_k_at_a_time_and_retry_reruns_only_failed(oar: Oa
         rerun = i in (2, 3)
         assert (new["job"] != old["job"]) == rerun, (old, new)
         assert (Path(new["output"]).stat().st_mtime_ns != mtimes[new["output"]]) == rerun
+
+
+def test_walltime_warns_saves_finished_cells_and_exits_6_on_oar(oar: OarUser) -> None:
+    """As test_slurm_run's walltime test: a 1-minute OAR job with a long cell.
+    The agent asks oarstat for its time left and warns 50 s before the end;
+    OAR's checkpoint signal (--checkpoint 20 --signal 10: SIGUSR1, repeated by
+    OAR until the end) reaches the agent, the runner saves, marks the cell and
+    exits 6."""
+    from test_slurm_run import notebook as param_notebook, stdout_of
+    d = oar.workdir("walltime")
+    nb = param_notebook(d / "long.ipynb", "print('a')", "print('b')",
+                        "import time\nfor _ in range(600):\n    time.sleep(1)", "print('never')")
+    shutil.chown(nb, oar.name, oar.name)
+    t0 = time.monotonic()
+    r = oar.run([str(oar.bin), "run", "long.ipynb", "out.ipynb", "--backend", "oar",
+                 "-o", "time=00:01:00", "-o", "walltime_signal=20",
+                 "-o", "env.NOYAU_WALLTIME_WARN=50"], d, timeout=240)
+    assert r.returncode == 6, r.stderr
+    assert time.monotonic() - t0 < 120
+    assert "walltime: batch job" in r.stderr and "ends in" in r.stderr, r.stderr
+    # stopped by the early signal, before the end (a kill at the end says "in about 0 s")
+    ahead = re.search(r"walltime reached: the batch job \d+ ends at its time limit \(in about (\d+) s\)",
+                      r.stderr)
+    assert ahead and int(ahead[1]) > 0, r.stderr
+    res = json.loads((d / "out.ipynb").read_text())
+    marker = res["cells"][0]
+    assert "papermill-error-cell-tag" in marker["metadata"]["tags"]
+    assert "walltime" in "".join(marker["source"]), marker
+    cells = res["cells"][1:]
+    assert stdout_of(cells[0]) == "a\n" and stdout_of(cells[1]) == "b\n"
+    assert [c["metadata"]["papermill"]["status"] for c in cells] == \
+        ["completed", "completed", "failed", "pending"]
+    err = cells[2]["outputs"][-1]
+    assert err["output_type"] == "error" and err["ename"] == "WalltimeError", err
+    assert cells[3]["outputs"] == []
+    wait_state(res["metadata"]["noyau"]["job_id"], {"Terminated", "Error"})

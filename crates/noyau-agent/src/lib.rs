@@ -85,19 +85,35 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<i32> {
     let mut token = agent.cfg.token.clone();
     let mut first = true;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    // A batch job asks for SIGUSR1 before its walltime (`--signal=B:USR1@…`);
-    // its default action would end the agent: it becomes a WalltimeNear event.
+    // A batch job asks for SIGUSR1 before its walltime (Slurm's
+    // `--signal=B:USR1@…`, OAR's `--checkpoint`); its default action would
+    // end the agent: it becomes a WalltimeNear event. OAR repeats the signal
+    // at each of its checks until the end, so one event per announced end.
     let mut usr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
     let end = walltime::End::default();
-    if let Some(job) = walltime::slurm_job() {
+    if let Some((scheduler, job)) = walltime::batch_job() {
         tokio::spawn(walltime::watch(
+            scheduler,
             job.clone(),
             agent.outbox.clone(),
             end.clone(),
         ));
         let outbox = agent.outbox.clone();
         tokio::spawn(async move {
+            let mut told: Option<Option<tokio::time::Instant>> = None;
             while usr1.recv().await.is_some() {
+                let at = end.at();
+                let again = match (told, at) {
+                    // an end more than a minute later: the walltime was extended
+                    (Some(Some(before)), Some(now)) => now < before + Duration::from_secs(60),
+                    (Some(_), _) => true,
+                    (None, _) => false,
+                };
+                if again {
+                    tracing::debug!(job, "SIGUSR1 again for the same end: already told");
+                    continue;
+                }
+                told = Some(at);
                 let seconds_left = end.seconds_left();
                 tracing::warn!(job, ?seconds_left, "SIGUSR1: the job's walltime is near");
                 outbox.event(
@@ -112,7 +128,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<i32> {
     } else {
         tokio::spawn(async move {
             while usr1.recv().await.is_some() {
-                tracing::warn!("SIGUSR1 outside a Slurm job: ignored");
+                tracing::warn!("SIGUSR1 outside a Slurm or OAR job: ignored");
             }
         });
     }
