@@ -38,6 +38,8 @@ use outbox::Outbox;
 
 /// How long a kernel gets to exit after a shutdown request before it is killed.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long an agent whose kernel is over waits to deliver its last messages.
+const FINAL_FLUSH: Duration = Duration::from_secs(10);
 
 struct Agent {
     cfg: AgentConfig,
@@ -53,6 +55,9 @@ struct Agent {
     generation: u32,
     /// Set when a shutdown_request went to the kernel: Some(restart).
     shutdown: Option<(bool, Instant)>,
+    /// Requests that came while the kernel restarts, for the new one (the
+    /// exiting kernel would drop them).
+    held: Vec<(Lane, RawMessage)>,
 }
 
 enum SessionEnd {
@@ -80,6 +85,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<i32> {
         env: None,
         generation: 0,
         shutdown: None,
+        held: Vec::new(),
     };
     let spec_error = spec.err().map(|e| e.to_string());
     let mut token = agent.cfg.token.clone();
@@ -197,7 +203,20 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<i32> {
                 token = t;
             }
             SessionEnd::Finished(code) => {
-                link.close().await;
+                // The kernel is over: its last word is worth a short wait,
+                // not the whole reconnection window of a proxy that may be
+                // gone (a frontend kills a proxy whose shutdown is slow),
+                // which would hold the allocation for nothing. A proxy
+                // still there learns the end from the job's state anyway.
+                if tokio::time::timeout(FINAL_FLUSH, link.close())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        "the proxy did not take the last messages within {} s; ending",
+                        FINAL_FLUSH.as_secs()
+                    );
+                }
                 return Ok(code);
             }
         }
@@ -260,7 +279,11 @@ async fn dial_until(cfg: &AgentConfig, token: &str, within: Duration) -> anyhow:
 impl Agent {
     async fn ensure_kernel(&mut self) -> anyhow::Result<()> {
         if let Some(k) = &self.kernel {
-            self.outbox.event(Lane::Iopub, &k.ready_event());
+            // A proxy taking over during a restart: the kernel is on its way
+            // out, and the new one announces itself once started.
+            if !self.restarting() {
+                self.outbox.event(Lane::Iopub, &k.ready_event());
+            }
             return Ok(());
         }
         if let (Some(env_spec), None) = (&self.cfg.env_spec, &self.env) {
@@ -290,6 +313,10 @@ impl Agent {
         self.outbox.event(Lane::Iopub, &k.ready_event());
         self.kernel = Some(k);
         Ok(())
+    }
+
+    fn restarting(&self) -> bool {
+        matches!(self.shutdown, Some((true, _)))
     }
 
     async fn stop_kernel(&mut self) {
@@ -328,8 +355,14 @@ impl Agent {
                     match self.shutdown.take() {
                         Some((true, _)) => {
                             tracing::info!("kernel {desc} for a restart; starting a new one");
-                            if let Err(e) = self.ensure_kernel().await {
-                                self.outbox.event(Lane::Iopub, &Event::AgentError { message: format!("{e:#}") });
+                            match self.ensure_kernel().await {
+                                Ok(()) => {
+                                    let k = self.kernel.as_mut().expect("just started");
+                                    for (lane, msg) in std::mem::take(&mut self.held) {
+                                        k.send(lane, msg).await;
+                                    }
+                                }
+                                Err(e) => self.outbox.event(Lane::Iopub, &Event::AgentError { message: format!("{e:#}") }),
                             }
                         }
                         Some((false, _)) => {
@@ -380,6 +413,10 @@ impl Agent {
                         return None;
                     }
                 };
+                if self.restarting() && self.kernel.is_some() {
+                    self.held.push((lane, msg));
+                    return None;
+                }
                 let Some(kernel) = self.kernel.as_mut() else {
                     tracing::warn!(
                         ?lane,

@@ -2,8 +2,9 @@
 //!
 //! * **Submission.** OAR does not pass the submitter's environment to the
 //!   job, and `oarstat` shows every job's command line to every user. So
-//!   the job's environment (the link's address, pin and token among it) is
-//!   written to a 0600 file in a 0700 directory under noyau's state
+//!   the job's environment (the link's address, pin and token among it,
+//!   and the submitter's `NOYAU_*` settings, which Slurm's default export
+//!   would carry) is written to a 0600 file in a 0700 directory under noyau's state
 //!   directory, which the job script sources and deletes before `exec noyau
 //!   agent`; the script (0700, no secret) is what `oarsub` runs. Resources
 //!   are `-l nodes=N/core=C,walltime=H:MM:SS` from `nodes`, `ntasks` ×
@@ -560,6 +561,9 @@ impl OarArray {
 #[derive(Debug)]
 pub(crate) struct OarHandle {
     id: String,
+    /// The job's environment file and script: the job deletes them when it
+    /// starts; a job cancelled before it does leaves them to its canceller.
+    files: Vec<PathBuf>,
 }
 
 /// Where job scripts and environment files go: `STATE/oar`, 0700.
@@ -636,7 +640,8 @@ impl OarBackend {
     }
 
     pub(crate) async fn submit(&self, spec: JobSpec) -> Result<Job, SchedError> {
-        let id = self.submit_detached(&spec).await?;
+        let (mut ids, files) = self.oarsub(&spec, None).await?;
+        let id = ids.remove(0);
         let queue = spec
             .profile
             .queue
@@ -647,7 +652,7 @@ impl OarBackend {
             id: id.clone(),
             backend: "oar",
             state,
-            handle: JobHandle::Oar(OarHandle { id }),
+            handle: JobHandle::Oar(OarHandle { id, files }),
         })
     }
 
@@ -658,7 +663,10 @@ impl OarBackend {
             id: id.to_string(),
             backend: "oar",
             state,
-            handle: JobHandle::Oar(OarHandle { id: id.to_string() }),
+            handle: JobHandle::Oar(OarHandle {
+                id: id.to_string(),
+                files: Vec::new(),
+            }),
         }
     }
 
@@ -720,7 +728,13 @@ impl OarBackend {
                 let _ = std::fs::remove_file(f);
             }
         };
-        write_private(&env_file, &env_text(&spec.env), 0o600)?;
+        // OAR passes no environment: noyau's own settings (NOYAU_*) follow
+        // the job as Slurm's default export carries them; the spec's win.
+        let mut env: BTreeMap<String, String> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("NOYAU_"))
+            .collect();
+        env.extend(spec.env.clone());
+        write_private(&env_file, &env_text(&env), 0o600)?;
         write_private(&script, &job_script(spec, &env_file), 0o700)?;
         if let Some(t) = array {
             let lines: String = t.ids.iter().map(|i| format!("{i}\n")).collect();
@@ -815,6 +829,9 @@ impl OarBackend {
     pub(crate) async fn cancel(&self, h: &OarHandle) {
         if let Err(e) = self.oardel(&h.id).await {
             tracing::warn!("{e}");
+        }
+        for f in &h.files {
+            let _ = std::fs::remove_file(f);
         }
     }
 
