@@ -1,6 +1,7 @@
 """noyau on a real OAR 2.5 (scripts/oar-up): runs, kernels driven by nbclient,
-cells delegated to a target, ps/cancel/extend, and profile keys checked
-against the scheduler.
+cells delegated to a target, ps/cancel/extend (and how they find their
+scheduler), sweeps as OAR arrays, walltime warning and checkpoint signal, and
+profile keys checked against the scheduler.
 
 OAR runs no job of root's, so every noyau command here runs as the test user
 of scripts/oar-up ($NOYAU_OAR_USER), prepared by noyau_testlib.require_oar.
