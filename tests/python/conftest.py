@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -97,9 +98,24 @@ def _install_slurm_kernelspec() -> None:
         lib.noyau_install_error = f"`{' '.join(cmd)}` exited {r.returncode}: {r.stderr}"
 
 
+def _install_oar_kernelspec() -> None:
+    """With the OAR test cluster up: the kernelspec `noyau-oar-python3`, whose
+    launcher runs `noyau kernel --backend oar` as the cluster's test user."""
+    if not NOYAU_BIN or not lib.oar_up():
+        return
+    spec = JUPYTER_PATH / "kernels" / lib.OAR_KERNEL_NAME
+    spec.mkdir(parents=True, exist_ok=True)
+    launcher = Path(__file__).with_name("oar_user_kernel.py")
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, str(launcher), "{connection_file}", os.environ["NOYAU_OAR_USER"]],
+        "display_name": "Python 3 (noyau oar)", "language": "python",
+        "interrupt_mode": "message"}))
+
+
 def pytest_configure(config: pytest.Config) -> None:
     _install_kernelspecs()
     _install_slurm_kernelspec()
+    _install_oar_kernelspec()
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -180,3 +196,16 @@ def slurm() -> None:
     if left:
         subprocess.run(["scancel", *[j["id"] for j in left]], check=False)
     assert not left, f"noyau jobs left in the queue: {left}"
+
+
+@pytest.fixture(params=["slurm", "oar"])
+def batch(request: pytest.FixtureRequest) -> lib.Cluster:
+    """Each test cluster in turn (a test that runs on both schedulers); no
+    test may leave a noyau job behind for the next one."""
+    cluster = lib.CLUSTERS[request.param]
+    cluster.require()
+    yield cluster
+    left = cluster.jobs()
+    for j in left:
+        cluster.cancel(j["id"])
+    assert not left, f"noyau jobs left in the {cluster.name} queue: {left}"

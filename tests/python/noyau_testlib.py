@@ -304,6 +304,8 @@ def read_kernelspec(prefix: Path, name: str) -> dict:
 
 SLURM_KERNEL_NAME = "noyau-slurm-python3"
 SLURM_TEST_CONFIG = """\
+scheduler = "slurm"
+
 [profiles.test]
 backend = "slurm"
 partition = "debug"
@@ -394,3 +396,209 @@ def stop_kernel(km) -> None:  # type: ignore[no-untyped-def]
     km.kc.stop_channels()
     if km.is_alive():
         km.shutdown_kernel()
+
+
+# --------------------------------------------------------------------------
+# the OAR test cluster (scripts/oar-up, started by scripts/test as root)
+#
+# OAR runs no job of root's, so noyau runs as the test user of scripts/oar-up
+# ($NOYAU_OAR_USER), with a clean environment and a HOME of its own (OAR's
+# job resource manager deletes the user's files in /tmp when their last job
+# ends, so nothing of theirs lives there). That user gets a venv of its own
+# (ipykernel and nbclient at this suite's pins), a python3 kernelspec and a
+# copy of the binary, made once per session. Kernels the tests drive with
+# jupyter_client (as root) go through the kernelspec `noyau-oar-python3`,
+# whose launcher (oar_user_kernel.py) becomes `noyau kernel --backend oar`
+# as that user.
+
+OAR_KERNEL_NAME = "noyau-oar-python3"
+_REQ = Path(__file__).with_name("requirements.txt")
+# what the test user's kernels and drivers import (at requirements.txt's pins)
+_OAR_USER_PACKAGES = ("ipykernel", "ipywidgets", "nbclient", "jupyter-client", "nbformat")
+
+
+class OarUser:
+    def __init__(self, name: str) -> None:
+        import pwd
+
+        self.name = name
+        self.home = Path(pwd.getpwnam(name).pw_dir)
+        self.venv = self.home / "noyau-test-venv"
+        self.bin = self.home / "noyau"
+
+    def env(self) -> dict[str, str]:
+        return {"HOME": str(self.home), "USER": self.name, "LOGNAME": self.name,
+                "PATH": f"{self.venv}/bin:/usr/local/bin:/usr/bin:/bin",
+                "LANG": "C.UTF-8", "NOYAU_LOG": "info", "NOYAU_OAR_POLL": "0.5"}
+
+    def _argv(self, args: list[str], cwd: Path) -> list[str]:
+        # PWD as a shell sets it: oarsub reads its directory from there
+        return ["runuser", "-u", self.name, "--", "env", "-i", f"PWD={cwd}",
+                *(f"{k}={v}" for k, v in self.env().items()), *args]
+
+    def run(self, args: list[str], cwd: Path, timeout: float = 180,
+            check: bool = False):  # type: ignore[no-untyped-def]
+        import subprocess
+
+        r = subprocess.run(self._argv(args, cwd), cwd=cwd, capture_output=True, text=True,
+                           timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError(f"{args} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
+        return r
+
+    def popen(self, args: list[str], cwd: Path):  # type: ignore[no-untyped-def]
+        import subprocess
+
+        return subprocess.Popen(self._argv(args, cwd), cwd=cwd, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+
+    def workdir(self, name: str) -> Path:
+        import shutil
+
+        d = self.home / "tests" / name
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        shutil.chown(self.home / "tests", self.name, self.name)
+        shutil.chown(d, self.name, self.name)
+        return d
+
+    def write(self, path: Path, text: str) -> Path:
+        import shutil
+
+        path.write_text(text)
+        shutil.chown(path, self.name, self.name)
+        return path
+
+    def prepare(self) -> None:
+        """The user's copy of the binary (the checkout may sit where it cannot
+        read), venv, python3 kernelspec and noyau-oar kernelspec."""
+        import shutil
+
+        shutil.copy2(noyau_bin(), self.bin)  # type: ignore[arg-type]
+        shutil.chown(self.bin, self.name, self.name)
+        # made again when the packages or their pins change
+        want = " ".join(_OAR_USER_PACKAGES) + "\n" + _REQ.read_text()
+        stamp = self.venv / ".noyau-test-packages"
+        if not stamp.is_file() or stamp.read_text() != want:
+            self.run(["/usr/bin/python3", "-m", "venv", "--clear", str(self.venv)], self.home,
+                     check=True)
+            req = self.write(self.home / "noyau-test-requirements.txt", _REQ.read_text())
+            self.run([f"{self.venv}/bin/pip", "install", "-q", "--disable-pip-version-check",
+                      "-c", str(req), *_OAR_USER_PACKAGES], self.home, timeout=600, check=True)
+            self.write(stamp, want)
+        self.run([f"{self.venv}/bin/python", "-m", "ipykernel", "install", "--user"], self.home,
+                 check=True)
+        self.run([str(self.bin), "install", "--name", "noyau-oar", "--inner", "python3",
+                  "--backend", "oar", "--user"], self.home, check=True)
+
+
+_oar_user: OarUser | None = None
+
+
+def oar_up() -> bool:
+    import shutil
+
+    return bool(os.environ.get("NOYAU_OAR_USER")) and shutil.which("oarsub") is not None
+
+
+def require_oar() -> OarUser:
+    """The prepared test user; skips without a cluster, except under CI (or
+    with NOYAU_TEST_OAR=1), where that fails."""
+    import pytest
+
+    global _oar_user
+    require_noyau()
+    if not oar_up():
+        msg = "no OAR test cluster (run as root: eval \"$(scripts/oar-up DIR)\")"
+        if os.environ.get("CI") or os.environ.get("NOYAU_TEST_OAR"):
+            pytest.fail(msg, pytrace=False)
+        pytest.skip(msg)
+    if _oar_user is None:
+        u = OarUser(os.environ["NOYAU_OAR_USER"])
+        u.prepare()
+        _oar_user = u
+    return _oar_user
+
+
+def oarstat_noyau(user: str) -> list[dict[str, str]]:
+    """The user's noyau jobs still queued or running, oldest first."""
+    import subprocess
+
+    out = subprocess.run(["oarstat", "-J", "-f", "-u", user], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    jobs = json.loads(out) if out.strip() else {}
+    return [{"id": str(j["Job_Id"]), "state": j["state"], "name": j.get("name") or ""}
+            for j in sorted(jobs.values(), key=lambda j: j["Job_Id"])
+            if (j.get("name") or "").startswith("noyau-")
+            and j["state"] not in ("Terminated", "Error")]
+
+
+# --------------------------------------------------------------------------
+# either test cluster, for the tests that run on both (the `batch` fixture)
+
+
+class SlurmCluster:
+    """What a test needs of a scheduler: its noyau jobs, cancel, a blocker,
+    and how its names read (OarCluster is the same for OAR)."""
+
+    name = "slurm"
+    kernel_name = SLURM_KERNEL_NAME
+    job_var = "SLURM_JOB_ID"  # the job id's variable inside a job
+    running, pending = "RUNNING", "PENDING"
+    queue_note = "(partition debug)"  # where the queue note says the job waits
+    wait_reasons = ("reason Resources", "reason Priority")
+
+    def require(self) -> None:
+        require_slurm()
+
+    def jobs(self) -> list[dict[str, str]]:
+        return squeue_noyau()
+
+    def cancel(self, job: str) -> None:
+        import subprocess
+
+        subprocess.run(["scancel", job], check=False)
+
+    def fill_the_node(self) -> str:
+        return fill_the_node()
+
+
+class OarCluster:
+    name = "oar"
+    kernel_name = OAR_KERNEL_NAME
+    job_var = "OAR_JOB_ID"
+    running, pending = "Running", "Waiting"
+    queue_note = "(partition default)"
+    wait_reasons = ("reason Waiting",)
+
+    def require(self) -> None:
+        require_oar()
+
+    def jobs(self) -> list[dict[str, str]]:
+        return oarstat_noyau(os.environ["NOYAU_OAR_USER"])
+
+    def cancel(self, job: str) -> None:
+        import subprocess
+
+        subprocess.run(["oardel", job], capture_output=True, check=False)
+
+    def fill_the_node(self) -> str:
+        """A job of the test user holding the whole node (queue `batch`),
+        running; its id. The caller cancels it."""
+        u = require_oar()
+        r = u.run(["oarsub", "-q", "batch", "-n", "noyau-test-blocker", "-l",
+                   "nodes=1,walltime=0:05:00", "-O", "/dev/null", "-E", "/dev/null", "sleep 300"],
+                  u.home, check=True)
+        blocker = r.stdout.split("OAR_JOB_ID=")[1].split()[0]
+        try:
+            # OAR schedules a queue other than the default at its next pass
+            wait_until(lambda: any(j["id"] == blocker and j["state"] == "Running"
+                                   for j in self.jobs()), 90, "the blocker to run", 0.5)
+        except AssertionError:
+            self.cancel(blocker)
+            raise
+        return blocker
+
+
+Cluster = SlurmCluster | OarCluster
+CLUSTERS: dict[str, Cluster] = {"slurm": SlurmCluster(), "oar": OarCluster()}

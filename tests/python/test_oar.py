@@ -1,21 +1,19 @@
 """noyau on a real OAR 2.5 (scripts/oar-up): runs, kernels driven by nbclient,
-cells delegated to a target, ps/cancel/extend, and profile keys checked
-against the scheduler.
+cells delegated to a target, ps/cancel/extend (and how they find their
+scheduler), sweeps as OAR arrays, walltime warning and checkpoint signal, and
+profile keys checked against the scheduler.
 
 OAR runs no job of root's, so every noyau command here runs as the test user
-of scripts/oar-up ($NOYAU_OAR_USER), with a clean environment and a HOME of
-its own (OAR's job resource manager deletes the user's files in /tmp when
-their last job ends, so nothing of theirs lives there). That user gets a
-venv of its own (ipykernel and nbclient at this suite's pins) and a python3
-kernelspec, made once. Without a cluster the tests skip, except under CI
-(or with NOYAU_TEST_OAR=1), where that fails.
+of scripts/oar-up ($NOYAU_OAR_USER), prepared by noyau_testlib.require_oar.
+Without a cluster the tests skip, except under CI (or with NOYAU_TEST_OAR=1),
+where that fails. The kernel tests of test_slurm_kernel.py and the protocol
+suite of test_slurm_suite.py run on OAR too.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import pwd
+import re
 import shutil
 import subprocess
 import textwrap
@@ -26,68 +24,12 @@ import pytest
 
 import noyau_testlib as lib
 
-REQ = Path(__file__).with_name("requirements.txt")
-
-
-class OarUser:
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.home = Path(pwd.getpwnam(name).pw_dir)
-        self.venv = self.home / "noyau-test-venv"
-        self.bin = self.home / "noyau"
-
-    def env(self) -> dict[str, str]:
-        return {"HOME": str(self.home), "USER": self.name, "LOGNAME": self.name,
-                "PATH": f"{self.venv}/bin:/usr/local/bin:/usr/bin:/bin",
-                "LANG": "C.UTF-8", "NOYAU_LOG": "info", "NOYAU_OAR_POLL": "0.5"}
-
-    def run(self, args: list[str], cwd: Path, timeout: float = 180,
-            check: bool = False) -> subprocess.CompletedProcess:
-        r = subprocess.run(["runuser", "-u", self.name, "--", "env", "-i",
-                            *(f"{k}={v}" for k, v in self.env().items()), *args],
-                           cwd=cwd, capture_output=True, text=True, timeout=timeout)
-        if check and r.returncode != 0:
-            raise AssertionError(f"{args} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
-        return r
-
-    def workdir(self, name: str) -> Path:
-        d = self.home / "tests" / name
-        shutil.rmtree(d, ignore_errors=True)
-        d.mkdir(parents=True)
-        shutil.chown(self.home / "tests", self.name, self.name)
-        shutil.chown(d, self.name, self.name)
-        return d
-
-    def write(self, path: Path, text: str) -> Path:
-        path.write_text(text)
-        shutil.chown(path, self.name, self.name)
-        return path
+OarUser = lib.OarUser
 
 
 @pytest.fixture(scope="module")
 def oar() -> OarUser:
-    name = os.environ.get("NOYAU_OAR_USER")
-    if not name or not shutil.which("oarsub"):
-        msg = "no OAR test cluster (run `eval \"$(scripts/oar-up DIR)\"` as root)"
-        if os.environ.get("CI") or os.environ.get("NOYAU_TEST_OAR"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    lib.require_noyau()
-    noyau = lib.noyau_bin()
-    u = OarUser(name)
-    # The test user's own copy of the binary: the checkout may sit where it cannot read.
-    shutil.copy2(noyau, u.bin)
-    shutil.chown(u.bin, name, name)
-    if not (u.venv / "bin" / "jupyter-kernel").exists():
-        u.run(["/usr/bin/python3", "-m", "venv", "--clear", str(u.venv)], u.home, check=True)
-        req = u.write(u.home / "noyau-test-requirements.txt", REQ.read_text())
-        u.run([f"{u.venv}/bin/pip", "install", "-q", "--disable-pip-version-check",
-               "-c", str(req), "ipykernel", "nbclient", "jupyter-client", "nbformat"],
-              u.home, timeout=600, check=True)
-    u.run([f"{u.venv}/bin/python", "-m", "ipykernel", "install", "--user"], u.home, check=True)
-    u.run([str(u.bin), "install", "--name", "noyau-oar", "--inner", "python3", "--backend",
-           "oar", "--user"], u.home, check=True)
-    return u
+    return lib.require_oar()
 
 
 def notebook(*sources: str, kernel: str = "python3") -> str:
@@ -175,13 +117,16 @@ def test_target_cell_runs_in_its_own_oar_job(oar: OarUser) -> None:
 
 def test_detached_run_ps_extend_cancel(oar: OarUser) -> None:
     d = oar.workdir("detach")
+    # the site's scheduler, for ps/extend/cancel without --backend (this
+    # machine has both squeue and oarstat)
+    oar.write(d / "noyau.toml", 'scheduler = "oar"\n')
     oar.write(d / "nb.ipynb", notebook("import time\ntime.sleep(600)"))
     r = oar.run([str(oar.bin), "run", "--detach", "--backend", "oar", "-o", "time=10",
                  "nb.ipynb", "out.ipynb"], d, check=True)
     job = r.stdout.strip()
     assert job.isdigit(), r.stdout + r.stderr
     wait_state(job, {"Running"})
-    ps = oar.run([str(oar.bin), "ps", "--backend", "oar"], d, check=True).stdout
+    ps = oar.run([str(oar.bin), "ps"], d, check=True).stdout
     assert any(l.split()[0] == job and "noyau-run-nb" in l for l in ps.splitlines()[1:]), ps
     ext = oar.run([str(oar.bin), "extend", job, "5"], d)
     assert ext.returncode == 0, ext.stdout + ext.stderr
@@ -192,8 +137,28 @@ def test_detached_run_ps_extend_cancel(oar: OarUser) -> None:
         time.sleep(0.5)
     bad = oar.run([str(oar.bin), "extend", "999999", "5"], d)
     assert bad.returncode != 0 and "not one of your noyau jobs" in bad.stderr
-    oar.run([str(oar.bin), "cancel", "--backend", "oar", job], d, check=True)
+    oar.run([str(oar.bin), "cancel", job], d, check=True)
     assert wait_state(job, {"Terminated", "Error"}) == "Error"
+
+
+def test_job_commands_find_their_scheduler(oar: OarUser) -> None:
+    """ps/cancel/extend without --backend: the config's `scheduler`, else the
+    scheduler whose commands are on PATH; a clear error when that is not one."""
+    d = oar.workdir("which")
+    ps = [str(oar.bin), "ps"]
+    both = oar.run(ps, d)  # squeue and oarstat are both installed here
+    assert both.returncode != 0 and "slurm and oar" in both.stderr \
+        and "--backend slurm|oar" in both.stderr, both.stderr
+    only_oar = d / "bin"
+    only_oar.mkdir()
+    (only_oar / "oarstat").symlink_to(shutil.which("oarstat"))
+    r = oar.run(["env", f"PATH={only_oar}", *ps], d)
+    assert r.returncode == 0 and r.stdout.startswith("JOBID"), r.stdout + r.stderr
+    r = oar.run(["env", f"PATH={d}", *ps], d)
+    assert r.returncode != 0 and "neither squeue (Slurm) nor oarstat (OAR)" in r.stderr, r.stderr
+    oar.write(d / "noyau.toml", 'scheduler = "oarr"\n')
+    r = oar.run(ps, d)
+    assert r.returncode != 0 and "did you mean `oar`" in r.stderr, r.stderr
 
 
 def test_profile_keys_checked_for_oar(oar: OarUser) -> None:
@@ -207,3 +172,105 @@ def test_profile_keys_checked_for_oar(oar: OarUser) -> None:
     assert "nodes=1/core=3,walltime=1:00:00" in r.stdout, r.stdout
     r = oar.run([str(oar.bin), "kernel", "--dry-run", "--backend", "slurm", "-o", "properties=x"], d)
     assert r.returncode != 0 and "properties has no meaning on Slurm" in r.stderr, r.stderr
+
+
+SWEEP_NB = ("import os\n"
+            "if os.path.exists(FLAG) and x == 2:\n"
+            "    raise ValueError('point x=2 fails while the flag exists')\n"
+            "print(x, y, os.environ.get('OAR_ARRAY_ID'), os.environ.get('OAR_JOB_ID'))")
+
+
+def test_sweep_is_one_oar_array_k_at_a_time_and_retry_reruns_only_failed(oar: OarUser) -> None:
+    """As test_slurm_run's sweep test: OAR has no %K, so the tasks beyond K
+    wait held and the sweep resumes them; never more than K queued or running."""
+    from test_slurm_run import check_summary, notebook as param_notebook, stdout_of
+    d = oar.workdir("sweep")
+    flag = oar.write(d / "flag", "fail x=2")
+    nb = param_notebook(d / "sw.ipynb", SWEEP_NB, params=f"x = 0\ny = 'a'\nFLAG = {str(flag)!r}")
+    shutil.chown(nb, oar.name, oar.name)
+    outdir = d / "out"
+    proc = oar.popen([str(oar.bin), "sweep", "sw.ipynb", "--grid", "x=1,2,3",
+                      "--grid", "y=a,b", "--max-parallel", "2", "--backend", "oar",
+                      "-o", str(outdir)], d)
+    arrays: set[int] = set()
+    held_seen = most_active = 0
+    while proc.poll() is None:
+        out = subprocess.run(["oarstat", "-J", "-f", "-u", oar.name], capture_output=True,
+                             text=True).stdout
+        jobs = [j for j in (json.loads(out) if out.strip() else {}).values()
+                if j["state"] not in ("Terminated", "Error")]
+        for j in jobs:
+            assert j["name"] == "noyau-sweep-sw", j
+            arrays.add(j["array_id"])
+        held_seen += sum(j["state"] == "Hold" for j in jobs)
+        most_active = max(most_active, sum(j["state"] != "Hold" for j in jobs))
+        assert most_active <= 2, jobs
+        time.sleep(0.3)
+    stderr = proc.stderr.read()
+    assert proc.wait() == 1, stderr  # the two x=2 points failed
+    summary = check_summary(outdir, 6)
+    array = summary["job_id"]
+    assert summary["backend"] == "oar" and arrays <= {int(array)}, (arrays, array)
+    assert held_seen and most_active == 2, (held_seen, most_active)
+    assert "6 tasks, 2 at a time" in stderr, stderr
+    statuses = [(p["parameters"]["x"], p["parameters"]["y"], p["status"]) for p in summary["points"]]
+    assert statuses == [(1, "a", "ok"), (1, "b", "ok"), (2, "a", "failed"), (2, "b", "failed"),
+                        (3, "a", "ok"), (3, "b", "ok")], statuses
+    for p in summary["points"]:
+        out = json.loads(Path(p["output"]).read_text())
+        assert out["metadata"]["noyau"]["allocation"] == p["job"], p
+        if p["status"] == "ok":
+            assert stdout_of(out["cells"][-1]).split() == [
+                str(p["parameters"]["x"]), p["parameters"]["y"], array, p["job"]]
+    mtimes = {p["output"]: Path(p["output"]).stat().st_mtime_ns for p in summary["points"]}
+    # the array's files (environment, script, tasks) are gone with it
+    assert list((oar.home / ".local/state/noyau/oar").glob("noyau-sweep-*")) == []
+
+    flag.unlink()
+    r = oar.run([str(oar.bin), "sweep", "sw.ipynb", "--retry-failed", "--backend", "oar",
+                 "-o", str(outdir)], d, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "2 tasks, 4 at a time" in r.stderr, r.stderr
+    summary2 = check_summary(outdir, 6)
+    assert [p["status"] for p in summary2["points"]] == ["ok"] * 6
+    assert summary2["job_id"] != array
+    for i, (old, new) in enumerate(zip(summary["points"], summary2["points"])):
+        rerun = i in (2, 3)
+        assert (new["job"] != old["job"]) == rerun, (old, new)
+        assert (Path(new["output"]).stat().st_mtime_ns != mtimes[new["output"]]) == rerun
+
+
+def test_walltime_warns_saves_finished_cells_and_exits_6_on_oar(oar: OarUser) -> None:
+    """As test_slurm_run's walltime test: a 1-minute OAR job with a long cell.
+    The agent asks oarstat for its time left and warns 40 s before the end;
+    OAR's checkpoint signal (--checkpoint 25 --signal 10: SIGUSR1, sent at
+    OAR's next check, then again at each until the end) reaches the agent,
+    the runner saves, marks the cell and exits 6."""
+    from test_slurm_run import notebook as param_notebook, stdout_of
+    d = oar.workdir("walltime")
+    nb = param_notebook(d / "long.ipynb", "print('a')", "print('b')",
+                        "import time\nfor _ in range(600):\n    time.sleep(1)", "print('never')")
+    shutil.chown(nb, oar.name, oar.name)
+    t0 = time.monotonic()
+    r = oar.run([str(oar.bin), "run", "long.ipynb", "out.ipynb", "--backend", "oar",
+                 "-o", "time=00:01:00", "-o", "walltime_signal=25",
+                 "-o", "env.NOYAU_WALLTIME_WARN=40"], d, timeout=240)
+    assert r.returncode == 6, r.stderr
+    assert time.monotonic() - t0 < 120
+    assert "walltime: batch job" in r.stderr and "ends in" in r.stderr, r.stderr
+    # stopped by the early signal, before the end (a kill at the end says "in about 0 s")
+    ahead = re.search(r"walltime reached: the batch job \d+ ends at its time limit \(in about (\d+) s\)",
+                      r.stderr)
+    assert ahead and int(ahead[1]) > 0, r.stderr
+    res = json.loads((d / "out.ipynb").read_text())
+    marker = res["cells"][0]
+    assert "papermill-error-cell-tag" in marker["metadata"]["tags"]
+    assert "walltime" in "".join(marker["source"]), marker
+    cells = res["cells"][1:]
+    assert stdout_of(cells[0]) == "a\n" and stdout_of(cells[1]) == "b\n"
+    assert [c["metadata"]["papermill"]["status"] for c in cells] == \
+        ["completed", "completed", "failed", "pending"]
+    err = cells[2]["outputs"][-1]
+    assert err["output_type"] == "error" and err["ename"] == "WalltimeError", err
+    assert cells[3]["outputs"] == []
+    wait_state(res["metadata"]["noyau"]["job_id"], {"Terminated", "Error"})

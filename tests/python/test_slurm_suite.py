@@ -1,6 +1,6 @@
-"""The proxy issue's checks through a Slurm-backed kernelspec: the
+"""The proxy issue's checks through Slurm- and OAR-backed kernelspecs: the
 jupyter_kernel_test suite and the nbclient output comparison, with the kernel
-in a batch job on the test cluster.
+in a batch job on each test cluster.
 
 One documented difference: while a job is queued the proxy answers
 kernel_info from the inner kernelspec (language name, mimetype, extension),
@@ -10,10 +10,13 @@ has. It is compared by name only; every cell's outputs must be equal.
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
+from typing import Any
 
 import noyau_testlib as lib
-from noyau_testlib import require_slurm
+from noyau_testlib import require_oar, require_slurm
 from test_kernel_suite import _PythonKernelTests, _WelcomeTests
 from test_nbclient import CELLS, execute, normalise
 
@@ -46,20 +49,45 @@ class TestSlurmWelcome(_WelcomeTests):
         super().setUpClass()
 
 
-TestSlurmKernel.__test__ = True  # type: ignore[attr-defined]
-TestSlurmWelcome.__test__ = True  # type: ignore[attr-defined]
+class TestOarKernel(_PythonKernelTests):
+    kernel_name = lib.OAR_KERNEL_NAME
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        require_oar()
+        super().setUpClass()
+        _wait_until_running(cls.kc)
 
 
-def test_slurm_outputs_equal_direct(tmp_path: Path) -> None:
-    require_slurm()
-    direct = normalise(execute(lib.DIRECT_KERNEL_NAME, tmp_path))
-    slurm = normalise(execute(lib.SLURM_KERNEL_NAME, tmp_path))
+class TestOarWelcome(_WelcomeTests):
+    kernel_name = lib.OAR_KERNEL_NAME
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        require_oar()
+        super().setUpClass()
+
+
+for _cls in (TestSlurmKernel, TestSlurmWelcome, TestOarKernel, TestOarWelcome):
+    _cls.__test__ = True  # type: ignore[attr-defined]
+
+
+def _site_packages(nb: Any) -> Any:
+    """Tracebacks name ipykernel's files: the OAR kernel runs as its test
+    user, with a venv of its own at the same pins."""
+    text = re.sub(r"[~/][^\"\s\\]*/lib/python3\.\d+/site-packages/", "<site-packages>/",
+                  json.dumps(nb))
+    return json.loads(text)
+
+
+def test_outputs_equal_direct(batch: lib.Cluster, tmp_path: Path) -> None:
+    direct = _site_packages(normalise(execute(lib.DIRECT_KERNEL_NAME, tmp_path)))
+    other = _site_packages(normalise(execute(batch.kernel_name, tmp_path)))
     d_li = direct["metadata"].pop("language_info")
-    s_li = slurm["metadata"].pop("language_info")
-    assert s_li["name"] == d_li["name"]
-    assert slurm["metadata"] == direct["metadata"]
-    assert len(slurm["cells"]) == len(direct["cells"])
-    for i, (d, s) in enumerate(zip(direct["cells"], slurm["cells"])):
-        assert s == d, f"cell {i} differs:\n{CELLS[i]}"
-    assert not lib.squeue_noyau() or lib.wait_until(lambda: not lib.squeue_noyau(), 20,
-                                                    "the notebook's job to end", interval=0.5)
+    o_li = other["metadata"].pop("language_info")
+    assert o_li["name"] == d_li["name"]
+    assert other["metadata"] == direct["metadata"]
+    assert len(other["cells"]) == len(direct["cells"])
+    for i, (d, o) in enumerate(zip(direct["cells"], other["cells"])):
+        assert o == d, f"cell {i} differs:\n{CELLS[i]}"
+    lib.wait_until(lambda: not batch.jobs(), 30, "the notebook's job to end", interval=0.5)

@@ -39,6 +39,8 @@ use outbox::Outbox;
 
 /// How long a kernel gets to exit after a shutdown request before it is killed.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long an agent whose kernel is over waits to deliver its last messages.
+const FINAL_FLUSH: Duration = Duration::from_secs(10);
 
 struct Agent {
     cfg: AgentConfig,
@@ -57,6 +59,9 @@ struct Agent {
     generation: u32,
     /// Set when a shutdown_request went to the kernel: Some(restart).
     shutdown: Option<(bool, Instant)>,
+    /// Requests that came while the kernel restarts, for the new one (the
+    /// exiting kernel would drop them).
+    held: Vec<(Lane, RawMessage)>,
 }
 
 enum SessionEnd {
@@ -85,24 +90,41 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<i32> {
         building: None,
         generation: 0,
         shutdown: None,
+        held: Vec::new(),
     };
     let spec_error = spec.err().map(|e| e.to_string());
     let mut token = agent.cfg.token.clone();
     let mut first = true;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    // A batch job asks for SIGUSR1 before its walltime (`--signal=B:USR1@…`);
-    // its default action would end the agent: it becomes a WalltimeNear event.
+    // A batch job asks for SIGUSR1 before its walltime (Slurm's
+    // `--signal=B:USR1@…`, OAR's `--checkpoint`); its default action would
+    // end the agent: it becomes a WalltimeNear event. OAR repeats the signal
+    // at each of its checks until the end, so one event per announced end.
     let mut usr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
     let end = walltime::End::default();
-    if let Some(job) = walltime::slurm_job() {
+    if let Some((scheduler, job)) = walltime::batch_job() {
         tokio::spawn(walltime::watch(
+            scheduler,
             job.clone(),
             agent.outbox.clone(),
             end.clone(),
         ));
         let outbox = agent.outbox.clone();
         tokio::spawn(async move {
+            let mut told: Option<Option<tokio::time::Instant>> = None;
             while usr1.recv().await.is_some() {
+                let at = end.at();
+                let again = match (told, at) {
+                    // an end more than a minute later: the walltime was extended
+                    (Some(Some(before)), Some(now)) => now < before + Duration::from_secs(60),
+                    (Some(_), _) => true,
+                    (None, _) => false,
+                };
+                if again {
+                    tracing::debug!(job, "SIGUSR1 again for the same end: already told");
+                    continue;
+                }
+                told = Some(at);
                 let seconds_left = end.seconds_left();
                 tracing::warn!(job, ?seconds_left, "SIGUSR1: the job's walltime is near");
                 outbox.event(
@@ -117,7 +139,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<i32> {
     } else {
         tokio::spawn(async move {
             while usr1.recv().await.is_some() {
-                tracing::warn!("SIGUSR1 outside a Slurm job: ignored");
+                tracing::warn!("SIGUSR1 outside a Slurm or OAR job: ignored");
             }
         });
     }
@@ -186,7 +208,20 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<i32> {
                 token = t;
             }
             SessionEnd::Finished(code) => {
-                link.close().await;
+                // The kernel is over: its last word is worth a short wait,
+                // not the whole reconnection window of a proxy that may be
+                // gone (a frontend kills a proxy whose shutdown is slow),
+                // which would hold the allocation for nothing. A proxy
+                // still there learns the end from the job's state anyway.
+                if tokio::time::timeout(FINAL_FLUSH, link.close())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        "the proxy did not take the last messages within {} s; ending",
+                        FINAL_FLUSH.as_secs()
+                    );
+                }
                 return Ok(code);
             }
         }
@@ -258,7 +293,11 @@ impl Agent {
                     },
                 );
             }
-            self.outbox.event(Lane::Iopub, &k.ready_event());
+            // During a restart the kernel is on its way out, and the new
+            // one announces itself once started.
+            if !self.restarting() {
+                self.outbox.event(Lane::Iopub, &k.ready_event());
+            }
             return Ok(());
         }
         if let (Some(env_spec), None) = (&self.cfg.env_spec, &self.env) {
@@ -357,6 +396,10 @@ impl Agent {
         }
     }
 
+    fn restarting(&self) -> bool {
+        matches!(self.shutdown, Some((true, _)))
+    }
+
     async fn stop_kernel(&mut self) {
         if let Some(mut k) = self.kernel.take() {
             k.kill().await;
@@ -393,8 +436,14 @@ impl Agent {
                     match self.shutdown.take() {
                         Some((true, _)) => {
                             tracing::info!("kernel {desc} for a restart; starting a new one");
-                            if let Err(e) = self.ensure_kernel().await {
-                                self.outbox.event(Lane::Iopub, &Event::AgentError { message: format!("{e:#}") });
+                            match self.ensure_kernel().await {
+                                Ok(()) => {
+                                    let k = self.kernel.as_mut().expect("just started");
+                                    for (lane, msg) in std::mem::take(&mut self.held) {
+                                        k.send(lane, msg).await;
+                                    }
+                                }
+                                Err(e) => self.outbox.event(Lane::Iopub, &Event::AgentError { message: format!("{e:#}") }),
                             }
                         }
                         Some((false, _)) => {
@@ -450,6 +499,10 @@ impl Agent {
                         return None;
                     }
                 };
+                if self.restarting() && self.kernel.is_some() {
+                    self.held.push((lane, msg));
+                    return None;
+                }
                 let Some(kernel) = self.kernel.as_mut() else {
                     tracing::warn!(
                         ?lane,

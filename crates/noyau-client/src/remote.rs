@@ -16,6 +16,7 @@
 //! like nbclient's, so `input()` fails at once with an error instead of
 //! waiting for an answer nobody will type.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -163,6 +164,8 @@ pub struct RemoteKernel {
     pub environment: Option<Value>,
     dead: Option<KernelError>,
     agent_gone: Option<String>,
+    /// Walltime notices that came while the kernel started.
+    early: VecDeque<Walltime>,
 }
 
 impl RemoteKernel {
@@ -215,6 +218,9 @@ impl RemoteKernel {
             let deadline = deadline.unwrap_or_else(|| Instant::now() + timeout);
             let mut host = None;
             let mut environment = None;
+            // A walltime notice may come before the kernel is ready (a slow
+            // start late in a short job): kept for the first `next_event`.
+            let mut early = VecDeque::new();
             loop {
                 let incoming = tokio::select! {
                     m = link.recv() => m,
@@ -232,7 +238,13 @@ impl RemoteKernel {
                     Some(Incoming::Message(_, frames)) => match envelope::open(frames) {
                         Ok(Payload::Event(Event::AgentHello { host: h, .. })) => host = Some(h),
                         Ok(Payload::Event(Event::KernelReady { kernel_info, .. })) => {
-                            return Ok((link, host, kernel_info, environment))
+                            return Ok((link, host, kernel_info, environment, early))
+                        }
+                        Ok(Payload::Event(Event::WalltimeWarning { job, seconds_left })) => {
+                            early.push_back(Walltime::Warning { job, seconds_left })
+                        }
+                        Ok(Payload::Event(Event::WalltimeNear { job, seconds_left })) => {
+                            early.push_back(Walltime::Near { job, seconds_left })
                         }
                         Ok(Payload::Event(Event::EnvProgress { line })) => {
                             tracing::info!("environment: {line}");
@@ -256,7 +268,7 @@ impl RemoteKernel {
             r = waiting => r,
             () = cancel => Err(KernelError::Cancelled),
         };
-        let (link, host, kernel_info, environment) = match result {
+        let (link, host, kernel_info, environment, early) = match result {
             Ok(v) => v,
             Err(e) => {
                 watch.cancel().await;
@@ -275,6 +287,7 @@ impl RemoteKernel {
             environment,
             dead: None,
             agent_gone: None,
+            early,
         })
     }
 
@@ -346,6 +359,9 @@ impl RemoteKernel {
     /// The next message or walltime notice from the agent, in arrival order.
     /// Cancel-safe.
     pub async fn next_event(&mut self) -> Result<KernelEvent, KernelError> {
+        if let Some(w) = self.early.pop_front() {
+            return Ok(KernelEvent::Walltime(w));
+        }
         loop {
             if let Some(e) = &self.dead {
                 return Err(e.clone());

@@ -19,7 +19,10 @@
 //! partition, `account` OAR's project and `project` Slurm's account; `time`,
 //! `nodes`, `ntasks` and `cpus_per_task` become `-l nodes=N/core=C,walltime=…`.
 //! A key that means nothing on the chosen scheduler (`mem` or `sbatch` on
-//! OAR, `properties` or `oarsub` on Slurm) is an error naming it.
+//! OAR, `properties` or `oarsub` on Slurm) is an error naming it. A
+//! top-level `scheduler = "oar"` (typically in the system file) names the
+//! site's scheduler for the commands about jobs (`noyau ps`, `cancel`,
+//! `extend`).
 //!
 //! ```toml
 //! [profiles.gpu]
@@ -101,6 +104,9 @@ pub struct Profile {
 /// The backends a profile may name.
 pub const BACKENDS: &[&str] = &["local", "slurm", "oar"];
 
+/// The batch schedulers, of which a config file's `scheduler` names one.
+pub const SCHEDULERS: &[&str] = &["slurm", "oar"];
+
 /// The keys a profile may hold, for suggestions and `-o`.
 pub const KEYS: &[&str] = &[
     "backend",
@@ -169,6 +175,8 @@ pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) ->
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
+    /// The site's batch scheduler, see [`Config::scheduler`].
+    scheduler: Option<String>,
     #[serde(default)]
     profiles: BTreeMap<String, RawProfile>,
     /// The kernel's environment: read and checked by noyau-env, not here.
@@ -466,6 +474,10 @@ pub struct Config {
     profiles: BTreeMap<String, Profile>,
     /// `[dask]`, merged over the files.
     pub dask: DaskSettings,
+    /// The site's batch scheduler (top-level `scheduler = "slurm"|"oar"`,
+    /// the last file that sets it wins): what `noyau ps`, `cancel` and
+    /// `extend` ask when not told.
+    pub scheduler: Option<String>,
     /// The files read, in order.
     pub sources: Vec<PathBuf>,
 }
@@ -517,6 +529,19 @@ impl Config {
             path: path.into(),
             message: explain(&e),
         })?;
+        if let Some(sched) = file.scheduler {
+            if !SCHEDULERS.contains(&sched.as_str()) {
+                return Err(ConfigError::File {
+                    path: path.into(),
+                    message: format!(
+                        "scheduler {sched:?} is not a batch scheduler noyau knows{}; schedulers: {}",
+                        suggest(&sched, SCHEDULERS.iter().copied()),
+                        SCHEDULERS.join(", ")
+                    ),
+                });
+            }
+            self.scheduler = Some(sched);
+        }
         for (name, raw) in file.profiles {
             self.profiles.entry(name).or_default().merge(raw);
         }
@@ -730,6 +755,24 @@ mod tests {
         assert_eq!(p.partition.as_deref(), Some("batch"));
         assert_eq!(p.cpus_per_task, Some(4));
         assert_eq!(p.env["C"], "3");
+    }
+
+    #[test]
+    fn the_site_scheduler_is_the_last_file_that_names_one() {
+        let c = cfg(&[
+            "scheduler = \"slurm\"\n",
+            "[profiles.a]\n",
+            "scheduler = \"oar\"\n",
+        ]);
+        assert_eq!(c.unwrap().scheduler.as_deref(), Some("oar"));
+        assert_eq!(cfg(&["[profiles.a]\n"]).unwrap().scheduler, None);
+        let e = cfg(&["scheduler = \"oarr\"\n"]).unwrap_err().to_string();
+        assert!(
+            e.contains("did you mean `oar`") && e.contains("slurm, oar"),
+            "{e}"
+        );
+        let e = cfg(&["scheduler = \"local\"\n"]).unwrap_err().to_string();
+        assert!(e.contains("not a batch scheduler"), "{e}");
     }
 
     #[test]

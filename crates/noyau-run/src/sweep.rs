@@ -11,6 +11,9 @@
 //!   array task is a runner inside its allocation, like `noyau run
 //!   --detach` (no link to this host, no secret anywhere: the kernel's key
 //!   is made inside the task);
+//! * with OAR, likewise ONE job array (`--array-param-file`, a point index
+//!   per line); OAR has no `%K`, so beyond K points the tasks are submitted
+//!   held and the sweep releases them K at a time as it polls;
 //! * locally, the tasks are child processes, K at a time.
 //!
 //! The sweep command waits, showing progress, and writes `summary.json`
@@ -50,8 +53,12 @@ Statuses: ok, failed (a cell raised), error (bad input), kernel died, timeout,
 kernel start failed, walltime, cancelled, not run (no result: never started, or killed).
 
 With --backend slurm the whole set is one job array (--array=0-N%K); each task runs the
-notebook headless inside its allocation. Ctrl-C cancels the running points (they save
-their finished cells), writes the summary and exits 130.
+notebook headless inside its allocation. With --backend oar it is one OAR job array
+(--array-param-file); OAR cannot limit how many tasks run at once, so beyond K points the
+tasks are submitted held and this command releases them K at a time (if it is killed,
+the held tasks stay held: `noyau cancel` them, or rerun with --retry-failed).
+Ctrl-C cancels the running points (they save their finished cells), writes the summary
+and exits 130.
 
 A sweep file (-f) is YAML:
   parameters: {common: 1}        # given to every point
@@ -82,7 +89,7 @@ pub struct SweepArgs {
     /// Where the outputs and the summary go [default: NOTEBOOK's name + .sweep, beside it]
     #[arg(short = 'o', long = "output-dir", value_name = "OUTDIR")]
     pub output_dir: Option<PathBuf>,
-    /// Where the points run: local (child processes) or slurm (one job array)
+    /// Where the points run: local (child processes), slurm or oar (one job array)
     /// [default: the profile's, else local]
     #[arg(long)]
     pub backend: Option<String>,
@@ -111,7 +118,7 @@ pub struct SweepArgs {
 pub struct SweepTaskArgs {
     /// The sweep's plan (OUTDIR/sweep.json)
     pub plan: PathBuf,
-    /// The point [default: $SLURM_ARRAY_TASK_ID]
+    /// The point [default: $SLURM_ARRAY_TASK_ID, else $NOYAU_ARRAY_TASK_ID (OAR)]
     #[arg(long)]
     pub index: Option<usize>,
 }
@@ -297,12 +304,12 @@ pub fn task_main(a: SweepTaskArgs) -> i32 {
         }
     };
     let index = a.index.or_else(|| {
-        std::env::var("SLURM_ARRAY_TASK_ID")
-            .ok()
-            .and_then(|v| v.parse().ok())
+        ["SLURM_ARRAY_TASK_ID", "NOYAU_ARRAY_TASK_ID"]
+            .iter()
+            .find_map(|k| std::env::var(k).ok()?.parse().ok())
     });
     let Some(index) = index else {
-        eprintln!("noyau sweep-task: no --index and no SLURM_ARRAY_TASK_ID");
+        eprintln!("noyau sweep-task: no --index, SLURM_ARRAY_TASK_ID or NOYAU_ARRAY_TASK_ID");
         return exit::BAD_INPUT;
     };
     let Some(point) = plan["points"]
@@ -537,14 +544,8 @@ async fn sweep(a: SweepArgs) -> Result<i32, (i32, String)> {
     );
     let t0 = Instant::now();
     let (interrupted, job_id) = match backend.as_str() {
-        "slurm" => run_slurm(&a, &stem, &plan_path, &outdir, &todo, profile).await?,
-        "oar" => {
-            return Err((
-                sweep_exit::BAD_INPUT,
-                "noyau sweep does not run on OAR yet (no OAR job arrays); run the points \
-                 with --backend local inside an OAR job, or with `noyau run --backend oar` each"
-                    .into(),
-            ))
+        "slurm" | "oar" => {
+            run_array(&a, &backend, &stem, &plan_path, &outdir, &todo, profile).await?
         }
         _ => (run_local(&a, &plan_path, &outdir, &todo).await?, None),
     };
@@ -740,35 +741,128 @@ async fn run_local(
     Ok(interrupted)
 }
 
-/// The points as ONE Slurm job array; true when interrupted, and the job id.
-async fn run_slurm(
+/// The job array of a sweep: `noyau sweep-task PLAN` for each point.
+fn array_job(
     a: &SweepArgs,
+    stem: &str,
+    plan: &Path,
+    todo: &[usize],
+    profile: noyau_config::Profile,
+) -> Result<noyau_sched::JobSpec, (i32, String)> {
+    Ok(noyau_sched::JobSpec {
+        name: crate::runner::job_name(stem).replacen("noyau-run-", "noyau-sweep-", 1),
+        program: std::env::current_exe().map_err(bad)?,
+        args: vec!["sweep-task".into(), plan.display().to_string()],
+        env: BTreeMap::new(),
+        cwd: std::env::current_dir().ok(),
+        profile,
+        array: Some(array_spec(todo, a.max_parallel)),
+    })
+}
+
+/// The progress note of an array's tasks: how many run, whether any will
+/// still run, and why the first pending one waits.
+fn tasks_note(states: &[noyau_sched::JobState]) -> (usize, bool, String) {
+    use noyau_sched::JobState;
+    let running = states
+        .iter()
+        .filter(|s| matches!(s, JobState::Running { .. }))
+        .count();
+    let alive = states.iter().any(|s| !matches!(s, JobState::Ended(_)));
+    let reason = states.iter().find_map(|s| match s {
+        JobState::Pending { reason, start, .. } => Some(format!(
+            "; pending: {reason}, est. start {}",
+            start.as_deref().unwrap_or("unknown")
+        )),
+        _ => None,
+    });
+    (running, alive, reason.unwrap_or_default())
+}
+
+/// A sweep's submitted job array, on either scheduler.
+enum Array {
+    Slurm(noyau_sched::slurm::SlurmBackend, String),
+    Oar(noyau_sched::oar::OarBackend, noyau_sched::oar::OarArray),
+}
+
+impl Array {
+    async fn submit(backend: &str, spec: &noyau_sched::JobSpec) -> Result<Array, (i32, String)> {
+        Ok(if backend == "oar" {
+            let b = noyau_sched::oar::OarBackend::global();
+            let a = b.submit_array(spec).await.map_err(bad)?;
+            eprintln!(
+                "noyau sweep: submitted OAR job array {} ({} tasks, {} at a time, job name {})",
+                a.id,
+                a.tasks.ids.len(),
+                a.tasks.max_parallel,
+                spec.name
+            );
+            Array::Oar(b, a)
+        } else {
+            let b = noyau_sched::slurm::SlurmBackend::global();
+            let id = b.submit_array(spec).await.map_err(bad)?;
+            eprintln!(
+                "noyau sweep: submitted job array {id} (--array={}, job name {})",
+                spec.array.as_deref().unwrap_or(""),
+                spec.name
+            );
+            Array::Slurm(b, id)
+        })
+    }
+
+    fn id(&self) -> &str {
+        match self {
+            Array::Slurm(_, id) => id,
+            Array::Oar(_, a) => &a.id,
+        }
+    }
+
+    fn poll_interval(&self) -> Duration {
+        match self {
+            Array::Slurm(..) => noyau_sched::slurm::default_interval(),
+            Array::Oar(..) => noyau_sched::oar::default_interval(),
+        }
+    }
+
+    async fn cancel(&self) -> Result<(), String> {
+        match self {
+            Array::Slurm(b, id) => b.scancel(id).await,
+            Array::Oar(b, a) => b.oardel_array(&a.id).await,
+        }
+    }
+
+    /// The tasks' states, one scheduler call (None: none listed any more);
+    /// on OAR this also releases held tasks while fewer than K run.
+    async fn states(&mut self) -> Result<Option<Vec<noyau_sched::JobState>>, String> {
+        match self {
+            Array::Slurm(b, id) => Ok(b
+                .array_tasks(id)
+                .await?
+                .map(|l| l.iter().map(noyau_sched::slurm::state_of).collect())),
+            Array::Oar(b, a) => {
+                let jobs = b.poll_array(a).await?;
+                Ok((!jobs.is_empty())
+                    .then(|| jobs.iter().map(noyau_sched::oar::state_of).collect()))
+            }
+        }
+    }
+}
+
+/// The points as ONE job array (Slurm or OAR); true when interrupted, and
+/// the array's id.
+async fn run_array(
+    a: &SweepArgs,
+    backend: &str,
     stem: &str,
     plan: &Path,
     outdir: &Path,
     todo: &[usize],
     profile: noyau_config::Profile,
 ) -> Result<(bool, Option<String>), (i32, String)> {
-    use noyau_sched::slurm::{state_of, SlurmBackend};
-    use noyau_sched::{JobSpec, JobState};
-    let exe = std::env::current_exe().map_err(bad)?;
-    let spec = JobSpec {
-        name: crate::runner::job_name(stem).replacen("noyau-run-", "noyau-sweep-", 1),
-        program: exe,
-        args: vec!["sweep-task".into(), plan.display().to_string()],
-        env: BTreeMap::new(),
-        cwd: std::env::current_dir().ok(),
-        profile,
-        array: Some(array_spec(todo, a.max_parallel)),
-    };
-    let b = SlurmBackend::global();
-    let id = b.submit_array(&spec).await.map_err(bad)?;
-    eprintln!(
-        "noyau sweep: submitted job array {id} (--array={}, job name {})",
-        spec.array.as_deref().unwrap_or(""),
-        spec.name
-    );
-    let poll = noyau_sched::slurm::default_interval();
+    let spec = array_job(a, stem, plan, todo, profile)?;
+    let mut array = Array::submit(backend, &spec).await?;
+    let id = array.id().to_string();
+    let poll = array.poll_interval();
     let mut stop = Stop::new()?;
     let mut interrupted = false;
     let mut shown = String::new();
@@ -778,36 +872,20 @@ async fn run_slurm(
             () = stop.recv(), if !interrupted => {
                 eprintln!("noyau sweep: interrupted: cancelling job array {id} (running points save what they finished)");
                 interrupted = true;
-                if let Err(e) = b.scancel(&id).await {
+                if let Err(e) = array.cancel().await {
                     eprintln!("noyau sweep: {e}");
                 }
             }
             _ = tokio::time::sleep(poll) => {}
         }
         let (done, ok) = count_done(outdir, todo);
-        let tasks = b.array_tasks(&id).await;
-        let (running, alive, note) = match &tasks {
-            Ok(Some(lines)) => {
-                let states: Vec<JobState> = lines.iter().map(state_of).collect();
-                let running = states
-                    .iter()
-                    .filter(|s| matches!(s, JobState::Running { .. }))
-                    .count();
-                let alive = states.iter().any(|s| !matches!(s, JobState::Ended(_)));
-                let reason = states.into_iter().find_map(|s| match s {
-                    JobState::Pending { reason, start, .. } => Some(format!(
-                        "; pending: {reason}, est. start {}",
-                        start.as_deref().unwrap_or("unknown")
-                    )),
-                    _ => None,
-                });
-                (running, alive, reason.unwrap_or_default())
-            }
+        let (running, alive, note) = match array.states().await {
+            Ok(Some(states)) => tasks_note(&states),
             Ok(None) => (0, false, String::new()),
             Err(e) => (
                 0,
                 true,
-                format!("; squeue does not answer ({e}), still waiting"),
+                format!("; the scheduler does not answer ({e}), still waiting"),
             ),
         };
         let line = format!(
@@ -831,6 +909,9 @@ async fn run_slurm(
                 break;
             }
         }
+    }
+    if let Array::Oar(_, a) = &array {
+        a.remove_files();
     }
     Ok((interrupted, Some(id)))
 }

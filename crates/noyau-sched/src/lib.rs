@@ -94,6 +94,24 @@ pub enum SchedError {
     },
 }
 
+/// The batch schedulers whose client commands (`squeue`, `oarstat`) are
+/// on PATH.
+pub fn installed() -> Vec<&'static str> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let on_path = |cmd: &str| {
+        std::env::split_paths(&path).any(|d| {
+            std::fs::metadata(d.join(cmd))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    };
+    [("slurm", "squeue"), ("oar", "oarstat")]
+        .into_iter()
+        .filter(|(_, cmd)| on_path(cmd))
+        .map(|(name, _)| name)
+        .collect()
+}
+
 /// A scheduler backend.
 #[derive(Debug, Clone)]
 pub enum Backend {

@@ -2,8 +2,9 @@
 //!
 //! * **Submission.** OAR does not pass the submitter's environment to the
 //!   job, and `oarstat` shows every job's command line to every user. So
-//!   the job's environment (the link's address, pin and token among it) is
-//!   written to a 0600 file in a 0700 directory under noyau's state
+//!   the job's environment (the link's address, pin and token among it,
+//!   and the submitter's `NOYAU_*` settings, which Slurm's default export
+//!   would carry) is written to a 0600 file in a 0700 directory under noyau's state
 //!   directory, which the job script sources and deletes before `exec noyau
 //!   agent`; the script (0700, no secret) is what `oarsub` runs. Resources
 //!   are `-l nodes=N/core=C,walltime=H:MM:SS` from `nodes`, `ntasks` ×
@@ -17,6 +18,12 @@
 //!   failing or timed-out `oarstat` makes every job [`JobState::Unknown`].
 //! * **Cancel** is `oardel`: OAR sends SIGTERM to the job, the agent stops
 //!   its kernel.
+//! * **Arrays** (sweeps): [`OarBackend::submit_array`] submits the tasks
+//!   with `--array-param-file`, one line per task id, which the script
+//!   exports as `NOYAU_ARRAY_TASK_ID`. OAR 2.5 cannot limit how many tasks of
+//!   an array run at once (Slurm's `%K`), so when K is below the task count
+//!   the tasks are submitted `--hold` and [`OarBackend::poll_array`] resumes
+//!   them (`oarresume`) K at a time while the submitter polls.
 //! * **Walltime.** `--checkpoint N --signal 10` makes OAR send SIGUSR1 N
 //!   seconds before the walltime (the profile's `walltime_signal`, else a
 //!   tenth of `time`, 30 s to 10 min), which the agent turns into a walltime
@@ -44,6 +51,7 @@ pub struct Commands {
     pub oarstat: PathBuf,
     pub oardel: PathBuf,
     pub oarwalltime: PathBuf,
+    pub oarresume: PathBuf,
     /// How long one command may take before it counts as failed.
     pub timeout: Duration,
 }
@@ -55,6 +63,7 @@ impl Default for Commands {
             oarstat: "oarstat".into(),
             oardel: "oardel".into(),
             oarwalltime: "oarwalltime".into(),
+            oarresume: "oarresume".into(),
             timeout: Duration::from_secs(30),
         }
     }
@@ -91,9 +100,55 @@ pub fn resources(p: &Profile) -> Option<String> {
     (!l.is_empty()).then_some(l)
 }
 
+/// A job array's task ids and how many may run at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArrayTasks {
+    pub ids: Vec<usize>,
+    pub max_parallel: usize,
+}
+
+impl ArrayTasks {
+    /// From Slurm's `--array` syntax, which `JobSpec::array` uses for every
+    /// backend: `0-5%2`, `1,4%3`, `7` (no `%K`: all at once).
+    pub fn parse(spec: &str) -> Result<ArrayTasks, String> {
+        let bad = || format!("job array {spec:?}: expected task ids like 0-5%2 or 1,4,7");
+        let (list, k) = match spec.split_once('%') {
+            Some((l, k)) => (l, Some(k.parse::<usize>().map_err(|_| bad())?)),
+            None => (spec, None),
+        };
+        let mut ids = Vec::new();
+        for part in list.split(',') {
+            let num = |v: &str| v.trim().parse::<usize>().map_err(|_| bad());
+            match part.split_once('-') {
+                Some((a, b)) if num(a)? <= num(b)? => ids.extend(num(a)?..=num(b)?),
+                Some(_) => return Err(bad()),
+                None => ids.push(num(part)?),
+            }
+        }
+        let max_parallel = k.unwrap_or(ids.len()).max(1);
+        Ok(ArrayTasks { ids, max_parallel })
+    }
+
+    /// Fewer may run at once than there are tasks: submitted held,
+    /// released by [`OarBackend::poll_array`].
+    pub fn held(&self) -> bool {
+        self.max_parallel < self.ids.len()
+    }
+}
+
+/// The `--array-param-file` beside a job script: one task id per line.
+fn tasks_file(script: &Path) -> PathBuf {
+    script.with_extension("tasks")
+}
+
 /// The oarsub arguments for `spec`, the script path last. They hold no
 /// secret (every user sees them in `oarstat`).
-pub fn oarsub_args(spec: &JobSpec, log_dir: &Path, script: &Path) -> Vec<String> {
+pub fn oarsub_args(
+    spec: &JobSpec,
+    log_dir: &Path,
+    script: &Path,
+    array: Option<&ArrayTasks>,
+) -> Vec<String> {
     let p = &spec.profile;
     let mut a: Vec<String> = vec!["-n".into(), spec.name.clone()];
     let log = log_dir.join(format!("{}-%jobid%.log", spec.name));
@@ -128,9 +183,12 @@ pub fn oarsub_args(spec: &JobSpec, log_dir: &Path, script: &Path) -> Vec<String>
         "--signal".into(),
         "10".into(),
     ]);
-    if let Some(n) = &spec.array {
-        a.push("--array".into());
-        a.push(n.clone());
+    if let Some(t) = array {
+        a.push("--array-param-file".into());
+        a.push(tasks_file(script).display().to_string());
+        if t.held() {
+            a.push("--hold".into());
+        }
     }
     a.extend(p.oarsub.iter().cloned());
     a.push(script.display().to_string());
@@ -139,8 +197,11 @@ pub fn oarsub_args(spec: &JobSpec, log_dir: &Path, script: &Path) -> Vec<String>
 
 /// The job script for `spec`: sources and deletes the 0600 environment file
 /// (which holds the secrets), then the profile's environment and prologue,
-/// then `exec noyau agent`; it deletes both files and itself. Holds no secret. A job array's tasks all
-/// read the file, so there the submitter deletes it once the array is over.
+/// then `exec noyau agent`; it deletes both files and itself. Holds no
+/// secret. A job array's tasks all read the file, so there the submitter
+/// deletes it once the array is over ([`OarArray::remove_files`]), and each
+/// task's id (its line of the tasks file, the script's argument) is
+/// exported as `NOYAU_ARRAY_TASK_ID`.
 pub fn job_script(spec: &JobSpec, env_file: &Path) -> String {
     let p = &spec.profile;
     let f = sh_quote(&env_file.display().to_string());
@@ -149,7 +210,7 @@ pub fn job_script(spec: &JobSpec, env_file: &Path) -> String {
         "# the job's environment (secrets included) is in a 0600 file: OAR does not pass it\n",
     );
     if spec.array.is_some() {
-        s.push_str(&format!(". {f}\n"));
+        s.push_str(&format!(". {f}\nexport NOYAU_ARRAY_TASK_ID=\"$1\"\n"));
     } else {
         s.push_str(&format!(". {f} && rm -f {f} \"$0\"\n"));
     }
@@ -216,6 +277,9 @@ pub struct OarJob {
     pub assigned_network_address: Vec<String>,
     #[serde(default)]
     pub array_id: Option<u64>,
+    /// The task's line in the array's tasks file, from 1.
+    #[serde(default)]
+    pub array_index: Option<u64>,
     #[serde(default)]
     pub events: Vec<OarEvent>,
 }
@@ -473,9 +537,33 @@ pub struct OarBackend {
     pub watcher: Watcher,
 }
 
+/// A job array [`OarBackend::submit_array`] submitted.
+#[derive(Debug)]
+pub struct OarArray {
+    /// OAR's array id (`oarstat --array`, `oardel --array`).
+    pub id: String,
+    pub tasks: ArrayTasks,
+    /// Held tasks `oarresume` was asked to release.
+    released: std::collections::HashSet<u64>,
+    /// The environment file, script and tasks file the tasks read.
+    files: Vec<PathBuf>,
+}
+
+impl OarArray {
+    /// Once no task will start any more.
+    pub fn remove_files(&self) {
+        for f in &self.files {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct OarHandle {
     id: String,
+    /// The job's environment file and script: the job deletes them when it
+    /// starts; a job cancelled before it does leaves them to its canceller.
+    files: Vec<PathBuf>,
 }
 
 /// Where job scripts and environment files go: `STATE/oar`, 0700.
@@ -539,7 +627,8 @@ impl OarBackend {
         self.validate(&spec.profile)?;
         let dir = job_dir();
         let script = dir.join(format!("{}.sh", spec.name));
-        let args: Vec<String> = oarsub_args(spec, &log_dir(), &script)
+        let array = self.array_tasks(spec)?;
+        let args: Vec<String> = oarsub_args(spec, &log_dir(), &script, array.as_ref())
             .iter()
             .map(|a| sh_quote(a))
             .collect();
@@ -551,7 +640,8 @@ impl OarBackend {
     }
 
     pub(crate) async fn submit(&self, spec: JobSpec) -> Result<Job, SchedError> {
-        let id = self.oarsub(&spec).await?.remove(0);
+        let (mut ids, files) = self.oarsub(&spec, None).await?;
+        let id = ids.remove(0);
         let queue = spec
             .profile
             .queue
@@ -562,7 +652,7 @@ impl OarBackend {
             id: id.clone(),
             backend: "oar",
             state,
-            handle: JobHandle::Oar(OarHandle { id }),
+            handle: JobHandle::Oar(OarHandle { id, files }),
         })
     }
 
@@ -573,18 +663,51 @@ impl OarBackend {
             id: id.to_string(),
             backend: "oar",
             state,
-            handle: JobHandle::Oar(OarHandle { id: id.to_string() }),
+            handle: JobHandle::Oar(OarHandle {
+                id: id.to_string(),
+                files: Vec::new(),
+            }),
         }
     }
 
     /// Submits a job nobody in this process follows; returns its id.
     pub async fn submit_detached(&self, spec: &JobSpec) -> Result<String, SchedError> {
-        Ok(self.oarsub(spec).await?.remove(0))
+        // (the script deletes its files itself)
+        Ok(self.oarsub(spec, None).await?.0.remove(0))
     }
 
-    /// Submits `spec` (with `--array N` when `spec.array` is set); the ids
-    /// OAR gave, one per array task.
-    pub async fn oarsub(&self, spec: &JobSpec) -> Result<Vec<String>, SchedError> {
+    fn array_tasks(&self, spec: &JobSpec) -> Result<Option<ArrayTasks>, SchedError> {
+        spec.array
+            .as_deref()
+            .map(ArrayTasks::parse)
+            .transpose()
+            .map_err(SchedError::Invalid)
+    }
+
+    /// Submits `spec.array`'s tasks as one OAR job array (one sub-job per
+    /// task, each with `NOYAU_ARRAY_TASK_ID` set); held when fewer than all
+    /// may run at once, see [`OarBackend::poll_array`].
+    pub async fn submit_array(&self, spec: &JobSpec) -> Result<OarArray, SchedError> {
+        let Some(tasks) = self.array_tasks(spec)? else {
+            return Err(SchedError::Invalid("no job array given".into()));
+        };
+        let (ids, files) = self.oarsub(spec, Some(&tasks)).await?;
+        Ok(OarArray {
+            // OAR's array id is its first sub-job's id
+            id: ids[0].clone(),
+            tasks,
+            released: Default::default(),
+            files,
+        })
+    }
+
+    /// Writes the 0600 environment file and the script, runs oarsub; the
+    /// ids OAR gave (one per array task) and the files written.
+    async fn oarsub(
+        &self,
+        spec: &JobSpec,
+        array: Option<&ArrayTasks>,
+    ) -> Result<(Vec<String>, Vec<PathBuf>), SchedError> {
         self.validate(&spec.profile)?;
         let logs = log_dir();
         let dir = job_dir();
@@ -599,9 +722,26 @@ impl OarBackend {
         );
         let env_file = dir.join(format!("{stem}.env"));
         let script = dir.join(format!("{stem}.sh"));
-        write_private(&env_file, &env_text(&spec.env), 0o600)?;
+        let mut files = vec![env_file.clone(), script.clone()];
+        let remove = |files: &[PathBuf]| {
+            for f in files {
+                let _ = std::fs::remove_file(f);
+            }
+        };
+        // OAR passes no environment: noyau's own settings (NOYAU_*) follow
+        // the job as Slurm's default export carries them; the spec's win.
+        let mut env: BTreeMap<String, String> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("NOYAU_"))
+            .collect();
+        env.extend(spec.env.clone());
+        write_private(&env_file, &env_text(&env), 0o600)?;
         write_private(&script, &job_script(spec, &env_file), 0o700)?;
-        let args = oarsub_args(spec, &logs, &script);
+        if let Some(t) = array {
+            let lines: String = t.ids.iter().map(|i| format!("{i}\n")).collect();
+            files.push(tasks_file(&script));
+            write_private(&tasks_file(&script), &lines, 0o600)?;
+        }
+        let args = oarsub_args(spec, &logs, &script, array);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         // oarsub takes its default directory from $PWD, not from getcwd:
         // give it the real one (a parent may have changed directory since).
@@ -612,19 +752,18 @@ impl OarBackend {
         let ids = match out {
             Ok(o) => parse_oarsub(&o),
             Err(e) => {
-                let _ = std::fs::remove_file(&env_file);
-                let _ = std::fs::remove_file(&script);
+                remove(&files);
                 return Err(SchedError::Submit(e));
             }
         };
         if ids.is_empty() {
-            let _ = std::fs::remove_file(&env_file);
+            remove(&files);
             return Err(SchedError::Submit(
                 "oarsub printed no OAR_JOB_ID line".into(),
             ));
         }
         tracing::info!(job = %ids[0], log = %logs.join(format!("{}-{}.log", spec.name, ids[0])).display(), "submitted to OAR");
-        Ok(ids)
+        Ok((ids, files))
     }
 
     /// The jobs of an array, as oarstat lists them (one call).
@@ -640,9 +779,59 @@ impl OarBackend {
         parse_oarstat(&out)
     }
 
+    /// One `oarstat` call for the array's tasks; while fewer than K of them
+    /// are queued or running, resumes held ones (`oarresume`, in task
+    /// order). The tasks as oarstat lists them.
+    pub async fn poll_array(&self, a: &mut OarArray) -> Result<Vec<OarJob>, String> {
+        let jobs = self.array_jobs(&a.id).await?;
+        let held = |j: &OarJob| j.state == "Hold" && !a.released.contains(&j.id);
+        let active = jobs
+            .iter()
+            .filter(|j| !held(j) && !matches!(state_of(j), JobState::Ended(_)))
+            .count();
+        let mut waiting: Vec<&OarJob> = jobs.iter().filter(|j| held(j)).collect();
+        waiting.sort_by_key(|j| (j.array_index, j.id));
+        let release: Vec<String> = waiting
+            .iter()
+            .take(a.tasks.max_parallel.saturating_sub(active))
+            .map(|j| j.id.to_string())
+            .collect();
+        if !release.is_empty() {
+            let args: Vec<&str> = release.iter().map(String::as_str).collect();
+            run(
+                &self.cmds().oarresume,
+                &args,
+                self.cmds().timeout,
+                None,
+                no_env(),
+            )
+            .await?;
+            // oarresume only asks: the next oarstat may still say Hold
+            a.released
+                .extend(release.iter().filter_map(|id| id.parse::<u64>().ok()));
+        }
+        Ok(jobs)
+    }
+
+    /// Deletes every task of an array, held ones included.
+    pub async fn oardel_array(&self, array_id: &str) -> Result<(), String> {
+        run(
+            &self.cmds().oardel,
+            &["--array", array_id],
+            self.cmds().timeout,
+            None,
+            no_env(),
+        )
+        .await?;
+        Ok(())
+    }
+
     pub(crate) async fn cancel(&self, h: &OarHandle) {
         if let Err(e) = self.oardel(&h.id).await {
             tracing::warn!("{e}");
+        }
+        for f in &h.files {
+            let _ = std::fs::remove_file(f);
         }
     }
 
@@ -742,7 +931,7 @@ mod tests {
     #[test]
     fn arguments_and_script_hold_the_profile_and_no_secret() {
         let s = spec();
-        let a = oarsub_args(&s, Path::new("/l"), Path::new("/j/x.sh"));
+        let a = oarsub_args(&s, Path::new("/l"), Path::new("/j/x.sh"), None);
         let joined = a.join(" ");
         for want in [
             "-n noyau-kernel-python3",
@@ -790,7 +979,7 @@ mod tests {
             profile: p,
             ..spec()
         };
-        let a = oarsub_args(&s, Path::new("/l"), Path::new("/j/x.sh")).join(" ");
+        let a = oarsub_args(&s, Path::new("/l"), Path::new("/j/x.sh"), None).join(" ");
         assert!(a.contains("-q batch") && a.contains("--project acc"), "{a}");
         assert_eq!(resources(&Profile::default()), None);
     }
@@ -853,6 +1042,32 @@ mod tests {
         assert!(end(6).0.contains("walltime"));
         assert_eq!(parse_oarstat("").unwrap(), vec![]);
         assert!(parse_oarstat("<html>").unwrap_err().contains("JSON"));
+    }
+
+    #[test]
+    fn arrays_as_a_tasks_file_held_when_throttled() {
+        let t = ArrayTasks::parse("0-3,7%2").unwrap();
+        assert_eq!(t.ids, [0, 1, 2, 3, 7]);
+        assert_eq!(t.max_parallel, 2);
+        assert!(t.held());
+        let all = ArrayTasks::parse("2,5").unwrap();
+        assert_eq!((all.max_parallel, all.held()), (2, false));
+        for bad in ["", "a-3", "3-1", "1,%2", "1%x"] {
+            assert!(ArrayTasks::parse(bad).is_err(), "{bad:?}");
+        }
+        let s = JobSpec {
+            array: Some("0-3,7%2".into()),
+            ..spec()
+        };
+        let a = oarsub_args(&s, Path::new("/l"), Path::new("/j/x.sh"), Some(&t)).join(" ");
+        assert!(a.contains("--array-param-file /j/x.tasks --hold"), "{a}");
+        let script = job_script(&s, Path::new("/j/x.env"));
+        assert!(
+            script.contains(". /j/x.env\nexport NOYAU_ARRAY_TASK_ID=\"$1\"\n"),
+            "{script}"
+        );
+        let a = oarsub_args(&s, Path::new("/l"), Path::new("/j/x.sh"), Some(&all)).join(" ");
+        assert!(a.contains("--array-param-file /j/x.tasks") && !a.contains("--hold"));
     }
 
     #[test]

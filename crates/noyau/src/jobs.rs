@@ -4,17 +4,47 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use noyau_sched::oar;
+use noyau_sched::oar::{self, OarBackend};
+use noyau_sched::slurm::SlurmBackend;
 use noyau_sched::{Backend, JobSpec, JobState};
 
-/// A batch backend (the local one keeps no job list).
-fn batch(backend: &str) -> anyhow::Result<Backend> {
-    match Backend::from_name(backend)? {
+/// A batch scheduler (the local backend keeps no job list).
+enum Batch {
+    Slurm(SlurmBackend),
+    Oar(OarBackend),
+}
+
+/// The scheduler the job commands ask: `--backend`, else the config files'
+/// `scheduler`, else the one whose commands are installed.
+fn batch(flag: Option<&str>) -> anyhow::Result<Batch> {
+    let name = match flag {
+        Some(b) => b.to_string(),
+        None => {
+            let cwd = std::env::current_dir().context("the working directory")?;
+            match noyau_config::Config::load(&cwd)?.scheduler {
+                Some(s) => s,
+                None => match noyau_sched::installed().as_slice() {
+                    [one] => one.to_string(),
+                    [] => bail!(
+                        "no batch scheduler here: neither squeue (Slurm) nor oarstat (OAR) is on PATH"
+                    ),
+                    several => bail!(
+                        "the commands of {} are all on PATH: say --backend {}, or name the site's \
+                         scheduler once with `scheduler = \"…\"` in ~/.config/noyau/config.toml",
+                        several.join(" and "),
+                        several.join("|")
+                    ),
+                },
+            }
+        }
+    };
+    Ok(match Backend::from_name(&name)? {
+        Backend::Slurm(b) => Batch::Slurm(b),
+        Backend::Oar(b) => Batch::Oar(b),
         Backend::Local(_) => bail!(
             "the local backend keeps no job list: its agents are child processes of their proxies"
         ),
-        b => Ok(b),
-    }
+    })
 }
 
 /// The kind of job a noyau job name says: `noyau-kernel-…` → kernel.
@@ -34,9 +64,9 @@ struct Row {
     time_left: String,
 }
 
-async fn rows(b: &Backend) -> anyhow::Result<Vec<Row>> {
+async fn rows(b: &Batch) -> anyhow::Result<Vec<Row>> {
     Ok(match b {
-        Backend::Slurm(b) => b
+        Batch::Slurm(b) => b
             .list_mine()
             .await
             .map_err(anyhow::Error::msg)?
@@ -54,7 +84,7 @@ async fn rows(b: &Backend) -> anyhow::Result<Vec<Row>> {
                 time_left: j.time_left,
             })
             .collect(),
-        Backend::Oar(b) => {
+        Batch::Oar(b) => {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
@@ -85,11 +115,10 @@ async fn rows(b: &Backend) -> anyhow::Result<Vec<Row>> {
                 })
                 .collect()
         }
-        Backend::Local(_) => Vec::new(),
     })
 }
 
-pub async fn ps(backend: &str) -> anyhow::Result<i32> {
+pub async fn ps(backend: Option<&str>) -> anyhow::Result<i32> {
     let b = batch(backend)?;
     println!(
         "{:<10} {:<7} {:<28} {:<10} {:<16} {:<12} {:<10} CELLS",
@@ -117,20 +146,19 @@ pub async fn ps(backend: &str) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-async fn check_mine(b: &Backend, id: &str) -> anyhow::Result<()> {
+async fn check_mine(b: &Batch, id: &str) -> anyhow::Result<()> {
     if !rows(b).await?.iter().any(|j| j.id == id) {
         bail!("{id} is not one of your noyau jobs in the queue (see `noyau ps`)");
     }
     Ok(())
 }
 
-pub async fn cancel(backend: &str, id: &str) -> anyhow::Result<i32> {
+pub async fn cancel(backend: Option<&str>, id: &str) -> anyhow::Result<i32> {
     let b = batch(backend)?;
     check_mine(&b, id).await?;
     match &b {
-        Backend::Slurm(s) => s.scancel(id).await,
-        Backend::Oar(o) => o.oardel(id).await,
-        Backend::Local(_) => unreachable!("batch() refuses the local backend"),
+        Batch::Slurm(s) => s.scancel(id).await,
+        Batch::Oar(o) => o.oardel(id).await,
     }
     .map_err(anyhow::Error::msg)?;
     println!("cancelled {id}");
@@ -139,7 +167,7 @@ pub async fn cancel(backend: &str, id: &str) -> anyhow::Result<i32> {
 
 /// `noyau extend ID DURATION`: more walltime for a running or queued job,
 /// where the scheduler lets users ask for it.
-pub async fn extend(backend: &str, id: &str, duration: &str) -> anyhow::Result<i32> {
+pub async fn extend(backend: Option<&str>, id: &str, duration: &str) -> anyhow::Result<i32> {
     let secs = noyau_config::parse_time(duration)
         .ok()
         .filter(|s| *s > 0)
@@ -149,12 +177,12 @@ pub async fn extend(backend: &str, id: &str, duration: &str) -> anyhow::Result<i
     let b = batch(backend)?;
     check_mine(&b, id).await?;
     match &b {
-        Backend::Oar(o) => {
+        Batch::Oar(o) => {
             let answer = o.extend(id, secs).await.map_err(anyhow::Error::msg)?;
             println!("{answer}");
             Ok(0)
         }
-        _ => bail!(
+        Batch::Slurm(_) => bail!(
             "Slurm lets only its administrators extend a job's time limit \
              (scontrol update JobId={id} TimeLimit=…): ask yours, or resubmit with a longer `time`"
         ),

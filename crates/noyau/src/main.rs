@@ -82,17 +82,19 @@ struct HubArgs {
 
 #[derive(clap::Args)]
 struct PsArgs {
-    /// The scheduler to ask
-    #[arg(long, default_value = "slurm")]
-    backend: String,
+    /// The scheduler to ask: slurm or oar [default: `scheduler` in the config
+    /// files, else the one whose commands are on PATH]
+    #[arg(long)]
+    backend: Option<String>,
 }
 
 #[derive(clap::Args)]
 struct CancelArgs {
     /// The job id (as `noyau ps` shows it)
     id: String,
-    #[arg(long, default_value = "slurm")]
-    backend: String,
+    /// The scheduler: slurm or oar [default: as for `noyau ps`]
+    #[arg(long)]
+    backend: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -101,8 +103,9 @@ struct ExtendArgs {
     id: String,
     /// How much more time: MM, HH:MM:SS or D-HH:MM:SS
     duration: String,
-    #[arg(long, default_value = "oar")]
-    backend: String,
+    /// The scheduler: slurm or oar [default: as for `noyau ps`]
+    #[arg(long)]
+    backend: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -216,9 +219,9 @@ fn main() {
             .map(|()| 0),
         Command::Install(a) => install::install(&a).map(|()| 0),
         Command::Kernelspecs(a) => install::kernelspecs(&a).map(|()| 0),
-        Command::Ps(a) => block_on(jobs::ps(&a.backend)),
-        Command::Cancel(a) => block_on(jobs::cancel(&a.backend, &a.id)),
-        Command::Extend(a) => block_on(jobs::extend(&a.backend, &a.id, &a.duration)),
+        Command::Ps(a) => block_on(jobs::ps(a.backend.as_deref())),
+        Command::Cancel(a) => block_on(jobs::cancel(a.backend.as_deref(), &a.id)),
+        Command::Extend(a) => block_on(jobs::extend(a.backend.as_deref(), &a.id, &a.duration)),
         Command::DaskJob(a) => noyau_dask::job::run(noyau_dask::job::JobArgs {
             role: a.role,
             dir: a.dir,
