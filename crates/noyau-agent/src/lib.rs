@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use noyau_client::RuntimeDir;
 use noyau_link::envelope::{self, Event, Payload};
-use noyau_link::{Incoming, Lane, Link, LinkConfig, LinkEvent};
+use noyau_link::{Incoming, Lane, Link, LinkConfig, LinkError, LinkEvent};
 use noyau_wire::kernelspec::{self, FoundSpec};
 use noyau_wire::{RawMessage, Signer};
 use tokio::signal::unix::{signal, SignalKind};
@@ -228,6 +228,11 @@ async fn dial_until(cfg: &AgentConfig, token: &str, within: Duration) -> anyhow:
     loop {
         match noyau_link::dial(&cfg.link_addr, &cfg.pin, token, link_cfg).await {
             Ok(link) => return Ok(link),
+            // Another certificate than the pinned one is not our proxy
+            // (a mistake or a man in the middle): waiting will not fix it.
+            Err(e @ (LinkError::PinMismatch { .. } | LinkError::BadPin(_))) => {
+                return Err(e).with_context(|| format!("refusing the proxy at {}", cfg.link_addr))
+            }
             Err(e) if Instant::now() + delay < deadline => {
                 tracing::debug!("dialling the proxy at {}: {e}", cfg.link_addr);
                 tokio::time::sleep(delay).await;
