@@ -322,12 +322,12 @@ impl Agent {
                             }
                         }
                         Some((false, _)) => {
-                            self.outbox.event(Lane::Iopub, &Event::KernelDied { description: desc.text, expected: true });
+                            self.outbox.event(Lane::Iopub, &Event::KernelDied { description: desc.text, expected: true, job_ending: false });
                             return SessionEnd::Finished(0);
                         }
                         None => {
                             tracing::warn!("kernel {desc}");
-                            self.outbox.event(Lane::Iopub, &Event::KernelDied { description: desc.text, expected: false });
+                            self.outbox.event(Lane::Iopub, &Event::KernelDied { description: desc.text, expected: false, job_ending: false });
                         }
                     }
                 }
@@ -341,7 +341,7 @@ impl Agent {
                 _ = sigterm.recv() => {
                     tracing::info!("cancelled (SIGTERM); stopping the kernel");
                     self.stop_kernel().await;
-                    self.outbox.event(Lane::Iopub, &Event::KernelDied { description: "was stopped: its job was cancelled".into(), expected: false });
+                    self.outbox.event(Lane::Iopub, &Event::KernelDied { description: "was stopped: its job was cancelled".into(), expected: false, job_ending: true });
                     return SessionEnd::Finished(143);
                 }
             }

@@ -24,8 +24,15 @@ pub enum Event {
         pid: u32,
         kernel_info: serde_json::Value,
     },
-    /// Agent → proxy: the kernel ended; `expected` after a shutdown request.
-    KernelDied { description: String, expected: bool },
+    /// Agent → proxy: the kernel ended; `expected` after a shutdown request;
+    /// `job_ending` when the scheduler is ending the agent's job (SIGTERM),
+    /// whose own state says why better than the agent can.
+    KernelDied {
+        description: String,
+        expected: bool,
+        #[serde(default)]
+        job_ending: bool,
+    },
     /// Agent → proxy: a line of progress while the kernel's environment is
     /// built (before `KernelReady`).
     EnvProgress { line: String },

@@ -366,6 +366,20 @@ impl Proxy {
         self.agent.job_id().unwrap_or("?").to_string()
     }
 
+    /// How the scheduler ended the job, once its watcher sees the end (the
+    /// agent's SIGTERM comes first; Slurm keeps an ended job's state in
+    /// squeue for a while: NODE_FAIL, PREEMPTED, CANCELLED, TIMEOUT).
+    async fn job_end(&mut self) -> Option<String> {
+        let rx = self.job_state.as_mut()?;
+        let ended = |s: &JobState| matches!(s, JobState::Ended(_));
+        // Bounded: a few watcher polls; the sender's end is as good an answer.
+        let _ = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(ended)).await;
+        match &*rx.borrow() {
+            JobState::Ended(end) => Some(end.description.clone()),
+            _ => None,
+        }
+    }
+
     async fn on_job_state(&mut self) {
         let Some(rx) = &self.job_state else { return };
         let st = rx.borrow().clone();
@@ -702,7 +716,16 @@ impl Proxy {
             Event::KernelDied {
                 description,
                 expected: false,
+                job_ending,
             } => {
+                let description = match job_ending {
+                    true => self
+                        .job_end()
+                        .await
+                        .map(|end| format!("was stopped: its job {end}"))
+                        .unwrap_or(description),
+                    false => description,
+                };
                 self.report_death(&format!(
                     "The kernel died: it {description}. Restart the kernel to continue (the allocation is kept)."
                 ))

@@ -160,7 +160,10 @@ fn warning_secs(profile: &Profile) -> u64 {
 /// which goes to sbatch's environment, not here).
 pub fn job_script(spec: &JobSpec, log_dir: &Path) -> String {
     let p = &spec.profile;
-    let mut s = String::from("#!/bin/sh\n");
+    // A kernel's state lives in memory and its link token works once: a job
+    // requeued after a node failure or a preemption could not resume, only
+    // hold an allocation. It ends instead, and the user is told why.
+    let mut s = String::from("#!/bin/sh\n#SBATCH --no-requeue\n");
     let mut opt = |k: &str, v: &str| s.push_str(&format!("#SBATCH --{k}={v}\n"));
     opt("job-name", &spec.name);
     let log = if spec.array.is_some() {
@@ -761,6 +764,7 @@ mod tests {
             "#SBATCH --job-name=noyau-kernel-python3\n",
             "#SBATCH --output=/home/u/.local/state/noyau/jobs/%x-%j.log\n",
             "#SBATCH --signal=B:USR1@360\n",
+            "#SBATCH --no-requeue\n",
             "#SBATCH --chdir=/home/u/nb\n",
             "#SBATCH --partition=debug\n",
             "#SBATCH --time=1:00:00\n",
@@ -837,11 +841,17 @@ mod tests {
     fn sbatch_and_sacct_output() {
         assert_eq!(parse_sbatch("123\n").unwrap(), "123");
         assert_eq!(parse_sbatch("77_3;cluster\n").unwrap(), "77_3");
-        for bad in ["", ";", "sbatch: error: Batch job submission failed", "12 34"] {
+        for bad in [
+            "",
+            ";",
+            "sbatch: error: Batch job submission failed",
+            "12 34",
+        ] {
             let e = parse_sbatch(bad).unwrap_err().to_string();
             assert!(e.contains("no job id"), "{bad:?}: {e}");
         }
-        let ends = parse_sacct("12|CANCELLED by 0|0:15\n13|NODE_FAIL|1:0\nbroken\n14|COMPLETED|0:0\n");
+        let ends =
+            parse_sacct("12|CANCELLED by 0|0:15\n13|NODE_FAIL|1:0\nbroken\n14|COMPLETED|0:0\n");
         assert_eq!(ends.len(), 3);
         assert!(ends["12"].description.contains("cancelled") && !ends["12"].success);
         assert!(ends["13"].description.contains("NODE_FAIL"));
