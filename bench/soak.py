@@ -90,7 +90,11 @@ class Worker:
         self.pids: set[int] = set()
 
     def start(self) -> None:
-        self.k = lib.Kernel(self.spec, ready_timeout=300, stderr=KERNEL_LOG)
+        # One IPython history database per kernel: 25 kernels sharing one
+        # print "database is locked" warnings into their cells' output.
+        ipython = TMP / f"ipython-{self.kid}"
+        ipython.mkdir(mode=0o700)
+        self.k = lib.Kernel(self.spec, ready_timeout=300, stderr=KERNEL_LOG, env={"IPYTHONDIR": str(ipython)})
 
     def run(self, stop: threading.Event) -> None:
         assert self.k
@@ -111,8 +115,13 @@ class Worker:
                 self.cells += 1
                 self.sent += self.lines
                 self.received += len(got)
-                if got != [f"{self.kid} {n} {i}" for i in range(self.lines)]:
-                    self.errors.append(f"{self.kid} cell {n}: {len(got)} lines, not the {self.lines} in order")
+                want = [f"{self.kid} {n} {i}" for i in range(self.lines)]
+                if got != want:
+                    extra = [line for line in got if line not in set(want)]
+                    dups = len(got) - len(set(got)) - len(extra)
+                    missing = len(set(want) - set(got))
+                    self.errors.append(f"{self.kid} cell {n}: {len(got)} lines, not the {self.lines} in order "
+                                       f"({missing} missing, {dups} repeated, foreign: {extra[:3]!r})")
             else:
                 # A kill: the cell's output up to the death is not counted.
                 self.failed += 1
@@ -140,9 +149,14 @@ class Worker:
             self.lock.release()
 
     def peak_kib(self) -> tuple[int, int]:
-        """VmHWM of this kernel's proxy and agent (KiB)."""
+        """VmHWM of this kernel's proxy and agent (KiB); (0, 0) while it restarts."""
         assert self.k
-        procs = self.k.processes()
+        if not self.lock.acquire(blocking=False):
+            return 0, 0
+        try:
+            procs = self.k.processes()
+        finally:
+            self.lock.release()
         proxy = max((lib.vm_hwm_kib(p) or 0 for p in procs if lib.is_proxy(p)), default=0)
         agent = max((lib.vm_hwm_kib(p) or 0 for p in procs if lib.is_agent(p)), default=0)
         return proxy, agent

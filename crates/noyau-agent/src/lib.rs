@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use noyau_client::RuntimeDir;
 use noyau_link::envelope::{self, Event, Payload};
-use noyau_link::{Incoming, Lane, Link, LinkConfig, LinkError, LinkEvent};
+use noyau_link::{CloseReason, Incoming, Lane, Link, LinkConfig, LinkError, LinkEvent};
 use noyau_wire::kernelspec::{self, FoundSpec};
 use noyau_wire::{RawMessage, Signer};
 use tokio::signal::unix::{signal, SignalKind};
@@ -53,6 +53,8 @@ struct Agent {
     generation: u32,
     /// Set when a shutdown_request went to the kernel: Some(restart).
     shutdown: Option<(bool, Instant)>,
+    /// The token the proxy gave ahead for its successor (`NextToken`).
+    next_token: Option<String>,
 }
 
 enum SessionEnd {
@@ -80,6 +82,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<i32> {
         env: None,
         generation: 0,
         shutdown: None,
+        next_token: None,
     };
     let spec_error = spec.err().map(|e| e.to_string());
     let mut token = agent.cfg.token.clone();
@@ -301,6 +304,13 @@ impl Agent {
                             return end;
                         }
                     }
+                    // A new proxy at the same address does not know our
+                    // session: the old one went away (a restart) before its
+                    // Detach reached us. Dial the new one with the token given ahead.
+                    Some(Incoming::Event(LinkEvent::Closed(CloseReason::ResumeRefused(why)))) if self.next_token.is_some() => {
+                        tracing::warn!("the proxy refused to resume ({why}): a new proxy; presenting the token given ahead");
+                        return SessionEnd::Detached(self.next_token.take().unwrap_or_default());
+                    }
                     Some(Incoming::Event(LinkEvent::Closed(reason))) => {
                         tracing::warn!("the link to the proxy is closed ({reason}); stopping the kernel");
                         self.stop_kernel().await;
@@ -392,7 +402,12 @@ impl Agent {
                 kernel.send(lane, msg).await;
                 None
             }
+            Payload::Event(Event::NextToken { token }) => {
+                self.next_token = Some(token);
+                None
+            }
             Payload::Event(Event::Detach { token }) => {
+                self.next_token = None;
                 self.outbox.event(Lane::Control, &Event::DetachAck);
                 Some(SessionEnd::Detached(token))
             }

@@ -44,6 +44,10 @@ pub enum Event {
     /// Proxy → agent: this proxy is going away; keep the kernel's allocation
     /// and wait for the next proxy, which will present `token`.
     Detach { token: String },
+    /// Proxy → agent, on attach: the token a next proxy will take should this
+    /// one go away before its `Detach` arrives (a restart while the link is
+    /// cut): the agent then dials with it instead of giving up.
+    NextToken { token: String },
     /// Agent → proxy: detach understood.
     DetachAck,
     /// Proxy → agent: stop the kernel and end the job.

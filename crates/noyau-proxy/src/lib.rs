@@ -129,6 +129,9 @@ struct Proxy {
     /// Environment build lines that came while no cell waited (a kernel
     /// building its environment at start): shown in the next cell.
     env_held: String,
+    /// The token the next proxy takes from the handover record, given to the
+    /// agent ahead (`NextToken`).
+    next_token: String,
 }
 
 /// At most this many bytes of environment build lines are held for the
@@ -227,6 +230,7 @@ pub async fn run(cfg: ProxyConfig) -> anyhow::Result<i32> {
         submitted: Instant::now(),
         walltime_notice: None,
         env_held: String::new(),
+        next_token: noyau_wire::connection::random_key(),
         cfg,
         fe,
         signer,
@@ -339,6 +343,12 @@ impl Proxy {
         tracing::info!("agent connected");
         self.clear_note().await;
         let sender = link.sender();
+        let ahead = Event::NextToken {
+            token: self.next_token.clone(),
+        };
+        if let Err(e) = sender.send(Lane::Control, envelope::event(&ahead)) {
+            tracing::warn!("link: {e}");
+        }
         for (lane, frames) in self.queued.drain(..) {
             if let Err(e) = sender.send(lane, frames) {
                 tracing::warn!("link: {e}");
@@ -868,7 +878,7 @@ impl Proxy {
         let Some(link) = self.link.as_mut() else {
             return;
         };
-        let token = noyau_wire::connection::random_key();
+        let token = self.next_token.clone();
         let record = handover::Handover {
             link_addr: self.listener.local_addr(),
             advertise: self.advertise.clone(),
