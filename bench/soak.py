@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import random
 import signal
 import subprocess
@@ -66,7 +67,7 @@ def install(noyau_bin: str, slurm: bool) -> None:
                        check=True, capture_output=True)
 
 
-def forwarded(base: str, i: int) -> tuple[str, Forwarder]:
+def forwarded(base: str, i: str) -> tuple[str, Forwarder]:
     """A copy of kernelspec `base` whose agent dials through a forwarder."""
     bind, advertise = free_port(), free_port()
     spec = json.loads((PREFIX / "share" / "jupyter" / "kernels" / base / "kernel.json").read_text())
@@ -81,8 +82,9 @@ def forwarded(base: str, i: int) -> tuple[str, Forwarder]:
 
 
 class Worker:
-    def __init__(self, kid: str, spec: str, fwd: Forwarder, lines: int) -> None:
-        self.kid, self.spec, self.fwd, self.lines = kid, spec, fwd, lines
+    def __init__(self, kid: str, base: str, lines: int) -> None:
+        self.kid, self.base, self.lines = kid, base, lines
+        self.spec, self.fwd = forwarded(base, kid)
         self.k: lib.Kernel | None = None
         self.sent = self.received = self.cells = self.failed = self.restarts = 0
         self.errors: list[str] = []
@@ -90,6 +92,18 @@ class Worker:
         self.pids: set[int] = set()
 
     def start(self) -> None:
+        try:
+            self._start()
+        except RuntimeError as e:
+            # free_port() can race with the ports jupyter_client picks for 25
+            # kernels at once: one more try on fresh ports.
+            self.errors.append(f"{self.kid}: start failed, retried on fresh ports: {e}")
+            self.fwd.stop()
+            self.spec, self.fwd = forwarded(self.base, f"{self.kid}-retry")
+            self._start()
+            self.errors.pop()
+
+    def _start(self) -> None:
         # One IPython history database per kernel: 25 kernels sharing one
         # print "database is locked" warnings into their cells' output.
         ipython = TMP / f"ipython-{self.kid}"
@@ -102,15 +116,14 @@ class Worker:
         while not stop.is_set():
             n += 1
             code = f"for i in range({self.lines}):\n    print('{self.kid} {n}', i)\n"
-            try:
-                msg_id = self.k.execute(code)
-                msgs = self.k.iopub_for(msg_id, lib.is_idle, 300)
-                reply = self.k.reply_for(msg_id, 60)
-            except AssertionError as e:
-                self.errors.append(f"{self.kid} cell {n}: {e}")
+            msg_id = self.k.execute(code)
+            msgs = self.collect(msg_id, 300)
+            if msgs is None:
+                self.errors.append(f"{self.kid} cell {n}: no idle within 300 s and the kernel is alive")
                 return
-            got = "".join(m["content"]["text"] for m in msgs
-                          if m["msg_type"] == "stream" and m["content"]["name"] == "stdout").splitlines()
+            reply = {"content": {"status": "dead"}} if msgs == ["dead"] else self.k.reply_for(msg_id, 60)
+            got = "".join(m["content"]["text"] for m in msgs if isinstance(m, dict)
+                          and m["msg_type"] == "stream" and m["content"]["name"] == "stdout").splitlines()
             if reply["content"]["status"] == "ok":
                 self.cells += 1
                 self.sent += self.lines
@@ -135,6 +148,26 @@ class Worker:
                     except Exception as e:  # noqa: BLE001 - reported, the run goes on
                         self.errors.append(f"{self.kid}: restart failed: {e}")
                         return
+
+    def collect(self, msg_id: str, timeout: float) -> list | None:
+        """The cell's IOPub up to its idle; ["dead"] if the kernel process
+        ended first (killed between two cells: the death went to IOPub with
+        no cell to fail, and a frontend sees the process end, as here)."""
+        assert self.k
+        got: list[dict] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                m = self.k.kc.get_iopub_msg(timeout=0.5)
+            except queue.Empty:
+                if not self.k.km.is_alive():
+                    return ["dead"]
+                continue
+            if m["parent_header"].get("msg_id") == msg_id:
+                got.append(m)
+                if lib.is_idle(m):
+                    return got
+        return None
 
     def kill_inner(self) -> bool:
         assert self.k
@@ -198,9 +231,8 @@ def main() -> int:
     plan = [("soak-local", f"L{i}") for i in range(a.local)]
     plan += [("soak-slurm", f"S{i}") for i in range(a.slurm if slurm else 0)]
     workers = []
-    for i, (base, kid) in enumerate(plan):
-        spec, fwd = forwarded(base, i)
-        workers.append(Worker(kid, spec, fwd, a.lines))
+    for base, kid in plan:
+        workers.append(Worker(kid, base, a.lines))
     t0 = time.monotonic()
     starters = [threading.Thread(target=w.start) for w in workers]
     for t in starters:
