@@ -107,7 +107,7 @@ class Worker:
         # One IPython history database per kernel: 25 kernels sharing one
         # print "database is locked" warnings into their cells' output.
         ipython = TMP / f"ipython-{self.kid}"
-        ipython.mkdir(mode=0o700)
+        ipython.mkdir(mode=0o700, exist_ok=True)
         self.k = lib.Kernel(self.spec, ready_timeout=300, stderr=KERNEL_LOG, env={"IPYTHONDIR": str(ipython)})
 
     def run(self, stop: threading.Event) -> None:
