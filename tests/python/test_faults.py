@@ -124,6 +124,46 @@ def test_kill_inner_kernel(kernel_name: str) -> None:
     _assert_cleaned_up(k, pids)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS,
+                                 signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1],
+                         ids=lambda s: signal.Signals(s).name)
+def test_inner_kernel_killed_by_each_signal(noyau_kernelspec: str, sig: int) -> None:
+    """Whatever signal ends the kernel, the cell fails naming it, and the
+    next start works (a restart keeps the agent)."""
+    k = lib.Kernel(noyau_kernelspec)
+    pids: set[int] = set()
+    try:
+        msg_id = _sleeping_cell(k)
+        inner = _inner_pid(k, True)
+        agents = lib.wait_until(k.agents, 10, "the agent process")
+        lib.kill(inner, sig)
+        _see_death(k, msg_id, True, ["died", signal.Signals(sig).name])
+        k.km.restart_kernel(now=True)
+        k.kc.wait_for_ready(timeout=60)
+        reply, _ = k.run("1")
+        assert reply["content"]["status"] == "ok"
+        assert k.agents() == agents
+        pids = k.processes()
+    finally:
+        k.shutdown()
+    _assert_cleaned_up(k, pids)
+
+
+def test_kill_9_of_the_proxy_ends_agent_and_kernel(noyau_kernelspec: str) -> None:
+    """The proxy (the process Jupyter started) killed: the agent redials for
+    NOYAU_LINK_GIVE_UP seconds, then stops the kernel and ends."""
+    k = lib.Kernel(noyau_kernelspec, env={"NOYAU_LINK_GIVE_UP": "3", "NOYAU_REATTACH_GRACE": "3"})
+    try:
+        _sleeping_cell(k)
+        lib.wait_until(k.agents, 10, "the agent process")
+        lib.wait_until(k.inner_kernels, 10, "the inner kernel")
+        pids = k.processes()
+        lib.kill(k.launched_pid, signal.SIGKILL)
+    finally:
+        _give_up(k)
+    _assert_cleaned_up(k, pids)
+
+
 def test_kill_agent(noyau_kernelspec: str) -> None:
     k = lib.Kernel(noyau_kernelspec)
     try:

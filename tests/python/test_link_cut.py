@@ -217,3 +217,27 @@ def test_link_cut_mid_cell(noyau_kernelspec: str, prefix: Path) -> None:
         if k is not None:
             k.shutdown()
         fwd.stop()
+
+
+def test_link_cut_for_good(noyau_kernelspec: str, prefix: Path) -> None:
+    """The link never comes back: the agent redials for NOYAU_LINK_GIVE_UP
+    seconds, then stops the kernel and ends; the running cell fails saying
+    the agent is gone, and no process of the kernel is left."""
+    name, fwd = _forwarded_spec(noyau_kernelspec, prefix)
+    k = None
+    try:
+        k = lib.Kernel(name, env={"NOYAU_LINK_GIVE_UP": "3"})
+        msg_id = k.execute("import time\nprint('sleeping', flush=True)\ntime.sleep(600)")
+        k.iopub_for(msg_id, lambda m: m["msg_type"] == "stream" and "sleeping" in m["content"]["text"], 60)
+        pids = k.processes()
+        assert any(lib.is_agent(p) for p in pids) and any(lib.is_inner_kernel(p) for p in pids)
+        fwd.cut()
+        reply = k.reply_for(msg_id, 60)
+        assert reply["content"]["status"] == "error", reply["content"]
+        assert "agent" in reply["content"]["evalue"] and "gone" in reply["content"]["evalue"], reply["content"]
+        lib.wait_until(lambda: not [p for p in pids if lib.alive(p)], 30, "every process of the kernel to end")
+    finally:
+        if k is not None:
+            k.kc.stop_channels()
+            k.km.shutdown_kernel(now=True)
+        fwd.stop()

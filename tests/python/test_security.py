@@ -1,11 +1,20 @@
-"""Secrets stay out of argv and out of the kernel; private files are private;
-an inner kernelspec that asks for message interrupts gets them."""
+"""Security properties, each proven on real processes: secrets stay out of
+argv, job names, logs and Slurm's view; private files and directories are
+private and noyau refuses open ones; the link refuses wrong tokens, replayed
+tokens and wrong certificates, and logs it; messages with bad signatures are
+dropped on every socket; an inner kernelspec that asks for message interrupts
+gets them."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import socket
+import ssl
 import stat
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -13,34 +22,101 @@ from pathlib import Path
 import noyau_testlib as lib
 
 
-def test_secrets_never_on_a_command_line(noyau_kernelspec: str) -> None:
-    k = lib.Kernel(noyau_kernelspec)
+def _secrets(k: lib.Kernel) -> dict[str, str]:
+    """The link token, certificate pin and both HMAC keys of a running kernel."""
+    (agent,) = lib.wait_until(k.agents, 60, "the agent")
+    # /proc/PID/environ shows the environment the agent was started with.
+    env = lib.environ(agent)
+    token, pin = env.get("NOYAU_LINK_TOKEN"), env.get("NOYAU_LINK_PIN")
+    assert token and pin, "the agent did not get its secrets through its environment"
+    key = k.km.get_connection_info()["key"]
+    key = key.decode() if isinstance(key, bytes) else key
+    (inner,) = lib.wait_until(k.inner_kernels, 10, "the inner kernel")
+    conn = next(a for a in lib.cmdline(inner) if a.endswith(".json"))
+    inner_key = json.loads(Path(conn).read_text())["key"]
+    assert key and inner_key and key != inner_key
+    return {"link token": token, "certificate pin": pin, "frontend HMAC key": key,
+            "kernel HMAC key": inner_key}
+
+
+def _assert_nowhere(secrets: dict[str, str], places: dict[str, str]) -> None:
+    for where, text in places.items():
+        for what, value in secrets.items():
+            assert value not in text, f"the {what} appears in {where}"
+
+
+def _argv_of_every_process() -> dict[str, str]:
+    return {f"the command line of {pid}": " ".join(lib.cmdline(pid)) for pid in lib.pids()}
+
+
+def test_secrets_never_on_a_command_line(noyau_kernelspec: str, tmp_path: Path) -> None:
+    log = tmp_path / "proxy.log"
+    with log.open("w") as err:
+        k = lib.Kernel(noyau_kernelspec, stderr=err, env={"NOYAU_LOG": "debug"})
     try:
         reply, _ = k.run("1")
         assert reply["content"]["status"] == "ok"
-        agents = lib.wait_until(k.agents, 10, "the agent")
-        (agent,) = agents
-        # /proc/PID/environ shows the environment the agent was started with.
-        env = lib.environ(agent)
-        token, pin = env.get("NOYAU_LINK_TOKEN"), env.get("NOYAU_LINK_PIN")
-        assert token and pin, "the agent did not get its secrets through its environment"
-        key = k.km.get_connection_info()["key"]
-        key = key.decode() if isinstance(key, bytes) else key
-        secrets = {"link token": token, "certificate pin": pin, "frontend HMAC key": key}
-        for pid in lib.pids():
-            argv = " ".join(lib.cmdline(pid))
-            for what, value in secrets.items():
-                assert value not in argv, f"the {what} is on the command line of {pid}: {argv[:120]}"
-        (inner,) = lib.wait_until(k.inner_kernels, 10, "the inner kernel")
+        secrets = _secrets(k)
+        _assert_nowhere(secrets, _argv_of_every_process())
+        (inner,) = k.inner_kernels()
         inner_env = lib.environ(inner)
         for var in ("NOYAU_LINK_TOKEN", "NOYAU_LINK_PIN", "NOYAU_LINK_ADDR"):
             assert var not in inner_env, f"the kernel inherited {var}"
-        # The kernel's own connection file (key B) and its directory are private.
+        # The kernel's own connection file (key B), its directory and the ipc
+        # sockets in it are private: only the owner can enter the directory.
         conn = next(a for a in lib.cmdline(inner) if a.endswith(".json"))
         assert stat.S_IMODE(os.stat(conn).st_mode) == 0o600, oct(os.stat(conn).st_mode)
-        assert stat.S_IMODE(os.stat(os.path.dirname(conn)).st_mode) == 0o700
+        rundir = os.path.dirname(conn)
+        assert stat.S_IMODE(os.stat(rundir).st_mode) == 0o700
+        sockets = [e for e in os.scandir(rundir) if stat.S_ISSOCK(e.stat().st_mode)]
+        assert len(sockets) == 5, os.listdir(rundir)
+        assert os.stat(rundir).st_uid == os.getuid()
     finally:
         k.shutdown()
+    _assert_nowhere(secrets, {"the proxy's and agent's log (debug level)": log.read_text()})
+
+
+def test_secrets_stay_out_of_slurm(slurm: None, tmp_path: Path) -> None:
+    """In a Slurm job: not in any argv, the job name, `scontrol show job`, the
+    batch script, the job's log or the proxy's log."""
+    log = tmp_path / "proxy.log"
+    with log.open("w") as err:
+        k = lib.Kernel(lib.SLURM_KERNEL_NAME, stderr=err, env={"NOYAU_LOG": "debug"},
+                       ready_timeout=120)
+    try:
+        reply, iopub = k.run("import os; print(os.environ['SLURM_JOB_ID'])", timeout=120)
+        assert reply["content"]["status"] == "ok"
+        job = lib.stream_text(iopub).strip()
+        secrets = _secrets(k)
+        places = _argv_of_every_process()
+
+        def out(*cmd: str) -> str:
+            return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=30).stdout
+
+        places["scontrol show job"] = out("scontrol", "show", "job", "-dd", job)
+        places["squeue"] = out("squeue", "-a", "-h", "-o", "%all")
+        places["the batch script"] = out("scontrol", "write", "batch_script", job, "-")
+        assert "noyau agent" in places["the batch script"]
+        jobs_dir = Path(os.environ["XDG_STATE_HOME"]) / "noyau" / "jobs"
+        (job_log,) = jobs_dir.glob(f"*-{job}.log")
+        places["the job's log"] = job_log.read_text()
+        _assert_nowhere(secrets, places)
+    finally:
+        k.shutdown()
+    _assert_nowhere(secrets, {"the proxy's log (debug level)": log.read_text(),
+                              "the job's log": job_log.read_text()})
+
+
+def test_proxy_refuses_an_open_connection_file(noyau_bin: str, tmp_path: Path) -> None:
+    conn = tmp_path / "kernel-x.json"
+    conn.write_text(json.dumps({"shell_port": 0, "iopub_port": 0, "stdin_port": 0, "control_port": 0,
+                                "hb_port": 0, "ip": "127.0.0.1", "key": "k" * 32, "transport": "tcp",
+                                "signature_scheme": "hmac-sha256"}))
+    conn.chmod(0o644)
+    r = subprocess.run([noyau_bin, "kernel", "-f", str(conn)], capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0
+    assert str(conn) in r.stderr and "chmod 600" in r.stderr, r.stderr
+    assert "panicked" not in r.stderr
 
 
 def test_agent_refuses_an_open_runtime_dir(noyau_bin: str, tmp_path: Path) -> None:
@@ -76,5 +152,136 @@ def test_inner_kernel_interrupted_by_message(noyau_bin: str, prefix: Path) -> No
         assert time.monotonic() - t0 <= 2.0
         reply, _ = k.run("1+1")
         assert reply["content"]["status"] == "ok"
+    finally:
+        k.shutdown()
+
+
+def _link_hello(addr: str, token: str) -> tuple[str, int, bytes]:
+    """Dials the proxy's link as an agent would and presents `token`; returns
+    the certificate's pin and the proxy's answer (frame kind, body)."""
+    host, port = addr.rsplit(":", 1)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the pin is checked below, as the agent does
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    with socket.create_connection((host, int(port)), timeout=10) as raw, \
+            ctx.wrap_socket(raw) as tls:
+        pin = hashlib.sha256(tls.getpeercert(binary_form=True)).hexdigest()
+        body = bytes([1, 1]) + token.encode()  # kind HELLO, protocol version 1
+        tls.sendall(struct.pack(">I", len(body)) + body)
+        data = b""
+        while len(data) < 4 or len(data) < 4 + struct.unpack(">I", data[:4])[0]:
+            chunk = tls.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    assert len(data) >= 5, f"the proxy hung up without an answer: {data!r}"
+    return pin, data[4], data[5:4 + struct.unpack(">I", data[:4])[0]]
+
+
+REFUSED = 4
+
+
+def test_link_refuses_wrong_token_replay_and_wrong_certificate(noyau_kernelspec: str, noyau_bin: str,
+                                                                tmp_path: Path) -> None:
+    log = tmp_path / "proxy.log"
+    with log.open("w") as err:
+        k = lib.Kernel(noyau_kernelspec, stderr=err)
+    try:
+        reply, _ = k.run("x = 1")
+        assert reply["content"]["status"] == "ok"
+        (agent,) = k.agents()
+        env = lib.environ(agent)
+        addr, pin, token = env["NOYAU_LINK_ADDR"], env["NOYAU_LINK_PIN"], env["NOYAU_LINK_TOKEN"]
+
+        # A wrong token: refused, on the link whose certificate the agent pins.
+        seen_pin, kind, body = _link_hello(addr, "f" * 64)
+        assert seen_pin == pin.lower()
+        assert kind == REFUSED and b"token" in body, (kind, body)
+        # The agent's own token, replayed: it worked once, never again.
+        _, kind, body = _link_hello(addr, token)
+        assert kind == REFUSED and b"already used" in body, (kind, body)
+
+        # An agent given another certificate's pin (a man in the middle, as the
+        # agent sees it) refuses the proxy before sending its token.
+        rt = tmp_path / "rt"
+        rt.mkdir(mode=0o700)
+        wrong = dict(os.environ, NOYAU_RUNTIME_DIR=str(rt), NOYAU_LINK_ADDR=addr,
+                     NOYAU_LINK_PIN="ab" * 32, NOYAU_LINK_TOKEN="e" * 64, NOYAU_LINK_GIVE_UP="5")
+        r = subprocess.run([noyau_bin, "agent"], env=wrong, capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0
+        assert "does not match the pin" in r.stderr, r.stderr[-2000:]
+        assert "panicked" not in r.stderr
+
+        # Each refusal is in the proxy's log, without the tokens.
+        def refusals() -> list[str]:
+            return [line for line in log.read_text().splitlines() if "refused connection" in line]
+
+        lines = lib.wait_until(lambda: len(refusals()) >= 3 and refusals(), 10, "three refusals logged")
+        text = "\n".join(lines)
+        assert "unknown or already used token" in text and "TLS" in text, text
+        assert token not in log.read_text() and "f" * 64 not in log.read_text()
+        # The kernel never noticed.
+        reply, iopub = k.run("x += 1; print(x)")
+        assert lib.stream_text(iopub) == "2\n"
+    finally:
+        k.shutdown()
+
+
+def test_bad_signatures_are_dropped_on_every_socket(noyau_kernelspec: str, tmp_path: Path) -> None:
+    """Forged messages (signed with another key) on shell, control and stdin
+    from the frontend, and on IOPub from the kernel's side, are dropped and
+    logged; genuine ones on the same sockets still work."""
+    from jupyter_client.session import Session
+
+    log = tmp_path / "proxy.log"
+    with log.open("w") as err:
+        k = lib.Kernel(noyau_kernelspec, stderr=err)
+    try:
+        forger = Session(key=b"not-the-key", session=k.kc.session.session)
+        # shell: a forged execute_request is never run nor answered.
+        forged = forger.msg("execute_request", {"code": "print('FORGED')", "silent": False,
+                                                 "store_history": True, "user_expressions": {},
+                                                 "allow_stdin": False, "stop_on_error": True})
+        forger.send(k.kc.shell_channel.socket, forged)
+        reply, iopub = k.run("print('genuine')")
+        assert lib.stream_text(iopub) == "genuine\n"
+        # control: a forged shutdown_request does not stop the kernel.
+        forger.send(k.kc.control_channel.socket, forger.msg("shutdown_request", {"restart": False}))
+        # stdin: a forged input_reply does not answer the kernel's prompt.
+        msg_id = k.execute("x = input('?'); print('got', x)", allow_stdin=True)
+        req = k.kc.get_stdin_msg(timeout=30)
+        assert req["msg_type"] == "input_request"
+        forger.send(k.kc.stdin_channel.socket, forger.msg("input_reply", {"value": "FORGED"},
+                                                         parent=req["header"]))
+        k.kc.input("real")
+        msgs = k.iopub_for(msg_id, lib.is_idle, 30)
+        assert lib.stream_text(msgs) == "got real\n"
+        # Nothing ever answered the forged requests.
+        while k.kc.shell_channel.msg_ready():
+            m = k.kc.get_shell_msg(timeout=1)
+            assert m["parent_header"].get("msg_id") != forged["header"]["msg_id"], m
+        assert k.km.is_alive()
+        reply, _ = k.run("1")
+        assert reply["content"]["status"] == "ok"
+        # The kernel's side: an IOPub message signed with another key never
+        # reaches the frontend; the genuine one after it does.
+        code = ("from jupyter_client.session import Session\n"
+                "kern = get_ipython().kernel\n"
+                "bad = Session(key=b'not-the-key', session=kern.session.session)\n"
+                "bad.send(kern.iopub_socket, 'stream', {'name': 'stdout', 'text': 'FORGED\\n'},"
+                " parent=kern.get_parent())\n"
+                "print('genuine', flush=True)")
+        reply, iopub = k.run(code)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        assert lib.stream_text(iopub) == "genuine\n"
+        def logged() -> str:
+            return re.sub(r"\x1b\[[0-9;]*m", "", log.read_text())  # no colours
+
+        text = lib.wait_until(lambda: logged().count("dropped a message") >= 4 and logged(),
+                              10, "four dropped messages logged")
+        for lane in ("Shell", "Control", "Stdin"):
+            assert f"lane={lane}" in text and "dropped a message from the frontend" in text, text[-3000:]
+        assert "dropped a message from the kernel" in text, text[-3000:]
     finally:
         k.shutdown()

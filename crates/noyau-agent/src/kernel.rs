@@ -241,17 +241,21 @@ async fn wait_ready(
         tokio::pin!(deadline);
         loop {
             tokio::select! {
+                // A forged or malformed message is dropped, as later on: it
+                // must not fail the kernel's start.
                 m = shell_rx.recv() => {
-                    let m = RawMessage::from_frames(m.context("kernel shell socket")?.into_vec())?;
-                    signer.verify(&m)?;
+                    let Some(m) = verified(m.context("kernel shell socket")?, signer, Lane::Shell) else {
+                        continue;
+                    };
                     if m.parent_msg_id().as_deref() == Some(last_probe.as_str()) {
                         let content: Value = serde_json::from_slice(&m.content)?;
                         reply = Some(content);
                     }
                 }
                 m = iopub.recv() => {
-                    let m = RawMessage::from_frames(m.context("kernel iopub socket")?.into_vec())?;
-                    signer.verify(&m)?;
+                    let Some(m) = verified(m.context("kernel iopub socket")?, signer, Lane::Iopub) else {
+                        continue;
+                    };
                     let ty = m.peek_header()?.msg_type;
                     let ours = m.parent_msg_id().is_some_and(|p| probes.lock().expect("probes").contains(&p));
                     if ty == "iopub_welcome" || ours {

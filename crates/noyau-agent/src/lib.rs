@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use noyau_client::RuntimeDir;
 use noyau_link::envelope::{self, Event, Payload};
-use noyau_link::{Incoming, Lane, Link, LinkConfig, LinkEvent};
+use noyau_link::{CloseReason, Incoming, Lane, Link, LinkConfig, LinkError, LinkEvent};
 use noyau_wire::kernelspec::{self, FoundSpec};
 use noyau_wire::{RawMessage, Signer};
 use tokio::signal::unix::{signal, SignalKind};
@@ -62,6 +62,8 @@ struct Agent {
     /// Requests that came while the kernel restarts, for the new one (the
     /// exiting kernel would drop them).
     held: Vec<(Lane, RawMessage)>,
+    /// The token the proxy gave ahead for its successor (`NextToken`).
+    next_token: Option<String>,
 }
 
 enum SessionEnd {
@@ -91,6 +93,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<i32> {
         generation: 0,
         shutdown: None,
         held: Vec::new(),
+        next_token: None,
     };
     let spec_error = spec.err().map(|e| e.to_string());
     let mut token = agent.cfg.token.clone();
@@ -268,6 +271,11 @@ async fn dial_until(cfg: &AgentConfig, token: &str, within: Duration) -> anyhow:
     loop {
         match noyau_link::dial(&cfg.link_addr, &cfg.pin, token, link_cfg).await {
             Ok(link) => return Ok(link),
+            // Another certificate than the pinned one is not our proxy
+            // (a mistake or a man in the middle): waiting will not fix it.
+            Err(e @ (LinkError::PinMismatch { .. } | LinkError::BadPin(_))) => {
+                return Err(e).with_context(|| format!("refusing the proxy at {}", cfg.link_addr))
+            }
             Err(e) if Instant::now() + delay < deadline => {
                 tracing::debug!("dialling the proxy at {}: {e}", cfg.link_addr);
                 tokio::time::sleep(delay).await;
@@ -420,6 +428,13 @@ impl Agent {
                             return end;
                         }
                     }
+                    // A new proxy at the same address does not know our
+                    // session: the old one went away (a restart) before its
+                    // Detach reached us. Dial the new one with the token given ahead.
+                    Some(Incoming::Event(LinkEvent::Closed(CloseReason::ResumeRefused(why)))) if self.next_token.is_some() => {
+                        tracing::warn!("the proxy refused to resume ({why}): a new proxy; presenting the token given ahead");
+                        return SessionEnd::Detached(self.next_token.take().unwrap_or_default());
+                    }
                     Some(Incoming::Event(LinkEvent::Closed(reason))) => {
                         tracing::warn!("the link to the proxy is closed ({reason}); stopping the kernel");
                         self.stop_kernel().await;
@@ -447,12 +462,12 @@ impl Agent {
                             }
                         }
                         Some((false, _)) => {
-                            self.outbox.event(Lane::Iopub, &Event::KernelDied { description: desc.text, expected: true });
+                            self.outbox.event(Lane::Iopub, &Event::KernelDied { description: desc.text, expected: true, job_ending: false });
                             return SessionEnd::Finished(0);
                         }
                         None => {
                             tracing::warn!("kernel {desc}");
-                            self.outbox.event(Lane::Iopub, &Event::KernelDied { description: desc.text, expected: false });
+                            self.outbox.event(Lane::Iopub, &Event::KernelDied { description: desc.text, expected: false, job_ending: false });
                         }
                     }
                 }
@@ -471,7 +486,7 @@ impl Agent {
                 _ = sigterm.recv() => {
                     tracing::info!("cancelled (SIGTERM); stopping the kernel");
                     self.stop_kernel().await;
-                    self.outbox.event(Lane::Iopub, &Event::KernelDied { description: "was stopped: its job was cancelled".into(), expected: false });
+                    self.outbox.event(Lane::Iopub, &Event::KernelDied { description: "was stopped: its job was cancelled".into(), expected: false, job_ending: true });
                     return SessionEnd::Finished(143);
                 }
             }
@@ -526,7 +541,12 @@ impl Agent {
                 kernel.send(lane, msg).await;
                 None
             }
+            Payload::Event(Event::NextToken { token }) => {
+                self.next_token = Some(token);
+                None
+            }
             Payload::Event(Event::Detach { token }) => {
+                self.next_token = None;
                 self.outbox.event(Lane::Control, &Event::DetachAck);
                 Some(SessionEnd::Detached(token))
             }

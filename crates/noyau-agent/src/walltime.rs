@@ -43,29 +43,6 @@ pub fn batch_job() -> Option<(Scheduler, String)> {
         .or_else(|| var("OAR_JOB_ID").map(|j| (Scheduler::Oar, j)))
 }
 
-/// Parses Slurm's time left (`%L`): `SS`, `MM:SS`, `H:MM:SS`, `D-HH:MM:SS`,
-/// `D-HH`, `D-HH:MM`. None for `UNLIMITED`, `NOT_SET`, `INVALID` and garbage.
-pub fn parse_time_left(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let (days, rest) = match s.split_once('-') {
-        Some((d, r)) => (d.parse::<u64>().ok()?, r),
-        None => (0, s),
-    };
-    let parts: Vec<u64> = rest
-        .split(':')
-        .map(|p| p.parse::<u64>().ok())
-        .collect::<Option<_>>()?;
-    let secs = match (s.contains('-'), parts.as_slice()) {
-        (false, [ss]) => *ss,
-        (false, [m, ss]) => m * 60 + ss,
-        (_, [h, m, ss]) => h * 3600 + m * 60 + ss,
-        (true, [h]) => h * 3600,
-        (true, [h, m]) => h * 3600 + m * 60,
-        _ => return None,
-    };
-    Some(days * 86400 + secs)
-}
-
 /// Warning thresholds in seconds before the end, largest first.
 pub fn thresholds() -> Vec<u64> {
     let mut t: Vec<u64> = match std::env::var("NOYAU_WALLTIME_WARN") {
@@ -115,7 +92,7 @@ async fn ask_time_left(scheduler: Scheduler, job: &str) -> Result<Option<u64>, S
         Scheduler::Slurm => Ok(ask("squeue", &["-h", "-j", job, "-o", "%L"])
             .await?
             .lines()
-            .find_map(parse_time_left)),
+            .find_map(noyau_sched::slurm::parse_time_left)),
         Scheduler::Oar => {
             let jobs =
                 noyau_sched::oar::parse_oarstat(&ask("oarstat", &["-J", "-f", "-j", job]).await?)?;
@@ -208,8 +185,6 @@ pub async fn watch(scheduler: Scheduler, job: String, outbox: Arc<Outbox>, end: 
 
 #[cfg(test)]
 mod tests {
-    use super::parse_time_left as p;
-
     #[test]
     fn oar_time_left() {
         let j = |start, walltime| noyau_sched::oar::OarJob {
@@ -227,18 +202,5 @@ mod tests {
         );
         assert_eq!(super::oar_time_left(&j(Some(0), Some(60)), 1015), None);
         assert_eq!(super::oar_time_left(&j(Some(1000), None), 1015), None);
-    }
-
-    #[test]
-    fn time_left() {
-        assert_eq!(p("45"), Some(45));
-        assert_eq!(p("1:05"), Some(65));
-        assert_eq!(p("2:00:01"), Some(7201));
-        assert_eq!(p("1-02:03:04"), Some(93784));
-        assert_eq!(p("1-02"), Some(93600));
-        assert_eq!(p("1-02:03"), Some(93780));
-        assert_eq!(p("UNLIMITED"), None);
-        assert_eq!(p("NOT_SET"), None);
-        assert_eq!(p(""), None);
     }
 }

@@ -16,6 +16,11 @@ use crate::{Lane, LinkError};
 /// without limit.
 pub(crate) const MAX_FRAME: usize = 512 * 1024 * 1024;
 
+/// Largest handshake frame (hello, resume, welcome, refused). Anyone can open
+/// a TLS connection to the proxy: before the token is checked, a peer must not
+/// make it reserve room for a 512 MiB frame.
+pub(crate) const MAX_HANDSHAKE_FRAME: usize = 64 * 1024;
+
 /// Protocol version carried in `Hello` and `Resume`, so a mismatched peer gets
 /// a clear refusal instead of garbage.
 pub(crate) const VERSION: u8 = 1;
@@ -151,17 +156,15 @@ fn put_seqs(out: &mut BytesMut, seqs: &LaneSeqs) {
 }
 
 /// Takes one complete frame off the front of `buf`, or returns `None` if more
-/// bytes are needed (after reserving room for them).
-pub(crate) fn decode(buf: &mut BytesMut) -> Result<Option<Frame>, LinkError> {
+/// bytes are needed (after reserving room for them). A frame longer than
+/// `max` bytes is refused before anything is reserved for it.
+pub(crate) fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, LinkError> {
     if buf.len() < 4 {
         return Ok(None);
     }
     let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-    if len > MAX_FRAME {
-        return Err(LinkError::FrameTooLarge {
-            len,
-            max: MAX_FRAME,
-        });
+    if len > max {
+        return Err(LinkError::FrameTooLarge { len, max });
     }
     if len == 0 {
         return Err(LinkError::Protocol("empty frame".into()));
@@ -300,7 +303,7 @@ mod tests {
         let mut rd = BytesMut::new();
         for (i, b) in all.iter().enumerate() {
             rd.put_u8(*b);
-            let got = decode(&mut rd).unwrap();
+            let got = decode(&mut rd, MAX_FRAME).unwrap();
             if i + 1 < all.len() {
                 assert!(got.is_none());
             } else {
@@ -357,7 +360,22 @@ mod tests {
         ];
         for c in cases {
             let mut b = BytesMut::from(*c);
-            assert!(decode(&mut b).is_err(), "{c:?} should be refused");
+            assert!(
+                decode(&mut b, MAX_FRAME).is_err(),
+                "{c:?} should be refused"
+            );
         }
+    }
+
+    #[test]
+    fn an_oversized_handshake_frame_is_refused_before_reserving() {
+        // 1 MiB claimed by a peer that has not shown a token yet.
+        let mut b = BytesMut::from(&[0u8, 0x10, 0, 0, HELLO][..]);
+        let cap = b.capacity();
+        assert!(matches!(
+            decode(&mut b, MAX_HANDSHAKE_FRAME),
+            Err(LinkError::FrameTooLarge { .. })
+        ));
+        assert_eq!(b.capacity(), cap);
     }
 }

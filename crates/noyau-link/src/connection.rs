@@ -69,7 +69,7 @@ impl Conn {
     /// Handshake helper: reads exactly one frame.
     pub(crate) async fn read_frame(&mut self) -> Result<Frame, LinkError> {
         loop {
-            if let Some(f) = codec::decode(&mut self.rbuf)? {
+            if let Some(f) = codec::decode(&mut self.rbuf, codec::MAX_HANDSHAKE_FRAME)? {
                 return Ok(f);
             }
             let n = self
@@ -156,7 +156,7 @@ async fn read_loop<S: AsyncRead>(
 ) -> Result<(), LinkError> {
     let idle = shared.cfg.idle_timeout;
     loop {
-        while let Some(frame) = codec::decode(&mut rbuf)? {
+        while let Some(frame) = codec::decode(&mut rbuf, codec::MAX_FRAME)? {
             match frame {
                 Frame::Data { lane, seq, parts } => {
                     let last = shared.recv().last[lane as usize];

@@ -24,8 +24,15 @@ pub enum Event {
         pid: u32,
         kernel_info: serde_json::Value,
     },
-    /// Agent → proxy: the kernel ended; `expected` after a shutdown request.
-    KernelDied { description: String, expected: bool },
+    /// Agent → proxy: the kernel ended; `expected` after a shutdown request;
+    /// `job_ending` when the scheduler is ending the agent's job (SIGTERM),
+    /// whose own state says why better than the agent can.
+    KernelDied {
+        description: String,
+        expected: bool,
+        #[serde(default)]
+        job_ending: bool,
+    },
     /// Agent → proxy: a line of progress while the kernel's environment is
     /// built (before `KernelReady`).
     EnvProgress { line: String },
@@ -45,6 +52,10 @@ pub enum Event {
     /// Proxy → agent: this proxy is going away; keep the kernel's allocation
     /// and wait for the next proxy, which will present `token`.
     Detach { token: String },
+    /// Proxy → agent, on attach: the token a next proxy will take should this
+    /// one go away before its `Detach` arrives (a restart while the link is
+    /// cut): the agent then dials with it instead of giving up.
+    NextToken { token: String },
     /// Agent → proxy: detach understood.
     DetachAck,
     /// Proxy → agent: stop the kernel and end the job.

@@ -47,6 +47,34 @@ pub mod tunnel;
 use std::fmt;
 use std::time::Duration;
 
+/// Entry points for the fuzz targets in `fuzz/` (cargo-fuzz): the decoders
+/// that read bytes from the network.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    use bytes::BytesMut;
+
+    use crate::codec::{decode, encode, MAX_FRAME, MAX_HANDSHAKE_FRAME};
+
+    /// Decodes `data` as a stream of link frames until it is used up or an
+    /// error ends it, as a connection would; each frame decoded must encode
+    /// back to itself. With `handshake`, the handshake's size cap applies.
+    pub fn decode_stream(data: &[u8], handshake: bool) {
+        let max = if handshake {
+            MAX_HANDSHAKE_FRAME
+        } else {
+            MAX_FRAME
+        };
+        let mut buf = BytesMut::from(data);
+        while let Ok(Some(frame)) = decode(&mut buf, max) {
+            let mut again = BytesMut::new();
+            encode(&frame, &mut again);
+            let back = decode(&mut again, MAX_FRAME).expect("an encoded frame decodes");
+            assert_eq!(back.as_ref(), Some(&frame));
+            assert!(again.is_empty());
+        }
+    }
+}
+
 pub use dial::dial;
 pub use error::LinkError;
 pub use listener::{LinkListener, Tokens};

@@ -33,6 +33,21 @@ fn round_trip_of_nbformat_output_is_byte_identical() {
     assert_eq!(nb.kernel_name(), Some("python3"));
 }
 
+/// Found by fuzz/notebook_read: a number too big for an integer was parsed
+/// to a float one way, written, then parsed to another on the next read, so
+/// each save changed it. Writes must be stable from the first one.
+#[test]
+fn big_numbers_are_stable_across_saves() {
+    let digits = "7".repeat(105);
+    let input = format!(
+        r#"{{"nbformat": 4, "nbformat_minor": 5, "metadata": {{"x": 3{digits}, "y": 1.7976931348623157e308, "z": 5e-324}}, "cells": []}}"#
+    );
+    let first = Notebook::from_json_str(&input).unwrap().to_json_string();
+    let second = Notebook::from_json_str(&first).unwrap().to_json_string();
+    assert_eq!(first, second);
+    assert!(first.contains("3.7777777777777776e+105"), "{first}");
+}
+
 fn err(s: &str) -> String {
     match Notebook::from_json_str(s) {
         Ok(_) => panic!("accepted: {s}"),

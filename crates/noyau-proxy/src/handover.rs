@@ -59,8 +59,22 @@ pub fn write(path: &Path, h: &Handover) -> anyhow::Result<()> {
 
 /// Takes (reads and removes) a record not older than `max_age`.
 pub fn take(path: &Path, max_age: Duration) -> Option<Handover> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
     let text = std::fs::read(path).ok()?;
     let _ = std::fs::remove_file(path);
+    // It holds a link token and the certificate's key: one that others could
+    // have read or written is not used.
+    let me = nix::unistd::getuid().as_raw();
+    if meta.uid() != me || meta.mode() & 0o077 != 0 {
+        tracing::warn!(
+            "ignoring handover record {} (owner {}, mode {:03o}): it must be ours and 0600; starting a new agent",
+            path.display(),
+            meta.uid(),
+            meta.mode() & 0o777
+        );
+        return None;
+    }
     let h: Handover = match serde_json::from_slice(&text) {
         Ok(h) => h,
         Err(e) => {
@@ -83,4 +97,39 @@ pub fn take(path: &Path, max_age: Duration) -> Option<Handover> {
 
 pub fn stamp() -> u64 {
     now()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn record() -> Handover {
+        Handover {
+            link_addr: "127.0.0.1:1".parse().unwrap(),
+            advertise: "localhost".into(),
+            identity: ServerIdentity::generate(&[]).unwrap(),
+            token: "t".into(),
+            agent_pid: None,
+            backend: "local".into(),
+            job_id: "1".into(),
+            written_at: stamp(),
+        }
+    }
+
+    #[test]
+    fn a_record_others_can_read_is_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("handover.json");
+        write(&p, &record()).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(take(&p, Duration::from_secs(60)).is_none());
+        assert!(!p.exists(), "a refused record is removed");
+        write(&p, &record()).unwrap();
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(take(&p, Duration::from_secs(60)).unwrap().token, "t");
+    }
 }

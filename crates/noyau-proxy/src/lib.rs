@@ -136,6 +136,9 @@ struct Proxy {
     /// Environment build lines that came while no cell waited (a kernel
     /// building its environment at start): shown in the next cell.
     env_held: String,
+    /// The token the next proxy takes from the handover record, given to the
+    /// agent ahead (`NextToken`).
+    next_token: String,
 }
 
 /// At most this many bytes of environment build lines are held for the
@@ -234,6 +237,7 @@ pub async fn run(cfg: ProxyConfig) -> anyhow::Result<i32> {
         submitted: Instant::now(),
         walltime_notice: None,
         env_held: String::new(),
+        next_token: noyau_wire::connection::random_key(),
         cfg,
         fe,
         signer,
@@ -347,6 +351,12 @@ impl Proxy {
         tracing::info!("agent connected");
         self.clear_note().await;
         let sender = link.sender();
+        let ahead = Event::NextToken {
+            token: self.next_token.clone(),
+        };
+        if let Err(e) = sender.send(Lane::Control, envelope::event(&ahead)) {
+            tracing::warn!("link: {e}");
+        }
         for (lane, frames) in self.queued.drain(..) {
             if let Err(e) = sender.send(lane, frames) {
                 tracing::warn!("link: {e}");
@@ -372,6 +382,20 @@ impl Proxy {
 
     fn job_label(&self) -> String {
         self.agent.job_id().unwrap_or("?").to_string()
+    }
+
+    /// How the scheduler ended the job, once its watcher sees the end (the
+    /// agent's SIGTERM comes first; Slurm keeps an ended job's state in
+    /// squeue for a while: NODE_FAIL, PREEMPTED, CANCELLED, TIMEOUT).
+    async fn job_end(&mut self) -> Option<String> {
+        let rx = self.job_state.as_mut()?;
+        let ended = |s: &JobState| matches!(s, JobState::Ended(_));
+        // Bounded: a few watcher polls; the sender's end is as good an answer.
+        let _ = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(ended)).await;
+        match &*rx.borrow() {
+            JobState::Ended(end) => Some(end.description.clone()),
+            _ => None,
+        }
     }
 
     async fn on_job_state(&mut self) {
@@ -733,7 +757,16 @@ impl Proxy {
             Event::KernelDied {
                 description,
                 expected: false,
+                job_ending,
             } => {
+                let description = match job_ending {
+                    true => self
+                        .job_end()
+                        .await
+                        .map(|end| format!("was stopped: its job {end}"))
+                        .unwrap_or(description),
+                    false => description,
+                };
                 self.report_death(&format!(
                     "The kernel died: it {description}. Restart the kernel to continue (the allocation is kept)."
                 ))
@@ -877,7 +910,7 @@ impl Proxy {
         let Some(link) = self.link.as_mut() else {
             return;
         };
-        let token = noyau_wire::connection::random_key();
+        let token = self.next_token.clone();
         let record = handover::Handover {
             link_addr: self.listener.local_addr(),
             advertise: self.advertise.clone(),

@@ -95,6 +95,17 @@ pub fn read_input(input: &str) -> Result<Notebook, Failure> {
     Ok(nb)
 }
 
+/// What tells that a file was rewritten (an editor's atomic save makes a new
+/// inode; an in-place one changes the time or size). None for stdin.
+fn file_stamp(input: &str) -> Option<(u64, u64, std::time::SystemTime)> {
+    use std::os::unix::fs::MetadataExt;
+    if input == "-" {
+        return None;
+    }
+    let m = std::fs::metadata(input).ok()?;
+    Some((m.ino(), m.len(), m.modified().ok()?))
+}
+
 fn same_file(a: &Path, b: &Path) -> bool {
     match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
         (Ok(x), Ok(y)) => x == y,
@@ -456,6 +467,9 @@ pub async fn run(args: RunArgs) -> Result<i32, Failure> {
             )));
         }
     }
+    // The run uses the input as read now; an edit saved meanwhile (a user
+    // in JupyterLab) is left alone and reported at the end.
+    let input_stamp = file_stamp(&args.input);
     let mut nb = read_input(&args.input)?;
     pm::on_load(&mut nb);
     if !params.is_empty() {
@@ -480,7 +494,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Failure> {
         Output::File(p) => Some(p.clone()),
         Output::Stdout => None,
     };
-    let mut saver = Saver::new(out_path);
+    let mut saver = Saver::new(out_path).map_err(bad)?;
     if args.prepare_only {
         finish_output(&mut saver, &nb, &output)?;
         return Ok(exit::OK);
@@ -641,6 +655,13 @@ pub async fn run(args: RunArgs) -> Result<i32, Failure> {
     runner.status.finish();
     let Runner { nb, mut saver, .. } = runner;
     let out = finish_output(&mut saver, &nb, &output);
+    if input_stamp.is_some() && file_stamp(&args.input) != input_stamp {
+        eprintln!(
+            "noyau: warning: {} changed on disk during the run; the run used the version read \
+             at its start (the output has those cells) and left your changes in place",
+            args.input
+        );
+    }
     if kernel_alive {
         kernel.shutdown(Duration::from_secs(5)).await;
     } else {
@@ -659,10 +680,36 @@ fn finish_output(saver: &mut Saver, nb: &Notebook, output: &Output) -> Result<()
                 .and_then(|()| o.flush())
                 .map_err(|e| bad(format!("cannot write the notebook to stdout: {e}")))
         }
-        Output::File(_) => saver
-            .save(nb)
-            .map_err(|e| bad(format!("cannot write the output: {e}"))),
+        Output::File(p) => saver.save(nb).map_err(|e| {
+            bad(match rescue(nb, p) {
+                Ok(r) => format!(
+                    "cannot write the output: {e}; the whole notebook was rescued to {} \
+                     (the output file keeps its last complete save)",
+                    r.display()
+                ),
+                Err(r) => format!("cannot write the output: {e}; nor rescue it: {r}"),
+            })
+        }),
     }
+}
+
+/// The last save failed (a full disk, a directory gone): the notebook goes
+/// to `$XDG_STATE_HOME/noyau/unsaved/` rather than being lost.
+fn rescue(nb: &Notebook, output: &Path) -> Result<PathBuf, String> {
+    let dir = noyau_sched::slurm::state_dir().join("unsaved");
+    let stem = output
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "notebook".into());
+    let path = dir.join(format!(
+        "{stem}-{}-{}.ipynb",
+        chrono::Local::now().format("%Y%m%d-%H%M%S"),
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir)
+        .and_then(|()| noyau_notebook::write_atomic(&path, nb.to_json_string().as_bytes()))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(path)
 }
 
 struct Runner<'a> {

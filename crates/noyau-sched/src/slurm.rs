@@ -160,7 +160,10 @@ pub(crate) fn warning_secs(profile: &Profile) -> u64 {
 /// which goes to sbatch's environment, not here).
 pub fn job_script(spec: &JobSpec, log_dir: &Path) -> String {
     let p = &spec.profile;
-    let mut s = String::from("#!/bin/sh\n");
+    // A kernel's state lives in memory and its link token works once: a job
+    // requeued after a node failure or a preemption could not resume, only
+    // hold an allocation. It ends instead, and the user is told why.
+    let mut s = String::from("#!/bin/sh\n#SBATCH --no-requeue\n");
     let mut opt = |k: &str, v: &str| s.push_str(&format!("#SBATCH --{k}={v}\n"));
     opt("job-name", &spec.name);
     let log = if spec.array.is_some() {
@@ -261,6 +264,35 @@ pub fn parse_squeue(out: &str) -> Vec<QueueLine> {
             })
         })
         .collect()
+}
+
+/// Parses Slurm's time left (`%L`): `SS`, `MM:SS`, `H:MM:SS`, `D-HH:MM:SS`,
+/// `D-HH`, `D-HH:MM`. None for `UNLIMITED`, `NOT_SET`, `INVALID` and garbage
+/// (numbers too big for seconds included).
+pub fn parse_time_left(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (days, rest) = match s.split_once('-') {
+        Some((d, r)) => (d.parse::<u64>().ok()?, r),
+        None => (0, s),
+    };
+    let parts: Vec<u64> = rest
+        .split(':')
+        .map(|p| p.parse::<u64>().ok())
+        .collect::<Option<_>>()?;
+    let hms = |h: u64, m: u64, ss: u64| {
+        h.checked_mul(3600)?
+            .checked_add(m.checked_mul(60)?)?
+            .checked_add(ss)
+    };
+    let secs = match (s.contains('-'), parts.as_slice()) {
+        (false, [ss]) => *ss,
+        (false, [m, ss]) => hms(0, *m, *ss)?,
+        (_, [h, m, ss]) => hms(*h, *m, *ss)?,
+        (true, [h]) => hms(*h, 0, 0)?,
+        (true, [h, m]) => hms(*h, *m, 0)?,
+        _ => return None,
+    };
+    days.checked_mul(86400)?.checked_add(secs)
 }
 
 fn known(v: &str) -> Option<String> {
@@ -475,22 +507,39 @@ impl Watcher {
             no_env(),
         )
         .await;
-        let mut ends = HashMap::new();
         match out {
-            Ok(o) => {
-                for l in o.lines() {
-                    let f: Vec<&str> = l.split('|').collect();
-                    if f.len() >= 3 {
-                        // "CANCELLED by 0" → CANCELLED
-                        let state = f[1].split_whitespace().next().unwrap_or("");
-                        ends.insert(f[0].to_string(), end_of(state, Some(f[2])));
-                    }
-                }
+            Ok(o) => parse_sacct(&o),
+            Err(why) => {
+                tracing::debug!("sacct cannot say how jobs ended: {why}");
+                HashMap::new()
             }
-            Err(why) => tracing::debug!("sacct cannot say how jobs ended: {why}"),
         }
-        ends
     }
+}
+
+/// How jobs ended, from `sacct -n -P -X -o JobID,State,ExitCode` (lines it
+/// cannot read are skipped: they tell nothing about a job).
+pub fn parse_sacct(out: &str) -> HashMap<String, JobEnd> {
+    let mut ends = HashMap::new();
+    for l in out.lines() {
+        let f: Vec<&str> = l.split('|').collect();
+        if f.len() >= 3 {
+            // "CANCELLED by 0" → CANCELLED
+            let state = f[1].split_whitespace().next().unwrap_or("");
+            ends.insert(f[0].to_string(), end_of(state, Some(f[2])));
+        }
+    }
+    ends
+}
+
+/// The job id in `sbatch --parsable`'s output (`ID` or `ID;CLUSTER`).
+pub fn parse_sbatch(out: &str) -> Result<String, SchedError> {
+    out.trim()
+        .split(';')
+        .next()
+        .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit() || b == b'_'))
+        .map(str::to_string)
+        .ok_or_else(|| SchedError::Submit(format!("sbatch printed no job id: {out:?}")))
 }
 
 /// Submits agents as Slurm batch jobs.
@@ -640,13 +689,7 @@ impl SlurmBackend {
         )
         .await
         .map_err(SchedError::Submit)?;
-        let id = out
-            .trim()
-            .split(';')
-            .next()
-            .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit() || b == b'_'))
-            .ok_or_else(|| SchedError::Submit(format!("sbatch printed no job id: {out:?}")))?
-            .to_string();
+        let id = parse_sbatch(&out)?;
         tracing::info!(job = %id, log = %dir.join(format!("{}-{id}.log", spec.name)).display(), "submitted to Slurm");
         Ok(id)
     }
@@ -723,6 +766,7 @@ mod tests {
             "#SBATCH --job-name=noyau-kernel-python3\n",
             "#SBATCH --output=/home/u/.local/state/noyau/jobs/%x-%j.log\n",
             "#SBATCH --signal=B:USR1@360\n",
+            "#SBATCH --no-requeue\n",
             "#SBATCH --chdir=/home/u/nb\n",
             "#SBATCH --partition=debug\n",
             "#SBATCH --time=1:00:00\n",
@@ -775,6 +819,45 @@ mod tests {
             end_of("FAILED", Some("1:0")).description,
             "failed (exit code 1:0)"
         );
+    }
+
+    #[test]
+    fn time_left() {
+        let p = parse_time_left;
+        assert_eq!(p("45"), Some(45));
+        assert_eq!(p("1:05"), Some(65));
+        assert_eq!(p("2:00:01"), Some(7201));
+        assert_eq!(p("1-02:03:04"), Some(93784));
+        assert_eq!(p("1-02"), Some(93600));
+        assert_eq!(p("1-02:03"), Some(93780));
+        assert_eq!(p("UNLIMITED"), None);
+        assert_eq!(p("NOT_SET"), None);
+        assert_eq!(p(""), None);
+        // Numbers too big for seconds: garbage, not an overflow panic.
+        assert_eq!(p("213503982334602-00"), None);
+        assert_eq!(p("999999999999999999:00"), None);
+        assert_eq!(p("1-5124095576030432:00:00"), None);
+    }
+
+    #[test]
+    fn sbatch_and_sacct_output() {
+        assert_eq!(parse_sbatch("123\n").unwrap(), "123");
+        assert_eq!(parse_sbatch("77_3;cluster\n").unwrap(), "77_3");
+        for bad in [
+            "",
+            ";",
+            "sbatch: error: Batch job submission failed",
+            "12 34",
+        ] {
+            let e = parse_sbatch(bad).unwrap_err().to_string();
+            assert!(e.contains("no job id"), "{bad:?}: {e}");
+        }
+        let ends =
+            parse_sacct("12|CANCELLED by 0|0:15\n13|NODE_FAIL|1:0\nbroken\n14|COMPLETED|0:0\n");
+        assert_eq!(ends.len(), 3);
+        assert!(ends["12"].description.contains("cancelled") && !ends["12"].success);
+        assert!(ends["13"].description.contains("NODE_FAIL"));
+        assert!(ends["14"].success);
     }
 
     #[test]

@@ -54,6 +54,8 @@ pub enum ConnectionError {
     Transport { path: PathBuf, transport: String },
     #[error("connection file {path} uses signature scheme {scheme:?}; only \"hmac-sha256\" is supported")]
     Scheme { path: PathBuf, scheme: String },
+    #[error("connection file {path} has mode {mode:03o}: it holds the kernel's signing key and others can read it; make it private (`chmod 600 {path}`)")]
+    TooOpen { path: PathBuf, mode: u32 },
     #[error("cannot write connection file {path}: {source}")]
     Write {
         path: PathBuf,
@@ -106,6 +108,24 @@ impl ConnectionInfo {
                 path: path.into(),
                 transport: info.transport,
             });
+        }
+        if !info.key.is_empty() {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path)
+                .map_err(|source| ConnectionError::Read {
+                    path: path.into(),
+                    source,
+                })?
+                .permissions()
+                .mode()
+                & 0o777;
+            // Whoever can read the key can run code in the kernel.
+            if mode & 0o077 != 0 {
+                return Err(ConnectionError::TooOpen {
+                    path: path.into(),
+                    mode,
+                });
+            }
         }
         if !info.key.is_empty() && info.signature_scheme != "hmac-sha256" {
             return Err(ConnectionError::Scheme {
@@ -213,12 +233,17 @@ mod tests {
                 "jupyter_session": "/x.ipynb"}"#,
         )
         .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        // Readable by others: refused, saying how to fix it.
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = ConnectionInfo::read(&p).unwrap_err().to_string();
+        assert!(e.contains("mode 644") && e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         let info = ConnectionInfo::read(&p).unwrap();
         assert_eq!(info.endpoint(Channel::Control), "tcp://127.0.0.1:4");
         assert_eq!(info.extra["jupyter_session"], "/x.ipynb");
         let out = dir.path().join("o.json");
         info.write(&out).unwrap();
-        use std::os::unix::fs::PermissionsExt;
         assert_eq!(
             std::fs::metadata(&out).unwrap().permissions().mode() & 0o777,
             0o600
