@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use noyau_sched::slurm::{parse_squeue, sh_quote, state_of, SQUEUE_FORMAT};
 use noyau_sched::{JobSpec, JobState};
 use rand::Rng;
-use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
 use crate::db::{now, Session, State, Update};
@@ -44,32 +43,7 @@ async fn run(
         // A job gets a clean environment, not the hub's.
         cmd.env_clear().envs(env.iter().map(|(k, v)| (k, v)));
     }
-    let fut = async {
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot run `{shown}`: {e}"))?;
-        if let (Some(text), Some(mut w)) = (stdin, child.stdin.take()) {
-            w.write_all(text.as_bytes())
-                .await
-                .map_err(|e| format!("`{shown}`: writing its input: {e}"))?;
-        }
-        let out = child
-            .wait_with_output()
-            .await
-            .map_err(|e| format!("`{shown}`: {e}"))?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(format!(
-                "`{shown}` failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
-    };
-    tokio::time::timeout(TIMEOUT, fut)
-        .await
-        .unwrap_or_else(|_| Err(format!("`{shown}` did not answer within {TIMEOUT:?}")))
+    noyau_sched::slurm::output_of(cmd, &shown, TIMEOUT, stdin).await
 }
 
 /// The submit_as prefix for `user`, then `rest`.

@@ -81,6 +81,18 @@ pub(crate) async fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    output_of(cmd, &shown, timeout, stdin).await
+}
+
+/// Runs a prepared command (stdio piped, killed on drop), feeding it `stdin`:
+/// its stdout, or an error naming it as `shown`. Shared by the schedulers
+/// and the hub.
+pub async fn output_of(
+    mut cmd: Command,
+    shown: &str,
+    timeout: Duration,
+    stdin: Option<&str>,
+) -> Result<String, String> {
     let fut = async {
         let mut child = cmd
             .spawn()
