@@ -414,7 +414,7 @@ def stop_kernel(km) -> None:  # type: ignore[no-untyped-def]
 OAR_KERNEL_NAME = "noyau-oar-python3"
 _REQ = Path(__file__).with_name("requirements.txt")
 # what the test user's kernels and drivers import (at requirements.txt's pins)
-_OAR_USER_PACKAGES = ("ipykernel", "ipywidgets", "nbclient", "jupyter-client", "nbformat")
+_OAR_USER_PACKAGES = ("ipykernel", "ipywidgets", "nbclient", "jupyter-client", "nbformat", "distributed")
 
 
 class OarUser:

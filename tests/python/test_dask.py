@@ -31,8 +31,25 @@ def dask_jobs() -> list[dict[str, str]]:
     return [j for j in lib.squeue_noyau() if j["name"].startswith("noyau-dask-")]
 
 
+def dask_processes() -> list[str]:
+    """Dask processes of this session's clusters still alive (their command
+    lines name a cluster directory under this session's state directory)."""
+    state = os.environ["XDG_STATE_HOME"]
+    found = []
+    for p in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (p / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        line = " ".join(a.decode(errors="replace") for a in argv)
+        if "distributed.cli.dask_" in line and f"{state}/noyau/dask/" in line:
+            found.append(f"{p.name}: {line[:120]}")
+    return found
+
+
 def end_cluster_jobs(timeout: float = 30) -> None:
-    """Waits for the cluster's jobs to leave the queue; cancels and fails on leftovers."""
+    """Waits for the cluster's jobs to leave the queue and their Dask
+    processes to end; cleans up and fails on leftovers."""
     try:
         lib.wait_until(lambda: not dask_jobs(), timeout, "the cluster's jobs to leave the queue", interval=0.5)
     except Exception:
@@ -41,6 +58,16 @@ def end_cluster_jobs(timeout: float = 30) -> None:
     if left:
         subprocess.run(["scancel", *[j["id"] for j in left]], check=False)
     assert not left, f"Dask jobs left in the queue: {left}"
+    # a cancelled job takes its Dask with it (the test cluster tracks a
+    # job's processes by parentage, so an orphaned worker would live on)
+    try:
+        lib.wait_until(lambda: not dask_processes(), 30, "the cluster's Dask processes to end", interval=0.5)
+    except Exception:
+        pass
+    orphans = dask_processes()
+    for o in orphans:
+        os.kill(int(o.split(":")[0]), signal.SIGKILL)
+    assert not orphans, f"Dask processes outlived their jobs: {orphans}"
 
 
 @pytest.fixture
@@ -98,6 +125,7 @@ def test_dask_up_compute_status_down_and_shutdown(km) -> None:  # type: ignore[n
     assert r.status == 200 and "Dask" in page and "bokeh" in page.lower(), page[:500]
     jobs = dask_jobs()
     assert sorted(j["name"] for j in jobs) == ["noyau-dask-scheduler", "noyau-dask-worker", "noyau-dask-worker"], jobs
+    assert len(dask_processes()) == 3, dask_processes()  # what the teardown checks is gone
 
     # a bare Client() finds the cluster, with TLS, and computes
     reply, text, errors = run(km, (
@@ -108,11 +136,14 @@ def test_dask_up_compute_status_down_and_shutdown(km) -> None:  # type: ignore[n
         "futs = client.map(lambda x: x * x, range(100))\n"
         "print(client.scheduler.address, os.environ['DASK_SCHEDULER_ADDRESS'])\n"
         "print(sum(client.gather(futs)))\n"
+        "print(sorted(client.run(lambda dask_worker: dask_worker.nanny is None).values()))\n"
     ), timeout=180)
     assert reply["status"] == "ok", (text, errors)
     lines = text.splitlines()
     assert lines[0] == f"{address} {address}", text
     assert lines[1] == str(sum(x * x for x in range(100))), text
+    # by default the batch job is the worker's only keeper (no Dask nanny)
+    assert lines[2] == "[True, True]", text
 
     def status() -> str:
         reply, text, _ = run(km, "%noyau dask status")
@@ -148,10 +179,20 @@ def test_dask_up_compute_status_down_and_shutdown(km) -> None:  # type: ignore[n
     assert reply["status"] == "ok" and "cancelled its 3 jobs" in text, text
     lib.wait_until(lambda: not dask_jobs(), 30, "the cluster's jobs to leave the queue", interval=0.5)
 
-    # shutdown ends a cluster that was left up
-    reply, text, errors = run(km, "%noyau dask up 1 --target hpc", timeout=180)
+    # shutdown ends a cluster that was left up; --nanny puts the worker
+    # under Dask's nanny, which Client.restart() needs
+    reply, text, errors = run(km, "%noyau dask up 1 --target hpc --nanny", timeout=180)
     assert reply["status"] == "ok", (text, errors)
     assert len(dask_jobs()) == 2
+    reply, text, errors = run(km, (
+        "client = Client()\n"
+        "client.wait_for_workers(1, timeout=120)\n"
+        "print(list(client.run(lambda dask_worker: dask_worker.nanny is not None).values()))\n"
+        "client.restart()\n"
+        "print(client.submit(lambda: 6 * 7).result())\n"
+    ), timeout=180)
+    assert reply["status"] == "ok", (text, errors)
+    assert text.splitlines() == ["[True]", "42"], text
     km.shutdown_kernel()
     lib.wait_until(lambda: not dask_jobs(), 30, "the cluster's jobs to leave the queue after shutdown", interval=0.5)
 

@@ -43,7 +43,7 @@ def notebook(*sources: str, kernel: str = "python3") -> str:
 def outputs(path: Path) -> list[str]:
     nb = json.loads(path.read_text())
     return ["".join("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", ""))
-                    for o in c["outputs"]) for c in nb["cells"]]
+                    for o in c["outputs"]) for c in nb["cells"] if c["cell_type"] == "code"]
 
 
 def oar_state(job: str) -> str:
@@ -113,6 +113,94 @@ def test_target_cell_runs_in_its_own_oar_job(oar: OarUser) -> None:
     assert here.strip() != there.strip()
     meta = json.loads((d / "out.ipynb").read_text())["cells"][1]["metadata"]["noyau"]["target"]
     assert meta["backend"] == "oar" and str(meta["job_id"]) == there.strip(), meta
+
+
+def test_tasks_run_through_oarsh_on_the_jobs_cores(oar: OarUser) -> None:
+    d = oar.workdir("tasks")
+    oar.write(d / "noyau.toml", '[profiles.big]\nbackend = "oar"\ntime = "5"\n')
+    oar.write(d / "nb.ipynb", notebook(
+        "%%noyau on big --quiet --tasks 2\n"
+        "import os\n"
+        "cpuset = [l.strip().split(':')[2] for l in open('/proc/self/cgroup') if ':cpuset:' in l]\n"
+        "parent = open(f'/proc/{os.getppid()}/comm').read().strip()\n"
+        "print(os.environ['NOYAU_TASK_ID'], os.environ['NOYAU_NTASKS'], os.environ['OAR_JOB_ID'], "
+        f"cpuset, parent, os.getcwd() == {str(d)!r})",
+        "%%noyau on big --quiet --tasks 2\nimport os, sys\nsys.exit(3 * int(os.environ['NOYAU_TASK_ID']))"))
+    r = oar.run([str(oar.bin), "run", "--backend", "oar", "-o", "time=5", "nb.ipynb", "out.ipynb"], d)
+    assert r.returncode != 0, "the failing task must fail the run"
+    first, _ = outputs(d / "out.ipynb")
+    lines = first.splitlines()
+    assert lines[0] == "--- task 0 ---" and lines[2] == "--- task 1 ---", first
+    t0, t1 = lines[1].split(" ", 3), lines[3].split(" ", 3)
+    assert t0[:2] == ["0", "2"] and t1[:2] == ["1", "2"], first
+    job = t0[2]
+    # one job of 2 cores (ntasks=2), both tasks in its cpuset, each started by
+    # oarsh's sshd (not by the kernel), in the notebook's directory
+    assert job.isdigit() and t1[2] == job, first
+    assert t0[3] == t1[3] == f"['/oar/{oar.name}_{job}'] sshd True", first
+    full = subprocess.run(["oarstat", "-f", "-j", job], capture_output=True, text=True).stdout
+    assert "core=2" in full, full
+    error = json.loads((d / "out.ipynb").read_text())["cells"][-1]["outputs"][-1]
+    assert error.get("evalue") == "task 1 on localhost exited 3", error
+
+
+def test_dask_cluster_on_oar_computes_and_ends_with_its_owner(oar: OarUser) -> None:
+    d = oar.workdir("dask")
+    oar.write(d / "noyau.toml", '[profiles.hpc]\nbackend = "oar"\ntime = "10"\n')
+    # driven as the test user (OAR runs no root job); it kills its own
+    # kernel's proxy with SIGKILL at the end and prints what it saw
+    oar.write(d / "drive.py", textwrap.dedent("""\
+        import json, os, signal, time
+        from jupyter_client.manager import KernelManager
+        km = KernelManager(kernel_name="noyau-oar")
+        km.start_kernel(env={**os.environ, "NOYAU_LINK_GIVE_UP": "10", "NOYAU_REATTACH_GRACE": "10"})
+        kc = km.client()
+        kc.start_channels()
+        kc.wait_for_ready(timeout=120)
+        def run(code):
+            out = []
+            reply = kc.execute_interactive(code, timeout=240, output_hook=out.append)
+            text = "".join(m["content"].get("text", "") for m in out if m["msg_type"] == "stream")
+            assert reply["content"]["status"] == "ok", (code, text, reply["content"])
+            return text
+        seen = {"up": run("%noyau dask up 2 --target hpc")}
+        seen["compute"] = run(
+            "import os\\n"
+            "from dask.distributed import Client\\n"
+            "client = Client()\\n"
+            "client.wait_for_workers(2, timeout=120)\\n"
+            "print(sum(client.gather(client.map(lambda x: x * x, range(100)))))\\n"
+            "print(len(client.scheduler_info()['workers']))\\n"
+            "print(' '.join(sorted(client.run(lambda: os.environ.get('OAR_JOB_ID')).values())))\\n")
+        # the scheduler lists its workers once a second
+        deadline = time.monotonic() + 20
+        while "workers: 2" not in (status := run("%noyau dask status")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        seen["status"] = status
+        print(json.dumps(seen), flush=True)
+        os.kill(km.provisioner.process.pid, signal.SIGKILL)
+    """))
+    r = oar.run([f"{oar.venv}/bin/python", "drive.py"], d, timeout=400)
+    killed = time.monotonic()
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    seen = json.loads(r.stdout.strip().splitlines()[-1])
+    assert re.search(r'Client\("tls://', seen["up"]) and "(oar)" in seen["up"], seen["up"]
+    total, workers, jobs = seen["compute"].splitlines()
+    assert total == str(sum(x * x for x in range(100))) and workers == "2", seen["compute"]
+    # each worker in an OAR job of its own
+    worker_jobs = jobs.split()
+    assert len(set(worker_jobs)) == 2 and all(j.isdigit() for j in worker_jobs), jobs
+    assert "workers: 2" in seen["status"] and seen["status"].count("running on") == 3, seen["status"]
+
+    def cluster_jobs() -> list[dict[str, str]]:
+        return [j for j in lib.oarstat_noyau(oar.name) if j["name"].startswith("noyau-dask-")]
+
+    assert {j["id"] for j in cluster_jobs()} >= set(worker_jobs)
+    # the proxy was killed: after the grace period (10 s) the scheduler job
+    # oardels every job of the cluster
+    lib.wait_until(lambda: not cluster_jobs(), 90, "the cluster's OAR jobs to end after the owner died", 0.5)
+    assert time.monotonic() - killed >= 5, "the cluster ended before the grace period"
+    lib.wait_until(lambda: not lib.oarstat_noyau(oar.name), 90, "the kernel's own job to end", 0.5)
 
 
 def test_detached_run_ps_extend_cancel(oar: OarUser) -> None:

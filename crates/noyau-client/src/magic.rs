@@ -73,14 +73,20 @@ pub fn parse(code: &str) -> Result<Magic, String> {
 }
 
 /// Python that runs `body` as `n` tasks and prints their output grouped by
-/// task: through `srun` inside a Slurm allocation, as local processes
-/// elsewhere. Each task sees `NOYAU_TASK_ID` and `NOYAU_NTASKS`; a failed
-/// task fails the cell.
+/// task: through `srun` inside a Slurm allocation; inside an OAR job, on the
+/// job's cores as `$OAR_NODEFILE` lists them (task i on line i, so tasks
+/// fill a node before the next), each through `oarsh`, which puts it in the
+/// job's cpuset on that node; as local processes elsewhere. Each task sees
+/// `NOYAU_TASK_ID` and `NOYAU_NTASKS`; a failed task fails the cell.
+///
+/// oarsh is ssh: it carries neither the environment nor the working
+/// directory, so a small launcher reads them (and the command) as JSON on
+/// its stdin, keeping the environment's secrets off every command line.
 pub fn fan_out(body: &str, n: u32) -> String {
     let body = serde_json::to_string(body).expect("a string serialises");
     format!(
         r#"def __noyau_tasks(body, n):
-    import os, shutil, subprocess, sys
+    import json, os, shlex, shutil, subprocess, sys
     env = dict(os.environ, NOYAU_NTASKS=str(n))
     prelude = "import os\nos.environ['NOYAU_TASK_ID'] = os.environ.get('NOYAU_TASK_ID') or os.environ.get('SLURM_PROCID', '0')\n"
     out = {{i: [] for i in range(n)}}
@@ -97,12 +103,30 @@ pub fn fan_out(body: &str, n: u32) -> String {
         if p.returncode:
             failed.append(f"srun exited {{p.returncode}}")
     else:
-        procs = [subprocess.Popen([sys.executable, "-c", prelude + body], env=dict(env, NOYAU_TASK_ID=str(i)),
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(n)]
+        slots = []
+        if os.environ.get("OAR_NODEFILE") and shutil.which("oarsh"):
+            with open(os.environ["OAR_NODEFILE"]) as f:
+                slots = [l.strip() for l in f if l.strip()]
+        argv = [sys.executable, "-c", prelude + body]
+        launcher = "import json, os, sys; d = json.load(sys.stdin); os.chdir(d['cwd']); os.execve(d['argv'][0], d['argv'], d['env'])"
+        procs, where = [], []
+        for i in range(n):
+            task_env = dict(env, NOYAU_TASK_ID=str(i))
+            if slots:
+                host = slots[i % len(slots)]
+                where.append(f" on {{host}}")
+                p = subprocess.Popen(["oarsh", host, shlex.join([sys.executable, "-c", launcher])],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                p.stdin.write(json.dumps({{"cwd": os.getcwd(), "argv": argv, "env": task_env}}))
+                p.stdin.close()
+            else:
+                where.append("")
+                p = subprocess.Popen(argv, env=task_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            procs.append(p)
         for i, p in enumerate(procs):
-            out[i] = p.communicate()[0].splitlines()
-            if p.returncode:
-                failed.append(f"task {{i}} exited {{p.returncode}}")
+            out[i] = p.stdout.read().splitlines()
+            if p.wait():
+                failed.append(f"task {{i}}{{where[i]}} exited {{p.returncode}}")
     for key, lines in out.items():
         print(f"--- task {{key}} ---")
         for line in lines:

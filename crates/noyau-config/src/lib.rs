@@ -196,6 +196,7 @@ struct File {
 /// worker_cores = 2
 /// worker_mem = "4G"
 /// worker_time = "1:00:00" # workers retire before it and are replaced
+/// nanny = false           # true: workers under Dask's nanny (Client.restart())
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -207,6 +208,7 @@ pub struct DaskSettings {
     pub worker_cores: Option<u32>,
     pub worker_mem: Option<String>,
     pub worker_time: Option<String>,
+    pub nanny: Option<bool>,
 }
 
 impl DaskSettings {
@@ -219,7 +221,7 @@ impl DaskSettings {
         macro_rules! take {
             ($($f:ident),*) => { $( if later.$f.is_some() { self.$f = later.$f; } )* };
         }
-        take!(target, worker_cores, worker_mem, worker_time);
+        take!(target, worker_cores, worker_mem, worker_time, nanny);
     }
 }
 
@@ -853,7 +855,7 @@ mod tests {
     fn dask_settings_merge_and_unknown_keys_are_named() {
         let c = cfg(&[
             "[dask]\ntarget = \"hpc\"\nworkers = 4\nworker_mem = \"2G\"\n",
-            "[dask]\nadapt = [0, 8]\nworker_time = \"30\"\n",
+            "[dask]\nadapt = [0, 8]\nworker_time = \"30\"\nnanny = true\n",
         ])
         .unwrap();
         assert_eq!(
@@ -865,6 +867,7 @@ mod tests {
                 worker_cores: None,
                 worker_mem: Some("2G".into()),
                 worker_time: Some("30".into()),
+                nanny: Some(true),
             }
         );
         let e = cfg(&["[dask]\nworker = 2\n"]).unwrap_err().to_string();

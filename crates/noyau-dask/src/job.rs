@@ -11,12 +11,16 @@ use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
 use crate::owner::OwnerWatch;
 use crate::ClusterDir;
+
+/// Set by SIGTERM (the job cancelled, or at its walltime).
+static TERMINATED: AtomicBool = AtomicBool::new(false);
 
 /// The scheduler's preload: writes the worker list into `status.json`
 /// every second, for `%noyau dask status`.
@@ -101,6 +105,11 @@ pub struct JobArgs {
     pub name: Option<String>,
     /// Seconds after which the worker retires gracefully (before its walltime).
     pub lifetime: Option<u64>,
+    /// Run the worker under a Dask nanny (a second Python process that
+    /// restarts it). Off by default: the batch job already plays that part
+    /// (the proxy replaces a worker job that ends), and the nanny's extra
+    /// Python start and `distributed` import doubles a worker's start time.
+    pub nanny: bool,
 }
 
 /// The Dask command line (before the environment wraps it).
@@ -122,6 +131,12 @@ pub fn dask_argv(a: &JobArgs, python: &str) -> Vec<String> {
         }
         Role::Worker => {
             argv.push("distributed.cli.dask_worker".into());
+            if !a.nanny {
+                argv.push("--no-nanny".into());
+            }
+            // Only the scheduler's dashboard is forwarded; a worker's would
+            // be unreachable, and importing bokeh for it delays the worker.
+            argv.push("--no-dashboard".into());
             if let Some(n) = a.nthreads {
                 argv.extend(["--nthreads".into(), n.to_string()]);
             }
@@ -176,11 +191,15 @@ pub fn run(a: JobArgs) -> anyhow::Result<i32> {
     // The job script asks Slurm for SIGUSR1 before the walltime (the
     // agent's warning); its default action would end this job early.
     // Workers retire by their own --lifetime instead.
-    // SAFETY: the handler does nothing, so it is async-signal-safe.
+    // SAFETY: the handlers only store to an atomic: async-signal-safe.
     unsafe {
         use nix::sys::signal::{signal, SigHandler, Signal};
         extern "C" fn ignore(_: libc::c_int) {}
+        extern "C" fn terminate(_: libc::c_int) {
+            TERMINATED.store(true, Ordering::SeqCst);
+        }
         signal(Signal::SIGUSR1, SigHandler::Handler(ignore))?;
+        signal(Signal::SIGTERM, SigHandler::Handler(terminate))?;
     }
     let mut child = cmd
         .spawn()
@@ -193,6 +212,15 @@ pub fn run(a: JobArgs) -> anyhow::Result<i32> {
             }
             return Ok(status.code().unwrap_or(1));
         }
+        // Cancelled: this process stays until Dask has ended. Dying first
+        // would orphan Dask, and a scheduler that tracks a job's processes
+        // by parentage (Slurm's proctrack/linuxproc) would then never kill
+        // it: a worker without a nanny can hang in its graceful close.
+        if TERMINATED.load(Ordering::SeqCst) {
+            eprintln!("noyau dask-job: terminated; ending the {:?}", a.role);
+            stop(&mut child);
+            return Ok(128 + libc::SIGTERM);
+        }
         if let Some(why) = owner.check(&d.owner_file(), Instant::now()) {
             eprintln!("noyau dask-job: {why}; ending the {:?}", a.role);
             if a.role == Role::Scheduler {
@@ -201,21 +229,27 @@ pub fn run(a: JobArgs) -> anyhow::Result<i32> {
             stop(&mut child);
             return Ok(0);
         }
-        std::thread::sleep(Duration::from_secs(1));
+        std::thread::sleep(Duration::from_millis(250));
     }
 }
 
 /// The owner is gone: cancels every job of the cluster (this one last) and
 /// removes its directory (its keys with it).
 fn end_cluster(d: &ClusterDir) {
-    let me = std::env::var("SLURM_JOB_ID").ok();
-    let mut ids = d.slurm_jobs();
-    ids.retain(|id| Some(id) != me.as_ref());
-    if !ids.is_empty() {
-        match Command::new("scancel").args(&ids).status() {
+    for (scheduler, me, cancel) in [
+        ("slurm", "SLURM_JOB_ID", "scancel"),
+        ("oar", "OAR_JOB_ID", "oardel"),
+    ] {
+        let me = std::env::var(me).ok();
+        let mut ids = d.batch_jobs(scheduler);
+        ids.retain(|id| Some(id) != me.as_ref());
+        if ids.is_empty() {
+            continue;
+        }
+        match Command::new(cancel).args(&ids).status() {
             Ok(s) if s.success() => eprintln!("noyau dask-job: cancelled jobs {}", ids.join(" ")),
-            Ok(s) => eprintln!("noyau dask-job: scancel {} failed ({s})", ids.join(" ")),
-            Err(e) => eprintln!("noyau dask-job: cannot run scancel: {e}"),
+            Ok(s) => eprintln!("noyau dask-job: {cancel} {} failed ({s})", ids.join(" ")),
+            Err(e) => eprintln!("noyau dask-job: cannot run {cancel}: {e}"),
         }
     }
     if let Err(e) = std::fs::remove_dir_all(d.path()) {
@@ -346,12 +380,15 @@ mod tests {
             memory_limit: Some("1GB".into()),
             name: Some("w3".into()),
             lifetime: Some(90),
+            nanny: false,
         };
         let argv = dask_argv(&a, "py").join(" ");
         assert!(
-            argv.starts_with("py -m distributed.cli.dask_worker --nthreads 2 --memory-limit 1GB --name w3 --lifetime 90s"),
+            argv.starts_with("py -m distributed.cli.dask_worker --no-nanny --no-dashboard --nthreads 2 --memory-limit 1GB --name w3 --lifetime 90s"),
             "{argv}"
         );
+        let with_nanny = dask_argv(&JobArgs { nanny: true, ..a }, "py").join(" ");
+        assert!(!with_nanny.contains("nanny"), "{with_nanny}");
         assert!(argv.contains("--scheduler-file /d/scheduler.json --protocol tls --tls-ca-file /d/ca.pem --tls-cert /d/cert.pem --tls-key /d/key.pem"));
     }
 }

@@ -184,6 +184,10 @@ pub fn kernel_setup_code(dir: &ClusterDir, address: &str) -> String {
     )
 }
 
+/// What the notebook's kernel runs while the cluster's jobs start (a
+/// missing `distributed` is reported later, by the setup request).
+pub const KERNEL_PREIMPORT: &str = "try:\n    import distributed\nexcept ImportError:\n    pass\n";
+
 /// The `user_expressions` entry that runs [`kernel_setup_code`]'s function.
 pub const KERNEL_SETUP_EXPR: &str = "_noyau_dask_setup()";
 

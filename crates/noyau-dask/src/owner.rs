@@ -65,13 +65,13 @@ impl ClusterDir {
         std::fs::rename(tmp, self.jobs_file())
     }
 
-    /// The Slurm jobs listed in `jobs`.
-    pub fn slurm_jobs(&self) -> Vec<String> {
+    /// The jobs listed in `jobs` whose backend is `scheduler` (`slurm`, `oar`).
+    pub fn batch_jobs(&self, scheduler: &str) -> Vec<String> {
         std::fs::read_to_string(self.jobs_file())
             .unwrap_or_default()
             .lines()
-            .filter_map(|l| l.strip_prefix("slurm "))
-            .map(|id| id.trim().to_string())
+            .filter_map(|l| l.split_once(' ').filter(|(b, _)| *b == scheduler))
+            .map(|(_, id)| id.trim().to_string())
             .filter(|id| !id.is_empty())
             .collect()
     }
@@ -155,11 +155,17 @@ mod tests {
     }
 
     #[test]
-    fn jobs_file_lists_slurm_ids() {
+    fn jobs_file_lists_ids_by_scheduler() {
         let root = tempfile::tempdir().unwrap();
         let c = ClusterDir::create(root.path(), "c").unwrap();
-        c.write_jobs([("slurm", "12"), ("local", "345"), ("slurm", "13")])
-            .unwrap();
-        assert_eq!(c.slurm_jobs(), ["12", "13"]);
+        c.write_jobs([
+            ("slurm", "12"),
+            ("local", "345"),
+            ("slurm", "13"),
+            ("oar", "7"),
+        ])
+        .unwrap();
+        assert_eq!(c.batch_jobs("slurm"), ["12", "13"]);
+        assert_eq!(c.batch_jobs("oar"), ["7"]);
     }
 }

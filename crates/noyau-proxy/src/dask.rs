@@ -30,10 +30,12 @@ pub struct UpArgs {
     pub worker_mem: Option<String>,
     /// The worker jobs' walltime (Slurm time), when not the profile's.
     pub worker_time: Option<String>,
+    /// `--nanny`: workers under Dask's nanny (needed by `Client.restart()`).
+    pub nanny: bool,
 }
 
 pub const USAGE: &str =
-    "usage: %noyau dask up [N | --adapt MIN MAX] [--target T] [--worker-cores C] [--worker-mem M] [--worker-time T] | \
+    "usage: %noyau dask up [N | --adapt MIN MAX] [--target T] [--worker-cores C] [--worker-mem M] [--worker-time T] [--nanny] | \
                          %noyau dask status | %noyau dask down";
 
 /// At most this many workers (fixed or adaptive).
@@ -69,6 +71,7 @@ pub fn parse_up(words: &[&str], defaults: &noyau_config::DaskSettings) -> Result
                 a.adapt = Some((bound("MIN")?, bound("MAX")?));
             }
             "--worker-time" => a.worker_time = Some(value("--worker-time")?),
+            "--nanny" => a.nanny = true,
             "--worker-mem" => a.worker_mem = Some(value("--worker-mem")?),
             w if n.is_none() && !w.starts_with('-') => {
                 n = Some(w.parse().map_err(|_| {
@@ -97,6 +100,7 @@ pub fn parse_up(words: &[&str], defaults: &noyau_config::DaskSettings) -> Result
         worker_cores: defaults.worker_cores,
         worker_mem: defaults.worker_mem.clone(),
         worker_time: defaults.worker_time.clone(),
+        nanny: defaults.nanny.unwrap_or(false),
     };
     let dn = defaults.workers.filter(|_| from_file);
     if dn.is_some() && d.adapt.is_some() {
@@ -110,6 +114,7 @@ pub fn parse_up(words: &[&str], defaults: &noyau_config::DaskSettings) -> Result
         worker_cores: a.worker_cores.or(d.worker_cores),
         worker_mem: a.worker_mem.or(d.worker_mem),
         worker_time: a.worker_time.or(d.worker_time),
+        nanny: a.nanny || d.nanny,
     })
 }
 
@@ -649,6 +654,9 @@ impl Proxy {
         if let Some(t) = &a.worker_time {
             wp.time = Some(t.clone());
         }
+        if a.nanny {
+            extra.push("--nanny".to_string());
+        }
         // Only a batch job has a walltime to retire before.
         let lifetime = match (&backend, &wp.time) {
             (Backend::Local(_), _) | (_, None) => None,
@@ -731,6 +739,17 @@ impl Proxy {
         );
         self.dask = Some(cluster);
         self.publish_stream(header, "stdout", &text).await;
+        // The notebook's kernel is idle while the jobs start (the proxy
+        // holds the cell): it imports `distributed` now rather than once
+        // the scheduler is up, when the setup request and `Client()` need it.
+        let (request, id) = self.own_request(json!({
+            "code": noyau_dask::KERNEL_PREIMPORT, "silent": true, "store_history": false,
+            "allow_stdin": false, "stop_on_error": false,
+        }));
+        match self.send_internal(None, request) {
+            Ok(()) => self.internal.insert(id),
+            Err(e) => tracing::debug!("no early import of distributed in the kernel: {e}"),
+        }
         Ok(())
     }
 
@@ -945,6 +964,8 @@ mod tests {
         assert!(parse(&["--worker-cores", "0"]).is_err());
         assert!(parse(&["--worker-mem", "lots"]).is_err());
         assert!(parse(&["2", "3"]).is_err());
+        assert!(!parse(&["2"]).unwrap().nanny);
+        assert!(parse(&["2", "--nanny"]).unwrap().nanny);
     }
 
     #[test]
@@ -974,6 +995,11 @@ mod tests {
             ..Default::default()
         };
         assert!(parse_up(&[], &both).unwrap_err().contains("not both"));
+        let nanny = noyau_config::DaskSettings {
+            nanny: Some(true),
+            ..Default::default()
+        };
+        assert!(parse_up(&["2"], &nanny).unwrap().nanny);
     }
 
     #[test]

@@ -677,7 +677,9 @@ impl SlurmBackend {
     }
 
     async fn sbatch(&self, spec: &JobSpec) -> Result<String, SchedError> {
-        self.validate(&spec.profile).await?;
+        spec.profile
+            .check_for("slurm")
+            .map_err(SchedError::Invalid)?;
         let dir = log_dir();
         std::fs::create_dir_all(&dir)
             .and_then(|()| {
@@ -692,7 +694,7 @@ impl SlurmBackend {
             })?;
         let script = job_script(spec, &dir);
         // The secrets go in sbatch's own environment, which Slurm exports to the job.
-        let out = run(
+        let out = match run(
             &self.cmds().sbatch,
             &["--parsable"],
             self.cmds().timeout,
@@ -700,7 +702,15 @@ impl SlurmBackend {
             &spec.env,
         )
         .await
-        .map_err(SchedError::Submit)?;
+        {
+            Ok(out) => out,
+            // Only now ask sinfo (a submission pays no extra call): sbatch's
+            // words for a wrong partition name none of the right ones.
+            Err(why) => {
+                self.validate(&spec.profile).await?;
+                return Err(SchedError::Submit(why));
+            }
+        };
         let id = parse_sbatch(&out)?;
         tracing::info!(job = %id, log = %dir.join(format!("{}-{id}.log", spec.name)).display(), "submitted to Slurm");
         Ok(id)

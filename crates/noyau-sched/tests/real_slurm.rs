@@ -114,7 +114,7 @@ async fn the_token_never_shows_and_cancel_ends_the_job() {
 }
 
 #[tokio::test]
-async fn an_unknown_partition_is_refused_before_submitting() {
+async fn an_unknown_partition_is_refused_with_the_partitions_that_exist() {
     if !cluster() {
         return;
     }

@@ -71,6 +71,9 @@ struct DaskJobArgs {
     /// Retire the worker gracefully after this many seconds
     #[arg(long)]
     lifetime: Option<u64>,
+    /// Run the worker under a Dask nanny
+    #[arg(long)]
+    nanny: bool,
 }
 
 #[derive(clap::Args)]
@@ -230,6 +233,7 @@ fn main() {
             memory_limit: a.memory_limit,
             name: a.name,
             lifetime: a.lifetime,
+            nanny: a.nanny,
         }),
     };
     match result {
