@@ -137,6 +137,11 @@ def test_dask_up_compute_status_down_and_shutdown(km) -> None:  # type: ignore[n
         "print(client.scheduler.address, os.environ['DASK_SCHEDULER_ADDRESS'])\n"
         "print(sum(client.gather(futs)))\n"
         "print(sorted(client.run(lambda dask_worker: dask_worker.nanny is None).values()))\n"
+        "import dask.array as da\n"
+        "from dask.distributed import wait\n"
+        "y = (da.ones((1000, 1000), chunks=(100, 100)) * 2).persist()\n"
+        "wait(y)\n"
+        "print(len({w for ws in client.who_has(y).values() for w in ws}), int(y.sum().compute()))\n"
     ), timeout=180)
     assert reply["status"] == "ok", (text, errors)
     lines = text.splitlines()
@@ -144,6 +149,8 @@ def test_dask_up_compute_status_down_and_shutdown(km) -> None:  # type: ignore[n
     assert lines[1] == str(sum(x * x for x in range(100))), text
     # by default the batch job is the worker's only keeper (no Dask nanny)
     assert lines[2] == "[True, True]", text
+    # a dask.array computation, its chunks held by both workers
+    assert lines[3] == "2 2000000", text
 
     def status() -> str:
         reply, text, _ = run(km, "%noyau dask status")
