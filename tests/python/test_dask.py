@@ -230,6 +230,17 @@ def test_kill_9_of_the_proxy_ends_every_job_after_the_grace(kernel) -> None:  # 
     lib.wait_until(lambda: not lib.squeue_noyau(), 60, "the kernel's own job to end after its grace", interval=0.5)
 
 
+def test_the_kernels_death_ends_every_job(km) -> None:  # type: ignore[no-untyped-def]
+    reply, text, errors = run(km, "%noyau dask up 1 --target hpc", timeout=180)
+    assert reply["status"] == "ok", (text, errors)
+    assert len(dask_jobs()) == 2
+    # the notebook's ipykernel dies (not the proxy)
+    reply, text, errors = run(km, "import os\nos._exit(1)", timeout=60)
+    assert reply["status"] == "error" and "The kernel died" in reply["evalue"], (reply, text)
+    lib.wait_until(lambda: not dask_jobs(), 30, "the cluster's jobs to leave the queue after the kernel died",
+                   interval=0.5)
+
+
 def worker_jobs() -> set[str]:
     return {j["id"] for j in dask_jobs() if j["name"] == "noyau-dask-worker"}
 
