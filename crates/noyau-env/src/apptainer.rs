@@ -12,6 +12,7 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
+use crate::cache::Cache;
 use crate::{EnvError, EnvSpec, Isolation};
 
 pub fn wrap(
@@ -43,29 +44,18 @@ pub fn wrap(
 
 /// The digest of the image: sha256 of a local file, or the URI (pinned when
 /// it carries `@sha256:`).
-pub fn record(spec: &EnvSpec, progress: crate::Progress<'_>) -> Result<Value, EnvError> {
+pub fn record(
+    spec: &EnvSpec,
+    cache: &Cache,
+    progress: crate::Progress<'_>,
+) -> Result<Value, EnvError> {
     let image = spec.image.clone().unwrap_or_default();
     let digest = if image.contains("://") {
         image
             .split_once("@sha256:")
             .map(|(_, d)| format!("sha256:{d}"))
     } else {
-        progress(&format!("hashing the image {image}"));
-        let mut f = std::fs::File::open(&image)
-            .map_err(|e| EnvError::Invalid(format!("cannot open the image {image}: {e}")))?;
-        use sha2::Digest;
-        let mut h = sha2::Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f
-                .read(&mut buf)
-                .map_err(|e| EnvError::io(format!("reading {image}"), e))?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
-        Some(format!("sha256:{}", hex::encode(h.finalize())))
+        Some(file_digest(&image, cache, progress)?)
     };
     if digest.is_none() {
         progress(&format!(
@@ -79,4 +69,63 @@ pub fn record(spec: &EnvSpec, progress: crate::Progress<'_>) -> Result<Value, En
         "lock": digest,
         "lock_sha256": digest.as_deref().map(|d| crate::sha256_hex(d.as_bytes())),
     }))
+}
+
+/// sha256 of a local image, remembered in the cache under the file's
+/// identity (path, device, inode, size, mtime, ctime): an image of several
+/// GB is read once, not at every kernel start. Rewriting or replacing the
+/// file changes its identity, so it is hashed again.
+fn file_digest(
+    image: &str,
+    cache: &Cache,
+    progress: crate::Progress<'_>,
+) -> Result<String, EnvError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(image)
+        .map_err(|e| EnvError::Invalid(format!("cannot open the image {image}: {e}")))?;
+    let identity = format!(
+        "{image}\0{}:{}:{}:{}.{}:{}.{}",
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec()
+    );
+    let memo = cache
+        .root()
+        .join("image-digests")
+        .join(crate::sha256_hex(identity.as_bytes()));
+    if let Some(d) = std::fs::read_to_string(&memo)
+        .ok()
+        .map(|d| d.trim().to_string())
+        .filter(|d| d.starts_with("sha256:"))
+    {
+        return Ok(d);
+    }
+    progress(&format!("hashing the image {image}"));
+    let mut f = std::fs::File::open(image)
+        .map_err(|e| EnvError::Invalid(format!("cannot open the image {image}: {e}")))?;
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| EnvError::io(format!("reading {image}"), e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    let digest = format!("sha256:{}", hex::encode(h.finalize()));
+    // Losing the memo only costs the next start a hash: errors are ignored.
+    if let Some(dir) = memo.parent() {
+        let tmp = memo.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::create_dir_all(dir).is_ok() && std::fs::write(&tmp, &digest).is_ok() {
+            let _ = std::fs::rename(&tmp, &memo);
+        }
+    }
+    Ok(digest)
 }

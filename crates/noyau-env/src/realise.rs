@@ -88,7 +88,7 @@ pub fn realise(
         Kind::Modules => json!({"kind": "modules"}),
         Kind::System => json!({"kind": "system"}),
         Kind::Guix => guix::record(spec, progress)?,
-        Kind::Apptainer => apptainer::record(spec, progress)?,
+        Kind::Apptainer => apptainer::record(spec, cache, progress)?,
     };
     if !spec.modules.is_empty() {
         let list = modules::check(spec, progress)?;

@@ -174,6 +174,23 @@ fn guix_and_apptainer_command_lines_with_standin_executables() {
             noyau_env::sha256_hex(b"not really an image")
         ))
     );
+    // the digest is remembered: the next start reads nothing of the image...
+    let hashed = |lines: &[String]| lines.iter().filter(|l| l.starts_with("hashing")).count();
+    let before = hashed(&lines);
+    let again = realise(&spec, &cache, &mut |l: &str| lines.push(l.to_string())).unwrap();
+    assert_eq!(again.record["digest"], r.record["digest"]);
+    assert_eq!(hashed(&lines), before, "{lines:?}");
+    // ...until the file changes
+    std::fs::write(&image, b"another image").unwrap();
+    let changed = realise(&spec, &cache, &mut |l: &str| lines.push(l.to_string())).unwrap();
+    assert_eq!(
+        changed.record["digest"],
+        json!(format!(
+            "sha256:{}",
+            noyau_env::sha256_hex(b"another image")
+        ))
+    );
+    assert_eq!(hashed(&lines), before + 1, "{lines:?}");
     let (argv, env) = r.command(&kernel, &kenv, &rt).unwrap();
     let mut want: Vec<String> = vec![
         "apptainer".to_string(),
