@@ -134,8 +134,8 @@ fn private_file(
 }
 
 /// Runs the hub until it is killed.
-pub async fn run(config: &Path) -> anyhow::Result<()> {
-    let cfg = HubConfig::load(config)?;
+pub async fn run(config: PathBuf) -> anyhow::Result<()> {
+    let cfg = HubConfig::load(&config)?;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
