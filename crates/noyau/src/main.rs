@@ -49,6 +49,10 @@ enum Command {
     /// A Dask scheduler or worker of `%noyau dask up` (run by noyau in a job, not by hand)
     #[command(hide = true)]
     DaskJob(DaskJobArgs),
+    /// Submit a hub session's OAR job as this user (run by `noyau hub`
+    /// through `submit_as`, the job as JSON on stdin; not by hand)
+    #[command(hide = true)]
+    HubSubmit,
 }
 
 #[derive(clap::Args)]
@@ -228,6 +232,7 @@ fn main() {
         Command::Ps(a) => block_on(jobs::ps(a.backend.as_deref())),
         Command::Cancel(a) => block_on(jobs::cancel(a.backend.as_deref(), &a.id)),
         Command::Extend(a) => block_on(jobs::extend(a.backend.as_deref(), &a.id, &a.duration)),
+        Command::HubSubmit => block_on(noyau_hub::oar::submit_from_stdin()).map(|()| 0),
         Command::DaskJob(a) => noyau_dask::job::run(noyau_dask::job::JobArgs {
             role: a.role,
             dir: a.dir,
