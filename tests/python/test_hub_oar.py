@@ -127,3 +127,23 @@ def test_oar_one_oarstat_per_interval_for_all_sessions(tmp_path: Path, oar_user)
         if jobs:
             subprocess.run(["oardel", *jobs], check=False, capture_output=True)
         hub.close()
+
+
+def test_oar_session_at_its_walltime_ends_saying_so(tmp_path: Path, oar_user) -> None:  # type: ignore[no-untyped-def]
+    """A one-minute session on OAR: its card counts the time left down from
+    OAR's startTime + walltime (the page warns from it), and OAR's WALLTIME
+    event ends it with the reason on the card."""
+    u = oar_user
+    hub = hl.Hub(tmp_path, admins=[], scheduler="oar")
+    try:
+        hub.start()
+        s = hub.login(u.name, u.password)
+        csrf = hl.csrf_of(s.get(hub.url + "/hub/home").text)
+        s.post(hub.url + "/hub/spawn", data={"_csrf": csrf, "profile": "cpu", "partition": "default", "cores": 1,
+                                             "mem_gb": 0, "gpus": 0, "minutes": 1})
+        running = hl.wait_state(s, hub.url, "running", timeout=120)
+        assert 0 < hl.secs_of(running["time_left"]) <= 60
+        ended = hl.wait_state(s, hub.url, "ended", timeout=240)
+        assert ended["ended_why"] == "reached its walltime", ended
+    finally:
+        hub.close()
