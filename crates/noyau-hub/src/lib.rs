@@ -65,7 +65,7 @@ pub struct Hub {
     tokens: noyau_link::Tokens,
     /// The connected sessions' servers, by session id.
     upstreams: Mutex<HashMap<String, Arc<proxy::Upstream>>>,
-    /// squeue calls since start (shown on the admin page).
+    /// squeue (or oarstat) calls since start (shown on the admin page).
     pub squeue_calls: AtomicU64,
     sinfo_cache: tokio::sync::Mutex<Option<(Instant, Vec<jobs::PartitionLoad>)>>,
 }

@@ -347,7 +347,7 @@ pub fn admin(who: &Who, sessions: &[Session], squeue_calls: u64) -> Html<String>
         "Admin",
         Some(who),
         &format!(
-            "<p>squeue calls since start: <span id=\"squeue-calls\">{squeue_calls}</span></p><div id=\"cards\">{}</div>",
+            "<p>Scheduler polls (one squeue or oarstat for all sessions) since start: <span id=\"squeue-calls\">{squeue_calls}</span></p><div id=\"cards\">{}</div>",
             cards(sessions, who, true)
         ),
     )
