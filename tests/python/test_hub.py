@@ -288,4 +288,8 @@ def test_free_gpus_per_partition_fake_gpu_devices(tmp_path: Path, slurm) -> None
     finally:
         if job:
             subprocess.run(["scancel", job], check=False)
+            # The slurm fixture checks that no job is left: wait out COMPLETING.
+            lib.wait_until(lambda: subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True,
+                                                  text=True).stdout.strip() in ("", "CANCELLED"),
+                           60, f"job {job} to leave the queue", interval=0.5)
         hub.close()
