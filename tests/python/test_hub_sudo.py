@@ -1,7 +1,7 @@
 """The sudo form of `submit_as`, for real: a hub that runs as a non-root
 service account made by the test, with the sudoers rule of docs/hub.md
 (read from that file, so the documentation is what is tested), submits a
-session's Slurm job as the user, the session reaches Running, a cell runs in
+session's Slurm or OAR job as the user, the session reaches Running, a cell runs in
 it through the hub, and cancel goes through sudo too; a command outside the
 rule is refused.
 
@@ -12,6 +12,7 @@ passwords here.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -26,33 +27,38 @@ import hub_testlib as hl
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "hub.md"
 
 
-def sudoers_rule(account: str) -> str:
-    """The rule docs/hub.md gives, for the hub's account `account`."""
-    m = re.search(r"```sudoers\n(.*?)```", DOCS.read_text(), re.S)
-    assert m, "docs/hub.md has no ```sudoers block"
-    return m.group(1).replace("noyauhub", account)
+def sudoers_rule(scheduler: str, account: str, noyau: Path) -> str:
+    """The rule docs/hub.md gives (its first ```sudoers block for Slurm, the
+    second for OAR), for the hub's account `account` and its noyau."""
+    blocks = re.findall(r"```sudoers\n(.*?)```", DOCS.read_text(), re.S)
+    assert len(blocks) == 2, "docs/hub.md should give a sudoers block for Slurm and one for OAR"
+    rule = blocks[0 if scheduler == "slurm" else 1]
+    return rule.replace("noyauhub", account).replace("/usr/bin/noyau ", f"{noyau} ")
 
 
-def test_sudo_submit_as_from_a_non_root_hub(slurm) -> None:  # type: ignore[no-untyped-def]
-    import requests
-
-    hl.require_hub_env()
+def require_sudo() -> None:
     if not shutil.which("sudo") or not shutil.which("visudo"):
         msg = "no sudo (scripts/test installs Debian's sudo)"
         if os.environ.get("CI") or os.environ.get("NOYAU_TEST_SLURM"):
             pytest.fail(msg, pytrace=False)
         pytest.skip(msg)
+
+
+def run_non_root_hub(scheduler: str, queue: str, mem_gb: int, job_user_of) -> None:  # type: ignore[no-untyped-def]
+    """A session through a hub running as a service account with sudo."""
+    import requests
+
     svc, u = hl.UnixUser("nhsvc"), hl.UnixUser("nhsu")
     work = Path(tempfile.mkdtemp(prefix="noyau-hub-sudo-"))
     rule = Path(f"/etc/sudoers.d/noyau-hub-test-{svc.name}")
     hub = None
     try:
-        rule.write_text(sudoers_rule(svc.name))
+        hub = hl.Hub(work, admins=[], auth="header", scheduler=scheduler,
+                     submit_as=["sudo", "-n", "-u", "{user}", "--"], run_as=svc.name)
+        rule.write_text(sudoers_rule(scheduler, svc.name, hub.noyau))
         rule.chmod(0o440)
         check = subprocess.run(["visudo", "-c", "-f", str(rule)], capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
-        hub = hl.Hub(work, admins=[], auth="header", submit_as=["sudo", "-n", "-u", "{user}", "--"],
-                     run_as=svc.name)
         subprocess.run(["chown", "-R", svc.name, str(work)], check=True)
         hub.start()
         assert subprocess.run(["ps", "-o", "user=", "-p", str(hub.proc.pid)], capture_output=True,
@@ -61,13 +67,11 @@ def test_sudo_submit_as_from_a_non_root_hub(slurm) -> None:  # type: ignore[no-u
         s = requests.Session()
         s.headers["X-Remote-User"] = u.name
         csrf = hl.csrf_of(s.get(hub.url + "/hub/home").text)
-        r = s.post(hub.url + "/hub/spawn", data={"_csrf": csrf, "profile": "cpu", "partition": "debug", "cores": 1,
-                                                 "mem_gb": 1, "gpus": 0, "minutes": 10})
+        r = s.post(hub.url + "/hub/spawn", data={"_csrf": csrf, "profile": "cpu", "partition": queue, "cores": 1,
+                                                 "mem_gb": mem_gb, "gpus": 0, "minutes": 10})
         assert r.status_code == 200, r.text[:500]
         st = hl.wait_state(s, hub.url, "running", timeout=180)
-        q = subprocess.run(["squeue", "-h", "-j", st["job_id"], "-o", "%u|%j"], capture_output=True, text=True,
-                           check=True).stdout.strip()
-        assert q == f"{u.name}|noyau-hub"
+        assert job_user_of(st["job_id"]) == u.name
         assert hl.run_cell(s, hub.url, u.name, "6 * 7") == "42"
 
         # The rule lets the hub's account run nothing else as the user, nor anything as root.
@@ -76,14 +80,15 @@ def test_sudo_submit_as_from_a_non_root_hub(slurm) -> None:  # type: ignore[no-u
                                   text=True)
 
         for argv in (["-u", u.name, "--", "id"], ["-u", u.name, "--", "sbatch", "--wrap", "id"],
+                     ["-u", u.name, "--", "oarsub", "id"], ["-u", "root", "--", str(hub.noyau), "hub-submit"],
                      ["-u", "root", "--", "sbatch", "--parsable"]):
             r = as_svc(*argv)
             assert r.returncode != 0 and "sudo:" in r.stderr, (argv, r.returncode, r.stderr)
 
-        # Cancel goes through sudo as well (scancel as the user).
+        # Cancel goes through sudo as well (scancel or oardel as the user).
         r = s.post(f"{hub.url}/hub/sessions/{st['id']}/cancel", data={"_csrf": csrf})
         assert r.status_code == 200, r.text[:500]
-        ended = hl.wait_state(s, hub.url, "ended", timeout=60)
+        ended = hl.wait_state(s, hub.url, "ended", timeout=90)
         assert ended["ended_why"] == "cancelled"
     finally:
         if hub:
@@ -92,3 +97,25 @@ def test_sudo_submit_as_from_a_non_root_hub(slurm) -> None:  # type: ignore[no-u
         u.remove()
         svc.remove()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_sudo_submit_as_from_a_non_root_hub(slurm) -> None:  # type: ignore[no-untyped-def]
+    hl.require_hub_env()
+    require_sudo()
+
+    def job_user(job: str) -> str:
+        return subprocess.run(["squeue", "-h", "-j", job, "-o", "%u"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    run_non_root_hub("slurm", "debug", 1, job_user)
+
+
+def test_sudo_submit_as_from_a_non_root_hub_on_oar() -> None:
+    hl.require_hub_oar_env()
+    require_sudo()
+
+    def job_user(job: str) -> str:
+        out = subprocess.run(["oarstat", "-J", "-f", "-j", job], capture_output=True, text=True, check=True).stdout
+        return json.loads(out)[job]["job_user"]
+
+    run_non_root_hub("oar", "default", 0, job_user)
