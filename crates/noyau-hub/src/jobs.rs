@@ -48,6 +48,14 @@ pub(crate) async fn run(
     noyau_sched::slurm::output_of(cmd, &shown, TIMEOUT, stdin).await
 }
 
+/// The hub's own values of `keys`, for a command run with a clean
+/// environment.
+pub(crate) fn passed_env(keys: &[&str]) -> Vec<(String, String)> {
+    keys.iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+        .collect()
+}
+
 /// The submit_as prefix for `user`, then `rest`.
 pub(crate) fn as_user(hub: &Hub, user: &str, rest: &[&str]) -> Vec<String> {
     hub.cfg
@@ -133,10 +141,7 @@ async fn submit_slurm(
     };
     let script = noyau_sched::slurm::job_script(&spec, &log_dir);
     // Secrets go in sbatch's environment, which Slurm exports to the job.
-    let mut env: Vec<(String, String)> = ["PATH", "SLURM_CONF", "LANG"]
-        .iter()
-        .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
-        .collect();
+    let mut env = passed_env(&["PATH", "SLURM_CONF", "LANG"]);
     env.extend(secrets);
     let argv = as_user(hub, &s.user, &[&hub.cfg.slurm.sbatch, "--parsable"]);
     let out = run(&argv, Some(&script), &env).await?;
@@ -164,10 +169,7 @@ pub async fn cancel(hub: &Hub, user: &str, job: &str) -> Result<(), String> {
         Scheduler::Slurm => &hub.cfg.slurm.scancel,
         Scheduler::Oar => &hub.cfg.oar.oardel,
     };
-    let env: Vec<(String, String)> = ["PATH", "SLURM_CONF", "LANG"]
-        .iter()
-        .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
-        .collect();
+    let env = passed_env(&["PATH", "SLURM_CONF", "LANG"]);
     run(&as_user(hub, user, &[prog, job]), None, &env)
         .await
         .map(|_| ())

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::HubProfile;
 use crate::db::{now, Session};
-use crate::jobs::{as_user, run, PartitionLoad, Seen, JOB_NAME};
+use crate::jobs::{as_user, passed_env, run, PartitionLoad, Seen, JOB_NAME};
 use crate::Hub;
 
 /// The job `noyau hub-submit` reads on its stdin.
@@ -63,10 +63,7 @@ pub(crate) async fn submit(
         prologue: prof.prologue.clone(),
     };
     let json = serde_json::to_string(&req).map_err(|e| e.to_string())?;
-    let mut env: Vec<(String, String)> = ["PATH", "LANG"]
-        .iter()
-        .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
-        .collect();
+    let mut env = passed_env(&["PATH", "LANG"]);
     env.push(("HOME".into(), user.dir.display().to_string()));
     let exe = hub.agent_exe.display().to_string();
     let argv = as_user(hub, &s.user, &[&exe, "hub-submit"]);
