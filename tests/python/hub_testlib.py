@@ -42,6 +42,23 @@ def require_hub_env() -> None:
         pytest.skip(msg)
 
 
+def require_hub_oar_env() -> None:
+    """The hub tests' needs, with the OAR test cluster instead of Slurm."""
+    import pytest
+
+    lib.require_noyau()
+    if os.geteuid() != 0:
+        pytest.skip("the hub tests make Unix users and submit jobs as them: run as root")
+    strict = os.environ.get("CI") or os.environ.get("NOYAU_TEST_OAR")
+    for ok, msg in ((lib.oar_up(), "no OAR test cluster (run as root: eval \"$(scripts/oar-up DIR)\")"),
+                    ((JUPYTER_VENV / "bin" / "jupyter-lab").exists(),
+                     f"no JupyterLab for the test users in {JUPYTER_VENV} (scripts/test makes it)")):
+        if not ok:
+            if strict:
+                pytest.fail(msg, pytrace=False)
+            pytest.skip(msg)
+
+
 class UnixUser:
     """A real account with a password, removed at the end."""
 
@@ -71,7 +88,9 @@ class Hub:
     """One `noyau hub` with its own configuration and state directory."""
 
     def __init__(self, workdir: Path, admins: list[str], poll: float = 1.0, squeue: str = "squeue",
-                 auth: str = "pam") -> None:
+                 auth: str = "pam", scheduler: str = "slurm", submit_as: list[str] | None = None,
+                 oarstat: str = "oarstat", run_as: str | None = None) -> None:
+        self.run_as = run_as
         self.dir = workdir
         self.dir.chmod(0o755)
         self.bin_dir = Path(tempfile.mkdtemp(prefix="noyau-hub-bin-"))
@@ -79,12 +98,16 @@ class Hub:
         noyau = self.bin_dir / "noyau"
         shutil.copy2(lib.noyau_bin(), noyau)
         noyau.chmod(0o755)
+        self.noyau = noyau
         self.port, self.link_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.state = self.dir / "state"
         self.log = self.dir / "hub.log"
         self.config = self.dir / "hub.toml"
         path = f"{JUPYTER_VENV}/bin:/usr/local/bin:/usr/bin:/bin"
+        # OAR: queues instead of partitions, and no memory request.
+        queues, mem = (["debug", "batch"], "mem_gb = {{ min = 1, max = {}, default = 1 }}") if scheduler == "slurm" \
+            else (["default", "batch"], "")
         self.config.write_text(f"""
 listen = "127.0.0.1:{self.port}"
 link_bind = "127.0.0.1:{self.link_port}"
@@ -95,23 +118,28 @@ admins = {json.dumps(admins)}
 poll_interval = {poll}
 cookie_secure = false
 agent = "{noyau}"
+scheduler = "{scheduler}"
+{f"submit_as = {json.dumps(submit_as)}" if submit_as else ""}
 
 [slurm]
 squeue = "{squeue}"
 
+[oar]
+oarstat = "{oarstat}"
+
 [profiles.cpu]
 label = "CPU session"
-partitions = ["debug", "batch"]
+partitions = {json.dumps(queues)}
 cores = {{ min = 1, max = 2, default = 1 }}
-mem_gb = {{ min = 1, max = 2, default = 1 }}
+{mem.format(2)}
 minutes = {{ min = 1, max = 30, default = 10 }}
 env = {{ PATH = "{path}", NOYAU_LOG = "info" }}
 
 [profiles.broken]
 label = "A profile whose Jupyter is missing"
-partitions = ["debug"]
+partitions = {json.dumps(queues[:1])}
 cores = {{ min = 1, max = 1, default = 1 }}
-mem_gb = {{ min = 1, max = 1, default = 1 }}
+{mem.format(1)}
 minutes = {{ min = 1, max = 5, default = 5 }}
 env = {{ PATH = "/nonexistent:/usr/bin:/bin" }}
 """)
@@ -120,8 +148,11 @@ env = {{ PATH = "/nonexistent:/usr/bin:/bin" }}
     def start(self) -> None:
         env = dict(os.environ, NOYAU_LOG="info")
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([lib.noyau_bin(), "hub", "--config", str(self.config)],
-                                         stdout=log, stderr=subprocess.STDOUT, env=env)
+            # run_as: a non-root hub (the sudo form of submit_as), started
+            # directly as that account so that kill() reaches it.
+            who = {} if self.run_as is None else {"user": self.run_as, "group": self.run_as, "extra_groups": []}
+            self.proc = subprocess.Popen([str(self.noyau), "hub", "--config", str(self.config)],
+                                         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.dir, **who)
         lib.wait_until(self._answers, 30, f"the hub to answer (log: {self.log})", interval=0.1)
 
     def _answers(self) -> bool:
@@ -210,7 +241,9 @@ def run_cell(s, url: str, user: str, code: str, timeout: float = 60) -> str:  # 
     kid = r.json()["id"]
     cookie = "; ".join(f"{k}={v}" for k, v in s.cookies.items())
     ws = websocket.create_connection(f"ws://{url.removeprefix('http://')}/user/{user}/api/kernels/{kid}/channels",
-                                     cookie=cookie, timeout=timeout, origin=url)
+                                     cookie=cookie, timeout=timeout, origin=url,
+                                     # the trusted-header mode's user, as the SSO proxy would set it
+                                     header=[f"{k}: {v}" for k, v in s.headers.items() if k.lower() == "x-remote-user"])
     try:
         msg_id = uuid.uuid4().hex
         ws.send(json.dumps({

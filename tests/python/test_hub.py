@@ -256,3 +256,40 @@ def test_trusted_header_mode(tmp_path: Path, slurm) -> None:  # type: ignore[no-
         assert requests.post(hub.url + "/hub/login", data={"user": "alice", "password": "x", "_csrf": "0"}).status_code == 404
     finally:
         hub.close()
+
+
+def test_free_gpus_per_partition_fake_gpu_devices(tmp_path: Path, slurm) -> None:  # type: ignore[no-untyped-def]
+    """The form shows the GPUs free per partition, not what is configured:
+    the test cluster declares two GPUs whose device files are fakes
+    (scripts/slurm-up: no GPU here); a job holding one leaves 1 free of 2."""
+    import re
+
+    import requests
+
+    hl.require_hub_env()
+    hub = hl.Hub(tmp_path, admins=[], auth="header", poll=0.5)
+    job = None
+    try:
+        hub.start()
+
+        def gpus_cell() -> str | None:
+            home = requests.get(hub.url + "/hub/home", headers={"X-Remote-User": "alice"}, timeout=10).text
+            m = re.search(r'<tr><td>debug</td>.*?<td class="gpus">([^<]*)</td>', home)
+            return m.group(1) if m else None
+
+        assert lib.wait_until(lambda: gpus_cell() == "2 free of 2", 30, "the page to show 2 free GPUs", interval=0.5)
+        job = subprocess.run(["sbatch", "--parsable", "-p", "debug", "--gres=gpu:1", "-J", "noyau-test-gpu",
+                              "-o", "/dev/null", "-t", "5", "--wrap", "sleep 300"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        lib.wait_until(lambda: subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True,
+                                              text=True).stdout.strip() == "RUNNING", 30, "the GPU job to run")
+        # The hub asks sinfo at most once per interval (at least 5 s).
+        lib.wait_until(lambda: gpus_cell() == "1 free of 2", 30, "the page to show 1 free GPU of 2", interval=0.5)
+    finally:
+        if job:
+            subprocess.run(["scancel", job], check=False)
+            # The slurm fixture checks that no job is left: wait out COMPLETING.
+            lib.wait_until(lambda: subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True,
+                                                  text=True).stdout.strip() in ("", "CANCELLED"),
+                           60, f"job {job} to leave the queue", interval=0.5)
+        hub.close()

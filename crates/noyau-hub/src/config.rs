@@ -44,8 +44,13 @@ pub struct HubConfig {
     /// Where job logs go; `{home}` and `{user}` are replaced.
     #[serde(default = "default_log_dir")]
     pub log_dir: String,
+    /// The batch scheduler the sessions' jobs go to.
+    #[serde(default)]
+    pub scheduler: Scheduler,
     #[serde(default)]
     pub slurm: SlurmCommands,
+    #[serde(default)]
+    pub oar: OarCommands,
     pub profiles: BTreeMap<String, HubProfile>,
 }
 
@@ -55,6 +60,56 @@ pub enum Auth {
     #[default]
     Pam,
     Header,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheduler {
+    #[default]
+    Slurm,
+    Oar,
+}
+
+impl Scheduler {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scheduler::Slurm => "Slurm",
+            Scheduler::Oar => "OAR",
+        }
+    }
+}
+
+/// The OAR commands the hub runs itself (oarsub runs as the user, through
+/// `noyau hub-submit`, from the PATH `submit_as` gives).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OarCommands {
+    #[serde(default = "o_oarstat")]
+    pub oarstat: String,
+    #[serde(default = "o_oardel")]
+    pub oardel: String,
+    #[serde(default = "o_oarnodes")]
+    pub oarnodes: String,
+}
+
+impl Default for OarCommands {
+    fn default() -> Self {
+        OarCommands {
+            oarstat: o_oarstat(),
+            oardel: o_oardel(),
+            oarnodes: o_oarnodes(),
+        }
+    }
+}
+
+fn o_oarstat() -> String {
+    "oarstat".into()
+}
+fn o_oardel() -> String {
+    "oardel".into()
+}
+fn o_oarnodes() -> String {
+    "oarnodes".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -106,8 +161,10 @@ pub struct HubProfile {
     pub label: Option<String>,
     pub partitions: Vec<String>,
     pub cores: Range,
+    /// 0 to 0 (the default): the job names no memory (OAR has no such request).
+    #[serde(default = "zero")]
     pub mem_gb: Range,
-    #[serde(default = "no_gpus")]
+    #[serde(default = "zero")]
     pub gpus: Range,
     pub minutes: Range,
     /// `lab` (JupyterLab) or `server` (jupyter_server).
@@ -118,6 +175,7 @@ pub struct HubProfile {
     pub env: BTreeMap<String, String>,
     /// Shell lines run before the agent (e.g. `module load jupyter`).
     pub prologue: Option<String>,
+    /// Slurm's account, OAR's project.
     pub account: Option<String>,
     pub qos: Option<String>,
 }
@@ -143,7 +201,7 @@ fn default_log_dir() -> String {
 fn default_server() -> String {
     "lab".into()
 }
-fn no_gpus() -> Range {
+fn zero() -> Range {
     Range {
         min: 0,
         max: 0,
@@ -192,10 +250,52 @@ impl HubConfig {
             if p.cores.min == 0 || p.minutes.min == 0 {
                 bail!("profile {name}: cores and minutes must be at least 1");
             }
+            if self.scheduler == Scheduler::Oar {
+                if p.qos.is_some() {
+                    bail!("profile {name}: qos has no meaning on OAR; remove it");
+                }
+                if p.mem_gb.max > 0 || p.gpus.max > 0 {
+                    bail!(
+                        "profile {name}: OAR jobs ask for cores, not memory or GPUs: \
+                         remove mem_gb and gpus"
+                    );
+                }
+            }
             if !matches!(p.server.as_str(), "lab" | "server") {
                 bail!("profile {name}: server must be \"lab\" or \"server\"");
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &str, profile: &str) -> anyhow::Result<HubConfig> {
+        let cfg: HubConfig = toml::from_str(&format!(
+            "listen = \"127.0.0.1:1\"\nlink_bind = \"127.0.0.1:2\"\nstate_dir = \"/x\"\n{extra}\n\
+             [profiles.p]\npartitions = [\"q\"]\ncores = {{ min = 1, max = 2, default = 1 }}\n\
+             minutes = {{ min = 1, max = 9, default = 5 }}\n{profile}"
+        ))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    #[test]
+    fn oar_profiles_ask_for_cores_only() {
+        let cfg = parse("scheduler = \"oar\"", "").unwrap();
+        assert_eq!(cfg.scheduler, Scheduler::Oar);
+        assert_eq!(cfg.profiles["p"].mem_gb.max, 0);
+        let e = parse(
+            "scheduler = \"oar\"",
+            "mem_gb = { min = 1, max = 2, default = 1 }",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("remove mem_gb and gpus"), "{e}");
+        assert!(parse("scheduler = \"oar\"", "qos = \"fast\"").is_err());
+        assert_eq!(parse("", "").unwrap().scheduler, Scheduler::Slurm);
+        assert!(parse("scheduler = \"pbs\"", "").is_err());
     }
 }

@@ -5,6 +5,7 @@
 //! One connection behind a mutex: every statement is a few microseconds, far
 //! below the cost of the HTTP request around it.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -106,7 +107,14 @@ pub struct Session {
     pub created: i64,
 }
 
-pub struct Db(Mutex<Connection>);
+pub struct Db {
+    conn: Mutex<Connection>,
+    /// Logins by cookie hash (user, expiry): every proxied request asks who
+    /// it is for, and a query costs more than the rest of the hub's work on
+    /// it. This process is the only writer of `logins`, so the cache follows
+    /// every change (add, logout, expiry).
+    logins: Mutex<HashMap<String, (String, i64)>>,
+}
 
 pub fn now() -> i64 {
     chrono::Utc::now().timestamp()
@@ -167,11 +175,14 @@ impl Db {
             .with_context(|| format!("cannot open the hub database {}", path.display()))?;
         conn.execute_batch(SCHEMA)
             .with_context(|| format!("cannot set up the hub database {}", path.display()))?;
-        Ok(Db(Mutex::new(conn)))
+        Ok(Db {
+            conn: Mutex::new(conn),
+            logins: Mutex::new(HashMap::new()),
+        })
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn audit(&self, user: &str, action: &str, detail: &str) {
@@ -202,21 +213,41 @@ impl Db {
             "INSERT OR IGNORE INTO users (name) VALUES (?1)",
             params![user],
         )?;
+        drop(c);
+        let mut cache = self.login_cache();
+        let t = now();
+        cache.retain(|_, (_, exp)| *exp >= t);
+        cache.insert(id_hash.to_string(), (user.to_string(), expires));
         Ok(())
     }
 
+    fn login_cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, i64)>> {
+        self.logins.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn login_user(&self, id_hash: &str) -> anyhow::Result<Option<String>> {
-        Ok(self
+        let t = now();
+        if let Some((user, exp)) = self.login_cache().get(id_hash) {
+            return Ok((*exp >= t).then(|| user.clone()));
+        }
+        // Logins from before a restart.
+        let found: Option<(String, i64)> = self
             .conn()
             .query_row(
-                "SELECT user FROM logins WHERE id_hash = ?1 AND expires >= ?2",
-                params![id_hash, now()],
-                |r| r.get(0),
+                "SELECT user, expires FROM logins WHERE id_hash = ?1 AND expires >= ?2",
+                params![id_hash, t],
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
-            .optional()?)
+            .optional()?;
+        Ok(found.map(|(user, exp)| {
+            self.login_cache()
+                .insert(id_hash.to_string(), (user.clone(), exp));
+            user
+        }))
     }
 
     pub fn remove_login(&self, id_hash: &str) -> anyhow::Result<()> {
+        self.login_cache().remove(id_hash);
         self.conn()
             .execute("DELETE FROM logins WHERE id_hash = ?1", [id_hash])?;
         Ok(())

@@ -9,7 +9,7 @@
 //! * [`auth`]: PAM or a trusted SSO header; HttpOnly cookies; CSRF tokens.
 //! * [`jobs`]: `sbatch` as the user (through `submit_as`, e.g. `runuser`),
 //!   `scancel`, `sinfo`, and the one watcher: one `squeue` per interval for
-//!   every user's sessions.
+//!   every user's sessions; [`oar`]: the same on OAR (`scheduler = "oar"`).
 //! * The link: each job runs `noyau agent --serve lab`, which starts
 //!   JupyterLab on a unix socket in a 0700 directory and dials the hub's
 //!   link listener (nothing listens on the compute node). Its token is an
@@ -27,6 +27,7 @@ pub mod auth;
 pub mod config;
 pub mod db;
 pub mod jobs;
+pub mod oar;
 pub mod pages;
 pub mod proxy;
 
@@ -64,7 +65,7 @@ pub struct Hub {
     tokens: noyau_link::Tokens,
     /// The connected sessions' servers, by session id.
     upstreams: Mutex<HashMap<String, Arc<proxy::Upstream>>>,
-    /// squeue calls since start (shown on the admin page).
+    /// squeue (or oarstat) calls since start (shown on the admin page).
     pub squeue_calls: AtomicU64,
     sinfo_cache: tokio::sync::Mutex<Option<(Instant, Vec<jobs::PartitionLoad>)>>,
 }
@@ -134,8 +135,8 @@ fn private_file(
 }
 
 /// Runs the hub until it is killed.
-pub async fn run(config: &Path) -> anyhow::Result<()> {
-    let cfg = HubConfig::load(config)?;
+pub async fn run(config: PathBuf) -> anyhow::Result<()> {
+    let cfg = HubConfig::load(&config)?;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -646,7 +647,7 @@ async fn start_session(
             hub.db.audit(&who.name, "spawn-failed", &why);
             Err((
                 StatusCode::BAD_GATEWAY,
-                format!("Slurm refused the job: {why}"),
+                format!("{} refused the job: {why}", hub.cfg.scheduler.name()),
             ))
         }
     }
@@ -715,10 +716,10 @@ async fn cancel(
     };
     if s.state != State::Ended {
         if let Some(job) = &s.job_id {
-            if let Err(e) = jobs::cancel(&hub, job).await {
+            if let Err(e) = jobs::cancel(&hub, &s.user, job).await {
                 return pages::error(
                     StatusCode::BAD_GATEWAY,
-                    &format!("Slurm did not cancel the job: {e}"),
+                    &format!("{} did not cancel the job: {e}", hub.cfg.scheduler.name()),
                 );
             }
         }

@@ -11,7 +11,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 
 use crate::auth::Who;
-use crate::config::HubConfig;
+use crate::config::{HubConfig, Scheduler};
 use crate::db::{Choice, Session, State};
 use crate::jobs::{self, PartitionLoad};
 
@@ -140,13 +140,18 @@ pub fn home(
             "<form class=\"card spawn\" method=\"post\" action=\"/hub/spawn\" id=\"spawn-{pid}\">\
              <h3>{label}</h3><input type=\"hidden\" name=\"_csrf\" value=\"{csrf}\">\
              <input type=\"hidden\" name=\"profile\" value=\"{pid}\">\
-             <p><label for=\"partition-{pid}\">Partition</label><select id=\"partition-{pid}\" name=\"partition\">{parts}</select></p>\
+             <p><label for=\"partition-{pid}\">{queue}</label><select id=\"partition-{pid}\" name=\"partition\">{parts}</select></p>\
              {cores}{mem}{gpus}{minutes}<p><button>Start</button></p></form>",
             pid = esc(name),
             label = esc(p.label.as_deref().unwrap_or(name)),
+            queue = queue_word(cfg),
             csrf = esc(&who.csrf),
             cores = number("cores", "Cores", p.cores.min, p.cores.max, pick(|c| c.cores, p.cores.default)),
-            mem = number("mem_gb", "Memory (GB)", p.mem_gb.min, p.mem_gb.max, pick(|c| c.mem_gb, p.mem_gb.default)),
+            mem = if p.mem_gb.max > 0 {
+                number("mem_gb", "Memory (GB)", p.mem_gb.min, p.mem_gb.max, pick(|c| c.mem_gb, p.mem_gb.default))
+            } else {
+                "<input type=\"hidden\" name=\"mem_gb\" value=\"0\">".into()
+            },
             gpus = if p.gpus.max > 0 {
                 number("gpus", "GPUs", p.gpus.min, p.gpus.max, pick(|c| c.gpus, p.gpus.default))
             } else {
@@ -161,18 +166,23 @@ pub fn home(
                 .iter()
                 .map(|l| {
                     format!(
-                        "<tr><td>{}</td><td class=\"idle\">{}</td><td>{}</td><td>{}</td></tr>",
+                        "<tr><td>{}</td><td class=\"idle\">{}</td><td>{}</td><td class=\"gpus\">{}</td></tr>",
                         esc(&l.partition),
                         l.idle_cores,
                         l.total_cores,
-                        esc(&l.gres)
+                        if l.total_gpus == 0 {
+                            "none".to_string()
+                        } else {
+                            format!("{} free of {}", l.free_gpus, l.total_gpus)
+                        }
                     )
                 })
                 .collect();
-            format!("<table id=\"partitions\"><tr><th>Partition</th><th>Free cores</th><th>Cores</th><th>GPUs (gres)</th></tr>{rows}</table>")
+            format!("<table id=\"partitions\"><tr><th>{}</th><th>Free cores</th><th>Cores</th><th>GPUs</th></tr>{rows}</table>", queue_word(cfg))
         }
         Err(e) => format!(
-            "<p class=\"err\">Cannot ask Slurm for free resources: {}</p>",
+            "<p class=\"err\">Cannot ask {} for free resources: {}</p>",
+            cfg.scheduler.name(),
             esc(e)
         ),
     };
@@ -219,6 +229,14 @@ fn button(action: &str, csrf: &str, label: &str, id: &str) -> String {
     )
 }
 
+/// What the scheduler calls the choice of queue.
+fn queue_word(cfg: &HubConfig) -> &'static str {
+    match cfg.scheduler {
+        Scheduler::Slurm => "Partition",
+        Scheduler::Oar => "Queue",
+    }
+}
+
 /// One card per session.
 pub fn cards(sessions: &[Session], who: &Who, with_user: bool) -> String {
     if sessions.is_empty() {
@@ -228,10 +246,14 @@ pub fn cards(sessions: &[Session], who: &Who, with_user: bool) -> String {
     for s in sessions {
         let c = &s.choice;
         let res = format!(
-            "{} · {} cores · {} GB{} · {} min",
+            "{} · {} cores{}{} · {} min",
             esc(&c.partition),
             c.cores,
-            c.mem_gb,
+            if c.mem_gb > 0 {
+                format!(" · {} GB", c.mem_gb)
+            } else {
+                String::new()
+            },
             if c.gpus > 0 {
                 format!(" · {} GPUs", c.gpus)
             } else {
@@ -325,7 +347,7 @@ pub fn admin(who: &Who, sessions: &[Session], squeue_calls: u64) -> Html<String>
         "Admin",
         Some(who),
         &format!(
-            "<p>squeue calls since start: <span id=\"squeue-calls\">{squeue_calls}</span></p><div id=\"cards\">{}</div>",
+            "<p>Scheduler polls (one squeue or oarstat for all sessions) since start: <span id=\"squeue-calls\">{squeue_calls}</span></p><div id=\"cards\">{}</div>",
             cards(sessions, who, true)
         ),
     )

@@ -242,6 +242,13 @@ async fn write_loop<S: AsyncWrite>(
     let mut buf = BytesMut::with_capacity(BATCH_BYTES + 1024);
     let mut batch: Vec<(Lane, u64, Vec<Bytes>)> = Vec::with_capacity(BATCH_MSGS);
     let mut last_write = Instant::now();
+    // One timer for the whole loop, moved only when it must fire earlier (or
+    // has fired): arming a timer earlier than the runtime's next wake-up
+    // costs an eventfd write and an extra epoll round, which re-arming the
+    // 20 ms ack timer on every message cost each request through the hub.
+    // Firing early is harmless: the loop recomputes what is due.
+    let timer = tokio::time::sleep_until(last_write + ping_every);
+    tokio::pin!(timer);
     loop {
         batch.clear();
         let (goodbye, more) = {
@@ -306,9 +313,12 @@ async fn write_loop<S: AsyncWrite>(
             .map(|t| Instant::from_std(t) + ACK_DELAY);
         let ping_at = last_write + ping_every;
         let wake_at = ack_at.map_or(ping_at, |a| a.min(ping_at));
+        if wake_at < timer.deadline() || timer.is_elapsed() {
+            timer.as_mut().reset(wake_at);
+        }
         tokio::select! {
             _ = shared.wake_writer.notified() => {}
-            _ = tokio::time::sleep_until(wake_at) => {}
+            _ = &mut timer => {}
         }
     }
 }

@@ -141,7 +141,7 @@ fn tasks_file(script: &Path) -> PathBuf {
     script.with_extension("tasks")
 }
 
-/// The oarsub arguments for `spec`, the script path last. They hold no
+/// The oarsub arguments for `spec`, `exec SCRIPT` last. They hold no
 /// secret (every user sees them in `oarstat`).
 pub fn oarsub_args(
     spec: &JobSpec,
@@ -191,7 +191,11 @@ pub fn oarsub_args(
         }
     }
     a.extend(p.oarsub.iter().cloned());
-    a.push(script.display().to_string());
+    // OAR runs the command with the user's login shell (`$SHELL -c CMD`) and
+    // sends the checkpoint signal to that shell's pid. dash does not exec a
+    // lone command: it would be dash that gets SIGUSR1, and dies of it,
+    // ending the job early. With `exec` the script (then the agent) is that pid.
+    a.push(format!("exec {}", sh_quote(&script.display().to_string())));
     a
 }
 
@@ -942,7 +946,7 @@ mod tests {
             "-p host='node1'",
             "-d /home/u/nb",
             "--checkpoint 540 --signal 10",
-            "-t besteffort /j/x.sh",
+            "-t besteffort exec /j/x.sh",
         ] {
             assert!(joined.contains(want), "missing {want:?} in {joined}");
         }

@@ -49,6 +49,10 @@ enum Command {
     /// A Dask scheduler or worker of `%noyau dask up` (run by noyau in a job, not by hand)
     #[command(hide = true)]
     DaskJob(DaskJobArgs),
+    /// Submit a hub session's OAR job as this user (run by `noyau hub`
+    /// through `submit_as`, the job as JSON on stdin; not by hand)
+    #[command(hide = true)]
+    HubSubmit,
 }
 
 #[derive(clap::Args)]
@@ -180,6 +184,15 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
+/// [`block_on`] for a relay on the latency path: `f` runs as a task, since
+/// every wake of `block_on`'s own future also writes the runtime's eventfd
+/// (an extra syscall and epoll round per message).
+fn block_on_task<T: Send + 'static>(
+    f: impl std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
+) -> anyhow::Result<T> {
+    block_on(async { tokio::spawn(f).await? })
+}
+
 fn kernel(a: KernelArgs) -> anyhow::Result<i32> {
     let (backend, resources) =
         noyau_config::resolve(a.backend.as_deref(), a.profile.as_deref(), &a.options)?;
@@ -213,18 +226,16 @@ fn main() {
         Command::Agent(a) => noyau_agent::AgentConfig::load(a.secrets_file.as_deref(), a.inner)
             .and_then(|cfg| match a.serve {
                 Some(server) => noyau_agent::web::WebConfig::from_env(cfg, server)
-                    .and_then(|w| block_on(noyau_agent::web::serve(w))),
+                    .and_then(|w| block_on_task(noyau_agent::web::serve(w))),
                 None => block_on(noyau_agent::run(cfg)),
             }),
-        Command::Hub(a) => tokio::runtime::Runtime::new()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(noyau_hub::run(&a.config)))
-            .map(|()| 0),
+        Command::Hub(a) => block_on_task(noyau_hub::run(a.config)).map(|()| 0),
         Command::Install(a) => install::install(&a).map(|()| 0),
         Command::Kernelspecs(a) => install::kernelspecs(&a).map(|()| 0),
         Command::Ps(a) => block_on(jobs::ps(a.backend.as_deref())),
         Command::Cancel(a) => block_on(jobs::cancel(a.backend.as_deref(), &a.id)),
         Command::Extend(a) => block_on(jobs::extend(a.backend.as_deref(), &a.id, &a.duration)),
+        Command::HubSubmit => block_on(noyau_hub::oar::submit_from_stdin()).map(|()| 0),
         Command::DaskJob(a) => noyau_dask::job::run(noyau_dask::job::JobArgs {
             role: a.role,
             dir: a.dir,
