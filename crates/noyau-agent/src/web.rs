@@ -120,14 +120,16 @@ pub async fn serve(cfg: WebConfig) -> anyhow::Result<i32> {
             "host": crate::hostname(),
             "pid": std::process::id(),
             "version": env!("CARGO_PKG_VERSION"),
+            // it grants credit on the streams the hub opens with flow control
+            "credit": true,
         }))?;
         let closed = loop {
             tokio::select! {
                 m = link.recv() => match m {
                     Some(Incoming::Message(_, frames)) => {
-                        if let Delivered::Opened(id) = tunnel.deliver(&frames) {
+                        if let Delivered::Opened { id, credit } = tunnel.deliver(&frames) {
                             match UnixStream::connect(&sock).await {
-                                Ok(s) => tunnel.attach(id, s),
+                                Ok(s) => tunnel.attach(id, s, credit),
                                 Err(e) => {
                                     tracing::warn!("cannot reach the Jupyter server: {e}");
                                     tunnel.reset(id);

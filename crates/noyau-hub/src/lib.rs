@@ -300,6 +300,7 @@ async fn serve_agent(hub: Arc<Hub>, mut link: noyau_link::Link) {
     }
     // Its next dial (after a hub restart or a long outage) needs the token again.
     hub.tokens.add(token);
+    tunnel.set_peer_credit(hello["credit"] == true);
     tracing::info!(session, host = hello["host"].as_str(), "agent connected");
     let Some(owner) = known.as_ref().map(|s| s.user.clone()) else {
         return;

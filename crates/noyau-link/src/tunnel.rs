@@ -7,14 +7,24 @@
 //! always arrives before its stream's data, and the link's per-lane ordering
 //! keeps each stream's bytes in order. A message is two frames: a 9-byte
 //! header (operation, stream id) and the payload.
+//!
+//! Flow control: the link reads every stream's bytes off one connection, so
+//! a stream whose reader stalls (a browser tab that stops reading a kernel's
+//! WebSocket) would queue without bound in the receiver. Each stream
+//! therefore has a window of [`WINDOW`] bytes: the sender waits for credit
+//! before sending more, and the receiver grants credit (`Credit`) as its
+//! local reader consumes. A stream uses credit when both ends know it: the
+//! agent says `"credit": true` in its hello, and the hub then opens streams
+//! with a `credit` payload, so an agent started by an older hub keeps
+//! working after the hub is upgraded and restarted.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 
 use crate::{Lane, LinkError, LinkSender};
 
@@ -25,6 +35,12 @@ pub const NOTICE_LANE: Lane = Lane::Control;
 
 /// Bytes read from a stream per message.
 const CHUNK: usize = 64 * 1024;
+/// Bytes a stream may have in flight (sent and not yet consumed).
+pub const WINDOW: usize = 1024 * 1024;
+/// Credit is granted back once this much has been consumed.
+const GRANT: usize = WINDOW / 4;
+/// The `Open` payload that asks for flow control.
+const CREDIT: &[u8] = b"credit";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -38,6 +54,9 @@ pub enum Op {
     Reset = 4,
     /// Agent → hub: a JSON notice (hello, server ended…), stream id 0.
     Notice = 5,
+    /// The receiver consumed this many bytes (8-byte big-endian payload):
+    /// the sender may send that much more.
+    Credit = 6,
 }
 
 impl Op {
@@ -48,6 +67,7 @@ impl Op {
             3 => Op::Eof,
             4 => Op::Reset,
             5 => Op::Notice,
+            6 => Op::Credit,
             _ => return None,
         })
     }
@@ -81,11 +101,22 @@ enum Chunk {
     Reset,
 }
 
+/// The receiving end of one stream, as `deliver` reaches it.
+struct Stream {
+    tx: mpsc::UnboundedSender<Chunk>,
+    /// Credit for sending on this stream, when it uses flow control.
+    window: Option<Arc<Semaphore>>,
+    /// Bytes delivered and not yet consumed.
+    queued: Arc<AtomicU64>,
+}
+
 /// The streams of one link. Cheap to share; one per link session.
 pub struct Tunnel {
     sender: LinkSender,
-    streams: Mutex<HashMap<u64, mpsc::UnboundedSender<Chunk>>>,
+    streams: Mutex<HashMap<u64, Stream>>,
     next_id: AtomicU64,
+    /// Whether the peer grants credit (hub side: its agent said so).
+    peer_credit: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -102,7 +133,14 @@ impl Tunnel {
             sender,
             streams: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            peer_credit: Default::default(),
         })
+    }
+
+    /// Hub side: the agent's hello said it grants credit, so the streams
+    /// opened from now on use flow control.
+    pub fn set_peer_credit(&self, yes: bool) {
+        self.peer_credit.store(yes, Ordering::Relaxed);
     }
 
     /// Sends a JSON notice (agent → hub).
@@ -119,21 +157,44 @@ impl Tunnel {
     pub fn open(self: &Arc<Self>) -> Result<DuplexStream, LinkError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (ours, theirs) = tokio::io::duplex(CHUNK);
+        let credit = self.peer_credit.load(Ordering::Relaxed);
+        let payload = if credit {
+            Bytes::from_static(CREDIT)
+        } else {
+            Bytes::new()
+        };
         self.sender
-            .send(TUNNEL_LANE, encode(Op::Open, id, Bytes::new()))?;
-        self.attach(id, theirs);
+            .send(TUNNEL_LANE, encode(Op::Open, id, payload))?;
+        self.attach(id, theirs, credit);
         Ok(ours)
     }
 
-    /// Takes one message from the link. Returns the id of a stream the peer
-    /// opened (agent side: connect it, then [`Tunnel::attach`] or
-    /// [`Tunnel::reset`]), or the JSON of a notice.
+    /// Takes one message from the link. Returns a stream the peer opened
+    /// (agent side: connect it, then [`Tunnel::attach`] with its `credit`,
+    /// or [`Tunnel::reset`]), or the JSON of a notice.
     pub fn deliver(&self, frames: &[Bytes]) -> Delivered {
         let Some((op, id, payload)) = decode(frames) else {
             return Delivered::Malformed;
         };
         let chunk = match op {
-            Op::Open => return Delivered::Opened(id),
+            Op::Open => {
+                return Delivered::Opened {
+                    id,
+                    credit: payload == CREDIT,
+                }
+            }
+            Op::Credit => {
+                let n = <[u8; 8]>::try_from(&payload[..]).map(u64::from_be_bytes);
+                let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+                match (n, streams.get(&id).and_then(|s| s.window.as_ref())) {
+                    (Ok(n), Some(w)) => {
+                        w.add_permits(usize::try_from(n).unwrap_or(WINDOW).min(WINDOW))
+                    }
+                    (Err(_), _) => return Delivered::Malformed,
+                    _ => {}
+                }
+                return Delivered::Handled;
+            }
             Op::Notice => {
                 return match serde_json::from_slice(&payload) {
                     Ok(v) => Delivered::Notice(v),
@@ -144,10 +205,37 @@ impl Tunnel {
             Op::Eof => Chunk::Eof,
             Op::Reset => Chunk::Reset,
         };
-        let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(tx) = streams.get(&id) {
-            let _ = tx.send(chunk);
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(s) = streams.get(&id) else {
+            return Delivered::Handled;
+        };
+        if let Chunk::Data(d) = &chunk {
+            let queued = s.queued.fetch_add(d.len() as u64, Ordering::Relaxed) + d.len() as u64;
+            // A peer that ignores the window: drop the stream rather than
+            // queue without bound.
+            if s.window.is_some() && queued > 2 * WINDOW as u64 {
+                tracing::warn!(
+                    stream = id,
+                    queued,
+                    "the peer overran the stream's window; resetting it"
+                );
+                let s = streams.remove(&id).expect("present");
+                let _ = s.tx.send(Chunk::Reset);
+                if let Some(w) = &s.window {
+                    w.close();
+                }
+                drop(streams);
+                self.reset(id);
+                return Delivered::Handled;
+            }
         }
+        if matches!(chunk, Chunk::Reset) {
+            // The sender may be waiting for credit that will never come.
+            if let Some(w) = &s.window {
+                w.close();
+            }
+        }
+        let _ = s.tx.send(chunk);
         Delivered::Handled
     }
 
@@ -163,16 +251,34 @@ impl Tunnel {
         self.streams.lock().map(|s| s.len()).unwrap_or(0)
     }
 
-    /// Pumps bytes between stream `id` and `io` until both directions end.
-    pub fn attach<S>(self: &Arc<Self>, id: u64, io: S)
+    /// Bytes received on all streams and not yet consumed by their readers.
+    pub fn queued_bytes(&self) -> u64 {
+        self.streams
+            .lock()
+            .map(|s| s.values().map(|s| s.queued.load(Ordering::Relaxed)).sum())
+            .unwrap_or(0)
+    }
+
+    /// Pumps bytes between stream `id` and `io` until both directions end;
+    /// `credit`: the stream uses flow control (as its `Open` said).
+    pub fn attach<S>(self: &Arc<Self>, id: u64, io: S, credit: bool)
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let (tx, mut rx) = mpsc::unbounded_channel();
+        let window = credit.then(|| Arc::new(Semaphore::new(WINDOW)));
+        let queued = Arc::new(AtomicU64::new(0));
         self.streams
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id, tx);
+            .insert(
+                id,
+                Stream {
+                    tx,
+                    window: window.clone(),
+                    queued: queued.clone(),
+                },
+            );
         let me = self.clone();
         tokio::spawn(async move {
             let (mut r, mut w) = tokio::io::split(io);
@@ -181,13 +287,21 @@ impl Tunnel {
                 let mut buf = BytesMut::with_capacity(CHUNK);
                 loop {
                     buf.reserve(CHUNK);
-                    match r.read_buf(&mut buf).await {
+                    // At most CHUNK per message, which the window always covers.
+                    match r.read_buf(&mut (&mut buf).limit(CHUNK)).await {
                         Ok(0) => {
                             return sender
                                 .send(TUNNEL_LANE, encode(Op::Eof, id, Bytes::new()))
                                 .is_ok()
                         }
-                        Ok(_) => {
+                        Ok(n) => {
+                            if let Some(w) = &window {
+                                // n <= CHUNK < WINDOW, so the cast and the wait are bounded.
+                                match w.acquire_many(n as u32).await {
+                                    Ok(p) => p.forget(),
+                                    Err(_) => return false,
+                                }
+                            }
                             let data = buf.split().freeze();
                             if sender
                                 .send(TUNNEL_LANE, encode(Op::Data, id, data))
@@ -201,11 +315,25 @@ impl Tunnel {
                 }
             };
             let inbound = async {
+                let mut consumed = 0usize;
                 while let Some(chunk) = rx.recv().await {
                     match chunk {
                         Chunk::Data(d) => {
                             if w.write_all(&d).await.is_err() {
                                 return false;
+                            }
+                            queued.fetch_sub(d.len() as u64, Ordering::Relaxed);
+                            consumed += d.len();
+                            if credit && consumed >= GRANT {
+                                let grant =
+                                    Bytes::copy_from_slice(&(consumed as u64).to_be_bytes());
+                                consumed = 0;
+                                if sender
+                                    .send(TUNNEL_LANE, encode(Op::Credit, id, grant))
+                                    .is_err()
+                                {
+                                    return false;
+                                }
                             }
                         }
                         Chunk::Eof => {
@@ -240,7 +368,11 @@ impl Tunnel {
 pub enum Delivered {
     /// Data for a stream, passed on (or for a stream already gone).
     Handled,
-    Opened(u64),
+    /// The peer opened stream `id`, with flow control when `credit`.
+    Opened {
+        id: u64,
+        credit: bool,
+    },
     Notice(serde_json::Value),
     Malformed,
 }
