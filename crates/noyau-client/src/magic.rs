@@ -117,8 +117,11 @@ pub fn fan_out(body: &str, n: u32) -> String {
                 where.append(f" on {{host}}")
                 p = subprocess.Popen(["oarsh", host, shlex.join([sys.executable, "-c", launcher])],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                p.stdin.write(json.dumps({{"cwd": os.getcwd(), "argv": argv, "env": task_env}}))
-                p.stdin.close()
+                try:
+                    p.stdin.write(json.dumps({{"cwd": os.getcwd(), "argv": argv, "env": task_env}}))
+                    p.stdin.close()
+                except BrokenPipeError:
+                    pass  # oarsh failed first: its exit status and message say why
             else:
                 where.append("")
                 p = subprocess.Popen(argv, env=task_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
