@@ -186,6 +186,31 @@ env = {{ PATH = "/nonexistent:/usr/bin:/bin" }}
         return s
 
 
+    def simulate_sessions(self, jobs: list[str], partition: str, mem_gb: int) -> None:
+        """Simulated users' queued sessions, one per (real, held) job, written
+        into the hub's database as the spawn form would have made them."""
+        import sqlite3
+
+        choice = json.dumps({"profile": "cpu", "partition": partition, "cores": 1, "mem_gb": mem_gb,
+                             "gpus": 0, "minutes": 5}, separators=(",", ":"))
+        db = sqlite3.connect(self.state / "hub.sqlite")
+        with db:
+            for i, job in enumerate(jobs):
+                db.execute("INSERT INTO sessions (id, user, choice, job_id, state, created) "
+                           "VALUES (?, ?, ?, ?, 'queued', ?)",
+                           (f"sim{i:02d}", f"simulated-user-{i:02d}", choice, job, int(time.time()) - 10))
+        db.close()
+
+    def simulated_reasons(self) -> list[str]:
+        """The queue reason the hub's watcher recorded for each simulated session."""
+        import sqlite3
+
+        db = sqlite3.connect(self.state / "hub.sqlite")
+        rows = db.execute("SELECT reason FROM sessions WHERE id LIKE 'sim%'").fetchall()
+        db.close()
+        return [r[0] or "" for r in rows]
+
+
 def login_csrf(s, url: str) -> str:  # type: ignore[no-untyped-def]
     return csrf_of(s.get(url + "/hub/login", timeout=10).text)
 

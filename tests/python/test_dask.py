@@ -241,6 +241,21 @@ def test_the_kernels_death_ends_every_job(km) -> None:  # type: ignore[no-untype
                    interval=0.5)
 
 
+def reply_while(km, msg_id: str, observe, timeout: float) -> dict:  # type: ignore[no-untyped-def]
+    """The shell reply to `msg_id`, calling `observe()` between polls of
+    the shell channel (0.5 s each) until it comes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        observe()
+        try:
+            r = km.kc.get_shell_msg(timeout=0.5)
+        except Exception:
+            continue
+        if r["parent_header"].get("msg_id") == msg_id:
+            return r
+    raise AssertionError(f"no reply to {msg_id} within {timeout} s")
+
+
 def worker_jobs() -> set[str]:
     return {j["id"] for j in dask_jobs() if j["name"] == "noyau-dask-worker"}
 
@@ -277,17 +292,8 @@ def test_adapt_starts_workers_under_load_and_cancels_them_when_idle(km, tmp_path
         counts.append(len(jobs))
         return len(jobs)
 
-    deadline = time.monotonic() + 240
-    reply = None
-    while reply is None and time.monotonic() < deadline:
-        observe()
-        try:
-            r = km.kc.get_shell_msg(timeout=0.5)
-        except Exception:
-            continue
-        if r["parent_header"].get("msg_id") == msg_id:
-            reply = r
-    assert reply is not None and reply["content"]["status"] == "ok", reply
+    reply = reply_while(km, msg_id, observe, 240)
+    assert reply["content"]["status"] == "ok", reply
     assert max(counts) == 2, counts
     while (m := km.kc.get_iopub_msg(timeout=10)):
         if m["msg_type"] == "stream":
@@ -319,20 +325,15 @@ def test_a_computation_longer_than_the_worker_walltime_finishes(km) -> None:  # 
         "futs = client.map(lambda i: (time.sleep(2), i * i)[1], range(90), pure=False)\n"
         "print(sum(client.gather(futs)))\n")
     running: dict[str, list[float]] = {}  # job id -> [first, last] seen running
-    deadline = time.monotonic() + 420
-    reply = None
-    while reply is None and time.monotonic() < deadline:
+
+    def observe() -> None:
         now = time.monotonic()
         for j in dask_jobs():
             if j["name"] == "noyau-dask-worker" and j["state"] == "RUNNING":
                 running.setdefault(j["id"], [now, now])[1] = now
-        try:
-            r = km.kc.get_shell_msg(timeout=0.5)
-        except Exception:
-            continue
-        if r["parent_header"].get("msg_id") == msg_id:
-            reply = r
-    assert reply is not None and reply["content"]["status"] == "ok", reply
+
+    reply = reply_while(km, msg_id, observe, 420)
+    assert reply["content"]["status"] == "ok", reply
     while (m := km.kc.get_iopub_msg(timeout=10)):
         if m["msg_type"] == "stream":
             assert m["content"]["text"].strip() == str(sum(i * i for i in range(90)))

@@ -8,7 +8,6 @@ The browser-driven version of the first test is test_hub_browser.py.
 from __future__ import annotations
 
 import os
-import sqlite3
 import stat
 import subprocess
 import time
@@ -188,20 +187,11 @@ def test_one_squeue_per_interval_for_fifty_users(tmp_path: Path, slurm) -> None:
             jobs.append(subprocess.run(["sbatch", "--parsable", "--hold", "-J", "noyau-test-held", "-o", "/dev/null",
                                         "-t", "5", "--wrap", "true"], capture_output=True, text=True,
                                        check=True).stdout.strip())
-        db = sqlite3.connect(hub.state / "hub.sqlite")
-        with db:
-            for i, job in enumerate(jobs):
-                db.execute("INSERT INTO sessions (id, user, choice, job_id, state, created) VALUES (?, ?, ?, ?, 'queued', ?)",
-                           (f"sim{i:02d}", f"simulated-user-{i:02d}",
-                            '{"profile":"cpu","partition":"debug","cores":1,"mem_gb":1,"gpus":0,"minutes":5}',
-                            job, int(time.time()) - 10))
-        db.close()
+        hub.simulate_sessions(jobs, partition="debug", mem_gb=1)
 
         def all_held() -> bool:
-            db = sqlite3.connect(hub.state / "hub.sqlite")
-            rows = db.execute("SELECT reason FROM sessions WHERE id LIKE 'sim%'").fetchall()
-            db.close()
-            return len(rows) == 50 and all(r[0] == "JobHeldUser" for r in rows)
+            reasons = hub.simulated_reasons()
+            return len(reasons) == 50 and all(r == "JobHeldUser" for r in reasons)
 
         lib.wait_until(all_held, 30, "the 50 sessions to show Slurm's reason", interval=0.2)
         start_calls = len(calls.read_text().splitlines())

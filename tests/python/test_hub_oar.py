@@ -98,22 +98,11 @@ def test_oar_one_oarstat_per_interval_for_all_sessions(tmp_path: Path, oar_user)
                                   "noyau-test-held", "-l", "walltime=0:05:00", "true"], cwd=home,
                                  capture_output=True, text=True, check=True).stdout
             jobs.append(next(l.split("=", 1)[1] for l in out.splitlines() if l.startswith("OAR_JOB_ID=")))
-        import sqlite3
-
-        db = sqlite3.connect(hub.state / "hub.sqlite")
-        with db:
-            for i, job in enumerate(jobs):
-                db.execute("INSERT INTO sessions (id, user, choice, job_id, state, created) VALUES (?, ?, ?, ?, 'queued', ?)",
-                           (f"sim{i:02d}", f"simulated-user-{i:02d}",
-                            '{"profile":"cpu","partition":"default","cores":1,"mem_gb":0,"gpus":0,"minutes":5}',
-                            job, int(time.time()) - 10))
-        db.close()
+        hub.simulate_sessions(jobs, partition="default", mem_gb=0)
 
         def all_held() -> bool:
-            db = sqlite3.connect(hub.state / "hub.sqlite")
-            rows = db.execute("SELECT reason FROM sessions WHERE id LIKE 'sim%'").fetchall()
-            db.close()
-            return len(rows) == 20 and all((r[0] or "").startswith("Hold") for r in rows)
+            reasons = hub.simulated_reasons()
+            return len(reasons) == 20 and all(r.startswith("Hold") for r in reasons)
 
         lib.wait_until(all_held, 30, "the 20 sessions to show OAR's Hold state", interval=0.2)
         start_calls = len(calls.read_text().splitlines())

@@ -13,6 +13,7 @@
 pub mod local;
 pub mod oar;
 pub mod slurm;
+pub mod watcher;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -33,13 +33,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use noyau_config::Profile;
 use rand::Rng;
 use serde::Deserialize;
-use tokio::sync::watch;
 
 use crate::slurm::{log_dir, run, sh_quote, state_dir, warning_secs};
 use crate::{Job, JobEnd, JobHandle, JobSpec, JobState, SchedError};
@@ -399,139 +398,46 @@ pub fn end_of(j: &OarJob) -> JobEnd {
 
 /// The watcher's poll interval: `NOYAU_OAR_POLL` seconds, default 2.
 pub fn default_interval() -> Duration {
-    std::env::var("NOYAU_OAR_POLL")
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-        .filter(|s| *s > 0.0)
-        .map(Duration::from_secs_f64)
-        .unwrap_or(Duration::from_secs(2))
-}
-
-#[derive(Debug)]
-struct Tracked {
-    tx: watch::Sender<JobState>,
-}
-
-#[derive(Debug)]
-struct Inner {
-    cmds: Commands,
-    interval: Duration,
-    jobs: Mutex<HashMap<String, Tracked>>,
-    running: std::sync::atomic::AtomicBool,
+    crate::watcher::interval_from_env("NOYAU_OAR_POLL")
 }
 
 /// Follows every tracked OAR job with one `oarstat` call per interval.
-#[derive(Debug, Clone)]
-pub struct Watcher(Arc<Inner>);
+pub type Watcher = crate::watcher::Watcher<Commands>;
 
 impl Watcher {
-    pub fn new(cmds: Commands, interval: Duration) -> Self {
-        Watcher(Arc::new(Inner {
-            cmds,
-            interval,
-            jobs: Mutex::new(HashMap::new()),
-            running: false.into(),
-        }))
-    }
-
     /// The process's watcher.
     pub fn global() -> Self {
         static W: OnceLock<Watcher> = OnceLock::new();
         W.get_or_init(|| Watcher::new(Commands::default(), default_interval()))
             .clone()
     }
+}
 
-    pub fn commands(&self) -> &Commands {
-        &self.0.cmds
-    }
-
-    /// Starts following a job; its state starts as pending.
-    pub fn track(&self, id: &str, queue: Option<String>) -> watch::Receiver<JobState> {
-        let (tx, rx) = watch::channel(JobState::Pending {
-            reason: "submitted".into(),
-            start: None,
-            partition: queue,
-        });
-        self.0
-            .jobs
-            .lock()
-            .unwrap()
-            .insert(id.into(), Tracked { tx });
-        if !self
-            .0
-            .running
-            .swap(true, std::sync::atomic::Ordering::SeqCst)
-        {
-            let me = self.clone();
-            tokio::spawn(async move { me.poll_loop().await });
-        }
-        rx
-    }
-
-    async fn poll_loop(self) {
-        loop {
-            let jitter = rand::rng().random_range(0.8..1.2);
-            tokio::time::sleep(self.0.interval.mul_f64(jitter)).await;
-            if Arc::strong_count(&self.0) == 1 {
-                return;
-            }
-            if self.0.jobs.lock().unwrap().is_empty() {
-                continue;
-            }
-            self.poll_once().await;
-        }
-    }
-
-    /// One oarstat call for every tracked job; updates their states.
-    pub async fn poll_once(&self) {
-        let ids: Vec<String> = self.0.jobs.lock().unwrap().keys().cloned().collect();
+impl crate::watcher::Listing for Commands {
+    /// `oarstat -J -f -j ID…` for the tracked jobs.
+    async fn list(&self, ids: &[String]) -> Result<HashMap<String, JobState>, String> {
         let mut args: Vec<&str> = vec!["-J", "-f"];
-        for id in &ids {
+        for id in ids {
             args.extend(["-j", id.as_str()]);
         }
-        let out = run(
-            &self.0.cmds.oarstat,
-            &args,
-            self.0.cmds.timeout,
-            None,
-            no_env(),
-        )
-        .await
-        .and_then(|o| parse_oarstat(&o));
-        let jobs = match out {
-            Ok(j) => j,
-            Err(why) => {
-                tracing::warn!("{why}");
-                for t in self.0.jobs.lock().unwrap().values() {
-                    t.tx.send_replace(JobState::Unknown { why: why.clone() });
-                }
-                return;
-            }
-        };
-        let by_id: HashMap<String, &OarJob> = jobs.iter().map(|j| (j.id.to_string(), j)).collect();
-        let mut tracked = self.0.jobs.lock().unwrap();
-        tracked.retain(|id, t| {
-            let st = match by_id.get(id) {
-                Some(j) => state_of(j),
-                // asked for but not listed: OAR's database no longer has it
-                None if ids.contains(id) => JobState::Ended(JobEnd {
+        let out = run(&self.oarstat, &args, self.timeout, None, no_env()).await?;
+        Ok(parse_oarstat(&out)?
+            .iter()
+            .map(|j| (j.id.to_string(), state_of(j)))
+            .collect())
+    }
+
+    /// Asked for but not listed: OAR's database no longer has them.
+    async fn gone(&self, ids: &[String]) -> HashMap<String, JobEnd> {
+        ids.iter()
+            .map(|id| {
+                let end = JobEnd {
                     description: "is no longer known to OAR".into(),
                     success: false,
-                }),
-                // tracked after the call started
-                None => return true,
-            };
-            let ended = matches!(st, JobState::Ended(_));
-            t.tx.send_if_modified(|cur| {
-                if *cur != st {
-                    *cur = st;
-                    true
-                } else {
-                    false
-                }
-            });
-            !ended
-        });
+                };
+                (id.clone(), end)
+            })
+            .collect()
     }
 }
 

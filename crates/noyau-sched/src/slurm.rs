@@ -25,14 +25,12 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use noyau_config::Profile;
-use rand::Rng;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
-use tokio::sync::watch;
 
 use crate::{Job, JobEnd, JobHandle, JobSpec, JobState, SchedError};
 
@@ -350,182 +348,65 @@ fn end_of(state: &str, exit: Option<&str>) -> JobEnd {
     }
 }
 
-struct Tracked {
-    tx: watch::Sender<JobState>,
-    since: Instant,
-}
-
-struct Inner {
-    cmds: Commands,
-    interval: Duration,
-    jobs: Mutex<HashMap<String, Tracked>>,
-    running: std::sync::atomic::AtomicBool,
-}
-
 /// Follows every Slurm job of this process with one squeue call per interval.
-#[derive(Clone)]
-pub struct Watcher(Arc<Inner>);
-
-impl std::fmt::Debug for Watcher {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Watcher")
-            .field("interval", &self.0.interval)
-            .finish()
-    }
-}
+pub type Watcher = crate::watcher::Watcher<Commands>;
 
 /// The watcher's poll interval: `NOYAU_SLURM_POLL` seconds, default 2.
 pub fn default_interval() -> Duration {
-    std::env::var("NOYAU_SLURM_POLL")
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-        .filter(|v| *v > 0.0)
-        .map(Duration::from_secs_f64)
-        .unwrap_or(Duration::from_secs(2))
+    crate::watcher::interval_from_env("NOYAU_SLURM_POLL")
 }
 
 impl Watcher {
-    pub fn new(cmds: Commands, interval: Duration) -> Self {
-        Watcher(Arc::new(Inner {
-            cmds,
-            interval,
-            jobs: Mutex::new(HashMap::new()),
-            running: false.into(),
-        }))
-    }
-
-    /// The process's watcher (its loop runs on the first runtime that tracks a job).
+    /// The process's watcher.
     pub fn global() -> Self {
         static W: OnceLock<Watcher> = OnceLock::new();
         W.get_or_init(|| Watcher::new(Commands::default(), default_interval()))
             .clone()
     }
+}
 
-    pub fn commands(&self) -> &Commands {
-        &self.0.cmds
-    }
-
-    /// Starts following a job; its state starts as pending.
-    pub fn track(&self, id: &str, partition: Option<String>) -> watch::Receiver<JobState> {
-        let (tx, rx) = watch::channel(JobState::Pending {
-            reason: "submitted".into(),
-            start: None,
-            partition,
-        });
-        self.0.jobs.lock().unwrap().insert(
-            id.into(),
-            Tracked {
-                tx,
-                since: Instant::now(),
-            },
-        );
-        if !self
-            .0
-            .running
-            .swap(true, std::sync::atomic::Ordering::SeqCst)
-        {
-            let me = self.clone();
-            tokio::spawn(async move { me.poll_loop().await });
-        }
-        rx
-    }
-
-    async fn poll_loop(self) {
-        loop {
-            let jitter = rand::rng().random_range(0.8..1.2);
-            tokio::time::sleep(self.0.interval.mul_f64(jitter)).await;
-            if Arc::strong_count(&self.0) == 1 {
-                // nobody can track a job any more
-                return;
-            }
-            if self.0.jobs.lock().unwrap().is_empty() {
-                continue;
-            }
-            self.poll_once().await;
-        }
-    }
-
-    /// One squeue call for every tracked job; updates their states.
-    pub async fn poll_once(&self) {
-        let asked = Instant::now();
+impl crate::watcher::Listing for Commands {
+    /// All of this user's jobs (`squeue --me --states=all`): one call
+    /// whatever the number of jobs.
+    async fn list(&self, _ids: &[String]) -> Result<HashMap<String, JobState>, String> {
         let out = run(
-            &self.0.cmds.squeue,
+            &self.squeue,
             &["--me", "--states=all", "-h", "-o", SQUEUE_FORMAT],
-            self.0.cmds.timeout,
+            self.timeout,
             None,
             no_env(),
         )
-        .await;
-        let lines = match out {
-            Ok(o) => parse_squeue(&o),
-            Err(why) => {
-                tracing::warn!("{why}");
-                let jobs = self.0.jobs.lock().unwrap();
-                for t in jobs.values() {
-                    t.tx.send_replace(JobState::Unknown { why: why.clone() });
-                }
-                return;
-            }
-        };
-        let by_id: HashMap<&str, &QueueLine> = lines.iter().map(|l| (l.id.as_str(), l)).collect();
-        let mut gone = Vec::new();
-        {
-            let mut jobs = self.0.jobs.lock().unwrap();
-            jobs.retain(|id, t| match by_id.get(id.as_str()) {
-                Some(l) => {
-                    let st = state_of(l);
-                    let ended = matches!(st, JobState::Ended(_));
-                    t.tx.send_if_modified(|cur| {
-                        if *cur != st {
-                            *cur = st;
-                            true
-                        } else {
-                            false
-                        }
-                    });
-                    !ended
-                }
-                // Tracked after this listing was asked for: not a verdict.
-                None if t.since > asked => true,
-                None => {
-                    gone.push(id.clone());
-                    true
-                }
-            });
-        }
-        if !gone.is_empty() {
-            let ends = self.resolve_gone(&gone).await;
-            let mut jobs = self.0.jobs.lock().unwrap();
-            for id in gone {
-                if let Some(t) = jobs.remove(&id) {
-                    let end = ends.get(&id).cloned().unwrap_or_else(|| JobEnd {
-                        description: "left the Slurm queue (this cluster keeps no accounting to say how it ended)".into(),
-                        success: false,
-                    });
-                    t.tx.send_replace(JobState::Ended(end));
-                }
-            }
-        }
+        .await?;
+        Ok(parse_squeue(&out)
+            .iter()
+            .map(|l| (l.id.clone(), state_of(l)))
+            .collect())
     }
 
-    /// Asks sacct how jobs that left the queue ended (nothing when it cannot say).
-    async fn resolve_gone(&self, ids: &[String]) -> HashMap<String, JobEnd> {
+    /// Asks sacct how jobs that left the queue ended.
+    async fn gone(&self, ids: &[String]) -> HashMap<String, JobEnd> {
         let list = ids.join(",");
         let out = run(
-            &self.0.cmds.sacct,
+            &self.sacct,
             &["-n", "-P", "-X", "-j", &list, "-o", "JobID,State,ExitCode"],
-            self.0.cmds.timeout,
+            self.timeout,
             None,
             no_env(),
         )
         .await;
-        match out {
-            Ok(o) => parse_sacct(&o),
-            Err(why) => {
-                tracing::debug!("sacct cannot say how jobs ended: {why}");
-                HashMap::new()
-            }
+        let mut ends = out.map(|o| parse_sacct(&o)).unwrap_or_else(|why| {
+            tracing::debug!("sacct cannot say how jobs ended: {why}");
+            HashMap::new()
+        });
+        for id in ids {
+            ends.entry(id.clone()).or_insert_with(|| JobEnd {
+                description:
+                    "left the Slurm queue (this cluster keeps no accounting to say how it ended)"
+                        .into(),
+                success: false,
+            });
         }
+        ends
     }
 }
 
