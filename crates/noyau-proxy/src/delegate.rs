@@ -10,7 +10,7 @@ use noyau_wire::{build, RawMessage};
 use serde_json::json;
 
 use crate::frontend::{publish, send_router};
-use crate::targets::{self, Magic, OnMagic, RunningCell, State, Target, TargetEvent};
+use crate::targets::{self, Magic, OnMagic, RunningCell, State, Target, TargetEvent, What};
 use crate::transfer::{self, Direction, Stage, Transfer};
 use crate::Proxy;
 
@@ -87,6 +87,13 @@ impl Proxy {
             }
             None => body,
         };
+        let releasing = |t: &Target| t.state == State::Releasing;
+        if self.targets.get(&m.target).is_some_and(releasing) {
+            // Its job is ending; this cell gets a new target.
+            if let Some(old) = self.targets.remove(&m.target) {
+                self.fail_target(old, "released").await;
+            }
+        }
         if !self.targets.contains_key(&m.target) {
             if let Err(e) = self.start_target(&m).await {
                 let text = format!("cannot start target {:?}: {e:#}", m.target);
@@ -278,8 +285,13 @@ impl Proxy {
     }
 
     pub(crate) async fn on_target_event(&mut self, ev: TargetEvent) {
-        match ev {
-            TargetEvent::Attached(name, sender) => {
+        let TargetEvent { name, id, what } = ev;
+        if self.targets.get(&name).is_none_or(|t| t.id != id) {
+            // From a released target that a new one of that name replaced.
+            return;
+        }
+        match what {
+            What::Attached(sender) => {
                 if let Some(t) = self.targets.get_mut(&name) {
                     t.attach(sender);
                     // The cell's output is the target's from now on.
@@ -295,7 +307,7 @@ impl Proxy {
                     }
                 }
             }
-            TargetEvent::Queue(name, state) => {
+            What::Queue(state) => {
                 let Some(t) = self.targets.get_mut(&name) else {
                     return;
                 };
@@ -315,10 +327,10 @@ impl Proxy {
                     publish(&mut self.fe, msg).await;
                 }
             }
-            TargetEvent::Message(name, lane, Payload::Jupyter(frames)) => {
+            What::Message(lane, Payload::Jupyter(frames)) => {
                 self.relay_from_target(&name, lane, frames).await;
             }
-            TargetEvent::Message(name, _, Payload::Event(ev)) => match ev {
+            What::Message(_, Payload::Event(ev)) => match ev {
                 Event::AgentHello { host, .. } => {
                     if let Some(t) = self.targets.get_mut(&name) {
                         t.node = Some(host);
@@ -326,7 +338,9 @@ impl Proxy {
                 }
                 Event::KernelReady { .. } => {
                     if let Some(t) = self.targets.get_mut(&name) {
-                        t.state = State::Ready;
+                        if t.state != State::Releasing {
+                            t.state = State::Ready;
+                        }
                     }
                 }
                 Event::KernelDied { description, .. } => {
@@ -339,7 +353,7 @@ impl Proxy {
                 }
                 other => tracing::debug!(target = %name, "event {other:?}"),
             },
-            TargetEvent::Ended(name, why) => self.end_target(&name, &why).await,
+            What::Ended(why) => self.end_target(&name, &why).await,
         }
     }
 
@@ -395,10 +409,16 @@ impl Proxy {
 
     /// A target is gone: its running cells fail with the reason.
     async fn end_target(&mut self, name: &str, why: &str) {
-        let Some(mut t) = self.targets.remove(name) else {
-            return;
-        };
+        if let Some(t) = self.targets.remove(name) {
+            self.fail_target(t, why).await;
+        }
+    }
+
+    /// Ends a target taken out of the table: its running cells and
+    /// transfers fail with the reason.
+    async fn fail_target(&mut self, mut t: Target, why: &str) {
         t.release();
+        let name = t.name.clone();
         tracing::info!(target = %name, "target ended: {why}");
         let text = format!("target {name} ended: {why}");
         let stuck: Vec<String> = self

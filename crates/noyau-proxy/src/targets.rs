@@ -25,16 +25,24 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use noyau_client::magic::{fan_out, parse, Magic, OnMagic};
 
-/// What a target's tasks tell the proxy.
-pub enum TargetEvent {
+/// What a target's task tells the proxy.
+pub struct TargetEvent {
+    pub name: String,
+    /// Which of the targets ever named `name` it comes from: a released
+    /// target still ending must not touch the one that replaced it.
+    pub id: u64,
+    pub what: What,
+}
+
+pub enum What {
     /// The agent dialled in.
-    Attached(String, LinkSender),
+    Attached(LinkSender),
     /// A message or event from the target's agent.
-    Message(String, Lane, Payload),
+    Message(Lane, Payload),
     /// The agent is gone (released, cancelled, died, link lost).
-    Ended(String, String),
+    Ended(String),
     /// The job's state while the agent has not dialled in (also every 10 s).
-    Queue(String, noyau_sched::JobState),
+    Queue(noyau_sched::JobState),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,10 +50,13 @@ pub enum State {
     Queued,
     Starting,
     Ready,
+    /// Released; its job is being ended. A new cell starts a new target.
+    Releasing,
 }
 
 pub struct Target {
     pub name: String,
+    pub id: u64,
     pub backend: String,
     pub state: State,
     pub job: String,
@@ -92,9 +103,17 @@ impl Target {
         let (release_tx, release_rx) = oneshot::channel();
         let mut listener = started.listener;
         let mut watch = started.watch;
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let n = name.to_string();
         tokio::spawn(async move {
-            let ev = &events;
+            let send = |what| {
+                events.send(TargetEvent {
+                    name: n.clone(),
+                    id,
+                    what,
+                })
+            };
             // A dropped sender (the proxy is going away) releases too.
             let mut release_rx = release_rx;
             let mut state = watch.state();
@@ -103,12 +122,12 @@ impl Target {
                 tokio::select! {
                     l = listener.accept() => break l,
                     desc = watch.ended() => {
-                        let _ = ev.send(TargetEvent::Ended(n.clone(), format!("its agent {desc} before connecting"))).await;
+                        let _ = send(What::Ended(format!("its agent {desc} before connecting"))).await;
                         return;
                     }
                     _ = &mut release_rx => {
                         watch.cancel().await;
-                        let _ = ev.send(TargetEvent::Ended(n.clone(), "released".into())).await;
+                        let _ = send(What::Ended("released".into())).await;
                         return;
                     }
                     changed = async { match state.as_mut() { Some(rx) => rx.changed().await.is_ok(), None => std::future::pending().await } } => {
@@ -120,29 +139,22 @@ impl Target {
                 }
                 if let Some(rx) = &state {
                     let st = rx.borrow().clone();
-                    let _ = ev.send(TargetEvent::Queue(n.clone(), st)).await;
+                    let _ = send(What::Queue(st)).await;
                 }
             };
             let mut link = match link {
                 Ok(l) => l,
                 Err(e) => {
-                    let _ = ev
-                        .send(TargetEvent::Ended(
-                            n.clone(),
-                            format!("its link failed: {e}"),
-                        ))
-                        .await;
+                    let _ = send(What::Ended(format!("its link failed: {e}"))).await;
                     return;
                 }
             };
-            let _ = ev
-                .send(TargetEvent::Attached(n.clone(), link.sender()))
-                .await;
+            let _ = send(What::Attached(link.sender())).await;
             let why = loop {
                 tokio::select! {
                     m = link.recv() => match m {
                         Some(Incoming::Message(lane, frames)) => match envelope::open(frames) {
-                            Ok(p) => { let _ = ev.send(TargetEvent::Message(n.clone(), lane, p)).await; }
+                            Ok(p) => { let _ = send(What::Message(lane, p)).await; }
                             Err(e) => tracing::warn!(target = %n, "dropped a malformed link message: {e}"),
                         },
                         Some(Incoming::Event(LinkEvent::Closed(r))) => break format!("its link closed ({r})"),
@@ -157,10 +169,11 @@ impl Target {
                     }
                 }
             };
-            let _ = ev.send(TargetEvent::Ended(n, why)).await;
+            let _ = send(What::Ended(why)).await;
         });
         Ok(Target {
             name: name.to_string(),
+            id,
             backend,
             state: State::Queued,
             job,
@@ -202,6 +215,7 @@ impl Target {
     pub fn release(&mut self) {
         if let Some(r) = self.release.take() {
             let _ = r.send(());
+            self.state = State::Releasing;
         }
     }
 
@@ -211,6 +225,7 @@ impl Target {
             State::Starting => "starting",
             State::Ready if self.running.is_empty() => "idle",
             State::Ready => "busy",
+            State::Releasing => "releasing",
         }
     }
 
