@@ -498,23 +498,20 @@ async fn logout(
     AxState(hub): AxState<Arc<Hub>>,
     headers: HeaderMap,
     Form(f): Form<CsrfForm>,
-) -> Response {
-    let who = match csrf_checked(&hub, &headers, &f.csrf) {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
+) -> Result<Response, Response> {
+    let who = csrf_checked(&hub, &headers, &f.csrf)?;
     if let Some(c) = cookie(&headers, LOGIN_COOKIE) {
         let _ = hub.db.remove_login(&sha256_hex(&c));
     }
     hub.db.audit(&who.name, "logout", "");
-    (
+    Ok((
         StatusCode::SEE_OTHER,
         [
             (header::SET_COOKIE, hub.set_cookie(LOGIN_COOKIE, "", 0)),
             (header::LOCATION, "/hub/login".to_string()),
         ],
     )
-        .into_response()
+        .into_response())
 }
 
 async fn render_home(hub: &Hub, who: &Who, message: Option<&str>, status: StatusCode) -> Response {
@@ -658,11 +655,8 @@ async fn spawn(
     AxState(hub): AxState<Arc<Hub>>,
     headers: HeaderMap,
     Form(f): Form<SpawnForm>,
-) -> Response {
-    let who = match csrf_checked(&hub, &headers, &f.csrf) {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
+) -> Result<Response, Response> {
+    let who = csrf_checked(&hub, &headers, &f.csrf)?;
     let choice = Choice {
         profile: f.profile,
         partition: f.partition,
@@ -671,10 +665,10 @@ async fn spawn(
         gpus: f.gpus,
         minutes: f.minutes,
     };
-    match start_session(&hub, &who, choice).await {
+    Ok(match start_session(&hub, &who, choice).await {
         Ok(()) => pages::redirect("/hub/home"),
         Err((status, msg)) => render_home(&hub, &who, Some(&msg), status).await,
-    }
+    })
 }
 
 /// The session, if `who` may act on it (its owner, or an admin).
@@ -701,15 +695,9 @@ async fn cancel(
     headers: HeaderMap,
     UrlPath(id): UrlPath<String>,
     Form(f): Form<CsrfForm>,
-) -> Response {
-    let who = match csrf_checked(&hub, &headers, &f.csrf) {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
-    let s = match owned(&hub, &who, &id) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
+) -> Result<Response, Response> {
+    let who = csrf_checked(&hub, &headers, &f.csrf)?;
+    let s = owned(&hub, &who, &id)?;
     let why = if s.user == who.name {
         "cancelled".to_string()
     } else {
@@ -718,10 +706,10 @@ async fn cancel(
     if s.state != State::Ended {
         if let Some(job) = &s.job_id {
             if let Err(e) = jobs::cancel(&hub, &s.user, job).await {
-                return pages::error(
+                return Err(pages::error(
                     StatusCode::BAD_GATEWAY,
                     &format!("{} did not cancel the job: {e}", hub.cfg.scheduler.name()),
-                );
+                ));
             }
         }
         let mut u = Update {
@@ -741,7 +729,7 @@ async fn cancel(
         .filter(|r| r.contains("/hub/admin"))
         .map(|_| "/hub/admin")
         .unwrap_or("/hub/home");
-    pages::redirect(back)
+    Ok(pages::redirect(back))
 }
 
 async fn relaunch(
@@ -749,25 +737,19 @@ async fn relaunch(
     headers: HeaderMap,
     UrlPath(id): UrlPath<String>,
     Form(f): Form<CsrfForm>,
-) -> Response {
-    let who = match csrf_checked(&hub, &headers, &f.csrf) {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
-    let s = match owned(&hub, &who, &id) {
-        Ok(s) if s.user == who.name => s,
-        Ok(_) => {
-            return pages::error(
-                StatusCode::FORBIDDEN,
-                "Only its owner can relaunch a session.",
-            )
-        }
-        Err(r) => return r,
-    };
-    match start_session(&hub, &who, s.choice).await {
+) -> Result<Response, Response> {
+    let who = csrf_checked(&hub, &headers, &f.csrf)?;
+    let s = owned(&hub, &who, &id)?;
+    if s.user != who.name {
+        return Err(pages::error(
+            StatusCode::FORBIDDEN,
+            "Only its owner can relaunch a session.",
+        ));
+    }
+    Ok(match start_session(&hub, &who, s.choice).await {
         Ok(()) => pages::redirect("/hub/home"),
         Err((status, msg)) => render_home(&hub, &who, Some(&msg), status).await,
-    }
+    })
 }
 
 #[derive(Deserialize)]
@@ -799,23 +781,20 @@ async fn api_sessions(
     }
 }
 
-async fn admin(AxState(hub): AxState<Arc<Hub>>, headers: HeaderMap) -> Response {
-    let who = match need_login(&hub, &headers) {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
+async fn admin(AxState(hub): AxState<Arc<Hub>>, headers: HeaderMap) -> Result<Response, Response> {
+    let who = need_login(&hub, &headers)?;
     if !who.admin {
         hub.db.audit(&who.name, "forbidden", "/hub/admin");
-        return pages::error(
+        return Err(pages::error(
             StatusCode::FORBIDDEN,
             "The admin page is for the hub's administrators.",
-        );
+        ));
     }
     let sessions = hub.db.sessions(None).unwrap_or_default();
-    pages::admin(
+    Ok(pages::admin(
         &who,
         &sessions,
         hub.squeue_calls.load(std::sync::atomic::Ordering::Relaxed),
     )
-    .into_response()
+    .into_response())
 }
