@@ -455,7 +455,8 @@ impl Proxy {
     pub(crate) fn release_idle_targets(&mut self) {
         let limit = targets::idle_timeout();
         for t in self.targets.values_mut() {
-            if t.running.is_empty() && t.last_used.elapsed() >= limit {
+            if t.state != State::Releasing && t.running.is_empty() && t.last_used.elapsed() >= limit
+            {
                 tracing::info!(target = %t.name, "idle for {}s; releasing", limit.as_secs());
                 t.release();
             }
