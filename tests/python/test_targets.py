@@ -88,6 +88,10 @@ def test_release_and_shutdown_end_target_agents(km) -> None:  # type: ignore[no-
     assert len(started) == 1
     reply, text, _ = run(km, "%noyau release side")
     assert "releasing target side" in text
+    # Its variables went with it, whether or not its job has ended yet.
+    reply, _, _ = run(km, "%noyau pull side x")
+    assert reply["status"] == "error" and ("being released" in reply["evalue"]
+                                           or "no target named" in reply["evalue"]), reply
     # A cell sent while the released target's job is still ending gets a new target.
     reply, text, _ = run(km, "%%noyau on side --quiet\nprint('x' in globals())")
     assert reply["status"] == "ok" and text == "False\n", (reply, text)

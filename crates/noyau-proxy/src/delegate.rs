@@ -87,13 +87,7 @@ impl Proxy {
             }
             None => body,
         };
-        let releasing = |t: &Target| t.state == State::Releasing;
-        if self.targets.get(&m.target).is_some_and(releasing) {
-            // Its job is ending; this cell gets a new target.
-            if let Some(old) = self.targets.remove(&m.target) {
-                self.fail_target(old, "released").await;
-            }
-        }
+        self.forget_releasing(&m.target).await;
         if !self.targets.contains_key(&m.target) {
             if let Err(e) = self.start_target(&m).await {
                 let text = format!("cannot start target {:?}: {e:#}", m.target);
@@ -407,6 +401,22 @@ impl Proxy {
         send_router(&mut self.fe, lane, msg).await;
     }
 
+    fn releasing(&self, name: &str) -> bool {
+        self.targets
+            .get(name)
+            .is_some_and(|t| t.state == State::Releasing)
+    }
+
+    /// A target whose job is ending leaves the table, so that its next use
+    /// starts a new one.
+    async fn forget_releasing(&mut self, name: &str) {
+        if self.releasing(name) {
+            if let Some(old) = self.targets.remove(name) {
+                self.fail_target(old, "released").await;
+            }
+        }
+    }
+
     /// A target is gone: its running cells fail with the reason.
     async fn end_target(&mut self, name: &str, why: &str) {
         if let Some(t) = self.targets.remove(name) {
@@ -481,6 +491,12 @@ impl Proxy {
         msg: &RawMessage,
     ) -> Result<(), String> {
         transfer::check_names(&vars)?;
+        if direction == Direction::Pull && self.releasing(target) {
+            return Err(format!(
+                "target {target:?} is being released: its variables went with it"
+            ));
+        }
+        self.forget_releasing(target).await;
         if !self.targets.contains_key(target) {
             if direction == Direction::Pull {
                 return Err(format!(
