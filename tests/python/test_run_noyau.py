@@ -179,8 +179,16 @@ def test_kernel_death_mid_notebook(tmp_path):
     cells = [c for c in out["cells"] if "papermill-error-cell-tag" not in c["metadata"].get("tags", [])]
     assert text_of(cells[0]) == "before\n"
     dead = cells[1]
-    assert dead["metadata"]["papermill"]["status"] == "failed"
-    err = dead["outputs"][-1]
+    if cells[0]["metadata"]["papermill"]["status"] == "failed":
+        # The killing cell was sent ahead, and the kernel died before the
+        # first cell's reply and idle left it (seen under load): the error
+        # must say it may be the next cell's doing.
+        err = cells[0]["outputs"][-1]
+        assert "or the next one" in err["evalue"], err
+        assert dead["metadata"]["papermill"]["status"] == "pending"
+    else:
+        assert dead["metadata"]["papermill"]["status"] == "failed"
+        err = dead["outputs"][-1]
     assert err["ename"] == "DeadKernelError" and "SIGKILL" in err["evalue"], err
     assert cells[2]["metadata"]["papermill"]["status"] == "pending"
     assert cells[2]["outputs"] == []

@@ -972,6 +972,19 @@ impl Runner<'_> {
                         None => self.end_from_outputs(i),
                     };
                 }
+                // Neither this cell's reply nor its idle came, and the next
+                // cell was already sent: a kernel killed as the next cell
+                // began can lose this one's last messages too, so which of
+                // the two killed it cannot be told; say so.
+                Err(e) if self.ahead.is_some() => {
+                    return match self.died(e) {
+                        CellEnd::Died(desc) => CellEnd::Died(format!(
+                            "{desc} (while running this cell or the next one, which was \
+                             already sent to it: its last messages were lost)"
+                        )),
+                        other => other,
+                    };
+                }
                 Err(e) => return self.died(e),
                 Ok(m) => m,
             };
