@@ -157,8 +157,11 @@ def test_dask_up_compute_status_down_and_shutdown(km) -> None:  # type: ignore[n
         assert reply["status"] == "ok"
         return text
 
-    # the scheduler lists its workers once a second
+    # the scheduler lists its workers once a second; the jobs' states come
+    # from the job watcher's next squeue, which may follow the workers
     lib.wait_until(lambda: "workers: 2" in status(), 10, "dask status to list 2 workers", interval=0.5)
+    lib.wait_until(lambda: status().count("running on") == 3, 30,
+                   "dask status to show the 3 jobs running", interval=0.5)
     text = status()
     assert f"scheduler: {address}" in text, text
     assert f"dashboard: {dashboard}" in text, text
