@@ -39,6 +39,10 @@ use outbox::Outbox;
 
 /// How long a kernel gets to exit after a shutdown request before it is killed.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long after the kernel died of SIGTERM the agent waits for its own
+/// SIGTERM before calling the death the kernel's own (Slurm signals the
+/// step's processes one after the other, within milliseconds).
+const JOB_SIGTERM_SKEW: Duration = Duration::from_secs(1);
 /// How long an agent whose kernel is over waits to deliver its last messages.
 const FINAL_FLUSH: Duration = Duration::from_secs(10);
 
@@ -467,6 +471,15 @@ impl Agent {
                         }
                         None => {
                             tracing::warn!("kernel {desc}");
+                            // The scheduler ending the job (cancel, preemption)
+                            // signals every process of the step at once: the
+                            // kernel's death can be seen before our own SIGTERM.
+                            let job_ending = desc.signal == Some(nix::sys::signal::Signal::SIGTERM as i32)
+                                && tokio::time::timeout(JOB_SIGTERM_SKEW, sigterm.recv()).await.is_ok();
+                            if job_ending {
+                                self.outbox.event(Lane::Iopub, &Event::KernelDied { description: "was stopped: its job was cancelled".into(), expected: false, job_ending: true });
+                                return SessionEnd::Finished(143);
+                            }
                             self.outbox.event(Lane::Iopub, &Event::KernelDied { description: desc.text, expected: false, job_ending: false });
                         }
                     }
