@@ -495,6 +495,12 @@ class OarUser:
 _oar_user: OarUser | None = None
 
 
+def daemon_env() -> dict[str, str]:
+    """The environment for a daemon a test restarts: without this session's
+    markers, which conftest's cleanup kills."""
+    return {k: v for k, v in os.environ.items() if k not in (SESSION_VAR, TAG_VAR)}
+
+
 def oar_up() -> bool:
     import shutil
 
@@ -562,6 +568,22 @@ class SlurmCluster:
     def fill_the_node(self) -> str:
         return fill_the_node()
 
+    def stop_controller(self) -> None:
+        """slurmctld stopped: squeue and sbatch fail until start_controller."""
+        import signal
+
+        pid = int((Path(os.environ["NOYAU_SLURM_DIR"]) / "slurmctld.pid").read_text())
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: not alive(pid), 20, "slurmctld to stop")
+
+    def start_controller(self) -> None:
+        import subprocess
+
+        # without -c: it keeps its jobs
+        subprocess.run(["slurmctld", "-f", os.environ["SLURM_CONF"]], check=True, env=daemon_env())
+        wait_until(lambda: subprocess.run(["squeue", "-h"], capture_output=True).returncode == 0,
+                   60, "slurmctld to answer again", interval=0.5)
+
 
 class OarCluster:
     name = "oar"
@@ -598,6 +620,32 @@ class OarCluster:
             self.cancel(blocker)
             raise
         return blocker
+
+    def stop_controller(self) -> None:
+        """OAR's server (Almighty) and its PostgreSQL stopped: oarstat, oarsub
+        and oardel fail until start_controller."""
+        import signal
+        import subprocess
+
+        almighty = subprocess.run(["pgrep", "-o", "-u", "oar", "-f", "/usr/lib/oar/Almighty"],
+                                  capture_output=True, text=True, check=True).stdout.strip()
+        os.killpg(os.getpgid(int(almighty)), signal.SIGTERM)
+        wait_until(lambda: subprocess.run(["pgrep", "-u", "oar", "-f", "/usr/lib/oar/Almighty"],
+                                          capture_output=True).returncode != 0,
+                   20, "Almighty to stop", interval=0.2)
+        ver, name = subprocess.run(["pg_lsclusters", "-h"], capture_output=True, text=True,
+                                   check=True).stdout.split()[:2]
+        subprocess.run(["pg_ctlcluster", ver, name, "stop"], check=True)
+        assert subprocess.run(["oarstat", "-J"], capture_output=True).returncode != 0
+
+    def start_controller(self) -> None:
+        """scripts/oar-up again: it starts what is down and waits for a probe
+        job to end Terminated."""
+        import subprocess
+
+        root = Path(__file__).resolve().parents[2]
+        subprocess.run([str(root / "scripts/oar-up"), os.environ["NOYAU_OAR_DIR"]], check=True,
+                       stdout=subprocess.DEVNULL, env=daemon_env(), timeout=120)
 
 
 Cluster = SlurmCluster | OarCluster
