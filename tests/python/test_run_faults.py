@@ -38,6 +38,13 @@ class Run:
     def stderr(self) -> str:
         return "".join(self.lines)
 
+    def wait_for(self, text: str, timeout: float, what: str) -> None:
+        """Until `text` is in stderr; a failure shows the run's stderr so far."""
+        try:
+            lib.wait_until(lambda: text in self.stderr, timeout, what)
+        except AssertionError as e:
+            raise AssertionError(f"{e}; exit status {self.p.poll()}, stderr so far:\n{self.stderr}") from None
+
     def wait(self, timeout: float = 120) -> int:
         rc = self.p.wait(timeout=timeout)
         self.t.join(5)
@@ -83,7 +90,7 @@ def test_disk_full_mid_run_keeps_the_last_save_and_recovers(tmp_path: Path, smal
     out = small_disk / "out.ipynb"
     r = Run(src, out)
     # A save while the disk is full fails, says so, and leaves the last one.
-    lib.wait_until(lambda: "No space left" in r.stderr, 60, "a failed save reported")
+    r.wait_for("No space left", 60, "a failed save reported")
     assert "keeps the last complete save" in r.stderr, r.stderr
     json.loads(out.read_text())  # still a complete notebook
     (small_disk / "filler").unlink()
