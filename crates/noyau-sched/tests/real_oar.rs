@@ -1,0 +1,125 @@
+//! OAR's job watcher against the real test cluster that `scripts/test`
+//! starts (`scripts/oar-up`, which exports NOYAU_OAR_USER). OAR runs no job
+//! of root's, so the jobs are submitted as that user (`runuser`); the
+//! watcher follows them as a kernel's proxy does. Without a cluster these
+//! tests pass with a note, except under CI, where they fail.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use noyau_sched::oar::{Commands, Watcher};
+use noyau_sched::JobState;
+
+/// The test user, when the cluster is up.
+fn cluster() -> Option<String> {
+    let user = std::env::var("NOYAU_OAR_USER").ok().filter(|u| {
+        std::process::Command::new("oarstat")
+            .arg("-J")
+            .output()
+            .is_ok_and(|o| o.status.success())
+            && !u.is_empty()
+    });
+    if user.is_none() {
+        if std::env::var_os("CI").is_some() {
+            panic!("no OAR test cluster under CI: scripts/test starts one (scripts/oar-up)");
+        }
+        eprintln!("SKIPPED: no OAR test cluster (run as root: eval \"$(scripts/oar-up DIR)\")");
+    }
+    user
+}
+
+/// `oarsub` as the test user, from their home (oarsub takes its directory
+/// from there); the job's id.
+fn submit_as(user: &str, name: &str) -> String {
+    let home = std::process::Command::new("sh")
+        .args(["-c", &format!("getent passwd {user} | cut -d: -f6")])
+        .output()
+        .unwrap();
+    let home = String::from_utf8(home.stdout).unwrap().trim().to_string();
+    let out = std::process::Command::new("runuser")
+        .args(["-u", user, "--", "env", &format!("PWD={home}"), "oarsub"])
+        .args(["-n", name, "-l", "core=1,walltime=0:05:00"])
+        .args(["-O", "/dev/null", "-E", "/dev/null", "sleep 300"])
+        .current_dir(&home)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("OAR_JOB_ID="))
+        .unwrap_or_else(|| {
+            panic!(
+                "oarsub refused: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+        .trim()
+        .to_string()
+}
+
+/// A wrapper around the real `oarstat` that logs each call to `log`.
+fn logging_oarstat(dir: &Path, log: &Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let real = std::process::Command::new("sh")
+        .args(["-c", "command -v oarstat"])
+        .output()
+        .unwrap();
+    let real = String::from_utf8(real.stdout).unwrap();
+    let wrapper = dir.join("oarstat");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> '{}'\nexec {} \"$@\"\n",
+            log.display(),
+            real.trim()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    wrapper
+}
+
+#[tokio::test]
+async fn one_oarstat_call_per_interval_for_ten_jobs() {
+    let Some(user) = cluster() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("calls.log");
+    let interval = Duration::from_millis(500);
+    let watcher = Watcher::new(
+        Commands {
+            oarstat: logging_oarstat(dir.path(), &log),
+            ..Default::default()
+        },
+        interval,
+    );
+    // 10 jobs on the cluster's 4 cores: some run, the others wait.
+    let ids: Vec<String> = (0..10)
+        .map(|i| submit_as(&user, &format!("noyau-test-many-{i}")))
+        .collect();
+    let states: Vec<_> = ids.iter().map(|id| watcher.track(id, None)).collect();
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let elapsed = t0.elapsed();
+    let calls = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    let seen: Vec<JobState> = states.iter().map(|s| s.borrow().clone()).collect();
+    let _ = std::process::Command::new("oardel").args(&ids).output();
+    for (id, st) in ids.iter().zip(&seen) {
+        assert!(
+            matches!(st, JobState::Pending { .. } | JobState::Running { .. }),
+            "job {id}: {st:?}"
+        );
+    }
+    // The first poll comes one interval (±20 %) after the first track.
+    let max = (elapsed.as_secs_f64() / (interval.as_secs_f64() * 0.8)).ceil() as usize + 1;
+    assert!(
+        (3..=max).contains(&calls),
+        "{calls} oarstat calls in {elapsed:?} for 10 jobs (interval {interval:?}, at most {max} expected)"
+    );
+    let running = seen
+        .iter()
+        .filter(|s| matches!(s, JobState::Running { .. }))
+        .count();
+    eprintln!("{calls} oarstat calls in {elapsed:?}; {running} of 10 jobs were running");
+}
