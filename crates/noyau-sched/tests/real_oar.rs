@@ -105,6 +105,17 @@ async fn one_oarstat_call_per_interval_for_ten_jobs() {
         .count();
     let seen: Vec<JobState> = states.iter().map(|s| s.borrow().clone()).collect();
     let _ = std::process::Command::new("oardel").args(&ids).output();
+    // Gone before the test ends: deletions the server has not processed yet
+    // would hold the cores of the tests after this one.
+    for (id, mut st) in ids.iter().zip(states) {
+        let ended = st.wait_for(|s| matches!(s, JobState::Ended(_)));
+        let gone = tokio::time::timeout(Duration::from_secs(60), ended).await;
+        assert!(
+            gone.is_ok_and(|r| r.is_ok()),
+            "job {id} still {:?} 60 s after oardel",
+            *st.borrow()
+        );
+    }
     for (id, st) in ids.iter().zip(&seen) {
         assert!(
             matches!(st, JobState::Pending { .. } | JobState::Running { .. }),
