@@ -640,12 +640,13 @@ class OarCluster:
 
     def start_controller(self) -> None:
         """scripts/oar-up again: it starts what is down and waits for a probe
-        job to end Terminated."""
+        job to end Terminated, keeping the jobs that run."""
         import subprocess
 
         root = Path(__file__).resolve().parents[2]
         subprocess.run([str(root / "scripts/oar-up"), os.environ["NOYAU_OAR_DIR"]], check=True,
-                       stdout=subprocess.DEVNULL, env=daemon_env(), timeout=120)
+                       stdout=subprocess.DEVNULL, env={**daemon_env(), "OAR_UP_KEEP_JOBS": "1"},
+                       timeout=120)
 
 
 Cluster = SlurmCluster | OarCluster
