@@ -4,8 +4,9 @@
 //! watcher follows them as a kernel's proxy does. Without a cluster these
 //! tests pass with a note, except under CI, where they fail.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
+
+mod common;
 
 use noyau_sched::oar::{Commands, Watcher};
 use noyau_sched::JobState;
@@ -56,28 +57,6 @@ fn submit_as(user: &str, name: &str) -> String {
         .to_string()
 }
 
-/// A wrapper around the real `oarstat` that logs each call to `log`.
-fn logging_oarstat(dir: &Path, log: &Path) -> std::path::PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let real = std::process::Command::new("sh")
-        .args(["-c", "command -v oarstat"])
-        .output()
-        .unwrap();
-    let real = String::from_utf8(real.stdout).unwrap();
-    let wrapper = dir.join("oarstat");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\necho \"$*\" >> '{}'\nexec {} \"$@\"\n",
-            log.display(),
-            real.trim()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-    wrapper
-}
-
 #[tokio::test]
 async fn one_oarstat_call_per_interval_for_ten_jobs() {
     let Some(user) = cluster() else { return };
@@ -86,7 +65,7 @@ async fn one_oarstat_call_per_interval_for_ten_jobs() {
     let interval = Duration::from_millis(500);
     let watcher = Watcher::new(
         Commands {
-            oarstat: logging_oarstat(dir.path(), &log),
+            oarstat: common::logging_wrapper(dir.path(), "oarstat", &log),
             ..Default::default()
         },
         interval,

@@ -5,6 +5,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+mod common;
+
 use noyau_config::Profile;
 use noyau_sched::slurm::{Commands, SlurmBackend, Watcher};
 use noyau_sched::{Backend, JobSpec, JobState};
@@ -135,26 +137,7 @@ async fn one_squeue_call_per_interval_for_ten_jobs() {
     }
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("calls.log");
-    let real = String::from_utf8(
-        std::process::Command::new("sh")
-            .args(["-c", "command -v squeue"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
-    let wrapper = dir.path().join("squeue");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\necho \"$*\" >> '{}'\nexec {} \"$@\"\n",
-            log.display(),
-            real.trim()
-        ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let wrapper = common::logging_wrapper(dir.path(), "squeue", &log);
     let interval = Duration::from_millis(500);
     let watcher = Watcher::new(
         Commands {
