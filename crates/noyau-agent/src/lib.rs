@@ -418,6 +418,21 @@ impl Agent {
         }
     }
 
+    /// The scheduler is ending the job (SIGTERM): the kernel goes, and the
+    /// proxy is told so, to report the scheduler's own reason.
+    async fn end_with_job(&mut self) -> SessionEnd {
+        self.stop_kernel().await;
+        self.outbox.event(
+            Lane::Iopub,
+            &Event::KernelDied {
+                description: "was stopped: its job was cancelled".into(),
+                expected: false,
+                job_ending: true,
+            },
+        );
+        SessionEnd::Finished(143)
+    }
+
     async fn session(
         &mut self,
         link: &mut Link,
@@ -477,8 +492,7 @@ impl Agent {
                             let job_ending = desc.signal == Some(nix::sys::signal::Signal::SIGTERM as i32)
                                 && tokio::time::timeout(JOB_SIGTERM_SKEW, sigterm.recv()).await.is_ok();
                             if job_ending {
-                                self.outbox.event(Lane::Iopub, &Event::KernelDied { description: "was stopped: its job was cancelled".into(), expected: false, job_ending: true });
-                                return SessionEnd::Finished(143);
+                                return self.end_with_job().await;
                             }
                             self.outbox.event(Lane::Iopub, &Event::KernelDied { description: desc.text, expected: false, job_ending: false });
                         }
@@ -498,9 +512,7 @@ impl Agent {
                 }
                 _ = sigterm.recv() => {
                     tracing::info!("cancelled (SIGTERM); stopping the kernel");
-                    self.stop_kernel().await;
-                    self.outbox.event(Lane::Iopub, &Event::KernelDied { description: "was stopped: its job was cancelled".into(), expected: false, job_ending: true });
-                    return SessionEnd::Finished(143);
+                    return self.end_with_job().await;
                 }
             }
         }

@@ -159,10 +159,7 @@ async fn one_squeue_call_per_interval_for_ten_jobs() {
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let elapsed = t0.elapsed();
-    let calls = std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .lines()
-        .count();
+    let calls = common::calls(&log);
     for j in &jobs {
         let st = j.state.borrow().clone();
         assert!(
@@ -174,11 +171,7 @@ async fn one_squeue_call_per_interval_for_ten_jobs() {
     for j in &jobs {
         b.cancel(j).await;
     }
-    let max = (elapsed.as_secs_f64() / (interval.as_secs_f64() * 0.8)).ceil() as usize + 1;
-    assert!(
-        (3..=max).contains(&calls),
-        "{calls} squeue calls in {elapsed:?} for 10 jobs (interval {interval:?}, at most {max} expected)"
-    );
+    common::assert_one_call_per_interval(calls, elapsed, interval, "squeue");
     let running = jobs
         .iter()
         .filter(|j| matches!(*j.state.borrow(), JobState::Running { .. }))
