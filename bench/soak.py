@@ -47,7 +47,7 @@ os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get(
 sys.path.insert(0, str(ROOT / "tests" / "python"))
 
 import noyau_testlib as lib  # noqa: E402
-from test_link_cut import Forwarder, free_port  # noqa: E402
+from test_link_cut import Forwarder  # noqa: E402
 
 # What the proxies and agents log (faults are expected here) goes to a file.
 KERNEL_LOG = (TMP / "kernels.log").open("w")
@@ -69,7 +69,7 @@ def install(noyau_bin: str, slurm: bool) -> None:
 
 def forwarded(base: str, i: str) -> tuple[str, Forwarder]:
     """A copy of kernelspec `base` whose agent dials through a forwarder."""
-    bind, advertise = free_port(), free_port()
+    bind, advertise = lib.free_port(), lib.free_port()
     spec = json.loads((PREFIX / "share" / "jupyter" / "kernels" / base / "kernel.json").read_text())
     spec["argv"] += ["--link-bind", f"127.0.0.1:{bind}", "--link-advertise", f"127.0.0.1:{advertise}"]
     name = f"{base}-{i}"
@@ -92,18 +92,6 @@ class Worker:
         self.pids: set[int] = set()
 
     def start(self) -> None:
-        try:
-            self._start()
-        except RuntimeError as e:
-            # free_port() can race with the ports jupyter_client picks for 25
-            # kernels at once: one more try on fresh ports.
-            self.errors.append(f"{self.kid}: start failed, retried on fresh ports: {e}")
-            self.fwd.stop()
-            self.spec, self.fwd = forwarded(self.base, f"{self.kid}-retry")
-            self._start()
-            self.errors.pop()
-
-    def _start(self) -> None:
         # One IPython history database per kernel: 25 kernels sharing one
         # print "database is locked" warnings into their cells' output.
         ipython = TMP / f"ipython-{self.kid}"

@@ -17,7 +17,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -78,12 +77,6 @@ class UnixUser:
             shutil.rmtree(f"/tmp/noyau-{uid}", ignore_errors=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Hub:
     """One `noyau hub` with its own configuration and state directory."""
 
@@ -99,7 +92,7 @@ class Hub:
         shutil.copy2(lib.noyau_bin(), noyau)
         noyau.chmod(0o755)
         self.noyau = noyau
-        self.port, self.link_port = free_port(), free_port()
+        self.port, self.link_port = lib.free_port(), lib.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.state = self.dir / "state"
         self.log = self.dir / "hub.log"

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import queue
+import random
 import signal
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -50,6 +52,42 @@ def require_noyau() -> None:
 
 # --------------------------------------------------------------------------
 # polling
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_given_ports: set[int] = set()
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a process a test starts to listen on.
+
+    Not one bind(0) hands out: that port is free only until the socket closes,
+    and the kernel hands it out again, to jupyter_client picking a kernel's
+    ports or to any outgoing connection, before the process under test binds
+    it (a CI run lost to "Address already in use" that way). Ports below the
+    ephemeral range are only ever taken by an explicit bind; this process gives
+    each out once.
+    """
+    low, _ = _ephemeral_range()
+    for _ in range(1000):
+        port = random.randrange(20000 if low > 21000 else 1024, low)
+        if port in _given_ports:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given_ports.add(port)
+        return port
+    raise RuntimeError(f"no free port found below the ephemeral range (from {low})")
 
 
 def wait_until(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:

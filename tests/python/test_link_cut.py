@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
-import socket
 import threading
 import time
 from pathlib import Path
@@ -34,12 +33,6 @@ for i in range({LINES}):
         sys.stdout.flush()
         time.sleep(0.01)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Forwarder:
@@ -116,7 +109,7 @@ class Forwarder:
 
 def _forwarded_spec(noyau_kernelspec: str, prefix: Path) -> tuple[str, Forwarder]:
     """A kernelspec whose agent dials through a fresh forwarder (started)."""
-    bind, advertise = free_port(), free_port()
+    bind, advertise = lib.free_port(), lib.free_port()
     spec = lib.read_kernelspec(prefix, noyau_kernelspec)
     spec["argv"] = spec["argv"] + ["--link-bind", f"127.0.0.1:{bind}",
                                    "--link-advertise", f"127.0.0.1:{advertise}"]
