@@ -51,15 +51,14 @@ def require_noyau() -> None:
 
 
 # --------------------------------------------------------------------------
-# polling
+# ports
 
 
-def _ephemeral_range() -> tuple[int, int]:
+def _ephemeral_low() -> int:
     try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 _given_ports: set[int] = set()
@@ -73,9 +72,9 @@ def free_port() -> int:
     ports or to any outgoing connection, before the process under test binds
     it (a CI run lost to "Address already in use" that way). Ports below the
     ephemeral range are only ever taken by an explicit bind; this process gives
-    each out once.
+    each out once. From 20000 up: clear of services' usual ports (Slurm, PostgreSQL).
     """
-    low, _ = _ephemeral_range()
+    low = _ephemeral_low()
     for _ in range(1000):
         port = random.randrange(20000 if low > 21000 else 1024, low)
         if port in _given_ports:
@@ -88,6 +87,10 @@ def free_port() -> int:
         _given_ports.add(port)
         return port
     raise RuntimeError(f"no free port found below the ephemeral range (from {low})")
+
+
+# --------------------------------------------------------------------------
+# polling
 
 
 def wait_until(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
