@@ -211,9 +211,11 @@ fn log_path(sub: &Submission) -> String {
     }
 }
 
-/// Slots (cores) a profile asks for: ntasks × cpus_per_task.
+/// Slots (cores) a profile asks for: ntasks × cpus_per_task (a product
+/// too big for any host saturates: qsub's answer is then the error).
 fn slots(p: &Profile) -> u32 {
-    p.ntasks.unwrap_or(1).max(1) * p.cpus_per_task.unwrap_or(1).max(1)
+    let n = |v: Option<u32>| v.unwrap_or(1).max(1);
+    n(p.ntasks).saturating_mul(n(p.cpus_per_task))
 }
 
 /// The `-l` list: `h_rt` in seconds, memory per slot in megabytes.
@@ -978,6 +980,16 @@ mod tests {
             a.contains("-pe threads 4") && a.contains("m_mem_free=1024M"),
             "{a}"
         );
+
+        let huge = Profile {
+            ntasks: Some(u32::MAX),
+            cpus_per_task: Some(2),
+            ..Default::default()
+        };
+        let a = qsub_args(&sub(&huge, None), &Site::default())
+            .unwrap()
+            .join(" ");
+        assert!(a.contains(&format!("-pe smp {}", u32::MAX)), "{a}");
 
         let two = Profile {
             nodes: Some(2),
