@@ -58,7 +58,8 @@
 //!   own does not get it; a child in a session of its own outlived even the
 //!   final SIGKILL (`execd_params ENABLE_ADDGRP_KILL` unset, the default).
 //! * `s_rt` (SIGUSR1 at a soft limit) left `h_rt` unenforced: a job with
-//!   `h_rt=30,s_rt=20` ran on 60 s past its `h_rt`. Not used.
+//!   `h_rt=30,s_rt=20` was still running 59 s past its `h_rt`, when it was
+//!   deleted. Not used.
 //! * `qalter -l h_rt=…` of a running job is accepted ("modified hard
 //!   resource list", exit 0, for its owner as for a manager) but the
 //!   execution daemon keeps the limit it started with: the job is killed at
