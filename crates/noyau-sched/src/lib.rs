@@ -12,6 +12,7 @@
 
 pub mod local;
 pub mod oar;
+pub mod sge;
 pub mod slurm;
 pub mod watcher;
 
