@@ -39,7 +39,12 @@ ROOT = Path(__file__).resolve().parents[2]
 DIST = ROOT / "dist"
 VERSION = tomllib.loads((ROOT / "Cargo.toml").read_text())["workspace"]["package"]["version"]
 HELLO = ROOT / "examples" / "hello.ipynb"
-LMOD_INIT = Path("/usr/share/lmod/lmod/init/bash")
+# Debian's lmod package, unpacked by scripts/test (it conflicts with
+# environment-modules, which noyau-env's tests use): the test binds its
+# /usr/share/lmod in a bubblewrap sandbox, where Lmod's fixed paths hold.
+LMOD_DIR = Path("/opt/noyau-test/lmod")
+LMOD_SHARE = "/usr/share/lmod"
+LMOD_PATHS = [LMOD_SHARE, "/usr/lib/lmod"]
 # The C runtime: what every Linux has. libpthread and libdl are split out of
 # libc by older glibcs (and named by zig's 2.17 link); vdso is the kernel's.
 ALLOWED_LIBS = {"linux-vdso.so.1", "ld-linux-x86-64.so.2", "libc.so.6", "libm.so.6",
@@ -317,8 +322,27 @@ def test_the_tarball_holds_the_wheels_binary_readme_and_licences(tarball: Path, 
         assert data is not None and data.read() == wheel_bin.read_bytes()
 
 
+def lmod_sandbox(work: Path) -> list[str]:
+    """bwrap arguments: this host read-only, `work` writable, and the
+    unpacked lmod's /usr/share/lmod and /usr/lib/lmod in place (each over a
+    tmpfs parent that holds the host's own entries too, so nothing is
+    created on the host)."""
+    args = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+            "--bind", str(work), str(work)]
+    for mine in LMOD_PATHS:
+        parent = os.path.dirname(mine)
+        args += ["--tmpfs", parent]
+        for e in os.scandir(parent):
+            args += ["--symlink", os.readlink(e.path), e.path] if e.is_symlink() else \
+                ["--ro-bind", e.path, e.path]
+        args += ["--ro-bind", str(LMOD_DIR) + mine, mine]
+    return args
+
+
 def test_lmod_module_load_puts_the_site_install_on_path(tarball: Path, tmp_path: Path) -> None:
-    require(LMOD_INIT.is_file(), f"Lmod missing ({LMOD_INIT}; Debian: lmod)")
+    require((LMOD_DIR / "usr/share/lmod/lmod/init/bash").is_file(),
+            f"no Lmod unpacked in {LMOD_DIR} (scripts/test unpacks Debian's lmod there, as root)")
+    require_bwrap()
     site = tmp_path / "opt" / "noyau"
     install = site / VERSION
     install.mkdir(parents=True)
@@ -328,21 +352,29 @@ def test_lmod_module_load_puts_the_site_install_on_path(tarball: Path, tmp_path:
     mods = tmp_path / "modulefiles" / "noyau"
     mods.mkdir(parents=True)
     (mods / f"{VERSION}.lua").write_text(modulefile.replace('"/opt/noyau"', json.dumps(str(site)), 1))
-    # Lmod's own init, in a shell that read no profile (environment-modules,
-    # also installed here, defines another `module` in login shells).
-    script = (f". {LMOD_INIT}\n"
+    # Lmod's own init, in a shell that read no profile: no other `module`.
+    script = (f". {LMOD_SHARE}/lmod/init/bash\n"
               "type module | head -1\n"
               "command -v noyau || echo 'no noyau yet'\n"
               "module load noyau\n"
+              "echo \"Lmod ${LMOD_VERSION:-none}\"\n"
               "command -v noyau\n"
               "noyau --version\n"
               "module unload noyau\n"
               "command -v noyau || echo 'gone'\n")
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "USER": "root",
            "MODULEPATH": str(tmp_path / "modulefiles")}
-    p = subprocess.run(["bash", "--noprofile", "--norc", "-c", script], env=env, cwd=tmp_path,
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run([*lmod_sandbox(tmp_path), "bash", "--noprofile", "--norc", "-c", script], env=env,
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.split("\n")
-    assert lines[:5] == ["module is a function", "no noyau yet", str(install / "bin/noyau"),
-                         f"noyau {VERSION}", "gone"], p.stdout + p.stderr
+    assert lines[:2] == ["module is a function", "no noyau yet"], p.stdout + p.stderr
+    assert re.fullmatch(r"Lmod \d+\.\d+.*", lines[2]), p.stdout + p.stderr
+    assert lines[3:6] == [str(install / "bin/noyau"), f"noyau {VERSION}", "gone"], p.stdout + p.stderr
+    # a module whose install is missing says so
+    shutil.rmtree(install)
+    p = subprocess.run([*lmod_sandbox(tmp_path), "bash", "--noprofile", "--norc", "-c",
+                        f". {LMOD_SHARE}/lmod/init/bash\nmodule load noyau"], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and f"noyau {VERSION} is not installed in {install}" in " ".join(p.stderr.split()), \
+        p.stderr  # (Lmod wraps its messages)
