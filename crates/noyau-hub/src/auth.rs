@@ -127,10 +127,7 @@ pub fn valid_user_name(name: &str) -> bool {
 
 /// Checks a password with PAM (blocking: run it off the async threads).
 pub fn pam_check(service: &str, user: &str, password: &str) -> Result<(), String> {
-    let mut auth = pam::Authenticator::with_password(service)
-        .map_err(|e| format!("PAM service {service}: {e}"))?;
-    auth.get_handler().set_credentials(user, password);
-    auth.authenticate().map_err(|e| e.to_string())
+    crate::pam::authenticate(service, user, password).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

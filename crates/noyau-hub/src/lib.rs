@@ -7,6 +7,7 @@
 //! * [`db`]: SQLite state (users and their last choices, logins, sessions,
 //!   audit log), so a restarted hub lists every session it had.
 //! * [`auth`]: PAM or a trusted SSO header; HttpOnly cookies; CSRF tokens.
+//! * [`pam`]: the system's libpam, opened at run time (never linked).
 //! * [`jobs`]: `sbatch` as the user (through `submit_as`, e.g. `runuser`),
 //!   `scancel`, `sinfo`, and the one watcher: one `squeue` per interval for
 //!   every user's sessions; [`oar`]: the same on OAR (`scheduler = "oar"`).
@@ -29,6 +30,7 @@ pub mod db;
 pub mod jobs;
 pub mod oar;
 pub mod pages;
+pub mod pam;
 pub mod proxy;
 
 use std::collections::HashMap;
@@ -137,6 +139,9 @@ fn private_file(
 /// Runs the hub until it is killed.
 pub async fn run(config: PathBuf) -> anyhow::Result<()> {
     let cfg = HubConfig::load(&config)?;
+    if cfg.auth == Auth::Pam {
+        pam::load().context("auth = \"pam\" in hub.toml")?;
+    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
