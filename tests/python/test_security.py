@@ -581,7 +581,12 @@ def _agent_env(user: str) -> dict[str, str]:
     raise AssertionError(f"no agent of {user}")
 
 
-WELCOME = 3
+def _spawn_form(hub: hl.Hub, u: hl.UnixUser) -> tuple[Any, str, dict]:
+    """`u` logged in, the CSRF token of its forms, and a spawn form."""
+    s = hub.login(u.name, u.password)
+    csrf = hl.csrf_of(s.get(hub.url + "/hub/home").text)
+    return s, csrf, {"_csrf": csrf, "profile": "cpu", "partition": "debug", "cores": 1, "mem_gb": 1, "gpus": 0,
+                     "minutes": 10}
 
 
 def test_hub_link_token_works_once(tmp_path: Path, hub_users, slurm) -> None:  # type: ignore[no-untyped-def]
@@ -594,10 +599,8 @@ def test_hub_link_token_works_once(tmp_path: Path, hub_users, slurm) -> None:  #
     hub = hl.Hub(tmp_path, admins=[])
     try:
         hub.start()
-        s = hub.login(u.name, u.password)
-        csrf = hl.csrf_of(s.get(hub.url + "/hub/home").text)
-        s.post(hub.url + "/hub/spawn", data={"_csrf": csrf, "profile": "cpu", "partition": "debug", "cores": 1,
-                                             "mem_gb": 1, "gpus": 0, "minutes": 10})
+        s, csrf, form = _spawn_form(hub, u)
+        s.post(hub.url + "/hub/spawn", data=form)
         st = hl.wait_state(s, hub.url, "running")
         env = _agent_env(u.name)
         addr, token = env["NOYAU_LINK_ADDR"], env["NOYAU_LINK_TOKEN"]
@@ -663,10 +666,7 @@ def test_hub_two_simultaneous_spawns_make_one_job(tmp_path: Path, hub_users, slu
     hub = hl.Hub(tmp_path, admins=[])
     try:
         hub.start()
-        s = hub.login(u.name, u.password)
-        csrf = hl.csrf_of(s.get(hub.url + "/hub/home").text)
-        form = {"_csrf": csrf, "profile": "cpu", "partition": "debug", "cores": 1, "mem_gb": 1, "gpus": 0,
-                "minutes": 10}
+        s, csrf, form = _spawn_form(hub, u)
         go = threading.Barrier(2)
         codes: list[int] = []
 

@@ -161,6 +161,26 @@ fn session_row(r: &rusqlite::Row) -> rusqlite::Result<Session> {
     })
 }
 
+impl Session {
+    /// A session being submitted: queued, no job yet.
+    pub fn submitting(id: String, user: String, choice: Choice) -> Session {
+        Session {
+            id,
+            user,
+            choice,
+            job_id: None,
+            state: State::Queued,
+            reason: Some("submitting".into()),
+            start_est: None,
+            node: None,
+            time_left: None,
+            ended_why: None,
+            log_path: None,
+            created: now(),
+        }
+    }
+}
+
 /// A change to a session's card, from the watcher or the link: `None`
 /// leaves a field as it is.
 #[derive(Debug, Default)]
@@ -407,27 +427,15 @@ mod tests {
     use super::*;
 
     fn session(id: &str, user: &str) -> Session {
-        Session {
-            id: id.into(),
-            user: user.into(),
-            choice: Choice {
-                profile: "p".into(),
-                partition: "q".into(),
-                cores: 1,
-                mem_gb: 0,
-                gpus: 0,
-                minutes: 5,
-            },
-            job_id: None,
-            state: State::Queued,
-            reason: None,
-            start_est: None,
-            node: None,
-            time_left: None,
-            ended_why: None,
-            log_path: None,
-            created: now(),
-        }
+        let choice = Choice {
+            profile: "p".into(),
+            partition: "q".into(),
+            cores: 1,
+            mem_gb: 0,
+            gpus: 0,
+            minutes: 5,
+        };
+        Session::submitting(id.into(), user.into(), choice)
     }
 
     #[test]

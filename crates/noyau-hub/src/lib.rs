@@ -636,20 +636,7 @@ async fn start_session(
     choice: Choice,
 ) -> Result<(), (StatusCode, String)> {
     check_choice(&hub.cfg, &choice).map_err(|e| (StatusCode::BAD_REQUEST, e))?;
-    let s = Session {
-        id: random_hex()[..16].to_string(),
-        user: who.name.clone(),
-        choice,
-        job_id: None,
-        state: State::Queued,
-        reason: Some("submitting".into()),
-        start_est: None,
-        node: None,
-        time_left: None,
-        ended_why: None,
-        log_path: None,
-        created: now(),
-    };
+    let s = Session::submitting(random_hex()[..16].to_string(), who.name.clone(), choice);
     let made = hub
         .db
         .new_session(&s)
