@@ -34,14 +34,28 @@ impl Hub {
         }
     }
 
-    /// Lets the listener accept what a live session's agent may dial with
-    /// (at start: agents of sessions from before a restart dial again).
-    pub(crate) fn admit_agent(&self, session: &str) -> anyhow::Result<()> {
-        let (gen, next) = self.db.link_gens(session)?;
-        for g in std::iter::once(gen).chain(next) {
-            self.tokens.add(&self.link_token_gen(session, g));
+    /// At start: lets the listener accept what the live sessions' agents
+    /// may dial with (those from before a restart dial again), and shows
+    /// `running` sessions as `starting` until their agent is back. Returns
+    /// the number of live sessions.
+    pub(crate) fn admit_agents(&self) -> anyhow::Result<usize> {
+        let live = self.db.live_sessions()?;
+        for s in &live {
+            let (gen, next) = self.db.link_gens(&s.id)?;
+            for g in std::iter::once(gen).chain(next) {
+                self.tokens.add(&self.link_token_gen(&s.id, g));
+            }
+            if s.state == State::Running {
+                self.db.update(
+                    &s.id,
+                    &Update {
+                        state: Some(State::Starting),
+                        ..Default::default()
+                    },
+                )?;
+            }
         }
-        Ok(())
+        Ok(live.len())
     }
 }
 

@@ -236,7 +236,9 @@ pub async fn run(config: PathBuf) -> anyhow::Result<()> {
         None => std::env::current_exe()
             .context("cannot find the noyau binary; set `agent` in hub.toml")?,
     };
-    let cfg_login = (cfg.login_failures, cfg.login_delay, cfg.pam_in_flight);
+    let throttle =
+        throttle::Throttle::new(cfg.login_failures, Duration::from_secs_f64(cfg.login_delay));
+    let pam_slots = tokio::sync::Semaphore::new(cfg.pam_in_flight);
     let hub = Arc::new(Hub {
         pin: listener.pin(),
         tokens: listener.tokens(),
@@ -249,25 +251,12 @@ pub async fn run(config: PathBuf) -> anyhow::Result<()> {
         squeue_calls: AtomicU64::new(0),
         sinfo_cache: tokio::sync::Mutex::new(None),
         access: access::Access::default(),
-        throttle: throttle::Throttle::new(cfg_login.0, Duration::from_secs_f64(cfg_login.1)),
-        pam_slots: tokio::sync::Semaphore::new(cfg_login.2),
+        throttle,
+        pam_slots,
         tails: logs::Tails::default(),
     });
-    // Agents of sessions from before a restart dial again with their token.
-    let live = hub.db.live_sessions()?;
-    for s in &live {
-        hub.admit_agent(&s.id)?;
-        if s.state == State::Running {
-            hub.db.update(
-                &s.id,
-                &Update {
-                    state: Some(State::Starting),
-                    ..Default::default()
-                },
-            )?;
-        }
-    }
-    tracing::info!(sessions = live.len(), "hub state loaded");
+    let live = hub.admit_agents()?;
+    tracing::info!(sessions = live, "hub state loaded");
     tokio::spawn(agents::accept(hub.clone(), listener));
     tokio::spawn(jobs::watch(hub.clone()));
     let app = routes(hub.clone());
