@@ -391,10 +391,13 @@ def test_hub_refuses_root_and_system_accounts(tmp_path: Path, hub_users, slurm) 
 
     group = f"nsg{os.urandom(3).hex()}"
     subprocess.run(["groupadd", group], check=True)
-    inside = hl.UnixUser("nsin", groups=[group])
-    system = hl.UnixUser("nssys", system=True)
+    made: list[hl.UnixUser] = []
     outside = hub_users[0]
     try:
+        inside = hl.UnixUser("nsin", groups=[group])
+        made.append(inside)
+        system = hl.UnixUser("nssys", system=True)
+        made.append(system)
         uid = int(subprocess.run(["id", "-u", system.name], capture_output=True, text=True, check=True).stdout)
         assert uid < 1000, uid
         def refused(hub: hl.Hub, user: str, password: str, why: str) -> None:
@@ -434,8 +437,8 @@ def test_hub_refuses_root_and_system_accounts(tmp_path: Path, hub_users, slurm) 
         finally:
             header.close()
     finally:
-        inside.remove()
-        system.remove()
+        for m in made:
+            m.remove()
         subprocess.run(["groupdel", group], check=False)
 
 
@@ -526,10 +529,11 @@ def test_hub_throttles_password_guessing(tmp_path: Path, hub_users, slurm) -> No
     def pam_calls() -> int:
         return sum(1 for line in calls.read_text().splitlines() if line.startswith("auth "))
 
-    # The hub believes X-Forwarded-For from the proxy (here the test itself, on 127.0.0.1).
-    hub = hl.Hub(tmp_path / "hub", admins=[], extra=f'pam_service = "{service}"\nlogin_delay = 2\n'
-                                                       'proxy_addresses = ["127.0.0.1"]')
+    hub = None
     try:
+        # The hub believes X-Forwarded-For from the proxy (here the test itself, on 127.0.0.1).
+        hub = hl.Hub(tmp_path / "hub", admins=[], extra=f'pam_service = "{service}"\nlogin_delay = 2\n'
+                                                           'proxy_addresses = ["127.0.0.1"]')
         hub.start()
         # One address guessing five names: its sixth try is refused, not checked.
         for i in range(5):
@@ -566,7 +570,8 @@ def test_hub_throttles_password_guessing(tmp_path: Path, hub_users, slurm) -> No
         assert r.status_code == 303, r.text[:300]
         assert pam_calls() == 13
     finally:
-        hub.close()
+        if hub:
+            hub.close()
         Path("/etc/pam.d", service).unlink(missing_ok=True)
 
 
