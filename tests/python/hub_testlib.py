@@ -59,12 +59,15 @@ def require_hub_oar_env() -> None:
 
 
 class UnixUser:
-    """A real account with a password, removed at the end."""
+    """A real account with a password, removed at the end; `system`: a
+    system account (useradd -r: a uid below 1000), `groups`: supplementary
+    groups it is in."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, system: bool = False, groups: list[str] | None = None) -> None:
         self.name = f"{prefix}{uuid.uuid4().hex[:6]}"
         self.password = "pw-" + secrets.token_hex(8)
-        subprocess.run(["useradd", "-m", "-s", "/bin/sh", self.name], check=True)
+        subprocess.run(["useradd", "-m", "-s", "/bin/sh", *(["-r"] if system else []),
+                        *(["-G", ",".join(groups)] if groups else []), self.name], check=True)
         subprocess.run(["chpasswd"], input=f"{self.name}:{self.password}", text=True, check=True)
 
     def remove(self) -> None:
@@ -82,9 +85,12 @@ class Hub:
 
     def __init__(self, workdir: Path, admins: list[str], poll: float = 1.0, squeue: str = "squeue",
                  auth: str = "pam", scheduler: str = "slurm", submit_as: list[str] | None = None,
-                 oarstat: str = "oarstat", run_as: str | None = None) -> None:
+                 oarstat: str = "oarstat", run_as: str | None = None, listen_host: str = "127.0.0.1",
+                 extra: str = "") -> None:
+        """`extra`: more top-level hub.toml lines (the test's own keys)."""
         self.run_as = run_as
         self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.dir.chmod(0o755)
         self.bin_dir = Path(tempfile.mkdtemp(prefix="noyau-hub-bin-"))
         self.bin_dir.chmod(0o755)
@@ -102,7 +108,7 @@ class Hub:
         queues, mem = (["debug", "batch"], "mem_gb = {{ min = 1, max = {}, default = 1 }}") if scheduler == "slurm" \
             else (["default", "batch"], "")
         self.config.write_text(f"""
-listen = "127.0.0.1:{self.port}"
+listen = "{listen_host}:{self.port}"
 link_bind = "127.0.0.1:{self.link_port}"
 link_advertise = "127.0.0.1:{self.link_port}"
 state_dir = "{self.state}"
@@ -113,6 +119,7 @@ cookie_secure = false
 agent = "{noyau}"
 scheduler = "{scheduler}"
 {f"submit_as = {json.dumps(submit_as)}" if submit_as else ""}
+{extra}
 
 [slurm]
 squeue = "{squeue}"
@@ -147,6 +154,20 @@ env = {{ PATH = "/nonexistent:/usr/bin:/bin" }}
             self.proc = subprocess.Popen([str(self.noyau), "hub", "--config", str(self.config)],
                                          stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.dir, **who)
         lib.wait_until(self._answers, 30, f"the hub to answer (log: {self.log})", interval=0.1)
+
+    def start_refused(self, timeout: float = 30) -> str:
+        """Starts the hub expecting it to refuse to start: returns what it
+        printed; fails if it is still running after `timeout` s."""
+        r = subprocess.Popen([str(self.noyau), "hub", "--config", str(self.config)], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, cwd=self.dir)
+        try:
+            out, _ = r.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            r.kill()
+            out, _ = r.communicate()
+            raise AssertionError(f"the hub started instead of refusing to: {out}") from None
+        assert r.returncode != 0, f"the hub exited with 0: {out}"
+        return out
 
     def _answers(self) -> bool:
         import requests
@@ -192,6 +213,20 @@ env = {{ PATH = "/nonexistent:/usr/bin:/bin" }}
                 db.execute("INSERT INTO sessions (id, user, choice, job_id, state, created) "
                            "VALUES (?, ?, ?, ?, 'queued', ?)",
                            (f"sim{i:02d}", f"simulated-user-{i:02d}", choice, job, int(time.time()) - 10))
+        db.close()
+
+    def add_ended_session(self, sid: str, user: str, log_path: str) -> None:
+        """An ended session of `user` whose job log is at `log_path`, written
+        into the hub's database as the watcher leaves one."""
+        import sqlite3
+
+        choice = json.dumps({"profile": "cpu", "partition": "debug", "cores": 1, "mem_gb": 1, "gpus": 0,
+                             "minutes": 5}, separators=(",", ":"))
+        db = sqlite3.connect(self.state / "hub.sqlite")
+        with db:
+            db.execute("INSERT INTO sessions (id, user, choice, job_id, state, ended_why, log_path, created) "
+                       "VALUES (?, ?, ?, '1', 'ended', 'the job failed', ?, ?)",
+                       (sid, user, choice, log_path, int(time.time()) - 10))
         db.close()
 
     def simulated_reasons(self) -> list[str]:

@@ -221,34 +221,38 @@ def test_a_session_at_its_walltime_ends_saying_so(hub, users, slurm) -> None:  #
     assert ended["ended_why"] == "reached its walltime", ended
 
 
-def test_trusted_header_mode(tmp_path: Path, slurm) -> None:  # type: ignore[no-untyped-def]
+def test_trusted_header_mode(tmp_path: Path, users, slurm) -> None:  # type: ignore[no-untyped-def]
     """Behind an SSO proxy: the user comes from X-Remote-User; forms still
-    need their CSRF token, which is bound to the user."""
+    need their CSRF token, which is bound to the user. A name that is no
+    account of this host is refused (test_security.py has root and system
+    accounts)."""
     import requests
 
-    hl.require_hub_env()
+    alice, bob = users[0].name, users[1].name
     hub = hl.Hub(tmp_path, admins=[], auth="header")
     try:
         hub.start()
         assert requests.get(hub.url + "/hub/home").status_code == 401
         assert requests.get(hub.url + "/hub/home", headers={"X-Remote-User": "../root"}).status_code == 401
-        home = requests.get(hub.url + "/hub/home", headers={"X-Remote-User": "alice"})
-        assert home.status_code == 200 and '<b id="who">alice</b>' in home.text
+        r = requests.get(hub.url + "/hub/home", headers={"X-Remote-User": "nosuchaccount"})
+        assert r.status_code == 403 and "no account nosuchaccount" in r.text
+        home = requests.get(hub.url + "/hub/home", headers={"X-Remote-User": alice})
+        assert home.status_code == 200 and f'<b id="who">{alice}</b>' in home.text
         csrf = hl.csrf_of(home.text)
         form = {"profile": "cpu", "partition": "debug", "cores": 99, "mem_gb": 1, "gpus": 0, "minutes": 5}
         # Bob cannot use Alice's token; Alice's (over-limit) form gets past CSRF to the limits.
-        r = requests.post(hub.url + "/hub/spawn", data=dict(form, _csrf=csrf), headers={"X-Remote-User": "bob"})
+        r = requests.post(hub.url + "/hub/spawn", data=dict(form, _csrf=csrf), headers={"X-Remote-User": bob})
         assert r.status_code == 403
-        r = requests.post(hub.url + "/hub/spawn", data=dict(form, _csrf=csrf), headers={"X-Remote-User": "alice"})
+        r = requests.post(hub.url + "/hub/spawn", data=dict(form, _csrf=csrf), headers={"X-Remote-User": alice})
         assert r.status_code == 400 and "cores must be between" in r.text
-        assert requests.get(hub.url + "/user/bob/lab", headers={"X-Remote-User": "alice"}).status_code == 403
+        assert requests.get(f"{hub.url}/user/{bob}/lab", headers={"X-Remote-User": alice}).status_code == 403
         # There is no password login in this mode.
-        assert requests.post(hub.url + "/hub/login", data={"user": "alice", "password": "x", "_csrf": "0"}).status_code == 404
+        assert requests.post(hub.url + "/hub/login", data={"user": alice, "password": "x", "_csrf": "0"}).status_code == 404
     finally:
         hub.close()
 
 
-def test_free_gpus_per_partition_fake_gpu_devices(tmp_path: Path, slurm) -> None:  # type: ignore[no-untyped-def]
+def test_free_gpus_per_partition_fake_gpu_devices(tmp_path: Path, users, slurm) -> None:  # type: ignore[no-untyped-def]
     """The form shows the GPUs free per partition, not what is configured:
     the test cluster declares two GPUs whose device files are fakes
     (scripts/slurm-up: no GPU here); a job holding one leaves 1 free of 2."""
@@ -263,7 +267,7 @@ def test_free_gpus_per_partition_fake_gpu_devices(tmp_path: Path, slurm) -> None
         hub.start()
 
         def gpus_cell() -> str | None:
-            home = requests.get(hub.url + "/hub/home", headers={"X-Remote-User": "alice"}, timeout=10).text
+            home = requests.get(hub.url + "/hub/home", headers={"X-Remote-User": users[0].name}, timeout=10).text
             m = re.search(r'<tr><td>debug</td>.*?<td class="gpus">([^<]*)</td>', home)
             return m.group(1) if m else None
 

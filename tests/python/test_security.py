@@ -3,14 +3,20 @@ argv, job names, logs and Slurm's view; private files and directories are
 private and noyau refuses open ones; the link refuses wrong tokens, replayed
 tokens and wrong certificates, and logs it; messages with bad signatures are
 dropped on every socket; an inner kernelspec that asks for message interrupts
-gets them."""
+gets them. The hub's part: trusted-header logins need the SSO proxy's
+secret, who may log in, password guessing, job logs at paths users
+control, one-time link tokens, the login's redirect, one session per user,
+a private state directory."""
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
+import pwd
 import re
+import shutil
 import socket
 import ssl
 import stat
@@ -18,7 +24,11 @@ import struct
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+import hub_testlib as hl
 import noyau_testlib as lib
 
 
@@ -285,3 +295,433 @@ def test_bad_signatures_are_dropped_on_every_socket(noyau_kernelspec: str, tmp_p
         assert "dropped a message from the kernel" in text, text[-3000:]
     finally:
         k.shutdown()
+
+
+# --------------------------------------------------------------------------
+# The hub (`noyau hub`), tried as a hostile user of the centre would: real
+# PAM logins of Unix users made by the test, real Slurm jobs, the hub's own
+# database and logs.
+
+import hub_testlib as hl  # noqa: E402
+
+
+@pytest.fixture
+def hub_users():  # type: ignore[no-untyped-def]
+    """Two ordinary accounts, removed at the end."""
+    hl.require_hub_env()
+    made = [hl.UnixUser("nsa"), hl.UnixUser("nsb")]
+    yield made
+    for u in made:
+        u.remove()
+
+
+def _secret_file(tmp_path: Path, mode: int = 0o600) -> tuple[Path, str]:
+    value = "s3cret-" + os.urandom(16).hex()
+    f = tmp_path / f"proxy-secret-{mode:o}"
+    f.write_text(value + "\n")
+    f.chmod(mode)
+    return f, value
+
+
+def test_hub_header_mode_needs_the_proxys_secret(tmp_path: Path, hub_users, slurm) -> None:  # type: ignore[no-untyped-def]
+    """`auth = "header"` trusts a user-name header: on an address other hosts
+    reach, the hub refuses to start without a secret header that the SSO
+    proxy adds; with one, a client that lacks it cannot log in as anyone,
+    and a client not among proxy_addresses neither."""
+    import requests
+
+    u = hub_users[0]
+    # Public address, no secret: refused, saying why and what to set.
+    bare = hl.Hub(tmp_path / "bare", admins=[], auth="header", listen_host="0.0.0.0")
+    try:
+        out = bare.start_refused()
+    finally:
+        bare.close()
+    assert "0.0.0.0" in out and "auth_secret_header" in out and "auth_secret_file" in out, out
+    # A secret file others can read is refused too.
+    loose, _ = _secret_file(tmp_path, 0o644)
+    open_file = hl.Hub(tmp_path / "open", admins=[], auth="header", listen_host="0.0.0.0",
+                       extra=f'auth_secret_header = "X-Proxy-Secret"\nauth_secret_file = "{loose}"')
+    try:
+        out = open_file.start_refused()
+    finally:
+        open_file.close()
+    assert str(loose) in out and "600" in out, out
+
+    secret_file, secret = _secret_file(tmp_path)
+    hub = hl.Hub(tmp_path / "hub", admins=[], auth="header", listen_host="0.0.0.0",
+                 extra=f'auth_secret_header = "X-Proxy-Secret"\nauth_secret_file = "{secret_file}"')
+    try:
+        hub.start()
+        home = hub.url + "/hub/home"
+        forged = {"X-Remote-User": u.name}
+        for headers in (forged, dict(forged, **{"X-Proxy-Secret": "wrong"}),
+                        dict(forged, **{"X-Proxy-Secret": secret + "x"})):
+            r = requests.get(home, headers=headers, timeout=10)
+            assert r.status_code in (401, 403) and f'<b id="who">{u.name}</b>' not in r.text, (headers, r.status_code)
+        r = requests.get(home, headers=dict(forged, **{"X-Proxy-Secret": secret}), timeout=10)
+        assert r.status_code == 200 and f'<b id="who">{u.name}</b>' in r.text, r.text[:300]
+        # Two user headers (the client's and the proxy's) are not a login.
+        conn = http.client.HTTPConnection("127.0.0.1", hub.port, timeout=10)
+        conn.putrequest("GET", "/hub/home")
+        for k, v in (("X-Remote-User", u.name), ("X-Remote-User", hub_users[1].name), ("X-Proxy-Secret", secret)):
+            conn.putheader(k, v)
+        conn.endheaders()
+        assert conn.getresponse().status in (401, 403)
+        conn.close()
+        assert secret not in hub.log.read_text()
+
+        # proxy_addresses: the right secret from another address is not trusted.
+        hub.kill()
+        hub.config.write_text(hub.config.read_text().replace(
+            'auth = "header"', 'auth = "header"\nproxy_addresses = ["192.0.2.7"]'))
+        hub.start()
+        r = requests.get(home, headers=dict(forged, **{"X-Proxy-Secret": secret}), timeout=10)
+        assert r.status_code in (401, 403) and f'<b id="who">{u.name}</b>' not in r.text, r.status_code
+    finally:
+        hub.close()
+
+
+def test_hub_refuses_root_and_system_accounts(tmp_path: Path, hub_users, slurm) -> None:  # type: ignore[no-untyped-def]
+    """No login for root (whatever the password), for a system account
+    (uid below min_uid) even with its right password, nor for an account
+    outside allowed_groups; in PAM and in header mode, with a page saying
+    why."""
+    import requests
+
+    group = f"nsg{os.urandom(3).hex()}"
+    subprocess.run(["groupadd", group], check=True)
+    made: list[hl.UnixUser] = []
+    outside = hub_users[0]
+    try:
+        inside = hl.UnixUser("nsin", groups=[group])
+        made.append(inside)
+        system = hl.UnixUser("nssys", system=True)
+        made.append(system)
+        uid = int(subprocess.run(["id", "-u", system.name], capture_output=True, text=True, check=True).stdout)
+        assert uid < 1000, uid
+        def refused(hub: hl.Hub, user: str, password: str, why: str) -> None:
+            s = requests.Session()
+            r = s.post(hub.url + "/hub/login", data={"user": user, "password": password,
+                                                     "_csrf": hl.login_csrf(s, hub.url)},
+                       allow_redirects=False, timeout=30)
+            assert r.status_code == 403 and "may not log in" in r.text and why in r.text, \
+                (user, r.status_code, r.text[:500])
+            assert "noyau_hub" not in s.cookies
+
+        pam = hl.Hub(tmp_path / "pam", admins=[])
+        try:
+            pam.start()
+            refused(pam, "root", "not-roots-password", "root")
+            refused(pam, system.name, system.password, "system account")
+        finally:
+            pam.close()
+        # allowed_groups: an account outside them is refused, one inside logs in.
+        pam = hl.Hub(tmp_path / "groups", admins=[], extra=f'allowed_groups = ["{group}"]')
+        try:
+            pam.start()
+            refused(pam, outside.name, outside.password, group)
+            assert "Log out" in pam.login(inside.name, inside.password).get(pam.url + "/hub/home").text
+        finally:
+            pam.close()
+
+        header = hl.Hub(tmp_path / "header", admins=[], auth="header")
+        try:
+            header.start()
+            for user, why in (("root", "root"), (system.name, "system account")):
+                r = requests.get(header.url + "/hub/home", headers={"X-Remote-User": user}, timeout=10)
+                assert r.status_code == 403 and "may not log in" in r.text and why in r.text, \
+                    (user, r.status_code, r.text[:500])
+            r = requests.get(header.url + "/hub/home", headers={"X-Remote-User": inside.name}, timeout=10)
+            assert r.status_code == 200, r.text[:300]
+        finally:
+            header.close()
+    finally:
+        for m in made:
+            m.remove()
+        subprocess.run(["groupdel", group], check=False)
+
+
+def test_hub_log_tail_of_a_fifo_symlink_or_other_users_file(tmp_path: Path, hub_users, slurm) -> None:  # type: ignore[no-untyped-def]
+    """The hub reads, as root, the job log of an ended session, at a path
+    the user controls. A FIFO there, a symlink (to /etc/shadow, to another
+    user's file) or another user's file: the cards and /hub/admin still
+    answer at once and show nothing of them; a genuine log still shows."""
+    import requests
+
+    u, other = hub_users
+    home = Path(os.path.expanduser(f"~{u.name}"))
+    theirs = Path(os.path.expanduser(f"~{other.name}")) / "private.log"
+    theirs.write_text("SECRET-OF-THE-OTHER-USER\n")
+    shutil.chown(theirs, other.name, other.name)
+    theirs.chmod(0o600)
+    logs = {"fifo": home / "fifo.log", "shadow": home / "shadow.log", "link": home / "link.log",
+            "theirs": home / "theirs.log", "genuine": home / "genuine.log"}
+    os.mkfifo(logs["fifo"])
+    logs["shadow"].symlink_to("/etc/shadow")
+    logs["link"].symlink_to(theirs)
+    logs["theirs"].write_text("SECRET-OF-THE-OTHER-USER\n")
+    logs["genuine"].write_text("line one\nGENUINE-TAIL\n")
+    for name, p in logs.items():
+        owner = other.name if name == "theirs" else u.name
+        os.chown(p, pwd.getpwnam(owner).pw_uid, -1, follow_symlinks=False)
+
+    hub = hl.Hub(tmp_path, admins=[u.name])
+    try:
+        hub.start()
+        for name, p in logs.items():
+            hub.add_ended_session(f"ended-{name}", u.name, str(p))
+        s = hub.login(u.name, u.password)
+        for page in ("/hub/cards", "/hub/admin", "/hub/cards"):
+            r = s.get(hub.url + page, timeout=1)
+            assert r.status_code == 200, (page, r.status_code)
+            for name in logs:
+                assert f"card-ended-{name}" in r.text, (page, name)
+            assert "SECRET-OF-THE-OTHER-USER" not in r.text and "root:" not in r.text, page
+        # The genuine log's tail shows (read off the request's path, so it
+        # may come at the next refresh).
+        lib.wait_until(lambda: "GENUINE-TAIL" in s.get(hub.url + "/hub/cards", timeout=1).text, 5,
+                       "the genuine log's tail on its card", interval=0.1)
+    finally:
+        hub.close()
+
+
+def _pam_service_counting_calls(tmp_path: Path) -> tuple[str, Path]:
+    """A PAM service for the test: pam_unix, after a pam_exec that writes a
+    line per authentication it is asked for."""
+    calls = tmp_path / "pam-calls"
+    calls.touch()
+    script = tmp_path / "count-pam"
+    script.write_text(f'#!/bin/sh\necho "$PAM_TYPE $PAM_USER" >> {calls}\n')
+    script.chmod(0o755)
+    name = f"noyau-hub-test-{os.urandom(3).hex()}"
+    Path("/etc/pam.d", name).write_text(f"auth optional pam_exec.so quiet {script}\n"
+                                        "auth required pam_unix.so nodelay\n"
+                                        "account required pam_unix.so\n")
+    return name, calls
+
+
+def _try_login(hub: hl.Hub, user: str, password: str, client: str) -> Any:
+    import requests
+
+    s = requests.Session()
+    s.headers["X-Forwarded-For"] = client
+    return s.post(hub.url + "/hub/login", data={"user": user, "password": password,
+                                                "_csrf": hl.login_csrf(s, hub.url)},
+                  allow_redirects=False, timeout=30)
+
+
+def _retry_after(r) -> int:  # type: ignore[no-untyped-def]
+    m = re.search(r"try again in (\d+) s", r.text)
+    assert r.status_code == 429 and m, (r.status_code, r.text[:500])
+    return int(m.group(1))
+
+
+def test_hub_throttles_password_guessing(tmp_path: Path, hub_users, slurm) -> None:  # type: ignore[no-untyped-def]
+    """After 5 failed logins within a minute, for one user or from one client
+    address, the next attempts are refused without asking PAM ("try again in
+    N s", N growing); the right password works once the stated delay has
+    passed. PAM's calls are counted by a pam_exec line in the test's own PAM
+    service."""
+    u = hub_users[0]
+    service, calls = _pam_service_counting_calls(tmp_path)
+
+    def pam_calls() -> int:
+        return sum(1 for line in calls.read_text().splitlines() if line.startswith("auth "))
+
+    hub = None
+    try:
+        # The hub believes X-Forwarded-For from the proxy (here the test itself, on 127.0.0.1).
+        hub = hl.Hub(tmp_path / "hub", admins=[], extra=f'pam_service = "{service}"\nlogin_delay = 2\n'
+                                                           'proxy_addresses = ["127.0.0.1"]')
+        hub.start()
+        # One address guessing five names: its sixth try is refused, not checked.
+        for i in range(5):
+            r = _try_login(hub, f"nosuch{i}", "guess", "192.0.2.1")
+            assert r.status_code == 401, r.status_code
+        assert pam_calls() == 5
+        _retry_after(_try_login(hub, u.name, u.password, "192.0.2.1"))
+        assert pam_calls() == 5
+        # The user, from elsewhere, is not locked out by it.
+        r = _try_login(hub, u.name, u.password, "192.0.2.2")
+        assert r.status_code == 303, r.text[:300]
+        assert pam_calls() == 6
+
+        # One user guessed from five addresses: the sixth address is refused too.
+        for i in range(5):
+            assert _try_login(hub, u.name, "guess", f"198.51.100.{i}").status_code == 401
+        assert pam_calls() == 11
+        wait = _retry_after(_try_login(hub, u.name, "guess", "198.51.100.9"))
+        assert pam_calls() == 11
+        # Even the right password waits for the delay.
+        assert _retry_after(_try_login(hub, u.name, u.password, "198.51.100.9")) <= wait
+        assert pam_calls() == 11
+        t0 = time.monotonic()
+        lib.wait_until(lambda: time.monotonic() - t0 >= wait, wait + 5, f"the {wait} s the hub asked for")
+        # One more wrong guess once the delay is over: checked, and the delay grows.
+        assert _try_login(hub, u.name, "guess", "198.51.100.9").status_code == 401
+        assert pam_calls() == 12
+        longer = _retry_after(_try_login(hub, u.name, u.password, "198.51.100.9"))
+        assert longer > wait, (longer, wait)
+        assert pam_calls() == 12
+        t0 = time.monotonic()
+        lib.wait_until(lambda: time.monotonic() - t0 >= longer, longer + 5, f"the {longer} s the hub asked for")
+        r = _try_login(hub, u.name, u.password, "198.51.100.9")
+        assert r.status_code == 303, r.text[:300]
+        assert pam_calls() == 13
+    finally:
+        if hub:
+            hub.close()
+        Path("/etc/pam.d", service).unlink(missing_ok=True)
+
+
+def _agent_env(user: str) -> dict[str, str]:
+    """The environment the user's `noyau agent --serve` was started with
+    (what Slurm gave the job)."""
+    uid = int(subprocess.run(["id", "-u", user], capture_output=True, text=True, check=True).stdout)
+    for pid in lib.pids():
+        argv = lib.cmdline(pid)
+        if len(argv) > 2 and argv[1:3] == ["agent", "--serve"] and os.stat(f"/proc/{pid}").st_uid == uid:
+            return lib.environ(pid)
+    raise AssertionError(f"no agent of {user}")
+
+
+def _spawn_form(hub: hl.Hub, u: hl.UnixUser) -> tuple[Any, str, dict]:
+    """`u` logged in, the CSRF token of its forms, and a spawn form."""
+    s = hub.login(u.name, u.password)
+    csrf = hl.csrf_of(s.get(hub.url + "/hub/home").text)
+    return s, csrf, {"_csrf": csrf, "profile": "cpu", "partition": "debug", "cores": 1, "mem_gb": 1, "gpus": 0,
+                     "minutes": 10}
+
+
+def test_hub_link_token_works_once(tmp_path: Path, hub_users, slurm) -> None:  # type: ignore[no-untyped-def]
+    """Whoever reads a session job's environment (Slurm's spool, /proc as
+    root, sacct's job_env) holds its link token: once the agent has used it,
+    a registration with it is refused and logged, before and after a hub
+    restart, and the session goes on working (the agent dials a restarted
+    hub with the fresh token the hub gave it)."""
+    u = hub_users[0]
+    hub = hl.Hub(tmp_path, admins=[])
+    try:
+        hub.start()
+        s, csrf, form = _spawn_form(hub, u)
+        s.post(hub.url + "/hub/spawn", data=form)
+        st = hl.wait_state(s, hub.url, "running")
+        env = _agent_env(u.name)
+        addr, token = env["NOYAU_LINK_ADDR"], env["NOYAU_LINK_TOKEN"]
+
+        def refusals() -> list[str]:
+            return [line for line in hub.log.read_text().splitlines() if "refused connection" in line]
+
+        for round_ in (1, 2):
+            _, kind, body = _link_hello(addr, token)
+            assert kind == REFUSED and b"already used" in body, (round_, kind, body)
+            lib.wait_until(lambda: len(refusals()) >= round_, 10, "the refusal in the hub's log")
+            assert token not in hub.log.read_text()
+            assert hl.run_cell(s, hub.url, u.name, "6 * 7") == "42"
+            if round_ == 1:
+                hub.kill()
+                hub.start()
+                hl.wait_state(s, hub.url, "running", timeout=60)
+        s.post(f"{hub.url}/hub/sessions/{st['id']}/cancel", data={"_csrf": csrf})
+        hl.wait_state(s, hub.url, "ended", timeout=60)
+    finally:
+        hub.close()
+
+
+def test_hub_login_next_stays_on_the_hub(tmp_path: Path, hub_users, slurm) -> None:  # type: ignore[no-untyped-def]
+    """`next=` after login is a path on the hub: whatever a link sends there
+    (a tab that browsers drop, `//`, a backslash, a scheme, an encoded `//`)
+    lands on the hub's home."""
+    import requests
+
+    u = hub_users[0]
+    hub = hl.Hub(tmp_path, admins=[])
+    evil = ["/\t/evil.example", "//evil.example", "/\\evil.example", "https://evil.example",
+            "/%2F/evil.example", "/%5Cevil.example", "/\r\n/evil.example"]
+    try:
+        hub.start()
+        for nxt in evil:
+            s = requests.Session()
+            # The form the login page shows carries a safe next already.
+            page = s.get(hub.url + "/hub/login", params={"next": nxt}, timeout=10).text
+            assert 'name="next" value="/hub/home"' in page, (nxt, page[:500])
+            r = s.post(hub.url + "/hub/login", data={"user": u.name, "password": u.password, "next": nxt,
+                                                     "_csrf": hl.csrf_of(page)}, allow_redirects=False, timeout=30)
+            assert r.status_code == 303 and r.headers["Location"] == "/hub/home", (nxt, r.headers.get("Location"))
+            # Logged in, /hub/login?next= redirects at once: to the home too.
+            r = s.get(hub.url + "/hub/login", params={"next": nxt}, allow_redirects=False, timeout=10)
+            assert r.status_code == 303 and r.headers["Location"] == "/hub/home", (nxt, r.headers.get("Location"))
+        # A path on the hub is kept.
+        s = requests.Session()
+        r = s.post(hub.url + "/hub/login", data={"user": u.name, "password": u.password,
+                                                 "next": f"/user/{u.name}/lab?x=1", "_csrf": hl.login_csrf(s, hub.url)},
+                   allow_redirects=False, timeout=30)
+        assert r.headers["Location"] == f"/user/{u.name}/lab?x=1"
+    finally:
+        hub.close()
+
+
+def test_hub_two_simultaneous_spawns_make_one_job(tmp_path: Path, hub_users, slurm) -> None:  # type: ignore[no-untyped-def]
+    """A user has one live session: two spawn forms posted at the same
+    moment make one Slurm job, and the other gets 409."""
+    import threading
+
+    u = hub_users[0]
+    hub = hl.Hub(tmp_path, admins=[])
+    try:
+        hub.start()
+        s, csrf, form = _spawn_form(hub, u)
+        go = threading.Barrier(2)
+        codes: list[int] = []
+
+        def post() -> None:
+            go.wait()
+            codes.append(s.post(hub.url + "/hub/spawn", data=form, timeout=60).status_code)
+
+        threads = [threading.Thread(target=post) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        assert sorted(codes) == [200, 409], codes
+        jobs = subprocess.run(["squeue", "-h", "-u", u.name, "-o", "%i"], capture_output=True, text=True,
+                              check=True).stdout.split()
+        assert len(jobs) == 1, jobs
+        assert len([x for x in hl.sessions(s, hub.url) if x["state"] != "ended"]) == 1
+        sid = hl.sessions(s, hub.url)[0]["id"]
+        s.post(f"{hub.url}/hub/sessions/{sid}/cancel", data={"_csrf": csrf})
+        hl.wait_state(s, hub.url, "ended", timeout=60)
+    finally:
+        hub.close()
+
+
+def test_hub_state_dir_must_be_private(tmp_path: Path, slurm) -> None:  # type: ignore[no-untyped-def]
+    """state_dir (0700) and hub.sqlite (0600) hold every login and session:
+    the hub makes them so, and refuses to start on ones more open or owned
+    by another account, saying what to fix."""
+    hl.require_hub_env()
+    hub = hl.Hub(tmp_path, admins=[])
+    try:
+        hub.start()
+        hub.kill()
+        assert stat.S_IMODE(os.stat(hub.state).st_mode) == 0o700
+        db = hub.state / "hub.sqlite"
+        for f in [db, *hub.state.glob("hub.sqlite-*")]:
+            assert stat.S_IMODE(os.stat(f).st_mode) == 0o600, (f, oct(os.stat(f).st_mode))
+
+        db.chmod(0o644)
+        out = hub.start_refused()
+        assert str(db) in out and "0600" in out, out
+        db.chmod(0o600)
+        hub.state.chmod(0o755)
+        out = hub.start_refused()
+        assert str(hub.state) in out and "0700" in out, out
+        hub.state.chmod(0o700)
+        os.chown(hub.state, 65534, -1)  # nobody
+        out = hub.start_refused()
+        assert str(hub.state) in out and "owned by" in out, out
+        os.chown(hub.state, 0, -1)
+        hub.start()
+    finally:
+        hub.close()

@@ -7,12 +7,16 @@
 //! serves the hub's tunnel streams ([`noyau_link::tunnel`]) by connecting
 //! each to that socket: HTTP and WebSocket traffic are bytes to it.
 //!
-//! The hub may restart: the link's resume is then refused (the new hub
-//! process does not know the session) and the agent dials again with the
-//! same token, which the hub re-derives for every session it still lists.
+//! Each link token works once (whoever reads the job's environment has the
+//! first one): once connected, the hub sends the token for the agent's next
+//! dial (`{"next_token": …}`), which the agent keeps in memory and
+//! acknowledges. The hub may restart: the link's resume is then refused
+//! (the new hub process does not know the session) and the agent dials
+//! again with that token, which the hub recorded.
 
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -91,9 +95,10 @@ pub async fn serve(cfg: WebConfig) -> anyhow::Result<i32> {
     }
     tracing::info!(socket = %sock.display(), "Jupyter server is up");
     let mut down_since: Option<Instant> = None;
+    let mut token = cfg.agent.token.clone();
     loop {
         let link = tokio::select! {
-            l = crate::dial_until(&cfg.agent, &cfg.agent.token, Duration::from_secs(30)) => l,
+            l = crate::dial_until(&cfg.agent, &token, Duration::from_secs(30)) => l,
             status = child.wait() => return Ok(exit_code(status)),
             _ = sigterm.recv() => { stop(&mut child).await; return Ok(143); }
         };
@@ -116,7 +121,7 @@ pub async fn serve(cfg: WebConfig) -> anyhow::Result<i32> {
         let tunnel = Tunnel::new(link.sender());
         tunnel.notice(&serde_json::json!({
             "hello": cfg.session,
-            "token": cfg.agent.token,
+            "token": token,
             "host": crate::hostname(),
             "pid": std::process::id(),
             "version": env!("CARGO_PKG_VERSION"),
@@ -127,15 +132,7 @@ pub async fn serve(cfg: WebConfig) -> anyhow::Result<i32> {
             tokio::select! {
                 m = link.recv() => match m {
                     Some(Incoming::Message(_, frames)) => {
-                        if let Delivered::Opened { id, credit } = tunnel.deliver(&frames) {
-                            match UnixStream::connect(&sock).await {
-                                Ok(s) => tunnel.attach(id, s, credit),
-                                Err(e) => {
-                                    tracing::warn!("cannot reach the Jupyter server: {e}");
-                                    tunnel.reset(id);
-                                }
-                            }
-                        }
+                        from_hub(&tunnel, &frames, &sock, &mut token).await;
                     }
                     Some(Incoming::Event(LinkEvent::Closed(reason))) => break reason,
                     Some(Incoming::Event(e)) => tracing::info!("link: {e:?}"),
@@ -154,11 +151,32 @@ pub async fn serve(cfg: WebConfig) -> anyhow::Result<i32> {
                 }
             }
         };
-        // A hub restart refuses the resume: dial it afresh with our token.
+        // A hub restart refuses the resume: dial it afresh with the last token it gave.
         tracing::info!(
             "link to the hub closed ({reason}); dialling again",
             reason = closed
         );
+    }
+}
+
+/// A message from the hub: a stream to connect to the Jupyter server, or
+/// the token for the next dial (kept in memory only, and acknowledged).
+async fn from_hub(tunnel: &Arc<Tunnel>, frames: &[bytes::Bytes], sock: &Path, token: &mut String) {
+    match tunnel.deliver(frames) {
+        Delivered::Opened { id, credit } => match UnixStream::connect(sock).await {
+            Ok(s) => tunnel.attach(id, s, credit),
+            Err(e) => {
+                tracing::warn!("cannot reach the Jupyter server: {e}");
+                tunnel.reset(id);
+            }
+        },
+        Delivered::Notice(v) => {
+            if let Some(next) = v["next_token"].as_str() {
+                *token = next.to_string();
+                let _ = tunnel.notice(&serde_json::json!({"next_token_ack": true}));
+            }
+        }
+        _ => {}
     }
 }
 

@@ -1,17 +1,32 @@
 //! Who is asking: PAM logins with a cookie, or a user name set by a trusted
 //! SSO reverse proxy; and the CSRF tokens every form carries.
 //!
+//! In header mode, [`gate`] runs before every handler: the user header
+//! counts only on a request that carries the proxy's secret header (when
+//! one is configured) and comes from one of `proxy_addresses` (when they
+//! are listed), and appears once; otherwise it is removed, so the request
+//! is nobody's. The secret header is always removed: neither the handlers
+//! nor the users' Jupyter servers ever see it. Every account named, in
+//! either mode, must also pass [`crate::access`].
+//!
 //! A login cookie is 32 random bytes; the database keeps only its SHA-256,
 //! so a copy of the database opens no session. CSRF tokens are HMACs under
 //! the hub's key (of the login cookie, or of the user name in header mode,
 //! or of a pre-login cookie for the login form itself): nothing to store,
 //! and another site cannot compute them.
 
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::HeaderMap;
+use axum::middleware::Next;
+use axum::response::Response;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
-use crate::config::Auth;
+use crate::access::Refusal;
+use crate::config::{Auth, HubConfig};
 use crate::Hub;
 
 pub const LOGIN_COOKIE: &str = "noyau_hub";
@@ -43,9 +58,28 @@ impl Hub {
         hex::encode(m.finalize().into_bytes())
     }
 
-    /// The user this request is made for, if logged in.
+    /// The user this request is made for, if logged in and allowed.
     pub fn who(&self, headers: &HeaderMap) -> Option<Who> {
-        let (name, csrf) = match self.cfg.auth {
+        self.identify(headers).ok()
+    }
+
+    /// The user this request is made for, or why there is none.
+    pub fn identify(&self, headers: &HeaderMap) -> Result<Who, Denied> {
+        let (name, csrf) = self.claimed(headers).ok_or(Denied::Anonymous)?;
+        match self.access.check(&self.cfg, &name) {
+            Ok(()) => Ok(Who {
+                admin: self.cfg.admins.contains(&name),
+                name,
+                csrf,
+            }),
+            Err(r) => Err(Denied::Refused(r)),
+        }
+    }
+
+    /// The user name the request carries (header or login cookie), with
+    /// the CSRF token its forms need.
+    fn claimed(&self, headers: &HeaderMap) -> Option<(String, String)> {
+        match self.cfg.auth {
             Auth::Header => {
                 let name = headers
                     .get(self.cfg.auth_header.as_str())?
@@ -57,19 +91,14 @@ impl Hub {
                     return None;
                 }
                 let csrf = self.mac(&format!("csrf-user:{name}"));
-                (name, csrf)
+                Some((name, csrf))
             }
             Auth::Pam => {
                 let cookie = cookie(headers, LOGIN_COOKIE)?;
                 let name = self.db.login_user(&sha256_hex(&cookie)).ok()??;
-                (name, self.mac(&format!("csrf:{cookie}")))
+                Some((name, self.mac(&format!("csrf:{cookie}"))))
             }
-        };
-        Some(Who {
-            admin: self.cfg.admins.contains(&name),
-            name,
-            csrf,
-        })
+        }
     }
 
     /// Checks a form's CSRF token, in constant time.
@@ -94,6 +123,67 @@ impl Hub {
             }
         )
     }
+}
+
+/// Why a request is nobody's.
+#[derive(Debug)]
+pub enum Denied {
+    /// Not logged in (no cookie, no trusted header).
+    Anonymous,
+    /// An account the hub's rules keep out.
+    Refused(Refusal),
+}
+
+/// Header mode: strips the proxy's secret header from every request, and
+/// the user header from any that does not prove it came through the proxy.
+pub async fn gate(
+    State(hub): State<Arc<Hub>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    if !trusted_header(&hub.cfg, peer.ip(), req.headers_mut()) {
+        tracing::warn!(%peer, header = hub.cfg.auth_header, "ignored a user header that did not come through the SSO proxy");
+    }
+    next.run(req).await
+}
+
+/// Whether the user header of a request from `peer` can be trusted; removes
+/// it if not (returns false only when there was one to remove), and
+/// removes the secret header in any case.
+fn trusted_header(cfg: &HubConfig, peer: IpAddr, headers: &mut HeaderMap) -> bool {
+    let secret_ok = match (&cfg.auth_secret_header, &cfg.proxy_secret) {
+        (Some(h), Some(secret)) => {
+            let sent: Vec<_> = headers.get_all(h.as_str()).iter().cloned().collect();
+            headers.remove(h.as_str());
+            matches!(&sent[..], [v] if ct_eq(v.as_bytes(), secret.as_bytes()))
+        }
+        (Some(_), None) | (None, Some(_)) => false,
+        (None, None) => true,
+    };
+    let from_proxy = cfg.proxy_addresses.is_empty() || cfg.proxy_addresses.contains(&peer);
+    let names = headers.get_all(cfg.auth_header.as_str()).iter().count();
+    if secret_ok && from_proxy && names <= 1 {
+        return true;
+    }
+    headers.remove(cfg.auth_header.as_str());
+    names == 0
+}
+
+/// The client's address: the peer's, or, from one of `proxy_addresses`,
+/// the last hop of the `X-Forwarded-For` it added.
+pub fn client_addr(cfg: &HubConfig, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+    if !cfg.proxy_addresses.contains(&peer) {
+        return peer;
+    }
+    // Only the last hop, the one the proxy added: the ones before it are
+    // whatever the client sent.
+    headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .next_back()
+        .and_then(|v| v.to_str().ok()?.rsplit(',').next()?.trim().parse().ok())
+        .unwrap_or(peer)
 }
 
 pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
@@ -142,6 +232,71 @@ mod tests {
         assert!(!valid_user_name("-x"));
         assert!(!valid_user_name("a b"));
         assert!(!valid_user_name(""));
+    }
+
+    fn header_cfg(extra: &str) -> HubConfig {
+        let mut c: HubConfig = toml::from_str(&format!(
+            "listen = \"127.0.0.1:1\"\nlink_bind = \"127.0.0.1:2\"\nstate_dir = \"/x\"\n\
+             auth = \"header\"\n{extra}\n[profiles.p]\npartitions = [\"q\"]\n\
+             cores = {{ min = 1, max = 2, default = 1 }}\nminutes = {{ min = 1, max = 9, default = 5 }}\n"
+        ))
+        .unwrap();
+        c.proxy_secret = c.auth_secret.clone();
+        c
+    }
+
+    #[test]
+    fn the_user_header_counts_only_with_the_proxys_secret() {
+        let cfg = header_cfg(
+            "auth_secret_header = \"X-S\"\nauth_secret = \"0123456789abcdefXYZ\"\n\
+             proxy_addresses = [\"10.0.0.1\"]",
+        );
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        let ask = |peer: IpAddr, pairs: &[(&str, &str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(
+                    axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            let ok = trusted_header(&cfg, peer, &mut h);
+            assert!(h.get("x-s").is_none(), "the secret must never go further");
+            (ok, h.get("x-remote-user").is_some())
+        };
+        let user = ("X-Remote-User", "alice");
+        let right = ("X-S", "0123456789abcdefXYZ");
+        assert_eq!(ask(proxy, &[user, right]), (true, true));
+        assert_eq!(ask(proxy, &[user]), (false, false));
+        assert_eq!(
+            ask(proxy, &[user, ("X-S", "0123456789abcdefXY")]),
+            (false, false)
+        );
+        assert_eq!(ask(proxy, &[user, right, right]), (false, false));
+        assert_eq!(
+            ask(proxy, &[user, ("X-Remote-User", "bob"), right]),
+            (false, false)
+        );
+        assert_eq!(
+            ask("10.0.0.2".parse().unwrap(), &[user, right]),
+            (false, false)
+        );
+        // No user header: nothing to distrust.
+        assert_eq!(ask("10.0.0.2".parse().unwrap(), &[]), (true, false));
+    }
+
+    #[test]
+    fn the_client_address_comes_from_the_proxy_only() {
+        let cfg = header_cfg("proxy_addresses = [\"10.0.0.1\"]");
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "1.2.3.4, 192.0.2.9".parse().unwrap());
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        let other: IpAddr = "10.0.0.2".parse().unwrap();
+        assert_eq!(
+            client_addr(&cfg, proxy, &h),
+            "192.0.2.9".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(client_addr(&cfg, other, &h), other);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! profiles with the limits enforced on every request.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -28,6 +28,38 @@ pub struct HubConfig {
     /// The header an SSO reverse proxy sets to the user name (`auth = "header"`).
     #[serde(default = "default_auth_header")]
     pub auth_header: String,
+    /// A header the SSO proxy adds to every request with a secret value
+    /// (`auth = "header"`): a request without it is nobody's. Needed unless
+    /// `listen` is a loopback address.
+    pub auth_secret_header: Option<String>,
+    /// The file holding that secret (0600, the hub's own).
+    pub auth_secret_file: Option<PathBuf>,
+    /// The secret itself, when hub.toml is 0600 (prefer `auth_secret_file`).
+    pub auth_secret: Option<ProxySecret>,
+    /// The reverse proxies' addresses: with `auth = "header"` only they may
+    /// name the user; their `X-Forwarded-For` gives the client's address
+    /// (for the login throttle).
+    #[serde(default)]
+    pub proxy_addresses: Vec<IpAddr>,
+    /// Accounts below this uid (system accounts) never log in; root never.
+    #[serde(default = "default_min_uid")]
+    pub min_uid: u32,
+    /// If either is set, only these users, members of these groups, and the
+    /// admins log in.
+    #[serde(default)]
+    pub allowed_users: Vec<String>,
+    #[serde(default)]
+    pub allowed_groups: Vec<String>,
+    /// Failed logins within a minute, for one user or from one address,
+    /// after which further attempts wait.
+    #[serde(default = "default_login_failures")]
+    pub login_failures: u32,
+    /// The first wait, in seconds; it doubles with each failure after it.
+    #[serde(default = "default_login_delay")]
+    pub login_delay: f64,
+    /// PAM conversations at once; more wait a few seconds, then get a 503.
+    #[serde(default = "default_pam_in_flight")]
+    pub pam_in_flight: usize,
     #[serde(default)]
     pub admins: Vec<String>,
     /// Seconds between squeue calls (one for all users).
@@ -52,6 +84,28 @@ pub struct HubConfig {
     #[serde(default)]
     pub oar: OarCommands,
     pub profiles: BTreeMap<String, HubProfile>,
+    /// The secret the SSO proxy adds, read from `auth_secret_file` or
+    /// `auth_secret` by [`HubConfig::load`].
+    #[serde(skip)]
+    pub proxy_secret: Option<ProxySecret>,
+}
+
+/// A secret that `{:?}` does not print (the configuration is logged at
+/// times).
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct ProxySecret(String);
+
+impl ProxySecret {
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl std::fmt::Debug for ProxySecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProxySecret(…)")
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -186,6 +240,18 @@ fn default_pam_service() -> String {
 fn default_auth_header() -> String {
     "X-Remote-User".into()
 }
+fn default_min_uid() -> u32 {
+    1000
+}
+fn default_login_failures() -> u32 {
+    5
+}
+fn default_login_delay() -> f64 {
+    30.0
+}
+fn default_pam_in_flight() -> usize {
+    8
+}
 fn default_poll() -> f64 {
     5.0
 }
@@ -225,14 +291,43 @@ impl HubConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the hub configuration {}", path.display()))?;
-        let cfg: HubConfig = toml::from_str(&text)
+        let mut cfg: HubConfig = toml::from_str(&text)
             .with_context(|| format!("{} is not a valid hub configuration", path.display()))?;
         cfg.validate()
             .with_context(|| format!("in {}", path.display()))?;
+        cfg.proxy_secret = cfg.read_proxy_secret(path)?;
         Ok(cfg)
     }
 
+    /// The SSO proxy's secret, from a private file or a private hub.toml.
+    fn read_proxy_secret(&self, config: &Path) -> anyhow::Result<Option<ProxySecret>> {
+        let (path, inline) = match (&self.auth_secret_file, &self.auth_secret) {
+            (Some(f), None) => (f.as_path(), false),
+            (None, Some(_)) => (config, true),
+            _ => return Ok(None),
+        };
+        let meta = std::fs::metadata(path)
+            .with_context(|| format!("cannot read the SSO proxy's secret in {}", path.display()))?;
+        crate::ensure_private(path, &meta, 0o600).context("it holds the SSO proxy's secret")?;
+        let secret = match (inline, &self.auth_secret) {
+            (true, Some(s)) => s.0.clone(),
+            _ => std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?
+                .trim()
+                .to_string(),
+        };
+        if secret.len() < 16 {
+            bail!(
+                "the SSO proxy's secret in {} is shorter than 16 characters; \
+                 make one with `openssl rand -hex 32`",
+                path.display()
+            );
+        }
+        Ok(Some(ProxySecret(secret)))
+    }
+
     fn validate(&self) -> anyhow::Result<()> {
+        self.validate_login()?;
         if self.profiles.is_empty() {
             bail!("no [profiles.NAME]: the spawn form needs at least one");
         }
@@ -269,6 +364,50 @@ impl HubConfig {
     }
 }
 
+impl HubConfig {
+    /// Trusted-header mode must not trust every client; the throttle's
+    /// numbers must mean something.
+    fn validate_login(&self) -> anyhow::Result<()> {
+        let secret_source = self.auth_secret_file.is_some() || self.auth_secret.is_some();
+        if self.auth_secret_file.is_some() && self.auth_secret.is_some() {
+            bail!("give the SSO proxy's secret once: auth_secret_file or auth_secret, not both");
+        }
+        if self.auth_secret_header.is_some() != secret_source {
+            bail!(
+                "auth_secret_header (the header the SSO proxy adds) and auth_secret_file \
+                 (the secret it holds) go together: set both"
+            );
+        }
+        match self.auth {
+            Auth::Pam if self.auth_secret_header.is_some() => {
+                bail!("auth_secret_header is for auth = \"header\"; with PAM logins remove it")
+            }
+            Auth::Header
+                if self.auth_secret_header.is_none() && !self.listen.ip().is_loopback() =>
+            {
+                bail!(
+                    "auth = \"header\" trusts the {} header of every request, and listen = {} \
+                     is reachable from other hosts: anyone there could log in as anyone. \
+                     Listen on 127.0.0.1 behind the SSO proxy on this host, or set \
+                     auth_secret_header and auth_secret_file to a header the SSO proxy adds \
+                     to every request and the secret it sets it to (optionally also \
+                     proxy_addresses, the proxy's addresses)",
+                    self.auth_header,
+                    self.listen
+                )
+            }
+            _ => {}
+        }
+        if self.login_failures == 0 || !(self.login_delay > 0.0 && self.login_delay < 86400.0) {
+            bail!("login_failures must be at least 1 and login_delay between 0 and 86400 seconds");
+        }
+        if self.pam_in_flight == 0 {
+            bail!("pam_in_flight must be at least 1");
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,5 +436,38 @@ mod tests {
         assert!(parse("scheduler = \"oar\"", "qos = \"fast\"").is_err());
         assert_eq!(parse("", "").unwrap().scheduler, Scheduler::Slurm);
         assert!(parse("scheduler = \"pbs\"", "").is_err());
+    }
+
+    #[test]
+    fn header_mode_on_a_public_address_needs_the_proxys_secret() {
+        let public = |extra: &str| {
+            parse(&format!("auth = \"header\"\n{extra}"), "").map(|mut c| {
+                c.listen = "0.0.0.0:1".parse().unwrap();
+                c.validate()
+            })
+        };
+        let e = public("").unwrap().unwrap_err().to_string();
+        assert!(
+            e.contains("0.0.0.0:1") && e.contains("auth_secret_header"),
+            "{e}"
+        );
+        let with_secret = "auth_secret_header = \"X-S\"\nauth_secret_file = \"/s\"";
+        assert!(public(with_secret).unwrap().is_ok());
+        assert!(!matches!(
+            public("auth_secret_header = \"X-S\""),
+            Ok(Ok(()))
+        ));
+        // Loopback: the SSO proxy is on this host.
+        assert!(parse("auth = \"header\"", "").is_ok());
+        assert!(
+            parse(with_secret, "").is_err(),
+            "a secret header is for header mode"
+        );
+        let c = parse(
+            "auth_secret = \"abcdefghijklmnopqrs\"\nauth = \"header\"\nauth_secret_header = \"X\"",
+            "",
+        )
+        .unwrap();
+        assert!(!format!("{c:?}").contains("abcdefghijklmnopqrs"));
     }
 }

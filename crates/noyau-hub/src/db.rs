@@ -42,6 +42,9 @@ CREATE TABLE IF NOT EXISTS sessions (
     created INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sessions_user ON sessions(user);
+-- One live session per user, whatever runs at once: the insert itself is
+-- refused, not a check before it.
+CREATE UNIQUE INDEX IF NOT EXISTS sessions_one_live ON sessions(user) WHERE state != 'ended';
 CREATE TABLE IF NOT EXISTS audit (
     ts INTEGER NOT NULL,
     user TEXT NOT NULL,
@@ -120,6 +123,22 @@ pub fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
+/// The link token columns, added to databases made before them.
+fn add_link_columns(conn: &Connection) -> rusqlite::Result<()> {
+    let has: bool = conn.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('sessions') WHERE name = 'link_gen'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !has {
+        conn.execute_batch(
+            "ALTER TABLE sessions ADD COLUMN link_gen INTEGER NOT NULL DEFAULT 0;
+             ALTER TABLE sessions ADD COLUMN link_next INTEGER;",
+        )?;
+    }
+    Ok(())
+}
+
 const SESSION_COLS: &str = "id, user, choice, job_id, state, reason, start_est, node, time_left, ended_why, log_path, created";
 
 fn session_row(r: &rusqlite::Row) -> rusqlite::Result<Session> {
@@ -140,6 +159,26 @@ fn session_row(r: &rusqlite::Row) -> rusqlite::Result<Session> {
         log_path: r.get(10)?,
         created: r.get(11)?,
     })
+}
+
+impl Session {
+    /// A session being submitted: queued, no job yet.
+    pub fn submitting(id: String, user: String, choice: Choice) -> Session {
+        Session {
+            id,
+            user,
+            choice,
+            job_id: None,
+            state: State::Queued,
+            reason: Some("submitting".into()),
+            start_est: None,
+            node: None,
+            time_left: None,
+            ended_why: None,
+            log_path: None,
+            created: now(),
+        }
+    }
 }
 
 /// A change to a session's card, from the watcher or the link: `None`
@@ -174,6 +213,7 @@ impl Db {
         let conn = Connection::open(path)
             .with_context(|| format!("cannot open the hub database {}", path.display()))?;
         conn.execute_batch(SCHEMA)
+            .and_then(|()| add_link_columns(&conn))
             .with_context(|| format!("cannot set up the hub database {}", path.display()))?;
         Ok(Db {
             conn: Mutex::new(conn),
@@ -265,17 +305,45 @@ impl Db {
         Ok(s.flatten().and_then(|s| serde_json::from_str(&s).ok()))
     }
 
-    pub fn new_session(&self, s: &Session) -> anyhow::Result<()> {
+    /// Records a new session; `false` if its user already has a live one.
+    pub fn new_session(&self, s: &Session) -> anyhow::Result<bool> {
         let choice = serde_json::to_string(&s.choice)?;
         let c = self.conn();
-        c.execute(
+        let inserted = c.execute(
             "INSERT INTO sessions (id, user, choice, state, reason, log_path, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![s.id, s.user, choice, s.state.as_str(), s.reason, s.log_path, s.created],
-        )?;
+        );
+        match inserted {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE =>
+            {
+                return Ok(false)
+            }
+            r => r?,
+        };
         c.execute(
             "INSERT INTO users (name, last_choice) VALUES (?1, ?2)
              ON CONFLICT(name) DO UPDATE SET last_choice = excluded.last_choice",
             params![s.user, choice],
+        )?;
+        Ok(true)
+    }
+
+    /// The generations of the link tokens a session's agent may dial with:
+    /// the one it is known to hold, and one given to it but not yet
+    /// acknowledged (see `crate::agents`).
+    pub fn link_gens(&self, id: &str) -> anyhow::Result<(i64, Option<i64>)> {
+        Ok(self.conn().query_row(
+            "SELECT link_gen, link_next FROM sessions WHERE id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?)
+    }
+
+    pub fn set_link_gens(&self, id: &str, gen: i64, next: Option<i64>) -> anyhow::Result<()> {
+        self.conn().execute(
+            "UPDATE sessions SET link_gen = ?2, link_next = ?3 WHERE id = ?1",
+            params![id, gen, next],
         )?;
         Ok(())
     }
@@ -351,5 +419,47 @@ impl Db {
         ))?;
         let rows = st.query_map([], session_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(id: &str, user: &str) -> Session {
+        let choice = Choice {
+            profile: "p".into(),
+            partition: "q".into(),
+            cores: 1,
+            mem_gb: 0,
+            gpus: 0,
+            minutes: 5,
+        };
+        Session::submitting(id.into(), user.into(), choice)
+    }
+
+    #[test]
+    fn one_live_session_per_user_even_from_two_threads() {
+        let db = Db::open(Path::new(":memory:")).unwrap();
+        let made: Vec<bool> = std::thread::scope(|t| {
+            let a = t.spawn(|| db.new_session(&session("s1", "alice")).unwrap());
+            let b = t.spawn(|| db.new_session(&session("s2", "alice")).unwrap());
+            vec![a.join().unwrap(), b.join().unwrap()]
+        });
+        assert_eq!(made.iter().filter(|m| **m).count(), 1, "{made:?}");
+        assert!(db.new_session(&session("s3", "bob")).unwrap());
+        // Once it has ended, the user may start another.
+        let live = db.live_sessions().unwrap();
+        let alices = live.iter().find(|s| s.user == "alice").unwrap();
+        db.update(
+            &alices.id,
+            &Update {
+                state: Some(State::Ended),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(db.new_session(&session("s4", "alice")).unwrap());
+        assert_eq!(db.link_gens("s4").unwrap(), (0, None));
     }
 }

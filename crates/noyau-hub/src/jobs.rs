@@ -425,32 +425,6 @@ fn gpu_count(gres: &str) -> u64 {
         .sum()
 }
 
-/// The last lines of a job's log, for the card of an ended session. The
-/// hub reads as root a path the user controls: only a regular file owned by
-/// the session's user, not through a symlink, is shown.
-pub fn log_tail(path: &str, user: &str, lines: usize) -> Option<String> {
-    use std::io::{Read, Seek, SeekFrom};
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-
-    let uid = nix::unistd::User::from_name(user).ok()??.uid.as_raw();
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(path)
-        .ok()?;
-    let meta = f.metadata().ok()?;
-    if !meta.is_file() || meta.uid() != uid {
-        return None;
-    }
-    f.seek(SeekFrom::Start(meta.len().saturating_sub(16 * 1024)))
-        .ok()?;
-    let mut text = Vec::new();
-    f.read_to_end(&mut text).ok()?;
-    let text = String::from_utf8_lossy(&text);
-    let all: Vec<&str> = text.lines().collect();
-    Some(all[all.len().saturating_sub(lines)..].join("\n"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,56 +6,68 @@
 //! * [`config`]: `hub.toml`, the spawn form's profiles and their limits.
 //! * [`db`]: SQLite state (users and their last choices, logins, sessions,
 //!   audit log), so a restarted hub lists every session it had.
-//! * [`auth`]: PAM or a trusted SSO header; HttpOnly cookies; CSRF tokens.
+//! * [`auth`]: PAM or a trusted SSO header (with the proxy's secret); HttpOnly
+//!   cookies; CSRF tokens. [`access`]: who may log in (no root, no system
+//!   account, optional allowed users and groups); [`throttle`]: failed
+//!   logins per user and per address.
 //! * [`pam`]: the system's libpam, opened at run time (never linked).
 //! * [`jobs`]: `sbatch` as the user (through `submit_as`, e.g. `runuser`),
 //!   `scancel`, `sinfo`, and the one watcher: one `squeue` per interval for
 //!   every user's sessions; [`oar`]: the same on OAR (`scheduler = "oar"`).
-//! * The link: each job runs `noyau agent --serve lab`, which starts
+//! * [`agents`]: each job runs `noyau agent --serve lab`, which starts
 //!   JupyterLab on a unix socket in a 0700 directory and dials the hub's
-//!   link listener (nothing listens on the compute node). Its token is an
-//!   HMAC of the session id under the hub's key, so a restarted hub can
-//!   accept the agents of the sessions it still lists.
+//!   link listener (nothing listens on the compute node). Each of its
+//!   tokens works once: the hub gives the agent the next one over the link
+//!   and records it, so a restarted hub accepts the agents of the sessions
+//!   it still lists.
 //! * [`proxy`]: `/user/NAME/…` to that socket over the link's tunnel, for
 //!   NAME only.
-//! * [`pages`]: the HTML.
+//! * [`pages`]: the HTML; [`logs`]: the ended sessions' log tails, read
+//!   off the async threads from paths the users control.
 
 // Handlers refuse with a ready `Response` (`Err(page)`), returned as is;
 // boxing it would only add an allocation to the refusal path.
 #![allow(clippy::result_large_err)]
 
+pub mod access;
+mod agents;
 pub mod auth;
 pub mod config;
 pub mod db;
 pub mod jobs;
+pub mod logs;
 pub mod oar;
 pub mod pages;
 pub mod pam;
 pub mod proxy;
+pub mod throttle;
 
 use std::collections::HashMap;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use axum::extract::{Form, Path as UrlPath, Query, State as AxState};
+use axum::extract::{ConnectInfo, Form, Path as UrlPath, Query, State as AxState};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::Router;
-use noyau_link::tunnel::{Delivered, Tunnel};
-use noyau_link::{Incoming, LinkConfig, LinkEvent, LinkListener, ServerIdentity};
+use noyau_link::{LinkConfig, LinkListener, ServerIdentity};
 use serde::Deserialize;
 
-use crate::auth::{cookie, random_hex, sha256_hex, Who, LOGIN_COOKIE, LOGIN_SECS, PRE_COOKIE};
+use crate::access::Refusal;
+use crate::auth::{
+    cookie, random_hex, sha256_hex, Denied, Who, LOGIN_COOKIE, LOGIN_SECS, PRE_COOKIE,
+};
 use crate::config::{Auth, HubConfig};
 use crate::db::{now, Choice, Db, Session, State, Update};
 
-/// How long an agent gets to say which session it serves.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a login waits for a free PAM slot before a 503.
+const PAM_WAIT: Duration = Duration::from_secs(5);
 
 pub struct Hub {
     pub cfg: HubConfig,
@@ -70,10 +82,15 @@ pub struct Hub {
     /// squeue (or oarstat) calls since start (shown on the admin page).
     pub squeue_calls: AtomicU64,
     sinfo_cache: tokio::sync::Mutex<Option<(Instant, Vec<jobs::PartitionLoad>)>>,
+    access: access::Access,
+    throttle: throttle::Throttle,
+    /// PAM conversations in flight (`pam_in_flight`).
+    pam_slots: tokio::sync::Semaphore,
+    tails: logs::Tails,
 }
 
 impl Hub {
-    /// The link token of a session's agent.
+    /// The first link token of a session's agent (in its job's environment).
     fn link_token(&self, session: &str) -> String {
         self.mac(&format!("link:{session}"))
     }
@@ -105,20 +122,69 @@ impl Hub {
     }
 }
 
-/// Reads a 0600 file, or creates it with `make()`.
+/// Refuses `path` (whose metadata is `meta`) unless the hub's account owns
+/// it and no one else may use it: it holds logins, sessions or secrets.
+pub(crate) fn ensure_private(
+    path: &Path,
+    meta: &std::fs::Metadata,
+    mode: u32,
+) -> anyhow::Result<()> {
+    let euid = nix::unistd::geteuid().as_raw();
+    anyhow::ensure!(
+        meta.mode() & 0o077 == 0 && meta.uid() == euid,
+        "{} must be private to the hub: mode {mode:04o} and owned by the hub's account \
+         (uid {euid}); it has mode {:04o} and is owned by uid {}: chown it to uid {euid} \
+         and chmod {mode:o} it",
+        path.display(),
+        meta.mode() & 0o777,
+        meta.uid()
+    );
+    Ok(())
+}
+
+/// The state directory, made 0700 if missing, refused if more open or
+/// another account's; and the database file in it, made 0600 before
+/// SQLite opens it (SQLite gives its WAL files the database's mode).
+fn private_state(dir: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
+    let meta = std::fs::metadata(dir)?;
+    anyhow::ensure!(
+        meta.is_dir(),
+        "state_dir {} is not a directory",
+        dir.display()
+    );
+    ensure_private(dir, &meta, 0o700)?;
+    let db = dir.join("hub.sqlite");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(&db)
+        .with_context(|| format!("cannot open the hub database {}", db.display()))?;
+    ensure_private(&db, &f.metadata()?, 0o600)?;
+    for suffix in ["-wal", "-shm", "-journal"] {
+        let side = dir.join(format!("hub.sqlite{suffix}"));
+        if let Ok(meta) = std::fs::symlink_metadata(&side) {
+            ensure_private(&side, &meta, 0o600)?;
+        }
+    }
+    Ok(db)
+}
+
+/// Reads a 0600 file of the hub's, or creates it with `make()`.
 fn private_file(
     path: &Path,
     make: impl FnOnce() -> anyhow::Result<Vec<u8>>,
 ) -> anyhow::Result<Vec<u8>> {
     match std::fs::read(path) {
         Ok(b) => {
-            let mode = std::fs::metadata(path)?.permissions().mode();
-            anyhow::ensure!(
-                mode & 0o077 == 0,
-                "{} has mode {:o}; it must be 0600",
-                path.display(),
-                mode & 0o777
-            );
+            ensure_private(path, &std::fs::metadata(path)?, 0o600)?;
             Ok(b)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -142,16 +208,7 @@ pub async fn run(config: PathBuf) -> anyhow::Result<()> {
     if cfg.auth == Auth::Pam {
         pam::load().context("auth = \"pam\" in hub.toml")?;
     }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&cfg.state_dir)
-        .with_context(|| {
-            format!(
-                "cannot create the state directory {}",
-                cfg.state_dir.display()
-            )
-        })?;
+    let db_path = private_state(&cfg.state_dir)?;
     let key = private_file(&cfg.state_dir.join("hub.key"), || {
         Ok(rand::random::<[u8; 32]>().to_vec())
     })?;
@@ -167,7 +224,7 @@ pub async fn run(config: PathBuf) -> anyhow::Result<()> {
     .context(
         "the hub's link identity file is damaged; remove it (running sessions will then be lost)",
     )?;
-    let db = Db::open(&cfg.state_dir.join("hub.sqlite"))?;
+    let db = Db::open(&db_path)?;
     let link_cfg = LinkConfig {
         give_up_after: Duration::from_secs(120),
         ..LinkConfig::default()
@@ -184,6 +241,9 @@ pub async fn run(config: PathBuf) -> anyhow::Result<()> {
         None => std::env::current_exe()
             .context("cannot find the noyau binary; set `agent` in hub.toml")?,
     };
+    let throttle =
+        throttle::Throttle::new(cfg.login_failures, Duration::from_secs_f64(cfg.login_delay));
+    let pam_slots = tokio::sync::Semaphore::new(cfg.pam_in_flight);
     let hub = Arc::new(Hub {
         pin: listener.pin(),
         tokens: listener.tokens(),
@@ -195,37 +255,16 @@ pub async fn run(config: PathBuf) -> anyhow::Result<()> {
         upstreams: Mutex::new(HashMap::new()),
         squeue_calls: AtomicU64::new(0),
         sinfo_cache: tokio::sync::Mutex::new(None),
+        access: access::Access::default(),
+        throttle,
+        pam_slots,
+        tails: logs::Tails::default(),
     });
-    // Agents of sessions from before a restart dial again with their token.
-    let live = hub.db.live_sessions()?;
-    for s in &live {
-        hub.tokens.add(&hub.link_token(&s.id));
-        if s.state == State::Running {
-            hub.db.update(
-                &s.id,
-                &Update {
-                    state: Some(State::Starting),
-                    ..Default::default()
-                },
-            )?;
-        }
-    }
-    tracing::info!(sessions = live.len(), "hub state loaded");
-    tokio::spawn(accept_agents(hub.clone(), listener));
+    let live = hub.admit_agents()?;
+    tracing::info!(sessions = live, "hub state loaded");
+    tokio::spawn(agents::accept(hub.clone(), listener));
     tokio::spawn(jobs::watch(hub.clone()));
-    let app = Router::new()
-        .route("/", get(|| async { pages::redirect("/hub/home") }))
-        .route("/hub/login", get(login_page).post(login))
-        .route("/hub/logout", post(logout))
-        .route("/hub/home", get(home))
-        .route("/hub/cards", get(cards))
-        .route("/hub/spawn", post(spawn))
-        .route("/hub/sessions/{id}/cancel", post(cancel))
-        .route("/hub/sessions/{id}/relaunch", post(relaunch))
-        .route("/hub/api/sessions", get(api_sessions))
-        .route("/hub/admin", get(admin))
-        .route("/user/{*rest}", any(proxy::user_route))
-        .with_state(hub.clone());
+    let app = routes(hub.clone());
     let tcp = tokio::net::TcpListener::bind(hub.cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", hub.cfg.listen))?;
@@ -241,9 +280,30 @@ pub async fn run(config: PathBuf) -> anyhow::Result<()> {
             tracing::debug!("TCP_NODELAY: {e}");
         }
     });
-    axum::serve(tcp, app)
+    axum::serve(tcp, app.into_make_service_with_connect_info::<SocketAddr>())
         .await
         .context("the web server stopped")
+}
+
+/// The web server's routes; in header mode behind [`auth::gate`].
+fn routes(hub: Arc<Hub>) -> Router {
+    let app = Router::new()
+        .route("/", get(|| async { pages::redirect("/hub/home") }))
+        .route("/hub/login", get(login_page).post(login))
+        .route("/hub/logout", post(logout))
+        .route("/hub/home", get(home))
+        .route("/hub/cards", get(cards))
+        .route("/hub/spawn", post(spawn))
+        .route("/hub/sessions/{id}/cancel", post(cancel))
+        .route("/hub/sessions/{id}/relaunch", post(relaunch))
+        .route("/hub/api/sessions", get(api_sessions))
+        .route("/hub/admin", get(admin))
+        .route("/user/{*rest}", any(proxy::user_route))
+        .with_state(hub.clone());
+    match hub.cfg.auth {
+        Auth::Header => app.layer(axum::middleware::from_fn_with_state(hub, auth::gate)),
+        Auth::Pam => app,
+    }
 }
 
 fn hostname() -> String {
@@ -252,119 +312,25 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
-async fn accept_agents(hub: Arc<Hub>, mut listener: LinkListener) {
-    loop {
-        match listener.accept().await {
-            Ok(link) => {
-                tokio::spawn(serve_agent(hub.clone(), link));
-            }
-            Err(e) => {
-                tracing::error!("the link listener stopped: {e}");
-                return;
-            }
-        }
-    }
-}
-
-/// One agent: checks which session it serves, then feeds its tunnel.
-async fn serve_agent(hub: Arc<Hub>, mut link: noyau_link::Link) {
-    let tunnel = Tunnel::new(link.sender());
-    let hello = tokio::time::timeout(HELLO_TIMEOUT, async {
-        loop {
-            match link.recv().await? {
-                Incoming::Message(_, frames) => {
-                    if let Delivered::Notice(v) = tunnel.deliver(&frames) {
-                        return Some(v);
-                    }
-                }
-                Incoming::Event(_) => {}
-            }
-        }
-    })
-    .await
-    .ok()
-    .flatten();
-    let Some(hello) = hello else {
-        tracing::warn!("an agent connected but never said which session it serves");
-        return;
-    };
-    let session = hello["hello"].as_str().unwrap_or_default().to_string();
-    let token = hello["token"].as_str().unwrap_or_default();
-    let known = hub
-        .db
-        .session(&session)
-        .ok()
-        .flatten()
-        .filter(|s| s.state != State::Ended);
-    if known.is_none() || !auth::ct_eq(hub.link_token(&session).as_bytes(), token.as_bytes()) {
-        tracing::warn!(
-            session,
-            "refused an agent: unknown or ended session, or wrong token"
-        );
-        return;
-    }
-    // Its next dial (after a hub restart or a long outage) needs the token again.
-    hub.tokens.add(token);
-    tunnel.set_peer_credit(hello["credit"] == true);
-    tracing::info!(session, host = hello["host"].as_str(), "agent connected");
-    let Some(owner) = known.as_ref().map(|s| s.user.clone()) else {
-        return;
-    };
-    let upstream = proxy::Upstream::new(owner.clone(), tunnel.clone());
-    hub.upstreams
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(session.clone(), upstream.clone());
-    let _ = hub.db.update(
-        &session,
-        &Update {
-            state: Some(State::Running),
-            ..Default::default()
-        },
-    );
-    hub.db.audit(&owner, "running", &session);
-    while let Some(m) = link.recv().await {
-        match m {
-            Incoming::Message(_, frames) => {
-                if let Delivered::Notice(v) = tunnel.deliver(&frames) {
-                    if let Some(why) = v["ended"].as_str() {
-                        let _ = hub.db.update(
-                            &session,
-                            &Update {
-                                ended_why: Some(why.into()),
-                                ..Default::default()
-                            },
-                        );
-                    }
-                }
-            }
-            Incoming::Event(LinkEvent::Closed(reason)) => {
-                tracing::info!(session, "agent link closed: {reason}");
-                break;
-            }
-            Incoming::Event(_) => {}
-        }
-    }
-    let mut upstreams = hub.upstreams.lock().unwrap_or_else(|e| e.into_inner());
-    if upstreams
-        .get(&session)
-        .is_some_and(|u| Arc::ptr_eq(u, &upstream))
-    {
-        upstreams.remove(&session);
-    }
-}
-
 fn need_login(hub: &Hub, headers: &HeaderMap) -> Result<Who, Response> {
-    hub.who(headers).ok_or_else(|| match hub.cfg.auth {
-        Auth::Pam => pages::redirect("/hub/login"),
-        Auth::Header => pages::error(
+    hub.identify(headers)
+        .map_err(|d| denied(hub, d, "/hub/login".into()))
+}
+
+/// The answer to a request that is nobody's: the login form (at `login`),
+/// or a page saying why.
+pub(crate) fn denied(hub: &Hub, d: Denied, login: String) -> Response {
+    match (d, hub.cfg.auth) {
+        (Denied::Refused(r), _) => pages::error(StatusCode::FORBIDDEN, r.message()),
+        (Denied::Anonymous, Auth::Pam) => pages::redirect(&login),
+        (Denied::Anonymous, Auth::Header) => pages::error(
             StatusCode::UNAUTHORIZED,
             &format!(
                 "This hub expects its SSO proxy to set the {} header.",
                 hub.cfg.auth_header
             ),
         ),
-    })
+    }
 }
 
 fn csrf_checked(hub: &Hub, headers: &HeaderMap, token: &str) -> Result<Who, Response> {
@@ -383,9 +349,21 @@ struct NextQuery {
     next: Option<String>,
 }
 
-/// Only local paths: the login form must not become an open redirect.
+/// Only paths on the hub: the login form must not become an open redirect.
+/// Browsers drop tabs and newlines from a URL and read `\\` as `/`, so
+/// `/\t/evil.example` or `/\\evil.example` are `//evil.example` to them;
+/// the checks hold after percent-decoding too.
 fn safe_next(next: Option<&str>) -> String {
-    next.filter(|n| n.starts_with('/') && !n.starts_with("//") && !n.contains('\\'))
+    let on_the_hub = |n: &str| {
+        let decoded = proxy::percent_decode(n);
+        [n, decoded.as_str()].iter().all(|p| {
+            p.starts_with('/')
+                && !p.starts_with("//")
+                && !p.contains('\\')
+                && !p.chars().any(char::is_control)
+        })
+    };
+    next.filter(|n| on_the_hub(n))
         .unwrap_or("/hub/home")
         .to_string()
 }
@@ -430,6 +408,7 @@ struct LoginForm {
 
 async fn login(
     AxState(hub): AxState<Arc<Hub>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Form(f): Form<LoginForm>,
 ) -> Response {
@@ -440,33 +419,18 @@ async fn login(
         );
     }
     let pre = cookie(&headers, PRE_COOKIE).unwrap_or_default();
+    let refuse =
+        |msg: &str, status| login_form(&hub, &headers, f.next.as_deref(), Some(msg), status);
     if pre.is_empty() || !auth::ct_eq(hub.login_csrf(&pre).as_bytes(), f.csrf.as_bytes()) {
-        return login_form(
-            &hub,
-            &headers,
-            f.next.as_deref(),
-            Some("The form expired: please log in again."),
+        return refuse(
+            "The form expired: please log in again.",
             StatusCode::FORBIDDEN,
         );
     }
     let user = f.user.trim().to_string();
-    let ok = if auth::valid_user_name(&user) {
-        let (service, u) = (hub.cfg.pam_service.clone(), user.clone());
-        tokio::task::spawn_blocking(move || auth::pam_check(&service, &u, &f.password))
-            .await
-            .unwrap_or_else(|e| Err(e.to_string()))
-    } else {
-        Err("not a valid user name".into())
-    };
-    if let Err(why) = ok {
-        hub.db.audit(&user, "login-failed", &why);
-        return login_form(
-            &hub,
-            &headers,
-            f.next.as_deref(),
-            Some("Wrong user name or password."),
-            StatusCode::UNAUTHORIZED,
-        );
+    let client = auth::client_addr(&hub.cfg, peer.ip(), &headers);
+    if let Err((msg, status)) = check_password(&hub, &user, &f.password, client).await {
+        return refuse(&msg, status);
     }
     let id = random_hex();
     if let Err(e) = hub
@@ -491,6 +455,74 @@ async fn login(
         ],
     )
         .into_response()
+}
+
+/// The login's checks, in order: the account may log in at all (a system
+/// account's right password opens nothing, and PAM is not asked), neither
+/// the user nor the client address is waiting after failed logins, a PAM
+/// slot is free, and PAM takes the password. The refusal's message and
+/// status otherwise.
+async fn check_password(
+    hub: &Hub,
+    user: &str,
+    password: &str,
+    client: std::net::IpAddr,
+) -> Result<(), (String, StatusCode)> {
+    let wrong = || {
+        (
+            "Wrong user name or password.".to_string(),
+            StatusCode::UNAUTHORIZED,
+        )
+    };
+    if !auth::valid_user_name(user) {
+        hub.db.audit(user, "login-failed", "not a valid user name");
+        return Err(wrong());
+    }
+    let account = hub.access.check(&hub.cfg, user);
+    if let Err(Refusal::Rule(why)) = &account {
+        hub.db.audit(user, "login-refused", why);
+        return Err((why.clone(), StatusCode::FORBIDDEN));
+    }
+    let keys = [format!("user:{user}"), format!("addr:{client}")];
+    if let Some(wait) = hub.throttle.wait(&keys) {
+        return Err((
+            format!(
+                "Too many failed logins for this user or from this address: try again in {} s.",
+                wait.as_secs_f64().ceil() as u64
+            ),
+            StatusCode::TOO_MANY_REQUESTS,
+        ));
+    }
+    let Ok(Ok(slot)) = tokio::time::timeout(PAM_WAIT, hub.pam_slots.acquire()).await else {
+        return Err((
+            "The hub is checking many passwords at once: try again in a few seconds.".into(),
+            StatusCode::SERVICE_UNAVAILABLE,
+        ));
+    };
+    let (service, u, p) = (
+        hub.cfg.pam_service.clone(),
+        user.to_string(),
+        password.to_string(),
+    );
+    let checked = tokio::task::spawn_blocking(move || auth::pam_check(&service, &u, &p))
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+    drop(slot);
+    if let Err(why) = checked {
+        hub.db
+            .audit(user, "login-failed", &format!("{why} (from {client})"));
+        if let Some(wait) = hub.throttle.failed(&keys) {
+            hub.db.audit(
+                user,
+                "login-throttled",
+                &format!("from {client}: next try in {} s", wait.as_secs()),
+            );
+        }
+        return Err(wrong());
+    }
+    hub.throttle.succeeded(&keys[0]);
+    // PAM knows an account NSS does not: the hub could not run its jobs.
+    account.map_err(|r| (r.message().to_string(), StatusCode::FORBIDDEN))
 }
 
 #[derive(Deserialize)]
@@ -523,7 +555,8 @@ async fn render_home(hub: &Hub, who: &Who, message: Option<&str>, status: Status
     let sessions = hub.db.sessions(Some(&who.name)).unwrap_or_default();
     let last = hub.db.last_choice(&who.name).ok().flatten();
     let loads = jobs::partitions(hub).await;
-    let cards = pages::cards(&sessions, who, false);
+    let tails = hub.tails.of(&sessions).await;
+    let cards = pages::cards(&sessions, who, false, &tails);
     (
         status,
         pages::home(&hub.cfg, who, last.as_ref(), &loads, &cards, message),
@@ -543,7 +576,8 @@ async fn cards(AxState(hub): AxState<Arc<Hub>>, headers: HeaderMap) -> Response 
         return StatusCode::UNAUTHORIZED.into_response();
     };
     let sessions = hub.db.sessions(Some(&who.name)).unwrap_or_default();
-    axum::response::Html(pages::cards(&sessions, &who, false)).into_response()
+    let tails = hub.tails.of(&sessions).await;
+    axum::response::Html(pages::cards(&sessions, &who, false, &tails)).into_response()
 }
 
 #[derive(Deserialize)]
@@ -596,33 +630,17 @@ async fn start_session(
     choice: Choice,
 ) -> Result<(), (StatusCode, String)> {
     check_choice(&hub.cfg, &choice).map_err(|e| (StatusCode::BAD_REQUEST, e))?;
-    let live = hub
+    let s = Session::submitting(random_hex()[..16].to_string(), who.name.clone(), choice);
+    let made = hub
         .db
-        .live_sessions()
+        .new_session(&s)
         .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
-    if live.iter().any(|s| s.user == who.name) {
+    if !made {
         return Err((
             StatusCode::CONFLICT,
             "You already have a session: cancel it before starting another.".into(),
         ));
     }
-    let s = Session {
-        id: random_hex()[..16].to_string(),
-        user: who.name.clone(),
-        choice,
-        job_id: None,
-        state: State::Queued,
-        reason: Some("submitting".into()),
-        start_est: None,
-        node: None,
-        time_left: None,
-        ended_why: None,
-        log_path: None,
-        created: now(),
-    };
-    hub.db
-        .new_session(&s)
-        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
     hub.tokens.add(&hub.link_token(&s.id));
     match jobs::submit(hub, &s).await {
         Ok((job, log)) => {
@@ -796,10 +814,36 @@ async fn admin(AxState(hub): AxState<Arc<Hub>>, headers: HeaderMap) -> Result<Re
         ));
     }
     let sessions = hub.db.sessions(None).unwrap_or_default();
+    let tails = hub.tails.of(&sessions).await;
     Ok(pages::admin(
         &who,
         &sessions,
+        &tails,
         hub.squeue_calls.load(std::sync::atomic::Ordering::Relaxed),
     )
     .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::safe_next;
+
+    #[test]
+    fn next_is_a_path_on_the_hub() {
+        for evil in [
+            "/\t/evil.example",
+            "//evil.example",
+            "/\\evil.example",
+            "https://evil.example",
+            "/%2F/evil.example",
+            "/%5Cevil.example",
+            "/%09/evil.example",
+            "/\r\n/evil.example",
+            "evil.example",
+        ] {
+            assert_eq!(safe_next(Some(evil)), "/hub/home", "{evil:?}");
+        }
+        assert_eq!(safe_next(None), "/hub/home");
+        assert_eq!(safe_next(Some("/user/a/lab?x=1")), "/user/a/lab?x=1");
+    }
 }

@@ -7,6 +7,9 @@
 //! notification when a session starts and when its time left falls under
 //! ten minutes.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 
@@ -237,8 +240,14 @@ fn queue_word(cfg: &HubConfig) -> &'static str {
     }
 }
 
-/// One card per session.
-pub fn cards(sessions: &[Session], who: &Who, with_user: bool) -> String {
+/// One card per session; `tails`: the ended ones' log tails, by id
+/// ([`crate::logs::Tails`]).
+pub fn cards(
+    sessions: &[Session],
+    who: &Who,
+    with_user: bool,
+    tails: &HashMap<String, Arc<str>>,
+) -> String {
     if sessions.is_empty() {
         return "<p id=\"no-sessions\">No sessions yet.</p>".into();
     }
@@ -290,12 +299,10 @@ pub fn cards(sessions: &[Session], who: &Who, with_user: bool) -> String {
                 esc(&url)
             ),
             State::Ended => {
-                let tail = s
-                    .log_path
-                    .as_deref()
-                    .and_then(|p| jobs::log_tail(p, &s.user, 12))
+                let tail = tails
+                    .get(&s.id)
                     .filter(|t| !t.trim().is_empty())
-                    .map(|t| format!("<pre class=\"log\">{}</pre>", esc(&t)))
+                    .map(|t| format!("<pre class=\"log\">{}</pre>", esc(t)))
                     .unwrap_or_default();
                 format!(
                     "Ended: {}{tail}",
@@ -342,13 +349,18 @@ pub fn cards(sessions: &[Session], who: &Who, with_user: bool) -> String {
     out
 }
 
-pub fn admin(who: &Who, sessions: &[Session], squeue_calls: u64) -> Html<String> {
+pub fn admin(
+    who: &Who,
+    sessions: &[Session],
+    tails: &HashMap<String, Arc<str>>,
+    squeue_calls: u64,
+) -> Html<String> {
     layout(
         "Admin",
         Some(who),
         &format!(
             "<p>Scheduler polls (one squeue or oarstat for all sessions) since start: <span id=\"squeue-calls\">{squeue_calls}</span></p><div id=\"cards\">{}</div>",
-            cards(sessions, who, true)
+            cards(sessions, who, true, tails)
         ),
     )
 }

@@ -35,11 +35,12 @@ pub async fn user_route(State(hub): State<Arc<Hub>>, req: Request) -> Response {
     let path = req.uri().path().to_string();
     let rest = path.strip_prefix("/user/").unwrap_or_default();
     let (name, sub) = rest.split_once('/').unwrap_or((rest, ""));
-    let Some(who) = hub.who(req.headers()) else {
-        return crate::pages::redirect(&format!(
-            "/hub/login?next={}",
-            crate::pages::url_encode(&path)
-        ));
+    let who = match hub.identify(req.headers()) {
+        Ok(w) => w,
+        Err(d) => {
+            let login = format!("/hub/login?next={}", crate::pages::url_encode(&path));
+            return crate::denied(&hub, d, login);
+        }
     };
     if who.name != name {
         hub.db.audit(&who.name, "forbidden", &path);
@@ -91,7 +92,7 @@ fn check_target(req: &Request, sub: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -146,6 +146,11 @@ impl Tokens {
     pub fn add(&self, token: &str) {
         lock(&self.0.tokens).insert(Sha256::digest(token.as_bytes()).into());
     }
+
+    /// Forgets a token not used yet (one that can no longer be honoured).
+    pub fn revoke(&self, token: &str) {
+        lock(&self.0.tokens).remove(&<[u8; 32]>::from(Sha256::digest(token.as_bytes())));
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

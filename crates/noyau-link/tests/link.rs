@@ -118,6 +118,22 @@ async fn tokens_work_once() {
 }
 
 #[tokio::test]
+async fn revoked_tokens_are_refused() {
+    let l = listener(LinkConfig::default()).await;
+    let (addr, pin) = (l.local_addr().to_string(), l.pin());
+    let token = "a".repeat(64);
+    l.tokens().add(&token);
+    l.tokens().revoke(&token);
+    let err = dial(&addr, &pin, &token, LinkConfig::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, LinkError::Refused(r) if r.contains("token")),
+        "{err}"
+    );
+}
+
+#[tokio::test]
 async fn nothing_listening_fails_fast() {
     let addr = {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
