@@ -1,7 +1,7 @@
 // The hub's browser scenario, in Debian's headless Chromium driven by
 // playwright-core (no downloaded browser): log in, fill the spawn form, see
 // the card go Queued -> Running, open JupyterLab through the hub, run a cell,
-// cancel. A screenshot of each step goes to $SHOTS_DIR; one JSON line per
+// use JupyterLab's "Hub" menu (home, log out), log in again, cancel. A screenshot of each step goes to $SHOTS_DIR; one JSON line per
 // step goes to stdout, for the Python test to follow.
 //
 // Environment: HUB_URL, HUB_USER, HUB_PASSWORD, SHOTS_DIR, PARTITION,
@@ -81,6 +81,31 @@ try {
   await out.waitFor({ timeout: 120000 });
   step("cell", { output: await out.innerText() });
   await shot(page, "06-cell-ran");
+
+  // The "Hub" menu of noyau's JupyterLab extension (the agent names the hub
+  // in Lab's page config): the hub's home in a new tab, then log out.
+  const hubMenu = page.locator(".lm-MenuBar-itemLabel", { hasText: /^Hub$/ });
+  await hubMenu.click();
+  await shot(page, "06b-hub-menu");
+  const [home] = await Promise.all([
+    context.waitForEvent("page"),
+    page.locator(".lm-Menu-itemLabel", { hasText: /^Hub home$/ }).click(),
+  ]);
+  await home.waitForSelector("#who");
+  step("hub-home", { url: home.url() });
+  await home.close();
+  await hubMenu.click();
+  await Promise.all([page.waitForNavigation(),
+    page.locator(".lm-Menu-itemLabel", { hasText: /^Log out of the hub$/ }).click()]);
+  await page.waitForSelector("#logout");
+  await shot(page, "06c-hub-logout");
+  await Promise.all([page.waitForNavigation(), page.click("#logout")]);
+  await page.waitForSelector("#login");
+  step("logged-out", { url: page.url() });
+  await page.fill("#user", user);
+  await page.fill("#password", password);
+  await page.click("#login");
+  await page.waitForSelector("#who");
 
   await page.goto(`${url}/hub/home`);
   await Promise.all([page.waitForNavigation(), page.click("button[id^=cancel-]")]);
