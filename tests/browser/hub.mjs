@@ -98,6 +98,8 @@ try {
   await Promise.all([page.waitForNavigation(),
     page.locator(".lm-Menu-itemLabel", { hasText: /^Log out of the hub$/ }).click()]);
   await page.waitForSelector("#logout");
+  // Reaching /hub/logout logged no one out: only its form's POST does.
+  step("logout-page", { url: page.url(), signedIn: (await page.locator("#who").count()) === 1 });
   await shot(page, "06c-hub-logout");
   await Promise.all([page.waitForNavigation(), page.click("#logout")]);
   await page.waitForSelector("#login");
