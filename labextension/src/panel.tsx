@@ -97,8 +97,7 @@ export class AllocationPanel extends ReactWidget {
     const act = (f: () => Promise<IReply | null>, quiet = false) => () => void this._run(conn, f, quiet);
     return (
       <>
-        <section className="noyau-Panel-section" data-section="job">
-          <h3>Job</h3>
+        <Section name="job" title="Job">
           {s.job ? <JobFacts backend={s.backend} job={s.job} now={now} /> : <p>{backendLabel(s.backend)} backend: no batch job.</p>}
           <div className="noyau-Panel-actions">
             {s.can.extend && s.job && s.job.state !== 'ended' && (
@@ -117,17 +116,21 @@ export class AllocationPanel extends ReactWidget {
               {this._reply.message}
             </div>
           )}
-        </section>
+        </Section>
         {conn.logTail && (
-          <section className="noyau-Panel-section" data-section="log">
-            <h3>
-              Log of {conn.logTail.job ? `job ${conn.logTail.job}` : 'the kernel\u2019s job'}
-              <Button small minimal className="noyau-log-close" title="Close the log" onClick={() => conn.clearLog()}>
-                Close
-              </Button>
-            </h3>
+          <Section
+            name="log"
+            title={
+              <>
+                Log of {conn.logTail.job ? `job ${conn.logTail.job}` : 'the kernel\u2019s job'}
+                <Button small minimal className="noyau-log-close" title="Close the log" onClick={() => conn.clearLog()}>
+                  Close
+                </Button>
+              </>
+            }
+          >
             <LogTail text={conn.logTail.text} />
-          </section>
+          </Section>
         )}
         <Resources state={s} />
         {s.targets.length > 0 && (
@@ -135,13 +138,12 @@ export class AllocationPanel extends ReactWidget {
         )}
         {s.dask && <Dask dask={s.dask} canCancel={s.can.cancelWorker} act={act} conn={conn} />}
         {s.idle && (
-          <section className="noyau-Panel-section" data-section="idle">
-            <h3>Idle release</h3>
+          <Section name="idle" title="Idle release">
             <p>
               Given back after {formatLeft(s.idle.releaseAfterS)} without activity
               {s.idle.idleSince && `; idle since ${formatWhen(s.idle.idleSince, new Date(now))}`}.
             </p>
-          </section>
+          </Section>
         )}
       </>
     );
@@ -199,6 +201,23 @@ function JobFacts(props: { backend: string; job: IJob; now: number }): JSX.Eleme
     ]);
   }
   return <Facts rows={rows} />;
+}
+
+function Section(props: { name: string; title: React.ReactNode; children?: React.ReactNode }): JSX.Element {
+  return (
+    <section className="noyau-Panel-section" data-section={props.name}>
+      <h3>{props.title}</h3>
+      {props.children}
+    </section>
+  );
+}
+
+function Table(props: { children?: React.ReactNode }): JSX.Element {
+  return (
+    <table className="noyau-Panel-table">
+      <tbody>{props.children}</tbody>
+    </table>
+  );
 }
 
 /** The log's last lines, scrolled to its end as a tail is read. */
@@ -263,8 +282,7 @@ function Resources(props: { state: IState }): JSX.Element {
         : 'unknown';
   const source = u?.source === 'cgroup' ? "the job's cgroup" : u?.source === 'process-tree' ? "the kernel's processes" : u?.source;
   return (
-    <section className="noyau-Panel-section" data-section="resources">
-      <h3>Resources</h3>
+    <Section name="resources" title="Resources">
       <Meter name="CPU" used={u?.cpuPercent != null ? u.cpuPercent / 100 : null} total={cpus} text={cpuText} />
       <Meter name="Memory" used={u?.memBytes ?? null} total={memTotal} text={memText} />
       {(u?.gpus ?? []).map(g => (
@@ -282,7 +300,7 @@ function Resources(props: { state: IState }): JSX.Element {
       <p className="noyau-Panel-dim">
         {u ? `Sampled at ${u.at ? formatClock(u.at) : '?'} from ${source ?? '?'}.` : 'Waiting for the first sample of use.'}
       </p>
-    </section>
+    </Section>
   );
 }
 
@@ -298,10 +316,8 @@ function Targets(props: {
 }): JSX.Element {
   const { conn, act, now } = props;
   return (
-    <section className="noyau-Panel-section" data-section="targets">
-      <h3>Targets</h3>
-      <table className="noyau-Panel-table">
-        <tbody>
+    <Section name="targets" title="Targets">
+      <Table>
           {props.targets.map(t => {
             const left = t.endsAt ? (t.endsAt.getTime() - now) / 1000 : null;
             const where = t.state === 'running' ? (t.node ? `on ${t.node}` : '') : t.reason ? `(${t.reason})` : '';
@@ -316,7 +332,7 @@ function Targets(props: {
                   </div>
                 </td>
                 <td className="noyau-Panel-rowactions">
-                  {props.canLog && t.job && (
+                  {props.canLog && t.job && t.state !== 'pending' && (
                     <Button small minimal title={`Show the log of job ${t.job}`} onClick={act(() => conn.fetchLog(t.job), true)}>
                       Log
                     </Button>
@@ -330,17 +346,15 @@ function Targets(props: {
               </tr>
             );
           })}
-        </tbody>
-      </table>
-    </section>
+      </Table>
+    </Section>
   );
 }
 
 function Dask(props: { dask: IDask; canCancel: boolean; act: Act; conn: AllocationConnection }): JSX.Element {
   const { dask, conn, act } = props;
   return (
-    <section className="noyau-Panel-section" data-section="dask">
-      <h3>Dask cluster</h3>
+    <Section name="dask" title="Dask cluster">
       <p>
         {dask.workers ?? '?'} worker{dask.workers === 1 ? '' : 's'}
         {dask.dashboard && (
@@ -352,8 +366,7 @@ function Dask(props: { dask: IDask; canCancel: boolean; act: Act; conn: Allocati
           </>
         )}
       </p>
-      <table className="noyau-Panel-table">
-        <tbody>
+      <Table>
           {dask.jobs.map(j => (
             <tr key={j.id} data-dask-job={j.id}>
               <td className="noyau-Panel-name">{j.id}</td>
@@ -369,9 +382,8 @@ function Dask(props: { dask: IDask; canCancel: boolean; act: Act; conn: Allocati
               </td>
             </tr>
           ))}
-        </tbody>
-      </table>
-    </section>
+      </Table>
+    </Section>
   );
 }
 

@@ -10,14 +10,12 @@
 //
 // Environment: LAB_URL (…/lab), NOTEBOOK, PLAIN_NOTEBOOK, SHOTS_DIR,
 // PROFILE_DIR (a fresh directory), CHROMIUM (default /usr/bin/chromium).
-import { chromium } from "playwright-core";
+import { env, launch, step } from "./common.mjs";
 import path from "node:path";
 import readline from "node:readline";
 
-const env = (k, d) => process.env[k] ?? d ?? (() => { throw new Error(`${k} is not set`); })();
 const lab = env("LAB_URL"), notebook = env("NOTEBOOK"), plain = env("PLAIN_NOTEBOOK");
 const shots = env("SHOTS_DIR");
-const step = (name, extra = {}) => console.log(JSON.stringify({ step: name, ...extra }));
 
 // Lines from the test, one per "need".
 const lines = readline.createInterface({ input: process.stdin })[Symbol.asyncIterator]();
@@ -27,13 +25,7 @@ const need = async (what) => {
   if (done || value.trim() !== "go") throw new Error(`the test did not provide ${what}: ${value}`);
 };
 
-const context = await chromium.launchPersistentContext(env("PROFILE_DIR"), {
-  executablePath: env("CHROMIUM", "/usr/bin/chromium"),
-  headless: true,
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-  viewport: { width: 1400, height: 860 },
-});
+const context = await launch({ width: 1400, height: 860 });
 const consoleLines = [];
 const shot = async (page, name) => {
   await page.screenshot({ path: path.join(shots, `${name}.png`) });
@@ -72,7 +64,8 @@ const runCell = async (page, code) => {
 
 // Clicks a panel button and answers the dialog it opens; returns the reply shown.
 const act = async (page, button, { input, accept } = {}) => {
-  const before = await panel(page).locator(".noyau-Panel-reply").innerText().catch(() => "");
+  const replyLine = panel(page).locator(".noyau-Panel-reply");
+  const before = (await replyLine.count()) ? await replyLine.innerText() : "";
   await button.click();
   if (input !== undefined || accept) {
     const dialog = page.locator(".jp-Dialog");
@@ -82,10 +75,9 @@ const act = async (page, button, { input, accept } = {}) => {
     await dialog.locator(".jp-mod-accept").click();
   }
   return until(page, "the reply", async () => {
-    const r = panel(page).locator(".noyau-Panel-reply");
-    if (!(await r.count())) return null;
-    const text = (await r.innerText()).trim();
-    const cls = await r.getAttribute("class");
+    if (!(await replyLine.count())) return null;
+    const text = (await replyLine.innerText()).trim();
+    const cls = await replyLine.getAttribute("class");
     return text && text !== before ? { text, ok: cls.includes("noyau-mod-ok") } : null;
   });
 };

@@ -21,7 +21,8 @@ comm reopened by a new kernel process after a restart.
 
 Scene keys (all optional): job (as in docs/comm.md, plus `ends_in_s` and
 `estimated_start_in_s`, made absolute when the scene is read), backend,
-resources, targets, dask, can, idle, log (the log tail's text),
+resources, usage_gpus (GPUs' use, made up: there is no GPU here), targets,
+dask, can, idle, log (the log tail's text),
 extend_refusal (an `ok: false` message for extend), interval (seconds
 between states).
 """
@@ -108,7 +109,8 @@ class StandIn:
             "mem_bytes": rss,
             "mem_limit_bytes": res.get("mem_bytes"),
             "source": "process-tree",
-            "gpus": [],
+            # No GPU here: a scene may name stand-in ones.
+            "gpus": self.scene.get("usage_gpus", []),
         }
 
     def state(self) -> dict:

@@ -112,6 +112,9 @@ class StandInCommKernel:
                               {"id": "4252", "role": "worker", "state": "running"}]},
             "idle": {"release_after_s": 3600, "idle_since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
             "log": log,
+            "resources": {"cpus": 4, "mem_bytes": 8 * 1024**3, "gpus": 1},
+            "usage_gpus": [{"index": 0, "name": "STAND-IN GPU", "util_percent": 30,
+                            "mem_used_bytes": 2 * 1024**3, "mem_total_bytes": 16 * 1024**3}],
         }
 
     def need(self, what: str) -> None:
@@ -233,6 +236,7 @@ def run_scenario(lab: Lab, kernel: StandInCommKernel, tmp_path: Path) -> dict[st
     finally:
         if proc.poll() is None:
             proc.kill()
+    (SHOTS / "steps.json").write_text(json.dumps(steps, indent=1))
     assert rc == 0 and not errors, f"browser scenario failed: {errors} (screenshots in {SHOTS}; Lab log {lab.log})"
     return steps
 
@@ -267,7 +271,8 @@ def test_status_bar_and_panel_follow_the_kernels_allocation(tmp_path: Path, comm
     panel = s["panel"]["text"]
     assert s["panel"]["sections"] == ["job", "resources", "targets", "dask", "idle"], s["panel"]
     assert s["refused"]["toast"], "a refusal is also a notification"
-    for want in ("Running on node12", "4242 (batch)", "of 4 cores", "of 8 GiB", "gpu", "Slurm 4243", "big",
+    for want in ("Running on node12", "4242 (batch)", "of 4 cores", "of 8 GiB", "GPU 0", "STAND-IN GPU · 30%",
+                 "2 GiB of 16 GiB", "gpu", "Slurm 4243", "big",
                  "queued (Priority)", "2 workers", "4251", "Given back after 1:00:00 without activity"):
         assert want in panel, (want, panel)
     mem = s["memory"]
