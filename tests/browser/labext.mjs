@@ -2,13 +2,14 @@
 // in Debian's headless Chromium driven by playwright-core: open a notebook
 // whose kernel speaks the `noyau` comm, read the status bar and the panel,
 // use every button, restart the kernel, switch to a notebook on a plain
-// kernel and back. A screenshot of each step goes to $SHOTS_DIR.
+// kernel, change its kernel to the comm kernel, and go back. A screenshot of each step goes to $SHOTS_DIR.
 //
 // One JSON line per step goes to stdout. A step {"step": "need", "what": W}
 // asks the Python test to change the world (the job starts running, the
 // walltime nears…); the script goes on when the test writes a line on stdin.
 //
-// Environment: LAB_URL (…/lab), NOTEBOOK, PLAIN_NOTEBOOK, SHOTS_DIR,
+// Environment: LAB_URL (…/lab), NOTEBOOK, PLAIN_NOTEBOOK, KERNEL_DISPLAY_NAME
+// (the comm kernel's, to change the plain notebook's kernel to), SHOTS_DIR,
 // PROFILE_DIR (a fresh directory), CHROMIUM (default /usr/bin/chromium).
 import { env, launch, step } from "./common.mjs";
 import path from "node:path";
@@ -192,6 +193,14 @@ try {
   await panel(page).locator(".noyau-Panel-empty").waitFor();
   step("plain", { statusVisible: await status(page).isVisible(), panel: await panel(page).innerText() });
   await shot(page, "15-plain-notebook");
+  // Changing that notebook's kernel to a noyau one opens the comm on it.
+  await page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Toolbar-kernelName").click();
+  const chooser = page.locator(".jp-Dialog");
+  await chooser.locator("select").selectOption({ label: env("KERNEL_DISPLAY_NAME") });
+  await chooser.locator(".jp-mod-accept").click();
+  await status(page).filter({ hasText: "Running on" }).waitFor({ timeout: 120000 });
+  step("changed", { text: await statusText(page), panel: await panel(page).innerText() });
+  await shot(page, "15b-kernel-changed");
   await page.locator("#jp-main-dock-panel .lm-TabBar-tab", { hasText: notebook }).first().click();
   await status(page).filter({ hasText: "Running on" }).waitFor({ timeout: 30000 });
   await panel(page).locator('[data-section="job"]').waitFor();

@@ -215,6 +215,7 @@ def size(text: str) -> float:
 
 def run_scenario(lab: Lab, kernel: StandInCommKernel, tmp_path: Path) -> dict[str, dict]:
     env = dict(os.environ, LAB_URL=f"{lab.url}/lab", NOTEBOOK="alloc.ipynb", PLAIN_NOTEBOOK="plain.ipynb",
+               KERNEL_DISPLAY_NAME=kernel.display_name,
                SHOTS_DIR=str(SHOTS), PROFILE_DIR=str(tmp_path / "chromium-profile"))
     proc = subprocess.Popen(["node", str(bt.BROWSER / "labext.mjs")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True, env=env, cwd=bt.BROWSER)
@@ -305,9 +306,11 @@ def test_status_bar_and_panel_follow_the_kernels_allocation(tmp_path: Path, comm
     # After a restart the comm was reopened (need("check-reopened") checked it).
     assert "Running on node12" in s["restarted"]["text"]
 
-    # A plain kernel: no status item, the panel says why; back, it follows.
+    # A plain kernel: no status item, the panel says why; changed to a noyau
+    # kernel, the comm opens on it; back on the first notebook, the panel follows.
     assert not s["plain"]["statusVisible"], s["plain"]
     assert "does not report a batch allocation" in s["plain"]["panel"], s["plain"]
+    assert "plain.ipynb" in s["changed"]["panel"] and "Running on node12" in s["changed"]["text"], s["changed"]
     assert "alloc.ipynb" in s["back"]["panel"] and "Running on node12" in s["back"]["text"]
 
     # No "Hub" menu outside the hub; nothing alarming from the extension anywhere.
@@ -316,5 +319,5 @@ def test_status_bar_and_panel_follow_the_kernels_allocation(tmp_path: Path, comm
     log = lab.log.read_text()
     assert "No such comm target" not in log, "the extension opened its comm on a kernel that is not noyau's"
     for name in ("01-queued", "03-running", "04-panel", "05-memory", "06-extend-dialog", "08-release-confirm",
-                 "11-log", "12-amber", "13-red", "14-refused", "15-plain-notebook", "16-back"):
+                 "11-log", "12-amber", "13-red", "14-refused", "15-plain-notebook", "15b-kernel-changed", "16-back"):
         assert (SHOTS / f"{name}.png").stat().st_size > 1000, name
