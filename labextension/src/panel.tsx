@@ -105,7 +105,7 @@ export class AllocationPanel extends ReactWidget {
                 Extend walltime…
               </Button>
             )}
-            {s.can.log && s.job && (
+            {s.can.log && s.job && s.job.state !== 'pending' && (
               <Button small minimal className="noyau-log" onClick={act(() => conn.fetchLog(null), true)}>
                 Show log
               </Button>

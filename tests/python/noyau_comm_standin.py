@@ -122,7 +122,8 @@ class StandIn:
             "now": _iso(_now()),
             "job": s.get("job"),
             "resources": s.get("resources"),
-            "usage": self.usage(),
+            # A queued job has no processes to sample yet.
+            "usage": None if (s.get("job") or {}).get("state") == "pending" else self.usage(),
             "targets": s.get("targets", []),
             "dask": s.get("dask"),
             "can": s.get("can", {}),

@@ -262,6 +262,7 @@ def test_status_bar_and_panel_follow_the_kernels_allocation(tmp_path: Path, comm
     assert re.fullmatch(r"Slurm 4242 · Queued \(Resources\) · in about [45] min, \d\d:\d\d", s["queued"]["text"]), s
     assert s["queued"]["level"] == "queued"
     assert "Starts" in s["queued-panel"]["text"] and "in about" in s["queued-panel"]["text"]
+    assert "Waiting for the first sample" in s["queued-panel"]["text"], s["queued-panel"]
     assert re.fullmatch(r"Slurm 4242 · Running on node12 · \d:\d\d:\d\d left", s["running"]["text"]), s["running"]
     assert 7200 - 60 <= seconds(s["running"]["text"]) <= 7200, s["running"]
     assert s["running"]["level"] == "ok"
