@@ -90,7 +90,7 @@ const LABEXTENSION: &str = "labextensions/noyau-jupyterlab/package.json";
 
 const LABEXTENSION_HINT: &str = "JupyterLab shows this kernel's batch job and allocation with the \
      noyau-jupyterlab extension, not found on the Jupyter paths: install it where JupyterLab runs \
-     with `python3 -m pip install noyau-jupyterlab`";
+     with `python3 -m pip install noyau-jupyterlab` (or its wheel, noyau_jupyterlab-*.whl)";
 
 /// Whether the extension is in the Jupyter environment that will use the
 /// kernelspec just written to `spec_dir` (`<data dir>/kernels/NAME`): that
