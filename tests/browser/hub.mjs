@@ -1,26 +1,19 @@
 // The hub's browser scenario, in Debian's headless Chromium driven by
 // playwright-core (no downloaded browser): log in, fill the spawn form, see
 // the card go Queued -> Running, open JupyterLab through the hub, run a cell,
-// cancel. A screenshot of each step goes to $SHOTS_DIR; one JSON line per
-// step goes to stdout, for the Python test to follow.
+// use JupyterLab's "Hub" menu (home, log out), log in again, cancel. A
+// screenshot of each step goes to $SHOTS_DIR; one JSON line per step goes to
+// stdout, for the Python test to follow.
 //
 // Environment: HUB_URL, HUB_USER, HUB_PASSWORD, SHOTS_DIR, PARTITION,
 // CHROMIUM (default /usr/bin/chromium), PROFILE_DIR (a fresh directory).
-import { chromium } from "playwright-core";
+import { env, launch, step } from "./common.mjs";
 import path from "node:path";
 
-const env = (k, d) => process.env[k] ?? d ?? (() => { throw new Error(`${k} is not set`); })();
 const url = env("HUB_URL"), user = env("HUB_USER"), password = env("HUB_PASSWORD");
 const shots = env("SHOTS_DIR"), partition = env("PARTITION", "debug");
-const step = (name, extra = {}) => console.log(JSON.stringify({ step: name, ...extra }));
 
-const context = await chromium.launchPersistentContext(env("PROFILE_DIR"), {
-  executablePath: env("CHROMIUM", "/usr/bin/chromium"),
-  headless: true,
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-  viewport: { width: 1280, height: 900 },
-});
+const context = await launch({ width: 1280, height: 900 });
 const shot = async (page, name) => {
   await page.screenshot({ path: path.join(shots, `${name}.png`), fullPage: true });
   step(name);
@@ -81,6 +74,33 @@ try {
   await out.waitFor({ timeout: 120000 });
   step("cell", { output: await out.innerText() });
   await shot(page, "06-cell-ran");
+
+  // The "Hub" menu of noyau's JupyterLab extension (the agent names the hub
+  // in Lab's page config): the hub's home in a new tab, then log out.
+  const hubMenu = page.locator(".lm-MenuBar-itemLabel", { hasText: /^Hub$/ });
+  await hubMenu.click();
+  await shot(page, "06b-hub-menu");
+  const [home] = await Promise.all([
+    context.waitForEvent("page"),
+    page.locator(".lm-Menu-itemLabel", { hasText: /^Hub home$/ }).click(),
+  ]);
+  await home.waitForSelector("#who");
+  step("hub-home", { url: home.url() });
+  await home.close();
+  await hubMenu.click();
+  await Promise.all([page.waitForNavigation(),
+    page.locator(".lm-Menu-itemLabel", { hasText: /^Log out of the hub$/ }).click()]);
+  await page.waitForSelector("#logout");
+  // Reaching /hub/logout logged no one out: only its form's POST does.
+  step("logout-page", { url: page.url(), signedIn: (await page.locator("#who").count()) === 1 });
+  await shot(page, "06c-hub-logout");
+  await Promise.all([page.waitForNavigation(), page.click("#logout")]);
+  await page.waitForSelector("#login");
+  step("logged-out", { url: page.url() });
+  await page.fill("#user", user);
+  await page.fill("#password", password);
+  await page.click("#login");
+  await page.waitForSelector("#who");
 
   await page.goto(`${url}/hub/home`);
   await Promise.all([page.waitForNavigation(), page.click("button[id^=cancel-]")]);

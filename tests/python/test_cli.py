@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -44,3 +45,27 @@ def test_install_without_inner_spec_fails_clearly(noyau_bin: str, tmp_path: Path
     assert r.returncode != 0
     assert "no-such-kernel-xyz" in r.stderr, "the error should name the missing inner kernelspec"
     assert "panicked" not in r.stderr
+
+
+def test_install_names_the_jupyterlab_extension_when_missing(noyau_bin: str, tmp_path: Path) -> None:
+    """After writing the kernelspec, one line names noyau-jupyterlab and its pip
+    command when the Jupyter environment lacks it, and nothing when it has it."""
+    system = [Path(d) / "labextensions" / "noyau-jupyterlab" for d in ("/usr/local/share/jupyter", "/usr/share/jupyter")]
+    assert not any(d.exists() for d in system), f"the extension is installed system-wide: {system}"
+    env = dict(os.environ, HOME=str(tmp_path / "home"), VIRTUAL_ENV=str(tmp_path / "env"), JUPYTER_DATA_DIR="")
+    env.pop("JUPYTER_CONFIG_DIR", None)
+    prefix = tmp_path / "prefix"
+
+    def install() -> str:
+        r = subprocess.run([noyau_bin, "install", "--name", "labext-hint", "--inner", "python3", "--backend", "local",
+                            "--prefix", str(prefix)], capture_output=True, text=True, timeout=60, env=env)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    out = install()
+    hint = [line for line in out.splitlines() if "noyau-jupyterlab" in line]
+    assert len(hint) == 1 and "pip install noyau-jupyterlab" in hint[0], out
+    ext = prefix / "share" / "jupyter" / "labextensions" / "noyau-jupyterlab"
+    ext.mkdir(parents=True)
+    (ext / "package.json").write_text('{"name": "noyau-jupyterlab"}')
+    assert "noyau-jupyterlab" not in install()

@@ -17,29 +17,18 @@ from pathlib import Path
 
 import pytest
 
+import browser_testlib as bt
 import hub_testlib as hl
 import noyau_testlib as lib
 
-ROOT = Path(__file__).resolve().parents[2]
-BROWSER = ROOT / "tests" / "browser"
-SHOTS = ROOT / "target" / "test-logs" / "hub-browser"
-
-
-def require_browser() -> None:
-    missing = [what for what, ok in (("/usr/bin/chromium", Path("/usr/bin/chromium").exists()),
-                                     ("node", shutil.which("node") is not None),
-                                     ("tests/browser/node_modules/playwright-core",
-                                      (BROWSER / "node_modules" / "playwright-core").exists())) if not ok]
-    if missing:
-        msg = f"missing for the browser test: {', '.join(missing)} (scripts/test installs them)"
-        if os.environ.get("CI") or os.environ.get("NOYAU_TEST_SLURM"):
-            pytest.fail(msg, pytrace=False)
-        pytest.skip(msg)
+BROWSER = bt.BROWSER
+SHOTS = bt.ROOT / "target" / "test-logs" / "hub-browser"
 
 
 def test_browser_login_spawn_queued_running_lab_cell_cancel(tmp_path: Path, slurm) -> None:  # type: ignore[no-untyped-def]
     hl.require_hub_env()
-    require_browser()
+    bt.require_browser()
+    bt.require_labextension(hl.JUPYTER_VENV)
     user = hl.UnixUser("nhw")
     (tmp_path / "hub").mkdir()
     hub = hl.Hub(tmp_path / "hub", admins=[])
@@ -74,9 +63,14 @@ def test_browser_login_spawn_queued_running_lab_cell_cancel(tmp_path: Path, slur
         assert any(n.startswith("Your session is running") for n in notes), notes
         assert any("(walltime)" in n for n in notes), notes
         assert by_step["cell"]["output"].strip() == "42"
+        # JupyterLab's "Hub" menu (noyau's extension) leads home and logs out.
+        assert by_step["hub-home"]["url"] == f"{hub.url}/hub/home", by_step["hub-home"]
+        logout_page = by_step["logout-page"]
+        assert logout_page["url"] == f"{hub.url}/hub/logout" and logout_page["signedIn"], logout_page
+        assert by_step["logged-out"]["url"].startswith(f"{hub.url}/hub/login"), by_step["logged-out"]
         assert "Ended: cancelled" in by_step["ended"]["text"]
         for name in ("01-wrong-password", "02-home", "03-queued", "04-running", "05-jupyterlab", "06-cell-ran",
-                     "07-cancelled"):
+                     "06b-hub-menu", "06c-hub-logout", "07-cancelled"):
             assert (SHOTS / f"{name}.png").stat().st_size > 1000, name
     finally:
         if proc and proc.poll() is None:

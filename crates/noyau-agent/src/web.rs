@@ -186,6 +186,7 @@ fn start_server(cfg: &WebConfig, dir: &Path, sock: &Path) -> anyhow::Result<Chil
         Server::Lab => "lab",
         Server::Server => "server",
     };
+    let config_path = hub_page_config(dir, &cfg.base_url)?;
     let mut cmd = Command::new(&jupyter);
     // No token: the socket is in a 0700 directory, so only this user can
     // connect, and the hub lets only its owner through.
@@ -199,6 +200,7 @@ fn start_server(cfg: &WebConfig, dir: &Path, sock: &Path) -> anyhow::Result<Chil
         // The hub sends its own Host; the socket is private anyway.
         .arg("--ServerApp.allow_remote_access=True")
         .env("JUPYTER_RUNTIME_DIR", dir.join("runtime"))
+        .env("JUPYTER_CONFIG_PATH", config_path)
         .env_remove("NOYAU_LINK_TOKEN")
         .env_remove("NOYAU_LINK_PIN")
         .stdin(Stdio::null())
@@ -209,6 +211,36 @@ fn start_server(cfg: &WebConfig, dir: &Path, sock: &Path) -> anyhow::Result<Chil
             "cannot start `{jupyter} {app}` (set NOYAU_JUPYTER or PATH in the hub profile's env)"
         )
     })
+}
+
+/// Tells noyau's JupyterLab extension (labextension/src/hub.ts) that the hub
+/// serves this JupyterLab, so it shows its "Hub" menu: `noyauHubPrefix` in a
+/// `labconfig/page_config.json` under `dir`, a config dir put first on
+/// JUPYTER_CONFIG_PATH. JupyterLab merges it into its page config with the
+/// site's and the user's (`--ServerApp.tornado_settings` would replace a
+/// site's tornado_settings). Returns the JUPYTER_CONFIG_PATH to set.
+fn hub_page_config(dir: &Path, base_url: &str) -> anyhow::Result<std::ffi::OsString> {
+    let config = dir.join("config");
+    let labconfig = config.join("labconfig");
+    std::fs::create_dir_all(&labconfig)
+        .with_context(|| format!("cannot create {}", labconfig.display()))?;
+    let page = serde_json::json!({ "noyauHubPrefix": hub_prefix(base_url) });
+    std::fs::write(labconfig.join("page_config.json"), page.to_string())
+        .with_context(|| format!("cannot write {}/page_config.json", labconfig.display()))?;
+    let mut paths = vec![config];
+    if let Some(user) = std::env::var_os("JUPYTER_CONFIG_PATH") {
+        paths.extend(std::env::split_paths(&user));
+    }
+    std::env::join_paths(paths).context("JUPYTER_CONFIG_PATH holds a ':' in a path")
+}
+
+/// The hub's own pages beside a session's base URL: `/user/NAME/` is served
+/// by the hub that has its pages under `/hub/` (crates/noyau-hub/src/lib.rs).
+fn hub_prefix(base_url: &str) -> String {
+    match base_url.rfind("/user/") {
+        Some(i) => format!("{}/hub/", &base_url[..i]),
+        None => "/hub/".into(),
+    }
 }
 
 async fn wait_for_socket(sock: &Path, child: &mut Child) -> anyhow::Result<()> {
@@ -247,4 +279,28 @@ async fn stop(child: &mut Child) {
 
 fn exit_code(status: std::io::Result<std::process::ExitStatus>) -> i32 {
     status.ok().and_then(|s| s.code()).unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_prefix_beside_the_user_path() {
+        assert_eq!(hub_prefix("/user/alice/"), "/hub/");
+        assert_eq!(hub_prefix("/jupyter/user/alice/"), "/jupyter/hub/");
+        assert_eq!(hub_prefix("/lab/"), "/hub/");
+    }
+
+    #[test]
+    fn page_config_names_the_hub_and_comes_first() {
+        let tmp = std::env::temp_dir().join(format!("noyau-web-test-{}", std::process::id()));
+        let path = hub_page_config(&tmp, "/user/bob/").unwrap();
+        let page = std::fs::read_to_string(tmp.join("config/labconfig/page_config.json")).unwrap();
+        std::fs::remove_dir_all(&tmp).unwrap();
+        let page: serde_json::Value = serde_json::from_str(&page).unwrap();
+        assert_eq!(page, serde_json::json!({"noyauHubPrefix": "/hub/"}));
+        let first = std::env::split_paths(&path).next().unwrap();
+        assert_eq!(first, tmp.join("config"));
+    }
 }

@@ -290,7 +290,7 @@ fn routes(hub: Arc<Hub>) -> Router {
     let app = Router::new()
         .route("/", get(|| async { pages::redirect("/hub/home") }))
         .route("/hub/login", get(login_page).post(login))
-        .route("/hub/logout", post(logout))
+        .route("/hub/logout", get(logout_page).post(logout))
         .route("/hub/home", get(home))
         .route("/hub/cards", get(cards))
         .route("/hub/spawn", post(spawn))
@@ -529,6 +529,16 @@ async fn check_password(
 struct CsrfForm {
     #[serde(rename = "_csrf")]
     csrf: String,
+}
+
+/// The page JupyterLab's "Log out of the hub" (labextension/src/hub.ts) opens:
+/// one button that posts the logout form with its CSRF token, so that no
+/// other site can log a user out with a mere link.
+async fn logout_page(AxState(hub): AxState<Arc<Hub>>, headers: HeaderMap) -> Response {
+    match hub.who(&headers) {
+        Some(who) => pages::logout(&who).into_response(),
+        None => pages::redirect("/hub/login"),
+    }
 }
 
 async fn logout(

@@ -105,6 +105,20 @@ pub fn login(csrf: &str, next: &str, message: Option<&str>) -> Html<String> {
     )
 }
 
+/// Asks before logging out (GET /hub/logout); the form posts to the same path.
+pub fn logout(who: &Who) -> Html<String> {
+    layout(
+        "Log out",
+        Some(who),
+        &format!(
+            "<p>Log out of the hub? Your running sessions go on; log in again to reach them.</p>\
+             <form method=\"post\" action=\"/hub/logout\"><input type=\"hidden\" name=\"_csrf\" value=\"{}\">\
+             <button id=\"logout\">Log out</button> <a href=\"/hub/home\">Back to the hub</a></form>",
+            esc(&who.csrf)
+        ),
+    )
+}
+
 fn number(name: &str, label: &str, min: u32, max: u32, value: u32) -> String {
     format!(
         "<p><label for=\"{name}\">{label}</label><input id=\"{name}\" name=\"{name}\" type=\"number\" min=\"{min}\" max=\"{max}\" value=\"{value}\"> ({min}–{max})</p>"

@@ -78,7 +78,34 @@ pub fn install(args: &InstallArgs) -> Result<()> {
         args.spec_name().to_ascii_lowercase(),
         dir.display()
     );
+    if !labextension_found(&dir, &kernelspec::process_env) {
+        println!("{LABEXTENSION_HINT}");
+    }
     Ok(())
+}
+
+/// Where noyau's JupyterLab extension (labextension/, the Python package
+/// noyau-jupyterlab) puts itself in a Jupyter data dir.
+const LABEXTENSION: &str = "labextensions/noyau-jupyterlab/package.json";
+
+const LABEXTENSION_HINT: &str = "JupyterLab shows this kernel's batch job and allocation with the \
+     noyau-jupyterlab extension, not found on the Jupyter paths: install it where JupyterLab runs \
+     with `python3 -m pip install noyau-jupyterlab` (or its wheel, noyau_jupyterlab-*.whl)";
+
+/// Whether the extension is in the Jupyter environment that will use the
+/// kernelspec just written to `spec_dir` (`<data dir>/kernels/NAME`): that
+/// data dir, or any other on the Jupyter data path.
+fn labextension_found(spec_dir: &Path, env: EnvLookup) -> bool {
+    let own = spec_dir
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf);
+    let path = kernelspec::kernel_dirs_from(env)
+        .into_iter()
+        .filter_map(|k| k.parent().map(Path::to_path_buf));
+    own.into_iter()
+        .chain(path)
+        .any(|data| data.join(LABEXTENSION).is_file())
 }
 
 /// The work of [`install`] with the environment injected; returns the spec dir.
@@ -390,6 +417,29 @@ mod tests {
         assert_eq!(spec.argv.len(), 8, "no --profile");
         assert_eq!(spec.display_name, "Python 3 (ipykernel) (noyau local)");
         assert_eq!(spec.metadata["noyau"]["profile"], Value::Null);
+    }
+
+    #[test]
+    fn labextension_looked_for_beside_the_spec_and_on_the_path() {
+        let tmp = tempfile::tempdir().unwrap();
+        let jp = fake_jupyter_path(tmp.path());
+        let env = env_of(vec![("JUPYTER_PATH", jp.display().to_string())]);
+        let p = tmp.path().join("pfx").display().to_string();
+        let args = parse(&["--prefix", &p]).unwrap();
+        let dir = install_with(&args, Path::new("noyau"), &env).unwrap();
+        assert!(!labextension_found(&dir, &env));
+        let put = |data: &Path| {
+            let f = data.join(LABEXTENSION);
+            std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+            std::fs::write(&f, "{}").unwrap();
+        };
+        // In the prefix the kernelspec went to…
+        put(&tmp.path().join("pfx/share/jupyter"));
+        assert!(labextension_found(&dir, &env));
+        // …or anywhere on the Jupyter path.
+        std::fs::remove_dir_all(tmp.path().join("pfx/share/jupyter/labextensions")).unwrap();
+        put(&jp);
+        assert!(labextension_found(&dir, &env));
     }
 
     #[test]
