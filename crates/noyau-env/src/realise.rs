@@ -116,6 +116,15 @@ fn is_python(arg0: &str) -> bool {
 }
 
 impl Realised {
+    /// True when [`Realised::command`] starts the kernel in a session of
+    /// its own below a wrapper (bubblewrap's `--new-session`): a signal for
+    /// the kernel's process group must go to the group inside
+    /// (`noyau_client::process::KernelProcess::signal_inner_session`).
+    pub fn own_session(&self) -> bool {
+        let own_container = matches!(self.spec.kind(), Ok(Kind::Guix | Kind::Apptainer));
+        self.spec.isolation == Isolation::Container && !own_container
+    }
+
     /// The argv and environment that start `argv` (the kernelspec's,
     /// expanded) with `env` inside this environment. `runtime_dir` is the
     /// agent's private directory holding the connection file and sockets.

@@ -211,3 +211,110 @@ fn container_isolation_runs_an_interpreter_reached_through_a_symlink() {
     assert!(ok, "{argv:?}: {out}");
     assert_eq!(out.trim(), link.display().to_string());
 }
+
+/// What a hostile cell tries from inside the sandbox, printed as one line:
+/// reading (and writing: seen from outside) the home through `/proc/*/root`, listing
+/// `/run/user/UID`, and TIOCSTI on the terminal (`/dev/tty` and stdin).
+const PROBE: &str = r#"
+import fcntl, glob, os, sys, termios
+secret, home, run_user = sys.argv[1:4]
+found = []
+for root in glob.glob('/proc/[0-9]*/root'):
+    try:
+        open(root + secret).read(); found.append('read-proc-root')
+    except OSError:
+        pass
+    try:  # lands in the host's home only through a way out (checked outside)
+        open(root + home + '/.noyau-escape', 'w').write('x')
+    except OSError:
+        pass
+try:
+    os.listdir(run_user); found.append('listed-run-user')
+except OSError:
+    pass
+try:
+    fcntl.ioctl(os.open('/dev/tty', os.O_RDWR), termios.TIOCSTI, b' '); found.append('tiocsti-dev-tty')
+except OSError:
+    pass
+try:
+    fcntl.ioctl(0, termios.TIOCSTI, b' '); found.append('tiocsti-stdin')
+except OSError:
+    pass
+print('ESCAPES', sorted(set(found)))
+"#;
+
+/// Runs `argv` with a fresh pty as its controlling terminal (as a kernel
+/// started from a terminal has) and returns what it printed.
+fn run_on_a_terminal(argv: &[String], env: &BTreeMap<String, String>, cwd: &Path) -> String {
+    let pty_run = "import os, pty, sys\n\
+        pid, fd = pty.fork()\n\
+        if pid == 0:\n    os.execvp(sys.argv[1], sys.argv[1:])\n\
+        out = b''\n\
+        while True:\n    try:\n        b = os.read(fd, 4096)\n    except OSError:\n        break\n    if not b:\n        break\n    out += b\n\
+        os.waitpid(pid, 0)\n\
+        sys.stdout.write(out.decode(errors='replace'))\n";
+    let mut all = vec!["python3".to_string(), "-c".into(), pty_run.into()];
+    all.extend(argv.iter().cloned());
+    run(&all, env, cwd).1
+}
+
+#[test]
+fn container_isolation_closes_proc_run_user_and_the_terminal() {
+    if !have("bwrap") && skip("bwrap (Debian package bubblewrap)") {
+        return;
+    }
+    let home = std::env::var("HOME").unwrap();
+    let secret = Path::new(&home).join(".noyau-env-test-secret-proc");
+    std::fs::write(&secret, "secret").unwrap();
+    let uid = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap());
+    let run_user = format!("/run/user/{uid}");
+    // A login session has it; a CI container may not: make one (as root).
+    let made_run_user = !Path::new(&run_user).exists();
+    if made_run_user {
+        std::fs::create_dir_all(&run_user)
+            .unwrap_or_else(|e| panic!("{run_user} is missing and cannot be made: {e}"));
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (nb, rt) = (t.path().join("nb"), t.path().join("rt"));
+    std::fs::create_dir_all(&nb).unwrap();
+    std::fs::create_dir_all(&rt).unwrap();
+    // The line the probe printed (the keys TIOCSTI pushed echo before it).
+    let probe = |argv: &[String], env: &BTreeMap<String, String>| {
+        let out = run_on_a_terminal(argv, env, &nb);
+        let line = out
+            .lines()
+            .find_map(|l| l.trim_start().strip_prefix("ESCAPES "));
+        line.map_or_else(|| format!("no result: {out}"), str::to_string)
+    };
+    let mut argv = vec!["python3".to_string(), "-c".into(), PROBE.into()];
+    argv.extend([secret.display().to_string(), home.clone(), run_user.clone()]);
+
+    // Unsandboxed, the probe finds every way out (so it can tell).
+    let escape = Path::new(&home).join(".noyau-escape");
+    let bare = probe(&argv, &BTreeMap::new());
+    let bare_wrote = std::fs::remove_file(&escape).is_ok();
+
+    let spec = EnvSpec::from_value(json!({"isolation": "container", "notebook_dir": nb}))
+        .unwrap()
+        .normalise()
+        .unwrap();
+    let r = realise(
+        &spec,
+        &Cache::new(t.path().join("cache")),
+        &mut |_: &str| {},
+    )
+    .unwrap();
+    let (wrapped, env) = r.command(&argv, &BTreeMap::new(), &rt).unwrap();
+    let sandboxed = probe(&wrapped, &env);
+    let escaped = std::fs::remove_file(&escape).is_ok();
+    let _ = std::fs::remove_file(&secret);
+    if made_run_user {
+        let _ = std::fs::remove_dir(&run_user);
+    }
+    for way in ["read-proc-root", "listed-run-user", "tiocsti-dev-tty"] {
+        assert!(bare.contains(way), "the probe cannot see `{way}`: {bare}");
+    }
+    assert!(bare_wrote, "the probe cannot write through /proc/*/root");
+    assert_eq!(sandboxed, "[]", "ways out of {wrapped:?}");
+    assert!(!escaped, "the sandbox wrote into the home");
+}
