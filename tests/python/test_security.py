@@ -285,3 +285,52 @@ def test_bad_signatures_are_dropped_on_every_socket(noyau_kernelspec: str, tmp_p
         assert "dropped a message from the kernel" in text, text[-3000:]
     finally:
         k.shutdown()
+
+
+# --------------------------------------------------------------------------
+# Kernels and targets (issue 18): empty HMAC keys, runtime directory
+# squatting, the bubblewrap sandbox (in test_env.py), the shared cache.
+
+
+def _connection_file(path: Path, key: str) -> Path:
+    """A tcp connection file as jupyter_client writes it, with `key`."""
+    from jupyter_client.connect import write_connection_file
+
+    ports = {f"{c}_port": lib.free_port() for c in ("shell", "iopub", "stdin", "control", "hb")}
+    write_connection_file(str(path), ip="127.0.0.1", key=key.encode(), **ports)
+    return path
+
+
+def test_an_empty_hmac_key_is_refused_unless_allowed_with_a_warning(noyau_bin: str, tmp_path: Path) -> None:
+    """Jupyter allows `"key": ""` (unsigned messages); noyau refuses it, as
+    it could not tell a forged message from a real one, unless
+    `--allow-unsigned` is given, and then it says so in its log."""
+    from jupyter_client.blocking import BlockingKernelClient
+
+    conn = _connection_file(tmp_path / "kernel-unsigned.json", "")
+    assert json.loads(conn.read_text())["key"] == ""
+    r = subprocess.run([noyau_bin, "kernel", "-f", str(conn)], capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0, r.stderr
+    assert "empty" in r.stderr and "--allow-unsigned" in r.stderr and str(conn) in r.stderr, r.stderr
+    assert "panicked" not in r.stderr
+
+    log = tmp_path / "proxy.log"
+    with log.open("w") as err:
+        p = subprocess.Popen([noyau_bin, "kernel", "-f", str(conn), "--allow-unsigned"], stderr=err)
+    kc = BlockingKernelClient(connection_file=str(conn))
+    kc.load_connection_file()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        out: list[str] = []
+        reply = kc.execute_interactive("print('unsigned ok')", timeout=60,
+                                       output_hook=lambda m: out.append(lib.message_text(m)))
+        assert reply["content"]["status"] == "ok" and "unsigned ok" in "".join(out), (reply, out)
+        assert "empty key" in log.read_text() and "--allow-unsigned" in log.read_text(), log.read_text()
+        kc.shutdown()
+        assert p.wait(timeout=30) == 0
+    finally:
+        kc.stop_channels()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
