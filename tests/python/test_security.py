@@ -334,3 +334,56 @@ def test_an_empty_hmac_key_is_refused_unless_allowed_with_a_warning(noyau_bin: s
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def _run_notebook(noyau_bin: str, d: Path, code: str, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, str]:
+    """`noyau run` of a one-cell notebook in `d`, in an environment with
+    six; (process, the cell's text)."""
+    from test_run_noyau import notebook
+
+    (d / "nb.ipynb").write_text(json.dumps(notebook(code)))
+    (d / "noyau.toml").write_text('[environment]\nrequirements = ["six==1.16.0"]\n')
+    p = subprocess.run([noyau_bin, "run", "nb.ipynb", "out.ipynb", "--no-progress", "--start-timeout", "300"],
+                       cwd=d, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    out = json.loads((d / "out.ipynb").read_text()) if (d / "out.ipynb").exists() else {"cells": [{}]}
+    cell = out["cells"][0]
+    text = "".join("".join(o.get("text", "")) + o.get("evalue", "") for o in cell.get("outputs", []))
+    return p, text
+
+
+def test_a_cache_entry_planted_by_another_user_is_refused_and_rebuilt_in_the_users_own(
+        noyau_bin: str, tmp_path: Path) -> None:
+    """A group-writable shared cache (NOYAU_ENV_CACHE) holds the entry a
+    spec asks for, but it belongs to another user (`nobody`, who could have
+    put anything in its venv: here a .pth line that runs at every start).
+    noyau refuses it, says so in the run's log, and builds the environment
+    in the user's own cache instead; the planted code never runs."""
+    if os.geteuid() != 0:
+        lib.missing("planting a cache entry as another user (nobody) needs root")
+    import pwd
+
+    nobody = pwd.getpwnam("nobody").pw_uid
+    shared, own = tmp_path / "shared", tmp_path / "own-cache"
+    shared.mkdir()
+    shared.chmod(0o2775)  # a team's cache: every member of the group writes there
+    env = {"NOYAU_ENV_CACHE": str(shared), "XDG_CACHE_HOME": str(own)}
+    code = "import six, sys; print(six.__version__, sys.prefix)"
+    (tmp_path / "first").mkdir()
+    p, text = _run_notebook(noyau_bin, tmp_path / "first", code, env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (entry,) = [e for e in shared.iterdir() if (e / "noyau-env.json").is_file()]
+    assert text.split() == ["1.16.0", str(entry / "venv")], text
+
+    # Another user's entry now: theirs, with their code in its venv.
+    (site,) = (entry / "venv" / "lib").glob("python3*/site-packages")
+    (site / "planted.pth").write_text("import sys; print('PLANTED', flush=True)\n")
+    for path in [entry, *entry.rglob("*")]:
+        os.lchown(path, nobody, nobody)
+    (tmp_path / "second").mkdir()
+    p, text = _run_notebook(noyau_bin, tmp_path / "second", code, env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "PLANTED" not in text, text
+    version, prefix = text.split()
+    assert version == "1.16.0" and Path(prefix).is_relative_to(own), text
+    refusal = [line for line in p.stderr.splitlines() if "refusing the shared cache's entry" in line]
+    assert refusal and str(entry) in refusal[0] and f"belongs to uid {nobody}" in refusal[0], p.stderr[-3000:]
