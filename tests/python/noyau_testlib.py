@@ -242,15 +242,18 @@ def kill(pid: int, sig: int = signal.SIGKILL) -> None:
 class Kernel:
     """One kernel started through jupyter_client, with the processes it owns."""
 
-    def __init__(self, kernel_name: str, stderr: Any = None, env: dict[str, str] | None = None,
+    def __init__(self, kernel_name: str, stderr: Any = None, env: dict[str, str | None] | None = None,
                  ready_timeout: float = 60, transport: str = "tcp"):
         from jupyter_client.manager import KernelManager
 
         self.tag = f"{os.environ.get(SESSION_VAR, 'nosession')}-{uuid.uuid4().hex[:12]}"
         kenv = dict(os.environ)
         kenv[TAG_VAR] = self.tag
-        if env:
-            kenv.update(env)
+        for name, value in (env or {}).items():  # None: unset
+            if value is None:
+                kenv.pop(name, None)
+            else:
+                kenv[name] = value
         self.km = KernelManager(kernel_name=kernel_name, transport=transport)
         if transport == "ipc":
             # ipc socket paths are "{ip}-{port}": put them in the session's private dir.

@@ -387,3 +387,47 @@ def test_a_cache_entry_planted_by_another_user_is_refused_and_rebuilt_in_the_use
     assert version == "1.16.0" and Path(prefix).is_relative_to(own), text
     refusal = [line for line in p.stderr.splitlines() if "refusing the shared cache's entry" in line]
     assert refusal and str(entry) in refusal[0] and f"belongs to uid {nobody}" in refusal[0], p.stderr[-3000:]
+
+
+def test_a_squatted_runtime_dir_falls_back_to_a_private_one_and_restarts_keep_the_agent(
+        noyau_kernelspec: str, tmp_path: Path) -> None:
+    """Without XDG_RUNTIME_DIR the runtime directory is $TMPDIR/noyau-UID;
+    another user (`nobody`) made it first. The kernel still starts, in a
+    private fallback beside it (0700, ours), the proxy warns, and a restart
+    finds the handover record there and keeps the same agent."""
+    if os.geteuid() != 0:
+        lib.missing("squatting the runtime directory as another user (nobody) needs root")
+    import pwd
+
+    nobody = pwd.getpwnam("nobody").pw_uid
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    tmp.chmod(0o1777)  # like /tmp
+    squat = tmp / f"noyau-{os.getuid()}"
+    squat.mkdir()
+    squat.chmod(0o755)
+    os.chown(squat, nobody, nobody)
+    log = tmp_path / "proxy.log"
+    err = log.open("w")  # open for the restart's launch too
+    k = lib.Kernel(noyau_kernelspec, stderr=err, env={"TMPDIR": str(tmp), "XDG_RUNTIME_DIR": None})
+    try:
+        reply, _ = k.run("marker = 1")
+        assert reply["content"]["status"] == "ok"
+        (agent,) = lib.wait_until(k.agents, 10, "the agent")
+        (inner,) = lib.wait_until(k.inner_kernels, 10, "the inner kernel")
+        conn = Path(next(a for a in lib.cmdline(inner) if a.endswith(".json")))
+        (fallback,) = [d for d in tmp.iterdir() if d.name.startswith(f"{squat.name}-")]
+        assert conn.is_relative_to(fallback), conn
+        st = fallback.lstat()
+        assert stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o700
+        assert f"not using {squat}" in log.read_text(), log.read_text()[-2000:]
+        assert not list(squat.iterdir()), "noyau wrote into the squatted directory"
+
+        k.km.restart_kernel(now=False)
+        k.kc.wait_for_ready(timeout=60)
+        reply, _ = k.run("marker")
+        assert reply["content"]["ename"] == "NameError", reply["content"]  # a fresh kernel
+        assert k.agents() == {agent}, "the restart did not find its handover record: a new agent"
+    finally:
+        k.shutdown()
+        err.close()
