@@ -34,7 +34,6 @@ import noyau_testlib as lib
 from test_run_noyau import NOYAU, notebook, python3_kernelspec  # noqa: F401  (fixture)
 
 
-
 @pytest.fixture(autouse=True)
 def _noyau_binary() -> None:
     if not Path(NOYAU).is_file():

@@ -1,6 +1,9 @@
 //! `modules` with Debian's environment-modules and a test modulefile, and
 //! bubblewrap isolation, both with real processes (the end-to-end tests in
-//! tests/python run a real kernel through them).
+//! tests/python run a real kernel through them). They need those tools
+//! (`scripts/test` installs them): `#[ignore]`d, so a plain `cargo nextest
+//! run` reports them skipped, and `scripts/test` runs them
+//! (`--run-ignored all`); one run without its tool fails.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -9,21 +12,17 @@ use std::process::Command;
 use noyau_env::{realise, Cache, EnvSpec};
 use serde_json::json;
 
-fn have(exe: &str) -> bool {
-    Command::new("sh")
+/// Fails the test when `exe` is not on PATH.
+fn need(exe: &str, package: &str) {
+    let found = Command::new("sh")
         .arg("-c")
         .arg(format!("command -v {exe}"))
         .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
-fn skip(what: &str) -> bool {
-    if std::env::var_os("CI").is_some() {
-        panic!("{what} is missing (scripts/test installs it)");
-    }
-    eprintln!("skipped: {what} is missing (scripts/test installs it)");
-    true
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "{exe} is missing: install the Debian package {package} (scripts/test does)"
+    );
 }
 
 fn run(argv: &[String], env: &BTreeMap<String, String>, cwd: &Path) -> (bool, String) {
@@ -44,10 +43,12 @@ fn run(argv: &[String], env: &BTreeMap<String, String>, cwd: &Path) -> (bool, St
 }
 
 #[test]
+#[ignore = "needs environment-modules (scripts/test installs it and runs this)"]
 fn modules_set_the_kernels_environment() {
-    if !Path::new("/usr/share/modules/init/bash").exists() && skip("environment-modules") {
-        return;
-    }
+    assert!(
+        Path::new("/usr/share/modules/init/bash").exists(),
+        "environment-modules is missing: install the Debian package (scripts/test does)"
+    );
     let t = tempfile::tempdir().unwrap();
     let mf = t.path().join("modulefiles/noyautest");
     std::fs::create_dir_all(&mf).unwrap();
@@ -98,10 +99,9 @@ fn modules_set_the_kernels_environment() {
 }
 
 #[test]
+#[ignore = "needs bubblewrap (scripts/test installs it and runs this)"]
 fn container_isolation_hides_home_and_network_and_keeps_the_notebook_dir_writable() {
-    if !have("bwrap") && skip("bwrap (Debian package bubblewrap)") {
-        return;
-    }
+    need("bwrap", "bubblewrap");
     let home = std::env::var("HOME").unwrap();
     let secret = Path::new(&home).join(".noyau-env-test-secret");
     std::fs::write(&secret, "secret").unwrap();
@@ -170,10 +170,9 @@ fn container_isolation_hides_home_and_network_and_keeps_the_notebook_dir_writabl
 }
 
 #[test]
+#[ignore = "needs bubblewrap (scripts/test installs it and runs this)"]
 fn container_isolation_runs_an_interpreter_reached_through_a_symlink() {
-    if !have("bwrap") && skip("bwrap (Debian package bubblewrap)") {
-        return;
-    }
+    need("bwrap", "bubblewrap");
     // A venv under /tmp (hidden in the sandbox) named through a symlink
     // that is not hidden (a worktree's `.venv` linking to another one).
     let t = tempfile::tempdir().unwrap();
@@ -259,10 +258,9 @@ fn run_on_a_terminal(argv: &[String], env: &BTreeMap<String, String>, cwd: &Path
 }
 
 #[test]
+#[ignore = "needs bubblewrap (scripts/test installs it and runs this)"]
 fn container_isolation_closes_proc_run_user_and_the_terminal() {
-    if !have("bwrap") && skip("bwrap (Debian package bubblewrap)") {
-        return;
-    }
+    need("bwrap", "bubblewrap");
     let home = std::env::var("HOME").unwrap();
     let secret = Path::new(&home).join(".noyau-env-test-secret-proc");
     std::fs::write(&secret, "secret").unwrap();
