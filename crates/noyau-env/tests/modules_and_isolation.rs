@@ -6,10 +6,10 @@
 //! (`--run-ignored all`); one run without its tool fails.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use noyau_env::{realise, Cache, EnvSpec};
+use noyau_env::{realise, Cache, EnvSpec, Realised};
 use serde_json::json;
 
 /// Fails the test when `exe` is not on PATH.
@@ -23,6 +23,20 @@ fn need(exe: &str, package: &str) {
         found,
         "{exe} is missing: install the Debian package {package} (scripts/test does)"
     );
+}
+
+/// A notebook and a runtime directory under `t`, and the realised
+/// `isolation = "container"` environment.
+fn sandbox_in(t: &Path) -> (PathBuf, PathBuf, Realised) {
+    let (nb, rt) = (t.join("nb"), t.join("rt"));
+    std::fs::create_dir_all(&nb).unwrap();
+    std::fs::create_dir_all(&rt).unwrap();
+    let spec = EnvSpec::from_value(json!({"isolation": "container", "notebook_dir": nb}))
+        .unwrap()
+        .normalise()
+        .unwrap();
+    let r = realise(&spec, &Cache::new(t.join("cache")), &mut |_: &str| {}).unwrap();
+    (nb, rt, r)
 }
 
 fn run(argv: &[String], env: &BTreeMap<String, String>, cwd: &Path) -> (bool, String) {
@@ -186,20 +200,7 @@ fn container_isolation_runs_an_interpreter_reached_through_a_symlink() {
     let links = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let link = links.path().join(".venv");
     std::os::unix::fs::symlink(&venv, &link).unwrap();
-    let nb = t.path().join("nb");
-    let rt = t.path().join("rt");
-    std::fs::create_dir_all(&nb).unwrap();
-    std::fs::create_dir_all(&rt).unwrap();
-    let spec = EnvSpec::from_value(json!({"isolation": "container", "notebook_dir": nb}))
-        .unwrap()
-        .normalise()
-        .unwrap();
-    let r = realise(
-        &spec,
-        &Cache::new(t.path().join("cache")),
-        &mut |_: &str| {},
-    )
-    .unwrap();
+    let (nb, rt, r) = sandbox_in(t.path());
     let argv = vec![
         link.join("bin/python").display().to_string(),
         "-c".into(),
@@ -273,9 +274,7 @@ fn container_isolation_closes_proc_run_user_and_the_terminal() {
             .unwrap_or_else(|e| panic!("{run_user} is missing and cannot be made: {e}"));
     }
     let t = tempfile::tempdir().unwrap();
-    let (nb, rt) = (t.path().join("nb"), t.path().join("rt"));
-    std::fs::create_dir_all(&nb).unwrap();
-    std::fs::create_dir_all(&rt).unwrap();
+    let (nb, rt, r) = sandbox_in(t.path());
     // The line the probe printed (the keys TIOCSTI pushed echo before it).
     let probe = |argv: &[String], env: &BTreeMap<String, String>| {
         let out = run_on_a_terminal(argv, env, &nb);
@@ -292,16 +291,6 @@ fn container_isolation_closes_proc_run_user_and_the_terminal() {
     let bare = probe(&argv, &BTreeMap::new());
     let bare_wrote = std::fs::remove_file(&escape).is_ok();
 
-    let spec = EnvSpec::from_value(json!({"isolation": "container", "notebook_dir": nb}))
-        .unwrap()
-        .normalise()
-        .unwrap();
-    let r = realise(
-        &spec,
-        &Cache::new(t.path().join("cache")),
-        &mut |_: &str| {},
-    )
-    .unwrap();
     let (wrapped, env) = r.command(&argv, &BTreeMap::new(), &rt).unwrap();
     let sandboxed = probe(&wrapped, &env);
     let escaped = std::fs::remove_file(&escape).is_ok();
