@@ -29,33 +29,25 @@ JUPYTER_VENV = Path(os.environ.get("NOYAU_HUB_JUPYTER_VENV", "/opt/noyau-test/hu
 
 
 def require_hub_env() -> None:
-    import pytest
-
     lib.require_slurm()
     if os.geteuid() != 0:
-        pytest.skip("the hub tests make Unix users and submit jobs as them: run as root")
+        lib.missing("the hub tests make Unix users and submit jobs as them: run as root")
     if not (JUPYTER_VENV / "bin" / "jupyter-lab").exists():
-        msg = f"no JupyterLab for the test users in {JUPYTER_VENV} (scripts/test makes it)"
-        if os.environ.get("CI") or os.environ.get("NOYAU_TEST_SLURM"):
-            pytest.fail(msg, pytrace=False)
-        pytest.skip(msg)
+        lib.missing(f"no JupyterLab for the test users in {JUPYTER_VENV} (scripts/test makes it)",
+                    strict=bool(os.environ.get("NOYAU_TEST_SLURM")))
 
 
 def require_hub_oar_env() -> None:
     """The hub tests' needs, with the OAR test cluster instead of Slurm."""
-    import pytest
-
     lib.require_noyau()
     if os.geteuid() != 0:
-        pytest.skip("the hub tests make Unix users and submit jobs as them: run as root")
-    strict = os.environ.get("CI") or os.environ.get("NOYAU_TEST_OAR")
+        lib.missing("the hub tests make Unix users and submit jobs as them: run as root")
+    strict = bool(os.environ.get("NOYAU_TEST_OAR"))
     for ok, msg in ((lib.oar_up(), "no OAR test cluster (run as root: eval \"$(scripts/oar-up DIR)\")"),
                     ((JUPYTER_VENV / "bin" / "jupyter-lab").exists(),
                      f"no JupyterLab for the test users in {JUPYTER_VENV} (scripts/test makes it)")):
         if not ok:
-            if strict:
-                pytest.fail(msg, pytrace=False)
-            pytest.skip(msg)
+            lib.missing(msg, strict=strict)
 
 
 class UnixUser:

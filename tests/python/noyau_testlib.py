@@ -16,7 +16,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NoReturn
 
 NOYAU_KERNEL_NAME = "noyau-python3"
 DIRECT_KERNEL_NAME = "python3"
@@ -40,12 +40,29 @@ def noyau_bin() -> str | None:
     return os.environ.get("NOYAU_BIN") or None
 
 
+def under_ci() -> bool:
+    """CI=1 (.ci/run) or CI=true: a missing prerequisite is then a failure."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def missing(what: str, strict: bool = False) -> NoReturn:
+    """A test's prerequisite is missing: the test is skipped, saying what,
+    except under CI (or when `strict`), where that fails it. scripts/test
+    lists every skip with its reason, and under CI refuses one that
+    scripts/test-skips.allowed does not allow."""
+    import pytest
+
+    if strict or under_ci():
+        pytest.fail(f"{what} (a missing prerequisite fails under CI)", pytrace=False)
+    pytest.skip(what)
+
+
 def require_noyau() -> None:
-    """Skip without NOYAU_BIN; fail when NOYAU_BIN is set but the install failed."""
+    """Skip without NOYAU_BIN (fail under CI); fail when NOYAU_BIN is set but the install failed."""
     import pytest
 
     if not noyau_bin():
-        pytest.skip("NOYAU_BIN is not set")
+        missing("NOYAU_BIN is not set")
     if noyau_install_error:
         pytest.fail(f"noyau install failed: {noyau_install_error}", pytrace=False)
 
@@ -225,15 +242,18 @@ def kill(pid: int, sig: int = signal.SIGKILL) -> None:
 class Kernel:
     """One kernel started through jupyter_client, with the processes it owns."""
 
-    def __init__(self, kernel_name: str, stderr: Any = None, env: dict[str, str] | None = None,
+    def __init__(self, kernel_name: str, stderr: Any = None, env: dict[str, str | None] | None = None,
                  ready_timeout: float = 60, transport: str = "tcp"):
         from jupyter_client.manager import KernelManager
 
         self.tag = f"{os.environ.get(SESSION_VAR, 'nosession')}-{uuid.uuid4().hex[:12]}"
         kenv = dict(os.environ)
         kenv[TAG_VAR] = self.tag
-        if env:
-            kenv.update(env)
+        for name, value in (env or {}).items():  # None: unset
+            if value is None:
+                kenv.pop(name, None)
+            else:
+                kenv[name] = value
         self.km = KernelManager(kernel_name=kernel_name, transport=transport)
         if transport == "ipc":
             # ipc socket paths are "{ip}-{port}": put them in the session's private dir.
@@ -368,15 +388,11 @@ def slurm_up() -> bool:
 
 def require_slurm() -> None:
     """Skip without a cluster, except under CI (or with NOYAU_TEST_SLURM=1), where that fails."""
-    import pytest
-
     require_noyau()
     if slurm_up():
         return
-    if os.environ.get("CI") or os.environ.get("NOYAU_TEST_SLURM"):
-        pytest.fail("no Slurm test cluster: scripts/test starts one as root (scripts/slurm-up)",
-                    pytrace=False)
-    pytest.skip("no Slurm test cluster (run as root: eval \"$(scripts/slurm-up DIR)\")")
+    missing("no Slurm test cluster (scripts/test starts one as root; by hand: eval \"$(scripts/slurm-up DIR)\")",
+            strict=bool(os.environ.get("NOYAU_TEST_SLURM")))
 
 
 def squeue_noyau() -> list[dict[str, str]]:
@@ -551,15 +567,11 @@ def oar_up() -> bool:
 def require_oar() -> OarUser:
     """The prepared test user; skips without a cluster, except under CI (or
     with NOYAU_TEST_OAR=1), where that fails."""
-    import pytest
-
     global _oar_user
     require_noyau()
     if not oar_up():
-        msg = "no OAR test cluster (run as root: eval \"$(scripts/oar-up DIR)\")"
-        if os.environ.get("CI") or os.environ.get("NOYAU_TEST_OAR"):
-            pytest.fail(msg, pytrace=False)
-        pytest.skip(msg)
+        missing("no OAR test cluster (scripts/test starts one as root; by hand: eval \"$(scripts/oar-up DIR)\")",
+                strict=bool(os.environ.get("NOYAU_TEST_OAR")))
     if _oar_user is None:
         u = OarUser(os.environ["NOYAU_OAR_USER"])
         u.prepare()

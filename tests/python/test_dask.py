@@ -4,6 +4,7 @@ from PyPI), owned by a noyau notebook kernel and secured with Dask's TLS."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import signal
@@ -75,9 +76,10 @@ def kernel(noyau_kernelspec: str, tmp_path: Path):  # type: ignore[no-untyped-de
     """Starts a noyau kernel in tmp_path (with the `hpc` Slurm profile) with
     extra environment variables; ends it and checks no Dask job is left."""
     require_slurm()
-    pytest.importorskip("distributed")
+    if importlib.util.find_spec("distributed") is None:
+        lib.missing("distributed is not installed (tests/python/requirements.txt pins it)")
     if lib.slurm_node_cpus() < 3:
-        pytest.skip("the test cluster has fewer than 3 CPUs for scheduler + 2 workers: "
+        lib.missing("the test cluster has fewer than 3 CPUs for scheduler + 2 workers: "
                     "start it with SLURM_UP_CPUS=4 scripts/slurm-up DIR")
     (tmp_path / "noyau.toml").write_text(PROFILE)
     started = []
@@ -116,7 +118,8 @@ def test_dask_up_compute_status_down_and_shutdown(km) -> None:  # type: ignore[n
     assert m, text
     address = m.group(1)
     # the dashboard, through the port noyau forwards on this host
-    pytest.importorskip("bokeh")
+    if importlib.util.find_spec("bokeh") is None:
+        lib.missing("bokeh is not installed (tests/python/requirements.txt pins it)")
     d = re.search(r"dashboard: (http://127\.0\.0\.1:\d+/status) \(noyau forwards it to http://", text)
     assert d, text
     dashboard = d.group(1)
@@ -208,10 +211,10 @@ def test_dask_up_compute_status_down_and_shutdown(km) -> None:  # type: ignore[n
 
 
 def test_dask_up_needs_distributed_in_the_environment(km, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    # a Python without distributed: the system's
-    (tmp_path / "noyau.toml").write_text(PROFILE + 'env = { NOYAU_DASK_PYTHON = "/usr/bin/python3" }\n')
-    if subprocess.run(["/usr/bin/python3", "-c", "import distributed"], capture_output=True).returncode == 0:
-        pytest.skip("the system Python has distributed")
+    # a Python without distributed: a bare venv
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    (tmp_path / "noyau.toml").write_text(PROFILE + f'env = {{ NOYAU_DASK_PYTHON = "{bare}/bin/python" }}\n')
     reply, text, errors = run(km, "%noyau dask up 1 --target hpc", timeout=180)
     assert reply["status"] == "error", text
     assert "no usable `distributed`" in errors[0]["evalue"], errors

@@ -33,7 +33,24 @@ import pytest
 import noyau_testlib as lib
 from test_run_noyau import NOYAU, notebook, python3_kernelspec  # noqa: F401  (fixture)
 
-pytestmark = pytest.mark.skipif(not Path(NOYAU).is_file(), reason=f"no noyau binary at {NOYAU}")
+
+@pytest.fixture(autouse=True)
+def _noyau_binary() -> None:
+    if not Path(NOYAU).is_file():
+        lib.missing(f"no noyau binary at {NOYAU}")
+
+
+@pytest.fixture
+def bwrap() -> None:
+    if shutil.which("bwrap") is None:
+        lib.missing("bwrap is missing (Debian package bubblewrap; scripts/test installs it)")
+
+
+@pytest.fixture
+def modules() -> None:
+    if not Path("/usr/share/modules/init/bash").exists():
+        lib.missing("environment-modules is missing (Debian package; scripts/test installs it)")
+
 
 FREEZE = ("import importlib.metadata as m\n"
           "print(sorted(f\"{d.metadata['Name'].lower()}=={d.version}\" for d in m.distributions()))")
@@ -76,8 +93,7 @@ def test_uv_environment_recorded_and_rebuilt_from_its_lock_on_a_clean_cache(tmp_
     assert env2["freeze"] == env["freeze"]
 
 
-@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bwrap missing (Debian package bubblewrap)")
-def test_container_isolation_with_a_real_kernel(tmp_path):
+def test_container_isolation_with_a_real_kernel(bwrap, tmp_path):
     secret = Path.home() / ".noyau-test-env-secret"
     secret.write_text("secret")
     srv = socket.socket()
@@ -106,9 +122,45 @@ def test_container_isolation_with_a_real_kernel(tmp_path):
         srv.close()
 
 
-@pytest.mark.skipif(not Path("/usr/share/modules/init/bash").exists(),
-                    reason="environment-modules missing")
-def test_modules_from_noyau_toml_set_the_kernels_environment(tmp_path):
+def test_an_isolated_kernel_is_interrupted_and_sees_no_host_process(bwrap, tmp_path):
+    """An interactive kernel under bubblewrap (its own PID namespace and
+    session, so SIGINT to the agent's process group no longer reaches it):
+    an interrupt still ends a `time.sleep(60)` cell within 5 s, and the
+    kernel goes on; its /proc shows only the sandbox."""
+    lib.require_noyau()
+    km = lib.kernel_in(lib.NOYAU_KERNEL_NAME, tmp_path, env={"NOYAU_ENV": '{isolation = "container"}'})
+    kc = km.kc
+    try:
+        reply = kc.execute_interactive("import os; print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))",
+                                       timeout=60, output_hook=lambda m: None)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        out: list[str] = []
+        kc.execute_interactive("import os; print(len([p for p in os.listdir('/proc') if p.isdigit()]))",
+                               timeout=60, output_hook=lambda m: out.append(lib.message_text(m)))
+        assert int("".join(out).split()[-1]) <= 5, out  # bwrap's init, the kernel and its threads' helpers
+        msg_id = kc.execute("import time\nprint('sleeping', flush=True)\ntime.sleep(60)")
+        deadline = time.monotonic() + 60
+        while True:
+            assert time.monotonic() < deadline, "the cell never started"
+            m = kc.get_iopub_msg(timeout=60)
+            if m["parent_header"].get("msg_id") == msg_id and "sleeping" in lib.message_text(m):
+                break
+        t0 = time.monotonic()
+        km.interrupt_kernel()
+        while True:
+            left = t0 + 5 - time.monotonic()
+            assert left > 0, "the interrupt did not end the cell within 5 s"
+            m = kc.get_shell_msg(timeout=left)
+            if m["parent_header"].get("msg_id") == msg_id:
+                break
+        assert m["content"]["status"] == "error" and m["content"]["ename"] == "KeyboardInterrupt", m["content"]
+        reply = kc.execute_interactive("print('alive')", timeout=30, output_hook=lambda m: None)
+        assert reply["content"]["status"] == "ok"
+    finally:
+        lib.stop_kernel(km)
+
+
+def test_modules_from_noyau_toml_set_the_kernels_environment(modules, tmp_path):
     mf = tmp_path / "modulefiles" / "noyautest"
     mf.mkdir(parents=True)
     (mf / "1.0").write_text("#%Module1.0\nsetenv NOYAU_TEST_MODULE loaded-1.0\n")

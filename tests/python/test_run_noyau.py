@@ -18,10 +18,16 @@ from pathlib import Path
 
 import pytest
 
+import noyau_testlib as lib
+
 ROOT = Path(__file__).resolve().parents[2]
 NOYAU = os.environ.get("NOYAU_BIN") or str(ROOT / "target" / "debug" / "noyau")
 
-pytestmark = pytest.mark.skipif(not Path(NOYAU).is_file(), reason=f"no noyau binary at {NOYAU}")
+
+@pytest.fixture(autouse=True)
+def _noyau_binary() -> None:
+    if not Path(NOYAU).is_file():
+        lib.missing(f"no noyau binary at {NOYAU}")
 
 
 @pytest.fixture(scope="module", autouse=True)

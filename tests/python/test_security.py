@@ -725,3 +725,148 @@ def test_hub_state_dir_must_be_private(tmp_path: Path, slurm) -> None:  # type: 
         hub.start()
     finally:
         hub.close()
+
+
+# Kernels and targets (issue 18): empty HMAC keys, runtime directory
+# squatting, the bubblewrap sandbox (in test_env.py), the shared cache.
+
+
+def _connection_file(path: Path, key: str) -> Path:
+    """A tcp connection file as jupyter_client writes it, with `key`."""
+    from jupyter_client.connect import write_connection_file
+
+    ports = {f"{c}_port": lib.free_port() for c in ("shell", "iopub", "stdin", "control", "hb")}
+    write_connection_file(str(path), ip="127.0.0.1", key=key.encode(), **ports)
+    return path
+
+
+def test_an_empty_hmac_key_is_refused_unless_allowed_with_a_warning(noyau_bin: str, tmp_path: Path) -> None:
+    """Jupyter allows `"key": ""` (unsigned messages); noyau refuses it, as
+    it could not tell a forged message from a real one, unless
+    `--allow-unsigned` is given, and then it says so in its log."""
+    from jupyter_client.blocking import BlockingKernelClient
+
+    conn = _connection_file(tmp_path / "kernel-unsigned.json", "")
+    assert json.loads(conn.read_text())["key"] == ""
+    r = subprocess.run([noyau_bin, "kernel", "-f", str(conn)], capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0, r.stderr
+    assert "empty" in r.stderr and "--allow-unsigned" in r.stderr and str(conn) in r.stderr, r.stderr
+    assert "panicked" not in r.stderr
+
+    log = tmp_path / "proxy.log"
+    with log.open("w") as err:
+        p = subprocess.Popen([noyau_bin, "kernel", "-f", str(conn), "--allow-unsigned"], stderr=err)
+    kc = BlockingKernelClient(connection_file=str(conn))
+    kc.load_connection_file()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        out: list[str] = []
+        reply = kc.execute_interactive("print('unsigned ok')", timeout=60,
+                                       output_hook=lambda m: out.append(lib.message_text(m)))
+        assert reply["content"]["status"] == "ok" and "unsigned ok" in "".join(out), (reply, out)
+        assert "empty key" in log.read_text() and "--allow-unsigned" in log.read_text(), log.read_text()
+        kc.shutdown()
+        assert p.wait(timeout=30) == 0
+    finally:
+        kc.stop_channels()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def _run_notebook(noyau_bin: str, d: Path, code: str, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, str]:
+    """`noyau run` of a one-cell notebook in `d`, in an environment with
+    six; (process, the cell's text)."""
+    from test_run_noyau import notebook
+
+    (d / "nb.ipynb").write_text(json.dumps(notebook(code)))
+    (d / "noyau.toml").write_text('[environment]\nrequirements = ["six==1.16.0"]\n')
+    p = subprocess.run([noyau_bin, "run", "nb.ipynb", "out.ipynb", "--no-progress", "--start-timeout", "300"],
+                       cwd=d, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    out = json.loads((d / "out.ipynb").read_text()) if (d / "out.ipynb").exists() else {"cells": [{}]}
+    cell = out["cells"][0]
+    text = "".join("".join(o.get("text", "")) + o.get("evalue", "") for o in cell.get("outputs", []))
+    return p, text
+
+
+def test_a_cache_entry_planted_by_another_user_is_refused_and_rebuilt_in_the_users_own(
+        noyau_bin: str, tmp_path: Path) -> None:
+    """A group-writable shared cache (NOYAU_ENV_CACHE) holds the entry a
+    spec asks for, but it belongs to another user (`nobody`, who could have
+    put anything in its venv: here a .pth line that runs at every start).
+    noyau refuses it, says so in the run's log, and builds the environment
+    in the user's own cache instead; the planted code never runs."""
+    if os.geteuid() != 0:
+        lib.missing("planting a cache entry as another user (nobody) needs root")
+    import pwd
+
+    nobody = pwd.getpwnam("nobody").pw_uid
+    shared, own = tmp_path / "shared", tmp_path / "own-cache"
+    shared.mkdir()
+    shared.chmod(0o2775)  # a team's cache: every member of the group writes there
+    env = {"NOYAU_ENV_CACHE": str(shared), "XDG_CACHE_HOME": str(own)}
+    code = "import six, sys; print(six.__version__, sys.prefix)"
+    (tmp_path / "first").mkdir()
+    p, text = _run_notebook(noyau_bin, tmp_path / "first", code, env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (entry,) = [e for e in shared.iterdir() if (e / "noyau-env.json").is_file()]
+    assert text.split() == ["1.16.0", str(entry / "venv")], text
+
+    # Another user's entry now: theirs, with their code in its venv.
+    (site,) = (entry / "venv" / "lib").glob("python3*/site-packages")
+    (site / "planted.pth").write_text("import sys; print('PLANTED', flush=True)\n")
+    for path in [entry, *entry.rglob("*")]:
+        os.lchown(path, nobody, nobody)
+    (tmp_path / "second").mkdir()
+    p, text = _run_notebook(noyau_bin, tmp_path / "second", code, env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "PLANTED" not in text, text
+    version, prefix = text.split()
+    assert version == "1.16.0" and Path(prefix).is_relative_to(own), text
+    refusal = [line for line in p.stderr.splitlines() if "refusing the shared cache's entry" in line]
+    assert refusal and str(entry) in refusal[0] and f"belongs to uid {nobody}" in refusal[0], p.stderr[-3000:]
+
+
+def test_a_squatted_runtime_dir_falls_back_to_a_private_one_and_restarts_keep_the_agent(
+        noyau_kernelspec: str, tmp_path: Path) -> None:
+    """Without XDG_RUNTIME_DIR the runtime directory is $TMPDIR/noyau-UID;
+    another user (`nobody`) made it first. The kernel still starts, in a
+    private fallback beside it (0700, ours), the proxy warns, and a restart
+    finds the handover record there and keeps the same agent."""
+    if os.geteuid() != 0:
+        lib.missing("squatting the runtime directory as another user (nobody) needs root")
+    import pwd
+
+    nobody = pwd.getpwnam("nobody").pw_uid
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    tmp.chmod(0o1777)  # like /tmp
+    squat = tmp / f"noyau-{os.getuid()}"
+    squat.mkdir()
+    squat.chmod(0o755)
+    os.chown(squat, nobody, nobody)
+    log = tmp_path / "proxy.log"
+    err = log.open("w")  # open for the restart's launch too
+    k = lib.Kernel(noyau_kernelspec, stderr=err, env={"TMPDIR": str(tmp), "XDG_RUNTIME_DIR": None})
+    try:
+        reply, _ = k.run("marker = 1")
+        assert reply["content"]["status"] == "ok"
+        (agent,) = lib.wait_until(k.agents, 10, "the agent")
+        (inner,) = lib.wait_until(k.inner_kernels, 10, "the inner kernel")
+        conn = Path(next(a for a in lib.cmdline(inner) if a.endswith(".json")))
+        (fallback,) = [d for d in tmp.iterdir() if d.name.startswith(f"{squat.name}-")]
+        assert conn.is_relative_to(fallback), conn
+        st = fallback.lstat()
+        assert stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o700
+        assert f"not using {squat}" in log.read_text(), log.read_text()[-2000:]
+        assert not list(squat.iterdir()), "noyau wrote into the squatted directory"
+
+        k.km.restart_kernel(now=False)
+        k.kc.wait_for_ready(timeout=60)
+        reply, _ = k.run("marker")
+        assert reply["content"]["ename"] == "NameError", reply["content"]  # a fresh kernel
+        assert k.agents() == {agent}, "the restart did not find its handover record: a new agent"
+    finally:
+        k.shutdown()
+        err.close()

@@ -10,8 +10,11 @@ profile living in the session's user config file (partition `debug`);
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 import time
+from pathlib import Path
 
 import noyau_testlib as lib
 from noyau_testlib import Kernel
@@ -154,3 +157,42 @@ def test_restart_keeps_the_job_and_its_death_is_still_seen(batch: lib.Cluster) -
     finally:
         k.shutdown()
     no_noyau_job(30, "no noyau job after the cancelled kernel", batch)
+
+
+def _seconds(human: str) -> int:
+    """"1 min 40 s", "2 min", "45 s" → seconds."""
+    m = re.fullmatch(r"(?:(\d+) min)?\s*(?:(\d+) s)?", human.strip())
+    assert m and human.strip(), human
+    return int(m.group(1) or 0) * 60 + int(m.group(2) or 0)
+
+
+def test_walltime_warnings_reach_the_running_cell(slurm: None, prefix: Path) -> None:
+    """A kernel in a 2-minute Slurm job with warning thresholds at 100 s and
+    45 s before the end (NOYAU_WALLTIME_WARN; 600,60 by default, the 10- and
+    1-minute warnings): a cell running through both gets each as stderr
+    naming the job and the time left, in order."""
+    spec = lib.read_kernelspec(prefix, lib.SLURM_KERNEL_NAME)
+    spec["argv"] = [*spec["argv"], "-o", "time=00:02:00"]
+    d = prefix / "share" / "jupyter" / "kernels" / "noyau-slurm-2min"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "kernel.json").write_text(json.dumps(spec))
+    k = Kernel("noyau-slurm-2min", env={"NOYAU_WALLTIME_WARN": "100,45"}, ready_timeout=120)
+    try:
+        reply, iopub = k.run("import os, time; print(os.environ['SLURM_JOB_ID'])", timeout=120)
+        assert reply["content"]["status"] == "ok"
+        job = lib.stream_text(iopub).strip()
+        msg_id = k.execute("time.sleep(85); print('slept')")
+        msgs = k.iopub_for(msg_id, lib.is_idle, 150)
+        stderr = [m["content"]["text"] for m in msgs
+                  if m["msg_type"] == "stream" and m["content"]["name"] == "stderr"]
+        # (the job's early SIGUSR1 adds a "walltime reached soon" notice)
+        notices = [t for t in stderr if "reaches its walltime" in t]
+        said = [re.search(r"the batch job (\d+) reaches its walltime in ([^;]+);", t) for t in notices]
+        assert len(notices) == 2 and all(said), stderr
+        assert [s.group(1) for s in said] == [job, job], notices  # type: ignore[union-attr]
+        first, second = (_seconds(s.group(2)) for s in said)  # type: ignore[union-attr]
+        assert 85 <= first <= 100 and 30 <= second <= 45, notices
+        assert lib.stream_text(msgs) == "slept\n"
+    finally:
+        k.shutdown()
+    no_noyau_job(30, "the kernel's job to leave the queue after shutdown")

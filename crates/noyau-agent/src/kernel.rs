@@ -38,6 +38,9 @@ pub struct Kernel {
     readers: Vec<JoinHandle<()>>,
     activity: Arc<Activity>,
     interrupt_by_message: bool,
+    /// The kernel leads a session of its own inside a sandbox: SIGINT goes
+    /// to that session's group, not to the one we made.
+    own_session: bool,
     pub kernel_info: Value,
 }
 
@@ -136,6 +139,7 @@ impl Kernel {
             readers,
             activity,
             interrupt_by_message: l.spec.spec.interrupt_by_message(),
+            own_session: l.env.is_some_and(noyau_env::Realised::own_session),
             kernel_info,
         })
     }
@@ -168,7 +172,12 @@ impl Kernel {
             self.send(Lane::Control, request).await;
             return;
         }
-        let status = match self.process.signal(Signal::SIGINT) {
+        let sent = if self.own_session {
+            self.process.signal_inner_session(Signal::SIGINT)
+        } else {
+            self.process.signal(Signal::SIGINT)
+        };
+        let status = match sent {
             Ok(()) => json!({"status": "ok"}),
             Err(e) => json!({"status": "error", "ename": "InterruptError",
                 "evalue": format!("could not signal the kernel: {e}"), "traceback": []}),

@@ -135,6 +135,20 @@ impl KernelProcess {
         killpg(Pid::from_raw(self.pid as i32), sig).map_err(std::io::Error::from)
     }
 
+    /// Sends a signal to the process group of the kernel inside a wrapper
+    /// that starts it in a session of its own (bubblewrap's
+    /// `--new-session`): the first process below ours, breadth first, that
+    /// leads its own session. Our own group no longer holds it.
+    pub fn signal_inner_session(&self, sig: Signal) -> std::io::Result<()> {
+        let leader = inner_session_leader(self.pid as i32).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the kernel inside its sandbox has not started yet",
+            )
+        })?;
+        killpg(Pid::from_raw(leader), sig).map_err(std::io::Error::from)
+    }
+
     /// Waits for the kernel to end and says how. Cancel-safe.
     pub async fn wait(&mut self) -> ExitDescription {
         let status = match self.child.wait().await {
@@ -160,6 +174,38 @@ impl KernelProcess {
         let _ = self.signal(Signal::SIGKILL);
         self.wait().await
     }
+}
+
+/// The first process below `root` (breadth first) that leads its own
+/// session, from `/proc/PID/stat` (pid, ppid, session).
+fn inner_session_leader(root: i32) -> Option<i32> {
+    let procs: Vec<(i32, i32, i32)> = std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // After the command name (in parentheses, which may hold
+            // anything): state, ppid, pgrp, session.
+            let mut f = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
+            let ppid = f.nth(1)?.parse().ok()?;
+            let session = f.nth(1)?.parse().ok()?;
+            Some((pid, ppid, session))
+        })
+        .collect();
+    let mut level = vec![root];
+    while !level.is_empty() {
+        let below: Vec<(i32, i32, i32)> = procs
+            .iter()
+            .filter(|(_, ppid, _)| level.contains(ppid))
+            .copied()
+            .collect();
+        if let Some((pid, _, _)) = below.iter().find(|(pid, _, sid)| pid == sid) {
+            return Some(*pid);
+        }
+        level = below.iter().map(|(pid, _, _)| *pid).collect();
+    }
+    None
 }
 
 /// The `oom_kill` counter of our memory cgroup, to tell an OOM kill from
@@ -213,6 +259,33 @@ mod tests {
         let d = p.wait().await;
         assert_eq!(d.signal, Some(9));
         assert!(d.text.contains("SIGKILL"), "{}", d.text);
+    }
+
+    #[tokio::test]
+    async fn signals_reach_the_session_inside_a_wrapper() {
+        // setsid stands in for bubblewrap's --new-session: a shell below
+        // ours leads its own session and traps SIGINT.
+        let t = tempfile::tempdir().unwrap();
+        let (ready, flag) = (t.path().join("ready"), t.path().join("interrupted"));
+        let script = format!(
+            "trap 'echo int > {}; exit 0' INT; touch {}; while :; do sleep 0.05; done",
+            flag.display(),
+            ready.display()
+        );
+        let argv = ["setsid", "--wait", "sh", "-c", &script].map(String::from);
+        let mut p = KernelProcess::launch(&argv, &BTreeMap::new(), None).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !ready.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the shell never started"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        p.signal_inner_session(Signal::SIGINT).unwrap();
+        let d = p.wait().await;
+        assert_eq!(d.code, Some(0), "{}", d.text);
+        assert_eq!(std::fs::read_to_string(&flag).unwrap().trim(), "int");
     }
 
     #[test]

@@ -1,4 +1,15 @@
 //! Private runtime directories (0700) for connection files and ipc sockets.
+//!
+//! The base directory is `$NOYAU_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/noyau`,
+//! else `$TMPDIR/noyau-<uid>`. That last one is a name anyone can take
+//! first in a directory every user writes to: when it is not ours and
+//! private (another user's, a symlink, or open), noyau uses a private
+//! directory of its own beside it instead, `$TMPDIR/noyau-<uid>-XXXXXX`
+//! (mkdtemp, 0700), and warns. Every noyau process of the user picks the
+//! same one: the first by name of those that are ours, 0700 and not
+//! symlinks (no one else can make such a directory), so a proxy's
+//! successor finds its handover record there; only two processes making
+//! the first fallback at the same instant could pick different ones.
 
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -14,6 +25,8 @@ pub enum RuntimeDirError {
     TooOpen { path: PathBuf, mode: u32 },
     #[error("runtime directory {path} belongs to uid {owner}, not to you (uid {me}); remove it or set NOYAU_RUNTIME_DIR")]
     NotOwned { path: PathBuf, owner: u32, me: u32 },
+    #[error("runtime directory {path} is a symlink, not a directory; remove it or set NOYAU_RUNTIME_DIR")]
+    Symlink { path: PathBuf },
 }
 
 /// A directory only its owner can enter; removed when dropped.
@@ -22,21 +35,68 @@ pub struct RuntimeDir {
     path: PathBuf,
 }
 
-/// The base directory for noyau's runtime files: `$NOYAU_RUNTIME_DIR`, else
-/// `$XDG_RUNTIME_DIR/noyau`, else `$TMPDIR/noyau-<uid>`.
-pub fn base_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("NOYAU_RUNTIME_DIR") {
-        return PathBuf::from(d);
+/// The base directory for noyau's runtime files, made and checked private:
+/// `$NOYAU_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/noyau`, else
+/// `$TMPDIR/noyau-<uid>` or, when someone else took that name, a private
+/// fallback beside it ([`tmp_base`]).
+pub fn base_dir() -> Result<PathBuf, RuntimeDirError> {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    let chosen = var("NOYAU_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .or_else(|| var("XDG_RUNTIME_DIR").map(|d| PathBuf::from(d).join("noyau")));
+    match chosen {
+        Some(dir) => ensure_private_dir(&dir).map(|()| dir),
+        None => tmp_base(&std::env::temp_dir(), nix::unistd::getuid().as_raw()),
     }
-    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
-        return PathBuf::from(d).join("noyau");
-    }
-    std::env::temp_dir().join(format!("noyau-{}", nix::unistd::getuid()))
+}
+
+/// `TMP/noyau-<uid>` if it is (or can be made) ours and private, else the
+/// first of our private `TMP/noyau-<uid>-*` fallbacks, else a new one.
+fn tmp_base(tmp: &Path, uid: u32) -> Result<PathBuf, RuntimeDirError> {
+    let usual = tmp.join(format!("noyau-{uid}"));
+    let squatted = match ensure_private_dir(&usual) {
+        Ok(()) => return Ok(usual),
+        Err(e) => e,
+    };
+    let prefix = format!("noyau-{uid}-");
+    let mut ours: Vec<PathBuf> = std::fs::read_dir(tmp)
+        .map_err(|source| RuntimeDirError::Create {
+            path: tmp.into(),
+            source,
+        })?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .filter(|p| is_private(p, uid))
+        .collect();
+    ours.sort();
+    let dir = match ours.into_iter().next() {
+        Some(d) => d,
+        None => nix::unistd::mkdtemp(&tmp.join(format!("{prefix}XXXXXX"))).map_err(|e| {
+            RuntimeDirError::Create {
+                path: tmp.join(format!("{prefix}XXXXXX")),
+                source: e.into(),
+            }
+        })?,
+    };
+    tracing::warn!(
+        "not using {}: {squatted}; using the private directory {} instead",
+        usual.display(),
+        dir.display()
+    );
+    Ok(dir)
+}
+
+/// A directory (not a symlink) owned by `uid` with mode 0700.
+fn is_private(path: &Path, uid: u32) -> bool {
+    std::fs::symlink_metadata(path)
+        .is_ok_and(|m| m.is_dir() && m.uid() == uid && m.permissions().mode() & 0o777 == 0o700)
 }
 
 /// Creates `path` with mode 0700 if missing, and checks that an existing one
-/// is ours and closed to others: a socket in a directory others can enter
-/// is a socket others can connect to.
+/// is ours, closed to others and not a symlink (which could lead to any
+/// directory of ours): a socket in a directory others can enter is a
+/// socket others can connect to.
 pub fn ensure_private_dir(path: &Path) -> Result<(), RuntimeDirError> {
     match std::fs::DirBuilder::new()
         .recursive(true)
@@ -51,10 +111,13 @@ pub fn ensure_private_dir(path: &Path) -> Result<(), RuntimeDirError> {
             })
         }
     }
-    let meta = std::fs::metadata(path).map_err(|source| RuntimeDirError::Create {
+    let meta = std::fs::symlink_metadata(path).map_err(|source| RuntimeDirError::Create {
         path: path.into(),
         source,
     })?;
+    if meta.file_type().is_symlink() {
+        return Err(RuntimeDirError::Symlink { path: path.into() });
+    }
     let me = nix::unistd::getuid().as_raw();
     if meta.uid() != me {
         return Err(RuntimeDirError::NotOwned {
@@ -76,8 +139,7 @@ pub fn ensure_private_dir(path: &Path) -> Result<(), RuntimeDirError> {
 impl RuntimeDir {
     /// A fresh private directory named `prefix-<pid>-<random>` under [`base_dir`].
     pub fn create(prefix: &str) -> Result<Self, RuntimeDirError> {
-        let base = base_dir();
-        ensure_private_dir(&base)?;
+        let base = base_dir()?;
         let name = format!("{prefix}-{}-{:08x}", std::process::id(), rand_u32());
         let path = base.join(name);
         ensure_private_dir(&path)?;
@@ -123,5 +185,41 @@ mod tests {
             "{e}"
         );
         assert!(e.to_string().contains("chmod 700"));
+    }
+
+    #[test]
+    fn a_squatted_tmp_dir_falls_back_to_one_private_dir_of_ours() {
+        let tmp = tempfile::tempdir().unwrap();
+        let uid = nix::unistd::getuid().as_raw();
+        let usual = tmp.path().join(format!("noyau-{uid}"));
+        // Free: the usual name, made 0700.
+        assert_eq!(tmp_base(tmp.path(), uid).unwrap(), usual);
+        std::fs::remove_dir(&usual).unwrap();
+
+        // Taken by a symlink to a private directory of ours elsewhere.
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), &usual).unwrap();
+        let first = tmp_base(tmp.path(), uid).unwrap();
+        assert_ne!(first, usual);
+        assert!(is_private(&first, uid), "{}", first.display());
+        // Every later process finds the same fallback.
+        assert_eq!(tmp_base(tmp.path(), uid).unwrap(), first);
+
+        // Open (someone could have put sockets in it): same fallback.
+        std::fs::remove_file(&usual).unwrap();
+        std::fs::DirBuilder::new()
+            .mode(0o777)
+            .create(&usual)
+            .unwrap();
+        std::fs::set_permissions(&usual, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert_eq!(tmp_base(tmp.path(), uid).unwrap(), first);
+
+        // A decoy named like a fallback but open is never chosen.
+        let decoy = tmp.path().join(format!("noyau-{uid}-000000"));
+        std::fs::DirBuilder::new()
+            .mode(0o755)
+            .create(&decoy)
+            .unwrap();
+        assert_eq!(tmp_base(tmp.path(), uid).unwrap(), first);
     }
 }

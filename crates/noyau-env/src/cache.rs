@@ -15,8 +15,20 @@
 //! `flock` is honoured across nodes on NFSv4 and on Lustre/GPFS mounted
 //! with locking enabled; on a filesystem without it, `NOYAU_ENV_CACHE`
 //! should point to node-local storage.
+//!
+//! Trust: a cache may be shared (a group-writable directory, a site's
+//! cache), so anyone who can write there could plant an entry whose venv
+//! runs their code in every kernel that uses it. An entry, its record and
+//! its lock file are used only when they are what they claim (a directory,
+//! regular files, no symlink), owned by the user or by the owner of the
+//! cache's root (the site's account), and writable by no one else
+//! ([`Untrusted`] otherwise; `realise` then builds in the user's own cache,
+//! [`private_root`], and says so). Builds are sealed before they are
+//! renamed into place: group and other write bits are cleared throughout,
+//! whatever the builder's umask.
 
 use std::fs::File;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -30,13 +42,29 @@ pub const MARKER: &str = "noyau-env.json";
 #[derive(Debug, Clone)]
 pub struct Cache {
     root: PathBuf,
+    /// The directory whose owner is trusted besides the user: the root
+    /// itself, or the cache a sub-cache (`.tools`) lives in.
+    anchor: PathBuf,
 }
 
-/// `NOYAU_ENV_CACHE`, else `$XDG_CACHE_HOME/noyau/envs`, else `~/.cache/noyau/envs`.
+/// Why something in the cache is not used.
+#[derive(Debug, thiserror::Error)]
+#[error("{} {why}: another user could have planted or changed it, so it is not used", path.display())]
+pub struct Untrusted {
+    pub path: PathBuf,
+    pub why: String,
+}
+
+/// `NOYAU_ENV_CACHE`, else [`private_root`].
 pub fn default_root() -> PathBuf {
     if let Some(p) = std::env::var_os("NOYAU_ENV_CACHE").filter(|v| !v.is_empty()) {
         return PathBuf::from(p);
     }
+    private_root()
+}
+
+/// The user's own cache: `$XDG_CACHE_HOME/noyau/envs`, else `~/.cache/noyau/envs`.
+pub fn private_root() -> PathBuf {
     std::env::var_os("XDG_CACHE_HOME")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
@@ -52,13 +80,20 @@ pub struct FileLock {
 }
 
 impl FileLock {
+    /// Opens (without following a symlink) or creates `path` and locks it.
     pub fn acquire(path: &Path) -> Result<FileLock, EnvError> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(path)
             .map_err(|e| EnvError::io(format!("opening the lock file {}", path.display()), e))?;
+        FileLock::lock(file, path)
+    }
+
+    fn lock(file: File, path: &Path) -> Result<FileLock, EnvError> {
         loop {
             // SAFETY: flock on a descriptor we own.
             let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
@@ -75,7 +110,58 @@ impl FileLock {
 
 impl Cache {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Cache { root: root.into() }
+        let root = root.into();
+        Cache {
+            anchor: root.clone(),
+            root,
+        }
+    }
+
+    /// A cache in `name` under this one, trusting the same owners.
+    pub fn sub(&self, name: &str) -> Cache {
+        Cache {
+            root: self.root.join(name),
+            anchor: self.anchor.clone(),
+        }
+    }
+
+    /// The user, and the owner of the cache's root (a site's account).
+    fn trusted_owners(&self) -> [u32; 2] {
+        // SAFETY: getuid cannot fail and touches no memory.
+        let me = unsafe { libc::getuid() };
+        let owner = std::fs::metadata(&self.anchor).map_or(me, |m| m.uid());
+        [me, owner]
+    }
+
+    /// Checks one path (not followed if a symlink): missing is fine;
+    /// otherwise it must be a directory (or a regular file), owned by a
+    /// trusted owner and writable by no one else.
+    fn check(&self, path: &Path, dir: bool) -> Result<(), Untrusted> {
+        let Ok(meta) = std::fs::symlink_metadata(path) else {
+            return Ok(());
+        };
+        check_meta(path, &meta, dir, self.trusted_owners())
+    }
+
+    /// Checks an entry, its record and its lock file before any is used.
+    pub fn check_entry(&self, key: &str) -> Result<(), Untrusted> {
+        let entry = self.entry(key);
+        self.check(&entry, true)?;
+        self.check(&entry.join(MARKER), false)?;
+        self.check(&self.root.join(format!("{key}.lock")), false)
+    }
+
+    /// Takes the build lock of `key`, checking the file that was opened.
+    fn lock(&self, key: &str) -> Result<FileLock, EnvError> {
+        let path = self.root.join(format!("{key}.lock"));
+        self.check(&path, false)?;
+        let lock = FileLock::acquire(&path)?;
+        let meta = lock
+            ._file
+            .metadata()
+            .map_err(|e| EnvError::io(format!("reading {}", path.display()), e))?;
+        check_meta(&path, &meta, false, self.trusted_owners())?;
+        Ok(lock)
     }
 
     pub fn at_default() -> Self {
@@ -90,10 +176,13 @@ impl Cache {
         self.root.join(key)
     }
 
-    /// The record of a finished entry, if there is one.
-    pub fn lookup(&self, key: &str) -> Option<Value> {
-        let text = std::fs::read(self.entry(key).join(MARKER)).ok()?;
-        serde_json::from_slice(&text).ok()
+    /// The record of a finished entry, if there is one we trust.
+    pub fn lookup(&self, key: &str) -> Result<Option<Value>, Untrusted> {
+        self.check_entry(key)?;
+        let Ok(text) = std::fs::read(self.entry(key).join(MARKER)) else {
+            return Ok(None);
+        };
+        Ok(serde_json::from_slice(&text).ok())
     }
 
     /// The finished entry for `key`, built by `build` if nobody has. `build`
@@ -106,15 +195,14 @@ impl Cache {
         build: impl FnOnce(&Path, crate::Progress<'_>) -> Result<Value, EnvError>,
     ) -> Result<(PathBuf, Value), EnvError> {
         let entry = self.entry(key);
-        if let Some(rec) = self.lookup(key) {
+        if let Some(rec) = self.lookup(key)? {
             return Ok((entry, rec));
         }
         std::fs::create_dir_all(&self.root)
             .map_err(|e| EnvError::io(format!("creating the cache {}", self.root.display()), e))?;
-        let lock_path = self.root.join(format!("{key}.lock"));
         let waiting = std::time::Instant::now();
-        let _lock = FileLock::acquire(&lock_path)?;
-        if let Some(rec) = self.lookup(key) {
+        let _lock = self.lock(key)?;
+        if let Some(rec) = self.lookup(key)? {
             if waiting.elapsed().as_millis() > 100 {
                 progress(&format!(
                     "environment {key} was built by another job meanwhile; using it"
@@ -132,6 +220,7 @@ impl Cache {
             let text = serde_json::to_vec_pretty(&record).expect("a record serialises");
             std::fs::write(tmp.join(MARKER), text)
                 .map_err(|e| EnvError::io(format!("writing {}", tmp.join(MARKER).display()), e))?;
+            seal(&tmp).map_err(|e| EnvError::io(format!("sealing {}", tmp.display()), e))?;
             std::fs::rename(&tmp, &entry)
                 .map_err(|e| EnvError::io(format!("moving the build to {}", entry.display()), e))?;
             Ok(record)
@@ -170,6 +259,64 @@ impl Cache {
         }
         Ok(())
     }
+}
+
+/// `meta` (of `path`, not followed) is of the expected kind, owned by one
+/// of `owners` and writable by no one else.
+fn check_meta(
+    path: &Path,
+    meta: &std::fs::Metadata,
+    dir: bool,
+    owners: [u32; 2],
+) -> Result<(), Untrusted> {
+    let untrusted = |why: String| {
+        Err(Untrusted {
+            path: path.to_path_buf(),
+            why,
+        })
+    };
+    let kind = meta.file_type();
+    if kind.is_symlink() {
+        return untrusted("is a symlink".into());
+    }
+    if (dir && !kind.is_dir()) || (!dir && !kind.is_file()) {
+        let want = if dir { "a directory" } else { "a regular file" };
+        return untrusted(format!("is not {want}"));
+    }
+    if !owners.contains(&meta.uid()) {
+        return untrusted(format!(
+            "belongs to uid {}, neither you (uid {}) nor the cache's owner (uid {})",
+            meta.uid(),
+            owners[0],
+            owners[1]
+        ));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return untrusted(format!(
+            "is writable by its group or others (mode {mode:04o})"
+        ));
+    }
+    Ok(())
+}
+
+/// Clears group and other write bits throughout a finished build (never
+/// following symlinks), so what is shared cannot be changed by others.
+fn seal(dir: &Path) -> std::io::Result<()> {
+    let meta = std::fs::symlink_metadata(dir)?;
+    if meta.file_type().is_symlink() {
+        return Ok(());
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & !0o022))?;
+    }
+    if meta.is_dir() {
+        for e in std::fs::read_dir(dir)? {
+            seal(&e?.path())?;
+        }
+    }
+    Ok(())
 }
 
 fn unique() -> u64 {
@@ -223,10 +370,72 @@ mod tests {
         assert_eq!(rec, json!({"ok": 1}));
         assert!(path.join("done").exists() && !path.join("venv").exists());
         assert!(!root.path().join(".tmp-k-999-1").exists());
-        assert_eq!(cache.lookup("k"), Some(json!({"ok": 1})));
+        assert_eq!(cache.lookup("k").unwrap(), Some(json!({"ok": 1})));
         assert!(
             lines.iter().any(|l| l.contains("no completion record")),
             "{lines:?}"
         );
+    }
+
+    fn entries_made_by(cache: &Cache, key: &str, record: Value) {
+        let dir = cache.entry(key);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(MARKER), record.to_string()).unwrap();
+    }
+
+    #[test]
+    fn entries_others_could_have_planted_are_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let cache = Cache::new(root.path());
+        let mut quiet = |_: &str| {};
+        // Group-writable: anyone in the group could have changed it.
+        entries_made_by(&cache, "open", json!({"planted": 1}));
+        std::fs::set_permissions(cache.entry("open"), std::fs::Permissions::from_mode(0o775))
+            .unwrap();
+        let e = cache.lookup("open").unwrap_err();
+        assert!(e.to_string().contains("writable by its group"), "{e}");
+        let e = cache
+            .get_or_build("open", &mut quiet, |_, _| Ok(json!({})))
+            .unwrap_err();
+        assert!(matches!(e, EnvError::Untrusted(_)), "{e}");
+        // A symlink to an entry elsewhere, and a lock file that is a symlink.
+        let elsewhere = tempfile::tempdir().unwrap();
+        entries_made_by(&Cache::new(elsewhere.path()), "k", json!({"planted": 2}));
+        std::os::unix::fs::symlink(elsewhere.path().join("k"), cache.entry("link")).unwrap();
+        let e = cache.lookup("link").unwrap_err();
+        assert!(e.to_string().contains("is a symlink"), "{e}");
+        std::os::unix::fs::symlink(elsewhere.path().join("x"), root.path().join("l.lock")).unwrap();
+        let e = cache
+            .get_or_build("l", &mut quiet, |_, _| Ok(json!({})))
+            .unwrap_err();
+        assert!(e.to_string().contains("l.lock is a symlink"), "{e}");
+        assert!(!elsewhere.path().join("x").exists());
+    }
+
+    #[test]
+    fn builds_are_sealed_against_group_and_other_writes() {
+        let root = tempfile::tempdir().unwrap();
+        let cache = Cache::new(root.path());
+        let (path, _) = cache
+            .get_or_build("k", &mut |_: &str| {}, |dir, _| {
+                let sub = dir.join("venv/lib");
+                std::fs::create_dir_all(&sub).unwrap();
+                std::fs::write(sub.join("m.py"), "x").unwrap();
+                for p in [
+                    dir.to_path_buf(),
+                    dir.join("venv"),
+                    sub.clone(),
+                    sub.join("m.py"),
+                ] {
+                    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).unwrap();
+                }
+                Ok(json!({"ok": 1}))
+            })
+            .unwrap();
+        for p in [path.clone(), path.join("venv"), path.join("venv/lib/m.py")] {
+            let mode = std::fs::metadata(&p).unwrap().mode() & 0o777;
+            assert_eq!(mode, 0o755, "{}", p.display());
+        }
+        assert_eq!(cache.lookup("k").unwrap(), Some(json!({"ok": 1})));
     }
 }

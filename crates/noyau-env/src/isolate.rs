@@ -2,24 +2,37 @@
 //!
 //! * the whole system read-only (`--ro-bind / /`), fresh `/dev`, `/proc`,
 //!   and a private `/tmp`;
-//! * the home directory hidden under an empty tmpfs (the environment and
-//!   the interpreter it needs are shown again read-only when they live
-//!   there, as are the paths in `ro_bind`);
+//! * the home directory and `/run/user` (the user's D-Bus and systemd
+//!   sockets) hidden under empty tmpfs mounts (the environment and the
+//!   interpreter it needs are shown again read-only when they live there,
+//!   as are the paths in `ro_bind`);
 //! * writable: the notebook's directory, `scratch`, and the agent's runtime
 //!   directory (the kernel's ipc sockets and connection file);
 //! * no network (`--unshare-net`: only a loopback of its own) unless
-//!   `network = true`.
+//!   `network = true`;
+//! * its own PID and IPC namespaces: the host's processes are not in its
+//!   `/proc`, so `/proc/PID/root` cannot lead back to the hidden home;
+//! * a new session (`--new-session`): no controlling terminal, so no
+//!   TIOCSTI keystrokes into the terminal noyau was started from;
+//! * no capabilities (`--cap-drop ALL`; bwrap keeps root's otherwise).
 //!
-//! Interrupts: the agent signals the kernel's process group, which includes
-//! bwrap, and SIGINT would end bwrap (and, with `--die-with-parent`, the
-//! kernel). So bwrap is started with SIGINT ignored (`env
-//! --ignore-signal=INT`) and the kernel with it restored (`env
-//! --default-signal=INT`); no `--new-session`, which would take the kernel
-//! out of the process group.
+//! Interrupts: the new session takes the kernel out of the process group
+//! the agent made, so SIGINT to that group no longer reaches it. The agent
+//! signals the kernel's own group instead, found from the host's `/proc`
+//! (`Realised::own_session`; the first process below bwrap that leads its
+//! own session is the one bwrap started with `setsid`). bwrap itself runs with
+//! SIGINT ignored (`env --ignore-signal=INT`), so a stray SIGINT to the
+//! agent's group cannot end the sandbox, and the kernel with it restored
+//! (`env --default-signal=INT`): an ignored signal stays ignored across
+//! exec, and Python would then install no KeyboardInterrupt handler.
 
 use std::path::{Path, PathBuf};
 
 use crate::EnvSpec;
+
+/// Hidden under an empty tmpfs when it exists (bwrap cannot make a mount
+/// point in the read-only root).
+const RUN_USER: &str = "/run/user";
 
 pub fn wrap(
     spec: &EnvSpec,
@@ -42,6 +55,11 @@ pub fn wrap(
         "--tmpfs",
         "/tmp",
         "--die-with-parent",
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
     ]
     .iter()
     .map(|a| a.to_string())
@@ -52,8 +70,14 @@ pub fn wrap(
     if let Some(h) = &home {
         v.extend(["--tmpfs".into(), s(h)]);
     }
-    let hidden =
-        |p: &Path| p.starts_with("/tmp") || home.as_ref().is_some_and(|h| p.starts_with(h));
+    if Path::new(RUN_USER).is_dir() {
+        v.extend(["--tmpfs".into(), RUN_USER.into()]);
+    }
+    let hidden = |p: &Path| {
+        p.starts_with("/tmp")
+            || p.starts_with(RUN_USER)
+            || home.as_ref().is_some_and(|h| p.starts_with(h))
+    };
     let mut ro: Vec<PathBuf> = ro_binds
         .iter()
         .filter(|p| p.exists())
@@ -84,13 +108,17 @@ pub fn wrap(
     let cwd = std::env::current_dir().ok();
     let chdir = match (&cwd, &home) {
         (Some(c), Some(h)) if c.starts_with(h) && !c.starts_with(&nb) => nb.clone(),
-        (Some(c), _) if !c.starts_with("/tmp") || rw.iter().any(|r| c.starts_with(r)) => c.clone(),
+        (Some(c), _) if !hidden(c) || rw.iter().any(|r| c.starts_with(r)) => c.clone(),
         _ => nb.clone(),
     };
     v.extend(["--chdir".into(), s(&chdir)]);
     if let Some(s) = &spec.scratch {
         v.extend(["--setenv".into(), "TMPDIR".into(), s.display().to_string()]);
     }
+    // In its own PID namespace the kernel's parent is pid 1 (bwrap's
+    // reaper); ipykernel, given its launcher's pid there, takes that for
+    // its parent's death and exits. The agent ends the kernel itself.
+    v.extend(["--unsetenv".into(), "JPY_PARENT_PID".into()]);
     v.extend(["--".into(), "env".into(), "--default-signal=INT".into()]);
     v.extend(argv);
     v

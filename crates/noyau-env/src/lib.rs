@@ -65,6 +65,9 @@ pub enum EnvError {
     /// A build step failed; `output` is the tool's own message.
     #[error("{summary}\n{output}")]
     Build { summary: String, output: String },
+    /// Something in a shared cache that another user could have planted.
+    #[error(transparent)]
+    Untrusted(#[from] cache::Untrusted),
     #[error("{what}: {source}")]
     Io {
         what: String,

@@ -19,7 +19,10 @@
 //!
 //! uv comes from `NOYAU_UV`, else PATH, else noyau installs it once into
 //! `CACHE/.tools/uv` with `python3 -m venv` + `pip install uv==UV_VERSION`
-//! (under the same lock-and-rename discipline as environments).
+//! (under the same lock-and-rename discipline as environments, pip checking
+//! the wheel's pinned sha256). That binary lives in a cache others may
+//! share, so its sha256 is checked against the one pinned here before each
+//! use: a uv replaced there is refused ([`crate::cache::Untrusted`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -33,6 +36,55 @@ use crate::{EnvError, EnvSpec};
 /// The uv noyau installs when none is on PATH.
 pub const UV_VERSION: &str = "0.13.9";
 
+/// sha256 of the `uv` binary in the manylinux wheels of uv 0.13.9 (what
+/// pip installs on a glibc Linux), per architecture.
+const UV_BINARY_SHA256: &[(&str, &str)] = &[
+    (
+        "x86_64",
+        "b73acdf73b96c3ac9e56d2fa933427b3ee6a901e3cce6ba1e3ecb3f91ca0d86a",
+    ),
+    (
+        "aarch64",
+        "bbecb5ac518030bb5e84f1999c577228460192832ac24a92bd772735682979f4",
+    ),
+];
+
+/// sha256 of those wheels (x86_64, aarch64), for pip's `--require-hashes`.
+const UV_WHEEL_SHA256: &[&str] = &[
+    "d7f459fe4fd247d830351c75686d3996ace3c6f3f728eb0e85a30b7ada0cef19",
+    "5435c5ce14a56431208ca0996416d310f1598e8c2c8ba707688985a16bb82dbe",
+];
+
+/// The pinned sha256 of noyau's own uv on this machine's architecture.
+fn pinned_uv_sha256() -> Result<&'static str, EnvError> {
+    let arch = std::env::consts::ARCH;
+    UV_BINARY_SHA256
+        .iter()
+        .find(|(a, _)| *a == arch)
+        .map(|(_, h)| *h)
+        .ok_or_else(|| EnvError::Build {
+            summary: "cannot install uv".into(),
+            output: format!(
+                "noyau knows no uv=={UV_VERSION} binary for {arch}; install uv (https://docs.astral.sh/uv/) on PATH or set NOYAU_UV"
+            ),
+        })
+}
+
+/// Refuses a cached uv whose bytes are not the pinned ones.
+fn check_uv(uv: &Path, want: &str) -> Result<(), EnvError> {
+    let bytes =
+        std::fs::read(uv).map_err(|e| EnvError::io(format!("reading {}", uv.display()), e))?;
+    let got = crate::sha256_hex(&bytes);
+    if got != want {
+        return Err(crate::cache::Untrusted {
+            path: uv.to_path_buf(),
+            why: format!("has sha256 {got}, not uv {UV_VERSION}'s {want}"),
+        }
+        .into());
+    }
+    Ok(())
+}
+
 /// uv to use: `NOYAU_UV`, PATH, or noyau's own (installed on first use).
 pub fn find_uv(cache: &Cache, progress: crate::Progress<'_>) -> Result<PathBuf, EnvError> {
     if let Some(p) = std::env::var_os("NOYAU_UV").filter(|v| !v.is_empty()) {
@@ -41,7 +93,8 @@ pub fn find_uv(cache: &Cache, progress: crate::Progress<'_>) -> Result<PathBuf, 
     if let Some(p) = cmd::which("uv") {
         return Ok(p);
     }
-    let tools = Cache::new(cache.root().join(".tools"));
+    let want = pinned_uv_sha256()?;
+    let tools = cache.sub(".tools");
     let key = format!("uv-{UV_VERSION}");
     let (dir, _) = tools.get_or_build(&key, progress, |tmp, progress| {
         progress(&format!(
@@ -58,16 +111,27 @@ pub fn find_uv(cache: &Cache, progress: crate::Progress<'_>) -> Result<PathBuf, 
             "making a venv for uv failed",
             progress,
         )?;
+        let pins = tmp.join("uv-requirements.txt");
+        let hashes: Vec<String> = UV_WHEEL_SHA256
+            .iter()
+            .map(|h| format!("--hash=sha256:{h}"))
+            .collect();
+        std::fs::write(&pins, format!("uv=={UV_VERSION} {}\n", hashes.join(" ")))
+            .map_err(|e| EnvError::io(format!("writing {}", pins.display()), e))?;
         cmd::run(
             Command::new(venv.join("bin/python"))
                 .args(["-m", "pip", "install", "--disable-pip-version-check", "-q"])
-                .arg(format!("uv=={UV_VERSION}")),
+                .args(["--require-hashes", "--no-deps", "--only-binary=:all:", "-r"])
+                .arg(&pins),
             "installing uv with pip failed",
             progress,
         )?;
+        check_uv(&venv.join("bin/uv"), want)?;
         Ok(json!({"uv": UV_VERSION}))
     })?;
-    Ok(dir.join("venv/bin/uv"))
+    let uv = dir.join("venv/bin/uv");
+    check_uv(&uv, want)?;
+    Ok(uv)
 }
 
 /// True when a requirement line names ipykernel.
@@ -230,6 +294,22 @@ fn now_nanos() -> u128 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_uv_that_is_not_the_pinned_one_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let uv = t.path().join("uv");
+        std::fs::write(&uv, "#!/bin/sh\necho planted\n").unwrap();
+        let want = crate::sha256_hex(b"the real one");
+        let e = super::check_uv(&uv, &want).unwrap_err().to_string();
+        assert!(
+            e.contains("not uv 0.13.9's") && e.contains("not used"),
+            "{e}"
+        );
+        std::fs::write(&uv, "the real one").unwrap();
+        super::check_uv(&uv, &want).unwrap();
+        assert!(super::pinned_uv_sha256().is_ok(), "no pin for this machine");
+    }
+
     #[test]
     fn ipykernel_is_recognised() {
         for r in [

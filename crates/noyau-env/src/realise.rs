@@ -39,30 +39,7 @@ pub fn realise(
     let mut env_prefix = None;
     let mut record = match kind {
         Kind::Python => {
-            let key = spec.cache_key();
-            let (entry, rec) = match cache.lookup(&key) {
-                Some(rec) => (cache.entry(&key), rec),
-                None => {
-                    let uv = python::find_uv(cache, progress)?;
-                    progress(&format!(
-                        "building the Python environment {key} in {}",
-                        cache.root().display()
-                    ));
-                    let r = cache
-                        .get_or_build(&key, progress, |dir, p| python::build(spec, &uv, dir, p))
-                        .map_err(|e| match e {
-                            EnvError::Build { summary, output } => EnvError::Build {
-                                summary: format!(
-                                    "the Python environment could not be built: {summary}; nothing was cached; fix the spec and try again"
-                                ),
-                                output,
-                            },
-                            other => other,
-                        })?;
-                    progress("environment ready");
-                    r
-                }
-            };
+            let (entry, rec) = python_entry(spec, cache, progress)?;
             let venv = entry.join("venv");
             ro_binds.push(entry.clone());
             if let Some(home) = python::pyvenv_cfg(&venv, "home") {
@@ -108,6 +85,76 @@ pub fn realise(
     })
 }
 
+/// The finished entry for a python spec: found in `cache` or built there;
+/// when something there is not to be trusted (planted by another user of
+/// a shared cache), built in the user's own cache instead, saying why.
+fn python_entry(
+    spec: &EnvSpec,
+    cache: &Cache,
+    progress: crate::Progress<'_>,
+) -> Result<(PathBuf, Value), EnvError> {
+    match entry_in(spec, cache, cache, progress) {
+        Err(EnvError::Untrusted(why)) => {
+            let own = Cache::new(crate::cache::private_root());
+            if same_dir(own.root(), cache.root()) {
+                return Err(EnvError::Untrusted(why));
+            }
+            let said = format!(
+                "refusing the shared cache's entry: {why}; building it in your own cache {} instead",
+                own.root().display()
+            );
+            tracing::warn!("{said}");
+            progress(&said);
+            entry_in(spec, &own, cache, progress)
+        }
+        other => other,
+    }
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+/// Finds or builds the entry in `cache`, with uv from `uv_cache` (the
+/// shared cache's uv when it is trusted, else the user's own).
+fn entry_in(
+    spec: &EnvSpec,
+    cache: &Cache,
+    uv_cache: &Cache,
+    progress: crate::Progress<'_>,
+) -> Result<(PathBuf, Value), EnvError> {
+    let key = spec.cache_key();
+    if let Some(rec) = cache.lookup(&key)? {
+        return Ok((cache.entry(&key), rec));
+    }
+    let uv = match python::find_uv(uv_cache, progress) {
+        Err(EnvError::Untrusted(_)) if !same_dir(uv_cache.root(), cache.root()) => {
+            python::find_uv(cache, progress)?
+        }
+        other => other?,
+    };
+    progress(&format!(
+        "building the Python environment {key} in {}",
+        cache.root().display()
+    ));
+    let r = cache
+        .get_or_build(&key, progress, |dir, p| python::build(spec, &uv, dir, p))
+        .map_err(|e| match e {
+            EnvError::Build { summary, output } => EnvError::Build {
+                summary: format!(
+                    "the Python environment could not be built: {summary}; nothing was cached; fix the spec and try again"
+                ),
+                output,
+            },
+            other => other,
+        })?;
+    progress("environment ready");
+    Ok(r)
+}
+
 fn is_python(arg0: &str) -> bool {
     Path::new(arg0)
         .file_name()
@@ -116,6 +163,15 @@ fn is_python(arg0: &str) -> bool {
 }
 
 impl Realised {
+    /// True when [`Realised::command`] starts the kernel in a session of
+    /// its own below a wrapper (bubblewrap's `--new-session`): a signal for
+    /// the kernel's process group must go to the group inside
+    /// (`noyau_client::process::KernelProcess::signal_inner_session`).
+    pub fn own_session(&self) -> bool {
+        let own_container = matches!(self.spec.kind(), Ok(Kind::Guix | Kind::Apptainer));
+        self.spec.isolation == Isolation::Container && !own_container
+    }
+
     /// The argv and environment that start `argv` (the kernelspec's,
     /// expanded) with `env` inside this environment. `runtime_dir` is the
     /// agent's private directory holding the connection file and sockets.

@@ -1,29 +1,42 @@
 //! `modules` with Debian's environment-modules and a test modulefile, and
 //! bubblewrap isolation, both with real processes (the end-to-end tests in
-//! tests/python run a real kernel through them).
+//! tests/python run a real kernel through them). They need those tools
+//! (`scripts/test` installs them): `#[ignore]`d, so a plain `cargo nextest
+//! run` reports them skipped, and `scripts/test` runs them
+//! (`--run-ignored all`); one run without its tool fails.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use noyau_env::{realise, Cache, EnvSpec};
+use noyau_env::{realise, Cache, EnvSpec, Realised};
 use serde_json::json;
 
-fn have(exe: &str) -> bool {
-    Command::new("sh")
+/// Fails the test when `exe` is not on PATH.
+fn need(exe: &str, package: &str) {
+    let found = Command::new("sh")
         .arg("-c")
         .arg(format!("command -v {exe}"))
         .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "{exe} is missing: install the Debian package {package} (scripts/test does)"
+    );
 }
 
-fn skip(what: &str) -> bool {
-    if std::env::var_os("CI").is_some() {
-        panic!("{what} is missing (scripts/test installs it)");
-    }
-    eprintln!("skipped: {what} is missing (scripts/test installs it)");
-    true
+/// A notebook and a runtime directory under `t`, and the realised
+/// `isolation = "container"` environment.
+fn sandbox_in(t: &Path) -> (PathBuf, PathBuf, Realised) {
+    let (nb, rt) = (t.join("nb"), t.join("rt"));
+    std::fs::create_dir_all(&nb).unwrap();
+    std::fs::create_dir_all(&rt).unwrap();
+    let spec = EnvSpec::from_value(json!({"isolation": "container", "notebook_dir": nb}))
+        .unwrap()
+        .normalise()
+        .unwrap();
+    let r = realise(&spec, &Cache::new(t.join("cache")), &mut |_: &str| {}).unwrap();
+    (nb, rt, r)
 }
 
 fn run(argv: &[String], env: &BTreeMap<String, String>, cwd: &Path) -> (bool, String) {
@@ -44,10 +57,12 @@ fn run(argv: &[String], env: &BTreeMap<String, String>, cwd: &Path) -> (bool, St
 }
 
 #[test]
+#[ignore = "needs environment-modules (scripts/test installs it and runs this)"]
 fn modules_set_the_kernels_environment() {
-    if !Path::new("/usr/share/modules/init/bash").exists() && skip("environment-modules") {
-        return;
-    }
+    assert!(
+        Path::new("/usr/share/modules/init/bash").exists(),
+        "environment-modules is missing: install the Debian package (scripts/test does)"
+    );
     let t = tempfile::tempdir().unwrap();
     let mf = t.path().join("modulefiles/noyautest");
     std::fs::create_dir_all(&mf).unwrap();
@@ -98,10 +113,9 @@ fn modules_set_the_kernels_environment() {
 }
 
 #[test]
+#[ignore = "needs bubblewrap (scripts/test installs it and runs this)"]
 fn container_isolation_hides_home_and_network_and_keeps_the_notebook_dir_writable() {
-    if !have("bwrap") && skip("bwrap (Debian package bubblewrap)") {
-        return;
-    }
+    need("bwrap", "bubblewrap");
     let home = std::env::var("HOME").unwrap();
     let secret = Path::new(&home).join(".noyau-env-test-secret");
     std::fs::write(&secret, "secret").unwrap();
@@ -170,10 +184,9 @@ fn container_isolation_hides_home_and_network_and_keeps_the_notebook_dir_writabl
 }
 
 #[test]
+#[ignore = "needs bubblewrap (scripts/test installs it and runs this)"]
 fn container_isolation_runs_an_interpreter_reached_through_a_symlink() {
-    if !have("bwrap") && skip("bwrap (Debian package bubblewrap)") {
-        return;
-    }
+    need("bwrap", "bubblewrap");
     // A venv under /tmp (hidden in the sandbox) named through a symlink
     // that is not hidden (a worktree's `.venv` linking to another one).
     let t = tempfile::tempdir().unwrap();
@@ -187,20 +200,7 @@ fn container_isolation_runs_an_interpreter_reached_through_a_symlink() {
     let links = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let link = links.path().join(".venv");
     std::os::unix::fs::symlink(&venv, &link).unwrap();
-    let nb = t.path().join("nb");
-    let rt = t.path().join("rt");
-    std::fs::create_dir_all(&nb).unwrap();
-    std::fs::create_dir_all(&rt).unwrap();
-    let spec = EnvSpec::from_value(json!({"isolation": "container", "notebook_dir": nb}))
-        .unwrap()
-        .normalise()
-        .unwrap();
-    let r = realise(
-        &spec,
-        &Cache::new(t.path().join("cache")),
-        &mut |_: &str| {},
-    )
-    .unwrap();
+    let (nb, rt, r) = sandbox_in(t.path());
     let argv = vec![
         link.join("bin/python").display().to_string(),
         "-c".into(),
@@ -210,4 +210,98 @@ fn container_isolation_runs_an_interpreter_reached_through_a_symlink() {
     let (ok, out) = run(&argv, &env, &nb);
     assert!(ok, "{argv:?}: {out}");
     assert_eq!(out.trim(), link.display().to_string());
+}
+
+/// What a hostile cell tries from inside the sandbox, printed as one line:
+/// reading (and writing: seen from outside) the home through `/proc/*/root`, listing
+/// `/run/user/UID`, and TIOCSTI on the terminal (`/dev/tty` and stdin).
+const PROBE: &str = r#"
+import fcntl, glob, os, sys, termios
+secret, home, run_user = sys.argv[1:4]
+found = []
+for root in glob.glob('/proc/[0-9]*/root'):
+    try:
+        open(root + secret).read(); found.append('read-proc-root')
+    except OSError:
+        pass
+    try:  # lands in the host's home only through a way out (checked outside)
+        open(root + home + '/.noyau-escape', 'w').write('x')
+    except OSError:
+        pass
+try:
+    os.listdir(run_user); found.append('listed-run-user')
+except OSError:
+    pass
+try:
+    fcntl.ioctl(os.open('/dev/tty', os.O_RDWR), termios.TIOCSTI, b' '); found.append('tiocsti-dev-tty')
+except OSError:
+    pass
+try:
+    fcntl.ioctl(0, termios.TIOCSTI, b' '); found.append('tiocsti-stdin')
+except OSError:
+    pass
+print('ESCAPES', sorted(set(found)))
+"#;
+
+/// Runs `argv` with a fresh pty as its controlling terminal (as a kernel
+/// started from a terminal has) and returns what it printed.
+fn run_on_a_terminal(argv: &[String], env: &BTreeMap<String, String>, cwd: &Path) -> String {
+    let pty_run = "import os, pty, sys\n\
+        pid, fd = pty.fork()\n\
+        if pid == 0:\n    os.execvp(sys.argv[1], sys.argv[1:])\n\
+        out = b''\n\
+        while True:\n    try:\n        b = os.read(fd, 4096)\n    except OSError:\n        break\n    if not b:\n        break\n    out += b\n\
+        os.waitpid(pid, 0)\n\
+        sys.stdout.write(out.decode(errors='replace'))\n";
+    let mut all = vec!["python3".to_string(), "-c".into(), pty_run.into()];
+    all.extend(argv.iter().cloned());
+    run(&all, env, cwd).1
+}
+
+#[test]
+#[ignore = "needs bubblewrap (scripts/test installs it and runs this)"]
+fn container_isolation_closes_proc_run_user_and_the_terminal() {
+    need("bwrap", "bubblewrap");
+    let home = std::env::var("HOME").unwrap();
+    let secret = Path::new(&home).join(".noyau-env-test-secret-proc");
+    std::fs::write(&secret, "secret").unwrap();
+    let uid = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap());
+    let run_user = format!("/run/user/{uid}");
+    // A login session has it; a CI container may not: make one (as root).
+    let made_run_user = !Path::new(&run_user).exists();
+    if made_run_user {
+        std::fs::create_dir_all(&run_user)
+            .unwrap_or_else(|e| panic!("{run_user} is missing and cannot be made: {e}"));
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (nb, rt, r) = sandbox_in(t.path());
+    // The line the probe printed (the keys TIOCSTI pushed echo before it).
+    let probe = |argv: &[String], env: &BTreeMap<String, String>| {
+        let out = run_on_a_terminal(argv, env, &nb);
+        let line = out
+            .lines()
+            .find_map(|l| l.trim_start().strip_prefix("ESCAPES "));
+        line.map_or_else(|| format!("no result: {out}"), str::to_string)
+    };
+    let mut argv = vec!["python3".to_string(), "-c".into(), PROBE.into()];
+    argv.extend([secret.display().to_string(), home.clone(), run_user.clone()]);
+
+    // Unsandboxed, the probe finds every way out (so it can tell).
+    let escape = Path::new(&home).join(".noyau-escape");
+    let bare = probe(&argv, &BTreeMap::new());
+    let bare_wrote = std::fs::remove_file(&escape).is_ok();
+
+    let (wrapped, env) = r.command(&argv, &BTreeMap::new(), &rt).unwrap();
+    let sandboxed = probe(&wrapped, &env);
+    let escaped = std::fs::remove_file(&escape).is_ok();
+    let _ = std::fs::remove_file(&secret);
+    if made_run_user {
+        let _ = std::fs::remove_dir(&run_user);
+    }
+    for way in ["read-proc-root", "listed-run-user", "tiocsti-dev-tty"] {
+        assert!(bare.contains(way), "the probe cannot see `{way}`: {bare}");
+    }
+    assert!(bare_wrote, "the probe cannot write through /proc/*/root");
+    assert_eq!(sandboxed, "[]", "ways out of {wrapped:?}");
+    assert!(!escaped, "the sandbox wrote into the home");
 }

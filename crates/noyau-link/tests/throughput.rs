@@ -10,7 +10,7 @@ use common::{listener, pair, recv};
 use noyau_link::{Incoming, Lane, LinkConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore]
+#[ignore = "a benchmark: run by hand with --release (see the top of this file)"]
 async fn small_messages_per_second() {
     // A producer that outruns the link fills the buffer up to the limit;
     // keep it small here so peak RSS shows the link's own footprint.

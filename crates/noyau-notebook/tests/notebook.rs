@@ -1,6 +1,6 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use noyau_notebook::{write_atomic_with, Cell, Notebook, NotebookError};
@@ -210,16 +210,26 @@ fn save_through_a_symlink_keeps_the_link() {
         .contains("\"nbformat\": 4"));
 }
 
+/// The test venv's Python (it has nbformat): `NOYAU_TEST_PYTHON`, which
+/// scripts/test sets, else the `.venv` scripts/test makes in the repository.
+fn test_python() -> PathBuf {
+    std::env::var_os("NOYAU_TEST_PYTHON")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python"))
+}
+
 /// Checks with Python's nbformat that what we write validates and reads back
-/// to the same bytes. Skipped (with a note) when /work/main/.venv/bin/python
-/// or its nbformat is missing.
+/// to the same bytes.
 #[test]
+#[ignore = "needs the test venv's Python with nbformat (NOYAU_TEST_PYTHON; scripts/test sets it and runs this)"]
 fn nbformat_validates_our_output() {
-    let py = Path::new("/work/main/.venv/bin/python");
-    if !py.exists() {
-        eprintln!("skipped: {} not found", py.display());
-        return;
-    }
+    let py = test_python();
+    assert!(
+        py.exists(),
+        "{} not found: set NOYAU_TEST_PYTHON to a Python with nbformat (scripts/test makes .venv)",
+        py.display()
+    );
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("nb.ipynb");
     // nbformat's schema forbids unknown keys outside metadata: drop those.
@@ -232,7 +242,7 @@ fn nbformat_validates_our_output() {
     nb.cells
         .push(Cell::new_code("print('é')\n").with_id("new1"));
     nb.save(&p).unwrap();
-    let out = Command::new(py)
+    let out = Command::new(&py)
         .arg("-c")
         .arg(
             "import sys, io, nbformat\n\
@@ -246,9 +256,5 @@ fn nbformat_validates_our_output() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    if stderr.contains("No module named 'nbformat'") {
-        eprintln!("skipped: nbformat not installed in {}", py.display());
-        return;
-    }
-    assert!(out.status.success(), "{stderr}");
+    assert!(out.status.success(), "{} -c …: {stderr}", py.display());
 }

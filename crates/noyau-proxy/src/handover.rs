@@ -39,8 +39,7 @@ fn now() -> u64 {
 
 /// The record's path for a connection file (same file → same record).
 pub fn path_for(connection_file: &Path) -> anyhow::Result<PathBuf> {
-    let base = noyau_client::runtime::base_dir();
-    noyau_client::runtime::ensure_private_dir(&base)?;
+    let base = noyau_client::runtime::base_dir()?;
     let abs = std::fs::canonicalize(connection_file)
         .with_context(|| format!("cannot resolve {}", connection_file.display()))?;
     let digest = Sha256::digest(abs.as_os_str().as_encoded_bytes());

@@ -57,6 +57,8 @@ pub struct ProxyConfig {
     pub noyau_exe: PathBuf,
     /// The resolved profile: what to ask the scheduler for.
     pub resources: noyau_config::Profile,
+    /// Accept a connection file with an empty HMAC key (`--allow-unsigned`).
+    pub allow_unsigned: bool,
 }
 
 /// How long a detached agent waits for the next proxy; the proxy trusts a
@@ -167,10 +169,31 @@ fn sent_before(msg: &RawMessage, t: chrono::DateTime<chrono::Utc>) -> bool {
         .is_some_and(|d| d < t)
 }
 
+/// An empty key means unsigned messages: whoever reaches the frontend's
+/// ports could run code as the user, and noyau could not tell forged
+/// messages from real ones. Jupyter allows it; noyau only when asked.
+fn check_key(info: &ConnectionInfo, cfg: &ProxyConfig) -> anyhow::Result<()> {
+    if !info.key.is_empty() {
+        return Ok(());
+    }
+    if !cfg.allow_unsigned {
+        anyhow::bail!(
+            "connection file {} has an empty \"key\": messages would be unsigned, so anyone who can reach the kernel's ports could run code as you and noyau could not tell; let the frontend write a key (jupyter_client does by default), or pass --allow-unsigned to accept it anyway",
+            cfg.connection_file.display()
+        );
+    }
+    tracing::warn!(
+        "connection file {} has an empty key and --allow-unsigned was given: frontend messages are not signed, and a forged message cannot be told from a real one",
+        cfg.connection_file.display()
+    );
+    Ok(())
+}
+
 /// Runs the proxy until its kernel is gone; returns the exit code.
 pub async fn run(cfg: ProxyConfig) -> anyhow::Result<i32> {
     let started = chrono::Utc::now();
     let info = ConnectionInfo::read(&cfg.connection_file)?;
+    check_key(&info, &cfg)?;
     let signer = Signer::new(info.key.as_bytes());
     let fe = Frontend::bind(&info, signer.clone()).await?;
     let link_cfg = LinkConfig::default();

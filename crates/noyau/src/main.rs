@@ -147,6 +147,10 @@ struct KernelArgs {
     /// Address the agent is told to dial, when it differs (a forwarder, a gateway)
     #[arg(long, value_name = "HOST:PORT")]
     link_advertise: Option<String>,
+    /// Accept a connection file with an empty HMAC key (unsigned messages:
+    /// a forged message cannot be told from a real one); refused otherwise
+    #[arg(long)]
+    allow_unsigned: bool,
 }
 
 #[derive(clap::Args)]
@@ -212,6 +216,7 @@ fn kernel(a: KernelArgs) -> anyhow::Result<i32> {
         link_advertise: a.link_advertise,
         noyau_exe,
         resources,
+        allow_unsigned: a.allow_unsigned,
     }))
 }
 
