@@ -52,7 +52,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 /// One resource profile, after merging files and overrides.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Profile {
     /// `local`, `slurm` or `oar`.

@@ -7,9 +7,10 @@
 //! * [`db`]: SQLite state (users and their last choices, logins, sessions,
 //!   audit log), so a restarted hub lists every session it had.
 //! * [`auth`]: PAM or a trusted SSO header; HttpOnly cookies; CSRF tokens.
-//! * [`jobs`]: `sbatch` as the user (through `submit_as`, e.g. `runuser`),
-//!   `scancel`, `sinfo`, and the one watcher: one `squeue` per interval for
-//!   every user's sessions; [`oar`]: the same on OAR (`scheduler = "oar"`).
+//! * [`jobs`]: the sessions' jobs through noyau-sched's scheduler handle:
+//!   submitted and cancelled as the user (through `submit_as`, e.g.
+//!   `runuser`), followed by the one watcher (one listing call per interval
+//!   for every user's sessions), free resources per partition.
 //! * The link: each job runs `noyau agent --serve lab`, which starts
 //!   JupyterLab on a unix socket in a 0700 directory and dials the hub's
 //!   link listener (nothing listens on the compute node). Its token is an
@@ -27,14 +28,12 @@ pub mod auth;
 pub mod config;
 pub mod db;
 pub mod jobs;
-pub mod oar;
 pub mod pages;
 pub mod proxy;
 
 use std::collections::HashMap;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -65,9 +64,9 @@ pub struct Hub {
     tokens: noyau_link::Tokens,
     /// The connected sessions' servers, by session id.
     upstreams: Mutex<HashMap<String, Arc<proxy::Upstream>>>,
-    /// squeue (or oarstat) calls since start (shown on the admin page).
-    pub squeue_calls: AtomicU64,
-    sinfo_cache: tokio::sync::Mutex<Option<(Instant, Vec<jobs::PartitionLoad>)>>,
+    /// The batch scheduler, following every user's sessions.
+    pub sched: noyau_sched::Scheduler,
+    sinfo_cache: tokio::sync::Mutex<Option<(Instant, Vec<noyau_sched::PartitionLoad>)>>,
 }
 
 impl Hub {
@@ -179,7 +178,9 @@ pub async fn run(config: PathBuf) -> anyhow::Result<()> {
         None => std::env::current_exe()
             .context("cannot find the noyau binary; set `agent` in hub.toml")?,
     };
+    let sched = jobs::scheduler(&cfg)?;
     let hub = Arc::new(Hub {
+        sched,
         pin: listener.pin(),
         tokens: listener.tokens(),
         cfg,
@@ -188,7 +189,6 @@ pub async fn run(config: PathBuf) -> anyhow::Result<()> {
         link_advertise,
         agent_exe,
         upstreams: Mutex::new(HashMap::new()),
-        squeue_calls: AtomicU64::new(0),
         sinfo_cache: tokio::sync::Mutex::new(None),
     });
     // Agents of sessions from before a restart dial again with their token.
@@ -207,7 +207,7 @@ pub async fn run(config: PathBuf) -> anyhow::Result<()> {
     }
     tracing::info!(sessions = live.len(), "hub state loaded");
     tokio::spawn(accept_agents(hub.clone(), listener));
-    tokio::spawn(jobs::watch(hub.clone()));
+    tokio::spawn(jobs::follow(hub.clone()));
     let app = Router::new()
         .route("/", get(|| async { pages::redirect("/hub/home") }))
         .route("/hub/login", get(login_page).post(login))
@@ -645,7 +645,7 @@ async fn start_session(
             hub.db.audit(&who.name, "spawn-failed", &why);
             Err((
                 StatusCode::BAD_GATEWAY,
-                format!("{} refused the job: {why}", hub.cfg.scheduler.name()),
+                format!("{} refused the job: {why}", hub.sched.display()),
             ))
         }
     }
@@ -708,7 +708,7 @@ async fn cancel(
             if let Err(e) = jobs::cancel(&hub, &s.user, job).await {
                 return Err(pages::error(
                     StatusCode::BAD_GATEWAY,
-                    &format!("{} did not cancel the job: {e}", hub.cfg.scheduler.name()),
+                    &format!("{} did not cancel the job: {e}", hub.sched.display()),
                 ));
             }
         }
@@ -774,7 +774,7 @@ async fn api_sessions(
         Ok(s) => axum::Json(serde_json::json!({
             "user": who.name,
             "sessions": s,
-            "squeue_calls": if who.admin { Some(hub.squeue_calls.load(std::sync::atomic::Ordering::Relaxed)) } else { None },
+            "squeue_calls": if who.admin { Some(hub.sched.polls()) } else { None },
         }))
         .into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")).into_response(),
@@ -791,10 +791,5 @@ async fn admin(AxState(hub): AxState<Arc<Hub>>, headers: HeaderMap) -> Result<Re
         ));
     }
     let sessions = hub.db.sessions(None).unwrap_or_default();
-    Ok(pages::admin(
-        &who,
-        &sessions,
-        hub.squeue_calls.load(std::sync::atomic::Ordering::Relaxed),
-    )
-    .into_response())
+    Ok(pages::admin(&who, &sessions, hub.sched.polls()).into_response())
 }

@@ -10,7 +10,7 @@ use nix::unistd::Pid;
 use tokio::process::Command;
 use tokio::sync::watch;
 
-use crate::{Job, JobEnd, JobHandle, JobSpec, JobState, SchedError};
+use crate::{Job, JobEnd, JobSpec, JobState, SchedError};
 
 #[derive(Debug, Clone, Default)]
 pub struct LocalBackend;
@@ -67,7 +67,10 @@ impl LocalBackend {
         let host = nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "localhost".into());
-        let (tx, rx) = watch::channel(JobState::Running { node: host });
+        let (tx, rx) = watch::channel(JobState::Running {
+            node: host,
+            ends_at: None,
+        });
         tokio::spawn(async move {
             let end = match child.wait().await {
                 Ok(status) => describe(status),
@@ -79,12 +82,11 @@ impl LocalBackend {
             tracing::debug!(pid, end = %end.description, "local agent ended");
             let _ = tx.send(JobState::Ended(end));
         });
-        Ok(Job {
-            id: format!("local:{pid}"),
-            backend: "local",
-            state: rx.clone(),
-            handle: JobHandle::Local(LocalHandle { pid, state: rx }),
-        })
+        Ok(Job::local(
+            format!("local:{pid}"),
+            rx.clone(),
+            LocalHandle { pid, state: rx },
+        ))
     }
 }
 

@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 mod common;
 
 use noyau_config::Profile;
-use noyau_sched::slurm::{Commands, SlurmBackend, Watcher};
-use noyau_sched::{Backend, JobSpec, JobState};
+use noyau_sched::{Backend, JobSpec, JobState, Scheduler};
 
 fn cluster() -> bool {
     let up = std::env::var_os("SLURM_CONF").is_some()
@@ -41,7 +40,7 @@ fn sleeper(name: &str, env: BTreeMap<String, String>) -> JobSpec {
             mem: Some("100M".into()),
             ..Default::default()
         },
-        array: None,
+        ..Default::default()
     }
 }
 
@@ -66,17 +65,19 @@ async fn the_token_never_shows_and_cancel_ends_the_job() {
     if !cluster() {
         return;
     }
-    let b = Backend::Slurm(SlurmBackend::with_watcher(Watcher::new(
-        Commands::default(),
-        Duration::from_millis(300),
-    )));
+    let b = Backend::Batch(
+        Scheduler::builder("slurm")
+            .unwrap()
+            .interval(Duration::from_millis(300))
+            .build(),
+    );
     let token = format!("tok{}", std::process::id()) + "Zq81xw";
     let mut env = BTreeMap::new();
     env.insert("NOYAU_LINK_TOKEN".to_string(), token.clone());
     let job = b.submit(sleeper("noyau-test-secret", env)).await.unwrap();
     let st = wait_state(&job, "running", |s| matches!(s, JobState::Running { .. })).await;
     assert!(
-        matches!(st, JobState::Running { ref node } if !node.is_empty()),
+        matches!(st, JobState::Running { ref node, .. } if !node.is_empty()),
         "{st:?}"
     );
 
@@ -139,14 +140,14 @@ async fn one_squeue_call_per_interval_for_ten_jobs() {
     let log = dir.path().join("calls.log");
     let wrapper = common::logging_wrapper(dir.path(), "squeue", &log);
     let interval = Duration::from_millis(500);
-    let watcher = Watcher::new(
-        Commands {
-            squeue: wrapper,
-            ..Default::default()
-        },
-        interval,
+    let b = Backend::Batch(
+        Scheduler::builder("slurm")
+            .unwrap()
+            .command("squeue", wrapper.to_str().unwrap())
+            .unwrap()
+            .interval(interval)
+            .build(),
     );
-    let b = Backend::Slurm(SlurmBackend::with_watcher(watcher));
     let mut jobs = Vec::new();
     for i in 0..10 {
         jobs.push(
