@@ -81,6 +81,30 @@ async fn the_token_never_shows_and_cancel_ends_the_job() {
         "{st:?}"
     );
 
+    // Slurm says RUNNING before the batch script has started: wait (with a
+    // deadline) for a process of the job, which has the token in its environment.
+    let has_token = |e: &std::fs::DirEntry| {
+        std::fs::read(e.path().join("environ")).is_ok_and(|env| {
+            String::from_utf8_lossy(&env).contains(&format!("NOYAU_LINK_TOKEN={token}"))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut sleeper_env = false;
+    while !sleeper_env && Instant::now() < deadline {
+        sleeper_env = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .any(|e| has_token(&e));
+        if !sleeper_env {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // the job did get it, through its environment
+    assert!(
+        sleeper_env,
+        "no process of the job has the token in its environment"
+    );
+
     let show = std::process::Command::new("scontrol")
         .args(["show", "job", &job.id])
         .output()
@@ -97,16 +121,6 @@ async fn the_token_never_shows_and_cancel_ends_the_job() {
             );
         }
     }
-    // the job did get it, through its environment
-    let sleeper_env = std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
-        std::fs::read(e.path().join("environ")).is_ok_and(|env| {
-            String::from_utf8_lossy(&env).contains(&format!("NOYAU_LINK_TOKEN={token}"))
-        })
-    });
-    assert!(
-        sleeper_env,
-        "no process of the job has the token in its environment"
-    );
 
     b.cancel(&job).await;
     let st = wait_state(&job, "ended", |s| matches!(s, JobState::Ended(_))).await;
