@@ -70,7 +70,7 @@ pub struct HubConfig {
     pub scheduler: String,
     pub profiles: BTreeMap<String, HubProfile>,
     /// The other top-level keys: a scheduler's `[NAME]` table gives paths
-    /// of its commands (`[slurm] squeue = "/opt/slurm/bin/squeue"`).
+    /// of its commands (`[NAME]` with `COMMAND = "/path/to/COMMAND"` lines).
     #[serde(flatten)]
     pub other: BTreeMap<String, toml::Value>,
 }
@@ -175,7 +175,9 @@ impl HubConfig {
             return Ok(Vec::new());
         };
         let bad = || {
-            anyhow::anyhow!("[{name}] holds command paths: write e.g. squeue = \"/usr/bin/squeue\"")
+            anyhow::anyhow!(
+                "[{name}] holds paths of {name}'s commands: COMMAND = \"/path/to/COMMAND\""
+            )
         };
         table
             .as_table()
@@ -293,22 +295,19 @@ mod tests {
 
     #[test]
     fn scheduler_tables_give_command_paths() {
-        let cfg = parse(
-            "[slurm]\nsqueue = \"/x/squeue\"\n[oar]\noarstat = \"/x/oarstat\"",
-            "",
-        )
-        .unwrap();
+        let cmd = noyau_sched::Scheduler::named("slurm").unwrap().commands()[1];
+        let cfg = parse(&format!("[slurm]\n{cmd} = \"/x/{cmd}\"\n[oar]\n"), "").unwrap();
         assert_eq!(
             cfg.commands("slurm").unwrap(),
-            [("squeue".to_string(), "/x/squeue".to_string())]
+            [(cmd.to_string(), format!("/x/{cmd}"))]
         );
-        let e = parse("[slurm]\nsqeue = \"/x\"", "")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("did you mean `squeue`"), "{e}");
-        let e = parse("[slrum]\nsqueue = \"/x\"", "")
-            .unwrap_err()
-            .to_string();
+        let typo = &cmd[..cmd.len() - 1];
+        let e = parse(&format!("[slurm]\n{typo} = \"/x\""), "").unwrap_err();
+        assert!(
+            format!("{e:#}").contains(&format!("did you mean `{cmd}`")),
+            "{e:#}"
+        );
+        let e = parse("[slrum]\n", "").unwrap_err().to_string();
         assert!(
             e.contains("unknown key `slrum`, did you mean `slurm`"),
             "{e}"

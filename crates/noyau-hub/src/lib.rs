@@ -774,7 +774,7 @@ async fn api_sessions(
         Ok(s) => axum::Json(serde_json::json!({
             "user": who.name,
             "sessions": s,
-            "squeue_calls": if who.admin { Some(hub.sched.polls()) } else { None },
+            "scheduler_polls": if who.admin { Some(hub.sched.polls()) } else { None },
         }))
         .into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")).into_response(),

@@ -347,12 +347,12 @@ pub fn cards(sessions: &[Session], who: &Who, with_user: bool) -> String {
     out
 }
 
-pub fn admin(who: &Who, sessions: &[Session], squeue_calls: u64) -> Html<String> {
+pub fn admin(who: &Who, sessions: &[Session], polls: u64) -> Html<String> {
     layout(
         "Admin",
         Some(who),
         &format!(
-            "<p>Scheduler polls (one listing call for all sessions) since start: <span id=\"squeue-calls\">{squeue_calls}</span></p><div id=\"cards\">{}</div>",
+            "<p>Scheduler polls (one listing call for all sessions) since start: <span id=\"scheduler-polls\">{polls}</span></p><div id=\"cards\">{}</div>",
             cards(sessions, who, true)
         ),
     )

@@ -648,7 +648,7 @@ impl Proxy {
             extra.extend(["--nthreads".to_string(), c.to_string()]);
         }
         if let Some(m) = &a.worker_mem {
-            wp.mem = Some(m.clone());
+            wp.apply_override(&format!("mem={m}"))?;
             extra.extend(["--memory-limit".to_string(), dask_memory(m)]);
         }
         if let Some(t) = &a.worker_time {

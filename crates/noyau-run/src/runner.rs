@@ -203,10 +203,10 @@ pub fn backend_and_profile(
 ) -> Result<(String, noyau_config::Profile), Failure> {
     let (backend, profile) =
         noyau_config::resolve(backend, profile, options).map_err(|e| bad(e.to_string()))?;
-    if !noyau_config::BACKENDS.contains(&backend.as_str()) {
+    if !noyau_sched::backends().contains(&backend.as_str()) {
         return Err(bad(format!(
             "unknown backend {backend:?}; available backends: {}",
-            noyau_config::BACKENDS.join(", ")
+            noyau_sched::backends().join(", ")
         )));
     }
     Ok((backend, profile))

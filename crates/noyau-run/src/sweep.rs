@@ -117,7 +117,7 @@ pub struct SweepArgs {
 pub struct SweepTaskArgs {
     /// The sweep's plan (OUTDIR/sweep.json)
     pub plan: PathBuf,
-    /// The point [default: $SLURM_ARRAY_TASK_ID, else $NOYAU_ARRAY_TASK_ID (OAR)]
+    /// The point [default: $NOYAU_ARRAY_TASK_ID, which a job array's script exports]
     #[arg(long)]
     pub index: Option<usize>,
 }

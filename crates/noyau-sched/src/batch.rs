@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use crate::profile::Key;
 use crate::run::{AsUser, Cmd};
 use crate::{JobEnd, JobSpec, JobState, SchedError};
 
@@ -119,8 +120,11 @@ pub(crate) trait Batch: Send + Sync + 'static {
     /// Python lines that start `n` tasks in this scheduler's allocation
     /// (see `tasks.rs`), or nothing to leave it to local processes.
     fn tasks_python(&self) -> &'static str;
-    /// Checks a profile for this scheduler without asking it.
-    fn check(&self, profile: &noyau_config::Profile) -> Result<(), SchedError>;
+    /// The profile keys only this scheduler knows (besides
+    /// [`crate::profile::GENERIC`]), which it translates with the others.
+    fn keys(&self) -> &'static [Key];
+    /// What to write instead of a key it does not know.
+    fn foreign_hint(&self) -> &'static str;
 
     /// What `submit` would run (script and arguments), for `--dry-run`;
     /// checks what only the scheduler knows (a partition's name).

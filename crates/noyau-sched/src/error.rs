@@ -10,6 +10,9 @@ pub enum SchedError {
     UnknownBackend(String),
     #[error("invalid resource request: {0}")]
     Invalid(String),
+    /// A profile key or value (a key another scheduler's, a bad time…).
+    #[error("{0}")]
+    Profile(#[from] crate::ProfileError),
     #[error("cannot submit the job: {0}")]
     Submit(CommandError),
     #[error("cannot submit the job: {command} printed no job id: {output:?}")]

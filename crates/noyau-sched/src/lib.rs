@@ -26,6 +26,7 @@ mod job;
 mod local;
 mod oar;
 mod paths;
+mod profile;
 mod quote;
 mod run;
 mod scheduler;
@@ -47,6 +48,10 @@ pub use error::SchedError;
 pub use job::{ArrayJob, ArrayTasks, Job};
 pub use local::LocalBackend;
 pub use paths::{log_dir, state_dir};
+pub use profile::{
+    canonical_key, key_names, parse_size, parse_time, suggest, Given, Key, Kind, Profile,
+    ProfileError, Value,
+};
 pub use quote::sh_quote;
 pub use run::{AsUser, CommandError};
 pub use scheduler::{serve_submit_request, Builder, Scheduler};
@@ -154,7 +159,7 @@ pub struct JobSpec {
     pub env: BTreeMap<String, String>,
     pub cwd: Option<PathBuf>,
     /// What to ask the scheduler for (ignored by `local`).
-    pub profile: noyau_config::Profile,
+    pub profile: Profile,
     /// A job array's tasks: one job, many tasks, K at a time.
     pub array: Option<ArrayTasks>,
     /// Where the job's log goes (default [`log_dir`]).

@@ -34,12 +34,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use noyau_config::Profile;
 use rand::Rng;
 use serde::Deserialize;
 
 use crate::batch::{Batch, Commands, JobInfo, PartitionLoad, Scope, Submission};
 use crate::paths::{private_dir, state_dir, write_private};
+use crate::profile::{Key, Kind, Profile};
 use crate::quote::sh_quote;
 use crate::run::AsUser;
 use crate::scheduler::submit_through;
@@ -47,6 +47,21 @@ use crate::script::job_script;
 use crate::slurm::warning_secs;
 use crate::state::from_epoch;
 use crate::{JobEnd, JobSpec, JobState, SchedError};
+
+/// The profile keys only OAR knows: `properties`, an SQL expression
+/// selecting resources (`-p`), and more `oarsub` arguments.
+const KEYS: &[Key] = &[
+    Key {
+        name: "properties",
+        aliases: &[],
+        kind: Kind::Line,
+    },
+    Key {
+        name: "oarsub",
+        aliases: &[],
+        kind: Kind::Args,
+    },
+];
 
 pub(crate) struct Oar {
     cmds: Commands,
@@ -103,9 +118,9 @@ fn oarsub_args(spec: &JobSpec, script: &Path) -> Vec<String> {
         }
     };
     opt("-l", resources(p).as_ref());
-    opt("-q", p.queue.as_ref().or(p.partition.as_ref()));
-    opt("--project", p.project.as_ref().or(p.account.as_ref()));
-    opt("-p", p.properties.as_ref());
+    opt("-q", p.partition.as_ref());
+    opt("--project", p.account.as_ref());
+    opt("-p", p.get("properties").map(str::to_string).as_ref());
     opt(
         "-d",
         spec.cwd.as_ref().map(|d| d.display().to_string()).as_ref(),
@@ -124,7 +139,7 @@ fn oarsub_args(spec: &JobSpec, script: &Path) -> Vec<String> {
             a.push("--hold".into());
         }
     }
-    a.extend(p.oarsub.iter().cloned());
+    a.extend(p.items("oarsub").iter().cloned());
     // OAR runs the command with the user's login shell (`$SHELL -c CMD`) and
     // sends the checkpoint signal to that shell's pid. dash does not exec a
     // lone command: it would be dash that gets SIGUSR1, and dies of it,
@@ -470,22 +485,14 @@ impl Batch for Oar {
         TASKS_PYTHON
     }
 
-    /// No Slurm-only key, one-line values.
-    fn check(&self, profile: &Profile) -> Result<(), SchedError> {
-        profile.check_for("oar").map_err(SchedError::Invalid)?;
-        if let Some(p) = &profile.properties {
-            if p.trim().is_empty() || p.contains('\n') {
-                return Err(SchedError::Invalid(format!(
-                    "properties: {p:?} must be one SQL expression on one line (e.g. \"cluster='dahu'\")"
-                )));
-            }
-        }
-        if profile.oarsub.iter().any(|a| a.contains('\n')) {
-            return Err(SchedError::Invalid(
-                "oarsub: one argument per item, without newlines".into(),
-            ));
-        }
-        Ok(())
+    fn keys(&self) -> &'static [Key] {
+        KEYS
+    }
+
+    fn foreign_hint(&self) -> &'static str {
+        "OAR allocates whole resources (memory comes with the cores): select \
+         nodes with `properties` (e.g. properties = \"gpu_count > 0\") and pass other \
+         oarsub options in `oarsub`"
     }
 
     async fn dry_run(&self, spec: &JobSpec) -> Result<String, SchedError> {
@@ -645,15 +652,20 @@ mod tests {
         let mut env = BTreeMap::new();
         env.insert("NOYAU_LINK_TOKEN".into(), "s3cret-token".into());
         let mut profile = Profile {
-            queue: Some("default".into()),
-            project: Some("proj".into()),
-            properties: Some("host='node1'".into()),
             time: Some("1:30:00".into()),
             cpus_per_task: Some(4),
-            oarsub: vec!["-t".into(), "besteffort".into()],
             prologue: Some("module load python".into()),
             ..Default::default()
         };
+        for o in [
+            "queue=default",
+            "project=proj",
+            "properties=host='node1'",
+            "oarsub=-t",
+            "oarsub=besteffort",
+        ] {
+            profile.apply_override(o).unwrap();
+        }
         profile.env.insert("OMP_NUM_THREADS".into(), "4".into());
         JobSpec {
             name: "noyau-kernel-python3".into(),

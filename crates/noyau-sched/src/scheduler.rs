@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::batch::{Batch, Commands, JobInfo, PartitionLoad, Scope};
 use crate::job::{ArrayJob, Job};
+use crate::profile::{Key, Profile, GENERIC};
 use crate::run::{AsUser, Cmd};
 use crate::watcher::Watcher;
 use crate::{registered, JobSpec, SchedError};
@@ -120,6 +121,11 @@ impl Scheduler {
         self.imp().queue_word()
     }
 
+    /// The commands the scheduler runs, by name.
+    pub fn commands(&self) -> &'static [&'static str] {
+        self.imp().commands()
+    }
+
     /// How often the watcher asks the scheduler.
     pub fn interval(&self) -> Duration {
         self.watcher.interval()
@@ -136,9 +142,23 @@ impl Scheduler {
         self.watcher.poll_once().await
     }
 
-    /// Checks a profile for this scheduler (without asking it).
-    pub fn check(&self, profile: &noyau_config::Profile) -> Result<(), SchedError> {
-        self.imp().check(profile)
+    /// Checks a profile for this scheduler (without asking it): no key
+    /// only another scheduler knows.
+    pub fn check(&self, profile: &Profile) -> Result<(), SchedError> {
+        let imp = self.imp();
+        profile
+            .check_keys(imp.display(), imp.keys(), imp.foreign_hint())
+            .map_err(SchedError::Profile)
+    }
+
+    /// Whether a profile key means something on this scheduler.
+    pub fn accepts(&self, key: &str) -> bool {
+        GENERIC.iter().any(|k| k.name == key) || self.imp().keys().iter().any(|k| k.name == key)
+    }
+
+    /// The keys only scheduler `name` knows.
+    pub(crate) fn keys_of(name: &str) -> &'static [Key] {
+        registered(name).map_or(&[], |make| make(Commands::default()).keys())
     }
 
     /// What `submit` would run, for `--dry-run`.
@@ -150,7 +170,7 @@ impl Scheduler {
     /// Submits one job and follows it.
     pub async fn submit(&self, spec: &JobSpec) -> Result<Job, SchedError> {
         let sub = self.submit_raw(spec).await?;
-        let state = self.watcher.track(&sub.id, queue_of(&spec.profile));
+        let state = self.watcher.track(&sub.id, spec.profile.partition.clone());
         Ok(Job::batch(self.clone(), sub.id, state, sub.files))
     }
 
@@ -160,7 +180,7 @@ impl Scheduler {
             return Err(SchedError::Invalid("a job array needs its task ids".into()));
         };
         let sub = self.submit_raw(spec).await?;
-        let part = queue_of(&spec.profile);
+        let part = spec.profile.partition.clone();
         Ok(ArrayJob::new(self.clone(), tasks, sub, part))
     }
 
@@ -207,21 +227,10 @@ impl Scheduler {
         self.imp().extend(id, secs, self.user()).await
     }
 
-    /// Whether a profile key means something on this scheduler.
-    pub fn accepts(&self, key: &str) -> bool {
-        let mut p = noyau_config::Profile::default();
-        p.apply_override(&format!("{key}=1")).is_ok() && self.check(&p).is_ok()
-    }
-
     /// Free and total resources per partition (or queue).
     pub async fn partitions(&self) -> Result<Vec<PartitionLoad>, SchedError> {
         self.imp().partitions().await
     }
-}
-
-/// The partition (or queue) a profile asks for.
-fn queue_of(p: &noyau_config::Profile) -> Option<String> {
-    p.partition.clone().or_else(|| p.queue.clone())
 }
 
 /// Builds a [`Scheduler`] with its own watcher.
@@ -242,7 +251,7 @@ impl Builder {
             return Err(SchedError::Invalid(format!(
                 "{} runs no command {name:?}{}; its commands: {}",
                 self.name,
-                noyau_config::suggest(name, known.iter().copied()),
+                crate::profile::suggest(name, known.iter().copied()),
                 known.join(", ")
             )));
         }

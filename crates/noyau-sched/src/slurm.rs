@@ -25,10 +25,10 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
-use noyau_config::Profile;
 
 use crate::batch::{Batch, Commands, JobInfo, PartitionLoad, Scope, Submission};
 use crate::paths::private_dir;
+use crate::profile::{Key, Kind, Profile};
 use crate::run::{AsUser, Cmd};
 use crate::script::job_script;
 use crate::state::{parse_duration, parse_local_time};
@@ -40,6 +40,26 @@ const SQUEUE_FORMAT: &str = "%i|%T|%r|%N|%S|%P|%L|%j";
 /// One line per node and partition: `sinfo -N` (a partition's nodes are
 /// summed here; without `-N`, sinfo merges nodes and their gres).
 const SINFO_FORMAT: &str = "Partition:|,CPUsState:|,Gres:|,GresUsed:|,StateCompact:|";
+
+/// The profile keys only Slurm knows (`#SBATCH --KEY=VALUE`; `sbatch`:
+/// more `#SBATCH` lines).
+const KEYS: &[Key] = &[
+    key("mem", Kind::Size),
+    key("gpus", Kind::Word),
+    key("gres", Kind::Word),
+    key("qos", Kind::Word),
+    key("reservation", Kind::Word),
+    key("constraint", Kind::Word),
+    key("sbatch", Kind::Options),
+];
+
+const fn key(name: &'static str, kind: Kind) -> Key {
+    Key {
+        name,
+        aliases: &[],
+        kind,
+    }
+}
 
 pub(crate) struct Slurm {
     cmds: Commands,
@@ -101,21 +121,18 @@ fn directives(spec: &JobSpec, log_dir: &Path) -> String {
     if let Some(cwd) = &spec.cwd {
         opt("chdir", &cwd.display().to_string());
     }
-    // OAR's names, where the Slurm ones are unset: one profile for both
-    let strs = [
-        ("partition", p.partition.as_ref().or(p.queue.as_ref())),
-        ("time", p.time.as_ref()),
-        ("mem", p.mem.as_ref()),
-        ("gpus", p.gpus.as_ref()),
-        ("gres", p.gres.as_ref()),
-        ("account", p.account.as_ref().or(p.project.as_ref())),
-        ("qos", p.qos.as_ref()),
-        ("reservation", p.reservation.as_ref()),
-        ("constraint", p.constraint.as_ref()),
-    ];
-    for (k, v) in strs {
+    for (k, v) in [
+        ("partition", p.partition.as_deref()),
+        ("time", p.time.as_deref()),
+        ("account", p.account.as_deref()),
+    ] {
         if let Some(v) = v {
             opt(k, v);
+        }
+    }
+    for k in KEYS.iter().filter(|k| k.kind != Kind::Options) {
+        if let Some(v) = p.get(k.name) {
+            opt(k.name, v);
         }
     }
     for (k, v) in [
@@ -127,7 +144,7 @@ fn directives(spec: &JobSpec, log_dir: &Path) -> String {
             opt(k, &v.to_string());
         }
     }
-    for line in &p.sbatch {
+    for line in p.items("sbatch") {
         s.push_str(&format!("#SBATCH {}\n", line.trim()));
     }
     if spec.array.is_some() {
@@ -346,13 +363,13 @@ impl Slurm {
 
     /// Checks what only Slurm knows: that the profile's partition exists.
     async fn check_partition(&self, profile: &Profile) -> Result<(), SchedError> {
-        let Some(part) = profile.partition.as_ref().or(profile.queue.as_ref()) else {
+        let Some(part) = profile.partition.as_ref() else {
             return Ok(());
         };
         match self.partition_names().await {
             Ok(known) if !known.contains(part) => Err(SchedError::Invalid(format!(
                 "Slurm has no partition {part:?}{}; partitions: {}",
-                noyau_config::suggest(part, known.iter().map(String::as_str)),
+                crate::profile::suggest(part, known.iter().map(String::as_str)),
                 known.join(", ")
             ))),
             Ok(_) => Ok(()),
@@ -415,8 +432,12 @@ impl Batch for Slurm {
         TASKS_PYTHON
     }
 
-    fn check(&self, profile: &Profile) -> Result<(), SchedError> {
-        profile.check_for("slurm").map_err(SchedError::Invalid)
+    fn keys(&self) -> &'static [Key] {
+        KEYS
+    }
+
+    fn foreign_hint(&self) -> &'static str {
+        "on Slurm, select nodes with `constraint` and pass other sbatch options in `sbatch`"
     }
 
     async fn dry_run(&self, spec: &JobSpec) -> Result<String, SchedError> {
@@ -563,11 +584,12 @@ mod tests {
             partition: Some("debug".into()),
             time: Some("1:00:00".into()),
             cpus_per_task: Some(2),
-            mem: Some("4G".into()),
-            sbatch: vec!["--exclusive".into()],
             prologue: Some("module load python".into()),
             ..Default::default()
         };
+        for o in ["mem=4G", "sbatch=--exclusive"] {
+            profile.apply_override(o).unwrap();
+        }
         profile.env.insert("OMP_NUM_THREADS".into(), "2 x".into());
         JobSpec {
             name: "noyau-kernel-python3".into(),

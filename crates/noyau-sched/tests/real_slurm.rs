@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use noyau_config::Profile;
-use noyau_sched::{Backend, JobSpec, JobState, Scheduler};
+use noyau_sched::{Backend, JobSpec, JobState, Profile, Scheduler};
 
 fn cluster() -> bool {
     let up = std::env::var_os("SLURM_CONF").is_some()
@@ -28,18 +27,19 @@ fn cluster() -> bool {
 }
 
 fn sleeper(name: &str, env: BTreeMap<String, String>) -> JobSpec {
+    let mut profile = Profile {
+        partition: Some("debug".into()),
+        time: Some("5".into()),
+        ..Default::default()
+    };
+    profile.apply_override("mem=100M").unwrap();
     JobSpec {
         name: name.into(),
         program: "sleep".into(),
         args: vec!["300".into()],
         env,
         cwd: Some(std::env::temp_dir()),
-        profile: Profile {
-            partition: Some("debug".into()),
-            time: Some("5".into()),
-            mem: Some("100M".into()),
-            ..Default::default()
-        },
+        profile,
         ..Default::default()
     }
 }

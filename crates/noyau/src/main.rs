@@ -49,8 +49,9 @@ enum Command {
     /// A Dask scheduler or worker of `%noyau dask up` (run by noyau in a job, not by hand)
     #[command(hide = true)]
     DaskJob(DaskJobArgs),
-    /// Submit a hub session's OAR job as this user (run by `noyau hub`
-    /// through `submit_as`, the job as JSON on stdin; not by hand)
+    /// Submit a hub session's job as this user, where the scheduler's
+    /// submission writes the user's files (run by `noyau hub` through
+    /// `submit_as`, the job as JSON on stdin; not by hand)
     #[command(hide = true)]
     HubSubmit,
 }
