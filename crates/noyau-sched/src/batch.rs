@@ -163,3 +163,9 @@ pub(crate) trait Batch: Send + Sync + 'static {
     /// Free and total resources per partition (or one line for all queues).
     async fn partitions(&self) -> Result<Vec<PartitionLoad>, SchedError>;
 }
+
+impl std::fmt::Debug for dyn Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}

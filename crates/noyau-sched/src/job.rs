@@ -6,11 +6,15 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::local::LocalHandle;
-use crate::{JobState, SchedError, Scheduler};
+use crate::batch::{Batch, Submission};
+use crate::run::AsUser;
+use crate::{JobState, SchedError};
 
 /// A job array's task ids and how many may run at once.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,6 +30,14 @@ impl ArrayTasks {
     }
 }
 
+/// How a job is made to end: the local backend's signals, a scheduler's
+/// cancel.
+#[async_trait]
+pub(crate) trait Ending: Send + Sync + std::fmt::Debug {
+    /// Asks job `id` to end, and makes sure it does; a failure is logged.
+    async fn end(&self, id: &str);
+}
+
 /// A submitted job.
 #[derive(Debug)]
 pub struct Job {
@@ -33,57 +45,50 @@ pub struct Job {
     /// The backend's name (`local`, `slurm`…).
     pub backend: &'static str,
     pub state: watch::Receiver<JobState>,
-    owner: Owner,
-}
-
-#[derive(Debug)]
-enum Owner {
-    Local(LocalHandle),
-    Batch {
-        sched: Scheduler,
-        /// What the submission wrote that the job removes when it starts:
-        /// a job cancelled before leaves them to its canceller.
-        files: Vec<PathBuf>,
-    },
+    ending: Box<dyn Ending>,
 }
 
 impl Job {
-    pub(crate) fn local(id: String, state: watch::Receiver<JobState>, h: LocalHandle) -> Job {
-        Job {
-            id,
-            backend: "local",
-            state,
-            owner: Owner::Local(h),
-        }
-    }
-
-    pub(crate) fn batch(
-        sched: Scheduler,
+    pub(crate) fn new(
         id: String,
+        backend: &'static str,
         state: watch::Receiver<JobState>,
-        files: Vec<PathBuf>,
+        ending: Box<dyn Ending>,
     ) -> Job {
         Job {
             id,
-            backend: sched.name(),
+            backend,
             state,
-            owner: Owner::Batch { sched, files },
+            ending,
         }
     }
 
     /// Asks the job to end (the agent then stops its kernel), and makes
     /// sure it does; a failure to ask is logged.
     pub async fn cancel(&self) {
-        match &self.owner {
-            Owner::Local(h) => h.cancel().await,
-            Owner::Batch { sched, files } => {
-                if let Err(e) = sched.cancel(std::slice::from_ref(&self.id)).await {
-                    tracing::warn!("{e}");
-                }
-                for f in files {
-                    let _ = std::fs::remove_file(f);
-                }
-            }
+        self.ending.end(&self.id).await
+    }
+}
+
+/// A batch job's end: the scheduler's cancel, as its submitter.
+#[derive(Debug)]
+pub(crate) struct Cancel {
+    pub imp: Arc<dyn Batch>,
+    pub as_user: Option<Arc<AsUser>>,
+    /// What the submission wrote that the job removes when it starts: a
+    /// job cancelled before leaves them to its canceller.
+    pub files: Vec<PathBuf>,
+}
+
+#[async_trait]
+impl Ending for Cancel {
+    async fn end(&self, id: &str) {
+        let ids = [id.to_string()];
+        if let Err(e) = self.imp.cancel(&ids, self.as_user.as_deref()).await {
+            tracing::warn!("{e}");
+        }
+        for f in &self.files {
+            let _ = std::fs::remove_file(f);
         }
     }
 }
@@ -97,34 +102,32 @@ pub struct ArrayJob {
     pub tasks: ArrayTasks,
     /// How the array was asked for, for people (`--array=0-5%2`).
     pub note: String,
-    sched: Scheduler,
+    cancel: Cancel,
+    interval: Duration,
     /// Each task's id and state, in task order.
     states: Vec<(String, watch::Receiver<JobState>)>,
     /// Tasks submitted held and not released yet (see `pace`).
     held: Vec<bool>,
-    files: Vec<PathBuf>,
 }
 
 impl ArrayJob {
+    /// `states`: each task's, as the watcher follows it; `interval`: the
+    /// watcher's.
     pub(crate) fn new(
-        sched: Scheduler,
+        sub: Submission,
         tasks: ArrayTasks,
-        sub: crate::batch::Submission,
-        partition: Option<String>,
+        cancel: Cancel,
+        states: Vec<(String, watch::Receiver<JobState>)>,
+        interval: Duration,
     ) -> ArrayJob {
-        let states: Vec<_> = sub
-            .tasks
-            .iter()
-            .map(|t| (t.clone(), sched.watcher().track(t, partition.clone())))
-            .collect();
         ArrayJob {
             id: sub.id,
             held: vec![sub.held; states.len()],
             states,
             tasks,
             note: sub.note,
-            sched,
-            files: sub.files,
+            cancel,
+            interval,
         }
     }
 
@@ -138,7 +141,7 @@ impl ArrayJob {
 
     /// How often the watcher asks the scheduler.
     pub fn interval(&self) -> Duration {
-        self.sched.interval()
+        self.interval
     }
 
     /// For a scheduler without a limit of its own (OAR), tasks wait held:
@@ -161,7 +164,7 @@ impl ArrayJob {
             return Ok(());
         }
         let ids: Vec<String> = next.iter().map(|i| self.states[*i].0.clone()).collect();
-        self.sched.imp().release(&ids).await?;
+        self.cancel.imp.release(&ids).await?;
         for i in next {
             self.held[i] = false;
         }
@@ -171,7 +174,8 @@ impl ArrayJob {
     /// Cancels every task, held ones included.
     pub async fn cancel(&self) -> Result<(), SchedError> {
         let ids: Vec<String> = self.states.iter().map(|(id, _)| id.clone()).collect();
-        self.sched.cancel(&ids).await
+        let c = &self.cancel;
+        c.imp.cancel(&ids, c.as_user.as_deref()).await
     }
 }
 
@@ -179,7 +183,7 @@ impl Drop for ArrayJob {
     /// The submission's files (environment, script, task list) are read by
     /// every task: they go once the submitter is done with the array.
     fn drop(&mut self) {
-        for f in &self.files {
+        for f in &self.cancel.files {
             let _ = std::fs::remove_file(f);
         }
     }

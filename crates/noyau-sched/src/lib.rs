@@ -62,6 +62,17 @@ pub use tasks::fan_out;
 
 use batch::{Batch, Commands};
 
+/// Entry points for the fuzz targets in `fuzz/` (cargo-fuzz): the parsers
+/// of what the schedulers' commands print.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    /// squeue listings (and the job states they map to), sacct lines,
+    /// `sbatch --parsable`, sinfo lines, times left.
+    pub fn slurm_output(text: &str) {
+        crate::slurm::fuzz(text)
+    }
+}
+
 /// The batch schedulers noyau knows: each one's name, the command whose presence
 /// on PATH says it is installed, and how to make it. Adding a scheduler is
 /// its file and one line here.
@@ -78,6 +89,11 @@ fn registered(name: &str) -> Option<Make> {
         .iter()
         .find(|(n, _, _)| *n == name)
         .map(|(_, _, make)| *make)
+}
+
+/// The profile keys only scheduler `name` knows.
+fn scheduler_keys(name: &str) -> &'static [Key] {
+    registered(name).map_or(&[], |make| make(Commands::default()).keys())
 }
 
 /// The batch schedulers' names.

@@ -10,7 +10,10 @@ use nix::unistd::Pid;
 use tokio::process::Command;
 use tokio::sync::watch;
 
-use crate::{Job, JobEnd, JobSpec, JobState, SchedError};
+use async_trait::async_trait;
+
+use crate::job::{Ending, Job};
+use crate::{JobEnd, JobSpec, JobState, SchedError};
 
 #[derive(Debug, Clone, Default)]
 pub struct LocalBackend;
@@ -82,17 +85,19 @@ impl LocalBackend {
             tracing::debug!(pid, end = %end.description, "local agent ended");
             let _ = tx.send(JobState::Ended(end));
         });
-        Ok(Job::local(
+        Ok(Job::new(
             format!("local:{pid}"),
+            "local",
             rx.clone(),
-            LocalHandle { pid, state: rx },
+            Box::new(LocalHandle { pid, state: rx }),
         ))
     }
 }
 
-impl LocalHandle {
+#[async_trait]
+impl Ending for LocalHandle {
     /// SIGTERM (the agent stops its kernel and exits), then SIGKILL after 5 s.
-    pub(crate) async fn cancel(&self) {
+    async fn end(&self, _id: &str) {
         let mut state = self.state.clone();
         if matches!(*state.borrow(), JobState::Ended(_)) {
             return;

@@ -44,7 +44,6 @@ use crate::quote::sh_quote;
 use crate::run::AsUser;
 use crate::scheduler::submit_through;
 use crate::script::job_script;
-use crate::slurm::warning_secs;
 use crate::state::from_epoch;
 use crate::{JobEnd, JobSpec, JobState, SchedError};
 
@@ -128,7 +127,7 @@ fn oarsub_args(spec: &JobSpec, script: &Path) -> Vec<String> {
     // SIGUSR1 (10 on Linux) N seconds before the walltime
     a.extend([
         "--checkpoint".into(),
-        warning_secs(p).to_string(),
+        p.warning_secs().to_string(),
         "--signal".into(),
         "10".into(),
     ]);

@@ -156,7 +156,7 @@ fn err<T>(message: impl Into<String>) -> Result<T, ProfileError> {
 pub fn keys() -> Vec<Key> {
     let mut all: Vec<Key> = GENERIC.to_vec();
     for name in crate::schedulers() {
-        for k in crate::Scheduler::keys_of(name) {
+        for k in crate::scheduler_keys(name) {
             if !all.iter().any(|a| a.name == k.name) {
                 all.push(*k);
             }
@@ -298,6 +298,18 @@ impl Profile {
         match self.scheduler_keys.get(key) {
             Some(Value::Many(l)) => l,
             _ => &[],
+        }
+    }
+
+    /// Seconds before the walltime at which the job asks its scheduler
+    /// for SIGUSR1: `walltime_signal`, else a tenth of `time`, 30 s to 10 min.
+    pub fn warning_secs(&self) -> u64 {
+        if let Some(s) = self.walltime_signal {
+            return s.into();
+        }
+        match self.time_secs() {
+            Some(t) if t > 0 => (t / 10).clamp(30, 600),
+            _ => 600,
         }
     }
 

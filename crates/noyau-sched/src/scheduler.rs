@@ -10,8 +10,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::batch::{Batch, Commands, JobInfo, PartitionLoad, Scope};
-use crate::job::{ArrayJob, Job};
-use crate::profile::{Key, Profile, GENERIC};
+use crate::job::{ArrayJob, Cancel, Job};
+use crate::profile::{Profile, GENERIC};
 use crate::run::{AsUser, Cmd};
 use crate::watcher::Watcher;
 use crate::{registered, JobSpec, SchedError};
@@ -98,10 +98,6 @@ impl Scheduler {
         self.watcher.imp()
     }
 
-    pub(crate) fn watcher(&self) -> &Watcher {
-        &self.watcher
-    }
-
     fn user(&self) -> Option<&AsUser> {
         self.as_user.as_deref()
     }
@@ -156,11 +152,6 @@ impl Scheduler {
         GENERIC.iter().any(|k| k.name == key) || self.imp().keys().iter().any(|k| k.name == key)
     }
 
-    /// The keys only scheduler `name` knows.
-    pub(crate) fn keys_of(name: &str) -> &'static [Key] {
-        registered(name).map_or(&[], |make| make(Commands::default()).keys())
-    }
-
     /// What `submit` would run, for `--dry-run`.
     pub async fn dry_run(&self, spec: &JobSpec) -> Result<String, SchedError> {
         self.check(&spec.profile)?;
@@ -171,7 +162,7 @@ impl Scheduler {
     pub async fn submit(&self, spec: &JobSpec) -> Result<Job, SchedError> {
         let sub = self.submit_raw(spec).await?;
         let state = self.watcher.track(&sub.id, spec.profile.partition.clone());
-        Ok(Job::batch(self.clone(), sub.id, state, sub.files))
+        Ok(self.job(sub.id, state, sub.files))
     }
 
     /// Submits `spec.array`'s tasks as one job array.
@@ -179,9 +170,13 @@ impl Scheduler {
         let Some(tasks) = spec.array.clone() else {
             return Err(SchedError::Invalid("a job array needs its task ids".into()));
         };
-        let sub = self.submit_raw(spec).await?;
-        let part = spec.profile.partition.clone();
-        Ok(ArrayJob::new(self.clone(), tasks, sub, part))
+        let mut sub = self.submit_raw(spec).await?;
+        let part = &spec.profile.partition;
+        let states = (sub.tasks.iter())
+            .map(|t| (t.clone(), self.watcher.track(t, part.clone())))
+            .collect();
+        let cancel = self.canceller(std::mem::take(&mut sub.files));
+        Ok(ArrayJob::new(sub, tasks, cancel, states, self.interval()))
     }
 
     /// Submits a job nobody in this process follows (a detached run, a
@@ -201,7 +196,24 @@ impl Scheduler {
     /// the one that submitted it, the hub after a restart).
     pub fn adopt(&self, id: &str) -> Job {
         let state = self.watcher.track(id, None);
-        Job::batch(self.clone(), id.into(), state, Vec::new())
+        self.job(id.into(), state, Vec::new())
+    }
+
+    fn canceller(&self, files: Vec<std::path::PathBuf>) -> Cancel {
+        Cancel {
+            imp: self.imp().clone(),
+            as_user: self.as_user.clone(),
+            files,
+        }
+    }
+
+    fn job(
+        &self,
+        id: String,
+        state: tokio::sync::watch::Receiver<crate::JobState>,
+        files: Vec<std::path::PathBuf>,
+    ) -> Job {
+        Job::new(id, self.name(), state, Box::new(self.canceller(files)))
     }
 
     /// Cancels jobs by id.

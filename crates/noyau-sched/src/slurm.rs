@@ -69,17 +69,6 @@ pub(crate) fn make(cmds: Commands) -> Arc<dyn Batch> {
     Arc::new(Slurm { cmds })
 }
 
-/// Seconds before the walltime at which the job gets SIGUSR1.
-pub(crate) fn warning_secs(profile: &Profile) -> u64 {
-    if let Some(s) = profile.walltime_signal {
-        return s.into();
-    }
-    match profile.time_secs() {
-        Some(t) if t > 0 => (t / 10).clamp(30, 600),
-        _ => 600,
-    }
-}
-
 /// `--array`'s value: `0-5%2`, `1,4%3`.
 fn array_arg(t: &ArrayTasks) -> String {
     let mut parts: Vec<String> = Vec::new();
@@ -117,7 +106,7 @@ fn directives(spec: &JobSpec, log_dir: &Path) -> String {
     if let Some(a) = &spec.array {
         opt("array", &array_arg(a));
     }
-    opt("signal", &format!("B:USR1@{}", warning_secs(p)));
+    opt("signal", &format!("B:USR1@{}", p.warning_secs()));
     if let Some(cwd) = &spec.cwd {
         opt("chdir", &cwd.display().to_string());
     }
@@ -325,6 +314,20 @@ fn gpu_count(gres: &str) -> u64 {
             (name == "gpu").then(|| item.rsplit(':').next()?.parse::<u64>().ok())?
         })
         .sum()
+}
+
+/// Every parser of this file on `text` (see `crate::fuzzing`).
+#[cfg(feature = "fuzzing")]
+pub(crate) fn fuzz(text: &str) {
+    for line in parse_squeue(text) {
+        let _ = state_of(&line, SystemTime::now());
+    }
+    let _ = parse_sacct(text);
+    let _ = parse_sbatch(text);
+    let _ = parse_sinfo(text);
+    for l in text.lines() {
+        let _ = parse_duration(l);
+    }
 }
 
 /// `--tasks` inside a Slurm allocation: one `srun`, its lines labelled by
