@@ -50,16 +50,8 @@ use crate::{JobEnd, JobSpec, JobState, SchedError};
 /// The profile keys only OAR knows: `properties`, an SQL expression
 /// selecting resources (`-p`), and more `oarsub` arguments.
 const KEYS: &[Key] = &[
-    Key {
-        name: "properties",
-        aliases: &[],
-        kind: Kind::Line,
-    },
-    Key {
-        name: "oarsub",
-        aliases: &[],
-        kind: Kind::Args,
-    },
+    Key::new("properties", Kind::Line),
+    Key::new("oarsub", Kind::Args),
 ];
 
 pub(crate) struct Oar {

@@ -48,18 +48,21 @@ pub enum Kind {
     Table,
 }
 
-const fn key(name: &'static str, kind: Kind) -> Key {
-    Key {
-        name,
-        aliases: &[],
-        kind,
+impl Key {
+    /// A key with no other name.
+    pub const fn new(name: &'static str, kind: Kind) -> Key {
+        Key {
+            name,
+            aliases: &[],
+            kind,
+        }
     }
 }
 
 /// The keys every backend knows (the scheduler's file says how each
 /// translates).
 pub const GENERIC: &[Key] = &[
-    key("backend", Kind::Word),
+    Key::new("backend", Kind::Word),
     Key {
         name: "partition",
         aliases: &["queue"],
@@ -70,20 +73,20 @@ pub const GENERIC: &[Key] = &[
         aliases: &["walltime"],
         kind: Kind::Time,
     },
-    key("nodes", Kind::Count),
-    key("ntasks", Kind::Count),
-    key("cpus_per_task", Kind::Count),
+    Key::new("nodes", Kind::Count),
+    Key::new("ntasks", Kind::Count),
+    Key::new("cpus_per_task", Kind::Count),
     Key {
         name: "account",
         aliases: &["project"],
         kind: Kind::Word,
     },
-    key("prologue", Kind::Text),
-    key("env", Kind::Table),
-    key("link_bind", Kind::Text),
-    key("link_advertise", Kind::Text),
-    key("walltime_signal", Kind::Number),
-    key("kernel", Kind::Text),
+    Key::new("prologue", Kind::Text),
+    Key::new("env", Kind::Table),
+    Key::new("link_bind", Kind::Text),
+    Key::new("link_advertise", Kind::Text),
+    Key::new("walltime_signal", Kind::Number),
+    Key::new("kernel", Kind::Text),
 ];
 
 /// One profile, after merging files and overrides.

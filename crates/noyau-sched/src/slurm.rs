@@ -44,22 +44,14 @@ const SINFO_FORMAT: &str = "Partition:|,CPUsState:|,Gres:|,GresUsed:|,StateCompa
 /// The profile keys only Slurm knows (`#SBATCH --KEY=VALUE`; `sbatch`:
 /// more `#SBATCH` lines).
 const KEYS: &[Key] = &[
-    key("mem", Kind::Size),
-    key("gpus", Kind::Word),
-    key("gres", Kind::Word),
-    key("qos", Kind::Word),
-    key("reservation", Kind::Word),
-    key("constraint", Kind::Word),
-    key("sbatch", Kind::Options),
+    Key::new("mem", Kind::Size),
+    Key::new("gpus", Kind::Word),
+    Key::new("gres", Kind::Word),
+    Key::new("qos", Kind::Word),
+    Key::new("reservation", Kind::Word),
+    Key::new("constraint", Kind::Word),
+    Key::new("sbatch", Kind::Options),
 ];
-
-const fn key(name: &'static str, kind: Kind) -> Key {
-    Key {
-        name,
-        aliases: &[],
-        kind,
-    }
-}
 
 pub(crate) struct Slurm {
     cmds: Commands,
