@@ -17,19 +17,10 @@ use crate::watcher::Watcher;
 use crate::{registered, JobSpec, SchedError};
 
 /// One batch scheduler, as callers use it.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Scheduler {
     watcher: Watcher,
     as_user: Option<Arc<AsUser>>,
-}
-
-impl std::fmt::Debug for Scheduler {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Scheduler")
-            .field("watcher", &self.watcher)
-            .field("as_user", &self.as_user)
-            .finish()
-    }
 }
 
 /// The watcher's poll interval: `NOYAU_<NAME>_POLL` seconds (e.g.

@@ -36,7 +36,7 @@ pub(crate) struct Watcher(Arc<Inner>);
 impl std::fmt::Debug for Watcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Watcher")
-            .field("scheduler", &self.0.imp.name())
+            .field("scheduler", &self.0.imp)
             .field("scope", &self.0.scope)
             .field("interval", &self.0.interval)
             .finish()
