@@ -1,8 +1,8 @@
 //! How an agent learns where its proxy is and how to prove who it is.
 //!
 //! The address, certificate pin and token come from the job's environment
-//! or from a 0600 file, never from argv, where `ps` and `squeue` would show
-//! them to every user of the machine. They are removed from the environment
+//! or from a 0600 file, never from argv, where `ps` and the scheduler's job
+//! listing would show them to every user of the machine. They are removed from the environment
 //! once read, so the kernel does not inherit them.
 
 use std::os::unix::fs::MetadataExt;

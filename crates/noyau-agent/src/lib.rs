@@ -103,8 +103,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<i32> {
     let mut token = agent.cfg.token.clone();
     let mut first = true;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    // A batch job asks for SIGUSR1 before its walltime (Slurm's
-    // `--signal=B:USR1@…`, OAR's `--checkpoint`); its default action would
+    // A batch job asks for SIGUSR1 before its walltime; its default action would
     // end the agent: it becomes a WalltimeNear event. OAR repeats the signal
     // at each of its checks until the end, so one event per announced end.
     let mut usr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
@@ -146,7 +145,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<i32> {
     } else {
         tokio::spawn(async move {
             while usr1.recv().await.is_some() {
-                tracing::warn!("SIGUSR1 outside a Slurm or OAR job: ignored");
+                tracing::warn!("SIGUSR1 outside a batch job: ignored");
             }
         });
     }

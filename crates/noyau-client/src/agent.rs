@@ -89,7 +89,7 @@ pub async fn start_agent(l: AgentLaunch, link_cfg: LinkConfig) -> anyhow::Result
             env,
             cwd: l.cwd.clone(),
             profile: l.profile.clone(),
-            array: None,
+            ..Default::default()
         })
         .await?;
     tracing::info!(job = %job.id, backend = %backend.name(), "agent submitted");

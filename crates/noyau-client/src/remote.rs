@@ -214,7 +214,7 @@ impl RemoteKernel {
                     () = sleep_until(deadline) => return Err(KernelError::StartTimeout(timeout.as_secs())),
                 }
             };
-            // The agent dialled: its job runs, whatever squeue said last.
+            // The agent dialled: its job runs, whatever the scheduler said last.
             let deadline = deadline.unwrap_or_else(|| Instant::now() + timeout);
             let mut host = None;
             let mut environment = None;

@@ -1,4 +1,4 @@
-//! Resource profiles: what a kernel or a run asks the scheduler for.
+//! Resource profiles: loading them from the config files.
 //!
 //! A profile is a `[profiles.NAME]` table in a TOML file. Three files are
 //! read, each optional, and a later one wins key by key:
@@ -14,12 +14,9 @@
 //! `D-HH:MM:SS`) and sizes Slurm sizes (`500M`, `4G`). What only the
 //! scheduler knows (does this partition exist?) is checked by the backend.
 //!
-//! One profile serves Slurm and OAR where the keys translate
-//! ([`Profile::check_for`]): `partition` is OAR's queue and `queue` Slurm's
-//! partition, `account` OAR's project and `project` Slurm's account; `time`,
-//! `nodes`, `ntasks` and `cpus_per_task` become `-l nodes=N/core=C,walltime=…`.
-//! A key that means nothing on the chosen scheduler (`mem` or `sbatch` on
-//! OAR, `properties` or `oarsub` on Slurm) is an error naming it. A
+//! The keys, what each means on each scheduler and how it translates, are
+//! noyau-sched's ([`Profile`], each scheduler's file declaring its own):
+//! this crate reads the files, merges them and applies the overrides. A
 //! top-level `scheduler = "oar"` (typically in the system file) names the
 //! site's scheduler for the commands about jobs (`noyau ps`, `cancel`,
 //! `extend`).
@@ -33,7 +30,6 @@
 //! mem = "32G"
 //! gpus = "1"
 //! prologue = "module load cuda"
-//! sbatch = ["--exclusive"]
 //! env = { OMP_NUM_THREADS = "8" }
 //!
 //! [profiles.oar-big]
@@ -41,99 +37,18 @@
 //! queue = "default"
 //! project = "myproject"
 //! properties = "cluster='dahu'"
-//! time = "2:00:00"
+//! walltime = "2:00:00"
 //! cpus_per_task = 8
-//! oarsub = ["-t", "besteffort"]
 //! ```
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use noyau_sched::Given;
 use serde::Deserialize;
+use toml::Spanned;
 
-/// One resource profile, after merging files and overrides.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Profile {
-    /// `local`, `slurm` or `oar`.
-    pub backend: Option<String>,
-    pub partition: Option<String>,
-    /// Walltime, as Slurm writes it (checked by [`parse_time`]).
-    pub time: Option<String>,
-    pub nodes: Option<u32>,
-    pub ntasks: Option<u32>,
-    pub cpus_per_task: Option<u32>,
-    /// Memory per node, as Slurm writes it (checked by [`parse_size`]).
-    pub mem: Option<String>,
-    pub gpus: Option<String>,
-    pub gres: Option<String>,
-    pub account: Option<String>,
-    pub qos: Option<String>,
-    pub reservation: Option<String>,
-    pub constraint: Option<String>,
-    /// Extra `#SBATCH` options, one per item (e.g. `"--exclusive"`).
-    #[serde(default)]
-    pub sbatch: Vec<String>,
-    /// OAR's queue (`oarsub -q`); Slurm's partition when `partition` is unset.
-    pub queue: Option<String>,
-    /// OAR's project (`oarsub --project`); Slurm's account when `account` is unset.
-    pub project: Option<String>,
-    /// OAR's resource properties, an SQL expression (`oarsub -p`, e.g. `"cluster='dahu'"`).
-    pub properties: Option<String>,
-    /// Extra `oarsub` arguments, one per item (e.g. `"-t"`, `"besteffort"`).
-    #[serde(default)]
-    pub oarsub: Vec<String>,
-    /// Shell lines run in the job before the agent (e.g. `module load python`).
-    pub prologue: Option<String>,
-    /// Environment variables set in the job (not secrets: the script is readable).
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    /// Where the proxy listens for its agent (`0.0.0.0:0` by default for batch backends).
-    pub link_bind: Option<String>,
-    /// The address the agent dials (default: this host's name and the bound port).
-    pub link_advertise: Option<String>,
-    /// Seconds before the walltime at which Slurm sends the job SIGUSR1
-    /// (`--signal=B:USR1@N`), for a run to save and stop [default: a tenth
-    /// of `time`, 30 s to 10 min].
-    pub walltime_signal: Option<u32>,
-    /// The kernelspec a target of this profile runs (`%%noyau on`), when it
-    /// is not the notebook's own (e.g. `ir` for R cells in a Python notebook).
-    pub kernel: Option<String>,
-}
-
-/// The backends a profile may name.
-pub const BACKENDS: &[&str] = &["local", "slurm", "oar"];
-
-/// The batch schedulers, of which a config file's `scheduler` names one.
-pub const SCHEDULERS: &[&str] = &["slurm", "oar"];
-
-/// The keys a profile may hold, for suggestions and `-o`.
-pub const KEYS: &[&str] = &[
-    "backend",
-    "partition",
-    "time",
-    "nodes",
-    "ntasks",
-    "cpus_per_task",
-    "mem",
-    "gpus",
-    "gres",
-    "account",
-    "qos",
-    "reservation",
-    "constraint",
-    "sbatch",
-    "queue",
-    "project",
-    "properties",
-    "oarsub",
-    "prologue",
-    "env",
-    "link_bind",
-    "link_advertise",
-    "walltime_signal",
-    "kernel",
-];
+pub use noyau_sched::{parse_size, parse_time, suggest, Profile, ProfileError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -161,24 +76,13 @@ fn available(known: &[String]) -> String {
     }
 }
 
-/// ", did you mean `x`?" when a candidate is close enough, else "".
-pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
-    candidates
-        .into_iter()
-        .map(|c| (strsim::damerau_levenshtein(word, c), c))
-        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
-        .min()
-        .map(|(_, c)| format!(", did you mean `{c}`?"))
-        .unwrap_or_default()
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
     /// The site's batch scheduler, see [`Config::scheduler`].
     scheduler: Option<String>,
     #[serde(default)]
-    profiles: BTreeMap<String, RawProfile>,
+    profiles: BTreeMap<String, BTreeMap<Spanned<String>, Spanned<toml::Value>>>,
     /// The kernel's environment: read and checked by noyau-env, not here.
     #[serde(default, rename = "environment")]
     _environment: Option<toml::Value>,
@@ -211,6 +115,17 @@ pub struct DaskSettings {
     pub nanny: Option<bool>,
 }
 
+/// `[dask]`'s keys, for suggestions.
+const DASK_KEYS: [&str; 7] = [
+    "target",
+    "workers",
+    "adapt",
+    "worker_cores",
+    "worker_mem",
+    "worker_time",
+    "nanny",
+];
+
 impl DaskSettings {
     /// Key by key, `later` wins; `workers` and `adapt` replace each other.
     fn merge(&mut self, later: DaskSettings) {
@@ -225,249 +140,72 @@ impl DaskSettings {
     }
 }
 
-/// A profile as one file writes it: every key optional, so layers merge.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawProfile {
-    backend: Option<String>,
-    partition: Option<String>,
-    time: Option<String>,
-    nodes: Option<u32>,
-    ntasks: Option<u32>,
-    cpus_per_task: Option<u32>,
-    mem: Option<String>,
-    gpus: Option<String>,
-    gres: Option<String>,
-    account: Option<String>,
-    qos: Option<String>,
-    reservation: Option<String>,
-    constraint: Option<String>,
-    sbatch: Option<Vec<String>>,
-    queue: Option<String>,
-    project: Option<String>,
-    properties: Option<String>,
-    oarsub: Option<Vec<String>>,
-    prologue: Option<String>,
-    env: Option<BTreeMap<String, String>>,
-    link_bind: Option<String>,
-    link_advertise: Option<String>,
-    walltime_signal: Option<u32>,
-    kernel: Option<String>,
+/// One value of a profile table, as noyau-sched takes it.
+fn given(v: &toml::Value) -> Result<Given, String> {
+    let text = |v: &toml::Value| v.as_str().map(str::to_string);
+    Ok(match v {
+        toml::Value::String(s) => Given::Text(s.clone()),
+        toml::Value::Integer(n) => Given::Number(*n),
+        toml::Value::Array(a) => Given::Texts(
+            a.iter()
+                .map(text)
+                .collect::<Option<_>>()
+                .ok_or("a list of text is expected")?,
+        ),
+        toml::Value::Table(t) => Given::Table(
+            t.iter()
+                .map(|(k, v)| Some((k.clone(), text(v)?)))
+                .collect::<Option<_>>()
+                .ok_or("a table of text is expected")?,
+        ),
+        other => {
+            return Err(format!(
+                "{} is not a value a profile key takes",
+                other.type_str()
+            ))
+        }
+    })
 }
 
-impl Profile {
-    fn merge(&mut self, r: RawProfile) {
-        macro_rules! take {
-            ($($f:ident),*) => { $( if r.$f.is_some() { self.$f = r.$f; } )* };
-        }
-        take!(
-            backend,
-            partition,
-            time,
-            nodes,
-            ntasks,
-            cpus_per_task,
-            mem,
-            gpus,
-            gres,
-            account,
-            qos,
-            reservation,
-            constraint,
-            queue,
-            project,
-            properties,
-            prologue,
-            link_bind,
-            link_advertise,
-            walltime_signal,
-            kernel
-        );
-        if let Some(s) = r.sbatch {
-            self.sbatch = s;
-        }
-        if let Some(s) = r.oarsub {
-            self.oarsub = s;
-        }
-        if let Some(env) = r.env {
-            self.env.extend(env);
-        }
-    }
+/// `line L, column C` of byte `at` in `text`.
+fn position(text: &str, at: usize) -> String {
+    let before = &text[..at.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    format!("line {line}, column {column}")
+}
 
-    /// Applies one `key=value` override. `env.NAME=value` sets a variable;
-    /// `sbatch=--opt` adds an extra line.
-    pub fn apply_override(&mut self, arg: &str) -> Result<(), ConfigError> {
-        let err = |message: String| ConfigError::Override {
-            arg: arg.into(),
-            message,
-        };
-        let (key, value) = arg
-            .split_once('=')
-            .ok_or_else(|| err("expected key=value".into()))?;
-        let (key, value) = (key.trim(), value.trim().to_string());
-        if let Some(var) = key.strip_prefix("env.") {
-            if var.is_empty() {
-                return Err(err("expected env.NAME=value".into()));
-            }
-            self.env.insert(var.into(), value);
-            return Ok(());
-        }
-        let num = |v: &str| {
-            v.parse::<u32>()
-                .map_err(|_| err(format!("{key} must be a whole number, not {v:?}")))
-        };
-        let s = Some(value.clone());
-        match key {
-            "backend" => self.backend = s,
-            "partition" => self.partition = s,
-            "time" => self.time = s,
-            "nodes" => self.nodes = Some(num(&value)?),
-            "ntasks" => self.ntasks = Some(num(&value)?),
-            "cpus_per_task" => self.cpus_per_task = Some(num(&value)?),
-            "mem" => self.mem = s,
-            "gpus" => self.gpus = s,
-            "gres" => self.gres = s,
-            "account" => self.account = s,
-            "qos" => self.qos = s,
-            "reservation" => self.reservation = s,
-            "constraint" => self.constraint = s,
-            "sbatch" => self.sbatch.push(value),
-            "queue" => self.queue = s,
-            "project" => self.project = s,
-            "properties" => self.properties = s,
-            "oarsub" => self.oarsub.push(value),
-            "prologue" => self.prologue = s,
-            "link_bind" => self.link_bind = s,
-            "link_advertise" => self.link_advertise = s,
-            "walltime_signal" => self.walltime_signal = Some(num(&value)?),
-            "kernel" => self.kernel = s,
-            other => {
-                return Err(err(format!(
-                    "unknown key `{other}`{}; valid keys: {}, env.NAME",
-                    suggest(other, KEYS.iter().copied()),
-                    KEYS.join(", ")
-                )))
+/// Sets one file's `[profiles.NAME]` table over `p`; an error names the
+/// key's position.
+fn merge_table(
+    p: &mut Profile,
+    name: &str,
+    table: &BTreeMap<Spanned<String>, Spanned<toml::Value>>,
+    text: &str,
+) -> Result<(), String> {
+    let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+    for (k, v) in table {
+        let at = |span: std::ops::Range<usize>| position(text, span.start);
+        let key = k.get_ref();
+        if let Some(canon) = noyau_sched::canonical_key(key) {
+            if let Some(other) = seen.insert(canon, key) {
+                return Err(format!(
+                    "{}: [profiles.{name}] {other} and {key} are the same key; keep one",
+                    at(k.span())
+                ));
             }
         }
-        Ok(())
+        let value = given(v.get_ref()).map_err(|e| format!("{}: {key}: {e}", at(v.span())))?;
+        p.set(key, value).map_err(|e| {
+            let span = if e.message.starts_with("unknown key") {
+                k.span()
+            } else {
+                v.span()
+            };
+            format!("{}: [profiles.{name}] {e}", at(span))
+        })?;
     }
-
-    /// Checks what can be checked without the scheduler.
-    pub fn validate(&self, name: &str) -> Result<(), ConfigError> {
-        let bad = |message: String| ConfigError::Invalid {
-            profile: name.into(),
-            message,
-        };
-        if let Some(b) = &self.backend {
-            if !BACKENDS.contains(&b.as_str()) {
-                return Err(bad(format!(
-                    "backend {b:?} is not known{}; backends: {}",
-                    suggest(b, BACKENDS.iter().copied()),
-                    BACKENDS.join(", ")
-                )));
-            }
-        }
-        if let Some(t) = &self.time {
-            parse_time(t).map_err(|e| bad(format!("time: {e}")))?;
-        }
-        if let Some(m) = &self.mem {
-            parse_size(m).map_err(|e| bad(format!("mem: {e}")))?;
-        }
-        for (k, v) in [
-            ("nodes", self.nodes),
-            ("ntasks", self.ntasks),
-            ("cpus_per_task", self.cpus_per_task),
-        ] {
-            if v == Some(0) {
-                return Err(bad(format!("{k} must be at least 1")));
-            }
-        }
-        for line in &self.sbatch {
-            if !line.trim_start().starts_with('-') {
-                return Err(bad(format!(
-                    "sbatch: {line:?} is not an option (write e.g. \"--exclusive\" or \"--licenses=matlab\")"
-                )));
-            }
-            if line.contains('\n') {
-                return Err(bad("sbatch: one option per item, without newlines".into()));
-            }
-        }
-        for k in self.env.keys() {
-            let ok = !k.is_empty()
-                && !k.starts_with(|c: char| c.is_ascii_digit())
-                && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-            if !ok {
-                return Err(bad(format!("env: {k:?} is not a variable name")));
-            }
-            if k.starts_with("NOYAU_LINK_") {
-                return Err(bad(format!("env: {k} is set by noyau itself")));
-            }
-        }
-        for (k, v) in [
-            ("partition", &self.partition),
-            ("account", &self.account),
-            ("qos", &self.qos),
-            ("reservation", &self.reservation),
-            ("constraint", &self.constraint),
-            ("gpus", &self.gpus),
-            ("gres", &self.gres),
-            ("queue", &self.queue),
-            ("project", &self.project),
-        ] {
-            if let Some(v) = v {
-                if v.is_empty() || v.contains(char::is_whitespace) {
-                    return Err(bad(format!("{k}: {v:?} must be one word")));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Checks that every key set means something on `backend` (`local`
-    /// ignores the scheduler keys): a Slurm-only key on OAR or an OAR-only
-    /// key on Slurm is an error naming the key and what to write instead.
-    pub fn check_for(&self, backend: &str) -> Result<(), String> {
-        let set = |k: &str| match k {
-            "mem" => self.mem.is_some(),
-            "gpus" => self.gpus.is_some(),
-            "gres" => self.gres.is_some(),
-            "qos" => self.qos.is_some(),
-            "reservation" => self.reservation.is_some(),
-            "constraint" => self.constraint.is_some(),
-            "sbatch" => !self.sbatch.is_empty(),
-            "properties" => self.properties.is_some(),
-            "oarsub" => !self.oarsub.is_empty(),
-            _ => false,
-        };
-        let (foreign, hint): (&[&str], &str) = match backend {
-            "oar" => (
-                &["mem", "gpus", "gres", "qos", "reservation", "constraint", "sbatch"],
-                "OAR allocates whole resources (memory comes with the cores): select \
-                 nodes with `properties` (e.g. properties = \"gpu_count > 0\") and pass other \
-                 oarsub options in `oarsub`",
-            ),
-            "slurm" => (
-                &["properties", "oarsub"],
-                "on Slurm, select nodes with `constraint` and pass other sbatch options in `sbatch`",
-            ),
-            _ => return Ok(()),
-        };
-        let bad: Vec<&str> = foreign.iter().copied().filter(|k| set(k)).collect();
-        if bad.is_empty() {
-            return Ok(());
-        }
-        Err(format!(
-            "{} {} no meaning on {}; {hint}",
-            bad.join(", "),
-            if bad.len() == 1 { "has" } else { "have" },
-            if backend == "oar" { "OAR" } else { "Slurm" },
-        ))
-    }
-
-    /// The walltime in seconds, when one is set (and valid).
-    pub fn time_secs(&self) -> Option<u64> {
-        self.time.as_deref().and_then(|t| parse_time(t).ok())
-    }
+    Ok(())
 }
 
 /// Profiles loaded from the config files.
@@ -531,21 +269,24 @@ impl Config {
             path: path.into(),
             message: explain(&e),
         })?;
+        let bad = |message: String| ConfigError::File {
+            path: path.into(),
+            message,
+        };
         if let Some(sched) = file.scheduler {
-            if !SCHEDULERS.contains(&sched.as_str()) {
-                return Err(ConfigError::File {
-                    path: path.into(),
-                    message: format!(
-                        "scheduler {sched:?} is not a batch scheduler noyau knows{}; schedulers: {}",
-                        suggest(&sched, SCHEDULERS.iter().copied()),
-                        SCHEDULERS.join(", ")
-                    ),
-                });
+            let known = noyau_sched::schedulers();
+            if !known.contains(&sched.as_str()) {
+                return Err(bad(format!(
+                    "scheduler {sched:?} is not a batch scheduler noyau knows{}; schedulers: {}",
+                    suggest(&sched, known.iter().copied()),
+                    known.join(", ")
+                )));
             }
             self.scheduler = Some(sched);
         }
-        for (name, raw) in file.profiles {
-            self.profiles.entry(name).or_default().merge(raw);
+        for (name, table) in &file.profiles {
+            let p = self.profiles.entry(name.clone()).or_default();
+            merge_table(p, name, table, text).map_err(bad)?;
         }
         if let Some(d) = file.dask {
             self.dask.merge(d);
@@ -578,9 +319,15 @@ impl Config {
             }
         };
         for o in overrides {
-            p.apply_override(o)?;
+            p.apply_override(o).map_err(|e| ConfigError::Override {
+                arg: o.clone(),
+                message: e.message,
+            })?;
         }
-        p.validate(name.unwrap_or("(none)"))?;
+        p.validate().map_err(|e| ConfigError::Invalid {
+            profile: name.unwrap_or("(none)").into(),
+            message: e.message,
+        })?;
         Ok(p)
     }
 }
@@ -611,10 +358,10 @@ fn explain(e: &toml::de::Error) -> String {
     let msg = e.message();
     if let Some(rest) = msg.strip_prefix("unknown field `") {
         if let Some(word) = rest.split('`').next() {
-            let cands: Vec<&str> = if msg.contains("`profiles`") {
-                vec!["profiles"]
+            let cands: &[&str] = if msg.contains("`profiles`") {
+                &["scheduler", "profiles", "environment", "dask"]
             } else {
-                KEYS.to_vec()
+                &DASK_KEYS
             };
             let hint = suggest(word, cands.iter().copied());
             if !hint.is_empty() {
@@ -625,105 +372,9 @@ fn explain(e: &toml::de::Error) -> String {
     s
 }
 
-/// Seconds in a Slurm time: `MM`, `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM`,
-/// `D-HH:MM:SS`; `UNLIMITED`/`INFINITE` are 0 (no limit).
-pub fn parse_time(t: &str) -> Result<u64, String> {
-    let t = t.trim();
-    if t.eq_ignore_ascii_case("unlimited") || t.eq_ignore_ascii_case("infinite") {
-        return Ok(0);
-    }
-    let help = || {
-        format!(
-            "{t:?} is not a Slurm time; write MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (e.g. \"90\", \"1:30:00\", \"2-00:00:00\")"
-        )
-    };
-    let num = |s: &str| -> Result<u64, String> {
-        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) || s.len() > 6 {
-            return Err(help());
-        }
-        s.parse().map_err(|_| help())
-    };
-    let (days, rest) = match t.split_once('-') {
-        Some((d, r)) => (Some(num(d)?), r),
-        None => (None, t),
-    };
-    let parts: Vec<u64> = rest.split(':').map(num).collect::<Result<_, _>>()?;
-    let secs = match (days, parts.as_slice()) {
-        (None, [m]) => m * 60,
-        (None, [m, s]) => m * 60 + s,
-        (None, [h, m, s]) => h * 3600 + m * 60 + s,
-        (Some(d), [h]) => d * 86400 + h * 3600,
-        (Some(d), [h, m]) => d * 86400 + h * 3600 + m * 60,
-        (Some(d), [h, m, s]) => d * 86400 + h * 3600 + m * 60 + s,
-        _ => return Err(help()),
-    };
-    if parts.len() > 1 && parts[1..].iter().any(|&v| v >= 60) {
-        return Err(format!("{}: minutes and seconds must be below 60", help()));
-    }
-    if secs == 0 {
-        return Err(format!("{t:?} is a zero walltime"));
-    }
-    Ok(secs)
-}
-
-/// Megabytes in a Slurm size: a number with an optional unit K, M, G or T
-/// (case-insensitive, an optional trailing B); no unit means megabytes.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let help = || format!("{s:?} is not a size; write e.g. \"500M\", \"4G\" or \"1T\"");
-    let t = t
-        .strip_suffix(['B', 'b'])
-        .filter(|r| r.ends_with(|c: char| c.is_ascii_alphabetic()))
-        .unwrap_or(t);
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, unit) = t.split_at(split);
-    if digits.is_empty() || digits.len() > 12 {
-        return Err(help());
-    }
-    let n: u64 = digits.parse().map_err(|_| help())?;
-    let mb = match unit.to_ascii_uppercase().as_str() {
-        "K" => n.div_ceil(1024),
-        "" | "M" => n,
-        "G" => n * 1024,
-        "T" => n * 1024 * 1024,
-        _ => return Err(help()),
-    };
-    if mb == 0 {
-        return Err(format!("{s:?} is no memory at all"));
-    }
-    Ok(mb)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn times() {
-        assert_eq!(parse_time("90"), Ok(5400));
-        assert_eq!(parse_time("10:30"), Ok(630));
-        assert_eq!(parse_time("1:00:00"), Ok(3600));
-        assert_eq!(parse_time("2-0"), Ok(172800));
-        assert_eq!(parse_time("1-02:03"), Ok(93780));
-        assert_eq!(parse_time("1-02:03:04"), Ok(93784));
-        assert_eq!(parse_time("UNLIMITED"), Ok(0));
-        for bad in ["", "1h", "1:2:3:4", "-1", "1-", "1:60", "0", "1-2-3", "a:b"] {
-            let e = parse_time(bad).unwrap_err();
-            assert!(e.contains("Slurm time") || e.contains("zero"), "{bad}: {e}");
-        }
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("500M"), Ok(500));
-        assert_eq!(parse_size("4G"), Ok(4096));
-        assert_eq!(parse_size("4gb"), Ok(4096));
-        assert_eq!(parse_size("2048"), Ok(2048));
-        assert_eq!(parse_size("1T"), Ok(1 << 20));
-        for bad in ["", "G", "4X", "4.5G", "0", "-1G", "4 G"] {
-            assert!(parse_size(bad).is_err(), "{bad}");
-        }
-    }
 
     fn cfg(files: &[&str]) -> Result<Config, ConfigError> {
         let mut c = Config::default();
@@ -816,27 +467,31 @@ mod tests {
     }
 
     #[test]
-    fn keys_are_checked_against_the_scheduler() {
-        let c = cfg(&["[profiles.p]\ntime = \"1:00:00\"\ncpus_per_task = 4\npartition = \"debug\"\n\
-                       [profiles.s]\nmem = \"4G\"\nsbatch = [\"--exclusive\"]\n\
-                       [profiles.o]\nproperties = \"host='a'\"\noarsub = [\"-t\", \"besteffort\"]\n"])
-        .unwrap();
-        let p = c.profile(Some("p"), &[]).unwrap();
-        for b in ["local", "slurm", "oar"] {
-            assert_eq!(p.check_for(b), Ok(()), "{b}");
-        }
-        let s = c.profile(Some("s"), &[]).unwrap();
-        assert_eq!(s.check_for("slurm"), Ok(()));
-        let e = s.check_for("oar").unwrap_err();
-        assert!(e.starts_with("mem, sbatch have no meaning on OAR"), "{e}");
-        assert!(e.contains("properties"), "{e}");
-        let o = c.profile(Some("o"), &[]).unwrap();
-        assert_eq!(o.check_for("oar"), Ok(()));
-        let e = o.check_for("slurm").unwrap_err();
+    fn walltime_is_time_and_other_names_are_one_key() {
+        let c = cfg(&["[profiles.o]\nwalltime = \"1:00:00\"\nqueue = \"q\"\nproject = \"p\"\n"])
+            .unwrap();
+        let p = c.profile(Some("o"), &[]).unwrap();
+        assert_eq!(p.time.as_deref(), Some("1:00:00"));
+        assert_eq!(
+            (p.partition.as_deref(), p.account.as_deref()),
+            (Some("q"), Some("p"))
+        );
+        let e = cfg(&["[profiles.o]\npartition = \"a\"\nqueue = \"b\"\n"])
+            .unwrap_err()
+            .to_string();
         assert!(
-            e.starts_with("properties, oarsub have no meaning on Slurm"),
+            e.contains("line 3") && e.contains("partition and queue are the same key"),
             "{e}"
         );
+        let e = cfg(&["[profiles.o]\nwalltme = \"1:00:00\"\n"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("did you mean `walltime`?"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_backend_is_named() {
+        let c = cfg(&["[profiles.p]\ntime = \"1:00:00\"\n"]).unwrap();
         let e = c
             .profile(Some("p"), &["backend=oarr".into()])
             .unwrap_err()

@@ -236,20 +236,31 @@ pub fn run(a: JobArgs) -> anyhow::Result<i32> {
 /// The owner is gone: cancels every job of the cluster (this one last) and
 /// removes its directory (its keys with it).
 fn end_cluster(d: &ClusterDir) {
-    for (scheduler, me, cancel) in [
-        ("slurm", "SLURM_JOB_ID", "scancel"),
-        ("oar", "OAR_JOB_ID", "oardel"),
-    ] {
-        let me = std::env::var(me).ok();
-        let mut ids = d.batch_jobs(scheduler);
+    let me = noyau_sched::this_job().map(|(_, id)| id);
+    let cancels = noyau_sched::schedulers().into_iter().filter_map(|name| {
+        let mut ids = d.batch_jobs(name);
         ids.retain(|id| Some(id) != me.as_ref());
-        if ids.is_empty() {
-            continue;
-        }
-        match Command::new(cancel).args(&ids).status() {
-            Ok(s) if s.success() => eprintln!("noyau dask-job: cancelled jobs {}", ids.join(" ")),
-            Ok(s) => eprintln!("noyau dask-job: {cancel} {} failed ({s})", ids.join(" ")),
-            Err(e) => eprintln!("noyau dask-job: cannot run {cancel}: {e}"),
+        (!ids.is_empty()).then_some((name, ids))
+    });
+    let cancels: Vec<_> = cancels.collect();
+    if !cancels.is_empty() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+        match runtime {
+            Ok(rt) => rt.block_on(async {
+                for (name, ids) in cancels {
+                    let done = match noyau_sched::Scheduler::named(name) {
+                        Ok(s) => s.cancel(&ids).await,
+                        Err(e) => Err(e),
+                    };
+                    match done {
+                        Ok(()) => eprintln!("noyau dask-job: cancelled jobs {}", ids.join(" ")),
+                        Err(e) => eprintln!("noyau dask-job: cancelling {}: {e}", ids.join(" ")),
+                    }
+                }
+            }),
+            Err(e) => eprintln!("noyau dask-job: cannot cancel the cluster's jobs: {e}"),
         }
     }
     if let Err(e) = std::fs::remove_dir_all(d.path()) {

@@ -8,8 +8,38 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use serde::Deserialize;
 
+/// hub.toml's keys, for suggestions.
+const KEYS: &[&str] = &[
+    "listen",
+    "link_bind",
+    "link_advertise",
+    "state_dir",
+    "auth",
+    "pam_service",
+    "auth_header",
+    "auth_secret_header",
+    "auth_secret_file",
+    "auth_secret",
+    "proxy_addresses",
+    "min_uid",
+    "allowed_users",
+    "allowed_groups",
+    "login_failures",
+    "login_delay",
+    "pam_in_flight",
+    "admins",
+    "poll_interval",
+    "cookie_secure",
+    "submit_as",
+    "agent",
+    "log_dir",
+    "scheduler",
+    "profiles",
+];
+
+// Unknown keys are refused by `validate` (a scheduler's `[NAME]` table of
+// command paths is a key serde cannot know).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct HubConfig {
     /// The web server's address (put TLS in front, e.g. nginx, for a centre).
     pub listen: SocketAddr,
@@ -62,13 +92,13 @@ pub struct HubConfig {
     pub pam_in_flight: usize,
     #[serde(default)]
     pub admins: Vec<String>,
-    /// Seconds between squeue calls (one for all users).
+    /// Seconds between the scheduler's listing calls (one for all users).
     #[serde(default = "default_poll")]
     pub poll_interval: f64,
     /// Send cookies with `Secure` (set false only for plain-HTTP tests).
     #[serde(default = "default_true")]
     pub cookie_secure: bool,
-    /// The command prefix that runs sbatch as the user; `{user}` is replaced.
+    /// The command prefix that submits and cancels as the user; `{user}` is replaced.
     #[serde(default = "default_submit_as")]
     pub submit_as: Vec<String>,
     /// The noyau binary the job runs (default: this one).
@@ -76,14 +106,15 @@ pub struct HubConfig {
     /// Where job logs go; `{home}` and `{user}` are replaced.
     #[serde(default = "default_log_dir")]
     pub log_dir: String,
-    /// The batch scheduler the sessions' jobs go to.
-    #[serde(default)]
-    pub scheduler: Scheduler,
-    #[serde(default)]
-    pub slurm: SlurmCommands,
-    #[serde(default)]
-    pub oar: OarCommands,
+    /// The batch scheduler the sessions' jobs go to (a name noyau-sched
+    /// registers: `slurm`, `oar`).
+    #[serde(default = "default_scheduler")]
+    pub scheduler: String,
     pub profiles: BTreeMap<String, HubProfile>,
+    /// The other top-level keys: a scheduler's `[NAME]` table gives paths
+    /// of its commands (`[NAME]` with `COMMAND = "/path/to/COMMAND"` lines).
+    #[serde(flatten)]
+    pub other: BTreeMap<String, toml::Value>,
     /// The secret the SSO proxy adds, read from `auth_secret_file` or
     /// `auth_secret` by [`HubConfig::load`].
     #[serde(skip)]
@@ -114,80 +145,6 @@ pub enum Auth {
     #[default]
     Pam,
     Header,
-}
-
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Scheduler {
-    #[default]
-    Slurm,
-    Oar,
-}
-
-impl Scheduler {
-    pub fn name(self) -> &'static str {
-        match self {
-            Scheduler::Slurm => "Slurm",
-            Scheduler::Oar => "OAR",
-        }
-    }
-}
-
-/// The OAR commands the hub runs itself (oarsub runs as the user, through
-/// `noyau hub-submit`, from the PATH `submit_as` gives).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OarCommands {
-    #[serde(default = "o_oarstat")]
-    pub oarstat: String,
-    #[serde(default = "o_oardel")]
-    pub oardel: String,
-    #[serde(default = "o_oarnodes")]
-    pub oarnodes: String,
-}
-
-impl Default for OarCommands {
-    fn default() -> Self {
-        OarCommands {
-            oarstat: o_oarstat(),
-            oardel: o_oardel(),
-            oarnodes: o_oarnodes(),
-        }
-    }
-}
-
-fn o_oarstat() -> String {
-    "oarstat".into()
-}
-fn o_oardel() -> String {
-    "oardel".into()
-}
-fn o_oarnodes() -> String {
-    "oarnodes".into()
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SlurmCommands {
-    #[serde(default = "s_sbatch")]
-    pub sbatch: String,
-    #[serde(default = "s_squeue")]
-    pub squeue: String,
-    #[serde(default = "s_scancel")]
-    pub scancel: String,
-    #[serde(default = "s_sinfo")]
-    pub sinfo: String,
-}
-
-impl Default for SlurmCommands {
-    fn default() -> Self {
-        SlurmCommands {
-            sbatch: s_sbatch(),
-            squeue: s_squeue(),
-            scancel: s_scancel(),
-            sinfo: s_sinfo(),
-        }
-    }
 }
 
 /// A numeric field of the form: allowed range and the preset value.
@@ -258,6 +215,9 @@ fn default_poll() -> f64 {
 fn default_true() -> bool {
     true
 }
+fn default_scheduler() -> String {
+    "slurm".into()
+}
 fn default_submit_as() -> Vec<String> {
     ["runuser", "-u", "{user}", "--"].map(String::from).to_vec()
 }
@@ -274,19 +234,6 @@ fn zero() -> Range {
         default: 0,
     }
 }
-fn s_sbatch() -> String {
-    "sbatch".into()
-}
-fn s_squeue() -> String {
-    "squeue".into()
-}
-fn s_scancel() -> String {
-    "scancel".into()
-}
-fn s_sinfo() -> String {
-    "sinfo".into()
-}
-
 impl HubConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
@@ -326,8 +273,55 @@ impl HubConfig {
         Ok(Some(ProxySecret(secret)))
     }
 
+    /// The command paths hub.toml gives scheduler `name` (`[NAME]`).
+    pub fn commands(&self, name: &str) -> anyhow::Result<Vec<(String, String)>> {
+        let Some(table) = self.other.get(name) else {
+            return Ok(Vec::new());
+        };
+        let bad = || {
+            anyhow::anyhow!(
+                "[{name}] holds paths of {name}'s commands: COMMAND = \"/path/to/COMMAND\""
+            )
+        };
+        table
+            .as_table()
+            .ok_or_else(bad)?
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.as_str().ok_or_else(bad)?.to_string())))
+            .collect()
+    }
+
+    /// The scheduler names a known one, and every other top-level key is
+    /// a scheduler's table of command paths.
+    fn validate_scheduler(&self) -> anyhow::Result<()> {
+        let known = noyau_sched::schedulers();
+        if !known.contains(&self.scheduler.as_str()) {
+            bail!(
+                "scheduler {:?} is not one noyau knows{}; schedulers: {}",
+                self.scheduler,
+                noyau_config::suggest(&self.scheduler, known.iter().copied()),
+                known.join(", ")
+            );
+        }
+        for key in self.other.keys() {
+            if !known.contains(&key.as_str()) {
+                bail!(
+                    "unknown key `{key}`{}",
+                    noyau_config::suggest(key, KEYS.iter().chain(&known).copied())
+                );
+            }
+            let builder = noyau_sched::Scheduler::builder(key)?;
+            self.commands(key)?
+                .iter()
+                .try_fold(builder, |b, (name, path)| b.command(name, path))?;
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> anyhow::Result<()> {
         self.validate_login()?;
+        self.validate_scheduler()?;
+        let sched = noyau_sched::Scheduler::named(&self.scheduler)?;
         if self.profiles.is_empty() {
             bail!("no [profiles.NAME]: the spawn form needs at least one");
         }
@@ -345,16 +339,26 @@ impl HubConfig {
             if p.cores.min == 0 || p.minutes.min == 0 {
                 bail!("profile {name}: cores and minutes must be at least 1");
             }
-            if self.scheduler == Scheduler::Oar {
-                if p.qos.is_some() {
-                    bail!("profile {name}: qos has no meaning on OAR; remove it");
-                }
-                if p.mem_gb.max > 0 || p.gpus.max > 0 {
-                    bail!(
-                        "profile {name}: OAR jobs ask for cores, not memory or GPUs: \
-                         remove mem_gb and gpus"
-                    );
-                }
+            if p.qos.is_some() && !sched.accepts("qos") {
+                bail!(
+                    "profile {name}: qos has no meaning on {}; remove it",
+                    sched.display()
+                );
+            }
+            // The form's resource fields this scheduler cannot ask for.
+            let fields = [
+                ("mem_gb", "mem", p.mem_gb.max),
+                ("gpus", "gpus", p.gpus.max),
+            ];
+            let foreign: Vec<_> = fields.iter().filter(|f| !sched.accepts(f.1)).collect();
+            if foreign.iter().any(|f| f.2 > 0) {
+                let names: Vec<&str> = foreign.iter().map(|f| f.0).collect();
+                bail!(
+                    "profile {name}: {} jobs cannot ask for {}: remove {}",
+                    sched.display(),
+                    names.join(" or "),
+                    names.join(" and ")
+                );
             }
             if !matches!(p.server.as_str(), "lab" | "server") {
                 bail!("profile {name}: server must be \"lab\" or \"server\"");
@@ -425,7 +429,7 @@ mod tests {
     #[test]
     fn oar_profiles_ask_for_cores_only() {
         let cfg = parse("scheduler = \"oar\"", "").unwrap();
-        assert_eq!(cfg.scheduler, Scheduler::Oar);
+        assert_eq!(cfg.scheduler, "oar");
         assert_eq!(cfg.profiles["p"].mem_gb.max, 0);
         let e = parse(
             "scheduler = \"oar\"",
@@ -434,7 +438,7 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("remove mem_gb and gpus"), "{e}");
         assert!(parse("scheduler = \"oar\"", "qos = \"fast\"").is_err());
-        assert_eq!(parse("", "").unwrap().scheduler, Scheduler::Slurm);
+        assert_eq!(parse("", "").unwrap().scheduler, "slurm");
         assert!(parse("scheduler = \"pbs\"", "").is_err());
     }
 
@@ -469,5 +473,28 @@ mod tests {
         )
         .unwrap();
         assert!(!format!("{c:?}").contains("abcdefghijklmnopqrs"));
+    }
+
+    #[test]
+    fn scheduler_tables_give_command_paths() {
+        let cmd = noyau_sched::Scheduler::named("slurm").unwrap().commands()[1];
+        let cfg = parse(&format!("[slurm]\n{cmd} = \"/x/{cmd}\"\n[oar]\n"), "").unwrap();
+        assert_eq!(
+            cfg.commands("slurm").unwrap(),
+            [(cmd.to_string(), format!("/x/{cmd}"))]
+        );
+        let typo = &cmd[..cmd.len() - 1];
+        let e = parse(&format!("[slurm]\n{typo} = \"/x\""), "").unwrap_err();
+        assert!(
+            format!("{e:#}").contains(&format!("did you mean `{cmd}`")),
+            "{e:#}"
+        );
+        let e = parse("[slrum]\n", "").unwrap_err().to_string();
+        assert!(
+            e.contains("unknown key `slrum`, did you mean `slurm`"),
+            "{e}"
+        );
+        let e = parse("polll_interval = 3", "").unwrap_err().to_string();
+        assert!(e.contains("did you mean `poll_interval`"), "{e}");
     }
 }

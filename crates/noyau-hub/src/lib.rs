@@ -11,9 +11,10 @@
 //!   account, optional allowed users and groups); [`throttle`]: failed
 //!   logins per user and per address.
 //! * [`pam`]: the system's libpam, opened at run time (never linked).
-//! * [`jobs`]: `sbatch` as the user (through `submit_as`, e.g. `runuser`),
-//!   `scancel`, `sinfo`, and the one watcher: one `squeue` per interval for
-//!   every user's sessions; [`oar`]: the same on OAR (`scheduler = "oar"`).
+//! * [`jobs`]: the sessions' jobs through noyau-sched's scheduler handle:
+//!   submitted and cancelled as the user (through `submit_as`, e.g.
+//!   `runuser`), followed by the one watcher (one listing call per interval
+//!   for every user's sessions), free resources per partition.
 //! * [`agents`]: each job runs `noyau agent --serve lab`, which starts
 //!   JupyterLab on a unix socket in a 0700 directory and dials the hub's
 //!   link listener (nothing listens on the compute node). Each of its
@@ -36,7 +37,6 @@ pub mod config;
 pub mod db;
 pub mod jobs;
 pub mod logs;
-pub mod oar;
 pub mod pages;
 pub mod pam;
 pub mod proxy;
@@ -46,7 +46,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -79,9 +78,9 @@ pub struct Hub {
     tokens: noyau_link::Tokens,
     /// The connected sessions' servers, by session id.
     upstreams: Mutex<HashMap<String, Arc<proxy::Upstream>>>,
-    /// squeue (or oarstat) calls since start (shown on the admin page).
-    pub squeue_calls: AtomicU64,
-    sinfo_cache: tokio::sync::Mutex<Option<(Instant, Vec<jobs::PartitionLoad>)>>,
+    /// The batch scheduler, following every user's sessions.
+    pub sched: noyau_sched::Scheduler,
+    sinfo_cache: tokio::sync::Mutex<Option<(Instant, Vec<noyau_sched::PartitionLoad>)>>,
     access: access::Access,
     throttle: throttle::Throttle,
     /// PAM conversations in flight (`pam_in_flight`).
@@ -244,7 +243,9 @@ pub async fn run(config: PathBuf) -> anyhow::Result<()> {
     let throttle =
         throttle::Throttle::new(cfg.login_failures, Duration::from_secs_f64(cfg.login_delay));
     let pam_slots = tokio::sync::Semaphore::new(cfg.pam_in_flight);
+    let sched = jobs::scheduler(&cfg)?;
     let hub = Arc::new(Hub {
+        sched,
         pin: listener.pin(),
         tokens: listener.tokens(),
         cfg,
@@ -253,7 +254,6 @@ pub async fn run(config: PathBuf) -> anyhow::Result<()> {
         link_advertise,
         agent_exe,
         upstreams: Mutex::new(HashMap::new()),
-        squeue_calls: AtomicU64::new(0),
         sinfo_cache: tokio::sync::Mutex::new(None),
         access: access::Access::default(),
         throttle,
@@ -263,7 +263,7 @@ pub async fn run(config: PathBuf) -> anyhow::Result<()> {
     let live = hub.admit_agents()?;
     tracing::info!(sessions = live, "hub state loaded");
     tokio::spawn(agents::accept(hub.clone(), listener));
-    tokio::spawn(jobs::watch(hub.clone()));
+    tokio::spawn(jobs::follow(hub.clone()));
     let app = routes(hub.clone());
     let tcp = tokio::net::TcpListener::bind(hub.cfg.listen)
         .await
@@ -678,7 +678,7 @@ async fn start_session(
             hub.db.audit(&who.name, "spawn-failed", &why);
             Err((
                 StatusCode::BAD_GATEWAY,
-                format!("{} refused the job: {why}", hub.cfg.scheduler.name()),
+                format!("{} refused the job: {why}", hub.sched.display()),
             ))
         }
     }
@@ -741,7 +741,7 @@ async fn cancel(
             if let Err(e) = jobs::cancel(&hub, &s.user, job).await {
                 return Err(pages::error(
                     StatusCode::BAD_GATEWAY,
-                    &format!("{} did not cancel the job: {e}", hub.cfg.scheduler.name()),
+                    &format!("{} did not cancel the job: {e}", hub.sched.display()),
                 ));
             }
         }
@@ -807,7 +807,7 @@ async fn api_sessions(
         Ok(s) => axum::Json(serde_json::json!({
             "user": who.name,
             "sessions": s,
-            "squeue_calls": if who.admin { Some(hub.squeue_calls.load(std::sync::atomic::Ordering::Relaxed)) } else { None },
+            "scheduler_polls": if who.admin { Some(hub.sched.polls()) } else { None },
         }))
         .into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")).into_response(),
@@ -825,13 +825,7 @@ async fn admin(AxState(hub): AxState<Arc<Hub>>, headers: HeaderMap) -> Result<Re
     }
     let sessions = hub.db.sessions(None).unwrap_or_default();
     let tails = hub.tails.of(&sessions).await;
-    Ok(pages::admin(
-        &who,
-        &sessions,
-        &tails,
-        hub.squeue_calls.load(std::sync::atomic::Ordering::Relaxed),
-    )
-    .into_response())
+    Ok(pages::admin(&who, &sessions, &tails, hub.sched.polls()).into_response())
 }
 
 #[cfg(test)]

@@ -14,9 +14,9 @@ use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 
 use crate::auth::Who;
-use crate::config::{HubConfig, Scheduler};
+use crate::config::HubConfig;
 use crate::db::{Choice, Session, State};
-use crate::jobs::{self, PartitionLoad};
+use noyau_sched::PartitionLoad;
 
 pub fn esc(s: &str) -> String {
     let mut o = String::with_capacity(s.len());
@@ -199,7 +199,7 @@ pub fn home(
         }
         Err(e) => format!(
             "<p class=\"err\">Cannot ask {} for free resources: {}</p>",
-            cfg.scheduler.name(),
+            names(cfg).0,
             esc(e)
         ),
     };
@@ -246,12 +246,16 @@ fn button(action: &str, csrf: &str, label: &str, id: &str) -> String {
     )
 }
 
+/// What the hub's scheduler is called, and what it calls a queue.
+fn names(cfg: &HubConfig) -> (&'static str, &'static str) {
+    noyau_sched::Scheduler::named(&cfg.scheduler).map_or(("the scheduler", "Queue"), |s| {
+        (s.display(), s.queue_word())
+    })
+}
+
 /// What the scheduler calls the choice of queue.
 fn queue_word(cfg: &HubConfig) -> &'static str {
-    match cfg.scheduler {
-        Scheduler::Slurm => "Partition",
-        Scheduler::Oar => "Queue",
-    }
+    names(cfg).1
 }
 
 /// One card per session; `tails`: the ended ones' log tails, by id
@@ -346,7 +350,7 @@ pub fn cards(
         let left = s
             .time_left
             .as_deref()
-            .and_then(jobs::secs_of)
+            .and_then(noyau_sched::parse_duration)
             .map(|t| t.to_string())
             .unwrap_or_default();
         let state = serde_json::to_value(s.state)
@@ -367,13 +371,13 @@ pub fn admin(
     who: &Who,
     sessions: &[Session],
     tails: &HashMap<String, Arc<str>>,
-    squeue_calls: u64,
+    polls: u64,
 ) -> Html<String> {
     layout(
         "Admin",
         Some(who),
         &format!(
-            "<p>Scheduler polls (one squeue or oarstat for all sessions) since start: <span id=\"squeue-calls\">{squeue_calls}</span></p><div id=\"cards\">{}</div>",
+            "<p>Scheduler polls (one listing call for all sessions) since start: <span id=\"scheduler-polls\">{polls}</span></p><div id=\"cards\">{}</div>",
             cards(sessions, who, true, tails)
         ),
     )

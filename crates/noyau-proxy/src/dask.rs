@@ -523,7 +523,7 @@ impl Cluster {
             };
             let state = match &*j.job.state.borrow() {
                 JobState::Pending { reason, .. } => format!("pending ({reason})"),
-                JobState::Running { node } => format!("running on {node}"),
+                JobState::Running { node, .. } => format!("running on {node}"),
                 JobState::Ended(e) => format!("ended: {}", e.description),
                 JobState::Unknown { why } => format!("unknown ({why})"),
             };
@@ -612,7 +612,7 @@ impl Proxy {
             chrono::Utc::now().format("%Y%m%dT%H%M%S"),
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
-        let dir = ClusterDir::create(&noyau_sched::slurm::state_dir().join("dask"), &id)?;
+        let dir = ClusterDir::create(&noyau_sched::state_dir().join("dask"), &id)?;
         dir.heartbeat(0)?;
         let mut env = crate::env_spec_for_agent()?;
         env.insert(
@@ -638,7 +638,7 @@ impl Proxy {
                 env: env.clone(),
                 cwd: None,
                 profile,
-                array: None,
+                ..Default::default()
             }
         };
         let mut wp = profile.clone();
@@ -648,7 +648,7 @@ impl Proxy {
             extra.extend(["--nthreads".to_string(), c.to_string()]);
         }
         if let Some(m) = &a.worker_mem {
-            wp.mem = Some(m.clone());
+            wp.apply_override(&format!("mem={m}"))?;
             extra.extend(["--memory-limit".to_string(), dask_memory(m)]);
         }
         if let Some(t) = &a.worker_time {
@@ -860,7 +860,7 @@ impl Proxy {
             return;
         };
         c.cancel_all().await;
-        let log = noyau_sched::slurm::log_dir();
+        let log = noyau_sched::log_dir();
         let _ = std::fs::remove_dir_all(c.dir.path());
         if let Some((identities, header)) = c.waiting.take() {
             let text = format!(

@@ -409,7 +409,7 @@ impl Proxy {
 
     /// How the scheduler ended the job, once its watcher sees the end (the
     /// agent's SIGTERM comes first; Slurm keeps an ended job's state in
-    /// squeue for a while: NODE_FAIL, PREEMPTED, CANCELLED, TIMEOUT).
+    /// its listing for a while: NODE_FAIL, PREEMPTED, CANCELLED, TIMEOUT).
     async fn job_end(&mut self) -> Option<String> {
         let rx = self.job_state.as_mut()?;
         let ended = |s: &JobState| matches!(s, JobState::Ended(_));
@@ -432,7 +432,7 @@ impl Proxy {
         );
         match text {
             None => {
-                if let JobState::Running { node } = &st {
+                if let JobState::Running { node, .. } = &st {
                     tracing::info!(job = %self.job_label(), %node, waited = ?self.submitted.elapsed(), "job started");
                 }
                 self.clear_note().await;

@@ -63,8 +63,7 @@ pub fn describe(backend: &str, job: &str, state: &JobState, waited_secs: u64) ->
                 .map(|p| format!(" (partition {p})"))
                 .unwrap_or_default();
             let start = start
-                .as_deref()
-                .map(|s| format!(", estimated start {s}"))
+                .map(|s| format!(", estimated start {}", noyau_sched::local_time(s)))
                 .unwrap_or_default();
             Some(format!(
                 "noyau: queued on {backend} job {job}{part}: reason {reason}{start}; waiting for {waited}. \
@@ -127,7 +126,7 @@ mod tests {
     fn describes_the_queue() {
         let s = JobState::Pending {
             reason: "Resources".into(),
-            start: Some("2026-01-01T10:00:00".into()),
+            start: noyau_sched::parse_local_time("2026-01-01T10:00:00"),
             partition: Some("batch".into()),
         };
         let t = describe("slurm", "42", &s, 75).unwrap();
@@ -135,7 +134,11 @@ mod tests {
             t.contains("queued on slurm job 42 (partition batch): reason Resources, estimated start 2026-01-01T10:00:00; waiting for 1m15s"),
             "{t}"
         );
-        assert!(describe("slurm", "42", &JobState::Running { node: "n".into() }, 1).is_none());
+        let running = JobState::Running {
+            node: "n".into(),
+            ends_at: None,
+        };
+        assert!(describe("slurm", "42", &running, 1).is_none());
     }
 
     #[test]

@@ -23,7 +23,8 @@ use noyau_link::{Incoming, Lane, LinkConfig, LinkEvent, LinkSender};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
-pub use noyau_client::magic::{fan_out, parse, Magic, OnMagic};
+pub use noyau_client::magic::{parse, Magic, OnMagic};
+pub use noyau_sched::fan_out;
 
 /// What a target's task tells the proxy.
 pub struct TargetEvent {

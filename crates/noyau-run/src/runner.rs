@@ -203,10 +203,10 @@ pub fn backend_and_profile(
 ) -> Result<(String, noyau_config::Profile), Failure> {
     let (backend, profile) =
         noyau_config::resolve(backend, profile, options).map_err(|e| bad(e.to_string()))?;
-    if !noyau_config::BACKENDS.contains(&backend.as_str()) {
+    if !noyau_sched::backends().contains(&backend.as_str()) {
         return Err(bad(format!(
             "unknown backend {backend:?}; available backends: {}",
-            noyau_config::BACKENDS.join(", ")
+            noyau_sched::backends().join(", ")
         )));
     }
     Ok((backend, profile))
@@ -252,12 +252,14 @@ fn queue_note(st: &JobState) -> String {
             }
             s.push_str(&format!(
                 ", est. start {}",
-                start.as_deref().unwrap_or("unknown")
+                start.map_or("unknown".into(), noyau_sched::local_time)
             ));
             s
         }
-        JobState::Running { node } if node.is_empty() => "job running; starting the kernel".into(),
-        JobState::Running { node } => format!("job running on {node}; starting the kernel"),
+        JobState::Running { node, .. } if node.is_empty() => {
+            "job running; starting the kernel".into()
+        }
+        JobState::Running { node, .. } => format!("job running on {node}; starting the kernel"),
         JobState::Unknown { why } => {
             format!("the scheduler does not answer ({why}); still waiting")
         }
@@ -267,7 +269,7 @@ fn queue_note(st: &JobState) -> String {
 
 /// Where a detached run in job `id` reports its progress (`noyau ps` reads it).
 pub fn status_path(id: &str) -> PathBuf {
-    noyau_sched::slurm::state_dir()
+    noyau_sched::state_dir()
         .join("runs")
         .join(format!("{id}.json"))
 }
@@ -335,10 +337,11 @@ async fn detach(
     backend: &str,
     profile: noyau_config::Profile,
 ) -> Result<i32, Failure> {
-    if !matches!(backend, "slurm" | "oar") {
-        return Err(bad(
-            "--detach needs a batch backend (--backend slurm|oar, or a profile that names one)",
-        ));
+    if backend == "local" {
+        return Err(bad(format!(
+            "--detach needs a batch backend (--backend {}, or a profile that names one)",
+            noyau_sched::schedulers().join("|")
+        )));
     }
     if args.input == "-" || args.output.as_deref() == Some("-") {
         return Err(bad(
@@ -406,16 +409,11 @@ async fn detach(
         env: [("NOYAU_DETACHED".to_string(), "1".to_string())].into(),
         cwd: std::env::current_dir().ok(),
         profile,
-        array: None,
+        ..Default::default()
     };
-    let submitted = if backend == "oar" {
-        noyau_sched::oar::OarBackend::global()
-            .submit_detached(&spec)
-            .await
-    } else {
-        noyau_sched::slurm::SlurmBackend::global()
-            .submit_detached(&spec)
-            .await
+    let submitted = match noyau_sched::Scheduler::named(backend) {
+        Ok(s) => s.submit_detached(&spec).await,
+        Err(e) => Err(e),
     };
     let id = submitted.map_err(|e| Failure {
         code: exit::KERNEL_START,
@@ -436,11 +434,7 @@ async fn detach(
 /// The batch allocation this runner itself runs in (a sweep task, a
 /// detached run): `1234` or `1234_5` for an array task.
 pub fn allocation() -> Option<String> {
-    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    match (var("SLURM_ARRAY_JOB_ID"), var("SLURM_ARRAY_TASK_ID")) {
-        (Some(j), Some(t)) => Some(format!("{j}_{t}")),
-        _ => var("SLURM_JOB_ID").or_else(|| var("OAR_JOB_ID")),
-    }
+    noyau_sched::this_job().map(|(_, id)| id)
 }
 
 fn kernel_failure(e: anyhow::Error) -> Failure {
@@ -584,7 +578,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Failure> {
             got.set(Some(signals.recv().await));
         },
         |st| {
-            if let JobState::Running { node: n } = st {
+            if let JobState::Running { node: n, .. } = st {
                 *node.borrow_mut() = Some(n.clone()).filter(|n| !n.is_empty());
             }
             let note = queue_note(st);
@@ -696,7 +690,7 @@ fn finish_output(saver: &mut Saver, nb: &Notebook, output: &Output) -> Result<()
 /// The last save failed (a full disk, a directory gone): the notebook goes
 /// to `$XDG_STATE_HOME/noyau/unsaved/` rather than being lost.
 fn rescue(nb: &Notebook, output: &Path) -> Result<PathBuf, String> {
-    let dir = noyau_sched::slurm::state_dir().join("unsaved");
+    let dir = noyau_sched::state_dir().join("unsaved");
     let stem = output
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -1046,7 +1040,7 @@ impl Runner<'_> {
                 if !m.overrides.iter().any(|o| o.starts_with("ntasks=")) {
                     m.overrides.push(format!("ntasks={n}"));
                 }
-                magic::fan_out(&body, n)
+                noyau_sched::fan_out(&body, n)
             }
             None => body,
         };

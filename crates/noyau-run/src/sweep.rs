@@ -23,7 +23,6 @@
 //! summary is still written, and the exit code is 130. `--retry-failed`
 //! reads the summary and reruns only the points that are not `ok`.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -118,7 +117,7 @@ pub struct SweepArgs {
 pub struct SweepTaskArgs {
     /// The sweep's plan (OUTDIR/sweep.json)
     pub plan: PathBuf,
-    /// The point [default: $SLURM_ARRAY_TASK_ID, else $NOYAU_ARRAY_TASK_ID (OAR)]
+    /// The point [default: $NOYAU_ARRAY_TASK_ID, which a job array's script exports]
     #[arg(long)]
     pub index: Option<usize>,
 }
@@ -235,20 +234,6 @@ pub fn expand(spec: &SweepSpec) -> Result<Vec<Parameters>, String> {
     Ok(acc)
 }
 
-/// Slurm's `--array` for these task ids, at most `k` at once.
-pub fn array_spec(ids: &[usize], k: usize) -> String {
-    let contiguous = ids.windows(2).all(|w| w[1] == w[0] + 1);
-    let list = match (ids.first(), ids.last()) {
-        (Some(a), Some(b)) if contiguous && a != b => format!("{a}-{b}"),
-        _ => ids
-            .iter()
-            .map(usize::to_string)
-            .collect::<Vec<_>>()
-            .join(","),
-    };
-    format!("{list}%{}", k.max(1))
-}
-
 /// A point's status from its runner's exit code.
 pub fn status_of(code: i32) -> &'static str {
     match code {
@@ -303,13 +288,8 @@ pub fn task_main(a: SweepTaskArgs) -> i32 {
             return exit::BAD_INPUT;
         }
     };
-    let index = a.index.or_else(|| {
-        ["SLURM_ARRAY_TASK_ID", "NOYAU_ARRAY_TASK_ID"]
-            .iter()
-            .find_map(|k| std::env::var(k).ok()?.parse().ok())
-    });
-    let Some(index) = index else {
-        eprintln!("noyau sweep-task: no --index, SLURM_ARRAY_TASK_ID or NOYAU_ARRAY_TASK_ID");
+    let Some(index) = a.index.or_else(noyau_sched::array_task) else {
+        eprintln!("noyau sweep-task: no --index, and not a task of a job array");
         return exit::BAD_INPUT;
     };
     let Some(point) = plan["points"]
@@ -544,10 +524,8 @@ async fn sweep(a: SweepArgs) -> Result<i32, (i32, String)> {
     );
     let t0 = Instant::now();
     let (interrupted, job_id) = match backend.as_str() {
-        "slurm" | "oar" => {
-            run_array(&a, &backend, &stem, &plan_path, &outdir, &todo, profile).await?
-        }
-        _ => (run_local(&a, &plan_path, &outdir, &todo).await?, None),
+        "local" => (run_local(&a, &plan_path, &outdir, &todo).await?, None),
+        _ => run_array(&a, &backend, &stem, &plan_path, &outdir, &todo, profile).await?,
     };
 
     // The summary: this round's results, the previous summary for the rest.
@@ -753,10 +731,13 @@ fn array_job(
         name: crate::runner::job_name(stem).replacen("noyau-run-", "noyau-sweep-", 1),
         program: std::env::current_exe().map_err(bad)?,
         args: vec!["sweep-task".into(), plan.display().to_string()],
-        env: BTreeMap::new(),
         cwd: std::env::current_dir().ok(),
         profile,
-        array: Some(array_spec(todo, a.max_parallel)),
+        array: Some(noyau_sched::ArrayTasks {
+            ids: todo.to_vec(),
+            max_parallel: a.max_parallel.max(1),
+        }),
+        ..Default::default()
     })
 }
 
@@ -770,86 +751,25 @@ fn tasks_note(states: &[noyau_sched::JobState]) -> (usize, bool, String) {
         .count();
     let alive = states.iter().any(|s| !matches!(s, JobState::Ended(_)));
     let reason = states.iter().find_map(|s| match s {
-        JobState::Pending { reason, start, .. } => Some(format!(
-            "; pending: {reason}, est. start {}",
-            start.as_deref().unwrap_or("unknown")
+        JobState::Unknown { why } => Some(format!(
+            "; the scheduler does not answer ({why}), still waiting"
         )),
         _ => None,
+    });
+    let reason = reason.or_else(|| {
+        states.iter().find_map(|s| match s {
+            JobState::Pending { reason, start, .. } => Some(format!(
+                "; pending: {reason}, est. start {}",
+                start.map_or("unknown".into(), noyau_sched::local_time)
+            )),
+            _ => None,
+        })
     });
     (running, alive, reason.unwrap_or_default())
 }
 
-/// A sweep's submitted job array, on either scheduler.
-enum Array {
-    Slurm(noyau_sched::slurm::SlurmBackend, String),
-    Oar(noyau_sched::oar::OarBackend, noyau_sched::oar::OarArray),
-}
-
-impl Array {
-    async fn submit(backend: &str, spec: &noyau_sched::JobSpec) -> Result<Array, (i32, String)> {
-        Ok(if backend == "oar" {
-            let b = noyau_sched::oar::OarBackend::global();
-            let a = b.submit_array(spec).await.map_err(bad)?;
-            eprintln!(
-                "noyau sweep: submitted OAR job array {} ({} tasks, {} at a time, job name {})",
-                a.id,
-                a.tasks.ids.len(),
-                a.tasks.max_parallel,
-                spec.name
-            );
-            Array::Oar(b, a)
-        } else {
-            let b = noyau_sched::slurm::SlurmBackend::global();
-            let id = b.submit_array(spec).await.map_err(bad)?;
-            eprintln!(
-                "noyau sweep: submitted job array {id} (--array={}, job name {})",
-                spec.array.as_deref().unwrap_or(""),
-                spec.name
-            );
-            Array::Slurm(b, id)
-        })
-    }
-
-    fn id(&self) -> &str {
-        match self {
-            Array::Slurm(_, id) => id,
-            Array::Oar(_, a) => &a.id,
-        }
-    }
-
-    fn poll_interval(&self) -> Duration {
-        match self {
-            Array::Slurm(..) => noyau_sched::slurm::default_interval(),
-            Array::Oar(..) => noyau_sched::oar::default_interval(),
-        }
-    }
-
-    async fn cancel(&self) -> Result<(), String> {
-        match self {
-            Array::Slurm(b, id) => b.scancel(id).await,
-            Array::Oar(b, a) => b.oardel_array(&a.id).await,
-        }
-    }
-
-    /// The tasks' states, one scheduler call (None: none listed any more);
-    /// on OAR this also releases held tasks while fewer than K run.
-    async fn states(&mut self) -> Result<Option<Vec<noyau_sched::JobState>>, String> {
-        match self {
-            Array::Slurm(b, id) => Ok(b
-                .array_tasks(id)
-                .await?
-                .map(|l| l.iter().map(noyau_sched::slurm::state_of).collect())),
-            Array::Oar(b, a) => {
-                let jobs = b.poll_array(a).await?;
-                Ok((!jobs.is_empty())
-                    .then(|| jobs.iter().map(noyau_sched::oar::state_of).collect()))
-            }
-        }
-    }
-}
-
-/// The points as ONE job array (Slurm or OAR); true when interrupted, and
-/// the array's id.
+/// The points as ONE job array of the batch scheduler `backend`; true when
+/// interrupted, and the array's id.
 async fn run_array(
     a: &SweepArgs,
     backend: &str,
@@ -860,9 +780,17 @@ async fn run_array(
     profile: noyau_config::Profile,
 ) -> Result<(bool, Option<String>), (i32, String)> {
     let spec = array_job(a, stem, plan, todo, profile)?;
-    let mut array = Array::submit(backend, &spec).await?;
-    let id = array.id().to_string();
-    let poll = array.poll_interval();
+    let sched = noyau_sched::Scheduler::named(backend).map_err(bad)?;
+    let mut array = sched.submit_array(&spec).await.map_err(bad)?;
+    let id = array.id.clone();
+    eprintln!(
+        "noyau sweep: submitted {} job array {id} ({} tasks, {} at a time; {}), job name {}",
+        sched.display(),
+        array.tasks.ids.len(),
+        array.tasks.max_parallel,
+        array.note,
+        spec.name
+    );
     let mut stop = Stop::new()?;
     let mut interrupted = false;
     let mut shown = String::new();
@@ -876,18 +804,18 @@ async fn run_array(
                     eprintln!("noyau sweep: {e}");
                 }
             }
-            _ = tokio::time::sleep(poll) => {}
+            _ = tokio::time::sleep(array.interval()) => {}
         }
         let (done, ok) = count_done(outdir, todo);
-        let (running, alive, note) = match array.states().await {
-            Ok(Some(states)) => tasks_note(&states),
-            Ok(None) => (0, false, String::new()),
-            Err(e) => (
-                0,
-                true,
-                format!("; the scheduler does not answer ({e}), still waiting"),
-            ),
+        let paced = if interrupted {
+            Ok(())
+        } else {
+            array.pace().await
         };
+        let (running, alive, mut note) = tasks_note(&array.states());
+        if let Err(e) = paced {
+            note.push_str(&format!("; cannot release held tasks ({e})"));
+        }
         let line = format!(
             "{done}/{} done ({ok} ok), {running} running{note}",
             todo.len()
@@ -909,9 +837,6 @@ async fn run_array(
                 break;
             }
         }
-    }
-    if let Array::Oar(_, a) = &array {
-        a.remove_files();
     }
     Ok((interrupted, Some(id)))
 }
@@ -938,13 +863,6 @@ mod tests {
             .unwrap_err()
             .contains("did you mean `grid`"));
         assert!(parse_grid("a").is_err() && parse_grid("=1").is_err());
-    }
-
-    #[test]
-    fn arrays() {
-        assert_eq!(array_spec(&[0, 1, 2, 3, 4, 5], 2), "0-5%2");
-        assert_eq!(array_spec(&[1, 4], 3), "1,4%3");
-        assert_eq!(array_spec(&[3], 1), "3%1");
     }
 
     #[test]

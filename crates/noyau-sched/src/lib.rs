@@ -1,103 +1,115 @@
-//! Where an agent runs.
+//! Where an agent runs, and every batch scheduler noyau speaks to.
 //!
 //! A [`Backend`] takes a [`JobSpec`] (the `noyau agent` command, its
 //! environment, a name that says what runs and carries no secret) and starts
-//! it somewhere: [`local`] as a child process of the caller, the embedded
-//! default; [`slurm`] and [`oar`] as batch jobs. Whatever the backend, the caller follows
-//! the job through a [`JobState`] watch channel, and an error talking to a
-//! scheduler is [`JobState::Unknown`], never "the job is gone".
+//! it somewhere: `local` as a child process of the caller, the embedded
+//! default, or a batch [`Scheduler`]. Whatever the backend, the caller
+//! follows the job through a [`JobState`] watch channel, and an error
+//! talking to a scheduler is [`JobState::Unknown`], never "the job is gone".
 //!
-//! Backends are an enum rather than a trait object: there are few of them,
-//! each is known at compile time, and the enum keeps `async fn` simple.
+//! How the pieces fit:
+//!
+//! * `batch`: the seam, the `Batch` trait a scheduler implements in one
+//!   file (`slurm`, `oar`), registered by one line in [`SCHEDULERS`].
+//! * [`Scheduler`] (`scheduler`): the handle callers hold; `watcher`: one
+//!   listing call per interval for every job a process follows; `job`: the
+//!   [`Job`]s and [`ArrayJob`]s it returns.
+//! * `script`: the job script every scheduler shares; `run`: the process
+//!   runner (and [`AsUser`], commands run as another user); `quote`,
+//!   `paths`, `state`: shell quoting, noyau's directories, job states and
+//!   their times.
 
-pub mod local;
-pub mod oar;
+mod backend;
+mod batch;
+mod error;
+mod job;
+mod local;
+mod oar;
+mod paths;
+mod profile;
+mod quote;
+mod run;
+mod scheduler;
+mod script;
+// Grid Engine's readers and arguments, public for tests/real_sge.rs until
+// the file implements `Batch` and is registered.
 pub mod sge;
-pub mod slurm;
-pub mod watcher;
+mod slurm;
+mod state;
+mod tasks;
+mod watcher;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use tokio::sync::watch;
+use serde::{Deserialize, Serialize};
 
-/// What to run in the job.
-#[derive(Debug, Clone, Default)]
-pub struct JobSpec {
-    /// Shown by the scheduler to every user: never put a secret in it.
-    pub name: String,
-    pub program: PathBuf,
-    pub args: Vec<String>,
-    /// Secrets travel here (the job's environment), never in `args`.
-    pub env: BTreeMap<String, String>,
-    pub cwd: Option<PathBuf>,
-    /// What to ask the scheduler for (ignored by `local`).
-    pub profile: noyau_config::Profile,
-    /// A job array's task ids (`0-5%2`, `1,4%2`): one job, many tasks
-    /// (Slurm: `--array`, see `SlurmBackend::submit_array`; OAR: a count,
-    /// `--array N`, see `OarBackend::oarsub`).
-    pub array: Option<String>,
+pub use backend::Backend;
+pub use batch::{JobInfo, PartitionLoad, Scope};
+pub use error::SchedError;
+pub use job::{ArrayJob, ArrayTasks, Job};
+pub use local::LocalBackend;
+pub use paths::{log_dir, state_dir};
+pub use profile::{
+    canonical_key, key_names, parse_size, parse_time, suggest, Given, Key, Kind, Profile,
+    ProfileError, Value,
+};
+pub use quote::sh_quote;
+pub use run::{AsUser, CommandError};
+pub use scheduler::{serve_submit_request, Builder, Scheduler};
+pub use state::{
+    duration_text, local_time, parse_duration, parse_local_time, seconds_until, JobEnd, JobState,
+};
+pub use tasks::fan_out;
+
+use batch::{Batch, Commands};
+
+/// Entry points for the fuzz targets in `fuzz/` (cargo-fuzz): the parsers
+/// of what the schedulers' commands print.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    /// squeue listings (and the job states they map to), sacct lines,
+    /// `sbatch --parsable`, sinfo lines, times left.
+    pub fn slurm_output(text: &str) {
+        crate::slurm::fuzz(text)
+    }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum JobState {
-    Pending {
-        /// The scheduler's reason (Slurm: Priority, Resources, …).
-        reason: String,
-        /// The scheduler's estimated start time, when it has one.
-        start: Option<String>,
-        partition: Option<String>,
-    },
-    Running {
-        node: String,
-    },
-    Ended(JobEnd),
-    /// The scheduler could not be asked; the job may well be alive.
-    Unknown {
-        why: String,
-    },
+/// The batch schedulers noyau knows: each one's name, the command whose presence
+/// on PATH says it is installed, and how to make it. Adding a scheduler is
+/// its file and one line here.
+const SCHEDULERS: &[(&str, &str, Make)] = &[
+    ("slurm", "squeue", slurm::make),
+    ("oar", "oarstat", oar::make),
+];
+
+/// How a scheduler's implementation is made, from its commands.
+type Make = fn(Commands) -> Arc<dyn Batch>;
+
+fn registered(name: &str) -> Option<Make> {
+    SCHEDULERS
+        .iter()
+        .find(|(n, _, _)| *n == name)
+        .map(|(_, _, make)| *make)
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JobEnd {
-    /// E.g. "exited with status 0", "was killed by signal 9 (SIGKILL)".
-    pub description: String,
-    pub success: bool,
+/// The profile keys only scheduler `name` knows.
+fn scheduler_keys(name: &str) -> &'static [Key] {
+    registered(name).map_or(&[], |make| make(Commands::default()).keys())
 }
 
-/// A submitted job.
-#[derive(Debug)]
-pub struct Job {
-    pub id: String,
-    pub backend: &'static str,
-    pub state: watch::Receiver<JobState>,
-    handle: JobHandle,
+/// The batch schedulers' names.
+pub fn schedulers() -> Vec<&'static str> {
+    SCHEDULERS.iter().map(|(n, _, _)| *n).collect()
 }
 
-#[derive(Debug)]
-enum JobHandle {
-    Local(local::LocalHandle),
-    Slurm(slurm::SlurmHandle),
-    Oar(oar::OarHandle),
+/// Every backend's name: `local`, then the batch schedulers.
+pub fn backends() -> Vec<&'static str> {
+    std::iter::once("local").chain(schedulers()).collect()
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum SchedError {
-    #[error("unknown backend {0:?}; available backends: local, slurm, oar")]
-    UnknownBackend(String),
-    #[error("invalid resource request: {0}")]
-    Invalid(String),
-    #[error("cannot submit the job: {0}")]
-    Submit(String),
-    #[error("cannot start the agent `{program}` locally: {source}")]
-    LocalSpawn {
-        program: String,
-        source: std::io::Error,
-    },
-}
-
-/// The batch schedulers whose client commands (`squeue`, `oarstat`) are
-/// on PATH.
+/// The batch schedulers whose client commands are on PATH.
 pub fn installed() -> Vec<&'static str> {
     use std::os::unix::fs::PermissionsExt;
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -107,91 +119,80 @@ pub fn installed() -> Vec<&'static str> {
                 .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         })
     };
-    [("slurm", "squeue"), ("oar", "oarstat")]
-        .into_iter()
-        .filter(|(_, cmd)| on_path(cmd))
-        .map(|(name, _)| name)
+    SCHEDULERS
+        .iter()
+        .filter(|(_, probe, _)| on_path(probe))
+        .map(|(name, _, _)| *name)
         .collect()
 }
 
-/// A scheduler backend.
-#[derive(Debug, Clone)]
-pub enum Backend {
-    Local(local::LocalBackend),
-    Slurm(slurm::SlurmBackend),
-    Oar(oar::OarBackend),
+/// The site's batch scheduler for the commands about jobs (`noyau ps`,
+/// `cancel`, `extend`): `name` if given, else the one whose commands are
+/// installed (an error when that is not exactly one).
+pub fn site_scheduler(name: Option<&str>) -> Result<Scheduler, SchedError> {
+    let name = match name {
+        Some("local") => return Err(SchedError::NotBatch),
+        Some(n) => n.to_string(),
+        None => match installed().as_slice() {
+            [one] => one.to_string(),
+            [] => {
+                let each: Vec<String> = SCHEDULERS
+                    .iter()
+                    .map(|(_, probe, make)| {
+                        format!("{probe} ({})", make(Commands::default()).display())
+                    })
+                    .collect();
+                return Err(SchedError::NoneInstalled(each));
+            }
+            several => return Err(SchedError::SeveralInstalled(several.to_vec())),
+        },
+    };
+    Scheduler::named(&name)
 }
 
-impl Backend {
-    pub fn from_name(name: &str) -> Result<Self, SchedError> {
-        match name {
-            "local" => Ok(Backend::Local(local::LocalBackend)),
-            "slurm" => Ok(Backend::Slurm(slurm::SlurmBackend::global())),
-            "oar" => Ok(Backend::Oar(oar::OarBackend::global())),
-            other => Err(SchedError::UnknownBackend(other.into())),
-        }
+/// The batch job this process runs in, if any: its scheduler and id (an
+/// array task's as the scheduler lists it, `12_3` on Slurm).
+pub fn this_job() -> Option<(Scheduler, String)> {
+    SCHEDULERS.iter().find_map(|(name, _, make)| {
+        let id = make(Commands::default()).job_in_env()?;
+        Some((Scheduler::named(name).ok()?, id))
+    })
+}
+
+/// The variable every job script of an array exports: the task's id.
+const ARRAY_TASK_VAR: &str = "NOYAU_ARRAY_TASK_ID";
+
+/// This process's task id in a job array (a sweep's point).
+pub fn array_task() -> Option<usize> {
+    std::env::var(ARRAY_TASK_VAR).ok()?.parse().ok()
+}
+
+/// What to run in the job.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// Shown by the scheduler to every user: never put a secret in it.
+    pub name: String,
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    /// Secrets travel here (the job's environment), never in `args`.
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<PathBuf>,
+    /// What to ask the scheduler for (ignored by `local`).
+    pub profile: Profile,
+    /// A job array's tasks: one job, many tasks, K at a time.
+    pub array: Option<ArrayTasks>,
+    /// Where the job's log goes (default [`log_dir`]).
+    pub log_dir: Option<PathBuf>,
+}
+
+impl JobSpec {
+    /// The log directory of the job.
+    pub fn logs(&self) -> PathBuf {
+        self.log_dir.clone().unwrap_or_else(log_dir)
     }
 
-    pub fn name(&self) -> &'static str {
-        match self {
-            Backend::Local(_) => "local",
-            Backend::Slurm(_) => "slurm",
-            Backend::Oar(_) => "oar",
-        }
-    }
-
-    pub async fn submit(&self, spec: JobSpec) -> Result<Job, SchedError> {
-        match self {
-            Backend::Local(b) => b.submit(spec).await,
-            Backend::Slurm(b) => b.submit(spec).await,
-            Backend::Oar(b) => b.submit(spec).await,
-        }
-    }
-
-    /// Follows a batch job another process submitted (None for the local
-    /// backend, whose jobs are child processes of their submitter).
-    pub fn adopt(&self, id: &str) -> Option<Job> {
-        match self {
-            Backend::Local(_) => None,
-            Backend::Slurm(b) => Some(b.adopt(id)),
-            Backend::Oar(b) => Some(b.adopt(id)),
-        }
-    }
-
-    /// What `submit` would run, for `--dry-run`: the job script, or the
-    /// local command line. Checks the profile with the scheduler as
-    /// `submit` would.
-    pub async fn dry_run(&self, spec: &JobSpec) -> Result<String, SchedError> {
-        match self {
-            Backend::Local(_) => Ok(format!(
-                "{} {}\n",
-                slurm::sh_quote(&spec.program.display().to_string()),
-                spec.args
-                    .iter()
-                    .map(|a| slurm::sh_quote(a))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            )),
-            Backend::Slurm(b) => {
-                b.validate(&spec.profile).await?;
-                Ok(slurm::job_script(spec, &slurm::log_dir()))
-            }
-            Backend::Oar(b) => b.dry_run(spec),
-        }
-    }
-
-    /// Asks the job to end (the agent then stops its kernel), and makes sure it does.
-    pub async fn cancel(&self, job: &Job) {
-        match &job.handle {
-            JobHandle::Local(h) => h.cancel().await,
-            JobHandle::Slurm(h) => match self {
-                Backend::Slurm(b) => b.cancel(h).await,
-                _ => slurm::SlurmBackend::global().cancel(h).await,
-            },
-            JobHandle::Oar(h) => match self {
-                Backend::Oar(b) => b.cancel(h).await,
-                _ => oar::OarBackend::global().cancel(h).await,
-            },
-        }
+    /// The log of job `id`: `LOGS/NAME-ID.log`, whatever the scheduler.
+    pub fn log_path(&self, id: &str) -> PathBuf {
+        self.logs().join(format!("{}-{id}.log", self.name))
     }
 }

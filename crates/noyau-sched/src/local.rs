@@ -10,7 +10,10 @@ use nix::unistd::Pid;
 use tokio::process::Command;
 use tokio::sync::watch;
 
-use crate::{Job, JobEnd, JobHandle, JobSpec, JobState, SchedError};
+use async_trait::async_trait;
+
+use crate::job::{Ending, Job};
+use crate::{JobEnd, JobSpec, JobState, SchedError};
 
 #[derive(Debug, Clone, Default)]
 pub struct LocalBackend;
@@ -67,7 +70,10 @@ impl LocalBackend {
         let host = nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "localhost".into());
-        let (tx, rx) = watch::channel(JobState::Running { node: host });
+        let (tx, rx) = watch::channel(JobState::Running {
+            node: host,
+            ends_at: None,
+        });
         tokio::spawn(async move {
             let end = match child.wait().await {
                 Ok(status) => describe(status),
@@ -79,18 +85,19 @@ impl LocalBackend {
             tracing::debug!(pid, end = %end.description, "local agent ended");
             let _ = tx.send(JobState::Ended(end));
         });
-        Ok(Job {
-            id: format!("local:{pid}"),
-            backend: "local",
-            state: rx.clone(),
-            handle: JobHandle::Local(LocalHandle { pid, state: rx }),
-        })
+        Ok(Job::new(
+            format!("local:{pid}"),
+            "local",
+            rx.clone(),
+            Box::new(LocalHandle { pid, state: rx }),
+        ))
     }
 }
 
-impl LocalHandle {
+#[async_trait]
+impl Ending for LocalHandle {
     /// SIGTERM (the agent stops its kernel and exits), then SIGKILL after 5 s.
-    pub(crate) async fn cancel(&self) {
+    async fn end(&self, _id: &str) {
         let mut state = self.state.clone();
         if matches!(*state.borrow(), JobState::Ended(_)) {
             return;

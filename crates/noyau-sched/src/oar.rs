@@ -1,4 +1,4 @@
-//! The OAR backend (OAR 2.5): the agent runs as a batch job.
+//! OAR (2.5): the agent runs as a batch job.
 //!
 //! * **Submission.** OAR does not pass the submitter's environment to the
 //!   job, and `oarstat` shows every job's command line to every user. So
@@ -10,77 +10,66 @@
 //!   are `-l nodes=N/core=C,walltime=H:MM:SS` from `nodes`, `ntasks` ×
 //!   `cpus_per_task` and `time`; `queue`/`partition` give `-q`,
 //!   `project`/`account` `--project`, `properties` `-p`, and `oarsub` any
-//!   other argument.
-//! * **One watcher.** Every job a process tracks is followed by one
-//!   [`Watcher`]: one `oarstat -J -f -j A -j B …` call per interval (2 s by
-//!   default, ±20 % jitter, `NOYAU_OAR_POLL`) for all of them. OAR keeps
-//!   finished jobs with their exit code, so an end is always described. A
-//!   failing or timed-out `oarstat` makes every job [`JobState::Unknown`].
+//!   other argument. As another user (the hub), the files must be that
+//!   user's: `noyau hub-submit` does the whole submission as the user.
+//! * **Listing.** `oarstat -J -f -j A -j B …` for the jobs a watcher
+//!   follows (`-u USER` for `noyau ps`). OAR keeps finished jobs with their
+//!   exit code and events, so an end is always described. A running job
+//!   ends at its `startTime + walltime`.
 //! * **Cancel** is `oardel`: OAR sends SIGTERM to the job, the agent stops
 //!   its kernel.
-//! * **Arrays** (sweeps): [`OarBackend::submit_array`] submits the tasks
-//!   with `--array-param-file`, one line per task id, which the script
-//!   exports as `NOYAU_ARRAY_TASK_ID`. OAR 2.5 cannot limit how many tasks of
-//!   an array run at once (Slurm's `%K`), so when K is below the task count
-//!   the tasks are submitted `--hold` and [`OarBackend::poll_array`] resumes
-//!   them (`oarresume`) K at a time while the submitter polls.
+//! * **Arrays** (sweeps): `--array-param-file`, one line per task id, which
+//!   the script exports as `NOYAU_ARRAY_TASK_ID`. OAR 2.5 cannot limit how
+//!   many tasks of an array run at once (Slurm's `%K`), so when K is below
+//!   the task count the tasks are submitted `--hold` and released
+//!   (`oarresume`) K at a time ([`crate::ArrayJob::pace`]).
 //! * **Walltime.** `--checkpoint N --signal 10` makes OAR send SIGUSR1 N
 //!   seconds before the walltime (the profile's `walltime_signal`, else a
 //!   tenth of `time`, 30 s to 10 min), which the agent turns into a walltime
-//!   event; [`OarBackend::extend`] asks `oarwalltime` for more time where the
-//!   site enables walltime changes.
+//!   event; `oarwalltime` gives more time where the site enables walltime
+//!   changes.
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
-use std::time::Duration;
+use std::sync::Arc;
 
-use noyau_config::Profile;
+use async_trait::async_trait;
 use rand::Rng;
 use serde::Deserialize;
 
-use crate::slurm::{log_dir, run, sh_quote, state_dir, warning_secs};
-use crate::{Job, JobEnd, JobHandle, JobSpec, JobState, SchedError};
+use crate::batch::{Batch, Commands, JobInfo, PartitionLoad, Scope, Submission};
+use crate::paths::{private_dir, state_dir, write_private};
+use crate::profile::{Key, Kind, Profile};
+use crate::quote::sh_quote;
+use crate::run::AsUser;
+use crate::scheduler::submit_through;
+use crate::script::job_script;
+use crate::state::from_epoch;
+use crate::{JobEnd, JobSpec, JobState, SchedError};
 
-/// The OAR client commands, by path or name (looked up on PATH).
-#[derive(Debug, Clone)]
-pub struct Commands {
-    pub oarsub: PathBuf,
-    pub oarstat: PathBuf,
-    pub oardel: PathBuf,
-    pub oarwalltime: PathBuf,
-    pub oarresume: PathBuf,
-    /// How long one command may take before it counts as failed.
-    pub timeout: Duration,
+/// The profile keys only OAR knows: `properties`, an SQL expression
+/// selecting resources (`-p`), and more `oarsub` arguments.
+const KEYS: &[Key] = &[
+    Key::new("properties", Kind::Line),
+    Key::new("oarsub", Kind::Args),
+];
+
+pub(crate) struct Oar {
+    cmds: Commands,
 }
 
-impl Default for Commands {
-    fn default() -> Self {
-        Commands {
-            oarsub: "oarsub".into(),
-            oarstat: "oarstat".into(),
-            oardel: "oardel".into(),
-            oarwalltime: "oarwalltime".into(),
-            oarresume: "oarresume".into(),
-            timeout: Duration::from_secs(30),
-        }
-    }
-}
-
-fn no_env() -> &'static BTreeMap<String, String> {
-    static E: OnceLock<BTreeMap<String, String>> = OnceLock::new();
-    E.get_or_init(Default::default)
+pub(crate) fn make(cmds: Commands) -> Arc<dyn Batch> {
+    Arc::new(Oar { cmds })
 }
 
 /// OAR's walltime, `H:MM:SS`, from seconds.
-pub fn walltime(secs: u64) -> String {
+fn walltime(secs: u64) -> String {
     format!("{}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
 }
 
 /// The `-l` resource request of a profile: `nodes=N/core=C,walltime=…`
 /// (None when the profile asks for nothing, leaving OAR's default).
-pub fn resources(p: &Profile) -> Option<String> {
+fn resources(p: &Profile) -> Option<String> {
     let cores = match (p.ntasks, p.cpus_per_task) {
         (None, None) => None,
         (t, c) => Some(t.unwrap_or(1) * c.unwrap_or(1)),
@@ -99,42 +88,6 @@ pub fn resources(p: &Profile) -> Option<String> {
     (!l.is_empty()).then_some(l)
 }
 
-/// A job array's task ids and how many may run at once.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ArrayTasks {
-    pub ids: Vec<usize>,
-    pub max_parallel: usize,
-}
-
-impl ArrayTasks {
-    /// From Slurm's `--array` syntax, which `JobSpec::array` uses for every
-    /// backend: `0-5%2`, `1,4%3`, `7` (no `%K`: all at once).
-    pub fn parse(spec: &str) -> Result<ArrayTasks, String> {
-        let bad = || format!("job array {spec:?}: expected task ids like 0-5%2 or 1,4,7");
-        let (list, k) = match spec.split_once('%') {
-            Some((l, k)) => (l, Some(k.parse::<usize>().map_err(|_| bad())?)),
-            None => (spec, None),
-        };
-        let mut ids = Vec::new();
-        for part in list.split(',') {
-            let num = |v: &str| v.trim().parse::<usize>().map_err(|_| bad());
-            match part.split_once('-') {
-                Some((a, b)) if num(a)? <= num(b)? => ids.extend(num(a)?..=num(b)?),
-                Some(_) => return Err(bad()),
-                None => ids.push(num(part)?),
-            }
-        }
-        let max_parallel = k.unwrap_or(ids.len()).max(1);
-        Ok(ArrayTasks { ids, max_parallel })
-    }
-
-    /// Fewer may run at once than there are tasks: submitted held,
-    /// released by [`OarBackend::poll_array`].
-    pub fn held(&self) -> bool {
-        self.max_parallel < self.ids.len()
-    }
-}
-
 /// The `--array-param-file` beside a job script: one task id per line.
 fn tasks_file(script: &Path) -> PathBuf {
     script.with_extension("tasks")
@@ -142,54 +95,42 @@ fn tasks_file(script: &Path) -> PathBuf {
 
 /// The oarsub arguments for `spec`, `exec SCRIPT` last. They hold no
 /// secret (every user sees them in `oarstat`).
-pub fn oarsub_args(
-    spec: &JobSpec,
-    log_dir: &Path,
-    script: &Path,
-    array: Option<&ArrayTasks>,
-) -> Vec<String> {
+fn oarsub_args(spec: &JobSpec, script: &Path) -> Vec<String> {
     let p = &spec.profile;
     let mut a: Vec<String> = vec!["-n".into(), spec.name.clone()];
-    let log = log_dir.join(format!("{}-%jobid%.log", spec.name));
+    let log = spec.logs().join(format!("{}-%jobid%.log", spec.name));
     for f in ["-O", "-E"] {
         a.push(f.into());
         a.push(log.display().to_string());
     }
-    if let Some(l) = resources(p) {
-        a.push("-l".into());
-        a.push(l);
-    }
-    if let Some(q) = p.queue.as_ref().or(p.partition.as_ref()) {
-        a.push("-q".into());
-        a.push(q.clone());
-    }
-    if let Some(pr) = p.project.as_ref().or(p.account.as_ref()) {
-        a.push("--project".into());
-        a.push(pr.clone());
-    }
-    if let Some(props) = &p.properties {
-        a.push("-p".into());
-        a.push(props.clone());
-    }
-    if let Some(cwd) = &spec.cwd {
-        a.push("-d".into());
-        a.push(cwd.display().to_string());
-    }
+    let mut opt = |k: &str, v: Option<&String>| {
+        if let Some(v) = v {
+            a.extend([k.to_string(), v.clone()]);
+        }
+    };
+    opt("-l", resources(p).as_ref());
+    opt("-q", p.partition.as_ref());
+    opt("--project", p.account.as_ref());
+    opt("-p", p.get("properties").map(str::to_string).as_ref());
+    opt(
+        "-d",
+        spec.cwd.as_ref().map(|d| d.display().to_string()).as_ref(),
+    );
     // SIGUSR1 (10 on Linux) N seconds before the walltime
     a.extend([
         "--checkpoint".into(),
-        warning_secs(p).to_string(),
+        p.warning_secs().to_string(),
         "--signal".into(),
         "10".into(),
     ]);
-    if let Some(t) = array {
+    if let Some(t) = &spec.array {
         a.push("--array-param-file".into());
         a.push(tasks_file(script).display().to_string());
-        if t.held() {
+        if t.limited() {
             a.push("--hold".into());
         }
     }
-    a.extend(p.oarsub.iter().cloned());
+    a.extend(p.items("oarsub").iter().cloned());
     // OAR runs the command with the user's login shell (`$SHELL -c CMD`) and
     // sends the checkpoint signal to that shell's pid. dash does not exec a
     // lone command: it would be dash that gets SIGUSR1, and dies of it,
@@ -198,43 +139,21 @@ pub fn oarsub_args(
     a
 }
 
-/// The job script for `spec`: sources and deletes the 0600 environment file
-/// (which holds the secrets), then the profile's environment and prologue,
-/// then `exec noyau agent`; it deletes both files and itself. Holds no
-/// secret. A job array's tasks all read the file, so there the submitter
-/// deletes it once the array is over ([`OarArray::remove_files`]), and each
-/// task's id (its line of the tasks file, the script's argument) is
+/// The script's head: sources the 0600 environment file (which holds the
+/// secrets) and deletes it and the script. A job array's tasks all read
+/// the file, so there the submitter deletes it once the array is over, and
+/// each task's id (its line of the tasks file, the script's argument) is
 /// exported as `NOYAU_ARRAY_TASK_ID`.
-pub fn job_script(spec: &JobSpec, env_file: &Path) -> String {
-    let p = &spec.profile;
+fn head(spec: &JobSpec, env_file: &Path) -> String {
     let f = sh_quote(&env_file.display().to_string());
-    let mut s = String::from("#!/bin/sh\n");
-    s.push_str(
+    let mut s = String::from(
         "# the job's environment (secrets included) is in a 0600 file: OAR does not pass it\n",
     );
     if spec.array.is_some() {
-        s.push_str(&format!(". {f}\nexport NOYAU_ARRAY_TASK_ID=\"$1\"\n"));
+        s.push_str(&format!(". {f}\nexport {}=\"$1\"\n", crate::ARRAY_TASK_VAR));
     } else {
         s.push_str(&format!(". {f} && rm -f {f} \"$0\"\n"));
     }
-    if !p.env.is_empty() {
-        s.push_str("\n# environment of the profile\n");
-        for (k, v) in &p.env {
-            s.push_str(&format!("export {k}={}\n", sh_quote(v)));
-        }
-    }
-    if let Some(pro) = &p.prologue {
-        s.push_str("\n# prologue of the profile\n");
-        s.push_str(pro.trim_end());
-        s.push('\n');
-    }
-    s.push_str("\nexec ");
-    s.push_str(&sh_quote(&spec.program.display().to_string()));
-    for a in &spec.args {
-        s.push(' ');
-        s.push_str(&sh_quote(a));
-    }
-    s.push('\n');
     s
 }
 
@@ -246,7 +165,7 @@ fn env_text(env: &BTreeMap<String, String>) -> String {
 }
 
 /// The job ids `oarsub` printed (`OAR_JOB_ID=N`, one per array task).
-pub fn parse_oarsub(out: &str) -> Vec<String> {
+fn parse_oarsub(out: &str) -> Vec<String> {
     out.lines()
         .filter_map(|l| l.trim().strip_prefix("OAR_JOB_ID="))
         .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
@@ -256,85 +175,73 @@ pub fn parse_oarsub(out: &str) -> Vec<String> {
 
 /// One job as `oarstat -J -f` describes it (the fields noyau reads).
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
-pub struct OarJob {
+struct OarJob {
     #[serde(rename = "Job_Id")]
-    pub id: u64,
+    id: u64,
     #[serde(default)]
-    pub name: Option<String>,
-    pub state: String,
+    name: Option<String>,
+    state: String,
     #[serde(default)]
-    pub message: Option<String>,
+    message: Option<String>,
     #[serde(default)]
-    pub queue: Option<String>,
+    queue: Option<String>,
     /// The wait status of the job's command (`exit_code` = status << 8).
     #[serde(default)]
-    pub exit_code: Option<i64>,
+    exit_code: Option<i64>,
     #[serde(default, rename = "scheduledStart")]
-    pub scheduled_start: Option<i64>,
+    scheduled_start: Option<i64>,
     #[serde(default, rename = "startTime")]
-    pub start_time: Option<i64>,
+    start_time: Option<i64>,
     /// Seconds.
     #[serde(default)]
-    pub walltime: Option<i64>,
+    walltime: Option<i64>,
     #[serde(default)]
-    pub assigned_network_address: Vec<String>,
+    assigned_network_address: Vec<String>,
     #[serde(default)]
-    pub array_id: Option<u64>,
-    /// The task's line in the array's tasks file, from 1.
-    #[serde(default)]
-    pub array_index: Option<u64>,
-    #[serde(default)]
-    pub events: Vec<OarEvent>,
+    events: Vec<OarEvent>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
-pub struct OarEvent {
+struct OarEvent {
     #[serde(rename = "type")]
-    pub kind: String,
+    kind: String,
     #[serde(default)]
-    pub description: String,
+    description: String,
 }
 
 /// `oarstat -J` output: an object keyed by job id (an empty answer, which
 /// oarstat gives when it lists no job, is no job).
-pub fn parse_oarstat(out: &str) -> Result<Vec<OarJob>, String> {
+fn parse_oarstat(out: &str) -> Result<Vec<OarJob>, SchedError> {
     if out.trim().is_empty() {
         return Ok(Vec::new());
     }
     let map: HashMap<String, OarJob> =
-        serde_json::from_str(out).map_err(|e| format!("oarstat's JSON is not understood: {e}"))?;
+        serde_json::from_str(out).map_err(|e| SchedError::Answer {
+            what: "oarstat",
+            why: format!("its JSON is not understood: {e}"),
+        })?;
     let mut jobs: Vec<OarJob> = map.into_values().collect();
     jobs.sort_by_key(|j| j.id);
     Ok(jobs)
 }
 
-fn local_time(epoch: i64) -> Option<String> {
-    let t = libc::time_t::try_from(epoch).ok()?;
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    // SAFETY: localtime_r only writes the tm we own.
-    if unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
-        return None;
-    }
-    Some(format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
-        tm.tm_year + 1900,
-        tm.tm_mon + 1,
-        tm.tm_mday,
-        tm.tm_hour,
-        tm.tm_min,
-        tm.tm_sec
-    ))
+/// When a running job ends: its start plus its walltime (an epoch against
+/// this host's clock, the one place a clock counts).
+fn ends_at(j: &OarJob) -> Option<std::time::SystemTime> {
+    let start = j.start_time.filter(|s| *s > 0)?;
+    let walltime = j.walltime.filter(|w| *w > 0)?;
+    from_epoch(start + walltime)
 }
 
 /// What an OAR job state means for us.
-pub fn state_of(j: &OarJob) -> JobState {
+fn state_of(j: &OarJob) -> JobState {
     match j.state.as_str() {
         "Waiting" | "Hold" | "toLaunch" | "toAckReservation" | "Launching" => JobState::Pending {
             reason: match j.message.as_deref().map(str::trim) {
                 Some(m) if !m.is_empty() => format!("{} ({m})", j.state),
                 _ => j.state.clone(),
             },
-            start: j.scheduled_start.filter(|s| *s > 0).and_then(local_time),
+            start: j.scheduled_start.filter(|s| *s > 0).and_then(from_epoch),
             partition: j.queue.clone(),
         },
         "Running" | "Finishing" | "Suspended" | "Resuming" | "toError" => JobState::Running {
@@ -343,13 +250,14 @@ pub fn state_of(j: &OarJob) -> JobState {
                 .first()
                 .cloned()
                 .unwrap_or_default(),
+            ends_at: ends_at(j),
         },
         _ => JobState::Ended(end_of(j)),
     }
 }
 
 /// How a Terminated or Error job ended, from its exit code and events.
-pub fn end_of(j: &OarJob) -> JobEnd {
+fn end_of(j: &OarJob) -> JobEnd {
     let event = |k: &str| j.events.iter().any(|e| e.kind == k);
     if event("FRAG_JOB_REQUEST") || event("USER_DELETION") {
         return JobEnd {
@@ -396,232 +304,85 @@ pub fn end_of(j: &OarJob) -> JobEnd {
     }
 }
 
-/// The watcher's poll interval: `NOYAU_OAR_POLL` seconds, default 2.
-pub fn default_interval() -> Duration {
-    crate::watcher::interval_from_env("NOYAU_OAR_POLL")
+/// Free and total cores from `oarnodes -J`: a resource is free when it is
+/// Alive, not drained and runs no job. OAR's queues share the resources,
+/// so there is one line for all of them.
+fn parse_oarnodes(out: &str) -> Result<Vec<PartitionLoad>, SchedError> {
+    let resources: HashMap<String, serde_json::Value> =
+        serde_json::from_str(out).map_err(|e| SchedError::Answer {
+            what: "oarnodes",
+            why: format!("its JSON is not understood: {e}"),
+        })?;
+    let free = resources
+        .values()
+        .filter(|r| {
+            let busy = match &r["jobs"] {
+                serde_json::Value::Null => false,
+                serde_json::Value::String(s) => !s.trim().is_empty(),
+                serde_json::Value::Array(a) => !a.is_empty(),
+                _ => true,
+            };
+            r["state"] == "Alive" && r["drain"] != "YES" && !busy
+        })
+        .count();
+    Ok(vec![PartitionLoad {
+        partition: "all queues".into(),
+        idle_cores: free as u64,
+        total_cores: resources.len() as u64,
+        ..Default::default()
+    }])
 }
 
-/// Follows every tracked OAR job with one `oarstat` call per interval.
-pub type Watcher = crate::watcher::Watcher<Commands>;
-
-impl Watcher {
-    /// The process's watcher.
-    pub fn global() -> Self {
-        static W: OnceLock<Watcher> = OnceLock::new();
-        W.get_or_init(|| Watcher::new(Commands::default(), default_interval()))
-            .clone()
-    }
-}
-
-impl crate::watcher::Listing for Commands {
-    /// `oarstat -J -f -j ID…` for the tracked jobs.
-    async fn list(&self, ids: &[String]) -> Result<HashMap<String, JobState>, String> {
-        let mut args: Vec<&str> = vec!["-J", "-f"];
-        for id in ids {
-            args.extend(["-j", id.as_str()]);
-        }
-        let out = run(&self.oarstat, &args, self.timeout, None, no_env()).await?;
-        Ok(parse_oarstat(&out)?
-            .iter()
-            .map(|j| (j.id.to_string(), state_of(j)))
-            .collect())
-    }
-
-    /// Asked for but not listed: OAR's database no longer has them.
-    async fn gone(&self, ids: &[String]) -> HashMap<String, JobEnd> {
-        ids.iter()
-            .map(|id| {
-                let end = JobEnd {
-                    description: "is no longer known to OAR".into(),
-                    success: false,
-                };
-                (id.clone(), end)
-            })
-            .collect()
-    }
-}
-
-/// Submits agents as OAR batch jobs.
-#[derive(Debug, Clone)]
-pub struct OarBackend {
-    pub watcher: Watcher,
-}
-
-/// A job array [`OarBackend::submit_array`] submitted.
-#[derive(Debug)]
-pub struct OarArray {
-    /// OAR's array id (`oarstat --array`, `oardel --array`).
-    pub id: String,
-    pub tasks: ArrayTasks,
-    /// Held tasks `oarresume` was asked to release.
-    released: std::collections::HashSet<u64>,
-    /// The environment file, script and tasks file the tasks read.
-    files: Vec<PathBuf>,
-}
-
-impl OarArray {
-    /// Once no task will start any more.
-    pub fn remove_files(&self) {
-        for f in &self.files {
-            let _ = std::fs::remove_file(f);
-        }
-    }
-}
-
-#[derive(Debug)]
-pub(crate) struct OarHandle {
-    id: String,
-    /// The job's environment file and script: the job deletes them when it
-    /// starts; a job cancelled before it does leaves them to its canceller.
-    files: Vec<PathBuf>,
-}
+/// `--tasks` inside an OAR job: task i on the core of line i of
+/// `$OAR_NODEFILE` (tasks fill a node before the next), through `oarsh`,
+/// which puts it in the job's cpuset on that node. oarsh is ssh: it carries
+/// neither the environment nor the working directory, so a small launcher
+/// reads them (and the command) as JSON on its stdin, keeping the
+/// environment's secrets off every command line.
+const TASKS_PYTHON: &str = r#"
+if os.environ.get("OAR_NODEFILE") and shutil.which("oarsh"):
+    with open(os.environ["OAR_NODEFILE"]) as f:
+        slots = [l.strip() for l in f if l.strip()]
+    if slots:
+        def spawn(i, task_env):
+            host = slots[i % len(slots)]
+            launcher = "import json, os, sys; d = json.load(sys.stdin); os.chdir(d['cwd']); os.execve(d['argv'][0], d['argv'], d['env'])"
+            p = subprocess.Popen(["oarsh", host, shlex.join([sys.executable, "-c", launcher])],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            try:
+                p.stdin.write(json.dumps({"cwd": os.getcwd(), "argv": argv, "env": task_env}))
+                p.stdin.close()
+            except BrokenPipeError:
+                pass  # oarsh failed first: its exit status and message say why
+            return p, f" on {host}"
+"#;
 
 /// Where job scripts and environment files go: `STATE/oar`, 0700.
 fn job_dir() -> PathBuf {
     state_dir().join("oar")
 }
 
-fn private_dir(dir: &Path) -> Result<(), SchedError> {
-    std::fs::create_dir_all(dir)
-        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
-        .map_err(|e| SchedError::Submit(format!("cannot make {}: {e}", dir.display())))
+/// This user's name (oarstat lists a user's jobs by name).
+fn user_name() -> Result<String, SchedError> {
+    std::env::var("USER")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .or_else(|| {
+            nix::unistd::User::from_uid(nix::unistd::getuid())
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+        })
+        .ok_or_else(|| SchedError::Invalid("cannot tell this user's name".into()))
 }
 
-fn write_private(path: &Path, text: &str, mode: u32) -> Result<(), SchedError> {
-    use std::io::Write;
-    let _ = std::fs::remove_file(path);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .and_then(|mut f| f.write_all(text.as_bytes()))
-        .map_err(|e| SchedError::Submit(format!("cannot write {}: {e}", path.display())))
-}
-
-impl OarBackend {
-    pub fn global() -> Self {
-        OarBackend {
-            watcher: Watcher::global(),
-        }
-    }
-
-    pub fn with_watcher(watcher: Watcher) -> Self {
-        OarBackend { watcher }
-    }
-
-    fn cmds(&self) -> &Commands {
-        self.watcher.commands()
-    }
-
-    /// Checks the profile for OAR: no Slurm-only key, one-line values.
-    pub fn validate(&self, profile: &Profile) -> Result<(), SchedError> {
-        profile.check_for("oar").map_err(SchedError::Invalid)?;
-        if let Some(p) = &profile.properties {
-            if p.trim().is_empty() || p.contains('\n') {
-                return Err(SchedError::Invalid(format!(
-                    "properties: {p:?} must be one SQL expression on one line (e.g. \"cluster='dahu'\")"
-                )));
-            }
-        }
-        if profile.oarsub.iter().any(|a| a.contains('\n')) {
-            return Err(SchedError::Invalid(
-                "oarsub: one argument per item, without newlines".into(),
-            ));
-        }
-        Ok(())
-    }
-
-    /// What `submit` would run, for `--dry-run`.
-    pub fn dry_run(&self, spec: &JobSpec) -> Result<String, SchedError> {
-        self.validate(&spec.profile)?;
+impl Oar {
+    /// Writes the 0600 environment file, the script (and the tasks file of
+    /// an array), runs oarsub; the ids OAR gave (one per array task) and
+    /// the files written.
+    async fn oarsub(&self, spec: &JobSpec) -> Result<(Vec<String>, Vec<PathBuf>), SchedError> {
         let dir = job_dir();
-        let script = dir.join(format!("{}.sh", spec.name));
-        let array = self.array_tasks(spec)?;
-        let args: Vec<String> = oarsub_args(spec, &log_dir(), &script, array.as_ref())
-            .iter()
-            .map(|a| sh_quote(a))
-            .collect();
-        Ok(format!(
-            "# oarsub {}\n{}",
-            args.join(" "),
-            job_script(spec, &dir.join(format!("{}.env", spec.name)))
-        ))
-    }
-
-    pub(crate) async fn submit(&self, spec: JobSpec) -> Result<Job, SchedError> {
-        let (mut ids, files) = self.oarsub(&spec, None).await?;
-        let id = ids.remove(0);
-        let queue = spec
-            .profile
-            .queue
-            .clone()
-            .or_else(|| spec.profile.partition.clone());
-        let state = self.watcher.track(&id, queue);
-        Ok(Job {
-            id: id.clone(),
-            backend: "oar",
-            state,
-            handle: JobHandle::Oar(OarHandle { id, files }),
-        })
-    }
-
-    /// Follows a job submitted by another process.
-    pub(crate) fn adopt(&self, id: &str) -> Job {
-        let state = self.watcher.track(id, None);
-        Job {
-            id: id.to_string(),
-            backend: "oar",
-            state,
-            handle: JobHandle::Oar(OarHandle {
-                id: id.to_string(),
-                files: Vec::new(),
-            }),
-        }
-    }
-
-    /// Submits a job nobody in this process follows; returns its id.
-    pub async fn submit_detached(&self, spec: &JobSpec) -> Result<String, SchedError> {
-        // (the script deletes its files itself)
-        Ok(self.oarsub(spec, None).await?.0.remove(0))
-    }
-
-    fn array_tasks(&self, spec: &JobSpec) -> Result<Option<ArrayTasks>, SchedError> {
-        spec.array
-            .as_deref()
-            .map(ArrayTasks::parse)
-            .transpose()
-            .map_err(SchedError::Invalid)
-    }
-
-    /// Submits `spec.array`'s tasks as one OAR job array (one sub-job per
-    /// task, each with `NOYAU_ARRAY_TASK_ID` set); held when fewer than all
-    /// may run at once, see [`OarBackend::poll_array`].
-    pub async fn submit_array(&self, spec: &JobSpec) -> Result<OarArray, SchedError> {
-        let Some(tasks) = self.array_tasks(spec)? else {
-            return Err(SchedError::Invalid("no job array given".into()));
-        };
-        let (ids, files) = self.oarsub(spec, Some(&tasks)).await?;
-        Ok(OarArray {
-            // OAR's array id is its first sub-job's id
-            id: ids[0].clone(),
-            tasks,
-            released: Default::default(),
-            files,
-        })
-    }
-
-    /// Writes the 0600 environment file and the script, runs oarsub; the
-    /// ids OAR gave (one per array task) and the files written.
-    async fn oarsub(
-        &self,
-        spec: &JobSpec,
-        array: Option<&ArrayTasks>,
-    ) -> Result<(Vec<String>, Vec<PathBuf>), SchedError> {
-        self.validate(&spec.profile)?;
-        let logs = log_dir();
-        let dir = job_dir();
-        private_dir(&logs)?;
+        private_dir(&spec.logs())?;
         private_dir(&dir)?;
         // a unique stem per submission: two proxies may submit the same name
         let stem = format!(
@@ -644,22 +405,27 @@ impl OarBackend {
             .filter(|(k, _)| k.starts_with("NOYAU_"))
             .collect();
         env.extend(spec.env.clone());
-        write_private(&env_file, &env_text(&env), 0o600)?;
-        write_private(&script, &job_script(spec, &env_file), 0o700)?;
-        if let Some(t) = array {
-            let lines: String = t.ids.iter().map(|i| format!("{i}\n")).collect();
-            files.push(tasks_file(&script));
-            write_private(&tasks_file(&script), &lines, 0o600)?;
+        let written = (|| {
+            write_private(&env_file, &env_text(&env), 0o600)?;
+            write_private(&script, &job_script(&head(spec, &env_file), spec), 0o700)?;
+            if let Some(t) = &spec.array {
+                let lines: String = t.ids.iter().map(|i| format!("{i}\n")).collect();
+                files.push(tasks_file(&script));
+                write_private(&tasks_file(&script), &lines, 0o600)?;
+            }
+            Ok::<_, SchedError>(())
+        })();
+        if let Err(e) = written {
+            remove(&files);
+            return Err(e);
         }
-        let args = oarsub_args(spec, &logs, &script, array);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         // oarsub takes its default directory from $PWD, not from getcwd:
         // give it the real one (a parent may have changed directory since).
-        let cwd: BTreeMap<String, String> = std::env::current_dir()
-            .map(|d| [("PWD".to_string(), d.display().to_string())].into())
-            .unwrap_or_default();
-        let out = run(&self.cmds().oarsub, &args, self.cmds().timeout, None, &cwd).await;
-        let ids = match out {
+        let mut cmd = self.cmds.cmd("oarsub").args(oarsub_args(spec, &script));
+        if let Ok(d) = std::env::current_dir() {
+            cmd = cmd.env("PWD", d.display().to_string());
+        }
+        let ids = match cmd.output().await {
             Ok(o) => parse_oarsub(&o),
             Err(e) => {
                 remove(&files);
@@ -668,164 +434,229 @@ impl OarBackend {
         };
         if ids.is_empty() {
             remove(&files);
-            return Err(SchedError::Submit(
-                "oarsub printed no OAR_JOB_ID line".into(),
-            ));
+            return Err(SchedError::NoJobId {
+                command: "oarsub",
+                output: "no OAR_JOB_ID line".into(),
+            });
         }
-        tracing::info!(job = %ids[0], log = %logs.join(format!("{}-{}.log", spec.name, ids[0])).display(), "submitted to OAR");
         Ok((ids, files))
     }
+}
 
-    /// The jobs of an array, as oarstat lists them (one call).
-    pub async fn array_jobs(&self, array_id: &str) -> Result<Vec<OarJob>, String> {
-        let out = run(
-            &self.cmds().oarstat,
-            &["-J", "-f", "--array", array_id],
-            self.cmds().timeout,
-            None,
-            no_env(),
-        )
-        .await?;
-        parse_oarstat(&out)
+#[async_trait]
+impl Batch for Oar {
+    fn name(&self) -> &'static str {
+        "oar"
     }
 
-    /// One `oarstat` call for the array's tasks; while fewer than K of them
-    /// are queued or running, resumes held ones (`oarresume`, in task
-    /// order). The tasks as oarstat lists them.
-    pub async fn poll_array(&self, a: &mut OarArray) -> Result<Vec<OarJob>, String> {
-        let jobs = self.array_jobs(&a.id).await?;
-        let held = |j: &OarJob| j.state == "Hold" && !a.released.contains(&j.id);
-        let active = jobs
+    fn display(&self) -> &'static str {
+        "OAR"
+    }
+
+    fn queue_word(&self) -> &'static str {
+        "Queue"
+    }
+
+    fn commands(&self) -> &'static [&'static str] {
+        &[
+            "oarsub",
+            "oarstat",
+            "oardel",
+            "oarwalltime",
+            "oarresume",
+            "oarnodes",
+        ]
+    }
+
+    fn job_in_env(&self) -> Option<String> {
+        std::env::var("OAR_JOB_ID").ok().filter(|v| !v.is_empty())
+    }
+
+    fn tasks_python(&self) -> &'static str {
+        TASKS_PYTHON
+    }
+
+    fn keys(&self) -> &'static [Key] {
+        KEYS
+    }
+
+    fn foreign_hint(&self) -> &'static str {
+        "OAR allocates whole resources (memory comes with the cores): select \
+         nodes with `properties` (e.g. properties = \"gpu_count > 0\") and pass other \
+         oarsub options in `oarsub`"
+    }
+
+    async fn dry_run(&self, spec: &JobSpec) -> Result<String, SchedError> {
+        let dir = job_dir();
+        let script = dir.join(format!("{}.sh", spec.name));
+        let args: Vec<String> = oarsub_args(spec, &script)
             .iter()
-            .filter(|j| !held(j) && !matches!(state_of(j), JobState::Ended(_)))
-            .count();
-        let mut waiting: Vec<&OarJob> = jobs.iter().filter(|j| held(j)).collect();
-        waiting.sort_by_key(|j| (j.array_index, j.id));
-        let release: Vec<String> = waiting
-            .iter()
-            .take(a.tasks.max_parallel.saturating_sub(active))
-            .map(|j| j.id.to_string())
+            .map(|a| sh_quote(a))
             .collect();
-        if !release.is_empty() {
-            let args: Vec<&str> = release.iter().map(String::as_str).collect();
-            run(
-                &self.cmds().oarresume,
-                &args,
-                self.cmds().timeout,
-                None,
-                no_env(),
-            )
+        let env_file = dir.join(format!("{}.env", spec.name));
+        Ok(format!(
+            "# oarsub {}\n{}",
+            args.join(" "),
+            job_script(&head(spec, &env_file), spec)
+        ))
+    }
+
+    async fn submit(&self, spec: &JobSpec, u: Option<&AsUser>) -> Result<Submission, SchedError> {
+        if let Some(u) = u {
+            // The environment file must be the user's: the whole
+            // submission runs as the user.
+            if spec.array.is_some() {
+                return Err(SchedError::Invalid(
+                    "job arrays are not submitted as another user".into(),
+                ));
+            }
+            let id = submit_through(u, self.name(), spec).await?;
+            return Ok(Submission {
+                id,
+                ..Default::default()
+            });
+        }
+        let (ids, files) = self.oarsub(spec).await?;
+        Ok(match &spec.array {
+            // (the script deletes its files itself)
+            None => Submission {
+                id: ids[0].clone(),
+                files,
+                ..Default::default()
+            },
+            // OAR's array id is its first sub-job's id
+            Some(t) => Submission {
+                id: ids[0].clone(),
+                held: t.limited(),
+                note: if t.limited() {
+                    format!(
+                        "--array-param-file, held and released {} at a time",
+                        t.max_parallel
+                    )
+                } else {
+                    "--array-param-file".into()
+                },
+                tasks: ids,
+                files,
+            },
+        })
+    }
+
+    async fn cancel(&self, ids: &[String], u: Option<&AsUser>) -> Result<(), SchedError> {
+        self.cmds
+            .cmd("oardel")
+            .args(ids.iter().cloned())
+            .run_as(u, self.config_vars())
+            .output()
             .await?;
-            // oarresume only asks: the next oarstat may still say Hold
-            a.released
-                .extend(release.iter().filter_map(|id| id.parse::<u64>().ok()));
-        }
-        Ok(jobs)
-    }
-
-    /// Deletes every task of an array, held ones included.
-    pub async fn oardel_array(&self, array_id: &str) -> Result<(), String> {
-        run(
-            &self.cmds().oardel,
-            &["--array", array_id],
-            self.cmds().timeout,
-            None,
-            no_env(),
-        )
-        .await?;
         Ok(())
     }
 
-    pub(crate) async fn cancel(&self, h: &OarHandle) {
-        if let Err(e) = self.oardel(&h.id).await {
-            tracing::warn!("{e}");
-        }
-        for f in &h.files {
-            let _ = std::fs::remove_file(f);
-        }
-    }
-
-    pub async fn oardel(&self, id: &str) -> Result<(), String> {
-        run(
-            &self.cmds().oardel,
-            &[id],
-            self.cmds().timeout,
-            None,
-            no_env(),
-        )
-        .await?;
+    /// `oarresume` only asks: the next oarstat may still say Hold.
+    async fn release(&self, ids: &[String]) -> Result<(), SchedError> {
+        self.cmds
+            .cmd("oarresume")
+            .args(ids.iter().cloned())
+            .output()
+            .await?;
         Ok(())
     }
 
-    /// Asks OAR for `secs` more seconds of walltime for job `id`
-    /// (`oarwalltime ID +H:MM:SS`); OAR's answer, or why it refused.
-    pub async fn extend(&self, id: &str, secs: u64) -> Result<String, String> {
-        let more = format!("+{}", walltime(secs));
-        let out = run(
-            &self.cmds().oarwalltime,
-            &[id, &more],
-            self.cmds().timeout,
-            None,
-            no_env(),
-        )
-        .await;
-        match out {
-            Ok(o) if o.contains("Accepted") || o.contains("accepted") => Ok(o.trim().to_string()),
-            Ok(o) | Err(o) if o.contains("not enabled") || o.contains("disabled") => Err(format!(
-                "this OAR site does not allow walltime changes (WALLTIME_CHANGE_ENABLED): {}",
-                o.trim()
-            )),
-            Ok(o) | Err(o) => Err(format!("oarwalltime refused: {}", o.trim())),
+    /// `oarstat -J -f -j ID…` for the tracked jobs; without ids, this
+    /// user's jobs (`-u`), or every current job.
+    async fn list(&self, scope: Scope, ids: Option<&[String]>) -> Result<Vec<JobInfo>, SchedError> {
+        let mut args: Vec<String> = vec!["-J".into(), "-f".into()];
+        match (ids, scope) {
+            (Some(ids), _) => {
+                for id in ids {
+                    args.extend(["-j".into(), id.clone()]);
+                }
+            }
+            (None, Scope::Mine) => args.extend(["-u".into(), user_name()?]),
+            (None, Scope::All) => {}
         }
-    }
-
-    /// This user's noyau jobs still queued or running (names `noyau-…`).
-    pub async fn list_mine(&self) -> Result<Vec<OarJob>, String> {
-        let user = std::env::var("USER")
-            .ok()
-            .filter(|u| !u.is_empty())
-            .or_else(|| {
-                // SAFETY: getpwuid returns a pointer into static storage or null.
-                let pw = unsafe { libc::getpwuid(libc::getuid()) };
-                (!pw.is_null()).then(|| {
-                    unsafe { std::ffi::CStr::from_ptr((*pw).pw_name) }
-                        .to_string_lossy()
-                        .into_owned()
-                })
-            })
-            .ok_or("cannot tell this user's name")?;
-        let out = run(
-            &self.cmds().oarstat,
-            &["-J", "-f", "-u", &user],
-            self.cmds().timeout,
-            None,
-            no_env(),
-        )
-        .await?;
+        let out = self.cmds.cmd("oarstat").args(args).output().await?;
         Ok(parse_oarstat(&out)?
             .into_iter()
-            .filter(|j| j.name.as_deref().is_some_and(|n| n.starts_with("noyau-")))
+            .map(|j| JobInfo {
+                id: j.id.to_string(),
+                state: state_of(&j),
+                name: j.name.unwrap_or_default(),
+                word: j.state,
+            })
             .collect())
+    }
+
+    /// Asked for but not listed: OAR's database no longer has them.
+    async fn gone(&self, ids: &[String]) -> HashMap<String, JobEnd> {
+        ids.iter()
+            .map(|id| {
+                let end = JobEnd {
+                    description: "is no longer known to OAR".into(),
+                    success: false,
+                };
+                (id.clone(), end)
+            })
+            .collect()
+    }
+
+    /// `oarwalltime ID +H:MM:SS`: OAR's answer, or why it refused.
+    async fn extend(&self, id: &str, secs: u64, u: Option<&AsUser>) -> Result<String, SchedError> {
+        let out = self
+            .cmds
+            .cmd("oarwalltime")
+            .args([id.to_string(), format!("+{}", walltime(secs))])
+            .run_as(u, self.config_vars())
+            .output()
+            .await;
+        let said = match &out {
+            Ok(o) => o.clone(),
+            Err(e) => e.said().unwrap_or_else(|| e.to_string()),
+        };
+        if out.is_ok() && said.to_ascii_lowercase().contains("accepted") {
+            return Ok(said.trim().to_string());
+        }
+        Err(SchedError::Unsupported(
+            if said.contains("not enabled") || said.contains("disabled") {
+                format!(
+                    "this OAR site does not allow walltime changes (WALLTIME_CHANGE_ENABLED): {}",
+                    said.trim()
+                )
+            } else {
+                format!("oarwalltime refused: {}", said.trim())
+            },
+        ))
+    }
+
+    async fn partitions(&self) -> Result<Vec<PartitionLoad>, SchedError> {
+        let out = self.cmds.cmd("oarnodes").arg("-J").output().await?;
+        parse_oarnodes(&out)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ArrayTasks;
 
     fn spec() -> JobSpec {
         let mut env = BTreeMap::new();
         env.insert("NOYAU_LINK_TOKEN".into(), "s3cret-token".into());
         let mut profile = Profile {
-            queue: Some("default".into()),
-            project: Some("proj".into()),
-            properties: Some("host='node1'".into()),
             time: Some("1:30:00".into()),
             cpus_per_task: Some(4),
-            oarsub: vec!["-t".into(), "besteffort".into()],
             prologue: Some("module load python".into()),
             ..Default::default()
         };
+        for o in [
+            "queue=default",
+            "project=proj",
+            "properties=host='node1'",
+            "oarsub=-t",
+            "oarsub=besteffort",
+        ] {
+            profile.apply_override(o).unwrap();
+        }
         profile.env.insert("OMP_NUM_THREADS".into(), "4".into());
         JobSpec {
             name: "noyau-kernel-python3".into(),
@@ -834,14 +665,15 @@ mod tests {
             env,
             cwd: Some("/home/u/nb".into()),
             profile,
-            array: None,
+            log_dir: Some("/l".into()),
+            ..Default::default()
         }
     }
 
     #[test]
     fn arguments_and_script_hold_the_profile_and_no_secret() {
         let s = spec();
-        let a = oarsub_args(&s, Path::new("/l"), Path::new("/j/x.sh"), None);
+        let a = oarsub_args(&s, Path::new("/j/x.sh"));
         let joined = a.join(" ");
         for want in [
             "-n noyau-kernel-python3",
@@ -856,7 +688,7 @@ mod tests {
         ] {
             assert!(joined.contains(want), "missing {want:?} in {joined}");
         }
-        let script = job_script(&s, Path::new("/j/x.env"));
+        let script = job_script(&head(&s, Path::new("/j/x.env")), &s);
         assert!(
             script.contains(". /j/x.env && rm -f /j/x.env \"$0\"\n"),
             "{script}"
@@ -889,7 +721,7 @@ mod tests {
             profile: p,
             ..spec()
         };
-        let a = oarsub_args(&s, Path::new("/l"), Path::new("/j/x.sh"), None).join(" ");
+        let a = oarsub_args(&s, Path::new("/j/x.sh")).join(" ");
         assert!(a.contains("-q batch") && a.contains("--project acc"), "{a}");
         assert_eq!(resources(&Profile::default()), None);
     }
@@ -938,7 +770,8 @@ mod tests {
         assert_eq!(
             state_of(&j[1]),
             JobState::Running {
-                node: "node3".into()
+                node: "node3".into(),
+                ends_at: None,
             }
         );
         let end = |i: usize| match state_of(&j[i]) {
@@ -951,32 +784,57 @@ mod tests {
         assert_eq!(end(5), ("was killed by signal 9".into(), false));
         assert!(end(6).0.contains("walltime"));
         assert_eq!(parse_oarstat("").unwrap(), vec![]);
-        assert!(parse_oarstat("<html>").unwrap_err().contains("JSON"));
+        assert!(parse_oarstat("<html>")
+            .unwrap_err()
+            .to_string()
+            .contains("JSON"));
+    }
+
+    #[test]
+    fn a_running_job_ends_at_its_start_plus_its_walltime() {
+        let j = |start, walltime| OarJob {
+            state: "Running".into(),
+            start_time: start,
+            walltime,
+            ..Default::default()
+        };
+        let at = |s: i64| from_epoch(s);
+        assert_eq!(ends_at(&j(Some(1000), Some(60))), at(1060));
+        assert_eq!(ends_at(&j(Some(0), Some(60))), None);
+        assert_eq!(ends_at(&j(Some(1000), None)), None);
+        assert!(
+            matches!(state_of(&j(Some(1000), Some(60))), JobState::Running { ends_at: e, .. } if e == at(1060))
+        );
     }
 
     #[test]
     fn arrays_as_a_tasks_file_held_when_throttled() {
-        let t = ArrayTasks::parse("0-3,7%2").unwrap();
-        assert_eq!(t.ids, [0, 1, 2, 3, 7]);
-        assert_eq!(t.max_parallel, 2);
-        assert!(t.held());
-        let all = ArrayTasks::parse("2,5").unwrap();
-        assert_eq!((all.max_parallel, all.held()), (2, false));
-        for bad in ["", "a-3", "3-1", "1,%2", "1%x"] {
-            assert!(ArrayTasks::parse(bad).is_err(), "{bad:?}");
-        }
+        let t = ArrayTasks {
+            ids: vec![0, 1, 2, 3, 7],
+            max_parallel: 2,
+        };
+        assert!(t.limited());
+        let all = ArrayTasks {
+            ids: vec![2, 5],
+            max_parallel: 2,
+        };
+        assert!(!all.limited());
         let s = JobSpec {
-            array: Some("0-3,7%2".into()),
+            array: Some(t),
             ..spec()
         };
-        let a = oarsub_args(&s, Path::new("/l"), Path::new("/j/x.sh"), Some(&t)).join(" ");
+        let a = oarsub_args(&s, Path::new("/j/x.sh")).join(" ");
         assert!(a.contains("--array-param-file /j/x.tasks --hold"), "{a}");
-        let script = job_script(&s, Path::new("/j/x.env"));
+        let script = job_script(&head(&s, Path::new("/j/x.env")), &s);
         assert!(
             script.contains(". /j/x.env\nexport NOYAU_ARRAY_TASK_ID=\"$1\"\n"),
             "{script}"
         );
-        let a = oarsub_args(&s, Path::new("/l"), Path::new("/j/x.sh"), Some(&all)).join(" ");
+        let s = JobSpec {
+            array: Some(all),
+            ..spec()
+        };
+        let a = oarsub_args(&s, Path::new("/j/x.sh")).join(" ");
         assert!(a.contains("--array-param-file /j/x.tasks") && !a.contains("--hold"));
     }
 
@@ -984,5 +842,19 @@ mod tests {
     fn walltimes() {
         assert_eq!(walltime(59), "0:00:59");
         assert_eq!(walltime(3600 * 50 + 61), "50:01:01");
+    }
+
+    #[test]
+    fn free_cores_from_oarnodes() {
+        let out = r#"{
+            "1": {"state": "Alive", "drain": "NO", "jobs": "91"},
+            "2": {"state": "Alive", "drain": "NO"},
+            "3": {"state": "Alive", "drain": "YES"},
+            "4": {"state": "Absent", "drain": "NO"},
+            "5": {"state": "Alive", "drain": "NO", "jobs": null}
+        }"#;
+        let v = parse_oarnodes(out).unwrap();
+        assert_eq!((v[0].idle_cores, v[0].total_cores), (2, 5));
+        assert!(parse_oarnodes("DB connection error").is_err());
     }
 }

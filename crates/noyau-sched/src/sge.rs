@@ -111,7 +111,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use noyau_config::Profile;
+use crate::profile::Profile;
 
 /// What Grid Engine's answers or a request to it could not be made of.
 #[derive(Debug, thiserror::Error)]
@@ -223,14 +223,14 @@ fn slots(p: &Profile) -> u32 {
 fn resources(p: &Profile, site: &Site) -> Result<Vec<String>, SgeError> {
     let mut l = Vec::new();
     if let Some(t) = &p.time {
-        let secs = noyau_config::parse_time(t).map_err(SgeError::Profile)?;
+        let secs = crate::profile::parse_time(t).map_err(|e| SgeError::Profile(e.message))?;
         // 0 is "UNLIMITED": no h_rt
         if secs > 0 {
             l.push(format!("h_rt={secs}"));
         }
     }
-    if let Some(m) = &p.mem {
-        let mb = noyau_config::parse_size(m).map_err(SgeError::Profile)?;
+    if let Some(m) = p.get("mem") {
+        let mb = crate::profile::parse_size(m).map_err(|e| SgeError::Profile(e.message))?;
         let per_slot = mb.div_ceil(u64::from(slots(p)));
         l.push(format!("{}={per_slot}M", site.mem_resource));
     }
@@ -257,10 +257,10 @@ pub fn qsub_args(sub: &Submission, site: &Site) -> Result<Vec<String>, SgeError>
         Some(d) => a.extend(["-wd".into(), d.display().to_string()]),
         None => a.push("-cwd".into()),
     }
-    if let Some(q) = p.queue.as_ref().or(p.partition.as_ref()) {
+    if let Some(q) = &p.partition {
         a.extend(["-q".into(), q.clone()]);
     }
-    if let Some(pr) = p.project.as_ref().or(p.account.as_ref()) {
+    if let Some(pr) = &p.account {
         a.extend(["-P".into(), pr.clone()]);
     }
     if slots(p) > 1 {
@@ -898,7 +898,7 @@ mod tests {
             time: Some("1:30:00".into()),
             ntasks: Some(2),
             cpus_per_task: Some(2),
-            mem: Some("4G".into()),
+            scheduler_keys: [("mem".to_string(), crate::profile::Value::One("4G".into()))].into(),
             ..Default::default()
         }
     }
@@ -934,8 +934,8 @@ mod tests {
 
         // OAR's names, one core, no limits, qsub's own directory
         let p = Profile {
-            queue: Some("all.q".into()),
-            project: Some("p2".into()),
+            partition: Some("all.q".into()),
+            account: Some("p2".into()),
             time: Some("UNLIMITED".into()),
             ..Default::default()
         };

@@ -1,179 +1,92 @@
-//! The Slurm backend: the agent runs as a batch job.
+//! Slurm: the agent runs as a batch job.
 //!
-//! * **Submission.** [`job_script`] writes the script (`#SBATCH` lines from
-//!   the profile, a job name that says what runs, the profile's environment
-//!   and prologue, then `exec noyau agent`); `sbatch --parsable` reads it on
-//!   stdin. The link's address, pin and token are set only in the
-//!   environment of the `sbatch` child, which Slurm exports to the job by
-//!   default: never in argv, in the script or in the job name, which other
-//!   users can read.
-//! * **One watcher.** Every job a process tracks is followed by one
-//!   [`Watcher`]: one `squeue --me --states=all` call per interval (2 s by
-//!   default, ±20 % jitter, `NOYAU_SLURM_POLL`) whatever the number of jobs.
-//!   A job that has left the listing is looked up with `sacct`; on a
-//!   cluster without accounting its end is reported as such, and the caller
-//!   learns how it ended from the agent's last word on the link. A failing
-//!   or timed-out `squeue` makes every job [`JobState::Unknown`], never
-//!   ended: a controller restart must not kill a kernel.
+//! * **Submission.** The job script (`script.rs`) gets `#SBATCH` lines from
+//!   the profile (a job name that says what runs, the log, the walltime
+//!   signal); `sbatch --parsable` reads it on stdin. The link's address, pin
+//!   and token are set only in the environment of the `sbatch` child, which
+//!   Slurm exports to the job by default: never in argv, in the script or in
+//!   the job name, which other users can read. Jobs are `--no-requeue`.
+//! * **Listing.** One `squeue [--me] --states=all -r` call lists every job
+//!   (array tasks one per line, `ID_TASK`); ended jobs stay listed a while
+//!   with their state (CANCELLED, TIMEOUT, NODE_FAIL…). A job that left it is
+//!   looked up with `sacct`; on a cluster without accounting its end is
+//!   reported as such, and the caller learns how it ended from the agent's
+//!   last word on the link. The time left (`%L`) becomes the job's end time.
 //! * **Cancel** is `scancel`: Slurm sends SIGTERM to the agent, which stops
-//!   its kernel.
-//!
+//!   its kernel. **Arrays** are `--array=IDS%K`: Slurm limits them itself.
 //! * **Walltime.** The script asks for `--signal=B:USR1@N` (the profile's
 //!   `walltime_signal`, else a tenth of `time`, 30 s to 10 min); the agent,
 //!   which `exec` makes the batch shell, turns it into a walltime event.
+//!   Only administrators may extend a job's time limit.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::OnceLock;
-use std::time::Duration;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
 
-use noyau_config::Profile;
-use tokio::io::AsyncWriteExt;
-use tokio::process::Command;
+use async_trait::async_trait;
 
-use crate::{Job, JobEnd, JobHandle, JobSpec, JobState, SchedError};
+use crate::batch::{Batch, Commands, JobInfo, PartitionLoad, Scope, Submission};
+use crate::paths::private_dir;
+use crate::profile::{Key, Kind, Profile};
+use crate::run::{AsUser, Cmd};
+use crate::script::job_script;
+use crate::state::{parse_duration, parse_local_time};
+use crate::{ArrayTasks, JobEnd, JobSpec, JobState, SchedError};
 
-/// The Slurm client commands, by path or name (looked up on PATH).
-#[derive(Debug, Clone)]
-pub struct Commands {
-    pub sbatch: PathBuf,
-    pub squeue: PathBuf,
-    pub scancel: PathBuf,
-    pub sacct: PathBuf,
-    pub sinfo: PathBuf,
-    /// How long one command may take before it counts as failed.
-    pub timeout: Duration,
+/// The squeue format every listing reads (name last: it may hold `|`).
+const SQUEUE_FORMAT: &str = "%i|%T|%r|%N|%S|%P|%L|%j";
+
+/// One line per node and partition: `sinfo -N` (a partition's nodes are
+/// summed here; without `-N`, sinfo merges nodes and their gres).
+const SINFO_FORMAT: &str = "Partition:|,CPUsState:|,Gres:|,GresUsed:|,StateCompact:|";
+
+/// The profile keys only Slurm knows (`#SBATCH --KEY=VALUE`; `sbatch`:
+/// more `#SBATCH` lines).
+const KEYS: &[Key] = &[
+    Key::new("mem", Kind::Size),
+    Key::new("gpus", Kind::Word),
+    Key::new("gres", Kind::Word),
+    Key::new("qos", Kind::Word),
+    Key::new("reservation", Kind::Word),
+    Key::new("constraint", Kind::Word),
+    Key::new("sbatch", Kind::Options),
+];
+
+pub(crate) struct Slurm {
+    cmds: Commands,
 }
 
-impl Default for Commands {
-    fn default() -> Self {
-        Commands {
-            sbatch: "sbatch".into(),
-            squeue: "squeue".into(),
-            scancel: "scancel".into(),
-            sacct: "sacct".into(),
-            sinfo: "sinfo".into(),
-            timeout: Duration::from_secs(30),
+pub(crate) fn make(cmds: Commands) -> Arc<dyn Batch> {
+    Arc::new(Slurm { cmds })
+}
+
+/// `--array`'s value: `0-5%2`, `1,4%3`.
+fn array_arg(t: &ArrayTasks) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < t.ids.len() {
+        let start = t.ids[i];
+        while i + 1 < t.ids.len() && t.ids[i + 1] == t.ids[i] + 1 {
+            i += 1;
         }
-    }
-}
-
-/// Runs a scheduler command; its stdout, or an error naming the command.
-pub(crate) async fn run(
-    program: &Path,
-    args: &[&str],
-    timeout: Duration,
-    stdin: Option<&str>,
-    env: &std::collections::BTreeMap<String, String>,
-) -> Result<String, String> {
-    let shown = format!("{} {}", program.display(), args.join(" "));
-    let mut cmd = Command::new(program);
-    cmd.args(args)
-        .envs(env)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
+        parts.push(if t.ids[i] == start {
+            start.to_string()
         } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    output_of(cmd, &shown, timeout, stdin).await
-}
-
-/// Runs a prepared command (stdio piped, killed on drop), feeding it `stdin`:
-/// its stdout, or an error naming it as `shown`. Shared by the schedulers
-/// and the hub.
-pub async fn output_of(
-    mut cmd: Command,
-    shown: &str,
-    timeout: Duration,
-    stdin: Option<&str>,
-) -> Result<String, String> {
-    let fut = async {
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot run `{shown}`: {e}"))?;
-        if let (Some(text), Some(mut w)) = (stdin, child.stdin.take()) {
-            w.write_all(text.as_bytes())
-                .await
-                .map_err(|e| format!("`{shown}`: writing its input: {e}"))?;
-        }
-        let out = child
-            .wait_with_output()
-            .await
-            .map_err(|e| format!("`{shown}`: {e}"))?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(format!(
-                "`{shown}` failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
-    };
-    match tokio::time::timeout(timeout, fut).await {
-        Ok(r) => r,
-        Err(_) => Err(format!("`{shown}` did not answer within {timeout:?}")),
+            format!("{start}-{}", t.ids[i])
+        });
+        i += 1;
     }
+    format!("{}%{}", parts.join(","), t.max_parallel)
 }
 
-fn no_env() -> &'static std::collections::BTreeMap<String, String> {
-    static E: OnceLock<std::collections::BTreeMap<String, String>> = OnceLock::new();
-    E.get_or_init(Default::default)
-}
-
-/// Quotes a word for sh.
-pub fn sh_quote(s: &str) -> String {
-    if !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,@%+".contains(&b))
-    {
-        s.to_string()
-    } else {
-        format!("'{}'", s.replace('\'', r"'\''"))
-    }
-}
-
-/// Where job logs go: `$XDG_STATE_HOME/noyau/jobs` (default
-/// `~/.local/state/noyau/jobs`), which a cluster's compute nodes see when
-/// home directories are shared.
-pub fn log_dir() -> PathBuf {
-    state_dir().join("jobs")
-}
-
-/// noyau's state directory: `$XDG_STATE_HOME/noyau` (default
-/// `~/.local/state/noyau`): job logs, detached runs' progress, Dask clusters.
-pub fn state_dir() -> PathBuf {
-    std::env::var_os("XDG_STATE_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
-        .unwrap_or_else(std::env::temp_dir)
-        .join("noyau")
-}
-
-/// Seconds before the walltime at which the job gets SIGUSR1.
-pub(crate) fn warning_secs(profile: &Profile) -> u64 {
-    if let Some(s) = profile.walltime_signal {
-        return s.into();
-    }
-    match profile.time_secs() {
-        Some(t) if t > 0 => (t / 10).clamp(30, 600),
-        _ => 600,
-    }
-}
-
-/// The batch script for `spec` (holds no secret: secrets are in `spec.env`,
-/// which goes to sbatch's environment, not here).
-pub fn job_script(spec: &JobSpec, log_dir: &Path) -> String {
+/// The `#SBATCH` lines for `spec` (the exported array task id after them).
+fn directives(spec: &JobSpec, log_dir: &Path) -> String {
     let p = &spec.profile;
     // A kernel's state lives in memory and its link token works once: a job
     // requeued after a node failure or a preemption could not resume, only
     // hold an allocation. It ends instead, and the user is told why.
-    let mut s = String::from("#!/bin/sh\n#SBATCH --no-requeue\n");
+    let mut s = String::from("#SBATCH --no-requeue\n");
     let mut opt = |k: &str, v: &str| s.push_str(&format!("#SBATCH --{k}={v}\n"));
     opt("job-name", &spec.name);
     let log = if spec.array.is_some() {
@@ -183,27 +96,24 @@ pub fn job_script(spec: &JobSpec, log_dir: &Path) -> String {
     };
     opt("output", &log_dir.join(log).display().to_string());
     if let Some(a) = &spec.array {
-        opt("array", a);
+        opt("array", &array_arg(a));
     }
-    opt("signal", &format!("B:USR1@{}", warning_secs(p)));
+    opt("signal", &format!("B:USR1@{}", p.warning_secs()));
     if let Some(cwd) = &spec.cwd {
         opt("chdir", &cwd.display().to_string());
     }
-    // OAR's names, where the Slurm ones are unset: one profile for both
-    let strs = [
-        ("partition", p.partition.as_ref().or(p.queue.as_ref())),
-        ("time", p.time.as_ref()),
-        ("mem", p.mem.as_ref()),
-        ("gpus", p.gpus.as_ref()),
-        ("gres", p.gres.as_ref()),
-        ("account", p.account.as_ref().or(p.project.as_ref())),
-        ("qos", p.qos.as_ref()),
-        ("reservation", p.reservation.as_ref()),
-        ("constraint", p.constraint.as_ref()),
-    ];
-    for (k, v) in strs {
+    for (k, v) in [
+        ("partition", p.partition.as_deref()),
+        ("time", p.time.as_deref()),
+        ("account", p.account.as_deref()),
+    ] {
         if let Some(v) = v {
             opt(k, v);
+        }
+    }
+    for k in KEYS.iter().filter(|k| k.kind != Kind::Options) {
+        if let Some(v) = p.get(k.name) {
+            opt(k.name, v);
         }
     }
     for (k, v) in [
@@ -215,47 +125,32 @@ pub fn job_script(spec: &JobSpec, log_dir: &Path) -> String {
             opt(k, &v.to_string());
         }
     }
-    for line in &p.sbatch {
+    for line in p.items("sbatch") {
         s.push_str(&format!("#SBATCH {}\n", line.trim()));
     }
-    if !p.env.is_empty() {
-        s.push_str("\n# environment of the profile\n");
-        for (k, v) in &p.env {
-            s.push_str(&format!("export {k}={}\n", sh_quote(v)));
-        }
+    if spec.array.is_some() {
+        s.push_str(&format!(
+            "export {}=\"$SLURM_ARRAY_TASK_ID\"\n",
+            crate::ARRAY_TASK_VAR
+        ));
     }
-    if let Some(pro) = &p.prologue {
-        s.push_str("\n# prologue of the profile\n");
-        s.push_str(pro.trim_end());
-        s.push('\n');
-    }
-    s.push_str("\n# the link's address, pin and token are in the job's environment\nexec ");
-    s.push_str(&sh_quote(&spec.program.display().to_string()));
-    for a in &spec.args {
-        s.push(' ');
-        s.push_str(&sh_quote(a));
-    }
-    s.push('\n');
     s
 }
 
-/// One line of the watcher's squeue listing.
+/// One line of a squeue listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QueueLine {
-    pub id: String,
-    pub state: String,
-    pub reason: String,
-    pub node: String,
-    pub start: String,
-    pub partition: String,
-    pub time_left: String,
-    pub name: String,
+struct QueueLine {
+    id: String,
+    state: String,
+    reason: String,
+    node: String,
+    start: String,
+    partition: String,
+    time_left: String,
+    name: String,
 }
 
-/// The squeue format the watcher and `noyau ps` read (name last: it may hold `|`).
-pub const SQUEUE_FORMAT: &str = "%i|%T|%r|%N|%S|%P|%L|%j";
-
-pub fn parse_squeue(out: &str) -> Vec<QueueLine> {
+fn parse_squeue(out: &str) -> Vec<QueueLine> {
     out.lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.trim().splitn(8, '|').collect();
@@ -276,52 +171,25 @@ pub fn parse_squeue(out: &str) -> Vec<QueueLine> {
         .collect()
 }
 
-/// Parses Slurm's time left (`%L`): `SS`, `MM:SS`, `H:MM:SS`, `D-HH:MM:SS`,
-/// `D-HH`, `D-HH:MM`. None for `UNLIMITED`, `NOT_SET`, `INVALID` and garbage
-/// (numbers too big for seconds included).
-pub fn parse_time_left(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let (days, rest) = match s.split_once('-') {
-        Some((d, r)) => (d.parse::<u64>().ok()?, r),
-        None => (0, s),
-    };
-    let parts: Vec<u64> = rest
-        .split(':')
-        .map(|p| p.parse::<u64>().ok())
-        .collect::<Option<_>>()?;
-    let hms = |h: u64, m: u64, ss: u64| {
-        h.checked_mul(3600)?
-            .checked_add(m.checked_mul(60)?)?
-            .checked_add(ss)
-    };
-    let secs = match (s.contains('-'), parts.as_slice()) {
-        (false, [ss]) => *ss,
-        (false, [m, ss]) => hms(0, *m, *ss)?,
-        (_, [h, m, ss]) => hms(*h, *m, *ss)?,
-        (true, [h]) => hms(*h, 0, 0)?,
-        (true, [h, m]) => hms(*h, *m, 0)?,
-        _ => return None,
-    };
-    days.checked_mul(86400)?.checked_add(secs)
-}
-
 fn known(v: &str) -> Option<String> {
     let v = v.trim();
     (!v.is_empty() && !matches!(v, "N/A" | "(null)" | "None" | "Unknown")).then(|| v.to_string())
 }
 
-/// What a Slurm job state means for us.
-pub fn state_of(l: &QueueLine) -> JobState {
+/// What a Slurm job state means for us (`now`: when squeue answered, for
+/// the end time of a running job from its time left).
+fn state_of(l: &QueueLine, now: SystemTime) -> JobState {
     match l.state.as_str() {
         "PENDING" | "REQUEUED" | "REQUEUE_HOLD" | "REQUEUE_FED" | "RESV_DEL_HOLD"
         | "CONFIGURING" => JobState::Pending {
             reason: known(&l.reason).unwrap_or_else(|| l.state.to_lowercase()),
-            start: known(&l.start),
+            start: parse_local_time(&l.start),
             partition: known(&l.partition),
         },
         "RUNNING" | "COMPLETING" | "SUSPENDED" | "SIGNALING" | "STAGE_OUT" | "RESIZING"
         | "STOPPED" => JobState::Running {
             node: known(&l.node).unwrap_or_default(),
+            ends_at: parse_duration(&l.time_left).map(|s| now + std::time::Duration::from_secs(s)),
         },
         other => JobState::Ended(end_of(other, None)),
     }
@@ -348,52 +216,319 @@ fn end_of(state: &str, exit: Option<&str>) -> JobEnd {
     }
 }
 
-/// Follows every Slurm job of this process with one squeue call per interval.
-pub type Watcher = crate::watcher::Watcher<Commands>;
-
-/// The watcher's poll interval: `NOYAU_SLURM_POLL` seconds, default 2.
-pub fn default_interval() -> Duration {
-    crate::watcher::interval_from_env("NOYAU_SLURM_POLL")
+/// How jobs ended, from `sacct -n -P -X -o JobID,State,ExitCode` (lines it
+/// cannot read are skipped: they tell nothing about a job).
+fn parse_sacct(out: &str) -> HashMap<String, JobEnd> {
+    let mut ends = HashMap::new();
+    for l in out.lines() {
+        let f: Vec<&str> = l.split('|').collect();
+        if f.len() >= 3 {
+            // "CANCELLED by 0" → CANCELLED
+            let state = f[1].split_whitespace().next().unwrap_or("");
+            ends.insert(f[0].to_string(), end_of(state, Some(f[2])));
+        }
+    }
+    ends
 }
 
-impl Watcher {
-    /// The process's watcher.
-    pub fn global() -> Self {
-        static W: OnceLock<Watcher> = OnceLock::new();
-        W.get_or_init(|| Watcher::new(Commands::default(), default_interval()))
-            .clone()
+/// The job id in `sbatch --parsable`'s output (`ID` or `ID;CLUSTER`).
+fn parse_sbatch(out: &str) -> Result<String, SchedError> {
+    out.trim()
+        .split(';')
+        .next()
+        .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit() || b == b'_'))
+        .map(str::to_string)
+        .ok_or_else(|| SchedError::NoJobId {
+            command: "sbatch",
+            output: out.into(),
+        })
+}
+
+/// Sums `sinfo -N -O SINFO_FORMAT` lines by partition.
+fn parse_sinfo(out: &str) -> Vec<PartitionLoad> {
+    let mut v: Vec<PartitionLoad> = Vec::new();
+    for l in out.lines() {
+        let f: Vec<&str> = l.trim().split('|').map(str::trim).collect();
+        let [p, cpus, gres, used, state, ..] = f[..] else {
+            continue;
+        };
+        // The default partition is marked `debug*`.
+        let p = p.trim_end_matches('*');
+        // CPUsState: allocated/idle/other/total
+        let c: Vec<u64> = cpus.split('/').filter_map(|x| x.parse().ok()).collect();
+        let [_, idle, _, total] = c[..] else { continue };
+        let gpus = gpu_count(gres);
+        // A node down, drained or failing takes no job: its GPUs are not free.
+        let usable = ["idle", "mix", "alloc", "comp"]
+            .iter()
+            .any(|s| state.starts_with(s));
+        let free = if usable {
+            gpus.saturating_sub(gpu_count(used))
+        } else {
+            0
+        };
+        let x = match v.iter_mut().position(|x| x.partition == p) {
+            Some(i) => &mut v[i],
+            None => {
+                v.push(PartitionLoad {
+                    partition: p.into(),
+                    ..Default::default()
+                });
+                v.last_mut().expect("just pushed")
+            }
+        };
+        x.idle_cores += idle;
+        x.total_cores += total;
+        x.total_gpus += gpus;
+        x.free_gpus += free;
+    }
+    v
+}
+
+/// GPUs in a gres list: `gpu:2`, `gpu:a100:4(S:0-1)`, `gpu:1(IDX:0,2),mps:100`.
+fn gpu_count(gres: &str) -> u64 {
+    // Drop the parenthesised details first: they may hold commas.
+    let mut plain = String::with_capacity(gres.len());
+    let mut depth = 0u32;
+    for ch in gres.chars() {
+        match ch {
+            '(' => depth += 1,
+            ')' => depth = depth.saturating_sub(1),
+            _ if depth == 0 => plain.push(ch),
+            _ => {}
+        }
+    }
+    plain
+        .split(',')
+        .filter_map(|item| {
+            let item = item.trim();
+            let (name, _) = item.split_once(':')?;
+            (name == "gpu").then(|| item.rsplit(':').next()?.parse::<u64>().ok())?
+        })
+        .sum()
+}
+
+/// Every parser of this file on `text` (see `crate::fuzzing`).
+#[cfg(feature = "fuzzing")]
+pub(crate) fn fuzz(text: &str) {
+    for line in parse_squeue(text) {
+        let _ = state_of(&line, SystemTime::now());
+    }
+    let _ = parse_sacct(text);
+    let _ = parse_sbatch(text);
+    let _ = parse_sinfo(text);
+    for l in text.lines() {
+        let _ = parse_duration(l);
     }
 }
 
-impl crate::watcher::Listing for Commands {
-    /// All of this user's jobs (`squeue --me --states=all`): one call
-    /// whatever the number of jobs.
-    async fn list(&self, _ids: &[String]) -> Result<HashMap<String, JobState>, String> {
-        let out = run(
-            &self.squeue,
-            &["--me", "--states=all", "-h", "-o", SQUEUE_FORMAT],
-            self.timeout,
-            None,
-            no_env(),
-        )
-        .await?;
+/// `--tasks` inside a Slurm allocation: one `srun`, its lines labelled by
+/// task (see `tasks.rs` for the names this runs among).
+const TASKS_PYTHON: &str = r#"
+if os.environ.get("SLURM_JOB_ID") and shutil.which("srun"):
+    def run_all():
+        code = "import os\nos.environ['NOYAU_TASK_ID'] = os.environ.get('SLURM_PROCID', '0')\n" + body
+        p = subprocess.run(["srun", f"--ntasks={n}", "--label", sys.executable, "-c", code],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in p.stdout.splitlines():
+            tid, sep, text = line.partition(": ")
+            if sep and tid.strip().isdigit() and int(tid) in out:
+                out[int(tid)].append(text)
+            else:
+                out.setdefault("srun", []).append(line)
+        if p.returncode:
+            failed.append(f"srun exited {p.returncode}")
+"#;
+
+impl Slurm {
+    /// The partitions Slurm knows (`sinfo`).
+    async fn partition_names(&self) -> Result<Vec<String>, SchedError> {
+        let out = self
+            .cmds
+            .cmd("sinfo")
+            .args(["-h", "-o", "%R"])
+            .output()
+            .await?;
+        Ok(out
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect())
+    }
+
+    /// Checks what only Slurm knows: that the profile's partition exists.
+    async fn check_partition(&self, profile: &Profile) -> Result<(), SchedError> {
+        let Some(part) = profile.partition.as_ref() else {
+            return Ok(());
+        };
+        match self.partition_names().await {
+            Ok(known) if !known.contains(part) => Err(SchedError::Invalid(format!(
+                "Slurm has no partition {part:?}{}; partitions: {}",
+                crate::profile::suggest(part, known.iter().map(String::as_str)),
+                known.join(", ")
+            ))),
+            Ok(_) => Ok(()),
+            Err(why) => {
+                tracing::warn!("cannot check the partition: {why}");
+                Ok(())
+            }
+        }
+    }
+
+    /// The log directory, made as the job's user: Slurm opens the log
+    /// before the script runs.
+    async fn log_dir_for(&self, spec: &JobSpec, u: Option<&AsUser>) -> Result<(), SchedError> {
+        let dir = spec.logs();
+        match u {
+            None => private_dir(&dir),
+            Some(_) => {
+                Cmd::new(Path::new("mkdir"), self.cmds.timeout)
+                    .args(["-p".to_string(), dir.display().to_string()])
+                    .run_as(u, self.config_vars())
+                    .output()
+                    .await?;
+                Ok(())
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Batch for Slurm {
+    fn name(&self) -> &'static str {
+        "slurm"
+    }
+
+    fn display(&self) -> &'static str {
+        "Slurm"
+    }
+
+    fn queue_word(&self) -> &'static str {
+        "Partition"
+    }
+
+    fn commands(&self) -> &'static [&'static str] {
+        &["sbatch", "squeue", "scancel", "sacct", "sinfo"]
+    }
+
+    fn config_vars(&self) -> &'static [&'static str] {
+        &["SLURM_CONF"]
+    }
+
+    fn job_in_env(&self) -> Option<String> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        match (var("SLURM_ARRAY_JOB_ID"), var("SLURM_ARRAY_TASK_ID")) {
+            (Some(j), Some(t)) => Some(format!("{j}_{t}")),
+            _ => var("SLURM_JOB_ID"),
+        }
+    }
+
+    fn tasks_python(&self) -> &'static str {
+        TASKS_PYTHON
+    }
+
+    fn keys(&self) -> &'static [Key] {
+        KEYS
+    }
+
+    fn foreign_hint(&self) -> &'static str {
+        "on Slurm, select nodes with `constraint` and pass other sbatch options in `sbatch`"
+    }
+
+    async fn dry_run(&self, spec: &JobSpec) -> Result<String, SchedError> {
+        self.check_partition(&spec.profile).await?;
+        Ok(job_script(&directives(spec, &spec.logs()), spec))
+    }
+
+    async fn submit(&self, spec: &JobSpec, u: Option<&AsUser>) -> Result<Submission, SchedError> {
+        self.log_dir_for(spec, u).await?;
+        let script = job_script(&directives(spec, &spec.logs()), spec);
+        // The secrets go in sbatch's own environment, which Slurm exports to the job.
+        let out = self
+            .cmds
+            .cmd("sbatch")
+            .arg("--parsable")
+            .envs(&spec.env)
+            .stdin(script)
+            .run_as(u, self.config_vars())
+            .output()
+            .await;
+        let out = match out {
+            Ok(out) => out,
+            // Only now ask sinfo (a submission pays no extra call): sbatch's
+            // words for a wrong partition name none of the right ones.
+            Err(why) => {
+                self.check_partition(&spec.profile).await?;
+                return Err(SchedError::Submit(why));
+            }
+        };
+        let id = parse_sbatch(&out)?;
+        Ok(match &spec.array {
+            None => Submission {
+                id,
+                ..Default::default()
+            },
+            Some(t) => Submission {
+                tasks: t.ids.iter().map(|i| format!("{id}_{i}")).collect(),
+                note: format!("--array={}", array_arg(t)),
+                id,
+                ..Default::default()
+            },
+        })
+    }
+
+    async fn cancel(&self, ids: &[String], u: Option<&AsUser>) -> Result<(), SchedError> {
+        self.cmds
+            .cmd("scancel")
+            .args(ids.iter().cloned())
+            .run_as(u, self.config_vars())
+            .output()
+            .await?;
+        Ok(())
+    }
+
+    /// Every job of the scope: one call whatever the number of jobs.
+    async fn list(
+        &self,
+        scope: Scope,
+        _ids: Option<&[String]>,
+    ) -> Result<Vec<JobInfo>, SchedError> {
+        let me = (scope == Scope::Mine).then_some("--me");
+        let out = self
+            .cmds
+            .cmd("squeue")
+            .args(me)
+            .args(["--states=all", "-r", "-h", "-o", SQUEUE_FORMAT])
+            .output()
+            .await?;
+        let now = SystemTime::now();
         Ok(parse_squeue(&out)
-            .iter()
-            .map(|l| (l.id.clone(), state_of(l)))
+            .into_iter()
+            .map(|l| JobInfo {
+                state: state_of(&l, now),
+                id: l.id,
+                name: l.name,
+                word: l.state,
+            })
             .collect())
     }
 
     /// Asks sacct how jobs that left the queue ended.
     async fn gone(&self, ids: &[String]) -> HashMap<String, JobEnd> {
-        let list = ids.join(",");
-        let out = run(
-            &self.sacct,
-            &["-n", "-P", "-X", "-j", &list, "-o", "JobID,State,ExitCode"],
-            self.timeout,
-            None,
-            no_env(),
-        )
-        .await;
+        let out = self
+            .cmds
+            .cmd("sacct")
+            .args([
+                "-n",
+                "-P",
+                "-X",
+                "-j",
+                &ids.join(","),
+                "-o",
+                "JobID,State,ExitCode",
+            ])
+            .output()
+            .await;
         let mut ends = out.map(|o| parse_sacct(&o)).unwrap_or_else(|why| {
             tracing::debug!("sacct cannot say how jobs ended: {why}");
             HashMap::new()
@@ -408,227 +543,27 @@ impl crate::watcher::Listing for Commands {
         }
         ends
     }
-}
 
-/// How jobs ended, from `sacct -n -P -X -o JobID,State,ExitCode` (lines it
-/// cannot read are skipped: they tell nothing about a job).
-pub fn parse_sacct(out: &str) -> HashMap<String, JobEnd> {
-    let mut ends = HashMap::new();
-    for l in out.lines() {
-        let f: Vec<&str> = l.split('|').collect();
-        if f.len() >= 3 {
-            // "CANCELLED by 0" → CANCELLED
-            let state = f[1].split_whitespace().next().unwrap_or("");
-            ends.insert(f[0].to_string(), end_of(state, Some(f[2])));
-        }
-    }
-    ends
-}
-
-/// The job id in `sbatch --parsable`'s output (`ID` or `ID;CLUSTER`).
-pub fn parse_sbatch(out: &str) -> Result<String, SchedError> {
-    out.trim()
-        .split(';')
-        .next()
-        .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit() || b == b'_'))
-        .map(str::to_string)
-        .ok_or_else(|| SchedError::Submit(format!("sbatch printed no job id: {out:?}")))
-}
-
-/// Submits agents as Slurm batch jobs.
-#[derive(Debug, Clone)]
-pub struct SlurmBackend {
-    pub watcher: Watcher,
-}
-
-#[derive(Debug)]
-pub(crate) struct SlurmHandle {
-    id: String,
-}
-
-impl SlurmBackend {
-    pub fn global() -> Self {
-        SlurmBackend {
-            watcher: Watcher::global(),
-        }
+    async fn extend(
+        &self,
+        id: &str,
+        _secs: u64,
+        _u: Option<&AsUser>,
+    ) -> Result<String, SchedError> {
+        Err(SchedError::Unsupported(format!(
+            "Slurm lets only its administrators extend a job's time limit \
+             (scontrol update JobId={id} TimeLimit=…): ask yours, or resubmit with a longer `time`"
+        )))
     }
 
-    pub fn with_watcher(watcher: Watcher) -> Self {
-        SlurmBackend { watcher }
-    }
-
-    fn cmds(&self) -> &Commands {
-        self.watcher.commands()
-    }
-
-    /// The partitions Slurm knows (`sinfo`).
-    pub async fn partitions(&self) -> Result<Vec<String>, String> {
-        let out = run(
-            &self.cmds().sinfo,
-            &["-h", "-o", "%R"],
-            self.cmds().timeout,
-            None,
-            no_env(),
-        )
-        .await?;
-        Ok(out
-            .lines()
-            .map(|l| l.trim().to_string())
-            .filter(|l| !l.is_empty())
-            .collect())
-    }
-
-    /// Checks what only Slurm knows: that the profile's partition exists.
-    pub async fn validate(&self, profile: &Profile) -> Result<(), SchedError> {
-        profile.check_for("slurm").map_err(SchedError::Invalid)?;
-        let Some(part) = profile.partition.as_ref().or(profile.queue.as_ref()) else {
-            return Ok(());
-        };
-        match self.partitions().await {
-            Ok(known) if !known.contains(part) => Err(SchedError::Invalid(format!(
-                "Slurm has no partition {part:?}{}; partitions: {}",
-                noyau_config::suggest(part, known.iter().map(String::as_str)),
-                known.join(", ")
-            ))),
-            Ok(_) => Ok(()),
-            Err(why) => {
-                tracing::warn!("cannot check the partition: {why}");
-                Ok(())
-            }
-        }
-    }
-
-    pub(crate) async fn submit(&self, spec: JobSpec) -> Result<Job, SchedError> {
-        let id = self.sbatch(&spec).await?;
-        let state = self.watcher.track(&id, spec.profile.partition.clone());
-        Ok(Job {
-            id: id.clone(),
-            backend: "slurm",
-            state,
-            handle: JobHandle::Slurm(SlurmHandle { id }),
-        })
-    }
-
-    /// Follows a job submitted by another process (a proxy taking over
-    /// from the one that submitted it).
-    pub(crate) fn adopt(&self, id: &str) -> Job {
-        let state = self.watcher.track(id, None);
-        Job {
-            id: id.to_string(),
-            backend: "slurm",
-            state,
-            handle: JobHandle::Slurm(SlurmHandle { id: id.to_string() }),
-        }
-    }
-
-    /// Submits a job array (`spec.array` set) and returns its job id. The
-    /// watcher does not follow it: its tasks are asked with [`Self::array_tasks`].
-    pub async fn submit_array(&self, spec: &JobSpec) -> Result<String, SchedError> {
-        if spec.array.is_none() {
-            return Err(SchedError::Invalid("a job array needs its task ids".into()));
-        }
-        self.sbatch(spec).await
-    }
-
-    /// The tasks of a job array still known to Slurm (one squeue call, one
-    /// line per task); None once Slurm no longer knows the job.
-    pub async fn array_tasks(&self, id: &str) -> Result<Option<Vec<QueueLine>>, String> {
-        let out = run(
-            &self.cmds().squeue,
-            &["-h", "-r", "--states=all", "-j", id, "-o", SQUEUE_FORMAT],
-            self.cmds().timeout,
-            None,
-            no_env(),
-        )
-        .await;
-        match out {
-            Ok(o) => {
-                let lines = parse_squeue(&o);
-                Ok((!lines.is_empty()).then_some(lines))
-            }
-            Err(e) if e.contains("Invalid job id") => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Submits a job nobody in this process follows (a detached run);
-    /// returns its id.
-    pub async fn submit_detached(&self, spec: &JobSpec) -> Result<String, SchedError> {
-        self.sbatch(spec).await
-    }
-
-    async fn sbatch(&self, spec: &JobSpec) -> Result<String, SchedError> {
-        spec.profile
-            .check_for("slurm")
-            .map_err(SchedError::Invalid)?;
-        let dir = log_dir();
-        std::fs::create_dir_all(&dir)
-            .and_then(|()| {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-            })
-            .map_err(|e| {
-                SchedError::Submit(format!(
-                    "cannot make the log directory {}: {e}",
-                    dir.display()
-                ))
-            })?;
-        let script = job_script(spec, &dir);
-        // The secrets go in sbatch's own environment, which Slurm exports to the job.
-        let out = match run(
-            &self.cmds().sbatch,
-            &["--parsable"],
-            self.cmds().timeout,
-            Some(&script),
-            &spec.env,
-        )
-        .await
-        {
-            Ok(out) => out,
-            // Only now ask sinfo (a submission pays no extra call): sbatch's
-            // words for a wrong partition name none of the right ones.
-            Err(why) => {
-                self.validate(&spec.profile).await?;
-                return Err(SchedError::Submit(why));
-            }
-        };
-        let id = parse_sbatch(&out)?;
-        tracing::info!(job = %id, log = %dir.join(format!("{}-{id}.log", spec.name)).display(), "submitted to Slurm");
-        Ok(id)
-    }
-
-    pub(crate) async fn cancel(&self, h: &SlurmHandle) {
-        if let Err(e) = self.scancel(&h.id).await {
-            tracing::warn!("{e}");
-        }
-    }
-
-    pub async fn scancel(&self, id: &str) -> Result<(), String> {
-        run(
-            &self.cmds().scancel,
-            &[id],
-            self.cmds().timeout,
-            None,
-            no_env(),
-        )
-        .await?;
-        Ok(())
-    }
-
-    /// This user's noyau jobs (names starting `noyau-`), as squeue lists them.
-    pub async fn list_mine(&self) -> Result<Vec<QueueLine>, String> {
-        let out = run(
-            &self.cmds().squeue,
-            &["--me", "-h", "-o", SQUEUE_FORMAT],
-            self.cmds().timeout,
-            None,
-            no_env(),
-        )
-        .await?;
-        Ok(parse_squeue(&out)
-            .into_iter()
-            .filter(|l| l.name.starts_with("noyau-"))
-            .collect())
+    async fn partitions(&self) -> Result<Vec<PartitionLoad>, SchedError> {
+        let out = self
+            .cmds
+            .cmd("sinfo")
+            .args(["-h", "-N", "-O", SINFO_FORMAT])
+            .output()
+            .await?;
+        Ok(parse_sinfo(&out))
     }
 }
 
@@ -644,11 +579,12 @@ mod tests {
             partition: Some("debug".into()),
             time: Some("1:00:00".into()),
             cpus_per_task: Some(2),
-            mem: Some("4G".into()),
-            sbatch: vec!["--exclusive".into()],
             prologue: Some("module load python".into()),
             ..Default::default()
         };
+        for o in ["mem=4G", "sbatch=--exclusive"] {
+            profile.apply_override(o).unwrap();
+        }
         profile.env.insert("OMP_NUM_THREADS".into(), "2 x".into());
         JobSpec {
             name: "noyau-kernel-python3".into(),
@@ -657,13 +593,17 @@ mod tests {
             env,
             cwd: Some("/home/u/nb".into()),
             profile,
-            array: None,
+            ..Default::default()
         }
     }
 
     #[test]
     fn script_has_the_profile_and_no_secret() {
-        let s = job_script(&spec(), Path::new("/home/u/.local/state/noyau/jobs"));
+        let spec = spec();
+        let s = job_script(
+            &directives(&spec, Path::new("/home/u/.local/state/noyau/jobs")),
+            &spec,
+        );
         for want in [
             "#!/bin/sh\n",
             "#SBATCH --job-name=noyau-kernel-python3\n",
@@ -696,10 +636,11 @@ mod tests {
                    15|CANCELLED|None|node7|N/A|debug|0:00|noyau-run-b\n\
                    garbage\n";
         let l = parse_squeue(out);
+        let now = SystemTime::now();
         assert_eq!(l.len(), 4);
         assert_eq!(l[1].name, "noyau-kernel-x|y");
         assert_eq!(
-            state_of(&l[0]),
+            state_of(&l[0], now),
             JobState::Pending {
                 reason: "Priority".into(),
                 start: None,
@@ -707,39 +648,22 @@ mod tests {
             }
         );
         assert!(
-            matches!(state_of(&l[1]), JobState::Pending { start: Some(s), .. } if s.starts_with("2026"))
+            matches!(state_of(&l[1], now), JobState::Pending { start: Some(s), .. } if crate::local_time(s).starts_with("2026"))
         );
         assert_eq!(
-            state_of(&l[2]),
+            state_of(&l[2], now),
             JobState::Running {
-                node: "node7".into()
+                node: "node7".into(),
+                ends_at: Some(now + std::time::Duration::from_secs(59 * 60)),
             }
         );
         assert!(
-            matches!(state_of(&l[3]), JobState::Ended(JobEnd { success: false, ref description }) if description == "was cancelled")
+            matches!(state_of(&l[3], now), JobState::Ended(JobEnd { success: false, ref description }) if description == "was cancelled")
         );
         assert_eq!(
             end_of("FAILED", Some("1:0")).description,
             "failed (exit code 1:0)"
         );
-    }
-
-    #[test]
-    fn time_left() {
-        let p = parse_time_left;
-        assert_eq!(p("45"), Some(45));
-        assert_eq!(p("1:05"), Some(65));
-        assert_eq!(p("2:00:01"), Some(7201));
-        assert_eq!(p("1-02:03:04"), Some(93784));
-        assert_eq!(p("1-02"), Some(93600));
-        assert_eq!(p("1-02:03"), Some(93780));
-        assert_eq!(p("UNLIMITED"), None);
-        assert_eq!(p("NOT_SET"), None);
-        assert_eq!(p(""), None);
-        // Numbers too big for seconds: garbage, not an overflow panic.
-        assert_eq!(p("213503982334602-00"), None);
-        assert_eq!(p("999999999999999999:00"), None);
-        assert_eq!(p("1-5124095576030432:00:00"), None);
     }
 
     #[test]
@@ -764,10 +688,37 @@ mod tests {
     }
 
     #[test]
-    fn quoting() {
-        assert_eq!(sh_quote("abc/d-1"), "abc/d-1");
-        assert_eq!(sh_quote("it's"), r"'it'\''s'");
-        assert_eq!(sh_quote(""), "''");
-        assert_eq!(sh_quote("$HOME"), "'$HOME'");
+    fn arrays() {
+        let t = |ids: &[usize], k| ArrayTasks {
+            ids: ids.to_vec(),
+            max_parallel: k,
+        };
+        assert_eq!(array_arg(&t(&[0, 1, 2, 3, 4, 5], 2)), "0-5%2");
+        assert_eq!(array_arg(&t(&[1, 4], 3)), "1,4%3");
+        assert_eq!(array_arg(&t(&[3], 1)), "3%1");
+    }
+
+    #[test]
+    fn gpus_in_gres() {
+        assert_eq!(gpu_count("gpu:2"), 2);
+        assert_eq!(gpu_count("gpu:a100:4(S:0-1)"), 4);
+        assert_eq!(gpu_count("gpu:1(IDX:0,2),mps:100"), 1);
+        assert_eq!(gpu_count("gpu:a100:1(IDX:0),gpu:v100:2(IDX:0-1)"), 3);
+        assert_eq!(gpu_count("(null)"), 0);
+        assert_eq!(gpu_count("gpu"), 0);
+    }
+
+    #[test]
+    fn free_gpus_per_partition() {
+        let out = "debug*|1/3/0/4|gpu:2|gpu:1(IDX:0)|mix|\n\
+                   debug*|0/8/0/8|gpu:4|gpu:0|idle|\n\
+                   debug*|0/0/8/8|gpu:4|gpu:0|drain|\n\
+                   batch|1/3/0/4|(null)|gpu:0|mix|\n";
+        let v = parse_sinfo(out);
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[0].partition, "debug");
+        assert_eq!((v[0].idle_cores, v[0].total_cores), (11, 20));
+        assert_eq!((v[0].free_gpus, v[0].total_gpus), (5, 10));
+        assert_eq!((v[1].free_gpus, v[1].total_gpus), (0, 0));
     }
 }

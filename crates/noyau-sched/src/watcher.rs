@@ -1,88 +1,80 @@
-//! One watcher per process and scheduler: every tracked job's state comes
-//! from one listing call per interval (±20 %, so many processes do not poll
-//! in step), whatever the number of jobs. What differs between schedulers,
-//! the listing and how a job that left it ended, is a [`Listing`].
+//! One watcher per process, scheduler and scope: every tracked job's state
+//! comes from one listing call per interval (±20 %, so many processes do
+//! not poll in step), whatever the number of jobs and of callers. A
+//! failing listing makes every job [`JobState::Unknown`], never ended: a
+//! controller restart must not end a kernel.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
 use tokio::sync::watch;
 
+use crate::batch::{Batch, Scope};
 use crate::{JobEnd, JobState};
-
-/// A scheduler's side of the watcher.
-pub trait Listing: Send + Sync + 'static {
-    /// One call for the jobs `ids`: the state of each job it lists, by id.
-    fn list(
-        &self,
-        ids: &[String],
-    ) -> impl Future<Output = Result<HashMap<String, JobState>, String>> + Send;
-
-    /// How jobs the listing no longer shows ended, for those it can say.
-    fn gone(&self, ids: &[String]) -> impl Future<Output = HashMap<String, JobEnd>> + Send;
-}
 
 struct Tracked {
     tx: watch::Sender<JobState>,
     since: Instant,
 }
 
-struct Inner<L> {
-    listing: L,
+struct Inner {
+    imp: Arc<dyn Batch>,
+    scope: Scope,
     interval: Duration,
     jobs: Mutex<HashMap<String, Tracked>>,
     running: AtomicBool,
+    polls: AtomicU64,
 }
 
-/// Follows every tracked job of one scheduler.
-pub struct Watcher<L>(Arc<Inner<L>>);
+/// Follows every tracked job of one scheduler and scope.
+#[derive(Clone)]
+pub(crate) struct Watcher(Arc<Inner>);
 
-impl<L> Clone for Watcher<L> {
-    fn clone(&self) -> Self {
-        Watcher(self.0.clone())
-    }
-}
-
-impl<L> std::fmt::Debug for Watcher<L> {
+impl std::fmt::Debug for Watcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Watcher")
+            .field("scheduler", &self.0.imp)
+            .field("scope", &self.0.scope)
             .field("interval", &self.0.interval)
             .finish()
     }
 }
 
-/// A poll interval from `var` (seconds), default 2 s.
-pub fn interval_from_env(var: &str) -> Duration {
-    std::env::var(var)
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-        .filter(|v| *v > 0.0)
-        .map(Duration::from_secs_f64)
-        .unwrap_or(Duration::from_secs(2))
-}
-
-impl<L: Listing> Watcher<L> {
-    pub fn new(listing: L, interval: Duration) -> Self {
+impl Watcher {
+    pub(crate) fn new(imp: Arc<dyn Batch>, scope: Scope, interval: Duration) -> Self {
         Watcher(Arc::new(Inner {
-            listing,
+            imp,
+            scope,
             interval,
             jobs: Mutex::new(HashMap::new()),
             running: false.into(),
+            polls: AtomicU64::new(0),
         }))
     }
 
-    /// The scheduler's commands.
-    pub fn commands(&self) -> &L {
-        &self.0.listing
+    pub(crate) fn imp(&self) -> &Arc<dyn Batch> {
+        &self.0.imp
+    }
+
+    pub(crate) fn scope(&self) -> Scope {
+        self.0.scope
+    }
+
+    pub(crate) fn interval(&self) -> Duration {
+        self.0.interval
+    }
+
+    /// Listing calls made so far.
+    pub(crate) fn polls(&self) -> u64 {
+        self.0.polls.load(Ordering::Relaxed)
     }
 
     /// Starts following a job; its state starts as pending. The polling
     /// loop runs on the first runtime that tracks a job.
-    pub fn track(&self, id: &str, partition: Option<String>) -> watch::Receiver<JobState> {
+    pub(crate) fn track(&self, id: &str, partition: Option<String>) -> watch::Receiver<JobState> {
         let (tx, rx) = watch::channel(JobState::Pending {
             reason: "submitted".into(),
             start: None,
@@ -118,12 +110,14 @@ impl<L: Listing> Watcher<L> {
     }
 
     /// One listing call for every tracked job; updates their states.
-    pub async fn poll_once(&self) {
+    pub(crate) async fn poll_once(&self) {
         let asked = Instant::now();
         let ids: Vec<String> = self.0.jobs.lock().unwrap().keys().cloned().collect();
-        let states = match self.0.listing.list(&ids).await {
-            Ok(s) => s,
-            Err(why) => {
+        self.0.polls.fetch_add(1, Ordering::Relaxed);
+        let listed = match self.0.imp.list(self.0.scope, Some(&ids)).await {
+            Ok(l) => l,
+            Err(e) => {
+                let why = e.to_string();
                 tracing::warn!("{why}");
                 for t in self.0.jobs.lock().unwrap().values() {
                     t.tx.send_replace(JobState::Unknown { why: why.clone() });
@@ -131,6 +125,28 @@ impl<L: Listing> Watcher<L> {
                 return;
             }
         };
+        let states: HashMap<String, JobState> =
+            listed.into_iter().map(|j| (j.id, j.state)).collect();
+        let gone = self.update(&states, asked);
+        if gone.is_empty() {
+            return;
+        }
+        let mut ends = self.0.imp.gone(&gone).await;
+        let mut jobs = self.0.jobs.lock().unwrap();
+        for id in gone {
+            if let Some(t) = jobs.remove(&id) {
+                let end = ends.remove(&id).unwrap_or_else(|| JobEnd {
+                    description: "left the scheduler's listing".into(),
+                    success: false,
+                });
+                t.tx.send_replace(JobState::Ended(end));
+            }
+        }
+    }
+
+    /// Sends every listed job its state (ended ones stop being tracked);
+    /// the tracked jobs the listing left out.
+    fn update(&self, states: &HashMap<String, JobState>, asked: Instant) -> Vec<String> {
         let mut gone = Vec::new();
         self.0
             .jobs
@@ -139,7 +155,7 @@ impl<L: Listing> Watcher<L> {
             .retain(|id, t| match states.get(id) {
                 Some(st) => {
                     t.tx.send_if_modified(|cur| {
-                        let changed = cur != st;
+                        let changed = cur.differs(st);
                         if changed {
                             *cur = st.clone();
                         }
@@ -154,19 +170,6 @@ impl<L: Listing> Watcher<L> {
                     true
                 }
             });
-        if gone.is_empty() {
-            return;
-        }
-        let mut ends = self.0.listing.gone(&gone).await;
-        let mut jobs = self.0.jobs.lock().unwrap();
-        for id in gone {
-            if let Some(t) = jobs.remove(&id) {
-                let end = ends.remove(&id).unwrap_or_else(|| JobEnd {
-                    description: "left the scheduler's listing".into(),
-                    success: false,
-                });
-                t.tx.send_replace(JobState::Ended(end));
-            }
-        }
+        gone
     }
 }

@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use noyau_sched::oar::{Commands, Watcher};
-use noyau_sched::JobState;
+use noyau_sched::{JobState, Scheduler};
 
 /// The test user; fails the test when the cluster is not up.
 fn cluster() -> String {
@@ -60,18 +59,18 @@ async fn one_oarstat_call_per_interval_for_ten_jobs() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("calls.log");
     let interval = Duration::from_millis(500);
-    let watcher = Watcher::new(
-        Commands {
-            oarstat: common::logging_wrapper(dir.path(), "oarstat", &log),
-            ..Default::default()
-        },
-        interval,
-    );
+    let wrapper = common::logging_wrapper(dir.path(), "oarstat", &log);
+    let watcher = Scheduler::builder("oar")
+        .unwrap()
+        .command("oarstat", wrapper.to_str().unwrap())
+        .unwrap()
+        .interval(interval)
+        .build();
     // 10 jobs on the cluster's 4 cores: some run, the others wait.
     let ids: Vec<String> = (0..10)
         .map(|i| submit_as(&user, &format!("noyau-test-many-{i}")))
         .collect();
-    let states: Vec<_> = ids.iter().map(|id| watcher.track(id, None)).collect();
+    let states: Vec<_> = ids.iter().map(|id| watcher.adopt(id).state).collect();
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let elapsed = t0.elapsed();

@@ -13,8 +13,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::fcntl::{Flock, FlockArg};
-use noyau_config::Profile;
 use noyau_sched::sge::{self, Array, Ending, QstatJob, SgeState, Site, Submission};
+use noyau_sched::Profile;
 
 /// The cluster's turn; fails the test when the cluster is not up.
 fn cluster() -> Flock<std::fs::File> {
@@ -157,7 +157,7 @@ fn submission<'a>(name: &'a str, profile: &'a Profile, dir: &'a Path) -> Submiss
 
 fn minutes(queue: &str, m: u32) -> Profile {
     Profile {
-        queue: Some(queue.into()),
+        partition: Some(queue.into()),
         time: Some(m.to_string()),
         ..Default::default()
     }
@@ -297,7 +297,7 @@ fn cores_and_memory_reach_the_job() {
     let mut jobs = Jobs(Vec::new());
     let p = Profile {
         cpus_per_task: Some(2),
-        mem: Some("1G".into()),
+        scheduler_keys: [("mem".to_string(), noyau_sched::Value::One("1G".into()))].into(),
         ..minutes("all.q", 5)
     };
     let id = qsub(

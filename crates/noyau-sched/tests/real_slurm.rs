@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use noyau_config::Profile;
-use noyau_sched::slurm::{Commands, SlurmBackend, Watcher};
-use noyau_sched::{Backend, JobSpec, JobState};
+use noyau_sched::{Backend, JobSpec, JobState, Profile, Scheduler};
 
 /// Fails the test when the cluster is not up.
 fn cluster() {
@@ -27,19 +25,20 @@ fn cluster() {
 }
 
 fn sleeper(name: &str, env: BTreeMap<String, String>) -> JobSpec {
+    let mut profile = Profile {
+        partition: Some("debug".into()),
+        time: Some("5".into()),
+        ..Default::default()
+    };
+    profile.apply_override("mem=100M").unwrap();
     JobSpec {
         name: name.into(),
         program: "sleep".into(),
         args: vec!["300".into()],
         env,
         cwd: Some(std::env::temp_dir()),
-        profile: Profile {
-            partition: Some("debug".into()),
-            time: Some("5".into()),
-            mem: Some("100M".into()),
-            ..Default::default()
-        },
-        array: None,
+        profile,
+        ..Default::default()
     }
 }
 
@@ -63,18 +62,44 @@ async fn wait_state(job: &noyau_sched::Job, what: &str, f: impl Fn(&JobState) ->
 #[ignore = "needs the Slurm test cluster (scripts/slurm-up, as root); scripts/test runs it"]
 async fn the_token_never_shows_and_cancel_ends_the_job() {
     cluster();
-    let b = Backend::Slurm(SlurmBackend::with_watcher(Watcher::new(
-        Commands::default(),
-        Duration::from_millis(300),
-    )));
+    let b = Backend::Batch(
+        Scheduler::builder("slurm")
+            .unwrap()
+            .interval(Duration::from_millis(300))
+            .build(),
+    );
     let token = format!("tok{}", std::process::id()) + "Zq81xw";
     let mut env = BTreeMap::new();
     env.insert("NOYAU_LINK_TOKEN".to_string(), token.clone());
     let job = b.submit(sleeper("noyau-test-secret", env)).await.unwrap();
     let st = wait_state(&job, "running", |s| matches!(s, JobState::Running { .. })).await;
     assert!(
-        matches!(st, JobState::Running { ref node } if !node.is_empty()),
+        matches!(st, JobState::Running { ref node, .. } if !node.is_empty()),
         "{st:?}"
+    );
+
+    // Slurm says RUNNING before the batch script has started: wait (with a
+    // deadline) for a process of the job, which has the token in its environment.
+    let has_token = |e: &std::fs::DirEntry| {
+        std::fs::read(e.path().join("environ")).is_ok_and(|env| {
+            String::from_utf8_lossy(&env).contains(&format!("NOYAU_LINK_TOKEN={token}"))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut sleeper_env = false;
+    while !sleeper_env && Instant::now() < deadline {
+        sleeper_env = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .any(|e| has_token(&e));
+        if !sleeper_env {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // the job did get it, through its environment
+    assert!(
+        sleeper_env,
+        "no process of the job has the token in its environment"
     );
 
     let show = std::process::Command::new("scontrol")
@@ -93,16 +118,6 @@ async fn the_token_never_shows_and_cancel_ends_the_job() {
             );
         }
     }
-    // the job did get it, through its environment
-    let sleeper_env = std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
-        std::fs::read(e.path().join("environ")).is_ok_and(|env| {
-            String::from_utf8_lossy(&env).contains(&format!("NOYAU_LINK_TOKEN={token}"))
-        })
-    });
-    assert!(
-        sleeper_env,
-        "no process of the job has the token in its environment"
-    );
 
     b.cancel(&job).await;
     let st = wait_state(&job, "ended", |s| matches!(s, JobState::Ended(_))).await;
@@ -134,14 +149,14 @@ async fn one_squeue_call_per_interval_for_ten_jobs() {
     let log = dir.path().join("calls.log");
     let wrapper = common::logging_wrapper(dir.path(), "squeue", &log);
     let interval = Duration::from_millis(500);
-    let watcher = Watcher::new(
-        Commands {
-            squeue: wrapper,
-            ..Default::default()
-        },
-        interval,
+    let b = Backend::Batch(
+        Scheduler::builder("slurm")
+            .unwrap()
+            .command("squeue", wrapper.to_str().unwrap())
+            .unwrap()
+            .interval(interval)
+            .build(),
     );
-    let b = Backend::Slurm(SlurmBackend::with_watcher(watcher));
     let mut jobs = Vec::new();
     for i in 0..10 {
         jobs.push(

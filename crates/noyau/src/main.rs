@@ -42,15 +42,16 @@ enum Command {
     /// Cancel one of this user's noyau jobs
     Cancel(CancelArgs),
     /// Ask the scheduler for more walltime for one of this user's noyau jobs
-    /// (OAR's oarwalltime, where the site allows it)
+    /// (where the scheduler lets users ask for it)
     Extend(ExtendArgs),
     /// The web portal: JupyterLab in batch jobs for a centre's users
     Hub(HubArgs),
     /// A Dask scheduler or worker of `%noyau dask up` (run by noyau in a job, not by hand)
     #[command(hide = true)]
     DaskJob(DaskJobArgs),
-    /// Submit a hub session's OAR job as this user (run by `noyau hub`
-    /// through `submit_as`, the job as JSON on stdin; not by hand)
+    /// Submit a hub session's job as this user, where the scheduler's
+    /// submission writes the user's files (run by `noyau hub` through
+    /// `submit_as`, the job as JSON on stdin; not by hand)
     #[command(hide = true)]
     HubSubmit,
 }
@@ -240,7 +241,9 @@ fn main() {
         Command::Ps(a) => block_on(jobs::ps(a.backend.as_deref())),
         Command::Cancel(a) => block_on(jobs::cancel(a.backend.as_deref(), &a.id)),
         Command::Extend(a) => block_on(jobs::extend(a.backend.as_deref(), &a.id, &a.duration)),
-        Command::HubSubmit => block_on(noyau_hub::oar::submit_from_stdin()).map(|()| 0),
+        Command::HubSubmit => block_on(noyau_sched::serve_submit_request())
+            .map(|()| 0)
+            .map_err(Into::into),
         Command::DaskJob(a) => noyau_dask::job::run(noyau_dask::job::JobArgs {
             role: a.role,
             dir: a.dir,

@@ -1,0 +1,171 @@
+//! The seam between noyau and a batch scheduler: the [`Batch`] trait, which
+//! each scheduler's file implements (`slurm.rs`, `oar.rs`), and the few
+//! types it speaks in. Everything else (the watcher, arrays paced K at a
+//! time, the handle callers hold, submission as another user) is written
+//! once, over this trait.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::profile::Key;
+use crate::run::{AsUser, Cmd};
+use crate::{JobEnd, JobSpec, JobState, SchedError};
+
+/// Which jobs a listing covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// This user's jobs.
+    Mine,
+    /// Every user's (the hub, as root or a scheduler operator).
+    All,
+}
+
+/// One job as a listing shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobInfo {
+    /// As the scheduler names it; an array task's id names its task (Slurm: `12_3`).
+    pub id: String,
+    pub name: String,
+    pub state: JobState,
+    /// The scheduler's own word for the state (`RUNNING`, `Waiting`…), for people.
+    pub word: String,
+}
+
+/// Free and total cores and GPUs of a partition (or queue).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PartitionLoad {
+    pub partition: String,
+    pub idle_cores: u64,
+    pub total_cores: u64,
+    /// GPUs not held by a job, on nodes that can take jobs.
+    pub free_gpus: u64,
+    pub total_gpus: u64,
+}
+
+/// What a submission gave.
+#[derive(Debug, Default)]
+pub(crate) struct Submission {
+    pub id: String,
+    /// An array's tasks: each one's id as [`Batch::list`] shows it, in
+    /// task order (empty for a single job).
+    pub tasks: Vec<String>,
+    /// The array's tasks were submitted held, for the submitter to
+    /// release K at a time ([`Batch::release`]): the scheduler has no limit
+    /// of its own on how many run at once.
+    pub held: bool,
+    /// Files the submission wrote that the submitter removes once no task
+    /// will start any more (a job deletes its own when it starts).
+    pub files: Vec<PathBuf>,
+    /// How the array was asked for, for people (`--array=0-5%2`).
+    pub note: String,
+}
+
+/// A scheduler's client commands: each by its name, looked up on PATH,
+/// unless a path is given for it.
+#[derive(Debug, Clone)]
+pub struct Commands {
+    paths: BTreeMap<String, PathBuf>,
+    /// How long one command may take before it counts as failed.
+    pub timeout: Duration,
+}
+
+impl Default for Commands {
+    fn default() -> Self {
+        Commands {
+            paths: BTreeMap::new(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Commands {
+    pub(crate) fn set(&mut self, name: &str, path: PathBuf) {
+        self.paths.insert(name.into(), path);
+    }
+
+    /// The command `name`, ready for its arguments.
+    pub(crate) fn cmd(&self, name: &str) -> Cmd {
+        let path = self
+            .paths
+            .get(name)
+            .map_or_else(|| Path::new(name), PathBuf::as_path);
+        Cmd::new(path, self.timeout)
+    }
+}
+
+/// A batch scheduler. One file implements it for one scheduler, and one
+/// line in `lib.rs` registers it; `docs/architecture.md` ("Adding a
+/// scheduler") says what each method must do.
+#[async_trait]
+pub(crate) trait Batch: Send + Sync + 'static {
+    /// Its name in configurations: `slurm`.
+    fn name(&self) -> &'static str;
+    /// Its name for people: `Slurm`.
+    fn display(&self) -> &'static str;
+    /// What it calls the queue a job goes to: `Partition`, `Queue`.
+    fn queue_word(&self) -> &'static str;
+    /// The commands it runs, by name (paths may be given for them).
+    fn commands(&self) -> &'static [&'static str];
+    /// Variables its commands need, kept when they run as another user
+    /// with a clean environment (Slurm: `SLURM_CONF`).
+    fn config_vars(&self) -> &'static [&'static str] {
+        &[]
+    }
+    /// The job this process runs in, from the environment the scheduler
+    /// gives its jobs (an array task's id as [`Batch::list`] shows it).
+    fn job_in_env(&self) -> Option<String>;
+    /// Python lines that start `n` tasks in this scheduler's allocation
+    /// (see `tasks.rs`), or nothing to leave it to local processes.
+    fn tasks_python(&self) -> &'static str;
+    /// The profile keys only this scheduler knows (besides
+    /// [`crate::profile::GENERIC`]), which it translates with the others.
+    fn keys(&self) -> &'static [Key];
+    /// What to write instead of a key it does not know.
+    fn foreign_hint(&self) -> &'static str;
+
+    /// What `submit` would run (script and arguments), for `--dry-run`;
+    /// checks what only the scheduler knows (a partition's name).
+    async fn dry_run(&self, spec: &JobSpec) -> Result<String, SchedError>;
+    /// Submits one job, or an array (`spec.array`), with the secrets of
+    /// `spec.env` kept off every command line; through `as_user`'s prefix
+    /// when given.
+    async fn submit(
+        &self,
+        spec: &JobSpec,
+        as_user: Option<&AsUser>,
+    ) -> Result<Submission, SchedError>;
+    /// Cancels jobs (or array tasks) by id.
+    async fn cancel(&self, ids: &[String], as_user: Option<&AsUser>) -> Result<(), SchedError>;
+    /// Releases held array tasks (see [`Submission::held`]).
+    async fn release(&self, _ids: &[String]) -> Result<(), SchedError> {
+        Err(SchedError::Unsupported(format!(
+            "{} holds no array task for noyau to release",
+            self.display()
+        )))
+    }
+    /// One call: the jobs of `scope`, or only `ids` where the scheduler
+    /// asks by id (the watcher's tracked jobs). Ended jobs the scheduler
+    /// still knows are listed as ended.
+    async fn list(&self, scope: Scope, ids: Option<&[String]>) -> Result<Vec<JobInfo>, SchedError>;
+    /// How jobs that left the listing ended, for those it can say.
+    async fn gone(&self, ids: &[String]) -> HashMap<String, JobEnd>;
+    /// Asks for `secs` more seconds of walltime: the scheduler's answer, or
+    /// [`SchedError::Unsupported`] where users may not.
+    async fn extend(
+        &self,
+        id: &str,
+        secs: u64,
+        as_user: Option<&AsUser>,
+    ) -> Result<String, SchedError>;
+    /// Free and total resources per partition (or one line for all queues).
+    async fn partitions(&self) -> Result<Vec<PartitionLoad>, SchedError>;
+}
+
+impl std::fmt::Debug for dyn Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}

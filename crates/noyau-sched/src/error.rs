@@ -1,0 +1,64 @@
+//! The crate's one error type.
+
+use std::path::PathBuf;
+
+use crate::run::CommandError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchedError {
+    #[error("unknown backend {:?}; available backends: {}", .0, crate::backends().join(", "))]
+    UnknownBackend(String),
+    #[error("invalid resource request: {0}")]
+    Invalid(String),
+    /// A profile key or value (a key another scheduler's, a bad time…).
+    #[error("{0}")]
+    Profile(#[from] crate::ProfileError),
+    #[error("cannot submit the job: {0}")]
+    Submit(CommandError),
+    #[error("cannot submit the job: {command} printed no job id: {output:?}")]
+    NoJobId {
+        command: &'static str,
+        output: String,
+    },
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    #[error("{what}'s answer is not understood: {why}")]
+    Answer { what: &'static str, why: String },
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start the agent `{program}` locally: {source}")]
+    LocalSpawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "the local backend keeps no job list: its agents are child processes of their proxies"
+    )]
+    NotBatch,
+    #[error("no batch scheduler here: {} is on PATH", either(.0))]
+    NoneInstalled(Vec<String>),
+    #[error(
+        "the commands of {} are all on PATH: say --backend {}, or name the site's scheduler \
+         once with `scheduler = \"…\"` in ~/.config/noyau/config.toml",
+        .0.join(" and "),
+        .0.join("|")
+    )]
+    SeveralInstalled(Vec<&'static str>),
+    /// What this scheduler does not let a user do (e.g. extend a job).
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// "neither A nor B", "none of A, B or C".
+fn either(items: &[String]) -> String {
+    match items {
+        [a, b] => format!("neither {a} nor {b}"),
+        [one] => one.clone(),
+        [rest @ .., last] => format!("none of {} or {last}", rest.join(", ")),
+        [] => "no scheduler command".into(),
+    }
+}

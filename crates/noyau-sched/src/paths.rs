@@ -1,0 +1,54 @@
+//! Where noyau keeps what outlives a process: its state directory (job
+//! logs, detached runs' progress, Dask clusters, OAR's job files), and the
+//! private (0700 / 0600) directories and files made there.
+
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::SchedError;
+
+/// noyau's state directory: `$XDG_STATE_HOME/noyau` (default
+/// `~/.local/state/noyau`), which a cluster's compute nodes see when home
+/// directories are shared.
+pub fn state_dir() -> PathBuf {
+    std::env::var_os("XDG_STATE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("noyau")
+}
+
+/// Where job logs go by default: `STATE/jobs`.
+pub fn log_dir() -> PathBuf {
+    state_dir().join("jobs")
+}
+
+/// Makes `dir` (and its parents) and gives it mode 0700.
+pub(crate) fn private_dir(dir: &Path) -> Result<(), SchedError> {
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+        .map_err(|source| SchedError::Io {
+            what: "cannot make",
+            path: dir.into(),
+            source,
+        })
+}
+
+/// Writes a new file with `mode` (a file already there is replaced, never
+/// written through: it may be a planted link).
+pub(crate) fn write_private(path: &Path, text: &str, mode: u32) -> Result<(), SchedError> {
+    use std::io::Write;
+    let _ = std::fs::remove_file(path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .map_err(|source| SchedError::Io {
+            what: "cannot write",
+            path: path.into(),
+            source,
+        })
+}

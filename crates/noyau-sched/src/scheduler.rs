@@ -1,0 +1,354 @@
+//! [`Scheduler`]: the handle callers hold on one batch scheduler. Cheap to
+//! clone; its jobs are followed by the process's one watcher for that
+//! scheduler and scope; with [`Scheduler::as_user`] its submissions and
+//! cancels run as another user, through a command prefix.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::batch::{Batch, Commands, JobInfo, PartitionLoad, Scope};
+use crate::job::{ArrayJob, Cancel, Job};
+use crate::profile::{Profile, GENERIC};
+use crate::run::{AsUser, Cmd};
+use crate::watcher::Watcher;
+use crate::{registered, JobSpec, SchedError};
+
+/// One batch scheduler, as callers use it.
+#[derive(Debug, Clone)]
+pub struct Scheduler {
+    watcher: Watcher,
+    as_user: Option<Arc<AsUser>>,
+}
+
+/// The watcher's poll interval: `NOYAU_<NAME>_POLL` seconds (e.g.
+/// `NOYAU_SLURM_POLL`), default 2.
+fn default_interval(name: &str) -> Duration {
+    std::env::var(format!("NOYAU_{}_POLL", name.to_ascii_uppercase()))
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|v| *v > 0.0)
+        .map(Duration::from_secs_f64)
+        .unwrap_or(Duration::from_secs(2))
+}
+
+impl Scheduler {
+    /// The process's handle on scheduler `name`: this user's jobs,
+    /// followed by the process's one watcher.
+    pub fn named(name: &str) -> Result<Scheduler, SchedError> {
+        static WATCHERS: OnceLock<Mutex<HashMap<String, Watcher>>> = OnceLock::new();
+        let make = registered(name).ok_or_else(|| SchedError::UnknownBackend(name.into()))?;
+        let mut all = WATCHERS.get_or_init(Default::default).lock().unwrap();
+        let watcher = all.entry(name.into()).or_insert_with(|| {
+            Watcher::new(
+                make(Commands::default()),
+                Scope::Mine,
+                default_interval(name),
+            )
+        });
+        Ok(Scheduler {
+            watcher: watcher.clone(),
+            as_user: None,
+        })
+    }
+
+    /// A handle with its own watcher: commands at other paths, another
+    /// interval or scope (the hub's, which follows every user's jobs).
+    pub fn builder(name: &str) -> Result<Builder, SchedError> {
+        let make = registered(name).ok_or_else(|| SchedError::UnknownBackend(name.into()))?;
+        Ok(Builder {
+            name: name.into(),
+            make,
+            commands: Commands::default(),
+            interval: default_interval(name),
+            scope: Scope::Mine,
+        })
+    }
+
+    /// The same scheduler, followed by a watcher of its own that asks every
+    /// `interval` (a job's agent, which follows only its own job's end).
+    pub fn with_interval(&self, interval: Duration) -> Scheduler {
+        let w = &self.watcher;
+        Scheduler {
+            watcher: Watcher::new(w.imp().clone(), w.scope(), interval),
+            as_user: self.as_user.clone(),
+        }
+    }
+
+    /// The same scheduler, submitting and cancelling as another user.
+    pub fn as_user(&self, u: AsUser) -> Scheduler {
+        Scheduler {
+            watcher: self.watcher.clone(),
+            as_user: Some(Arc::new(u)),
+        }
+    }
+
+    pub(crate) fn imp(&self) -> &Arc<dyn Batch> {
+        self.watcher.imp()
+    }
+
+    fn user(&self) -> Option<&AsUser> {
+        self.as_user.as_deref()
+    }
+
+    /// `slurm`.
+    pub fn name(&self) -> &'static str {
+        self.imp().name()
+    }
+
+    /// `Slurm`.
+    pub fn display(&self) -> &'static str {
+        self.imp().display()
+    }
+
+    /// What the scheduler calls a job's queue: `Partition`, `Queue`.
+    pub fn queue_word(&self) -> &'static str {
+        self.imp().queue_word()
+    }
+
+    /// The commands the scheduler runs, by name.
+    pub fn commands(&self) -> &'static [&'static str] {
+        self.imp().commands()
+    }
+
+    /// How often the watcher asks the scheduler.
+    pub fn interval(&self) -> Duration {
+        self.watcher.interval()
+    }
+
+    /// The watcher's listing calls so far.
+    pub fn polls(&self) -> u64 {
+        self.watcher.polls()
+    }
+
+    /// Asks the scheduler now for every tracked job (one listing call),
+    /// rather than at the next interval.
+    pub async fn refresh(&self) {
+        self.watcher.poll_once().await
+    }
+
+    /// Checks a profile for this scheduler (without asking it): no key
+    /// only another scheduler knows.
+    pub fn check(&self, profile: &Profile) -> Result<(), SchedError> {
+        let imp = self.imp();
+        profile
+            .check_keys(imp.display(), imp.keys(), imp.foreign_hint())
+            .map_err(SchedError::Profile)
+    }
+
+    /// Whether a profile key means something on this scheduler.
+    pub fn accepts(&self, key: &str) -> bool {
+        GENERIC.iter().any(|k| k.name == key) || self.imp().keys().iter().any(|k| k.name == key)
+    }
+
+    /// What `submit` would run, for `--dry-run`.
+    pub async fn dry_run(&self, spec: &JobSpec) -> Result<String, SchedError> {
+        self.check(&spec.profile)?;
+        self.imp().dry_run(spec).await
+    }
+
+    /// Submits one job and follows it.
+    pub async fn submit(&self, spec: &JobSpec) -> Result<Job, SchedError> {
+        let sub = self.submit_raw(spec).await?;
+        let state = self.watcher.track(&sub.id, spec.profile.partition.clone());
+        Ok(self.job(sub.id, state, sub.files))
+    }
+
+    /// Submits `spec.array`'s tasks as one job array.
+    pub async fn submit_array(&self, spec: &JobSpec) -> Result<ArrayJob, SchedError> {
+        let Some(tasks) = spec.array.clone() else {
+            return Err(SchedError::Invalid("a job array needs its task ids".into()));
+        };
+        let mut sub = self.submit_raw(spec).await?;
+        let part = &spec.profile.partition;
+        let states = (sub.tasks.iter())
+            .map(|t| (t.clone(), self.watcher.track(t, part.clone())))
+            .collect();
+        let cancel = self.canceller(std::mem::take(&mut sub.files));
+        Ok(ArrayJob::new(sub, tasks, cancel, states, self.interval()))
+    }
+
+    /// Submits a job nobody in this process follows (a detached run, a
+    /// hub session); its id.
+    pub async fn submit_detached(&self, spec: &JobSpec) -> Result<String, SchedError> {
+        Ok(self.submit_raw(spec).await?.id)
+    }
+
+    async fn submit_raw(&self, spec: &JobSpec) -> Result<crate::batch::Submission, SchedError> {
+        self.check(&spec.profile)?;
+        let sub = self.imp().submit(spec, self.user()).await?;
+        tracing::info!(job = %sub.id, log = %spec.log_path(&sub.id).display(), "submitted to {}", self.display());
+        Ok(sub)
+    }
+
+    /// Follows a job another process submitted (a proxy taking over from
+    /// the one that submitted it, the hub after a restart).
+    pub fn adopt(&self, id: &str) -> Job {
+        let state = self.watcher.track(id, None);
+        self.job(id.into(), state, Vec::new())
+    }
+
+    fn canceller(&self, files: Vec<std::path::PathBuf>) -> Cancel {
+        Cancel {
+            imp: self.imp().clone(),
+            as_user: self.as_user.clone(),
+            files,
+        }
+    }
+
+    fn job(
+        &self,
+        id: String,
+        state: tokio::sync::watch::Receiver<crate::JobState>,
+        files: Vec<std::path::PathBuf>,
+    ) -> Job {
+        Job::new(id, self.name(), state, Box::new(self.canceller(files)))
+    }
+
+    /// Cancels jobs by id.
+    pub async fn cancel(&self, ids: &[String]) -> Result<(), SchedError> {
+        self.imp().cancel(ids, self.user()).await
+    }
+
+    /// The noyau jobs (names `noyau-…`) of this handle's scope that have
+    /// not ended, in one listing call.
+    pub async fn list(&self) -> Result<Vec<JobInfo>, SchedError> {
+        Ok(self
+            .imp()
+            .list(self.watcher.scope(), None)
+            .await?
+            .into_iter()
+            .filter(|j| j.name.starts_with("noyau-"))
+            .filter(|j| !matches!(j.state, crate::JobState::Ended(_)))
+            .collect())
+    }
+
+    /// More walltime for a job, where the scheduler lets users ask.
+    pub async fn extend(&self, id: &str, secs: u64) -> Result<String, SchedError> {
+        self.imp().extend(id, secs, self.user()).await
+    }
+
+    /// Free and total resources per partition (or queue).
+    pub async fn partitions(&self) -> Result<Vec<PartitionLoad>, SchedError> {
+        self.imp().partitions().await
+    }
+}
+
+/// Builds a [`Scheduler`] with its own watcher.
+pub struct Builder {
+    name: String,
+    make: crate::Make,
+    commands: Commands,
+    interval: Duration,
+    scope: Scope,
+}
+
+impl Builder {
+    /// Runs the command `name` from `path` (an error names the commands
+    /// this scheduler runs when it runs no such command).
+    pub fn command(mut self, name: &str, path: &str) -> Result<Builder, SchedError> {
+        let known = (self.make)(Commands::default()).commands();
+        if !known.contains(&name) {
+            return Err(SchedError::Invalid(format!(
+                "{} runs no command {name:?}{}; its commands: {}",
+                self.name,
+                crate::profile::suggest(name, known.iter().copied()),
+                known.join(", ")
+            )));
+        }
+        self.commands.set(name, path.into());
+        Ok(self)
+    }
+
+    pub fn interval(mut self, interval: Duration) -> Builder {
+        self.interval = interval;
+        self
+    }
+
+    pub fn scope(mut self, scope: Scope) -> Builder {
+        self.scope = scope;
+        self
+    }
+
+    pub fn build(self) -> Scheduler {
+        Scheduler {
+            watcher: Watcher::new((self.make)(self.commands), self.scope, self.interval),
+            as_user: None,
+        }
+    }
+}
+
+/// A job submitted as another user by `noyau hub-submit`, run as that user
+/// through the prefix, for a scheduler whose submission must write files as
+/// the user (OAR's 0600 environment file): the job (secrets included) on
+/// its stdin, never on a command line.
+#[derive(Debug, Serialize, Deserialize)]
+struct SubmitRequest {
+    scheduler: String,
+    spec: JobSpec,
+}
+
+/// Runs `noyau hub-submit` as `u` for `spec`; the job's id.
+pub(crate) async fn submit_through(
+    u: &AsUser,
+    scheduler: &str,
+    spec: &JobSpec,
+) -> Result<String, SchedError> {
+    let req = SubmitRequest {
+        scheduler: scheduler.into(),
+        spec: spec.clone(),
+    };
+    let json = serde_json::to_string(&req).map_err(|e| SchedError::Invalid(e.to_string()))?;
+    let out = Cmd::new(&u.noyau, Duration::from_secs(60))
+        .arg("hub-submit")
+        .env("HOME", u.home.display().to_string())
+        .stdin(json)
+        .run_as(Some(u), &[])
+        .output()
+        .await
+        .map_err(SchedError::Submit)?;
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix("id="))
+        .filter(|id| !id.is_empty())
+        .map(str::to_string)
+        .ok_or(SchedError::NoJobId {
+            command: "noyau hub-submit",
+            output: out,
+        })
+}
+
+/// `noyau hub-submit`: the job on stdin (see [`submit_through`]), submitted
+/// from this user's home; prints `id=ID`.
+pub async fn serve_submit_request() -> Result<(), SchedError> {
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map_err(|source| {
+        SchedError::Io {
+            what: "cannot read",
+            path: "stdin".into(),
+            source,
+        }
+    })?;
+    let req: SubmitRequest = serde_json::from_str(&text).map_err(|e| {
+        SchedError::Invalid(format!(
+            "`noyau hub-submit` is run by `noyau hub`, with the job as JSON on its stdin: {e}"
+        ))
+    })?;
+    let home = nix::unistd::User::from_uid(nix::unistd::getuid())
+        .ok()
+        .flatten()
+        .map(|u| u.dir)
+        .ok_or_else(|| SchedError::Invalid("cannot find this user's account".into()))?;
+    // The job's directory, and the scheduler's (OAR takes it from $PWD).
+    std::env::set_current_dir(&home).map_err(|source| SchedError::Io {
+        what: "cannot enter",
+        path: home.clone(),
+        source,
+    })?;
+    let id = Scheduler::named(&req.scheduler)?
+        .submit_detached(&req.spec)
+        .await?;
+    println!("id={id}");
+    Ok(())
+}
