@@ -2,9 +2,9 @@
 //! one-time tokens they dial with.
 //!
 //! A session's first token is HMAC(key, "link:" + session), in its job's
-//! environment, where whoever reads that environment (Slurm's spool, root
-//! on the node, `sacct`'s job_env) finds it too. So a token works once: the
-//! listener forgets it when an agent dials with it, and the hub then gives
+//! environment, where whoever reads that environment (the scheduler's spool,
+//! root on the node, accounting's stored job environment) finds it too. So
+//! a token works once: the listener forgets it when an agent dials with it, and the hub then gives
 //! that agent, over the link, the token of its next dial (generation n+1,
 //! HMAC(key, "link:SESSION:n")), recorded in the database so that a
 //! restarted hub accepts it. The agent acknowledges it; until then the
