@@ -37,6 +37,32 @@ const BATCH_BYTES: usize = 64 * 1024;
 const BIG_PART: usize = 32 * 1024;
 /// How long a closing side waits for the peer's goodbye.
 const GOODBYE_WAIT: Duration = Duration::from_secs(5);
+/// TCP keepalive: probes after this long without traffic, then at this
+/// interval, this many unanswered before the connection is dropped...
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_PROBES: u32 = 2;
+/// ...and sent data unacknowledged for this long drops it too.
+const UNACKED_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Lets the kernel find a dead peer (host gone, network cut without a
+/// reset) within about 20 s without waking this process: the probes and
+/// the retransmission timer live in the kernel, so the link's own pings can
+/// be rare. Best effort: a socket that refuses the options still works,
+/// with only the idle timeout to end it.
+pub(crate) fn keep_alive(tcp: &TcpStream) {
+    let sock = socket2::SockRef::from(tcp);
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    if let Err(e) = sock
+        .set_tcp_keepalive(&ka)
+        .and_then(|()| sock.set_tcp_user_timeout(Some(UNACKED_TIMEOUT)))
+    {
+        tracing::debug!("link: TCP keepalive not set: {e}");
+    }
+}
 
 /// An established TLS stream plus whatever was read past the last frame.
 pub(crate) struct Conn {
