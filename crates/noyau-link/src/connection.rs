@@ -348,3 +348,30 @@ async fn write_loop<S: AsyncWrite>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel, not our pings, finds a dead peer: both ends of a link
+    /// connection get the probes and the unacknowledged-data timeout.
+    #[tokio::test]
+    async fn link_sockets_get_keepalive_and_user_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dialled = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        for s in [&dialled, &accepted] {
+            let before = socket2::SockRef::from(s);
+            assert!(!before.keepalive().unwrap());
+            keep_alive(s);
+            let sock = socket2::SockRef::from(s);
+            assert!(sock.keepalive().unwrap());
+            assert_eq!(sock.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
+            assert_eq!(sock.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+            assert_eq!(sock.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
+            assert_eq!(sock.tcp_user_timeout().unwrap(), Some(UNACKED_TIMEOUT));
+        }
+    }
+}
