@@ -131,14 +131,14 @@ def main() -> int:
     routes = {"direct": lib.DIRECT_KERNEL_NAME}
     if have_noyau:
         routes["noyau"] = lib.NOYAU_KERNEL_NAME
+    elif not args.direct_only:
+        print("NOYAU_BIN unset or unusable: running the direct route only", file=sys.stderr)
     if os.environ.get("FLOOR_BIN"):
         routes["floor"] = lib.DIRECT_KERNEL_NAME
         if have_noyau:
             routes["floor+noyau"] = lib.NOYAU_KERNEL_NAME
     else:
         print("FLOOR_BIN unset: the floor is not measured", file=sys.stderr)
-    elif not args.direct_only:
-        print("NOYAU_BIN unset or unusable: running the direct route only", file=sys.stderr)
 
     workloads = {
         f"(a) {N_CELLS} trivial cells": ([f"x = {i}" for i in range(N_CELLS)], None),
