@@ -28,6 +28,9 @@ pub struct AgentConfig {
     /// The environment to realise before the kernel starts, from
     /// `NOYAU_ENV_SPEC` (JSON) or the 0600 file `NOYAU_ENV_SPEC_FILE`.
     pub env_spec: Option<noyau_env::EnvSpec>,
+    /// The history file of an IPython kernel (`:memory:` for `noyau run`),
+    /// from `NOYAU_IPYTHON_HIST_FILE`; unset or empty: IPython's default.
+    pub ipython_hist_file: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -115,6 +118,8 @@ impl AgentConfig {
         .transpose()?;
         Ok(AgentConfig {
             env_spec,
+            ipython_hist_file: take_env(noyau_client::agent::IPYTHON_HIST_FILE_ENV)
+                .filter(|v| !v.is_empty()),
             link_addr,
             pin,
             token,

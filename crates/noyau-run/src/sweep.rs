@@ -719,6 +719,18 @@ async fn run_local(
     Ok(interrupted)
 }
 
+/// What each point's job needs to find the kernel this host finds
+/// (`kernelenv::job_env`), whatever the scheduler exports.
+fn kernel_env(
+    a: &SweepArgs,
+    backend: &str,
+) -> Result<std::collections::BTreeMap<String, String>, (i32, String)> {
+    let nb = crate::runner::read_input(&abs(&a.notebook).display().to_string())
+        .map_err(|f| bad(f.message))?;
+    let kernel = crate::kernelenv::kernel_name(a.kernel.as_deref(), nb.kernel_name());
+    crate::kernelenv::job_env(&kernel, backend).map_err(bad)
+}
+
 /// The job array of a sweep: `noyau sweep-task PLAN` for each point.
 fn array_job(
     a: &SweepArgs,
@@ -779,7 +791,8 @@ async fn run_array(
     todo: &[usize],
     profile: noyau_config::Profile,
 ) -> Result<(bool, Option<String>), (i32, String)> {
-    let spec = array_job(a, stem, plan, todo, profile)?;
+    let mut spec = array_job(a, stem, plan, todo, profile)?;
+    spec.env = kernel_env(a, backend)?;
     let sched = noyau_sched::Scheduler::named(backend).map_err(bad)?;
     let mut array = sched.submit_array(&spec).await.map_err(bad)?;
     let id = array.id.clone();
