@@ -170,8 +170,17 @@ struct AgentArgs {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("NOYAU_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,zeromq=error"));
+    // The zeromq crate warns of each failed redial of a kernel's IOPub
+    // socket, which happens once whenever a kernel exits: no news for a
+    // user. Its logs show only when NOYAU_LOG names zeromq.
+    const QUIET: &str = "zeromq=error";
+    let filter = match std::env::var("NOYAU_LOG") {
+        Ok(f) if f.contains("zeromq") => f,
+        Ok(f) => format!("{f},{QUIET}"),
+        Err(_) => format!("warn,{QUIET}"),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("warn,{QUIET}")));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
