@@ -487,6 +487,7 @@ def test_slurm_run_without_kernelspec_makes_the_managed_kernel(slurm, tmp_path):
     prefix, job = text_of(json.loads((tmp_path / "out.ipynb").read_text())["cells"][0]).split()
     assert prefix.startswith(str(tmp_path / "cache" / "noyau" / "kernels")), prefix
     assert job.isdigit()
+    lib.wait_until(lambda: not lib.squeue_noyau(), 30, "the run's job to leave the queue", 0.5)
 
 
 def oar_kernelspec(oar, data: Path, name: str, mark: str) -> None:
