@@ -399,7 +399,12 @@ impl<'a> Card<'a> {
 
 /// The line a card leads with, from what is known only.
 fn status(s: &Session, secs_left: Option<u64>) -> String {
-    let on = |n: &Option<String>| n.as_deref().map(|n| format!(" on {n}")).unwrap_or_default();
+    let on = |n: &Option<String>| {
+        n.as_deref()
+            .filter(|n| !n.is_empty())
+            .map(|n| format!(" on {n}"))
+            .unwrap_or_default()
+    };
     match s.state {
         State::Queued => {
             let reason = match s.reason.as_deref() {
@@ -409,7 +414,10 @@ fn status(s: &Session, secs_left: Option<u64>) -> String {
             let start = s
                 .start_est
                 .as_deref()
-                .map(|t| format!(" · estimated start {}", t.replace('T', " ")))
+                .map(|t| {
+                    let t: String = t.replace('T', " ").chars().take(16).collect();
+                    format!(" · estimated start {t}")
+                })
                 .unwrap_or_default();
             format!("Queued: {reason}{start}")
         }
@@ -497,6 +505,8 @@ mod tests {
     #[test]
     fn cards_say_only_what_is_known() {
         let mut s = session(State::Running);
+        assert_eq!(status(&s, None), "Running");
+        s.node = Some(String::new());
         assert_eq!(status(&s, None), "Running");
         s.node = Some("n1".into());
         assert_eq!(status(&s, Some(125)), "Running on n1 · 2 min left");
