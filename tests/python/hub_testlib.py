@@ -193,6 +193,16 @@ env = {{ PATH = "/nonexistent:/usr/bin:/bin" }}
         return s
 
 
+    def spawn(self, user: UnixUser, partition: str = "debug", mem_gb: int = 1, minutes: int = 10):  # type: ignore[no-untyped-def]
+        """Logs `user` in and starts a session of profile `cpu` with one core:
+        the logged-in requests.Session and the forms' CSRF token."""
+        s = self.login(user.name, user.password)
+        csrf = csrf_of(s.get(self.url + "/hub/home").text)
+        r = s.post(self.url + "/hub/spawn", data={"_csrf": csrf, "profile": "cpu", "partition": partition,
+                                                  "cores": 1, "mem_gb": mem_gb, "gpus": 0, "minutes": minutes})
+        assert r.status_code == 200, r.text[:500]
+        return s, csrf
+
     def simulate_sessions(self, jobs: list[str], partition: str, mem_gb: int) -> None:
         """Simulated users' queued sessions, one per (real, held) job, written
         into the hub's database as the spawn form would have made them."""

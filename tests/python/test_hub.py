@@ -399,10 +399,7 @@ def test_an_idle_session_is_ended_but_never_while_a_kernel_is_busy(tmp_path: Pat
     hub = hl.Hub(tmp_path, admins=[], extra="idle_timeout = 20")
     try:
         hub.start()
-        sa = hub.login(a.name, a.password)
-        csrf = hl.csrf_of(sa.get(hub.url + "/hub/home").text)
-        sa.post(hub.url + "/hub/spawn", data={"_csrf": csrf, "profile": "cpu", "partition": "debug", "cores": 1,
-                                              "mem_gb": 1, "gpus": 0, "minutes": 10})
+        sa, _ = hub.spawn(a)
         hl.wait_state(sa, hub.url, "running")
         # 35 s without a message from the kernel, but it is busy all along.
         assert hl.run_cell(sa, hub.url, a.name, "import time; time.sleep(35); 6 * 7", timeout=90) == "42"
@@ -442,11 +439,7 @@ def test_the_first_example_of_docs_hub_md_runs(tmp_path: Path, users, slurm) -> 
     a = users[0]
     try:
         hub.start()
-        sa = hub.login(a.name, a.password)
-        csrf = hl.csrf_of(sa.get(hub.url + "/hub/home").text)
-        r = sa.post(hub.url + "/hub/spawn", data={"_csrf": csrf, "profile": "cpu", "partition": "debug", "cores": 1,
-                                                  "gpus": 0, "mem_gb": 0, "minutes": 10})
-        assert r.status_code == 200, r.text[:500]
+        sa, csrf = hub.spawn(a, mem_gb=0)
         st = hl.wait_state(sa, hub.url, "running")
         assert hl.run_cell(sa, hub.url, a.name, "6 * 7") == "42"
         sa.post(f"{hub.url}/hub/sessions/{st['id']}/cancel", data={"_csrf": csrf})

@@ -40,18 +40,14 @@ fn write_table(rows: &[AuditRow], out: &mut impl Write) -> std::io::Result<()> {
             .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
             .unwrap_or_else(|| ts.to_string())
     };
-    let user_w = rows
-        .iter()
-        .map(|r| r.user.len())
-        .chain([4])
-        .max()
-        .unwrap_or(4);
-    let action_w = rows
-        .iter()
-        .map(|r| r.action.len())
-        .chain([6])
-        .max()
-        .unwrap_or(6);
+    // A column as wide as its widest value or its header.
+    let width = |cell: fn(&AuditRow) -> &str, header: &str| {
+        rows.iter()
+            .map(|r| cell(r).len())
+            .fold(header.len(), usize::max)
+    };
+    let user_w = width(|r| &r.user, "USER");
+    let action_w = width(|r| &r.action, "ACTION");
     writeln!(
         out,
         "{:19}  {:user_w$}  {:action_w$}  DETAIL",
