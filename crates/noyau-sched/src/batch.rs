@@ -37,12 +37,25 @@ pub struct JobInfo {
 /// Free and total cores and GPUs of a partition (or queue).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PartitionLoad {
+    /// The partition's name, or [`PartitionLoad::ALL`] for a scheduler
+    /// whose free resources are shared by every queue.
     pub partition: String,
     pub idle_cores: u64,
     pub total_cores: u64,
     /// GPUs not held by a job, on nodes that can take jobs.
     pub free_gpus: u64,
     pub total_gpus: u64,
+}
+
+impl PartitionLoad {
+    /// The name of the one line of a scheduler whose queues share their
+    /// resources (OAR).
+    pub const ALL: &'static str = "all queues";
+
+    /// Whether this line says something about `partition`'s resources.
+    pub fn serves(&self, partition: &str) -> bool {
+        self.partition == partition || self.partition == Self::ALL
+    }
 }
 
 /// What a submission gave.
@@ -125,6 +138,12 @@ pub(crate) trait Batch: Send + Sync + 'static {
     fn keys(&self) -> &'static [Key];
     /// What to write instead of a key it does not know.
     fn foreign_hint(&self) -> &'static str;
+    /// Whether `line` of a job's log is the scheduler's own notice that it
+    /// ended the job (cancelled it, or at its time limit), which the
+    /// scheduler's end state already says.
+    fn end_notice(&self, _line: &str) -> bool {
+        false
+    }
 
     /// What `submit` would run (script and arguments), for `--dry-run`;
     /// checks what only the scheduler knows (a partition's name).

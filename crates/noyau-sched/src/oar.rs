@@ -326,7 +326,7 @@ fn parse_oarnodes(out: &str) -> Result<Vec<PartitionLoad>, SchedError> {
         })
         .count();
     Ok(vec![PartitionLoad {
-        partition: "all queues".into(),
+        partition: PartitionLoad::ALL.into(),
         idle_cores: free as u64,
         total_cores: resources.len() as u64,
         ..Default::default()

@@ -108,6 +108,13 @@ impl Scheduler {
         self.imp().queue_word()
     }
 
+    /// Whether `line` of a job's log is the scheduler's own notice that it
+    /// ended the job (Slurm's `*** JOB 12 ON n1 CANCELLED AT … ***`): a
+    /// page that says how the job ended leaves it out.
+    pub fn is_end_notice(&self, line: &str) -> bool {
+        self.imp().end_notice(line)
+    }
+
     /// The commands the scheduler runs, by name.
     pub fn commands(&self) -> &'static [&'static str] {
         self.imp().commands()
