@@ -24,7 +24,7 @@ pub enum Scope {
 }
 
 /// One job as a listing shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct JobInfo {
     /// As the scheduler names it; an array task's id names its task (Slurm: `12_3`).
     pub id: String,
@@ -169,6 +169,13 @@ pub(crate) trait Batch: Send + Sync + 'static {
     /// asks by id (the watcher's tracked jobs). Ended jobs the scheduler
     /// still knows are listed as ended.
     async fn list(&self, scope: Scope, ids: Option<&[String]>) -> Result<Vec<JobInfo>, SchedError>;
+    /// Whether one listing of this user's jobs ([`Scope::Mine`], no ids)
+    /// serves every process of the user (`shared.rs`): it then shows
+    /// every job of theirs that has not ended, and [`Batch::gone`] finds
+    /// how the others ended.
+    fn shares_listing(&self) -> bool {
+        false
+    }
     /// How jobs that left the listing ended, for those it can say.
     async fn gone(&self, ids: &[String]) -> HashMap<String, JobEnd>;
     /// Asks for `secs` more seconds of walltime: the scheduler's answer, or

@@ -429,6 +429,12 @@ impl Batch for Slurm {
         &["SLURM_CONF"]
     }
 
+    /// `squeue --me` lists every job of the user (ids or not); `sacct`
+    /// says how the others ended.
+    fn shares_listing(&self) -> bool {
+        true
+    }
+
     fn job_in_env(&self) -> Option<String> {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         match (var("SLURM_ARRAY_JOB_ID"), var("SLURM_ARRAY_TASK_ID")) {
