@@ -86,6 +86,9 @@ struct File {
     /// The kernel's environment: read and checked by noyau-env, not here.
     #[serde(default, rename = "environment")]
     _environment: Option<toml::Value>,
+    /// Data files pinned by hash: read and checked by noyau-env, not here.
+    #[serde(default, rename = "data")]
+    _data: Option<toml::Value>,
     #[serde(default)]
     dask: Option<DaskSettings>,
 }
@@ -359,7 +362,7 @@ fn explain(e: &toml::de::Error) -> String {
     if let Some(rest) = msg.strip_prefix("unknown field `") {
         if let Some(word) = rest.split('`').next() {
             let cands: &[&str] = if msg.contains("`profiles`") {
-                &["scheduler", "profiles", "environment", "dask"]
+                &["scheduler", "profiles", "environment", "data", "dask"]
             } else {
                 &DASK_KEYS
             };
