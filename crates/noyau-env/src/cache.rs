@@ -384,6 +384,13 @@ pub(crate) fn check_meta(
         let want = if dir { "a directory" } else { "a regular file" };
         return untrusted(format!("is not {want}"));
     }
+    if !owners.contains(&meta.uid()) && owners[0] == owners[1] {
+        return untrusted(format!(
+            "belongs to uid {}, not the site cache's owner (uid {})",
+            meta.uid(),
+            owners[0]
+        ));
+    }
     if !owners.contains(&meta.uid()) {
         return untrusted(format!(
             "belongs to uid {}, neither you (uid {}) nor the cache's owner (uid {})",

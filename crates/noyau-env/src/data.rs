@@ -138,7 +138,7 @@ fn check_name(name: &str) -> Result<String, EnvError> {
         && name != "."
         && name != ".."
         && !name.contains(['/', '\0'])
-        && name.len() <= 255;
+        && name.len() <= 200;
     if ok {
         Ok(name.to_string())
     } else {
@@ -565,25 +565,24 @@ pub fn sha256_file(path: &Path) -> Result<String, EnvError> {
 }
 
 /// Makes `dir` hold one symlink per data file, named by its name, to its
-/// place in the store (replacing a link of the same name).
+/// place in the store (replacing a link of the same name atomically: the
+/// workers of a Dask cluster share one directory).
 pub fn expose(dir: &Path, files: &[DataFile]) -> Result<(), EnvError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| EnvError::io(format!("creating {}", dir.display()), e))?;
     for f in files {
         f.check()?;
         let link = dir.join(&f.name);
-        match std::fs::symlink_metadata(&link) {
-            Ok(m) if m.file_type().is_symlink() => std::fs::remove_file(&link)
-                .map_err(|e| EnvError::io(format!("replacing {}", link.display()), e))?,
-            Ok(_) => {
-                return Err(invalid(format!(
-                    "{} exists and is not a data link; not replacing it",
-                    link.display()
-                )))
-            }
-            Err(_) => {}
+        if std::fs::symlink_metadata(&link).is_ok_and(|m| !m.file_type().is_symlink()) {
+            return Err(invalid(format!(
+                "{} exists and is not a data link; not replacing it",
+                link.display()
+            )));
         }
-        std::os::unix::fs::symlink(f.path(), &link)
+        let tmp = dir.join(format!(".{}.{}", f.name, std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(f.path(), &tmp)
+            .and_then(|()| std::fs::rename(&tmp, &link))
             .map_err(|e| EnvError::io(format!("linking {}", link.display()), e))?;
     }
     Ok(())

@@ -62,6 +62,11 @@ pub struct Network {
     pub no_proxy: Option<String>,
     /// True when the index came from pip's settings and uv must be told.
     pip_only: bool,
+    /// pip's own index (`PIP_INDEX_URL`, pip.conf), which pip uses to
+    /// install uv when there is none.
+    pip_index: Option<Index>,
+    /// uv's index variables of this process are ignored ([`Network::recorded`]).
+    exclusive: bool,
 }
 
 impl Network {
@@ -102,14 +107,14 @@ impl Network {
                 })
                 .collect()
         };
+        let conf = pip_conf(var);
+        net.pip_index = found(&[PIP_INDEX_VAR]).or(conf.index);
+        net.extra = extra_from(UV_EXTRA_VARS);
         if let Some(i) = found(UV_INDEX_VARS) {
             net.index = Some(i);
-            net.extra = extra_from(UV_EXTRA_VARS);
             return net;
         }
-        net.extra = extra_from(UV_EXTRA_VARS);
-        let conf = pip_conf(var);
-        net.index = found(&[PIP_INDEX_VAR]).or(conf.index);
+        net.index = net.pip_index.clone();
         if net.extra.is_empty() {
             net.extra = extra_from(&[PIP_EXTRA_VAR]);
             if net.extra.is_empty() {
@@ -118,6 +123,36 @@ impl Network {
         }
         net.pip_only = net.index.is_some() || !net.extra.is_empty();
         net
+    }
+
+    /// The indexes a build's record says it used (its `network`, without
+    /// credentials), and only those: uv's cache keeps what it fetched per
+    /// index, so an offline install must name the build's index to find it.
+    pub fn recorded(net: &Value) -> Network {
+        let one = |v: &Value| {
+            v["url"].as_str().map(|u| Index {
+                url: u.to_string(),
+                from: "the build's record".into(),
+            })
+        };
+        Network {
+            index: one(&net["index"]),
+            extra: net["extra_index"]
+                .as_array()
+                .map(|a| a.iter().filter_map(one).collect())
+                .unwrap_or_default(),
+            pip_only: true,
+            exclusive: true,
+            ..Network::default()
+        }
+    }
+
+    /// uv's variables to unset before [`Network::uv_env`]'s are set.
+    pub fn uv_env_removed(&self) -> Vec<&'static str> {
+        match self.exclusive {
+            true => UV_INDEX_VARS.iter().chain(UV_EXTRA_VARS).copied().collect(),
+            false => Vec::new(),
+        }
     }
 
     /// Variables to give uv so that it uses pip's index too.
@@ -141,6 +176,14 @@ impl Network {
         match &self.index {
             Some(i) => format!("{} (from {})", i.shown(), i.from),
             None => "uv's default index, https://pypi.org/simple".into(),
+        }
+    }
+
+    /// pip's index in words: where installing uv looks.
+    pub fn pip_index_shown(&self) -> String {
+        match &self.pip_index {
+            Some(i) => format!("{} (from {})", i.shown(), i.from),
+            None => "pip's default index, https://pypi.org/simple".into(),
         }
     }
 

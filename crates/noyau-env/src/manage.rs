@@ -40,7 +40,10 @@ pub fn summary(record: &Value) -> String {
     let spec = &record["spec"];
     let kind = record["kind"].as_str().unwrap_or("?");
     let version = record["python"].as_str().unwrap_or("");
-    let what = match spec["requirements"].as_array() {
+    let reqs = spec["requirements"]
+        .as_array()
+        .or(record["requirements"].as_array());
+    let what = match reqs {
         Some(r) if !r.is_empty() => r
             .iter()
             .filter_map(Value::as_str)

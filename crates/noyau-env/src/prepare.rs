@@ -55,6 +55,10 @@ pub struct PreparedEntry {
     pub lock_sha256: String,
     /// sha256 of the entry's record (its build), for the record.
     pub record_sha256: String,
+    /// The indexes it was built from, without credentials (the record's
+    /// `network`): an offline install finds their files in uv's cache.
+    #[serde(default)]
+    pub network: Value,
 }
 
 impl Prepared {
@@ -131,6 +135,7 @@ fn prepared_entry(e: &Entry) -> Result<PreparedEntry, EnvError> {
         lock: s("lock"),
         lock_sha256: s("lock_sha256"),
         record_sha256: crate::sha256_hex(&bytes),
+        network: e.record["network"].clone(),
     })
 }
 
@@ -247,8 +252,10 @@ fn install_offline(
     let built = if cache.is_site() {
         Err(EnvError::Invalid("the site's cache is read-only".into()))
     } else {
-        find_uv(cache, cache, true, progress)
-            .and_then(|uv| build_entry(&locked, &pe.key, cache, &uv, progress))
+        find_uv(cache, cache, true, progress).and_then(|mut uv| {
+            uv.network = Network::recorded(&pe.network);
+            build_entry(&locked, &pe.key, cache, &uv, progress)
+        })
     };
     built.map_err(|e| EnvError::Build {
         summary: format!(

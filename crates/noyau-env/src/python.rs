@@ -124,7 +124,10 @@ pub fn find_uv(cache: &Cache, progress: crate::Progress<'_>) -> Result<PathBuf, 
                 .args(["-m", "pip", "install", "--disable-pip-version-check", "-q"])
                 .args(["--require-hashes", "--no-deps", "--only-binary=:all:", "-r"])
                 .arg(&pins),
-            "installing uv with pip failed",
+            &format!(
+                "installing uv with pip failed, from {}",
+                Network::from_env().pip_index_shown()
+            ),
             progress,
         )?;
         check_uv(&venv.join("bin/uv"), want)?;
@@ -168,8 +171,11 @@ impl Uv {
         let mut c = Command::new(&self.path);
         c.env("UV_LINK_MODE", "copy")
             .env("UV_NO_PROGRESS", "1")
-            .env_remove("VIRTUAL_ENV")
-            .envs(self.network.uv_env());
+            .env_remove("VIRTUAL_ENV");
+        for v in self.network.uv_env_removed() {
+            c.env_remove(v);
+        }
+        c.envs(self.network.uv_env());
         if self.offline {
             c.env("UV_OFFLINE", "1");
         }
@@ -286,6 +292,7 @@ pub fn build(
         "kind": "python",
         "key": spec.cache_key(),
         "python": version,
+        "requirements": spec.requirements,
         "lock": lock,
         "lock_sha256": crate::sha256_hex(lock.as_bytes()),
         "freeze": freeze,

@@ -106,6 +106,7 @@ impl Proxy {
         sw.sent = true;
         let ev = Event::SwitchEnv {
             spec: sw.spec.clone(),
+            prepared: None,
         };
         let parent = sw.header.clone();
         let sent = match self.sender() {
