@@ -243,25 +243,24 @@ async fn realise_env(
     prepared: Option<noyau_env::Prepared>,
     outbox: &Arc<Outbox>,
 ) -> anyhow::Result<noyau_env::Realised> {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let work = tokio::task::spawn_blocking(move || {
+    let work = move |p: &mut dyn FnMut(&str)| {
         let cache = noyau_env::Cache::at_default();
-        let r =
-            noyau_env::realise_job(spec.as_ref(), prepared.as_ref(), &cache, &mut |l: &str| {
-                let _ = tx.send(l.to_string());
-            })?;
-        match r {
+        match noyau_env::realise_job(spec.as_ref(), prepared.as_ref(), &cache, p)? {
             Some(r) => Ok(r),
             None => noyau_env::Realised::plain(Vec::new()),
         }
-    });
-    while let Some(line) = rx.recv().await {
+    };
+    noyau_client::prepare::with_lines(work, |line| {
         tracing::info!("environment: {line}");
-        outbox.event(Lane::Iopub, &Event::EnvProgress { line });
-    }
-    work.await
-        .context("the environment build panicked")?
-        .map_err(|e| anyhow::anyhow!("the kernel's environment: {e}"))
+        outbox.event(
+            Lane::Iopub,
+            &Event::EnvProgress {
+                line: line.to_string(),
+            },
+        );
+    })
+    .await
+    .map_err(|e: noyau_env::EnvError| anyhow::anyhow!("the kernel's environment: {e}"))
 }
 
 fn hostname() -> String {
