@@ -198,7 +198,14 @@ fn merge_table(
                 ));
             }
         }
-        let value = given(v.get_ref()).map_err(|e| format!("{}: {key}: {e}", at(v.span())))?;
+        // A target's environment is noyau-env's table, checked there: it
+        // travels as JSON text.
+        let value = match v.get_ref() {
+            toml::Value::Table(t) if noyau_sched::canonical_key(key) == Some("environment") => {
+                Given::Text(serde_json::to_string(t).unwrap_or_default())
+            }
+            other => given(other).map_err(|e| format!("{}: {key}: {e}", at(v.span())))?,
+        };
         p.set(key, value).map_err(|e| {
             let span = if e.message.starts_with("unknown key") {
                 k.span()
