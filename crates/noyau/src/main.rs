@@ -212,7 +212,7 @@ fn kernel(a: KernelArgs) -> anyhow::Result<i32> {
     let Some(connection_file) = a.connection_file else {
         anyhow::bail!("-f CONNECTION_FILE is required");
     };
-    block_on(noyau_proxy::run(noyau_proxy::ProxyConfig {
+    block_on_task(noyau_proxy::run(noyau_proxy::ProxyConfig {
         connection_file,
         inner: a.inner,
         backend,
@@ -237,7 +237,7 @@ fn main() {
             .and_then(|cfg| match a.serve {
                 Some(server) => noyau_agent::web::WebConfig::from_env(cfg, server)
                     .and_then(|w| block_on_task(noyau_agent::web::serve(w))),
-                None => block_on(noyau_agent::run(cfg)),
+                None => block_on_task(noyau_agent::run(cfg)),
             }),
         Command::Hub(a) => block_on_task(noyau_hub::run(a.config)).map(|()| 0),
         Command::Env(c) => env::main(c),
