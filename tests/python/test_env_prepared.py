@@ -6,6 +6,7 @@ end with `noyau run` and a real ipykernel:
   several runs, exposed to the kernel under `$NOYAU_DATA`, recorded with its
   hash in the output; a file whose hash differs is refused with an error
   naming the URL and both hashes, and nothing is kept;
+* a `%noyau data` cell of `noyau run` pinning a local file;
 * `noyau env build / list / show / lock / gc --dry-run` on a real uv build.
 """
 
@@ -141,3 +142,19 @@ def test_data_pinned_by_hash_reaches_a_slurm_job_fetched_on_the_submitting_host(
     assert out["metadata"]["noyau"]["data"][0]["sha256"] == sha
     assert server.requests == ["/data.csv"], server.requests
     lib.wait_until(lambda: not lib.squeue_noyau(), 30, "the run's job to leave the queue", 0.5)
+
+
+def test_a_noyau_data_cell_pins_a_local_file_that_the_run_fetches_before_the_kernel(tmp_path):
+    """`%noyau data file://… --sha256 … --name …` in a cell of `noyau run`:
+    read from the notebook before the kernel starts, fetched, and the cell
+    says where the file is."""
+    src = tmp_path / "table.csv"
+    src.write_bytes(PAYLOAD)
+    sha = hashlib.sha256(PAYLOAD).hexdigest()
+    nb = notebook(f"%noyau data file://{src} --sha256 {sha} --name t.csv",
+                  "import os; print(open(os.path.join(os.environ['NOYAU_DATA'], 't.csv')).read(), end='')")
+    p, out = run(tmp_path, nb, cache=tmp_path / "cache")
+    assert p.returncode == 0, p.stderr
+    assert sha in text(out["cells"][0]) and "t.csv" in text(out["cells"][0]), out["cells"][0]
+    assert text(out["cells"][1]) == PAYLOAD.decode(), out["cells"][1]
+    assert out["metadata"]["noyau"]["data"][0]["sha256"] == sha
