@@ -7,6 +7,8 @@ end with `noyau run` and a real ipykernel:
   hash in the output; a file whose hash differs is refused with an error
   naming the URL and both hashes, and nothing is kept;
 * a `%noyau data` cell of `noyau run` pinning a local file;
+* targets of one notebook kernel in their own environments (a profile's
+  `environment`, `%%noyau on T --env SPEC`);
 * `noyau env build / list / show / lock / gc --dry-run` on a real uv build.
 """
 
@@ -158,3 +160,32 @@ def test_a_noyau_data_cell_pins_a_local_file_that_the_run_fetches_before_the_ker
     assert sha in text(out["cells"][0]) and "t.csv" in text(out["cells"][0]), out["cells"][0]
     assert text(out["cells"][1]) == PAYLOAD.decode(), out["cells"][1]
     assert out["metadata"]["noyau"]["data"][0]["sha256"] == sha
+
+
+def test_targets_run_cells_in_their_own_environments_built_before_their_jobs(noyau_kernelspec, tmp_path):
+    """One notebook, several environments: a target whose profile declares
+    `environment = {…}`, and `%%noyau on T --env SPEC`; each cell's Python
+    is the one in the cache entry built for it. (Local targets: this host
+    is also the job's, so where the build ran is not told apart here; the
+    build lines do not reach the cell, see the report of issue 21.)"""
+    cache = tmp_path / "cache"
+    (tmp_path / "noyau.toml").write_text(
+        '[profiles.six]\nbackend = "local"\nenvironment = { requirements = ["six==1.16.0"] }\n\n'
+        '[profiles.side]\nbackend = "local"\n')
+    km = lib.kernel_in(noyau_kernelspec, tmp_path, {"NOYAU_ENV_CACHE": str(cache)})
+
+    def cell(code: str) -> tuple[dict, str]:
+        out: list[dict] = []
+        reply = km.kc.execute_interactive(code, timeout=300, output_hook=out.append)
+        return reply["content"], "".join(lib.message_text(m) for m in out)
+
+    probe = "import six, sys; print(six.__version__, sys.prefix)"
+    try:
+        for head in ("%%noyau on six", '%%noyau on side --env {requirements=["six==1.16.0"]}'):
+            reply, out = cell(f"{head} --quiet\n{probe}")
+            assert reply["status"] == "ok", (head, reply, out)
+            version, prefix = out.strip().splitlines()[-1].split()
+            assert version == "1.16.0", out
+            assert Path(prefix).resolve().is_relative_to(cache.resolve()), prefix
+    finally:
+        lib.stop_kernel(km)
