@@ -2,7 +2,9 @@
 //! comes from one listing call per interval (±20 %, so many processes do
 //! not poll in step), whatever the number of jobs and of callers. A
 //! failing listing makes every job [`JobState::Unknown`], never ended: a
-//! controller restart must not end a kernel.
+//! controller restart must not end a kernel. A job that left the listing
+//! ends as [`Batch::gone`] says, once it can say (a scheduler whose
+//! accounting is written late is asked again for a while).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,6 +20,8 @@ use crate::{JobEnd, JobState};
 struct Tracked {
     tx: watch::Sender<JobState>,
     since: Instant,
+    /// When a listing first left it out.
+    left: Option<Instant>,
 }
 
 struct Inner {
@@ -85,6 +89,7 @@ impl Watcher {
             Tracked {
                 tx,
                 since: Instant::now(),
+                left: None,
             },
         );
         if !self.0.running.swap(true, Ordering::SeqCst) {
@@ -132,13 +137,22 @@ impl Watcher {
             return;
         }
         let mut ends = self.0.imp.gone(&gone).await;
+        let lag = self.0.imp.records_lag();
         let mut jobs = self.0.jobs.lock().unwrap();
         for id in gone {
-            if let Some(t) = jobs.remove(&id) {
-                let end = ends.remove(&id).unwrap_or_else(|| JobEnd {
-                    description: "left the scheduler's listing".into(),
+            let end = match (ends.remove(&id), jobs.get(&id).and_then(|t| t.left)) {
+                (Some(end), _) => end,
+                // its end may not be recorded yet: asked again next time
+                (None, Some(left)) if left.elapsed() < lag => continue,
+                (None, _) => JobEnd {
+                    description: format!(
+                        "left the {0} queue, and {0} keeps no record of how it ended",
+                        self.0.imp.display()
+                    ),
                     success: false,
-                });
+                },
+            };
+            if let Some(t) = jobs.remove(&id) {
                 t.tx.send_replace(JobState::Ended(end));
             }
         }
@@ -154,6 +168,7 @@ impl Watcher {
             .unwrap()
             .retain(|id, t| match states.get(id) {
                 Some(st) => {
+                    t.left = None;
                     t.tx.send_if_modified(|cur| {
                         let changed = cur.differs(st);
                         if changed {
@@ -166,6 +181,7 @@ impl Watcher {
                 // Tracked after this listing was asked for: not a verdict.
                 None if t.since > asked => true,
                 None => {
+                    t.left.get_or_insert(asked);
                     gone.push(id.clone());
                     true
                 }
