@@ -314,6 +314,8 @@ impl Proxy {
         };
         let mut tick = tokio::time::interval(Duration::from_secs(10));
         let mut idle_tick = tokio::time::interval(Duration::from_secs(10));
+        // Not polled while there are no targets: no burst of missed ticks after.
+        idle_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut dask_tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             let waiting = self.link.is_none() && self.job_state.is_some();
@@ -344,7 +346,8 @@ impl Proxy {
                         self.on_target_event(ev).await;
                     }
                 }
-                _ = idle_tick.tick() => self.release_idle_targets(),
+                // Only with targets: an idle proxy's only timer otherwise.
+                _ = idle_tick.tick(), if !self.targets.is_empty() => self.release_idle_targets(),
                 _ = dask_tick.tick(), if self.dask.is_some() => self.dask_tick().await,
                 sub = self.fe.iopub.recv() => {
                     if let Ok(sub) = sub {

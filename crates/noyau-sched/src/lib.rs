@@ -35,6 +35,7 @@ mod run;
 mod scheduler;
 mod script;
 mod sge;
+mod shared;
 mod slurm;
 mod state;
 mod tasks;

@@ -1103,6 +1103,11 @@ impl Batch for Sge {
             .collect())
     }
 
+    /// `qstat -u USER` shows every job of the user's that has not ended.
+    fn shares_listing(&self) -> bool {
+        true
+    }
+
     /// `qacct -j` of each job: the ends it records (those it has no
     /// record of yet are asked again, see `records_lag`).
     async fn gone(&self, ids: &[String]) -> HashMap<String, JobEnd> {
