@@ -205,14 +205,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 @pytest.fixture
-def sge() -> None:
+def sge():  # type: ignore[no-untyped-def]
     """The Grid Engine test cluster is up; no test may leave a noyau job behind."""
-    lib.require_sge()
-    yield
-    left = lib.qstat_noyau()
-    if left:
-        subprocess.run(["qdel", *[j["id"] for j in left]], capture_output=True, check=False)
-    assert not left, f"noyau jobs left in Grid Engine: {left}"
+    yield from _no_job_left(lib.CLUSTERS["sge"])
 
 
 @pytest.fixture
@@ -230,7 +225,12 @@ def slurm() -> None:
 def batch(request: pytest.FixtureRequest) -> lib.Cluster:
     """Each test cluster in turn (a test that runs on every scheduler); no
     test may leave a noyau job behind for the next one."""
-    cluster = lib.CLUSTERS[request.param]
+    yield from _no_job_left(lib.CLUSTERS[request.param])
+
+
+def _no_job_left(cluster: lib.Cluster):  # type: ignore[no-untyped-def]
+    """The cluster, once it is up; after the test, no noyau job of it left
+    (those left are cancelled, and the test fails)."""
     cluster.require()
     yield cluster
     left = cluster.jobs()

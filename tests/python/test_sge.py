@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 import noyau_testlib as lib
-from test_slurm_run import Proc, check_summary, notebook, stdout_of
+from test_slurm_run import (Proc, check_summary, check_walltime_save, notebook, stdout_of,
+                            walltime_notebook)
 
 PROFILE = ["--backend", "sge", "--profile", "sgetest"]
 
@@ -40,7 +41,7 @@ def no_process_of(job: str) -> None:
     lib.wait_until(lambda: not lib.tagged("JOB_ID", job), 20, f"every process of job {job} to end", 0.3)
 
 
-def test_run_in_a_job_with_its_slots_and_no_secret_in_sight(sge: None, noyau_bin: str,
+def test_run_in_a_job_with_its_slots_and_no_secret_in_sight(sge: lib.Cluster, noyau_bin: str,
                                                            tmp_path: Path) -> None:
     nb = notebook(tmp_path / "in.ipynb",
                   "import os, socket\n"
@@ -67,14 +68,13 @@ def test_run_in_a_job_with_its_slots_and_no_secret_in_sight(sge: None, noyau_bin
     assert files.is_dir() and list(files.glob("noyau-run-in-*")) == [], list(files.iterdir())
 
 
-def test_walltime_warns_saves_finished_cells_and_exits_6(sge: None, noyau_bin: str,
+def test_walltime_warns_saves_finished_cells_and_exits_6(sge: lib.Cluster, noyau_bin: str,
                                                          tmp_path: Path) -> None:
     """A 45-second job (h_rt) with a long cell: the agent warns 30 s before
     the end (its watcher: start + h_rt); Grid Engine's SIGUSR2 at h_rt
     (-notify) reaches the agent, which tells the runner; it saves, marks the
     cell and exits 6 within the queue's notify delay (10 s here)."""
-    nb = notebook(tmp_path / "long.ipynb", "print('a')", "print('b')",
-                  "import time\nfor _ in range(600):\n    time.sleep(1)", "print('never')")
+    nb = walltime_notebook(tmp_path / "long.ipynb")
     out = tmp_path / "long.out.ipynb"
     t0 = time.monotonic()
     r = run(noyau_bin, ["run", str(nb), str(out), *PROFILE, "-o", "time=0:45",
@@ -84,17 +84,7 @@ def test_walltime_warns_saves_finished_cells_and_exits_6(sge: None, noyau_bin: s
     warning = re.search(r"walltime: batch job (\d+) ends in ([^;]+)", r.stderr)
     assert warning, r.stderr
     assert "walltime reached" in r.stderr, r.stderr
-    res = json.loads(out.read_text())
-    marker = res["cells"][0]
-    assert "papermill-error-cell-tag" in marker["metadata"]["tags"]
-    assert "walltime" in "".join(marker["source"]), marker
-    cells = res["cells"][1:]
-    assert stdout_of(cells[0]) == "a\n" and stdout_of(cells[1]) == "b\n"
-    assert [c["metadata"]["papermill"]["status"] for c in cells] == \
-        ["completed", "completed", "failed", "pending"]
-    err = cells[2]["outputs"][-1]
-    assert err["output_type"] == "error" and err["ename"] == "WalltimeError", err
-    assert cells[3]["outputs"] == []
+    res = check_walltime_save(out)
     job = res["metadata"]["noyau"]["job_id"]
     assert warning[1] == job
     lib.wait_until(lambda: not lib.qstat_noyau(), 30, "the run's job to leave Grid Engine", 0.5)
@@ -109,7 +99,7 @@ SWEEP_NB = ("import os\n"
             "print(x, y, os.environ.get('JOB_ID'), os.environ.get('SGE_TASK_ID'))")
 
 
-def test_sweep_is_one_array_job_k_at_a_time(sge: None, noyau_bin: str, tmp_path: Path) -> None:
+def test_sweep_is_one_array_job_k_at_a_time(sge: lib.Cluster, noyau_bin: str, tmp_path: Path) -> None:
     """Six points, two at a time: one `qsub -t 1-6 -tc 2`, never more than 2
     tasks running (qstat), six task records in qacct."""
     nb = notebook(tmp_path / "sw.ipynb", SWEEP_NB, params="x = 0\ny = 'a'")
@@ -149,7 +139,7 @@ def test_sweep_is_one_array_job_k_at_a_time(sge: None, noyau_bin: str, tmp_path:
     assert all(r["jobname"] == "noyau-sweep-sw" for r in records)
 
 
-def test_detached_run_ps_extend_and_cancel(sge: None, noyau_bin: str, tmp_path: Path) -> None:
+def test_detached_run_ps_extend_and_cancel(sge: lib.Cluster, noyau_bin: str, tmp_path: Path) -> None:
     """`--detach`: the runner is the job. `ps` shows its cells; `extend` says
     Grid Engine cannot; `cancel` (qdel: SIGUSR2 well before h_rt, then
     SIGKILL) makes the runner save and stop as on SIGTERM."""
@@ -180,7 +170,7 @@ def test_detached_run_ps_extend_and_cancel(sge: None, noyau_bin: str, tmp_path: 
     assert lib.qacct(job)[0]["exit_status"].split()[0] == "143"
 
 
-def test_target_cell_and_tasks_in_a_grid_engine_job(sge: None, noyau_bin: str,
+def test_target_cell_and_tasks_in_a_grid_engine_job(sge: lib.Cluster, noyau_bin: str,
                                                    tmp_path: Path) -> None:
     """`%%noyau on` with a Grid Engine profile: its own job; `--tasks 2`
     sizes it (2 slots of the PE on one host) and runs 2 local processes of
@@ -211,7 +201,7 @@ def test_target_cell_and_tasks_in_a_grid_engine_job(sge: None, noyau_bin: str,
     assert acct["granted_pe"] == "smp" and acct["slots"] == "2", acct
 
 
-def test_profile_keys_checked_for_grid_engine(sge: None, noyau_bin: str, tmp_path: Path) -> None:
+def test_profile_keys_checked_for_grid_engine(sge: lib.Cluster, noyau_bin: str, tmp_path: Path) -> None:
     dry = ["kernel", "--dry-run", "--backend", "sge"]
     r = run(noyau_bin, [*dry, "-o", "gpus=1"], tmp_path)
     assert r.returncode != 0 and "gpus has no meaning on Grid Engine" in r.stderr, r.stderr
