@@ -12,6 +12,7 @@
 
 pub mod agent;
 pub mod magic;
+pub mod prepare;
 pub mod process;
 pub mod remote;
 pub mod runtime;

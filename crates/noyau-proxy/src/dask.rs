@@ -614,7 +614,8 @@ impl Proxy {
         );
         let dir = ClusterDir::create(&noyau_sched::state_dir().join("dask"), &id)?;
         dir.heartbeat(0)?;
-        let mut env = crate::env_spec_for_agent()?;
+        // The target's environment (its profile's), else the kernel's.
+        let mut env = self.job_env_for(&profile, None, None).await?;
         env.insert(
             noyau_dask::owner::GRACE_ENV.into(),
             noyau_dask::owner::grace_from_env()

@@ -89,7 +89,7 @@ impl Proxy {
         };
         self.forget_releasing(&m.target).await;
         if !self.targets.contains_key(&m.target) {
-            if let Err(e) = self.start_target(&m).await {
+            if let Err(e) = self.start_target(&m, Some(&msg.header)).await {
                 let text = format!("cannot start target {:?}: {e:#}", m.target);
                 self.answer(&msg, Err(("NoyauTargetError", text))).await;
                 return;
@@ -123,8 +123,11 @@ impl Proxy {
         t.send(Lane::Shell, msg.into_frames());
     }
 
-    async fn start_target(&mut self, m: &OnMagic) -> anyhow::Result<()> {
+    /// Starts target `m.target`, its environment prepared here first (its
+    /// progress shown in the cell `parent`).
+    async fn start_target(&mut self, m: &OnMagic, parent: Option<&Bytes>) -> anyhow::Result<()> {
         let (backend, profile) = noyau_config::resolve(None, Some(&m.target), &m.overrides)?;
+        let env = self.job_env_for(&profile, m.env.as_deref(), parent).await?;
         let inner = profile
             .kernel
             .clone()
@@ -137,7 +140,7 @@ impl Proxy {
             noyau_exe: self.cfg.noyau_exe.clone(),
             job_name: format!("noyau-target-{}", m.target),
             cwd: None,
-            env: crate::env_spec_for_agent()?,
+            env,
             profile,
         };
         let t = Target::start(&m.target, launch, self.target_tx.clone()).await?;
@@ -509,8 +512,9 @@ impl Proxy {
                 overrides: vec![],
                 quiet: true,
                 tasks: None,
+                env: None,
             };
-            self.start_target(&on)
+            self.start_target(&on, None)
                 .await
                 .map_err(|e| format!("cannot start target {target:?}: {e:#}"))?;
         }

@@ -106,6 +106,7 @@ impl Proxy {
         sw.sent = true;
         let ev = Event::SwitchEnv {
             spec: sw.spec.clone(),
+            prepared: None,
         };
         let parent = sw.header.clone();
         let sent = match self.sender() {
@@ -269,6 +270,50 @@ impl Proxy {
             "[noyau] wrote {} ({} lines); `lock_file = \"noyau.lock\"` under [environment] in noyau.toml reproduces it\n",
             path.display(),
             lock.lines().count()
+        ))
+    }
+}
+
+impl Proxy {
+    /// The environment of a target's (or a Dask cluster's) jobs, prepared
+    /// here before they are submitted: `cell_env` (`%%noyau on T --env`),
+    /// else the profile's `environment`, else the notebook kernel's own
+    /// (`noyau.toml`, `NOYAU_ENV`); the kernel's data files in every case.
+    /// Build lines go to the cell `parent` as they come. (The proxy's loop
+    /// waits meanwhile; output of other cells is held in their links.)
+    pub(crate) async fn job_env_for(
+        &mut self,
+        profile: &noyau_config::Profile,
+        cell_env: Option<&str>,
+        parent: Option<&Bytes>,
+    ) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+        use anyhow::Context;
+        let cwd = std::env::current_dir().context("the kernel's working directory")?;
+        let spec = match cell_env.or(profile.environment.as_deref()) {
+            Some(e) => noyau_env::sources::merge(&[noyau_env::sources::from_cli(e, &cwd)?], &cwd)?,
+            None => noyau_env::sources::for_notebook(
+                &cwd,
+                None,
+                crate::kernel_env_var().as_deref(),
+                &cwd,
+            )?,
+        };
+        let declared = noyau_env::sources::Declared {
+            spec,
+            data: noyau_env::data::declared(&cwd, None, &[])?,
+        };
+        let mut w = noyau_client::prepare::start(&declared);
+        while let Some(line) = w.lines.recv().await {
+            tracing::info!("environment: {line}");
+            if let Some(p) = parent {
+                self.publish_stream(p, "stderr", &format!("noyau: environment: {line}\n"))
+                    .await;
+            }
+        }
+        let prepared = w.result().await.context("the target's environment")?;
+        Ok(noyau_client::prepare::job_env(
+            declared.spec.as_ref(),
+            &prepared,
         ))
     }
 }

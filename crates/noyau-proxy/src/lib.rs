@@ -71,17 +71,30 @@ fn reattach_grace() -> Duration {
         .unwrap_or(Duration::from_secs(120))
 }
 
-/// The kernel's environment, for the agent: `[environment]` in
-/// `./noyau.toml` (Jupyter starts a kernel in its notebook's directory),
-/// overridden key by key by `NOYAU_ENV` (an inline TOML/JSON table or a
-/// file, as `noyau run --env` takes; a kernelspec can set it).
-fn env_spec_for_agent() -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+/// The kernel's environment, prepared here before the agent's job is
+/// submitted: `[environment]` (and `[data]`) in `./noyau.toml` (Jupyter
+/// starts a kernel in its notebook's directory), overridden key by key by
+/// `NOYAU_ENV` (an inline TOML/JSON table or a file, as `noyau run --env`
+/// takes; a kernelspec can set it). Returns the job's environment and the
+/// build's lines, which the first cell shows (as the agent's `EnvProgress`).
+async fn prepare_for_agent() -> anyhow::Result<(std::collections::BTreeMap<String, String>, String)>
+{
     let cwd = std::env::current_dir().context("the kernel's working directory")?;
-    let spec = noyau_env::sources::for_notebook(&cwd, None, kernel_env_var().as_deref(), &cwd)?;
-    Ok(spec
-        .map(|s| (noyau_env::SPEC_ENV.to_string(), s.to_value().to_string()))
-        .into_iter()
-        .collect())
+    let declared = noyau_env::sources::Declared {
+        spec: noyau_env::sources::for_notebook(&cwd, None, kernel_env_var().as_deref(), &cwd)?,
+        data: noyau_env::data::declared(&cwd, None, &[])?,
+    };
+    let mut held = String::new();
+    let prepared = noyau_client::prepare::prepare(&declared, |line| {
+        tracing::info!("environment: {line}");
+        if held.len() < ENV_HELD_MAX {
+            held.push_str(&format!("noyau: environment: {line}\n"));
+        }
+    })
+    .await
+    .context("the kernel's environment")?;
+    let env = noyau_client::prepare::job_env(declared.spec.as_ref(), &prepared);
+    Ok((env, held))
 }
 
 /// `NOYAU_ENV`, when set.
@@ -199,6 +212,7 @@ pub async fn run(cfg: ProxyConfig) -> anyhow::Result<i32> {
     let link_cfg = LinkConfig::default();
     let handover_path = handover::path_for(&cfg.connection_file)?;
 
+    let mut env_held = String::new();
     let (listener, identity, advertise, agent) =
         match handover::take(&handover_path, reattach_grace()).filter(|h| {
             // A local agent that already gave up cannot be taken over.
@@ -224,6 +238,8 @@ pub async fn run(cfg: ProxyConfig) -> anyhow::Result<i32> {
                 (listener, h.identity, h.advertise, watch)
             }
             None => {
+                let (env, held) = prepare_for_agent().await?;
+                env_held = held;
                 let a = start_agent(
                     AgentLaunch {
                         backend: cfg.backend.clone(),
@@ -233,7 +249,7 @@ pub async fn run(cfg: ProxyConfig) -> anyhow::Result<i32> {
                         noyau_exe: cfg.noyau_exe.clone(),
                         job_name: format!("noyau-kernel-{}", cfg.inner),
                         cwd: None,
-                        env: env_spec_for_agent()?,
+                        env,
                         profile: cfg.resources.clone(),
                     },
                     link_cfg,
@@ -259,7 +275,7 @@ pub async fn run(cfg: ProxyConfig) -> anyhow::Result<i32> {
         note: None,
         submitted: Instant::now(),
         walltime_notice: None,
-        env_held: String::new(),
+        env_held,
         next_token: noyau_wire::connection::random_key(),
         cfg,
         fe,

@@ -13,6 +13,8 @@
 //!   4.0–4.4 made current by [`upgrade`] without losing fields; then
 //!   parameters injected (`noyau_notebook::inject`) and [`papermill`]'s
 //!   notebook and cell metadata laid out as papermill does.
+//! * [`environment`]: the kernel's environment and data files, built and
+//!   fetched here before the job is submitted, and recorded.
 //! * [`kernelenv`]: when no `python3` kernelspec exists, a managed Python
 //!   kernel in noyau's cache.
 //! * [`runner`]: the cells in order, each ended like nbclient ends it
@@ -23,6 +25,7 @@
 //!   cell, and every few seconds during a long one, never on every message.
 //! * [`progress`]: the bar or the plain lines on stderr.
 
+pub mod environment;
 pub mod kernelenv;
 pub mod options;
 pub mod papermill;

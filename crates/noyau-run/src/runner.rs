@@ -356,10 +356,19 @@ async fn detach(
             "--detach needs an input and an output file, not stdin/stdout",
         ));
     }
-    read_input(&args.input)?;
+    let nb = read_input(&args.input)?;
     let Output::File(out) = output_for(&args.input, args.output.as_deref()) else {
         return Err(bad("--detach needs an output file"));
     };
+    let mut env = crate::environment::for_job(
+        &nb,
+        Path::new(&args.input),
+        args.env.as_deref(),
+        !args.no_progress,
+    )
+    .await
+    .map_err(bad)?;
+    env.insert("NOYAU_DETACHED".to_string(), "1".to_string());
     let abs = |p: &Path| {
         if p.is_absolute() {
             p.to_path_buf()
@@ -398,6 +407,7 @@ async fn detach(
         }
     };
     opt(&mut a, "--kernel", args.kernel.clone());
+    opt(&mut a, "--env", args.env.clone());
     opt(&mut a, "--language", args.language.clone());
     opt(&mut a, "--cwd", args.cwd.as_deref().map(path_arg));
     opt(&mut a, "--timeout", args.timeout.map(|t| t.to_string()));
@@ -414,7 +424,7 @@ async fn detach(
         name: job_name(&args.input),
         program: std::env::current_exe().unwrap_or_else(|_| "noyau".into()),
         args: a,
-        env: [("NOYAU_DETACHED".to_string(), "1".to_string())].into(),
+        env,
         cwd: std::env::current_dir().ok(),
         profile,
         ..Default::default()
@@ -552,16 +562,14 @@ pub async fn run(args: RunArgs) -> Result<i32, Failure> {
             .and_then(|p| p.parent().map(Path::to_path_buf))
             .unwrap_or_else(|| cwd.clone())
     };
-    let env_spec = noyau_env::sources::for_notebook(
-        &nb_dir,
-        Some(&Value::Object(nb.metadata.clone())),
-        args.env.as_deref(),
-        &cwd,
-    )
-    .map_err(|e| bad(format!("{e}")))?;
-    if let Some(spec) = &env_spec {
-        env.insert(noyau_env::SPEC_ENV.to_string(), spec.to_value().to_string());
-    }
+    // Built and fetched here, before the job is submitted.
+    let declared = crate::environment::declared(&nb, &nb_dir, args.env.as_deref(), &cwd)
+        .map_err(|e| bad(format!("{e}")))?;
+    let progress = Progress::new(!args.no_progress, nb.cells.len());
+    let (prepared, job_env) = crate::environment::prepare(&declared, &progress)
+        .await
+        .map_err(bad)?;
+    env.extend(job_env);
 
     let mut signals = Signals::new()?;
     let mut launch = noyau_client::remote::local_launch(&kernel_name, args.cwd.clone());
@@ -624,6 +632,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Failure> {
         // reproduces the environment (sources::from_metadata reads it back).
         nb.metadata["noyau"]["environment"] = record.clone();
     }
+    crate::environment::record(&mut nb, &prepared);
     if let Some(li) = kernel.language_info() {
         nb.metadata.insert("language_info".into(), li.clone());
     }
@@ -637,7 +646,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Failure> {
         .any(|c| c.is_code() && !matches!(magic::parse(&c.source), Ok(Magic::None)));
     let mut runner = Runner {
         builder: OutputBuilder::new(mode),
-        progress: Progress::new(!args.no_progress, nb.cells.len()),
+        progress,
         nb,
         saver,
         args: &args,
@@ -648,6 +657,7 @@ pub async fn run(args: RunArgs) -> Result<i32, Failure> {
         delegating,
         targets: Default::default(),
         target_base: kernel_name.clone(),
+        prepared,
     };
     let (code, kernel_alive) = runner.run_cells(&mut kernel, &mut signals, run_start).await;
     runner.progress.finish();
@@ -734,6 +744,8 @@ struct Runner<'a> {
     /// The batch job and when it ends, once a walltime warning said so.
     walltime: Option<(String, Instant)>,
     status: StatusFile,
+    /// The environment and data files prepared before the kernel started.
+    prepared: noyau_env::Prepared,
 }
 
 fn runnable(cell: &noyau_notebook::Cell) -> bool {
@@ -1091,6 +1103,19 @@ impl Runner<'_> {
             .clone()
             .unwrap_or_else(|| self.target_base.clone());
         let mut launch = noyau_client::remote::local_launch(&inner, self.args.cwd.clone());
+        if let Some(e) = m.env.as_deref().or(profile.environment.as_deref()) {
+            // The target's own environment, prepared here like the kernel's.
+            let cwd = std::env::current_dir()?;
+            let declared = noyau_env::sources::Declared {
+                spec: noyau_env::sources::merge(&[noyau_env::sources::from_cli(e, &cwd)?], &cwd)?,
+                data: Vec::new(),
+            };
+            let progress = &self.progress;
+            let mut p =
+                noyau_client::prepare::prepare(&declared, |l| progress.environment(l)).await?;
+            p.data = self.prepared.data.clone();
+            launch.env = noyau_client::prepare::job_env(declared.spec.as_ref(), &p);
+        }
         launch.backend = backend;
         launch.job_name = format!("noyau-target-{}", m.target);
         launch.profile = profile;
@@ -1114,6 +1139,18 @@ impl Runner<'_> {
                     t.shutdown(Duration::from_secs(5)).await;
                 }
                 CellEnd::Ok
+            }
+            ["data", args @ ..] => {
+                let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+                match crate::environment::data_cell(&self.prepared, &args) {
+                    Ok(text) => {
+                        self.nb.cells[i].outputs_mut().push(
+                            json!({"output_type": "stream", "name": "stdout", "text": text}),
+                        );
+                        CellEnd::Ok
+                    }
+                    Err(e) => self.cell_error(i, "NoyauDataError", e),
+                }
             }
             ["env", ..] => self.cell_error(
                 i,

@@ -390,7 +390,8 @@ struct Point {
 async fn sweep(a: SweepArgs) -> Result<i32, (i32, String)> {
     // The notebook must be one before anything is submitted.
     let nb_path = abs(&a.notebook);
-    crate::runner::read_input(&nb_path.display().to_string()).map_err(|f| bad(f.message))?;
+    let nb =
+        crate::runner::read_input(&nb_path.display().to_string()).map_err(|f| bad(f.message))?;
     let stem = nb_path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -522,10 +523,17 @@ async fn sweep(a: SweepArgs) -> Result<i32, (i32, String)> {
         a.max_parallel,
         outdir.display()
     );
+    // Built and fetched once, here, for every point.
+    let env = crate::environment::for_job(&nb, &nb_path, None, true)
+        .await
+        .map_err(bad)?;
     let t0 = Instant::now();
     let (interrupted, job_id) = match backend.as_str() {
-        "local" => (run_local(&a, &plan_path, &outdir, &todo).await?, None),
-        _ => run_array(&a, &backend, &stem, &plan_path, &outdir, &todo, profile).await?,
+        "local" => (run_local(&a, &plan_path, &outdir, &todo, &env).await?, None),
+        _ => {
+            let spec = array_job(&a, &stem, &plan_path, &todo, profile, env)?;
+            run_array(&backend, spec, &outdir, &todo).await?
+        }
     };
 
     // The summary: this round's results, the previous summary for the rest.
@@ -663,6 +671,7 @@ async fn run_local(
     plan: &Path,
     outdir: &Path,
     todo: &[usize],
+    env: &std::collections::BTreeMap<String, String>,
 ) -> Result<bool, (i32, String)> {
     let exe = std::env::current_exe().map_err(bad)?;
     let logs = outdir.join("logs");
@@ -681,6 +690,7 @@ async fn run_local(
                 .arg(plan)
                 .arg("--index")
                 .arg(i.to_string())
+                .envs(env)
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
                 .stderr(log)
@@ -726,6 +736,7 @@ fn array_job(
     plan: &Path,
     todo: &[usize],
     profile: noyau_config::Profile,
+    env: std::collections::BTreeMap<String, String>,
 ) -> Result<noyau_sched::JobSpec, (i32, String)> {
     Ok(noyau_sched::JobSpec {
         name: crate::runner::job_name(stem).replacen("noyau-run-", "noyau-sweep-", 1),
@@ -733,6 +744,7 @@ fn array_job(
         args: vec!["sweep-task".into(), plan.display().to_string()],
         cwd: std::env::current_dir().ok(),
         profile,
+        env,
         array: Some(noyau_sched::ArrayTasks {
             ids: todo.to_vec(),
             max_parallel: a.max_parallel.max(1),
@@ -771,15 +783,11 @@ fn tasks_note(states: &[noyau_sched::JobState]) -> (usize, bool, String) {
 /// The points as ONE job array of the batch scheduler `backend`; true when
 /// interrupted, and the array's id.
 async fn run_array(
-    a: &SweepArgs,
     backend: &str,
-    stem: &str,
-    plan: &Path,
+    spec: noyau_sched::JobSpec,
     outdir: &Path,
     todo: &[usize],
-    profile: noyau_config::Profile,
 ) -> Result<(bool, Option<String>), (i32, String)> {
-    let spec = array_job(a, stem, plan, todo, profile)?;
     let sched = noyau_sched::Scheduler::named(backend).map_err(bad)?;
     let mut array = sched.submit_array(&spec).await.map_err(bad)?;
     let id = array.id.clone();
