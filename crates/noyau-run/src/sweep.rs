@@ -88,7 +88,7 @@ pub struct SweepArgs {
     /// Where the outputs and the summary go [default: NOTEBOOK's name + .sweep, beside it]
     #[arg(short = 'o', long = "output-dir", value_name = "OUTDIR")]
     pub output_dir: Option<PathBuf>,
-    /// Where the points run: local (child processes), slurm or oar (one job array)
+    /// Where the points run: local (child processes), slurm, oar or sge (one job array)
     /// [default: the profile's, else local]
     #[arg(long)]
     pub backend: Option<String>,
