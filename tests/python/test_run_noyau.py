@@ -166,7 +166,9 @@ def test_raises_exception_tag_skip_execution_and_allow_errors(tmp_path):
 
 
 def test_input_errors_at_once(tmp_path):
-    src = write(tmp_path / "in.ipynb", notebook("input('name? ')"))
+    """input() fails its cell at once with the error papermill's run gives
+    (stdin is not offered to a headless kernel); the cells after it do not run."""
+    src = write(tmp_path / "in.ipynb", notebook("input('name? ')", "print('after')"))
     t = time.monotonic()
     r = run(src, tmp_path / "out.ipynb", timeout=60)
     assert time.monotonic() - t < 30
@@ -174,6 +176,10 @@ def test_input_errors_at_once(tmp_path):
     out = json.loads((tmp_path / "out.ipynb").read_text())
     err = [o for c in out["cells"] for o in c.get("outputs", []) if o["output_type"] == "error"]
     assert err and err[0]["ename"] == "StdinNotImplementedError"
+    pm = subprocess.run([sys.executable, "-m", "papermill", "--no-progress-bar", str(src),
+                         str(tmp_path / "pm.ipynb")], capture_output=True, text=True, timeout=120)
+    assert pm.returncode != 0, pm.stderr
+    assert comparable(out) == comparable(json.loads((tmp_path / "pm.ipynb").read_text()))
 
 
 def test_kernel_death_mid_notebook(tmp_path):
@@ -357,20 +363,28 @@ def test_default_output_name_and_log_output(tmp_path):
     assert (tmp_path / "nb.out.ipynb").is_file()
 
 
-def test_first_run_makes_a_managed_python_kernel(tmp_path):
-    """No python3 kernelspec anywhere: noyau makes a managed ipykernel
-    environment in its cache (from PyPI), says so, uses it, and reuses it."""
+def no_kernelspec_env(tmp_path, keep=()):
+    """An environment where no python3 kernelspec is found (this venv off
+    PATH, empty Jupyter dirs), with noyau's cache in tmp_path/cache;
+    variables named in `keep` stay."""
     home = tmp_path / "home"
     home.mkdir()
     venv_bin = str(Path(sys.executable).parent)
     path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != venv_bin)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("JUPYTER", "VIRTUAL_ENV", "CONDA", "XDG_", "IPYTHON"))}
+    env = {k: v for k, v in os.environ.items() if k in keep
+           or not k.startswith(("JUPYTER", "VIRTUAL_ENV", "CONDA", "XDG_", "IPYTHON"))}
     env.update(HOME=str(home), PATH=path, XDG_CACHE_HOME=str(tmp_path / "cache"),
                JUPYTER_PATH=str(tmp_path / "empty"), JUPYTER_DATA_DIR=str(tmp_path / "empty"))
     listed = subprocess.run([NOYAU, "kernelspecs", "--json"], env=env, capture_output=True, text=True)
     if "python3" in listed.stdout:
         pytest.skip("a python3 kernelspec is installed system-wide here; the first-run path cannot be reached")
+    return env
+
+
+def test_first_run_makes_a_managed_python_kernel(tmp_path):
+    """No python3 kernelspec anywhere: noyau makes a managed ipykernel
+    environment in its cache (from PyPI), says so, uses it, and reuses it."""
+    env = no_kernelspec_env(tmp_path)
     src = write(tmp_path / "in.ipynb", notebook("import sys; print(sys.prefix)"))
     r = subprocess.run([NOYAU, "run", "--no-progress", str(src), str(tmp_path / "out.ipynb")],
                        env=env, capture_output=True, text=True, timeout=600)
@@ -406,3 +420,119 @@ def test_delegated_cells_run_on_their_targets_headless(tmp_path):
     assert text_of(cells[4]) == "--- task 0 ---\ntask 0\n--- task 1 ---\ntask 1\n"
     assert cells[1]["metadata"]["noyau"]["target"]["target"] == "side"
     assert cells[1]["metadata"]["noyau"]["target"]["job_id"].startswith("local:")
+
+
+def test_kernel_named_python_runs_the_native_python3(tmp_path):
+    """`python` in the notebook (older notebooks, some tools) or on the
+    command line is `python3`, as jupyter_client's KernelManager renames it."""
+    nb = notebook("import sys; print(sys.version_info[0])")
+    nb["metadata"]["kernelspec"] = {"name": "python", "display_name": "Python", "language": "python"}
+    src = write(tmp_path / "in.ipynb", nb)
+    r = run(src, tmp_path / "out.ipynb")
+    assert r.returncode == 0, r.stderr
+    out = json.loads((tmp_path / "out.ipynb").read_text())
+    assert text_of(out["cells"][0]) == "3\n"
+    assert out["metadata"]["noyau"]["kernel"] == "python3"
+    r = run(write(tmp_path / "in3.ipynb", notebook("print(1)")), tmp_path / "out3.ipynb",
+            "--kernel", "python")
+    assert r.returncode == 0, r.stderr
+
+
+def test_no_reconnection_warning_at_kernel_start_or_end(tmp_path):
+    """The zeromq crate's warning of a failed redial of the kernel's IOPub
+    socket (each time a kernel exits) is not shown, even at NOYAU_LOG=info
+    (only when NOYAU_LOG names zeromq)."""
+    src = write(tmp_path / "in.ipynb", notebook("print(1)"))
+    r = run(src, tmp_path / "out.ipynb", env={**os.environ, "NOYAU_LOG": "info"})
+    assert r.returncode == 0, r.stderr
+    assert "Reconnection attempt" not in r.stderr and " WARN " not in r.stderr, r.stderr
+
+
+HIST = "print(get_ipython().history_manager.hist_file)"
+
+
+def test_headless_ipython_history_in_memory_unless_told(tmp_path):
+    """Like nbclient, a headless IPython kernel keeps its history in memory
+    (no shared history.sqlite to lock); NOYAU_IPYTHON_HIST_FILE names a file
+    instead, and an empty value leaves IPython's own default."""
+    src = write(tmp_path / "in.ipynb", notebook(HIST, "1 + 1"))
+    ipython = tmp_path / "ipython"
+    env = {**os.environ, "IPYTHONDIR": str(ipython)}
+    env.pop("NOYAU_IPYTHON_HIST_FILE", None)
+    r = run(src, tmp_path / "mem.ipynb", env=env)
+    assert r.returncode == 0, r.stderr
+    assert text_of(json.loads((tmp_path / "mem.ipynb").read_text())["cells"][0]) == ":memory:\n"
+    assert not list(ipython.rglob("history.sqlite")), "the history went to a file"
+    hist = tmp_path / "hist.sqlite"
+    r = run(src, tmp_path / "file.ipynb", env={**env, "NOYAU_IPYTHON_HIST_FILE": str(hist)})
+    assert r.returncode == 0, r.stderr
+    assert text_of(json.loads((tmp_path / "file.ipynb").read_text())["cells"][0]) == f"{hist}\n"
+    assert hist.is_file()
+    r = run(src, tmp_path / "default.ipynb", env={**env, "NOYAU_IPYTHON_HIST_FILE": ""})
+    assert r.returncode == 0, r.stderr
+    default = ipython / "profile_default" / "history.sqlite"
+    assert text_of(json.loads((tmp_path / "default.ipynb").read_text())["cells"][0]) == f"{default}\n"
+
+
+def test_slurm_run_without_kernelspec_makes_the_managed_kernel(slurm, tmp_path):
+    """--backend slurm with no python3 kernelspec: the managed kernel is made
+    here, in the cache on the shared filesystem, and the job runs it."""
+    env = no_kernelspec_env(tmp_path, keep=("XDG_CONFIG_HOME",))
+    src = write(tmp_path / "in.ipynb", notebook("import os, sys; print(sys.prefix, os.environ['SLURM_JOB_ID'])"))
+    r = subprocess.run([NOYAU, "run", "--no-progress", "--backend", "slurm", "--profile", "test",
+                        "-o", "mem=400M", str(src), str(tmp_path / "out.ipynb")],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "making a managed Python kernel" in r.stderr, r.stderr
+    prefix, job = text_of(json.loads((tmp_path / "out.ipynb").read_text())["cells"][0]).split()
+    assert prefix.startswith(str(tmp_path / "cache" / "noyau" / "kernels")), prefix
+    assert job.isdigit()
+    lib.wait_until(lambda: not lib.squeue_noyau(), 30, "the run's job to leave the queue", 0.5)
+
+
+def oar_kernelspec(oar, data: Path, name: str, mark: str) -> None:
+    """A kernelspec NAME under DATA/kernels running the test user's ipykernel,
+    whose kernel sees MARK in $NOYAU_TEST_MARK."""
+    spec = data / "kernels" / name
+    oar.run(["mkdir", "-p", str(spec)], oar.home, check=True)
+    oar.write(spec / "kernel.json", json.dumps({
+        "argv": [f"{oar.venv}/bin/python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": name, "language": "python", "env": {"NOYAU_TEST_MARK": mark}}))
+
+
+def test_oar_job_finds_the_kernels_the_submitting_shell_finds(tmp_path):
+    """OAR does not export the submitter's environment: the job still gets
+    its JUPYTER_PATH and the other dirs noyau searched (an active venv's)."""
+    oar = lib.require_oar()
+    d = oar.workdir("jupyter-path")
+    oar_kernelspec(oar, d / "jp", "from-jupyter-path", "jp")
+    oar_kernelspec(oar, d / "venv" / "share" / "jupyter", "from-venv", "venv")
+    show = "import os; print(os.environ['NOYAU_TEST_MARK'], os.environ['OAR_JOB_ID'])"
+    for kernel, shell, mark in [("from-jupyter-path", f"JUPYTER_PATH={d / 'jp'}", "jp"),
+                                ("from-venv", f"VIRTUAL_ENV={d / 'venv'}", "venv")]:
+        nb = notebook(show)
+        nb["metadata"]["kernelspec"]["name"] = kernel
+        oar.write(d / f"{kernel}.ipynb", json.dumps(nb))
+        r = oar.run([shell, str(oar.bin), "run", "--no-progress", "--backend", "oar", "-o", "time=5",
+                     f"{kernel}.ipynb", "out.ipynb"], d)
+        assert r.returncode == 0, r.stderr
+        got, job = text_of(json.loads((d / "out.ipynb").read_text())["cells"][0]).split()
+        assert (got, job.isdigit()) == (mark, True)
+
+
+def test_oar_run_without_kernelspec_makes_the_managed_kernel():
+    """--backend oar with no python3 kernelspec found by the submitting
+    shell: the managed kernel is made before the job, in the user's cache,
+    and the job runs it (not the user's own python3 of ~/.local)."""
+    oar = lib.require_oar()
+    d = oar.workdir("managed")
+    oar.run(["mkdir", "empty"], d, check=True)
+    oar.write(d / "in.ipynb", json.dumps(notebook("import sys; print(sys.prefix)")))
+    cache = d / "cache"
+    r = oar.run(["PATH=/usr/local/bin:/usr/bin:/bin", f"JUPYTER_DATA_DIR={d / 'empty'}",
+                 f"XDG_CACHE_HOME={cache}", str(oar.bin), "run", "--no-progress", "--backend", "oar",
+                 "-o", "time=10", "in.ipynb", "out.ipynb"], d, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "making a managed Python kernel" in r.stderr, r.stderr
+    prefix = text_of(json.loads((d / "out.ipynb").read_text())["cells"][0]).strip()
+    assert prefix.startswith(str(cache / "noyau" / "kernels")), prefix

@@ -31,6 +31,9 @@ pub struct AgentConfig {
     /// What the submitting host built and fetched for it
     /// (`NOYAU_ENV_PREPARED`): checked and used here, offline.
     pub prepared: Option<noyau_env::Prepared>,
+    /// The history file of an IPython kernel (`:memory:` for `noyau run`),
+    /// from `NOYAU_IPYTHON_HIST_FILE`; unset or empty: IPython's default.
+    pub ipython_hist_file: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -122,6 +125,8 @@ impl AgentConfig {
         Ok(AgentConfig {
             env_spec,
             prepared,
+            ipython_hist_file: take_env(noyau_client::agent::IPYTHON_HIST_FILE_ENV)
+                .filter(|v| !v.is_empty()),
             link_addr,
             pin,
             token,

@@ -394,3 +394,63 @@ impl Activity {
         }
     }
 }
+
+/// `spec` with `--HistoryManager.hist_file=FILE` added when it runs
+/// ipykernel and does not set the history file itself, as nbclient adds it
+/// to the kernels it starts (`:memory:` by default): kernels sharing one
+/// `history.sqlite` on a shared filesystem lock each other out.
+pub fn with_hist_file(mut spec: FoundSpec, file: Option<&str>) -> FoundSpec {
+    let argv = &mut spec.spec.argv;
+    let ipykernel = argv.iter().any(|a| a.contains("ipykernel"));
+    let set = argv
+        .iter()
+        .any(|a| a.starts_with("--HistoryManager.hist_file"));
+    if let (Some(file), true, false) = (file, ipykernel, set) {
+        argv.push(format!("--HistoryManager.hist_file={file}"));
+    }
+    spec
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(argv: &[&str]) -> FoundSpec {
+        let json = serde_json::json!({"argv": argv, "display_name": "k", "language": "python"});
+        FoundSpec {
+            name: "k".into(),
+            dir: "/k".into(),
+            spec: serde_json::from_value(json).unwrap(),
+        }
+    }
+
+    #[test]
+    fn hist_file_goes_to_ipykernel_only_and_never_twice() {
+        let ipy = [
+            "python",
+            "-m",
+            "ipykernel_launcher",
+            "-f",
+            "{connection_file}",
+        ];
+        let argv = with_hist_file(spec(&ipy), Some(":memory:")).spec.argv;
+        assert_eq!(argv.last().unwrap(), "--HistoryManager.hist_file=:memory:");
+        assert_eq!(with_hist_file(spec(&ipy), None).spec.argv, ipy);
+        let own = [
+            "python",
+            "-m",
+            "ipykernel",
+            "--HistoryManager.hist_file=/h.sqlite",
+        ];
+        assert_eq!(with_hist_file(spec(&own), Some(":memory:")).spec.argv, own);
+        let ir = [
+            "R",
+            "--slave",
+            "-e",
+            "IRkernel::main()",
+            "--args",
+            "{connection_file}",
+        ];
+        assert_eq!(with_hist_file(spec(&ir), Some(":memory:")).spec.argv, ir);
+    }
+}

@@ -82,7 +82,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<i32> {
     let signer = Signer::new(key.as_bytes());
     let session = uuid::Uuid::new_v4().to_string();
     let outbox = Outbox::new(signer.clone(), session.clone(), cfg.buffer_limit);
-    let spec = kernelspec::find(&cfg.inner);
+    let spec = kernelspec::find(&cfg.inner)
+        .map(|s| kernel::with_hist_file(s, cfg.ipython_hist_file.as_deref()));
     let mut agent = Agent {
         spec: spec.as_ref().ok().cloned(),
         cfg,

@@ -15,6 +15,11 @@ use anyhow::Context;
 use noyau_link::{LinkConfig, LinkListener, ServerIdentity};
 use noyau_sched::{Backend, Job, JobSpec, JobState};
 
+/// Where a headless IPython kernel keeps its history, passed by `noyau run`
+/// to its agent: a file, `:memory:`, or empty for IPython's own default
+/// (the profile's `history.sqlite`).
+pub const IPYTHON_HIST_FILE_ENV: &str = "NOYAU_IPYTHON_HIST_FILE";
+
 /// What to start.
 #[derive(Debug, Clone)]
 pub struct AgentLaunch {

@@ -9,11 +9,64 @@
 //! it through `JUPYTER_PATH`. The environment is built in a temporary
 //! directory and renamed into place, so concurrent first runs do not see a
 //! half-made one.
+//!
+//! A batch job gets what it needs to find the kernel this host found in
+//! its environment ([`job_env`]), since a scheduler may not copy the
+//! submitting shell's (OAR copies nothing): `JUPYTER_PATH` naming every data
+//! dir searched here, and the IPython history setting of headless kernels.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use noyau_client::agent::IPYTHON_HIST_FILE_ENV;
+use noyau_wire::kernelspec::{self, KernelSpecError, NATIVE_KERNEL_NAME};
+
 pub const IPYKERNEL_VERSION: &str = "7.4.0";
+
+/// Where headless IPython kernels keep their history unless
+/// `NOYAU_IPYTHON_HIST_FILE` says otherwise: in memory, as nbclient does, so
+/// that many kernels do not share (and lock) one SQLite file on a shared
+/// filesystem.
+pub const DEFAULT_HIST_FILE: &str = ":memory:";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelEnvError {
+    #[error("{0}\n(choose a kernel with --kernel NAME; `noyau kernelspecs` lists them)")]
+    Spec(KernelSpecError),
+    #[error("cannot make the managed Python kernel: {0}")]
+    Managed(String),
+}
+
+/// The kernelspec a run uses: `--kernel`, else the notebook's, else
+/// `python3`; `python` means `python3`, as in jupyter_client.
+pub fn kernel_name(given: Option<&str>, notebook: Option<&str>) -> String {
+    kernelspec::resolve_alias(given.or(notebook).unwrap_or(NATIVE_KERNEL_NAME)).to_string()
+}
+
+/// The environment the kernel's agent needs, on every backend: the search
+/// path of this host (the managed Python kernel's first when `python3` is
+/// nowhere, made now, here, where the network is) and the history setting.
+/// A kernel missing here is an error on the local backend only: a batch
+/// job may see kernelspecs this host does not.
+pub fn job_env(kernel: &str, backend: &str) -> Result<BTreeMap<String, String>, KernelEnvError> {
+    let mut managed = None;
+    if let Err(e) = kernelspec::find(kernel) {
+        if kernel == NATIVE_KERNEL_NAME && matches!(e, KernelSpecError::NotFound { .. }) {
+            managed = Some(ensure_python_kernel().map_err(KernelEnvError::Managed)?);
+        } else if backend == "local" {
+            return Err(KernelEnvError::Spec(e));
+        }
+    }
+    let hist = std::env::var(IPYTHON_HIST_FILE_ENV).unwrap_or_else(|_| DEFAULT_HIST_FILE.into());
+    Ok(BTreeMap::from([
+        (
+            "JUPYTER_PATH".to_string(),
+            kernelspec::search_path_from(&kernelspec::process_env, managed.as_deref()),
+        ),
+        (IPYTHON_HIST_FILE_ENV.to_string(), hist),
+    ]))
+}
 
 pub fn cache_dir() -> PathBuf {
     let base = std::env::var_os("XDG_CACHE_HOME")

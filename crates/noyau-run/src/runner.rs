@@ -357,6 +357,8 @@ async fn detach(
         ));
     }
     let nb = read_input(&args.input)?;
+    let kernel = crate::kernelenv::kernel_name(args.kernel.as_deref(), nb.kernel_name());
+    let kernel_env = crate::kernelenv::job_env(&kernel, backend).map_err(kernel_env_failure)?;
     let Output::File(out) = output_for(&args.input, args.output.as_deref()) else {
         return Err(bad("--detach needs an output file"));
     };
@@ -368,6 +370,7 @@ async fn detach(
     )
     .await
     .map_err(bad)?;
+    env.extend(kernel_env);
     env.insert("NOYAU_DETACHED".to_string(), "1".to_string());
     let abs = |p: &Path| {
         if p.is_absolute() {
@@ -455,6 +458,16 @@ pub fn allocation() -> Option<String> {
     noyau_sched::this_job().map(|(_, id)| id)
 }
 
+fn kernel_env_failure(e: crate::kernelenv::KernelEnvError) -> Failure {
+    match e {
+        crate::kernelenv::KernelEnvError::Spec(_) => bad(e.to_string()),
+        crate::kernelenv::KernelEnvError::Managed(_) => Failure {
+            code: exit::KERNEL_START,
+            message: e.to_string(),
+        },
+    }
+}
+
 fn kernel_failure(e: anyhow::Error) -> Failure {
     Failure {
         code: exit::KERNEL_START,
@@ -513,34 +526,8 @@ pub async fn run(args: RunArgs) -> Result<i32, Failure> {
     }
 
     // Which kernel, and where its spec is.
-    let kernel_name = args
-        .kernel
-        .clone()
-        .or_else(|| nb.kernel_name().map(str::to_string))
-        .unwrap_or_else(|| "python3".into());
-    let mut env = std::collections::BTreeMap::new();
-    if backend == "local" {
-        if let Err(e) = noyau_wire::kernelspec::find(&kernel_name) {
-            let python = matches!(kernel_name.as_str(), "python3" | "python");
-            if python && matches!(e, noyau_wire::kernelspec::KernelSpecError::NotFound { .. }) {
-                let data = crate::kernelenv::ensure_python_kernel().map_err(|m| Failure {
-                    code: exit::KERNEL_START,
-                    message: format!("cannot make the managed Python kernel: {m}"),
-                })?;
-                let mut jp = data.display().to_string();
-                if let Ok(old) = std::env::var("JUPYTER_PATH") {
-                    if !old.is_empty() {
-                        jp = format!("{jp}:{old}");
-                    }
-                }
-                env.insert("JUPYTER_PATH".to_string(), jp);
-            } else {
-                return Err(bad(format!(
-                    "{e}\n(choose a kernel with --kernel NAME; `noyau kernelspecs` lists them)"
-                )));
-            }
-        }
-    }
+    let kernel_name = crate::kernelenv::kernel_name(args.kernel.as_deref(), nb.kernel_name());
+    let mut env = crate::kernelenv::job_env(&kernel_name, &backend).map_err(kernel_env_failure)?;
 
     let run_start = chrono::Utc::now();
     pm::notebook_start(&mut nb, &pm::iso(run_start));

@@ -531,6 +531,8 @@ async fn sweep(a: SweepArgs) -> Result<i32, (i32, String)> {
     let (interrupted, job_id) = match backend.as_str() {
         "local" => (run_local(&a, &plan_path, &outdir, &todo, &env).await?, None),
         _ => {
+            let mut env = env;
+            env.extend(kernel_env(&a, &nb, &backend)?);
             let spec = array_job(&a, &stem, &plan_path, &todo, profile, env)?;
             run_array(&backend, spec, &outdir, &todo).await?
         }
@@ -727,6 +729,17 @@ async fn run_local(
         }
     }
     Ok(interrupted)
+}
+
+/// What each point's job needs to find the kernel this host finds
+/// (`kernelenv::job_env`), whatever the scheduler exports.
+fn kernel_env(
+    a: &SweepArgs,
+    nb: &noyau_notebook::Notebook,
+    backend: &str,
+) -> Result<std::collections::BTreeMap<String, String>, (i32, String)> {
+    let kernel = crate::kernelenv::kernel_name(a.kernel.as_deref(), nb.kernel_name());
+    crate::kernelenv::job_env(&kernel, backend).map_err(bad)
 }
 
 /// The job array of a sweep: `noyau sweep-task PLAN` for each point.

@@ -287,6 +287,42 @@ pub fn kernel_dirs_from(env: EnvLookup) -> Vec<PathBuf> {
     out
 }
 
+/// The kernel of the Python a frontend runs in, as jupyter_client names it.
+pub const NATIVE_KERNEL_NAME: &str = "python3";
+
+/// The kernelspec a notebook's kernel name means, as jupyter_client's
+/// `KernelManager` reads it before any lookup: `python` (older notebooks,
+/// some tools' output) is the native [`NATIVE_KERNEL_NAME`]; other names
+/// are themselves.
+pub fn resolve_alias(name: &str) -> &str {
+    if name == "python" {
+        NATIVE_KERNEL_NAME
+    } else {
+        name
+    }
+}
+
+/// A `JUPYTER_PATH` value that makes another process (a batch job, whose
+/// environment the scheduler may not copy) search kernelspecs as this one
+/// does: `first` if given, then the data dirs behind [`kernel_dirs_from`]
+/// in their order (the shell's `JUPYTER_PATH` first). Dirs whose name holds
+/// the path separator cannot be listed and are left out.
+pub fn search_path_from(env: EnvLookup, first: Option<&Path>) -> String {
+    let mut dirs: Vec<PathBuf> = first.map(Path::to_path_buf).into_iter().collect();
+    for k in kernel_dirs_from(env) {
+        if let Some(d) = k.parent().filter(|d| !dirs.iter().any(|x| x == d)) {
+            dirs.push(d.to_path_buf());
+        }
+    }
+    let listed: Vec<String> = dirs
+        .iter()
+        .filter_map(|d| d.to_str())
+        .filter(|d| !d.contains(':'))
+        .map(str::to_string)
+        .collect();
+    listed.join(":")
+}
+
 /// Find kernelspec `name` (case-insensitive) on the Jupyter paths.
 pub fn find(name: &str) -> Result<FoundSpec, KernelSpecError> {
     find_in(name, &kernel_dirs())
@@ -512,6 +548,32 @@ mod tests {
         .map(PathBuf::from)
         .collect();
         assert_eq!(dirs, want);
+    }
+
+    #[test]
+    fn python_means_the_native_kernel_as_in_jupyter_client() {
+        assert_eq!(resolve_alias("python"), "python3");
+        assert_eq!(resolve_alias("python3"), "python3");
+        // jupyter_client compares exactly: other spellings are names of their own
+        assert_eq!(resolve_alias("Python"), "Python");
+        assert_eq!(resolve_alias("ir"), "ir");
+    }
+
+    #[test]
+    fn search_path_lists_the_data_dirs_in_search_order() {
+        let env = env_of(&[
+            ("JUPYTER_PATH", "/a:/b:/a"),
+            ("HOME", "/home/u"),
+            ("VIRTUAL_ENV", "/venv"),
+        ]);
+        // the venv's dir goes before the user's, as the search does; each once
+        assert_eq!(
+            search_path_from(&env, Some(Path::new("/managed"))),
+            "/managed:/a:/b:/venv/share/jupyter:/home/u/.local/share/jupyter:\
+             /usr/local/share/jupyter:/usr/share/jupyter"
+        );
+        let odd = env_of(&[("JUPYTER_DATA_DIR", "/x:y"), ("HOME", "/h")]);
+        assert!(!search_path_from(&odd, None).contains("/x:y"));
     }
 
     #[test]

@@ -197,8 +197,18 @@ struct AgentArgs {
 
 /// Logs to stderr, filtered by NOYAU_LOG, else by `default`.
 fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("NOYAU_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // The zeromq crate warns of each failed redial of a kernel's IOPub
+    // socket, which happens once whenever a kernel exits: no news for a
+    // user. Its logs show only when the filter names zeromq.
+    const QUIET: &str = "zeromq=error";
+    let wanted = std::env::var("NOYAU_LOG").unwrap_or_else(|_| default.to_string());
+    let filter = if wanted.contains("zeromq") {
+        wanted
+    } else {
+        format!("{wanted},{QUIET}")
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},{QUIET}")));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
