@@ -5,6 +5,7 @@ from PyPI), owned by a noyau notebook kernel and secured with Dask's TLS."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import signal
@@ -120,7 +121,7 @@ def test_dask_up_compute_status_down_and_shutdown(km) -> None:  # type: ignore[n
     # the dashboard, through the port noyau forwards on this host
     if importlib.util.find_spec("bokeh") is None:
         lib.missing("bokeh is not installed (tests/python/requirements.txt pins it)")
-    d = re.search(r"dashboard: (http://127\.0\.0\.1:\d+/status) \(noyau forwards it to http://", text)
+    d = re.search(r"dashboard: (http://127\.0\.0\.1:\d+/status\?token=[0-9a-f]+) \(noyau forwards it to http://", text)
     assert d, text
     dashboard = d.group(1)
     with urllib.request.urlopen(dashboard, timeout=30) as r:
@@ -208,6 +209,52 @@ def test_dask_up_compute_status_down_and_shutdown(km) -> None:  # type: ignore[n
     assert text.splitlines() == ["[True]", "42"], text
     km.shutdown_kernel()
     lib.wait_until(lambda: not dask_jobs(), 30, "the cluster's jobs to leave the queue after shutdown", interval=0.5)
+
+
+NOBODY_GET = """\
+import json, sys, urllib.error, urllib.request
+req = urllib.request.Request(sys.argv[1], headers=json.loads(sys.argv[2]))
+try:
+    r = urllib.request.urlopen(req, timeout=30)
+    print(json.dumps([r.status, r.headers.get("Set-Cookie", "")]))
+except urllib.error.HTTPError as e:
+    print(json.dumps([e.code, ""]))
+"""
+
+
+def test_the_dashboard_answers_only_its_token_whoever_asks(km) -> None:  # type: ignore[no-untyped-def]
+    """Every user of the kernel's host reaches its 127.0.0.1: the dashboard
+    noyau relays there answers the link with its token (and the cookie that
+    link sets), and 403 otherwise, before anything reaches Dask. Asked as
+    another local user (nobody, through runuser)."""
+    if importlib.util.find_spec("bokeh") is None:
+        lib.missing("bokeh is not installed (tests/python/requirements.txt pins it)")
+    if os.geteuid() != 0:
+        lib.missing("asking as another local user (runuser -u nobody) needs root")
+    reply, text, errors = run(km, "%noyau dask up 1 --target hpc", timeout=180)
+    assert reply["status"] == "ok", (text, errors)
+    m = re.search(r"dashboard: (http://127\.0\.0\.1:(\d+)/status\?token=([0-9a-f]+)) ", text)
+    assert m, text
+    link, port, token = m.group(1), m.group(2), m.group(3)
+    base = f"http://127.0.0.1:{port}"
+
+    def as_nobody(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+        r = subprocess.run(["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c", NOBODY_GET, url,
+                            json.dumps(headers or {})], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        status, cookie = json.loads(r.stdout)
+        return status, cookie
+
+    assert as_nobody(f"{base}/status")[0] == 403
+    assert as_nobody(f"{base}/status?token={'0' * len(token)}")[0] == 403
+    assert as_nobody(f"{base}/status", {"Cookie": f"noyau-dask-{port}={token[:-1]}"})[0] == 403
+    status, cookie = as_nobody(link)
+    assert status == 200, status
+    assert cookie.startswith(f"noyau-dask-{port}={token};") and "HttpOnly" in cookie, cookie
+    # the page's own requests carry the cookie
+    assert as_nobody(f"{base}/status", {"Cookie": cookie.split(";")[0]})[0] == 200
+    reply, text, _ = run(km, "%noyau dask status")
+    assert f"dashboard: {link} " in text, text
 
 
 def test_dask_up_needs_distributed_in_the_environment(km, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -13,6 +13,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::error::RunError;
+
 pub const IPYKERNEL_VERSION: &str = "7.4.0";
 
 pub fn cache_dir() -> PathBuf {
@@ -28,15 +30,14 @@ pub fn cache_dir() -> PathBuf {
 
 /// The Jupyter data dir (`…/share/jupyter`) holding the managed `python3`
 /// kernelspec, made on first use.
-pub fn ensure_python_kernel() -> Result<PathBuf, String> {
+pub fn ensure_python_kernel() -> Result<PathBuf, RunError> {
     let dir = cache_dir();
     let data = dir.join("share").join("jupyter");
     if dir.join(".complete").exists() {
         return Ok(data);
     }
     let parent = dir.parent().expect("cache dir has a parent");
-    std::fs::create_dir_all(parent)
-        .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    std::fs::create_dir_all(parent).map_err(RunError::io("cannot create", parent))?;
     eprintln!(
         "noyau: no python3 kernelspec is installed; making a managed Python kernel \
          (ipykernel=={IPYKERNEL_VERSION}) in {} — once, it is reused by later runs",
@@ -57,15 +58,11 @@ pub fn ensure_python_kernel() -> Result<PathBuf, String> {
         }
         Err(e) => {
             let _ = std::fs::remove_dir_all(&tmp);
-            return Err(format!(
-                "cannot move the environment to {}: {e}",
-                dir.display()
-            ));
+            return Err(RunError::io("cannot move the environment to", &dir)(e));
         }
     }
     write_spec(&dir)?;
-    std::fs::write(dir.join(".complete"), b"")
-        .map_err(|e| format!("cannot write in {}: {e}", dir.display()))?;
+    std::fs::write(dir.join(".complete"), b"").map_err(RunError::io("cannot write in", &dir))?;
     eprintln!("noyau: managed Python kernel ready");
     Ok(data)
 }
@@ -76,22 +73,24 @@ fn on_path(exe: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn run(cmd: &mut Command) -> Result<(), String> {
+fn run(cmd: &mut Command) -> Result<(), RunError> {
     let shown = format!("{cmd:?}");
-    let out = cmd
-        .output()
-        .map_err(|e| format!("cannot run {shown}: {e}"))?;
+    let out = cmd.output().map_err(|source| RunError::Io {
+        what: "cannot run",
+        path: shown.clone().into(),
+        source,
+    })?;
     if !out.status.success() {
-        return Err(format!(
-            "{shown} failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
+        return Err(RunError::Command {
+            command: shown,
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
     }
     Ok(())
 }
 
-fn build(tmp: &Path) -> Result<(), String> {
+fn build(tmp: &Path) -> Result<(), RunError> {
     let pin = format!("ipykernel=={IPYKERNEL_VERSION}");
     let python = tmp.join("bin").join("python");
     if on_path("uv") {
@@ -102,7 +101,7 @@ fn build(tmp: &Path) -> Result<(), String> {
             .arg(&pin))?;
     } else {
         run(Command::new("python3").arg("-m").arg("venv").arg(tmp)).map_err(|e| {
-            format!("{e}\nnoyau needs python3 with the venv module (Debian: apt install python3-venv), or uv")
+            RunError::Input(format!("{e}\nnoyau needs python3 with the venv module (Debian: apt install python3-venv), or uv"))
         })?;
         run(Command::new(&python).args([
             "-m",
@@ -116,10 +115,9 @@ fn build(tmp: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn write_spec(dir: &Path) -> Result<(), String> {
+fn write_spec(dir: &Path) -> Result<(), RunError> {
     let spec_dir = dir.join("share/jupyter/kernels/python3");
-    std::fs::create_dir_all(&spec_dir)
-        .map_err(|e| format!("cannot create {}: {e}", spec_dir.display()))?;
+    std::fs::create_dir_all(&spec_dir).map_err(RunError::io("cannot create", &spec_dir))?;
     let spec = serde_json::json!({
         "argv": [dir.join("bin/python"), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "Python 3 (noyau managed)",
@@ -130,5 +128,5 @@ fn write_spec(dir: &Path) -> Result<(), String> {
         spec_dir.join("kernel.json"),
         serde_json::to_vec_pretty(&spec).expect("json"),
     )
-    .map_err(|e| format!("cannot write the kernelspec in {}: {e}", spec_dir.display()))
+    .map_err(RunError::io("cannot write the kernelspec in", &spec_dir))
 }

@@ -2,10 +2,12 @@
 
 mod install;
 mod jobs;
+mod run_cli;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -22,13 +24,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a notebook headless, with parameters (papermill-compatible)
-    Run(noyau_run::RunArgs),
+    Run(run_cli::RunArgs),
     /// Run a notebook over a parameter grid: one output per point, a summary
     /// (one Slurm job array, or local processes K at a time)
-    Sweep(noyau_run::SweepArgs),
+    Sweep(run_cli::SweepArgs),
     /// One point of a sweep (run by `noyau sweep`, not by hand)
     #[command(hide = true)]
-    SweepTask(noyau_run::SweepTaskArgs),
+    SweepTask(run_cli::SweepTaskArgs),
     /// The proxy kernel a noyau kernelspec starts (run by Jupyter, not by hand)
     Kernel(KernelArgs),
     /// The compute-node side, started by a backend (run by noyau, not by hand)
@@ -208,6 +210,7 @@ fn kernel(a: KernelArgs) -> anyhow::Result<i32> {
     let Some(connection_file) = a.connection_file else {
         anyhow::bail!("-f CONNECTION_FILE is required");
     };
+    let shown = connection_file.display().to_string();
     block_on(noyau_proxy::run(noyau_proxy::ProxyConfig {
         connection_file,
         inner: a.inner,
@@ -219,15 +222,16 @@ fn kernel(a: KernelArgs) -> anyhow::Result<i32> {
         resources,
         allow_unsigned: a.allow_unsigned,
     }))
+    .with_context(|| format!("the kernel for {shown} could not start"))
 }
 
 fn main() {
     let cli = Cli::parse();
     init_logging();
     let result: anyhow::Result<i32> = match cli.command {
-        Command::Run(a) => Ok(noyau_run::main(a)),
-        Command::Sweep(a) => Ok(noyau_run::sweep::main(a)),
-        Command::SweepTask(a) => Ok(noyau_run::sweep::task_main(a)),
+        Command::Run(a) => Ok(noyau_run::main(a.into())),
+        Command::Sweep(a) => Ok(noyau_run::sweep::main(a.into())),
+        Command::SweepTask(a) => Ok(noyau_run::sweep::task_main(a.into())),
         Command::Kernel(a) => kernel(a),
         Command::Agent(a) => noyau_agent::AgentConfig::load(a.secrets_file.as_deref(), a.inner)
             .and_then(|cfg| match a.serve {
