@@ -404,3 +404,102 @@ def test_a_computation_longer_than_the_worker_walltime_finishes(km) -> None:  # 
         assert running[new][0] < running[old][1], f"job {new} started after {old} ended: {running}"
     reply, text, _ = run(km, "%noyau dask status")
     assert re.search(r"[1-9]\d* replaced before their walltime", text), text
+
+
+# ------------------------------------------------- Dask in `noyau run` and sweeps
+
+def dask_notebook(path: Path, workers: int = 2) -> Path:
+    """A batch notebook as a centre writes it: a Dask cluster on the
+    `hpc` target, then a dask.array computation of size `n` (a parameter)."""
+    sources = [
+        ("n = 1000", ["parameters"]),
+        (f"%noyau dask up {workers} --target hpc", []),
+        ("from dask.distributed import Client\nimport dask.array as da\nclient = Client()\n"
+         "print(int(da.arange(n, chunks=10).sum().compute()))", []),
+    ]
+    cells = [{"cell_type": "code", "metadata": {"tags": tags}, "source": s, "outputs": [],
+              "execution_count": None, "id": f"c{i}"} for i, (s, tags) in enumerate(sources)]
+    path.write_text(json.dumps({
+        "cells": cells, "nbformat": 4, "nbformat_minor": 5,
+        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}}))
+    return path
+
+
+def stdout_of(cell: dict) -> str:
+    return "".join("".join(o.get("text", "")) for o in cell.get("outputs", [])
+                   if o.get("output_type") == "stream" and o.get("name") == "stdout")
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, noyau_bin: str):  # type: ignore[no-untyped-def]
+    """tmp_path with the `hpc` profile, on a cluster with room for a
+    kernel's job, a scheduler and 2 workers; no Dask job may be left."""
+    require_slurm()
+    if importlib.util.find_spec("distributed") is None:
+        lib.missing("distributed is not installed (tests/python/requirements.txt pins it)")
+    if lib.slurm_node_cpus() < 4:
+        lib.missing("the test cluster has fewer than 4 CPUs for a run's job, a scheduler and 2 workers: "
+                    "start it with SLURM_UP_CPUS=4 scripts/slurm-up DIR")
+    (tmp_path / "noyau.toml").write_text(PROFILE)
+    yield tmp_path
+    end_cluster_jobs()
+    lib.wait_until(lambda: not lib.squeue_noyau(), 60, "every job of the run to leave the queue", interval=0.5)
+
+
+def test_a_run_on_slurm_starts_a_dask_cluster_computes_and_leaves_no_job(run_dir: Path, noyau_bin: str) -> None:
+    nb = dask_notebook(run_dir / "batch.ipynb")
+    out = run_dir / "out.ipynb"
+    r = subprocess.run([noyau_bin, "run", "--no-progress", str(nb), str(out), "--backend", "slurm",
+                        "--profile", "hpc", "-p", "n", "100"],
+                       cwd=run_dir, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    cells = json.loads(out.read_text())["cells"]
+    assert "scheduler up" in stdout_of(cells[2]), cells[2]
+    assert stdout_of(cells[3]) == "4950\n", cells[3]
+    # the cluster ended with the run, before the command returned
+    assert not dask_jobs(), dask_jobs()
+
+
+def test_a_sweep_runs_dask_in_every_point(run_dir: Path, noyau_bin: str) -> None:
+    nb = dask_notebook(run_dir / "batch.ipynb")
+    outdir = run_dir / "sweep"
+    r = subprocess.run([noyau_bin, "sweep", str(nb), "--grid", "n=10,100,1000", "--max-parallel", "1",
+                        "--backend", "slurm", "--profile", "hpc", "-o", str(outdir)],
+                       cwd=run_dir, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((outdir / "summary.json").read_text())
+    got = {p["parameters"]["n"]: stdout_of(json.loads(Path(p["output"]).read_text())["cells"][3])
+           for p in summary["points"]}
+    assert got == {10: "45\n", 100: "4950\n", 1000: "499500\n"}, got
+    assert not dask_jobs(), dask_jobs()
+
+
+def test_kill_9_of_a_run_ends_its_cluster_after_the_grace(run_dir: Path, noyau_bin: str) -> None:
+    nb = dask_notebook(run_dir / "batch.ipynb")
+    cells = json.loads(nb.read_text())
+    cells["cells"][2]["source"] = "import time\ntime.sleep(600)"
+    nb.write_text(json.dumps(cells))
+    out = run_dir / "out.ipynb"
+    env = {**os.environ, "NOYAU_LINK_GIVE_UP": "10"}
+    p = subprocess.Popen([noyau_bin, "run", "--no-progress", str(nb), str(out)], cwd=run_dir, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        def up() -> bool:
+            if p.poll() is not None:
+                raise AssertionError(f"the run ended early: {p.stderr.read() if p.stderr else ''}")
+            try:
+                saved = json.loads(out.read_text())["cells"]
+            except (OSError, ValueError):
+                return False
+            return "scheduler up" in stdout_of(saved[1])
+        lib.wait_until(up, 240, "the run's Dask cluster to be up", interval=0.5)
+        assert len(dask_jobs()) == 3, dask_jobs()
+        p.kill()
+        killed = time.monotonic()
+        p.wait(10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    lib.wait_until(lambda: not dask_jobs(), 90, "the cluster's jobs to leave the queue after the run was killed",
+                   interval=0.5)
+    assert time.monotonic() - killed >= 8, "the cluster ended before the grace period"

@@ -74,6 +74,21 @@ pub(crate) struct Doc {
 }
 
 impl Doc {
+    pub fn new(
+        nb: Notebook,
+        saver: Saver,
+        mode: noyau_notebook::StreamMode,
+        opts: &RunOptions,
+    ) -> Doc {
+        Doc {
+            builder: OutputBuilder::new(mode),
+            progress: Progress::new(!opts.no_progress, nb.cells.len()),
+            status: StatusFile::new(nb.cells.len()),
+            nb,
+            saver,
+        }
+    }
+
     /// Records an error noyau itself raised for cell `i`.
     pub fn cell_error(&mut self, i: usize, ename: &str, evalue: String) -> CellEnd {
         self.nb.cells[i]

@@ -86,6 +86,26 @@ pub fn env_spec(opts: &RunOptions, nb: &Notebook) -> Result<Option<(String, Stri
     Ok(spec.map(|s| (noyau_env::SPEC_ENV.to_string(), s.to_value().to_string())))
 }
 
+/// What starts the notebook's kernel: its kernelspec through an agent on
+/// `backend`, with `env` and the profile.
+pub fn launch(
+    opts: &RunOptions,
+    name: &str,
+    backend: &str,
+    env: &BTreeMap<String, String>,
+    profile: &noyau_config::Profile,
+) -> Result<AgentLaunch, RunError> {
+    if let Some(cwd) = opts.cwd.as_ref().filter(|c| !c.is_dir()) {
+        return Err(bad(format!("--cwd {}: not a directory", cwd.display())));
+    }
+    let mut launch = noyau_client::remote::local_launch(name, opts.cwd.clone());
+    launch.backend = backend.to_string();
+    launch.env = env.clone();
+    launch.job_name = crate::input::job_name(&opts.input);
+    launch.profile = profile.clone();
+    Ok(launch)
+}
+
 /// One line saying where the kernel's job is ("" when there is nothing to say).
 fn queue_note(st: &JobState) -> String {
     match st {

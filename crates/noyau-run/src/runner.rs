@@ -7,19 +7,18 @@ use std::path::{Path, PathBuf};
 
 use noyau_magic::dask::KernelSide;
 use noyau_magic::Magic;
-use noyau_notebook::{Notebook, OutputBuilder};
+use noyau_notebook::Notebook;
 
 use crate::cells::{Doc, Kernels, Runner, Signals};
-use crate::detach::{detach, StatusFile};
+use crate::detach::detach;
 use crate::error::{bad, RunError};
 use crate::input::{file_stamp, output_of, prepare, stream_mode, Output};
 use crate::kernel::{
-    backend_and_profile, env_spec, kernel_name, kernelspec_env, record, start, Started,
+    backend_and_profile, env_spec, kernel_name, kernelspec_env, launch, record, start, Started,
 };
 use crate::magics::Context;
 use crate::options::{exit, RunOptions};
 use crate::papermill as pm;
-use crate::progress::Progress;
 use crate::save::Saver;
 
 /// Runs the whole thing; returns the exit code.
@@ -56,17 +55,8 @@ pub async fn run(opts: RunOptions) -> Result<i32, RunError> {
         .save(&nb)
         .map_err(|e| bad(format!("cannot write the output {}: {e}", output.shown())))?;
     env.extend(env_spec(&opts, &nb)?);
-    if let Some(cwd) = &opts.cwd {
-        if !cwd.is_dir() {
-            return Err(bad(format!("--cwd {}: not a directory", cwd.display())));
-        }
-    }
+    let launch = launch(&opts, &name, &backend, &env, &profile)?;
     let mut signals = Signals::new()?;
-    let mut launch = noyau_client::remote::local_launch(&name, opts.cwd.clone());
-    launch.backend = backend.clone();
-    launch.env = env.clone();
-    launch.job_name = crate::input::job_name(&opts.input);
-    launch.profile = profile.clone();
     let (kernel, node) = match start(launch, &opts, &mut signals).await? {
         Started::Kernel(k, node) => (*k, node),
         Started::Signal(sig, code) => {
@@ -84,13 +74,7 @@ pub async fn run(opts: RunOptions) -> Result<i32, RunError> {
         noyau_exe: std::env::current_exe().unwrap_or_else(|_| "noyau".into()),
         env,
     };
-    let doc = Doc {
-        builder: OutputBuilder::new(mode),
-        progress: Progress::new(!opts.no_progress, nb.cells.len()),
-        status: StatusFile::new(nb.cells.len()),
-        nb,
-        saver,
-    };
+    let doc = Doc::new(nb, saver, mode, &opts);
     let code = run_kernel(
         doc,
         kernel,
