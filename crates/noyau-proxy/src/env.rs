@@ -110,8 +110,11 @@ impl Env {
                 None
             }
             Err(e) => Some(
-                self.end(Err(format!("cannot reach the agent: {e}")), out)
-                    .await,
+                self.end(
+                    Err(MagicError::Env(format!("cannot reach the agent: {e}"))),
+                    out,
+                )
+                .await,
             ),
         }
     }
@@ -186,19 +189,19 @@ impl Env {
         let text = format!(
             "{message}\nThe kernel was not restarted: it runs on in its previous environment."
         );
-        Some(self.end(Err(text), out).await)
+        Some(self.end(Err(MagicError::Env(text)), out).await)
     }
 
     /// Answers the switch's cell; the held cells, for the relay to send on.
     async fn end(
         &mut self,
-        result: Result<String, String>,
+        result: Result<String, MagicError>,
         out: &mut Answers,
     ) -> VecDeque<RawMessage> {
         let Some(sw) = self.switch.take() else {
             return VecDeque::new();
         };
-        out.finish(&sw.cell, result.map_err(MagicError::Env)).await;
+        out.finish(&sw.cell, result).await;
         sw.held
     }
 

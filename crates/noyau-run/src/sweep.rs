@@ -133,47 +133,45 @@ pub struct SweepSpec {
 
 /// A sweep file (YAML: parameters, grid, points).
 pub fn parse_file(text: &str) -> Result<SweepSpec, RunError> {
-    parse_spec(text).map_err(RunError::Input)
-}
-
-fn parse_spec(text: &str) -> Result<SweepSpec, String> {
-    let doc = crate::yaml::parse(text).map_err(|e| e.to_string())?;
+    let doc = crate::yaml::parse(text).map_err(|e| bad(e.to_string()))?;
     let mut spec = SweepSpec::default();
     let entries = match doc {
         Param::None => return Ok(spec),
         Param::Dict(d) => d,
-        _ => return Err("expected a mapping with parameters, grid or points".into()),
+        _ => return Err(bad("expected a mapping with parameters, grid or points")),
     };
     for (k, v) in entries {
         match (k.as_str(), v) {
             ("parameters", v) => spec
                 .common
                 .merge(v)
-                .map_err(|e| format!("parameters: {e}"))?,
+                .map_err(|e| bad(format!("parameters: {e}")))?,
             ("grid", Param::Dict(g)) => {
                 for (name, values) in g {
                     let values = match values {
                         Param::List(l) if !l.is_empty() => l,
-                        Param::List(_) => return Err(format!("grid: {name} has no values")),
+                        Param::List(_) => return Err(bad(format!("grid: {name} has no values"))),
                         one => vec![one],
                     };
                     spec.grid.push((name, values));
                 }
             }
-            ("grid", _) => return Err("grid: expected a mapping NAME: [values]".into()),
+            ("grid", _) => return Err(bad("grid: expected a mapping NAME: [values]")),
             ("points", Param::List(l)) => {
                 for (i, p) in l.into_iter().enumerate() {
                     let mut params = Parameters::new();
-                    params.merge(p).map_err(|e| format!("points[{i}]: {e}"))?;
+                    params
+                        .merge(p)
+                        .map_err(|e| bad(format!("points[{i}]: {e}")))?;
                     spec.points.push(params);
                 }
             }
-            ("points", _) => return Err("points: expected a list of mappings".into()),
+            ("points", _) => return Err(bad("points: expected a list of mappings")),
             (other, _) => {
-                return Err(format!(
+                return Err(bad(format!(
                     "unknown key `{other}`{}; a sweep file has parameters, grid, points",
                     noyau_config::suggest(other, ["parameters", "grid", "points"])
-                ))
+                )))
             }
         }
     }
