@@ -72,16 +72,20 @@ def end_cluster_jobs(timeout: float = 30) -> None:
     assert not orphans, f"Dask processes outlived their jobs: {orphans}"
 
 
+def need_dask_on_slurm(cpus: int, what: str) -> None:
+    require_slurm()
+    if importlib.util.find_spec("distributed") is None:
+        lib.missing("distributed is not installed (tests/python/requirements.txt pins it)")
+    if lib.slurm_node_cpus() < cpus:
+        lib.missing(f"the test cluster has fewer than {cpus} CPUs for {what}: "
+                    "start it with SLURM_UP_CPUS=4 scripts/slurm-up DIR")
+
+
 @pytest.fixture
 def kernel(noyau_kernelspec: str, tmp_path: Path):  # type: ignore[no-untyped-def]
     """Starts a noyau kernel in tmp_path (with the `hpc` Slurm profile) with
     extra environment variables; ends it and checks no Dask job is left."""
-    require_slurm()
-    if importlib.util.find_spec("distributed") is None:
-        lib.missing("distributed is not installed (tests/python/requirements.txt pins it)")
-    if lib.slurm_node_cpus() < 3:
-        lib.missing("the test cluster has fewer than 3 CPUs for scheduler + 2 workers: "
-                    "start it with SLURM_UP_CPUS=4 scripts/slurm-up DIR")
+    need_dask_on_slurm(3, "scheduler + 2 workers")
     (tmp_path / "noyau.toml").write_text(PROFILE)
     started = []
 
@@ -434,12 +438,7 @@ def stdout_of(cell: dict) -> str:
 def run_dir(tmp_path: Path, noyau_bin: str):  # type: ignore[no-untyped-def]
     """tmp_path with the `hpc` profile, on a cluster with room for a
     kernel's job, a scheduler and 2 workers; no Dask job may be left."""
-    require_slurm()
-    if importlib.util.find_spec("distributed") is None:
-        lib.missing("distributed is not installed (tests/python/requirements.txt pins it)")
-    if lib.slurm_node_cpus() < 4:
-        lib.missing("the test cluster has fewer than 4 CPUs for a run's job, a scheduler and 2 workers: "
-                    "start it with SLURM_UP_CPUS=4 scripts/slurm-up DIR")
+    need_dask_on_slurm(4, "a run's job, a scheduler and 2 workers")
     (tmp_path / "noyau.toml").write_text(PROFILE)
     yield tmp_path
     end_cluster_jobs()

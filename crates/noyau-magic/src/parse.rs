@@ -15,6 +15,19 @@ pub struct OnMagic {
     pub tasks: Option<u32>,
 }
 
+impl OnMagic {
+    /// The code the target runs for `body`: with `--tasks N`, a driver that
+    /// runs it as N tasks of the allocation, which must hold them
+    /// (`ntasks=N` unless the line says; only the first cell sizes it).
+    pub fn code_for(&mut self, body: String) -> String {
+        let Some(n) = self.tasks else { return body };
+        if !self.overrides.iter().any(|o| o.starts_with("ntasks=")) {
+            self.overrides.push(format!("ntasks={n}"));
+        }
+        noyau_sched::fan_out(&body, n)
+    }
+}
+
 /// What a cell is to noyau.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Magic {

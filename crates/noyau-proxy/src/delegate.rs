@@ -19,16 +19,7 @@ use crate::targets::{with_code, RunningCell, State, Target, TargetEvent, What};
 impl Proxy {
     pub async fn run_on_target(&mut self, mut m: OnMagic, body: String, mut msg: RawMessage) {
         let cell = Cell::of(&msg);
-        let body = match m.tasks {
-            Some(n) => {
-                // The allocation must hold the tasks; only the first cell sizes it.
-                if !m.overrides.iter().any(|o| o.starts_with("ntasks=")) {
-                    m.overrides.push(format!("ntasks={n}"));
-                }
-                noyau_sched::fan_out(&body, n)
-            }
-            None => body,
-        };
+        let body = m.code_for(body);
         self.forget_releasing(&m.target).await;
         let started = self
             .targets

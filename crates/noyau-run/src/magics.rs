@@ -318,15 +318,7 @@ impl Runner<'_> {
         i: usize,
         may_raise: bool,
     ) -> CellEnd {
-        let body = match m.tasks {
-            Some(n) => {
-                if !m.overrides.iter().any(|o| o.starts_with("ntasks=")) {
-                    m.overrides.push(format!("ntasks={n}"));
-                }
-                noyau_sched::fan_out(&body, n)
-            }
-            None => body,
-        };
+        let body = m.code_for(body);
         if !self.kernels.targets.contains_key(&m.target) {
             if let Err(e) = self.start_target(&m).await {
                 let why = format!("cannot start target {:?}: {e}", m.target);

@@ -44,25 +44,12 @@ pub struct RunArgs {
     /// Parameters as a YAML string
     #[arg(short = 'y', long = "parameters-yaml", alias = "parameters_yaml", value_name = "YAML", action = clap::ArgAction::Append)]
     pub parameters_yaml: Vec<String>,
-    /// The kernelspec to run [default: the notebook's, else python3]
-    #[arg(short = 'k', long = "kernel", value_name = "NAME")]
-    pub kernel: Option<String>,
     /// The language for parameters, when the notebook does not say
     #[arg(long)]
     pub language: Option<String>,
     /// The working directory of the kernel [default: the current directory]
     #[arg(long, value_name = "DIR")]
     pub cwd: Option<PathBuf>,
-    /// Seconds a cell may run before it is interrupted and the run stops [default: no limit]
-    #[arg(long, value_name = "SECS")]
-    pub timeout: Option<f64>,
-    /// Seconds to wait for the kernel to start (for a batch job, counted from
-    /// the job's start: the time it waits in the queue does not count)
-    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
-    pub start_timeout: f64,
-    /// Keep going after a cell raises an error (exit 0)
-    #[arg(long)]
-    pub allow_errors: bool,
     /// Copy cell output to stderr as it comes
     #[arg(long)]
     pub log_output: bool,
@@ -83,14 +70,6 @@ pub struct RunArgs {
     /// lock, lock hash) is recorded in the output's metadata.noyau.environment.
     #[arg(long, value_name = "TABLE|FILE")]
     pub env: Option<String>,
-    /// Where the kernel runs: local (a child process) or slurm (a batch job;
-    /// this command stays here and drives it) [default: the profile's, else local]
-    #[arg(long)]
-    pub backend: Option<String>,
-    /// Resource profile ([profiles.NAME] in /etc/noyau/config.toml,
-    /// ~/.config/noyau/config.toml, ./noyau.toml)
-    #[arg(long)]
-    pub profile: Option<String>,
     /// Override one profile key (KEY=VALUE, env.NAME=VALUE); repeatable
     #[arg(short = 'o', long = "option", value_name = "KEY=VALUE")]
     pub options: Vec<String>,
@@ -103,6 +82,37 @@ pub struct RunArgs {
     /// (`noyau ps` shows its progress); needs a batch backend
     #[arg(long)]
     pub detach: bool,
+    #[command(flatten)]
+    pub kernel: KernelFlags,
+}
+
+/// What `noyau run` and `noyau sweep` both take: the kernel, where it runs,
+/// and its limits (each point of a sweep is a run).
+#[derive(Args, Debug, Clone)]
+pub struct KernelFlags {
+    /// The kernelspec to run [default: the notebook's, else python3]
+    #[arg(short = 'k', long = "kernel", value_name = "NAME")]
+    pub kernel: Option<String>,
+    /// Seconds a cell may run before it is interrupted and the run (the
+    /// point) stops [default: no limit]
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<f64>,
+    /// Seconds to wait for the kernel to start (for a batch job, counted from
+    /// the job's start: the time it waits in the queue does not count)
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    pub start_timeout: f64,
+    /// Keep going after a cell raises an error
+    #[arg(long)]
+    pub allow_errors: bool,
+    /// Where the kernel runs: local (a child process), or a batch scheduler
+    /// (slurm, oar: a job; a sweep's points are one job array)
+    /// [default: the profile's, else local]
+    #[arg(long)]
+    pub backend: Option<String>,
+    /// Resource profile ([profiles.NAME] in /etc/noyau/config.toml,
+    /// ~/.config/noyau/config.toml, ./noyau.toml); a sweep's for each task
+    #[arg(long)]
+    pub profile: Option<String>,
 }
 
 /// Run one notebook over a parameter grid: one output per point, a summary
@@ -126,28 +136,11 @@ pub struct SweepArgs {
     /// Where the outputs and the summary go [default: NOTEBOOK's name + .sweep, beside it]
     #[arg(short = 'o', long = "output-dir", value_name = "OUTDIR")]
     pub output_dir: Option<PathBuf>,
-    /// Where the points run: local (child processes), slurm or oar (one job array)
-    /// [default: the profile's, else local]
-    #[arg(long)]
-    pub backend: Option<String>,
-    /// Resource profile for each array task
-    #[arg(long)]
-    pub profile: Option<String>,
     /// Override one profile key (KEY=VALUE, env.NAME=VALUE); repeatable
     #[arg(long = "option", value_name = "KEY=VALUE")]
     pub options: Vec<String>,
-    /// The kernelspec [default: the notebook's, else python3]
-    #[arg(short = 'k', long = "kernel", value_name = "NAME")]
-    pub kernel: Option<String>,
-    /// Seconds a cell may run (per point)
-    #[arg(long, value_name = "SECS")]
-    pub timeout: Option<f64>,
-    /// Seconds to wait for each point's kernel to start
-    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
-    pub start_timeout: f64,
-    /// Points go on after a cell raises
-    #[arg(long)]
-    pub allow_errors: bool,
+    #[command(flatten)]
+    pub kernel: KernelFlags,
 }
 
 /// `noyau sweep-task`: one point of a sweep (run by the sweep, not by hand).
@@ -169,19 +162,19 @@ impl From<RunArgs> for RunOptions {
             parameters_raw: a.parameters_raw,
             parameters_file: a.parameters_file,
             parameters_yaml: a.parameters_yaml,
-            kernel: a.kernel,
+            kernel: a.kernel.kernel,
             language: a.language,
             cwd: a.cwd,
-            timeout: a.timeout,
-            start_timeout: a.start_timeout,
-            allow_errors: a.allow_errors,
+            timeout: a.kernel.timeout,
+            start_timeout: a.kernel.start_timeout,
+            allow_errors: a.kernel.allow_errors,
             log_output: a.log_output,
             no_progress: a.no_progress,
             prepare_only: a.prepare_only,
             report_mode: a.report_mode,
             env: a.env,
-            backend: a.backend,
-            profile: a.profile,
+            backend: a.kernel.backend,
+            profile: a.kernel.profile,
             options: a.options,
             stream_mode: a.stream_mode,
             detach: a.detach,
@@ -199,13 +192,13 @@ impl From<SweepArgs> for SweepOptions {
             max_parallel: a.max_parallel,
             retry_failed: a.retry_failed,
             output_dir: a.output_dir,
-            backend: a.backend,
-            profile: a.profile,
+            backend: a.kernel.backend,
+            profile: a.kernel.profile,
             options: a.options,
-            kernel: a.kernel,
-            timeout: a.timeout,
-            start_timeout: a.start_timeout,
-            allow_errors: a.allow_errors,
+            kernel: a.kernel.kernel,
+            timeout: a.kernel.timeout,
+            start_timeout: a.kernel.start_timeout,
+            allow_errors: a.kernel.allow_errors,
         }
     }
 }
