@@ -18,9 +18,8 @@ use zeromq::SocketRecv;
 use crate::agent::{AgentSide, FromAgent};
 use crate::answer::{Answers, Cell, Failure};
 use crate::env::Env;
-use crate::magic::Own;
 use crate::queued::{Queued, WhileQueued};
-use crate::requests::{Pending, Requests};
+use crate::requests::{Own, Pending, Requests};
 use crate::targets::Targets;
 use crate::ProxyConfig;
 

@@ -5,6 +5,8 @@
 use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
+use noyau_wire::RawMessage;
+use serde_json::Value;
 
 use crate::answer::Cell;
 
@@ -77,4 +79,43 @@ impl Requests {
             },
         );
     }
+}
+
+/// msg_ids of the proxy's own requests. An id is forgotten once both its
+/// reply (shell) and its final `idle` (IOPub) have passed: they travel on
+/// different channels, and either may come first.
+#[derive(Default)]
+pub(crate) struct Own {
+    ids: std::collections::HashMap<String, (bool, bool)>,
+}
+
+impl Own {
+    pub fn insert(&mut self, id: String) {
+        self.ids.insert(id, (false, false));
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.ids.contains_key(id)
+    }
+
+    /// Notes the reply (`reply`) or the idle status of `id`.
+    pub fn seen(&mut self, id: &str, reply: bool) {
+        if let Some(e) = self.ids.get_mut(id) {
+            if reply {
+                e.0 = true;
+            } else {
+                e.1 = true;
+            }
+            if e.0 && e.1 {
+                self.ids.remove(id);
+            }
+        }
+    }
+}
+
+/// True for an IOPub `status: idle` (the last message of a request).
+pub(crate) fn is_idle(msg: &RawMessage) -> bool {
+    msg.peek_header().is_ok_and(|h| h.msg_type == "status")
+        && serde_json::from_slice::<Value>(&msg.content)
+            .is_ok_and(|c| c["execution_state"] == "idle")
 }

@@ -2,10 +2,11 @@
 //! ends it, and what a cell's end means for the run: papermill's statuses
 //! and error markers, the exit code, whether the kernel is still there.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::time::Instant;
 
 use noyau_client::remote::{KernelMessage, RemoteKernel};
+use noyau_magic::dask::KernelSide;
 use noyau_magic::{Magic, Magics};
 use noyau_notebook::{Notebook, OutputBuilder};
 use serde_json::json;
@@ -13,8 +14,8 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::detach::StatusFile;
 use crate::error::RunError;
-use crate::magics::RunTarget;
-use crate::options::{exit, RunOptions};
+use crate::exit;
+use crate::options::RunOptions;
 use crate::papermill as pm;
 use crate::progress::Progress;
 use crate::save::Saver;
@@ -139,7 +140,23 @@ pub(crate) struct Runner<'a> {
     pub walltime: Option<(String, Instant)>,
     pub magics: Magics<usize>,
     /// What the magics need of the run (`dask up`'s defaults, the record).
-    pub ctx: crate::magics::Context,
+    pub ctx: Context,
+}
+
+/// A target's kernel, and when it last ran a cell.
+pub(crate) struct RunTarget {
+    pub kernel: RemoteKernel,
+    pub last_used: Instant,
+}
+
+/// What the magics need of the run.
+pub(crate) struct Context {
+    /// The notebook's kernelspec (a target's default).
+    pub kernel_name: String,
+    /// Where the notebook's kernel runs (`dask up` without `--target`).
+    pub side: KernelSide,
+    /// msg_ids of the magics' own requests still waiting for a reply.
+    pub own: HashSet<String>,
 }
 
 pub(crate) fn runnable(cell: &noyau_notebook::Cell) -> bool {

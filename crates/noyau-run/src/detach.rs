@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 
 use crate::error::{bad, RunError};
+use crate::exit;
 use crate::input::{job_name, output_for, read_input, Output};
-use crate::options::{exit, RunOptions};
+use crate::options::RunOptions;
 
 /// Where a detached run in job `id` reports its progress (`noyau ps` reads it).
 pub fn status_path(id: &str) -> PathBuf {

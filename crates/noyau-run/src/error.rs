@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use crate::options::exit;
+use crate::exit;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {

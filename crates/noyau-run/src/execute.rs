@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use crate::cells::{human, runnable, sleep_until, CellEnd, On, Runner, Signals};
 use crate::detach::allocation;
-use crate::options::exit;
+use crate::exit;
 use crate::outputs::{execution, timestamp};
 
 /// What a cell has had so far.

@@ -34,6 +34,7 @@ mod cells;
 pub mod detach;
 mod error;
 mod execute;
+pub mod exit;
 pub mod input;
 pub mod kernel;
 pub mod kernelenv;
@@ -49,7 +50,7 @@ pub mod upgrade;
 pub mod yaml;
 
 pub use error::RunError;
-pub use options::{exit, RunOptions};
+pub use options::RunOptions;
 pub use sweep::{SweepOptions, SweepTask};
 
 /// Runs `noyau run` to the end; returns the process exit code. Errors are

@@ -9,28 +9,11 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use noyau_client::remote::{KernelError, KernelEvent, KernelMessage, Lane, RemoteKernel};
-use noyau_magic::dask::KernelSide;
 use noyau_magic::{Command, Direction, Host, MagicError, OnMagic, Output, Peer};
 use serde_json::{json, Value};
 
-use crate::cells::{CellEnd, Doc, Kernels, On, Runner, Signals};
-use crate::options::exit;
-
-/// A target's kernel, and when it last ran a cell.
-pub(crate) struct RunTarget {
-    pub kernel: RemoteKernel,
-    pub last_used: Instant,
-}
-
-/// What the magics need of the run.
-pub(crate) struct Context {
-    /// The notebook's kernelspec (a target's default).
-    pub kernel_name: String,
-    /// Where the notebook's kernel runs (`dask up` without `--target`).
-    pub side: KernelSide,
-    /// msg_ids of the magics' own requests still waiting for a reply.
-    pub own: HashSet<String>,
-}
+use crate::cells::{CellEnd, Doc, Kernels, On, RunTarget, Runner, Signals};
+use crate::exit;
 
 /// The run's fields a magic may use, borrowed for one call.
 struct RunHost<'a> {

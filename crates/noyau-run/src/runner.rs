@@ -9,15 +9,15 @@ use noyau_magic::dask::KernelSide;
 use noyau_magic::Magic;
 use noyau_notebook::Notebook;
 
-use crate::cells::{Doc, Kernels, Runner, Signals};
+use crate::cells::{Context, Doc, Kernels, Runner, Signals};
 use crate::detach::detach;
 use crate::error::{bad, RunError};
+use crate::exit;
 use crate::input::{file_stamp, output_of, prepare, stream_mode, Output};
 use crate::kernel::{
     backend_and_profile, env_spec, kernel_name, kernelspec_env, launch, record, start, Started,
 };
-use crate::magics::Context;
-use crate::options::{exit, RunOptions};
+use crate::options::RunOptions;
 use crate::papermill as pm;
 use crate::save::Saver;
 

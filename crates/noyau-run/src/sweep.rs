@@ -31,7 +31,8 @@ use serde_json::{json, Value};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::error::{bad, RunError};
-use crate::options::{exit, RunOptions};
+use crate::exit;
+use crate::options::RunOptions;
 
 /// Exit codes of `noyau sweep`.
 pub mod sweep_exit {
