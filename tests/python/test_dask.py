@@ -459,6 +459,24 @@ def test_a_run_on_slurm_starts_a_dask_cluster_computes_and_leaves_no_job(run_dir
     assert not dask_jobs(), dask_jobs()
 
 
+def test_a_detached_run_starts_its_dask_cluster_from_its_job(run_dir: Path, noyau_bin: str) -> None:
+    nb = dask_notebook(run_dir / "batch.ipynb")
+    out = run_dir / "out.ipynb"
+    r = subprocess.run([noyau_bin, "run", "--detach", str(nb), str(out), "--backend", "slurm",
+                        "--profile", "hpc", "-p", "n", "100"],
+                       cwd=run_dir, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip()
+    assert job.isdigit(), r.stdout
+
+    def ended() -> bool:
+        return job not in {j["id"] for j in lib.squeue_noyau()}
+    lib.wait_until(ended, 400, "the detached run's job to end", interval=0.5)
+    cells = json.loads(out.read_text())["cells"]
+    assert stdout_of(cells[3]) == "4950\n", cells[3]
+    assert not dask_jobs(), dask_jobs()
+
+
 def test_a_sweep_runs_dask_in_every_point(run_dir: Path, noyau_bin: str) -> None:
     nb = dask_notebook(run_dir / "batch.ipynb")
     outdir = run_dir / "sweep"
