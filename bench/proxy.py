@@ -9,6 +9,14 @@ one untimed warm-up run per route comes first.
 Peak RSS (VmHWM) of `noyau kernel` (proxy) and `noyau agent` is read from
 /proc just before each kernel is shut down; target ≤ 20 MiB each.
 
+The floor, in the same run and interleaved with the rest: noyau-client's
+`floor` example (FLOOR_BIN, built by bench/proxy), a minimal Rust client on
+the same zeromq crate, over tcp as a frontend, executing the same cells one
+at a time as nbclient does, straight to ipykernel ("floor") and to `noyau
+kernel` ("floor+noyau": the same client through the proxy, the link and the
+agent). Their ratio is what noyau's relay costs without nbclient's own time
+in it; target ≤ 1.10.
+
 Run it through bench/proxy (which builds the release binary). Jupyter dirs
 are temporary, as in the tests. Exits 1 if a run lost output or failed,
 0 otherwise (missed targets are printed, not fatal: this is not a test).
@@ -17,6 +25,7 @@ are temporary, as in the tests. Exits 1 if a run lost output or failed,
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -43,6 +52,7 @@ sys.path.insert(0, str(ROOT / "tests" / "python"))
 
 import noyau_testlib as lib  # noqa: E402
 from jupyter_client.manager import KernelManager  # noqa: E402
+import nbformat  # noqa: E402
 from nbclient import NotebookClient  # noqa: E402
 from nbformat.v4 import new_code_cell, new_notebook  # noqa: E402
 
@@ -63,6 +73,20 @@ def install(noyau_bin: str | None) -> bool:
         print(f"noyau install failed ({r.returncode}): {r.stderr.strip()}", file=sys.stderr)
         return False
     return True
+
+
+def run_floor(kernel_name: str, cells: list[str]) -> dict:
+    """The floor client on the kernelspec's argv; its own timings."""
+    spec = json.loads((PREFIX / "share" / "jupyter" / "kernels" / kernel_name / "kernel.json").read_text())
+    src = TMP / "floor.ipynb"
+    nbformat.write(new_notebook(cells=[new_code_cell(c) for c in cells]), src)
+    tag = f"{os.environ['NOYAU_TEST_SESSION']}-{uuid.uuid4().hex[:8]}"
+    r = subprocess.run([os.environ["FLOOR_BIN"], str(src), "--transport", "tcp", "--", *spec["argv"]],
+                       capture_output=True, text=True, env={**os.environ, lib.TAG_VAR: tag}, timeout=900)
+    if r.returncode != 0:
+        raise RuntimeError(f"floor exited {r.returncode}: {r.stderr.strip()[-1000:]}")
+    rep = json.loads(r.stdout)
+    return {"elapsed": rep["execute_s"], "startup": rep["startup_s"], "lines": rep["stream_lines"]}
 
 
 def run(kernel_name: str, cells: list[str]) -> dict:
@@ -109,6 +133,12 @@ def main() -> int:
         routes["noyau"] = lib.NOYAU_KERNEL_NAME
     elif not args.direct_only:
         print("NOYAU_BIN unset or unusable: running the direct route only", file=sys.stderr)
+    if os.environ.get("FLOOR_BIN"):
+        routes["floor"] = lib.DIRECT_KERNEL_NAME
+        if have_noyau:
+            routes["floor+noyau"] = lib.NOYAU_KERNEL_NAME
+    else:
+        print("FLOOR_BIN unset: the floor is not measured", file=sys.stderr)
 
     workloads = {
         f"(a) {N_CELLS} trivial cells": ([f"x = {i}" for i in range(N_CELLS)], None),
@@ -120,31 +150,38 @@ def main() -> int:
     rss: dict[str, list[int]] = {"proxy": [], "agent": [], "ipykernel": []}
     failures: list[str] = []
 
+    def once(route: str, cells: list[str]) -> dict:
+        return (run_floor if route.startswith("floor") else run)(routes[route], cells)
+
     for route in routes:  # warm-up, untimed: first imports and page cache
-        run(routes[route], ["x = 0"] * 5)
+        once(route, ["x = 0"] * 5)
 
     for rep in range(args.repeat):
-        order = list(routes) if rep % 2 == 0 else list(reversed(routes))
+        # rotate the order each repetition: drift in the load spreads evenly
+        order = list(routes)[rep % len(routes):] + list(routes)[:rep % len(routes)]
         for wname, (cells, expected) in workloads.items():
             for route in order:
                 try:
-                    res = run(routes[route], cells)
+                    res = once(route, cells)
                 except Exception as e:  # report and go on: a bench shows what it can
                     failures.append(f"{wname} via {route}, run {rep + 1}: {type(e).__name__}: {e}")
                     continue
                 times.setdefault((wname, route), []).append(res["elapsed"])
                 startups[route].append(res["startup"])
-                if route == "noyau":
+                if route.startswith("floor"):
+                    if expected is not None and res["lines"] != len(expected):
+                        failures.append(f"{wname} via {route}, run {rep + 1}: {res['lines']} lines")
+                elif route == "noyau":
                     rss["proxy"].append(res["rss"]["proxy"])
                     rss["agent"].append(res["rss"]["agent"])
                 else:
                     rss["ipykernel"].append(res["rss"]["ipykernel"])
-                if expected is not None:
+                if expected is not None and not route.startswith("floor"):
                     got = stdout_lines(res["nb"])
                     if got != expected:
                         failures.append(f"{wname} via {route}, run {rep + 1}: {len(got)} lines, "
                                         f"{len(set(expected) - set(got))} missing")
-                print(f"  run {rep + 1} {wname:<28} {route:<6} {res['elapsed']:8.3f} s", flush=True)
+                print(f"  run {rep + 1} {wname:<28} {route:<11} {res['elapsed']:8.3f} s", flush=True)
 
     med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
     print(f"\nnbclient direct vs through noyau, medians of {args.repeat} runs (cell execution only)\n")
@@ -156,6 +193,20 @@ def main() -> int:
         print(f"{wname:<30} {d:9.3f} {n:9.3f} {ratio:7.3f} {'≤ %.2f' % TARGET_RATIO:>8} {verdict}")
     print(f"{'kernel start-up (all runs)':<30} {med(startups['direct']):9.3f} "
           f"{med(startups.get('noyau', [])):9.3f}")
+    if "floor" in routes:
+        print(f"\nthe floor client (Rust, tcp) direct vs through noyau, medians (cell execution only)\n")
+        print(f"{'workload':<30} {'floor s':>9} {'+noyau s':>9} {'ratio':>7} {'target':>8}")
+        for wname in workloads:
+            d, n = med(times.get((wname, "floor"), [])), med(times.get((wname, "floor+noyau"), []))
+            ratio = n / d if d == d and n == n else float("nan")
+            verdict = "" if ratio != ratio else ("met" if ratio <= TARGET_RATIO else "missed")
+            print(f"{wname:<30} {d:9.3f} {n:9.3f} {ratio:7.3f} {'≤ %.2f' % TARGET_RATIO:>8} {verdict}")
+            nb = med(times.get((wname, "noyau"), []))
+            if nb == nb and d == d:
+                print(f"{'  nbclient through noyau / floor':<30} {'':9} {nb:9.3f} {nb / d:7.3f}")
+        print(f"{'kernel start-up (all runs)':<30} {med(startups['floor']):9.3f} "
+              f"{med(startups.get('floor+noyau', [])):9.3f}")
+    print(f"load average at the end: {open('/proc/loadavg').read().split()[:3]}")
     print(f"\npeak RSS (VmHWM, max over runs), target ≤ {TARGET_RSS_MIB:.0f} MiB each:")
     for who in ("proxy", "agent"):
         if rss[who]:

@@ -1,9 +1,11 @@
 // The hub's browser scenario, in Debian's headless Chromium driven by
-// playwright-core (no downloaded browser): log in, fill the spawn form, see
-// the card go Queued -> Running, open JupyterLab through the hub, run a cell,
-// use JupyterLab's "Hub" menu (home, log out), log in again, cancel. A
-// screenshot of each step goes to $SHOTS_DIR; one JSON line per step goes to
-// stdout, for the Python test to follow.
+// playwright-core (no downloaded browser): log in, fill the spawn form (then
+// disabled), see the card go Queued -> Running, open JupyterLab through the
+// hub, run a cell, use JupyterLab's "Hub" menu (home, log out), log in again,
+// cancel (after its confirmation), open the history, and the home page on a
+// phone's screen. A screenshot of each step goes to $SHOTS_DIR; one JSON line
+// per step goes to stdout, for the Python test to follow. Every card line the
+// page shows is recorded, for the test to check that none is a placeholder.
 //
 // Environment: HUB_URL, HUB_USER, HUB_PASSWORD, SHOTS_DIR, PARTITION,
 // CHROMIUM (default /usr/bin/chromium), PROFILE_DIR (a fresh directory).
@@ -27,7 +29,18 @@ try {
     window.Notification = function (title, opts) { window.__notes.push((opts && opts.body) || title); };
     window.Notification.permission = Real ? Real.permission : "granted";
     window.Notification.requestPermission = async () => window.Notification.permission;
+    // Every card line the pages ever show (the cards are refreshed every 2 s),
+    // kept across page loads in the tab's session storage.
+    setInterval(() => {
+      const lines = JSON.parse(sessionStorage.getItem("lines") || "[]");
+      for (const p of document.querySelectorAll(".card[data-session] .state")) {
+        const t = p.textContent.trim();
+        if (!lines.includes(t)) lines.push(t);
+      }
+      sessionStorage.setItem("lines", JSON.stringify(lines));
+    }, 100);
   });
+  const formDisabled = (page) => page.locator("#spawn-cpu fieldset").evaluate((f) => f.disabled);
   const page = context.pages()[0] ?? await context.newPage();
 
   await page.goto(`${url}/hub/login`);
@@ -41,12 +54,20 @@ try {
   await page.fill("#password", password);
   await page.click("#login");
   await page.waitForSelector("#who");
+  step("home", {
+    title: await page.title(),
+    motd: await page.locator("#motd").innerText(),
+    logoWidth: await page.locator(".brand img").evaluate((i) => i.naturalWidth),
+    partitions: await page.locator("#partitions td:first-child").allInnerTexts(),
+    formDisabled: await formDisabled(page),
+  });
   await shot(page, "02-home");
 
   await page.selectOption("#partition-cpu", partition);
-  await page.fill("#cores", "1");
-  await page.fill("#minutes", "10");
+  await page.fill("#cores-cpu", "1");
+  await page.fill("#minutes-cpu", "10");
   await Promise.all([page.waitForNavigation(), page.click("#spawn-cpu button")]);
+  step("spawned", { formDisabled: await formDisabled(page) });
   const card = page.locator(".card[data-session]").first();
   // Queued with Slurm's own reason (the watcher's first poll replaces "submitting").
   await page.locator(".card[data-state=queued] .state", { hasNotText: "submitting" }).first()
@@ -103,10 +124,31 @@ try {
   await page.waitForSelector("#who");
 
   await page.goto(`${url}/hub/home`);
-  await Promise.all([page.waitForNavigation(), page.click("button[id^=cancel-]")]);
-  await page.waitForSelector(".card[data-state=ended]", { timeout: 60000 });
-  step("ended", { text: await page.locator(".card[data-session]").first().innerText() });
+  // Cancel asks first (a disclosure, no script needed); the refresh keeps it open.
+  await page.click("summary[id^=cancel-]");
+  const confirm = page.locator("button[id^=confirm-cancel-]");
+  await confirm.waitFor();
+  // Two refreshes of the cards later (the first has replaced them), the question is still open.
+  for (let i = 0; i < 2; i++) await page.waitForResponse((r) => r.url().endsWith("/hub/cards"));
+  step("confirm", { visible: await confirm.isVisible(), state: await card.getAttribute("data-state") });
+  await shot(page, "07a-cancel-confirm");
+  await Promise.all([page.waitForNavigation(), confirm.click()]);
+  await page.waitForSelector(".card[data-state=ended] details.log pre", { timeout: 60000 });
+  await page.waitForFunction(() => !document.querySelector("#spawn-cpu fieldset").disabled, null, { timeout: 10000 });
+  const ended = page.locator(".card[data-state=ended]").first();
+  step("ended", { text: await ended.innerText(), formDisabled: await formDisabled(page) });
   await shot(page, "07-cancelled");
+
+  // The older sessions, folded under the three newest.
+  await page.click("#older summary");
+  step("history", { shown: await page.locator("#history > .card").count(),
+                    folded: await page.locator("#older .card").count() });
+  await shot(page, "08-history");
+
+  await page.setViewportSize({ width: 390, height: 844 });
+  await page.goto(`${url}/hub/home`);
+  await shot(page, "09-phone");
+  step("lines", { lines: await page.evaluate(() => JSON.parse(sessionStorage.getItem("lines") || "[]")) });
 } catch (e) {
   const page = context.pages()[0];
   if (page) await page.screenshot({ path: path.join(shots, "failure.png"), fullPage: true }).catch(() => {});

@@ -11,6 +11,7 @@ from a venv outside /root (NOYAU_HUB_JUPYTER_VENV, made by scripts/test:
 
 from __future__ import annotations
 
+import html as html_module
 import json
 import os
 import re
@@ -192,6 +193,16 @@ env = {{ PATH = "/nonexistent:/usr/bin:/bin" }}
         return s
 
 
+    def spawn(self, user: UnixUser, partition: str = "debug", mem_gb: int = 1, minutes: int = 10):  # type: ignore[no-untyped-def]
+        """Logs `user` in and starts a session of profile `cpu` with one core:
+        the logged-in requests.Session and the forms' CSRF token."""
+        s = self.login(user.name, user.password)
+        csrf = csrf_of(s.get(self.url + "/hub/home").text)
+        r = s.post(self.url + "/hub/spawn", data={"_csrf": csrf, "profile": "cpu", "partition": partition,
+                                                  "cores": 1, "mem_gb": mem_gb, "gpus": 0, "minutes": minutes})
+        assert r.status_code == 200, r.text[:500]
+        return s, csrf
+
     def simulate_sessions(self, jobs: list[str], partition: str, mem_gb: int) -> None:
         """Simulated users' queued sessions, one per (real, held) job, written
         into the hub's database as the spawn form would have made them."""
@@ -207,9 +218,11 @@ env = {{ PATH = "/nonexistent:/usr/bin:/bin" }}
                            (f"sim{i:02d}", f"simulated-user-{i:02d}", choice, job, int(time.time()) - 10))
         db.close()
 
-    def add_ended_session(self, sid: str, user: str, log_path: str) -> None:
-        """An ended session of `user` whose job log is at `log_path`, written
-        into the hub's database as the watcher leaves one."""
+    def add_ended_session(self, sid: str, user: str, log_path: str, ago: int = 10,
+                          why: str = "the job failed") -> None:
+        """An ended session of `user` whose job log is at `log_path`, made
+        `ago` seconds ago, written into the hub's database as the watcher
+        leaves one."""
         import sqlite3
 
         choice = json.dumps({"profile": "cpu", "partition": "debug", "cores": 1, "mem_gb": 1, "gpus": 0,
@@ -217,9 +230,17 @@ env = {{ PATH = "/nonexistent:/usr/bin:/bin" }}
         db = sqlite3.connect(self.state / "hub.sqlite")
         with db:
             db.execute("INSERT INTO sessions (id, user, choice, job_id, state, ended_why, log_path, created) "
-                       "VALUES (?, ?, ?, '1', 'ended', 'the job failed', ?, ?)",
-                       (sid, user, choice, log_path, int(time.time()) - 10))
+                       "VALUES (?, ?, ?, '1', 'ended', ?, ?, ?)",
+                       (sid, user, choice, why, log_path, int(time.time()) - ago))
         db.close()
+
+    def audit(self, *args: str) -> list[list[str]]:
+        """`noyau hub audit ARGS` of this hub: its rows (time, user, action,
+        detail), the header checked."""
+        out = subprocess.run([str(self.noyau), "hub", "--config", str(self.config), "audit", *args],
+                             capture_output=True, text=True, check=True).stdout.splitlines()
+        assert out and out[0].split() == ["TIME", "USER", "ACTION", "DETAIL"], out
+        return [[line[:19], *line[21:].split(None, 2)] for line in out[1:]]
 
     def simulated_reasons(self) -> list[str]:
         """The queue reason the hub's watcher recorded for each simulated session."""
@@ -262,6 +283,28 @@ def wait_state(s, url: str, state: str, timeout: float = 120) -> dict:  # type: 
     got = lib.wait_until(check, timeout, f"the session to be {state} (seen {seen})", interval=0.3)
     got["seen"] = seen
     return got
+
+
+def card_lines(html: str) -> list[str]:
+    """The lead line of each card in a page (`<p class="state">`)."""
+    return [html_module.unescape(m) for m in re.findall(r'<p class="state">([^<]*)</p>', html)]
+
+
+def card_lines_until(s, url: str, state: str, timeout: float = 120) -> list[str]:  # type: ignore[no-untyped-def]
+    """Every distinct lead line the user's newest card showed (/hub/cards,
+    asked every 0.1 s) until its session is in `state`."""
+    seen: list[str] = []
+
+    def check() -> bool:
+        html = s.get(url + "/hub/cards", timeout=10).text
+        first = re.search(r'data-state="(\w+)"', html)
+        lines = card_lines(html)
+        if lines and (not seen or seen[-1] != lines[0]):
+            seen.append(lines[0])
+        return bool(first and first.group(1) == state)
+
+    lib.wait_until(check, timeout, f"the card to be {state} (seen {seen})", interval=0.1)
+    return seen
 
 
 def secs_of(slurm_time: str) -> int:

@@ -55,7 +55,10 @@ def test_login_spawn_run_a_cell_cancel(hub, users, slurm) -> None:  # type: igno
     cookie = next(c for c in sa.cookies if c.name == "noyau_hub")
     assert cookie.has_nonstandard_attr("HttpOnly")
     home = sa.get(hub.url + "/hub/home").text
-    assert 'id="partitions"' in home and "<td>debug</td>" in home
+    assert 'id="partitions"' in home and "<td>debug</td>" in home and "<td>batch</td>" in home
+    # The test cluster's `urgent` partition is offered by no profile: not in the table.
+    assert "<td>urgent</td>" not in home
+    assert 'class="spawn-fields" disabled' not in home
     csrf = hl.csrf_of(home)
     form = {"_csrf": csrf, "profile": "cpu", "partition": "debug", "cores": 1, "mem_gb": 1, "gpus": 0, "minutes": 10}
     # Limits are enforced by the server, whatever the browser sends.
@@ -67,15 +70,21 @@ def test_login_spawn_run_a_cell_cancel(hub, users, slurm) -> None:  # type: igno
 
     r = sa.post(hub.url + "/hub/spawn", data=dict(form, cores=2))
     assert r.status_code == 200, r.text[:500]  # redirected to the home page
+    # While the session is live, the start form is disabled.
+    assert 'class="spawn-fields" disabled' in r.text and '<p class="busy-note">' in r.text
+    # Every card line from submission to Running says only what is known.
+    lines = hl.card_lines_until(sa, hub.url, "running")
+    assert any(line.startswith("Queued: ") for line in lines) and lines[-1].startswith("Running on "), lines
+    assert not [line for line in lines if "?" in line or "1 cores" in line], lines
     s = hl.wait_state(sa, hub.url, "running")
-    assert s["seen"][0] == "queued" and s["node"] and s["job_id"]
+    assert s["node"] and s["job_id"]
     assert s["choice"]["cores"] == 2
     # The job runs as the user, under the hub's job name (no secret in it).
     q = subprocess.run(["squeue", "-h", "-j", s["job_id"], "-o", "%u|%j"], capture_output=True, text=True,
                        check=True).stdout.strip()
     assert q == f"{a.name}|noyau-hub"
     # The form remembers the last choice.
-    assert 'id="cores" name="cores" type="number" min="1" max="2" value="2"' in sa.get(hub.url + "/hub/home").text
+    assert 'id="cores-cpu" name="cores" type="number" min="1" max="2" value="2"' in sa.get(hub.url + "/hub/home").text
 
     # JupyterLab through the hub: its page, then a cell over the kernel WebSocket.
     lab = sa.get(f"{hub.url}/user/{a.name}/lab")
@@ -103,6 +112,13 @@ def test_login_spawn_run_a_cell_cancel(hub, users, slurm) -> None:  # type: igno
     ended = hl.wait_state(sa, hub.url, "ended", timeout=60)
     assert ended["ended_why"] == "cancelled"
     assert sa.get(f"{hub.url}/user/{a.name}/api/status").status_code == 503
+    # Slurm wrote its own notice of the cancel in the job's log; the card's
+    # log tail leaves it out (the card says "cancelled"), and keeps the rest.
+    assert "CANCELLED AT" in Path(ended["log_path"]).read_text()
+    card = lib.wait_until(lambda: (c := sa.get(hub.url + "/hub/cards").text) and 'class="log"' in c and c, 10,
+                          "the log tail on the ended card", interval=0.2)
+    assert "Ended: cancelled" in card and "CANCELLED" not in card, card
+    assert 'class="spawn-fields" disabled' not in sa.get(hub.url + "/hub/home").text
 
     # Relaunch: a new session with the same settings; an admin sees it and
     # cancels it, but may not enter A's server either.
@@ -287,3 +303,147 @@ def test_free_gpus_per_partition_fake_gpu_devices(tmp_path: Path, users, slurm) 
                                                   text=True).stdout.strip() in ("", "CANCELLED"),
                            60, f"job {job} to leave the queue", interval=0.5)
         hub.close()
+
+
+def test_ended_sessions_fold_into_a_short_history_and_the_audit_cli(hub, users, slurm) -> None:  # type: ignore[no-untyped-def]
+    """A user's ended sessions: the three newest under the live ones, the
+    older folded (a closed <details>). `noyau hub audit` prints the audit
+    table (logins, failed logins, refusals), by user and from a time; the hub
+    logs the same events at info."""
+    import re
+
+    import requests
+
+    a, b = users[0], users[1]
+    for i in range(6):
+        hub.add_ended_session(f"old{i}", a.name, "/nonexistent.log", ago=100 + 60 * i, why=f"the job failed ({i})")
+    anon = requests.Session()
+    anon.post(hub.url + "/hub/login", data={"user": a.name, "password": "wrong", "_csrf": hl.login_csrf(anon, hub.url)})
+    sa = hub.login(a.name, a.password)
+    sb = hub.login(b.name, b.password)
+    assert sb.get(f"{hub.url}/user/{a.name}/lab").status_code == 403
+
+    cards = sa.get(hub.url + "/hub/cards").text
+    shown, folded = cards.split('<details class="older" id="older">')
+    assert [f"old{i}" for i in range(3)] == re.findall(r'id="card-(old\d)"', shown), shown
+    assert [f"old{i}" for i in range(3, 6)] == re.findall(r'id="card-(old\d)"', folded), folded
+    assert "<summary>3 older sessions</summary>" in folded
+    assert "Ended: the job failed (0)" in hl.card_lines(cards)
+    assert sa.get(hub.url + "/hub/home").text.count('class="spawn-fields" disabled') == 0
+
+    rows = hub.audit()
+    events = [(r[1], r[2]) for r in rows]
+    for e in ((a.name, "login-failed"), (a.name, "login"), (b.name, "login"), (b.name, "forbidden")):
+        assert e in events, (e, rows)
+    assert events.index((a.name, "login-failed")) < events.index((a.name, "login"))
+    mine = hub.audit("--user", a.name)
+    assert mine and {r[1] for r in mine} == {a.name}
+    assert len(hub.audit("--since", "1h")) == len(rows)
+    assert hub.audit("--since", "2099-01-01") == []
+    bad = subprocess.run([str(hub.noyau), "hub", "--config", str(hub.config), "audit", "--since", "yesterday"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "how long ago (90m, 12h, 7d)" in bad.stderr, bad.stderr
+    # The same events in the hub's log, at info level.
+    log = re.sub(r"\x1b\[[0-9;]*m", "", hub.log.read_text())
+    assert re.search(rf'INFO .*audit.*user="?{b.name}"? action="?forbidden"?', log), log[-2000:]
+
+
+def test_the_sites_name_logo_and_message_from_hub_toml(tmp_path: Path, users) -> None:  # type: ignore[no-untyped-def]
+    """site_name, logo and motd from hub.toml on the pages (escaped: a motd
+    with markup shows as text), the hub's own stylesheet and script served
+    by it; a logo that is not a plain image file stops the hub at start."""
+    import html
+    import re
+
+    import requests
+
+    logo = tmp_path / "logo.svg"
+    logo.write_text('<svg xmlns="http://www.w3.org/2000/svg" width="40" height="40"><circle cx="20" cy="20" r="18" fill="#2b8a57"/></svg>')
+    site = f'site_name = "Centre <Test> de calcul"\nlogo = "{logo}"\nmotd = "Maintenance <b>Tuesday</b>.\\n\\nSecond paragraph."\n'
+    hub = hl.Hub(tmp_path / "hub", admins=[], extra=site)
+    try:
+        hub.start()
+        login = requests.get(hub.url + "/hub/login").text
+        # Escaped: the markup is text.
+        assert "<Test>" not in login and "<b>" not in login
+        title = re.search(r"<title>(.*?)</title>", login).group(1)
+        assert html.unescape(title) == "Log in · Centre <Test> de calcul"
+        assert '<img src="/hub/logo" alt="">' in login
+        motd = re.search(r'<section class="notice" id="motd"[^>]*>\s*(.*?)\s*</section>', login, re.S).group(1)
+        assert re.findall(r"<p>(.*?)</p>", motd) == ["Maintenance &#60;b&#62;Tuesday&#60;/b&#62;.", "Second paragraph."], motd
+        r = requests.get(hub.url + "/hub/logo")
+        assert r.headers["Content-Type"] == "image/svg+xml" and r.content == logo.read_bytes()
+        css_url = re.search(r'<link rel="stylesheet" href="([^"]+)">', login).group(1)
+        css = requests.get(hub.url + css_url)
+        assert css.status_code == 200 and css.headers["Content-Type"].startswith("text/css") and ".card" in css.text
+        home = hub.login(users[0].name, users[0].password).get(hub.url + "/hub/home")
+        assert "default-src 'none'" in home.headers["Content-Security-Policy"]
+        js_url = re.search(r'<script src="([^"]+)" defer></script>', home.text).group(1)
+        assert "/hub/cards" in requests.get(hub.url + js_url).text
+        assert "<script>" not in home.text  # no inline script: the policy allows none
+        hub.kill()
+        link = tmp_path / "link.svg"
+        link.symlink_to(logo)
+        hub.config.write_text(hub.config.read_text().replace(f'logo = "{logo}"', f'logo = "{link}"'))
+        out = hub.start_refused()
+        assert "logo" in out and "symlink" in out, out
+    finally:
+        hub.close()
+
+
+def test_an_idle_session_is_ended_but_never_while_a_kernel_is_busy(tmp_path: Path, users, slurm) -> None:  # type: ignore[no-untyped-def]
+    """idle_timeout = 20: a cell that sleeps 35 s keeps its kernel busy, and
+    the session goes on; once JupyterLab has had no activity for 20 s the
+    hub ends the session, its card saying why, and audits it."""
+    a = users[0]
+    hub = hl.Hub(tmp_path, admins=[], extra="idle_timeout = 20")
+    try:
+        hub.start()
+        sa, _ = hub.spawn(a)
+        hl.wait_state(sa, hub.url, "running")
+        # 35 s without a message from the kernel, but it is busy all along.
+        assert hl.run_cell(sa, hub.url, a.name, "import time; time.sleep(35); 6 * 7", timeout=90) == "42"
+        quiet = time.monotonic()  # run_cell's last request (deleting the kernel) was the last activity
+        assert hl.sessions(sa, hub.url)[0]["state"] == "running"
+        ended = hl.wait_state(sa, hub.url, "ended", timeout=90)
+        idle = time.monotonic() - quiet
+        assert idle >= 19, f"ended after {idle:.1f} s without activity; idle_timeout is 20"
+        assert ended["ended_why"].startswith("idle: no activity in JupyterLab for 20 s"), ended
+        assert f"Ended: {ended['ended_why']}" in hl.card_lines(sa.get(hub.url + "/hub/cards").text)
+        assert [r for r in hub.audit("--user", a.name) if r[2] == "culled"]
+    finally:
+        hub.close()
+
+
+def test_the_first_example_of_docs_hub_md_runs(tmp_path: Path, users, slurm) -> None:  # type: ignore[no-untyped-def]
+    """docs/hub.md's one-machine example, read from the file: its hub.toml
+    (only the ports, the state directory, Jupyter's path and the PAM
+    service's name changed, for a test beside others) and its PAM service
+    file; a user logs in, a session runs, a cell runs in it."""
+    import re
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "hub.md").read_text()
+    first = docs.split("## For a real site")[0]
+    toml = re.search(r"```toml\n(.*?)```", first, re.S).group(1)
+    pam = re.search(r"/etc/pam.d/noyau-hub`.*?```\n(.*?)```", first, re.S).group(1)
+    service = f"noyau-hub-test-{os.urandom(3).hex()}"
+    hub = hl.Hub(tmp_path, admins=[])
+    toml = (toml.replace('"127.0.0.1:8000"', f'"127.0.0.1:{hub.port}"')
+            .replace('"127.0.0.1:8001"', f'"127.0.0.1:{hub.link_port}"')
+            .replace('"/var/lib/noyau-hub"', f'"{hub.state}"')
+            .replace("/opt/jupyter/bin", f"{hl.JUPYTER_VENV}/bin")
+            .replace('"noyau-hub"', f'"{service}"'))
+    assert toml.count(str(hub.port)) == 1 and str(hub.state) in toml and service in toml, toml
+    hub.config.write_text(toml)
+    Path("/etc/pam.d", service).write_text(pam)
+    a = users[0]
+    try:
+        hub.start()
+        sa, csrf = hub.spawn(a, mem_gb=0)
+        st = hl.wait_state(sa, hub.url, "running")
+        assert hl.run_cell(sa, hub.url, a.name, "6 * 7") == "42"
+        sa.post(f"{hub.url}/hub/sessions/{st['id']}/cancel", data={"_csrf": csrf})
+        hl.wait_state(sa, hub.url, "ended", timeout=60)
+    finally:
+        hub.close()
+        Path("/etc/pam.d", service).unlink(missing_ok=True)

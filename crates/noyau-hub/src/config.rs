@@ -34,6 +34,10 @@ const KEYS: &[&str] = &[
     "agent",
     "log_dir",
     "scheduler",
+    "site_name",
+    "logo",
+    "motd",
+    "idle_timeout",
     "profiles",
 ];
 
@@ -110,6 +114,20 @@ pub struct HubConfig {
     /// registers: `slurm`, `oar`).
     #[serde(default = "default_scheduler")]
     pub scheduler: String,
+    /// The site's name, in every page's title and header.
+    #[serde(default = "default_site_name")]
+    pub site_name: String,
+    /// An image file (PNG, JPEG, GIF, WebP or SVG, at most 256 KiB) shown
+    /// beside the site's name; read once at start and served by the hub.
+    pub logo: Option<PathBuf>,
+    /// A message of the day, on the login and home pages (plain text;
+    /// blank lines separate paragraphs).
+    pub motd: Option<String>,
+    /// Seconds without activity in a running session's JupyterLab after
+    /// which the hub ends it (0, the default: never). A session with a
+    /// busy kernel is never ended.
+    #[serde(default)]
+    pub idle_timeout: u64,
     pub profiles: BTreeMap<String, HubProfile>,
     /// The other top-level keys: a scheduler's `[NAME]` table gives paths
     /// of its commands (`[NAME]` with `COMMAND = "/path/to/COMMAND"` lines).
@@ -224,6 +242,9 @@ fn default_submit_as() -> Vec<String> {
 fn default_log_dir() -> String {
     "{home}/.local/state/noyau/hub".into()
 }
+fn default_site_name() -> String {
+    "noyau hub".into()
+}
 fn default_server() -> String {
     "lab".into()
 }
@@ -244,6 +265,26 @@ impl HubConfig {
             .with_context(|| format!("in {}", path.display()))?;
         cfg.proxy_secret = cfg.read_proxy_secret(path)?;
         Ok(cfg)
+    }
+
+    /// `idle_timeout`, if the culler is on.
+    pub fn idle_limit(&self) -> Option<std::time::Duration> {
+        (self.idle_timeout > 0).then(|| std::time::Duration::from_secs(self.idle_timeout))
+    }
+
+    /// Only `state_dir` of a hub.toml, for commands that read the hub's
+    /// state (`noyau hub audit`), run by root or the hub's account: they
+    /// need neither the proxy's secret nor the scheduler.
+    pub fn state_dir_of(path: &Path) -> anyhow::Result<PathBuf> {
+        #[derive(Deserialize)]
+        struct StateOnly {
+            state_dir: PathBuf,
+        }
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the hub configuration {}", path.display()))?;
+        let s: StateOnly = toml::from_str(&text)
+            .with_context(|| format!("{} is not a valid hub configuration", path.display()))?;
+        Ok(s.state_dir)
     }
 
     /// The SSO proxy's secret, from a private file or a private hub.toml.
@@ -327,6 +368,9 @@ impl HubConfig {
         }
         if self.poll_interval.is_nan() || self.poll_interval < 0.1 {
             bail!("poll_interval must be at least 0.1 seconds");
+        }
+        if self.site_name.trim().is_empty() || self.site_name.chars().any(char::is_control) {
+            bail!("site_name must be a name on one line");
         }
         for (name, p) in &self.profiles {
             if p.partitions.is_empty() {

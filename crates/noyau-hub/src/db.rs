@@ -110,6 +110,15 @@ pub struct Session {
     pub created: i64,
 }
 
+/// One event of the audit table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRow {
+    pub ts: i64,
+    pub user: String,
+    pub action: String,
+    pub detail: String,
+}
+
 pub struct Db {
     conn: Mutex<Connection>,
     /// Logins by cookie hash (user, expiry): every proxied request asks who
@@ -221,11 +230,31 @@ impl Db {
         })
     }
 
+    /// The database of a hub (running or not) for reading only: nothing
+    /// is created or changed, so a root reader leaves no file the hub's
+    /// account could not open.
+    pub fn open_read_only(path: &Path) -> anyhow::Result<Self> {
+        if !path.exists() {
+            anyhow::bail!(
+                "there is no hub database at {}: has the hub run with this configuration?",
+                path.display()
+            );
+        }
+        let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .with_context(|| format!("cannot open the hub database {}", path.display()))?;
+        Ok(Db {
+            conn: Mutex::new(conn),
+            logins: Mutex::new(HashMap::new()),
+        })
+    }
+
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Records an event in the audit table, and logs it (info).
     pub fn audit(&self, user: &str, action: &str, detail: &str) {
+        tracing::info!(user, action, detail, "audit");
         if let Err(e) = self.conn().execute(
             "INSERT INTO audit (ts, user, action, detail) VALUES (?1, ?2, ?3, ?4)",
             params![now(), user, action, detail],
@@ -240,6 +269,29 @@ impl Db {
             [action],
             |r| r.get(0),
         )?)
+    }
+
+    /// The audit table, oldest first: `user`'s events only, if given, and
+    /// from `since` (a time stamp) on.
+    pub fn audit_rows(
+        &self,
+        user: Option<&str>,
+        since: Option<i64>,
+    ) -> anyhow::Result<Vec<AuditRow>> {
+        let c = self.conn();
+        let mut st = c.prepare(
+            "SELECT ts, user, action, detail FROM audit
+             WHERE (?1 IS NULL OR user = ?1) AND (?2 IS NULL OR ts >= ?2) ORDER BY ts, rowid",
+        )?;
+        let rows = st.query_map(params![user, since], |r| {
+            Ok(AuditRow {
+                ts: r.get(0)?,
+                user: r.get(1)?,
+                action: r.get(2)?,
+                detail: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     pub fn add_login(&self, id_hash: &str, user: &str, expires: i64) -> anyhow::Result<()> {
@@ -401,13 +453,20 @@ impl Db {
             .optional()?)
     }
 
-    /// A user's sessions (every user's when `user` is None), newest first.
-    pub fn sessions(&self, user: Option<&str>) -> anyhow::Result<Vec<Session>> {
+    /// A user's sessions (every user's when `user` is None), newest first:
+    /// every live one, and at most `ended` ended ones.
+    pub fn sessions(&self, user: Option<&str>, ended: usize) -> anyhow::Result<Vec<Session>> {
         let c = self.conn();
-        let mut st = c.prepare(&format!(
-            "SELECT {SESSION_COLS} FROM sessions WHERE ?1 IS NULL OR user = ?1 ORDER BY created DESC, rowid DESC LIMIT 200"
+        let mut st = c.prepare_cached(&format!(
+            "SELECT {SESSION_COLS}, rowid AS r FROM sessions
+                WHERE (?1 IS NULL OR user = ?1) AND state != 'ended'
+             UNION ALL
+             SELECT * FROM (SELECT {SESSION_COLS}, rowid AS r FROM sessions
+                WHERE (?1 IS NULL OR user = ?1) AND state = 'ended'
+                ORDER BY created DESC, rowid DESC LIMIT ?2)
+             ORDER BY created DESC, r DESC"
         ))?;
-        let rows = st.query_map([user], session_row)?;
+        let rows = st.query_map(params![user, ended as i64], session_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 

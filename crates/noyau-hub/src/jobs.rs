@@ -197,6 +197,17 @@ fn sync(hub: &Hub, followed: &mut HashMap<String, Followed>) -> anyhow::Result<(
         };
         if u.state == Some(State::Ended) {
             hub.drop_upstream(&s.id);
+            // (a cancel or the culler wrote its reason first, and it stays)
+            let why = s.ended_why.as_ref().or(u.ended_why.as_ref());
+            hub.db.audit(
+                &s.user,
+                "ended",
+                &format!(
+                    "session {} job {job}: {}",
+                    s.id,
+                    why.map_or("ended", String::as_str)
+                ),
+            );
         }
         if u.changes(&s) {
             hub.db.update(&s.id, &u)?;

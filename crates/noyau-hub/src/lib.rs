@@ -23,8 +23,13 @@
 //!   it still lists.
 //! * [`proxy`]: `/user/NAME/…` to that socket over the link's tunnel, for
 //!   NAME only.
-//! * [`pages`]: the HTML; [`logs`]: the ended sessions' log tails, read
+//! * [`pages`]: the HTML (askama templates, escaped by construction);
+//!   [`site`]: the site's name, logo and message of the day, the hub's own
+//!   stylesheet and script; [`logs`]: the ended sessions' log tails, read
 //!   off the async threads from paths the users control.
+//! * [`cull`]: ends sessions whose JupyterLab has been idle for
+//!   `idle_timeout`, as JupyterHub's idle culler does.
+//! * [`audit`]: `noyau hub audit`, the audit table for people.
 
 // Handlers refuse with a ready `Response` (`Err(page)`), returned as is;
 // boxing it would only add an allocation to the refusal path.
@@ -32,14 +37,17 @@
 
 pub mod access;
 mod agents;
+pub mod audit;
 pub mod auth;
 pub mod config;
+mod cull;
 pub mod db;
 pub mod jobs;
 pub mod logs;
 pub mod pages;
 pub mod pam;
 pub mod proxy;
+pub mod site;
 pub mod throttle;
 
 use std::collections::HashMap;
@@ -70,6 +78,7 @@ const PAM_WAIT: Duration = Duration::from_secs(5);
 
 pub struct Hub {
     pub cfg: HubConfig,
+    pub site: site::Site,
     pub db: Db,
     key: Vec<u8>,
     pin: String,
@@ -204,6 +213,7 @@ fn private_file(
 /// Runs the hub until it is killed.
 pub async fn run(config: PathBuf) -> anyhow::Result<()> {
     let cfg = HubConfig::load(&config)?;
+    let site = site::Site::load(&cfg).with_context(|| format!("in {}", config.display()))?;
     if cfg.auth == Auth::Pam {
         pam::load().context("auth = \"pam\" in hub.toml")?;
     }
@@ -249,6 +259,7 @@ pub async fn run(config: PathBuf) -> anyhow::Result<()> {
         pin: listener.pin(),
         tokens: listener.tokens(),
         cfg,
+        site,
         db,
         key,
         link_advertise,
@@ -264,6 +275,9 @@ pub async fn run(config: PathBuf) -> anyhow::Result<()> {
     tracing::info!(sessions = live, "hub state loaded");
     tokio::spawn(agents::accept(hub.clone(), listener));
     tokio::spawn(jobs::follow(hub.clone()));
+    if let Some(limit) = hub.cfg.idle_limit() {
+        tokio::spawn(cull::run(hub.clone(), limit));
+    }
     let app = routes(hub.clone());
     let tcp = tokio::net::TcpListener::bind(hub.cfg.listen)
         .await
@@ -289,6 +303,12 @@ pub async fn run(config: PathBuf) -> anyhow::Result<()> {
 fn routes(hub: Arc<Hub>) -> Router {
     let app = Router::new()
         .route("/", get(|| async { pages::redirect("/hub/home") }))
+        .route("/hub/static/hub.css", get(|| async { site::css() }))
+        .route("/hub/static/hub.js", get(|| async { site::js() }))
+        .route(
+            "/hub/logo",
+            get(|AxState(hub): AxState<Arc<Hub>>| async move { hub.site.logo() }),
+        )
         .route("/hub/login", get(login_page).post(login))
         .route("/hub/logout", get(logout_page).post(logout))
         .route("/hub/home", get(home))
@@ -321,9 +341,10 @@ fn need_login(hub: &Hub, headers: &HeaderMap) -> Result<Who, Response> {
 /// or a page saying why.
 pub(crate) fn denied(hub: &Hub, d: Denied, login: String) -> Response {
     match (d, hub.cfg.auth) {
-        (Denied::Refused(r), _) => pages::error(StatusCode::FORBIDDEN, r.message()),
+        (Denied::Refused(r), _) => pages::error(&hub.site, StatusCode::FORBIDDEN, r.message()),
         (Denied::Anonymous, Auth::Pam) => pages::redirect(&login),
         (Denied::Anonymous, Auth::Header) => pages::error(
+            &hub.site,
             StatusCode::UNAUTHORIZED,
             &format!(
                 "This hub expects its SSO proxy to set the {} header.",
@@ -337,6 +358,7 @@ fn csrf_checked(hub: &Hub, headers: &HeaderMap, token: &str) -> Result<Who, Resp
     let who = need_login(hub, headers)?;
     if !hub.csrf_ok(&who, token) {
         return Err(pages::error(
+            &hub.site,
             StatusCode::FORBIDDEN,
             "The form's security token is missing or stale: reload the page and try again.",
         ));
@@ -390,9 +412,14 @@ fn login_form(
         .filter(|p| p.len() == 64)
         .unwrap_or_else(random_hex);
     (
-        status,
         [(header::SET_COOKIE, hub.set_cookie(PRE_COOKIE, &pre, 3600))],
-        pages::login(&hub.login_csrf(&pre), &safe_next(next), msg),
+        pages::login(
+            &hub.site,
+            status,
+            &hub.login_csrf(&pre),
+            &safe_next(next),
+            msg,
+        ),
     )
         .into_response()
 }
@@ -414,6 +441,7 @@ async fn login(
 ) -> Response {
     if hub.cfg.auth != Auth::Pam {
         return pages::error(
+            &hub.site,
             StatusCode::NOT_FOUND,
             "This hub logs users in through its SSO proxy.",
         );
@@ -439,6 +467,7 @@ async fn login(
     {
         tracing::error!("recording a login: {e:#}");
         return pages::error(
+            &hub.site,
             StatusCode::INTERNAL_SERVER_ERROR,
             "The hub cannot record your login; tell the administrators.",
         );
@@ -536,7 +565,7 @@ struct CsrfForm {
 /// other site can log a user out with a mere link.
 async fn logout_page(AxState(hub): AxState<Arc<Hub>>, headers: HeaderMap) -> Response {
     match hub.who(&headers) {
-        Some(who) => pages::logout(&who).into_response(),
+        Some(who) => pages::logout(&hub.site, &who),
         None => pages::redirect("/hub/login"),
     }
 }
@@ -562,16 +591,19 @@ async fn logout(
 }
 
 async fn render_home(hub: &Hub, who: &Who, message: Option<&str>, status: StatusCode) -> Response {
-    let sessions = hub.db.sessions(Some(&who.name)).unwrap_or_default();
+    let sessions = hub
+        .db
+        .sessions(Some(&who.name), pages::HISTORY)
+        .unwrap_or_default();
     let last = hub.db.last_choice(&who.name).ok().flatten();
     let loads = jobs::partitions(hub).await;
     let tails = hub.tails.of(&sessions).await;
-    let cards = pages::cards(&sessions, who, false, &tails);
-    (
-        status,
-        pages::home(&hub.cfg, who, last.as_ref(), &loads, &cards, message),
-    )
-        .into_response()
+    let parts = pages::HomeParts {
+        last: last.as_ref(),
+        loads: &loads,
+        message,
+    };
+    pages::home(hub, who, &sessions, &tails, parts, status)
 }
 
 async fn home(AxState(hub): AxState<Arc<Hub>>, headers: HeaderMap) -> Response {
@@ -585,9 +617,12 @@ async fn cards(AxState(hub): AxState<Arc<Hub>>, headers: HeaderMap) -> Response 
     let Some(who) = hub.who(&headers) else {
         return StatusCode::UNAUTHORIZED.into_response();
     };
-    let sessions = hub.db.sessions(Some(&who.name)).unwrap_or_default();
+    let sessions = hub
+        .db
+        .sessions(Some(&who.name), pages::HISTORY)
+        .unwrap_or_default();
     let tails = hub.tails.of(&sessions).await;
-    axum::response::Html(pages::cards(&sessions, &who, false, &tails)).into_response()
+    pages::cards(&hub, &who, &sessions, &tails)
 }
 
 #[derive(Deserialize)]
@@ -712,11 +747,13 @@ fn owned(hub: &Hub, who: &Who, id: &str) -> Result<Session, Response> {
             hub.db
                 .audit(&who.name, "forbidden", &format!("session {id}"));
             Err(pages::error(
+                &hub.site,
                 StatusCode::FORBIDDEN,
                 "This session is another user's.",
             ))
         }
         _ => Err(pages::error(
+            &hub.site,
             StatusCode::NOT_FOUND,
             "There is no such session.",
         )),
@@ -740,6 +777,7 @@ async fn cancel(
         if let Some(job) = &s.job_id {
             if let Err(e) = jobs::cancel(&hub, &s.user, job).await {
                 return Err(pages::error(
+                    &hub.site,
                     StatusCode::BAD_GATEWAY,
                     &format!("{} did not cancel the job: {e}", hub.sched.display()),
                 ));
@@ -775,6 +813,7 @@ async fn relaunch(
     let s = owned(&hub, &who, &id)?;
     if s.user != who.name {
         return Err(pages::error(
+            &hub.site,
             StatusCode::FORBIDDEN,
             "Only its owner can relaunch a session.",
         ));
@@ -803,7 +842,7 @@ async fn api_sessions(
         return StatusCode::FORBIDDEN.into_response();
     }
     let user = (!q.all).then_some(who.name.as_str());
-    match hub.db.sessions(user) {
+    match hub.db.sessions(user, 200) {
         Ok(s) => axum::Json(serde_json::json!({
             "user": who.name,
             "sessions": s,
@@ -819,13 +858,17 @@ async fn admin(AxState(hub): AxState<Arc<Hub>>, headers: HeaderMap) -> Result<Re
     if !who.admin {
         hub.db.audit(&who.name, "forbidden", "/hub/admin");
         return Err(pages::error(
+            &hub.site,
             StatusCode::FORBIDDEN,
             "The admin page is for the hub's administrators.",
         ));
     }
-    let sessions = hub.db.sessions(None).unwrap_or_default();
+    let sessions = hub
+        .db
+        .sessions(None, pages::ADMIN_HISTORY)
+        .unwrap_or_default();
     let tails = hub.tails.of(&sessions).await;
-    Ok(pages::admin(&who, &sessions, &tails, hub.sched.polls()).into_response())
+    Ok(pages::admin(&hub, &who, &sessions, &tails))
 }
 
 #[cfg(test)]

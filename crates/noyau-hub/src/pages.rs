@@ -1,37 +1,39 @@
-//! The hub's pages, as plain HTML strings: a login form, the home page
-//! (spawn form, free cores, session cards) and the admin list. Every value
-//! that comes from a user or from Slurm goes through [`esc`].
+//! The hub's pages: askama templates (`templates/`, compiled in; every value
+//! they print is HTML-escaped by construction) and what they are given.
+//! The site's name, logo and message of the day come from [`Site`]; the
+//! stylesheet and the home page's script are the hub's own files
+//! (`static/`, served by [`crate::site`]).
 //!
-//! The cards are one HTML fragment (`/hub/cards`), rendered here only; the
-//! home page's script fetches it every two seconds and raises a browser
-//! notification when a session starts and when its time left falls under
-//! ten minutes.
+//! The session cards are one fragment (`cards.html`), part of the home and
+//! admin pages and served alone at `/hub/cards`, which the home page's
+//! script fetches every two seconds. A card says only what is known: a
+//! node, a time left or an estimated start that the scheduler has not
+//! given yet is left out, never shown as a placeholder.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::http::{header, StatusCode};
-use axum::response::{Html, IntoResponse, Response};
+use askama::Template;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use noyau_sched::{PartitionLoad, Scheduler};
 
 use crate::auth::Who;
 use crate::config::HubConfig;
 use crate::db::{Choice, Session, State};
-use noyau_sched::PartitionLoad;
+use crate::site::Site;
 
-pub fn esc(s: &str) -> String {
-    let mut o = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => o.push_str("&amp;"),
-            '<' => o.push_str("&lt;"),
-            '>' => o.push_str("&gt;"),
-            '"' => o.push_str("&quot;"),
-            '\'' => o.push_str("&#39;"),
-            c => o.push(c),
-        }
-    }
-    o
-}
+/// Ended sessions shown unfolded under the live ones.
+const RECENT: usize = 3;
+/// Ended sessions listed at all on a user's page (the rest are in the
+/// audit table); the admin page lists [`ADMIN_HISTORY`].
+pub const HISTORY: usize = 20;
+pub const ADMIN_HISTORY: usize = 100;
+
+/// The pages' own policy: only the hub's stylesheet, script and logo; no
+/// framing (a Cancel button under someone else's page).
+const CSP: &str = "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self'; \
+                   connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
 pub fn url_encode(s: &str) -> String {
     s.bytes()
@@ -45,340 +47,491 @@ pub fn url_encode(s: &str) -> String {
         .collect()
 }
 
-const STYLE: &str = "body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}
-.card{border:1px solid #aaa;border-radius:6px;padding:.6em 1em;margin:.6em 0}
-.queued{border-left:6px solid #d90}.starting{border-left:6px solid #39c}
-.running{border-left:6px solid #2a2}.ended{border-left:6px solid #888}
-pre{background:#f4f4f4;padding:.5em;overflow:auto;max-height:12em}
-label{display:inline-block;min-width:9em}.err{color:#b00}form.inline{display:inline}";
-
-pub fn layout(title: &str, who: Option<&Who>, body: &str) -> Html<String> {
-    let nav = match who {
-        Some(w) => format!(
-            "<nav>Signed in as <b id=\"who\">{}</b> · <a href=\"/hub/home\">Home</a>{} · \
-             <form class=\"inline\" method=\"post\" action=\"/hub/logout\"><input type=\"hidden\" name=\"_csrf\" value=\"{}\"><button>Log out</button></form></nav>",
-            esc(&w.name),
-            if w.admin { " · <a href=\"/hub/admin\">Admin</a>" } else { "" },
-            esc(&w.csrf)
-        ),
-        None => String::new(),
-    };
-    Html(format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{} · noyau hub</title><style>{STYLE}</style></head><body>{nav}<h1>{}</h1>{body}</body></html>",
-        esc(title),
-        esc(title)
-    ))
+/// What every page has around its content.
+pub struct Chrome<'a> {
+    pub site: &'a Site,
+    pub who: Option<&'a Who>,
+    pub title: &'a str,
+    /// An error to show above the content.
+    pub message: Option<&'a str>,
+    /// Whether the message of the day is shown (login and home pages).
+    pub motd: bool,
 }
 
-pub fn error(status: StatusCode, message: &str) -> Response {
-    (
-        status,
-        layout(
-            status.canonical_reason().unwrap_or("Error"),
-            None,
-            &format!("<p class=\"err\">{}</p>", esc(message)),
-        ),
-    )
-        .into_response()
+impl<'a> Chrome<'a> {
+    fn new(site: &'a Site, who: Option<&'a Who>, title: &'a str) -> Self {
+        Chrome {
+            site,
+            who,
+            title,
+            message: None,
+            motd: false,
+        }
+    }
+}
+
+fn render(status: StatusCode, t: &impl Template) -> Response {
+    match t.render() {
+        Ok(html) => {
+            let mut r = (status, axum::response::Html(html)).into_response();
+            r.headers_mut().insert(
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(CSP),
+            );
+            r
+        }
+        Err(e) => {
+            tracing::error!("rendering a page: {e}");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the hub could not render this page",
+            )
+                .into_response()
+        }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "error.html")]
+struct ErrorPage<'a> {
+    chrome: Chrome<'a>,
+}
+
+pub fn error(site: &Site, status: StatusCode, message: &str) -> Response {
+    let title = status.canonical_reason().unwrap_or("Error");
+    let mut chrome = Chrome::new(site, None, title);
+    chrome.message = Some(message);
+    render(status, &ErrorPage { chrome })
 }
 
 pub fn redirect(to: &str) -> Response {
     (StatusCode::SEE_OTHER, [(header::LOCATION, to.to_string())]).into_response()
 }
 
-pub fn login(csrf: &str, next: &str, message: Option<&str>) -> Html<String> {
-    let msg = message
-        .map(|m| format!("<p class=\"err\" id=\"error\">{}</p>", esc(m)))
-        .unwrap_or_default();
-    layout(
-        "Log in",
-        None,
-        &format!(
-            "{msg}<form method=\"post\" action=\"/hub/login\">\
-             <input type=\"hidden\" name=\"_csrf\" value=\"{}\"><input type=\"hidden\" name=\"next\" value=\"{}\">\
-             <p><label for=\"user\">User name</label><input id=\"user\" name=\"user\" autocomplete=\"username\"></p>\
-             <p><label for=\"password\">Password</label><input id=\"password\" name=\"password\" type=\"password\" autocomplete=\"current-password\"></p>\
-             <p><button id=\"login\">Log in</button></p></form>",
-            esc(csrf),
-            esc(next)
-        ),
-    )
+#[derive(Template)]
+#[template(path = "login.html")]
+struct Login<'a> {
+    chrome: Chrome<'a>,
+    csrf: &'a str,
+    next: &'a str,
+}
+
+pub fn login(
+    site: &Site,
+    status: StatusCode,
+    csrf: &str,
+    next: &str,
+    message: Option<&str>,
+) -> Response {
+    let mut chrome = Chrome::new(site, None, "Log in");
+    chrome.message = message;
+    chrome.motd = true;
+    render(status, &Login { chrome, csrf, next })
+}
+
+#[derive(Template)]
+#[template(path = "logout.html")]
+struct Logout<'a> {
+    chrome: Chrome<'a>,
+    csrf: &'a str,
 }
 
 /// Asks before logging out (GET /hub/logout); the form posts to the same path.
-pub fn logout(who: &Who) -> Html<String> {
-    layout(
-        "Log out",
-        Some(who),
-        &format!(
-            "<p>Log out of the hub? Your running sessions go on; log in again to reach them.</p>\
-             <form method=\"post\" action=\"/hub/logout\"><input type=\"hidden\" name=\"_csrf\" value=\"{}\">\
-             <button id=\"logout\">Log out</button> <a href=\"/hub/home\">Back to the hub</a></form>",
-            esc(&who.csrf)
-        ),
+pub fn logout(site: &Site, who: &Who) -> Response {
+    let chrome = Chrome::new(site, Some(who), "Log out");
+    render(
+        StatusCode::OK,
+        &Logout {
+            chrome,
+            csrf: &who.csrf,
+        },
     )
 }
 
-fn number(name: &str, label: &str, min: u32, max: u32, value: u32) -> String {
-    format!(
-        "<p><label for=\"{name}\">{label}</label><input id=\"{name}\" name=\"{name}\" type=\"number\" min=\"{min}\" max=\"{max}\" value=\"{value}\"> ({min}–{max})</p>"
-    )
+/// A number field of the start form; `shown: false` sends 0 (a resource
+/// the profile does not offer).
+struct NumberField {
+    name: &'static str,
+    label: &'static str,
+    min: u32,
+    max: u32,
+    value: u32,
+    shown: bool,
+}
+
+/// One profile's start form.
+struct SpawnForm<'a> {
+    id: &'a str,
+    label: &'a str,
+    /// Each partition, and whether it is the one chosen last.
+    partitions: Vec<(&'a str, bool)>,
+    numbers: [NumberField; 4],
+}
+
+fn spawn_forms<'a>(cfg: &'a HubConfig, last: Option<&Choice>) -> Vec<SpawnForm<'a>> {
+    // One form per profile keeps min/max per profile without scripting.
+    cfg.profiles
+        .iter()
+        .map(|(name, p)| {
+            let last = last.filter(|c| &c.profile == name);
+            let field = |name, label, r: crate::config::Range, f: fn(&Choice) -> u32| NumberField {
+                name,
+                label,
+                min: r.min,
+                max: r.max,
+                value: last.map(f).unwrap_or(r.default),
+                shown: r.max > 0,
+            };
+            SpawnForm {
+                id: name,
+                label: p.label.as_deref().unwrap_or(name),
+                partitions: p
+                    .partitions
+                    .iter()
+                    .map(|part| (part.as_str(), last.is_some_and(|c| &c.partition == part)))
+                    .collect(),
+                numbers: [
+                    field("cores", "Cores", p.cores, |c| c.cores),
+                    field("mem_gb", "Memory (GB)", p.mem_gb, |c| c.mem_gb),
+                    field("gpus", "GPUs", p.gpus, |c| c.gpus),
+                    field("minutes", "Minutes", p.minutes, |c| c.minutes),
+                ],
+            }
+        })
+        .collect()
+}
+
+#[derive(Template)]
+#[template(path = "home.html")]
+struct Home<'a> {
+    chrome: Chrome<'a>,
+    view: CardsView<'a>,
+    forms: Vec<SpawnForm<'a>>,
+    queue_word: &'static str,
+    scheduler: &'static str,
+    loads: Result<Vec<&'a PartitionLoad>, &'a str>,
+}
+
+/// What the home page shows.
+pub struct HomeParts<'a> {
+    pub last: Option<&'a Choice>,
+    /// The scheduler's free resources, or why it could not say.
+    pub loads: &'a Result<Vec<PartitionLoad>, String>,
+    pub message: Option<&'a str>,
 }
 
 pub fn home(
-    cfg: &HubConfig,
+    hub: &crate::Hub,
     who: &Who,
-    last: Option<&Choice>,
-    loads: &Result<Vec<PartitionLoad>, String>,
-    cards: &str,
-    message: Option<&str>,
-) -> Html<String> {
-    let mut form = String::new();
-    let msg = message
-        .map(|m| format!("<p class=\"err\" id=\"error\">{}</p>", esc(m)))
-        .unwrap_or_default();
-    // One form per profile keeps min/max per profile without scripting.
-    for (name, p) in &cfg.profiles {
-        let last = last.filter(|c| &c.profile == name);
-        let pick = |f: fn(&Choice) -> u32, d: u32| last.map(f).unwrap_or(d);
-        let parts: String = p
-            .partitions
-            .iter()
-            .map(|part| {
-                let sel = if last.is_some_and(|c| &c.partition == part) {
-                    " selected"
-                } else {
-                    ""
-                };
-                format!("<option{sel}>{}</option>", esc(part))
-            })
-            .collect();
-        form.push_str(&format!(
-            "<form class=\"card spawn\" method=\"post\" action=\"/hub/spawn\" id=\"spawn-{pid}\">\
-             <h3>{label}</h3><input type=\"hidden\" name=\"_csrf\" value=\"{csrf}\">\
-             <input type=\"hidden\" name=\"profile\" value=\"{pid}\">\
-             <p><label for=\"partition-{pid}\">{queue}</label><select id=\"partition-{pid}\" name=\"partition\">{parts}</select></p>\
-             {cores}{mem}{gpus}{minutes}<p><button>Start</button></p></form>",
-            pid = esc(name),
-            label = esc(p.label.as_deref().unwrap_or(name)),
-            queue = queue_word(cfg),
-            csrf = esc(&who.csrf),
-            cores = number("cores", "Cores", p.cores.min, p.cores.max, pick(|c| c.cores, p.cores.default)),
-            mem = if p.mem_gb.max > 0 {
-                number("mem_gb", "Memory (GB)", p.mem_gb.min, p.mem_gb.max, pick(|c| c.mem_gb, p.mem_gb.default))
-            } else {
-                "<input type=\"hidden\" name=\"mem_gb\" value=\"0\">".into()
-            },
-            gpus = if p.gpus.max > 0 {
-                number("gpus", "GPUs", p.gpus.min, p.gpus.max, pick(|c| c.gpus, p.gpus.default))
-            } else {
-                "<input type=\"hidden\" name=\"gpus\" value=\"0\">".into()
-            },
-            minutes = number("minutes", "Minutes", p.minutes.min, p.minutes.max, pick(|c| c.minutes, p.minutes.default)),
-        ));
-    }
-    let loads = match loads {
-        Ok(v) => {
-            let rows: String = v
-                .iter()
-                .map(|l| {
-                    format!(
-                        "<tr><td>{}</td><td class=\"idle\">{}</td><td>{}</td><td class=\"gpus\">{}</td></tr>",
-                        esc(&l.partition),
-                        l.idle_cores,
-                        l.total_cores,
-                        if l.total_gpus == 0 {
-                            "none".to_string()
-                        } else {
-                            format!("{} free of {}", l.free_gpus, l.total_gpus)
-                        }
-                    )
-                })
-                .collect();
-            format!("<table id=\"partitions\"><tr><th>{}</th><th>Free cores</th><th>Cores</th><th>GPUs</th></tr>{rows}</table>", queue_word(cfg))
-        }
-        Err(e) => format!(
-            "<p class=\"err\">Cannot ask {} for free resources: {}</p>",
-            names(cfg).0,
-            esc(e)
-        ),
-    };
-    layout(
-        "noyau hub",
-        Some(who),
-        &format!(
-            "{msg}<h2>Your sessions</h2><div id=\"cards\">{cards}</div>\
-             <h2>Start a session</h2>{loads}{form}<script>{SCRIPT}</script>"
-        ),
-    )
-}
-
-/// Refreshes the cards and notifies on start and near the walltime.
-const SCRIPT: &str = r#"
-const seen = {};
-function notify(text) {
-  if (!("Notification" in window)) return;
-  if (Notification.permission === "granted") new Notification("noyau hub", {body: text});
-}
-if ("Notification" in window && Notification.permission === "default") Notification.requestPermission();
-async function refresh() {
-  try {
-    const r = await fetch("/hub/cards", {credentials: "same-origin"});
-    if (!r.ok) return;
-    document.getElementById("cards").innerHTML = await r.text();
-    for (const c of document.querySelectorAll(".card[data-session]")) {
-      const id = c.dataset.session, st = c.dataset.state, left = Number(c.dataset.left || -1);
-      const was = seen[id] || {};
-      if (was.state && was.state !== "running" && st === "running") notify("Your session is running: " + c.dataset.url);
-      if (st === "running" && left >= 0 && left < 600 && !was.warned) { notify("Your session ends in " + Math.round(left / 60) + " min (walltime)"); was.warned = true; }
-      seen[id] = {state: st, warned: was.warned};
-    }
-  } catch (e) {}
-}
-for (const c of document.querySelectorAll(".card[data-session]")) seen[c.dataset.session] = {state: c.dataset.state};
-setInterval(refresh, 2000);
-"#;
-
-fn button(action: &str, csrf: &str, label: &str, id: &str) -> String {
-    format!(
-        "<form class=\"inline\" method=\"post\" action=\"{action}\"><input type=\"hidden\" name=\"_csrf\" value=\"{}\"><button id=\"{id}\">{label}</button></form>",
-        esc(csrf)
-    )
-}
-
-/// What the hub's scheduler is called, and what it calls a queue.
-fn names(cfg: &HubConfig) -> (&'static str, &'static str) {
-    noyau_sched::Scheduler::named(&cfg.scheduler).map_or(("the scheduler", "Queue"), |s| {
-        (s.display(), s.queue_word())
-    })
-}
-
-/// What the scheduler calls the choice of queue.
-fn queue_word(cfg: &HubConfig) -> &'static str {
-    names(cfg).1
-}
-
-/// One card per session; `tails`: the ended ones' log tails, by id
-/// ([`crate::logs::Tails`]).
-pub fn cards(
     sessions: &[Session],
-    who: &Who,
-    with_user: bool,
     tails: &HashMap<String, Arc<str>>,
-) -> String {
-    if sessions.is_empty() {
-        return "<p id=\"no-sessions\">No sessions yet.</p>".into();
-    }
-    let mut out = String::new();
-    for s in sessions {
-        let c = &s.choice;
-        let res = format!(
-            "{} · {} cores{}{} · {} min",
-            esc(&c.partition),
-            c.cores,
-            if c.mem_gb > 0 {
-                format!(" · {} GB", c.mem_gb)
-            } else {
-                String::new()
-            },
-            if c.gpus > 0 {
-                format!(" · {} GPUs", c.gpus)
-            } else {
-                String::new()
-            },
-            c.minutes
-        );
-        let job = s
-            .job_id
-            .as_deref()
-            .map(|j| format!(" · job {}", esc(j)))
-            .unwrap_or_default();
-        let user = if with_user {
-            format!("<b>{}</b> · ", esc(&s.user))
-        } else {
-            String::new()
-        };
-        let url = format!("/user/{}/lab", s.user);
-        let detail = match s.state {
-            State::Queued => format!(
-                "Queued: {}{}",
-                esc(s.reason.as_deref().unwrap_or("submitted")),
-                s.start_est
-                    .as_deref()
-                    .map(|t| format!(" · estimated start {}", esc(t)))
-                    .unwrap_or_default()
-            ),
-            State::Starting => format!("Starting on {}", esc(s.node.as_deref().unwrap_or("?"))),
-            State::Running => format!(
-                "Running on {} · {} left · <a id=\"open-{}\" href=\"{}\">Open JupyterLab</a>",
-                esc(s.node.as_deref().unwrap_or("?")),
-                esc(s.time_left.as_deref().unwrap_or("?")),
-                esc(&s.id),
-                esc(&url)
-            ),
-            State::Ended => {
-                let tail = tails
-                    .get(&s.id)
-                    .filter(|t| !t.trim().is_empty())
-                    .map(|t| format!("<pre class=\"log\">{}</pre>", esc(t)))
-                    .unwrap_or_default();
-                format!(
-                    "Ended: {}{tail}",
-                    esc(s.ended_why.as_deref().unwrap_or("ended"))
-                )
-            }
-        };
-        let actions = if s.state == State::Ended {
-            if with_user {
-                String::new()
-            } else {
-                button(
-                    &format!("/hub/sessions/{}/relaunch", s.id),
-                    &who.csrf,
-                    "Relaunch",
-                    &format!("relaunch-{}", s.id),
-                )
-            }
-        } else {
-            button(
-                &format!("/hub/sessions/{}/cancel", s.id),
-                &who.csrf,
-                "Cancel",
-                &format!("cancel-{}", s.id),
-            )
-        };
-        let left = s
-            .time_left
-            .as_deref()
-            .and_then(noyau_sched::parse_duration)
-            .map(|t| t.to_string())
-            .unwrap_or_default();
-        let state = serde_json::to_value(s.state)
-            .ok()
-            .and_then(|v| v.as_str().map(String::from))
-            .unwrap_or_default();
-        out.push_str(&format!(
-            "<div class=\"card {state}\" id=\"card-{id}\" data-session=\"{id}\" data-state=\"{state}\" data-left=\"{left}\" data-url=\"{url}\">\
-             <div>{user}{res}{job}</div><div class=\"state\">{detail}</div><div>{actions}</div></div>",
-            id = esc(&s.id),
-            url = esc(&url),
-        ));
-    }
-    out
+    parts: HomeParts<'_>,
+    status: StatusCode,
+) -> Response {
+    let cfg = &hub.cfg;
+    let mut chrome = Chrome::new(&hub.site, Some(who), "Interactive sessions");
+    chrome.message = parts.message;
+    chrome.motd = true;
+    // Only the partitions the profiles offer: the others are no choice here.
+    let offered = |l: &PartitionLoad| {
+        cfg.profiles
+            .values()
+            .any(|p| p.partitions.iter().any(|part| l.serves(part)))
+    };
+    let page = Home {
+        chrome,
+        view: CardsView::new(cfg, &hub.sched, who, sessions, tails, false),
+        forms: spawn_forms(cfg, parts.last),
+        queue_word: hub.sched.queue_word(),
+        scheduler: hub.sched.display(),
+        loads: match parts.loads {
+            Ok(v) => Ok(v.iter().filter(|l| offered(l)).collect()),
+            Err(e) => Err(e.as_str()),
+        },
+    };
+    render(status, &page)
+}
+
+#[derive(Template)]
+#[template(path = "cards.html")]
+struct CardsFragment<'a> {
+    view: CardsView<'a>,
+}
+
+/// `/hub/cards`: the user's cards alone.
+pub fn cards(
+    hub: &crate::Hub,
+    who: &Who,
+    sessions: &[Session],
+    tails: &HashMap<String, Arc<str>>,
+) -> Response {
+    let view = CardsView::new(&hub.cfg, &hub.sched, who, sessions, tails, false);
+    render(StatusCode::OK, &CardsFragment { view })
+}
+
+#[derive(Template)]
+#[template(path = "admin.html")]
+struct Admin<'a> {
+    chrome: Chrome<'a>,
+    view: CardsView<'a>,
+    polls: u64,
 }
 
 pub fn admin(
+    hub: &crate::Hub,
     who: &Who,
     sessions: &[Session],
     tails: &HashMap<String, Arc<str>>,
-    polls: u64,
-) -> Html<String> {
-    layout(
-        "Admin",
-        Some(who),
-        &format!(
-            "<p>Scheduler polls (one listing call for all sessions) since start: <span id=\"scheduler-polls\">{polls}</span></p><div id=\"cards\">{}</div>",
-            cards(sessions, who, true, tails)
-        ),
-    )
+) -> Response {
+    let page = Admin {
+        chrome: Chrome::new(&hub.site, Some(who), "Admin"),
+        view: CardsView::new(&hub.cfg, &hub.sched, who, sessions, tails, true),
+        polls: hub.sched.polls(),
+    };
+    render(StatusCode::OK, &page)
+}
+
+/// The cards of some sessions (newest first): the live ones, the last
+/// ended ones, and the older ones folded.
+pub struct CardsView<'a> {
+    live: Vec<Card<'a>>,
+    recent: Vec<Card<'a>>,
+    older: Vec<Card<'a>>,
+    csrf: &'a str,
+    /// The admin's view: every user's, with their names, no relaunch.
+    admin: bool,
+    any_live: bool,
+}
+
+impl<'a> CardsView<'a> {
+    fn new(
+        cfg: &'a HubConfig,
+        sched: &Scheduler,
+        who: &'a Who,
+        sessions: &'a [Session],
+        tails: &HashMap<String, Arc<str>>,
+        admin: bool,
+    ) -> Self {
+        let (live, ended): (Vec<&Session>, Vec<&Session>) =
+            sessions.iter().partition(|s| s.state != State::Ended);
+        let any_live = !live.is_empty();
+        let card = |s: &'a Session| Card::new(cfg, sched, s, admin, tails.get(&s.id));
+        let mut ended: Vec<Card<'a>> = ended.into_iter().map(card).collect();
+        // The newest ended session's log is open when nothing else is going on.
+        if let Some(first) = ended.first_mut().filter(|_| !any_live) {
+            first.tail_open = true;
+        }
+        let older = ended.split_off(RECENT.min(ended.len()));
+        CardsView {
+            live: live.into_iter().map(card).collect(),
+            recent: ended,
+            older,
+            csrf: &who.csrf,
+            admin,
+            any_live,
+        }
+    }
+}
+
+/// One session's card.
+pub struct Card<'a> {
+    id: &'a str,
+    /// `queued`, `starting`, `running`, `ended` (its CSS class and `data-state`).
+    state: &'static str,
+    badge: &'static str,
+    title: &'a str,
+    /// The session's user, on the admin page.
+    user: Option<&'a str>,
+    job: Option<&'a str>,
+    /// One line: where the session is at.
+    status: String,
+    facts: Vec<(&'static str, String)>,
+    url: String,
+    /// Seconds left, for the page's script ("" when unknown).
+    left: String,
+    open: bool,
+    can_relaunch: bool,
+    tail: Option<String>,
+    tail_open: bool,
+}
+
+impl<'a> Card<'a> {
+    fn new(
+        cfg: &'a HubConfig,
+        sched: &Scheduler,
+        s: &'a Session,
+        admin: bool,
+        tail: Option<&Arc<str>>,
+    ) -> Self {
+        let (state, badge) = match s.state {
+            State::Queued => ("queued", "Queued"),
+            State::Starting => ("starting", "Starting"),
+            State::Running => ("running", "Running"),
+            State::Ended => ("ended", "Ended"),
+        };
+        let secs_left = s.time_left.as_deref().and_then(noyau_sched::parse_duration);
+        let facts = vec![
+            ("Resources", resources(&s.choice)),
+            ("Submitted", when(s.created)),
+        ];
+        Card {
+            id: &s.id,
+            state,
+            badge,
+            title: cfg
+                .profiles
+                .get(&s.choice.profile)
+                .and_then(|p| p.label.as_deref())
+                .unwrap_or(&s.choice.profile),
+            user: admin.then_some(s.user.as_str()),
+            job: s.job_id.as_deref(),
+            status: status(s, secs_left),
+            facts,
+            url: format!("/user/{}/lab", s.user),
+            left: secs_left.map(|t| t.to_string()).unwrap_or_default(),
+            open: s.state == State::Running && !admin,
+            can_relaunch: s.state == State::Ended && !admin,
+            tail: tail.and_then(|t| without_end_notices(sched, t)),
+            tail_open: false,
+        }
+    }
+}
+
+/// The line a card leads with, from what is known only.
+fn status(s: &Session, secs_left: Option<u64>) -> String {
+    let on = |n: &Option<String>| {
+        n.as_deref()
+            .filter(|n| !n.is_empty())
+            .map(|n| format!(" on {n}"))
+            .unwrap_or_default()
+    };
+    match s.state {
+        State::Queued => {
+            let reason = match s.reason.as_deref() {
+                None | Some("submitting") => "submitting the job".to_string(),
+                Some(r) => r.to_string(),
+            };
+            let start = s
+                .start_est
+                .as_deref()
+                .map(|t| {
+                    let t: String = t.replace('T', " ").chars().take(16).collect();
+                    format!(" · estimated start {t}")
+                })
+                .unwrap_or_default();
+            format!("Queued: {reason}{start}")
+        }
+        State::Starting => format!("Starting{}: JupyterLab is starting", on(&s.node)),
+        State::Running => {
+            let left = secs_left
+                .map(|t| format!(" · {} left", human(t)))
+                .unwrap_or_default();
+            format!("Running{}{left}", on(&s.node))
+        }
+        State::Ended => format!("Ended: {}", s.ended_why.as_deref().unwrap_or("ended")),
+    }
+}
+
+/// The log's tail without the scheduler's own notice that it ended the job
+/// (the card already says how it ended); None if nothing else is left.
+fn without_end_notices(sched: &Scheduler, tail: &str) -> Option<String> {
+    let kept: Vec<&str> = tail.lines().filter(|l| !sched.is_end_notice(l)).collect();
+    let text = kept.join("\n");
+    (!text.trim().is_empty()).then_some(text)
+}
+
+fn plural(n: u32, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// `debug · 2 cores · 4 GB · 1 GPU · 1 h 30 min`.
+fn resources(c: &Choice) -> String {
+    let mut parts = vec![c.partition.clone(), plural(c.cores, "core", "cores")];
+    if c.mem_gb > 0 {
+        parts.push(format!("{} GB", c.mem_gb));
+    }
+    if c.gpus > 0 {
+        parts.push(plural(c.gpus, "GPU", "GPUs"));
+    }
+    parts.push(human(u64::from(c.minutes) * 60));
+    parts.join(" · ")
+}
+
+/// A duration for people: `2 h 05 min`, `9 min`, `40 s`.
+pub(crate) fn human(secs: u64) -> String {
+    match secs {
+        s if s >= 3600 && s % 3600 / 60 == 0 => format!("{} h", s / 3600),
+        s if s >= 3600 => format!("{} h {:02} min", s / 3600, s % 3600 / 60),
+        s if s >= 60 => format!("{} min", s / 60),
+        s => format!("{s} s"),
+    }
+}
+
+/// A time stamp as `2026-12-06 14:05`, local time.
+fn when(ts: i64) -> String {
+    u64::try_from(ts)
+        .ok()
+        .map(|t| short_time(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t)))
+        .unwrap_or_default()
+}
+
+/// A time as `2026-12-06 14:05`, local time.
+pub(crate) fn short_time(t: std::time::SystemTime) -> String {
+    noyau_sched::local_time(t)
+        .replace('T', " ")
+        .chars()
+        .take(16)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(state: State) -> Session {
+        let choice = Choice {
+            profile: "cpu".into(),
+            partition: "debug".into(),
+            cores: 1,
+            mem_gb: 0,
+            gpus: 0,
+            minutes: 90,
+        };
+        let mut s = Session::submitting("s1".into(), "alice".into(), choice);
+        s.state = state;
+        s
+    }
+
+    #[test]
+    fn cards_say_only_what_is_known() {
+        let mut s = session(State::Running);
+        assert_eq!(status(&s, None), "Running");
+        s.node = Some(String::new());
+        assert_eq!(status(&s, None), "Running");
+        s.node = Some("n1".into());
+        assert_eq!(status(&s, Some(125)), "Running on n1 · 2 min left");
+        assert_eq!(
+            status(&session(State::Starting), None),
+            "Starting: JupyterLab is starting"
+        );
+        assert_eq!(
+            status(&session(State::Queued), None),
+            "Queued: submitting the job"
+        );
+        assert_eq!(resources(&s.choice), "debug · 1 core · 1 h 30 min");
+        assert_eq!(human(3600), "1 h");
+        assert_eq!(human(40), "40 s");
+    }
+
+    #[test]
+    fn the_schedulers_end_notice_leaves_the_tail() {
+        let slurm = Scheduler::named("slurm").unwrap();
+        let tail = "jupyter lab started\nslurmstepd: error: *** JOB 7 ON n1 CANCELLED AT 2026-12-06T03:00:00 ***";
+        assert_eq!(
+            without_end_notices(&slurm, tail).as_deref(),
+            Some("jupyter lab started")
+        );
+        let only = "slurmstepd: error: *** JOB 7 ON n1 CANCELLED AT 2026-12-06T03:00:00 ***\n";
+        assert_eq!(without_end_notices(&slurm, only), None);
+    }
 }

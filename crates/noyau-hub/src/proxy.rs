@@ -45,16 +45,18 @@ pub async fn user_route(State(hub): State<Arc<Hub>>, req: Request) -> Response {
     if who.name != name {
         hub.db.audit(&who.name, "forbidden", &path);
         return crate::pages::error(
+            &hub.site,
             StatusCode::FORBIDDEN,
             "This is another user's server: only its owner can reach it.",
         );
     }
     if let Err(why) = check_target(&req, sub) {
         hub.db.audit(&who.name, "refused-path", &path);
-        return crate::pages::error(StatusCode::BAD_REQUEST, why);
+        return crate::pages::error(&hub.site, StatusCode::BAD_REQUEST, why);
     }
     let Some(upstream) = hub.user_upstream(name) else {
         return crate::pages::error(
+            &hub.site,
             StatusCode::SERVICE_UNAVAILABLE,
             "You have no running session (or it is still starting): start one from the home page, /hub/home.",
         );
@@ -63,7 +65,7 @@ pub async fn user_route(State(hub): State<Arc<Hub>>, req: Request) -> Response {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(user = name, "forwarding {path}: {e:#}");
-            crate::pages::error(StatusCode::BAD_GATEWAY, "Your Jupyter server did not answer; it may be stopping. Try again, or relaunch the session from /hub/home.")
+            crate::pages::error(&hub.site, StatusCode::BAD_GATEWAY, "Your Jupyter server did not answer; it may be stopping. Try again, or relaunch the session from /hub/home.")
         }
     }
 }
@@ -226,6 +228,21 @@ impl http_body::Body for Reusing {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// The hub's own GET of `path` on a session's server (not a user's
+/// request: no cookie, nothing forwarded), its JSON answer; at most 1 MiB.
+pub(crate) async fn get_json(up: &Arc<Upstream>, path: &str) -> anyhow::Result<serde_json::Value> {
+    let mut sender = up.sender().await?;
+    let req = Request::get(path)
+        .header(header::HOST, "localhost")
+        .body(Body::empty())?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status();
+    let body = axum::body::to_bytes(Body::new(resp.into_body()), 1 << 20).await?;
+    up.put_back(sender);
+    anyhow::ensure!(status.is_success(), "{path} answered {status}");
+    Ok(serde_json::from_slice(&body)?)
 }
 
 async fn forward(up: &Arc<Upstream>, mut req: Request) -> anyhow::Result<Response> {

@@ -37,6 +37,32 @@ const BATCH_BYTES: usize = 64 * 1024;
 const BIG_PART: usize = 32 * 1024;
 /// How long a closing side waits for the peer's goodbye.
 const GOODBYE_WAIT: Duration = Duration::from_secs(5);
+/// TCP keepalive: probes after this long without traffic, then at this
+/// interval, this many unanswered before the connection is dropped...
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_PROBES: u32 = 2;
+/// ...and sent data unacknowledged for this long drops it too.
+const UNACKED_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Lets the kernel find a dead peer (host gone, network cut without a
+/// reset) within about 20 s without waking this process: the probes and
+/// the retransmission timer live in the kernel, so the link's own pings can
+/// be rare. Best effort: a socket that refuses the options still works,
+/// with only the idle timeout to end it.
+pub(crate) fn keep_alive(tcp: &TcpStream) {
+    let sock = socket2::SockRef::from(tcp);
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    if let Err(e) = sock
+        .set_tcp_keepalive(&ka)
+        .and_then(|()| sock.set_tcp_user_timeout(Some(UNACKED_TIMEOUT)))
+    {
+        tracing::debug!("link: TCP keepalive not set: {e}");
+    }
+}
 
 /// An established TLS stream plus whatever was read past the last frame.
 pub(crate) struct Conn {
@@ -319,6 +345,33 @@ async fn write_loop<S: AsyncWrite>(
         tokio::select! {
             _ = shared.wake_writer.notified() => {}
             _ = &mut timer => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel, not our pings, finds a dead peer: both ends of a link
+    /// connection get the probes and the unacknowledged-data timeout.
+    #[tokio::test]
+    async fn link_sockets_get_keepalive_and_user_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dialled = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        for s in [&dialled, &accepted] {
+            let before = socket2::SockRef::from(s);
+            assert!(!before.keepalive().unwrap());
+            keep_alive(s);
+            let sock = socket2::SockRef::from(s);
+            assert!(sock.keepalive().unwrap());
+            assert_eq!(sock.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
+            assert_eq!(sock.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+            assert_eq!(sock.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
+            assert_eq!(sock.tcp_user_timeout().unwrap(), Some(UNACKED_TIMEOUT));
         }
     }
 }

@@ -101,6 +101,7 @@ async fn connect(
     )
     .await?;
     let _ = tcp.set_nodelay(true);
+    crate::connection::keep_alive(&tcp);
     // The verifier ignores the name (the pin is the identity); rustls still
     // needs one.
     let name = rustls::pki_types::ServerName::try_from("noyau-proxy")

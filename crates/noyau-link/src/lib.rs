@@ -113,9 +113,13 @@ pub struct LinkConfig {
     /// How long to keep trying to reconnect (agent) or to wait for the agent
     /// to come back (proxy) before the session is closed with `GaveUp`.
     pub give_up_after: Duration,
-    /// Nothing received for this long: the connection is presumed dead.
+    /// Nothing received for this long: the connection is presumed dead. A
+    /// peer whose host or network is gone is found sooner, by TCP itself
+    /// (keepalive and user timeout, `connection::keep_alive`): this catches
+    /// a peer process that is stuck.
     pub idle_timeout: Duration,
-    /// Send a ping after this long without sending anything.
+    /// Send a ping after this long without sending anything. Rare, so that
+    /// an idle link costs its processes no wake-ups to speak of.
     pub ping_interval: Duration,
 }
 
@@ -124,8 +128,8 @@ impl Default for LinkConfig {
         LinkConfig {
             buffer_limit: 256 * 1024 * 1024,
             give_up_after: Duration::from_secs(600),
-            idle_timeout: Duration::from_secs(20),
-            ping_interval: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(90),
+            ping_interval: Duration::from_secs(30),
         }
     }
 }

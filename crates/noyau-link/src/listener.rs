@@ -200,6 +200,7 @@ async fn handshake(
 ) -> Result<(), LinkError> {
     // Our writer batches already; don't let Nagle delay control messages.
     let _ = stream.set_nodelay(true);
+    crate::connection::keep_alive(&stream);
     let tls = acceptor
         .accept(stream)
         .await

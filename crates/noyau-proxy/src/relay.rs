@@ -100,6 +100,8 @@ impl Proxy {
         };
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
         let mut idle_tick = tokio::time::interval(std::time::Duration::from_secs(10));
+        // Not polled while there are no targets: no burst of missed ticks after.
+        idle_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let waiting = !self.agent.attached() && self.queued.follows();
             tokio::select! {
@@ -121,7 +123,8 @@ impl Proxy {
                 () = self.queued.changed(), if waiting => self.on_job_state().await,
                 _ = tick.tick(), if waiting => self.on_job_state().await,
                 Some(ev) = self.targets.event() => self.on_target_event(ev).await,
-                _ = idle_tick.tick() => self.targets.release_idle(),
+                // Only with targets: an idle proxy's only timer otherwise.
+                _ = idle_tick.tick(), if !self.targets.map.is_empty() => self.targets.release_idle(),
                 ev = self.magics.dask.event() => self.on_dask_event(ev).await,
                 sub = self.out.fe.iopub.recv() => {
                     if let Ok(sub) = sub {

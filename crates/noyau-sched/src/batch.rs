@@ -24,7 +24,7 @@ pub enum Scope {
 }
 
 /// One job as a listing shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct JobInfo {
     /// As the scheduler names it; an array task's id names its task (Slurm: `12_3`).
     pub id: String,
@@ -37,12 +37,25 @@ pub struct JobInfo {
 /// Free and total cores and GPUs of a partition (or queue).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PartitionLoad {
+    /// The partition's name, or [`PartitionLoad::ALL`] for a scheduler
+    /// whose free resources are shared by every queue.
     pub partition: String,
     pub idle_cores: u64,
     pub total_cores: u64,
     /// GPUs not held by a job, on nodes that can take jobs.
     pub free_gpus: u64,
     pub total_gpus: u64,
+}
+
+impl PartitionLoad {
+    /// The name of the one line of a scheduler whose queues share their
+    /// resources (OAR).
+    pub const ALL: &'static str = "all queues";
+
+    /// Whether this line says something about `partition`'s resources.
+    pub fn serves(&self, partition: &str) -> bool {
+        self.partition == partition || self.partition == Self::ALL
+    }
 }
 
 /// What a submission gave.
@@ -125,6 +138,12 @@ pub(crate) trait Batch: Send + Sync + 'static {
     fn keys(&self) -> &'static [Key];
     /// What to write instead of a key it does not know.
     fn foreign_hint(&self) -> &'static str;
+    /// Whether `line` of a job's log is the scheduler's own notice that it
+    /// ended the job (cancelled it, or at its time limit), which the
+    /// scheduler's end state already says.
+    fn end_notice(&self, _line: &str) -> bool {
+        false
+    }
 
     /// What `submit` would run (script and arguments), for `--dry-run`;
     /// checks what only the scheduler knows (a partition's name).
@@ -150,6 +169,13 @@ pub(crate) trait Batch: Send + Sync + 'static {
     /// asks by id (the watcher's tracked jobs). Ended jobs the scheduler
     /// still knows are listed as ended.
     async fn list(&self, scope: Scope, ids: Option<&[String]>) -> Result<Vec<JobInfo>, SchedError>;
+    /// Whether one listing of this user's jobs ([`Scope::Mine`], no ids)
+    /// serves every process of the user (`shared.rs`): it then shows
+    /// every job of theirs that has not ended, and [`Batch::gone`] finds
+    /// how the others ended.
+    fn shares_listing(&self) -> bool {
+        false
+    }
     /// How jobs that left the listing ended, for those it can say.
     async fn gone(&self, ids: &[String]) -> HashMap<String, JobEnd>;
     /// Asks for `secs` more seconds of walltime: the scheduler's answer, or

@@ -31,6 +31,7 @@ mod quote;
 mod run;
 mod scheduler;
 mod script;
+mod shared;
 // Grid Engine's readers and arguments, public for tests/real_sge.rs until
 // the file implements `Batch` and is registered.
 pub mod sge;

@@ -326,7 +326,7 @@ fn parse_oarnodes(out: &str) -> Result<Vec<PartitionLoad>, SchedError> {
         })
         .count();
     Ok(vec![PartitionLoad {
-        partition: "all queues".into(),
+        partition: PartitionLoad::ALL.into(),
         idle_cores: free as u64,
         total_cores: resources.len() as u64,
         ..Default::default()
@@ -587,17 +587,30 @@ impl Batch for Oar {
             .collect())
     }
 
-    /// Asked for but not listed: OAR's database no longer has them.
+    /// `oarstat -u` lists only the jobs that have not ended (and jobs
+    /// asked for by id, ended or not).
+    fn shares_listing(&self) -> bool {
+        true
+    }
+
+    /// Asks for them by id: how the ended ones ended; those OAR's database
+    /// no longer has, or that it cannot be asked about, are said so.
     async fn gone(&self, ids: &[String]) -> HashMap<String, JobEnd> {
-        ids.iter()
-            .map(|id| {
-                let end = JobEnd {
-                    description: "is no longer known to OAR".into(),
-                    success: false,
-                };
-                (id.clone(), end)
+        let listed = self.list(Scope::Mine, Some(ids)).await.unwrap_or_default();
+        let mut ends: HashMap<String, JobEnd> = listed
+            .into_iter()
+            .filter_map(|j| match j.state {
+                JobState::Ended(end) => Some((j.id, end)),
+                _ => None,
             })
-            .collect()
+            .collect();
+        for id in ids {
+            ends.entry(id.clone()).or_insert_with(|| JobEnd {
+                description: "is no longer known to OAR".into(),
+                success: false,
+            });
+        }
+        ends
     }
 
     /// `oarwalltime ID +H:MM:SS`: OAR's answer, or why it refused.

@@ -19,6 +19,25 @@ pub fn state_dir() -> PathBuf {
         .join("noyau")
 }
 
+/// Where a user's processes on this host share their scheduler listings:
+/// `$XDG_RUNTIME_DIR/noyau/listings` (local, private: the session's) when
+/// that is a directory of this user's only, else `STATE/listings`.
+pub(crate) fn listings_dir() -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let runtime = std::env::var_os("XDG_RUNTIME_DIR")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .filter(|d| {
+            std::fs::symlink_metadata(d).is_ok_and(|m| {
+                m.is_dir() && m.uid() == nix::unistd::geteuid().as_raw() && m.mode() & 0o077 == 0
+            })
+        });
+    match runtime {
+        Some(d) => d.join("noyau").join("listings"),
+        None => state_dir().join("listings"),
+    }
+}
+
 /// Where job logs go by default: `STATE/jobs`.
 pub fn log_dir() -> PathBuf {
     state_dir().join("jobs")

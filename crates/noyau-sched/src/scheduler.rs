@@ -36,7 +36,9 @@ fn default_interval(name: &str) -> Duration {
 
 impl Scheduler {
     /// The process's handle on scheduler `name`: this user's jobs,
-    /// followed by the process's one watcher.
+    /// followed by the process's one watcher, which shares its listings
+    /// with the user's other processes on this host (one `squeue` per
+    /// interval for all of a user's kernels, runs and sweeps).
     pub fn named(name: &str) -> Result<Scheduler, SchedError> {
         static WATCHERS: OnceLock<Mutex<HashMap<String, Watcher>>> = OnceLock::new();
         let make = registered(name).ok_or_else(|| SchedError::UnknownBackend(name.into()))?;
@@ -46,6 +48,7 @@ impl Scheduler {
                 make(Commands::default()),
                 Scope::Mine,
                 default_interval(name),
+                Some(crate::paths::listings_dir()),
             )
         });
         Ok(Scheduler {
@@ -64,15 +67,18 @@ impl Scheduler {
             commands: Commands::default(),
             interval: default_interval(name),
             scope: Scope::Mine,
+            shared: None,
         })
     }
 
     /// The same scheduler, followed by a watcher of its own that asks every
     /// `interval` (a job's agent, which follows only its own job's end).
     pub fn with_interval(&self, interval: Duration) -> Scheduler {
+        // not shared: an agent's watcher runs on a compute node, where the
+        // state directory is on a network filesystem whose locks may hang
         let w = &self.watcher;
         Scheduler {
-            watcher: Watcher::new(w.imp().clone(), w.scope(), interval),
+            watcher: Watcher::new(w.imp().clone(), w.scope(), interval, None),
             as_user: self.as_user.clone(),
         }
     }
@@ -106,6 +112,13 @@ impl Scheduler {
     /// What the scheduler calls a job's queue: `Partition`, `Queue`.
     pub fn queue_word(&self) -> &'static str {
         self.imp().queue_word()
+    }
+
+    /// Whether `line` of a job's log is the scheduler's own notice that it
+    /// ended the job (Slurm's `*** JOB 12 ON n1 CANCELLED AT … ***`): a
+    /// page that says how the job ended leaves it out.
+    pub fn is_end_notice(&self, line: &str) -> bool {
+        self.imp().end_notice(line)
     }
 
     /// The commands the scheduler runs, by name.
@@ -243,6 +256,9 @@ pub struct Builder {
     commands: Commands,
     interval: Duration,
     scope: Scope,
+    /// Where listings are shared with other processes; none by default (the
+    /// process's own handle, [`Scheduler::named`], shares).
+    shared: Option<std::path::PathBuf>,
 }
 
 impl Builder {
@@ -272,9 +288,21 @@ impl Builder {
         self
     }
 
+    /// Shares this user's listings with the other processes that share in
+    /// `dir` (see [`Scheduler::named`]).
+    pub fn shared_listing(mut self, dir: std::path::PathBuf) -> Builder {
+        self.shared = Some(dir);
+        self
+    }
+
     pub fn build(self) -> Scheduler {
         Scheduler {
-            watcher: Watcher::new((self.make)(self.commands), self.scope, self.interval),
+            watcher: Watcher::new(
+                (self.make)(self.commands),
+                self.scope,
+                self.interval,
+                self.shared,
+            ),
             as_user: None,
         }
     }

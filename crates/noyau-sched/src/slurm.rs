@@ -286,6 +286,20 @@ fn parse_sinfo(out: &str) -> Vec<PartitionLoad> {
 }
 
 /// GPUs in a gres list: `gpu:2`, `gpu:a100:4(S:0-1)`, `gpu:1(IDX:0,2),mps:100`.
+/// slurmstepd's notice in a job's log when it ends the job: `slurmstepd:
+/// error: *** JOB 12 ON n1 CANCELLED AT 2026-12-06T03:00:00 ***` (also
+/// `… DUE TO TIME LIMIT ***`, a `STEP 12.0`, `slurmstepd-n1:` where one
+/// host runs several slurmd, and `… STEPD TERMINATED ON …`).
+fn end_notice(line: &str) -> bool {
+    let Some((who, rest)) = line.trim().split_once(": error: ") else {
+        return false;
+    };
+    (who == "slurmstepd" || who.starts_with("slurmstepd-"))
+        && (rest.starts_with("*** JOB ") || rest.starts_with("*** STEP "))
+        && rest.ends_with(" ***")
+        && (rest.contains(" CANCELLED AT ") || rest.contains(" TERMINATED ON "))
+}
+
 fn gpu_count(gres: &str) -> u64 {
     // Drop the parenthesised details first: they may hold commas.
     let mut plain = String::with_capacity(gres.len());
@@ -415,6 +429,12 @@ impl Batch for Slurm {
         &["SLURM_CONF"]
     }
 
+    /// `squeue --me` lists every job of the user (ids or not); `sacct`
+    /// says how the others ended.
+    fn shares_listing(&self) -> bool {
+        true
+    }
+
     fn job_in_env(&self) -> Option<String> {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         match (var("SLURM_ARRAY_JOB_ID"), var("SLURM_ARRAY_TASK_ID")) {
@@ -433,6 +453,10 @@ impl Batch for Slurm {
 
     fn foreign_hint(&self) -> &'static str {
         "on Slurm, select nodes with `constraint` and pass other sbatch options in `sbatch`"
+    }
+
+    fn end_notice(&self, line: &str) -> bool {
+        end_notice(line)
     }
 
     async fn dry_run(&self, spec: &JobSpec) -> Result<String, SchedError> {
@@ -594,6 +618,26 @@ mod tests {
             cwd: Some("/home/u/nb".into()),
             profile,
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn slurmstepds_end_notices_are_its_own() {
+        for own in [
+            "slurmstepd: error: *** JOB 12 ON n1 CANCELLED AT 2026-12-06T03:00:00 ***",
+            "slurmstepd-n1: error: *** JOB 12 ON n1 CANCELLED AT 2026-12-06T03:00:00 DUE TO TIME LIMIT ***",
+            "slurmstepd: error: *** STEP 12.0 ON n1 CANCELLED AT 2026-12-06T03:00:00 ***",
+            "slurmstepd: error: *** JOB 12 STEPD TERMINATED ON n1 AT 2026-12-06T03:00:00 DUE TO JOB NOT ENDING WITH SIGNALS ***",
+        ] {
+            assert!(end_notice(own), "{own}");
+        }
+        for theirs in [
+            "slurmstepd: error: Detected 1 oom_kill event in StepId=12.batch",
+            "print('*** JOB 12 ON n1 CANCELLED AT now ***')",
+            "user: error: *** JOB 12 ON n1 CANCELLED AT x ***",
+            "CANCELLED",
+        ] {
+            assert!(!end_notice(theirs), "{theirs}");
         }
     }
 

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum JobState {
     Pending {
         /// The scheduler's reason (Slurm: Priority, Resources, …).
@@ -25,7 +25,7 @@ pub enum JobState {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct JobEnd {
     /// E.g. "exited with status 0", "was killed by signal 9 (SIGKILL)".
     pub description: String,

@@ -2,17 +2,21 @@
 //! comes from one listing call per interval (±20 %, so many processes do
 //! not poll in step), whatever the number of jobs and of callers. A
 //! failing listing makes every job [`JobState::Unknown`], never ended: a
-//! controller restart must not end a kernel.
+//! controller restart must not end a kernel. The watchers of a user's
+//! processes share their listings where the scheduler allows (`shared.rs`).
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use rand::Rng;
 use tokio::sync::watch;
 
-use crate::batch::{Batch, Scope};
+use crate::batch::{Batch, JobInfo, Scope};
+use crate::shared::Shared;
+use crate::SchedError;
 use crate::{JobEnd, JobState};
 
 struct Tracked {
@@ -24,6 +28,8 @@ struct Inner {
     imp: Arc<dyn Batch>,
     scope: Scope,
     interval: Duration,
+    /// Where this user's other processes' watchers leave their listings.
+    shared: Option<Shared>,
     jobs: Mutex<HashMap<String, Tracked>>,
     running: AtomicBool,
     polls: AtomicU64,
@@ -44,11 +50,23 @@ impl std::fmt::Debug for Watcher {
 }
 
 impl Watcher {
-    pub(crate) fn new(imp: Arc<dyn Batch>, scope: Scope, interval: Duration) -> Self {
+    /// A watcher; with `shared`, the directory where it shares its
+    /// listings with the user's other processes (only for this user's
+    /// jobs, and where the scheduler's listing allows it).
+    pub(crate) fn new(
+        imp: Arc<dyn Batch>,
+        scope: Scope,
+        interval: Duration,
+        shared: Option<PathBuf>,
+    ) -> Self {
+        let shared = shared
+            .filter(|_| scope == Scope::Mine && imp.shares_listing())
+            .map(|dir| Shared::new(dir, &*imp));
         Watcher(Arc::new(Inner {
             imp,
             scope,
             interval,
+            shared,
             jobs: Mutex::new(HashMap::new()),
             running: false.into(),
             polls: AtomicU64::new(0),
@@ -109,12 +127,27 @@ impl Watcher {
         }
     }
 
-    /// One listing call for every tracked job; updates their states.
-    pub(crate) async fn poll_once(&self) {
+    /// One listing for every tracked job (the scheduler's, or one another
+    /// process of the user's got); and when it was asked.
+    async fn listing(&self) -> Result<(Vec<JobInfo>, Instant), SchedError> {
+        let count = || {
+            self.0.polls.fetch_add(1, Ordering::Relaxed);
+        };
+        if let Some(s) = &self.0.shared {
+            let (jobs, at) = s.list(&*self.0.imp, self.0.interval, count).await?;
+            let age = SystemTime::now().duration_since(at).unwrap_or_default();
+            let at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+            return Ok((jobs, at));
+        }
         let asked = Instant::now();
         let ids: Vec<String> = self.0.jobs.lock().unwrap().keys().cloned().collect();
-        self.0.polls.fetch_add(1, Ordering::Relaxed);
-        let listed = match self.0.imp.list(self.0.scope, Some(&ids)).await {
+        count();
+        Ok((self.0.imp.list(self.0.scope, Some(&ids)).await?, asked))
+    }
+
+    /// One listing for every tracked job; updates their states.
+    pub(crate) async fn poll_once(&self) {
+        let (listed, asked) = match self.listing().await {
             Ok(l) => l,
             Err(e) => {
                 let why = e.to_string();

@@ -188,3 +188,59 @@ async fn one_squeue_call_per_interval_for_ten_jobs() {
         .count();
     eprintln!("{calls} squeue calls in {elapsed:?}; {running} of 10 jobs were running");
 }
+
+/// Five processes' watchers (five handles, each with its own watcher, as
+/// five proxies have) sharing their listings ask Slurm about as often as
+/// one: the calls are counted through a wrapper all five run.
+#[tokio::test]
+#[ignore = "needs the Slurm test cluster (scripts/slurm-up, as root); scripts/test runs it"]
+async fn five_watchers_sharing_their_listing_make_one_squeue_call_per_interval() {
+    cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("calls.log");
+    let wrapper = common::logging_wrapper(dir.path(), "squeue", &log);
+    let interval = Duration::from_millis(500);
+    let handles: Vec<Backend> = (0..5)
+        .map(|_| {
+            Backend::Batch(
+                Scheduler::builder("slurm")
+                    .unwrap()
+                    .command("squeue", wrapper.to_str().unwrap())
+                    .unwrap()
+                    .interval(interval)
+                    .shared_listing(dir.path().join("listings"))
+                    .build(),
+            )
+        })
+        .collect();
+    let mut jobs = Vec::new();
+    for (i, b) in handles.iter().cycle().take(10).enumerate() {
+        let job = b
+            .submit(sleeper(&format!("noyau-test-shared-{i}"), BTreeMap::new()))
+            .await
+            .unwrap();
+        jobs.push((b, job));
+    }
+    let _ = std::fs::remove_file(&log);
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let elapsed = t0.elapsed();
+    let calls = common::calls(&log);
+    for (_, j) in &jobs {
+        let st = j.state.borrow().clone();
+        assert!(
+            matches!(st, JobState::Pending { .. } | JobState::Running { .. }),
+            "job {}: {st:?}",
+            j.id
+        );
+    }
+    // and an end reaches the watcher of another process than the one that asked
+    let (b, first) = &jobs[0];
+    b.cancel(first).await;
+    wait_state(first, "ended", |s| matches!(s, JobState::Ended(_))).await;
+    for (b, j) in &jobs[1..] {
+        b.cancel(j).await;
+    }
+    common::assert_one_call_per_interval(calls, elapsed, interval, "squeue");
+    eprintln!("{calls} squeue calls in {elapsed:?} for 5 watchers");
+}

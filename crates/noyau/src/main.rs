@@ -86,8 +86,30 @@ struct DaskJobArgs {
 #[derive(clap::Args)]
 struct HubArgs {
     /// The hub's configuration (listen addresses, login, profiles)
-    #[arg(long, value_name = "FILE")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        global = true,
+        default_value = "/etc/noyau/hub.toml"
+    )]
     config: PathBuf,
+    #[command(subcommand)]
+    action: Option<HubAction>,
+}
+
+#[derive(Subcommand)]
+enum HubAction {
+    /// Print the hub's audit table (logins, refusals, spawns, cancels, ends),
+    /// oldest first
+    Audit {
+        /// Only this user's events
+        #[arg(long)]
+        user: Option<String>,
+        /// Only events from this time on: a local date or time (2026-12-06,
+        /// "2026-12-06 14:00") or how long ago (90m, 12h, 7d)
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -171,12 +193,15 @@ struct AgentArgs {
     serve: Option<noyau_agent::web::Server>,
 }
 
-fn init_logging() {
+/// Logs to stderr, filtered by NOYAU_LOG, else by `default`.
+fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("NOYAU_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,zeromq=error"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours for a terminal only: a log file or journald gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
 }
@@ -211,7 +236,7 @@ fn kernel(a: KernelArgs) -> anyhow::Result<i32> {
         anyhow::bail!("-f CONNECTION_FILE is required");
     };
     let shown = connection_file.display().to_string();
-    block_on(noyau_proxy::run(noyau_proxy::ProxyConfig {
+    let cfg = noyau_proxy::ProxyConfig {
         connection_file,
         inner: a.inner,
         backend,
@@ -221,13 +246,31 @@ fn kernel(a: KernelArgs) -> anyhow::Result<i32> {
         noyau_exe,
         resources,
         allow_unsigned: a.allow_unsigned,
-    }))
-    .with_context(|| format!("the kernel for {shown} could not start"))
+    };
+    block_on_task(async move { Ok(noyau_proxy::run(cfg).await?) })
+        .with_context(|| format!("the kernel for {shown} could not start"))
+}
+
+fn hub(a: HubArgs) -> anyhow::Result<i32> {
+    match a.action {
+        None => block_on_task(noyau_hub::run(a.config)).map(|()| 0),
+        Some(HubAction::Audit { user, since }) => {
+            let q = noyau_hub::audit::AuditQuery {
+                user: user.as_deref(),
+                since: since.as_deref(),
+            };
+            noyau_hub::audit::print(&a.config, &q, &mut std::io::stdout().lock()).map(|()| 0)
+        }
+    }
 }
 
 fn main() {
     let cli = Cli::parse();
-    init_logging();
+    // The hub says what happens (logins, refusals, spawns, ends) unless told otherwise.
+    init_logging(match &cli.command {
+        Command::Hub(_) => "warn,noyau_hub=info",
+        _ => "warn,zeromq=error",
+    });
     let result: anyhow::Result<i32> = match cli.command {
         Command::Run(a) => Ok(noyau_run::main(a.into())),
         Command::Sweep(a) => Ok(noyau_run::sweep::main(a.into())),
@@ -237,9 +280,9 @@ fn main() {
             .and_then(|cfg| match a.serve {
                 Some(server) => noyau_agent::web::WebConfig::from_env(cfg, server)
                     .and_then(|w| block_on_task(noyau_agent::web::serve(w))),
-                None => block_on(noyau_agent::run(cfg)),
+                None => block_on_task(noyau_agent::run(cfg)),
             }),
-        Command::Hub(a) => block_on_task(noyau_hub::run(a.config)).map(|()| 0),
+        Command::Hub(a) => hub(a),
         Command::Install(a) => install::install(&a).map(|()| 0),
         Command::Kernelspecs(a) => install::kernelspecs(&a).map(|()| 0),
         Command::Ps(a) => block_on(jobs::ps(a.backend.as_deref())),

@@ -1,0 +1,206 @@
+//! One listing for all of a user's processes. Each kernel has its own
+//! proxy, each run or sweep its own driver: 200 kernels queued on Slurm
+//! were 200 processes calling `squeue` every interval. Their watchers share
+//! what they learn through `STATE/listings/NAME-KEY.json`: under an
+//! exclusive `flock` of `NAME-KEY.lock`, a watcher whose turn comes reads
+//! the listing another made if it is younger than its interval, and else
+//! asks the scheduler and writes what it got for the others. The scheduler
+//! is then asked about once per interval, whatever the number of processes.
+//!
+//! The file is trusted only when it is a regular file of this user's, not
+//! a link, that no one else can write; otherwise it is replaced. Whatever
+//! goes wrong (no lock on this filesystem, a file being rewritten), the
+//! watcher asks the scheduler itself: sharing saves calls, it never decides
+//! a job's fate.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+
+use crate::batch::{Batch, JobInfo, Scope};
+use crate::paths::{private_dir, write_private};
+use crate::SchedError;
+
+/// What one watcher wrote for the others.
+#[derive(Serialize, Deserialize)]
+struct Listing {
+    /// When the scheduler was asked: a job tracked after that is not
+    /// missing from it.
+    asked: SystemTime,
+    jobs: Vec<JobInfo>,
+}
+
+/// Where the watchers of one scheduler (and one cluster) meet.
+#[derive(Debug, Clone)]
+pub(crate) struct Shared {
+    lock: PathBuf,
+    file: PathBuf,
+}
+
+impl Shared {
+    /// The meeting place of `imp`'s watchers in `dir`. The key tells
+    /// clusters apart: one home may reach two (`SLURM_CONF`), and the
+    /// listing of one says nothing about the other's jobs.
+    pub(crate) fn new(dir: PathBuf, imp: &dyn Batch) -> Shared {
+        let mut key = String::new();
+        for var in imp.config_vars() {
+            key.push_str(&std::env::var(var).unwrap_or_default());
+            key.push('\0');
+        }
+        let stem = format!("{}-{:016x}", imp.name(), fnv1a(key.as_bytes()));
+        Shared {
+            lock: dir.join(format!("{stem}.lock")),
+            file: dir.join(format!("{stem}.json")),
+        }
+    }
+
+    /// This user's jobs, as another process saw them less than `fresh`
+    /// ago, or as the scheduler says now; and when it was asked. `asked`
+    /// counts the calls to the scheduler.
+    pub(crate) async fn list(
+        &self,
+        imp: &dyn Batch,
+        fresh: Duration,
+        asked: impl FnOnce(),
+    ) -> Result<(Vec<JobInfo>, SystemTime), SchedError> {
+        let me = self.clone();
+        let held = tokio::task::spawn_blocking(move || me.take_lock(fresh)).await;
+        let Ok(Some(guard)) = held else {
+            asked();
+            let now = SystemTime::now();
+            return Ok((imp.list(Scope::Mine, None).await?, now));
+        };
+        if let Some(l) = self.read().filter(|l| is_younger(l.asked, fresh)) {
+            return Ok((l.jobs, l.asked));
+        }
+        asked();
+        let now = SystemTime::now();
+        let jobs = imp.list(Scope::Mine, None).await?;
+        let listing = Listing { asked: now, jobs };
+        if let Ok(text) = serde_json::to_string(&listing) {
+            if let Err(e) = write_private(&self.file, &text, 0o600) {
+                tracing::debug!("the shared listing is not written: {e}");
+            }
+        }
+        drop(guard);
+        Ok((listing.jobs, now))
+    }
+
+    /// Waits up to `patience` for the lock (another process may be asking
+    /// the scheduler); None where there is no lock to be had. Never an
+    /// unbounded wait: a lock on a network filesystem may hang.
+    fn take_lock(&self, patience: Duration) -> Option<Flock<File>> {
+        private_dir(self.lock.parent()?).ok()?;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&self.lock)
+            .ok()?;
+        if !is_ours_alone(&f) {
+            tracing::warn!("{} is not this user's own: not used", self.lock.display());
+            return None;
+        }
+        let deadline = std::time::Instant::now() + patience;
+        let mut f = f;
+        loop {
+            match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+                Ok(held) => return Some(held),
+                Err((back, nix::errno::Errno::EWOULDBLOCK))
+                    if std::time::Instant::now() < deadline =>
+                {
+                    f = back;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// The listing another process wrote, if it is ours alone and whole.
+    fn read(&self) -> Option<Listing> {
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&self.file)
+            .ok()?;
+        if !is_ours_alone(&f) {
+            return None;
+        }
+        let mut text = String::new();
+        f.read_to_string(&mut text).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+}
+
+/// A regular file of this user's that no one else can write.
+fn is_ours_alone(f: &File) -> bool {
+    f.metadata().is_ok_and(|m| {
+        m.file_type().is_file()
+            && m.uid() == nix::unistd::geteuid().as_raw()
+            && m.mode() & 0o022 == 0
+    })
+}
+
+/// Asked less than `fresh` ago (and not in the future: a clock set back
+/// must not make an old listing look new forever).
+fn is_younger(asked: SystemTime, fresh: Duration) -> bool {
+    SystemTime::now()
+        .duration_since(asked)
+        .is_ok_and(|age| age < fresh)
+}
+
+/// FNV-1a: a hash that is the same in every build of noyau (std's is not
+/// promised to be), so that two versions on one cluster meet too.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_old_or_future_listing_is_not_fresh() {
+        let now = SystemTime::now();
+        assert!(is_younger(now, Duration::from_secs(2)));
+        assert!(!is_younger(
+            now - Duration::from_secs(3),
+            Duration::from_secs(2)
+        ));
+        assert!(!is_younger(
+            now + Duration::from_secs(60),
+            Duration::from_secs(2)
+        ));
+    }
+
+    #[test]
+    fn a_listing_others_could_write_or_a_link_is_not_read() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let s = Shared {
+            lock: dir.path().join("x.lock"),
+            file: dir.path().join("x.json"),
+        };
+        let text = r#"{"asked":{"secs_since_epoch":1,"nanos_since_epoch":0},"jobs":[]}"#;
+        write_private(&s.file, text, 0o600).unwrap();
+        assert!(s.read().is_some());
+        std::fs::set_permissions(&s.file, std::fs::Permissions::from_mode(0o622)).unwrap();
+        assert!(s.read().is_none(), "a group-writable listing was read");
+        let real = dir.path().join("real.json");
+        write_private(&real, text, 0o600).unwrap();
+        std::fs::remove_file(&s.file).unwrap();
+        std::os::unix::fs::symlink(&real, &s.file).unwrap();
+        assert!(s.read().is_none(), "a listing read through a link");
+    }
+}
