@@ -12,7 +12,7 @@ use noyau_client::remote::{KernelError, KernelEvent, KernelMessage, Lane, Remote
 use noyau_magic::{Command, Direction, Host, MagicError, OnMagic, Output, Peer};
 use serde_json::{json, Value};
 
-use crate::cells::{CellEnd, Doc, Kernels, On, RunTarget, Runner, Signals};
+use crate::cells::{sleep_until, CellEnd, Doc, Kernels, On, RunTarget, Runner, Signals};
 use crate::exit;
 
 /// The run's fields a magic may use, borrowed for one call.
@@ -148,6 +148,7 @@ impl Runner<'_> {
                 return self.magic_end(i, r);
             }
             let target = self.waited_target();
+            let save_at = self.doc.saver.due();
             let got = tokio::select! {
                 (name, code) = signals.recv() => {
                     if code == exit::WALLTIME {
@@ -155,6 +156,12 @@ impl Runner<'_> {
                         return CellEnd::Walltime { job, seconds_left: None };
                     }
                     return CellEnd::Signal(name, code);
+                }
+                // What the magic wrote meanwhile (why the cluster's jobs
+                // wait) is saved as a long cell's output is.
+                _ = sleep_until(save_at) => {
+                    self.doc.saver.on_due(&self.doc.nb);
+                    continue;
                 }
                 ev = self.magics.dask.event() => {
                     let mut host = host!(self, Some(i));
