@@ -297,12 +297,18 @@ struct Prepared {
     env: BTreeMap<String, String>,
     check: Vec<String>,
     python: String,
+    /// Held while Dask runs: its entry and data are in use.
+    _env: Option<noyau_env::Realised>,
 }
 
 fn prepare(a: &JobArgs) -> anyhow::Result<Prepared> {
     let mut env: BTreeMap<String, String> = std::env::vars().collect();
     env.insert("NOYAU_DASK_DIR".into(), a.dir.display().to_string());
     let spec_json = env.remove(noyau_env::SPEC_ENV);
+    let prepared = env
+        .remove(noyau_env::PREPARED_ENV)
+        .map(|j| noyau_env::Prepared::from_json(&j))
+        .transpose()?;
     let python = python_of(&a.inner);
     let mut argv = dask_argv(a, &python);
     let mut check = vec![
@@ -310,17 +316,23 @@ fn prepare(a: &JobArgs) -> anyhow::Result<Prepared> {
         "-c".into(),
         "import distributed, sys; print(distributed.__version__)".into(),
     ];
-    if let Some(json) = spec_json {
-        let spec = serde_json::from_str(&json)
-            .map_err(|e| anyhow::anyhow!("{e}"))
-            .and_then(|v| noyau_env::EnvSpec::from_value(v).map_err(Into::into))
-            .and_then(|s| s.normalise().map_err(Into::into))
-            .context("the environment spec")?;
-        let cache = noyau_env::Cache::at_default();
-        let r = noyau_env::realise(&spec, &cache, &mut |l: &str| {
+    let spec = spec_json
+        .map(|json| {
+            serde_json::from_str(&json)
+                .map_err(|e| anyhow::anyhow!("{e}"))
+                .and_then(|v| noyau_env::EnvSpec::from_value(v).map_err(Into::into))
+                .and_then(|s| s.normalise().map_err(Into::into))
+                .context("the environment spec")
+        })
+        .transpose()?;
+    // What the proxy's host prepared is checked and used as it is (offline).
+    let cache = noyau_env::Cache::at_default();
+    let realised =
+        noyau_env::realise_job(spec.as_ref(), prepared.as_ref(), &cache, &mut |l: &str| {
             eprintln!("environment: {l}");
         })
         .map_err(|e| anyhow::anyhow!("the cluster's environment: {e}"))?;
+    if let Some(r) = &realised {
         let (a2, e2) = r.command(&argv, &env, &a.dir)?;
         (check, _) = r.command(&check, &env, &a.dir)?;
         argv = a2;
@@ -331,6 +343,7 @@ fn prepare(a: &JobArgs) -> anyhow::Result<Prepared> {
         env,
         check,
         python,
+        _env: realised,
     })
 }
 

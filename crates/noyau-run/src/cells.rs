@@ -79,11 +79,11 @@ impl Doc {
         nb: Notebook,
         saver: Saver,
         mode: noyau_notebook::StreamMode,
-        opts: &RunOptions,
+        progress: Progress,
     ) -> Doc {
         Doc {
             builder: OutputBuilder::new(mode),
-            progress: Progress::new(!opts.no_progress, nb.cells.len()),
+            progress,
             status: StatusFile::new(nb.cells.len()),
             nb,
             saver,
@@ -157,6 +157,9 @@ pub(crate) struct Context {
     pub side: KernelSide,
     /// msg_ids of the magics' own requests still waiting for a reply.
     pub own: HashSet<String>,
+    /// The environment and data files prepared before the kernel started
+    /// (`%noyau data` cells are answered from it; targets get its data).
+    pub prepared: noyau_env::Prepared,
 }
 
 pub(crate) fn runnable(cell: &noyau_notebook::Cell) -> bool {

@@ -121,6 +121,7 @@ impl Runner<'_> {
                 let ended = host.ended;
                 return self.wait_magic(ended, signals, i).await;
             }
+            Command::Data(words) => crate::environment::data_cell(&self.ctx.prepared, &words),
             Command::DaskStatus => Ok(self.magics.dask.status().await),
             Command::DaskDown => {
                 let mut host = host!(self, Some(i));
@@ -350,6 +351,9 @@ impl Runner<'_> {
             .clone()
             .unwrap_or_else(|| self.ctx.kernel_name.clone());
         let mut launch = noyau_client::remote::local_launch(&inner, self.opts.cwd.clone());
+        if let Some(e) = m.env.as_deref().or(profile.environment.as_deref()) {
+            launch.env = self.target_env(e).await.map_err(|e| bad(&e))?;
+        }
         launch.backend = backend;
         launch.job_name = format!("noyau-target-{}", m.target);
         launch.profile = profile;
@@ -367,6 +371,23 @@ impl Runner<'_> {
         };
         self.kernels.targets.insert(m.target.clone(), t);
         Ok(())
+    }
+
+    /// A target's own environment (`%%noyau on T --env SPEC`, else its
+    /// profile's), prepared here like the kernel's; the kernel's data files.
+    async fn target_env(&self, spec: &str) -> Result<BTreeMap<String, String>, String> {
+        let cwd = std::env::current_dir().map_err(|e| e.to_string())?;
+        let from = noyau_env::sources::from_cli(spec, &cwd).map_err(|e| e.to_string())?;
+        let declared = noyau_env::sources::Declared {
+            spec: noyau_env::sources::merge(&[from], &cwd).map_err(|e| e.to_string())?,
+            data: Vec::new(),
+        };
+        let progress = &self.doc.progress;
+        let mut p = noyau_client::prepare::prepare(&declared, |l| progress.environment(l))
+            .await
+            .map_err(|e| e.to_string())?;
+        p.data = self.ctx.prepared.data.clone();
+        Ok(noyau_client::prepare::job_env(declared.spec.as_ref(), &p))
     }
 
     /// The end of the run: the Dask cluster and the targets end with it.

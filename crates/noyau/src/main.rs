@@ -1,5 +1,6 @@
 //! The `noyau` command: a thin CLI over the crates that do the work.
 
+mod env;
 mod install;
 mod jobs;
 mod run_cli;
@@ -48,6 +49,9 @@ enum Command {
     Extend(ExtendArgs),
     /// The web portal: JupyterLab in batch jobs for a centre's users
     Hub(HubArgs),
+    /// Kernel environments and data files in the cache: build, list, show, gc, lock
+    #[command(subcommand)]
+    Env(env::EnvCommand),
     /// A Dask scheduler or worker of `%noyau dask up` (run by noyau in a job, not by hand)
     #[command(hide = true)]
     DaskJob(DaskJobArgs),
@@ -283,6 +287,7 @@ fn main() {
                 None => block_on_task(noyau_agent::run(cfg)),
             }),
         Command::Hub(a) => hub(a),
+        Command::Env(c) => env::main(c),
         Command::Install(a) => install::install(&a).map(|()| 0),
         Command::Kernelspecs(a) => install::kernelspecs(&a).map(|()| 0),
         Command::Ps(a) => block_on(jobs::ps(a.backend.as_deref())),
