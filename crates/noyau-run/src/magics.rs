@@ -352,7 +352,7 @@ impl Runner<'_> {
             .unwrap_or_else(|| self.ctx.kernel_name.clone());
         let mut launch = noyau_client::remote::local_launch(&inner, self.opts.cwd.clone());
         if let Some(e) = m.env.as_deref().or(profile.environment.as_deref()) {
-            launch.env = self.target_env(e).await.map_err(|e| bad(&e))?;
+            launch.env = self.target_env(e).await?;
         }
         launch.backend = backend;
         launch.job_name = format!("noyau-target-{}", m.target);
@@ -375,17 +375,17 @@ impl Runner<'_> {
 
     /// A target's own environment (`%%noyau on T --env SPEC`, else its
     /// profile's), prepared here like the kernel's; the kernel's data files.
-    async fn target_env(&self, spec: &str) -> Result<BTreeMap<String, String>, String> {
-        let cwd = std::env::current_dir().map_err(|e| e.to_string())?;
-        let from = noyau_env::sources::from_cli(spec, &cwd).map_err(|e| e.to_string())?;
+    async fn target_env(&self, spec: &str) -> Result<BTreeMap<String, String>, MagicError> {
+        let cwd = std::env::current_dir().map_err(env_error)?;
+        let from = noyau_env::sources::from_cli(spec, &cwd).map_err(env_error)?;
         let declared = noyau_env::sources::Declared {
-            spec: noyau_env::sources::merge(&[from], &cwd).map_err(|e| e.to_string())?,
+            spec: noyau_env::sources::merge(&[from], &cwd).map_err(env_error)?,
             data: Vec::new(),
         };
         let progress = &self.doc.progress;
         let mut p = noyau_client::prepare::prepare(&declared, |l| progress.environment(l))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(env_error)?;
         p.data = self.ctx.prepared.data.clone();
         Ok(noyau_client::prepare::job_env(declared.spec.as_ref(), &p))
     }
@@ -409,4 +409,9 @@ async fn next_of(
         Some(t) => t.kernel.next().await,
         None => std::future::pending().await,
     }
+}
+
+/// A target's environment that could not be prepared.
+fn env_error(e: impl std::fmt::Display) -> MagicError {
+    MagicError::Target(format!("its environment: {e}"))
 }
