@@ -103,12 +103,19 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<i32> {
     let mut token = agent.cfg.token.clone();
     let mut first = true;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    // A batch job asks for SIGUSR1 before its walltime; its default action would
-    // end the agent: it becomes a WalltimeNear event. OAR repeats the signal
-    // at each of its checks until the end, so one event per announced end.
-    let mut usr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
+    // A batch job gets its scheduler's walltime signal before its walltime
+    // (SIGUSR1; Grid Engine's SIGUSR2); its default action would end the
+    // agent: it becomes a WalltimeNear event. OAR repeats the signal at each
+    // of its checks until the end, so one event per announced end.
+    let job = walltime::batch_job();
+    let sig = job
+        .as_ref()
+        .map_or(nix::libc::SIGUSR1, |(s, _)| s.walltime_signal());
+    let mut usr1 =
+        signal(SignalKind::from_raw(sig)).context("installing the walltime signal's handler")?;
     let end = walltime::End::default();
-    if let Some((scheduler, job)) = walltime::batch_job() {
+    if let Some((scheduler, job)) = job {
+        let cancel = scheduler.clone();
         tokio::spawn(walltime::watch(
             scheduler,
             job.clone(),
@@ -119,6 +126,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<i32> {
         tokio::spawn(async move {
             let mut told: Option<Option<tokio::time::Instant>> = None;
             while usr1.recv().await.is_some() {
+                // (Grid Engine cancels with the same signal: then it is our SIGTERM)
+                if cancel.signal_means_cancel() {
+                    tracing::info!(job, "the walltime signal before the walltime: a cancel");
+                    let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGTERM);
+                    continue;
+                }
                 let at = end.at();
                 let again = match (told, at) {
                     // an end more than a minute later: the walltime was extended
@@ -127,12 +140,19 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<i32> {
                     (None, _) => false,
                 };
                 if again {
-                    tracing::debug!(job, "SIGUSR1 again for the same end: already told");
+                    tracing::debug!(
+                        job,
+                        "the walltime signal again for the same end: already told"
+                    );
                     continue;
                 }
                 told = Some(at);
                 let seconds_left = end.seconds_left();
-                tracing::warn!(job, ?seconds_left, "SIGUSR1: the job's walltime is near");
+                tracing::warn!(
+                    job,
+                    ?seconds_left,
+                    "walltime signal: the job's walltime is near"
+                );
                 outbox.event(
                     Lane::Iopub,
                     &Event::WalltimeNear {

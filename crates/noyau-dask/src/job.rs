@@ -188,9 +188,11 @@ pub fn run(a: JobArgs) -> anyhow::Result<i32> {
             Ok(())
         });
     }
-    // The job script asks Slurm for SIGUSR1 before the walltime (the
-    // agent's warning); its default action would end this job early.
-    // Workers retire by their own --lifetime instead.
+    // The scheduler's walltime signal (the agent's warning: Slurm's SIGUSR1,
+    // Grid Engine's SIGUSR2) comes before the walltime; its default action
+    // would end this job early. Workers retire by their own --lifetime
+    // instead. (Grid Engine's cancel sends it to Dask too, which ends.)
+    let walltime = nix::sys::signal::Signal::try_from(noyau_sched::walltime_signal())?;
     // SAFETY: the handlers only store to an atomic: async-signal-safe.
     unsafe {
         use nix::sys::signal::{signal, SigHandler, Signal};
@@ -198,7 +200,7 @@ pub fn run(a: JobArgs) -> anyhow::Result<i32> {
         extern "C" fn terminate(_: libc::c_int) {
             TERMINATED.store(true, Ordering::SeqCst);
         }
-        signal(Signal::SIGUSR1, SigHandler::Handler(ignore))?;
+        signal(walltime, SigHandler::Handler(ignore))?;
         signal(Signal::SIGTERM, SigHandler::Handler(terminate))?;
     }
     let mut child = cmd

@@ -118,7 +118,7 @@ enum HubAction {
 
 #[derive(clap::Args)]
 struct PsArgs {
-    /// The scheduler to ask: slurm or oar [default: `scheduler` in the config
+    /// The scheduler to ask: slurm, oar or sge [default: `scheduler` in the config
     /// files, else the one whose commands are on PATH]
     #[arg(long)]
     backend: Option<String>,
@@ -128,7 +128,7 @@ struct PsArgs {
 struct CancelArgs {
     /// The job id (as `noyau ps` shows it)
     id: String,
-    /// The scheduler: slurm or oar [default: as for `noyau ps`]
+    /// The scheduler: slurm, oar or sge [default: as for `noyau ps`]
     #[arg(long)]
     backend: Option<String>,
 }
@@ -139,7 +139,7 @@ struct ExtendArgs {
     id: String,
     /// How much more time: MM, HH:MM:SS or D-HH:MM:SS
     duration: String,
-    /// The scheduler: slurm or oar [default: as for `noyau ps`]
+    /// The scheduler: slurm, oar or sge [default: as for `noyau ps`]
     #[arg(long)]
     backend: Option<String>,
 }
@@ -157,7 +157,7 @@ struct KernelArgs {
     /// The kernelspec to run where the job runs
     #[arg(long, default_value = "python3")]
     inner: String,
-    /// Where the kernel runs: local (a child process), slurm or oar [default: the profile's, else local]
+    /// Where the kernel runs: local (a child process), slurm, oar or sge [default: the profile's, else local]
     #[arg(long)]
     backend: Option<String>,
     /// Resource profile ([profiles.NAME] in /etc/noyau/config.toml,
