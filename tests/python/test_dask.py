@@ -5,6 +5,7 @@ from PyPI), owned by a noyau notebook kernel and secured with Dask's TLS."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import signal
@@ -71,16 +72,20 @@ def end_cluster_jobs(timeout: float = 30) -> None:
     assert not orphans, f"Dask processes outlived their jobs: {orphans}"
 
 
+def need_dask_on_slurm(cpus: int, what: str) -> None:
+    require_slurm()
+    if importlib.util.find_spec("distributed") is None:
+        lib.missing("distributed is not installed (tests/python/requirements.txt pins it)")
+    if lib.slurm_node_cpus() < cpus:
+        lib.missing(f"the test cluster has fewer than {cpus} CPUs for {what}: "
+                    "start it with SLURM_UP_CPUS=4 scripts/slurm-up DIR")
+
+
 @pytest.fixture
 def kernel(noyau_kernelspec: str, tmp_path: Path):  # type: ignore[no-untyped-def]
     """Starts a noyau kernel in tmp_path (with the `hpc` Slurm profile) with
     extra environment variables; ends it and checks no Dask job is left."""
-    require_slurm()
-    if importlib.util.find_spec("distributed") is None:
-        lib.missing("distributed is not installed (tests/python/requirements.txt pins it)")
-    if lib.slurm_node_cpus() < 3:
-        lib.missing("the test cluster has fewer than 3 CPUs for scheduler + 2 workers: "
-                    "start it with SLURM_UP_CPUS=4 scripts/slurm-up DIR")
+    need_dask_on_slurm(3, "scheduler + 2 workers")
     (tmp_path / "noyau.toml").write_text(PROFILE)
     started = []
 
@@ -120,7 +125,7 @@ def test_dask_up_compute_status_down_and_shutdown(km) -> None:  # type: ignore[n
     # the dashboard, through the port noyau forwards on this host
     if importlib.util.find_spec("bokeh") is None:
         lib.missing("bokeh is not installed (tests/python/requirements.txt pins it)")
-    d = re.search(r"dashboard: (http://127\.0\.0\.1:\d+/status) \(noyau forwards it to http://", text)
+    d = re.search(r"dashboard: (http://127\.0\.0\.1:\d+/status\?token=[0-9a-f]+) \(noyau forwards it to http://", text)
     assert d, text
     dashboard = d.group(1)
     with urllib.request.urlopen(dashboard, timeout=30) as r:
@@ -208,6 +213,52 @@ def test_dask_up_compute_status_down_and_shutdown(km) -> None:  # type: ignore[n
     assert text.splitlines() == ["[True]", "42"], text
     km.shutdown_kernel()
     lib.wait_until(lambda: not dask_jobs(), 30, "the cluster's jobs to leave the queue after shutdown", interval=0.5)
+
+
+NOBODY_GET = """\
+import json, sys, urllib.error, urllib.request
+req = urllib.request.Request(sys.argv[1], headers=json.loads(sys.argv[2]))
+try:
+    r = urllib.request.urlopen(req, timeout=30)
+    print(json.dumps([r.status, r.headers.get("Set-Cookie", "")]))
+except urllib.error.HTTPError as e:
+    print(json.dumps([e.code, ""]))
+"""
+
+
+def test_the_dashboard_answers_only_its_token_whoever_asks(km) -> None:  # type: ignore[no-untyped-def]
+    """Every user of the kernel's host reaches its 127.0.0.1: the dashboard
+    noyau relays there answers the link with its token (and the cookie that
+    link sets), and 403 otherwise, before anything reaches Dask. Asked as
+    another local user (nobody, through runuser)."""
+    if importlib.util.find_spec("bokeh") is None:
+        lib.missing("bokeh is not installed (tests/python/requirements.txt pins it)")
+    if os.geteuid() != 0:
+        lib.missing("asking as another local user (runuser -u nobody) needs root")
+    reply, text, errors = run(km, "%noyau dask up 1 --target hpc", timeout=180)
+    assert reply["status"] == "ok", (text, errors)
+    m = re.search(r"dashboard: (http://127\.0\.0\.1:(\d+)/status\?token=([0-9a-f]+)) ", text)
+    assert m, text
+    link, port, token = m.group(1), m.group(2), m.group(3)
+    base = f"http://127.0.0.1:{port}"
+
+    def as_nobody(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+        r = subprocess.run(["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c", NOBODY_GET, url,
+                            json.dumps(headers or {})], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        status, cookie = json.loads(r.stdout)
+        return status, cookie
+
+    assert as_nobody(f"{base}/status")[0] == 403
+    assert as_nobody(f"{base}/status?token={'0' * len(token)}")[0] == 403
+    assert as_nobody(f"{base}/status", {"Cookie": f"noyau-dask-{port}={token[:-1]}"})[0] == 403
+    status, cookie = as_nobody(link)
+    assert status == 200, status
+    assert cookie.startswith(f"noyau-dask-{port}={token};") and "HttpOnly" in cookie, cookie
+    # the page's own requests carry the cookie
+    assert as_nobody(f"{base}/status", {"Cookie": cookie.split(";")[0]})[0] == 200
+    reply, text, _ = run(km, "%noyau dask status")
+    assert f"dashboard: {link} " in text, text
 
 
 def test_dask_up_needs_distributed_in_the_environment(km, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -357,3 +408,150 @@ def test_a_computation_longer_than_the_worker_walltime_finishes(km) -> None:  # 
         assert running[new][0] < running[old][1], f"job {new} started after {old} ended: {running}"
     reply, text, _ = run(km, "%noyau dask status")
     assert re.search(r"[1-9]\d* replaced before their walltime", text), text
+
+
+# ------------------------------------------------- Dask in `noyau run` and sweeps
+
+def dask_notebook(path: Path, workers: int = 2) -> Path:
+    """A batch notebook as a centre writes it: a Dask cluster on the
+    `hpc` target, then a dask.array computation of size `n` (a parameter)."""
+    sources = [
+        ("n = 1000", ["parameters"]),
+        (f"%noyau dask up {workers} --target hpc", []),
+        ("from dask.distributed import Client\nimport dask.array as da\nclient = Client()\n"
+         "print(int(da.arange(n, chunks=10).sum().compute()))", []),
+    ]
+    cells = [{"cell_type": "code", "metadata": {"tags": tags}, "source": s, "outputs": [],
+              "execution_count": None, "id": f"c{i}"} for i, (s, tags) in enumerate(sources)]
+    path.write_text(json.dumps({
+        "cells": cells, "nbformat": 4, "nbformat_minor": 5,
+        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}}))
+    return path
+
+
+def stdout_of(cell: dict) -> str:
+    return "".join("".join(o.get("text", "")) for o in cell.get("outputs", [])
+                   if o.get("output_type") == "stream" and o.get("name") == "stdout")
+
+
+def displayed(cell: dict) -> str:
+    """The text of a cell's displays (a note updated in place is one)."""
+    return "".join("".join(o.get("data", {}).get("text/plain", "")) for o in cell.get("outputs", [])
+                   if o.get("output_type") == "display_data")
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, noyau_bin: str):  # type: ignore[no-untyped-def]
+    """tmp_path with the `hpc` profile, on a cluster with room for a
+    kernel's job, a scheduler and 2 workers; no Dask job may be left."""
+    need_dask_on_slurm(4, "a run's job, a scheduler and 2 workers")
+    (tmp_path / "noyau.toml").write_text(PROFILE)
+    yield tmp_path
+    end_cluster_jobs()
+    lib.wait_until(lambda: not lib.squeue_noyau(), 60, "every job of the run to leave the queue", interval=0.5)
+
+
+def test_a_run_on_slurm_starts_a_dask_cluster_computes_and_leaves_no_job(run_dir: Path, noyau_bin: str) -> None:
+    nb = dask_notebook(run_dir / "batch.ipynb")
+    out = run_dir / "out.ipynb"
+    r = subprocess.run([noyau_bin, "run", "--no-progress", str(nb), str(out), "--backend", "slurm",
+                        "--profile", "hpc", "-p", "n", "100"],
+                       cwd=run_dir, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    cells = json.loads(out.read_text())["cells"]
+    assert "scheduler up" in stdout_of(cells[2]), cells[2]
+    assert stdout_of(cells[3]) == "4950\n", cells[3]
+    # the run cancelled its cluster as it ended (the jobs may still be completing)
+    lib.wait_until(lambda: not dask_jobs(), 30, "the cluster's jobs to leave the queue", interval=0.5)
+
+
+def test_a_detached_run_starts_its_dask_cluster_from_its_job(run_dir: Path, noyau_bin: str) -> None:
+    nb = dask_notebook(run_dir / "batch.ipynb")
+    out = run_dir / "out.ipynb"
+    r = subprocess.run([noyau_bin, "run", "--detach", str(nb), str(out), "--backend", "slurm",
+                        "--profile", "hpc", "-p", "n", "100"],
+                       cwd=run_dir, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip()
+    assert job.isdigit(), r.stdout
+
+    def ended() -> bool:
+        return job not in {j["id"] for j in lib.squeue_noyau()}
+    lib.wait_until(ended, 400, "the detached run's job to end", interval=0.5)
+    cells = json.loads(out.read_text())["cells"]
+    assert stdout_of(cells[3]) == "4950\n", cells[3]
+    # the run cancelled its cluster as it ended (the jobs may still be completing)
+    lib.wait_until(lambda: not dask_jobs(), 30, "the cluster's jobs to leave the queue", interval=0.5)
+
+
+def test_a_run_says_why_its_cluster_waits(run_dir: Path, noyau_bin: str) -> None:
+    """While the cluster's jobs wait in the queue, the `dask up` cell of a
+    headless run shows why (the scheduler's reason), as a queued kernel's
+    note does, and says when they run."""
+    nb = dask_notebook(run_dir / "batch.ipynb", workers=1)
+    out = run_dir / "out.ipynb"
+    blocker = lib.fill_the_node()
+    p = subprocess.Popen([noyau_bin, "run", "--no-progress", str(nb), str(out), "-p", "n", "100"],
+                         cwd=run_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        def note() -> str:
+            try:
+                cell = json.loads(out.read_text())["cells"][2]
+            except (OSError, ValueError, IndexError):
+                return ""
+            return displayed(cell)
+        # the scheduler's own reason (the first note may still say "submitted")
+        why = re.compile(r"noyau: Dask: scheduler queued on slurm job \d+ \(partition debug\): "
+                         r"reason (Resources|Priority)")
+        lib.wait_until(lambda: why.search(note()), 120, "the dask up cell to say why its jobs wait", interval=0.5)
+    finally:
+        subprocess.run(["scancel", blocker], check=False)
+    assert p.wait(timeout=300) == 0, p.stderr.read() if p.stderr else ""
+    cells = json.loads(out.read_text())["cells"]
+    assert stdout_of(cells[3]) == "4950\n", cells[3]
+    assert "scheduler up" in stdout_of(cells[2]), cells[2]
+
+
+def test_a_sweep_runs_dask_in_every_point(run_dir: Path, noyau_bin: str) -> None:
+    nb = dask_notebook(run_dir / "batch.ipynb")
+    outdir = run_dir / "sweep"
+    r = subprocess.run([noyau_bin, "sweep", str(nb), "--grid", "n=10,100,1000", "--max-parallel", "1",
+                        "--backend", "slurm", "--profile", "hpc", "-o", str(outdir)],
+                       cwd=run_dir, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((outdir / "summary.json").read_text())
+    got = {p["parameters"]["n"]: stdout_of(json.loads(Path(p["output"]).read_text())["cells"][3])
+           for p in summary["points"]}
+    assert got == {10: "45\n", 100: "4950\n", 1000: "499500\n"}, got
+    assert not dask_jobs(), dask_jobs()
+
+
+def test_kill_9_of_a_run_ends_its_cluster_after_the_grace(run_dir: Path, noyau_bin: str) -> None:
+    nb = dask_notebook(run_dir / "batch.ipynb")
+    cells = json.loads(nb.read_text())
+    cells["cells"][2]["source"] = "import time\ntime.sleep(600)"
+    nb.write_text(json.dumps(cells))
+    out = run_dir / "out.ipynb"
+    env = {**os.environ, "NOYAU_LINK_GIVE_UP": "10"}
+    p = subprocess.Popen([noyau_bin, "run", "--no-progress", str(nb), str(out)], cwd=run_dir, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        def up() -> bool:
+            if p.poll() is not None:
+                raise AssertionError(f"the run ended early: {p.stderr.read() if p.stderr else ''}")
+            try:
+                saved = json.loads(out.read_text())["cells"]
+            except (OSError, ValueError):
+                return False
+            return "scheduler up" in stdout_of(saved[1])
+        lib.wait_until(up, 240, "the run's Dask cluster to be up", interval=0.5)
+        assert len(dask_jobs()) == 3, dask_jobs()
+        p.kill()
+        killed = time.monotonic()
+        p.wait(10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    lib.wait_until(lambda: not dask_jobs(), 90, "the cluster's jobs to leave the queue after the run was killed",
+                   interval=0.5)
+    assert time.monotonic() - killed >= 8, "the cluster ended before the grace period"

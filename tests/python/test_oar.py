@@ -206,6 +206,38 @@ def test_dask_cluster_on_oar_computes_and_ends_with_its_owner(oar: OarUser) -> N
     lib.wait_until(lambda: not lib.oarstat_noyau(oar.name), 90, "the kernel's own job to end", 0.5)
 
 
+def test_a_run_and_a_sweep_with_a_dask_cluster_on_oar(oar: OarUser) -> None:
+    """issue 20: the batch notebook that starts a Dask cluster and computes
+    on it, run with `noyau run --backend oar` and as a 3-point sweep (one
+    OAR array): the right result in every output, and no job left."""
+    d = oar.workdir("dask-run")
+    oar.write(d / "noyau.toml", '[profiles.hpc]\nbackend = "oar"\ntime = "10"\n')
+    cells = [{"cell_type": "code", "metadata": {"tags": tags}, "source": s, "outputs": [],
+              "execution_count": None, "id": f"c{i}"} for i, (s, tags) in enumerate([
+                  ("n = 1000", ["parameters"]),
+                  ("%noyau dask up 2 --target hpc", []),
+                  # (the test user's environment has no numpy: futures, not dask.array)
+                  ("from dask.distributed import Client\nclient = Client()\n"
+                   "print(sum(client.gather(client.map(lambda x: x * x, range(n)))))", [])])]
+    oar.write(d / "batch.ipynb", json.dumps({
+        "cells": cells, "nbformat": 4, "nbformat_minor": 5,
+        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}}))
+
+    def cluster_jobs() -> list[dict[str, str]]:
+        return [j for j in lib.oarstat_noyau(oar.name) if j["name"].startswith("noyau-dask-")]
+
+    oar.run([str(oar.bin), "run", "--no-progress", "--backend", "oar", "-o", "time=10", "-p", "n", "100",
+             "batch.ipynb", "out.ipynb"], d, timeout=400, check=True)
+    assert outputs(d / "out.ipynb")[-1] == "328350\n"
+    lib.wait_until(lambda: not cluster_jobs(), 60, "the run's cluster to leave OAR's queue", 0.5)
+    oar.run([str(oar.bin), "sweep", "batch.ipynb", "--grid", "n=10,100,1000", "--max-parallel", "1",
+             "--backend", "oar", "-o", str(d / "sweep")], d, timeout=900, check=True)
+    summary = json.loads((d / "sweep" / "summary.json").read_text())
+    got = {p["parameters"]["n"]: outputs(Path(p["output"]))[-1] for p in summary["points"]}
+    assert got == {10: "285\n", 100: "328350\n", 1000: "332833500\n"}, got
+    lib.wait_until(lambda: not lib.oarstat_noyau(oar.name), 90, "every job of the runs to end", 0.5)
+
+
 def test_detached_run_ps_extend_cancel(oar: OarUser) -> None:
     d = oar.workdir("detach")
     # the site's scheduler, for ps/extend/cancel without --backend (this

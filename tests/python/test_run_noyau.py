@@ -536,3 +536,57 @@ def test_oar_run_without_kernelspec_makes_the_managed_kernel():
     assert "making a managed Python kernel" in r.stderr, r.stderr
     prefix = text_of(json.loads((d / "out.ipynb").read_text())["cells"][0]).strip()
     assert prefix.startswith(str(cache / "noyau" / "kernels")), prefix
+
+
+def test_every_line_magic_works_headless(tmp_path):
+    """`%noyau targets|push|pull|env show|env lock|release` work in `noyau
+    run` as in an interactive kernel, their text in their cells; the
+    magics only an interactive kernel can do fail their cell clearly."""
+    (tmp_path / "noyau.toml").write_text('[profiles.side]\nbackend = "local"\n')
+    nb = notebook(
+        "%noyau targets",
+        "a = 41",
+        "%noyau push side a",
+        "%%noyau on side\nb = a + 1",
+        "%noyau pull side b",
+        "print(b)",
+        "%noyau targets",
+        "%noyau env show",
+        "%noyau release side",
+        "%noyau targets",
+        "%noyau dask status",
+    )
+    src = write(tmp_path / "in.ipynb", nb)
+    r = run(src, tmp_path / "out.ipynb", cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    cells = json.loads((tmp_path / "out.ipynb").read_text())["cells"]
+    assert text_of(cells[0]).startswith("[noyau] no targets"), cells[0]
+    assert text_of(cells[2]).startswith("[noyau] pushed a to target side"), cells[2]
+    assert text_of(cells[4]).startswith("[noyau] pulled b from target side"), cells[4]
+    assert text_of(cells[5]) == "42\n", "the pulled value must be the target's"
+    rows = text_of(cells[6]).splitlines()
+    assert rows[0].split()[:3] == ["TARGET", "STATE", "BACKEND"] and rows[1].split()[:3] == ["side", "idle", "local"], rows
+    assert "kernelspec's own environment" in text_of(cells[7]), cells[7]
+    assert text_of(cells[8]).startswith("[noyau] releasing target side (local job local:"), cells[8]
+    assert text_of(cells[9]).startswith("[noyau] no targets"), "a released target must be gone"
+    assert text_of(cells[10]).startswith("[noyau] no Dask cluster"), cells[10]
+    assert all(not [o for o in c["outputs"] if o["output_type"] == "error"] for c in cells)
+
+
+@pytest.mark.parametrize("magic,ename,says", [
+    ("%noyau env six==1.16.0", "NoyauMagicError", "--env"),
+    ("%noyau pull nowhere x", "NoyauTransferError", 'no target named "nowhere"'),
+    ("%noyau release nowhere", "NoyauTargetError", 'no target named "nowhere"'),
+    ("%noyau env lock", "NoyauEnvError", "has no lock"),
+    ("%noyau sideways", "UsageError", "usage: %noyau"),
+])
+def test_a_magic_that_cannot_work_fails_its_cell_clearly(tmp_path, magic, ename, says):
+    src = write(tmp_path / "in.ipynb", notebook("x = 1", magic, "print('never')"))
+    r = run(src, tmp_path / "out.ipynb", cwd=str(tmp_path))
+    assert r.returncode == 1, r.stderr
+    # by id: papermill's error marker comes first
+    cells = {c.get("id"): c for c in json.loads((tmp_path / "out.ipynb").read_text())["cells"]}
+    errors = [o for o in cells["cell-1"]["outputs"] if o["output_type"] == "error"]
+    assert errors and errors[0]["ename"] == ename and says in errors[0]["evalue"], cells["cell-1"]
+    assert cells["cell-1"]["metadata"]["papermill"]["exception"] is True
+    assert text_of(cells["cell-2"]) == "", "the run must stop at the failed magic"

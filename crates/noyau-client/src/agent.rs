@@ -11,9 +11,21 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context;
-use noyau_link::{LinkConfig, LinkListener, ServerIdentity};
-use noyau_sched::{Backend, Job, JobSpec, JobState};
+use noyau_link::{LinkConfig, LinkError, LinkListener, ServerIdentity};
+use noyau_sched::{Backend, Job, JobSpec, JobState, SchedError};
+
+/// Why an agent could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("link_bind {0:?} is not an ADDR:PORT")]
+    LinkBind(String),
+    #[error("making the link's certificate: {0}")]
+    Certificate(LinkError),
+    #[error("cannot listen for the agent on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: LinkError },
+    #[error(transparent)]
+    Sched(#[from] SchedError),
+}
 
 /// Where a headless IPython kernel keeps its history, passed by `noyau run`
 /// to its agent: a file, `:memory:`, or empty for IPython's own default
@@ -48,23 +60,21 @@ pub struct StartedAgent {
     pub watch: AgentWatch,
 }
 
-pub async fn start_agent(l: AgentLaunch, link_cfg: LinkConfig) -> anyhow::Result<StartedAgent> {
+pub async fn start_agent(l: AgentLaunch, link_cfg: LinkConfig) -> Result<StartedAgent, StartError> {
     // A batch job dials from a compute node: listen on every address and
     // advertise this host's name, unless told otherwise.
     let batch = l.backend != "local";
     let bind = match (l.link_bind, &l.profile.link_bind) {
         (Some(b), _) => b,
-        (None, Some(b)) => b
-            .parse()
-            .with_context(|| format!("link_bind {b:?} is not an ADDR:PORT"))?,
+        (None, Some(b)) => b.parse().map_err(|_| StartError::LinkBind(b.clone()))?,
         (None, None) if batch => SocketAddr::from(([0, 0, 0, 0], 0)),
         (None, None) => SocketAddr::from(([127, 0, 0, 1], 0)),
     };
-    let identity = ServerIdentity::generate(&["localhost".to_string()])
-        .context("making the link's certificate")?;
+    let identity =
+        ServerIdentity::generate(&["localhost".to_string()]).map_err(StartError::Certificate)?;
     let listener = LinkListener::bind(bind, identity.clone(), link_cfg)
         .await
-        .with_context(|| format!("cannot listen for the agent on {bind}"))?;
+        .map_err(|source| StartError::Listen { addr: bind, source })?;
     let port = listener.local_addr().port();
     let advertise = match (l.link_advertise.clone(), l.profile.link_advertise.clone()) {
         (Some(a), _) | (None, Some(a)) => a,

@@ -11,7 +11,6 @@
 //! shutdown, death) for clients that are frontends themselves, like `noyau run`.
 
 pub mod agent;
-pub mod magic;
 pub mod prepare;
 pub mod process;
 pub mod remote;

@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 use noyau_sched::JobState;
 use tokio::time::Instant;
 
-use crate::agent::{start_agent, AgentLaunch, AgentWatch};
+use crate::agent::{start_agent, AgentLaunch, AgentWatch, StartError};
 
 /// Resolves when the job's state changes; never without a job or once the
 /// channel is closed.
@@ -71,6 +71,15 @@ pub enum KernelError {
     /// The link to the agent failed.
     #[error("the link to the agent: {0}")]
     Link(String),
+    /// The agent could not be submitted.
+    #[error(transparent)]
+    Start(std::sync::Arc<StartError>),
+}
+
+impl From<StartError> for KernelError {
+    fn from(e: StartError) -> Self {
+        KernelError::Start(std::sync::Arc::new(e))
+    }
 }
 
 /// One message from the kernel, its JSON parts parsed.
@@ -176,7 +185,7 @@ impl RemoteKernel {
         launch: AgentLaunch,
         timeout: Duration,
         cancel: impl std::future::Future<Output = ()>,
-    ) -> anyhow::Result<RemoteKernel> {
+    ) -> Result<RemoteKernel, KernelError> {
         Self::start_watching(launch, timeout, cancel, |_| {}).await
     }
 
@@ -189,7 +198,7 @@ impl RemoteKernel {
         timeout: Duration,
         cancel: impl std::future::Future<Output = ()>,
         mut on_state: impl FnMut(&JobState),
-    ) -> anyhow::Result<RemoteKernel> {
+    ) -> Result<RemoteKernel, KernelError> {
         let backend = launch.backend.clone();
         let started = start_agent(launch, LinkConfig::default()).await?;
         let mut listener = started.listener;
@@ -272,7 +281,7 @@ impl RemoteKernel {
             Ok(v) => v,
             Err(e) => {
                 watch.cancel().await;
-                return Err(e.into());
+                return Err(e);
             }
         };
         Ok(RemoteKernel {
@@ -301,7 +310,13 @@ impl RemoteKernel {
         self.kernel_info.get("language_info")
     }
 
-    fn send(&self, lane: Lane, msg_type: &str, content: Value) -> Result<String, KernelError> {
+    /// Sends a request of any type with `content`; returns its msg_id.
+    pub fn request(
+        &self,
+        lane: Lane,
+        msg_type: &str,
+        content: Value,
+    ) -> Result<String, KernelError> {
         if let Some(e) = &self.dead {
             return Err(e.clone());
         }
@@ -323,7 +338,7 @@ impl RemoteKernel {
     /// Sends an `execute_request`; returns its msg_id. Follow it with
     /// [`RemoteKernel::next`] until the reply and IOPub `idle` have come.
     pub fn execute_request(&self, code: &str, o: &ExecuteOptions) -> Result<String, KernelError> {
-        self.send(
+        self.request(
             Lane::Shell,
             "execute_request",
             json!({
@@ -340,7 +355,7 @@ impl RemoteKernel {
     /// Asks for an interrupt (the agent signals the kernel or forwards the
     /// request, as its kernelspec says).
     pub fn interrupt(&self) -> Result<String, KernelError> {
-        self.send(Lane::Control, "interrupt_request", json!({}))
+        self.request(Lane::Control, "interrupt_request", json!({}))
     }
 
     /// The next message from the kernel, in arrival order (walltime notices
@@ -434,7 +449,7 @@ impl RemoteKernel {
     /// job to end; cancels the job otherwise.
     pub async fn shutdown(mut self, grace: Duration) {
         if self.dead.is_none() {
-            let _ = self.send(Lane::Control, "shutdown_request", json!({"restart": false}));
+            let _ = self.request(Lane::Control, "shutdown_request", json!({"restart": false}));
             let link = &mut self.link;
             let watch = &mut self.watch;
             let ended = tokio::time::timeout(grace, async {

@@ -104,6 +104,9 @@ struct File {
 /// worker_mem = "4G"
 /// worker_time = "1:00:00" # workers retire before it and are replaced
 /// nanny = false           # true: workers under Dask's nanny (Client.restart())
+/// scheduler_cores = 1     # the scheduler job's own allocation (default 1 core,
+/// scheduler_mem = "1G"    # 1G where the scheduler takes a memory key)
+/// scheduler_profile = "small"  # or a profile for the scheduler job
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -116,10 +119,13 @@ pub struct DaskSettings {
     pub worker_mem: Option<String>,
     pub worker_time: Option<String>,
     pub nanny: Option<bool>,
+    pub scheduler_cores: Option<u32>,
+    pub scheduler_mem: Option<String>,
+    pub scheduler_profile: Option<String>,
 }
 
 /// `[dask]`'s keys, for suggestions.
-const DASK_KEYS: [&str; 7] = [
+const DASK_KEYS: [&str; 10] = [
     "target",
     "workers",
     "adapt",
@@ -127,6 +133,9 @@ const DASK_KEYS: [&str; 7] = [
     "worker_mem",
     "worker_time",
     "nanny",
+    "scheduler_cores",
+    "scheduler_mem",
+    "scheduler_profile",
 ];
 
 impl DaskSettings {
@@ -139,7 +148,16 @@ impl DaskSettings {
         macro_rules! take {
             ($($f:ident),*) => { $( if later.$f.is_some() { self.$f = later.$f; } )* };
         }
-        take!(target, worker_cores, worker_mem, worker_time, nanny);
+        take!(
+            target,
+            worker_cores,
+            worker_mem,
+            worker_time,
+            nanny,
+            scheduler_cores,
+            scheduler_mem,
+            scheduler_profile
+        );
     }
 }
 
@@ -520,7 +538,7 @@ mod tests {
     fn dask_settings_merge_and_unknown_keys_are_named() {
         let c = cfg(&[
             "[dask]\ntarget = \"hpc\"\nworkers = 4\nworker_mem = \"2G\"\n",
-            "[dask]\nadapt = [0, 8]\nworker_time = \"30\"\nnanny = true\n",
+            "[dask]\nadapt = [0, 8]\nworker_time = \"30\"\nnanny = true\nscheduler_mem = \"2G\"\n",
         ])
         .unwrap();
         assert_eq!(
@@ -533,6 +551,9 @@ mod tests {
                 worker_mem: Some("2G".into()),
                 worker_time: Some("30".into()),
                 nanny: Some(true),
+                scheduler_cores: None,
+                scheduler_mem: Some("2G".into()),
+                scheduler_profile: None,
             }
         );
         let e = cfg(&["[dask]\nworker = 2\n"]).unwrap_err().to_string();

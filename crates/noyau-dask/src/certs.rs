@@ -7,6 +7,7 @@
 use std::io::Write;
 use std::path::Path;
 
+use crate::DaskError;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -17,7 +18,11 @@ pub const CERT: &str = "cert.pem";
 pub const KEY: &str = "key.pem";
 
 /// Writes `ca.pem`, `cert.pem` and `key.pem` (0600) into `dir`.
-pub fn write(dir: &Path) -> anyhow::Result<()> {
+pub fn write(dir: &Path) -> Result<(), DaskError> {
+    make(dir).map_err(|e| DaskError::Certs(e.to_string()))
+}
+
+fn make(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
     let mut ca_params = CertificateParams::new(Vec::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params

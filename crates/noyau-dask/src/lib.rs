@@ -17,8 +17,16 @@
 //! job logs rely on; the proxy stays a relay.
 
 pub mod certs;
+mod cluster;
+mod dashboard;
+mod error;
 pub mod job;
 pub mod owner;
+mod plan;
+
+pub use cluster::{Cluster, ClusterEvent, Waiting};
+pub use error::DaskError;
+pub use plan::{Plan, Size, SCHEDULER_CORES, SCHEDULER_MEM};
 
 use std::path::{Path, PathBuf};
 
@@ -66,15 +74,23 @@ pub struct WorkerInfo {
 
 impl ClusterDir {
     /// Makes a new private directory with the cluster's TLS material.
-    pub fn create(root: &Path, id: &str) -> anyhow::Result<Self> {
+    pub fn create(root: &Path, id: &str) -> Result<Self, DaskError> {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-        std::fs::create_dir_all(root)?;
-        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))?;
+        let at = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| DaskError::Dir { path, source }
+        };
+        std::fs::create_dir_all(root).map_err(at(root))?;
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700)).map_err(at(root))?;
         let dir = root.join(id);
-        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(at(&dir))?;
         let c = ClusterDir(dir);
         certs::write(&c.0)?;
-        std::fs::write(c.preload(), job::PRELOAD)?;
+        std::fs::write(c.preload(), job::PRELOAD).map_err(at(&c.0))?;
+        c.heartbeat(0).map_err(at(&c.0))?;
         Ok(c)
     }
 

@@ -11,10 +11,11 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use anyhow::Context;
 use noyau_link::Lane;
 use noyau_wire::{Channel, ConnectionInfo, RawMessage, Signer};
 use tokio::sync::{mpsc, watch};
+
+use crate::ProxyError;
 use zeromq::{
     RepSocket, RouterRecvHalf, RouterSendHalf, RouterSocket, Socket, SocketRecv, SocketSend,
     XPubSocket,
@@ -31,19 +32,18 @@ pub struct Frontend {
     dropped: Arc<AtomicBool>,
 }
 
-async fn bind<S: Socket>(mut s: S, info: &ConnectionInfo, ch: Channel) -> anyhow::Result<S> {
-    let ep = info.endpoint(ch);
-    s.bind(&ep).await.with_context(|| {
-        format!(
-            "cannot bind the {} socket at {ep} (is another kernel using this connection file?)",
-            ch.name()
-        )
+async fn bind<S: Socket>(mut s: S, info: &ConnectionInfo, ch: Channel) -> Result<S, ProxyError> {
+    let endpoint = info.endpoint(ch);
+    s.bind(&endpoint).await.map_err(|source| ProxyError::Bind {
+        socket: ch.name(),
+        endpoint,
+        source,
     })?;
     Ok(s)
 }
 
 impl Frontend {
-    pub async fn bind(info: &ConnectionInfo, signer: Signer) -> anyhow::Result<Self> {
+    pub async fn bind(info: &ConnectionInfo, signer: Signer) -> Result<Self, ProxyError> {
         let shell = bind(RouterSocket::new(), info, Channel::Shell).await?;
         let control = bind(RouterSocket::new(), info, Channel::Control).await?;
         let stdin = bind(RouterSocket::new(), info, Channel::Stdin).await?;

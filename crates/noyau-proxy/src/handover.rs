@@ -13,7 +13,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::Context;
 use noyau_link::ServerIdentity;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -37,23 +36,46 @@ fn now() -> u64 {
         .as_secs()
 }
 
+/// Why a record cannot be placed or written.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    #[error(transparent)]
+    Runtime(#[from] noyau_client::runtime::RuntimeDirError),
+    #[error("cannot resolve {path}: {source}")]
+    Resolve {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
 /// The record's path for a connection file (same file → same record).
-pub fn path_for(connection_file: &Path) -> anyhow::Result<PathBuf> {
+pub fn path_for(connection_file: &Path) -> Result<PathBuf, HandoverError> {
     let base = noyau_client::runtime::base_dir()?;
-    let abs = std::fs::canonicalize(connection_file)
-        .with_context(|| format!("cannot resolve {}", connection_file.display()))?;
+    let abs = std::fs::canonicalize(connection_file).map_err(|source| HandoverError::Resolve {
+        path: connection_file.to_path_buf(),
+        source,
+    })?;
     let digest = Sha256::digest(abs.as_os_str().as_encoded_bytes());
     Ok(base.join(format!("handover-{}.json", &hex::encode(digest)[..32])))
 }
 
-pub fn write(path: &Path, h: &Handover) -> anyhow::Result<()> {
+pub fn write(path: &Path, h: &Handover) -> Result<(), HandoverError> {
     let tmp = path.with_extension("tmp");
-    let mut f = noyau_wire::connection::private_file(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(&serde_json::to_vec(h)?)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+    let written = noyau_wire::connection::private_file(&tmp).and_then(|mut f| {
+        let json = serde_json::to_vec(h).map_err(std::io::Error::other)?;
+        f.write_all(&json)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    });
+    written.map_err(|source| HandoverError::Write {
+        path: tmp.clone(),
+        source,
+    })
 }
 
 /// Takes (reads and removes) a record not older than `max_age`.

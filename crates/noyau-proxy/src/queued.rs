@@ -1,4 +1,5 @@
-//! A kernel whose batch job waits in the queue.
+//! A kernel whose batch job waits in the queue, and the job's walltime
+//! notices: the proxy's [`Queued`] component.
 //!
 //! Until the agent dials in, the proxy stands in for the kernel: it answers
 //! `kernel_info_request` at once from the inner kernelspec (so frontends do
@@ -7,11 +8,23 @@
 //! attached to the first waiting cell, updated (`update_display_data`) as
 //! the scheduler's reason and estimated start change. When the job starts,
 //! the note is cleared (`clear_output`) before the cell runs, so the saved
-//! notebook holds what the kernel printed and nothing else.
+//! notebook holds what the kernel printed and nothing else. An interrupt or
+//! a shutdown while queued cancels the job.
+//!
+//! Walltime notices from the agent go, as stderr, into the running cell,
+//! else into the next one.
+
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use noyau_link::Lane;
+use noyau_magic::note::{describe, Note};
 use noyau_sched::JobState;
+use noyau_wire::RawMessage;
 use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use crate::answer::Answers;
 
 /// `language_info` for a kernelspec's language, as its kernel would give it
 /// in broad strokes (the real kernel's reply replaces it once it runs).
@@ -45,76 +58,205 @@ pub fn kernel_info_content(language: &str, job: &str) -> Value {
     })
 }
 
-/// The line the notebook shows while the job waits; None once it runs.
-pub fn describe(backend: &str, job: &str, state: &JobState, waited_secs: u64) -> Option<String> {
-    let waited = if waited_secs >= 60 {
-        format!("{}m{:02}s", waited_secs / 60, waited_secs % 60)
-    } else {
-        format!("{waited_secs}s")
-    };
-    match state {
-        JobState::Pending {
-            reason,
-            start,
-            partition,
-        } => {
-            let part = partition
-                .as_deref()
-                .map(|p| format!(" (partition {p})"))
-                .unwrap_or_default();
-            let start = start
-                .map(|s| format!(", estimated start {}", noyau_sched::local_time(s)))
-                .unwrap_or_default();
-            Some(format!(
-                "noyau: queued on {backend} job {job}{part}: reason {reason}{start}; waiting for {waited}. \
-                 Cells run when the job starts; interrupt or shut down the kernel to cancel the job."
-            ))
-        }
-        JobState::Unknown { why } => Some(format!(
-            "noyau: {backend} job {job} is queued or starting, but the scheduler does not answer ({why}); still waiting ({waited})."
-        )),
-        JobState::Running { .. } | JobState::Ended(_) => None,
+/// `9 min 58 s`.
+pub fn human(secs: u64) -> String {
+    match (secs / 60, secs % 60) {
+        (0, s) => format!("{s} s"),
+        (m, 0) => format!("{m} min"),
+        (m, s) => format!("{m} min {s} s"),
     }
 }
 
-/// The note's display: a fresh `display_data`, then `update_display_data`s.
-pub struct Note {
-    pub parent: Bytes,
-    pub display_id: String,
-    pub shown: bool,
-    pub last: String,
+/// What a request sent while the job is queued comes to.
+pub(crate) enum WhileQueued {
+    /// Not for the proxy: it waits with the others.
+    Pass,
+    /// Answered by the proxy.
+    Answered,
+    /// An interrupt or a shutdown: the job must be cancelled.
+    Cancel { shutdown: bool },
 }
 
-impl Note {
-    pub fn new(parent: Bytes) -> Self {
-        Note {
-            parent,
-            display_id: format!("noyau-queue-{}", uuid::Uuid::new_v4()),
-            shown: false,
-            last: String::new(),
+/// The queued kernel and the walltime notices.
+pub(crate) struct Queued {
+    /// The batch job's state while we wait for its agent (None: local, or taken over).
+    job_state: Option<watch::Receiver<JobState>>,
+    /// The queue note shown in the first waiting cell.
+    note: Option<(Bytes, Note)>,
+    submitted: Instant,
+    /// A walltime notice that came while no cell ran: shown in the next one.
+    held_notice: Option<String>,
+    backend: String,
+    inner: String,
+}
+
+impl Queued {
+    pub fn new(job_state: Option<watch::Receiver<JobState>>, backend: &str, inner: &str) -> Self {
+        Queued {
+            job_state,
+            note: None,
+            submitted: Instant::now(),
+            held_notice: None,
+            backend: backend.into(),
+            inner: inner.into(),
         }
     }
 
-    /// (msg_type, content) to publish for `text`, or None when unchanged.
-    pub fn update(&mut self, text: &str) -> Option<(&'static str, Value)> {
-        if self.shown && self.last == text {
-            return None;
+    /// True while a batch job is followed (the proxy stands in for the kernel).
+    pub fn follows(&self) -> bool {
+        self.job_state.is_some()
+    }
+
+    /// True while the job has not started.
+    pub fn queued(&self) -> bool {
+        self.job_state.as_ref().is_some_and(|rx| {
+            matches!(
+                *rx.borrow(),
+                JobState::Pending { .. } | JobState::Unknown { .. }
+            )
+        })
+    }
+
+    /// Resolves when the job's state changes; forgets a closed channel.
+    pub async fn changed(&mut self) {
+        match self.job_state.as_mut() {
+            Some(rx) => {
+                if rx.changed().await.is_err() {
+                    self.job_state = None;
+                }
+            }
+            None => std::future::pending().await,
         }
-        let kind = if self.shown {
-            "update_display_data"
-        } else {
-            "display_data"
+    }
+
+    /// How the scheduler ended the job, once its watcher sees the end (the
+    /// agent's SIGTERM comes first; Slurm keeps an ended job's state in
+    /// its listing for a while: NODE_FAIL, PREEMPTED, CANCELLED, TIMEOUT).
+    pub async fn job_end(&mut self) -> Option<String> {
+        let rx = self.job_state.as_mut()?;
+        let ended = |s: &JobState| matches!(s, JobState::Ended(_));
+        // Bounded: a few watcher polls; the sender's end is as good an answer.
+        let _ = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(ended)).await;
+        match &*rx.borrow() {
+            JobState::Ended(end) => Some(end.description.clone()),
+            _ => None,
+        }
+    }
+
+    /// The job's state changed (or 10 s passed): the note follows.
+    pub async fn on_job_state(&mut self, out: &mut Answers, job: &str) {
+        let Some(rx) = &self.job_state else { return };
+        let st = rx.borrow().clone();
+        match describe(&self.backend, job, &st, self.submitted.elapsed().as_secs()) {
+            None => {
+                if let JobState::Running { node, .. } = &st {
+                    tracing::info!(%job, %node, waited = ?self.submitted.elapsed(), "job started");
+                }
+                self.clear_note(out).await;
+            }
+            Some(text) => {
+                let Some((parent, note)) = self.note.as_mut() else {
+                    return;
+                };
+                if let Some(o) = note.update(&text) {
+                    out.iopub(o.msg_type, parent, o.content).await;
+                }
+            }
+        }
+    }
+
+    /// Removes the queue note from its cell, before the kernel writes there.
+    pub async fn clear_note(&mut self, out: &mut Answers) {
+        if let Some((parent, note)) = self.note.take() {
+            if note.shown {
+                out.iopub("clear_output", &parent, json!({"wait": false}))
+                    .await;
+            }
+        }
+    }
+
+    /// A request sent while the job is queued: answered here when the
+    /// proxy can (kernel_info), noted (the first cell gets the queue note).
+    pub async fn on_request(
+        &mut self,
+        lane: Lane,
+        msg: &RawMessage,
+        out: &mut Answers,
+        job: &str,
+        fresh: bool,
+    ) -> WhileQueued {
+        let Ok(h) = msg.peek_header() else {
+            return WhileQueued::Pass;
         };
-        self.shown = true;
-        self.last = text.to_string();
-        Some((
-            kind,
-            json!({
-                "data": {"text/plain": text},
-                "metadata": {},
-                "transient": {"display_id": self.display_id},
-            }),
-        ))
+        match (lane, h.msg_type.as_str()) {
+            (Lane::Shell | Lane::Control, "kernel_info_request") => {
+                self.kernel_info(lane, msg, out, job).await;
+                WhileQueued::Answered
+            }
+            (Lane::Control, "shutdown_request" | "interrupt_request") if fresh => {
+                tracing::info!(%job, "{} while queued: cancelling the job", h.msg_type);
+                let shutdown = h.msg_type == "shutdown_request";
+                let (kind, content) = if shutdown {
+                    let restart = msg.restart_requested();
+                    (
+                        "shutdown_reply",
+                        json!({"status": "ok", "restart": restart}),
+                    )
+                } else {
+                    ("interrupt_reply", json!({"status": "ok"}))
+                };
+                let r = out.message(msg.identities.clone(), kind, &msg.header, content);
+                out.send(Lane::Control, r).await;
+                self.clear_note(out).await;
+                WhileQueued::Cancel { shutdown }
+            }
+            (Lane::Shell, "execute_request") => {
+                if self.note.is_none() {
+                    self.note = Some((msg.header.clone(), Note::new()));
+                    self.on_job_state(out, job).await;
+                }
+                WhileQueued::Pass
+            }
+            _ => WhileQueued::Pass,
+        }
+    }
+
+    async fn kernel_info(&self, lane: Lane, msg: &RawMessage, out: &mut Answers, job: &str) {
+        let language = noyau_wire::kernelspec::find(&self.inner)
+            .map(|f| f.spec.language)
+            .unwrap_or_else(|_| "python".into());
+        out.status(&msg.header, "busy").await;
+        let content = kernel_info_content(&language, job);
+        let r = out.message(
+            msg.identities.clone(),
+            "kernel_info_reply",
+            &msg.header,
+            content,
+        );
+        out.send(lane, r).await;
+        out.status(&msg.header, "idle").await;
+    }
+
+    /// A walltime notice, as stderr of the running cell, else of the next
+    /// cell the frontend sends.
+    pub async fn walltime_notice(
+        &mut self,
+        text: String,
+        running: Option<Bytes>,
+        out: &mut Answers,
+    ) {
+        tracing::warn!("{}", text.trim_end());
+        match running {
+            Some(parent) => out.stream(&parent, "stderr", &text).await,
+            None => self.held_notice = Some(text),
+        }
+    }
+
+    /// A new cell: the notice held for it, if any.
+    pub async fn show_held(&mut self, parent: &Bytes, out: &mut Answers) {
+        if let Some(text) = self.held_notice.take() {
+            out.stream(parent, "stderr", &text).await;
+        }
     }
 }
 
@@ -123,32 +265,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn describes_the_queue() {
-        let s = JobState::Pending {
-            reason: "Resources".into(),
-            start: noyau_sched::parse_local_time("2026-01-01T10:00:00"),
-            partition: Some("batch".into()),
-        };
-        let t = describe("slurm", "42", &s, 75).unwrap();
-        assert!(
-            t.contains("queued on slurm job 42 (partition batch): reason Resources, estimated start 2026-01-01T10:00:00; waiting for 1m15s"),
-            "{t}"
-        );
-        let running = JobState::Running {
-            node: "n".into(),
-            ends_at: None,
-        };
-        assert!(describe("slurm", "42", &running, 1).is_none());
-    }
-
-    #[test]
-    fn note_shows_then_updates() {
-        let mut n = Note::new(Bytes::new());
-        assert_eq!(n.update("a").unwrap().0, "display_data");
-        assert!(n.update("a").is_none());
-        let (kind, c) = n.update("b").unwrap();
-        assert_eq!(kind, "update_display_data");
-        assert_eq!(c["transient"]["display_id"], n.display_id.as_str());
+    fn language_infos() {
         assert_eq!(language_info("python")["file_extension"], ".py");
+        assert_eq!(language_info("R")["name"], "r");
+        assert_eq!(human(598), "9 min 58 s");
     }
 }

@@ -1,5 +1,6 @@
 //! Cell-level delegation: `%%noyau on TARGET` runs one cell in another
-//! kernel, in its own allocation, from the same notebook.
+//! kernel, in its own allocation, from the same notebook. The proxy's
+//! [`Targets`] component.
 //!
 //! A target is a named profile (noyau.toml's `[profiles.NAME]`). The first
 //! cell sent to it starts an agent through the profile's backend, exactly as
@@ -17,14 +18,12 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use noyau_client::agent::{start_agent, AgentLaunch};
+use noyau_client::agent::{start_agent, AgentLaunch, AgentWatch, StartError};
 use noyau_link::envelope::{self, Event, Payload};
-use noyau_link::{Incoming, Lane, LinkConfig, LinkEvent, LinkSender};
+use noyau_link::{Incoming, Lane, LinkConfig, LinkEvent, LinkListener, LinkSender};
+use noyau_magic::note::Note;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
-
-pub use noyau_client::magic::{parse, Magic, OnMagic};
-pub use noyau_sched::fan_out;
 
 /// What a target's task tells the proxy.
 pub struct TargetEvent {
@@ -68,7 +67,7 @@ pub struct Target {
     sender: Option<LinkSender>,
     queued: VecDeque<(Lane, Vec<Bytes>)>,
     /// The queue note in the first cell waiting for this target.
-    pub note: Option<crate::queued::Note>,
+    pub note: Option<(Bytes, Note)>,
     pub submitted: Instant,
     release: Option<oneshot::Sender<()>>,
 }
@@ -76,102 +75,30 @@ pub struct Target {
 /// A cell running on a target, for its where-line and for error replies
 /// should the target go away.
 pub struct RunningCell {
-    pub identities: Vec<Bytes>,
-    pub header: Bytes,
+    pub cell: crate::answer::Cell,
     /// The where-line was shown (or is not wanted).
     pub announced: bool,
 }
 
-/// The idle time after which a target's allocation is given back.
-pub fn idle_timeout() -> Duration {
-    std::env::var("NOYAU_TARGET_IDLE")
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-        .map(Duration::from_secs_f64)
-        .unwrap_or(Duration::from_secs(30 * 60))
-}
-
 impl Target {
-    /// Submits the target's agent and spawns the tasks that follow it.
+    /// Submits the target's agent and spawns the task that follows it.
     pub async fn start(
         name: &str,
         launch: AgentLaunch,
         events: mpsc::Sender<TargetEvent>,
-    ) -> anyhow::Result<Target> {
+    ) -> Result<Target, StartError> {
         let backend = launch.backend.clone();
         let started = start_agent(launch, LinkConfig::default()).await?;
         let job = started.watch.job_id().unwrap_or("?").to_string();
         let (release_tx, release_rx) = oneshot::channel();
-        let mut listener = started.listener;
-        let mut watch = started.watch;
         static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let n = name.to_string();
-        tokio::spawn(async move {
-            let send = |what| {
-                events.send(TargetEvent {
-                    name: n.clone(),
-                    id,
-                    what,
-                })
-            };
-            // A dropped sender (the proxy is going away) releases too.
-            let mut release_rx = release_rx;
-            let mut state = watch.state();
-            let mut tick = tokio::time::interval(Duration::from_secs(10));
-            let link = loop {
-                tokio::select! {
-                    l = listener.accept() => break l,
-                    desc = watch.ended() => {
-                        let _ = send(What::Ended(format!("its agent {desc} before connecting"))).await;
-                        return;
-                    }
-                    _ = &mut release_rx => {
-                        watch.cancel().await;
-                        let _ = send(What::Ended("released".into())).await;
-                        return;
-                    }
-                    changed = async { match state.as_mut() { Some(rx) => rx.changed().await.is_ok(), None => std::future::pending().await } } => {
-                        if !changed {
-                            state = None;
-                        }
-                    }
-                    _ = tick.tick() => {}
-                }
-                if let Some(rx) = &state {
-                    let st = rx.borrow().clone();
-                    let _ = send(What::Queue(st)).await;
-                }
-            };
-            let mut link = match link {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = send(What::Ended(format!("its link failed: {e}"))).await;
-                    return;
-                }
-            };
-            let _ = send(What::Attached(link.sender())).await;
-            let why = loop {
-                tokio::select! {
-                    m = link.recv() => match m {
-                        Some(Incoming::Message(lane, frames)) => match envelope::open(frames) {
-                            Ok(p) => { let _ = send(What::Message(lane, p)).await; }
-                            Err(e) => tracing::warn!(target = %n, "dropped a malformed link message: {e}"),
-                        },
-                        Some(Incoming::Event(LinkEvent::Closed(r))) => break format!("its link closed ({r})"),
-                        Some(Incoming::Event(e)) => tracing::info!(target = %n, "link: {e:?}"),
-                        None => break "its link closed".to_string(),
-                    },
-                    desc = watch.ended() => break format!("its agent {desc}"),
-                    _ = &mut release_rx => {
-                        let _ = link.sender().send(Lane::Control, envelope::event(&Event::Shutdown));
-                        watch.cancel().await;
-                        break "released".to_string();
-                    }
-                }
-            };
-            let _ = send(What::Ended(why)).await;
-        });
+        let tell = Tell {
+            events,
+            name: name.to_string(),
+            id,
+        };
+        tokio::spawn(follow(tell, started.listener, started.watch, release_rx));
         Ok(Target {
             name: name.to_string(),
             id,
@@ -232,17 +159,101 @@ impl Target {
 
     /// The line telling where a cell ran.
     pub fn where_line(&self) -> String {
-        format!(
-            "[noyau] on target {} ({} job {}{})\n",
-            self.name,
-            self.backend,
-            self.job,
-            self.node
-                .as_ref()
-                .map(|n| format!(", node {n}"))
-                .unwrap_or_default()
-        )
+        noyau_magic::targets::where_line(&self.name, &self.backend, &self.job, self.node.as_deref())
     }
+
+    pub fn row(&self) -> noyau_magic::targets::Row {
+        noyau_magic::targets::Row {
+            name: self.name.clone(),
+            state: self.describe_state(),
+            backend: self.backend.clone(),
+            job: self.job.clone(),
+            node: self.node.clone(),
+            idle_secs: self.last_used.elapsed().as_secs(),
+        }
+    }
+}
+
+/// How a target's task reports.
+struct Tell {
+    events: mpsc::Sender<TargetEvent>,
+    name: String,
+    id: u64,
+}
+
+impl Tell {
+    async fn send(&self, what: What) {
+        let ev = TargetEvent {
+            name: self.name.clone(),
+            id: self.id,
+            what,
+        };
+        let _ = self.events.send(ev).await;
+    }
+}
+
+/// A target's task: waits for its agent (reporting the job's state), then
+/// reads its link until it ends or is released. A dropped release sender
+/// (the proxy going away) releases too.
+async fn follow(
+    tell: Tell,
+    mut listener: LinkListener,
+    mut watch: AgentWatch,
+    mut release: oneshot::Receiver<()>,
+) {
+    let mut state = watch.state();
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    let link = loop {
+        tokio::select! {
+            l = listener.accept() => break l,
+            desc = watch.ended() => {
+                return tell.send(What::Ended(format!("its agent {desc} before connecting"))).await;
+            }
+            _ = &mut release => {
+                watch.cancel().await;
+                return tell.send(What::Ended("released".into())).await;
+            }
+            changed = async { match state.as_mut() { Some(rx) => rx.changed().await.is_ok(), None => std::future::pending().await } } => {
+                if !changed {
+                    state = None;
+                }
+            }
+            _ = tick.tick() => {}
+        }
+        if let Some(rx) = &state {
+            let st = rx.borrow().clone();
+            tell.send(What::Queue(st)).await;
+        }
+    };
+    let mut link = match link {
+        Ok(l) => l,
+        Err(e) => {
+            return tell
+                .send(What::Ended(format!("its link failed: {e}")))
+                .await
+        }
+    };
+    tell.send(What::Attached(link.sender())).await;
+    let why = loop {
+        tokio::select! {
+            m = link.recv() => match m {
+                Some(Incoming::Message(lane, frames)) => match envelope::open(frames) {
+                    Ok(p) => tell.send(What::Message(lane, p)).await,
+                    Err(e) => tracing::warn!(target = %tell.name, "dropped a malformed link message: {e}"),
+                },
+                Some(Incoming::Event(LinkEvent::Closed(r))) => break format!("its link closed ({r})"),
+                Some(Incoming::Event(e)) => tracing::info!(target = %tell.name, "link: {e:?}"),
+                None => break "its link closed".to_string(),
+            },
+            desc = watch.ended() => break format!("its agent {desc}"),
+            _ = &mut release => {
+                let _ = link.sender().send(Lane::Control, envelope::event(&Event::Shutdown));
+                watch.cancel().await;
+                break "released".to_string();
+            }
+        }
+    };
+    tell.send(What::Ended(why)).await;
 }
 
 /// The cell's content with its code replaced by `body`.
@@ -251,6 +262,114 @@ pub fn with_code(content: &[u8], body: &str) -> Option<Bytes> {
     c.as_object_mut()?
         .insert("code".into(), Value::String(body.to_string()));
     serde_json::to_vec(&c).ok().map(Bytes::from)
+}
+
+/// The targets of this notebook, by name, and where their tasks report.
+pub(crate) struct Targets {
+    pub map: BTreeMap<String, Target>,
+    tx: mpsc::Sender<TargetEvent>,
+    rx: mpsc::Receiver<TargetEvent>,
+}
+
+impl Default for Targets {
+    fn default() -> Self {
+        let (tx, rx) = mpsc::channel(1024);
+        Targets {
+            map: BTreeMap::new(),
+            tx,
+            rx,
+        }
+    }
+}
+
+impl Targets {
+    /// The next event of any target's task.
+    pub async fn event(&mut self) -> Option<TargetEvent> {
+        self.rx.recv().await
+    }
+
+    /// Starts target `name` from its profile, unless it runs.
+    pub async fn start(
+        &mut self,
+        name: &str,
+        overrides: &[String],
+        inner: &str,
+        noyau_exe: &std::path::Path,
+        env: BTreeMap<String, String>,
+    ) -> Result<(), noyau_magic::MagicError> {
+        if self.map.contains_key(name) {
+            return Ok(());
+        }
+        let err = |e: &dyn std::fmt::Display| {
+            noyau_magic::MagicError::Target(format!("cannot start target {name:?}: {e}"))
+        };
+        let (backend, profile) =
+            noyau_config::resolve(None, Some(name), overrides).map_err(|e| err(&e))?;
+        let launch = AgentLaunch {
+            backend,
+            inner: profile.kernel.clone().unwrap_or_else(|| inner.to_string()),
+            link_bind: None,
+            link_advertise: None,
+            noyau_exe: noyau_exe.to_path_buf(),
+            job_name: format!("noyau-target-{name}"),
+            cwd: None,
+            env,
+            profile,
+        };
+        let t = Target::start(name, launch, self.tx.clone())
+            .await
+            .map_err(|e| err(&e))?;
+        tracing::info!(target = %name, job = %t.job, "target submitted");
+        self.map.insert(name.to_string(), t);
+        Ok(())
+    }
+
+    pub fn releasing(&self, name: &str) -> bool {
+        self.map
+            .get(name)
+            .is_some_and(|t| t.state == State::Releasing)
+    }
+
+    /// Gives back the allocations of targets idle for `NOYAU_TARGET_IDLE`.
+    pub fn release_idle(&mut self) {
+        let limit = noyau_magic::targets::idle_timeout();
+        for t in self.map.values_mut() {
+            if t.state != State::Releasing && t.running.is_empty() && t.last_used.elapsed() >= limit
+            {
+                tracing::info!(target = %t.name, "idle for {}s; releasing", limit.as_secs());
+                t.release();
+            }
+        }
+    }
+
+    /// Ends every target's job (shutdown, or the proxy going away).
+    pub fn release_all(&mut self) {
+        for t in self.map.values_mut() {
+            t.release();
+        }
+    }
+
+    /// `%noyau targets`.
+    pub fn table(&self) -> String {
+        let rows: Vec<_> = self.map.values().map(Target::row).collect();
+        noyau_magic::targets::table(&rows)
+    }
+
+    /// An interrupt goes to the targets running a cell (a queued one is
+    /// cancelled); false when none is busy (it goes to the notebook's kernel).
+    pub fn interrupt(&mut self, frames: &[Bytes]) -> bool {
+        let mut any = false;
+        for t in self.map.values_mut().filter(|t| !t.running.is_empty()) {
+            any = true;
+            if t.state == State::Queued {
+                // Interrupting a cell that waits for its job cancels the job.
+                t.release();
+            } else {
+                t.send(Lane::Control, frames.to_vec());
+            }
+        }
+        any
+    }
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use noyau_env::Prepared;
 use noyau_notebook::Notebook;
 use serde_json::Value;
 
+use crate::error::{bad, RunError};
 use crate::progress::Progress;
 
 /// Everything the notebook declares for its kernel.
@@ -52,13 +53,13 @@ fn inherited() -> Option<Prepared> {
 pub async fn prepare(
     declared: &Declared,
     progress: &Progress,
-) -> Result<(Prepared, std::collections::BTreeMap<String, String>), String> {
+) -> Result<(Prepared, std::collections::BTreeMap<String, String>), RunError> {
     let prepared = match inherited() {
         Some(p) => p,
         None if declared.spec.is_none() && declared.data.is_empty() => Prepared::default(),
         None => noyau_client::prepare::prepare(declared, |line| progress.environment(line))
             .await
-            .map_err(|e| format!("the notebook's environment: {e}"))?,
+            .map_err(|e| bad(format!("the notebook's environment: {e}")))?,
     };
     let env = noyau_client::prepare::job_env(declared.spec.as_ref(), &prepared);
     Ok((prepared, env))
@@ -72,11 +73,12 @@ pub async fn for_job(
     input: &Path,
     env_arg: Option<&str>,
     show: bool,
-) -> Result<std::collections::BTreeMap<String, String>, String> {
-    let cwd = std::env::current_dir().map_err(|e| format!("the current directory: {e}"))?;
-    let input = std::path::absolute(input).map_err(|e| format!("{}: {e}", input.display()))?;
+) -> Result<std::collections::BTreeMap<String, String>, RunError> {
+    let cwd =
+        std::env::current_dir().map_err(RunError::io("cannot read", "the current directory"))?;
+    let input = std::path::absolute(input).map_err(RunError::io("cannot read", input))?;
     let nb_dir = input.parent().unwrap_or(&cwd);
-    let d = declared(nb, nb_dir, env_arg, &cwd).map_err(|e| e.to_string())?;
+    let d = declared(nb, nb_dir, env_arg, &cwd).map_err(|e| bad(e.to_string()))?;
     let (_, mut env) = prepare(&d, &Progress::new(show, 0)).await?;
     env.retain(|k, _| k == noyau_env::PREPARED_ENV);
     Ok(env)
@@ -94,9 +96,10 @@ pub fn record(nb: &mut Notebook, prepared: &Prepared) {
 
 /// What a `%noyau data` cell of a run says: the file was prepared before
 /// the kernel started.
-pub fn data_cell(prepared: &Prepared, args: &[String]) -> Result<String, String> {
-    let r =
-        noyau_env::data::parse_magic(&args.join(" "), Path::new(".")).map_err(|e| e.to_string())?;
+pub fn data_cell(prepared: &Prepared, args: &[String]) -> Result<String, noyau_magic::MagicError> {
+    let data_error = |e: String| noyau_magic::MagicError::Data(e);
+    let r = noyau_env::data::parse_magic(&args.join(" "), Path::new("."))
+        .map_err(|e| data_error(e.to_string()))?;
     prepared
         .data
         .iter()
@@ -111,5 +114,10 @@ pub fn data_cell(prepared: &Prepared, args: &[String]) -> Result<String, String>
                 f.name
             )
         })
-        .ok_or_else(|| format!("data file {} was not prepared for this run", r.name))
+        .ok_or_else(|| {
+            data_error(format!(
+                "data file {} was not prepared for this run",
+                r.name
+            ))
+        })
 }

@@ -22,6 +22,8 @@ use std::process::Command;
 use noyau_client::agent::IPYTHON_HIST_FILE_ENV;
 use noyau_wire::kernelspec::{self, KernelSpecError, NATIVE_KERNEL_NAME};
 
+use crate::error::{bad, RunError};
+
 pub const IPYKERNEL_VERSION: &str = "7.4.0";
 
 /// Where headless IPython kernels keep their history unless
@@ -29,14 +31,6 @@ pub const IPYKERNEL_VERSION: &str = "7.4.0";
 /// that many kernels do not share (and lock) one SQLite file on a shared
 /// filesystem.
 pub const DEFAULT_HIST_FILE: &str = ":memory:";
-
-#[derive(Debug, thiserror::Error)]
-pub enum KernelEnvError {
-    #[error("{0}\n(choose a kernel with --kernel NAME; `noyau kernelspecs` lists them)")]
-    Spec(KernelSpecError),
-    #[error("cannot make the managed Python kernel: {0}")]
-    Managed(String),
-}
 
 /// The kernelspec a run uses: `--kernel`, else the notebook's, else
 /// `python3`; `python` means `python3`, as in jupyter_client.
@@ -49,13 +43,16 @@ pub fn kernel_name(given: Option<&str>, notebook: Option<&str>) -> String {
 /// nowhere, made now, here, where the network is) and the history setting.
 /// A kernel missing here is an error on the local backend only: a batch
 /// job may see kernelspecs this host does not.
-pub fn job_env(kernel: &str, backend: &str) -> Result<BTreeMap<String, String>, KernelEnvError> {
+pub fn job_env(kernel: &str, backend: &str) -> Result<BTreeMap<String, String>, RunError> {
     let mut managed = None;
     if let Err(e) = kernelspec::find(kernel) {
         if kernel == NATIVE_KERNEL_NAME && matches!(e, KernelSpecError::NotFound { .. }) {
-            managed = Some(ensure_python_kernel().map_err(KernelEnvError::Managed)?);
+            managed =
+                Some(ensure_python_kernel().map_err(|e| RunError::ManagedKernel(Box::new(e)))?);
         } else if backend == "local" {
-            return Err(KernelEnvError::Spec(e));
+            return Err(bad(format!(
+                "{e}\n(choose a kernel with --kernel NAME; `noyau kernelspecs` lists them)"
+            )));
         }
     }
     let hist = std::env::var(IPYTHON_HIST_FILE_ENV).unwrap_or_else(|_| DEFAULT_HIST_FILE.into());
@@ -81,15 +78,14 @@ pub fn cache_dir() -> PathBuf {
 
 /// The Jupyter data dir (`…/share/jupyter`) holding the managed `python3`
 /// kernelspec, made on first use.
-pub fn ensure_python_kernel() -> Result<PathBuf, String> {
+pub fn ensure_python_kernel() -> Result<PathBuf, RunError> {
     let dir = cache_dir();
     let data = dir.join("share").join("jupyter");
     if dir.join(".complete").exists() {
         return Ok(data);
     }
     let parent = dir.parent().expect("cache dir has a parent");
-    std::fs::create_dir_all(parent)
-        .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    std::fs::create_dir_all(parent).map_err(RunError::io("cannot create", parent))?;
     eprintln!(
         "noyau: no python3 kernelspec is installed; making a managed Python kernel \
          (ipykernel=={IPYKERNEL_VERSION}) in {} — once, it is reused by later runs",
@@ -110,15 +106,11 @@ pub fn ensure_python_kernel() -> Result<PathBuf, String> {
         }
         Err(e) => {
             let _ = std::fs::remove_dir_all(&tmp);
-            return Err(format!(
-                "cannot move the environment to {}: {e}",
-                dir.display()
-            ));
+            return Err(RunError::io("cannot move the environment to", &dir)(e));
         }
     }
     write_spec(&dir)?;
-    std::fs::write(dir.join(".complete"), b"")
-        .map_err(|e| format!("cannot write in {}: {e}", dir.display()))?;
+    std::fs::write(dir.join(".complete"), b"").map_err(RunError::io("cannot write in", &dir))?;
     eprintln!("noyau: managed Python kernel ready");
     Ok(data)
 }
@@ -129,22 +121,24 @@ fn on_path(exe: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn run(cmd: &mut Command) -> Result<(), String> {
+fn run(cmd: &mut Command) -> Result<(), RunError> {
     let shown = format!("{cmd:?}");
-    let out = cmd
-        .output()
-        .map_err(|e| format!("cannot run {shown}: {e}"))?;
+    let out = cmd.output().map_err(|source| RunError::Io {
+        what: "cannot run",
+        path: shown.clone().into(),
+        source,
+    })?;
     if !out.status.success() {
-        return Err(format!(
-            "{shown} failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
+        return Err(RunError::Command {
+            command: shown,
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
     }
     Ok(())
 }
 
-fn build(tmp: &Path) -> Result<(), String> {
+fn build(tmp: &Path) -> Result<(), RunError> {
     let pin = format!("ipykernel=={IPYKERNEL_VERSION}");
     let python = tmp.join("bin").join("python");
     if on_path("uv") {
@@ -155,7 +149,7 @@ fn build(tmp: &Path) -> Result<(), String> {
             .arg(&pin))?;
     } else {
         run(Command::new("python3").arg("-m").arg("venv").arg(tmp)).map_err(|e| {
-            format!("{e}\nnoyau needs python3 with the venv module (Debian: apt install python3-venv), or uv")
+            RunError::Input(format!("{e}\nnoyau needs python3 with the venv module (Debian: apt install python3-venv), or uv"))
         })?;
         run(Command::new(&python).args([
             "-m",
@@ -169,10 +163,9 @@ fn build(tmp: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn write_spec(dir: &Path) -> Result<(), String> {
+fn write_spec(dir: &Path) -> Result<(), RunError> {
     let spec_dir = dir.join("share/jupyter/kernels/python3");
-    std::fs::create_dir_all(&spec_dir)
-        .map_err(|e| format!("cannot create {}: {e}", spec_dir.display()))?;
+    std::fs::create_dir_all(&spec_dir).map_err(RunError::io("cannot create", &spec_dir))?;
     let spec = serde_json::json!({
         "argv": [dir.join("bin/python"), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "Python 3 (noyau managed)",
@@ -183,5 +176,5 @@ fn write_spec(dir: &Path) -> Result<(), String> {
         spec_dir.join("kernel.json"),
         serde_json::to_vec_pretty(&spec).expect("json"),
     )
-    .map_err(|e| format!("cannot write the kernelspec in {}: {e}", spec_dir.display()))
+    .map_err(RunError::io("cannot write the kernelspec in", &spec_dir))
 }

@@ -6,28 +6,44 @@
 //!
 //! How the pieces fit, in the order of a run:
 //!
-//! * [`options`]: the command line ([`RunArgs`]) and the documented
-//!   [`exit`] codes; parameters merged like papermill's CLI (`-f`, `-y`,
-//!   `-p`, `-r`), YAML typed by [`yaml`] the way PyYAML types it.
-//! * [`runner::read_input`]: the input (a file or stdin), nbformat 3 and
-//!   4.0–4.4 made current by [`upgrade`] without losing fields; then
-//!   parameters injected (`noyau_notebook::inject`) and [`papermill`]'s
-//!   notebook and cell metadata laid out as papermill does.
+//! * [`options`]: what a run is asked to do ([`RunOptions`], which the
+//!   binary's command line fills) and the documented [`exit`] codes;
+//!   parameters merged like papermill's CLI (`-f`, `-y`, `-p`, `-r`), YAML
+//!   typed by [`yaml`] the way PyYAML types it. [`RunError`] is the one
+//!   error type, with the exit code each error means.
+//! * [`input`]: the input (a file or stdin), nbformat 3 and 4.0–4.4 made
+//!   current by [`upgrade`] without losing fields; then parameters
+//!   injected (`noyau_notebook::inject`) and [`papermill`]'s notebook and
+//!   cell metadata laid out as papermill does.
 //! * [`environment`]: the kernel's environment and data files, built and
 //!   fetched here before the job is submitted, and recorded.
-//! * [`kernelenv`]: when no `python3` kernelspec exists, a managed Python
-//!   kernel in noyau's cache.
-//! * [`runner`]: the cells in order, each ended like nbclient ends it
-//!   (`execute_reply` and IOPub `idle`), with nbclient's
-//!   `metadata.execution` timings, papermill's statuses and error markers,
-//!   kernel death, timeouts, SIGINT/SIGTERM.
+//! * [`kernel`]: which kernelspec (with [`kernelenv`], a managed Python
+//!   kernel when there is none), the backend and profile, the start.
+//! * [`runner`]: the run from end to end; [`detach`]: `--detach`, the
+//!   runner submitted as the batch job.
+//! * `cells` and `execute`: the cells in order, each ended like nbclient
+//!   ends it (`execute_reply` and IOPub `idle`), with nbclient's
+//!   `metadata.execution` timings (`outputs`), papermill's statuses and
+//!   error markers, kernel death, timeouts, SIGINT/SIGTERM, walltime.
+//! * `magics`: every `%noyau` magic, through noyau-magic's host seam;
+//!   `%%noyau on` cells on their targets' kernels.
 //! * [`save`]: when the output is written: atomically, soon after each
 //!   cell, and every few seconds during a long one, never on every message.
 //! * [`progress`]: the bar or the plain lines on stderr.
+//! * [`sweep`]: one notebook over a parameter set (a job array).
 
+mod cells;
+pub mod detach;
 pub mod environment;
+mod error;
+mod execute;
+pub mod exit;
+pub mod input;
+pub mod kernel;
 pub mod kernelenv;
+mod magics;
 pub mod options;
+mod outputs;
 pub mod papermill;
 pub mod progress;
 pub mod runner;
@@ -36,12 +52,13 @@ pub mod sweep;
 pub mod upgrade;
 pub mod yaml;
 
-pub use options::{exit, RunArgs};
-pub use sweep::{SweepArgs, SweepTaskArgs};
+pub use error::RunError;
+pub use options::RunOptions;
+pub use sweep::{SweepOptions, SweepTask};
 
 /// Runs `noyau run` to the end; returns the process exit code. Errors are
 /// printed to stderr here.
-pub fn main(args: RunArgs) -> i32 {
+pub fn main(opts: RunOptions) -> i32 {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -52,11 +69,11 @@ pub fn main(args: RunArgs) -> i32 {
             return exit::KERNEL_START;
         }
     };
-    match rt.block_on(runner::run(args)) {
+    match rt.block_on(runner::run(opts)) {
         Ok(code) => code,
-        Err(f) => {
-            eprintln!("noyau run: error: {}", f.message);
-            f.code
+        Err(e) => {
+            eprintln!("noyau run: error: {e}");
+            e.code()
         }
     }
 }

@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 
 use noyau_notebook::Notebook;
 
+use crate::error::{bad, RunError};
+
 /// An exclusive `flock` on `.OUTPUT.noyau-lock` next to the output, held for
 /// the whole run. The output itself cannot carry the lock: every atomic save
 /// replaces its inode. A lock file next to it is seen by runs on other nodes
@@ -31,14 +33,13 @@ pub struct OutputLock {
 }
 
 impl OutputLock {
-    pub fn acquire(output: &Path) -> Result<OutputLock, String> {
+    pub fn acquire(output: &Path) -> Result<OutputLock, RunError> {
         let name = output
             .file_name()
-            .ok_or_else(|| format!("the output {} names no file", output.display()))?
+            .ok_or_else(|| bad(format!("the output {} names no file", output.display())))?
             .to_string_lossy();
         let path = output.with_file_name(format!(".{name}.noyau-lock"));
-        let err =
-            |e: std::io::Error| format!("cannot lock the output with {}: {e}", path.display());
+        let err = |e: std::io::Error| RunError::io("cannot lock the output with", &path)(e);
         loop {
             let mut file = OpenOptions::new()
                 .create(true)
@@ -55,11 +56,14 @@ impl OutputLock {
                     Some(libc::EWOULDBLOCK) => {
                         let holder = std::fs::read_to_string(&path).unwrap_or_default();
                         let holder = holder.trim();
-                        return Err(format!(
-                            "{} is being written by another noyau run{}; wait for it to end or name another output",
-                            output.display(),
-                            if holder.is_empty() { String::new() } else { format!(" ({holder})") }
-                        ));
+                        return Err(RunError::Busy {
+                            output: output.to_path_buf(),
+                            holder: if holder.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" ({holder})")
+                            },
+                        });
                     }
                     _ => return Err(err(e)),
                 }
@@ -107,7 +111,7 @@ pub struct Saver {
 
 impl Saver {
     /// Fails when another run holds the output.
-    pub fn new(path: Option<PathBuf>) -> Result<Saver, String> {
+    pub fn new(path: Option<PathBuf>) -> Result<Saver, RunError> {
         let lock = path.as_deref().map(OutputLock::acquire).transpose()?;
         Ok(Saver {
             path,
@@ -125,13 +129,11 @@ impl Saver {
 
     /// Writes now; errors are returned (the first save and the last one
     /// must succeed).
-    pub fn save(&mut self, nb: &Notebook) -> Result<(), String> {
+    pub fn save(&mut self, nb: &Notebook) -> Result<(), RunError> {
         self.due = None;
         self.last = Instant::now();
         match &self.path {
-            Some(p) => nb
-                .save(p)
-                .map_err(|e| format!("{e} (check the directory exists and is writable)")),
+            Some(p) => nb.save(p).map_err(|source| RunError::Save { source }),
             None => Ok(()),
         }
     }

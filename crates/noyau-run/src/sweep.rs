@@ -26,12 +26,13 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use clap::Args;
 use noyau_notebook::{Param, Parameters};
 use serde_json::{json, Value};
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::options::exit;
+use crate::error::{bad, RunError};
+use crate::exit;
+use crate::options::RunOptions;
 
 /// Exit codes of `noyau sweep`.
 pub mod sweep_exit {
@@ -67,76 +68,55 @@ A sweep file (-f) is YAML:
 Exit codes: 0 every point ok; 1 some point not ok; 2 bad input or submission error;
 130 interrupted.";
 
-/// Run one notebook over a parameter grid: one output per point, a summary
-#[derive(Args, Debug, Clone)]
-#[command(after_long_help = SWEEP_HELP)]
-pub struct SweepArgs {
-    /// The notebook to run
+/// A sweep: one notebook run over a parameter grid, one output per point,
+/// a summary. The fields are the command line's (`noyau sweep --help`
+/// documents them).
+#[derive(Debug, Clone, Default)]
+pub struct SweepOptions {
     pub notebook: PathBuf,
-    /// A parameter and its values (typed like -p); the points are the product of all grids
-    #[arg(long = "grid", value_name = "NAME=V1,V2,...")]
     pub grid: Vec<String>,
-    /// A YAML sweep file (parameters, grid, points)
-    #[arg(short = 'f', long = "file", value_name = "FILE")]
     pub file: Option<PathBuf>,
-    /// How many points run at once (the job array's %K)
-    #[arg(long, value_name = "K", default_value_t = 4)]
     pub max_parallel: usize,
-    /// Rerun only the points whose status in OUTDIR/summary.json is not ok
-    #[arg(long)]
     pub retry_failed: bool,
-    /// Where the outputs and the summary go [default: NOTEBOOK's name + .sweep, beside it]
-    #[arg(short = 'o', long = "output-dir", value_name = "OUTDIR")]
     pub output_dir: Option<PathBuf>,
-    /// Where the points run: local (child processes), slurm, oar or sge (one job array)
-    /// [default: the profile's, else local]
-    #[arg(long)]
     pub backend: Option<String>,
-    /// Resource profile for each array task
-    #[arg(long)]
     pub profile: Option<String>,
-    /// Override one profile key (KEY=VALUE, env.NAME=VALUE); repeatable
-    #[arg(long = "option", value_name = "KEY=VALUE")]
     pub options: Vec<String>,
-    /// The kernelspec [default: the notebook's, else python3]
-    #[arg(short = 'k', long = "kernel", value_name = "NAME")]
     pub kernel: Option<String>,
-    /// Seconds a cell may run (per point)
-    #[arg(long, value_name = "SECS")]
     pub timeout: Option<f64>,
-    /// Seconds to wait for each point's kernel to start
-    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
     pub start_timeout: f64,
-    /// Points go on after a cell raises
-    #[arg(long)]
     pub allow_errors: bool,
 }
 
 /// `noyau sweep-task`: one point of a sweep (run by the sweep, not by hand).
-#[derive(Args, Debug, Clone)]
-pub struct SweepTaskArgs {
+#[derive(Debug, Clone)]
+pub struct SweepTask {
     /// The sweep's plan (OUTDIR/sweep.json)
     pub plan: PathBuf,
     /// The point [default: $NOYAU_ARRAY_TASK_ID, which a job array's script exports]
-    #[arg(long)]
     pub index: Option<usize>,
 }
 
-fn bad(m: impl std::fmt::Display) -> (i32, String) {
-    (sweep_exit::BAD_INPUT, m.to_string())
+/// This program, which each point runs as `noyau sweep-task`.
+fn noyau_exe() -> Result<PathBuf, RunError> {
+    std::env::current_exe().map_err(bad_io("cannot find this program", Path::new("noyau")))
+}
+
+fn bad_io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RunError {
+    RunError::io(what, path.to_path_buf())
 }
 
 /// `name=v1,v2` → (name, typed values).
-pub fn parse_grid(arg: &str) -> Result<(String, Vec<Param>), String> {
+pub fn parse_grid(arg: &str) -> Result<(String, Vec<Param>), RunError> {
     let (name, values) = arg
         .split_once('=')
-        .ok_or_else(|| format!("--grid {arg:?}: expected NAME=V1,V2,..."))?;
+        .ok_or_else(|| bad(format!("--grid {arg:?}: expected NAME=V1,V2,...")))?;
     let name = name.trim();
     if name.is_empty() {
-        return Err(format!("--grid {arg:?}: the parameter name is empty"));
+        return Err(bad(format!("--grid {arg:?}: the parameter name is empty")));
     }
     if values.is_empty() {
-        return Err(format!("--grid {arg:?}: no values"));
+        return Err(bad(format!("--grid {arg:?}: no values")));
     }
     Ok((
         name.to_string(),
@@ -152,44 +132,47 @@ pub struct SweepSpec {
     pub points: Vec<Parameters>,
 }
 
-pub fn parse_file(text: &str) -> Result<SweepSpec, String> {
-    let doc = crate::yaml::parse(text).map_err(|e| e.to_string())?;
+/// A sweep file (YAML: parameters, grid, points).
+pub fn parse_file(text: &str) -> Result<SweepSpec, RunError> {
+    let doc = crate::yaml::parse(text).map_err(|e| bad(e.to_string()))?;
     let mut spec = SweepSpec::default();
     let entries = match doc {
         Param::None => return Ok(spec),
         Param::Dict(d) => d,
-        _ => return Err("expected a mapping with parameters, grid or points".into()),
+        _ => return Err(bad("expected a mapping with parameters, grid or points")),
     };
     for (k, v) in entries {
         match (k.as_str(), v) {
             ("parameters", v) => spec
                 .common
                 .merge(v)
-                .map_err(|e| format!("parameters: {e}"))?,
+                .map_err(|e| bad(format!("parameters: {e}")))?,
             ("grid", Param::Dict(g)) => {
                 for (name, values) in g {
                     let values = match values {
                         Param::List(l) if !l.is_empty() => l,
-                        Param::List(_) => return Err(format!("grid: {name} has no values")),
+                        Param::List(_) => return Err(bad(format!("grid: {name} has no values"))),
                         one => vec![one],
                     };
                     spec.grid.push((name, values));
                 }
             }
-            ("grid", _) => return Err("grid: expected a mapping NAME: [values]".into()),
+            ("grid", _) => return Err(bad("grid: expected a mapping NAME: [values]")),
             ("points", Param::List(l)) => {
                 for (i, p) in l.into_iter().enumerate() {
                     let mut params = Parameters::new();
-                    params.merge(p).map_err(|e| format!("points[{i}]: {e}"))?;
+                    params
+                        .merge(p)
+                        .map_err(|e| bad(format!("points[{i}]: {e}")))?;
                     spec.points.push(params);
                 }
             }
-            ("points", _) => return Err("points: expected a list of mappings".into()),
+            ("points", _) => return Err(bad("points: expected a list of mappings")),
             (other, _) => {
-                return Err(format!(
+                return Err(bad(format!(
                     "unknown key `{other}`{}; a sweep file has parameters, grid, points",
                     noyau_config::suggest(other, ["parameters", "grid", "points"])
-                ))
+                )))
             }
         }
     }
@@ -198,9 +181,9 @@ pub fn parse_file(text: &str) -> Result<SweepSpec, String> {
 
 /// Every point: the grid's product (first name varies slowest), or the
 /// explicit points, each with the common parameters first.
-pub fn expand(spec: &SweepSpec) -> Result<Vec<Parameters>, String> {
+pub fn expand(spec: &SweepSpec) -> Result<Vec<Parameters>, RunError> {
     if !spec.points.is_empty() && !spec.grid.is_empty() {
-        return Err("give either a grid or explicit points, not both".into());
+        return Err(bad("give either a grid or explicit points, not both"));
     }
     if !spec.points.is_empty() {
         return Ok(spec
@@ -277,7 +260,7 @@ fn read_json(path: &Path) -> Option<Value> {
 
 /// `noyau sweep-task`: runs one point, writes its result; returns the
 /// runner's exit code.
-pub fn task_main(a: SweepTaskArgs) -> i32 {
+pub fn task_main(a: SweepTask) -> i32 {
     let plan = match read_json(&a.plan) {
         Some(p) => p,
         None => {
@@ -299,44 +282,8 @@ pub fn task_main(a: SweepTaskArgs) -> i32 {
         eprintln!("noyau sweep-task: the plan has no point {index}");
         return exit::BAD_INPUT;
     };
-    let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
-    let output = s(&point["output"]);
-    let mut argv = vec![
-        "noyau-run".to_string(),
-        s(&plan["notebook"]),
-        output.clone(),
-        "--no-progress".into(),
-        "--backend".into(),
-        "local".into(),
-        "--start-timeout".into(),
-        plan["start_timeout"].as_f64().unwrap_or(60.0).to_string(),
-    ];
-    if let Some(k) = plan["kernel"].as_str() {
-        argv.extend(["--kernel".into(), k.into()]);
-    }
-    if let Some(t) = plan["timeout"].as_f64() {
-        argv.extend(["--timeout".into(), t.to_string()]);
-    }
-    if plan["allow_errors"].as_bool() == Some(true) {
-        argv.push("--allow-errors".into());
-    }
-    #[derive(clap::Parser)]
-    struct W {
-        #[command(flatten)]
-        run: crate::RunArgs,
-    }
-    let mut run = match <W as clap::Parser>::try_parse_from(&argv) {
-        Ok(w) => w.run,
-        Err(e) => {
-            eprintln!("noyau sweep-task: {e}");
-            return exit::BAD_INPUT;
-        }
-    };
-    if let Some(Value::Object(m)) = point.get("parameters") {
-        for (k, v) in m {
-            run.preset.set(k.clone(), Param::from_json(v));
-        }
-    }
+    let output = point["output"].as_str().unwrap_or_default().to_string();
+    let run = point_run(&plan, point, &output);
     let outdir = a.plan.parent().unwrap_or(Path::new(".")).to_path_buf();
     let t0 = Instant::now();
     let code = crate::main(run);
@@ -346,7 +293,7 @@ pub fn task_main(a: SweepTaskArgs) -> i32 {
         "exit_code": code,
         "duration_s": (t0.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
         "output": output,
-        "job": crate::runner::allocation(),
+        "job": crate::detach::allocation(),
     });
     let _ = std::fs::create_dir_all(results_dir(&outdir));
     if let Err(e) = write_atomic(
@@ -358,10 +305,34 @@ pub fn task_main(a: SweepTaskArgs) -> i32 {
     code
 }
 
+/// The run of one point: the notebook headless with a local kernel (in
+/// the array task's allocation), the point's parameters preset.
+fn point_run(plan: &Value, point: &Value, output: &str) -> RunOptions {
+    let mut preset = Parameters::new();
+    if let Some(Value::Object(m)) = point.get("parameters") {
+        for (k, v) in m {
+            preset.set(k.clone(), Param::from_json(v));
+        }
+    }
+    RunOptions {
+        input: plan["notebook"].as_str().unwrap_or_default().to_string(),
+        output: Some(output.to_string()),
+        no_progress: true,
+        backend: Some("local".into()),
+        start_timeout: plan["start_timeout"].as_f64().unwrap_or(60.0),
+        kernel: plan["kernel"].as_str().map(str::to_string),
+        timeout: plan["timeout"].as_f64(),
+        allow_errors: plan["allow_errors"].as_bool() == Some(true),
+        stream_mode: "coalesce".into(),
+        preset,
+        ..Default::default()
+    }
+}
+
 // ---------------------------------------------------------------- the sweep
 
 /// Runs `noyau sweep`; returns the exit code.
-pub fn main(args: SweepArgs) -> i32 {
+pub fn main(args: SweepOptions) -> i32 {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -374,9 +345,9 @@ pub fn main(args: SweepArgs) -> i32 {
     };
     match rt.block_on(sweep(args)) {
         Ok(code) => code,
-        Err((code, message)) => {
-            eprintln!("noyau sweep: error: {message}");
-            code
+        Err(e) => {
+            eprintln!("noyau sweep: error: {e}");
+            sweep_exit::BAD_INPUT
         }
     }
 }
@@ -387,12 +358,88 @@ struct Point {
     output: PathBuf,
 }
 
-async fn sweep(a: SweepArgs) -> Result<i32, (i32, String)> {
-    // The notebook must be one before anything is submitted.
-    let nb_path = abs(&a.notebook);
-    let nb =
-        crate::runner::read_input(&nb_path.display().to_string()).map_err(|f| bad(f.message))?;
-    let stem = nb_path
+/// The sweep's points, and those to run now (all, or with
+/// `--retry-failed` those of the last summary that are not ok).
+struct Points {
+    all: Vec<Point>,
+    todo: Vec<usize>,
+    /// The last summary's rows, when retrying.
+    previous: Option<Vec<Value>>,
+}
+
+/// The sweep's notebook, its name (the outputs' stem) and the output
+/// directory.
+struct Where {
+    notebook: PathBuf,
+    /// The notebook as read (what it declares is prepared here).
+    nb: noyau_notebook::Notebook,
+    stem: String,
+    outdir: PathBuf,
+}
+
+async fn sweep(a: SweepOptions) -> Result<i32, RunError> {
+    if a.max_parallel == 0 {
+        return Err(bad("--max-parallel must be at least 1"));
+    }
+    let w = where_of(&a)?;
+    let summary_path = w.outdir.join("summary.json");
+    let p = points(&a, &w, &summary_path)?;
+    if p.todo.is_empty() {
+        eprintln!(
+            "noyau sweep: every point of {} is ok: nothing to retry",
+            summary_path.display()
+        );
+        return Ok(sweep_exit::OK);
+    }
+    let plan_path = write_plan(&a, &w, &p)?;
+    // Built and fetched once, here, for every point.
+    let env = crate::environment::for_job(&w.nb, &w.notebook, None, true).await?;
+    let (backend, profile) =
+        crate::kernel::backend_and_profile(a.backend.as_deref(), a.profile.as_deref(), &a.options)?;
+    eprintln!(
+        "noyau sweep: {} point(s) of {} ({backend}), at most {} at a time; outputs in {}",
+        p.todo.len(),
+        w.notebook.display(),
+        a.max_parallel,
+        w.outdir.display()
+    );
+    let t0 = Instant::now();
+    let (interrupted, job_id) = match backend.as_str() {
+        "local" => (
+            run_local(&a, &plan_path, &w.outdir, &p.todo, &env).await?,
+            None,
+        ),
+        _ => {
+            let mut env = env;
+            env.extend(kernel_env(&a, &w.nb, &backend)?);
+            let spec = array_job(&a, &w.stem, &plan_path, &p.todo, profile, env)?;
+            run_array(&backend, spec, &w.outdir, &p.todo).await?
+        }
+    };
+    let rows = write_summary(&w, &p, &backend, job_id, &summary_path)?;
+    let ok = rows.iter().filter(|r| r["status"] == "ok").count();
+    eprintln!(
+        "noyau sweep: {ok}/{} ok in {:.1} s; summary: {} and {}",
+        rows.len(),
+        t0.elapsed().as_secs_f64(),
+        summary_path.display(),
+        w.outdir.join("summary.csv").display()
+    );
+    Ok(if interrupted {
+        sweep_exit::INTERRUPTED
+    } else if ok == rows.len() {
+        sweep_exit::OK
+    } else {
+        sweep_exit::SOME_FAILED
+    })
+}
+
+/// The notebook (read once: it must be one before anything is
+/// submitted), its stem and the output directory.
+fn where_of(a: &SweepOptions) -> Result<Where, RunError> {
+    let notebook = abs(&a.notebook);
+    let nb = crate::input::read_input(&notebook.display().to_string())?;
+    let stem = notebook
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
@@ -400,53 +447,68 @@ async fn sweep(a: SweepArgs) -> Result<i32, (i32, String)> {
     let outdir = abs(&a
         .output_dir
         .clone()
-        .unwrap_or_else(|| nb_path.with_file_name(format!("{stem}.sweep"))));
-    if a.max_parallel == 0 {
-        return Err(bad("--max-parallel must be at least 1"));
-    }
+        .unwrap_or_else(|| notebook.with_file_name(format!("{stem}.sweep"))));
+    Ok(Where {
+        notebook,
+        nb,
+        stem,
+        outdir,
+    })
+}
 
-    // The points: from the command line / file, or from the summary to retry.
+/// The points the command line and the sweep file give.
+fn given(a: &SweepOptions) -> Result<Vec<Parameters>, RunError> {
     let mut spec = match &a.file {
         Some(f) => {
-            let text = std::fs::read_to_string(f)
-                .map_err(|e| bad(format!("cannot read {}: {e}", f.display())))?;
+            let text = std::fs::read_to_string(f).map_err(bad_io("cannot read", f))?;
             parse_file(&text).map_err(|e| bad(format!("{}: {e}", f.display())))?
         }
         None => SweepSpec::default(),
     };
     for g in &a.grid {
-        let (name, values) = parse_grid(g).map_err(bad)?;
+        let (name, values) = parse_grid(g)?;
         spec.grid.retain(|(n, _)| *n != name);
         spec.grid.push((name, values));
     }
-    let given = expand(&spec).map_err(bad)?;
-    let summary_path = outdir.join("summary.json");
-    let previous = if a.retry_failed {
-        let s = read_json(&summary_path).ok_or_else(|| {
-            bad(format!(
-                "--retry-failed: no summary at {} (run the sweep first, with the same -o)",
-                summary_path.display()
-            ))
-        })?;
-        let pts = s["points"].as_array().cloned().unwrap_or_default();
-        if !given.is_empty() {
-            let same = given.len() == pts.len()
-                && given
-                    .iter()
-                    .zip(&pts)
-                    .all(|(g, p)| g.to_json() == p["parameters"]);
-            if !same {
-                return Err(bad(format!(
-                    "--retry-failed: the points given differ from those of {}; drop --grid/-f to retry that sweep",
-                    summary_path.display()
-                )));
-            }
-        }
-        Some(pts)
-    } else {
-        None
-    };
-    let points: Vec<Point> = match &previous {
+    expand(&spec)
+}
+
+/// The last summary's rows, for `--retry-failed` (which must retry the
+/// same points).
+fn previous(
+    a: &SweepOptions,
+    given: &[Parameters],
+    summary_path: &Path,
+) -> Result<Option<Vec<Value>>, RunError> {
+    if !a.retry_failed {
+        return Ok(None);
+    }
+    let s = read_json(summary_path).ok_or_else(|| {
+        bad(format!(
+            "--retry-failed: no summary at {} (run the sweep first, with the same -o)",
+            summary_path.display()
+        ))
+    })?;
+    let pts = s["points"].as_array().cloned().unwrap_or_default();
+    let same = given.len() == pts.len()
+        && given
+            .iter()
+            .zip(&pts)
+            .all(|(g, p)| g.to_json() == p["parameters"]);
+    if !given.is_empty() && !same {
+        return Err(bad(format!(
+            "--retry-failed: the points given differ from those of {}; drop --grid/-f to retry that sweep",
+            summary_path.display()
+        )));
+    }
+    Ok(Some(pts))
+}
+
+/// The points: from the command line / file, or from the summary to retry.
+fn points(a: &SweepOptions, w: &Where, summary_path: &Path) -> Result<Points, RunError> {
+    let given = given(a)?;
+    let previous = previous(a, &given, summary_path)?;
+    let all: Vec<Point> = match &previous {
         Some(pts) => pts
             .iter()
             .enumerate()
@@ -463,13 +525,14 @@ async fn sweep(a: SweepArgs) -> Result<i32, (i32, String)> {
                 ));
             }
             let width = (given.len() - 1).to_string().len();
+            let stem = &w.stem;
             given
                 .iter()
                 .enumerate()
                 .map(|(i, p)| Point {
                     index: i,
                     params: p.to_json(),
-                    output: outdir.join(format!("{stem}-{i:0width$}.ipynb")),
+                    output: w.outdir.join(format!("{stem}-{i:0width$}.ipynb")),
                 })
                 .collect()
         }
@@ -481,29 +544,30 @@ async fn sweep(a: SweepArgs) -> Result<i32, (i32, String)> {
             .filter(|(_, p)| p["status"].as_str() != Some("ok"))
             .map(|(i, _)| i)
             .collect(),
-        None => points.iter().map(|p| p.index).collect(),
+        None => all.iter().map(|p| p.index).collect(),
     };
-    if todo.is_empty() {
-        eprintln!(
-            "noyau sweep: every point of {} is ok: nothing to retry",
-            summary_path.display()
-        );
-        return Ok(sweep_exit::OK);
-    }
+    Ok(Points {
+        all,
+        todo,
+        previous,
+    })
+}
 
-    std::fs::create_dir_all(results_dir(&outdir))
-        .map_err(|e| bad(format!("cannot make {}: {e}", outdir.display())))?;
-    for &i in &todo {
-        let _ = std::fs::remove_file(result_path(&outdir, i));
+/// `OUTDIR/sweep.json`, which each task reads; this round's old results
+/// are removed first.
+fn write_plan(a: &SweepOptions, w: &Where, p: &Points) -> Result<PathBuf, RunError> {
+    std::fs::create_dir_all(results_dir(&w.outdir)).map_err(bad_io("cannot make", &w.outdir))?;
+    for &i in &p.todo {
+        let _ = std::fs::remove_file(result_path(&w.outdir, i));
     }
-    let plan_path = outdir.join("sweep.json");
+    let plan_path = w.outdir.join("sweep.json");
     let plan = json!({
-        "notebook": nb_path,
+        "notebook": w.notebook,
         "kernel": a.kernel,
         "timeout": a.timeout,
         "start_timeout": a.start_timeout,
         "allow_errors": a.allow_errors,
-        "points": points.iter().map(|p| json!({
+        "points": p.all.iter().map(|p| json!({
             "index": p.index, "parameters": p.params, "output": p.output,
         })).collect::<Vec<_>>(),
     });
@@ -511,83 +575,52 @@ async fn sweep(a: SweepArgs) -> Result<i32, (i32, String)> {
         &plan_path,
         &serde_json::to_string_pretty(&plan).unwrap_or_default(),
     )
-    .map_err(|e| bad(format!("cannot write {}: {e}", plan_path.display())))?;
+    .map_err(bad_io("cannot write", &plan_path))?;
+    Ok(plan_path)
+}
 
-    let (backend, profile) =
-        crate::runner::backend_and_profile(a.backend.as_deref(), a.profile.as_deref(), &a.options)
-            .map_err(|f| (f.code, f.message))?;
-    eprintln!(
-        "noyau sweep: {} point(s) of {} ({backend}), at most {} at a time; outputs in {}",
-        todo.len(),
-        nb_path.display(),
-        a.max_parallel,
-        outdir.display()
-    );
-    // Built and fetched once, here, for every point.
-    let env = crate::environment::for_job(&nb, &nb_path, None, true)
-        .await
-        .map_err(bad)?;
-    let t0 = Instant::now();
-    let (interrupted, job_id) = match backend.as_str() {
-        "local" => (run_local(&a, &plan_path, &outdir, &todo, &env).await?, None),
-        _ => {
-            let mut env = env;
-            env.extend(kernel_env(&a, &nb, &backend)?);
-            let spec = array_job(&a, &stem, &plan_path, &todo, profile, env)?;
-            run_array(&backend, spec, &outdir, &todo).await?
-        }
-    };
-
-    // The summary: this round's results, the previous summary for the rest.
+/// `summary.json` and `summary.csv`: this round's results, the previous
+/// summary for the rest. The rows.
+fn write_summary(
+    w: &Where,
+    p: &Points,
+    backend: &str,
+    job_id: Option<String>,
+    summary_path: &Path,
+) -> Result<Vec<Value>, RunError> {
     let mut rows = Vec::new();
-    for p in &points {
+    for pt in &p.all {
         let mut row = json!({
-            "index": p.index, "parameters": p.params, "status": "not run",
-            "exit_code": null, "duration_s": null, "output": p.output, "job": null,
+            "index": pt.index, "parameters": pt.params, "status": "not run",
+            "exit_code": null, "duration_s": null, "output": pt.output, "job": null,
         });
-        if let Some(r) = read_json(&result_path(&outdir, p.index)) {
+        if let Some(r) = read_json(&result_path(&w.outdir, pt.index)) {
             for k in ["status", "exit_code", "duration_s", "job"] {
                 row[k] = r[k].clone();
             }
-        } else if !todo.contains(&p.index) {
-            if let Some(old) = previous.as_ref().and_then(|v| v.get(p.index)) {
+        } else if !p.todo.contains(&pt.index) {
+            if let Some(old) = p.previous.as_ref().and_then(|v| v.get(pt.index)) {
                 row = old.clone();
             }
         }
         rows.push(row);
     }
     let summary = json!({
-        "notebook": nb_path,
-        "output_dir": outdir,
+        "notebook": w.notebook,
+        "output_dir": w.outdir,
         "backend": backend,
         "job_id": job_id,
         "finished": chrono::Utc::now().to_rfc3339(),
         "points": rows,
     });
     write_atomic(
-        &summary_path,
+        summary_path,
         &(serde_json::to_string_pretty(&summary).unwrap_or_default() + "\n"),
     )
-    .map_err(|e| bad(format!("cannot write {}: {e}", summary_path.display())))?;
-    let csv_path = outdir.join("summary.csv");
-    write_atomic(&csv_path, &csv(&rows))
-        .map_err(|e| bad(format!("cannot write {}: {e}", csv_path.display())))?;
-    let ok = rows.iter().filter(|r| r["status"] == "ok").count();
-    eprintln!(
-        "noyau sweep: {ok}/{} ok in {:.1} s; summary: {} and {}",
-        rows.len(),
-        t0.elapsed().as_secs_f64(),
-        summary_path.display(),
-        csv_path.display()
-    );
-    if interrupted {
-        return Ok(sweep_exit::INTERRUPTED);
-    }
-    Ok(if ok == rows.len() {
-        sweep_exit::OK
-    } else {
-        sweep_exit::SOME_FAILED
-    })
+    .map_err(bad_io("cannot write", summary_path))?;
+    let csv_path = w.outdir.join("summary.csv");
+    write_atomic(&csv_path, &csv(&rows)).map_err(bad_io("cannot write", &csv_path))?;
+    Ok(rows)
 }
 
 /// The summary as CSV: index, one column per parameter, status, exit_code,
@@ -653,10 +686,12 @@ struct Stop {
 }
 
 impl Stop {
-    fn new() -> Result<Stop, (i32, String)> {
+    fn new() -> Result<Stop, RunError> {
         Ok(Stop {
-            int: signal(SignalKind::interrupt()).map_err(bad)?,
-            term: signal(SignalKind::terminate()).map_err(bad)?,
+            int: signal(SignalKind::interrupt())
+                .map_err(bad_io("cannot handle", Path::new("SIGINT")))?,
+            term: signal(SignalKind::terminate())
+                .map_err(bad_io("cannot handle", Path::new("SIGTERM")))?,
         })
     }
     async fn recv(&mut self) {
@@ -669,15 +704,15 @@ impl Stop {
 
 /// The points as child processes, K at a time; true when interrupted.
 async fn run_local(
-    a: &SweepArgs,
+    a: &SweepOptions,
     plan: &Path,
     outdir: &Path,
     todo: &[usize],
     env: &std::collections::BTreeMap<String, String>,
-) -> Result<bool, (i32, String)> {
-    let exe = std::env::current_exe().map_err(bad)?;
+) -> Result<bool, RunError> {
+    let exe = noyau_exe()?;
     let logs = outdir.join("logs");
-    std::fs::create_dir_all(&logs).map_err(bad)?;
+    std::fs::create_dir_all(&logs).map_err(bad_io("cannot make", &logs))?;
     let mut stop = Stop::new()?;
     let mut queue = todo.iter().copied();
     let mut running: Vec<(usize, tokio::process::Child)> = Vec::new();
@@ -686,7 +721,9 @@ async fn run_local(
     loop {
         while !interrupted && running.len() < a.max_parallel {
             let Some(i) = queue.next() else { break };
-            let log = std::fs::File::create(logs.join(format!("{i}.log"))).map_err(bad)?;
+            let log_path = logs.join(format!("{i}.log"));
+            let log =
+                std::fs::File::create(&log_path).map_err(bad_io("cannot write", &log_path))?;
             let child = tokio::process::Command::new(&exe)
                 .arg("sweep-task")
                 .arg(plan)
@@ -698,7 +735,7 @@ async fn run_local(
                 .stderr(log)
                 .process_group(0)
                 .spawn()
-                .map_err(|e| bad(format!("cannot start {}: {e}", exe.display())))?;
+                .map_err(bad_io("cannot start", &exe))?;
             running.push((i, child));
         }
         if running.is_empty() {
@@ -734,26 +771,26 @@ async fn run_local(
 /// What each point's job needs to find the kernel this host finds
 /// (`kernelenv::job_env`), whatever the scheduler exports.
 fn kernel_env(
-    a: &SweepArgs,
+    a: &SweepOptions,
     nb: &noyau_notebook::Notebook,
     backend: &str,
-) -> Result<std::collections::BTreeMap<String, String>, (i32, String)> {
+) -> Result<std::collections::BTreeMap<String, String>, RunError> {
     let kernel = crate::kernelenv::kernel_name(a.kernel.as_deref(), nb.kernel_name());
-    crate::kernelenv::job_env(&kernel, backend).map_err(bad)
+    crate::kernelenv::job_env(&kernel, backend)
 }
 
 /// The job array of a sweep: `noyau sweep-task PLAN` for each point.
 fn array_job(
-    a: &SweepArgs,
+    a: &SweepOptions,
     stem: &str,
     plan: &Path,
     todo: &[usize],
     profile: noyau_config::Profile,
     env: std::collections::BTreeMap<String, String>,
-) -> Result<noyau_sched::JobSpec, (i32, String)> {
+) -> Result<noyau_sched::JobSpec, RunError> {
     Ok(noyau_sched::JobSpec {
-        name: crate::runner::job_name(stem).replacen("noyau-run-", "noyau-sweep-", 1),
-        program: std::env::current_exe().map_err(bad)?,
+        name: crate::input::job_name(stem).replacen("noyau-run-", "noyau-sweep-", 1),
+        program: noyau_exe()?,
         args: vec!["sweep-task".into(), plan.display().to_string()],
         cwd: std::env::current_dir().ok(),
         profile,
@@ -800,9 +837,9 @@ async fn run_array(
     spec: noyau_sched::JobSpec,
     outdir: &Path,
     todo: &[usize],
-) -> Result<(bool, Option<String>), (i32, String)> {
-    let sched = noyau_sched::Scheduler::named(backend).map_err(bad)?;
-    let mut array = sched.submit_array(&spec).await.map_err(bad)?;
+) -> Result<(bool, Option<String>), RunError> {
+    let sched = noyau_sched::Scheduler::named(backend)?;
+    let mut array = sched.submit_array(&spec).await?;
     let id = array.id.clone();
     eprintln!(
         "noyau sweep: submitted {} job array {id} ({} tasks, {} at a time; {}), job name {}",
@@ -882,6 +919,7 @@ mod tests {
         assert_eq!(expand(&f).unwrap()[1].to_json(), json!({"n": 2, "m": 0}));
         assert!(parse_file("grdi: {a: [1]}")
             .unwrap_err()
+            .to_string()
             .contains("did you mean `grid`"));
         assert!(parse_grid("a").is_err() && parse_grid("=1").is_err());
     }

@@ -33,9 +33,16 @@ pub fn is_v3(v: &Value) -> bool {
     v.get("nbformat").and_then(Value::as_u64) == Some(3)
 }
 
+/// What makes an nbformat 3 notebook unreadable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct UpgradeError(&'static str);
+
 /// Converts an nbformat 3 notebook (as JSON) to nbformat 4.5 JSON.
-pub fn v3_to_v4(mut nb: Value) -> Result<Value, String> {
-    let root = nb.as_object_mut().ok_or("the top level is not an object")?;
+pub fn v3_to_v4(mut nb: Value) -> Result<Value, UpgradeError> {
+    let root = nb
+        .as_object_mut()
+        .ok_or(UpgradeError("the top level is not an object"))?;
     let mut cells = Vec::new();
     match root.remove("worksheets") {
         Some(Value::Array(wss)) => {
@@ -48,7 +55,7 @@ pub fn v3_to_v4(mut nb: Value) -> Result<Value, String> {
             }
         }
         None => {}
-        Some(_) => return Err("'worksheets' must be a list".into()),
+        Some(_) => return Err(UpgradeError("'worksheets' must be a list")),
     }
     root.remove("orig_nbformat");
     root.remove("orig_nbformat_minor");
@@ -73,8 +80,10 @@ fn join_source(v: Option<Value>) -> String {
     }
 }
 
-fn upgrade_cell(mut c: Value) -> Result<Value, String> {
-    let cell = c.as_object_mut().ok_or("a cell is not an object")?;
+fn upgrade_cell(mut c: Value) -> Result<Value, UpgradeError> {
+    let cell = c
+        .as_object_mut()
+        .ok_or(UpgradeError("a cell is not an object"))?;
     cell.entry("metadata")
         .or_insert_with(|| Value::Object(Map::new()));
     cell.insert("id".into(), Value::String(noyau_notebook::new_cell_id()));

@@ -3,10 +3,12 @@
 mod env;
 mod install;
 mod jobs;
+mod run_cli;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -23,13 +25,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a notebook headless, with parameters (papermill-compatible)
-    Run(noyau_run::RunArgs),
+    Run(run_cli::RunArgs),
     /// Run a notebook over a parameter grid: one output per point, a summary
     /// (one Slurm job array, or local processes K at a time)
-    Sweep(noyau_run::SweepArgs),
+    Sweep(run_cli::SweepArgs),
     /// One point of a sweep (run by `noyau sweep`, not by hand)
     #[command(hide = true)]
-    SweepTask(noyau_run::SweepTaskArgs),
+    SweepTask(run_cli::SweepTaskArgs),
     /// The proxy kernel a noyau kernelspec starts (run by Jupyter, not by hand)
     Kernel(KernelArgs),
     /// The compute-node side, started by a backend (run by noyau, not by hand)
@@ -247,7 +249,8 @@ fn kernel(a: KernelArgs) -> anyhow::Result<i32> {
     let Some(connection_file) = a.connection_file else {
         anyhow::bail!("-f CONNECTION_FILE is required");
     };
-    block_on_task(noyau_proxy::run(noyau_proxy::ProxyConfig {
+    let shown = connection_file.display().to_string();
+    let cfg = noyau_proxy::ProxyConfig {
         connection_file,
         inner: a.inner,
         backend,
@@ -257,7 +260,9 @@ fn kernel(a: KernelArgs) -> anyhow::Result<i32> {
         noyau_exe,
         resources,
         allow_unsigned: a.allow_unsigned,
-    }))
+    };
+    block_on_task(async move { Ok(noyau_proxy::run(cfg).await?) })
+        .with_context(|| format!("the kernel for {shown} could not start"))
 }
 
 fn hub(a: HubArgs) -> anyhow::Result<i32> {
@@ -281,9 +286,9 @@ fn main() {
         _ => "warn,zeromq=error",
     });
     let result: anyhow::Result<i32> = match cli.command {
-        Command::Run(a) => Ok(noyau_run::main(a)),
-        Command::Sweep(a) => Ok(noyau_run::sweep::main(a)),
-        Command::SweepTask(a) => Ok(noyau_run::sweep::task_main(a)),
+        Command::Run(a) => Ok(noyau_run::main(a.into())),
+        Command::Sweep(a) => Ok(noyau_run::sweep::main(a.into())),
+        Command::SweepTask(a) => Ok(noyau_run::sweep::task_main(a.into())),
         Command::Kernel(a) => kernel(a),
         Command::Agent(a) => noyau_agent::AgentConfig::load(a.secrets_file.as_deref(), a.inner)
             .and_then(|cfg| match a.serve {

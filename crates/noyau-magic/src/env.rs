@@ -1,0 +1,89 @@
+//! `%noyau env show` and `%noyau env lock`: what the kernel's environment
+//! was built from, from the record its agent sent (`EnvReady`, noyau-env's
+//! record: spec, lock, lock hash, versions). Choosing another environment
+//! (`%noyau env SPEC`) restarts the kernel: the proxy does it.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::MagicError;
+
+/// `%noyau env help`.
+pub fn usage() -> String {
+    format!(
+        "usage: {}\n\
+         A python spec is resolved and installed with uv into the shared cache (built once); \
+         the kernel is then restarted in the new environment (variables are lost). \
+         isolation/network/scratch/ro_bind from noyau.toml stay unless given here.\n\
+         examples:\n  %noyau env six==1.16.0\n  %noyau env python 3.11 numpy==2.1.3 isolation=container\n  \
+         %noyau env modules gcc/12 cuda/12.4\n  %noyau env prefix /path/to/venv\n  \
+         %noyau env file other/noyau.toml\n  %noyau env system\n",
+        noyau_env::sources::MAGIC_USAGE
+    )
+}
+
+/// `%noyau env show`: the environment the kernel runs in.
+pub fn show(record: Option<&Value>) -> String {
+    let Some(record) = record else {
+        return "[noyau] the kernel runs in its kernelspec's own environment \
+                (no [environment] in ./noyau.toml, no NOYAU_ENV, no `%noyau env SPEC` cell)\n"
+            .into();
+    };
+    let mut shown = record.clone();
+    if let Some(o) = shown.as_object_mut() {
+        // The full lock and freeze are long; `%noyau env lock` writes them.
+        for k in ["lock", "freeze"] {
+            if let Some(v) = o.get(k).and_then(|v| v.as_str()) {
+                let n = v.lines().count();
+                o.insert(k.into(), Value::String(format!("({n} lines)")));
+            }
+        }
+    }
+    format!(
+        "{}\n",
+        serde_json::to_string_pretty(&shown).unwrap_or_default()
+    )
+}
+
+/// `%noyau env lock`: writes the resolved lock to `dir/noyau.lock`.
+pub fn lock(record: Option<&Value>, dir: &Path) -> Result<String, MagicError> {
+    let lock = record
+        .and_then(|r| r.get("lock"))
+        .and_then(|l| l.as_str())
+        .ok_or_else(|| {
+            MagicError::Env(
+                "this kernel's environment has no lock (no [environment], or a kind without one)"
+                    .into(),
+            )
+        })?;
+    let path = dir.join("noyau.lock");
+    let tmp = path.with_extension("lock.tmp");
+    std::fs::write(&tmp, lock)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| MagicError::Env(format!("cannot write {}: {e}", path.display())))?;
+    Ok(format!(
+        "[noyau] wrote {} ({} lines); `lock_file = \"noyau.lock\"` under [environment] in noyau.toml reproduces it\n",
+        path.display(),
+        lock.lines().count()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn show_abridges_and_lock_writes() {
+        let rec = serde_json::json!({"kind": "python", "lock": "a==1\nb==2\n"});
+        assert!(show(Some(&rec)).contains("\"lock\": \"(2 lines)\""));
+        assert!(show(None).contains("kernelspec's own environment"));
+        let d = tempfile::tempdir().unwrap();
+        assert!(lock(Some(&rec), d.path()).unwrap().contains("(2 lines)"));
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("noyau.lock")).unwrap(),
+            "a==1\nb==2\n"
+        );
+        assert_eq!(lock(None, d.path()).unwrap_err().ename(), "NoyauEnvError");
+    }
+}

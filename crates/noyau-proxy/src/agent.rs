@@ -1,0 +1,317 @@
+//! The notebook kernel's agent, from the proxy's side: started through
+//! the backend (or taken over from the previous proxy of this connection
+//! file, [`crate::handover`]), its link once it dials in, what waits for
+//! that link, and how the agent is left to the next proxy or ended.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use noyau_client::agent::{start_agent, AgentLaunch, AgentWatch};
+use noyau_link::envelope::{self, Event, Payload};
+use noyau_link::{
+    Incoming, Lane, Link, LinkConfig, LinkEvent, LinkListener, LinkSender, ServerIdentity,
+};
+use noyau_sched::JobState;
+
+use crate::answer::Answers;
+use crate::{handover, ProxyConfig, ProxyError};
+
+/// How long a detached agent waits for the next proxy; the proxy trusts a
+/// handover record for as long.
+fn reattach_grace() -> Duration {
+    std::env::var("NOYAU_REATTACH_GRACE")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(Duration::from_secs_f64)
+        .unwrap_or(Duration::from_secs(120))
+}
+
+/// `NOYAU_ENV`, when set.
+pub(crate) fn kernel_env_var() -> Option<String> {
+    std::env::var("NOYAU_ENV").ok().filter(|v| !v.is_empty())
+}
+
+/// At most this many bytes of the kernel's own build lines are held for
+/// its first cell; later ones go to the log only.
+const HELD_MAX: usize = 64 * 1024;
+
+/// Where the build lines of a job's environment go.
+pub(crate) enum Lines<'a> {
+    /// Held for the kernel's first cell (its own agent's environment).
+    Hold(&'a mut String),
+    /// As they come, to a cell (a target's, whose job waits for it).
+    Cell(&'a mut Answers, &'a Bytes),
+    /// The log only.
+    Log,
+}
+
+/// The environment of a job of this kernel's (its own agent, a target, a
+/// Dask cluster), prepared here before the job is submitted: `spec` (an
+/// inline table or a file: `%%noyau on T --env`, a profile's
+/// `environment`), else the kernel's own (`[environment]` in ./noyau.toml,
+/// where Jupyter starts a kernel, overridden by `NOYAU_ENV`); the kernel's
+/// data files in every case.
+pub(crate) async fn job_env(
+    spec: Option<&str>,
+    mut lines: Lines<'_>,
+) -> Result<BTreeMap<String, String>, ProxyError> {
+    let cwd = std::env::current_dir().map_err(ProxyError::Cwd)?;
+    let spec = match spec {
+        Some(e) => noyau_env::sources::merge(&[noyau_env::sources::from_cli(e, &cwd)?], &cwd)?,
+        None => noyau_env::sources::for_notebook(&cwd, None, kernel_env_var().as_deref(), &cwd)?,
+    };
+    let declared = noyau_env::sources::Declared {
+        spec,
+        data: noyau_env::data::declared(&cwd, None, &[])?,
+    };
+    let mut w = noyau_client::prepare::start(&declared);
+    while let Some(line) = w.lines.recv().await {
+        tracing::info!("environment: {line}");
+        let text = format!("noyau: environment: {line}\n");
+        match &mut lines {
+            Lines::Hold(held) if held.len() < HELD_MAX => held.push_str(&text),
+            Lines::Cell(out, parent) => out.stream(parent, "stderr", &text).await,
+            _ => {}
+        }
+    }
+    let prepared = w.result().await?;
+    Ok(noyau_client::prepare::job_env(
+        declared.spec.as_ref(),
+        &prepared,
+    ))
+}
+
+/// What comes from the agent.
+pub(crate) enum FromAgent {
+    /// A connection to the listener (the agent dialling in).
+    Dialled(Result<Link, noyau_link::LinkError>),
+    /// A message or event on the link; None once it closed.
+    Incoming(Option<Incoming>),
+    /// The agent is gone: how it ended.
+    Ended(String),
+}
+
+/// The agent and its link.
+pub(crate) struct AgentSide {
+    link: Option<Link>,
+    /// Messages for the agent until it dials in.
+    queued: VecDeque<(Lane, Vec<Bytes>)>,
+    listener: LinkListener,
+    identity: ServerIdentity,
+    advertise: String,
+    pub watch: AgentWatch,
+    /// The token the next proxy takes from the handover record, given to
+    /// the agent ahead (`NextToken`).
+    next_token: String,
+    /// The build lines of the kernel's environment, for its first cell.
+    pub env_held: String,
+    backend: String,
+    connection_file: PathBuf,
+}
+
+impl AgentSide {
+    /// Takes over the previous proxy's agent, or starts one.
+    pub async fn start(cfg: &ProxyConfig) -> Result<AgentSide, ProxyError> {
+        let link_cfg = LinkConfig::default();
+        let path = handover::path_for(&cfg.connection_file)?;
+        let previous = handover::take(&path, reattach_grace()).filter(|h| {
+            // A local agent that already gave up cannot be taken over.
+            h.backend != "local" || h.agent_pid.is_some_and(noyau_client::agent::pid_alive)
+        });
+        // The kernel's own build lines, shown in its first cell.
+        let mut env_held = String::new();
+        let (listener, identity, advertise, watch) = match previous {
+            Some(h) => {
+                tracing::info!(agent = ?h.agent_pid, "taking over the agent of the previous proxy");
+                let listener = LinkListener::bind(h.link_addr, h.identity.clone(), link_cfg)
+                    .await
+                    .map_err(|source| ProxyError::Listen {
+                        addr: h.link_addr,
+                        source,
+                    })?;
+                listener.add_token(&h.token);
+                let watch = adopt(&h);
+                (listener, h.identity, h.advertise, watch)
+            }
+            None => {
+                let env = job_env(None, Lines::Hold(&mut env_held)).await?;
+                let a = start_agent(launch(cfg, env), link_cfg).await?;
+                (a.listener, a.identity, a.advertise, a.watch)
+            }
+        };
+        Ok(AgentSide {
+            link: None,
+            queued: VecDeque::new(),
+            listener,
+            identity,
+            advertise,
+            watch,
+            next_token: noyau_wire::connection::random_key(),
+            env_held,
+            backend: cfg.backend.clone(),
+            connection_file: cfg.connection_file.clone(),
+        })
+    }
+
+    pub fn attached(&self) -> bool {
+        self.link.is_some()
+    }
+
+    /// The agent dialled in: it gets the next proxy's token, then what waited.
+    pub fn attach(&mut self, link: Link) {
+        tracing::info!("agent connected");
+        let sender = link.sender();
+        let ahead = Event::NextToken {
+            token: self.next_token.clone(),
+        };
+        if let Err(e) = sender.send(Lane::Control, envelope::event(&ahead)) {
+            tracing::warn!("link: {e}");
+        }
+        for (lane, frames) in self.queued.drain(..) {
+            if let Err(e) = sender.send(lane, frames) {
+                tracing::warn!("link: {e}");
+            }
+        }
+        self.link = Some(link);
+    }
+
+    pub fn sender(&self) -> Option<LinkSender> {
+        self.link.as_ref().map(|l| l.sender())
+    }
+
+    /// Sends Jupyter frames to the kernel, or keeps them until the agent dials in.
+    pub fn send(&mut self, lane: Lane, frames: Vec<Bytes>) {
+        let frames = envelope::jupyter(frames);
+        match self.sender() {
+            Some(s) => {
+                if let Err(e) = s.send(lane, frames) {
+                    tracing::warn!(?lane, "cannot pass a message to the agent: {e}");
+                }
+            }
+            None => self.queued.push_back((lane, frames)),
+        }
+    }
+
+    /// What comes next from the agent: its link (while none is attached),
+    /// a message or event on it, or its end.
+    pub async fn next(&mut self) -> FromAgent {
+        let attached = self.link.is_some();
+        tokio::select! {
+            biased;
+            accepted = self.listener.accept(), if !attached => FromAgent::Dialled(accepted),
+            incoming = async { match self.link.as_mut() { Some(l) => l.recv().await, None => std::future::pending().await } } => FromAgent::Incoming(incoming),
+            desc = self.watch.ended() => FromAgent::Ended(desc),
+        }
+    }
+
+    /// The scheduler's view of the job, when we submitted it.
+    pub fn job_state(&self) -> Option<tokio::sync::watch::Receiver<JobState>> {
+        self.watch.state()
+    }
+
+    pub fn job_label(&self) -> String {
+        self.watch.job_id().unwrap_or("?").to_string()
+    }
+}
+
+/// The agent a handover record names, followed as well as it can be.
+fn adopt(h: &handover::Handover) -> AgentWatch {
+    match (h.backend.as_str(), h.agent_pid) {
+        ("local", Some(pid)) => AgentWatch::Pid(pid),
+        (backend, _) => match noyau_sched::Backend::from_name(backend)
+            .ok()
+            .and_then(|b| b.adopt(&h.job_id).map(|j| (b, j)))
+        {
+            // The job the previous proxy submitted: watched as ours.
+            Some((b, job)) => AgentWatch::Job(b, job),
+            None => AgentWatch::Remote,
+        },
+    }
+}
+
+fn launch(cfg: &ProxyConfig, env: BTreeMap<String, String>) -> AgentLaunch {
+    AgentLaunch {
+        backend: cfg.backend.clone(),
+        inner: cfg.inner.clone(),
+        link_bind: cfg.link_bind,
+        link_advertise: cfg.link_advertise.clone(),
+        noyau_exe: cfg.noyau_exe.clone(),
+        job_name: format!("noyau-kernel-{}", cfg.inner),
+        cwd: None,
+        env,
+        profile: cfg.resources.clone(),
+    }
+}
+
+impl AgentSide {
+    /// Leaves the agent (and its allocation) to the next proxy for this
+    /// connection file.
+    pub async fn hand_over(&mut self) {
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        let token = self.next_token.clone();
+        let record = handover::Handover {
+            link_addr: self.listener.local_addr(),
+            advertise: self.advertise.clone(),
+            identity: self.identity.clone(),
+            token: token.clone(),
+            agent_pid: self.watch.pid(),
+            backend: self.backend.clone(),
+            job_id: self.watch.job_id().unwrap_or_default().to_string(),
+            written_at: handover::stamp(),
+        };
+        let written = handover::path_for(&self.connection_file)
+            .and_then(|path| handover::write(&path, &record));
+        if let Err(e) = written {
+            tracing::warn!("cannot hand the agent over: {e}");
+            return;
+        }
+        let _ = link
+            .sender()
+            .send(Lane::Control, envelope::event(&Event::Detach { token }));
+        let acked = tokio::time::timeout(Duration::from_secs(5), detach_ack(link)).await;
+        if acked.is_err() {
+            tracing::warn!("the agent did not acknowledge the handover");
+        }
+        if let Some(link) = self.link.take() {
+            link.close().await;
+        }
+    }
+
+    /// After a final shutdown, gives the agent a moment to end by itself.
+    pub async fn wait_end(&mut self) {
+        let ended = tokio::time::timeout(Duration::from_secs(5), self.watch.ended()).await;
+        if ended.is_err() {
+            self.stop().await;
+        }
+        if let Some(link) = self.link.take() {
+            link.close().await;
+        }
+    }
+
+    /// Ends the agent: its kernel stops, its job ends.
+    pub async fn stop(&mut self) {
+        if let Some(s) = self.sender() {
+            let _ = s.send(Lane::Control, envelope::event(&Event::Shutdown));
+        }
+        self.watch.cancel().await;
+    }
+}
+
+/// Waits for the agent's `DetachAck` (or the link's end).
+async fn detach_ack(link: &mut Link) {
+    loop {
+        match link.recv().await {
+            Some(Incoming::Message(_, frames)) => {
+                if let Ok(Payload::Event(Event::DetachAck)) = envelope::open(frames) {
+                    return;
+                }
+            }
+            Some(Incoming::Event(LinkEvent::Closed(_))) | None => return,
+            Some(Incoming::Event(_)) => {}
+        }
+    }
+}

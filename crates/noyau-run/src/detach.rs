@@ -1,0 +1,193 @@
+//! `noyau run --detach`: the runner itself becomes the batch job (a local
+//! kernel inside the allocation); this command returns once it is
+//! submitted. The run in the job reports its progress in a status file
+//! that `noyau ps` reads ([`StatusFile`]).
+
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+
+use crate::error::{bad, RunError};
+use crate::exit;
+use crate::input::{job_name, output_for, read_input, Output};
+use crate::options::RunOptions;
+
+/// Where a detached run in job `id` reports its progress (`noyau ps` reads it).
+pub fn status_path(id: &str) -> PathBuf {
+    noyau_sched::state_dir()
+        .join("runs")
+        .join(format!("{id}.json"))
+}
+
+/// The batch allocation this runner itself runs in (a sweep task, a
+/// detached run): `1234` or `1234_5` for an array task.
+pub fn allocation() -> Option<String> {
+    noyau_sched::this_job().map(|(_, id)| id)
+}
+
+/// A detached run's progress, in a 0600 file: `{"done": 3, "total": 10}`,
+/// rewritten (atomically) after each cell. Only when this runner is the job.
+pub(crate) struct StatusFile {
+    path: Option<PathBuf>,
+    done: usize,
+    total: usize,
+}
+
+impl StatusFile {
+    pub fn new(total: usize) -> StatusFile {
+        let path = (std::env::var_os("NOYAU_DETACHED").is_some())
+            .then(allocation)
+            .flatten()
+            .map(|id| status_path(&id));
+        let s = StatusFile {
+            path,
+            done: 0,
+            total,
+        };
+        s.write();
+        s
+    }
+
+    pub fn cell_done(&mut self) {
+        self.done += 1;
+        self.write();
+    }
+
+    /// The run is over and its job leaves the queue: nothing to report.
+    pub fn finish(&self) {
+        if let Some(p) = &self.path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
+    fn write(&self) {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let Some(p) = &self.path else { return };
+        let _ = std::fs::create_dir_all(p.parent().unwrap_or(Path::new(".")));
+        let tmp = p.with_extension("tmp");
+        let text = json!({"done": self.done, "total": self.total}).to_string();
+        let ok = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .and_then(|()| std::fs::rename(&tmp, p));
+        if let Err(e) = ok {
+            tracing::warn!("cannot write the run's status file {}: {e}", p.display());
+        }
+    }
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(p)
+    }
+}
+
+/// The command line the job runs: this run, with a local kernel.
+fn job_args(opts: &RunOptions, out: &Path) -> Vec<String> {
+    let path_arg = |p: &Path| absolute(p).display().to_string();
+    let mut a: Vec<String> = vec![
+        "run".into(),
+        path_arg(Path::new(&opts.input)),
+        path_arg(out),
+        "--backend".into(),
+        "local".into(),
+        "--no-progress".into(),
+        "--start-timeout".into(),
+        opts.start_timeout.to_string(),
+        "--stream-mode".into(),
+        opts.stream_mode.clone(),
+    ];
+    for (flag, list) in [("-p", &opts.parameters), ("-r", &opts.parameters_raw)] {
+        for pair in list.chunks(2) {
+            a.push(flag.into());
+            a.extend(pair.iter().cloned());
+        }
+    }
+    for f in &opts.parameters_file {
+        a.extend(["-f".into(), path_arg(f)]);
+    }
+    for y in &opts.parameters_yaml {
+        a.extend(["-y".into(), y.clone()]);
+    }
+    let opt = |a: &mut Vec<String>, k: &str, v: Option<String>| {
+        if let Some(v) = v {
+            a.extend([k.to_string(), v]);
+        }
+    };
+    opt(&mut a, "--kernel", opts.kernel.clone());
+    opt(&mut a, "--language", opts.language.clone());
+    opt(&mut a, "--cwd", opts.cwd.as_deref().map(path_arg));
+    opt(&mut a, "--timeout", opts.timeout.map(|t| t.to_string()));
+    opt(&mut a, "--env", opts.env.clone());
+    for (on, flag) in [
+        (opts.allow_errors, "--allow-errors"),
+        (opts.log_output, "--log-output"),
+        (opts.report_mode, "--report-mode"),
+    ] {
+        if on {
+            a.push(flag.into());
+        }
+    }
+    a
+}
+
+/// Submits the run as the job; returns once it is submitted.
+pub async fn detach(
+    opts: &RunOptions,
+    backend: &str,
+    profile: noyau_sched::Profile,
+) -> Result<i32, RunError> {
+    if backend == "local" {
+        return Err(bad(format!(
+            "--detach needs a batch backend (--backend {}, or a profile that names one)",
+            noyau_sched::schedulers().join("|")
+        )));
+    }
+    if opts.input == "-" || opts.output.as_deref() == Some("-") {
+        return Err(bad(
+            "--detach needs an input and an output file, not stdin/stdout",
+        ));
+    }
+    let nb = read_input(&opts.input)?;
+    let kernel = crate::kernel::kernel_name(opts, &nb);
+    let kernel_env = crate::kernelenv::job_env(&kernel, backend)?;
+    let Output::File(out) = output_for(&opts.input, opts.output.as_deref()) else {
+        return Err(bad("--detach needs an output file"));
+    };
+    // Built and fetched here, before the job is submitted; the job's runner
+    // finds it in NOYAU_ENV_PREPARED.
+    let input = Path::new(&opts.input);
+    let mut env =
+        crate::environment::for_job(&nb, input, opts.env.as_deref(), !opts.no_progress).await?;
+    env.extend(kernel_env);
+    env.insert("NOYAU_DETACHED".to_string(), "1".to_string());
+    let spec = noyau_sched::JobSpec {
+        name: job_name(&opts.input),
+        program: std::env::current_exe().unwrap_or_else(|_| "noyau".into()),
+        args: job_args(opts, &out),
+        env,
+        cwd: std::env::current_dir().ok(),
+        profile,
+        ..Default::default()
+    };
+    let id = noyau_sched::Scheduler::named(backend)?
+        .submit_detached(&spec)
+        .await?;
+    // A status file left by an earlier job with the same id (another or a
+    // reset cluster) must not pass for this run's progress.
+    let _ = std::fs::remove_file(status_path(&id));
+    eprintln!(
+        "noyau: submitted {backend} job {id} ({}): the run goes on in the job; output {}; `noyau ps --backend {backend}` shows its progress, `noyau cancel --backend {backend} {id}` stops it",
+        spec.name,
+        absolute(&out).display()
+    );
+    println!("{id}");
+    Ok(exit::OK)
+}

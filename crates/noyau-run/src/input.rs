@@ -1,0 +1,177 @@
+//! The run's input and output: where the output goes ([`Output`]), the
+//! input notebook read once (nbformat 3 and 4.0–4.4 made current), the
+//! parameters injected and papermill's metadata laid out.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use noyau_notebook::{InjectOptions, Notebook, StreamMode};
+use serde_json::Value;
+
+use crate::error::{bad, RunError};
+use crate::options::RunOptions;
+use crate::papermill as pm;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    Stdout,
+    File(PathBuf),
+}
+
+impl Output {
+    pub fn shown(&self) -> String {
+        match self {
+            Output::Stdout => "-".into(),
+            Output::File(p) => p.display().to_string(),
+        }
+    }
+}
+
+/// `OUTPUT`, or the default: `name.out.ipynb` beside the input, stdout for stdin.
+pub fn output_for(input: &str, output: Option<&str>) -> Output {
+    match output {
+        Some("-") => Output::Stdout,
+        Some(p) => Output::File(p.into()),
+        None if input == "-" => Output::Stdout,
+        None => {
+            let p = Path::new(input);
+            let stem = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let stem = stem.strip_suffix(".ipynb").unwrap_or(&stem).to_string();
+            Output::File(p.with_file_name(format!("{stem}.out.ipynb")))
+        }
+    }
+}
+
+/// Reads and parses the input (upgrading nbformat 3 and 4.0–4.4).
+pub fn read_input(input: &str) -> Result<Notebook, RunError> {
+    let mut bytes = Vec::new();
+    let res = if input == "-" {
+        std::io::stdin().read_to_end(&mut bytes).map(|_| ())
+    } else {
+        std::fs::read(input).map(|b| bytes = b)
+    };
+    res.map_err(RunError::io("cannot read", input))?;
+    let what = if input == "-" { "stdin" } else { input };
+    let b = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&bytes);
+    let mut v: Value = serde_json::from_slice(b).map_err(|e| {
+        bad(format!(
+            "{what} is not a notebook: invalid JSON ({e}); pass a Jupyter .ipynb file"
+        ))
+    })?;
+    if crate::upgrade::is_v3(&v) {
+        v = crate::upgrade::v3_to_v4(v)
+            .map_err(|e| bad(format!("{what}: malformed nbformat 3 notebook: {e}")))?;
+    }
+    let mut nb = Notebook::from_value(v).map_err(|e| bad(format!("{what}: {e}")))?;
+    nb.upgrade_minor();
+    Ok(nb)
+}
+
+/// What tells that a file was rewritten (an editor's atomic save makes a new
+/// inode; an in-place one changes the time or size). None for stdin.
+pub fn file_stamp(input: &str) -> Option<(u64, u64, std::time::SystemTime)> {
+    use std::os::unix::fs::MetadataExt;
+    if input == "-" {
+        return None;
+    }
+    let m = std::fs::metadata(input).ok()?;
+    Some((m.ino(), m.len(), m.modified().ok()?))
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+pub fn stream_mode(s: &str) -> Result<StreamMode, RunError> {
+    match s {
+        "coalesce" => Ok(StreamMode::Coalesce),
+        "separate" => Ok(StreamMode::Separate),
+        "nbclient" => Ok(StreamMode::Nbclient),
+        other => Err(bad(format!(
+            "--stream-mode {other:?}: use coalesce, separate or nbclient"
+        ))),
+    }
+}
+
+/// The output, refused when it is the input (noyau never writes its input).
+pub fn output_of(opts: &RunOptions) -> Result<Output, RunError> {
+    let output = output_for(&opts.input, opts.output.as_deref());
+    if let Output::File(p) = &output {
+        if opts.input != "-" && same_file(Path::new(&opts.input), p) {
+            return Err(bad(format!(
+                "the output {} is the input notebook; noyau never modifies its input: name another OUTPUT",
+                p.display()
+            )));
+        }
+    }
+    Ok(output)
+}
+
+/// The input with the parameters injected and papermill's metadata.
+pub fn prepare(opts: &RunOptions, output: &Output) -> Result<Notebook, RunError> {
+    let params = opts.parameters()?;
+    let mut nb = read_input(&opts.input)?;
+    pm::on_load(&mut nb);
+    if !params.is_empty() {
+        let injected = noyau_notebook::inject(
+            &mut nb,
+            &params,
+            &InjectOptions {
+                kernel_name: opts.kernel.as_deref(),
+                language: opts.language.as_deref(),
+                hide_source: opts.report_mode,
+                ..Default::default()
+            },
+        )
+        .map_err(|e| bad(format!("{e}")))?;
+        if let Some(w) = injected.warning {
+            eprintln!("noyau: warning: {w}; the parameters go in a new cell at the top");
+        }
+    }
+    pm::prepare(&mut nb, &opts.input, &output.shown(), opts.report_mode);
+    Ok(nb)
+}
+
+/// The notebook's directory (where its noyau.toml is), the current one for stdin.
+pub fn notebook_dir(input: &str) -> PathBuf {
+    let cwd = std::env::current_dir().unwrap_or_else(|_| ".".into());
+    if input == "-" {
+        return cwd;
+    }
+    std::path::absolute(Path::new(input))
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or(cwd)
+}
+
+/// The job name schedulers show: what runs, never a secret
+/// (`noyau-run-analysis` for analysis.ipynb).
+pub fn job_name(input: &str) -> String {
+    let stem = Path::new(input)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = stem.strip_suffix(".ipynb").unwrap_or(&stem);
+    let clean: String = stem
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(40)
+        .collect();
+    if clean.is_empty() || input == "-" {
+        "noyau-run-stdin".into()
+    } else {
+        format!("noyau-run-{clean}")
+    }
+}
