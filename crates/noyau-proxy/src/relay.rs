@@ -342,6 +342,10 @@ impl Proxy {
                 return None;
             }
         };
+        if self.out.delegated > 0 {
+            let shift = self.out.delegated;
+            crate::answer::renumber(&mut msg, |n| n + shift);
+        }
         self.out.signer.resign(&mut msg);
         if self.own_message(lane, &msg).await {
             return None;
