@@ -150,10 +150,11 @@ def test_queued_kernel_looks_up_and_busy(slurm: None) -> None:
         assert st[:2] == [("busy", info_id), ("idle", info_id)], st
         note = lib.stream_text(m for m in got if m["parent_header"].get("msg_id") == info_id)
         assert "queued on slurm job" in note and "(partition debug)" in note, note
-        t0 = time.monotonic()
         exec_id = kc.execute("print('ran')")
         got = _iopub_until(kc, lambda ms: ("busy", exec_id) in _statuses(ms), 10)
-        assert time.monotonic() - t0 < 2, "no busy within 2 s of the execute_request"
+        # busy came from the queued kernel itself: its job is still waiting
+        kernel_job = [j for j in cluster.jobs() if j["name"] == "noyau-kernel-python3"]
+        assert [j["state"] for j in kernel_job] == [cluster.pending], kernel_job
         hist_id = kc.history(hist_access_type="tail", n=10)
         reply = kc.get_shell_msg(timeout=5)
         assert reply["parent_header"]["msg_id"] == hist_id, reply
@@ -168,7 +169,6 @@ def test_queued_kernel_looks_up_and_busy(slurm: None) -> None:
         for t in texts:
             assert re.search(r"start time not known yet|start in (about \d+ (min|h|days)|under a minute)", t), t
             assert "estimated start 20" not in t, t
-        assert not any(j["state"] == "RUNNING" for j in cluster.jobs() if j["name"] == "noyau-kernel-python3")
         cluster.cancel(blocker)
         reply = kc.get_shell_msg(timeout=120)
         assert reply["parent_header"]["msg_id"] == exec_id and reply["content"]["status"] == "ok", reply
