@@ -103,6 +103,31 @@ def test_shutdown_while_queued_cancels_the_job(batch: lib.Cluster, tmp_path: Pat
     no_noyau_job(30, "no noyau job left", batch)
 
 
+def test_interrupt_while_queued_cancels_the_job_and_says_so(slurm: None) -> None:
+    """An interrupt alone (no shutdown after it) still cancels the queued job,
+    fails the waiting cell with the reason, and ends the kernel."""
+    cluster = lib.CLUSTERS["slurm"]
+    blocker = cluster.fill_the_node()
+    k = None
+    try:
+        k = Kernel(cluster.kernel_name, ready_timeout=30)
+        msg_id = k.execute("print('never')")
+        lib.wait_until(lambda: any(j["name"] == "noyau-kernel-python3" and j["state"] == cluster.pending
+                                   for j in cluster.jobs()), 20, "the kernel's job to queue")
+        k.km.interrupt_kernel()
+        reply = k.reply_for(msg_id, 20)
+        assert reply["content"]["status"] == "error", reply["content"]
+        assert "cancelled while queued (interrupt)" in reply["content"]["evalue"], reply["content"]
+        lib.wait_until(lambda: not any(j["name"] == "noyau-kernel-python3" for j in cluster.jobs()), 20,
+                       "the queued job to be cancelled by the interrupt")
+        lib.wait_until(lambda: not k.km.is_alive(), 20, "the kernel to end")
+    finally:
+        cluster.cancel(blocker)
+        if k:
+            k.shutdown()
+    no_noyau_job(30, "no noyau job left")
+
+
 def _statuses(msgs: list[dict]) -> list[tuple[str, str | None]]:
     return [(m["content"]["execution_state"], m["parent_header"].get("msg_id"))
             for m in msgs if m["msg_type"] == "status"]
