@@ -98,6 +98,22 @@ def _install_slurm_kernelspec() -> None:
         lib.noyau_install_error = f"`{' '.join(cmd)}` exited {r.returncode}: {r.stderr}"
 
 
+def _install_sge_kernelspec() -> None:
+    """With the Grid Engine test cluster up: profile `sgetest` (queue all.q)
+    in the user config file, and the kernelspec `noyau-sge-python3`."""
+    if not NOYAU_BIN or not lib.sge_up():
+        return
+    cfg = Path(os.environ["XDG_CONFIG_HOME"]) / "noyau" / "config.toml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text((cfg.read_text() if cfg.exists() else "") + lib.sge_profile())
+    cmd = [NOYAU_BIN, "install", "--name", lib.SGE_KERNEL_NAME, "--inner", "python3",
+           "--backend", "sge", "--profile", "sgetest", "--prefix", str(PREFIX),
+           "--display-name", "Python 3 (noyau sge)"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        lib.noyau_install_error = f"`{' '.join(cmd)}` exited {r.returncode}: {r.stderr}"
+
+
 def _install_oar_kernelspec() -> None:
     """With the OAR test cluster up: the kernelspec `noyau-oar-python3`, whose
     launcher runs `noyau kernel --backend oar` as the cluster's test user."""
@@ -115,6 +131,7 @@ def _install_oar_kernelspec() -> None:
 def pytest_configure(config: pytest.Config) -> None:
     _install_kernelspecs()
     _install_slurm_kernelspec()
+    _install_sge_kernelspec()
     _install_oar_kernelspec()
 
 
@@ -188,6 +205,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 @pytest.fixture
+def sge():  # type: ignore[no-untyped-def]
+    """The Grid Engine test cluster is up; no test may leave a noyau job behind."""
+    yield from _no_job_left(lib.CLUSTERS["sge"])
+
+
+@pytest.fixture
 def slurm() -> None:
     """The test cluster is up; no test may leave a noyau job behind for the next one."""
     lib.require_slurm()
@@ -198,11 +221,16 @@ def slurm() -> None:
     assert not left, f"noyau jobs left in the queue: {left}"
 
 
-@pytest.fixture(params=["slurm", "oar"])
+@pytest.fixture(params=["slurm", "oar", "sge"])
 def batch(request: pytest.FixtureRequest) -> lib.Cluster:
-    """Each test cluster in turn (a test that runs on both schedulers); no
+    """Each test cluster in turn (a test that runs on every scheduler); no
     test may leave a noyau job behind for the next one."""
-    cluster = lib.CLUSTERS[request.param]
+    yield from _no_job_left(lib.CLUSTERS[request.param])
+
+
+def _no_job_left(cluster: lib.Cluster):  # type: ignore[no-untyped-def]
+    """The cluster, once it is up; after the test, no noyau job of it left
+    (those left are cancelled, and the test fails)."""
     cluster.require()
     yield cluster
     left = cluster.jobs()

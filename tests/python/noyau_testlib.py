@@ -593,7 +593,171 @@ def oarstat_noyau(user: str) -> list[dict[str, str]]:
 
 
 # --------------------------------------------------------------------------
-# either test cluster, for the tests that run on both (the `batch` fixture)
+# the Grid Engine test cluster (scripts/sge-up, started by scripts/test as root)
+#
+# Its jobs run as root, as the Slurm tests' do. Grid Engine passes no
+# environment to a job (noyau gives it its own in a 0600 file, `NOYAU_*`
+# included), so the profile `sgetest` sets in the job what a user's own
+# profile would: this session's Jupyter, IPython and XDG directories and the
+# venv on PATH. conftest writes it into the session's user config.
+
+SGE_KERNEL_NAME = "noyau-sge-python3"
+SESSION_DIRS = ("JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "JUPYTER_PATH",
+                "JUPYTER_PLATFORM_DIRS", "IPYTHONDIR", "XDG_CONFIG_HOME", "XDG_DATA_HOME",
+                "XDG_CACHE_HOME", "XDG_STATE_HOME", "XDG_RUNTIME_DIR", "MPLCONFIGDIR")
+
+
+def sge_profile(name: str = "sgetest", time: str = "10") -> str:
+    """`[profiles.NAME]` on Grid Engine: queue all.q, `time`, this session's
+    directories and PATH."""
+    env = {k: os.environ[k] for k in SESSION_DIRS if k in os.environ}
+    env["PATH"] = os.environ["PATH"]  # the venv's bin first (conftest)
+    lines = ["", f"[profiles.{name}]", 'backend = "sge"', 'partition = "all.q"', f'time = "{time}"',
+             "", f"[profiles.{name}.env]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in env.items()]
+    return "\n".join(lines) + "\n"
+
+
+def sge_up() -> bool:
+    import subprocess
+
+    if not os.environ.get("NOYAU_SGE_DIR"):
+        return False
+    try:
+        return subprocess.run(["qstat"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def require_sge() -> None:
+    """Skip without a cluster, except under CI (or with NOYAU_TEST_SGE=1), where that fails."""
+    require_noyau()
+    if sge_up():
+        return
+    missing("no Grid Engine test cluster (scripts/test starts one as root; by hand: "
+            "eval \"$(scripts/sge-up DIR)\")", strict=bool(os.environ.get("NOYAU_TEST_SGE")))
+
+
+def qstat_jobs() -> list[dict[str, str]]:
+    """Every job line `qstat -xml` lists (this user's, waiting or running):
+    id (`ID.TASK` for an array task line), state letters, name, and the job
+    number alone (`job`)."""
+    import subprocess
+    import xml.etree.ElementTree as ET
+
+    out = subprocess.run(["qstat", "-xml"], capture_output=True, text=True, timeout=30,
+                         check=True).stdout
+    jobs = []
+    for j in ET.fromstring(out).iter("job_list"):
+        number = j.findtext("JB_job_number", "")
+        tasks = j.findtext("tasks") or ""
+        ids = [number] if not tasks else [f"{number}.{t}" for t in _sge_tasks(tasks)]
+        for i in ids:
+            jobs.append({"id": i, "job": number, "state": j.findtext("state", ""),
+                         "name": j.findtext("JB_name", "")})
+    return jobs
+
+
+def _sge_tasks(text: str) -> list[int]:
+    """`3`, `3,5`, `2-6:1` → task ids."""
+    out: list[int] = []
+    for part in text.split(","):
+        rng, _, step = part.partition(":")
+        a, _, b = rng.partition("-")
+        out += list(range(int(a), int(b or a) + 1, int(step or 1)))
+    return out
+
+
+def qstat_noyau() -> list[dict[str, str]]:
+    """This user's noyau jobs still in Grid Engine (waiting or running)."""
+    return [j for j in qstat_jobs() if j["name"].startswith("noyau-")]
+
+
+def qacct(job: str, count: int = 1) -> list[dict[str, str]]:
+    """`qacct -j JOB`'s records (one per array task), once it has `count`
+    of them: polled (accounting is flushed every second on the test
+    cluster)."""
+    import subprocess
+
+    def records() -> list[dict[str, str]] | None:
+        r = subprocess.run(["qacct", "-j", job], capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            return None
+        recs: list[dict[str, str]] = []
+        for line in r.stdout.splitlines():
+            if line.startswith("===="):
+                recs.append({})
+            elif recs and line.strip():
+                k, _, v = line.partition(" ")
+                recs[-1][k] = v.strip()
+        return recs if len(recs) >= count else None
+
+    return wait_until(records, 30, f"qacct's records of job {job}", 0.5)
+
+
+class SgeCluster:
+    name = "sge"
+    kernel_name = SGE_KERNEL_NAME
+    job_var = "JOB_ID"
+    running, pending = "r", "qw"
+    queue_note = "(partition all.q)"
+    wait_reasons = ("slots",)
+
+    def require(self) -> None:
+        require_sge()
+
+    def jobs(self) -> list[dict[str, str]]:
+        return qstat_noyau()
+
+    def cancel(self, job: str) -> None:
+        import subprocess
+
+        subprocess.run(["qdel", job], capture_output=True, check=False)
+
+    def fill_the_node(self) -> str:
+        """A job holding every slot of the host, from the queue `batch`
+        (all.q's jobs then wait: the host has no slot left), running; its id."""
+        import subprocess
+
+        slots = next(int(l.split()[1]) for l in subprocess.run(
+            ["qconf", "-sq", "batch"], capture_output=True, text=True, check=True).stdout.splitlines()
+            if l.startswith("slots "))
+        blocker = subprocess.run(
+            ["qsub", "-terse", "-N", "noyau-test-blocker", "-q", "batch", "-pe", "smp", str(slots),
+             "-l", "h_rt=300", "-S", "/bin/sh", "-o", "/dev/null", "-j", "y"],
+            input="sleep 300\n", capture_output=True, text=True, check=True).stdout.strip()
+        try:
+            wait_until(lambda: any(j["id"] == blocker and j["state"] == "r" for j in self.jobs()),
+                       30, "the blocker to run", 0.3)
+        except AssertionError:
+            self.cancel(blocker)
+            raise
+        return blocker
+
+    def stop_controller(self) -> None:
+        """sge_qmaster stopped: qstat, qsub and qdel fail until start_controller
+        (the execution daemon keeps running the jobs)."""
+        import subprocess
+
+        pids = (Path(os.environ["NOYAU_SGE_DIR"]) / "pids").read_text().split("\n")
+        pid = int([l.split()[1] for l in pids if l.startswith("sge_qmaster ")][-1])
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: not alive(pid), 30, "sge_qmaster to stop", interval=0.2)
+        assert subprocess.run(["qstat"], capture_output=True).returncode != 0
+
+    def start_controller(self) -> None:
+        """scripts/sge-up again: it starts the qmaster and waits for a probe
+        job, keeping the jobs that run."""
+        import subprocess
+
+        root = Path(__file__).resolve().parents[2]
+        subprocess.run([str(root / "scripts/sge-up"), os.environ["NOYAU_SGE_DIR"]], check=True,
+                       stdout=subprocess.DEVNULL, env={**daemon_env(), "SGE_UP_KEEP_JOBS": "1"},
+                       timeout=120)
+
+
+# --------------------------------------------------------------------------
+# every test cluster, for the tests that run on each (the `batch` fixture)
 
 
 class SlurmCluster:
@@ -702,5 +866,5 @@ class OarCluster:
                        timeout=120)
 
 
-Cluster = SlurmCluster | OarCluster
-CLUSTERS: dict[str, Cluster] = {"slurm": SlurmCluster(), "oar": OarCluster()}
+Cluster = SlurmCluster | OarCluster | SgeCluster
+CLUSTERS: dict[str, Cluster] = {"slurm": SlurmCluster(), "oar": OarCluster(), "sge": SgeCluster()}

@@ -434,6 +434,12 @@ def stdout_of(cell: dict) -> str:
                    if o.get("output_type") == "stream" and o.get("name") == "stdout")
 
 
+def displayed(cell: dict) -> str:
+    """The text of a cell's displays (a note updated in place is one)."""
+    return "".join("".join(o.get("data", {}).get("text/plain", "")) for o in cell.get("outputs", [])
+                   if o.get("output_type") == "display_data")
+
+
 @pytest.fixture
 def run_dir(tmp_path: Path, noyau_bin: str):  # type: ignore[no-untyped-def]
     """tmp_path with the `hpc` profile, on a cluster with room for a
@@ -475,6 +481,33 @@ def test_a_detached_run_starts_its_dask_cluster_from_its_job(run_dir: Path, noya
     cells = json.loads(out.read_text())["cells"]
     assert stdout_of(cells[3]) == "4950\n", cells[3]
     assert not dask_jobs(), dask_jobs()
+
+
+def test_a_run_says_why_its_cluster_waits(run_dir: Path, noyau_bin: str) -> None:
+    """While the cluster's jobs wait in the queue, the `dask up` cell of a
+    headless run shows why (the scheduler's reason), as a queued kernel's
+    note does, and says when they run."""
+    nb = dask_notebook(run_dir / "batch.ipynb", workers=1)
+    out = run_dir / "out.ipynb"
+    blocker = lib.fill_the_node()
+    p = subprocess.Popen([noyau_bin, "run", "--no-progress", str(nb), str(out), "-p", "n", "100"],
+                         cwd=run_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        def note() -> str:
+            try:
+                cell = json.loads(out.read_text())["cells"][2]
+            except (OSError, ValueError, IndexError):
+                return ""
+            return displayed(cell)
+        lib.wait_until(lambda: "reason" in note(), 120, "the dask up cell to say why its jobs wait", interval=0.5)
+        assert re.search(r"noyau: Dask: scheduler queued on slurm job \d+ \(partition debug\): reason \w+",
+                         note()), note()
+    finally:
+        subprocess.run(["scancel", blocker], check=False)
+    assert p.wait(timeout=300) == 0, p.stderr.read() if p.stderr else ""
+    cells = json.loads(out.read_text())["cells"]
+    assert stdout_of(cells[3]) == "4950\n", cells[3]
+    assert "every job of the cluster runs now" in displayed(cells[2]), cells[2]
 
 
 def test_a_sweep_runs_dask_in_every_point(run_dir: Path, noyau_bin: str) -> None:

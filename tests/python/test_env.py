@@ -7,9 +7,9 @@ ipykernel started by the agent inside the environment noyau-env made.
 * container isolation with real bubblewrap: reading the home directory and
   opening a network connection fail, writing to the notebook's dir works;
 * `modules` from noyau.toml with Debian's environment-modules;
-* the same `python` environment through the Slurm backend: built inside the
-  job into a cache shared with this host, recorded with the same lock as a
-  local run;
+* the same `python` environment through the Slurm backend: built on this
+  host before the job is submitted, into a cache shared with the job,
+  recorded with the same lock as a local run;
 * `prefix`: an existing venv, recorded by its package list and a hash that
   changes when the venv does.
 
@@ -214,11 +214,12 @@ def test_interactive_kernel_in_a_declared_environment_and_env_magics(tmp_path):
 SIX = '{requirements = ["six==1.16.0"]}'
 
 
-def test_uv_environment_through_slurm_is_built_in_the_job_and_records_the_local_lock(slurm, tmp_path):
-    """`noyau run --backend slurm --env …`: the agent in the batch job builds
-    the environment into the cache NOYAU_ENV_CACHE names (exported to the
-    job, a directory both sides see), and the output records the same lock,
-    hash and package list as a local run of the same spec."""
+def test_uv_environment_through_slurm_is_built_before_submission_and_records_the_local_lock(slurm, tmp_path):
+    """`noyau run --backend slurm --env …`: the environment is built on this
+    (the submitting) host into the cache NOYAU_ENV_CACHE names (exported to
+    the job, a directory both sides see), the batch job's agent uses it, and
+    the output records the same lock, hash and package list as a local run
+    of the same spec."""
     nb = notebook("import os, sys, six\nprint(six.__version__, os.environ.get('SLURM_JOB_ID'), sys.prefix)",
                   FREEZE)
     local_dir, slurm_dir = tmp_path / "local", tmp_path / "slurm"
@@ -230,12 +231,12 @@ def test_uv_environment_through_slurm_is_built_in_the_job_and_records_the_local_
     shared = slurm_dir / "shared-cache"
     p, out = run(slurm_dir, nb, "--backend", "slurm", "--profile", "test", "--env", SIX, cache=shared)
     assert p.returncode == 0, p.stderr
-    assert "noyau: environment:" in p.stderr  # the job's build progress reached the runner
+    assert "noyau: environment:" in p.stderr  # the build's progress, shown by the runner
     meta = out["metadata"]["noyau"]
     assert meta["backend"] == "slurm" and meta["job_id"].isdigit(), meta
     version, job_id, prefix = text(out["cells"][0]).split()
     assert version == "1.16.0" and job_id == meta["job_id"]
-    # the kernel ran in the environment built in the job, in the shared cache
+    # the kernel ran in the environment built before submission, in the shared cache
     assert Path(prefix).resolve().is_relative_to(shared.resolve()), prefix
     built = [d for d in shared.iterdir() if (d / "noyau-env.json").is_file()]
     assert len(built) == 1 and Path(prefix).resolve() == (built[0] / "venv").resolve(), (built, prefix)

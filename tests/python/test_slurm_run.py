@@ -109,22 +109,16 @@ def test_run_queued_shows_reason_and_start_then_runs(slurm: None, noyau_bin: str
             proc.p.kill()
 
 
-def test_walltime_saves_finished_cells_and_exits_6(slurm: None, noyau_bin: str,
-                                                   tmp_path: Path) -> None:
-    """A 1-minute job with a long cell: Slurm's early SIGUSR1 (walltime_signal=20;
-    Slurm may send it up to a minute early) reaches the agent, which tells the
-    runner; the runner saves, marks the cell and exits 6."""
-    nb = notebook(tmp_path / "long.ipynb", "print('a')", "print('b')",
-                  "import time\nfor _ in range(600):\n    time.sleep(1)", "print('never')")
-    out = tmp_path / "long.out.ipynb"
-    t0 = time.monotonic()
-    r = subprocess.run([noyau_bin, "run", str(nb), str(out), "--profile", "test",
-                        "-o", "time=00:01:00", "-o", "walltime_signal=20",
-                        "-o", "env.NOYAU_WALLTIME_WARN=50"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 6, r.stderr
-    assert time.monotonic() - t0 < 120
-    assert "walltime reached" in r.stderr, r.stderr
+def walltime_notebook(path: Path) -> Path:
+    """Two quick cells, a 10-minute one, one that never runs."""
+    return notebook(path, "print('a')", "print('b')",
+                    "import time\nfor _ in range(600):\n    time.sleep(1)", "print('never')")
+
+
+def check_walltime_save(out: Path) -> dict:
+    """The output of a run of walltime_notebook stopped by the walltime
+    signal: the error marker first, the two first cells completed, the
+    third failed with a WalltimeError, the last pending and empty."""
     res = json.loads(out.read_text())
     cells = [c for c in res["cells"] if "papermill-error-cell-tag" not in c["metadata"].get("tags", [])]
     marker = res["cells"][0]
@@ -137,6 +131,25 @@ def test_walltime_saves_finished_cells_and_exits_6(slurm: None, noyau_bin: str,
     assert err["output_type"] == "error" and err["ename"] == "WalltimeError", err
     assert "walltime reached" in err["evalue"]
     assert cells[3]["outputs"] == []
+    return res
+
+
+def test_walltime_saves_finished_cells_and_exits_6(slurm: None, noyau_bin: str,
+                                                   tmp_path: Path) -> None:
+    """A 1-minute job with a long cell: Slurm's early SIGUSR1 (walltime_signal=20;
+    Slurm may send it up to a minute early) reaches the agent, which tells the
+    runner; the runner saves, marks the cell and exits 6."""
+    nb = walltime_notebook(tmp_path / "long.ipynb")
+    out = tmp_path / "long.out.ipynb"
+    t0 = time.monotonic()
+    r = subprocess.run([noyau_bin, "run", str(nb), str(out), "--profile", "test",
+                        "-o", "time=00:01:00", "-o", "walltime_signal=20",
+                        "-o", "env.NOYAU_WALLTIME_WARN=50"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 6, r.stderr
+    assert time.monotonic() - t0 < 120
+    assert "walltime reached" in r.stderr, r.stderr
+    check_walltime_save(out)
     lib.wait_until(lambda: not lib.squeue_noyau(), 30, "the run's job to leave the queue", 0.5)
 
 

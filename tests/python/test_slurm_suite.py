@@ -1,6 +1,6 @@
-"""The proxy issue's checks through Slurm- and OAR-backed kernelspecs: the
-jupyter_kernel_test suite and the nbclient output comparison, with the kernel
-in a batch job on each test cluster.
+"""The proxy issue's checks through Slurm-, OAR- and Grid Engine-backed
+kernelspecs: the jupyter_kernel_test suite and the nbclient output
+comparison, with the kernel in a batch job on each test cluster.
 
 One documented difference: while a job is queued the proxy answers
 kernel_info from the inner kernelspec (language name, mimetype, extension),
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import noyau_testlib as lib
-from noyau_testlib import require_oar, require_slurm
+from noyau_testlib import require_oar, require_sge, require_slurm
 from test_kernel_suite import _PythonKernelTests, _WelcomeTests
 from test_nbclient import CELLS, execute, normalise
 
@@ -68,7 +68,27 @@ class TestOarWelcome(_WelcomeTests):
         super().setUpClass()
 
 
-for _cls in (TestSlurmKernel, TestSlurmWelcome, TestOarKernel, TestOarWelcome):
+class TestSgeKernel(_PythonKernelTests):
+    kernel_name = lib.SGE_KERNEL_NAME
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        require_sge()
+        super().setUpClass()
+        _wait_until_running(cls.kc)
+
+
+class TestSgeWelcome(_WelcomeTests):
+    kernel_name = lib.SGE_KERNEL_NAME
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        require_sge()
+        super().setUpClass()
+
+
+for _cls in (TestSlurmKernel, TestSlurmWelcome, TestOarKernel, TestOarWelcome, TestSgeKernel,
+             TestSgeWelcome):
     _cls.__test__ = True  # type: ignore[attr-defined]
 
 

@@ -28,6 +28,9 @@ pub struct AgentConfig {
     /// The environment to realise before the kernel starts, from
     /// `NOYAU_ENV_SPEC` (JSON) or the 0600 file `NOYAU_ENV_SPEC_FILE`.
     pub env_spec: Option<noyau_env::EnvSpec>,
+    /// What the submitting host built and fetched for it
+    /// (`NOYAU_ENV_PREPARED`): checked and used here, offline.
+    pub prepared: Option<noyau_env::Prepared>,
 }
 
 #[derive(Deserialize)]
@@ -113,8 +116,12 @@ impl AgentConfig {
                 .context("the kernel's environment spec")
         })
         .transpose()?;
+        let prepared = take_env(noyau_env::PREPARED_ENV)
+            .map(|json| noyau_env::Prepared::from_json(&json))
+            .transpose()?;
         Ok(AgentConfig {
             env_spec,
+            prepared,
             link_addr,
             pin,
             token,

@@ -103,12 +103,19 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<i32> {
     let mut token = agent.cfg.token.clone();
     let mut first = true;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    // A batch job asks for SIGUSR1 before its walltime; its default action would
-    // end the agent: it becomes a WalltimeNear event. OAR repeats the signal
-    // at each of its checks until the end, so one event per announced end.
-    let mut usr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
+    // A batch job gets its scheduler's walltime signal before its walltime
+    // (SIGUSR1; Grid Engine's SIGUSR2); its default action would end the
+    // agent: it becomes a WalltimeNear event. OAR repeats the signal at each
+    // of its checks until the end, so one event per announced end.
+    let job = walltime::batch_job();
+    let sig = job
+        .as_ref()
+        .map_or(nix::libc::SIGUSR1, |(s, _)| s.walltime_signal());
+    let mut usr1 =
+        signal(SignalKind::from_raw(sig)).context("installing the walltime signal's handler")?;
     let end = walltime::End::default();
-    if let Some((scheduler, job)) = walltime::batch_job() {
+    if let Some((scheduler, job)) = job {
+        let cancel = scheduler.clone();
         tokio::spawn(walltime::watch(
             scheduler,
             job.clone(),
@@ -119,6 +126,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<i32> {
         tokio::spawn(async move {
             let mut told: Option<Option<tokio::time::Instant>> = None;
             while usr1.recv().await.is_some() {
+                // (Grid Engine cancels with the same signal: then it is our SIGTERM)
+                if cancel.signal_means_cancel() {
+                    tracing::info!(job, "the walltime signal before the walltime: a cancel");
+                    let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGTERM);
+                    continue;
+                }
                 let at = end.at();
                 let again = match (told, at) {
                     // an end more than a minute later: the walltime was extended
@@ -127,12 +140,19 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<i32> {
                     (None, _) => false,
                 };
                 if again {
-                    tracing::debug!(job, "SIGUSR1 again for the same end: already told");
+                    tracing::debug!(
+                        job,
+                        "the walltime signal again for the same end: already told"
+                    );
                     continue;
                 }
                 told = Some(at);
                 let seconds_left = end.seconds_left();
-                tracing::warn!(job, ?seconds_left, "SIGUSR1: the job's walltime is near");
+                tracing::warn!(
+                    job,
+                    ?seconds_left,
+                    "walltime signal: the job's walltime is near"
+                );
                 outbox.event(
                     Lane::Iopub,
                     &Event::WalltimeNear {
@@ -234,26 +254,33 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<i32> {
     }
 }
 
-/// Builds (or finds) the kernel's environment off the async threads; its
-/// progress lines go to the proxy as they come.
+/// The kernel's environment, off the async threads: what the submitting
+/// host prepared, checked and used offline, or built here when nothing was
+/// (or `build = "node"`); its progress lines go to the proxy as they come.
+/// Without a spec, the kernelspec's own environment (with the data files).
 async fn realise_env(
-    spec: noyau_env::EnvSpec,
+    spec: Option<noyau_env::EnvSpec>,
+    prepared: Option<noyau_env::Prepared>,
     outbox: &Arc<Outbox>,
 ) -> anyhow::Result<noyau_env::Realised> {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let work = tokio::task::spawn_blocking(move || {
+    let work = move |p: &mut dyn FnMut(&str)| {
         let cache = noyau_env::Cache::at_default();
-        noyau_env::realise(&spec, &cache, &mut |l: &str| {
-            let _ = tx.send(l.to_string());
-        })
-    });
-    while let Some(line) = rx.recv().await {
+        match noyau_env::realise_job(spec.as_ref(), prepared.as_ref(), &cache, p)? {
+            Some(r) => Ok(r),
+            None => noyau_env::Realised::plain(Vec::new()),
+        }
+    };
+    noyau_client::prepare::with_lines(work, |line| {
         tracing::info!("environment: {line}");
-        outbox.event(Lane::Iopub, &Event::EnvProgress { line });
-    }
-    work.await
-        .context("the environment build panicked")?
-        .map_err(|e| anyhow::anyhow!("the kernel's environment: {e}"))
+        outbox.event(
+            Lane::Iopub,
+            &Event::EnvProgress {
+                line: line.to_string(),
+            },
+        );
+    })
+    .await
+    .map_err(|e: noyau_env::EnvError| anyhow::anyhow!("the kernel's environment: {e}"))
 }
 
 fn hostname() -> String {
@@ -296,7 +323,7 @@ impl Agent {
     async fn ensure_kernel(&mut self) -> anyhow::Result<()> {
         if let Some(k) = &self.kernel {
             // A proxy taking over (after a restart) learns the environment too.
-            if let Some(r) = &self.env {
+            if let Some(r) = self.env.as_ref().filter(|r| !r.record.is_null()) {
                 self.outbox.event(
                     Lane::Iopub,
                     &Event::EnvReady {
@@ -311,14 +338,17 @@ impl Agent {
             }
             return Ok(());
         }
-        if let (Some(env_spec), None) = (&self.cfg.env_spec, &self.env) {
-            let r = realise_env(env_spec.clone(), &self.outbox).await?;
-            self.outbox.event(
-                Lane::Iopub,
-                &Event::EnvReady {
-                    record: r.record.clone(),
-                },
-            );
+        if self.env.is_none() {
+            let spec = self.cfg.env_spec.clone();
+            let r = realise_env(spec, self.cfg.prepared.clone(), &self.outbox).await?;
+            if self.cfg.env_spec.is_some() {
+                self.outbox.event(
+                    Lane::Iopub,
+                    &Event::EnvReady {
+                        record: r.record.clone(),
+                    },
+                );
+            }
             self.env = Some(r);
         }
         let spec = self.spec.as_ref().expect("spec checked before");
@@ -340,9 +370,10 @@ impl Agent {
         Ok(())
     }
 
-    /// `SwitchEnv`: builds the environment in the background; the current
-    /// kernel runs on meanwhile ([`Agent::switch_built`] finishes).
-    fn switch_env(&mut self, spec: serde_json::Value) {
+    /// `SwitchEnv`: builds (or, prepared by the proxy's host, checks) the
+    /// environment in the background; the current kernel runs on meanwhile
+    /// ([`Agent::switch_built`] finishes). The kernel keeps its data files.
+    fn switch_env(&mut self, spec: serde_json::Value, prepared: Option<serde_json::Value>) {
         if self.building.is_some() {
             self.outbox.event(
                 Lane::Iopub,
@@ -353,7 +384,16 @@ impl Agent {
             );
             return;
         }
-        let spec = match noyau_env::EnvSpec::from_value(spec) {
+        let parsed = noyau_env::EnvSpec::from_value(spec).and_then(|spec| {
+            let prepared = match prepared {
+                Some(p) => serde_json::from_value(p).map_err(|e| {
+                    noyau_env::EnvError::Invalid(format!("the prepared environment: {e}"))
+                })?,
+                None => noyau_env::Prepared::default(),
+            };
+            Ok((spec, prepared))
+        });
+        let (spec, mut prepared) = match parsed {
             Ok(s) => s,
             Err(e) => {
                 self.outbox.event(
@@ -365,10 +405,38 @@ impl Agent {
                 return;
             }
         };
+        if prepared.data.is_empty() {
+            prepared.data = self
+                .env
+                .as_ref()
+                .map(|r| r.data().to_vec())
+                .unwrap_or_default();
+        }
         let outbox = self.outbox.clone();
-        self.building = Some(tokio::spawn(
-            async move { realise_env(spec, &outbox).await },
-        ));
+        self.building = Some(tokio::spawn(async move {
+            realise_env(Some(spec), Some(prepared), &outbox).await
+        }));
+    }
+
+    /// `AddData`: one more data file in the kernel's data directory.
+    fn add_data(&mut self, file: serde_json::Value) {
+        let added = serde_json::from_value::<noyau_env::DataFile>(file)
+            .map_err(|e| format!("not a data file: {e}"))
+            .and_then(|f| {
+                let name = f.name.clone();
+                let env = self.env.as_mut().ok_or("the kernel has not started")?;
+                env.add_data(f, self.dir.path())
+                    .map(|()| name)
+                    .map_err(|e| e.to_string())
+            });
+        let ev = match added {
+            Ok(name) => Event::DataAdded { name, error: None },
+            Err(e) => Event::DataAdded {
+                name: String::new(),
+                error: Some(e),
+            },
+        };
+        self.outbox.event(Lane::Iopub, &ev);
     }
 
     /// The environment of a `SwitchEnv` is built (or failed): on success the
@@ -574,8 +642,12 @@ impl Agent {
                 self.outbox.event(Lane::Control, &Event::DetachAck);
                 Some(SessionEnd::Detached(token))
             }
-            Payload::Event(Event::SwitchEnv { spec }) => {
-                self.switch_env(spec);
+            Payload::Event(Event::SwitchEnv { spec, prepared }) => {
+                self.switch_env(spec, prepared);
+                None
+            }
+            Payload::Event(Event::AddData { file }) => {
+                self.add_data(file);
                 None
             }
             Payload::Event(Event::Shutdown) => {

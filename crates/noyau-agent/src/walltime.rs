@@ -5,8 +5,9 @@
 //! watcher (every [`POLL`], since the limit may change: `noyau extend`, an
 //! administrator), and tells the proxy or runner at each warning threshold
 //! (default 10 min and 1 min before the end; `NOYAU_WALLTIME_WARN=600,60`
-//! in seconds) with [`Event::WalltimeWarning`]. The job script asks for
-//! SIGUSR1 shortly before the end; the agent turns it into
+//! in seconds) with [`Event::WalltimeWarning`]. The scheduler sends its
+//! walltime signal shortly before the end (`Scheduler::walltime_signal`:
+//! SIGUSR1, Grid Engine's SIGUSR2); the agent turns it into
 //! [`Event::WalltimeNear`], on which `noyau run` saves and stops while
 //! there is still time. Only relative times travel to the proxy: no time
 //! zone of the compute node is trusted.
@@ -48,7 +49,7 @@ pub fn thresholds() -> Vec<u64> {
     t
 }
 
-/// When the job ends, as far as this agent knows (shared with the USR1 handler).
+/// When the job ends, as far as this agent knows (shared with the walltime signal's handler).
 #[derive(Clone, Default)]
 pub struct End(Arc<Mutex<Option<Instant>>>);
 

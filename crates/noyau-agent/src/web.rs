@@ -85,9 +85,14 @@ pub async fn serve(cfg: WebConfig) -> anyhow::Result<i32> {
     let dir = RuntimeDir::create("hub")?;
     let sock = dir.path().join("jupyter.sock");
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    // The job script asks for SIGUSR1 before the walltime; its default
-    // action would end the agent.
-    let mut usr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
+    // The scheduler's walltime signal (SIGUSR1; Grid Engine's SIGUSR2, which
+    // is also its cancel); its default action would end the agent.
+    let sched = noyau_sched::this_job().map(|(s, _)| s);
+    let sig = sched
+        .as_ref()
+        .map_or(nix::libc::SIGUSR1, |s| s.walltime_signal());
+    let mut usr1 =
+        signal(SignalKind::from_raw(sig)).context("installing the walltime signal's handler")?;
     let mut child = start_server(&cfg, dir.path(), &sock)?;
     tokio::select! {
         r = wait_for_socket(&sock, &mut child) => r?,
@@ -146,7 +151,11 @@ pub async fn serve(cfg: WebConfig) -> anyhow::Result<i32> {
                 }
                 _ = sigterm.recv() => { stop(&mut child).await; return Ok(143); }
                 _ = usr1.recv() => {
-                    tracing::warn!("SIGUSR1: the job's walltime is near");
+                    if sched.as_ref().is_some_and(|s| s.signal_means_cancel()) {
+                        stop(&mut child).await;
+                        return Ok(143);
+                    }
+                    tracing::warn!("the walltime signal: the job's walltime is near");
                     let _ = tunnel.notice(&serde_json::json!({"walltime_near": true}));
                 }
             }

@@ -11,6 +11,7 @@
 //! shutdown, death) for clients that are frontends themselves, like `noyau run`.
 
 pub mod agent;
+pub mod prepare;
 pub mod process;
 pub mod remote;
 pub mod runtime;

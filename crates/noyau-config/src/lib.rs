@@ -86,6 +86,9 @@ struct File {
     /// The kernel's environment: read and checked by noyau-env, not here.
     #[serde(default, rename = "environment")]
     _environment: Option<toml::Value>,
+    /// Data files pinned by hash: read and checked by noyau-env, not here.
+    #[serde(default, rename = "data")]
+    _data: Option<toml::Value>,
     #[serde(default)]
     dask: Option<DaskSettings>,
 }
@@ -213,7 +216,14 @@ fn merge_table(
                 ));
             }
         }
-        let value = given(v.get_ref()).map_err(|e| format!("{}: {key}: {e}", at(v.span())))?;
+        // A target's environment is noyau-env's table, checked there: it
+        // travels as JSON text.
+        let value = match v.get_ref() {
+            toml::Value::Table(t) if noyau_sched::canonical_key(key) == Some("environment") => {
+                Given::Text(serde_json::to_string(t).unwrap_or_default())
+            }
+            other => given(other).map_err(|e| format!("{}: {key}: {e}", at(v.span())))?,
+        };
         p.set(key, value).map_err(|e| {
             let span = if e.message.starts_with("unknown key") {
                 k.span()
@@ -377,7 +387,7 @@ fn explain(e: &toml::de::Error) -> String {
     if let Some(rest) = msg.strip_prefix("unknown field `") {
         if let Some(word) = rest.split('`').next() {
             let cands: &[&str] = if msg.contains("`profiles`") {
-                &["scheduler", "profiles", "environment", "dask"]
+                &["scheduler", "profiles", "environment", "data", "dask"]
             } else {
                 &DASK_KEYS
             };

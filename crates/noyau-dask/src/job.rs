@@ -188,9 +188,11 @@ pub fn run(a: JobArgs) -> anyhow::Result<i32> {
             Ok(())
         });
     }
-    // The job script asks Slurm for SIGUSR1 before the walltime (the
-    // agent's warning); its default action would end this job early.
-    // Workers retire by their own --lifetime instead.
+    // The scheduler's walltime signal (the agent's warning: Slurm's SIGUSR1,
+    // Grid Engine's SIGUSR2) comes before the walltime; its default action
+    // would end this job early. Workers retire by their own --lifetime
+    // instead. (Grid Engine's cancel sends it to Dask too, which ends.)
+    let walltime = nix::sys::signal::Signal::try_from(noyau_sched::walltime_signal())?;
     // SAFETY: the handlers only store to an atomic: async-signal-safe.
     unsafe {
         use nix::sys::signal::{signal, SigHandler, Signal};
@@ -198,7 +200,7 @@ pub fn run(a: JobArgs) -> anyhow::Result<i32> {
         extern "C" fn terminate(_: libc::c_int) {
             TERMINATED.store(true, Ordering::SeqCst);
         }
-        signal(Signal::SIGUSR1, SigHandler::Handler(ignore))?;
+        signal(walltime, SigHandler::Handler(ignore))?;
         signal(Signal::SIGTERM, SigHandler::Handler(terminate))?;
     }
     let mut child = cmd
@@ -297,12 +299,18 @@ struct Prepared {
     env: BTreeMap<String, String>,
     check: Vec<String>,
     python: String,
+    /// Held while Dask runs: its entry and data are in use.
+    _env: Option<noyau_env::Realised>,
 }
 
 fn prepare(a: &JobArgs) -> anyhow::Result<Prepared> {
     let mut env: BTreeMap<String, String> = std::env::vars().collect();
     env.insert("NOYAU_DASK_DIR".into(), a.dir.display().to_string());
     let spec_json = env.remove(noyau_env::SPEC_ENV);
+    let prepared = env
+        .remove(noyau_env::PREPARED_ENV)
+        .map(|j| noyau_env::Prepared::from_json(&j))
+        .transpose()?;
     let python = python_of(&a.inner);
     let mut argv = dask_argv(a, &python);
     let mut check = vec![
@@ -310,17 +318,23 @@ fn prepare(a: &JobArgs) -> anyhow::Result<Prepared> {
         "-c".into(),
         "import distributed, sys; print(distributed.__version__)".into(),
     ];
-    if let Some(json) = spec_json {
-        let spec = serde_json::from_str(&json)
-            .map_err(|e| anyhow::anyhow!("{e}"))
-            .and_then(|v| noyau_env::EnvSpec::from_value(v).map_err(Into::into))
-            .and_then(|s| s.normalise().map_err(Into::into))
-            .context("the environment spec")?;
-        let cache = noyau_env::Cache::at_default();
-        let r = noyau_env::realise(&spec, &cache, &mut |l: &str| {
+    let spec = spec_json
+        .map(|json| {
+            serde_json::from_str(&json)
+                .map_err(|e| anyhow::anyhow!("{e}"))
+                .and_then(|v| noyau_env::EnvSpec::from_value(v).map_err(Into::into))
+                .and_then(|s| s.normalise().map_err(Into::into))
+                .context("the environment spec")
+        })
+        .transpose()?;
+    // What the proxy's host prepared is checked and used as it is (offline).
+    let cache = noyau_env::Cache::at_default();
+    let realised =
+        noyau_env::realise_job(spec.as_ref(), prepared.as_ref(), &cache, &mut |l: &str| {
             eprintln!("environment: {l}");
         })
         .map_err(|e| anyhow::anyhow!("the cluster's environment: {e}"))?;
+    if let Some(r) = &realised {
         let (a2, e2) = r.command(&argv, &env, &a.dir)?;
         (check, _) = r.command(&check, &env, &a.dir)?;
         argv = a2;
@@ -331,6 +345,7 @@ fn prepare(a: &JobArgs) -> anyhow::Result<Prepared> {
         env,
         check,
         python,
+        _env: realised,
     })
 }
 

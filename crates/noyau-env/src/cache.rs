@@ -26,6 +26,15 @@
 //! [`private_root`], and says so). Builds are sealed before they are
 //! renamed into place: group and other write bits are cleared throughout,
 //! whatever the builder's umask.
+//!
+//! A site cache (`NOYAU_ENV_SITE_CACHE`, [`Cache::site`]) is built by an
+//! admin and only read by users: there, only the owner of its root is
+//! trusted (not the user), and it is looked in before the user's own.
+//!
+//! In use: whoever runs a kernel in an entry holds a shared `flock` on
+//! `KEY.lock` ([`Cache::hold`]) for as long, and touches that file (its
+//! mtime is the entry's last use); `noyau env gc` removes an entry only
+//! when it can take the lock exclusively, so never one a kernel uses.
 
 use std::fs::File;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -45,6 +54,8 @@ pub struct Cache {
     /// The directory whose owner is trusted besides the user: the root
     /// itself, or the cache a sub-cache (`.tools`) lives in.
     anchor: PathBuf,
+    /// A site's read-only cache: only the anchor's owner is trusted.
+    site: bool,
 }
 
 /// Why something in the cache is not used.
@@ -57,10 +68,17 @@ pub struct Untrusted {
 
 /// `NOYAU_ENV_CACHE`, else [`private_root`].
 pub fn default_root() -> PathBuf {
-    if let Some(p) = std::env::var_os("NOYAU_ENV_CACHE").filter(|v| !v.is_empty()) {
+    if let Some(p) = std::env::var_os(crate::CACHE_ENV).filter(|v| !v.is_empty()) {
         return PathBuf::from(p);
     }
     private_root()
+}
+
+/// The site's read-only cache, `NOYAU_ENV_SITE_CACHE`, when set.
+pub fn site_cache() -> Option<Cache> {
+    std::env::var_os(crate::SITE_CACHE_ENV)
+        .filter(|v| !v.is_empty())
+        .map(|p| Cache::site(PathBuf::from(p)))
 }
 
 /// The user's own cache: `$XDG_CACHE_HOME/noyau/envs`, else `~/.cache/noyau/envs`.
@@ -74,7 +92,8 @@ pub fn private_root() -> PathBuf {
         .join("envs")
 }
 
-/// An exclusive flock held until dropped.
+/// An exclusive (or, for [`Cache::hold`], shared) flock held until dropped.
+#[derive(Debug)]
 pub struct FileLock {
     _file: File,
 }
@@ -82,30 +101,40 @@ pub struct FileLock {
 impl FileLock {
     /// Opens (without following a symlink) or creates `path` and locks it.
     pub fn acquire(path: &Path) -> Result<FileLock, EnvError> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o644)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(path)
-            .map_err(|e| EnvError::io(format!("opening the lock file {}", path.display()), e))?;
-        FileLock::lock(file, path)
+        let file = open_lock_file(path)?;
+        FileLock::lock(file, path, libc::LOCK_EX)
+            .map(|l| l.expect("a blocking lock is always taken"))
     }
 
-    fn lock(file: File, path: &Path) -> Result<FileLock, EnvError> {
+    /// `flock(op)` on `file`, retried on EINTR; None when `op` has
+    /// `LOCK_NB` and someone else holds the lock.
+    fn lock(file: File, path: &Path, op: i32) -> Result<Option<FileLock>, EnvError> {
         loop {
             // SAFETY: flock on a descriptor we own.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+            let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
             if rc == 0 {
-                return Ok(FileLock { _file: file });
+                return Ok(Some(FileLock { _file: file }));
             }
             let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) && op & libc::LOCK_NB != 0 {
+                return Ok(None);
+            }
             if err.kind() != std::io::ErrorKind::Interrupted {
                 return Err(EnvError::io(format!("locking {}", path.display()), err));
             }
         }
     }
+}
+
+fn open_lock_file(path: &Path) -> Result<File, EnvError> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| EnvError::io(format!("opening the lock file {}", path.display()), e))
 }
 
 impl Cache {
@@ -114,7 +143,21 @@ impl Cache {
         Cache {
             anchor: root.clone(),
             root,
+            site: false,
         }
+    }
+
+    /// A site's cache, read by users: only its root's owner is trusted.
+    pub fn site(root: impl Into<PathBuf>) -> Self {
+        Cache {
+            site: true,
+            ..Cache::new(root)
+        }
+    }
+
+    /// True for a site's cache ([`Cache::site`]).
+    pub fn is_site(&self) -> bool {
+        self.site
     }
 
     /// A cache in `name` under this one, trusting the same owners.
@@ -122,21 +165,27 @@ impl Cache {
         Cache {
             root: self.root.join(name),
             anchor: self.anchor.clone(),
+            site: self.site,
         }
     }
 
-    /// The user, and the owner of the cache's root (a site's account).
-    fn trusted_owners(&self) -> [u32; 2] {
+    /// The user, and the owner of the cache's root (a site's account);
+    /// in a site's cache, that owner only.
+    pub(crate) fn trusted_owners(&self) -> [u32; 2] {
         // SAFETY: getuid cannot fail and touches no memory.
         let me = unsafe { libc::getuid() };
         let owner = std::fs::metadata(&self.anchor).map_or(me, |m| m.uid());
-        [me, owner]
+        if self.site {
+            [owner, owner]
+        } else {
+            [me, owner]
+        }
     }
 
     /// Checks one path (not followed if a symlink): missing is fine;
     /// otherwise it must be a directory (or a regular file), owned by a
     /// trusted owner and writable by no one else.
-    fn check(&self, path: &Path, dir: bool) -> Result<(), Untrusted> {
+    pub(crate) fn check(&self, path: &Path, dir: bool) -> Result<(), Untrusted> {
         let Ok(meta) = std::fs::symlink_metadata(path) else {
             return Ok(());
         };
@@ -152,7 +201,7 @@ impl Cache {
     }
 
     /// Takes the build lock of `key`, checking the file that was opened.
-    fn lock(&self, key: &str) -> Result<FileLock, EnvError> {
+    pub(crate) fn lock(&self, key: &str) -> Result<FileLock, EnvError> {
         let path = self.root.join(format!("{key}.lock"));
         self.check(&path, false)?;
         let lock = FileLock::acquire(&path)?;
@@ -178,11 +227,63 @@ impl Cache {
 
     /// The record of a finished entry, if there is one we trust.
     pub fn lookup(&self, key: &str) -> Result<Option<Value>, Untrusted> {
+        Ok(self
+            .lookup_bytes(key)?
+            .and_then(|b| serde_json::from_slice(&b).ok()))
+    }
+
+    /// The record's bytes (for its hash), checked as [`Cache::lookup`] does:
+    /// a record naming another key (an entry renamed under this one by
+    /// someone who may write the directory) is refused.
+    pub fn lookup_bytes(&self, key: &str) -> Result<Option<Vec<u8>>, Untrusted> {
         self.check_entry(key)?;
-        let Ok(text) = std::fs::read(self.entry(key).join(MARKER)) else {
+        let Ok(bytes) = std::fs::read(self.entry(key).join(MARKER)) else {
             return Ok(None);
         };
-        Ok(serde_json::from_slice(&text).ok())
+        let named = serde_json::from_slice::<Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("key").and_then(Value::as_str).map(str::to_string));
+        match named {
+            Some(k) if k != key => Err(Untrusted {
+                path: self.entry(key),
+                why: format!("holds the record of another entry ({k})"),
+            }),
+            _ => Ok(Some(bytes)),
+        }
+    }
+
+    /// Marks `key` in use until the lock is dropped (a shared `flock` on
+    /// its lock file, which `noyau env gc` must take exclusively), and
+    /// records the use (the lock file's mtime) where we may. None when
+    /// there is no lock file to hold and none can be made (a site's cache).
+    pub fn hold(&self, key: &str) -> Result<Option<FileLock>, EnvError> {
+        let path = self.root.join(format!("{key}.lock"));
+        self.check(&path, false)?;
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !self.site => {
+                open_lock_file(&path)?
+            }
+            Err(_) => return Ok(None),
+        };
+        let meta = file
+            .metadata()
+            .map_err(|e| EnvError::io(format!("reading {}", path.display()), e))?;
+        check_meta(&path, &meta, false, self.trusted_owners())?;
+        // Only the owner may set the time; others' uses go unrecorded.
+        let _ = file.set_modified(std::time::SystemTime::now());
+        FileLock::lock(file, &path, libc::LOCK_SH)
+    }
+
+    /// The exclusive lock of `key` if nobody holds it (in use or building).
+    pub(crate) fn try_exclusive(&self, key: &str) -> Result<Option<FileLock>, EnvError> {
+        let path = self.root.join(format!("{key}.lock"));
+        self.check(&path, false)?;
+        FileLock::lock(open_lock_file(&path)?, &path, libc::LOCK_EX | libc::LOCK_NB)
     }
 
     /// The finished entry for `key`, built by `build` if nobody has. `build`
@@ -263,7 +364,7 @@ impl Cache {
 
 /// `meta` (of `path`, not followed) is of the expected kind, owned by one
 /// of `owners` and writable by no one else.
-fn check_meta(
+pub(crate) fn check_meta(
     path: &Path,
     meta: &std::fs::Metadata,
     dir: bool,
@@ -282,6 +383,13 @@ fn check_meta(
     if (dir && !kind.is_dir()) || (!dir && !kind.is_file()) {
         let want = if dir { "a directory" } else { "a regular file" };
         return untrusted(format!("is not {want}"));
+    }
+    if !owners.contains(&meta.uid()) && owners[0] == owners[1] {
+        return untrusted(format!(
+            "belongs to uid {}, not the site cache's owner (uid {})",
+            meta.uid(),
+            owners[0]
+        ));
     }
     if !owners.contains(&meta.uid()) {
         return untrusted(format!(

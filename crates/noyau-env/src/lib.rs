@@ -38,23 +38,40 @@
 pub mod apptainer;
 pub mod cache;
 mod cmd;
+pub mod data;
 pub mod guix;
+pub mod index;
 pub mod isolate;
+pub mod manage;
 pub mod modules;
 pub mod prefix;
+pub mod prepare;
 pub mod python;
 pub mod realise;
 pub mod sources;
 pub mod spec;
 
 pub use cache::Cache;
+pub use data::{DataFile, DataRef};
+pub use prepare::{prepare, realise_job, Prepared};
 pub use realise::{realise, Realised};
-pub use spec::{EnvSpec, Isolation, Kind};
+pub use spec::{BuildAt, EnvSpec, Isolation, Kind};
 
 /// Environment variable carrying a spec (normalised JSON) to the agent.
 pub const SPEC_ENV: &str = "NOYAU_ENV_SPEC";
 /// Environment variable naming a 0600 file holding the spec (read and deleted).
 pub const SPEC_FILE_ENV: &str = "NOYAU_ENV_SPEC_FILE";
+/// Environment variable carrying what the submitting host prepared
+/// ([`Prepared`], JSON) to the job.
+pub const PREPARED_ENV: &str = "NOYAU_ENV_PREPARED";
+/// The cache's root (default `$XDG_CACHE_HOME/noyau/envs`).
+pub const CACHE_ENV: &str = "NOYAU_ENV_CACHE";
+/// A site's read-only cache, looked in before the user's own.
+pub const SITE_CACHE_ENV: &str = "NOYAU_ENV_SITE_CACHE";
+/// The uv binary to use.
+pub const UV_ENV: &str = "NOYAU_UV";
+/// Set in the kernel's environment: the directory holding its data files by name.
+pub const DATA_ENV: &str = "NOYAU_DATA";
 
 /// A failure to read, build or use an environment.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +85,16 @@ pub enum EnvError {
     /// Something in a shared cache that another user could have planted.
     #[error(transparent)]
     Untrusted(#[from] cache::Untrusted),
+    /// A data file whose bytes are not the ones declared; nothing was kept.
+    #[error("{url}: its sha256 is {got}, not the expected {expected}; the file was not kept (check the URL and the hash)")]
+    HashMismatch {
+        url: String,
+        expected: String,
+        got: String,
+    },
+    /// A data file could not be fetched.
+    #[error("cannot fetch {url}: {why}")]
+    Fetch { url: String, why: String },
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -87,6 +114,25 @@ impl EnvError {
 
 /// Where progress lines go.
 pub type Progress<'a> = &'a mut dyn FnMut(&str);
+
+/// This host's name, for records (where something was built or fetched).
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "unknown".into();
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+pub(crate) fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
 
 /// SHA-256 of bytes, in hex.
 pub fn sha256_hex(data: &[u8]) -> String {

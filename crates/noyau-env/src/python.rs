@@ -31,6 +31,7 @@ use serde_json::{json, Value};
 
 use crate::cache::Cache;
 use crate::cmd;
+use crate::index::Network;
 use crate::{EnvError, EnvSpec};
 
 /// The uv noyau installs when none is on PATH.
@@ -87,7 +88,7 @@ fn check_uv(uv: &Path, want: &str) -> Result<(), EnvError> {
 
 /// uv to use: `NOYAU_UV`, PATH, or noyau's own (installed on first use).
 pub fn find_uv(cache: &Cache, progress: crate::Progress<'_>) -> Result<PathBuf, EnvError> {
-    if let Some(p) = std::env::var_os("NOYAU_UV").filter(|v| !v.is_empty()) {
+    if let Some(p) = std::env::var_os(crate::UV_ENV).filter(|v| !v.is_empty()) {
         return Ok(PathBuf::from(p));
     }
     if let Some(p) = cmd::which("uv") {
@@ -123,7 +124,10 @@ pub fn find_uv(cache: &Cache, progress: crate::Progress<'_>) -> Result<PathBuf, 
                 .args(["-m", "pip", "install", "--disable-pip-version-check", "-q"])
                 .args(["--require-hashes", "--no-deps", "--only-binary=:all:", "-r"])
                 .arg(&pins),
-            "installing uv with pip failed",
+            &format!(
+                "installing uv with pip failed, from {}",
+                Network::from_env().pip_index_shown()
+            ),
             progress,
         )?;
         check_uv(&venv.join("bin/uv"), want)?;
@@ -143,18 +147,55 @@ fn names_ipykernel(req: &str) -> bool {
     name.to_ascii_lowercase().replace('_', "-") == "ipykernel"
 }
 
-fn uv_cmd(uv: &Path) -> Command {
-    let mut c = Command::new(uv);
-    c.env("UV_LINK_MODE", "copy")
-        .env("UV_NO_PROGRESS", "1")
-        .env_remove("VIRTUAL_ENV");
-    c
+/// uv, and how it reaches packages.
+#[derive(Debug, Clone)]
+pub struct Uv {
+    pub path: PathBuf,
+    /// The site's index and proxy, as the submitting host sees them.
+    pub network: Network,
+    /// `--offline`: only what uv's cache holds (a job installing a lock
+    /// prepared elsewhere); no index is contacted.
+    pub offline: bool,
+}
+
+impl Uv {
+    pub fn new(path: PathBuf) -> Uv {
+        Uv {
+            path,
+            network: Network::from_env(),
+            offline: false,
+        }
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(&self.path);
+        c.env("UV_LINK_MODE", "copy")
+            .env("UV_NO_PROGRESS", "1")
+            .env_remove("VIRTUAL_ENV");
+        for v in self.network.uv_env_removed() {
+            c.env_remove(v);
+        }
+        c.envs(self.network.uv_env());
+        if self.offline {
+            c.env("UV_OFFLINE", "1");
+        }
+        c
+    }
+
+    /// "… from INDEX" for an error: which index could not be reached.
+    fn source(&self) -> String {
+        if self.offline {
+            "offline, from uv's cache only".into()
+        } else {
+            format!("from {}", self.network.index_shown())
+        }
+    }
 }
 
 /// Builds the environment for `spec` into `dir` and returns its record.
 pub fn build(
     spec: &EnvSpec,
-    uv: &Path,
+    uv: &Uv,
     dir: &Path,
     progress: crate::Progress<'_>,
 ) -> Result<Value, EnvError> {
@@ -165,7 +206,7 @@ pub fn build(
     let python = spec.python.clone().unwrap_or_else(|| "python3".into());
     progress(&format!("creating a Python {python} venv with uv"));
     cmd::run(
-        uv_cmd(uv)
+        uv.cmd()
             .args(["venv", "--relocatable", "--no-project", "--python"])
             .arg(&python)
             .arg(&venv),
@@ -195,7 +236,7 @@ pub fn build(
             // temporary path, so the same spec gives the same lock (and
             // lock_sha256) whatever the cache's path, on any node.
             cmd::run(
-                uv_cmd(uv)
+                uv.cmd()
                     .current_dir(dir)
                     .args([
                         "pip",
@@ -209,7 +250,7 @@ pub fn build(
                     .arg("requirements.in")
                     .arg("-o")
                     .arg(&lock_path),
-                "uv could not resolve the requirements",
+                &format!("uv could not resolve the requirements {}", uv.source()),
                 progress,
             )?;
             std::fs::read_to_string(&lock_path)
@@ -218,7 +259,7 @@ pub fn build(
     };
     progress("installing the locked packages with uv");
     cmd::run(
-        uv_cmd(uv)
+        uv.cmd()
             .args([
                 "pip",
                 "sync",
@@ -228,11 +269,11 @@ pub fn build(
             ])
             .arg(&interp)
             .arg(&lock_path),
-        "uv could not install the lock",
+        &format!("uv could not install the lock {}", uv.source()),
         progress,
     )?;
     let freeze = cmd::run(
-        uv_cmd(uv).args(["pip", "freeze", "--python"]).arg(&interp),
+        uv.cmd().args(["pip", "freeze", "--python"]).arg(&interp),
         "uv pip freeze failed",
         progress,
     )?;
@@ -247,17 +288,25 @@ pub fn build(
     let version = pyvenv_cfg(&venv, "version_info")
         .or_else(|| pyvenv_cfg(&venv, "version"))
         .unwrap_or_default();
-    Ok(json!({
+    let mut record = json!({
         "kind": "python",
         "key": spec.cache_key(),
         "python": version,
+        "requirements": spec.requirements,
         "lock": lock,
         "lock_sha256": crate::sha256_hex(lock.as_bytes()),
         "freeze": freeze,
-        "built_at": now_secs(),
+        "built_at": crate::now_secs(),
+        "built_on": crate::hostname(),
         "build_id": format!("{}-{}", std::process::id(), now_nanos()),
-        "uv": uv_version(uv),
-    }))
+        "uv": uv_version(&uv.path),
+    });
+    if uv.offline {
+        record["offline"] = json!(true);
+    } else {
+        record["network"] = uv.network.record();
+    }
+    Ok(record)
 }
 
 /// A key of the venv's pyvenv.cfg (`home` is the base interpreter's bin).
@@ -276,13 +325,6 @@ fn uv_version(uv: &Path) -> String {
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default()
-}
-
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 fn now_nanos() -> u128 {

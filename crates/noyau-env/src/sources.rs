@@ -180,9 +180,63 @@ pub fn for_notebook(
     merge(&sources, notebook_dir)
 }
 
+/// What a notebook declares for its kernel: its environment and data files.
+#[derive(Debug, Clone, Default)]
+pub struct Declared {
+    pub spec: Option<EnvSpec>,
+    pub data: Vec<crate::DataRef>,
+}
+
+/// Everything a notebook declares: the environment as [`for_notebook`]
+/// reads it, and the data files of `noyau.toml`, its metadata and its
+/// `%noyau data` cells ([`crate::data::declared`]).
+pub fn declared<'a>(
+    notebook_dir: &Path,
+    metadata: Option<&Value>,
+    cell_sources: impl IntoIterator<Item = &'a str>,
+    cli: Option<&str>,
+    cwd: &Path,
+) -> Result<Declared, EnvError> {
+    let magics = crate::data::magic_lines(cell_sources);
+    Ok(Declared {
+        spec: for_notebook(notebook_dir, metadata, cli, cwd)?,
+        data: crate::data::declared(notebook_dir, metadata, &magics)?,
+    })
+}
+
+/// [`declared`] for a notebook file (`.ipynb`).
+pub fn declared_in_file(path: &Path, cli: Option<&str>, cwd: &Path) -> Result<Declared, EnvError> {
+    let path = absolute(cwd, path);
+    let text =
+        std::fs::read(&path).map_err(|e| EnvError::io(format!("reading {}", path.display()), e))?;
+    let nb: Value = serde_json::from_slice(&text)
+        .map_err(|e| EnvError::Invalid(format!("{} is not a notebook: {e}", path.display())))?;
+    let sources: Vec<String> = nb["cells"]
+        .as_array()
+        .map(|cells| {
+            cells
+                .iter()
+                .filter(|c| c["cell_type"] == "code")
+                .map(|c| match &c["source"] {
+                    Value::Array(lines) => lines.iter().filter_map(Value::as_str).collect(),
+                    other => other.as_str().unwrap_or_default().to_string(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let dir = path.parent().unwrap_or(cwd);
+    declared(
+        dir,
+        nb.get("metadata"),
+        sources.iter().map(String::as_str),
+        cli,
+        cwd,
+    )
+}
+
 /// Keys saying how the kernel runs rather than what is built: a cell's
 /// `%noyau env` keeps them from the kernel's start sources.
-const RUN_KEYS: &[&str] = &["isolation", "network", "scratch", "ro_bind"];
+const RUN_KEYS: &[&str] = &["build", "isolation", "network", "scratch", "ro_bind"];
 /// Keys taking a list; in a cell's `key=value` words the items are
 /// separated by commas.
 const LIST_KEYS: &[&str] = &[
@@ -210,6 +264,7 @@ const CELL_KEYS: &[&str] = &[
     "packages",
     "image",
     "nv",
+    "build",
     "isolation",
     "network",
     "scratch",

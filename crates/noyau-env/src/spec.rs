@@ -26,12 +26,39 @@ pub enum Kind {
     Apptainer,
 }
 
+impl Kind {
+    /// As a spec writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::System => "system",
+            Kind::Python => "python",
+            Kind::Modules => "modules",
+            Kind::Prefix => "prefix",
+            Kind::Guix => "guix",
+            Kind::Apptainer => "apptainer",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Isolation {
     #[default]
     None,
     Container,
+}
+
+/// Where a `python` environment is resolved and built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BuildAt {
+    /// On the submitting host (login node), before the job is submitted,
+    /// into the shared cache; the job only checks the entry and uses it,
+    /// offline. Compute nodes of most clusters cannot reach a package index.
+    #[default]
+    Submit,
+    /// Inside the job, on the compute node (a site whose nodes have a mirror).
+    Node,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -89,6 +116,10 @@ pub struct EnvSpec {
     #[serde(default, skip_serializing_if = "is_false")]
     pub nv: bool,
 
+    /// Where it is built: `submit` (default) or `node`.
+    #[serde(default, skip_serializing_if = "is_submit")]
+    pub build: BuildAt,
+
     // isolation
     #[serde(default, skip_serializing_if = "is_default")]
     pub isolation: Isolation,
@@ -114,6 +145,9 @@ fn is_false(b: &bool) -> bool {
 fn is_default(i: &Isolation) -> bool {
     *i == Isolation::None
 }
+fn is_submit(b: &BuildAt) -> bool {
+    *b == BuildAt::Submit
+}
 
 /// Keys holding paths, resolved against their source's directory.
 pub(crate) const PATH_KEYS: &[&str] = &[
@@ -133,8 +167,8 @@ impl EnvSpec {
         serde_json::from_value(v).map_err(|e| {
             EnvError::Invalid(format!(
                 "{e}. Known keys: kind, python, requirements, lock, lock_file, modules, module_use, \
-                 modules_init, prefix, channels, manifest, packages, image, nv, isolation, network, \
-                 scratch, ro_bind"
+                 modules_init, prefix, channels, manifest, packages, image, nv, build, isolation, \
+                 network, scratch, ro_bind"
             ))
         })
     }

@@ -110,6 +110,164 @@ fn modules_set_the_kernels_environment() {
         e.contains("module load nosuchmodule/9` failed") && e.contains("nosuchmodule"),
         "{e}"
     );
+    assert!(
+        e.contains("noyau: module nosuchmodule/9 does not exist here"),
+        "{e}"
+    );
+    assert!(
+        r.record["modules_tool"]
+            .as_str()
+            .unwrap()
+            .starts_with("Modules Release"),
+        "{}",
+        r.record
+    );
+}
+
+/// Debian's lmod package, unpacked by scripts/test (it conflicts with
+/// environment-modules, so it is not installed); its paths are fixed, so
+/// the test runs itself again in a bubblewrap sandbox that shows it at
+/// /usr/share/lmod and /usr/lib/lmod, and hides environment-modules.
+const LMOD: &str = "/opt/noyau-test/lmod";
+const IN_SANDBOX: &str = "NOYAU_TEST_IN_LMOD_SANDBOX";
+
+fn lmod_sandbox(work: &Path) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "bwrap",
+        "--ro-bind",
+        "/",
+        "/",
+        "--dev",
+        "/dev",
+        "--proc",
+        "/proc",
+    ]
+    .map(String::from)
+    .into();
+    a.extend([
+        "--bind".into(),
+        work.display().to_string(),
+        work.display().to_string(),
+    ]);
+    for mine in ["/usr/share/lmod", "/usr/lib/lmod"] {
+        let parent = Path::new(mine).parent().unwrap();
+        a.extend(["--tmpfs".into(), parent.display().to_string()]);
+        for e in std::fs::read_dir(parent).unwrap().flatten() {
+            let p = e.path();
+            if p == Path::new("/usr/share/modules") {
+                continue; // environment-modules: not in this sandbox
+            }
+            let (p, shown) = (p.display().to_string(), p.display().to_string());
+            match std::fs::read_link(&p) {
+                Ok(target) => a.extend(["--symlink".into(), target.display().to_string(), shown]),
+                Err(_) => a.extend(["--ro-bind".into(), p, shown]),
+            }
+        }
+        a.extend(["--ro-bind".into(), format!("{LMOD}{mine}"), mine.into()]);
+    }
+    a
+}
+
+#[test]
+#[ignore = "needs Lmod unpacked in /opt/noyau-test/lmod and bubblewrap (scripts/test)"]
+fn lmod_modules_load_in_its_own_shell_function_and_unknown_ones_are_named() {
+    if std::env::var_os(IN_SANDBOX).is_none() {
+        assert!(
+            Path::new(LMOD)
+                .join("usr/share/lmod/lmod/init/bash")
+                .is_file(),
+            "no Lmod in {LMOD}: scripts/test unpacks Debian's lmod there (as root)"
+        );
+        need("bwrap", "bubblewrap");
+        let t = tempfile::tempdir().unwrap();
+        let me = std::env::current_exe().unwrap();
+        // Lmod initialised in the job's shell, which exports `module` and
+        // `ml` to noyau (BASH_FUNC_module%%), as a login shell would.
+        let script = format!(
+            ". /usr/share/lmod/lmod/init/bash && exec {} --exact lmod_modules_load_in_its_own_shell_function_and_unknown_ones_are_named --ignored --nocapture",
+            me.display()
+        );
+        let out = Command::new(&lmod_sandbox(t.path())[0])
+            .args(&lmod_sandbox(t.path())[1..])
+            .args([
+                "env",
+                "-i",
+                "PATH=/usr/bin:/bin",
+                &format!("HOME={}", t.path().display()),
+            ])
+            .arg(format!("{IN_SANDBOX}={}", t.path().display()))
+            .args(["bash", "--noprofile", "--norc", "-c", &script])
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success() && text.contains("1 passed"), "{text}");
+        return;
+    }
+    let work = PathBuf::from(std::env::var_os(IN_SANDBOX).unwrap());
+    assert!(!Path::new("/usr/share/modules").exists());
+    let mf = work.join("modulefiles/noyautest");
+    std::fs::create_dir_all(&mf).unwrap();
+    std::fs::write(
+        mf.join("1.0.lua"),
+        "setenv(\"NOYAU_TEST_MODULE\", \"lmod-1.0\")\nprepend_path(\"PATH\", \"/opt/noyautest/bin\")\n",
+    )
+    .unwrap();
+    let spec = |mods: serde_json::Value| {
+        EnvSpec::from_value(json!({
+            "modules": mods, "module_use": [work.join("modulefiles")], "notebook_dir": work,
+        }))
+        .unwrap()
+        .normalise()
+        .unwrap()
+    };
+    let cache = Cache::new(work.join("cache"));
+    let r = realise(&spec(json!(["noyautest/1.0"])), &cache, &mut |_: &str| {}).unwrap();
+    assert!(
+        r.record["modules_tool"]
+            .as_str()
+            .unwrap()
+            .starts_with("Lmod 8."),
+        "{}",
+        r.record
+    );
+    assert!(
+        r.record["module_list"]
+            .as_str()
+            .unwrap()
+            .contains("noyautest/1.0"),
+        "{}",
+        r.record
+    );
+    // The kernel's own shells have Lmod's `ml`, with the module loaded.
+    let kernel = ["bash", "-c", "ml 2>&1; echo \"$NOYAU_TEST_MODULE $PATH\""].map(String::from);
+    let (argv, env) = r.command(&kernel, &BTreeMap::new(), &work).unwrap();
+    let (ok, out) = run(&argv, &env, &work);
+    assert!(ok, "{out}");
+    assert!(out.contains("1) noyautest/1.0"), "{out}");
+    assert!(out.contains("lmod-1.0 /opt/noyautest/bin:"), "{out}");
+
+    // An unknown module: Lmod's own message (spider's advice), and noyau
+    // names that one, not the one that exists.
+    let e = realise(
+        &spec(json!(["noyautest/1.0", "nosuch/2"])),
+        &cache,
+        &mut |_: &str| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("The following module(s) are unknown") && e.contains("module spider"),
+        "{e}"
+    );
+    assert!(
+        e.contains("noyau: module nosuch/2 does not exist here"),
+        "{e}"
+    );
+    assert!(!e.contains("module noyautest/1.0 does not exist"), "{e}");
 }
 
 #[test]

@@ -44,8 +44,24 @@ pub enum Event {
     /// Proxy → agent: build the environment `spec` (noyau-env's normal
     /// form, as JSON) with `EnvProgress` lines, then replace the kernel with
     /// one started in it (`EnvReady`, `KernelReady`); if the build fails,
-    /// `EnvFailed` and the running kernel stays.
-    SwitchEnv { spec: serde_json::Value },
+    /// `EnvFailed` and the running kernel stays. `prepared`: what the
+    /// proxy's host already built and fetched (noyau-env's `Prepared`),
+    /// which the agent only checks and uses.
+    SwitchEnv {
+        spec: serde_json::Value,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        prepared: Option<serde_json::Value>,
+    },
+    /// Proxy → agent: show the kernel one more data file (noyau-env's
+    /// `DataFile`, fetched by the proxy's host); answered by `DataAdded`.
+    AddData { file: serde_json::Value },
+    /// Agent → proxy: the data file `name` is in the kernel's data
+    /// directory, or `error` says why not.
+    DataAdded {
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
     /// Agent → proxy: the environment of a `SwitchEnv` could not be built
     /// (the tool's own message and a summary); the kernel was not touched.
     EnvFailed { message: String },

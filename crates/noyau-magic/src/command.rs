@@ -35,10 +35,13 @@ pub enum Command {
     DaskUp(Vec<String>),
     DaskStatus,
     DaskDown,
+    /// `%noyau data URL --sha256 HEX [--name N]`: a data file pinned by
+    /// its hash (noyau-env's `data::parse_magic` reads the words).
+    Data(Vec<String>),
 }
 
 /// Every line magic, for a usage error.
-pub const USAGE: &str = "usage: %noyau env [show] | %noyau env lock | %noyau env SPEC (see %noyau env help) | %noyau targets | %noyau dask up|status|down | %noyau release TARGET | %noyau cancel TARGET | \
+pub const USAGE: &str = "usage: %noyau data URL --sha256 HEX [--name NAME] | %noyau env [show] | %noyau env lock | %noyau env SPEC (see %noyau env help) | %noyau targets | %noyau dask up|status|down | %noyau release TARGET | %noyau cancel TARGET | \
      %noyau push TARGET NAME… | %noyau pull TARGET NAME…; \
      %%noyau on TARGET [key=value …] [--quiet] runs a cell on a target";
 
@@ -52,6 +55,7 @@ impl Command {
             ["dask", "status"] => Command::DaskStatus,
             ["dask", "down"] => Command::DaskDown,
             ["dask", ..] => return Err(MagicError::Usage(crate::dask::USAGE.into())),
+            ["data", rest @ ..] => Command::Data(owned(rest)),
             ["env"] | ["env", "show"] => Command::EnvShow,
             ["env", "lock"] => Command::EnvLock,
             ["env", "help"] => Command::EnvHelp,

@@ -151,6 +151,14 @@ fn read_up(words: &[&str], defaults: &noyau_config::DaskSettings) -> Result<UpAr
     })
 }
 
+/// The target `dask up` with these words runs on (`--target`, else
+/// `[dask] target`), when it names one.
+pub fn target_of(words: &[String]) -> Option<String> {
+    let cwd = std::env::current_dir().ok()?;
+    let cfg = noyau_config::Config::load(&cwd).ok()?;
+    parse_up(words, &cfg.dask).ok()?.target
+}
+
 /// Checks the values of `dask up`'s flags (`src` "--") or of `[dask]`
 /// (`src` "[dask] "), naming the one at fault as the user wrote it.
 fn check(a: &UpArgs, workers: Option<u32>, src: &str) -> Result<(), String> {

@@ -21,6 +21,9 @@ pub enum MagicError {
     /// The kernel's environment cannot be shown, locked or chosen.
     #[error("{0}")]
     Env(String),
+    /// A `%noyau data` file is not what the run prepared.
+    #[error("{0}")]
+    Data(String),
     /// A magic this host does not do (`%noyau env SPEC` in `noyau run`).
     #[error("{0}")]
     NotHere(String),
@@ -35,6 +38,7 @@ impl MagicError {
             MagicError::Transfer(_) => "NoyauTransferError",
             MagicError::Dask(_) => "NoyauDaskError",
             MagicError::Env(_) => "NoyauEnvError",
+            MagicError::Data(_) => "NoyauDataError",
             MagicError::NotHere(_) => "NoyauMagicError",
         }
     }

@@ -13,6 +13,10 @@ pub struct OnMagic {
     pub quiet: bool,
     /// `--tasks N`: run the cell as N tasks of the allocation.
     pub tasks: Option<u32>,
+    /// `--env SPEC`: the target's environment (an inline table without
+    /// spaces, or a file, as `noyau run --env` takes), when it is not the
+    /// profile's `environment` or the notebook kernel's.
+    pub env: Option<String>,
 }
 
 impl OnMagic {
@@ -47,19 +51,32 @@ pub fn parse(code: &str) -> Result<Magic, MagicError> {
     match words.first() {
         Some(&"%%noyau") => {
             if words.get(1) != Some(&"on") || words.len() < 3 {
-                return Err(MagicError::Usage("usage: %%noyau on TARGET [key=value …] [--tasks N] [--quiet] as the cell's first line, the code below it".into()));
+                return Err(MagicError::Usage("usage: %%noyau on TARGET [key=value …] [--tasks N] [--env SPEC] [--quiet] as the cell's first line, the code below it".into()));
             }
             let mut m = OnMagic {
                 target: words[2].to_string(),
                 overrides: vec![],
                 quiet: false,
                 tasks: None,
+                env: None,
             };
             let mut rest = words[3..].iter();
             while let Some(w) = rest.next() {
                 let tasks = match *w {
                     "--quiet" | "-q" => {
                         m.quiet = true;
+                        continue;
+                    }
+                    "--env" => {
+                        m.env = Some(
+                            rest.next()
+                                .ok_or_else(|| MagicError::Usage("%%noyau on: --env needs a spec".into()))?
+                                .to_string(),
+                        );
+                        continue;
+                    }
+                    e if e.starts_with("--env=") => {
+                        m.env = e.strip_prefix("--env=").map(str::to_string);
                         continue;
                     }
                     "--tasks" => rest.next().copied(),
@@ -70,7 +87,7 @@ pub fn parse(code: &str) -> Result<Magic, MagicError> {
                     }
                     other => {
                         return Err(MagicError::Usage(format!(
-                            "%%noyau on: {other:?} is neither key=value, --tasks N nor --quiet"
+                            "%%noyau on: {other:?} is neither key=value, --tasks N, --env SPEC nor --quiet"
                         )))
                     }
                 };
@@ -104,6 +121,7 @@ mod tests {
                     overrides: vec!["mem=4G".into()],
                     quiet: true,
                     tasks: None,
+                    env: None,
                 },
                 "import torch\nx = 1".into()
             )
@@ -124,6 +142,14 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(parse("%%noyau on cpu --tasks zero\n1").is_err());
+        match parse("%%noyau on cpu --env {requirements=[\"six\"]} --quiet\n1").unwrap() {
+            Magic::On(m, _) => assert_eq!(m.env.as_deref(), Some("{requirements=[\"six\"]}")),
+            other => panic!("{other:?}"),
+        }
+        assert!(parse("%%noyau on cpu --env\n1")
+            .unwrap_err()
+            .to_string()
+            .contains("--env needs"));
         assert!(parse("%%noyau on gpu bogus\n1").is_err());
     }
 }

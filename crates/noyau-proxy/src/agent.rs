@@ -15,6 +15,7 @@ use noyau_link::{
 };
 use noyau_sched::JobState;
 
+use crate::answer::Answers;
 use crate::{handover, ProxyConfig, ProxyError};
 
 /// How long a detached agent waits for the next proxy; the proxy trusts a
@@ -32,17 +33,54 @@ pub(crate) fn kernel_env_var() -> Option<String> {
     std::env::var("NOYAU_ENV").ok().filter(|v| !v.is_empty())
 }
 
-/// The kernel's environment, for the agent: `[environment]` in
-/// `./noyau.toml` (Jupyter starts a kernel in its notebook's directory),
-/// overridden key by key by `NOYAU_ENV` (an inline TOML/JSON table or a
-/// file, as `noyau run --env` takes; a kernelspec can set it).
-pub(crate) fn env_spec_for_agent() -> Result<BTreeMap<String, String>, ProxyError> {
+/// At most this many bytes of the kernel's own build lines are held for
+/// its first cell; later ones go to the log only.
+const HELD_MAX: usize = 64 * 1024;
+
+/// Where the build lines of a job's environment go.
+pub(crate) enum Lines<'a> {
+    /// Held for the kernel's first cell (its own agent's environment).
+    Hold(&'a mut String),
+    /// As they come, to a cell (a target's, whose job waits for it).
+    Cell(&'a mut Answers, &'a Bytes),
+    /// The log only.
+    Log,
+}
+
+/// The environment of a job of this kernel's (its own agent, a target, a
+/// Dask cluster), prepared here before the job is submitted: `spec` (an
+/// inline table or a file: `%%noyau on T --env`, a profile's
+/// `environment`), else the kernel's own (`[environment]` in ./noyau.toml,
+/// where Jupyter starts a kernel, overridden by `NOYAU_ENV`); the kernel's
+/// data files in every case.
+pub(crate) async fn job_env(
+    spec: Option<&str>,
+    mut lines: Lines<'_>,
+) -> Result<BTreeMap<String, String>, ProxyError> {
     let cwd = std::env::current_dir().map_err(ProxyError::Cwd)?;
-    let spec = noyau_env::sources::for_notebook(&cwd, None, kernel_env_var().as_deref(), &cwd)?;
-    Ok(spec
-        .map(|s| (noyau_env::SPEC_ENV.to_string(), s.to_value().to_string()))
-        .into_iter()
-        .collect())
+    let spec = match spec {
+        Some(e) => noyau_env::sources::merge(&[noyau_env::sources::from_cli(e, &cwd)?], &cwd)?,
+        None => noyau_env::sources::for_notebook(&cwd, None, kernel_env_var().as_deref(), &cwd)?,
+    };
+    let declared = noyau_env::sources::Declared {
+        spec,
+        data: noyau_env::data::declared(&cwd, None, &[])?,
+    };
+    let mut w = noyau_client::prepare::start(&declared);
+    while let Some(line) = w.lines.recv().await {
+        tracing::info!("environment: {line}");
+        let text = format!("noyau: environment: {line}\n");
+        match &mut lines {
+            Lines::Hold(held) if held.len() < HELD_MAX => held.push_str(&text),
+            Lines::Cell(out, parent) => out.stream(parent, "stderr", &text).await,
+            _ => {}
+        }
+    }
+    let prepared = w.result().await?;
+    Ok(noyau_client::prepare::job_env(
+        declared.spec.as_ref(),
+        &prepared,
+    ))
 }
 
 /// What comes from the agent.
@@ -67,6 +105,8 @@ pub(crate) struct AgentSide {
     /// The token the next proxy takes from the handover record, given to
     /// the agent ahead (`NextToken`).
     next_token: String,
+    /// The build lines of the kernel's environment, for its first cell.
+    pub env_held: String,
     backend: String,
     connection_file: PathBuf,
 }
@@ -80,6 +120,8 @@ impl AgentSide {
             // A local agent that already gave up cannot be taken over.
             h.backend != "local" || h.agent_pid.is_some_and(noyau_client::agent::pid_alive)
         });
+        // The kernel's own build lines, shown in its first cell.
+        let mut env_held = String::new();
         let (listener, identity, advertise, watch) = match previous {
             Some(h) => {
                 tracing::info!(agent = ?h.agent_pid, "taking over the agent of the previous proxy");
@@ -94,7 +136,8 @@ impl AgentSide {
                 (listener, h.identity, h.advertise, watch)
             }
             None => {
-                let a = start_agent(launch(cfg)?, link_cfg).await?;
+                let env = job_env(None, Lines::Hold(&mut env_held)).await?;
+                let a = start_agent(launch(cfg, env), link_cfg).await?;
                 (a.listener, a.identity, a.advertise, a.watch)
             }
         };
@@ -106,6 +149,7 @@ impl AgentSide {
             advertise,
             watch,
             next_token: noyau_wire::connection::random_key(),
+            env_held,
             backend: cfg.backend.clone(),
             connection_file: cfg.connection_file.clone(),
         })
@@ -187,8 +231,8 @@ fn adopt(h: &handover::Handover) -> AgentWatch {
     }
 }
 
-fn launch(cfg: &ProxyConfig) -> Result<AgentLaunch, ProxyError> {
-    Ok(AgentLaunch {
+fn launch(cfg: &ProxyConfig, env: BTreeMap<String, String>) -> AgentLaunch {
+    AgentLaunch {
         backend: cfg.backend.clone(),
         inner: cfg.inner.clone(),
         link_bind: cfg.link_bind,
@@ -196,9 +240,9 @@ fn launch(cfg: &ProxyConfig) -> Result<AgentLaunch, ProxyError> {
         noyau_exe: cfg.noyau_exe.clone(),
         job_name: format!("noyau-kernel-{}", cfg.inner),
         cwd: None,
-        env: env_spec_for_agent()?,
+        env,
         profile: cfg.resources.clone(),
-    })
+    }
 }
 
 impl AgentSide {

@@ -17,20 +17,45 @@ use crate::relay::Proxy;
 use crate::targets::{with_code, RunningCell, State, Target, TargetEvent, What};
 
 impl Proxy {
+    /// Starts target `name` unless it runs, its environment prepared here
+    /// first (`cell_env`, else its profile's, else the kernel's), the build
+    /// lines shown in `cell` as they come.
+    pub async fn start_target(
+        &mut self,
+        name: &str,
+        overrides: &[String],
+        cell_env: Option<&str>,
+        cell: Option<&Cell>,
+    ) -> Result<(), MagicError> {
+        if self.targets.map.contains_key(name) {
+            return Ok(());
+        }
+        let err = |e: &dyn std::fmt::Display| {
+            MagicError::Target(format!("cannot start target {name:?}: {e}"))
+        };
+        let (_, profile) =
+            noyau_config::resolve(None, Some(name), overrides).map_err(|e| err(&e))?;
+        let spec = cell_env.or(profile.environment.as_deref());
+        let lines = match cell {
+            Some(c) => crate::agent::Lines::Cell(&mut self.out, &c.header),
+            None => crate::agent::Lines::Log,
+        };
+        let env = crate::agent::job_env(spec, lines)
+            .await
+            .map_err(|e| err(&e))?;
+        self.targets
+            .start(name, overrides, &self.cfg.inner, &self.cfg.noyau_exe, env)
+            .await
+    }
+
     pub async fn run_on_target(&mut self, mut m: OnMagic, body: String, mut msg: RawMessage) {
         let cell = Cell::of(&msg);
         let body = m.code_for(body);
         self.forget_releasing(&m.target).await;
-        let started = self
-            .targets
-            .start(
-                &m.target,
-                &m.overrides,
-                &self.cfg.inner,
-                &self.cfg.noyau_exe,
-            )
-            .await;
-        if let Err(e) = started {
+        if let Err(e) = self
+            .start_target(&m.target, &m.overrides, m.env.as_deref(), Some(&cell))
+            .await
+        {
             return self.out.answer(&cell, Err(e)).await;
         }
         let Some(content) = with_code(&msg.content, &body) else {

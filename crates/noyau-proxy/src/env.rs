@@ -53,6 +53,15 @@ pub(crate) struct Env {
 }
 
 impl Env {
+    /// An environment whose build lines so far (the kernel's own, prepared
+    /// before its agent was submitted) go to the first cell.
+    pub fn with_held(held: String) -> Env {
+        Env {
+            held_progress: held,
+            ..Default::default()
+        }
+    }
+
     /// `%noyau env SPEC`: starts choosing the kernel's environment (the
     /// cell's `busy` went out).
     pub fn switch(&mut self, args: &str, cell: &Cell, attached: bool) -> Result<(), MagicError> {
@@ -96,6 +105,7 @@ impl Env {
         sw.sent = true;
         let ev = Event::SwitchEnv {
             spec: sw.spec.clone(),
+            prepared: None,
         };
         let sent = match agent {
             Some(s) => s

@@ -190,6 +190,11 @@ impl Proxy {
                 return self.transfer(Direction::Pull, &target, names, cell).await
             }
             Command::DaskUp(words) => return self.dask_up(cell, &words).await,
+            Command::Data(_) => Err(MagicError::NotHere(
+                "`%noyau data` cells are read by `noyau run` before the kernel starts; \
+                 a kernel takes its data files from [data] in noyau.toml"
+                    .into(),
+            )),
             Command::DaskStatus => Ok(self.magics.dask.status().await),
             Command::DaskDown => {
                 let mut host = host!(self);
@@ -251,25 +256,32 @@ impl Proxy {
             )));
         }
         // Pushing is a fine first use of a target: start it.
-        self.targets
-            .start(target, &[], &self.cfg.inner, &self.cfg.noyau_exe)
+        self.start_target(target, &[], None, None)
             .await
             .map_err(|e| MagicError::Transfer(e.to_string()))
     }
 
-    /// Where the kernel runs, for `%noyau dask up` without `--target`.
-    fn kernel_side(&self) -> Result<KernelSide, MagicError> {
+    /// Where the kernel runs, for `%noyau dask up` without `--target`; the
+    /// cluster's jobs' environment (the target's profile's, else the
+    /// kernel's), prepared here.
+    async fn kernel_side(&self, words: &[String]) -> Result<KernelSide, MagicError> {
+        let spec = noyau_magic::dask::target_of(words)
+            .and_then(|t| noyau_config::resolve(None, Some(&t), &[]).ok())
+            .and_then(|(_, p)| p.environment);
+        let env = crate::agent::job_env(spec.as_deref(), crate::agent::Lines::Log)
+            .await
+            .map_err(|e| MagicError::Dask(format!("the cluster's environment: {e}")))?;
         Ok(KernelSide {
             backend: self.cfg.backend.clone(),
             profile: self.cfg.resources.clone(),
             inner: self.cfg.inner.clone(),
             noyau_exe: self.cfg.noyau_exe.clone(),
-            env: crate::agent::env_spec_for_agent().map_err(|e| MagicError::Dask(e.to_string()))?,
+            env,
         })
     }
 
     async fn dask_up(&mut self, cell: Cell, words: &[String]) {
-        let side = match self.kernel_side() {
+        let side = match self.kernel_side(words).await {
             Ok(s) => s,
             Err(e) => return self.out.finish(&cell, Err(e)).await,
         };

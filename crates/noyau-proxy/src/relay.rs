@@ -58,9 +58,10 @@ impl Proxy {
     pub fn new(
         cfg: ProxyConfig,
         out: Answers,
-        agent: AgentSide,
+        mut agent: AgentSide,
         started: chrono::DateTime<chrono::Utc>,
     ) -> Proxy {
+        let held = std::mem::take(&mut agent.env_held);
         let job_state = if cfg.backend == "local" {
             None
         } else {
@@ -79,7 +80,7 @@ impl Proxy {
             requests: Requests::default(),
             shutdown: None,
             started,
-            env: Env::default(),
+            env: Env::with_held(held),
             targets: Targets::default(),
             magics: Magics::default(),
             own: Own::default(),

@@ -297,6 +297,7 @@ impl Targets {
         overrides: &[String],
         inner: &str,
         noyau_exe: &std::path::Path,
+        env: BTreeMap<String, String>,
     ) -> Result<(), noyau_magic::MagicError> {
         if self.map.contains_key(name) {
             return Ok(());
@@ -314,7 +315,7 @@ impl Targets {
             noyau_exe: noyau_exe.to_path_buf(),
             job_name: format!("noyau-target-{name}"),
             cwd: None,
-            env: crate::agent::env_spec_for_agent().map_err(|e| err(&e))?,
+            env,
             profile,
         };
         let t = Target::start(name, launch, self.tx.clone())

@@ -42,17 +42,22 @@ pub(crate) struct Signals {
     int: Signal,
     term: Signal,
     /// The scheduler's early walltime signal, when this runner is itself
-    /// the batch job (a sweep task, a detached run): `--signal=B:USR1@…`.
-    usr1: Signal,
+    /// the batch job (a sweep task, a detached run): Slurm's
+    /// `--signal=B:USR1@…`, Grid Engine's SIGUSR2 (also its cancel).
+    walltime: Signal,
+    job: Option<noyau_sched::Scheduler>,
 }
 
 impl Signals {
     pub fn new() -> Result<Signals, RunError> {
         let mk = |k| signal(k).map_err(|e| RunError::Input(format!("cannot handle signals: {e}")));
+        let job = noyau_sched::this_job().map(|(s, _)| s);
+        let walltime = job.as_ref().map_or(libc::SIGUSR1, |s| s.walltime_signal());
         Ok(Signals {
             int: mk(SignalKind::interrupt())?,
             term: mk(SignalKind::terminate())?,
-            usr1: mk(SignalKind::user_defined1())?,
+            walltime: mk(SignalKind::from_raw(walltime))?,
+            job,
         })
     }
 
@@ -60,7 +65,10 @@ impl Signals {
         tokio::select! {
             _ = self.int.recv() => ("SIGINT", exit::SIGINT),
             _ = self.term.recv() => ("SIGTERM", exit::SIGTERM),
-            _ = self.usr1.recv() => ("SIGUSR1 (the job's walltime is near)", exit::WALLTIME),
+            _ = self.walltime.recv() => match &self.job {
+                Some(s) if s.signal_means_cancel() => ("a cancel of the batch job", exit::SIGTERM),
+                _ => ("the walltime signal (the job's walltime is near)", exit::WALLTIME),
+            },
         }
     }
 }
@@ -79,11 +87,11 @@ impl Doc {
         nb: Notebook,
         saver: Saver,
         mode: noyau_notebook::StreamMode,
-        opts: &RunOptions,
+        progress: Progress,
     ) -> Doc {
         Doc {
             builder: OutputBuilder::new(mode),
-            progress: Progress::new(!opts.no_progress, nb.cells.len()),
+            progress,
             status: StatusFile::new(nb.cells.len()),
             nb,
             saver,
@@ -157,6 +165,9 @@ pub(crate) struct Context {
     pub side: KernelSide,
     /// msg_ids of the magics' own requests still waiting for a reply.
     pub own: HashSet<String>,
+    /// The environment and data files prepared before the kernel started
+    /// (`%noyau data` cells are answered from it; targets get its data).
+    pub prepared: noyau_env::Prepared,
 }
 
 pub(crate) fn runnable(cell: &noyau_notebook::Cell) -> bool {

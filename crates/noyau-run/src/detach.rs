@@ -155,15 +155,21 @@ pub async fn detach(
             "--detach needs an input and an output file, not stdin/stdout",
         ));
     }
-    read_input(&opts.input)?;
+    let nb = read_input(&opts.input)?;
     let Output::File(out) = output_for(&opts.input, opts.output.as_deref()) else {
         return Err(bad("--detach needs an output file"));
     };
+    // Built and fetched here, before the job is submitted; the job's runner
+    // finds it in NOYAU_ENV_PREPARED.
+    let input = Path::new(&opts.input);
+    let mut env =
+        crate::environment::for_job(&nb, input, opts.env.as_deref(), !opts.no_progress).await?;
+    env.insert("NOYAU_DETACHED".to_string(), "1".to_string());
     let spec = noyau_sched::JobSpec {
         name: job_name(&opts.input),
         program: std::env::current_exe().unwrap_or_else(|_| "noyau".into()),
         args: job_args(opts, &out),
-        env: [("NOYAU_DETACHED".to_string(), "1".to_string())].into(),
+        env,
         cwd: std::env::current_dir().ok(),
         profile,
         ..Default::default()

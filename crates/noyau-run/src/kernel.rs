@@ -10,7 +10,7 @@ use noyau_client::agent::AgentLaunch;
 use noyau_client::remote::RemoteKernel;
 use noyau_notebook::Notebook;
 use noyau_sched::JobState;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::cells::Signals;
 use crate::detach::allocation;
@@ -72,18 +72,20 @@ pub fn kernelspec_env(kernel: &str, backend: &str) -> Result<BTreeMap<String, St
     Ok(env)
 }
 
-/// The kernel's environment spec (noyau.toml next to the notebook, the
-/// notebook's metadata, `--env`), as the agent takes it.
-pub fn env_spec(opts: &RunOptions, nb: &Notebook) -> Result<Option<(String, String)>, RunError> {
+/// The kernel's environment and data files (noyau.toml next to the
+/// notebook, the notebook's metadata and `%noyau data` cells, `--env`),
+/// built and fetched here before the job is submitted, each line shown on
+/// `progress`; the job environment that carries them.
+pub async fn prepared_env(
+    opts: &RunOptions,
+    nb: &Notebook,
+    progress: &crate::progress::Progress,
+) -> Result<(noyau_env::Prepared, BTreeMap<String, String>), RunError> {
     let cwd = std::env::current_dir().unwrap_or_else(|_| ".".into());
-    let spec = noyau_env::sources::for_notebook(
-        &crate::input::notebook_dir(&opts.input),
-        Some(&Value::Object(nb.metadata.clone())),
-        opts.env.as_deref(),
-        &cwd,
-    )
-    .map_err(|e| bad(format!("{e}")))?;
-    Ok(spec.map(|s| (noyau_env::SPEC_ENV.to_string(), s.to_value().to_string())))
+    let nb_dir = crate::input::notebook_dir(&opts.input);
+    let declared = crate::environment::declared(nb, &nb_dir, opts.env.as_deref(), &cwd)
+        .map_err(|e| bad(format!("{e}")))?;
+    crate::environment::prepare(&declared, progress).await
 }
 
 /// What starts the notebook's kernel: its kernelspec through an agent on
@@ -178,9 +180,15 @@ pub(crate) async fn start(
     }
 }
 
-/// `metadata.noyau` (where the kernel ran, the environment it ran in)
-/// and the kernel's `language_info`.
-pub fn record(nb: &mut Notebook, kernel: &RemoteKernel, node: Option<String>, name: &str) {
+/// `metadata.noyau` (where the kernel ran, the environment it ran in, the
+/// data files prepared for it) and the kernel's `language_info`.
+pub fn record(
+    nb: &mut Notebook,
+    kernel: &RemoteKernel,
+    node: Option<String>,
+    name: &str,
+    prepared: &noyau_env::Prepared,
+) {
     nb.metadata.insert(
         "noyau".into(),
         json!({
@@ -198,6 +206,7 @@ pub fn record(nb: &mut Notebook, kernel: &RemoteKernel, node: Option<String>, na
         // reproduces the environment (sources::from_metadata reads it back).
         nb.metadata["noyau"]["environment"] = record.clone();
     }
+    crate::environment::record(nb, prepared);
     if let Some(li) = kernel.language_info() {
         nb.metadata.insert("language_info".into(), li.clone());
     }

@@ -15,6 +15,8 @@
 //!   current by [`upgrade`] without losing fields; then parameters
 //!   injected (`noyau_notebook::inject`) and [`papermill`]'s notebook and
 //!   cell metadata laid out as papermill does.
+//! * [`environment`]: the kernel's environment and data files, built and
+//!   fetched here before the job is submitted, and recorded.
 //! * [`kernel`]: which kernelspec (with [`kernelenv`], a managed Python
 //!   kernel when there is none), the backend and profile, the start.
 //! * [`runner`]: the run from end to end; [`detach`]: `--detach`, the
@@ -32,6 +34,7 @@
 
 mod cells;
 pub mod detach;
+pub mod environment;
 mod error;
 mod execute;
 pub mod exit;

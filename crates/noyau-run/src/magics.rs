@@ -12,7 +12,7 @@ use noyau_client::remote::{KernelError, KernelEvent, KernelMessage, Lane, Remote
 use noyau_magic::{Command, Direction, Host, MagicError, OnMagic, Output, Peer};
 use serde_json::{json, Value};
 
-use crate::cells::{CellEnd, Doc, Kernels, On, RunTarget, Runner, Signals};
+use crate::cells::{sleep_until, CellEnd, Doc, Kernels, On, RunTarget, Runner, Signals};
 use crate::exit;
 
 /// The run's fields a magic may use, borrowed for one call.
@@ -121,6 +121,7 @@ impl Runner<'_> {
                 let ended = host.ended;
                 return self.wait_magic(ended, signals, i).await;
             }
+            Command::Data(words) => crate::environment::data_cell(&self.ctx.prepared, &words),
             Command::DaskStatus => Ok(self.magics.dask.status().await),
             Command::DaskDown => {
                 let mut host = host!(self, Some(i));
@@ -148,6 +149,7 @@ impl Runner<'_> {
                 return self.magic_end(i, r);
             }
             let target = self.waited_target();
+            let save_at = self.doc.saver.due();
             let got = tokio::select! {
                 (name, code) = signals.recv() => {
                     if code == exit::WALLTIME {
@@ -155,6 +157,12 @@ impl Runner<'_> {
                         return CellEnd::Walltime { job, seconds_left: None };
                     }
                     return CellEnd::Signal(name, code);
+                }
+                // What the magic wrote meanwhile (why the cluster's jobs
+                // wait) is saved as a long cell's output is.
+                _ = sleep_until(save_at) => {
+                    self.doc.saver.on_due(&self.doc.nb);
+                    continue;
                 }
                 ev = self.magics.dask.event() => {
                     let mut host = host!(self, Some(i));
@@ -343,6 +351,9 @@ impl Runner<'_> {
             .clone()
             .unwrap_or_else(|| self.ctx.kernel_name.clone());
         let mut launch = noyau_client::remote::local_launch(&inner, self.opts.cwd.clone());
+        if let Some(e) = m.env.as_deref().or(profile.environment.as_deref()) {
+            launch.env = self.target_env(e).await?;
+        }
         launch.backend = backend;
         launch.job_name = format!("noyau-target-{}", m.target);
         launch.profile = profile;
@@ -360,6 +371,23 @@ impl Runner<'_> {
         };
         self.kernels.targets.insert(m.target.clone(), t);
         Ok(())
+    }
+
+    /// A target's own environment (`%%noyau on T --env SPEC`, else its
+    /// profile's), prepared here like the kernel's; the kernel's data files.
+    async fn target_env(&self, spec: &str) -> Result<BTreeMap<String, String>, MagicError> {
+        let cwd = std::env::current_dir().map_err(env_error)?;
+        let from = noyau_env::sources::from_cli(spec, &cwd).map_err(env_error)?;
+        let declared = noyau_env::sources::Declared {
+            spec: noyau_env::sources::merge(&[from], &cwd).map_err(env_error)?,
+            data: Vec::new(),
+        };
+        let progress = &self.doc.progress;
+        let mut p = noyau_client::prepare::prepare(&declared, |l| progress.environment(l))
+            .await
+            .map_err(env_error)?;
+        p.data = self.ctx.prepared.data.clone();
+        Ok(noyau_client::prepare::job_env(declared.spec.as_ref(), &p))
     }
 
     /// The end of the run: the Dask cluster and the targets end with it.
@@ -381,4 +409,9 @@ async fn next_of(
         Some(t) => t.kernel.next().await,
         None => std::future::pending().await,
     }
+}
+
+/// A target's environment that could not be prepared.
+fn env_error(e: impl std::fmt::Display) -> MagicError {
+    MagicError::Target(format!("its environment: {e}"))
 }

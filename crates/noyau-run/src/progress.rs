@@ -41,9 +41,26 @@ impl Progress {
             .unwrap_or("");
         let first: String = first.chars().take(60).collect();
         match self {
-            Progress::Bar(b) => b.set_message(first),
+            Progress::Bar(b) => {
+                b.set_prefix("Executing");
+                b.set_message(first)
+            }
             Progress::Lines => eprintln!("noyau: cell {}/{}: {}", index + 1, total, first),
             Progress::Off => {}
+        }
+    }
+
+    /// A line of the environment's preparation, before the first cell:
+    /// the bar's message, and a line above it (as on a plain stderr).
+    pub fn environment(&self, line: &str) {
+        let text = format!("noyau: environment: {line}");
+        match self {
+            Progress::Bar(b) => {
+                b.set_prefix("Preparing");
+                b.set_message(line.chars().take(60).collect::<String>());
+                b.println(text);
+            }
+            _ => eprintln!("{text}"),
         }
     }
 

@@ -15,10 +15,11 @@ use crate::error::{bad, RunError};
 use crate::exit;
 use crate::input::{file_stamp, output_of, prepare, stream_mode, Output};
 use crate::kernel::{
-    backend_and_profile, env_spec, kernel_name, kernelspec_env, launch, record, start, Started,
+    backend_and_profile, kernel_name, kernelspec_env, launch, prepared_env, record, start, Started,
 };
 use crate::options::RunOptions;
 use crate::papermill as pm;
+use crate::progress::Progress;
 use crate::save::Saver;
 
 /// Runs the whole thing; returns the exit code.
@@ -54,7 +55,9 @@ pub async fn run(opts: RunOptions) -> Result<i32, RunError> {
     saver
         .save(&nb)
         .map_err(|e| bad(format!("cannot write the output {}: {e}", output.shown())))?;
-    env.extend(env_spec(&opts, &nb)?);
+    let progress = Progress::new(!opts.no_progress, nb.cells.len());
+    let (prepared, job_env) = prepared_env(&opts, &nb, &progress).await?;
+    env.extend(job_env);
     let launch = launch(&opts, &name, &backend, &env, &profile)?;
     let mut signals = Signals::new()?;
     let (kernel, node) = match start(launch, &opts, &mut signals).await? {
@@ -66,7 +69,7 @@ pub async fn run(opts: RunOptions) -> Result<i32, RunError> {
             return Ok(code);
         }
     };
-    record(&mut nb, &kernel, node, &name);
+    record(&mut nb, &kernel, node, &name, &prepared);
     let side = KernelSide {
         backend,
         profile,
@@ -74,18 +77,14 @@ pub async fn run(opts: RunOptions) -> Result<i32, RunError> {
         noyau_exe: std::env::current_exe().unwrap_or_else(|_| "noyau".into()),
         env,
     };
-    let doc = Doc::new(nb, saver, mode, &opts);
-    let code = run_kernel(
-        doc,
-        kernel,
+    let ctx = Context {
+        kernel_name: name,
         side,
-        name,
-        &opts,
-        &mut signals,
-        run_start,
-        &output,
-    )
-    .await?;
+        own: Default::default(),
+        prepared,
+    };
+    let doc = Doc::new(nb, saver, mode, progress);
+    let code = run_kernel(doc, kernel, ctx, &opts, &mut signals, run_start, &output).await?;
     if input_stamp.is_some() && file_stamp(&opts.input) != input_stamp {
         eprintln!(
             "noyau: warning: {} changed on disk during the run; the run used the version read \
@@ -98,12 +97,10 @@ pub async fn run(opts: RunOptions) -> Result<i32, RunError> {
 
 /// The cells in the started kernel, then the end of everything the run
 /// started, and the output's last save.
-#[allow(clippy::too_many_arguments)]
 async fn run_kernel(
     doc: Doc,
     main: noyau_client::remote::RemoteKernel,
-    side: KernelSide,
-    kernel_name: String,
+    ctx: Context,
     opts: &RunOptions,
     signals: &mut Signals,
     run_start: chrono::DateTime<chrono::Utc>,
@@ -128,11 +125,7 @@ async fn run_kernel(
         delegating,
         walltime: None,
         magics: Default::default(),
-        ctx: Context {
-            kernel_name,
-            side,
-            own: Default::default(),
-        },
+        ctx,
     };
     let (code, kernel_alive) = runner.run_cells(signals, run_start).await;
     runner.doc.progress.finish();

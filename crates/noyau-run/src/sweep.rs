@@ -371,6 +371,8 @@ struct Points {
 /// directory.
 struct Where {
     notebook: PathBuf,
+    /// The notebook as read (what it declares is prepared here).
+    nb: noyau_notebook::Notebook,
     stem: String,
     outdir: PathBuf,
 }
@@ -390,6 +392,8 @@ async fn sweep(a: SweepOptions) -> Result<i32, RunError> {
         return Ok(sweep_exit::OK);
     }
     let plan_path = write_plan(&a, &w, &p)?;
+    // Built and fetched once, here, for every point.
+    let env = crate::environment::for_job(&w.nb, &w.notebook, None, true).await?;
     let (backend, profile) =
         crate::kernel::backend_and_profile(a.backend.as_deref(), a.profile.as_deref(), &a.options)?;
     eprintln!(
@@ -401,12 +405,13 @@ async fn sweep(a: SweepOptions) -> Result<i32, RunError> {
     );
     let t0 = Instant::now();
     let (interrupted, job_id) = match backend.as_str() {
-        "local" => (run_local(&a, &plan_path, &w.outdir, &p.todo).await?, None),
+        "local" => (
+            run_local(&a, &plan_path, &w.outdir, &p.todo, &env).await?,
+            None,
+        ),
         _ => {
-            run_array(
-                &a, &backend, &w.stem, &plan_path, &w.outdir, &p.todo, profile,
-            )
-            .await?
+            let spec = array_job(&a, &w.stem, &plan_path, &p.todo, profile, env)?;
+            run_array(&backend, spec, &w.outdir, &p.todo).await?
         }
     };
     let rows = write_summary(&w, &p, &backend, job_id, &summary_path)?;
@@ -431,7 +436,7 @@ async fn sweep(a: SweepOptions) -> Result<i32, RunError> {
 /// submitted), its stem and the output directory.
 fn where_of(a: &SweepOptions) -> Result<Where, RunError> {
     let notebook = abs(&a.notebook);
-    crate::input::read_input(&notebook.display().to_string())?;
+    let nb = crate::input::read_input(&notebook.display().to_string())?;
     let stem = notebook
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -443,6 +448,7 @@ fn where_of(a: &SweepOptions) -> Result<Where, RunError> {
         .unwrap_or_else(|| notebook.with_file_name(format!("{stem}.sweep"))));
     Ok(Where {
         notebook,
+        nb,
         stem,
         outdir,
     })
@@ -700,6 +706,7 @@ async fn run_local(
     plan: &Path,
     outdir: &Path,
     todo: &[usize],
+    env: &std::collections::BTreeMap<String, String>,
 ) -> Result<bool, RunError> {
     let exe = noyau_exe()?;
     let logs = outdir.join("logs");
@@ -720,6 +727,7 @@ async fn run_local(
                 .arg(plan)
                 .arg("--index")
                 .arg(i.to_string())
+                .envs(env)
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
                 .stderr(log)
@@ -765,6 +773,7 @@ fn array_job(
     plan: &Path,
     todo: &[usize],
     profile: noyau_config::Profile,
+    env: std::collections::BTreeMap<String, String>,
 ) -> Result<noyau_sched::JobSpec, RunError> {
     Ok(noyau_sched::JobSpec {
         name: crate::input::job_name(stem).replacen("noyau-run-", "noyau-sweep-", 1),
@@ -772,6 +781,7 @@ fn array_job(
         args: vec!["sweep-task".into(), plan.display().to_string()],
         cwd: std::env::current_dir().ok(),
         profile,
+        env,
         array: Some(noyau_sched::ArrayTasks {
             ids: todo.to_vec(),
             max_parallel: a.max_parallel.max(1),
@@ -810,15 +820,11 @@ fn tasks_note(states: &[noyau_sched::JobState]) -> (usize, bool, String) {
 /// The points as ONE job array of the batch scheduler `backend`; true when
 /// interrupted, and the array's id.
 async fn run_array(
-    a: &SweepOptions,
     backend: &str,
-    stem: &str,
-    plan: &Path,
+    spec: noyau_sched::JobSpec,
     outdir: &Path,
     todo: &[usize],
-    profile: noyau_config::Profile,
 ) -> Result<(bool, Option<String>), RunError> {
-    let spec = array_job(a, stem, plan, todo, profile)?;
     let sched = noyau_sched::Scheduler::named(backend)?;
     let mut array = sched.submit_array(&spec).await?;
     let id = array.id.clone();

@@ -1,5 +1,5 @@
 //! The seam between noyau and a batch scheduler: the [`Batch`] trait, which
-//! each scheduler's file implements (`slurm.rs`, `oar.rs`), and the few
+//! each scheduler's file implements (`slurm.rs`, `oar.rs`, `sge.rs`), and the few
 //! types it speaks in. Everything else (the watcher, arrays paced K at a
 //! time, the handle callers hold, submission as another user) is written
 //! once, over this trait.
@@ -130,6 +130,17 @@ pub(crate) trait Batch: Send + Sync + 'static {
     /// The job this process runs in, from the environment the scheduler
     /// gives its jobs (an array task's id as [`Batch::list`] shows it).
     fn job_in_env(&self) -> Option<String>;
+    /// The signal its jobs get shortly before their walltime (the save
+    /// signal), which their processes must handle: its default action
+    /// ends a process.
+    fn walltime_signal(&self) -> i32 {
+        libc::SIGUSR1
+    }
+    /// Whether the walltime signal, just received in one of its jobs, is
+    /// in fact a cancel (a scheduler that sends the same signal on both).
+    fn signal_means_cancel(&self) -> bool {
+        false
+    }
     /// Python lines that start `n` tasks in this scheduler's allocation
     /// (see `tasks.rs`), or nothing to leave it to local processes.
     fn tasks_python(&self) -> &'static str;
@@ -176,8 +187,15 @@ pub(crate) trait Batch: Send + Sync + 'static {
     fn shares_listing(&self) -> bool {
         false
     }
-    /// How jobs that left the listing ended, for those it can say.
+    /// How jobs that left the listing ended, for those it can say. A job
+    /// it cannot tell yet is asked again at the next interval, until
+    /// [`Batch::records_lag`] has passed since it left the listing.
     async fn gone(&self, ids: &[String]) -> HashMap<String, JobEnd>;
+    /// How long after a job left the listing its end may still be missing
+    /// from the records [`Batch::gone`] reads (accounting written late).
+    fn records_lag(&self) -> Duration {
+        Duration::ZERO
+    }
     /// Asks for `secs` more seconds of walltime: the scheduler's answer, or
     /// [`SchedError::Unsupported`] where users may not.
     async fn extend(

@@ -53,12 +53,29 @@ pub enum SchedError {
     Unsupported(String),
 }
 
-/// "neither A nor B", "none of A, B or C".
+/// "A", "neither A nor B", "neither A nor B nor C" (the same words
+/// whatever the number of schedulers registered).
 fn either(items: &[String]) -> String {
     match items {
-        [a, b] => format!("neither {a} nor {b}"),
-        [one] => one.clone(),
-        [rest @ .., last] => format!("none of {} or {last}", rest.join(", ")),
         [] => "no scheduler command".into(),
+        [one] => one.clone(),
+        [first, rest @ ..] => format!("neither {first} nor {}", rest.join(" nor ")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::either;
+
+    #[test]
+    fn either_names_every_command() {
+        let s = |v: &[&str]| either(&v.iter().map(|x| x.to_string()).collect::<Vec<_>>());
+        assert_eq!(s(&[]), "no scheduler command");
+        assert_eq!(s(&["squeue"]), "squeue");
+        assert_eq!(s(&["squeue", "oarstat"]), "neither squeue nor oarstat");
+        assert_eq!(
+            s(&["squeue", "oarstat", "qconf"]),
+            "neither squeue nor oarstat nor qconf"
+        );
     }
 }

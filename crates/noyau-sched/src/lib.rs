@@ -10,7 +10,9 @@
 //! How the pieces fit:
 //!
 //! * `batch`: the seam, the `Batch` trait a scheduler implements in one
-//!   file (`slurm`, `oar`), registered by one line in [`SCHEDULERS`].
+//!   file (`slurm`, `oar`, `sge`), registered by one line in [`SCHEDULERS`];
+//!   `jobfiles`: the 0600 environment file of the schedulers that cannot
+//!   carry a job's secrets in its environment (OAR, Grid Engine).
 //! * [`Scheduler`] (`scheduler`): the handle callers hold; `watcher`: one
 //!   listing call per interval for every job a process follows; `job`: the
 //!   [`Job`]s and [`ArrayJob`]s it returns.
@@ -23,6 +25,7 @@ mod backend;
 mod batch;
 mod error;
 mod job;
+mod jobfiles;
 mod local;
 mod oar;
 mod paths;
@@ -31,10 +34,8 @@ mod quote;
 mod run;
 mod scheduler;
 mod script;
+mod sge;
 mod shared;
-// Grid Engine's readers and arguments, public for tests/real_sge.rs until
-// the file implements `Batch` and is registered.
-pub mod sge;
 mod slurm;
 mod state;
 mod tasks;
@@ -83,6 +84,7 @@ pub mod fuzzing {
 const SCHEDULERS: &[(&str, &str, Make)] = &[
     ("slurm", "squeue", slurm::make),
     ("oar", "oarstat", oar::make),
+    ("sge", "qconf", sge::make),
 ];
 
 /// How a scheduler's implementation is made, from its commands.
@@ -158,6 +160,13 @@ pub fn this_job() -> Option<(Scheduler, String)> {
         let id = make(Commands::default()).job_in_env()?;
         Some((Scheduler::named(name).ok()?, id))
     })
+}
+
+/// The signal that says "the walltime is near" in the batch job this
+/// process runs in (see [`Scheduler::walltime_signal`]); SIGUSR1 outside
+/// a batch job.
+pub fn walltime_signal() -> i32 {
+    this_job().map_or(libc::SIGUSR1, |(s, _)| s.walltime_signal())
 }
 
 /// The variable every job script of an array exports: the task's id.

@@ -29,20 +29,18 @@
 //!   event; `oarwalltime` gives more time where the site enables walltime
 //!   changes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use rand::Rng;
 use serde::Deserialize;
 
 use crate::batch::{Batch, Commands, JobInfo, PartitionLoad, Scope, Submission};
-use crate::paths::{private_dir, state_dir, write_private};
+use crate::jobfiles::{job_dir, sourcing, submit_as, JobFiles};
 use crate::profile::{Key, Kind, Profile};
 use crate::quote::sh_quote;
-use crate::run::AsUser;
-use crate::scheduler::submit_through;
+use crate::run::{user_name, AsUser};
 use crate::script::job_script;
 use crate::state::from_epoch;
 use crate::{JobEnd, JobSpec, JobState, SchedError};
@@ -140,28 +138,20 @@ fn oarsub_args(spec: &JobSpec, script: &Path) -> Vec<String> {
 }
 
 /// The script's head: sources the 0600 environment file (which holds the
-/// secrets) and deletes it and the script. A job array's tasks all read
-/// the file, so there the submitter deletes it once the array is over, and
-/// each task's id (its line of the tasks file, the script's argument) is
-/// exported as `NOYAU_ARRAY_TASK_ID`.
+/// secrets) and deletes it and the script; an array's tasks export their
+/// id (their line of the tasks file, the script's argument) as
+/// `NOYAU_ARRAY_TASK_ID`.
 fn head(spec: &JobSpec, env_file: &Path) -> String {
-    let f = sh_quote(&env_file.display().to_string());
-    let mut s = String::from(
-        "# the job's environment (secrets included) is in a 0600 file: OAR does not pass it\n",
+    let mut s = sourcing(
+        env_file,
+        "OAR does not pass it",
+        spec.array.is_some(),
+        " \"$0\"",
     );
     if spec.array.is_some() {
-        s.push_str(&format!(". {f}\nexport {}=\"$1\"\n", crate::ARRAY_TASK_VAR));
-    } else {
-        s.push_str(&format!(". {f} && rm -f {f} \"$0\"\n"));
+        s.push_str(&format!("export {}=\"$1\"\n", crate::ARRAY_TASK_VAR));
     }
     s
-}
-
-/// The environment file's text: one `export K='V'` per variable.
-fn env_text(env: &BTreeMap<String, String>) -> String {
-    env.iter()
-        .map(|(k, v)| format!("export {k}={}\n", sh_quote(v)))
-        .collect()
 }
 
 /// The job ids `oarsub` printed (`OAR_JOB_ID=N`, one per array task).
@@ -357,66 +347,24 @@ if os.environ.get("OAR_NODEFILE") and shutil.which("oarsh"):
             return p, f" on {host}"
 "#;
 
-/// Where job scripts and environment files go: `STATE/oar`, 0700.
-fn job_dir() -> PathBuf {
-    state_dir().join("oar")
-}
-
-/// This user's name (oarstat lists a user's jobs by name).
-fn user_name() -> Result<String, SchedError> {
-    std::env::var("USER")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .or_else(|| {
-            nix::unistd::User::from_uid(nix::unistd::getuid())
-                .ok()
-                .flatten()
-                .map(|u| u.name)
-        })
-        .ok_or_else(|| SchedError::Invalid("cannot tell this user's name".into()))
-}
-
 impl Oar {
     /// Writes the 0600 environment file, the script (and the tasks file of
     /// an array), runs oarsub; the ids OAR gave (one per array task) and
     /// the files written.
     async fn oarsub(&self, spec: &JobSpec) -> Result<(Vec<String>, Vec<PathBuf>), SchedError> {
-        let dir = job_dir();
-        private_dir(&spec.logs())?;
-        private_dir(&dir)?;
-        // a unique stem per submission: two proxies may submit the same name
-        let stem = format!(
-            "{}-{}-{:08x}",
-            spec.name,
-            std::process::id(),
-            rand::rng().random::<u32>()
-        );
-        let env_file = dir.join(format!("{stem}.env"));
-        let script = dir.join(format!("{stem}.sh"));
-        let mut files = vec![env_file.clone(), script.clone()];
-        let remove = |files: &[PathBuf]| {
-            for f in files {
-                let _ = std::fs::remove_file(f);
-            }
-        };
-        // OAR passes no environment: noyau's own settings (NOYAU_*) follow
-        // the job as Slurm's default export carries them; the spec's win.
-        let mut env: BTreeMap<String, String> = std::env::vars()
-            .filter(|(k, _)| k.starts_with("NOYAU_"))
-            .collect();
-        env.extend(spec.env.clone());
+        let mut files = JobFiles::new(self.name(), spec)?;
+        let script = files.path("sh");
         let written = (|| {
-            write_private(&env_file, &env_text(&env), 0o600)?;
-            write_private(&script, &job_script(&head(spec, &env_file), spec), 0o700)?;
+            let env_file = files.write_env(spec)?;
+            files.write("sh", &job_script(&head(spec, &env_file), spec), 0o700)?;
             if let Some(t) = &spec.array {
                 let lines: String = t.ids.iter().map(|i| format!("{i}\n")).collect();
-                files.push(tasks_file(&script));
-                write_private(&tasks_file(&script), &lines, 0o600)?;
+                files.write("tasks", &lines, 0o600)?;
             }
             Ok::<_, SchedError>(())
         })();
         if let Err(e) = written {
-            remove(&files);
+            files.remove();
             return Err(e);
         }
         // oarsub takes its default directory from $PWD, not from getcwd:
@@ -428,18 +376,18 @@ impl Oar {
         let ids = match cmd.output().await {
             Ok(o) => parse_oarsub(&o),
             Err(e) => {
-                remove(&files);
+                files.remove();
                 return Err(SchedError::Submit(e));
             }
         };
         if ids.is_empty() {
-            remove(&files);
+            files.remove();
             return Err(SchedError::NoJobId {
                 command: "oarsub",
                 output: "no OAR_JOB_ID line".into(),
             });
         }
-        Ok((ids, files))
+        Ok((ids, files.written))
     }
 }
 
@@ -487,7 +435,7 @@ impl Batch for Oar {
     }
 
     async fn dry_run(&self, spec: &JobSpec) -> Result<String, SchedError> {
-        let dir = job_dir();
+        let dir = job_dir(self.name());
         let script = dir.join(format!("{}.sh", spec.name));
         let args: Vec<String> = oarsub_args(spec, &script)
             .iter()
@@ -503,18 +451,7 @@ impl Batch for Oar {
 
     async fn submit(&self, spec: &JobSpec, u: Option<&AsUser>) -> Result<Submission, SchedError> {
         if let Some(u) = u {
-            // The environment file must be the user's: the whole
-            // submission runs as the user.
-            if spec.array.is_some() {
-                return Err(SchedError::Invalid(
-                    "job arrays are not submitted as another user".into(),
-                ));
-            }
-            let id = submit_through(u, self.name(), spec).await?;
-            return Ok(Submission {
-                id,
-                ..Default::default()
-            });
+            return submit_as(u, self.name(), spec).await;
         }
         let (ids, files) = self.oarsub(spec).await?;
         Ok(match &spec.array {
@@ -651,6 +588,7 @@ impl Batch for Oar {
 mod tests {
     use super::*;
     use crate::ArrayTasks;
+    use std::collections::BTreeMap;
 
     fn spec() -> JobSpec {
         let mut env = BTreeMap::new();
@@ -712,7 +650,6 @@ mod tests {
             "{script}"
         );
         assert!(!script.contains("s3cret") && !joined.contains("s3cret"));
-        assert!(env_text(&s.env).contains("export NOYAU_LINK_TOKEN=s3cret-token\n"));
     }
 
     #[test]

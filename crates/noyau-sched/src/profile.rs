@@ -87,6 +87,7 @@ pub const GENERIC: &[Key] = &[
     Key::new("link_advertise", Kind::Text),
     Key::new("walltime_signal", Kind::Number),
     Key::new("kernel", Kind::Text),
+    Key::new("environment", Kind::Text),
 ];
 
 /// One profile, after merging files and overrides.
@@ -119,6 +120,10 @@ pub struct Profile {
     /// The kernelspec a target of this profile runs (`%%noyau on`), when it
     /// is not the notebook's own (e.g. `ir` for R cells in a Python notebook).
     pub kernel: Option<String>,
+    /// The environment a target (or Dask cluster) of this profile runs in,
+    /// when not the notebook kernel's: noyau-env's spec as a JSON or TOML
+    /// inline table (`environment = { requirements = [...] }` in a file).
+    pub environment: Option<String>,
     /// The keys only some schedulers know, by name (declared in their files).
     #[serde(default)]
     pub scheduler_keys: BTreeMap<String, Value>,
@@ -235,6 +240,7 @@ impl Profile {
             "link_advertise" => self.link_advertise = Some(text(v)?),
             "walltime_signal" => self.walltime_signal = Some(num(v)?),
             "kernel" => self.kernel = Some(text(v)?),
+            "environment" => self.environment = Some(text(v)?),
             _ => {
                 let value = match (k.kind, v) {
                     (Kind::Options | Kind::Args, Given::Texts(l)) => Value::Many(l),

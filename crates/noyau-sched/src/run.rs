@@ -63,6 +63,20 @@ pub struct AsUser {
     pub noyau: PathBuf,
 }
 
+/// This user's name (`$USER`, else the account of this process's uid).
+pub(crate) fn user_name() -> Result<String, crate::SchedError> {
+    std::env::var("USER")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .or_else(|| {
+            nix::unistd::User::from_uid(nix::unistd::getuid())
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+        })
+        .ok_or_else(|| crate::SchedError::Invalid("cannot tell this user's name".into()))
+}
+
 /// One command to run.
 #[derive(Debug)]
 pub(crate) struct Cmd {
@@ -108,6 +122,13 @@ impl Cmd {
 
     pub(crate) fn env(mut self, k: &str, v: impl Into<String>) -> Cmd {
         self.env.insert(k.into(), v.into());
+        self
+    }
+
+    /// Runs it with only the variables set on the command, none of this
+    /// process's.
+    pub(crate) fn env_clear(mut self) -> Cmd {
+        self.clean = true;
         self
     }
 

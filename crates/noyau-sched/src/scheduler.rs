@@ -126,6 +126,21 @@ impl Scheduler {
         self.imp().commands()
     }
 
+    /// The signal this scheduler's jobs get shortly before their walltime
+    /// (SIGUSR1; SIGUSR2 on Grid Engine): what a job's processes handle as
+    /// "the walltime is near" (save and stop), as its default action would
+    /// end them.
+    pub fn walltime_signal(&self) -> i32 {
+        self.imp().walltime_signal()
+    }
+
+    /// Whether the walltime signal, just received in one of this
+    /// scheduler's jobs, is a cancel rather than the walltime (Grid Engine
+    /// sends the same signal on both): then handle it as SIGTERM.
+    pub fn signal_means_cancel(&self) -> bool {
+        self.imp().signal_means_cancel()
+    }
+
     /// How often the watcher asks the scheduler.
     pub fn interval(&self) -> Duration {
         self.watcher.interval()

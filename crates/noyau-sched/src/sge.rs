@@ -1,8 +1,34 @@
-//! Son of Grid Engine: what noyau must know of its commands, apart from the
-//! job lifecycle (which the scheduler seam owns): the `qsub` arguments of a
-//! profile, and the readers of `qsub -terse`, `qstat -r -xml`,
-//! `qstat -j -xml`, `qacct -j` and `qstat -f -F -xml`. Pure functions: the
-//! caller runs the commands ([`qstat_args`] and the like say how).
+//! Son of Grid Engine (8.1.9; UGE and OGE sites speak the same commands):
+//! the agent runs as a batch job.
+//!
+//! * **Submission.** `qsub -terse` reads the job script on stdin (never
+//!   `-b y`), with a valid `-N`, `-S /bin/sh`, `-r n`, `-notify`, the log
+//!   (`-o`, `-j y`) and `-wd`; from the profile `-q` (`partition`, `queue`),
+//!   `-P` (`account`, `project`), `-pe PE N` for ntasks × cpus_per_task
+//!   cores on one host (`pe`, default `smp`), `-l h_rt=` (`time`) and the
+//!   site's memory resource per slot (`mem`; `mem_resource`, default
+//!   `h_vmem`), and `qsub` for any other argument. `qstat -j` shows a job's
+//!   environment to every user, so the job's environment goes in a 0600
+//!   file the script sources and deletes (`jobfiles.rs`, as for OAR), and
+//!   qsub runs with a clean environment. As another user (the hub), the
+//!   whole submission runs as the user.
+//! * **Listing.** `qstat -r -xml -u USER` (`-u *` for every user's): one
+//!   line per job or array task (`ID.TASK`); a running job ends at its
+//!   start + `h_rt`; why jobs wait comes from `qstat -j IDS -xml`, asked in
+//!   the same listing when one waits. A job that left it is looked up with
+//!   `qacct -j`, whose records come late (`records_lag`).
+//! * **Cancel** is `qdel` (`ID` or `ID.TASK`): SIGUSR2 (`-notify`), then
+//!   SIGKILL the queue's `notify` delay later.
+//! * **Walltime.** SIGUSR2 comes at `h_rt` (and at a `qdel`): it is the
+//!   walltime signal, with the queue's `notify` delay to save (the profile's
+//!   `walltime_signal` cannot move it). The script exports when `h_rt`
+//!   comes (`NOYAU_SGE_END`), so that a process getting SIGUSR2 well before
+//!   knows it is a cancel. A running job's walltime cannot be extended.
+//! * **Arrays** are `-t 1-N -tc K`: Grid Engine limits them itself; task k
+//!   runs the k-th of noyau's task ids.
+//! * **`--tasks N`** runs N local processes in the job: it holds N slots
+//!   on one host (`$pe_slots`), so no `qrsh -inherit` is needed, and the
+//!   tasks are the job's own processes (accounted and killed with it).
 //!
 //! # How Grid Engine behaves (SGE 8.1.9 from Debian 12, `scripts/sge-up`)
 //!
@@ -35,7 +61,7 @@
 //!   (RLIMIT_AS: a Python asking for 600 MB under 200M got MemoryError,
 //!   exit 1; ipykernel alone maps ~800 MB). Sites often make it consumable
 //!   with a default per slot; UGE sites use `m_mem_free`, others
-//!   `mem_free`: the resource is the site's ([`Site::mem_resource`]).
+//!   `mem_free`: the resource is the site's (the profile key `mem_resource`).
 //! * `-q QUEUE`; `-P PROJECT` must exist ("job rejected: the requested
 //!   project "x" does not exist"); `-A` is only a free accounting string.
 //!   `-l h_rt=` takes seconds or `H:M:S`, no days.
@@ -109,77 +135,47 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::profile::Profile;
+use async_trait::async_trait;
 
-/// What Grid Engine's answers or a request to it could not be made of.
-#[derive(Debug, thiserror::Error)]
-pub enum SgeError {
-    #[error("`qsub` printed no job id: {0:?}")]
-    NoJobId(String),
-    #[error("`{command}` printed XML that cannot be read: {source}")]
-    Xml {
-        command: &'static str,
-        source: roxmltree::Error,
-    },
-    #[error("`{command}` printed {what} that is not understood: {value:?}")]
-    Field {
-        command: &'static str,
-        what: &'static str,
-        value: String,
-    },
-    #[error(
-        "nodes = {0}: Grid Engine jobs of noyau run on one host (cores with `-pe`); \
-         ask for cores with cpus_per_task instead"
-    )]
-    MultiNode(u32),
-    #[error("invalid resource request: {0}")]
-    Profile(String),
+use crate::batch::{Batch, Commands, JobInfo, PartitionLoad, Scope, Submission};
+use crate::jobfiles::{sourcing, submit_as, JobFiles};
+use crate::profile::{parse_size, parse_time, Key, Kind, Profile};
+use crate::quote::sh_quote;
+use crate::run::{user_name, AsUser};
+use crate::script::job_script;
+use crate::{JobEnd, JobSpec, JobState, SchedError};
+
+/// The profile keys only Grid Engine knows: the parallel environment that
+/// gives cores on one host, the memory (per job, asked per slot) and the
+/// site's memory resource, more `qsub` arguments.
+const KEYS: &[Key] = &[
+    Key::new("pe", Kind::Word),
+    Key::new("mem", Kind::Size),
+    Key::new("mem_resource", Kind::Word),
+    Key::new("qsub", Kind::Args),
+];
+
+/// What the job script exports: when `h_rt` comes (seconds since the epoch).
+const END_VAR: &str = "NOYAU_SGE_END";
+
+/// SIGUSR2 this long before [`END_VAR`] or later is the walltime: the job
+/// started a little before its script ran.
+const END_SLACK: Duration = Duration::from_secs(60);
+
+pub(crate) struct Sge {
+    cmds: Commands,
 }
 
-/// What differs between Grid Engine sites.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Site {
-    /// The parallel environment that gives cores on one host (`-pe PE N`).
-    pub pe: String,
-    /// The per-slot memory resource (`-l RESOURCE=…`): `h_vmem`, UGE's
-    /// `m_mem_free`, `mem_free`…
-    pub mem_resource: String,
-}
-
-impl Default for Site {
-    fn default() -> Self {
-        Site {
-            pe: "smp".into(),
-            mem_resource: "h_vmem".into(),
-        }
-    }
-}
-
-/// A job array: how many tasks, how many at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Array {
-    pub tasks: usize,
-    pub max_parallel: usize,
-}
-
-/// One submission's request.
-#[derive(Debug, Clone)]
-pub struct Submission<'a> {
-    /// Shown to every user: no secret (made valid by [`job_name`]).
-    pub name: &'a str,
-    pub profile: &'a Profile,
-    /// Where the job's log goes (`NAME-$JOB_ID.log`).
-    pub log_dir: &'a Path,
-    /// The job's directory; None: qsub's own (`-cwd`).
-    pub cwd: Option<&'a Path>,
-    pub array: Option<Array>,
+pub(crate) fn make(cmds: Commands) -> Arc<dyn Batch> {
+    Arc::new(Sge { cmds })
 }
 
 /// A job name Grid Engine accepts: ASCII letters, digits, `-_.`, every
 /// other character an `_`, never a digit first.
-pub fn job_name(name: &str) -> String {
+fn job_name(name: &str) -> String {
     let mut n: String = name
         .chars()
         .map(|c| {
@@ -196,14 +192,15 @@ pub fn job_name(name: &str) -> String {
     n
 }
 
-/// The log path of `-o`: Grid Engine fills in `$JOB_ID` (and `$TASK_ID`).
-fn log_path(sub: &Submission) -> String {
-    let file = if sub.array.is_some() {
-        format!("{}-$JOB_ID.$TASK_ID.log", job_name(sub.name))
+/// The log path of `-o` (Grid Engine fills in `$JOB_ID` and `$TASK_ID`):
+/// what `JobSpec::log_path` names for the job or task id `list` shows.
+fn log_path(spec: &JobSpec) -> String {
+    let file = if spec.array.is_some() {
+        format!("{}-$JOB_ID.$TASK_ID.log", spec.name)
     } else {
-        format!("{}-$JOB_ID.log", job_name(sub.name))
+        format!("{}-$JOB_ID.log", spec.name)
     };
-    let path = sub.log_dir.join(file).display().to_string();
+    let path = spec.logs().join(file).display().to_string();
     // `-o` reads HOST:PATH; a leading `:` says "no host"
     if path.contains(':') {
         format!(":{path}")
@@ -219,41 +216,43 @@ fn slots(p: &Profile) -> u32 {
     n(p.ntasks).saturating_mul(n(p.cpus_per_task))
 }
 
-/// The `-l` list: `h_rt` in seconds, memory per slot in megabytes.
-fn resources(p: &Profile, site: &Site) -> Result<Vec<String>, SgeError> {
+/// The `-l` list: `h_rt` in seconds, memory per slot in megabytes of the
+/// site's resource.
+fn resources(p: &Profile) -> Result<Vec<String>, SchedError> {
     let mut l = Vec::new();
     if let Some(t) = &p.time {
-        let secs = crate::profile::parse_time(t).map_err(|e| SgeError::Profile(e.message))?;
         // 0 is "UNLIMITED": no h_rt
+        let secs = parse_time(t)?;
         if secs > 0 {
             l.push(format!("h_rt={secs}"));
         }
     }
     if let Some(m) = p.get("mem") {
-        let mb = crate::profile::parse_size(m).map_err(|e| SgeError::Profile(e.message))?;
-        let per_slot = mb.div_ceil(u64::from(slots(p)));
-        l.push(format!("{}={per_slot}M", site.mem_resource));
+        let per_slot = parse_size(m)?.div_ceil(u64::from(slots(p)));
+        let resource = p.get("mem_resource").unwrap_or("h_vmem");
+        l.push(format!("{resource}={per_slot}M"));
     }
     Ok(l)
 }
 
-/// The arguments of `qsub` (which reads the script on stdin) for `sub`.
-/// They hold no secret: every user sees them in `qstat -j`. Profile keys
-/// used: time, ntasks, cpus_per_task, nodes (1 only), mem,
-/// queue/partition, project/account.
-pub fn qsub_args(sub: &Submission, site: &Site) -> Result<Vec<String>, SgeError> {
-    let p = sub.profile;
+/// The arguments of `qsub` (which reads the script on stdin) for `spec`.
+/// They hold no secret: every user sees them in `qstat -j`.
+fn qsub_args(spec: &JobSpec) -> Result<Vec<String>, SchedError> {
+    let p = &spec.profile;
     if let Some(n) = p.nodes.filter(|n| *n > 1) {
-        return Err(SgeError::MultiNode(n));
+        return Err(SchedError::Invalid(format!(
+            "nodes = {n}: Grid Engine jobs of noyau run on one host (cores with `-pe`); \
+             ask for cores with cpus_per_task instead"
+        )));
     }
-    let mut a: Vec<String> = ["-terse", "-N", &job_name(sub.name), "-S", "/bin/sh"]
+    let mut a: Vec<String> = ["-terse", "-N", &job_name(&spec.name), "-S", "/bin/sh"]
         .map(String::from)
         .into();
     // not rerun after a host failure (a kernel cannot resume); SIGUSR2
     // `notify` seconds before the SIGKILL of h_rt or qdel
     a.extend(["-r", "n", "-notify", "-j", "y", "-o"].map(String::from));
-    a.push(log_path(sub));
-    match sub.cwd {
+    a.push(log_path(spec));
+    match &spec.cwd {
         Some(d) => a.extend(["-wd".into(), d.display().to_string()]),
         None => a.push("-cwd".into()),
     }
@@ -264,36 +263,62 @@ pub fn qsub_args(sub: &Submission, site: &Site) -> Result<Vec<String>, SgeError>
         a.extend(["-P".into(), pr.clone()]);
     }
     if slots(p) > 1 {
-        a.extend(["-pe".into(), site.pe.clone(), slots(p).to_string()]);
+        let pe = p.get("pe").unwrap_or("smp");
+        a.extend(["-pe".into(), pe.into(), slots(p).to_string()]);
     }
-    let l = resources(p, site)?;
+    let l = resources(p)?;
     if !l.is_empty() {
         a.extend(["-l".into(), l.join(",")]);
     }
-    if let Some(arr) = sub.array {
-        a.extend(["-t".into(), format!("1-{}", arr.tasks.max(1))]);
-        if arr.max_parallel < arr.tasks {
-            a.extend(["-tc".into(), arr.max_parallel.max(1).to_string()]);
+    if let Some(t) = &spec.array {
+        a.extend(["-t".into(), format!("1-{}", t.ids.len().max(1))]);
+        if t.limited() {
+            a.extend(["-tc".into(), t.max_parallel.max(1).to_string()]);
         }
     }
+    a.extend(p.items("qsub").iter().cloned());
     Ok(a)
+}
+
+/// The script's head: when `h_rt` comes (for a process to tell the
+/// walltime's SIGUSR2 from a qdel's), the sourcing of the environment file,
+/// and an array task's id.
+fn head(spec: &JobSpec, env_file: &Path) -> String {
+    let mut s = String::new();
+    if let Some(t) = spec.profile.time_secs().filter(|t| *t > 0) {
+        s.push_str(&format!(
+            "# SIGUSR2 comes at h_rt and at a qdel: when h_rt comes, to tell them apart\n\
+             {END_VAR}=$(( $(date +%s) + {t} )); export {END_VAR}\n"
+        ));
+    }
+    s.push_str(&sourcing(
+        env_file,
+        "`qstat -j` shows a job's environment to every user",
+        spec.array.is_some(),
+        "",
+    ));
+    if let Some(t) = &spec.array {
+        s.push_str(&array_task_id(&t.ids));
+    }
+    s
 }
 
 /// Shell lines for an array task's script: `NOYAU_ARRAY_TASK_ID` is the
 /// `SGE_TASK_ID`-th of `ids` (Grid Engine numbers tasks from 1, in one
 /// range; noyau's ids may start at 0 or have gaps).
-pub fn array_task_id(ids: &[usize]) -> String {
+fn array_task_id(ids: &[usize]) -> String {
     let list: Vec<String> = ids.iter().map(usize::to_string).collect();
     format!(
-        "set -- {}\nshift $((SGE_TASK_ID - 1))\nexport NOYAU_ARRAY_TASK_ID=\"$1\"\nset --\n",
-        list.join(" ")
+        "set -- {}\nshift $((SGE_TASK_ID - 1))\nexport {}=\"$1\"\nset --\n",
+        list.join(" "),
+        crate::ARRAY_TASK_VAR
     )
 }
 
 /// The environment to run `qsub` with (after clearing it): Grid Engine's
 /// own settings and a few plain ones, so that a `-V` a site or user
 /// `sge_request` adds shows no secret of the caller's.
-pub fn qsub_env(vars: impl IntoIterator<Item = (String, String)>) -> BTreeMap<String, String> {
+fn qsub_env(vars: impl IntoIterator<Item = (String, String)>) -> BTreeMap<String, String> {
     const PLAIN: &[&str] = &["PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ", "SHELL"];
     vars.into_iter()
         .filter(|(k, _)| {
@@ -303,57 +328,50 @@ pub fn qsub_env(vars: impl IntoIterator<Item = (String, String)>) -> BTreeMap<St
 }
 
 /// The job id in `qsub -terse`'s output: `26`, or `32.1-6:1` for an array.
-pub fn parse_qsub(out: &str) -> Result<String, SgeError> {
+fn parse_qsub(out: &str) -> Result<String, SchedError> {
     out.lines()
         .map(str::trim)
         .rfind(|l| !l.is_empty())
         .and_then(|l| l.split('.').next())
         .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
         .map(str::to_string)
-        .ok_or_else(|| SgeError::NoJobId(out.to_string()))
-}
-
-// ---- the commands ------------------------------------------------------------
-
-/// `qstat` arguments listing `user`'s jobs with their requests.
-pub fn qstat_args(user: &str) -> Vec<String> {
-    ["-r", "-xml", "-u", user].map(String::from).into()
-}
-
-/// `qstat` arguments giving why `ids` wait (one call for all).
-pub fn qstat_j_args(ids: &[String]) -> Vec<String> {
-    vec!["-j".into(), ids.join(","), "-xml".into()]
-}
-
-/// `qacct` arguments for one job (every task of an array).
-pub fn qacct_args(id: &str) -> Vec<String> {
-    vec!["-j".into(), id.into()]
-}
-
-/// `qstat` arguments listing the queue instances with their free slots
-/// and memory (`user`: whose jobs it also lists; give the caller's own).
-pub fn queues_args(user: &str, site: &Site) -> Vec<String> {
-    let f = format!("slots,{}", site.mem_resource);
-    ["-f", "-F", &f, "-xml", "-u", user]
-        .map(String::from)
-        .into()
+        .ok_or_else(|| SchedError::NoJobId {
+            command: "qsub",
+            output: out.into(),
+        })
 }
 
 /// What qacct says when it has no record of a job (yet: see the notes).
-pub fn qacct_not_found(stderr: &str) -> bool {
+fn qacct_not_found(stderr: &str) -> bool {
     stderr.contains("not found")
 }
 
-/// What qdel says of a job Grid Engine no longer knows.
-pub fn qdel_gone(output: &str) -> bool {
-    output.contains("does not exist")
+/// Whether each line of qdel's answer says the job is being deleted or is
+/// already gone: a cancel that succeeded.
+fn qdel_done(output: &str) -> bool {
+    output.lines().filter(|l| !l.trim().is_empty()).all(|l| {
+        l.contains("does not exist") || l.contains("for deletion") || l.contains("has deleted")
+    })
+}
+
+/// Whether SIGUSR2, received now in a job whose script exported
+/// [`END_VAR`] as `end`, comes before the walltime: a qdel.
+fn before_the_end(end: Option<&str>, now: SystemTime) -> bool {
+    let Some(end) = end.and_then(|e| e.trim().parse::<u64>().ok()) else {
+        // no h_rt: the signal can only be a qdel
+        return true;
+    };
+    let now = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    now + END_SLACK < Duration::from_secs(end)
 }
 
 // ---- qstat -r -xml -------------------------------------------------------------
 
 /// A job's state, from qstat's letters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SgeState {
+enum SgeState {
     /// `qw`: waiting for resources.
     Pending,
     /// `hqw`: held (`-h`, `-hold_jid`, an operator).
@@ -366,12 +384,10 @@ pub enum SgeState {
     Deleting,
     /// `E`: Grid Engine could not start it; it waits for `qmod -cj`.
     Error,
-    /// `z`: finished (only with `qstat -s z`).
-    Finished,
 }
 
 impl SgeState {
-    pub fn parse(letters: &str) -> Option<SgeState> {
+    fn parse(letters: &str) -> Option<SgeState> {
         let has = |set: &str| letters.chars().any(|c| set.contains(c));
         Some(if has("E") {
             SgeState::Error
@@ -385,8 +401,6 @@ impl SgeState {
             SgeState::Held
         } else if has("qw") {
             SgeState::Pending
-        } else if has("z") {
-            SgeState::Finished
         } else {
             return None;
         })
@@ -395,29 +409,63 @@ impl SgeState {
 
 /// One line of `qstat -r -xml`: a job, or some tasks of an array.
 #[derive(Debug, Clone, PartialEq)]
-pub struct QstatJob {
-    pub id: String,
-    pub name: String,
-    pub owner: String,
-    pub state: SgeState,
+struct QstatJob {
+    id: String,
+    name: String,
+    state: SgeState,
     /// The letters, e.g. `hqw`.
-    pub letters: String,
+    letters: String,
     /// The array tasks this line is about (empty: not an array).
-    pub tasks: Vec<u32>,
+    tasks: Vec<u32>,
     /// Where it runs, else the queue it asked for.
-    pub queue: Option<String>,
-    pub host: Option<String>,
-    pub started: Option<SystemTime>,
-    pub submitted: Option<SystemTime>,
-    pub slots: u32,
-    pub h_rt: Option<Duration>,
+    queue: Option<String>,
+    host: Option<String>,
+    started: Option<SystemTime>,
+    h_rt: Option<Duration>,
 }
 
 impl QstatJob {
     /// When `h_rt` runs out (with `-notify`, SIGUSR2 then, SIGKILL the
     /// queue's `notify` later).
-    pub fn ends_at(&self) -> Option<SystemTime> {
+    fn ends_at(&self) -> Option<SystemTime> {
         Some(self.started? + self.h_rt?)
+    }
+
+    /// Its ids as noyau names them: the job's, or each task's (`ID.TASK`).
+    fn ids(&self) -> Vec<String> {
+        if self.tasks.is_empty() {
+            return vec![self.id.clone()];
+        }
+        self.tasks
+            .iter()
+            .map(|t| format!("{}.{t}", self.id))
+            .collect()
+    }
+
+    /// Its state, with why it waits (from `qstat -j`).
+    fn job_state(&self, why: &Reasons) -> JobState {
+        let reason = why.reason(&self.id);
+        let reason = match self.state {
+            SgeState::Running | SgeState::Suspended | SgeState::Deleting => {
+                return JobState::Running {
+                    node: self.host.clone().unwrap_or_default(),
+                    ends_at: self.ends_at(),
+                }
+            }
+            SgeState::Error => format!(
+                "in error: {}; Grid Engine keeps it until it is cancelled",
+                reason
+                    .as_deref()
+                    .unwrap_or("Grid Engine could not start it")
+            ),
+            SgeState::Held => reason.unwrap_or_else(|| "held".into()),
+            SgeState::Pending => reason.unwrap_or_else(|| "waiting".into()),
+        };
+        JobState::Pending {
+            reason,
+            start: None,
+            partition: self.queue.clone(),
+        }
     }
 }
 
@@ -429,13 +477,24 @@ fn text<'a>(node: roxmltree::Node<'a, '_>, tag: &str) -> Option<&'a str> {
         .filter(|t| !t.is_empty())
 }
 
-fn xml<'a>(command: &'static str, doc: &'a str) -> Result<roxmltree::Document<'a>, SgeError> {
-    roxmltree::Document::parse(doc).map_err(|source| SgeError::Xml { command, source })
+fn xml<'a>(command: &'static str, doc: &'a str) -> Result<roxmltree::Document<'a>, SchedError> {
+    roxmltree::Document::parse(doc).map_err(|e| SchedError::Answer {
+        what: command,
+        why: format!("its XML cannot be read: {e}"),
+    })
+}
+
+/// A field of `command`'s answer that is not understood.
+fn odd(command: &'static str, what: &str, value: &str) -> SchedError {
+    SchedError::Answer {
+        what: command,
+        why: format!("{what} {value:?}"),
+    }
 }
 
 /// Grid Engine's time stamps (`2026-12-06T01:36:20`, UGE `…:20.123`): the
 /// local time of the host that printed them.
-pub fn parse_local_time(s: &str) -> Option<SystemTime> {
+fn parse_local_time(s: &str) -> Option<SystemTime> {
     use chrono::TimeZone;
     let t = chrono::NaiveDateTime::parse_from_str(s.trim(), "%Y-%m-%dT%H:%M:%S%.f").ok()?;
     chrono::Local
@@ -445,7 +504,7 @@ pub fn parse_local_time(s: &str) -> Option<SystemTime> {
 }
 
 /// Seconds or `H:M:S` (Grid Engine's time values).
-pub fn parse_seconds(s: &str) -> Option<Duration> {
+fn parse_seconds(s: &str) -> Option<Duration> {
     let mut secs: u64 = 0;
     for part in s.trim().split(':') {
         secs = secs.checked_mul(60)?.checked_add(part.parse().ok()?)?;
@@ -455,7 +514,7 @@ pub fn parse_seconds(s: &str) -> Option<Duration> {
 
 /// Array task ids as qstat and qacct write them: `4`, `3-6:1`, `3,5`,
 /// `1-9:2,12`.
-pub fn parse_tasks(s: &str) -> Option<Vec<u32>> {
+fn parse_tasks(s: &str) -> Option<Vec<u32>> {
     let mut ids = Vec::new();
     for part in s.trim().split(',') {
         let (range, step) = part.split_once(':').unwrap_or((part, "1"));
@@ -468,12 +527,8 @@ pub fn parse_tasks(s: &str) -> Option<Vec<u32>> {
     Some(ids)
 }
 
-fn job_line(j: roxmltree::Node) -> Result<QstatJob, SgeError> {
-    let bad = |what, value: &str| SgeError::Field {
-        command: "qstat -xml",
-        what,
-        value: value.into(),
-    };
+fn job_line(j: roxmltree::Node) -> Result<QstatJob, SchedError> {
+    let bad = |what, value: &str| odd("qstat -xml", what, value);
     let id = text(j, "JB_job_number").ok_or_else(|| bad("a job without number", ""))?;
     let letters = text(j, "state").unwrap_or_default();
     let state = SgeState::parse(letters).ok_or_else(|| bad("a job state", letters))?;
@@ -493,7 +548,6 @@ fn job_line(j: roxmltree::Node) -> Result<QstatJob, SgeError> {
             .or(text(j, "JB_name"))
             .unwrap_or_default()
             .into(),
-        owner: text(j, "JB_owner").unwrap_or_default().into(),
         state,
         letters: letters.into(),
         tasks,
@@ -503,14 +557,12 @@ fn job_line(j: roxmltree::Node) -> Result<QstatJob, SgeError> {
             .map(String::from),
         host: at.map(|(_, h)| h.to_string()),
         started: text(j, "JAT_start_time").and_then(parse_local_time),
-        submitted: text(j, "JB_submission_time").and_then(parse_local_time),
-        slots: text(j, "slots").and_then(|s| s.parse().ok()).unwrap_or(1),
         h_rt,
     })
 }
 
 /// Every job line of `qstat [-r] -xml` (running ones first, as listed).
-pub fn parse_qstat(doc: &str) -> Result<Vec<QstatJob>, SgeError> {
+fn parse_qstat(doc: &str) -> Result<Vec<QstatJob>, SchedError> {
     let doc = xml("qstat -xml", doc)?;
     doc.descendants()
         .filter(|n| n.has_tag_name("job_list"))
@@ -522,22 +574,21 @@ pub fn parse_qstat(doc: &str) -> Result<Vec<QstatJob>, SgeError> {
 
 /// Why jobs wait, from `qstat -j A,B -xml`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Reasons {
+struct Reasons {
     /// The scheduler's messages about each job, by job id.
-    pub by_job: HashMap<String, Vec<String>>,
+    by_job: HashMap<String, Vec<String>>,
     /// Its messages about the whole cluster.
-    pub global: Vec<String>,
+    global: Vec<String>,
     /// Why Grid Engine could not start a job (state `E`), by job id.
-    pub errors: HashMap<String, Vec<String>>,
-    /// The jobs qstat described: an id asked for and missing here has
-    /// ended, or never was (qstat names those only when it knows none).
-    pub jobs: Vec<String>,
+    errors: HashMap<String, Vec<String>>,
+    /// The jobs qstat described.
+    jobs: Vec<String>,
 }
 
 impl Reasons {
     /// What to tell the user about job `id`: its error, else its own
     /// messages, else the cluster's; None when qstat says nothing.
-    pub fn reason(&self, id: &str) -> Option<String> {
+    fn reason(&self, id: &str) -> Option<String> {
         [self.errors.get(id), self.by_job.get(id), Some(&self.global)]
             .into_iter()
             .flatten()
@@ -560,7 +611,7 @@ fn push_unique(list: &mut Vec<String>, m: String) {
 }
 
 /// Reads `qstat -j IDS -xml`.
-pub fn parse_qstat_j(doc: &str) -> Result<Reasons, SgeError> {
+fn parse_qstat_j(doc: &str) -> Result<Reasons, SchedError> {
     let doc = xml("qstat -j -xml", doc)?;
     let mut r = Reasons::default();
     for n in doc.descendants() {
@@ -601,24 +652,49 @@ pub fn parse_qstat_j(doc: &str) -> Result<Reasons, SgeError> {
 
 /// One record of `qacct -j` (one per array task).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AcctRecord {
-    pub job: String,
-    pub task: Option<u32>,
-    pub name: String,
-    pub queue: String,
-    pub host: String,
+struct AcctRecord {
+    job: String,
+    task: Option<u32>,
+    name: String,
+    queue: String,
+    host: String,
     /// Grid Engine's failure code (0: it ran the job to its end) and its words.
-    pub failed: u32,
-    pub failed_reason: String,
-    pub exit_status: i32,
-    pub wallclock: Option<Duration>,
+    failed: u32,
+    failed_reason: String,
+    exit_status: i32,
+    wallclock: Option<Duration>,
     /// The request, e.g. `-q batch -l h_rt=600,h_vmem=1G`.
-    pub category: String,
+    category: String,
+}
+
+impl AcctRecord {
+    /// Its id as noyau names it: the job's, or its task's (`ID.TASK`).
+    fn id(&self) -> String {
+        match self.task {
+            Some(t) => format!("{}.{t}", self.job),
+            None => self.job.clone(),
+        }
+    }
+
+    fn ending(&self) -> Ending {
+        match self.failed {
+            0 => Ending::Exited(self.exit_status),
+            37 => match (self.wallclock, category_h_rt(&self.category)) {
+                (Some(ran), Some(h_rt)) if ran >= h_rt => Ending::Walltime,
+                _ => Ending::Limit(self.failed_reason.clone()),
+            },
+            100 if self.exit_status > 128 => Ending::Signalled(self.exit_status - 128),
+            code => Ending::Failed {
+                code,
+                reason: self.failed_reason.clone(),
+            },
+        }
+    }
 }
 
 /// Reads `qacct -j`'s records (fields it does not use are skipped). Each
 /// record starts with a line of `=`.
-pub fn parse_qacct(out: &str) -> Result<Vec<AcctRecord>, SgeError> {
+fn parse_qacct(out: &str) -> Result<Vec<AcctRecord>, SchedError> {
     let mut records: Vec<AcctRecord> = Vec::new();
     for line in out.lines() {
         if line.starts_with("====") {
@@ -629,21 +705,13 @@ pub fn parse_qacct(out: &str) -> Result<Vec<AcctRecord>, SgeError> {
         }
     }
     match records.iter().find(|r| r.job.is_empty()) {
-        Some(_) => Err(SgeError::Field {
-            command: "qacct -j",
-            what: "a record",
-            value: "(no jobnumber)".into(),
-        }),
+        Some(_) => Err(odd("qacct -j", "a record without", "jobnumber")),
         None => Ok(records),
     }
 }
 
-fn acct_field(r: &mut AcctRecord, key: &str, value: &str) -> Result<(), SgeError> {
-    let bad = |what| SgeError::Field {
-        command: "qacct -j",
-        what,
-        value: value.into(),
-    };
+fn acct_field(r: &mut AcctRecord, key: &str, value: &str) -> Result<(), SchedError> {
+    let bad = |what| odd("qacct -j", what, value);
     let first = value.split_whitespace().next().unwrap_or("");
     match key {
         "jobnumber" => r.job = value.into(),
@@ -671,10 +739,11 @@ fn acct_field(r: &mut AcctRecord, key: &str, value: &str) -> Result<(), SgeError
 
 /// How a job ended, from its accounting record.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Ending {
+enum Ending {
     /// The script ended with this status.
     Exited(i32),
-    /// Killed by this signal: by `qdel` (SIGKILL) or anyone else.
+    /// Killed by this signal: by `qdel` (SIGKILL, or SIGUSR2 for a job
+    /// that does not handle it) or anyone else.
     Signalled(i32),
     /// Killed at its `h_rt`.
     Walltime,
@@ -685,8 +754,11 @@ pub enum Ending {
 }
 
 impl Ending {
-    pub fn success(&self) -> bool {
-        *self == Ending::Exited(0)
+    fn end(&self) -> JobEnd {
+        JobEnd {
+            description: self.to_string(),
+            success: *self == Ending::Exited(0),
+        }
     }
 }
 
@@ -695,7 +767,7 @@ impl std::fmt::Display for Ending {
         match self {
             Ending::Exited(0) => write!(f, "completed"),
             Ending::Exited(c) => write!(f, "failed (exit code {c})"),
-            Ending::Signalled(s) => write!(f, "was killed by signal {s} (qdel, or a kill)"),
+            Ending::Signalled(s) => write!(f, "was killed by signal {s} (cancelled, or a kill)"),
             Ending::Walltime => write!(f, "reached its walltime (Grid Engine h_rt)"),
             Ending::Limit(r) => write!(f, "was killed at a Grid Engine limit ({r})"),
             Ending::Failed { code, reason } => {
@@ -714,175 +786,405 @@ fn category_h_rt(category: &str) -> Option<Duration> {
         .and_then(parse_seconds)
 }
 
-impl AcctRecord {
-    pub fn ending(&self) -> Ending {
-        match self.failed {
-            0 => Ending::Exited(self.exit_status),
-            37 => match (self.wallclock, category_h_rt(&self.category)) {
-                (Some(ran), Some(h_rt)) if ran >= h_rt => Ending::Walltime,
-                _ => Ending::Limit(self.failed_reason.clone()),
-            },
-            100 if self.exit_status > 128 => Ending::Signalled(self.exit_status - 128),
-            code => Ending::Failed {
-                code,
-                reason: self.failed_reason.clone(),
-            },
-        }
-    }
-}
+// ---- qstat -f -F slots -xml ------------------------------------------------------
 
-// ---- qstat -f -F -xml ------------------------------------------------------------
-
-/// A queue on one host, from `qstat -f -F … -xml`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct QueueInstance {
-    pub queue: String,
-    pub host: String,
+/// A queue on one host, from `qstat -f -F slots -xml`.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct QueueInstance {
+    queue: String,
     /// Its state letters (`d` disabled, `u` unknown, `a` alarm, `s`
     /// suspended, `E` error, `C` calendar…): empty when it takes jobs.
-    pub state: String,
-    pub slots_total: u32,
-    pub slots_used: u32,
-    pub slots_resv: u32,
-    /// `-F` values by resource name: (`hc` host consumable, `qc` queue
-    /// consumable, `hl` host load…, value as printed, e.g. `14.186G`).
-    pub resources: BTreeMap<String, (String, String)>,
+    state: String,
+    slots_total: u32,
+    slots_used: u32,
+    slots_resv: u32,
+    /// The host's free slots (`-F slots`: a host consumable), when it
+    /// limits them.
+    host_slots: Option<f64>,
 }
 
 impl QueueInstance {
     /// Slots a new job could have here now: none in any state but the
     /// plain one, else the least of the queue's and the host's.
-    pub fn free_slots(&self) -> u32 {
+    fn free_slots(&self) -> u32 {
         if !self.state.is_empty() {
             return 0;
         }
         let queue = self
             .slots_total
             .saturating_sub(self.slots_used + self.slots_resv);
-        let host = self
-            .resources
-            .get("slots")
-            .and_then(|(_, v)| v.parse::<f64>().ok())
-            .map_or(u32::MAX, |v| v.max(0.0) as u32);
+        let host = self.host_slots.map_or(u32::MAX, |v| v.max(0.0) as u32);
         queue.min(host)
     }
-
-    /// The free memory of `resource` here, in megabytes.
-    pub fn free_mem_mb(&self, resource: &str) -> Option<u64> {
-        self.resources
-            .get(resource)
-            .and_then(|(_, v)| parse_mem_mb(v))
-    }
 }
 
-/// Grid Engine's memory values in megabytes: `14.186G`, `512.000M`, `1024K`,
-/// bytes without a unit; upper-case units are powers of 1024, lower-case
-/// of 1000.
-pub fn parse_mem_mb(v: &str) -> Option<u64> {
-    let v = v.trim();
-    let split = v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len());
-    let (num, unit) = v.split_at(split);
-    let n: f64 = num
-        .parse()
-        .ok()
-        .filter(|n: &f64| n.is_finite() && *n >= 0.0)?;
-    let factor = match unit {
-        "" => 1.0,
-        "K" => 1024.0,
-        "k" => 1e3,
-        "M" => 1024.0 * 1024.0,
-        "m" => 1e6,
-        "G" => 1024.0 * 1024.0 * 1024.0,
-        "g" => 1e9,
-        "T" => 1024.0f64.powi(4),
-        "t" => 1e12,
-        _ => return None,
-    };
-    Some((n * factor / (1024.0 * 1024.0)) as u64)
-}
-
-/// Reads `qstat -f -F … -xml`'s queue instances (their job lists skipped).
-pub fn parse_queues(doc: &str) -> Result<Vec<QueueInstance>, SgeError> {
+/// Reads `qstat -f -F slots -xml`'s queue instances (their job lists skipped).
+fn parse_queues(doc: &str) -> Result<Vec<QueueInstance>, SchedError> {
     let doc = xml("qstat -f -xml", doc)?;
     let num = |n, tag| text(n, tag).and_then(|v| v.parse().ok()).unwrap_or(0);
     let mut out = Vec::new();
     for q in doc.descendants().filter(|n| n.has_tag_name("Queue-List")) {
         let name = text(q, "name").unwrap_or_default();
-        let (queue, host) = name.split_once('@').unwrap_or((name, ""));
-        let resources = q
+        let queue = name.split_once('@').map_or(name, |(q, _)| q);
+        let host_slots = q
             .children()
-            .filter(|c| c.has_tag_name("resource"))
-            .filter_map(|r| {
-                let value = r.text().unwrap_or_default().trim().to_string();
-                let kind = r.attribute("type").unwrap_or_default().to_string();
-                Some((r.attribute("name")?.to_string(), (kind, value)))
-            })
-            .collect();
+            .find(|r| r.has_tag_name("resource") && r.attribute("name") == Some("slots"))
+            .and_then(|r| r.text())
+            .and_then(|v| v.trim().parse().ok());
         out.push(QueueInstance {
             queue: queue.into(),
-            host: host.into(),
             state: text(q, "state").unwrap_or_default().into(),
             slots_total: num(q, "slots_total"),
             slots_used: num(q, "slots_used"),
             slots_resv: num(q, "slots_resv"),
-            resources,
+            host_slots,
         });
     }
     Ok(out)
 }
 
-/// Free slots and memory of one cluster queue, over its hosts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QueueFree {
-    pub queue: String,
-    pub free_slots: u32,
-    pub total_slots: u32,
-    /// Free memory of the site's memory resource, where hosts report it.
-    pub free_mem_mb: Option<u64>,
-}
-
-/// Sums the instances of each queue (in the order qstat lists them). Two
-/// queues on one host each count its free slots: they share them.
-pub fn free_by_queue(instances: &[QueueInstance], site: &Site) -> Vec<QueueFree> {
-    let mut out: Vec<QueueFree> = Vec::new();
+/// Free and total slots of each cluster queue, over its hosts (in the
+/// order qstat lists them). Two queues on one host each count its free
+/// slots: they share them.
+fn free_by_queue(instances: &[QueueInstance]) -> Vec<PartitionLoad> {
+    let mut out: Vec<PartitionLoad> = Vec::new();
     for i in instances {
-        let pos = match out.iter().position(|q| q.queue == i.queue) {
+        let pos = match out.iter().position(|q| q.partition == i.queue) {
             Some(p) => p,
             None => {
-                out.push(QueueFree {
-                    queue: i.queue.clone(),
-                    free_slots: 0,
-                    total_slots: 0,
-                    free_mem_mb: None,
+                out.push(PartitionLoad {
+                    partition: i.queue.clone(),
+                    ..Default::default()
                 });
                 out.len() - 1
             }
         };
-        let q = &mut out[pos];
-        q.free_slots += i.free_slots();
-        q.total_slots += i.slots_total;
-        if let Some(mb) = i
-            .free_mem_mb(&site.mem_resource)
-            .filter(|_| i.free_slots() > 0)
-        {
-            q.free_mem_mb = Some(q.free_mem_mb.unwrap_or(0) + mb);
-        }
+        out[pos].idle_cores += u64::from(i.free_slots());
+        out[pos].total_cores += u64::from(i.slots_total);
     }
     out
 }
 
-/// The queue's `notify` delay, from `qconf -sq QUEUE`: how long a
-/// `-notify` job has between SIGUSR2 and SIGKILL.
-pub fn parse_notify(qconf_sq: &str) -> Option<Duration> {
-    qconf_sq.lines().find_map(|l| {
-        let (k, v) = l.split_once(char::is_whitespace)?;
-        (k == "notify").then(|| parse_seconds(v)).flatten()
-    })
+// ---- the scheduler ---------------------------------------------------------------
+
+impl Sge {
+    /// Writes the 0600 environment file and pipes the script to qsub,
+    /// which runs with [`qsub_env`] only; the job's id and the files.
+    async fn qsub(&self, spec: &JobSpec) -> Result<(String, Vec<std::path::PathBuf>), SchedError> {
+        let args = qsub_args(spec)?;
+        let mut files = JobFiles::new(self.name(), spec)?;
+        let script = match files.write_env(spec) {
+            Ok(env_file) => job_script(&head(spec, &env_file), spec),
+            Err(e) => {
+                files.remove();
+                return Err(e);
+            }
+        };
+        let out = self
+            .cmds
+            .cmd("qsub")
+            .args(args)
+            .env_clear()
+            .envs(&qsub_env(std::env::vars()))
+            .stdin(script)
+            .output()
+            .await
+            .map_err(SchedError::Submit)
+            .and_then(|o| parse_qsub(&o));
+        match out {
+            Ok(id) => Ok((id, files.written)),
+            Err(e) => {
+                files.remove();
+                Err(e)
+            }
+        }
+    }
+
+    /// Why the jobs `ids` wait: one `qstat -j`; nothing when it fails
+    /// (the jobs then wait without a reason, their state is still known).
+    async fn reasons(&self, ids: &[String]) -> Reasons {
+        let out = self
+            .cmds
+            .cmd("qstat")
+            .args(["-j".to_string(), ids.join(","), "-xml".into()])
+            .output()
+            .await;
+        match out
+            .map_err(SchedError::from)
+            .and_then(|o| parse_qstat_j(&o))
+        {
+            Ok(r) => r,
+            Err(why) => {
+                tracing::debug!("no reasons for waiting jobs: {why}");
+                Reasons::default()
+            }
+        }
+    }
+
+    /// The accounting records of job `job` (every task of an array); none
+    /// while qacct has no record of it yet.
+    async fn records(&self, job: &str) -> Vec<AcctRecord> {
+        let out = self.cmds.cmd("qacct").args(["-j", job]).output().await;
+        let parsed = match out {
+            Ok(o) => parse_qacct(&o),
+            Err(e) if e.said().is_some_and(|s| qacct_not_found(&s)) => Ok(Vec::new()),
+            Err(e) => Err(e.into()),
+        };
+        parsed.unwrap_or_else(|why| {
+            tracing::debug!("qacct cannot say how job {job} ended: {why}");
+            Vec::new()
+        })
+    }
+}
+
+#[async_trait]
+impl Batch for Sge {
+    fn name(&self) -> &'static str {
+        "sge"
+    }
+
+    fn display(&self) -> &'static str {
+        "Grid Engine"
+    }
+
+    fn queue_word(&self) -> &'static str {
+        "Queue"
+    }
+
+    fn commands(&self) -> &'static [&'static str] {
+        &["qsub", "qstat", "qdel", "qacct"]
+    }
+
+    fn config_vars(&self) -> &'static [&'static str] {
+        &[
+            "SGE_ROOT",
+            "SGE_CELL",
+            "SGE_QMASTER_PORT",
+            "SGE_EXECD_PORT",
+            "SGE_CLUSTER_NAME",
+        ]
+    }
+
+    /// `JOB_ID` (and `SGE_TASK_ID`, `undefined` outside an array), which
+    /// Grid Engine sets in every job.
+    fn job_in_env(&self) -> Option<String> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let job = var("JOB_ID")?;
+        match var("SGE_TASK_ID")?.as_str() {
+            "undefined" => Some(job),
+            task => Some(format!("{job}.{task}")),
+        }
+    }
+
+    fn walltime_signal(&self) -> i32 {
+        libc::SIGUSR2
+    }
+
+    fn signal_means_cancel(&self) -> bool {
+        before_the_end(std::env::var(END_VAR).ok().as_deref(), SystemTime::now())
+    }
+
+    /// Local processes: the job's slots are on one host.
+    fn tasks_python(&self) -> &'static str {
+        ""
+    }
+
+    fn keys(&self) -> &'static [Key] {
+        KEYS
+    }
+
+    fn foreign_hint(&self) -> &'static str {
+        "on Grid Engine, name the parallel environment with `pe` and the site's memory \
+         resource with `mem_resource`, and pass other qsub arguments in `qsub` \
+         (e.g. qsub = [\"-l\", \"gpu=1\"])"
+    }
+
+    async fn dry_run(&self, spec: &JobSpec) -> Result<String, SchedError> {
+        let args: Vec<String> = qsub_args(spec)?.iter().map(|a| sh_quote(a)).collect();
+        let env_file = crate::jobfiles::job_dir(self.name()).join(format!("{}.env", spec.name));
+        Ok(format!(
+            "# qsub {} < (this script)\n{}",
+            args.join(" "),
+            job_script(&head(spec, &env_file), spec)
+        ))
+    }
+
+    async fn submit(&self, spec: &JobSpec, u: Option<&AsUser>) -> Result<Submission, SchedError> {
+        if let Some(u) = u {
+            return submit_as(u, self.name(), spec).await;
+        }
+        if spec.profile.walltime_signal.is_some() {
+            tracing::warn!(
+                "walltime_signal is not used on Grid Engine: its jobs get SIGUSR2 at h_rt, \
+                 with the queue's notify delay to save"
+            );
+        }
+        let (id, files) = self.qsub(spec).await?;
+        Ok(match &spec.array {
+            // (the script deletes its file itself)
+            None => Submission {
+                id,
+                files,
+                ..Default::default()
+            },
+            Some(t) => Submission {
+                tasks: (1..=t.ids.len()).map(|k| format!("{id}.{k}")).collect(),
+                note: if t.limited() {
+                    format!("-t 1-{} -tc {}", t.ids.len(), t.max_parallel)
+                } else {
+                    format!("-t 1-{}", t.ids.len())
+                },
+                id,
+                files,
+                held: false,
+            },
+        })
+    }
+
+    /// `qdel ID…` (`ID.TASK` for a task); a job already gone is no error.
+    async fn cancel(&self, ids: &[String], u: Option<&AsUser>) -> Result<(), SchedError> {
+        let out = self
+            .cmds
+            .cmd("qdel")
+            .args(ids.iter().cloned())
+            .run_as(u, self.config_vars())
+            .output()
+            .await;
+        match out {
+            Err(e) if !e.said().is_some_and(|s| qdel_done(&s)) => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// `qstat -r -xml -u USER` (`-u *`: everyone's), and `qstat -j` for
+    /// why the jobs that wait do.
+    async fn list(
+        &self,
+        scope: Scope,
+        _ids: Option<&[String]>,
+    ) -> Result<Vec<JobInfo>, SchedError> {
+        let user = match scope {
+            Scope::Mine => user_name()?,
+            Scope::All => "*".into(),
+        };
+        let out = self
+            .cmds
+            .cmd("qstat")
+            .args(["-r", "-xml", "-u", &user])
+            .output()
+            .await?;
+        let jobs = parse_qstat(&out)?;
+        let mut waiting: Vec<String> = jobs
+            .iter()
+            .filter(|j| {
+                matches!(
+                    j.state,
+                    SgeState::Pending | SgeState::Held | SgeState::Error
+                )
+            })
+            .map(|j| j.id.clone())
+            .collect();
+        waiting.dedup();
+        let why = match waiting.is_empty() {
+            true => Reasons::default(),
+            false => self.reasons(&waiting).await,
+        };
+        Ok(jobs
+            .iter()
+            .flat_map(|j| {
+                let state = j.job_state(&why);
+                j.ids().into_iter().map(move |id| JobInfo {
+                    id,
+                    name: j.name.clone(),
+                    state: state.clone(),
+                    word: j.letters.clone(),
+                })
+            })
+            .collect())
+    }
+
+    /// `qstat -u USER` shows every job of the user's that has not ended.
+    fn shares_listing(&self) -> bool {
+        true
+    }
+
+    /// `qacct -j` of each job: the ends it records (those it has no
+    /// record of yet are asked again, see `records_lag`).
+    async fn gone(&self, ids: &[String]) -> HashMap<String, JobEnd> {
+        let mut jobs: Vec<&str> = ids
+            .iter()
+            .map(|id| id.split_once('.').map_or(id.as_str(), |(j, _)| j))
+            .collect();
+        jobs.sort_unstable();
+        jobs.dedup();
+        let mut ends = HashMap::new();
+        for job in jobs {
+            for r in self.records(job).await {
+                let id = r.id();
+                if ids.contains(&id) {
+                    ends.insert(id, r.ending().end());
+                }
+            }
+        }
+        ends
+    }
+
+    /// Accounting is flushed every `accounting_flush_time` (15 s by
+    /// default); a job deleted while it waited never has a record.
+    fn records_lag(&self) -> Duration {
+        Duration::from_secs(30)
+    }
+
+    async fn extend(
+        &self,
+        id: &str,
+        _secs: u64,
+        _u: Option<&AsUser>,
+    ) -> Result<String, SchedError> {
+        Err(SchedError::Unsupported(format!(
+            "Grid Engine cannot extend the walltime of a running job (the execution host \
+             keeps the h_rt job {id} started with, whatever qalter says): resubmit with a \
+             longer `time`"
+        )))
+    }
+
+    /// `qstat -f -F slots -xml`: free and total slots per queue.
+    async fn partitions(&self) -> Result<Vec<PartitionLoad>, SchedError> {
+        let out = self
+            .cmds
+            .cmd("qstat")
+            .args(["-f", "-F", "slots", "-xml", "-u", &user_name()?])
+            .output()
+            .await?;
+        Ok(free_by_queue(&parse_queues(&out)?))
+    }
+}
+
+/// Every parser of this file on `text` (see `crate::fuzzing`).
+#[cfg(feature = "fuzzing")]
+pub(crate) fn fuzz(text: &str) {
+    if let Ok(jobs) = parse_qstat(text) {
+        let why = parse_qstat_j(text).unwrap_or_default();
+        for j in jobs {
+            let _ = (j.ids(), j.job_state(&why));
+        }
+    }
+    if let Ok(records) = parse_qacct(text) {
+        for r in records {
+            let _ = (r.id(), r.ending().end());
+        }
+    }
+    if let Ok(q) = parse_queues(text) {
+        let _ = free_by_queue(&q);
+    }
+    let _ = parse_qsub(text);
+    let _ = parse_tasks(text);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ArrayTasks;
 
     fn fixture(name: &str) -> String {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -891,32 +1193,49 @@ mod tests {
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 
-    fn profile() -> Profile {
-        Profile {
-            partition: Some("batch".into()),
-            account: Some("proj1".into()),
-            time: Some("1:30:00".into()),
-            ntasks: Some(2),
-            cpus_per_task: Some(2),
-            scheduler_keys: [("mem".to_string(), crate::profile::Value::One("4G".into()))].into(),
-            ..Default::default()
+    fn profile(overrides: &[&str]) -> Profile {
+        let mut p = Profile::default();
+        for o in overrides {
+            p.apply_override(o).unwrap();
+        }
+        p
+    }
+
+    fn spec(p: Profile, array: Option<ArrayTasks>) -> JobSpec {
+        JobSpec {
+            name: "noyau-kernel-python3".into(),
+            program: "/opt/noyau bin/noyau".into(),
+            args: vec!["agent".into()],
+            env: [("NOYAU_LINK_TOKEN".to_string(), "s3cret-token".to_string())].into(),
+            cwd: Some("/home/u/my nb".into()),
+            profile: p,
+            array,
+            log_dir: Some("/home/u/.local/state/noyau/jobs".into()),
         }
     }
 
-    fn sub<'a>(p: &'a Profile, array: Option<Array>) -> Submission<'a> {
-        Submission {
-            name: "noyau-kernel-python3",
-            profile: p,
-            log_dir: Path::new("/home/u/.local/state/noyau/jobs"),
-            cwd: Some(Path::new("/home/u/my nb")),
-            array,
-        }
+    fn args(p: Profile, array: Option<ArrayTasks>) -> String {
+        qsub_args(&spec(p, array)).unwrap().join(" ")
+    }
+
+    fn tasks(n: usize, k: usize) -> Option<ArrayTasks> {
+        Some(ArrayTasks {
+            ids: (0..n).collect(),
+            max_parallel: k,
+        })
     }
 
     #[test]
     fn qsub_arguments_from_a_profile() {
-        let p = profile();
-        let a = qsub_args(&sub(&p, None), &Site::default()).unwrap();
+        let full = ["queue=batch", "project=proj1", "time=1:30:00", "ntasks=2"];
+        let p = profile(
+            &[
+                &full[..],
+                &["cpus_per_task=2", "mem=4G", "qsub=-l", "qsub=gpu=1"],
+            ]
+            .concat(),
+        );
+        let a = qsub_args(&spec(p.clone(), None)).unwrap();
         let joined = a.join(" ");
         for want in [
             "-terse -N noyau-kernel-python3 -S /bin/sh -r n -notify -j y",
@@ -924,81 +1243,59 @@ mod tests {
             "-q batch",
             "-P proj1",
             "-pe smp 4",
-            "-l h_rt=5400,h_vmem=1024M",
+            "-l h_rt=5400,h_vmem=1024M -l gpu=1",
         ] {
             assert!(joined.contains(want), "missing {want:?} in {joined}");
         }
         // a directory with a space stays one argument
         assert!(a.windows(2).any(|w| w == ["-wd", "/home/u/my nb"]), "{a:?}");
-        assert!(!joined.contains("-t "), "{joined}");
+        assert!(
+            !joined.contains("-t ") && !joined.contains("s3cret"),
+            "{joined}"
+        );
 
-        // OAR's names, one core, no limits, qsub's own directory
-        let p = Profile {
-            partition: Some("all.q".into()),
-            account: Some("p2".into()),
-            time: Some("UNLIMITED".into()),
-            ..Default::default()
-        };
-        let s = Submission {
-            cwd: None,
-            ..sub(&p, None)
-        };
-        let a = qsub_args(&s, &Site::default()).unwrap().join(" ");
-        assert!(a.contains("-cwd -q all.q -P p2"), "{a}");
+        // the site's parallel environment and memory resource
+        let site = profile(&[
+            "pe=threads",
+            "mem_resource=m_mem_free",
+            "mem=4G",
+            "cpus_per_task=4",
+        ]);
+        let a = args(site, None);
+        assert!(
+            a.contains("-pe threads 4") && a.contains("-l m_mem_free=1024M"),
+            "{a}"
+        );
+
+        // one core, no limit, qsub's own directory
+        let mut s = spec(profile(&["queue=all.q", "time=UNLIMITED"]), None);
+        s.cwd = None;
+        let a = qsub_args(&s).unwrap().join(" ");
+        assert!(a.contains("-cwd -q all.q"), "{a}");
         assert!(!a.contains("-pe") && !a.contains("-l "), "{a}");
     }
 
     #[test]
-    fn qsub_arrays_sites_and_refusals() {
-        let p = Profile::default();
-        let arr = Array {
-            tasks: 6,
-            max_parallel: 2,
-        };
-        let a = qsub_args(&sub(&p, Some(arr)), &Site::default())
-            .unwrap()
-            .join(" ");
+    fn qsub_arrays_and_refusals() {
+        let a = args(Profile::default(), tasks(6, 2));
         assert!(a.contains("-t 1-6 -tc 2"), "{a}");
         assert!(
             a.contains("noyau-kernel-python3-$JOB_ID.$TASK_ID.log"),
             "{a}"
         );
-        let all = Array {
-            tasks: 3,
-            max_parallel: 3,
-        };
-        let a = qsub_args(&sub(&p, Some(all)), &Site::default())
-            .unwrap()
-            .join(" ");
-        assert!(a.ends_with("-t 1-3"), "{a}");
-
-        let site = Site {
-            pe: "threads".into(),
-            mem_resource: "m_mem_free".into(),
-        };
-        let a = qsub_args(&sub(&profile(), None), &site).unwrap().join(" ");
-        assert!(
-            a.contains("-pe threads 4") && a.contains("m_mem_free=1024M"),
-            "{a}"
-        );
+        assert!(args(Profile::default(), tasks(3, 3)).ends_with("-t 1-3"));
 
         let huge = Profile {
             ntasks: Some(u32::MAX),
             cpus_per_task: Some(2),
             ..Default::default()
         };
-        let a = qsub_args(&sub(&huge, None), &Site::default())
-            .unwrap()
-            .join(" ");
-        assert!(a.contains(&format!("-pe smp {}", u32::MAX)), "{a}");
-
+        assert!(args(huge, None).contains(&format!("-pe smp {}", u32::MAX)));
         let two = Profile {
             nodes: Some(2),
             ..Default::default()
         };
-        let e = qsub_args(&sub(&two, None), &Site::default())
-            .unwrap_err()
-            .to_string();
+        let e = qsub_args(&spec(two, None)).unwrap_err().to_string();
         assert!(
             e.contains("nodes = 2") && e.contains("cpus_per_task"),
             "{e}"
@@ -1007,21 +1304,66 @@ mod tests {
             time: Some("1h".into()),
             ..Default::default()
         };
-        let e = qsub_args(&sub(&bad, None), &Site::default())
-            .unwrap_err()
-            .to_string();
+        let e = qsub_args(&spec(bad, None)).unwrap_err().to_string();
         assert!(e.contains("not a Slurm time"), "{e}");
 
         // a log directory with a colon: `-o` would read HOST:PATH
-        let s = Submission {
-            log_dir: Path::new("/scratch/a:b"),
-            ..sub(&p, None)
-        };
-        let a = qsub_args(&s, &Site::default()).unwrap();
+        let mut s = spec(Profile::default(), None);
+        s.log_dir = Some("/scratch/a:b".into());
+        let a = qsub_args(&s).unwrap();
         assert!(
             a.contains(&":/scratch/a:b/noyau-kernel-python3-$JOB_ID.log".to_string()),
             "{a:?}"
         );
+        // the log is where JobSpec::log_path says, for a job and for a task
+        let s = spec(Profile::default(), None);
+        assert_eq!(
+            log_path(&s).replace("$JOB_ID", "7"),
+            s.log_path("7").display().to_string()
+        );
+        let s = spec(Profile::default(), tasks(2, 2));
+        assert_eq!(
+            log_path(&s)
+                .replace("$JOB_ID", "7")
+                .replace("$TASK_ID", "2"),
+            s.log_path("7.2").display().to_string()
+        );
+    }
+
+    #[test]
+    fn the_script_sources_the_secrets_and_says_when_h_rt_comes() {
+        let s = spec(profile(&["time=10:00"]), None);
+        let script = job_script(&head(&s, Path::new("/s/x.env")), &s);
+        assert!(
+            script.contains("NOYAU_SGE_END=$(( $(date +%s) + 600 )); export NOYAU_SGE_END\n"),
+            "{script}"
+        );
+        assert!(
+            script.contains(". /s/x.env && rm -f /s/x.env\n"),
+            "{script}"
+        );
+        assert!(
+            script.ends_with("exec '/opt/noyau bin/noyau' agent\n"),
+            "{script}"
+        );
+        assert!(!script.contains("s3cret"));
+        let s = spec(Profile::default(), tasks(3, 1));
+        let script = job_script(&head(&s, Path::new("/s/x.env")), &s);
+        assert!(
+            !script.contains("NOYAU_SGE_END") && !script.contains("rm -f"),
+            "{script}"
+        );
+        assert!(script.contains(". /s/x.env\nset -- 0 1 2\n"), "{script}");
+    }
+
+    #[test]
+    fn sigusr2_before_h_rt_is_a_cancel() {
+        let at = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        assert!(before_the_end(Some("1000"), at(900)));
+        assert!(!before_the_end(Some("1000"), at(950)));
+        assert!(!before_the_end(Some("1000"), at(1010)));
+        assert!(before_the_end(None, at(1)));
+        assert!(before_the_end(Some("garbage"), at(1)));
     }
 
     #[test]
@@ -1068,15 +1410,21 @@ mod tests {
     }
 
     #[test]
-    fn qsub_output() {
+    fn qsub_and_qdel_output() {
         assert_eq!(parse_qsub("26\n").unwrap(), "26");
         assert_eq!(parse_qsub("32.1-6:1\n").unwrap(), "32");
         for bad in ["", "\n", "Unable to run job: denied\nExiting.\n", "12 34"] {
-            assert!(
-                matches!(parse_qsub(bad), Err(SgeError::NoJobId(_))),
-                "{bad:?}"
-            );
+            let e = parse_qsub(bad).unwrap_err().to_string();
+            assert!(e.contains("qsub printed no job id"), "{bad:?}: {e}");
         }
+        assert!(qdel_done("root has registered the job 5 for deletion\n"));
+        assert!(qdel_done(
+            "root has deleted job-array task 22.3\ndenied: job \"9\" does not exist\n"
+        ));
+        assert!(!qdel_done(
+            "root - you do not have the necessary privileges to delete job \"3\"\n"
+        ));
+        assert!(qacct_not_found("error: job id 29 not found\n"));
     }
 
     #[test]
@@ -1101,10 +1449,7 @@ mod tests {
             ]
         );
         let k = &jobs[0];
-        assert_eq!(
-            (k.name.as_str(), k.owner.as_str(), k.slots),
-            ("noyau-kernel-py", "root", 2)
-        );
+        assert_eq!(k.name, "noyau-kernel-py");
         assert_eq!(
             (k.queue.as_deref(), k.host.as_deref()),
             (Some("all.q"), Some("vm"))
@@ -1112,20 +1457,22 @@ mod tests {
         let start = k.started.unwrap();
         assert_eq!(k.h_rt, Some(Duration::from_secs(300)));
         assert_eq!(
-            k.ends_at()
-                .unwrap()
-                .duration_since(start)
-                .unwrap()
-                .as_secs(),
-            300
+            k.job_state(&Reasons::default()),
+            JobState::Running {
+                node: "vm".into(),
+                ends_at: Some(start + Duration::from_secs(300))
+            }
         );
         let waiting = &jobs[3];
         assert_eq!(
             (waiting.queue.as_deref(), waiting.host.as_deref()),
             (Some("batch"), None)
         );
-        assert_eq!(waiting.h_rt, Some(Duration::from_secs(3600)));
-        assert!(waiting.started.is_none() && waiting.submitted.is_some());
+        assert!(waiting.started.is_none());
+        // an array's waiting tasks: one id each
+        assert_eq!(jobs[5].ids(), ["76.2", "76.3", "76.4"]);
+        assert_eq!(jobs[1].ids(), ["76.1"]);
+        assert_eq!(jobs[0].ids(), ["73"]);
 
         // without -r: no request, the queue only where it runs
         let plain = parse_qstat(&fixture("qstat-u-running.xml")).unwrap();
@@ -1140,6 +1487,39 @@ mod tests {
             parse_qstat("<job_info><queue_info/><job_info/></job_info>").unwrap(),
             []
         );
+    }
+
+    #[test]
+    fn waiting_jobs_say_why() {
+        let jobs = parse_qstat(&fixture("qstat-r-u.xml")).unwrap();
+        let why = parse_qstat_j(&fixture("qstat-j-mixed.xml")).unwrap();
+        let state = |id: &str| {
+            let j = jobs.iter().find(|j| j.id == id).unwrap();
+            j.job_state(&why)
+        };
+        assert!(
+            matches!(state("75"), JobState::Pending { ref reason, partition: Some(ref p), start: None }
+                if reason.contains("offers only hc:slots=0") && p == "batch"),
+            "{:?}",
+            state("75")
+        );
+        assert!(
+            matches!(state("77"), JobState::Pending { ref reason, .. } if reason == "Job is in hold state")
+        );
+        assert!(
+            matches!(state("79"), JobState::Pending { ref reason, .. }
+                if reason.starts_with("in error: ") && reason.contains("can't open output file")),
+            "{:?}",
+            state("79")
+        );
+        // nothing from qstat -j: the state's own word
+        let none = Reasons::default();
+        let j = jobs.iter().find(|j| j.id == "75").unwrap();
+        assert!(
+            matches!(j.job_state(&none), JobState::Pending { ref reason, .. } if reason == "waiting")
+        );
+        assert!(matches!(jobs[1].job_state(&none), JobState::Running { .. }));
+        assert!(matches!(jobs[2].job_state(&none), JobState::Running { .. }));
     }
 
     #[test]
@@ -1170,18 +1550,17 @@ mod tests {
             ("s", Suspended),
             ("S", Suspended),
             ("T", Suspended),
-            ("z", Finished),
         ] {
             assert_eq!(SgeState::parse(letters), Some(want), "{letters}");
         }
         assert_eq!(SgeState::parse(""), None);
+        assert_eq!(SgeState::parse("z"), None);
         let t = parse_local_time("2026-12-06T01:36:20").unwrap();
         let uge = parse_local_time("2026-12-06T01:36:20.250").unwrap();
         assert_eq!(uge.duration_since(t).unwrap(), Duration::from_millis(250));
         assert!(parse_local_time("12/06/2026 01:36:20").is_none());
         assert_eq!(parse_seconds("1:00:00"), Some(Duration::from_secs(3600)));
         assert_eq!(parse_seconds("90"), Some(Duration::from_secs(90)));
-        assert_eq!(parse_seconds("00:00:10"), Some(Duration::from_secs(10)));
         assert_eq!(parse_seconds("INFINITY"), None);
         assert_eq!(parse_seconds("99999999999999999999"), None);
         assert_eq!(parse_tasks("3-6:1"), Some(vec![3, 4, 5, 6]));
@@ -1230,42 +1609,40 @@ mod tests {
         assert!(parse_qstat_j("not xml").is_err());
     }
 
-    fn ending(file: &str) -> Vec<(Option<u32>, Ending)> {
+    fn ending(file: &str) -> Vec<(String, Ending)> {
         parse_qacct(&fixture(file))
             .unwrap()
             .iter()
-            .map(|r| (r.task, r.ending()))
+            .map(|r| (r.id(), r.ending()))
             .collect()
     }
 
     #[test]
     fn endings_from_qacct() {
-        assert_eq!(ending("qacct-exit0.txt"), [(None, Ending::Exited(0))]);
-        assert!(Ending::Exited(0).success() && !Ending::Exited(3).success());
-        assert_eq!(ending("qacct-exit3.txt"), [(None, Ending::Exited(3))]);
-        assert_eq!(ending("qacct-signal.txt"), [(None, Ending::Signalled(9))]);
-        assert_eq!(ending("qacct-qdel.txt"), [(None, Ending::Signalled(9))]);
-        assert_eq!(ending("qacct-h_rt.txt"), [(None, Ending::Walltime)]);
-        let never = ending("qacct-never-started.txt");
+        let ids = |v: Vec<(String, Ending)>| v.into_iter().map(|(_, e)| e).collect::<Vec<_>>();
+        assert_eq!(ids(ending("qacct-exit0.txt")), [Ending::Exited(0)]);
+        assert!(Ending::Exited(0).end().success && !Ending::Exited(3).end().success);
+        assert_eq!(ids(ending("qacct-exit3.txt")), [Ending::Exited(3)]);
+        assert_eq!(ids(ending("qacct-signal.txt")), [Ending::Signalled(9)]);
+        assert_eq!(ids(ending("qacct-qdel.txt")), [Ending::Signalled(9)]);
+        assert_eq!(ids(ending("qacct-h_rt.txt")), [Ending::Walltime]);
+        let never = ids(ending("qacct-never-started.txt"));
         assert!(
-            matches!(&never[0].1, Ending::Failed { code: 28, reason } if reason == "changing into working directory"),
+            matches!(&never[0], Ending::Failed { code: 28, reason } if reason == "changing into working directory"),
             "{never:?}"
         );
-        let tasks = ending("qacct-array.txt");
         assert_eq!(
-            tasks,
+            ending("qacct-array.txt"),
             [
-                (Some(1), Ending::Signalled(9)),
-                (Some(2), Ending::Signalled(9))
+                ("32.1".to_string(), Ending::Signalled(9)),
+                ("32.2".to_string(), Ending::Signalled(9))
             ]
         );
-
         let r = &parse_qacct(&fixture("qacct-h_rt.txt")).unwrap()[0];
-        assert_eq!((r.job.as_str(), r.name.as_str()), ("3", "noyau-test-hrt"));
-        assert_eq!((r.queue.as_str(), r.host.as_str()), ("all.q", "vm"));
+        assert_eq!(r.id(), "3");
         assert_eq!(r.wallclock, Some(Duration::from_secs(31)));
         assert_eq!(r.category, "-l h_rt=20");
-        assert!(Ending::Walltime.to_string().contains("walltime"));
+        assert!(Ending::Walltime.end().description.contains("walltime"));
     }
 
     #[test]
@@ -1283,69 +1660,31 @@ mod tests {
         );
         assert_eq!(parse_qacct("").unwrap(), []);
         let bad = fixture("qacct-exit3.txt").replace("exit_status  3", "exit_status  x");
-        assert!(parse_qacct(&bad)
-            .unwrap_err()
-            .to_string()
-            .contains("an exit status"));
+        let e = parse_qacct(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("qacct -j") && e.contains("an exit status \"x"),
+            "{e}"
+        );
         assert!(parse_qacct("==========\nqname all.q\n").is_err());
-        assert!(qacct_not_found("error: job id 29 not found\n"));
-        assert!(qdel_gone("denied: job \"99999\" does not exist\n"));
     }
 
     #[test]
-    fn free_slots_and_memory_per_queue() {
-        let site = Site::default();
+    fn free_slots_per_queue() {
         // all.q holds the host's 4 slots: batch has 4 of its own, none usable
         let full = parse_queues(&fixture("qstat-f-full.xml")).unwrap();
         assert_eq!(full.len(), 2);
-        assert_eq!(
-            (full[0].queue.as_str(), full[0].host.as_str()),
-            ("all.q", "vm")
-        );
-        let free = free_by_queue(&full, &site);
-        let got: Vec<(&str, u32, u32, Option<u64>)> = free
-            .iter()
-            .map(|q| (q.queue.as_str(), q.free_slots, q.total_slots, q.free_mem_mb))
+        assert_eq!(full[0].queue, "all.q");
+        let got: Vec<(String, u64, u64)> = free_by_queue(&full)
+            .into_iter()
+            .map(|q| (q.partition, q.idle_cores, q.total_cores))
             .collect();
-        assert_eq!(got, [("all.q", 0, 4, None), ("batch", 0, 4, None)]);
+        assert_eq!(got, [("all.q".into(), 0, 4), ("batch".into(), 0, 4)]);
 
         // 2 slots used: all.q has the host's 2 others; batch is disabled
         let some = parse_queues(&fixture("qstat-f-disabled.xml")).unwrap();
         assert_eq!(some[1].state, "d");
-        let free = free_by_queue(&some, &site);
-        assert_eq!((free[0].free_slots, free[0].free_mem_mb), (2, Some(17598)));
-        assert_eq!((free[1].free_slots, free[1].free_mem_mb), (0, None));
-        assert_eq!(some[0].free_mem_mb("mem_free"), Some(22297));
+        let free = free_by_queue(&some);
+        assert_eq!((free[0].idle_cores, free[1].idle_cores), (2, 0));
         assert!(parse_queues("<job_info><queue_info>").is_err());
-    }
-
-    #[test]
-    fn memory_values_and_notify() {
-        assert_eq!(parse_mem_mb("14.186G"), Some(14526));
-        assert_eq!(parse_mem_mb("512.000M"), Some(512));
-        assert_eq!(parse_mem_mb("2048K"), Some(2));
-        assert_eq!(parse_mem_mb("1T"), Some(1024 * 1024));
-        assert_eq!(parse_mem_mb("1g"), Some(953));
-        assert_eq!(parse_mem_mb("1048576"), Some(1));
-        for bad in ["", "-", "NONE", "1X", "-1G", "inf", "NaN"] {
-            assert_eq!(parse_mem_mb(bad), None, "{bad:?}");
-        }
-        let sq = "qname                 all.q\nnotify                00:00:10\nowner_list            NONE\n";
-        assert_eq!(parse_notify(sq), Some(Duration::from_secs(10)));
-        assert_eq!(parse_notify("qname all.q\n"), None);
-    }
-
-    #[test]
-    fn command_arguments() {
-        assert_eq!(qstat_args("alice"), ["-r", "-xml", "-u", "alice"]);
-        assert_eq!(
-            qstat_j_args(&["3".into(), "5".into()]),
-            ["-j", "3,5", "-xml"]
-        );
-        assert_eq!(qacct_args("7"), ["-j", "7"]);
-        assert_eq!(
-            queues_args("alice", &Site::default()),
-            ["-f", "-F", "slots,h_vmem", "-xml", "-u", "alice"]
-        );
     }
 }

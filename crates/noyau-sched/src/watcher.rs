@@ -2,8 +2,11 @@
 //! comes from one listing call per interval (±20 %, so many processes do
 //! not poll in step), whatever the number of jobs and of callers. A
 //! failing listing makes every job [`JobState::Unknown`], never ended: a
-//! controller restart must not end a kernel. The watchers of a user's
-//! processes share their listings where the scheduler allows (`shared.rs`).
+//! controller restart must not end a kernel. A job that left the listing
+//! ends as [`Batch::gone`] says, once it can say (a scheduler whose
+//! accounting is written late is asked again for a while). The watchers
+//! of a user's processes share their listings where the scheduler allows
+//! (`shared.rs`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -22,6 +25,8 @@ use crate::{JobEnd, JobState};
 struct Tracked {
     tx: watch::Sender<JobState>,
     since: Instant,
+    /// When a listing first left it out.
+    left: Option<Instant>,
 }
 
 struct Inner {
@@ -103,6 +108,7 @@ impl Watcher {
             Tracked {
                 tx,
                 since: Instant::now(),
+                left: None,
             },
         );
         if !self.0.running.swap(true, Ordering::SeqCst) {
@@ -165,13 +171,22 @@ impl Watcher {
             return;
         }
         let mut ends = self.0.imp.gone(&gone).await;
+        let lag = self.0.imp.records_lag();
         let mut jobs = self.0.jobs.lock().unwrap();
         for id in gone {
-            if let Some(t) = jobs.remove(&id) {
-                let end = ends.remove(&id).unwrap_or_else(|| JobEnd {
-                    description: "left the scheduler's listing".into(),
+            let end = match (ends.remove(&id), jobs.get(&id).and_then(|t| t.left)) {
+                (Some(end), _) => end,
+                // its end may not be recorded yet: asked again next time
+                (None, Some(left)) if left.elapsed() < lag => continue,
+                (None, _) => JobEnd {
+                    description: format!(
+                        "left the {0} queue, and {0} keeps no record of how it ended",
+                        self.0.imp.display()
+                    ),
                     success: false,
-                });
+                },
+            };
+            if let Some(t) = jobs.remove(&id) {
                 t.tx.send_replace(JobState::Ended(end));
             }
         }
@@ -187,6 +202,7 @@ impl Watcher {
             .unwrap()
             .retain(|id, t| match states.get(id) {
                 Some(st) => {
+                    t.left = None;
                     t.tx.send_if_modified(|cur| {
                         let changed = cur.differs(st);
                         if changed {
@@ -199,6 +215,7 @@ impl Watcher {
                 // Tracked after this listing was asked for: not a verdict.
                 None if t.since > asked => true,
                 None => {
+                    t.left.get_or_insert(asked);
                     gone.push(id.clone());
                     true
                 }

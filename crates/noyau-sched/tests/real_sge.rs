@@ -1,20 +1,21 @@
-//! Grid Engine's arguments and readers (`noyau_sched::sge`) against the real
-//! test cluster that `scripts/test` starts (`scripts/sge-up`, which exports
-//! NOYAU_SGE_DIR): jobs go through the real `qsub` with `qsub_args`, and
-//! what `qstat`, `qstat -j` and `qacct` answer is read with the parsers.
-//! The tests take turns (a lock file): some fill the cluster's slots.
-//! They are `#[ignore]`d, so a plain `cargo nextest run` reports them
-//! skipped; `scripts/test` runs them (`--run-ignored all`) as root or under
-//! CI, and one run without a cluster fails.
+//! The Grid Engine scheduler through noyau-sched's `Scheduler` handle,
+//! against the real test cluster that `scripts/test` starts
+//! (`scripts/sge-up`, which exports NOYAU_SGE_DIR): jobs go through the
+//! real `qsub`, and their states, reasons and ends come from the watcher
+//! (`qstat`, `qstat -j`, `qacct`). The tests take turns (a lock file): some
+//! fill the cluster's slots. They are `#[ignore]`d, so a plain `cargo
+//! nextest run` reports them skipped; `scripts/test` runs them
+//! (`--run-ignored all`) as root or under CI, and one run without a
+//! cluster fails.
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
+mod common;
+
 use nix::fcntl::{Flock, FlockArg};
-use noyau_sched::sge::{self, Array, Ending, QstatJob, SgeState, Site, Submission};
-use noyau_sched::Profile;
+use noyau_sched::{ArrayTasks, Job, JobSpec, JobState, Profile, SchedError, Scheduler};
 
 /// The cluster's turn; fails the test when the cluster is not up.
 fn cluster() -> Flock<std::fs::File> {
@@ -33,6 +34,14 @@ fn cluster() -> Flock<std::fs::File> {
         .unwrap()
 }
 
+/// A handle with its own watcher, asking often.
+fn sge() -> Scheduler {
+    Scheduler::builder("sge")
+        .unwrap()
+        .interval(Duration::from_millis(300))
+        .build()
+}
+
 /// Deletes the jobs it holds when the test ends, however it ends.
 struct Jobs(Vec<String>);
 
@@ -44,123 +53,103 @@ impl Drop for Jobs {
     }
 }
 
-fn me() -> String {
-    nix::unistd::User::from_uid(nix::unistd::getuid())
+/// A job running `script` with sh in `dir` (its log there too).
+fn spec(name: &str, profile: Profile, dir: &Path, script: &str) -> JobSpec {
+    JobSpec {
+        name: name.into(),
+        program: "/bin/sh".into(),
+        args: vec!["-c".into(), script.into()],
+        cwd: Some(dir.into()),
+        profile,
+        log_dir: Some(dir.into()),
+        ..Default::default()
+    }
+}
+
+fn profile(overrides: &[&str]) -> Profile {
+    let mut p = Profile::default();
+    for o in overrides {
+        p.apply_override(o).unwrap();
+    }
+    p
+}
+
+async fn submit(s: &Scheduler, spec: &JobSpec, jobs: &mut Jobs) -> Job {
+    let job = s.submit(spec).await.unwrap();
+    jobs.0.push(job.id.clone());
+    job
+}
+
+/// Waits (at most `secs`) for the job's state to satisfy `f`.
+async fn state(job: &Job, what: &str, secs: u64, f: impl Fn(&JobState) -> bool) -> JobState {
+    let mut st = job.state.clone();
+    let got = tokio::time::timeout(Duration::from_secs(secs), st.wait_for(|s| f(s)))
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "job {} not {what} after {secs} s: {:?}",
+                job.id,
+                *job.state.borrow()
+            )
+        })
         .unwrap()
-        .unwrap()
-        .name
+        .clone();
+    got
+}
+
+async fn running(job: &Job) -> (String, Option<SystemTime>) {
+    match state(job, "running", 60, |s| {
+        matches!(s, JobState::Running { .. })
+    })
+    .await
+    {
+        JobState::Running { node, ends_at } => (node, ends_at),
+        _ => unreachable!(),
+    }
+}
+
+async fn ended(job: &Job, secs: u64) -> noyau_sched::JobEnd {
+    match state(job, "ended", secs, |s| matches!(s, JobState::Ended(_))).await {
+        JobState::Ended(e) => e,
+        _ => unreachable!(),
+    }
 }
 
 /// Polls `f` every 200 ms until it gives a value; fails after `secs`.
-fn until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
+async fn until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         if let Some(v) = f() {
             return v;
         }
         assert!(Instant::now() < deadline, "{what}: not after {secs} s");
-        std::thread::sleep(Duration::from_millis(200));
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
-fn output(cmd: &str, args: &[String]) -> std::process::Output {
-    Command::new(cmd).args(args).output().unwrap()
+/// How many tasks of job `id` qstat lists as running (`r`, `t`).
+fn qstat_running(id: &str) -> usize {
+    let out = Command::new("qstat").output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.len() > 4 && f[0] == id && (f[4] == "r" || f[4] == "t"))
+        .count()
 }
 
-/// Submits `script` with the arguments `sge::qsub_args` makes, qsub
-/// running with `sge::qsub_env` only, as noyau will.
-fn qsub(sub: &Submission, script: &str, jobs: &mut Jobs) -> String {
-    let args = sge::qsub_args(sub, &Site::default()).unwrap();
-    let mut child = Command::new("qsub")
-        .args(&args)
-        .env_clear()
-        .envs(sge::qsub_env(std::env::vars()))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "qsub {args:?} refused: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let id = sge::parse_qsub(&text).unwrap();
-    jobs.0.push(id.clone());
-    id
-}
-
-/// This user's jobs, as `qstat -r -xml -u USER` lists them.
-fn qstat() -> Vec<QstatJob> {
-    let out = output("qstat", &sge::qstat_args(&me()));
-    assert!(out.status.success(), "{out:?}");
-    sge::parse_qstat(&String::from_utf8_lossy(&out.stdout)).unwrap()
-}
-
-fn lines_of(id: &str) -> Vec<QstatJob> {
-    qstat().into_iter().filter(|j| j.id == id).collect()
-}
-
-/// The job's `count` accounting records (one per task), once qacct has them.
-fn qacct(id: &str, count: usize) -> Vec<sge::AcctRecord> {
-    until(&format!("{count} records of job {id} in qacct"), 60, || {
-        let out = output("qacct", &sge::qacct_args(id));
-        if !out.status.success() {
-            assert!(
-                sge::qacct_not_found(&String::from_utf8_lossy(&out.stderr)),
-                "{out:?}"
-            );
-            return None;
-        }
-        let records = sge::parse_qacct(&String::from_utf8_lossy(&out.stdout)).unwrap();
-        (records.len() >= count).then_some(records)
-    })
-}
-
-fn gone(id: &str, secs: u64) -> Instant {
-    until(&format!("job {id} gone from qstat"), secs, || {
-        lines_of(id).is_empty().then(Instant::now)
-    })
-}
-
-fn running(id: &str) -> QstatJob {
-    until(&format!("job {id} running"), 60, || {
-        lines_of(id)
-            .into_iter()
-            .find(|j| j.state == SgeState::Running)
-    })
-}
-
-/// The notify delay of the queue (`qconf -sq`): SIGUSR2 to SIGKILL.
+/// The notify delay of a queue (`qconf -sq`): SIGUSR2 to SIGKILL.
 fn notify(queue: &str) -> Duration {
-    let out = output("qconf", &["-sq".into(), queue.into()]);
-    sge::parse_notify(&String::from_utf8_lossy(&out.stdout)).unwrap()
-}
-
-fn submission<'a>(name: &'a str, profile: &'a Profile, dir: &'a Path) -> Submission<'a> {
-    Submission {
-        name,
-        profile,
-        log_dir: dir,
-        cwd: Some(dir),
-        array: None,
-    }
-}
-
-fn minutes(queue: &str, m: u32) -> Profile {
-    Profile {
-        partition: Some(queue.into()),
-        time: Some(m.to_string()),
-        ..Default::default()
-    }
+    let out = Command::new("qconf").args(["-sq", queue]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v = text
+        .lines()
+        .find_map(|l| l.strip_prefix("notify"))
+        .unwrap_or_else(|| panic!("no notify in qconf -sq {queue}: {text}"));
+    let secs = v
+        .trim()
+        .split(':')
+        .fold(0, |a, p| a * 60 + p.parse::<u64>().unwrap());
+    Duration::from_secs(secs)
 }
 
 /// A script that records SIGUSR2 in `dir/usr2` (seconds since the epoch)
@@ -169,271 +158,381 @@ fn minutes(queue: &str, m: u32) -> Profile {
 fn usr2_recorder(dir: &Path) -> String {
     let d = dir.display();
     format!(
-        "trap 'date +%s > {d}/usr2' USR2\ntouch {d}/ready\nwhile :; do sleep 1 & wait $!; done\n"
+        "trap 'date +%s > {d}/usr2' USR2\necho \"$NOYAU_SGE_END\" > {d}/end\ntouch {d}/ready\nwhile :; do sleep 1 & wait $!; done\n"
     )
 }
 
-fn ready(dir: &Path) {
-    until("the job's SIGUSR2 handler", 60, || {
-        dir.join("ready").exists().then_some(())
-    });
+fn ready(dir: &Path) -> impl FnMut() -> Option<()> + '_ {
+    move || dir.join("ready").exists().then_some(())
 }
 
-#[test]
+#[tokio::test]
 #[ignore = "needs the Grid Engine test cluster (scripts/sge-up, as root); scripts/test runs it"]
-fn a_job_waits_in_a_full_queue_with_its_reason_then_runs() {
+async fn a_job_waits_in_a_full_queue_with_its_reason_then_runs() {
     let _turn = cluster();
     let dir = tempfile::tempdir().unwrap();
     let mut jobs = Jobs(Vec::new());
-    let site = Site::default();
-    let queues = || {
-        let out = output("qstat", &sge::queues_args(&me(), &site));
-        sge::free_by_queue(
-            &sge::parse_queues(&String::from_utf8_lossy(&out.stdout)).unwrap(),
-            &site,
-        )
-    };
-    let slots = queues()
+    let s = sge();
+    let queues = s.partitions().await.unwrap();
+    let slots = queues
         .iter()
-        .find(|q| q.queue == "all.q")
+        .find(|q| q.partition == "all.q")
         .unwrap()
-        .total_slots;
+        .total_cores;
     // every slot of the host, from all.q
-    let fill = Profile {
-        cpus_per_task: Some(slots),
-        ..minutes("all.q", 5)
-    };
-    let fill = qsub(
-        &submission("noyau-test-fill", &fill, dir.path()),
-        "sleep 300",
+    let fill = profile(&["queue=all.q", "time=5", &format!("cpus_per_task={slots}")]);
+    let fill = submit(
+        &s,
+        &spec("noyau-test-fill", fill, dir.path(), "sleep 300"),
         &mut jobs,
-    );
-    assert_eq!(running(&fill).slots, slots);
+    )
+    .await;
+    running(&fill).await;
     // batch has slots of its own, but the host has none left
-    let batch = queues().into_iter().find(|q| q.queue == "batch").unwrap();
+    let batch = s.partitions().await.unwrap();
+    let batch = batch.iter().find(|q| q.partition == "batch").unwrap();
     assert_eq!(
-        (batch.free_slots, batch.total_slots),
+        (batch.idle_cores, batch.total_cores),
         (0, slots),
         "{batch:?}"
     );
 
-    let wait = Profile {
-        partition: Some("batch".into()),
-        ..minutes("batch", 5)
+    let wait = || {
+        spec(
+            "noyau-test-wait",
+            profile(&["queue=batch", "time=5"]),
+            dir.path(),
+            "sleep 300",
+        )
     };
-    let waiter = qsub(
-        &submission("noyau-test-wait", &wait, dir.path()),
-        "sleep 300",
-        &mut jobs,
-    );
-    let line = until("the waiter listed", 30, || lines_of(&waiter).pop());
-    assert_eq!(line.state, SgeState::Pending, "{line:?}");
-    assert_eq!(line.queue.as_deref(), Some("batch"));
-    assert_eq!(line.h_rt, Some(Duration::from_secs(300)));
-    let why = until("a reason for the waiter", 30, || {
-        let out = output("qstat", &sge::qstat_j_args(std::slice::from_ref(&waiter)));
-        let reasons = sge::parse_qstat_j(&String::from_utf8_lossy(&out.stdout)).unwrap();
-        reasons.reason(&waiter).filter(|r| r.contains("slots"))
-    });
-    eprintln!("job {waiter} waits: {why}");
+    let waiter = submit(&s, &wait(), &mut jobs).await;
+    let dropped = submit(&s, &wait(), &mut jobs).await;
+    for j in [&waiter, &dropped] {
+        let why = state(
+            j,
+            "waiting for slots",
+            30,
+            |s| matches!(s, JobState::Pending { reason, .. } if reason.contains("slots")),
+        )
+        .await;
+        assert!(
+            matches!(why, JobState::Pending { partition: Some(ref p), .. } if p == "batch"),
+            "{why:?}"
+        );
+        eprintln!("job {} waits: {why:?}", j.id);
+    }
 
-    Command::new("qdel").arg(&fill).output().unwrap();
-    let r = running(&waiter);
-    assert!(r.host.as_deref().is_some_and(|h| !h.is_empty()), "{r:?}");
-    let started = r.started.unwrap();
-    let age = SystemTime::now()
-        .duration_since(started)
+    // cancelled while it waits: Grid Engine keeps no record of it
+    let t0 = Instant::now();
+    dropped.cancel().await;
+    fill.cancel().await;
+    let (node, ends_at) = running(&waiter).await;
+    assert!(!node.is_empty());
+    let left = ends_at
+        .unwrap()
+        .duration_since(SystemTime::now())
         .unwrap_or_default();
-    assert!(age < Duration::from_secs(60), "started {age:?} ago");
-    assert_eq!(
-        r.ends_at().unwrap().duration_since(started).unwrap(),
-        Duration::from_secs(300)
+    assert!(
+        left > Duration::from_secs(240) && left <= Duration::from_secs(300),
+        "ends in {left:?} (h_rt 300 s)"
+    );
+    let end = ended(&dropped, 60).await;
+    assert!(
+        !end.success && end.description.contains("keeps no record"),
+        "{end:?}"
+    );
+    eprintln!(
+        "the job deleted while it waited ended {:?} later: {}",
+        t0.elapsed(),
+        end.description
     );
 }
 
-#[test]
+#[tokio::test]
 #[ignore = "needs the Grid Engine test cluster (scripts/sge-up, as root); scripts/test runs it"]
-fn a_job_ends_with_its_exit_status_and_its_log() {
+async fn a_job_ends_with_its_exit_status_and_its_log() {
     let _turn = cluster();
     let dir = tempfile::tempdir().unwrap();
     let mut jobs = Jobs(Vec::new());
-    let p = minutes("all.q", 5);
-    let fail = qsub(
-        &submission("noyau-test-exit3", &p, dir.path()),
-        "pwd\necho \"out of $JOB_NAME\"\nexit 3\n",
+    let s = sge();
+    let p = || profile(&["queue=all.q", "time=5"]);
+    let script = "pwd\necho \"out of $JOB_NAME\"\nexit 3\n";
+    let spec3 = spec("noyau-test-exit3", p(), dir.path(), script);
+    let fail = submit(&s, &spec3, &mut jobs).await;
+    let ok = submit(
+        &s,
+        &spec("noyau-test-exit0", p(), dir.path(), "exit 0"),
         &mut jobs,
-    );
-    let ok = qsub(
-        &submission("noyau-test-exit0", &p, dir.path()),
-        "exit 0\n",
-        &mut jobs,
-    );
-    let left = gone(&fail, 60);
-    let records = qacct(&fail, 1);
-    eprintln!(
-        "job {fail} in qacct {:?} after it left qstat",
-        left.elapsed()
-    );
-    assert_eq!(records.len(), 1, "{records:?}");
-    let end = records[0].ending();
-    assert_eq!(end, Ending::Exited(3));
-    assert!(!end.success() && end.to_string().contains("exit code 3"));
-    let log = dir.path().join(format!("noyau-test-exit3-{fail}.log"));
+    )
+    .await;
+    let end = ended(&fail, 60).await;
+    assert_eq!(end.description, "failed (exit code 3)");
+    assert!(!end.success);
+    let log = spec3.log_path(&fail.id);
     let log = std::fs::read_to_string(&log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
     assert_eq!(
         log,
         format!("{}\nout of noyau-test-exit3\n", dir.path().display())
     );
-
-    gone(&ok, 60);
-    assert!(qacct(&ok, 1)[0].ending().success());
+    let end = ended(&ok, 60).await;
+    assert!(end.success && end.description == "completed", "{end:?}");
+    // the environment files are gone with the jobs that read them
+    let left: Vec<_> = std::fs::read_dir(noyau_sched::state_dir().join("sge"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        !left
+            .iter()
+            .any(|f| f.to_string_lossy().starts_with("noyau-test-exit")),
+        "{left:?}"
+    );
 }
 
-#[test]
+#[tokio::test]
 #[ignore = "needs the Grid Engine test cluster (scripts/sge-up, as root); scripts/test runs it"]
-fn cores_and_memory_reach_the_job() {
+async fn cores_and_memory_reach_the_job_and_secrets_do_not_show() {
     let _turn = cluster();
     let dir = tempfile::tempdir().unwrap();
     let mut jobs = Jobs(Vec::new());
-    let p = Profile {
-        cpus_per_task: Some(2),
-        scheduler_keys: [("mem".to_string(), noyau_sched::Value::One("1G".into()))].into(),
-        ..minutes("all.q", 5)
-    };
-    let id = qsub(
-        &submission("noyau-test-res", &p, dir.path()),
-        "echo \"$NSLOTS $(ulimit -v)\"\n",
-        &mut jobs,
+    let s = sge();
+    let token = format!("tok{}Zq81xw", std::process::id());
+    let mut job = spec(
+        "noyau-test-res",
+        profile(&["queue=all.q", "time=5", "cpus_per_task=2", "mem=1G"]),
+        dir.path(),
+        "echo \"$NSLOTS $(ulimit -v) $NOYAU_LINK_TOKEN\"; sleep 300",
     );
-    gone(&id, 60);
-    assert_eq!(qacct(&id, 1)[0].ending(), Ending::Exited(0));
+    job.env.insert("NOYAU_LINK_TOKEN".into(), token.clone());
+    let id = submit(&s, &job, &mut jobs).await;
+    running(&id).await;
     // h_vmem is per slot: 512M each, 1G for the job's processes
-    let log = std::fs::read_to_string(dir.path().join(format!("noyau-test-res-{id}.log"))).unwrap();
-    assert_eq!(log, "2 1048576\n");
+    let log = job.log_path(&id.id);
+    until("the job's output", 30, || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|l| l.ends_with('\n'))
+    })
+    .await;
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        format!("2 1048576 {token}\n")
+    );
+    // every user sees `qstat -j`: it holds the job's environment and arguments
+    let show = Command::new("qstat").args(["-j", &id.id]).output().unwrap();
+    let show = String::from_utf8_lossy(&show.stdout);
+    assert!(show.contains("noyau-test-res"), "{show}");
+    assert!(!show.contains(&token), "qstat -j shows the token:\n{show}");
+    let spool = Command::new("grep")
+        .args(["-rl", &token, "/var/spool/gridengine"])
+        .output()
+        .unwrap();
+    assert!(
+        spool.stdout.is_empty(),
+        "the spool holds the token: {spool:?}"
+    );
+    id.cancel().await;
+    ended(&id, 60).await;
 }
 
-#[test]
+#[tokio::test]
 #[ignore = "needs the Grid Engine test cluster (scripts/sge-up, as root); scripts/test runs it"]
-fn qdel_sends_sigusr2_then_kills_after_the_notify_delay() {
+async fn cancel_sends_sigusr2_then_kills_after_the_notify_delay() {
     let _turn = cluster();
     let dir = tempfile::tempdir().unwrap();
     let mut jobs = Jobs(Vec::new());
-    let id = qsub(
-        &submission("noyau-test-qdel", &minutes("all.q", 5), dir.path()),
-        &usr2_recorder(dir.path()),
+    let s = sge();
+    let p = profile(&["queue=all.q", "time=5"]);
+    let job = submit(
+        &s,
+        &spec("noyau-test-qdel", p, dir.path(), &usr2_recorder(dir.path())),
         &mut jobs,
-    );
-    running(&id);
-    ready(dir.path());
+    )
+    .await;
+    running(&job).await;
+    until("the job's SIGUSR2 handler", 60, ready(dir.path())).await;
     let t0 = Instant::now();
-    let out = Command::new("qdel").arg(&id).output().unwrap();
-    assert!(out.status.success(), "{out:?}");
-    until("SIGUSR2 after qdel", 15, || {
+    s.cancel(std::slice::from_ref(&job.id)).await.unwrap();
+    until("SIGUSR2 after the cancel", 15, || {
         dir.path().join("usr2").exists().then_some(())
-    });
+    })
+    .await;
     let delay = notify("all.q");
-    let after = gone(&id, delay.as_secs() + 30).duration_since(t0);
+    let end = ended(&job, delay.as_secs() + 30).await;
     // the kill waits for the queue's notify delay
     assert!(
-        after + Duration::from_secs(2) >= delay,
-        "gone {after:?} after qdel (notify {delay:?})"
+        t0.elapsed() + Duration::from_secs(2) >= delay,
+        "ended {:?} after the cancel",
+        t0.elapsed()
     );
-    assert_eq!(qacct(&id, 1)[0].ending(), Ending::Signalled(9));
-    let again = Command::new("qdel").arg(&id).output().unwrap();
-    assert!(!again.status.success());
-    assert!(
-        sge::qdel_gone(&String::from_utf8_lossy(&again.stdout)),
-        "{again:?}"
+    assert_eq!(
+        end.description,
+        "was killed by signal 9 (cancelled, or a kill)"
     );
+    // a job already gone: cancelling it again is no error
+    s.cancel(std::slice::from_ref(&job.id)).await.unwrap();
+    let e = s.cancel(&["999999".into()]).await;
+    assert!(e.is_ok(), "{e:?}");
 }
 
-#[test]
+#[tokio::test]
 #[ignore = "needs the Grid Engine test cluster (scripts/sge-up, as root); scripts/test runs it"]
-fn h_rt_sends_sigusr2_then_kills_after_the_notify_delay() {
+async fn h_rt_sends_sigusr2_then_kills_after_the_notify_delay() {
     let _turn = cluster();
     let dir = tempfile::tempdir().unwrap();
     let mut jobs = Jobs(Vec::new());
-    let p = Profile {
-        time: Some("0:15".into()),
-        ..minutes("all.q", 1)
-    };
-    let id = qsub(
-        &submission("noyau-test-hrt", &p, dir.path()),
-        &usr2_recorder(dir.path()),
+    let s = sge();
+    let p = profile(&["queue=all.q", "time=0:15"]);
+    let job = submit(
+        &s,
+        &spec("noyau-test-hrt", p, dir.path(), &usr2_recorder(dir.path())),
         &mut jobs,
-    );
-    let started = running(&id).started.unwrap();
-    ready(dir.path());
+    )
+    .await;
+    let (_, ends_at) = running(&job).await;
+    let ends_at = ends_at.expect("a job with h_rt has an end");
+    until("the job's SIGUSR2 handler", 60, ready(dir.path())).await;
     let delay = notify("all.q");
-    gone(&id, 15 + delay.as_secs() + 30);
-    let end = SystemTime::now();
-    let usr2: u64 = std::fs::read_to_string(dir.path().join("usr2"))
-        .expect("no SIGUSR2 before the kill")
-        .trim()
-        .parse()
-        .unwrap();
-    let usr2 = SystemTime::UNIX_EPOCH + Duration::from_secs(usr2);
-    let ran = usr2.duration_since(started).unwrap();
+    let end = ended(&job, 15 + delay.as_secs() + 30).await;
+    assert_eq!(end.description, "reached its walltime (Grid Engine h_rt)");
+    let epoch = |f: &str| {
+        let t = std::fs::read_to_string(dir.path().join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        SystemTime::UNIX_EPOCH + Duration::from_secs(t.trim().parse().unwrap())
+    };
+    let usr2 = epoch("usr2");
+    let off = |a: SystemTime, b: SystemTime| a.duration_since(b).unwrap_or_else(|e| e.duration());
+    // SIGUSR2 at h_rt: at the end the watcher announced, and at the one the
+    // script exported for its processes
     assert!(
-        ran >= Duration::from_secs(14),
-        "SIGUSR2 {ran:?} after the start (h_rt 15 s)"
+        off(usr2, ends_at) <= Duration::from_secs(3),
+        "SIGUSR2 {:?} from the end",
+        off(usr2, ends_at)
     );
-    let warned = end.duration_since(usr2).unwrap();
-    assert!(
-        warned + Duration::from_secs(2) >= delay,
-        "SIGUSR2 only {warned:?} before the end"
-    );
-    assert_eq!(qacct(&id, 1)[0].ending(), Ending::Walltime);
+    assert!(off(usr2, epoch("end")) <= Duration::from_secs(3));
 }
 
-#[test]
+#[tokio::test]
 #[ignore = "needs the Grid Engine test cluster (scripts/sge-up, as root); scripts/test runs it"]
-fn an_array_of_six_tasks_runs_two_at_a_time() {
+async fn an_array_of_six_tasks_runs_two_at_a_time() {
     let _turn = cluster();
     let dir = tempfile::tempdir().unwrap();
-    let mut jobs = Jobs(Vec::new());
-    let ids: Vec<usize> = (0..6).collect();
+    let s = sge();
     let script = format!(
-        "{}echo $SGE_TASK_ID > {}/task.$NOYAU_ARRAY_TASK_ID\nsleep 3\n",
-        sge::array_task_id(&ids),
+        "echo $SGE_TASK_ID > {}/task.$NOYAU_ARRAY_TASK_ID\nsleep 3\n",
         dir.path().display()
     );
-    let p = minutes("batch", 5);
-    let sub = Submission {
-        array: Some(Array {
-            tasks: 6,
-            max_parallel: 2,
-        }),
-        ..submission("noyau-test-array", &p, dir.path())
-    };
-    let id = qsub(&sub, &script, &mut jobs);
-    let (mut most, mut waiting_seen) = (0, false);
-    until("the array's end", 120, || {
-        let lines = lines_of(&id);
-        let running: Vec<u32> = lines
-            .iter()
-            .filter(|l| l.state == SgeState::Running)
-            .flat_map(|l| l.tasks.clone())
-            .collect();
-        most = most.max(running.len());
-        waiting_seen |= lines
-            .iter()
-            .any(|l| l.state == SgeState::Pending && l.tasks.len() > 1);
-        assert!(
-            running.len() <= 2,
-            "tasks {running:?} of job {id} run at once"
-        );
-        lines.is_empty().then_some(())
+    let mut job = spec(
+        "noyau-test-array",
+        profile(&["queue=batch", "time=5"]),
+        dir.path(),
+        &script,
+    );
+    let ids = vec![0, 2, 4, 6, 8, 10];
+    job.array = Some(ArrayTasks {
+        ids: ids.clone(),
+        max_parallel: 2,
     });
+    let array = s.submit_array(&job).await.unwrap();
+    let _jobs = Jobs(vec![array.id.clone()]);
+    assert_eq!(array.note, "-t 1-6 -tc 2");
+    let (mut most, mut waited) = (0, false);
+    let states = until("the array's end", 120, || {
+        let st = array.states();
+        // (the watcher keeps a task that left qstat running until qacct
+        // says how it ended: ask qstat itself how many run)
+        let running = qstat_running(&array.id);
+        most = most.max(running);
+        waited |= st
+            .iter()
+            .any(|s| matches!(s, JobState::Pending { reason, .. } if reason != "submitted"));
+        assert!(
+            running <= 2,
+            "{running} tasks of array {} run at once: {st:?}",
+            array.id
+        );
+        st.iter()
+            .all(|s| matches!(s, JobState::Ended(_)))
+            .then_some(st)
+    })
+    .await;
     assert_eq!(most, 2, "never 2 tasks at once");
-    assert!(waiting_seen, "no line of waiting tasks seen");
+    assert!(waited, "no task seen waiting");
+    assert!(
+        states
+            .iter()
+            .all(|s| matches!(s, JobState::Ended(e) if e.success)),
+        "{states:?}"
+    );
     for (k, i) in ids.iter().enumerate() {
         let f = std::fs::read_to_string(dir.path().join(format!("task.{i}"))).unwrap();
         assert_eq!(f.trim(), (k + 1).to_string());
+        let log = job.log_path(&format!("{}.{}", array.id, k + 1));
+        assert!(log.is_file(), "no log {}", log.display());
     }
-    let records = qacct(&id, 6);
-    let mut tasks: Vec<u32> = records.iter().filter_map(|r| r.task).collect();
-    tasks.sort();
-    assert_eq!(tasks, [1, 2, 3, 4, 5, 6]);
-    assert!(records.iter().all(|r| r.ending().success()), "{records:?}");
+}
+
+#[tokio::test]
+#[ignore = "needs the Grid Engine test cluster (scripts/sge-up, as root); scripts/test runs it"]
+async fn one_listing_per_interval_for_ten_jobs_and_no_extension() {
+    let _turn = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("calls.log");
+    let wrapper = common::logging_wrapper(dir.path(), "qstat", &log);
+    let interval = Duration::from_millis(500);
+    let s = Scheduler::builder("sge")
+        .unwrap()
+        .command("qstat", wrapper.to_str().unwrap())
+        .unwrap()
+        .interval(interval)
+        .build();
+    let mut jobs = Jobs(Vec::new());
+    let mut held = Vec::new();
+    for i in 0..10 {
+        let p = profile(&["queue=all.q", "time=5"]);
+        held.push(
+            submit(
+                &s,
+                &spec(&format!("noyau-test-many-{i}"), p, dir.path(), "sleep 300"),
+                &mut jobs,
+            )
+            .await,
+        );
+    }
+    let _ = std::fs::remove_file(&log);
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let elapsed = t0.elapsed();
+    let total = common::calls(&log);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let calls: Vec<&str> = text.lines().take(total).collect();
+    // the listing, and why the waiting jobs wait (one call for all of them)
+    let listings = calls.iter().filter(|l| l.starts_with("-r -xml")).count();
+    let reasons = calls.iter().filter(|l| l.starts_with("-j ")).count();
+    common::assert_one_call_per_interval(listings, elapsed, interval, "qstat -r");
+    assert!(
+        reasons <= listings,
+        "{reasons} qstat -j for {listings} listings"
+    );
+    assert_eq!(total, listings + reasons, "{calls:?}");
+    for j in &held {
+        let st = j.state.borrow().clone();
+        assert!(
+            matches!(st, JobState::Pending { .. } | JobState::Running { .. }),
+            "job {}: {st:?}",
+            j.id
+        );
+    }
+    let e = s.extend(&held[0].id, 600).await.unwrap_err();
+    assert!(matches!(e, SchedError::Unsupported(_)), "{e:?}");
+    assert!(e.to_string().contains("cannot extend"), "{e}");
+    let ids: Vec<String> = held.iter().map(|j| j.id.clone()).collect();
+    let ran: Vec<&Job> = held
+        .iter()
+        .filter(|j| matches!(*j.state.borrow(), JobState::Running { .. }))
+        .collect();
+    s.cancel(&ids).await.unwrap();
+    // (those deleted while they waited end once the records lag has passed)
+    for j in ran {
+        ended(j, 60).await;
+    }
+    eprintln!("{listings} listings and {reasons} qstat -j in {elapsed:?}");
 }

@@ -1,5 +1,6 @@
 //! The `noyau` command: a thin CLI over the crates that do the work.
 
+mod env;
 mod install;
 mod jobs;
 mod run_cli;
@@ -48,6 +49,9 @@ enum Command {
     Extend(ExtendArgs),
     /// The web portal: JupyterLab in batch jobs for a centre's users
     Hub(HubArgs),
+    /// Kernel environments and data files in the cache: build, list, show, gc, lock
+    #[command(subcommand)]
+    Env(env::EnvCommand),
     /// A Dask scheduler or worker of `%noyau dask up` (run by noyau in a job, not by hand)
     #[command(hide = true)]
     DaskJob(DaskJobArgs),
@@ -114,7 +118,7 @@ enum HubAction {
 
 #[derive(clap::Args)]
 struct PsArgs {
-    /// The scheduler to ask: slurm or oar [default: `scheduler` in the config
+    /// The scheduler to ask: slurm, oar or sge [default: `scheduler` in the config
     /// files, else the one whose commands are on PATH]
     #[arg(long)]
     backend: Option<String>,
@@ -124,7 +128,7 @@ struct PsArgs {
 struct CancelArgs {
     /// The job id (as `noyau ps` shows it)
     id: String,
-    /// The scheduler: slurm or oar [default: as for `noyau ps`]
+    /// The scheduler: slurm, oar or sge [default: as for `noyau ps`]
     #[arg(long)]
     backend: Option<String>,
 }
@@ -135,7 +139,7 @@ struct ExtendArgs {
     id: String,
     /// How much more time: MM, HH:MM:SS or D-HH:MM:SS
     duration: String,
-    /// The scheduler: slurm or oar [default: as for `noyau ps`]
+    /// The scheduler: slurm, oar or sge [default: as for `noyau ps`]
     #[arg(long)]
     backend: Option<String>,
 }
@@ -153,7 +157,7 @@ struct KernelArgs {
     /// The kernelspec to run where the job runs
     #[arg(long, default_value = "python3")]
     inner: String,
-    /// Where the kernel runs: local (a child process), slurm or oar [default: the profile's, else local]
+    /// Where the kernel runs: local (a child process), slurm, oar or sge [default: the profile's, else local]
     #[arg(long)]
     backend: Option<String>,
     /// Resource profile ([profiles.NAME] in /etc/noyau/config.toml,
@@ -283,6 +287,7 @@ fn main() {
                 None => block_on_task(noyau_agent::run(cfg)),
             }),
         Command::Hub(a) => hub(a),
+        Command::Env(c) => env::main(c),
         Command::Install(a) => install::install(&a).map(|()| 0),
         Command::Kernelspecs(a) => install::kernelspecs(&a).map(|()| 0),
         Command::Ps(a) => block_on(jobs::ps(a.backend.as_deref())),

@@ -105,7 +105,7 @@ pub struct KernelFlags {
     #[arg(long)]
     pub allow_errors: bool,
     /// Where the kernel runs: local (a child process), or a batch scheduler
-    /// (slurm, oar: a job; a sweep's points are one job array)
+    /// (slurm, oar, sge: a job; a sweep's points are one job array)
     /// [default: the profile's, else local]
     #[arg(long)]
     pub backend: Option<String>,

@@ -1,0 +1,710 @@
+//! Data files pinned by their sha256: declared by a notebook, fetched once
+//! on the submitting host into a content-addressed store in the shared
+//! cache, and shown to the kernel read-only by name.
+//!
+//! Declarations ([`declared`]), later wins by name: `[data]` in the
+//! notebook's `noyau.toml` (`NAME = { url = "…", sha256 = "…" }`), the
+//! notebook's `metadata.noyau.data` (a list of `{url, sha256, name}`), and
+//! `%noyau data URL --sha256 HEX [--name N]` lines in its cells
+//! ([`parse_magic`]). A URL is `http(s)://` (through the site's proxy,
+//! [`crate::index::Network`]), `file://`, or a local path (relative to the
+//! notebook's directory).
+//!
+//! The store ([`Store`], `CACHE/data/`): `sha256/HEX` is the file (0444),
+//! `sha256/HEX.json` says what it is (URL without credentials, names, size,
+//! when fetched; written before the file is renamed in, so the file's
+//! presence means complete); `HEX.lock` serialises fetchers of one hash,
+//! so however many kernels and sweep points ask at once it is fetched
+//! once; `.part-HEX` is a download in progress, continued with an HTTP
+//! `Range` request after an interruption. The whole file is hashed before
+//! it is renamed in: a hash other than the declared one is an error naming
+//! the URL and both hashes, and the bytes are removed (a resumed download
+//! is tried once more from the start first, in case the part was stale).
+//! Only a file whose name is its hash is ever used, and only when the
+//! cache's trust rules hold (owner, mode, no symlink: [`crate::cache`]);
+//! a site's store (`NOYAU_ENV_SITE_CACHE/data`) is looked in first.
+//!
+//! In the job, the kernel's runtime directory gets a `data/` directory of
+//! symlinks, one per name, to the store ([`expose`]); `NOYAU_DATA` names it.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::cache::Cache;
+use crate::index::{redact, Network};
+use crate::EnvError;
+
+/// A data file as a notebook declares it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataRef {
+    /// As written (credentials included): only ever used to fetch.
+    pub url: String,
+    /// Lower-case hex.
+    pub sha256: String,
+    pub name: String,
+    /// The directory a relative local path is based on.
+    pub base: PathBuf,
+}
+
+/// A data file in a store, as the job gets it from the submitting host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataFile {
+    pub name: String,
+    /// Where it came from, without credentials.
+    pub url: String,
+    pub sha256: String,
+    pub size: u64,
+    /// The store (`CACHE/data`) holding `sha256/HEX`.
+    pub store: PathBuf,
+    /// The store is a site's (only its owner is trusted).
+    #[serde(default)]
+    pub site: bool,
+}
+
+impl DataFile {
+    pub fn path(&self) -> PathBuf {
+        self.store.join("sha256").join(&self.sha256)
+    }
+
+    /// What the output notebook records (`metadata.noyau.data`).
+    pub fn record(&self) -> Value {
+        json!({"name": self.name, "url": self.url, "sha256": self.sha256, "size": self.size})
+    }
+
+    /// In the job: the file is still the one prepared (trusted, same
+    /// size). Its bytes were hashed when it entered the store, whose
+    /// files no one else may change.
+    pub fn check(&self) -> Result<(), EnvError> {
+        let store = self.store_cache();
+        let path = self.path();
+        store.check(&path, false)?;
+        match std::fs::metadata(&path) {
+            Ok(m) if m.len() == self.size => Ok(()),
+            Ok(m) => Err(EnvError::Invalid(format!(
+                "data file {}: {} has {} bytes, not the {} it had when it was fetched",
+                self.name,
+                path.display(),
+                m.len(),
+                self.size
+            ))),
+            Err(e) => Err(EnvError::Invalid(format!(
+                "data file {} ({}) is not at {} on this node ({e}): the cache must be on a \
+                 filesystem the compute nodes share (NOYAU_ENV_CACHE)",
+                self.name,
+                self.url,
+                path.display()
+            ))),
+        }
+    }
+
+    /// Marks the file in use (as [`Cache::hold`] does an entry) until dropped.
+    pub fn hold(&self) -> Result<Option<crate::cache::FileLock>, EnvError> {
+        self.store_cache().hold(&self.sha256)
+    }
+
+    fn store_cache(&self) -> Cache {
+        if self.site {
+            Cache::site(&self.store)
+        } else {
+            Cache::new(&self.store)
+        }
+    }
+}
+
+fn invalid(m: String) -> EnvError {
+    EnvError::Invalid(m)
+}
+
+/// `sha256` as 64 lower-case hex digits (an optional `sha256:` prefix).
+pub fn check_sha256(s: &str) -> Result<String, EnvError> {
+    let h = s.trim().strip_prefix("sha256:").unwrap_or(s.trim());
+    if h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()) {
+        Ok(h.to_ascii_lowercase())
+    } else {
+        Err(invalid(format!(
+            "{s:?} is not a sha256 (64 hexadecimal digits; `sha256sum FILE` prints it)"
+        )))
+    }
+}
+
+/// A name a file can have in the kernel's data directory.
+fn check_name(name: &str) -> Result<String, EnvError> {
+    let ok = !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\0'])
+        && name.len() <= 200;
+    if ok {
+        Ok(name.to_string())
+    } else {
+        Err(invalid(format!(
+            "{name:?} cannot name a data file (give --name / `name` without `/`)"
+        )))
+    }
+}
+
+/// The last segment of a URL or path, as the default name.
+fn default_name(url: &str) -> String {
+    let path = url.split(['?', '#']).next().unwrap_or(url);
+    path.rsplit('/').next().unwrap_or(path).to_string()
+}
+
+impl DataRef {
+    pub fn new(
+        url: &str,
+        sha256: &str,
+        name: Option<&str>,
+        base: &Path,
+    ) -> Result<DataRef, EnvError> {
+        let url = url.trim();
+        let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+        if let Some(s) = &scheme {
+            if !matches!(s.as_str(), "http" | "https" | "file") {
+                return Err(invalid(format!(
+                    "data URL {}: noyau fetches http://, https:// and file:// URLs and local paths, not {s}://",
+                    redact(url)
+                )));
+            }
+        }
+        Ok(DataRef {
+            sha256: check_sha256(sha256)?,
+            name: check_name(&name.map_or_else(|| default_name(url), str::to_string))?,
+            url: url.to_string(),
+            base: base.to_path_buf(),
+        })
+    }
+
+    fn from_value(
+        v: &Value,
+        name: Option<&str>,
+        base: &Path,
+        what: &str,
+    ) -> Result<Self, EnvError> {
+        let s = |k: &str| v.get(k).and_then(Value::as_str);
+        let (Some(url), Some(sha)) = (s("url"), s("sha256")) else {
+            return Err(invalid(format!(
+                "{what}: each data file needs `url` and `sha256` (and may have `name`), not {v}"
+            )));
+        };
+        DataRef::new(url, sha, name.or(s("name")), base).map_err(|e| match e {
+            EnvError::Invalid(m) => invalid(format!("{what}: {m}")),
+            other => other,
+        })
+    }
+}
+
+/// The usage of `%noyau data`, for error messages.
+pub const MAGIC_USAGE: &str = "%noyau data URL --sha256 HEX [--name NAME]";
+
+/// `URL --sha256 HEX [--name N]`, a relative path based on `base`.
+pub fn parse_magic(args: &str, base: &Path) -> Result<DataRef, EnvError> {
+    let mut words = args.split_whitespace();
+    let (mut url, mut sha, mut name) = (None, None, None);
+    while let Some(w) = words.next() {
+        let (flag, inline) = match w.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f, Some(v)),
+            _ => (w, None),
+        };
+        let slot = match flag {
+            "--sha256" => &mut sha,
+            "--name" => &mut name,
+            _ if url.is_none() && !w.starts_with("--") => {
+                url = Some(w);
+                continue;
+            }
+            _ => return Err(invalid(format!("unexpected {w:?}; usage: {MAGIC_USAGE}"))),
+        };
+        *slot = inline.or_else(|| words.next());
+    }
+    match (url, sha) {
+        (Some(u), Some(h)) => DataRef::new(u, h, name, base),
+        _ => Err(invalid(format!(
+            "a data file needs its URL and --sha256; usage: {MAGIC_USAGE}"
+        ))),
+    }
+}
+
+/// The arguments of the `%noyau data` cells among `sources` (a line magic
+/// is a cell's first line, as the proxy and `noyau run` read it).
+pub fn magic_lines<'a>(sources: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    sources
+        .into_iter()
+        .filter_map(|src| {
+            let first = src.trim_start().lines().next()?;
+            let rest = first.trim().strip_prefix("%noyau")?;
+            let rest = rest.trim_start().strip_prefix("data")?;
+            rest.starts_with(char::is_whitespace)
+                .then(|| rest.trim().to_string())
+        })
+        .collect()
+}
+
+/// Every data file a notebook declares: `[data]` of `dir/noyau.toml`, its
+/// `metadata.noyau.data`, then its `%noyau data` lines; later wins by name.
+pub fn declared(
+    dir: &Path,
+    metadata: Option<&Value>,
+    magics: &[String],
+) -> Result<Vec<DataRef>, EnvError> {
+    let mut all = from_noyau_toml(dir)?;
+    if let Some(list) = metadata
+        .and_then(|m| m.get("noyau"))
+        .and_then(|n| n.get("data"))
+    {
+        let what = "metadata.noyau.data";
+        let items = list
+            .as_array()
+            .ok_or_else(|| invalid(format!("{what} must be a list of {{url, sha256, name}}")))?;
+        for v in items {
+            all.push(DataRef::from_value(v, None, dir, what)?);
+        }
+    }
+    for m in magics {
+        all.push(parse_magic(m, dir)?);
+    }
+    let mut out: Vec<DataRef> = Vec::new();
+    for r in all {
+        out.retain(|o| o.name != r.name);
+        out.push(r);
+    }
+    Ok(out)
+}
+
+fn from_noyau_toml(dir: &Path) -> Result<Vec<DataRef>, EnvError> {
+    let path = dir.join("noyau.toml");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(EnvError::io(format!("reading {}", path.display()), e)),
+    };
+    let doc: toml::Table =
+        toml::from_str(&text).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
+    let Some(data) = doc.get("data") else {
+        return Ok(Vec::new());
+    };
+    let what = format!("[data] in {}", path.display());
+    let table = data.as_table().ok_or_else(|| {
+        invalid(format!(
+            "{what} must be a table: NAME = {{ url = \"…\", sha256 = \"…\" }}"
+        ))
+    })?;
+    table
+        .iter()
+        .map(|(name, v)| {
+            let v = serde_json::to_value(v).unwrap_or(Value::Null);
+            DataRef::from_value(&v, Some(name), dir, &what)
+        })
+        .collect()
+}
+
+/// A content-addressed store of data files: `CACHE/data`.
+#[derive(Debug, Clone)]
+pub struct Store {
+    cache: Cache,
+}
+
+impl Store {
+    /// The store of `cache` (its `data/` directory, trusting the same owners).
+    pub fn of(cache: &Cache) -> Store {
+        Store {
+            cache: cache.sub("data"),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        self.cache.root()
+    }
+
+    fn file(&self, sha: &str) -> PathBuf {
+        self.root().join("sha256").join(sha)
+    }
+
+    /// The stored file of `sha` as a [`DataFile`] named `name`, if there
+    /// is one we trust.
+    pub fn find(&self, sha: &str, name: &str, url: &str) -> Result<Option<DataFile>, EnvError> {
+        let path = self.file(sha);
+        self.cache.check(&path.with_extension("json"), false)?;
+        self.cache.check(&path, false)?;
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            return Ok(None);
+        };
+        Ok(Some(DataFile {
+            name: name.to_string(),
+            url: redact(url),
+            sha256: sha.to_string(),
+            size: meta.len(),
+            store: self.root().to_path_buf(),
+            site: self.cache.is_site(),
+        }))
+    }
+
+    /// The file of `r`, fetched into this store unless it is there.
+    pub fn fetch(
+        &self,
+        r: &DataRef,
+        net: &Network,
+        progress: crate::Progress<'_>,
+    ) -> Result<DataFile, EnvError> {
+        if let Some(f) = self.find(&r.sha256, &r.name, &r.url)? {
+            return Ok(f);
+        }
+        let dir = self.root().join("sha256");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| EnvError::io(format!("creating {}", dir.display()), e))?;
+        let _lock = self.cache.lock(&r.sha256)?;
+        if let Some(f) = self.find(&r.sha256, &r.name, &r.url)? {
+            progress(&format!(
+                "{} was fetched by another job meanwhile; using it",
+                r.name
+            ));
+            return Ok(f);
+        }
+        let part = self.root().join(format!(".part-{}", r.sha256));
+        self.cache.check(&part, false).or_else(|_| {
+            std::fs::remove_file(&part)
+                .map_err(|e| EnvError::io(format!("removing {}", part.display()), e))
+        })?;
+        let resumed = fetch_to(r, net, &part, progress)?;
+        let mut got = sha256_file(&part)?;
+        if got != r.sha256 && resumed {
+            progress(&format!(
+                "{}: the resumed download does not have the expected sha256; fetching it again from the start",
+                redact(&r.url)
+            ));
+            let _ = std::fs::remove_file(&part);
+            fetch_to(r, net, &part, progress)?;
+            got = sha256_file(&part)?;
+        }
+        if got != r.sha256 {
+            let _ = std::fs::remove_file(&part);
+            return Err(EnvError::HashMismatch {
+                url: redact(&r.url),
+                expected: r.sha256.clone(),
+                got,
+            });
+        }
+        self.store_part(r, &part)
+    }
+
+    /// Seals a verified download and renames it in, its description first.
+    fn store_part(&self, r: &DataRef, part: &Path) -> Result<DataFile, EnvError> {
+        let file = self.file(&r.sha256);
+        let size = std::fs::metadata(part)
+            .map_err(|e| EnvError::io(format!("reading {}", part.display()), e))?
+            .len();
+        let about = json!({
+            "sha256": r.sha256, "size": size, "url": redact(&r.url), "name": r.name,
+            "fetched_at": crate::now_secs(), "fetched_on": crate::hostname(),
+        });
+        let json_path = file.with_extension("json");
+        std::fs::write(&json_path, serde_json::to_vec_pretty(&about).expect("json"))
+            .and_then(|()| {
+                std::fs::set_permissions(&json_path, std::fs::Permissions::from_mode(0o444))
+            })
+            .map_err(|e| EnvError::io(format!("writing {}", json_path.display()), e))?;
+        std::fs::set_permissions(part, std::fs::Permissions::from_mode(0o444))
+            .and_then(|()| std::fs::rename(part, &file))
+            .map_err(|e| EnvError::io(format!("moving the download to {}", file.display()), e))?;
+        Ok(DataFile {
+            name: r.name.clone(),
+            url: redact(&r.url),
+            sha256: r.sha256.clone(),
+            size,
+            store: self.root().to_path_buf(),
+            site: false,
+        })
+    }
+}
+
+/// The file of `r` from the site's store, else `cache`'s (fetched there).
+pub fn prepare(
+    r: &DataRef,
+    cache: &Cache,
+    net: &Network,
+    progress: crate::Progress<'_>,
+) -> Result<DataFile, EnvError> {
+    if let Some(site) = crate::cache::site_cache() {
+        match Store::of(&site).find(&r.sha256, &r.name, &r.url) {
+            Ok(Some(f)) => return Ok(f),
+            Ok(None) => {}
+            Err(e) => progress(&format!("not using the site's copy of {}: {e}", r.name)),
+        }
+    }
+    Store::of(cache).fetch(r, net, progress)
+}
+
+/// Downloads or copies `r` into `part`, continuing a partial download;
+/// true when it continued one.
+fn fetch_to(
+    r: &DataRef,
+    net: &Network,
+    part: &Path,
+    progress: crate::Progress<'_>,
+) -> Result<bool, EnvError> {
+    let shown = redact(&r.url);
+    let t0 = Instant::now();
+    let resumed = if r.url.starts_with("http://") || r.url.starts_with("https://") {
+        download(r, net, part, progress)?
+    } else {
+        let src = match r.url.strip_prefix("file://") {
+            Some(p) => PathBuf::from(p),
+            None => crate::spec::absolute(&r.base, Path::new(&r.url)),
+        };
+        progress(&format!("copying {} into the data store", src.display()));
+        std::fs::copy(&src, part).map_err(|e| {
+            EnvError::io(
+                format!("data file {}: copying {}", r.name, src.display()),
+                e,
+            )
+        })?;
+        false
+    };
+    let size = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0);
+    progress(&format!(
+        "{}: {} bytes from {shown} in {:.1} s",
+        r.name,
+        size,
+        t0.elapsed().as_secs_f64()
+    ));
+    Ok(resumed)
+}
+
+/// An HTTP(S) GET into `part`, from its current length when it has one.
+fn download(
+    r: &DataRef,
+    net: &Network,
+    part: &Path,
+    progress: crate::Progress<'_>,
+) -> Result<bool, EnvError> {
+    let shown = redact(&r.url);
+    let failed = |why: String| EnvError::Fetch {
+        url: shown.clone(),
+        why,
+    };
+    let have = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0);
+    let client = net.http_client().map_err(|e| failed(e.to_string()))?;
+    let mut req = client.get(&r.url);
+    if have > 0 {
+        req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
+    }
+    let mut resp = req.send().map_err(|e| failed(error_chain(&e)))?;
+    let status = resp.status();
+    let resumed = have > 0 && status == reqwest::StatusCode::PARTIAL_CONTENT;
+    if have > 0 && status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE {
+        return Ok(true); // the part is complete; its hash decides
+    }
+    if !status.is_success() {
+        return Err(failed(format!("the server answered {status}")));
+    }
+    match (resumed, have > 0) {
+        (true, _) => progress(&format!("{}: continuing {shown} from byte {have}", r.name)),
+        (false, true) => progress(&format!(
+            "{}: the server does not resume; fetching {shown} again",
+            r.name
+        )),
+        (false, false) => progress(&format!("{}: fetching {shown}", r.name)),
+    }
+    let mut out = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(resumed)
+        .truncate(!resumed)
+        .open(part)
+        .map_err(|e| EnvError::io(format!("writing {}", part.display()), e))?;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = resp.read(&mut buf).map_err(|e| {
+            failed(format!(
+                "the download broke off ({e}); run again to continue it"
+            ))
+        })?;
+        if n == 0 {
+            break;
+        }
+        out.write_all(&buf[..n])
+            .map_err(|e| EnvError::io(format!("writing {}", part.display()), e))?;
+    }
+    out.sync_all()
+        .map_err(|e| EnvError::io(format!("writing {}", part.display()), e))?;
+    Ok(resumed)
+}
+
+/// reqwest's error with its causes (the connection's own reason).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(&format!(": {c}"));
+        cur = c.source();
+    }
+    s
+}
+
+/// sha256 of a file, streamed.
+pub fn sha256_file(path: &Path) -> Result<String, EnvError> {
+    use sha2::Digest;
+    let mut f = std::fs::File::open(path)
+        .map_err(|e| EnvError::io(format!("reading {}", path.display()), e))?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| EnvError::io(format!("reading {}", path.display()), e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Makes `dir` hold one symlink per data file, named by its name, to its
+/// place in the store (replacing a link of the same name atomically: the
+/// workers of a Dask cluster share one directory).
+pub fn expose(dir: &Path, files: &[DataFile]) -> Result<(), EnvError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| EnvError::io(format!("creating {}", dir.display()), e))?;
+    for f in files {
+        f.check()?;
+        let link = dir.join(&f.name);
+        if std::fs::symlink_metadata(&link).is_ok_and(|m| !m.file_type().is_symlink()) {
+            return Err(invalid(format!(
+                "{} exists and is not a data link; not replacing it",
+                link.display()
+            )));
+        }
+        let tmp = dir.join(format!(".{}.{}", f.name, std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(f.path(), &tmp)
+            .and_then(|()| std::fs::rename(&tmp, &link))
+            .map_err(|e| EnvError::io(format!("linking {}", link.display()), e))?;
+    }
+    Ok(())
+}
+
+/// One store entry, for `noyau env list` and `gc`.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub sha256: String,
+    pub size: u64,
+    pub about: Value,
+    pub last_use: std::time::SystemTime,
+}
+
+/// The files of a store.
+pub fn list(store: &Store) -> Vec<Stored> {
+    let dir = store.root().join("sha256");
+    let Ok(rd) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<Stored> = rd
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            check_sha256(&name).ok().filter(|h| *h == name)?;
+            let meta = e.metadata().ok()?;
+            let about = std::fs::read(e.path().with_extension("json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or(Value::Null);
+            let lock = store.root().join(format!("{name}.lock"));
+            let last_use = std::fs::metadata(&lock)
+                .and_then(|m| m.modified())
+                .or_else(|_| meta.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            Some(Stored {
+                sha256: name,
+                size: meta.size(),
+                about,
+                last_use,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.sha256.cmp(&b.sha256));
+    out
+}
+
+impl Store {
+    /// Removes the file of `sha` unless someone holds it (`dry`: only
+    /// says whether it would); true if removed.
+    pub(crate) fn remove_unused(&self, sha: &str, dry: bool) -> Result<bool, EnvError> {
+        let Some(_lock) = self.cache.try_exclusive(sha)? else {
+            return Ok(false);
+        };
+        if dry {
+            return Ok(true);
+        }
+        let file = self.file(sha);
+        let _ = std::fs::remove_file(file.with_extension("json"));
+        std::fs::remove_file(&file)
+            .map_err(|e| EnvError::io(format!("removing {}", file.display()), e))?;
+        Ok(true)
+    }
+}
+
+/// How long a download may wait for its first byte.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const H: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+    #[test]
+    fn magic_and_declarations() {
+        let base = Path::new("/nb");
+        let r = parse_magic(&format!("https://h/d/iris.csv?x=1 --sha256 {H}"), base).unwrap();
+        assert_eq!((r.name.as_str(), r.sha256.as_str()), ("iris.csv", H));
+        let r = parse_magic(
+            &format!("data/x.bin --name=y --sha256=sha256:{}", H.to_uppercase()),
+            base,
+        )
+        .unwrap();
+        assert_eq!((r.name.as_str(), r.sha256.as_str()), ("y", H));
+        for (bad, says) in [
+            ("https://h/x", "--sha256"),
+            ("https://h/x --sha256 abc", "not a sha256"),
+            (&format!("ftp://h/x --sha256 {H}") as &str, "not ftp://"),
+            (&format!("https://h/ --sha256 {H}"), "cannot name"),
+            (&format!("https://h/x --sha256 {H} --bogus"), "unexpected"),
+        ] {
+            let e = parse_magic(bad, base).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(
+            t.path().join("noyau.toml"),
+            format!("[data]\na = {{ url = \"https://h/a\", sha256 = \"{H}\" }}\nb = {{ url = \"https://h/b\", sha256 = \"{H}\" }}\n"),
+        )
+        .unwrap();
+        let meta =
+            json!({"noyau": {"data": [{"url": "file:///x/other", "sha256": H, "name": "b"}]}});
+        let all = declared(t.path(), Some(&meta), &[format!("c.txt --sha256 {H}")]).unwrap();
+        let names: Vec<(&str, &str)> = all
+            .iter()
+            .map(|r| (r.name.as_str(), r.url.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("a", "https://h/a"),
+                ("b", "file:///x/other"),
+                ("c.txt", "c.txt")
+            ]
+        );
+        let e = declared(
+            t.path(),
+            Some(&json!({"noyau": {"data": [{"url": "x"}]}})),
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("needs `url` and `sha256`"), "{e}");
+    }
+}

@@ -1,0 +1,418 @@
+//! The data store with a real HTTP server on 127.0.0.1 (a few lines of
+//! HTTP/1.1 below, over std's TcpListener: it counts requests, answers
+//! `Range`, can break a response off half-way, and serves absolute-URI
+//! requests as a forward proxy does): fetched once however many ask at
+//! once, a corrupted file refused with nothing kept, a broken download
+//! continued, the site's proxy used, local files hashed and copied, files
+//! shown by name to a kernel, and `gc` leaving alone what is held.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use noyau_env::data::{self, DataRef, Store};
+use noyau_env::index::Network;
+use noyau_env::{Cache, EnvError};
+
+#[derive(Default)]
+struct Log {
+    /// (request line, Range header) of every request.
+    requests: Vec<(String, Option<String>)>,
+}
+
+/// A server of `files` (path → bytes); `break_once` paths send half of
+/// their body on the first request, then close.
+struct Server {
+    port: u16,
+    log: Arc<Mutex<Log>>,
+}
+
+impl Server {
+    fn start(files: HashMap<String, Vec<u8>>, break_once: &[&str]) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let log = Arc::new(Mutex::new(Log::default()));
+        let broken: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(
+            break_once.iter().map(|s| s.to_string()).collect(),
+        ));
+        let (l2, files) = (log.clone(), Arc::new(files));
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let (log, files, broken) = (l2.clone(), files.clone(), broken.clone());
+                std::thread::spawn(move || serve(conn, &log, &files, &broken));
+            }
+        });
+        Server { port, log }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn requests(&self) -> Vec<(String, Option<String>)> {
+        self.log.lock().unwrap().requests.clone()
+    }
+}
+
+fn serve(
+    conn: std::net::TcpStream,
+    log: &Mutex<Log>,
+    files: &HashMap<String, Vec<u8>>,
+    broken: &Mutex<Vec<String>>,
+) {
+    let mut r = BufReader::new(conn.try_clone().unwrap());
+    let mut line = String::new();
+    if r.read_line(&mut line).unwrap_or(0) == 0 {
+        return;
+    }
+    let mut range = None;
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+            break;
+        }
+        if let Some(v) = h
+            .strip_prefix("range: ")
+            .or_else(|| h.strip_prefix("Range: "))
+        {
+            range = Some(v.trim().to_string());
+        }
+    }
+    log.lock()
+        .unwrap()
+        .requests
+        .push((line.trim().to_string(), range.clone()));
+    // An absolute URI (a request to a proxy) is served by its path.
+    let target = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let path = match target.strip_prefix("http://") {
+        Some(rest) => rest.find('/').map_or("/".into(), |i| rest[i..].to_string()),
+        None => target,
+    };
+    let mut w = conn;
+    let Some(body) = files.get(&path) else {
+        let _ = w
+            .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        return;
+    };
+    let from = range
+        .as_deref()
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.trim_end_matches('-').parse::<usize>().ok())
+        .unwrap_or(0);
+    let (status, part) = if from > 0 {
+        ("206 Partial Content", &body[from..])
+    } else {
+        ("200 OK", &body[..])
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        part.len()
+    );
+    let _ = w.write_all(head.as_bytes());
+    let mut b = broken.lock().unwrap();
+    if let Some(i) = b.iter().position(|p| *p == path) {
+        b.remove(i);
+        let _ = w.write_all(&part[..part.len() / 2]);
+        return; // closed half-way: the client sees a short body
+    }
+    drop(b);
+    let _ = w.write_all(part);
+}
+
+fn sha(bytes: &[u8]) -> String {
+    noyau_env::sha256_hex(bytes)
+}
+
+fn quiet() -> impl FnMut(&str) {
+    |_: &str| {}
+}
+
+fn store_files(root: &Path) -> Vec<String> {
+    let mut out: Vec<String> = walk(root)
+        .into_iter()
+        .filter(|n| !n.ends_with(".lock"))
+        .collect();
+    out.sort();
+    out
+}
+
+fn walk(dir: &Path) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .flat_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.path().is_dir() {
+                walk(&e.path())
+                    .into_iter()
+                    .map(|n| format!("{name}/{n}"))
+                    .collect()
+            } else {
+                vec![name]
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn ten_fetchers_at_once_make_one_request_and_share_one_verified_read_only_file() {
+    let body: Vec<u8> = (0..200_000u32).flat_map(|i| i.to_le_bytes()).collect();
+    let hash = sha(&body);
+    let srv = Server::start(
+        HashMap::from([("/d/iris.bin".to_string(), body.clone())]),
+        &[],
+    );
+    let t = tempfile::tempdir().unwrap();
+    let cache = Cache::new(t.path().join("cache"));
+    // Credentials in the URL are used to fetch, never recorded.
+    let url = srv
+        .url("/d/iris.bin")
+        .replace("http://", "http://alice:s3cret@");
+    let r = DataRef::new(&url, &hash, None, t.path()).unwrap();
+    let got: Vec<_> = (0..10)
+        .map(|_| {
+            let (r, cache) = (r.clone(), cache.clone());
+            std::thread::spawn(move || data::prepare(&r, &cache, &Network::default(), &mut quiet()))
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap().unwrap())
+        .collect();
+    assert_eq!(srv.requests().len(), 1, "{:?}", srv.requests());
+    let f = &got[0];
+    assert!(got.iter().all(|g| g == f));
+    assert_eq!((f.name.as_str(), f.size), ("iris.bin", body.len() as u64));
+    assert_eq!(std::fs::read(f.path()).unwrap(), body);
+    assert_eq!(f.path().file_name().unwrap().to_str(), Some(hash.as_str()));
+    let mode = std::fs::metadata(f.path()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o444);
+    let about = std::fs::read_to_string(f.path().with_extension("json")).unwrap();
+    assert!(about.contains(&srv.url("/d/iris.bin")), "{about}");
+    assert!(
+        !about.contains("s3cret") && !f.url.contains("s3cret"),
+        "{about}"
+    );
+    // Asked again later: from the store, no request.
+    data::prepare(&r, &cache, &Network::default(), &mut quiet()).unwrap();
+    assert_eq!(srv.requests().len(), 1);
+}
+
+#[test]
+fn a_file_whose_hash_differs_is_refused_naming_url_and_hashes_and_nothing_is_kept() {
+    let srv = Server::start(
+        HashMap::from([("/x.csv".to_string(), b"corrupted".to_vec())]),
+        &[],
+    );
+    let t = tempfile::tempdir().unwrap();
+    let cache = Cache::new(t.path().join("cache"));
+    let want = sha(b"the real bytes");
+    let r = DataRef::new(&srv.url("/x.csv"), &want, None, t.path()).unwrap();
+    let e = data::prepare(&r, &cache, &Network::default(), &mut quiet()).unwrap_err();
+    match &e {
+        EnvError::HashMismatch { url, expected, got } => {
+            assert_eq!(url, &srv.url("/x.csv"));
+            assert_eq!(expected, &want);
+            assert_eq!(got, &sha(b"corrupted"));
+        }
+        other => panic!("{other}"),
+    }
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&want) && msg.contains(&sha(b"corrupted")) && msg.contains("/x.csv"),
+        "{msg}"
+    );
+    assert_eq!(
+        store_files(&t.path().join("cache/data")),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn a_download_broken_off_is_continued_with_a_range_request() {
+    let body: Vec<u8> = (0..100_000u32).flat_map(|i| i.to_be_bytes()).collect();
+    let hash = sha(&body);
+    let srv = Server::start(
+        HashMap::from([("/big".to_string(), body.clone())]),
+        &["/big"],
+    );
+    let t = tempfile::tempdir().unwrap();
+    let cache = Cache::new(t.path().join("cache"));
+    let r = DataRef::new(&srv.url("/big"), &hash, Some("big.bin"), t.path()).unwrap();
+    let e = data::prepare(&r, &cache, &Network::default(), &mut quiet()).unwrap_err();
+    assert!(e.to_string().contains("run again to continue"), "{e}");
+    let part = t.path().join(format!("cache/data/.part-{hash}"));
+    let have = std::fs::metadata(&part).unwrap().len();
+    assert!(have > 0 && have < body.len() as u64, "{have}");
+    let mut lines = Vec::new();
+    let f = data::prepare(&r, &cache, &Network::default(), &mut |l: &str| {
+        lines.push(l.to_string())
+    })
+    .unwrap();
+    assert_eq!(std::fs::read(f.path()).unwrap(), body);
+    let reqs = srv.requests();
+    assert_eq!(reqs.len(), 2);
+    assert_eq!(
+        reqs[1].1.as_deref(),
+        Some(format!("bytes={have}-").as_str())
+    );
+    assert!(lines.iter().any(|l| l.contains("continuing")), "{lines:?}");
+    assert!(!part.exists());
+}
+
+#[test]
+fn the_sites_proxy_is_used_except_for_hosts_it_excludes() {
+    let body = b"through the proxy".to_vec();
+    let proxy = Server::start(HashMap::from([("/f".to_string(), body.clone())]), &[]);
+    let direct = Server::start(HashMap::from([("/f".to_string(), body.clone())]), &[]);
+    let t = tempfile::tempdir().unwrap();
+    let vars: HashMap<&str, String> = HashMap::from([
+        (
+            "http_proxy",
+            format!("http://u:pw@127.0.0.1:{}", proxy.port),
+        ),
+        ("no_proxy", "localhost".to_string()),
+    ]);
+    let net = Network::read(&|n| vars.get(n).cloned());
+    let r = DataRef::new(&direct.url("/f"), &sha(&body), None, t.path()).unwrap();
+    data::prepare(&r, &Cache::new(t.path().join("c1")), &net, &mut quiet()).unwrap();
+    let via = proxy.requests();
+    assert_eq!(via.len(), 1, "{via:?}");
+    assert!(
+        via[0].0.starts_with(&format!("GET {}", direct.url("/f"))),
+        "{via:?}"
+    );
+    assert!(direct.requests().is_empty());
+    assert!(!net.record().to_string().contains("pw"), "{}", net.record());
+
+    let vars: HashMap<&str, String> = HashMap::from([
+        ("http_proxy", format!("http://127.0.0.1:{}", proxy.port)),
+        ("no_proxy", "127.0.0.1".to_string()),
+    ]);
+    let net = Network::read(&|n| vars.get(n).cloned());
+    data::prepare(&r, &Cache::new(t.path().join("c2")), &net, &mut quiet()).unwrap();
+    assert_eq!(proxy.requests().len(), 1);
+    assert_eq!(direct.requests().len(), 1);
+}
+
+#[test]
+fn local_paths_and_file_urls_are_hashed_and_copied_and_unreachable_urls_named() {
+    let t = tempfile::tempdir().unwrap();
+    let cache = Cache::new(t.path().join("cache"));
+    std::fs::create_dir(t.path().join("nb")).unwrap();
+    std::fs::write(t.path().join("nb/local.txt"), "local bytes").unwrap();
+    let r = DataRef::new(
+        "local.txt",
+        &sha(b"local bytes"),
+        None,
+        &t.path().join("nb"),
+    )
+    .unwrap();
+    let f = data::prepare(&r, &cache, &Network::default(), &mut quiet()).unwrap();
+    assert_eq!(std::fs::read(f.path()).unwrap(), b"local bytes");
+    let mode = std::fs::metadata(t.path().join("nb/local.txt"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_ne!(mode & 0o200, 0, "the user's own file was made read-only");
+    let url = format!("file://{}", t.path().join("nb/local.txt").display());
+    let r2 = DataRef::new(&url, &sha(b"local bytes"), Some("again"), t.path()).unwrap();
+    let f2 = data::prepare(&r2, &cache, &Network::default(), &mut quiet()).unwrap();
+    assert_eq!((f2.path(), f2.name.as_str()), (f.path(), "again"));
+    let r3 = DataRef::new(&url.replace("local", "missing"), &sha(b"x"), None, t.path()).unwrap();
+    let e = data::prepare(&r3, &cache, &Network::default(), &mut quiet()).unwrap_err();
+    assert!(e.to_string().contains("missing.txt"), "{e}");
+
+    // A server that refuses: the URL and the reason.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let r4 = DataRef::new(
+        &format!("http://127.0.0.1:{port}/y"),
+        &sha(b"y"),
+        None,
+        t.path(),
+    )
+    .unwrap();
+    let e = data::prepare(&r4, &cache, &Network::default(), &mut quiet()).unwrap_err();
+    let m = e.to_string();
+    assert!(
+        m.contains(&format!("cannot fetch http://127.0.0.1:{port}/y")),
+        "{m}"
+    );
+}
+
+#[test]
+fn a_kernel_sees_its_data_files_by_name_and_gc_leaves_held_ones_alone() {
+    let t = tempfile::tempdir().unwrap();
+    let cache = Cache::new(t.path().join("cache"));
+    std::fs::write(t.path().join("a"), "aaa").unwrap();
+    std::fs::write(t.path().join("b"), "bbb").unwrap();
+    let fa = data::prepare(
+        &DataRef::new("a", &sha(b"aaa"), Some("first.txt"), t.path()).unwrap(),
+        &cache,
+        &Network::default(),
+        &mut quiet(),
+    )
+    .unwrap();
+    let fb = data::prepare(
+        &DataRef::new("b", &sha(b"bbb"), None, t.path()).unwrap(),
+        &cache,
+        &Network::default(),
+        &mut quiet(),
+    )
+    .unwrap();
+    let rt = t.path().join("rt");
+    std::fs::create_dir(&rt).unwrap();
+    let r = noyau_env::Realised::plain(vec![fa.clone()]).unwrap();
+    let (_, env) = r
+        .command(&["python3".into()], &Default::default(), &rt)
+        .unwrap();
+    let dir = Path::new(&env["NOYAU_DATA"]);
+    assert_eq!(dir, rt.join("data"));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("first.txt")).unwrap(),
+        "aaa"
+    );
+    assert_eq!(
+        std::fs::read_link(dir.join("first.txt")).unwrap(),
+        fa.path()
+    );
+
+    // Both unused for long (their lock files' mtime is the last use); `a`
+    // is held by the kernel above.
+    let old = std::time::SystemTime::now() - Duration::from_secs(40 * 86400);
+    for f in [&fa, &fb] {
+        let lock = f.store.join(format!("{}.lock", f.sha256));
+        std::fs::File::options()
+            .write(true)
+            .open(&lock)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+    }
+    let dry = noyau_env::manage::gc(&cache, Duration::from_secs(30 * 86400), true).unwrap();
+    assert_eq!(dry.removed.len(), 1, "{dry:?}");
+    assert!(fb.path().exists());
+    let done = noyau_env::manage::gc(&cache, Duration::from_secs(30 * 86400), false).unwrap();
+    assert_eq!(done.removed.len(), 1, "{done:?}");
+    assert!(
+        done.removed[0].0.contains(&fb.sha256) && done.in_use[0].contains(&fa.sha256),
+        "{done:?}"
+    );
+    assert!(!fb.path().exists() && fa.path().exists());
+    drop(r);
+    let done = noyau_env::manage::gc(&cache, Duration::from_secs(0), false).unwrap();
+    assert_eq!(done.removed.len(), 1, "{done:?}");
+    assert!(!fa.path().exists());
+    assert!(Store::of(&cache)
+        .find(&fa.sha256, "x", "a")
+        .unwrap()
+        .is_none());
+}
