@@ -461,8 +461,8 @@ def test_a_run_on_slurm_starts_a_dask_cluster_computes_and_leaves_no_job(run_dir
     cells = json.loads(out.read_text())["cells"]
     assert "scheduler up" in stdout_of(cells[2]), cells[2]
     assert stdout_of(cells[3]) == "4950\n", cells[3]
-    # the cluster ended with the run, before the command returned
-    assert not dask_jobs(), dask_jobs()
+    # the run cancelled its cluster as it ended (the jobs may still be completing)
+    lib.wait_until(lambda: not dask_jobs(), 30, "the cluster's jobs to leave the queue", interval=0.5)
 
 
 def test_a_detached_run_starts_its_dask_cluster_from_its_job(run_dir: Path, noyau_bin: str) -> None:
@@ -480,7 +480,8 @@ def test_a_detached_run_starts_its_dask_cluster_from_its_job(run_dir: Path, noya
     lib.wait_until(ended, 400, "the detached run's job to end", interval=0.5)
     cells = json.loads(out.read_text())["cells"]
     assert stdout_of(cells[3]) == "4950\n", cells[3]
-    assert not dask_jobs(), dask_jobs()
+    # the run cancelled its cluster as it ended (the jobs may still be completing)
+    lib.wait_until(lambda: not dask_jobs(), 30, "the cluster's jobs to leave the queue", interval=0.5)
 
 
 def test_a_run_says_why_its_cluster_waits(run_dir: Path, noyau_bin: str) -> None:
@@ -499,15 +500,16 @@ def test_a_run_says_why_its_cluster_waits(run_dir: Path, noyau_bin: str) -> None
             except (OSError, ValueError, IndexError):
                 return ""
             return displayed(cell)
-        lib.wait_until(lambda: "reason" in note(), 120, "the dask up cell to say why its jobs wait", interval=0.5)
-        assert re.search(r"noyau: Dask: scheduler queued on slurm job \d+ \(partition debug\): reason \w+",
-                         note()), note()
+        # the scheduler's own reason (the first note may still say "submitted")
+        why = re.compile(r"noyau: Dask: scheduler queued on slurm job \d+ \(partition debug\): "
+                         r"reason (Resources|Priority)")
+        lib.wait_until(lambda: why.search(note()), 120, "the dask up cell to say why its jobs wait", interval=0.5)
     finally:
         subprocess.run(["scancel", blocker], check=False)
     assert p.wait(timeout=300) == 0, p.stderr.read() if p.stderr else ""
     cells = json.loads(out.read_text())["cells"]
     assert stdout_of(cells[3]) == "4950\n", cells[3]
-    assert "every job of the cluster runs now" in displayed(cells[2]), cells[2]
+    assert "scheduler up" in stdout_of(cells[2]), cells[2]
 
 
 def test_a_sweep_runs_dask_in_every_point(run_dir: Path, noyau_bin: str) -> None:
