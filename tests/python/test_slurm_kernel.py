@@ -56,6 +56,9 @@ def test_queued_kernel_shows_the_reason_then_runs(batch: lib.Cluster) -> None:
         # the note says why the job waits (first "submitted", then the scheduler's reason)
         notes = k.iopub_for(msg_id, lambda m: m["msg_type"] in ("display_data", "update_display_data")
                             and any(r in lib.message_text(m) for r in batch.wait_reasons), 30)
+        # busy at once (the cell waits as for a busy kernel), then the note
+        assert notes[0]["msg_type"] == "status" and notes[0]["content"]["execution_state"] == "busy", notes[0]
+        notes = [m for m in notes if m["msg_type"] != "status"]
         assert notes[0]["msg_type"] == "display_data", [m["msg_type"] for m in notes]
         text = lib.message_text(notes[-1])
         assert f"queued on {batch.name} job" in text, text
@@ -78,10 +81,14 @@ def test_queued_kernel_shows_the_reason_then_runs(batch: lib.Cluster) -> None:
     no_noyau_job(30, "no noyau job after shutdown", batch)
 
 
-def test_shutdown_while_queued_cancels_the_job(batch: lib.Cluster) -> None:
+def test_shutdown_while_queued_cancels_the_job(batch: lib.Cluster, tmp_path: Path) -> None:
+    """A shutdown (which jupyter_client precedes with an interrupt) cancels
+    the queued job quietly: said at info level, no error."""
     blocker = batch.fill_the_node()
+    log = tmp_path / "proxy.log"
     try:
-        k = Kernel(batch.kernel_name, ready_timeout=30)
+        with log.open("w") as err:
+            k = Kernel(batch.kernel_name, ready_timeout=30, stderr=err)
         lib.wait_until(lambda: any(j["name"] == "noyau-kernel-python3" and j["state"] == batch.pending
                                    for j in batch.jobs()), 20, "the kernel's job to queue")
         k.shutdown()
@@ -90,7 +97,111 @@ def test_shutdown_while_queued_cancels_the_job(batch: lib.Cluster) -> None:
                        "the queued job to be cancelled by the shutdown")
     finally:
         batch.cancel(blocker)
+    text = log.read_text()
+    assert "shut down while its" in text and "the job is cancelled" in text, text
+    assert "ERROR" not in text and "cancelled while queued (interrupt)" not in text, text
     no_noyau_job(30, "no noyau job left", batch)
+
+
+def test_interrupt_while_queued_cancels_the_job_and_says_so(slurm: None) -> None:
+    """An interrupt alone (no shutdown after it) still cancels the queued job,
+    fails the waiting cell with the reason, and ends the kernel."""
+    cluster = lib.CLUSTERS["slurm"]
+    blocker = cluster.fill_the_node()
+    k = None
+    try:
+        k = Kernel(cluster.kernel_name, ready_timeout=30)
+        msg_id = k.execute("print('never')")
+        lib.wait_until(lambda: any(j["name"] == "noyau-kernel-python3" and j["state"] == cluster.pending
+                                   for j in cluster.jobs()), 20, "the kernel's job to queue")
+        k.km.interrupt_kernel()
+        reply = k.reply_for(msg_id, 20)
+        assert reply["content"]["status"] == "error", reply["content"]
+        assert "cancelled while queued (interrupt)" in reply["content"]["evalue"], reply["content"]
+        lib.wait_until(lambda: not any(j["name"] == "noyau-kernel-python3" for j in cluster.jobs()), 20,
+                       "the queued job to be cancelled by the interrupt")
+        lib.wait_until(lambda: not k.km.is_alive(), 20, "the kernel to end")
+    finally:
+        cluster.cancel(blocker)
+        if k:
+            k.shutdown()
+    no_noyau_job(30, "no noyau job left")
+
+
+def _statuses(msgs: list[dict]) -> list[tuple[str, str | None]]:
+    return [(m["content"]["execution_state"], m["parent_header"].get("msg_id"))
+            for m in msgs if m["msg_type"] == "status"]
+
+
+def _iopub_until(kc, until, timeout: float) -> list[dict]:  # type: ignore[no-untyped-def]
+    """Every IOPub message (any parent) until `until(msgs)` holds."""
+    import queue
+
+    got: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while not until(got):
+        left = deadline - time.monotonic()
+        assert left > 0, f"timed out; IOPub so far: {[(m['msg_type'], m['content']) for m in got][-12:]}"
+        try:
+            got.append(kc.get_iopub_msg(timeout=min(left, 0.5)))
+        except queue.Empty:
+            pass
+    return got
+
+
+def test_queued_kernel_looks_up_and_busy(slurm: None) -> None:
+    """While its job waits, a kernel looks to a frontend like one that is up
+    (idle once kernel_info is answered, with an empty-parent status too, as
+    JupyterLab ignores kernel_info's), then busy with the queued cell (busy
+    as soon as the execute_request arrives); history is answered at once;
+    the first output after subscribing is the queue note; the estimate reads
+    as a person would, and the time waited advances with each update."""
+    from jupyter_client.manager import KernelManager
+
+    cluster = lib.CLUSTERS["slurm"]
+    blocker = cluster.fill_the_node()
+    km = KernelManager(kernel_name=cluster.kernel_name)
+    km.start_kernel()
+    kc = km.client()
+    try:
+        kc.start_channels()
+        # The note goes to subscribers: wait until ours is seen (JEP 65's welcome).
+        _iopub_until(kc, lambda ms: any(m["msg_type"] == "iopub_welcome" for m in ms), 30)
+        info_id = kc.kernel_info()
+        reply = kc.get_shell_msg(timeout=10)
+        assert reply["parent_header"]["msg_id"] == info_id, reply
+        got = _iopub_until(kc, lambda ms: ("idle", None) in _statuses(ms), 30)
+        st = _statuses(got)
+        assert st[:2] == [("busy", info_id), ("idle", info_id)], st
+        note = lib.stream_text(m for m in got if m["parent_header"].get("msg_id") == info_id)
+        assert "queued on slurm job" in note and "(partition debug)" in note, note
+        exec_id = kc.execute("print('ran')")
+        got = _iopub_until(kc, lambda ms: ("busy", exec_id) in _statuses(ms), 10)
+        # busy came from the queued kernel itself: its job is still waiting
+        kernel_job = [j for j in cluster.jobs() if j["name"] == "noyau-kernel-python3"]
+        assert [j["state"] for j in kernel_job] == [cluster.pending], kernel_job
+        hist_id = kc.history(hist_access_type="tail", n=10)
+        reply = kc.get_shell_msg(timeout=5)
+        assert reply["parent_header"]["msg_id"] == hist_id, reply
+        assert reply["content"] == {"status": "ok", "history": []}, reply["content"]
+        got = _iopub_until(kc, lambda ms: ("idle", hist_id) in _statuses(ms)
+                           and _statuses(ms)[-1] == ("busy", exec_id), 10)
+        # The note: no raw placeholder date, and "waiting for" advancing.
+        notes = _iopub_until(kc, lambda ms: len([m for m in ms if m["msg_type"] == "update_display_data"]) >= 2, 40)
+        texts = [lib.message_text(m) for m in notes if m["msg_type"] in ("display_data", "update_display_data")]
+        waited = [re.search(r"waiting for (\S+)\.", t).group(1) for t in texts]
+        assert len(set(waited)) == len(waited), texts
+        for t in texts:
+            assert re.search(r"start time not known yet|start in (about \d+ (min|h|days)|under a minute)", t), t
+            assert "estimated start 20" not in t, t
+        cluster.cancel(blocker)
+        reply = kc.get_shell_msg(timeout=120)
+        assert reply["parent_header"]["msg_id"] == exec_id and reply["content"]["status"] == "ok", reply
+    finally:
+        cluster.cancel(blocker)
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+    no_noyau_job(30, "no noyau job left")
 
 
 def test_kill_9_of_the_proxy_ends_the_job_after_the_grace(batch: lib.Cluster) -> None:

@@ -24,10 +24,13 @@ def km(noyau_kernelspec: str, tmp_path: Path):  # type: ignore[no-untyped-def]
     lib.stop_kernel(m)
 
 
-def run(km, code: str, timeout: float = 60):  # type: ignore[no-untyped-def]
-    out: list[dict] = []
+def run(km, code: str, timeout: float = 60, out: list[dict] | None = None):  # type: ignore[no-untyped-def]
+    """(reply, the cell's stream and plain-text display text, its errors)."""
+    out = [] if out is None else out
     reply = km.kc.execute_interactive(code, timeout=timeout, output_hook=out.append)
     text = "".join(m["content"].get("text", "") for m in out if m["msg_type"] == "stream")
+    text += "".join(m["content"]["data"].get("text/plain", "") + "\n"
+                    for m in out if m["msg_type"] == "display_data")
     errors = [m["content"] for m in out if m["msg_type"] == "error"]
     return reply["content"], text, errors
 
@@ -46,10 +49,14 @@ def agents() -> set[int]:
 def test_cell_runs_on_target_keeps_state_and_says_where(km) -> None:  # type: ignore[no-untyped-def]
     _, main_pid, _ = run(km, "import os; print(os.getpid())")
     before = agents()
-    reply, text, _ = run(km, "%%noyau on side\nimport os\nprint(os.getpid())\nsecret = 41")
+    out: list[dict] = []
+    reply, text, _ = run(km, "%%noyau on side\nimport os\nprint(os.getpid())\nsecret = 41", out=out)
     assert reply["status"] == "ok", reply
     lines = text.splitlines()
-    assert any(line.startswith("[noyau] on target side (local job local:") for line in lines), text
+    # The where-line is a neutral display (nbclient keeps it; Lab does not paint it red).
+    shown = [m["content"]["data"]["text/plain"] for m in out if m["msg_type"] == "display_data"]
+    assert len(shown) == 1 and shown[0].startswith("[noyau] on target side (local job local:"), out
+    assert not any(m["msg_type"] == "stream" and m["content"]["name"] == "stderr" for m in out), out
     target_pid = next(line for line in lines if line.isdigit())
     assert target_pid != main_pid.strip()
     assert len(agents() - before) == 1, "a second agent should run the target"
@@ -59,6 +66,22 @@ def test_cell_runs_on_target_keeps_state_and_says_where(km) -> None:  # type: ig
     assert text == "False\n", "the notebook's own kernel must not see the target's state"
     reply, text, _ = run(km, "%noyau targets")
     assert "side" in text and "local" in text, text
+
+
+def test_target_cells_keep_the_notebooks_execution_count(km) -> None:  # type: ignore[no-untyped-def]
+    """Cells run on a target count as the notebook's cells: three in a row
+    show 1, 2, 3 (not the target's counts), and the notebook kernel's next
+    cell shows 4, then a cell on the target again 5."""
+    counts = []
+    for code in ("%%noyau on side --quiet\nx = 1", "%%noyau on side --quiet\nx", "%%noyau on side\nx + 1",
+                 "y = 2", "%%noyau on side --quiet\nx + 2"):
+        out: list[dict] = []
+        reply, _, _ = run(km, code, out=out)
+        assert reply["status"] == "ok", reply
+        shown = {m["content"]["execution_count"] for m in out if m["msg_type"] in ("execute_input", "execute_result")}
+        assert shown <= {reply["execution_count"]}, (code, shown, reply)
+        counts.append(reply["execution_count"])
+    assert counts == [1, 2, 3, 4, 5], counts
 
 
 def test_interrupt_reaches_the_target_only(km) -> None:  # type: ignore[no-untyped-def]

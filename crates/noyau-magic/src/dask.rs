@@ -661,7 +661,7 @@ mod tests {
         assert_eq!((*cell, out.msg_type), (4, "display_data"));
         let text = out.content["data"]["text/plain"].as_str().unwrap();
         assert!(
-            text.starts_with("noyau: Dask: worker w1 queued on  job 13 (partition debug): reason Resources; waiting for 6s."),
+            text.starts_with("noyau: Dask: worker w1 queued on  job 13 (partition debug): reason Resources, start time not known yet; waiting for 6s."),
             "{text}"
         );
         // the next cell gets a note of its own; the end of the wait updates it

@@ -48,8 +48,29 @@ pub(crate) struct Answers {
     pub fe: Frontend,
     pub signer: Signer,
     pub session: String,
-    /// The notebook kernel's last execution count, for cells noyau answers.
+    /// The notebook's last execution count, for cells noyau answers.
     pub exec_count: i64,
+    /// Cells run on targets so far: each took the notebook's next count,
+    /// so the notebook kernel's own counts are shifted by this many.
+    pub delegated: i64,
+}
+
+/// Sets the `execution_count` of an execution's message (execute_input,
+/// execute_result, execute_reply) to `count(n)`; the message must be
+/// re-signed after. Returns the new count; None for other messages.
+pub(crate) fn renumber(msg: &mut RawMessage, count: impl FnOnce(i64) -> i64) -> Option<i64> {
+    let kind = msg.peek_header().ok()?.msg_type;
+    if !matches!(
+        kind.as_str(),
+        "execute_input" | "execute_result" | "execute_reply"
+    ) {
+        return None;
+    }
+    let mut content: Value = serde_json::from_slice(&msg.content).ok()?;
+    let n = count(content.get("execution_count")?.as_i64()?);
+    content["execution_count"] = json!(n);
+    msg.content = serde_json::to_vec(&content).ok()?.into();
+    Some(n)
 }
 
 impl Answers {

@@ -72,6 +72,7 @@ impl Proxy {
             RunningCell {
                 cell,
                 announced: m.quiet,
+                count: None,
             },
         );
         t.last_used = std::time::Instant::now();
@@ -201,17 +202,23 @@ impl Proxy {
                 return;
             }
         };
+        let parent = msg.parent_msg_id().unwrap_or_default();
+        let msg_type = msg.peek_header().map(|h| h.msg_type).unwrap_or_default();
+        if let Some(t) = self.targets.map.get_mut(name) {
+            if let Some(c) = t.running.get_mut(&parent) {
+                renumber_cell(&mut msg, c, &mut self.out);
+            }
+        }
         self.out.signer.resign(&mut msg);
         if self.own_message(lane, &msg).await {
             return;
         }
-        let parent = msg.parent_msg_id().unwrap_or_default();
-        let msg_type = msg.peek_header().map(|h| h.msg_type).unwrap_or_default();
         let Some(t) = self.targets.map.get_mut(name) else {
             return;
         };
         if lane == Lane::Iopub {
-            // The where-line goes right after the cell's execute_input.
+            // The where-line goes right after the cell's execute_input, as
+            // a neutral display (stderr reads as an error in Lab).
             let announce = msg_type == "execute_input"
                 && t.running.get_mut(&parent).is_some_and(|c| {
                     let first = !c.announced;
@@ -222,7 +229,12 @@ impl Proxy {
             let parent_header = msg.parent_header.clone();
             self.out.publish(msg).await;
             if announce {
-                self.out.stream(&parent_header, "stderr", &where_line).await;
+                let text = where_line.trim_end();
+                let content =
+                    json!({"data": {"text/plain": text}, "metadata": {}, "transient": {}});
+                self.out
+                    .iopub("display_data", &parent_header, content)
+                    .await;
             }
             return;
         }
@@ -232,4 +244,24 @@ impl Proxy {
         }
         self.out.send(lane, msg).await;
     }
+}
+
+/// A target cell shows the notebook's execution count, not its target's:
+/// it takes the notebook's next count when it starts (its execute_input),
+/// and the notebook kernel's later counts shift by one.
+fn renumber_cell(msg: &mut RawMessage, c: &mut RunningCell, out: &mut crate::answer::Answers) {
+    let count = match c.count {
+        Some(n) => n,
+        None if msg
+            .peek_header()
+            .is_ok_and(|h| h.msg_type == "execute_input") =>
+        {
+            let n = out.exec_count + 1;
+            (out.exec_count, c.count) = (n, Some(n));
+            out.delegated += 1;
+            n
+        }
+        None => return,
+    };
+    crate::answer::renumber(msg, |_| count);
 }

@@ -98,6 +98,7 @@ pub async fn run(cfg: ProxyConfig) -> Result<i32, ProxyError> {
         signer,
         session: uuid::Uuid::new_v4().to_string(),
         exec_count: 0,
+        delegated: 0,
     };
     let mut proxy = relay::Proxy::new(cfg, out, agent, started);
     let code = proxy.relay().await;

@@ -1,15 +1,23 @@
 //! A kernel whose batch job waits in the queue, and the job's walltime
 //! notices: the proxy's [`Queued`] component.
 //!
-//! Until the agent dials in, the proxy stands in for the kernel: it answers
-//! `kernel_info_request` at once from the inner kernelspec (so frontends do
-//! not time out while the job waits), queues every other request, and shows
-//! the queue state in the notebook as a `display_data` with a `display_id`
-//! attached to the first waiting cell, updated (`update_display_data`) as
-//! the scheduler's reason and estimated start change. When the job starts,
-//! the note is cleared (`clear_output`) before the cell runs, so the saved
-//! notebook holds what the kernel printed and nothing else. An interrupt or
-//! a shutdown while queued cancels the job.
+//! Until the agent dials in, the proxy stands in for the kernel, which
+//! every frontend must see as up and busy with the queued cells: it answers
+//! `kernel_info_request` (from the inner kernelspec) and `history_request`
+//! (empty) at once, then publishes the kernel's state with an empty parent
+//! (JupyterLab and jupyter_server ignore the status of a kernel_info
+//! request), idle, or busy while a cell waits; each `execute_request` is
+//! met with `busy` at once, with that request as parent. Every other
+//! request is queued. The first `kernel_info` answered after a frontend
+//! subscribes to IOPub gets the queue note as a stdout stream (the
+//! kernel's first output says at once that a job is pending), and
+//! the first waiting cell shows it as a `display_data` with a `display_id`,
+//! updated (`update_display_data`) as the reason, the estimated start and
+//! the time waited change. When the job starts, the note is cleared
+//! (`clear_output`) before the cell runs, so the saved notebook holds what
+//! the kernel printed and nothing else. An interrupt while queued cancels
+//! the job and ends the kernel; a shutdown (which jupyter_client precedes
+//! with an interrupt) cancels it quietly.
 //!
 //! Walltime notices from the agent go, as stderr, into the running cell,
 //! else into the next one.
@@ -77,6 +85,13 @@ pub(crate) enum WhileQueued {
     Cancel { shutdown: bool },
 }
 
+/// A reply the queued kernel sends itself, and the stdout that goes with it.
+struct Reply {
+    kind: &'static str,
+    content: Value,
+    note: Option<String>,
+}
+
 /// The queued kernel and the walltime notices.
 pub(crate) struct Queued {
     /// The batch job's state while we wait for its agent (None: local, or taken over).
@@ -86,6 +101,9 @@ pub(crate) struct Queued {
     submitted: Instant,
     /// A walltime notice that came while no cell ran: shown in the next one.
     held_notice: Option<String>,
+    /// The queue note went out, as the kernel's first output, since the
+    /// last frontend subscribed to IOPub.
+    announced: bool,
     backend: String,
     inner: String,
 }
@@ -97,9 +115,16 @@ impl Queued {
             note: None,
             submitted: Instant::now(),
             held_notice: None,
+            announced: false,
             backend: backend.into(),
             inner: inner.into(),
         }
+    }
+
+    /// A frontend subscribed to IOPub: it gets the queue note with the
+    /// next kernel_info (one published before it subscribed is lost).
+    pub fn subscribed(&mut self) {
+        self.announced = false;
     }
 
     /// True while a batch job is followed (the proxy stands in for the kernel).
@@ -147,7 +172,7 @@ impl Queued {
     pub async fn on_job_state(&mut self, out: &mut Answers, job: &str) {
         let Some(rx) = &self.job_state else { return };
         let st = rx.borrow().clone();
-        match describe(&self.backend, job, &st, self.submitted.elapsed().as_secs()) {
+        match self.describe(job) {
             None => {
                 if let JobState::Running { node, .. } = &st {
                     tracing::info!(%job, %node, waited = ?self.submitted.elapsed(), "job started");
@@ -193,6 +218,16 @@ impl Queued {
                 self.kernel_info(lane, msg, out, job).await;
                 WhileQueued::Answered
             }
+            (Lane::Shell, "history_request") => {
+                // No history before the kernel runs; JupyterLab asks at start.
+                let reply = Reply {
+                    kind: "history_reply",
+                    content: json!({"status": "ok", "history": []}),
+                    note: None,
+                };
+                self.answer(lane, msg, reply, out).await;
+                WhileQueued::Answered
+            }
             (Lane::Control, "shutdown_request" | "interrupt_request") if fresh => {
                 tracing::info!(%job, "{} while queued: cancelling the job", h.msg_type);
                 let shutdown = h.msg_type == "shutdown_request";
@@ -211,6 +246,8 @@ impl Queued {
                 WhileQueued::Cancel { shutdown }
             }
             (Lane::Shell, "execute_request") => {
+                // Busy at once: the cell waits for the job as for a kernel.
+                out.status(&msg.header, "busy").await;
                 if self.note.is_none() {
                     self.note = Some((msg.header.clone(), Note::new()));
                     self.on_job_state(out, job).await;
@@ -221,20 +258,53 @@ impl Queued {
         }
     }
 
-    async fn kernel_info(&self, lane: Lane, msg: &RawMessage, out: &mut Answers, job: &str) {
+    async fn kernel_info(&mut self, lane: Lane, msg: &RawMessage, out: &mut Answers, job: &str) {
         let language = noyau_wire::kernelspec::find(&self.inner)
             .map(|f| f.spec.language)
             .unwrap_or_else(|_| "python".into());
-        out.status(&msg.header, "busy").await;
         let content = kernel_info_content(&language, job);
+        let note = if self.announced {
+            None
+        } else {
+            self.announced = true;
+            self.describe(job)
+        };
+        let reply = Reply {
+            kind: "kernel_info_reply",
+            content,
+            note,
+        };
+        self.answer(lane, msg, reply, out).await;
+    }
+
+    /// Answers a request as a kernel would (busy, the reply, its output,
+    /// idle), then publishes the kernel's own state again: a frontend that
+    /// ignores the status of such requests (JupyterLab: kernel_info) must
+    /// still read idle, or busy while a cell waits.
+    async fn answer(&self, lane: Lane, msg: &RawMessage, reply: Reply, out: &mut Answers) {
+        out.status(&msg.header, "busy").await;
         let r = out.message(
             msg.identities.clone(),
-            "kernel_info_reply",
+            reply.kind,
             &msg.header,
-            content,
+            reply.content,
         );
         out.send(lane, r).await;
+        if let Some(text) = reply.note {
+            out.stream(&msg.header, "stdout", &format!("{text}\n"))
+                .await;
+        }
         out.status(&msg.header, "idle").await;
+        match &self.note {
+            Some((cell, _)) => out.status(cell, "busy").await,
+            None => out.status(&Bytes::new(), "idle").await,
+        }
+    }
+
+    /// The queue note's text now; None once the job runs.
+    fn describe(&self, job: &str) -> Option<String> {
+        let st = self.job_state.as_ref()?.borrow().clone();
+        describe(&self.backend, job, &st, self.submitted.elapsed().as_secs())
     }
 
     /// A walltime notice, as stderr of the running cell, else of the next

@@ -166,6 +166,7 @@ impl Proxy {
         if frame.first() != Some(&1) {
             return;
         }
+        self.queued.subscribed();
         let topic = frame.slice(1..);
         let ids = if topic.is_empty() {
             vec![]
@@ -212,10 +213,25 @@ impl Proxy {
         None
     }
 
-    /// An interrupt or a shutdown while the job is queued cancels it.
-    async fn cancel_queued(&mut self, shutdown: bool) -> i32 {
+    /// An interrupt or a shutdown while the job is queued cancels it. A
+    /// shutdown is quiet: jupyter_client sends an interrupt right before
+    /// each shutdown (and restart), so an interrupt followed by a shutdown
+    /// within a second is that shutdown.
+    async fn cancel_queued(&mut self, mut shutdown: bool) -> i32 {
+        if !shutdown {
+            shutdown = self.shutdown_follows().await;
+        }
         self.agent.watch.cancel().await;
         if shutdown {
+            let text = format!(
+                "noyau: the kernel was shut down while its {} job {} was queued; the job is cancelled.",
+                self.cfg.backend,
+                self.agent.job_label()
+            );
+            tracing::info!("{text}");
+            self.out
+                .stream(&Bytes::new(), "stdout", &format!("{text}\n"))
+                .await;
             return 0;
         }
         let text = format!(
@@ -225,6 +241,37 @@ impl Proxy {
         );
         self.report_death(&text).await;
         1
+    }
+
+    /// True when a shutdown_request comes within a second (answered as
+    /// the queued kernel answers it); any other request is failed with the
+    /// others when the kernel ends.
+    async fn shutdown_follows(&mut self) -> bool {
+        let next = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            self.out.fe.incoming.recv(),
+        )
+        .await;
+        let Ok(Some((lane, msg))) = next else {
+            return false;
+        };
+        let is_shutdown = lane == Lane::Control
+            && msg
+                .peek_header()
+                .is_ok_and(|h| h.msg_type == "shutdown_request");
+        if is_shutdown {
+            let job = self.agent.job_label();
+            self.queued
+                .on_request(lane, &msg, &mut self.out, &job, true)
+                .await;
+        } else if let (Lane::Shell, Ok(h)) = (lane, msg.peek_header()) {
+            let p = Pending {
+                cell: Cell::of(&msg),
+                msg_type: h.msg_type,
+            };
+            self.requests.insert(h.msg_id, p);
+        }
+        is_shutdown
     }
 
     fn forward_frontend_message(&mut self, lane: Lane, msg: RawMessage) {
@@ -296,6 +343,10 @@ impl Proxy {
                 return None;
             }
         };
+        if self.out.delegated > 0 {
+            let shift = self.out.delegated;
+            crate::answer::renumber(&mut msg, |n| n + shift);
+        }
         self.out.signer.resign(&mut msg);
         if self.own_message(lane, &msg).await {
             return None;

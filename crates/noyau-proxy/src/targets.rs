@@ -78,6 +78,8 @@ pub struct RunningCell {
     pub cell: crate::answer::Cell,
     /// The where-line was shown (or is not wanted).
     pub announced: bool,
+    /// The notebook's execution count given to the cell when it started.
+    pub count: Option<i64>,
 }
 
 impl Target {
