@@ -668,16 +668,44 @@ pub fn csv(rows: &[Value]) -> String {
     out
 }
 
-fn count_done(outdir: &Path, todo: &[usize]) -> (usize, usize) {
-    let mut done = 0;
-    let mut ok = 0;
-    for &i in todo {
-        if let Some(r) = read_json(&result_path(outdir, i)) {
-            done += 1;
-            ok += usize::from(r["status"] == "ok");
+/// The points' results as they come. A point's result file is written
+/// once (renamed into place) when it ends, so each poll lists the results
+/// directory and reads only the files it has not read: a 1000-point sweep
+/// used to open 1000 files every poll.
+struct Tally {
+    /// This round's points.
+    todo: std::collections::BTreeSet<usize>,
+    /// The points that ended, and whether they did so ok.
+    ended: std::collections::HashMap<usize, bool>,
+}
+
+impl Tally {
+    fn new(todo: &[usize]) -> Tally {
+        Tally {
+            todo: todo.iter().copied().collect(),
+            ended: Default::default(),
         }
     }
-    (done, ok)
+
+    /// Points ended and points ok, after reading what ended since.
+    fn update(&mut self, outdir: &Path) -> (usize, usize) {
+        let listed = std::fs::read_dir(results_dir(outdir)).into_iter().flatten();
+        for entry in listed.flatten() {
+            let name = entry.file_name();
+            let Some(i) = (name.to_str())
+                .and_then(|n| n.strip_suffix(".json"))
+                .and_then(|n| n.parse::<usize>().ok())
+                .filter(|i| self.todo.contains(i) && !self.ended.contains_key(i))
+            else {
+                continue;
+            };
+            if let Some(r) = read_json(&entry.path()) {
+                self.ended.insert(i, r["status"] == "ok");
+            }
+        }
+        let ok = self.ended.values().filter(|ok| **ok).count();
+        (self.ended.len(), ok)
+    }
 }
 
 struct Stop {
@@ -718,6 +746,7 @@ async fn run_local(
     let mut running: Vec<(usize, tokio::process::Child)> = Vec::new();
     let mut interrupted = false;
     let mut shown = String::new();
+    let mut tally = Tally::new(todo);
     loop {
         while !interrupted && running.len() < a.max_parallel {
             let Some(i) = queue.next() else { break };
@@ -754,7 +783,7 @@ async fn run_local(
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
         running.retain_mut(|(_, c)| matches!(c.try_wait(), Ok(None)));
-        let (done, ok) = count_done(outdir, todo);
+        let (done, ok) = tally.update(outdir);
         let line = format!(
             "{done}/{} done ({ok} ok), {} running",
             todo.len(),
@@ -852,6 +881,7 @@ async fn run_array(
     let mut stop = Stop::new()?;
     let mut interrupted = false;
     let mut shown = String::new();
+    let mut tally = Tally::new(todo);
     let mut gone_since: Option<Instant> = None;
     loop {
         tokio::select! {
@@ -864,7 +894,7 @@ async fn run_array(
             }
             _ = tokio::time::sleep(array.interval()) => {}
         }
-        let (done, ok) = count_done(outdir, todo);
+        let (done, ok) = tally.update(outdir);
         let paced = if interrupted {
             Ok(())
         } else {
@@ -902,6 +932,24 @@ async fn run_array(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tally_reads_each_result_once_and_only_this_rounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let res = results_dir(dir.path());
+        std::fs::create_dir_all(&res).unwrap();
+        let mut tally = Tally::new(&[0, 1, 2]);
+        assert_eq!(tally.update(dir.path()), (0, 0));
+        std::fs::write(res.join("0.json"), r#"{"status": "ok"}"#).unwrap();
+        std::fs::write(res.join("1.json"), r#"{"status": "failed"}"#).unwrap();
+        std::fs::write(res.join("7.json"), r#"{"status": "ok"}"#).unwrap(); // not this round's
+        std::fs::write(res.join(".2.json.tmp"), "{").unwrap(); // being written
+        assert_eq!(tally.update(dir.path()), (2, 1));
+        // read once: a point's result is final when it is renamed into place
+        std::fs::remove_file(res.join("1.json")).unwrap();
+        std::fs::write(res.join("2.json"), r#"{"status": "ok"}"#).unwrap();
+        assert_eq!(tally.update(dir.path()), (3, 2));
+    }
 
     #[test]
     fn grid_product_and_file() {
