@@ -445,7 +445,8 @@ def test_no_reconnection_warning_at_kernel_start_or_end(tmp_path):
     src = write(tmp_path / "in.ipynb", notebook("print(1)"))
     r = run(src, tmp_path / "out.ipynb", env={**os.environ, "NOYAU_LOG": "info"})
     assert r.returncode == 0, r.stderr
-    assert "Reconnection attempt" not in r.stderr and " WARN " not in r.stderr, r.stderr
+    # (other warnings may come under load: a kernel slow to exit is killed, and says so)
+    assert "Reconnection attempt" not in r.stderr and "zeromq" not in r.stderr, r.stderr
 
 
 HIST = "print(get_ipython().history_manager.hist_file)"
