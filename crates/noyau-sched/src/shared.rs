@@ -95,16 +95,25 @@ impl Shared {
     /// the scheduler); None where there is no lock to be had. Never an
     /// unbounded wait: a lock on a network filesystem may hang.
     fn take_lock(&self, patience: Duration) -> Option<Flock<File>> {
-        private_dir(self.lock.parent()?).ok()?;
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&self.lock)
-            .ok()?;
+        let open = || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&self.lock)
+        };
+        // the directory is made once, not at every poll
+        let f = match open() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                private_dir(self.lock.parent()?).ok()?;
+                open()
+            }
+            other => other,
+        }
+        .ok()?;
         if !is_ours_alone(&f) {
             tracing::warn!("{} is not this user's own: not used", self.lock.display());
             return None;
