@@ -19,6 +19,7 @@
 pub mod config;
 pub mod kernel;
 pub mod outbox;
+pub mod usage;
 pub mod walltime;
 pub mod web;
 
@@ -68,6 +69,26 @@ struct Agent {
     held: Vec<(Lane, RawMessage)>,
     /// The token the proxy gave ahead for its successor (`NextToken`).
     next_token: Option<String>,
+    /// Usage sampling, while the proxy asks for it (`SampleUsage`).
+    usage: Option<Usage>,
+}
+
+/// Sampling the kernel's use every tick; the sampler follows the kernel
+/// process (a restart makes a new one).
+struct Usage {
+    tick: tokio::time::Interval,
+    sampler: Option<(u32, usage::Sampler)>,
+}
+
+impl Usage {
+    fn every(interval: Duration) -> Usage {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Usage {
+            tick,
+            sampler: None,
+        }
+    }
 }
 
 enum SessionEnd {
@@ -99,6 +120,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<i32> {
         shutdown: None,
         held: Vec::new(),
         next_token: None,
+        usage: None,
     };
     let spec_error = spec.err().map(|e| e.to_string());
     let mut token = agent.cfg.token.clone();
@@ -582,7 +604,25 @@ impl Agent {
                     tracing::info!("cancelled (SIGTERM); stopping the kernel");
                     return self.end_with_job().await;
                 }
+                _ = async { match self.usage.as_mut() { Some(u) => u.tick.tick().await, None => std::future::pending().await } } => self.sample_usage().await,
             }
+        }
+    }
+
+    /// One usage sample of the running kernel, to the proxy.
+    async fn sample_usage(&mut self) {
+        let (Some(u), Some(k)) = (self.usage.as_mut(), self.kernel.as_ref()) else {
+            return;
+        };
+        let pid = k.pid();
+        if u.sampler.as_ref().is_none_or(|(p, _)| *p != pid) {
+            u.sampler = Some((pid, usage::Sampler::new(pid)));
+        }
+        let Some((_, sampler)) = u.sampler.as_mut() else {
+            return;
+        };
+        if let Some(sample) = sampler.sample().await {
+            self.outbox.event(Lane::Control, &Event::Usage { sample });
         }
     }
 
@@ -638,8 +678,14 @@ impl Agent {
                 self.next_token = Some(token);
                 None
             }
+            Payload::Event(Event::SampleUsage { interval_ms }) => {
+                self.usage = (interval_ms > 0)
+                    .then(|| Usage::every(Duration::from_millis(interval_ms.max(500))));
+                None
+            }
             Payload::Event(Event::Detach { token }) => {
                 self.next_token = None;
+                self.usage = None;
                 self.outbox.event(Lane::Control, &Event::DetachAck);
                 Some(SessionEnd::Detached(token))
             }

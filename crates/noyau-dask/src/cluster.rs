@@ -72,6 +72,8 @@ impl Waiting {
 enum Cmd {
     Status(oneshot::Sender<String>),
     Down(oneshot::Sender<usize>),
+    Jobs(oneshot::Sender<Vec<Waiting>>),
+    CancelWorker(String, oneshot::Sender<bool>),
 }
 
 /// The owner's handle on a cluster.
@@ -151,6 +153,22 @@ impl Cluster {
         let _ = self.cmds.send(Cmd::Status(tx));
         rx.await
             .unwrap_or_else(|_| "[noyau] the Dask cluster has ended\n".into())
+    }
+
+    /// The cluster's jobs that have not ended (role `scheduler` or `worker wN`).
+    pub async fn jobs(&self) -> Vec<Waiting> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.cmds.send(Cmd::Jobs(tx));
+        rx.await.unwrap_or_default()
+    }
+
+    /// Ends the worker job `id`; false when no worker job of this cluster
+    /// has that id (the scheduler's job is not a worker's). The cluster
+    /// submits a replacement if its size asks for one.
+    pub async fn cancel_worker(&self, id: &str) -> bool {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.cmds.send(Cmd::CancelWorker(id.to_string(), tx));
+        rx.await.unwrap_or(false)
     }
 
     /// Cancels every job of the cluster and removes its directory; how
@@ -368,6 +386,15 @@ impl Task {
             tokio::select! {
                 cmd = cmds.recv() => match cmd {
                     Some(Cmd::Status(tx)) => { let _ = tx.send(self.status()); }
+                    Some(Cmd::Jobs(tx)) => { let _ = tx.send(self.live_jobs()); }
+                    Some(Cmd::CancelWorker(id, tx)) => {
+                        let job = self.jobs.iter().find(|j| j.role == Role::Worker && j.job.id == id && !j.ended());
+                        if let Some(j) = job {
+                            tracing::info!(job = %id, "cancelling a Dask worker job, as asked");
+                            j.job.cancel().await;
+                        }
+                        let _ = tx.send(job.is_some());
+                    }
                     Some(Cmd::Down(tx)) => {
                         let n = self.end().await;
                         let _ = tx.send(n);
@@ -451,6 +478,16 @@ impl Task {
             address: info.address,
             dashboard: self.dashboard_line(),
         });
+    }
+
+    fn live_jobs(&self) -> Vec<Waiting> {
+        (self.jobs.iter().filter(|j| !j.ended()))
+            .map(|j| Waiting {
+                role: j.role_name(),
+                id: j.job.id.clone(),
+                state: j.state(),
+            })
+            .collect()
     }
 
     /// Tells the owner which jobs wait, when that changed or every

@@ -85,6 +85,38 @@ pub enum Event {
         job: String,
         seconds_left: Option<u64>,
     },
+    /// Proxy → agent: sample the kernel's resource use every `interval_ms`
+    /// (a `noyau` comm is open), or stop sampling (0: none is).
+    SampleUsage { interval_ms: u64 },
+    /// Agent → proxy: one sample of the kernel's resource use.
+    Usage { sample: UsageSample },
+}
+
+/// What the kernel's allocation uses, as `docs/comm.md`'s `usage` says.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageSample {
+    /// When it was taken (RFC 3339).
+    pub at: String,
+    /// Of one core (400 = 4 cores busy); None for the first sample (a rate
+    /// needs two).
+    pub cpu_percent: Option<f64>,
+    pub mem_bytes: u64,
+    /// None: no limit known.
+    pub mem_limit_bytes: Option<u64>,
+    /// `cgroup` or `process-tree`.
+    pub source: String,
+    #[serde(default)]
+    pub gpus: Vec<GpuSample>,
+}
+
+/// One visible GPU, as `nvidia-smi --query-gpu` reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuSample {
+    pub index: u32,
+    pub name: String,
+    pub util_percent: Option<f64>,
+    pub mem_used_bytes: Option<u64>,
+    pub mem_total_bytes: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -147,5 +179,19 @@ mod tests {
             p => panic!("{p:?}"),
         }
         assert!(open(vec![Bytes::from_static(b"X")]).is_err());
+        let usage = Event::Usage {
+            sample: UsageSample {
+                at: "2026-12-06T13:05:00Z".into(),
+                cpu_percent: Some(187.5),
+                mem_bytes: 1234567,
+                mem_limit_bytes: None,
+                source: "process-tree".into(),
+                gpus: vec![],
+            },
+        };
+        match open(event(&usage)).unwrap() {
+            Payload::Event(e) => assert_eq!(e, usage),
+            p => panic!("{p:?}"),
+        }
     }
 }

@@ -290,6 +290,11 @@ fn preimport() -> Value {
 }
 
 impl<C: Clone + PartialEq> Dask<C> {
+    /// The cluster, while one exists.
+    pub fn cluster(&self) -> Option<&Cluster> {
+        self.cluster.as_ref()
+    }
+
     /// True while a cluster exists (its events matter).
     pub fn is_up(&self) -> bool {
         self.cluster.is_some()

@@ -67,6 +67,10 @@ impl Proxy {
                 );
                 self.walltime_notice(text).await;
             }
+            Event::Usage { sample } => {
+                self.comms.usage = Some(sample);
+                self.push_state().await;
+            }
             other => tracing::debug!("event {other:?}"),
         }
         None

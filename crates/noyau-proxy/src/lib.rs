@@ -19,6 +19,8 @@
 //!   answered meanwhile), and walltime notices;
 //! * `env`: the environment record and `%noyau env SPEC` switches;
 //! * `targets` + `delegate`: `%%noyau on` targets and their messages;
+//! * `comm`: the `noyau` comm (docs/comm.md): the job, its resources and
+//!   their use, targets and Dask jobs shown in the frontend, and its requests;
 //! * `magic`: the proxy as noyau-magic's `Host`, which runs the magics
 //!   both hosts share (push/pull, Dask, `targets`, `env show|lock`).
 //!
@@ -30,6 +32,7 @@
 
 mod agent;
 mod answer;
+mod comm;
 mod delegate;
 mod env;
 mod error;

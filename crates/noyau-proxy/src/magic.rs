@@ -156,6 +156,9 @@ impl Proxy {
             (Lane::Control, "interrupt_request") => {
                 (!self.targets.interrupt(&msg.clone().into_frames())).then_some(msg)
             }
+            (Lane::Shell, "comm_open" | "comm_msg" | "comm_close" | "comm_info_request") => {
+                self.on_comm(msg).await
+            }
             (_, "shutdown_request") => {
                 self.targets.release_all();
                 self.release_dask("the kernel was shut down").await;
@@ -207,7 +210,7 @@ impl Proxy {
         self.out.finish(&cell, result).await;
     }
 
-    fn release_target(&mut self, name: &str) -> Result<String, MagicError> {
+    pub(crate) fn release_target(&mut self, name: &str) -> Result<String, MagicError> {
         let t = self
             .targets
             .map

@@ -295,6 +295,11 @@ impl Queued {
                 .await;
         }
         out.status(&msg.header, "idle").await;
+        self.own_status(out).await;
+    }
+
+    /// The queued kernel's own state: busy while a cell waits, else idle.
+    pub async fn own_status(&self, out: &mut Answers) {
         match &self.note {
             Some((cell, _)) => out.status(cell, "busy").await,
             None => out.status(&Bytes::new(), "idle").await,

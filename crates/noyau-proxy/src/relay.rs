@@ -17,6 +17,7 @@ use zeromq::SocketRecv;
 
 use crate::agent::{AgentSide, FromAgent};
 use crate::answer::{Answers, Cell, Failure};
+use crate::comm::{CommEvent, Comms};
 use crate::env::Env;
 use crate::queued::{Queued, WhileQueued};
 use crate::requests::{Own, Pending, Requests};
@@ -39,6 +40,8 @@ pub(crate) struct Proxy {
     pub magics: Magics<Cell>,
     /// The proxy's own requests in flight: their messages stop here.
     pub own: Own,
+    /// The `noyau` comms open in frontends.
+    pub comms: Comms,
 }
 
 /// True when the message's header date is before `t`.
@@ -84,6 +87,7 @@ impl Proxy {
             targets: Targets::default(),
             magics: Magics::default(),
             own: Own::default(),
+            comms: Comms::new(None),
         }
     }
 
@@ -123,10 +127,24 @@ impl Proxy {
                 }
                 () = self.queued.changed(), if waiting => self.on_job_state().await,
                 _ = tick.tick(), if waiting => self.on_job_state().await,
-                Some(ev) = self.targets.event() => self.on_target_event(ev).await,
+                Some(ev) = self.targets.event() => {
+                    // A target's job changed (not one of its messages): frontends see it.
+                    let changed = !matches!(ev.what, crate::targets::What::Message(..));
+                    self.on_target_event(ev).await;
+                    if changed {
+                        self.push_state().await;
+                    }
+                }
                 // Only with targets: an idle proxy's only timer otherwise.
                 _ = idle_tick.tick(), if !self.targets.map.is_empty() => self.targets.release_idle(),
-                ev = self.magics.dask.event() => self.on_dask_event(ev).await,
+                ev = self.magics.dask.event() => {
+                    self.on_dask_event(ev).await;
+                    self.push_state().await;
+                }
+                ev = self.comms.next() => match ev {
+                    CommEvent::JobChanged => self.push_state().await,
+                    CommEvent::Done(d) => self.on_done(d).await,
+                },
                 sub = self.out.fe.iopub.recv() => {
                     if let Ok(sub) = sub {
                         self.welcome(sub).await;
@@ -159,6 +177,9 @@ impl Proxy {
     async fn attach(&mut self, link: Link) {
         self.queued.clear_note(&mut self.out).await;
         self.agent.attach(link);
+        if self.comms.any_open() {
+            self.ask_usage();
+        }
     }
 
     async fn welcome(&mut self, sub: zeromq::ZmqMessage) {
@@ -346,6 +367,9 @@ impl Proxy {
         if self.out.delegated > 0 {
             let shift = self.out.delegated;
             crate::answer::renumber(&mut msg, |n| n + shift);
+        }
+        if lane == Lane::Shell {
+            self.comms.merge_info(&mut msg);
         }
         self.out.signer.resign(&mut msg);
         if self.own_message(lane, &msg).await {

@@ -196,6 +196,11 @@ pub(crate) trait Batch: Send + Sync + 'static {
     fn records_lag(&self) -> Duration {
         Duration::ZERO
     }
+    /// Whether [`Batch::extend`] may succeed for a user's job (what a
+    /// frontend offers as a button).
+    fn users_extend(&self) -> bool {
+        false
+    }
     /// Asks for `secs` more seconds of walltime: the scheduler's answer, or
     /// [`SchedError::Unsupported`] where users may not.
     async fn extend(

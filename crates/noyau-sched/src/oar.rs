@@ -551,6 +551,10 @@ impl Batch for Oar {
     }
 
     /// `oarwalltime ID +H:MM:SS`: OAR's answer, or why it refused.
+    fn users_extend(&self) -> bool {
+        true
+    }
+
     async fn extend(&self, id: &str, secs: u64, u: Option<&AsUser>) -> Result<String, SchedError> {
         let out = self
             .cmds

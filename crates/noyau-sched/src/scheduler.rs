@@ -253,6 +253,11 @@ impl Scheduler {
             .collect())
     }
 
+    /// Whether users may ask for more walltime ([`Scheduler::extend`]).
+    pub fn users_extend(&self) -> bool {
+        self.imp().users_extend()
+    }
+
     /// More walltime for a job, where the scheduler lets users ask.
     pub async fn extend(&self, id: &str, secs: u64) -> Result<String, SchedError> {
         self.imp().extend(id, secs, self.user()).await

@@ -1,0 +1,283 @@
+//! The `noyau` comm (docs/comm.md, the contract): the proxy answers it
+//! itself, while the job waits as while it runs, and the inner kernel
+//! never sees it. The [`Comms`] component holds the open comms, the last
+//! usage sample and the requests whose answer is on its way; the state it
+//! sends is built from the proxy's other components ([`state`]), and the
+//! frontend's requests are carried out through their seams ([`actions`]).
+
+mod actions;
+mod state;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use bytes::Bytes;
+use noyau_link::envelope::{self, Event, UsageSample};
+use noyau_link::Lane;
+use noyau_sched::JobState;
+use noyau_wire::RawMessage;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch};
+
+use crate::relay::Proxy;
+
+/// The comm's target name.
+pub(crate) const TARGET: &str = "noyau";
+/// How often usage is sampled (and a `state` sent) while a comm is open.
+pub(crate) const INTERVAL: Duration = Duration::from_secs(5);
+
+pub(crate) enum CommEvent {
+    JobChanged,
+    Done(Done),
+}
+
+/// A request carried out away from the relay loop (a scheduler command, a
+/// file read): what to send when it is done.
+pub(crate) struct Done {
+    /// The request's header: the parent of what follows.
+    pub parent: Bytes,
+    pub comm_id: String,
+    pub id: Value,
+    /// `log` messages' texts, sent before the reply.
+    pub logs: Vec<String>,
+    pub ok: bool,
+    pub message: String,
+}
+
+pub(crate) struct Comms {
+    /// Open comms: id → the `comm_open`'s header (the parent of the
+    /// states sent unasked).
+    open: BTreeMap<String, Bytes>,
+    /// The agent's last sample.
+    pub usage: Option<UsageSample>,
+    /// `comm_info_request`s forwarded to the kernel (msg_id → the target
+    /// asked for): their replies get the noyau comms too.
+    info: HashMap<String, Option<String>>,
+    /// The job's state, followed while a comm is open.
+    job: Option<watch::Receiver<JobState>>,
+    /// When the job was first seen running (the scheduler does not say).
+    pub running_since: Option<String>,
+    done_tx: mpsc::UnboundedSender<Done>,
+    done_rx: mpsc::UnboundedReceiver<Done>,
+}
+
+impl Comms {
+    pub fn new(job: Option<watch::Receiver<JobState>>) -> Comms {
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        Comms {
+            open: BTreeMap::new(),
+            usage: None,
+            info: HashMap::new(),
+            job,
+            running_since: None,
+            done_tx,
+            done_rx,
+        }
+    }
+
+    pub fn any_open(&self) -> bool {
+        !self.open.is_empty()
+    }
+
+    /// The next thing to tell the frontends: the job's state changed
+    /// (followed while a comm is open), or a request finished away from the loop.
+    pub async fn next(&mut self) -> CommEvent {
+        let follow = self.any_open();
+        loop {
+            tokio::select! {
+                Some(d) = self.done_rx.recv() => return CommEvent::Done(d),
+                changed = async { match self.job.as_mut() { Some(rx) => rx.changed().await.is_ok(), None => std::future::pending().await } }, if follow => {
+                    if changed {
+                        return CommEvent::JobChanged;
+                    }
+                    // The watcher is gone: nothing more to follow.
+                    self.job = None;
+                }
+            }
+        }
+    }
+
+    /// The `comms` of a `comm_info_reply` to a forwarded request, with the
+    /// noyau comms added (the message must be re-signed after).
+    pub fn merge_info(&mut self, msg: &mut RawMessage) {
+        if self.info.is_empty() {
+            return;
+        }
+        let Some(parent) = msg.parent_msg_id() else {
+            return;
+        };
+        let Some(target) = self.info.remove(&parent) else {
+            return;
+        };
+        let Ok(mut content) = serde_json::from_slice::<Value>(&msg.content) else {
+            return;
+        };
+        if !content["comms"].is_object() {
+            content["comms"] = json!({});
+        }
+        if let Some(comms) = content["comms"].as_object_mut() {
+            comms.extend(self.listed(target.as_deref()));
+        }
+        if let Ok(bytes) = serde_json::to_vec(&content) {
+            msg.content = bytes.into();
+        }
+    }
+
+    /// The noyau comms as `comm_info_reply` lists them, if `target` asks for them.
+    fn listed(&self, target: Option<&str>) -> serde_json::Map<String, Value> {
+        if target.is_some_and(|t| t != TARGET) {
+            return serde_json::Map::new();
+        }
+        (self.open.keys())
+            .map(|id| (id.clone(), json!({"target_name": TARGET})))
+            .collect()
+    }
+}
+
+/// A comm message's content, as the frontend sends it.
+#[derive(serde::Deserialize)]
+struct CommContent {
+    comm_id: String,
+    target_name: Option<String>,
+    #[serde(default)]
+    data: Value,
+}
+
+impl Proxy {
+    /// A comm message from the frontend: taken (None) when it is the noyau
+    /// comm's, else given back for the kernel.
+    pub async fn on_comm(&mut self, msg: RawMessage) -> Option<RawMessage> {
+        let kind = msg.peek_header().ok()?.msg_type;
+        if kind == "comm_info_request" {
+            return self.comm_info(msg).await;
+        }
+        let Ok(c) = serde_json::from_slice::<CommContent>(&msg.content) else {
+            return Some(msg);
+        };
+        match kind.as_str() {
+            "comm_open" if c.target_name.as_deref() == Some(TARGET) => {
+                self.comm_open(&msg, c.comm_id).await;
+            }
+            "comm_msg" if self.comms.open.contains_key(&c.comm_id) => {
+                self.out.status(&msg.header, "busy").await;
+                self.comm_request(msg.header.clone(), c.comm_id, c.data)
+                    .await;
+            }
+            "comm_close" if self.comms.open.contains_key(&c.comm_id) => {
+                self.out.status(&msg.header, "busy").await;
+                self.comms.open.remove(&c.comm_id);
+                tracing::info!(comm = %c.comm_id, "noyau comm closed");
+                if !self.comms.any_open() {
+                    self.ask_usage();
+                }
+                self.comm_idle(&msg.header).await;
+            }
+            _ => return Some(msg),
+        }
+        None
+    }
+
+    async fn comm_open(&mut self, msg: &RawMessage, comm_id: String) {
+        self.out.status(&msg.header, "busy").await;
+        tracing::info!(comm = %comm_id, "noyau comm opened");
+        let first = !self.comms.any_open();
+        self.comms.open.insert(comm_id.clone(), msg.header.clone());
+        if first {
+            self.comms.job = self.agent.job_state();
+            self.ask_usage();
+        }
+        let state = self.comm_state().await;
+        self.comm_send(&msg.header, &comm_id, state).await;
+        self.comm_idle(&msg.header).await;
+    }
+
+    /// Answered here while the kernel cannot (queued, starting); else
+    /// forwarded, and its reply gets the noyau comms ([`Comms::merge_info`]).
+    async fn comm_info(&mut self, msg: RawMessage) -> Option<RawMessage> {
+        let target = serde_json::from_slice::<Value>(&msg.content)
+            .ok()
+            .and_then(|c| c["target_name"].as_str().map(str::to_string));
+        if self.agent.attached() {
+            let id = msg.peek_header().ok()?.msg_id;
+            self.comms.info.insert(id, target);
+            return Some(msg);
+        }
+        self.out.status(&msg.header, "busy").await;
+        let content = json!({"status": "ok", "comms": self.comms.listed(target.as_deref())});
+        let reply = self.out.message(
+            msg.identities.clone(),
+            "comm_info_reply",
+            &msg.header,
+            content,
+        );
+        self.out.send(Lane::Shell, reply).await;
+        self.comm_idle(&msg.header).await;
+        None
+    }
+
+    /// Idle after a comm request; a queued kernel then says again what it
+    /// is doing (busy while a cell waits).
+    async fn comm_idle(&mut self, parent: &Bytes) {
+        self.out.status(parent, "idle").await;
+        if !self.agent.attached() && self.queued.queued() {
+            self.queued.own_status(&mut self.out).await;
+        }
+    }
+
+    /// Tells the agent to sample usage while a comm is open, or to stop.
+    pub fn ask_usage(&mut self) {
+        let interval_ms = match self.comms.any_open() {
+            true => INTERVAL.as_millis() as u64,
+            false => 0,
+        };
+        if let Some(s) = self.agent.sender() {
+            let ev = Event::SampleUsage { interval_ms };
+            if let Err(e) = s.send(Lane::Control, envelope::event(&ev)) {
+                tracing::warn!("link: {e}");
+            }
+        }
+    }
+
+    /// A `comm_msg` on the noyau comm, from the kernel, parented to `parent`.
+    async fn comm_send(&mut self, parent: &Bytes, comm_id: &str, data: Value) {
+        let content = json!({"comm_id": comm_id, "data": data});
+        self.out.iopub("comm_msg", parent, content).await;
+    }
+
+    /// Sends the state to every open comm (something changed, or a sample came).
+    pub async fn push_state(&mut self) {
+        self.push_state_for(None).await;
+    }
+
+    /// The same; the comm of a request (`answering`: its id and the
+    /// request's header) gets it as part of that request's answer.
+    async fn push_state_for(&mut self, answering: Option<(&str, &Bytes)>) {
+        if !self.comms.any_open() {
+            return;
+        }
+        let state = self.comm_state().await;
+        let open: Vec<(String, Bytes)> = (self.comms.open.iter())
+            .map(|(id, h)| match answering {
+                Some((a, parent)) if a == id => (id.clone(), parent.clone()),
+                _ => (id.clone(), h.clone()),
+            })
+            .collect();
+        for (id, parent) in open {
+            self.comm_send(&parent, &id, state.clone()).await;
+        }
+    }
+
+    /// A request finished away from the loop: its log, the state, the reply, idle.
+    pub async fn on_done(&mut self, d: Done) {
+        for text in d.logs {
+            let log = json!({"type": "log", "request": d.id, "text": text});
+            self.comm_send(&d.parent, &d.comm_id, log).await;
+        }
+        if d.ok {
+            self.push_state_for(Some((&d.comm_id, &d.parent))).await;
+        }
+        let reply = json!({"type": "reply", "request": d.id, "ok": d.ok, "message": d.message});
+        self.comm_send(&d.parent, &d.comm_id, reply).await;
+        self.comm_idle(&d.parent).await;
+    }
+}

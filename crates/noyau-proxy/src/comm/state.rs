@@ -1,0 +1,189 @@
+//! The `state` message (docs/comm.md), built from what the proxy's
+//! components know: the job's watcher, the profile, the agent's last
+//! usage sample, the targets and the Dask cluster.
+
+use std::time::SystemTime;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use noyau_sched::JobState;
+use serde_json::{json, Value};
+
+use crate::relay::Proxy;
+use crate::targets::{State, Target};
+
+/// Environment variables read here.
+const WALLTIME_WARN: &str = "NOYAU_WALLTIME_WARN";
+
+fn rfc3339(t: SystemTime) -> String {
+    DateTime::<Utc>::from(t).to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+fn now() -> String {
+    rfc3339(SystemTime::now())
+}
+
+/// The thresholds at which the agent warns (its `NOYAU_WALLTIME_WARN`,
+/// which it inherits from this process; the same default).
+fn warnings() -> Vec<u64> {
+    match std::env::var(WALLTIME_WARN) {
+        Ok(v) => v.split(',').filter_map(|x| x.trim().parse().ok()).collect(),
+        Err(_) => vec![600, 60],
+    }
+}
+
+/// `job`'s fields for a scheduler's state; `since`: when it was first
+/// seen running.
+fn job_fields(id: &str, st: &JobState, since: Option<&str>) -> Value {
+    let mut job = json!({
+        "id": id, "state": "unknown", "reason": null, "estimated_start": null,
+        "partition": null, "node": null, "started_at": null, "ends_at": null,
+        "ended": null,
+    });
+    match st {
+        JobState::Pending {
+            reason,
+            start,
+            partition,
+        } => {
+            job["state"] = json!("pending");
+            job["reason"] = json!(reason);
+            job["estimated_start"] = json!(start.map(rfc3339));
+            job["partition"] = json!(partition);
+        }
+        JobState::Running { node, ends_at } => {
+            job["state"] = json!("running");
+            job["node"] = json!(node);
+            job["started_at"] = json!(since);
+            job["ends_at"] = json!(ends_at.map(rfc3339));
+        }
+        JobState::Ended(end) => {
+            job["state"] = json!("ended");
+            job["ended"] = json!(end.description);
+        }
+        JobState::Unknown { why } => job["reason"] = json!(why),
+    }
+    job
+}
+
+fn target_fields(t: &Target) -> Value {
+    let state = match t.state {
+        State::Queued => "pending",
+        State::Starting | State::Ready => "running",
+        State::Releasing => "ended",
+    };
+    json!({
+        "name": t.name, "backend": t.backend, "job": t.job, "state": state,
+        "node": t.node, "ends_at": null, "reason": null,
+    })
+}
+
+impl Proxy {
+    /// The `state` message now.
+    pub async fn comm_state(&mut self) -> Value {
+        let batch = self.cfg.backend != "local";
+        let job = batch.then(|| self.job_now());
+        let partition = self.cfg.resources.partition.clone();
+        let job = job.map(|mut j| {
+            if j["partition"].is_null() {
+                j["partition"] = json!(partition);
+            }
+            j["warnings_s"] = json!(warnings());
+            j
+        });
+        let targets: Vec<Value> = self.targets.map.values().map(target_fields).collect();
+        let can = json!({
+            "extend": batch && noyau_sched::Scheduler::named(&self.cfg.backend).is_ok_and(|s| s.users_extend()),
+            "release_target": true,
+            "cancel_worker": self.magics.dask.is_up(),
+            "log": batch,
+        });
+        json!({
+            "type": "state",
+            "version": 1,
+            "backend": self.cfg.backend,
+            "now": now(),
+            "job": job,
+            "resources": self.resources(),
+            "usage": self.comms.usage,
+            "targets": targets,
+            "dask": self.dask_state().await,
+            "can": can,
+            "idle": null,
+        })
+    }
+
+    /// The kernel's own job as its watcher last saw it.
+    fn job_now(&mut self) -> Value {
+        let id = self.agent.job_label();
+        let st = match self.agent.job_state() {
+            Some(rx) => rx.borrow().clone(),
+            None => JobState::Unknown {
+                why: "this kernel does not follow its job".into(),
+            },
+        };
+        if matches!(st, JobState::Running { .. }) && self.comms.running_since.is_none() {
+            self.comms.running_since = Some(now());
+        }
+        job_fields(&id, &st, self.comms.running_since.as_deref())
+    }
+
+    /// What the profile asked for; a field is null when it does not say.
+    fn resources(&self) -> Value {
+        let p = &self.cfg.resources;
+        let cpus = match (p.cpus_per_task, p.ntasks) {
+            (None, None) => None,
+            (c, n) => Some(c.unwrap_or(1) * n.unwrap_or(1)),
+        };
+        let key = |k: &str| match p.scheduler_keys.get(k) {
+            Some(noyau_sched::Value::One(v)) => Some(v.clone()),
+            _ => None,
+        };
+        let mem = key("mem").and_then(|m| noyau_sched::parse_size(&m).ok());
+        let gpus = key("gpus").and_then(|g| g.rsplit(':').next()?.parse::<u64>().ok());
+        json!({"cpus": cpus, "mem_bytes": mem, "gpus": gpus})
+    }
+
+    async fn dask_state(&self) -> Value {
+        let Some(c) = self.magics.dask.cluster() else {
+            return Value::Null;
+        };
+        let jobs: Vec<Value> = (c.jobs().await.into_iter())
+            .map(|w| {
+                let role = if w.is_worker() { "worker" } else { "scheduler" };
+                let st = job_fields(&w.id, &w.state, None);
+                json!({"id": w.id, "role": role, "state": st["state"]})
+            })
+            .collect();
+        let dashboard = (c.dir().dashboard()).map(|(h, p)| format!("http://{h}:{p}/status"));
+        json!({"workers": c.dir().workers().len(), "dashboard": dashboard, "jobs": jobs})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_fields_follow_the_scheduler() {
+        let pending = JobState::Pending {
+            reason: "Resources".into(),
+            start: None,
+            partition: Some("batch".into()),
+        };
+        let j = job_fields("42", &pending, None);
+        assert_eq!(
+            (&j["state"], &j["reason"], &j["partition"]),
+            (&json!("pending"), &json!("Resources"), &json!("batch"))
+        );
+        let end = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        let running = JobState::Running {
+            node: "n1".into(),
+            ends_at: Some(end),
+        };
+        let j = job_fields("42", &running, Some("2026-12-06T13:00:00Z"));
+        assert_eq!(j["ends_at"], "2027-01-15T08:00:00Z");
+        assert_eq!(j["node"], "n1");
+        let unknown = JobState::Unknown { why: "x".into() };
+        assert_eq!(job_fields("42", &unknown, None)["state"], "unknown");
+    }
+}

@@ -1,0 +1,206 @@
+"""The `noyau` comm (docs/comm.md) as the proxy answers it, driven with
+jupyter_client against a real ipykernel behind the proxy: on the local
+backend (usage from the kernel's process tree; GPUs from a STAND-IN
+`nvidia-smi`, there being no GPU here), and on the test Slurm while the
+kernel's job is pending (the node held by another job), then running.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import noyau_testlib as lib
+from noyau_testlib import Kernel
+
+# A STAND-IN for nvidia-smi (no GPU on this machine): it answers the one
+# query the agent makes, as a machine with one A100 would.
+NVIDIA_SMI_STANDIN = """#!/bin/sh
+# STAND-IN nvidia-smi for tests/python/test_comm.py: there is no GPU here.
+case "$*" in
+  *--query-gpu=index,name,utilization.gpu,memory.used,memory.total*--format=csv,noheader,nounits*)
+    echo "0, STAND-IN A100, 37, 1024, 40960" ;;
+  *) echo "stand-in nvidia-smi: unexpected arguments: $*" >&2; exit 2 ;;
+esac
+"""
+
+
+class Comm:
+    """One noyau comm opened on a kernel, read through its client."""
+
+    def __init__(self, k: Kernel) -> None:
+        self.k = k
+        self.id = uuid.uuid4().hex
+        self.seen: list[dict] = []
+        msg = k.kc.session.msg("comm_open", {"comm_id": self.id, "target_name": "noyau",
+                                             "data": {"version": 1}})
+        k.kc.shell_channel.send(msg)
+        self.open_id = msg["header"]["msg_id"]
+
+    def messages(self, until: Callable[[dict], bool], timeout: float, what: str) -> list[dict]:
+        """IOPub messages of this comm (comm_msg data) and the statuses of
+        its requests, until `until(msg)` holds."""
+        deadline = time.monotonic() + timeout
+        got: list[dict] = []
+        while time.monotonic() < deadline:
+            try:
+                msg = self.k.kc.get_iopub_msg(timeout=0.5)
+            except queue.Empty:
+                continue
+            if msg["msg_type"] == "comm_msg" and msg["content"].get("comm_id") == self.id:
+                self.seen.append(msg)
+            elif msg["msg_type"] != "status":
+                continue
+            got.append(msg)
+            if until(msg):
+                return got
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}; got "
+                             f"{[m['msg_type'] + ':' + str(m['content'].get('data', {}).get('type')) for m in got][-20:]}")
+
+    def state(self, cond: Callable[[dict], bool], timeout: float, what: str) -> dict:
+        """The first `state` (from now) for which `cond` holds."""
+        msgs = self.messages(lambda m: is_state(m) and cond(m["content"]["data"]), timeout, what)
+        return msgs[-1]["content"]["data"]
+
+    def request(self, data: dict, timeout: float = 60) -> tuple[dict, list[dict]]:
+        """Sends a request; its reply's data and every comm message before it,
+        once the request's idle came."""
+        msg = self.k.kc.session.msg("comm_msg", {"comm_id": self.id, "data": data})
+        self.k.kc.shell_channel.send(msg)
+        rid = msg["header"]["msg_id"]
+        msgs = self.messages(lambda m: lib.is_idle(m) and m["parent_header"].get("msg_id") == rid,
+                             timeout, f"the answer to {data}")
+        mine = [m for m in msgs if m["parent_header"].get("msg_id") == rid]
+        assert mine[0]["msg_type"] == "status" and mine[0]["content"]["execution_state"] == "busy", mine[0]
+        replies = [m["content"]["data"] for m in mine if m["msg_type"] == "comm_msg"
+                   and m["content"]["data"]["type"] == "reply"]
+        assert len(replies) == 1 and replies[0]["request"] == data["id"], mine
+        return replies[0], [m["content"]["data"] for m in mine if m["msg_type"] == "comm_msg"]
+
+    def close(self) -> None:
+        msg = self.k.kc.session.msg("comm_close", {"comm_id": self.id, "data": {}})
+        self.k.kc.shell_channel.send(msg)
+
+
+def is_state(msg: dict) -> bool:
+    return msg["msg_type"] == "comm_msg" and msg["content"]["data"].get("type") == "state"
+
+
+def opened(c: Comm, timeout: float = 30) -> dict:
+    """The comm_open's answer: busy, a state at once, idle; the state."""
+    msgs = c.messages(lambda m: lib.is_idle(m) and m["parent_header"].get("msg_id") == c.open_id,
+                      timeout, "the comm_open's idle")
+    mine = [m for m in msgs if m["parent_header"].get("msg_id") == c.open_id]
+    assert [m["msg_type"] for m in mine] == ["status", "comm_msg", "status"], mine
+    assert mine[0]["content"]["execution_state"] == "busy"
+    state = mine[1]["content"]["data"]
+    assert state["type"] == "state" and state["version"] == 1, state
+    return state
+
+
+def comm_info(k: Kernel, **content: Any) -> dict:
+    msg = k.kc.session.msg("comm_info_request", content)
+    k.kc.shell_channel.send(msg)
+    return k.reply_for(msg["header"]["msg_id"], 30)["content"]
+
+
+def refused(c: Comm, data: dict, says: str) -> None:
+    reply, _ = c.request(data)
+    assert reply["ok"] is False and says in reply["message"], reply
+
+
+def test_local_kernel_comm_state_usage_and_requests(tmp_path: Path) -> None:
+    lib.require_noyau()
+    standin = tmp_path / "standin-bin"
+    standin.mkdir()
+    (standin / "nvidia-smi").write_text(NVIDIA_SMI_STANDIN)
+    (standin / "nvidia-smi").chmod(0o755)
+    env = {"PATH": f"{standin}:{os.environ['PATH']}", "CUDA_VISIBLE_DEVICES": None}
+    k = Kernel(lib.NOYAU_KERNEL_NAME, env=env)
+    try:
+        # A comm of the inner kernel's own, to be listed with the noyau one.
+        reply, _ = k.run("import comm; other = comm.create_comm(target_name='someone-else')")
+        assert reply["content"]["status"] == "ok", reply
+        c = Comm(k)
+        state = opened(c)
+        assert state["backend"] == "local" and state["job"] is None, state
+        assert state["can"]["extend"] is False and state["can"]["log"] is False, state
+        info = comm_info(k)
+        targets = {v["target_name"] for v in info["comms"].values()}
+        assert info["comms"][c.id] == {"target_name": "noyau"} and "someone-else" in targets, info
+        assert list(comm_info(k, target_name="noyau")["comms"]) == [c.id]
+
+        first = c.state(lambda s: s["usage"] is not None, 30, "a first usage sample")["usage"]
+        assert first["source"] == "process-tree" and first["mem_limit_bytes"] is None, first
+        # the STAND-IN nvidia-smi's GPU
+        assert first["gpus"] == [{"index": 0, "name": "STAND-IN A100", "util_percent": 37.0,
+                                  "mem_used_bytes": 1 << 30, "mem_total_bytes": 40 << 30}], first
+        reply, _ = k.run("block = b'x' * (200 << 20)")
+        assert reply["content"]["status"] == "ok"
+        grown = c.state(lambda s: s["usage"]["mem_bytes"] > first["mem_bytes"] + (150 << 20), 30,
+                        "memory use to grow by the 200 MB the cell allocated")
+        print(f"memory {first['mem_bytes'] >> 20} MiB -> {grown['usage']['mem_bytes'] >> 20} MiB")
+        msg_id = k.execute("import time\nt = time.monotonic()\nwhile time.monotonic() - t < 12: pass")
+        busy = c.state(lambda s: (s["usage"]["cpu_percent"] or 0) > 40, 30, "the busy cell's CPU use")
+        print(f"cpu {busy['usage']['cpu_percent']:.0f}% while a cell spins")
+        k.reply_for(msg_id, 30)
+
+        reply, before = c.request({"id": "r1", "action": "refresh"})
+        assert reply["ok"] and before[0]["type"] == "state", before
+        refused(c, {"id": "r2", "action": "extend", "duration": "1:00:00"}, "local backend")
+        refused(c, {"id": "r3", "action": "log", "job": None, "lines": 20}, "local backend")
+        refused(c, {"id": "r4", "action": "cancel", "job": "12345"}, "not one of this kernel's")
+        refused(c, {"id": "r5", "action": "release", "target": "nope"}, "nope")
+        refused(c, {"id": "r6", "action": "rm -rf"}, "it knows refresh")
+        # cells still run, the comm never reached the inner kernel
+        reply, iopub = k.run("print(len(other.kernel.comm_manager.comms))")
+        assert lib.stream_text(iopub).strip() == "1", iopub
+        c.close()
+        lib.wait_until(lambda: c.id not in comm_info(k)["comms"], 30, "the closed comm to be forgotten")
+    finally:
+        k.shutdown()
+
+
+def test_slurm_comm_while_queued_then_running(slurm: None) -> None:
+    cluster = lib.CLUSTERS["slurm"]
+    blocker = cluster.fill_the_node()
+    k = None
+    try:
+        k = Kernel(lib.SLURM_KERNEL_NAME, ready_timeout=30)
+        c = Comm(k)
+        state = opened(c)
+        jobs = [j for j in cluster.jobs() if j["name"] == "noyau-kernel-python3"]
+        assert [j["state"] for j in jobs] == [cluster.pending], jobs
+        job = state["job"]
+        assert state["backend"] == "slurm" and job["id"] == jobs[0]["id"], state
+        assert job["state"] == "pending" and job["partition"] == "debug", state
+        assert job["warnings_s"] == [600, 60] and state["usage"] is None, state
+        # answered by the proxy itself while the job waits
+        assert list(comm_info(k)["comms"]) == [c.id]
+        if job["reason"] not in ("Resources", "Priority"):
+            job = c.state(lambda s: s["job"]["reason"] in ("Resources", "Priority"), 60,
+                          "Slurm's reason for the wait")["job"]
+        refused(c, {"id": "q1", "action": "extend", "duration": "1:00:00"}, "administrators")
+        assert state["can"]["extend"] is False, state
+        cluster.cancel(blocker)
+        running = c.state(lambda s: s["job"]["state"] == "running", 120, "the job to run")["job"]
+        assert running["node"] and running["ends_at"] and running["started_at"], running
+        usage = c.state(lambda s: s["usage"] is not None, 120, "a usage sample from the job")["usage"]
+        assert usage["mem_bytes"] > 0 and usage["source"] in ("cgroup", "process-tree"), usage
+        reply, msgs = c.request({"id": "r1", "action": "log", "job": None, "lines": 50})
+        assert reply["ok"], reply
+        logs = [m for m in msgs if m["type"] == "log"]
+        assert logs and "agent" in logs[0]["text"], msgs
+        reply, _ = k.run("print('ran after the queue')", timeout=60)
+        assert reply["content"]["status"] == "ok"
+        # the inner kernel answers comm_info now; the noyau comm is added
+        assert c.id in comm_info(k)["comms"]
+    finally:
+        cluster.cancel(blocker)
+        if k:
+            k.shutdown()
+    lib.wait_until(lambda: not cluster.jobs(), 60, "the kernel's job to end", interval=0.5)
