@@ -10,13 +10,17 @@
 //
 // Environment: LAB_URL (…/lab), NOTEBOOK, PLAIN_NOTEBOOK, KERNEL_DISPLAY_NAME
 // (the comm kernel's, to change the plain notebook's kernel to), SHOTS_DIR,
-// PROFILE_DIR (a fresh directory), CHROMIUM (default /usr/bin/chromium).
+// PROFILE_DIR (a fresh directory), CHROMIUM (default /usr/bin/chromium),
+// KERNEL: `real` (a noyau kernel on the test Slurm: a target is started
+// from a cell, Slurm refuses to extend) or `standin` (the stand-in kernel's
+// scenes: an extend that succeeds, a Dask worker to cancel, amber and red).
 import { env, launch, step } from "./common.mjs";
 import path from "node:path";
 import readline from "node:readline";
 
 const lab = env("LAB_URL"), notebook = env("NOTEBOOK"), plain = env("PLAIN_NOTEBOOK");
 const shots = env("SHOTS_DIR");
+const real = env("KERNEL") === "real";
 
 // Lines from the test, one per "need".
 const lines = readline.createInterface({ input: process.stdin })[Symbol.asyncIterator]();
@@ -91,7 +95,9 @@ try {
   await kernelIdle(page);
 
   // 1. queued: the scheduler's reason and the estimated start
-  await status(page).filter({ hasText: "Queued" }).waitFor({ timeout: 60000 });
+  // (a real job reads "submitted" until the scheduler's first answer)
+  const queuedText = real ? /Queued \((Resources|Priority)\)/ : "Queued";
+  await status(page).filter({ hasText: queuedText }).waitFor({ timeout: 60000 });
   step("queued", { text: await statusText(page), level: await status(page).getAttribute("data-level") });
   await shot(page, "01-queued");
   await status(page).click();
@@ -110,8 +116,15 @@ try {
   step("running", { text: t0, later: t1, level: await status(page).getAttribute("data-level") });
   await shot(page, "03-running");
 
+  // (a real kernel's target: started by a cell, as a user would)
+  if (real) {
+    await runCell(page, "%%noyau on side\nimport os; print('target job', os.environ['SLURM_JOB_ID'])");
+    await page.locator(".jp-OutputArea-output", { hasText: "target job" }).first().waitFor({ timeout: 180000 });
+    await panel(page).locator("[data-target]").first().waitFor({ timeout: 60000 });
+  }
+
   // 3. the panel: resources and use, targets, Dask
-  await panel(page).locator('[data-section="resources"] .noyau-Meter').first().waitFor();
+  await panel(page).locator('[data-section="resources"] .noyau-Meter').first().waitFor({ timeout: 60000 });
   step("panel", { text: await panel(page).innerText(), sections: await panel(page).locator("section").evaluateAll((s) => s.map((e) => e.dataset.section)) });
   await shot(page, "04-panel");
 
@@ -128,12 +141,14 @@ try {
   step("memory", { before: memBefore, after: memAfter });
   await shot(page, "05-memory");
 
-  // 5. extend the walltime by 30 minutes
-  const leftBefore = await fact(page, "Time left").innerText();
-  const extended = await act(page, panel(page).locator(".noyau-extend"), { input: "30", accept: "06-extend-dialog" });
-  const leftAfter = await fact(page, "Time left").innerText();
-  step("extend", { reply: extended, before: leftBefore, after: leftAfter, status: await statusText(page) });
-  await shot(page, "07-extended");
+  // 5. extend the walltime by 30 minutes (Slurm refuses it: step 9)
+  if (!real) {
+    const leftBefore = await fact(page, "Time left").innerText();
+    const extended = await act(page, panel(page).locator(".noyau-extend"), { input: "30", accept: "06-extend-dialog" });
+    const leftAfter = await fact(page, "Time left").innerText();
+    step("extend", { reply: extended, before: leftBefore, after: leftAfter, status: await statusText(page) });
+    await shot(page, "07-extended");
+  }
 
   // 6. release a target, cancel a worker job: each confirmed first
   const target = panel(page).locator("[data-target]").first();
@@ -141,12 +156,15 @@ try {
   const released = await act(page, target.locator(".noyau-release"), { accept: "08-release-confirm" });
   await panel(page).locator(`[data-target="${targetName}"]`).waitFor({ state: "detached", timeout: 60000 });
   step("release", { target: targetName, reply: released });
-  const worker = panel(page).locator("[data-dask-job]", { has: page.locator(".noyau-cancel") }).first();
-  const workerId = await worker.getAttribute("data-dask-job");
-  const cancelled = await act(page, worker.locator(".noyau-cancel"), { accept: "09-cancel-confirm" });
-  await until(page, "the worker job to end", async () =>
-    !(await panel(page).locator(`[data-dask-job="${workerId}"] .noyau-cancel`).count()));
-  step("cancel", { job: workerId, reply: cancelled, dask: await panel(page).locator('[data-section="dask"]').innerText() });
+  if (real) await need(`released ${targetName}`); // its job leaves squeue
+  if (!real) {
+    const worker = panel(page).locator("[data-dask-job]", { has: page.locator(".noyau-cancel") }).first();
+    const workerId = await worker.getAttribute("data-dask-job");
+    const cancelled = await act(page, worker.locator(".noyau-cancel"), { accept: "09-cancel-confirm" });
+    await until(page, "the worker job to end", async () =>
+      !(await panel(page).locator(`[data-dask-job="${workerId}"] .noyau-cancel`).count()));
+    step("cancel", { job: workerId, reply: cancelled, dask: await panel(page).locator('[data-section="dask"]').innerText() });
+  }
   await shot(page, "10-released-cancelled");
 
   // 7. the job's log tail, in a scrollable pre
@@ -160,22 +178,29 @@ try {
   await panel(page).locator(".noyau-log-close").click();
 
   // 8. amber at the first warning, red at the last
-  await need("warn");
-  await status(page).and(page.locator('[data-level="warn"]')).waitFor({ timeout: 60000 });
-  step("warn", { text: await statusText(page), background: await status(page).evaluate((e) => getComputedStyle(e).backgroundColor) });
-  await shot(page, "12-amber");
-  await need("critical");
-  await status(page).and(page.locator('[data-level="critical"]')).waitFor({ timeout: 60000 });
-  step("critical", { text: await statusText(page), background: await status(page).evaluate((e) => getComputedStyle(e).backgroundColor) });
-  await shot(page, "13-red");
+  if (!real) {
+    await need("warn");
+    await status(page).and(page.locator('[data-level="warn"]')).waitFor({ timeout: 60000 });
+    step("warn", { text: await statusText(page), background: await status(page).evaluate((e) => getComputedStyle(e).backgroundColor) });
+    await shot(page, "12-amber");
+    await need("critical");
+    await status(page).and(page.locator('[data-level="critical"]')).waitFor({ timeout: 60000 });
+    step("critical", { text: await statusText(page), background: await status(page).evaluate((e) => getComputedStyle(e).backgroundColor) });
+    await shot(page, "13-red");
+  }
 
-  // 9. a request the kernel cannot honour: its message is shown
-  await need("refuse-extend");
-  const refused = await act(page, panel(page).locator(".noyau-extend"), { input: "1:00:00" });
-  const toast = await page.locator(".Toastify__toast", { hasText: refused.text.slice(0, 30) }).first()
-    .waitFor({ timeout: 10000 }).then(() => true, () => false);
-  step("refused", { reply: refused, toast });
-  await shot(page, "14-refused");
+  // 9. a request the kernel cannot honour: its message is shown (a real
+  // kernel on Slurm offers no extend button at all: `can.extend` is false)
+  if (real) {
+    step("refused", { extendButtons: await panel(page).locator(".noyau-extend").count() });
+  } else {
+    await need("refuse-extend");
+    const refused = await act(page, panel(page).locator(".noyau-extend"), { input: "1:00:00" });
+    const toast = await page.locator(".Toastify__toast", { hasText: refused.text.slice(0, 30) }).first()
+      .waitFor({ timeout: 10000 }).then(() => true, () => false);
+    step("refused", { reply: refused, toast });
+    await shot(page, "14-refused");
+  }
 
   // 10. a kernel restart drops the comm; the extension opens it again
   await page.locator(".lm-MenuBar-itemLabel", { hasText: /^Kernel$/ }).click();

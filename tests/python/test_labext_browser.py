@@ -1,27 +1,25 @@
 """The JupyterLab extension (labextension/) in a real browser: Debian's
 headless Chromium driven by playwright-core (tests/browser/labext.mjs),
 against a real JupyterLab 4 with the extension's wheel installed (scripts/test
-builds it and installs it in the test venv) and a real ipykernel.
+builds it and installs it in the test venv).
 
-THE KERNEL IS A STAND-IN for now: the noyau proxy does not speak the `noyau`
-comm yet (issue 23's kernel side). `StandInCommKernel` is an ipykernel that
-loads tests/python/noyau_comm_standin.py, which answers the comm from scenes
-this test writes (queued, running, walltime near…); the kernel's memory and
-CPU use are its process's real ones. The `comm_kernel` fixture is the one
-place to switch to the real kernel: a class with the same methods, where
-`need("running")` frees the test Slurm's node instead of writing a scene.
-What that real version must check (issue 23, "How it is checked"):
-- the status bar shows `Queued (Resources)` while a blocking job
-  (lib.fill_the_node()) holds the CPUs, then `Running on <node>` and the
-  time left once the blocker is cancelled;
-- the panel's memory rises after the 200 MB cell (as here);
-- releasing a target from the panel ends its job: `squeue` no longer lists
-  it (here only the reply and the panel are checked);
-- on OAR, extend adds walltime through oarwalltime and the time left grows
-  (here the stand-in moves `ends_at`);
-- `warn`/`critical`: a job submitted with a walltime below the warnings
-  (e.g. 2 minutes) shows amber then red as it runs down.
-Screenshots of every step are kept in target/test-logs/labext-browser/.
+Two kernels run the scenario:
+- a REAL noyau kernel (the proxy and a real ipykernel) on the test Slurm
+  (`RealSlurmKernel`): the status bar reads `Queued (Resources)` while a
+  blocking job (lib.fill_the_node()) holds the CPUs, then `Running on
+  <node>` and the time left once the blocker is cancelled; the panel's
+  memory rises after a 200 MB cell; a target started by a `%%noyau on` cell
+  is released from the panel and leaves `squeue`; Slurm's refusal to extend
+  is shown; the comm is reopened after a restart (the proxy's log says so);
+- a STAND-IN kernel (`StandInCommKernel`: an ipykernel that loads
+  tests/python/noyau_comm_standin.py, answering the comm from scenes this
+  test writes) for what this machine cannot give the real one: a GPU (no
+  GPU here), and, not yet driven on the real kernel, an extend that
+  succeeds (OAR's oarwalltime), a Dask worker job cancelled from the panel,
+  the amber and red walltime warnings (a job minutes from its walltime).
+  Its memory and CPU use are its process's real ones.
+Screenshots of every step are kept in target/test-logs/labext-browser/
+(stand-in) and target/test-logs/labext-browser-real/.
 """
 
 from __future__ import annotations
@@ -42,7 +40,54 @@ import browser_testlib as bt
 import noyau_testlib as lib
 
 SHOTS = bt.ROOT / "target" / "test-logs" / "labext-browser"
+SHOTS_REAL = bt.ROOT / "target" / "test-logs" / "labext-browser-real"
 VENV = Path(sys.prefix)
+
+
+class RealSlurmKernel:
+    """A real noyau kernel on the test Slurm (the session's kernelspec
+    `noyau-slurm-python3`), its node held by a blocker until the scenario
+    needs the job to run; `%%noyau on side` starts a target (profile `side`
+    in the notebook directory's noyau.toml)."""
+
+    kernel_name = lib.SLURM_KERNEL_NAME
+    display_name = "Python 3 (noyau slurm)"
+    mode = "real"
+    shots = SHOTS_REAL
+
+    def __init__(self, root: Path, work: Path) -> None:
+        self.cluster = lib.CLUSTERS["slurm"]
+        self.jupyter_path = root / "no-extra-kernels"
+        self.lab_log: Path | None = None
+        self.released: list[str] = []
+        (work / "noyau.toml").write_text('[profiles.side]\nbackend = "slurm"\npartition = "debug"\n'
+                                         'time = "10"\nmem = "300M"\n')
+        self.blocker: str | None = self.cluster.fill_the_node()
+
+    def free(self) -> None:
+        if self.blocker:
+            self.cluster.cancel(self.blocker)
+            self.blocker = None
+
+    def need(self, what: str) -> None:
+        if what == "running":
+            jobs = [j for j in self.cluster.jobs() if j["name"] == "noyau-kernel-python3"]
+            assert [j["state"] for j in jobs] == [self.cluster.pending], f"queued until now: {jobs}"
+            self.free()
+        elif what.startswith("released "):
+            self.check_released(what.removeprefix("released "))
+            self.released.append(what.removeprefix("released "))
+        elif what == "check-reopened":
+            assert self.lab_log is not None
+            opened = set(re.findall(r"noyau comm opened comm=(\w+)", self.lab_log.read_text()))
+            assert len(opened) >= 2, f"the comm was not reopened after the restart: {opened}"
+        else:
+            raise AssertionError(f"the scenario asked for {what!r}, which the real kernel does not provide")
+
+    def check_released(self, target: str) -> None:
+        """The target's job leaves the queue."""
+        lib.wait_until(lambda: not [j for j in self.cluster.jobs() if j["name"] == f"noyau-target-{target}"],
+                       60, f"target {target}'s job to leave squeue", interval=0.5)
 
 
 class StandInCommKernel:
@@ -52,6 +97,8 @@ class StandInCommKernel:
 
     kernel_name = "noyau-standin"
     display_name = "Python 3 (noyau comm STAND-IN)"
+    mode = "standin"
+    shots = SHOTS
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -139,12 +186,6 @@ class StandInCommKernel:
         """The real kernel's test checks `squeue` here; the stand-in's jobs are not real."""
 
 
-@pytest.fixture
-def comm_kernel(tmp_path: Path) -> StandInCommKernel:
-    """The kernel the scenario runs on: a STAND-IN until the proxy speaks the comm."""
-    return StandInCommKernel(tmp_path / "kernel")
-
-
 def write_notebook(path: Path, kernel_name: str, display_name: str) -> None:
     nb = {
         "cells": [{"cell_type": "code", "execution_count": None, "id": "c1", "metadata": {}, "outputs": [],
@@ -213,10 +254,10 @@ def size(text: str) -> float:
     return float(m[1]) * 1024 ** ["B", "KiB", "MiB", "GiB", "TiB"].index(m[2])
 
 
-def run_scenario(lab: Lab, kernel: StandInCommKernel, tmp_path: Path) -> dict[str, dict]:
+def run_scenario(lab: Lab, kernel: StandInCommKernel | RealSlurmKernel, tmp_path: Path) -> dict[str, dict]:
     env = dict(os.environ, LAB_URL=f"{lab.url}/lab", NOTEBOOK="alloc.ipynb", PLAIN_NOTEBOOK="plain.ipynb",
-               KERNEL_DISPLAY_NAME=kernel.display_name,
-               SHOTS_DIR=str(SHOTS), PROFILE_DIR=str(tmp_path / "chromium-profile"))
+               KERNEL_DISPLAY_NAME=kernel.display_name, KERNEL=kernel.mode,
+               SHOTS_DIR=str(kernel.shots), PROFILE_DIR=str(tmp_path / "chromium-profile"))
     proc = subprocess.Popen(["node", str(bt.BROWSER / "labext.mjs")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True, env=env, cwd=bt.BROWSER)
     steps: dict[str, dict] = {}
@@ -237,21 +278,72 @@ def run_scenario(lab: Lab, kernel: StandInCommKernel, tmp_path: Path) -> dict[st
     finally:
         if proc.poll() is None:
             proc.kill()
-    (SHOTS / "steps.json").write_text(json.dumps(steps, indent=1))
-    assert rc == 0 and not errors, f"browser scenario failed: {errors} (screenshots in {SHOTS}; Lab log {lab.log})"
+    (kernel.shots / "steps.json").write_text(json.dumps(steps, indent=1))
+    assert rc == 0 and not errors, \
+        f"browser scenario failed: {errors} (screenshots in {kernel.shots}; Lab log {lab.log})"
     return steps
 
 
-def test_status_bar_and_panel_follow_the_kernels_allocation(tmp_path: Path, comm_kernel: StandInCommKernel) -> None:
-    bt.require_browser()
-    bt.require_labextension(VENV)
+def lab_dirs(tmp_path: Path, kernel_name: str, display_name: str, shots: Path) -> Path:
+    """The Lab's work directory with the two notebooks; old screenshots gone."""
     work = tmp_path / "lab" / "work"
     work.mkdir(parents=True)
-    write_notebook(work / "alloc.ipynb", comm_kernel.kernel_name, comm_kernel.display_name)
+    write_notebook(work / "alloc.ipynb", kernel_name, display_name)
     write_notebook(work / "plain.ipynb", lib.DIRECT_KERNEL_NAME, "Python 3 (ipykernel)")
-    for old in SHOTS.glob("*.png"):
+    for old in shots.glob("*.png"):
         old.unlink()
-    SHOTS.mkdir(parents=True, exist_ok=True)
+    shots.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def test_status_bar_and_panel_follow_a_real_kernels_slurm_job(slurm: None, tmp_path: Path) -> None:
+    bt.require_browser()
+    bt.require_labextension(VENV)
+    work = lab_dirs(tmp_path, RealSlurmKernel.kernel_name, RealSlurmKernel.display_name, SHOTS_REAL)
+    kernel = RealSlurmKernel(tmp_path, work)
+    lab = None
+    try:
+        lab = Lab(tmp_path / "lab", kernel.jupyter_path)
+        kernel.lab_log = lab.log
+        s = run_scenario(lab, kernel, tmp_path)
+    finally:
+        kernel.free()
+        if lab:
+            lab.close()
+    lib.wait_until(lambda: not kernel.cluster.jobs(), 60, "the kernels' jobs to end with JupyterLab", interval=0.5)
+
+    queued = s["queued"]["text"]
+    assert re.fullmatch(r"Slurm \d+ · Queued \((Resources|Priority)\) · "
+                        r"(in about .*|start time not known yet)", queued), s["queued"]
+    assert re.fullmatch(r"Slurm \d+ · Running on \S+ · \d:\d\d:\d\d left", s["running"]["text"]), s["running"]
+    assert 9 * 60 <= seconds(s["running"]["text"]) <= 10 * 60, s["running"]  # profile `test`: time = 10
+    panel = s["panel"]["text"]
+    for want in ("Running on", "(debug)", "side", "Slurm"):
+        assert want in panel, (want, panel)
+    assert "of 500 MiB" in panel, panel  # profile `test`: mem = 500M
+    mem = s["memory"]
+    assert size(mem["after"]) - size(mem["before"]) >= 190 * 2**20, mem
+    assert s["release"]["target"] == "side" and s["release"]["reply"]["ok"], s["release"]
+    assert kernel.released == ["side"], "the released target's job was not seen leaving squeue"
+    assert "extend" not in s and "cancel" not in s and "warn" not in s, "stand-in steps ran on the real kernel"
+    assert "kernel started" in s["log"]["text"], s["log"]["text"][-300:]
+    # Slurm lets no user extend: no button (the refusal itself: test_comm.py)
+    assert s["refused"]["extendButtons"] == 0, s["refused"]
+    assert "Running on" in s["restarted"]["text"]
+    assert not s["plain"]["statusVisible"], s["plain"]
+    assert "plain.ipynb" in s["changed"]["panel"] and "Running on" in s["changed"]["text"], s["changed"]
+    assert "alloc.ipynb" in s["back"]["panel"] and "Running on" in s["back"]["text"]
+    assert not [c for c in s["end"]["console"] if "noyau" in c.lower()], s["end"]["console"]
+    assert "No such comm target" not in lab.log.read_text()
+
+
+def test_status_bar_and_panel_on_the_standin_kernel(tmp_path: Path) -> None:
+    """The STAND-IN kernel's scenes: what the real kernel cannot show here
+    (a GPU) or is not yet driven to (see the module's docstring)."""
+    bt.require_browser()
+    bt.require_labextension(VENV)
+    comm_kernel = StandInCommKernel(tmp_path / "kernel")
+    lab_dirs(tmp_path, comm_kernel.kernel_name, comm_kernel.display_name, SHOTS)
     lab = Lab(tmp_path / "lab", comm_kernel.jupyter_path)
     try:
         s = run_scenario(lab, comm_kernel, tmp_path)

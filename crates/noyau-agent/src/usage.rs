@@ -36,6 +36,9 @@ enum Source {
 pub struct Sampler {
     source: Source,
     last_cpu: Option<(Instant, u64)>,
+    /// `nvidia-smi`, when on PATH and GPUs are not all hidden: looked up
+    /// once, not at every sample.
+    nvidia_smi: Option<PathBuf>,
 }
 
 /// CPU time (µs) and memory (bytes) at one moment, and the memory limit.
@@ -52,22 +55,25 @@ impl Sampler {
             Some(dir) => Source::Cgroup(dir),
             None => Source::ProcessTree(pid),
         };
-        tracing::info!(?source, "sampling the kernel's resource use");
+        let nvidia_smi = nvidia_smi();
+        tracing::info!(?source, ?nvidia_smi, "sampling the kernel's resource use");
         Sampler {
             source,
             last_cpu: None,
+            nvidia_smi,
         }
     }
 
     /// One sample; None when the source cannot be read (the kernel is gone).
     pub async fn sample(&mut self) -> Option<UsageSample> {
         let source = self.source.clone();
+        let tool = self.nvidia_smi.clone();
         let (reading, gpus) = tokio::task::spawn_blocking(move || {
             let r = match &source {
                 Source::Cgroup(dir) => read_cgroup(dir),
                 Source::ProcessTree(pid) => read_tree(*pid),
             };
-            (r, gpus())
+            (r, tool.map(|t| gpus(&t)).unwrap_or_default())
         })
         .await
         .ok()?;
@@ -190,16 +196,24 @@ fn read_tree(root: u32) -> Option<Reading> {
     })
 }
 
-/// The GPUs this job sees; empty without `nvidia-smi` or with all hidden.
-fn gpus() -> Vec<GpuSample> {
+/// `nvidia-smi` on PATH, unless `CUDA_VISIBLE_DEVICES` hides every GPU.
+fn nvidia_smi() -> Option<PathBuf> {
     let visible = std::env::var(CUDA_VISIBLE_DEVICES).ok();
     if visible
         .as_deref()
         .is_some_and(|v| v.trim().is_empty() || v.trim() == "-1")
     {
-        return vec![];
+        return None;
     }
-    let out = std::process::Command::new("nvidia-smi")
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join("nvidia-smi"))
+        .find(|p| p.is_file())
+}
+
+/// The GPUs `nvidia-smi` reports; empty when it fails.
+fn gpus(nvidia_smi: &Path) -> Vec<GpuSample> {
+    let out = std::process::Command::new(nvidia_smi)
         .args([
             "--query-gpu=index,name,utilization.gpu,memory.used,memory.total",
             "--format=csv,noheader,nounits",
@@ -273,6 +287,7 @@ mod tests {
         let mut s = Sampler {
             source: Source::ProcessTree(std::process::id()),
             last_cpu: None,
+            nvidia_smi: None,
         };
         let first = s.sample().await.unwrap();
         assert_eq!(first.source, "process-tree");

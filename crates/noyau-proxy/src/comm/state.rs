@@ -138,7 +138,8 @@ impl Proxy {
             Some(noyau_sched::Value::One(v)) => Some(v.clone()),
             _ => None,
         };
-        let mem = key("mem").and_then(|m| noyau_sched::parse_size(&m).ok());
+        // Slurm's megabytes (MiB), as `parse_size` reads them.
+        let mem = key("mem").and_then(|m| noyau_sched::parse_size(&m).ok().map(|mb| mb << 20));
         let gpus = key("gpus").and_then(|g| g.rsplit(':').next()?.parse::<u64>().ok());
         json!({"cpus": cpus, "mem_bytes": mem, "gpus": gpus})
     }
