@@ -177,17 +177,16 @@ try {
   await shot(page, "11-log");
   await panel(page).locator(".noyau-log-close").click();
 
-  // 8. amber at the first warning, red at the last
-  if (!real) {
-    await need("warn");
-    await status(page).and(page.locator('[data-level="warn"]')).waitFor({ timeout: 60000 });
-    step("warn", { text: await statusText(page), background: await status(page).evaluate((e) => getComputedStyle(e).backgroundColor) });
-    await shot(page, "12-amber");
-    await need("critical");
-    await status(page).and(page.locator('[data-level="critical"]')).waitFor({ timeout: 60000 });
-    step("critical", { text: await statusText(page), background: await status(page).evaluate((e) => getComputedStyle(e).backgroundColor) });
-    await shot(page, "13-red");
-  }
+  // 8. amber at the first warning, red at the last (a real job runs down
+  // to the test's thresholds, NOYAU_WALLTIME_WARN, by itself)
+  await need("warn");
+  await status(page).and(page.locator('[data-level="warn"]')).waitFor({ timeout: 60000 });
+  step("warn", { text: await statusText(page), background: await status(page).evaluate((e) => getComputedStyle(e).backgroundColor) });
+  await shot(page, "12-amber");
+  await need("critical");
+  await status(page).and(page.locator('[data-level="critical"]')).waitFor({ timeout: real ? 150000 : 60000 });
+  step("critical", { text: await statusText(page), background: await status(page).evaluate((e) => getComputedStyle(e).backgroundColor) });
+  await shot(page, "13-red");
 
   // 9. a request the kernel cannot honour: its message is shown (a real
   // kernel on Slurm offers no extend button at all: `can.extend` is false)

@@ -1,8 +1,10 @@
 """The `noyau` comm (docs/comm.md) as the proxy answers it, driven with
 jupyter_client against a real ipykernel behind the proxy: on the local
 backend (usage from the kernel's process tree; GPUs from a STAND-IN
-`nvidia-smi`, there being no GPU here), and on the test Slurm while the
-kernel's job is pending (the node held by another job), then running.
+`nvidia-smi`, there being no GPU here), on the test Slurm while the
+kernel's job is pending (the node held by another job), then running; on
+OAR, whose users may extend their walltime; and with a real Dask cluster
+on the test Slurm, whose worker job the comm cancels.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+import pytest
+
 import noyau_testlib as lib
 from noyau_testlib import Kernel
+from test_dask import dask_jobs, kernel, km, run  # noqa: F401 (kernel, km: fixtures)
 
 # A STAND-IN for nvidia-smi (no GPU on this machine): it answers the one
 # query the agent makes, as a machine with one A100 would.
@@ -204,3 +209,59 @@ def test_slurm_comm_while_queued_then_running(slurm: None) -> None:
         if k:
             k.shutdown()
     lib.wait_until(lambda: not cluster.jobs(), 60, "the kernel's job to end", interval=0.5)
+
+
+def ends_at(state: dict) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(state["job"]["ends_at"].replace("Z", "+00:00")).timestamp()
+
+
+@pytest.mark.parametrize("batch", ["oar"], indirect=True)
+def test_oar_comm_extends_the_walltime(batch: lib.Cluster) -> None:
+    """OAR lets users extend (oarwalltime): offered, done, and the next
+    state's `ends_at` is later by what was asked."""
+    k = Kernel(batch.kernel_name, ready_timeout=60)
+    try:
+        c = Comm(k)
+        state = opened(c)
+        assert state["backend"] == "oar" and state["can"]["extend"] is True, state
+        running = c.state(lambda s: s["job"]["state"] == "running" and s["job"]["ends_at"], 180,
+                          "the job to run with a walltime")
+        reply, _ = c.request({"id": "e1", "action": "extend", "duration": "0:05:00"}, timeout=120)
+        assert reply["ok"], reply
+        later = c.state(lambda s: ends_at(s) >= ends_at(running) + 4 * 60, 120,
+                        "a state whose ends_at is 5 minutes later")
+        print(f"ends_at {running['job']['ends_at']} -> {later['job']['ends_at']}: {reply['message']}")
+    finally:
+        k.shutdown()
+    lib.wait_until(lambda: not batch.jobs(), 60, "the kernel's job to end", interval=0.5)
+
+
+def test_dask_jobs_shown_and_a_worker_job_cancelled(km) -> None:  # type: ignore[no-untyped-def]
+    """A real Dask cluster on the test Slurm (test_dask's fixtures): its jobs
+    in the state; the comm cancels a worker job and refuses the scheduler's."""
+    reply, text, errors = run(km, "%noyau dask up 2 --target hpc", timeout=180)
+    assert reply["status"] == "ok", (text, errors)
+    c = Comm(km)
+
+    def three_jobs(s: dict) -> bool:
+        return s["dask"] is not None and len(s["dask"]["jobs"]) == 3
+
+    state = opened(c)
+    if not three_jobs(state):  # (states follow every usage sample, 5 s)
+        state = c.state(three_jobs, 120, "the cluster's 3 jobs")
+    dask = state["dask"]
+    assert state["can"]["cancel_worker"] is True, state
+    roles = sorted(j["role"] for j in dask["jobs"])
+    assert roles == ["scheduler", "worker", "worker"], dask
+    queued = {j["id"] for j in dask_jobs()}
+    assert {j["id"] for j in dask["jobs"]} == queued, (dask, queued)
+    scheduler = next(j["id"] for j in dask["jobs"] if j["role"] == "scheduler")
+    worker = next(j["id"] for j in dask["jobs"] if j["role"] == "worker")
+    refused(c, {"id": "d1", "action": "cancel", "job": scheduler}, "not one of this kernel's")
+    reply, _ = c.request({"id": "d2", "action": "cancel", "job": worker}, timeout=120)
+    assert reply["ok"], reply
+    lib.wait_until(lambda: worker not in {j["id"] for j in dask_jobs()}, 60,
+                   "the cancelled worker job to leave squeue", interval=0.5)
+    run(km, "%noyau dask down", timeout=120)

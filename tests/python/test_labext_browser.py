@@ -9,14 +9,17 @@ Two kernels run the scenario:
   blocking job (lib.fill_the_node()) holds the CPUs, then `Running on
   <node>` and the time left once the blocker is cancelled; the panel's
   memory rises after a 200 MB cell; a target started by a `%%noyau on` cell
-  is released from the panel and leaves `squeue`; Slurm's refusal to extend
-  is shown; the comm is reopened after a restart (the proxy's log says so);
+  is released from the panel and leaves `squeue`; the status bar turns
+  amber, then red, as the job runs down to the test's warning thresholds;
+  Slurm offers no extend button; the comm is reopened after a restart (the
+  proxy's log says so);
 - a STAND-IN kernel (`StandInCommKernel`: an ipykernel that loads
   tests/python/noyau_comm_standin.py, answering the comm from scenes this
   test writes) for what this machine cannot give the real one: a GPU (no
-  GPU here), and, not yet driven on the real kernel, an extend that
-  succeeds (OAR's oarwalltime), a Dask worker job cancelled from the panel,
-  the amber and red walltime warnings (a job minutes from its walltime).
+  GPU here), and, not yet driven in the browser on a real kernel, an
+  extend that succeeds (OAR's oarwalltime) and a Dask worker job cancelled
+  from the panel (both checked on real jobs through the comm itself by
+  tests/python/test_comm.py).
   Its memory and CPU use are its process's real ones.
 Screenshots of every step are kept in target/test-logs/labext-browser/
 (stand-in) and target/test-logs/labext-browser-real/.
@@ -53,6 +56,9 @@ class RealSlurmKernel:
     kernel_name = lib.SLURM_KERNEL_NAME
     display_name = "Python 3 (noyau slurm)"
     mode = "real"
+    # The walltime thresholds (NOYAU_WALLTIME_WARN) the proxies get: amber
+    # at once in a 10-minute job, red 90 s after it starts.
+    WARNINGS = "600,510"
     shots = SHOTS_REAL
 
     def __init__(self, root: Path, work: Path) -> None:
@@ -74,6 +80,8 @@ class RealSlurmKernel:
             jobs = [j for j in self.cluster.jobs() if j["name"] == "noyau-kernel-python3"]
             assert [j["state"] for j in jobs] == [self.cluster.pending], f"queued until now: {jobs}"
             self.free()
+        elif what in ("warn", "critical"):
+            pass  # the job runs down to WARNINGS by itself
         elif what.startswith("released "):
             self.check_released(what.removeprefix("released "))
             self.released.append(what.removeprefix("released "))
@@ -296,8 +304,10 @@ def lab_dirs(tmp_path: Path, kernel_name: str, display_name: str, shots: Path) -
     return work
 
 
-def test_status_bar_and_panel_follow_a_real_kernels_slurm_job(slurm: None, tmp_path: Path) -> None:
+def test_status_bar_and_panel_follow_a_real_kernels_slurm_job(slurm: None, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     bt.require_browser()
+    monkeypatch.setenv("NOYAU_WALLTIME_WARN", RealSlurmKernel.WARNINGS)
     bt.require_labextension(VENV)
     work = lab_dirs(tmp_path, RealSlurmKernel.kernel_name, RealSlurmKernel.display_name, SHOTS_REAL)
     kernel = RealSlurmKernel(tmp_path, work)
@@ -325,7 +335,11 @@ def test_status_bar_and_panel_follow_a_real_kernels_slurm_job(slurm: None, tmp_p
     assert size(mem["after"]) - size(mem["before"]) >= 190 * 2**20, mem
     assert s["release"]["target"] == "side" and s["release"]["reply"]["ok"], s["release"]
     assert kernel.released == ["side"], "the released target's job was not seen leaving squeue"
-    assert "extend" not in s and "cancel" not in s and "warn" not in s, "stand-in steps ran on the real kernel"
+    assert "extend" not in s and "cancel" not in s, "stand-in steps ran on the real kernel"
+    # amber at 600 s left (at once), red at 510 s: the real job's own walltime
+    assert s["warn"]["text"].startswith("Slurm") and 510 < seconds(s["warn"]["text"]) <= 600, s["warn"]
+    assert seconds(s["critical"]["text"]) <= 510, s["critical"]
+    assert s["warn"]["background"] != s["critical"]["background"], (s["warn"], s["critical"])
     assert "kernel started" in s["log"]["text"], s["log"]["text"][-300:]
     # Slurm lets no user extend: no button (the refusal itself: test_comm.py)
     assert s["refused"]["extendButtons"] == 0, s["refused"]
