@@ -53,7 +53,8 @@ pub(crate) struct Comms {
     /// `comm_info_request`s forwarded to the kernel (msg_id → the target
     /// asked for): their replies get the noyau comms too.
     info: HashMap<String, Option<String>>,
-    /// The job's state, followed while a comm is open.
+    /// The job's state, followed while a comm is open (taken from the
+    /// agent's watcher when the first comm opens).
     job: Option<watch::Receiver<JobState>>,
     /// When the job was first seen running (the scheduler does not say).
     pub running_since: Option<String>,
@@ -62,13 +63,13 @@ pub(crate) struct Comms {
 }
 
 impl Comms {
-    pub fn new(job: Option<watch::Receiver<JobState>>) -> Comms {
+    pub fn new() -> Comms {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         Comms {
             open: BTreeMap::new(),
             usage: None,
             info: HashMap::new(),
-            job,
+            job: None,
             running_since: None,
             done_tx,
             done_rx,

@@ -87,7 +87,7 @@ impl Proxy {
             targets: Targets::default(),
             magics: Magics::default(),
             own: Own::default(),
-            comms: Comms::new(None),
+            comms: Comms::new(),
         }
     }
 
