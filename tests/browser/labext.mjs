@@ -11,9 +11,9 @@
 // Environment: LAB_URL (…/lab), NOTEBOOK, PLAIN_NOTEBOOK, KERNEL_DISPLAY_NAME
 // (the comm kernel's, to change the plain notebook's kernel to), SHOTS_DIR,
 // PROFILE_DIR (a fresh directory), CHROMIUM (default /usr/bin/chromium),
-// KERNEL: `real` (a noyau kernel on the test Slurm: a target is started
-// from a cell, Slurm refuses to extend) or `standin` (the stand-in kernel's
-// scenes: an extend that succeeds, a Dask worker to cancel, amber and red).
+// KERNEL: `real` (a noyau kernel on the test Slurm: a target and a Dask
+// cluster are started from cells, Slurm offers no extend) or `standin` (the
+// stand-in kernel's scenes, an extend that succeeds among them).
 import { env, launch, step } from "./common.mjs";
 import path from "node:path";
 import readline from "node:readline";
@@ -156,14 +156,24 @@ try {
   const released = await act(page, target.locator(".noyau-release"), { accept: "08-release-confirm" });
   await panel(page).locator(`[data-target="${targetName}"]`).waitFor({ state: "detached", timeout: 60000 });
   step("release", { target: targetName, reply: released });
-  if (real) await need(`released ${targetName}`); // its job leaves squeue
-  if (!real) {
-    const worker = panel(page).locator("[data-dask-job]", { has: page.locator(".noyau-cancel") }).first();
-    const workerId = await worker.getAttribute("data-dask-job");
-    const cancelled = await act(page, worker.locator(".noyau-cancel"), { accept: "09-cancel-confirm" });
-    await until(page, "the worker job to end", async () =>
-      !(await panel(page).locator(`[data-dask-job="${workerId}"] .noyau-cancel`).count()));
-    step("cancel", { job: workerId, reply: cancelled, dask: await panel(page).locator('[data-section="dask"]').innerText() });
+  if (real) {
+    await need(`released ${targetName}`); // its job leaves squeue
+    // a real Dask cluster on the test Slurm, started by a cell
+    await runCell(page, "%noyau dask up 2 --target hpc");
+    await page.locator(".jp-OutputArea-output", { hasText: "Dask cluster" }).first().waitFor({ timeout: 180000 });
+  }
+  const worker = panel(page).locator("[data-dask-job]", { has: page.locator(".noyau-cancel") }).first();
+  await worker.waitFor({ timeout: 120000 });
+  const workerId = await worker.getAttribute("data-dask-job");
+  const cancelled = await act(page, worker.locator(".noyau-cancel"), { accept: "09-cancel-confirm" });
+  await until(page, "the worker job to end", async () =>
+    !(await panel(page).locator(`[data-dask-job="${workerId}"] .noyau-cancel`).count()));
+  step("cancel", { job: workerId, reply: cancelled, dask: await panel(page).locator('[data-section="dask"]').innerText() });
+  if (real) {
+    await need(`cancelled ${workerId}`); // its job leaves squeue
+    // the node's CPUs are needed for a second kernel later
+    await runCell(page, "%noyau dask down");
+    await page.locator(".jp-OutputArea-output", { hasText: "Dask cluster down" }).first().waitFor({ timeout: 120000 });
   }
   await shot(page, "10-released-cancelled");
 

@@ -253,6 +253,8 @@ def test_dask_jobs_shown_and_a_worker_job_cancelled(km) -> None:  # type: ignore
         state = c.state(three_jobs, 120, "the cluster's 3 jobs")
     dask = state["dask"]
     assert state["can"]["cancel_worker"] is True, state
+    # noyau's relay (127.0.0.1, with its token), not Dask's own port on the node
+    assert dask["dashboard"].startswith("http://127.0.0.1:") and "token=" in dask["dashboard"], dask
     roles = sorted(j["role"] for j in dask["jobs"])
     assert roles == ["scheduler", "worker", "worker"], dask
     queued = {j["id"] for j in dask_jobs()}

@@ -54,6 +54,14 @@ pub enum ClusterEvent {
     Failed(String),
 }
 
+/// What a frontend shows of a cluster: its jobs that have not ended, and
+/// where its dashboard is (noyau's relay with its token, when it relays).
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    pub jobs: Vec<Waiting>,
+    pub dashboard: Option<String>,
+}
+
 /// One waiting job of the cluster.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Waiting {
@@ -72,7 +80,7 @@ impl Waiting {
 enum Cmd {
     Status(oneshot::Sender<String>),
     Down(oneshot::Sender<usize>),
-    Jobs(oneshot::Sender<Vec<Waiting>>),
+    View(oneshot::Sender<View>),
     CancelWorker(String, oneshot::Sender<bool>),
 }
 
@@ -155,10 +163,11 @@ impl Cluster {
             .unwrap_or_else(|_| "[noyau] the Dask cluster has ended\n".into())
     }
 
-    /// The cluster's jobs that have not ended (role `scheduler` or `worker wN`).
-    pub async fn jobs(&self) -> Vec<Waiting> {
+    /// The cluster's jobs that have not ended (role `scheduler` or `worker
+    /// wN`) and its dashboard's link.
+    pub async fn view(&self) -> View {
         let (tx, rx) = oneshot::channel();
-        let _ = self.cmds.send(Cmd::Jobs(tx));
+        let _ = self.cmds.send(Cmd::View(tx));
         rx.await.unwrap_or_default()
     }
 
@@ -386,7 +395,7 @@ impl Task {
             tokio::select! {
                 cmd = cmds.recv() => match cmd {
                     Some(Cmd::Status(tx)) => { let _ = tx.send(self.status()); }
-                    Some(Cmd::Jobs(tx)) => { let _ = tx.send(self.live_jobs()); }
+                    Some(Cmd::View(tx)) => { let _ = tx.send(self.view()); }
                     Some(Cmd::CancelWorker(id, tx)) => {
                         let job = self.jobs.iter().find(|j| j.role == Role::Worker && j.job.id == id && !j.ended());
                         if let Some(j) = job {
@@ -480,14 +489,20 @@ impl Task {
         });
     }
 
-    fn live_jobs(&self) -> Vec<Waiting> {
-        (self.jobs.iter().filter(|j| !j.ended()))
+    fn view(&self) -> View {
+        let jobs = (self.jobs.iter().filter(|j| !j.ended()))
             .map(|j| Waiting {
                 role: j.role_name(),
                 id: j.job.id.clone(),
                 state: j.state(),
             })
-            .collect()
+            .collect();
+        let dashboard = match (&self.dashboard, self.dir.dashboard()) {
+            (Some(d), _) => Some(d.link.clone()),
+            (None, Some((host, port))) => Some(format!("http://{host}:{port}/status")),
+            (None, None) => None,
+        };
+        View { jobs, dashboard }
     }
 
     /// Tells the owner which jobs wait, when that changed or every

@@ -24,7 +24,7 @@ pub mod job;
 pub mod owner;
 mod plan;
 
-pub use cluster::{Cluster, ClusterEvent, Waiting};
+pub use cluster::{Cluster, ClusterEvent, View, Waiting};
 pub use error::DaskError;
 pub use plan::{Plan, Size, SCHEDULER_CORES, SCHEDULER_MEM};
 

@@ -146,7 +146,11 @@ impl Proxy {
                 match noyau_magic::parse(&code) {
                     Ok(Magic::None) => return Some(msg),
                     Ok(Magic::On(m, body)) => self.run_on_target(m, body, msg).await,
-                    Ok(Magic::Line(cmd)) => self.line_magic(cmd, Cell::of(&msg)).await,
+                    Ok(Magic::Line(cmd)) => {
+                        self.line_magic(cmd, Cell::of(&msg)).await;
+                        // (a release, `dask down`…: frontends see the change)
+                        self.push_state().await;
+                    }
                     Err(usage) => self.out.answer(&Cell::of(&msg), Err(usage)).await,
                 }
                 None

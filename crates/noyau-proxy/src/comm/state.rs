@@ -148,15 +148,16 @@ impl Proxy {
         let Some(c) = self.magics.dask.cluster() else {
             return Value::Null;
         };
-        let jobs: Vec<Value> = (c.jobs().await.into_iter())
+        let view = c.view().await;
+        let jobs: Vec<Value> = (view.jobs.into_iter())
             .map(|w| {
                 let role = if w.is_worker() { "worker" } else { "scheduler" };
                 let st = job_fields(&w.id, &w.state, None);
                 json!({"id": w.id, "role": role, "state": st["state"]})
             })
             .collect();
-        let dashboard = (c.dir().dashboard()).map(|(h, p)| format!("http://{h}:{p}/status"));
-        json!({"workers": c.dir().workers().len(), "dashboard": dashboard, "jobs": jobs})
+        // (its token, when it has one, is neither logged here nor by the extension)
+        json!({"workers": c.dir().workers().len(), "dashboard": view.dashboard, "jobs": jobs})
     }
 }
 
