@@ -11,10 +11,10 @@
 //! `nvidia-smi --query-gpu` when it is on PATH and `CUDA_VISIBLE_DEVICES`
 //! does not hide them all.
 //!
-//! One sample reads a few small files (the process tree: two per process
-//! of the machine, to find the kernel's children): well under a
-//! millisecond for a few hundred processes; at one sample every 5 s that
-//! is far below 1% of a core (`bench/usage` measures it).
+//! One sample reads a few small files (the process tree: the `stat` of
+//! every process of the machine, to find the kernel's children); at one
+//! sample every 5 s the agent stays far below 1% of a core (`bench/idle
+//! --comm` measures it: docs/comm.md).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
