@@ -190,11 +190,10 @@ impl Proxy {
                 return self.transfer(Direction::Pull, &target, names, cell).await
             }
             Command::DaskUp(words) => return self.dask_up(cell, &words).await,
-            Command::Data(_) => Err(MagicError::NotHere(
-                "`%noyau data` cells are read by `noyau run` before the kernel starts; \
-                 a kernel takes its data files from [data] in noyau.toml"
-                    .into(),
-            )),
+            Command::Data(words) => match self.env.add_data(&words, &cell, self.agent.attached()) {
+                Ok(()) => return,
+                Err(e) => Err(e),
+            },
             Command::DaskStatus => Ok(self.magics.dask.status().await),
             Command::DaskDown => {
                 let mut host = host!(self);
