@@ -322,26 +322,29 @@ SIX_NODE = '{requirements = ["six==1.16.0"], build = "node"}'
 NEEDS_SIX = "import os, six; print(six.__version__, os.environ.get('UV_INDEX_URL'))"
 
 
-def refused_run_on(scheduler: str, tmp_path: Path, env_spec: str, cache_name: str) -> tuple[int, str, dict | None]:
+def refused_run_on(scheduler: str, tmp_path: Path, env_spec: str, name: str,
+                   uv: Path | None = None) -> tuple[int, str, dict | None, Path]:
     """`noyau run --backend SCHEDULER --env ENV_SPEC` of a notebook needing
-    six, its job's indexes at REFUSED: exit code, stderr, output notebook."""
+    six, its job's indexes at REFUSED, with a cache of its own (and uv at
+    `uv`, when given): exit code, stderr, output notebook, cache."""
+    extra = [f"NOYAU_UV={uv}"] if uv else []
     if scheduler == "slurm":
-        d = tmp_path / cache_name
+        d = tmp_path / name
         d.mkdir()
         (d / "nb.ipynb").write_text(json.dumps(notebook(NEEDS_SIX)))
         p = subprocess.run([NOYAU, "run", "nb.ipynb", "out.ipynb", "--no-progress", "--start-timeout", "300",
                             "--backend", "slurm", "--profile", "test", "--env", env_spec, *REFUSED_JOB],
                            capture_output=True, text=True, timeout=600, cwd=d,
-                           env=dict(os.environ, NOYAU_ENV_CACHE=str(d / "cache")))
+                           env=dict(os.environ, NOYAU_ENV_CACHE=str(d / "cache"), **dict(e.split("=", 1) for e in extra)))
     else:
         oar = lib.require_oar()
-        d = oar.workdir(f"refused-{cache_name}")
+        d = oar.workdir(f"refused-{name}")
         oar.write(d / "nb.ipynb", json.dumps(notebook(NEEDS_SIX)))
-        p = oar.run(["env", f"NOYAU_ENV_CACHE={d / 'cache'}", str(oar.bin), "run", "nb.ipynb", "out.ipynb",
+        p = oar.run(["env", f"NOYAU_ENV_CACHE={d / 'cache'}", *extra, str(oar.bin), "run", "nb.ipynb", "out.ipynb",
                      "--no-progress", "--backend", "oar", "-o", "time=5", "--env", env_spec, *REFUSED_JOB],
                     d, timeout=600)
     out = d / "out.ipynb"
-    return p.returncode, p.stderr, json.loads(out.read_text()) if out.exists() else None
+    return p.returncode, p.stderr, json.loads(out.read_text()) if out.exists() else None, d / "cache"
 
 
 def test_a_job_whose_index_refuses_runs_what_was_built_before_submission_and_build_node_names_that_index(
@@ -350,16 +353,18 @@ def test_a_job_whose_index_refuses_runs_what_was_built_before_submission_and_bui
     indexes (UV_INDEX_URL, PIP_INDEX_URL, set for the job only) refuse
     connections. The environment needing six==1.16.0 is built here before
     submission and the job runs the notebook in it; the same spec with
-    `build = "node"` makes the job build, which fails with an error naming
-    the index it could not reach."""
+    `build = "node"` makes the job build (with the uv the first run
+    installed, so that the job's uv, not pip installing uv, meets the
+    index), which fails with an error naming the index it could not reach."""
     scheduler = slurm_or_oar.name
-    code, err, out = refused_run_on(scheduler, tmp_path, SIX, "prepared")
+    code, err, out, cache = refused_run_on(scheduler, tmp_path, SIX, "prepared")
     assert code == 0 and out is not None, err
     assert "noyau: environment: building the Python environment" in err, err  # here, before submission
     assert text(out["cells"][0]).split() == ["1.16.0", REFUSED], out["cells"][0]
     assert out["metadata"]["noyau"]["backend"] == scheduler
 
-    code, err, out = refused_run_on(scheduler, tmp_path, SIX_NODE, "node")
+    uv = cache / ".tools" / "uv-0.13.9" / "venv" / "bin" / "uv"  # absent when uv is on PATH
+    code, err, out, _ = refused_run_on(scheduler, tmp_path, SIX_NODE, "node", uv if uv.is_file() else None)
     assert code != 0, err
-    assert REFUSED in err and "could not" in err, err
+    assert f"{REFUSED} (from UV_INDEX_URL)" in err and "could not resolve" in err, err
     lib.wait_until(lambda: not slurm_or_oar.jobs(), 60, "the runs' jobs to leave the queue", 0.5)
