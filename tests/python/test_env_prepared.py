@@ -340,7 +340,10 @@ def refused_run_on(scheduler: str, tmp_path: Path, env_spec: str, name: str,
         oar = lib.require_oar()
         d = oar.workdir(f"refused-{name}")
         oar.write(d / "nb.ipynb", json.dumps(notebook(NEEDS_SIX)))
-        p = oar.run(["env", f"NOYAU_ENV_CACHE={d / 'cache'}", *extra, str(oar.bin), "run", "nb.ipynb", "out.ipynb",
+        # The login node's CA bundle, where this host's is not the system's
+        # default (a TLS-inspecting proxy): OAR's user gets a clean environment.
+        ca = [f"SSL_CERT_FILE={os.environ['SSL_CERT_FILE']}"] if os.environ.get("SSL_CERT_FILE") else []
+        p = oar.run(["env", f"NOYAU_ENV_CACHE={d / 'cache'}", *ca, *extra, str(oar.bin), "run", "nb.ipynb", "out.ipynb",
                      "--no-progress", "--backend", "oar", "-o", "time=5", "--env", env_spec, *REFUSED_JOB],
                     d, timeout=600)
     out = d / "out.ipynb"
