@@ -237,6 +237,28 @@ def test_targets_run_cells_in_their_own_environments_built_before_their_jobs(noy
         lib.stop_kernel(km)
 
 
+def test_a_dask_clusters_environment_is_prepared_in_the_dask_up_cell(noyau_kernelspec, tmp_path):
+    """`%noyau dask up --target T` whose profile declares an environment: it
+    is prepared on this host before any of the cluster's jobs is submitted,
+    its lines in that cell; one uv cannot resolve fails the cell with uv's
+    message, and no job was submitted (nothing to submit them to: the
+    profile is local)."""
+    (tmp_path / "noyau.toml").write_text(
+        '[profiles.nope]\nbackend = "local"\n'
+        'environment = { requirements = ["noyau-no-such-package-xyz==0.0.1"] }\n')
+    km = lib.kernel_in(noyau_kernelspec, tmp_path, {"NOYAU_ENV_CACHE": str(tmp_path / "cache")})
+    try:
+        out: list[dict] = []
+        reply = km.kc.execute_interactive("%noyau dask up 1 --target nope", timeout=300,
+                                          output_hook=out.append)["content"]
+        lines = lib.stream_text(out, "stderr")
+        assert reply["status"] == "error" and "the cluster's environment" in reply["evalue"], reply
+        assert "noyau-no-such-package-xyz" in reply["evalue"] and "could not resolve" in reply["evalue"], reply
+        assert "noyau: environment: resolving noyau-no-such-package-xyz==0.0.1" in lines, lines
+    finally:
+        lib.stop_kernel(km)
+
+
 def refused_index_kernel(base: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A kernelspec like `base` whose job (only: profile keys `env.*`) has
     its package indexes at REFUSED; found first on JUPYTER_PATH."""
