@@ -427,11 +427,7 @@ fn sbatch_export() -> Option<String> {
 /// the link's secrets would then never reach the job. `SBATCH_EXPORT`
 /// wins over the script's `#SBATCH` lines, as in sbatch.
 fn exports_environment(p: &Profile, site: Option<&str>) -> bool {
-    let from_profile = p
-        .items("sbatch")
-        .iter()
-        .filter_map(|l| export_value(l))
-        .last();
+    let from_profile = p.items("sbatch").iter().rev().find_map(|l| export_value(l));
     match site.or(from_profile) {
         None => true,
         Some(v) => v
