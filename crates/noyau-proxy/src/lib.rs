@@ -17,7 +17,8 @@
 //!
 //! * `queued`: a kernel whose job waits (its queue note, `kernel_info`
 //!   answered meanwhile), and walltime notices;
-//! * `env`: the environment record and `%noyau env SPEC` switches;
+//! * `env`: the environment record, `%noyau env SPEC` switches and
+//!   `%noyau data` files, both prepared on this host;
 //! * `targets` + `delegate`: `%%noyau on` targets and their messages;
 //! * `comm`: the `noyau` comm (docs/comm.md): the job, its resources and
 //!   their use, targets and Dask jobs shown in the frontend, and its requests;

@@ -141,6 +141,7 @@ impl Proxy {
                     self.on_dask_event(ev).await;
                     self.push_state().await;
                 }
+                step = self.env.next_prepared(), if self.env.preparing() => self.on_prepared(step).await,
                 ev = self.comms.next() => match ev {
                     CommEvent::JobChanged => self.push_state().await,
                     CommEvent::Done(d) => self.on_done(d).await,
