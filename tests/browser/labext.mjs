@@ -12,8 +12,9 @@
 // (the comm kernel's, to change the plain notebook's kernel to), SHOTS_DIR,
 // PROFILE_DIR (a fresh directory), CHROMIUM (default /usr/bin/chromium),
 // KERNEL: `real` (a noyau kernel on the test Slurm: a target and a Dask
-// cluster are started from cells, Slurm offers no extend) or `standin` (the
-// stand-in kernel's scenes, an extend that succeeds among them).
+// cluster are started from cells, Slurm offers no extend), `oar` (a noyau
+// kernel on the test OAR: only the extend, which OAR grants) or `standin`
+// (the stand-in kernel's scenes).
 import { env, launch, step } from "./common.mjs";
 import path from "node:path";
 import readline from "node:readline";
@@ -42,6 +43,11 @@ const statusText = async (page) => (await status(page).innerText()).trim();
 const panel = (page) => page.locator("#noyau-allocation");
 const fact = (page, name) => panel(page).locator(`dd[data-fact="${name}"]`);
 const meterText = (page, name) => panel(page).locator(`[data-meter="${name}"] .noyau-Meter-text`).innerText();
+// `1:02:03` (in a longer text) in seconds.
+const clock = (text) => {
+  const m = /(\d+):(\d\d):(\d\d)/.exec(text);
+  return m ? Number(m[1]) * 3600 + Number(m[2]) * 60 + Number(m[3]) : NaN;
+};
 const bytes = (text) => {
   const m = /([\d.]+) (B|KiB|MiB|GiB|TiB)/.exec(text);
   return m ? Number(m[1]) * 1024 ** ["B", "KiB", "MiB", "GiB", "TiB"].indexOf(m[2]) : NaN;
@@ -93,6 +99,26 @@ try {
   await page.goto(`${lab}/tree/${notebook}`);
   await page.locator(".jp-Notebook .jp-Cell .cm-content").first().waitFor({ timeout: 120000 });
   await kernelIdle(page);
+
+  // OAR: the extend button adds walltime (oarwalltime) and the time left
+  // grows once OAR applied it; nothing else is asked of this kernel.
+  if (env("KERNEL") === "oar") {
+    await status(page).filter({ hasText: "Running on" }).waitFor({ timeout: 180000 });
+    await status(page).click();
+    await fact(page, "Time left").waitFor({ timeout: 60000 });
+    const before = await fact(page, "Time left").innerText();
+    await shot(page, "01-oar-running");
+    const reply = await act(page, panel(page).locator(".noyau-extend"), { input: "30", accept: "02-oar-extend-dialog" });
+    const after = await until(page, "the time left to grow by 30 minutes", async () => {
+      const t = await fact(page, "Time left").innerText();
+      return clock(t) - clock(before) >= 25 * 60 ? t : null;
+    }, 120000);
+    step("extend", { reply, before, after, status: await statusText(page) });
+    await shot(page, "03-oar-extended");
+    step("end", { menus: [], console: consoleLines });
+    await context.close();
+    process.exit(0);
+  }
 
   // 1. queued: the scheduler's reason and the estimated start
   // (a real job reads "submitted" until the scheduler's first answer)

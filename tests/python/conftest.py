@@ -125,7 +125,9 @@ def _install_oar_kernelspec() -> None:
     (spec / "kernel.json").write_text(json.dumps({
         "argv": [sys.executable, str(launcher), "{connection_file}", os.environ["NOYAU_OAR_USER"]],
         "display_name": "Python 3 (noyau oar)", "language": "python",
-        "interrupt_mode": "message"}))
+        "interrupt_mode": "message",
+        # as `noyau install` writes it: the JupyterLab extension opens its comm on it
+        "metadata": {"noyau": {"inner": "python3", "backend": "oar", "profile": None}}}))
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -18,12 +18,13 @@ Two kernels run the scenario:
 - a STAND-IN kernel (`StandInCommKernel`: an ipykernel that loads
   tests/python/noyau_comm_standin.py, answering the comm from scenes this
   test writes) for what this machine cannot give the real one: a GPU (no
-  GPU here), and, not yet driven in the browser on a real kernel, an
-  extend that succeeds (OAR's oarwalltime: checked on a real OAR job
-  through the comm itself by tests/python/test_comm.py).
+  GPU here).
+A real noyau kernel on the test OAR (`OarKernel`) shows that the extend
+button adds walltime through oarwalltime: the time left grows by what was
+asked.
   Its memory and CPU use are its process's real ones.
 Screenshots of every step are kept in target/test-logs/labext-browser/
-(stand-in) and target/test-logs/labext-browser-real/.
+(stand-in), target/test-logs/labext-browser-real/ and …-oar/.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import noyau_testlib as lib
 
 SHOTS = bt.ROOT / "target" / "test-logs" / "labext-browser"
 SHOTS_REAL = bt.ROOT / "target" / "test-logs" / "labext-browser-real"
+SHOTS_OAR = bt.ROOT / "target" / "test-logs" / "labext-browser-oar"
 VENV = Path(sys.prefix)
 
 
@@ -105,6 +107,20 @@ class RealSlurmKernel:
         """The target's job leaves the queue."""
         lib.wait_until(lambda: not [j for j in self.cluster.jobs() if j["name"] == f"noyau-target-{target}"],
                        60, f"target {target}'s job to leave squeue", interval=0.5)
+
+
+class OarKernel:
+    """A real noyau kernel on the test OAR (the session's kernelspec
+    `noyau-oar-python3`, run as OAR's test user): the scenario only extends
+    its walltime, which OAR lets users do."""
+
+    kernel_name = lib.OAR_KERNEL_NAME
+    display_name = "Python 3 (noyau oar)"
+    mode = "oar"
+    shots = SHOTS_OAR
+
+    def need(self, what: str) -> None:
+        raise AssertionError(f"the OAR scenario asked for {what!r}")
 
 
 class StandInCommKernel:
@@ -271,7 +287,7 @@ def size(text: str) -> float:
     return float(m[1]) * 1024 ** ["B", "KiB", "MiB", "GiB", "TiB"].index(m[2])
 
 
-def run_scenario(lab: Lab, kernel: StandInCommKernel | RealSlurmKernel, tmp_path: Path) -> dict[str, dict]:
+def run_scenario(lab: Lab, kernel: StandInCommKernel | RealSlurmKernel | OarKernel, tmp_path: Path) -> dict[str, dict]:
     env = dict(os.environ, LAB_URL=f"{lab.url}/lab", NOTEBOOK="alloc.ipynb", PLAIN_NOTEBOOK="plain.ipynb",
                KERNEL_DISPLAY_NAME=kernel.display_name, KERNEL=kernel.mode,
                SHOTS_DIR=str(kernel.shots), PROFILE_DIR=str(tmp_path / "chromium-profile"))
@@ -360,6 +376,24 @@ def test_status_bar_and_panel_follow_a_real_kernels_slurm_job(slurm: None, tmp_p
     assert "alloc.ipynb" in s["back"]["panel"] and "Running on" in s["back"]["text"]
     assert not [c for c in s["end"]["console"] if "noyau" in c.lower()], s["end"]["console"]
     assert "No such comm target" not in lab.log.read_text()
+
+
+@pytest.mark.parametrize("batch", ["oar"], indirect=True)
+def test_extend_from_the_panel_adds_oar_walltime(batch: lib.Cluster, tmp_path: Path) -> None:
+    bt.require_browser()
+    bt.require_labextension(VENV)
+    lab_dirs(tmp_path, OarKernel.kernel_name, OarKernel.display_name, SHOTS_OAR)
+    lab = Lab(tmp_path / "lab", tmp_path / "no-extra-kernels")
+    try:
+        s = run_scenario(lab, OarKernel(), tmp_path)
+    finally:
+        lab.close()
+    lib.wait_until(lambda: not batch.jobs(), 60, "the kernel's job to end with JupyterLab", interval=0.5)
+    ext = s["extend"]
+    assert ext["reply"]["ok"], ext
+    # 30 minutes more, less the seconds OAR took to apply it (up to 2 min)
+    assert 28 * 60 <= seconds(ext["after"]) - seconds(ext["before"]) <= 30 * 60, ext
+    assert seconds(ext["status"]) >= seconds(ext["after"]) - 5, ext
 
 
 def test_status_bar_and_panel_on_the_standin_kernel(tmp_path: Path) -> None:
