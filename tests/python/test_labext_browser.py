@@ -17,12 +17,13 @@ Two kernels run the scenario:
   proxy's log says so);
 - a STAND-IN kernel (`StandInCommKernel`: an ipykernel that loads
   tests/python/noyau_comm_standin.py, answering the comm from scenes this
-  test writes) for what this machine cannot give the real one: a GPU (no
-  GPU here).
+  test writes; its memory and CPU use are its process's real ones) for
+  what the real one cannot give here: a GPU (no GPU on this machine), the
+  scheduler's estimated start (the test Slurm gives none) and the idle
+  release section (the kernel's idle release is not written yet).
 A real noyau kernel on the test OAR (`OarKernel`) shows that the extend
 button adds walltime through oarwalltime: the time left grows by what was
 asked.
-  Its memory and CPU use are its process's real ones.
 Screenshots of every step are kept in target/test-logs/labext-browser/
 (stand-in), target/test-logs/labext-browser-real/ and …-oar/.
 """
