@@ -422,6 +422,35 @@ def test_delegated_cells_run_on_their_targets_headless(tmp_path):
     assert cells[1]["metadata"]["noyau"]["target"]["job_id"].startswith("local:")
 
 
+TARGET_COUNTS_NB = (
+    "x = 1",
+    "%%noyau on side\ny = 2",
+    "%%noyau on side\ny + 1",
+    "%%noyau on side\nprint(y)",
+    "x + 1",
+    "%%noyau on side\ny * 10",
+)
+
+
+def test_target_cells_keep_the_notebooks_execution_count(tmp_path):
+    """A cell run on a target is saved with the notebook's own execution
+    count (its cell and its execute_result), not its target kernel's: three
+    target cells in a row are In [2], [3], [4], and the notebook kernel's
+    next cell [5], numbered as nbclient numbers the same cells run in one
+    kernel (test_nbclient.py compares the two)."""
+    (tmp_path / "noyau.toml").write_text('[profiles.side]\nbackend = "local"\n')
+    src = write(tmp_path / "in.ipynb", notebook(*TARGET_COUNTS_NB))
+    r = run(src, tmp_path / "out.ipynb", cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    cells = json.loads((tmp_path / "out.ipynb").read_text())["cells"]
+    assert [c["execution_count"] for c in cells] == [1, 2, 3, 4, 5, 6]
+    results = {i: o for i, c in enumerate(cells) for o in c["outputs"]
+               if o["output_type"] == "execute_result"}
+    assert {i: (o["execution_count"], "".join(o["data"]["text/plain"])) for i, o in results.items()} == {
+        2: (3, "3"), 4: (5, "2"), 5: (6, "20")}
+    assert text_of(cells[3]) == "2\n"
+
+
 def test_kernel_named_python_runs_the_native_python3(tmp_path):
     """`python` in the notebook (older notebooks, some tools) or on the
     command line is `python3`, as jupyter_client's KernelManager renames it."""

@@ -149,6 +149,8 @@ pub(crate) struct Runner<'a> {
     pub magics: Magics<usize>,
     /// What the magics need of the run (`dask up`'s defaults, the record).
     pub ctx: Context,
+    /// The notebook's execution counts (a target's cells take its own).
+    pub counts: crate::outputs::Counts,
 }
 
 /// A target's kernel, and when it last ran a cell.
