@@ -1,7 +1,7 @@
 //! What a kernel's IOPub messages do to the notebook: nbclient's
 //! `metadata.execution` timestamps, the execution count, the outputs
-//! (recorded by noyau-notebook's builder), and `--log-output`'s copy on
-//! stderr.
+//! (recorded by noyau-notebook's builder), ipywidgets' comm messages (to
+//! [`crate::widgets`]), and `--log-output`'s copy on stderr.
 
 use std::borrow::Cow;
 
@@ -116,6 +116,10 @@ impl Runner<'_> {
                     let n = n.as_i64().map(|n| self.counts.shown(n));
                     nb.cells[i].set_execution_count(n);
                 }
+                return false;
+            }
+            "comm_open" | "comm_msg" => {
+                self.widgets.take(&m.content);
                 return false;
             }
             _ => {}

@@ -127,6 +127,7 @@ async fn run_kernel(
         magics: Default::default(),
         ctx,
         counts: Default::default(),
+        widgets: Default::default(),
     };
     let (code, kernel_alive) = runner.run_cells(signals, run_start).await;
     runner.doc.progress.finish();
