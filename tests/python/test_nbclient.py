@@ -310,16 +310,6 @@ def without_magics(cells: list[str]) -> list[str]:
     return out
 
 
-TARGET_CELLS = [
-    "x = 1",
-    "%%noyau on side\ny = 2",
-    "%%noyau on side\ny + 1",
-    "%%noyau on side\nprint(y)",
-    "x + 1",
-    "%%noyau on side\ny * 10",
-]
-
-
 def test_target_cells_numbered_as_nbclient_numbers_them(noyau_bin: str, tmp_path: Path) -> None:
     """Cells run on a target keep the notebook's execution count: `noyau
     run` numbers them (cells and execute_results) as nbclient numbers the
@@ -327,9 +317,9 @@ def test_target_cells_numbered_as_nbclient_numbers_them(noyau_bin: str, tmp_path
     notebook runs their bodies in its kernel; the outputs are the same)."""
     (tmp_path / "noyau.toml").write_text(SIDE_PROFILE)
     (tmp_path / "nbclient").mkdir()
-    plain = without_magics(TARGET_CELLS)
+    plain = without_magics(lib.TARGET_CELLS)
     direct = by_nbclient(plain, tmp_path / "nbclient")
-    r, run = by_noyau_run(noyau_bin, TARGET_CELLS, tmp_path)
+    r, run = by_noyau_run(noyau_bin, lib.TARGET_CELLS, tmp_path)
     assert r.returncode == 0, r.stderr
     assert [c.metadata["noyau"]["target"]["target"] for c in run.cells if "noyau" in c.metadata] == ["side"] * 4
     assert [c.execution_count for c in direct.cells] == [1, 2, 3, 4, 5, 6]
@@ -345,9 +335,9 @@ def test_target_cells_numbered_alike_through_the_noyau_kernel(noyau_kernelspec: 
     display, noyau only) is checked here, then left out of the comparison."""
     (tmp_path / "noyau.toml").write_text(SIDE_PROFILE)
     (tmp_path / "nbclient").mkdir()
-    plain = without_magics(TARGET_CELLS)
+    plain = without_magics(lib.TARGET_CELLS)
     direct = by_nbclient(plain, tmp_path / "nbclient")
-    nb = new_notebook(cells=[new_code_cell(c) for c in TARGET_CELLS])
+    nb = new_notebook(cells=[new_code_cell(c) for c in lib.TARGET_CELLS])
     NotebookClient(nb, kernel_name=noyau_kernelspec, timeout=120,
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
     for c in nb.cells:

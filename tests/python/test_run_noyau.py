@@ -422,16 +422,6 @@ def test_delegated_cells_run_on_their_targets_headless(tmp_path):
     assert cells[1]["metadata"]["noyau"]["target"]["job_id"].startswith("local:")
 
 
-TARGET_COUNTS_NB = (
-    "x = 1",
-    "%%noyau on side\ny = 2",
-    "%%noyau on side\ny + 1",
-    "%%noyau on side\nprint(y)",
-    "x + 1",
-    "%%noyau on side\ny * 10",
-)
-
-
 def test_target_cells_keep_the_notebooks_execution_count(tmp_path):
     """A cell run on a target is saved with the notebook's own execution
     count (its cell and its execute_result), not its target kernel's: three
@@ -439,7 +429,7 @@ def test_target_cells_keep_the_notebooks_execution_count(tmp_path):
     next cell [5], numbered as nbclient numbers the same cells run in one
     kernel (test_nbclient.py compares the two)."""
     (tmp_path / "noyau.toml").write_text('[profiles.side]\nbackend = "local"\n')
-    src = write(tmp_path / "in.ipynb", notebook(*TARGET_COUNTS_NB))
+    src = write(tmp_path / "in.ipynb", notebook(*lib.TARGET_CELLS))
     r = run(src, tmp_path / "out.ipynb", cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
     cells = json.loads((tmp_path / "out.ipynb").read_text())["cells"]
