@@ -7,9 +7,13 @@ import { IJob, IState } from './protocol';
 /** The colour of the time left: normal, amber, red. */
 export type Level = 'ok' | 'warn' | 'critical';
 
-/** Estimates further than this from now are not believed. */
+/**
+ * Estimates further than this from now are not believed: Slurm puts a job it
+ * cannot place at its backfill pass's time plus 365 days, a little less than
+ * a year from when it is read (noyau-sched's start_estimate reads the same).
+ */
 const ESTIMATE_PAST_S = 10 * 60;
-const ESTIMATE_FUTURE_S = 366 * 24 * 3600;
+const ESTIMATE_FUTURE_S = 364 * 24 * 3600;
 
 const MONTHS = [
   'Jan',

@@ -113,6 +113,8 @@ describe('formatEstimate', () => {
     assert.equal(formatEstimate(null, NOW), 'start time not known yet');
     assert.equal(formatEstimate(at(13, 0), NOW), 'start time not known yet');
     assert.equal(formatEstimate(new Date(2031, 0, 1), NOW), 'start time not known yet');
+    // Slurm's placeholder: a year after its last backfill pass, minutes ago.
+    assert.equal(formatEstimate(new Date(2027, 11, 6, 13, 50), NOW), 'start time not known yet');
   });
 });
 

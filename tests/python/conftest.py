@@ -228,6 +228,13 @@ def batch(request: pytest.FixtureRequest) -> lib.Cluster:
     yield from _no_job_left(lib.CLUSTERS[request.param])
 
 
+@pytest.fixture(params=["slurm", "oar"])
+def slurm_or_oar(request: pytest.FixtureRequest) -> lib.Cluster:
+    """Slurm, then OAR (the issue 21 checks name these two); no noyau job
+    left behind, as `batch`."""
+    yield from _no_job_left(lib.CLUSTERS[request.param])
+
+
 def _no_job_left(cluster: lib.Cluster):  # type: ignore[no-untyped-def]
     """The cluster, once it is up; after the test, no noyau job of it left
     (those left are cancelled, and the test fails)."""

@@ -20,6 +20,16 @@ from typing import Any, Callable, Iterable, NoReturn
 
 NOYAU_KERNEL_NAME = "noyau-python3"
 DIRECT_KERNEL_NAME = "python3"
+# Cells on a target (profile `side`) between the notebook kernel's: their
+# execution counts must be the notebook's 1..6 (test_run_noyau, test_nbclient).
+TARGET_CELLS = [
+    "x = 1",
+    "%%noyau on side\ny = 2",
+    "%%noyau on side\ny + 1",
+    "%%noyau on side\nprint(y)",
+    "x + 1",
+    "%%noyau on side\ny * 10",
+]
 
 # Every process a test starts inherits NOYAU_TEST_SESSION (set by conftest) and,
 # when started through start_kernel(), NOYAU_TEST_TAG: that is how leftovers are

@@ -1,18 +1,30 @@
 """nbclient executes the same notebook directly and through noyau; the outputs
 must be equal once timestamps, random ids and execution metadata are
 normalised away.
+
+The second half runs each notebook of the set with `noyau run` too (the
+headless route) and compares it with nbclient's run of the same notebook:
+the set above, and one notebook per item of issue 20 that nbclient can run
+(a kernelspec named `python`, input(), history in memory, the execution
+counts of cells run on targets, the `%noyau` line magics). What nbclient
+cannot run (the `%noyau` magics exist in noyau only) is compared with
+nbclient's run of the notebook without them, and its own output checked in
+noyau alone; each test says which.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 from nbformat.v4 import new_code_cell, new_notebook
 
 import noyau_testlib as lib
@@ -158,3 +170,222 @@ def test_noyau_outputs_equal_direct(noyau_kernelspec: str, tmp_path: Path) -> No
 def _clear_cache() -> Any:
     yield
     _cache.clear()
+
+
+# --- `noyau run` against nbclient (issue 20) ---------------------------------
+
+ERROR_MARKER = "papermill-error-cell-tag"
+SIDE_PROFILE = '[profiles.side]\nbackend = "local"\n'
+
+
+def by_nbclient(cells: list[str], tmp: Path, kernelspec: str = "python3",
+                allow_errors: bool = True) -> Any:
+    """nbclient's run of CELLS in a notebook naming KERNELSPEC (resolved by
+    nbclient and jupyter_client, as a user's notebook is)."""
+    nb = new_notebook(cells=[new_code_cell(c) for c in cells],
+                      metadata={"kernelspec": {"name": kernelspec, "display_name": kernelspec,
+                                               "language": "python"}})
+    client = NotebookClient(nb, timeout=120, allow_errors=allow_errors,
+                            resources={"metadata": {"path": str(tmp)}})
+    try:
+        client.execute()
+    except CellExecutionError:
+        assert not allow_errors
+    return nb
+
+
+def by_noyau_run(noyau_bin: str, cells: list[str], tmp: Path, *args: str,
+                 kernelspec: str = "python3") -> tuple[subprocess.CompletedProcess[str], Any]:
+    """`noyau run` of the same notebook, in TMP (its noyau.toml, if any)."""
+    nb = new_notebook(cells=[new_code_cell(c) for c in cells],
+                      metadata={"kernelspec": {"name": kernelspec, "display_name": kernelspec,
+                                               "language": "python"}})
+    nbformat.write(nb, tmp / "in.ipynb")
+    r = subprocess.run([noyau_bin, "run", "--no-progress", *args, "in.ipynb", "out.ipynb"],
+                       cwd=tmp, capture_output=True, text=True, timeout=300)
+    return r, nbformat.read(tmp / "out.ipynb", as_version=4)
+
+
+WIDGETS = "application/vnd.jupyter.widget-state+json"
+_MODEL_REF = re.compile(r"IPY_MODEL_([0-9a-f]{32})")
+
+
+def widget_models(nb: Any) -> list[str]:
+    """The saved widget models, each as JSON with the models it refers to
+    named by their model name, sorted: comparable whatever the random ids
+    and the order the two writers keep (noyau's file is sorted by key)."""
+    state = nb["metadata"].pop("widgets", {}).get(WIDGETS, {}).get("state", {})
+    names = {k: m["model_name"] for k, m in state.items()}
+    return sorted(_MODEL_REF.sub(lambda r: f"IPY_MODEL_{names.get(r.group(1), '?')}",
+                                 json.dumps(m, sort_keys=True)) for m in state.values())
+
+
+def comparable(nb: Any) -> Any:
+    """normalise(), without what only papermill's conventions add (its
+    error-marker cells, its and noyau's metadata); the widget models as
+    widget_models() gives them."""
+    nb = copy.deepcopy(nb)
+    models = widget_models(nb)
+    nb = normalise(nb)
+    if models:
+        nb["metadata"]["widgets"] = models
+    nb["cells"] = [c for c in nb["cells"] if ERROR_MARKER not in c["metadata"].get("tags", [])]
+    for c in nb["cells"]:
+        for k in ("papermill", "noyau"):
+            c["metadata"].pop(k, None)
+        if c["metadata"].get("tags") == []:  # papermill's empty tags
+            del c["metadata"]["tags"]
+    for k in ("papermill", "noyau"):
+        nb["metadata"].pop(k, None)
+    return nb
+
+
+def assert_same(run: Any, direct: Any, cells: list[str]) -> None:
+    run, direct = comparable(run), comparable(direct)
+    assert run["metadata"] == direct["metadata"]
+    assert len(run["cells"]) == len(direct["cells"])
+    for i, (n, d) in enumerate(zip(run["cells"], direct["cells"])):
+        assert n == d, f"cell {i} differs:\n{cells[i]}"
+
+
+def errors(nb: Any) -> list[str]:
+    return [o["ename"] for c in nb["cells"] for o in c.get("outputs", []) if o["output_type"] == "error"]
+
+
+def test_noyau_run_gives_nbclients_outputs(noyau_bin: str, tmp_path: Path) -> None:
+    """The set above (streams, images, displays and their updates,
+    clear_output, an error, unicode, input(), rich results, widgets):
+    `noyau run --allow-errors` saves what nbclient (allow_errors) saves."""
+    (tmp_path / "nbclient").mkdir()
+    direct = by_nbclient(CELLS, tmp_path / "nbclient")
+    r, run = by_noyau_run(noyau_bin, CELLS, tmp_path, "--allow-errors")
+    assert r.returncode == 0, r.stderr
+    assert_same(run, direct, CELLS)
+
+
+def test_kernelspec_python_runs_as_under_nbclient(noyau_bin: str, tmp_path: Path) -> None:
+    """A notebook whose kernelspec is named `python` runs with the native
+    Python kernel under nbclient (jupyter_client's rename) and noyau run alike."""
+    cells = ["import sys\nprint(sys.version_info[0], sys.executable)", "sys.version_info[0] * 2"]
+    (tmp_path / "nbclient").mkdir()
+    direct = by_nbclient(cells, tmp_path / "nbclient", kernelspec="python")
+    r, run = by_noyau_run(noyau_bin, cells, tmp_path, kernelspec="python")
+    assert r.returncode == 0, r.stderr
+    assert "".join(run.cells[0].outputs[0]["text"]).startswith("3 ")
+    assert_same(run, direct, cells)
+
+
+def test_input_fails_its_cell_at_once_as_under_nbclient(noyau_bin: str, tmp_path: Path) -> None:
+    """input() fails its cell with nbclient's error (stdin is not offered to
+    a headless kernel: StdinNotImplementedError), and the run stops there."""
+    cells = ["print('before')", "input('name? ')", "print('after')"]
+    (tmp_path / "nbclient").mkdir()
+    direct = by_nbclient(cells, tmp_path / "nbclient", allow_errors=False)
+    r, run = by_noyau_run(noyau_bin, cells, tmp_path)
+    assert r.returncode == 1, r.stderr
+    assert errors(run) == errors(direct) == ["StdinNotImplementedError"]
+    assert_same(run, direct, cells)
+
+
+def test_history_in_memory_as_under_nbclient(noyau_bin: str, tmp_path: Path) -> None:
+    """A headless IPython kernel keeps its history in memory, as nbclient's
+    does by default (no shared history.sqlite to lock)."""
+    cells = ["print(get_ipython().history_manager.hist_file)", "1 + 1"]
+    (tmp_path / "nbclient").mkdir()
+    direct = by_nbclient(cells, tmp_path / "nbclient")
+    r, run = by_noyau_run(noyau_bin, cells, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "".join(run.cells[0].outputs[0]["text"]) == ":memory:\n"
+    assert_same(run, direct, cells)
+
+
+def without_magics(cells: list[str]) -> list[str]:
+    """The notebook nbclient can run: `%noyau` line-magic cells removed,
+    `%%noyau on` cells run in the notebook's own kernel."""
+    out = []
+    for c in cells:
+        if c.startswith("%noyau "):
+            continue
+        out.append(c.split("\n", 1)[1] if c.startswith("%%noyau on ") else c)
+    return out
+
+
+def test_target_cells_numbered_as_nbclient_numbers_them(noyau_bin: str, tmp_path: Path) -> None:
+    """Cells run on a target keep the notebook's execution count: `noyau
+    run` numbers them (cells and execute_results) as nbclient numbers the
+    same cells run in one kernel (nbclient cannot run `%%noyau on`, so its
+    notebook runs their bodies in its kernel; the outputs are the same)."""
+    (tmp_path / "noyau.toml").write_text(SIDE_PROFILE)
+    (tmp_path / "nbclient").mkdir()
+    plain = without_magics(lib.TARGET_CELLS)
+    direct = by_nbclient(plain, tmp_path / "nbclient")
+    r, run = by_noyau_run(noyau_bin, lib.TARGET_CELLS, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert [c.metadata["noyau"]["target"]["target"] for c in run.cells if "noyau" in c.metadata] == ["side"] * 4
+    assert [c.execution_count for c in direct.cells] == [1, 2, 3, 4, 5, 6]
+    for c in run.cells:
+        c.source = c.source.split("\n", 1)[1] if c.source.startswith("%%noyau on ") else c.source
+    assert_same(run, direct, plain)
+
+
+def test_target_cells_numbered_alike_through_the_noyau_kernel(noyau_kernelspec: str, tmp_path: Path) -> None:
+    """The interactive route: nbclient itself running the notebook on
+    noyau's kernel numbers the target cells as it numbers the cells of one
+    kernel (the proxy renumbers); the where-line each target cell shows (a
+    display, noyau only) is checked here, then left out of the comparison."""
+    (tmp_path / "noyau.toml").write_text(SIDE_PROFILE)
+    (tmp_path / "nbclient").mkdir()
+    plain = without_magics(lib.TARGET_CELLS)
+    direct = by_nbclient(plain, tmp_path / "nbclient")
+    nb = new_notebook(cells=[new_code_cell(c) for c in lib.TARGET_CELLS])
+    NotebookClient(nb, kernel_name=noyau_kernelspec, timeout=120,
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    for c in nb.cells:
+        if c.source.startswith("%%noyau on "):
+            where = c.outputs.pop(0)
+            assert where["data"]["text/plain"].startswith("[noyau] on target side (local job"), where
+            c.source = c.source.split("\n", 1)[1]
+    assert [c.execution_count for c in nb.cells] == [1, 2, 3, 4, 5, 6]
+    assert comparable(nb)["cells"] == comparable(direct)["cells"]
+
+
+MAGIC_CELLS = [
+    "%noyau targets",
+    "a = 41",
+    "%noyau push side a",
+    "%%noyau on side\nb = a + 1\nb",
+    "%noyau pull side b",
+    "print(b)",
+    "%noyau env show",
+    "%noyau release side",
+    "%noyau targets",
+]
+
+
+def test_line_magics_leave_the_other_cells_as_nbclient_runs_them(noyau_bin: str, tmp_path: Path) -> None:
+    """The `%noyau` line magics exist in noyau only, so nbclient cannot run
+    them: their own text is checked here in noyau alone, and every other
+    cell must show what nbclient shows for the notebook without the magics
+    (the target's cell run in the one kernel: push and pull make the values
+    the same). Execution counts are left out: the magic cells take none."""
+    (tmp_path / "noyau.toml").write_text(SIDE_PROFILE)
+    (tmp_path / "nbclient").mkdir()
+    plain = without_magics(MAGIC_CELLS)
+    direct = comparable(by_nbclient(plain, tmp_path / "nbclient"))
+    r, run = by_noyau_run(noyau_bin, MAGIC_CELLS, tmp_path)
+    assert r.returncode == 0, r.stderr
+    run = comparable(run)
+    magic = [c for c in run["cells"] if c["source"].startswith("%noyau ")]
+    said = ["".join(o.get("text", "")) for c in magic for o in c["outputs"]]
+    starts = ["[noyau] no targets", "[noyau] pushed a to target side", "[noyau] pulled b from target side",
+              "", "[noyau] releasing target side (local job", "[noyau] no targets"]
+    assert len(said) == len(starts) and all(t.startswith(s) for t, s in zip(said, starts)), said
+    assert "kernelspec's own environment" in said[3], said
+    assert not errors(run), run
+    others = [c for c in run["cells"] if not c["source"].startswith("%noyau ")]
+    for c in others + direct["cells"]:
+        c["source"] = c["source"].split("\n", 1)[1] if c["source"].startswith("%%noyau on ") else c["source"]
+        c.pop("execution_count", None)
+        for o in c["outputs"]:
+            o.pop("execution_count", None)
+    assert others == direct["cells"]

@@ -383,7 +383,8 @@ def no_kernelspec_env(tmp_path, keep=()):
 
 def test_first_run_makes_a_managed_python_kernel(tmp_path):
     """No python3 kernelspec anywhere: noyau makes a managed ipykernel
-    environment in its cache (from PyPI), says so, uses it, and reuses it."""
+    environment in its cache (from PyPI), says so, uses it, and reuses it,
+    for the notebook's kernel and for its targets' (`%%noyau on`)."""
     env = no_kernelspec_env(tmp_path)
     src = write(tmp_path / "in.ipynb", notebook("import sys; print(sys.prefix)"))
     r = subprocess.run([NOYAU, "run", "--no-progress", str(src), str(tmp_path / "out.ipynb")],
@@ -393,10 +394,15 @@ def test_first_run_makes_a_managed_python_kernel(tmp_path):
     out = json.loads((tmp_path / "out.ipynb").read_text())
     prefix = text_of(out["cells"][0]).strip()
     assert prefix.startswith(str(tmp_path / "cache" / "noyau" / "kernels")), prefix
+    (tmp_path / "noyau.toml").write_text('[profiles.side]\nbackend = "local"\n')
+    src = write(tmp_path / "again-in.ipynb", notebook(
+        "import sys; print(sys.prefix)", "%%noyau on side\nimport sys; print(sys.prefix)"))
     r = subprocess.run([NOYAU, "run", "--no-progress", str(src), str(tmp_path / "again.ipynb")],
-                       env=env, capture_output=True, text=True, timeout=120)
+                       env=env, capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert "making a managed" not in r.stderr, "the managed kernel was made twice"
+    cells = json.loads((tmp_path / "again.ipynb").read_text())["cells"]
+    assert text_of(cells[1]) == text_of(cells[0]) == f"{prefix}\n", "the target must run the managed kernel too"
 
 
 def test_delegated_cells_run_on_their_targets_headless(tmp_path):
@@ -420,6 +426,25 @@ def test_delegated_cells_run_on_their_targets_headless(tmp_path):
     assert text_of(cells[4]) == "--- task 0 ---\ntask 0\n--- task 1 ---\ntask 1\n"
     assert cells[1]["metadata"]["noyau"]["target"]["target"] == "side"
     assert cells[1]["metadata"]["noyau"]["target"]["job_id"].startswith("local:")
+
+
+def test_target_cells_keep_the_notebooks_execution_count(tmp_path):
+    """A cell run on a target is saved with the notebook's own execution
+    count (its cell and its execute_result), not its target kernel's: three
+    target cells in a row are In [2], [3], [4], and the notebook kernel's
+    next cell [5], numbered as nbclient numbers the same cells run in one
+    kernel (test_nbclient.py compares the two)."""
+    (tmp_path / "noyau.toml").write_text('[profiles.side]\nbackend = "local"\n')
+    src = write(tmp_path / "in.ipynb", notebook(*lib.TARGET_CELLS))
+    r = run(src, tmp_path / "out.ipynb", cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    cells = json.loads((tmp_path / "out.ipynb").read_text())["cells"]
+    assert [c["execution_count"] for c in cells] == [1, 2, 3, 4, 5, 6]
+    results = {i: o for i, c in enumerate(cells) for o in c["outputs"]
+               if o["output_type"] == "execute_result"}
+    assert {i: (o["execution_count"], "".join(o["data"]["text/plain"])) for i, o in results.items()} == {
+        2: (3, "3"), 4: (5, "2"), 5: (6, "20")}
+    assert text_of(cells[3]) == "2\n"
 
 
 def test_kernel_named_python_runs_the_native_python3(tmp_path):

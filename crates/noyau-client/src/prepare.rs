@@ -28,12 +28,31 @@ impl<T: Send + 'static> WithLines<T> {
     }
 
     /// Its result, once every line was read (`lines` ended).
-    pub async fn result(self) -> T {
-        match self.task.await {
+    pub async fn result(mut self) -> T {
+        self.join().await
+    }
+
+    /// The next line, else (every line read) the result. Cancel-safe, for
+    /// a `select!` loop; not to be called again once it gave the result.
+    pub async fn next(&mut self) -> Step<T> {
+        match self.lines.recv().await {
+            Some(line) => Step::Line(line),
+            None => Step::Done(self.join().await),
+        }
+    }
+
+    async fn join(&mut self) -> T {
+        match (&mut self.task).await {
             Ok(v) => v,
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         }
     }
+}
+
+/// What [`WithLines::next`] gives.
+pub enum Step<T> {
+    Line(String),
+    Done(T),
 }
 
 /// Runs `work` on the blocking pool; each line it reports goes to `show`.

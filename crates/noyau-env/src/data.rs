@@ -71,6 +71,19 @@ impl DataFile {
         self.store.join("sha256").join(&self.sha256)
     }
 
+    /// What a `%noyau data` cell answers: the file, its hash and where
+    /// the kernel finds it.
+    pub fn shown(&self) -> String {
+        format!(
+            "[noyau] data {}: sha256 {}, {} bytes, at ${}/{}\n",
+            self.name,
+            self.sha256,
+            self.size,
+            crate::DATA_ENV,
+            self.name
+        )
+    }
+
     /// What the output notebook records (`metadata.noyau.data`).
     pub fn record(&self) -> Value {
         json!({"name": self.name, "url": self.url, "sha256": self.sha256, "size": self.size})

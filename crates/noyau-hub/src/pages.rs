@@ -7,11 +7,14 @@
 //! The session cards are one fragment (`cards.html`), part of the home and
 //! admin pages and served alone at `/hub/cards`, which the home page's
 //! script fetches every two seconds. A card says only what is known: a
-//! node, a time left or an estimated start that the scheduler has not
-//! given yet is left out, never shown as a placeholder.
+//! node or a time left that the scheduler has not given yet is left out,
+//! never shown as a placeholder; a queued job's start reads as the
+//! notebook's queue note reads it (`start in about 4 min, 14:02`, or
+//! `start time not known yet`, also for Slurm's placeholder a year ahead).
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use askama::Template;
 use axum::http::{header, HeaderValue, StatusCode};
@@ -385,7 +388,7 @@ impl<'a> Card<'a> {
                 .unwrap_or(&s.choice.profile),
             user: admin.then_some(s.user.as_str()),
             job: s.job_id.as_deref(),
-            status: status(s, secs_left),
+            status: status(s, secs_left, SystemTime::now()),
             facts,
             url: format!("/user/{}/lab", s.user),
             left: secs_left.map(|t| t.to_string()).unwrap_or_default(),
@@ -397,8 +400,8 @@ impl<'a> Card<'a> {
     }
 }
 
-/// The line a card leads with, from what is known only.
-fn status(s: &Session, secs_left: Option<u64>) -> String {
+/// The line a card leads with, from what is known only, at `now`.
+fn status(s: &Session, secs_left: Option<u64>, now: SystemTime) -> String {
     let on = |n: &Option<String>| {
         n.as_deref()
             .filter(|n| !n.is_empty())
@@ -411,14 +414,19 @@ fn status(s: &Session, secs_left: Option<u64>) -> String {
                 None | Some("submitting") => "submitting the job".to_string(),
                 Some(r) => r.to_string(),
             };
-            let start = s
-                .start_est
-                .as_deref()
-                .map(|t| {
-                    let t: String = t.replace('T', " ").chars().take(16).collect();
-                    format!(" · estimated start {t}")
-                })
-                .unwrap_or_default();
+            // Said as the notebook's queue note says it (relative, and not
+            // at all when absurd), from the estimate stored in local time.
+            let start = match s.reason.as_deref() {
+                None | Some("submitting") => String::new(),
+                Some(_) => {
+                    let at = s
+                        .start_est
+                        .as_deref()
+                        .and_then(noyau_sched::parse_local_time);
+                    let est = noyau_sched::start_estimate(at, now, &chrono::Local);
+                    format!(" · {est}")
+                }
+            };
             format!("Queued: {reason}{start}")
         }
         State::Starting => format!("Starting{}: JupyterLab is starting", on(&s.node)),
@@ -505,22 +513,78 @@ mod tests {
     #[test]
     fn cards_say_only_what_is_known() {
         let mut s = session(State::Running);
-        assert_eq!(status(&s, None), "Running");
+        assert_eq!(status(&s, None, SystemTime::now()), "Running");
         s.node = Some(String::new());
-        assert_eq!(status(&s, None), "Running");
+        assert_eq!(status(&s, None, SystemTime::now()), "Running");
         s.node = Some("n1".into());
-        assert_eq!(status(&s, Some(125)), "Running on n1 · 2 min left");
         assert_eq!(
-            status(&session(State::Starting), None),
+            status(&s, Some(125), SystemTime::now()),
+            "Running on n1 · 2 min left"
+        );
+        assert_eq!(
+            status(&session(State::Starting), None, SystemTime::now()),
             "Starting: JupyterLab is starting"
         );
         assert_eq!(
-            status(&session(State::Queued), None),
+            status(&session(State::Queued), None, SystemTime::now()),
             "Queued: submitting the job"
         );
         assert_eq!(resources(&s.choice), "debug · 1 core · 1 h 30 min");
         assert_eq!(human(3600), "1 h");
         assert_eq!(human(40), "40 s");
+    }
+
+    #[test]
+    fn a_queued_cards_start_reads_as_the_notebooks_note() {
+        let now = noyau_sched::parse_local_time("2026-12-06T13:58:00").unwrap();
+        let mut s = session(State::Queued);
+        s.reason = Some("Resources".into());
+        let line = |s: &Session| status(s, None, now);
+        assert_eq!(line(&s), "Queued: Resources · start time not known yet");
+        s.start_est = Some("2026-12-06T14:02:00".into());
+        assert_eq!(line(&s), "Queued: Resources · start in about 4 min, 14:02");
+        // Slurm's placeholder when it cannot estimate: a year after its
+        // scheduler's last pass, so a little less than a year from now.
+        s.start_est = Some("2027-12-06T13:50:00".into());
+        assert_eq!(line(&s), "Queued: Resources · start time not known yet");
+        s.start_est = Some("2026-12-06T11:00:00".into());
+        assert_eq!(line(&s), "Queued: Resources · start time not known yet");
+    }
+
+    #[test]
+    fn the_rendered_card_says_when_the_job_should_start() {
+        let cfg: HubConfig = toml::from_str(
+            "listen = \"127.0.0.1:1\"\nlink_bind = \"127.0.0.1:2\"\nstate_dir = \"/x\"\n\
+             [profiles.cpu]\npartitions = [\"debug\"]\ncores = { min = 1, max = 2, default = 1 }\n\
+             minutes = { min = 1, max = 9, default = 5 }\n",
+        )
+        .unwrap();
+        let sched = Scheduler::named("slurm").unwrap();
+        let who = Who {
+            name: "alice".into(),
+            admin: false,
+            csrf: "t".into(),
+        };
+        let start = SystemTime::now() + std::time::Duration::from_secs(4 * 60 + 20);
+        let mut s = session(State::Queued);
+        s.reason = Some("Priority".into());
+        s.start_est = Some(noyau_sched::local_time(start));
+        let sessions = [s];
+        let tails = HashMap::new();
+        let view = CardsView::new(&cfg, &sched, &who, &sessions, &tails, false);
+        let html = CardsFragment { view }.render().unwrap();
+        let state = html
+            .split("<p class=\"state\">")
+            .nth(1)
+            .and_then(|t| t.split("</p>").next())
+            .unwrap_or_else(|| panic!("no state line in {html}"));
+        // (the day is named too when the start is past midnight)
+        let clock = &noyau_sched::local_time(start)[11..16];
+        assert!(
+            state.starts_with("Queued: Priority · start in about 4 min, ")
+                && state.ends_with(clock),
+            "{state}"
+        );
     }
 
     #[test]

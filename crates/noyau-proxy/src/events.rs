@@ -3,6 +3,8 @@
 //! environment's build, walltime notices. Each goes to the component it
 //! concerns.
 
+use noyau_client::prepare::Step;
+use noyau_env::{EnvError, Prepared};
 use noyau_link::envelope::Event;
 
 use crate::queued::human;
@@ -28,6 +30,11 @@ impl Proxy {
             }
             Event::EnvFailed { message } => {
                 if let Some(held) = self.env.failed(message, &mut self.out).await {
+                    self.replay(held).await;
+                }
+            }
+            Event::DataAdded { error, .. } => {
+                if let Some(held) = self.env.data_added(error, &mut self.out).await {
                     self.replay(held).await;
                 }
             }
@@ -110,6 +117,23 @@ impl Proxy {
             {
                 tracing::warn!("a held request asked the proxy to end ({code}); ignored");
             }
+        }
+    }
+
+    /// A line or the end of a `%noyau env`/`%noyau data` cell's
+    /// preparation on this host.
+    pub async fn on_prepared(&mut self, step: Step<Result<Prepared, EnvError>>) {
+        let result = match step {
+            Step::Line(line) => return self.env.prepare_line(&line, &mut self.out).await,
+            Step::Done(r) => r,
+        };
+        let sender = self.agent.sender();
+        if let Some(held) = self
+            .env
+            .prepared(result, &self.requests, sender, &mut self.out)
+            .await
+        {
+            self.replay(held).await;
         }
     }
 

@@ -17,7 +17,8 @@
 //!
 //! * `queued`: a kernel whose job waits (its queue note, `kernel_info`
 //!   answered meanwhile), and walltime notices;
-//! * `env`: the environment record and `%noyau env SPEC` switches;
+//! * `env`: the environment record, `%noyau env SPEC` switches and
+//!   `%noyau data` files, both prepared on this host;
 //! * `targets` + `delegate`: `%%noyau on` targets and their messages;
 //! * `magic`: the proxy as noyau-magic's `Host`, which runs the magics
 //!   both hosts share (push/pull, Dask, `targets`, `env show|lock`).

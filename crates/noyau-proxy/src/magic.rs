@@ -190,11 +190,10 @@ impl Proxy {
                 return self.transfer(Direction::Pull, &target, names, cell).await
             }
             Command::DaskUp(words) => return self.dask_up(cell, &words).await,
-            Command::Data(_) => Err(MagicError::NotHere(
-                "`%noyau data` cells are read by `noyau run` before the kernel starts; \
-                 a kernel takes its data files from [data] in noyau.toml"
-                    .into(),
-            )),
+            Command::Data(words) => match self.env.add_data(&words, &cell, self.agent.attached()) {
+                Ok(()) => return,
+                Err(e) => Err(e),
+            },
             Command::DaskStatus => Ok(self.magics.dask.status().await),
             Command::DaskDown => {
                 let mut host = host!(self);
@@ -263,12 +262,17 @@ impl Proxy {
 
     /// Where the kernel runs, for `%noyau dask up` without `--target`; the
     /// cluster's jobs' environment (the target's profile's, else the
-    /// kernel's), prepared here.
-    async fn kernel_side(&self, words: &[String]) -> Result<KernelSide, MagicError> {
+    /// kernel's), prepared here, its build lines in `cell`.
+    async fn kernel_side(
+        &mut self,
+        words: &[String],
+        cell: &Cell,
+    ) -> Result<KernelSide, MagicError> {
         let spec = noyau_magic::dask::target_of(words)
             .and_then(|t| noyau_config::resolve(None, Some(&t), &[]).ok())
             .and_then(|(_, p)| p.environment);
-        let env = crate::agent::job_env(spec.as_deref(), crate::agent::Lines::Log)
+        let lines = crate::agent::Lines::Cell(&mut self.out, &cell.header);
+        let env = crate::agent::job_env(spec.as_deref(), lines)
             .await
             .map_err(|e| MagicError::Dask(format!("the cluster's environment: {e}")))?;
         Ok(KernelSide {
@@ -281,7 +285,7 @@ impl Proxy {
     }
 
     async fn dask_up(&mut self, cell: Cell, words: &[String]) {
-        let side = match self.kernel_side(words).await {
+        let side = match self.kernel_side(words, &cell).await {
             Ok(s) => s,
             Err(e) => return self.out.finish(&cell, Err(e)).await,
         };

@@ -138,6 +138,7 @@ impl Proxy {
                 // Only with targets: an idle proxy's only timer otherwise.
                 _ = idle_tick.tick(), if !self.targets.map.is_empty() => self.targets.release_idle(),
                 ev = self.magics.dask.event() => self.on_dask_event(ev).await,
+                step = self.env.next_prepared(), if self.env.preparing() => self.on_prepared(step).await,
                 sub = self.out.fe.iopub.recv() => {
                     if let Ok(sub) = sub {
                         self.welcome(sub).await;

@@ -149,6 +149,10 @@ pub(crate) struct Runner<'a> {
     pub magics: Magics<usize>,
     /// What the magics need of the run (`dask up`'s defaults, the record).
     pub ctx: Context,
+    /// The notebook's execution counts (a target's cells take its own).
+    pub counts: crate::outputs::Counts,
+    /// ipywidgets' state, saved in the notebook's metadata after each cell.
+    pub widgets: crate::widgets::Widgets,
 }
 
 /// A target's kernel, and when it last ran a cell.
@@ -203,6 +207,7 @@ impl Runner<'_> {
                 .progress
                 .cell_start(i, total, &self.doc.nb.cells[i].source);
             let stop = self.run_one(signals, i).await;
+            self.widgets.save(&mut self.doc.nb);
             pm::cell_complete(&mut self.doc.nb.cells[i], start);
             self.doc.progress.cell_done();
             self.doc.status.cell_done();

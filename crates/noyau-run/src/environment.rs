@@ -104,16 +104,7 @@ pub fn data_cell(prepared: &Prepared, args: &[String]) -> Result<String, noyau_m
         .data
         .iter()
         .find(|f| f.name == r.name && f.sha256 == r.sha256)
-        .map(|f| {
-            format!(
-                "[noyau] data {}: sha256 {}, {} bytes, at ${}/{}\n",
-                f.name,
-                f.sha256,
-                f.size,
-                noyau_env::DATA_ENV,
-                f.name
-            )
-        })
+        .map(noyau_env::DataFile::shown)
         .ok_or_else(|| {
             data_error(format!(
                 "data file {} was not prepared for this run",

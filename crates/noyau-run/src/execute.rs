@@ -49,6 +49,7 @@ impl Runner<'_> {
             .metadata
             .insert("execution".into(), json!({}));
         let _ = self.doc.builder.start_cell(&mut self.doc.nb, i);
+        self.counts.start(&on);
         // What came early was for this cell (the one sent ahead); what comes
         // early from now on is for the next.
         let backlog = std::mem::take(&mut self.early);

@@ -50,6 +50,7 @@ pub mod runner;
 pub mod save;
 pub mod sweep;
 pub mod upgrade;
+mod widgets;
 pub mod yaml;
 
 pub use error::RunError;

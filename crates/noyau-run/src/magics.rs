@@ -351,8 +351,12 @@ impl Runner<'_> {
             .clone()
             .unwrap_or_else(|| self.ctx.kernel_name.clone());
         let mut launch = noyau_client::remote::local_launch(&inner, self.opts.cwd.clone());
+        // A target's job finds its kernel as the run's own does (the managed
+        // Python kernel when none is installed, this host's search path)
+        // and keeps its history in memory too.
+        launch.env = crate::kernelenv::job_env(&inner, &backend).map_err(|e| bad(&e))?;
         if let Some(e) = m.env.as_deref().or(profile.environment.as_deref()) {
-            launch.env = self.target_env(e).await?;
+            launch.env.extend(self.target_env(e).await?);
         }
         launch.backend = backend;
         launch.job_name = format!("noyau-target-{}", m.target);

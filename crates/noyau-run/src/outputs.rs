@@ -1,13 +1,15 @@
 //! What a kernel's IOPub messages do to the notebook: nbclient's
 //! `metadata.execution` timestamps, the execution count, the outputs
-//! (recorded by noyau-notebook's builder), and `--log-output`'s copy on
-//! stderr.
+//! (recorded by noyau-notebook's builder), ipywidgets' comm messages (to
+//! [`crate::widgets`]), and `--log-output`'s copy on stderr.
+
+use std::borrow::Cow;
 
 use noyau_client::remote::KernelMessage;
 use noyau_notebook::Notebook;
 use serde_json::Value;
 
-use crate::cells::Runner;
+use crate::cells::{On, Runner};
 
 /// nbclient's `timestamp(msg)`: the header date, `%Y-%m-%dT%H:%M:%S.%fZ`.
 pub(crate) fn timestamp(m: &KernelMessage) -> String {
@@ -29,6 +31,60 @@ pub(crate) fn execution(
         .metadata
         .get_mut("execution")
         .and_then(Value::as_object_mut)
+}
+
+/// The notebook's own execution counts, as an interactive noyau kernel
+/// shows them (noyau-proxy renumbers the same way): a cell run on a target
+/// takes the notebook's next count, not its target kernel's, and the
+/// notebook kernel's later counts shift by one for each such cell.
+#[derive(Debug, Default)]
+pub(crate) struct Counts {
+    /// The notebook's last count.
+    last: i64,
+    /// Cells run on targets so far.
+    delegated: i64,
+    /// The running cell is on a target; its count, once it took one.
+    target: Option<Option<i64>>,
+}
+
+impl Counts {
+    /// A cell starts on `on`.
+    pub fn start(&mut self, on: &On) {
+        self.target = match on {
+            On::Main => None,
+            On::Target(_) => Some(None),
+        };
+    }
+
+    /// The count the notebook shows for the running cell, whose kernel
+    /// said `kernel`.
+    pub fn shown(&mut self, kernel: i64) -> i64 {
+        match &mut self.target {
+            None => {
+                self.last = kernel + self.delegated;
+                self.last
+            }
+            Some(Some(n)) => *n,
+            Some(own) => {
+                self.last += 1;
+                self.delegated += 1;
+                *own = Some(self.last);
+                self.last
+            }
+        }
+    }
+
+    /// `content` with its `execution_count` (if any) the notebook's.
+    fn renumber<'a>(&mut self, content: &'a Value) -> Cow<'a, Value> {
+        match content.get("execution_count").and_then(Value::as_i64) {
+            Some(n) => {
+                let mut c = content.clone();
+                c["execution_count"] = self.shown(n).into();
+                Cow::Owned(c)
+            }
+            None => Cow::Borrowed(content),
+        }
+    }
 }
 
 impl Runner<'_> {
@@ -57,8 +113,13 @@ impl Runner<'_> {
             "execute_input" => {
                 exec("iopub.execute_input");
                 if let Some(n) = m.content.get("execution_count") {
-                    nb.cells[i].set_execution_count(n.as_i64());
+                    let n = n.as_i64().map(|n| self.counts.shown(n));
+                    nb.cells[i].set_execution_count(n);
                 }
+                return false;
+            }
+            "comm_open" | "comm_msg" => {
+                self.widgets.take(&m.content);
                 return false;
             }
             _ => {}
@@ -66,8 +127,12 @@ impl Runner<'_> {
         if self.opts.log_output {
             self.log(m);
         }
+        let content = match m.msg_type.as_str() {
+            "execute_result" => self.counts.renumber(&m.content),
+            _ => Cow::Borrowed(&m.content),
+        };
         let d = &mut self.doc;
-        match d.builder.handle(&mut d.nb, i, &m.msg_type, &m.content) {
+        match d.builder.handle(&mut d.nb, i, &m.msg_type, &content) {
             Ok(noyau_notebook::OutputEvent::Ignored) => {}
             Ok(_) => d.saver.output_changed(),
             Err(e) => tracing::warn!("an output could not be recorded: {e}"),
@@ -99,5 +164,32 @@ impl Runner<'_> {
         if let Some(t) = text {
             self.doc.progress.log(&t);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_cells_take_the_notebooks_next_count() {
+        let mut c = Counts::default();
+        let main = On::Main;
+        let side = On::Target("side".into());
+        c.start(&main);
+        assert_eq!(c.shown(1), 1);
+        // Three target cells in a row, their kernel counting 1, 2, 3; a
+        // cell's messages (execute_input, execute_result) share its count.
+        for (kernel, want) in [(1, 2), (2, 3), (3, 4)] {
+            c.start(&side);
+            assert_eq!(c.shown(kernel), want);
+            assert_eq!(c.shown(kernel), want);
+        }
+        c.start(&main);
+        assert_eq!(c.shown(2), 5);
+        let result = serde_json::json!({"execution_count": 2, "data": {}});
+        assert_eq!(c.renumber(&result)["execution_count"], 5);
+        let stream = serde_json::json!({"text": "x"});
+        assert!(matches!(c.renumber(&stream), Cow::Borrowed(_)));
     }
 }

@@ -126,6 +126,8 @@ async fn run_kernel(
         walltime: None,
         magics: Default::default(),
         ctx,
+        counts: Default::default(),
+        widgets: Default::default(),
     };
     let (code, kernel_alive) = runner.run_cells(signals, run_start).await;
     runner.doc.progress.finish();

@@ -24,6 +24,7 @@
 mod backend;
 mod batch;
 mod error;
+mod estimate;
 mod job;
 mod jobfiles;
 mod local;
@@ -50,6 +51,7 @@ use serde::{Deserialize, Serialize};
 pub use backend::Backend;
 pub use batch::{JobInfo, PartitionLoad, Scope};
 pub use error::SchedError;
+pub use estimate::start_estimate;
 pub use job::{ArrayJob, ArrayTasks, Job};
 pub use local::LocalBackend;
 pub use paths::{log_dir, state_dir};

@@ -53,6 +53,8 @@ impl LocalBackend {
         let mut cmd = Command::new(&spec.program);
         cmd.args(&spec.args)
             .envs(&spec.env)
+            // The profile's variables, as a batch job script exports them.
+            .envs(&spec.profile.env)
             .stdin(Stdio::null())
             // The caller's stdout may be data (`noyau run nb.ipynb -`): what
             // the agent or its kernel print goes to stderr, as a job's log.

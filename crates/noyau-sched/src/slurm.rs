@@ -5,7 +5,10 @@
 //!   signal); `sbatch --parsable` reads it on stdin. The link's address, pin
 //!   and token are set only in the environment of the `sbatch` child, which
 //!   Slurm exports to the job by default: never in argv, in the script or in
-//!   the job name, which other users can read. Jobs are `--no-requeue`.
+//!   the job name, which other users can read. Where the site's
+//!   `SBATCH_EXPORT` or the profile's `sbatch` options say `--export=NONE`
+//!   (or a list without ALL), they go in a 0600 file the script sources,
+//!   as on OAR (`jobfiles.rs`). Jobs are `--no-requeue`.
 //! * **Listing.** One `squeue [--me] --states=all -r` call lists every job
 //!   (array tasks one per line, `ID_TASK`); ended jobs stay listed a while
 //!   with their state (CANCELLED, TIMEOUT, NODE_FAIL…). A job that left it is
@@ -20,19 +23,23 @@
 //!   Only administrators may extend a job's time limit.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
 
 use crate::batch::{Batch, Commands, JobInfo, PartitionLoad, Scope, Submission};
+use crate::jobfiles::{sourcing, submit_as, JobFiles};
 use crate::paths::private_dir;
 use crate::profile::{Key, Kind, Profile};
 use crate::run::{AsUser, Cmd};
 use crate::script::job_script;
 use crate::state::{parse_duration, parse_local_time};
 use crate::{ArrayTasks, JobEnd, JobSpec, JobState, SchedError};
+
+/// sbatch's variable for `--export`: a site may set it to NONE.
+const SBATCH_EXPORT: &str = "SBATCH_EXPORT";
 
 /// The squeue format every listing reads (name last: it may hold `|`).
 const SQUEUE_FORMAT: &str = "%i|%T|%r|%N|%S|%P|%L|%j";
@@ -407,6 +414,91 @@ impl Slurm {
     }
 }
 
+/// The site's or the user's `SBATCH_EXPORT`, when set.
+fn sbatch_export() -> Option<String> {
+    std::env::var(SBATCH_EXPORT)
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+}
+
+/// Whether sbatch exports the submitter's environment to the job, as it
+/// does by default. Not when `SBATCH_EXPORT` (`site`) or the profile's
+/// `sbatch` options say `--export=NONE`, `NIL` or a list without `ALL`:
+/// the link's secrets would then never reach the job. `SBATCH_EXPORT`
+/// wins over the script's `#SBATCH` lines, as in sbatch.
+fn exports_environment(p: &Profile, site: Option<&str>) -> bool {
+    let from_profile = p.items("sbatch").iter().rev().find_map(|l| export_value(l));
+    match site.or(from_profile) {
+        None => true,
+        Some(v) => v
+            .split(',')
+            .next()
+            .is_some_and(|first| first.trim().eq_ignore_ascii_case("ALL")),
+    }
+}
+
+/// `X` in a `--export=X` (or `--export X`) option; not `--export-file`.
+fn export_value(option: &str) -> Option<&str> {
+    let rest = option.trim().strip_prefix("--export")?;
+    rest.strip_prefix('=')
+        .or_else(|| rest.strip_prefix(' '))
+        .map(str::trim)
+}
+
+impl Slurm {
+    /// A submission whose job does not get sbatch's environment: the job's
+    /// variables go in a 0600 file the script sources (`jobfiles.rs`, as
+    /// on OAR), and sbatch's own environment carries none of them.
+    async fn submit_with_env_file(&self, spec: &JobSpec) -> Result<Submission, SchedError> {
+        let mut files = JobFiles::new(self.name(), spec)?;
+        let head = match files.write_env(spec) {
+            Ok(env_file) => {
+                let why = "this site's sbatch does not export the environment (--export)";
+                let mut head = directives(spec, &spec.logs());
+                head.push_str(&sourcing(&env_file, why, spec.array.is_some(), ""));
+                head
+            }
+            Err(e) => {
+                files.remove();
+                return Err(e);
+            }
+        };
+        let out = self
+            .cmds
+            .cmd("sbatch")
+            .arg("--parsable")
+            .stdin(job_script(&head, spec))
+            .output()
+            .await
+            .map_err(SchedError::Submit)
+            .and_then(|o| parse_sbatch(&o));
+        match out {
+            Ok(id) => Ok(self.submission(id, spec, files.written)),
+            Err(e) => {
+                files.remove();
+                Err(e)
+            }
+        }
+    }
+
+    /// What a submission of `spec` that Slurm numbered `id` gives back.
+    fn submission(&self, id: String, spec: &JobSpec, files: Vec<PathBuf>) -> Submission {
+        match &spec.array {
+            None => Submission {
+                id,
+                ..Default::default()
+            },
+            Some(t) => Submission {
+                tasks: t.ids.iter().map(|i| format!("{id}_{i}")).collect(),
+                note: format!("--array={}", array_arg(t)),
+                id,
+                files,
+                ..Default::default()
+            },
+        }
+    }
+}
+
 #[async_trait]
 impl Batch for Slurm {
     fn name(&self) -> &'static str {
@@ -465,6 +557,15 @@ impl Batch for Slurm {
     }
 
     async fn submit(&self, spec: &JobSpec, u: Option<&AsUser>) -> Result<Submission, SchedError> {
+        // As another user, sbatch runs in a clean environment: only the
+        // profile can say NONE there.
+        let site = u.is_none().then(sbatch_export).flatten();
+        if !exports_environment(&spec.profile, site.as_deref()) {
+            return match u {
+                Some(u) => submit_as(u, self.name(), spec).await,
+                None => self.submit_with_env_file(spec).await,
+            };
+        }
         self.log_dir_for(spec, u).await?;
         let script = job_script(&directives(spec, &spec.logs()), spec);
         // The secrets go in sbatch's own environment, which Slurm exports to the job.
@@ -487,18 +588,7 @@ impl Batch for Slurm {
             }
         };
         let id = parse_sbatch(&out)?;
-        Ok(match &spec.array {
-            None => Submission {
-                id,
-                ..Default::default()
-            },
-            Some(t) => Submission {
-                tasks: t.ids.iter().map(|i| format!("{id}_{i}")).collect(),
-                note: format!("--array={}", array_arg(t)),
-                id,
-                ..Default::default()
-            },
-        })
+        Ok(self.submission(id, spec, Vec::new()))
     }
 
     async fn cancel(&self, ids: &[String], u: Option<&AsUser>) -> Result<(), SchedError> {
@@ -619,6 +709,24 @@ mod tests {
             profile,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn an_export_of_none_or_of_a_list_keeps_the_secrets_out_of_sbatchs_environment() {
+        let mut p = spec().profile;
+        assert!(exports_environment(&p, None));
+        for all in ["ALL", "all,FOO=1"] {
+            assert!(exports_environment(&p, Some(all)), "{all}");
+        }
+        for not in ["NONE", "NIL", "FOO,BAR"] {
+            assert!(!exports_environment(&p, Some(not)), "{not}");
+        }
+        p.apply_override("sbatch=--export=NONE").unwrap();
+        assert!(!exports_environment(&p, None));
+        // SBATCH_EXPORT wins over the script's #SBATCH lines, as in sbatch.
+        assert!(exports_environment(&p, Some("ALL")));
+        assert_eq!(export_value("--export-file=/x"), None);
+        assert_eq!(export_value(" --export NONE"), Some("NONE"));
     }
 
     #[test]

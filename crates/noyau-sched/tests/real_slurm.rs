@@ -62,16 +62,52 @@ async fn wait_state(job: &noyau_sched::Job, what: &str, f: impl Fn(&JobState) ->
 #[ignore = "needs the Slurm test cluster (scripts/slurm-up, as root); scripts/test runs it"]
 async fn the_token_never_shows_and_cancel_ends_the_job() {
     cluster();
+    token_reaches_the_job_unseen("noyau-test-secret", None).await;
+}
+
+/// A site whose sbatch exports nothing (`--export=NONE` in the profile, as
+/// SBATCH_EXPORT=NONE would say): the token still reaches the job, through
+/// the 0600 file its script sources and deletes.
+#[tokio::test]
+#[ignore = "needs the Slurm test cluster (scripts/slurm-up, as root); scripts/test runs it"]
+async fn with_export_none_the_token_reaches_the_job_through_a_private_file() {
+    cluster();
+    let name = "noyau-test-export-none";
+    token_reaches_the_job_unseen(name, Some("sbatch=--export=NONE")).await;
+    let dir = noyau_sched::state_dir().join("slurm");
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(name))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "the job left its environment file: {left:?}"
+    );
+}
+
+/// Submits a sleeper with a token (and `tweak` to its profile), checks
+/// that a process of the job has the token and that neither scontrol nor
+/// any command line shows it, then cancels it.
+async fn token_reaches_the_job_unseen(name: &str, tweak: Option<&str>) {
     let b = Backend::Batch(
         Scheduler::builder("slurm")
             .unwrap()
             .interval(Duration::from_millis(300))
             .build(),
     );
-    let token = format!("tok{}", std::process::id()) + "Zq81xw";
+    let token = format!("tok{}", std::process::id()) + name + "Zq81xw";
     let mut env = BTreeMap::new();
     env.insert("NOYAU_LINK_TOKEN".to_string(), token.clone());
-    let job = b.submit(sleeper("noyau-test-secret", env)).await.unwrap();
+    let mut spec = sleeper(name, env);
+    spec.program = "/bin/sleep".into();
+    if let Some(t) = tweak {
+        spec.profile.apply_override(t).unwrap();
+    }
+    let job = b.submit(spec).await.unwrap();
     let st = wait_state(&job, "running", |s| matches!(s, JobState::Running { .. })).await;
     assert!(
         matches!(st, JobState::Running { ref node, .. } if !node.is_empty()),
@@ -107,7 +143,7 @@ async fn the_token_never_shows_and_cancel_ends_the_job() {
         .output()
         .unwrap();
     let show = String::from_utf8_lossy(&show.stdout);
-    assert!(show.contains("JobName=noyau-test-secret"), "{show}");
+    assert!(show.contains(&format!("JobName={name}")), "{show}");
     assert!(!show.contains(&token), "scontrol shows the token:\n{show}");
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
