@@ -128,9 +128,21 @@ def test_dask_up_compute_status_down_and_shutdown(km) -> None:  # type: ignore[n
     d = re.search(r"dashboard: (http://127\.0\.0\.1:\d+/status\?token=[0-9a-f]+) \(noyau forwards it to http://", text)
     assert d, text
     dashboard = d.group(1)
-    with urllib.request.urlopen(dashboard, timeout=30) as r:
-        page = r.read().decode()
-    assert r.status == 200 and "Dask" in page and "bokeh" in page.lower(), page[:500]
+
+    def dashboard_page() -> str:
+        with urllib.request.urlopen(dashboard, timeout=30) as r:
+            assert r.status == 200, r.status
+            return r.read().decode()
+
+    # The scheduler loads its dashboard after it starts listening (bokeh's
+    # import would delay every worker): until then a request waits, then
+    # gets a page that reloads itself.
+    page = dashboard_page()
+    if "bokeh" not in page.lower():
+        assert 'http-equiv="refresh"' in page, page[:500]
+        lib.wait_until(lambda: "bokeh" in dashboard_page().lower(), 60, "the Dask dashboard to load", interval=0.5)
+        page = dashboard_page()
+    assert "Dask" in page and "bokeh" in page.lower(), page[:500]
     jobs = dask_jobs()
     assert sorted(j["name"] for j in jobs) == ["noyau-dask-scheduler", "noyau-dask-worker", "noyau-dask-worker"], jobs
     assert len(dask_processes()) == 3, dask_processes()  # what the teardown checks is gone

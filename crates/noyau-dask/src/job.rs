@@ -23,14 +23,63 @@ use crate::ClusterDir;
 static TERMINATED: AtomicBool = AtomicBool::new(false);
 
 /// The scheduler's preload: writes the worker list into `status.json`
-/// every second, for `%noyau dask status`.
+/// every second, for `%noyau dask status`, and loads the dashboard once
+/// the scheduler listens. Dask would import bokeh for it before listening:
+/// over a second, as long as the rest of the scheduler's start, and every
+/// worker and client would wait for it (`dask_argv` turns that off).
 pub const PRELOAD: &str = r#"# Written by noyau: reports the scheduler's workers and its adaptive target in
-# status.json every second, and retires the workers noyau names in retire.json.
+# status.json every second, retires the workers noyau names in retire.json, and
+# loads the dashboard after the scheduler's start (bokeh's import is as long as
+# the rest of it: workers and clients need not wait for it).
 import asyncio
 import json
 import os
+import threading
 
-from tornado.ioloop import PeriodicCallback
+from tornado import web
+from tornado.ioloop import IOLoop, PeriodicCallback
+
+# A page asked for while the dashboard loads waits for it, then reloads
+# itself (its address still has noyau's token).
+RELOAD = b'<!DOCTYPE html><meta http-equiv="refresh" content="0"><title>Dask</title>'
+
+
+def load_dashboard(scheduler):
+    app = scheduler.http_application
+    loop = IOLoop.current()
+    loaded = asyncio.Event()
+
+    class Wait(web.RequestHandler):
+        async def get(self, *args):
+            try:
+                await asyncio.wait_for(loaded.wait(), 60)
+            except asyncio.TimeoutError:
+                pass
+            self.set_header("Cache-Control", "no-store")
+            self.write(RELOAD)
+
+    # Consulted only for the paths the scheduler's own routes do not serve.
+    waiting = web.Application([(r".*", Wait)])
+    app.applications.insert(0, waiting)
+
+    def connect(dashboard):
+        if dashboard is not None:
+            dashboard.connect(app, scheduler.http_server, scheduler, prefix="")
+        else:
+            from distributed.http.utils import get_handlers
+            app.add_handlers(r".*$", get_handlers(
+                scheduler, ["distributed.http.scheduler.missing_bokeh"], prefix=""))
+        app.applications.remove(waiting)
+        loaded.set()
+
+    def load():
+        try:
+            import distributed.dashboard.scheduler as dashboard
+        except ImportError:
+            dashboard = None
+        loop.add_callback(connect, dashboard)
+
+    threading.Thread(target=load, name="noyau-dashboard", daemon=True).start()
 
 
 def dask_setup(scheduler):
@@ -73,6 +122,7 @@ def dask_setup(scheduler):
 
     write()
     PeriodicCallback(write, 1000).start()
+    load_dashboard(scheduler)
 "#;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,6 +175,8 @@ pub fn dask_argv(a: &JobArgs, python: &str) -> Vec<String> {
                 "0".into(),
                 "--dashboard-address".into(),
                 ":0".into(),
+                // The preload loads it once the scheduler listens.
+                "--no-dashboard".into(),
                 "--preload".into(),
                 p(d.preload()),
             ]);
@@ -413,8 +465,28 @@ mod tests {
             argv.starts_with("py -m distributed.cli.dask_worker --no-nanny --no-dashboard --nthreads 2 --memory-limit 1GB --name w3 --lifetime 90s"),
             "{argv}"
         );
-        let with_nanny = dask_argv(&JobArgs { nanny: true, ..a }, "py").join(" ");
+        let with_nanny = dask_argv(
+            &JobArgs {
+                nanny: true,
+                ..a.clone()
+            },
+            "py",
+        )
+        .join(" ");
         assert!(!with_nanny.contains("nanny"), "{with_nanny}");
         assert!(argv.contains("--scheduler-file /d/scheduler.json --protocol tls --tls-ca-file /d/ca.pem --tls-cert /d/cert.pem --tls-key /d/key.pem"));
+        // the scheduler listens before its dashboard loads (the preload's)
+        let sched = dask_argv(
+            &JobArgs {
+                role: Role::Scheduler,
+                ..a
+            },
+            "py",
+        )
+        .join(" ");
+        assert!(
+            sched.contains("--dashboard-address :0 --no-dashboard --preload /d/noyau_dask_preload.py --scheduler-file /d/scheduler.json"),
+            "{sched}"
+        );
     }
 }

@@ -5,7 +5,7 @@
 //! frames to one buffer, and flushes only when nothing more is queued, so a
 //! flood of small messages costs a few large TLS records instead of one
 //! record and one syscall per message. Acks ride along with data when there is
-//! some, otherwise they go out after 64 deliveries or 20 ms.
+//! some, otherwise they go out after 64 deliveries, a quarter window or 250 ms.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -26,8 +26,12 @@ use crate::{Incoming, Lane, LinkError};
 const ACK_EVERY: usize = 64;
 /// ...or this many bytes (a quarter of the sender's window)...
 const ACK_BYTES: usize = crate::state::WINDOW / 4;
-/// ...or after this long, whichever first.
-const ACK_DELAY: Duration = Duration::from_millis(20);
+/// ...or after this long, whichever first. A kernel's traffic is requests
+/// and replies, which carry the acks: this timer is for one-way trickles.
+/// At 20 ms it fired between most cells of a notebook (an extra wake-up and
+/// an eventfd write in the proxy and the agent per cell); held messages
+/// stay bounded by the two limits above.
+const ACK_DELAY: Duration = Duration::from_millis(250);
 /// Writer batch limits: small enough that a control message queued behind a
 /// batch waits for at most this much, big enough to fill TLS records.
 const BATCH_MSGS: usize = 256;
@@ -181,6 +185,11 @@ async fn read_loop<S: AsyncRead>(
     tx: &mpsc::Sender<Incoming>,
 ) -> Result<(), LinkError> {
     let idle = shared.cfg.idle_timeout;
+    // One timer, moved on only when it fires (a timeout per read would
+    // register and remove a timer for every message).
+    let mut last_read = Instant::now();
+    let quiet = tokio::time::sleep_until(last_read + idle);
+    tokio::pin!(quiet);
     loop {
         while let Some(frame) = codec::decode(&mut rbuf, codec::MAX_FRAME)? {
             match frame {
@@ -211,7 +220,7 @@ async fn read_loop<S: AsyncRead>(
                         }
                         rs.unacked == 1 || rs.unacked >= ACK_EVERY || rs.unacked_bytes >= ACK_BYTES
                     };
-                    // Wake the writer on the first delivery (to arm the 20 ms
+                    // Wake the writer on the first delivery (to arm the ack
                     // timer) and when the count threshold is reached.
                     if due {
                         shared.wake_writer.notify_one();
@@ -235,13 +244,20 @@ async fn read_loop<S: AsyncRead>(
         if rbuf.capacity() - rbuf.len() < 4096 {
             rbuf.reserve(32 * 1024);
         }
-        let n = tokio::time::timeout(idle, r.read_buf(&mut rbuf))
-            .await
-            .map_err(|_| LinkError::IdleTimeout(idle))?
-            .map_err(|e| LinkError::io("reading from the link", e))?;
+        let n = tokio::select! {
+            n = r.read_buf(&mut rbuf) => n.map_err(|e| LinkError::io("reading from the link", e))?,
+            () = &mut quiet => {
+                if last_read.elapsed() >= idle {
+                    return Err(LinkError::IdleTimeout(idle));
+                }
+                quiet.as_mut().reset(last_read + idle);
+                continue;
+            }
+        };
         if n == 0 {
             return Err(LinkError::Eof);
         }
+        last_read = Instant::now();
     }
 }
 
@@ -271,7 +287,7 @@ async fn write_loop<S: AsyncWrite>(
     // One timer for the whole loop, moved only when it must fire earlier (or
     // has fired): arming a timer earlier than the runtime's next wake-up
     // costs an eventfd write and an extra epoll round, which re-arming the
-    // 20 ms ack timer on every message cost each request through the hub.
+    // ack timer on every message cost each request through the hub.
     // Firing early is harmless: the loop recomputes what is due.
     let timer = tokio::time::sleep_until(last_write + ping_every);
     tokio::pin!(timer);

@@ -320,6 +320,10 @@ impl Proxy {
     /// A message for one of the proxy's own requests stops here (its reply
     /// goes to the magic that waits for it); true when it was one.
     pub async fn own_message(&mut self, lane: Lane, msg: &RawMessage) -> bool {
+        // Most of the time there is none: no parent header to parse.
+        if self.own.is_empty() {
+            return false;
+        }
         let Some(parent) = msg.parent_msg_id().filter(|p| self.own.contains(p)) else {
             return false;
         };

@@ -57,6 +57,17 @@ fn sent_before(msg: &RawMessage, t: chrono::DateTime<chrono::Utc>) -> bool {
         .is_some_and(|d| d < t)
 }
 
+/// A reply's `execution_count`, read without building the whole content.
+fn execution_count(msg: &RawMessage) -> Option<i64> {
+    #[derive(serde::Deserialize)]
+    struct C {
+        execution_count: Option<i64>,
+    }
+    serde_json::from_slice::<C>(&msg.content)
+        .ok()
+        .and_then(|c| c.execution_count)
+}
+
 impl Proxy {
     pub fn new(
         cfg: ProxyConfig,
@@ -385,10 +396,7 @@ impl Proxy {
             if let Some(parent) = msg.parent_msg_id() {
                 self.requests.answered(&parent);
             }
-            if let Some(n) = serde_json::from_slice::<serde_json::Value>(&msg.content)
-                .ok()
-                .and_then(|c| c.get("execution_count").and_then(|n| n.as_i64()))
-            {
+            if let Some(n) = execution_count(&msg) {
                 self.out.exec_count = n;
             }
             shutdown_reply = self.shutdown.is_some()

@@ -98,6 +98,10 @@ impl Own {
         self.ids.contains_key(id)
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
     /// Notes the reply (`reply`) or the idle status of `id`.
     pub fn seen(&mut self, id: &str, reply: bool) {
         if let Some(e) = self.ids.get_mut(id) {
