@@ -73,7 +73,22 @@ pub fn start(declared: &Declared) -> WithLines<Result<Prepared, EnvError>> {
     let d = declared.clone();
     WithLines::spawn(move |p| {
         let cache = noyau_env::Cache::at_default();
-        noyau_env::prepare(d.spec.as_ref(), &d.data, &cache, p)
+        // A long-lived proxy runs this: a bug here fails the cell, not the kernel.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            noyau_env::prepare(d.spec.as_ref(), &d.data, &cache, p)
+        }))
+        .unwrap_or_else(|panic| {
+            let why = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("no message");
+            Err(EnvError::Build {
+                summary: "preparing the environment stopped on a bug in noyau (please report it)"
+                    .into(),
+                output: why.into(),
+            })
+        })
     })
 }
 

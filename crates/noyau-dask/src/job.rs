@@ -33,6 +33,7 @@ pub const PRELOAD: &str = r#"# Written by noyau: reports the scheduler's workers
 # the rest of it: workers and clients need not wait for it).
 import asyncio
 import json
+import logging
 import os
 import threading
 
@@ -62,20 +63,34 @@ def load_dashboard(scheduler):
     waiting = web.Application([(r".*", Wait)])
     app.applications.insert(0, waiting)
 
+    def missing():
+        from distributed.http.utils import get_handlers
+        app.add_handlers(r".*$", get_handlers(
+            scheduler, ["distributed.http.scheduler.missing_bokeh"], prefix=""))
+
+    # Whatever happens, pages stop waiting: a dashboard that fails to load
+    # shows Dask's own page for it, never an endless reload.
     def connect(dashboard):
-        if dashboard is not None:
-            dashboard.connect(app, scheduler.http_server, scheduler, prefix="")
-        else:
-            from distributed.http.utils import get_handlers
-            app.add_handlers(r".*$", get_handlers(
-                scheduler, ["distributed.http.scheduler.missing_bokeh"], prefix=""))
-        app.applications.remove(waiting)
-        loaded.set()
+        try:
+            if dashboard is None:
+                missing()
+            else:
+                try:
+                    dashboard.connect(app, scheduler.http_server, scheduler, prefix="")
+                except Exception:
+                    logging.getLogger("noyau").exception("the Dask dashboard failed to load")
+                    missing()
+        finally:
+            app.applications.remove(waiting)
+            loaded.set()
 
     def load():
         try:
             import distributed.dashboard.scheduler as dashboard
         except ImportError:
+            dashboard = None
+        except Exception:
+            logging.getLogger("noyau").exception("the Dask dashboard failed to import")
             dashboard = None
         loop.add_callback(connect, dashboard)
 

@@ -191,6 +191,7 @@ async fn read_loop<S: AsyncRead>(
     let quiet = tokio::time::sleep_until(last_read + idle);
     tokio::pin!(quiet);
     loop {
+        let mut delivered = false;
         while let Some(frame) = codec::decode(&mut rbuf, codec::MAX_FRAME)? {
             match frame {
                 Frame::Data { lane, seq, parts } => {
@@ -210,6 +211,7 @@ async fn read_loop<S: AsyncRead>(
                     // resent rather than lost. A dropped Link just discards.
                     let size: usize = parts.iter().map(|p| p.len() + 4).sum();
                     let _ = tx.send(Incoming::Message(lane, parts)).await;
+                    delivered = true;
                     let due = {
                         let mut rs = shared.recv();
                         rs.last[lane as usize] = seq;
@@ -240,6 +242,11 @@ async fn read_loop<S: AsyncRead>(
                     )))
                 }
             }
+        }
+        // Time spent waiting for a slow consumer to take messages is not
+        // the peer's silence.
+        if delivered {
+            last_read = Instant::now();
         }
         if rbuf.capacity() - rbuf.len() < 4096 {
             rbuf.reserve(32 * 1024);

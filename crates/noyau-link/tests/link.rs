@@ -364,3 +364,48 @@ async fn agent_gives_up_when_proxy_is_gone() {
         Err(LinkError::Closed(CloseReason::GaveUp))
     ));
 }
+
+/// A receiver busy for longer than the idle timeout while the peer keeps
+/// sending (the link's reader waits on its full delivery channel) is not a
+/// silent peer: the link must not drop and reconnect. (When the reader
+/// comes back, its idle timer and the next ping are both ready and either
+/// may be taken: six rounds make the old behaviour show almost surely.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_is_not_an_idle_peer() {
+    let cfg = LinkConfig {
+        idle_timeout: Duration::from_secs(1),
+        ping_interval: Duration::from_millis(200),
+        ..LinkConfig::default()
+    };
+    let mut l = listener(cfg).await;
+    let (agent, mut proxy) = {
+        let a = l.local_addr();
+        pair(&mut l, a, cfg)
+    }
+    .await;
+    let n = 1500;
+    let mut events = Vec::new();
+    for _round in 0..6 {
+        for i in 0..n {
+            agent
+                .sender()
+                .send(Lane::Iopub, vec![Bytes::from(format!("m{i}"))])
+                .unwrap();
+        }
+        // The proxy's user is busy for longer than the idle timeout (this
+        // sleep is the scenario, not a wait for something).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let mut got = 0;
+        while got < n {
+            match recv(&mut proxy).await {
+                Incoming::Message(_, _) => got += 1,
+                Incoming::Event(e) => events.push(e),
+            }
+        }
+    }
+    drop(agent);
+    assert!(
+        events.is_empty(),
+        "link events while a slow consumer caught up: {events:?}"
+    );
+}

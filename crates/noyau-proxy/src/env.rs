@@ -154,7 +154,9 @@ impl Env {
         need_attached(attached)?;
         let r = noyau_env::data::parse_magic(&words.join(" "), &cwd()?)
             .map_err(|e| MagicError::Data(e.to_string()))?;
-        tracing::info!(url = %r.url, name = %r.name, "a cell pinned a data file");
+        // The URL as written may carry credentials.
+        let url = noyau_env::index::redact(&r.url);
+        tracing::info!(url = %url, name = %r.name, "a cell pinned a data file");
         self.start(
             cell,
             What::Data,

@@ -354,7 +354,12 @@ impl Runner<'_> {
         // A target's job finds its kernel as the run's own does (the managed
         // Python kernel when none is installed, this host's search path)
         // and keeps its history in memory too.
-        launch.env = crate::kernelenv::job_env(&inner, &backend).map_err(|e| bad(&e))?;
+        // (off the async threads: it may make the managed kernel's venv)
+        let (k, b) = (inner.clone(), backend.clone());
+        launch.env = tokio::task::spawn_blocking(move || crate::kernelenv::job_env(&k, &b))
+            .await
+            .map_err(|e| bad(&e))?
+            .map_err(|e| bad(&e))?;
         if let Some(e) = m.env.as_deref().or(profile.environment.as_deref()) {
             launch.env.extend(self.target_env(e).await?);
         }

@@ -15,8 +15,10 @@ pub fn state_dir() -> PathBuf {
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
-        .unwrap_or_else(std::env::temp_dir)
-        .join("noyau")
+        .map(|d| d.join("noyau"))
+        // No home: a directory of this user's own name, checked as any
+        // other (`private_dir`), since anyone may make one in /tmp.
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("noyau-{}", nix::unistd::geteuid())))
 }
 
 /// Where a user's processes on this host share their scheduler listings:
@@ -43,15 +45,30 @@ pub fn log_dir() -> PathBuf {
     state_dir().join("jobs")
 }
 
-/// Makes `dir` (and its parents) and gives it mode 0700.
+/// Makes `dir` (and its parents) and gives it mode 0700; one that is (or
+/// leads to) another user's is refused, even where root could chmod it:
+/// the job files written there hold secrets and are sourced by the job.
 pub(crate) fn private_dir(dir: &Path) -> Result<(), SchedError> {
+    use std::os::unix::fs::MetadataExt;
+    let io = |source| SchedError::Io {
+        what: "cannot make",
+        path: dir.into(),
+        source,
+    };
     std::fs::create_dir_all(dir)
         .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
-        .map_err(|source| SchedError::Io {
-            what: "cannot make",
-            path: dir.into(),
-            source,
-        })
+        .map_err(io)?;
+    let m = std::fs::metadata(dir).map_err(io)?;
+    if m.is_dir() && m.uid() == nix::unistd::geteuid().as_raw() {
+        return Ok(());
+    }
+    Err(io(std::io::Error::new(
+        std::io::ErrorKind::PermissionDenied,
+        format!(
+            "it belongs to uid {}, not to you: remove it, or set XDG_STATE_HOME",
+            m.uid()
+        ),
+    )))
 }
 
 /// Writes a new file with `mode` (a file already there is replaced, never
@@ -70,4 +87,32 @@ pub(crate) fn write_private(path: &Path, text: &str, mode: u32) -> Result<(), Sc
             path: path.into(),
             source,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn another_users_directory_is_not_private_even_for_root() {
+        let t = tempfile::tempdir().unwrap();
+        private_dir(&t.path().join("new/sub")).unwrap();
+        let theirs = t.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        if !nix::unistd::geteuid().is_root() {
+            // (only root can give a directory away; scripts/test runs as root)
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "this test needs root under CI"
+            );
+            return;
+        }
+        std::os::unix::fs::chown(&theirs, Some(65534), None).unwrap();
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(&theirs, &link).unwrap();
+        for d in [&theirs, &link] {
+            let e = private_dir(d).unwrap_err().to_string();
+            assert!(e.contains("belongs to uid 65534, not to you"), "{e}");
+        }
+    }
 }

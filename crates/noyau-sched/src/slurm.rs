@@ -30,7 +30,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 
 use crate::batch::{Batch, Commands, JobInfo, PartitionLoad, Scope, Submission};
-use crate::jobfiles::{sourcing, submit_as, JobFiles};
+use crate::jobfiles::{job_dir, sourcing, submit_as, JobFiles};
 use crate::paths::private_dir;
 use crate::profile::{Key, Kind, Profile};
 use crate::run::{AsUser, Cmd};
@@ -414,6 +414,17 @@ impl Slurm {
     }
 }
 
+/// The script's head: the `#SBATCH` lines, then, where sbatch exports
+/// nothing, the sourcing of the job's environment file.
+fn head(spec: &JobSpec, env_file: Option<&Path>) -> String {
+    let mut head = directives(spec, &spec.logs());
+    if let Some(f) = env_file {
+        let why = "this site's sbatch does not export the environment (--export)";
+        head.push_str(&sourcing(f, why, spec.array.is_some(), ""));
+    }
+    head
+}
+
 /// The site's or the user's `SBATCH_EXPORT`, when set.
 fn sbatch_export() -> Option<String> {
     std::env::var(SBATCH_EXPORT)
@@ -437,12 +448,14 @@ fn exports_environment(p: &Profile, site: Option<&str>) -> bool {
     }
 }
 
-/// `X` in a `--export=X` (or `--export X`) option; not `--export-file`.
-fn export_value(option: &str) -> Option<&str> {
-    let rest = option.trim().strip_prefix("--export")?;
-    rest.strip_prefix('=')
-        .or_else(|| rest.strip_prefix(' '))
-        .map(str::trim)
+/// `X` in the last `--export=X` (or `--export X`) of one `sbatch` item,
+/// which may hold several options; not `--export-file`.
+fn export_value(item: &str) -> Option<&str> {
+    let words: Vec<&str> = item.split_whitespace().collect();
+    words.iter().enumerate().rev().find_map(|(i, w)| match *w {
+        "--export" => words.get(i + 1).copied(),
+        w => w.strip_prefix("--export="),
+    })
 }
 
 impl Slurm {
@@ -451,27 +464,28 @@ impl Slurm {
     /// on OAR), and sbatch's own environment carries none of them.
     async fn submit_with_env_file(&self, spec: &JobSpec) -> Result<Submission, SchedError> {
         let mut files = JobFiles::new(self.name(), spec)?;
-        let head = match files.write_env(spec) {
-            Ok(env_file) => {
-                let why = "this site's sbatch does not export the environment (--export)";
-                let mut head = directives(spec, &spec.logs());
-                head.push_str(&sourcing(&env_file, why, spec.array.is_some(), ""));
-                head
-            }
+        let script = match files.write_env(spec) {
+            Ok(env_file) => job_script(&head(spec, Some(&env_file)), spec),
             Err(e) => {
                 files.remove();
                 return Err(e);
             }
         };
-        let out = self
+        let out = match self
             .cmds
             .cmd("sbatch")
             .arg("--parsable")
-            .stdin(job_script(&head, spec))
+            .stdin(script)
             .output()
             .await
-            .map_err(SchedError::Submit)
-            .and_then(|o| parse_sbatch(&o));
+        {
+            Ok(out) => parse_sbatch(&out),
+            // As on the other path: sinfo names the right partitions.
+            Err(why) => Err(match self.check_partition(&spec.profile).await {
+                Err(e) => e,
+                Ok(()) => SchedError::Submit(why),
+            }),
+        };
         match out {
             Ok(id) => Ok(self.submission(id, spec, files.written)),
             Err(e) => {
@@ -486,6 +500,7 @@ impl Slurm {
         match &spec.array {
             None => Submission {
                 id,
+                files,
                 ..Default::default()
             },
             Some(t) => Submission {
@@ -553,7 +568,9 @@ impl Batch for Slurm {
 
     async fn dry_run(&self, spec: &JobSpec) -> Result<String, SchedError> {
         self.check_partition(&spec.profile).await?;
-        Ok(job_script(&directives(spec, &spec.logs()), spec))
+        let env_file = (!exports_environment(&spec.profile, sbatch_export().as_deref()))
+            .then(|| job_dir(self.name()).join(format!("{}.env", spec.name)));
+        Ok(job_script(&head(spec, env_file.as_deref()), spec))
     }
 
     async fn submit(&self, spec: &JobSpec, u: Option<&AsUser>) -> Result<Submission, SchedError> {
@@ -727,6 +744,7 @@ mod tests {
         assert!(exports_environment(&p, Some("ALL")));
         assert_eq!(export_value("--export-file=/x"), None);
         assert_eq!(export_value(" --export NONE"), Some("NONE"));
+        assert_eq!(export_value("--exclusive --export=NONE"), Some("NONE"));
     }
 
     #[test]
