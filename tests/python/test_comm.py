@@ -139,8 +139,11 @@ def test_local_kernel_comm_state_usage_and_requests(tmp_path: Path) -> None:
         assert info["comms"][c.id] == {"target_name": "noyau"} and "someone-else" in targets, info
         assert list(comm_info(k, target_name="noyau")["comms"]) == [c.id]
 
-        first = c.state(lambda s: s["usage"] is not None, 30, "a first usage sample")["usage"]
+        sampled = c.state(lambda s: s["usage"] is not None, 30, "a first usage sample")
+        first = sampled["usage"]
         assert first["source"] == "process-tree" and first["mem_limit_bytes"] is None, first
+        # the profile names no cores: the ones the agent may use (its CPU set)
+        assert sampled["resources"]["cpus"] == len(os.sched_getaffinity(0)), sampled["resources"]
         # the STAND-IN nvidia-smi's GPU
         assert first["gpus"] == [{"index": 0, "name": "STAND-IN A100", "util_percent": 37.0,
                                   "mem_used_bytes": 1 << 30, "mem_total_bytes": 40 << 30}], first

@@ -95,6 +95,9 @@ impl Sampler {
             }
             .into(),
             gpus,
+            cpus: std::thread::available_parallelism()
+                .ok()
+                .and_then(|n| u32::try_from(n.get()).ok()),
         })
     }
 }

@@ -107,6 +107,10 @@ pub struct UsageSample {
     pub source: String,
     #[serde(default)]
     pub gpus: Vec<GpuSample>,
+    /// The cores the job may use (its CPU set and quota), for a profile
+    /// that did not say how many it asked for.
+    #[serde(default)]
+    pub cpus: Option<u32>,
 }
 
 /// One visible GPU, as `nvidia-smi --query-gpu` reports it.
@@ -187,6 +191,7 @@ mod tests {
                 mem_limit_bytes: None,
                 source: "process-tree".into(),
                 gpus: vec![],
+                cpus: Some(4),
             },
         };
         match open(event(&usage)).unwrap() {

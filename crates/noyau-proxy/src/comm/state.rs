@@ -127,11 +127,12 @@ impl Proxy {
         job_fields(&id, &st, self.comms.running_since.as_deref())
     }
 
-    /// What the profile asked for; a field is null when it does not say.
+    /// What the profile asked for; a field is null when it does not say
+    /// (the cores: what the agent found it may use, once it sampled).
     fn resources(&self) -> Value {
         let p = &self.cfg.resources;
         let cpus = match (p.cpus_per_task, p.ntasks) {
-            (None, None) => None,
+            (None, None) => self.comms.usage.as_ref().and_then(|u| u.cpus),
             (c, n) => Some(c.unwrap_or(1) * n.unwrap_or(1)),
         };
         let key = |k: &str| match p.scheduler_keys.get(k) {
