@@ -13,6 +13,7 @@ import os
 import queue
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -215,8 +216,6 @@ def test_slurm_comm_while_queued_then_running(slurm: None) -> None:
 
 
 def ends_at(state: dict) -> float:
-    from datetime import datetime
-
     return datetime.fromisoformat(state["job"]["ends_at"].replace("Z", "+00:00")).timestamp()
 
 
@@ -270,3 +269,13 @@ def test_dask_jobs_shown_and_a_worker_job_cancelled(km) -> None:  # type: ignore
     lib.wait_until(lambda: worker not in {j["id"] for j in dask_jobs()}, 60,
                    "the cancelled worker job to leave squeue", interval=0.5)
     run(km, "%noyau dask down", timeout=120)
+
+    # a target's entry carries its scheduler's end of walltime (time = "10")
+    reply, text, errors = run(km, "%%noyau on hpc\nprint('on the target')", timeout=180)
+    assert reply["status"] == "ok" and "on the target" in text, (text, errors)
+    state = c.state(lambda s: any(t["name"] == "hpc" and t["ends_at"] for t in s["targets"]), 60,
+                    "the target's end of walltime")
+    target = next(t for t in state["targets"] if t["name"] == "hpc")
+    assert target["state"] == "running" and target["node"], target
+    left = datetime.fromisoformat(target["ends_at"].replace("Z", "+00:00")).timestamp() - time.time()
+    assert 8 * 60 < left <= 10 * 60 + 5, target

@@ -61,6 +61,9 @@ pub struct Target {
     pub state: State,
     pub job: String,
     pub node: Option<String>,
+    /// Its job as its scheduler's watcher sees it (none on the local
+    /// backend), for the `noyau` comm.
+    pub job_state: Option<tokio::sync::watch::Receiver<noyau_sched::JobState>>,
     pub last_used: Instant,
     /// Cells running there, by msg_id.
     pub running: BTreeMap<String, RunningCell>,
@@ -100,6 +103,7 @@ impl Target {
             name: name.to_string(),
             id,
         };
+        let job_state = started.watch.state();
         tokio::spawn(follow(tell, started.listener, started.watch, release_rx));
         Ok(Target {
             name: name.to_string(),
@@ -108,6 +112,7 @@ impl Target {
             state: State::Queued,
             job,
             node: None,
+            job_state,
             last_used: Instant::now(),
             running: BTreeMap::new(),
             sender: None,

@@ -71,9 +71,15 @@ fn target_fields(t: &Target) -> Value {
         State::Starting | State::Ready => "running",
         State::Releasing => "ended",
     };
+    // Why it waits and when its walltime ends: its scheduler's word.
+    let job = t
+        .job_state
+        .as_ref()
+        .map(|rx| job_fields(&t.job, &rx.borrow(), None));
+    let field = |k: &str| job.as_ref().map_or(Value::Null, |j| j[k].clone());
     json!({
         "name": t.name, "backend": t.backend, "job": t.job, "state": state,
-        "node": t.node, "ends_at": null, "reason": null,
+        "node": t.node, "ends_at": field("ends_at"), "reason": field("reason"),
     })
 }
 
