@@ -35,6 +35,13 @@ esac
 """
 
 
+# A STAND-IN for a hung nvidia-smi (a GPU in a bad state can hang it).
+NVIDIA_SMI_HUNG_STANDIN = """#!/bin/sh
+# HUNG STAND-IN nvidia-smi for tests/python/test_comm.py: it never answers.
+exec sleep 613
+"""
+
+
 class Comm:
     """One noyau comm opened on a kernel, read through its client."""
 
@@ -170,6 +177,64 @@ def test_local_kernel_comm_state_usage_and_requests(tmp_path: Path) -> None:
         assert lib.stream_text(iopub).strip() == "1", iopub
         c.close()
         lib.wait_until(lambda: c.id not in comm_info(k)["comms"], 30, "the closed comm to be forgotten")
+    finally:
+        k.shutdown()
+
+
+def test_a_comm_request_during_a_cell_leaves_the_kernel_busy() -> None:
+    """The proxy's busy/idle around a comm request must not read as the
+    kernel's: while a cell runs, busy follows (for that cell), or
+    JupyterLab and the server's culler would take the kernel for idle."""
+    lib.require_noyau()
+    k = Kernel(lib.NOYAU_KERNEL_NAME)
+    try:
+        c = Comm(k)
+        opened(c)
+        cell = k.execute("import time; time.sleep(6)")
+        c.messages(lambda m: m["parent_header"].get("msg_id") == cell
+                   and m["content"]["execution_state"] == "busy", 30, "the cell's busy")
+        reply, _ = c.request({"id": "r1", "action": "refresh"})
+        assert reply["ok"], reply
+        after = c.messages(lambda m: m["parent_header"].get("msg_id") == cell, 30,
+                           "the next status of the running cell")[-1]
+        assert after["content"]["execution_state"] == "busy", after
+        k.reply_for(cell, 30)
+    finally:
+        k.shutdown()
+
+
+def sleeping_613() -> list[int]:
+    """The hung stand-in's processes (`sleep 613`) still alive."""
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and (d / "cmdline").read_bytes() == b"sleep\x00613\x00":
+                found.append(int(d.name))
+        except OSError:
+            pass
+    return found
+
+
+def test_a_hung_nvidia_smi_never_holds_the_kernel(tmp_path: Path) -> None:
+    """Sampling runs beside the agent's loop: with an nvidia-smi that never
+    answers, cells still run, usage still comes (without GPUs once it timed
+    out), and the hung process is killed."""
+    lib.require_noyau()
+    standin = tmp_path / "hung-bin"
+    standin.mkdir()
+    (standin / "nvidia-smi").write_text(NVIDIA_SMI_HUNG_STANDIN)
+    (standin / "nvidia-smi").chmod(0o755)
+    env = {"PATH": f"{standin}:{os.environ['PATH']}", "CUDA_VISIBLE_DEVICES": None}
+    k = Kernel(lib.NOYAU_KERNEL_NAME, env=env)
+    try:
+        c = Comm(k)
+        opened(c)
+        # the first sample is waiting on nvidia-smi now: the kernel answers
+        reply, _ = k.run("print(6 * 7)", timeout=30)
+        assert reply["content"]["status"] == "ok", reply
+        sampled = c.state(lambda s: s["usage"] is not None, 60, "a usage sample without GPUs")
+        assert sampled["usage"]["gpus"] == [] and sampled["usage"]["mem_bytes"] > 0, sampled
+        assert not sleeping_613(), "the hung nvidia-smi was not killed"
     finally:
         k.shutdown()
 

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use noyau_client::RuntimeDir;
-use noyau_link::envelope::{self, Event, Payload};
+use noyau_link::envelope::{self, Event, Payload, UsageSample};
 use noyau_link::{CloseReason, Incoming, Lane, Link, LinkConfig, LinkError, LinkEvent};
 use noyau_wire::kernelspec::{self, FoundSpec};
 use noyau_wire::{RawMessage, Signer};
@@ -74,11 +74,17 @@ struct Agent {
 }
 
 /// Sampling the kernel's use every tick; the sampler follows the kernel
-/// process (a restart makes a new one).
+/// process (a restart makes a new one). A sample runs in a task of its own
+/// (at most one at a time), so that a slow `nvidia-smi` or a large /proc
+/// never holds the agent's loop.
 struct Usage {
     tick: tokio::time::Interval,
     sampler: Option<(u32, usage::Sampler)>,
+    /// The sample being taken: the sampler comes back with it.
+    taking: Option<tokio::task::JoinHandle<Taken>>,
 }
+
+type Taken = (u32, usage::Sampler, Option<UsageSample>);
 
 impl Usage {
     fn every(interval: Duration) -> Usage {
@@ -87,6 +93,37 @@ impl Usage {
         Usage {
             tick,
             sampler: None,
+            taking: None,
+        }
+    }
+}
+
+/// What sampling waits for next.
+enum UsageStep {
+    /// Time for a sample.
+    Tick,
+    /// The sample being taken is done.
+    Taken(Result<Taken, tokio::task::JoinError>),
+}
+
+impl Usage {
+    /// The sample being taken, else the next tick (cancel-safe, for the
+    /// agent's `select!`).
+    async fn next(&mut self) -> UsageStep {
+        match self.taking.as_mut() {
+            Some(t) => UsageStep::Taken(t.await),
+            None => {
+                self.tick.tick().await;
+                UsageStep::Tick
+            }
+        }
+    }
+}
+
+impl Drop for Usage {
+    fn drop(&mut self) {
+        if let Some(t) = &self.taking {
+            t.abort();
         }
     }
 }
@@ -604,24 +641,47 @@ impl Agent {
                     tracing::info!("cancelled (SIGTERM); stopping the kernel");
                     return self.end_with_job().await;
                 }
-                _ = async { match self.usage.as_mut() { Some(u) => u.tick.tick().await, None => std::future::pending().await } } => self.sample_usage().await,
+                step = async { match self.usage.as_mut() { Some(u) => u.next().await, None => std::future::pending().await } } => match step {
+                    UsageStep::Tick => self.sample_usage(),
+                    UsageStep::Taken(taken) => self.usage_taken(taken),
+                },
             }
         }
     }
 
-    /// One usage sample of the running kernel, to the proxy.
-    async fn sample_usage(&mut self) {
+    /// Starts one usage sample of the running kernel, unless one is
+    /// being taken.
+    fn sample_usage(&mut self) {
         let (Some(u), Some(k)) = (self.usage.as_mut(), self.kernel.as_ref()) else {
             return;
         };
-        let pid = k.pid();
-        if u.sampler.as_ref().is_none_or(|(p, _)| *p != pid) {
-            u.sampler = Some((pid, usage::Sampler::new(pid)));
+        if u.taking.is_some() {
+            return;
         }
-        let Some((_, sampler)) = u.sampler.as_mut() else {
+        let pid = k.pid();
+        let kept = match u.sampler.take() {
+            Some((p, s)) if p == pid => Some(s),
+            _ => None,
+        };
+        u.taking = Some(tokio::spawn(async move {
+            // (a new one probes the cgroup and PATH: here, off the loop)
+            let mut sampler = kept.unwrap_or_else(|| usage::Sampler::new(pid));
+            let sample = sampler.sample().await;
+            (pid, sampler, sample)
+        }));
+    }
+
+    /// A sample was taken: to the proxy; the sampler is kept for the next.
+    fn usage_taken(&mut self, taken: Result<Taken, tokio::task::JoinError>) {
+        let Some(u) = self.usage.as_mut() else {
             return;
         };
-        if let Some(sample) = sampler.sample().await {
+        u.taking = None;
+        let Ok((pid, sampler, sample)) = taken else {
+            return;
+        };
+        u.sampler = Some((pid, sampler));
+        if let Some(sample) = sample {
             self.outbox.event(Lane::Control, &Event::Usage { sample });
         }
     }

@@ -25,6 +25,9 @@ use noyau_link::envelope::{GpuSample, UsageSample};
 /// Environment variables read here.
 const CUDA_VISIBLE_DEVICES: &str = "CUDA_VISIBLE_DEVICES";
 
+/// How long `nvidia-smi` may take before GPUs are no longer sampled.
+const NVIDIA_SMI_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Where the numbers come from.
 #[derive(Debug, Clone, PartialEq)]
 enum Source {
@@ -67,17 +70,25 @@ impl Sampler {
     /// One sample; None when the source cannot be read (the kernel is gone).
     pub async fn sample(&mut self) -> Option<UsageSample> {
         let source = self.source.clone();
-        let tool = self.nvidia_smi.clone();
-        let (reading, gpus) = tokio::task::spawn_blocking(move || {
-            let r = match &source {
-                Source::Cgroup(dir) => read_cgroup(dir),
-                Source::ProcessTree(pid) => read_tree(*pid),
-            };
-            (r, tool.map(|t| gpus(&t)).unwrap_or_default())
-        })
-        .await
-        .ok()?;
-        let reading = reading?;
+        let reading = tokio::task::spawn_blocking(move || match &source {
+            Source::Cgroup(dir) => read_cgroup(dir),
+            Source::ProcessTree(pid) => read_tree(*pid),
+        });
+        let gpus = match &self.nvidia_smi {
+            Some(tool) => match gpus(tool).await {
+                Some(g) => g,
+                None => {
+                    tracing::warn!(
+                        "nvidia-smi did not answer within {}s: GPUs are no longer sampled",
+                        NVIDIA_SMI_TIMEOUT.as_secs()
+                    );
+                    self.nvidia_smi = None;
+                    vec![]
+                }
+            },
+            None => vec![],
+        };
+        let reading = reading.await.ok()??;
         let now = Instant::now();
         let cpu_percent = self.last_cpu.map(|(t, usec)| {
             let wall = now.duration_since(t).as_micros().max(1) as f64;
@@ -214,19 +225,22 @@ fn nvidia_smi() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// The GPUs `nvidia-smi` reports; empty when it fails.
-fn gpus(nvidia_smi: &Path) -> Vec<GpuSample> {
-    let out = std::process::Command::new(nvidia_smi)
+/// The GPUs `nvidia-smi` reports (empty when it fails); None when it did
+/// not answer in time (a GPU in a bad state can hang it), killed then.
+async fn gpus(nvidia_smi: &Path) -> Option<Vec<GpuSample>> {
+    let out = tokio::process::Command::new(nvidia_smi)
         .args([
             "--query-gpu=index,name,utilization.gpu,memory.used,memory.total",
             "--format=csv,noheader,nounits",
         ])
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
         .output();
-    match out {
-        Ok(o) if o.status.success() => parse_gpus(&String::from_utf8_lossy(&o.stdout)),
-        _ => vec![],
+    match tokio::time::timeout(NVIDIA_SMI_TIMEOUT, out).await {
+        Err(_) => None,
+        Ok(Ok(o)) if o.status.success() => Some(parse_gpus(&String::from_utf8_lossy(&o.stdout))),
+        Ok(_) => Some(vec![]),
     }
 }
 

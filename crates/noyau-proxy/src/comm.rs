@@ -113,10 +113,16 @@ impl Comms {
         let Ok(mut content) = serde_json::from_slice::<Value>(&msg.content) else {
             return;
         };
-        if !content["comms"].is_object() {
-            content["comms"] = json!({});
+        // The kernel's reply is the notebook's code's to shape: anything but
+        // an object is passed on as it came (indexing it would panic).
+        let Some(fields) = content.as_object_mut() else {
+            return;
+        };
+        let comms = fields.entry("comms").or_insert_with(|| json!({}));
+        if !comms.is_object() {
+            *comms = json!({});
         }
-        if let Some(comms) = content["comms"].as_object_mut() {
+        if let Some(comms) = comms.as_object_mut() {
             comms.extend(self.listed(target.as_deref()));
         }
         if let Ok(bytes) = serde_json::to_vec(&content) {
@@ -222,6 +228,10 @@ impl Proxy {
         self.out.status(parent, "idle").await;
         if !self.agent.attached() && self.queued.queued() {
             self.queued.own_status(&mut self.out).await;
+        } else if let Some(cell) = self.requests.running_header() {
+            // A cell still runs: the frontend and the server's culler must
+            // not take that idle for the kernel's.
+            self.out.status(&cell, "busy").await;
         }
     }
 
@@ -280,5 +290,46 @@ impl Proxy {
         let reply = json!({"type": "reply", "request": d.id, "ok": d.ok, "message": d.message});
         self.comm_send(&d.parent, &d.comm_id, reply).await;
         self.comm_idle(&d.parent).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply_to(parent: &str, content: &str) -> RawMessage {
+        RawMessage {
+            identities: vec![],
+            signature: Bytes::new(),
+            header: Bytes::from_static(b"{}"),
+            parent_header: Bytes::from(format!(r#"{{"msg_id":"{parent}"}}"#)),
+            metadata: Bytes::from_static(b"{}"),
+            content: Bytes::from(content.to_string()),
+            buffers: vec![],
+        }
+    }
+
+    #[test]
+    fn a_kernels_comm_info_reply_of_any_shape_is_merged_or_left_alone() {
+        let mut c = Comms::new();
+        c.open.insert("n1".into(), Bytes::from_static(b"{}"));
+        // What notebook code may make its kernel answer: never a panic.
+        for odd in ["[1, 2]", "\"x\"", "3", "null", "{\"comms\": [1]}"] {
+            c.info.insert("p".into(), None);
+            let mut m = reply_to("p", odd);
+            c.merge_info(&mut m);
+            if odd.starts_with('{') {
+                let v: Value = serde_json::from_slice(&m.content).unwrap();
+                assert_eq!(v["comms"]["n1"]["target_name"], "noyau", "{v}");
+            } else {
+                assert_eq!(&m.content[..], odd.as_bytes());
+            }
+        }
+        c.info.insert("p".into(), None);
+        let mut m = reply_to("p", r#"{"status":"ok","comms":{"k1":{"target_name":"w"}}}"#);
+        c.merge_info(&mut m);
+        let v: Value = serde_json::from_slice(&m.content).unwrap();
+        assert_eq!(v["comms"]["k1"]["target_name"], "w");
+        assert_eq!(v["comms"]["n1"]["target_name"], "noyau");
     }
 }
