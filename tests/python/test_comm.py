@@ -126,14 +126,18 @@ def refused(c: Comm, data: dict, says: str) -> None:
     assert reply["ok"] is False and says in reply["message"], reply
 
 
-def test_local_kernel_comm_state_usage_and_requests(tmp_path: Path) -> None:
-    lib.require_noyau()
+def with_nvidia_smi(tmp_path: Path, script: str) -> dict:
+    """A kernel's environment whose PATH finds `script` as nvidia-smi first."""
     standin = tmp_path / "standin-bin"
     standin.mkdir()
-    (standin / "nvidia-smi").write_text(NVIDIA_SMI_STANDIN)
+    (standin / "nvidia-smi").write_text(script)
     (standin / "nvidia-smi").chmod(0o755)
-    env = {"PATH": f"{standin}:{os.environ['PATH']}", "CUDA_VISIBLE_DEVICES": None}
-    k = Kernel(lib.NOYAU_KERNEL_NAME, env=env)
+    return {"PATH": f"{standin}:{os.environ['PATH']}", "CUDA_VISIBLE_DEVICES": None}
+
+
+def test_local_kernel_comm_state_usage_and_requests(tmp_path: Path) -> None:
+    lib.require_noyau()
+    k = Kernel(lib.NOYAU_KERNEL_NAME, env=with_nvidia_smi(tmp_path, NVIDIA_SMI_STANDIN))
     try:
         # A comm of the inner kernel's own, to be listed with the noyau one.
         reply, _ = k.run("import comm; other = comm.create_comm(target_name='someone-else')")
@@ -220,12 +224,7 @@ def test_a_hung_nvidia_smi_never_holds_the_kernel(tmp_path: Path) -> None:
     answers, cells still run, usage still comes (without GPUs once it timed
     out), and the hung process is killed."""
     lib.require_noyau()
-    standin = tmp_path / "hung-bin"
-    standin.mkdir()
-    (standin / "nvidia-smi").write_text(NVIDIA_SMI_HUNG_STANDIN)
-    (standin / "nvidia-smi").chmod(0o755)
-    env = {"PATH": f"{standin}:{os.environ['PATH']}", "CUDA_VISIBLE_DEVICES": None}
-    k = Kernel(lib.NOYAU_KERNEL_NAME, env=env)
+    k = Kernel(lib.NOYAU_KERNEL_NAME, env=with_nvidia_smi(tmp_path, NVIDIA_SMI_HUNG_STANDIN))
     try:
         c = Comm(k)
         opened(c)
