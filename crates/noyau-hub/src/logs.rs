@@ -13,8 +13,6 @@
 //! never a page.
 
 use std::collections::HashMap;
-use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -113,22 +111,7 @@ impl Tails {
 /// (blocking).
 fn tail(path: &str, user: &str) -> Option<String> {
     let uid = nix::unistd::User::from_name(user).ok()??.uid.as_raw();
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW | nix::libc::O_NOCTTY)
-        .open(path)
-        .ok()?;
-    let meta = f.metadata().ok()?;
-    if !meta.is_file() || meta.uid() != uid {
-        return None;
-    }
-    f.seek(SeekFrom::Start(meta.len().saturating_sub(TAIL_BYTES)))
-        .ok()?;
-    let mut text = Vec::new();
-    f.take(TAIL_BYTES).read_to_end(&mut text).ok()?;
-    let text = String::from_utf8_lossy(&text);
-    let all: Vec<&str> = text.lines().collect();
-    Some(all[all.len().saturating_sub(LINES)..].join("\n"))
+    noyau_sched::tail_log(path.as_ref(), uid, TAIL_BYTES, LINES).ok()?
 }
 
 #[cfg(test)]

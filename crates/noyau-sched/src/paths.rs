@@ -1,6 +1,7 @@
 //! Where noyau keeps what outlives a process: its state directory (job
 //! logs, detached runs' progress, Dask clusters, OAR's job files), and the
-//! private (0700 / 0600) directories and files made there.
+//! private (0700 / 0600) directories and files made there, and the tail of
+//! a job log read without trusting what is at its path.
 
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -87,6 +88,36 @@ pub(crate) fn write_private(path: &Path, text: &str, mode: u32) -> Result<(), Sc
             path: path.into(),
             source,
         })
+}
+
+/// The last `lines` lines (from its last `max_bytes`) of the log at
+/// `path`, or None when it is not a regular file of `uid`'s (blocking).
+/// Anyone may have planted something at a log's path: a FIFO (opening it
+/// would wait for a writer), a link to a file they may not read, another
+/// user's file. So it is opened without following links or blocking, and
+/// checked on the open file.
+pub fn tail_log(
+    path: &Path,
+    uid: u32,
+    max_bytes: u64,
+    lines: usize,
+) -> std::io::Result<Option<String>> {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::unix::fs::MetadataExt;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOCTTY)
+        .open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() || meta.uid() != uid {
+        return Ok(None);
+    }
+    f.seek(SeekFrom::Start(meta.len().saturating_sub(max_bytes)))?;
+    let mut text = Vec::new();
+    f.take(max_bytes).read_to_end(&mut text)?;
+    let text = String::from_utf8_lossy(&text);
+    let all: Vec<&str> = text.lines().collect();
+    Ok(Some(all[all.len().saturating_sub(lines)..].join("\n")))
 }
 
 #[cfg(test)]

@@ -4,8 +4,6 @@
 //! the kernel's messages keep flowing meanwhile. Only this kernel's jobs
 //! are touched: its own, its targets', its Dask workers'.
 
-use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -186,26 +184,15 @@ impl Proxy {
 /// The last `lines` lines of the log at `path`, if it is a regular file of
 /// ours (not a link another user planted).
 fn tail(path: &Path, lines: usize) -> Result<String, String> {
-    let what = |e: std::io::Error| format!("cannot read the job's log {}: {e}", path.display());
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOCTTY)
-        .open(path)
-        .map_err(what)?;
-    let meta = f.metadata().map_err(what)?;
-    if !meta.is_file() || meta.uid() != nix::unistd::geteuid().as_raw() {
-        return Err(format!(
+    let uid = nix::unistd::geteuid().as_raw();
+    match noyau_sched::tail_log(path, uid, TAIL_BYTES, lines) {
+        Ok(Some(text)) => Ok(text),
+        Ok(None) => Err(format!(
             "{} is not a file of yours: noyau does not show it",
             path.display()
-        ));
+        )),
+        Err(e) => Err(format!("cannot read the job's log {}: {e}", path.display())),
     }
-    f.seek(SeekFrom::Start(meta.len().saturating_sub(TAIL_BYTES)))
-        .map_err(what)?;
-    let mut text = Vec::new();
-    f.take(TAIL_BYTES).read_to_end(&mut text).map_err(what)?;
-    let text = String::from_utf8_lossy(&text);
-    let all: Vec<&str> = text.lines().collect();
-    Ok(all[all.len().saturating_sub(lines)..].join("\n"))
 }
 
 #[cfg(test)]
