@@ -33,9 +33,10 @@ pub(crate) fn kernel_env_var() -> Option<String> {
     std::env::var("NOYAU_ENV").ok().filter(|v| !v.is_empty())
 }
 
-/// At most this many bytes of the kernel's own build lines are held for
-/// its first cell; later ones go to the log only.
-const HELD_MAX: usize = 64 * 1024;
+/// At most this many bytes of environment build lines are held for the
+/// cell that will show them (the kernel's first, or the next after a
+/// `%noyau env`); later ones go to the log only.
+pub(crate) const HELD_MAX: usize = 64 * 1024;
 
 /// Where the build lines of a job's environment go.
 pub(crate) enum Lines<'a> {

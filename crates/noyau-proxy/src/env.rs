@@ -37,10 +37,6 @@ use noyau_wire::RawMessage;
 use crate::answer::{Answers, Cell};
 use crate::requests::Requests;
 
-/// At most this many bytes of environment build lines are held for the
-/// next cell; later ones go to the log only.
-const HELD_MAX: usize = 64 * 1024;
-
 /// The preparation of a change, on this host.
 type Work = WithLines<Result<Prepared, EnvError>>;
 
@@ -419,7 +415,9 @@ impl Env {
             .or(running);
         match waiting {
             Some(parent) => out.stream(&parent, "stderr", &text).await,
-            None if self.held_progress.len() < HELD_MAX => self.held_progress.push_str(&text),
+            None if self.held_progress.len() < crate::agent::HELD_MAX => {
+                self.held_progress.push_str(&text)
+            }
             None => tracing::info!("{}", text.trim_end()),
         }
     }
