@@ -141,34 +141,45 @@ impl Comms {
     }
 }
 
-/// A comm message's content, as the frontend sends it.
+/// Which comm a frontend's comm message is for (its `data` is skipped:
+/// widgets' messages, often large, pass through here).
 #[derive(serde::Deserialize)]
-struct CommContent {
+struct CommIds {
     comm_id: String,
     target_name: Option<String>,
+}
+
+/// A noyau comm message's request.
+#[derive(serde::Deserialize)]
+struct CommData {
     #[serde(default)]
     data: Value,
 }
 
 impl Proxy {
-    /// A comm message from the frontend: taken (None) when it is the noyau
-    /// comm's, else given back for the kernel.
-    pub async fn on_comm(&mut self, msg: RawMessage) -> Option<RawMessage> {
-        let kind = msg.peek_header().ok()?.msg_type;
+    /// A comm message (`kind`) from the frontend: taken (None) when it is
+    /// the noyau comm's, else given back for the kernel.
+    pub async fn on_comm(&mut self, kind: &str, msg: RawMessage) -> Option<RawMessage> {
         if kind == "comm_info_request" {
             return self.comm_info(msg).await;
         }
-        let Ok(c) = serde_json::from_slice::<CommContent>(&msg.content) else {
+        // With no noyau comm open, only an opening one can be ours.
+        if kind != "comm_open" && !self.comms.any_open() {
+            return Some(msg);
+        }
+        let Ok(c) = serde_json::from_slice::<CommIds>(&msg.content) else {
             return Some(msg);
         };
-        match kind.as_str() {
+        match kind {
             "comm_open" if c.target_name.as_deref() == Some(TARGET) => {
                 self.comm_open(&msg, c.comm_id).await;
             }
             "comm_msg" if self.comms.open.contains_key(&c.comm_id) => {
                 self.out.status(&msg.header, "busy").await;
-                self.comm_request(msg.header.clone(), c.comm_id, c.data)
-                    .await;
+                let data = serde_json::from_slice::<CommData>(&msg.content)
+                    .map(|d| d.data)
+                    .unwrap_or_default();
+                self.comm_request(msg.header.clone(), c.comm_id, data).await;
             }
             "comm_close" if self.comms.open.contains_key(&c.comm_id) => {
                 self.out.status(&msg.header, "busy").await;

@@ -160,9 +160,10 @@ impl Proxy {
             (Lane::Control, "interrupt_request") => {
                 (!self.targets.interrupt(&msg.clone().into_frames())).then_some(msg)
             }
-            (Lane::Shell, "comm_open" | "comm_msg" | "comm_close" | "comm_info_request") => {
-                self.on_comm(msg).await
-            }
+            (
+                Lane::Shell,
+                kind @ ("comm_open" | "comm_msg" | "comm_close" | "comm_info_request"),
+            ) => self.on_comm(kind, msg).await,
             (_, "shutdown_request") => {
                 self.targets.release_all();
                 self.release_dask("the kernel was shut down").await;

@@ -76,13 +76,17 @@ impl Counts {
 
     /// `content` with its `execution_count` (if any) the notebook's.
     fn renumber<'a>(&mut self, content: &'a Value) -> Cow<'a, Value> {
-        match content.get("execution_count").and_then(Value::as_i64) {
-            Some(n) => {
+        let Some(n) = content.get("execution_count").and_then(Value::as_i64) else {
+            return Cow::Borrowed(content);
+        };
+        match self.shown(n) {
+            // (most cells: no target ran before them, nothing to copy)
+            same if same == n => Cow::Borrowed(content),
+            shown => {
                 let mut c = content.clone();
-                c["execution_count"] = self.shown(n).into();
+                c["execution_count"] = shown.into();
                 Cow::Owned(c)
             }
-            None => Cow::Borrowed(content),
         }
     }
 }
