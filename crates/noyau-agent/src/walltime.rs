@@ -35,20 +35,6 @@ pub fn batch_job() -> Option<(Scheduler, String)> {
     Some((sched.with_interval(POLL), job))
 }
 
-/// Warning thresholds in seconds before the end, largest first.
-pub fn thresholds() -> Vec<u64> {
-    let mut t: Vec<u64> = match std::env::var("NOYAU_WALLTIME_WARN") {
-        Ok(v) => v
-            .split(',')
-            .filter_map(|x| x.trim().parse::<u64>().ok())
-            .collect(),
-        Err(_) => vec![600, 60],
-    };
-    t.sort_unstable_by(|a, b| b.cmp(a));
-    t.dedup();
-    t
-}
-
 /// When the job ends, as far as this agent knows (shared with the walltime signal's handler).
 #[derive(Clone, Default)]
 pub struct End(Arc<Mutex<Option<Instant>>>);
@@ -71,7 +57,7 @@ pub async fn watch(sched: Scheduler, job: String, outbox: Arc<Outbox>, end: End)
     let mut state = sched.adopt(&job).state;
     sched.refresh().await;
     let mut warned: Vec<u64> = Vec::new();
-    let thresholds = thresholds();
+    let thresholds = noyau_sched::walltime_warnings();
     loop {
         let st = state.borrow_and_update().clone();
         let ends_at = match st {

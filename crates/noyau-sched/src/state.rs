@@ -72,6 +72,25 @@ fn gap(a: SystemTime, b: SystemTime) -> Duration {
         .unwrap_or_default()
 }
 
+/// The variable naming when, before a job's walltime, its agent warns.
+const WALLTIME_WARN: &str = "NOYAU_WALLTIME_WARN";
+
+/// Walltime warning thresholds in seconds before the end, largest first
+/// (`NOYAU_WALLTIME_WARN`, default 600 and 60): read by the agent, which
+/// warns, and by the proxy, which shows them.
+pub fn walltime_warnings() -> Vec<u64> {
+    let mut t: Vec<u64> = match std::env::var(WALLTIME_WARN) {
+        Ok(v) => v
+            .split(',')
+            .filter_map(|x| x.trim().parse::<u64>().ok())
+            .collect(),
+        Err(_) => vec![600, 60],
+    };
+    t.sort_unstable_by(|a, b| b.cmp(a));
+    t.dedup();
+    t
+}
+
 /// Whole seconds from now until `t` (0 once passed).
 pub fn seconds_until(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::now())

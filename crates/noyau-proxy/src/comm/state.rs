@@ -11,24 +11,12 @@ use serde_json::{json, Value};
 use crate::relay::Proxy;
 use crate::targets::{State, Target};
 
-/// Environment variables read here.
-const WALLTIME_WARN: &str = "NOYAU_WALLTIME_WARN";
-
 fn rfc3339(t: SystemTime) -> String {
     DateTime::<Utc>::from(t).to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
 fn now() -> String {
     rfc3339(SystemTime::now())
-}
-
-/// The thresholds at which the agent warns (its `NOYAU_WALLTIME_WARN`,
-/// which it inherits from this process; the same default).
-fn warnings() -> Vec<u64> {
-    match std::env::var(WALLTIME_WARN) {
-        Ok(v) => v.split(',').filter_map(|x| x.trim().parse().ok()).collect(),
-        Err(_) => vec![600, 60],
-    }
 }
 
 /// `job`'s fields for a scheduler's state; `since`: when it was first
@@ -93,7 +81,7 @@ impl Proxy {
             if j["partition"].is_null() {
                 j["partition"] = json!(partition);
             }
-            j["warnings_s"] = json!(warnings());
+            j["warnings_s"] = json!(noyau_sched::walltime_warnings());
             j
         });
         let targets: Vec<Value> = self.targets.map.values().map(target_fields).collect();
