@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use noyau_client::process::{proc_stats, ProcStat};
 use noyau_link::envelope::{GpuSample, UsageSample};
 
 /// Environment variables read here.
@@ -159,32 +160,13 @@ fn read_cgroup(dir: &Path) -> Option<Reading> {
     })
 }
 
-/// utime + stime (clock ticks), the parent's pid and the resident pages
-/// of a process, from its `stat` line.
-fn proc_stat(pid: u32) -> Option<(u64, u32, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command may hold spaces and parentheses: fields follow the last ')'.
-    let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
-    // Fields 4 (ppid), 14-15 (utime, stime), 24 (rss), counted from 1 with
-    // pid and comm as 1 and 2.
-    Some((num(11)? + num(12)?, num(1)? as u32, num(21)?))
-}
-
 /// The kernel and its descendants, summed.
 fn read_tree(root: u32) -> Option<Reading> {
-    let mut stats: HashMap<u32, (u64, u32, u64)> = HashMap::new();
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        if let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) {
-            if let Some(s) = proc_stat(pid) {
-                stats.insert(pid, s);
-            }
-        }
-    }
+    let stats: HashMap<u32, ProcStat> = proc_stats().into_iter().map(|p| (p.pid, p)).collect();
     stats.get(&root)?;
     let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
-    for (pid, (_, ppid, _)) in &stats {
-        children.entry(*ppid).or_default().push(*pid);
+    for p in stats.values() {
+        children.entry(p.ppid).or_default().push(p.pid);
     }
     let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
@@ -197,9 +179,9 @@ fn read_tree(root: u32) -> Option<Reading> {
     let (mut ticks, mut pages) = (0, 0);
     let mut todo = vec![root];
     while let Some(pid) = todo.pop() {
-        if let Some((t, _, rss)) = stats.get(&pid) {
-            ticks += t;
-            pages += rss;
+        if let Some(p) = stats.get(&pid) {
+            ticks += p.cpu_ticks;
+            pages += p.rss_pages;
         }
         todo.extend(children.get(&pid).into_iter().flatten());
     }

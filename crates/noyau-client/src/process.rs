@@ -176,34 +176,56 @@ impl KernelProcess {
     }
 }
 
-/// The first process below `root` (breadth first) that leads its own
-/// session, from `/proc/PID/stat` (pid, ppid, session).
-fn inner_session_leader(root: i32) -> Option<i32> {
-    let procs: Vec<(i32, i32, i32)> = std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
+/// One process as its `/proc/PID/stat` line shows it: the fields noyau reads.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcStat {
+    pub pid: u32,
+    pub ppid: u32,
+    pub session: u32,
+    /// utime + stime, in clock ticks.
+    pub cpu_ticks: u64,
+    pub rss_pages: u64,
+}
+
+/// Every process's stat (blocking); one gone meanwhile is left out.
+pub fn proc_stats() -> Vec<ProcStat> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    dir.flatten()
         .filter_map(|e| {
-            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-            // After the command name (in parentheses, which may hold
-            // anything): state, ppid, pgrp, session.
-            let mut f = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
-            let ppid = f.nth(1)?.parse().ok()?;
-            let session = f.nth(1)?.parse().ok()?;
-            Some((pid, ppid, session))
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            parse_stat(pid, &std::fs::read_to_string(e.path().join("stat")).ok()?)
         })
-        .collect();
-    let mut level = vec![root];
+        .collect()
+}
+
+fn parse_stat(pid: u32, stat: &str) -> Option<ProcStat> {
+    // The command name (in parentheses) may hold anything: the fields
+    // follow the last ')', from state (0): ppid 1, session 3, utime 11,
+    // stime 12, rss 21.
+    let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+    Some(ProcStat {
+        pid,
+        ppid: u32::try_from(num(1)?).ok()?,
+        session: u32::try_from(num(3)?).ok()?,
+        cpu_ticks: num(11)? + num(12)?,
+        rss_pages: num(21)?,
+    })
+}
+
+/// The first process below `root` (breadth first) that leads its own
+/// session.
+fn inner_session_leader(root: i32) -> Option<i32> {
+    let procs = proc_stats();
+    let mut level = vec![u32::try_from(root).ok()?];
     while !level.is_empty() {
-        let below: Vec<(i32, i32, i32)> = procs
-            .iter()
-            .filter(|(_, ppid, _)| level.contains(ppid))
-            .copied()
-            .collect();
-        if let Some((pid, _, _)) = below.iter().find(|(pid, _, sid)| pid == sid) {
-            return Some(*pid);
+        let below: Vec<&ProcStat> = procs.iter().filter(|p| level.contains(&p.ppid)).collect();
+        if let Some(p) = below.iter().find(|p| p.pid == p.session) {
+            return i32::try_from(p.pid).ok();
         }
-        level = below.iter().map(|(pid, _, _)| *pid).collect();
+        level = below.iter().map(|p| p.pid).collect();
     }
     None
 }
@@ -239,6 +261,18 @@ fn oom_kill_count() -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_stat_line_is_read_after_its_command_name() {
+        // (a command name may hold spaces and parentheses)
+        let line = "42 (a) (b c) S 7 42 40 0 -1 4194560 1 0 0 0 30 12 0 0 20 0 1 0 5 10 99 0";
+        let p = parse_stat(42, line).unwrap();
+        assert_eq!(
+            (p.ppid, p.session, p.cpu_ticks, p.rss_pages),
+            (7, 40, 42, 99)
+        );
+        assert!(parse_stat(1, "1 (x) S").is_none());
+    }
+
     use super::*;
 
     #[tokio::test]
