@@ -151,11 +151,14 @@ def test_detached_run_ps_extend_and_cancel(sge: lib.Cluster, noyau_bin: str, tmp
     assert job.isdigit(), r.stdout
 
     def line() -> str | None:
+        # Grid Engine shows the job as `t` (transferring) until the execd's
+        # report reaches the qmaster, which can come after the first cell ran.
         ps = run(noyau_bin, ["ps", "--backend", "sge"], tmp_path).stdout
-        return next((l for l in ps.splitlines()[1:] if l.split()[0] == job and l.endswith("1/2")), None)
+        return next((l for l in ps.splitlines()[1:]
+                     if l.split()[0] == job and l.endswith("1/2") and " r " in l), None)
 
-    row = lib.wait_until(line, 60, "ps to show the run's first cell done", 0.3)
-    assert " run " in row and "noyau-run-det" in row and " r " in row, row
+    row = lib.wait_until(line, 60, "ps to show the run's first cell done, the job in state r", 0.3)
+    assert " run " in row and "noyau-run-det" in row, row
     ext = run(noyau_bin, ["extend", "--backend", "sge", job, "10"], tmp_path)
     assert ext.returncode != 0 and "cannot extend" in ext.stderr, ext.stderr
     c = run(noyau_bin, ["cancel", "--backend", "sge", job], tmp_path)
