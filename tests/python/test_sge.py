@@ -2,7 +2,8 @@
 with the kernel in a job, a sweep as one array job K tasks at a time, the
 walltime warning and save signal (SIGUSR2 at h_rt: exit 6), `--detach` with
 `ps`/`cancel`/`extend`, a `%%noyau on` cell and `--tasks` in a Grid Engine
-job, and profile keys checked for Grid Engine. The kernel tests of
+job, a Dask cluster of Grid Engine jobs, and profile keys checked for Grid
+Engine. The kernel tests of
 test_slurm_kernel.py (queue reason, shutdown while queued, proxy SIGKILL,
 restart, the qmaster down for 30 s) and the protocol suite of
 test_slurm_suite.py run on Grid Engine too, through the `batch` fixture.
@@ -220,3 +221,30 @@ def test_profile_keys_checked_for_grid_engine(sge: lib.Cluster, noyau_bin: str, 
     assert r.returncode != 0 and "one host" in r.stderr, r.stderr
     r = run(noyau_bin, ["kernel", "--dry-run", "--backend", "slurm", "-o", "pe=smp"], tmp_path)
     assert r.returncode != 0 and "pe has no meaning on Slurm" in r.stderr, r.stderr
+
+
+def test_a_run_with_a_dask_cluster_on_grid_engine(sge: lib.Cluster, noyau_bin: str,
+                                                  tmp_path: Path) -> None:
+    """The batch notebook that starts a Dask cluster on Grid Engine: its
+    scheduler and each worker a job of their own (qsub), the computation's
+    result in the output, and every job gone when the run ends."""
+    (tmp_path / "noyau.toml").write_text(lib.sge_profile("big", time="10"))
+    nb = notebook(tmp_path / "d.ipynb",
+                  "%noyau dask up 2 --target big",
+                  "import os\nfrom dask.distributed import Client\nclient = Client()\n"
+                  "client.wait_for_workers(2, timeout=120)\n"
+                  "print(sum(client.gather(client.map(lambda x: x * x, range(100)))))\n"
+                  "print(' '.join(sorted(client.run(lambda: os.environ.get('JOB_ID', '-')).values())))")
+    out = tmp_path / "d.out.ipynb"
+    r = run(noyau_bin, ["run", "--no-progress", str(nb), str(out)], tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    up, computed = stdout_of(res["cells"][0]), stdout_of(res["cells"][1])
+    assert re.search(r'Client\("tls://', up) and "(sge)" in up, up
+    total, jobs = computed.splitlines()
+    assert total == str(sum(x * x for x in range(100))), computed
+    worker_jobs = jobs.split()
+    assert len(set(worker_jobs)) == 2 and all(j.isdigit() for j in worker_jobs), jobs
+    lib.wait_until(lambda: not lib.qstat_noyau(), 60, "the cluster's jobs to leave Grid Engine", 0.5)
+    for j in worker_jobs:
+        no_process_of(j)
