@@ -38,6 +38,16 @@ def require_hub_env() -> None:
                     strict=bool(os.environ.get("NOYAU_TEST_SLURM")))
 
 
+def require_hub_sge_env() -> None:
+    """The hub tests' needs, with the Grid Engine test cluster instead of Slurm."""
+    lib.require_sge()
+    if os.geteuid() != 0:
+        lib.missing("the hub tests make Unix users and submit jobs as them: run as root")
+    if not (JUPYTER_VENV / "bin" / "jupyter-lab").exists():
+        lib.missing(f"no JupyterLab for the test users in {JUPYTER_VENV} (scripts/test makes it)",
+                    strict=bool(os.environ.get("NOYAU_TEST_SGE")))
+
+
 def require_hub_oar_env() -> None:
     """The hub tests' needs, with the OAR test cluster instead of Slurm."""
     lib.require_noyau()
@@ -97,9 +107,10 @@ class Hub:
         self.log = self.dir / "hub.log"
         self.config = self.dir / "hub.toml"
         path = f"{JUPYTER_VENV}/bin:/usr/local/bin:/usr/bin:/bin"
-        # OAR: queues instead of partitions, and no memory request.
-        queues, mem = (["debug", "batch"], "mem_gb = {{ min = 1, max = {}, default = 1 }}") if scheduler == "slurm" \
-            else (["default", "batch"], "")
+        # OAR and Grid Engine: queues instead of partitions, and no memory request.
+        queues, mem = {"slurm": (["debug", "batch"], "mem_gb = {{ min = 1, max = {}, default = 1 }}"),
+                       "oar": (["default", "batch"], ""),
+                       "sge": (["all.q", "batch"], "")}[scheduler]
         self.config.write_text(f"""
 listen = "{listen_host}:{self.port}"
 link_bind = "127.0.0.1:{self.link_port}"
