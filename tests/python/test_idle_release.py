@@ -1,6 +1,7 @@
-"""Idle allocations given back (issue 23): a kernel on the test Slurm whose
-job has been idle for its limit (`[idle] kernel` in the user's config file,
-as a user would write it) releases the job; the notebook is told; the
+"""Idle allocations given back (issue 23): a kernel on the test Slurm (and
+OAR) whose job has been idle for its limit (on Slurm `[idle] kernel` in the
+user's config file, as a user would write it; on OAR, whose kernels run as
+the test user with a HOME of their own, `NOYAU_KERNEL_IDLE`) releases the job; the notebook is told; the
 kernel stays connected; the next cell runs in a new job and says that the
 variables were lost. Activity (requests on the `noyau` comm, cells) keeps
 the job; the comm's own periodic state pushes do not. The local backend is
@@ -21,9 +22,11 @@ from test_comm import Comm, is_state, opened
 LIMIT_S = 30
 
 
-def idle_limited_kernel(tmp_path: Path) -> Kernel:
-    """A Slurm kernel whose user config (the session's, plus `[idle]`) sets
-    a 30 s limit."""
+def idle_limited_kernel(tmp_path: Path, batch: lib.Cluster = lib.CLUSTERS["slurm"]) -> Kernel:
+    """A kernel with a 30 s limit: on Slurm from its user config (the
+    session's, plus `[idle]`), elsewhere from the environment."""
+    if batch.name != "slurm":
+        return Kernel(batch.kernel_name, env={"NOYAU_KERNEL_IDLE": str(LIMIT_S)})
     xdg = tmp_path / "xdg-config"
     cfg = xdg / "noyau" / "config.toml"
     cfg.parent.mkdir(parents=True)
@@ -33,14 +36,14 @@ def idle_limited_kernel(tmp_path: Path) -> Kernel:
                                               "NOYAU_KERNEL_IDLE": None})
 
 
-def job_of(k: Kernel) -> str:
-    reply, iopub = k.run("import os; print(os.environ['SLURM_JOB_ID'])", timeout=120)
+def job_of(k: Kernel, batch: lib.Cluster = lib.CLUSTERS["slurm"]) -> str:
+    reply, iopub = k.run(f"import os; print(os.environ[{batch.job_var!r}])", timeout=120)
     assert reply["content"]["status"] == "ok", reply["content"]
     return lib.stream_text(iopub).strip()
 
 
-def in_queue(job: str) -> bool:
-    return any(j["id"] == job for j in lib.squeue_noyau())
+def in_queue(job: str, batch: lib.Cluster = lib.CLUSTERS["slurm"]) -> bool:
+    return any(j["id"] == job for j in batch.jobs())
 
 
 def drain(k: Kernel, into: list[dict]) -> None:
@@ -51,20 +54,21 @@ def drain(k: Kernel, into: list[dict]) -> None:
             return
 
 
-def test_an_idle_job_is_released_and_the_next_cell_runs_in_a_new_one(slurm: None, tmp_path: Path) -> None:
-    k = idle_limited_kernel(tmp_path)
+def test_an_idle_job_is_released_and_the_next_cell_runs_in_a_new_one(slurm_or_oar: lib.Cluster, tmp_path: Path) -> None:
+    batch = slurm_or_oar
+    k = idle_limited_kernel(tmp_path, batch)
     try:
         c = Comm(k)
         first = opened(c)
         assert first["idle"]["release_after_s"] == LIMIT_S, first["idle"]
         reply, _ = k.run("x = 1", timeout=120)
         assert reply["content"]["status"] == "ok"
-        job = job_of(k)
-        assert in_queue(job)
+        job = job_of(k, batch)
+        assert in_queue(job, batch)
         # Only the proxy's own state pushes (every 5 s) while idle: released.
         seen: list[dict] = []
         t0 = time.monotonic()
-        lib.wait_until(lambda: drain(k, seen) or not in_queue(job), LIMIT_S + 60,
+        lib.wait_until(lambda: drain(k, seen) or not in_queue(job, batch), LIMIT_S + 60,
                        "the idle job to leave the queue")
         assert time.monotonic() - t0 >= LIMIT_S - 5, "released before its limit"
         lib.wait_until(lambda: drain(k, seen) or any(
@@ -72,7 +76,7 @@ def test_an_idle_job_is_released_and_the_next_cell_runs_in_a_new_one(slurm: None
             15, "the release note")
         note = next(m for m in seen if m["msg_type"] == "stream" and "was released at" in lib.message_text(m))
         text = lib.message_text(note)
-        assert f"slurm job {job} was released at" in text and "UTC" in text and "idle for" in text, text
+        assert f"{batch.name} job {job} was released at" in text and "UTC" in text and "idle for" in text, text
         assert note["content"]["name"] == "stderr", note
         # no "kernel died", link lost or walltime message for a release the proxy did
         texts = " ".join(lib.message_text(m) for m in seen if m["msg_type"] in ("stream", "error"))
@@ -84,9 +88,9 @@ def test_an_idle_job_is_released_and_the_next_cell_runs_in_a_new_one(slurm: None
         # Still connected: the proxy answers as while a job is queued.
         info = k.kc.kernel_info(reply=True, timeout=10)
         assert "released" in info["content"]["banner"], info["content"]
-        assert not lib.squeue_noyau(), "no job while released"
+        assert not batch.jobs(), "no job while released"
         # The next cell: a new job, the variables lost, then NameError.
-        msg_id = k.execute("import os; print(os.environ['SLURM_JOB_ID']); print(x)")
+        msg_id = k.execute(f"import os; print(os.environ[{batch.job_var!r}]); print(x)")
         msgs = k.iopub_for(msg_id, lib.is_idle, 120)
         reply = k.reply_for(msg_id, 10)
         assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "NameError", reply["content"]
@@ -99,13 +103,13 @@ def test_an_idle_job_is_released_and_the_next_cell_runs_in_a_new_one(slurm: None
         assert msgs.index(lost[0]) < types.index("error"), types
         new_job = lib.stream_text(msgs).strip()
         assert new_job and new_job != job, (job, new_job)
-        assert [j["id"] for j in lib.squeue_noyau()] == [new_job]
+        assert [j["id"] for j in batch.jobs()] == [new_job]
         # the clock starts again in the new job: the comm says so
         s = c.state(lambda s: s["job"]["id"] == new_job, 15, "the new job in the comm's state")
         assert s["idle"]["released_at"] is None and s["idle"]["release_after_s"] == LIMIT_S, s["idle"]
     finally:
         k.shutdown()
-    lib.wait_until(lambda: not lib.squeue_noyau(), 30, "no noyau job left after shutdown")
+    lib.wait_until(lambda: not batch.jobs(), 30, "no noyau job left after shutdown")
 
 
 def test_activity_keeps_the_job(slurm: None, tmp_path: Path) -> None:
