@@ -147,3 +147,17 @@ def test_activity_keeps_the_job(slurm: None, tmp_path: Path) -> None:
     finally:
         k.shutdown()
     lib.wait_until(lambda: not lib.squeue_noyau(), 30, "no noyau job left after shutdown")
+
+
+def test_a_restart_after_the_release_submits_a_new_job(slurm: None, tmp_path: Path) -> None:
+    k = idle_limited_kernel(tmp_path)
+    try:
+        job = job_of(k)
+        lib.wait_until(lambda: not in_queue(job), LIMIT_S + 60, "the idle job to leave the queue")
+        k.km.restart_kernel()
+        k.kc.wait_for_ready(timeout=60)
+        new_job = job_of(k)
+        assert new_job != job and in_queue(new_job), (job, new_job)
+    finally:
+        k.shutdown()
+    lib.wait_until(lambda: not lib.squeue_noyau(), 30, "no noyau job left after shutdown")
