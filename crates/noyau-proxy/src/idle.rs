@@ -248,6 +248,12 @@ impl Proxy {
         // Nothing of the old agent reaches the notebook after this: its
         // link is closed and its end is not followed (no "kernel died").
         self.agent.release().await;
+        // Its Dask cluster served the kernel's client, gone with it.
+        let dask = self.magics.dask.is_up();
+        if dask {
+            self.release_dask("the kernel's job was released while idle")
+                .await;
+        }
         self.queued = Queued::new(None, &self.cfg.backend, &self.cfg.inner);
         self.comms.usage = None;
         self.comms.running_since = None;
@@ -257,11 +263,12 @@ impl Proxy {
             after,
         };
         let text = format!(
-            "noyau: the kernel was idle for {}: its {} job {} was released at {} to give the allocation back. Its variables are gone; the next cell starts a new job.\n",
+            "noyau: the kernel was idle for {}: its {} job {} was released at {} to give the allocation back{}. Its variables are gone; the next cell starts a new job.\n",
             human(after.as_secs()),
             self.cfg.backend,
             r.job,
-            r.when()
+            r.when(),
+            if dask { ", and its Dask cluster with it" } else { "" }
         );
         self.idle.released = Some(r);
         let parent = self.idle.last_cell.clone();
