@@ -19,8 +19,9 @@ Two kernels run the scenario:
   tests/python/noyau_comm_standin.py, answering the comm from scenes this
   test writes; its memory and CPU use are its process's real ones) for
   what the real one cannot give here: a GPU (no GPU on this machine), the
-  scheduler's estimated start (the test Slurm gives none) and the idle
-  release section (the kernel's idle release is not written yet).
+  scheduler's estimated start (the test Slurm gives none) and an idle
+  release with a date (the real kernel's section shows its default limit
+  here; its release itself: test_idle_release.py).
 A real noyau kernel on the test OAR (`OarKernel`) shows that the extend
 button adds walltime through oarwalltime: the time left grows by what was
 asked.
@@ -357,6 +358,9 @@ def test_status_bar_and_panel_follow_a_real_kernels_slurm_job(slurm: None, tmp_p
     for want in ("Running on", "(debug)", "side", "Slurm"):
         assert want in panel, (want, panel)
     assert "of 500 MiB" in panel, panel  # profile `test`: mem = 500M
+    # the kernel's own idle clock ([idle] kernel's default: 1 h)
+    assert "idle" in s["panel"]["sections"], s["panel"]
+    assert "Given back after 1:00:00 without activity" in panel, panel
     mem = s["memory"]
     assert size(mem["after"]) - size(mem["before"]) >= 190 * 2**20, mem
     assert s["release"]["target"] == "side" and s["release"]["reply"]["ok"], s["release"]

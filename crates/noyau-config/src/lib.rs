@@ -21,7 +21,15 @@
 //! site's scheduler for the commands about jobs (`noyau ps`, `cancel`,
 //! `extend`).
 //!
+//! A top-level `[idle]` table says when an idle allocation is given back
+//! ([`IdleLimits`]): the site's default in the system file, the user's
+//! own in theirs.
+//!
 //! ```toml
+//! [idle]
+//! kernel = "1:00:00"   # a batch kernel's own job (default 1 h; "off": kept)
+//! target = "30:00"     # a `%%noyau on` target's job (default 30 min)
+//!
 //! [profiles.gpu]
 //! backend = "slurm"
 //! partition = "gpu"
@@ -91,6 +99,48 @@ struct File {
     _data: Option<toml::Value>,
     #[serde(default)]
     dask: Option<DaskSettings>,
+    #[serde(default)]
+    idle: Option<IdleFile>,
+}
+
+/// `[idle]` as written: Slurm times, or `"off"`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdleFile {
+    kernel: Option<String>,
+    target: Option<String>,
+}
+
+/// How long an allocation may stay idle before it is given back; None:
+/// never. The kernel's own job is only ever released on a batch scheduler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdleLimits {
+    pub kernel: Option<std::time::Duration>,
+    pub target: Option<std::time::Duration>,
+}
+
+impl Default for IdleLimits {
+    /// A kernel's job after 1 h (what a centre's idle culler commonly
+    /// uses), a target's after 30 min (a second allocation, often bigger).
+    fn default() -> Self {
+        IdleLimits {
+            kernel: Some(std::time::Duration::from_secs(3600)),
+            target: Some(std::time::Duration::from_secs(1800)),
+        }
+    }
+}
+
+/// An idle limit: `"off"` (or `"0"`, `"unlimited"`) is none, else a Slurm time.
+pub fn parse_idle(v: &str) -> Result<Option<std::time::Duration>, String> {
+    let v = v.trim();
+    if v.eq_ignore_ascii_case("off") || v == "0" {
+        return Ok(None);
+    }
+    match parse_time(v) {
+        Ok(0) => Ok(None),
+        Ok(secs) => Ok(Some(std::time::Duration::from_secs(secs))),
+        Err(e) => Err(format!("{}, or \"off\"", e.message)),
+    }
 }
 
 /// `[dask]`: defaults for `%noyau dask up` (its flags win). Checked where
@@ -246,6 +296,8 @@ pub struct Config {
     /// the last file that sets it wins): what `noyau ps`, `cancel` and
     /// `extend` ask when not told.
     pub scheduler: Option<String>,
+    /// `[idle]`, key by key over the defaults.
+    pub idle: IdleLimits,
     /// The files read, in order.
     pub sources: Vec<PathBuf>,
 }
@@ -319,6 +371,16 @@ impl Config {
         if let Some(d) = file.dask {
             self.dask.merge(d);
         }
+        if let Some(i) = file.idle {
+            let limit =
+                |key: &str, v: &str| parse_idle(v).map_err(|e| bad(format!("[idle] {key}: {e}")));
+            if let Some(k) = &i.kernel {
+                self.idle.kernel = limit("kernel", k)?;
+            }
+            if let Some(t) = &i.target {
+                self.idle.target = limit("target", t)?;
+            }
+        }
         self.sources.push(path.into());
         Ok(())
     }
@@ -387,7 +449,16 @@ fn explain(e: &toml::de::Error) -> String {
     if let Some(rest) = msg.strip_prefix("unknown field `") {
         if let Some(word) = rest.split('`').next() {
             let cands: &[&str] = if msg.contains("`profiles`") {
-                &["scheduler", "profiles", "environment", "data", "dask"]
+                &[
+                    "scheduler",
+                    "profiles",
+                    "environment",
+                    "data",
+                    "dask",
+                    "idle",
+                ]
+            } else if msg.contains("`kernel`") {
+                &["kernel", "target"]
             } else {
                 &DASK_KEYS
             };
@@ -525,6 +596,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("did you mean `oar`"), "{e}");
+    }
+
+    #[test]
+    fn idle_limits_default_merge_and_explain() {
+        assert_eq!(cfg(&[]).unwrap().idle, IdleLimits::default());
+        // The site's default, then the user's own: key by key.
+        let c = cfg(&[
+            "[idle]\nkernel = \"2:00:00\"\ntarget = \"10\"\n",
+            "[idle]\nkernel = \"off\"\n",
+        ])
+        .unwrap();
+        assert_eq!(c.idle.kernel, None);
+        assert_eq!(c.idle.target, Some(std::time::Duration::from_secs(600)));
+        let c = cfg(&["[idle]\nkernel = \"0:30\"\n"]).unwrap();
+        assert_eq!(c.idle.kernel, Some(std::time::Duration::from_secs(30)));
+        let e = cfg(&["[idle]\nkernel = \"1h\"\n"]).unwrap_err().to_string();
+        assert!(
+            e.contains("[idle] kernel") && e.contains("HH:MM:SS") && e.contains("off"),
+            "{e}"
+        );
+        let e = cfg(&["[idle]\nkernell = \"10\"\n"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("did you mean `kernel`"), "{e}");
     }
 
     #[test]

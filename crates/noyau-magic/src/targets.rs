@@ -1,9 +1,8 @@
 //! What the hosts share about `%%noyau on` targets: the `%noyau targets`
-//! table, the line telling where a cell ran, and the idle timeout. Each
+//! table and the line telling where a cell ran (the idle clock is the
+//! proxy's, shared with its own kernel's job). Each
 //! host keeps its targets its own way (the proxy relays a target's frames
 //! to the frontend; `noyau run` drives the target's kernel).
-
-use std::time::Duration;
 
 /// One target, as `%noyau targets` lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,16 +57,6 @@ pub fn unknown(name: &str) -> crate::MagicError {
     crate::MagicError::Target(format!(
         "no target named {name:?} is running; `%noyau targets` lists them"
     ))
-}
-
-/// The idle time after which a target's allocation is given back
-/// (`NOYAU_TARGET_IDLE` seconds, default 30 min).
-pub fn idle_timeout() -> Duration {
-    std::env::var("NOYAU_TARGET_IDLE")
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-        .map(Duration::from_secs_f64)
-        .unwrap_or(Duration::from_secs(30 * 60))
 }
 
 #[cfg(test)]

@@ -293,6 +293,15 @@ impl AgentSide {
         }
     }
 
+    /// Ends the agent and its job for the proxy, which stays: its link is
+    /// closed, so nothing more of it reaches the notebook.
+    pub async fn release(&mut self) {
+        self.stop().await;
+        if let Some(link) = self.link.take() {
+            link.close().await;
+        }
+    }
+
     /// Ends the agent: its kernel stops, its job ends.
     pub async fn stop(&mut self) {
         if let Some(s) = self.sender() {

@@ -76,6 +76,11 @@ impl Comms {
         }
     }
 
+    /// Follows another job (the kernel's job was resubmitted).
+    pub fn follow(&mut self, job: Option<watch::Receiver<JobState>>) {
+        self.job = job;
+    }
+
     pub fn any_open(&self) -> bool {
         !self.open.is_empty()
     }

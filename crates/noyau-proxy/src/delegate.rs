@@ -75,7 +75,7 @@ impl Proxy {
                 count: None,
             },
         );
-        t.last_used = std::time::Instant::now();
+        t.idle.touch();
         if t.state == State::Queued && t.note.is_none() {
             t.note = Some((msg.header.clone(), noyau_magic::note::Note::new()));
         }
@@ -240,7 +240,7 @@ impl Proxy {
         }
         if msg_type == "execute_reply" {
             t.running.remove(&parent);
-            t.last_used = std::time::Instant::now();
+            t.idle.touch();
         }
         self.out.send(lane, msg).await;
     }

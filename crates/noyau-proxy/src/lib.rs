@@ -20,6 +20,9 @@
 //! * `env`: the environment record, `%noyau env SPEC` switches and
 //!   `%noyau data` files, both prepared on this host;
 //! * `targets` + `delegate`: `%%noyau on` targets and their messages;
+//! * `idle`: the idle clock of the kernel's job and of each target's, and
+//!   a kernel whose idle job was given back (answered meanwhile, a new job
+//!   for its next cell);
 //! * `comm`: the `noyau` comm (docs/comm.md): the job, its resources and
 //!   their use, targets and Dask jobs shown in the frontend, and its requests;
 //! * `magic`: the proxy as noyau-magic's `Host`, which runs the magics
@@ -40,6 +43,7 @@ mod error;
 mod events;
 pub mod frontend;
 pub mod handover;
+mod idle;
 mod magic;
 mod queued;
 mod relay;

@@ -19,6 +19,7 @@ use crate::agent::{AgentSide, FromAgent};
 use crate::answer::{Answers, Cell, Failure};
 use crate::comm::{CommEvent, Comms};
 use crate::env::Env;
+use crate::idle::{KernelIdle, WhileReleased};
 use crate::queued::{Queued, WhileQueued};
 use crate::requests::{Own, Pending, Requests};
 use crate::targets::Targets;
@@ -42,6 +43,8 @@ pub(crate) struct Proxy {
     pub own: Own,
     /// The `noyau` comms open in frontends.
     pub comms: Comms,
+    /// The kernel's idle clock and limits; its job when released.
+    pub idle: KernelIdle,
 }
 
 /// True when the message's header date is before `t`.
@@ -88,6 +91,7 @@ impl Proxy {
         }
         Proxy {
             queued: Queued::new(job_state, &cfg.backend, &cfg.inner),
+            idle: KernelIdle::new(crate::idle::limits(&cfg.backend)),
             cfg,
             out,
             agent,
@@ -115,8 +119,8 @@ impl Proxy {
             }
         };
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
-        let mut idle_tick = tokio::time::interval(std::time::Duration::from_secs(10));
-        // Not polled while there are no targets: no burst of missed ticks after.
+        let mut idle_tick = tokio::time::interval(crate::idle::CHECK_EVERY);
+        // Not polled while no clock runs: no burst of missed ticks after.
         idle_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let waiting = !self.agent.attached() && self.queued.follows();
@@ -146,8 +150,8 @@ impl Proxy {
                         self.push_state().await;
                     }
                 }
-                // Only with targets: an idle proxy's only timer otherwise.
-                _ = idle_tick.tick(), if !self.targets.map.is_empty() => self.targets.release_idle(),
+                // Only while a clock runs: an idle proxy's only timer otherwise.
+                _ = idle_tick.tick(), if !self.targets.map.is_empty() || self.idle.watching() => self.release_idle().await,
                 ev = self.magics.dask.event() => {
                     self.on_dask_event(ev).await;
                     self.push_state().await;
@@ -162,7 +166,8 @@ impl Proxy {
                         self.welcome(sub).await;
                     }
                 }
-                from = self.agent.next() => match from {
+                // A released job's agent is not followed: its end is ours.
+                from = self.agent.next(), if self.idle.released.is_none() => match from {
                     FromAgent::Dialled(Ok(link)) => self.attach(link).await,
                     FromAgent::Dialled(Err(e)) => tracing::warn!("link: {e}"),
                     FromAgent::Incoming(incoming) => {
@@ -217,8 +222,16 @@ impl Proxy {
 impl Proxy {
     /// A checked frontend message; Some(exit code) when the proxy must end.
     pub async fn on_frontend_message(&mut self, lane: Lane, msg: RawMessage) -> Option<i32> {
+        self.idle.on_frontend(lane, &msg);
         let msg = self.env.hold(lane, msg)?;
         let msg = self.intercept(lane, msg).await?;
+        if self.idle.released.is_some() {
+            match self.while_released(lane, &msg).await {
+                WhileReleased::Answered => return None,
+                WhileReleased::Exit => return Some(0),
+                WhileReleased::Resubmitted => {}
+            }
+        }
         if !self.agent.attached() && self.queued.queued() {
             let job = self.agent.job_label();
             let fresh = !sent_before(&msg, self.started);
@@ -397,6 +410,8 @@ impl Proxy {
                 self.requests.answered(&parent);
             }
             if let Some(n) = execution_count(&msg) {
+                // The end of a cell: idle from now.
+                self.idle.clock.touch();
                 self.out.exec_count = n;
             }
             shutdown_reply = self.shutdown.is_some()

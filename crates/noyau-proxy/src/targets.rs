@@ -64,7 +64,8 @@ pub struct Target {
     /// Its job as its scheduler's watcher sees it (none on the local
     /// backend), for the `noyau` comm.
     pub job_state: Option<tokio::sync::watch::Receiver<noyau_sched::JobState>>,
-    pub last_used: Instant,
+    /// Since when it has had no cell (the kernel's idle clock, [`crate::idle`]).
+    pub idle: crate::idle::Clock,
     /// Cells running there, by msg_id.
     pub running: BTreeMap<String, RunningCell>,
     sender: Option<LinkSender>,
@@ -113,7 +114,7 @@ impl Target {
             job,
             node: None,
             job_state,
-            last_used: Instant::now(),
+            idle: crate::idle::Clock::new(),
             running: BTreeMap::new(),
             sender: None,
             queued: VecDeque::new(),
@@ -176,7 +177,7 @@ impl Target {
             backend: self.backend.clone(),
             job: self.job.clone(),
             node: self.node.clone(),
-            idle_secs: self.last_used.elapsed().as_secs(),
+            idle_secs: self.idle.idle_for().as_secs(),
         }
     }
 }
@@ -337,13 +338,13 @@ impl Targets {
             .is_some_and(|t| t.state == State::Releasing)
     }
 
-    /// Gives back the allocations of targets idle for `NOYAU_TARGET_IDLE`.
-    pub fn release_idle(&mut self) {
-        let limit = noyau_magic::targets::idle_timeout();
+    /// Gives back the allocations of targets idle past `limit` (`[idle]
+    /// target`, [`crate::idle::limits`]).
+    pub fn release_idle(&mut self, limit: Option<std::time::Duration>) {
         for t in self.map.values_mut() {
-            if t.state != State::Releasing && t.running.is_empty() && t.last_used.elapsed() >= limit
-            {
-                tracing::info!(target = %t.name, "idle for {}s; releasing", limit.as_secs());
+            let busy = t.state == State::Releasing || !t.running.is_empty();
+            if t.idle.due(limit, busy) {
+                tracing::info!(target = %t.name, "idle for {:?}; releasing", t.idle.idle_for());
                 t.release();
             }
         }

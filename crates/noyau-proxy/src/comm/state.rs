@@ -102,7 +102,7 @@ impl Proxy {
             "targets": targets,
             "dask": self.dask_state().await,
             "can": can,
-            "idle": null,
+            "idle": self.idle_state(),
         })
     }
 

@@ -1,0 +1,163 @@
+"""Idle allocations given back (issue 23): a kernel on the test Slurm (and
+OAR) whose job has been idle for its limit (on Slurm `[idle] kernel` in the
+user's config file, as a user would write it; on OAR, whose kernels run as
+the test user with a HOME of their own, `NOYAU_KERNEL_IDLE`) releases the job; the notebook is told; the
+kernel stays connected; the next cell runs in a new job and says that the
+variables were lost. Activity (requests on the `noyau` comm, cells) keeps
+the job; the comm's own periodic state pushes do not. The local backend is
+never released (crates/noyau-proxy/src/idle.rs's unit tests).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import time
+from pathlib import Path
+
+import noyau_testlib as lib
+from noyau_testlib import Kernel
+from test_comm import Comm, is_state, opened
+
+LIMIT_S = 30
+
+
+def idle_limited_kernel(tmp_path: Path, batch: lib.Cluster = lib.CLUSTERS["slurm"]) -> Kernel:
+    """A kernel with a 30 s limit: on Slurm from its user config (the
+    session's, plus `[idle]`), elsewhere from the environment."""
+    if batch.name != "slurm":
+        return Kernel(batch.kernel_name, env={"NOYAU_KERNEL_IDLE": str(LIMIT_S)})
+    xdg = tmp_path / "xdg-config"
+    cfg = xdg / "noyau" / "config.toml"
+    cfg.parent.mkdir(parents=True)
+    session = Path(os.environ["XDG_CONFIG_HOME"]) / "noyau" / "config.toml"
+    cfg.write_text(session.read_text() + f'\n[idle]\nkernel = "0:{LIMIT_S}"\n')
+    return Kernel(lib.SLURM_KERNEL_NAME, env={"XDG_CONFIG_HOME": str(xdg),
+                                              "NOYAU_KERNEL_IDLE": None})
+
+
+def job_of(k: Kernel, batch: lib.Cluster = lib.CLUSTERS["slurm"]) -> str:
+    reply, iopub = k.run(f"import os; print(os.environ[{batch.job_var!r}])", timeout=120)
+    assert reply["content"]["status"] == "ok", reply["content"]
+    return lib.stream_text(iopub).strip()
+
+
+def in_queue(job: str, batch: lib.Cluster = lib.CLUSTERS["slurm"]) -> bool:
+    return any(j["id"] == job for j in batch.jobs())
+
+
+def drain(k: Kernel, into: list[dict]) -> None:
+    while True:
+        try:
+            into.append(k.kc.get_iopub_msg(timeout=0.2))
+        except queue.Empty:
+            return
+
+
+def test_an_idle_job_is_released_and_the_next_cell_runs_in_a_new_one(slurm_or_oar: lib.Cluster, tmp_path: Path) -> None:
+    batch = slurm_or_oar
+    k = idle_limited_kernel(tmp_path, batch)
+    try:
+        c = Comm(k)
+        first = opened(c)
+        assert first["idle"]["release_after_s"] == LIMIT_S, first["idle"]
+        reply, _ = k.run("x = 1", timeout=120)
+        assert reply["content"]["status"] == "ok"
+        job = job_of(k, batch)
+        assert in_queue(job, batch)
+        # Only the proxy's own state pushes (every 5 s) while idle: released.
+        seen: list[dict] = []
+        t0 = time.monotonic()
+        lib.wait_until(lambda: drain(k, seen) or not in_queue(job, batch), LIMIT_S + 60,
+                       "the idle job to leave the queue")
+        assert time.monotonic() - t0 >= LIMIT_S - 5, "released before its limit"
+        lib.wait_until(lambda: drain(k, seen) or any(
+            "was released at" in lib.message_text(m) for m in seen if m["msg_type"] == "stream"),
+            15, "the release note")
+        note = next(m for m in seen if m["msg_type"] == "stream" and "was released at" in lib.message_text(m))
+        text = lib.message_text(note)
+        assert f"{batch.name} job {job} was released at" in text and "UTC" in text and "idle for" in text, text
+        assert note["content"]["name"] == "stderr", note
+        # no "kernel died", link lost or walltime message for a release the proxy did
+        texts = " ".join(lib.message_text(m) for m in seen if m["msg_type"] in ("stream", "error"))
+        assert "died" not in texts and "lost for good" not in texts and "walltime" not in texts, texts
+        states = [m["content"]["data"] for m in seen if is_state(m) and m["content"]["comm_id"] == c.id]
+        assert any(s["idle"]["released_at"] and s["idle"]["released_job"] == job for s in states), \
+            [s["idle"] for s in states]
+        assert [m["content"]["execution_state"] for m in seen if m["msg_type"] == "status"][-1] == "idle"
+        # Still connected: the proxy answers as while a job is queued.
+        info = k.kc.kernel_info(reply=True, timeout=10)
+        assert "released" in info["content"]["banner"], info["content"]
+        assert not batch.jobs(), "no job while released"
+        # The next cell: a new job, the variables lost, then NameError.
+        msg_id = k.execute(f"import os; print(os.environ[{batch.job_var!r}]); print(x)")
+        msgs = k.iopub_for(msg_id, lib.is_idle, 120)
+        reply = k.reply_for(msg_id, 10)
+        assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "NameError", reply["content"]
+        types = [m["msg_type"] for m in msgs]
+        assert types[0] == "status" and msgs[0]["content"]["execution_state"] == "busy", types
+        lost = [m for m in msgs if m["msg_type"] == "stream" and m["content"]["name"] == "stderr"
+                and "variables were lost" in lib.message_text(m)]
+        assert lost, [lib.message_text(m) for m in msgs]
+        assert f"job {job} was released" in lib.message_text(lost[0])
+        assert msgs.index(lost[0]) < types.index("error"), types
+        new_job = lib.stream_text(msgs).strip()
+        assert new_job and new_job != job, (job, new_job)
+        assert [j["id"] for j in batch.jobs()] == [new_job]
+        # the clock starts again in the new job: the comm says so
+        s = c.state(lambda s: s["job"]["id"] == new_job, 15, "the new job in the comm's state")
+        assert s["idle"]["released_at"] is None and s["idle"]["release_after_s"] == LIMIT_S, s["idle"]
+    finally:
+        k.shutdown()
+    lib.wait_until(lambda: not batch.jobs(), 30, "no noyau job left after shutdown")
+
+
+def test_activity_keeps_the_job(slurm: None, tmp_path: Path) -> None:
+    """Requests on the comm every ~5 s, then cells every ~10 s, each for
+    longer than the limit: the same job all along, and its variables."""
+    k = idle_limited_kernel(tmp_path)
+    try:
+        c = Comm(k)
+        opened(c)
+        reply, _ = k.run("x = 1", timeout=120)
+        assert reply["content"]["status"] == "ok"
+        job = job_of(k)
+
+        def next_push() -> None:
+            # the proxy's own state, every 5 s: the pace (not activity)
+            c.messages(lambda m: is_state(m) and m["parent_header"].get("msg_id") == c.open_id,
+                       15, "the comm's periodic state")
+
+        t0 = time.monotonic()
+        n = 0
+        while time.monotonic() - t0 < LIMIT_S + 15:
+            n += 1
+            r, _ = c.request({"id": f"r{n}", "action": "refresh"})
+            assert r["ok"], r
+            next_push()
+            assert in_queue(job), f"released after {time.monotonic() - t0:.0f} s of comm requests"
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < LIMIT_S + 15:
+            reply, iopub = k.run("x += 1; print(x)", timeout=30)
+            assert reply["content"]["status"] == "ok", reply["content"]
+            next_push()
+            next_push()
+            assert in_queue(job), f"released after {time.monotonic() - t0:.0f} s of cells"
+        assert job_of(k) == job
+    finally:
+        k.shutdown()
+    lib.wait_until(lambda: not lib.squeue_noyau(), 30, "no noyau job left after shutdown")
+
+
+def test_a_restart_after_the_release_submits_a_new_job(slurm: None, tmp_path: Path) -> None:
+    k = idle_limited_kernel(tmp_path)
+    try:
+        job = job_of(k)
+        lib.wait_until(lambda: not in_queue(job), LIMIT_S + 60, "the idle job to leave the queue")
+        k.km.restart_kernel()
+        k.kc.wait_for_ready(timeout=60)
+        new_job = job_of(k)
+        assert new_job != job and in_queue(new_job), (job, new_job)
+    finally:
+        k.shutdown()
+    lib.wait_until(lambda: not lib.squeue_noyau(), 30, "no noyau job left after shutdown")
