@@ -100,7 +100,7 @@ impl Proxy {
             "resources": self.resources(),
             "usage": self.comms.usage,
             "targets": targets,
-            "dask": self.dask_state().await,
+            "dask": self.dask_state(),
             "can": can,
             "idle": null,
         })
@@ -139,11 +139,12 @@ impl Proxy {
         json!({"cpus": cpus, "mem_bytes": mem, "gpus": gpus})
     }
 
-    async fn dask_state(&self) -> Value {
+    /// The cluster as its task last showed it (never waiting for the task).
+    fn dask_state(&self) -> Value {
         let Some(c) = self.magics.dask.cluster() else {
             return Value::Null;
         };
-        let view = c.view().await;
+        let view = c.view();
         let jobs: Vec<Value> = (view.jobs.into_iter())
             .map(|w| {
                 let role = if w.is_worker() { "worker" } else { "scheduler" };
