@@ -11,9 +11,11 @@ import { clockOffset } from './format';
 import {
   COMM_TARGET,
   IReply,
+  isExpiry,
   IState,
   isNoyauKernelspec,
   parseMessage,
+  PING_MS,
   PROTOCOL_VERSION,
   Request
 } from './protocol';
@@ -151,9 +153,10 @@ export class AllocationConnection implements IDisposable {
       }
       const comm = kernel.createComm(COMM_TARGET);
       comm.onMsg = msg => this._onMessage(comm, msg.content.data);
-      comm.onClose = () => this._onClosed(comm, kernel);
+      comm.onClose = msg => this._onClosed(comm, kernel, msg.content.data);
       this._comm = comm;
       comm.open({ version: PROTOCOL_VERSION });
+      this._ping = setInterval(() => void this._sendPing(comm), PING_MS);
     } catch (e) {
       // A kernel going away while we open: the next status change retries.
       console.debug('noyau: could not open the comm', e);
@@ -192,17 +195,37 @@ export class AllocationConnection implements IDisposable {
     resolve?.(reply);
   }
 
-  /** The kernel closed the comm (it has no `noyau` target, or stopped). */
-  private _onClosed(comm: Kernel.IComm, kernel: Kernel.IKernelConnection): void {
+  /** Tells the kernel we are here; a comm it no longer knows is reopened. */
+  private async _sendPing(comm: Kernel.IComm): Promise<void> {
+    const reply = await this.request({ action: 'ping' });
+    if (!reply.ok && comm === this._comm) {
+      this._drop('the kernel did not answer a ping');
+      void this._maybeOpen();
+    }
+  }
+
+  /**
+   * The kernel closed the comm: it has no `noyau` target or stopped (not
+   * asked again), or the comm expired (this browser was silent: reopened).
+   */
+  private _onClosed(comm: Kernel.IComm, kernel: Kernel.IKernelConnection, data: unknown): void {
     if (comm === this._comm) {
-      this._refusedBy = kernel;
+      const expired = isExpiry(data);
+      if (!expired) {
+        this._refusedBy = kernel;
+      }
       this._drop('the kernel closed the noyau comm');
+      if (expired) {
+        void this._maybeOpen();
+      }
     }
   }
 
   private _drop(why: string): void {
     const comm = this._comm;
     this._comm = null;
+    clearInterval(this._ping);
+    this._ping = undefined;
     if (comm && !comm.isDisposed) {
       try {
         comm.close();
@@ -225,6 +248,7 @@ export class AllocationConnection implements IDisposable {
 
   private _changed = new Signal<this, void>(this);
   private _comm: Kernel.IComm | null = null;
+  private _ping: ReturnType<typeof setInterval> | undefined = undefined;
   private _opening = false;
   /** The kernel that is not a noyau kernel or closed the comm: not asked again. */
   private _refusedBy: Kernel.IKernelConnection | null = null;
