@@ -162,10 +162,10 @@ impl Proxy {
 
     /// The log of the kernel's own job (`job`: None), a target's or a Dask job's.
     fn log_path(&self, job: Option<&str>) -> Result<PathBuf, String> {
-        if self.cfg.backend == "local" {
-            return Err("this kernel runs on the local backend: its agent's messages go to the Jupyter server's log, not to a job log".into());
-        }
         let (name, id) = match job {
+            None if self.cfg.backend == "local" => {
+                return Err("this kernel runs on the local backend: its agent's messages go to the Jupyter server's log, not to a job log".into());
+            }
             None => (
                 format!("noyau-kernel-{}", self.cfg.inner),
                 self.agent
