@@ -76,7 +76,7 @@ export class AllocationConnection implements IDisposable {
   request(req: Request): Promise<IReply> {
     const comm = this._comm;
     const id = `r${++this._seq}`;
-    const fail = (message: string): IReply => ({ type: 'reply', request: id, ok: false, message });
+    const fail = (message: string): IReply => ({ type: 'reply', request: id, ok: false, message, local: true });
     if (!comm || comm.isDisposed) {
       return Promise.resolve(fail('The kernel is not connected; try again once it is idle.'));
     }
@@ -195,10 +195,14 @@ export class AllocationConnection implements IDisposable {
     resolve?.(reply);
   }
 
-  /** Tells the kernel we are here; a comm it no longer knows is reopened. */
+  /**
+   * Tells the kernel we are here. A ping nobody answered (the kernel forgot
+   * the comm while this browser was away) reopens it; a kernel's refusal
+   * (an older noyau without `ping`) does not.
+   */
   private async _sendPing(comm: Kernel.IComm): Promise<void> {
     const reply = await this.request({ action: 'ping' });
-    if (!reply.ok && comm === this._comm) {
+    if (reply.local && comm === this._comm) {
       this._drop('the kernel did not answer a ping');
       void this._maybeOpen();
     }
@@ -234,7 +238,7 @@ export class AllocationConnection implements IDisposable {
       }
     }
     for (const [id, resolve] of this._pending) {
-      resolve({ type: 'reply', request: id, ok: false, message: `No answer: ${why}.` });
+      resolve({ type: 'reply', request: id, ok: false, message: `No answer: ${why}.`, local: true });
     }
     this._pending.clear();
     this._logText.clear();

@@ -119,6 +119,8 @@ export interface IReply {
   request: string;
   ok: boolean;
   message: string;
+  /** Made here, not by the kernel (no answer, not connected). */
+  local?: boolean;
 }
 
 export interface ILog {
