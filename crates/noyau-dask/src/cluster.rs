@@ -790,3 +790,51 @@ impl Task {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiting(role: &str, id: &str) -> Waiting {
+        Waiting {
+            role: role.into(),
+            id: id.into(),
+            state: JobState::Unknown { why: "test".into() },
+            log: std::path::PathBuf::new(),
+        }
+    }
+
+    /// A handle whose task never answers (busy, as while it submits):
+    /// its view and a worker's check still answer at once.
+    #[test]
+    fn the_view_and_the_cancel_check_never_wait_for_a_busy_task() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = ClusterDir::create(d.path(), "c1").unwrap();
+        let (cmds, mut busy) = mpsc::unbounded_channel();
+        let (_events_tx, events) = mpsc::unbounded_channel();
+        let shown = View {
+            jobs: vec![waiting("scheduler", "10"), waiting("worker w1", "11")],
+            dashboard: None,
+        };
+        let (view_tx, view) = watch::channel(shown.clone());
+        let c = Cluster {
+            cmds,
+            events,
+            view,
+            summary: String::new(),
+            backend: "slurm",
+            dir,
+            ended: false,
+        };
+        assert_eq!(c.view(), shown);
+        assert!(
+            c.cancel_worker("10").is_none(),
+            "the scheduler's job is no worker's"
+        );
+        assert!(c.cancel_worker("99").is_none());
+        assert!(c.cancel_worker("11").is_some());
+        assert!(matches!(busy.try_recv(), Ok(Cmd::CancelWorker(id, _)) if id == "11"));
+        view_tx.send_replace(View::default());
+        assert!(c.view().jobs.is_empty() && c.cancel_worker("11").is_none());
+    }
+}
