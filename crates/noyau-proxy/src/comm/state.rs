@@ -89,7 +89,8 @@ impl Proxy {
             "extend": batch && noyau_sched::Scheduler::named(&self.cfg.backend).is_ok_and(|s| s.users_extend()),
             "release_target": true,
             "cancel_worker": self.magics.dask.is_up(),
-            "log": batch,
+            // its own job's on a batch scheduler; its targets' and Dask jobs' anywhere
+            "log": batch || !self.targets.map.is_empty() || self.magics.dask.is_up(),
         });
         json!({
             "type": "state",
