@@ -9,10 +9,11 @@ Two kernels run the scenario:
   blocking job (lib.fill_the_node()) holds the CPUs, then `Running on
   <node>` and the time left once the blocker is cancelled; the panel's
   memory rises after a 200 MB cell; a target started by a `%%noyau on` cell
-  is released from the panel and leaves `squeue`; a worker job of a Dask
-  cluster started by `%noyau dask up` shows its scheduler's log and is cancelled from the panel and leaves
-  `squeue` (the cluster submits its replacement); the status bar turns
-  amber, then red, as the job runs down to the test's warning thresholds;
+  is released from the panel and leaves `squeue`; the scheduler job of a Dask
+  cluster started by `%noyau dask up` shows its log from its row, a worker
+  job is cancelled from the panel and leaves `squeue` (the cluster submits
+  its replacement); the status bar turns amber, then red, as the job runs
+  down to the test's warning thresholds;
   Slurm offers no extend button; the comm is reopened after a restart (the
   proxy's log says so);
 - a STAND-IN kernel (`StandInCommKernel`: an ipykernel that loads
