@@ -11,8 +11,6 @@ mod state;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use bytes::Bytes;
 use noyau_link::envelope::{self, Event, UsageSample};
 use noyau_link::Lane;
@@ -20,6 +18,7 @@ use noyau_sched::JobState;
 use noyau_wire::RawMessage;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 use crate::relay::Proxy;
 
