@@ -11,9 +11,11 @@ import { clockOffset } from './format';
 import {
   COMM_TARGET,
   IReply,
+  isExpiry,
   IState,
   isNoyauKernelspec,
   parseMessage,
+  PING_MS,
   PROTOCOL_VERSION,
   Request
 } from './protocol';
@@ -74,7 +76,7 @@ export class AllocationConnection implements IDisposable {
   request(req: Request): Promise<IReply> {
     const comm = this._comm;
     const id = `r${++this._seq}`;
-    const fail = (message: string): IReply => ({ type: 'reply', request: id, ok: false, message });
+    const fail = (message: string): IReply => ({ type: 'reply', request: id, ok: false, message, local: true });
     if (!comm || comm.isDisposed) {
       return Promise.resolve(fail('The kernel is not connected; try again once it is idle.'));
     }
@@ -151,9 +153,10 @@ export class AllocationConnection implements IDisposable {
       }
       const comm = kernel.createComm(COMM_TARGET);
       comm.onMsg = msg => this._onMessage(comm, msg.content.data);
-      comm.onClose = () => this._onClosed(comm, kernel);
+      comm.onClose = msg => this._onClosed(comm, kernel, msg.content.data);
       this._comm = comm;
       comm.open({ version: PROTOCOL_VERSION });
+      this._ping = setInterval(() => void this._sendPing(comm), PING_MS);
     } catch (e) {
       // A kernel going away while we open: the next status change retries.
       console.debug('noyau: could not open the comm', e);
@@ -192,17 +195,41 @@ export class AllocationConnection implements IDisposable {
     resolve?.(reply);
   }
 
-  /** The kernel closed the comm (it has no `noyau` target, or stopped). */
-  private _onClosed(comm: Kernel.IComm, kernel: Kernel.IKernelConnection): void {
+  /**
+   * Tells the kernel we are here. A ping nobody answered (the kernel forgot
+   * the comm while this browser was away) reopens it; a kernel's refusal
+   * (an older noyau without `ping`) does not.
+   */
+  private async _sendPing(comm: Kernel.IComm): Promise<void> {
+    const reply = await this.request({ action: 'ping' });
+    if (reply.local && comm === this._comm) {
+      this._drop('the kernel did not answer a ping');
+      void this._maybeOpen();
+    }
+  }
+
+  /**
+   * The kernel closed the comm: it has no `noyau` target or stopped (not
+   * asked again), or the comm expired (this browser was silent: reopened).
+   */
+  private _onClosed(comm: Kernel.IComm, kernel: Kernel.IKernelConnection, data: unknown): void {
     if (comm === this._comm) {
-      this._refusedBy = kernel;
+      const expired = isExpiry(data);
+      if (!expired) {
+        this._refusedBy = kernel;
+      }
       this._drop('the kernel closed the noyau comm');
+      if (expired) {
+        void this._maybeOpen();
+      }
     }
   }
 
   private _drop(why: string): void {
     const comm = this._comm;
     this._comm = null;
+    clearInterval(this._ping);
+    this._ping = undefined;
     if (comm && !comm.isDisposed) {
       try {
         comm.close();
@@ -211,7 +238,7 @@ export class AllocationConnection implements IDisposable {
       }
     }
     for (const [id, resolve] of this._pending) {
-      resolve({ type: 'reply', request: id, ok: false, message: `No answer: ${why}.` });
+      resolve({ type: 'reply', request: id, ok: false, message: `No answer: ${why}.`, local: true });
     }
     this._pending.clear();
     this._logText.clear();
@@ -225,6 +252,7 @@ export class AllocationConnection implements IDisposable {
 
   private _changed = new Signal<this, void>(this);
   private _comm: Kernel.IComm | null = null;
+  private _ping: ReturnType<typeof setInterval> | undefined = undefined;
   private _opening = false;
   /** The kernel that is not a noyau kernel or closed the comm: not asked again. */
   private _refusedBy: Kernel.IKernelConnection | null = null;

@@ -136,7 +136,7 @@ export class AllocationPanel extends ReactWidget {
         {s.targets.length > 0 && (
           <Targets targets={s.targets} now={now} canRelease={s.can.releaseTarget} canLog={s.can.log} act={act} conn={conn} />
         )}
-        {s.dask && <Dask dask={s.dask} canCancel={s.can.cancelWorker} act={act} conn={conn} />}
+        {s.dask && <Dask dask={s.dask} canCancel={s.can.cancelWorker} canLog={s.can.log} act={act} conn={conn} />}
         {s.idle && (
           <Section name="idle" title="Idle release">
             <p>
@@ -351,7 +351,7 @@ function Targets(props: {
   );
 }
 
-function Dask(props: { dask: IDask; canCancel: boolean; act: Act; conn: AllocationConnection }): JSX.Element {
+function Dask(props: { dask: IDask; canCancel: boolean; canLog: boolean; act: Act; conn: AllocationConnection }): JSX.Element {
   const { dask, conn, act } = props;
   return (
     <Section name="dask" title="Dask cluster">
@@ -374,6 +374,11 @@ function Dask(props: { dask: IDask; canCancel: boolean; act: Act; conn: Allocati
                 {j.role} <span className="noyau-Panel-dim">{stateWord(j.state)}</span>
               </td>
               <td className="noyau-Panel-rowactions">
+                {props.canLog && j.state !== 'pending' && (
+                  <Button small minimal title={`Show the log of job ${j.id}`} onClick={act(() => conn.fetchLog(j.id), true)}>
+                    Log
+                  </Button>
+                )}
                 {props.canCancel && j.role === 'worker' && j.state !== 'ended' && (
                   <Button small minimal className="noyau-cancel" onClick={act(() => cancelWorker(conn, j.id))}>
                     Cancel

@@ -11,6 +11,18 @@ export const PROTOCOL_VERSION = 1;
 /** The comm's target name. */
 export const COMM_TARGET = 'noyau';
 
+/**
+ * How often the extension tells the kernel it is still there: a comm not
+ * heard from for five periods is closed by the kernel (a tab closed without
+ * `comm_close` must not keep it busy sampling for ever).
+ */
+export const PING_MS = 30_000;
+
+/** Whether a kernel's `comm_close` data says the comm expired (not refused). */
+export function isExpiry(data: unknown): boolean {
+  return obj(data)?.reason === 'expired';
+}
+
 export type JobState = 'pending' | 'running' | 'ended' | 'unknown';
 
 export interface IJob {
@@ -107,6 +119,8 @@ export interface IReply {
   request: string;
   ok: boolean;
   message: string;
+  /** Made here, not by the kernel (no answer, not connected). */
+  local?: boolean;
 }
 
 export interface ILog {
@@ -120,6 +134,7 @@ export type Message = IState | IReply | ILog;
 /** What the frontend asks (the `id` is added when it is sent). */
 export type Request =
   | { action: 'refresh' }
+  | { action: 'ping' }
   | { action: 'extend'; duration: string }
   | { action: 'release'; target: string }
   | { action: 'cancel'; job: string }

@@ -17,7 +17,7 @@ import {
   statusView,
   timeLevel
 } from '../src/format';
-import { IJob, IState, isNoyauKernelspec, parseMessage } from '../src/protocol';
+import { IJob, IState, isExpiry, isNoyauKernelspec, parseMessage } from '../src/protocol';
 
 const NOW = new Date(2026, 11, 6, 13, 58, 0);
 
@@ -335,6 +335,15 @@ describe('isNoyauKernelspec', () => {
   it('leaves other kernels alone', () => {
     for (const m of [undefined, null, {}, { debugger: true }, { noyau: 'yes' }, { noyau: null }, []]) {
       assert.equal(isNoyauKernelspec(m), false, JSON.stringify(m));
+    }
+  });
+});
+
+describe('isExpiry', () => {
+  it('tells a silent comm closed by the kernel from a refusal', () => {
+    assert.ok(isExpiry({ reason: 'expired' }));
+    for (const d of [undefined, null, {}, { reason: 'no target' }, 'expired', []]) {
+      assert.equal(isExpiry(d), false, JSON.stringify(d));
     }
   });
 });

@@ -197,6 +197,12 @@ try {
   step("cancel", { job: workerId, reply: cancelled, dask: await panel(page).locator('[data-section="dask"]').innerText() });
   if (real) {
     await need(`cancelled ${workerId}`); // its job leaves squeue
+    // the Dask scheduler job's log tail, from its row
+    await panel(page).locator("[data-dask-job]", { hasText: "scheduler" }).locator('button[title^="Show the log"]').click();
+    const daskLog = panel(page).locator(".noyau-Panel-log");
+    await daskLog.waitFor();
+    step("dask-log", { text: await daskLog.innerText() });
+    await panel(page).locator(".noyau-log-close").click();
     // the node's CPUs are needed for a second kernel later
     await runCell(page, "%noyau dask down");
     await page.locator(".jp-OutputArea-output", { hasText: "Dask cluster down" }).first().waitFor({ timeout: 120000 });

@@ -174,7 +174,8 @@ def tmp_log(tmp_path: Path) -> Path:
 
 
 _SUITE_VARIANT = {"TestDirectKernel": ("direct", "kernel"), "TestDirectWelcome": ("direct", "welcome"),
-                  "TestNoyauKernel": ("noyau", "kernel"), "TestNoyauWelcome": ("noyau", "welcome")}
+                  "TestNoyauKernel": ("noyau", "kernel"), "TestNoyauWelcome": ("noyau", "welcome"),
+                  "TestNoyauKernelWithComm": ("noyau-comm", "kernel")}
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

@@ -43,7 +43,7 @@ noyau_install_error: str | None = None
 
 # jupyter_kernel_test outcomes per variant ("direct"/"noyau"), filled by conftest's
 # report hook and checked by test_kernel_suite.py's last test.
-SUITE_OUTCOMES: dict[str, dict[str, str]] = {"direct": {}, "noyau": {}}
+SUITE_OUTCOMES: dict[str, dict[str, str]] = {"direct": {}, "noyau": {}, "noyau-comm": {}}
 
 
 def noyau_bin() -> str | None:

@@ -28,8 +28,8 @@ from test_dask import dask_jobs, kernel, km, run  # noqa: F401 (kernel, km: fixt
 NVIDIA_SMI_STANDIN = """#!/bin/sh
 # STAND-IN nvidia-smi for tests/python/test_comm.py: there is no GPU here.
 case "$*" in
-  *--query-gpu=index,name,utilization.gpu,memory.used,memory.total*--format=csv,noheader,nounits*)
-    echo "0, STAND-IN A100, 37, 1024, 40960" ;;
+  *--query-gpu=index,uuid,name,utilization.gpu,memory.used,memory.total*--format=csv,noheader,nounits*)
+    echo "0, GPU-5d1c0000-stand-in, STAND-IN A100, 37, 1024, 40960" ;;
   *) echo "stand-in nvidia-smi: unexpected arguments: $*" >&2; exit 2 ;;
 esac
 """
@@ -42,8 +42,21 @@ exec sleep 613
 """
 
 
+# A STAND-IN nvidia-smi that also counts its calls (one per usage sample):
+# how a test sees whether the agent still samples.
+NVIDIA_SMI_COUNTING_STANDIN = """#!/bin/sh
+# COUNTING STAND-IN nvidia-smi for tests/python/test_comm.py: there is no GPU here.
+echo sampled >> "$(dirname "$0")/calls"
+echo "0, GPU-5d1c0000-stand-in, STAND-IN A100, 37, 1024, 40960"
+"""
+
+
 class Comm:
     """One noyau comm opened on a kernel, read through its client."""
+
+    # comm_close messages from the kernel, by comm id (any Comm's reader
+    # may be the one that reads them off IOPub)
+    closed: dict[str, dict] = {}
 
     def __init__(self, k: Kernel) -> None:
         self.k = k
@@ -64,6 +77,8 @@ class Comm:
                 msg = self.k.kc.get_iopub_msg(timeout=0.5)
             except queue.Empty:
                 continue
+            if msg["msg_type"] == "comm_close":
+                Comm.closed[msg["content"].get("comm_id")] = msg
             if msg["msg_type"] == "comm_msg" and msg["content"].get("comm_id") == self.id:
                 self.seen.append(msg)
             elif msg["msg_type"] != "status":
@@ -207,6 +222,90 @@ def test_a_comm_request_during_a_cell_leaves_the_kernel_busy() -> None:
         k.shutdown()
 
 
+def pinged(c: Comm, n: list[int]) -> bool:
+    """One ping on `c`, answered."""
+    n[0] += 1
+    reply, _ = c.request({"id": f"p{n[0]}", "action": "ping"})
+    assert reply["ok"] and reply["message"] == "pong", reply
+    return True
+
+
+def test_a_silent_comm_expires_and_usage_sampling_stops(tmp_path: Path) -> None:
+    """A frontend gone without comm_close (a tab closed, a browser crashed)
+    must not keep the kernel sampling and pushing states for ever: a comm
+    not heard from for NOYAU_COMM_EXPIRE seconds (150 by default; 4 here)
+    is closed by the kernel (comm_close, reason `expired`), one that pings
+    stays; with none left the agent stops sampling (the COUNTING STAND-IN
+    nvidia-smi is no longer called)."""
+    lib.require_noyau()
+    env = with_nvidia_smi(tmp_path, NVIDIA_SMI_COUNTING_STANDIN)
+    calls = tmp_path / "standin-bin" / "calls"
+    k = Kernel(lib.NOYAU_KERNEL_NAME, env={**env, "NOYAU_COMM_EXPIRE": "4"})
+    try:
+        live, gone = Comm(k), Comm(k)
+        opened(live)
+        opened(gone)
+        t0 = time.monotonic()
+        n = [0]
+        # the live frontend pings every second; the other one is silent
+        lib.wait_until(lambda: pinged(live, n) and gone.id in Comm.closed, 30,
+                       "the silent comm to be closed by the kernel", interval=1)
+        silent_for = time.monotonic() - t0
+        close = Comm.closed[gone.id]
+        assert close["content"]["data"] == {"reason": "expired"}, close
+        assert close["parent_header"]["msg_id"] == gone.open_id, close
+        assert silent_for >= 3.5, f"closed after {silent_for:.1f} s of silence, before its 4 s"
+        assert live.id not in Comm.closed
+        assert list(comm_info(k, target_name="noyau")["comms"]) == [live.id]
+        assert calls.is_file(), "the agent never sampled (the stand-in was not called)"
+        # the live one falls silent too: closed, and sampling stops
+        deadline = time.monotonic() + 30
+        while live.id not in Comm.closed:
+            assert time.monotonic() < deadline, "the second comm was not closed once silent"
+            try:
+                live.messages(lambda m: live.id in Comm.closed, 1, "the second comm's close")
+            except AssertionError:
+                pass
+        assert comm_info(k)["comms"] == {}
+        before = calls.read_text().count("sampled")
+        # no comm: no sample for two intervals (5 s each; one may have been under way)
+        observed = time.monotonic() + 11
+        while time.monotonic() < observed:
+            try:
+                msg = k.kc.get_iopub_msg(timeout=0.5)
+                assert msg["msg_type"] != "comm_msg", msg
+            except queue.Empty:
+                pass
+        after = calls.read_text().count("sampled")
+        assert after <= before + 1, f"the agent still samples with no comm open ({before} -> {after} calls)"
+        reply, _ = k.run("print('still here')")
+        assert reply["content"]["status"] == "ok", reply
+    finally:
+        k.shutdown()
+
+
+def test_a_kernel_holds_at_most_eight_noyau_comms() -> None:
+    """The ninth comm_open closes the comm heard from least recently."""
+    lib.require_noyau()
+    k = Kernel(lib.NOYAU_KERNEL_NAME)
+    try:
+        comms = []
+        for _ in range(8):
+            comms.append(Comm(k))
+            opened(comms[-1])
+        reply, _ = comms[0].request({"id": "p1", "action": "ping"})
+        assert reply["ok"], reply
+        ninth = Comm(k)
+        opened(ninth)
+        # (the close comes within the ninth's comm_open answer)
+        assert comms[1].id in Comm.closed, "the ninth comm did not close the most silent one"
+        assert Comm.closed[comms[1].id]["content"]["data"] == {"reason": "expired"}
+        listed = set(comm_info(k, target_name="noyau")["comms"])
+        assert listed == {c.id for c in comms if c is not comms[1]} | {ninth.id}, listed
+    finally:
+        k.shutdown()
+
+
 def sleeping_613() -> list[int]:
     """The hung stand-in's processes (`sleep 613`) still alive."""
     found = []
@@ -328,6 +427,27 @@ def test_dask_jobs_shown_and_a_worker_job_cancelled(km) -> None:  # type: ignore
     scheduler = next(j["id"] for j in dask["jobs"] if j["role"] == "scheduler")
     worker = next(j["id"] for j in dask["jobs"] if j["role"] == "worker")
     refused(c, {"id": "d1", "action": "cancel", "job": scheduler}, "not one of this kernel's")
+    # the Dask jobs' logs, as the kernel's and the targets': the regular file of the user's only
+    if not all(j["state"] == "running" for j in dask["jobs"]):
+        c.state(lambda s: s["dask"] and all(j["state"] == "running" for j in s["dask"]["jobs"]), 120,
+                "the cluster's jobs to run (their logs to exist)")
+    for i, job in enumerate((scheduler, worker)):
+        reply, msgs = c.request({"id": f"l{i}", "action": "log", "job": job, "lines": 50})
+        assert reply["ok"] and f"-{job}.log" in reply["message"], reply
+        assert [m for m in msgs if m["type"] == "log"], msgs
+    log = Path(reply["message"].removeprefix("the end of "))
+    assert log.name == f"noyau-dask-worker-{worker}.log", reply
+    moved = log.with_name(log.name + ".moved")
+    log.rename(moved)
+    try:
+        log.symlink_to(moved)  # a link planted where the log was: not followed
+        reply, msgs = c.request({"id": "l2", "action": "log", "job": worker, "lines": 50})
+        # (opened with O_NOFOLLOW: the kernel says "too many levels of symbolic links")
+        assert reply["ok"] is False and str(log) in reply["message"], reply
+        assert not [m for m in msgs if m["type"] == "log"], msgs
+    finally:
+        log.unlink(missing_ok=True)
+        moved.rename(log)
     reply, _ = c.request({"id": "d2", "action": "cancel", "job": worker}, timeout=120)
     assert reply["ok"], reply
     lib.wait_until(lambda: worker not in {j["id"] for j in dask_jobs()}, 60,

@@ -9,10 +9,11 @@ Two kernels run the scenario:
   blocking job (lib.fill_the_node()) holds the CPUs, then `Running on
   <node>` and the time left once the blocker is cancelled; the panel's
   memory rises after a 200 MB cell; a target started by a `%%noyau on` cell
-  is released from the panel and leaves `squeue`; a worker job of a Dask
-  cluster started by `%noyau dask up` is cancelled from the panel and leaves
-  `squeue` (the cluster submits its replacement); the status bar turns
-  amber, then red, as the job runs down to the test's warning thresholds;
+  is released from the panel and leaves `squeue`; the scheduler job of a Dask
+  cluster started by `%noyau dask up` shows its log from its row, a worker
+  job is cancelled from the panel and leaves `squeue` (the cluster submits
+  its replacement); the status bar turns amber, then red, as the job runs
+  down to the test's warning thresholds;
   Slurm offers no extend button; the comm is reopened after a restart (the
   proxy's log says so);
 - a STAND-IN kernel (`StandInCommKernel`: an ipykernel that loads
@@ -368,6 +369,8 @@ def test_status_bar_and_panel_follow_a_real_kernels_slurm_job(slurm: None, tmp_p
     assert "extend" not in s, "a stand-in step ran on the real kernel"
     assert s["cancel"]["reply"]["ok"] and kernel.cancelled == [s["cancel"]["job"]], s["cancel"]
     assert s["cancel"]["job"] not in s["cancel"]["dask"], s["cancel"]
+    # the Dask scheduler's job log, from its row (Dask logs to stderr, into the job's log)
+    assert "distributed.scheduler" in s["dask-log"]["text"], s["dask-log"]["text"][-300:]
     # amber at 600 s left (at once), red at 480 s: the real job's own walltime
     assert s["warn"]["text"].startswith("Slurm") and 480 < seconds(s["warn"]["text"]) <= 600, s["warn"]
     assert seconds(s["critical"]["text"]) <= 480, s["critical"]

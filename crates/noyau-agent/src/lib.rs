@@ -84,7 +84,8 @@ struct Usage {
     taking: Option<tokio::task::JoinHandle<Taken>>,
 }
 
-type Taken = (u32, usage::Sampler, Option<UsageSample>);
+/// (boxed: a sampler with its sample is large; `UsageStep` stays small)
+type Taken = Box<(u32, usage::Sampler, Option<UsageSample>)>;
 
 impl Usage {
     fn every(interval: Duration) -> Usage {
@@ -667,7 +668,7 @@ impl Agent {
             // (a new one probes the cgroup and PATH: here, off the loop)
             let mut sampler = kept.unwrap_or_else(|| usage::Sampler::new(pid));
             let sample = sampler.sample().await;
-            (pid, sampler, sample)
+            Box::new((pid, sampler, sample))
         }));
     }
 
@@ -677,9 +678,10 @@ impl Agent {
             return;
         };
         u.taking = None;
-        let Ok((pid, sampler, sample)) = taken else {
+        let Ok(taken) = taken else {
             return;
         };
+        let (pid, sampler, sample) = *taken;
         u.sampler = Some((pid, sampler));
         if let Some(sample) = sample {
             self.outbox.event(Lane::Control, &Event::Usage { sample });

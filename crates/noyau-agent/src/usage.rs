@@ -8,8 +8,10 @@
 //! holds other processes, whose use is not the job's). Otherwise the
 //! kernel's process tree from /proc: CPU time and resident memory of the
 //! kernel and its descendants, without a limit. GPUs come from
-//! `nvidia-smi --query-gpu` when it is on PATH and `CUDA_VISIBLE_DEVICES`
-//! does not hide them all.
+//! `nvidia-smi --query-gpu` when it is on PATH, only those the job may use:
+//! `CUDA_VISIBLE_DEVICES` (indices or UUIDs, read as CUDA reads it), else
+//! the GPUs the scheduler bound to the job (`noyau_sched::this_job_gpus`);
+//! nvidia-smi lists every GPU of the node, other users' too.
 //!
 //! One sample reads a few small files (the process tree: the `stat` of
 //! every process of the machine, to find the kernel's children); at one
@@ -43,6 +45,52 @@ pub struct Sampler {
     /// `nvidia-smi`, when on PATH and GPUs are not all hidden: looked up
     /// once, not at every sample.
     nvidia_smi: Option<PathBuf>,
+    /// The GPUs the job may use.
+    visible: Visible,
+}
+
+/// Which GPUs the job may use, as `nvidia-smi` names them.
+#[derive(Debug, Clone, PartialEq)]
+enum Visible {
+    All,
+    /// By index (`2`) or UUID (`GPU-5d1c…`, or a prefix of it as CUDA takes).
+    Only(Vec<String>),
+}
+
+impl Visible {
+    /// From `CUDA_VISIBLE_DEVICES` when set, else from the scheduler's binding.
+    fn from_env() -> Visible {
+        match std::env::var(CUDA_VISIBLE_DEVICES) {
+            Ok(v) => Visible::Only(cuda_visible(&v)),
+            Err(_) => noyau_sched::this_job_gpus().map_or(Visible::All, Visible::Only),
+        }
+    }
+
+    fn none(&self) -> bool {
+        matches!(self, Visible::Only(ids) if ids.is_empty())
+    }
+
+    fn allows(&self, index: u32, uuid: &str) -> bool {
+        match self {
+            Visible::All => true,
+            Visible::Only(ids) => ids.iter().any(|id| match id.parse::<u32>() {
+                Ok(i) => i == index,
+                Err(_) => !uuid.is_empty() && uuid.starts_with(id.as_str()),
+            }),
+        }
+    }
+}
+
+/// `CUDA_VISIBLE_DEVICES`'s devices, as CUDA reads the list: up to the
+/// first entry that is neither an index nor a GPU UUID (`-1`, `NoDevFiles`
+/// hide everything after them; MIG instances are not GPUs nvidia-smi's
+/// `--query-gpu` lists).
+fn cuda_visible(v: &str) -> Vec<String> {
+    (v.split(','))
+        .map(str::trim)
+        .take_while(|d| d.parse::<u32>().is_ok() || d.starts_with("GPU-"))
+        .map(str::to_string)
+        .collect()
 }
 
 /// CPU time (µs) and memory (bytes) at one moment, and the memory limit.
@@ -59,12 +107,19 @@ impl Sampler {
             Some(dir) => Source::Cgroup(dir),
             None => Source::ProcessTree(pid),
         };
-        let nvidia_smi = nvidia_smi();
-        tracing::info!(?source, ?nvidia_smi, "sampling the kernel's resource use");
+        let visible = Visible::from_env();
+        let nvidia_smi = nvidia_smi().filter(|_| !visible.none());
+        tracing::info!(
+            ?source,
+            ?nvidia_smi,
+            ?visible,
+            "sampling the kernel's resource use"
+        );
         Sampler {
             source,
             last_cpu: None,
             nvidia_smi,
+            visible,
         }
     }
 
@@ -76,7 +131,7 @@ impl Sampler {
             Source::ProcessTree(pid) => read_tree(*pid),
         });
         let gpus = match &self.nvidia_smi {
-            Some(tool) => match gpus(tool).await {
+            Some(tool) => match gpus(tool, &self.visible).await {
                 Some(g) => g,
                 None => {
                     tracing::warn!(
@@ -192,27 +247,21 @@ fn read_tree(root: u32) -> Option<Reading> {
     })
 }
 
-/// `nvidia-smi` on PATH, unless `CUDA_VISIBLE_DEVICES` hides every GPU.
+/// `nvidia-smi` on PATH.
 fn nvidia_smi() -> Option<PathBuf> {
-    let visible = std::env::var(CUDA_VISIBLE_DEVICES).ok();
-    if visible
-        .as_deref()
-        .is_some_and(|v| v.trim().is_empty() || v.trim() == "-1")
-    {
-        return None;
-    }
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|d| d.join("nvidia-smi"))
         .find(|p| p.is_file())
 }
 
-/// The GPUs `nvidia-smi` reports (empty when it fails); None when it did
-/// not answer in time (a GPU in a bad state can hang it), killed then.
-async fn gpus(nvidia_smi: &Path) -> Option<Vec<GpuSample>> {
+/// The GPUs `nvidia-smi` reports that the job may use (empty when it
+/// fails); None when it did not answer in time (a GPU in a bad state can
+/// hang it), killed then.
+async fn gpus(nvidia_smi: &Path, visible: &Visible) -> Option<Vec<GpuSample>> {
     let out = tokio::process::Command::new(nvidia_smi)
         .args([
-            "--query-gpu=index,name,utilization.gpu,memory.used,memory.total",
+            "--query-gpu=index,uuid,name,utilization.gpu,memory.used,memory.total",
             "--format=csv,noheader,nounits",
         ])
         .stdin(std::process::Stdio::null())
@@ -221,26 +270,35 @@ async fn gpus(nvidia_smi: &Path) -> Option<Vec<GpuSample>> {
         .output();
     match tokio::time::timeout(NVIDIA_SMI_TIMEOUT, out).await {
         Err(_) => None,
-        Ok(Ok(o)) if o.status.success() => Some(parse_gpus(&String::from_utf8_lossy(&o.stdout))),
+        Ok(Ok(o)) if o.status.success() => {
+            let all = parse_gpus(&String::from_utf8_lossy(&o.stdout));
+            Some(
+                all.into_iter()
+                    .filter(|(uuid, g)| visible.allows(g.index, uuid))
+                    .map(|(_, g)| g)
+                    .collect(),
+            )
+        }
         Ok(_) => Some(vec![]),
     }
 }
 
-/// `0, NVIDIA A100-SXM4-40GB, 30, 1024, 40960` per line (MiB); `[N/A]`
-/// fields are unknown.
-fn parse_gpus(text: &str) -> Vec<GpuSample> {
+/// `0, GPU-5d1c…, NVIDIA A100-SXM4-40GB, 30, 1024, 40960` per line (MiB);
+/// `[N/A]` fields are unknown. Each GPU with its UUID.
+fn parse_gpus(text: &str) -> Vec<(String, GpuSample)> {
     const MIB: f64 = 1024.0 * 1024.0;
     text.lines()
         .filter_map(|line| {
             let f: Vec<&str> = line.split(',').map(str::trim).collect();
             let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
-            Some(GpuSample {
+            let gpu = GpuSample {
                 index: f.first()?.parse().ok()?,
-                name: f.get(1)?.to_string(),
-                util_percent: num(2),
-                mem_used_bytes: num(3).map(|m| (m * MIB) as u64),
-                mem_total_bytes: num(4).map(|m| (m * MIB) as u64),
-            })
+                name: f.get(2)?.to_string(),
+                util_percent: num(3),
+                mem_used_bytes: num(4).map(|m| (m * MIB) as u64),
+                mem_total_bytes: num(5).map(|m| (m * MIB) as u64),
+            };
+            Some((f.get(1)?.to_string(), gpu))
         })
         .collect()
 }
@@ -251,7 +309,10 @@ mod tests {
 
     #[test]
     fn parses_nvidia_smi_lines() {
-        let g = parse_gpus("0, NVIDIA A100-SXM4-40GB, 30, 1024, 40960\n1, T4, [N/A], 0, 15360\n");
+        let g = parse_gpus(
+            "0, GPU-aa, NVIDIA A100-SXM4-40GB, 30, 1024, 40960\n1, GPU-bb, T4, [N/A], 0, 15360\n",
+        );
+        let g: Vec<GpuSample> = g.into_iter().map(|(_, g)| g).collect();
         assert_eq!(g.len(), 2);
         assert_eq!(g[0].name, "NVIDIA A100-SXM4-40GB");
         assert_eq!(g[0].util_percent, Some(30.0));
@@ -287,6 +348,7 @@ mod tests {
             source: Source::ProcessTree(std::process::id()),
             last_cpu: None,
             nvidia_smi: None,
+            visible: Visible::All,
         };
         let first = s.sample().await.unwrap();
         assert_eq!(first.source, "process-tree");
@@ -301,5 +363,61 @@ mod tests {
         std::hint::black_box(x);
         let second = s.sample().await.unwrap();
         assert!(second.cpu_percent.unwrap() > 10.0, "{second:?}");
+    }
+
+    #[test]
+    fn reads_cuda_visible_devices_as_cuda_does() {
+        assert_eq!(cuda_visible("0, 2"), ["0", "2"]);
+        assert_eq!(cuda_visible("GPU-5d1c,1"), ["GPU-5d1c", "1"]);
+        assert_eq!(cuda_visible("1,-1,0"), ["1"], "-1 ends the list");
+        assert!(cuda_visible("NoDevFiles").is_empty());
+        assert!(cuda_visible("").is_empty());
+        assert!(Visible::Only(vec![]).none());
+    }
+
+    // A STAND-IN nvidia-smi (there is no GPU here): a node of four GPUs,
+    // as the real one lists them whichever the job may use.
+    const NVIDIA_SMI_STANDIN: &str = r#"#!/bin/sh
+# STAND-IN nvidia-smi for noyau-agent's usage tests: there is no GPU here.
+case "$*" in
+  *--query-gpu=index,uuid,name,*)
+    echo "0, GPU-00aa, STAND-IN A100, 10, 1024, 40960"
+    echo "1, GPU-11bb, STAND-IN A100, 20, 1024, 40960"
+    echo "2, GPU-22cc, STAND-IN A100, 30, 1024, 40960"
+    echo "3, GPU-33dd, STAND-IN A100, 40, 1024, 40960" ;;
+  *) exit 2 ;;
+esac
+"#;
+
+    #[tokio::test]
+    async fn reports_only_the_gpus_the_job_may_use() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = std::env::temp_dir().join(format!("noyau-gpus-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let tool = d.join("nvidia-smi");
+        std::fs::write(&tool, NVIDIA_SMI_STANDIN).unwrap();
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let indices = |v: Visible| {
+            let tool = tool.clone();
+            async move {
+                let g = gpus(&tool, &v).await.unwrap();
+                g.iter().map(|g| g.index).collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(indices(Visible::All).await, [0, 1, 2, 3]);
+        // CUDA_VISIBLE_DEVICES by index, by UUID (or its prefix), mixed
+        assert_eq!(indices(Visible::Only(cuda_visible("2,0"))).await, [0, 2]);
+        assert_eq!(
+            indices(Visible::Only(cuda_visible("GPU-33dd,GPU-11"))).await,
+            [1, 3]
+        );
+        assert_eq!(
+            indices(Visible::Only(cuda_visible("GPU-22cc,3"))).await,
+            [2, 3]
+        );
+        // Slurm's binding (SLURM_JOB_GPUS=1), and a job bound to none
+        assert_eq!(indices(Visible::Only(vec!["1".into()])).await, [1]);
+        assert!(indices(Visible::Only(vec![])).await.is_empty());
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -21,7 +21,7 @@
 use std::time::{Duration, Instant};
 
 use noyau_sched::{Backend, Job, JobSpec, JobState};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::dashboard::Dashboard;
 use crate::plan::{Plan, Size};
@@ -56,7 +56,7 @@ pub enum ClusterEvent {
 
 /// What a frontend shows of a cluster: its jobs that have not ended, and
 /// where its dashboard is (noyau's relay with its token, when it relays).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct View {
     pub jobs: Vec<Waiting>,
     pub dashboard: Option<String>,
@@ -69,6 +69,8 @@ pub struct Waiting {
     pub role: String,
     pub id: String,
     pub state: JobState,
+    /// Its log (the scheduler writes it; checked before it is read).
+    pub log: std::path::PathBuf,
 }
 
 impl Waiting {
@@ -80,7 +82,6 @@ impl Waiting {
 enum Cmd {
     Status(oneshot::Sender<String>),
     Down(oneshot::Sender<usize>),
-    View(oneshot::Sender<View>),
     CancelWorker(String, oneshot::Sender<bool>),
 }
 
@@ -88,6 +89,8 @@ enum Cmd {
 pub struct Cluster {
     cmds: mpsc::UnboundedSender<Cmd>,
     events: mpsc::UnboundedReceiver<ClusterEvent>,
+    /// What the task last showed ([`Cluster::view`]), read without asking it.
+    view: watch::Receiver<View>,
     summary: String,
     backend: &'static str,
     dir: ClusterDir,
@@ -116,10 +119,12 @@ impl Cluster {
         }
         let summary = task.summary(&plan);
         let (cmds, cmds_rx) = mpsc::unbounded_channel();
-        tokio::spawn(task.run(cmds_rx));
+        let (view_tx, view) = watch::channel(task.view());
+        tokio::spawn(task.run(cmds_rx, view_tx));
         Ok(Cluster {
             cmds,
             events,
+            view,
             summary,
             backend: plan.backend.name(),
             dir,
@@ -164,20 +169,25 @@ impl Cluster {
     }
 
     /// The cluster's jobs that have not ended (role `scheduler` or `worker
-    /// wN`) and its dashboard's link.
-    pub async fn view(&self) -> View {
-        let (tx, rx) = oneshot::channel();
-        let _ = self.cmds.send(Cmd::View(tx));
-        rx.await.unwrap_or_default()
+    /// wN`) and its dashboard's link, as the task last saw them: at once,
+    /// even while the task is busy (submitting, forwarding the dashboard).
+    pub fn view(&self) -> View {
+        self.view.borrow().clone()
     }
 
-    /// Ends the worker job `id`; false when no worker job of this cluster
-    /// has that id (the scheduler's job is not a worker's). The cluster
-    /// submits a replacement if its size asks for one.
-    pub async fn cancel_worker(&self, id: &str) -> bool {
+    /// Asks the task to end the worker job `id`, if the last view shows it
+    /// (None at once: no worker job of this cluster has that id; the
+    /// scheduler's job is not a worker's). The future, which holds nothing
+    /// of the handle, says whether it was ended. The cluster submits a
+    /// replacement if its size asks for one.
+    pub fn cancel_worker(&self, id: &str) -> Option<impl std::future::Future<Output = bool>> {
+        let view = self.view.borrow();
+        if !view.jobs.iter().any(|j| j.is_worker() && j.id == id) {
+            return None;
+        }
         let (tx, rx) = oneshot::channel();
         let _ = self.cmds.send(Cmd::CancelWorker(id.to_string(), tx));
-        rx.await.unwrap_or(false)
+        Some(async move { rx.await.unwrap_or(false) })
     }
 
     /// Cancels every job of the cluster and removes its directory; how
@@ -387,7 +397,7 @@ impl Task {
         )
     }
 
-    async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<Cmd>) {
+    async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<Cmd>, view: watch::Sender<View>) {
         let mut beat = tokio::time::interval(crate::owner::HEARTBEAT);
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut last_manage = Instant::now();
@@ -395,7 +405,6 @@ impl Task {
             tokio::select! {
                 cmd = cmds.recv() => match cmd {
                     Some(Cmd::Status(tx)) => { let _ = tx.send(self.status()); }
-                    Some(Cmd::View(tx)) => { let _ = tx.send(self.view()); }
                     Some(Cmd::CancelWorker(id, tx)) => {
                         let job = self.jobs.iter().find(|j| j.role == Role::Worker && j.job.id == id && !j.ended());
                         if let Some(j) = job {
@@ -429,6 +438,12 @@ impl Task {
                 return;
             }
             self.report_waiting();
+            let now = self.view();
+            view.send_if_modified(|v| {
+                let changed = *v != now;
+                *v = now;
+                changed
+            });
         }
     }
 
@@ -489,13 +504,23 @@ impl Task {
         });
     }
 
+    /// A job as the owner sees it.
+    fn shown(&self, j: &ClusterJob) -> Waiting {
+        let spec = match j.role {
+            Role::Scheduler => &self.scheduler_spec,
+            Role::Worker => &self.worker_spec,
+        };
+        Waiting {
+            role: j.role_name(),
+            id: j.job.id.clone(),
+            state: j.state(),
+            log: spec.log_path(&j.job.id),
+        }
+    }
+
     fn view(&self) -> View {
         let jobs = (self.jobs.iter().filter(|j| !j.ended()))
-            .map(|j| Waiting {
-                role: j.role_name(),
-                id: j.job.id.clone(),
-                state: j.state(),
-            })
+            .map(|j| self.shown(j))
             .collect();
         let dashboard = match (&self.dashboard, self.dir.dashboard()) {
             (Some(d), _) => Some(d.link.clone()),
@@ -512,11 +537,7 @@ impl Task {
             .jobs
             .iter()
             .filter(|j| j.retiring.is_none() && j.waiting())
-            .map(|j| Waiting {
-                role: j.role_name(),
-                id: j.job.id.clone(),
-                state: j.state(),
-            })
+            .map(|j| self.shown(j))
             .collect();
         match (&mut self.waiting, now.is_empty()) {
             (None, true) => {}
@@ -767,5 +788,53 @@ impl Task {
             ));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiting(role: &str, id: &str) -> Waiting {
+        Waiting {
+            role: role.into(),
+            id: id.into(),
+            state: JobState::Unknown { why: "test".into() },
+            log: std::path::PathBuf::new(),
+        }
+    }
+
+    /// A handle whose task never answers (busy, as while it submits):
+    /// its view and a worker's check still answer at once.
+    #[test]
+    fn the_view_and_the_cancel_check_never_wait_for_a_busy_task() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = ClusterDir::create(d.path(), "c1").unwrap();
+        let (cmds, mut busy) = mpsc::unbounded_channel();
+        let (_events_tx, events) = mpsc::unbounded_channel();
+        let shown = View {
+            jobs: vec![waiting("scheduler", "10"), waiting("worker w1", "11")],
+            dashboard: None,
+        };
+        let (view_tx, view) = watch::channel(shown.clone());
+        let c = Cluster {
+            cmds,
+            events,
+            view,
+            summary: String::new(),
+            backend: "slurm",
+            dir,
+            ended: false,
+        };
+        assert_eq!(c.view(), shown);
+        assert!(
+            c.cancel_worker("10").is_none(),
+            "the scheduler's job is no worker's"
+        );
+        assert!(c.cancel_worker("99").is_none());
+        assert!(c.cancel_worker("11").is_some());
+        assert!(matches!(busy.try_recv(), Ok(Cmd::CancelWorker(id, _)) if id == "11"));
+        view_tx.send_replace(View::default());
+        assert!(c.view().jobs.is_empty() && c.cancel_worker("11").is_none());
     }
 }

@@ -635,6 +635,7 @@ mod tests {
                 start: None,
                 partition: Some("debug".into()),
             },
+            log: std::path::PathBuf::new(),
         }
     }
 

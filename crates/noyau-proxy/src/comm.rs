@@ -18,6 +18,7 @@ use noyau_sched::JobState;
 use noyau_wire::RawMessage;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 use crate::relay::Proxy;
 
@@ -25,10 +26,30 @@ use crate::relay::Proxy;
 pub(crate) const TARGET: &str = "noyau";
 /// How often usage is sampled (and a `state` sent) while a comm is open.
 pub(crate) const INTERVAL: Duration = Duration::from_secs(5);
+/// A comm not heard from this long is closed (its frontend went away
+/// without `comm_close`: a tab closed, a browser crashed). The extension
+/// pings every 30 s; five periods leave room for a background tab's
+/// throttled timers (once a minute in Chromium).
+const EXPIRE_AFTER: Duration = Duration::from_secs(150);
+/// Overrides [`EXPIRE_AFTER`] (seconds; the tests' short period).
+const EXPIRE_VAR: &str = "NOYAU_COMM_EXPIRE";
+/// At most this many noyau comms per kernel: a new one beyond expires the
+/// one heard from least recently.
+const MAX_OPEN: usize = 8;
 
 pub(crate) enum CommEvent {
     JobChanged,
     Done(Done),
+    /// A comm's frontend went silent for too long.
+    Expired(String),
+}
+
+/// One open noyau comm.
+struct Open {
+    /// The `comm_open`'s header: the parent of the states sent unasked.
+    header: Bytes,
+    /// When its frontend last sent anything on it.
+    heard: Instant,
 }
 
 /// A request carried out away from the relay loop (a scheduler command, a
@@ -45,9 +66,10 @@ pub(crate) struct Done {
 }
 
 pub(crate) struct Comms {
-    /// Open comms: id → the `comm_open`'s header (the parent of the
-    /// states sent unasked).
-    open: BTreeMap<String, Bytes>,
+    /// Open comms by id.
+    open: BTreeMap<String, Open>,
+    /// How long a silent comm stays open ([`EXPIRE_AFTER`]).
+    expire_after: Duration,
     /// The agent's last sample.
     pub usage: Option<UsageSample>,
     /// `comm_info_request`s forwarded to the kernel (msg_id → the target
@@ -67,6 +89,7 @@ impl Comms {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         Comms {
             open: BTreeMap::new(),
+            expire_after: expire_after(),
             usage: None,
             info: HashMap::new(),
             job: None,
@@ -89,9 +112,14 @@ impl Comms {
     /// (followed while a comm is open), or a request finished away from the loop.
     pub async fn next(&mut self) -> CommEvent {
         let follow = self.any_open();
+        let silent = self.most_silent();
+        let expires = silent.as_ref().map(|s| s.1 + self.expire_after);
         loop {
             tokio::select! {
                 Some(d) = self.done_rx.recv() => return CommEvent::Done(d),
+                () = tokio::time::sleep_until(expires.unwrap_or_else(Instant::now)), if expires.is_some() => {
+                    return CommEvent::Expired(silent.map(|s| s.0).unwrap_or_default());
+                }
                 changed = async { match self.job.as_mut() { Some(rx) => rx.changed().await.is_ok(), None => std::future::pending().await } }, if follow => {
                     if changed {
                         return CommEvent::JobChanged;
@@ -101,6 +129,23 @@ impl Comms {
                 }
             }
         }
+    }
+
+    /// The comm heard from least recently, and when.
+    fn most_silent(&self) -> Option<(String, Instant)> {
+        (self.open.iter())
+            .min_by_key(|(_, o)| o.heard)
+            .map(|(id, o)| (id.clone(), o.heard))
+    }
+
+    /// Its frontend spoke on comm `id` (false: no such noyau comm).
+    fn heard(&mut self, id: &str) -> bool {
+        let open = self.open.get_mut(id);
+        let known = open.is_some();
+        if let Some(o) = open {
+            o.heard = Instant::now();
+        }
+        known
     }
 
     /// The `comms` of a `comm_info_reply` to a forwarded request, with the
@@ -179,7 +224,7 @@ impl Proxy {
             "comm_open" if c.target_name.as_deref() == Some(TARGET) => {
                 self.comm_open(&msg, c.comm_id).await;
             }
-            "comm_msg" if self.comms.open.contains_key(&c.comm_id) => {
+            "comm_msg" if self.comms.heard(&c.comm_id) => {
                 self.out.status(&msg.header, "busy").await;
                 let data = serde_json::from_slice::<CommData>(&msg.content)
                     .map(|d| d.data)
@@ -190,9 +235,7 @@ impl Proxy {
                 self.out.status(&msg.header, "busy").await;
                 self.comms.open.remove(&c.comm_id);
                 tracing::info!(comm = %c.comm_id, "noyau comm closed");
-                if !self.comms.any_open() {
-                    self.ask_usage();
-                }
+                self.comms_left().await;
                 self.comm_idle(&msg.header).await;
             }
             _ => return Some(msg),
@@ -204,7 +247,18 @@ impl Proxy {
         self.out.status(&msg.header, "busy").await;
         tracing::info!(comm = %comm_id, "noyau comm opened");
         let first = !self.comms.any_open();
-        self.comms.open.insert(comm_id.clone(), msg.header.clone());
+        while self.comms.open.len() >= MAX_OPEN {
+            let Some((oldest, _)) = self.comms.most_silent() else {
+                break;
+            };
+            tracing::info!(comm = %oldest, "more than {MAX_OPEN} noyau comms: the most silent one is closed");
+            self.expire(&oldest).await;
+        }
+        let open = Open {
+            header: msg.header.clone(),
+            heard: Instant::now(),
+        };
+        self.comms.open.insert(comm_id.clone(), open);
         if first {
             self.comms.job = self.agent.job_state();
             self.ask_usage();
@@ -212,6 +266,25 @@ impl Proxy {
         let state = self.comm_state().await;
         self.comm_send(&msg.header, &comm_id, state).await;
         self.comm_idle(&msg.header).await;
+    }
+
+    /// Closes comm `id`, whose frontend went silent: a `comm_close` tells
+    /// it (data `reason: expired`: a frontend still there opens a new one).
+    pub async fn expire(&mut self, id: &str) {
+        let Some(o) = self.comms.open.remove(id) else {
+            return;
+        };
+        tracing::info!(comm = %id, "noyau comm not heard from for {:?}: closed", self.comms.expire_after);
+        let content = json!({"comm_id": id, "data": {"reason": "expired"}});
+        self.out.iopub("comm_close", &o.header, content).await;
+        self.comms_left().await;
+    }
+
+    /// A comm went: with none left, usage is no longer sampled.
+    async fn comms_left(&mut self) {
+        if !self.comms.any_open() {
+            self.ask_usage();
+        }
     }
 
     /// Answered here while the kernel cannot (queued, starting); else
@@ -284,9 +357,9 @@ impl Proxy {
         }
         let state = self.comm_state().await;
         let open: Vec<(String, Bytes)> = (self.comms.open.iter())
-            .map(|(id, h)| match answering {
+            .map(|(id, o)| match answering {
                 Some((a, parent)) if a == id => (id.clone(), parent.clone()),
-                _ => (id.clone(), h.clone()),
+                _ => (id.clone(), o.header.clone()),
             })
             .collect();
         for (id, parent) in open {
@@ -295,17 +368,35 @@ impl Proxy {
     }
 
     /// A request finished away from the loop: its log, the state, the reply, idle.
-    pub async fn on_done(&mut self, d: Done) {
-        for text in d.logs {
+    pub async fn on_done(&mut self, mut d: Done) {
+        for text in std::mem::take(&mut d.logs) {
             let log = json!({"type": "log", "request": d.id, "text": text});
             self.comm_send(&d.parent, &d.comm_id, log).await;
         }
         if d.ok {
             self.push_state_for(Some((&d.comm_id, &d.parent))).await;
         }
+        self.comm_reply(d).await;
+    }
+
+    /// A request's reply, then idle.
+    async fn comm_reply(&mut self, d: Done) {
         let reply = json!({"type": "reply", "request": d.id, "ok": d.ok, "message": d.message});
         self.comm_send(&d.parent, &d.comm_id, reply).await;
         self.comm_idle(&d.parent).await;
+    }
+}
+
+/// [`EXPIRE_AFTER`], or [`EXPIRE_VAR`]'s seconds when it is a positive number.
+fn expire_after() -> Duration {
+    let var = std::env::var(EXPIRE_VAR).ok();
+    match var.as_deref().map(str::parse::<f64>) {
+        None => EXPIRE_AFTER,
+        Some(Ok(s)) if s > 0.0 && s.is_finite() => Duration::from_secs_f64(s),
+        Some(_) => {
+            tracing::warn!("{EXPIRE_VAR}={var:?} is not a positive number of seconds: noyau comms expire after {EXPIRE_AFTER:?}");
+            EXPIRE_AFTER
+        }
     }
 }
 
@@ -328,7 +419,11 @@ mod tests {
     #[test]
     fn a_kernels_comm_info_reply_of_any_shape_is_merged_or_left_alone() {
         let mut c = Comms::new();
-        c.open.insert("n1".into(), Bytes::from_static(b"{}"));
+        let open = Open {
+            header: Bytes::from_static(b"{}"),
+            heard: Instant::now(),
+        };
+        c.open.insert("n1".into(), open);
         // What notebook code may make its kernel answer: never a panic.
         for odd in ["[1, 2]", "\"x\"", "3", "null", "{\"comms\": [1]}"] {
             c.info.insert("p".into(), None);

@@ -160,6 +160,7 @@ impl Proxy {
                 ev = self.comms.next() => match ev {
                     CommEvent::JobChanged => self.push_state().await,
                     CommEvent::Done(d) => self.on_done(d).await,
+                    CommEvent::Expired(id) => self.expire(&id).await,
                 },
                 sub = self.out.fe.iopub.recv() => {
                     if let Ok(sub) = sub {

@@ -130,6 +130,12 @@ pub(crate) trait Batch: Send + Sync + 'static {
     /// The job this process runs in, from the environment the scheduler
     /// gives its jobs (an array task's id as [`Batch::list`] shows it).
     fn job_in_env(&self) -> Option<String>;
+    /// The GPUs the scheduler bound to the job this process runs in, as
+    /// `nvidia-smi` indexes them (empty: none); None where it does not
+    /// say (not in one of its jobs, or it binds no GPUs).
+    fn gpus_in_env(&self) -> Option<Vec<String>> {
+        None
+    }
     /// The signal its jobs get shortly before their walltime (the save
     /// signal), which their processes must handle: its default action
     /// ends a process.

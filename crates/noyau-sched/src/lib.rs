@@ -165,6 +165,14 @@ pub fn this_job() -> Option<(Scheduler, String)> {
     })
 }
 
+/// The GPUs of the batch job this process runs in, where its scheduler
+/// says which ([`Batch::gpus_in_env`]).
+pub fn this_job_gpus() -> Option<Vec<String>> {
+    SCHEDULERS
+        .iter()
+        .find_map(|(_, _, make)| make(Commands::default()).gpus_in_env())
+}
+
 /// The signal that says "the walltime is near" in the batch job this
 /// process runs in (see [`Scheduler::walltime_signal`]); SIGUSR1 outside
 /// a batch job.

@@ -550,6 +550,17 @@ impl Batch for Slurm {
         }
     }
 
+    /// A step's GPUs, else the job's (`SLURM_STEP_GPUS`, `SLURM_JOB_GPUS`:
+    /// the node's GPU indices); a job without either has none.
+    fn gpus_in_env(&self) -> Option<Vec<String>> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        var("SLURM_JOB_ID")?;
+        let list = var("SLURM_STEP_GPUS").or_else(|| var("SLURM_JOB_GPUS"));
+        Some(list.map_or_else(Vec::new, |l| {
+            l.split(',').map(|g| g.trim().to_string()).collect()
+        }))
+    }
+
     fn tasks_python(&self) -> &'static str {
         TASKS_PYTHON
     }

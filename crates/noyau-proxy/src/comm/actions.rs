@@ -22,6 +22,9 @@ const MAX_LINES: usize = 5000;
 #[serde(tag = "action", rename_all = "snake_case")]
 enum Action {
     Refresh,
+    /// The frontend is still there (it sends this every 30 s; a comm not
+    /// heard from is closed: [`super::EXPIRE_AFTER`]).
+    Ping,
     Extend {
         duration: String,
     },
@@ -66,21 +69,19 @@ impl Proxy {
         let action = match serde_json::from_value::<Action>(data) {
             Ok(a) => a,
             Err(e) => {
-                let m = format!("noyau cannot do this request ({e}); it knows refresh, extend, release, cancel and log");
+                let m = format!("noyau cannot do this request ({e}); it knows refresh, ping, extend, release, cancel and log");
                 return self.on_done(d.answer(Err(m))).await;
             }
         };
         match action {
             Action::Refresh => self.on_done(d.answer(Ok("state sent".into()))).await,
+            Action::Ping => self.comm_reply(d.answer(Ok("pong".into()))).await,
             Action::Extend { duration } => self.extend(d, &duration).await,
             Action::Release { target } => {
                 let r = self.release_target(&target).map_err(|e| e.to_string());
                 self.on_done(d.answer(r)).await
             }
-            Action::Cancel { job } => {
-                let r = self.cancel_job(&job).await;
-                self.on_done(d.answer(r)).await
-            }
+            Action::Cancel { job } => self.cancel_job(d, &job).await,
             Action::Log { job, lines } => match self.log_path(job.as_deref()) {
                 Ok(path) => {
                     let tx = self.comms.done_tx.clone();
@@ -134,30 +135,37 @@ impl Proxy {
     }
 
     /// Ends a target's job or a Dask worker job of this kernel's; any
-    /// other job is refused.
-    async fn cancel_job(&mut self, id: &str) -> Result<String, String> {
+    /// other job is refused. A worker job is cancelled by the cluster's
+    /// task, which may be busy: its answer comes back as a [`Done`].
+    async fn cancel_job(&mut self, d: Done, id: &str) {
         let target = (self.targets.map.values())
             .find(|t| t.job == id)
             .map(|t| t.name.clone());
         if let Some(name) = target {
-            return self.release_target(&name).map_err(|e| e.to_string());
+            let r = self.release_target(&name).map_err(|e| e.to_string());
+            return self.on_done(d.answer(r)).await;
         }
-        if let Some(c) = self.magics.dask.cluster() {
-            if c.cancel_worker(id).await {
-                return Ok(format!("Dask worker job {id} cancelled"));
-            }
-        }
-        Err(format!(
-            "job {id} is not one of this kernel's target or Dask worker jobs: noyau cancels only those here"
-        ))
+        let cancel = (self.magics.dask.cluster()).and_then(|c| c.cancel_worker(id));
+        let Some(cancel) = cancel else {
+            let m = format!("job {id} is not one of this kernel's target or Dask worker jobs: noyau cancels only those here");
+            return self.on_done(d.answer(Err(m))).await;
+        };
+        let (tx, id) = (self.comms.done_tx.clone(), id.to_string());
+        tokio::spawn(async move {
+            let r = match cancel.await {
+                true => Ok(format!("Dask worker job {id} cancelled")),
+                false => Err(format!("Dask worker job {id} had ended already")),
+            };
+            let _ = tx.send(d.answer(r));
+        });
     }
 
-    /// The log of the kernel's own job (`job`: None) or of a target's.
+    /// The log of the kernel's own job (`job`: None), a target's or a Dask job's.
     fn log_path(&self, job: Option<&str>) -> Result<PathBuf, String> {
-        if self.cfg.backend == "local" {
-            return Err("this kernel runs on the local backend: its agent's messages go to the Jupyter server's log, not to a job log".into());
-        }
         let (name, id) = match job {
+            None if self.cfg.backend == "local" => {
+                return Err("this kernel runs on the local backend: its agent's messages go to the Jupyter server's log, not to a job log".into());
+            }
             None => (
                 format!("noyau-kernel-{}", self.cfg.inner),
                 self.agent
@@ -166,18 +174,27 @@ impl Proxy {
                     .ok_or("this kernel does not know its job's id")?
                     .to_string(),
             ),
-            Some(id) => {
-                let t = (self.targets.map.values().find(|t| t.job == id)).ok_or_else(|| {
-                    format!("job {id} is not one of this kernel's targets: noyau shows only their logs and the kernel's own")
-                })?;
-                (format!("noyau-target-{}", t.name), id.to_string())
-            }
+            Some(id) => match self.targets.map.values().find(|t| t.job == id) {
+                Some(t) => (format!("noyau-target-{}", t.name), id.to_string()),
+                None => return self.dask_log_path(id),
+            },
         };
         let spec = noyau_sched::JobSpec {
             name,
             ..Default::default()
         };
         Ok(spec.log_path(&id))
+    }
+
+    /// The log of one of the Dask cluster's jobs (its scheduler's or a worker's).
+    fn dask_log_path(&self, id: &str) -> Result<PathBuf, String> {
+        let view = (self.magics.dask.cluster())
+            .map(|c| c.view())
+            .unwrap_or_default();
+        let job = view.jobs.into_iter().find(|j| j.id == id);
+        job.map(|j| j.log).ok_or_else(|| {
+            format!("job {id} is not one of this kernel's target or Dask jobs: noyau shows only their logs and the kernel's own")
+        })
     }
 }
 

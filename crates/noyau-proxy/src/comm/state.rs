@@ -89,7 +89,8 @@ impl Proxy {
             "extend": batch && noyau_sched::Scheduler::named(&self.cfg.backend).is_ok_and(|s| s.users_extend()),
             "release_target": true,
             "cancel_worker": self.magics.dask.is_up(),
-            "log": batch,
+            // its own job's on a batch scheduler; its targets' and Dask jobs' anywhere
+            "log": batch || !self.targets.map.is_empty() || self.magics.dask.is_up(),
         });
         json!({
             "type": "state",
@@ -100,7 +101,7 @@ impl Proxy {
             "resources": self.resources(),
             "usage": self.comms.usage,
             "targets": targets,
-            "dask": self.dask_state().await,
+            "dask": self.dask_state(),
             "can": can,
             "idle": self.idle_state(),
         })
@@ -139,11 +140,12 @@ impl Proxy {
         json!({"cpus": cpus, "mem_bytes": mem, "gpus": gpus})
     }
 
-    async fn dask_state(&self) -> Value {
+    /// The cluster as its task last showed it (never waiting for the task).
+    fn dask_state(&self) -> Value {
         let Some(c) = self.magics.dask.cluster() else {
             return Value::Null;
         };
-        let view = c.view().await;
+        let view = c.view();
         let jobs: Vec<Value> = (view.jobs.into_iter())
             .map(|w| {
                 let role = if w.is_worker() { "worker" } else { "scheduler" };
