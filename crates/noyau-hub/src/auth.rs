@@ -65,20 +65,39 @@ impl Hub {
 
     /// The user this request is made for, or why there is none.
     pub fn identify(&self, headers: &HeaderMap) -> Result<Who, Denied> {
-        let (name, csrf) = self.claimed(headers).ok_or(Denied::Anonymous)?;
+        let (name, cookie) = self.allowed(headers)?;
+        let csrf = match cookie {
+            Some(c) => self.mac(&format!("csrf:{c}")),
+            None => self.mac(&format!("csrf-user:{name}")),
+        };
+        Ok(Who {
+            admin: self.cfg.admins.contains(&name),
+            name,
+            csrf,
+        })
+    }
+
+    /// The account this request is made for, if logged in and allowed:
+    /// the same checks as [`Hub::identify`], without the CSRF token, which
+    /// only the hub's forms need. The proxy's check, on every request to a
+    /// user's server.
+    pub fn identify_name(&self, headers: &HeaderMap) -> Result<String, Denied> {
+        self.allowed(headers).map(|(name, _)| name)
+    }
+
+    /// The claimed user (and, in PAM mode, the login cookie), once the
+    /// access rules let them in.
+    fn allowed(&self, headers: &HeaderMap) -> Result<(String, Option<String>), Denied> {
+        let (name, cookie) = self.claimed(headers).ok_or(Denied::Anonymous)?;
         match self.access.check(&self.cfg, &name) {
-            Ok(()) => Ok(Who {
-                admin: self.cfg.admins.contains(&name),
-                name,
-                csrf,
-            }),
+            Ok(()) => Ok((name, cookie)),
             Err(r) => Err(Denied::Refused(r)),
         }
     }
 
     /// The user name the request carries (header or login cookie), with
-    /// the CSRF token its forms need.
-    fn claimed(&self, headers: &HeaderMap) -> Option<(String, String)> {
+    /// the login cookie in PAM mode.
+    fn claimed(&self, headers: &HeaderMap) -> Option<(String, Option<String>)> {
         match self.cfg.auth {
             Auth::Header => {
                 let name = headers
@@ -87,16 +106,12 @@ impl Hub {
                     .ok()?
                     .trim()
                     .to_string();
-                if !valid_user_name(&name) {
-                    return None;
-                }
-                let csrf = self.mac(&format!("csrf-user:{name}"));
-                Some((name, csrf))
+                valid_user_name(&name).then_some((name, None))
             }
             Auth::Pam => {
                 let cookie = cookie(headers, LOGIN_COOKIE)?;
                 let name = self.db.login_user(&sha256_hex(&cookie)).ok()??;
-                Some((name, self.mac(&format!("csrf:{cookie}"))))
+                Some((name, Some(cookie)))
             }
         }
     }

@@ -35,15 +35,15 @@ pub async fn user_route(State(hub): State<Arc<Hub>>, req: Request) -> Response {
     let path = req.uri().path().to_string();
     let rest = path.strip_prefix("/user/").unwrap_or_default();
     let (name, sub) = rest.split_once('/').unwrap_or((rest, ""));
-    let who = match hub.identify(req.headers()) {
+    let who = match hub.identify_name(req.headers()) {
         Ok(w) => w,
         Err(d) => {
             let login = format!("/hub/login?next={}", crate::pages::url_encode(&path));
             return crate::denied(&hub, d, login);
         }
     };
-    if who.name != name {
-        hub.db.audit(&who.name, "forbidden", &path);
+    if who != name {
+        hub.db.audit(&who, "forbidden", &path);
         return crate::pages::error(
             &hub.site,
             StatusCode::FORBIDDEN,
@@ -51,7 +51,7 @@ pub async fn user_route(State(hub): State<Arc<Hub>>, req: Request) -> Response {
         );
     }
     if let Err(why) = check_target(&req, sub) {
-        hub.db.audit(&who.name, "refused-path", &path);
+        hub.db.audit(&who, "refused-path", &path);
         return crate::pages::error(&hub.site, StatusCode::BAD_REQUEST, why);
     }
     let Some(upstream) = hub.user_upstream(name) else {
@@ -114,24 +114,29 @@ pub(crate) fn percent_decode(s: &str) -> String {
 }
 
 /// The request's cookies minus the hub's own, which the user's server has
-/// no use for.
+/// no use for. Built in one string: this is on every proxied request.
 fn strip_hub_cookies(req: &mut Request) {
-    let kept: Vec<String> = req
+    let mut kept = String::new();
+    let cookies = req
         .headers()
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
-        .map(str::trim)
-        .filter(|kv| {
-            let k = kv.split('=').next().unwrap_or("");
-            !kv.is_empty() && k != LOGIN_COOKIE && k != PRE_COOKIE
-        })
-        .map(String::from)
-        .collect();
+        .map(str::trim);
+    for kv in cookies {
+        let k = kv.split('=').next().unwrap_or("");
+        if kv.is_empty() || k == LOGIN_COOKIE || k == PRE_COOKIE {
+            continue;
+        }
+        if !kept.is_empty() {
+            kept.push_str("; ");
+        }
+        kept.push_str(kv);
+    }
     req.headers_mut().remove(header::COOKIE);
     if !kept.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+        if let Ok(v) = HeaderValue::from_str(&kept) {
             req.headers_mut().insert(header::COOKIE, v);
         }
     }
@@ -288,6 +293,26 @@ mod tests {
 
     fn req(uri: &str) -> Request {
         Request::builder().uri(uri).body(Body::empty()).unwrap()
+    }
+
+    #[test]
+    fn the_hubs_cookies_stay_on_the_hub() {
+        let mut r = Request::builder()
+            .uri("/user/a/lab")
+            .header(header::COOKIE, "noyau_hub=secret; _xsrf=x1")
+            .header(header::COOKIE, "noyau_hub_pre=p;; theme=dark")
+            .body(Body::empty())
+            .unwrap();
+        strip_hub_cookies(&mut r);
+        let sent: Vec<_> = r.headers().get_all(header::COOKIE).iter().collect();
+        assert_eq!(sent, ["_xsrf=x1; theme=dark"]);
+        let mut r = Request::builder()
+            .uri("/user/a/lab")
+            .header(header::COOKIE, "noyau_hub=secret")
+            .body(Body::empty())
+            .unwrap();
+        strip_hub_cookies(&mut r);
+        assert!(r.headers().get(header::COOKIE).is_none());
     }
 
     #[test]
