@@ -327,6 +327,27 @@ def secs_of(slurm_time: str) -> int:
     return secs + int(days or 0) * 86400
 
 
+def spawn_refused_then_running(s, url: str, csrf: str, queue: str, mem_gb: int = 0) -> dict:  # type: ignore[no-untyped-def]
+    """Asks for more cores than the profile allows (refused, saying the
+    limits), then for one core in `queue`; returns the session once running."""
+    form = {"_csrf": csrf, "profile": "cpu", "partition": queue, "cores": 1, "mem_gb": mem_gb, "gpus": 0,
+            "minutes": 10}
+    r = s.post(url + "/hub/spawn", data=dict(form, cores=64))
+    assert r.status_code == 400 and "cores must be between 1 and 2" in r.text, r.text[:500]
+    r = s.post(url + "/hub/spawn", data=form)
+    assert r.status_code == 200, r.text[:500]
+    return wait_state(s, url, "running", timeout=180)
+
+
+def cancel_until_ended(s, url: str, csrf: str, session: dict) -> dict:  # type: ignore[no-untyped-def]
+    """Cancels the session from its card; returns it once ended as cancelled."""
+    r = s.post(f"{url}/hub/sessions/{session['id']}/cancel", data={"_csrf": csrf})
+    assert r.status_code == 200
+    ended = wait_state(s, url, "ended", timeout=90)
+    assert ended["ended_why"] == "cancelled", ended
+    return ended
+
+
 def run_cell(s, url: str, user: str, code: str, timeout: float = 60) -> str:  # type: ignore[no-untyped-def]
     """Starts a kernel in the user's JupyterLab through the hub, runs `code`
     over the kernel WebSocket, returns the text of its result; deletes the kernel."""

@@ -53,13 +53,7 @@ def test_oar_login_spawn_run_a_cell_cancel(tmp_path: Path, oar_user) -> None:  #
         assert "<td>all queues</td>" in home, home
         assert 'name="mem_gb" value="0"' in home  # OAR asks for no memory
         csrf = hl.csrf_of(home)
-        form = {"_csrf": csrf, "profile": "cpu", "partition": "default", "cores": 1, "mem_gb": 0, "gpus": 0,
-                "minutes": 10}
-        r = s.post(hub.url + "/hub/spawn", data=dict(form, cores=64))
-        assert r.status_code == 400 and "cores must be between 1 and 2" in r.text
-        r = s.post(hub.url + "/hub/spawn", data=form)
-        assert r.status_code == 200, r.text[:500]
-        st = hl.wait_state(s, hub.url, "running", timeout=180)
+        st = hl.spawn_refused_then_running(s, hub.url, csrf, "default")
         assert st["seen"][0] == "queued" and st["node"] == "localhost" and st["job_id"]
         assert 0 < hl.secs_of(st["time_left"]) <= 600
         # The job is the user's, under the hub's job name; nothing secret on its command line.
@@ -69,10 +63,7 @@ def test_oar_login_spawn_run_a_cell_cancel(tmp_path: Path, oar_user) -> None:  #
 
         assert hl.run_cell(s, hub.url, u.name, "6 * 7") == "42"
 
-        r = s.post(f"{hub.url}/hub/sessions/{st['id']}/cancel", data={"_csrf": csrf})
-        assert r.status_code == 200
-        ended = hl.wait_state(s, hub.url, "ended", timeout=90)
-        assert ended["ended_why"] == "cancelled", ended
+        hl.cancel_until_ended(s, hub.url, csrf, st)
         assert any(e["type"] == "FRAG_JOB_REQUEST" for e in oar_job(st["job_id"])["events"])
         assert s.get(f"{hub.url}/user/{u.name}/api/status").status_code == 503
     finally:

@@ -48,13 +48,7 @@ def test_sge_login_spawn_run_a_cell_cancel(tmp_path: Path, sge_user) -> None:  #
         home = s.get(hub.url + "/hub/home").text
         assert "<th>Queue</th>" in home and "<option>all.q</option>" in home, home
         csrf = hl.csrf_of(home)
-        form = {"_csrf": csrf, "profile": "cpu", "partition": "all.q", "cores": 1, "mem_gb": 0, "gpus": 0,
-                "minutes": 10}
-        r = s.post(hub.url + "/hub/spawn", data=dict(form, cores=64))
-        assert r.status_code == 400 and "cores must be between 1 and 2" in r.text
-        r = s.post(hub.url + "/hub/spawn", data=form)
-        assert r.status_code == 200, r.text[:500]
-        st = hl.wait_state(s, hub.url, "running", timeout=180)
+        st = hl.spawn_refused_then_running(s, hub.url, csrf, "all.q")
         assert st["job_id"] and 0 < hl.secs_of(st["time_left"]) <= 600, st
         # The job is the user's, under the hub's job name.
         job = next(j for j in user_jobs(u.name) if j["id"] == st["job_id"])
@@ -62,10 +56,7 @@ def test_sge_login_spawn_run_a_cell_cancel(tmp_path: Path, sge_user) -> None:  #
 
         assert hl.run_cell(s, hub.url, u.name, "6 * 7") == "42"
 
-        r = s.post(f"{hub.url}/hub/sessions/{st['id']}/cancel", data={"_csrf": csrf})
-        assert r.status_code == 200
-        ended = hl.wait_state(s, hub.url, "ended", timeout=90)
-        assert ended["ended_why"] == "cancelled", ended
+        hl.cancel_until_ended(s, hub.url, csrf, st)
         lib.wait_until(lambda: not user_jobs(u.name), 60, "the session's job to leave Grid Engine", 0.5)
         assert s.get(f"{hub.url}/user/{u.name}/api/status").status_code == 503
     finally:

@@ -108,10 +108,7 @@ def run_non_root_hub(scheduler: str, queue: str, mem_gb: int, job_user_of) -> No
             assert r.returncode != 0 and "sudo:" in r.stderr, (other, r.returncode, r.stderr)
 
         # Cancel goes through sudo as well (scancel or oardel as the user).
-        r = s.post(f"{hub.url}/hub/sessions/{st['id']}/cancel", data={"_csrf": csrf})
-        assert r.status_code == 200, r.text[:500]
-        ended = hl.wait_state(s, hub.url, "ended", timeout=90)
-        assert ended["ended_why"] == "cancelled"
+        hl.cancel_until_ended(s, hub.url, csrf, st)
     finally:
         if hub:
             hub.close()
