@@ -5,6 +5,7 @@
 //! listing would show them to every user of the machine. They are removed from the environment
 //! once read, so the kernel does not inherit them.
 
+use noyau_vars::EnvVars;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
@@ -50,14 +51,9 @@ fn take_env(name: &str) -> Option<String> {
 }
 
 fn secs(name: &str, default: u64) -> anyhow::Result<Duration> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse::<f64>()
-            .ok()
-            .filter(|s| *s >= 0.0)
-            .map(Duration::from_secs_f64)
-            .with_context(|| format!("{name}={v:?} is not a number of seconds")),
-        Err(_) => Ok(Duration::from_secs(default)),
+    match noyau_vars::seconds(name) {
+        Some(v) => v.map_err(anyhow::Error::msg),
+        None => Ok(Duration::from_secs(default)),
     }
 }
 
@@ -89,18 +85,21 @@ impl AgentConfig {
                     format!("{n} is not set: `noyau agent` is started by `noyau kernel` through a backend, which passes it the link address, pin and token")
                 };
                 (
-                    take_env("NOYAU_LINK_ADDR").with_context(|| missing("NOYAU_LINK_ADDR"))?,
-                    take_env("NOYAU_LINK_PIN").with_context(|| missing("NOYAU_LINK_PIN"))?,
-                    take_env("NOYAU_LINK_TOKEN").with_context(|| missing("NOYAU_LINK_TOKEN"))?,
+                    take_env(EnvVars::NOYAU_LINK_ADDR)
+                        .with_context(|| missing(EnvVars::NOYAU_LINK_ADDR))?,
+                    take_env(EnvVars::NOYAU_LINK_PIN)
+                        .with_context(|| missing(EnvVars::NOYAU_LINK_PIN))?,
+                    take_env(EnvVars::NOYAU_LINK_TOKEN)
+                        .with_context(|| missing(EnvVars::NOYAU_LINK_TOKEN))?,
                 )
             }
         };
         let inner = inner
-            .or_else(|| take_env("NOYAU_INNER"))
+            .or_else(|| take_env(EnvVars::NOYAU_INNER))
             .unwrap_or_else(|| "python3".into());
         let env_spec = match (
-            take_env(noyau_env::SPEC_ENV),
-            take_env(noyau_env::SPEC_FILE_ENV),
+            take_env(EnvVars::NOYAU_ENV_SPEC),
+            take_env(EnvVars::NOYAU_ENV_SPEC_FILE),
         ) {
             (Some(json), _) => Some(json),
             (None, Some(f)) => {
@@ -119,21 +118,20 @@ impl AgentConfig {
                 .context("the kernel's environment spec")
         })
         .transpose()?;
-        let prepared = take_env(noyau_env::PREPARED_ENV)
+        let prepared = take_env(EnvVars::NOYAU_ENV_PREPARED)
             .map(|json| noyau_env::Prepared::from_json(&json))
             .transpose()?;
         Ok(AgentConfig {
             env_spec,
             prepared,
-            ipython_hist_file: take_env(noyau_client::agent::IPYTHON_HIST_FILE_ENV)
-                .filter(|v| !v.is_empty()),
+            ipython_hist_file: take_env(EnvVars::NOYAU_IPYTHON_HIST_FILE).filter(|v| !v.is_empty()),
             link_addr,
             pin,
             token,
             inner,
-            reattach_grace: secs("NOYAU_REATTACH_GRACE", 30)?,
-            give_up_after: secs("NOYAU_LINK_GIVE_UP", 120)?,
-            buffer_limit: match std::env::var("NOYAU_LINK_BUFFER_MB") {
+            reattach_grace: secs(EnvVars::NOYAU_REATTACH_GRACE, 30)?,
+            give_up_after: secs(EnvVars::NOYAU_LINK_GIVE_UP, 120)?,
+            buffer_limit: match std::env::var(EnvVars::NOYAU_LINK_BUFFER_MB) {
                 Ok(v) => v
                     .parse::<usize>()
                     .ok()

@@ -14,6 +14,7 @@
 //! (the new hub process does not know the session) and the agent dials
 //! again with that token, which the hub recorded.
 
+use noyau_vars::EnvVars;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -66,12 +67,12 @@ impl WebConfig {
                 format!("{n} is not set: `noyau agent --serve` is started by `noyau hub` in a batch job")
             })
         };
-        let base_url = var("NOYAU_HUB_BASE_URL")?;
+        let base_url = var(EnvVars::NOYAU_HUB_BASE_URL)?;
         if !base_url.starts_with('/') || !base_url.ends_with('/') {
             bail!("NOYAU_HUB_BASE_URL={base_url:?} must start and end with /");
         }
         Ok(WebConfig {
-            session: var("NOYAU_HUB_SESSION")?,
+            session: var(EnvVars::NOYAU_HUB_SESSION)?,
             agent,
             server,
             base_url,
@@ -190,7 +191,7 @@ async fn from_hub(tunnel: &Arc<Tunnel>, frames: &[bytes::Bytes], sock: &Path, to
 }
 
 fn start_server(cfg: &WebConfig, dir: &Path, sock: &Path) -> anyhow::Result<Child> {
-    let jupyter = std::env::var("NOYAU_JUPYTER").unwrap_or_else(|_| "jupyter".into());
+    let jupyter = std::env::var(EnvVars::NOYAU_JUPYTER).unwrap_or_else(|_| "jupyter".into());
     let app = match cfg.server {
         Server::Lab => "lab",
         Server::Server => "server",
@@ -210,8 +211,8 @@ fn start_server(cfg: &WebConfig, dir: &Path, sock: &Path) -> anyhow::Result<Chil
         .arg("--ServerApp.allow_remote_access=True")
         .env("JUPYTER_RUNTIME_DIR", dir.join("runtime"))
         .env("JUPYTER_CONFIG_PATH", config_path)
-        .env_remove("NOYAU_LINK_TOKEN")
-        .env_remove("NOYAU_LINK_PIN")
+        .env_remove(EnvVars::NOYAU_LINK_TOKEN)
+        .env_remove(EnvVars::NOYAU_LINK_PIN)
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .process_group(0);

@@ -6,6 +6,7 @@
 //! its argv), and then watch the job so that an agent that dies without a
 //! word is still noticed.
 
+use noyau_vars::EnvVars;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,11 +27,6 @@ pub enum StartError {
     #[error(transparent)]
     Sched(#[from] SchedError),
 }
-
-/// Where a headless IPython kernel keeps its history, passed by `noyau run`
-/// to its agent: a file, `:memory:`, or empty for IPython's own default
-/// (the profile's `history.sqlite`).
-pub const IPYTHON_HIST_FILE_ENV: &str = "NOYAU_IPYTHON_HIST_FILE";
 
 /// What to start.
 #[derive(Debug, Clone)]
@@ -86,16 +82,19 @@ pub async fn start_agent(l: AgentLaunch, link_cfg: LinkConfig) -> Result<Started
     if l.backend == "local" {
         // A local agent whose proxy vanished (a frontend's SIGKILL to the
         // proxy's process group) has no allocation worth keeping: end soon.
-        for (k, v) in [("NOYAU_LINK_GIVE_UP", "10"), ("NOYAU_REATTACH_GRACE", "10")] {
+        for (k, v) in [
+            (EnvVars::NOYAU_LINK_GIVE_UP, "10"),
+            (EnvVars::NOYAU_REATTACH_GRACE, "10"),
+        ] {
             if std::env::var_os(k).is_none() {
                 env.entry(k.into()).or_insert_with(|| v.into());
             }
         }
     }
-    env.insert("NOYAU_LINK_ADDR".into(), advertise.clone());
-    env.insert("NOYAU_LINK_PIN".into(), listener.pin());
-    env.insert("NOYAU_LINK_TOKEN".into(), listener.issue_token());
-    env.insert("NOYAU_INNER".into(), l.inner.clone());
+    env.insert(EnvVars::NOYAU_LINK_ADDR.into(), advertise.clone());
+    env.insert(EnvVars::NOYAU_LINK_PIN.into(), listener.pin());
+    env.insert(EnvVars::NOYAU_LINK_TOKEN.into(), listener.issue_token());
+    env.insert(EnvVars::NOYAU_INNER.into(), l.inner.clone());
     let job = backend
         .submit(JobSpec {
             name: l.job_name.clone(),

@@ -4,6 +4,7 @@
 //! proxy shows them in the cell, `noyau run` on its progress), and the job
 //! environment that carries the result to the agent.
 
+use noyau_vars::EnvVars;
 use std::collections::BTreeMap;
 
 use noyau_env::sources::Declared;
@@ -108,10 +109,13 @@ pub async fn prepare(
 pub fn job_env(spec: Option<&EnvSpec>, prepared: &Prepared) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
     if let Some(s) = spec {
-        env.insert(noyau_env::SPEC_ENV.to_string(), s.to_value().to_string());
+        env.insert(
+            EnvVars::NOYAU_ENV_SPEC.to_string(),
+            s.to_value().to_string(),
+        );
     }
     if prepared.entry.is_some() || !prepared.data.is_empty() {
-        env.insert(noyau_env::PREPARED_ENV.to_string(), prepared.to_json());
+        env.insert(EnvVars::NOYAU_ENV_PREPARED.to_string(), prepared.to_json());
     }
     env
 }

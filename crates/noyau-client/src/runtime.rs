@@ -11,6 +11,7 @@
 //! successor finds its handover record there; only two processes making
 //! the first fallback at the same instant could pick different ones.
 
+use noyau_vars::EnvVars;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -41,7 +42,7 @@ pub struct RuntimeDir {
 /// fallback beside it ([`tmp_base`]).
 pub fn base_dir() -> Result<PathBuf, RuntimeDirError> {
     let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
-    let chosen = var("NOYAU_RUNTIME_DIR")
+    let chosen = var(EnvVars::NOYAU_RUNTIME_DIR)
         .map(PathBuf::from)
         .or_else(|| var("XDG_RUNTIME_DIR").map(|d| PathBuf::from(d).join("noyau")));
     match chosen {

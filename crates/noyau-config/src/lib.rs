@@ -49,6 +49,7 @@
 //! cpus_per_task = 8
 //! ```
 
+use noyau_vars::EnvVars;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -304,7 +305,7 @@ pub struct Config {
 
 /// The files noyau reads, in order (later wins); they need not exist.
 pub fn default_paths(cwd: &Path) -> Vec<PathBuf> {
-    let system = std::env::var_os("NOYAU_SYSTEM_CONFIG")
+    let system = std::env::var_os(EnvVars::NOYAU_SYSTEM_CONFIG)
         .map(PathBuf::from)
         .unwrap_or_else(|| "/etc/noyau/config.toml".into());
     let mut v = vec![system];

@@ -12,6 +12,7 @@
 //! (a browser's keep-alive connection is its own). The token is taken off
 //! the request before it goes on, so Dask never logs it.
 
+use noyau_vars::EnvVars;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -47,7 +48,7 @@ struct Gate {
 /// Listens on 127.0.0.1 (a free port; `NOYAU_DASK_DASHBOARD_PORT` picks
 /// one) and relays every connection that shows the token.
 pub(crate) async fn forward(host: String, port: u16) -> std::io::Result<Dashboard> {
-    let local: u16 = std::env::var("NOYAU_DASK_DASHBOARD_PORT")
+    let local: u16 = std::env::var(EnvVars::NOYAU_DASK_DASHBOARD_PORT)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);

@@ -7,6 +7,7 @@
 //! When it cannot, it writes the reason into the cluster directory's
 //! `error` file, which the proxy shows in the notebook.
 
+use noyau_vars::EnvVars;
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -372,10 +373,10 @@ struct Prepared {
 
 fn prepare(a: &JobArgs) -> anyhow::Result<Prepared> {
     let mut env: BTreeMap<String, String> = std::env::vars().collect();
-    env.insert("NOYAU_DASK_DIR".into(), a.dir.display().to_string());
-    let spec_json = env.remove(noyau_env::SPEC_ENV);
+    env.insert(EnvVars::NOYAU_DASK_DIR.into(), a.dir.display().to_string());
+    let spec_json = env.remove(EnvVars::NOYAU_ENV_SPEC);
     let prepared = env
-        .remove(noyau_env::PREPARED_ENV)
+        .remove(EnvVars::NOYAU_ENV_PREPARED)
         .map(|j| noyau_env::Prepared::from_json(&j))
         .transpose()?;
     let python = python_of(&a.inner);
@@ -443,7 +444,7 @@ fn explain_failure(p: &Prepared, role: Role, status: std::process::ExitStatus) -
 
 /// The inner kernelspec's Python, else `python3`.
 fn python_of(inner: &str) -> String {
-    if let Ok(p) = std::env::var("NOYAU_DASK_PYTHON") {
+    if let Ok(p) = std::env::var(EnvVars::NOYAU_DASK_PYTHON) {
         if !p.is_empty() {
             return p;
         }

@@ -12,6 +12,7 @@
 //! login node's, so only "it changed" is trusted, timed by the watcher's own
 //! monotonic clock.
 
+use noyau_vars::EnvVars;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -20,13 +21,10 @@ use crate::ClusterDir;
 /// How often the proxy rewrites the owner file.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
 
-/// The environment variable that gives the jobs the grace period (seconds).
-pub const GRACE_ENV: &str = "NOYAU_DASK_OWNER_GRACE";
-
 /// The grace period the proxy gives its jobs: the agent's
 /// (`NOYAU_LINK_GIVE_UP`, default 120 s), never under 3 heartbeats.
 pub fn grace_from_env() -> Duration {
-    let secs = std::env::var("NOYAU_LINK_GIVE_UP")
+    let secs = std::env::var(EnvVars::NOYAU_LINK_GIVE_UP)
         .ok()
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(120.0);
@@ -93,9 +91,9 @@ impl OwnerWatch {
         }
     }
 
-    /// The grace from [`GRACE_ENV`], else 120 s.
+    /// The grace from [`EnvVars::NOYAU_DASK_OWNER_GRACE`], else 120 s.
     pub fn from_env() -> Self {
-        let grace = std::env::var(GRACE_ENV)
+        let grace = std::env::var(EnvVars::NOYAU_DASK_OWNER_GRACE)
             .ok()
             .and_then(|v| v.parse::<f64>().ok())
             .map(Duration::from_secs_f64)

@@ -2,6 +2,7 @@
 //! the scheduler's, a small allocation of its own, and the workers', from
 //! the target's profile and the sizes `%noyau dask up` gives.
 
+use noyau_vars::EnvVars;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -76,7 +77,7 @@ impl Plan {
     pub(crate) fn specs(&self, dir: &ClusterDir) -> Result<Specs, DaskError> {
         let mut env = self.env.clone();
         env.insert(
-            crate::owner::GRACE_ENV.into(),
+            EnvVars::NOYAU_DASK_OWNER_GRACE.into(),
             crate::owner::grace_from_env().as_secs_f64().to_string(),
         );
         let spec = |role: &str, profile: Profile, extra: Vec<String>| {

@@ -36,6 +36,7 @@
 //! mtime is the entry's last use); `noyau env gc` removes an entry only
 //! when it can take the lock exclusively, so never one a kernel uses.
 
+use noyau_vars::EnvVars;
 use std::fs::File;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
@@ -68,7 +69,7 @@ pub struct Untrusted {
 
 /// `NOYAU_ENV_CACHE`, else [`private_root`].
 pub fn default_root() -> PathBuf {
-    if let Some(p) = std::env::var_os(crate::CACHE_ENV).filter(|v| !v.is_empty()) {
+    if let Some(p) = std::env::var_os(EnvVars::NOYAU_ENV_CACHE).filter(|v| !v.is_empty()) {
         return PathBuf::from(p);
     }
     private_root()
@@ -76,7 +77,7 @@ pub fn default_root() -> PathBuf {
 
 /// The site's read-only cache, `NOYAU_ENV_SITE_CACHE`, when set.
 pub fn site_cache() -> Option<Cache> {
-    std::env::var_os(crate::SITE_CACHE_ENV)
+    std::env::var_os(EnvVars::NOYAU_ENV_SITE_CACHE)
         .filter(|v| !v.is_empty())
         .map(|p| Cache::site(PathBuf::from(p)))
 }

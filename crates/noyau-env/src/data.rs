@@ -27,6 +27,7 @@
 //! In the job, the kernel's runtime directory gets a `data/` directory of
 //! symlinks, one per name, to the store ([`expose`]); `NOYAU_DATA` names it.
 
+use noyau_vars::EnvVars;
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -79,7 +80,7 @@ impl DataFile {
             self.name,
             self.sha256,
             self.size,
-            crate::DATA_ENV,
+            EnvVars::NOYAU_DATA,
             self.name
         )
     }

@@ -57,22 +57,6 @@ pub use prepare::{prepare, realise_job, Prepared};
 pub use realise::{realise, Realised};
 pub use spec::{BuildAt, EnvSpec, Isolation, Kind};
 
-/// Environment variable carrying a spec (normalised JSON) to the agent.
-pub const SPEC_ENV: &str = "NOYAU_ENV_SPEC";
-/// Environment variable naming a 0600 file holding the spec (read and deleted).
-pub const SPEC_FILE_ENV: &str = "NOYAU_ENV_SPEC_FILE";
-/// Environment variable carrying what the submitting host prepared
-/// ([`Prepared`], JSON) to the job.
-pub const PREPARED_ENV: &str = "NOYAU_ENV_PREPARED";
-/// The cache's root (default `$XDG_CACHE_HOME/noyau/envs`).
-pub const CACHE_ENV: &str = "NOYAU_ENV_CACHE";
-/// A site's read-only cache, looked in before the user's own.
-pub const SITE_CACHE_ENV: &str = "NOYAU_ENV_SITE_CACHE";
-/// The uv binary to use.
-pub const UV_ENV: &str = "NOYAU_UV";
-/// Set in the kernel's environment: the directory holding its data files by name.
-pub const DATA_ENV: &str = "NOYAU_DATA";
-
 /// A failure to read, build or use an environment.
 #[derive(Debug, thiserror::Error)]
 pub enum EnvError {

@@ -19,6 +19,7 @@
 //! in the spec skips the submitting host: the job builds as before, and an
 //! index it cannot reach is named in the error.
 
+use noyau_vars::EnvVars;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -71,7 +72,7 @@ impl Prepared {
         serde_json::from_str(s).map_err(|e| {
             EnvError::Invalid(format!(
                 "{}: not what `noyau` prepared: {e}",
-                crate::PREPARED_ENV
+                EnvVars::NOYAU_ENV_PREPARED
             ))
         })
     }

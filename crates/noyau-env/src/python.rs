@@ -24,6 +24,7 @@
 //! share, so its sha256 is checked against the one pinned here before each
 //! use: a uv replaced there is refused ([`crate::cache::Untrusted`]).
 
+use noyau_vars::EnvVars;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -88,7 +89,7 @@ fn check_uv(uv: &Path, want: &str) -> Result<(), EnvError> {
 
 /// uv to use: `NOYAU_UV`, PATH, or noyau's own (installed on first use).
 pub fn find_uv(cache: &Cache, progress: crate::Progress<'_>) -> Result<PathBuf, EnvError> {
-    if let Some(p) = std::env::var_os(crate::UV_ENV).filter(|v| !v.is_empty()) {
+    if let Some(p) = std::env::var_os(EnvVars::NOYAU_UV).filter(|v| !v.is_empty()) {
         return Ok(PathBuf::from(p));
     }
     if let Some(p) = cmd::which("uv") {

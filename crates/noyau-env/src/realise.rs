@@ -7,6 +7,7 @@
 //! guix/apptainer → the kernel's argv, whose interpreter is swapped for the
 //! environment's when argv[0] is a `python*`.
 
+use noyau_vars::EnvVars;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -345,7 +346,7 @@ impl Realised {
         }
         let data_dir = runtime_dir.join("data");
         data::expose(&data_dir, &self.data)?;
-        env.insert(crate::DATA_ENV.into(), data_dir.display().to_string());
+        env.insert(EnvVars::NOYAU_DATA.into(), data_dir.display().to_string());
         let kernel_exe = argv.first().cloned();
         match kind {
             Kind::Guix => argv = guix::wrap(&self.spec, runtime_dir, argv),

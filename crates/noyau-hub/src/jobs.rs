@@ -5,6 +5,7 @@
 //! the free cores and GPUs per partition. What is here is the hub's own:
 //! which profile asks for what, and what a session's card says.
 
+use noyau_vars::EnvVars;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -89,11 +90,14 @@ pub async fn submit(hub: &Hub, s: &Session) -> Result<(String, String), String> 
         args: vec!["agent".into(), "--serve".into(), prof.server.clone()],
         // What the agent needs (secrets included): never on a command line.
         env: [
-            ("NOYAU_LINK_ADDR".into(), hub.link_advertise.clone()),
-            ("NOYAU_LINK_PIN".into(), hub.pin.clone()),
-            ("NOYAU_LINK_TOKEN".into(), hub.link_token(&s.id)),
-            ("NOYAU_HUB_SESSION".into(), s.id.clone()),
-            ("NOYAU_HUB_BASE_URL".into(), format!("/user/{}/", s.user)),
+            (EnvVars::NOYAU_LINK_ADDR.into(), hub.link_advertise.clone()),
+            (EnvVars::NOYAU_LINK_PIN.into(), hub.pin.clone()),
+            (EnvVars::NOYAU_LINK_TOKEN.into(), hub.link_token(&s.id)),
+            (EnvVars::NOYAU_HUB_SESSION.into(), s.id.clone()),
+            (
+                EnvVars::NOYAU_HUB_BASE_URL.into(),
+                format!("/user/{}/", s.user),
+            ),
         ]
         .into(),
         cwd: Some(user.dir.clone()),

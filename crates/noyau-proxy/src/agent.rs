@@ -3,6 +3,7 @@
 //! file, [`crate::handover`]), its link once it dials in, what waits for
 //! that link, and how the agent is left to the next proxy or ended.
 
+use noyau_vars::EnvVars;
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -18,19 +19,25 @@ use noyau_sched::JobState;
 use crate::answer::Answers;
 use crate::{handover, ProxyConfig, ProxyError};
 
-/// How long a detached agent waits for the next proxy; the proxy trusts a
-/// handover record for as long.
+/// How long a detached agent waits for the next proxy (the agent's
+/// default, 30 s, unless set); the proxy trusts a handover record for as
+/// long: an older one names an agent that has given up.
 fn reattach_grace() -> Duration {
-    std::env::var("NOYAU_REATTACH_GRACE")
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-        .map(Duration::from_secs_f64)
-        .unwrap_or(Duration::from_secs(120))
+    match noyau_vars::seconds(EnvVars::NOYAU_REATTACH_GRACE) {
+        Some(Ok(d)) => d,
+        Some(Err(e)) => {
+            tracing::warn!("{e}; trusting handover records for 30 s");
+            Duration::from_secs(30)
+        }
+        None => Duration::from_secs(30),
+    }
 }
 
 /// `NOYAU_ENV`, when set.
 pub(crate) fn kernel_env_var() -> Option<String> {
-    std::env::var("NOYAU_ENV").ok().filter(|v| !v.is_empty())
+    std::env::var(EnvVars::NOYAU_ENV)
+        .ok()
+        .filter(|v| !v.is_empty())
 }
 
 /// At most this many bytes of environment build lines are held for the

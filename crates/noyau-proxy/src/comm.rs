@@ -8,6 +8,7 @@
 mod actions;
 mod state;
 
+use noyau_vars::EnvVars;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
@@ -31,8 +32,6 @@ pub(crate) const INTERVAL: Duration = Duration::from_secs(5);
 /// pings every 30 s; five periods leave room for a background tab's
 /// throttled timers (once a minute in Chromium).
 const EXPIRE_AFTER: Duration = Duration::from_secs(150);
-/// Overrides [`EXPIRE_AFTER`] (seconds; the tests' short period).
-const EXPIRE_VAR: &str = "NOYAU_COMM_EXPIRE";
 /// At most this many noyau comms per kernel: a new one beyond expires the
 /// one heard from least recently.
 const MAX_OPEN: usize = 8;
@@ -387,14 +386,17 @@ impl Proxy {
     }
 }
 
-/// [`EXPIRE_AFTER`], or [`EXPIRE_VAR`]'s seconds when it is a positive number.
+/// [`EXPIRE_AFTER`], or [`EnvVars::NOYAU_COMM_EXPIRE`]'s seconds when it is a positive number.
 fn expire_after() -> Duration {
-    let var = std::env::var(EXPIRE_VAR).ok();
+    let var = std::env::var(EnvVars::NOYAU_COMM_EXPIRE).ok();
     match var.as_deref().map(str::parse::<f64>) {
         None => EXPIRE_AFTER,
         Some(Ok(s)) if s > 0.0 && s.is_finite() => Duration::from_secs_f64(s),
         Some(_) => {
-            tracing::warn!("{EXPIRE_VAR}={var:?} is not a positive number of seconds: noyau comms expire after {EXPIRE_AFTER:?}");
+            tracing::warn!(
+                "{}={var:?} is not a positive number of seconds: noyau comms expire after {EXPIRE_AFTER:?}",
+                EnvVars::NOYAU_COMM_EXPIRE
+            );
             EXPIRE_AFTER
         }
     }

@@ -15,6 +15,7 @@
 //! and first says that the variables were lost; a restart starts a new
 //! proxy, which submits one too.
 
+use noyau_vars::EnvVars;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -27,10 +28,6 @@ use crate::agent::AgentSide;
 use crate::answer::Cell;
 use crate::queued::{human, kernel_info_content, Queued};
 use crate::relay::Proxy;
-
-/// The environment variables that override `[idle]` (seconds, or `off`).
-const KERNEL_VAR: &str = "NOYAU_KERNEL_IDLE";
-const TARGET_VAR: &str = "NOYAU_TARGET_IDLE";
 
 /// How often the clocks are looked at (a limit is met within this).
 pub(crate) const CHECK_EVERY: Duration = Duration::from_secs(5);
@@ -94,8 +91,8 @@ pub(crate) fn limits(backend: &str) -> Limits {
             None => tracing::warn!("{var}={v:?} is not a number of seconds or \"off\"; ignored"),
         }
     };
-    from_env(KERNEL_VAR, &mut l.kernel);
-    from_env(TARGET_VAR, &mut l.target);
+    from_env(EnvVars::NOYAU_KERNEL_IDLE, &mut l.kernel);
+    from_env(EnvVars::NOYAU_TARGET_IDLE, &mut l.target);
     decide(l, backend)
 }
 

@@ -3,6 +3,7 @@
 //! submitted. The run in the job reports its progress in a status file
 //! that `noyau ps` reads ([`StatusFile`]).
 
+use noyau_vars::EnvVars;
 use std::path::{Path, PathBuf};
 
 use serde_json::json;
@@ -35,7 +36,7 @@ pub(crate) struct StatusFile {
 
 impl StatusFile {
     pub fn new(total: usize) -> StatusFile {
-        let path = (std::env::var_os("NOYAU_DETACHED").is_some())
+        let path = (std::env::var_os(EnvVars::NOYAU_DETACHED).is_some())
             .then(allocation)
             .flatten()
             .map(|id| status_path(&id));
@@ -167,7 +168,7 @@ pub async fn detach(
     let mut env =
         crate::environment::for_job(&nb, input, opts.env.as_deref(), !opts.no_progress).await?;
     env.extend(kernel_env);
-    env.insert("NOYAU_DETACHED".to_string(), "1".to_string());
+    env.insert(EnvVars::NOYAU_DETACHED.to_string(), "1".to_string());
     let spec = noyau_sched::JobSpec {
         name: job_name(&opts.input),
         program: std::env::current_exe().unwrap_or_else(|_| "noyau".into()),

@@ -10,6 +10,7 @@
 //! in `NOYAU_ENV_PREPARED` and uses that, contacting no index from the
 //! compute node.
 
+use noyau_vars::EnvVars;
 use std::path::Path;
 
 use noyau_env::sources::Declared;
@@ -38,11 +39,11 @@ pub fn declared(
 
 /// What the submitting host prepared, when this run is a job it submitted.
 fn inherited() -> Option<Prepared> {
-    let json = std::env::var(noyau_env::PREPARED_ENV).ok()?;
+    let json = std::env::var(EnvVars::NOYAU_ENV_PREPARED).ok()?;
     match Prepared::from_json(&json) {
         Ok(p) => Some(p),
         Err(e) => {
-            tracing::warn!("ignoring {}: {e}", noyau_env::PREPARED_ENV);
+            tracing::warn!("ignoring {}: {e}", EnvVars::NOYAU_ENV_PREPARED);
             None
         }
     }
@@ -80,7 +81,7 @@ pub async fn for_job(
     let nb_dir = input.parent().unwrap_or(&cwd);
     let d = declared(nb, nb_dir, env_arg, &cwd).map_err(|e| bad(e.to_string()))?;
     let (_, mut env) = prepare(&d, &Progress::new(show, 0)).await?;
-    env.retain(|k, _| k == noyau_env::PREPARED_ENV);
+    env.retain(|k, _| k == EnvVars::NOYAU_ENV_PREPARED);
     Ok(env)
 }
 

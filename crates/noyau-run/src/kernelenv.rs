@@ -15,11 +15,11 @@
 //! submitting shell's (OAR copies nothing): `JUPYTER_PATH` naming every data
 //! dir searched here, and the IPython history setting of headless kernels.
 
+use noyau_vars::EnvVars;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use noyau_client::agent::IPYTHON_HIST_FILE_ENV;
 use noyau_wire::kernelspec::{self, KernelSpecError, NATIVE_KERNEL_NAME};
 
 use crate::error::{bad, RunError};
@@ -55,13 +55,14 @@ pub fn job_env(kernel: &str, backend: &str) -> Result<BTreeMap<String, String>, 
             )));
         }
     }
-    let hist = std::env::var(IPYTHON_HIST_FILE_ENV).unwrap_or_else(|_| DEFAULT_HIST_FILE.into());
+    let hist = std::env::var(EnvVars::NOYAU_IPYTHON_HIST_FILE)
+        .unwrap_or_else(|_| DEFAULT_HIST_FILE.into());
     Ok(BTreeMap::from([
         (
             "JUPYTER_PATH".to_string(),
             kernelspec::search_path_from(&kernelspec::process_env, managed.as_deref()),
         ),
-        (IPYTHON_HIST_FILE_ENV.to_string(), hist),
+        (EnvVars::NOYAU_IPYTHON_HIST_FILE.to_string(), hist),
     ]))
 }
 

@@ -8,6 +8,7 @@
 //! another user (the hub), the files must be that user's: the whole
 //! submission then runs as the user (`noyau hub-submit`).
 
+use noyau_vars::EnvVars;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -76,7 +77,7 @@ impl JobFiles {
     /// `NOYAU_*` settings, then the job's own variables (which win).
     pub(crate) fn write_env(&mut self, spec: &JobSpec) -> Result<PathBuf, SchedError> {
         let mut env: BTreeMap<String, String> = std::env::vars()
-            .filter(|(k, _)| k.starts_with("NOYAU_"))
+            .filter(|(k, _)| k.starts_with(EnvVars::NOYAU_PREFIX))
             .collect();
         env.extend(spec.env.clone());
         self.write("env", &env_text(&env), 0o600)

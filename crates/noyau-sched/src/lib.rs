@@ -42,6 +42,7 @@ mod state;
 mod tasks;
 mod watcher;
 
+use noyau_vars::EnvVars;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -180,12 +181,12 @@ pub fn walltime_signal() -> i32 {
     this_job().map_or(libc::SIGUSR1, |(s, _)| s.walltime_signal())
 }
 
-/// The variable every job script of an array exports: the task's id.
-const ARRAY_TASK_VAR: &str = "NOYAU_ARRAY_TASK_ID";
-
 /// This process's task id in a job array (a sweep's point).
 pub fn array_task() -> Option<usize> {
-    std::env::var(ARRAY_TASK_VAR).ok()?.parse().ok()
+    std::env::var(EnvVars::NOYAU_ARRAY_TASK_ID)
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// What to run in the job.

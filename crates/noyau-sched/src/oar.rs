@@ -29,6 +29,7 @@
 //!   event; `oarwalltime` gives more time where the site enables walltime
 //!   changes.
 
+use noyau_vars::EnvVars;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -149,7 +150,7 @@ fn head(spec: &JobSpec, env_file: &Path) -> String {
         " \"$0\"",
     );
     if spec.array.is_some() {
-        s.push_str(&format!("export {}=\"$1\"\n", crate::ARRAY_TASK_VAR));
+        s.push_str(&format!("export {}=\"$1\"\n", EnvVars::NOYAU_ARRAY_TASK_ID));
     }
     s
 }

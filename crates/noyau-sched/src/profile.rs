@@ -9,6 +9,7 @@
 //! an error naming the key and the scheduler; `local` ignores scheduler
 //! keys. Loading and merging the files is noyau-config's.
 
+use noyau_vars::EnvVars;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -371,7 +372,7 @@ impl Profile {
             if !ok {
                 return err(format!("env: {k:?} is not a variable name"));
             }
-            if k.starts_with("NOYAU_LINK_") {
+            if k.starts_with(EnvVars::NOYAU_LINK_PREFIX) {
                 return err(format!("env: {k} is set by noyau itself"));
             }
         }

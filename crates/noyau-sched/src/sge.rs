@@ -133,6 +133,7 @@
 //!   opening the output file, 28 changing into the working directory;
 //!   `start_time -/-`). An array has one record per task (`taskid`).
 
+use noyau_vars::EnvVars;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
@@ -158,11 +159,8 @@ const KEYS: &[Key] = &[
     Key::new("qsub", Kind::Args),
 ];
 
-/// What the job script exports: when `h_rt` comes (seconds since the epoch).
-const END_VAR: &str = "NOYAU_SGE_END";
-
-/// SIGUSR2 this long before [`END_VAR`] or later is the walltime: the job
-/// started a little before its script ran.
+/// SIGUSR2 this long before [`EnvVars::NOYAU_SGE_END`] or later is the
+/// walltime: the job started a little before its script ran.
 const END_SLACK: Duration = Duration::from_secs(60);
 
 pub(crate) struct Sge {
@@ -288,7 +286,8 @@ fn head(spec: &JobSpec, env_file: &Path) -> String {
     if let Some(t) = spec.profile.time_secs().filter(|t| *t > 0) {
         s.push_str(&format!(
             "# SIGUSR2 comes at h_rt and at a qdel: when h_rt comes, to tell them apart\n\
-             {END_VAR}=$(( $(date +%s) + {t} )); export {END_VAR}\n"
+             {end}=$(( $(date +%s) + {t} )); export {end}\n",
+            end = EnvVars::NOYAU_SGE_END
         ));
     }
     s.push_str(&sourcing(
@@ -311,7 +310,7 @@ fn array_task_id(ids: &[usize]) -> String {
     format!(
         "set -- {}\nshift $((SGE_TASK_ID - 1))\nexport {}=\"$1\"\nset --\n",
         list.join(" "),
-        crate::ARRAY_TASK_VAR
+        EnvVars::NOYAU_ARRAY_TASK_ID
     )
 }
 
@@ -355,7 +354,7 @@ fn qdel_done(output: &str) -> bool {
 }
 
 /// Whether SIGUSR2, received now in a job whose script exported
-/// [`END_VAR`] as `end`, comes before the walltime: a qdel.
+/// [`EnvVars::NOYAU_SGE_END`] as `end`, comes before the walltime: a qdel.
 fn before_the_end(end: Option<&str>, now: SystemTime) -> bool {
     let Some(end) = end.and_then(|e| e.trim().parse::<u64>().ok()) else {
         // no h_rt: the signal can only be a qdel
@@ -981,7 +980,10 @@ impl Batch for Sge {
     }
 
     fn signal_means_cancel(&self) -> bool {
-        before_the_end(std::env::var(END_VAR).ok().as_deref(), SystemTime::now())
+        before_the_end(
+            std::env::var(EnvVars::NOYAU_SGE_END).ok().as_deref(),
+            SystemTime::now(),
+        )
     }
 
     /// Local processes: the job's slots are on one host.

@@ -22,6 +22,7 @@
 //!   which `exec` makes the batch shell, turns it into a walltime event.
 //!   Only administrators may extend a job's time limit.
 
+use noyau_vars::EnvVars;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -138,7 +139,7 @@ fn directives(spec: &JobSpec, log_dir: &Path) -> String {
     if spec.array.is_some() {
         s.push_str(&format!(
             "export {}=\"$SLURM_ARRAY_TASK_ID\"\n",
-            crate::ARRAY_TASK_VAR
+            EnvVars::NOYAU_ARRAY_TASK_ID
         ));
     }
     s

@@ -2,6 +2,7 @@
 //! the times in it: typed ([`SystemTime`]) from the scheduler's answer on,
 //! formatted only for people.
 
+use noyau_vars::EnvVars;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -72,14 +73,11 @@ fn gap(a: SystemTime, b: SystemTime) -> Duration {
         .unwrap_or_default()
 }
 
-/// The variable naming when, before a job's walltime, its agent warns.
-const WALLTIME_WARN: &str = "NOYAU_WALLTIME_WARN";
-
 /// Walltime warning thresholds in seconds before the end, largest first
 /// (`NOYAU_WALLTIME_WARN`, default 600 and 60): read by the agent, which
 /// warns, and by the proxy, which shows them.
 pub fn walltime_warnings() -> Vec<u64> {
-    let mut t: Vec<u64> = match std::env::var(WALLTIME_WARN) {
+    let mut t: Vec<u64> = match std::env::var(EnvVars::NOYAU_WALLTIME_WARN) {
         Ok(v) => v
             .split(',')
             .filter_map(|x| x.trim().parse::<u64>().ok())

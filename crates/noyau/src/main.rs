@@ -5,6 +5,7 @@ mod install;
 mod jobs;
 mod run_cli;
 
+use noyau_vars::EnvVars;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -203,7 +204,7 @@ fn init_logging(default: &str) {
     // socket, which happens once whenever a kernel exits: no news for a
     // user. Its logs show only when the filter names zeromq.
     const QUIET: &str = "zeromq=error";
-    let wanted = std::env::var("NOYAU_LOG").unwrap_or_else(|_| default.to_string());
+    let wanted = std::env::var(EnvVars::NOYAU_LOG).unwrap_or_else(|_| default.to_string());
     let filter = if wanted.contains("zeromq") {
         wanted
     } else {
