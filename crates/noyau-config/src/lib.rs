@@ -104,12 +104,16 @@ struct File {
     idle: Option<IdleFile>,
 }
 
-/// `[idle]` as written: Slurm times, or `"off"`.
+/// `[idle]` as written: Slurm times, or `"off"` (values of any other type
+/// are refused by [`parse_idle_value`], saying how to write them).
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table: [idle] with kernel = \"1:00:00\" and target = \"30:00\" (Slurm times, or \"off\")"
+)]
 struct IdleFile {
-    kernel: Option<String>,
-    target: Option<String>,
+    kernel: Option<toml::Value>,
+    target: Option<toml::Value>,
 }
 
 /// How long an allocation may stay idle before it is given back; None:
@@ -131,16 +135,30 @@ impl Default for IdleLimits {
     }
 }
 
-/// An idle limit: `"off"` (or `"0"`, `"unlimited"`) is none, else a Slurm time.
+/// An idle limit: `"off"` (or a zero time) is none, else a Slurm time.
 pub fn parse_idle(v: &str) -> Result<Option<std::time::Duration>, String> {
     let v = v.trim();
-    if v.eq_ignore_ascii_case("off") || v == "0" {
+    let zero = !v.is_empty() && v.chars().all(|c| matches!(c, '0' | ':' | '-'));
+    if v.eq_ignore_ascii_case("off") || zero {
         return Ok(None);
     }
     match parse_time(v) {
         Ok(0) => Ok(None),
         Ok(secs) => Ok(Some(std::time::Duration::from_secs(secs))),
         Err(e) => Err(format!("{}, or \"off\"", e.message)),
+    }
+}
+
+/// `[idle] KEY = VALUE`: a string as [`parse_idle`] reads it; a number
+/// is refused, since a bare number is minutes in a Slurm time and seconds
+/// in hub.toml's `idle_timeout`: the user says which.
+fn parse_idle_value(key: &str, v: &toml::Value) -> Result<Option<std::time::Duration>, String> {
+    match v {
+        toml::Value::String(s) => parse_idle(s).map_err(|e| format!("[idle] {key}: {e}")),
+        other => Err(format!(
+            "[idle] {key} = {other}: write the time as a string, e.g. \"1:00:00\" (HH:MM:SS) \
+             or \"60\" (minutes), or \"off\""
+        )),
     }
 }
 
@@ -373,8 +391,7 @@ impl Config {
             self.dask.merge(d);
         }
         if let Some(i) = file.idle {
-            let limit =
-                |key: &str, v: &str| parse_idle(v).map_err(|e| bad(format!("[idle] {key}: {e}")));
+            let limit = |key: &str, v: &toml::Value| parse_idle_value(key, v).map_err(&bad);
             if let Some(k) = &i.kernel {
                 self.idle.kernel = limit("kernel", k)?;
             }
@@ -621,6 +638,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("did you mean `kernel`"), "{e}");
+        // A number, a zero time, and [idle] that is not a table.
+        let e = cfg(&["[idle]\nkernel = 3600\n"]).unwrap_err().to_string();
+        assert!(
+            e.contains("[idle] kernel = 3600: write the time as a string"),
+            "{e}"
+        );
+        assert_eq!(
+            cfg(&["[idle]\nkernel = \"0:00\"\n"]).unwrap().idle.kernel,
+            None
+        );
+        let e = cfg(&["idle = \"1:00:00\"\n"]).unwrap_err().to_string();
+        assert!(e.contains("a table: [idle] with kernel"), "{e}");
     }
 
     #[test]
