@@ -101,14 +101,6 @@ class RealSlurmKernel:
         elif what.startswith("released "):
             self.check_released(what.removeprefix("released "))
             self.released.append(what.removeprefix("released "))
-        elif what == "released-idle":
-            # as the proxy says it (docs/comm.md): the old job ended, cancelled by the release
-            at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 120))
-            self._write({**self._running(left_s=2 * 3600),
-                         "job": {"id": "4242", "state": "ended", "ended": "CANCELLED", "partition": "batch"},
-                         "targets": [], "dask": None,
-                         "idle": {"release_after_s": 3600, "idle_since": None, "released_at": at,
-                                  "released_job": "4242"}})
         elif what == "check-reopened":
             assert self.lab_log is not None
             opened = set(re.findall(r"noyau comm opened comm=(\w+)", self.lab_log.read_text()))
