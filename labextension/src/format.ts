@@ -2,7 +2,7 @@
 // the time: durations, start estimates, colour levels, sizes, the duration
 // a user types. Pure (no JupyterLab, no DOM), tested by test/format.test.ts.
 
-import { IJob, IState } from './protocol';
+import { IIdle, IJob, IState } from './protocol';
 
 /** The colour of the time left: normal, amber, red. */
 export type Level = 'ok' | 'warn' | 'critical';
@@ -189,8 +189,40 @@ export function parseDuration(input: string): Duration {
 /** What the status bar shows: its text, colour and tooltip. */
 export interface IStatusView {
   text: string;
-  level: Level | 'queued' | 'ended';
+  level: Level | 'queued' | 'ended' | 'released';
   title: string;
+}
+
+/**
+ * What became of a kernel whose job noyau gave back for idleness, seen at
+ * `now`: `Released after 1:00:00 idle at 14:02 · the next cell starts a new
+ * job`; null when it was not released.
+ */
+export function releasedText(idle: IIdle | null, now: Date): string | null {
+  if (!idle?.releasedAt) {
+    return null;
+  }
+  const at = formatWhen(idle.releasedAt, now);
+  return `Released after ${formatLeft(idle.releaseAfterS)} idle at ${at} · the next cell starts a new job`;
+}
+
+/**
+ * The status bar's view of a released kernel: its old job ended because
+ * noyau gave it back, which is no failure (its own colour, not an error's).
+ */
+function releasedView(state: IState, now: Date): IStatusView | null {
+  const idle = state.idle;
+  const id = idle?.releasedJob ?? state.job?.id;
+  if (!idle?.releasedAt || !id) {
+    return null;
+  }
+  const sched = backendLabel(state.backend);
+  const after = formatLeft(idle.releaseAfterS);
+  return {
+    text: `${sched} ${id} · ${releasedText(idle, now)}`,
+    level: 'released',
+    title: `${sched} job ${id} was given back to the scheduler at ${formatWhen(idle.releasedAt, now)} after ${after} without activity; its variables are gone. The next cell starts a new job`
+  };
 }
 
 /** Seconds left before `job`'s walltime at kernel time `nowMs`, if it has one. */
@@ -212,8 +244,12 @@ export function statusView(state: IState, nowMs: number): IStatusView {
       title: `This kernel runs through noyau (${sched} backend, no batch job)`
     };
   }
-  const head = `${sched} ${job.id}`;
   const now = new Date(nowMs);
+  const released = releasedView(state, now);
+  if (released) {
+    return released;
+  }
+  const head = `${sched} ${job.id}`;
   switch (job.state) {
     case 'pending': {
       const why = job.reason ? ` (${job.reason})` : '';

@@ -16,6 +16,7 @@ import {
   formatWhen,
   fraction,
   parseDuration,
+  releasedText,
   secondsLeft,
   timeLevel
 } from './format';
@@ -95,12 +96,17 @@ export class AllocationPanel extends ReactWidget {
   private _renderState(conn: AllocationConnection, s: IState): JSX.Element {
     const now = conn.kernelNow();
     const act = (f: () => Promise<IReply | null>, quiet = false) => () => void this._run(conn, f, quiet);
+    const released = releasedText(s.idle, new Date(now));
     return (
       <>
         <Section name="job" title="Job">
-          {s.job ? <JobFacts backend={s.backend} job={s.job} now={now} /> : <p>{backendLabel(s.backend)} backend: no batch job.</p>}
+          {s.job ? (
+            <JobFacts backend={s.backend} job={s.job} released={released} now={now} />
+          ) : (
+            <p>{backendLabel(s.backend)} backend: no batch job.</p>
+          )}
           <div className="noyau-Panel-actions">
-            {s.can.extend && s.job && s.job.state !== 'ended' && (
+            {s.can.extend && s.job && s.job.state !== 'ended' && !released && (
               <Button small className="noyau-extend" onClick={act(() => extend(conn))}>
                 Extend walltime…
               </Button>
@@ -141,7 +147,9 @@ export class AllocationPanel extends ReactWidget {
           <Section name="idle" title="Idle release">
             <p>
               Given back after {formatLeft(s.idle.releaseAfterS)} without activity
-              {s.idle.idleSince && `; idle since ${formatWhen(s.idle.idleSince, new Date(now))}`}.
+              {s.idle.idleSince && `; idle since ${formatWhen(s.idle.idleSince, new Date(now))}`}
+              {s.idle.releasedAt &&
+                `; ${s.idle.releasedJob ? `job ${s.idle.releasedJob}` : 'its job'} was given back at ${formatWhen(s.idle.releasedAt, new Date(now))}`}.
             </p>
           </Section>
         )}
@@ -172,7 +180,7 @@ export class AllocationPanel extends ReactWidget {
   private _replyFor: AllocationConnection | null = null;
 }
 
-function JobFacts(props: { backend: string; job: IJob; now: number }): JSX.Element {
+function JobFacts(props: { backend: string; job: IJob; released: string | null; now: number }): JSX.Element {
   const { job, now } = props;
   const today = new Date(now);
   const left = secondsLeft(job, now);
@@ -180,7 +188,10 @@ function JobFacts(props: { backend: string; job: IJob; now: number }): JSX.Eleme
     ['Scheduler', backendLabel(props.backend)],
     ['Job', job.partition ? `${job.id} (${job.partition})` : job.id]
   ];
-  if (job.state === 'pending') {
+  if (props.released) {
+    // Its job ended because noyau gave it back: no failure.
+    rows.push(['State', props.released]);
+  } else if (job.state === 'pending') {
     rows.push(['State', `Queued${job.reason ? ` (${job.reason})` : ''}`]);
     rows.push(['Starts', formatEstimate(job.estimatedStart, today)]);
   } else if (job.state === 'running') {

@@ -97,6 +97,10 @@ export interface ICan {
 export interface IIdle {
   releaseAfterS: number;
   idleSince: Date | null;
+  /** When the kernel's job was given back for idleness (null: it was not). */
+  releasedAt: Date | null;
+  /** The job given back (the `job` field still shows it, ended). */
+  releasedJob: string | null;
 }
 
 export interface IState {
@@ -309,7 +313,12 @@ function parseIdle(v: unknown): IIdle | null {
   const o = obj(v);
   const after = o && num(o.release_after_s);
   return o && after !== null
-    ? { releaseAfterS: after, idleSince: date(o.idle_since) }
+    ? {
+        releaseAfterS: after,
+        idleSince: date(o.idle_since),
+        releasedAt: date(o.released_at),
+        releasedJob: str(o.released_job)
+      }
     : null;
 }
 

@@ -7,7 +7,7 @@ import { Widget } from '@lumino/widgets';
 import { IStatusView, statusView } from './format';
 import { AllocationTracker } from './tracker';
 
-const LEVELS = ['ok', 'warn', 'critical', 'queued', 'ended'];
+const LEVELS = ['ok', 'warn', 'critical', 'queued', 'ended', 'released'];
 
 export class AllocationStatus extends Widget {
   constructor(

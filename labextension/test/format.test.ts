@@ -14,6 +14,7 @@ import {
   formatLeft,
   fraction,
   parseDuration,
+  releasedText,
   statusView,
   timeLevel
 } from '../src/format';
@@ -176,6 +177,23 @@ describe('parseDuration', () => {
   });
 });
 
+describe('releasedText', () => {
+  const idle = { releaseAfterS: 3600, idleSince: null, releasedAt: at(14, 2), releasedJob: '4242' };
+  it('says when and after how long, and what comes next', () => {
+    assert.equal(releasedText(idle, at(14, 5)), 'Released after 1:00:00 idle at 14:02 · the next cell starts a new job');
+  });
+  it('dates a release of another day', () => {
+    assert.equal(
+      releasedText({ ...idle, releasedAt: at(23, 10, 0, 5) }, at(9, 0)),
+      'Released after 1:00:00 idle at 5 Dec 23:10 · the next cell starts a new job'
+    );
+  });
+  it('is null for a kernel not released, or without idle release', () => {
+    assert.equal(releasedText({ ...idle, releasedAt: null }, NOW), null);
+    assert.equal(releasedText(null, NOW), null);
+  });
+});
+
 describe('statusView', () => {
   const now = at(13, 58).getTime();
   it('shows a queued job with its reason and estimate', () => {
@@ -208,6 +226,25 @@ describe('statusView', () => {
   });
   it('shows a kernel without batch job', () => {
     assert.equal(statusView(state(null, 'local'), now).text, 'noyau · Local');
+  });
+  it('shows a job released for idleness as a release, not a failure', () => {
+    const s = state(job({ state: 'ended', ended: 'CANCELLED', node: null }));
+    s.idle = { releaseAfterS: 3600, idleSince: null, releasedAt: at(14, 2), releasedJob: '4242' };
+    const v = statusView(s, at(14, 5).getTime());
+    assert.equal(v.text, 'Slurm 4242 · Released after 1:00:00 idle at 14:02 · the next cell starts a new job');
+    assert.equal(v.level, 'released');
+    assert.doesNotMatch(v.text, /Ended/);
+    assert.match(v.title, /given back .* at 14:02 after 1:00:00 without activity/);
+  });
+  it('names the released job, even once the kernel shows another', () => {
+    const s = state(job({ id: '4300', state: 'unknown' }));
+    s.idle = { releaseAfterS: 90, idleSince: null, releasedAt: at(13, 50), releasedJob: '4242' };
+    assert.match(statusView(s, now).text, /^Slurm 4242 · Released after 0:01:30 idle at 13:50/);
+  });
+  it('goes back to the job once a new one replaces the released one', () => {
+    const s = state(job({ id: '4300', endsAt: at(15, 0) }));
+    s.idle = { releaseAfterS: 3600, idleSince: at(13, 57), releasedAt: null, releasedJob: null };
+    assert.equal(statusView(s, now).text, 'Slurm 4300 · Running on node12 · 1:02:00 left');
   });
   it('counts down from the kernel clock, not the browser clock', () => {
     // The browser is 2 minutes behind the kernel.
@@ -272,6 +309,19 @@ describe('parseMessage', () => {
     assert.equal(m.dask!.dashboard, 'http://127.0.0.1:8787/status');
     assert.deepEqual(m.can, { extend: true, releaseTarget: true, cancelWorker: false, log: true });
     assert.equal(m.idle!.releaseAfterS, 3600);
+    assert.equal(m.idle!.releasedAt, null, 'not released');
+  });
+
+  it('reads a released kernel: when, and which job', () => {
+    const m = parseMessage({
+      ...full,
+      job: { id: '4242', state: 'ended', ended: 'CANCELLED' },
+      idle: { release_after_s: 3600, idle_since: null, released_at: '2026-12-06T14:02:00Z', released_job: '4242' }
+    });
+    assert.ok(m && m.type === 'state');
+    assert.equal(m.idle!.releasedAt!.toISOString(), '2026-12-06T14:02:00.000Z');
+    assert.equal(m.idle!.releasedJob, '4242');
+    assert.equal(m.idle!.idleSince, null);
   });
 
   it('reads the local backend: no job, no usage yet, nothing allowed', () => {

@@ -243,6 +243,24 @@ try {
     await shot(page, "14-refused");
   }
 
+  // 9b. a kernel whose job was released for idleness reads as a release, not
+  // as a failure (the stand-in's scene; the real release: test_idle_release.py)
+  if (!real) {
+    await need("released-idle");
+    await status(page).and(page.locator('[data-level="released"]')).waitFor({ timeout: 30000 });
+    step("released-idle", {
+      text: await statusText(page),
+      color: await status(page).evaluate((e) => getComputedStyle(e).color),
+      background: await status(page).evaluate((e) => getComputedStyle(e).backgroundColor),
+      state: await fact(page, "State").innerText(),
+      idle: await panel(page).locator('[data-section="idle"]').innerText(),
+      extendButtons: await panel(page).locator(".noyau-extend").count(),
+    });
+    await shot(page, "14b-released-idle");
+    await need("running");
+    await status(page).filter({ hasText: "Running on" }).waitFor({ timeout: 30000 });
+  }
+
   // 10. a kernel restart drops the comm; the extension opens it again
   await page.locator(".lm-MenuBar-itemLabel", { hasText: /^Kernel$/ }).click();
   await page.locator(".lm-Menu-itemLabel", { hasText: /^Restart Kernel…$/ }).click();

@@ -1,9 +1,10 @@
 """STAND-IN for the kernel side of the `noyau` comm (docs/comm.md).
 
-The noyau proxy does not speak the comm yet (issue 23's kernel side comes
-after a refactor). Until it does, the JupyterLab extension's browser test
-(test_labext_browser.py) runs against this: a real ipykernel that loads this
-module at start (`--IPKernelApp.exec_lines=__import__('noyau_comm_standin')`,
+The noyau proxy speaks the comm itself (noyau-proxy's comm/), and the
+JupyterLab extension's browser test (test_labext_browser.py) drives a real
+noyau kernel on the test Slurm and OAR. This stand-in serves what those
+cannot give on this machine: a GPU, the scheduler's estimated start, an idle
+release with a date. It is a real ipykernel that loads this module at start (`--IPKernelApp.exec_lines=__import__('noyau_comm_standin')`,
 see test_labext_browser.StandInCommKernel) and
 registers a `noyau` comm target answering as the protocol says, from a
 *scene* the test writes as JSON to $NOYAU_STANDIN_SCENE: the job (queued,

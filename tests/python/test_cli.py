@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -48,8 +49,10 @@ def test_install_without_inner_spec_fails_clearly(noyau_bin: str, tmp_path: Path
 
 
 def test_install_names_the_jupyterlab_extension_when_missing(noyau_bin: str, tmp_path: Path) -> None:
-    """After writing the kernelspec, one line names noyau-jupyterlab and its pip
-    command when the Jupyter environment lacks it, and nothing when it has it."""
+    """After writing the kernelspec, one line names noyau-jupyterlab and the pip
+    command for the wheel the release ships (test_release.py checks that file
+    name against dist/) when the Jupyter environment lacks it, and nothing
+    when it has it."""
     system = [Path(d) / "labextensions" / "noyau-jupyterlab" for d in ("/usr/local/share/jupyter", "/usr/share/jupyter")]
     assert not any(d.exists() for d in system), f"the extension is installed system-wide: {system}"
     env = dict(os.environ, HOME=str(tmp_path / "home"), VIRTUAL_ENV=str(tmp_path / "env"), JUPYTER_DATA_DIR="")
@@ -64,7 +67,7 @@ def test_install_names_the_jupyterlab_extension_when_missing(noyau_bin: str, tmp
 
     out = install()
     hint = [line for line in out.splitlines() if "noyau-jupyterlab" in line]
-    assert len(hint) == 1 and "pip install noyau-jupyterlab" in hint[0], out
+    assert len(hint) == 1 and re.search(r"pip install --no-deps noyau_jupyterlab-[0-9.]+-py3-none-any\.whl", hint[0]), out
     ext = prefix / "share" / "jupyter" / "labextensions" / "noyau-jupyterlab"
     ext.mkdir(parents=True)
     (ext / "package.json").write_text('{"name": "noyau-jupyterlab"}')

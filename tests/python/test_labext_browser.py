@@ -22,7 +22,9 @@ Two kernels run the scenario:
   what the real one cannot give here: a GPU (no GPU on this machine), the
   scheduler's estimated start (the test Slurm gives none) and an idle
   release with a date (the real kernel's section shows its default limit
-  here; its release itself: test_idle_release.py).
+  here; its release itself: test_idle_release.py), then the kernel released
+  for idleness: the status bar reads "Released after 1:00:00 idle at …",
+  not in the error colour, and the panel offers no extend.
 A real noyau kernel on the test OAR (`OarKernel`) shows that the extend
 button adds walltime through oarwalltime: the time left grows by what was
 asked.
@@ -212,6 +214,14 @@ class StandInCommKernel:
             self._write({**self._running(left_s=2 * 3600),
                          "extend_refusal": "Slurm lets only its administrators extend a job's time limit "
                                            "(scontrol update JobId=4242 TimeLimit=…): ask yours"})
+        elif what == "released-idle":
+            # as the proxy says it (docs/comm.md): the old job ended, cancelled by the release
+            at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 120))
+            self._write({**self._running(left_s=2 * 3600),
+                         "job": {"id": "4242", "state": "ended", "ended": "CANCELLED", "partition": "batch"},
+                         "targets": [], "dask": None,
+                         "idle": {"release_after_s": 3600, "idle_since": None, "released_at": at,
+                                  "released_job": "4242"}})
         elif what == "check-reopened":
             pids = {p.name.split("-")[0] for p in self.opened.iterdir()}
             assert len(pids) >= 2, f"the comm was not reopened by the restarted kernel: opened by {pids}"
@@ -459,6 +469,15 @@ def test_status_bar_and_panel_on_the_standin_kernel(tmp_path: Path) -> None:
     assert re.search(r"· 0:0[78]:\d\d left$", s["warn"]["text"]), s["warn"]
     assert re.search(r"· 0:00:[34]\d left$", s["critical"]["text"]), s["critical"]
     assert s["warn"]["background"] != s["critical"]["background"], (s["warn"], s["critical"])
+
+    # Released for idleness: said as such, with when, in no error colour.
+    rel = s["released-idle"]
+    assert re.fullmatch(r"Slurm 4242 · Released after 1:00:00 idle at \d\d:\d\d · the next cell starts a new job",
+                        rel["text"]), rel
+    assert rel["state"].startswith("Released after 1:00:00 idle at"), rel
+    assert "job 4242 was given back at" in rel["idle"], rel
+    assert rel["background"] != s["critical"]["background"], (rel, s["critical"])
+    assert rel["extendButtons"] == 0, rel
 
     # A refusal (ok: false) is shown with the kernel's message.
     assert not s["refused"]["reply"]["ok"] and "only its administrators" in s["refused"]["reply"]["text"]

@@ -12,7 +12,11 @@ pytest): what a user or a centre installs, checked as they would use it.
   ldd), so nothing else of this machine is needed; there, without libpam,
   the hub refuses to start in PAM mode and says why;
 * the tarball, unpacked as a centre's site install, is put on PATH by the
-  example Lmod modulefile (Debian's real lmod).
+  example Lmod modulefile (Debian's real lmod);
+* the JupyterLab extension's wheel holds the prebuilt extension (its
+  package.json and remoteEntry, no sources); `noyau install` names that
+  file, and pip installs it into a fresh venv with no Node on PATH, where
+  JupyterLab lists it.
 
 Without the artefacts (dist/ not built) these tests skip, except under CI,
 where they fail.
@@ -378,3 +382,79 @@ def test_lmod_module_load_puts_the_site_install_on_path(tarball: Path, tmp_path:
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and f"noyau {VERSION} is not installed in {install}" in " ".join(p.stderr.split()), \
         p.stderr  # (Lmod wraps its messages)
+
+
+# --------------------------------------------------------------------------
+# the JupyterLab extension's wheel
+
+LABEXT_NAME = "noyau-jupyterlab"
+
+
+@pytest.fixture(scope="module")
+def labext_wheel() -> Path:
+    return artefact(f"noyau_jupyterlab-{VERSION}-py3-none-any.whl")
+
+
+def test_the_extension_wheel_holds_the_prebuilt_extension(labext_wheel: Path) -> None:
+    share = f"noyau_jupyterlab-{VERSION}.data/data/share/jupyter/labextensions/{LABEXT_NAME}"
+    with zipfile.ZipFile(labext_wheel) as z:
+        names = set(z.namelist())
+        meta = json.loads(z.read(f"{share}/package.json"))
+        entry = meta["jupyterlab"]["_build"]["load"]
+        assert re.fullmatch(r"static/remoteEntry\.[0-9a-f]+\.js", entry), meta["jupyterlab"]
+        assert z.getinfo(f"{share}/{entry}").file_size > 1000, "an empty remoteEntry"
+        assert json.loads(z.read(f"{share}/install.json"))["packageName"] == LABEXT_NAME
+    assert meta["name"] == LABEXT_NAME and meta["version"] == VERSION, meta
+    assert f"{share}/static/style.js" in names
+    # the built extension only: no sources, no JavaScript dependencies
+    assert not [n for n in names if "node_modules" in n or n.endswith((".ts", ".tsx"))], sorted(names)
+
+
+def test_noyau_install_names_the_extension_wheel_which_pip_installs_without_node(
+        labext_wheel: Path, wheel_bin: Path, tmp_path: Path) -> None:
+    """`noyau install` names the wheel the release ships; pip installs that
+    file into a fresh venv with no Node on PATH; JupyterLab then lists the
+    extension there, and `noyau install` no longer asks for it."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    # A user of that venv (JUPYTER_PATH: conftest's, its kernelspecs only).
+    env = dict(os.environ, HOME=str(tmp_path / "home"), VIRTUAL_ENV=str(venv), JUPYTER_DATA_DIR="",
+               PATH=f"{venv / 'bin'}{os.pathsep}/usr/bin:/bin")
+    env.pop("JUPYTER_CONFIG_DIR", None)
+    system = [Path(d) / "labextensions" / LABEXT_NAME for d in ("/usr/local/share/jupyter", "/usr/share/jupyter")]
+    require(not any(d.exists() for d in system), f"the extension is installed system-wide: {system}")
+
+    def install() -> str:
+        r = subprocess.run([str(wheel_bin), "install", "--name", "labext-release", "--inner", "python3",
+                            "--backend", "local", "--prefix", str(tmp_path / "prefix")],
+                           capture_output=True, text=True, timeout=60, env=env)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    hint = [line for line in install().splitlines() if LABEXT_NAME in line]
+    assert len(hint) == 1, hint
+    named = re.search(r"pip install --no-deps (\S+\.whl)", hint[0])
+    assert named and named.group(1) == labext_wheel.name, hint[0]
+
+    no_node = {**env, "PATH": str(venv / "bin")}
+    assert shutil.which("node", path=no_node["PATH"]) is None
+    p = subprocess.run([str(venv / "bin/python"), "-m", "pip", "install", "--no-index", "--no-deps",
+                        "--disable-pip-version-check", "-q", str(DIST / named.group(1))],
+                       env=no_node, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    ext = venv / "share" / "jupyter" / "labextensions" / LABEXT_NAME
+    entry = json.loads((ext / "package.json").read_text())["jupyterlab"]["_build"]["load"]
+    assert (ext / entry).is_file(), sorted(p.name for p in (ext / "static").iterdir())
+
+    # This test venv's JupyterLab, given the fresh venv's data dir, finds it
+    # there (the test venv holds one too: only the fresh venv's section counts).
+    lab_env = dict(os.environ, JUPYTER_PATH=str(venv / "share" / "jupyter"))
+    p = subprocess.run([sys.executable, "-m", "jupyter", "labextension", "list"], env=lab_env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    out = re.sub(r"\x1b\[[0-9;]*m", "", p.stdout + p.stderr)  # its colours
+    listed = out.split(str(venv / "share" / "jupyter" / "labextensions"), 1)
+    assert len(listed) == 2, out
+    section = listed[1].split("\n/", 1)[0]
+    assert re.search(rf"{LABEXT_NAME} v{re.escape(VERSION)} enabled OK", section), out
+    assert LABEXT_NAME not in install()

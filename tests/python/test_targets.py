@@ -219,7 +219,7 @@ def test_idle_target_is_released(noyau_kernelspec: str, tmp_path: Path) -> None:
         run(m, "%%noyau on side\nx = 1")
         started = agents() - before
         assert len(started) == 1
-        # The proxy checks idleness every 10 s; the target was idle for 1 s.
+        # The proxy checks idleness every 5 s (idle::CHECK_EVERY); the target was idle for 1 s.
         lib.wait_until(lambda: not (started & agents()), 30, "the idle target's agent to end")
         # Listed as releasing until the proxy has seen its job end.
         _, text, _ = run(m, "%noyau targets")

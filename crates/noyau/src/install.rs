@@ -88,9 +88,17 @@ pub fn install(args: &InstallArgs) -> Result<()> {
 /// noyau-jupyterlab) puts itself in a Jupyter data dir.
 const LABEXTENSION: &str = "labextensions/noyau-jupyterlab/package.json";
 
-const LABEXTENSION_HINT: &str = "JupyterLab shows this kernel's batch job and allocation with the \
-     noyau-jupyterlab extension, not found on the Jupyter paths: install it where JupyterLab runs \
-     with `python3 -m pip install noyau-jupyterlab` (or its wheel, noyau_jupyterlab-*.whl)";
+/// Names the wheel noyau's release ships next to its own (scripts/release
+/// builds it at noyau's version; tests/python/test_release.py checks that
+/// this is its file name).
+const LABEXTENSION_HINT: &str = concat!(
+    "JupyterLab shows this kernel's batch job and allocation with noyau's extension noyau-jupyterlab, \
+     not found on the Jupyter paths: install its prebuilt wheel (no Node needed), which noyau's \
+     release ships next to noyau's wheel and tarball, where JupyterLab runs: \
+     `python3 -m pip install --no-deps noyau_jupyterlab-",
+    env!("CARGO_PKG_VERSION"),
+    "-py3-none-any.whl`"
+);
 
 /// Whether the extension is in the Jupyter environment that will use the
 /// kernelspec just written to `spec_dir` (`<data dir>/kernels/NAME`): that
