@@ -327,3 +327,29 @@ def test_an_idle_target_is_released_and_said_and_the_counts_start_again(slurm: N
     finally:
         lib.stop_kernel(km)
     lib.wait_until(lambda: not lib.squeue_noyau(), 30, "no noyau job left after shutdown")
+
+
+def test_the_resubmit_note_names_the_data_to_add_again(slurm: None, tmp_path: Path) -> None:
+    """`%noyau data` ran in the released job: the next cell's note says
+    that those cells must be run again (the new job has none of it)."""
+    import hashlib
+    src = tmp_path / "t.csv"
+    src.write_bytes(b"x,y\n1,2\n")
+    sha = hashlib.sha256(src.read_bytes()).hexdigest()
+    km = lib.kernel_in(lib.SLURM_KERNEL_NAME, tmp_path, env={"NOYAU_KERNEL_IDLE": "15"})
+    kc = km.kc
+    try:
+        r = kc.execute("x = 1", reply=True, timeout=120)  # the job runs
+        assert r["content"]["status"] == "ok", r["content"]
+        r = kc.execute(f"%noyau data file://{src} --sha256 {sha} --name t.csv", reply=True, timeout=120)
+        assert r["content"]["status"] == "ok", r["content"]
+        job = kernel_jobs()[0]["id"]
+        lib.wait_until(lambda: not any(j["id"] == job for j in kernel_jobs()), 60, "the idle job's release")
+        out: list[dict] = []
+        r = kc.execute_interactive("1", timeout=120, output_hook=out.append)
+        assert r["content"]["status"] == "ok", r["content"]
+        lost = [lib.message_text(m) for m in out if "variables were lost" in lib.message_text(m)]
+        assert lost and "`%noyau data`" in lost[0] and "run those cells again" in lost[0], lost
+    finally:
+        lib.stop_kernel(km)
+    lib.wait_until(lambda: not lib.squeue_noyau(), 30, "no noyau job left after shutdown")
