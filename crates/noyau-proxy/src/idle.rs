@@ -65,9 +65,10 @@ impl Clock {
     }
 
     /// True when an allocation idle this long is to be given back: a
-    /// limit is set, nothing runs there, and the limit has passed.
-    pub fn due(&self, limit: Option<Duration>, busy: bool) -> bool {
-        limit.is_some_and(|l| !busy && self.idle_for() >= l)
+    /// limit is set and has passed (a busy allocation's clock is kept at
+    /// now by the periodic check).
+    pub fn due(&self, limit: Option<Duration>) -> bool {
+        limit.is_some_and(|l| self.idle_for() >= l)
     }
 }
 
@@ -260,7 +261,7 @@ impl Proxy {
         }
         if self.kernel_busy() {
             self.idle.clock.touch();
-        } else if self.idle.clock.due(self.idle.limits.kernel, false) {
+        } else if self.idle.clock.due(self.idle.limits.kernel) {
             self.release_kernel().await;
         }
     }
@@ -427,16 +428,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_clock_is_due_only_past_its_limit_and_when_nothing_runs() {
+    fn a_clock_is_due_only_past_its_limit() {
         let mut c = Clock::new();
         c.since -= Duration::from_secs(40);
         let limit = Some(Duration::from_secs(30));
-        assert!(c.due(limit, false));
-        assert!(!c.due(limit, true), "a running cell is activity");
-        assert!(!c.due(None, false), "no limit: never");
-        assert!(!c.due(Some(Duration::from_secs(60)), false));
+        assert!(c.due(limit));
+        assert!(!c.due(None), "no limit: never");
+        assert!(!c.due(Some(Duration::from_secs(60))));
         c.touch();
-        assert!(!c.due(limit, false), "touched: idle from now");
+        assert!(!c.due(limit), "touched (as while busy): idle from now");
     }
 
     #[test]

@@ -357,7 +357,7 @@ impl Targets {
             }
             if !t.running.is_empty() || matches!(t.state, State::Queued | State::Starting) {
                 t.idle.touch();
-            } else if t.idle.due(limit, false) {
+            } else if t.idle.due(limit) {
                 let after = t.idle.idle_for();
                 tracing::info!(target = %t.name, "idle for {after:?}; releasing");
                 t.release();
