@@ -300,6 +300,11 @@ impl<C: Clone + PartialEq> Dask<C> {
         self.cluster.is_some()
     }
 
+    /// True while a `dask up` cell waits for its cluster.
+    pub fn starting(&self) -> bool {
+        self.up.is_some()
+    }
+
     /// `%noyau dask up`: starts the cluster; the cell ends once the
     /// scheduler is up and the kernel configured (or the cluster failed).
     pub async fn up<H: Host<Cell = C>>(

@@ -107,6 +107,35 @@ impl Comms {
         !self.open.is_empty()
     }
 
+    /// True for what a frontend sends on the `noyau` comm by itself, with
+    /// no user behind it: the comm's opening and closing (a notebook tab
+    /// opened or closed) and its `ping`s and `refresh`es. Not activity:
+    /// a tab left open must not keep an idle job.
+    pub fn automatic(&self, kind: &str, msg: &RawMessage) -> bool {
+        #[derive(serde::Deserialize)]
+        struct Ours {
+            comm_id: String,
+            target_name: Option<String>,
+            #[serde(default)]
+            data: Value,
+        }
+        if !kind.starts_with("comm_") {
+            return false;
+        }
+        let Ok(c) = serde_json::from_slice::<Ours>(&msg.content) else {
+            return false;
+        };
+        match kind {
+            "comm_open" => c.target_name.as_deref() == Some(TARGET),
+            "comm_close" => self.open.contains_key(&c.comm_id),
+            "comm_msg" => {
+                self.open.contains_key(&c.comm_id)
+                    && matches!(c.data["action"].as_str(), Some("ping" | "refresh"))
+            }
+            _ => false,
+        }
+    }
+
     /// The next thing to tell the frontends: the job's state changed
     /// (followed while a comm is open), or a request finished away from the loop.
     pub async fn next(&mut self) -> CommEvent {
@@ -416,6 +445,42 @@ mod tests {
             content: Bytes::from(content.to_string()),
             buffers: vec![],
         }
+    }
+
+    #[test]
+    fn only_the_noyau_comms_opening_closing_pings_and_refreshes_are_automatic() {
+        let mut comms = Comms::new();
+        let on = |content: &str| reply_to("p", content);
+        let open = on(r#"{"comm_id":"c","target_name":"noyau","data":{}}"#);
+        assert!(comms.automatic("comm_open", &open));
+        let widget_open = on(r#"{"comm_id":"w","target_name":"jupyter.widget","data":{}}"#);
+        assert!(!comms.automatic("comm_open", &widget_open));
+        let heard = Instant::now();
+        comms.open.insert(
+            "c".into(),
+            Open {
+                header: Bytes::new(),
+                heard,
+            },
+        );
+        for (action, automatic) in [
+            ("ping", true),
+            ("refresh", true),
+            ("release", false),
+            ("log", false),
+        ] {
+            let m = on(&format!(
+                r#"{{"comm_id":"c","data":{{"id":"r","action":"{action}"}}}}"#
+            ));
+            assert_eq!(comms.automatic("comm_msg", &m), automatic, "{action}");
+        }
+        let widget = on(r#"{"comm_id":"w","data":{"action":"ping"}}"#);
+        assert!(
+            !comms.automatic("comm_msg", &widget),
+            "another comm's message"
+        );
+        assert!(comms.automatic("comm_close", &on(r#"{"comm_id":"c","data":{}}"#)));
+        assert!(!comms.automatic("execute_request", &on(r#"{"code":""}"#)));
     }
 
     #[test]

@@ -45,7 +45,17 @@ impl Proxy {
             .map_err(|e| err(&e))?;
         self.targets
             .start(name, overrides, &self.cfg.inner, &self.cfg.noyau_exe, env)
-            .await
+            .await?;
+        if let Some(at) = self.targets.idle_released.remove(name) {
+            let text = format!(
+                "noyau: target {name} was released at {} while idle: its variables were lost. This cell runs in a new job for it.\n",
+                crate::idle::clock_time(at)
+            );
+            if let Some(c) = cell {
+                self.out.stream(&c.header, "stderr", &text).await;
+            }
+        }
+        Ok(())
     }
 
     pub async fn run_on_target(&mut self, mut m: OnMagic, body: String, mut msg: RawMessage) {

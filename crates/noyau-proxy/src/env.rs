@@ -79,6 +79,9 @@ pub(crate) struct Env {
     /// Build lines that came while no cell waited (a kernel building its
     /// environment at start): shown in the next cell.
     held_progress: String,
+    /// The magics whose changes this kernel's job took (`%noyau env`,
+    /// `%noyau data`): a new job after an idle release has none of them.
+    pub done: std::collections::BTreeSet<&'static str>,
 }
 
 /// A change needs the kernel's agent: it is what gets told.
@@ -305,6 +308,12 @@ impl Env {
         Some(self.end(Err(err), out).await)
     }
 
+    /// True while a change is in progress: prepared here, or sent to the
+    /// agent and not answered yet.
+    pub fn changing(&self) -> bool {
+        self.change.is_some()
+    }
+
     /// True while a switch waits to go to the agent.
     pub fn switching(&self) -> bool {
         self.change
@@ -389,6 +398,12 @@ impl Env {
         let Some(sw) = self.change.take() else {
             return VecDeque::new();
         };
+        if result.is_ok() {
+            self.done.insert(match sw.what {
+                What::Switch(_) => "`%noyau env`",
+                What::Data => "`%noyau data`",
+            });
+        }
         out.finish(&sw.cell, result).await;
         sw.held
     }

@@ -29,6 +29,10 @@ use crate::answer::Cell;
 use crate::queued::{human, kernel_info_content, Queued};
 use crate::relay::Proxy;
 
+/// What a request that needs the released kernel is told.
+const RELEASED: &str =
+    "the kernel's allocation was released while idle; run a cell to start a new job";
+
 /// How often the clocks are looked at (a limit is met within this).
 pub(crate) const CHECK_EVERY: Duration = Duration::from_secs(5);
 
@@ -61,9 +65,10 @@ impl Clock {
     }
 
     /// True when an allocation idle this long is to be given back: a
-    /// limit is set, nothing runs there, and the limit has passed.
-    pub fn due(&self, limit: Option<Duration>, busy: bool) -> bool {
-        limit.is_some_and(|l| !busy && self.idle_for() >= l)
+    /// limit is set and has passed (a busy allocation's clock is kept at
+    /// now by the periodic check).
+    pub fn due(&self, limit: Option<Duration>) -> bool {
+        limit.is_some_and(|l| self.idle_for() >= l)
     }
 }
 
@@ -86,7 +91,7 @@ pub(crate) fn limits(backend: &str) -> Limits {
     };
     let from_env = |var: &str, into: &mut Option<Duration>| {
         let Ok(v) = std::env::var(var) else { return };
-        match parse_seconds(&v) {
+        match parse_limit(&v) {
             Some(limit) => *into = limit,
             None => tracing::warn!("{var}={v:?} is not a number of seconds or \"off\"; ignored"),
         }
@@ -96,17 +101,13 @@ pub(crate) fn limits(backend: &str) -> Limits {
     decide(l, backend)
 }
 
-/// Some(limit) for `off`, `0` or a number of seconds; None for anything else.
-fn parse_seconds(v: &str) -> Option<Option<Duration>> {
-    let v = v.trim();
-    if v.eq_ignore_ascii_case("off") {
+/// An override's limit: none for `off` or `0`, else its seconds (read as
+/// every NOYAU_* variable of seconds is); None when it is neither.
+fn parse_limit(v: &str) -> Option<Option<Duration>> {
+    if v.trim().eq_ignore_ascii_case("off") {
         return Some(None);
     }
-    let secs = v
-        .parse::<f64>()
-        .ok()
-        .filter(|s| s.is_finite() && *s >= 0.0)?;
-    Some((secs > 0.0).then(|| Duration::from_secs_f64(secs)))
+    noyau_vars::parse_seconds(v).map(|d| (!d.is_zero()).then_some(d))
 }
 
 /// The local backend's kernel holds no allocation: never released.
@@ -128,11 +129,14 @@ pub(crate) struct Released {
     pub after: Duration,
 }
 
+/// `t` as the notes say it.
+pub(crate) fn clock_time(t: SystemTime) -> String {
+    DateTime::<Utc>::from(t).format("%H:%M:%S UTC").to_string()
+}
+
 impl Released {
     fn when(&self) -> String {
-        DateTime::<Utc>::from(self.at)
-            .format("%H:%M:%S UTC")
-            .to_string()
+        clock_time(self.at)
     }
 }
 
@@ -155,10 +159,12 @@ impl KernelIdle {
         }
     }
 
-    /// A frontend message: a user's action starts the clock again.
-    pub fn on_frontend(&mut self, lane: Lane, msg: &RawMessage) {
+    /// A frontend message: a user's action starts the clock again;
+    /// `automatic` is the `noyau` comm's own traffic (its opening, pings
+    /// and refreshes), which a frontend sends with no user behind it.
+    pub fn on_frontend(&mut self, lane: Lane, msg: &RawMessage, automatic: bool) {
         let Ok(h) = msg.peek_header() else { return };
-        if is_activity(lane, &h.msg_type) {
+        if !automatic && is_activity(lane, &h.msg_type) && !is_silent(msg) {
             self.clock.touch();
         }
         if h.msg_type == "execute_request" {
@@ -201,6 +207,17 @@ fn is_activity(lane: Lane, msg_type: &str) -> bool {
         )
 }
 
+/// A `silent` execution: a frontend's or an extension's own code (a
+/// variable inspector's), not a user's cell.
+fn is_silent(msg: &RawMessage) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Silent {
+        #[serde(default)]
+        silent: bool,
+    }
+    serde_json::from_slice::<Silent>(&msg.content).is_ok_and(|c| c.silent)
+}
+
 /// What a request to a released kernel comes to.
 pub(crate) enum WhileReleased {
     /// Answered here.
@@ -213,20 +230,38 @@ pub(crate) enum WhileReleased {
 
 impl Proxy {
     /// True when the kernel runs something (a cell, its own or a target's,
-    /// an environment switch) or its job has not started.
+    /// an environment or data change, a `dask up` waiting for its jobs, a
+    /// request of the proxy's own such as a push or pull) or its job has
+    /// not started.
     fn kernel_busy(&self) -> bool {
         !self.agent.attached()
             || self.requests.running_header().is_some()
-            || self.env.preparing()
+            || self.env.changing()
+            || self.magics.dask.starting()
+            || !self.own.is_empty()
             || self.targets.map.values().any(|t| !t.running.is_empty())
     }
 
     /// The periodic check: targets and the kernel idle past their limit
-    /// give their jobs back.
+    /// give their jobs back. While the kernel is busy its clock is kept at
+    /// now: idle time counts from the end of a busy time (a cell, a queue
+    /// wait), never from before it.
     pub async fn release_idle(&mut self) {
-        self.targets.release_idle(self.idle.limits.target);
-        let busy = self.kernel_busy();
-        if self.idle.watching() && self.idle.clock.due(self.idle.limits.kernel, busy) {
+        for (name, after) in self.targets.release_idle(self.idle.limits.target) {
+            let text = format!(
+                "noyau: target {name} was idle for {}: its job was released at {} to give the allocation back. Its variables are gone; the next `%%noyau on {name}` cell starts a new job.\n",
+                human(after.as_secs()),
+                clock_time(SystemTime::now())
+            );
+            let parent = self.idle.last_cell.clone();
+            self.out.stream(&parent, "stderr", &text).await;
+        }
+        if !self.idle.watching() {
+            return;
+        }
+        if self.kernel_busy() {
+            self.idle.clock.touch();
+        } else if self.idle.clock.due(self.idle.limits.kernel) {
             self.release_kernel().await;
         }
     }
@@ -242,6 +277,9 @@ impl Proxy {
         let after = self.idle.clock.idle_for();
         let job = self.agent.job_label();
         tracing::info!(%job, idle = ?after, "the kernel is idle: releasing its job");
+        // Nothing waiting for the old kernel is left without an answer.
+        self.fail_open("AllocationReleased", RELEASED).await;
+        self.own = Default::default();
         // Nothing of the old agent reaches the notebook after this: its
         // link is closed and its end is not followed (no "kernel died").
         self.agent.release().await;
@@ -280,7 +318,8 @@ impl Proxy {
             return WhileReleased::Answered;
         };
         let content = match (lane, h.msg_type.as_str()) {
-            (Lane::Shell, "execute_request") => return self.resubmit(msg).await,
+            (Lane::Shell, "execute_request") if !is_silent(msg) => return self.resubmit(msg).await,
+            (_, "is_complete_request") => json!({"status": "unknown"}),
             (_, "kernel_info_request") => self.released_info(),
             (_, "history_request") => json!({"status": "ok", "history": []}),
             (_, "interrupt_request") => json!({"status": "ok"}),
@@ -296,8 +335,7 @@ impl Proxy {
                 return WhileReleased::Exit;
             }
             (_, kind) if kind.ends_with("_request") => {
-                let text = "the kernel's allocation was released while idle; run a cell to start a new job";
-                json!({"status": "error", "ename": "AllocationReleased", "evalue": text, "traceback": [text]})
+                json!({"status": "error", "ename": "AllocationReleased", "evalue": RELEASED, "traceback": [RELEASED]})
             }
             // (a widget's comm message: there is no kernel to take it)
             _ => return WhileReleased::Answered,
@@ -305,6 +343,20 @@ impl Proxy {
         let kind = h.msg_type.replace("_request", "_reply");
         self.reply(lane, msg, &kind, content).await;
         WhileReleased::Answered
+    }
+
+    /// What the released job had from `%noyau env` and `%noyau data`
+    /// (the new job has none of it), forgotten once said.
+    fn changes_lost(&mut self) -> String {
+        let done = std::mem::take(&mut self.env.done);
+        if done.is_empty() {
+            return String::new();
+        }
+        let what: Vec<&str> = done.into_iter().collect();
+        format!(
+            " The new job starts with the profile's environment and none of what {} did in the old one: run those cells again.",
+            what.join(" and ")
+        )
     }
 
     fn released_info(&self) -> Value {
@@ -352,15 +404,18 @@ impl Proxy {
         if self.comms.any_open() {
             self.comms.follow(self.agent.job_state());
         }
-        self.out.exec_count = 0;
+        // The new kernel counts from 1: so do the notebook's numbers.
+        (self.out.exec_count, self.out.delegated) = (0, 0);
         self.idle.clock.touch();
+        let lost = self.changes_lost();
         let text = format!(
-            "noyau: the kernel's variables were lost: its {} job {} was released at {} after {} idle. This cell runs in a new kernel process, in a new job ({}).\n",
+            "noyau: the kernel's variables were lost: its {} job {} was released at {} after {} idle. This cell runs in a new kernel process, in a new job ({}).{}\n",
             self.cfg.backend,
             r.job,
             r.when(),
             human(r.after.as_secs()),
-            self.agent.job_label()
+            self.agent.job_label(),
+            lost
         );
         self.out.stream(&msg.header, "stderr", &text).await;
         self.push_state().await;
@@ -373,16 +428,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_clock_is_due_only_past_its_limit_and_when_nothing_runs() {
+    fn a_clock_is_due_only_past_its_limit() {
         let mut c = Clock::new();
         c.since -= Duration::from_secs(40);
         let limit = Some(Duration::from_secs(30));
-        assert!(c.due(limit, false));
-        assert!(!c.due(limit, true), "a running cell is activity");
-        assert!(!c.due(None, false), "no limit: never");
-        assert!(!c.due(Some(Duration::from_secs(60)), false));
+        assert!(c.due(limit));
+        assert!(!c.due(None), "no limit: never");
+        assert!(!c.due(Some(Duration::from_secs(60))));
         c.touch();
-        assert!(!c.due(limit, false), "touched: idle from now");
+        assert!(!c.due(limit), "touched (as while busy): idle from now");
     }
 
     #[test]
@@ -402,13 +456,20 @@ mod tests {
     }
 
     #[test]
-    fn environment_overrides_are_seconds_or_off() {
-        assert_eq!(parse_seconds("30"), Some(Some(Duration::from_secs(30))));
-        assert_eq!(parse_seconds("0.5"), Some(Some(Duration::from_millis(500))));
-        assert_eq!(parse_seconds("off"), Some(None));
-        assert_eq!(parse_seconds("0"), Some(None));
-        assert_eq!(parse_seconds("1h"), None);
-        assert_eq!(parse_seconds("-3"), None);
+    fn environment_overrides_are_seconds_or_off_and_never_panic() {
+        let cases: [(&str, Option<Option<Duration>>); 8] = [
+            ("30", Some(Some(Duration::from_secs(30)))),
+            ("0.5", Some(Some(Duration::from_millis(500)))),
+            ("off", Some(None)),
+            ("0", Some(None)),
+            ("1h", None),
+            ("-3", None),
+            ("1e20", None),
+            ("inf", None),
+        ];
+        for (v, want) in cases {
+            assert_eq!(parse_limit(v), want, "{v}");
+        }
     }
 
     #[test]
@@ -424,6 +485,37 @@ mod tests {
             assert!(!is_activity(Lane::Shell, kind), "{kind}");
         }
         assert!(!is_activity(Lane::Control, "execute_request"));
+    }
+
+    fn request(kind: &str, content: &str) -> RawMessage {
+        RawMessage {
+            identities: vec![],
+            signature: Bytes::new(),
+            header: Bytes::from(format!(r#"{{"msg_id":"m","msg_type":"{kind}"}}"#)),
+            parent_header: Bytes::from_static(b"{}"),
+            metadata: Bytes::from_static(b"{}"),
+            content: Bytes::from(content.to_string()),
+            buffers: vec![],
+        }
+    }
+
+    #[test]
+    fn silent_executions_and_automatic_comm_traffic_leave_the_clock() {
+        let mut k = KernelIdle::new(Limits {
+            kernel: Some(Duration::from_secs(30)),
+            target: None,
+        });
+        let old = Instant::now() - Duration::from_secs(40);
+        k.clock.since = old;
+        let silent = request("execute_request", r#"{"code":"1","silent":true}"#);
+        k.on_frontend(Lane::Shell, &silent, false);
+        assert_eq!(k.clock.since, old, "a silent execution is not a user's");
+        let ping = request("comm_msg", r#"{"comm_id":"c","data":{"action":"ping"}}"#);
+        k.on_frontend(Lane::Shell, &ping, true);
+        assert_eq!(k.clock.since, old, "the noyau comm's automatic traffic");
+        let widget = request("comm_msg", r#"{"comm_id":"w","data":{"method":"update"}}"#);
+        k.on_frontend(Lane::Shell, &widget, false);
+        assert!(k.clock.since > old, "a widget's message is activity");
     }
 
     #[test]

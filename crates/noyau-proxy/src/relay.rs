@@ -223,7 +223,9 @@ impl Proxy {
 impl Proxy {
     /// A checked frontend message; Some(exit code) when the proxy must end.
     pub async fn on_frontend_message(&mut self, lane: Lane, msg: RawMessage) -> Option<i32> {
-        self.idle.on_frontend(lane, &msg);
+        let kind = msg.peek_header().map(|h| h.msg_type).unwrap_or_default();
+        let automatic = self.comms.automatic(&kind, &msg);
+        self.idle.on_frontend(lane, &msg, automatic);
         let msg = self.env.hold(lane, msg)?;
         let msg = self.intercept(lane, msg).await?;
         if self.idle.released.is_some() {
@@ -439,6 +441,17 @@ impl Proxy {
     pub async fn report_death(&mut self, text: &str) {
         tracing::error!("{text}");
         self.out.fe.set_alive(false);
+        if !self.fail_open("KernelDied", text).await {
+            self.out
+                .stream(&Bytes::new(), "stderr", &format!("{text}\n"))
+                .await;
+        }
+    }
+
+    /// Fails every request still waiting for the kernel (and an
+    /// environment change's cell and held cells) with `ename`; true when
+    /// one was a cell (the text was shown there).
+    pub async fn fail_open(&mut self, ename: &str, text: &str) -> bool {
         self.env.fail_with(&mut self.requests);
         let mut any_execute = false;
         for p in self.requests.drain() {
@@ -450,17 +463,13 @@ impl Proxy {
                 .unwrap_or_else(|| "error".into());
             let failure = Failure {
                 reply_type: &reply_type,
-                ename: "KernelDied",
+                ename,
                 evalue: text,
                 traceback: json!([text]),
                 execution_count: json!(null),
             };
             self.out.fail(&p.cell, failure).await;
         }
-        if !any_execute {
-            self.out
-                .stream(&Bytes::new(), "stderr", &format!("{text}\n"))
-                .await;
-        }
+        any_execute
     }
 }

@@ -275,6 +275,9 @@ pub fn with_code(content: &[u8], body: &str) -> Option<Bytes> {
 /// The targets of this notebook, by name, and where their tasks report.
 pub(crate) struct Targets {
     pub map: BTreeMap<String, Target>,
+    /// Targets released while idle, and when: the next cell that starts
+    /// one again says that its variables were lost.
+    pub idle_released: BTreeMap<String, std::time::SystemTime>,
     tx: mpsc::Sender<TargetEvent>,
     rx: mpsc::Receiver<TargetEvent>,
 }
@@ -284,6 +287,7 @@ impl Default for Targets {
         let (tx, rx) = mpsc::channel(1024);
         Targets {
             map: BTreeMap::new(),
+            idle_released: BTreeMap::new(),
             tx,
             rx,
         }
@@ -339,15 +343,30 @@ impl Targets {
     }
 
     /// Gives back the allocations of targets idle past `limit` (`[idle]
-    /// target`, [`crate::idle::limits`]).
-    pub fn release_idle(&mut self, limit: Option<std::time::Duration>) {
+    /// target`, [`crate::idle::limits`]): their names and idle times. A
+    /// busy target's clock is kept at now (idle from the end of its cells
+    /// or of its queue wait).
+    pub fn release_idle(
+        &mut self,
+        limit: Option<std::time::Duration>,
+    ) -> Vec<(String, std::time::Duration)> {
+        let mut released = Vec::new();
         for t in self.map.values_mut() {
-            let busy = t.state == State::Releasing || !t.running.is_empty();
-            if t.idle.due(limit, busy) {
-                tracing::info!(target = %t.name, "idle for {:?}; releasing", t.idle.idle_for());
+            if t.state == State::Releasing {
+                continue;
+            }
+            if !t.running.is_empty() || matches!(t.state, State::Queued | State::Starting) {
+                t.idle.touch();
+            } else if t.idle.due(limit) {
+                let after = t.idle.idle_for();
+                tracing::info!(target = %t.name, "idle for {after:?}; releasing");
                 t.release();
+                self.idle_released
+                    .insert(t.name.clone(), std::time::SystemTime::now());
+                released.push((t.name.clone(), after));
             }
         }
+        released
     }
 
     /// Ends every target's job (shutdown, or the proxy going away).

@@ -138,7 +138,8 @@ pub fn seconds(name: &str) -> Option<Result<std::time::Duration, String>> {
     Some(parse_seconds(&v).ok_or_else(|| format!("{name}={v:?} is not a number of seconds")))
 }
 
-fn parse_seconds(v: &str) -> Option<std::time::Duration> {
+/// A value of seconds as [`seconds`] reads it: None when it is not one.
+pub fn parse_seconds(v: &str) -> Option<std::time::Duration> {
     let s = v.trim().parse::<f64>().ok().filter(|s| *s >= 0.0)?;
     std::time::Duration::try_from_secs_f64(s).ok()
 }
