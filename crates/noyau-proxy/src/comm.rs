@@ -8,6 +8,8 @@
 mod actions;
 mod state;
 
+pub(crate) use state::rfc3339;
+
 use noyau_vars::EnvVars;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -112,25 +114,21 @@ impl Comms {
     /// opened or closed) and its `ping`s and `refresh`es. Not activity:
     /// a tab left open must not keep an idle job.
     pub fn automatic(&self, kind: &str, msg: &RawMessage) -> bool {
-        #[derive(serde::Deserialize)]
-        struct Ours {
-            comm_id: String,
-            target_name: Option<String>,
-            #[serde(default)]
-            data: Value,
-        }
-        if !kind.starts_with("comm_") {
+        // Widgets' comm messages pass here: with no noyau comm open only an
+        // opening can be one, and their `data` is read only for ours.
+        let opening = kind == "comm_open";
+        if !kind.starts_with("comm_") || (!opening && !self.any_open()) {
             return false;
         }
-        let Ok(c) = serde_json::from_slice::<Ours>(&msg.content) else {
+        let Ok(c) = serde_json::from_slice::<CommIds>(&msg.content) else {
             return false;
         };
         match kind {
             "comm_open" => c.target_name.as_deref() == Some(TARGET),
             "comm_close" => self.open.contains_key(&c.comm_id),
-            "comm_msg" => {
-                self.open.contains_key(&c.comm_id)
-                    && matches!(c.data["action"].as_str(), Some("ping" | "refresh"))
+            "comm_msg" if self.open.contains_key(&c.comm_id) => {
+                serde_json::from_slice::<CommData>(&msg.content)
+                    .is_ok_and(|d| matches!(d.data["action"].as_str(), Some("ping" | "refresh")))
             }
             _ => false,
         }

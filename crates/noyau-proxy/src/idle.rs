@@ -19,13 +19,14 @@ use noyau_vars::EnvVars;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use noyau_link::Lane;
 use noyau_wire::RawMessage;
 use serde_json::{json, Value};
 
 use crate::agent::AgentSide;
 use crate::answer::Cell;
+use crate::comm::rfc3339;
 use crate::queued::{human, kernel_info_content, Queued};
 use crate::relay::Proxy;
 
@@ -118,10 +119,6 @@ fn decide(mut l: Limits, backend: &str) -> Limits {
     l
 }
 
-fn rfc3339(t: SystemTime) -> String {
-    DateTime::<Utc>::from(t).to_rfc3339_opts(SecondsFormat::Secs, true)
-}
-
 /// The kernel's job, given back.
 pub(crate) struct Released {
     pub job: String,
@@ -162,12 +159,13 @@ impl KernelIdle {
     /// A frontend message: a user's action starts the clock again;
     /// `automatic` is the `noyau` comm's own traffic (its opening, pings
     /// and refreshes), which a frontend sends with no user behind it.
-    pub fn on_frontend(&mut self, lane: Lane, msg: &RawMessage, automatic: bool) {
-        let Ok(h) = msg.peek_header() else { return };
-        if !automatic && is_activity(lane, &h.msg_type) && !is_silent(msg) {
+    pub fn on_frontend(&mut self, lane: Lane, kind: &str, msg: &RawMessage, automatic: bool) {
+        let execute = kind == "execute_request";
+        // (only an execution's content is read: a silent one is not a user's)
+        if !automatic && is_activity(lane, kind) && !(execute && is_silent(msg)) {
             self.clock.touch();
         }
-        if h.msg_type == "execute_request" {
+        if execute {
             self.last_cell = msg.header.clone();
         }
     }
@@ -508,13 +506,13 @@ mod tests {
         let old = Instant::now() - Duration::from_secs(40);
         k.clock.since = old;
         let silent = request("execute_request", r#"{"code":"1","silent":true}"#);
-        k.on_frontend(Lane::Shell, &silent, false);
+        k.on_frontend(Lane::Shell, "execute_request", &silent, false);
         assert_eq!(k.clock.since, old, "a silent execution is not a user's");
         let ping = request("comm_msg", r#"{"comm_id":"c","data":{"action":"ping"}}"#);
-        k.on_frontend(Lane::Shell, &ping, true);
+        k.on_frontend(Lane::Shell, "comm_msg", &ping, true);
         assert_eq!(k.clock.since, old, "the noyau comm's automatic traffic");
         let widget = request("comm_msg", r#"{"comm_id":"w","data":{"method":"update"}}"#);
-        k.on_frontend(Lane::Shell, &widget, false);
+        k.on_frontend(Lane::Shell, "comm_msg", &widget, false);
         assert!(k.clock.since > old, "a widget's message is activity");
     }
 

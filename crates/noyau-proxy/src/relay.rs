@@ -225,7 +225,7 @@ impl Proxy {
     pub async fn on_frontend_message(&mut self, lane: Lane, msg: RawMessage) -> Option<i32> {
         let kind = msg.peek_header().map(|h| h.msg_type).unwrap_or_default();
         let automatic = self.comms.automatic(&kind, &msg);
-        self.idle.on_frontend(lane, &msg, automatic);
+        self.idle.on_frontend(lane, &kind, &msg, automatic);
         let msg = self.env.hold(lane, msg)?;
         let msg = self.intercept(lane, msg).await?;
         if self.idle.released.is_some() {

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use crate::relay::Proxy;
 use crate::targets::{State, Target};
 
-fn rfc3339(t: SystemTime) -> String {
+pub(crate) fn rfc3339(t: SystemTime) -> String {
     DateTime::<Utc>::from(t).to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
