@@ -24,11 +24,8 @@ pub const HEARTBEAT: Duration = Duration::from_secs(2);
 /// The grace period the proxy gives its jobs: the agent's
 /// (`NOYAU_LINK_GIVE_UP`, default 120 s), never under 3 heartbeats.
 pub fn grace_from_env() -> Duration {
-    let secs = std::env::var(EnvVars::NOYAU_LINK_GIVE_UP)
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(120.0);
-    Duration::from_secs_f64(secs).max(HEARTBEAT * 3)
+    let secs = noyau_vars::seconds(EnvVars::NOYAU_LINK_GIVE_UP).and_then(Result::ok);
+    secs.unwrap_or(Duration::from_secs(120)).max(HEARTBEAT * 3)
 }
 
 impl ClusterDir {
@@ -93,10 +90,8 @@ impl OwnerWatch {
 
     /// The grace from [`EnvVars::NOYAU_DASK_OWNER_GRACE`], else 120 s.
     pub fn from_env() -> Self {
-        let grace = std::env::var(EnvVars::NOYAU_DASK_OWNER_GRACE)
-            .ok()
-            .and_then(|v| v.parse::<f64>().ok())
-            .map(Duration::from_secs_f64)
+        let grace = noyau_vars::seconds(EnvVars::NOYAU_DASK_OWNER_GRACE)
+            .and_then(Result::ok)
             .unwrap_or(Duration::from_secs(120));
         Self::new(grace)
     }

@@ -166,12 +166,10 @@ impl Comms {
 
     /// Its frontend spoke on comm `id` (false: no such noyau comm).
     fn heard(&mut self, id: &str) -> bool {
-        let open = self.open.get_mut(id);
-        let known = open.is_some();
-        if let Some(o) = open {
-            o.heard = Instant::now();
-        }
-        known
+        self.open
+            .get_mut(id)
+            .map(|o| o.heard = Instant::now())
+            .is_some()
     }
 
     /// The `comms` of a `comm_info_reply` to a forwarded request, with the
@@ -415,13 +413,12 @@ impl Proxy {
 
 /// [`EXPIRE_AFTER`], or [`EnvVars::NOYAU_COMM_EXPIRE`]'s seconds when it is a positive number.
 fn expire_after() -> Duration {
-    let var = std::env::var(EnvVars::NOYAU_COMM_EXPIRE).ok();
-    match var.as_deref().map(str::parse::<f64>) {
+    match noyau_vars::seconds(EnvVars::NOYAU_COMM_EXPIRE) {
         None => EXPIRE_AFTER,
-        Some(Ok(s)) if s > 0.0 && s.is_finite() => Duration::from_secs_f64(s),
+        Some(Ok(d)) if !d.is_zero() => d,
         Some(_) => {
             tracing::warn!(
-                "{}={var:?} is not a positive number of seconds: noyau comms expire after {EXPIRE_AFTER:?}",
+                "{} is not a positive number of seconds: noyau comms expire after {EXPIRE_AFTER:?}",
                 EnvVars::NOYAU_COMM_EXPIRE
             );
             EXPIRE_AFTER

@@ -26,11 +26,9 @@ pub struct Scheduler {
 /// The watcher's poll interval: `NOYAU_<NAME>_POLL` seconds (e.g.
 /// `NOYAU_SLURM_POLL`), default 2.
 fn default_interval(name: &str) -> Duration {
-    std::env::var(format!("NOYAU_{}_POLL", name.to_ascii_uppercase()))
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-        .filter(|v| *v > 0.0)
-        .map(Duration::from_secs_f64)
+    noyau_vars::seconds(&noyau_vars::EnvVars::poll(name))
+        .and_then(Result::ok)
+        .filter(|d| !d.is_zero())
         .unwrap_or(Duration::from_secs(2))
 }
 
