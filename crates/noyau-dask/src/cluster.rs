@@ -429,6 +429,10 @@ impl Task {
                     } else if last_manage.elapsed() >= Duration::from_secs(1) {
                         last_manage = Instant::now();
                         self.manage().await;
+                    } else {
+                        // A tick with nothing to do changed nothing to
+                        // check or publish (9 ticks of 10 once up).
+                        continue;
                     }
                 }
             }
@@ -522,10 +526,12 @@ impl Task {
         let jobs = (self.jobs.iter().filter(|j| !j.ended()))
             .map(|j| self.shown(j))
             .collect();
-        let dashboard = match (&self.dashboard, self.dir.dashboard()) {
-            (Some(d), _) => Some(d.link.clone()),
-            (None, Some((host, port))) => Some(format!("http://{host}:{port}/status")),
-            (None, None) => None,
+        // (scheduler.json is read only while the dashboard is not forwarded)
+        let dashboard = match &self.dashboard {
+            Some(d) => Some(d.link.clone()),
+            None => {
+                (self.dir.dashboard()).map(|(host, port)| format!("http://{host}:{port}/status"))
+            }
         };
         View { jobs, dashboard }
     }
