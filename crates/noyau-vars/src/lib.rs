@@ -7,9 +7,9 @@
 //! The schedulers' variables (`SLURM_JOB_ID`, `OAR_JOB_ID`, `JOB_ID`…) are
 //! read by noyau-sched, the one seam that knows the schedulers; those of
 //! other tools (`XDG_*`, `UV_*`, `CUDA_VISIBLE_DEVICES`) by the code that
-//! follows their rules. Names inside the Python and shell text noyau writes
-//! for a job (`NOYAU_TASK_ID`, `NOYAU_NTASKS`) are listed here too, for the
-//! record.
+//! follows their rules. `NOYAU_TASK_ID` and `NOYAU_NTASKS`, set and read
+//! only by the Python that noyau-sched writes for `%%noyau on --tasks N`,
+//! live in that text.
 
 /// The environment variables of noyau, as associated constants.
 pub struct EnvVars;
@@ -90,10 +90,6 @@ impl EnvVars {
     /// Exported by a Grid Engine job's script: when `h_rt` comes (seconds
     /// since the epoch).
     pub const NOYAU_SGE_END: &'static str = "NOYAU_SGE_END";
-    /// In each process of `%%noyau on --tasks N`: its index and N (set by
-    /// the Python noyau-sched writes for the tasks).
-    pub const NOYAU_TASK_ID: &'static str = "NOYAU_TASK_ID";
-    pub const NOYAU_NTASKS: &'static str = "NOYAU_NTASKS";
 
     /// A scheduler watcher's poll interval in seconds (2), e.g.
     /// `NOYAU_SLURM_POLL`.
