@@ -189,7 +189,7 @@ def main() -> int:
     for wname in workloads:
         d, n = med(times.get((wname, "direct"), [])), med(times.get((wname, "noyau"), []))
         ratio = n / d if have_noyau and d == d and n == n else float("nan")
-        verdict = "" if ratio != ratio else ("ok" if ratio <= TARGET_RATIO else "MISSED")
+        verdict = "" if ratio != ratio else ("met" if ratio <= TARGET_RATIO else "missed")
         print(f"{wname:<30} {d:9.3f} {n:9.3f} {ratio:7.3f} {'≤ %.2f' % TARGET_RATIO:>8} {verdict}")
     print(f"{'kernel start-up (all runs)':<30} {med(startups['direct']):9.3f} "
           f"{med(startups.get('noyau', [])):9.3f}")
@@ -211,7 +211,7 @@ def main() -> int:
     for who in ("proxy", "agent"):
         if rss[who]:
             mib = max(rss[who]) / 1024
-            print(f"  noyau {who:<6} {mib:7.1f} MiB  {'ok' if mib <= TARGET_RSS_MIB else 'MISSED'}")
+            print(f"  noyau {who:<6} {mib:7.1f} MiB  {'met' if mib <= TARGET_RSS_MIB else 'missed'}")
         else:
             print(f"  noyau {who:<6}     n/a")
     if rss["ipykernel"]:
