@@ -284,23 +284,22 @@ impl Hierarchy {
 
     /// The kernel's cgroup and its ancestors below the root, up to the
     /// first whose subtree holds a process of another session; only those
-    /// with every file of `files`.
+    /// with every file of `files` (a v2 leaf may not have the memory
+    /// controller its parent has).
     fn own_chain(&self, sid: Pid, files: &[&str]) -> Vec<PathBuf> {
         let mut chain = vec![];
         let mut dir = self.leaf.clone();
-        while dir != self.root
-            && dir.starts_with(&self.root)
-            && files.iter().all(|f| dir.join(f).is_file())
-            && session_only(&dir, sid)
-        {
-            chain.push(dir.clone());
+        while dir != self.root && dir.starts_with(&self.root) && session_only(&dir, sid) {
+            if files.iter().all(|f| dir.join(f).is_file()) {
+                chain.push(dir.clone());
+            }
             dir.pop();
         }
         chain
     }
 
     /// The highest cgroup of `chain` that sets a memory limit of its own,
-    /// else the kernel's cgroup.
+    /// else the lowest (the kernel's own, where it has the files).
     fn job(chain: &[PathBuf], limit: fn(&Path) -> Option<u64>) -> Option<PathBuf> {
         (chain.iter().rev().find(|d| limit(d).is_some()))
             .or(chain.first())
