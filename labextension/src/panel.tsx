@@ -291,7 +291,7 @@ function Resources(props: { state: IState }): JSX.Element {
       : memTotal !== null
         ? formatBytes(memTotal)
         : 'unknown';
-  const source = u?.source === 'cgroup' ? "the job's cgroup" : u?.source === 'process-tree' ? "the kernel's processes" : u?.source;
+  const source = u?.source === 'cgroup' || u?.source === 'cgroup-v1' ? "the job's cgroup" : u?.source === 'process-tree' ? "the kernel's processes" : u?.source;
   return (
     <Section name="resources" title="Resources">
       <Meter name="CPU" used={u?.cpuPercent != null ? u.cpuPercent / 100 : null} total={cpus} text={cpuText} />

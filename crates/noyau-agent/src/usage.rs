@@ -1,27 +1,43 @@
 //! What the kernel's allocation uses, sampled while a frontend shows it (a
 //! `noyau` comm is open: the proxy sends `SampleUsage`).
 //!
-//! Where the kernel has a cgroup (v2) of its own, the cgroup says it for
-//! the whole job: `cpu.stat`'s `usage_usec`, `memory.current`,
-//! `memory.max`. "Of its own": not the root, and every process in it is
-//! of the kernel's session (a login session's or a container's cgroup
-//! holds other processes, whose use is not the job's). Otherwise the
-//! kernel's process tree from /proc: CPU time and resident memory of the
-//! kernel and its descendants, without a limit. GPUs come from
+//! Where the scheduler put the job in a cgroup, the cgroup says it for the
+//! whole job: on cgroup v2 `cpu.stat`'s `usage_usec`, `memory.current`,
+//! `memory.max`; on v1 (many RHEL 8 nodes) the `memory` hierarchy's
+//! `memory.usage_in_bytes` and `memory.limit_in_bytes` (a huge value: no
+//! limit) and the `cpuacct` hierarchy's `cpuacct.usage` (ns; where the job
+//! has no `cpuacct` cgroup of its own, CPU comes from the process tree).
+//!
+//! Which cgroup is the job's: a scheduler puts the kernel in a leaf (Slurm:
+//! `…/job_J/step_batch/task_0`) and the allocation's limit on an ancestor
+//! (`…/job_J`). The candidates are the kernel's cgroup and its ancestors
+//! below the hierarchy's root, going up only while every process in the
+//! ancestor's whole subtree is of the kernel's session (a user, hostile or
+//! not, cannot put a process in another's session, and a login session's
+//! or a user's cgroup holds processes of other sessions: their use is not
+//! the job's); of these, the highest that sets a memory limit of its own,
+//! else the kernel's cgroup. The rule is checked again before each sample,
+//! and the cgroup picked again when it no longer holds (a process of
+//! another session came in). Otherwise the kernel's process tree from
+//! /proc: CPU time and resident memory of the kernel and its descendants,
+//! without a limit. GPUs come from
 //! `nvidia-smi --query-gpu` when it is on PATH, only those the job may use:
 //! `CUDA_VISIBLE_DEVICES` (indices or UUIDs, read as CUDA reads it), else
 //! the GPUs the scheduler bound to the job (`noyau_sched::this_job_gpus`);
 //! nvidia-smi lists every GPU of the node, other users' too.
 //!
-//! One sample reads a few small files (the process tree: the `stat` of
-//! every process of the machine, to find the kernel's children); at one
-//! sample every 5 s the agent stays far below 1% of a core (`bench/idle
-//! --comm` measures it: docs/comm.md).
+//! One sample reads a few small files (the cgroup's subtree's
+//! `cgroup.procs` for the check; the process tree: the `stat` of every
+//! process of the machine, to find the kernel's children); at one sample
+//! every 5 s the agent stays far below 1% of a core (`bench/idle --comm`
+//! and the `sampling_cost` bench below measure it: docs/comm.md).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use nix::sys::statfs;
+use nix::unistd::{getsid, Pid};
 use noyau_client::process::{proc_stats, ProcStat};
 use noyau_link::envelope::{GpuSample, UsageSample};
 
@@ -31,15 +47,41 @@ const CUDA_VISIBLE_DEVICES: &str = "CUDA_VISIBLE_DEVICES";
 /// How long `nvidia-smi` may take before GPUs are no longer sampled.
 const NVIDIA_SMI_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
+/// A v1 `memory.limit_in_bytes` at least this big means no limit (the
+/// kernel writes 2^63 rounded down to a page).
+const V1_UNLIMITED: u64 = 1 << 62;
+
 /// Where the numbers come from.
 #[derive(Debug, Clone, PartialEq)]
 enum Source {
+    /// cgroup v2: the job's directory.
     Cgroup(PathBuf),
-    ProcessTree(u32),
+    /// cgroup v1: the job's directory in the `memory` hierarchy, and in
+    /// the `cpuacct` one when it has its own there.
+    CgroupV1 {
+        memory: PathBuf,
+        cpuacct: Option<PathBuf>,
+    },
+    ProcessTree,
+}
+
+impl Source {
+    /// The name samples carry (docs/comm.md).
+    fn name(&self) -> &'static str {
+        match self {
+            Source::Cgroup(_) => "cgroup",
+            Source::CgroupV1 { .. } => "cgroup-v1",
+            Source::ProcessTree => "process-tree",
+        }
+    }
 }
 
 /// Samples one kernel's use; keeps the last CPU reading for the rate.
 pub struct Sampler {
+    /// The kernel's process, and its session (whose processes alone may be
+    /// in the cgroup read).
+    pid: u32,
+    sid: Option<Pid>,
     source: Source,
     last_cpu: Option<(Instant, u64)>,
     /// `nvidia-smi`, when on PATH and GPUs are not all hidden: looked up
@@ -103,10 +145,8 @@ struct Reading {
 impl Sampler {
     /// A sampler for the kernel whose process is `pid`.
     pub fn new(pid: u32) -> Sampler {
-        let source = match own_cgroup(pid) {
-            Some(dir) => Source::Cgroup(dir),
-            None => Source::ProcessTree(pid),
-        };
+        let sid = getsid(Some(Pid::from_raw(pid as i32))).ok();
+        let source = sid.map_or(Source::ProcessTree, |sid| job_cgroup(pid, sid));
         let visible = Visible::from_env();
         let nvidia_smi = nvidia_smi().filter(|_| !visible.none());
         tracing::info!(
@@ -116,6 +156,8 @@ impl Sampler {
             "sampling the kernel's resource use"
         );
         Sampler {
+            pid,
+            sid,
             source,
             last_cpu: None,
             nvidia_smi,
@@ -125,11 +167,8 @@ impl Sampler {
 
     /// One sample; None when the source cannot be read (the kernel is gone).
     pub async fn sample(&mut self) -> Option<UsageSample> {
-        let source = self.source.clone();
-        let reading = tokio::task::spawn_blocking(move || match &source {
-            Source::Cgroup(dir) => read_cgroup(dir),
-            Source::ProcessTree(pid) => read_tree(*pid),
-        });
+        let (pid, sid, source) = (self.pid, self.sid, self.source.clone());
+        let reading = tokio::task::spawn_blocking(move || read(pid, sid, source));
         let gpus = match &self.nvidia_smi {
             Some(tool) => match gpus(tool, &self.visible).await {
                 Some(g) => g,
@@ -144,7 +183,14 @@ impl Sampler {
             },
             None => vec![],
         };
-        let reading = reading.await.ok()??;
+        let (source, reading) = reading.await.ok()?;
+        if source != self.source {
+            tracing::warn!(from = ?self.source, to = ?source, "the cgroup sampled is no longer the job's alone: sampling another source");
+            // another counter: no rate against the last reading
+            self.last_cpu = None;
+            self.source = source;
+        }
+        let reading = reading?;
         let now = Instant::now();
         let cpu_percent = self.last_cpu.map(|(t, usec)| {
             let wall = now.duration_since(t).as_micros().max(1) as f64;
@@ -156,11 +202,7 @@ impl Sampler {
             cpu_percent,
             mem_bytes: reading.mem_bytes,
             mem_limit_bytes: reading.mem_limit,
-            source: match self.source {
-                Source::Cgroup(_) => "cgroup",
-                Source::ProcessTree(_) => "process-tree",
-            }
-            .into(),
+            source: self.source.name().into(),
             gpus,
             cpus: std::thread::available_parallelism()
                 .ok()
@@ -169,34 +211,184 @@ impl Sampler {
     }
 }
 
-/// The cgroup v2 hierarchy's mount: /sys/fs/cgroup, or its `unified`
-/// part on a hybrid (v1 + v2) system.
-fn cgroup_root() -> Option<PathBuf> {
-    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.join("cgroup.controllers").is_file())
+/// One reading of `source`, after checking it still holds only the
+/// session's processes (else the source picked again, and read).
+fn read(pid: u32, sid: Option<Pid>, source: Source) -> (Source, Option<Reading>) {
+    let source = match (&source, sid) {
+        (Source::Cgroup(d), Some(sid)) if !session_only(d, sid) => job_cgroup(pid, sid),
+        (Source::CgroupV1 { memory, cpuacct }, Some(sid))
+            if !session_only(memory, sid)
+                || cpuacct.as_ref().is_some_and(|d| !session_only(d, sid)) =>
+        {
+            job_cgroup(pid, sid)
+        }
+        _ => source,
+    };
+    let reading = match &source {
+        Source::Cgroup(dir) => read_cgroup(dir),
+        Source::CgroupV1 { memory, cpuacct } => read_cgroup_v1(memory, cpuacct.as_deref(), pid),
+        Source::ProcessTree => read_tree(pid),
+    };
+    (source, reading)
 }
 
-/// The kernel's cgroup directory, when it is the job's own (see the module's doc).
-fn own_cgroup(pid: u32) -> Option<PathBuf> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
-    if rel == "/" || rel.contains("..") {
-        return None;
-    }
-    let dir = cgroup_root()?.join(rel.trim_start_matches('/'));
-    if !dir.join("memory.current").is_file() || !dir.join("cpu.stat").is_file() {
-        return None;
-    }
-    let sid = nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(pid as i32))).ok()?;
-    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).ok()?;
-    let alone = procs.split_whitespace().all(|p| {
-        p.parse::<i32>().ok().is_some_and(|p| {
-            nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(p))).is_ok_and(|s| s == sid)
+/// One hierarchy of the kernel's: where it is mounted, and the kernel's
+/// cgroup in it.
+struct Hierarchy {
+    root: PathBuf,
+    leaf: PathBuf,
+}
+
+impl Hierarchy {
+    /// From one line of /proc/PID/cgroup: `0::/rel` (v2, mounted at
+    /// /sys/fs/cgroup or, on a hybrid system, /sys/fs/cgroup/unified) or
+    /// `N:controllers:/rel` (v1, at /sys/fs/cgroup/controllers, e.g.
+    /// `cpu,cpuacct`), for the controller named (None: v2). None when that
+    /// hierarchy is not a mounted cgroup file system, or the kernel sits at
+    /// its root.
+    fn of(cgroups: &str, controller: Option<&str>) -> Option<Hierarchy> {
+        let (roots, rel) = cgroups.lines().find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, names, rel) = (f.next()?, f.next()?, f.next()?);
+            match controller {
+                None if names.is_empty() => Some((
+                    vec![
+                        PathBuf::from("/sys/fs/cgroup"),
+                        PathBuf::from("/sys/fs/cgroup/unified"),
+                    ],
+                    rel,
+                )),
+                Some(c) if names.split(',').any(|n| n == c) => {
+                    Some((vec![Path::new("/sys/fs/cgroup").join(names)], rel))
+                }
+                _ => None,
+            }
+        })?;
+        let magic = if controller.is_some() {
+            statfs::CGROUP_SUPER_MAGIC
+        } else {
+            statfs::CGROUP2_SUPER_MAGIC
+        };
+        let root = (roots.into_iter())
+            .find(|r| statfs::statfs(r).is_ok_and(|s| s.filesystem_type() == magic))?;
+        let rel = rel.trim_start_matches('/');
+        // the kernel writes the path as it is; a cgroup cannot be named `..`
+        if rel.is_empty() || rel.split('/').any(|c| c == ".." || c == ".") {
+            return None;
+        }
+        Some(Hierarchy {
+            leaf: root.join(rel),
+            root,
         })
+    }
+
+    /// The kernel's cgroup and its ancestors below the root, up to the
+    /// first whose subtree holds a process of another session; only those
+    /// with every file of `files` (a v2 leaf may not have the memory
+    /// controller its parent has).
+    fn own_chain(&self, sid: Pid, files: &[&str]) -> Vec<PathBuf> {
+        let mut chain = vec![];
+        let mut dir = self.leaf.clone();
+        while dir != self.root && dir.starts_with(&self.root) && session_only(&dir, sid) {
+            if files.iter().all(|f| dir.join(f).is_file()) {
+                chain.push(dir.clone());
+            }
+            dir.pop();
+        }
+        chain
+    }
+
+    /// The highest cgroup of `chain` that sets a memory limit of its own,
+    /// else the lowest (the kernel's own, where it has the files).
+    fn job(chain: &[PathBuf], limit: fn(&Path) -> Option<u64>) -> Option<PathBuf> {
+        (chain.iter().rev().find(|d| limit(d).is_some()))
+            .or(chain.first())
+            .cloned()
+    }
+}
+
+/// The job's cgroup (v2, else v1), or its process tree (see the module's doc).
+fn job_cgroup(pid: u32, sid: Pid) -> Source {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        return Source::ProcessTree;
+    };
+    if let Some(h) = Hierarchy::of(&text, None) {
+        let chain = h.own_chain(sid, &["memory.current", "cpu.stat"]);
+        if let Some(dir) = Hierarchy::job(&chain, v2_limit) {
+            return Source::Cgroup(dir);
+        }
+    }
+    let Some(mem) = Hierarchy::of(&text, Some("memory")) else {
+        return Source::ProcessTree;
+    };
+    let chain = mem.own_chain(sid, &["memory.usage_in_bytes", "memory.limit_in_bytes"]);
+    let Some(memory) = Hierarchy::job(&chain, v1_limit) else {
+        return Source::ProcessTree;
+    };
+    // cpuacct: the same level as memory's when it is the job's there too
+    // (Slurm's hierarchies are parallel), else the kernel's own cgroup
+    let cpuacct = Hierarchy::of(&text, Some("cpuacct")).and_then(|h| {
+        let chain = h.own_chain(sid, &["cpuacct.usage"]);
+        let same = h.root.join(memory.strip_prefix(&mem.root).ok()?);
+        chain
+            .iter()
+            .find(|d| **d == same)
+            .or(chain.first())
+            .cloned()
     });
-    alone.then_some(dir)
+    Source::CgroupV1 { memory, cpuacct }
+}
+
+/// At most this many cgroups are looked into below one (a bigger subtree is
+/// taken for not the job's alone).
+const MAX_SUBTREE: usize = 256;
+
+/// Whether every process in `dir`'s subtree is of session `sid` (one
+/// that exited meanwhile is no one's).
+fn session_only(dir: &Path, sid: Pid) -> bool {
+    let mut todo = vec![dir.to_path_buf()];
+    let mut seen = 0;
+    while let Some(d) = todo.pop() {
+        seen += 1;
+        if seen > MAX_SUBTREE {
+            return false;
+        }
+        let Ok(procs) = std::fs::read_to_string(d.join("cgroup.procs")) else {
+            return false;
+        };
+        let foreign = procs.split_whitespace().any(|p| match p.parse::<i32>() {
+            Ok(p) => match getsid(Some(Pid::from_raw(p))) {
+                Ok(s) => s != sid,
+                Err(e) => e != nix::errno::Errno::ESRCH,
+            },
+            Err(_) => true,
+        });
+        if foreign {
+            return false;
+        }
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            return false;
+        };
+        todo.extend(
+            entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path()),
+        );
+    }
+    true
+}
+
+/// A v2 cgroup's own memory limit (`memory.max`; "max": none).
+fn v2_limit(dir: &Path) -> Option<u64> {
+    let max = std::fs::read_to_string(dir.join("memory.max")).ok()?;
+    max.trim().parse().ok()
+}
+
+/// A v1 cgroup's own memory limit (a huge value: none).
+fn v1_limit(dir: &Path) -> Option<u64> {
+    let max = std::fs::read_to_string(dir.join("memory.limit_in_bytes")).ok()?;
+    max.trim().parse().ok().filter(|&v| v < V1_UNLIMITED)
 }
 
 fn read_cgroup(dir: &Path) -> Option<Reading> {
@@ -206,12 +398,31 @@ fn read_cgroup(dir: &Path) -> Option<Reading> {
             .and_then(|v| v.trim().parse().ok())
     })?;
     let mem = std::fs::read_to_string(dir.join("memory.current")).ok()?;
-    let max = std::fs::read_to_string(dir.join("memory.max")).unwrap_or_default();
     Some(Reading {
         cpu_usec,
         mem_bytes: mem.trim().parse().ok()?,
-        // "max": no limit.
-        mem_limit: max.trim().parse().ok(),
+        mem_limit: v2_limit(dir),
+    })
+}
+
+/// v1: memory from `memory`'s cgroup, CPU from `cpuacct`'s (ns), or from
+/// the kernel's process tree where the job has no `cpuacct` cgroup.
+fn read_cgroup_v1(memory: &Path, cpuacct: Option<&Path>, pid: u32) -> Option<Reading> {
+    let mem = std::fs::read_to_string(memory.join("memory.usage_in_bytes")).ok()?;
+    let cpu_usec = match cpuacct {
+        Some(d) => {
+            let ns: u64 = (std::fs::read_to_string(d.join("cpuacct.usage")).ok()?)
+                .trim()
+                .parse()
+                .ok()?;
+            ns / 1000
+        }
+        None => read_tree(pid)?.cpu_usec,
+    };
+    Some(Reading {
+        cpu_usec,
+        mem_bytes: mem.trim().parse().ok()?,
+        mem_limit: v1_limit(memory),
     })
 }
 
@@ -339,13 +550,194 @@ mod tests {
         );
         std::fs::write(d.join("memory.max"), "8589934592\n").unwrap();
         assert_eq!(read_cgroup(&d).unwrap().mem_limit, Some(8589934592));
+        // v1: the limit the kernel writes for none, then one; cpuacct in ns
+        std::fs::write(d.join("memory.usage_in_bytes"), "2097152\n").unwrap();
+        std::fs::write(d.join("memory.limit_in_bytes"), "9223372036854771712\n").unwrap();
+        std::fs::write(d.join("cpuacct.usage"), "3000000000\n").unwrap();
+        let r = read_cgroup_v1(&d, Some(&d), std::process::id()).unwrap();
+        assert_eq!(
+            (r.cpu_usec, r.mem_bytes, r.mem_limit),
+            (3_000_000, 2_097_152, None)
+        );
+        std::fs::write(d.join("memory.limit_in_bytes"), "314572800\n").unwrap();
+        let t = Instant::now();
+        while t.elapsed().as_millis() < 100 {
+            std::hint::black_box(());
+        }
+        let r = read_cgroup_v1(&d, None, std::process::id()).unwrap();
+        assert_eq!(r.mem_limit, Some(314572800));
+        assert!(r.cpu_usec > 0, "CPU from the process tree without cpuacct");
         std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn reads_proc_cgroup_lines() {
+        // a hierarchy that is not a mounted cgroup file system is none
+        assert!(Hierarchy::of("4:nosuch:/a/b\n", Some("nosuch")).is_none());
+        assert!(Hierarchy::of("4:memory:/\n0::/\n", Some("memory")).is_none());
+        assert!(Hierarchy::of("4:memory:/a/../b\n", Some("memory")).is_none());
+        assert!(Hierarchy::of("0::/\n", None).is_none());
+    }
+
+    /// A scratch cgroup tree made as root in the machine's memory hierarchy
+    /// (v1 `memory`, and `cpuacct` beside it, else v2): job (limited) /
+    /// step / task.
+    struct Scratch {
+        base: PathBuf,
+        cpuacct: Option<PathBuf>,
+        v1: bool,
+    }
+
+    impl Scratch {
+        fn new() -> Option<Scratch> {
+            let name = format!("noyau-usage-test-{}", std::process::id());
+            let fs = |p: &str, m| statfs::statfs(p).is_ok_and(|s| s.filesystem_type() == m);
+            let (root, v1) = if fs("/sys/fs/cgroup/memory", statfs::CGROUP_SUPER_MAGIC) {
+                ("/sys/fs/cgroup/memory", true)
+            } else if fs("/sys/fs/cgroup", statfs::CGROUP2_SUPER_MAGIC) {
+                ("/sys/fs/cgroup", false)
+            } else {
+                return None;
+            };
+            let base = Path::new(root).join(name);
+            std::fs::create_dir_all(base.join("job/step/task")).ok()?;
+            if !v1 {
+                for d in ["", "job", "job/step"] {
+                    std::fs::write(base.join(d).join("cgroup.subtree_control"), "+memory +cpu")
+                        .ok()?;
+                }
+            }
+            let limit = if v1 {
+                "memory.limit_in_bytes"
+            } else {
+                "memory.max"
+            };
+            std::fs::write(base.join("job").join(limit), "314572800").ok()?;
+            let cpuacct = Path::new("/sys/fs/cgroup/cpuacct").join(base.file_name()?);
+            let cpuacct = (v1 && std::fs::create_dir_all(cpuacct.join("job/step/task")).is_ok())
+                .then_some(cpuacct);
+            Some(Scratch { base, cpuacct, v1 })
+        }
+
+        /// A process in its own session (`setsid sleep`) moved into `dir`.
+        fn spawn_in(&self, dir: &str) -> std::process::Child {
+            use std::os::unix::process::CommandExt;
+            let mut cmd = std::process::Command::new("sleep");
+            cmd.arg("60");
+            // SAFETY: setsid is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(Into::into));
+            }
+            let child = cmd.spawn().unwrap();
+            for base in [Some(&self.base), self.cpuacct.as_ref()]
+                .into_iter()
+                .flatten()
+            {
+                std::fs::write(base.join(dir).join("cgroup.procs"), child.id().to_string())
+                    .unwrap();
+            }
+            child
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            for base in [Some(&self.base), self.cpuacct.as_ref()]
+                .into_iter()
+                .flatten()
+            {
+                for d in ["job/step/task", "job/step", "job", ""] {
+                    let _ = std::fs::remove_dir(base.join(d));
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn picks_the_highest_cgroup_of_the_kernels_session_alone() {
+        let Some(scratch) = Scratch::new() else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "no memory cgroup to write here (run as root): the job cgroup's choice is untested"
+            );
+            eprintln!("skipped: no memory cgroup writable here (run as root)");
+            return;
+        };
+        let mut kernel = scratch.spawn_in("job/step/task");
+        let mut sampler = Sampler::new(kernel.id());
+        let job = scratch.base.join("job");
+        let task = scratch.base.join("job/step/task");
+        let (memory, name) = match &sampler.source {
+            Source::CgroupV1 { memory, cpuacct } => {
+                // cpuacct at memory's level: the job's
+                let cpuacct_job = scratch.cpuacct.as_ref().map(|d| d.join("job"));
+                assert_eq!(cpuacct, &cpuacct_job);
+                (memory.clone(), "cgroup-v1")
+            }
+            Source::Cgroup(d) => (d.clone(), "cgroup"),
+            Source::ProcessTree => panic!("the scratch job's cgroup was not picked"),
+        };
+        assert_eq!((memory, scratch.v1), (job.clone(), name == "cgroup-v1"));
+        let first = sampler.sample().await.unwrap();
+        assert_eq!(first.source, name);
+        assert_eq!(first.mem_limit_bytes, Some(314572800));
+        // another session's process in the job's step (a hostile user's,
+        // had they the right): the job's cgroup is no longer read
+        let mut stranger = scratch.spawn_in("job/step");
+        let second = sampler.sample().await.unwrap();
+        let memory = match &sampler.source {
+            Source::CgroupV1 { memory, .. } | Source::Cgroup(memory) => memory.clone(),
+            Source::ProcessTree => panic!("the task's cgroup is still the kernel's alone"),
+        };
+        assert_eq!(memory, task);
+        assert_eq!(second.mem_limit_bytes, None, "{second:?}");
+        for c in [&mut kernel, &mut stranger] {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// The CPU time of one sample from each source (the cgroup read with
+    /// its check, the process tree); run with `cargo test -p noyau-agent
+    /// --release -- --ignored --nocapture sampling_cost` (docs/comm.md
+    /// records the figures).
+    #[test]
+    #[ignore = "a measurement, not a test"]
+    fn sampling_cost() {
+        // this thread's CPU time (ns), where the reads run
+        let cpu = || -> f64 {
+            let t = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap();
+            t.split_whitespace().next().unwrap().parse().unwrap()
+        };
+        let time = |source: Source, pid: u32, sid: Option<Pid>| {
+            let before = cpu();
+            for _ in 0..1000 {
+                assert!(read(pid, sid, source.clone()).1.is_some());
+            }
+            (cpu() - before) / 1000.0 / 1000.0
+        };
+        let scratch = Scratch::new().expect("a writable memory cgroup (run as root)");
+        let mut kernel = scratch.spawn_in("job/step/task");
+        let pid = kernel.id();
+        let sid = getsid(Some(Pid::from_raw(pid as i32))).ok();
+        let source = job_cgroup(pid, sid.unwrap());
+        let procs = proc_stats().len();
+        let cg = time(source.clone(), pid, sid);
+        let tree = time(Source::ProcessTree, pid, sid);
+        println!(
+            "one sample's CPU time: {} {cg:.0} µs, process tree {tree:.0} µs ({procs} processes on the machine)",
+            source.name()
+        );
+        kernel.kill().unwrap();
+        kernel.wait().unwrap();
     }
 
     #[tokio::test]
     async fn samples_this_process_tree() {
         let mut s = Sampler {
-            source: Source::ProcessTree(std::process::id()),
+            pid: std::process::id(),
+            sid: None,
+            source: Source::ProcessTree,
             last_cpu: None,
             nvidia_smi: None,
             visible: Visible::All,
