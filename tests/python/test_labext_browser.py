@@ -212,8 +212,9 @@ class StandInCommKernel:
             self._write(self._running(left_s=45))
         elif what == "refuse-extend":
             self._write({**self._running(left_s=2 * 3600),
-                         "extend_refusal": "Slurm lets only its administrators extend a job's time limit "
-                                           "(scontrol update JobId=4242 TimeLimit=…): ask yours"})
+                         "extend_refusal": "Slurm refused to raise the time limit of job 4242 (scontrol update "
+                                           "JobId=4242 TimeLimit=+60: Access/permission denied for job 4242): "
+                                           "only its operators may"})
         elif what == "released-idle":
             # as the proxy says it (docs/comm.md): the old job ended, cancelled by the release
             at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 120))
@@ -480,7 +481,7 @@ def test_status_bar_and_panel_on_the_standin_kernel(tmp_path: Path) -> None:
     assert rel["extendButtons"] == 0, rel
 
     # A refusal (ok: false) is shown with the kernel's message.
-    assert not s["refused"]["reply"]["ok"] and "only its administrators" in s["refused"]["reply"]["text"]
+    assert not s["refused"]["reply"]["ok"] and "only its operators" in s["refused"]["reply"]["text"]
 
     # After a restart the comm was reopened (need("check-reopened") checked it).
     assert "Running on node12" in s["restarted"]["text"]
