@@ -344,6 +344,7 @@ fn gpu_count(gres: &str) -> u64 {
 /// Every parser of this file on `text` (see `crate::fuzzing`).
 #[cfg(feature = "fuzzing")]
 pub(crate) fn fuzz(text: &str) {
+    extend::fuzz(text);
     for line in parse_squeue(text) {
         let _ = state_of(&line, SystemTime::now());
     }

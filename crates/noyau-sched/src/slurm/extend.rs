@@ -11,6 +11,11 @@
 //! an update against. `sacctmgr` would ask slurmdbd instead: one more
 //! daemon that must answer, and a copy the controller may not have
 //! loaded yet.
+//!
+//! (Slurm also lets a user raise the limit of their job while it waits,
+//! up to the partition's MaxTime: not offered, a kernel's job is
+//! extended when its walltime nears; `noyau extend` on a waiting job
+//! gets it.)
 
 use crate::batch::Commands;
 use crate::run::{user_name, AsUser};
@@ -134,6 +139,13 @@ fn refusal(id: &str, shown: &str, said: &str) -> String {
     } else {
         format!("{shown} refused: {said}")
     }
+}
+
+/// Every parser of this file on `text` (see `crate::fuzzing`).
+#[cfg(feature = "fuzzing")]
+pub(super) fn fuzz(text: &str) {
+    let _ = parse_config(text);
+    let _ = admin_level(text, 0);
 }
 
 #[cfg(test)]
