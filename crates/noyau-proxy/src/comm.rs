@@ -366,8 +366,9 @@ impl Proxy {
         }
     }
 
-    /// Asks the kernel's scheduler, away from the loop, whether this user
-    /// may extend the job ([`Comms::can_extend`]).
+    /// Whether this user may extend the job ([`Comms::can_extend`]): known
+    /// at once where the scheduler needs not ask (OAR) or already did,
+    /// else asked away from the loop.
     fn ask_extend(&mut self) {
         if self.cfg.backend == "local" || self.comms.extend_rx.is_some() {
             return;
@@ -375,9 +376,16 @@ impl Proxy {
         let Ok(sched) = noyau_sched::Scheduler::named(&self.cfg.backend) else {
             return;
         };
+        let mut ask = Box::pin(async move { sched.users_extend().await });
+        let mut now = std::task::Context::from_waker(std::task::Waker::noop());
+        if let std::task::Poll::Ready(can) = std::future::Future::poll(ask.as_mut(), &mut now) {
+            tracing::info!(offered = can, "walltime extension asked of the scheduler");
+            self.comms.can_extend = can;
+            return;
+        }
         let (tx, rx) = oneshot::channel();
         tokio::spawn(async move {
-            let _ = tx.send(sched.users_extend().await);
+            let _ = tx.send(ask.await);
         });
         self.comms.extend_rx = Some(rx);
     }
