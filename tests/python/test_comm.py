@@ -388,6 +388,12 @@ def ends_at(state: dict) -> float:
     return datetime.fromisoformat(state["job"]["ends_at"].replace("Z", "+00:00")).timestamp()
 
 
+def ends_later(c: Comm, than: dict, minutes: int, timeout: float) -> dict:
+    """The first state whose ends_at is `minutes` later than `than`'s (a minute's slack)."""
+    return c.state(lambda s: ends_at(s) >= ends_at(than) + (minutes - 1) * 60, timeout,
+                   f"a state whose ends_at is {minutes} minutes later")
+
+
 @pytest.mark.parametrize("batch", ["oar"], indirect=True)
 def test_oar_comm_extends_the_walltime(batch: lib.Cluster) -> None:
     """OAR lets users extend (oarwalltime): offered, done, and the next
@@ -401,8 +407,7 @@ def test_oar_comm_extends_the_walltime(batch: lib.Cluster) -> None:
                           "the job to run with a walltime")
         reply, _ = c.request({"id": "e1", "action": "extend", "duration": "0:05:00"}, timeout=120)
         assert reply["ok"], reply
-        later = c.state(lambda s: ends_at(s) >= ends_at(running) + 4 * 60, 120,
-                        "a state whose ends_at is 5 minutes later")
+        later = ends_later(c, running, 5, 120)
         print(f"ends_at {running['job']['ends_at']} -> {later['job']['ends_at']}: {reply['message']}")
     finally:
         k.shutdown()
@@ -438,8 +443,7 @@ def test_slurm_comm_and_noyau_extend_raise_the_time_limit_of_an_operator(slurm: 
         reply, _ = c.request({"id": "e1", "action": "extend", "duration": "5:00"}, timeout=60)
         assert reply["ok"] and f"scontrol update JobId={job} TimeLimit=+5" in reply["message"], reply
         assert slurm_limit(job) == "15:00"
-        later = c.state(lambda s: ends_at(s) >= ends_at(running) + 4 * 60, 60,
-                        "a state whose ends_at is 5 minutes later")
+        later = ends_later(c, running, 5, 60)
         # the agent's walltime watcher, in the job, sees it at its next poll (30 s)
         t0 = time.monotonic()
         lib.wait_until(lambda: agent_sees_left_above(c, 12 * 60), 60,
@@ -451,8 +455,7 @@ def test_slurm_comm_and_noyau_extend_raise_the_time_limit_of_an_operator(slurm: 
         assert r.returncode == 0 and "raised the time limit" in r.stdout, (r.stdout, r.stderr)
         assert slurm_limit(job) == "25:00"
         c.request({"id": "r1", "action": "refresh"})
-        latest = c.state(lambda s: ends_at(s) >= ends_at(later) + 9 * 60, 60,
-                         "a state whose ends_at is 10 minutes later again")
+        latest = ends_later(c, later, 10, 60)
         print(f"ends_at {running['job']['ends_at']} -> {later['job']['ends_at']} -> {latest['job']['ends_at']}")
     finally:
         k.shutdown()
