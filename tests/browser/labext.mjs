@@ -12,7 +12,8 @@
 // (the comm kernel's, to change the plain notebook's kernel to), SHOTS_DIR,
 // PROFILE_DIR (a fresh directory), CHROMIUM (default /usr/bin/chromium),
 // KERNEL: `real` (a noyau kernel on the test Slurm: a target and a Dask
-// cluster are started from cells, Slurm offers no extend), `oar` (a noyau
+// cluster are started from cells; root, a Slurm operator, is offered the
+// extend button), `oar` (a noyau
 // kernel on the test OAR: only the extend, which OAR grants) or `standin`
 // (the stand-in kernel's scenes).
 import { env, launch, step } from "./common.mjs";
@@ -167,7 +168,8 @@ try {
   step("memory", { before: memBefore, after: memAfter });
   await shot(page, "05-memory");
 
-  // 5. extend the walltime by 30 minutes (Slurm refuses it: step 9)
+  // 5. extend the walltime by 30 minutes (the stand-in; the real kernel's
+  // button: step 9)
   if (!real) {
     const leftBefore = await fact(page, "Time left").innerText();
     const extended = await act(page, panel(page).locator(".noyau-extend"), { input: "30", accept: "06-extend-dialog" });
@@ -231,7 +233,8 @@ try {
   await shot(page, "13-red");
 
   // 9. a request the kernel cannot honour: its message is shown (a real
-  // kernel on Slurm offers no extend button at all: `can.extend` is false)
+  // kernel on Slurm run by root, one of its operators, offers the button:
+  // counted here; its extension and an ordinary user's refusal: test_comm.py)
   if (real) {
     step("refused", { extendButtons: await panel(page).locator(".noyau-extend").count() });
   } else {

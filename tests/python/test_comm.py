@@ -3,14 +3,22 @@ jupyter_client against a real ipykernel behind the proxy: on the local
 backend (usage from the kernel's process tree; GPUs from a STAND-IN
 `nvidia-smi`, there being no GPU here), on the test Slurm while the
 kernel's job is pending (the node held by another job), then running; on
-OAR, whose users may extend their walltime; and with a real Dask cluster
-on the test Slurm, whose worker job the comm cancels.
+OAR, whose users may extend their walltime; on the test Slurm, whose
+operators may (root there) and other users may not; and with a real Dask
+cluster on the test Slurm, whose worker job the comm cancels.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import pwd
 import queue
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
 from datetime import datetime
@@ -356,8 +364,6 @@ def test_slurm_comm_while_queued_then_running(slurm: None) -> None:
         if job["reason"] not in ("Resources", "Priority"):
             job = c.state(lambda s: s["job"]["reason"] in ("Resources", "Priority"), 60,
                           "Slurm's reason for the wait")["job"]
-        refused(c, {"id": "q1", "action": "extend", "duration": "1:00:00"}, "administrators")
-        assert state["can"]["extend"] is False, state
         cluster.cancel(blocker)
         running = c.state(lambda s: s["job"]["state"] == "running", 120, "the job to run")["job"]
         assert running["node"] and running["ends_at"] and running["started_at"], running
@@ -382,6 +388,12 @@ def ends_at(state: dict) -> float:
     return datetime.fromisoformat(state["job"]["ends_at"].replace("Z", "+00:00")).timestamp()
 
 
+def ends_later(c: Comm, than: dict, minutes: int, timeout: float) -> dict:
+    """The first state whose ends_at is `minutes` later than `than`'s (a minute's slack)."""
+    return c.state(lambda s: ends_at(s) >= ends_at(than) + (minutes - 1) * 60, timeout,
+                   f"a state whose ends_at is {minutes} minutes later")
+
+
 @pytest.mark.parametrize("batch", ["oar"], indirect=True)
 def test_oar_comm_extends_the_walltime(batch: lib.Cluster) -> None:
     """OAR lets users extend (oarwalltime): offered, done, and the next
@@ -395,12 +407,130 @@ def test_oar_comm_extends_the_walltime(batch: lib.Cluster) -> None:
                           "the job to run with a walltime")
         reply, _ = c.request({"id": "e1", "action": "extend", "duration": "0:05:00"}, timeout=120)
         assert reply["ok"], reply
-        later = c.state(lambda s: ends_at(s) >= ends_at(running) + 4 * 60, 120,
-                        "a state whose ends_at is 5 minutes later")
+        later = ends_later(c, running, 5, 120)
         print(f"ends_at {running['job']['ends_at']} -> {later['job']['ends_at']}: {reply['message']}")
     finally:
         k.shutdown()
     lib.wait_until(lambda: not batch.jobs(), 60, "the kernel's job to end", interval=0.5)
+
+
+def slurm_limit(job: str) -> str:
+    """The job's time limit as squeue shows it (`10:00`)."""
+    return subprocess.run(["squeue", "-h", "-o", "%l", "-j", job], capture_output=True, text=True,
+                          timeout=30, check=True).stdout.strip()
+
+
+def agent_sees_left_above(c: Comm, secs: int) -> bool:
+    """The job's log (the comm's `log` action) has the agent's "walltime:
+    seconds left" with more than `secs` left."""
+    reply, msgs = c.request({"id": f"l{uuid.uuid4().hex[:6]}", "action": "log", "job": None, "lines": 400})
+    text = "".join(m["text"] for m in msgs if m["type"] == "log")
+    return any(int(n) > secs for n in re.findall(r"walltime: seconds left.*?left=(\d+)", text))
+
+
+def test_slurm_comm_and_noyau_extend_raise_the_time_limit_of_an_operator(slurm: None) -> None:
+    """Root is one of Slurm's operators (so is the SlurmUser, root on the
+    test cluster): offered; the comm's extend and `noyau extend` raise the
+    job's TimeLimit (squeue) and the comm's ends_at."""
+    k = Kernel(lib.SLURM_KERNEL_NAME, ready_timeout=60)
+    try:
+        c = Comm(k)
+        opened(c)
+        running = c.state(lambda s: s["can"]["extend"] is True and s["job"]["state"] == "running"
+                          and s["job"]["ends_at"], 120, "a running job with a walltime, extend offered")
+        job = running["job"]["id"]
+        assert slurm_limit(job) == "10:00"
+        reply, _ = c.request({"id": "e1", "action": "extend", "duration": "5:00"}, timeout=60)
+        assert reply["ok"] and f"scontrol update JobId={job} TimeLimit=+5" in reply["message"], reply
+        assert slurm_limit(job) == "15:00"
+        later = ends_later(c, running, 5, 60)
+        # the agent's walltime watcher, in the job, sees it at its next poll (30 s)
+        t0 = time.monotonic()
+        lib.wait_until(lambda: agent_sees_left_above(c, 12 * 60), 60,
+                       "the agent to log the longer walltime", interval=2)
+        print(f"the agent saw the new limit after {time.monotonic() - t0:.0f} s")
+        # `noyau extend` finds the scheduler in the session's config (scheduler = "slurm")
+        r = subprocess.run([lib.noyau_bin(), "extend", job, "10:00"], capture_output=True, text=True,
+                           timeout=60)  # type: ignore[list-item]
+        assert r.returncode == 0 and "raised the time limit" in r.stdout, (r.stdout, r.stderr)
+        assert slurm_limit(job) == "25:00"
+        c.request({"id": "r1", "action": "refresh"})
+        latest = ends_later(c, later, 10, 60)
+        print(f"ends_at {running['job']['ends_at']} -> {later['job']['ends_at']} -> {latest['job']['ends_at']}")
+    finally:
+        k.shutdown()
+    lib.wait_until(lambda: not lib.squeue_noyau(), 60, "the kernel's job to end", interval=0.5)
+
+
+def test_slurm_extend_is_neither_offered_nor_done_for_an_ordinary_user(slurm: None, tmp_path: Path) -> None:
+    """A user who is not one of Slurm's operators (no slurmdbd here: no
+    AdminLevel) runs a kernel (its job waits behind the node's blocker):
+    `can.extend` is false once the proxy has the controller's answer; on
+    their running job, `noyau extend` gets Slurm's refusal and what to do,
+    and the limit is unchanged."""
+    if os.geteuid() != 0:
+        lib.missing("making a test user needs root")
+    from hub_testlib import UnixUser
+
+    u = UnixUser("noyau-sx")
+    home = Path(pwd.getpwnam(u.name).pw_dir)
+    spec_dir = Path(os.environ["JUPYTER_PATH"]) / "kernels" / f"noyau-slurm-{u.name}"
+    blocker, k = None, None
+
+    def as_user(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["runuser", "-u", u.name, "--", "env", "-i", f"HOME={home}", f"USER={u.name}",
+                               f"SLURM_CONF={os.environ['SLURM_CONF']}", "PATH=/usr/bin:/bin", *argv],
+                              capture_output=True, text=True, timeout=60, cwd=home)
+    try:
+        noyau = home / "noyau"
+        shutil.copy2(lib.noyau_bin(), noyau)  # type: ignore[arg-type]
+        config = home / ".config" / "noyau" / "config.toml"
+        config.parent.mkdir(parents=True)
+        config.write_text(lib.SLURM_TEST_CONFIG)
+        for p in (noyau, home / ".config", config.parent, config):
+            shutil.chown(p, u.name, u.name)
+        spec_dir.mkdir(parents=True)
+        launcher = Path(__file__).with_name("oar_user_kernel.py")
+        (spec_dir / "kernel.json").write_text(json.dumps({
+            "argv": [sys.executable, str(launcher), "{connection_file}", u.name, "slurm", "test"],
+            "display_name": "noyau slurm as a test user", "language": "python",
+            "interrupt_mode": "message"}))
+        blocker = lib.fill_the_node()
+        log = tmp_path / "proxy.log"
+        with log.open("w") as err:
+            k = Kernel(spec_dir.name, ready_timeout=60, stderr=err)
+        c = Comm(k)
+        state = opened(c)
+        assert state["backend"] == "slurm" and state["job"]["state"] == "pending", state
+        lib.wait_until(lambda: "walltime extension asked of the scheduler" in log.read_text(), 30,
+                       "the proxy to have the controller's answer")
+        assert "offered=false" in log.read_text()
+        reply, msgs = c.request({"id": "r1", "action": "refresh"})
+        states = [m for m in msgs if m["type"] == "state"]
+        assert reply["ok"] and states and states[-1]["can"]["extend"] is False, msgs
+        k.shutdown()
+        k = None
+        subprocess.run(["scancel", blocker], check=True)
+        # a running job of theirs: only an operator may raise its limit
+        r = as_user("sbatch", "--parsable", "-p", "debug", "-J", "noyau-run-extend", "-t", "10", "-c", "1",
+                    "--mem", "100M", "-o", "/dev/null", "--wrap", "sleep 300")
+        assert r.returncode == 0, r.stderr
+        job = r.stdout.strip()
+        lib.wait_until(lambda: as_user("squeue", "-h", "-o", "%T", "-j", job).stdout.strip() == "RUNNING",
+                       60, "the user's job to run")
+        r = as_user(str(noyau), "extend", job, "10:00")
+        print(r.stderr)
+        assert r.returncode != 0 and "panicked" not in r.stderr, (r.stdout, r.stderr)
+        assert "Slurm refused to raise the time limit" in r.stderr, r.stderr
+        assert "ask the site to make you one" in r.stderr and "longer `time`" in r.stderr, r.stderr
+        assert slurm_limit(job) == "10:00"
+    finally:
+        if k:
+            k.shutdown()
+        if blocker:
+            subprocess.run(["scancel", blocker], check=False)
+        shutil.rmtree(spec_dir, ignore_errors=True)
+        u.remove()
 
 
 def test_dask_jobs_shown_and_a_worker_job_cancelled(km) -> None:  # type: ignore[no-untyped-def]

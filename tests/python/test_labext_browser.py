@@ -14,7 +14,8 @@ Two kernels run the scenario:
   job is cancelled from the panel and leaves `squeue` (the cluster submits
   its replacement); the status bar turns amber, then red, as the job runs
   down to the test's warning thresholds;
-  Slurm offers no extend button; the comm is reopened after a restart (the
+  Slurm offers the extend button to root, one of its operators (the
+  extension itself: test_comm.py); the comm is reopened after a restart (the
   proxy's log says so);
 - a STAND-IN kernel (`StandInCommKernel`: an ipykernel that loads
   tests/python/noyau_comm_standin.py, answering the comm from scenes this
@@ -212,8 +213,9 @@ class StandInCommKernel:
             self._write(self._running(left_s=45))
         elif what == "refuse-extend":
             self._write({**self._running(left_s=2 * 3600),
-                         "extend_refusal": "Slurm lets only its administrators extend a job's time limit "
-                                           "(scontrol update JobId=4242 TimeLimit=…): ask yours"})
+                         "extend_refusal": "Slurm refused to raise the time limit of job 4242 (scontrol update "
+                                           "JobId=4242 TimeLimit=+60: Access/permission denied for job 4242): "
+                                           "only its operators may"})
         elif what == "released-idle":
             # as the proxy says it (docs/comm.md): the old job ended, cancelled by the release
             at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 120))
@@ -386,8 +388,9 @@ def test_status_bar_and_panel_follow_a_real_kernels_slurm_job(slurm: None, tmp_p
     assert seconds(s["critical"]["text"]) <= 480, s["critical"]
     assert s["warn"]["background"] != s["critical"]["background"], (s["warn"], s["critical"])
     assert "kernel started" in s["log"]["text"], s["log"]["text"][-300:]
-    # Slurm lets no user extend: no button (the refusal itself: test_comm.py)
-    assert s["refused"]["extendButtons"] == 0, s["refused"]
+    # root is one of Slurm's operators: the button is there (what it does,
+    # and an ordinary user's refusal: test_comm.py)
+    assert s["refused"]["extendButtons"] == 1, s["refused"]
     assert "Running on" in s["restarted"]["text"]
     assert not s["plain"]["statusVisible"], s["plain"]
     assert "plain.ipynb" in s["changed"]["panel"] and "Running on" in s["changed"]["text"], s["changed"]
@@ -480,7 +483,7 @@ def test_status_bar_and_panel_on_the_standin_kernel(tmp_path: Path) -> None:
     assert rel["extendButtons"] == 0, rel
 
     # A refusal (ok: false) is shown with the kernel's message.
-    assert not s["refused"]["reply"]["ok"] and "only its administrators" in s["refused"]["reply"]["text"]
+    assert not s["refused"]["reply"]["ok"] and "only its operators" in s["refused"]["reply"]["text"]
 
     # After a restart the comm was reopened (need("check-reopened") checked it).
     assert "Running on node12" in s["restarted"]["text"]

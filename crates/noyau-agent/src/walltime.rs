@@ -3,7 +3,9 @@
 //! A batch job ends at its time limit whatever the kernel is doing. The
 //! agent learns when its job ends from its scheduler, through noyau-sched's
 //! watcher (every [`POLL`], since the limit may change: `noyau extend`, an
-//! administrator), and tells the proxy or runner at each warning threshold
+//! administrator; a change is seen at the next poll, within 30 s, also
+//! after the last warning, and arms again the warnings it pushed back),
+//! and tells the proxy or runner at each warning threshold
 //! (default 10 min and 1 min before the end; `NOYAU_WALLTIME_WARN=600,60`
 //! in seconds) with [`Event::WalltimeWarning`]. The scheduler sends its
 //! walltime signal shortly before the end (`Scheduler::walltime_signal`:
@@ -28,6 +30,10 @@ use crate::outbox::Outbox;
 /// How often the agent asks when its job ends.
 const POLL: Duration = Duration::from_secs(30);
 
+/// Seconds an end must move later for a warning already given to be given
+/// again (as the walltime signal's handler counts an extension).
+const REARM_AFTER: u64 = 60;
+
 /// The batch job this agent runs in, if any, and its scheduler (whose
 /// watcher, in this process, follows only this job).
 pub fn batch_job() -> Option<(Scheduler, String)> {
@@ -51,8 +57,7 @@ impl End {
 }
 
 /// Follows the job's walltime and sends a warning at each threshold still
-/// ahead. Returns when the job has no limit, has ended, or no threshold is
-/// left.
+/// ahead. Returns when the job has no limit or has ended.
 pub async fn watch(sched: Scheduler, job: String, outbox: Arc<Outbox>, end: End) {
     let mut state = sched.adopt(&job).state;
     sched.refresh().await;
@@ -82,13 +87,22 @@ pub async fn watch(sched: Scheduler, job: String, outbox: Arc<Outbox>, end: End)
         if warned.is_empty() {
             tracing::info!(job, left, "walltime: seconds left");
         }
+        // An extension moved the end well past a threshold already
+        // announced (not the scheduler's second of rounding): it is
+        // announced again when reached.
+        warned.retain(|t| t + REARM_AFTER >= left);
         // The next threshold below what is left (one already passed at the
         // start is not announced: a 1-minute job needs no "10 minutes left").
         let Some(&next) = thresholds
             .iter()
             .find(|t| **t < left && !warned.contains(t))
         else {
-            return;
+            // None left, unless the end moves (the signal's handler reads
+            // the end too).
+            if state.changed().await.is_err() {
+                return;
+            }
+            continue;
         };
         tokio::select! {
             () = tokio::time::sleep(Duration::from_secs(left - next)) => {}

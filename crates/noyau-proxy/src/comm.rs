@@ -20,7 +20,7 @@ use noyau_link::Lane;
 use noyau_sched::JobState;
 use noyau_wire::RawMessage;
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::relay::Proxy;
@@ -39,6 +39,8 @@ const EXPIRE_AFTER: Duration = Duration::from_secs(150);
 const MAX_OPEN: usize = 8;
 
 pub(crate) enum CommEvent {
+    /// The job's state changed, or what the kernel may do for it
+    /// ([`Comms::can_extend`]): a new state for every comm.
     JobChanged,
     Done(Done),
     /// A comm's frontend went silent for too long.
@@ -81,6 +83,11 @@ pub(crate) struct Comms {
     job: Option<watch::Receiver<JobState>>,
     /// When the job was first seen running (the scheduler does not say).
     pub running_since: Option<String>,
+    /// Whether the scheduler lets this user extend the job (`can.extend`):
+    /// false until it answered, asked away from the relay loop when the
+    /// first comm opens (the answer is kept by noyau-sched).
+    pub can_extend: bool,
+    extend_rx: Option<oneshot::Receiver<bool>>,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
 }
@@ -95,6 +102,8 @@ impl Comms {
             info: HashMap::new(),
             job: None,
             running_since: None,
+            can_extend: false,
+            extend_rx: None,
             done_tx,
             done_rx,
         }
@@ -145,6 +154,14 @@ impl Comms {
                 Some(d) = self.done_rx.recv() => return CommEvent::Done(d),
                 () = tokio::time::sleep_until(expires.unwrap_or_else(Instant::now)), if expires.is_some() => {
                     return CommEvent::Expired(silent.map(|s| s.0).unwrap_or_default());
+                }
+                can = async { match self.extend_rx.as_mut() { Some(rx) => rx.await.unwrap_or(false), None => std::future::pending().await } }, if self.extend_rx.is_some() => {
+                    self.extend_rx = None;
+                    tracing::info!(offered = can, "walltime extension asked of the scheduler");
+                    if can != self.can_extend {
+                        self.can_extend = can;
+                        return CommEvent::JobChanged;
+                    }
                 }
                 changed = async { match self.job.as_mut() { Some(rx) => rx.changed().await.is_ok(), None => std::future::pending().await } }, if follow => {
                     if changed {
@@ -286,6 +303,7 @@ impl Proxy {
         if first {
             self.comms.job = self.agent.job_state();
             self.ask_usage();
+            self.ask_extend();
         }
         let state = self.comm_state().await;
         self.comm_send(&msg.header, &comm_id, state).await;
@@ -346,6 +364,30 @@ impl Proxy {
             // not take that idle for the kernel's.
             self.out.status(&cell, "busy").await;
         }
+    }
+
+    /// Whether this user may extend the job ([`Comms::can_extend`]): known
+    /// at once where the scheduler needs not ask (OAR) or already did,
+    /// else asked away from the loop.
+    fn ask_extend(&mut self) {
+        if self.cfg.backend == "local" || self.comms.extend_rx.is_some() {
+            return;
+        }
+        let Ok(sched) = noyau_sched::Scheduler::named(&self.cfg.backend) else {
+            return;
+        };
+        let mut ask = Box::pin(async move { sched.users_extend().await });
+        let mut now = std::task::Context::from_waker(std::task::Waker::noop());
+        if let std::task::Poll::Ready(can) = std::future::Future::poll(ask.as_mut(), &mut now) {
+            tracing::info!(offered = can, "walltime extension asked of the scheduler");
+            self.comms.can_extend = can;
+            return;
+        }
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let _ = tx.send(ask.await);
+        });
+        self.comms.extend_rx = Some(rx);
     }
 
     /// Tells the agent to sample usage while a comm is open, or to stop.

@@ -202,9 +202,11 @@ pub(crate) trait Batch: Send + Sync + 'static {
     fn records_lag(&self) -> Duration {
         Duration::ZERO
     }
-    /// Whether [`Batch::extend`] may succeed for a user's job (what a
-    /// frontend offers as a button).
-    fn users_extend(&self) -> bool {
+    /// Whether [`Batch::extend`] may succeed for this process's user's
+    /// jobs (what a frontend offers as a button): false when the
+    /// scheduler cannot say. Asked of the scheduler where it depends on
+    /// the user (Slurm), then kept for the process.
+    async fn users_extend(&self) -> bool {
         false
     }
     /// Asks for `secs` more seconds of walltime: the scheduler's answer, or

@@ -552,7 +552,7 @@ impl Batch for Oar {
     }
 
     /// `oarwalltime ID +H:MM:SS`: OAR's answer, or why it refused.
-    fn users_extend(&self) -> bool {
+    async fn users_extend(&self) -> bool {
         true
     }
 

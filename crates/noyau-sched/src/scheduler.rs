@@ -251,9 +251,14 @@ impl Scheduler {
             .collect())
     }
 
-    /// Whether users may ask for more walltime ([`Scheduler::extend`]).
-    pub fn users_extend(&self) -> bool {
-        self.imp().users_extend()
+    /// Whether this process's user may ask for more walltime
+    /// ([`Scheduler::extend`]): the scheduler is asked once per process
+    /// where the answer depends on the user (Slurm: its operators only);
+    /// false when it cannot say. A handle acting as another user
+    /// ([`Scheduler::as_user`]) is not offered it: the answer would be
+    /// this process's user's.
+    pub async fn users_extend(&self) -> bool {
+        self.as_user.is_none() && self.imp().users_extend().await
     }
 
     /// More walltime for a job, where the scheduler lets users ask.

@@ -20,7 +20,8 @@
 //! * **Walltime.** The script asks for `--signal=B:USR1@N` (the profile's
 //!   `walltime_signal`, else a tenth of `time`, 30 s to 10 min); the agent,
 //!   which `exec` makes the batch shell, turns it into a walltime event.
-//!   Only administrators may extend a job's time limit.
+//!   Only Slurm's operators may raise a job's time limit (`extend.rs`):
+//!   noyau offers it to those the controller says are.
 
 use noyau_vars::EnvVars;
 use std::collections::HashMap;
@@ -38,6 +39,8 @@ use crate::run::{AsUser, Cmd};
 use crate::script::job_script;
 use crate::state::{parse_duration, parse_local_time};
 use crate::{ArrayTasks, JobEnd, JobSpec, JobState, SchedError};
+
+mod extend;
 
 /// sbatch's variable for `--export`: a site may set it to NONE.
 const SBATCH_EXPORT: &str = "SBATCH_EXPORT";
@@ -63,10 +66,18 @@ const KEYS: &[Key] = &[
 
 pub(crate) struct Slurm {
     cmds: Commands,
+    /// Whether this process's user may raise a job's time limit, once the
+    /// controller answered: a user's rights do not change within a
+    /// kernel's life in practice (a site's sacctmgr change is seen by the
+    /// next process); a failed probe is not kept, and asked again.
+    raises: tokio::sync::OnceCell<bool>,
 }
 
 pub(crate) fn make(cmds: Commands) -> Arc<dyn Batch> {
-    Arc::new(Slurm { cmds })
+    Arc::new(Slurm {
+        cmds,
+        raises: tokio::sync::OnceCell::new(),
+    })
 }
 
 /// `--array`'s value: `0-5%2`, `1,4%3`.
@@ -333,6 +344,7 @@ fn gpu_count(gres: &str) -> u64 {
 /// Every parser of this file on `text` (see `crate::fuzzing`).
 #[cfg(feature = "fuzzing")]
 pub(crate) fn fuzz(text: &str) {
+    extend::fuzz(text);
     for line in parse_squeue(text) {
         let _ = state_of(&line, SystemTime::now());
     }
@@ -530,7 +542,7 @@ impl Batch for Slurm {
     }
 
     fn commands(&self) -> &'static [&'static str] {
-        &["sbatch", "squeue", "scancel", "sacct", "sinfo"]
+        &["sbatch", "squeue", "scancel", "sacct", "sinfo", "scontrol"]
     }
 
     fn config_vars(&self) -> &'static [&'static str] {
@@ -687,16 +699,21 @@ impl Batch for Slurm {
         ends
     }
 
-    async fn extend(
-        &self,
-        id: &str,
-        _secs: u64,
-        _u: Option<&AsUser>,
-    ) -> Result<String, SchedError> {
-        Err(SchedError::Unsupported(format!(
-            "Slurm lets only its administrators extend a job's time limit \
-             (scontrol update JobId={id} TimeLimit=…): ask yours, or resubmit with a longer `time`"
-        )))
+    /// Slurm's operators only (`extend.rs`); not offered when the
+    /// controller cannot be asked.
+    async fn users_extend(&self) -> bool {
+        let asked = self
+            .raises
+            .get_or_try_init(|| extend::may_raise(&self.cmds))
+            .await;
+        asked.copied().unwrap_or_else(|why| {
+            tracing::info!("cannot tell whether Slurm lets this user raise time limits: {why}");
+            false
+        })
+    }
+
+    async fn extend(&self, id: &str, secs: u64, u: Option<&AsUser>) -> Result<String, SchedError> {
+        extend::raise(&self.cmds, id, secs, u, self.config_vars()).await
     }
 
     async fn partitions(&self) -> Result<Vec<PartitionLoad>, SchedError> {

@@ -86,7 +86,7 @@ impl Proxy {
         });
         let targets: Vec<Value> = self.targets.map.values().map(target_fields).collect();
         let can = json!({
-            "extend": batch && noyau_sched::Scheduler::named(&self.cfg.backend).is_ok_and(|s| s.users_extend()),
+            "extend": batch && self.comms.can_extend,
             "release_target": true,
             "cancel_worker": self.magics.dask.is_up(),
             // its own job's on a batch scheduler; its targets' and Dask jobs' anywhere
