@@ -13,8 +13,8 @@ pub enum Problem {
     Symlink,
     #[error("is {found}, not {want}")]
     WrongKind { found: &'static str, want: Kind },
-    /// `want` says whose it should be, e.g. "to you (uid 1000)".
-    #[error("belongs to uid {owner}, not {want}")]
+    /// `want` says whose it should be, e.g. "you (uid 1000)".
+    #[error("belongs to uid {owner}, not to {want}")]
     NotOwned { owner: u32, want: String },
     #[error("is writable by its group or others (mode {mode:04o})")]
     OthersWrite { mode: u32 },
@@ -30,8 +30,8 @@ impl Problem {
             Problem::Symlink | Problem::WrongKind { .. } => {
                 format!("another user may have put it there: remove it (`rm {p}`)")
             }
-            Problem::NotOwned { .. } => {
-                "another user may have made it: remove it, or have its owner remove it".into()
+            Problem::NotOwned { want, .. } => {
+                format!("it is used only if owned by {want}: remove it, or have it chowned")
             }
             Problem::OthersWrite { .. } => format!("`chmod go-w {p}`, or remove it"),
             Problem::TooOpen { want, .. } => format!("`chmod {want:o} {p}`, or remove it"),

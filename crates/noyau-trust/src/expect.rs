@@ -50,10 +50,10 @@ impl Owner {
     fn want(self) -> String {
         let me = crate::me();
         match self {
-            Owner::Me | Owner::Any => format!("to you (uid {me})"),
+            Owner::Me | Owner::Any => format!("you (uid {me})"),
             Owner::Uid(u, name) => format!("{name} (uid {u})"),
-            Owner::MeOr(u, _) if u == me => format!("to you (uid {me})"),
-            Owner::MeOr(u, name) => format!("to you (uid {me}) or {name} (uid {u})"),
+            Owner::MeOr(u, _) if u == me => format!("you (uid {me})"),
+            Owner::MeOr(u, name) => format!("you (uid {me}) or {name} (uid {u})"),
         }
     }
 }

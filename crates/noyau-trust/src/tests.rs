@@ -67,7 +67,10 @@ fn another_users_dir_is_refused_naming_its_owner() {
         )),
         "{text}"
     );
-    assert!(text.contains("remove it"), "{text}");
+    assert!(
+        text.contains("used only if owned by you (uid 0): remove it"),
+        "{text}"
+    );
     // Not even a mode to set: root could, but it is not ours to change.
     let e = Expect::dir()
         .mode(Mode::Set(0o700))
