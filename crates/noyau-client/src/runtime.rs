@@ -11,24 +11,14 @@
 //! successor finds its handover record there; only two processes making
 //! the first fallback at the same instant could pick different ones.
 
+use noyau_trust::{Expect, Mode, Owner, TrustError};
 use noyau_vars::EnvVars;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+/// A runtime directory that cannot be made, or is not private.
 #[derive(Debug, thiserror::Error)]
-pub enum RuntimeDirError {
-    #[error("cannot create runtime directory {path}: {source}")]
-    Create {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("runtime directory {path} has mode {mode:o}; it must be 0700 (only its owner may enter it). Fix it with `chmod 700 {path}` or remove it")]
-    TooOpen { path: PathBuf, mode: u32 },
-    #[error("runtime directory {path} belongs to uid {owner}, not to you (uid {me}); remove it or set NOYAU_RUNTIME_DIR")]
-    NotOwned { path: PathBuf, owner: u32, me: u32 },
-    #[error("runtime directory {path} is a symlink, not a directory; remove it or set NOYAU_RUNTIME_DIR")]
-    Symlink { path: PathBuf },
-}
+#[error("runtime directory: {0}; or set NOYAU_RUNTIME_DIR to a private directory of yours")]
+pub struct RuntimeDirError(#[from] pub TrustError);
 
 /// A directory only its owner can enter; removed when dropped.
 #[derive(Debug)]
@@ -57,13 +47,14 @@ fn tmp_base(tmp: &Path, uid: u32) -> Result<PathBuf, RuntimeDirError> {
     let usual = tmp.join(format!("noyau-{uid}"));
     let squatted = match ensure_private_dir(&usual) {
         Ok(()) => return Ok(usual),
-        Err(e) => e,
+        Err(e) => e.0,
     };
     let prefix = format!("noyau-{uid}-");
     let mut ours: Vec<PathBuf> = std::fs::read_dir(tmp)
-        .map_err(|source| RuntimeDirError::Create {
+        .map_err(|e| TrustError::Io {
+            action: "list",
             path: tmp.into(),
-            source,
+            source: e,
         })?
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
@@ -74,7 +65,8 @@ fn tmp_base(tmp: &Path, uid: u32) -> Result<PathBuf, RuntimeDirError> {
     let dir = match ours.into_iter().next() {
         Some(d) => d,
         None => nix::unistd::mkdtemp(&tmp.join(format!("{prefix}XXXXXX"))).map_err(|e| {
-            RuntimeDirError::Create {
+            TrustError::Io {
+                action: "create",
                 path: tmp.join(format!("{prefix}XXXXXX")),
                 source: e.into(),
             }
@@ -90,8 +82,11 @@ fn tmp_base(tmp: &Path, uid: u32) -> Result<PathBuf, RuntimeDirError> {
 
 /// A directory (not a symlink) owned by `uid` with mode 0700.
 fn is_private(path: &Path, uid: u32) -> bool {
-    std::fs::symlink_metadata(path)
-        .is_ok_and(|m| m.is_dir() && m.uid() == uid && m.permissions().mode() & 0o777 == 0o700)
+    Expect::dir()
+        .owner(Owner::Uid(uid, "this user"))
+        .mode(Mode::Exactly(0o700))
+        .check(path)
+        .is_ok()
 }
 
 /// Creates `path` with mode 0700 if missing, and checks that an existing one
@@ -99,42 +94,7 @@ fn is_private(path: &Path, uid: u32) -> bool {
 /// directory of ours): a socket in a directory others can enter is a
 /// socket others can connect to.
 pub fn ensure_private_dir(path: &Path) -> Result<(), RuntimeDirError> {
-    match std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(path)
-    {
-        Ok(()) => {}
-        Err(source) => {
-            return Err(RuntimeDirError::Create {
-                path: path.into(),
-                source,
-            })
-        }
-    }
-    let meta = std::fs::symlink_metadata(path).map_err(|source| RuntimeDirError::Create {
-        path: path.into(),
-        source,
-    })?;
-    if meta.file_type().is_symlink() {
-        return Err(RuntimeDirError::Symlink { path: path.into() });
-    }
-    let me = nix::unistd::getuid().as_raw();
-    if meta.uid() != me {
-        return Err(RuntimeDirError::NotOwned {
-            path: path.into(),
-            owner: meta.uid(),
-            me,
-        });
-    }
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(RuntimeDirError::TooOpen {
-            path: path.into(),
-            mode,
-        });
-    }
-    Ok(())
+    Ok(Expect::dir().make_dir(path)?)
 }
 
 impl RuntimeDir {
@@ -169,6 +129,7 @@ fn rand_u32() -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 
     #[test]
     fn creates_0700_and_refuses_open_dirs() {
@@ -181,8 +142,12 @@ mod tests {
         );
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
         let e = ensure_private_dir(&p).unwrap_err();
-        assert!(
-            matches!(e, RuntimeDirError::TooOpen { mode: 0o755, .. }),
+        assert_eq!(
+            e.0.problem(),
+            Some(&noyau_trust::Problem::TooOpen {
+                mode: 0o755,
+                want: 0o700
+            }),
             "{e}"
         );
         assert!(e.to_string().contains("chmod 700"));

@@ -9,6 +9,8 @@ pub enum DaskError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("the clusters' directory: {0}")]
+    Untrusted(#[from] noyau_trust::TrustError),
     #[error("cannot make the cluster's TLS material: {0}")]
     Certs(String),
     #[error(transparent)]

@@ -75,13 +75,16 @@ pub struct WorkerInfo {
 impl ClusterDir {
     /// Makes a new private directory with the cluster's TLS material.
     pub fn create(root: &Path, id: &str) -> Result<Self, DaskError> {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        use std::os::unix::fs::DirBuilderExt;
         let at = |path: &Path| {
             let path = path.to_path_buf();
             move |source| DaskError::Dir { path, source }
         };
-        std::fs::create_dir_all(root).map_err(at(root))?;
-        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700)).map_err(at(root))?;
+        // Ours (a link followed, as for the state directory's others), made 0700.
+        noyau_trust::Expect::dir()
+            .mode(noyau_trust::Mode::Set(0o700))
+            .follow_links()
+            .make_dir(root)?;
         let dir = root.join(id);
         std::fs::DirBuilder::new()
             .mode(0o700)

@@ -39,6 +39,8 @@
 use noyau_vars::EnvVars;
 use std::fs::File;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+
+use noyau_trust::{Expect, Mode, Owner, TrustError};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -100,13 +102,6 @@ pub struct FileLock {
 }
 
 impl FileLock {
-    /// Opens (without following a symlink) or creates `path` and locks it.
-    pub fn acquire(path: &Path) -> Result<FileLock, EnvError> {
-        let file = open_lock_file(path)?;
-        FileLock::lock(file, path, libc::LOCK_EX)
-            .map(|l| l.expect("a blocking lock is always taken"))
-    }
-
     /// `flock(op)` on `file`, retried on EINTR; None when `op` has
     /// `LOCK_NB` and someone else holds the lock.
     fn lock(file: File, path: &Path, op: i32) -> Result<Option<FileLock>, EnvError> {
@@ -127,15 +122,30 @@ impl FileLock {
     }
 }
 
-fn open_lock_file(path: &Path) -> Result<File, EnvError> {
-    std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o644)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(|e| EnvError::io(format!("opening the lock file {}", path.display()), e))
+impl From<TrustError> for Untrusted {
+    fn from(e: TrustError) -> Self {
+        let why = match &e {
+            TrustError::Refused { problem, .. } => problem.to_string(),
+            TrustError::Io { source, .. } => format!("cannot be examined ({source})"),
+        };
+        Untrusted {
+            path: e.path().to_path_buf(),
+            why,
+        }
+    }
+}
+
+impl From<TrustError> for EnvError {
+    fn from(e: TrustError) -> Self {
+        match e {
+            TrustError::Io {
+                action,
+                path,
+                source,
+            } => EnvError::io(format!("cannot {action} {}", path.display()), source),
+            refused => EnvError::Untrusted(refused.into()),
+        }
+    }
 }
 
 impl Cache {
@@ -170,27 +180,35 @@ impl Cache {
         }
     }
 
-    /// The user, and the owner of the cache's root (a site's account);
-    /// in a site's cache, that owner only.
-    pub(crate) fn trusted_owners(&self) -> [u32; 2] {
-        // SAFETY: getuid cannot fail and touches no memory.
-        let me = unsafe { libc::getuid() };
+    /// A directory (or a regular file), not a symlink, owned by the user
+    /// or by the owner of the cache's root (a site's account; in a site's
+    /// cache, that owner only), and writable by no one else.
+    fn expect(&self, dir: bool) -> Expect {
+        let me = noyau_trust::me();
         let owner = std::fs::metadata(&self.anchor).map_or(me, |m| m.uid());
-        if self.site {
-            [owner, owner]
+        let owners = if self.site {
+            Owner::Uid(owner, "the site cache's owner")
         } else {
-            [me, owner]
+            Owner::MeOr(owner, "the cache's owner")
+        };
+        let kind = if dir { Expect::dir() } else { Expect::file() };
+        kind.owner(owners).mode(Mode::NoOthersWrite)
+    }
+
+    /// Checks one path ([`Cache::expect`]): missing is fine.
+    pub(crate) fn check(&self, path: &Path, dir: bool) -> Result<(), Untrusted> {
+        match self.expect(dir).check(path) {
+            Err(e @ TrustError::Refused { .. }) => Err(e.into()),
+            _ => Ok(()),
         }
     }
 
-    /// Checks one path (not followed if a symlink): missing is fine;
-    /// otherwise it must be a directory (or a regular file), owned by a
-    /// trusted owner and writable by no one else.
-    pub(crate) fn check(&self, path: &Path, dir: bool) -> Result<(), Untrusted> {
-        let Ok(meta) = std::fs::symlink_metadata(path) else {
-            return Ok(());
-        };
-        check_meta(path, &meta, dir, self.trusted_owners())
+    /// Opens (without following a symlink) or creates the lock file `path`,
+    /// checked as [`Cache::check`] does.
+    fn open_lock(&self, path: &Path) -> Result<File, EnvError> {
+        let mut create = std::fs::OpenOptions::new();
+        create.create(true).truncate(false).write(true).mode(0o644);
+        Ok(self.expect(false).open_with(path, &mut create)?)
     }
 
     /// Checks an entry, its record and its lock file before any is used.
@@ -204,14 +222,8 @@ impl Cache {
     /// Takes the build lock of `key`, checking the file that was opened.
     pub(crate) fn lock(&self, key: &str) -> Result<FileLock, EnvError> {
         let path = self.root.join(format!("{key}.lock"));
-        self.check(&path, false)?;
-        let lock = FileLock::acquire(&path)?;
-        let meta = lock
-            ._file
-            .metadata()
-            .map_err(|e| EnvError::io(format!("reading {}", path.display()), e))?;
-        check_meta(&path, &meta, false, self.trusted_owners())?;
-        Ok(lock)
+        FileLock::lock(self.open_lock(&path)?, &path, libc::LOCK_EX)
+            .map(|l| l.expect("a blocking lock is always taken"))
     }
 
     pub fn at_default() -> Self {
@@ -259,22 +271,12 @@ impl Cache {
     /// there is no lock file to hold and none can be made (a site's cache).
     pub fn hold(&self, key: &str) -> Result<Option<FileLock>, EnvError> {
         let path = self.root.join(format!("{key}.lock"));
-        self.check(&path, false)?;
-        let file = match std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-        {
+        let file = match self.expect(false).open(&path) {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !self.site => {
-                open_lock_file(&path)?
-            }
+            Err(e) if e.is_not_found() && !self.site => self.open_lock(&path)?,
+            Err(e @ TrustError::Refused { .. }) => return Err(EnvError::Untrusted(e.into())),
             Err(_) => return Ok(None),
         };
-        let meta = file
-            .metadata()
-            .map_err(|e| EnvError::io(format!("reading {}", path.display()), e))?;
-        check_meta(&path, &meta, false, self.trusted_owners())?;
         // Only the owner may set the time; others' uses go unrecorded.
         let _ = file.set_modified(std::time::SystemTime::now());
         FileLock::lock(file, &path, libc::LOCK_SH)
@@ -283,8 +285,7 @@ impl Cache {
     /// The exclusive lock of `key` if nobody holds it (in use or building).
     pub(crate) fn try_exclusive(&self, key: &str) -> Result<Option<FileLock>, EnvError> {
         let path = self.root.join(format!("{key}.lock"));
-        self.check(&path, false)?;
-        FileLock::lock(open_lock_file(&path)?, &path, libc::LOCK_EX | libc::LOCK_NB)
+        FileLock::lock(self.open_lock(&path)?, &path, libc::LOCK_EX | libc::LOCK_NB)
     }
 
     /// The finished entry for `key`, built by `build` if nobody has. `build`
@@ -361,52 +362,6 @@ impl Cache {
         }
         Ok(())
     }
-}
-
-/// `meta` (of `path`, not followed) is of the expected kind, owned by one
-/// of `owners` and writable by no one else.
-pub(crate) fn check_meta(
-    path: &Path,
-    meta: &std::fs::Metadata,
-    dir: bool,
-    owners: [u32; 2],
-) -> Result<(), Untrusted> {
-    let untrusted = |why: String| {
-        Err(Untrusted {
-            path: path.to_path_buf(),
-            why,
-        })
-    };
-    let kind = meta.file_type();
-    if kind.is_symlink() {
-        return untrusted("is a symlink".into());
-    }
-    if (dir && !kind.is_dir()) || (!dir && !kind.is_file()) {
-        let want = if dir { "a directory" } else { "a regular file" };
-        return untrusted(format!("is not {want}"));
-    }
-    if !owners.contains(&meta.uid()) && owners[0] == owners[1] {
-        return untrusted(format!(
-            "belongs to uid {}, not the site cache's owner (uid {})",
-            meta.uid(),
-            owners[0]
-        ));
-    }
-    if !owners.contains(&meta.uid()) {
-        return untrusted(format!(
-            "belongs to uid {}, neither you (uid {}) nor the cache's owner (uid {})",
-            meta.uid(),
-            owners[0],
-            owners[1]
-        ));
-    }
-    let mode = meta.mode() & 0o7777;
-    if mode & 0o022 != 0 {
-        return untrusted(format!(
-            "is writable by its group or others (mode {mode:04o})"
-        ));
-    }
-    Ok(())
 }
 
 /// Clears group and other write bits throughout a finished build (never

@@ -83,7 +83,7 @@ fn the_sites_entries_come_first_and_only_its_owners_are_trusted() {
     chown_all(&site.join(&key), NOBODY);
     let why = Cache::site(&site).lookup(&key).unwrap_err().to_string();
     assert!(
-        why.contains("belongs to uid 65534, not the site cache's owner (uid 0)"),
+        why.contains("belongs to uid 65534, not to the site cache's owner (uid 0)"),
         "{why}"
     );
     entry(mine.root(), &key);
@@ -112,13 +112,13 @@ fn the_sites_entries_come_first_and_only_its_owners_are_trusted() {
     chown(&site, Some(NOBODY), None).unwrap();
     let why = Cache::site(&site).lookup(&key).unwrap_err().to_string();
     assert!(
-        why.contains("belongs to uid 0, not the site cache's owner (uid 65534)"),
+        why.contains("belongs to uid 0, not to the site cache's owner (uid 65534)"),
         "{why}"
     );
     let e = Store::of(&Cache::site(&site))
         .find(&sha, "x", "u")
         .unwrap_err()
         .to_string();
-    assert!(e.contains("not the site cache's owner"), "{e}");
+    assert!(e.contains("not to the site cache's owner"), "{e}");
     std::env::remove_var("NOYAU_ENV_SITE_CACHE");
 }

@@ -294,15 +294,19 @@ impl HubConfig {
             (None, Some(_)) => (config, true),
             _ => return Ok(None),
         };
-        let meta = std::fs::metadata(path)
-            .with_context(|| format!("cannot read the SSO proxy's secret in {}", path.display()))?;
-        crate::ensure_private(path, &meta, 0o600).context("it holds the SSO proxy's secret")?;
+        // The admin's path: a link (to a mounted secret) is followed.
+        let mut file = noyau_trust::Expect::file()
+            .follow_links()
+            .open(path)
+            .context("it holds the SSO proxy's secret")?;
         let secret = match (inline, &self.auth_secret) {
             (true, Some(s)) => s.0.clone(),
-            _ => std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read {}", path.display()))?
-                .trim()
-                .to_string(),
+            _ => {
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut file, &mut text)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                text.trim().to_string()
+            }
         };
         if secret.len() < 16 {
             bail!(

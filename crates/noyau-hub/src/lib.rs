@@ -52,7 +52,7 @@ pub mod throttle;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -64,6 +64,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::Router;
 use noyau_link::{LinkConfig, LinkListener, ServerIdentity};
+use noyau_trust::Expect;
 use serde::Deserialize;
 
 use crate::access::Refusal;
@@ -130,56 +131,32 @@ impl Hub {
     }
 }
 
-/// Refuses `path` (whose metadata is `meta`) unless the hub's account owns
-/// it and no one else may use it: it holds logins, sessions or secrets.
-pub(crate) fn ensure_private(
-    path: &Path,
-    meta: &std::fs::Metadata,
-    mode: u32,
-) -> anyhow::Result<()> {
-    let euid = nix::unistd::geteuid().as_raw();
-    anyhow::ensure!(
-        meta.mode() & 0o077 == 0 && meta.uid() == euid,
-        "{} must be private to the hub: mode {mode:04o} and owned by the hub's account \
-         (uid {euid}); it has mode {:04o} and is owned by uid {}: chown it to uid {euid} \
-         and chmod {mode:o} it",
-        path.display(),
-        meta.mode() & 0o777,
-        meta.uid()
-    );
-    Ok(())
-}
-
 /// The state directory, made 0700 if missing, refused if more open or
-/// another account's; and the database file in it, made 0600 before
-/// SQLite opens it (SQLite gives its WAL files the database's mode).
+/// another account's (followed if a link: the admin may keep it elsewhere);
+/// and the database file in it, made 0600 before SQLite opens it (SQLite
+/// gives its WAL files the database's mode). Each holds logins, sessions or
+/// secrets: the hub's account must own it and no one else may use it.
 fn private_state(dir: &Path) -> anyhow::Result<PathBuf> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
-    let meta = std::fs::metadata(dir)?;
-    anyhow::ensure!(
-        meta.is_dir(),
-        "state_dir {} is not a directory",
-        dir.display()
-    );
-    ensure_private(dir, &meta, 0o700)?;
+    Expect::dir()
+        .follow_links()
+        .make_dir(dir)
+        .context("the hub's state directory")?;
     let db = dir.join("hub.sqlite");
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .mode(0o600)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(&db)
-        .with_context(|| format!("cannot open the hub database {}", db.display()))?;
-    ensure_private(&db, &f.metadata()?, 0o600)?;
+    Expect::file()
+        .open_with(
+            &db,
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .mode(0o600),
+        )
+        .context("the hub database")?;
     for suffix in ["-wal", "-shm", "-journal"] {
         let side = dir.join(format!("hub.sqlite{suffix}"));
-        if let Ok(meta) = std::fs::symlink_metadata(&side) {
-            ensure_private(&side, &meta, 0o600)?;
+        match Expect::file().check(&side) {
+            Err(e) if !e.is_not_found() => return Err(e).context("the hub database"),
+            _ => {}
         }
     }
     Ok(db)
@@ -190,23 +167,20 @@ fn private_file(
     path: &Path,
     make: impl FnOnce() -> anyhow::Result<Vec<u8>>,
 ) -> anyhow::Result<Vec<u8>> {
-    match std::fs::read(path) {
-        Ok(b) => {
-            ensure_private(path, &std::fs::metadata(path)?, 0o600)?;
+    match Expect::file().open(path) {
+        Ok(mut f) => {
+            let mut b = Vec::new();
+            std::io::Read::read_to_end(&mut f, &mut b)
+                .with_context(|| format!("cannot read {}", path.display()))?;
             Ok(b)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        Err(e) if e.is_not_found() => {
             let b = make()?;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .with_context(|| format!("cannot create {}", path.display()))?;
+            let mut f = noyau_trust::create_private(path, 0o600)?;
             std::io::Write::write_all(&mut f, &b)?;
             Ok(b)
         }
-        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+        Err(e) => Err(e.into()),
     }
 }
 

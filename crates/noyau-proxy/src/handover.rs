@@ -66,7 +66,8 @@ pub fn path_for(connection_file: &Path) -> Result<PathBuf, HandoverError> {
 
 pub fn write(path: &Path, h: &Handover) -> Result<(), HandoverError> {
     let tmp = path.with_extension("tmp");
-    let written = noyau_wire::connection::private_file(&tmp).and_then(|mut f| {
+    let created = noyau_trust::create_private(&tmp, 0o600).map_err(std::io::Error::other);
+    let written = created.and_then(|mut f| {
         let json = serde_json::to_vec(h).map_err(std::io::Error::other)?;
         f.write_all(&json)?;
         f.sync_all()?;
@@ -80,20 +81,25 @@ pub fn write(path: &Path, h: &Handover) -> Result<(), HandoverError> {
 
 /// Takes (reads and removes) a record not older than `max_age`.
 pub fn take(path: &Path, max_age: Duration) -> Option<Handover> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path).ok()?;
-    let text = std::fs::read(path).ok()?;
-    let _ = std::fs::remove_file(path);
+    use std::io::Read;
     // It holds a link token and the certificate's key: one that others could
-    // have read or written is not used.
-    let me = nix::unistd::getuid().as_raw();
-    if meta.uid() != me || meta.mode() & 0o077 != 0 {
-        tracing::warn!(
-            "ignoring handover record {} (owner {}, mode {:03o}): it must be ours and 0600; starting a new agent",
-            path.display(),
-            meta.uid(),
-            meta.mode() & 0o777
-        );
+    // have read or written (or a link to one) is not used.
+    let opened = noyau_trust::Expect::file().open(path);
+    if opened.as_ref().is_err_and(|e| e.is_not_found()) {
+        return None;
+    }
+    let _ = std::fs::remove_file(path);
+    let mut text = Vec::new();
+    let read = opened.and_then(|mut f| {
+        f.read_to_end(&mut text)
+            .map_err(|e| noyau_trust::TrustError::Io {
+                action: "read",
+                path: path.into(),
+                source: e,
+            })
+    });
+    if let Err(e) = read {
+        tracing::warn!("ignoring handover record: {e}; starting a new agent");
         return None;
     }
     let h: Handover = match serde_json::from_slice(&text) {
@@ -152,5 +158,11 @@ mod tests {
             0o600
         );
         assert_eq!(take(&p, Duration::from_secs(60)).unwrap().token, "t");
+        // A link to a record of ours: not followed, not used.
+        let real = dir.path().join("real.json");
+        write(&real, &record()).unwrap();
+        std::os::unix::fs::symlink(&real, &p).unwrap();
+        assert!(take(&p, Duration::from_secs(60)).is_none());
+        assert!(!p.exists(), "a refused link is removed");
     }
 }

@@ -63,17 +63,12 @@ impl StatusFile {
 
     fn write(&self) {
         use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         let Some(p) = &self.path else { return };
         let _ = std::fs::create_dir_all(p.parent().unwrap_or(Path::new(".")));
         let tmp = p.with_extension("tmp");
         let text = json!({"done": self.done, "total": self.total}).to_string();
-        let ok = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
+        let ok = noyau_trust::create_private(&tmp, 0o600)
+            .map_err(std::io::Error::other)
             .and_then(|mut f| f.write_all(text.as_bytes()))
             .and_then(|()| std::fs::rename(&tmp, p));
         if let Err(e) = ok {

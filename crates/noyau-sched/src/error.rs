@@ -30,6 +30,8 @@ pub enum SchedError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Untrusted(#[from] noyau_trust::TrustError),
     #[error("cannot start the agent `{program}` locally: {source}")]
     LocalSpawn {
         program: String,

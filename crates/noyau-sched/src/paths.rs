@@ -3,8 +3,9 @@
 //! private (0700 / 0600) directories and files made there, and the tail of
 //! a job log read without trusting what is at its path.
 
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+use noyau_trust::{Expect, Mode, Owner};
 
 use crate::SchedError;
 
@@ -26,15 +27,10 @@ pub fn state_dir() -> PathBuf {
 /// `$XDG_RUNTIME_DIR/noyau/listings` (local, private: the session's) when
 /// that is a directory of this user's only, else `STATE/listings`.
 pub(crate) fn listings_dir() -> PathBuf {
-    use std::os::unix::fs::MetadataExt;
     let runtime = std::env::var_os("XDG_RUNTIME_DIR")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .filter(|d| {
-            std::fs::symlink_metadata(d).is_ok_and(|m| {
-                m.is_dir() && m.uid() == nix::unistd::geteuid().as_raw() && m.mode() & 0o077 == 0
-            })
-        });
+        .filter(|d| Expect::dir().check(d).is_ok());
     match runtime {
         Some(d) => d.join("noyau").join("listings"),
         None => state_dir().join("listings"),
@@ -49,40 +45,20 @@ pub fn log_dir() -> PathBuf {
 /// Makes `dir` (and its parents) and gives it mode 0700; one that is (or
 /// leads to) another user's is refused, even where root could chmod it:
 /// the job files written there hold secrets and are sourced by the job.
+/// A symlink is followed: the user may have put their logs elsewhere.
 pub(crate) fn private_dir(dir: &Path) -> Result<(), SchedError> {
-    use std::os::unix::fs::MetadataExt;
-    let io = |source| SchedError::Io {
-        what: "cannot make",
-        path: dir.into(),
-        source,
-    };
-    std::fs::create_dir_all(dir)
-        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
-        .map_err(io)?;
-    let m = std::fs::metadata(dir).map_err(io)?;
-    if m.is_dir() && m.uid() == nix::unistd::geteuid().as_raw() {
-        return Ok(());
-    }
-    Err(io(std::io::Error::new(
-        std::io::ErrorKind::PermissionDenied,
-        format!(
-            "it belongs to uid {}, not to you: remove it, or set XDG_STATE_HOME",
-            m.uid()
-        ),
-    )))
+    Ok(Expect::dir()
+        .mode(Mode::Set(0o700))
+        .follow_links()
+        .make_dir(dir)?)
 }
 
-/// Writes a new file with `mode` (a file already there is replaced, never
-/// written through: it may be a planted link).
+/// Writes `path` afresh with `mode`, never through a link (one planted
+/// there, or another user's file, is refused).
 pub(crate) fn write_private(path: &Path, text: &str, mode: u32) -> Result<(), SchedError> {
     use std::io::Write;
-    let _ = std::fs::remove_file(path);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .and_then(|mut f| f.write_all(text.as_bytes()))
+    noyau_trust::create_private(path, mode)?
+        .write_all(text.as_bytes())
         .map_err(|source| SchedError::Io {
             what: "cannot write",
             path: path.into(),
@@ -103,15 +79,15 @@ pub fn tail_log(
     lines: usize,
 ) -> std::io::Result<Option<String>> {
     use std::io::{Read, Seek, SeekFrom};
-    use std::os::unix::fs::MetadataExt;
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOCTTY)
-        .open(path)?;
+    let log = Expect::file()
+        .owner(Owner::Uid(uid, "the job's user"))
+        .mode(Mode::Any);
+    let mut f = match log.open(path) {
+        Ok(f) => f,
+        Err(noyau_trust::TrustError::Io { source, .. }) => return Err(source),
+        Err(_) => return Ok(None),
+    };
     let meta = f.metadata()?;
-    if !meta.is_file() || meta.uid() != uid {
-        return Ok(None);
-    }
     f.seek(SeekFrom::Start(meta.len().saturating_sub(max_bytes)))?;
     let mut text = Vec::new();
     f.take(max_bytes).read_to_end(&mut text)?;

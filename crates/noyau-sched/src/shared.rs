@@ -15,7 +15,7 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
@@ -96,28 +96,32 @@ impl Shared {
     /// unbounded wait: a lock on a network filesystem may hang.
     fn take_lock(&self, patience: Duration) -> Option<Flock<File>> {
         let open = || {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&self.lock)
+            ours_alone().open_with(
+                &self.lock,
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .mode(0o600),
+            )
         };
         // the directory is made once, not at every poll
         let f = match open() {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(e) if e.is_not_found() => {
                 private_dir(self.lock.parent()?).ok()?;
                 open()
             }
             other => other,
-        }
-        .ok()?;
-        if !is_ours_alone(&f) {
-            tracing::warn!("{} is not this user's own: not used", self.lock.display());
-            return None;
-        }
+        };
+        let f = match f {
+            Ok(f) => f,
+            Err(e @ noyau_trust::TrustError::Refused { .. }) => {
+                tracing::warn!("{e}: not used");
+                return None;
+            }
+            Err(_) => return None,
+        };
         let deadline = std::time::Instant::now() + patience;
         let mut f = f;
         loop {
@@ -136,14 +140,7 @@ impl Shared {
 
     /// The listing another process wrote, if it is ours alone and whole.
     fn read(&self) -> Option<Listing> {
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&self.file)
-            .ok()?;
-        if !is_ours_alone(&f) {
-            return None;
-        }
+        let mut f = ours_alone().open(&self.file).ok()?;
         let mut text = String::new();
         f.read_to_string(&mut text).ok()?;
         serde_json::from_str(&text).ok()
@@ -151,12 +148,8 @@ impl Shared {
 }
 
 /// A regular file of this user's that no one else can write.
-fn is_ours_alone(f: &File) -> bool {
-    f.metadata().is_ok_and(|m| {
-        m.file_type().is_file()
-            && m.uid() == nix::unistd::geteuid().as_raw()
-            && m.mode() & 0o022 == 0
-    })
+fn ours_alone() -> noyau_trust::Expect {
+    noyau_trust::Expect::file().mode(noyau_trust::Mode::NoOthersWrite)
 }
 
 /// Asked less than `fresh` ago (and not in the future: a clock set back

@@ -2,8 +2,10 @@
 //! its messages.
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+
+use noyau_trust::{Expect, Mode, TrustError};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -54,8 +56,10 @@ pub enum ConnectionError {
     Transport { path: PathBuf, transport: String },
     #[error("connection file {path} uses signature scheme {scheme:?}; only \"hmac-sha256\" is supported")]
     Scheme { path: PathBuf, scheme: String },
-    #[error("connection file {path} has mode {mode:03o}: it holds the kernel's signing key and others can read it; make it private (`chmod 600 {path}`)")]
-    TooOpen { path: PathBuf, mode: u32 },
+    /// Not a regular file of ours, or (with a key) one others may read:
+    /// whoever can read the key can run code in the kernel.
+    #[error("connection file {0} (it holds the kernel's signing key)")]
+    Untrusted(#[from] TrustError),
     #[error("cannot write connection file {path}: {source}")]
     Write {
         path: PathBuf,
@@ -94,10 +98,19 @@ fn default_scheme() -> String {
 
 impl ConnectionInfo {
     pub fn read(path: &Path) -> Result<Self, ConnectionError> {
-        let text = std::fs::read(path).map_err(|source| ConnectionError::Read {
+        let read = |source| ConnectionError::Read {
             path: path.into(),
             source,
-        })?;
+        };
+        let mut file = Expect::file()
+            .mode(Mode::Any)
+            .open(path)
+            .map_err(|e| match e {
+                TrustError::Io { source, .. } => read(source),
+                refused => refused.into(),
+            })?;
+        let mut text = Vec::new();
+        file.read_to_end(&mut text).map_err(read)?;
         let info: ConnectionInfo =
             serde_json::from_slice(&text).map_err(|source| ConnectionError::Parse {
                 path: path.into(),
@@ -110,22 +123,7 @@ impl ConnectionInfo {
             });
         }
         if !info.key.is_empty() {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(path)
-                .map_err(|source| ConnectionError::Read {
-                    path: path.into(),
-                    source,
-                })?
-                .permissions()
-                .mode()
-                & 0o777;
-            // Whoever can read the key can run code in the kernel.
-            if mode & 0o077 != 0 {
-                return Err(ConnectionError::TooOpen {
-                    path: path.into(),
-                    mode,
-                });
-            }
+            Expect::file().check_meta(path, &file.metadata().map_err(read)?)?;
         }
         if !info.key.is_empty() && info.signature_scheme != "hmac-sha256" {
             return Err(ConnectionError::Scheme {
@@ -143,7 +141,7 @@ impl ConnectionInfo {
             source,
         };
         let text = serde_json::to_vec_pretty(self).expect("connection info serialises");
-        let mut f = private_file(path).map_err(err)?;
+        let mut f = noyau_trust::create_private(path, 0o600)?;
         f.write_all(&text).map_err(err)?;
         Ok(())
     }
@@ -202,21 +200,6 @@ pub fn random_key() -> String {
     hex::encode(bytes)
 }
 
-/// Creates (or truncates) a file only its owner can read.
-pub fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    use std::os::unix::fs::PermissionsExt;
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    // The mode above only applies on creation; an existing file keeps its own.
-    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    Ok(f)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,7 +220,7 @@ mod tests {
         // Readable by others: refused, saying how to fix it.
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = ConnectionInfo::read(&p).unwrap_err().to_string();
-        assert!(e.contains("mode 644") && e.contains("chmod 600"), "{e}");
+        assert!(e.contains("mode 0644") && e.contains("chmod 600"), "{e}");
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         let info = ConnectionInfo::read(&p).unwrap();
         assert_eq!(info.endpoint(Channel::Control), "tcp://127.0.0.1:4");

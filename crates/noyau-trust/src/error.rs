@@ -1,0 +1,90 @@
+//! What was wrong with a path, and what to do about it.
+
+use std::path::{Path, PathBuf};
+
+use crate::Kind;
+
+/// Why a path is not trusted. Its text completes a sentence whose subject
+/// is the path ("/tmp/x is a symlink"), so callers with errors of their own
+/// can use it as theirs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Problem {
+    #[error("is a symlink")]
+    Symlink,
+    #[error("is {found}, not {want}")]
+    WrongKind { found: &'static str, want: Kind },
+    /// `want` says whose it should be, e.g. "you (uid 1000)".
+    #[error("belongs to uid {owner}, not to {want}")]
+    NotOwned { owner: u32, want: String },
+    #[error("is writable by its group or others (mode {mode:04o})")]
+    OthersWrite { mode: u32 },
+    #[error("has mode {mode:04o}; it must be {want:04o} (only its owner may use it)")]
+    TooOpen { mode: u32, want: u32 },
+}
+
+impl Problem {
+    /// What the user can do about it.
+    fn fix(&self, path: &Path) -> String {
+        let p = path.display();
+        match self {
+            Problem::Symlink | Problem::WrongKind { .. } => {
+                format!("another user may have put it there: remove it (`rm {p}`)")
+            }
+            Problem::NotOwned { want, .. } => {
+                format!("it is used only if owned by {want}: remove it, or have it chowned")
+            }
+            Problem::OthersWrite { .. } => format!("`chmod go-w {p}`, or remove it"),
+            Problem::TooOpen { want, .. } => format!("`chmod {want:o} {p}`, or remove it"),
+        }
+    }
+}
+
+/// A path refused, or one that could not be examined.
+#[derive(Debug, thiserror::Error)]
+pub enum TrustError {
+    #[error("{} {problem}: {}", path.display(), problem.fix(path))]
+    Refused { path: PathBuf, problem: Problem },
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl TrustError {
+    pub(crate) fn refused(path: &Path, problem: Problem) -> Self {
+        TrustError::Refused {
+            path: path.into(),
+            problem,
+        }
+    }
+
+    pub(crate) fn io(action: &'static str, path: &Path, source: std::io::Error) -> Self {
+        TrustError::Io {
+            action,
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// The path refused or not examined.
+    pub fn path(&self) -> &Path {
+        match self {
+            TrustError::Refused { path, .. } | TrustError::Io { path, .. } => path,
+        }
+    }
+
+    /// What was wrong, when the path was refused (not an I/O error).
+    pub fn problem(&self) -> Option<&Problem> {
+        match self {
+            TrustError::Refused { problem, .. } => Some(problem),
+            TrustError::Io { .. } => None,
+        }
+    }
+
+    /// Nothing is at the path.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, TrustError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
+}

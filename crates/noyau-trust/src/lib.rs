@@ -1,0 +1,28 @@
+//! The one place noyau decides whether a path on a shared machine can be
+//! trusted: another user may have planted a symlink, a FIFO, a file or a
+//! directory of their own where noyau expects its own, or made one of
+//! noyau's open to them.
+//!
+//! Each call site states its policy as an [`Expect`] (what kind of thing,
+//! whose, which modes, whether a symlink at the last component is followed)
+//! and uses it to check a path, to open a file and check what was opened
+//! (never the path twice), or to make a private directory. A refusal is a
+//! [`TrustError`] naming the path, what was wrong ([`Problem`]) and what to
+//! do about it.
+
+mod error;
+mod expect;
+mod open;
+
+pub use error::{Problem, TrustError};
+pub use expect::{Expect, Kind, Mode, Owner};
+pub use open::create_private;
+
+/// The effective uid: the owner of what this process creates, so the one
+/// its own files must have.
+pub fn me() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,86 @@
+//! Opening and making paths, checked on what was opened: a path checked
+//! and then opened could be swapped in between.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use nix::libc;
+
+use crate::{Expect, Kind, Mode, TrustError};
+
+impl Expect {
+    /// Opens `path` for reading and checks the open file.
+    pub fn open(&self, path: &Path) -> Result<File, TrustError> {
+        self.open_with(path, OpenOptions::new().read(true))
+    }
+
+    /// Opens `path` with `options` and checks the open file. Opening never
+    /// blocks (a FIFO is refused at once, not waited on), never makes a
+    /// terminal ours, and follows a symlink only with
+    /// [`Expect::follow_links`]. With [`Mode::Set`] the mode is then set.
+    pub fn open_with(&self, path: &Path, options: &mut OpenOptions) -> Result<File, TrustError> {
+        let mut flags = libc::O_NONBLOCK | libc::O_NOCTTY;
+        if !self.follow {
+            flags |= libc::O_NOFOLLOW;
+        }
+        let file = options
+            .custom_flags(flags)
+            .open(path)
+            .map_err(|e| self.explain("open", path, e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| TrustError::io("examine", path, e))?;
+        self.check_meta(path, &meta)?;
+        if let Mode::Set(mode) = self.mode {
+            if meta.permissions().mode() & 0o7777 != mode {
+                file.set_permissions(std::fs::Permissions::from_mode(mode))
+                    .map_err(|e| TrustError::io("set the mode of", path, e))?;
+            }
+        }
+        Ok(file)
+    }
+
+    /// Makes the directory `path` (and missing parents) 0700 where it is
+    /// missing, and checks the one there (opened, so the check and a
+    /// [`Mode::Set`] apply to the same directory).
+    pub fn make_dir(&self, path: &Path) -> Result<(), TrustError> {
+        debug_assert_eq!(self.kind, Kind::Dir);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
+            .map_err(|e| self.explain("create", path, e))?;
+        self.open(path).map(drop)
+    }
+
+    /// The refusal that explains why `action` failed on `path` (a symlink
+    /// under `O_NOFOLLOW`, a directory where a file is written, another
+    /// user's file), else the I/O error itself.
+    fn explain(&self, action: &'static str, path: &Path, e: std::io::Error) -> TrustError {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            if let Err(refused @ TrustError::Refused { .. }) = self.check(path) {
+                return refused;
+            }
+        }
+        TrustError::io(action, path, e)
+    }
+}
+
+/// Opens `path` for writing from its start, as a regular file of ours with
+/// `mode` (made so, whatever the umask or an earlier mode): created if
+/// missing; one already there is used only if it is a regular file of ours
+/// (never written through a symlink, and checked before it is emptied).
+pub fn create_private(path: &Path, mode: u32) -> Result<File, TrustError> {
+    let file = Expect::file().mode(Mode::Set(mode)).open_with(
+        path,
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(mode),
+    )?;
+    file.set_len(0)
+        .map_err(|e| TrustError::io("empty", path, e))?;
+    Ok(file)
+}

@@ -1,0 +1,295 @@
+//! Real files, as the hostile user would leave them. Giving a file away
+//! (to `nobody`) needs root, as scripts/test runs.
+
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::Path;
+
+use crate::{create_private, Expect, Mode, Owner, Problem, TrustError};
+
+const NOBODY: u32 = 65534;
+
+fn mode_of(p: &Path) -> u32 {
+    std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+fn chmod(p: &Path, mode: u32) {
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn problem(e: &TrustError) -> Problem {
+    e.problem()
+        .unwrap_or_else(|| panic!("not a refusal: {e}"))
+        .clone()
+}
+
+/// True when running as root; under CI, not being root fails the test.
+fn root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "this test needs root under CI"
+    );
+    false
+}
+
+#[test]
+fn a_private_dir_is_made_0700_with_its_parents_and_found_again() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path().join("a/b");
+    Expect::dir().make_dir(&d).unwrap();
+    assert_eq!(mode_of(&d), 0o700);
+    assert_eq!(mode_of(&t.path().join("a")), 0o700);
+    Expect::dir().make_dir(&d).unwrap();
+    Expect::dir().mode(Mode::Exactly(0o700)).check(&d).unwrap();
+}
+
+#[test]
+fn another_users_dir_is_refused_naming_its_owner() {
+    if !root() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path().join("theirs");
+    std::fs::DirBuilder::new().mode(0o700).create(&d).unwrap();
+    std::os::unix::fs::chown(&d, Some(NOBODY), None).unwrap();
+    let e = Expect::dir().make_dir(&d).unwrap_err();
+    assert!(
+        matches!(problem(&e), Problem::NotOwned { owner: NOBODY, .. }),
+        "{e}"
+    );
+    let text = e.to_string();
+    assert!(
+        text.contains(&format!(
+            "{} belongs to uid 65534, not to you (uid 0)",
+            d.display()
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("used only if owned by you (uid 0): remove it"),
+        "{text}"
+    );
+    // Not even a mode to set: root could, but it is not ours to change.
+    let e = Expect::dir()
+        .mode(Mode::Set(0o700))
+        .make_dir(&d)
+        .unwrap_err();
+    assert!(matches!(problem(&e), Problem::NotOwned { .. }), "{e}");
+    // Named owners: the one trusted, or another named in the message.
+    Expect::dir()
+        .owner(Owner::Uid(NOBODY, "the site's account"))
+        .check(&d)
+        .unwrap();
+    let e = Expect::dir()
+        .owner(Owner::MeOr(1, "the cache's owner"))
+        .check(&d)
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("not to you (uid 0) or the cache's owner (uid 1)"),
+        "{e}"
+    );
+    Expect::dir().owner(Owner::Any).check(&d).unwrap();
+}
+
+#[test]
+fn a_group_writable_dir_is_refused_or_its_mode_set_when_ours() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path().join("open");
+    std::fs::create_dir(&d).unwrap();
+    chmod(&d, 0o775);
+    let e = Expect::dir().make_dir(&d).unwrap_err();
+    assert_eq!(
+        problem(&e),
+        Problem::TooOpen {
+            mode: 0o775,
+            want: 0o700
+        }
+    );
+    assert!(
+        e.to_string().contains(&format!(
+            "has mode 0775; it must be 0700 (only its owner may use it): `chmod 700 {}`",
+            d.display()
+        )),
+        "{e}"
+    );
+    let e = Expect::dir()
+        .mode(Mode::NoOthersWrite)
+        .check(&d)
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("is writable by its group or others (mode 0775)"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("chmod go-w"), "{e}");
+    chmod(&d, 0o755);
+    Expect::dir().mode(Mode::NoOthersWrite).check(&d).unwrap();
+    let e = Expect::dir()
+        .mode(Mode::Exactly(0o700))
+        .check(&d)
+        .unwrap_err();
+    assert_eq!(
+        problem(&e),
+        Problem::TooOpen {
+            mode: 0o755,
+            want: 0o700
+        }
+    );
+    Expect::dir().mode(Mode::Set(0o700)).make_dir(&d).unwrap();
+    assert_eq!(mode_of(&d), 0o700);
+}
+
+#[test]
+fn a_symlink_in_place_of_a_dir_or_file_is_refused_unless_followed() {
+    let t = tempfile::tempdir().unwrap();
+    let real = t.path().join("real");
+    Expect::dir().make_dir(&real).unwrap();
+    let link = t.path().join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let e = Expect::dir().make_dir(&link).unwrap_err();
+    assert_eq!(problem(&e), Problem::Symlink);
+    assert!(
+        e.to_string().contains(&format!(
+            "{} is a symlink: another user may have put it there: remove it",
+            link.display()
+        )),
+        "{e}"
+    );
+    Expect::dir().follow_links().make_dir(&link).unwrap();
+
+    let file = t.path().join("file");
+    std::fs::write(&file, "mine").unwrap();
+    chmod(&file, 0o600);
+    let flink = t.path().join("flink");
+    std::os::unix::fs::symlink(&file, &flink).unwrap();
+    assert_eq!(
+        problem(&Expect::file().open(&flink).unwrap_err()),
+        Problem::Symlink
+    );
+    assert_eq!(
+        problem(&Expect::file().check(&flink).unwrap_err()),
+        Problem::Symlink
+    );
+    Expect::file().follow_links().open(&flink).unwrap();
+    // Written through: never; the file it leads to is left as it was.
+    assert_eq!(
+        problem(&create_private(&flink, 0o600).unwrap_err()),
+        Problem::Symlink
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
+}
+
+#[test]
+fn a_fifo_in_place_of_a_file_is_refused_at_once() {
+    let t = tempfile::tempdir().unwrap();
+    let fifo = t.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    // No writer: a blocking open would wait forever.
+    let e = Expect::file().mode(Mode::Any).open(&fifo).unwrap_err();
+    assert_eq!(
+        problem(&e),
+        Problem::WrongKind {
+            found: "a FIFO",
+            want: crate::Kind::File
+        }
+    );
+    assert!(
+        e.to_string().contains("is a FIFO, not a regular file"),
+        "{e}"
+    );
+    let e = create_private(&fifo, 0o600).unwrap_err();
+    assert!(
+        matches!(
+            problem(&e),
+            Problem::WrongKind {
+                found: "a FIFO",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = Expect::dir().make_dir(&fifo).unwrap_err();
+    assert!(e.to_string().contains("is a FIFO, not a directory"), "{e}");
+}
+
+#[test]
+fn another_users_file_is_refused_even_to_root() {
+    if !root() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let f = t.path().join("theirs");
+    std::fs::write(&f, "theirs").unwrap();
+    chmod(&f, 0o600);
+    std::os::unix::fs::chown(&f, Some(NOBODY), None).unwrap();
+    let e = Expect::file().open(&f).unwrap_err();
+    assert!(
+        matches!(problem(&e), Problem::NotOwned { owner: NOBODY, .. }),
+        "{e}"
+    );
+    // Checked before it is emptied.
+    assert!(create_private(&f, 0o600).is_err());
+    assert_eq!(std::fs::read_to_string(&f).unwrap(), "theirs");
+    Expect::file()
+        .owner(Owner::Uid(NOBODY, "the log's user"))
+        .mode(Mode::Any)
+        .open(&f)
+        .unwrap();
+}
+
+#[test]
+fn files_open_to_others_are_refused_by_the_rule_asked() {
+    let t = tempfile::tempdir().unwrap();
+    let f = t.path().join("f");
+    std::fs::write(&f, "x").unwrap();
+    chmod(&f, 0o644);
+    let e = Expect::file().open(&f).unwrap_err();
+    assert_eq!(
+        problem(&e),
+        Problem::TooOpen {
+            mode: 0o644,
+            want: 0o600
+        }
+    );
+    assert!(e.to_string().contains("`chmod 600 "), "{e}");
+    Expect::file().mode(Mode::NoOthersWrite).open(&f).unwrap();
+    chmod(&f, 0o620);
+    let e = Expect::file()
+        .mode(Mode::NoOthersWrite)
+        .open(&f)
+        .unwrap_err();
+    assert_eq!(problem(&e), Problem::OthersWrite { mode: 0o620 });
+    assert!(Expect::file()
+        .check(&t.path().join("missing"))
+        .unwrap_err()
+        .is_not_found());
+}
+
+#[test]
+fn create_private_makes_or_empties_a_file_of_ours_with_its_mode() {
+    use std::io::Write;
+    let t = tempfile::tempdir().unwrap();
+    let f = t.path().join("secret");
+    create_private(&f, 0o600)
+        .unwrap()
+        .write_all(b"first, longer")
+        .unwrap();
+    assert_eq!(mode_of(&f), 0o600);
+    chmod(&f, 0o644);
+    create_private(&f, 0o600)
+        .unwrap()
+        .write_all(b"second")
+        .unwrap();
+    assert_eq!(std::fs::read_to_string(&f).unwrap(), "second");
+    assert_eq!(mode_of(&f), 0o600);
+    create_private(&f, 0o700).unwrap();
+    assert_eq!(mode_of(&f), 0o700);
+    let e = create_private(t.path(), 0o600).unwrap_err();
+    assert!(
+        e.to_string().contains("is a directory, not a regular file"),
+        "{e}"
+    );
+}
