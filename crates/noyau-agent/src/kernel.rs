@@ -26,7 +26,52 @@ const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Messages the agent sent itself (readiness probes); their replies and
 /// statuses are not the frontend's business.
-type Probes = Arc<Mutex<HashSet<String>>>;
+type Probes = Arc<Mutex<ProbeSet>>;
+
+/// The probes whose replies or statuses may still come. Once the last
+/// probe's reply and its `idle` have passed, every earlier probe's have
+/// too (the kernel answers in order and each channel is ordered), and the
+/// set is emptied: from then on no message's parent header is read for it.
+#[derive(Default)]
+struct ProbeSet {
+    ids: HashSet<String>,
+    /// The last probe sent, and whether its reply and its idle were seen.
+    last: Option<(String, bool, bool)>,
+}
+
+impl ProbeSet {
+    fn sent(&mut self, id: &str) {
+        self.ids.insert(id.to_string());
+        self.last = Some((id.to_string(), false, false));
+    }
+
+    /// True for a reply or status answering one of our probes (it is
+    /// noted: an `idle` ends the probe).
+    fn take(&mut self, lane: Lane, msg: &RawMessage) -> bool {
+        if self.ids.is_empty() {
+            return false;
+        }
+        let Some(p) = msg.parent_msg_id().filter(|p| self.ids.contains(p)) else {
+            return false;
+        };
+        let idle = lane == Lane::Iopub && msg.content.windows(6).any(|w| w == b"\"idle\"");
+        let last = self.last.as_mut().filter(|(id, ..)| *id == p);
+        match last {
+            Some((_, reply, done)) => {
+                *reply |= lane == Lane::Shell;
+                *done |= idle;
+                if *reply && *done {
+                    self.ids.clear();
+                }
+            }
+            None if idle => {
+                self.ids.remove(&p);
+            }
+            None => {}
+        }
+        true
+    }
+}
 
 pub struct Kernel {
     process: KernelProcess,
@@ -239,7 +284,7 @@ async fn wait_ready(
                 json!({}),
             );
             last_probe = probe.peek_header()?.msg_id;
-            probes.lock().expect("probes").insert(last_probe.clone());
+            probes.lock().expect("probes").sent(&last_probe);
             let z = to_zmq(probe.into_frames()).expect("non-empty");
             shell_tx
                 .send(z)
@@ -256,7 +301,9 @@ async fn wait_ready(
                     let Some(m) = verified(m.context("kernel shell socket")?, signer, Lane::Shell) else {
                         continue;
                     };
-                    if m.parent_msg_id().as_deref() == Some(last_probe.as_str()) {
+                    let is_last = m.parent_msg_id().as_deref() == Some(last_probe.as_str());
+                    probes.lock().expect("probes").take(Lane::Shell, &m);
+                    if is_last {
                         let content: Value = serde_json::from_slice(&m.content)?;
                         reply = Some(content);
                     }
@@ -266,7 +313,7 @@ async fn wait_ready(
                         continue;
                     };
                     let ty = m.peek_header()?.msg_type;
-                    let ours = m.parent_msg_id().is_some_and(|p| probes.lock().expect("probes").contains(&p));
+                    let ours = probes.lock().expect("probes").take(Lane::Iopub, &m);
                     if ty == "iopub_welcome" || ours {
                         subscribed = true;
                     }
@@ -296,24 +343,6 @@ fn verified(frames: ZmqMessage, signer: &Signer, lane: Lane) -> Option<RawMessag
     Some(msg)
 }
 
-/// True for replies/statuses answering our own probes; forgets a probe once
-/// its final `idle` status has gone by.
-fn is_probe_traffic(msg: &RawMessage, probes: &Probes) -> bool {
-    let mut set = probes.lock().expect("probes");
-    if set.is_empty() {
-        return false;
-    }
-    match msg.parent_msg_id() {
-        Some(p) if set.contains(&p) => {
-            if msg.content.windows(6).any(|w| w == b"\"idle\"") {
-                set.remove(&p);
-            }
-            true
-        }
-        _ => false,
-    }
-}
-
 /// Reads one of the kernel's channels: each message is checked with the
 /// kernel's key and passed on unchanged, except what answers the agent's
 /// own readiness probes and the kernel's IOPub welcome (the proxy greets its
@@ -333,16 +362,9 @@ impl Reader {
             let Some(msg) = verified(frames, &self.signer, self.lane) else {
                 continue;
             };
-            let agents_own = match self.lane {
-                Lane::Iopub => {
-                    msg.header.windows(15).any(|w| w == b"\"iopub_welcome\"")
-                        || is_probe_traffic(&msg, &self.probes)
-                }
-                _ => {
-                    let probes = self.probes.lock().expect("probes");
-                    !probes.is_empty() && msg.parent_msg_id().is_some_and(|p| probes.contains(&p))
-                }
-            };
+            let agents_own = (self.lane == Lane::Iopub
+                && memchr::memmem::find(&msg.header, b"\"iopub_welcome\"").is_some())
+                || self.probes.lock().expect("probes").take(self.lane, &msg);
             if !agents_own {
                 self.outbox.jupyter(self.lane, msg.into_frames());
             }
@@ -452,5 +474,56 @@ mod tests {
             "{connection_file}",
         ];
         assert_eq!(with_hist_file(spec(&ir), Some(":memory:")).spec.argv, ir);
+    }
+}
+
+#[cfg(test)]
+mod probe_tests {
+    use super::*;
+
+    fn reply_and_statuses(s: &Signer, probe: &RawMessage) -> [RawMessage; 3] {
+        let parent = &probe.header;
+        [
+            build::message(s, vec![], "kernel_info_reply", "k", parent, json!({})),
+            build::status(s, "k", parent, "busy"),
+            build::status(s, "k", parent, "idle"),
+        ]
+    }
+
+    /// Probe traffic is taken, others' is not, and once the last probe's
+    /// reply and idle have passed no message is looked at any more.
+    #[test]
+    fn probes_are_forgotten_after_the_last_ones_reply_and_idle() {
+        let s = Signer::new(b"k");
+        let probe = |_| {
+            build::message(
+                &s,
+                vec![],
+                "kernel_info_request",
+                "a",
+                &Bytes::new(),
+                json!({}),
+            )
+        };
+        let (first, last) = (probe(1), probe(2));
+        let mut set = ProbeSet::default();
+        for p in [&first, &last] {
+            set.sent(&p.peek_header().unwrap().msg_id);
+        }
+        let cell = build::message(&s, vec![], "execute_request", "f", &Bytes::new(), json!({}));
+        let [_, _, cell_idle] = reply_and_statuses(&s, &cell);
+        assert!(!set.take(Lane::Iopub, &cell_idle));
+        let [r1, busy1, idle1] = reply_and_statuses(&s, &first);
+        assert!(set.take(Lane::Shell, &r1) && set.take(Lane::Iopub, &busy1));
+        assert!(set.take(Lane::Iopub, &idle1));
+        let [r2, busy2, idle2] = reply_and_statuses(&s, &last);
+        assert!(set.take(Lane::Iopub, &busy2) && set.take(Lane::Iopub, &idle2));
+        assert!(
+            !set.ids.is_empty(),
+            "the last probe's reply has not passed yet"
+        );
+        assert!(set.take(Lane::Shell, &r2));
+        assert!(set.ids.is_empty());
+        assert!(!set.take(Lane::Iopub, &idle2));
     }
 }

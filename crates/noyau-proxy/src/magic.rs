@@ -133,17 +133,26 @@ impl Proxy {
 
 impl Proxy {
     /// Takes the messages that are noyau's business; gives back the others.
-    pub async fn intercept(&mut self, lane: Lane, msg: RawMessage) -> Option<RawMessage> {
-        let Ok(h) = msg.peek_header() else {
-            return Some(msg);
-        };
-        match (lane, h.msg_type.as_str()) {
+    pub async fn intercept(
+        &mut self,
+        lane: Lane,
+        kind: &str,
+        msg: RawMessage,
+    ) -> Option<RawMessage> {
+        match (lane, kind) {
             (Lane::Shell, "execute_request") => {
-                let code = serde_json::from_slice::<Value>(&msg.content)
-                    .ok()
-                    .and_then(|c| c.get("code").and_then(|c| c.as_str()).map(str::to_string))
+                // Only the code is read (borrowed unless it has escapes).
+                #[derive(serde::Deserialize)]
+                struct Code<'a> {
+                    #[serde(borrow)]
+                    code: Option<std::borrow::Cow<'a, str>>,
+                }
+                let content = serde_json::from_slice::<Code>(&msg.content).ok();
+                let code = content
+                    .as_ref()
+                    .and_then(|c| c.code.as_deref())
                     .unwrap_or_default();
-                match noyau_magic::parse(&code) {
+                match noyau_magic::parse(code) {
                     Ok(Magic::None) => return Some(msg),
                     Ok(Magic::On(m, body)) => self.run_on_target(m, body, msg).await,
                     Ok(Magic::Line(cmd)) => {

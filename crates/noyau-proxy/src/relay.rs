@@ -10,7 +10,7 @@ use bytes::Bytes;
 use noyau_link::envelope::{self, Payload};
 use noyau_link::{Incoming, Lane, Link, LinkEvent};
 use noyau_magic::Magics;
-use noyau_wire::RawMessage;
+use noyau_wire::{HeaderPeek, RawMessage};
 use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
 use zeromq::SocketRecv;
@@ -223,11 +223,13 @@ impl Proxy {
 impl Proxy {
     /// A checked frontend message; Some(exit code) when the proxy must end.
     pub async fn on_frontend_message(&mut self, lane: Lane, msg: RawMessage) -> Option<i32> {
-        let kind = msg.peek_header().map(|h| h.msg_type).unwrap_or_default();
-        let automatic = self.comms.automatic(&kind, &msg);
-        self.idle.on_frontend(lane, &kind, &msg, automatic);
+        // The header is read once here; what follows takes its kind.
+        let header = msg.peek_header().ok();
+        let kind = header.as_ref().map_or("", |h| h.msg_type.as_str());
+        let automatic = self.comms.automatic(kind, &msg);
+        self.idle.on_frontend(lane, kind, &msg, automatic);
         let msg = self.env.hold(lane, msg)?;
-        let msg = self.intercept(lane, msg).await?;
+        let msg = self.intercept(lane, kind, msg).await?;
         if self.idle.released.is_some() {
             match self.while_released(lane, &msg).await {
                 WhileReleased::Answered => return None,
@@ -250,15 +252,11 @@ impl Proxy {
                 }
             }
         }
-        if lane == Lane::Shell
-            && msg
-                .peek_header()
-                .is_ok_and(|h| h.msg_type == "execute_request")
-        {
+        if lane == Lane::Shell && kind == "execute_request" {
             self.env.show_held(&msg.header, &mut self.out).await;
             self.queued.show_held(&msg.header, &mut self.out).await;
         }
-        self.forward_frontend_message(lane, msg);
+        self.forward_frontend_message(lane, header, msg);
         None
     }
 
@@ -323,9 +321,14 @@ impl Proxy {
         is_shutdown
     }
 
-    fn forward_frontend_message(&mut self, lane: Lane, msg: RawMessage) {
+    fn forward_frontend_message(
+        &mut self,
+        lane: Lane,
+        header: Option<HeaderPeek>,
+        msg: RawMessage,
+    ) {
         if lane == Lane::Shell || lane == Lane::Control {
-            let Ok(h) = msg.peek_header() else {
+            let Some(h) = header else {
                 return self.agent.send(lane, msg.into_frames());
             };
             tracing::debug!(?lane, msg_type = %h.msg_type, "from the frontend");

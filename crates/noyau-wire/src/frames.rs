@@ -71,9 +71,10 @@ impl RawMessage {
         })
     }
 
-    /// The frames to put on a socket, identities first.
+    /// The frames to put on a socket, identities first. One slot spare:
+    /// the link's envelope puts its tag in front without reallocating.
     pub fn into_frames(self) -> Vec<Bytes> {
-        let mut out = Vec::with_capacity(self.identities.len() + 6 + self.buffers.len());
+        let mut out = Vec::with_capacity(self.identities.len() + 7 + self.buffers.len());
         out.extend(self.identities);
         out.push(Bytes::from_static(DELIMITER));
         out.push(self.signature);

@@ -7,6 +7,9 @@ use crate::frames::{RawMessage, WireError};
 
 type HmacSha256 = Hmac<Sha256>;
 
+/// Hex digits of an HMAC-SHA256 signature.
+const SIG_HEX: usize = 64;
+
 /// Signs and verifies with one connection's key. An empty key means the
 /// connection is unsigned, as in the Jupyter spec.
 #[derive(Clone)]
@@ -41,12 +44,15 @@ impl Signer {
         Some(mac)
     }
 
-    /// The hex signature for these four frames ("" when unsigned).
-    pub fn signature(&self, parts: [&[u8]; 4]) -> String {
-        match self.mac_over(parts) {
-            Some(mac) => hex::encode(mac.finalize().into_bytes()),
-            None => String::new(),
-        }
+    /// The hex signature for these four frames (None when unsigned), into
+    /// a buffer: `hex::encode` builds its string a char at a time, a cost
+    /// on every relayed message.
+    fn signature_hex(&self, parts: [&[u8]; 4]) -> Option<[u8; SIG_HEX]> {
+        let mac = self.mac_over(parts)?;
+        let mut out = [0u8; SIG_HEX];
+        hex::encode_to_slice(mac.finalize().into_bytes(), &mut out)
+            .expect("a SHA-256 MAC is 32 bytes");
+        Some(out)
     }
 
     /// Checks the signature in constant time.
@@ -54,13 +60,23 @@ impl Signer {
         let Some(mac) = self.mac_over(msg.signed_parts()) else {
             return Ok(());
         };
-        let sig = hex::decode(&msg.signature).map_err(|_| WireError::MalformedSignature)?;
-        mac.verify_slice(&sig).map_err(|_| WireError::BadSignature)
+        let mut sig = [0u8; SIG_HEX / 2];
+        match hex::decode_to_slice(&msg.signature, &mut sig) {
+            Ok(()) => mac.verify_slice(&sig).map_err(|_| WireError::BadSignature),
+            // Hex of another length is a wrong signature, anything else malformed.
+            Err(hex::FromHexError::InvalidStringLength) if hex::decode(&msg.signature).is_ok() => {
+                Err(WireError::BadSignature)
+            }
+            Err(_) => Err(WireError::MalformedSignature),
+        }
     }
 
     /// Replaces the signature with this key's, leaving every other frame as is.
     pub fn resign(&self, msg: &mut RawMessage) {
-        msg.signature = self.signature(msg.signed_parts()).into();
+        msg.signature = match self.signature_hex(msg.signed_parts()) {
+            Some(hex) => bytes::Bytes::copy_from_slice(&hex),
+            None => bytes::Bytes::new(),
+        };
     }
 }
 
@@ -107,6 +123,10 @@ mod tests {
         m.content = Bytes::from_static(br#"{"code":"rm -rf /"}"#);
         assert!(matches!(a.verify(&m), Err(WireError::BadSignature)));
         m.signature = Bytes::from_static(b"not hex");
+        assert!(matches!(a.verify(&m), Err(WireError::MalformedSignature)));
+        m.signature = Bytes::from_static(b"abcd");
+        assert!(matches!(a.verify(&m), Err(WireError::BadSignature)));
+        m.signature = Bytes::from_static(b"abc");
         assert!(matches!(a.verify(&m), Err(WireError::MalformedSignature)));
     }
 
