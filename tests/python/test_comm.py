@@ -402,9 +402,10 @@ def test_oar_comm_extends_the_walltime(batch: lib.Cluster) -> None:
     try:
         c = Comm(k)
         state = opened(c)
-        assert state["backend"] == "oar" and state["can"]["extend"] is True, state
-        running = c.state(lambda s: s["job"]["state"] == "running" and s["job"]["ends_at"], 180,
-                          "the job to run with a walltime")
+        assert state["backend"] == "oar", state
+        # offered once the job has an end to push back
+        running = c.state(lambda s: s["job"]["state"] == "running" and s["job"]["ends_at"]
+                          and s["can"]["extend"] is True, 180, "the job to run with a walltime, extend offered")
         reply, _ = c.request({"id": "e1", "action": "extend", "duration": "0:05:00"}, timeout=120)
         assert reply["ok"], reply
         later = ends_later(c, running, 5, 120)
@@ -441,7 +442,8 @@ def test_slurm_comm_and_noyau_extend_raise_the_time_limit_of_an_operator(slurm: 
         job = running["job"]["id"]
         assert slurm_limit(job) == "10:00"
         reply, _ = c.request({"id": "e1", "action": "extend", "duration": "5:00"}, timeout=60)
-        assert reply["ok"] and f"scontrol update JobId={job} TimeLimit=+5" in reply["message"], reply
+        # an absolute limit (TimeLimit=+N wraps on an UNLIMITED job before Slurm 23.11.1)
+        assert reply["ok"] and f"scontrol update JobId={job} TimeLimit=15)" in reply["message"], reply
         assert slurm_limit(job) == "15:00"
         later = ends_later(c, running, 5, 60)
         # the agent's walltime watcher, in the job, sees it at its next poll (30 s)
@@ -460,6 +462,19 @@ def test_slurm_comm_and_noyau_extend_raise_the_time_limit_of_an_operator(slurm: 
     finally:
         k.shutdown()
     lib.wait_until(lambda: not lib.squeue_noyau(), 60, "the kernel's job to end", interval=0.5)
+    # a job without a limit: refused, never shortened (`TimeLimit=+N` wrapped it before 23.11.1)
+    unlimited = subprocess.run(["sbatch", "--parsable", "-p", "debug", "-J", "noyau-run-unlimited", "-t", "UNLIMITED",
+                                "-c", "1", "--mem", "100M", "-o", "/dev/null", "--wrap", "sleep 300"],
+                               capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    try:
+        assert slurm_limit(unlimited) == "UNLIMITED"
+        r = subprocess.run([lib.noyau_bin(), "extend", unlimited, "10:00"], capture_output=True, text=True,
+                           timeout=60)  # type: ignore[list-item]
+        assert r.returncode != 0 and "panicked" not in r.stderr, (r.stdout, r.stderr)
+        assert "this job has no time limit to raise" in r.stderr, r.stderr
+        assert slurm_limit(unlimited) == "UNLIMITED"
+    finally:
+        subprocess.run(["scancel", unlimited], check=True, timeout=30)
 
 
 def test_slurm_extend_is_neither_offered_nor_done_for_an_ordinary_user(slurm: None, tmp_path: Path) -> None:

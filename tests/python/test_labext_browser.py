@@ -214,7 +214,7 @@ class StandInCommKernel:
         elif what == "refuse-extend":
             self._write({**self._running(left_s=2 * 3600),
                          "extend_refusal": "Slurm refused to raise the time limit of job 4242 (scontrol update "
-                                           "JobId=4242 TimeLimit=+60: Access/permission denied for job 4242): "
+                                           "JobId=4242 TimeLimit=180: Access/permission denied for job 4242): "
                                            "only its operators may"})
         elif what == "released-idle":
             # as the proxy says it (docs/comm.md): the old job ended, cancelled by the release

@@ -34,6 +34,13 @@ const POLL: Duration = Duration::from_secs(30);
 /// again (as the walltime signal's handler counts an extension).
 const REARM_AFTER: u64 = 60;
 
+/// Whether a warning given at `threshold` seconds left still holds with
+/// `left` seconds left: the end did not move [`REARM_AFTER`] past it
+/// (saturating: a threshold is whatever NOYAU_WALLTIME_WARN says).
+fn still_warned(threshold: u64, left: u64) -> bool {
+    threshold.saturating_add(REARM_AFTER) >= left
+}
+
 /// The batch job this agent runs in, if any, and its scheduler (whose
 /// watcher, in this process, follows only this job).
 pub fn batch_job() -> Option<(Scheduler, String)> {
@@ -83,14 +90,15 @@ pub async fn watch(sched: Scheduler, job: String, outbox: Arc<Outbox>, end: End)
             }
         };
         let left = noyau_sched::seconds_until(ends_at);
-        *end.0.lock().unwrap() = Some(Instant::now() + Duration::from_secs(left));
+        // checked: an absurd time left from the scheduler is no end, not a panic
+        *end.0.lock().unwrap() = Instant::now().checked_add(Duration::from_secs(left));
         if warned.is_empty() {
             tracing::info!(job, left, "walltime: seconds left");
         }
         // An extension moved the end well past a threshold already
         // announced (not the scheduler's second of rounding): it is
         // announced again when reached.
-        warned.retain(|t| t + REARM_AFTER >= left);
+        warned.retain(|t| still_warned(*t, left));
         // The next threshold below what is left (one already passed at the
         // start is not announced: a 1-minute job needs no "10 minutes left").
         let Some(&next) = thresholds
@@ -124,5 +132,20 @@ pub async fn watch(sched: Scheduler, job: String, outbox: Arc<Outbox>, end: End)
                 seconds_left,
             },
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_warning_is_given_again_only_when_the_end_moved_past_it() {
+        assert!(still_warned(600, 590));
+        assert!(still_warned(600, 660));
+        assert!(!still_warned(600, 661));
+        // an absurd NOYAU_WALLTIME_WARN threshold: no overflow
+        assert!(still_warned(u64::MAX, u64::MAX));
+        assert!(still_warned(u64::MAX - 1, 5));
     }
 }

@@ -34,6 +34,9 @@ pub(crate) const INTERVAL: Duration = Duration::from_secs(5);
 /// pings every 30 s; five periods leave room for a background tab's
 /// throttled timers (once a minute in Chromium).
 const EXPIRE_AFTER: Duration = Duration::from_secs(150);
+/// A scheduler that could not say whether this user may extend the job is
+/// asked again this long after, while a comm is open.
+const EXTEND_RETRY: Duration = Duration::from_secs(60);
 /// At most this many noyau comms per kernel: a new one beyond expires the
 /// one heard from least recently.
 const MAX_OPEN: usize = 8;
@@ -45,6 +48,9 @@ pub(crate) enum CommEvent {
     Done(Done),
     /// A comm's frontend went silent for too long.
     Expired(String),
+    /// Time to ask the scheduler again whether this user may extend
+    /// ([`EXTEND_RETRY`] after it could not say).
+    AskExtend,
 }
 
 /// One open noyau comm.
@@ -87,7 +93,10 @@ pub(crate) struct Comms {
     /// false until it answered, asked away from the relay loop when the
     /// first comm opens (the answer is kept by noyau-sched).
     pub can_extend: bool,
-    extend_rx: Option<oneshot::Receiver<bool>>,
+    /// Its answer on the way (None: it could not be asked).
+    extend_rx: Option<oneshot::Receiver<Option<bool>>>,
+    /// When it last could not be asked: asked again [`EXTEND_RETRY`] after.
+    extend_failed: Option<Instant>,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
 }
@@ -104,6 +113,7 @@ impl Comms {
             running_since: None,
             can_extend: false,
             extend_rx: None,
+            extend_failed: None,
             done_tx,
             done_rx,
         }
@@ -149,17 +159,19 @@ impl Comms {
         let follow = self.any_open();
         let silent = self.most_silent();
         let expires = silent.as_ref().map(|s| s.1 + self.expire_after);
+        let retry = self.extend_retry_at();
         loop {
             tokio::select! {
                 Some(d) = self.done_rx.recv() => return CommEvent::Done(d),
                 () = tokio::time::sleep_until(expires.unwrap_or_else(Instant::now)), if expires.is_some() => {
                     return CommEvent::Expired(silent.map(|s| s.0).unwrap_or_default());
                 }
-                can = async { match self.extend_rx.as_mut() { Some(rx) => rx.await.unwrap_or(false), None => std::future::pending().await } }, if self.extend_rx.is_some() => {
+                () = tokio::time::sleep_until(retry.unwrap_or_else(Instant::now)), if retry.is_some() => {
+                    return CommEvent::AskExtend;
+                }
+                can = async { match self.extend_rx.as_mut() { Some(rx) => rx.await.ok().flatten(), None => std::future::pending().await } }, if self.extend_rx.is_some() => {
                     self.extend_rx = None;
-                    tracing::info!(offered = can, "walltime extension asked of the scheduler");
-                    if can != self.can_extend {
-                        self.can_extend = can;
+                    if self.extend_answered(can, Instant::now()) {
                         return CommEvent::JobChanged;
                     }
                 }
@@ -171,6 +183,27 @@ impl Comms {
                     self.job = None;
                 }
             }
+        }
+    }
+
+    /// The scheduler's answer to [`Proxy::ask_extend`] (None: it could not
+    /// say, asked again later): whether `can_extend` changed.
+    fn extend_answered(&mut self, can: Option<bool>, now: Instant) -> bool {
+        let Some(can) = can else {
+            self.extend_failed = Some(now);
+            return false;
+        };
+        tracing::info!(offered = can, "walltime extension asked of the scheduler");
+        self.extend_failed = None;
+        std::mem::replace(&mut self.can_extend, can) != can
+    }
+
+    /// When to ask the scheduler again whether this user may extend: it
+    /// could not say, no answer is on its way, and a comm is open.
+    fn extend_retry_at(&self) -> Option<Instant> {
+        match (self.any_open(), &self.extend_rx, self.extend_failed) {
+            (true, None, Some(failed)) => Some(failed + EXTEND_RETRY),
+            _ => None,
         }
     }
 
@@ -368,26 +401,35 @@ impl Proxy {
 
     /// Whether this user may extend the job ([`Comms::can_extend`]): known
     /// at once where the scheduler needs not ask (OAR) or already did,
-    /// else asked away from the loop.
-    fn ask_extend(&mut self) {
+    /// else asked away from the loop; asked again [`EXTEND_RETRY`] after
+    /// the scheduler could not say ([`CommEvent::AskExtend`]). True when
+    /// the answer came at once and changed `can.extend`.
+    pub fn ask_extend(&mut self) -> bool {
         if self.cfg.backend == "local" || self.comms.extend_rx.is_some() {
-            return;
+            return false;
         }
         let Ok(sched) = noyau_sched::Scheduler::named(&self.cfg.backend) else {
-            return;
+            return false;
         };
-        let mut ask = Box::pin(async move { sched.users_extend().await });
+        let mut ask = Box::pin(async move {
+            match sched.users_extend().await {
+                Ok(can) => Some(can),
+                Err(why) => {
+                    tracing::info!("cannot tell whether the scheduler lets this user extend the job (asked again in {EXTEND_RETRY:?}): {why}");
+                    None
+                }
+            }
+        });
         let mut now = std::task::Context::from_waker(std::task::Waker::noop());
         if let std::task::Poll::Ready(can) = std::future::Future::poll(ask.as_mut(), &mut now) {
-            tracing::info!(offered = can, "walltime extension asked of the scheduler");
-            self.comms.can_extend = can;
-            return;
+            return self.comms.extend_answered(can, Instant::now());
         }
         let (tx, rx) = oneshot::channel();
         tokio::spawn(async move {
             let _ = tx.send(ask.await);
         });
         self.comms.extend_rx = Some(rx);
+        false
     }
 
     /// Tells the agent to sample usage while a comm is open, or to stop.
@@ -482,6 +524,30 @@ mod tests {
             content: Bytes::from(content.to_string()),
             buffers: vec![],
         }
+    }
+
+    /// A scheduler that could not say is asked again a minute later while
+    /// a comm is open; its answer ends the retries.
+    #[test]
+    fn a_failed_extend_probe_is_asked_again_while_a_comm_is_open() {
+        let mut comms = Comms::new();
+        let t0 = Instant::now();
+        assert!(!comms.extend_answered(None, t0));
+        assert_eq!(comms.extend_retry_at(), None, "no comm open");
+        let open = Open {
+            header: Bytes::new(),
+            heard: t0,
+        };
+        comms.open.insert("c".into(), open);
+        assert_eq!(comms.extend_retry_at(), Some(t0 + EXTEND_RETRY));
+        let (_tx, rx) = oneshot::channel();
+        comms.extend_rx = Some(rx);
+        assert_eq!(comms.extend_retry_at(), None, "an answer on its way");
+        comms.extend_rx = None;
+        assert!(comms.extend_answered(Some(true), t0 + EXTEND_RETRY));
+        assert!(comms.can_extend);
+        assert_eq!(comms.extend_retry_at(), None, "answered");
+        assert!(!comms.extend_answered(Some(true), t0 + EXTEND_RETRY));
     }
 
     #[test]

@@ -161,6 +161,9 @@ impl Proxy {
                     CommEvent::JobChanged => self.push_state().await,
                     CommEvent::Done(d) => self.on_done(d).await,
                     CommEvent::Expired(id) => self.expire(&id).await,
+                    CommEvent::AskExtend => if self.ask_extend() {
+                        self.push_state().await;
+                    },
                 },
                 sub = self.out.fe.iopub.recv() => {
                     if let Ok(sub) = sub {

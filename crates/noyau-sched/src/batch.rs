@@ -203,11 +203,11 @@ pub(crate) trait Batch: Send + Sync + 'static {
         Duration::ZERO
     }
     /// Whether [`Batch::extend`] may succeed for this process's user's
-    /// jobs (what a frontend offers as a button): false when the
-    /// scheduler cannot say. Asked of the scheduler where it depends on
-    /// the user (Slurm), then kept for the process.
-    async fn users_extend(&self) -> bool {
-        false
+    /// jobs (what a frontend offers as a button); an error when the
+    /// scheduler could not be asked. Asked of the scheduler where it
+    /// depends on the user (Slurm), then kept for the process.
+    async fn users_extend(&self) -> Result<bool, SchedError> {
+        Ok(false)
     }
     /// Asks for `secs` more seconds of walltime: the scheduler's answer, or
     /// [`SchedError::Unsupported`] where users may not.

@@ -50,6 +50,21 @@ pub enum SchedError {
         .0.join("|")
     )]
     SeveralInstalled(Vec<&'static str>),
+    /// A job id not in its scheduler's form: refused before it reaches a
+    /// command line (`scontrol update JobId=1,2` would update both).
+    #[error("{id:?} is not a job id of {scheduler}: write {form}")]
+    BadJobId {
+        id: String,
+        scheduler: &'static str,
+        form: &'static str,
+    },
+    /// More walltime than noyau asks for at once ([`crate::MAX_EXTEND_SECS`]).
+    #[error(
+        "{} more is too much walltime to ask for at once (at most {} days): ask for less",
+        crate::duration_text(*.0),
+        crate::MAX_EXTEND_SECS / 86400
+    )]
+    TooLong(u64),
     /// What this scheduler does not let a user do (e.g. extend a job).
     #[error("{0}")]
     Unsupported(String),

@@ -71,6 +71,10 @@ pub use tasks::fan_out;
 
 use batch::{Batch, Commands};
 
+/// The most walltime noyau asks for at once (`noyau extend`, the comm's
+/// `extend`): a year.
+pub const MAX_EXTEND_SECS: u64 = 365 * 86400;
+
 /// Entry points for the fuzz targets in `fuzz/` (cargo-fuzz): the parsers
 /// of what the schedulers' commands print.
 #[cfg(feature = "fuzzing")]

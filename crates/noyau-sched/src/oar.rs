@@ -61,6 +61,18 @@ pub(crate) fn make(cmds: Commands) -> Arc<dyn Batch> {
     Arc::new(Oar { cmds })
 }
 
+/// An OAR job id (digits), before it goes on oarwalltime's command line.
+fn check_id(id: &str) -> Result<(), SchedError> {
+    match !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) {
+        true => Ok(()),
+        false => Err(SchedError::BadJobId {
+            id: id.into(),
+            scheduler: "OAR",
+            form: "its number (e.g. 4242)",
+        }),
+    }
+}
+
 /// OAR's walltime, `H:MM:SS`, from seconds.
 fn walltime(secs: u64) -> String {
     format!("{}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
@@ -552,11 +564,12 @@ impl Batch for Oar {
     }
 
     /// `oarwalltime ID +H:MM:SS`: OAR's answer, or why it refused.
-    async fn users_extend(&self) -> bool {
-        true
+    async fn users_extend(&self) -> Result<bool, SchedError> {
+        Ok(true)
     }
 
     async fn extend(&self, id: &str, secs: u64, u: Option<&AsUser>) -> Result<String, SchedError> {
+        check_id(id)?;
         let out = self
             .cmds
             .cmd("oarwalltime")
@@ -791,6 +804,15 @@ mod tests {
         };
         let a = oarsub_args(&s, Path::new("/j/x.sh")).join(" ");
         assert!(a.contains("--array-param-file /j/x.tasks") && !a.contains("--hold"));
+    }
+
+    #[test]
+    fn only_oar_job_ids_reach_oarwalltime() {
+        assert!(check_id("4242").is_ok());
+        for bad in ["", "1,2", "42_3", "-1", "4242 +1:00:00", "abc"] {
+            let e = check_id(bad).unwrap_err().to_string();
+            assert!(e.contains("is not a job id of OAR"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -252,23 +252,39 @@ impl Scheduler {
     }
 
     /// Whether this process's user may ask for more walltime
-    /// ([`Scheduler::extend`]): the scheduler is asked once per process
-    /// where the answer depends on the user (Slurm: its operators only);
-    /// false when it cannot say. A handle acting as another user
+    /// ([`Scheduler::extend`]): the scheduler is asked where the answer
+    /// depends on the user (Slurm: its operators only), and its answer
+    /// kept for the process; an error when it could not be asked (the
+    /// caller may ask again later). A handle acting as another user
     /// ([`Scheduler::as_user`]) is not offered it: the answer would be
     /// this process's user's.
-    pub async fn users_extend(&self) -> bool {
-        self.as_user.is_none() && self.imp().users_extend().await
+    pub async fn users_extend(&self) -> Result<bool, SchedError> {
+        match self.as_user {
+            Some(_) => Ok(false),
+            None => self.imp().users_extend().await,
+        }
     }
 
-    /// More walltime for a job, where the scheduler lets users ask.
+    /// More walltime for a job, where the scheduler lets users ask (at
+    /// most [`crate::MAX_EXTEND_SECS`] at once).
     pub async fn extend(&self, id: &str, secs: u64) -> Result<String, SchedError> {
+        check_extension(secs)?;
         self.imp().extend(id, secs, self.user()).await
     }
 
     /// Free and total resources per partition (or queue).
     pub async fn partitions(&self) -> Result<Vec<PartitionLoad>, SchedError> {
         self.imp().partitions().await
+    }
+}
+
+/// A walltime extension noyau asks for: at most [`crate::MAX_EXTEND_SECS`]
+/// (a typo's `365-0` is not a year more on a shared cluster, and Slurm's
+/// limits are 32-bit minutes).
+fn check_extension(secs: u64) -> Result<(), SchedError> {
+    match secs > crate::MAX_EXTEND_SECS {
+        true => Err(SchedError::TooLong(secs)),
+        false => Ok(()),
     }
 }
 
@@ -402,4 +418,22 @@ pub async fn serve_submit_request() -> Result<(), SchedError> {
         .await?;
     println!("id={id}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_extension_is_at_most_a_year() {
+        assert!(check_extension(600).is_ok());
+        assert!(check_extension(crate::MAX_EXTEND_SECS).is_ok());
+        let e = check_extension(crate::MAX_EXTEND_SECS + 1).unwrap_err();
+        assert!(matches!(e, SchedError::TooLong(_)), "{e}");
+        let m = check_extension(u64::MAX).unwrap_err().to_string();
+        assert!(
+            m.contains("at most 365 days") && m.contains("ask for less"),
+            "{m}"
+        );
+    }
 }

@@ -699,17 +699,13 @@ impl Batch for Slurm {
         ends
     }
 
-    /// Slurm's operators only (`extend.rs`); not offered when the
-    /// controller cannot be asked.
-    async fn users_extend(&self) -> bool {
-        let asked = self
-            .raises
+    /// Slurm's operators only (`extend.rs`); an error when the
+    /// controller could not be asked (asked again next time).
+    async fn users_extend(&self) -> Result<bool, SchedError> {
+        self.raises
             .get_or_try_init(|| extend::may_raise(&self.cmds))
-            .await;
-        asked.copied().unwrap_or_else(|why| {
-            tracing::info!("cannot tell whether Slurm lets this user raise time limits: {why}");
-            false
-        })
+            .await
+            .copied()
     }
 
     async fn extend(&self, id: &str, secs: u64, u: Option<&AsUser>) -> Result<String, SchedError> {

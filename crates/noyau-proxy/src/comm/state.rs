@@ -53,6 +53,13 @@ fn job_fields(id: &str, st: &JobState, since: Option<&str>) -> Value {
     job
 }
 
+/// `can.extend`: the scheduler lets this user (`allowed`), and the job
+/// (its [`job_fields`]) has an end to push back; not one that waits or has
+/// no limit (Slurm's UNLIMITED, which `noyau extend` refuses).
+fn offers_extend(job: Option<&Value>, allowed: bool) -> bool {
+    allowed && job.is_some_and(|j| !j["ends_at"].is_null())
+}
+
 fn target_fields(t: &Target) -> Value {
     let state = match t.state {
         State::Queued => "pending",
@@ -86,7 +93,7 @@ impl Proxy {
         });
         let targets: Vec<Value> = self.targets.map.values().map(target_fields).collect();
         let can = json!({
-            "extend": batch && self.comms.can_extend,
+            "extend": offers_extend(job.as_ref(), self.comms.can_extend),
             "release_target": true,
             "cancel_worker": self.magics.dask.is_up(),
             // its own job's on a batch scheduler; its targets' and Dask jobs' anywhere
@@ -184,5 +191,29 @@ mod tests {
         assert_eq!(j["node"], "n1");
         let unknown = JobState::Unknown { why: "x".into() };
         assert_eq!(job_fields("42", &unknown, None)["state"], "unknown");
+    }
+
+    #[test]
+    fn extend_is_offered_only_for_a_job_with_an_end() {
+        let end = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        let running = |ends_at| JobState::Running {
+            node: "n1".into(),
+            ends_at,
+        };
+        let ends = job_fields("42", &running(Some(end)), None);
+        assert!(offers_extend(Some(&ends), true));
+        assert!(!offers_extend(Some(&ends), false));
+        let unlimited = job_fields("42", &running(None), None);
+        assert!(!offers_extend(Some(&unlimited), true));
+        let pending = JobState::Pending {
+            reason: "Resources".into(),
+            start: Some(end),
+            partition: None,
+        };
+        assert!(!offers_extend(
+            Some(&job_fields("42", &pending, None)),
+            true
+        ));
+        assert!(!offers_extend(None, true));
     }
 }

@@ -3,14 +3,18 @@
 //! Any user may lower their job's time limit; only Slurm's operators may
 //! raise it: root, the cluster's `SlurmUser`, and users whose `AdminLevel`
 //! (set by the site with `sacctmgr`, kept in slurmdbd) is Operator or
-//! Administrator. [`may_raise`] asks the controller which this user is:
-//! `scontrol show config` for the `SlurmUser` and whether accounting is
-//! kept in slurmdbd, then (only then: without it no user has an
-//! AdminLevel) `scontrol show assoc_mgr users=NAME flags=users`, the
-//! controller's own copy of the user's record, which is what it checks
-//! an update against. `sacctmgr` would ask slurmdbd instead: one more
-//! daemon that must answer, and a copy the controller may not have
-//! loaded yet.
+//! Administrator. [`may_raise`] asks the controller which this user is
+//! (root needs not ask): `scontrol show config` for the `SlurmUser` and
+//! whether accounting is kept in slurmdbd, then (only then: without it no
+//! user has an AdminLevel) `scontrol show assoc_mgr users=NAME
+//! flags=users` (NAME: the uid's, not `$USER`), the controller's own copy
+//! of the user's record, which is what it checks an update against.
+//! `sacctmgr` would ask slurmdbd instead: one more daemon that must
+//! answer, and a copy the controller may not have loaded yet.
+//!
+//! [`raise`] reads the job's limit and sets an absolute one: scontrol's
+//! `TimeLimit=+N` wraps on an UNLIMITED job before Slurm 23.11.1. A job
+//! without a limit is refused (nothing to raise).
 //!
 //! (Slurm also lets a user raise the limit of their job while it waits,
 //! up to the partition's MaxTime: not offered, a kernel's job is
@@ -18,7 +22,7 @@
 //! gets it.)
 
 use crate::batch::Commands;
-use crate::run::{user_name, AsUser};
+use crate::run::AsUser;
 use crate::SchedError;
 
 /// What `scontrol show config` says that matters here.
@@ -49,53 +53,127 @@ fn uid_in_parens(s: &str) -> Option<u32> {
 }
 
 /// The AdminLevel of the user `uid` in `scontrol show assoc_mgr flags=users`
-/// (`UserName=NAME(UID) DefAccount=… DefWckey=… AdminLevel=Operator`).
+/// (`UserName=NAME(UID) DefAccount=… DefWckey=… AdminLevel=Operator`): the
+/// `AdminLevel` key of the line whose `UserName` key is this uid's; none
+/// when a key is there twice (which one the controller meant is unknown).
 fn admin_level(text: &str, uid: u32) -> Option<&str> {
     text.lines().find_map(|l| {
-        let mut fields = l.split_whitespace();
-        let name = fields.next()?.strip_prefix("UserName=")?;
-        if uid_in_parens(name) != Some(uid) {
-            return None;
-        }
-        fields.find_map(|f| f.strip_prefix("AdminLevel="))
+        let pairs: Vec<(&str, &str)> = (l.split_whitespace())
+            .filter_map(|f| f.split_once('='))
+            .collect();
+        let only = |key: &str| {
+            let mut values = pairs.iter().filter(|(k, _)| *k == key).map(|(_, v)| *v);
+            let first = values.next();
+            values.next().is_none().then_some(first).flatten()
+        };
+        (uid_in_parens(only("UserName")?) == Some(uid)).then(|| only("AdminLevel"))?
     })
 }
 
 /// Whether this process's user is one of Slurm's operators, as the
 /// controller says (an error: it could not be asked).
 pub(super) async fn may_raise(cmds: &Commands) -> Result<bool, SchedError> {
-    let uid = nix::unistd::getuid().as_raw();
+    let uid = nix::unistd::getuid();
+    if uid.is_root() {
+        return Ok(true);
+    }
     let config = cmds
         .cmd("scontrol")
         .args(["show", "config"])
         .output()
         .await?;
     let config = parse_config(&config);
-    if uid == 0 || config.slurm_uid == Some(uid) {
+    if config.slurm_uid == Some(uid.as_raw()) {
         return Ok(true);
     }
     if !config.accounting {
         return Ok(false);
     }
+    // The name of the uid, not $USER: the process's caller sets that.
+    let name = match nix::unistd::User::from_uid(uid) {
+        Ok(Some(u)) => u.name,
+        _ => return Err(SchedError::Invalid(format!("uid {uid} has no user name"))),
+    };
     let out = cmds
         .cmd("scontrol")
         .args([
             "show".to_string(),
             "assoc_mgr".into(),
-            format!("users={}", user_name()?),
+            format!("users={name}"),
             "flags=users".into(),
         ])
         .output()
         .await?;
     Ok(matches!(
-        admin_level(&out, uid),
+        admin_level(&out, uid.as_raw()),
         Some("Operator" | "Administrator")
     ))
 }
 
-/// `scontrol update JobId=ID TimeLimit=+MINUTES` (scontrol reads the
-/// current limit and asks for the sum; Slurm counts whole minutes, so
-/// `secs` is rounded up): what was done, or Slurm's refusal and what to do.
+/// A Slurm job id (`ID`, or `ID_TASK` for an array's task), before it goes
+/// on a command line: scontrol takes `1,2` as two jobs.
+fn check_id(id: &str) -> Result<(), SchedError> {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let ok = match id.split_once('_') {
+        Some((job, task)) => digits(job) && digits(task),
+        None => digits(id),
+    };
+    match ok {
+        true => Ok(()),
+        false => Err(SchedError::BadJobId {
+            id: id.into(),
+            scheduler: "Slurm",
+            form: "its number, or NUMBER_TASK for an array's task (e.g. 4242 or 4242_3)",
+        }),
+    }
+}
+
+/// The largest time limit Slurm stores, in minutes: its limits are
+/// uint32 minutes, and the two highest values mean INFINITE and NO_VAL.
+const MAX_LIMIT_MIN: u64 = u32::MAX as u64 - 2;
+
+/// The time limit of job `id` in minutes, from `squeue -h -o %l`: an error
+/// saying why when it has none to raise (UNLIMITED, NOT_SET) or squeue
+/// shows several (an array's tasks).
+fn parse_limit(id: &str, out: &str) -> Result<u64, SchedError> {
+    let mut lines: Vec<&str> = out
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines.dedup();
+    let none = |why: String| Err(SchedError::Unsupported(why));
+    match lines.as_slice() {
+        [] => none(format!(
+            "job {id} is not in Slurm's queue: it has ended, or it is not a job id"
+        )),
+        [limit] => match crate::state::parse_duration(limit) {
+            Some(secs) => Ok(secs.div_ceil(60)),
+            None => none(format!(
+                "this job has no time limit to raise (Slurm says {limit:?} for job {id})"
+            )),
+        },
+        _ => none(format!(
+            "Slurm shows several time limits for job {id} ({}): extend one of its tasks, ID_TASK",
+            lines.join(", ")
+        )),
+    }
+}
+
+/// The limit to set: the current one plus what was asked, in minutes
+/// (Slurm counts whole minutes: `secs` is rounded up).
+fn new_limit(current_min: u64, secs: u64) -> Result<u64, SchedError> {
+    let limit = current_min.checked_add(secs.div_ceil(60).max(1));
+    limit
+        .filter(|l| *l <= MAX_LIMIT_MIN)
+        .ok_or(SchedError::TooLong(secs))
+}
+
+/// Reads the job's limit (`squeue -h -o %l -j ID`) and sets the sum
+/// (`scontrol update JobId=ID TimeLimit=MINUTES`): an absolute limit, as
+/// `TimeLimit=+N` is added by scontrol to a uint32 and wraps on an
+/// UNLIMITED job before Slurm 23.11.1, shortening it. What was done, or
+/// Slurm's refusal and what to do.
 pub(super) async fn raise(
     cmds: &Commands,
     id: &str,
@@ -103,11 +181,26 @@ pub(super) async fn raise(
     u: Option<&AsUser>,
     keep: &[&str],
 ) -> Result<String, SchedError> {
-    let minutes = secs.div_ceil(60).max(1);
+    check_id(id)?;
+    let out = cmds
+        .cmd("squeue")
+        .args(["-h", "-o", "%l", "-j", id])
+        .run_as(u, keep)
+        .output()
+        .await
+        .map_err(|e| {
+            let said = e.said().unwrap_or_else(|| e.to_string());
+            SchedError::Unsupported(format!(
+                "squeue cannot show job {id}'s time limit: {}",
+                said.trim()
+            ))
+        })?;
+    let current = parse_limit(id, &out)?;
+    let limit = new_limit(current, secs)?;
     let args = [
         "update".to_string(),
         format!("JobId={id}"),
-        format!("TimeLimit=+{minutes}"),
+        format!("TimeLimit={limit}"),
     ];
     let shown = format!("scontrol {}", args.join(" "));
     match cmds
@@ -118,7 +211,7 @@ pub(super) async fn raise(
         .await
     {
         Ok(_) => Ok(format!(
-            "Slurm raised the time limit of job {id} by {minutes} min ({shown})"
+            "Slurm raised the time limit of job {id} from {current} to {limit} min ({shown})"
         )),
         Err(e) => Err(SchedError::Unsupported(refusal(
             id,
@@ -146,6 +239,7 @@ fn refusal(id: &str, shown: &str, said: &str) -> String {
 pub(super) fn fuzz(text: &str) {
     let _ = parse_config(text);
     let _ = admin_level(text, 0);
+    let _ = parse_limit("1", text);
 }
 
 #[cfg(test)]
@@ -193,11 +287,77 @@ mod tests {
         assert_eq!(admin_level(none, 0), None);
     }
 
+    /// The keys themselves, wherever they are on the line; a key given
+    /// twice is not guessed at.
+    #[test]
+    fn the_admin_level_is_the_key_of_the_line() {
+        let moved = "Id=3 UserName=alice(1001) AdminLevel=Operator DefAccount=physics\n";
+        assert_eq!(admin_level(moved, 1001), Some("Operator"));
+        let twice = "UserName=alice(1001) AdminLevel=Operator DefWckey=x AdminLevel=None\n";
+        assert_eq!(admin_level(twice, 1001), None);
+        let names = "UserName=alice(1001) UserName=bob(1002) AdminLevel=Operator\n";
+        assert_eq!(admin_level(names, 1002), None);
+        assert_eq!(
+            admin_level("UserName=alice(1001) Admin=Operator\n", 1001),
+            None
+        );
+    }
+
+    #[test]
+    fn only_slurm_job_ids_reach_scontrol() {
+        for ok in ["12", "4242_3", "0"] {
+            assert!(check_id(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "1,2", "", "12_", "_3", "12_3_4", "12_[1-3]", "abc", "-1", "12 13", "+5",
+        ] {
+            let e = check_id(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("is not a job id of Slurm") && e.contains("4242_3"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    /// `squeue -h -o %l` as Slurm 22.05 prints it.
+    #[test]
+    fn the_limit_to_raise_and_the_jobs_without_one() {
+        assert_eq!(parse_limit("12", "10:00\n").unwrap(), 10);
+        assert_eq!(parse_limit("12", "1-00:00:00\n").unwrap(), 1440);
+        assert_eq!(parse_limit("12", "2:00:30\n").unwrap(), 121);
+        assert_eq!(parse_limit("12", "10:00\n10:00\n").unwrap(), 10);
+        for none in ["UNLIMITED\n", "NOT_SET\n", "INVALID\n"] {
+            let e = parse_limit("12", none).unwrap_err().to_string();
+            assert!(e.contains("this job has no time limit to raise"), "{e}");
+        }
+        let e = parse_limit("12", "\n").unwrap_err().to_string();
+        assert!(e.contains("not in Slurm's queue"), "{e}");
+        let e = parse_limit("12", "10:00\n20:00\n").unwrap_err().to_string();
+        assert!(
+            e.contains("several time limits") && e.contains("ID_TASK"),
+            "{e}"
+        );
+    }
+
+    /// An absolute limit, never past what Slurm stores (UNLIMITED and
+    /// NO_VAL are the two highest uint32s).
+    #[test]
+    fn the_new_limit_is_the_sum_in_whole_minutes() {
+        assert_eq!(new_limit(10, 300).unwrap(), 15);
+        assert_eq!(new_limit(10, 1).unwrap(), 11);
+        assert_eq!(new_limit(10, 61).unwrap(), 12);
+        assert_eq!(new_limit(0, 0).unwrap(), 1);
+        assert_eq!(new_limit(MAX_LIMIT_MIN - 5, 300).unwrap(), MAX_LIMIT_MIN);
+        assert!(new_limit(MAX_LIMIT_MIN - 4, 300).is_err());
+        assert!(new_limit(u64::MAX, 60).is_err());
+        assert!(new_limit(0, u64::MAX).is_err());
+    }
+
     #[test]
     fn a_refusal_says_what_slurm_said_and_what_to_do() {
         let m = refusal(
             "12",
-            "scontrol update JobId=12 TimeLimit=+10",
+            "scontrol update JobId=12 TimeLimit=70",
             "Access/permission denied for job 12",
         );
         assert!(m.contains("Access/permission denied for job 12"), "{m}");
@@ -207,12 +367,12 @@ mod tests {
         );
         let m = refusal(
             "12",
-            "scontrol update JobId=12 TimeLimit=+10",
+            "scontrol update JobId=12 TimeLimit=70",
             "Invalid job id specified",
         );
         assert_eq!(
             m,
-            "scontrol update JobId=12 TimeLimit=+10 refused: Invalid job id specified"
+            "scontrol update JobId=12 TimeLimit=70 refused: Invalid job id specified"
         );
     }
 }
