@@ -2,12 +2,12 @@
 //! and then opened could be swapped in between.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use nix::libc;
 
-use crate::{Expect, Kind, Mode, TrustError};
+use crate::{Expect, Kind, Mode, Problem, TrustError};
 
 impl Expect {
     /// Opens `path` for reading and checks the open file.
@@ -70,9 +70,10 @@ impl Expect {
 /// Opens `path` for writing from its start, as a regular file of ours with
 /// `mode` (made so, whatever the umask or an earlier mode): created if
 /// missing; one already there is used only if it is a regular file of ours
-/// (never written through a symlink, and checked before it is emptied).
+/// with no other name (never written through a symlink or a hard link,
+/// and checked before it is emptied).
 pub fn create_private(path: &Path, mode: u32) -> Result<File, TrustError> {
-    let file = Expect::file().mode(Mode::Set(mode)).open_with(
+    let file = Expect::file().mode(Mode::Any).open_with(
         path,
         OpenOptions::new()
             .write(true)
@@ -80,6 +81,23 @@ pub fn create_private(path: &Path, mode: u32) -> Result<File, TrustError> {
             .truncate(false)
             .mode(mode),
     )?;
+    let meta = file
+        .metadata()
+        .map_err(|e| TrustError::io("examine", path, e))?;
+    // Another name for the same file (a hard link another user made to a
+    // file of ours elsewhere) would be emptied and rewritten under it.
+    if meta.nlink() != 1 {
+        return Err(TrustError::refused(
+            path,
+            Problem::HardLinked {
+                links: meta.nlink(),
+            },
+        ));
+    }
+    if meta.mode() & 0o7777 != mode {
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(|e| TrustError::io("set the mode of", path, e))?;
+    }
     file.set_len(0)
         .map_err(|e| TrustError::io("empty", path, e))?;
     Ok(file)

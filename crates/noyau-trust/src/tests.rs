@@ -293,3 +293,16 @@ fn create_private_makes_or_empties_a_file_of_ours_with_its_mode() {
         "{e}"
     );
 }
+
+#[test]
+fn create_private_refuses_a_hard_link_to_a_file_of_ours() {
+    let t = tempfile::tempdir().unwrap();
+    let mine = t.path().join("mine");
+    std::fs::write(&mine, "precious").unwrap();
+    let link = t.path().join("link");
+    std::fs::hard_link(&mine, &link).unwrap();
+    let e = create_private(&link, 0o600).unwrap_err();
+    assert_eq!(problem(&e), Problem::HardLinked { links: 2 });
+    assert!(e.to_string().contains("rm "), "{e}");
+    assert_eq!(std::fs::read_to_string(&mine).unwrap(), "precious");
+}
