@@ -128,6 +128,7 @@ impl Expect {
     /// Checks what is at `path` now (for a path that is only looked at;
     /// open it with [`Expect::open`] to use it).
     pub fn check(&self, path: &Path) -> Result<Metadata, TrustError> {
+        let path = &crate::plain(path);
         let meta = if self.follow {
             std::fs::metadata(path)
         } else {

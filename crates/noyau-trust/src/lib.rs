@@ -24,5 +24,12 @@ pub fn me() -> u32 {
     nix::unistd::geteuid().as_raw()
 }
 
+/// `path` without a trailing separator (or `.` components): `link/`
+/// resolves `link`, so neither `lstat` nor `O_NOFOLLOW` would see a
+/// symlink there.
+fn plain(path: &std::path::Path) -> std::path::PathBuf {
+    path.components().collect()
+}
+
 #[cfg(test)]
 mod tests;

@@ -20,6 +20,7 @@ impl Expect {
     /// terminal ours, and follows a symlink only with
     /// [`Expect::follow_links`]. With [`Mode::Set`] the mode is then set.
     pub fn open_with(&self, path: &Path, options: &mut OpenOptions) -> Result<File, TrustError> {
+        let path = &crate::plain(path);
         let mut flags = libc::O_NONBLOCK | libc::O_NOCTTY;
         if !self.follow {
             flags |= libc::O_NOFOLLOW;
@@ -46,6 +47,7 @@ impl Expect {
     /// [`Mode::Set`] apply to the same directory).
     pub fn make_dir(&self, path: &Path) -> Result<(), TrustError> {
         debug_assert_eq!(self.kind, Kind::Dir);
+        let path = &crate::plain(path);
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)

@@ -306,3 +306,21 @@ fn create_private_refuses_a_hard_link_to_a_file_of_ours() {
     assert!(e.to_string().contains("rm "), "{e}");
     assert_eq!(std::fs::read_to_string(&mine).unwrap(), "precious");
 }
+
+#[test]
+fn a_trailing_slash_does_not_hide_a_symlink() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("dir");
+    std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
+    std::fs::write(dir.join("f"), "x").unwrap();
+    let link = t.path().join("link");
+    std::os::unix::fs::symlink(&dir, &link).unwrap();
+    let slashed = Path::new(&format!("{}/", link.display())).to_path_buf();
+    for e in [
+        Expect::dir().check(&slashed).unwrap_err(),
+        Expect::dir().open(&slashed).unwrap_err(),
+        Expect::dir().make_dir(&slashed).unwrap_err(),
+    ] {
+        assert_eq!(problem(&e), Problem::Symlink, "{e}");
+    }
+}
