@@ -41,7 +41,7 @@ use noyau_vars::EnvVars;
 use std::fs::File;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 
-use noyau_trust::{Expect, Mode, Owner, TrustError};
+use noyau_trust::{Expect, Mode, Owner, Problem, TrustError};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -123,15 +123,11 @@ impl FileLock {
     }
 }
 
-impl From<TrustError> for Untrusted {
-    fn from(e: TrustError) -> Self {
-        let why = match &e {
-            TrustError::Refused { problem, .. } => problem.to_string(),
-            TrustError::Io { source, .. } => format!("cannot be examined ({source})"),
-        };
+impl Untrusted {
+    fn refused(path: PathBuf, problem: Problem) -> Self {
         Untrusted {
-            path: e.path().to_path_buf(),
-            why,
+            path,
+            why: problem.to_string(),
         }
     }
 }
@@ -144,7 +140,9 @@ impl From<TrustError> for EnvError {
                 path,
                 source,
             } => EnvError::io(format!("cannot {action} {}", path.display()), source),
-            refused => EnvError::Untrusted(refused.into()),
+            TrustError::Refused { path, problem } => {
+                EnvError::Untrusted(Untrusted::refused(path, problem))
+            }
         }
     }
 }
@@ -199,7 +197,7 @@ impl Cache {
     /// Checks one path ([`Cache::expect`]): missing is fine.
     pub(crate) fn check(&self, path: &Path, dir: bool) -> Result<(), Untrusted> {
         match self.expect(dir).check(path) {
-            Err(e @ TrustError::Refused { .. }) => Err(e.into()),
+            Err(TrustError::Refused { path, problem }) => Err(Untrusted::refused(path, problem)),
             _ => Ok(()),
         }
     }
@@ -275,7 +273,9 @@ impl Cache {
         let file = match self.expect(false).open(&path) {
             Ok(f) => f,
             Err(e) if e.is_not_found() && !self.site => self.open_lock(&path)?,
-            Err(e @ TrustError::Refused { .. }) => return Err(EnvError::Untrusted(e.into())),
+            Err(TrustError::Refused { path, problem }) => {
+                return Err(EnvError::Untrusted(Untrusted::refused(path, problem)))
+            }
             Err(_) => return Ok(None),
         };
         // Only the owner may set the time; others' uses go unrecorded.

@@ -31,5 +31,14 @@ fn plain(path: &std::path::Path) -> std::path::PathBuf {
     path.components().collect()
 }
 
+/// A call that cannot do what its `Expect` says (a bug of the caller's).
+fn misuse(action: &'static str, path: &std::path::Path, why: &str) -> TrustError {
+    let e = std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!("noyau bug: {why}"),
+    );
+    TrustError::io(action, path, e)
+}
+
 #[cfg(test)]
 mod tests;

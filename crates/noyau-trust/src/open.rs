@@ -24,6 +24,9 @@ impl Expect {
         let mut flags = libc::O_NONBLOCK | libc::O_NOCTTY;
         if !self.follow {
             flags |= libc::O_NOFOLLOW;
+        } else if dangling(path) {
+            // Opening it to create would make a file wherever it leads.
+            return Err(TrustError::refused(path, Problem::Symlink));
         }
         let file = options
             .custom_flags(flags)
@@ -46,8 +49,10 @@ impl Expect {
     /// missing, and checks the one there (opened, so the check and a
     /// [`Mode::Set`] apply to the same directory).
     pub fn make_dir(&self, path: &Path) -> Result<(), TrustError> {
-        debug_assert_eq!(self.kind, Kind::Dir);
         let path = &crate::plain(path);
+        if self.kind != Kind::Dir {
+            return Err(crate::misuse("create", path, "make_dir needs Expect::dir"));
+        }
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -60,13 +65,24 @@ impl Expect {
     /// under `O_NOFOLLOW`, a directory where a file is written, another
     /// user's file), else the I/O error itself.
     fn explain(&self, action: &'static str, path: &Path, e: std::io::Error) -> TrustError {
+        // (A mode to set is set only on what was opened: not checked here.)
+        let probe = match self.mode {
+            Mode::Set(_) => self.mode(Mode::Any),
+            _ => *self,
+        };
         if e.kind() != std::io::ErrorKind::NotFound {
-            if let Err(refused @ TrustError::Refused { .. }) = self.check(path) {
+            if let Err(refused @ TrustError::Refused { .. }) = probe.check(path) {
                 return refused;
             }
         }
         TrustError::io(action, path, e)
     }
+}
+
+/// A symlink at `path` that leads nowhere.
+fn dangling(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
+        && std::fs::metadata(path).is_err()
 }
 
 /// Opens `path` for writing from its start, as a regular file of ours with

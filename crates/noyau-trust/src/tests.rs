@@ -324,3 +324,27 @@ fn a_trailing_slash_does_not_hide_a_symlink() {
         assert_eq!(problem(&e), Problem::Symlink, "{e}");
     }
 }
+
+#[test]
+fn misuses_are_refused_not_ignored() {
+    let t = tempfile::tempdir().unwrap();
+    let e = Expect::dir()
+        .mode(Mode::Set(0o700))
+        .check(t.path())
+        .unwrap_err();
+    assert!(e.to_string().contains("noyau bug"), "{e}");
+    let e = Expect::file().make_dir(&t.path().join("d")).unwrap_err();
+    assert!(e.to_string().contains("noyau bug"), "{e}");
+    assert!(!t.path().join("d").exists());
+    // Following a link that leads nowhere would create its target.
+    let link = t.path().join("link");
+    std::os::unix::fs::symlink(t.path().join("target"), &link).unwrap();
+    let mut create = std::fs::OpenOptions::new();
+    create.write(true).create(true);
+    let e = Expect::file()
+        .follow_links()
+        .open_with(&link, &mut create)
+        .unwrap_err();
+    assert_eq!(problem(&e), Problem::Symlink);
+    assert!(!t.path().join("target").exists());
+}
