@@ -80,11 +80,9 @@ impl ClusterDir {
             let path = path.to_path_buf();
             move |source| DaskError::Dir { path, source }
         };
-        // Ours (a link followed, as for the state directory's others), made 0700.
-        noyau_trust::Expect::dir()
-            .mode(noyau_trust::Mode::Set(0o700))
-            .follow_links()
-            .make_dir(root)?;
+        // Ours (a link followed, as for the state directory's others), made
+        // 0700; in /tmp's state directory, that one checked first.
+        noyau_sched::private_dir(root)?;
         let dir = root.join(id);
         std::fs::DirBuilder::new()
             .mode(0o700)

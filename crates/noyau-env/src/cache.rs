@@ -23,9 +23,10 @@
 //! regular files, no symlink), owned by the user or by the owner of the
 //! cache's root (the site's account), and writable by no one else
 //! ([`Untrusted`] otherwise; `realise` then builds in the user's own cache,
-//! [`private_root`], and says so). Builds are sealed before they are
-//! renamed into place: group and other write bits are cleared throughout,
-//! whatever the builder's umask.
+//! [`private_root`], and says so). A build's directory is 0700 until it
+//! is sealed, before it is renamed into place: its top made 0755, group and
+//! other write bits cleared throughout, whatever the builder's umask, each
+//! on what was opened without following a symlink.
 //!
 //! A site cache (`NOYAU_ENV_SITE_CACHE`, [`Cache::site`]) is built by an
 //! admin and only read by users: there, only the owner of its root is
@@ -38,9 +39,9 @@
 
 use noyau_vars::EnvVars;
 use std::fs::File;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 
-use noyau_trust::{Expect, Mode, Owner, TrustError};
+use noyau_trust::{Expect, Mode, Owner, Problem, TrustError};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -122,15 +123,11 @@ impl FileLock {
     }
 }
 
-impl From<TrustError> for Untrusted {
-    fn from(e: TrustError) -> Self {
-        let why = match &e {
-            TrustError::Refused { problem, .. } => problem.to_string(),
-            TrustError::Io { source, .. } => format!("cannot be examined ({source})"),
-        };
+impl Untrusted {
+    fn refused(path: PathBuf, problem: Problem) -> Self {
         Untrusted {
-            path: e.path().to_path_buf(),
-            why,
+            path,
+            why: problem.to_string(),
         }
     }
 }
@@ -143,7 +140,9 @@ impl From<TrustError> for EnvError {
                 path,
                 source,
             } => EnvError::io(format!("cannot {action} {}", path.display()), source),
-            refused => EnvError::Untrusted(refused.into()),
+            TrustError::Refused { path, problem } => {
+                EnvError::Untrusted(Untrusted::refused(path, problem))
+            }
         }
     }
 }
@@ -198,7 +197,7 @@ impl Cache {
     /// Checks one path ([`Cache::expect`]): missing is fine.
     pub(crate) fn check(&self, path: &Path, dir: bool) -> Result<(), Untrusted> {
         match self.expect(dir).check(path) {
-            Err(e @ TrustError::Refused { .. }) => Err(e.into()),
+            Err(TrustError::Refused { path, problem }) => Err(Untrusted::refused(path, problem)),
             _ => Ok(()),
         }
     }
@@ -274,7 +273,9 @@ impl Cache {
         let file = match self.expect(false).open(&path) {
             Ok(f) => f,
             Err(e) if e.is_not_found() && !self.site => self.open_lock(&path)?,
-            Err(e @ TrustError::Refused { .. }) => return Err(EnvError::Untrusted(e.into())),
+            Err(TrustError::Refused { path, problem }) => {
+                return Err(EnvError::Untrusted(Untrusted::refused(path, problem)))
+            }
             Err(_) => return Ok(None),
         };
         // Only the owner may set the time; others' uses go unrecorded.
@@ -317,12 +318,15 @@ impl Cache {
         let tmp = self
             .root
             .join(format!(".tmp-{key}-{}-{}", std::process::id(), unique()));
-        std::fs::create_dir(&tmp)
+        // 0700 while building, whatever the umask (002 in a group's cache):
+        // no one else may change a build before it is sealed.
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&tmp)
             .map_err(|e| EnvError::io(format!("creating {}", tmp.display()), e))?;
         let built = build(&tmp, progress).and_then(|record| {
             let text = serde_json::to_vec_pretty(&record).expect("a record serialises");
-            std::fs::write(tmp.join(MARKER), text)
-                .map_err(|e| EnvError::io(format!("writing {}", tmp.join(MARKER).display()), e))?;
+            write_marker(&tmp.join(MARKER), &text)?;
             seal(&tmp).map_err(|e| EnvError::io(format!("sealing {}", tmp.display()), e))?;
             std::fs::rename(&tmp, &entry)
                 .map_err(|e| EnvError::io(format!("moving the build to {}", entry.display()), e))?;
@@ -364,23 +368,67 @@ impl Cache {
     }
 }
 
-/// Clears group and other write bits throughout a finished build (never
-/// following symlinks), so what is shared cannot be changed by others.
+/// Writes the record as a new file (never through a link the build left
+/// there), readable by the cache's users.
+fn write_marker(path: &Path, text: &[u8]) -> Result<(), EnvError> {
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .and_then(|mut f| f.write_all(text))
+        .map_err(|e| EnvError::io(format!("writing {}", path.display()), e))
+}
+
+/// Makes a finished build readable by the cache's users (its top 0755: a
+/// site's cache is read by everyone) and clears group and other write bits
+/// throughout, so what is shared cannot be changed by others. Each mode is
+/// set on what was opened without following a symlink (a link swapped in
+/// is left alone, never what it leads to).
 fn seal(dir: &Path) -> std::io::Result<()> {
-    let meta = std::fs::symlink_metadata(dir)?;
-    if meta.file_type().is_symlink() {
-        return Ok(());
+    let top = open_nofollow(dir)?.ok_or_else(|| std::io::Error::other("is a symlink"))?;
+    if !top.metadata()?.is_dir() {
+        return Err(std::io::Error::other("is not a directory"));
     }
+    top.set_permissions(std::fs::Permissions::from_mode(0o755))?;
+    for e in std::fs::read_dir(dir)? {
+        seal_entry(&e?.path())?;
+    }
+    Ok(())
+}
+
+fn seal_entry(path: &Path) -> std::io::Result<()> {
+    let Some(file) = open_nofollow(path)? else {
+        return Ok(());
+    };
+    let meta = file.metadata()?;
     let mode = meta.mode() & 0o7777;
     if mode & 0o022 != 0 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & !0o022))?;
+        file.set_permissions(std::fs::Permissions::from_mode(mode & !0o022))?;
     }
     if meta.is_dir() {
-        for e in std::fs::read_dir(dir)? {
-            seal(&e?.path())?;
+        for e in std::fs::read_dir(path)? {
+            seal_entry(&e?.path())?;
         }
     }
     Ok(())
+}
+
+/// `path` opened for its descriptor only (no blocking on a FIFO), or None
+/// for a symlink or a socket (which cannot be opened; neither has modes
+/// that matter).
+fn open_nofollow(path: &Path) -> std::io::Result<Option<File>> {
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path);
+    match opened {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENXIO)) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 fn unique() -> u64 {
@@ -397,6 +445,44 @@ fn unique() -> u64 {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_build_is_private_until_sealed_and_its_record_never_written_through_a_link() {
+        let root = tempfile::tempdir().unwrap();
+        let cache = Cache::new(root.path().join("c"));
+        let mut p = |_: &str| {};
+        let (entry, _) = cache
+            .get_or_build("k", &mut p, |dir, _| {
+                let mode = std::fs::metadata(dir).unwrap().mode() & 0o777;
+                assert_eq!(mode, 0o700, "a build in progress is ours only");
+                std::fs::write(dir.join("open"), "x").unwrap();
+                std::fs::set_permissions(dir.join("open"), PermissionsExt::from_mode(0o666))
+                    .unwrap();
+                Ok(json!({"key": "k"}))
+            })
+            .unwrap();
+        assert_eq!(std::fs::metadata(&entry).unwrap().mode() & 0o777, 0o755);
+        assert_eq!(
+            std::fs::metadata(entry.join("open")).unwrap().mode() & 0o777,
+            0o644
+        );
+        // A link the build left where the record goes: refused, and what it
+        // leads to neither written nor chmodded.
+        let outside = root.path().join("outside");
+        std::fs::write(&outside, "theirs").unwrap();
+        std::fs::set_permissions(&outside, PermissionsExt::from_mode(0o666)).unwrap();
+        let mut p = |_: &str| {};
+        let e = cache
+            .get_or_build("j", &mut p, |dir, _| {
+                std::os::unix::fs::symlink(&outside, dir.join(MARKER)).unwrap();
+                std::os::unix::fs::symlink(&outside, dir.join("link")).unwrap();
+                Ok(json!({"key": "j"}))
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains(MARKER), "{e}");
+        assert_eq!(std::fs::read_to_string(&outside).unwrap(), "theirs");
+        assert_eq!(std::fs::metadata(&outside).unwrap().mode() & 0o777, 0o666);
+    }
 
     #[test]
     fn a_failed_build_leaves_nothing_and_a_half_built_entry_is_rebuilt() {

@@ -176,7 +176,14 @@ fn private_file(
         }
         Err(e) if e.is_not_found() => {
             let b = make()?;
-            let mut f = noyau_trust::create_private(path, 0o600)?;
+            // A new file: never one someone made there meanwhile.
+            let mut f = Expect::file().open_with(
+                path,
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600),
+            )?;
             std::io::Write::write_all(&mut f, &b)?;
             Ok(b)
         }

@@ -20,6 +20,21 @@ pub fn status_path(id: &str) -> PathBuf {
         .join(format!("{id}.json"))
 }
 
+/// "done/total" cells of the detached run in job `id`, for `noyau ps`;
+/// None without a status file of ours there (anyone may plant a FIFO, a
+/// link or a file of theirs at its path).
+pub fn cells(id: &str) -> Option<String> {
+    read_cells(&status_path(id))
+}
+
+fn read_cells(path: &Path) -> Option<String> {
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut noyau_trust::Expect::file().open(path).ok()?, &mut text)
+        .ok()?;
+    let v = serde_json::from_str::<serde_json::Value>(&text).ok()?;
+    Some(format!("{}/{}", v["done"], v["total"]))
+}
+
 /// The batch allocation this runner itself runs in (a sweep task, a
 /// detached run): `1234` or `1234_5` for an array task.
 pub fn allocation() -> Option<String> {
@@ -64,11 +79,11 @@ impl StatusFile {
     fn write(&self) {
         use std::io::Write;
         let Some(p) = &self.path else { return };
-        let _ = std::fs::create_dir_all(p.parent().unwrap_or(Path::new(".")));
         let tmp = p.with_extension("tmp");
         let text = json!({"done": self.done, "total": self.total}).to_string();
-        let ok = noyau_trust::create_private(&tmp, 0o600)
+        let ok = noyau_sched::private_dir(p.parent().unwrap_or(Path::new(".")))
             .map_err(std::io::Error::other)
+            .and_then(|()| noyau_trust::create_private(&tmp, 0o600).map_err(std::io::Error::other))
             .and_then(|mut f| f.write_all(text.as_bytes()))
             .and_then(|()| std::fs::rename(&tmp, p));
         if let Err(e) = ok {
@@ -186,4 +201,32 @@ pub async fn detach(
     );
     println!("{id}");
     Ok(exit::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_status_file_is_private_and_read_only_if_ours() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("state/runs/7.json");
+        let mut s = StatusFile {
+            path: Some(p.clone()),
+            done: 0,
+            total: 3,
+        };
+        s.cell_done();
+        let dir = std::fs::metadata(p.parent().unwrap()).unwrap();
+        assert_eq!(dir.permissions().mode() & 0o777, 0o700);
+        assert_eq!(read_cells(&p).as_deref(), Some("1/3"));
+        // A FIFO (reading would wait for a writer) or a link: not read.
+        let fifo = t.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert_eq!(read_cells(&fifo), None);
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        assert_eq!(read_cells(&link), None);
+    }
 }

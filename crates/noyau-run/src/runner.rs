@@ -174,7 +174,12 @@ fn finish_output(saver: &mut Saver, nb: &Notebook, output: &Output) -> Result<()
 /// The last save failed (a full disk, a directory gone): the notebook goes
 /// to `$XDG_STATE_HOME/noyau/unsaved/` rather than being lost.
 fn rescue(nb: &Notebook, output: &Path) -> Result<PathBuf, RunError> {
-    let dir = noyau_sched::state_dir().join("unsaved");
+    rescue_in(&noyau_sched::state_dir().join("unsaved"), nb, output)
+}
+
+/// [`rescue`] into `dir`, made private (the notebook may hold what the
+/// user's outputs showed: nobody else may list or read it).
+fn rescue_in(dir: &Path, nb: &Notebook, output: &Path) -> Result<PathBuf, RunError> {
     let stem = output
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -184,8 +189,27 @@ fn rescue(nb: &Notebook, output: &Path) -> Result<PathBuf, RunError> {
         chrono::Local::now().format("%Y%m%d-%H%M%S"),
         std::process::id()
     ));
-    std::fs::create_dir_all(&dir)
-        .and_then(|()| noyau_notebook::write_atomic(&path, nb.to_json_string().as_bytes()))
+    noyau_sched::private_dir(dir)?;
+    noyau_notebook::write_atomic(&path, nb.to_json_string().as_bytes())
         .map_err(RunError::io("cannot write", &path))?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_rescued_notebook_goes_to_a_private_dir() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("state/unsaved");
+        let nb = noyau_notebook::Notebook::from_json_str(
+            r#"{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}"#,
+        )
+        .unwrap();
+        let p = super::rescue_in(&dir, &nb, std::path::Path::new("out.ipynb")).unwrap();
+        assert!(p.starts_with(&dir));
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
 }

@@ -18,9 +18,16 @@ pub fn state_dir() -> PathBuf {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
         .map(|d| d.join("noyau"))
-        // No home: a directory of this user's own name, checked as any
-        // other (`private_dir`), since anyone may make one in /tmp.
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("noyau-{}", nix::unistd::geteuid())))
+        .unwrap_or_else(tmp_state_dir)
+}
+
+/// The state directory when there is no home (a job or service started
+/// with an empty environment): one of this user's name in /tmp, where
+/// anyone may have made it first. [`private_dir`] checks it itself before
+/// making anything in it, rather than refusing to run without
+/// `XDG_STATE_HOME`: the checks make it as safe as a home directory.
+fn tmp_state_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("noyau-{}", nix::unistd::geteuid()))
 }
 
 /// Where a user's processes on this host share their scheduler listings:
@@ -46,7 +53,18 @@ pub fn log_dir() -> PathBuf {
 /// leads to) another user's is refused, even where root could chmod it:
 /// the job files written there hold secrets and are sourced by the job.
 /// A symlink is followed: the user may have put their logs elsewhere.
-pub(crate) fn private_dir(dir: &Path) -> Result<(), SchedError> {
+/// In the state directory of /tmp ([`state_dir`] without a home), that
+/// directory itself must first be ours, 0700 and not a link: whoever owns
+/// or may write it could swap a directory below it for theirs.
+pub fn private_dir(dir: &Path) -> Result<(), SchedError> {
+    private_dir_under(&tmp_state_dir(), dir)
+}
+
+/// [`private_dir`], with `tmp_state` the state directory of /tmp.
+fn private_dir_under(tmp_state: &Path, dir: &Path) -> Result<(), SchedError> {
+    if dir.starts_with(tmp_state) {
+        Expect::dir().make_dir(tmp_state)?;
+    }
     Ok(Expect::dir()
         .mode(Mode::Set(0o700))
         .follow_links()
@@ -121,5 +139,50 @@ mod tests {
             let e = private_dir(d).unwrap_err().to_string();
             assert!(e.contains("belongs to uid 65534, not to you"), "{e}");
         }
+    }
+
+    #[test]
+    fn a_tmp_state_dir_planted_by_another_user_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let state = t.path().join("noyau-1000");
+        private_dir_under(&state, &state.join("slurm")).unwrap();
+        let mode = std::fs::metadata(&state).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o700
+        );
+        // Open to others (made so by an older noyau or the umask): refused,
+        // since someone may already have swapped what is inside.
+        std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .unwrap();
+        let e = private_dir_under(&state, &state.join("slurm"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mode 0777"), "{e}");
+        // A link to a private directory of ours: refused as well.
+        let planted = t.path().join("planted");
+        std::os::unix::fs::symlink(t.path().join("elsewhere"), &planted).unwrap();
+        private_dir(&t.path().join("elsewhere")).unwrap();
+        let e = private_dir_under(&planted, &planted.join("slurm"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is a symlink"), "{e}");
+        if !nix::unistd::geteuid().is_root() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "this test needs root under CI"
+            );
+            return;
+        }
+        // Another user's, as anyone may make it first in /tmp.
+        std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .unwrap();
+        std::os::unix::fs::chown(&state, Some(65534), None).unwrap();
+        let e = private_dir_under(&state, &state.join("slurm"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("belongs to uid 65534, not to you"), "{e}");
+        // A directory elsewhere is not affected.
+        private_dir_under(&state, &t.path().join("other")).unwrap();
     }
 }

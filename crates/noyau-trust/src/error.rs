@@ -20,6 +20,9 @@ pub enum Problem {
     OthersWrite { mode: u32 },
     #[error("has mode {mode:04o}; it must be {want:04o} (only its owner may use it)")]
     TooOpen { mode: u32, want: u32 },
+    /// A file about to be rewritten that has other names.
+    #[error("has {links} names (hard links)")]
+    HardLinked { links: u64 },
 }
 
 impl Problem {
@@ -35,6 +38,10 @@ impl Problem {
             }
             Problem::OthersWrite { .. } => format!("`chmod go-w {p}`, or remove it"),
             Problem::TooOpen { want, .. } => format!("`chmod {want:o} {p}`, or remove it"),
+            Problem::HardLinked { .. } => format!(
+                "another user may have linked it to a file of yours, which writing would \
+                 overwrite: remove it (`rm {p}`)"
+            ),
         }
     }
 }

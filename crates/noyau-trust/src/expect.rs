@@ -37,23 +37,17 @@ pub enum Owner {
 }
 
 impl Owner {
-    fn accepts(self, uid: u32) -> bool {
-        match self {
-            Owner::Me => uid == crate::me(),
-            Owner::Uid(u, _) => uid == u,
-            Owner::MeOr(u, _) => uid == u || uid == crate::me(),
-            Owner::Any => true,
-        }
-    }
-
-    /// Whose it should have been, for [`Problem::NotOwned`].
-    fn want(self) -> String {
+    /// None when `uid` may own it, else whose it should have been, for
+    /// [`Problem::NotOwned`].
+    fn refuses(self, uid: u32) -> Option<String> {
         let me = crate::me();
         match self {
-            Owner::Me | Owner::Any => format!("you (uid {me})"),
-            Owner::Uid(u, name) => format!("{name} (uid {u})"),
-            Owner::MeOr(u, _) if u == me => format!("you (uid {me})"),
-            Owner::MeOr(u, name) => format!("you (uid {me}) or {name} (uid {u})"),
+            Owner::Any => None,
+            Owner::Me | Owner::MeOr(_, _) if uid == me => None,
+            Owner::Uid(u, _) | Owner::MeOr(u, _) if uid == u => None,
+            Owner::Me => Some(format!("you (uid {me})")),
+            Owner::Uid(u, name) => Some(format!("{name} (uid {u})")),
+            Owner::MeOr(u, name) => Some(format!("you (uid {me}) or {name} (uid {u})")),
         }
     }
 }
@@ -128,6 +122,14 @@ impl Expect {
     /// Checks what is at `path` now (for a path that is only looked at;
     /// open it with [`Expect::open`] to use it).
     pub fn check(&self, path: &Path) -> Result<Metadata, TrustError> {
+        let path = &crate::plain(path);
+        if let Mode::Set(_) = self.mode {
+            return Err(crate::misuse(
+                "check",
+                path,
+                "Mode::Set needs an open file: use Expect::open",
+            ));
+        }
         let meta = if self.follow {
             std::fs::metadata(path)
         } else {
@@ -156,10 +158,10 @@ impl Expect {
                 want: self.kind,
             });
         }
-        if !self.owner.accepts(meta.uid()) {
+        if let Some(want) = self.owner.refuses(meta.uid()) {
             return refuse(Problem::NotOwned {
                 owner: meta.uid(),
-                want: self.owner.want(),
+                want,
             });
         }
         let mode = meta.mode() & 0o7777;

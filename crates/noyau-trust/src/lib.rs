@@ -24,5 +24,21 @@ pub fn me() -> u32 {
     nix::unistd::geteuid().as_raw()
 }
 
+/// `path` without a trailing separator (or `.` components): `link/`
+/// resolves `link`, so neither `lstat` nor `O_NOFOLLOW` would see a
+/// symlink there.
+fn plain(path: &std::path::Path) -> std::path::PathBuf {
+    path.components().collect()
+}
+
+/// A call that cannot do what its `Expect` says (a bug of the caller's).
+fn misuse(action: &'static str, path: &std::path::Path, why: &str) -> TrustError {
+    let e = std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!("noyau bug: {why}"),
+    );
+    TrustError::io(action, path, e)
+}
+
 #[cfg(test)]
 mod tests;

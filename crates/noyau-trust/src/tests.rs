@@ -293,3 +293,58 @@ fn create_private_makes_or_empties_a_file_of_ours_with_its_mode() {
         "{e}"
     );
 }
+
+#[test]
+fn create_private_refuses_a_hard_link_to_a_file_of_ours() {
+    let t = tempfile::tempdir().unwrap();
+    let mine = t.path().join("mine");
+    std::fs::write(&mine, "precious").unwrap();
+    let link = t.path().join("link");
+    std::fs::hard_link(&mine, &link).unwrap();
+    let e = create_private(&link, 0o600).unwrap_err();
+    assert_eq!(problem(&e), Problem::HardLinked { links: 2 });
+    assert!(e.to_string().contains("rm "), "{e}");
+    assert_eq!(std::fs::read_to_string(&mine).unwrap(), "precious");
+}
+
+#[test]
+fn a_trailing_slash_does_not_hide_a_symlink() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("dir");
+    std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
+    std::fs::write(dir.join("f"), "x").unwrap();
+    let link = t.path().join("link");
+    std::os::unix::fs::symlink(&dir, &link).unwrap();
+    let slashed = Path::new(&format!("{}/", link.display())).to_path_buf();
+    for e in [
+        Expect::dir().check(&slashed).unwrap_err(),
+        Expect::dir().open(&slashed).unwrap_err(),
+        Expect::dir().make_dir(&slashed).unwrap_err(),
+    ] {
+        assert_eq!(problem(&e), Problem::Symlink, "{e}");
+    }
+}
+
+#[test]
+fn misuses_are_refused_not_ignored() {
+    let t = tempfile::tempdir().unwrap();
+    let e = Expect::dir()
+        .mode(Mode::Set(0o700))
+        .check(t.path())
+        .unwrap_err();
+    assert!(e.to_string().contains("noyau bug"), "{e}");
+    let e = Expect::file().make_dir(&t.path().join("d")).unwrap_err();
+    assert!(e.to_string().contains("noyau bug"), "{e}");
+    assert!(!t.path().join("d").exists());
+    // Following a link that leads nowhere would create its target.
+    let link = t.path().join("link");
+    std::os::unix::fs::symlink(t.path().join("target"), &link).unwrap();
+    let mut create = std::fs::OpenOptions::new();
+    create.write(true).create(true);
+    let e = Expect::file()
+        .follow_links()
+        .open_with(&link, &mut create)
+        .unwrap_err();
+    assert_eq!(problem(&e), Problem::Symlink);
+    assert!(!t.path().join("target").exists());
+}

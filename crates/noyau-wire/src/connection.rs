@@ -141,7 +141,12 @@ impl ConnectionInfo {
             source,
         };
         let text = serde_json::to_vec_pretty(self).expect("connection info serialises");
-        let mut f = noyau_trust::create_private(path, 0o600)?;
+        // Only a refusal is "untrusted"; a missing directory or a full
+        // disk is a failure to write.
+        let mut f = noyau_trust::create_private(path, 0o600).map_err(|e| match e {
+            TrustError::Io { source, .. } => err(source),
+            refused => refused.into(),
+        })?;
         f.write_all(&text).map_err(err)?;
         Ok(())
     }
@@ -203,6 +208,18 @@ pub fn random_key() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_that_cannot_be_written_is_a_write_error_not_untrusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let info = ConnectionInfo::new_ipc(dir.path(), None);
+        let p = dir.path().join("missing/k.json");
+        let e = info.write(&p).unwrap_err();
+        assert!(matches!(e, ConnectionError::Write { .. }), "{e:?}");
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join("link")).unwrap();
+        let e = info.write(&dir.path().join("link")).unwrap_err();
+        assert!(matches!(e, ConnectionError::Untrusted(_)), "{e:?}");
+    }
 
     #[test]
     fn reads_jupyter_client_file_and_keeps_unknown_keys() {

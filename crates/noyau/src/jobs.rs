@@ -56,11 +56,7 @@ pub async fn ps(backend: Option<&str>) -> anyhow::Result<i32> {
     );
     for j in rows(&b).await? {
         // A detached run reports its cells in a status file.
-        let cells = std::fs::read_to_string(noyau_run::detach::status_path(&j.id))
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .map(|v| format!("{}/{}", v["done"], v["total"]))
-            .unwrap_or_default();
+        let cells = noyau_run::detach::cells(&j.id).unwrap_or_default();
         let (reason, node, time_left) = columns(&j);
         println!(
             "{:<10} {:<7} {:<28} {:<10} {:<16} {:<12} {:<10} {}",
