@@ -12,13 +12,16 @@
 //! `…/job_J/step_batch/task_0`) and the allocation's limit on an ancestor
 //! (`…/job_J`). The candidates are the kernel's cgroup and its ancestors
 //! below the hierarchy's root, going up only while every process in the
-//! ancestor's whole subtree is of the kernel's session (a user, hostile or
-//! not, cannot put a process in another's session, and a login session's
-//! or a user's cgroup holds processes of other sessions: their use is not
-//! the job's); of these, the highest that sets a memory limit of its own,
-//! else the kernel's cgroup. The rule is checked again before each sample,
-//! and the cgroup picked again when it no longer holds (a process of
-//! another session came in). Otherwise the kernel's process tree from
+//! ancestor's whole subtree is of the kernel's session or root's (a user,
+//! hostile or not, cannot put a process in another's session nor make a
+//! root one, Slurm's slurmstepd is root's, and a login session's or a
+//! user's cgroup holds processes of other sessions: their use is not the
+//! job's); of these, the highest that sets a memory limit of its own, else
+//! the kernel's cgroup. The rule is checked again before each sample, and
+//! the cgroup picked again when it no longer holds (a process of another
+//! session came in), and every `REPICK_EVERY` samples while the cgroup
+//! read is below the first picked; the limit reported is the one that
+//! holds for the cgroup read (its ancestors' too). Otherwise the kernel's process tree from
 //! /proc: CPU time and resident memory of the kernel and its descendants,
 //! without a limit. GPUs come from
 //! `nvidia-smi --query-gpu` when it is on PATH, only those the job may use:
