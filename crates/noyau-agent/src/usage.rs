@@ -241,10 +241,12 @@ impl Sampler {
 fn read(pid: u32, sid: Option<Pid>, source: Source, repick: bool) -> (Source, Option<Reading>) {
     let source = match (&source, sid) {
         (_, Some(sid)) if repick => job_cgroup(pid, sid),
-        (Source::Cgroup(d), Some(sid)) if !session_only(d, sid) => job_cgroup(pid, sid),
+        (Source::Cgroup(d), Some(sid)) if !session_only(d, sid, true) => job_cgroup(pid, sid),
         (Source::CgroupV1 { memory, cpuacct }, Some(sid))
-            if !session_only(memory, sid)
-                || cpuacct.as_ref().is_some_and(|d| !session_only(d, sid)) =>
+            if !session_only(memory, sid, true)
+                || cpuacct
+                    .as_ref()
+                    .is_some_and(|d| !session_only(d, sid, true)) =>
         {
             job_cgroup(pid, sid)
         }
@@ -324,8 +326,11 @@ impl Hierarchy {
         let depth = if in_pid_namespace() { 1 } else { MAX_DEPTH };
         let mut chain = vec![];
         let mut dir = self.leaf.clone();
-        for _ in 0..depth {
-            if dir == self.root || !dir.starts_with(&self.root) || !session_only(&dir, sid) {
+        for level in 0..depth {
+            // root's processes only above the leaf: a leaf shared with a
+            // daemon (a Slurm without cgroups) is not the job's
+            let below_root = dir != self.root && dir.starts_with(&self.root);
+            if !below_root || !session_only(&dir, sid, level > 0) {
                 break;
             }
             if files.iter().all(|f| dir.join(f).is_file()) {
@@ -411,12 +416,12 @@ fn nested_pids(status: &str) -> bool {
 }
 
 /// Whether a line of cgroup.procs is a process that makes its cgroup not
-/// the job's alone: of another session and not root's (Slurm's slurmstepd
-/// sits in the job's cgroup, in its own session; a user cannot make a
-/// root process). A pid the kernel could not name here (0: outside our
+/// the job's alone: of another session and, with `allow_root`, not root's
+/// (Slurm's slurmstepd sits in the job's cgroup, in its own session; a
+/// user cannot make a root process). A pid the kernel could not name here (0: outside our
 /// PID namespace) or that vanished while its owner was read is foreign;
 /// one gone before its session was read is no one's.
-fn foreign(line: &str, sid: Pid) -> bool {
+fn foreign(line: &str, sid: Pid, allow_root: bool) -> bool {
     let Ok(pid) = line.parse::<i32>() else {
         return true;
     };
@@ -425,7 +430,7 @@ fn foreign(line: &str, sid: Pid) -> bool {
     }
     match getsid(Some(Pid::from_raw(pid))) {
         Ok(s) if s == sid => false,
-        Ok(_) => !root_owned(pid),
+        Ok(_) => !(allow_root && root_owned(pid)),
         Err(e) => e != nix::errno::Errno::ESRCH,
     }
 }
@@ -440,9 +445,9 @@ fn root_owned(pid: i32) -> bool {
     })
 }
 
-/// Whether every process in `dir`'s subtree is of session `sid` or root's
-/// (`foreign`).
-fn session_only(dir: &Path, sid: Pid) -> bool {
+/// Whether every process in `dir`'s subtree is of session `sid`, or root's
+/// with `allow_root` (`foreign`).
+fn session_only(dir: &Path, sid: Pid, allow_root: bool) -> bool {
     let mut todo = vec![dir.to_path_buf()];
     let mut seen = 0;
     while let Some(d) = todo.pop() {
@@ -453,7 +458,10 @@ fn session_only(dir: &Path, sid: Pid) -> bool {
         let Ok(procs) = std::fs::read_to_string(d.join("cgroup.procs")) else {
             return false;
         };
-        if procs.split_whitespace().any(|p| foreign(p, sid)) {
+        if procs
+            .split_whitespace()
+            .any(|p| foreign(p, sid, allow_root))
+        {
             return false;
         }
         let Ok(entries) = std::fs::read_dir(&d) else {
@@ -836,7 +844,11 @@ mod tests {
         assert_ne!(own, Source::ProcessTree);
         let fake = job_cgroup_of(&rel("job/step"), kernel.id(), sid);
         assert_eq!(fake, Source::ProcessTree);
-        for c in [&mut kernel, &mut stepd] {
+        // root's process of another session in the kernel's own cgroup (a
+        // Slurm without cgroups leaves the kernel in slurmd's): not the job's
+        let mut daemon = scratch.spawn_in("job/step/task");
+        assert_eq!(job_cgroup(kernel.id(), sid), Source::ProcessTree);
+        for c in [&mut kernel, &mut stepd, &mut daemon] {
             c.kill().unwrap();
             c.wait().unwrap();
         }
@@ -846,11 +858,11 @@ mod tests {
     fn a_pid_outside_our_namespace_is_foreign() {
         let me = std::process::id();
         let sid = getsid(None).unwrap();
-        assert!(!foreign(&me.to_string(), sid));
+        assert!(!foreign(&me.to_string(), sid, false));
         // cgroup.procs prints 0 for a process outside our PID namespace:
         // getsid(0) would be our own session
         for line in ["0", "-1", "x", ""] {
-            assert!(foreign(line, sid), "{line:?}");
+            assert!(foreign(line, sid, true), "{line:?}");
         }
         assert!(nested_pids("Name:\tpython3\nNSpid:\t4242\t7\n"));
         assert!(!nested_pids("Name:\tpython3\nNSpid:\t4242\n"));
