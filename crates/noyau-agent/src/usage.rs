@@ -14,7 +14,8 @@
 //! below the hierarchy's root, going up only while every process in the
 //! ancestor's whole subtree is of the kernel's session or root's (a user,
 //! hostile or not, cannot put a process in another's session nor make a
-//! root one, Slurm's slurmstepd is root's, and a login session's or a
+//! root one, Slurm's slurmstepd is root's (in the kernel's own cgroup the
+//! session's alone: it may be a daemon's), and a login session's or a
 //! user's cgroup holds processes of other sessions: their use is not the
 //! job's); of these, the highest that sets a memory limit of its own, else
 //! the kernel's cgroup. The rule is checked again before each sample, and
