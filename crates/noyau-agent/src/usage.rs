@@ -833,7 +833,10 @@ mod tests {
         }
         assert_eq!(memory(&sampler), job);
         // a /proc/PID/cgroup line naming a cgroup the kernel is not in (a
-        // cgroup named with a newline can fake one) is not taken
+        // cgroup named with a newline can fake one) is not taken, though
+        // its subtree (the step's, root's stepd gone) is the kernel's alone
+        stepd.kill().unwrap();
+        stepd.wait().unwrap();
         let sid = getsid(Some(Pid::from_raw(kernel.id() as i32))).unwrap();
         let rel = |d: &str| {
             let rel = scratch.base.join(d);
@@ -849,7 +852,7 @@ mod tests {
         // Slurm without cgroups leaves the kernel in slurmd's): not the job's
         let mut daemon = scratch.spawn_in("job/step/task");
         assert_eq!(job_cgroup(kernel.id(), sid), Source::ProcessTree);
-        for c in [&mut kernel, &mut stepd, &mut daemon] {
+        for c in [&mut kernel, &mut daemon] {
             c.kill().unwrap();
             c.wait().unwrap();
         }
