@@ -692,6 +692,29 @@ mod tests {
     }
 
     #[test]
+    fn reports_the_least_limit_of_a_v2_cgroups_ancestors() {
+        // files as cgroup v2 lays them out (the root has no memory.max)
+        let root = std::env::temp_dir().join(format!("noyau-usage-v2-{}", std::process::id()));
+        let task = root.join("job/step/task");
+        std::fs::create_dir_all(&task).unwrap();
+        for (d, max) in [
+            ("job", "314572800"),
+            ("job/step", "max"),
+            ("job/step/task", "max"),
+        ] {
+            std::fs::write(root.join(d).join("memory.max"), max).unwrap();
+        }
+        assert_eq!(v2_effective_limit(&task), Some(314572800));
+        std::fs::write(task.join("memory.max"), "104857600").unwrap();
+        assert_eq!(v2_effective_limit(&task), Some(104857600));
+        // no limit on the way up: none
+        std::fs::write(root.join("job/memory.max"), "max").unwrap();
+        std::fs::write(task.join("memory.max"), "max").unwrap();
+        assert_eq!(v2_effective_limit(&task), None);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
     fn reads_proc_cgroup_lines() {
         // a hierarchy that is not a mounted cgroup file system is none
         assert!(Hierarchy::of("4:nosuch:/a/b\n", Some("nosuch")).is_none());
