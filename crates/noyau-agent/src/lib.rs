@@ -666,7 +666,10 @@ impl Agent {
         };
         u.taking = Some(tokio::spawn(async move {
             // (a new one probes the cgroup and PATH: here, off the loop)
-            let mut sampler = kept.unwrap_or_else(|| usage::Sampler::new(pid));
+            let mut sampler = match kept {
+                Some(s) => s,
+                None => usage::Sampler::new(pid).await,
+            };
             let sample = sampler.sample().await;
             Box::new((pid, sampler, sample))
         }));

@@ -12,13 +12,17 @@
 //! `…/job_J/step_batch/task_0`) and the allocation's limit on an ancestor
 //! (`…/job_J`). The candidates are the kernel's cgroup and its ancestors
 //! below the hierarchy's root, going up only while every process in the
-//! ancestor's whole subtree is of the kernel's session (a user, hostile or
-//! not, cannot put a process in another's session, and a login session's
-//! or a user's cgroup holds processes of other sessions: their use is not
-//! the job's); of these, the highest that sets a memory limit of its own,
-//! else the kernel's cgroup. The rule is checked again before each sample,
-//! and the cgroup picked again when it no longer holds (a process of
-//! another session came in). Otherwise the kernel's process tree from
+//! ancestor's whole subtree is of the kernel's session or root's (a user,
+//! hostile or not, cannot put a process in another's session nor make a
+//! root one, Slurm's slurmstepd is root's (in the kernel's own cgroup the
+//! session's alone: it may be a daemon's), and a login session's or a
+//! user's cgroup holds processes of other sessions: their use is not the
+//! job's); of these, the highest that sets a memory limit of its own, else
+//! the kernel's cgroup. The rule is checked again before each sample, and
+//! the cgroup picked again when it no longer holds (a process of another
+//! session came in), and every `REPICK_EVERY` samples while the cgroup
+//! read is below the first picked; the limit reported is the one that
+//! holds for the cgroup read (its ancestors' too). Otherwise the kernel's process tree from
 //! /proc: CPU time and resident memory of the kernel and its descendants,
 //! without a limit. GPUs come from
 //! `nvidia-smi --query-gpu` when it is on PATH, only those the job may use:
@@ -50,6 +54,15 @@ const NVIDIA_SMI_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3
 /// A v1 `memory.limit_in_bytes` at least this big means no limit (the
 /// kernel writes 2^63 rounded down to a page).
 const V1_UNLIMITED: u64 = 1 << 62;
+
+/// While the source read is below the one first picked (a process of
+/// another session came in, maybe only for a moment), it is picked again
+/// every this many samples (about a minute at one every 5 s).
+const REPICK_EVERY: u32 = 12;
+
+/// At most this many cgroups are gone up from the kernel's (a deeper path
+/// is not a scheduler's).
+const MAX_DEPTH: usize = 32;
 
 /// Where the numbers come from.
 #[derive(Debug, Clone, PartialEq)]
@@ -83,6 +96,9 @@ pub struct Sampler {
     pid: u32,
     sid: Option<Pid>,
     source: Source,
+    /// The source first picked, and the samples since the last pick.
+    first: Source,
+    since_pick: u32,
     last_cpu: Option<(Instant, u64)>,
     /// `nvidia-smi`, when on PATH and GPUs are not all hidden: looked up
     /// once, not at every sample.
@@ -143,10 +159,12 @@ struct Reading {
 }
 
 impl Sampler {
-    /// A sampler for the kernel whose process is `pid`.
-    pub fn new(pid: u32) -> Sampler {
+    /// A sampler for the kernel whose process is `pid` (the cgroup walk
+    /// reads files: off the runtime's thread).
+    pub async fn new(pid: u32) -> Sampler {
         let sid = getsid(Some(Pid::from_raw(pid as i32))).ok();
-        let source = sid.map_or(Source::ProcessTree, |sid| job_cgroup(pid, sid));
+        let pick = move || sid.map_or(Source::ProcessTree, |sid| job_cgroup(pid, sid));
+        let source = (tokio::task::spawn_blocking(pick).await).unwrap_or(Source::ProcessTree);
         let visible = Visible::from_env();
         let nvidia_smi = nvidia_smi().filter(|_| !visible.none());
         tracing::info!(
@@ -158,7 +176,9 @@ impl Sampler {
         Sampler {
             pid,
             sid,
+            first: source.clone(),
             source,
+            since_pick: 0,
             last_cpu: None,
             nvidia_smi,
             visible,
@@ -168,7 +188,12 @@ impl Sampler {
     /// One sample; None when the source cannot be read (the kernel is gone).
     pub async fn sample(&mut self) -> Option<UsageSample> {
         let (pid, sid, source) = (self.pid, self.sid, self.source.clone());
-        let reading = tokio::task::spawn_blocking(move || read(pid, sid, source));
+        self.since_pick += 1;
+        let repick = self.source != self.first && self.since_pick >= REPICK_EVERY;
+        if repick {
+            self.since_pick = 0;
+        }
+        let reading = tokio::task::spawn_blocking(move || read(pid, sid, source, repick));
         let gpus = match &self.nvidia_smi {
             Some(tool) => match gpus(tool, &self.visible).await {
                 Some(g) => g,
@@ -185,7 +210,7 @@ impl Sampler {
         };
         let (source, reading) = reading.await.ok()?;
         if source != self.source {
-            tracing::warn!(from = ?self.source, to = ?source, "the cgroup sampled is no longer the job's alone: sampling another source");
+            tracing::warn!(from = ?self.source, to = ?source, "the cgroup sampled changed (a process of another session came in, or left): sampling another source");
             // another counter: no rate against the last reading
             self.last_cpu = None;
             self.source = source;
@@ -212,13 +237,17 @@ impl Sampler {
 }
 
 /// One reading of `source`, after checking it still holds only the
-/// session's processes (else the source picked again, and read).
-fn read(pid: u32, sid: Option<Pid>, source: Source) -> (Source, Option<Reading>) {
+/// session's processes (else, or when `repick`, the source picked again,
+/// and read).
+fn read(pid: u32, sid: Option<Pid>, source: Source, repick: bool) -> (Source, Option<Reading>) {
     let source = match (&source, sid) {
-        (Source::Cgroup(d), Some(sid)) if !session_only(d, sid) => job_cgroup(pid, sid),
+        (_, Some(sid)) if repick => job_cgroup(pid, sid),
+        (Source::Cgroup(d), Some(sid)) if !session_only(d, sid, true) => job_cgroup(pid, sid),
         (Source::CgroupV1 { memory, cpuacct }, Some(sid))
-            if !session_only(memory, sid)
-                || cpuacct.as_ref().is_some_and(|d| !session_only(d, sid)) =>
+            if !session_only(memory, sid, true)
+                || cpuacct
+                    .as_ref()
+                    .is_some_and(|d| !session_only(d, sid, true)) =>
         {
             job_cgroup(pid, sid)
         }
@@ -282,14 +311,29 @@ impl Hierarchy {
         })
     }
 
-    /// The kernel's cgroup and its ancestors below the root, up to the
-    /// first whose subtree holds a process of another session; only those
-    /// with every file of `files` (a v2 leaf may not have the memory
-    /// controller its parent has).
-    fn own_chain(&self, sid: Pid, files: &[&str]) -> Vec<PathBuf> {
+    /// The kernel's cgroup and its ancestors below the root (at most
+    /// `MAX_DEPTH`), up to the first whose subtree holds a process of
+    /// another session; only those with every file of `files` (a v2 leaf
+    /// may not have the memory controller its parent has). None when the
+    /// leaf does not hold the kernel (a cgroup named with a newline can
+    /// fake a line of /proc/PID/cgroup); the leaf alone in a PID
+    /// namespace (another's processes there read as pid 0).
+    fn own_chain(&self, pid: u32, sid: Pid, files: &[&str]) -> Vec<PathBuf> {
+        let holds_kernel = std::fs::read_to_string(self.leaf.join("cgroup.procs"))
+            .is_ok_and(|procs| procs.split_whitespace().any(|p| p == pid.to_string()));
+        if !holds_kernel {
+            return vec![];
+        }
+        let depth = if in_pid_namespace() { 1 } else { MAX_DEPTH };
         let mut chain = vec![];
         let mut dir = self.leaf.clone();
-        while dir != self.root && dir.starts_with(&self.root) && session_only(&dir, sid) {
+        for level in 0..depth {
+            // root's processes only above the leaf: a leaf shared with a
+            // daemon (a Slurm without cgroups) is not the job's
+            let below_root = dir != self.root && dir.starts_with(&self.root);
+            if !below_root || !session_only(&dir, sid, level > 0) {
+                break;
+            }
             if files.iter().all(|f| dir.join(f).is_file()) {
                 chain.push(dir.clone());
             }
@@ -309,26 +353,41 @@ impl Hierarchy {
 
 /// The job's cgroup (v2, else v1), or its process tree (see the module's doc).
 fn job_cgroup(pid: u32, sid: Pid) -> Source {
-    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
-        return Source::ProcessTree;
-    };
-    if let Some(h) = Hierarchy::of(&text, None) {
-        let chain = h.own_chain(sid, &["memory.current", "cpu.stat"]);
+    match std::fs::read_to_string(format!("/proc/{pid}/cgroup")) {
+        Ok(text) => job_cgroup_of(&text, pid, sid),
+        Err(_) => Source::ProcessTree,
+    }
+}
+
+/// The job's cgroup, from the kernel's /proc/PID/cgroup `text`.
+fn job_cgroup_of(text: &str, pid: u32, sid: Pid) -> Source {
+    if let Some(h) = Hierarchy::of(text, None) {
+        let chain = h.own_chain(pid, sid, &["memory.current", "cpu.stat"]);
         if let Some(dir) = Hierarchy::job(&chain, v2_limit) {
             return Source::Cgroup(dir);
         }
     }
-    let Some(mem) = Hierarchy::of(&text, Some("memory")) else {
+    let Some(mem) = Hierarchy::of(text, Some("memory")) else {
         return Source::ProcessTree;
     };
-    let chain = mem.own_chain(sid, &["memory.usage_in_bytes", "memory.limit_in_bytes"]);
-    let Some(memory) = Hierarchy::job(&chain, v1_limit) else {
+    let chain = mem.own_chain(
+        pid,
+        sid,
+        &["memory.usage_in_bytes", "memory.limit_in_bytes"],
+    );
+    let Some(mut memory) = Hierarchy::job(&chain, v1_limit) else {
         return Source::ProcessTree;
     };
+    // v1 counts a child's memory in its parent's only with use_hierarchy
+    let hierarchical =
+        std::fs::read_to_string(memory.join("memory.use_hierarchy")).is_ok_and(|v| v.trim() == "1");
+    if !hierarchical {
+        memory = chain[0].clone();
+    }
     // cpuacct: the same level as memory's when it is the job's there too
     // (Slurm's hierarchies are parallel), else the kernel's own cgroup
-    let cpuacct = Hierarchy::of(&text, Some("cpuacct")).and_then(|h| {
-        let chain = h.own_chain(sid, &["cpuacct.usage"]);
+    let cpuacct = Hierarchy::of(text, Some("cpuacct")).and_then(|h| {
+        let chain = h.own_chain(pid, sid, &["cpuacct.usage"]);
         let same = h.root.join(memory.strip_prefix(&mem.root).ok()?);
         chain
             .iter()
@@ -343,9 +402,53 @@ fn job_cgroup(pid: u32, sid: Pid) -> Source {
 /// taken for not the job's alone).
 const MAX_SUBTREE: usize = 256;
 
-/// Whether every process in `dir`'s subtree is of session `sid` (one
-/// that exited meanwhile is no one's).
-fn session_only(dir: &Path, sid: Pid) -> bool {
+/// Whether this process is in a PID namespace below the first (its
+/// /proc/self/status `NSpid:` lists more than one pid): processes outside
+/// it then read as pid 0 in cgroup.procs, whoever's they are.
+fn in_pid_namespace() -> bool {
+    std::fs::read_to_string("/proc/self/status").map_or(true, |s| nested_pids(&s))
+}
+
+/// Whether a /proc/PID/status text's `NSpid:` lists more than one pid.
+fn nested_pids(status: &str) -> bool {
+    (status.lines())
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .is_some_and(|pids| pids.split_whitespace().count() > 1)
+}
+
+/// Whether a line of cgroup.procs is a process that makes its cgroup not
+/// the job's alone: of another session and, with `allow_root`, not root's
+/// (Slurm's slurmstepd sits in the job's cgroup, in its own session; a
+/// user cannot make a root process). A pid the kernel could not name here (0: outside our
+/// PID namespace) or that vanished while its owner was read is foreign;
+/// one gone before its session was read is no one's.
+fn foreign(line: &str, sid: Pid, allow_root: bool) -> bool {
+    let Ok(pid) = line.parse::<i32>() else {
+        return true;
+    };
+    if pid <= 0 {
+        return true;
+    }
+    match getsid(Some(Pid::from_raw(pid))) {
+        Ok(s) if s == sid => false,
+        Ok(_) => !(allow_root && root_owned(pid)),
+        Err(e) => e != nix::errno::Errno::ESRCH,
+    }
+}
+
+/// Whether process `pid` runs as root (its real uid, /proc/PID/status).
+fn root_owned(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|status| {
+        (status.lines())
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().next())
+            == Some("0")
+    })
+}
+
+/// Whether every process in `dir`'s subtree is of session `sid`, or root's
+/// with `allow_root` (`foreign`).
+fn session_only(dir: &Path, sid: Pid, allow_root: bool) -> bool {
     let mut todo = vec![dir.to_path_buf()];
     let mut seen = 0;
     while let Some(d) = todo.pop() {
@@ -356,14 +459,10 @@ fn session_only(dir: &Path, sid: Pid) -> bool {
         let Ok(procs) = std::fs::read_to_string(d.join("cgroup.procs")) else {
             return false;
         };
-        let foreign = procs.split_whitespace().any(|p| match p.parse::<i32>() {
-            Ok(p) => match getsid(Some(Pid::from_raw(p))) {
-                Ok(s) => s != sid,
-                Err(e) => e != nix::errno::Errno::ESRCH,
-            },
-            Err(_) => true,
-        });
-        if foreign {
+        if procs
+            .split_whitespace()
+            .any(|p| foreign(p, sid, allow_root))
+        {
             return false;
         }
         let Ok(entries) = std::fs::read_dir(&d) else {
@@ -391,6 +490,28 @@ fn v1_limit(dir: &Path) -> Option<u64> {
     max.trim().parse().ok().filter(|&v| v < V1_UNLIMITED)
 }
 
+/// The memory limit that holds for a v2 cgroup: the least `memory.max` of
+/// it and its ancestors below the root (which has none); the limit is
+/// reported even when a lower cgroup than the job's is read.
+fn v2_effective_limit(dir: &Path) -> Option<u64> {
+    (dir.ancestors().take(MAX_DEPTH))
+        .take_while(|d| d.join("memory.max").is_file())
+        .filter_map(v2_limit)
+        .min()
+}
+
+/// The memory limit that holds for a v1 cgroup: `memory.stat`'s
+/// `hierarchical_memory_limit` (its ancestors' where they count), else
+/// its own.
+fn v1_effective_limit(dir: &Path) -> Option<u64> {
+    let stat = std::fs::read_to_string(dir.join("memory.stat")).unwrap_or_default();
+    (stat.lines())
+        .find_map(|l| l.strip_prefix("hierarchical_memory_limit "))
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|&v| v < V1_UNLIMITED)
+        .or_else(|| v1_limit(dir))
+}
+
 fn read_cgroup(dir: &Path) -> Option<Reading> {
     let stat = std::fs::read_to_string(dir.join("cpu.stat")).ok()?;
     let cpu_usec = stat.lines().find_map(|l| {
@@ -401,7 +522,7 @@ fn read_cgroup(dir: &Path) -> Option<Reading> {
     Some(Reading {
         cpu_usec,
         mem_bytes: mem.trim().parse().ok()?,
-        mem_limit: v2_limit(dir),
+        mem_limit: v2_effective_limit(dir),
     })
 }
 
@@ -422,7 +543,7 @@ fn read_cgroup_v1(memory: &Path, cpuacct: Option<&Path>, pid: u32) -> Option<Rea
     Some(Reading {
         cpu_usec,
         mem_bytes: mem.trim().parse().ok()?,
-        mem_limit: v1_limit(memory),
+        mem_limit: v1_effective_limit(memory),
     })
 }
 
@@ -571,6 +692,29 @@ mod tests {
     }
 
     #[test]
+    fn reports_the_least_limit_of_a_v2_cgroups_ancestors() {
+        // files as cgroup v2 lays them out (the root has no memory.max)
+        let root = std::env::temp_dir().join(format!("noyau-usage-v2-{}", std::process::id()));
+        let task = root.join("job/step/task");
+        std::fs::create_dir_all(&task).unwrap();
+        for (d, max) in [
+            ("job", "314572800"),
+            ("job/step", "max"),
+            ("job/step/task", "max"),
+        ] {
+            std::fs::write(root.join(d).join("memory.max"), max).unwrap();
+        }
+        assert_eq!(v2_effective_limit(&task), Some(314572800));
+        std::fs::write(task.join("memory.max"), "104857600").unwrap();
+        assert_eq!(v2_effective_limit(&task), Some(104857600));
+        // no limit on the way up: none
+        std::fs::write(root.join("job/memory.max"), "max").unwrap();
+        std::fs::write(task.join("memory.max"), "max").unwrap();
+        assert_eq!(v2_effective_limit(&task), None);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
     fn reads_proc_cgroup_lines() {
         // a hierarchy that is not a mounted cgroup file system is none
         assert!(Hierarchy::of("4:nosuch:/a/b\n", Some("nosuch")).is_none());
@@ -621,9 +765,17 @@ mod tests {
 
         /// A process in its own session (`setsid sleep`) moved into `dir`.
         fn spawn_in(&self, dir: &str) -> std::process::Child {
+            self.spawn_as(dir, None)
+        }
+
+        /// The same, as user `uid` (root's when None).
+        fn spawn_as(&self, dir: &str, uid: Option<u32>) -> std::process::Child {
             use std::os::unix::process::CommandExt;
             let mut cmd = std::process::Command::new("sleep");
             cmd.arg("60");
+            if let Some(uid) = uid {
+                cmd.uid(uid);
+            }
             // SAFETY: setsid is async-signal-safe.
             unsafe {
                 cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(Into::into));
@@ -664,7 +816,10 @@ mod tests {
             return;
         };
         let mut kernel = scratch.spawn_in("job/step/task");
-        let mut sampler = Sampler::new(kernel.id());
+        // root's process of another session beside the task (Slurm's
+        // slurmstepd): no user could have made it, the job is still ours
+        let mut stepd = scratch.spawn_in("job/step");
+        let mut sampler = Sampler::new(kernel.id()).await;
         let job = scratch.base.join("job");
         let task = scratch.base.join("job/step/task");
         let (memory, name) = match &sampler.source {
@@ -681,20 +836,63 @@ mod tests {
         let first = sampler.sample().await.unwrap();
         assert_eq!(first.source, name);
         assert_eq!(first.mem_limit_bytes, Some(314572800));
-        // another session's process in the job's step (a hostile user's,
-        // had they the right): the job's cgroup is no longer read
-        let mut stranger = scratch.spawn_in("job/step");
+        // another user's process, of another session, in the job's step
+        // (a hostile user's, had they the right): the job's cgroup is no
+        // longer read, but its limit still holds and is reported
+        let mut stranger = scratch.spawn_as("job/step", Some(65534));
         let second = sampler.sample().await.unwrap();
-        let memory = match &sampler.source {
+        let memory = |s: &Sampler| match &s.source {
             Source::CgroupV1 { memory, .. } | Source::Cgroup(memory) => memory.clone(),
             Source::ProcessTree => panic!("the task's cgroup is still the kernel's alone"),
         };
-        assert_eq!(memory, task);
-        assert_eq!(second.mem_limit_bytes, None, "{second:?}");
-        for c in [&mut kernel, &mut stranger] {
+        assert_eq!(memory(&sampler), task);
+        assert_eq!(second.mem_limit_bytes, Some(314572800), "{second:?}");
+        // the stranger gone, the job's cgroup is picked again within
+        // REPICK_EVERY samples
+        stranger.kill().unwrap();
+        stranger.wait().unwrap();
+        for _ in 0..REPICK_EVERY {
+            sampler.sample().await.unwrap();
+        }
+        assert_eq!(memory(&sampler), job);
+        // a /proc/PID/cgroup line naming a cgroup the kernel is not in (a
+        // cgroup named with a newline can fake one) is not taken, though
+        // its subtree (the step's, root's stepd gone) is the kernel's alone
+        stepd.kill().unwrap();
+        stepd.wait().unwrap();
+        let sid = getsid(Some(Pid::from_raw(kernel.id() as i32))).unwrap();
+        let rel = |d: &str| {
+            let rel = scratch.base.join(d);
+            let rel = rel.strip_prefix(scratch.base.parent().unwrap()).unwrap();
+            let line = if scratch.v1 { "4:memory:/" } else { "0::/" };
+            format!("{line}{}\n", rel.display())
+        };
+        let own = job_cgroup_of(&rel("job/step/task"), kernel.id(), sid);
+        assert_ne!(own, Source::ProcessTree);
+        let fake = job_cgroup_of(&rel("job/step"), kernel.id(), sid);
+        assert_eq!(fake, Source::ProcessTree);
+        // root's process of another session in the kernel's own cgroup (a
+        // Slurm without cgroups leaves the kernel in slurmd's): not the job's
+        let mut daemon = scratch.spawn_in("job/step/task");
+        assert_eq!(job_cgroup(kernel.id(), sid), Source::ProcessTree);
+        for c in [&mut kernel, &mut daemon] {
             c.kill().unwrap();
             c.wait().unwrap();
         }
+    }
+
+    #[test]
+    fn a_pid_outside_our_namespace_is_foreign() {
+        let me = std::process::id();
+        let sid = getsid(None).unwrap();
+        assert!(!foreign(&me.to_string(), sid, false));
+        // cgroup.procs prints 0 for a process outside our PID namespace:
+        // getsid(0) would be our own session
+        for line in ["0", "-1", "x", ""] {
+            assert!(foreign(line, sid, true), "{line:?}");
+        }
+        assert!(nested_pids("Name:\tpython3\nNSpid:\t4242\t7\n"));
+        assert!(!nested_pids("Name:\tpython3\nNSpid:\t4242\n"));
     }
 
     /// The CPU time of one sample from each source (the cgroup read with
@@ -712,7 +910,7 @@ mod tests {
         let time = |source: Source, pid: u32, sid: Option<Pid>| {
             let before = cpu();
             for _ in 0..1000 {
-                assert!(read(pid, sid, source.clone()).1.is_some());
+                assert!(read(pid, sid, source.clone(), false).1.is_some());
             }
             (cpu() - before) / 1000.0 / 1000.0
         };
@@ -738,6 +936,8 @@ mod tests {
             pid: std::process::id(),
             sid: None,
             source: Source::ProcessTree,
+            first: Source::ProcessTree,
+            since_pick: 0,
             last_cpu: None,
             nvidia_smi: None,
             visible: Visible::All,
