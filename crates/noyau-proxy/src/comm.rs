@@ -159,7 +159,7 @@ impl Comms {
         let follow = self.any_open();
         let silent = self.most_silent();
         let expires = silent.as_ref().map(|s| s.1 + self.expire_after);
-        let retry = self.extend_retry_at();
+        let mut retry = self.extend_retry_at();
         loop {
             tokio::select! {
                 Some(d) = self.done_rx.recv() => return CommEvent::Done(d),
@@ -174,6 +174,9 @@ impl Comms {
                     if self.extend_answered(can, Instant::now()) {
                         return CommEvent::JobChanged;
                     }
+                    // A scheduler that could not say is asked again from
+                    // here, not only once another event restarts `next`.
+                    retry = self.extend_retry_at();
                 }
                 changed = async { match self.job.as_mut() { Some(rx) => rx.changed().await.is_ok(), None => std::future::pending().await } }, if follow => {
                     if changed {
@@ -548,6 +551,24 @@ mod tests {
         assert!(comms.can_extend);
         assert_eq!(comms.extend_retry_at(), None, "answered");
         assert!(!comms.extend_answered(Some(true), t0 + EXTEND_RETRY));
+    }
+
+    /// The retry is armed by the answer that could not say, even when no
+    /// other event comes while `next` waits.
+    #[tokio::test(start_paused = true)]
+    async fn next_asks_again_after_a_failed_probe_answered_while_it_waits() {
+        let mut comms = Comms::new();
+        comms.expire_after = EXTEND_RETRY * 10;
+        let open = Open {
+            header: Bytes::new(),
+            heard: Instant::now(),
+        };
+        comms.open.insert("c".into(), open);
+        let (tx, rx) = oneshot::channel();
+        comms.extend_rx = Some(rx);
+        tx.send(None).unwrap();
+        let next = tokio::time::timeout(EXTEND_RETRY * 2, comms.next()).await;
+        assert!(matches!(next, Ok(CommEvent::AskExtend)), "no retry armed");
     }
 
     #[test]
