@@ -22,7 +22,7 @@
 //! the cgroup picked again when it no longer holds (a process of another
 //! session came in), and every `REPICK_EVERY` samples while the cgroup
 //! read is below the first picked; the limit reported is the one that
-//! holds for the cgroup read (its ancestors' too). Otherwise the kernel's process tree from
+//! holds for the cgroup read (its ancestors' too), read at the pick. Otherwise the kernel's process tree from
 //! /proc: CPU time and resident memory of the kernel and its descendants,
 //! without a limit. GPUs come from
 //! `nvidia-smi --query-gpu` when it is on PATH, only those the job may use:
@@ -89,13 +89,33 @@ impl Source {
     }
 }
 
+/// A source as picked: the kernel's own cgroups (its session's alone,
+/// root's processes refused there, checked again before each sample) and
+/// the memory limit that holds for the source, read once at the pick.
+#[derive(Debug, Clone)]
+struct Pick {
+    source: Source,
+    own: Vec<PathBuf>,
+    limit: Option<u64>,
+}
+
+impl Pick {
+    fn tree() -> Pick {
+        Pick {
+            source: Source::ProcessTree,
+            own: vec![],
+            limit: None,
+        }
+    }
+}
+
 /// Samples one kernel's use; keeps the last CPU reading for the rate.
 pub struct Sampler {
     /// The kernel's process, and its session (whose processes alone may be
     /// in the cgroup read).
     pid: u32,
     sid: Option<Pid>,
-    source: Source,
+    pick: Pick,
     /// The source first picked, and the samples since the last pick.
     first: Source,
     since_pick: u32,
@@ -151,11 +171,10 @@ fn cuda_visible(v: &str) -> Vec<String> {
         .collect()
 }
 
-/// CPU time (µs) and memory (bytes) at one moment, and the memory limit.
+/// CPU time (µs) and memory (bytes) at one moment.
 struct Reading {
     cpu_usec: u64,
     mem_bytes: u64,
-    mem_limit: Option<u64>,
 }
 
 impl Sampler {
@@ -163,12 +182,12 @@ impl Sampler {
     /// reads files: off the runtime's thread).
     pub async fn new(pid: u32) -> Sampler {
         let sid = getsid(Some(Pid::from_raw(pid as i32))).ok();
-        let pick = move || sid.map_or(Source::ProcessTree, |sid| job_cgroup(pid, sid));
-        let source = (tokio::task::spawn_blocking(pick).await).unwrap_or(Source::ProcessTree);
+        let pick = move || sid.map_or_else(Pick::tree, |sid| job_cgroup(pid, sid));
+        let pick = (tokio::task::spawn_blocking(pick).await).unwrap_or_else(|_| Pick::tree());
         let visible = Visible::from_env();
         let nvidia_smi = nvidia_smi().filter(|_| !visible.none());
         tracing::info!(
-            ?source,
+            ?pick,
             ?nvidia_smi,
             ?visible,
             "sampling the kernel's resource use"
@@ -176,8 +195,8 @@ impl Sampler {
         Sampler {
             pid,
             sid,
-            first: source.clone(),
-            source,
+            first: pick.source.clone(),
+            pick,
             since_pick: 0,
             last_cpu: None,
             nvidia_smi,
@@ -187,13 +206,13 @@ impl Sampler {
 
     /// One sample; None when the source cannot be read (the kernel is gone).
     pub async fn sample(&mut self) -> Option<UsageSample> {
-        let (pid, sid, source) = (self.pid, self.sid, self.source.clone());
+        let (pid, sid, pick) = (self.pid, self.sid, self.pick.clone());
         self.since_pick += 1;
-        let repick = self.source != self.first && self.since_pick >= REPICK_EVERY;
+        let repick = self.pick.source != self.first && self.since_pick >= REPICK_EVERY;
         if repick {
             self.since_pick = 0;
         }
-        let reading = tokio::task::spawn_blocking(move || read(pid, sid, source, repick));
+        let reading = tokio::task::spawn_blocking(move || read(pid, sid, pick, repick));
         let gpus = match &self.nvidia_smi {
             Some(tool) => match gpus(tool, &self.visible).await {
                 Some(g) => g,
@@ -208,13 +227,16 @@ impl Sampler {
             },
             None => vec![],
         };
-        let (source, reading) = reading.await.ok()?;
-        if source != self.source {
-            tracing::warn!(from = ?self.source, to = ?source, "the cgroup sampled changed (a process of another session came in, or left): sampling another source");
+        let (pick, reading) = reading.await.ok()?;
+        if pick.source != self.pick.source {
+            tracing::warn!(from = ?self.pick.source, to = ?pick.source, "the cgroup sampled changed (a process of another session came in, or left): sampling another source");
             // another counter: no rate against the last reading
             self.last_cpu = None;
-            self.source = source;
+            // REPICK_EVERY samples from this pick, not from the last timed one
+            self.since_pick = 0;
         }
+        // a re-pick of the same cgroup may find a new limit
+        self.pick = pick;
         let reading = reading?;
         let now = Instant::now();
         let cpu_percent = self.last_cpu.map(|(t, usec)| {
@@ -226,8 +248,8 @@ impl Sampler {
             at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             cpu_percent,
             mem_bytes: reading.mem_bytes,
-            mem_limit_bytes: reading.mem_limit,
-            source: self.source.name().into(),
+            mem_limit_bytes: self.pick.limit,
+            source: self.pick.source.name().into(),
             gpus,
             cpus: std::thread::available_parallelism()
                 .ok()
@@ -236,29 +258,33 @@ impl Sampler {
     }
 }
 
-/// One reading of `source`, after checking it still holds only the
-/// session's processes (else, or when `repick`, the source picked again,
-/// and read).
-fn read(pid: u32, sid: Option<Pid>, source: Source, repick: bool) -> (Source, Option<Reading>) {
-    let source = match (&source, sid) {
-        (_, Some(sid)) if repick => job_cgroup(pid, sid),
-        (Source::Cgroup(d), Some(sid)) if !session_only(d, sid, true) => job_cgroup(pid, sid),
-        (Source::CgroupV1 { memory, cpuacct }, Some(sid))
-            if !session_only(memory, sid, true)
-                || cpuacct
-                    .as_ref()
-                    .is_some_and(|d| !session_only(d, sid, true)) =>
-        {
-            job_cgroup(pid, sid)
-        }
-        _ => source,
+/// One reading of `pick`'s source, after checking it still holds
+/// (`still_holds`; else, or when `repick`, the source picked again, and read).
+fn read(pid: u32, sid: Option<Pid>, pick: Pick, repick: bool) -> (Pick, Option<Reading>) {
+    let pick = match sid {
+        Some(sid) if repick || !still_holds(&pick, sid) => job_cgroup(pid, sid),
+        _ => pick,
     };
-    let reading = match &source {
+    let reading = match &pick.source {
         Source::Cgroup(dir) => read_cgroup(dir),
         Source::CgroupV1 { memory, cpuacct } => read_cgroup_v1(memory, cpuacct.as_deref(), pid),
         Source::ProcessTree => read_tree(pid),
     };
-    (source, reading)
+    (pick, reading)
+}
+
+/// Whether the cgroups picked still hold only the session's processes, as
+/// at the pick: root's too above the kernel's own cgroups, not in them.
+fn still_holds(pick: &Pick, sid: Pid) -> bool {
+    let read: Vec<&PathBuf> = match &pick.source {
+        Source::Cgroup(d) => vec![d],
+        Source::CgroupV1 { memory, cpuacct } => std::iter::once(memory).chain(cpuacct).collect(),
+        Source::ProcessTree => return true,
+    };
+    (pick.own.iter()).all(|d| session_only(d, sid, false))
+        && (read.into_iter())
+            .filter(|d| !pick.own.contains(d))
+            .all(|d| session_only(d, sid, true))
 }
 
 /// One hierarchy of the kernel's: where it is mounted, and the kernel's
@@ -319,8 +345,9 @@ impl Hierarchy {
     /// fake a line of /proc/PID/cgroup); the leaf alone in a PID
     /// namespace (another's processes there read as pid 0).
     fn own_chain(&self, pid: u32, sid: Pid, files: &[&str]) -> Vec<PathBuf> {
+        let pid = pid.to_string();
         let holds_kernel = std::fs::read_to_string(self.leaf.join("cgroup.procs"))
-            .is_ok_and(|procs| procs.split_whitespace().any(|p| p == pid.to_string()));
+            .is_ok_and(|procs| procs.split_whitespace().any(|p| p == pid));
         if !holds_kernel {
             return vec![];
         }
@@ -352,23 +379,28 @@ impl Hierarchy {
 }
 
 /// The job's cgroup (v2, else v1), or its process tree (see the module's doc).
-fn job_cgroup(pid: u32, sid: Pid) -> Source {
+fn job_cgroup(pid: u32, sid: Pid) -> Pick {
     match std::fs::read_to_string(format!("/proc/{pid}/cgroup")) {
         Ok(text) => job_cgroup_of(&text, pid, sid),
-        Err(_) => Source::ProcessTree,
+        Err(_) => Pick::tree(),
     }
 }
 
-/// The job's cgroup, from the kernel's /proc/PID/cgroup `text`.
-fn job_cgroup_of(text: &str, pid: u32, sid: Pid) -> Source {
+/// The job's cgroup, from the kernel's /proc/PID/cgroup `text` (a
+/// non-empty chain: the leaf, the kernel's own cgroup, passed the check).
+fn job_cgroup_of(text: &str, pid: u32, sid: Pid) -> Pick {
     if let Some(h) = Hierarchy::of(text, None) {
         let chain = h.own_chain(pid, sid, &["memory.current", "cpu.stat"]);
         if let Some(dir) = Hierarchy::job(&chain, v2_limit) {
-            return Source::Cgroup(dir);
+            return Pick {
+                limit: v2_effective_limit(&dir),
+                source: Source::Cgroup(dir),
+                own: vec![h.leaf],
+            };
         }
     }
     let Some(mem) = Hierarchy::of(text, Some("memory")) else {
-        return Source::ProcessTree;
+        return Pick::tree();
     };
     let chain = mem.own_chain(
         pid,
@@ -376,7 +408,7 @@ fn job_cgroup_of(text: &str, pid: u32, sid: Pid) -> Source {
         &["memory.usage_in_bytes", "memory.limit_in_bytes"],
     );
     let Some(mut memory) = Hierarchy::job(&chain, v1_limit) else {
-        return Source::ProcessTree;
+        return Pick::tree();
     };
     // v1 counts a child's memory in its parent's only with use_hierarchy
     let hierarchical =
@@ -386,16 +418,21 @@ fn job_cgroup_of(text: &str, pid: u32, sid: Pid) -> Source {
     }
     // cpuacct: the same level as memory's when it is the job's there too
     // (Slurm's hierarchies are parallel), else the kernel's own cgroup
+    let mut own = vec![mem.leaf];
     let cpuacct = Hierarchy::of(text, Some("cpuacct")).and_then(|h| {
         let chain = h.own_chain(pid, sid, &["cpuacct.usage"]);
         let same = h.root.join(memory.strip_prefix(&mem.root).ok()?);
-        chain
-            .iter()
-            .find(|d| **d == same)
+        let dir = (chain.iter().find(|d| **d == same))
             .or(chain.first())
-            .cloned()
+            .cloned()?;
+        own.push(h.leaf);
+        Some(dir)
     });
-    Source::CgroupV1 { memory, cpuacct }
+    Pick {
+        limit: v1_effective_limit(&memory),
+        source: Source::CgroupV1 { memory, cpuacct },
+        own,
+    }
 }
 
 /// At most this many cgroups are looked into below one (a bigger subtree is
@@ -405,8 +442,12 @@ const MAX_SUBTREE: usize = 256;
 /// Whether this process is in a PID namespace below the first (its
 /// /proc/self/status `NSpid:` lists more than one pid): processes outside
 /// it then read as pid 0 in cgroup.procs, whoever's they are.
+/// Read once: a process does not change its PID namespace.
 fn in_pid_namespace() -> bool {
-    std::fs::read_to_string("/proc/self/status").map_or(true, |s| nested_pids(&s))
+    static NESTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *NESTED.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/status").map_or(true, |s| nested_pids(&s))
+    })
 }
 
 /// Whether a /proc/PID/status text's `NSpid:` lists more than one pid.
@@ -522,7 +563,6 @@ fn read_cgroup(dir: &Path) -> Option<Reading> {
     Some(Reading {
         cpu_usec,
         mem_bytes: mem.trim().parse().ok()?,
-        mem_limit: v2_effective_limit(dir),
     })
 }
 
@@ -543,7 +583,6 @@ fn read_cgroup_v1(memory: &Path, cpuacct: Option<&Path>, pid: u32) -> Option<Rea
     Some(Reading {
         cpu_usec,
         mem_bytes: mem.trim().parse().ok()?,
-        mem_limit: v1_effective_limit(memory),
     })
 }
 
@@ -575,7 +614,6 @@ fn read_tree(root: u32) -> Option<Reading> {
     Some(Reading {
         cpu_usec: ticks * 1_000_000 / tick,
         mem_bytes: pages * page,
-        mem_limit: None,
     })
 }
 
@@ -665,28 +703,24 @@ mod tests {
         std::fs::write(d.join("memory.current"), "1048576\n").unwrap();
         std::fs::write(d.join("memory.max"), "max\n").unwrap();
         let r = read_cgroup(&d).unwrap();
-        assert_eq!(
-            (r.cpu_usec, r.mem_bytes, r.mem_limit),
-            (2_500_000, 1_048_576, None)
-        );
+        assert_eq!((r.cpu_usec, r.mem_bytes), (2_500_000, 1_048_576));
+        assert_eq!(v2_effective_limit(&d), None);
         std::fs::write(d.join("memory.max"), "8589934592\n").unwrap();
-        assert_eq!(read_cgroup(&d).unwrap().mem_limit, Some(8589934592));
+        assert_eq!(v2_effective_limit(&d), Some(8589934592));
         // v1: the limit the kernel writes for none, then one; cpuacct in ns
         std::fs::write(d.join("memory.usage_in_bytes"), "2097152\n").unwrap();
         std::fs::write(d.join("memory.limit_in_bytes"), "9223372036854771712\n").unwrap();
         std::fs::write(d.join("cpuacct.usage"), "3000000000\n").unwrap();
         let r = read_cgroup_v1(&d, Some(&d), std::process::id()).unwrap();
-        assert_eq!(
-            (r.cpu_usec, r.mem_bytes, r.mem_limit),
-            (3_000_000, 2_097_152, None)
-        );
+        assert_eq!((r.cpu_usec, r.mem_bytes), (3_000_000, 2_097_152));
+        assert_eq!(v1_effective_limit(&d), None);
         std::fs::write(d.join("memory.limit_in_bytes"), "314572800\n").unwrap();
         let t = Instant::now();
         while t.elapsed().as_millis() < 100 {
             std::hint::black_box(());
         }
         let r = read_cgroup_v1(&d, None, std::process::id()).unwrap();
-        assert_eq!(r.mem_limit, Some(314572800));
+        assert_eq!(v1_effective_limit(&d), Some(314572800));
         assert!(r.cpu_usec > 0, "CPU from the process tree without cpuacct");
         std::fs::remove_dir_all(&d).unwrap();
     }
@@ -822,7 +856,7 @@ mod tests {
         let mut sampler = Sampler::new(kernel.id()).await;
         let job = scratch.base.join("job");
         let task = scratch.base.join("job/step/task");
-        let (memory, name) = match &sampler.source {
+        let (memory, name) = match &sampler.pick.source {
             Source::CgroupV1 { memory, cpuacct } => {
                 // cpuacct at memory's level: the job's
                 let cpuacct_job = scratch.cpuacct.as_ref().map(|d| d.join("job"));
@@ -841,7 +875,7 @@ mod tests {
         // longer read, but its limit still holds and is reported
         let mut stranger = scratch.spawn_as("job/step", Some(65534));
         let second = sampler.sample().await.unwrap();
-        let memory = |s: &Sampler| match &s.source {
+        let memory = |s: &Sampler| match &s.pick.source {
             Source::CgroupV1 { memory, .. } | Source::Cgroup(memory) => memory.clone(),
             Source::ProcessTree => panic!("the task's cgroup is still the kernel's alone"),
         };
@@ -855,6 +889,14 @@ mod tests {
             sampler.sample().await.unwrap();
         }
         assert_eq!(memory(&sampler), job);
+        // root's process of another session in the kernel's own cgroup (a
+        // daemon's, not a stepd above it): refused before each sample as
+        // at the pick, though the job's cgroup allows root's
+        let mut daemon = scratch.spawn_in("job/step/task");
+        let third = sampler.sample().await.unwrap();
+        assert_eq!(third.source, "process-tree", "{third:?}");
+        daemon.kill().unwrap();
+        daemon.wait().unwrap();
         // a /proc/PID/cgroup line naming a cgroup the kernel is not in (a
         // cgroup named with a newline can fake one) is not taken, though
         // its subtree (the step's, root's stepd gone) is the kernel's alone
@@ -868,13 +910,13 @@ mod tests {
             format!("{line}{}\n", rel.display())
         };
         let own = job_cgroup_of(&rel("job/step/task"), kernel.id(), sid);
-        assert_ne!(own, Source::ProcessTree);
+        assert_ne!(own.source, Source::ProcessTree);
         let fake = job_cgroup_of(&rel("job/step"), kernel.id(), sid);
-        assert_eq!(fake, Source::ProcessTree);
+        assert_eq!(fake.source, Source::ProcessTree);
         // root's process of another session in the kernel's own cgroup (a
         // Slurm without cgroups leaves the kernel in slurmd's): not the job's
         let mut daemon = scratch.spawn_in("job/step/task");
-        assert_eq!(job_cgroup(kernel.id(), sid), Source::ProcessTree);
+        assert_eq!(job_cgroup(kernel.id(), sid).source, Source::ProcessTree);
         for c in [&mut kernel, &mut daemon] {
             c.kill().unwrap();
             c.wait().unwrap();
@@ -907,10 +949,10 @@ mod tests {
             let t = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap();
             t.split_whitespace().next().unwrap().parse().unwrap()
         };
-        let time = |source: Source, pid: u32, sid: Option<Pid>| {
+        let time = |pick: Pick, pid: u32, sid: Option<Pid>| {
             let before = cpu();
             for _ in 0..1000 {
-                assert!(read(pid, sid, source.clone(), false).1.is_some());
+                assert!(read(pid, sid, pick.clone(), false).1.is_some());
             }
             (cpu() - before) / 1000.0 / 1000.0
         };
@@ -918,13 +960,13 @@ mod tests {
         let mut kernel = scratch.spawn_in("job/step/task");
         let pid = kernel.id();
         let sid = getsid(Some(Pid::from_raw(pid as i32))).ok();
-        let source = job_cgroup(pid, sid.unwrap());
+        let pick = job_cgroup(pid, sid.unwrap());
         let procs = proc_stats().len();
-        let cg = time(source.clone(), pid, sid);
-        let tree = time(Source::ProcessTree, pid, sid);
+        let cg = time(pick.clone(), pid, sid);
+        let tree = time(Pick::tree(), pid, sid);
         println!(
             "one sample's CPU time: {} {cg:.0} µs, process tree {tree:.0} µs ({procs} processes on the machine)",
-            source.name()
+            pick.source.name()
         );
         kernel.kill().unwrap();
         kernel.wait().unwrap();
@@ -935,7 +977,7 @@ mod tests {
         let mut s = Sampler {
             pid: std::process::id(),
             sid: None,
-            source: Source::ProcessTree,
+            pick: Pick::tree(),
             first: Source::ProcessTree,
             since_pick: 0,
             last_cpu: None,
