@@ -9,8 +9,6 @@ pub enum DaskError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
-    #[error("the clusters' directory: {0}")]
-    Untrusted(#[from] noyau_trust::TrustError),
     #[error("cannot make the cluster's TLS material: {0}")]
     Certs(String),
     #[error(transparent)]

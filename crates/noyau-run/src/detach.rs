@@ -14,7 +14,7 @@ use crate::input::{job_name, output_for, read_input, Output};
 use crate::options::RunOptions;
 
 /// Where a detached run in job `id` reports its progress (`noyau ps` reads it).
-pub fn status_path(id: &str) -> PathBuf {
+fn status_path(id: &str) -> PathBuf {
     noyau_sched::state_dir()
         .join("runs")
         .join(format!("{id}.json"))

@@ -73,7 +73,7 @@ use batch::{Batch, Commands};
 
 /// The most walltime noyau asks for at once (`noyau extend`, the comm's
 /// `extend`): a year.
-pub const MAX_EXTEND_SECS: u64 = 365 * 86400;
+pub(crate) const MAX_EXTEND_SECS: u64 = 365 * 86400;
 
 /// Entry points for the fuzz targets in `fuzz/` (cargo-fuzz): the parsers
 /// of what the schedulers' commands print.

@@ -75,13 +75,6 @@ impl TrustError {
         }
     }
 
-    /// The path refused or not examined.
-    pub fn path(&self) -> &Path {
-        match self {
-            TrustError::Refused { path, .. } | TrustError::Io { path, .. } => path,
-        }
-    }
-
     /// What was wrong, when the path was refused (not an I/O error).
     pub fn problem(&self) -> Option<&Problem> {
         match self {
