@@ -55,13 +55,32 @@ impl StatusFile {
             .then(allocation)
             .flatten()
             .map(|id| status_path(&id));
+        StatusFile::at(path, total)
+    }
+
+    /// The status file at `path` (its directory made private once, here),
+    /// written a first time.
+    fn at(path: Option<PathBuf>, total: usize) -> StatusFile {
         let s = StatusFile {
-            path,
+            path: path.filter(|p| Self::dir_ready(p)),
             done: 0,
             total,
         };
         s.write();
         s
+    }
+
+    /// The status file's directory, made private (checked once here, not
+    /// at each cell's write: it is this user's, no one else can change it).
+    fn dir_ready(p: &Path) -> bool {
+        let dir = p.parent().unwrap_or(Path::new("."));
+        match noyau_sched::private_dir(dir) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("no status file for the run in {}: {e}", dir.display());
+                false
+            }
+        }
     }
 
     pub fn cell_done(&mut self) {
@@ -81,9 +100,8 @@ impl StatusFile {
         let Some(p) = &self.path else { return };
         let tmp = p.with_extension("tmp");
         let text = json!({"done": self.done, "total": self.total}).to_string();
-        let ok = noyau_sched::private_dir(p.parent().unwrap_or(Path::new(".")))
+        let ok = noyau_trust::create_private(&tmp, 0o600)
             .map_err(std::io::Error::other)
-            .and_then(|()| noyau_trust::create_private(&tmp, 0o600).map_err(std::io::Error::other))
             .and_then(|mut f| f.write_all(text.as_bytes()))
             .and_then(|()| std::fs::rename(&tmp, p));
         if let Err(e) = ok {
@@ -212,11 +230,7 @@ mod tests {
     fn the_status_file_is_private_and_read_only_if_ours() {
         let t = tempfile::tempdir().unwrap();
         let p = t.path().join("state/runs/7.json");
-        let mut s = StatusFile {
-            path: Some(p.clone()),
-            done: 0,
-            total: 3,
-        };
+        let mut s = StatusFile::at(Some(p.clone()), 3);
         s.cell_done();
         let dir = std::fs::metadata(p.parent().unwrap()).unwrap();
         assert_eq!(dir.permissions().mode() & 0o777, 0o700);
