@@ -14,6 +14,12 @@ use crate::profile::Key;
 use crate::run::{AsUser, Cmd};
 use crate::{JobEnd, JobSpec, JobState, SchedError};
 
+/// A job number as the schedulers print and take it: non-empty, all
+/// ASCII digits (checked before an id goes on a command line).
+pub(crate) fn is_job_number(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
+}
+
 /// Which jobs a listing covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Scope {

@@ -37,7 +37,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::Deserialize;
 
-use crate::batch::{Batch, Commands, JobInfo, PartitionLoad, Scope, Submission};
+use crate::batch::{is_job_number, Batch, Commands, JobInfo, PartitionLoad, Scope, Submission};
 use crate::jobfiles::{job_dir, sourcing, submit_as, JobFiles};
 use crate::profile::{Key, Kind, Profile};
 use crate::quote::sh_quote;
@@ -63,7 +63,7 @@ pub(crate) fn make(cmds: Commands) -> Arc<dyn Batch> {
 
 /// An OAR job id (digits), before it goes on oarwalltime's command line.
 fn check_id(id: &str) -> Result<(), SchedError> {
-    match !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) {
+    match is_job_number(id) {
         true => Ok(()),
         false => Err(SchedError::BadJobId {
             id: id.into(),
@@ -171,7 +171,7 @@ fn head(spec: &JobSpec, env_file: &Path) -> String {
 fn parse_oarsub(out: &str) -> Vec<String> {
     out.lines()
         .filter_map(|l| l.trim().strip_prefix("OAR_JOB_ID="))
-        .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
+        .filter(|id| is_job_number(id))
         .map(str::to_string)
         .collect()
 }

@@ -68,13 +68,16 @@ pub(crate) fn user_name() -> Result<String, crate::SchedError> {
     std::env::var("USER")
         .ok()
         .filter(|u| !u.is_empty())
-        .or_else(|| {
-            nix::unistd::User::from_uid(nix::unistd::getuid())
-                .ok()
-                .flatten()
-                .map(|u| u.name)
-        })
+        .or_else(|| uid_name(nix::unistd::getuid()))
         .ok_or_else(|| crate::SchedError::Invalid("cannot tell this user's name".into()))
+}
+
+/// The account name of `uid` (None: the system has no user of that uid).
+pub(crate) fn uid_name(uid: nix::unistd::Uid) -> Option<String> {
+    nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map(|u| u.name)
 }
 
 /// One command to run.

@@ -141,7 +141,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 
-use crate::batch::{Batch, Commands, JobInfo, PartitionLoad, Scope, Submission};
+use crate::batch::{is_job_number, Batch, Commands, JobInfo, PartitionLoad, Scope, Submission};
 use crate::jobfiles::{sourcing, submit_as, JobFiles};
 use crate::profile::{parse_size, parse_time, Key, Kind, Profile};
 use crate::quote::sh_quote;
@@ -332,7 +332,7 @@ fn parse_qsub(out: &str) -> Result<String, SchedError> {
         .map(str::trim)
         .rfind(|l| !l.is_empty())
         .and_then(|l| l.split('.').next())
-        .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
+        .filter(|id| is_job_number(id))
         .map(str::to_string)
         .ok_or_else(|| SchedError::NoJobId {
             command: "qsub",

@@ -21,8 +21,8 @@
 //! extended when its walltime nears; `noyau extend` on a waiting job
 //! gets it.)
 
-use crate::batch::Commands;
-use crate::run::AsUser;
+use crate::batch::{is_job_number, Commands};
+use crate::run::{uid_name, AsUser};
 use crate::SchedError;
 
 /// What `scontrol show config` says that matters here.
@@ -90,9 +90,8 @@ pub(super) async fn may_raise(cmds: &Commands) -> Result<bool, SchedError> {
         return Ok(false);
     }
     // The name of the uid, not $USER: the process's caller sets that.
-    let name = match nix::unistd::User::from_uid(uid) {
-        Ok(Some(u)) => u.name,
-        _ => return Err(SchedError::Invalid(format!("uid {uid} has no user name"))),
+    let Some(name) = uid_name(uid) else {
+        return Err(SchedError::Invalid(format!("uid {uid} has no user name")));
     };
     let out = cmds
         .cmd("scontrol")
@@ -113,10 +112,9 @@ pub(super) async fn may_raise(cmds: &Commands) -> Result<bool, SchedError> {
 /// A Slurm job id (`ID`, or `ID_TASK` for an array's task), before it goes
 /// on a command line: scontrol takes `1,2` as two jobs.
 fn check_id(id: &str) -> Result<(), SchedError> {
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     let ok = match id.split_once('_') {
-        Some((job, task)) => digits(job) && digits(task),
-        None => digits(id),
+        Some((job, task)) => is_job_number(job) && is_job_number(task),
+        None => is_job_number(id),
     };
     match ok {
         true => Ok(()),
