@@ -196,7 +196,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<i32> {
                 let at = end.at();
                 let again = match (told, at) {
                     // an end more than a minute later: the walltime was extended
-                    (Some(Some(before)), Some(now)) => now < before + Duration::from_secs(60),
+                    (Some(Some(before)), Some(now)) => {
+                        let rearm = before.checked_add(Duration::from_secs(walltime::REARM_AFTER));
+                        rearm.is_none_or(|rearm| now < rearm)
+                    }
                     (Some(_), _) => true,
                     (None, _) => false,
                 };

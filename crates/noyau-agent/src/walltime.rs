@@ -31,8 +31,8 @@ use crate::outbox::Outbox;
 const POLL: Duration = Duration::from_secs(30);
 
 /// Seconds an end must move later for a warning already given to be given
-/// again (as the walltime signal's handler counts an extension).
-const REARM_AFTER: u64 = 60;
+/// again; the walltime signal's handler counts an extension the same way.
+pub(crate) const REARM_AFTER: u64 = 60;
 
 /// Whether a warning given at `threshold` seconds left still holds with
 /// `left` seconds left: the end did not move [`REARM_AFTER`] past it
