@@ -54,7 +54,7 @@ impl ProbeSet {
         let Some(p) = msg.parent_msg_id().filter(|p| self.ids.contains(p)) else {
             return false;
         };
-        let idle = lane == Lane::Iopub && msg.content.windows(6).any(|w| w == b"\"idle\"");
+        let idle = lane == Lane::Iopub && memchr::memmem::find(&msg.content, b"\"idle\"").is_some();
         let last = self.last.as_mut().filter(|(id, ..)| *id == p);
         match last {
             Some((_, reply, done)) => {

@@ -103,7 +103,7 @@ pub struct UsageSample {
     pub mem_bytes: u64,
     /// None: no limit known.
     pub mem_limit_bytes: Option<u64>,
-    /// `cgroup` or `process-tree`.
+    /// `cgroup` (v2), `cgroup-v1` or `process-tree`.
     pub source: String,
     #[serde(default)]
     pub gpus: Vec<GpuSample>,
