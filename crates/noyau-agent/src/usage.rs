@@ -40,9 +40,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use nix::sys::statfs;
 use nix::unistd::{getsid, Pid};
-use noyau_client::process::{proc_stats, ProcStat};
+use noyau_client::process::{proc_stats, Cgroup, ProcStat};
 use noyau_link::envelope::{GpuSample, UsageSample};
 
 /// Environment variables read here.
@@ -295,45 +294,14 @@ struct Hierarchy {
 }
 
 impl Hierarchy {
-    /// From one line of /proc/PID/cgroup: `0::/rel` (v2, mounted at
-    /// /sys/fs/cgroup or, on a hybrid system, /sys/fs/cgroup/unified) or
-    /// `N:controllers:/rel` (v1, at /sys/fs/cgroup/controllers, e.g.
-    /// `cpu,cpuacct`), for the controller named (None: v2). None when that
-    /// hierarchy is not a mounted cgroup file system, or the kernel sits at
-    /// its root.
+    /// The kernel's cgroup in one hierarchy, from its /proc/PID/cgroup
+    /// text (`noyau_client::process::Cgroup::of`). None when the kernel
+    /// sits at the hierarchy's root.
     fn of(cgroups: &str, controller: Option<&str>) -> Option<Hierarchy> {
-        let (roots, rel) = cgroups.lines().find_map(|l| {
-            let mut f = l.splitn(3, ':');
-            let (_, names, rel) = (f.next()?, f.next()?, f.next()?);
-            match controller {
-                None if names.is_empty() => Some((
-                    vec![
-                        PathBuf::from("/sys/fs/cgroup"),
-                        PathBuf::from("/sys/fs/cgroup/unified"),
-                    ],
-                    rel,
-                )),
-                Some(c) if names.split(',').any(|n| n == c) => {
-                    Some((vec![Path::new("/sys/fs/cgroup").join(names)], rel))
-                }
-                _ => None,
-            }
-        })?;
-        let magic = if controller.is_some() {
-            statfs::CGROUP_SUPER_MAGIC
-        } else {
-            statfs::CGROUP2_SUPER_MAGIC
-        };
-        let root = (roots.into_iter())
-            .find(|r| statfs::statfs(r).is_ok_and(|s| s.filesystem_type() == magic))?;
-        let rel = rel.trim_start_matches('/');
-        // the kernel writes the path as it is; a cgroup cannot be named `..`
-        if rel.is_empty() || rel.split('/').any(|c| c == ".." || c == ".") {
-            return None;
-        }
-        Some(Hierarchy {
-            leaf: root.join(rel),
-            root,
+        let c = Cgroup::of(cgroups, controller)?;
+        (c.dir != c.root).then_some(Hierarchy {
+            root: c.root,
+            leaf: c.dir,
         })
     }
 
@@ -676,6 +644,7 @@ fn parse_gpus(text: &str) -> Vec<(String, GpuSample)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::sys::statfs;
 
     #[test]
     fn parses_nvidia_smi_lines() {

@@ -235,28 +235,66 @@ fn inner_session_leader(root: i32) -> Option<i32> {
 /// `memory.oom_control`; hybrid hosts mount v2 under `unified`.
 fn oom_kill_count() -> Option<u64> {
     let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let root = Path::new("/sys/fs/cgroup");
-    let mut candidates: Vec<PathBuf> = Vec::new();
-    for line in cgroups.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
-        else {
-            continue;
-        };
-        let rel = path.trim_start_matches('/');
-        if controllers.split(',').any(|c| c == "memory") {
-            candidates.push(root.join("memory").join(rel).join("memory.oom_control"));
-        } else if controllers.is_empty() {
-            candidates.push(root.join(rel).join("memory.events"));
-            candidates.push(root.join("unified").join(rel).join("memory.events"));
-        }
-    }
-    candidates.iter().find_map(|file| {
+    let v1 = Cgroup::of(&cgroups, Some("memory")).map(|c| c.dir.join("memory.oom_control"));
+    let v2 = Cgroup::of(&cgroups, None).map(|c| c.dir.join("memory.events"));
+    v1.into_iter().chain(v2).find_map(|file| {
         let text = std::fs::read_to_string(file).ok()?;
         text.lines()
             .find_map(|l| l.strip_prefix("oom_kill "))
             .and_then(|v| v.trim().parse().ok())
     })
+}
+
+/// A process's cgroup in one hierarchy: where the hierarchy is mounted,
+/// and the cgroup's directory there (the root itself for a process at it).
+pub struct Cgroup {
+    pub root: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl Cgroup {
+    /// From a /proc/PID/cgroup text's line `0::/rel` (v2, mounted at
+    /// /sys/fs/cgroup or, on a hybrid system, /sys/fs/cgroup/unified) or
+    /// `N:controllers:/rel` (v1, at /sys/fs/cgroup/controllers, e.g.
+    /// `cpu,cpuacct`), for the controller named (None: v2). None when that
+    /// hierarchy is not a mounted cgroup file system (statfs), or the path
+    /// has a `..` or `.` (the kernel writes none: a cgroup named with a
+    /// newline can fake a line).
+    pub fn of(cgroups: &str, controller: Option<&str>) -> Option<Cgroup> {
+        use nix::sys::statfs;
+        let (roots, rel) = cgroups.lines().find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, names, rel) = (f.next()?, f.next()?, f.next()?);
+            match controller {
+                None if names.is_empty() => Some((
+                    vec![
+                        PathBuf::from("/sys/fs/cgroup"),
+                        PathBuf::from("/sys/fs/cgroup/unified"),
+                    ],
+                    rel,
+                )),
+                Some(c) if names.split(',').any(|n| n == c) => {
+                    Some((vec![Path::new("/sys/fs/cgroup").join(names)], rel))
+                }
+                _ => None,
+            }
+        })?;
+        let magic = if controller.is_some() {
+            statfs::CGROUP_SUPER_MAGIC
+        } else {
+            statfs::CGROUP2_SUPER_MAGIC
+        };
+        let root = (roots.into_iter())
+            .find(|r| statfs::statfs(r).is_ok_and(|s| s.filesystem_type() == magic))?;
+        let rel = rel.trim_start_matches('/');
+        if rel.split('/').any(|c| c == ".." || c == ".") {
+            return None;
+        }
+        Some(Cgroup {
+            dir: root.join(rel),
+            root,
+        })
+    }
 }
 
 #[cfg(test)]
