@@ -372,13 +372,10 @@ impl Cache {
 /// there), readable by the cache's users.
 fn write_marker(path: &Path, text: &[u8]) -> Result<(), EnvError> {
     use std::io::Write;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .and_then(|mut f| f.write_all(text))
+    let mut new = std::fs::OpenOptions::new();
+    new.write(true).create_new(true).mode(0o644);
+    let mut f = Expect::file().mode(Mode::Any).open_with(path, &mut new)?;
+    f.write_all(text)
         .map_err(|e| EnvError::io(format!("writing {}", path.display()), e))
 }
 
