@@ -157,14 +157,15 @@ impl Comms {
     /// (followed while a comm is open), or a request finished away from the loop.
     pub async fn next(&mut self) -> CommEvent {
         let follow = self.any_open();
-        let silent = self.most_silent();
-        let expires = silent.as_ref().map(|s| s.1 + self.expire_after);
+        // Only the instant here (next runs once per relayed message): the
+        // comm's id is looked up when it expires.
+        let expires = (self.open.values().map(|o| o.heard).min()).map(|h| h + self.expire_after);
         let mut retry = self.extend_retry_at();
         loop {
             tokio::select! {
                 Some(d) = self.done_rx.recv() => return CommEvent::Done(d),
                 () = tokio::time::sleep_until(expires.unwrap_or_else(Instant::now)), if expires.is_some() => {
-                    return CommEvent::Expired(silent.map(|s| s.0).unwrap_or_default());
+                    return CommEvent::Expired(self.most_silent().map(|s| s.0).unwrap_or_default());
                 }
                 () = tokio::time::sleep_until(retry.unwrap_or_else(Instant::now)), if retry.is_some() => {
                     return CommEvent::AskExtend;
