@@ -34,7 +34,7 @@ pub fn base_dir() -> Result<PathBuf, RuntimeDirError> {
     let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
     let chosen = var(EnvVars::NOYAU_RUNTIME_DIR)
         .map(PathBuf::from)
-        .or_else(|| var("XDG_RUNTIME_DIR").map(|d| PathBuf::from(d).join("noyau")));
+        .or_else(|| var(EnvVars::XDG_RUNTIME_DIR).map(|d| PathBuf::from(d).join("noyau")));
     match chosen {
         Some(dir) => ensure_private_dir(&dir).map(|()| dir),
         None => tmp_base(&std::env::temp_dir(), nix::unistd::getuid().as_raw()),
