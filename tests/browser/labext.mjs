@@ -199,12 +199,26 @@ try {
   step("cancel", { job: workerId, reply: cancelled, dask: await panel(page).locator('[data-section="dask"]').innerText() });
   if (real) {
     await need(`cancelled ${workerId}`); // its job leaves squeue
-    // the Dask scheduler job's log tail, from its row
-    await panel(page).locator("[data-dask-job]", { hasText: "scheduler" }).locator('button[title^="Show the log"]').click();
+    // the Dask scheduler job's log tail, from its row. Its Log button shows
+    // once the job runs, which is before Dask logged anything (Python is
+    // still importing distributed; "Dask cluster" is the cell's first line,
+    // printed at submission): the log is shown again, as a person would,
+    // until the scheduler's lines are in it.
+    const daskLogButton = panel(page).locator("[data-dask-job]", { hasText: "scheduler" })
+      .locator('button[title^="Show the log"]');
     const daskLog = panel(page).locator(".noyau-Panel-log");
-    await daskLog.waitFor();
-    step("dask-log", { text: await daskLog.innerText() });
-    await panel(page).locator(".noyau-log-close").click();
+    let daskLogAsked = 0;
+    const daskLogText = await until(page, "the Dask scheduler's log to have its lines", async () => {
+      daskLogAsked += 1;
+      await daskLogButton.click();
+      // (a job whose log file is not there yet gets an error reply, no log)
+      if (!(await daskLog.waitFor({ timeout: 15000 }).then(() => true, () => false))) return null;
+      const text = await daskLog.innerText();
+      await panel(page).locator(".noyau-log-close").click();
+      await daskLog.waitFor({ state: "detached" });
+      return text.includes("distributed.scheduler") ? text : null;
+    }, 120000);
+    step("dask-log", { text: daskLogText, asked: daskLogAsked });
     // the node's CPUs are needed for a second kernel later
     await runCell(page, "%noyau dask down");
     await page.locator(".jp-OutputArea-output", { hasText: "Dask cluster down" }).first().waitFor({ timeout: 120000 });

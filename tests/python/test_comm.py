@@ -477,6 +477,30 @@ def test_slurm_comm_and_noyau_extend_raise_the_time_limit_of_an_operator(slurm: 
         subprocess.run(["scancel", unlimited], check=True, timeout=30)
 
 
+def test_two_slurm_extends_of_one_job_at_once_both_count(slurm: None) -> None:
+    """Two `noyau extend` of one job started at the same instant (the comm's
+    button and `noyau extend`, or two clicks) each read the limit and set an
+    absolute one: without the per-job lock both read 10:00 and set 15:00,
+    losing one. With it, the second reads what the first set."""
+    job = subprocess.run(["sbatch", "--parsable", "-p", "debug", "-J", "noyau-run-extend2", "-t", "10", "-c", "1",
+                          "--mem", "100M", "-o", "/dev/null", "--wrap", "sleep 300"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    try:
+        assert slurm_limit(job) == "10:00"
+        both = [subprocess.Popen([lib.noyau_bin(), "extend", "--backend", "slurm", job, "5:00"],  # type: ignore[list-item]
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        outs = [p.communicate(timeout=120) for p in both]
+        for p, (out, err) in zip(both, outs):
+            assert p.returncode == 0 and "raised the time limit" in out, (out, err)
+        assert slurm_limit(job) == "20:00", outs
+        # one went from 10 to 15, the other from 15 to 20
+        assert sum("from 10 to 15" in o for o, _ in outs) == 1, outs
+        assert sum("from 15 to 20" in o for o, _ in outs) == 1, outs
+    finally:
+        subprocess.run(["scancel", job], check=True, timeout=30)
+        lib.wait_until(lambda: not lib.squeue_noyau(), 60, "the job to leave the queue", interval=0.5)
+
+
 def test_slurm_extend_is_neither_offered_nor_done_for_an_ordinary_user(slurm: None, tmp_path: Path) -> None:
     """A user who is not one of Slurm's operators (no slurmdbd here: no
     AdminLevel) runs a kernel (its job waits behind the node's blocker):

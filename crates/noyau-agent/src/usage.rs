@@ -587,7 +587,7 @@ fn read_tree(root: u32) -> Option<Reading> {
 
 /// `nvidia-smi` on PATH.
 fn nvidia_smi() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
+    let path = std::env::var_os(noyau_vars::EnvVars::PATH)?;
     std::env::split_paths(&path)
         .map(|d| d.join("nvidia-smi"))
         .find(|p| p.is_file())

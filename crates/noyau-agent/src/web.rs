@@ -238,7 +238,7 @@ fn hub_page_config(dir: &Path, base_url: &str) -> anyhow::Result<std::ffi::OsStr
     std::fs::write(labconfig.join("page_config.json"), page.to_string())
         .with_context(|| format!("cannot write {}/page_config.json", labconfig.display()))?;
     let mut paths = vec![config];
-    if let Some(user) = std::env::var_os("JUPYTER_CONFIG_PATH") {
+    if let Some(user) = std::env::var_os(EnvVars::JUPYTER_CONFIG_PATH) {
         paths.extend(std::env::split_paths(&user));
     }
     std::env::join_paths(paths).context("JUPYTER_CONFIG_PATH holds a ':' in a path")

@@ -11,7 +11,7 @@
 //! successor finds its handover record there; only two processes making
 //! the first fallback at the same instant could pick different ones.
 
-use noyau_trust::{Expect, Mode, Owner, TrustError};
+use noyau_trust::{Expect, Mode, TrustError};
 use noyau_vars::EnvVars;
 use std::path::{Path, PathBuf};
 
@@ -34,7 +34,7 @@ pub fn base_dir() -> Result<PathBuf, RuntimeDirError> {
     let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
     let chosen = var(EnvVars::NOYAU_RUNTIME_DIR)
         .map(PathBuf::from)
-        .or_else(|| var("XDG_RUNTIME_DIR").map(|d| PathBuf::from(d).join("noyau")));
+        .or_else(|| var(EnvVars::XDG_RUNTIME_DIR).map(|d| PathBuf::from(d).join("noyau")));
     match chosen {
         Some(dir) => ensure_private_dir(&dir).map(|()| dir),
         None => tmp_base(&std::env::temp_dir(), nix::unistd::getuid().as_raw()),
@@ -51,26 +51,18 @@ fn tmp_base(tmp: &Path, uid: u32) -> Result<PathBuf, RuntimeDirError> {
     };
     let prefix = format!("noyau-{uid}-");
     let mut ours: Vec<PathBuf> = std::fs::read_dir(tmp)
-        .map_err(|e| TrustError::Io {
-            action: "list",
-            path: tmp.into(),
-            source: e,
-        })?
+        .map_err(|e| TrustError::io("list", tmp, e))?
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
         .map(|e| e.path())
-        .filter(|p| is_private(p, uid))
+        .filter(|p| is_private(p))
         .collect();
     ours.sort();
+    let template = tmp.join(format!("{prefix}XXXXXX"));
     let dir = match ours.into_iter().next() {
         Some(d) => d,
-        None => nix::unistd::mkdtemp(&tmp.join(format!("{prefix}XXXXXX"))).map_err(|e| {
-            TrustError::Io {
-                action: "create",
-                path: tmp.join(format!("{prefix}XXXXXX")),
-                source: e.into(),
-            }
-        })?,
+        None => nix::unistd::mkdtemp(&template)
+            .map_err(|e| TrustError::io("create", &template, e.into()))?,
     };
     tracing::warn!(
         "not using {}: {squatted}; using the private directory {} instead",
@@ -80,13 +72,10 @@ fn tmp_base(tmp: &Path, uid: u32) -> Result<PathBuf, RuntimeDirError> {
     Ok(dir)
 }
 
-/// A directory (not a symlink) owned by `uid` with mode 0700.
-fn is_private(path: &Path, uid: u32) -> bool {
-    Expect::dir()
-        .owner(Owner::Uid(uid, "this user"))
-        .mode(Mode::Exactly(0o700))
-        .check(path)
-        .is_ok()
+/// A directory (not a symlink) of ours (the effective uid's, the owner of
+/// what [`tmp_base`] makes) with mode 0700.
+fn is_private(path: &Path) -> bool {
+    Expect::dir().mode(Mode::Exactly(0o700)).check(path).is_ok()
 }
 
 /// Creates `path` with mode 0700 if missing, and checks that an existing one
@@ -167,7 +156,7 @@ mod tests {
         std::os::unix::fs::symlink(elsewhere.path(), &usual).unwrap();
         let first = tmp_base(tmp.path(), uid).unwrap();
         assert_ne!(first, usual);
-        assert!(is_private(&first, uid), "{}", first.display());
+        assert!(is_private(&first), "{}", first.display());
         // Every later process finds the same fallback.
         assert_eq!(tmp_base(tmp.path(), uid).unwrap(), first);
 

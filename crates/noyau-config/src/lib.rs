@@ -327,10 +327,10 @@ pub fn default_paths(cwd: &Path) -> Vec<PathBuf> {
         .map(PathBuf::from)
         .unwrap_or_else(|| "/etc/noyau/config.toml".into());
     let mut v = vec![system];
-    let xdg = std::env::var_os("XDG_CONFIG_HOME")
+    let xdg = std::env::var_os(EnvVars::XDG_CONFIG_HOME)
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")));
+        .or_else(|| std::env::var_os(EnvVars::HOME).map(|h| PathBuf::from(h).join(".config")));
     if let Some(x) = xdg {
         v.push(x.join("noyau").join("config.toml"));
     }

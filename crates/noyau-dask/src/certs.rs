@@ -55,7 +55,5 @@ fn make(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn private_write(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    noyau_trust::create_private(path, 0o600)
-        .map_err(std::io::Error::other)?
-        .write_all(data)
+    noyau_trust::create_private(path, 0o600)?.write_all(data)
 }

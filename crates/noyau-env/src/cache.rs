@@ -87,10 +87,10 @@ pub fn site_cache() -> Option<Cache> {
 
 /// The user's own cache: `$XDG_CACHE_HOME/noyau/envs`, else `~/.cache/noyau/envs`.
 pub fn private_root() -> PathBuf {
-    std::env::var_os("XDG_CACHE_HOME")
+    std::env::var_os(EnvVars::XDG_CACHE_HOME)
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .or_else(|| std::env::var_os(EnvVars::HOME).map(|h| PathBuf::from(h).join(".cache")))
         .unwrap_or_else(|| std::env::temp_dir().join("noyau-cache"))
         .join("noyau")
         .join("envs")

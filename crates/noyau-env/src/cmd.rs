@@ -55,7 +55,7 @@ pub fn run(
 
 /// Finds `exe` on PATH.
 pub fn which(exe: &str) -> Option<std::path::PathBuf> {
-    let path = std::env::var_os("PATH")?;
+    let path = std::env::var_os(noyau_vars::EnvVars::PATH)?;
     std::env::split_paths(&path)
         .map(|d| d.join(exe))
         .find(|p| p.is_file())

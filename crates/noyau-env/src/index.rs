@@ -247,15 +247,15 @@ fn pip_conf_files(var: &dyn Fn(&str) -> Option<String>) -> Vec<PathBuf> {
         PathBuf::from("/etc/xdg/pip/pip.conf"),
         PathBuf::from("/etc/pip.conf"),
     ];
-    let home = var("HOME").map(PathBuf::from);
+    let home = var(noyau_vars::EnvVars::HOME).map(PathBuf::from);
     if let Some(h) = &home {
         files.push(h.join(".pip/pip.conf"));
     }
-    match var("XDG_CONFIG_HOME") {
+    match var(noyau_vars::EnvVars::XDG_CONFIG_HOME) {
         Some(x) => files.push(PathBuf::from(x).join("pip/pip.conf")),
         None => files.extend(home.map(|h| h.join(".config/pip/pip.conf"))),
     }
-    if let Some(v) = var("VIRTUAL_ENV") {
+    if let Some(v) = var(noyau_vars::EnvVars::VIRTUAL_ENV) {
         files.push(PathBuf::from(v).join("pip.conf"));
     }
     files

@@ -64,7 +64,7 @@ pub fn wrap(
     .iter()
     .map(|a| a.to_string())
     .collect();
-    let home = std::env::var_os("HOME")
+    let home = std::env::var_os(noyau_vars::EnvVars::HOME)
         .map(PathBuf::from)
         .filter(|h| h.is_dir() && h != Path::new("/"));
     if let Some(h) = &home {

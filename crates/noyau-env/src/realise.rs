@@ -335,7 +335,7 @@ impl Realised {
             let old = env
                 .get("PATH")
                 .cloned()
-                .or_else(|| std::env::var("PATH").ok())
+                .or_else(|| std::env::var(EnvVars::PATH).ok())
                 .unwrap_or_default();
             env.insert("PATH".into(), format!("{}:{old}", bin.display()));
             if p.join("conda-meta").is_dir() {

@@ -66,7 +66,7 @@ pub fn path_for(connection_file: &Path) -> Result<PathBuf, HandoverError> {
 
 pub fn write(path: &Path, h: &Handover) -> Result<(), HandoverError> {
     let tmp = path.with_extension("tmp");
-    let created = noyau_trust::create_private(&tmp, 0o600).map_err(std::io::Error::other);
+    let created = noyau_trust::create_private(&tmp, 0o600).map_err(std::io::Error::from);
     let written = created.and_then(|mut f| {
         let json = serde_json::to_vec(h).map_err(std::io::Error::other)?;
         f.write_all(&json)?;
@@ -92,11 +92,7 @@ pub fn take(path: &Path, max_age: Duration) -> Option<Handover> {
     let mut text = Vec::new();
     let read = opened.and_then(|mut f| {
         f.read_to_end(&mut text)
-            .map_err(|e| noyau_trust::TrustError::Io {
-                action: "read",
-                path: path.into(),
-                source: e,
-            })
+            .map_err(|e| noyau_trust::TrustError::io("read", path, e))
     });
     if let Err(e) = read {
         tracing::warn!("ignoring handover record: {e}; starting a new agent");

@@ -101,7 +101,7 @@ impl StatusFile {
         let tmp = p.with_extension("tmp");
         let text = json!({"done": self.done, "total": self.total}).to_string();
         let ok = noyau_trust::create_private(&tmp, 0o600)
-            .map_err(std::io::Error::other)
+            .map_err(std::io::Error::from)
             .and_then(|mut f| f.write_all(text.as_bytes()))
             .and_then(|()| std::fs::rename(&tmp, p));
         if let Err(e) = ok {

@@ -67,10 +67,10 @@ pub fn job_env(kernel: &str, backend: &str) -> Result<BTreeMap<String, String>, 
 }
 
 pub fn cache_dir() -> PathBuf {
-    let base = std::env::var_os("XDG_CACHE_HOME")
+    let base = std::env::var_os(EnvVars::XDG_CACHE_HOME)
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .or_else(|| std::env::var_os(EnvVars::HOME).map(|h| PathBuf::from(h).join(".cache")))
         .unwrap_or_else(|| std::env::temp_dir().join("noyau-cache"));
     base.join("noyau")
         .join("kernels")
@@ -117,7 +117,7 @@ pub fn ensure_python_kernel() -> Result<PathBuf, RunError> {
 }
 
 fn on_path(exe: &str) -> bool {
-    std::env::var_os("PATH")
+    std::env::var_os(EnvVars::PATH)
         .map(|p| std::env::split_paths(&p).any(|d| d.join(exe).is_file()))
         .unwrap_or(false)
 }

@@ -123,7 +123,7 @@ pub fn backends() -> Vec<&'static str> {
 /// The batch schedulers whose client commands are on PATH.
 pub fn installed() -> Vec<&'static str> {
     use std::os::unix::fs::PermissionsExt;
-    let path = std::env::var_os("PATH").unwrap_or_default();
+    let path = std::env::var_os(EnvVars::PATH).unwrap_or_default();
     let on_path = |cmd: &str| {
         std::env::split_paths(&path).any(|d| {
             std::fs::metadata(d.join(cmd))

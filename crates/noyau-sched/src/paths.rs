@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use noyau_trust::{Expect, Mode, Owner};
+use noyau_vars::EnvVars;
 
 use crate::SchedError;
 
@@ -13,10 +14,10 @@ use crate::SchedError;
 /// `~/.local/state/noyau`), which a cluster's compute nodes see when home
 /// directories are shared.
 pub fn state_dir() -> PathBuf {
-    std::env::var_os("XDG_STATE_HOME")
+    std::env::var_os(EnvVars::XDG_STATE_HOME)
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .or_else(|| std::env::var_os(EnvVars::HOME).map(|h| PathBuf::from(h).join(".local/state")))
         .map(|d| d.join("noyau"))
         .unwrap_or_else(tmp_state_dir)
 }
@@ -34,7 +35,7 @@ fn tmp_state_dir() -> PathBuf {
 /// `$XDG_RUNTIME_DIR/noyau/listings` (local, private: the session's) when
 /// that is a directory of this user's only, else `STATE/listings`.
 pub(crate) fn listings_dir() -> PathBuf {
-    let runtime = std::env::var_os("XDG_RUNTIME_DIR")
+    let runtime = std::env::var_os(EnvVars::XDG_RUNTIME_DIR)
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .filter(|d| Expect::dir().check(d).is_ok());

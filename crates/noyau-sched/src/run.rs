@@ -65,7 +65,7 @@ pub struct AsUser {
 
 /// This user's name (`$USER`, else the account of this process's uid).
 pub(crate) fn user_name() -> Result<String, crate::SchedError> {
-    std::env::var("USER")
+    std::env::var(noyau_vars::EnvVars::USER)
         .ok()
         .filter(|u| !u.is_empty())
         .or_else(|| uid_name(nix::unistd::getuid()))

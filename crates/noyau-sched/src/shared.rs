@@ -16,7 +16,7 @@
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -92,50 +92,9 @@ impl Shared {
     }
 
     /// Waits up to `patience` for the lock (another process may be asking
-    /// the scheduler); None where there is no lock to be had. Never an
-    /// unbounded wait: a lock on a network filesystem may hang.
+    /// the scheduler); None where there is no lock to be had.
     fn take_lock(&self, patience: Duration) -> Option<Flock<File>> {
-        let open = || {
-            ours_alone().open_with(
-                &self.lock,
-                std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .mode(0o600),
-            )
-        };
-        // the directory is made once, not at every poll
-        let f = match open() {
-            Err(e) if e.is_not_found() => {
-                private_dir(self.lock.parent()?).ok()?;
-                open()
-            }
-            other => other,
-        };
-        let f = match f {
-            Ok(f) => f,
-            Err(e @ noyau_trust::TrustError::Refused { .. }) => {
-                tracing::warn!("{e}: not used");
-                return None;
-            }
-            Err(_) => return None,
-        };
-        let deadline = std::time::Instant::now() + patience;
-        let mut f = f;
-        loop {
-            match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
-                Ok(held) => return Some(held),
-                Err((back, nix::errno::Errno::EWOULDBLOCK))
-                    if std::time::Instant::now() < deadline =>
-                {
-                    f = back;
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(_) => return None,
-            }
-        }
+        take_lock(&self.lock, patience)
     }
 
     /// The listing another process wrote, if it is ours alone and whole.
@@ -150,6 +109,53 @@ impl Shared {
 /// A regular file of this user's that no one else can write.
 fn ours_alone() -> noyau_trust::Expect {
     noyau_trust::Expect::file().mode(noyau_trust::Mode::NoOthersWrite)
+}
+
+/// An exclusive `flock` of `lock` (a regular file of ours that no one
+/// else can write, made with its private directory where missing),
+/// waited for up to `patience`; None where there is no lock to be had.
+/// Never an unbounded wait: a lock on a network filesystem may hang. It
+/// sleeps between tries: call it from a blocking thread.
+pub(crate) fn take_lock(lock: &Path, patience: Duration) -> Option<Flock<File>> {
+    let open = || {
+        ours_alone().open_with(
+            lock,
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600),
+        )
+    };
+    // the directory is made once, not at every poll
+    let f = match open() {
+        Err(e) if e.is_not_found() => {
+            private_dir(lock.parent()?).ok()?;
+            open()
+        }
+        other => other,
+    };
+    let f = match f {
+        Ok(f) => f,
+        Err(e @ noyau_trust::TrustError::Refused { .. }) => {
+            tracing::warn!("{e}: not used");
+            return None;
+        }
+        Err(_) => return None,
+    };
+    let deadline = std::time::Instant::now() + patience;
+    let mut f = f;
+    loop {
+        match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+            Ok(held) => return Some(held),
+            Err((back, nix::errno::Errno::EWOULDBLOCK)) if std::time::Instant::now() < deadline => {
+                f = back;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(_) => return None,
+        }
+    }
 }
 
 /// Asked less than `fresh` ago (and not in the future: a clock set back

@@ -67,7 +67,9 @@ impl TrustError {
         }
     }
 
-    pub(crate) fn io(action: &'static str, path: &Path, source: std::io::Error) -> Self {
+    /// `action` (a verb: "read", "list") on `path` failed with `source`:
+    /// for callers that go on with what noyau-trust opened or made.
+    pub fn io(action: &'static str, path: &Path, source: std::io::Error) -> Self {
         TrustError::Io {
             action,
             path: path.into(),
@@ -86,5 +88,18 @@ impl TrustError {
     /// Nothing is at the path.
     pub fn is_not_found(&self) -> bool {
         matches!(self, TrustError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
+}
+
+/// For callers whose errors are `io::Error`s: the I/O error's kind is kept
+/// (NotFound stays NotFound), a refusal is PermissionDenied; the text is
+/// this error's (the path and what to do).
+impl From<TrustError> for std::io::Error {
+    fn from(e: TrustError) -> Self {
+        let kind = match &e {
+            TrustError::Io { source, .. } => source.kind(),
+            TrustError::Refused { .. } => std::io::ErrorKind::PermissionDenied,
+        };
+        std::io::Error::new(kind, e)
     }
 }

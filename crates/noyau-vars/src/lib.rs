@@ -5,9 +5,12 @@
 //! reads it (the agent, the proxy and the hub's jobs share several).
 //!
 //! The schedulers' variables (`SLURM_JOB_ID`, `OAR_JOB_ID`, `JOB_ID`…) are
-//! read by noyau-sched, the one seam that knows the schedulers; those of
-//! other tools (`XDG_*`, `UV_*`, `CUDA_VISIBLE_DEVICES`) by the code that
-//! follows their rules. `NOYAU_TASK_ID` and `NOYAU_NTASKS`, set and read
+//! read by noyau-sched, the one seam that knows the schedulers, and named
+//! there. Those of the system and other tools that noyau reads itself
+//! (`USER`, `HOME`, `PATH`, `XDG_*`…) are named here too, at the end; the
+//! ones it only sets or passes on for a tool (`UV_*`,
+//! `CUDA_VISIBLE_DEVICES`) stay with the code that follows that tool's
+//! rules. `NOYAU_TASK_ID` and `NOYAU_NTASKS`, set and read
 //! only by the Python that noyau-sched writes for `%%noyau on --tasks N`,
 //! live in that text.
 
@@ -123,6 +126,29 @@ impl EnvVars {
     pub const NOYAU_SYSTEM_CONFIG: &'static str = "NOYAU_SYSTEM_CONFIG";
     /// The log filter (tracing's `EnvFilter` syntax), to stderr.
     pub const NOYAU_LOG: &'static str = "NOYAU_LOG";
+
+    // ---- the system's and other tools' that noyau reads --------------------
+
+    /// The user's name as the login set it (noyau-sched; the uid's account
+    /// when unset).
+    pub const USER: &'static str = "USER";
+    /// The user's home: the XDG directories' default parent.
+    pub const HOME: &'static str = "HOME";
+    /// Where programs are looked for.
+    pub const PATH: &'static str = "PATH";
+    /// noyau's state directory's parent (default `~/.local/state`).
+    pub const XDG_STATE_HOME: &'static str = "XDG_STATE_HOME";
+    /// The caches' parent (default `~/.cache`).
+    pub const XDG_CACHE_HOME: &'static str = "XDG_CACHE_HOME";
+    /// The config files' parent (default `~/.config`).
+    pub const XDG_CONFIG_HOME: &'static str = "XDG_CONFIG_HOME";
+    /// The login session's private runtime directory.
+    pub const XDG_RUNTIME_DIR: &'static str = "XDG_RUNTIME_DIR";
+    /// The user's own Jupyter config directories (the hub's sessions keep
+    /// them after the hub's own).
+    pub const JUPYTER_CONFIG_PATH: &'static str = "JUPYTER_CONFIG_PATH";
+    /// An active virtualenv (its `pip.conf` is read).
+    pub const VIRTUAL_ENV: &'static str = "VIRTUAL_ENV";
 }
 
 /// The value of `name`, a variable that holds seconds: None when unset,

@@ -14,7 +14,11 @@
 //!
 //! [`raise`] reads the job's limit and sets an absolute one: scontrol's
 //! `TimeLimit=+N` wraps on an UNLIMITED job before Slurm 23.11.1. A job
-//! without a limit is refused (nothing to raise).
+//! without a limit is refused (nothing to raise). Read-then-set is done
+//! under a per-job `flock` (`STATE/locks/slurm-extend-ID.lock`, see
+//! [`hold`]): two extends of one job at once (the comm's button and
+//! `noyau extend`, two clicks) would otherwise both read the same limit
+//! and one extension would be lost.
 //!
 //! (Slurm also lets a user raise the limit of their job while it waits,
 //! up to the partition's MaxTime: not offered, a kernel's job is
@@ -180,6 +184,7 @@ pub(super) async fn raise(
     keep: &[&str],
 ) -> Result<String, SchedError> {
     check_id(id)?;
+    let _held = hold(id).await;
     let out = cmds
         .cmd("squeue")
         .args(["-h", "-o", "%l", "-j", id])
@@ -217,6 +222,30 @@ pub(super) async fn raise(
             e.said().unwrap_or_else(|| e.to_string()).trim(),
         ))),
     }
+}
+
+/// How long an extend waits for another of the same job (a squeue and a
+/// scontrol against a slow controller) before it goes on without the lock.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The per-job lock of this user's extends of job `id` (a checked id: it
+/// names a file), taken in a blocking thread (the wait sleeps); None, with
+/// a warning, where none can be had (the extend goes on: a lost extension
+/// only if two race then, as before the lock).
+async fn hold(id: &str) -> Option<nix::fcntl::Flock<std::fs::File>> {
+    let path = crate::paths::state_dir()
+        .join("locks")
+        .join(format!("slurm-extend-{id}.lock"));
+    let shown = path.clone();
+    let took = tokio::task::spawn_blocking(move || crate::shared::take_lock(&path, LOCK_PATIENCE));
+    let held = took.await.ok().flatten();
+    if held.is_none() {
+        tracing::warn!(
+            "no lock {} for job {id}'s extend: going on without it",
+            shown.display()
+        );
+    }
+    held
 }
 
 /// What to tell the user when `scontrol update` refused.
