@@ -34,13 +34,20 @@ fn tmp_state_dir() -> PathBuf {
 /// `$XDG_RUNTIME_DIR/noyau/listings` (local, private: the session's) when
 /// that is a directory of this user's only, else `STATE/listings`.
 pub(crate) fn listings_dir() -> PathBuf {
+    host_dir("listings")
+}
+
+/// `$XDG_RUNTIME_DIR/noyau/NAME` when that runtime directory is this
+/// user's only, else `STATE/NAME`: what a user's processes on this host
+/// share (listings, submission slots).
+pub(crate) fn host_dir(name: &str) -> PathBuf {
     let runtime = std::env::var_os("XDG_RUNTIME_DIR")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .filter(|d| Expect::dir().check(d).is_ok());
     match runtime {
-        Some(d) => d.join("noyau").join("listings"),
-        None => state_dir().join("listings"),
+        Some(d) => d.join("noyau").join(name),
+        None => state_dir().join(name),
     }
 }
 
