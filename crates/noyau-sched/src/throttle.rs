@@ -51,11 +51,7 @@ pub fn set_concurrent_submissions(n: usize) -> Result<(), SchedError> {
 pub fn check_slots(n: i64) -> Result<usize, SchedError> {
     match usize::try_from(n) {
         Ok(n) if (1..=MAX_SLOTS).contains(&n) => Ok(n),
-        _ => Err(SchedError::Invalid(format!(
-            "concurrent_submissions = {n}: it is how many scheduler commands that submit or \
-             cancel jobs one user runs at once on a host; give a whole number from 1 to \
-             {MAX_SLOTS} (default {DEFAULT_SLOTS})"
-        ))),
+        _ => Err(SchedError::BadSlots(n)),
     }
 }
 
