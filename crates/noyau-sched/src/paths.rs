@@ -78,6 +78,19 @@ fn private_dir_under(tmp_state: &Path, dir: &Path) -> Result<(), SchedError> {
         .make_dir(dir)?)
 }
 
+/// How a lock file is opened: read-write, made 0600 where missing, never
+/// emptied (another process may hold it).
+pub(crate) fn lock_file() -> std::fs::OpenOptions {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = std::fs::OpenOptions::new();
+    o.read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600);
+    o
+}
+
 /// Writes `path` afresh with `mode`, never through a link (one planted
 /// there, or another user's file, is refused).
 pub(crate) fn write_private(path: &Path, text: &str, mode: u32) -> Result<(), SchedError> {

@@ -15,7 +15,6 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
@@ -95,17 +94,7 @@ impl Shared {
     /// the scheduler); None where there is no lock to be had. Never an
     /// unbounded wait: a lock on a network filesystem may hang.
     fn take_lock(&self, patience: Duration) -> Option<Flock<File>> {
-        let open = || {
-            ours_alone().open_with(
-                &self.lock,
-                std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .mode(0o600),
-            )
-        };
+        let open = || ours_alone().open_with(&self.lock, &mut crate::paths::lock_file());
         // the directory is made once, not at every poll
         let f = match open() {
             Err(e) if e.is_not_found() => {

@@ -20,7 +20,6 @@
 //! forever or make noyau lock a file of theirs.
 
 use std::fs::File;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -153,15 +152,7 @@ impl Slots {
 
 /// A slot file: a regular file of ours, 0600, not a link.
 fn open_slot(path: &Path) -> Result<File, SchedError> {
-    let f = noyau_trust::Expect::file().open_with(
-        path,
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600),
-    )?;
+    let f = noyau_trust::Expect::file().open_with(path, &mut crate::paths::lock_file())?;
     Ok(f)
 }
 
