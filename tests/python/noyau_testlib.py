@@ -603,6 +603,42 @@ def oarstat_noyau(user: str) -> list[dict[str, str]]:
 
 
 # --------------------------------------------------------------------------
+# scheduler commands timed through a wrapper on PATH
+
+
+def timing_wrapper(dirpath: Path, command: str, log: Path, real: str, slow: float = 0.0) -> Path:
+    """`command` in dirpath: runs `real`, logging `start PID T` before and
+    `end PID T` after it (T: seconds since the epoch). The logged interval
+    contains the real command's run, so overlaps counted from it are an
+    upper bound of what really overlapped. `slow` seconds more inside the
+    interval stand for a loaded scheduler (overlaps easier to see)."""
+    w = dirpath / command
+    pause = f"sleep {slow}\n" if slow else ""
+    w.write_text(f"#!/bin/sh\necho \"start $$ $(date +%s.%N)\" >> {log}\n{pause}"
+                 f"{real} \"$@\"\nrc=$?\necho \"end $$ $(date +%s.%N)\" >> {log}\nexit $rc\n")
+    w.chmod(0o755)
+    return w
+
+
+def timed_calls(log: Path) -> tuple[int, int, float]:
+    """From a timing wrapper's log: (calls, most running at once, seconds
+    from the first start to the last end)."""
+    events = []
+    for line in log.read_text().splitlines():
+        what, _pid, t = line.split()
+        events.append((float(t), 1 if what == "start" else -1))
+    # an end and a start at the same instant: the end first
+    events.sort(key=lambda e: (e[0], e[1]))
+    running = most = 0
+    for _, d in events:
+        running += d
+        most = max(most, running)
+    starts = sum(1 for _, d in events if d == 1)
+    span = events[-1][0] - events[0][0] if events else 0.0
+    return starts, most, span
+
+
+# --------------------------------------------------------------------------
 # the Grid Engine test cluster (scripts/sge-up, started by scripts/test as root)
 #
 # Its jobs run as root, as the Slurm tests' do. Grid Engine passes no

@@ -261,6 +261,46 @@ def test_sweep_bad_input(noyau_bin: str, tmp_path: Path) -> None:
     assert r.returncode == 2 and "invalid JSON" in r.stderr, r.stderr
 
 
+def test_twelve_submissions_at_once_run_at_most_two_sbatch_at_a_time(
+        slurm: None, noyau_bin: str, tmp_path: Path) -> None:
+    """`concurrent_submissions = 2`: 12 `noyau run --detach` processes
+    started at once run sbatch at most 2 at a time (timed through a wrapper
+    on PATH, 0.3 s slower than sbatch so that overlaps would show), and all
+    12 are submitted."""
+    import os
+    import shutil
+    (tmp_path / "bin").mkdir()
+    log = tmp_path / "sbatch.log"
+    log.touch()
+    real = shutil.which("sbatch")
+    assert real, "sbatch is not on PATH"
+    lib.timing_wrapper(tmp_path / "bin", "sbatch", log, real, slow=0.3)
+    (tmp_path / "noyau.toml").write_text("concurrent_submissions = 2\n")
+    nb = notebook(tmp_path / "t.ipynb", "import time\ntime.sleep(300)")
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    procs = [subprocess.Popen([noyau_bin, "run", str(nb), str(tmp_path / f"t{i}.out.ipynb"),
+                               "--detach", "--profile", "test"], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(12)]
+    jobs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+            jobs.append(out.strip())
+        calls, most, span = lib.timed_calls(log)
+        assert calls == 12, log.read_text()
+        assert most == 2, f"{most} sbatch at once (the bound is 2): {log.read_text()}"
+        assert span >= 6 * 0.3, f"12 submissions 2 at a time took only {span:.2f} s"
+    finally:
+        for p in procs:
+            p.kill()
+        for j in jobs:
+            subprocess.run(["scancel", j], check=False)
+        lib.wait_until(lambda: not {j["id"] for j in lib.squeue_noyau()} & set(jobs), 60,
+                       "the cancelled jobs to leave the queue", 0.3)
+
+
 def test_detached_run_is_the_job_and_ps_shows_its_cells(slurm: None, noyau_bin: str,
                                                         tmp_path: Path) -> None:
     nb = notebook(tmp_path / "det.ipynb", "import time", *["time.sleep(1)"] * 6,

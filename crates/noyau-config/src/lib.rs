@@ -21,6 +21,10 @@
 //! site's scheduler for the commands about jobs (`noyau ps`, `cancel`,
 //! `extend`).
 //!
+//! A top-level `concurrent_submissions = 4` says how many scheduler
+//! commands that submit, cancel or extend jobs one user runs at once on a
+//! host, across all of their noyau processes (1 to 64, default 4).
+//!
 //! A top-level `[idle]` table says when an idle allocation is given back
 //! ([`IdleLimits`]): the site's default in the system file, the user's
 //! own in theirs.
@@ -90,6 +94,8 @@ fn available(known: &[String]) -> String {
 struct File {
     /// The site's batch scheduler, see [`Config::scheduler`].
     scheduler: Option<String>,
+    /// See [`Config::concurrent_submissions`].
+    concurrent_submissions: Option<i64>,
     #[serde(default)]
     profiles: BTreeMap<String, BTreeMap<Spanned<String>, Spanned<toml::Value>>>,
     /// The kernel's environment: read and checked by noyau-env, not here.
@@ -315,6 +321,10 @@ pub struct Config {
     /// the last file that sets it wins): what `noyau ps`, `cancel` and
     /// `extend` ask when not told.
     pub scheduler: Option<String>,
+    /// How many scheduler commands that submit, cancel or extend jobs one
+    /// user runs at once on a host (top-level `concurrent_submissions = 4`,
+    /// the last file that sets it wins; see noyau-sched's `throttle`).
+    pub concurrent_submissions: Option<usize>,
     /// `[idle]`, key by key over the defaults.
     pub idle: IdleLimits,
     /// The files read, in order.
@@ -382,6 +392,10 @@ impl Config {
                 )));
             }
             self.scheduler = Some(sched);
+        }
+        if let Some(n) = file.concurrent_submissions {
+            let n = noyau_sched::check_slots(n).map_err(|e| bad(e.to_string()))?;
+            self.concurrent_submissions = Some(n);
         }
         for (name, table) in &file.profiles {
             let p = self.profiles.entry(name.clone()).or_default();
@@ -469,6 +483,7 @@ fn explain(e: &toml::de::Error) -> String {
             let cands: &[&str] = if msg.contains("`profiles`") {
                 &[
                     "scheduler",
+                    "concurrent_submissions",
                     "profiles",
                     "environment",
                     "data",
@@ -525,6 +540,29 @@ mod tests {
         assert_eq!(p.partition.as_deref(), Some("batch"));
         assert_eq!(p.cpus_per_task, Some(4));
         assert_eq!(p.env["C"], "3");
+    }
+
+    #[test]
+    fn concurrent_submissions_last_file_wins_and_bad_values_are_explained() {
+        let c = cfg(&[
+            "concurrent_submissions = 8\n",
+            "concurrent_submissions = 2\n",
+        ]);
+        assert_eq!(c.unwrap().concurrent_submissions, Some(2));
+        assert_eq!(
+            cfg(&["[profiles.a]\n"]).unwrap().concurrent_submissions,
+            None
+        );
+        for bad in ["0", "-1", "100"] {
+            let e = cfg(&[&format!("concurrent_submissions = {bad}\n")])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("give a whole number from 1 to 64"), "{e}");
+        }
+        let e = cfg(&["concurrent_submissions = \"4\"\n"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("concurrent_submissions"), "{e}");
     }
 
     #[test]

@@ -65,6 +65,14 @@ pub enum SchedError {
         crate::MAX_EXTEND_SECS / 86400
     )]
     TooLong(u64),
+    /// A number of submission slots out of range (`concurrent_submissions`).
+    #[error(
+        "concurrent_submissions = {0}: it is how many scheduler commands that submit or cancel \
+         jobs one user runs at once on a host; give a whole number from 1 to {max} (default {def})",
+        max = crate::MAX_SLOTS,
+        def = crate::DEFAULT_SLOTS
+    )]
+    BadSlots(i64),
     /// What this scheduler does not let a user do (e.g. extend a job).
     #[error("{0}")]
     Unsupported(String),

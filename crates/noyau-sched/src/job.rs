@@ -84,7 +84,8 @@ pub(crate) struct Cancel {
 impl Ending for Cancel {
     async fn end(&self, id: &str) {
         let ids = [id.to_string()];
-        if let Err(e) = self.imp.cancel(&ids, self.as_user.as_deref()).await {
+        let cancel = self.imp.cancel(&ids, self.as_user.as_deref());
+        if let Err(e) = crate::throttle::throttled_cancel(cancel).await {
             tracing::warn!("{e}");
         }
         for f in &self.files {
@@ -164,7 +165,7 @@ impl ArrayJob {
             return Ok(());
         }
         let ids: Vec<String> = next.iter().map(|i| self.states[*i].0.clone()).collect();
-        self.cancel.imp.release(&ids).await?;
+        crate::throttle::throttled(self.cancel.imp.release(&ids)).await?;
         for i in next {
             self.held[i] = false;
         }
@@ -175,7 +176,7 @@ impl ArrayJob {
     pub async fn cancel(&self) -> Result<(), SchedError> {
         let ids: Vec<String> = self.states.iter().map(|(id, _)| id.clone()).collect();
         let c = &self.cancel;
-        c.imp.cancel(&ids, c.as_user.as_deref()).await
+        crate::throttle::throttled_cancel(c.imp.cancel(&ids, c.as_user.as_deref())).await
     }
 }
 

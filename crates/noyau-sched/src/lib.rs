@@ -19,7 +19,8 @@
 //! * `script`: the job script every scheduler shares; `run`: the process
 //!   runner (and [`AsUser`], commands run as another user); `quote`,
 //!   `paths`, `state`: shell quoting, noyau's directories, job states and
-//!   their times.
+//!   their times; `throttle`: at most N submitting or cancelling commands
+//!   of a user at once on a host, across processes.
 
 mod backend;
 mod batch;
@@ -40,6 +41,7 @@ mod shared;
 mod slurm;
 mod state;
 mod tasks;
+mod throttle;
 mod watcher;
 
 use noyau_vars::EnvVars;
@@ -68,6 +70,7 @@ pub use state::{
     JobEnd, JobState,
 };
 pub use tasks::fan_out;
+pub use throttle::{check_slots, set_concurrent_submissions, DEFAULT_SLOTS, MAX_SLOTS};
 
 use batch::{Batch, Commands};
 

@@ -35,13 +35,20 @@ fn tmp_state_dir() -> PathBuf {
 /// `$XDG_RUNTIME_DIR/noyau/listings` (local, private: the session's) when
 /// that is a directory of this user's only, else `STATE/listings`.
 pub(crate) fn listings_dir() -> PathBuf {
+    host_dir("listings")
+}
+
+/// `$XDG_RUNTIME_DIR/noyau/NAME` when that runtime directory is this
+/// user's only, else `STATE/NAME`: what a user's processes on this host
+/// share (listings, submission slots).
+pub(crate) fn host_dir(name: &str) -> PathBuf {
     let runtime = std::env::var_os(EnvVars::XDG_RUNTIME_DIR)
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .filter(|d| Expect::dir().check(d).is_ok());
     match runtime {
-        Some(d) => d.join("noyau").join("listings"),
-        None => state_dir().join("listings"),
+        Some(d) => d.join("noyau").join(name),
+        None => state_dir().join(name),
     }
 }
 
@@ -70,6 +77,19 @@ fn private_dir_under(tmp_state: &Path, dir: &Path) -> Result<(), SchedError> {
         .mode(Mode::Set(0o700))
         .follow_links()
         .make_dir(dir)?)
+}
+
+/// How a lock file is opened: read-write, made 0600 where missing, never
+/// emptied (another process may hold it).
+pub(crate) fn lock_file() -> std::fs::OpenOptions {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = std::fs::OpenOptions::new();
+    o.read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600);
+    o
 }
 
 /// Writes `path` afresh with `mode`, never through a link (one planted

@@ -13,6 +13,7 @@ use crate::batch::{Batch, Commands, JobInfo, PartitionLoad, Scope};
 use crate::job::{ArrayJob, Cancel, Job};
 use crate::profile::{Profile, GENERIC};
 use crate::run::{AsUser, Cmd};
+use crate::throttle::{throttled, throttled_cancel};
 use crate::watcher::Watcher;
 use crate::{registered, JobSpec, SchedError};
 
@@ -204,7 +205,7 @@ impl Scheduler {
 
     async fn submit_raw(&self, spec: &JobSpec) -> Result<crate::batch::Submission, SchedError> {
         self.check(&spec.profile)?;
-        let sub = self.imp().submit(spec, self.user()).await?;
+        let sub = throttled(self.imp().submit(spec, self.user())).await?;
         tracing::info!(job = %sub.id, log = %spec.log_path(&sub.id).display(), "submitted to {}", self.display());
         Ok(sub)
     }
@@ -235,7 +236,7 @@ impl Scheduler {
 
     /// Cancels jobs by id.
     pub async fn cancel(&self, ids: &[String]) -> Result<(), SchedError> {
-        self.imp().cancel(ids, self.user()).await
+        throttled_cancel(self.imp().cancel(ids, self.user())).await
     }
 
     /// The noyau jobs (names `noyau-…`) of this handle's scope that have
@@ -269,7 +270,7 @@ impl Scheduler {
     /// most [`crate::MAX_EXTEND_SECS`] at once).
     pub async fn extend(&self, id: &str, secs: u64) -> Result<String, SchedError> {
         check_extension(secs)?;
-        self.imp().extend(id, secs, self.user()).await
+        throttled(self.imp().extend(id, secs, self.user())).await
     }
 
     /// Free and total resources per partition (or queue).

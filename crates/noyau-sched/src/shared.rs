@@ -15,7 +15,6 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -117,17 +116,7 @@ fn ours_alone() -> noyau_trust::Expect {
 /// Never an unbounded wait: a lock on a network filesystem may hang. It
 /// sleeps between tries: call it from a blocking thread.
 pub(crate) fn take_lock(lock: &Path, patience: Duration) -> Option<Flock<File>> {
-    let open = || {
-        ours_alone().open_with(
-            lock,
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600),
-        )
-    };
+    let open = || ours_alone().open_with(lock, &mut crate::paths::lock_file());
     // the directory is made once, not at every poll
     let f = match open() {
         Err(e) if e.is_not_found() => {

@@ -279,8 +279,22 @@ fn hub(a: HubArgs) -> anyhow::Result<i32> {
     }
 }
 
+/// The site's and user's `concurrent_submissions`, for every command: a
+/// kernel's proxy, a run, a sweep, `hub-submit` all submit. A config that
+/// does not load is left to the commands that read it to report (kernel,
+/// run, sweep, ps, cancel, extend): the others keep the default.
+fn throttle_from_config() {
+    let cwd = std::env::current_dir().unwrap_or_else(|_| "/".into());
+    let n = noyau_config::Config::load(&cwd).map(|c| c.concurrent_submissions);
+    if let Ok(Some(n)) = n {
+        // (checked when the file was read)
+        let _ = noyau_sched::set_concurrent_submissions(n);
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
+    throttle_from_config();
     // The hub says what happens (logins, refusals, spawns, ends) unless told otherwise.
     init_logging(match &cli.command {
         Command::Hub(_) => "warn,noyau_hub=info",
