@@ -301,6 +301,57 @@ def test_twelve_submissions_at_once_run_at_most_two_sbatch_at_a_time(
                        "the cancelled jobs to leave the queue", 0.3)
 
 
+def test_ten_queued_runs_with_a_slow_squeue_make_one_squeue_at_a_time(
+        slurm: None, noyau_bin: str, tmp_path: Path) -> None:
+    """Ten `noyau run` drivers whose jobs wait behind a blocker share one
+    listing even when squeue is slower than their 2 s interval (a wrapper on
+    PATH sleeps 5 s first, as a loaded slurmctld or oarstat would): a driver
+    waits while another asks, instead of giving up after one interval and
+    asking too (a herd that made the scheduler slower still). Over a 30 s
+    window: about one call per call duration, never more than two at once;
+    with every driver asking for itself it was one per driver per ~9 s."""
+    import os
+    import shutil
+    slow, window = 5.0, 30.0
+    (tmp_path / "bin").mkdir()
+    log = tmp_path / "squeue.log"
+    log.touch()
+    real = shutil.which("squeue")
+    assert real, "squeue is not on PATH"
+    lib.timing_wrapper(tmp_path / "bin", "squeue", log, real, slow=slow)
+    nb = notebook(tmp_path / "q.ipynb", "print('ran')")
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "NOYAU_SLURM_POLL": "2"}
+    blocker = lib.fill_the_node()
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        procs = [subprocess.Popen([noyau_bin, "run", str(nb), str(tmp_path / f"q{i}.out.ipynb"),
+                                   "--profile", "test"], cwd=tmp_path, env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+                 for i in range(10)]
+        lib.wait_until(lambda: len([j for j in lib.squeue_noyau() if j["id"] != blocker]) >= 10, 120,
+                       "the ten runs' jobs to queue", 0.5)
+        t0 = time.time()
+        time.sleep(window)  # the measuring window, not a synchronisation
+        t1 = time.time()
+        assert all(p.poll() is None for p in procs), "a driver ended while its job was queued"
+        starts = [float(l.split()[2]) for l in log.read_text().splitlines() if l.startswith("start ")]
+        calls = sum(1 for t in starts if t0 <= t <= t1)
+        _, most, _ = lib.timed_calls(log)
+        bound = int(window / slow) + 3
+        print(f"{calls} squeue calls in {window:.0f} s for 10 drivers, at most {most} at once")
+        assert calls <= bound, f"{calls} squeue calls in {window:.0f} s for 10 drivers (bound {bound})"
+        assert calls >= 2, f"only {calls} squeue calls in {window:.0f} s: are the drivers watching?"
+        assert most <= 2, f"{most} squeue calls at once: {log.read_text()}"
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=30)
+        ids = [j["id"] for j in lib.squeue_noyau()]
+        if ids:
+            subprocess.run(["scancel", *ids], check=False)
+        lib.wait_until(lambda: not lib.squeue_noyau(), 60, "the runs' jobs and the blocker to leave the queue", 0.5)
+
+
 def test_detached_run_is_the_job_and_ps_shows_its_cells(slurm: None, noyau_bin: str,
                                                         tmp_path: Path) -> None:
     nb = notebook(tmp_path / "det.ipynb", "import time", *["time.sleep(1)"] * 6,

@@ -82,6 +82,10 @@ pub(crate) struct Submission {
     pub note: String,
 }
 
+/// How long one scheduler command may take, by default, before it is
+/// killed and counts as failed.
+pub(crate) const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A scheduler's client commands: each by its name, looked up on PATH,
 /// unless a path is given for it.
 #[derive(Debug, Clone)]
@@ -95,7 +99,7 @@ impl Default for Commands {
     fn default() -> Self {
         Commands {
             paths: BTreeMap::new(),
-            timeout: Duration::from_secs(30),
+            timeout: COMMAND_TIMEOUT,
         }
     }
 }

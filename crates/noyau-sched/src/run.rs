@@ -1,6 +1,9 @@
 //! Running a scheduler's commands: one child process each, its stdin fed,
-//! its stdout returned, killed when it takes longer than its timeout. A
-//! failure is a [`CommandError`] that names the command (as it would be
+//! its stdout returned, killed when it takes longer than its timeout. Each
+//! runs in its own process group, killed whole on timeout or when the
+//! caller is gone: a site's wrapper shell around `squeue` or `oarsub` must
+//! not leave the real command running after its slot (`throttle.rs`) is
+//! freed. A failure is a [`CommandError`] that names the command (as it would be
 //! typed), its exit status and what it wrote on stderr.
 
 use std::collections::BTreeMap;
@@ -167,6 +170,7 @@ impl Cmd {
             })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            .process_group(0)
             .kill_on_drop(true);
         if self.clean {
             cmd.env_clear();
@@ -177,6 +181,7 @@ impl Cmd {
                 command: command.clone(),
                 source,
             })?;
+            let _group = child.id().map(Group::of);
             if let (Some(text), Some(mut w)) = (&self.stdin, child.stdin.take()) {
                 w.write_all(text.as_bytes())
                     .await
@@ -211,6 +216,24 @@ impl Cmd {
                 after: self.timeout,
             }),
         }
+    }
+}
+
+/// The process group of a command (its leader's pid), killed when this
+/// is dropped: on timeout, when the caller is gone, and after the command
+/// ended, for what it left running in the background.
+struct Group(nix::unistd::Pid);
+
+impl Group {
+    fn of(pid: u32) -> Group {
+        Group(nix::unistd::Pid::from_raw(pid.cast_signed()))
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        // ESRCH: the group is gone already
+        let _ = nix::sys::signal::killpg(self.0, nix::sys::signal::Signal::SIGKILL);
     }
 }
 
@@ -255,6 +278,32 @@ mod tests {
             e.to_string().starts_with("cannot run `/nonexistent/x`"),
             "{e}"
         );
+    }
+
+    /// A wrapper shell that timed out does not leave the command it
+    /// started running.
+    #[tokio::test]
+    async fn a_timeout_kills_the_commands_grandchildren_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let script = format!("sleep 100 & echo $! > {}; wait", pidfile.display());
+        let e = Cmd::new(Path::new("sh"), Duration::from_millis(500))
+            .args(["-c", &script])
+            .output()
+            .await
+            .unwrap_err();
+        assert!(matches!(e, CommandError::Timeout { .. }), "{e:?}");
+        let pid = std::fs::read_to_string(&pidfile).unwrap();
+        let stat = format!("/proc/{}/stat", pid.trim());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        // gone, or a zombie waiting for its reaper
+        while std::fs::read_to_string(&stat).is_ok_and(|s| !s.contains(") Z ")) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the shell's `sleep 100` still runs after the timeout"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     #[tokio::test]

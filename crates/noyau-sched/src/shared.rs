@@ -3,15 +3,25 @@
 //! were 200 processes calling `squeue` every interval. Their watchers share
 //! what they learn through `STATE/listings/NAME-KEY.json`: under an
 //! exclusive `flock` of `NAME-KEY.lock`, a watcher whose turn comes reads
-//! the listing another made if it is younger than its interval, and else
-//! asks the scheduler and writes what it got for the others. The scheduler
-//! is then asked about once per interval, whatever the number of processes.
+//! the listing another made if it was asked less than its interval before
+//! the watcher began waiting (or since), and else asks the scheduler and
+//! writes what it got for the others. The scheduler is then asked about
+//! once per interval (or per call, when one call takes longer), whatever
+//! the number of processes.
+//!
+//! A watcher waits for the lock as long as its holder may be asking the
+//! scheduler ([`PATIENCE`], longer than a command's timeout), not one
+//! interval: with a scheduler slower than the interval (oarstat under
+//! load), watchers that gave up after an interval each asked it
+//! themselves, which made it slower still (a herd of 300 oarstat at once
+//! for 200 kernels). The wait runs in a blocking thread, bounded, so a
+//! watcher dropped meanwhile leaves no thread waiting for ever.
 //!
 //! The file is trusted only when it is a regular file of this user's, not
 //! a link, that no one else can write; otherwise it is replaced. Whatever
-//! goes wrong (no lock on this filesystem, a file being rewritten), the
-//! watcher asks the scheduler itself: sharing saves calls, it never decides
-//! a job's fate.
+//! goes wrong (no lock on this filesystem, a planted lock file, a holder
+//! past [`PATIENCE`], a file being rewritten), the watcher asks the
+//! scheduler itself: sharing saves calls, it never decides a job's fate.
 
 use std::fs::File;
 use std::io::Read;
@@ -21,9 +31,14 @@ use std::time::{Duration, SystemTime};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
-use crate::batch::{Batch, JobInfo, Scope};
+use crate::batch::{Batch, JobInfo, Scope, COMMAND_TIMEOUT};
 use crate::paths::{private_dir, write_private};
 use crate::SchedError;
+
+/// How long a watcher waits for the lock another process holds: that
+/// process is asking the scheduler, and its command is killed after
+/// [`COMMAND_TIMEOUT`]; a few seconds more for it to write the listing.
+const PATIENCE: Duration = Duration::from_secs(COMMAND_TIMEOUT.as_secs() + 5);
 
 /// What one watcher wrote for the others.
 #[derive(Serialize, Deserialize)]
@@ -59,8 +74,8 @@ impl Shared {
     }
 
     /// This user's jobs, as another process saw them less than `fresh`
-    /// ago, or as the scheduler says now; and when it was asked. `asked`
-    /// counts the calls to the scheduler.
+    /// before this call (or during it), or as the scheduler says now; and
+    /// when it was asked. `asked` counts the calls to the scheduler.
     pub(crate) async fn list(
         &self,
         imp: &dyn Batch,
@@ -68,13 +83,14 @@ impl Shared {
         asked: impl FnOnce(),
     ) -> Result<(Vec<JobInfo>, SystemTime), SchedError> {
         let me = self.clone();
-        let held = tokio::task::spawn_blocking(move || me.take_lock(fresh)).await;
+        let since = SystemTime::now();
+        let held = tokio::task::spawn_blocking(move || me.take_lock(PATIENCE)).await;
         let Ok(Some(guard)) = held else {
             asked();
             let now = SystemTime::now();
             return Ok((imp.list(Scope::Mine, None).await?, now));
         };
-        if let Some(l) = self.read().filter(|l| is_younger(l.asked, fresh)) {
+        if let Some(l) = self.read().filter(|l| is_fresh(l.asked, since, fresh)) {
             return Ok((l.jobs, l.asked));
         }
         asked();
@@ -147,12 +163,14 @@ pub(crate) fn take_lock(lock: &Path, patience: Duration) -> Option<Flock<File>> 
     }
 }
 
-/// Asked less than `fresh` ago (and not in the future: a clock set back
-/// must not make an old listing look new forever).
-fn is_younger(asked: SystemTime, fresh: Duration) -> bool {
-    SystemTime::now()
-        .duration_since(asked)
-        .is_ok_and(|age| age < fresh)
+/// Asked less than `fresh` before `since` (when the watcher began waiting
+/// for the lock), or after it: a listing another process got while this
+/// one waited is as new as the one it would get. Never one asked in the
+/// future (a clock set back must not make an old listing look new for
+/// ever).
+fn is_fresh(asked: SystemTime, since: SystemTime, fresh: Duration) -> bool {
+    let past = SystemTime::now().duration_since(asked).is_ok();
+    past && since.duration_since(asked).map_or(true, |age| age < fresh)
 }
 
 /// FNV-1a: a hash that is the same in every build of noyau (std's is not
@@ -170,15 +188,16 @@ mod tests {
     #[test]
     fn an_old_or_future_listing_is_not_fresh() {
         let now = SystemTime::now();
-        assert!(is_younger(now, Duration::from_secs(2)));
-        assert!(!is_younger(
-            now - Duration::from_secs(3),
-            Duration::from_secs(2)
-        ));
-        assert!(!is_younger(
-            now + Duration::from_secs(60),
-            Duration::from_secs(2)
-        ));
+        let two = Duration::from_secs(2);
+        assert!(is_fresh(now, now, two));
+        assert!(!is_fresh(now - Duration::from_secs(3), now, two));
+        assert!(!is_fresh(now + Duration::from_secs(60), now, two));
+        // asked while this watcher waited for the lock: fresh, however long
+        // ago (a scheduler slower than the interval)
+        let began = now - Duration::from_secs(10);
+        assert!(is_fresh(now - Duration::from_secs(9), began, two));
+        assert!(is_fresh(now - Duration::from_secs(11), began, two));
+        assert!(!is_fresh(now - Duration::from_secs(13), began, two));
     }
 
     #[test]

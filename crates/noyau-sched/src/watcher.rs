@@ -120,6 +120,9 @@ impl Watcher {
 
     async fn poll_loop(self) {
         loop {
+            // a sleep after each poll, not a ticking interval: a poll that
+            // waited long for the shared listing is not followed at once by
+            // another
             let jitter = rand::rng().random_range(0.8..1.2);
             tokio::time::sleep(self.0.interval.mul_f64(jitter)).await;
             if Arc::strong_count(&self.0) == 1 {
