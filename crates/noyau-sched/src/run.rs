@@ -181,7 +181,7 @@ impl Cmd {
                 command: command.clone(),
                 source,
             })?;
-            let _group = child.id().map(Group::of);
+            let group = child.id().map(Group::of);
             if let (Some(text), Some(mut w)) = (&self.stdin, child.stdin.take()) {
                 w.write_all(text.as_bytes())
                     .await
@@ -197,6 +197,11 @@ impl Cmd {
                     command: command.clone(),
                     source,
                 })?;
+            // Reaped: its pid, the group's id, may be given to another
+            // process from now on, so the group is no longer killed.
+            if let Some(g) = group {
+                g.disarm();
+            }
             let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
             if out.status.success() {
                 Ok(text(&out.stdout))
@@ -220,13 +225,18 @@ impl Cmd {
 }
 
 /// The process group of a command (its leader's pid), killed when this
-/// is dropped: on timeout, when the caller is gone, and after the command
-/// ended, for what it left running in the background.
+/// is dropped before the leader is reaped: on timeout, when the caller is
+/// gone. Not after the command ended: once reaped, the pid may be another
+/// process's (and as root, killing it would hit anyone).
 struct Group(nix::unistd::Pid);
 
 impl Group {
     fn of(pid: u32) -> Group {
         Group(nix::unistd::Pid::from_raw(pid.cast_signed()))
+    }
+
+    fn disarm(self) {
+        std::mem::forget(self);
     }
 }
 
