@@ -263,10 +263,12 @@ def test_sweep_bad_input(noyau_bin: str, tmp_path: Path) -> None:
 
 def test_twelve_submissions_at_once_run_at_most_two_sbatch_at_a_time(
         slurm: None, noyau_bin: str, tmp_path: Path) -> None:
-    """`concurrent_submissions = 2`: 12 `noyau run --detach` processes
-    started at once run sbatch at most 2 at a time (timed through a wrapper
-    on PATH, 0.3 s slower than sbatch so that overlaps would show), and all
-    12 are submitted."""
+    """`concurrent_submissions = 2` in the user's config: 12 `noyau run
+    --detach` processes started at once run sbatch at most 2 at a time
+    (timed through a wrapper on PATH, 0.3 s slower than sbatch so that
+    overlaps would show), and all 12 are submitted. The project's
+    `./noyau.toml` saying 1 is ignored, with a warning (its directory may
+    be another user's)."""
     import os
     import shutil
     (tmp_path / "bin").mkdir()
@@ -275,19 +277,28 @@ def test_twelve_submissions_at_once_run_at_most_two_sbatch_at_a_time(
     real = shutil.which("sbatch")
     assert real, "sbatch is not on PATH"
     lib.timing_wrapper(tmp_path / "bin", "sbatch", log, real, slow=0.3)
-    (tmp_path / "noyau.toml").write_text("concurrent_submissions = 2\n")
+    user = Path(os.environ["XDG_CONFIG_HOME"]) / "noyau" / "config.toml"
+    mine = tmp_path / "xdg" / "noyau" / "config.toml"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("concurrent_submissions = 2\n" + user.read_text())
+    (tmp_path / "noyau.toml").write_text("concurrent_submissions = 1\n")
     nb = notebook(tmp_path / "t.ipynb", "import time\ntime.sleep(300)")
-    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+           "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
     procs = [subprocess.Popen([noyau_bin, "run", str(nb), str(tmp_path / f"t{i}.out.ipynb"),
                                "--detach", "--profile", "test"], cwd=tmp_path, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(12)]
     jobs = []
     try:
+        errs = []
         for p in procs:
             out, err = p.communicate(timeout=120)
-            assert p.returncode == 0, err
-            jobs.append(out.strip())
+            jobs += out.split()
+            errs.append((p.returncode, err))
+        for code, err in errs:
+            assert code == 0, err
+            assert "concurrent_submissions = 1 is ignored in a project's file" in err, err
         calls, most, span = lib.timed_calls(log)
         assert calls == 12, log.read_text()
         assert most == 2, f"{most} sbatch at once (the bound is 2): {log.read_text()}"

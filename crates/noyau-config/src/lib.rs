@@ -22,8 +22,9 @@
 //! `extend`).
 //!
 //! A top-level `concurrent_submissions = 4` says how many scheduler
-//! commands that submit, cancel or extend jobs one user runs at once on a
-//! host, across all of their noyau processes (1 to 64, default 4).
+//! commands that submit or cancel jobs one user runs at once on a host,
+//! across all of their noyau processes (1 to 64, default 4): in the system
+//! or the user's file only (a project's is ignored, with a warning).
 //!
 //! A top-level `[idle]` table says when an idle allocation is given back
 //! ([`IdleLimits`]): the site's default in the system file, the user's
@@ -321,9 +322,10 @@ pub struct Config {
     /// the last file that sets it wins): what `noyau ps`, `cancel` and
     /// `extend` ask when not told.
     pub scheduler: Option<String>,
-    /// How many scheduler commands that submit, cancel or extend jobs one
-    /// user runs at once on a host (top-level `concurrent_submissions = 4`,
-    /// the last file that sets it wins; see noyau-sched's `throttle`).
+    /// How many scheduler commands that submit or cancel jobs one user
+    /// runs at once on a host (top-level `concurrent_submissions = 4`, the
+    /// last of the system and user files that sets it wins; see
+    /// noyau-sched's `throttle`).
     pub concurrent_submissions: Option<usize>,
     /// `[idle]`, key by key over the defaults.
     pub idle: IdleLimits,
@@ -333,6 +335,16 @@ pub struct Config {
 
 /// The files noyau reads, in order (later wins); they need not exist.
 pub fn default_paths(cwd: &Path) -> Vec<PathBuf> {
+    let mut v = site_paths();
+    v.push(cwd.join(PROJECT_FILE));
+    v
+}
+
+/// The project's file, in the working directory.
+const PROJECT_FILE: &str = "noyau.toml";
+
+/// The site's and the user's files (not the project's), in order.
+pub fn site_paths() -> Vec<PathBuf> {
     let system = std::env::var_os(EnvVars::NOYAU_SYSTEM_CONFIG)
         .map(PathBuf::from)
         .unwrap_or_else(|| "/etc/noyau/config.toml".into());
@@ -344,32 +356,57 @@ pub fn default_paths(cwd: &Path) -> Vec<PathBuf> {
     if let Some(x) = xdg {
         v.push(x.join("noyau").join("config.toml"));
     }
-    v.push(cwd.join("noyau.toml"));
     v
+}
+
+/// `concurrent_submissions` as the site's and the user's files say (a
+/// project's file may not set it: see [`Config::load_with`]).
+pub fn site_concurrent_submissions() -> Result<Option<usize>, ConfigError> {
+    Ok(Config::load_from(&site_paths())?.concurrent_submissions)
 }
 
 impl Config {
     /// Reads the system, user and project files.
     pub fn load(cwd: &Path) -> Result<Self, ConfigError> {
-        Self::load_from(&default_paths(cwd))
+        Self::load_with(&site_paths(), &cwd.join(PROJECT_FILE))
+    }
+
+    /// Reads the `site` files then the `project` one, whose
+    /// `concurrent_submissions` is ignored with a warning: a project's
+    /// directory may be another user's, and the setting paces every
+    /// command of the user's on the host.
+    pub fn load_with(site: &[PathBuf], project: &Path) -> Result<Self, ConfigError> {
+        let mut c = Self::load_from(site)?;
+        let theirs = c.concurrent_submissions.take();
+        c.add_file(project)?;
+        if let Some(n) = std::mem::replace(&mut c.concurrent_submissions, theirs) {
+            tracing::warn!(
+                "{}: concurrent_submissions = {n} is ignored in a project's file; \
+                 set it in ~/.config/noyau/config.toml (yours) or /etc/noyau/config.toml (the site's)",
+                project.display()
+            );
+        }
+        Ok(c)
     }
 
     pub fn load_from(paths: &[PathBuf]) -> Result<Self, ConfigError> {
         let mut c = Config::default();
         for p in paths {
-            let text = match std::fs::read_to_string(p) {
-                Ok(t) => t,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(source) => {
-                    return Err(ConfigError::Read {
-                        path: p.clone(),
-                        source,
-                    })
-                }
-            };
-            c.add_str(p, &text)?;
+            c.add_file(p)?;
         }
         Ok(c)
+    }
+
+    /// Adds one file, if it exists.
+    fn add_file(&mut self, p: &Path) -> Result<(), ConfigError> {
+        match std::fs::read_to_string(p) {
+            Ok(text) => self.add_str(p, &text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(ConfigError::Read {
+                path: p.into(),
+                source,
+            }),
+        }
     }
 
     /// Adds one file's text (named `path` in errors).
@@ -563,6 +600,36 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("concurrent_submissions"), "{e}");
+    }
+
+    /// A project's file (maybe in a directory another user controls) does
+    /// not set `concurrent_submissions`; its other settings count.
+    #[test]
+    fn concurrent_submissions_is_not_taken_from_the_project_file() {
+        let d = tempfile::tempdir().unwrap();
+        let (user, project) = (d.path().join("config.toml"), d.path().join("noyau.toml"));
+        std::fs::write(
+            &project,
+            "concurrent_submissions = 1\n[profiles.p]\ncpus_per_task = 2\n",
+        )
+        .unwrap();
+        let c = Config::load_with(std::slice::from_ref(&user), &project).unwrap();
+        assert_eq!(c.concurrent_submissions, None);
+        assert!(
+            c.names().contains(&"p".to_string()),
+            "the project's profiles are read"
+        );
+        std::fs::write(&user, "concurrent_submissions = 3\n").unwrap();
+        let c = Config::load_with(std::slice::from_ref(&user), &project).unwrap();
+        assert_eq!(
+            c.concurrent_submissions,
+            Some(3),
+            "the user's, not the project's"
+        );
+        assert_eq!(
+            Config::load_from(&[user]).unwrap().concurrent_submissions,
+            Some(3)
+        );
     }
 
     #[test]

@@ -85,7 +85,7 @@ impl Ending for Cancel {
     async fn end(&self, id: &str) {
         let ids = [id.to_string()];
         let cancel = self.imp.cancel(&ids, self.as_user.as_deref());
-        if let Err(e) = crate::throttle::throttled_cancel(cancel).await {
+        if let Err(e) = crate::throttle::throttled_cancel(self.as_user.is_some(), cancel).await {
             tracing::warn!("{e}");
         }
         for f in &self.files {
@@ -165,7 +165,8 @@ impl ArrayJob {
             return Ok(());
         }
         let ids: Vec<String> = next.iter().map(|i| self.states[*i].0.clone()).collect();
-        crate::throttle::throttled(self.cancel.imp.release(&ids)).await?;
+        let as_other = self.cancel.as_user.is_some();
+        crate::throttle::throttled(as_other, self.cancel.imp.release(&ids)).await?;
         for i in next {
             self.held[i] = false;
         }
@@ -176,7 +177,8 @@ impl ArrayJob {
     pub async fn cancel(&self) -> Result<(), SchedError> {
         let ids: Vec<String> = self.states.iter().map(|(id, _)| id.clone()).collect();
         let c = &self.cancel;
-        crate::throttle::throttled_cancel(c.imp.cancel(&ids, c.as_user.as_deref())).await
+        let cancel = c.imp.cancel(&ids, c.as_user.as_deref());
+        crate::throttle::throttled_cancel(c.as_user.is_some(), cancel).await
     }
 }
 

@@ -3,6 +3,7 @@
 //! private (0700 / 0600) directories and files made there, and the tail of
 //! a job log read without trusting what is at its path.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use noyau_trust::{Expect, Mode, Owner};
@@ -14,10 +15,24 @@ use crate::SchedError;
 /// `~/.local/state/noyau`), which a cluster's compute nodes see when home
 /// directories are shared.
 pub fn state_dir() -> PathBuf {
-    std::env::var_os(EnvVars::XDG_STATE_HOME)
+    state_dir_from(
+        std::env::var_os(EnvVars::XDG_STATE_HOME),
+        std::env::var_os(EnvVars::HOME),
+    )
+}
+
+/// [`state_dir`] from these variables' values. A HOME that is empty or
+/// relative is no home: it would put the state under the working
+/// directory (`.local/state/noyau`), wherever that is.
+fn state_dir_from(xdg_state: Option<OsString>, home: Option<OsString>) -> PathBuf {
+    xdg_state
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os(EnvVars::HOME).map(|h| PathBuf::from(h).join(".local/state")))
+        .or_else(|| {
+            home.map(PathBuf::from)
+                .filter(|h| h.is_absolute())
+                .map(|h| h.join(".local/state"))
+        })
         .map(|d| d.join("noyau"))
         .unwrap_or_else(tmp_state_dir)
 }
@@ -138,6 +153,23 @@ pub fn tail_log(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_empty_or_relative_home_is_no_home() {
+        let tmp = tmp_state_dir();
+        assert_eq!(state_dir_from(None, Some("".into())), tmp);
+        assert_eq!(state_dir_from(Some("".into()), Some("".into())), tmp);
+        assert_eq!(state_dir_from(None, Some("rel".into())), tmp);
+        assert_eq!(state_dir_from(None, None), tmp);
+        assert_eq!(
+            state_dir_from(None, Some("/home/u".into())),
+            Path::new("/home/u/.local/state/noyau")
+        );
+        assert_eq!(
+            state_dir_from(Some("/s".into()), Some("".into())),
+            Path::new("/s/noyau")
+        );
+    }
 
     #[test]
     fn another_users_directory_is_not_private_even_for_root() {

@@ -204,8 +204,15 @@ impl Scheduler {
     }
 
     async fn submit_raw(&self, spec: &JobSpec) -> Result<crate::batch::Submission, SchedError> {
+        throttled(self.as_user.is_some(), self.submit_now(spec)).await
+    }
+
+    /// Submits without waiting for a slot: `noyau hub-submit`'s, whose hub
+    /// holds one for it (waiting there would put the hub's pool at the
+    /// mercy of the user's own slot files).
+    async fn submit_now(&self, spec: &JobSpec) -> Result<crate::batch::Submission, SchedError> {
         self.check(&spec.profile)?;
-        let sub = throttled(self.imp().submit(spec, self.user())).await?;
+        let sub = self.imp().submit(spec, self.user()).await?;
         tracing::info!(job = %sub.id, log = %spec.log_path(&sub.id).display(), "submitted to {}", self.display());
         Ok(sub)
     }
@@ -236,7 +243,7 @@ impl Scheduler {
 
     /// Cancels jobs by id.
     pub async fn cancel(&self, ids: &[String]) -> Result<(), SchedError> {
-        throttled_cancel(self.imp().cancel(ids, self.user())).await
+        throttled_cancel(self.as_user.is_some(), self.imp().cancel(ids, self.user())).await
     }
 
     /// The noyau jobs (names `noyau-…`) of this handle's scope that have
@@ -270,7 +277,7 @@ impl Scheduler {
     /// most [`crate::MAX_EXTEND_SECS`] at once).
     pub async fn extend(&self, id: &str, secs: u64) -> Result<String, SchedError> {
         check_extension(secs)?;
-        throttled(self.imp().extend(id, secs, self.user())).await
+        self.imp().extend(id, secs, self.user()).await
     }
 
     /// Free and total resources per partition (or queue).
@@ -415,8 +422,9 @@ pub async fn serve_submit_request() -> Result<(), SchedError> {
         source,
     })?;
     let id = Scheduler::named(&req.scheduler)?
-        .submit_detached(&req.spec)
-        .await?;
+        .submit_now(&req.spec)
+        .await?
+        .id;
     println!("id={id}");
     Ok(())
 }

@@ -1,9 +1,10 @@
-//! At most N scheduler commands that change something (submit, cancel,
-//! extend, release) of one user running at once on one host, whatever the
-//! number of the user's noyau processes. 200 kernels started at once are
-//! 200 proxies that would each fork `sbatch` or `oarsub` (a Perl program)
-//! at the same instant on a shared login node; a centre limits the rate of
-//! such calls (slurmctld's RPC limits) and so does noyau.
+//! At most N scheduler commands that submit, cancel or release jobs of
+//! one user running at once on one host, whatever the number of the
+//! user's noyau processes. 200 kernels started at once are 200 proxies
+//! that would each fork `sbatch` or `oarsub` (a Perl program) at the same
+//! instant on a shared login node; a centre limits the rate of such calls
+//! (slurmctld's RPC limits) and so does noyau. An extend is not throttled
+//! (rare, asked by a person, and it holds a per-job lock meanwhile).
 //!
 //! The slots are N lock files, `HOST-slot-I.lock` in the user's private
 //! directory for what is shared on this host (`$XDG_RUNTIME_DIR/noyau/
@@ -15,14 +16,26 @@
 //! lock dies with its process, so a killed submitter frees its slot.
 //!
 //! Slot files go through noyau-trust: created 0600, never through a link,
-//! and one that is not a regular file of this user's is refused with an
-//! error that names it: another user must not be able to hold a slot
-//! forever or make noyau lock a file of theirs.
+//! and one that is not a regular file of this user's is refused: another
+//! user must not be able to hold a slot forever or make noyau lock a file
+//! of theirs. A refused slot is logged and the call goes on unthrottled:
+//! the throttle spares the scheduler, it never stops a user's work.
+//!
+//! Calls made as another user (the hub, root, spawning for users) take
+//! permits of an in-process pool instead: the hub is one long-lived
+//! process, and root's files would be shared by every user's spawns.
+//! `noyau hub-submit`, which the hub runs as the user, takes no slot: its
+//! hub holds one. A cancel waits for a slot at most [`CANCEL_WAIT`], then
+//! runs anyway: a job left running holds its allocation.
 
 use std::fs::File;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
+
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use nix::fcntl::{Flock, FlockArg};
 
@@ -61,28 +74,91 @@ pub(crate) struct Slot {
     _lock: Option<Flock<File>>,
 }
 
-/// Runs `call` once a slot of this user's on this host is free.
+/// What a call holds while it runs: a slot file's lock, a permit of the
+/// process's pool, or nothing (not throttled).
+#[derive(Debug)]
+enum Held {
+    File { _slot: Slot },
+    Permit { _permit: SemaphorePermit<'static> },
+    Nothing,
+}
+
+/// How long a cancel waits for a slot before it runs anyway: a job left
+/// running holds its allocation, and Jupyter kills a kernel's proxy a few
+/// seconds after asking it to shut down.
+pub(crate) const CANCEL_WAIT: Duration = Duration::from_secs(2);
+
+/// Runs `call` once a slot is free; `as_other`: the call is made as
+/// another user (see [`Pool::of`]).
 pub(crate) async fn throttled<T>(
-    call: impl std::future::Future<Output = Result<T, SchedError>>,
+    as_other: bool,
+    call: impl Future<Output = Result<T, SchedError>>,
 ) -> Result<T, SchedError> {
-    let _slot = Slots::here().take().await?;
+    gated(Pool::of(as_other), None, call).await
+}
+
+/// [`throttled`] for a cancel: it waits for a slot at most
+/// [`CANCEL_WAIT`], then cancels anyway.
+pub(crate) async fn throttled_cancel<T>(
+    as_other: bool,
+    call: impl Future<Output = Result<T, SchedError>>,
+) -> Result<T, SchedError> {
+    gated(Pool::of(as_other), Some(CANCEL_WAIT), call).await
+}
+
+/// Runs `call` holding a slot of `pool`, waited for at most `most` (None:
+/// as long as it takes); past `most` the call runs unthrottled.
+async fn gated<T>(
+    pool: Pool,
+    most: Option<Duration>,
+    call: impl Future<Output = Result<T, SchedError>>,
+) -> Result<T, SchedError> {
+    let take = pool.hold();
+    let _held = match most {
+        None => take.await,
+        Some(most) => tokio::time::timeout(most, take).await.unwrap_or_else(|_| {
+            tracing::info!("no submission slot within {most:?}: going on anyway");
+            Held::Nothing
+        }),
+    };
     call.await
 }
 
-/// [`throttled`] for a cancel: a slot that cannot be had (a planted slot
-/// file) is logged and the job cancelled anyway, since a job left running
-/// holds the allocation.
-pub(crate) async fn throttled_cancel<T>(
-    call: impl std::future::Future<Output = Result<T, SchedError>>,
-) -> Result<T, SchedError> {
-    let _slot = match Slots::here().take().await {
-        Ok(slot) => Some(slot),
-        Err(e) => {
-            tracing::warn!("{e}; cancelling without waiting for a slot");
-            None
+/// Where a call's slot comes from.
+#[derive(Debug)]
+enum Pool {
+    /// The user's slot files on this host, shared by their processes.
+    Files(Slots),
+    /// The process's own permits.
+    Process(&'static Semaphore),
+}
+
+impl Pool {
+    /// A call made as another user (`as_other`: the hub, one long-lived
+    /// process running as root for every user) takes a permit of the
+    /// process's pool, sized when first used: slot files of root's would
+    /// be wherever root's environment points (/tmp when it has neither
+    /// HOME nor XDG_RUNTIME_DIR), where another user could plant them.
+    /// Any other call, a slot of the user's files.
+    fn of(as_other: bool) -> Pool {
+        static POOL: OnceLock<Semaphore> = OnceLock::new();
+        match as_other {
+            true => {
+                Pool::Process(POOL.get_or_init(|| Semaphore::new(SLOTS.load(Ordering::Relaxed))))
+            }
+            false => Pool::Files(Slots::here()),
         }
-    };
-    call.await
+    }
+
+    async fn hold(self) -> Held {
+        match self {
+            Pool::Process(pool) => match pool.acquire().await {
+                Ok(p) => Held::Permit { _permit: p },
+                Err(_) => Held::Nothing, // (never closed)
+            },
+            Pool::Files(slots) => slots.hold().await,
+        }
+    }
 }
 
 /// One round of tries.
@@ -120,6 +196,20 @@ impl Slots {
 
     fn path(&self, i: usize) -> PathBuf {
         self.dir.join(format!("{}-slot-{i}.lock", self.host))
+    }
+
+    /// Waits for a free slot and holds it; a slot that cannot be had (its
+    /// directory or a file refused, planted by another user) is logged and
+    /// the call goes on unthrottled: the throttle spares the scheduler, it
+    /// must never stop a user's work.
+    async fn hold(&self) -> Held {
+        match self.take().await {
+            Ok(slot) => Held::File { _slot: slot },
+            Err(e) => {
+                tracing::warn!("{e}; going on without waiting for a submission slot");
+                Held::Nothing
+            }
+        }
     }
 
     /// Waits for a free slot and holds it.

@@ -19,24 +19,12 @@ impl Expect {
     /// blocks (a FIFO is refused at once, not waited on), never makes a
     /// terminal ours, and follows a symlink only with
     /// [`Expect::follow_links`]. With [`Mode::Set`] the mode is then set.
-    /// Flags of the caller's own go to [`Expect::open_with_flags`]: std's
-    /// `OpenOptions` does not tell its custom flags, so any set on
-    /// `options` are replaced.
-    pub fn open_with(&self, path: &Path, options: &mut OpenOptions) -> Result<File, TrustError> {
-        self.open_with_flags(path, options, 0)
-    }
-
-    /// [`Expect::open_with`], with the caller's `flags` (`O_DIRECTORY`,
-    /// `O_NOATIME`…) kept beside the ones it needs (`O_NONBLOCK`,
+    /// std's `OpenOptions` does not tell its custom flags: any set on
+    /// `options` are replaced by the ones this needs (`O_NONBLOCK`,
     /// `O_NOCTTY`, `O_CLOEXEC`, and `O_NOFOLLOW` unless links are followed).
-    pub fn open_with_flags(
-        &self,
-        path: &Path,
-        options: &mut OpenOptions,
-        flags: i32,
-    ) -> Result<File, TrustError> {
+    pub fn open_with(&self, path: &Path, options: &mut OpenOptions) -> Result<File, TrustError> {
         let path = &crate::plain(path);
-        let mut flags = flags | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
+        let mut flags = libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
         if !self.follow {
             flags |= libc::O_NOFOLLOW;
         } else if dangling(path) {

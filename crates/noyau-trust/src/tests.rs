@@ -349,47 +349,6 @@ fn misuses_are_refused_not_ignored() {
     assert!(!t.path().join("target").exists());
 }
 
-/// The caller's flags are kept (O_DIRECTORY makes a regular file fail to
-/// open), and the needed ones still added: no link followed, no wait on a
-/// FIFO.
-#[test]
-fn open_with_flags_keeps_the_callers_flags_and_adds_its_own() {
-    let t = tempfile::tempdir().unwrap();
-    let read = || {
-        let mut o = std::fs::OpenOptions::new();
-        o.read(true);
-        o
-    };
-    let dir = t.path().join("dir");
-    Expect::dir().make_dir(&dir).unwrap();
-    let d = Expect::dir().open_with_flags(&dir, &mut read(), nix::libc::O_DIRECTORY);
-    assert!(d.is_ok(), "{d:?}");
-    let file = t.path().join("file");
-    create_private(&file, 0o600).unwrap();
-    Expect::file().open_with(&file, &mut read()).unwrap();
-    let e = Expect::file()
-        .open_with_flags(&file, &mut read(), nix::libc::O_DIRECTORY)
-        .unwrap_err();
-    let TrustError::Io { source, .. } = &e else {
-        panic!("{e}")
-    };
-    assert_eq!(source.raw_os_error(), Some(nix::libc::ENOTDIR), "{e}");
-    let link = t.path().join("link");
-    std::os::unix::fs::symlink(&dir, &link).unwrap();
-    let e = Expect::dir()
-        .open_with_flags(&link, &mut read(), nix::libc::O_DIRECTORY)
-        .unwrap_err();
-    assert_eq!(problem(&e), Problem::Symlink);
-    // No writer: without the O_NONBLOCK added to the caller's flags, this
-    // open would wait forever.
-    let fifo = t.path().join("fifo");
-    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-    let e = Expect::file()
-        .open_with_flags(&fifo, &mut read(), nix::libc::O_NOATIME)
-        .unwrap_err();
-    assert!(e.to_string().contains("is a FIFO"), "{e}");
-}
-
 /// As an `io::Error`: the kind of the I/O error kept, a refusal is
 /// PermissionDenied, the text says the path.
 #[test]

@@ -279,14 +279,23 @@ fn hub(a: HubArgs) -> anyhow::Result<i32> {
     }
 }
 
-/// The site's and user's `concurrent_submissions`, for every command: a
-/// kernel's proxy, a run, a sweep, `hub-submit` all submit. A config that
-/// does not load is left to the commands that read it to report (kernel,
-/// run, sweep, ps, cancel, extend): the others keep the default.
-fn throttle_from_config() {
-    let cwd = std::env::current_dir().unwrap_or_else(|_| "/".into());
-    let n = noyau_config::Config::load(&cwd).map(|c| c.concurrent_submissions);
-    if let Ok(Some(n)) = n {
+/// The site's and user's `concurrent_submissions` (never a project's),
+/// for the commands that run scheduler commands as their user: a kernel's
+/// proxy, a run, a sweep, ps/cancel/extend. Not the hub (root, with a pool
+/// of its own), `hub-submit` (its hub holds a slot), an agent or a Dask
+/// job (in a job, on a compute node). A config that does not load is left
+/// to the command to report: the default holds meanwhile.
+fn throttle_from_config(command: &Command) {
+    let submits = matches!(
+        command,
+        Command::Kernel(_)
+            | Command::Run(_)
+            | Command::Sweep(_)
+            | Command::Ps(_)
+            | Command::Cancel(_)
+            | Command::Extend(_)
+    );
+    if let (true, Ok(Some(n))) = (submits, noyau_config::site_concurrent_submissions()) {
         // (checked when the file was read)
         let _ = noyau_sched::set_concurrent_submissions(n);
     }
@@ -294,7 +303,7 @@ fn throttle_from_config() {
 
 fn main() {
     let cli = Cli::parse();
-    throttle_from_config();
+    throttle_from_config(&cli.command);
     // The hub says what happens (logins, refusals, spawns, ends) unless told otherwise.
     init_logging(match &cli.command {
         Command::Hub(_) => "warn,noyau_hub=info",

@@ -1,3 +1,5 @@
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::*;
@@ -117,4 +119,82 @@ fn a_bad_number_of_slots_is_explained() {
     }
     assert_eq!(check_slots(1).unwrap(), 1);
     assert_eq!(check_slots(64).unwrap(), MAX_SLOTS);
+}
+
+/// A call that says it ran.
+async fn ran(flag: Arc<AtomicBool>) -> Result<(), SchedError> {
+    flag.store(true, Ordering::SeqCst);
+    Ok(())
+}
+
+/// A cancel with every slot held (by another process, here this test)
+/// waits [`CANCEL_WAIT`] at most, then runs; so does one made as another
+/// user (the hub's) with every permit of its pool taken.
+#[tokio::test]
+async fn a_cancel_with_every_slot_held_runs_after_its_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let slots = Slots::new(dir.path().join("submit"), "h".into(), 1);
+    let _held = slots.take().await.unwrap();
+    let empty: &'static Semaphore = Box::leak(Box::new(Semaphore::new(0)));
+    for pool in [Pool::Files(slots.clone()), Pool::Process(empty)] {
+        let flag = Arc::new(AtomicBool::new(false));
+        let start = Instant::now();
+        let cancel = gated(pool, Some(CANCEL_WAIT), ran(flag.clone()));
+        tokio::time::timeout(Duration::from_secs(20), cancel)
+            .await
+            .expect("the cancel waited past its bound")
+            .unwrap();
+        assert!(flag.load(Ordering::SeqCst), "the cancel did not run");
+        assert!(
+            start.elapsed() >= CANCEL_WAIT,
+            "it did not wait for a slot first"
+        );
+    }
+    assert!(all_taken(&slots), "the cancel took the slot held");
+}
+
+/// A slot directory another user planted (here: a file where the
+/// directory goes) is warned about and the submission goes on.
+#[tokio::test]
+async fn a_refused_slot_directory_leaves_the_call_unthrottled() {
+    let dir = tempfile::tempdir().unwrap();
+    let planted = dir.path().join("submit");
+    std::fs::write(&planted, "").unwrap();
+    let slots = Slots::new(planted, "h".into(), 2);
+    assert!(
+        slots.take().await.is_err(),
+        "the planted directory was used"
+    );
+    let flag = Arc::new(AtomicBool::new(false));
+    let call = gated(Pool::Files(slots), None, ran(flag.clone()));
+    tokio::time::timeout(Duration::from_secs(20), call)
+        .await
+        .expect("the submission waited on a refused directory")
+        .unwrap();
+    assert!(flag.load(Ordering::SeqCst), "the submission did not run");
+}
+
+/// Calls made as other users (the hub's) take permits of the process's
+/// pool, no file: the (N+1)th waits until one is given back.
+#[tokio::test]
+async fn calls_as_another_user_wait_for_the_process_pool() {
+    assert!(matches!(Pool::of(true), Pool::Process(_)));
+    assert!(matches!(Pool::of(false), Pool::Files(_)));
+    let pool: &'static Semaphore = Box::leak(Box::new(Semaphore::new(1)));
+    let first = pool.acquire().await.unwrap();
+    let flag = Arc::new(AtomicBool::new(false));
+    let second = gated(Pool::Process(pool), None, ran(flag.clone()));
+    let waited = tokio::time::timeout(Duration::from_millis(300), second).await;
+    assert!(waited.is_err(), "a call ran with the pool taken");
+    assert!(
+        !flag.load(Ordering::SeqCst),
+        "a call ran with the pool taken"
+    );
+    drop(first);
+    let third = gated(Pool::Process(pool), None, ran(flag.clone()));
+    tokio::time::timeout(Duration::from_secs(20), third)
+        .await
+        .expect("no permit once the first was given back")
+        .unwrap();
+    assert!(flag.load(Ordering::SeqCst));
 }
