@@ -172,8 +172,10 @@ def main() -> int:
                     if expected is not None and res["lines"] != len(expected):
                         failures.append(f"{wname} via {route}, run {rep + 1}: {res['lines']} lines")
                 elif route == "noyau":
-                    rss["proxy"].append(res["rss"]["proxy"])
-                    rss["agent"].append(res["rss"]["agent"])
+                    # 0: the process was not found (a binary not named
+                    # `noyau`, see is_proxy): not measured, never "met"
+                    rss["proxy"] += [res["rss"]["proxy"]] if res["rss"]["proxy"] else []
+                    rss["agent"] += [res["rss"]["agent"]] if res["rss"]["agent"] else []
                 else:
                     rss["ipykernel"].append(res["rss"]["ipykernel"])
                 if expected is not None and not route.startswith("floor"):
@@ -213,7 +215,8 @@ def main() -> int:
             mib = max(rss[who]) / 1024
             print(f"  noyau {who:<6} {mib:7.1f} MiB  {'met' if mib <= TARGET_RSS_MIB else 'missed'}")
         else:
-            print(f"  noyau {who:<6}     n/a")
+            print(f"  noyau {who:<6}     n/a (no `noyau {'kernel' if who == 'proxy' else 'agent'}` process found:"
+                  " is NOYAU_BIN named noyau?)")
     if rss["ipykernel"]:
         print(f"  (ipykernel, direct, for reference: {max(rss['ipykernel']) / 1024:.1f} MiB)")
     if failures:
