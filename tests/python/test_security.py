@@ -155,14 +155,12 @@ def test_inner_kernel_interrupted_by_message(noyau_bin: str, prefix: Path) -> No
     try:
         msg_id = k.execute("import time\nprint('sleeping', flush=True)\ntime.sleep(60)")
         k.iopub_for(msg_id, lambda m: m["msg_type"] == "stream" and "sleeping" in m["content"]["text"], 60)
-        t0 = time.monotonic()
         k.km.interrupt_kernel()
         # The cell sleeps 60 s: a reply well before that can only come from
         # the interrupt. 30 s, not a speed target: under load on 2 shared
         # cores a 2 s deadline failed with the interrupt working.
         reply = k.reply_for(msg_id, timeout=30.0)
         assert reply["content"]["ename"] == "KeyboardInterrupt", reply["content"]
-        assert time.monotonic() - t0 < 30.0
         reply, _ = k.run("1+1")
         assert reply["content"]["status"] == "ok"
     finally:

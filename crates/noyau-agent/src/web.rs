@@ -210,7 +210,7 @@ fn start_server(cfg: &WebConfig, dir: &Path, sock: &Path) -> anyhow::Result<Chil
         // The hub sends its own Host; the socket is private anyway.
         .arg("--ServerApp.allow_remote_access=True")
         .env("JUPYTER_RUNTIME_DIR", dir.join("runtime"))
-        .env("JUPYTER_CONFIG_PATH", config_path)
+        .env(EnvVars::JUPYTER_CONFIG_PATH, config_path)
         .env_remove(EnvVars::NOYAU_LINK_TOKEN)
         .env_remove(EnvVars::NOYAU_LINK_PIN)
         .stdin(Stdio::null())

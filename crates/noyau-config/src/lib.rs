@@ -333,13 +333,6 @@ pub struct Config {
     pub sources: Vec<PathBuf>,
 }
 
-/// The files noyau reads, in order (later wins); they need not exist.
-pub fn default_paths(cwd: &Path) -> Vec<PathBuf> {
-    let mut v = site_paths();
-    v.push(cwd.join(PROJECT_FILE));
-    v
-}
-
 /// The project's file, in the working directory.
 const PROJECT_FILE: &str = "noyau.toml";
 
@@ -375,7 +368,7 @@ impl Config {
     /// `concurrent_submissions` is ignored with a warning: a project's
     /// directory may be another user's, and the setting paces every
     /// command of the user's on the host.
-    pub fn load_with(site: &[PathBuf], project: &Path) -> Result<Self, ConfigError> {
+    fn load_with(site: &[PathBuf], project: &Path) -> Result<Self, ConfigError> {
         let mut c = Self::load_from(site)?;
         let theirs = c.concurrent_submissions.take();
         c.add_file(project)?;
@@ -755,13 +748,6 @@ mod tests {
         );
         let e = cfg(&["idle = \"1:00:00\"\n"]).unwrap_err().to_string();
         assert!(e.contains("a table: [idle] with kernel"), "{e}");
-    }
-
-    #[test]
-    fn xdg_config_home_is_respected() {
-        let d = tempfile::tempdir().unwrap();
-        let paths = default_paths(d.path());
-        assert_eq!(paths.last().unwrap(), &d.path().join("noyau.toml"));
     }
 
     #[test]

@@ -333,15 +333,15 @@ impl Realised {
                 }
             }
             let old = env
-                .get("PATH")
+                .get(EnvVars::PATH)
                 .cloned()
                 .or_else(|| std::env::var(EnvVars::PATH).ok())
                 .unwrap_or_default();
-            env.insert("PATH".into(), format!("{}:{old}", bin.display()));
+            env.insert(EnvVars::PATH.into(), format!("{}:{old}", bin.display()));
             if p.join("conda-meta").is_dir() {
                 env.insert("CONDA_PREFIX".into(), p.display().to_string());
             } else {
-                env.insert("VIRTUAL_ENV".into(), p.display().to_string());
+                env.insert(EnvVars::VIRTUAL_ENV.into(), p.display().to_string());
             }
         }
         let data_dir = runtime_dir.join("data");

@@ -3,7 +3,10 @@
 //! runs in its own process group, killed whole on timeout or when the
 //! caller is gone: a site's wrapper shell around `squeue` or `oarsub` must
 //! not leave the real command running after its slot (`throttle.rs`) is
-//! freed. A failure is a [`CommandError`] that names the command (as it would be
+//! freed. Only then: a signal to noyau's own group (Jupyter's kill of a
+//! kernel's proxy) no longer reaches a command in flight, so an `sbatch`
+//! under way still submits (its job's agent finds no proxy and ends after
+//! its reattach grace) and a `scancel` under way still cancels. A failure is a [`CommandError`] that names the command (as it would be
 //! typed), its exit status and what it wrote on stderr.
 
 use std::collections::BTreeMap;
@@ -297,7 +300,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pidfile = dir.path().join("pid");
         let script = format!("sleep 100 & echo $! > {}; wait", pidfile.display());
-        let e = Cmd::new(Path::new("sh"), Duration::from_millis(500))
+        // long enough for sh to write the pid file under load
+        let e = Cmd::new(Path::new("sh"), Duration::from_secs(3))
             .args(["-c", &script])
             .output()
             .await

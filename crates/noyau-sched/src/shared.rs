@@ -36,9 +36,10 @@ use crate::paths::{private_dir, write_private};
 use crate::SchedError;
 
 /// How long a watcher waits for the lock another process holds: that
-/// process is asking the scheduler, and its command is killed after
+/// process is asking the scheduler, in at most two commands (Grid
+/// Engine's listing is `qstat -r -xml` then `qstat -j`), each killed after
 /// [`COMMAND_TIMEOUT`]; a few seconds more for it to write the listing.
-const PATIENCE: Duration = Duration::from_secs(COMMAND_TIMEOUT.as_secs() + 5);
+const PATIENCE: Duration = Duration::from_secs(2 * COMMAND_TIMEOUT.as_secs() + 5);
 
 /// What one watcher wrote for the others.
 #[derive(Serialize, Deserialize)]
@@ -82,10 +83,8 @@ impl Shared {
         fresh: Duration,
         asked: impl FnOnce(),
     ) -> Result<(Vec<JobInfo>, SystemTime), SchedError> {
-        let me = self.clone();
         let since = SystemTime::now();
-        let held = tokio::task::spawn_blocking(move || me.take_lock(PATIENCE)).await;
-        let Ok(Some(guard)) = held else {
+        let Some(guard) = take_lock(self.lock.clone(), PATIENCE).await else {
             asked();
             let now = SystemTime::now();
             return Ok((imp.list(Scope::Mine, None).await?, now));
@@ -106,12 +105,6 @@ impl Shared {
         Ok((listing.jobs, now))
     }
 
-    /// Waits up to `patience` for the lock (another process may be asking
-    /// the scheduler); None where there is no lock to be had.
-    fn take_lock(&self, patience: Duration) -> Option<Flock<File>> {
-        take_lock(&self.lock, patience)
-    }
-
     /// The listing another process wrote, if it is ours alone and whole.
     fn read(&self) -> Option<Listing> {
         let mut f = ours_alone().open(&self.file).ok()?;
@@ -129,9 +122,37 @@ fn ours_alone() -> noyau_trust::Expect {
 /// An exclusive `flock` of `lock` (a regular file of ours that no one
 /// else can write, made with its private directory where missing),
 /// waited for up to `patience`; None where there is no lock to be had.
-/// Never an unbounded wait: a lock on a network filesystem may hang. It
-/// sleeps between tries: call it from a blocking thread.
-pub(crate) fn take_lock(lock: &Path, patience: Duration) -> Option<Flock<File>> {
+/// Never an unbounded wait (a lock on a network filesystem may hang), and
+/// no thread held while waiting: each try is a non-blocking `flock` in a
+/// blocking thread, then the task sleeps, so a caller dropped (a process
+/// ending) gives the wait up; a thread blocked in it would keep the
+/// runtime, and so the process, alive until the holder let go.
+pub(crate) async fn take_lock(lock: PathBuf, patience: Duration) -> Option<Flock<File>> {
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut f = tokio::task::spawn_blocking(move || open_lock(&lock))
+        .await
+        .ok()??;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        let tried =
+            tokio::task::spawn_blocking(move || Flock::lock(f, FlockArg::LockExclusiveNonblock));
+        f = match tried.await.ok()? {
+            Ok(held) => return Some(held),
+            Err((back, nix::errno::Errno::EWOULDBLOCK))
+                if tokio::time::Instant::now() < deadline =>
+            {
+                back
+            }
+            Err(_) => return None,
+        };
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// The lock file, checked (see [`take_lock`]); None, with a warning when
+/// it was refused, where there is none to be had.
+fn open_lock(lock: &Path) -> Option<File> {
     let open = || ours_alone().open_with(lock, &mut crate::paths::lock_file());
     // the directory is made once, not at every poll
     let f = match open() {
@@ -141,25 +162,13 @@ pub(crate) fn take_lock(lock: &Path, patience: Duration) -> Option<Flock<File>> 
         }
         other => other,
     };
-    let f = match f {
-        Ok(f) => f,
+    match f {
+        Ok(f) => Some(f),
         Err(e @ noyau_trust::TrustError::Refused { .. }) => {
             tracing::warn!("{e}: not used");
-            return None;
+            None
         }
-        Err(_) => return None,
-    };
-    let deadline = std::time::Instant::now() + patience;
-    let mut f = f;
-    loop {
-        match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
-            Ok(held) => return Some(held),
-            Err((back, nix::errno::Errno::EWOULDBLOCK)) if std::time::Instant::now() < deadline => {
-                f = back;
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(_) => return None,
-        }
+        Err(_) => None,
     }
 }
 
@@ -198,6 +207,39 @@ mod tests {
         assert!(is_fresh(now - Duration::from_secs(9), began, two));
         assert!(is_fresh(now - Duration::from_secs(11), began, two));
         assert!(!is_fresh(now - Duration::from_secs(13), began, two));
+    }
+
+    /// A wait for a lock another holds is given up with its caller: a
+    /// process whose runtime ends mid-wait ends then, not when the holder
+    /// lets go (a blocking thread waiting in it kept the runtime alive).
+    #[test]
+    fn a_lock_wait_ends_with_its_runtime_and_takes_the_lock_once_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("locks/x.lock");
+        let rt = || tokio::runtime::Runtime::new().unwrap();
+        // the directory and file made, the lock taken and held
+        let holder = rt()
+            .block_on(take_lock(path.clone(), Duration::ZERO))
+            .unwrap();
+        let runtime = rt();
+        let waiting = runtime.spawn(take_lock(path.clone(), Duration::from_secs(600)));
+        runtime.block_on(async {
+            // the wait has begun and keeps waiting while the lock is held
+            let held_back = tokio::time::timeout(Duration::from_millis(300), async {
+                while !waiting.is_finished() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            });
+            assert!(held_back.await.is_err(), "the lock was taken while held");
+        });
+        let dropped = std::time::Instant::now();
+        drop(runtime);
+        assert!(
+            dropped.elapsed() < Duration::from_secs(60),
+            "the runtime waited for the lock's holder"
+        );
+        drop(holder);
+        assert!(rt().block_on(take_lock(path, Duration::ZERO)).is_some());
     }
 
     #[test]

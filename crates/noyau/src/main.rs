@@ -281,19 +281,15 @@ fn hub(a: HubArgs) -> anyhow::Result<i32> {
 
 /// The site's and user's `concurrent_submissions` (never a project's),
 /// for the commands that run scheduler commands as their user: a kernel's
-/// proxy, a run, a sweep, ps/cancel/extend. Not the hub (root, with a pool
-/// of its own), `hub-submit` (its hub holds a slot), an agent or a Dask
-/// job (in a job, on a compute node). A config that does not load is left
-/// to the command to report: the default holds meanwhile.
+/// proxy, a run, a sweep, cancel. Not ps (it only lists), extend (not
+/// throttled), the hub (root, with a pool of its own), `hub-submit` (its
+/// hub holds a slot), an agent or a Dask job (in a job, on a compute
+/// node). A config that does not load is left to the command to report:
+/// the default holds meanwhile.
 fn throttle_from_config(command: &Command) {
     let submits = matches!(
         command,
-        Command::Kernel(_)
-            | Command::Run(_)
-            | Command::Sweep(_)
-            | Command::Ps(_)
-            | Command::Cancel(_)
-            | Command::Extend(_)
+        Command::Kernel(_) | Command::Run(_) | Command::Sweep(_) | Command::Cancel(_)
     );
     if let (true, Ok(Some(n))) = (submits, noyau_config::site_concurrent_submissions()) {
         // (checked when the file was read)

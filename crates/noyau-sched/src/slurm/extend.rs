@@ -229,16 +229,14 @@ pub(super) async fn raise(
 const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The per-job lock of this user's extends of job `id` (a checked id: it
-/// names a file), taken in a blocking thread (the wait sleeps); None, with
-/// a warning, where none can be had (the extend goes on: a lost extension
-/// only if two race then, as before the lock).
+/// names a file); None, with a warning, where none can be had (the extend
+/// goes on: a lost extension only if two race then, as before the lock).
 async fn hold(id: &str) -> Option<nix::fcntl::Flock<std::fs::File>> {
     let path = crate::paths::state_dir()
         .join("locks")
         .join(format!("slurm-extend-{id}.lock"));
     let shown = path.clone();
-    let took = tokio::task::spawn_blocking(move || crate::shared::take_lock(&path, LOCK_PATIENCE));
-    let held = took.await.ok().flatten();
+    let held = crate::shared::take_lock(path, LOCK_PATIENCE).await;
     if held.is_none() {
         tracing::warn!(
             "no lock {} for job {id}'s extend: going on without it",

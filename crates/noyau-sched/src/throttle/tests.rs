@@ -13,6 +13,18 @@ async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// `task` is still waiting 300 ms after it began: it is polled meanwhile
+/// (a task just spawned has not run yet, so `is_finished` alone says
+/// nothing).
+async fn still_waits<T>(task: &tokio::task::JoinHandle<T>, what: &str) {
+    let done = tokio::time::timeout(Duration::from_millis(300), async {
+        while !task.is_finished() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    assert!(done.await.is_err(), "{what}");
+}
+
 /// Whether every slot is taken now (one round of tries, from a fresh
 /// open: another process's view).
 fn all_taken(slots: &Slots) -> bool {
@@ -29,10 +41,7 @@ async fn the_n_plus_first_waits_until_one_is_released() {
     assert!(all_taken(&slots), "two of two held: none is free");
     let s = slots.clone();
     let third = tokio::spawn(async move { s.take().await });
-    assert!(
-        !third.is_finished(),
-        "a third slot was given while two were held"
-    );
+    still_waits(&third, "a third slot was given while two were held").await;
     drop(a);
     eventually("the third takes the slot released", || third.is_finished()).await;
     let c = third.await.unwrap().unwrap();
@@ -57,10 +66,7 @@ async fn a_slot_held_by_another_process_is_waited_for() {
     eventually("the other process holds the slot", || all_taken(&slots)).await;
     let s = slots.clone();
     let mine = tokio::spawn(async move { s.take().await });
-    assert!(
-        !mine.is_finished(),
-        "a slot another process holds was taken"
-    );
+    still_waits(&mine, "a slot another process holds was taken").await;
     drop(holder.stdin.take());
     holder.wait().unwrap();
     eventually("the slot is taken once the other process exits", || {
