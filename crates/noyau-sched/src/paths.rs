@@ -107,6 +107,35 @@ pub(crate) fn lock_file() -> std::fs::OpenOptions {
     o
 }
 
+/// Calls `attempt` until it holds what it tries for (`Ok`), each call in a
+/// blocking thread (a lock on a network filesystem may hang), sleeping
+/// between calls from 5 ms doubling to `max_pause`. No thread is held
+/// while it waits, so a caller dropped (a process ending) gives the wait
+/// up. A call that fails gives back its state (the open lock files) for
+/// the next. None: `deadline` passed, or the blocking thread failed.
+pub(crate) async fn poll_lock<S: Send + 'static, T: Send + 'static>(
+    mut state: S,
+    attempt: fn(S) -> Result<T, S>,
+    max_pause: std::time::Duration,
+    deadline: Option<tokio::time::Instant>,
+) -> Option<T> {
+    let mut pause = std::time::Duration::from_millis(5);
+    loop {
+        state = match tokio::task::spawn_blocking(move || attempt(state))
+            .await
+            .ok()?
+        {
+            Ok(held) => return Some(held),
+            Err(back) => back,
+        };
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            return None;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(max_pause);
+    }
+}
+
 /// Writes `path` afresh with `mode`, never through a link (one planted
 /// there, or another user's file, is refused).
 pub(crate) fn write_private(path: &Path, text: &str, mode: u32) -> Result<(), SchedError> {

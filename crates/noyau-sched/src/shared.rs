@@ -129,25 +129,17 @@ fn ours_alone() -> noyau_trust::Expect {
 /// runtime, and so the process, alive until the holder let go.
 pub(crate) async fn take_lock(lock: PathBuf, patience: Duration) -> Option<Flock<File>> {
     let deadline = tokio::time::Instant::now() + patience;
-    let mut f = tokio::task::spawn_blocking(move || open_lock(&lock))
+    let f = tokio::task::spawn_blocking(move || open_lock(&lock))
         .await
         .ok()??;
-    let mut pause = Duration::from_millis(5);
-    loop {
-        let tried =
-            tokio::task::spawn_blocking(move || Flock::lock(f, FlockArg::LockExclusiveNonblock));
-        f = match tried.await.ok()? {
-            Ok(held) => return Some(held),
-            Err((back, nix::errno::Errno::EWOULDBLOCK))
-                if tokio::time::Instant::now() < deadline =>
-            {
-                back
-            }
-            Err(_) => return None,
-        };
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(50));
-    }
+    let attempt = |f| match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+        Ok(held) => Ok(Some(held)),
+        Err((back, nix::errno::Errno::EWOULDBLOCK)) => Err(back),
+        Err(_) => Ok(None),
+    };
+    crate::paths::poll_lock(f, attempt, Duration::from_millis(50), Some(deadline))
+        .await
+        .flatten()
 }
 
 /// The lock file, checked (see [`take_lock`]); None, with a warning when

@@ -161,13 +161,6 @@ impl Pool {
     }
 }
 
-/// One round of tries.
-enum Round {
-    Held(Slot),
-    /// Every slot is taken: the files, for the next round.
-    Busy(Vec<File>),
-}
-
 /// The slot files of one user on one host.
 #[derive(Debug, Clone)]
 pub(crate) struct Slots {
@@ -215,22 +208,14 @@ impl Slots {
     /// Waits for a free slot and holds it.
     pub(crate) async fn take(&self) -> Result<Slot, SchedError> {
         let me = self.clone();
-        let mut files = spawn_blocking(move || me.open_all()).await?;
-        let mut pause = Duration::from_millis(5);
-        let mut told = false;
-        loop {
-            let back = match spawn_blocking(move || Ok(try_each(files))).await? {
-                Round::Held(slot) => return Ok(slot),
-                Round::Busy(back) => back,
-            };
-            if !told {
-                tracing::debug!("{} scheduler calls of yours are running: waiting", self.n);
-                told = true;
-            }
-            files = back;
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(MAX_PAUSE);
-        }
+        let files = spawn_blocking(move || me.open_all()).await?;
+        crate::paths::poll_lock(files, try_each, MAX_PAUSE, None)
+            .await
+            .ok_or_else(|| {
+                SchedError::Invalid(
+                    "a submission slot could not be taken: its thread failed".into(),
+                )
+            })
     }
 
     /// Opens (making them where missing) the slot files, each checked.
@@ -250,19 +235,19 @@ fn open_slot(path: &Path) -> Result<File, SchedError> {
 /// back for the next round. Where the filesystem has no locks (`ENOLCK`
 /// on some network filesystems) the call goes on unthrottled: the
 /// throttle spares the login node, it must not stop every submission.
-fn try_each(files: Vec<File>) -> Round {
+fn try_each(files: Vec<File>) -> Result<Slot, Vec<File>> {
     let mut back = Vec::with_capacity(files.len());
     for f in files {
         match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
-            Ok(held) => return Round::Held(Slot { _lock: Some(held) }),
+            Ok(held) => return Ok(Slot { _lock: Some(held) }),
             Err((f, nix::errno::Errno::EWOULDBLOCK)) => back.push(f),
             Err((_, e)) => {
                 tracing::warn!("submission slots cannot be locked ({e}): not throttled");
-                return Round::Held(Slot { _lock: None });
+                return Ok(Slot { _lock: None });
             }
         }
     }
-    Round::Busy(back)
+    Err(back)
 }
 
 /// Runs blocking file work off the tokio workers.
