@@ -80,12 +80,18 @@ pub(crate) struct Cancel {
     pub files: Vec<PathBuf>,
 }
 
+impl Cancel {
+    /// Cancels `ids` (as the submitting user), through the throttle.
+    async fn ids(&self, ids: &[String]) -> Result<(), SchedError> {
+        let cancel = self.imp.cancel(ids, self.as_user.as_deref());
+        crate::throttle::throttled_cancel(self.as_user.is_some(), cancel).await
+    }
+}
+
 #[async_trait]
 impl Ending for Cancel {
     async fn end(&self, id: &str) {
-        let ids = [id.to_string()];
-        let cancel = self.imp.cancel(&ids, self.as_user.as_deref());
-        if let Err(e) = crate::throttle::throttled_cancel(self.as_user.is_some(), cancel).await {
+        if let Err(e) = self.ids(&[id.to_string()]).await {
             tracing::warn!("{e}");
         }
         for f in &self.files {
@@ -176,9 +182,7 @@ impl ArrayJob {
     /// Cancels every task, held ones included.
     pub async fn cancel(&self) -> Result<(), SchedError> {
         let ids: Vec<String> = self.states.iter().map(|(id, _)| id.clone()).collect();
-        let c = &self.cancel;
-        let cancel = c.imp.cancel(&ids, c.as_user.as_deref());
-        crate::throttle::throttled_cancel(c.as_user.is_some(), cancel).await
+        self.cancel.ids(&ids).await
     }
 }
 
