@@ -221,10 +221,23 @@ impl Saver {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
     use std::time::Duration;
+
+    /// True when running as root (giving a file to `nobody` needs it, as
+    /// scripts/test runs); under CI, not being root fails the test.
+    pub(crate) fn root() -> bool {
+        if nix::unistd::geteuid().is_root() {
+            return true;
+        }
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "this test needs root under CI"
+        );
+        false
+    }
 
     fn lock_path(dir: &Path) -> PathBuf {
         dir.join(".out.ipynb.noyau-lock")
@@ -317,11 +330,7 @@ mod tests {
     /// refused naming its owner, never emptied, even by root.
     #[test]
     fn another_users_lock_file_is_refused_and_kept() {
-        if !nix::unistd::geteuid().is_root() {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "this test needs root under CI"
-            );
+        if !root() {
             return;
         }
         let t = tempfile::tempdir().unwrap();
