@@ -871,3 +871,71 @@ def test_a_squatted_runtime_dir_falls_back_to_a_private_one_and_restarts_keep_th
     finally:
         k.shutdown()
         err.close()
+
+
+def test_a_sweep_runs_only_its_own_plan_and_trusts_nothing_planted_in_its_output_dir(
+        noyau_bin: str, tmp_path: Path) -> None:
+    """`noyau sweep -o DIR` where other users could reach DIR (local backend).
+    Another user (`nobody`) made DIR first, or the user's DIR is writable by
+    the group: the sweep refuses it, saying what to do, before anything runs
+    or is written there. In the user's own DIR, what another user could have
+    planted while it was open to them (files given to `nobody`), while the
+    first point runs: a plan `sweep.json` naming their notebook (the tasks
+    read their plan from noyau's private state: it never runs), and a link at
+    the next point's log to a file of the user's (replaced; the file kept)."""
+    if os.geteuid() != 0:
+        lib.missing("planting files as another user (nobody) needs root")
+    from test_slurm_run import notebook, stdout_of
+
+    nobody = pwd.getpwnam("nobody").pw_uid
+    marker, go = tmp_path / "THEIRS-RAN", tmp_path / "go"
+    evil = notebook(tmp_path / "evil.ipynb", f"open({str(marker)!r}, 'w').write('ran')")
+    wait = f"import os, time\nwhile x == 0 and not os.path.exists({str(go)!r}):\n    time.sleep(0.05)\nprint('point', x)"
+    nb = notebook(tmp_path / "sw.ipynb", wait, params="x = 0")
+
+    def sweep(outdir: Path, grid: str) -> list[str]:
+        return [noyau_bin, "sweep", str(nb), "--grid", grid, "--backend", "local", "--max-parallel", "1",
+                "-o", str(outdir)]
+
+    theirs, shared = tmp_path / "theirs", tmp_path / "shared"
+    theirs.mkdir()
+    theirs.chmod(0o777)  # made first by another user, for everyone
+    os.chown(theirs, nobody, nobody)
+    shared.mkdir()
+    shared.chmod(0o775)
+    for d, want in [(theirs, f"belongs to uid {nobody}"), (shared, f"`chmod go-w {shared}`")]:
+        r = subprocess.run(sweep(d, "x=1"), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and want in r.stderr and "give another -o" in r.stderr, r.stderr
+        assert not list(d.iterdir()), f"the sweep wrote in {d}"
+
+    out = tmp_path / "run1"
+    canary = tmp_path / "authorized_keys"
+    canary.write_text("the user's key\n")
+    p = subprocess.Popen(sweep(out, "x=0,1"), cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    try:
+        lib.wait_until(lambda: (out / "logs" / "0.log").exists(), 60, "the first point to start")
+        planted = out / "sweep.json"
+        planted.write_text(json.dumps({"notebook": str(evil), "output_dir": str(out), "points": [
+            {"index": i, "parameters": {"x": i}, "output": str(out / f"sw-{i}.ipynb")} for i in (0, 1)]}))
+        link = out / "logs" / "1.log"
+        link.symlink_to(canary)
+        for path in (planted, link):
+            os.lchown(path, nobody, nobody)
+        go.touch()
+        _, err = p.communicate(timeout=240)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, err
+    assert not marker.exists(), "the planted plan's notebook ran"
+    assert canary.read_text() == "the user's key\n", "the planted log link was written through"
+    assert not link.is_symlink() and link.stat().st_uid == os.getuid()
+    summary = json.loads((out / "summary.json").read_text())
+    assert [q["status"] for q in summary["points"]] == ["ok", "ok"], summary
+    for i in (0, 1):
+        cells = json.loads((out / f"sw-{i}.ipynb").read_text())["cells"]
+        assert stdout_of(cells[-1]) == f"point {i}\n", cells[-1]
+    # The plan went with the sweep; it was never in DIR.
+    plans = Path(os.environ["XDG_STATE_HOME"]) / "noyau" / "sweeps"
+    assert not [f for f in plans.iterdir() if str(out) in f.read_text()]

@@ -58,10 +58,10 @@ pub fn lock(record: Option<&Value>, dir: &Path) -> Result<String, MagicError> {
             )
         })?;
     let path = dir.join("noyau.lock");
-    let tmp = path.with_extension("lock.tmp");
-    std::fs::write(&tmp, lock)
-        .and_then(|()| std::fs::rename(&tmp, &path))
-        .map_err(|e| MagicError::Env(format!("cannot write {}: {e}", path.display())))?;
+    // The kernel's directory may be shared: a link planted there is
+    // replaced, never written through.
+    noyau_trust::replace(&path, lock.as_bytes(), 0o644)
+        .map_err(|e| MagicError::Env(e.to_string()))?;
     Ok(format!(
         "[noyau] wrote {} ({} lines); `lock_file = \"noyau.lock\"` under [environment] in noyau.toml reproduces it\n",
         path.display(),
@@ -85,5 +85,27 @@ mod tests {
             "a==1\nb==2\n"
         );
         assert_eq!(lock(None, d.path()).unwrap_err().ename(), "NoyauEnvError");
+    }
+
+    /// The kernel's directory may be shared: a link another user planted
+    /// at `noyau.lock` (or at the temporary name an older noyau used) is
+    /// replaced, and the file it leads to left as it was.
+    #[test]
+    fn lock_never_writes_through_a_planted_link() {
+        let rec = serde_json::json!({"kind": "python", "lock": "a==1\n"});
+        let d = tempfile::tempdir().unwrap();
+        let canary = d.path().join("authorized_keys");
+        std::fs::write(&canary, "the user's key\n").unwrap();
+        for name in ["noyau.lock", "noyau.lock.tmp"] {
+            std::os::unix::fs::symlink(&canary, d.path().join(name)).unwrap();
+        }
+        lock(Some(&rec), d.path()).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&canary).unwrap(),
+            "the user's key\n"
+        );
+        let written = d.path().join("noyau.lock");
+        assert!(std::fs::symlink_metadata(&written).unwrap().is_file());
+        assert_eq!(std::fs::read_to_string(&written).unwrap(), "a==1\n");
     }
 }

@@ -18,6 +18,13 @@ pub enum RunError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A file or directory another user could have put there (or made
+    /// open to them) is refused; the source says which, and what to do.
+    #[error("{what}: {source}")]
+    Untrusted {
+        what: String,
+        source: noyau_trust::TrustError,
+    },
     /// Another run holds the output.
     #[error("{} is being written by another noyau run{holder}; wait for it to end or name another output", output.display())]
     Busy { output: PathBuf, holder: String },
@@ -50,6 +57,7 @@ impl RunError {
         match self {
             RunError::Input(_)
             | RunError::Io { .. }
+            | RunError::Untrusted { .. }
             | RunError::Busy { .. }
             | RunError::Save { .. } => exit::BAD_INPUT,
             RunError::Command { .. }
@@ -67,6 +75,14 @@ impl RunError {
         let path = path.into();
         move |source| RunError::Io { what, path, source }
     }
+}
+
+/// A [`RunError::Untrusted`] maker for `map_err`.
+pub(crate) fn untrusted(
+    what: impl Into<String>,
+) -> impl FnOnce(noyau_trust::TrustError) -> RunError {
+    let what = what.into();
+    move |source| RunError::Untrusted { what, source }
 }
 
 pub(crate) fn bad(message: impl Into<String>) -> RunError {

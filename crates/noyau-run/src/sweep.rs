@@ -2,10 +2,17 @@
 //! notebook per point, and a summary of them all.
 //!
 //! The points (a `--grid` product, or a YAML file's `grid`/`points`) are
-//! written once to a plan, `OUTDIR/sweep.json`. Each point is then run by
-//! `noyau sweep-task PLAN --index I`, which is `noyau run` headless on that
-//! point with a local kernel, and which writes the point's result to
-//! `OUTDIR/results/I.json` when it ends:
+//! written once to a plan, a 0600 file in noyau's private state directory
+//! (`STATE/sweeps/`: OUTDIR is often in a shared project or scratch
+//! directory, and whoever could change the plan there would choose what
+//! each task runs). Each point is then run by `noyau sweep-task PLAN
+//! --index I`, which is `noyau run` headless on that point with a local
+//! kernel, and which writes the point's result to `OUTDIR/results/I.json`
+//! when it ends. OUTDIR must be the user's and writable by no one else
+//! (checked by the sweep and again by each task); the files noyau writes
+//! there replace what is at their paths, never write through a link, and
+//! those it reads back (results, the summary) are read only when they are
+//! the user's:
 //!
 //! * with Slurm, the whole set is ONE job array (`--array=0-N%K`): each
 //!   array task is a runner inside its allocation, like `noyau run
@@ -23,14 +30,17 @@
 //! summary is still written, and the exit code is 130. `--retry-failed`
 //! reads the summary and reruns only the points that are not `ok`.
 
+use std::io::Read;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use noyau_notebook::{Param, Parameters};
+use noyau_trust::{Expect, Mode, TrustError};
 use serde_json::{json, Value};
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::error::{bad, RunError};
+use crate::error::{bad, untrusted, RunError};
 use crate::exit;
 use crate::options::RunOptions;
 
@@ -91,7 +101,7 @@ pub struct SweepOptions {
 /// `noyau sweep-task`: one point of a sweep (run by the sweep, not by hand).
 #[derive(Debug, Clone)]
 pub struct SweepTask {
-    /// The sweep's plan (OUTDIR/sweep.json)
+    /// The sweep's plan (a file of the user's in STATE/sweeps)
     pub plan: PathBuf,
     /// The point [default: $NOYAU_ARRAY_TASK_ID, which a job array's script exports]
     pub index: Option<usize>,
@@ -232,8 +242,45 @@ pub fn status_of(code: i32) -> &'static str {
     }
 }
 
-fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
-    noyau_notebook::write_atomic(path, text.as_bytes())
+/// Replaces `path` with `text` (mode `mode`): what was there, a link
+/// another user planted included, is replaced, never written through.
+fn write_file(path: &Path, text: &str, mode: u32) -> Result<(), RunError> {
+    noyau_trust::replace(path, text.as_bytes(), mode).map_err(|e| bad(e.to_string()))
+}
+
+/// How a point's result (written by the task, read back by the sweep) must be.
+fn result_file() -> Expect {
+    Expect::file()
+}
+
+/// How the summary (0644: the user's to share) must be when `--retry-failed`
+/// reads it back.
+fn summary_file() -> Expect {
+    Expect::file().mode(Mode::NoOthersWrite)
+}
+
+/// Makes `dir` (and its parents) where missing, 0755 less the umask, then
+/// checks it as [`check_dir`] does.
+fn own_dir(dir: &Path) -> Result<(), RunError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .map_err(bad_io("cannot make", dir))?;
+    check_dir(dir)
+}
+
+/// `dir` must be a directory of the user's (not a link) that no one else
+/// can write: another user could otherwise plant or swap the files the
+/// sweep and its tasks write and read there.
+fn check_dir(dir: &Path) -> Result<(), RunError> {
+    Expect::dir()
+        .mode(Mode::NoOthersWrite)
+        .check(dir)
+        .map(drop)
+        .map_err(untrusted(
+            "a sweep writes only in directories of yours that no one else can write (or give another -o)",
+        ))
 }
 
 fn abs(p: &Path) -> PathBuf {
@@ -252,8 +299,15 @@ fn result_path(outdir: &Path, i: usize) -> PathBuf {
     results_dir(outdir).join(format!("{i}.json"))
 }
 
-fn read_json(path: &Path) -> Option<Value> {
-    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+/// The JSON of the file at `path`, read from what was opened when `expect`
+/// trusts it (never through a link, never waiting on a FIFO).
+fn read_json(path: &Path, expect: Expect) -> Result<Value, TrustError> {
+    let mut text = String::new();
+    expect
+        .open(path)?
+        .read_to_string(&mut text)
+        .map_err(|e| TrustError::io("read", path, e))?;
+    serde_json::from_str(&text).map_err(|e| TrustError::io("parse", path, e.into()))
 }
 
 // ---------------------------------------------------------------- the task
@@ -261,48 +315,83 @@ fn read_json(path: &Path) -> Option<Value> {
 /// `noyau sweep-task`: runs one point, writes its result; returns the
 /// runner's exit code.
 pub fn task_main(a: SweepTask) -> i32 {
-    let plan = match read_json(&a.plan) {
-        Some(p) => p,
-        None => {
-            eprintln!(
-                "noyau sweep-task: cannot read the plan {}",
-                a.plan.display()
-            );
+    let t = match TaskPoint::read(&a) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("noyau sweep-task: {e}");
             return exit::BAD_INPUT;
         }
     };
-    let Some(index) = a.index.or_else(noyau_sched::array_task) else {
-        eprintln!("noyau sweep-task: no --index, and not a task of a job array");
-        return exit::BAD_INPUT;
-    };
-    let Some(point) = plan["points"]
-        .as_array()
-        .and_then(|p| p.iter().find(|p| p["index"].as_u64() == Some(index as u64)))
-    else {
-        eprintln!("noyau sweep-task: the plan has no point {index}");
-        return exit::BAD_INPUT;
-    };
-    let output = point["output"].as_str().unwrap_or_default().to_string();
-    let run = point_run(&plan, point, &output);
-    let outdir = a.plan.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let run = point_run(&t.plan, &t.point, &t.output);
     let t0 = Instant::now();
     let code = crate::main(run);
     let result = json!({
-        "index": index,
+        "index": t.index,
         "status": status_of(code),
         "exit_code": code,
         "duration_s": (t0.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
-        "output": output,
+        "output": t.output,
         "job": crate::detach::allocation(),
     });
-    let _ = std::fs::create_dir_all(results_dir(&outdir));
-    if let Err(e) = write_atomic(
-        &result_path(&outdir, index),
-        &serde_json::to_string_pretty(&result).unwrap_or_default(),
-    ) {
-        eprintln!("noyau sweep-task: cannot write the result of point {index}: {e}");
+    let text = serde_json::to_string_pretty(&result).unwrap_or_default();
+    if let Err(e) = write_file(&result_path(&t.outdir, t.index), &text, 0o600) {
+        eprintln!(
+            "noyau sweep-task: cannot write the result of point {}: {e}",
+            t.index
+        );
     }
     code
+}
+
+/// A task's point, from its plan, and where it writes.
+#[derive(Debug)]
+struct TaskPoint {
+    plan: Value,
+    index: usize,
+    point: Value,
+    output: String,
+    outdir: PathBuf,
+}
+
+impl TaskPoint {
+    /// The plan is used only as a 0600 file of the user's (not a link, nor
+    /// a FIFO, which would block), and the output directory, its results
+    /// and the point's output only if still the user's alone: the task may
+    /// start long after the sweep checked them.
+    fn read(a: &SweepTask) -> Result<TaskPoint, RunError> {
+        let plan = read_json(&a.plan, Expect::file()).map_err(untrusted("the sweep's plan"))?;
+        let index = (a.index.or_else(noyau_sched::array_task))
+            .ok_or_else(|| bad("no --index, and not a task of a job array"))?;
+        let point = (plan["points"].as_array())
+            .and_then(|p| p.iter().find(|p| p["index"].as_u64() == Some(index as u64)))
+            .cloned()
+            .ok_or_else(|| bad(format!("the plan has no point {index}")))?;
+        let output = point["output"].as_str().unwrap_or_default().to_string();
+        let outdir = PathBuf::from(plan["output_dir"].as_str().unwrap_or_default());
+        check_dir(&outdir)?;
+        own_dir(&results_dir(&outdir))?;
+        check_output(Path::new(&output))?;
+        Ok(TaskPoint {
+            plan,
+            index,
+            point,
+            output,
+            outdir,
+        })
+    }
+}
+
+/// A point's output is saved through a link at its path (`noyau run`
+/// keeps a user's link): its directory must be the user's alone, and what
+/// is there now a file of the user's, not a link.
+fn check_output(output: &Path) -> Result<(), RunError> {
+    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        check_dir(dir)?;
+    }
+    match Expect::file().mode(Mode::Any).check(output) {
+        Err(e) if !e.is_not_found() => Err(untrusted("the point's output")(e)),
+        _ => Ok(()),
+    }
 }
 
 /// The run of one point: the notebook headless with a local kernel (in
@@ -391,7 +480,8 @@ async fn sweep(a: SweepOptions) -> Result<i32, RunError> {
         );
         return Ok(sweep_exit::OK);
     }
-    let plan_path = write_plan(&a, &w, &p)?;
+    let plan = write_plan(&a, &w, &p)?;
+    let plan_path = &plan.0;
     // Built and fetched once, here, for every point.
     let env = crate::environment::for_job(&w.nb, &w.notebook, None, true).await?;
     let (backend, profile) =
@@ -406,13 +496,13 @@ async fn sweep(a: SweepOptions) -> Result<i32, RunError> {
     let t0 = Instant::now();
     let (interrupted, job_id) = match backend.as_str() {
         "local" => (
-            run_local(&a, &plan_path, &w.outdir, &p.todo, &env).await?,
+            run_local(&a, plan_path, &w.outdir, &p.todo, &env).await?,
             None,
         ),
         _ => {
             let mut env = env;
             env.extend(kernel_env(&a, &w.nb, &backend)?);
-            let spec = array_job(&a, &w.stem, &plan_path, &p.todo, profile, env)?;
+            let spec = array_job(&a, &w.stem, plan_path, &p.todo, profile, env)?;
             run_array(&backend, spec, &w.outdir, &p.todo).await?
         }
     };
@@ -483,11 +573,15 @@ fn previous(
     if !a.retry_failed {
         return Ok(None);
     }
-    let s = read_json(summary_path).ok_or_else(|| {
-        bad(format!(
-            "--retry-failed: no summary at {} (run the sweep first, with the same -o)",
-            summary_path.display()
-        ))
+    let s = read_json(summary_path, summary_file()).map_err(|e| {
+        if e.is_not_found() {
+            bad(format!(
+                "--retry-failed: no summary at {} (run the sweep first, with the same -o)",
+                summary_path.display()
+            ))
+        } else {
+            untrusted("--retry-failed: the last summary")(e)
+        }
     })?;
     let pts = s["points"].as_array().cloned().unwrap_or_default();
     let same = given.len() == pts.len()
@@ -553,16 +647,34 @@ fn points(a: &SweepOptions, w: &Where, summary_path: &Path) -> Result<Points, Ru
     })
 }
 
-/// `OUTDIR/sweep.json`, which each task reads; this round's old results
-/// are removed first.
-fn write_plan(a: &SweepOptions, w: &Where, p: &Points) -> Result<PathBuf, RunError> {
-    std::fs::create_dir_all(results_dir(&w.outdir)).map_err(bad_io("cannot make", &w.outdir))?;
+/// The plan each task reads, a 0600 file in `STATE/sweeps` (0700), removed
+/// when the sweep ends.
+struct Plan(PathBuf);
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Makes (or checks) the output directory and writes the plan; this
+/// round's old results are removed first.
+fn write_plan(a: &SweepOptions, w: &Where, p: &Points) -> Result<Plan, RunError> {
+    own_dir(&w.outdir)?;
+    own_dir(&results_dir(&w.outdir))?;
     for &i in &p.todo {
         let _ = std::fs::remove_file(result_path(&w.outdir, i));
     }
-    let plan_path = w.outdir.join("sweep.json");
+    let dir = noyau_sched::state_dir().join("sweeps");
+    noyau_sched::private_dir(&dir)?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let plan_path = dir.join(format!("{}-{}-{nanos}.json", w.stem, std::process::id()));
     let plan = json!({
         "notebook": w.notebook,
+        "output_dir": w.outdir,
         "kernel": a.kernel,
         "timeout": a.timeout,
         "start_timeout": a.start_timeout,
@@ -571,12 +683,9 @@ fn write_plan(a: &SweepOptions, w: &Where, p: &Points) -> Result<PathBuf, RunErr
             "index": p.index, "parameters": p.params, "output": p.output,
         })).collect::<Vec<_>>(),
     });
-    write_atomic(
-        &plan_path,
-        &serde_json::to_string_pretty(&plan).unwrap_or_default(),
-    )
-    .map_err(bad_io("cannot write", &plan_path))?;
-    Ok(plan_path)
+    let text = serde_json::to_string_pretty(&plan).unwrap_or_default();
+    write_file(&plan_path, &text, 0o600)?;
+    Ok(Plan(plan_path))
 }
 
 /// `summary.json` and `summary.csv`: this round's results, the previous
@@ -594,7 +703,7 @@ fn write_summary(
             "index": pt.index, "parameters": pt.params, "status": "not run",
             "exit_code": null, "duration_s": null, "output": pt.output, "job": null,
         });
-        if let Some(r) = read_json(&result_path(&w.outdir, pt.index)) {
+        if let Ok(r) = read_json(&result_path(&w.outdir, pt.index), result_file()) {
             for k in ["status", "exit_code", "duration_s", "job"] {
                 row[k] = r[k].clone();
             }
@@ -613,13 +722,9 @@ fn write_summary(
         "finished": chrono::Utc::now().to_rfc3339(),
         "points": rows,
     });
-    write_atomic(
-        summary_path,
-        &(serde_json::to_string_pretty(&summary).unwrap_or_default() + "\n"),
-    )
-    .map_err(bad_io("cannot write", summary_path))?;
-    let csv_path = w.outdir.join("summary.csv");
-    write_atomic(&csv_path, &csv(&rows)).map_err(bad_io("cannot write", &csv_path))?;
+    let text = serde_json::to_string_pretty(&summary).unwrap_or_default() + "\n";
+    write_file(summary_path, &text, 0o644)?;
+    write_file(&w.outdir.join("summary.csv"), &csv(&rows), 0o644)?;
     Ok(rows)
 }
 
@@ -699,7 +804,7 @@ impl Tally {
             else {
                 continue;
             };
-            if let Some(r) = read_json(&entry.path()) {
+            if let Ok(r) = read_json(&entry.path(), result_file()) {
                 self.ended.insert(i, r["status"] == "ok");
             }
         }
@@ -740,7 +845,7 @@ async fn run_local(
 ) -> Result<bool, RunError> {
     let exe = noyau_exe()?;
     let logs = outdir.join("logs");
-    std::fs::create_dir_all(&logs).map_err(bad_io("cannot make", &logs))?;
+    own_dir(&logs)?;
     let mut stop = Stop::new()?;
     let mut queue = todo.iter().copied();
     let mut running: Vec<(usize, tokio::process::Child)> = Vec::new();
@@ -750,9 +855,7 @@ async fn run_local(
     loop {
         while !interrupted && running.len() < a.max_parallel {
             let Some(i) = queue.next() else { break };
-            let log_path = logs.join(format!("{i}.log"));
-            let log =
-                std::fs::File::create(&log_path).map_err(bad_io("cannot write", &log_path))?;
+            let log = new_log(&logs.join(format!("{i}.log")))?;
             let child = tokio::process::Command::new(&exe)
                 .arg("sweep-task")
                 .arg(plan)
@@ -795,6 +898,13 @@ async fn run_local(
         }
     }
     Ok(interrupted)
+}
+
+/// A point's log, made afresh: what was at its path (a link planted while
+/// the directory was open to others) is removed, never written through.
+fn new_log(path: &Path) -> Result<std::fs::File, RunError> {
+    let _ = std::fs::remove_file(path);
+    noyau_trust::create_private(path, 0o644).map_err(untrusted("a point's log"))
 }
 
 /// What each point's job needs to find the kernel this host finds
@@ -933,22 +1043,157 @@ async fn run_array(
 mod tests {
     use super::*;
 
+    /// A result as a task writes it.
+    fn put(path: &Path, text: &str) {
+        write_file(path, text, 0o600).unwrap();
+    }
+
+    fn mode_of(p: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
     #[test]
     fn the_tally_reads_each_result_once_and_only_this_rounds() {
         let dir = tempfile::tempdir().unwrap();
         let res = results_dir(dir.path());
         std::fs::create_dir_all(&res).unwrap();
-        let mut tally = Tally::new(&[0, 1, 2]);
+        let mut tally = Tally::new(&[0, 1, 2, 3]);
         assert_eq!(tally.update(dir.path()), (0, 0));
-        std::fs::write(res.join("0.json"), r#"{"status": "ok"}"#).unwrap();
-        std::fs::write(res.join("1.json"), r#"{"status": "failed"}"#).unwrap();
-        std::fs::write(res.join("7.json"), r#"{"status": "ok"}"#).unwrap(); // not this round's
+        put(&res.join("0.json"), r#"{"status": "ok"}"#);
+        put(&res.join("1.json"), r#"{"status": "failed"}"#);
+        put(&res.join("7.json"), r#"{"status": "ok"}"#); // not this round's
         std::fs::write(res.join(".2.json.tmp"), "{").unwrap(); // being written
         assert_eq!(tally.update(dir.path()), (2, 1));
         // read once: a point's result is final when it is renamed into place
         std::fs::remove_file(res.join("1.json")).unwrap();
-        std::fs::write(res.join("2.json"), r#"{"status": "ok"}"#).unwrap();
+        put(&res.join("2.json"), r#"{"status": "ok"}"#);
         assert_eq!(tally.update(dir.path()), (3, 2));
+    }
+
+    /// Results another user could have forged (a file others could write
+    /// or read, a link to a result of theirs, a FIFO) are not counted.
+    #[test]
+    fn the_tally_counts_only_results_of_ours_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let res = results_dir(dir.path());
+        std::fs::create_dir_all(&res).unwrap();
+        let mut tally = Tally::new(&[0, 1, 2]);
+        write_file(&res.join("0.json"), r#"{"status": "ok"}"#, 0o644).unwrap();
+        put(&dir.path().join("forged.json"), r#"{"status": "ok"}"#);
+        std::os::unix::fs::symlink(dir.path().join("forged.json"), res.join("1.json")).unwrap();
+        nix::unistd::mkfifo(&res.join("2.json"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert_eq!(tally.update(dir.path()), (0, 0));
+    }
+
+    fn task(plan: &Path) -> Result<TaskPoint, String> {
+        let a = SweepTask {
+            plan: plan.to_path_buf(),
+            index: Some(0),
+        };
+        TaskPoint::read(&a).map_err(|e| e.to_string())
+    }
+
+    /// A task runs the plan only from a 0600 file of the user's, and only
+    /// while the output directory is still theirs alone and the point's
+    /// output no link: checked when it starts, long after the sweep did.
+    #[test]
+    fn a_task_trusts_its_plan_and_output_directory_only_if_ours_alone() {
+        let t = tempfile::tempdir().unwrap();
+        let outdir = t.path().join("out");
+        own_dir(&outdir).unwrap();
+        assert_eq!(mode_of(&outdir) & 0o022, 0);
+        let output = outdir.join("nb-0.ipynb");
+        let plan = t.path().join("plan.json");
+        let text = json!({"notebook": "/nb.ipynb", "output_dir": outdir,
+                          "points": [{"index": 0, "parameters": {}, "output": output}]})
+        .to_string();
+        write_file(&plan, &text, 0o600).unwrap();
+        let ok = task(&plan).unwrap();
+        assert_eq!(
+            (ok.outdir, ok.output),
+            (outdir.clone(), output.display().to_string())
+        );
+        assert!(results_dir(&outdir).is_dir());
+
+        let link = t.path().join("link.json");
+        std::os::unix::fs::symlink(&plan, &link).unwrap();
+        assert!(task(&link).unwrap_err().contains("is a symlink"));
+        let open = t.path().join("open.json");
+        write_file(&open, &text, 0o644).unwrap();
+        assert!(task(&open).unwrap_err().contains("has mode 0644"));
+        let fifo = t.path().join("fifo.json");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert!(task(&fifo).unwrap_err().contains("is a FIFO"));
+
+        std::os::unix::fs::symlink(t.path().join("elsewhere"), &output).unwrap();
+        assert!(task(&plan).unwrap_err().contains("nb-0.ipynb is a symlink"));
+        std::fs::remove_file(&output).unwrap();
+        std::fs::set_permissions(&outdir, std::os::unix::fs::PermissionsExt::from_mode(0o775))
+            .unwrap();
+        let e = task(&plan).unwrap_err();
+        assert!(
+            e.contains("is writable by its group or others (mode 0775)"),
+            "{e}"
+        );
+        assert!(
+            e.contains(&format!("`chmod go-w {}`", outdir.display())),
+            "{e}"
+        );
+    }
+
+    /// Another user's output directory (one they made first at the name
+    /// the user gives) is refused, naming its owner, even to root.
+    #[test]
+    fn another_users_output_directory_is_refused() {
+        if !crate::save::tests::root() {
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let theirs = t.path().join("run1");
+        std::fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(65534), None).unwrap();
+        let e = own_dir(&theirs).unwrap_err().to_string();
+        assert!(e.contains("run1 belongs to uid 65534"), "{e}");
+        assert!(e.contains("give another -o"), "{e}");
+    }
+
+    /// `--retry-failed` reruns what the last summary says only when that
+    /// summary is the user's and no one else could write it.
+    #[test]
+    fn retry_reads_only_a_summary_of_ours() {
+        let t = tempfile::tempdir().unwrap();
+        let summary = t.path().join("summary.json");
+        let a = SweepOptions {
+            retry_failed: true,
+            ..Default::default()
+        };
+        let text = r#"{"points": [{"index": 0, "parameters": {}, "status": "failed"}]}"#;
+        let err = |a: &SweepOptions| previous(a, &[], &summary).unwrap_err().to_string();
+        assert!(err(&a).contains("no summary at"));
+        write_file(&summary, text, 0o664).unwrap();
+        assert!(err(&a).contains("is writable by its group or others"));
+        std::fs::remove_file(&summary).unwrap();
+        write_file(&t.path().join("theirs.json"), text, 0o644).unwrap();
+        std::os::unix::fs::symlink(t.path().join("theirs.json"), &summary).unwrap();
+        assert!(err(&a).contains("is a symlink"));
+        std::fs::remove_file(&summary).unwrap();
+        write_file(&summary, text, 0o644).unwrap();
+        assert_eq!(previous(&a, &[], &summary).unwrap().unwrap().len(), 1);
+    }
+
+    /// A link planted at a point's log is removed, not written through.
+    #[test]
+    fn a_log_is_made_afresh_never_through_a_link() {
+        let t = tempfile::tempdir().unwrap();
+        let canary = t.path().join("canary");
+        std::fs::write(&canary, "the user's").unwrap();
+        let log = t.path().join("0.log");
+        std::os::unix::fs::symlink(&canary, &log).unwrap();
+        std::io::Write::write_all(&mut new_log(&log).unwrap(), b"log").unwrap();
+        assert_eq!(std::fs::read_to_string(&canary).unwrap(), "the user's");
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "log");
+        assert_eq!(mode_of(&log), 0o644);
     }
 
     #[test]

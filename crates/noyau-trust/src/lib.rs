@@ -13,10 +13,12 @@
 mod error;
 mod expect;
 mod open;
+mod replace;
 
 pub use error::{Problem, TrustError};
 pub use expect::{Expect, Kind, Mode, Owner};
 pub use open::create_private;
+pub use replace::replace;
 
 /// The effective uid: the owner of what this process creates, so the one
 /// its own files must have.

@@ -4,7 +4,7 @@
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
 
-use crate::{create_private, Expect, Mode, Owner, Problem, TrustError};
+use crate::{create_private, replace, Expect, Mode, Owner, Problem, TrustError};
 
 const NOBODY: u32 = 65534;
 
@@ -363,4 +363,33 @@ fn a_trust_error_as_an_io_error() {
     let e: std::io::Error = Expect::file().open(&link).unwrap_err().into();
     assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied);
     assert!(e.to_string().contains("is a symlink"), "{e}");
+}
+
+/// What another user left at a path noyau replaces (a link to a file of
+/// the user's, a FIFO, their own file) is replaced, never written through
+/// nor waited on; the new file has the mode asked, whatever the umask.
+#[test]
+fn replace_writes_a_new_file_never_through_what_was_there() {
+    let t = tempfile::tempdir().unwrap();
+    let canary = t.path().join("canary");
+    std::fs::write(&canary, "the user's").unwrap();
+    let link = t.path().join("noyau.lock");
+    std::os::unix::fs::symlink(&canary, &link).unwrap();
+    replace(&link, b"new", 0o644).unwrap();
+    assert_eq!(std::fs::read_to_string(&canary).unwrap(), "the user's");
+    assert!(std::fs::symlink_metadata(&link).unwrap().is_file());
+    assert_eq!(std::fs::read_to_string(&link).unwrap(), "new");
+    assert_eq!(mode_of(&link), 0o644);
+    let fifo = t.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    replace(&fifo, b"x", 0o600).unwrap();
+    assert_eq!(std::fs::read_to_string(&fifo).unwrap(), "x");
+    assert_eq!(mode_of(&fifo), 0o600);
+    // Nothing left beside them.
+    let mut names: Vec<_> = std::fs::read_dir(t.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["canary", "fifo", "noyau.lock"]);
 }

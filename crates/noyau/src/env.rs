@@ -246,9 +246,9 @@ fn lock(notebook: &Path, cwd: &Path, cache: &Cache) -> anyhow::Result<i32> {
         .map(Path::to_path_buf)
         .unwrap_or_else(|| cwd.to_path_buf());
     let path = dir.join("noyau.lock");
-    let tmp = dir.join(".noyau.lock.tmp");
-    std::fs::write(&tmp, &entry.lock)
-        .and_then(|()| std::fs::rename(&tmp, &path))
+    // The notebook's directory may be shared: a link planted there is
+    // replaced, never written through.
+    noyau_trust::replace(&path, entry.lock.as_bytes(), 0o644)
         .with_context(|| format!("writing {}", path.display()))?;
     println!(
         "wrote {} ({} lines, sha256 {}); `lock_file = \"noyau.lock\"` under [environment] in noyau.toml reproduces it",

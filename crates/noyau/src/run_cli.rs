@@ -146,7 +146,7 @@ pub struct SweepArgs {
 /// `noyau sweep-task`: one point of a sweep (run by the sweep, not by hand).
 #[derive(Args, Debug, Clone)]
 pub struct SweepTaskArgs {
-    /// The sweep's plan (OUTDIR/sweep.json)
+    /// The sweep's plan (a file of the user's in STATE/sweeps)
     pub plan: PathBuf,
     /// The point [default: $NOYAU_ARRAY_TASK_ID, which a job array's script exports]
     #[arg(long)]
