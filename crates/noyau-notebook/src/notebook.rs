@@ -597,6 +597,26 @@ impl Default for Notebook {
     }
 }
 
+/// Where a symlink at an output leads, if noyau may write there: only a
+/// link of the user's own (or root's). An output often lies in a shared
+/// project directory, where another user could plant `OUT -> ~/.bashrc`
+/// and have the user's next save replace that file with a notebook.
+fn followed(path: &Path, link: &fs::Metadata) -> io::Result<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let owner = link.uid();
+    if owner != nix::unistd::geteuid().as_raw() && owner != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is a symbolic link of another user's (uid {owner}): noyau writes through \
+                 no link but yours; remove it or name another output",
+                path.display()
+            ),
+        ));
+    }
+    Ok(fs::canonicalize(path).unwrap_or_else(|_| path.into()))
+}
+
 /// Replaces `path` with `contents` atomically; see [`write_atomic_with`].
 pub fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
     write_atomic_with(path, |f| f.write_all(contents))
@@ -605,7 +625,8 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
 /// Writes a temporary file in the target's directory with `fill`, fsyncs it,
 /// gives it the permissions of the file it replaces (new files get 0666 less
 /// the umask), renames it over the target and fsyncs the directory. A
-/// symlink target is followed (the link stays). If anything fails the
+/// symlink target is followed (the link stays) when the link is the
+/// user's own or root's, else refused ([`followed`]). If anything fails the
 /// temporary file is removed, the previous file is untouched and the error
 /// returned.
 pub fn write_atomic_with(
@@ -613,9 +634,7 @@ pub fn write_atomic_with(
     fill: impl FnOnce(&mut File) -> io::Result<()>,
 ) -> io::Result<()> {
     let target = match fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => {
-            fs::canonicalize(path).unwrap_or_else(|_| path.into())
-        }
+        Ok(m) if m.file_type().is_symlink() => followed(path, &m)?,
         _ => path.to_path_buf(),
     };
     let name = target

@@ -210,6 +210,30 @@ fn save_through_a_symlink_keeps_the_link() {
         .contains("\"nbformat\": 4"));
 }
 
+#[test]
+fn save_through_another_users_symlink_is_refused_and_its_target_kept() {
+    // Giving the link to `nobody` needs root, as scripts/test runs.
+    if !nix::unistd::geteuid().is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "this test needs root under CI"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let canary = dir.path().join("bashrc");
+    let link = dir.path().join("out.ipynb");
+    fs::write(&canary, "keep me").unwrap();
+    std::os::unix::fs::symlink(&canary, &link).unwrap();
+    std::os::unix::fs::lchown(&link, Some(65534), Some(65534)).unwrap();
+    let e = Notebook::new().save(&link).unwrap_err().to_string();
+    assert!(
+        e.contains("another user's (uid 65534)") && e.contains("name another output"),
+        "{e}"
+    );
+    assert_eq!(fs::read_to_string(&canary).unwrap(), "keep me");
+}
+
 /// The test venv's Python (it has nbformat): `NOYAU_TEST_PYTHON`, which
 /// scripts/test sets, else the `.venv` scripts/test makes in the repository.
 fn test_python() -> PathBuf {
