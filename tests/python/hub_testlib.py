@@ -23,6 +23,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import noyau_testlib as lib
 
@@ -348,9 +349,12 @@ def cancel_until_ended(s, url: str, csrf: str, session: dict) -> dict:  # type: 
     return ended
 
 
-def run_cell(s, url: str, user: str, code: str, timeout: float = 60) -> str:  # type: ignore[no-untyped-def]
+def run_cell(s, url: str, user: str, code: str, timeout: float = 60,  # type: ignore[no-untyped-def]
+             while_running: Callable[[str], None] | None = None) -> str:
     """Starts a kernel in the user's JupyterLab through the hub, runs `code`
-    over the kernel WebSocket, returns the text of its result; deletes the kernel."""
+    over the kernel WebSocket, returns the text of its result; deletes the
+    kernel, after calling `while_running` (if given) with that text while it
+    still runs."""
     import websocket
 
     base = f"{url}/user/{user}"
@@ -384,6 +388,8 @@ def run_cell(s, url: str, user: str, code: str, timeout: float = 60) -> str:  # 
             if m["msg_type"] == "error":
                 raise AssertionError(f"the cell failed: {m['content']}")
             if m["msg_type"] == "status" and m["content"]["execution_state"] == "idle" and result is not None:
+                if while_running is not None:
+                    while_running(result)
                 return result
         raise AssertionError("no result from the kernel in time")
     finally:

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -125,7 +126,7 @@ def test_dask_up_compute_status_down_and_shutdown(km) -> None:  # type: ignore[n
     # the dashboard, through the port noyau forwards on this host
     if importlib.util.find_spec("bokeh") is None:
         lib.missing("bokeh is not installed (tests/python/requirements.txt pins it)")
-    d = re.search(r"dashboard: (http://127\.0\.0\.1:\d+/status\?token=[0-9a-f]+) \(noyau forwards it to http://", text)
+    d = re.search(r"^dashboard: (http://127\.0\.0\.1:\d+/status\?token=[0-9a-f]+)$", text, re.M)
     assert d, text
     dashboard = d.group(1)
 
@@ -249,7 +250,7 @@ def test_the_dashboard_answers_only_its_token_whoever_asks(km) -> None:  # type:
         lib.missing("asking as another local user (runuser -u nobody) needs root")
     reply, text, errors = run(km, "%noyau dask up 1 --target hpc", timeout=180)
     assert reply["status"] == "ok", (text, errors)
-    m = re.search(r"dashboard: (http://127\.0\.0\.1:(\d+)/status\?token=([0-9a-f]+)) ", text)
+    m = re.search(r"^dashboard: (http://127\.0\.0\.1:(\d+)/status\?token=([0-9a-f]+))$", text, re.M)
     assert m, text
     link, port, token = m.group(1), m.group(2), m.group(3)
     base = f"http://127.0.0.1:{port}"
@@ -270,7 +271,61 @@ def test_the_dashboard_answers_only_its_token_whoever_asks(km) -> None:  # type:
     # the page's own requests carry the cookie
     assert as_nobody(f"{base}/status", {"Cookie": cookie.split(";")[0]})[0] == 200
     reply, text, _ = run(km, "%noyau dask status")
-    assert f"dashboard: {link} " in text, text
+    assert f"dashboard: {link}\n" in text, text
+    upstream_refuses_who_lacks_the_secret(km, text)
+
+
+def upstream_status(host: str, port: int, path: str, headers: dict[str, str], websocket: bool = False) -> int:
+    """The status code of a GET straight to the scheduler's HTTP server (0
+    if it closed without answering)."""
+    connection = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+                  "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="} if websocket else {"Connection": "close"}
+    head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": f"{host}:{port}", **connection, **headers}.items())
+    with socket.create_connection((host, port), timeout=30) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\n{head}\r\n".encode())
+        answer = b""
+        while b"\r\n" not in answer:
+            chunk = s.recv(4096)
+            if not chunk:
+                return 0
+            answer += chunk
+    return int(answer.split(b" ", 2)[1])
+
+
+def upstream_refuses_who_lacks_the_secret(km, status: str) -> None:  # type: ignore[no-untyped-def]
+    """The scheduler's own HTTP port (open to the network: the relay reaches
+    it from the kernel's host) answers 403 to whoever lacks the cluster's
+    dashboard secret (pages, Dask's /info pages, websockets), and serves
+    the relay, which shows it. Its address is no longer printed."""
+    reply, text, errors = run(km, (
+        "import os\n"
+        "from dask.distributed import Client\n"
+        "with Client() as c:\n"
+        "    print(c.scheduler.address, c.scheduler_info()['services']['dashboard'])\n"
+        "print(os.path.dirname(os.environ['DASK_DISTRIBUTED__COMM__TLS__CA_FILE']))\n"
+    ), timeout=120)
+    assert reply["status"] == "ok", (text, errors)
+    first, cluster_dir = text.splitlines()[:2]
+    address, port_text = first.split()
+    host, port = address.removeprefix("tls://").rsplit(":", 1)[0], int(port_text)
+    assert json.loads((Path(cluster_dir) / "scheduler.json").read_text())["services"]["dashboard"] == port
+
+    def refused(shown: dict[str, str]) -> None:
+        for path in ("/status", "/info/main/logs.html", "/sitemap.json"):
+            assert upstream_status(host, port, path, shown) == 403, (path, shown)
+        assert upstream_status(host, port, "/eventstream", shown, websocket=True) == 403, shown
+
+    refused({})
+    secret_file = Path(cluster_dir) / "dashboard-secret"
+    assert secret_file.stat().st_mode & 0o777 == 0o600
+    secret = secret_file.read_text().strip()
+    refused({"X-Noyau-Dashboard": "0" * len(secret)})
+    refused({"X-Noyau-Dashboard": secret[:-1]})
+    # The relay's header opens it: the same requests are served.
+    right = {"X-Noyau-Dashboard": secret}
+    assert upstream_status(host, port, "/info/main/logs.html", right) == 200
+    assert upstream_status(host, port, "/eventstream", right, websocket=True) == 101
+    assert f":{port}" not in status and "forwards it to" not in status, status
 
 
 def test_dask_up_needs_distributed_in_the_environment(km, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -7,6 +7,7 @@ The browser-driven version of the first test is test_hub_browser.py.
 
 from __future__ import annotations
 
+import ast
 import os
 import stat
 import subprocess
@@ -90,7 +91,15 @@ def test_login_spawn_run_a_cell_cancel(hub, users, slurm) -> None:  # type: igno
     lab = sa.get(f"{hub.url}/user/{a.name}/lab")
     assert lab.status_code == 200 and "JupyterLab" in lab.text
     assert hl.run_cell(sa, hub.url, a.name, "6 * 7") == "42"
-    # The server listens on a unix socket in a 0700 directory, no TCP port.
+    # The server listens on a unix socket in a 0700 directory, its kernels on
+    # ipc sockets beside it: while a kernel runs, the user has no TCP port
+    # (on tcp, any user of the node could read the kernel's IOPub).
+    def kernel_on_ipc(where: str) -> None:
+        transport, beside, mode, pipe = ast.literal_eval(where)
+        assert (transport, beside, mode) == ("ipc", True, "0o700"), where
+        assert_no_tcp_listener_of(a.name, but=pipe)
+
+    hl.run_cell(sa, hub.url, a.name, KERNEL_SOCKETS, while_running=kernel_on_ipc)
     assert_no_tcp_listener_of(a.name)
 
     # User B may not reach A's server, nor cancel A's session.
@@ -157,11 +166,29 @@ def test_a_failed_job_says_why_with_its_log(hub, users, slurm) -> None:  # type:
     assert "root:" not in card and "Ended:" in card
 
 
-def assert_no_tcp_listener_of(user: str) -> None:
-    """No process of `user` listens on TCP (ss shows listeners with owners)."""
+# Run in a hub session's kernel: its transport, whether its ipc sockets are
+# beside its connection file, the mode of the server's runtime directory (the
+# parent of JUPYTER_RUNTIME_DIR), and the port of ipykernel's IOPub pipe: a
+# PULL socket on 127.0.0.1 (hard-coded by ipykernel, iostream.py) by which
+# forked children send output. It gives nothing to read, and takes only
+# messages that start with its random 16-byte key.
+KERNEL_SOCKETS = """
+import json, os, stat
+from ipykernel.connect import get_connection_file
+_c = get_connection_file()
+_i = json.load(open(_c))
+_d = os.path.dirname(_c)
+(_i["transport"], os.path.dirname(_i["ip"]) == _d, oct(stat.S_IMODE(os.stat(os.path.dirname(_d)).st_mode)),
+ get_ipython().kernel.iopub_thread._pipe_port)
+"""
+
+
+def assert_no_tcp_listener_of(user: str, but: int | None = None) -> None:
+    """No process of `user` listens on TCP (ss shows listeners with owners),
+    but on 127.0.0.1:`but` if given."""
     out = subprocess.run(["ss", "-Htlnpe"], capture_output=True, text=True, check=True).stdout
     uid = subprocess.run(["id", "-u", user], capture_output=True, text=True, check=True).stdout.strip()
-    mine = [l for l in out.splitlines() if f"uid:{uid} " in l]
+    mine = [l for l in out.splitlines() if f"uid:{uid} " in l and f" 127.0.0.1:{but} " not in l]
     assert not mine, f"{user} listens on TCP: {mine}"
 
 

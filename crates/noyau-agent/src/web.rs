@@ -2,8 +2,9 @@
 //!
 //! Instead of a kernel, the agent starts a Jupyter server (JupyterLab or
 //! plain jupyter_server) listening on a unix socket in its 0700 runtime
-//! directory, so nothing listens on a TCP port of the compute node and no
-//! other user of the node can connect. It dials the hub over the link and
+//! directory, its kernels on ipc sockets in the same directory, so nothing
+//! listens on a TCP port of the compute node and no other user of the node
+//! can connect. It dials the hub over the link and
 //! serves the hub's tunnel streams ([`noyau_link::tunnel`]) by connecting
 //! each to that socket: HTTP and WebSocket traffic are bytes to it.
 //!
@@ -209,6 +210,10 @@ fn start_server(cfg: &WebConfig, dir: &Path, sock: &Path) -> anyhow::Result<Chil
         .arg("--ServerApp.password=")
         // The hub sends its own Host; the socket is private anyway.
         .arg("--ServerApp.allow_remote_access=True")
+        // Kernels on ipc sockets in the private runtime directory: on tcp
+        // (jupyter_client's default) any user of the node could connect to
+        // a kernel's IOPub port and read every cell and output.
+        .arg("--KernelManager.transport=ipc")
         .env("JUPYTER_RUNTIME_DIR", dir.join("runtime"))
         .env(EnvVars::JUPYTER_CONFIG_PATH, config_path)
         .env_remove(EnvVars::NOYAU_LINK_TOKEN)

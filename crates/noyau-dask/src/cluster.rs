@@ -496,7 +496,11 @@ impl Task {
             return;
         };
         if let Some((host, port)) = self.dir.dashboard() {
-            match crate::dashboard::forward(host, port).await {
+            let forwarded = match self.dir.read_dashboard_secret() {
+                Ok(secret) => crate::dashboard::forward(host, port, secret).await,
+                Err(e) => Err(e),
+            };
+            match forwarded {
                 Ok(d) => self.dashboard = Some(d),
                 Err(e) => tracing::warn!("cannot forward the Dask dashboard: {e}"),
             }
@@ -526,13 +530,9 @@ impl Task {
         let jobs = (self.jobs.iter().filter(|j| !j.ended()))
             .map(|j| self.shown(j))
             .collect();
-        // (scheduler.json is read only while the dashboard is not forwarded)
-        let dashboard = match &self.dashboard {
-            Some(d) => Some(d.link.clone()),
-            None => {
-                (self.dir.dashboard()).map(|(host, port)| format!("http://{host}:{port}/status"))
-            }
-        };
+        // The scheduler's own port refuses whoever lacks the secret: only
+        // the relay's link is of use.
+        let dashboard = self.dashboard.as_ref().map(|d| d.link.clone());
         View { jobs, dashboard }
     }
 
@@ -723,8 +723,8 @@ impl Task {
 
     fn dashboard_line(&self) -> String {
         match (&self.dashboard, self.dir.dashboard()) {
-            (Some(d), _) => format!("{} (noyau forwards it to {})", d.link, d.upstream),
-            (None, Some((host, port))) => format!("http://{host}:{port}/status"),
+            (Some(d), _) => d.link.clone(),
+            (None, Some(_)) => "not forwarded (noyau could not relay it: see its log)".into(),
             (None, None) => {
                 "none (the cluster's environment lacks bokeh, which Dask's dashboard needs)".into()
             }

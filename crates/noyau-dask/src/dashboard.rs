@@ -8,9 +8,15 @@
 //! a cookie (HttpOnly, SameSite=Strict, named after the port, since
 //! browsers share cookies between the ports of a host) that the page's
 //! later requests and websockets carry. Any other request gets 403 and
-//! never reaches Dask. A connection is checked once, on its first request
-//! (a browser's keep-alive connection is its own). The token is taken off
-//! the request before it goes on, so Dask never logs it.
+//! never reaches Dask. The token (query or cookie) is taken off the
+//! request before it goes on, so Dask never sees or logs it.
+//!
+//! The dashboard's port on the compute node is open to the network, so the
+//! scheduler answers only requests that show the cluster's dashboard secret
+//! ([`SECRET_HEADER`], checked by job.rs's preload): the relay adds it to
+//! each request it lets through. It checks only a connection's first
+//! request, so it asks for one request per connection (`Connection: close`,
+//! a websocket's upgrade aside): a later one would go on without the secret.
 
 use noyau_vars::EnvVars;
 use std::time::Duration;
@@ -22,13 +28,14 @@ use tokio::net::{TcpListener, TcpStream};
 const HEAD_MAX: usize = 16 * 1024;
 /// A client that has not sent its request head by then is dropped.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// The header that carries the dashboard secret to the scheduler (the
+/// preload in job.rs reads the same name).
+const SECRET_HEADER: &str = "X-Noyau-Dashboard";
 
 /// The forwarded dashboard; relaying stops when it is dropped.
 pub(crate) struct Dashboard {
     /// `http://127.0.0.1:PORT/status?token=…`.
     pub link: String,
-    /// Where it goes (`http://node:port/status`).
-    pub upstream: String,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -38,16 +45,18 @@ impl Drop for Dashboard {
     }
 }
 
-/// Who may pass: the token, and the cookie that carries it.
+/// Who may pass: the token, and the cookie that carries it; and the secret
+/// their requests show the scheduler.
 #[derive(Clone)]
 struct Gate {
     token: String,
     cookie: String,
+    secret: String,
 }
 
 /// Listens on 127.0.0.1 (a free port; `NOYAU_DASK_DASHBOARD_PORT` picks
-/// one) and relays every connection that shows the token.
-pub(crate) async fn forward(host: String, port: u16) -> std::io::Result<Dashboard> {
+/// one) and relays every connection that shows the token, with `secret`.
+pub(crate) async fn forward(host: String, port: u16, secret: String) -> std::io::Result<Dashboard> {
     let local: u16 = std::env::var(EnvVars::NOYAU_DASK_DASHBOARD_PORT)
         .ok()
         .and_then(|v| v.parse().ok())
@@ -57,15 +66,11 @@ pub(crate) async fn forward(host: String, port: u16) -> std::io::Result<Dashboar
     let gate = Gate {
         token: noyau_wire::connection::random_key(),
         cookie: format!("noyau-dask-{local}"),
+        secret,
     };
     let link = format!("http://127.0.0.1:{local}/status?token={}", gate.token);
-    let upstream = format!("http://{host}:{port}/status");
     let task = tokio::spawn(accept_loop(listener, gate, host, port));
-    Ok(Dashboard {
-        link,
-        upstream,
-        task,
-    })
+    Ok(Dashboard { link, task })
 }
 
 async fn accept_loop(listener: TcpListener, gate: Gate, host: String, port: u16) {
@@ -162,16 +167,52 @@ impl Gate {
         if !(by_cookie || by_query) {
             return None;
         }
-        // The request line again, without the token; the rest as it came.
-        let line_end = head.windows(2).position(|w| w == b"\r\n")?;
-        let mut out =
-            format!("{} {path} HTTP/1.{}", req.method?, req.version.unwrap_or(1)).into_bytes();
-        out.extend_from_slice(&head[line_end..len]);
+        let mut out = format!(
+            "{} {path} HTTP/1.{}\r\n",
+            req.method?,
+            req.version.unwrap_or(1)
+        )
+        .into_bytes();
+        for h in req.headers.iter() {
+            if let Some(line) = self.forwarded(h) {
+                out.extend_from_slice(h.name.as_bytes());
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(&line);
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        if !is_upgrade(req.headers) {
+            out.extend_from_slice(b"Connection: close\r\n");
+        }
+        out.extend_from_slice(format!("{SECRET_HEADER}: {}\r\n\r\n", self.secret).as_bytes());
         out.extend_from_slice(&head[len..]);
         Some(Pass {
             head: out,
             set_cookie: by_query,
         })
+    }
+
+    /// A header's value as it goes on, or None to leave it out: the token's
+    /// cookie, a secret header the client made up, and (but for an upgrade)
+    /// its keep-alive wishes stay here.
+    fn forwarded(&self, h: &httparse::Header) -> Option<Vec<u8>> {
+        let name = h.name;
+        if name.eq_ignore_ascii_case(SECRET_HEADER) || name.eq_ignore_ascii_case("keep-alive") {
+            return None;
+        }
+        if name.eq_ignore_ascii_case("connection") {
+            return is_upgrade(std::slice::from_ref(h)).then(|| h.value.to_vec());
+        }
+        if !name.eq_ignore_ascii_case("cookie") {
+            return Some(h.value.to_vec());
+        }
+        let kept: Vec<&str> = std::str::from_utf8(h.value)
+            .ok()?
+            .split(';')
+            .map(str::trim)
+            .filter(|c| c.split_once('=').is_none_or(|(k, _)| k != self.cookie))
+            .collect();
+        (!kept.is_empty()).then(|| kept.join("; ").into_bytes())
     }
 
     fn set_cookie(&self) -> String {
@@ -205,6 +246,16 @@ fn without_token(target: &str) -> (String, Option<String>) {
     }
 }
 
+/// Whether the request asks to upgrade its connection (a websocket).
+fn is_upgrade(headers: &[httparse::Header]) -> bool {
+    headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .filter_map(|h| std::str::from_utf8(h.value).ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
 /// Compares in a time that does not depend on where they differ.
 fn same(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
@@ -231,6 +282,7 @@ mod tests {
         Gate {
             token: "abc".into(),
             cookie: "noyau-dask-9".into(),
+            secret: "s3".into(),
         }
     }
 
@@ -240,16 +292,31 @@ mod tests {
         let pass = g
             .check(b"GET /status?token=abc HTTP/1.1\r\nHost: x\r\n\r\n")
             .unwrap();
-        assert_eq!(pass.head, b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n");
-        assert!(pass.set_cookie);
-        let pass = g
-            .check(b"GET /static/a.js?v=1 HTTP/1.1\r\nCookie: a=b; noyau-dask-9=abc\r\n\r\nbody")
-            .unwrap();
+        let sent = String::from_utf8(pass.head).unwrap();
         assert_eq!(
-            pass.head,
-            b"GET /static/a.js?v=1 HTTP/1.1\r\nCookie: a=b; noyau-dask-9=abc\r\n\r\nbody"
+            sent,
+            "GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Noyau-Dashboard: s3\r\n\r\n"
+        );
+        assert!(pass.set_cookie);
+        // The token's cookie, a made-up secret and keep-alive stay here.
+        let pass = g
+            .check(b"GET /static/a.js?v=1 HTTP/1.1\r\nCookie: a=b; noyau-dask-9=abc\r\nConnection: keep-alive\r\nX-Noyau-Dashboard: forged\r\n\r\nbody")
+            .unwrap();
+        let sent = String::from_utf8(pass.head).unwrap();
+        assert_eq!(
+            sent,
+            "GET /static/a.js?v=1 HTTP/1.1\r\nCookie: a=b\r\nConnection: close\r\nX-Noyau-Dashboard: s3\r\n\r\nbody"
         );
         assert!(!pass.set_cookie);
+        // A websocket keeps its upgrade; a cookie that was only the token goes.
+        let pass = g
+            .check(b"GET /ws HTTP/1.1\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\nCookie: noyau-dask-9=abc\r\n\r\n")
+            .unwrap();
+        let sent = String::from_utf8(pass.head).unwrap();
+        assert_eq!(
+            sent,
+            "GET /ws HTTP/1.1\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\nX-Noyau-Dashboard: s3\r\n\r\n"
+        );
         for bad in [
             &b"GET /status HTTP/1.1\r\n\r\n"[..],
             b"GET /status?token=abd HTTP/1.1\r\n\r\n",

@@ -31,15 +31,67 @@ static TERMINATED: AtomicBool = AtomicBool::new(false);
 pub const PRELOAD: &str = r#"# Written by noyau: reports the scheduler's workers and its adaptive target in
 # status.json every second, retires the workers noyau names in retire.json, and
 # loads the dashboard after the scheduler's start (bokeh's import is as long as
-# the rest of it: workers and clients need not wait for it).
+# the rest of it: workers and clients need not wait for it). Its HTTP server
+# (dashboard and /info pages) answers only requests that carry the cluster's
+# dashboard secret, which noyau's relay adds: the port is open to the network.
 import asyncio
+import hmac
 import json
 import logging
 import os
 import threading
 
-from tornado import web
+from distributed import Scheduler
+from tornado import routing, web
 from tornado.ioloop import IOLoop, PeriodicCallback
+
+HEADER = "X-Noyau-Dashboard"
+
+
+def read_secret():
+    try:
+        with open(os.path.join(os.environ["NOYAU_DASK_DIR"], "dashboard-secret"), "rb") as f:
+            return f.read().strip() or None
+    except (KeyError, OSError):
+        return None  # then every request is refused
+
+
+class Forbidden(web.RequestHandler):
+    def prepare(self):
+        self.set_status(403)
+        self.finish("403 Forbidden: open this Dask dashboard with the link `%noyau dask status` prints\n")
+
+
+class Guard(routing.Router):
+    """Every request (pages, websockets) goes to the scheduler's application
+    only if it shows the secret; to a 403 otherwise."""
+
+    def __init__(self, app, secret):
+        self.app, self.secret = app, secret
+        self.forbidden = web.Application([(r".*", Forbidden)])
+
+    def find_handler(self, request, **kwargs):
+        shown = request.headers.get(HEADER, "").encode("latin-1")
+        if self.secret is not None and hmac.compare_digest(shown, self.secret):
+            return self.app.find_handler(request, **kwargs)
+        return self.forbidden.find_handler(request, **kwargs)
+
+
+# The scheduler's HTTP server listens from its constructor on, before
+# dask_setup runs: it is guarded from the moment it exists (this module is
+# imported by the constructor, before the server is made). Dask imports this
+# module twice (the second time by reloading it): Dask's own method is kept
+# once, on the class.
+if not hasattr(Scheduler, "noyau_unguarded_http_server"):
+    Scheduler.noyau_unguarded_http_server = Scheduler.start_http_server
+
+
+def start_http_server(self, *args, **kwargs):
+    self.noyau_unguarded_http_server(*args, **kwargs)
+    self.http_server.request_callback = Guard(self.http_application, read_secret())
+
+
+Scheduler.start_http_server = start_http_server
 
 # A page asked for while the dashboard loads waits for it, then reloads
 # itself (its address still has noyau's token).
