@@ -15,19 +15,22 @@ use serde_json::json;
 
 const NOBODY: u32 = 65534;
 
-/// A finished entry, as another user would plant it.
-fn plant(root: &Path, key: &str) {
-    std::fs::create_dir_all(root.join(key)).unwrap();
+/// A finished entry under `home`, as the user `uid` would plant it (all
+/// of it theirs, from `home` down).
+fn plant(home: &Path, key: &str, uid: u32) {
+    let entry = home.join("noyau/envs").join(key);
+    std::fs::create_dir_all(&entry).unwrap();
     let rec = json!({"key": key, "planted": true});
-    std::fs::write(root.join(key).join("noyau-env.json"), rec.to_string()).unwrap();
-}
-
-fn chown_all(p: &Path, uid: u32) {
-    chown(p, Some(uid), Some(uid)).unwrap();
-    if p.is_dir() {
-        for e in std::fs::read_dir(p).unwrap().flatten() {
-            chown_all(&e.path(), uid);
-        }
+    std::fs::write(entry.join("noyau-env.json"), rec.to_string()).unwrap();
+    std::fs::set_permissions(home, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for p in [
+        home.to_path_buf(),
+        home.join("noyau"),
+        home.join("noyau/envs"),
+        entry.join("noyau-env.json"),
+        entry,
+    ] {
+        chown(p, Some(uid), Some(uid)).unwrap();
     }
 }
 
@@ -62,9 +65,7 @@ fn without_a_home_the_cache_is_a_private_dir_in_tmp_and_a_planted_one_is_refused
         );
         return;
     }
-    plant(&home.join("noyau/envs"), "k");
-    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).unwrap();
-    chown_all(&home, NOBODY);
+    plant(&home, "k", NOBODY);
     let cache = Cache::at_default();
     let why = cache.lookup("k").unwrap_err().to_string();
     assert!(
