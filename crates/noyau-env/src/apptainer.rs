@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+use noyau_trust::TrustError;
 use serde_json::{json, Value};
 
 use crate::cache::Cache;
@@ -183,11 +184,9 @@ fn write_memo(cache: &Cache, memo: &Path, digest: &str, progress: crate::Progres
         .and_then(|_| {
             let mut f = noyau_trust::create_private(&tmp, 0o644)?;
             f.write_all(digest.as_bytes())
-                .map_err(|e| noyau_trust::TrustError::io("write", &tmp, e))
+                .map_err(|e| TrustError::io("write", &tmp, e))
         })
-        .and_then(|_| {
-            std::fs::rename(&tmp, memo).map_err(|e| noyau_trust::TrustError::io("rename", &tmp, e))
-        });
+        .and_then(|_| std::fs::rename(&tmp, memo).map_err(|e| TrustError::io("rename", &tmp, e)));
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
         let said = format!("warning: the image's digest is not remembered: {e}");
@@ -196,25 +195,21 @@ fn write_memo(cache: &Cache, memo: &Path, digest: &str, progress: crate::Progres
     }
 }
 
-/// Makes the memos' directory (0755 whatever the umask: a group's cache
-/// has 002) and checks it as [`read_memo`] does.
-fn make_memo_dir(cache: &Cache, dir: &Path) -> Result<(), noyau_trust::TrustError> {
+/// Makes the memos' directory (0755: no group write even under a group
+/// cache's umask 002) and checks it as [`read_memo`] does, once the cache's
+/// home is checked (nothing is made in one another user made).
+fn make_memo_dir(cache: &Cache, dir: &Path) -> Result<(), TrustError> {
     use std::os::unix::fs::DirBuilderExt;
-    let root = cache.root();
-    let made = std::fs::create_dir_all(root).and_then(|_| {
-        std::fs::DirBuilder::new()
-            .mode(0o755)
-            .create(dir)
-            .or_else(|e| {
-                if e.kind() == std::io::ErrorKind::AlreadyExists {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            })
-    });
-    made.map_err(|e| noyau_trust::TrustError::io("create", dir, e))?;
-    cache.expect(true)?.check(dir).map(drop)
+    let expect = cache.expect(true)?;
+    std::fs::create_dir_all(cache.root())
+        .and_then(
+            |_| match std::fs::DirBuilder::new().mode(0o755).create(dir) {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+                made => made,
+            },
+        )
+        .map_err(|e| TrustError::io("create", dir, e))?;
+    expect.check(dir).map(drop)
 }
 
 #[cfg(test)]
