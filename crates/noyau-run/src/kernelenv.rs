@@ -117,14 +117,10 @@ pub fn ensure_python_kernel() -> Result<PathBuf, RunError> {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    match std::fs::rename(&tmp, &dir) {
-        Ok(()) => {}
-        Err(_) if finished(&dir)? => {
-            // Another run finished first; use its environment.
-            let _ = std::fs::remove_dir_all(&tmp);
-        }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
+    if let Err(e) = std::fs::rename(&tmp, &dir) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        // Another run may have finished first: then its environment is used.
+        if !finished(&dir)? {
             return Err(RunError::io("cannot move the environment to", &dir)(e));
         }
     }
