@@ -405,6 +405,42 @@ def test_first_run_makes_a_managed_python_kernel(tmp_path):
     assert text_of(cells[1]) == text_of(cells[0]) == f"{prefix}\n", "the target must run the managed kernel too"
 
 
+def test_a_cache_home_in_tmp_planted_by_another_user_runs_nothing_of_theirs(tmp_path):
+    """No HOME nor XDG_CACHE_HOME and no python3 kernelspec: the managed
+    kernel's cache is /tmp/noyau-cache-EUID ($TMPDIR here). Another user
+    (nobody) made it first, and the shared /tmp/noyau-cache older noyaus
+    used, each with a finished managed kernel whose kernelspec runs their
+    script: the run is refused with an error naming the directory, and
+    their script never runs."""
+    if os.geteuid() != 0:
+        lib.missing("planting a directory of another user (chown to nobody) needs root")
+    env = no_kernelspec_env(tmp_path)
+    for name in ("HOME", "XDG_CACHE_HOME"):
+        env.pop(name)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env["TMPDIR"] = str(tmp)
+    ran = tmp_path / "their-script-ran"
+    script = tmp_path / "theirs.sh"
+    script.write_text(f"#!/bin/sh\ntouch {ran}\n")
+    script.chmod(0o755)
+    ours = tmp / f"noyau-cache-{os.geteuid()}"
+    for home in (ours, tmp / "noyau-cache"):
+        kernel = home / "noyau" / "kernels" / "python3-ipykernel-7.4.0"
+        spec = kernel / "share" / "jupyter" / "kernels" / "python3"
+        spec.mkdir(parents=True)
+        (spec / "kernel.json").write_text(json.dumps(
+            {"argv": [str(script), "{connection_file}"], "display_name": "theirs", "language": "python"}))
+        (kernel / ".complete").write_text("")
+        subprocess.run(["chown", "-R", "nobody", str(home)], check=True)
+    src = write(tmp_path / "in.ipynb", notebook("print(1)"))
+    r = subprocess.run([NOYAU, "run", "--no-progress", str(src), str(tmp_path / "out.ipynb")],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert not ran.exists(), f"the other user's kernelspec was run:\n{r.stderr}"
+    assert r.returncode != 0, r.stderr
+    assert f"{ours} belongs to uid 65534" in r.stderr, r.stderr
+
+
 def test_delegated_cells_run_on_their_targets_headless(tmp_path):
     """The same `%%noyau on` cells an interactive notebook delegates are
     delegated by `noyau run` too: state per target, outputs in their cells."""

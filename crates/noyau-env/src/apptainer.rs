@@ -7,9 +7,10 @@
 //! own /tmp, IPC and PID namespaces); the binds stay.
 
 use std::collections::BTreeMap;
-use std::io::Read;
-use std::path::Path;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 
+use noyau_trust::TrustError;
 use serde_json::{json, Value};
 
 use crate::cache::Cache;
@@ -74,15 +75,29 @@ pub fn record(
 /// sha256 of a local image, remembered in the cache under the file's
 /// identity (path, device, inode, size, mtime, ctime): an image of several
 /// GB is read once, not at every kernel start. Rewriting or replacing the
-/// file changes its identity, so it is hashed again.
+/// file changes its identity, so it is hashed again. The memo is the
+/// environment's provenance and may be in a shared cache: one that is not
+/// what the cache's entries must be ([`read_memo`]) is not used.
 fn file_digest(
     image: &str,
     cache: &Cache,
     progress: crate::Progress<'_>,
 ) -> Result<String, EnvError> {
-    use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(image)
         .map_err(|e| EnvError::Invalid(format!("cannot open the image {image}: {e}")))?;
+    let memo = memo_path(cache, image, &meta);
+    if let Some(d) = read_memo(cache, &memo, progress) {
+        return Ok(d);
+    }
+    progress(&format!("hashing the image {image}"));
+    let digest = format!("sha256:{}", crate::data::sha256_file(Path::new(image))?);
+    write_memo(cache, &memo, &digest, progress);
+    Ok(digest)
+}
+
+/// Where the digest of `image` (with this metadata) is remembered.
+fn memo_path(cache: &Cache, image: &str, meta: &std::fs::Metadata) -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
     let identity = format!(
         "{image}\0{}:{}:{}:{}.{}:{}.{}",
         meta.dev(),
@@ -93,39 +108,220 @@ fn file_digest(
         meta.ctime(),
         meta.ctime_nsec()
     );
-    let memo = cache
+    cache
         .root()
-        .join("image-digests")
-        .join(crate::sha256_hex(identity.as_bytes()));
-    if let Some(d) = std::fs::read_to_string(&memo)
-        .ok()
-        .map(|d| d.trim().to_string())
-        .filter(|d| d.starts_with("sha256:"))
+        .join(MEMOS)
+        .join(crate::sha256_hex(identity.as_bytes()))
+}
+
+/// The memos' directory in the cache.
+const MEMOS: &str = "image-digests";
+
+/// The longest memo read: `sha256:` and 64 hex digits, and a newline.
+const MEMO_MAX: u64 = 80;
+
+/// The remembered digest, if there is one to trust: in a directory and a
+/// file as the cache's entries must be (the user's or the cache owner's,
+/// writable by no one else, not links; so never a FIFO to wait on), the
+/// file with no other name (a hard link to a memo of another image) and
+/// holding a digest. Anything else is said and ignored: the image is
+/// hashed again.
+fn read_memo(cache: &Cache, memo: &Path, progress: crate::Progress<'_>) -> Option<String> {
+    let dir = memo.parent()?;
+    let read = cache
+        .expect(true)
+        .and_then(|e| e.check(dir))
+        .and_then(|_| cache.expect(false)?.open(memo));
+    let why = match read {
+        Err(e) if e.is_not_found() => return None,
+        Err(e) => e.to_string(),
+        Ok(f) => match memo_digest(f) {
+            Ok(d) => return Some(d),
+            Err(why) => format!("{} {why}", memo.display()),
+        },
+    };
+    let said =
+        format!("warning: not using the image's remembered digest ({why}); hashing it again");
+    tracing::warn!("{said}");
+    progress(&said);
+    None
+}
+
+/// The digest a memo file holds, or what is wrong with it.
+fn memo_digest(f: std::fs::File) -> Result<String, String> {
+    use std::os::unix::fs::MetadataExt;
+    let links = f.metadata().map_err(|e| e.to_string())?.nlink();
+    if links != 1 {
+        return Err(format!("has {links} names (hard links)"));
+    }
+    let mut text = String::new();
+    f.take(MEMO_MAX + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot be read: {e}"))?;
+    let d = text.trim_end();
+    let hex = d.strip_prefix("sha256:").unwrap_or_default();
+    if text.len() as u64 > MEMO_MAX
+        || hex.len() != 64
+        || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
     {
-        return Ok(d);
+        return Err("does not hold a sha256 digest".into());
     }
-    progress(&format!("hashing the image {image}"));
-    let mut f = std::fs::File::open(image)
-        .map_err(|e| EnvError::Invalid(format!("cannot open the image {image}: {e}")))?;
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(|e| EnvError::io(format!("reading {image}"), e))?;
-        if n == 0 {
-            break;
+    Ok(d.to_string())
+}
+
+/// Remembers `digest` at `memo`: written to a new file of the user's under
+/// a random name (never through a link planted at a name known in
+/// advance), then renamed into place. Losing the memo only costs the next
+/// start a hash: a failure is said, not an error.
+fn write_memo(cache: &Cache, memo: &Path, digest: &str, progress: crate::Progress<'_>) {
+    let Some(dir) = memo.parent() else { return };
+    let tmp = dir.join(format!(
+        ".tmp-{}-{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    let written = make_memo_dir(cache, dir)
+        .and_then(|_| {
+            let mut f = noyau_trust::create_private(&tmp, 0o644)?;
+            f.write_all(digest.as_bytes())
+                .map_err(|e| TrustError::io("write", &tmp, e))
+        })
+        .and_then(|_| std::fs::rename(&tmp, memo).map_err(|e| TrustError::io("rename", &tmp, e)));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        let said = format!("warning: the image's digest is not remembered: {e}");
+        tracing::warn!("{said}");
+        progress(&said);
+    }
+}
+
+/// Makes the memos' directory (0755: no group write even under a group
+/// cache's umask 002) and checks it as [`read_memo`] does, once the cache's
+/// home is checked (nothing is made in one another user made).
+fn make_memo_dir(cache: &Cache, dir: &Path) -> Result<(), TrustError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let expect = cache.expect(true)?;
+    std::fs::create_dir_all(cache.root())
+        .and_then(
+            |_| match std::fs::DirBuilder::new().mode(0o755).create(dir) {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+                made => made,
+            },
+        )
+        .map_err(|e| TrustError::io("create", dir, e))?;
+    expect.check(dir).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::Duration;
+
+    /// A small file standing in for a `.sif` image (no Apptainer runtime
+    /// here: only its digest is computed), its true digest, its memo's path.
+    fn image(dir: &Path, cache: &Cache) -> (String, String, PathBuf) {
+        let image = dir.join("img.sif");
+        std::fs::write(&image, b"not really an image").unwrap();
+        let image = image.display().to_string();
+        let truth = format!(
+            "sha256:{}",
+            crate::sha256_hex(b"not really an image".as_slice())
+        );
+        let memo = memo_path(cache, &image, &std::fs::metadata(&image).unwrap());
+        std::fs::create_dir_all(memo.parent().unwrap()).unwrap();
+        (image, truth, memo)
+    }
+
+    /// `file_digest` with a deadline (a FIFO read would block it forever),
+    /// and what it said.
+    fn digest(image: &str, cache: &Cache) -> (String, Vec<String>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (image, cache) = (image.to_string(), cache.clone());
+        std::thread::spawn(move || {
+            let mut said = Vec::new();
+            let d = file_digest(&image, &cache, &mut |l: &str| said.push(l.to_string()));
+            let _ = tx.send((d.unwrap(), said));
+        });
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("the image's digest was not computed within 30 s (blocked on the memo?)")
+    }
+
+    #[test]
+    fn a_planted_memo_is_never_trusted_nor_waited_on() {
+        let t = tempfile::tempdir().unwrap();
+        let cache = Cache::new(t.path().join("cache"));
+        let (image, truth, memo) = image(t.path(), &cache);
+        let forged = format!("sha256:{}", "f".repeat(64));
+        // A FIFO: read, it would block the kernel's start forever.
+        let c = std::ffi::CString::new(memo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo on a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        let (d, said) = digest(&image, &cache);
+        assert_eq!(d, truth);
+        assert!(said.iter().any(|l| l.contains("is a FIFO")), "{said:?}");
+        // A symlink to a file of forged digest: not followed, and replaced
+        // by the memo without writing where it led.
+        std::fs::remove_file(&memo).unwrap();
+        let elsewhere = t.path().join("elsewhere");
+        std::fs::write(&elsewhere, &forged).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &memo).unwrap();
+        let (d, said) = digest(&image, &cache);
+        assert_eq!(d, truth);
+        assert!(said.iter().any(|l| l.contains("is a symlink")), "{said:?}");
+        assert_eq!(std::fs::read_to_string(&elsewhere).unwrap(), forged);
+        // Remembered now, as a regular file of ours, and used.
+        let meta = std::fs::symlink_metadata(&memo).unwrap();
+        assert!(meta.is_file() && meta.permissions().mode() & 0o777 == 0o644);
+        assert_eq!(std::fs::read_to_string(&memo).unwrap(), truth);
+        let (d, said) = digest(&image, &cache);
+        assert_eq!((d.as_str(), said.len()), (truth.as_str(), 0), "{said:?}");
+        // Ours but not a digest, or a digest with another name (a hard link
+        // to the memo of another image): ignored.
+        std::fs::write(&memo, "sha256:<anything>").unwrap();
+        let (d, said) = digest(&image, &cache);
+        assert_eq!(d, truth);
+        assert!(said.iter().any(|l| l.contains("does not hold")), "{said:?}");
+        std::fs::remove_file(&memo).unwrap();
+        std::fs::write(&elsewhere, &forged).unwrap();
+        std::fs::hard_link(&elsewhere, &memo).unwrap();
+        let (d, said) = digest(&image, &cache);
+        assert_eq!(d, truth);
+        assert!(said.iter().any(|l| l.contains("2 names")), "{said:?}");
+    }
+
+    #[test]
+    fn a_memo_or_memo_dir_of_another_user_is_not_trusted() {
+        if noyau_trust::me() != 0 {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "this test needs root under CI"
+            );
+            return;
         }
-        h.update(&buf[..n]);
+        const NOBODY: u32 = 65534;
+        let t = tempfile::tempdir().unwrap();
+        let cache = Cache::new(t.path().join("cache"));
+        let (image, truth, memo) = image(t.path(), &cache);
+        std::fs::write(&memo, format!("sha256:{}", "0".repeat(64))).unwrap();
+        std::os::unix::fs::chown(&memo, Some(NOBODY), None).unwrap();
+        let (d, said) = digest(&image, &cache);
+        assert_eq!(d, truth);
+        assert!(
+            said.iter().any(|l| l.contains("belongs to uid 65534")),
+            "{said:?}"
+        );
+        // The memos' directory another user made first: neither read nor
+        // written.
+        std::os::unix::fs::chown(memo.parent().unwrap(), Some(NOBODY), None).unwrap();
+        std::fs::remove_file(&memo).unwrap();
+        let (d, said) = digest(&image, &cache);
+        assert_eq!(d, truth);
+        assert!(
+            said.iter()
+                .any(|l| l.contains("not remembered") && l.contains("65534")),
+            "{said:?}"
+        );
+        assert!(!memo.exists());
     }
-    let digest = format!("sha256:{}", hex::encode(h.finalize()));
-    // Losing the memo only costs the next start a hash: errors are ignored.
-    if let Some(dir) = memo.parent() {
-        let tmp = memo.with_extension(format!("tmp{}", std::process::id()));
-        if std::fs::create_dir_all(dir).is_ok() && std::fs::write(&tmp, &digest).is_ok() {
-            let _ = std::fs::rename(&tmp, &memo);
-        }
-    }
-    Ok(digest)
 }

@@ -28,6 +28,13 @@
 //! other write bits cleared throughout, whatever the builder's umask, each
 //! on what was opened without following a symlink.
 //!
+//! Without a home (no absolute `XDG_CACHE_HOME` nor `HOME`: a job or a
+//! service started with an empty environment), the user's cache is under
+//! `/tmp/noyau-cache-EUID` ([`tmp_cache_home`]), which anyone may have made
+//! first to have their entries trusted as the cache's owner's: nothing in
+//! a cache under it is trusted or made until it is checked the user's only
+//! (0700, not a link; [`ensure_home`]).
+//!
 //! A site cache (`NOYAU_ENV_SITE_CACHE`, [`Cache::site`]) is built by an
 //! admin and only read by users: there, only the owner of its root is
 //! trusted (not the user), and it is looked in before the user's own.
@@ -38,6 +45,7 @@
 //! when it can take the lock exclusively, so never one a kernel uses.
 
 use noyau_vars::EnvVars;
+use std::ffi::OsString;
 use std::fs::File;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 
@@ -85,15 +93,48 @@ pub fn site_cache() -> Option<Cache> {
         .map(|p| Cache::site(PathBuf::from(p)))
 }
 
-/// The user's own cache: `$XDG_CACHE_HOME/noyau/envs`, else `~/.cache/noyau/envs`.
+/// The user's own cache: `CACHE_HOME/noyau/envs` ([`cache_home`]).
 pub fn private_root() -> PathBuf {
-    std::env::var_os(EnvVars::XDG_CACHE_HOME)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os(EnvVars::HOME).map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| std::env::temp_dir().join("noyau-cache"))
-        .join("noyau")
-        .join("envs")
+    cache_home().join("noyau").join("envs")
+}
+
+/// The directory of the user's caches: `$XDG_CACHE_HOME`, else
+/// `$HOME/.cache`, else [`tmp_cache_home`].
+pub fn cache_home() -> PathBuf {
+    cache_home_from(
+        std::env::var_os(EnvVars::XDG_CACHE_HOME),
+        std::env::var_os(EnvVars::HOME),
+    )
+}
+
+/// [`cache_home`] from these variables' values. An empty or relative
+/// value is none: it would put the cache under the working directory,
+/// wherever that is (someone else's directory, whose owner the cache would
+/// then trust).
+fn cache_home_from(xdg_cache: Option<OsString>, home: Option<OsString>) -> PathBuf {
+    let absolute = |v: Option<OsString>| v.map(PathBuf::from).filter(|p| p.is_absolute());
+    absolute(xdg_cache)
+        .or_else(|| absolute(home).map(|h| h.join(".cache")))
+        .unwrap_or_else(tmp_cache_home)
+}
+
+/// The cache home without a home: this user's directory in /tmp, where
+/// anyone may have made it first ([`ensure_home`] checks it).
+pub fn tmp_cache_home() -> PathBuf {
+    std::env::temp_dir().join(format!("noyau-cache-{}", noyau_trust::me()))
+}
+
+/// When `path` is under [`tmp_cache_home`], makes that directory (0700)
+/// and checks it is the user's only (not a link, nothing for others):
+/// another user who made it first would own everything the user then
+/// finds or makes there (a kernelspec, an environment). Elsewhere (a home's
+/// cache, a cache someone configured), nothing is done.
+pub fn ensure_home(path: &Path) -> Result<(), TrustError> {
+    let home = tmp_cache_home();
+    if path.starts_with(&home) {
+        Expect::dir().make_dir(&home)?;
+    }
+    Ok(())
 }
 
 /// An exclusive (or, for [`Cache::hold`], shared) flock held until dropped.
@@ -181,8 +222,10 @@ impl Cache {
 
     /// A directory (or a regular file), not a symlink, owned by the user
     /// or by the owner of the cache's root (a site's account; in a site's
-    /// cache, that owner only), and writable by no one else.
-    fn expect(&self, dir: bool) -> Expect {
+    /// cache, that owner only), and writable by no one else; refused
+    /// when the cache is under a home in /tmp that is not the user's only.
+    pub(crate) fn expect(&self, dir: bool) -> Result<Expect, TrustError> {
+        ensure_home(&self.root)?;
         let me = noyau_trust::me();
         let owner = std::fs::metadata(&self.anchor).map_or(me, |m| m.uid());
         let owners = if self.site {
@@ -191,12 +234,12 @@ impl Cache {
             Owner::MeOr(owner, "the cache's owner")
         };
         let kind = if dir { Expect::dir() } else { Expect::file() };
-        kind.owner(owners).mode(Mode::NoOthersWrite)
+        Ok(kind.owner(owners).mode(Mode::NoOthersWrite))
     }
 
     /// Checks one path ([`Cache::expect`]): missing is fine.
     pub(crate) fn check(&self, path: &Path, dir: bool) -> Result<(), Untrusted> {
-        match self.expect(dir).check(path) {
+        match self.expect(dir).and_then(|e| e.check(path)) {
             Err(TrustError::Refused { path, problem }) => Err(Untrusted::refused(path, problem)),
             _ => Ok(()),
         }
@@ -207,7 +250,7 @@ impl Cache {
     fn open_lock(&self, path: &Path) -> Result<File, EnvError> {
         let mut create = std::fs::OpenOptions::new();
         create.create(true).truncate(false).write(true).mode(0o644);
-        Ok(self.expect(false).open_with(path, &mut create)?)
+        Ok(self.expect(false)?.open_with(path, &mut create)?)
     }
 
     /// Checks an entry, its record and its lock file before any is used.
@@ -270,7 +313,7 @@ impl Cache {
     /// there is no lock file to hold and none can be made (a site's cache).
     pub fn hold(&self, key: &str) -> Result<Option<FileLock>, EnvError> {
         let path = self.root.join(format!("{key}.lock"));
-        let file = match self.expect(false).open(&path) {
+        let file = match self.expect(false).and_then(|e| e.open(&path)) {
             Ok(f) => f,
             Err(e) if e.is_not_found() && !self.site => self.open_lock(&path)?,
             Err(TrustError::Refused { path, problem }) => {

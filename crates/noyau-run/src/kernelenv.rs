@@ -8,7 +8,11 @@
 //! whose argv names that environment's interpreter, and points the agent at
 //! it through `JUPYTER_PATH`. The environment is built in a temporary
 //! directory and renamed into place, so concurrent first runs do not see a
-//! half-made one.
+//! half-made one. A finished one is used only when it, its marker and its
+//! kernelspec are the user's (writable by no one else, not links); without
+//! a home the cache is `/tmp/noyau-cache-EUID`, used only when that is the
+//! user's only (0700): another user could have made it first, with a
+//! kernelspec that runs their code.
 //!
 //! A batch job gets what it needs to find the kernel this host found in
 //! its environment ([`job_env`]), since a scheduler may not copy the
@@ -20,6 +24,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use noyau_trust::{Expect, Mode};
 use noyau_wire::kernelspec::{self, KernelSpecError, NATIVE_KERNEL_NAME};
 
 use crate::error::{bad, RunError};
@@ -66,23 +71,36 @@ pub fn job_env(kernel: &str, backend: &str) -> Result<BTreeMap<String, String>, 
     ]))
 }
 
+/// Where the managed kernel is made: in the user's cache home
+/// (`$XDG_CACHE_HOME`, `~/.cache`, else `/tmp/noyau-cache-EUID`:
+/// [`noyau_env::cache::cache_home`]).
 pub fn cache_dir() -> PathBuf {
-    let base = std::env::var_os(EnvVars::XDG_CACHE_HOME)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os(EnvVars::HOME).map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| std::env::temp_dir().join("noyau-cache"));
-    base.join("noyau")
+    noyau_env::cache::cache_home()
+        .join("noyau")
         .join("kernels")
         .join(format!("python3-ipykernel-{IPYKERNEL_VERSION}"))
 }
 
+/// The kernelspec's directory in the managed kernel's.
+const SPEC_DIR: &str = "share/jupyter/kernels/python3";
+
+/// The marker of a finished managed kernel.
+const COMPLETE: &str = ".complete";
+
 /// The Jupyter data dir (`…/share/jupyter`) holding the managed `python3`
-/// kernelspec, made on first use.
+/// kernelspec, made on first use. In a cache home in /tmp, which another
+/// user may have made first with a kernelspec of theirs, nothing is used
+/// or made unless that directory is the user's only.
 pub fn ensure_python_kernel() -> Result<PathBuf, RunError> {
     let dir = cache_dir();
+    noyau_env::cache::ensure_home(&dir).map_err(|e| {
+        bad(format!(
+            "{e} (noyau's cache is there because neither XDG_CACHE_HOME nor HOME is an \
+             absolute path)"
+        ))
+    })?;
     let data = dir.join("share").join("jupyter");
-    if dir.join(".complete").exists() {
+    if finished(&dir)? {
         return Ok(data);
     }
     let parent = dir.parent().expect("cache dir has a parent");
@@ -99,21 +117,43 @@ pub fn ensure_python_kernel() -> Result<PathBuf, RunError> {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    match std::fs::rename(&tmp, &dir) {
-        Ok(()) => {}
-        Err(_) if dir.join(".complete").exists() => {
-            // Another run finished first; use its environment.
-            let _ = std::fs::remove_dir_all(&tmp);
-        }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
+    if let Err(e) = std::fs::rename(&tmp, &dir) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        // Another run may have finished first: then its environment is used.
+        if !finished(&dir)? {
             return Err(RunError::io("cannot move the environment to", &dir)(e));
         }
     }
     write_spec(&dir)?;
-    std::fs::write(dir.join(".complete"), b"").map_err(RunError::io("cannot write in", &dir))?;
+    std::fs::write(dir.join(COMPLETE), b"").map_err(RunError::io("cannot write in", &dir))?;
     eprintln!("noyau: managed Python kernel ready");
     Ok(data)
+}
+
+/// True when the managed kernel in `dir` was finished (its marker is
+/// there), and then only if the kernel, its marker and its kernelspec (whose
+/// argv runs as the user) are the user's, writable by no one else and not
+/// links; a refusal says which and what to do.
+fn finished(dir: &Path) -> Result<bool, RunError> {
+    let ours = |expect: Expect, path: &Path| {
+        expect
+            .mode(Mode::NoOthersWrite)
+            .check(path)
+            .map(drop)
+            .map_err(|e| bad(e.to_string()))
+    };
+    if !dir.join(COMPLETE).exists() {
+        return Ok(false);
+    }
+    let mut at = dir.to_path_buf();
+    ours(Expect::dir(), &at)?;
+    ours(Expect::file(), &at.join(COMPLETE))?;
+    for part in Path::new(SPEC_DIR).components() {
+        at.push(part);
+        ours(Expect::dir(), &at)?;
+    }
+    ours(Expect::file(), &at.join("kernel.json"))?;
+    Ok(true)
 }
 
 fn on_path(exe: &str) -> bool {
@@ -165,7 +205,7 @@ fn build(tmp: &Path) -> Result<(), RunError> {
 }
 
 fn write_spec(dir: &Path) -> Result<(), RunError> {
-    let spec_dir = dir.join("share/jupyter/kernels/python3");
+    let spec_dir = dir.join(SPEC_DIR);
     std::fs::create_dir_all(&spec_dir).map_err(RunError::io("cannot create", &spec_dir))?;
     let spec = serde_json::json!({
         "argv": [dir.join("bin/python"), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
@@ -178,4 +218,61 @@ fn write_spec(dir: &Path) -> Result<(), RunError> {
         serde_json::to_vec_pretty(&spec).expect("json"),
     )
     .map_err(RunError::io("cannot write the kernelspec in", &spec_dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A managed kernel as [`ensure_python_kernel`] leaves it (no venv:
+    /// only its marker and kernelspec are looked at).
+    fn made(dir: &Path) {
+        std::fs::create_dir_all(dir).unwrap();
+        write_spec(dir).unwrap();
+        std::fs::write(dir.join(COMPLETE), b"").unwrap();
+    }
+
+    fn refused(dir: &Path) -> String {
+        finished(dir).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_managed_kernel_is_used_only_if_its_marker_and_kernelspec_are_ours() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("k");
+        assert!(!finished(&dir).unwrap(), "nothing there: not finished");
+        made(&dir);
+        assert!(finished(&dir).unwrap());
+        // A kernelspec directory swapped for a link to one whose argv runs
+        // someone else's code.
+        let spec = dir.join(SPEC_DIR);
+        let theirs = t.path().join("theirs");
+        std::fs::rename(&spec, &theirs).unwrap();
+        std::os::unix::fs::symlink(&theirs, &spec).unwrap();
+        let e = refused(&dir);
+        assert!(
+            e.contains(&format!("{} is a symlink", spec.display())),
+            "{e}"
+        );
+        std::fs::remove_file(&spec).unwrap();
+        std::fs::rename(&theirs, &spec).unwrap();
+        // A kernelspec others may rewrite.
+        let json = spec.join("kernel.json");
+        std::fs::set_permissions(&json, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let e = refused(&dir);
+        assert!(e.contains("is writable by its group or others"), "{e}");
+        std::fs::set_permissions(&json, std::fs::Permissions::from_mode(0o644)).unwrap();
+        // Another user's marker (or kernel): giving it away needs root.
+        if noyau_trust::me() != 0 {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "this test needs root under CI"
+            );
+            return;
+        }
+        std::os::unix::fs::chown(dir.join(COMPLETE), Some(65534), None).unwrap();
+        let e = refused(&dir);
+        assert!(e.contains("belongs to uid 65534"), "{e}");
+    }
 }
