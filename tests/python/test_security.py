@@ -6,7 +6,8 @@ dropped on every socket; an inner kernelspec that asks for message interrupts
 gets them. The hub's part: trusted-header logins need the SSO proxy's
 secret, who may log in, password guessing, job logs at paths users
 control, one-time link tokens, the login's redirect, one session per user,
-a private state directory."""
+a private state directory. A project's noyau.toml another user planted
+in a shared directory is refused until the user trusts that directory."""
 
 from __future__ import annotations
 
@@ -939,3 +940,82 @@ def test_a_sweep_runs_only_its_own_plan_and_trusts_nothing_planted_in_its_output
     # The plan went with the sweep; it was never in DIR.
     plans = Path(os.environ["XDG_STATE_HOME"]) / "noyau" / "sweeps"
     assert not [f for f in plans.iterdir() if str(out) in f.read_text()]
+
+
+# --------------------------------------------------------------------------
+# A project's noyau.toml in a shared directory: its profiles say what a
+# job runs, so one another user wrote is code run as whoever runs there.
+
+
+def _as_user(u: hl.UnixUser, args: list[str], cwd: Path, env: dict[str, str],
+             timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    home = pwd.getpwnam(u.name).pw_dir
+    base = {"HOME": home, "USER": u.name, "LOGNAME": u.name, "LANG": "C.UTF-8",
+            "PATH": f"{hl.JUPYTER_VENV}/bin:/usr/local/bin:/usr/bin:/bin"}
+    return subprocess.run(["runuser", "-u", u.name, "--", "env", "-i",
+                           *(f"{k}={v}" for k, v in {**base, **env}.items()), *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_project_file_another_user_planted_is_refused_until_trusted(noyau_bin: str) -> None:
+    """User A plants a noyau.toml in a world-writable directory (0777, no
+    sticky bit: a shared scratch space) whose profile sets the kernel's
+    environment. User B's `noyau run` there (local backend) refuses it,
+    naming the file, its owner and `trusted_projects`, and runs nothing:
+    the notebook is untouched, no output is written. Once B's own config
+    trusts the directory, the run goes through and the profile counts."""
+    if os.geteuid() != 0:
+        lib.missing("running noyau as two Unix users needs root")
+    if not (hl.JUPYTER_VENV / "bin" / "python").exists():
+        lib.missing(f"no ipykernel for the test users in {hl.JUPYTER_VENV} (scripts/test makes it)")
+    import tempfile
+
+    a, b = hl.UnixUser("npa"), hl.UnixUser("npb")
+    shared = Path(tempfile.mkdtemp(prefix="noyau-shared-", dir="/tmp"))  # B must reach it
+    bin_dir = Path(tempfile.mkdtemp(prefix="noyau-projtrust-bin-", dir="/tmp"))
+    try:
+        shared.chmod(0o777)
+        bin_dir.chmod(0o755)
+        noyau = bin_dir / "noyau"
+        shutil.copy2(noyau_bin, noyau)
+        noyau.chmod(0o755)
+        planted = shared / "noyau.toml"
+        r = _as_user(a, ["sh", "-c", "umask 022; printf '%s\\n' '[profiles.p]' "
+                         "'env = { PLANTED = \"by-a\" }' > noyau.toml"], shared, {})
+        assert r.returncode == 0 and planted.stat().st_uid == pwd.getpwnam(a.name).pw_uid, r.stderr
+        nb = shared / "nb.ipynb"
+        nb.write_text(json.dumps({
+            "nbformat": 4, "nbformat_minor": 5,
+            "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                        "language": "python"}},
+            "cells": [{"cell_type": "code", "id": "c0", "metadata": {}, "outputs": [],
+                       "execution_count": None,
+                       "source": "import os; print('env:', os.environ.get('PLANTED'))"}]}))
+        shutil.chown(nb, b.name, b.name)
+        before = nb.read_bytes()
+        env = {"JUPYTER_PATH": f"{hl.JUPYTER_VENV}/share/jupyter"}
+        run = [str(noyau), "run", "--no-progress", "--profile", "p", "nb.ipynb", "out.ipynb"]
+
+        r = _as_user(b, run, shared, env)
+        assert r.returncode != 0, r.stdout + r.stderr
+        uid = pwd.getpwnam(a.name).pw_uid
+        assert f"{planted} belongs to uid {uid}" in r.stderr, r.stderr[-3000:]
+        assert f'trusted_projects = ["{shared}"]' in r.stderr, r.stderr[-3000:]
+        assert nb.read_bytes() == before and not (shared / "out.ipynb").exists()
+
+        # B trusts the directory, in B's own config.
+        conf = Path(pwd.getpwnam(b.name).pw_dir) / ".config" / "noyau"
+        _as_user(b, ["mkdir", "-p", str(conf)], shared, {})
+        _as_user(b, ["sh", "-c", f"umask 022; echo 'trusted_projects = [\"{shared}\"]' > "
+                     f"{conf}/config.toml"], shared, {})
+        r = _as_user(b, run, shared, env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out = json.loads((shared / "out.ipynb").read_text())
+        text = "".join("".join(o.get("text", "")) for o in out["cells"][0]["outputs"])
+        assert "env: by-a" in text, out["cells"][0]
+        assert nb.read_bytes() == before
+    finally:
+        a.remove()
+        b.remove()
+        shutil.rmtree(shared, ignore_errors=True)
+        shutil.rmtree(bin_dir, ignore_errors=True)

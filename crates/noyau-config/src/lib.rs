@@ -26,6 +26,12 @@
 //! across all of their noyau processes (1 to 64, default 4): in the system
 //! or the user's file only (a project's is ignored, with a warning).
 //!
+//! A top-level `trusted_projects = ["/scratch/team/project"]`, in the
+//! system or the user's file only, names directories whose `noyau.toml`
+//! is read whoever wrote it. Elsewhere a project's file is read only if it
+//! is a regular file that the user or root owns and that no one else can
+//! write; the site's and the user's files must be so too (see [`files`]).
+//!
 //! A top-level `[idle]` table says when an idle allocation is given back
 //! ([`IdleLimits`]): the site's default in the system file, the user's
 //! own in theirs.
@@ -54,6 +60,8 @@
 //! cpus_per_task = 8
 //! ```
 
+mod files;
+
 use noyau_vars::EnvVars;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -62,7 +70,10 @@ use noyau_sched::Given;
 use serde::Deserialize;
 use toml::Spanned;
 
+pub use files::{TrustedProjects, MAX_LOCK_SIZE, MAX_SIZE};
 pub use noyau_sched::{parse_size, parse_time, suggest, Profile, ProfileError};
+
+use files::Origin;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -72,6 +83,23 @@ pub enum ConfigError {
     Read {
         path: PathBuf,
         source: std::io::Error,
+    },
+    /// The site's or the user's file is not one only they could have written.
+    #[error(transparent)]
+    Untrusted(noyau_trust::TrustError),
+    /// A project's file another user could have written, in a directory
+    /// not in `trusted_projects`; `fix` says the ways out.
+    #[error("{} {problem}: {fix}", path.display())]
+    UntrustedProject {
+        path: PathBuf,
+        problem: noyau_trust::Problem,
+        fix: String,
+    },
+    #[error("{} is {size} bytes, more than noyau reads from such a file ({limit} bytes): is it the file you meant?", path.display())]
+    TooBig {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
     },
     #[error("no profile {name:?}{}; {}", suggest(name, known.iter().map(String::as_str)), available(known))]
     UnknownProfile { name: String, known: Vec<String> },
@@ -97,6 +125,8 @@ struct File {
     scheduler: Option<String>,
     /// See [`Config::concurrent_submissions`].
     concurrent_submissions: Option<i64>,
+    /// See [`Config::trusted_projects`].
+    trusted_projects: Option<Vec<String>>,
     #[serde(default)]
     profiles: BTreeMap<String, BTreeMap<Spanned<String>, Spanned<toml::Value>>>,
     /// The kernel's environment: read and checked by noyau-env, not here.
@@ -329,6 +359,10 @@ pub struct Config {
     pub concurrent_submissions: Option<usize>,
     /// `[idle]`, key by key over the defaults.
     pub idle: IdleLimits,
+    /// The directories whose project file is read whoever wrote it
+    /// (top-level `trusted_projects`, the system's and the user's lists
+    /// together; a project's own is ignored).
+    pub trusted_projects: TrustedProjects,
     /// The files read, in order.
     pub sources: Vec<PathBuf>,
 }
@@ -342,14 +376,56 @@ pub fn site_paths() -> Vec<PathBuf> {
         .map(PathBuf::from)
         .unwrap_or_else(|| "/etc/noyau/config.toml".into());
     let mut v = vec![system];
-    let xdg = std::env::var_os(EnvVars::XDG_CONFIG_HOME)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os(EnvVars::HOME).map(|h| PathBuf::from(h).join(".config")));
-    if let Some(x) = xdg {
-        v.push(x.join("noyau").join("config.toml"));
-    }
+    v.extend(user_path(&|name| std::env::var_os(name)));
     v
+}
+
+/// The user's file: `$XDG_CONFIG_HOME/noyau/config.toml`, else
+/// `~/.config/noyau/config.toml`. A relative (or empty) `XDG_CONFIG_HOME`
+/// is ignored, as the XDG Base Directory spec says: it would name a file
+/// in whatever directory noyau runs in.
+fn user_path(var: &dyn Fn(&str) -> Option<std::ffi::OsString>) -> Option<PathBuf> {
+    var(EnvVars::XDG_CONFIG_HOME)
+        .map(PathBuf::from)
+        .filter(|x| x.is_absolute())
+        .or_else(|| var(EnvVars::HOME).map(|h| PathBuf::from(h).join(".config")))
+        .map(|x| x.join("noyau").join("config.toml"))
+}
+
+/// The text of the project file in `dir` (`dir/noyau.toml`), if there is
+/// one, checked as [`Config::load`] checks it: for the other readers of
+/// that file (noyau-env's `[environment]` and `[data]`).
+pub fn project_file(dir: &Path) -> Result<Option<(PathBuf, String)>, ConfigError> {
+    let path = dir.join(PROJECT_FILE);
+    Ok(project_text(&path, MAX_SIZE)?.map(|text| (path, text)))
+}
+
+/// The text of a file of a project's (at most `limit` bytes), checked as
+/// its noyau.toml is, against the file's own directory: for a file the
+/// project's `[environment]` names that noyau reads itself (`lock_file`).
+pub fn project_text(path: &Path, limit: u64) -> Result<Option<String>, ConfigError> {
+    let site = site_paths();
+    let trusted = Config::load_from(&site)?.trusted_projects;
+    read_project(path, &trusted, &site, limit)
+}
+
+/// The project file at `path`, trusted if its directory is in `trusted`;
+/// a refusal names the last of the `site` files (the user's) as where to
+/// trust it.
+fn read_project(
+    path: &Path,
+    trusted: &TrustedProjects,
+    site: &[PathBuf],
+    limit: u64,
+) -> Result<Option<String>, ConfigError> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let origin = Origin::Project {
+        trusted: trusted.trusts(dir),
+    };
+    files::read(path, origin, limit, site.last().map(PathBuf::as_path))
 }
 
 /// `concurrent_submissions` as the site's and the user's files say (a
@@ -364,42 +440,44 @@ impl Config {
         Self::load_with(&site_paths(), &cwd.join(PROJECT_FILE))
     }
 
-    /// Reads the `site` files then the `project` one, whose
-    /// `concurrent_submissions` is ignored with a warning: a project's
-    /// directory may be another user's, and the setting paces every
-    /// command of the user's on the host.
+    /// Reads the `site` files then the `project` one (checked as
+    /// [`files`] says, trusted if its directory is in the site files'
+    /// `trusted_projects`), whose `concurrent_submissions` and
+    /// `trusted_projects` are ignored with a warning: a project's
+    /// directory may be another user's, and the settings pace every
+    /// command of the user's on the host and say whose files are trusted.
     fn load_with(site: &[PathBuf], project: &Path) -> Result<Self, ConfigError> {
         let mut c = Self::load_from(site)?;
         let theirs = c.concurrent_submissions.take();
-        c.add_file(project)?;
-        if let Some(n) = std::mem::replace(&mut c.concurrent_submissions, theirs) {
+        let trusted = c.trusted_projects.clone();
+        if let Some(text) = read_project(project, &trusted, site, MAX_SIZE)? {
+            c.add_str(project, &text)?;
+        }
+        let ignored = |key: &str| {
             tracing::warn!(
-                "{}: concurrent_submissions = {n} is ignored in a project's file; \
-                 set it in ~/.config/noyau/config.toml (yours) or /etc/noyau/config.toml (the site's)",
+                "{}: {key} is ignored in a project's file; set it in \
+                 ~/.config/noyau/config.toml (yours) or /etc/noyau/config.toml (the site's)",
                 project.display()
-            );
+            )
+        };
+        if let Some(n) = std::mem::replace(&mut c.concurrent_submissions, theirs) {
+            ignored(&format!("concurrent_submissions = {n}"));
+        }
+        if std::mem::replace(&mut c.trusted_projects, trusted) != c.trusted_projects {
+            ignored("trusted_projects");
         }
         Ok(c)
     }
 
+    /// Reads the site's and the user's files (`paths`, in order).
     pub fn load_from(paths: &[PathBuf]) -> Result<Self, ConfigError> {
         let mut c = Config::default();
         for p in paths {
-            c.add_file(p)?;
+            if let Some(text) = files::read(p, Origin::Site, MAX_SIZE, None)? {
+                c.add_str(p, &text)?;
+            }
         }
         Ok(c)
-    }
-
-    /// Adds one file, if it exists.
-    fn add_file(&mut self, p: &Path) -> Result<(), ConfigError> {
-        match std::fs::read_to_string(p) {
-            Ok(text) => self.add_str(p, &text),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(ConfigError::Read {
-                path: p.into(),
-                source,
-            }),
-        }
     }
 
     /// Adds one file's text (named `path` in errors).
@@ -426,6 +504,9 @@ impl Config {
         if let Some(n) = file.concurrent_submissions {
             let n = noyau_sched::check_slots(n).map_err(|e| bad(e.to_string()))?;
             self.concurrent_submissions = Some(n);
+        }
+        if let Some(dirs) = file.trusted_projects {
+            self.trusted_projects.extend(dirs).map_err(bad)?;
         }
         for (name, table) in &file.profiles {
             let p = self.profiles.entry(name.clone()).or_default();
@@ -514,6 +595,7 @@ fn explain(e: &toml::de::Error) -> String {
                 &[
                     "scheduler",
                     "concurrent_submissions",
+                    "trusted_projects",
                     "profiles",
                     "environment",
                     "data",
@@ -535,8 +617,12 @@ fn explain(e: &toml::de::Error) -> String {
 }
 
 #[cfg(test)]
+mod trust_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
+    use crate::trust_tests::write;
 
     fn cfg(files: &[&str]) -> Result<Config, ConfigError> {
         let mut c = Config::default();
@@ -601,18 +687,17 @@ mod tests {
     fn concurrent_submissions_is_not_taken_from_the_project_file() {
         let d = tempfile::tempdir().unwrap();
         let (user, project) = (d.path().join("config.toml"), d.path().join("noyau.toml"));
-        std::fs::write(
+        write(
             &project,
             "concurrent_submissions = 1\n[profiles.p]\ncpus_per_task = 2\n",
-        )
-        .unwrap();
+        );
         let c = Config::load_with(std::slice::from_ref(&user), &project).unwrap();
         assert_eq!(c.concurrent_submissions, None);
         assert!(
             c.names().contains(&"p".to_string()),
             "the project's profiles are read"
         );
-        std::fs::write(&user, "concurrent_submissions = 3\n").unwrap();
+        write(&user, "concurrent_submissions = 3\n");
         let c = Config::load_with(std::slice::from_ref(&user), &project).unwrap();
         assert_eq!(
             c.concurrent_submissions,

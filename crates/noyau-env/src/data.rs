@@ -290,14 +290,9 @@ pub fn declared(
 }
 
 fn from_noyau_toml(dir: &Path) -> Result<Vec<DataRef>, EnvError> {
-    let path = dir.join("noyau.toml");
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(EnvError::io(format!("reading {}", path.display()), e)),
+    let Some((path, doc)) = crate::sources::noyau_toml(dir)? else {
+        return Ok(Vec::new());
     };
-    let doc: toml::Table =
-        toml::from_str(&text).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
     let Some(data) = doc.get("data") else {
         return Ok(Vec::new());
     };

@@ -14,7 +14,7 @@
 //! or `[install]` matter here, so it is read by a few lines below rather
 //! than a full INI library (pip's continuation lines are understood).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
@@ -251,7 +251,10 @@ fn pip_conf_files(var: &dyn Fn(&str) -> Option<String>) -> Vec<PathBuf> {
     if let Some(h) = &home {
         files.push(h.join(".pip/pip.conf"));
     }
-    match var(noyau_vars::EnvVars::XDG_CONFIG_HOME) {
+    // A relative (or empty) XDG_CONFIG_HOME is ignored, as the XDG Base
+    // Directory spec says: it would name a file in the working directory.
+    let xdg = var(noyau_vars::EnvVars::XDG_CONFIG_HOME).filter(|x| Path::new(x).is_absolute());
+    match xdg {
         Some(x) => files.push(PathBuf::from(x).join("pip/pip.conf")),
         None => files.extend(home.map(|h| h.join(".config/pip/pip.conf"))),
     }
@@ -396,5 +399,28 @@ mod tests {
         ]);
         assert_eq!(n.uv_env()[0].1, "http://127.0.0.1:9/simple");
         assert!(net(&[]).uv_env().is_empty() && net(&[]).record() == json!({}));
+    }
+
+    /// A relative XDG_CONFIG_HOME would read a pip.conf from the working
+    /// directory (a shared one, maybe): ignored, as the XDG spec says.
+    #[test]
+    fn a_relative_xdg_config_home_is_ignored() {
+        let with = |xdg: &'static str| {
+            move |n: &str| match n {
+                "HOME" => Some("/home/u".to_string()),
+                "XDG_CONFIG_HOME" => Some(xdg.to_string()),
+                _ => None,
+            }
+        };
+        for relative in ["conf", ""] {
+            let files = pip_conf_files(&with(relative));
+            assert!(files.iter().all(|f| f.is_absolute()), "{files:?}");
+            assert!(files.contains(&PathBuf::from("/home/u/.config/pip/pip.conf")));
+        }
+        let files = pip_conf_files(&with("/x"));
+        assert!(
+            files.contains(&PathBuf::from("/x/pip/pip.conf")),
+            "{files:?}"
+        );
     }
 }

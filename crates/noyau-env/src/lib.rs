@@ -69,6 +69,9 @@ pub enum EnvError {
     /// Something in a shared cache that another user could have planted.
     #[error(transparent)]
     Untrusted(#[from] cache::Untrusted),
+    /// The project's noyau.toml could not be read, or is not trusted.
+    #[error(transparent)]
+    Config(#[from] noyau_config::ConfigError),
     /// A data file whose bytes are not the ones declared; nothing was kept.
     #[error("{url}: its sha256 is {got}, not the expected {expected}; the file was not kept (check the URL and the hash)")]
     HashMismatch {

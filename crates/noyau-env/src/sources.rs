@@ -35,16 +35,23 @@ pub struct Source {
     pub base: PathBuf,
 }
 
-/// The `[environment]` table of `dir/noyau.toml`, if there is one.
-pub fn from_noyau_toml(dir: &Path) -> Result<Option<Source>, EnvError> {
-    let path = dir.join("noyau.toml");
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(EnvError::io(format!("reading {}", path.display()), e)),
+/// `dir/noyau.toml`, its path and its TOML, if there is one: read as
+/// noyau-config reads a project's file (refused if another user could
+/// have written it, unless the user trusts `dir`).
+pub(crate) fn noyau_toml(dir: &Path) -> Result<Option<(PathBuf, toml::Table)>, EnvError> {
+    let Some((path, text)) = noyau_config::project_file(dir)? else {
+        return Ok(None);
     };
     let doc: toml::Table =
         toml::from_str(&text).map_err(|e| EnvError::Invalid(format!("{}: {e}", path.display())))?;
+    Ok(Some((path, doc)))
+}
+
+/// The `[environment]` table of `dir/noyau.toml`, if there is one.
+pub fn from_noyau_toml(dir: &Path) -> Result<Option<Source>, EnvError> {
+    let Some((path, doc)) = noyau_toml(dir)? else {
+        return Ok(None);
+    };
     match doc.get("environment") {
         None => Ok(None),
         Some(v) => Ok(Some(Source {

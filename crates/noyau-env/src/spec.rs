@@ -215,9 +215,15 @@ impl EnvSpec {
                     "both `lock` and `lock_file` are given; keep one".into(),
                 ));
             }
-            let text = std::fs::read_to_string(&f).map_err(|e| {
-                EnvError::Invalid(format!("cannot read lock_file {}: {e}", f.display()))
-            })?;
+            // What it pins is what gets installed: read as the project's
+            // noyau.toml is (refused if another user could have written it).
+            let text =
+                noyau_config::project_text(&f, noyau_config::MAX_LOCK_SIZE)?.ok_or_else(|| {
+                    EnvError::Invalid(format!(
+                        "cannot read lock_file {}: it does not exist",
+                        f.display()
+                    ))
+                })?;
             self.lock = Some(text);
         }
         for r in &mut self.requirements {
@@ -339,5 +345,33 @@ mod tests {
             .normalise()
             .unwrap();
         assert_ne!(a.cache_key(), c.cache_key());
+    }
+
+    /// A lock says what gets installed: one another user could have
+    /// written (here, group-writable) is refused as a project's noyau.toml
+    /// would be; a missing one is named.
+    #[test]
+    fn a_lock_file_others_could_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let lock = d.path().join("noyau.lock");
+        std::fs::write(&lock, "six==1.16.0\n").unwrap();
+        let spec = |f: &std::path::Path| {
+            EnvSpec::from_value(json!({"lock_file": f, "requirements": ["six"]}))
+                .unwrap()
+                .normalise()
+        };
+        let mode = |m| std::fs::set_permissions(&lock, std::fs::Permissions::from_mode(m));
+        mode(0o644).unwrap();
+        assert_eq!(spec(&lock).unwrap().lock.as_deref(), Some("six==1.16.0\n"));
+        mode(0o664).unwrap();
+        let e = spec(&lock).unwrap_err().to_string();
+        assert!(
+            e.contains("is writable by its group or others (mode 0664)")
+                && e.contains("trusted_projects"),
+            "{e}"
+        );
+        let e = spec(&d.path().join("none.lock")).unwrap_err().to_string();
+        assert!(e.contains("it does not exist"), "{e}");
     }
 }

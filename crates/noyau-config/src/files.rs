@@ -1,0 +1,182 @@
+//! Reading a config file as someone who shares the machine could have left
+//! it: opened once (never blocking: a FIFO is refused, not waited on),
+//! checked on what was opened (noyau-trust's [`Expect`]), and read only up
+//! to [`MAX_SIZE`].
+//!
+//! The site's and the user's files must be regular files that the user or
+//! root owns and that no one else can write; a symlink there is followed
+//! (an admin's or a dotfile manager's link, in directories only they
+//! write). A project's `noyau.toml` lies in a directory that may be shared
+//! (a team's project, a scratch space): its profiles say what a job runs,
+//! so one that another user could have written is refused, naming the two
+//! ways out: fix the file, or trust its directory in the user's own
+//! config (`trusted_projects`), as git's `safe.directory` does for a
+//! repository. In a trusted directory the file may be anyone's (and a
+//! symlink there is followed), but it is still a regular file of bounded
+//! size.
+//!
+//! The directory itself is not checked: the file is opened once and its
+//! owner and mode checked on the open descriptor, and another user who can
+//! write the directory (a world-writable one without the sticky bit) can
+//! remove or rename the user's file but cannot put there a file the user
+//! owns; what they could put is theirs, and refused.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use noyau_trust::{Expect, Mode, Owner, Problem, TrustError};
+
+use crate::ConfigError;
+
+/// The most a config file may hold: far more than any real one.
+pub const MAX_SIZE: u64 = 1 << 20;
+
+/// The most a lock file a project names may hold (a pinned environment
+/// with every wheel's hash can pass 1 MiB).
+pub const MAX_LOCK_SIZE: u64 = 64 << 20;
+
+/// Who may have written a file noyau reads for its settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// The system's or the user's file, at a path the admin or the user set.
+    Site,
+    /// A project's `noyau.toml`, in a directory that may be shared.
+    Project { trusted: bool },
+}
+
+impl Origin {
+    fn expect(self) -> Expect {
+        let ours = Expect::file()
+            .owner(Owner::MeOr(0, "root"))
+            .mode(Mode::NoOthersWrite);
+        match self {
+            Origin::Site => ours.follow_links(),
+            Origin::Project { trusted: false } => ours,
+            Origin::Project { trusted: true } => Expect::file()
+                .owner(Owner::Any)
+                .mode(Mode::Any)
+                .follow_links(),
+        }
+    }
+}
+
+/// The text of the config file at `path` (at most `limit` bytes), None
+/// when there is none. `user_file` is named in a project file's refusal
+/// (where `trusted_projects` goes).
+pub(crate) fn read(
+    path: &Path,
+    origin: Origin,
+    limit: u64,
+    user_file: Option<&Path>,
+) -> Result<Option<String>, ConfigError> {
+    let file = match origin.expect().open(path) {
+        Ok(f) => f,
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(TrustError::Refused { path, problem }) => {
+            return Err(match origin {
+                Origin::Site => ConfigError::Untrusted(TrustError::Refused { path, problem }),
+                Origin::Project { .. } => ConfigError::UntrustedProject {
+                    fix: project_fix(&path, &problem, user_file),
+                    path,
+                    problem,
+                },
+            })
+        }
+        Err(TrustError::Io { path, source, .. }) => return Err(ConfigError::Read { path, source }),
+    };
+    let read_err = |source| ConfigError::Read {
+        path: path.into(),
+        source,
+    };
+    let size = file.metadata().map_err(read_err)?.len();
+    let mut text = String::new();
+    // (`take`: the file may grow after it was examined.)
+    file.take(limit + 1)
+        .read_to_string(&mut text)
+        .map_err(read_err)?;
+    if size > limit || text.len() as u64 > limit {
+        return Err(ConfigError::TooBig {
+            path: path.into(),
+            size: size.max(text.len() as u64),
+            limit,
+        });
+    }
+    Ok(Some(text))
+}
+
+/// What to do about a project file refused for `problem`: fix it, or trust
+/// its directory (not when it is not a file at all: no setting makes a
+/// FIFO a config file).
+fn project_fix(path: &Path, problem: &Problem, user_file: Option<&Path>) -> String {
+    let p = path.display();
+    let fix = match problem {
+        Problem::WrongKind { .. } => {
+            return format!("another user may have put it there: remove it (`rm {p}`)")
+        }
+        Problem::Symlink => format!(
+            "replace the link with a copy of the file it leads to (`cp --remove-destination \
+             \"$(readlink -f {p})\" {p}`)"
+        ),
+        Problem::OthersWrite { .. } => {
+            format!("if it is yours, make it writable by you only (`chmod go-w {p}`)")
+        }
+        _ => "another user may have written it: read it, and copy what you want of it into a \
+              file of yours in a directory of yours (or ask its owner to remove it)"
+            .to_string(),
+    };
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.into());
+    let user = user_file.map_or_else(
+        || "your own config file (~/.config/noyau/config.toml)".into(),
+        |u| u.display().to_string(),
+    );
+    format!(
+        "noyau reads a project's files (its noyau.toml and the lock_file it names) only if each \
+         is a regular file that you or root own and only its owner can write. Either {fix}; \
+         or, if you trust everyone who can write in {d}, add `trusted_projects = [\"{d}\"]` \
+         to {user}",
+        d = dir.display()
+    )
+}
+
+/// The directories whose project file is read whoever wrote it:
+/// `trusted_projects` of the site's and the user's files. Each entry is an
+/// absolute directory, or one ending in `/*` for every directory under it
+/// (as git's `safe.directory`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProjects(Vec<PathBuf>);
+
+impl TrustedProjects {
+    /// Adds a file's list; a relative entry is refused (against which
+    /// directory would it be?).
+    pub(crate) fn extend(&mut self, entries: Vec<String>) -> Result<(), String> {
+        for e in entries {
+            if !Path::new(&e).is_absolute() {
+                return Err(format!(
+                    "trusted_projects: {e:?} is not an absolute path; write the directory in \
+                     full, e.g. \"/scratch/team/project\""
+                ));
+            }
+            self.0.push(e.into());
+        }
+        Ok(())
+    }
+
+    /// Whether the project file in `dir` is trusted. Both sides are
+    /// compared as the filesystem resolves them (the working directory is
+    /// already resolved; a notebook's path or an entry may go through a
+    /// link).
+    pub fn trusts(&self, dir: &Path) -> bool {
+        let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.into());
+        let dir = real(dir);
+        self.0
+            .iter()
+            .any(|t| match t.to_str().and_then(|s| s.strip_suffix("/*")) {
+                Some(under) => dir.starts_with(real(Path::new(under))),
+                None => dir == real(t),
+            })
+    }
+}

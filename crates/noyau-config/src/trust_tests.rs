@@ -1,0 +1,271 @@
+//! The config files as another user sharing the machine would leave them:
+//! real files, FIFOs, links and owners. Giving a file away (to `nobody`)
+//! needs root, as scripts/test runs.
+
+use std::ffi::OsString;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::{user_path, Config, ConfigError, MAX_SIZE};
+
+const NOBODY: u32 = 65534;
+
+/// Writes `text` to `path` as a file only its owner writes (0644,
+/// whatever the umask).
+pub(crate) fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    chmod(path, 0o644);
+}
+
+fn chmod(p: &Path, mode: u32) {
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A user's config file in `d` trusting `dirs`, and a project file's path.
+fn setup(d: &Path, dirs: &[String]) -> (PathBuf, PathBuf) {
+    let user = d.join("config.toml");
+    write(&user, &format!("trusted_projects = {dirs:?}\n"));
+    let project = d.join("proj");
+    std::fs::create_dir_all(&project).unwrap();
+    (user, project.join("noyau.toml"))
+}
+
+/// Config::load_with in a thread: a FIFO opened blocking would hang it,
+/// and the test fails after 20 s instead of hanging too.
+fn load(user: &Path, project: &Path) -> Result<Config, String> {
+    let (user, project) = (user.to_path_buf(), project.to_path_buf());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = Config::load_with(&[user], &project).map_err(|e| e.to_string());
+        let _ = tx.send(r);
+    });
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("loading the config files hung")
+}
+
+/// True when running as root; under CI, not being root fails the test.
+fn root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "this test needs root under CI"
+    );
+    false
+}
+
+const PROFILE: &str = "[profiles.p]\ncpus_per_task = 2\n";
+
+/// The refusal names the file, what was wrong, and both ways out.
+fn assert_refused(e: &str, project: &Path, what: &str) {
+    let dir = std::fs::canonicalize(project.parent().unwrap()).unwrap();
+    assert!(
+        e.starts_with(&format!("{} {what}", project.display())),
+        "{e}"
+    );
+    assert!(
+        e.contains(&format!("trusted_projects = [\"{}\"]", dir.display())),
+        "{e}"
+    );
+    assert!(e.contains("config.toml"), "{e}");
+}
+
+#[test]
+fn a_fifo_project_file_is_refused_at_once_even_in_a_trusted_directory() {
+    let d = tempfile::tempdir().unwrap();
+    let (user, project) = setup(d.path(), &[]);
+    nix::unistd::mkfifo(&project, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    let e = load(&user, &project).unwrap_err();
+    assert!(
+        e.contains("is a FIFO, not a regular file")
+            && e.contains(&format!("rm {}", project.display())),
+        "{e}"
+    );
+    // No setting makes a FIFO a config file.
+    assert!(!e.contains("trusted_projects"), "{e}");
+    let (user, _) = setup(d.path(), &[project.parent().unwrap().display().to_string()]);
+    let e = load(&user, &project).unwrap_err();
+    assert!(e.contains("is a FIFO, not a regular file"), "{e}");
+    // Nor a directory.
+    std::fs::remove_file(&project).unwrap();
+    std::fs::create_dir(&project).unwrap();
+    let e = load(&user, &project).unwrap_err();
+    assert!(e.contains("is a directory, not a regular file"), "{e}");
+}
+
+#[test]
+fn a_group_writable_project_file_is_refused_unless_its_directory_is_trusted() {
+    let d = tempfile::tempdir().unwrap();
+    let (user, project) = setup(d.path(), &[]);
+    write(&project, PROFILE);
+    chmod(&project, 0o664);
+    let e = load(&user, &project).unwrap_err();
+    assert_refused(
+        &e,
+        &project,
+        "is writable by its group or others (mode 0664)",
+    );
+    assert!(
+        e.contains(&format!("chmod go-w {}", project.display())),
+        "{e}"
+    );
+    let dir = project.parent().unwrap();
+    let (user, _) = setup(d.path(), &[dir.display().to_string()]);
+    let c = load(&user, &project).unwrap();
+    assert_eq!(c.names(), ["p"]);
+    // Every directory under an entry ending in /*, not its neighbours.
+    let (user, _) = setup(d.path(), &[format!("{}/*", d.path().display())]);
+    assert!(load(&user, &project).is_ok());
+    let (user, _) = setup(d.path(), &[format!("{}/*", dir.join("sub").display())]);
+    assert!(load(&user, &project).is_err());
+}
+
+#[test]
+fn a_symlinked_project_file_is_refused_unless_its_directory_is_trusted() {
+    let d = tempfile::tempdir().unwrap();
+    let (user, project) = setup(d.path(), &[]);
+    let real = d.path().join("elsewhere.toml");
+    write(&real, PROFILE);
+    std::os::unix::fs::symlink(&real, &project).unwrap();
+    let e = load(&user, &project).unwrap_err();
+    assert_refused(&e, &project, "is a symlink");
+    assert!(e.contains("replace the link with a copy"), "{e}");
+    let (user, _) = setup(d.path(), &[project.parent().unwrap().display().to_string()]);
+    assert_eq!(load(&user, &project).unwrap().names(), ["p"]);
+}
+
+#[test]
+fn another_users_project_file_is_refused_naming_its_owner() {
+    if !root() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (user, project) = setup(d.path(), &[]);
+    write(&project, PROFILE);
+    std::os::unix::fs::chown(&project, Some(NOBODY), None).unwrap();
+    let e = load(&user, &project).unwrap_err();
+    assert_refused(
+        &e,
+        &project,
+        &format!(
+            "belongs to uid {NOBODY}, not to you (uid {0}) or root (uid 0)",
+            noyau_trust::me()
+        ),
+    );
+    assert!(e.contains("another user may have written it"), "{e}");
+    // The project's own trusted_projects does not count.
+    write(
+        &project,
+        &format!(
+            "trusted_projects = [\"{}\"]\n{PROFILE}",
+            project.parent().unwrap().display()
+        ),
+    );
+    std::os::unix::fs::chown(&project, Some(NOBODY), None).unwrap();
+    assert!(load(&user, &project).is_err());
+    let (user, _) = setup(d.path(), &[project.parent().unwrap().display().to_string()]);
+    let c = load(&user, &project).unwrap();
+    assert_eq!(c.names(), ["p"]);
+    assert_eq!(
+        c.trusted_projects,
+        Config::load_from(&[user]).unwrap().trusted_projects,
+        "the user's list, not the project's"
+    );
+}
+
+#[test]
+fn the_site_files_must_be_ours_or_roots_and_not_open_to_others() {
+    let d = tempfile::tempdir().unwrap();
+    let site = d.path().join("config.toml");
+    write(&site, "scheduler = \"slurm\"\n");
+    assert_eq!(
+        Config::load_from(std::slice::from_ref(&site))
+            .unwrap()
+            .scheduler
+            .as_deref(),
+        Some("slurm")
+    );
+    chmod(&site, 0o666);
+    let e = Config::load_from(std::slice::from_ref(&site))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("is writable by its group or others (mode 0666)") && e.contains("chmod go-w"),
+        "{e}"
+    );
+    // A link an admin or a dotfile manager made is followed.
+    chmod(&site, 0o644);
+    let link = d.path().join("link.toml");
+    std::os::unix::fs::symlink(&site, &link).unwrap();
+    assert!(Config::load_from(&[link]).unwrap().scheduler.is_some());
+    // A missing file is no file.
+    assert!(Config::load_from(&[d.path().join("none.toml")]).is_ok());
+}
+
+#[test]
+fn a_config_file_over_the_size_limit_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let (user, project) = setup(d.path(), &[]);
+    write(&project, &format!("# {}\n", "x".repeat(MAX_SIZE as usize)));
+    let e = load(&user, &project).unwrap_err();
+    assert!(
+        e.contains(&format!("{} is {} bytes", project.display(), MAX_SIZE + 3))
+            && e.contains(&format!(
+                "more than noyau reads from such a file ({MAX_SIZE} bytes)"
+            )),
+        "{e}"
+    );
+}
+
+#[test]
+fn trusted_projects_entries_must_be_absolute() {
+    let d = tempfile::tempdir().unwrap();
+    let (user, _) = setup(d.path(), &["proj".into()]);
+    let e = Config::load_from(&[user]).unwrap_err().to_string();
+    assert!(
+        e.contains("trusted_projects: \"proj\" is not an absolute path"),
+        "{e}"
+    );
+    let e = Config::default()
+        .add_str(Path::new("f.toml"), "trusted_project = []\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("did you mean `trusted_projects`"), "{e}");
+}
+
+#[test]
+fn a_relative_xdg_config_home_is_ignored() {
+    let with = |xdg: &'static str| {
+        move |n: &str| match n {
+            "HOME" => Some(OsString::from("/home/u")),
+            "XDG_CONFIG_HOME" => Some(OsString::from(xdg)),
+            _ => None,
+        }
+    };
+    for ignored in ["conf", "", "./x"] {
+        assert_eq!(
+            user_path(&with(ignored)),
+            Some(PathBuf::from("/home/u/.config/noyau/config.toml")),
+            "XDG_CONFIG_HOME={ignored:?}"
+        );
+    }
+    assert_eq!(
+        user_path(&with("/etc/xdg-u")),
+        Some(PathBuf::from("/etc/xdg-u/noyau/config.toml"))
+    );
+}
+
+#[test]
+fn errors_are_typed() {
+    let d = tempfile::tempdir().unwrap();
+    let (user, project) = setup(d.path(), &[]);
+    write(&project, PROFILE);
+    chmod(&project, 0o666);
+    let e = Config::load_with(&[user], &project).unwrap_err();
+    assert!(
+        matches!(e, ConfigError::UntrustedProject { ref path, .. } if path == &project),
+        "{e}"
+    );
+}
