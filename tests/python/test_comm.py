@@ -496,6 +496,9 @@ def test_two_slurm_extends_of_one_job_at_once_both_count(slurm: None) -> None:
         # one went from 10 to 15, the other from 15 to 20
         assert sum("from 10 to 15" in o for o, _ in outs) == 1, outs
         assert sum("from 15 to 20" in o for o, _ in outs) == 1, outs
+        # the per-job lock file goes with the extends (one per job ever extended piled up)
+        lock = Path(os.environ["XDG_STATE_HOME"]) / "noyau" / "locks" / f"slurm-extend-{job}.lock"
+        assert not lock.exists(), lock
     finally:
         subprocess.run(["scancel", job], check=True, timeout=30)
         lib.wait_until(lambda: not lib.squeue_noyau(), 60, "the job to leave the queue", interval=0.5)

@@ -13,6 +13,7 @@
 
 use noyau_trust::{Expect, Mode, TrustError};
 use noyau_vars::EnvVars;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 /// A runtime directory that cannot be made, or is not private.
@@ -31,14 +32,21 @@ pub struct RuntimeDir {
 /// `$TMPDIR/noyau-<uid>` or, when someone else took that name, a private
 /// fallback beside it ([`tmp_base`]).
 pub fn base_dir() -> Result<PathBuf, RuntimeDirError> {
-    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
-    let chosen = var(EnvVars::NOYAU_RUNTIME_DIR)
-        .map(PathBuf::from)
-        .or_else(|| var(EnvVars::XDG_RUNTIME_DIR).map(|d| PathBuf::from(d).join("noyau")));
+    let chosen = chosen(
+        std::env::var_os(EnvVars::NOYAU_RUNTIME_DIR),
+        std::env::var_os(EnvVars::XDG_RUNTIME_DIR),
+    );
     match chosen {
         Some(dir) => ensure_private_dir(&dir).map(|()| dir),
         None => tmp_base(&std::env::temp_dir(), nix::unistd::getuid().as_raw()),
     }
+}
+
+/// The base directory these variables' values name, if any: a relative
+/// XDG_RUNTIME_DIR is ignored, as the XDG spec says.
+fn chosen(noyau: Option<OsString>, xdg: Option<OsString>) -> Option<PathBuf> {
+    let noyau = noyau.filter(|v| !v.is_empty()).map(PathBuf::from);
+    noyau.or_else(|| noyau_vars::absolute(xdg).map(|d| d.join("noyau")))
 }
 
 /// `TMP/noyau-<uid>` if it is (or can be made) ours and private, else the
@@ -119,6 +127,19 @@ fn rand_u32() -> u32 {
 mod tests {
     use super::*;
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+
+    #[test]
+    fn a_relative_xdg_runtime_dir_is_ignored() {
+        let some = |v: &str| Some(OsString::from(v));
+        assert_eq!(chosen(None, some("run")), None);
+        assert_eq!(chosen(None, some("")), None);
+        assert_eq!(
+            chosen(None, some("/run/user/1")),
+            Some("/run/user/1/noyau".into())
+        );
+        assert_eq!(chosen(some("/x"), some("/run/user/1")), Some("/x".into()));
+        assert_eq!(chosen(some(""), some("rel")), None);
+    }
 
     #[test]
     fn creates_0700_and_refuses_open_dirs() {

@@ -27,6 +27,7 @@ const KEYS: &[&str] = &[
     "login_failures",
     "login_delay",
     "pam_in_flight",
+    "concurrent_submissions",
     "admins",
     "poll_interval",
     "cookie_secure",
@@ -94,6 +95,13 @@ pub struct HubConfig {
     /// PAM conversations at once; more wait a few seconds, then get a 503.
     #[serde(default = "default_pam_in_flight")]
     pub pam_in_flight: usize,
+    /// Scheduler commands that submit or cancel jobs the hub runs at once,
+    /// for all of its users together (1 to 64).
+    #[serde(
+        default = "default_concurrent_submissions",
+        deserialize_with = "submissions"
+    )]
+    pub concurrent_submissions: usize,
     #[serde(default)]
     pub admins: Vec<String>,
     /// Seconds between the scheduler's listing calls (one for all users).
@@ -226,6 +234,22 @@ fn default_login_delay() -> f64 {
 }
 fn default_pam_in_flight() -> usize {
     8
+}
+fn default_concurrent_submissions() -> usize {
+    noyau_sched::DEFAULT_SLOTS
+}
+/// `concurrent_submissions`, refused at start unless 1 to 64.
+fn submissions<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let n = i64::deserialize(d)?;
+    noyau_sched::check_slots(n).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "concurrent_submissions = {n}: it is how many scheduler commands that submit or \
+             cancel jobs the hub runs at once, for all of its users together; give a whole \
+             number from 1 to {} (default {})",
+            noyau_sched::MAX_SLOTS,
+            noyau_sched::DEFAULT_SLOTS
+        ))
+    })
 }
 fn default_poll() -> f64 {
     5.0
@@ -521,6 +545,30 @@ mod tests {
         )
         .unwrap();
         assert!(!format!("{c:?}").contains("abcdefghijklmnopqrs"));
+    }
+
+    #[test]
+    fn concurrent_submissions_is_1_to_64_default_4() {
+        assert_eq!(parse("", "").unwrap().concurrent_submissions, 4);
+        let n = parse("concurrent_submissions = 16", "").unwrap();
+        assert_eq!(n.concurrent_submissions, 16);
+        assert_eq!(
+            parse("concurrent_submissions = 64", "")
+                .unwrap()
+                .concurrent_submissions,
+            64
+        );
+        for bad in ["0", "65", "-1"] {
+            let e = parse(&format!("concurrent_submissions = {bad}"), "").unwrap_err();
+            let e = format!("{e:#}");
+            assert!(
+                e.contains(&format!("concurrent_submissions = {bad}: "))
+                    && e.contains("give a whole number from 1 to 64 (default 4)"),
+                "{e}"
+            );
+        }
+        let e = parse("concurrent_submissions = \"8\"", "").unwrap_err();
+        assert!(format!("{e:#}").contains("concurrent_submissions"), "{e:#}");
     }
 
     #[test]

@@ -234,6 +234,8 @@ pub async fn run(config: PathBuf) -> anyhow::Result<()> {
     let throttle =
         throttle::Throttle::new(cfg.login_failures, Duration::from_secs_f64(cfg.login_delay));
     let pam_slots = tokio::sync::Semaphore::new(cfg.pam_in_flight);
+    // (before any submission: the pool is sized at the first)
+    noyau_sched::set_concurrent_submissions(cfg.concurrent_submissions)?;
     let sched = jobs::scheduler(&cfg)?;
     let hub = Arc::new(Hub {
         sched,

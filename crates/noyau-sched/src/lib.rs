@@ -70,8 +70,7 @@ pub use state::{
     JobEnd, JobState,
 };
 pub use tasks::fan_out;
-pub use throttle::{check_slots, set_concurrent_submissions};
-use throttle::{DEFAULT_SLOTS, MAX_SLOTS};
+pub use throttle::{check_slots, set_concurrent_submissions, DEFAULT_SLOTS, MAX_SLOTS};
 
 use batch::{Batch, Commands};
 

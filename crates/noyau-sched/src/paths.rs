@@ -21,18 +21,13 @@ pub fn state_dir() -> PathBuf {
     )
 }
 
-/// [`state_dir`] from these variables' values. A HOME that is empty or
-/// relative is no home: it would put the state under the working
-/// directory (`.local/state/noyau`), wherever that is.
+/// [`state_dir`] from these variables' values. An XDG_STATE_HOME or a
+/// HOME that is empty or relative is ignored: it would put the state
+/// under the working directory, wherever that is (the XDG spec says so of
+/// its variables).
 fn state_dir_from(xdg_state: Option<OsString>, home: Option<OsString>) -> PathBuf {
-    xdg_state
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| {
-            home.map(PathBuf::from)
-                .filter(|h| h.is_absolute())
-                .map(|h| h.join(".local/state"))
-        })
+    noyau_vars::absolute(xdg_state)
+        .or_else(|| noyau_vars::absolute(home).map(|h| h.join(".local/state")))
         .map(|d| d.join("noyau"))
         .unwrap_or_else(tmp_state_dir)
 }
@@ -57,14 +52,16 @@ pub(crate) fn listings_dir() -> PathBuf {
 /// user's only, else `STATE/NAME`: what a user's processes on this host
 /// share (listings, submission slots).
 pub(crate) fn host_dir(name: &str) -> PathBuf {
-    let runtime = std::env::var_os(EnvVars::XDG_RUNTIME_DIR)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .filter(|d| Expect::dir().check(d).is_ok());
-    match runtime {
+    match runtime_dir_from(std::env::var_os(EnvVars::XDG_RUNTIME_DIR)) {
         Some(d) => d.join("noyau").join(name),
         None => state_dir().join(name),
     }
+}
+
+/// The runtime directory XDG_RUNTIME_DIR's value names, if it is absolute
+/// (a relative one is ignored, as the XDG spec says) and this user's only.
+fn runtime_dir_from(xdg_runtime: Option<OsString>) -> Option<PathBuf> {
+    noyau_vars::absolute(xdg_runtime).filter(|d| Expect::dir().check(d).is_ok())
 }
 
 /// Where job logs go by default: `STATE/jobs`.
@@ -107,12 +104,26 @@ pub(crate) fn lock_file() -> std::fs::OpenOptions {
     o
 }
 
+/// Whether `path` still names the open file `f` (same device and inode):
+/// a lock taken on a file removed since it was opened (by its holder, or
+/// as a killed waiter's) keeps no one else out.
+pub(crate) fn still_at(path: &Path, f: &std::fs::File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::symlink_metadata(path), f.metadata()) {
+        (Ok(p), Ok(f)) => p.dev() == f.dev() && p.ino() == f.ino(),
+        _ => false,
+    }
+}
+
 /// Calls `attempt` until it holds what it tries for (`Ok`), each call in a
 /// blocking thread (a lock on a network filesystem may hang), sleeping
 /// between calls from 5 ms doubling to `max_pause`. No thread is held
 /// while it waits, so a caller dropped (a process ending) gives the wait
 /// up. A call that fails gives back its state (the open lock files) for
 /// the next. None: `deadline` passed, or the blocking thread failed.
+/// The backoff favours a newcomer over a caller that has waited long (it
+/// tries more often): the submission slots, waited for without a
+/// deadline, order their waiters themselves (`throttle::queue`).
 pub(crate) async fn poll_lock<S: Send + 'static, T: Send + 'static>(
     mut state: S,
     attempt: fn(S) -> Result<T, S>,
@@ -198,6 +209,35 @@ mod tests {
             state_dir_from(Some("/s".into()), Some("".into())),
             Path::new("/s/noyau")
         );
+    }
+
+    #[test]
+    fn a_relative_xdg_state_home_is_ignored() {
+        let home = Some("/home/u".into());
+        let want = Path::new("/home/u/.local/state/noyau");
+        for rel in ["state", "./state", "../s", "~/s"] {
+            assert_eq!(state_dir_from(Some(rel.into()), home.clone()), want);
+        }
+        assert_eq!(state_dir_from(Some("rel".into()), None), tmp_state_dir());
+    }
+
+    /// A private directory of ours named by a relative path (from the
+    /// working directory) is not the runtime directory; by its absolute
+    /// path it is.
+    #[test]
+    fn a_relative_xdg_runtime_dir_is_ignored() {
+        let t = tempfile::tempdir().unwrap();
+        let private = std::os::unix::fs::PermissionsExt::from_mode(0o700);
+        std::fs::set_permissions(t.path(), private).unwrap();
+        let up = std::env::current_dir().unwrap().components().count() - 1;
+        let rel = "../".repeat(up) + t.path().to_str().unwrap().trim_start_matches('/');
+        assert!(Path::new(&rel).is_dir() && Path::new(&rel).is_relative());
+        assert_eq!(runtime_dir_from(Some(rel.into())), None);
+        assert_eq!(
+            runtime_dir_from(Some(t.path().into())).as_deref(),
+            Some(t.path())
+        );
+        assert_eq!(runtime_dir_from(Some("".into())), None);
     }
 
     #[test]

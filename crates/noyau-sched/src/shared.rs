@@ -129,17 +129,29 @@ fn ours_alone() -> noyau_trust::Expect {
 /// runtime, and so the process, alive until the holder let go.
 pub(crate) async fn take_lock(lock: PathBuf, patience: Duration) -> Option<Flock<File>> {
     let deadline = tokio::time::Instant::now() + patience;
-    let f = tokio::task::spawn_blocking(move || open_lock(&lock))
+    let opened = tokio::task::spawn_blocking(move || open_lock(&lock).map(|f| (lock, f)))
         .await
         .ok()??;
-    let attempt = |f| match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
-        Ok(held) => Ok(Some(held)),
-        Err((back, nix::errno::Errno::EWOULDBLOCK)) => Err(back),
-        Err(_) => Ok(None),
-    };
-    crate::paths::poll_lock(f, attempt, Duration::from_millis(50), Some(deadline))
+    crate::paths::poll_lock(opened, try_lock, Duration::from_millis(50), Some(deadline))
         .await
         .flatten()
+}
+
+/// One try of [`take_lock`]: the lock, if the path still names the file
+/// locked; else the file to try next. A holder may remove the file before
+/// it lets go (a Slurm extend's, so that they do not pile up): a waiter
+/// that opened it before then would hold a lock on a file no longer there
+/// while a newcomer makes and locks a new one, so it opens the path again.
+fn try_lock((lock, f): (PathBuf, File)) -> Result<Option<Flock<File>>, (PathBuf, File)> {
+    match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+        Ok(held) if crate::paths::still_at(&lock, &held) => Ok(Some(held)),
+        Ok(_gone) => match open_lock(&lock) {
+            Some(f) => Err((lock, f)),
+            None => Ok(None),
+        },
+        Err((back, nix::errno::Errno::EWOULDBLOCK)) => Err((lock, back)),
+        Err(_) => Ok(None),
+    }
 }
 
 /// The lock file, checked (see [`take_lock`]); None, with a warning when

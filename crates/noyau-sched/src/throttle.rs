@@ -9,11 +9,14 @@
 //! The slots are N lock files, `HOST-slot-I.lock` in the user's private
 //! directory for what is shared on this host (`$XDG_RUNTIME_DIR/noyau/
 //! submit`, else `STATE/submit`): a call holds an exclusive `flock` on one
-//! while its command runs. Waiting never blocks a tokio worker: each round
-//! tries every slot without blocking, then sleeps with a backoff (at most
-//! [`MAX_PAUSE`]); a blocking `flock` in `spawn_blocking` would hold a
-//! thread per waiter and could not be given up when the caller is. The
-//! lock dies with its process, so a killed submitter frees its slot.
+//! while its command runs. Waiters are served in the order they came
+//! (see [`queue`]): the first in line tries every slot without blocking
+//! each round, the others only whether the one ahead still waits. Waiting
+//! never blocks a tokio worker: between rounds the task sleeps with a
+//! backoff (at most [`MAX_PAUSE`]); a blocking `flock` in `spawn_blocking`
+//! would hold a thread per waiter and could not be given up when the
+//! caller is. The lock dies with its process, so a killed submitter frees
+//! its slot.
 //!
 //! Slot files go through noyau-trust: created 0600, never through a link,
 //! and one that is not a regular file of this user's is refused: another
@@ -41,18 +44,24 @@ use nix::fcntl::{Flock, FlockArg};
 
 use crate::SchedError;
 
+mod queue;
+
 /// The default number of slots: enough to keep a scheduler busy, few
 /// enough for a login node shared by many users.
 pub const DEFAULT_SLOTS: usize = 4;
 /// The most slots a site may set: beyond, the throttle limits nothing.
 pub const MAX_SLOTS: usize = 64;
-/// The longest pause between two rounds of tries.
-const MAX_PAUSE: Duration = Duration::from_millis(100);
+/// The longest pause between two rounds of tries: a slot given back waits
+/// for the next in line to look (or the one behind a waiter served to see
+/// it gone), so short; a round is one `flock` try for most waiters.
+const MAX_PAUSE: Duration = Duration::from_millis(25);
 
 static SLOTS: AtomicUsize = AtomicUsize::new(DEFAULT_SLOTS);
 
 /// Sets this process's number of slots (`concurrent_submissions` in the
-/// config); every process of the user should say the same.
+/// config, or in hub.toml for the hub's pool); every process of the user
+/// should say the same. Set before the first throttled call: the pool of
+/// calls made as other users is sized then.
 pub fn set_concurrent_submissions(n: usize) -> Result<(), SchedError> {
     let n = check_slots(i64::try_from(n).unwrap_or(i64::MAX))?;
     SLOTS.store(n, Ordering::Relaxed);
@@ -167,6 +176,8 @@ pub(crate) struct Slots {
     dir: PathBuf,
     host: String,
     n: usize,
+    /// How long a first in line may stay first (see [`queue`]).
+    stuck: Duration,
 }
 
 impl Slots {
@@ -184,7 +195,19 @@ impl Slots {
     }
 
     pub(crate) fn new(dir: PathBuf, host: String, n: usize) -> Slots {
-        Slots { dir, host, n }
+        let stuck = queue::STUCK;
+        Slots {
+            dir,
+            host,
+            n,
+            stuck,
+        }
+    }
+
+    /// These slots, with a first in line taken for stuck after `stuck`.
+    #[cfg(test)]
+    fn stuck_after(self, stuck: Duration) -> Slots {
+        Slots { stuck, ..self }
     }
 
     fn path(&self, i: usize) -> PathBuf {
@@ -205,17 +228,24 @@ impl Slots {
         }
     }
 
-    /// Waits for a free slot and holds it.
+    /// Waits for a free slot, in turn, and holds it.
     pub(crate) async fn take(&self) -> Result<Slot, SchedError> {
         let me = self.clone();
-        let files = spawn_blocking(move || me.open_all()).await?;
-        crate::paths::poll_lock(files, try_each, MAX_PAUSE, None)
+        let waiting = spawn_blocking(move || me.queue().map(Box::new)).await?;
+        crate::paths::poll_lock(waiting, in_turn, MAX_PAUSE, None)
             .await
             .ok_or_else(|| {
                 SchedError::Invalid(
                     "a submission slot could not be taken: its thread failed".into(),
                 )
             })
+    }
+
+    /// Opens the slot files and takes a place in the queue (blocking).
+    fn queue(&self) -> Result<Waiting, SchedError> {
+        let files = self.open_all()?;
+        let place = queue::Place::take(&self.dir, &self.host, self.stuck)?;
+        Ok(Waiting { files, place })
     }
 
     /// Opens (making them where missing) the slot files, each checked.
@@ -229,6 +259,29 @@ impl Slots {
 fn open_slot(path: &Path) -> Result<File, SchedError> {
     let f = noyau_trust::Expect::file().open_with(path, &mut crate::paths::lock_file())?;
     Ok(f)
+}
+
+/// What a waiter keeps between rounds: the slot files and its place.
+#[derive(Debug)]
+struct Waiting {
+    files: Vec<File>,
+    place: queue::Place,
+}
+
+/// One round: when no waiter that came before still waits (or the first
+/// is stuck), a try of every slot ([`try_each`]); the place is given up
+/// with a slot held.
+fn in_turn(mut w: Box<Waiting>) -> Result<Slot, Box<Waiting>> {
+    if !w.place.may_try() {
+        return Err(w);
+    }
+    match try_each(std::mem::take(&mut w.files)) {
+        Ok(slot) => Ok(slot),
+        Err(files) => {
+            w.files = files;
+            Err(w)
+        }
+    }
 }
 
 /// One round: the first slot whose lock is free, held; else the files

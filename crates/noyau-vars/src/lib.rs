@@ -166,10 +166,31 @@ pub fn parse_seconds(v: &str) -> Option<std::time::Duration> {
     std::time::Duration::try_from_secs_f64(s).ok()
 }
 
+/// The value of an XDG base directory variable (`XDG_STATE_HOME`,
+/// `XDG_RUNTIME_DIR`) as a path, if it is an absolute one: the XDG Base Directory
+/// Specification says a relative path in its variables is invalid and
+/// must be ignored (it would put noyau's files under whatever directory
+/// the process was started in); an empty one is unset.
+pub fn absolute(value: Option<std::ffi::OsString>) -> Option<std::path::PathBuf> {
+    value
+        .map(std::path::PathBuf::from)
+        .filter(|p| p.is_absolute())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn only_an_absolute_path_is_a_directory() {
+        let abs = |v: &str| absolute(Some(v.into()));
+        assert_eq!(abs("/run/user/1000"), Some("/run/user/1000".into()));
+        for ignored in ["", "state", "./state", "../state", "~/state"] {
+            assert_eq!(abs(ignored), None, "{ignored}");
+        }
+        assert_eq!(absolute(None), None);
+    }
 
     #[test]
     fn seconds_are_non_negative_finite_numbers_a_duration_can_hold() {

@@ -16,9 +16,9 @@
 //! `TimeLimit=+N` wraps on an UNLIMITED job before Slurm 23.11.1. A job
 //! without a limit is refused (nothing to raise). Read-then-set is done
 //! under a per-job `flock` (`STATE/locks/slurm-extend-ID.lock`, see
-//! [`hold`]): two extends of one job at once (the comm's button and
-//! `noyau extend`, two clicks) would otherwise both read the same limit
-//! and one extension would be lost.
+//! [`hold`]; removed after the extend): two extends of one job at once
+//! (the comm's button and `noyau extend`, two clicks) would otherwise both
+//! read the same limit and one extension would be lost.
 //!
 //! (Slurm also lets a user raise the limit of their job while it waits,
 //! up to the partition's MaxTime: not offered, a kernel's job is
@@ -231,19 +231,39 @@ const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
 /// The per-job lock of this user's extends of job `id` (a checked id: it
 /// names a file); None, with a warning, where none can be had (the extend
 /// goes on: a lost extension only if two race then, as before the lock).
-async fn hold(id: &str) -> Option<nix::fcntl::Flock<std::fs::File>> {
+async fn hold(id: &str) -> Option<ExtendLock> {
     let path = crate::paths::state_dir()
         .join("locks")
         .join(format!("slurm-extend-{id}.lock"));
-    let shown = path.clone();
-    let held = crate::shared::take_lock(path, LOCK_PATIENCE).await;
-    if held.is_none() {
-        tracing::warn!(
-            "no lock {} for job {id}'s extend: going on without it",
-            shown.display()
-        );
+    hold_at(path).await
+}
+
+/// The lock of an extend: its file is removed when the extend is done,
+/// while still locked, so that one per job ever extended does not pile up
+/// in STATE/locks. That is safe because a waiter checks, once it holds a
+/// lock, that the path still names the file it locked, and otherwise
+/// locks the one there now (see `shared::take_lock`).
+#[derive(Debug)]
+struct ExtendLock {
+    path: std::path::PathBuf,
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl Drop for ExtendLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
-    held
+}
+
+/// [`hold`] of the lock file `path`.
+async fn hold_at(path: std::path::PathBuf) -> Option<ExtendLock> {
+    match crate::shared::take_lock(path.clone(), LOCK_PATIENCE).await {
+        Some(lock) => Some(ExtendLock { path, _lock: lock }),
+        None => {
+            tracing::warn!("no lock {}: the extend goes on without it", path.display());
+            None
+        }
+    }
 }
 
 /// What to tell the user when `scontrol update` refused.
@@ -376,6 +396,40 @@ mod tests {
         assert!(new_limit(MAX_LIMIT_MIN - 4, 300).is_err());
         assert!(new_limit(u64::MAX, 60).is_err());
         assert!(new_limit(0, u64::MAX).is_err());
+    }
+
+    /// The lock file goes with the extend; a second extend that waited
+    /// on it meanwhile (it had opened the file) then holds the file at
+    /// the path, so a third waits: without the check it would hold the
+    /// removed file while the third made and locked a new one.
+    #[tokio::test]
+    async fn the_lock_file_goes_with_the_extend_and_still_keeps_others_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("locks/slurm-extend-12.lock");
+        let first = hold_at(path.clone()).await.expect("the first lock");
+        assert!(path.exists());
+        let p = path.clone();
+        let second = tokio::spawn(async move { hold_at(p).await });
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(300), async {
+            while !second.is_finished() {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        });
+        assert!(waited.await.is_err(), "a lock held was given twice");
+        drop(first);
+        let second = tokio::time::timeout(std::time::Duration::from_secs(20), second)
+            .await
+            .expect("the second extend is not let in")
+            .unwrap()
+            .expect("the second lock");
+        assert!(
+            crate::paths::still_at(&path, &second._lock),
+            "the second holds a lock on a removed file"
+        );
+        let third = crate::shared::take_lock(path.clone(), std::time::Duration::from_millis(300));
+        assert!(third.await.is_none(), "two extends held the lock at once");
+        drop(second);
+        assert!(!path.exists(), "the lock file outlived the extend");
     }
 
     #[test]

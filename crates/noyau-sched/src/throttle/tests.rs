@@ -50,6 +50,98 @@ async fn the_n_plus_first_waits_until_one_is_released() {
     assert!(!all_taken(&slots));
 }
 
+/// The places in the queue of `slots`' directory.
+fn queued(slots: &Slots) -> usize {
+    let names = std::fs::read_dir(&slots.dir).unwrap().flatten();
+    let names = names.map(|e| e.file_name().to_string_lossy().into_owned());
+    names.filter(|n| n.starts_with("h-wait-")).count()
+}
+
+/// First come, first served: one slot, given back in turn while two
+/// newcomers come each time (the second as it is given back), goes each
+/// time to the waiter that came first. With every waiter trying every
+/// round (5 ms doubling to 100 ms between tries), a newcomer took it
+/// before a waiter of long standing looked again, nearly every time.
+#[tokio::test]
+async fn waiters_are_served_in_the_order_they_came() {
+    let dir = tempfile::tempdir().unwrap();
+    let slots = Slots::new(dir.path().join("submit"), "h".into(), 1);
+    let mut held = slots.take().await.unwrap();
+    let take = || {
+        let s = slots.clone();
+        tokio::spawn(async move { s.take().await })
+    };
+    let mut waiting = std::collections::VecDeque::from([take()]);
+    still_waits(&waiting[0], "a slot held was given").await;
+    let placed = |n: usize| {
+        let s = slots.clone();
+        move || queued(&s) == n
+    };
+    for round in 0..4 {
+        eventually("every waiter has its place", placed(waiting.len())).await;
+        waiting.push_back(take());
+        eventually("the newcomer has its place", placed(waiting.len())).await;
+        // one more, trying as the slot is given back
+        waiting.push_back(take());
+        drop(held);
+        eventually("a waiter takes the slot", || {
+            waiting.iter().any(|t| t.is_finished())
+        })
+        .await;
+        let served: Vec<usize> = (0..waiting.len())
+            .filter(|&i| waiting[i].is_finished())
+            .collect();
+        assert_eq!(served, [0], "round {round}: not the first come");
+        held = waiting.pop_front().unwrap().await.unwrap().unwrap();
+    }
+    drop(held);
+    for t in waiting {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(queued(&slots), 0, "a place outlived its waiter");
+}
+
+/// The place of a waiter that was killed (a file left, its lock free) is
+/// passed over and removed.
+#[tokio::test]
+async fn a_killed_waiters_place_is_passed_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let slots = Slots::new(dir.path().join("submit"), "h".into(), 1);
+    slots.open_all().unwrap();
+    let dead = slots.dir.join("h-wait-0-1.lock");
+    std::fs::write(&dead, "").unwrap();
+    std::fs::set_permissions(&dead, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    tokio::time::timeout(Duration::from_secs(20), slots.take())
+        .await
+        .expect("a killed waiter's place was waited for")
+        .unwrap();
+    assert!(!dead.exists(), "a killed waiter's place was left");
+}
+
+/// A first in line that never takes a slot (its process stopped with
+/// Ctrl-Z: its place stays locked) holds up those behind it only for its
+/// bound.
+#[tokio::test]
+async fn a_stuck_first_in_line_is_passed_after_its_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let bound = Duration::from_millis(500);
+    let slots = Slots::new(dir.path().join("submit"), "h".into(), 1).stuck_after(bound);
+    slots.open_all().unwrap();
+    let stopped = crate::paths::lock_file()
+        .open(slots.dir.join("h-wait-0-1.lock"))
+        .unwrap();
+    let _stopped = Flock::lock(stopped, FlockArg::LockExclusive).unwrap();
+    let start = Instant::now();
+    tokio::time::timeout(Duration::from_secs(20), slots.take())
+        .await
+        .expect("a stuck first in line stopped the others")
+        .unwrap();
+    assert!(
+        start.elapsed() >= bound,
+        "the first in line was passed at once"
+    );
+}
+
 /// Another process (util-linux's `flock`, a real process of its own)
 /// holding the only slot makes noyau wait until it exits.
 #[tokio::test]
