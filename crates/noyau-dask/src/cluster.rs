@@ -250,6 +250,11 @@ struct Counts {
     replaced: u32,
 }
 
+/// How long after its start a cluster looks for its scheduler's file
+/// every 10 ms whatever its job's state (see `Task::pause`): most jobs
+/// start at once where there is room.
+const EAGER: Duration = Duration::from_secs(30);
+
 /// The cluster's task and everything it keeps.
 struct Task {
     dir: ClusterDir,
@@ -315,6 +320,10 @@ impl Task {
         })
     }
 
+    /// Submits the scheduler's job, then the first workers' (at once). The
+    /// scheduler goes first so that it is ahead of them in the queue: on a
+    /// full cluster, workers that started before it would hold the cores
+    /// it waits for, waiting for its file.
     async fn submit_first(
         &mut self,
         scheduler: JobSpec,
@@ -323,6 +332,68 @@ impl Task {
         let job = self.backend.submit(scheduler).await?;
         self.add(Role::Scheduler, job, "scheduler".into());
         self.submit_workers(workers).await
+    }
+
+    /// Submits `n` more workers, at once.
+    async fn submit_workers(&mut self, n: u32) -> Result<(), noyau_sched::SchedError> {
+        let specs = self.worker_specs(n);
+        self.submit_all(specs).await
+    }
+
+    /// The next `n` workers' names and specs.
+    fn worker_specs(&mut self, n: u32) -> Vec<(String, JobSpec)> {
+        (0..n)
+            .map(|_| {
+                self.workers_made += 1;
+                let name = format!("w{}", self.workers_made);
+                let mut spec = self.worker_spec.clone();
+                spec.args.extend(["--name".into(), name.clone()]);
+                if let Some(l) = self.lifetime {
+                    spec.args
+                        .extend(["--lifetime".into(), l.as_secs().to_string()]);
+                }
+                (name, spec)
+            })
+            .collect()
+    }
+
+    /// Submits these workers concurrently (the submission throttle bounds
+    /// how many scheduler commands run at once: 4 by default), and follows
+    /// them in their order; where some fail, those submitted are still
+    /// followed (so that they are cancelled with the cluster) and the first
+    /// error is the answer.
+    async fn submit_all(
+        &mut self,
+        specs: Vec<(String, JobSpec)>,
+    ) -> Result<(), noyau_sched::SchedError> {
+        let mut set = tokio::task::JoinSet::new();
+        let mut named = Vec::with_capacity(specs.len());
+        for (i, (name, spec)) in specs.into_iter().enumerate() {
+            let backend = self.backend.clone();
+            set.spawn(async move { (i, backend.submit(spec).await) });
+            named.push(name);
+        }
+        let mut done: Vec<Option<Result<Job, noyau_sched::SchedError>>> =
+            (0..named.len()).map(|_| None).collect();
+        // (the set is never aborted: a task ends or panics)
+        while let Some(joined) = set.join_next().await {
+            let (i, r) = joined.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+            done[i] = Some(r);
+        }
+        let mut first_error = None;
+        for (name, r) in named.into_iter().zip(done) {
+            match r.expect("every submission joined") {
+                Ok(job) => {
+                    tracing::info!(job = %job.id, %name, "submitted a Dask worker job");
+                    self.counts.started += 1;
+                    self.add(Role::Worker, job, name);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Follows a new job: its state changes wake the task.
@@ -346,24 +417,6 @@ impl Task {
             replaced: false,
         });
         self.record_jobs();
-    }
-
-    async fn submit_workers(&mut self, n: u32) -> Result<(), noyau_sched::SchedError> {
-        for _ in 0..n {
-            self.workers_made += 1;
-            let name = format!("w{}", self.workers_made);
-            let mut spec = self.worker_spec.clone();
-            spec.args.extend(["--name".into(), name.clone()]);
-            if let Some(l) = self.lifetime {
-                spec.args
-                    .extend(["--lifetime".into(), l.as_secs().to_string()]);
-            }
-            let job = self.backend.submit(spec).await?;
-            tracing::info!(job = %job.id, %name, "submitted a Dask worker job");
-            self.counts.started += 1;
-            self.add(Role::Worker, job, name);
-        }
-        Ok(())
     }
 
     /// Keeps `DIR/jobs` equal to the jobs submitted (the scheduler job
@@ -399,8 +452,7 @@ impl Task {
 
     async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<Cmd>, view: watch::Sender<View>) {
         let mut beat = tokio::time::interval(crate::owner::HEARTBEAT);
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
-        let mut last_manage = Instant::now();
+        let mut next = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 cmd = cmds.recv() => match cmd {
@@ -421,19 +473,19 @@ impl Task {
                     // The owner dropped its handle: the cluster goes with it.
                     None => { self.end().await; return; }
                 },
-                Some(()) = self.changes.1.recv() => self.on_change(),
+                Some(()) = self.changes.1.recv() => {
+                    self.on_change();
+                    // (the scheduler's job may run now: look sooner)
+                    next = next.min(tokio::time::Instant::now() + self.pause());
+                }
                 _ = beat.tick() => self.heartbeat(),
-                _ = tick.tick() => {
+                _ = tokio::time::sleep_until(next) => {
                     if self.address.is_none() {
                         self.poll_scheduler().await;
-                    } else if last_manage.elapsed() >= Duration::from_secs(1) {
-                        last_manage = Instant::now();
-                        self.manage().await;
                     } else {
-                        // A tick with nothing to do changed nothing to
-                        // check or publish (9 ticks of 10 once up).
-                        continue;
+                        self.manage().await;
                     }
+                    next = tokio::time::Instant::now() + self.pause();
                 }
             }
             if let Some(why) = self.failure() {
@@ -491,6 +543,28 @@ impl Task {
     }
 
     /// While the scheduler is not up: its address, once it wrote it.
+    /// The pause before the next look at the cluster. Its scheduler's file
+    /// is looked for every 10 ms in the first [`EAGER`] after the start
+    /// and while the scheduler's job runs (the file comes a second or two
+    /// after the job starts, and the user is waiting for it; the watcher
+    /// may learn that the job runs only after the file is there), every
+    /// 100 ms while that job waits in the queue (maybe for hours). Once the
+    /// scheduler is up, the cluster is managed every second.
+    fn pause(&self) -> Duration {
+        if self.address.is_some() {
+            return Duration::from_secs(1);
+        }
+        let scheduler_runs = self
+            .jobs
+            .iter()
+            .any(|j| j.role == Role::Scheduler && j.running());
+        if scheduler_runs || self.started.elapsed() < EAGER {
+            Duration::from_millis(10)
+        } else {
+            Duration::from_millis(100)
+        }
+    }
+
     async fn poll_scheduler(&mut self) {
         let Some(info) = self.dir.scheduler() else {
             return;
