@@ -257,6 +257,16 @@ fn a_relative_xdg_config_home_is_ignored() {
     );
 }
 
+/// Nor is an empty or relative HOME a home: it named a config file in
+/// the working directory.
+#[test]
+fn a_relative_home_is_ignored() {
+    for home in ["", "u", "./u"] {
+        let var = move |n: &str| (n == "HOME").then(|| OsString::from(home));
+        assert_eq!(user_path(&var), None, "HOME={home:?}");
+    }
+}
+
 #[test]
 fn errors_are_typed() {
     let d = tempfile::tempdir().unwrap();

@@ -978,6 +978,9 @@ async fn run_array(
     todo: &[usize],
 ) -> Result<(bool, Option<String>), RunError> {
     let sched = noyau_sched::Scheduler::named(backend)?;
+    // Before the submission: an error after it would remove the plan its
+    // queued tasks read.
+    let mut stop = Stop::new()?;
     let mut array = sched.submit_array(&spec).await?;
     let id = array.id.clone();
     eprintln!(
@@ -988,7 +991,6 @@ async fn run_array(
         array.note,
         spec.name
     );
-    let mut stop = Stop::new()?;
     let mut interrupted = false;
     let mut shown = String::new();
     let mut tally = Tally::new(todo);

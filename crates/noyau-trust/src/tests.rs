@@ -347,6 +347,10 @@ fn misuses_are_refused_not_ignored() {
         .unwrap_err();
     assert_eq!(problem(&e), Problem::Symlink);
     assert!(!t.path().join("target").exists());
+    // Only read, it is a file not found (a config file's link into an
+    // unmounted filesystem: there is none to read), not a planted link.
+    let e = Expect::file().follow_links().open(&link).unwrap_err();
+    assert!(e.is_not_found(), "{e}");
 }
 
 /// As an `io::Error`: the kind of the I/O error kept, a refusal is
