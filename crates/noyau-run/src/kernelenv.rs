@@ -245,8 +245,15 @@ fn write_spec(at: &Path, dir: &Path) -> Result<(), RunError> {
     kernel_file(&spec_dir.join("kernel.json"), &json)
 }
 
-/// A new file of the kernel being made, 0644 whatever the umask.
+/// A file of the kernel being made, new, 0644 whatever the umask (the
+/// kernelspec replaces the one ipykernel's wheel installs there).
 fn kernel_file(path: &Path, bytes: &[u8]) -> Result<(), RunError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(RunError::io("cannot replace", path)(e))
+        }
+        _ => {}
+    }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
