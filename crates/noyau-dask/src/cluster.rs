@@ -273,6 +273,8 @@ struct Task {
     address: Option<String>,
     dashboard: Option<Dashboard>,
     started: Instant,
+    /// Since when the scheduler's job is known to run.
+    scheduler_runs_since: Option<Instant>,
     beat: u64,
     /// Since when Dask's target has been below the worker jobs counted.
     low_since: Option<Instant>,
@@ -308,6 +310,7 @@ impl Task {
             address: None,
             dashboard: None,
             started: Instant::now(),
+            scheduler_runs_since: None,
             beat: 0,
             low_since: None,
             retire_seq: 0,
@@ -331,13 +334,20 @@ impl Task {
     ) -> Result<(), noyau_sched::SchedError> {
         let job = self.backend.submit(scheduler).await?;
         self.add(Role::Scheduler, job, "scheduler".into());
-        self.submit_workers(workers).await
+        let specs = self.worker_specs(workers);
+        self.submit_together(specs).await
     }
 
-    /// Submits `n` more workers, at once.
+    /// Submits `n` more workers (a scale-up, replacements), one after the
+    /// other, up to the first error: they are asked for again at the next
+    /// round, a second later, and a scheduler refusing them (a per-user job
+    /// limit reached) should get one call a second, not n.
     async fn submit_workers(&mut self, n: u32) -> Result<(), noyau_sched::SchedError> {
-        let specs = self.worker_specs(n);
-        self.submit_all(specs).await
+        for (name, spec) in self.worker_specs(n) {
+            let job = self.backend.submit(spec).await?;
+            self.add_worker(job, name);
+        }
+        Ok(())
     }
 
     /// The next `n` workers' names and specs.
@@ -358,42 +368,36 @@ impl Task {
     }
 
     /// Submits these workers concurrently (the submission throttle bounds
-    /// how many scheduler commands run at once: 4 by default), and follows
-    /// them in their order; where some fail, those submitted are still
-    /// followed (so that they are cancelled with the cluster) and the first
-    /// error is the answer.
-    async fn submit_all(
+    /// how many scheduler commands run at once: 4 by default); each one
+    /// submitted is followed as soon as it is (so that it is cancelled with
+    /// the cluster whatever happens to the others); the first error is the
+    /// answer.
+    async fn submit_together(
         &mut self,
         specs: Vec<(String, JobSpec)>,
     ) -> Result<(), noyau_sched::SchedError> {
         let mut set = tokio::task::JoinSet::new();
-        let mut named = Vec::with_capacity(specs.len());
-        for (i, (name, spec)) in specs.into_iter().enumerate() {
+        for (name, spec) in specs {
             let backend = self.backend.clone();
-            set.spawn(async move { (i, backend.submit(spec).await) });
-            named.push(name);
-        }
-        let mut done: Vec<Option<Result<Job, noyau_sched::SchedError>>> =
-            (0..named.len()).map(|_| None).collect();
-        // (the set is never aborted: a task ends or panics)
-        while let Some(joined) = set.join_next().await {
-            let (i, r) = joined.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
-            done[i] = Some(r);
+            set.spawn(async move { (name, backend.submit(spec).await) });
         }
         let mut first_error = None;
-        for (name, r) in named.into_iter().zip(done) {
-            match r.expect("every submission joined") {
-                Ok(job) => {
-                    tracing::info!(job = %job.id, %name, "submitted a Dask worker job");
-                    self.counts.started += 1;
-                    self.add(Role::Worker, job, name);
-                }
-                Err(e) => {
+        // (the set is never aborted: a task ends or panics)
+        while let Some(joined) = set.join_next().await {
+            match joined.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())) {
+                (name, Ok(job)) => self.add_worker(job, name),
+                (_, Err(e)) => {
                     first_error.get_or_insert(e);
                 }
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+
+    fn add_worker(&mut self, job: Job, name: String) {
+        tracing::info!(job = %job.id, %name, "submitted a Dask worker job");
+        self.counts.started += 1;
+        self.add(Role::Worker, job, name);
     }
 
     /// Follows a new job: its state changes wake the task.
@@ -511,9 +515,17 @@ impl Task {
         }
     }
 
-    /// A job's state changed: workers that run now start their clocks.
+    /// A job's state changed: workers that run now start their clocks, and
+    /// the scheduler's job that runs now is noted.
     fn on_change(&mut self) {
         let now = Instant::now();
+        let scheduler_runs = self
+            .jobs
+            .iter()
+            .any(|j| j.role == Role::Scheduler && j.running());
+        if scheduler_runs && self.scheduler_runs_since.is_none() {
+            self.scheduler_runs_since = Some(now);
+        }
         for j in self.jobs.iter_mut() {
             if j.role == Role::Worker && j.running_since.is_none() && j.running() {
                 j.running_since = Some(now);
@@ -542,29 +554,26 @@ impl Task {
             })
     }
 
-    /// While the scheduler is not up: its address, once it wrote it.
     /// The pause before the next look at the cluster. Its scheduler's file
     /// is looked for every 10 ms in the first [`EAGER`] after the start
-    /// and while the scheduler's job runs (the file comes a second or two
-    /// after the job starts, and the user is waiting for it; the watcher
-    /// may learn that the job runs only after the file is there), every
-    /// 100 ms while that job waits in the queue (maybe for hours). Once the
+    /// and after its job starts to run (the file comes a second or two
+    /// later, and the user is waiting for it; the watcher may learn that
+    /// the job runs only after the file is there), else every 100 ms (a
+    /// job waiting in the queue for hours, a scheduler that hangs). Once the
     /// scheduler is up, the cluster is managed every second.
     fn pause(&self) -> Duration {
         if self.address.is_some() {
             return Duration::from_secs(1);
         }
-        let scheduler_runs = self
-            .jobs
-            .iter()
-            .any(|j| j.role == Role::Scheduler && j.running());
-        if scheduler_runs || self.started.elapsed() < EAGER {
+        let eager = |since: Instant| since.elapsed() < EAGER;
+        if eager(self.started) || self.scheduler_runs_since.is_some_and(eager) {
             Duration::from_millis(10)
         } else {
             Duration::from_millis(100)
         }
     }
 
+    /// While the scheduler is not up: its address, once it wrote it.
     async fn poll_scheduler(&mut self) {
         let Some(info) = self.dir.scheduler() else {
             return;

@@ -28,10 +28,15 @@ static TERMINATED: AtomicBool = AtomicBool::new(false);
 /// workers start while the scheduler does (their jobs are submitted
 /// together), so each lost up to 100 ms after the scheduler was up. It
 /// waits, looking every 5 ms, until the file holds the scheduler's JSON
-/// (Dask writes it in place: it can be seen empty), for at most a minute:
-/// past that, Dask waits on its own terms (its death timeout).
-pub const WORKER_PRELOAD: &str = r#"# Written by noyau: waits for the scheduler's file, looking every 5 ms, before
-# Dask looks for it every 100 ms; at most a minute, then Dask goes on as usual.
+/// (Dask writes it in place: it can be seen empty); every 5 ms for the
+/// first 5 s (the scheduler starts with its workers: it is up about then),
+/// then at Dask's pace, 100 ms, so that hundreds of workers waiting for a
+/// scheduler still queued do not load a shared filesystem's metadata
+/// server; for at most a minute: past that, Dask waits on its own terms
+/// (its death timeout).
+pub const WORKER_PRELOAD: &str = r#"# Written by noyau: waits for the scheduler's file before Dask looks for it
+# every 100 ms: every 5 ms for 5 s, then every 100 ms; at most a minute, then
+# Dask goes on as usual.
 import json
 import os
 import sys
@@ -43,15 +48,15 @@ def _wait():
         path = sys.argv[sys.argv.index("--scheduler-file") + 1]
     except (ValueError, IndexError):
         return
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    start = time.monotonic()
+    while time.monotonic() < start + 60:
         try:
             with open(path) as f:
                 if json.load(f):
                     return
         except (OSError, ValueError):
             pass
-        time.sleep(0.005)
+        time.sleep(0.005 if time.monotonic() < start + 5 else 0.1)
 
 
 _wait()

@@ -610,7 +610,7 @@ fn followed(path: &Path) -> io::Result<PathBuf> {
     const MAX_LINKS: usize = 40;
     let me = nix::unistd::geteuid().as_raw();
     let mut at = path.to_path_buf();
-    for _ in 0..MAX_LINKS {
+    for _ in 0..=MAX_LINKS {
         let link = match fs::symlink_metadata(&at) {
             Ok(m) if m.file_type().is_symlink() => m,
             _ => return Ok(at),

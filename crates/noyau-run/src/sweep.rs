@@ -978,9 +978,6 @@ async fn run_array(
     todo: &[usize],
 ) -> Result<(bool, Option<String>), RunError> {
     let sched = noyau_sched::Scheduler::named(backend)?;
-    // Before the submission: an error after it would remove the plan its
-    // queued tasks read.
-    let mut stop = Stop::new()?;
     let mut array = sched.submit_array(&spec).await?;
     let id = array.id.clone();
     eprintln!(
@@ -991,6 +988,16 @@ async fn run_array(
         array.note,
         spec.name
     );
+    // (after the submission, which may wait for a slot: a Ctrl-C then
+    // still stops noyau at once) An error here returns, and the plan the
+    // queued tasks read goes with it: so do they.
+    let mut stop = match Stop::new() {
+        Ok(stop) => stop,
+        Err(e) => {
+            let _ = array.cancel().await;
+            return Err(e);
+        }
+    };
     let mut interrupted = false;
     let mut shown = String::new();
     let mut tally = Tally::new(todo);
