@@ -44,17 +44,7 @@ fn load(user: &Path, project: &Path) -> Result<Config, String> {
         .expect("loading the config files hung")
 }
 
-/// True when running as root; under CI, not being root fails the test.
-fn root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "this test needs root under CI"
-    );
-    false
-}
+use noyau_trust::testing::root;
 
 const PROFILE: &str = "[profiles.p]\ncpus_per_task = 2\n";
 

@@ -213,11 +213,7 @@ fn save_through_a_symlink_keeps_the_link() {
 #[test]
 fn save_through_another_users_symlink_is_refused_and_its_target_kept() {
     // Giving the link to `nobody` needs root, as scripts/test runs.
-    if !nix::unistd::geteuid().is_root() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "this test needs root under CI"
-        );
+    if !noyau_trust::testing::root() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -241,11 +237,7 @@ fn save_through_another_users_symlink_is_refused_and_its_target_kept() {
 #[test]
 fn save_through_a_chain_with_another_users_link_is_refused() {
     use std::os::unix::fs::PermissionsExt;
-    if !nix::unistd::geteuid().is_root() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "this test needs root under CI"
-        );
+    if !noyau_trust::testing::root() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

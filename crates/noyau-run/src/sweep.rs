@@ -1155,7 +1155,7 @@ mod tests {
     /// the user gives) is refused, naming its owner, even to root.
     #[test]
     fn another_users_output_directory_is_refused() {
-        if !crate::save::tests::root() {
+        if !noyau_trust::testing::root() {
             return;
         }
         let t = tempfile::tempdir().unwrap();

@@ -22,17 +22,7 @@ fn problem(e: &TrustError) -> Problem {
         .clone()
 }
 
-/// True when running as root; under CI, not being root fails the test.
-fn root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "this test needs root under CI"
-    );
-    false
-}
+use crate::testing::root;
 
 #[test]
 fn a_private_dir_is_made_0700_with_its_parents_and_found_again() {
