@@ -384,11 +384,15 @@ def no_kernelspec_env(tmp_path, keep=()):
 def test_first_run_makes_a_managed_python_kernel(tmp_path):
     """No python3 kernelspec anywhere: noyau makes a managed ipykernel
     environment in its cache (from PyPI), says so, uses it, and reuses it,
-    for the notebook's kernel and for its targets' (`%%noyau on`)."""
+    for the notebook's kernel and for its targets' (`%%noyau on`). Under
+    umask 002 (RHEL's for users of a group of their own): the kernel is
+    still made writable by its owner alone, which its reuse checks (it
+    refused, on the second run, one made with the umask's modes)."""
     env = no_kernelspec_env(tmp_path)
     src = write(tmp_path / "in.ipynb", notebook("import sys; print(sys.prefix)"))
     r = subprocess.run([NOYAU, "run", "--no-progress", str(src), str(tmp_path / "out.ipynb")],
-                       env=env, capture_output=True, text=True, timeout=600)
+                       env=env, capture_output=True, text=True, timeout=600,
+                       preexec_fn=lambda: os.umask(0o002))
     assert r.returncode == 0, r.stderr
     assert "making a managed Python kernel" in r.stderr, r.stderr
     out = json.loads((tmp_path / "out.ipynb").read_text())
@@ -398,7 +402,8 @@ def test_first_run_makes_a_managed_python_kernel(tmp_path):
     src = write(tmp_path / "again-in.ipynb", notebook(
         "import sys; print(sys.prefix)", "%%noyau on side\nimport sys; print(sys.prefix)"))
     r = subprocess.run([NOYAU, "run", "--no-progress", str(src), str(tmp_path / "again.ipynb")],
-                       env=env, capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+                       env=env, capture_output=True, text=True, timeout=120, cwd=str(tmp_path),
+                       preexec_fn=lambda: os.umask(0o002))
     assert r.returncode == 0, r.stderr
     assert "making a managed" not in r.stderr, "the managed kernel was made twice"
     cells = json.loads((tmp_path / "again.ipynb").read_text())["cells"]

@@ -71,7 +71,14 @@ pub(crate) fn read(
 ) -> Result<Option<String>, ConfigError> {
     let file = match origin.expect().open(path) {
         Ok(f) => f,
-        Err(e) if e.is_not_found() => return Ok(None),
+        Err(e) if e.is_not_found() => {
+            // A link to nothing (into a filesystem not mounted here) is no
+            // file, but say so: its owner meant one to be read.
+            if path.is_symlink() {
+                tracing::warn!("{} is a link to nothing: not read", path.display());
+            }
+            return Ok(None);
+        }
         Err(TrustError::Refused { path, problem }) => {
             return Err(match origin {
                 Origin::Site => ConfigError::Untrusted(TrustError::Refused { path, problem }),

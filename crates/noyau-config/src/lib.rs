@@ -382,13 +382,11 @@ pub fn site_paths() -> Vec<PathBuf> {
 
 /// The user's file: `$XDG_CONFIG_HOME/noyau/config.toml`, else
 /// `~/.config/noyau/config.toml`. A relative (or empty) `XDG_CONFIG_HOME`
-/// is ignored, as the XDG Base Directory spec says: it would name a file
-/// in whatever directory noyau runs in.
+/// is ignored, as the XDG Base Directory spec says, and so is such a
+/// `HOME`: either would name a file in whatever directory noyau runs in.
 fn user_path(var: &dyn Fn(&str) -> Option<std::ffi::OsString>) -> Option<PathBuf> {
-    var(EnvVars::XDG_CONFIG_HOME)
-        .map(PathBuf::from)
-        .filter(|x| x.is_absolute())
-        .or_else(|| var(EnvVars::HOME).map(|h| PathBuf::from(h).join(".config")))
+    noyau_vars::absolute(var(EnvVars::XDG_CONFIG_HOME))
+        .or_else(|| noyau_vars::absolute(var(EnvVars::HOME)).map(|h| h.join(".config")))
         .map(|x| x.join("noyau").join("config.toml"))
 }
 

@@ -44,17 +44,7 @@ fn load(user: &Path, project: &Path) -> Result<Config, String> {
         .expect("loading the config files hung")
 }
 
-/// True when running as root; under CI, not being root fails the test.
-fn root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "this test needs root under CI"
-    );
-    false
-}
+use noyau_trust::testing::root;
 
 const PROFILE: &str = "[profiles.p]\ncpus_per_task = 2\n";
 
@@ -255,6 +245,16 @@ fn a_relative_xdg_config_home_is_ignored() {
         user_path(&with("/etc/xdg-u")),
         Some(PathBuf::from("/etc/xdg-u/noyau/config.toml"))
     );
+}
+
+/// Nor is an empty or relative HOME a home: it named a config file in
+/// the working directory.
+#[test]
+fn a_relative_home_is_ignored() {
+    for home in ["", "u", "./u"] {
+        let var = move |n: &str| (n == "HOME").then(|| OsString::from(home));
+        assert_eq!(user_path(&var), None, "HOME={home:?}");
+    }
 }
 
 #[test]

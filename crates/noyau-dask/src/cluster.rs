@@ -250,6 +250,11 @@ struct Counts {
     replaced: u32,
 }
 
+/// How long after its start a cluster looks for its scheduler's file
+/// every 10 ms whatever its job's state (see `Task::pause`): most jobs
+/// start at once where there is room.
+const EAGER: Duration = Duration::from_secs(30);
+
 /// The cluster's task and everything it keeps.
 struct Task {
     dir: ClusterDir,
@@ -268,6 +273,8 @@ struct Task {
     address: Option<String>,
     dashboard: Option<Dashboard>,
     started: Instant,
+    /// Since when the scheduler's job is known to run.
+    scheduler_runs_since: Option<Instant>,
     beat: u64,
     /// Since when Dask's target has been below the worker jobs counted.
     low_since: Option<Instant>,
@@ -303,6 +310,7 @@ impl Task {
             address: None,
             dashboard: None,
             started: Instant::now(),
+            scheduler_runs_since: None,
             beat: 0,
             low_since: None,
             retire_seq: 0,
@@ -315,6 +323,10 @@ impl Task {
         })
     }
 
+    /// Submits the scheduler's job, then the first workers' (at once). The
+    /// scheduler goes first so that it is ahead of them in the queue: on a
+    /// full cluster, workers that started before it would hold the cores
+    /// it waits for, waiting for its file.
     async fn submit_first(
         &mut self,
         scheduler: JobSpec,
@@ -322,7 +334,70 @@ impl Task {
     ) -> Result<(), noyau_sched::SchedError> {
         let job = self.backend.submit(scheduler).await?;
         self.add(Role::Scheduler, job, "scheduler".into());
-        self.submit_workers(workers).await
+        let specs = self.worker_specs(workers);
+        self.submit_together(specs).await
+    }
+
+    /// Submits `n` more workers (a scale-up, replacements), one after the
+    /// other, up to the first error: they are asked for again at the next
+    /// round, a second later, and a scheduler refusing them (a per-user job
+    /// limit reached) should get one call a second, not n.
+    async fn submit_workers(&mut self, n: u32) -> Result<(), noyau_sched::SchedError> {
+        for (name, spec) in self.worker_specs(n) {
+            let job = self.backend.submit(spec).await?;
+            self.add_worker(job, name);
+        }
+        Ok(())
+    }
+
+    /// The next `n` workers' names and specs.
+    fn worker_specs(&mut self, n: u32) -> Vec<(String, JobSpec)> {
+        (0..n)
+            .map(|_| {
+                self.workers_made += 1;
+                let name = format!("w{}", self.workers_made);
+                let mut spec = self.worker_spec.clone();
+                spec.args.extend(["--name".into(), name.clone()]);
+                if let Some(l) = self.lifetime {
+                    spec.args
+                        .extend(["--lifetime".into(), l.as_secs().to_string()]);
+                }
+                (name, spec)
+            })
+            .collect()
+    }
+
+    /// Submits these workers concurrently (the submission throttle bounds
+    /// how many scheduler commands run at once: 4 by default); each one
+    /// submitted is followed as soon as it is (so that it is cancelled with
+    /// the cluster whatever happens to the others); the first error is the
+    /// answer.
+    async fn submit_together(
+        &mut self,
+        specs: Vec<(String, JobSpec)>,
+    ) -> Result<(), noyau_sched::SchedError> {
+        let mut set = tokio::task::JoinSet::new();
+        for (name, spec) in specs {
+            let backend = self.backend.clone();
+            set.spawn(async move { (name, backend.submit(spec).await) });
+        }
+        let mut first_error = None;
+        // (the set is never aborted: a task ends or panics)
+        while let Some(joined) = set.join_next().await {
+            match joined.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())) {
+                (name, Ok(job)) => self.add_worker(job, name),
+                (_, Err(e)) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn add_worker(&mut self, job: Job, name: String) {
+        tracing::info!(job = %job.id, %name, "submitted a Dask worker job");
+        self.counts.started += 1;
+        self.add(Role::Worker, job, name);
     }
 
     /// Follows a new job: its state changes wake the task.
@@ -346,24 +421,6 @@ impl Task {
             replaced: false,
         });
         self.record_jobs();
-    }
-
-    async fn submit_workers(&mut self, n: u32) -> Result<(), noyau_sched::SchedError> {
-        for _ in 0..n {
-            self.workers_made += 1;
-            let name = format!("w{}", self.workers_made);
-            let mut spec = self.worker_spec.clone();
-            spec.args.extend(["--name".into(), name.clone()]);
-            if let Some(l) = self.lifetime {
-                spec.args
-                    .extend(["--lifetime".into(), l.as_secs().to_string()]);
-            }
-            let job = self.backend.submit(spec).await?;
-            tracing::info!(job = %job.id, %name, "submitted a Dask worker job");
-            self.counts.started += 1;
-            self.add(Role::Worker, job, name);
-        }
-        Ok(())
     }
 
     /// Keeps `DIR/jobs` equal to the jobs submitted (the scheduler job
@@ -399,8 +456,7 @@ impl Task {
 
     async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<Cmd>, view: watch::Sender<View>) {
         let mut beat = tokio::time::interval(crate::owner::HEARTBEAT);
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
-        let mut last_manage = Instant::now();
+        let mut next = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 cmd = cmds.recv() => match cmd {
@@ -421,19 +477,19 @@ impl Task {
                     // The owner dropped its handle: the cluster goes with it.
                     None => { self.end().await; return; }
                 },
-                Some(()) = self.changes.1.recv() => self.on_change(),
+                Some(()) = self.changes.1.recv() => {
+                    self.on_change();
+                    // (the scheduler's job may run now: look sooner)
+                    next = next.min(tokio::time::Instant::now() + self.pause());
+                }
                 _ = beat.tick() => self.heartbeat(),
-                _ = tick.tick() => {
+                _ = tokio::time::sleep_until(next) => {
                     if self.address.is_none() {
                         self.poll_scheduler().await;
-                    } else if last_manage.elapsed() >= Duration::from_secs(1) {
-                        last_manage = Instant::now();
-                        self.manage().await;
                     } else {
-                        // A tick with nothing to do changed nothing to
-                        // check or publish (9 ticks of 10 once up).
-                        continue;
+                        self.manage().await;
                     }
+                    next = tokio::time::Instant::now() + self.pause();
                 }
             }
             if let Some(why) = self.failure() {
@@ -459,9 +515,17 @@ impl Task {
         }
     }
 
-    /// A job's state changed: workers that run now start their clocks.
+    /// A job's state changed: workers that run now start their clocks, and
+    /// the scheduler's job that runs now is noted.
     fn on_change(&mut self) {
         let now = Instant::now();
+        let scheduler_runs = self
+            .jobs
+            .iter()
+            .any(|j| j.role == Role::Scheduler && j.running());
+        if scheduler_runs && self.scheduler_runs_since.is_none() {
+            self.scheduler_runs_since = Some(now);
+        }
         for j in self.jobs.iter_mut() {
             if j.role == Role::Worker && j.running_since.is_none() && j.running() {
                 j.running_since = Some(now);
@@ -488,6 +552,25 @@ impl Task {
                 )),
                 _ => None,
             })
+    }
+
+    /// The pause before the next look at the cluster. Its scheduler's file
+    /// is looked for every 10 ms in the first [`EAGER`] after the start
+    /// and after its job starts to run (the file comes a second or two
+    /// later, and the user is waiting for it; the watcher may learn that
+    /// the job runs only after the file is there), else every 100 ms (a
+    /// job waiting in the queue for hours, a scheduler that hangs). Once the
+    /// scheduler is up, the cluster is managed every second.
+    fn pause(&self) -> Duration {
+        if self.address.is_some() {
+            return Duration::from_secs(1);
+        }
+        let eager = |since: Instant| since.elapsed() < EAGER;
+        if eager(self.started) || self.scheduler_runs_since.is_some_and(eager) {
+            Duration::from_millis(10)
+        } else {
+            Duration::from_millis(100)
+        }
     }
 
     /// While the scheduler is not up: its address, once it wrote it.

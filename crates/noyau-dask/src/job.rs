@@ -23,6 +23,45 @@ use crate::ClusterDir;
 /// Set by SIGTERM (the job cancelled, or at its walltime).
 static TERMINATED: AtomicBool = AtomicBool::new(false);
 
+/// A worker's preload, imported before Dask reads the scheduler's file:
+/// Dask looks for that file every 100 ms (`json_load_robust`), and the
+/// workers start while the scheduler does (their jobs are submitted
+/// together), so each lost up to 100 ms after the scheduler was up. It
+/// waits, looking every 5 ms, until the file holds the scheduler's JSON
+/// (Dask writes it in place: it can be seen empty); every 5 ms for the
+/// first 5 s (the scheduler starts with its workers: it is up about then),
+/// then at Dask's pace, 100 ms, so that hundreds of workers waiting for a
+/// scheduler still queued do not load a shared filesystem's metadata
+/// server; for at most a minute: past that, Dask waits on its own terms
+/// (its death timeout).
+pub const WORKER_PRELOAD: &str = r#"# Written by noyau: waits for the scheduler's file before Dask looks for it
+# every 100 ms: every 5 ms for 5 s, then every 100 ms; at most a minute, then
+# Dask goes on as usual.
+import json
+import os
+import sys
+import time
+
+
+def _wait():
+    try:
+        path = sys.argv[sys.argv.index("--scheduler-file") + 1]
+    except (ValueError, IndexError):
+        return
+    start = time.monotonic()
+    while time.monotonic() < start + 60:
+        try:
+            with open(path) as f:
+                if json.load(f):
+                    return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.005 if time.monotonic() < start + 5 else 0.1)
+
+
+_wait()
+"#;
+
 /// The scheduler's preload: writes the worker list into `status.json`
 /// every second, for `%noyau dask status`, and loads the dashboard once
 /// the scheduler listens. Dask would import bokeh for it before listening:
@@ -251,6 +290,7 @@ pub fn dask_argv(a: &JobArgs, python: &str) -> Vec<String> {
         }
         Role::Worker => {
             argv.push("distributed.cli.dask_worker".into());
+            argv.extend(["--preload".into(), p(d.worker_preload())]);
             if !a.nanny {
                 argv.push("--no-nanny".into());
             }
@@ -530,7 +570,7 @@ mod tests {
         };
         let argv = dask_argv(&a, "py").join(" ");
         assert!(
-            argv.starts_with("py -m distributed.cli.dask_worker --no-nanny --no-dashboard --nthreads 2 --memory-limit 1GB --name w3 --lifetime 90s"),
+            argv.starts_with("py -m distributed.cli.dask_worker --preload /d/noyau_dask_wait.py --no-nanny --no-dashboard --nthreads 2 --memory-limit 1GB --name w3 --lifetime 90s"),
             "{argv}"
         );
         let with_nanny = dask_argv(
@@ -541,7 +581,7 @@ mod tests {
             "py",
         )
         .join(" ");
-        assert!(!with_nanny.contains("nanny"), "{with_nanny}");
+        assert!(!with_nanny.contains("-nanny"), "{with_nanny}");
         assert!(argv.contains("--scheduler-file /d/scheduler.json --protocol tls --tls-ca-file /d/ca.pem --tls-cert /d/cert.pem --tls-key /d/key.pem"));
         // the scheduler listens before its dashboard loads (the preload's)
         let sched = dask_argv(
@@ -556,5 +596,46 @@ mod tests {
             sched.contains("--dashboard-address :0 --no-dashboard --preload /d/noyau_dask_preload.py --scheduler-file /d/scheduler.json"),
             "{sched}"
         );
+    }
+
+    /// The workers' preload returns once the scheduler's file holds its
+    /// JSON, not before (an empty file, as Dask leaves it while it writes,
+    /// or an empty object, is waited past): run by the real python3.
+    #[test]
+    fn the_worker_preload_waits_for_the_schedulers_json() {
+        use std::io::Write;
+        let t = tempfile::tempdir().unwrap();
+        let preload = t.path().join("noyau_dask_wait.py");
+        std::fs::write(&preload, WORKER_PRELOAD).unwrap();
+        let file = t.path().join("scheduler.json");
+        let mut child = Command::new("python3")
+            .arg(&preload)
+            .arg("--scheduler-file")
+            .arg(&file)
+            .spawn()
+            .expect("python3 runs the preload (a Debian machine has it)");
+        let still_waits = |child: &mut Child, what: &str| {
+            // a file it could read is read within 5 ms; 300 ms is ample
+            std::thread::sleep(Duration::from_millis(300));
+            assert!(child.try_wait().unwrap().is_none(), "returned on {what}");
+        };
+        still_waits(&mut child, "no file");
+        std::fs::write(&file, "").unwrap();
+        still_waits(&mut child, "an empty file");
+        std::fs::write(&file, "{}").unwrap();
+        still_waits(&mut child, "an empty object");
+        let mut f = std::fs::File::create(&file).unwrap();
+        f.write_all(br#"{"address": "tls://10.0.0.1:8786"}"#)
+            .unwrap();
+        drop(f);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "it did not see the scheduler's file"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(child.wait().unwrap().success());
     }
 }

@@ -92,6 +92,7 @@ impl ClusterDir {
         certs::write(&c.0)?;
         c.write_dashboard_secret().map_err(at(&c.0))?;
         std::fs::write(c.preload(), job::PRELOAD).map_err(at(&c.0))?;
+        std::fs::write(c.worker_preload(), job::WORKER_PRELOAD).map_err(at(&c.0))?;
         c.heartbeat(0).map_err(at(&c.0))?;
         Ok(c)
     }
@@ -107,6 +108,10 @@ impl ClusterDir {
     }
     pub fn preload(&self) -> PathBuf {
         self.0.join("noyau_dask_preload.py")
+    }
+    /// The workers' preload ([`job::WORKER_PRELOAD`]).
+    pub fn worker_preload(&self) -> PathBuf {
+        self.0.join("noyau_dask_wait.py")
     }
     /// Written by a job that could not start Dask (e.g. no `distributed`).
     pub fn error_file(&self) -> PathBuf {

@@ -247,7 +247,12 @@ fn pip_conf_files(var: &dyn Fn(&str) -> Option<String>) -> Vec<PathBuf> {
         PathBuf::from("/etc/xdg/pip/pip.conf"),
         PathBuf::from("/etc/pip.conf"),
     ];
-    let home = var(noyau_vars::EnvVars::HOME).map(PathBuf::from);
+    // An empty or relative HOME is none (as a relative XDG_CONFIG_HOME):
+    // it would name pip settings in the working directory, another user's
+    // perhaps, whose index would then build the environment.
+    let home = var(noyau_vars::EnvVars::HOME)
+        .map(PathBuf::from)
+        .filter(|h| h.is_absolute());
     if let Some(h) = &home {
         files.push(h.join(".pip/pip.conf"));
     }
@@ -422,5 +427,19 @@ mod tests {
             files.contains(&PathBuf::from("/x/pip/pip.conf")),
             "{files:?}"
         );
+    }
+
+    /// An empty or relative HOME named pip.conf files in the working
+    /// directory (another user's, maybe, whose index then built the
+    /// environment): none is read from there.
+    #[test]
+    fn a_relative_home_is_ignored() {
+        for home in ["", "u", "./u"] {
+            let files = pip_conf_files(&move |n: &str| (n == "HOME").then(|| home.to_string()));
+            assert!(
+                files.iter().all(|f| f.is_absolute()),
+                "HOME={home:?}: {files:?}"
+            );
+        }
     }
 }

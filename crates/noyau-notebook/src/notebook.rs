@@ -11,6 +11,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
@@ -597,24 +598,47 @@ impl Default for Notebook {
     }
 }
 
-/// Where a symlink at an output leads, if noyau may write there: only a
-/// link of the user's own (or root's). An output often lies in a shared
-/// project directory, where another user could plant `OUT -> ~/.bashrc`
-/// and have the user's next save replace that file with a notebook.
-fn followed(path: &Path, link: &fs::Metadata) -> io::Result<PathBuf> {
-    use std::os::unix::fs::MetadataExt;
-    let owner = link.uid();
-    if owner != nix::unistd::geteuid().as_raw() && owner != 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!(
-                "{} is a symbolic link of another user's (uid {owner}): noyau writes through \
-                 no link but yours; remove it or name another output",
-                path.display()
-            ),
-        ));
+/// Where an output leads, if noyau may write there: a symlink is followed
+/// one link at a time, and each must be the user's own (or root's). An
+/// output often lies in a shared project directory, where another user
+/// could plant `OUT -> ~/.bashrc` and have the user's next save replace
+/// that file with a notebook; or, behind the user's own link into a
+/// shared directory, replace the file it names with such a link. A link
+/// to nothing yet is followed to the file it names, which the save makes.
+fn followed(path: &Path) -> io::Result<PathBuf> {
+    /// As the kernel's limit (`ELOOP` past it).
+    const MAX_LINKS: usize = 40;
+    let me = nix::unistd::geteuid().as_raw();
+    let mut at = path.to_path_buf();
+    for _ in 0..=MAX_LINKS {
+        let link = match fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => m,
+            _ => return Ok(at),
+        };
+        let owner = link.uid();
+        if owner != me && owner != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} is a symbolic link of another user's (uid {owner}): noyau writes \
+                     through no link but yours; remove it or name another output",
+                    at.display()
+                ),
+            ));
+        }
+        let next = fs::read_link(&at)?;
+        at = match at.parent() {
+            Some(dir) => dir.join(next),
+            None => next,
+        };
     }
-    Ok(fs::canonicalize(path).unwrap_or_else(|_| path.into()))
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!(
+            "{}: more than {MAX_LINKS} symbolic links in a row; name the file itself",
+            path.display()
+        ),
+    ))
 }
 
 /// Replaces `path` with `contents` atomically; see [`write_atomic_with`].
@@ -623,20 +647,18 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
 }
 
 /// Writes a temporary file in the target's directory with `fill`, fsyncs it,
-/// gives it the permissions of the file it replaces (new files get 0666 less
-/// the umask), renames it over the target and fsyncs the directory. A
-/// symlink target is followed (the link stays) when the link is the
-/// user's own or root's, else refused ([`followed`]). If anything fails the
+/// gives it the permissions of the file it replaces if that is the user's
+/// (else, and for new files, 0666 less the umask), renames it over the
+/// target and fsyncs the directory. A symlink target is followed (the link
+/// stays) when each link on the way is the user's own or root's, else
+/// refused ([`followed`]). If anything fails the
 /// temporary file is removed, the previous file is untouched and the error
 /// returned.
 pub fn write_atomic_with(
     path: &Path,
     fill: impl FnOnce(&mut File) -> io::Result<()>,
 ) -> io::Result<()> {
-    let target = match fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => followed(path, &m)?,
-        _ => path.to_path_buf(),
-    };
+    let target = followed(path)?;
     let name = target
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path names no file"))?
@@ -646,9 +668,11 @@ pub fn write_atomic_with(
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let old_perms = fs::metadata(&target)
+    // Another user's file (in a shared directory) lends no mode: a 0666
+    // one would leave the user's notebook writable by all.
+    let old_perms = fs::symlink_metadata(&target)
         .ok()
-        .filter(|m| m.is_file())
+        .filter(|m| m.is_file() && m.uid() == nix::unistd::geteuid().as_raw())
         .map(|m| m.permissions());
 
     let (mut file, tmp) = create_temp(&dir, &name)?;

@@ -213,11 +213,7 @@ fn save_through_a_symlink_keeps_the_link() {
 #[test]
 fn save_through_another_users_symlink_is_refused_and_its_target_kept() {
     // Giving the link to `nobody` needs root, as scripts/test runs.
-    if !nix::unistd::geteuid().is_root() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "this test needs root under CI"
-        );
+    if !noyau_trust::testing::root() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -232,6 +228,62 @@ fn save_through_another_users_symlink_is_refused_and_its_target_kept() {
         "{e}"
     );
     assert_eq!(fs::read_to_string(&canary).unwrap(), "keep me");
+}
+
+/// Behind the user's own link into a shared directory, another user
+/// replaced the file it names with a link of theirs: refused, each link on
+/// the way is checked. And another user's 0666 file replaced by a save
+/// lends the notebook no mode.
+#[test]
+fn save_through_a_chain_with_another_users_link_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    if !noyau_trust::testing::root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let canary = dir.path().join("bashrc");
+    let shared = dir.path().join("shared.ipynb");
+    let mine = dir.path().join("out.ipynb");
+    fs::write(&canary, "keep me").unwrap();
+    std::os::unix::fs::symlink(&canary, &shared).unwrap();
+    std::os::unix::fs::lchown(&shared, Some(65534), Some(65534)).unwrap();
+    std::os::unix::fs::symlink(&shared, &mine).unwrap();
+    let e = Notebook::new().save(&mine).unwrap_err().to_string();
+    assert!(
+        e.contains(&format!(
+            "{} is a symbolic link of another user's (uid 65534)",
+            shared.display()
+        )),
+        "{e}"
+    );
+    assert_eq!(fs::read_to_string(&canary).unwrap(), "keep me");
+
+    // The user's link to a link of their own to nothing yet: the file is made.
+    let made = dir.path().join("made.ipynb");
+    let via = dir.path().join("via.ipynb");
+    std::os::unix::fs::symlink("made.ipynb", &via).unwrap();
+    fs::remove_file(&mine).unwrap();
+    std::os::unix::fs::symlink(&via, &mine).unwrap();
+    Notebook::new().save(&mine).unwrap();
+    assert!(fs::symlink_metadata(&mine)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(fs::read_to_string(&made)
+        .unwrap()
+        .contains("\"nbformat\": 4"));
+
+    let theirs = dir.path().join("theirs.ipynb");
+    fs::write(&theirs, "{}").unwrap();
+    fs::set_permissions(&theirs, fs::Permissions::from_mode(0o666)).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    Notebook::new().save(&theirs).unwrap();
+    let mode = fs::metadata(&theirs).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode & 0o022,
+        0,
+        "the notebook took another user's 0666: {mode:o}"
+    );
 }
 
 /// The test venv's Python (it has nbformat): `NOYAU_TEST_PYTHON`, which

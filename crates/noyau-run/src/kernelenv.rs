@@ -21,6 +21,9 @@
 
 use noyau_vars::EnvVars;
 use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -112,7 +115,11 @@ pub fn ensure_python_kernel() -> Result<PathBuf, RunError> {
     );
     let tmp = parent.join(format!(".tmp-{}-{}", std::process::id(), IPYKERNEL_VERSION));
     let _ = std::fs::remove_dir_all(&tmp);
-    let built = build(&tmp);
+    // The kernel is whole before it is renamed into place: a run that
+    // loses the race to another finds the winner's finished.
+    let built = build(&tmp)
+        .and_then(|()| write_spec(&tmp, &dir))
+        .and_then(|()| kernel_file(&tmp.join(COMPLETE), b""));
     if let Err(e) = built {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
@@ -121,11 +128,13 @@ pub fn ensure_python_kernel() -> Result<PathBuf, RunError> {
         let _ = std::fs::remove_dir_all(&tmp);
         // Another run may have finished first: then its environment is used.
         if !finished(&dir)? {
-            return Err(RunError::io("cannot move the environment to", &dir)(e));
+            return Err(bad(format!(
+                "cannot move the managed kernel to {}: {e}; if an unfinished one is \
+                 there (left by an older noyau), remove it and run again",
+                dir.display()
+            )));
         }
     }
-    write_spec(&dir)?;
-    std::fs::write(dir.join(COMPLETE), b"").map_err(RunError::io("cannot write in", &dir))?;
     eprintln!("noyau: managed Python kernel ready");
     Ok(data)
 }
@@ -162,8 +171,20 @@ fn on_path(exe: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Runs a command that makes part of the managed kernel, under umask 022
+/// whatever the user's: [`finished`] refuses a kernel its group could
+/// write, and 002 (RHEL's, for users of a group of their own) would make
+/// every file of it so.
 fn run(cmd: &mut Command) -> Result<(), RunError> {
     let shown = format!("{cmd:?}");
+    // SAFETY: umask is async-signal-safe, and the closure touches nothing
+    // of the parent's.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0o022);
+            Ok(())
+        });
+    }
     let out = cmd.output().map_err(|source| RunError::Io {
         what: "cannot run",
         path: shown.clone().into(),
@@ -204,20 +225,43 @@ fn build(tmp: &Path) -> Result<(), RunError> {
     Ok(())
 }
 
-fn write_spec(dir: &Path) -> Result<(), RunError> {
-    let spec_dir = dir.join(SPEC_DIR);
-    std::fs::create_dir_all(&spec_dir).map_err(RunError::io("cannot create", &spec_dir))?;
+/// Writes the kernelspec into `at`, the kernel being made, for its place
+/// once finished, `dir` (its argv names the interpreter there); 0755
+/// directories and a 0644 file whatever the umask (as [`run`]).
+fn write_spec(at: &Path, dir: &Path) -> Result<(), RunError> {
+    let spec_dir = at.join(SPEC_DIR);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(&spec_dir)
+        .map_err(RunError::io("cannot create", &spec_dir))?;
     let spec = serde_json::json!({
         "argv": [dir.join("bin/python"), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "Python 3 (noyau managed)",
         "language": "python",
         "metadata": {"debugger": true},
     });
-    std::fs::write(
-        spec_dir.join("kernel.json"),
-        serde_json::to_vec_pretty(&spec).expect("json"),
-    )
-    .map_err(RunError::io("cannot write the kernelspec in", &spec_dir))
+    let json = serde_json::to_vec_pretty(&spec).expect("json");
+    kernel_file(&spec_dir.join("kernel.json"), &json)
+}
+
+/// A file of the kernel being made, new, 0644 whatever the umask (the
+/// kernelspec replaces the one ipykernel's wheel installs there).
+fn kernel_file(path: &Path, bytes: &[u8]) -> Result<(), RunError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(RunError::io("cannot replace", path)(e))
+        }
+        _ => {}
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(path)
+        .map_err(RunError::io("cannot write", path))?;
+    f.write_all(bytes)
+        .map_err(RunError::io("cannot write", path))
 }
 
 #[cfg(test)]
@@ -229,8 +273,8 @@ mod tests {
     /// only its marker and kernelspec are looked at).
     fn made(dir: &Path) {
         std::fs::create_dir_all(dir).unwrap();
-        write_spec(dir).unwrap();
-        std::fs::write(dir.join(COMPLETE), b"").unwrap();
+        write_spec(dir, dir).unwrap();
+        kernel_file(&dir.join(COMPLETE), b"").unwrap();
     }
 
     fn refused(dir: &Path) -> String {

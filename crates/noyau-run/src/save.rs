@@ -221,23 +221,12 @@ impl Saver {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
     use std::time::Duration;
 
-    /// True when running as root (giving a file to `nobody` needs it, as
-    /// scripts/test runs); under CI, not being root fails the test.
-    pub(crate) fn root() -> bool {
-        if nix::unistd::geteuid().is_root() {
-            return true;
-        }
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "this test needs root under CI"
-        );
-        false
-    }
+    use noyau_trust::testing::root;
 
     fn lock_path(dir: &Path) -> PathBuf {
         dir.join(".out.ipynb.noyau-lock")

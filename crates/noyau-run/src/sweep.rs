@@ -988,7 +988,16 @@ async fn run_array(
         array.note,
         spec.name
     );
-    let mut stop = Stop::new()?;
+    // (after the submission, which may wait for a slot: a Ctrl-C then
+    // still stops noyau at once) An error here returns, and the plan the
+    // queued tasks read goes with it: so do they.
+    let mut stop = match Stop::new() {
+        Ok(stop) => stop,
+        Err(e) => {
+            let _ = array.cancel().await;
+            return Err(e);
+        }
+    };
     let mut interrupted = false;
     let mut shown = String::new();
     let mut tally = Tally::new(todo);
@@ -1146,7 +1155,7 @@ mod tests {
     /// the user gives) is refused, naming its owner, even to root.
     #[test]
     fn another_users_output_directory_is_refused() {
-        if !crate::save::tests::root() {
+        if !noyau_trust::testing::root() {
             return;
         }
         let t = tempfile::tempdir().unwrap();

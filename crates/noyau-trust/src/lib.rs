@@ -20,6 +20,24 @@ pub use expect::{Expect, Kind, Mode, Owner};
 pub use open::create_private;
 pub use replace::replace;
 
+/// What the tests of noyau's crates share about who runs them.
+#[cfg(any(test, feature = "testing"))]
+pub mod testing {
+    /// True when running as root (giving a file to another user, `nobody`,
+    /// needs it, as scripts/test runs); under CI, not being root fails the
+    /// test rather than letting it pass without running.
+    pub fn root() -> bool {
+        if nix::unistd::geteuid().is_root() {
+            return true;
+        }
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "this test needs root under CI"
+        );
+        false
+    }
+}
+
 /// The effective uid: the owner of what this process creates, so the one
 /// its own files must have.
 pub fn me() -> u32 {

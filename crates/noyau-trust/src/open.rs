@@ -10,9 +10,11 @@ use nix::libc;
 use crate::{Expect, Kind, Mode, Problem, TrustError};
 
 impl Expect {
-    /// Opens `path` for reading and checks the open file.
+    /// Opens `path` for reading and checks the open file. A followed link
+    /// that leads nowhere is a file not found (as a config file named by a
+    /// link into an unmounted filesystem: there is none to read).
     pub fn open(&self, path: &Path) -> Result<File, TrustError> {
-        self.open_with(path, OpenOptions::new().read(true))
+        self.open_checked(path, OpenOptions::new().read(true), false)
     }
 
     /// Opens `path` with `options` and checks the open file. Opening never
@@ -23,11 +25,22 @@ impl Expect {
     /// `options` are replaced by the ones this needs (`O_NONBLOCK`,
     /// `O_NOCTTY`, `O_CLOEXEC`, and `O_NOFOLLOW` unless links are followed).
     pub fn open_with(&self, path: &Path, options: &mut OpenOptions) -> Result<File, TrustError> {
+        self.open_checked(path, options, true)
+    }
+
+    /// [`Expect::open_with`]; a followed link to nothing is refused only
+    /// when the options `may_create` a file (`OpenOptions` does not tell).
+    fn open_checked(
+        &self,
+        path: &Path,
+        options: &mut OpenOptions,
+        may_create: bool,
+    ) -> Result<File, TrustError> {
         let path = &crate::plain(path);
         let mut flags = libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
         if !self.follow {
             flags |= libc::O_NOFOLLOW;
-        } else if dangling(path) {
+        } else if may_create && dangling(path) {
             // Opening it to create would make a file wherever it leads.
             return Err(TrustError::refused(path, Problem::Symlink));
         }

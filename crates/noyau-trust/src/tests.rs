@@ -22,17 +22,7 @@ fn problem(e: &TrustError) -> Problem {
         .clone()
 }
 
-/// True when running as root; under CI, not being root fails the test.
-fn root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "this test needs root under CI"
-    );
-    false
-}
+use crate::testing::root;
 
 #[test]
 fn a_private_dir_is_made_0700_with_its_parents_and_found_again() {
@@ -347,6 +337,10 @@ fn misuses_are_refused_not_ignored() {
         .unwrap_err();
     assert_eq!(problem(&e), Problem::Symlink);
     assert!(!t.path().join("target").exists());
+    // Only read, it is a file not found (a config file's link into an
+    // unmounted filesystem: there is none to read), not a planted link.
+    let e = Expect::file().follow_links().open(&link).unwrap_err();
+    assert!(e.is_not_found(), "{e}");
 }
 
 /// As an `io::Error`: the kind of the I/O error kept, a refusal is
