@@ -281,7 +281,10 @@ def sessions(s, url: str) -> list[dict]:  # type: ignore[no-untyped-def]
 
 
 def wait_state(s, url: str, state: str, timeout: float = 120) -> dict:  # type: ignore[no-untyped-def]
-    """Polls the user's newest session until it is in `state`."""
+    """Polls the user's newest session until it is in `state`; "running"
+    with its time left: the agent's connection makes a session running at
+    once, its time left comes with the hub's next listing of the scheduler
+    (a poll interval later at most)."""
     seen: list[str] = []
 
     def check():  # type: ignore[no-untyped-def]
@@ -290,6 +293,8 @@ def wait_state(s, url: str, state: str, timeout: float = 120) -> dict:  # type: 
             seen.append(cur["state"])
         if cur["state"] == "ended" and state != "ended":
             raise AssertionError(f"the session ended: {cur}")
+        if state == "running" and cur["state"] == state and not cur["time_left"]:
+            return None
         return cur if cur["state"] == state else None
 
     got = lib.wait_until(check, timeout, f"the session to be {state} (seen {seen})", interval=0.3)
