@@ -60,6 +60,13 @@ impl Origin {
     }
 }
 
+/// The directory a file is in (`.` for a bare name).
+pub(crate) fn dir_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
 /// The text of the config file at `path` (at most `limit` bytes), None
 /// when there is none. `user_file` is named in a project file's refusal
 /// (where `trusted_projects` goes).
@@ -131,10 +138,7 @@ fn project_fix(path: &Path, problem: &Problem, user_file: Option<&Path>) -> Stri
               file of yours in a directory of yours (or ask its owner to remove it)"
             .to_string(),
     };
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = dir_of(path);
     let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.into());
     let user = user_file.map_or_else(
         || "your own config file (~/.config/noyau/config.toml)".into(),

@@ -403,8 +403,21 @@ pub fn project_file(dir: &Path) -> Result<Option<(PathBuf, String)>, ConfigError
 /// project's `[environment]` names that noyau reads itself (`lock_file`).
 pub fn project_text(path: &Path, limit: u64) -> Result<Option<String>, ConfigError> {
     let site = site_paths();
-    let trusted = Config::load_from(&site)?.trusted_projects;
-    read_project(path, &trusted, &site, limit)
+    read_project(path, site_trusted(&site)?, &site, limit)
+}
+
+/// The site files' `trusted_projects`, read once per process: one kernel
+/// start reads a project's noyau.toml, its `[environment]`, `[data]` and
+/// lock file, and each would read and parse the site files again. (A
+/// change to them takes effect at the next command or kernel start, as
+/// every other setting there.)
+fn site_trusted(site: &[PathBuf]) -> Result<&'static TrustedProjects, ConfigError> {
+    static TRUSTED: std::sync::OnceLock<TrustedProjects> = std::sync::OnceLock::new();
+    if let Some(t) = TRUSTED.get() {
+        return Ok(t);
+    }
+    let t = Config::load_from(site)?.trusted_projects;
+    Ok(TRUSTED.get_or_init(|| t))
 }
 
 /// The project file at `path`, trusted if its directory is in `trusted`;
@@ -416,10 +429,7 @@ fn read_project(
     site: &[PathBuf],
     limit: u64,
 ) -> Result<Option<String>, ConfigError> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = files::dir_of(path);
     let origin = Origin::Project {
         trusted: trusted.trusts(dir),
     };

@@ -7,7 +7,7 @@
 //! own /tmp, IPC and PID namespaces); the binds stay.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use noyau_trust::TrustError;
@@ -171,24 +171,13 @@ fn memo_digest(f: std::fs::File) -> Result<String, String> {
 
 /// Remembers `digest` at `memo`: written to a new file of the user's under
 /// a random name (never through a link planted at a name known in
-/// advance), then renamed into place. Losing the memo only costs the next
-/// start a hash: a failure is said, not an error.
+/// advance), then renamed into place (`noyau_trust::replace`). Losing the
+/// memo only costs the next start a hash: a failure is said, not an error.
 fn write_memo(cache: &Cache, memo: &Path, digest: &str, progress: crate::Progress<'_>) {
     let Some(dir) = memo.parent() else { return };
-    let tmp = dir.join(format!(
-        ".tmp-{}-{:016x}",
-        std::process::id(),
-        rand::random::<u64>()
-    ));
     let written = make_memo_dir(cache, dir)
-        .and_then(|_| {
-            let mut f = noyau_trust::create_private(&tmp, 0o644)?;
-            f.write_all(digest.as_bytes())
-                .map_err(|e| TrustError::io("write", &tmp, e))
-        })
-        .and_then(|_| std::fs::rename(&tmp, memo).map_err(|e| TrustError::io("rename", &tmp, e)));
+        .and_then(|()| noyau_trust::replace(memo, digest.as_bytes(), 0o644));
     if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
         let said = format!("warning: the image's digest is not remembered: {e}");
         tracing::warn!("{said}");
         progress(&said);
@@ -292,11 +281,7 @@ mod tests {
 
     #[test]
     fn a_memo_or_memo_dir_of_another_user_is_not_trusted() {
-        if noyau_trust::me() != 0 {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "this test needs root under CI"
-            );
+        if !noyau_trust::testing::root() {
             return;
         }
         const NOBODY: u32 = 65534;

@@ -605,15 +605,15 @@ impl Default for Notebook {
 /// that file with a notebook; or, behind the user's own link into a
 /// shared directory, replace the file it names with such a link. A link
 /// to nothing yet is followed to the file it names, which the save makes.
-fn followed(path: &Path) -> io::Result<PathBuf> {
+/// Also gives what is at that path, if anything.
+fn followed(path: &Path, me: u32) -> io::Result<(PathBuf, Option<fs::Metadata>)> {
     /// As the kernel's limit (`ELOOP` past it).
     const MAX_LINKS: usize = 40;
-    let me = nix::unistd::geteuid().as_raw();
     let mut at = path.to_path_buf();
     for _ in 0..=MAX_LINKS {
         let link = match fs::symlink_metadata(&at) {
             Ok(m) if m.file_type().is_symlink() => m,
-            _ => return Ok(at),
+            found => return Ok((at, found.ok())),
         };
         let owner = link.uid();
         if owner != me && owner != 0 {
@@ -658,7 +658,8 @@ pub fn write_atomic_with(
     path: &Path,
     fill: impl FnOnce(&mut File) -> io::Result<()>,
 ) -> io::Result<()> {
-    let target = followed(path)?;
+    let me = nix::unistd::geteuid().as_raw();
+    let (target, there) = followed(path, me)?;
     let name = target
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path names no file"))?
@@ -670,9 +671,8 @@ pub fn write_atomic_with(
     };
     // Another user's file (in a shared directory) lends no mode: a 0666
     // one would leave the user's notebook writable by all.
-    let old_perms = fs::symlink_metadata(&target)
-        .ok()
-        .filter(|m| m.is_file() && m.uid() == nix::unistd::geteuid().as_raw())
+    let old_perms = there
+        .filter(|m| m.is_file() && m.uid() == me)
         .map(|m| m.permissions());
 
     let (mut file, tmp) = create_temp(&dir, &name)?;

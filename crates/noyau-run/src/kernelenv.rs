@@ -21,8 +21,7 @@
 
 use noyau_vars::EnvVars;
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -248,20 +247,7 @@ fn write_spec(at: &Path, dir: &Path) -> Result<(), RunError> {
 /// A file of the kernel being made, new, 0644 whatever the umask (the
 /// kernelspec replaces the one ipykernel's wheel installs there).
 fn kernel_file(path: &Path, bytes: &[u8]) -> Result<(), RunError> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(RunError::io("cannot replace", path)(e))
-        }
-        _ => {}
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .open(path)
-        .map_err(RunError::io("cannot write", path))?;
-    f.write_all(bytes)
-        .map_err(RunError::io("cannot write", path))
+    noyau_trust::replace(path, bytes, 0o644).map_err(|e| bad(e.to_string()))
 }
 
 #[cfg(test)]
@@ -308,11 +294,7 @@ mod tests {
         assert!(e.contains("is writable by its group or others"), "{e}");
         std::fs::set_permissions(&json, std::fs::Permissions::from_mode(0o644)).unwrap();
         // Another user's marker (or kernel): giving it away needs root.
-        if noyau_trust::me() != 0 {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "this test needs root under CI"
-            );
+        if !noyau_trust::testing::root() {
             return;
         }
         std::os::unix::fs::chown(dir.join(COMPLETE), Some(65534), None).unwrap();

@@ -115,6 +115,34 @@ pub(crate) fn still_at(path: &Path, f: &std::fs::File) -> bool {
     }
 }
 
+/// A lock on a file that is removed when the lock is let go, while still
+/// held: no other process takes the file for one left by a killed holder
+/// meanwhile, and files do not pile up. Safe because a waiter checks,
+/// once it holds a lock, that the path still names the file it locked
+/// ([`still_at`]).
+#[derive(Debug)]
+pub(crate) struct RemovedLock {
+    path: PathBuf,
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl RemovedLock {
+    pub(crate) fn new(path: PathBuf, lock: nix::fcntl::Flock<std::fs::File>) -> RemovedLock {
+        RemovedLock { path, _lock: lock }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn file(&self) -> &std::fs::File {
+        &self._lock
+    }
+}
+
+impl Drop for RemovedLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// Calls `attempt` until it holds what it tries for (`Ok`), each call in a
 /// blocking thread (a lock on a network filesystem may hang), sleeping
 /// between calls from 5 ms doubling to `max_pause`. No thread is held

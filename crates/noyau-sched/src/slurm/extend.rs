@@ -239,26 +239,15 @@ async fn hold(id: &str) -> Option<ExtendLock> {
 }
 
 /// The lock of an extend: its file is removed when the extend is done,
-/// while still locked, so that one per job ever extended does not pile up
-/// in STATE/locks. That is safe because a waiter checks, once it holds a
-/// lock, that the path still names the file it locked, and otherwise
-/// locks the one there now (see `shared::take_lock`).
-#[derive(Debug)]
-struct ExtendLock {
-    path: std::path::PathBuf,
-    _lock: nix::fcntl::Flock<std::fs::File>,
-}
-
-impl Drop for ExtendLock {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
+/// so that one per job ever extended does not pile up in STATE/locks (a
+/// waiter that opened it before locks the one there now: see
+/// `shared::take_lock`).
+type ExtendLock = crate::paths::RemovedLock;
 
 /// [`hold`] of the lock file `path`.
 async fn hold_at(path: std::path::PathBuf) -> Option<ExtendLock> {
     match crate::shared::take_lock(path.clone(), LOCK_PATIENCE).await {
-        Some(lock) => Some(ExtendLock { path, _lock: lock }),
+        Some(lock) => Some(ExtendLock::new(path, lock)),
         None => {
             tracing::warn!("no lock {}: the extend goes on without it", path.display());
             None
@@ -423,7 +412,7 @@ mod tests {
             .unwrap()
             .expect("the second lock");
         assert!(
-            crate::paths::still_at(&path, &second._lock),
+            crate::paths::still_at(&path, second.file()),
             "the second holds a lock on a removed file"
         );
         let third = crate::shared::take_lock(path.clone(), std::time::Duration::from_millis(300));

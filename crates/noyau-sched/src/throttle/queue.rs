@@ -43,17 +43,22 @@ type Key = (u64, u32);
 /// A waiter's place in the queue, given up (its file removed) when dropped.
 #[derive(Debug)]
 pub(super) struct Place {
-    path: PathBuf,
     dir: PathBuf,
     prefix: String,
     key: Key,
     /// The place just ahead, open, while its waiter waits.
     ahead: Option<File>,
+    /// No live place was ahead when last looked: none can come ahead since
+    /// (later places are further back), so the directory is not listed
+    /// again (but for one made at the same instant, with the same SEQ).
+    front: bool,
     /// The first in line as last seen, and since when.
     first: Option<(Key, Instant)>,
     /// How long a first in line may stay first ([`STUCK`]).
     stuck: Duration,
-    _lock: Flock<File>,
+    /// The place's file, locked, removed with the place while still
+    /// locked, so that no waiter behind takes it for a killed waiter's.
+    _lock: crate::paths::RemovedLock,
 }
 
 /// How many places a waiter tries to make: one is missed only when a
@@ -71,14 +76,14 @@ impl Place {
             let path = dir.join(format!("{prefix}{seq}-{pid}.lock"));
             if let Some(lock) = make_and_lock(&path)? {
                 return Ok(Place {
-                    path,
                     dir: dir.into(),
                     prefix,
                     key: (seq, pid),
                     ahead: None,
+                    front: false,
                     first: None,
                     stuck,
-                    _lock: lock,
+                    _lock: crate::paths::RemovedLock::new(path, lock),
                 });
             }
         }
@@ -91,6 +96,9 @@ impl Place {
     /// Whether this waiter may try the slots now: no waiter that came
     /// before still waits, or the first in line is stuck (blocking).
     pub(super) fn may_try(&mut self) -> bool {
+        if self.front {
+            return true;
+        }
         if let Some(f) = self.ahead.take() {
             // (its lock free: served, gone or killed; look again)
             if let Err((f, Errno::EWOULDBLOCK)) = Flock::lock(f, FlockArg::LockExclusiveNonblock) {
@@ -99,7 +107,8 @@ impl Place {
             }
         }
         self.ahead = self.live(true).map(|(_, f)| f);
-        self.ahead.is_none()
+        self.front = self.ahead.is_none();
+        self.front
     }
 
     /// Whether the first in line has been first for longer than `stuck`
@@ -143,14 +152,6 @@ impl Place {
                 _ => None,
             }
         })
-    }
-}
-
-impl Drop for Place {
-    /// The file goes while still locked, so that no waiter behind takes
-    /// it for a killed waiter's meanwhile.
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 
