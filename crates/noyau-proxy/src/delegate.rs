@@ -77,14 +77,7 @@ impl Proxy {
             return;
         };
         let t = self.targets.map.get_mut(&m.target).expect("just started");
-        t.running.insert(
-            id,
-            RunningCell {
-                cell,
-                announced: m.quiet,
-                count: None,
-            },
-        );
+        t.running.insert(id, RunningCell::new(cell, m.quiet));
         t.idle.touch();
         if t.state == State::Queued && t.note.is_none() {
             t.note = Some((msg.header.clone(), noyau_magic::note::Note::new()));
@@ -120,7 +113,8 @@ impl Proxy {
         let outbox = host.done();
         self.flush(outbox).await;
         let text = format!("target {name} ended: {why}");
-        for (_, running) in std::mem::take(&mut t.running) {
+        let unanswered = std::mem::take(&mut t.running).into_values();
+        for running in unanswered.filter(|c| !c.replied) {
             let failure = Failure {
                 reply_type: "execute_reply",
                 ename: "NoyauTargetError",
@@ -216,7 +210,7 @@ impl Proxy {
         let msg_type = msg.peek_header().map(|h| h.msg_type).unwrap_or_default();
         if let Some(t) = self.targets.map.get_mut(name) {
             if let Some(c) = t.running.get_mut(&parent) {
-                renumber_cell(&mut msg, c, &mut self.out);
+                renumber_cell(&mut msg, &msg_type, c, &mut self.out);
             }
         }
         self.out.signer.resign(&mut msg);
@@ -235,6 +229,9 @@ impl Proxy {
                     c.announced = true;
                     first
                 });
+            if is_idle(&msg_type, &msg) {
+                t.cell_ended(&parent, false);
+            }
             let where_line = t.where_line();
             let parent_header = msg.parent_header.clone();
             self.out.publish(msg).await;
@@ -249,7 +246,7 @@ impl Proxy {
             return;
         }
         if msg_type == "execute_reply" {
-            t.running.remove(&parent);
+            t.cell_ended(&parent, true);
             t.idle.touch();
         }
         self.out.send(lane, msg).await;
@@ -257,21 +254,31 @@ impl Proxy {
 }
 
 /// A target cell shows the notebook's execution count, not its target's:
-/// it takes the notebook's next count when it starts (its execute_input),
-/// and the notebook kernel's later counts shift by one.
-fn renumber_cell(msg: &mut RawMessage, c: &mut RunningCell, out: &mut crate::answer::Answers) {
-    let count = match c.count {
-        Some(n) => n,
-        None if msg
-            .peek_header()
-            .is_ok_and(|h| h.msg_type == "execute_input") =>
-        {
-            let n = out.exec_count + 1;
-            (out.exec_count, c.count) = (n, Some(n));
-            out.delegated += 1;
-            n
-        }
-        None => return,
+/// it takes the notebook's next count with its first execute_input or
+/// execute_reply, and the notebook kernel's later counts shift by one.
+fn renumber_cell(
+    msg: &mut RawMessage,
+    msg_type: &str,
+    c: &mut RunningCell,
+    out: &mut crate::answer::Answers,
+) {
+    let next = || {
+        out.exec_count += 1;
+        out.delegated += 1;
+        out.exec_count
     };
-    crate::answer::renumber(msg, |_| count);
+    if let Some(count) = c.count(msg_type, next) {
+        crate::answer::renumber(msg, |_| count);
+    }
+}
+
+/// An IOPub `status` message saying `idle`.
+fn is_idle(msg_type: &str, msg: &RawMessage) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Status<'a> {
+        #[serde(borrow)]
+        execution_state: &'a str,
+    }
+    msg_type == "status"
+        && serde_json::from_slice::<Status>(&msg.content).is_ok_and(|s| s.execution_state == "idle")
 }

@@ -77,13 +77,54 @@ pub struct Target {
 }
 
 /// A cell running on a target, for its where-line and for error replies
-/// should the target go away.
+/// should the target go away. It stays in the table until both its
+/// execute_reply and its IOPub `idle` have come: the link sends shell ahead
+/// of IOPub, so the reply may overtake the cell's execute_input, which
+/// still needs the cell's count and where-line.
 pub struct RunningCell {
     pub cell: crate::answer::Cell,
     /// The where-line was shown (or is not wanted).
     pub announced: bool,
-    /// The notebook's execution count given to the cell when it started.
-    pub count: Option<i64>,
+    /// The notebook's execution count given to the cell.
+    count: Option<i64>,
+    /// Its execute_reply has gone to the frontend.
+    pub replied: bool,
+    /// Its IOPub `idle` has come.
+    idle: bool,
+}
+
+impl RunningCell {
+    pub fn new(cell: crate::answer::Cell, announced: bool) -> RunningCell {
+        RunningCell {
+            cell,
+            announced,
+            count: None,
+            replied: false,
+            idle: false,
+        }
+    }
+
+    /// The notebook's count for the cell's message of type `msg_type`
+    /// (None for a message that shows none): the first of the cell's
+    /// execute_input and execute_reply takes it from `next`, and every
+    /// later message shows the same.
+    pub fn count(&mut self, msg_type: &str, next: impl FnOnce() -> i64) -> Option<i64> {
+        if self.count.is_none() && matches!(msg_type, "execute_input" | "execute_reply") {
+            self.count = Some(next());
+        }
+        self.count
+    }
+
+    /// Notes the cell's reply (`by_reply`) or its IOPub idle; true once
+    /// both have come (the cell is over).
+    fn ended(&mut self, by_reply: bool) -> bool {
+        if by_reply {
+            self.replied = true;
+        } else {
+            self.idle = true;
+        }
+        self.replied && self.idle
+    }
 }
 
 impl Target {
@@ -159,10 +200,25 @@ impl Target {
         match self.state {
             State::Queued => "queued",
             State::Starting => "starting",
-            State::Ready if self.running.is_empty() => "idle",
+            State::Ready if !self.busy() => "idle",
             State::Ready => "busy",
             State::Releasing => "releasing",
         }
+    }
+
+    /// Notes cell `msg_id`'s reply (`by_reply`) or its IOPub idle: the
+    /// cell leaves the table once both have come.
+    pub fn cell_ended(&mut self, msg_id: &str, by_reply: bool) {
+        if let Some(c) = self.running.get_mut(msg_id) {
+            if c.ended(by_reply) {
+                self.running.remove(msg_id);
+            }
+        }
+    }
+
+    /// A cell of the notebook waits for this target's reply.
+    pub fn busy(&self) -> bool {
+        self.running.values().any(|c| !c.replied)
     }
 
     /// The line telling where a cell ran.
@@ -355,7 +411,7 @@ impl Targets {
             if t.state == State::Releasing {
                 continue;
             }
-            if !t.running.is_empty() || matches!(t.state, State::Queued | State::Starting) {
+            if t.busy() || matches!(t.state, State::Queued | State::Starting) {
                 t.idle.touch();
             } else if t.idle.due(limit) {
                 let after = t.idle.idle_for();
@@ -386,7 +442,7 @@ impl Targets {
     /// cancelled); false when none is busy (it goes to the notebook's kernel).
     pub fn interrupt(&mut self, frames: &[Bytes]) -> bool {
         let mut any = false;
-        for t in self.map.values_mut().filter(|t| !t.running.is_empty()) {
+        for t in self.map.values_mut().filter(|t| t.busy()) {
             any = true;
             if t.state == State::Queued {
                 // Interrupting a cell that waits for its job cancels the job.
@@ -409,5 +465,43 @@ mod tests {
         let out: Value = serde_json::from_slice(&with_code(c, "1").unwrap()).unwrap();
         assert_eq!(out["code"], "1");
         assert_eq!(out["x-unknown"], serde_json::json!([1]));
+    }
+
+    fn cell() -> RunningCell {
+        let msg = noyau_wire::RawMessage::from_frames(vec![
+            Bytes::from_static(b"<IDS|MSG>"),
+            Bytes::new(),
+            Bytes::from_static(br#"{"msg_id":"a","msg_type":"execute_request"}"#),
+            Bytes::from_static(b"{}"),
+            Bytes::from_static(b"{}"),
+            Bytes::from_static(b"{}"),
+        ])
+        .unwrap();
+        RunningCell::new(crate::answer::Cell::of(&msg), false)
+    }
+
+    #[test]
+    fn a_reply_ahead_of_its_input_takes_the_count_once() {
+        let mut c = cell();
+        let mut taken = 0;
+        let mut next = || {
+            taken += 1;
+            7
+        };
+        assert_eq!(c.count("status", &mut next), None);
+        assert_eq!(c.count("execute_reply", &mut next), Some(7));
+        assert!(!c.ended(true), "the cell's IOPub is still to come");
+        assert_eq!(c.count("execute_input", &mut next), Some(7));
+        assert_eq!(c.count("execute_result", &mut next), Some(7));
+        assert!(c.ended(false));
+        assert_eq!(taken, 1);
+    }
+
+    #[test]
+    fn a_cell_is_over_after_its_reply_and_its_idle_in_either_order() {
+        let mut c = cell();
+        assert!(!c.ended(false), "idle before the reply: not over");
+        assert!(c.ended(true));
+        assert!(c.replied);
     }
 }
