@@ -194,6 +194,77 @@ def _link_hello(addr: str, token: str) -> tuple[str, int, bytes]:
 REFUSED = 4
 
 
+# Another user's squatter on the link's port: it finds the user's listener in
+# /proc/net/tcp (readable by all: port, state, uid), then tries to bind the
+# port as fast as it can until its stdin closes. Prints "seen", then
+# "bound" if it ever got the port, and last how many binds failed.
+SQUAT = r"""
+import select, socket, sys
+ip, port, uid = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+rows = [line.split() for line in open("/proc/net/tcp").read().splitlines()[1:]]
+listeners = [r for r in rows if r[3] == "0A" and int(r[1].split(":")[1], 16) == port]
+print("seen" if any(r[7] == uid for r in listeners) else "unseen", flush=True)
+failed = 0
+while not select.select([sys.stdin], [], [], 0)[0]:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((ip, port))
+        s.listen()
+    except OSError:
+        s.close()
+        failed += 1
+        continue
+    print("bound", flush=True)
+    sys.stdin.read()
+print(failed, flush=True)
+"""
+
+
+def test_a_squatter_never_gets_the_link_port_while_the_kernel_restarts(
+        noyau_kernelspec: str, tmp_path: Path) -> None:
+    """A restart ends the proxy and starts the next one, which must listen
+    on the same address for the agent. Another user (`nobody`) who saw the
+    port in /proc/net/tcp binds it in a loop to take it between the two: the
+    next proxy could then not listen, and the agent would give up and end
+    its job. The leaving proxy's keeper holds the listening socket until the
+    next proxy takes it: the squatter never binds, and the restarted kernel
+    runs cells with the same agent."""
+    if os.geteuid() != 0:
+        lib.missing("squatting the link's port as another user (runuser -u nobody) needs root")
+    log = tmp_path / "proxy.log"
+    err = log.open("w")  # open for the restart's launch too
+    k = lib.Kernel(noyau_kernelspec, stderr=err)
+    try:
+        reply, _ = k.run("marker = 1")
+        assert reply["content"]["status"] == "ok"
+        (agent,) = lib.wait_until(k.agents, 10, "the agent")
+        ip, port = lib.environ(agent)["NOYAU_LINK_ADDR"].rsplit(":", 1)
+        squatter = subprocess.Popen(["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c", SQUAT,
+                                     ip, port, str(os.getuid())],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert squatter.stdin and squatter.stdout
+        try:
+            # It found the port as an attacker would, and is looping on it.
+            assert squatter.stdout.readline() == "seen\n"
+            k.km.restart_kernel(now=False)
+            k.kc.wait_for_ready(timeout=60)
+            reply, _ = k.run("marker")
+            assert reply["content"]["ename"] == "NameError", reply["content"]  # a fresh kernel
+            reply, iopub = k.run("20+22")
+            assert reply["content"]["status"] == "ok", reply["content"]
+            assert [m["content"]["data"]["text/plain"] for m in iopub if m["msg_type"] == "execute_result"] == ["42"]
+            assert k.agents() == {agent}, "the restart did not keep the agent"
+        finally:
+            out, _ = squatter.communicate("", timeout=30)
+        lines = out.split()
+        assert "bound" not in lines, f"the squatter took the link's port; proxy log: {log.read_text()[-3000:]}"
+        assert int(lines[-1]) > 0, "the squatter never tried"
+    finally:
+        k.shutdown()
+        err.close()
+
+
 def test_link_refuses_wrong_token_replay_and_wrong_certificate(noyau_kernelspec: str, noyau_bin: str,
                                                                 tmp_path: Path) -> None:
     log = tmp_path / "proxy.log"

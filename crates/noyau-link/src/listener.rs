@@ -9,6 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -56,6 +57,8 @@ struct Registry {
 /// can no longer reconnect.
 pub struct LinkListener {
     local_addr: SocketAddr,
+    /// The listening socket, shared with the accept loop, for [`Self::dup_socket`].
+    tcp: Arc<TcpListener>,
     pin: String,
     registry: Arc<Registry>,
     new_links: mpsc::Receiver<Link>,
@@ -83,24 +86,60 @@ impl LinkListener {
         identity: ServerIdentity,
         cfg: LinkConfig,
     ) -> Result<Self, LinkError> {
-        let pin = identity.pin()?;
-        let acceptor = TlsAcceptor::from(Arc::new(identity.server_config()?));
         let tcp = TcpListener::bind(addr)
             .await
             .map_err(|e| LinkError::io(format!("binding the link listener to {addr}"), e))?;
+        Self::serve(tcp, identity, cfg)
+    }
+
+    /// Serves on a socket already listening (one a previous proxy kept
+    /// for this one): the caller has checked what it is.
+    pub fn from_std(
+        tcp: std::net::TcpListener,
+        identity: ServerIdentity,
+        cfg: LinkConfig,
+    ) -> Result<Self, LinkError> {
+        let adopted = tcp
+            .set_nonblocking(true)
+            .and_then(|()| TcpListener::from_std(tcp));
+        let tcp = adopted.map_err(|e| LinkError::io("adopting a listening socket", e))?;
+        Self::serve(tcp, identity, cfg)
+    }
+
+    fn serve(
+        tcp: TcpListener,
+        identity: ServerIdentity,
+        cfg: LinkConfig,
+    ) -> Result<Self, LinkError> {
+        let pin = identity.pin()?;
+        let acceptor = TlsAcceptor::from(Arc::new(identity.server_config()?));
         let local_addr = tcp
             .local_addr()
             .map_err(|e| LinkError::io("reading the listener address", e))?;
+        let tcp = Arc::new(tcp);
         let registry = Arc::new(Registry::default());
         let (tx, new_links) = mpsc::channel(16);
-        let accept_task = tokio::spawn(accept_loop(tcp, acceptor, registry.clone(), tx, cfg));
+        let accept_task = tokio::spawn(accept_loop(
+            tcp.clone(),
+            acceptor,
+            registry.clone(),
+            tx,
+            cfg,
+        ));
         Ok(LinkListener {
             local_addr,
+            tcp,
             pin,
             registry,
             new_links,
             accept_task,
         })
+    }
+
+    /// A second descriptor of the listening socket, for a process that
+    /// keeps the port listening once this one is gone.
+    pub fn dup_socket(&self) -> std::io::Result<OwnedFd> {
+        self.tcp.as_fd().try_clone_to_owned()
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -158,7 +197,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 async fn accept_loop(
-    tcp: TcpListener,
+    tcp: Arc<TcpListener>,
     acceptor: TlsAcceptor,
     registry: Arc<Registry>,
     new_links: mpsc::Sender<Link>,

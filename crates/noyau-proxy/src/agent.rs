@@ -5,7 +5,7 @@
 
 use noyau_vars::EnvVars;
 use std::collections::{BTreeMap, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,7 +17,7 @@ use noyau_link::{
 use noyau_sched::JobState;
 
 use crate::answer::Answers;
-use crate::{handover, ProxyConfig, ProxyError};
+use crate::{handover, keeper, ProxyConfig, ProxyError};
 
 /// How long a detached agent waits for the next proxy (the agent's
 /// default, 30 s, unless set); the proxy trusts a handover record for as
@@ -117,6 +117,8 @@ pub(crate) struct AgentSide {
     pub env_held: String,
     backend: String,
     connection_file: PathBuf,
+    /// For the keeper of the link's port at a handover ([`keeper`]).
+    noyau_exe: PathBuf,
 }
 
 impl AgentSide {
@@ -133,17 +135,16 @@ impl AgentSide {
         let (listener, identity, advertise, watch) = match previous {
             Some(h) => {
                 tracing::info!(agent = ?h.agent_pid, "taking over the agent of the previous proxy");
-                let listener = LinkListener::bind(h.link_addr, h.identity.clone(), link_cfg)
-                    .await
-                    .map_err(|source| ProxyError::Listen {
-                        addr: h.link_addr,
-                        source,
-                    })?;
+                let listener = relisten(&path, &h, link_cfg).await?;
                 listener.add_token(&h.token);
                 let watch = adopt(&h);
                 (listener, h.identity, h.advertise, watch)
             }
             None => {
+                // A port kept for a record not used (stale, refused, its
+                // agent gone) is let go now, not at the end of its keeper's
+                // grace: a fixed `--link-bind` port is wanted again.
+                drop(fetch_kept(&path).await);
                 let env = job_env(None, Lines::Hold(&mut env_held)).await?;
                 let a = start_agent(launch(cfg, env), link_cfg).await?;
                 (a.listener, a.identity, a.advertise, a.watch)
@@ -160,6 +161,7 @@ impl AgentSide {
             env_held,
             backend: cfg.backend.clone(),
             connection_file: cfg.connection_file.clone(),
+            noyau_exe: cfg.noyau_exe.clone(),
         })
     }
 
@@ -224,6 +226,61 @@ impl AgentSide {
     }
 }
 
+/// The listening socket the previous proxy's keeper holds for the
+/// record at `record`, if one does.
+async fn fetch_kept(record: &Path) -> Result<std::net::TcpListener, keeper::KeeperError> {
+    let socket = keeper::socket_path(record);
+    tokio::task::spawn_blocking(move || keeper::fetch(&socket))
+        .await
+        .unwrap_or_else(|e| {
+            Err(keeper::KeeperError::Io {
+                what: "fetching the kept socket".into(),
+                source: std::io::Error::other(e),
+            })
+        })
+}
+
+/// The link's listener again, on the previous proxy's address: its
+/// listening socket, from its keeper; else, when there is none (it was
+/// killed, or could not start), the address bound anew, which another
+/// process may have taken while no one held it.
+async fn relisten(
+    record: &Path,
+    h: &handover::Handover,
+    cfg: LinkConfig,
+) -> Result<LinkListener, ProxyError> {
+    let addr = h.link_addr;
+    let kept = fetch_kept(record)
+        .await
+        .and_then(|tcp| match tcp.local_addr() {
+            Ok(a) if a == addr => Ok(tcp),
+            Ok(a) => Err(keeper::KeeperError::NotListening(format!(
+                "bound to {a}, not {addr}"
+            ))),
+            Err(e) => Err(keeper::KeeperError::NotListening(e.to_string())),
+        });
+    let why = match kept {
+        Ok(tcp) => {
+            return LinkListener::from_std(tcp, h.identity.clone(), cfg)
+                .map_err(|source| ProxyError::Listen { addr, source })
+        }
+        Err(why) => Box::new(why),
+    };
+    tracing::warn!(
+        "the previous proxy's link socket was not kept for this one ({why}); binding {addr} again"
+    );
+    LinkListener::bind(addr, h.identity.clone(), cfg)
+        .await
+        .map_err(|source| match &source {
+            noyau_link::LinkError::Io { source: e, .. }
+                if e.kind() == std::io::ErrorKind::AddrInUse =>
+            {
+                ProxyError::PortTaken { addr, why }
+            }
+            _ => ProxyError::Relisten { addr, why, source },
+        })
+}
+
 /// The agent a handover record names, followed as well as it can be.
 fn adopt(h: &handover::Handover) -> AgentWatch {
     match (h.backend.as_str(), h.agent_pid) {
@@ -257,9 +314,9 @@ impl AgentSide {
     /// Leaves the agent (and its allocation) to the next proxy for this
     /// connection file.
     pub async fn hand_over(&mut self) {
-        let Some(link) = self.link.as_mut() else {
+        if self.link.is_none() {
             return;
-        };
+        }
         let token = self.next_token.clone();
         let record = handover::Handover {
             link_addr: self.listener.local_addr(),
@@ -271,12 +328,17 @@ impl AgentSide {
             job_id: self.watch.job_id().unwrap_or_default().to_string(),
             written_at: handover::stamp(),
         };
-        let written = handover::path_for(&self.connection_file)
-            .and_then(|path| handover::write(&path, &record));
+        let written = handover::path_for(&self.connection_file).and_then(|path| {
+            self.keep_port(&path);
+            handover::write(&path, &record)
+        });
         if let Err(e) = written {
             tracing::warn!("cannot hand the agent over: {e}");
             return;
         }
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
         let _ = link
             .sender()
             .send(Lane::Control, envelope::event(&Event::Detach { token }));
@@ -286,6 +348,28 @@ impl AgentSide {
         }
         if let Some(link) = self.link.take() {
             link.close().await;
+        }
+    }
+
+    /// Has a keeper hold the link's port for the next proxy ([`keeper`]).
+    fn keep_port(&self, record: &Path) {
+        let kept = self
+            .listener
+            .dup_socket()
+            .map_err(|source| keeper::KeeperError::Io {
+                what: "duplicating the link's socket".into(),
+                source,
+            })
+            .and_then(|fd| {
+                let socket = keeper::socket_path(record);
+                let hold = keeper::Hold {
+                    grace: reattach_grace(),
+                    agent: self.watch.pid(),
+                };
+                keeper::spawn(&self.noyau_exe, fd, &socket, hold)
+            });
+        if let Err(e) = kept {
+            tracing::warn!("the link's port is not kept for the next proxy: {e}; it is free until that proxy listens again, and another process could take it");
         }
     }
 
@@ -330,5 +414,70 @@ async fn detach_ack(link: &mut Link) {
             Some(Incoming::Event(LinkEvent::Closed(_))) | None => return,
             Some(Incoming::Event(_)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::OwnedFd;
+
+    fn record(link_addr: std::net::SocketAddr) -> handover::Handover {
+        handover::Handover {
+            link_addr,
+            advertise: "localhost".into(),
+            identity: ServerIdentity::generate(&[]).unwrap(),
+            token: "t".into(),
+            agent_pid: None,
+            backend: "local".into(),
+            job_id: "1".into(),
+            written_at: handover::stamp(),
+        }
+    }
+
+    /// A keeper (in this process) handing `tcp` over at `record`'s socket.
+    fn keeper_at(record: &Path, tcp: std::net::TcpListener) -> tokio::task::JoinHandle<()> {
+        let socket = keeper::socket_path(record);
+        let _ = std::fs::remove_file(&socket);
+        let unix = tokio::net::UnixListener::bind(socket).unwrap();
+        tokio::spawn(async move { keeper::hand(&unix, &OwnedFd::from(tcp)).await })
+    }
+
+    #[tokio::test]
+    async fn the_kept_socket_is_served_and_a_port_taken_without_it_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("handover-x.json");
+        let kept = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let h = record(kept.local_addr().unwrap());
+        let keeper = keeper_at(&path, kept);
+        let listener = relisten(&path, &h, LinkConfig::default()).await.unwrap();
+        assert_eq!(listener.local_addr(), h.link_addr);
+        keeper.await.unwrap();
+
+        // No keeper, and the port taken meanwhile by another process.
+        let e = relisten(&path, &h, LinkConfig::default())
+            .await
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(e, ProxyError::PortTaken { .. }), "{text}");
+        assert!(
+            text.starts_with("another process took the link's port")
+                && text.contains("no link keeper answers at"),
+            "{text}"
+        );
+
+        // A keeper handing over a socket on another address: not used
+        // (and the port is still taken).
+        let elsewhere = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let keeper = keeper_at(&path, elsewhere);
+        let e = relisten(&path, &h, LinkConfig::default())
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains(&format!(", not {}", h.link_addr)),
+            "{e}"
+        );
+        keeper.await.unwrap();
+        drop(listener);
     }
 }

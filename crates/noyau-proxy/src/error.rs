@@ -22,6 +22,17 @@ pub enum ProxyError {
         addr: SocketAddr,
         source: noyau_link::LinkError,
     },
+    #[error("another process took the link's port {addr} while the kernel restarted, so the agent cannot come back: it ends after its grace period, and its job with it (the previous proxy's listening socket was not kept for this one: {why}). Restart the kernel again to start a new agent; `ss -ltnp` shows who holds the port")]
+    PortTaken {
+        addr: SocketAddr,
+        why: Box<crate::keeper::KeeperError>,
+    },
+    #[error("cannot listen for the agent on {addr} again (the previous proxy's listening socket was not kept for this one: {why})")]
+    Relisten {
+        addr: SocketAddr,
+        why: Box<crate::keeper::KeeperError>,
+        source: noyau_link::LinkError,
+    },
     #[error("the kernel's working directory: {0}")]
     Cwd(std::io::Error),
     #[error(transparent)]

@@ -7,6 +7,7 @@
 //! named after the connection file) with the link's address, certificate and
 //! a fresh one-time token it has also sent to the agent; the next proxy for
 //! the same connection file takes the record, listens on the same address
+//! (on the very socket, which a keeper held in between: [`crate::keeper`])
 //! with the same certificate, and the agent dials in with that token.
 
 use std::io::Write;

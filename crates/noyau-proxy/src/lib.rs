@@ -32,7 +32,8 @@
 //! or the agent dies, every request still waiting gets an error reply that
 //! says what happened, and the IOPub stream says it too. When the frontend
 //! restarts the kernel, the proxy hands the agent over to the next proxy
-//! process ([`handover`]) so the allocation is kept.
+//! process ([`handover`]), and its listening socket through a keeper
+//! process ([`keeper`]), so the allocation is kept.
 
 mod agent;
 mod answer;
@@ -44,6 +45,7 @@ mod events;
 pub mod frontend;
 pub mod handover;
 mod idle;
+pub mod keeper;
 mod magic;
 mod queued;
 mod relay;

@@ -36,7 +36,8 @@ impl EnvVars {
     /// for the local backend); also the Dask cluster's owner grace.
     pub const NOYAU_LINK_GIVE_UP: &'static str = "NOYAU_LINK_GIVE_UP";
     /// Seconds a detached agent waits for the next proxy, and for which
-    /// the proxy trusts a handover record (30; 10 for the local backend).
+    /// the proxy trusts a handover record and its keeper holds the link's
+    /// port (30; 10 for the local backend's agent).
     pub const NOYAU_REATTACH_GRACE: &'static str = "NOYAU_REATTACH_GRACE";
     /// MiB of output an agent keeps while its link is down (256).
     pub const NOYAU_LINK_BUFFER_MB: &'static str = "NOYAU_LINK_BUFFER_MB";

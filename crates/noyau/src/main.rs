@@ -56,11 +56,25 @@ enum Command {
     /// A Dask scheduler or worker of `%noyau dask up` (run by noyau in a job, not by hand)
     #[command(hide = true)]
     DaskJob(DaskJobArgs),
+    /// Hold a restarting kernel's link port for its next proxy (run by
+    /// `noyau kernel`, its sockets as stdin and stdout; not by hand)
+    #[command(hide = true)]
+    LinkKeeper(LinkKeeperArgs),
     /// Submit a hub session's job as this user, where the scheduler's
     /// submission writes the user's files (run by `noyau hub` through
     /// `submit_as`, the job as JSON on stdin; not by hand)
     #[command(hide = true)]
     HubSubmit,
+}
+
+#[derive(clap::Args)]
+struct LinkKeeperArgs {
+    /// Let the port go after this many seconds
+    #[arg(long = "for", value_name = "SECONDS")]
+    grace: u64,
+    /// Or once this process (a local agent) has ended
+    #[arg(long, value_name = "PID")]
+    while_pid: Option<u32>,
 }
 
 #[derive(clap::Args)]
@@ -323,6 +337,12 @@ fn main() {
         Command::Ps(a) => block_on(jobs::ps(a.backend.as_deref())),
         Command::Cancel(a) => block_on(jobs::cancel(a.backend.as_deref(), &a.id)),
         Command::Extend(a) => block_on(jobs::extend(a.backend.as_deref(), &a.id, &a.duration)),
+        Command::LinkKeeper(a) => block_on(noyau_proxy::keeper::keep(noyau_proxy::keeper::Hold {
+            grace: std::time::Duration::from_secs(a.grace),
+            agent: a.while_pid,
+        }))
+        .map(|()| 0)
+        .map_err(Into::into),
         Command::HubSubmit => block_on(noyau_sched::serve_submit_request())
             .map(|()| 0)
             .map_err(Into::into),
