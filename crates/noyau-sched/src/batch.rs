@@ -34,6 +34,8 @@ pub enum Scope {
 pub struct JobInfo {
     /// As the scheduler names it; an array task's id names its task (Slurm: `12_3`).
     pub id: String,
+    /// As its owner named it; empty in Slurm's listing of every user's jobs
+    /// ([`Scope::All`]), which asks for no names (see `slurm.rs`).
     pub name: String,
     pub state: JobState,
     /// The scheduler's own word for the state (`RUNNING`, `Waiting`…), for people.

@@ -246,8 +246,8 @@ impl Scheduler {
         throttled_cancel(self.as_user.is_some(), self.imp().cancel(ids, self.user())).await
     }
 
-    /// The noyau jobs (names `noyau-…`) of this handle's scope that have
-    /// not ended, in one listing call.
+    /// The noyau jobs (names `noyau-…`) of this user's that have not
+    /// ended, in one listing call ([`Scope::All`] lists no names on Slurm).
     pub async fn list(&self) -> Result<Vec<JobInfo>, SchedError> {
         Ok(self
             .imp()
