@@ -111,6 +111,11 @@ impl Commands {
         self.paths.insert(name.into(), path);
     }
 
+    /// The commands given a path, by name.
+    pub(crate) fn paths(&self) -> &BTreeMap<String, PathBuf> {
+        &self.paths
+    }
+
     /// The command `name`, ready for its arguments.
     pub(crate) fn cmd(&self, name: &str) -> Cmd {
         let path = self

@@ -8,7 +8,9 @@
 //!   the job name, which other users can read. Where the site's
 //!   `SBATCH_EXPORT` or the profile's `sbatch` options say `--export=NONE`
 //!   (or a list without ALL), they go in a 0600 file the script sources,
-//!   as on OAR (`jobfiles.rs`). Jobs are `--no-requeue`.
+//!   as on OAR (`jobfiles.rs`). Jobs are `--no-requeue`. As another user
+//!   (the hub), the whole submission runs as the user (`noyau hub-submit`):
+//!   their log directory is made 0700 and checked as theirs.
 //! * **Listing.** One `squeue [--me] --states=all -r` call lists every job
 //!   (array tasks one per line, `ID_TASK`); ended jobs stay listed a while
 //!   with their state (CANCELLED, TIMEOUT, NODE_FAIL…). A job that left it is
@@ -38,7 +40,7 @@ use crate::batch::{Batch, Commands, JobInfo, PartitionLoad, Scope, Submission};
 use crate::jobfiles::{job_dir, sourcing, submit_as, JobFiles};
 use crate::paths::private_dir;
 use crate::profile::{Key, Kind, Profile};
-use crate::run::{AsUser, Cmd};
+use crate::run::AsUser;
 use crate::script::job_script;
 use crate::state::{parse_duration, parse_local_time};
 use crate::{ArrayTasks, JobEnd, JobSpec, JobState, SchedError};
@@ -445,23 +447,6 @@ impl Slurm {
             }
         }
     }
-
-    /// The log directory, made as the job's user: Slurm opens the log
-    /// before the script runs.
-    async fn log_dir_for(&self, spec: &JobSpec, u: Option<&AsUser>) -> Result<(), SchedError> {
-        let dir = spec.logs();
-        match u {
-            None => private_dir(&dir),
-            Some(_) => {
-                Cmd::new(Path::new("mkdir"), self.cmds.timeout)
-                    .args(["-p".to_string(), dir.display().to_string()])
-                    .run_as(u, self.config_vars())
-                    .output()
-                    .await?;
-                Ok(())
-            }
-        }
-    }
 }
 
 /// The script's head: the `#SBATCH` lines, then, where sbatch exports
@@ -635,16 +620,18 @@ impl Batch for Slurm {
     }
 
     async fn submit(&self, spec: &JobSpec, u: Option<&AsUser>) -> Result<Submission, SchedError> {
-        // As another user, sbatch runs in a clean environment: only the
-        // profile can say NONE there.
-        let site = u.is_none().then(sbatch_export).flatten();
-        if !exports_environment(&spec.profile, site.as_deref()) {
-            return match u {
-                Some(u) => submit_as(u, self.name(), spec).await,
-                None => self.submit_with_env_file(spec).await,
-            };
+        // As another user (the hub), the whole submission runs as the user
+        // (`noyau hub-submit`, in a clean environment): the log directory
+        // is made and checked as theirs (0700, not a link), which a `mkdir
+        // -p` as the user under the hub's umask left open to every user.
+        if let Some(u) = u {
+            return submit_as(u, self, &self.cmds, spec).await;
         }
-        self.log_dir_for(spec, u).await?;
+        if !exports_environment(&spec.profile, sbatch_export().as_deref()) {
+            return self.submit_with_env_file(spec).await;
+        }
+        // Slurm opens the log before the script runs.
+        private_dir(&spec.logs())?;
         let script = job_script(&directives(spec, &spec.logs()), spec);
         // The secrets go in sbatch's own environment, which Slurm exports to the job.
         let out = self
@@ -653,7 +640,6 @@ impl Batch for Slurm {
             .arg("--parsable")
             .envs(&spec.env)
             .stdin(script)
-            .run_as(u, self.config_vars())
             .output()
             .await;
         let out = match out {
