@@ -939,6 +939,48 @@ mod tests {
         }
     }
 
+    /// As another user (the hub), the whole submission runs as the user
+    /// through `noyau hub-submit` (which makes the log directory 0700 as
+    /// theirs): no `mkdir` or `sbatch` of the hub's own, and the request
+    /// carries the hub's command paths; `SLURM_CONF` is kept.
+    #[tokio::test]
+    async fn as_another_user_the_whole_submission_is_the_users_hub_submit() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let noyau = t.path().join("noyau");
+        let d = t.path().display();
+        std::fs::write(
+            &noyau,
+            format!(
+                "#!/bin/sh\necho \"$*\" > {d}/args\ncat > {d}/request\nenv > {d}/env\necho id=42\n"
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&noyau, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::env::set_var("SLURM_CONF", "/etc/slurm-test/slurm.conf");
+        let mut cmds = Commands::default();
+        cmds.set("sbatch", "/opt/slurm/bin/sbatch".into());
+        let u = AsUser {
+            prefix: Vec::new(),
+            home: t.path().into(),
+            noyau,
+        };
+        let slurm = Slurm {
+            cmds,
+            raises: tokio::sync::OnceCell::new(),
+        };
+        let sub = slurm.submit(&spec(), Some(&u)).await.unwrap();
+        assert_eq!(sub.id, "42");
+        let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap();
+        assert_eq!(read("args").trim(), "hub-submit");
+        let req: serde_json::Value = serde_json::from_str(&read("request")).unwrap();
+        assert_eq!(req["scheduler"], "slurm");
+        assert_eq!(req["commands"]["sbatch"], "/opt/slurm/bin/sbatch");
+        assert_eq!(req["spec"]["env"]["NOYAU_LINK_TOKEN"], "s3cret-token");
+        assert!(read("env").contains("SLURM_CONF=/etc/slurm-test/slurm.conf"));
+        assert!(!read("env").contains("s3cret"), "the secrets come on stdin");
+    }
+
     #[test]
     fn sbatch_and_sacct_output() {
         assert_eq!(parse_sbatch("123\n").unwrap(), "123");
