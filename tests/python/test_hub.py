@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import os
+import pwd
 import stat
 import subprocess
 import time
@@ -84,6 +85,15 @@ def test_login_spawn_run_a_cell_cancel(hub, users, slurm) -> None:  # type: igno
     q = subprocess.run(["squeue", "-h", "-j", s["job_id"], "-o", "%u|%j"], capture_output=True, text=True,
                        check=True).stdout.strip()
     assert q == f"{a.name}|noyau-hub"
+    # The job's log is its user's alone: its directory is made 0700 and
+    # checked as the user (a `mkdir -p` under the hub's umask left it 0755,
+    # the log 0644), so another user reads nothing of it.
+    log = Path(s["log_path"])
+    st = log.parent.stat()
+    assert (oct(stat.S_IMODE(st.st_mode)), st.st_uid) == ("0o700", pwd.getpwnam(a.name).pw_uid), log
+    assert log.stat().st_uid == st.st_uid
+    r = subprocess.run(["runuser", "-u", b.name, "--", "cat", str(log)], capture_output=True, text=True)
+    assert r.returncode != 0 and "Permission denied" in r.stderr, (r.returncode, r.stderr)
     # The form remembers the last choice.
     assert 'id="cores-cpu" name="cores" type="number" min="1" max="2" value="2"' in sa.get(hub.url + "/hub/home").text
 

@@ -13,6 +13,7 @@ import json
 import subprocess
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import noyau_testlib as lib
@@ -366,18 +367,29 @@ def test_ten_queued_runs_with_a_slow_squeue_make_one_squeue_at_a_time(
 def test_detached_run_is_the_job_and_ps_shows_its_cells(slurm: None, noyau_bin: str,
                                                         tmp_path: Path) -> None:
     nb = notebook(tmp_path / "det.ipynb", "import time", *["time.sleep(1)"] * 6,
-                  "import os\nprint(x, os.environ.get('SLURM_JOB_ID'))", params="x = 0")
+                  "import os\nprint(x, tok, where, os.environ.get('SLURM_JOB_ID'))",
+                  params="x = 0\ntok = ''\nwhere = ''")
     out = tmp_path / "det.out.ipynb"
+    # Parameter values (a token, a path) must not sit on the runner's argv,
+    # which `ps` shows every user of the compute node for the whole run.
+    tok, where = f"tok-{uuid.uuid4().hex}", f"/where-{uuid.uuid4().hex}"
     t0 = time.monotonic()
     r = subprocess.run([noyau_bin, "run", str(nb), str(out), "--detach", "--profile", "test",
-                        "-p", "x", "7"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+                        "-p", "x", "7", "-r", "tok", tok, "-y", f"where: {where}"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert time.monotonic() - t0 < 15, "--detach waited for the run"
     job = r.stdout.strip()
     assert job.isdigit(), r.stdout
     seen = set()
+    runners = set()
 
     def cells() -> str | None:
+        for pid in lib.pids():
+            argv = lib.cmdline(pid)
+            if str(nb) in argv and "--backend" in argv:
+                runners.add(pid)
+            assert not any(tok in a or where in a for a in argv), argv
         ps = subprocess.run([noyau_bin, "ps"], capture_output=True, text=True, check=True).stdout
         line = next((l for l in ps.splitlines() if l.split()[:1] == [job]), None)
         if line is None:
@@ -394,5 +406,6 @@ def test_detached_run_is_the_job_and_ps_shows_its_cells(slurm: None, noyau_bin: 
     assert len(done) >= 2, f"progress never moved: {seen}"
     res = json.loads(out.read_text())
     assert [c["metadata"]["papermill"]["status"] for c in res["cells"]] == ["completed"] * 10
-    assert stdout_of(res["cells"][-1]).split() == ["7", job]
+    assert runners, "the detached runner was never seen running"
+    assert stdout_of(res["cells"][-1]).split() == ["7", tok, where, job]
     assert res["metadata"]["noyau"]["allocation"] == job

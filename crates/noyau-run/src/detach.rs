@@ -1,7 +1,11 @@
 //! `noyau run --detach`: the runner itself becomes the batch job (a local
 //! kernel inside the allocation); this command returns once it is
 //! submitted. The run in the job reports its progress in a status file
-//! that `noyau ps` reads ([`StatusFile`]).
+//! that `noyau ps` reads ([`StatusFile`]). The parameters given as values
+//! (`-p`, `-r`, `-y`: a token, a path) go to the job in its environment
+//! (`NOYAU_RUN_PARAMETERS`, which noyau-sched keeps off every command line
+//! and out of what other users see), not on the runner's argv, which `ps`
+//! shows every user of the compute node for the whole run.
 
 use noyau_vars::EnvVars;
 use std::path::{Path, PathBuf};
@@ -133,17 +137,8 @@ fn job_args(opts: &RunOptions, out: &Path) -> Vec<String> {
         "--stream-mode".into(),
         opts.stream_mode.clone(),
     ];
-    for (flag, list) in [("-p", &opts.parameters), ("-r", &opts.parameters_raw)] {
-        for pair in list.chunks(2) {
-            a.push(flag.into());
-            a.extend(pair.iter().cloned());
-        }
-    }
     for f in &opts.parameters_file {
         a.extend(["-f".into(), path_arg(f)]);
-    }
-    for y in &opts.parameters_yaml {
-        a.extend(["-y".into(), y.clone()]);
     }
     let opt = |a: &mut Vec<String>, k: &str, v: Option<String>| {
         if let Some(v) = v {
@@ -165,6 +160,46 @@ fn job_args(opts: &RunOptions, out: &Path) -> Vec<String> {
         }
     }
     a
+}
+
+/// The command line's parameter values, as the job's runner takes them
+/// back ([`take_parameters`]); None without any.
+fn parameters_value(opts: &RunOptions) -> Option<String> {
+    let lists = [
+        &opts.parameters,
+        &opts.parameters_raw,
+        &opts.parameters_yaml,
+    ];
+    lists
+        .iter()
+        .any(|l| !l.is_empty())
+        .then(|| json!(lists).to_string())
+}
+
+/// In a detached run's job: the parameter values its submitter put in
+/// `NOYAU_RUN_PARAMETERS` (`[[-p…], [-r…], [-y…]]`), added to `opts`. The
+/// variable is taken out of this process's environment: the kernel, and a
+/// run it starts, must not take them for theirs. Call it before any
+/// thread starts (it changes the environment).
+pub fn take_parameters(opts: &mut RunOptions) -> Result<(), RunError> {
+    let var = EnvVars::NOYAU_RUN_PARAMETERS;
+    let Some(text) = std::env::var_os(var) else {
+        return Ok(());
+    };
+    std::env::remove_var(var);
+    let lists: [Vec<String>; 3] = text
+        .to_str()
+        .and_then(|t| serde_json::from_str(t).ok())
+        .ok_or_else(|| {
+            bad(format!(
+                "{var} is not the parameters `noyau run --detach` writes (three lists of strings); unset it"
+            ))
+        })?;
+    let [p, r, y] = lists;
+    opts.parameters.extend(p);
+    opts.parameters_raw.extend(r);
+    opts.parameters_yaml.extend(y);
+    Ok(())
 }
 
 /// Submits the run as the job; returns once it is submitted.
@@ -197,6 +232,9 @@ pub async fn detach(
         crate::environment::for_job(&nb, input, opts.env.as_deref(), !opts.no_progress).await?;
     env.extend(kernel_env);
     env.insert(EnvVars::NOYAU_DETACHED.to_string(), "1".to_string());
+    if let Some(params) = parameters_value(opts) {
+        env.insert(EnvVars::NOYAU_RUN_PARAMETERS.to_string(), params);
+    }
     let spec = noyau_sched::JobSpec {
         name: job_name(&opts.input),
         program: std::env::current_exe().unwrap_or_else(|_| "noyau".into()),
@@ -225,6 +263,41 @@ pub async fn detach(
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn parameter_values_go_in_the_environment_not_on_the_runners_command_line() {
+        let opts = RunOptions {
+            input: "/nb/a.ipynb".into(),
+            parameters: vec!["x".into(), "7".into()],
+            parameters_raw: vec!["token".into(), "s3cret-p".into()],
+            parameters_yaml: vec!["{path: /s3cret/y}".into()],
+            parameters_file: vec!["/nb/p.yaml".into()],
+            ..Default::default()
+        };
+        let args = job_args(&opts, Path::new("/nb/a.out.ipynb"));
+        assert!(!args.iter().any(|a| a.contains("s3cret")), "{args:?}");
+        assert!(!args
+            .iter()
+            .any(|a| ["-p", "-r", "-y"].contains(&a.as_str())));
+        assert!(
+            args.windows(2).any(|w| w == ["-f", "/nb/p.yaml"]),
+            "{args:?}"
+        );
+        let value = parameters_value(&opts).unwrap();
+        assert_eq!(parameters_value(&RunOptions::default()), None);
+        // The job's runner takes them back, and out of its environment.
+        std::env::set_var(EnvVars::NOYAU_RUN_PARAMETERS, &value);
+        let mut job = RunOptions::default();
+        take_parameters(&mut job).unwrap();
+        assert!(std::env::var_os(EnvVars::NOYAU_RUN_PARAMETERS).is_none());
+        assert_eq!(
+            (job.parameters, job.parameters_raw, job.parameters_yaml),
+            (opts.parameters, opts.parameters_raw, opts.parameters_yaml)
+        );
+        std::env::set_var(EnvVars::NOYAU_RUN_PARAMETERS, "-p x 7");
+        let e = take_parameters(&mut RunOptions::default()).unwrap_err();
+        assert!(e.to_string().contains("NOYAU_RUN_PARAMETERS is not"), "{e}");
+    }
 
     #[test]
     fn the_status_file_is_private_and_read_only_if_ours() {

@@ -59,7 +59,12 @@ pub use sweep::{SweepOptions, SweepTask};
 
 /// Runs `noyau run` to the end; returns the process exit code. Errors are
 /// printed to stderr here.
-pub fn main(opts: RunOptions) -> i32 {
+pub fn main(mut opts: RunOptions) -> i32 {
+    // (before the runtime's threads: it changes the environment)
+    if let Err(e) = detach::take_parameters(&mut opts) {
+        eprintln!("noyau run: error: {e}");
+        return e.code();
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -34,6 +34,8 @@ pub enum Scope {
 pub struct JobInfo {
     /// As the scheduler names it; an array task's id names its task (Slurm: `12_3`).
     pub id: String,
+    /// As its owner named it; empty in Slurm's listing of every user's jobs
+    /// ([`Scope::All`]), which asks for no names (see `slurm.rs`).
     pub name: String,
     pub state: JobState,
     /// The scheduler's own word for the state (`RUNNING`, `Waiting`…), for people.
@@ -107,6 +109,11 @@ impl Default for Commands {
 impl Commands {
     pub(crate) fn set(&mut self, name: &str, path: PathBuf) {
         self.paths.insert(name.into(), path);
+    }
+
+    /// The commands given a path, by name.
+    pub(crate) fn paths(&self) -> &BTreeMap<String, PathBuf> {
+        &self.paths
     }
 
     /// The command `name`, ready for its arguments.

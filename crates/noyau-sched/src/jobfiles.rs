@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use rand::Rng;
 
-use crate::batch::Submission;
+use crate::batch::{Batch, Commands, Submission};
 use crate::paths::{private_dir, state_dir, write_private};
 use crate::quote::sh_quote;
 use crate::run::AsUser;
@@ -114,10 +114,12 @@ pub(crate) fn sourcing(env_file: &Path, why: &str, array: bool, rm_too: &str) ->
 }
 
 /// A submission as another user: its files must be the user's, so the
-/// whole submission runs as the user (`noyau hub-submit`); one job only.
+/// whole submission runs as the user (`noyau hub-submit`), with `imp`'s
+/// command paths `cmds`; one job only.
 pub(crate) async fn submit_as(
     u: &AsUser,
-    scheduler: &str,
+    imp: &dyn Batch,
+    cmds: &Commands,
     spec: &JobSpec,
 ) -> Result<Submission, SchedError> {
     if spec.array.is_some() {
@@ -125,7 +127,7 @@ pub(crate) async fn submit_as(
             "job arrays are not submitted as another user".into(),
         ));
     }
-    let id = submit_through(u, scheduler, spec).await?;
+    let id = submit_through(u, imp, cmds, spec).await?;
     Ok(Submission {
         id,
         ..Default::default()

@@ -464,7 +464,7 @@ impl Batch for Oar {
 
     async fn submit(&self, spec: &JobSpec, u: Option<&AsUser>) -> Result<Submission, SchedError> {
         if let Some(u) = u {
-            return submit_as(u, self.name(), spec).await;
+            return submit_as(u, self, &self.cmds, spec).await;
         }
         let (ids, files) = self.oarsub(spec).await?;
         Ok(match &spec.array {

@@ -3,7 +3,8 @@
 //! scheduler and scope; with [`Scheduler::as_user`] its submissions and
 //! cancels run as another user, through a command prefix.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -246,8 +247,8 @@ impl Scheduler {
         throttled_cancel(self.as_user.is_some(), self.imp().cancel(ids, self.user())).await
     }
 
-    /// The noyau jobs (names `noyau-…`) of this handle's scope that have
-    /// not ended, in one listing call.
+    /// The noyau jobs (names `noyau-…`) of this user's that have not
+    /// ended, in one listing call ([`Scope::All`] lists no names on Slurm).
     pub async fn list(&self) -> Result<Vec<JobInfo>, SchedError> {
         Ok(self
             .imp()
@@ -356,31 +357,38 @@ impl Builder {
 }
 
 /// A job submitted as another user by `noyau hub-submit`, run as that user
-/// through the prefix, for a scheduler whose submission must write files as
-/// the user (OAR's 0600 environment file): the job (secrets included) on
-/// its stdin, never on a command line.
+/// through the prefix, for a scheduler whose submission must make files or
+/// directories as the user (OAR's 0600 environment file, Slurm's log
+/// directory, made 0700 and checked as theirs): the job (secrets included)
+/// on its stdin, never on a command line; the scheduler's command paths
+/// the hub was given.
 #[derive(Debug, Serialize, Deserialize)]
 struct SubmitRequest {
     scheduler: String,
     spec: JobSpec,
+    #[serde(default)]
+    commands: BTreeMap<String, PathBuf>,
 }
 
-/// Runs `noyau hub-submit` as `u` for `spec`; the job's id.
+/// Runs `noyau hub-submit` as `u` for `spec`, with `imp`'s command paths
+/// `cmds` and its `config_vars`; the job's id.
 pub(crate) async fn submit_through(
     u: &AsUser,
-    scheduler: &str,
+    imp: &dyn Batch,
+    cmds: &Commands,
     spec: &JobSpec,
 ) -> Result<String, SchedError> {
     let req = SubmitRequest {
-        scheduler: scheduler.into(),
+        scheduler: imp.name().into(),
         spec: spec.clone(),
+        commands: cmds.paths().clone(),
     };
     let json = serde_json::to_string(&req).map_err(|e| SchedError::Invalid(e.to_string()))?;
     let out = Cmd::new(&u.noyau, Duration::from_secs(60))
         .arg("hub-submit")
         .env("HOME", u.home.display().to_string())
         .stdin(json)
-        .run_as(Some(u), &[])
+        .run_as(Some(u), imp.config_vars())
         .output()
         .await
         .map_err(SchedError::Submit)?;
@@ -421,10 +429,11 @@ pub async fn serve_submit_request() -> Result<(), SchedError> {
         path: home.clone(),
         source,
     })?;
-    let id = Scheduler::named(&req.scheduler)?
-        .submit_now(&req.spec)
-        .await?
-        .id;
+    let mut b = Scheduler::builder(&req.scheduler)?;
+    for (name, path) in &req.commands {
+        b = b.command(name, &path.display().to_string())?;
+    }
+    let id = b.build().submit_now(&req.spec).await?.id;
     println!("id={id}");
     Ok(())
 }

@@ -1013,7 +1013,7 @@ impl Batch for Sge {
 
     async fn submit(&self, spec: &JobSpec, u: Option<&AsUser>) -> Result<Submission, SchedError> {
         if let Some(u) = u {
-            return submit_as(u, self.name(), spec).await;
+            return submit_as(u, self, &self.cmds, spec).await;
         }
         if spec.profile.walltime_signal.is_some() {
             tracing::warn!(

@@ -8,13 +8,18 @@
 //!   the job name, which other users can read. Where the site's
 //!   `SBATCH_EXPORT` or the profile's `sbatch` options say `--export=NONE`
 //!   (or a list without ALL), they go in a 0600 file the script sources,
-//!   as on OAR (`jobfiles.rs`). Jobs are `--no-requeue`.
+//!   as on OAR (`jobfiles.rs`). Jobs are `--no-requeue`. As another user
+//!   (the hub), the whole submission runs as the user (`noyau hub-submit`):
+//!   their log directory is made 0700 and checked as theirs.
 //! * **Listing.** One `squeue [--me] --states=all -r` call lists every job
 //!   (array tasks one per line, `ID_TASK`); ended jobs stay listed a while
 //!   with their state (CANCELLED, TIMEOUT, NODE_FAIL…). A job that left it is
 //!   looked up with `sacct`; on a cluster without accounting its end is
 //!   reported as such, and the caller learns how it ended from the agent's
 //!   last word on the link. The time left (`%L`) becomes the job's end time.
+//!   squeue prints a job's name raw, line breaks included: every user's
+//!   listing (the hub's) leaves the names out, and a line not in the
+//!   format is skipped (the watcher distrusts a job listed twice).
 //! * **Cancel** is `scancel`: Slurm sends SIGTERM to the agent, which stops
 //!   its kernel. **Arrays** are `--array=IDS%K`: Slurm limits them itself.
 //! * **Walltime.** The script asks for `--signal=B:USR1@N` (the profile's
@@ -35,7 +40,7 @@ use crate::batch::{Batch, Commands, JobInfo, PartitionLoad, Scope, Submission};
 use crate::jobfiles::{job_dir, sourcing, submit_as, JobFiles};
 use crate::paths::private_dir;
 use crate::profile::{Key, Kind, Profile};
-use crate::run::{AsUser, Cmd};
+use crate::run::AsUser;
 use crate::script::job_script;
 use crate::state::{parse_duration, parse_local_time};
 use crate::{ArrayTasks, JobEnd, JobSpec, JobState, SchedError};
@@ -45,8 +50,17 @@ mod extend;
 /// sbatch's variable for `--export`: a site may set it to NONE.
 const SBATCH_EXPORT: &str = "SBATCH_EXPORT";
 
-/// The squeue format every listing reads (name last: it may hold `|`).
+/// The squeue format of a listing of the user's own jobs (name last: it
+/// may hold `|`).
 const SQUEUE_FORMAT: &str = "%i|%T|%r|%N|%S|%P|%L|%j";
+
+/// Every user's listing (the hub's): no job name. Any user names their
+/// jobs, squeue prints a name raw, and slurmctld checks only its length: a
+/// name with a line break would add a line of its writer's choosing, for
+/// another user's job (`x\n12|CANCELLED|…` would end session 12). What
+/// is left is the controller's (id, state, reason, times) or the admin's
+/// (nodes, partitions).
+const SQUEUE_FORMAT_ALL: &str = "%i|%T|%r|%N|%S|%P|%L";
 
 /// One line per node and partition: `sinfo -N` (a partition's nodes are
 /// summed here; without `-N`, sinfo merges nodes and their gres).
@@ -169,11 +183,20 @@ struct QueueLine {
     name: String,
 }
 
-fn parse_squeue(out: &str) -> Vec<QueueLine> {
+/// The lines of a squeue listing; with `named`, in [`SQUEUE_FORMAT`]
+/// (else [`SQUEUE_FORMAT_ALL`]). A line not in the format is skipped: a
+/// job name with a line break of the user's own makes one.
+fn parse_squeue(out: &str, named: bool) -> Vec<QueueLine> {
+    let fields = if named { 8 } else { 7 };
     out.lines()
         .filter_map(|l| {
-            let f: Vec<&str> = l.trim().splitn(8, '|').collect();
-            if f.len() < 8 || f[0].is_empty() {
+            let f: Vec<&str> = l.trim().splitn(fields, '|').collect();
+            let ok = f.len() == fields
+                && job_id_shaped(f[0])
+                && state_shaped(f[1])
+                && (named || !f[6].contains('|'));
+            if !ok {
+                tracing::debug!("squeue line skipped, not in its format: {l:?}");
                 return None;
             }
             Some(QueueLine {
@@ -184,10 +207,24 @@ fn parse_squeue(out: &str) -> Vec<QueueLine> {
                 start: f[4].into(),
                 partition: f[5].into(),
                 time_left: f[6].into(),
-                name: f[7].into(),
+                name: f.get(7).map_or_else(String::new, |n| n.to_string()),
             })
         })
         .collect()
+}
+
+/// A job id as squeue's `%i` prints it: `12`, `12_3` (an array task),
+/// `12_[4-9%2]` (its pending tasks), `12+0` (a heterogeneous job's part).
+fn job_id_shaped(id: &str) -> bool {
+    id.starts_with(|c: char| c.is_ascii_digit())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b"_[]-,%+".contains(&b))
+}
+
+/// A job state as squeue's `%T` prints it: `RUNNING`, `OUT_OF_MEMORY`.
+fn state_shaped(state: &str) -> bool {
+    !state.is_empty() && state.bytes().all(|b| b.is_ascii_uppercase() || b == b'_')
 }
 
 fn known(v: &str) -> Option<String> {
@@ -345,8 +382,10 @@ fn gpu_count(gres: &str) -> u64 {
 #[cfg(feature = "fuzzing")]
 pub(crate) fn fuzz(text: &str) {
     extend::fuzz(text);
-    for line in parse_squeue(text) {
-        let _ = state_of(&line, SystemTime::now());
+    for named in [true, false] {
+        for line in parse_squeue(text, named) {
+            let _ = state_of(&line, SystemTime::now());
+        }
     }
     let _ = parse_sacct(text);
     let _ = parse_sbatch(text);
@@ -404,23 +443,6 @@ impl Slurm {
             Ok(_) => Ok(()),
             Err(why) => {
                 tracing::warn!("cannot check the partition: {why}");
-                Ok(())
-            }
-        }
-    }
-
-    /// The log directory, made as the job's user: Slurm opens the log
-    /// before the script runs.
-    async fn log_dir_for(&self, spec: &JobSpec, u: Option<&AsUser>) -> Result<(), SchedError> {
-        let dir = spec.logs();
-        match u {
-            None => private_dir(&dir),
-            Some(_) => {
-                Cmd::new(Path::new("mkdir"), self.cmds.timeout)
-                    .args(["-p".to_string(), dir.display().to_string()])
-                    .run_as(u, self.config_vars())
-                    .output()
-                    .await?;
                 Ok(())
             }
         }
@@ -598,16 +620,18 @@ impl Batch for Slurm {
     }
 
     async fn submit(&self, spec: &JobSpec, u: Option<&AsUser>) -> Result<Submission, SchedError> {
-        // As another user, sbatch runs in a clean environment: only the
-        // profile can say NONE there.
-        let site = u.is_none().then(sbatch_export).flatten();
-        if !exports_environment(&spec.profile, site.as_deref()) {
-            return match u {
-                Some(u) => submit_as(u, self.name(), spec).await,
-                None => self.submit_with_env_file(spec).await,
-            };
+        // As another user (the hub), the whole submission runs as the user
+        // (`noyau hub-submit`, in a clean environment): the log directory
+        // is made and checked as theirs (0700, not a link), which a `mkdir
+        // -p` as the user under the hub's umask left open to every user.
+        if let Some(u) = u {
+            return submit_as(u, self, &self.cmds, spec).await;
         }
-        self.log_dir_for(spec, u).await?;
+        if !exports_environment(&spec.profile, sbatch_export().as_deref()) {
+            return self.submit_with_env_file(spec).await;
+        }
+        // Slurm opens the log before the script runs.
+        private_dir(&spec.logs())?;
         let script = job_script(&directives(spec, &spec.logs()), spec);
         // The secrets go in sbatch's own environment, which Slurm exports to the job.
         let out = self
@@ -616,7 +640,6 @@ impl Batch for Slurm {
             .arg("--parsable")
             .envs(&spec.env)
             .stdin(script)
-            .run_as(u, self.config_vars())
             .output()
             .await;
         let out = match out {
@@ -642,22 +665,28 @@ impl Batch for Slurm {
         Ok(())
     }
 
-    /// Every job of the scope: one call whatever the number of jobs.
+    /// Every job of the scope: one call whatever the number of jobs. Every
+    /// user's jobs come without their names ([`SQUEUE_FORMAT_ALL`]).
     async fn list(
         &self,
         scope: Scope,
         _ids: Option<&[String]>,
     ) -> Result<Vec<JobInfo>, SchedError> {
-        let me = (scope == Scope::Mine).then_some("--me");
+        let mine = scope == Scope::Mine;
+        let format = if mine {
+            SQUEUE_FORMAT
+        } else {
+            SQUEUE_FORMAT_ALL
+        };
         let out = self
             .cmds
             .cmd("squeue")
-            .args(me)
-            .args(["--states=all", "-r", "-h", "-o", SQUEUE_FORMAT])
+            .args(mine.then_some("--me"))
+            .args(["--states=all", "-r", "-h", "-o", format])
             .output()
             .await?;
         let now = SystemTime::now();
-        Ok(parse_squeue(&out)
+        Ok(parse_squeue(&out, mine)
             .into_iter()
             .map(|l| JobInfo {
                 state: state_of(&l, now),
@@ -830,7 +859,7 @@ mod tests {
                    14|RUNNING|None|node7|2026-01-01T09:00:00|debug|59:00|noyau-run-a\n\
                    15|CANCELLED|None|node7|N/A|debug|0:00|noyau-run-b\n\
                    garbage\n";
-        let l = parse_squeue(out);
+        let l = parse_squeue(out, true);
         let now = SystemTime::now();
         assert_eq!(l.len(), 4);
         assert_eq!(l[1].name, "noyau-kernel-x|y");
@@ -859,6 +888,97 @@ mod tests {
             end_of("FAILED", Some("1:0")).description,
             "failed (exit code 1:0)"
         );
+    }
+
+    /// `sbatch -J $'x\n12|CANCELLED|None||N/A|debug|0:00|noyau-hub'`: any
+    /// user's job name, printed raw by squeue.
+    const FORGED_NAME: &str = "x\n12|CANCELLED|None||N/A|debug|0:00|noyau-hub";
+
+    #[test]
+    fn a_job_name_cannot_forge_a_line_of_every_users_listing() {
+        // What squeue prints for the two formats, with the forged name.
+        let named = format!(
+            "12|RUNNING|None|node7|2026-01-01T09:00:00|debug|59:00|noyau-hub\n\
+             13|PENDING|Priority||N/A|debug|1:00:00|{FORGED_NAME}\n"
+        );
+        let ids = |l: Vec<QueueLine>| -> Vec<(String, String)> {
+            l.into_iter().map(|l| (l.id, l.state)).collect()
+        };
+        // Every user's listing asks for no name: squeue prints none to forge with.
+        assert!(!SQUEUE_FORMAT_ALL.contains("%j"), "{SQUEUE_FORMAT_ALL}");
+        let all = "12|RUNNING|None|node7|2026-01-01T09:00:00|debug|59:00\n\
+                   13|PENDING|Priority||N/A|debug|1:00:00\n";
+        assert_eq!(
+            ids(parse_squeue(all, false)),
+            [
+                ("12".into(), "RUNNING".into()),
+                ("13".into(), "PENDING".into())
+            ]
+        );
+        // A named line is not one of the nameless format (a field too many).
+        assert_eq!(parse_squeue(&named, false).len(), 0);
+        // A user's own listing: the name's first line stays its name, and
+        // its second is a line of the format, which the watcher sees as a
+        // second line for job 12 (see watcher.rs).
+        let mine = parse_squeue(&named, true);
+        assert_eq!(mine[1].name, "x");
+        assert_eq!(ids(mine).len(), 3);
+        // Lines not in the format are skipped.
+        for bad in [
+            "x|RUNNING|None|n|N/A|debug|1:00",
+            "12 |RUNNING|None|n|N/A|debug|1:00",
+            "|RUNNING|None|n|N/A|debug|1:00",
+            "12|running|None|n|N/A|debug|1:00",
+            "12|RUNNING|None|n|N/A|debug",
+            "12|RUNNING|None|n|N/A|debug|1:00|name",
+        ] {
+            assert_eq!(parse_squeue(bad, false), [], "{bad}");
+        }
+        for good in ["12_3", "12_[4-9%2]", "12+0", "12_[1,3]"] {
+            assert!(job_id_shaped(good), "{good}");
+        }
+    }
+
+    /// As another user (the hub), the whole submission runs as the user
+    /// through `noyau hub-submit` (which makes the log directory 0700 as
+    /// theirs): no `mkdir` or `sbatch` of the hub's own, and the request
+    /// carries the hub's command paths; `SLURM_CONF` is kept.
+    #[tokio::test]
+    async fn as_another_user_the_whole_submission_is_the_users_hub_submit() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let noyau = t.path().join("noyau");
+        let d = t.path().display();
+        std::fs::write(
+            &noyau,
+            format!(
+                "#!/bin/sh\necho \"$*\" > {d}/args\ncat > {d}/request\nenv > {d}/env\necho id=42\n"
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&noyau, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::env::set_var("SLURM_CONF", "/etc/slurm-test/slurm.conf");
+        let mut cmds = Commands::default();
+        cmds.set("sbatch", "/opt/slurm/bin/sbatch".into());
+        let u = AsUser {
+            prefix: Vec::new(),
+            home: t.path().into(),
+            noyau,
+        };
+        let slurm = Slurm {
+            cmds,
+            raises: tokio::sync::OnceCell::new(),
+        };
+        let sub = slurm.submit(&spec(), Some(&u)).await.unwrap();
+        assert_eq!(sub.id, "42");
+        let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap();
+        assert_eq!(read("args").trim(), "hub-submit");
+        let req: serde_json::Value = serde_json::from_str(&read("request")).unwrap();
+        assert_eq!(req["scheduler"], "slurm");
+        assert_eq!(req["commands"]["sbatch"], "/opt/slurm/bin/sbatch");
+        assert_eq!(req["spec"]["env"]["NOYAU_LINK_TOKEN"], "s3cret-token");
+        assert!(read("env").contains("SLURM_CONF=/etc/slurm-test/slurm.conf"));
+        assert!(!read("env").contains("s3cret"), "the secrets come on stdin");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! comes from one listing call per interval (±20 %, so many processes do
 //! not poll in step), whatever the number of jobs and of callers. A
 //! failing listing makes every job [`JobState::Unknown`], never ended: a
-//! controller restart must not end a kernel. A job that left the listing
+//! controller restart must not end a kernel; nor does a job listed twice
+//! in different states (a forged line, see `by_id`). A job that left the listing
 //! ends as [`Batch::gone`] says, once it can say (a scheduler whose
 //! accounting is written late is asked again for a while). The watchers
 //! of a user's processes share their listings where the scheduler allows
@@ -167,8 +168,7 @@ impl Watcher {
                 return;
             }
         };
-        let states: HashMap<String, JobState> =
-            listed.into_iter().map(|j| (j.id, j.state)).collect();
+        let states = by_id(listed, self.0.imp.display());
         let gone = self.update(&states, asked);
         if gone.is_empty() {
             return;
@@ -224,5 +224,75 @@ impl Watcher {
                 }
             });
         gone
+    }
+}
+
+/// Each listed job's state. A job listed twice in different states is
+/// [`JobState::Unknown`], not the last line's: a scheduler that prints a
+/// job's name raw (squeue) lets a name with a line break add a line for
+/// any job id, and a listing must not end a job on its word.
+fn by_id(listed: Vec<JobInfo>, scheduler: &str) -> HashMap<String, JobState> {
+    let mut states: HashMap<String, JobState> = HashMap::new();
+    for j in listed {
+        match states.entry(j.id) {
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(j.state);
+            }
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                if e.get().differs(&j.state) && !matches!(e.get(), JobState::Unknown { .. }) {
+                    let why = format!(
+                        "{scheduler} listed job {} twice, in different states (a job name with a line break?): its state is not trusted while it does",
+                        e.key()
+                    );
+                    tracing::warn!("{why}");
+                    e.insert(JobState::Unknown { why });
+                }
+            }
+        }
+    }
+    states
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(id: &str, state: JobState) -> JobInfo {
+        JobInfo {
+            id: id.into(),
+            name: "noyau-x".into(),
+            state,
+            word: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_job_listed_twice_in_different_states_is_unknown_not_the_last_lines() {
+        let running = JobState::Running {
+            node: "n1".into(),
+            ends_at: None,
+        };
+        let ended = JobState::Ended(JobEnd {
+            description: "was cancelled".into(),
+            success: false,
+        });
+        let states = by_id(
+            vec![
+                info("12", running.clone()),
+                info("13", running.clone()),
+                info("13", running.clone()),
+                info("12", ended.clone()),
+                info("12", running.clone()),
+            ],
+            "Slurm",
+        );
+        assert!(
+            matches!(&states["12"], JobState::Unknown { why } if why.contains("Slurm listed job 12 twice")),
+            "{:?}",
+            states["12"]
+        );
+        // The same state twice is not a forgery that changes anything.
+        assert_eq!(states["13"], running);
+        assert_eq!(by_id(vec![info("14", ended.clone())], "Slurm")["14"], ended);
     }
 }

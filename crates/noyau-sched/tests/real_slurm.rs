@@ -280,3 +280,58 @@ async fn five_watchers_sharing_their_listing_make_one_squeue_call_per_interval()
     common::assert_one_call_per_interval(calls, elapsed, interval, "squeue");
     eprintln!("{calls} squeue calls in {elapsed:?} for 5 watchers");
 }
+
+/// Any user may name a job `x\nID|CANCELLED|…`: slurmctld checks only a
+/// name's length, and squeue prints it raw. The listing of every user's
+/// jobs (the hub's) must not take that line for job ID's.
+#[tokio::test]
+#[ignore = "needs the Slurm test cluster (scripts/slurm-up, as root); scripts/test runs it"]
+async fn a_job_name_with_a_line_break_does_not_end_another_users_job() {
+    cluster();
+    let hub = Scheduler::builder("slurm")
+        .unwrap()
+        .scope(noyau_sched::Scope::All)
+        .interval(Duration::from_secs(3600))
+        .build();
+    let victim = hub
+        .submit(&sleeper("noyau-test-victim", BTreeMap::new()))
+        .await
+        .unwrap();
+    let forged = format!("{}|CANCELLED|None||N/A|debug|0:00|noyau-hub", victim.id);
+    let sbatch = std::process::Command::new("sbatch")
+        .args([
+            "--parsable",
+            "-p",
+            "debug",
+            "-t",
+            "5",
+            "--mem=100M",
+            "-o",
+            "/dev/null",
+        ])
+        .args(["-J", &format!("x\n{forged}"), "--wrap", "sleep 300"])
+        .output()
+        .unwrap();
+    assert!(sbatch.status.success(), "{sbatch:?}");
+    let forger = String::from_utf8_lossy(&sbatch.stdout).trim().to_string();
+    // squeue does print the forged line, for whoever asks for names
+    let named = std::process::Command::new("squeue")
+        .args(["-h", "--states=all", "-o", "%i|%T|%r|%N|%S|%P|%L|%j"])
+        .output()
+        .unwrap();
+    let named = String::from_utf8_lossy(&named.stdout).to_string();
+    let mut states = Vec::new();
+    for _ in 0..3 {
+        hub.refresh().await;
+        states.push(victim.state.borrow().clone());
+    }
+    victim.cancel().await;
+    hub.cancel(&[forger]).await.unwrap();
+    assert!(named.lines().any(|l| l == forged), "{named}");
+    assert!(
+        states
+            .iter()
+            .all(|st| matches!(st, JobState::Pending { .. } | JobState::Running { .. })),
+        "{states:?}"
+    );
+}

@@ -89,6 +89,9 @@ impl EnvVars {
     pub const NOYAU_PREFIX: &'static str = "NOYAU_";
     /// Set in a detached run's job: the runner writes its status file.
     pub const NOYAU_DETACHED: &'static str = "NOYAU_DETACHED";
+    /// A detached run's `-p`, `-r`, `-y` values (JSON), in its job's
+    /// environment rather than on the runner's argv (taken out by the runner).
+    pub const NOYAU_RUN_PARAMETERS: &'static str = "NOYAU_RUN_PARAMETERS";
     /// Exported by a job array's script: the task's id (a sweep's point).
     pub const NOYAU_ARRAY_TASK_ID: &'static str = "NOYAU_ARRAY_TASK_ID";
     /// Exported by a Grid Engine job's script: when `h_rt` comes (seconds
