@@ -304,8 +304,8 @@ def http_status(host: str, port: int, path: str, headers: dict[str, str], websoc
                   "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="} if websocket else {"Connection": "close"}
     head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": f"{host}:{port}", **connection, **headers}.items())
     try:
-        with socket.create_connection((host, port), timeout=30) as raw:
-            s = tls.wrap_socket(raw, server_hostname="noyau-dask") if tls else raw
+        with (socket.create_connection((host, port), timeout=30) as raw,
+              tls.wrap_socket(raw, server_hostname="noyau-dask") if tls else raw as s):
             s.sendall(f"GET {path} HTTP/1.1\r\n{head}\r\n".encode())
             answer = b""
             while b"\r\n" not in answer:
