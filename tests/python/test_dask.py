@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -239,11 +240,12 @@ except urllib.error.HTTPError as e:
 """
 
 
-def test_the_dashboard_answers_only_its_token_whoever_asks(km) -> None:  # type: ignore[no-untyped-def]
+def test_the_dashboard_answers_only_its_token_whoever_asks(km, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Every user of the kernel's host reaches its 127.0.0.1: the dashboard
     noyau relays there answers the link with its token (and the cookie that
     link sets), and 403 otherwise, before anything reaches Dask. Asked as
-    another local user (nobody, through runuser)."""
+    another local user (nobody, through runuser). Behind it, the scheduler's
+    and the worker's own HTTP ports serve no stranger."""
     if importlib.util.find_spec("bokeh") is None:
         lib.missing("bokeh is not installed (tests/python/requirements.txt pins it)")
     if os.geteuid() != 0:
@@ -270,62 +272,107 @@ def test_the_dashboard_answers_only_its_token_whoever_asks(km) -> None:  # type:
     assert cookie.startswith(f"noyau-dask-{port}={token};") and "HttpOnly" in cookie, cookie
     # the page's own requests carry the cookie
     assert as_nobody(f"{base}/status", {"Cookie": cookie.split(";")[0]})[0] == 200
+    # a websocket too (the dashboard's live plots use them), through the relay
+    assert http_status("127.0.0.1", int(port), "/eventstream", {"Cookie": cookie.split(";")[0]},
+                       websocket=True) == 101
     reply, text, _ = run(km, "%noyau dask status")
     assert f"dashboard: {link}\n" in text, text
-    upstream_refuses_who_lacks_the_secret(km, text)
+    reply, out, errors = run(km, (
+        "import json, os\n"
+        "from dask.distributed import Client\n"
+        "with Client() as c:\n"
+        "    c.wait_for_workers(1, timeout=120)\n"
+        "    info = c.scheduler_info()\n"
+        "    print(c.scheduler.address, info['services']['dashboard'])\n"
+        "print(json.dumps({a: w['services'] for a, w in info['workers'].items()}))\n"
+        "print(os.path.dirname(os.environ['DASK_DISTRIBUTED__COMM__TLS__CA_FILE']))\n"
+    ), timeout=120)
+    assert reply["status"] == "ok", (out, errors)
+    first, workers, cluster_dir = out.splitlines()[:3]
+    address, port_text = first.split()
+    upstream_refuses_who_lacks_the_clusters_certificate(address, int(port_text), Path(cluster_dir), tmp_path,
+                                                         status=text)
+    [services] = json.loads(workers).values()
+    a_workers_http_server_serves_nothing(services["dashboard"])
 
 
-def upstream_status(host: str, port: int, path: str, headers: dict[str, str], websocket: bool = False) -> int:
-    """The status code of a GET straight to the scheduler's HTTP server (0
-    if it closed without answering)."""
+def http_status(host: str, port: int, path: str, headers: dict[str, str], websocket: bool = False,
+                tls: ssl.SSLContext | None = None) -> int:
+    """The status code of a GET to host:port (with TLS when `tls`); 0 if the
+    server closed or broke the connection without answering."""
     connection = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
                   "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="} if websocket else {"Connection": "close"}
     head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": f"{host}:{port}", **connection, **headers}.items())
-    with socket.create_connection((host, port), timeout=30) as s:
-        s.sendall(f"GET {path} HTTP/1.1\r\n{head}\r\n".encode())
-        answer = b""
-        while b"\r\n" not in answer:
-            chunk = s.recv(4096)
-            if not chunk:
-                return 0
-            answer += chunk
+    try:
+        with (socket.create_connection((host, port), timeout=30) as raw,
+              tls.wrap_socket(raw, server_hostname="noyau-dask") if tls else raw as s):
+            s.sendall(f"GET {path} HTTP/1.1\r\n{head}\r\n".encode())
+            answer = b""
+            while b"\r\n" not in answer:
+                chunk = s.recv(4096)
+                if not chunk:
+                    return 0
+                answer += chunk
+    except (ssl.SSLError, ConnectionError):
+        return 0
     return int(answer.split(b" ", 2)[1])
 
 
-def upstream_refuses_who_lacks_the_secret(km, status: str) -> None:  # type: ignore[no-untyped-def]
+def upstream_refuses_who_lacks_the_clusters_certificate(address: str, port: int, cluster_dir: Path,
+                                                         tmp_path: Path, status: str) -> None:
     """The scheduler's own HTTP port (open to the network: the relay reaches
-    it from the kernel's host) answers 403 to whoever lacks the cluster's
-    dashboard secret (pages, Dask's /info pages, websockets), and serves
-    the relay, which shows it. Its address is no longer printed."""
-    reply, text, errors = run(km, (
-        "import os\n"
-        "from dask.distributed import Client\n"
-        "with Client() as c:\n"
-        "    print(c.scheduler.address, c.scheduler_info()['services']['dashboard'])\n"
-        "print(os.path.dirname(os.environ['DASK_DISTRIBUTED__COMM__TLS__CA_FILE']))\n"
-    ), timeout=120)
-    assert reply["status"] == "ok", (text, errors)
-    first, cluster_dir = text.splitlines()[:2]
-    address, port_text = first.split()
-    host, port = address.removeprefix("tls://").rsplit(":", 1)[0], int(port_text)
-    assert json.loads((Path(cluster_dir) / "scheduler.json").read_text())["services"]["dashboard"] == port
+    it from the kernel's host) speaks TLS only, with the cluster's
+    certificate, and serves only clients showing a certificate of the
+    cluster's CA (pages, Dask's /info pages, websockets): plain HTTP, TLS
+    without a client certificate, or with one the CA did not sign, get no
+    answer. Its address is no longer printed."""
+    host = address.removeprefix("tls://").rsplit(":", 1)[0]
+    assert json.loads((cluster_dir / "scheduler.json").read_text())["services"]["dashboard"] == port
+    ca = str(cluster_dir / "ca.pem")
 
-    def refused(shown: dict[str, str]) -> None:
+    def client(cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+        # checks the server's certificate: the cluster's CA signed it, for its name
+        context = ssl.create_default_context(cafile=ca)
+        if cert:
+            context.load_cert_chain(cert, key)
+        return context
+
+    def refused(tls: ssl.SSLContext | None) -> None:
         for path in ("/status", "/info/main/logs.html", "/sitemap.json"):
-            assert upstream_status(host, port, path, shown) == 403, (path, shown)
-        assert upstream_status(host, port, "/eventstream", shown, websocket=True) == 403, shown
+            assert http_status(host, port, path, {}, tls=tls) == 0, (path, tls)
+        assert http_status(host, port, "/eventstream", {}, websocket=True, tls=tls) == 0, tls
 
-    refused({})
-    secret_file = Path(cluster_dir) / "dashboard-secret"
-    assert secret_file.stat().st_mode & 0o777 == 0o600
-    secret = secret_file.read_text().strip()
-    refused({"X-Noyau-Dashboard": "0" * len(secret)})
-    refused({"X-Noyau-Dashboard": secret[:-1]})
-    # The relay's header opens it: the same requests are served.
-    right = {"X-Noyau-Dashboard": secret}
-    assert upstream_status(host, port, "/info/main/logs.html", right) == 200
-    assert upstream_status(host, port, "/eventstream", right, websocket=True) == 101
+    refused(None)
+    refused(client())
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "1", "-subj", "/CN=noyau-dask", "-addext", "subjectAltName=DNS:noyau-dask",
+                    "-keyout", str(stranger / "key.pem"), "-out", str(stranger / "cert.pem")],
+                   check=True, capture_output=True)
+    refused(client(stranger / "cert.pem", stranger / "key.pem"))
+    # The cluster's certificate (the relay's) opens it: the same requests are served.
+    right = client(cluster_dir / "cert.pem", cluster_dir / "key.pem")
+    assert http_status(host, port, "/info/main/logs.html", {}, tls=right) == 200
+    assert http_status(host, port, "/eventstream", {}, websocket=True, tls=right) == 101
     assert f":{port}" not in status and "forwards it to" not in status, status
+
+
+def a_workers_http_server_serves_nothing(port: int) -> None:
+    """Dask starts a worker's HTTP server even without its dashboard: it
+    listens on the node's loopback only (the test cluster's node is this
+    host), and serves none of Dask's routes (/metrics would show the
+    worker's tasks and memory)."""
+    listening = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            host, port_hex = local.rsplit(":", 1)
+            if state == "0A" and int(port_hex, 16) == port:
+                listening.add(host)
+    assert listening == {"0100007F"}, listening  # 127.0.0.1 only
+    for path in ("/metrics", "/health", "/statics/images/dask-logo.svg"):
+        assert http_status("127.0.0.1", port, path, {}) == 404, path
 
 
 def test_dask_up_needs_distributed_in_the_environment(km, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -3,6 +3,9 @@
 //! notebook's client alike. Dask's TLS requires a certificate signed by
 //! the CA on both ends of every connection (it does not check host names),
 //! so whoever lacks the 0600 key cannot join the cluster or submit work.
+//! The scheduler's HTTP server asks the same of its clients (job.rs's
+//! preload), and noyau's relay checks that server's certificate against
+//! the CA and its name, [`NAME`].
 
 use std::io::Write;
 use std::path::Path;
@@ -16,6 +19,8 @@ use rcgen::{
 pub const CA: &str = "ca.pem";
 pub const CERT: &str = "cert.pem";
 pub const KEY: &str = "key.pem";
+/// The certificate's one name (a DNS name, for TLS clients that check it).
+pub const NAME: &str = "noyau-dask";
 
 /// Writes `ca.pem`, `cert.pem` and `key.pem` (0600) into `dir`.
 pub fn write(dir: &Path) -> Result<(), DaskError> {
@@ -33,9 +38,8 @@ fn make(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
     let ca_cert = ca_params.self_signed(&ca_key)?;
     let issuer = Issuer::new(ca_params, ca_key);
 
-    let mut leaf = CertificateParams::new(vec!["noyau-dask".to_string()])?;
-    leaf.distinguished_name
-        .push(DnType::CommonName, "noyau-dask");
+    let mut leaf = CertificateParams::new(vec![NAME.to_string()])?;
+    leaf.distinguished_name.push(DnType::CommonName, NAME);
     leaf.use_authority_key_identifier_extension = true;
     leaf.key_usages = vec![
         KeyUsagePurpose::DigitalSignature,

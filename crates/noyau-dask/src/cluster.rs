@@ -579,11 +579,7 @@ impl Task {
             return;
         };
         if let Some((host, port)) = self.dir.dashboard() {
-            let forwarded = match self.dir.read_dashboard_secret() {
-                Ok(secret) => crate::dashboard::forward(host, port, secret).await,
-                Err(e) => Err(e),
-            };
-            match forwarded {
+            match crate::dashboard::forward(&self.dir, host, port).await {
                 Ok(d) => self.dashboard = Some(d),
                 Err(e) => tracing::warn!("cannot forward the Dask dashboard: {e}"),
             }
@@ -613,8 +609,8 @@ impl Task {
         let jobs = (self.jobs.iter().filter(|j| !j.ended()))
             .map(|j| self.shown(j))
             .collect();
-        // The scheduler's own port refuses whoever lacks the secret: only
-        // the relay's link is of use.
+        // The scheduler's own port refuses whoever lacks the cluster's
+        // certificate: only the relay's link is of use.
         let dashboard = self.dashboard.as_ref().map(|d| d.link.clone());
         View { jobs, dashboard }
     }

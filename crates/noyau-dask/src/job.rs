@@ -20,6 +20,12 @@ use anyhow::Context;
 use crate::owner::OwnerWatch;
 use crate::ClusterDir;
 
+/// Dask's configuration, in the worker's environment, of its HTTP server's
+/// routes: none. Dask starts that server even without a dashboard, and its
+/// default routes (`/metrics`, `/health`) would tell anyone who reaches it
+/// about the worker's tasks and memory; no one of noyau's uses it.
+const WORKER_HTTP_ROUTES: (&str, &str) = ("DASK_DISTRIBUTED__WORKER__HTTP__ROUTES", "[]");
+
 /// Set by SIGTERM (the job cancelled, or at its walltime).
 static TERMINATED: AtomicBool = AtomicBool::new(false);
 
@@ -62,72 +68,58 @@ def _wait():
 _wait()
 "#;
 
-/// The scheduler's preload: writes the worker list into `status.json`
-/// every second, for `%noyau dask status`, and loads the dashboard once
-/// the scheduler listens. Dask would import bokeh for it before listening:
+/// The scheduler's preload: serves the scheduler's HTTP server over TLS
+/// to clients with the cluster's certificate only (noyau's relay), writes
+/// the worker list into `status.json` every second, for `%noyau dask
+/// status`, and loads the dashboard once the scheduler listens. Dask would import bokeh for it before listening:
 /// over a second, as long as the rest of the scheduler's start, and every
 /// worker and client would wait for it (`dask_argv` turns that off).
 pub const PRELOAD: &str = r#"# Written by noyau: reports the scheduler's workers and its adaptive target in
 # status.json every second, retires the workers noyau names in retire.json, and
 # loads the dashboard after the scheduler's start (bokeh's import is as long as
 # the rest of it: workers and clients need not wait for it). Its HTTP server
-# (dashboard and /info pages) answers only requests that carry the cluster's
-# dashboard secret, which noyau's relay adds: the port is open to the network.
+# (dashboard, /info pages, websockets) speaks TLS only, with the cluster's
+# certificate, and serves only clients showing a certificate of the cluster's
+# CA (noyau's relay): the port is open to the network.
 import asyncio
-import hmac
 import json
 import logging
 import os
+import ssl
 import threading
 
+import dask
 from distributed import Scheduler
-from tornado import routing, web
+from tornado import web
 from tornado.ioloop import IOLoop, PeriodicCallback
 
-HEADER = "X-Noyau-Dashboard"
 
-
-def read_secret():
-    try:
-        with open(os.path.join(os.environ["NOYAU_DASK_DIR"], "dashboard-secret"), "rb") as f:
-            return f.read().strip() or None
-    except (KeyError, OSError):
-        return None  # then every request is refused
-
-
-class Forbidden(web.RequestHandler):
-    def prepare(self):
-        self.set_status(403)
-        self.finish("403 Forbidden: open this Dask dashboard with the link `%noyau dask status` prints\n")
-
-
-class Guard(routing.Router):
-    """Every request (pages, websockets) goes to the scheduler's application
-    only if it shows the secret; to a 403 otherwise."""
-
-    def __init__(self, app, secret):
-        self.app, self.secret = app, secret
-        self.forbidden = web.Application([(r".*", Forbidden)])
-
-    def find_handler(self, request, **kwargs):
-        shown = request.headers.get(HEADER, "").encode("latin-1")
-        if self.secret is not None and hmac.compare_digest(shown, self.secret):
-            return self.app.find_handler(request, **kwargs)
-        return self.forbidden.find_handler(request, **kwargs)
+def tls():
+    """The server side of the cluster's TLS, a client certificate required:
+    whoever lacks the cluster's key (0600 in its directory) cannot complete
+    the handshake, so no request of theirs is ever read."""
+    d = os.environ["NOYAU_DASK_DIR"]
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=os.path.join(d, "ca.pem"))
+    context.load_cert_chain(os.path.join(d, "cert.pem"), os.path.join(d, "key.pem"))
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 # The scheduler's HTTP server listens from its constructor on, before
-# dask_setup runs: it is guarded from the moment it exists (this module is
+# dask_setup runs: it is made with TLS from the start (this module is
 # imported by the constructor, before the server is made). Dask imports this
 # module twice (the second time by reloading it): Dask's own method is kept
 # once, on the class.
-if not hasattr(Scheduler, "noyau_unguarded_http_server"):
-    Scheduler.noyau_unguarded_http_server = Scheduler.start_http_server
+if not hasattr(Scheduler, "noyau_dask_http_server"):
+    Scheduler.noyau_dask_http_server = Scheduler.start_http_server
 
 
 def start_http_server(self, *args, **kwargs):
-    self.noyau_unguarded_http_server(*args, **kwargs)
-    self.http_server.request_callback = Guard(self.http_application, read_secret())
+    kwargs["ssl_options"] = tls()
+    # Dask's own dashboard TLS settings, if the environment had any, would
+    # replace this context with one that asks no client certificate.
+    with dask.config.set({"distributed.scheduler.dashboard.tls.cert": None}):
+        self.noyau_dask_http_server(*args, **kwargs)
 
 
 Scheduler.start_http_server = start_http_server
@@ -296,7 +288,13 @@ pub fn dask_argv(a: &JobArgs, python: &str) -> Vec<String> {
             }
             // Only the scheduler's dashboard is forwarded; a worker's would
             // be unreachable, and importing bokeh for it delays the worker.
-            argv.push("--no-dashboard".into());
+            // Dask still starts the worker's HTTP server: on the node's
+            // loopback only, and with no route (WORKER_HTTP_ROUTES).
+            argv.extend([
+                "--no-dashboard".into(),
+                "--dashboard-address".into(),
+                "127.0.0.1:0".into(),
+            ]);
             if let Some(n) = a.nthreads {
                 argv.extend(["--nthreads".into(), n.to_string()]);
             }
@@ -466,6 +464,10 @@ struct Prepared {
 fn prepare(a: &JobArgs) -> anyhow::Result<Prepared> {
     let mut env: BTreeMap<String, String> = std::env::vars().collect();
     env.insert(EnvVars::NOYAU_DASK_DIR.into(), a.dir.display().to_string());
+    if a.role == Role::Worker {
+        let (name, routes) = WORKER_HTTP_ROUTES;
+        env.insert(name.into(), routes.into());
+    }
     let spec_json = env.remove(EnvVars::NOYAU_ENV_SPEC);
     let prepared = env
         .remove(EnvVars::NOYAU_ENV_PREPARED)
@@ -570,7 +572,7 @@ mod tests {
         };
         let argv = dask_argv(&a, "py").join(" ");
         assert!(
-            argv.starts_with("py -m distributed.cli.dask_worker --preload /d/noyau_dask_wait.py --no-nanny --no-dashboard --nthreads 2 --memory-limit 1GB --name w3 --lifetime 90s"),
+            argv.starts_with("py -m distributed.cli.dask_worker --preload /d/noyau_dask_wait.py --no-nanny --no-dashboard --dashboard-address 127.0.0.1:0 --nthreads 2 --memory-limit 1GB --name w3 --lifetime 90s"),
             "{argv}"
         );
         let with_nanny = dask_argv(

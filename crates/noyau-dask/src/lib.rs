@@ -90,7 +90,6 @@ impl ClusterDir {
             .map_err(at(&dir))?;
         let c = ClusterDir(dir);
         certs::write(&c.0)?;
-        c.write_dashboard_secret().map_err(at(&c.0))?;
         std::fs::write(c.preload(), job::PRELOAD).map_err(at(&c.0))?;
         std::fs::write(c.worker_preload(), job::WORKER_PRELOAD).map_err(at(&c.0))?;
         c.heartbeat(0).map_err(at(&c.0))?;
@@ -126,26 +125,6 @@ impl ClusterDir {
     pub fn key(&self) -> PathBuf {
         self.0.join(certs::KEY)
     }
-    /// The secret noyau's relay shows the scheduler's HTTP server, which
-    /// refuses every request without it (job.rs's preload): 0600, as the key.
-    pub fn dashboard_secret(&self) -> PathBuf {
-        self.0.join("dashboard-secret")
-    }
-
-    fn write_dashboard_secret(&self) -> std::io::Result<()> {
-        use std::io::Write;
-        let secret = noyau_wire::connection::random_key();
-        noyau_trust::create_private(&self.dashboard_secret(), 0o600)?.write_all(secret.as_bytes())
-    }
-
-    /// The dashboard secret, from a file that is ours (checked as opened).
-    pub(crate) fn read_dashboard_secret(&self) -> std::io::Result<String> {
-        let mut text = String::new();
-        let mut file = noyau_trust::Expect::file().open(&self.dashboard_secret())?;
-        std::io::Read::read_to_string(&mut file, &mut text)?;
-        Ok(text.trim().to_string())
-    }
-
     /// The scheduler's address once it is up.
     pub fn scheduler(&self) -> Option<SchedulerInfo> {
         let text = std::fs::read_to_string(self.scheduler_file()).ok()?;
