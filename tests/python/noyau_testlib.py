@@ -31,6 +31,19 @@ TARGET_CELLS = [
     "%%noyau on side\ny * 10",
 ]
 
+
+def tasks_hide_their_body() -> tuple[str, str]:
+    """A `--tasks` cell's body, and the line each of its tasks prints if no
+    process's command line (on the task's node, looked at while the tasks
+    run) holds that body: a cell may hold secrets, which every user of the
+    node would see there (and Slurm keeps `srun`'s in its accounting)."""
+    mark = f"not-a-secret-{uuid.uuid4().hex}"
+    body = ("import glob\nseen = []\nfor f in glob.glob('/proc/[0-9]*/cmdline'):\n"
+            f"    try:\n        if b'{mark}' in open(f, 'rb').read():\n            seen.append(f)\n"
+            "    except OSError:\n        pass\nprint('the body on command lines:', seen)")
+    return body, "the body on command lines: []"
+
+
 # Every process a test starts inherits NOYAU_TEST_SESSION (set by conftest) and,
 # when started through start_kernel(), NOYAU_TEST_TAG: that is how leftovers are
 # found even after they have been re-parented to init.

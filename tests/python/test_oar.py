@@ -121,6 +121,7 @@ def test_target_cell_runs_in_its_own_oar_job(oar: OarUser) -> None:
 def test_tasks_run_through_oarsh_on_the_jobs_cores(oar: OarUser) -> None:
     d = oar.workdir("tasks")
     oar.write(d / "noyau.toml", '[profiles.big]\nbackend = "oar"\ntime = "5"\n')
+    body, hidden = lib.tasks_hide_their_body()
     oar.write(d / "nb.ipynb", notebook(
         "%%noyau on big --quiet --tasks 2\n"
         "import os\n"
@@ -128,10 +129,13 @@ def test_tasks_run_through_oarsh_on_the_jobs_cores(oar: OarUser) -> None:
         "parent = open(f'/proc/{os.getppid()}/comm').read().strip()\n"
         "print(os.environ['NOYAU_TASK_ID'], os.environ['NOYAU_NTASKS'], os.environ['OAR_JOB_ID'], "
         f"cpuset, parent, os.getcwd() == {str(d)!r})",
+        f"%%noyau on big --quiet --tasks 2\n{body}",
         "%%noyau on big --quiet --tasks 2\nimport os, sys\nsys.exit(3 * int(os.environ['NOYAU_TASK_ID']))"))
     r = oar.run([str(oar.bin), "run", "--backend", "oar", "-o", "time=5", "nb.ipynb", "out.ipynb"], d)
     assert r.returncode != 0, "the failing task must fail the run"
-    first, _ = outputs(d / "out.ipynb")
+    first, second, _ = outputs(d / "out.ipynb")
+    # the body reached both tasks through the launcher's stdin, on no command line
+    assert second == f"--- task 0 ---\n{hidden}\n--- task 1 ---\n{hidden}\n", second
     lines = first.splitlines()
     assert lines[0] == "--- task 0 ---" and lines[2] == "--- task 1 ---", first
     t0, t1 = lines[1].split(" ", 3), lines[3].split(" ", 3)

@@ -268,6 +268,12 @@ def test_tasks_fan_out_with_outputs_grouped_by_task(km) -> None:  # type: ignore
     assert text == "".join(f"--- task {i} ---\nI am {i} of 3\n" for i in range(3)), text
     reply, _, _ = run(km, "%%noyau on side --quiet --tasks 2\nimport os, sys\nsys.exit(int(os.environ['NOYAU_TASK_ID']))")
     assert reply["status"] == "error" and "task 1 exited 1" in reply["evalue"], reply
+    body, hidden = lib.tasks_hide_their_body()
+    reply, text, _ = run(km, f"%%noyau on side --quiet --tasks 2\n{body}")
+    assert reply["status"] == "ok" and text == f"--- task 0 ---\n{hidden}\n--- task 1 ---\n{hidden}\n", text
+    reply, text, _ = run(km, "%%noyau on side --quiet --tasks 1\nx = 1\nraise ValueError('in the cell')")
+    assert reply["status"] == "error", reply
+    assert '  File "<cell>", line 2, in <module>\n    raise ValueError(\'in the cell\')\n' in text, text
 
 
 def test_tasks_run_as_srun_steps_in_a_slurm_allocation(km) -> None:  # type: ignore[no-untyped-def]
@@ -282,6 +288,10 @@ def test_tasks_run_as_srun_steps_in_a_slurm_allocation(km) -> None:  # type: ign
     assert t0[0] == "0" and t1[0] == "1", text
     assert t0[1] == t1[1] != "None", "both tasks must be one srun step"
     assert t0[2] == t1[2], "both tasks must be in the target's one job"
+    # srun's own command line (the step's SubmitLine) runs on the same host
+    body, hidden = lib.tasks_hide_their_body()
+    reply, text, _ = run(km, f"%%noyau on test --quiet --tasks 2\n{body}", timeout=180)
+    assert reply["status"] == "ok" and text == f"--- task 0 ---\n{hidden}\n--- task 1 ---\n{hidden}\n", text
 
 
 def test_idle_slurm_target_leaves_the_queue(noyau_kernelspec: str, tmp_path: Path) -> None:

@@ -340,8 +340,10 @@ fn parse_oarnodes(out: &str) -> Result<Vec<PartitionLoad>, SchedError> {
 /// `$OAR_NODEFILE` (tasks fill a node before the next), through `oarsh`,
 /// which puts it in the job's cpuset on that node. oarsh is ssh: it carries
 /// neither the environment nor the working directory, so a small launcher
-/// reads them (and the command) as JSON on its stdin, keeping the
-/// environment's secrets off every command line.
+/// reads them (and the command) as one line of JSON on its stdin, keeping
+/// the environment's secrets off every command line, and execs the task,
+/// whose runner reads the body that follows that line (the launcher reads
+/// it byte by byte so as to leave the body unread).
 const TASKS_PYTHON: &str = r#"
 if os.environ.get("OAR_NODEFILE") and shutil.which("oarsh"):
     with open(os.environ["OAR_NODEFILE"]) as f:
@@ -349,15 +351,9 @@ if os.environ.get("OAR_NODEFILE") and shutil.which("oarsh"):
     if slots:
         def spawn(i, task_env):
             host = slots[i % len(slots)]
-            launcher = "import json, os, sys; d = json.load(sys.stdin); os.chdir(d['cwd']); os.execve(d['argv'][0], d['argv'], d['env'])"
-            p = subprocess.Popen(["oarsh", host, shlex.join([sys.executable, "-c", launcher])],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            try:
-                p.stdin.write(json.dumps({"cwd": os.getcwd(), "argv": argv, "env": task_env}))
-                p.stdin.close()
-            except BrokenPipeError:
-                pass  # oarsh failed first: its exit status and message say why
-            return p, f" on {host}"
+            launcher = "import json, os; d = json.loads(b''.join(iter(lambda: os.read(0, 1) or b'\\n', b'\\n'))); os.chdir(d['cwd']); os.execve(d['argv'][0], d['argv'], d['env'])"
+            head = json.dumps({"cwd": os.getcwd(), "argv": argv, "env": task_env})
+            return start(["oarsh", host, shlex.join([sys.executable, "-c", launcher])], head + "\n" + body), f" on {host}"
 "#;
 
 impl Oar {

@@ -396,20 +396,22 @@ pub(crate) fn fuzz(text: &str) {
 }
 
 /// `--tasks` inside a Slurm allocation: one `srun`, its lines labelled by
-/// task (see `tasks.rs` for the names this runs among).
+/// task (see `tasks.rs` for the names this runs among). srun broadcasts
+/// the body, on its stdin, to every task (`--input=all`, its default, said
+/// so that no `SLURM_STDINMODE` changes it): srun's own arguments are the
+/// step's `SubmitLine` in Slurm's accounting, for every user to read.
 const TASKS_PYTHON: &str = r#"
 if os.environ.get("SLURM_JOB_ID") and shutil.which("srun"):
     def run_all():
-        code = "import os\nos.environ['NOYAU_TASK_ID'] = os.environ.get('SLURM_PROCID', '0')\n" + body
-        p = subprocess.run(["srun", f"--ntasks={n}", "--label", sys.executable, "-c", code],
-                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in p.stdout.splitlines():
+        task_id = "import os as _o; _o.environ['NOYAU_TASK_ID'] = _o.environ.get('SLURM_PROCID', '0'); del _o\n"
+        p = start(["srun", f"--ntasks={n}", "--label", "--input=all", sys.executable, "-c", task_id + runner], body, env=env)
+        for line in p.stdout.read().splitlines():
             tid, sep, text = line.partition(": ")
             if sep and tid.strip().isdigit() and int(tid) in out:
                 out[int(tid)].append(text)
             else:
                 out.setdefault("srun", []).append(line)
-        if p.returncode:
+        if p.wait():
             failed.append(f"srun exited {p.returncode}")
 "#;
 
