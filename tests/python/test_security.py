@@ -260,6 +260,8 @@ def test_a_squatter_never_gets_the_link_port_while_the_kernel_restarts(
         lines = out.split()
         assert "bound" not in lines, f"the squatter took the link's port; proxy log: {log.read_text()[-3000:]}"
         assert int(lines[-1]) > 0, "the squatter never tried"
+        # The port was kept by the keeper, not won in a race with a slow squatter.
+        assert "not kept" not in log.read_text(), log.read_text()[-3000:]
     finally:
         k.shutdown()
         err.close()

@@ -461,7 +461,8 @@ mod tests {
         let text = e.to_string();
         assert!(matches!(e, ProxyError::PortTaken { .. }), "{text}");
         assert!(
-            text.starts_with("another process took the link's port")
+            text.starts_with("the link's port")
+                && text.contains("is held by another process")
                 && text.contains("no link keeper answers at"),
             "{text}"
         );

@@ -22,7 +22,7 @@ pub enum ProxyError {
         addr: SocketAddr,
         source: noyau_link::LinkError,
     },
-    #[error("another process took the link's port {addr} while the kernel restarted, so the agent cannot come back: it ends after its grace period, and its job with it (the previous proxy's listening socket was not kept for this one: {why}). Restart the kernel again to start a new agent; `ss -ltnp` shows who holds the port")]
+    #[error("the link's port {addr} is held by another process (a stranger that bound it while the kernel restarted, or a keeper of it that did not answer), so the agent cannot come back: it ends after its grace period, and its job with it (the previous proxy's listening socket was not handed to this one: {why}). Restart the kernel again to start a new agent; `ss -ltnp` shows who holds the port")]
     PortTaken {
         addr: SocketAddr,
         why: Box<crate::keeper::KeeperError>,

@@ -72,7 +72,8 @@ pub struct Hold {
 /// listening socket) until the next proxy fetches it from `socket`, or
 /// while `hold` says. The Unix socket is bound here, before the handover
 /// record is written, so the next proxy finds it whenever it finds the
-/// record.
+/// record. Must be called within a tokio runtime (the child is tokio's, so
+/// that it is reaped if it ends first).
 pub fn spawn(exe: &Path, listener: OwnedFd, socket: &Path, hold: Hold) -> Result<(), KeeperError> {
     // The runtime directory is ours alone: what is there is a socket an
     // earlier keeper could not remove (killed).
@@ -83,10 +84,13 @@ pub fn spawn(exe: &Path, listener: OwnedFd, socket: &Path, hold: Hold) -> Result
     )))?;
     // Both sockets as its stdin and stdout, as inetd passes a socket.
     let mut keeper = tokio::process::Command::new(exe);
+    // Whole seconds, rounded up: letting go before the agent stops
+    // dialling would open the window again.
+    let secs = hold.grace.as_secs() + u64::from(hold.grace.subsec_nanos() > 0);
     keeper
         .arg("link-keeper")
         .arg("--for")
-        .arg(hold.grace.as_secs().max(1).to_string());
+        .arg(secs.max(1).to_string());
     if let Some(pid) = hold.agent {
         keeper.arg("--while-pid").arg(pid.to_string());
     }
@@ -96,6 +100,8 @@ pub fn spawn(exe: &Path, listener: OwnedFd, socket: &Path, hold: Hold) -> Result
         // Not in the proxy's group: a frontend that kills the kernel's
         // group once it has exited must not end the keeper with it.
         .process_group(0)
+        // Nor holding the notebook's directory busy.
+        .current_dir("/")
         .spawn();
     // Dropped, the child is left running and reaped by tokio if it ends first.
     started.map(drop).map_err(|e| {
