@@ -84,6 +84,24 @@ def test_target_cells_keep_the_notebooks_execution_count(km) -> None:  # type: i
     assert counts == [1, 2, 3, 4, 5], counts
 
 
+def test_a_target_cell_aborted_behind_an_error_takes_no_count(km) -> None:  # type: ignore[no-untyped-def]
+    """A cell queued behind a failing one is aborted by its kernel without
+    running: like the kernel, the notebook gives it no count."""
+    run(km, "%%noyau on side --quiet\nx = 1")  # the target is up
+    # The second request reaches the target's kernel while the first runs.
+    failing = km.kc.execute("%%noyau on side --quiet\nimport time\ntime.sleep(1)\n1/0")
+    queued = km.kc.execute("%%noyau on side --quiet\nx = 2")
+    replies: dict[str, dict] = {}
+    while len(replies) < 2:
+        r = km.kc.get_shell_msg(timeout=60)
+        replies[r["parent_header"]["msg_id"]] = r["content"]
+    assert replies[failing]["status"] == "error" and replies[failing]["execution_count"] == 2, replies
+    assert replies[queued]["status"] == "aborted", replies
+    reply, text, _ = run(km, "%%noyau on side --quiet\nprint(x)")
+    assert text == "1\n", text
+    assert reply["execution_count"] == 3, reply
+
+
 def test_interrupt_reaches_the_target_only(km) -> None:  # type: ignore[no-untyped-def]
     run(km, "main_alive = True")
     msg_id = km.kc.execute("%%noyau on side --quiet\nimport time\nprint('sleeping', flush=True)\ntime.sleep(60)")

@@ -77,7 +77,9 @@ impl Proxy {
             return;
         };
         let t = self.targets.map.get_mut(&m.target).expect("just started");
-        t.running.insert(id, RunningCell::new(cell, m.quiet));
+        let silent = is_silent(&msg.content);
+        t.running
+            .insert(id, RunningCell::new(cell, m.quiet, silent));
         t.idle.touch();
         if t.state == State::Queued && t.note.is_none() {
             t.note = Some((msg.header.clone(), noyau_magic::note::Note::new()));
@@ -231,6 +233,8 @@ impl Proxy {
                 });
             if is_idle(&msg_type, &msg) {
                 t.cell_ended(&parent, false);
+            } else if msg_type == "execute_input" {
+                t.cell_started(&parent);
             }
             let where_line = t.where_line();
             let parent_header = msg.parent_header.clone();
@@ -267,9 +271,39 @@ fn renumber_cell(
         out.delegated += 1;
         out.exec_count
     };
-    if let Some(count) = c.count(msg_type, next) {
+    let counts = match msg_type {
+        "execute_input" => true,
+        "execute_reply" => reply_of_a_run(msg),
+        _ => false,
+    };
+    if let Some(count) = c.count(counts, next) {
         crate::answer::renumber(msg, |_| count);
     }
+}
+
+/// An execute_reply of a cell that ran: not `aborted` (a cell queued
+/// behind an error never ran, and takes no count, as in its kernel) and
+/// with a count.
+fn reply_of_a_run(msg: &RawMessage) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Reply<'a> {
+        #[serde(borrow)]
+        status: &'a str,
+        execution_count: Option<i64>,
+    }
+    serde_json::from_slice::<Reply>(&msg.content)
+        .is_ok_and(|r| r.status != "aborted" && r.execution_count.is_some())
+}
+
+/// An execute_request asking to run silently (no count taken, as in the
+/// kernel).
+fn is_silent(content: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Request {
+        #[serde(default)]
+        silent: bool,
+    }
+    serde_json::from_slice::<Request>(content).is_ok_and(|r| r.silent)
 }
 
 /// An IOPub `status` message saying `idle`.
@@ -281,4 +315,37 @@ fn is_idle(msg_type: &str, msg: &RawMessage) -> bool {
     }
     msg_type == "status"
         && serde_json::from_slice::<Status>(&msg.content).is_ok_and(|s| s.execution_state == "idle")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_content(content: &'static [u8]) -> RawMessage {
+        RawMessage::from_frames(vec![
+            Bytes::from_static(b"<IDS|MSG>"),
+            Bytes::new(),
+            Bytes::from_static(br#"{"msg_id":"r","msg_type":"execute_reply"}"#),
+            Bytes::from_static(b"{}"),
+            Bytes::from_static(b"{}"),
+            Bytes::from_static(content),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn only_a_reply_of_a_cell_that_ran_takes_a_count() {
+        let ran = [
+            &br#"{"status":"ok","execution_count":3}"#[..],
+            br#"{"status":"error","execution_count":3,"ename":"E"}"#,
+        ];
+        for content in ran {
+            assert!(reply_of_a_run(&with_content(content)));
+        }
+        // Queued behind an error: aborted, no count (ipykernel).
+        assert!(!reply_of_a_run(&with_content(br#"{"status":"aborted"}"#)));
+        assert!(!reply_of_a_run(&with_content(br#"{"status":"ok"}"#)));
+        assert!(is_silent(br#"{"code":"1","silent":true}"#));
+        assert!(!is_silent(br#"{"code":"1"}"#));
+    }
 }

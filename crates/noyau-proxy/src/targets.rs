@@ -87,6 +87,8 @@ pub struct RunningCell {
     pub announced: bool,
     /// The notebook's execution count given to the cell.
     count: Option<i64>,
+    /// Run silently: it takes no count.
+    silent: bool,
     /// Its execute_reply has gone to the frontend.
     pub replied: bool,
     /// Its IOPub `idle` has come.
@@ -94,22 +96,23 @@ pub struct RunningCell {
 }
 
 impl RunningCell {
-    pub fn new(cell: crate::answer::Cell, announced: bool) -> RunningCell {
+    pub fn new(cell: crate::answer::Cell, announced: bool, silent: bool) -> RunningCell {
         RunningCell {
             cell,
             announced,
             count: None,
+            silent,
             replied: false,
             idle: false,
         }
     }
 
-    /// The notebook's count for the cell's message of type `msg_type`
-    /// (None for a message that shows none): the first of the cell's
-    /// execute_input and execute_reply takes it from `next`, and every
-    /// later message shows the same.
-    pub fn count(&mut self, msg_type: &str, next: impl FnOnce() -> i64) -> Option<i64> {
-        if self.count.is_none() && matches!(msg_type, "execute_input" | "execute_reply") {
+    /// The notebook's count for the cell's message (None for a message
+    /// that shows none): the first of the cell's messages that `counts`
+    /// (its execute_input, or an execute_reply of a cell that ran) takes
+    /// it from `next`, and every later message shows the same.
+    pub fn count(&mut self, counts: bool, next: impl FnOnce() -> i64) -> Option<i64> {
+        if self.count.is_none() && counts && !self.silent {
             self.count = Some(next());
         }
         self.count
@@ -214,6 +217,13 @@ impl Target {
                 self.running.remove(msg_id);
             }
         }
+    }
+
+    /// Cell `msg_id`'s execute_input: the cells replied before it are
+    /// over, even if an idle of theirs was lost (the kernel's IOPub comes
+    /// in order).
+    pub fn cell_started(&mut self, msg_id: &str) {
+        self.running.retain(|id, c| id == msg_id || !c.replied);
     }
 
     /// A cell of the notebook waits for this target's reply.
@@ -477,7 +487,7 @@ mod tests {
             Bytes::from_static(b"{}"),
         ])
         .unwrap();
-        RunningCell::new(crate::answer::Cell::of(&msg), false)
+        RunningCell::new(crate::answer::Cell::of(&msg), false, false)
     }
 
     #[test]
@@ -488,13 +498,28 @@ mod tests {
             taken += 1;
             7
         };
-        assert_eq!(c.count("status", &mut next), None);
-        assert_eq!(c.count("execute_reply", &mut next), Some(7));
+        assert_eq!(c.count(false, &mut next), None, "a status");
+        assert_eq!(c.count(true, &mut next), Some(7), "its reply");
         assert!(!c.ended(true), "the cell's IOPub is still to come");
-        assert_eq!(c.count("execute_input", &mut next), Some(7));
-        assert_eq!(c.count("execute_result", &mut next), Some(7));
+        assert_eq!(c.count(true, &mut next), Some(7), "its execute_input");
+        assert_eq!(c.count(false, &mut next), Some(7), "its execute_result");
         assert!(c.ended(false));
         assert_eq!(taken, 1);
+    }
+
+    #[test]
+    fn a_silent_cell_takes_no_count() {
+        let msg = noyau_wire::RawMessage::from_frames(vec![
+            Bytes::from_static(b"<IDS|MSG>"),
+            Bytes::new(),
+            Bytes::from_static(br#"{"msg_id":"b","msg_type":"execute_request"}"#),
+            Bytes::from_static(b"{}"),
+            Bytes::from_static(b"{}"),
+            Bytes::from_static(b"{}"),
+        ])
+        .unwrap();
+        let mut c = RunningCell::new(crate::answer::Cell::of(&msg), true, true);
+        assert_eq!(c.count(true, || panic!("a silent cell took a count")), None);
     }
 
     #[test]

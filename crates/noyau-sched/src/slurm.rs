@@ -405,7 +405,15 @@ if os.environ.get("SLURM_JOB_ID") and shutil.which("srun"):
     def run_all():
         task_id = "import os as _o; _o.environ['NOYAU_TASK_ID'] = _o.environ.get('SLURM_PROCID', '0'); del _o\n"
         p = start(["srun", f"--ntasks={n}", "--label", "--input=all", sys.executable, "-c", task_id + runner], body, env=env)
-        for line in p.stdout.read().splitlines():
+        try:
+            text = p.stdout.read()
+        except BaseException:
+            # An interrupted cell ends its step (srun takes one SIGINT as a
+            # request for its tasks' status), as subprocess.run would.
+            p.kill()
+            p.wait()
+            raise
+        for line in text.splitlines():
             tid, sep, text = line.partition(": ")
             if sep and tid.strip().isdigit() and int(tid) in out:
                 out[int(tid)].append(text)
