@@ -422,18 +422,7 @@ mod tests {
     use super::*;
     use std::os::fd::OwnedFd;
 
-    fn record(link_addr: std::net::SocketAddr) -> handover::Handover {
-        handover::Handover {
-            link_addr,
-            advertise: "localhost".into(),
-            identity: ServerIdentity::generate(&[]).unwrap(),
-            token: "t".into(),
-            agent_pid: None,
-            backend: "local".into(),
-            job_id: "1".into(),
-            written_at: handover::stamp(),
-        }
-    }
+    use handover::tests::sample as record;
 
     /// A keeper (in this process) handing `tcp` over at `record`'s socket.
     fn keeper_at(record: &Path, tcp: std::net::TcpListener) -> tokio::task::JoinHandle<()> {

@@ -124,13 +124,18 @@ pub fn stamp() -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
     fn record() -> Handover {
+        sample("127.0.0.1:1".parse().unwrap())
+    }
+
+    /// A record of a local agent's link at `link_addr` (for agent.rs's tests too).
+    pub(crate) fn sample(link_addr: std::net::SocketAddr) -> Handover {
         Handover {
-            link_addr: "127.0.0.1:1".parse().unwrap(),
+            link_addr,
             advertise: "localhost".into(),
             identity: ServerIdentity::generate(&[]).unwrap(),
             token: "t".into(),

@@ -477,7 +477,8 @@ mod tests {
         assert_eq!(out["x-unknown"], serde_json::json!([1]));
     }
 
-    fn cell() -> RunningCell {
+    /// A cell as a target runs it, `silent` or not.
+    fn cell(silent: bool) -> RunningCell {
         let msg = noyau_wire::RawMessage::from_frames(vec![
             Bytes::from_static(b"<IDS|MSG>"),
             Bytes::new(),
@@ -487,12 +488,12 @@ mod tests {
             Bytes::from_static(b"{}"),
         ])
         .unwrap();
-        RunningCell::new(crate::answer::Cell::of(&msg), false, false)
+        RunningCell::new(crate::answer::Cell::of(&msg), false, silent)
     }
 
     #[test]
     fn a_reply_ahead_of_its_input_takes_the_count_once() {
-        let mut c = cell();
+        let mut c = cell(false);
         let mut taken = 0;
         let mut next = || {
             taken += 1;
@@ -509,22 +510,13 @@ mod tests {
 
     #[test]
     fn a_silent_cell_takes_no_count() {
-        let msg = noyau_wire::RawMessage::from_frames(vec![
-            Bytes::from_static(b"<IDS|MSG>"),
-            Bytes::new(),
-            Bytes::from_static(br#"{"msg_id":"b","msg_type":"execute_request"}"#),
-            Bytes::from_static(b"{}"),
-            Bytes::from_static(b"{}"),
-            Bytes::from_static(b"{}"),
-        ])
-        .unwrap();
-        let mut c = RunningCell::new(crate::answer::Cell::of(&msg), true, true);
+        let mut c = cell(true);
         assert_eq!(c.count(true, || panic!("a silent cell took a count")), None);
     }
 
     #[test]
     fn a_cell_is_over_after_its_reply_and_its_idle_in_either_order() {
-        let mut c = cell();
+        let mut c = cell(false);
         assert!(!c.ended(false), "idle before the reply: not over");
         assert!(c.ended(true));
         assert!(c.replied);

@@ -632,8 +632,9 @@ impl Batch for Slurm {
     async fn submit(&self, spec: &JobSpec, u: Option<&AsUser>) -> Result<Submission, SchedError> {
         // As another user (the hub), the whole submission runs as the user
         // (`noyau hub-submit`, in a clean environment): the log directory
-        // is made and checked as theirs (0700, not a link), which a `mkdir
-        // -p` as the user under the hub's umask left open to every user.
+        // is made and checked as theirs (0700; a link there is followed,
+        // to a directory that must be theirs), which a `mkdir -p` as the
+        // user under the hub's umask left open to every user.
         if let Some(u) = u {
             return submit_as(u, self, &self.cmds, spec).await;
         }

@@ -109,20 +109,23 @@ mod tests {
         Some(child.wait_with_output().unwrap())
     }
 
+    /// What `fan_out(body, n)` prints, run as `run` does; it must succeed.
+    fn printed(body: &str, n: u32) -> Option<String> {
+        let out = run(&fan_out(body, n))?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}{err}");
+        Some(text)
+    }
+
     #[test]
     fn local_tasks_print_grouped_and_fail_the_cell() {
-        let Some(out) = run(&fan_out(
+        let Some(text) = printed(
             "import os\nprint('task', os.environ['NOYAU_TASK_ID'], 'of', os.environ['NOYAU_NTASKS'])",
             3,
-        )) else {
+        ) else {
             return;
         };
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         assert_eq!(
             text,
             "--- task 0 ---\ntask 0 of 3\n--- task 1 ---\ntask 1 of 3\n--- task 2 ---\ntask 2 of 3\n"
@@ -149,15 +152,9 @@ mod tests {
              try:\n        if b'{mark}' in open(f, 'rb').read():\n            seen.append(f)\n    \
              except OSError:\n        pass\nprint('seen', seen, 'é')\n"
         );
-        let Some(out) = run(&fan_out(&body, 2)) else {
+        let Some(text) = printed(&body, 2) else {
             return;
         };
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         assert_eq!(
             text,
             "--- task 0 ---\nseen [] é\n--- task 1 ---\nseen [] é\n"
