@@ -21,15 +21,23 @@
 //! the URL and both hashes, and the bytes are removed (a resumed download
 //! is tried once more from the start first, in case the part was stale).
 //! Only a file whose name is its hash is ever used, and only when the
-//! cache's trust rules hold (owner, mode, no symlink: [`crate::cache`]);
-//! a site's store (`NOYAU_ENV_SITE_CACHE/data`) is looked in first.
+//! cache's trust rules hold (owner, mode, no symlink: [`crate::cache`])
+//! and its `HEX.json` names that hash and its size; a site's store
+//! (`NOYAU_ENV_SITE_CACHE/data`) is looked in first.
+//!
+//! The store may be in a cache others can write (a team's), so nothing
+//! in it is written by name: the part is opened without following a link
+//! and checked (`open_part`), then written, hashed and sealed through
+//! that open file; `HEX.json` is a new file renamed in.
 //!
 //! In the job, the kernel's runtime directory gets a `data/` directory of
 //! symlinks, one per name, to the store ([`expose`]); `NOYAU_DATA` names it.
 
+use noyau_trust::{Expect, Mode, TrustError};
 use noyau_vars::EnvVars;
-use std::io::{Read, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -334,14 +342,39 @@ impl Store {
     }
 
     /// The stored file of `sha` as a [`DataFile`] named `name`, if there
-    /// is one we trust.
+    /// is one we trust: its directories, description and file pass the
+    /// cache's checks, and the description names `sha` (not a file
+    /// renamed under another hash by someone who may write the store).
     pub fn find(&self, sha: &str, name: &str, url: &str) -> Result<Option<DataFile>, EnvError> {
+        self.check_dirs(false)?;
         let path = self.file(sha);
-        self.cache.check(&path.with_extension("json"), false)?;
+        let json_path = path.with_extension("json");
+        self.cache.check(&json_path, false)?;
         self.cache.check(&path, false)?;
         let Ok(meta) = std::fs::symlink_metadata(&path) else {
             return Ok(None);
         };
+        let about = self
+            .cache
+            .expect(false)
+            .and_then(|e| e.open(&json_path))
+            .ok()
+            .and_then(|f| serde_json::from_reader::<_, Value>(f).ok());
+        let Some(about) = about else {
+            return Ok(None); // described after it is fetched again
+        };
+        let named = about.get("sha256").and_then(Value::as_str);
+        let size = about.get("size").and_then(Value::as_u64);
+        if named != Some(sha) || size != Some(meta.len()) {
+            return Err(EnvError::Untrusted(crate::cache::Untrusted {
+                path,
+                why: format!(
+                    "is described as another file ({} of {} bytes)",
+                    named.unwrap_or("no sha256"),
+                    size.map_or("unknown".into(), |n| n.to_string())
+                ),
+            }));
+        }
         Ok(Some(DataFile {
             name: name.to_string(),
             url: redact(url),
@@ -350,6 +383,26 @@ impl Store {
             store: self.root().to_path_buf(),
             site: self.cache.is_site(),
         }))
+    }
+
+    /// `data/` and `data/sha256/` are directories (not links) of the user
+    /// or the cache's owner; made (with the umask: a team's store is
+    /// shared) when `make`, else a missing one is fine.
+    fn check_dirs(&self, make: bool) -> Result<(), EnvError> {
+        let expect = self.cache.expect(true)?.mode(Mode::Any);
+        for dir in [self.root().to_path_buf(), self.root().join("sha256")] {
+            if make {
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| EnvError::io(format!("creating {}", dir.display()), e))?;
+            }
+            match expect.check(&dir) {
+                Err(e @ TrustError::Refused { .. }) => return Err(e.into()),
+                Err(e) if !make && e.is_not_found() => {}
+                Err(e) => return Err(e.into()),
+                Ok(_) => {}
+            }
+        }
+        Ok(())
     }
 
     /// The file of `r`, fetched into this store unless it is there.
@@ -362,9 +415,7 @@ impl Store {
         if let Some(f) = self.find(&r.sha256, &r.name, &r.url)? {
             return Ok(f);
         }
-        let dir = self.root().join("sha256");
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| EnvError::io(format!("creating {}", dir.display()), e))?;
+        self.check_dirs(true)?;
         let _lock = self.cache.lock(&r.sha256)?;
         if let Some(f) = self.find(&r.sha256, &r.name, &r.url)? {
             progress(&format!(
@@ -373,21 +424,24 @@ impl Store {
             ));
             return Ok(f);
         }
-        let part = self.root().join(format!(".part-{}", r.sha256));
-        self.cache.check(&part, false).or_else(|_| {
-            std::fs::remove_file(&part)
-                .map_err(|e| EnvError::io(format!("removing {}", part.display()), e))
+        let stable = self.root().join(format!(".part-{}", r.sha256));
+        let (mut out, part) = open_part(&stable)?;
+        let resumed = fetch_to(r, net, &mut out, &part, progress).inspect_err(|_| {
+            // Nothing to continue: leave no part that would not be.
+            if part != stable || out.metadata().is_ok_and(|m| m.len() == 0) {
+                let _ = std::fs::remove_file(&part);
+            }
         })?;
-        let resumed = fetch_to(r, net, &part, progress)?;
-        let mut got = sha256_file(&part)?;
+        let mut got = sha256_open(&mut out, &part)?;
         if got != r.sha256 && resumed {
             progress(&format!(
                 "{}: the resumed download does not have the expected sha256; fetching it again from the start",
                 redact(&r.url)
             ));
-            let _ = std::fs::remove_file(&part);
-            fetch_to(r, net, &part, progress)?;
-            got = sha256_file(&part)?;
+            out.set_len(0)
+                .map_err(|e| EnvError::io(format!("emptying {}", part.display()), e))?;
+            fetch_to(r, net, &mut out, &part, progress)?;
+            got = sha256_open(&mut out, &part)?;
         }
         if got != r.sha256 {
             let _ = std::fs::remove_file(&part);
@@ -397,36 +451,96 @@ impl Store {
                 got,
             });
         }
-        self.store_part(r, &part)
+        self.store_part(r, &out, &part)
     }
 
-    /// Seals a verified download and renames it in, its description first.
-    fn store_part(&self, r: &DataRef, part: &Path) -> Result<DataFile, EnvError> {
+    /// Seals a verified download (`out`, open at `part`) and renames it
+    /// in, its description first (a new file renamed over whatever is at
+    /// its name, never written through a link planted there).
+    fn store_part(&self, r: &DataRef, out: &File, part: &Path) -> Result<DataFile, EnvError> {
         let file = self.file(&r.sha256);
-        let size = std::fs::metadata(part)
-            .map_err(|e| EnvError::io(format!("reading {}", part.display()), e))?
-            .len();
+        let meta = out
+            .metadata()
+            .map_err(|e| EnvError::io(format!("reading {}", part.display()), e))?;
         let about = json!({
-            "sha256": r.sha256, "size": size, "url": redact(&r.url), "name": r.name,
+            "sha256": r.sha256, "size": meta.len(), "url": redact(&r.url), "name": r.name,
             "fetched_at": crate::now_secs(), "fetched_on": crate::hostname(),
         });
-        let json_path = file.with_extension("json");
-        std::fs::write(&json_path, serde_json::to_vec_pretty(&about).expect("json"))
-            .and_then(|()| {
-                std::fs::set_permissions(&json_path, std::fs::Permissions::from_mode(0o444))
-            })
-            .map_err(|e| EnvError::io(format!("writing {}", json_path.display()), e))?;
-        std::fs::set_permissions(part, std::fs::Permissions::from_mode(0o444))
+        let text = serde_json::to_vec_pretty(&about).expect("json");
+        noyau_trust::replace(&file.with_extension("json"), &text, 0o444)?;
+        out.set_permissions(std::fs::Permissions::from_mode(0o444))
             .and_then(|()| std::fs::rename(part, &file))
             .map_err(|e| EnvError::io(format!("moving the download to {}", file.display()), e))?;
+        // The name is renamed, not the file: someone who may write the
+        // store could have put something else at `part` meanwhile.
+        let moved = std::fs::symlink_metadata(&file)
+            .is_ok_and(|m| (m.dev(), m.ino()) == (meta.dev(), meta.ino()));
+        if !moved {
+            let _ = std::fs::remove_file(&file);
+            return Err(EnvError::Untrusted(crate::cache::Untrusted {
+                path: part.to_path_buf(),
+                why: "was replaced by something else while it was downloaded".into(),
+            }));
+        }
         Ok(DataFile {
             name: r.name.clone(),
             url: redact(&r.url),
             sha256: r.sha256.clone(),
-            size,
+            size: meta.len(),
             store: self.root().to_path_buf(),
             site: false,
         })
+    }
+}
+
+/// The download in progress of `part` and where it is: `part` itself,
+/// opened (or made, 0600) without following a link and checked on what
+/// was opened (a regular file of ours with one name); anything else there
+/// (a link, another user's file, a hard link) is removed and a new file
+/// made in its place. When it cannot be removed (another user's, in a
+/// sticky directory) or is planted again, a new file under a random name
+/// (made with `O_EXCL`), which is not continued after an interruption.
+fn open_part(part: &Path) -> Result<(File, PathBuf), EnvError> {
+    if let Some(f) = open_ours(part)? {
+        return Ok((f, part.to_path_buf()));
+    }
+    if std::fs::remove_file(part).is_ok() {
+        if let Some(f) = open_ours(part)? {
+            return Ok((f, part.to_path_buf()));
+        }
+    }
+    let dir = part.parent().unwrap_or(Path::new("."));
+    let name = part.file_name().unwrap_or_default().to_string_lossy();
+    let (f, path) = tempfile::Builder::new()
+        .prefix(&format!("{name}."))
+        .tempfile_in(dir)
+        .and_then(|t| t.keep().map_err(|e| e.error))
+        .map_err(|e| EnvError::io(format!("creating a file in {}", dir.display()), e))?;
+    Ok((f, path))
+}
+
+/// `path` opened to read and write (made 0600 if missing), without
+/// following a link; None when it is not a regular file of ours with one
+/// name.
+fn open_ours(path: &Path) -> Result<Option<File>, EnvError> {
+    let opened = Expect::file().mode(Mode::Any).open_with(
+        path,
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600),
+    );
+    match opened {
+        Ok(f) => {
+            let meta = f
+                .metadata()
+                .map_err(|e| EnvError::io(format!("reading {}", path.display()), e))?;
+            Ok((meta.nlink() == 1).then_some(f))
+        }
+        Err(TrustError::Refused { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -447,33 +561,39 @@ pub fn prepare(
     Store::of(cache).fetch(r, net, progress)
 }
 
-/// Downloads or copies `r` into `part`, continuing a partial download;
-/// true when it continued one.
+/// Downloads or copies `r` into `out` (open at `part`), continuing a
+/// partial download; true when it continued one.
 fn fetch_to(
     r: &DataRef,
     net: &Network,
+    out: &mut File,
     part: &Path,
     progress: crate::Progress<'_>,
 ) -> Result<bool, EnvError> {
     let shown = redact(&r.url);
     let t0 = Instant::now();
+    let writing = |e| EnvError::io(format!("writing {}", part.display()), e);
     let resumed = if r.url.starts_with("http://") || r.url.starts_with("https://") {
-        download(r, net, part, progress)?
+        download(r, net, out, part, progress)?
     } else {
         let src = match r.url.strip_prefix("file://") {
             Some(p) => PathBuf::from(p),
             None => crate::spec::absolute(&r.base, Path::new(&r.url)),
         };
         progress(&format!("copying {} into the data store", src.display()));
-        std::fs::copy(&src, part).map_err(|e| {
+        let copying = |e| {
             EnvError::io(
                 format!("data file {}: copying {}", r.name, src.display()),
                 e,
             )
-        })?;
+        };
+        let mut from = File::open(&src).map_err(copying)?;
+        rewind(out, 0).map_err(writing)?;
+        std::io::copy(&mut from, out).map_err(copying)?;
+        out.sync_all().map_err(writing)?;
         false
     };
-    let size = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0);
+    let size = out.metadata().map(|m| m.len()).unwrap_or(0);
     progress(&format!(
         "{}: {} bytes from {shown} in {:.1} s",
         r.name,
@@ -483,10 +603,20 @@ fn fetch_to(
     Ok(resumed)
 }
 
-/// An HTTP(S) GET into `part`, from its current length when it has one.
+/// Empties `out` and writes from its start (`keep` 0), or continues
+/// after its first `keep` bytes.
+fn rewind(out: &mut File, keep: u64) -> std::io::Result<()> {
+    if keep == 0 {
+        out.set_len(0)?;
+    }
+    out.seek(SeekFrom::Start(keep)).map(drop)
+}
+
+/// An HTTP(S) GET into `out`, from its current length when it has one.
 fn download(
     r: &DataRef,
     net: &Network,
+    out: &mut File,
     part: &Path,
     progress: crate::Progress<'_>,
 ) -> Result<bool, EnvError> {
@@ -495,7 +625,8 @@ fn download(
         url: shown.clone(),
         why,
     };
-    let have = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0);
+    let writing = |e| EnvError::io(format!("writing {}", part.display()), e);
+    let have = out.metadata().map(|m| m.len()).unwrap_or(0);
     let client = net.http_client().map_err(|e| failed(e.to_string()))?;
     let mut req = client.get(&r.url);
     if have > 0 {
@@ -518,13 +649,7 @@ fn download(
         )),
         (false, false) => progress(&format!("{}: fetching {shown}", r.name)),
     }
-    let mut out = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .append(resumed)
-        .truncate(!resumed)
-        .open(part)
-        .map_err(|e| EnvError::io(format!("writing {}", part.display()), e))?;
+    rewind(out, if resumed { have } else { 0 }).map_err(writing)?;
     let mut buf = vec![0u8; 1 << 16];
     loop {
         let n = resp.read(&mut buf).map_err(|e| {
@@ -535,11 +660,9 @@ fn download(
         if n == 0 {
             break;
         }
-        out.write_all(&buf[..n])
-            .map_err(|e| EnvError::io(format!("writing {}", part.display()), e))?;
+        out.write_all(&buf[..n]).map_err(writing)?;
     }
-    out.sync_all()
-        .map_err(|e| EnvError::io(format!("writing {}", part.display()), e))?;
+    out.sync_all().map_err(writing)?;
     Ok(resumed)
 }
 
@@ -556,15 +679,20 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// sha256 of a file, streamed.
 pub fn sha256_file(path: &Path) -> Result<String, EnvError> {
+    let mut f =
+        File::open(path).map_err(|e| EnvError::io(format!("reading {}", path.display()), e))?;
+    sha256_open(&mut f, path)
+}
+
+/// sha256 of the open file `f` (at `path`), from its start.
+fn sha256_open(f: &mut File, path: &Path) -> Result<String, EnvError> {
     use sha2::Digest;
-    let mut f = std::fs::File::open(path)
-        .map_err(|e| EnvError::io(format!("reading {}", path.display()), e))?;
+    let reading = |e| EnvError::io(format!("reading {}", path.display()), e);
+    f.seek(SeekFrom::Start(0)).map_err(reading)?;
     let mut h = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(|e| EnvError::io(format!("reading {}", path.display()), e))?;
+        let n = f.read(&mut buf).map_err(reading)?;
         if n == 0 {
             break;
         }

@@ -24,6 +24,10 @@ struct Log {
     requests: Vec<(String, Option<String>)>,
 }
 
+/// Run on each request before it is answered (what another user does
+/// while a download is under way).
+type Hook = Arc<dyn Fn() + Send + Sync>;
+
 /// A server of `files` (path → bytes); `break_once` paths send half of
 /// their body on the first request, then close.
 struct Server {
@@ -33,6 +37,10 @@ struct Server {
 
 impl Server {
     fn start(files: HashMap<String, Vec<u8>>, break_once: &[&str]) -> Server {
+        Server::start_with(files, break_once, Arc::new(|| {}))
+    }
+
+    fn start_with(files: HashMap<String, Vec<u8>>, break_once: &[&str], hook: Hook) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let log = Arc::new(Mutex::new(Log::default()));
@@ -43,7 +51,8 @@ impl Server {
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
                 let (log, files, broken) = (l2.clone(), files.clone(), broken.clone());
-                std::thread::spawn(move || serve(conn, &log, &files, &broken));
+                let hook = hook.clone();
+                std::thread::spawn(move || serve(conn, &log, &files, &broken, &*hook));
             }
         });
         Server { port, log }
@@ -63,6 +72,7 @@ fn serve(
     log: &Mutex<Log>,
     files: &HashMap<String, Vec<u8>>,
     broken: &Mutex<Vec<String>>,
+    hook: &(dyn Fn() + Send + Sync),
 ) {
     let mut r = BufReader::new(conn.try_clone().unwrap());
     let mut line = String::new();
@@ -86,6 +96,7 @@ fn serve(
         .unwrap()
         .requests
         .push((line.trim().to_string(), range.clone()));
+    hook();
     // An absolute URI (a request to a proxy) is served by its path.
     let target = line.split_whitespace().nth(1).unwrap_or("/").to_string();
     let path = match target.strip_prefix("http://") {
@@ -415,4 +426,163 @@ fn a_kernel_sees_its_data_files_by_name_and_gc_leaves_held_ones_alone() {
         .find(&fa.sha256, "x", "a")
         .unwrap()
         .is_none());
+}
+
+/// What another user who may write a team's cache plants there: links at
+/// the names noyau writes, to a file of the victim's.
+fn plant_link(at: &Path, to: &Path) {
+    let _ = std::fs::remove_file(at);
+    std::os::unix::fs::symlink(to, at).unwrap();
+}
+
+#[test]
+fn links_planted_at_the_part_and_the_description_while_fetching_are_never_written_through() {
+    let body = b"the attacker's server's bytes".to_vec();
+    let hash = sha(&body);
+    let t = tempfile::tempdir().unwrap();
+    let store = t.path().join("cache/data");
+    let victim = t.path().join("authorized_keys");
+    let victim2 = t.path().join("bashrc");
+    std::fs::write(&victim, "the victim's keys").unwrap();
+    std::fs::write(&victim2, "the victim's rc").unwrap();
+    // Before the request: a link at the part's name.
+    std::fs::create_dir_all(store.join("sha256")).unwrap();
+    plant_link(&store.join(format!(".part-{hash}")), &victim);
+    // While the request is answered: links at the part and the description.
+    let (s2, h2, v, v2) = (store.clone(), hash.clone(), victim.clone(), victim2.clone());
+    let srv = Server::start_with(
+        HashMap::from([("/f".to_string(), body.clone())]),
+        &[],
+        Arc::new(move || {
+            plant_link(&s2.join(format!(".part-{h2}")), &v);
+            plant_link(&s2.join(format!("sha256/{h2}.json")), &v2);
+        }),
+    );
+    let cache = Cache::new(t.path().join("cache"));
+    let r = DataRef::new(&srv.url("/f"), &hash, None, t.path()).unwrap();
+    let got = data::prepare(&r, &cache, &Network::default(), &mut quiet());
+    let unchanged = |p: &Path, text: &str| {
+        assert_eq!(std::fs::read_to_string(p).unwrap(), text);
+        let mode = std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_ne!(mode & 0o200, 0, "{} was made read-only", p.display());
+    };
+    unchanged(&victim, "the victim's keys");
+    unchanged(&victim2, "the victim's rc");
+    // The part swapped during the download: refused, nothing stored.
+    let e = got.unwrap_err().to_string();
+    assert!(e.contains("replaced by something else"), "{e}");
+    assert!(std::fs::symlink_metadata(store.join(format!("sha256/{hash}"))).is_err());
+
+    // Without the swap of the part, the description's link is replaced by
+    // a file of ours and the fetch completes.
+    let (s3, h3, v2) = (store.clone(), hash.clone(), victim2.clone());
+    let srv = Server::start_with(
+        HashMap::from([("/f".to_string(), body.clone())]),
+        &[],
+        Arc::new(move || plant_link(&s3.join(format!("sha256/{h3}.json")), &v2)),
+    );
+    let r = DataRef::new(&srv.url("/f"), &hash, None, t.path()).unwrap();
+    let f = data::prepare(&r, &cache, &Network::default(), &mut quiet()).unwrap();
+    assert_eq!(std::fs::read(f.path()).unwrap(), body);
+    unchanged(&victim2, "the victim's rc");
+    let json = f.path().with_extension("json");
+    assert!(std::fs::symlink_metadata(&json).unwrap().is_file());
+}
+
+#[test]
+fn a_file_renamed_under_another_hash_or_a_linked_store_is_not_used() {
+    let t = tempfile::tempdir().unwrap();
+    let cache = Cache::new(t.path().join("cache"));
+    for (n, text) in [("a", "aaa"), ("b", "bbbb")] {
+        std::fs::write(t.path().join(n), text).unwrap();
+    }
+    let (ha, hb) = (sha(b"aaa"), sha(b"bbbb"));
+    for (n, h) in [("a", &ha), ("b", &hb)] {
+        let r = DataRef::new(n, h, None, t.path()).unwrap();
+        data::prepare(&r, &cache, &Network::default(), &mut quiet()).unwrap();
+    }
+    // Someone who may write the store renames a's file and description
+    // to b's names.
+    let dir = t.path().join("cache/data/sha256");
+    let b_about = std::fs::read(dir.join(format!("{hb}.json"))).unwrap();
+    for ext in ["", ".json"] {
+        std::fs::rename(
+            dir.join(format!("{ha}{ext}")),
+            dir.join(format!("{hb}{ext}")),
+        )
+        .unwrap();
+    }
+    let e = Store::of(&cache)
+        .find(&hb, "b", "b")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("described as another file") && e.contains(&ha),
+        "{e}"
+    );
+    // With b's own description back, a's file under b's name: its size
+    // is not b's.
+    std::fs::remove_file(dir.join(format!("{hb}.json"))).unwrap();
+    std::fs::write(dir.join(format!("{hb}.json")), &b_about).unwrap();
+    let e = Store::of(&cache)
+        .find(&hb, "b", "b")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("described as another file"), "{e}");
+
+    // A store that is a link (to a directory of the victim's) is refused
+    // and nothing is written there.
+    let other = t.path().join("elsewhere");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::create_dir(t.path().join("c2")).unwrap();
+    std::os::unix::fs::symlink(&other, t.path().join("c2/data")).unwrap();
+    let r = DataRef::new("a", &ha, None, t.path()).unwrap();
+    let e = data::prepare(
+        &r,
+        &Cache::new(t.path().join("c2")),
+        &Network::default(),
+        &mut quiet(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("symlink") || e.contains("link"), "{e}");
+    assert_eq!(std::fs::read_dir(&other).unwrap().count(), 0);
+}
+
+#[test]
+fn a_part_of_another_users_or_with_another_name_is_started_over_not_written() {
+    let body: Vec<u8> = (0..50_000u32).flat_map(|i| i.to_le_bytes()).collect();
+    let hash = sha(&body);
+    let srv = Server::start(HashMap::from([("/f".to_string(), body.clone())]), &[]);
+    let t = tempfile::tempdir().unwrap();
+    let store = t.path().join("cache/data");
+    std::fs::create_dir_all(store.join("sha256")).unwrap();
+    let part = store.join(format!(".part-{hash}"));
+    // A hard link to a file of the victim's: continuing it would append
+    // the download to that file.
+    let victim = t.path().join("victim");
+    std::fs::write(&victim, "the victim's file").unwrap();
+    std::fs::hard_link(&victim, &part).unwrap();
+    let cache = Cache::new(t.path().join("cache"));
+    let r = DataRef::new(&srv.url("/f"), &hash, None, t.path()).unwrap();
+    let f = data::prepare(&r, &cache, &Network::default(), &mut quiet()).unwrap();
+    assert_eq!(std::fs::read(f.path()).unwrap(), body);
+    assert_eq!(
+        std::fs::read_to_string(&victim).unwrap(),
+        "the victim's file"
+    );
+    assert_eq!(srv.requests()[0].1, None, "{:?}", srv.requests());
+
+    // Another user's part (bytes of their choosing) is not continued.
+    if !noyau_trust::testing::root() {
+        return;
+    }
+    std::fs::write(&part, &body[..1000]).unwrap();
+    std::os::unix::fs::chown(&part, Some(65534), Some(65534)).unwrap();
+    let r = DataRef::new(&srv.url("/f"), &hash, Some("again"), t.path()).unwrap();
+    let c2 = Cache::new(t.path().join("cache"));
+    std::fs::remove_file(f.path()).unwrap();
+    data::prepare(&r, &c2, &Network::default(), &mut quiet()).unwrap();
+    let reqs = srv.requests();
+    assert_eq!((reqs.len(), &reqs[1].1), (2, &None), "{reqs:?}");
 }
