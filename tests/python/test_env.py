@@ -6,6 +6,7 @@ ipykernel started by the agent inside the environment noyau-env made.
   cache rebuilds from the recorded lock and the package list is identical;
 * container isolation with real bubblewrap: reading the home directory and
   opening a network connection fail, writing to the notebook's dir works;
+  a notebook's metadata cannot switch it off or open it up;
 * `modules` from noyau.toml with Debian's environment-modules;
 * the same `python` environment through the Slurm backend: built on this
   host before the job is submitted, into a cache shared with the job,
@@ -116,6 +117,40 @@ def test_container_isolation_with_a_real_kernel(bwrap, tmp_path):
         assert any(o["output_type"] == "error" for o in c1["outputs"]), c1
         assert "wrote" in text(c2)
         assert (tmp_path / "written-by-kernel.txt").read_text() == "ok"
+        assert out["metadata"]["noyau"]["environment"]["spec"]["isolation"] == "container"
+    finally:
+        secret.unlink()
+        srv.close()
+
+
+def test_a_notebook_cannot_open_its_own_sandbox(bwrap, tmp_path):
+    """A notebook from someone else, run by a user whose noyau.toml asks for
+    isolation, carries metadata switching it off, opening the network and
+    mounting the home writable: all ignored (said on stderr), the home and
+    the network stay out of its reach."""
+    secret = Path.home() / ".noyau-test-env-secret-meta"
+    secret.write_text("secret")
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    port = srv.getsockname()[1]
+    try:
+        (tmp_path / "noyau.toml").write_text('[environment]\nisolation = "container"\n')
+        raises = {"tags": ["raises-exception"]}
+        hostile = {"kind": "system", "isolation": "none", "network": True,
+                   "scratch": str(Path.home()), "ro_bind": [str(secret)]}
+        nb = notebook(
+            {"source": f"open({str(secret)!r}).read()", "metadata": raises},
+            {"source": f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=3)",
+             "metadata": raises},
+            metadata={"noyau": {"environment": hostile}},
+        )
+        p, out = run(tmp_path, nb, "--cwd", str(tmp_path), cache=tmp_path / "cache")
+        assert p.returncode == 0, p.stderr
+        c0, c1 = out["cells"]
+        assert any(o["output_type"] == "error" and o["ename"] == "FileNotFoundError" for o in c0["outputs"]), c0
+        assert any(o["output_type"] == "error" for o in c1["outputs"]), c1
+        assert "ignoring isolation, network, scratch, ro_bind" in p.stderr, p.stderr
         assert out["metadata"]["noyau"]["environment"]["spec"]["isolation"] == "container"
     finally:
         secret.unlink()

@@ -4,7 +4,10 @@
 //! `--cleanenv` keeps the host's environment out; the kernel's own
 //! variables go in as `APPTAINERENV_NAME`, which Apptainer passes through.
 //! Under `isolation = "container"`, `--containall` is added (no home, its
-//! own /tmp, IPC and PID namespaces); the binds stay.
+//! own /tmp, IPC and PID namespaces; the binds stay) and, unless
+//! `network = true`, `--net --network none` (a network namespace with only
+//! a loopback, which `allow net none` in apptainer.conf lets any user ask
+//! for).
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -28,6 +31,9 @@ pub fn wrap(
     }
     if spec.isolation == Isolation::Container {
         v.push("--containall".into());
+        if !spec.network {
+            v.extend(["--net".into(), "--network".into(), "none".into()]);
+        }
     }
     let mut binds = vec![runtime_dir.to_path_buf(), spec.notebook_dir()];
     binds.extend(spec.scratch.clone());
@@ -234,6 +240,29 @@ mod tests {
         });
         rx.recv_timeout(Duration::from_secs(30))
             .expect("the image's digest was not computed within 30 s (blocked on the memo?)")
+    }
+
+    /// The command line only: no Apptainer runtime here (a stand-in for
+    /// running it).
+    #[test]
+    fn a_contained_image_has_no_network_unless_asked() {
+        let argv = |network: bool| {
+            let spec = EnvSpec::from_value(json!({"image": "img.sif", "notebook_dir": "/nb",
+                "isolation": "container", "network": network}))
+            .unwrap();
+            wrap(
+                &spec,
+                Path::new("/run/k"),
+                vec!["python".into()],
+                BTreeMap::new(),
+            )
+            .0
+        };
+        let off = argv(false);
+        let net = off.iter().position(|a| a == "--net").expect("--net");
+        assert_eq!(off[net + 1..net + 3], ["--network", "none"]);
+        assert!(net < off.iter().position(|a| a == "img.sif").unwrap());
+        assert!(!argv(true).iter().any(|a| a.starts_with("--net")));
     }
 
     #[test]

@@ -28,11 +28,52 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::EnvSpec;
+use crate::{EnvError, EnvSpec};
 
 /// Hidden under an empty tmpfs when it exists (bwrap cannot make a mount
 /// point in the read-only root).
 const RUN_USER: &str = "/run/user";
+
+/// The user's home, as the sandbox hides it.
+fn home() -> Option<PathBuf> {
+    std::env::var_os(noyau_vars::EnvVars::HOME)
+        .map(PathBuf::from)
+        .filter(|h| h.is_dir() && h != Path::new("/"))
+}
+
+/// Refuses a writable directory of the sandbox (the notebook's directory,
+/// `scratch`) that is the home or holds it (`noyau run ~/nb.ipynb`):
+/// bound writable over the tmpfs that hides the home, it would give the
+/// notebook's code the whole home (keys, shell startup files) to read and
+/// write. Any wrapper binding them (bubblewrap, Guix, Apptainer) is held
+/// to this.
+pub fn check_writable(spec: &EnvSpec) -> Result<(), EnvError> {
+    check_writable_in(spec, home().as_deref())
+}
+
+fn check_writable_in(spec: &EnvSpec, home: Option<&Path>) -> Result<(), EnvError> {
+    let Some(home) = home else { return Ok(()) };
+    let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let home = real(home);
+    let nb = spec.notebook_dir();
+    let dirs = [
+        ("the notebook's directory", Some(&nb)),
+        ("scratch", spec.scratch.as_ref()),
+    ];
+    for (what, dir) in dirs {
+        let Some(dir) = dir else { continue };
+        if home.starts_with(real(dir)) {
+            return Err(EnvError::Invalid(format!(
+                "isolation = \"container\": {what} {} is your home directory or holds it, and \
+                 the sandbox would make it writable, opening the whole home to the notebook's \
+                 code; put the notebook (or scratch) in a directory of its own, e.g. {}",
+                dir.display(),
+                home.join("notebooks").display()
+            )));
+        }
+    }
+    Ok(())
+}
 
 pub fn wrap(
     spec: &EnvSpec,
@@ -64,9 +105,7 @@ pub fn wrap(
     .iter()
     .map(|a| a.to_string())
     .collect();
-    let home = std::env::var_os(noyau_vars::EnvVars::HOME)
-        .map(PathBuf::from)
-        .filter(|h| h.is_dir() && h != Path::new("/"));
+    let home = home();
     if let Some(h) = &home {
         v.extend(["--tmpfs".into(), s(h)]);
     }
@@ -146,4 +185,44 @@ pub fn exe_prefixes(exe: &str) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = lexical.into_iter().chain(real).collect();
     out.dedup();
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn spec(nb: &Path, scratch: Option<&Path>) -> EnvSpec {
+        let mut v = json!({"isolation": "container", "notebook_dir": nb});
+        if let Some(s) = scratch {
+            v["scratch"] = json!(s);
+        }
+        EnvSpec::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn the_home_or_what_holds_it_is_never_made_writable() {
+        let t = tempfile::tempdir().unwrap();
+        let home = t.path().join("home/u");
+        let nb = home.join("notebooks");
+        std::fs::create_dir_all(&nb).unwrap();
+        std::os::unix::fs::symlink(&home, t.path().join("link")).unwrap();
+        let ok = |s: &EnvSpec| check_writable_in(s, Some(&home));
+        assert!(ok(&spec(&nb, None)).is_ok());
+        assert!(ok(&spec(&nb, Some(&t.path().join("scratch")))).is_ok());
+        for (s, what) in [
+            (spec(&home, None), "the notebook's directory"),
+            (
+                spec(&t.path().join("home"), None),
+                "the notebook's directory",
+            ),
+            (spec(Path::new("/"), None), "the notebook's directory"),
+            (spec(&nb, Some(&home)), "scratch"),
+            // Reached through a link, it is still the home.
+            (spec(&nb, Some(&t.path().join("link"))), "scratch"),
+        ] {
+            let e = ok(&s).unwrap_err().to_string();
+            assert!(e.contains(what) && e.contains("home directory"), "{e}");
+        }
+    }
 }

@@ -347,6 +347,9 @@ impl Realised {
         let data_dir = runtime_dir.join("data");
         data::expose(&data_dir, &self.data)?;
         env.insert(EnvVars::NOYAU_DATA.into(), data_dir.display().to_string());
+        if self.spec.isolation == Isolation::Container {
+            isolate::check_writable(&self.spec)?;
+        }
         let kernel_exe = argv.first().cloned();
         match kind {
             Kind::Guix => argv = guix::wrap(&self.spec, runtime_dir, argv),

@@ -2,7 +2,10 @@
 //!
 //! Later wins, key by key: `[environment]` in `noyau.toml` in the
 //! notebook's directory, then `metadata.noyau.environment` in the notebook,
-//! then `--env`. `--env` takes either an inline table, TOML
+//! then `--env`. The notebook's metadata never sets the sandbox
+//! ([`SANDBOX_KEYS`]: `isolation`, `network`, `scratch`, `ro_bind`): a
+//! notebook sent by someone else must not switch off or open up the
+//! isolation its runner chose. `--env` takes either an inline table, TOML
 //! (`--env '{requirements = ["six==1.16.0"]}'`) or JSON
 //! (`--env '{"requirements": ["six==1.16.0"]}'`), or a path to a file: a
 //! `.json` file holding the table, or a TOML file holding it at top level
@@ -86,12 +89,35 @@ pub fn from_metadata(metadata: &Value, notebook_dir: &Path) -> Result<Option<Sou
                 None => as_table(v.clone(), "metadata.noyau.environment")?,
             };
             table.remove("notebook_dir");
+            drop_sandbox_keys(&mut table);
             Ok(Some(Source {
                 what: "metadata.noyau.environment in the notebook".into(),
                 table,
                 base: notebook_dir.to_path_buf(),
             }))
         }
+    }
+}
+
+/// Keys that decide the sandbox of `isolation = "container"`: whether
+/// there is one, the network, what is writable or shown. A notebook may
+/// come from anyone, so these are never read from its metadata: only the
+/// user's own `noyau.toml` and `--env` set them.
+pub const SANDBOX_KEYS: &[&str] = &["isolation", "network", "scratch", "ro_bind"];
+
+/// Removes [`SANDBOX_KEYS`] from a notebook's table, saying which.
+fn drop_sandbox_keys(table: &mut Map<String, Value>) {
+    let dropped: Vec<&str> = SANDBOX_KEYS
+        .iter()
+        .copied()
+        .filter(|k| table.remove(*k).is_some())
+        .collect();
+    if !dropped.is_empty() {
+        tracing::warn!(
+            "ignoring {} in the notebook's metadata.noyau.environment: a notebook may not \
+             choose its own sandbox; set them in noyau.toml's [environment] or with --env",
+            dropped.join(", ")
+        );
     }
 }
 
@@ -503,6 +529,46 @@ mod tests {
         assert!(spec.network);
         assert_eq!(spec.scratch, Some(dir.path().join("work")));
         assert_eq!(spec.notebook_dir.as_deref(), Some(dir.path()));
+    }
+
+    #[test]
+    fn a_notebook_cannot_choose_its_own_sandbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(
+            d.join("noyau.toml"),
+            "[environment]\nisolation = \"container\"\n",
+        )
+        .unwrap();
+        let open = json!({"kind": "system", "isolation": "none", "network": true,
+                          "scratch": "/home/victim", "ro_bind": ["/home/victim/.ssh"],
+                          "modules": ["gcc/12"]});
+        // Hand-written, and as an earlier run records it (under "spec").
+        for meta in [
+            json!({"noyau": {"environment": open.clone()}}),
+            json!({"noyau": {"environment": {"spec": open.clone()}}}),
+        ] {
+            let spec = for_notebook(d, Some(&meta), None, d).unwrap().unwrap();
+            assert_eq!(spec.isolation, crate::Isolation::Container);
+            assert!(!spec.network);
+            assert_eq!(spec.scratch, None);
+            assert!(spec.ro_bind.is_empty());
+            // What it builds still comes from the notebook.
+            assert_eq!(spec.kind, Some(crate::Kind::System));
+            assert_eq!(spec.modules, vec!["gcc/12"]);
+            // With isolation from --env alone, the notebook still adds nothing.
+            let other = tempfile::tempdir().unwrap();
+            let spec = for_notebook(
+                other.path(),
+                Some(&meta),
+                Some(r#"{isolation = "container"}"#),
+                d,
+            )
+            .unwrap()
+            .unwrap();
+            assert_eq!(spec.isolation, crate::Isolation::Container);
+            assert!(!spec.network && spec.scratch.is_none() && spec.ro_bind.is_empty());
+        }
     }
 
     fn cell(args: &str, dir: &Path) -> Result<EnvSpec, EnvError> {

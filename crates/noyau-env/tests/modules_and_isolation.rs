@@ -338,6 +338,19 @@ fn container_isolation_hides_home_and_network_and_keeps_the_notebook_dir_writabl
         .unwrap();
     let (ok, out) = run(&argv, &env, &nb);
     assert!(ok, "network = true but no network: {out}");
+
+    // The home as the notebook's directory (`noyau run ~/nb.ipynb`) would
+    // be bound writable over the tmpfs hiding it: refused, nothing started.
+    let at_home = EnvSpec::from_value(json!({"isolation": "container", "notebook_dir": home}))
+        .unwrap()
+        .normalise()
+        .unwrap();
+    let e = realise(&at_home, &cache, &mut |_: &str| {})
+        .unwrap()
+        .command(&py("pass"), &BTreeMap::new(), &rt)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("home directory"), "{e}");
     let _ = std::fs::remove_file(&secret);
 }
 
