@@ -311,21 +311,6 @@ def test_tasks_run_as_srun_steps_in_a_slurm_allocation(km) -> None:  # type: ign
     body, hidden = lib.tasks_hide_their_body()
     reply, text, _ = run(km, f"%%noyau on test --quiet --tasks 2\n{body}", timeout=180)
     assert reply["status"] == "ok" and text == f"--- task 0 ---\n{hidden}\n--- task 1 ---\n{hidden}\n", text
-    # An interrupted cell ends its step (one SIGINT only makes srun report),
-    # which would otherwise hold the job's cores for the next cell's.
-    job = t0[2]
-
-    def steps() -> list[str]:
-        out = subprocess.run(["squeue", "-s", "-j", job, "-h", "-o", "%i"], capture_output=True, text=True, check=True)
-        return [s for s in out.stdout.split() if not s.endswith((".batch", ".extern"))]
-
-    msg_id = km.kc.execute("%%noyau on test --quiet --tasks 2\nimport time\ntime.sleep(600)")
-    lib.wait_until(steps, 60, "the cell's srun step")
-    km.interrupt_kernel()
-    while (r := km.kc.get_shell_msg(timeout=30))["parent_header"].get("msg_id") != msg_id:
-        pass
-    assert r["content"]["status"] == "error" and r["content"]["ename"] == "KeyboardInterrupt", r["content"]
-    lib.wait_until(lambda: not steps(), 30, "the interrupted cell's step to end")
 
 
 def test_idle_slurm_target_leaves_the_queue(noyau_kernelspec: str, tmp_path: Path) -> None:
