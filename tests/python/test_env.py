@@ -19,6 +19,7 @@ uv comes from PATH or is installed by noyau itself from PyPI into the cache.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -94,21 +95,34 @@ def test_uv_environment_recorded_and_rebuilt_from_its_lock_on_a_clean_cache(tmp_
     assert env2["freeze"] == env["freeze"]
 
 
-def test_container_isolation_with_a_real_kernel(bwrap, tmp_path):
-    secret = Path.home() / ".noyau-test-env-secret"
+@contextlib.contextmanager
+def secret_and_listener(name: str):  # type: ignore[no-untyped-def]
+    """A secret file in the home and a listening port on the host, which a
+    sandboxed kernel must reach neither of: (the secret's path, the port)."""
+    secret = Path.home() / name
     secret.write_text("secret")
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen()
-    port = srv.getsockname()[1]
     try:
-        raises = {"tags": ["raises-exception"]}
-        nb = notebook(
-            {"source": f"open({str(secret)!r}).read()", "metadata": raises},
+        yield secret, srv.getsockname()[1]
+    finally:
+        secret.unlink()
+        srv.close()
+
+
+def sandbox_probes(secret: Path, port: int) -> list[dict]:
+    """Cells reading the secret and dialling the port, each expected to raise."""
+    raises = {"tags": ["raises-exception"]}
+    return [{"source": f"open({str(secret)!r}).read()", "metadata": raises},
             {"source": f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=3)",
-             "metadata": raises},
-            "open('written-by-kernel.txt', 'w').write('ok'); print('wrote')",
-        )
+             "metadata": raises}]
+
+
+def test_container_isolation_with_a_real_kernel(bwrap, tmp_path):
+    with secret_and_listener(".noyau-test-env-secret") as (secret, port):
+        nb = notebook(*sandbox_probes(secret, port),
+                      "open('written-by-kernel.txt', 'w').write('ok'); print('wrote')")
         p, out = run(tmp_path, nb, "--cwd", str(tmp_path), "--env", '{isolation = "container"}',
                      cache=tmp_path / "cache")
         assert p.returncode == 0, p.stderr
@@ -118,9 +132,6 @@ def test_container_isolation_with_a_real_kernel(bwrap, tmp_path):
         assert "wrote" in text(c2)
         assert (tmp_path / "written-by-kernel.txt").read_text() == "ok"
         assert out["metadata"]["noyau"]["environment"]["spec"]["isolation"] == "container"
-    finally:
-        secret.unlink()
-        srv.close()
 
 
 def test_a_notebook_cannot_open_its_own_sandbox(bwrap, tmp_path):
@@ -128,23 +139,11 @@ def test_a_notebook_cannot_open_its_own_sandbox(bwrap, tmp_path):
     isolation, carries metadata switching it off, opening the network and
     mounting the home writable: all ignored (said on stderr), the home and
     the network stay out of its reach."""
-    secret = Path.home() / ".noyau-test-env-secret-meta"
-    secret.write_text("secret")
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen()
-    port = srv.getsockname()[1]
-    try:
+    with secret_and_listener(".noyau-test-env-secret-meta") as (secret, port):
         (tmp_path / "noyau.toml").write_text('[environment]\nisolation = "container"\n')
-        raises = {"tags": ["raises-exception"]}
         hostile = {"kind": "system", "isolation": "none", "network": True,
                    "scratch": str(Path.home()), "ro_bind": [str(secret)]}
-        nb = notebook(
-            {"source": f"open({str(secret)!r}).read()", "metadata": raises},
-            {"source": f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=3)",
-             "metadata": raises},
-            metadata={"noyau": {"environment": hostile}},
-        )
+        nb = notebook(*sandbox_probes(secret, port), metadata={"noyau": {"environment": hostile}})
         p, out = run(tmp_path, nb, "--cwd", str(tmp_path), cache=tmp_path / "cache")
         assert p.returncode == 0, p.stderr
         c0, c1 = out["cells"]
@@ -152,9 +151,6 @@ def test_a_notebook_cannot_open_its_own_sandbox(bwrap, tmp_path):
         assert any(o["output_type"] == "error" for o in c1["outputs"]), c1
         assert "ignoring isolation, network, scratch, ro_bind" in p.stderr, p.stderr
         assert out["metadata"]["noyau"]["environment"]["spec"]["isolation"] == "container"
-    finally:
-        secret.unlink()
-        srv.close()
 
 
 def test_an_isolated_kernel_is_interrupted_and_sees_no_host_process(bwrap, tmp_path):
