@@ -165,7 +165,7 @@ impl FileLock {
 }
 
 impl Untrusted {
-    fn refused(path: PathBuf, problem: Problem) -> Self {
+    pub(crate) fn refused(path: PathBuf, problem: Problem) -> Self {
         Untrusted {
             path,
             why: problem.to_string(),

@@ -349,17 +349,19 @@ impl Store {
         self.check_dirs(false)?;
         let path = self.file(sha);
         let json_path = path.with_extension("json");
-        self.cache.check(&json_path, false)?;
         self.cache.check(&path, false)?;
         let Ok(meta) = std::fs::symlink_metadata(&path) else {
             return Ok(None);
         };
-        let about = self
-            .cache
-            .expect(false)
-            .and_then(|e| e.open(&json_path))
-            .ok()
-            .and_then(|f| serde_json::from_reader::<_, Value>(f).ok());
+        // Opened once and checked on what was opened: a refused
+        // description is untrusted, a missing or unreadable one is none.
+        let about = match self.cache.expect(false).and_then(|e| e.open(&json_path)) {
+            Ok(f) => serde_json::from_reader::<_, Value>(f).ok(),
+            Err(TrustError::Refused { path, problem }) => {
+                return Err(crate::cache::Untrusted::refused(path, problem).into())
+            }
+            Err(_) => None,
+        };
         let Some(about) = about else {
             return Ok(None); // described after it is fetched again
         };
