@@ -60,7 +60,14 @@ fn the_sites_entries_come_first_and_only_its_owners_are_trusted() {
     let sha = noyau_env::sha256_hex(data);
     std::fs::create_dir_all(site.join("data/sha256")).unwrap();
     std::fs::write(site.join(format!("data/sha256/{sha}")), data).unwrap();
-    std::fs::write(site.join(format!("data/sha256/{sha}.json")), "{}").unwrap();
+    // Described as the store describes what it fetched (an admin fills
+    // the site cache with noyau): a file is used only for its own hash.
+    let about = json!({"sha256": sha, "size": data.len(), "url": "http://127.0.0.1:9/x.bin"});
+    std::fs::write(
+        site.join(format!("data/sha256/{sha}.json")),
+        about.to_string(),
+    )
+    .unwrap();
     // An unreachable URL: found by its hash, never fetched.
     let r = DataRef::new("http://127.0.0.1:9/x.bin", &sha, None, t.path()).unwrap();
     let p = prepare(Some(&spec), std::slice::from_ref(&r), &mine, quiet).unwrap();
