@@ -173,7 +173,9 @@ pub fn record(
     );
     if let Some(record) = &kernel.environment {
         // spec, resolved lock and its hash: running this output again
-        // reproduces the environment (sources::from_metadata reads it back).
+        // rebuilds the same environment (sources::from_metadata reads it
+        // back), but not its sandbox: the sandbox keys are dropped there,
+        // so the one who runs it again chooses it with their own config.
         nb.metadata["noyau"]["environment"] = record.clone();
     }
     crate::environment::record(nb, prepared);
