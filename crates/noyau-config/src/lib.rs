@@ -390,6 +390,21 @@ fn user_path(var: &dyn Fn(&str) -> Option<std::ffi::OsString>) -> Option<PathBuf
         .map(|x| x.join("noyau").join("config.toml"))
 }
 
+/// The user's own config file (where `trusted_projects` goes), if `HOME`
+/// or `XDG_CONFIG_HOME` names one: for messages that tell the user to
+/// trust a project.
+pub fn user_file() -> Option<PathBuf> {
+    user_path(&|name| std::env::var_os(name))
+}
+
+/// Whether the site's or the user's `trusted_projects` trusts the project
+/// in `dir`: its noyau.toml is read whoever wrote it, and what it and its
+/// notebooks declare may name code that runs outside the sandbox while
+/// their environment is prepared (noyau-env's `trust`).
+pub fn trusts_project(dir: &Path) -> Result<bool, ConfigError> {
+    Ok(site_trusted(&site_paths())?.trusts(dir))
+}
+
 /// The text of the project file in `dir` (`dir/noyau.toml`), if there is
 /// one, checked as [`Config::load`] checks it: for the other readers of
 /// that file (noyau-env's `[environment]` and `[data]`).

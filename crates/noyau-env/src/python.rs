@@ -157,6 +157,8 @@ pub struct Uv {
     /// `--offline`: only what uv's cache holds (a job installing a lock
     /// prepared elsewhere); no index is contacted.
     pub offline: bool,
+    /// Wheels only (`UV_NO_BUILD`): see [`EnvSpec::wheels_only`].
+    pub wheels_only: bool,
 }
 
 impl Uv {
@@ -165,6 +167,7 @@ impl Uv {
             path,
             network: Network::from_env(),
             offline: false,
+            wheels_only: false,
         }
     }
 
@@ -180,7 +183,23 @@ impl Uv {
         if self.offline {
             c.env("UV_OFFLINE", "1");
         }
+        if self.wheels_only {
+            c.env(EnvVars::UV_NO_BUILD, "1");
+        }
         c
+    }
+
+    /// What to do when a package has no wheel here, for an error.
+    fn wheels_only_note(&self) -> &'static str {
+        if self.wheels_only {
+            " (only wheels are installed: the requirements come from a notebook or project you \
+             have not trusted, and building a source distribution runs its code outside the \
+             sandbox. If a package has no wheel for this machine, trust the project, \
+             `trusted_projects = [\"DIR\"]` in your ~/.config/noyau/config.toml, or give the \
+             requirements yourself with --env)"
+        } else {
+            ""
+        }
     }
 
     /// "… from INDEX" for an error: which index could not be reached.
@@ -204,6 +223,10 @@ pub fn build(
     let dir = &std::path::absolute(dir)
         .map_err(|e| EnvError::io(format!("resolving {}", dir.display()), e))?;
     let venv = dir.join("venv");
+    let uv = &Uv {
+        wheels_only: uv.wheels_only || spec.wheels_only,
+        ..uv.clone()
+    };
     let python = spec.python.clone().unwrap_or_else(|| "python3".into());
     progress(&format!("creating a Python {python} venv with uv"));
     cmd::run(
@@ -251,7 +274,11 @@ pub fn build(
                     .arg("requirements.in")
                     .arg("-o")
                     .arg(&lock_path),
-                &format!("uv could not resolve the requirements {}", uv.source()),
+                &format!(
+                    "uv could not resolve the requirements {}{}",
+                    uv.source(),
+                    uv.wheels_only_note()
+                ),
                 progress,
             )?;
             std::fs::read_to_string(&lock_path)
@@ -270,7 +297,11 @@ pub fn build(
             ])
             .arg(&interp)
             .arg(&lock_path),
-        &format!("uv could not install the lock {}", uv.source()),
+        &format!(
+            "uv could not install the lock {}{}",
+            uv.source(),
+            uv.wheels_only_note()
+        ),
         progress,
     )?;
     let freeze = cmd::run(

@@ -40,7 +40,7 @@ impl Proxy {
             Some(c) => crate::agent::Lines::Cell(&mut self.out, &c.header),
             None => crate::agent::Lines::Log,
         };
-        let env = crate::agent::job_env(spec, lines)
+        let env = crate::agent::job_env(spec, cell_env.is_some(), lines)
             .await
             .map_err(|e| err(&e))?;
         self.targets

@@ -289,7 +289,7 @@ impl Proxy {
             .and_then(|t| noyau_config::resolve(None, Some(&t), &[]).ok())
             .and_then(|(_, p)| p.environment);
         let lines = crate::agent::Lines::Cell(&mut self.out, &cell.header);
-        let env = crate::agent::job_env(spec.as_deref(), lines)
+        let env = crate::agent::job_env(spec.as_deref(), false, lines)
             .await
             .map_err(|e| MagicError::Dask(format!("the cluster's environment: {e}")))?;
         Ok(KernelSide {
