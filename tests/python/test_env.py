@@ -58,15 +58,31 @@ FREEZE = ("import importlib.metadata as m\n"
           "print(sorted(f\"{d.metadata['Name'].lower()}=={d.version}\" for d in m.distributions()))")
 
 
-def run(tmp: Path, nb: dict, *args: str, cache: Path, name: str = "nb.ipynb") -> tuple[subprocess.CompletedProcess, dict]:
+def run_only(tmp: Path, nb: dict, *args: str, cache: Path, name: str = "nb.ipynb",
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     src = tmp / name
     src.write_text(json.dumps(nb))
     out = tmp / (name + ".out.ipynb")
-    env = dict(os.environ, NOYAU_ENV_CACHE=str(cache))
-    p = subprocess.run([NOYAU, "run", str(src), str(out), "--no-progress", "--start-timeout", "300", *args],
-                       capture_output=True, text=True, env=env, timeout=600, cwd=tmp)
+    env = dict(os.environ, NOYAU_ENV_CACHE=str(cache), **(env or {}))
+    return subprocess.run([NOYAU, "run", str(src), str(out), "--no-progress", "--start-timeout", "300", *args],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=tmp)
+
+
+def run(tmp: Path, nb: dict, *args: str, cache: Path, name: str = "nb.ipynb",
+        env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, dict]:
+    p = run_only(tmp, nb, *args, cache=cache, name=name, env=env)
+    out = tmp / (name + ".out.ipynb")
     assert out.exists(), p.stderr
     return p, json.loads(out.read_text())
+
+
+def trusting(project: Path, xdg: Path) -> dict[str, str]:
+    """The environment of a user whose own config file (under `xdg`)
+    trusts `project`."""
+    cfg = xdg / "noyau" / "config.toml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text(f'trusted_projects = ["{project.resolve()}"]\n')
+    return {"XDG_CONFIG_HOME": str(xdg)}
 
 
 def text(cell: dict) -> str:
@@ -198,7 +214,9 @@ def test_modules_from_noyau_toml_set_the_kernels_environment(modules, tmp_path):
     (tmp_path / "noyau.toml").write_text(
         '[environment]\nmodules = ["noyautest/1.0"]\nmodule_use = ["modulefiles"]\n')
     nb = notebook("import os; print(os.environ['NOYAU_TEST_MODULE'])")
-    p, out = run(tmp_path, nb, cache=tmp_path / "cache")
+    # (module_use runs modulefiles while the environment is prepared: only
+    # from a project the user trusts)
+    p, out = run(tmp_path, nb, cache=tmp_path / "cache", env=trusting(tmp_path, tmp_path / "xdg"))
     assert p.returncode == 0, p.stderr
     assert text(out["cells"][0]).strip() == "loaded-1.0"
     assert "noyautest/1.0" in out["metadata"]["noyau"]["environment"]["module_list"]
@@ -464,3 +482,93 @@ def test_env_magic_in_a_headless_run_says_where_a_run_takes_its_environment(tmp_
     err = [o for o in cell["outputs"] if o["output_type"] == "error"]
     assert err and err[0]["ename"] == "NoyauMagicError" and "--env" in err[0]["evalue"], cell
     assert not (tmp_path / "cache").exists()  # nothing was built
+
+
+def refused_untrusted(p: subprocess.CompletedProcess, key: str, project: Path, xdg: Path) -> None:
+    """`p` failed saying `key` would run code outside the sandbox, and how
+    to trust `project` (in the user's config file under `xdg`)."""
+    err = p.stderr
+    assert p.returncode != 0, err[-3000:]
+    assert f"sets `{key}`" in err and "outside the sandbox" in err, err[-3000:]
+    assert f'trusted_projects = ["{project.resolve()}"]' in err, err[-3000:]
+    assert str(xdg / "noyau" / "config.toml") in err and "--env" in err, err[-3000:]
+
+
+def test_a_cloned_projects_noyau_toml_cannot_run_an_interpreter_while_preparing(tmp_path):
+    """A project the user cloned (its noyau.toml is theirs, so it is read)
+    names an interpreter by path: `uv venv --python` would run it on this
+    host, outside any sandbox, before any cell. Refused, nothing run, the
+    message naming the key and how to trust the project; once the user
+    trusts the directory, the interpreter is run (it writes its marker)."""
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil-python"
+    evil.write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+    evil.chmod(0o755)
+    (tmp_path / "noyau.toml").write_text(f'[environment]\npython = "{evil}"\n'
+                                         'isolation = "container"\n')
+    nb = notebook("print('not reached')")
+    xdg = tmp_path / "xdg"
+    p = run_only(tmp_path, nb, cache=tmp_path / "cache", env={"XDG_CONFIG_HOME": str(xdg)})
+    refused_untrusted(p, "python", tmp_path, xdg)
+    assert "noyau.toml" in p.stderr, p.stderr[-3000:]
+    assert not marker.exists()
+    p = run_only(tmp_path, nb, cache=tmp_path / "cache", env=trusting(tmp_path, xdg))
+    assert p.returncode != 0 and "sets `python`" not in p.stderr, p.stderr[-3000:]
+    assert marker.exists(), p.stderr[-3000:]
+
+
+def test_a_notebooks_metadata_cannot_load_modulefiles_of_its_choice(modules, tmp_path):
+    """A notebook's metadata names a modulefile directory (`module_use`)
+    whose modulefile runs a command: refused before the modules check runs
+    it; run by the modules check once the notebook's directory is trusted."""
+    marker = tmp_path / "ran"
+    mf = tmp_path / "mf" / "evil"
+    mf.mkdir(parents=True)
+    (mf / "1.0").write_text(f'#%Module1.0\nsystem "touch {marker}"\n')
+    nb = notebook("print('ran')", metadata={"noyau": {"environment": {
+        "modules": ["evil/1.0"], "module_use": [str(tmp_path / "mf")]}}})
+    xdg = tmp_path / "xdg"
+    p = run_only(tmp_path, nb, cache=tmp_path / "cache", env={"XDG_CONFIG_HOME": str(xdg)})
+    refused_untrusted(p, "module_use", tmp_path, xdg)
+    assert "metadata" in p.stderr, p.stderr[-3000:]
+    assert not marker.exists()
+    # A module by path (`module load /x/mf`) is the same.
+    nb["metadata"]["noyau"]["environment"] = {"modules": [str(mf / "1.0")]}
+    p = run_only(tmp_path, nb, cache=tmp_path / "cache", env={"XDG_CONFIG_HOME": str(xdg)})
+    refused_untrusted(p, "modules", tmp_path, xdg)
+    assert not marker.exists()
+    p, out = run(tmp_path, nb, cache=tmp_path / "cache", env=trusting(tmp_path, xdg))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert marker.exists()
+
+
+def test_a_cell_cannot_switch_off_the_isolation_of_an_interactive_kernel(bwrap, tmp_path):
+    """An interactive kernel started with isolation (its NOYAU_ENV, the
+    user's): a cell's `%noyau env … isolation=none` is refused with the
+    reason, and the kernel stays in its sandbox (the home's secret is
+    still out of reach)."""
+    lib.require_noyau()
+    with secret_and_listener(".noyau-test-env-secret-cell") as (secret, _):
+        km = lib.kernel_in(lib.NOYAU_KERNEL_NAME, tmp_path,
+                           env={"NOYAU_ENV_CACHE": str(tmp_path / "cache"),
+                                "NOYAU_ENV": '{isolation = "container"}'})
+        kc = km.kc
+
+        def run_cell(code: str) -> tuple[dict, str]:
+            out: list[dict] = []
+            reply = kc.execute_interactive(code, timeout=120, output_hook=out.append)
+            return reply["content"], "".join(lib.message_text(m) for m in out)
+
+        try:
+            probe = f"import os; print(os.path.exists({str(secret)!r}))"
+            reply, out = run_cell(probe)
+            assert reply["status"] == "ok" and out.strip().endswith("False"), (reply, out)
+            for magic in ["%noyau env system isolation=none", "%noyau env {isolation = 'none'}",
+                          "%noyau env six==1.16.0 network=true"]:
+                reply, out = run_cell(magic)
+                assert reply["status"] == "error", (magic, reply, out)
+                assert "may not set" in out and "own sandbox" in out, (magic, out)
+            reply, out = run_cell(probe)
+            assert reply["status"] == "ok" and out.strip() == "False", (reply, out)
+        finally:
+            lib.stop_kernel(km)
