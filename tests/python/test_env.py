@@ -572,3 +572,35 @@ def test_a_cell_cannot_switch_off_the_isolation_of_an_interactive_kernel(bwrap, 
             assert reply["status"] == "ok" and out.strip() == "False", (reply, out)
         finally:
             lib.stop_kernel(km)
+
+
+def test_opening_a_cloned_projects_notebook_runs_nothing_and_says_why(tmp_path):
+    """Opening a notebook in JupyterLab starts its kernel, which prepares
+    ./noyau.toml's environment before any cell: a cloned project naming an
+    interpreter by path gets a kernel that runs nothing, starts no job, and
+    answers (its banner, each cell) with the reason and what to do, rather
+    than dying without a word."""
+    lib.require_noyau()
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil-python"
+    evil.write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+    evil.chmod(0o755)
+    (tmp_path / "noyau.toml").write_text(f'[environment]\npython = "{evil}"\n')
+    xdg = tmp_path / "xdg"
+    km = lib.kernel_in(lib.NOYAU_KERNEL_NAME, tmp_path,
+                       env={"NOYAU_ENV_CACHE": str(tmp_path / "cache"), "XDG_CONFIG_HOME": str(xdg)})
+    kc = km.kc
+    try:
+        info = kc.kernel_info(reply=True, timeout=30)["content"]
+        assert "sets `python`" in info["banner"], info
+        for _ in range(2):  # every cell, not only the first
+            out: list[dict] = []
+            reply = kc.execute_interactive("print('ran')", timeout=30, output_hook=out.append)["content"]
+            said = "".join(lib.message_text(m) for m in out)
+            assert reply["status"] == "error" and reply["ename"] == "NoyauEnvError", reply
+            assert "sets `python`" in said and "outside the sandbox" in said, said
+            assert f'trusted_projects = ["{tmp_path.resolve()}"]' in said, said
+            assert str(xdg / "noyau" / "config.toml") in said and "ran\n" not in said, said
+        assert not marker.exists()
+    finally:
+        lib.stop_kernel(km)
