@@ -11,7 +11,10 @@
 //! (`--compile-bytecode`; uv does not by default): the entry is shared and
 //! shown read-only under isolation, so a kernel could not write them, and
 //! without them every kernel start recompiles ipykernel's imports (about
-//! +0.3 s here).
+//! +0.3 s here). Not for requirements from a notebook or project the user
+//! has not trusted ([`EnvSpec::wheels_only`]): compiling runs the venv's
+//! python outside the sandbox, and with it any `.pth` file a wheel put in
+//! site-packages.
 //!
 //! The venv is made `--relocatable` (it is built in a temporary directory
 //! and renamed into the cache) and with `UV_LINK_MODE=copy` (hard links
@@ -286,17 +289,17 @@ pub fn build(
         }
     };
     progress("installing the locked packages with uv");
+    let mut sync = uv.cmd();
+    sync.args(["pip", "sync", "--require-hashes"]);
+    // Compiling runs the venv's python here, outside any sandbox, and its
+    // start runs the `.pth` files the wheels just installed: not for
+    // packages a notebook or project chose that the user has not trusted
+    // (their kernels then compile in memory at each start).
+    if !uv.wheels_only {
+        sync.arg("--compile-bytecode");
+    }
     cmd::run(
-        uv.cmd()
-            .args([
-                "pip",
-                "sync",
-                "--require-hashes",
-                "--compile-bytecode",
-                "--python",
-            ])
-            .arg(&interp)
-            .arg(&lock_path),
+        sync.arg("--python").arg(&interp).arg(&lock_path),
         &format!(
             "uv could not install the lock {}{}",
             uv.source(),
