@@ -491,6 +491,7 @@ def refused_untrusted(p: subprocess.CompletedProcess, key: str, project: Path, x
     assert p.returncode != 0, err[-3000:]
     assert f"sets `{key}`" in err and "outside the sandbox" in err, err[-3000:]
     assert f'trusted_projects = ["{project.resolve()}"]' in err, err[-3000:]
+    assert f"noyau trust {project.resolve()}" in err, err[-3000:]
     assert str(xdg / "noyau" / "config.toml") in err and "--env" in err, err[-3000:]
 
 
@@ -512,7 +513,11 @@ def test_a_cloned_projects_noyau_toml_cannot_run_an_interpreter_while_preparing(
     refused_untrusted(p, "python", tmp_path, xdg)
     assert "noyau.toml" in p.stderr, p.stderr[-3000:]
     assert not marker.exists()
-    p = run_only(tmp_path, nb, cache=tmp_path / "cache", env=trusting(tmp_path, xdg))
+    # `noyau trust DIR` (what the message suggests) trusts it.
+    env = dict(os.environ, XDG_CONFIG_HOME=str(xdg))
+    t = subprocess.run([NOYAU, "trust", str(tmp_path)], capture_output=True, text=True, env=env, timeout=60)
+    assert t.returncode == 0 and "trusted" in t.stdout, t.stderr
+    p = run_only(tmp_path, nb, cache=tmp_path / "cache", env={"XDG_CONFIG_HOME": str(xdg)})
     assert p.returncode != 0 and "sets `python`" not in p.stderr, p.stderr[-3000:]
     assert marker.exists(), p.stderr[-3000:]
 

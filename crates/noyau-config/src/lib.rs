@@ -61,6 +61,7 @@
 //! ```
 
 mod files;
+mod trust;
 
 use noyau_vars::EnvVars;
 use std::collections::BTreeMap;
@@ -72,6 +73,7 @@ use toml::Spanned;
 
 pub use files::{TrustedProjects, MAX_LOCK_SIZE, MAX_SIZE};
 pub use noyau_sched::{parse_size, parse_time, suggest, Profile, ProfileError};
+pub use trust::trust_project;
 
 use files::Origin;
 

@@ -81,8 +81,8 @@ pub enum EnvError {
     #[error(
         "{what} sets `{key}`: {why}. That code would run while the environment is prepared, \
          outside the sandbox, and the notebook or project it comes from is not trusted. \
-         If you trust everyone who can write in {dir}, add `trusted_projects = [\"{dir}\"]` to \
-         {user_file}; or give the environment yourself: `noyau run --env FILE_OR_TABLE` \
+         If you trust everyone who can write in {dir}, run `noyau trust {dir}` (it adds \
+         `trusted_projects = [\"{dir}\"]` to {user_file}); or give the environment yourself: `noyau run --env FILE_OR_TABLE` \
          (e.g. --env {dir}/noyau.toml), or NOYAU_ENV in the kernelspec", dir = dir.display()
     )]
     UntrustedCode {
