@@ -400,8 +400,8 @@ pub const MAGIC_USAGE: &str = "%noyau env [python] REQUIREMENT… [key=value…]
 /// * words alone: requirements (`six==1.16.0 idna`), so `python` is implied.
 ///
 /// Any form of words may add `key=value` words for the spec's keys
-/// (`python=3.11`, `isolation=container`, `network=true`,
-/// `modules=gcc/12,cuda/12.4`: lists by commas). A word whose text before
+/// (`python=3.11`, `nv=true`, `modules=gcc/12,cuda/12.4`: lists by
+/// commas; the sandbox's keys parse, then are refused below). A word whose text before
 /// `=` is not a spec key (`six==1.16.0`) is a requirement.
 ///
 /// A cell is the notebook's, whoever sent it: it may not set the sandbox
