@@ -160,7 +160,7 @@ pub struct Uv {
     /// `--offline`: only what uv's cache holds (a job installing a lock
     /// prepared elsewhere); no index is contacted.
     pub offline: bool,
-    /// Wheels only (`UV_NO_BUILD`): see [`EnvSpec::wheels_only`].
+    /// Wheels only (`--no-build`): see [`EnvSpec::wheels_only`].
     pub wheels_only: bool,
 }
 
@@ -186,8 +186,16 @@ impl Uv {
         if self.offline {
             c.env("UV_OFFLINE", "1");
         }
+        c
+    }
+
+    /// `uv pip SUB`, wheels only when asked. (A flag: uv 0.13's `pip`
+    /// commands read no `UV_NO_BUILD`, so the variable would do nothing.)
+    fn pip(&self, sub: &str) -> Command {
+        let mut c = self.cmd();
+        c.args(["pip", sub]);
         if self.wheels_only {
-            c.env(EnvVars::UV_NO_BUILD, "1");
+            c.arg("--no-build");
         }
         c
     }
@@ -263,15 +271,9 @@ pub fn build(
             // temporary path, so the same spec gives the same lock (and
             // lock_sha256) whatever the cache's path, on any node.
             cmd::run(
-                uv.cmd()
+                uv.pip("compile")
                     .current_dir(dir)
-                    .args([
-                        "pip",
-                        "compile",
-                        "--generate-hashes",
-                        "--no-header",
-                        "--quiet",
-                    ])
+                    .args(["--generate-hashes", "--no-header", "--quiet"])
                     .arg("--python")
                     .arg(&interp)
                     .arg("requirements.in")
@@ -289,8 +291,8 @@ pub fn build(
         }
     };
     progress("installing the locked packages with uv");
-    let mut sync = uv.cmd();
-    sync.args(["pip", "sync", "--require-hashes"]);
+    let mut sync = uv.pip("sync");
+    sync.arg("--require-hashes");
     // Compiling runs the venv's python here, outside any sandbox, and its
     // start runs the `.pth` files the wheels just installed: not for
     // packages a notebook or project chose that the user has not trusted

@@ -116,7 +116,7 @@ pub struct EnvSpec {
     #[serde(default, skip_serializing_if = "is_false")]
     pub nv: bool,
 
-    /// Install only wheels (`UV_NO_BUILD`): uv builds a source
+    /// Install only wheels (uv's `--no-build`): uv builds a source
     /// distribution by running its code. Set by [`crate::sources::merge`]
     /// whenever the requirements come from a notebook or project that is
     /// not trusted ([`crate::trust`]); a user may set it too.

@@ -187,3 +187,66 @@ fn a_wheels_pth_file_does_not_run_while_an_untrusted_environment_is_built() {
         assert_eq!(marker.exists(), !wheels_only, "wheels_only = {wheels_only}");
     }
 }
+
+/// A source distribution whose setup.py writes `marker` when built; its
+/// path and sha256.
+fn sdist(dir: &std::path::Path, marker: &std::path::Path) -> (std::path::PathBuf, String) {
+    let path = dir.join("evilsdist-1.0.tar.gz");
+    let script = r#"
+import io, sys, tarfile
+path, marker = sys.argv[1], sys.argv[2]
+files = {
+    "evilsdist-1.0/setup.py": f"open({marker!r}, 'a').write('built')\nfrom setuptools import setup\nsetup(name='evilsdist', version='1.0')\n",
+    "evilsdist-1.0/PKG-INFO": "Metadata-Version: 2.1\nName: evilsdist\nVersion: 1.0\n",
+}
+with tarfile.open(path, "w:gz") as t:
+    for name, text in files.items():
+        data = text.encode()
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
+"#;
+    let ok = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&path)
+        .arg(marker)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "could not write the test sdist");
+    let sha = noyau_env::sha256_hex(&std::fs::read(&path).unwrap());
+    (path, sha)
+}
+
+/// With `wheels_only` (requirements from a notebook or project the user
+/// has not trusted), uv refuses to build a source distribution, so its
+/// setup.py does not run here; the error says why and what to do.
+#[test]
+fn an_untrusted_source_distribution_is_not_built() {
+    let t = tempfile::tempdir().unwrap();
+    let marker = t.path().join("built");
+    let (path, sha) = sdist(t.path(), &marker);
+    let lock = format!(
+        "evilsdist @ file://{} --hash=sha256:{sha}\n",
+        path.display()
+    );
+    let spec = EnvSpec::from_value(json!({
+        "kind": "python", "lock": lock, "wheels_only": true, "notebook_dir": t.path(),
+    }))
+    .unwrap()
+    .normalise()
+    .unwrap();
+    let e = realise(
+        &spec,
+        &Cache::new(t.path().join("cache")),
+        &mut |_: &str| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("only wheels are installed") && e.contains("trusted_projects"),
+        "{e}"
+    );
+    assert!(!marker.exists());
+}

@@ -8,7 +8,7 @@
 //! read by noyau-sched, the one seam that knows the schedulers, and named
 //! there. Those of the system and other tools that noyau reads itself
 //! (`USER`, `HOME`, `PATH`, `XDG_*`…) are named here too, at the end; the
-//! ones it only sets or passes on for a tool (`UV_*` but `UV_NO_BUILD`,
+//! ones it only sets or passes on for a tool (`UV_*`,
 //! `CUDA_VISIBLE_DEVICES`) stay with the code that follows that tool's
 //! rules. `NOYAU_TASK_ID` and `NOYAU_NTASKS`, set and read
 //! only by the Python that noyau-sched writes for `%%noyau on --tasks N`,
@@ -136,12 +136,6 @@ impl EnvVars {
     /// The user's name as the login set it (noyau-sched; the uid's account
     /// when unset).
     pub const USER: &'static str = "USER";
-    /// uv installs only wheels when set (noyau sets it to `1` for
-    /// requirements from a notebook or project the user has not trusted:
-    /// building a source distribution runs its code). Named here, unlike
-    /// the other `UV_*` noyau passes on, because a security decision
-    /// hangs on it.
-    pub const UV_NO_BUILD: &'static str = "UV_NO_BUILD";
     /// The user's home: the XDG directories' default parent.
     pub const HOME: &'static str = "HOME";
     /// Where programs are looked for.
