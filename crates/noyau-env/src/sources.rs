@@ -194,12 +194,13 @@ pub fn from_cli(arg: &str, cwd: &Path) -> Result<Source, EnvError> {
 /// A spec a cell gives (`%%noyau on TARGET --env SPEC`), in the forms
 /// `--env` takes: the notebook's, not the user's.
 pub fn from_cell_env(arg: &str, notebook_dir: &Path) -> Result<Source, EnvError> {
-    let s = from_cli(arg, notebook_dir)?;
-    Ok(Source {
+    let s = Source {
         what: format!("--env {arg} in a cell"),
         author: Author::Project(notebook_dir.to_path_buf()),
-        ..s
-    })
+        ..from_cli(arg, notebook_dir)?
+    };
+    refuse_sandbox_keys(&s, "`%%noyau on … --env`")?;
+    Ok(s)
 }
 
 /// Merges sources (later wins per key) into one normalised spec, with
@@ -410,20 +411,28 @@ pub const MAGIC_USAGE: &str = "%noyau env [python] REQUIREMENT… [key=value…]
 pub fn from_magic(args: &str, cwd: &Path) -> Result<Source, EnvError> {
     let mut s = magic_source(args, cwd)?;
     s.author = Author::Project(cwd.to_path_buf());
+    refuse_sandbox_keys(&s, "`%noyau env`")?;
+    Ok(s)
+}
+
+/// Refuses a cell's source that would choose its sandbox: [`SANDBOX_KEYS`],
+/// and `notebook_dir` (writable under isolation).
+fn refuse_sandbox_keys(s: &Source, what: &str) -> Result<(), EnvError> {
     let set: Vec<&str> = SANDBOX_KEYS
         .iter()
         .copied()
+        .chain(["notebook_dir"])
         .filter(|k| s.table.contains_key(*k))
         .collect();
-    if !set.is_empty() {
-        return Err(EnvError::Invalid(format!(
-            "`%noyau env` may not set {}: a cell is part of the notebook, and a notebook may not \
-             choose its own sandbox; the kernel keeps the one it was started with (set it in \
-             noyau.toml's [environment] or NOYAU_ENV, then restart the kernel)",
-            set.join(", ")
-        )));
+    if set.is_empty() {
+        return Ok(());
     }
-    Ok(s)
+    Err(EnvError::Invalid(format!(
+        "{what} may not set {}: a cell is part of the notebook, and a notebook may not \
+         choose its own sandbox; the kernel keeps the one it was started with (set it in \
+         noyau.toml's [environment] or NOYAU_ENV, then restart the kernel)",
+        set.join(", ")
+    )))
 }
 
 fn magic_source(args: &str, cwd: &Path) -> Result<Source, EnvError> {
@@ -784,6 +793,7 @@ mod tests {
             "six scratch=/home/victim",
             "prefix /p ro_bind=/home/victim/.ssh",
             r#"{isolation = "none"}"#,
+            r#"{kind = "system", notebook_dir = "/home/victim/.ssh"}"#,
             "file open.toml",
         ] {
             let e = for_cell(d, Some(r#"{isolation = "container"}"#), args)
@@ -794,6 +804,10 @@ mod tests {
                 "{args}: {e}"
             );
         }
+        let e = from_cell_env(r#"{isolation = "none"}"#, d)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("may not set isolation"), "{e}");
     }
 
     /// What the project's noyau.toml, the notebook's metadata and a cell
