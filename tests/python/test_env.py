@@ -609,3 +609,41 @@ def test_opening_a_cloned_projects_notebook_runs_nothing_and_says_why(tmp_path):
         assert not marker.exists()
     finally:
         lib.stop_kernel(km)
+
+
+def test_a_cloned_projects_profile_cannot_set_the_agents_variables(tmp_path):
+    """A cloned project's noyau.toml profile sets variables for the local
+    agent and its kernel (here PYTHONPATH to a sitecustomize.py of the
+    project's: code run outside any sandbox). An untrusted project may
+    choose resources, not this: refused before anything starts, naming the
+    key, the file and how to trust it; once trusted, the variable is set
+    (the code runs and writes its marker)."""
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "sitecustomize.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (tmp_path / "noyau.toml").write_text('[profiles.side]\nbackend = "local"\ncpus_per_task = 2\n'
+                                         f'env = {{ PYTHONPATH = "{evil}" }}\n')
+    nb = notebook("print('reached')")
+    xdg = tmp_path / "xdg"
+    p = run_only(tmp_path, nb, "--profile", "side", cache=tmp_path / "cache",
+                 env={"XDG_CONFIG_HOME": str(xdg)})
+    err = p.stderr
+    assert p.returncode != 0, err[-3000:]
+    assert "[profiles.side] env (line 4, column 1)" in err and "LD_PRELOAD" in err, err[-3000:]
+    assert f"noyau trust {tmp_path.resolve()}" in err, err[-3000:]
+    assert str(xdg / "noyau" / "config.toml") in err, err[-3000:]
+    assert not marker.exists()
+    # A project may still say what it needs: the same profile without `env`.
+    (tmp_path / "noyau.toml").write_text('[profiles.side]\nbackend = "local"\ncpus_per_task = 2\n')
+    p, out = run(tmp_path, nb, "--profile", "side", cache=tmp_path / "cache", env={"XDG_CONFIG_HOME": str(xdg)})
+    assert p.returncode == 0 and "reached" in text(out["cells"][0]), p.stderr[-3000:]
+    assert not marker.exists()
+    (tmp_path / "noyau.toml").write_text('[profiles.side]\nbackend = "local"\ncpus_per_task = 2\n'
+                                         f'env = {{ PYTHONPATH = "{evil}" }}\n')
+    env = dict(os.environ, XDG_CONFIG_HOME=str(xdg))
+    t = subprocess.run([NOYAU, "trust", str(tmp_path)], capture_output=True, text=True, env=env, timeout=60)
+    assert t.returncode == 0, t.stderr
+    p, out = run(tmp_path, nb, "--profile", "side", cache=tmp_path / "cache", env={"XDG_CONFIG_HOME": str(xdg)})
+    assert p.returncode == 0 and "reached" in text(out["cells"][0]), p.stderr[-3000:]
+    assert marker.exists(), p.stderr[-3000:]

@@ -191,6 +191,51 @@ pub fn from_cli(arg: &str, cwd: &Path) -> Result<Source, EnvError> {
     })
 }
 
+/// A profile's `environment` (in the forms `--env` takes): the user's when
+/// the site's or the user's file (or `-o`) set it; else `project`, the
+/// directory whose noyau.toml set it, and it is held to what that
+/// project's `[environment]` may name.
+pub fn from_profile(spec: &str, project: Option<&Path>, cwd: &Path) -> Result<Source, EnvError> {
+    let s = from_cli(spec, cwd)?;
+    Ok(match project {
+        None => s,
+        Some(dir) => Source {
+            what: format!(
+                "the environment of a profile in {}",
+                dir.join("noyau.toml").display()
+            ),
+            author: Author::Project(dir.to_path_buf()),
+            ..s
+        },
+    })
+}
+
+/// The spec of a target's (or a Dask cluster's) job, and who gave it.
+#[derive(Debug, Clone, Copy)]
+pub enum TargetSpec<'a> {
+    /// `%%noyau on T --env SPEC`: the notebook's ([`from_cell_env`]).
+    Cell(&'a str),
+    /// A profile's `environment` and the project directory whose
+    /// noyau.toml set it, if one did ([`from_profile`]).
+    Profile(&'a str, Option<&'a Path>),
+}
+
+impl<'a> TargetSpec<'a> {
+    /// A profile's `environment`, if it has one.
+    pub fn profile(p: &'a noyau_config::Profile) -> Option<Self> {
+        let e = p.environment.as_deref()?;
+        Some(TargetSpec::Profile(e, p.environment_from.as_deref()))
+    }
+
+    /// Its source, relative paths from `cwd`.
+    pub fn source(self, cwd: &Path) -> Result<Source, EnvError> {
+        match self {
+            TargetSpec::Cell(e) => from_cell_env(e, cwd),
+            TargetSpec::Profile(e, project) => from_profile(e, project, cwd),
+        }
+    }
+}
+
 /// A spec a cell gives (`%%noyau on TARGET --env SPEC`), in the forms
 /// `--env` takes: the notebook's, not the user's.
 pub fn from_cell_env(arg: &str, notebook_dir: &Path) -> Result<Source, EnvError> {
@@ -895,6 +940,32 @@ mod tests {
         .unwrap();
         let e = for_cell(d, None, "file e.toml").unwrap_err();
         assert!(matches!(e, EnvError::UntrustedCode { .. }), "{e}");
+    }
+
+    /// A profile's `environment` that an untrusted project's noyau.toml
+    /// set is held to a project's rules (code refused, requirements as
+    /// wheels only); the same from the user's file is theirs.
+    #[test]
+    fn a_projects_profile_environment_is_the_projects() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let spec = |s: &str, project: Option<&Path>| {
+            merge(&[TargetSpec::Profile(s, project).source(d)?], d)
+        };
+        let evil = r#"{"python": "/home/attacker/bin/python"}"#;
+        let e = spec(evil, Some(d)).unwrap_err();
+        assert!(matches!(e, EnvError::UntrustedCode { .. }), "{e}");
+        let e = e.to_string();
+        assert!(
+            e.contains("the environment of a profile in")
+                && e.contains("noyau.toml sets `python`")
+                && e.contains("noyau trust"),
+            "{e}"
+        );
+        assert!(spec(evil, None).is_ok());
+        let six = r#"{"requirements": ["six"]}"#;
+        assert!(spec(six, Some(d)).unwrap().unwrap().wheels_only);
+        assert!(!spec(six, None).unwrap().unwrap().wheels_only);
     }
 
     /// Requirements by name are the notebook's to choose, but installed

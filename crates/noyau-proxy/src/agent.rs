@@ -60,19 +60,15 @@ pub(crate) enum Lines<'a> {
 /// inline table or a file: `%%noyau on T --env`, a profile's
 /// `environment`), else the kernel's own (`[environment]` in ./noyau.toml,
 /// where Jupyter starts a kernel, overridden by `NOYAU_ENV`); the kernel's
-/// data files in every case. `from_cell`: `spec` is a cell's, the
-/// notebook's rather than the user's (noyau-env's `trust`).
+/// data files in every case. Who gave `spec` decides what it may name
+/// (noyau-env's `trust`).
 pub(crate) async fn job_env(
-    spec: Option<&str>,
-    from_cell: bool,
+    spec: Option<noyau_env::sources::TargetSpec<'_>>,
     mut lines: Lines<'_>,
 ) -> Result<BTreeMap<String, String>, ProxyError> {
     let cwd = std::env::current_dir().map_err(ProxyError::Cwd)?;
     let spec = match spec {
-        Some(e) if from_cell => {
-            noyau_env::sources::merge(&[noyau_env::sources::from_cell_env(e, &cwd)?], &cwd)?
-        }
-        Some(e) => noyau_env::sources::merge(&[noyau_env::sources::from_cli(e, &cwd)?], &cwd)?,
+        Some(s) => noyau_env::sources::merge(&[s.source(&cwd)?], &cwd)?,
         None => noyau_env::sources::for_notebook(&cwd, None, kernel_env_var().as_deref(), &cwd)?,
     };
     let declared = noyau_env::sources::Declared {
@@ -150,7 +146,7 @@ impl AgentSide {
                 // agent gone) is let go now, not at the end of its keeper's
                 // grace: a fixed `--link-bind` port is wanted again.
                 drop(fetch_kept(&path).await);
-                let env = job_env(None, false, Lines::Hold(&mut env_held)).await?;
+                let env = job_env(None, Lines::Hold(&mut env_held)).await?;
                 let a = start_agent(launch(cfg, env), link_cfg).await?;
                 (a.listener, a.identity, a.advertise, a.watch)
             }

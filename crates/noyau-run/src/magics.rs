@@ -360,10 +360,13 @@ impl Runner<'_> {
             .await
             .map_err(|e| bad(&e))?
             .map_err(|e| bad(&e))?;
-        if let Some(e) = m.env.as_deref() {
-            launch.env.extend(self.target_env(e, true).await?);
-        } else if let Some(e) = profile.environment.as_deref() {
-            launch.env.extend(self.target_env(e, false).await?);
+        let spec = m
+            .env
+            .as_deref()
+            .map(noyau_env::sources::TargetSpec::Cell)
+            .or_else(|| noyau_env::sources::TargetSpec::profile(&profile));
+        if let Some(spec) = spec {
+            launch.env.extend(self.target_env(spec).await?);
         }
         launch.backend = backend;
         launch.job_name = format!("noyau-target-{}", m.target);
@@ -386,19 +389,13 @@ impl Runner<'_> {
 
     /// A target's own environment (`%%noyau on T --env SPEC`, else its
     /// profile's), prepared here like the kernel's; the kernel's data files.
-    /// `from_cell`: the cell's `--env`, the notebook's rather than the user's.
+    /// Who gave `spec` decides what it may name (noyau-env's `trust`).
     async fn target_env(
         &self,
-        spec: &str,
-        from_cell: bool,
+        spec: noyau_env::sources::TargetSpec<'_>,
     ) -> Result<BTreeMap<String, String>, MagicError> {
         let cwd = std::env::current_dir().map_err(env_error)?;
-        let from = if from_cell {
-            noyau_env::sources::from_cell_env(spec, &cwd)
-        } else {
-            noyau_env::sources::from_cli(spec, &cwd)
-        }
-        .map_err(env_error)?;
+        let from = spec.source(&cwd).map_err(env_error)?;
         let declared = noyau_env::sources::Declared {
             spec: noyau_env::sources::merge(&[from], &cwd).map_err(env_error)?,
             data: Vec::new(),
