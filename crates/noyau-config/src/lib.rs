@@ -31,6 +31,9 @@
 //! is read whoever wrote it. Elsewhere a project's file is read only if it
 //! is a regular file that the user or root owns and that no one else can
 //! write; the site's and the user's files must be so too (see [`files`]).
+//! A project's file whose directory is not so trusted may choose
+//! resources but not code: its profiles may not set `prologue`, `env` or
+//! a scheduler's options (`sbatch`, `oarsub`, `qsub`): see `code_key`.
 //!
 //! A top-level `[idle]` table says when an idle allocation is given back
 //! ([`IdleLimits`]): the site's default in the system file, the user's
