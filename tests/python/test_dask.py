@@ -375,11 +375,19 @@ def a_workers_http_server_serves_nothing(port: int) -> None:
         assert http_status("127.0.0.1", port, path, {}) == 404, path
 
 
-def test_dask_up_needs_distributed_in_the_environment(km, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_dask_up_needs_distributed_in_the_environment(kernel, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     # a Python without distributed: a bare venv
     bare = tmp_path / "bare"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
     (tmp_path / "noyau.toml").write_text(PROFILE + f'env = {{ NOYAU_DASK_PYTHON = "{bare}/bin/python" }}\n')
+    # A project's `env` names code (here the Dask python): the user trusts
+    # this one, in a config file of their own that keeps the session's.
+    session = Path(os.environ["XDG_CONFIG_HOME"]) / "noyau" / "config.toml"
+    own = tmp_path / "xdg" / "noyau" / "config.toml"
+    own.parent.mkdir(parents=True)
+    own.write_text(f'trusted_projects = ["{tmp_path.resolve()}"]\n'
+                   + (session.read_text() if session.exists() else ""))
+    km = kernel({"XDG_CONFIG_HOME": str(own.parent.parent)})
     reply, text, errors = run(km, "%noyau dask up 1 --target hpc", timeout=180)
     assert reply["status"] == "error", text
     assert "no usable `distributed`" in errors[0]["evalue"], errors

@@ -58,15 +58,31 @@ FREEZE = ("import importlib.metadata as m\n"
           "print(sorted(f\"{d.metadata['Name'].lower()}=={d.version}\" for d in m.distributions()))")
 
 
-def run(tmp: Path, nb: dict, *args: str, cache: Path, name: str = "nb.ipynb") -> tuple[subprocess.CompletedProcess, dict]:
+def run_only(tmp: Path, nb: dict, *args: str, cache: Path, name: str = "nb.ipynb",
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     src = tmp / name
     src.write_text(json.dumps(nb))
     out = tmp / (name + ".out.ipynb")
-    env = dict(os.environ, NOYAU_ENV_CACHE=str(cache))
-    p = subprocess.run([NOYAU, "run", str(src), str(out), "--no-progress", "--start-timeout", "300", *args],
-                       capture_output=True, text=True, env=env, timeout=600, cwd=tmp)
+    env = dict(os.environ, NOYAU_ENV_CACHE=str(cache), **(env or {}))
+    return subprocess.run([NOYAU, "run", str(src), str(out), "--no-progress", "--start-timeout", "300", *args],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=tmp)
+
+
+def run(tmp: Path, nb: dict, *args: str, cache: Path, name: str = "nb.ipynb",
+        env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, dict]:
+    p = run_only(tmp, nb, *args, cache=cache, name=name, env=env)
+    out = tmp / (name + ".out.ipynb")
     assert out.exists(), p.stderr
     return p, json.loads(out.read_text())
+
+
+def trusting(project: Path, xdg: Path) -> dict[str, str]:
+    """The environment of a user whose own config file (under `xdg`)
+    trusts `project`."""
+    cfg = xdg / "noyau" / "config.toml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text(f'trusted_projects = ["{project.resolve()}"]\n')
+    return {"XDG_CONFIG_HOME": str(xdg)}
 
 
 def text(cell: dict) -> str:
@@ -198,7 +214,9 @@ def test_modules_from_noyau_toml_set_the_kernels_environment(modules, tmp_path):
     (tmp_path / "noyau.toml").write_text(
         '[environment]\nmodules = ["noyautest/1.0"]\nmodule_use = ["modulefiles"]\n')
     nb = notebook("import os; print(os.environ['NOYAU_TEST_MODULE'])")
-    p, out = run(tmp_path, nb, cache=tmp_path / "cache")
+    # (module_use runs modulefiles while the environment is prepared: only
+    # from a project the user trusts)
+    p, out = run(tmp_path, nb, cache=tmp_path / "cache", env=trusting(tmp_path, tmp_path / "xdg"))
     assert p.returncode == 0, p.stderr
     assert text(out["cells"][0]).strip() == "loaded-1.0"
     assert "noyautest/1.0" in out["metadata"]["noyau"]["environment"]["module_list"]
@@ -464,3 +482,168 @@ def test_env_magic_in_a_headless_run_says_where_a_run_takes_its_environment(tmp_
     err = [o for o in cell["outputs"] if o["output_type"] == "error"]
     assert err and err[0]["ename"] == "NoyauMagicError" and "--env" in err[0]["evalue"], cell
     assert not (tmp_path / "cache").exists()  # nothing was built
+
+
+def refused_untrusted(p: subprocess.CompletedProcess, key: str, project: Path, xdg: Path) -> None:
+    """`p` failed saying `key` would run code outside the sandbox, and how
+    to trust `project` (in the user's config file under `xdg`)."""
+    err = p.stderr
+    assert p.returncode != 0, err[-3000:]
+    assert f"sets `{key}`" in err and "outside the sandbox" in err, err[-3000:]
+    assert f'trusted_projects = ["{project.resolve()}"]' in err, err[-3000:]
+    assert f"noyau trust {project.resolve()}" in err, err[-3000:]
+    assert str(xdg / "noyau" / "config.toml") in err and "--env" in err, err[-3000:]
+
+
+def test_a_cloned_projects_noyau_toml_cannot_run_an_interpreter_while_preparing(tmp_path):
+    """A project the user cloned (its noyau.toml is theirs, so it is read)
+    names an interpreter by path: `uv venv --python` would run it on this
+    host, outside any sandbox, before any cell. Refused, nothing run, the
+    message naming the key and how to trust the project; once the user
+    trusts the directory, the interpreter is run (it writes its marker)."""
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil-python"
+    evil.write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+    evil.chmod(0o755)
+    (tmp_path / "noyau.toml").write_text(f'[environment]\npython = "{evil}"\n'
+                                         'isolation = "container"\n')
+    nb = notebook("print('not reached')")
+    xdg = tmp_path / "xdg"
+    p = run_only(tmp_path, nb, cache=tmp_path / "cache", env={"XDG_CONFIG_HOME": str(xdg)})
+    refused_untrusted(p, "python", tmp_path, xdg)
+    assert "noyau.toml" in p.stderr, p.stderr[-3000:]
+    assert not marker.exists()
+    # `noyau trust DIR` (what the message suggests) trusts it.
+    env = dict(os.environ, XDG_CONFIG_HOME=str(xdg))
+    t = subprocess.run([NOYAU, "trust", str(tmp_path)], capture_output=True, text=True, env=env, timeout=60)
+    assert t.returncode == 0 and "trusted" in t.stdout, t.stderr
+    p = run_only(tmp_path, nb, cache=tmp_path / "cache", env={"XDG_CONFIG_HOME": str(xdg)})
+    assert p.returncode != 0 and "sets `python`" not in p.stderr, p.stderr[-3000:]
+    assert marker.exists(), p.stderr[-3000:]
+
+
+def test_a_notebooks_metadata_cannot_load_modulefiles_of_its_choice(modules, tmp_path):
+    """A notebook's metadata names a modulefile directory (`module_use`)
+    whose modulefile runs a command: refused before the modules check runs
+    it; run by the modules check once the notebook's directory is trusted."""
+    marker = tmp_path / "ran"
+    mf = tmp_path / "mf" / "evil"
+    mf.mkdir(parents=True)
+    (mf / "1.0").write_text(f'#%Module1.0\nsystem "touch {marker}"\n')
+    nb = notebook("print('ran')", metadata={"noyau": {"environment": {
+        "modules": ["evil/1.0"], "module_use": [str(tmp_path / "mf")]}}})
+    xdg = tmp_path / "xdg"
+    p = run_only(tmp_path, nb, cache=tmp_path / "cache", env={"XDG_CONFIG_HOME": str(xdg)})
+    refused_untrusted(p, "module_use", tmp_path, xdg)
+    assert "metadata" in p.stderr, p.stderr[-3000:]
+    assert not marker.exists()
+    # A module by path (`module load /x/mf`) is the same.
+    nb["metadata"]["noyau"]["environment"] = {"modules": [str(mf / "1.0")]}
+    p = run_only(tmp_path, nb, cache=tmp_path / "cache", env={"XDG_CONFIG_HOME": str(xdg)})
+    refused_untrusted(p, "modules", tmp_path, xdg)
+    assert not marker.exists()
+    p, out = run(tmp_path, nb, cache=tmp_path / "cache", env=trusting(tmp_path, xdg))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert marker.exists()
+
+
+def test_a_cell_cannot_switch_off_the_isolation_of_an_interactive_kernel(bwrap, tmp_path):
+    """An interactive kernel started with isolation (its NOYAU_ENV, the
+    user's): a cell's `%noyau env … isolation=none` is refused with the
+    reason, and the kernel stays in its sandbox (the home's secret is
+    still out of reach)."""
+    lib.require_noyau()
+    with secret_and_listener(".noyau-test-env-secret-cell") as (secret, _):
+        km = lib.kernel_in(lib.NOYAU_KERNEL_NAME, tmp_path,
+                           env={"NOYAU_ENV_CACHE": str(tmp_path / "cache"),
+                                "NOYAU_ENV": '{isolation = "container"}'})
+        kc = km.kc
+
+        def run_cell(code: str) -> tuple[dict, str]:
+            out: list[dict] = []
+            reply = kc.execute_interactive(code, timeout=120, output_hook=out.append)
+            return reply["content"], "".join(lib.message_text(m) for m in out)
+
+        try:
+            probe = f"import os; print(os.path.exists({str(secret)!r}))"
+            reply, out = run_cell(probe)
+            assert reply["status"] == "ok" and out.strip().endswith("False"), (reply, out)
+            for magic in ["%noyau env system isolation=none", "%noyau env {isolation = 'none'}",
+                          "%noyau env six==1.16.0 network=true"]:
+                reply, out = run_cell(magic)
+                assert reply["status"] == "error", (magic, reply, out)
+                assert "may not set" in out and "own sandbox" in out, (magic, out)
+            reply, out = run_cell(probe)
+            assert reply["status"] == "ok" and out.strip() == "False", (reply, out)
+        finally:
+            lib.stop_kernel(km)
+
+
+def test_opening_a_cloned_projects_notebook_runs_nothing_and_says_why(tmp_path):
+    """Opening a notebook in JupyterLab starts its kernel, which prepares
+    ./noyau.toml's environment before any cell: a cloned project naming an
+    interpreter by path gets a kernel that runs nothing, starts no job, and
+    answers (its banner, each cell) with the reason and what to do, rather
+    than dying without a word."""
+    lib.require_noyau()
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil-python"
+    evil.write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+    evil.chmod(0o755)
+    (tmp_path / "noyau.toml").write_text(f'[environment]\npython = "{evil}"\n')
+    xdg = tmp_path / "xdg"
+    km = lib.kernel_in(lib.NOYAU_KERNEL_NAME, tmp_path,
+                       env={"NOYAU_ENV_CACHE": str(tmp_path / "cache"), "XDG_CONFIG_HOME": str(xdg)})
+    kc = km.kc
+    try:
+        info = kc.kernel_info(reply=True, timeout=30)["content"]
+        assert "sets `python`" in info["banner"], info
+        for _ in range(2):  # every cell, not only the first
+            out: list[dict] = []
+            reply = kc.execute_interactive("print('ran')", timeout=30, output_hook=out.append)["content"]
+            said = "".join(lib.message_text(m) for m in out)
+            assert reply["status"] == "error" and reply["ename"] == "NoyauEnvError", reply
+            assert "sets `python`" in said and "outside the sandbox" in said, said
+            assert f'trusted_projects = ["{tmp_path.resolve()}"]' in said, said
+            assert str(xdg / "noyau" / "config.toml") in said and "ran\n" not in said, said
+        assert not marker.exists()
+    finally:
+        lib.stop_kernel(km)
+
+
+def test_a_cloned_projects_profile_cannot_set_the_agents_variables(tmp_path):
+    """A cloned project's noyau.toml profile sets variables for the local
+    agent and its kernel (here PYTHONPATH to a sitecustomize.py of the
+    project's: code run outside any sandbox). An untrusted project may
+    choose resources, not this: refused before anything starts, naming the
+    key, the file and how to trust it; once trusted, the variable is set
+    (the code runs and writes its marker)."""
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "sitecustomize.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (tmp_path / "noyau.toml").write_text('[profiles.side]\nbackend = "local"\ncpus_per_task = 2\n'
+                                         f'env = {{ PYTHONPATH = "{evil}" }}\n')
+    nb = notebook("print('reached')")
+    xdg = tmp_path / "xdg"
+    p = run_only(tmp_path, nb, "--profile", "side", cache=tmp_path / "cache",
+                 env={"XDG_CONFIG_HOME": str(xdg)})
+    err = p.stderr
+    assert p.returncode != 0, err[-3000:]
+    assert "[profiles.side] env (line 4, column 1)" in err and "LD_PRELOAD" in err, err[-3000:]
+    assert f"noyau trust {tmp_path.resolve()}" in err, err[-3000:]
+    assert str(xdg / "noyau" / "config.toml") in err, err[-3000:]
+    assert not marker.exists()
+    # A project may still say what it needs: the same profile without `env`.
+    (tmp_path / "noyau.toml").write_text('[profiles.side]\nbackend = "local"\ncpus_per_task = 2\n')
+    p, out = run(tmp_path, nb, "--profile", "side", cache=tmp_path / "cache", env={"XDG_CONFIG_HOME": str(xdg)})
+    assert p.returncode == 0 and "reached" in text(out["cells"][0]), p.stderr[-3000:]
+    assert not marker.exists()
+    (tmp_path / "noyau.toml").write_text('[profiles.side]\nbackend = "local"\ncpus_per_task = 2\n'
+                                         f'env = {{ PYTHONPATH = "{evil}" }}\n')
+    env = dict(os.environ, XDG_CONFIG_HOME=str(xdg))
+    t = subprocess.run([NOYAU, "trust", str(tmp_path)], capture_output=True, text=True, env=env, timeout=60)
+    assert t.returncode == 0, t.stderr
+    p, out = run(tmp_path, nb, "--profile", "side", cache=tmp_path / "cache", env={"XDG_CONFIG_HOME": str(xdg)})
+    assert p.returncode == 0 and "reached" in text(out["cells"][0]), p.stderr[-3000:]
+    assert marker.exists(), p.stderr[-3000:]

@@ -30,9 +30,22 @@ from test_slurm_run import (Proc, check_summary, check_walltime_save, notebook, 
 PROFILE = ["--backend", "sge", "--profile", "sgetest"]
 
 
-def run(noyau_bin: str, args: list[str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+def run(noyau_bin: str, args: list[str], cwd: Path, timeout: float = 180,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([noyau_bin, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
+
+
+def trusting(project: Path) -> dict[str, str]:
+    """This session's environment with a user config file of its own that
+    keeps the session's and trusts `project`: its noyau.toml profile sets
+    `env` (this session's directories), which an untrusted project may not."""
+    session = Path(os.environ["XDG_CONFIG_HOME"]) / "noyau" / "config.toml"
+    own = project / "xdg" / "noyau" / "config.toml"
+    own.parent.mkdir(parents=True)
+    own.write_text(f'trusted_projects = ["{project.resolve()}"]\n'
+                   + (session.read_text() if session.exists() else ""))
+    return dict(os.environ, XDG_CONFIG_HOME=str(project / "xdg"))
 
 
 def no_process_of(job: str) -> None:
@@ -187,7 +200,7 @@ def test_target_cell_and_tasks_in_a_grid_engine_job(sge: lib.Cluster, noyau_bin:
                   f"%%noyau on big --quiet --tasks 2\n{show}",
                   "%%noyau on big --quiet\nimport os\nprint(os.environ.get('JOB_ID'))")
     out = tmp_path / "t.out.ipynb"
-    r = run(noyau_bin, ["run", str(nb), str(out)], tmp_path, timeout=240)
+    r = run(noyau_bin, ["run", str(nb), str(out)], tmp_path, timeout=240, env=trusting(tmp_path))
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     here, tasks, there = (stdout_of(c) for c in res["cells"])
@@ -236,7 +249,8 @@ def test_a_run_with_a_dask_cluster_on_grid_engine(sge: lib.Cluster, noyau_bin: s
                   "print(sum(client.gather(client.map(lambda x: x * x, range(100)))))\n"
                   "print(' '.join(sorted(client.run(lambda: os.environ.get('JOB_ID', '-')).values())))")
     out = tmp_path / "d.out.ipynb"
-    r = run(noyau_bin, ["run", "--no-progress", str(nb), str(out)], tmp_path, timeout=300)
+    r = run(noyau_bin, ["run", "--no-progress", str(nb), str(out)], tmp_path, timeout=300,
+            env=trusting(tmp_path))
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     up, computed = stdout_of(res["cells"][0]), stdout_of(res["cells"][1])

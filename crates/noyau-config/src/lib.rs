@@ -31,6 +31,9 @@
 //! is read whoever wrote it. Elsewhere a project's file is read only if it
 //! is a regular file that the user or root owns and that no one else can
 //! write; the site's and the user's files must be so too (see [`files`]).
+//! A project's file whose directory is not so trusted may choose
+//! resources but not code: its profiles may not set `prologue`, `env` or
+//! a scheduler's options (`sbatch`, `oarsub`, `qsub`): see `code_key`.
 //!
 //! A top-level `[idle]` table says when an idle allocation is given back
 //! ([`IdleLimits`]): the site's default in the system file, the user's
@@ -61,6 +64,7 @@
 //! ```
 
 mod files;
+mod trust;
 
 use noyau_vars::EnvVars;
 use std::collections::BTreeMap;
@@ -72,6 +76,7 @@ use toml::Spanned;
 
 pub use files::{TrustedProjects, MAX_LOCK_SIZE, MAX_SIZE};
 pub use noyau_sched::{parse_size, parse_time, suggest, Profile, ProfileError};
+pub use trust::trust_project;
 
 use files::Origin;
 
@@ -95,6 +100,10 @@ pub enum ConfigError {
         problem: noyau_trust::Problem,
         fix: String,
     },
+    /// A profile key of an untrusted project's file that makes noyau run
+    /// what the file says ([`code_key`]).
+    #[error(transparent)]
+    UntrustedProjectKey(Box<UntrustedKey>),
     #[error("{} is {size} bytes, more than noyau reads from such a file ({limit} bytes): is it the file you meant?", path.display())]
     TooBig {
         path: PathBuf,
@@ -107,6 +116,29 @@ pub enum ConfigError {
     Invalid { profile: String, message: String },
     #[error("-o {arg}: {message}")]
     Override { arg: String, message: String },
+}
+
+/// A profile key of an untrusted project's file that makes noyau run
+/// what the file says ([`code_key`]).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{}: [profiles.{profile}] {key} ({at}): {why}. The project's directory is not trusted, so \
+     its noyau.toml may choose resources, not code to run. If you trust everyone who can \
+     write in {dir}, run `noyau trust {dir}` (it adds `trusted_projects = [\"{dir}\"]` to \
+     {user_file}); or set this profile in {user_file} yourself",
+    path.display(), dir = dir.display()
+)]
+pub struct UntrustedKey {
+    pub path: PathBuf,
+    pub profile: String,
+    pub key: String,
+    /// `line L, column C`.
+    pub at: String,
+    pub why: String,
+    /// The project's directory, the one to trust.
+    pub dir: PathBuf,
+    /// The user's config file, or how it is found.
+    pub user_file: String,
 }
 
 fn available(known: &[String]) -> String {
@@ -302,6 +334,34 @@ fn position(text: &str, at: usize) -> String {
     format!("line {line}, column {column}")
 }
 
+/// Why profile key `key` names code that noyau runs outside any sandbox
+/// (in the job before its agent and kernel, or the scheduler's submit
+/// command), or None when it only chooses resources: what a project's
+/// file may set only if the user trusts its directory. A profile's
+/// `environment` is not here: noyau-env holds it to the rules of a
+/// project's `[environment]` (see [`Profile::environment_from`]).
+fn code_key(key: &noyau_sched::Key) -> Option<String> {
+    use noyau_sched::Kind;
+    match (key.name, key.kind) {
+        ("prologue", _) => Some(
+            "its shell lines run in the job before noyau's agent and the kernel, outside any \
+             sandbox"
+                .into(),
+        ),
+        ("env", _) => Some(
+            "its variables are set for noyau's agent and the kernel before they start, outside \
+             any sandbox, and a variable can name code to run (LD_PRELOAD, PATH, PYTHONPATH, \
+             BASH_ENV, NOYAU_DASK_PYTHON…)"
+                .into(),
+        ),
+        (name, Kind::Options | Kind::Args) => Some(format!(
+            "its items go as they are to the scheduler's submit command (`{name}` options), \
+             which can name a script to run, a file of yours to overwrite or variables to export"
+        )),
+        _ => None,
+    }
+}
+
 /// Sets one file's `[profiles.NAME]` table over `p`; an error names the
 /// key's position.
 fn merge_table(
@@ -390,6 +450,21 @@ fn user_path(var: &dyn Fn(&str) -> Option<std::ffi::OsString>) -> Option<PathBuf
         .map(|x| x.join("noyau").join("config.toml"))
 }
 
+/// The user's own config file (where `trusted_projects` goes), if `HOME`
+/// or `XDG_CONFIG_HOME` names one: for messages that tell the user to
+/// trust a project.
+pub fn user_file() -> Option<PathBuf> {
+    user_path(&|name| std::env::var_os(name))
+}
+
+/// Whether the site's or the user's `trusted_projects` trusts the project
+/// in `dir`: its noyau.toml is read whoever wrote it, and what it and its
+/// notebooks declare may name code that runs outside the sandbox while
+/// their environment is prepared (noyau-env's `trust`).
+pub fn trusts_project(dir: &Path) -> Result<bool, ConfigError> {
+    Ok(site_trusted(&site_paths())?.trusts(dir))
+}
+
 /// The text of the project file in `dir` (`dir/noyau.toml`), if there is
 /// one, checked as [`Config::load`] checks it: for the other readers of
 /// that file (noyau-env's `[environment]` and `[data]`).
@@ -436,6 +511,45 @@ fn read_project(
     files::read(path, origin, limit, site.last().map(PathBuf::as_path))
 }
 
+/// A project's file being read: whether its directory is trusted, and
+/// what a refusal names.
+struct ProjectFile {
+    /// Its directory, resolved (the one to trust).
+    dir: PathBuf,
+    trusted: bool,
+    /// The user's config file, where a profile of theirs would go.
+    user_file: String,
+}
+
+impl ProjectFile {
+    /// Refuses a key of profile `name` that names code ([`code_key`]).
+    fn refuse_code(
+        &self,
+        path: &Path,
+        name: &str,
+        table: &BTreeMap<Spanned<String>, Spanned<toml::Value>>,
+        text: &str,
+    ) -> Result<(), ConfigError> {
+        for k in table.keys() {
+            let Some(key) = noyau_sched::find_key(k.get_ref()) else {
+                continue; // unknown: named by merge_table
+            };
+            if let Some(why) = code_key(&key) {
+                return Err(ConfigError::UntrustedProjectKey(Box::new(UntrustedKey {
+                    path: path.into(),
+                    profile: name.into(),
+                    key: k.get_ref().clone(),
+                    at: position(text, k.span().start),
+                    why,
+                    dir: self.dir.clone(),
+                    user_file: self.user_file.clone(),
+                })));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// `concurrent_submissions` as the site's and the user's files say (a
 /// project's file may not set it: see [`Config::load_with`]).
 pub fn site_concurrent_submissions() -> Result<Option<usize>, ConfigError> {
@@ -459,7 +573,16 @@ impl Config {
         let theirs = c.concurrent_submissions.take();
         let trusted = c.trusted_projects.clone();
         if let Some(text) = read_project(project, &trusted, site, MAX_SIZE)? {
-            c.add_str(project, &text)?;
+            let dir = files::dir_of(project);
+            let author = ProjectFile {
+                dir: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.into()),
+                trusted: trusted.trusts(dir),
+                user_file: site.last().map_or_else(
+                    || "your config file (~/.config/noyau/config.toml)".into(),
+                    |f| f.display().to_string(),
+                ),
+            };
+            c.add(project, &text, Some(&author))?;
         }
         let ignored = |key: &str| {
             tracing::warn!(
@@ -488,8 +611,19 @@ impl Config {
         Ok(c)
     }
 
-    /// Adds one file's text (named `path` in errors).
+    /// Adds one file's text (named `path` in errors): a site's or the
+    /// user's.
     pub fn add_str(&mut self, path: &Path, text: &str) -> Result<(), ConfigError> {
+        self.add(path, text, None)
+    }
+
+    /// Adds one file's text; `project`: it is the project's file.
+    fn add(
+        &mut self,
+        path: &Path,
+        text: &str,
+        project: Option<&ProjectFile>,
+    ) -> Result<(), ConfigError> {
         let file: File = toml::from_str(text).map_err(|e| ConfigError::File {
             path: path.into(),
             message: explain(&e),
@@ -517,8 +651,17 @@ impl Config {
             self.trusted_projects.extend(dirs).map_err(bad)?;
         }
         for (name, table) in &file.profiles {
+            if let Some(project) = project.filter(|p| !p.trusted) {
+                project.refuse_code(path, name, table, text)?;
+            }
             let p = self.profiles.entry(name.clone()).or_default();
             merge_table(p, name, table, text).map_err(bad)?;
+            let sets_environment = table
+                .keys()
+                .any(|k| noyau_sched::canonical_key(k.get_ref()) == Some("environment"));
+            if let (Some(project), true) = (project, sets_environment) {
+                p.environment_from = Some(project.dir.clone());
+            }
         }
         if let Some(d) = file.dask {
             self.dask.merge(d);

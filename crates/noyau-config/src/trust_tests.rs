@@ -269,3 +269,90 @@ fn errors_are_typed() {
         "{e}"
     );
 }
+
+/// An untrusted project's file may not set a profile key that runs code
+/// (each refused, naming the file, the profile, the key, why and both ways
+/// out); trusted, or in the user's own file, it may; and a project may
+/// still choose resources.
+#[test]
+fn an_untrusted_project_may_choose_resources_but_not_code() {
+    let d = tempfile::tempdir().unwrap();
+    let (user, project) = setup(d.path(), &[]);
+    let dir = std::fs::canonicalize(project.parent().unwrap()).unwrap();
+    let code = [
+        ("prologue = \"touch /tmp/x\"", "prologue", "shell lines"),
+        ("env = { LD_PRELOAD = \"/tmp/x.so\" }", "env", "LD_PRELOAD"),
+        (
+            "sbatch = [\"--output=/home/u/.bashrc\"]",
+            "sbatch",
+            "submit command",
+        ),
+        (
+            "oarsub = [\"-O\", \"/home/u/.bashrc\"]",
+            "oarsub",
+            "submit command",
+        ),
+        (
+            "qsub = [\"-o\", \"/home/u/.bashrc\"]",
+            "qsub",
+            "submit command",
+        ),
+    ];
+    for (line, key, why) in code {
+        let text = format!("[profiles.p]\ncpus_per_task = 2\n{line}\n");
+        write(&project, &text);
+        let e = load(&user, &project).unwrap_err();
+        assert!(
+            e.starts_with(&format!(
+                "{}: [profiles.p] {key} (line 3, column 1): ",
+                project.display()
+            )) && e.contains(why)
+                && e.contains(&format!("noyau trust {}", dir.display()))
+                && e.contains(&format!("set this profile in {}", user.display())),
+            "{e}"
+        );
+        // The same lines in the user's own file, or a trusted project's.
+        write(&user, &text);
+        assert!(Config::load_from(std::slice::from_ref(&user)).is_ok());
+        let (trusting, _) = setup(d.path(), &[dir.display().to_string()]);
+        assert!(load(&trusting, &project).is_ok(), "{key}");
+        setup(d.path(), &[]);
+    }
+    write(
+        &project,
+        "[profiles.p]\nbackend = \"slurm\"\npartition = \"gpu\"\ntime = \"1:00:00\"\n\
+         cpus_per_task = 4\nnodes = 1\nmem = \"8G\"\ngpus = \"1\"\nqos = \"normal\"\n\
+         kernel = \"ir\"\nwalltime_signal = 60\n[profiles.o]\nbackend = \"oar\"\n\
+         properties = \"cluster='dahu'\"\n",
+    );
+    let c = load(&user, &project).unwrap();
+    assert_eq!(c.names(), ["o", "p"]);
+}
+
+/// A profile's `environment` records the project that set it (noyau-env
+/// holds it to a project's rules); the user's file or `-o` is the user's.
+#[test]
+fn a_profiles_environment_records_the_project_that_set_it() {
+    let d = tempfile::tempdir().unwrap();
+    let (user, project) = setup(d.path(), &[]);
+    let dir = std::fs::canonicalize(project.parent().unwrap()).unwrap();
+    write(&user, "[profiles.p]\nenvironment = { python = \"3.12\" }\n");
+    write(&project, PROFILE);
+    let p = load(&user, &project)
+        .unwrap()
+        .profile(Some("p"), &[])
+        .unwrap();
+    assert!(
+        p.environment.is_some() && p.environment_from.is_none(),
+        "{p:?}"
+    );
+    write(
+        &project,
+        "[profiles.p]\nenvironment = { python = \"/tmp/evil\" }\n",
+    );
+    let c = load(&user, &project).unwrap();
+    let p = c.profile(Some("p"), &[]).unwrap();
+    assert_eq!(p.environment_from.as_deref(), Some(dir.as_path()));
+    let p = c.profile(Some("p"), &["environment={}".into()]).unwrap();
+    assert_eq!(p.environment_from, None, "-o is the user's");
+}

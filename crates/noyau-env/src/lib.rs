@@ -14,6 +14,9 @@
 //!   source's directory before merging, so the merged spec is self-contained
 //!   and can travel to a compute node. An interactive kernel's cell chooses
 //!   one with `%noyau env …` (`sources::for_cell`).
+//! * [`trust`]: what the notebook and the project may not declare unless
+//!   the user trusts the project (code run while the environment is
+//!   prepared, outside the sandbox).
 //! * [`cache`]: a content-addressed directory (default
 //!   `$XDG_CACHE_HOME/noyau/envs`, `NOYAU_ENV_CACHE` to move it to a shared
 //!   filesystem). An entry is built in a temporary directory and renamed into
@@ -50,6 +53,7 @@ pub mod python;
 pub mod realise;
 pub mod sources;
 pub mod spec;
+pub mod trust;
 
 pub use cache::Cache;
 pub use data::{DataFile, DataRef};
@@ -72,6 +76,25 @@ pub enum EnvError {
     /// The project's noyau.toml could not be read, or is not trusted.
     #[error(transparent)]
     Config(#[from] noyau_config::ConfigError),
+    /// A notebook's or a project's source names code that would run while
+    /// the environment is prepared, and the project is not trusted.
+    #[error(
+        "{what} sets `{key}`: {why}. That code would run while the environment is prepared, \
+         outside the sandbox, and the notebook or project it comes from is not trusted. \
+         If you trust everyone who can write in {dir}, run `noyau trust {dir}` (it adds \
+         `trusted_projects = [\"{dir}\"]` to {user_file}); or give the environment yourself: `noyau run --env FILE_OR_TABLE` \
+         (e.g. --env {dir}/noyau.toml), or NOYAU_ENV in the kernelspec", dir = dir.display()
+    )]
+    UntrustedCode {
+        /// The source (`[environment] in /p/noyau.toml`, `%noyau env …`).
+        what: String,
+        key: String,
+        why: String,
+        /// The project's directory, the one to trust.
+        dir: std::path::PathBuf,
+        /// The user's config file, or how it is found.
+        user_file: String,
+    },
     /// A data file whose bytes are not the ones declared; nothing was kept.
     #[error("{url}: its sha256 is {got}, not the expected {expected}; the file was not kept (check the URL and the hash)")]
     HashMismatch {

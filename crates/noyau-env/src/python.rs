@@ -11,7 +11,10 @@
 //! (`--compile-bytecode`; uv does not by default): the entry is shared and
 //! shown read-only under isolation, so a kernel could not write them, and
 //! without them every kernel start recompiles ipykernel's imports (about
-//! +0.3 s here).
+//! +0.3 s here). Not for requirements from a notebook or project the user
+//! has not trusted ([`EnvSpec::wheels_only`]): compiling runs the venv's
+//! python outside the sandbox, and with it any `.pth` file a wheel put in
+//! site-packages.
 //!
 //! The venv is made `--relocatable` (it is built in a temporary directory
 //! and renamed into the cache) and with `UV_LINK_MODE=copy` (hard links
@@ -157,6 +160,8 @@ pub struct Uv {
     /// `--offline`: only what uv's cache holds (a job installing a lock
     /// prepared elsewhere); no index is contacted.
     pub offline: bool,
+    /// Wheels only (`--no-build`): see [`EnvSpec::wheels_only`].
+    pub wheels_only: bool,
 }
 
 impl Uv {
@@ -165,6 +170,7 @@ impl Uv {
             path,
             network: Network::from_env(),
             offline: false,
+            wheels_only: false,
         }
     }
 
@@ -181,6 +187,30 @@ impl Uv {
             c.env("UV_OFFLINE", "1");
         }
         c
+    }
+
+    /// `uv pip SUB`, wheels only when asked. (A flag: uv 0.13's `pip`
+    /// commands read no `UV_NO_BUILD`, so the variable would do nothing.)
+    fn pip(&self, sub: &str) -> Command {
+        let mut c = self.cmd();
+        c.args(["pip", sub]);
+        if self.wheels_only {
+            c.arg("--no-build");
+        }
+        c
+    }
+
+    /// What to do when a package has no wheel here, for an error.
+    fn wheels_only_note(&self) -> &'static str {
+        if self.wheels_only {
+            " (only wheels are installed: the requirements come from a notebook or project you \
+             have not trusted, and building a source distribution runs its code outside the \
+             sandbox. If a package has no wheel for this machine, trust the project, \
+             `trusted_projects = [\"DIR\"]` in your ~/.config/noyau/config.toml, or give the \
+             requirements yourself with --env)"
+        } else {
+            ""
+        }
     }
 
     /// "… from INDEX" for an error: which index could not be reached.
@@ -204,6 +234,10 @@ pub fn build(
     let dir = &std::path::absolute(dir)
         .map_err(|e| EnvError::io(format!("resolving {}", dir.display()), e))?;
     let venv = dir.join("venv");
+    let uv = &Uv {
+        wheels_only: uv.wheels_only || spec.wheels_only,
+        ..uv.clone()
+    };
     let python = spec.python.clone().unwrap_or_else(|| "python3".into());
     progress(&format!("creating a Python {python} venv with uv"));
     cmd::run(
@@ -237,21 +271,19 @@ pub fn build(
             // temporary path, so the same spec gives the same lock (and
             // lock_sha256) whatever the cache's path, on any node.
             cmd::run(
-                uv.cmd()
+                uv.pip("compile")
                     .current_dir(dir)
-                    .args([
-                        "pip",
-                        "compile",
-                        "--generate-hashes",
-                        "--no-header",
-                        "--quiet",
-                    ])
+                    .args(["--generate-hashes", "--no-header", "--quiet"])
                     .arg("--python")
                     .arg(&interp)
                     .arg("requirements.in")
                     .arg("-o")
                     .arg(&lock_path),
-                &format!("uv could not resolve the requirements {}", uv.source()),
+                &format!(
+                    "uv could not resolve the requirements {}{}",
+                    uv.source(),
+                    uv.wheels_only_note()
+                ),
                 progress,
             )?;
             std::fs::read_to_string(&lock_path)
@@ -259,18 +291,22 @@ pub fn build(
         }
     };
     progress("installing the locked packages with uv");
+    let mut sync = uv.pip("sync");
+    sync.arg("--require-hashes");
+    // Compiling runs the venv's python here, outside any sandbox, and its
+    // start runs the `.pth` files the wheels just installed: not for
+    // packages a notebook or project chose that the user has not trusted
+    // (their kernels then compile in memory at each start).
+    if !uv.wheels_only {
+        sync.arg("--compile-bytecode");
+    }
     cmd::run(
-        uv.cmd()
-            .args([
-                "pip",
-                "sync",
-                "--require-hashes",
-                "--compile-bytecode",
-                "--python",
-            ])
-            .arg(&interp)
-            .arg(&lock_path),
-        &format!("uv could not install the lock {}", uv.source()),
+        sync.arg("--python").arg(&interp).arg(&lock_path),
+        &format!(
+            "uv could not install the lock {}{}",
+            uv.source(),
+            uv.wheels_only_note()
+        ),
         progress,
     )?;
     let freeze = cmd::run(

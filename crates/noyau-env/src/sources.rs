@@ -19,9 +19,14 @@
 //! its environment with `%noyau env …` instead ([`from_magic`],
 //! [`for_cell`]). The cell says what to build and replaces that part of the
 //! kernel's start spec whole (a `modules` cell does not inherit a
-//! `requirements` list); only how the kernel is run (`isolation`,
-//! `network`, `scratch`, `ro_bind`) is kept from `noyau.toml`/`NOYAU_ENV`
-//! unless the cell sets it too.
+//! `requirements` list); how the kernel is run (`build`, and the sandbox:
+//! `isolation`, `network`, `scratch`, `ro_bind`) is kept from
+//! `noyau.toml`/`NOYAU_ENV`. A cell may set `build` but not the sandbox.
+//!
+//! The notebook's metadata, its cells and the project's `noyau.toml` may
+//! come from anyone: what they name that would run while the environment
+//! is prepared is refused unless the user trusts the project
+//! ([`crate::trust`]); `--env` and `NOYAU_ENV` are the user's own.
 
 use std::path::{Path, PathBuf};
 
@@ -36,6 +41,19 @@ pub struct Source {
     pub what: String,
     pub table: Map<String, Value>,
     pub base: PathBuf,
+    pub author: Author,
+}
+
+/// Who wrote a source, which decides whether it may name code that runs
+/// while the environment is prepared ([`crate::trust`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Author {
+    /// The user: `--env`, `NOYAU_ENV` (their kernelspec or environment).
+    User,
+    /// The project or notebook in this directory (its noyau.toml, the
+    /// notebook's metadata, a cell): anyone may have written it; trusted
+    /// only if the directory is in `trusted_projects`.
+    Project(PathBuf),
 }
 
 /// `dir/noyau.toml`, its path and its TOML, if there is one: read as
@@ -61,6 +79,7 @@ pub fn from_noyau_toml(dir: &Path) -> Result<Option<Source>, EnvError> {
             what: format!("[environment] in {}", path.display()),
             table: as_table(toml_to_json(v.clone()), &path.display().to_string())?,
             base: dir.to_path_buf(),
+            author: Author::Project(dir.to_path_buf()),
         })),
     }
 }
@@ -94,6 +113,7 @@ pub fn from_metadata(metadata: &Value, notebook_dir: &Path) -> Result<Option<Sou
                 what: "metadata.noyau.environment in the notebook".into(),
                 table,
                 base: notebook_dir.to_path_buf(),
+                author: Author::Project(notebook_dir.to_path_buf()),
             }))
         }
     }
@@ -141,6 +161,7 @@ pub fn from_cli(arg: &str, cwd: &Path) -> Result<Source, EnvError> {
             what: "--env".into(),
             table: as_table(v, "--env")?,
             base: cwd.to_path_buf(),
+            author: Author::User,
         });
     }
     let path = absolute(cwd, Path::new(t));
@@ -166,7 +187,65 @@ pub fn from_cli(arg: &str, cwd: &Path) -> Result<Source, EnvError> {
         what: format!("--env {}", path.display()),
         table: as_table(v, &path.display().to_string())?,
         base,
+        author: Author::User,
     })
+}
+
+/// A profile's `environment` (in the forms `--env` takes): the user's when
+/// the site's or the user's file (or `-o`) set it; else `project`, the
+/// directory whose noyau.toml set it, and it is held to what that
+/// project's `[environment]` may name.
+pub fn from_profile(spec: &str, project: Option<&Path>, cwd: &Path) -> Result<Source, EnvError> {
+    let s = from_cli(spec, cwd)?;
+    Ok(match project {
+        None => s,
+        Some(dir) => Source {
+            what: format!(
+                "the environment of a profile in {}",
+                dir.join("noyau.toml").display()
+            ),
+            author: Author::Project(dir.to_path_buf()),
+            ..s
+        },
+    })
+}
+
+/// The spec of a target's (or a Dask cluster's) job, and who gave it.
+#[derive(Debug, Clone, Copy)]
+pub enum TargetSpec<'a> {
+    /// `%%noyau on T --env SPEC`: the notebook's ([`from_cell_env`]).
+    Cell(&'a str),
+    /// A profile's `environment` and the project directory whose
+    /// noyau.toml set it, if one did ([`from_profile`]).
+    Profile(&'a str, Option<&'a Path>),
+}
+
+impl<'a> TargetSpec<'a> {
+    /// A profile's `environment`, if it has one.
+    pub fn profile(p: &'a noyau_config::Profile) -> Option<Self> {
+        let e = p.environment.as_deref()?;
+        Some(TargetSpec::Profile(e, p.environment_from.as_deref()))
+    }
+
+    /// Its source, relative paths from `cwd`.
+    pub fn source(self, cwd: &Path) -> Result<Source, EnvError> {
+        match self {
+            TargetSpec::Cell(e) => from_cell_env(e, cwd),
+            TargetSpec::Profile(e, project) => from_profile(e, project, cwd),
+        }
+    }
+}
+
+/// A spec a cell gives (`%%noyau on TARGET --env SPEC`), in the forms
+/// `--env` takes: the notebook's, not the user's.
+pub fn from_cell_env(arg: &str, notebook_dir: &Path) -> Result<Source, EnvError> {
+    let s = Source {
+        what: format!("--env {arg} in a cell"),
+        author: Author::Project(notebook_dir.to_path_buf()),
+        ..from_cli(arg, notebook_dir)?
+    };
+    refuse_sandbox_keys(&s, "`%%noyau on … --env`")?;
+    Ok(s)
 }
 
 /// Merges sources (later wins per key) into one normalised spec, with
@@ -176,22 +255,67 @@ pub fn merge(sources: &[Source], notebook_dir: &Path) -> Result<Option<EnvSpec>,
         return Ok(None);
     }
     let mut merged = Map::new();
+    // Which source each key's value comes from.
+    let mut from: std::collections::BTreeMap<String, &Source> = Default::default();
     for s in sources {
         for (k, v) in resolve_paths(&s.table, &s.base) {
+            from.insert(k.clone(), s);
             merged.insert(k, v);
+        }
+    }
+    for (k, v) in &merged {
+        if let Some(why) = crate::trust::names_code(k, v) {
+            refuse_untrusted(from[k], k, why)?;
         }
     }
     merged
         .entry("notebook_dir")
         .or_insert_with(|| Value::String(notebook_dir.display().to_string()));
     let names: Vec<&str> = sources.iter().map(|s| s.what.as_str()).collect();
-    let spec = EnvSpec::from_value(Value::Object(merged))
+    let mut spec = EnvSpec::from_value(Value::Object(merged))
         .and_then(EnvSpec::normalise)
         .map_err(|e| match e {
             EnvError::Invalid(m) => EnvError::Invalid(format!("{m} (from {})", names.join(", "))),
             other => other,
         })?;
+    // A lock_file is checked once read, as a lock.
+    if let (Some(s), Some(lock)) = (from.get("lock_file"), &spec.lock) {
+        if let Some(why) = crate::trust::lock_names_code(lock) {
+            refuse_untrusted(s, "lock_file", why)?;
+        }
+    }
+    for k in ["requirements", "lock", "lock_file"] {
+        if let Some(s) = from.get(k) {
+            spec.wheels_only |= untrusted_dir(s)?.is_some();
+        }
+    }
     Ok(Some(spec))
+}
+
+/// The project directory of a source the user does not trust, if it is one.
+fn untrusted_dir(s: &Source) -> Result<Option<&Path>, EnvError> {
+    match &s.author {
+        Author::User => Ok(None),
+        Author::Project(dir) if noyau_config::trusts_project(dir)? => Ok(None),
+        Author::Project(dir) => Ok(Some(dir)),
+    }
+}
+
+/// Refuses `key` of `s` (which names code, `why`) unless the user trusts `s`.
+fn refuse_untrusted(s: &Source, key: &str, why: String) -> Result<(), EnvError> {
+    let Some(dir) = untrusted_dir(s)? else {
+        return Ok(());
+    };
+    Err(EnvError::UntrustedCode {
+        what: s.what.clone(),
+        key: key.into(),
+        why,
+        dir: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.into()),
+        user_file: noyau_config::user_file().map_or_else(
+            || "your config file (~/.config/noyau/config.toml)".into(),
+            |f| f.display().to_string(),
+        ),
+    })
 }
 
 /// Everything `noyau run` looks at, in order: noyau.toml, the notebook's
@@ -322,10 +446,41 @@ pub const MAGIC_USAGE: &str = "%noyau env [python] REQUIREMENT… [key=value…]
 /// * words alone: requirements (`six==1.16.0 idna`), so `python` is implied.
 ///
 /// Any form of words may add `key=value` words for the spec's keys
-/// (`python=3.11`, `isolation=container`, `network=true`,
-/// `modules=gcc/12,cuda/12.4`: lists by commas). A word whose text before
+/// (`python=3.11`, `nv=true`, `modules=gcc/12,cuda/12.4`: lists by
+/// commas; the sandbox's keys parse, then are refused below). A word whose text before
 /// `=` is not a spec key (`six==1.16.0`) is a requirement.
+///
+/// A cell is the notebook's, whoever sent it: it may not set the sandbox
+/// ([`SANDBOX_KEYS`]; the kernel keeps the one it was started with), and
+/// what it names is checked as the notebook's ([`Author::Project`]).
 pub fn from_magic(args: &str, cwd: &Path) -> Result<Source, EnvError> {
+    let mut s = magic_source(args, cwd)?;
+    s.author = Author::Project(cwd.to_path_buf());
+    refuse_sandbox_keys(&s, "`%noyau env`")?;
+    Ok(s)
+}
+
+/// Refuses a cell's source that would choose its sandbox: [`SANDBOX_KEYS`],
+/// and `notebook_dir` (writable under isolation).
+fn refuse_sandbox_keys(s: &Source, what: &str) -> Result<(), EnvError> {
+    let set: Vec<&str> = SANDBOX_KEYS
+        .iter()
+        .copied()
+        .chain(["notebook_dir"])
+        .filter(|k| s.table.contains_key(*k))
+        .collect();
+    if set.is_empty() {
+        return Ok(());
+    }
+    Err(EnvError::Invalid(format!(
+        "{what} may not set {}: a cell is part of the notebook, and a notebook may not \
+         choose its own sandbox; the kernel keeps the one it was started with (set it in \
+         noyau.toml's [environment] or NOYAU_ENV, then restart the kernel)",
+        set.join(", ")
+    )))
+}
+
+fn magic_source(args: &str, cwd: &Path) -> Result<Source, EnvError> {
     let args = args.trim();
     let what = format!("%noyau env {args}");
     let invalid = |m: String| EnvError::Invalid(format!("{m}; usage: {MAGIC_USAGE}"));
@@ -434,6 +589,7 @@ pub fn from_magic(args: &str, cwd: &Path) -> Result<Source, EnvError> {
         what,
         table,
         base: cwd.to_path_buf(),
+        author: Author::Project(cwd.to_path_buf()),
     })
 }
 
@@ -571,8 +727,18 @@ mod tests {
         }
     }
 
+    /// A cell's spec as its forms parse, trusted as the user's own (what
+    /// an untrusted cell may name is checked below).
     fn cell(args: &str, dir: &Path) -> Result<EnvSpec, EnvError> {
-        for_cell(dir, None, args)
+        let s = magic_source(args, dir)?;
+        Ok(merge(
+            &[Source {
+                author: Author::User,
+                ..s
+            }],
+            dir,
+        )?
+        .expect("a source"))
     }
 
     #[test]
@@ -649,9 +815,177 @@ mod tests {
         assert!(s.requirements.is_empty());
         assert_eq!(s.isolation, crate::Isolation::Container);
         assert!(s.network);
-        let s = for_cell(dir.path(), None, "six isolation=none").unwrap();
-        assert_eq!(s.isolation, crate::Isolation::None);
+        let s = for_cell(dir.path(), None, "six build=node").unwrap();
+        assert_eq!(s.isolation, crate::Isolation::Container);
+        assert_eq!(s.build, crate::BuildAt::Node);
         assert_eq!(s.requirements, vec!["six"]);
+    }
+
+    /// A cell is the notebook's: it may not change the sandbox the kernel
+    /// was started with, in any of its forms.
+    #[test]
+    fn a_cell_may_not_set_the_sandbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(
+            d.join("open.toml"),
+            "isolation = \"none\"\nnetwork = true\n",
+        )
+        .unwrap();
+        for args in [
+            "six isolation=none",
+            "system network=true",
+            "six scratch=/home/victim",
+            "prefix /p ro_bind=/home/victim/.ssh",
+            r#"{isolation = "none"}"#,
+            r#"{kind = "system", notebook_dir = "/home/victim/.ssh"}"#,
+            "file open.toml",
+        ] {
+            let e = for_cell(d, Some(r#"{isolation = "container"}"#), args)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("may not set") && e.contains("own sandbox"),
+                "{args}: {e}"
+            );
+        }
+        let e = from_cell_env(r#"{isolation = "none"}"#, d)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("may not set isolation"), "{e}");
+    }
+
+    /// What the project's noyau.toml, the notebook's metadata and a cell
+    /// name that would run while the environment is prepared is refused
+    /// (the directory is in no `trusted_projects`); the same from `--env`
+    /// is the user's, and `--env` overriding the key clears it.
+    #[test]
+    fn untrusted_sources_may_not_name_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let refused = |r: Result<Option<EnvSpec>, EnvError>, key: &str, what: &str| {
+            let e = r.unwrap_err();
+            assert!(matches!(e, EnvError::UntrustedCode { .. }), "{e}");
+            let e = e.to_string();
+            let real = std::fs::canonicalize(d).unwrap();
+            assert!(
+                e.contains(&format!("sets `{key}`"))
+                    && e.contains(what)
+                    && e.contains("outside the sandbox")
+                    && e.contains(&format!("trusted_projects = [\"{}\"]", real.display()))
+                    && e.contains("--env"),
+                "{e}"
+            );
+        };
+        std::fs::write(
+            d.join("noyau.toml"),
+            "[environment]\npython = \"/home/attacker/bin/python\"\n",
+        )
+        .unwrap();
+        refused(for_notebook(d, None, None, d), "python", "noyau.toml");
+        let spec = for_notebook(d, None, Some(r#"{python = "3.11"}"#), d)
+            .unwrap()
+            .unwrap();
+        assert_eq!(spec.python.as_deref(), Some("3.11"));
+        std::fs::remove_file(d.join("noyau.toml")).unwrap();
+
+        for (table, key) in [
+            (
+                json!({"module_use": ["/home/attacker/mf"], "modules": ["x"]}),
+                "module_use",
+            ),
+            (json!({"modules": ["/home/attacker/mf/x"]}), "modules"),
+            (
+                json!({"kind": "modules", "modules": ["x"], "modules_init": "init.sh"}),
+                "modules_init",
+            ),
+            (
+                json!({"channels": "ch.scm", "packages": ["python"]}),
+                "channels",
+            ),
+            (json!({"manifest": "m.scm"}), "manifest"),
+            (
+                json!({"requirements": ["pkg @ https://evil.example/pkg.whl"]}),
+                "requirements",
+            ),
+            (
+                json!({"lock": "six==1.16.0 --index-url https://evil.example\n"}),
+                "lock",
+            ),
+        ] {
+            let meta = json!({"noyau": {"environment": table.clone()}});
+            refused(for_notebook(d, Some(&meta), None, d), key, "metadata");
+            let cli = table.to_string();
+            assert!(for_notebook(d, None, Some(&cli), d).is_ok(), "{cli}");
+        }
+        std::fs::write(d.join("evil.lock"), "-e ./pkg\n").unwrap();
+        let meta = json!({"noyau": {"environment": {"kind": "python", "lock_file": "evil.lock"}}});
+        refused(
+            for_notebook(d, Some(&meta), None, d),
+            "lock_file",
+            "metadata",
+        );
+
+        for args in [
+            "modules x module_use=mf",
+            "python=/home/attacker/python six",
+        ] {
+            let e = for_cell(d, None, args).unwrap_err();
+            assert!(matches!(e, EnvError::UntrustedCode { .. }), "{args}: {e}");
+        }
+        std::fs::write(
+            d.join("e.toml"),
+            "[environment]\nmodules_init = \"i.sh\"\nmodules = [\"x\"]\n",
+        )
+        .unwrap();
+        let e = for_cell(d, None, "file e.toml").unwrap_err();
+        assert!(matches!(e, EnvError::UntrustedCode { .. }), "{e}");
+    }
+
+    /// A profile's `environment` that an untrusted project's noyau.toml
+    /// set is held to a project's rules (code refused, requirements as
+    /// wheels only); the same from the user's file is theirs.
+    #[test]
+    fn a_projects_profile_environment_is_the_projects() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let spec = |s: &str, project: Option<&Path>| {
+            merge(&[TargetSpec::Profile(s, project).source(d)?], d)
+        };
+        let evil = r#"{"python": "/home/attacker/bin/python"}"#;
+        let e = spec(evil, Some(d)).unwrap_err();
+        assert!(matches!(e, EnvError::UntrustedCode { .. }), "{e}");
+        let e = e.to_string();
+        assert!(
+            e.contains("the environment of a profile in")
+                && e.contains("noyau.toml sets `python`")
+                && e.contains("noyau trust"),
+            "{e}"
+        );
+        assert!(spec(evil, None).is_ok());
+        let six = r#"{"requirements": ["six"]}"#;
+        assert!(spec(six, Some(d)).unwrap().unwrap().wheels_only);
+        assert!(!spec(six, None).unwrap().unwrap().wheels_only);
+    }
+
+    /// Requirements by name are the notebook's to choose, but installed
+    /// from wheels only unless they come from the user.
+    #[test]
+    fn untrusted_requirements_are_wheels_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let meta = json!({"noyau": {"environment": {"requirements": ["six==1.16.0"]}}});
+        let spec = for_notebook(d, Some(&meta), None, d).unwrap().unwrap();
+        assert!(spec.wheels_only);
+        let spec = for_notebook(d, Some(&meta), Some(r#"{requirements = ["six"]}"#), d)
+            .unwrap()
+            .unwrap();
+        assert!(!spec.wheels_only);
+        assert!(for_cell(d, None, "six").unwrap().wheels_only);
+        let spec = for_notebook(d, None, Some(r#"{requirements = ["six"]}"#), d)
+            .unwrap()
+            .unwrap();
+        assert!(!spec.wheels_only);
     }
 
     #[test]

@@ -116,6 +116,13 @@ pub struct EnvSpec {
     #[serde(default, skip_serializing_if = "is_false")]
     pub nv: bool,
 
+    /// Install only wheels (uv's `--no-build`): uv builds a source
+    /// distribution by running its code. Set by [`crate::sources::merge`]
+    /// whenever the requirements come from a notebook or project that is
+    /// not trusted ([`crate::trust`]); a user may set it too.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub wheels_only: bool,
+
     /// Where it is built: `submit` (default) or `node`.
     #[serde(default, skip_serializing_if = "is_submit")]
     pub build: BuildAt,
@@ -167,8 +174,8 @@ impl EnvSpec {
         serde_json::from_value(v).map_err(|e| {
             EnvError::Invalid(format!(
                 "{e}. Known keys: kind, python, requirements, lock, lock_file, modules, module_use, \
-                 modules_init, prefix, channels, manifest, packages, image, nv, build, isolation, \
-                 network, scratch, ro_bind"
+                 modules_init, prefix, channels, manifest, packages, image, nv, wheels_only, build, \
+                 isolation, network, scratch, ro_bind"
             ))
         })
     }

@@ -126,3 +126,127 @@ fn a_uv_environment_rebuilt_from_its_lock_on_a_clean_cache_is_identical() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// A wheel whose `.pth` file writes `marker` when any python starts in the
+/// environment it is installed in; its path and sha256.
+fn pth_wheel(dir: &std::path::Path, marker: &std::path::Path) -> (std::path::PathBuf, String) {
+    let wheel = dir.join("evilpth-1.0-py3-none-any.whl");
+    let script = r#"
+import base64, hashlib, sys, zipfile
+wheel, marker = sys.argv[1], sys.argv[2]
+files = {
+    "evilpth.pth": f"import os; open({marker!r}, 'a').write('ran')\n",
+    "evilpth-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: evilpth\nVersion: 1.0\n",
+    "evilpth-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+}
+record = []
+for name, text in files.items():
+    digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+    record.append(f"{name},sha256={digest},{len(text.encode())}")
+record.append("evilpth-1.0.dist-info/RECORD,,")
+files["evilpth-1.0.dist-info/RECORD"] = "\n".join(record) + "\n"
+with zipfile.ZipFile(wheel, "w") as z:
+    for name, text in files.items():
+        z.writestr(name, text)
+"#;
+    let ok = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&wheel)
+        .arg(marker)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "could not write the test wheel");
+    let sha = noyau_env::sha256_hex(&std::fs::read(&wheel).unwrap());
+    (wheel, sha)
+}
+
+/// Requirements a notebook chose (`wheels_only`) are installed without
+/// running the environment's python here (outside the sandbox): a wheel's
+/// `.pth` file does not run while it is built. The user's own requirements
+/// are compiled to bytecode, which does run it (the check fails if the
+/// build stops running python at all, so it cannot pass vacuously).
+#[test]
+fn a_wheels_pth_file_does_not_run_while_an_untrusted_environment_is_built() {
+    let t = tempfile::tempdir().unwrap();
+    for wheels_only in [true, false] {
+        let marker = t.path().join(format!("ran-{wheels_only}"));
+        let (wheel, sha) = pth_wheel(t.path(), &marker);
+        let lock = format!("evilpth @ file://{} --hash=sha256:{sha}\n", wheel.display());
+        let spec = EnvSpec::from_value(json!({
+            "kind": "python", "lock": lock, "wheels_only": wheels_only, "notebook_dir": t.path(),
+        }))
+        .unwrap()
+        .normalise()
+        .unwrap();
+        let cache = Cache::new(t.path().join(format!("cache-{wheels_only}")));
+        // (no ipykernel in this lock: the build is refused after installing)
+        let e = realise(&spec, &cache, &mut |_: &str| {}).unwrap_err();
+        assert!(e.to_string().contains("no ipykernel"), "{e}");
+        assert_eq!(marker.exists(), !wheels_only, "wheels_only = {wheels_only}");
+    }
+}
+
+/// A source distribution whose setup.py writes `marker` when built; its
+/// path and sha256.
+fn sdist(dir: &std::path::Path, marker: &std::path::Path) -> (std::path::PathBuf, String) {
+    let path = dir.join("evilsdist-1.0.tar.gz");
+    let script = r#"
+import io, sys, tarfile
+path, marker = sys.argv[1], sys.argv[2]
+files = {
+    "evilsdist-1.0/setup.py": f"open({marker!r}, 'a').write('built')\nfrom setuptools import setup\nsetup(name='evilsdist', version='1.0')\n",
+    "evilsdist-1.0/PKG-INFO": "Metadata-Version: 2.1\nName: evilsdist\nVersion: 1.0\n",
+}
+with tarfile.open(path, "w:gz") as t:
+    for name, text in files.items():
+        data = text.encode()
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
+"#;
+    let ok = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&path)
+        .arg(marker)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "could not write the test sdist");
+    let sha = noyau_env::sha256_hex(&std::fs::read(&path).unwrap());
+    (path, sha)
+}
+
+/// With `wheels_only` (requirements from a notebook or project the user
+/// has not trusted), uv refuses to build a source distribution, so its
+/// setup.py does not run here; the error says why and what to do.
+#[test]
+fn an_untrusted_source_distribution_is_not_built() {
+    let t = tempfile::tempdir().unwrap();
+    let marker = t.path().join("built");
+    let (path, sha) = sdist(t.path(), &marker);
+    let lock = format!(
+        "evilsdist @ file://{} --hash=sha256:{sha}\n",
+        path.display()
+    );
+    let spec = EnvSpec::from_value(json!({
+        "kind": "python", "lock": lock, "wheels_only": true, "notebook_dir": t.path(),
+    }))
+    .unwrap()
+    .normalise()
+    .unwrap();
+    let e = realise(
+        &spec,
+        &Cache::new(t.path().join("cache")),
+        &mut |_: &str| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("only wheels are installed") && e.contains("trusted_projects"),
+        "{e}"
+    );
+    assert!(!marker.exists());
+}

@@ -15,8 +15,12 @@ pub fn usage() -> String {
         "usage: {}\n\
          A python spec is resolved and installed with uv into the shared cache (built once); \
          the kernel is then restarted in the new environment (variables are lost). \
-         isolation/network/scratch/ro_bind from noyau.toml stay unless given here.\n\
-         examples:\n  %noyau env six==1.16.0\n  %noyau env python 3.11 numpy==2.1.3 isolation=container\n  \
+         The kernel keeps its sandbox (isolation/network/scratch/ro_bind from noyau.toml or \
+         NOYAU_ENV): a cell may not set it. What would run code while the environment is \
+         prepared (python by path, module_use, modules_init, modules by path, guix channels or \
+         manifest, requirements that are URLs, paths or pip options) needs a trusted project \
+         (`noyau trust DIR`).\n\
+         examples:\n  %noyau env six==1.16.0\n  %noyau env python 3.11 numpy==2.1.3\n  \
          %noyau env modules gcc/12 cuda/12.4\n  %noyau env prefix /path/to/venv\n  \
          %noyau env file other/noyau.toml\n  %noyau env system\n",
         noyau_env::sources::MAGIC_USAGE

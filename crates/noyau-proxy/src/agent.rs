@@ -60,14 +60,15 @@ pub(crate) enum Lines<'a> {
 /// inline table or a file: `%%noyau on T --env`, a profile's
 /// `environment`), else the kernel's own (`[environment]` in ./noyau.toml,
 /// where Jupyter starts a kernel, overridden by `NOYAU_ENV`); the kernel's
-/// data files in every case.
+/// data files in every case. Who gave `spec` decides what it may name
+/// (noyau-env's `trust`).
 pub(crate) async fn job_env(
-    spec: Option<&str>,
+    spec: Option<noyau_env::sources::TargetSpec<'_>>,
     mut lines: Lines<'_>,
 ) -> Result<BTreeMap<String, String>, ProxyError> {
     let cwd = std::env::current_dir().map_err(ProxyError::Cwd)?;
     let spec = match spec {
-        Some(e) => noyau_env::sources::merge(&[noyau_env::sources::from_cli(e, &cwd)?], &cwd)?,
+        Some(s) => noyau_env::sources::merge(&[s.source(&cwd)?], &cwd)?,
         None => noyau_env::sources::for_notebook(&cwd, None, kernel_env_var().as_deref(), &cwd)?,
     };
     let declared = noyau_env::sources::Declared {

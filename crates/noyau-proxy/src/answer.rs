@@ -85,6 +85,27 @@ impl Answers {
         build::message(&self.signer, ids, kind, &self.session, parent, content)
     }
 
+    /// Greets a new IOPub subscriber with `iopub_welcome` (JEP 65); true
+    /// when `sub` was a subscription.
+    pub async fn welcome(&mut self, sub: zeromq::ZmqMessage) -> bool {
+        let Some(frame) = sub.get(0) else {
+            return false;
+        };
+        if frame.first() != Some(&1) {
+            return false;
+        }
+        let topic = frame.slice(1..);
+        let ids = if topic.is_empty() {
+            vec![]
+        } else {
+            vec![topic.clone()]
+        };
+        let content = json!({"subscription": String::from_utf8_lossy(&topic)});
+        let msg = self.message(ids, "iopub_welcome", &Bytes::new(), content);
+        self.publish(msg).await;
+        true
+    }
+
     pub async fn publish(&mut self, msg: RawMessage) {
         publish(&mut self.fe, msg).await;
     }

@@ -35,7 +35,9 @@ impl Proxy {
         };
         let (_, profile) =
             noyau_config::resolve(None, Some(name), overrides).map_err(|e| err(&e))?;
-        let spec = cell_env.or(profile.environment.as_deref());
+        let spec = cell_env
+            .map(noyau_env::sources::TargetSpec::Cell)
+            .or_else(|| noyau_env::sources::TargetSpec::profile(&profile));
         let lines = match cell {
             Some(c) => crate::agent::Lines::Cell(&mut self.out, &c.header),
             None => crate::agent::Lines::Log,

@@ -51,6 +51,7 @@ mod queued;
 mod relay;
 mod requests;
 mod targets;
+mod unprepared;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -102,13 +103,18 @@ pub async fn run(cfg: ProxyConfig) -> Result<i32, ProxyError> {
     check_key(&info, &cfg)?;
     let signer = Signer::new(info.key.as_bytes());
     let fe = frontend::Frontend::bind(&info, signer.clone()).await?;
-    let agent = agent::AgentSide::start(&cfg).await?;
     let out = answer::Answers {
         fe,
         signer,
         session: uuid::Uuid::new_v4().to_string(),
         exec_count: 0,
         delegated: 0,
+    };
+    let agent = match agent::AgentSide::start(&cfg).await {
+        Ok(a) => a,
+        // Said to the frontend, not only to a log it may not show.
+        Err(e @ ProxyError::Env(_)) => return Ok(unprepared::serve(out, &cfg, &e).await),
+        Err(e) => return Err(e),
     };
     let mut proxy = relay::Proxy::new(cfg, out, agent, started);
     let code = proxy.relay().await;

@@ -285,11 +285,14 @@ impl Proxy {
         words: &[String],
         cell: &Cell,
     ) -> Result<KernelSide, MagicError> {
-        let spec = noyau_magic::dask::target_of(words)
+        let profile = noyau_magic::dask::target_of(words)
             .and_then(|t| noyau_config::resolve(None, Some(&t), &[]).ok())
-            .and_then(|(_, p)| p.environment);
+            .map(|(_, p)| p);
+        let spec = profile
+            .as_ref()
+            .and_then(noyau_env::sources::TargetSpec::profile);
         let lines = crate::agent::Lines::Cell(&mut self.out, &cell.header);
-        let env = crate::agent::job_env(spec.as_deref(), lines)
+        let env = crate::agent::job_env(spec, lines)
             .await
             .map_err(|e| MagicError::Dask(format!("the cluster's environment: {e}")))?;
         Ok(KernelSide {

@@ -204,22 +204,9 @@ impl Proxy {
     }
 
     async fn welcome(&mut self, sub: zeromq::ZmqMessage) {
-        let Some(frame) = sub.get(0) else { return };
-        if frame.first() != Some(&1) {
-            return;
+        if self.out.welcome(sub).await {
+            self.queued.subscribed();
         }
-        self.queued.subscribed();
-        let topic = frame.slice(1..);
-        let ids = if topic.is_empty() {
-            vec![]
-        } else {
-            vec![topic.clone()]
-        };
-        let content = json!({"subscription": String::from_utf8_lossy(&topic)});
-        let msg = self
-            .out
-            .message(ids, "iopub_welcome", &Bytes::new(), content);
-        self.out.publish(msg).await;
     }
 }
 

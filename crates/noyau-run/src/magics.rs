@@ -360,8 +360,13 @@ impl Runner<'_> {
             .await
             .map_err(|e| bad(&e))?
             .map_err(|e| bad(&e))?;
-        if let Some(e) = m.env.as_deref().or(profile.environment.as_deref()) {
-            launch.env.extend(self.target_env(e).await?);
+        let spec = m
+            .env
+            .as_deref()
+            .map(noyau_env::sources::TargetSpec::Cell)
+            .or_else(|| noyau_env::sources::TargetSpec::profile(&profile));
+        if let Some(spec) = spec {
+            launch.env.extend(self.target_env(spec).await?);
         }
         launch.backend = backend;
         launch.job_name = format!("noyau-target-{}", m.target);
@@ -384,9 +389,13 @@ impl Runner<'_> {
 
     /// A target's own environment (`%%noyau on T --env SPEC`, else its
     /// profile's), prepared here like the kernel's; the kernel's data files.
-    async fn target_env(&self, spec: &str) -> Result<BTreeMap<String, String>, MagicError> {
+    /// Who gave `spec` decides what it may name (noyau-env's `trust`).
+    async fn target_env(
+        &self,
+        spec: noyau_env::sources::TargetSpec<'_>,
+    ) -> Result<BTreeMap<String, String>, MagicError> {
         let cwd = std::env::current_dir().map_err(env_error)?;
-        let from = noyau_env::sources::from_cli(spec, &cwd).map_err(env_error)?;
+        let from = spec.source(&cwd).map_err(env_error)?;
         let declared = noyau_env::sources::Declared {
             spec: noyau_env::sources::merge(&[from], &cwd).map_err(env_error)?,
             data: Vec::new(),

@@ -59,7 +59,7 @@ pub use job::{ArrayJob, ArrayTasks, Job};
 pub use local::LocalBackend;
 pub use paths::{log_dir, private_dir, state_dir, tail_log};
 pub use profile::{
-    canonical_key, key_names, parse_size, parse_time, suggest, Given, Key, Kind, Profile,
+    canonical_key, find_key, key_names, parse_size, parse_time, suggest, Given, Key, Kind, Profile,
     ProfileError, Value,
 };
 pub use quote::sh_quote;

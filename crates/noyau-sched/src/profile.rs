@@ -125,6 +125,11 @@ pub struct Profile {
     /// when not the notebook kernel's: noyau-env's spec as a JSON or TOML
     /// inline table (`environment = { requirements = [...] }` in a file).
     pub environment: Option<String>,
+    /// The project directory whose `noyau.toml` set `environment` (None:
+    /// the site's or the user's file, or `-o`): noyau-env holds a
+    /// project's spec to what a project may name unless it is trusted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment_from: Option<std::path::PathBuf>,
     /// The keys only some schedulers know, by name (declared in their files).
     #[serde(default)]
     pub scheduler_keys: BTreeMap<String, Value>,
@@ -241,7 +246,10 @@ impl Profile {
             "link_advertise" => self.link_advertise = Some(text(v)?),
             "walltime_signal" => self.walltime_signal = Some(num(v)?),
             "kernel" => self.kernel = Some(text(v)?),
-            "environment" => self.environment = Some(text(v)?),
+            "environment" => {
+                self.environment = Some(text(v)?);
+                self.environment_from = None;
+            }
             _ => {
                 let value = match (k.kind, v) {
                     (Kind::Options | Kind::Args, Given::Texts(l)) => Value::Many(l),

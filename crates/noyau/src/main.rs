@@ -53,6 +53,10 @@ enum Command {
     /// Kernel environments and data files in the cache: build, list, show, gc, lock
     #[command(subcommand)]
     Env(env::EnvCommand),
+    /// Trust a project's directory (add it to `trusted_projects` in your
+    /// config file): its noyau.toml and notebooks may then name code that
+    /// runs while their environment is prepared, outside the sandbox
+    Trust(TrustArgs),
     /// A Dask scheduler or worker of `%noyau dask up` (run by noyau in a job, not by hand)
     #[command(hide = true)]
     DaskJob(DaskJobArgs),
@@ -65,6 +69,33 @@ enum Command {
     /// `submit_as`, the job as JSON on stdin; not by hand)
     #[command(hide = true)]
     HubSubmit,
+}
+
+#[derive(clap::Args)]
+struct TrustArgs {
+    /// The project's directory (default: the current one)
+    #[arg(default_value = ".")]
+    dir: PathBuf,
+}
+
+/// `noyau trust DIR`.
+fn trust(a: &TrustArgs) -> anyhow::Result<i32> {
+    let (dir, file, added) = noyau_config::trust_project(&a.dir)?;
+    let d = dir.display();
+    if added {
+        println!(
+            "noyau: trusted {d} (added to trusted_projects in {}): its noyau.toml and notebooks may \
+             now name code that runs while their environment is prepared, outside the sandbox; \
+             remove it from that list to take it back",
+            file.display()
+        );
+    } else {
+        println!(
+            "noyau: {d} is already in trusted_projects in {}",
+            file.display()
+        );
+    }
+    Ok(0)
 }
 
 #[derive(clap::Args)]
@@ -332,6 +363,7 @@ fn main() {
             }),
         Command::Hub(a) => hub(a),
         Command::Env(c) => env::main(c),
+        Command::Trust(a) => trust(&a),
         Command::Install(a) => install::install(&a).map(|()| 0),
         Command::Kernelspecs(a) => install::kernelspecs(&a).map(|()| 0),
         Command::Ps(a) => block_on(jobs::ps(a.backend.as_deref())),

@@ -1,0 +1,233 @@
+//! What a project or a notebook may not declare unless the user trusts it:
+//! the keys whose value names code that runs while the environment is
+//! prepared, on the submitting host, outside any sandbox (`isolation =
+//! "container"` wraps the kernel, not its preparation).
+//!
+//! A notebook or a project comes from anyone (sent by mail, `git clone`d,
+//! left in a shared directory), and opening its notebook in JupyterLab
+//! prepares its environment before any cell runs. So what the notebook's
+//! metadata, its `%noyau env` cells and the project's `noyau.toml`
+//! `[environment]` declare is checked against [`names_code`]; when one of
+//! them names code and the project's directory is not in the user's or
+//! the site's `trusted_projects` (noyau-config), the environment is
+//! refused with [`EnvError::UntrustedCode`], never silently changed. The
+//! user's own sources (`--env`, `NOYAU_ENV`) are not checked.
+//!
+//! Requirements by name (`numpy==2.1`) are allowed from anyone, but only
+//! as wheels ([`crate::EnvSpec::wheels_only`]): uv builds a source
+//! distribution by running its build backend.
+
+use serde_json::Value;
+
+/// Why `key = value` (as a source writes it, paths made absolute) names
+/// code that runs while the environment is prepared, or None when it does
+/// not. `lock` is checked line by line ([`lock_names_code`]); a
+/// `lock_file` is checked once it is read, as `lock`.
+///
+/// * `python` with a `/`: `uv venv --python PATH` runs that interpreter
+///   (a version such as `3.11` or a name such as `python3.12` is found by
+///   uv among the user's own interpreters);
+/// * `module_use`, `modules_init`: the modules check sources the init
+///   file and runs the modulefiles it finds;
+/// * a module named by a path (`/x/mf`, `./mf`, `a/../../mf`): Lmod and
+///   Environment Modules load a modulefile by path;
+/// * `channels`, `manifest`: Scheme the guix client evaluates;
+/// * a requirement that is not a name from the index: a URL, a path, an
+///   archive, or a pip option (`-e`, `-i`, `--find-links`, `-r`…).
+///
+/// `prefix` is not here: preparing a prefix reads its files and runs
+/// nothing; the kernel then runs in it inside the sandbox, if any.
+pub fn names_code(key: &str, value: &Value) -> Option<String> {
+    let strings = || -> Vec<&str> {
+        match value {
+            Value::String(s) => vec![s.as_str()],
+            Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
+            _ => Vec::new(),
+        }
+    };
+    match key {
+        "python" => strings()
+            .into_iter()
+            .any(|p| p.contains('/'))
+            .then(|| "`uv venv --python` runs the interpreter at that path".to_string()),
+        "module_use" => Some("the modulefiles in those directories are run".into()),
+        "modules_init" => Some("that shell file is sourced".into()),
+        "modules" => strings()
+            .into_iter()
+            .find(|m| module_by_path(m))
+            .map(|m| format!("module {m:?} is a modulefile by path, which is run")),
+        "channels" | "manifest" => Some("guix evaluates that Scheme file".into()),
+        "requirements" => strings()
+            .into_iter()
+            .find_map(|r| requirement_names_code(r).map(|why| format!("{r:?}: {why}"))),
+        "lock" => value.as_str().and_then(lock_names_code),
+        _ => None,
+    }
+}
+
+/// A module name the tool would take as a path.
+fn module_by_path(m: &str) -> bool {
+    let m = m.trim();
+    m.starts_with('/') || m.starts_with('.') || m.starts_with('~') || m.contains("..")
+}
+
+/// Why a requirement line is not a plain name from the index, if it is not.
+pub fn requirement_names_code(line: &str) -> Option<&'static str> {
+    let line = line.trim();
+    if line.starts_with('-') {
+        return Some("a pip option (an index, a link page, an editable or a file to read)");
+    }
+    // Before the markers: `name[extras] (specifiers)`. A name, its extras
+    // and its versions hold no `/`, `\`, `:` or `@`; a direct reference
+    // (`name @ URL`), a URL or a path does.
+    let req = line.split(';').next().unwrap_or_default().trim();
+    if req.contains("://") || req.contains('@') || req.starts_with("git+") {
+        return Some("a direct reference (a URL or a VCS checkout), built or installed as it is");
+    }
+    if req.contains('/')
+        || req.contains('\\')
+        || req.starts_with('.')
+        || req.starts_with('~')
+        || req.contains(':')
+        || [".whl", ".tar.gz", ".zip", ".tar.bz2", ".tgz"]
+            .iter()
+            .any(|ext| req.ends_with(ext))
+    {
+        return Some("a local path or archive, built or installed as it is");
+    }
+    None
+}
+
+/// Why a lock (`uv pip compile --generate-hashes` output) names code, if
+/// it does: each requirement (continuation lines joined, comments removed)
+/// must be a plain name whose only options are `--hash`.
+pub fn lock_names_code(lock: &str) -> Option<String> {
+    let joined = lock.replace("\\\r\n", " ").replace("\\\n", " ");
+    for line in joined.lines() {
+        let line = match line
+            .find(" #")
+            .or_else(|| line.find('#').filter(|&i| i == 0))
+        {
+            Some(i) => &line[..i],
+            None => line,
+        };
+        let mut words = line.split_whitespace();
+        let Some(first) = words.next() else { continue };
+        let rest: Vec<&str> = words.collect();
+        // `name==1.0 --hash=sha256:…`; markers (`; python_version < "3.12"`)
+        // may hold spaces: only the words from the first option on are options.
+        let options_from = rest.iter().position(|w| w.starts_with('-'));
+        let (req_words, options) = match options_from {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (&rest[..], &[][..]),
+        };
+        let req = std::iter::once(first)
+            .chain(req_words.iter().copied())
+            .collect::<Vec<_>>()
+            .join(" ");
+        if let Some(why) = requirement_names_code(&req) {
+            return Some(format!("lock line {req:?}: {why}"));
+        }
+        let mut i = 0;
+        while i < options.len() {
+            match options[i] {
+                o if o.starts_with("--hash=") => {}
+                "--hash" => i += 1,
+                o => {
+                    return Some(format!(
+                        "lock line {req:?} has the option {o:?}: only --hash is allowed"
+                    ))
+                }
+            }
+            i += 1;
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn each_code_naming_key_is_named() {
+        for (key, value) in [
+            ("python", json!("/home/attacker/bin/python")),
+            ("python", json!("./python")),
+            ("module_use", json!(["/home/attacker/mf"])),
+            ("modules_init", json!("/home/attacker/init.sh")),
+            ("modules", json!(["gcc/12", "/home/x/mf"])),
+            ("modules", json!(["./mf"])),
+            ("modules", json!(["gcc/../../../home/x/mf"])),
+            ("modules", json!(["~/mf"])),
+            ("channels", json!("/p/channels.scm")),
+            ("manifest", json!("/p/manifest.scm")),
+        ] {
+            assert!(names_code(key, &value).is_some(), "{key} = {value}");
+        }
+        for (key, value) in [
+            ("python", json!("3.11")),
+            ("python", json!("python3.12")),
+            ("python", json!("cpython@3.12")),
+            ("modules", json!(["gcc/12", "cuda/12.4", "py-numpy/1.26.4-x"])),
+            ("prefix", json!("/home/someone/venv")),
+            ("packages", json!(["python", "python-numpy"])),
+            ("image", json!("/p/img.sif")),
+            ("isolation", json!("none")),
+            ("requirements", json!(["six==1.16.0", "numpy>=2; python_version >= \"3.10\""])),
+            ("lock", json!("six==1.16.0 \\\n    --hash=sha256:1e61c374 \\\n    --hash sha256:8abb2f1d\n    # via -r requirements.in\n")),
+        ] {
+            assert_eq!(names_code(key, &value), None, "{key} = {value}");
+        }
+    }
+
+    #[test]
+    fn requirements_that_are_not_names_from_the_index() {
+        for r in [
+            "pkg @ https://evil.example/pkg.whl",
+            "pkg@file:///home/x/pkg",
+            "git+https://github.com/x/y",
+            "https://evil.example/pkg-1.0.tar.gz",
+            "./local/pkg",
+            "/home/x/pkg",
+            "../pkg",
+            "~/pkg",
+            "pkg-1.0.tar.gz",
+            "pkg-1.0-py3-none-any.whl",
+            "-e .",
+            "-e git+https://x/y",
+            "--index-url https://evil.example/simple",
+            "-i https://evil.example/simple",
+            "--extra-index-url=https://evil.example/simple",
+            "--find-links /home/x/wheels",
+            "-f https://evil.example/links",
+            "-r other.txt",
+            "C:\\pkg",
+        ] {
+            assert!(requirement_names_code(r).is_some(), "{r}");
+            assert!(names_code("requirements", &json!([r])).is_some(), "{r}");
+            assert!(lock_names_code(&format!("{r}\n")).is_some(), "lock {r}");
+        }
+        for r in [
+            "six",
+            "six==1.16.0",
+            "Foo_Bar[extra1,extra2]>=1.0,<2",
+            "x ; sys_platform == 'linux'",
+        ] {
+            assert_eq!(requirement_names_code(r), None, "{r}");
+        }
+    }
+
+    #[test]
+    fn lock_options_other_than_hash_are_named() {
+        for lock in [
+            "six==1.16.0 --hash=sha256:ab --index-url https://evil.example/simple\n",
+            "six==1.16.0 \\\n    --hash=sha256:ab \\\n    --find-links=/home/x\n",
+            "--extra-index-url https://evil.example/simple\nsix==1.16.0 --hash=sha256:ab\n",
+            "six==1.16.0 --hash=sha256:ab\n-e ./pkg\n",
+        ] {
+            assert!(lock_names_code(lock).is_some(), "{lock}");
+        }
+    }
+}
