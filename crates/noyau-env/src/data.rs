@@ -28,7 +28,10 @@
 //! The store may be in a cache others can write (a team's), so nothing
 //! in it is written by name: the part is opened without following a link
 //! and checked (`open_part`), then written, hashed and sealed through
-//! that open file; `HEX.json` is a new file renamed in.
+//! that open file; `HEX.json` is a new file renamed in. A store refused
+//! (another member's `data/`, a link) is not written at all: [`prepare`]
+//! fetches into the user's own cache instead, saying why, as environments
+//! are built there.
 //!
 //! In the job, the kernel's runtime directory gets a `data/` directory of
 //! symlinks, one per name, to the store ([`expose`]); `NOYAU_DATA` names it.
@@ -414,18 +417,39 @@ impl Store {
         net: &Network,
         progress: crate::Progress<'_>,
     ) -> Result<DataFile, EnvError> {
+        match self.ready(r, progress)? {
+            Ready::Found(f) => Ok(f),
+            Ready::Locked(lock) => self.fetch_locked(r, net, progress, lock),
+        }
+    }
+
+    /// The file of `r` if it is here, else this store made ready to fetch
+    /// it (its directories, its lock taken): everything that may refuse
+    /// a store others can write is checked before anything is fetched.
+    fn ready(&self, r: &DataRef, progress: crate::Progress<'_>) -> Result<Ready, EnvError> {
         if let Some(f) = self.find(&r.sha256, &r.name, &r.url)? {
-            return Ok(f);
+            return Ok(Ready::Found(f));
         }
         self.check_dirs(true)?;
-        let _lock = self.cache.lock(&r.sha256)?;
+        let lock = self.cache.lock(&r.sha256)?;
         if let Some(f) = self.find(&r.sha256, &r.name, &r.url)? {
             progress(&format!(
                 "{} was fetched by another job meanwhile; using it",
                 r.name
             ));
-            return Ok(f);
+            return Ok(Ready::Found(f));
         }
+        Ok(Ready::Locked(lock))
+    }
+
+    /// Fetches `r` into this store, holding its lock.
+    fn fetch_locked(
+        &self,
+        r: &DataRef,
+        net: &Network,
+        progress: crate::Progress<'_>,
+        _lock: crate::cache::FileLock,
+    ) -> Result<DataFile, EnvError> {
         let stable = self.root().join(format!(".part-{}", r.sha256));
         let (mut out, part) = open_part(&stable)?;
         let resumed = fetch_to(r, net, &mut out, &part, progress).inspect_err(|_| {
@@ -495,6 +519,14 @@ impl Store {
     }
 }
 
+/// Where a store stands for one hash ([`Store::ready`]).
+enum Ready {
+    /// The file is there.
+    Found(DataFile),
+    /// It is to be fetched, under this lock.
+    Locked(crate::cache::FileLock),
+}
+
 /// The download in progress of `part` and where it is: `part` itself,
 /// opened (or made, 0600) without following a link and checked on what
 /// was opened (a regular file of ours with one name); anything else there
@@ -546,7 +578,9 @@ fn open_ours(path: &Path) -> Result<Option<File>, EnvError> {
     }
 }
 
-/// The file of `r` from the site's store, else `cache`'s (fetched there).
+/// The file of `r` from the site's store, else `cache`'s (fetched there),
+/// else, when `cache`'s store is refused (a team's, made by another
+/// member), the user's own cache's, saying why.
 pub fn prepare(
     r: &DataRef,
     cache: &Cache,
@@ -560,7 +594,37 @@ pub fn prepare(
             Err(e) => progress(&format!("not using the site's copy of {}: {e}", r.name)),
         }
     }
-    Store::of(cache).fetch(r, net, progress)
+    let store = Store::of(cache);
+    match store.ready(r, progress) {
+        Ok(Ready::Found(f)) => Ok(f),
+        Ok(Ready::Locked(lock)) => store.fetch_locked(r, net, progress, lock),
+        Err(EnvError::Untrusted(why)) => fetch_into_own(r, cache, why, net, progress),
+        Err(e) => Err(e),
+    }
+}
+
+/// `r` fetched into the user's own cache ([`crate::cache::private_root`]),
+/// the shared `cache`'s store being refused for `why`: nothing is written
+/// through another user's directories.
+fn fetch_into_own(
+    r: &DataRef,
+    cache: &Cache,
+    why: crate::cache::Untrusted,
+    net: &Network,
+    progress: crate::Progress<'_>,
+) -> Result<DataFile, EnvError> {
+    let own = Cache::new(crate::cache::private_root());
+    if crate::cache::same_dir(own.root(), cache.root()) {
+        return Err(EnvError::Untrusted(why));
+    }
+    let said = format!(
+        "not using the shared cache's data store: {why}; fetching {} into your own cache {} instead",
+        r.name,
+        own.root().display()
+    );
+    tracing::warn!("{said}");
+    progress(&said);
+    Store::of(&own).fetch(r, net, progress)
 }
 
 /// Downloads or copies `r` into `out` (open at `part`), continuing a
