@@ -31,7 +31,8 @@
 //! that open file; `HEX.json` is a new file renamed in. A store refused
 //! (another member's `data/`, a link) is not written at all: [`prepare`]
 //! fetches into the user's own cache instead, saying why, as environments
-//! are built there.
+//! are built there. A site's file without its `HEX.json` is refused too,
+//! saying so (nothing fetches it again there).
 //!
 //! In the job, the kernel's runtime directory gets a `data/` directory of
 //! symlinks, one per name, to the store ([`expose`]); `NOYAU_DATA` names it.
@@ -366,6 +367,17 @@ impl Store {
             Err(_) => None,
         };
         let Some(about) = about else {
+            if self.cache.is_site() {
+                // Nothing fetches it again there: say why it is not used.
+                return Err(EnvError::Untrusted(crate::cache::Untrusted {
+                    path,
+                    why: format!(
+                        "has no readable {sha}.json naming its sha256 and size (fill the site \
+                         cache with `noyau env build NOTEBOOK` run with NOYAU_ENV_CACHE set to \
+                         it, which writes it; docs/environments.md, \"Caches\")"
+                    ),
+                }));
+            }
             return Ok(None); // described after it is fetched again
         };
         let named = about.get("sha256").and_then(Value::as_str);
@@ -591,7 +603,11 @@ pub fn prepare(
         match Store::of(&site).find(&r.sha256, &r.name, &r.url) {
             Ok(Some(f)) => return Ok(f),
             Ok(None) => {}
-            Err(e) => progress(&format!("not using the site's copy of {}: {e}", r.name)),
+            Err(e) => {
+                let said = format!("not using the site cache's copy of {}: {e}", r.name);
+                tracing::warn!("{said}");
+                progress(&said);
+            }
         }
     }
     let store = Store::of(cache);
