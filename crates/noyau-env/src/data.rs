@@ -463,10 +463,12 @@ impl Store {
         _lock: crate::cache::FileLock,
     ) -> Result<DataFile, EnvError> {
         let stable = self.root().join(format!(".part-{}", r.sha256));
-        let (mut out, part) = open_part(&stable)?;
+        // A part under a random name is removed on any error (`random`
+        // dropped): it is never continued.
+        let (mut out, part, random) = open_part(&stable)?;
         let resumed = fetch_to(r, net, &mut out, &part, progress).inspect_err(|_| {
             // Nothing to continue: leave no part that would not be.
-            if part != stable || out.metadata().is_ok_and(|m| m.len() == 0) {
+            if out.metadata().is_ok_and(|m| m.len() == 0) {
                 let _ = std::fs::remove_file(&part);
             }
         })?;
@@ -489,7 +491,11 @@ impl Store {
                 got,
             });
         }
-        self.store_part(r, &out, &part)
+        let stored = self.store_part(r, &out, &part)?;
+        if let Some(random) = random {
+            let _ = random.keep(); // renamed in: nothing left to remove
+        }
+        Ok(stored)
     }
 
     /// Seals a verified download (`out`, open at `part`) and renames it
@@ -545,24 +551,25 @@ enum Ready {
 /// (a link, another user's file, a hard link) is removed and a new file
 /// made in its place. When it cannot be removed (another user's, in a
 /// sticky directory) or is planted again, a new file under a random name
-/// (made with `O_EXCL`), which is not continued after an interruption.
-fn open_part(part: &Path) -> Result<(File, PathBuf), EnvError> {
+/// (made with `O_EXCL`), which is not continued after an interruption:
+/// it is removed when the returned guard is dropped (unless kept).
+fn open_part(part: &Path) -> Result<(File, PathBuf, Option<tempfile::TempPath>), EnvError> {
     if let Some(f) = open_ours(part)? {
-        return Ok((f, part.to_path_buf()));
+        return Ok((f, part.to_path_buf(), None));
     }
     if std::fs::remove_file(part).is_ok() {
         if let Some(f) = open_ours(part)? {
-            return Ok((f, part.to_path_buf()));
+            return Ok((f, part.to_path_buf(), None));
         }
     }
     let dir = part.parent().unwrap_or(Path::new("."));
     let name = part.file_name().unwrap_or_default().to_string_lossy();
-    let (f, path) = tempfile::Builder::new()
+    let (f, guard) = tempfile::Builder::new()
         .prefix(&format!("{name}."))
         .tempfile_in(dir)
-        .and_then(|t| t.keep().map_err(|e| e.error))
-        .map_err(|e| EnvError::io(format!("creating a file in {}", dir.display()), e))?;
-    Ok((f, path))
+        .map_err(|e| EnvError::io(format!("creating a file in {}", dir.display()), e))?
+        .into_parts();
+    Ok((f, guard.to_path_buf(), Some(guard)))
 }
 
 /// `path` opened to read and write (made 0600 if missing), without

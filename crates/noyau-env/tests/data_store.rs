@@ -594,6 +594,32 @@ fn a_store_that_is_a_link_or_another_members_is_not_used_and_the_file_is_fetched
 }
 
 #[test]
+fn a_part_under_a_random_name_is_removed_when_the_file_cannot_be_stored() {
+    let t = tempfile::tempdir().unwrap();
+    std::fs::write(t.path().join("a"), "aaa").unwrap();
+    let hash = sha(b"aaa");
+    let store = t.path().join("cache/data");
+    // Something at the part's name that is not a file and cannot be
+    // removed as one: the download goes to a file under a random name.
+    std::fs::create_dir_all(store.join(format!(".part-{hash}/x"))).unwrap();
+    // And the description cannot be renamed in (a directory there).
+    std::fs::create_dir_all(store.join(format!("sha256/{hash}.json/x"))).unwrap();
+    let r = DataRef::new("a", &hash, None, t.path()).unwrap();
+    let cache = Cache::new(t.path().join("cache"));
+    let e = Store::of(&cache)
+        .fetch(&r, &Network::default(), &mut quiet())
+        .unwrap_err();
+    assert!(e.to_string().contains(".json"), "{e}");
+    let left: Vec<String> = std::fs::read_dir(&store)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!(".part-{hash}.")))
+        .collect();
+    assert_eq!(left, Vec::<String>::new());
+}
+
+#[test]
 fn a_part_of_another_users_or_with_another_name_is_started_over_not_written() {
     let body: Vec<u8> = (0..50_000u32).flat_map(|i| i.to_le_bytes()).collect();
     let hash = sha(&body);
