@@ -98,6 +98,14 @@ pub fn private_root() -> PathBuf {
     cache_home().join("noyau").join("envs")
 }
 
+/// `a` and `b` are one directory (the shared cache is the user's own).
+pub(crate) fn same_dir(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
 /// The directory of the user's caches: `$XDG_CACHE_HOME`, else
 /// `$HOME/.cache`, else [`tmp_cache_home`].
 pub fn cache_home() -> PathBuf {

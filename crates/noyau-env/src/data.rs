@@ -28,7 +28,11 @@
 //! The store may be in a cache others can write (a team's), so nothing
 //! in it is written by name: the part is opened without following a link
 //! and checked (`open_part`), then written, hashed and sealed through
-//! that open file; `HEX.json` is a new file renamed in.
+//! that open file; `HEX.json` is a new file renamed in. A store refused
+//! (another member's `data/`, a link) is not written at all: [`prepare`]
+//! fetches into the user's own cache instead, saying why, as environments
+//! are built there. A site's file without its `HEX.json` is refused too,
+//! saying so (nothing fetches it again there).
 //!
 //! In the job, the kernel's runtime directory gets a `data/` directory of
 //! symlinks, one per name, to the store ([`expose`]); `NOYAU_DATA` names it.
@@ -363,6 +367,17 @@ impl Store {
             Err(_) => None,
         };
         let Some(about) = about else {
+            if self.cache.is_site() {
+                // Nothing fetches it again there: say why it is not used.
+                return Err(EnvError::Untrusted(crate::cache::Untrusted {
+                    path,
+                    why: format!(
+                        "has no readable {sha}.json naming its sha256 and size (fill the site \
+                         cache with `noyau env build NOTEBOOK` run with NOYAU_ENV_CACHE set to \
+                         it, which writes it; docs/environments.md, \"Caches\")"
+                    ),
+                }));
+            }
             return Ok(None); // described after it is fetched again
         };
         let named = about.get("sha256").and_then(Value::as_str);
@@ -414,23 +429,46 @@ impl Store {
         net: &Network,
         progress: crate::Progress<'_>,
     ) -> Result<DataFile, EnvError> {
+        match self.ready(r, progress)? {
+            Ready::Found(f) => Ok(f),
+            Ready::Locked(lock) => self.fetch_locked(r, net, progress, lock),
+        }
+    }
+
+    /// The file of `r` if it is here, else this store made ready to fetch
+    /// it (its directories, its lock taken): everything that may refuse
+    /// a store others can write is checked before anything is fetched.
+    fn ready(&self, r: &DataRef, progress: crate::Progress<'_>) -> Result<Ready, EnvError> {
         if let Some(f) = self.find(&r.sha256, &r.name, &r.url)? {
-            return Ok(f);
+            return Ok(Ready::Found(f));
         }
         self.check_dirs(true)?;
-        let _lock = self.cache.lock(&r.sha256)?;
+        let lock = self.cache.lock(&r.sha256)?;
         if let Some(f) = self.find(&r.sha256, &r.name, &r.url)? {
             progress(&format!(
                 "{} was fetched by another job meanwhile; using it",
                 r.name
             ));
-            return Ok(f);
+            return Ok(Ready::Found(f));
         }
+        Ok(Ready::Locked(lock))
+    }
+
+    /// Fetches `r` into this store, holding its lock.
+    fn fetch_locked(
+        &self,
+        r: &DataRef,
+        net: &Network,
+        progress: crate::Progress<'_>,
+        _lock: crate::cache::FileLock,
+    ) -> Result<DataFile, EnvError> {
         let stable = self.root().join(format!(".part-{}", r.sha256));
-        let (mut out, part) = open_part(&stable)?;
+        // A part under a random name is removed on any error (`random`
+        // dropped): it is never continued.
+        let (mut out, part, random) = open_part(&stable)?;
         let resumed = fetch_to(r, net, &mut out, &part, progress).inspect_err(|_| {
             // Nothing to continue: leave no part that would not be.
-            if part != stable || out.metadata().is_ok_and(|m| m.len() == 0) {
+            if out.metadata().is_ok_and(|m| m.len() == 0) {
                 let _ = std::fs::remove_file(&part);
             }
         })?;
@@ -453,7 +491,11 @@ impl Store {
                 got,
             });
         }
-        self.store_part(r, &out, &part)
+        let stored = self.store_part(r, &out, &part)?;
+        if let Some(random) = random {
+            let _ = random.keep(); // renamed in: nothing left to remove
+        }
+        Ok(stored)
     }
 
     /// Seals a verified download (`out`, open at `part`) and renames it
@@ -495,30 +537,39 @@ impl Store {
     }
 }
 
+/// Where a store stands for one hash ([`Store::ready`]).
+enum Ready {
+    /// The file is there.
+    Found(DataFile),
+    /// It is to be fetched, under this lock.
+    Locked(crate::cache::FileLock),
+}
+
 /// The download in progress of `part` and where it is: `part` itself,
 /// opened (or made, 0600) without following a link and checked on what
 /// was opened (a regular file of ours with one name); anything else there
 /// (a link, another user's file, a hard link) is removed and a new file
 /// made in its place. When it cannot be removed (another user's, in a
 /// sticky directory) or is planted again, a new file under a random name
-/// (made with `O_EXCL`), which is not continued after an interruption.
-fn open_part(part: &Path) -> Result<(File, PathBuf), EnvError> {
+/// (made with `O_EXCL`), which is not continued after an interruption:
+/// it is removed when the returned guard is dropped (unless kept).
+fn open_part(part: &Path) -> Result<(File, PathBuf, Option<tempfile::TempPath>), EnvError> {
     if let Some(f) = open_ours(part)? {
-        return Ok((f, part.to_path_buf()));
+        return Ok((f, part.to_path_buf(), None));
     }
     if std::fs::remove_file(part).is_ok() {
         if let Some(f) = open_ours(part)? {
-            return Ok((f, part.to_path_buf()));
+            return Ok((f, part.to_path_buf(), None));
         }
     }
     let dir = part.parent().unwrap_or(Path::new("."));
     let name = part.file_name().unwrap_or_default().to_string_lossy();
-    let (f, path) = tempfile::Builder::new()
+    let (f, guard) = tempfile::Builder::new()
         .prefix(&format!("{name}."))
         .tempfile_in(dir)
-        .and_then(|t| t.keep().map_err(|e| e.error))
-        .map_err(|e| EnvError::io(format!("creating a file in {}", dir.display()), e))?;
-    Ok((f, path))
+        .map_err(|e| EnvError::io(format!("creating a file in {}", dir.display()), e))?
+        .into_parts();
+    Ok((f, guard.to_path_buf(), Some(guard)))
 }
 
 /// `path` opened to read and write (made 0600 if missing), without
@@ -546,7 +597,9 @@ fn open_ours(path: &Path) -> Result<Option<File>, EnvError> {
     }
 }
 
-/// The file of `r` from the site's store, else `cache`'s (fetched there).
+/// The file of `r` from the site's store, else `cache`'s (fetched there),
+/// else, when `cache`'s store is refused (a team's, made by another
+/// member), the user's own cache's, saying why.
 pub fn prepare(
     r: &DataRef,
     cache: &Cache,
@@ -557,10 +610,44 @@ pub fn prepare(
         match Store::of(&site).find(&r.sha256, &r.name, &r.url) {
             Ok(Some(f)) => return Ok(f),
             Ok(None) => {}
-            Err(e) => progress(&format!("not using the site's copy of {}: {e}", r.name)),
+            Err(e) => {
+                let said = format!("not using the site cache's copy of {}: {e}", r.name);
+                tracing::warn!("{said}");
+                progress(&said);
+            }
         }
     }
-    Store::of(cache).fetch(r, net, progress)
+    let store = Store::of(cache);
+    match store.ready(r, progress) {
+        Ok(Ready::Found(f)) => Ok(f),
+        Ok(Ready::Locked(lock)) => store.fetch_locked(r, net, progress, lock),
+        Err(EnvError::Untrusted(why)) => fetch_into_own(r, cache, why, net, progress),
+        Err(e) => Err(e),
+    }
+}
+
+/// `r` fetched into the user's own cache ([`crate::cache::private_root`]),
+/// the shared `cache`'s store being refused for `why`: nothing is written
+/// through another user's directories.
+fn fetch_into_own(
+    r: &DataRef,
+    cache: &Cache,
+    why: crate::cache::Untrusted,
+    net: &Network,
+    progress: crate::Progress<'_>,
+) -> Result<DataFile, EnvError> {
+    let own = Cache::new(crate::cache::private_root());
+    if crate::cache::same_dir(own.root(), cache.root()) {
+        return Err(EnvError::Untrusted(why));
+    }
+    let said = format!(
+        "not using the shared cache's data store: {why}; fetching {} into your own cache {} instead",
+        r.name,
+        own.root().display()
+    );
+    tracing::warn!("{said}");
+    progress(&said);
+    Store::of(&own).fetch(r, net, progress)
 }
 
 /// Downloads or copies `r` into `out` (open at `part`), continuing a

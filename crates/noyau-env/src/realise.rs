@@ -163,7 +163,7 @@ pub(crate) fn python_entry(
     match entry_in(spec, cache, cache, progress) {
         Err(EnvError::Untrusted(why)) => {
             let own = Cache::new(crate::cache::private_root());
-            if same_dir(own.root(), cache.root()) {
+            if crate::cache::same_dir(own.root(), cache.root()) {
                 return Err(EnvError::Untrusted(why));
             }
             let said = format!(
@@ -188,13 +188,6 @@ pub(crate) fn python_entry(
     }
 }
 
-fn same_dir(a: &Path, b: &Path) -> bool {
-    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => a == b,
-    }
-}
-
 /// uv from `uv_cache` (the shared cache's uv when it is trusted, else the
 /// one in `cache`), online or offline.
 pub(crate) fn find_uv(
@@ -204,7 +197,7 @@ pub(crate) fn find_uv(
     progress: crate::Progress<'_>,
 ) -> Result<python::Uv, EnvError> {
     let path = match python::find_uv(uv_cache, progress) {
-        Err(EnvError::Untrusted(_)) if !same_dir(uv_cache.root(), cache.root()) => {
+        Err(EnvError::Untrusted(_)) if !crate::cache::same_dir(uv_cache.root(), cache.root()) => {
             python::find_uv(cache, progress)?
         }
         other => other?,

@@ -529,24 +529,94 @@ fn a_file_renamed_under_another_hash_or_a_linked_store_is_not_used() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("described as another file"), "{e}");
+}
 
-    // A store that is a link (to a directory of the victim's) is refused
-    // and nothing is written there.
+/// `data::prepare` into `cache`, with the lines it says.
+fn prepare_saying(r: &DataRef, cache: &Cache) -> (Result<data::DataFile, EnvError>, Vec<String>) {
+    let mut lines = Vec::new();
+    let got = data::prepare(r, cache, &Network::default(), &mut |l: &str| {
+        lines.push(l.to_string())
+    });
+    (got, lines)
+}
+
+/// The only test here that sets `XDG_CACHE_HOME` (the user's own cache).
+#[test]
+fn a_store_that_is_a_link_or_another_members_is_not_used_and_the_file_is_fetched_into_ones_own() {
+    let t = tempfile::tempdir().unwrap();
+    let own = t.path().join("home-cache");
+    std::env::set_var("XDG_CACHE_HOME", &own);
+    let own_store = own.join("noyau/envs/data");
+    std::fs::write(t.path().join("a"), "aaa").unwrap();
+    let r = DataRef::new("a", &sha(b"aaa"), None, t.path()).unwrap();
+
+    // A store that is a link (to a directory of the victim's): refused,
+    // nothing written there, the file fetched into the user's own cache.
     let other = t.path().join("elsewhere");
     std::fs::create_dir(&other).unwrap();
     std::fs::create_dir(t.path().join("c2")).unwrap();
     std::os::unix::fs::symlink(&other, t.path().join("c2/data")).unwrap();
-    let r = DataRef::new("a", &ha, None, t.path()).unwrap();
-    let e = data::prepare(
-        &r,
-        &Cache::new(t.path().join("c2")),
-        &Network::default(),
-        &mut quiet(),
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(e.contains("symlink") || e.contains("link"), "{e}");
+    let (got, lines) = prepare_saying(&r, &Cache::new(t.path().join("c2")));
+    let f = got.unwrap();
+    assert!(f.path().starts_with(&own_store), "{f:?}");
+    assert_eq!(std::fs::read(f.path()).unwrap(), b"aaa");
+    assert!(
+        lines.iter().any(|l| l
+            .contains("not using the shared cache's data store")
+            && l.contains("symlink")),
+        "{lines:?}"
+    );
     assert_eq!(std::fs::read_dir(&other).unwrap().count(), 0);
+
+    // A team's cache (group-writable) whose `data/` another member made:
+    // the same, and their directory is left as it was.
+    if !noyau_trust::testing::root() {
+        return;
+    }
+    std::fs::remove_dir_all(&own).unwrap();
+    let team = t.path().join("team");
+    std::fs::create_dir_all(team.join("data/sha256")).unwrap();
+    std::fs::set_permissions(&team, std::fs::Permissions::from_mode(0o2775)).unwrap();
+    for d in ["data", "data/sha256"] {
+        std::os::unix::fs::chown(team.join(d), Some(65534), Some(65534)).unwrap();
+    }
+    let (got, lines) = prepare_saying(&r, &Cache::new(&team));
+    let f = got.unwrap();
+    assert!(f.path().starts_with(&own_store), "{f:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("not using the shared cache's data store")
+                && l.contains("uid 65534")),
+        "{lines:?}"
+    );
+    assert_eq!(walk(&team.join("data")), Vec::<String>::new());
+}
+
+#[test]
+fn a_part_under_a_random_name_is_removed_when_the_file_cannot_be_stored() {
+    let t = tempfile::tempdir().unwrap();
+    std::fs::write(t.path().join("a"), "aaa").unwrap();
+    let hash = sha(b"aaa");
+    let store = t.path().join("cache/data");
+    // Something at the part's name that is not a file and cannot be
+    // removed as one: the download goes to a file under a random name.
+    std::fs::create_dir_all(store.join(format!(".part-{hash}/x"))).unwrap();
+    // And the description cannot be renamed in (a directory there).
+    std::fs::create_dir_all(store.join(format!("sha256/{hash}.json/x"))).unwrap();
+    let r = DataRef::new("a", &hash, None, t.path()).unwrap();
+    let cache = Cache::new(t.path().join("cache"));
+    let e = Store::of(&cache)
+        .fetch(&r, &Network::default(), &mut quiet())
+        .unwrap_err();
+    assert!(e.to_string().contains(".json"), "{e}");
+    let left: Vec<String> = std::fs::read_dir(&store)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!(".part-{hash}.")))
+        .collect();
+    assert_eq!(left, Vec::<String>::new());
 }
 
 #[test]

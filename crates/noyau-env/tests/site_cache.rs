@@ -1,7 +1,8 @@
 //! A site's read-only cache (`NOYAU_ENV_SITE_CACHE`): an admin's entries
 //! and data files are used before the user's own, without building or
 //! fetching anything; one not owned by the cache's owner, or writable by
-//! others, is refused and the user's own cache is used instead. Entries
+//! others, or a data file without its description, is refused (saying
+//! why) and the user's own cache is used instead. Entries
 //! owned by other users need root to make (`chown`): `#[ignore]`d, run by
 //! `scripts/test` as root. One test in its own binary: it sets
 //! `NOYAU_ENV_SITE_CACHE` for the process.
@@ -127,5 +128,27 @@ fn the_sites_entries_come_first_and_only_its_owners_are_trusted() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("not to the site cache's owner"), "{e}");
+
+    // A file an admin copied in by hand, without its description: not
+    // used, and the user is told why (not silently fetched again).
+    chown(&site, Some(0), None).unwrap();
+    std::fs::remove_file(site.join(format!("data/sha256/{sha}.json"))).unwrap();
+    std::fs::write(t.path().join("x.bin"), data).unwrap();
+    let r = DataRef::new("x.bin", &sha, None, t.path()).unwrap();
+    let mut lines = Vec::new();
+    let p = prepare(None, std::slice::from_ref(&r), &mine, &mut |l: &str| {
+        lines.push(l.to_string())
+    })
+    .unwrap();
+    assert!(!p.data[0].site, "{:?}", p.data);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("not using the site cache's copy of x.bin")
+                && l.contains(&format!(
+                    "has no readable {sha}.json naming its sha256 and size"
+                ))),
+        "{lines:?}"
+    );
     std::env::remove_var("NOYAU_ENV_SITE_CACHE");
 }

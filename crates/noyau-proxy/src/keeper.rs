@@ -13,6 +13,11 @@
 //! the private runtime directory), or until the grace period ends. The
 //! agent's connections meanwhile wait in the socket's backlog.
 //!
+//! A socket address holds 107 bytes: when the socket's path is longer (a
+//! long runtime directory), both ends bind or connect through
+//! `/proc/self/fd/N/NAME`, N a descriptor of the directory opened and
+//! checked ours and 0700 ([`address`]).
+//!
 //! Each end checks that the other is of the same user (SO_PEERCRED), and
 //! the next proxy checks what it got (a listening TCP socket; the caller
 //! checks its address) before serving on it.
@@ -20,7 +25,7 @@
 use std::io::{IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::net::TcpListener;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -48,6 +53,15 @@ pub enum KeeperError {
     NothingHanded(PathBuf),
     #[error("what was handed over is not a listening TCP socket ({0})")]
     NotListening(String),
+    #[error(
+        "the keeper's socket {} ({len} bytes) cannot be reached: {why}; set NOYAU_RUNTIME_DIR to a shorter directory",
+        path.display()
+    )]
+    Unreachable {
+        path: PathBuf,
+        len: usize,
+        why: String,
+    },
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> KeeperError {
@@ -58,6 +72,40 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> KeeperError {
 /// The keeper's Unix socket for a handover record.
 pub fn socket_path(record: &Path) -> PathBuf {
     record.with_extension("sock")
+}
+
+/// The longest path a Unix socket address holds (`sun_path`, less its NUL).
+const SOCKET_PATH_MAX: usize = 107;
+
+/// Where to bind or connect to the Unix socket `path`: the path itself,
+/// or, when it is too long for a socket address, its name under
+/// `/proc/self/fd/N`, N the returned descriptor of its directory (opened
+/// without following a link and checked ours and 0700; keep it open
+/// until bound or connected).
+fn address(path: &Path) -> Result<(PathBuf, Option<OwnedFd>), KeeperError> {
+    let len = path.as_os_str().len();
+    if len <= SOCKET_PATH_MAX {
+        return Ok((path.to_path_buf(), None));
+    }
+    let unreachable = |why: String| KeeperError::Unreachable {
+        path: path.to_path_buf(),
+        len,
+        why,
+    };
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(unreachable("it names no file".into()));
+    };
+    let dir = noyau_trust::Expect::dir()
+        .open(dir)
+        .map_err(|e| unreachable(format!("longer than a socket address holds, and {e}")))?;
+    let dir = OwnedFd::from(dir);
+    let short = Path::new(&format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name);
+    if short.as_os_str().len() > SOCKET_PATH_MAX {
+        return Err(unreachable(format!(
+            "its name is longer than a socket address holds ({SOCKET_PATH_MAX} bytes)"
+        )));
+    }
+    Ok((short, Some(dir)))
 }
 
 /// How long a keeper holds the port for the next proxy: `grace`, or until
@@ -78,9 +126,12 @@ pub fn spawn(exe: &Path, listener: OwnedFd, socket: &Path, hold: Hold) -> Result
     // The runtime directory is ours alone: what is there is a socket an
     // earlier keeper could not remove (killed).
     let _ = std::fs::remove_file(socket);
-    let unix = UnixListener::bind(socket).map_err(io(format!(
-        "cannot listen on {} for the next proxy",
-        socket.display()
+    let (addr, _dir) = address(socket)?;
+    let unix = UnixListener::bind(&addr).map_err(io(format!(
+        "cannot listen on {} ({} bytes, bound as {}) for the next proxy",
+        socket.display(),
+        socket.as_os_str().len(),
+        addr.display()
     )))?;
     // Both sockets as its stdin and stdout, as inetd passes a socket.
     let mut keeper = tokio::process::Command::new(exe);
@@ -90,7 +141,11 @@ pub fn spawn(exe: &Path, listener: OwnedFd, socket: &Path, hold: Hold) -> Result
     keeper
         .arg("link-keeper")
         .arg("--for")
-        .arg(secs.max(1).to_string());
+        .arg(secs.max(1).to_string())
+        // Its path, to remove (its address may be this process's
+        // `/proc/self/fd/N/…`).
+        .arg("--socket")
+        .arg(socket);
     if let Some(pid) = hold.agent {
         keeper.arg("--while-pid").arg(pid.to_string());
     }
@@ -112,20 +167,16 @@ pub fn spawn(exe: &Path, listener: OwnedFd, socket: &Path, hold: Hold) -> Result
 
 /// The keeper's work (`noyau link-keeper`): holds the listening socket it
 /// was given as stdin and hands it to the first process of its user that
-/// connects to the Unix socket it was given as stdout; or, once the agent
-/// has given up (after the grace period, or at its end when it is local),
-/// lets it go.
-pub async fn keep(hold: Hold) -> Result<(), KeeperError> {
+/// connects to the Unix socket it was given as stdout (at `path`); or,
+/// once the agent has given up (after the grace period, or at its end
+/// when it is local), lets it go.
+pub async fn keep(hold: Hold, path: &Path) -> Result<(), KeeperError> {
     let inherited = |what: &str, fd: std::io::Result<OwnedFd>| fd.map_err(io(what));
     let link = inherited("stdin", std::io::stdin().as_fd().try_clone_to_owned())?;
     let link = OwnedFd::from(listening_tcp(link)?);
     let unix = inherited("stdout", std::io::stdout().as_fd().try_clone_to_owned())?;
     let unix = UnixListener::from(unix);
-    let path = unix
-        .local_addr()
-        .ok()
-        .and_then(|a| a.as_pathname().map(Path::to_path_buf));
-    let placed = path.as_deref().and_then(|p| std::fs::metadata(p).ok());
+    let placed = std::fs::metadata(path).ok();
     let unix = unix
         .set_nonblocking(true)
         .and_then(|()| tokio::net::UnixListener::from_std(unix))
@@ -136,10 +187,10 @@ pub async fn keep(hold: Hold) -> Result<(), KeeperError> {
         () = tokio::time::sleep(hold.grace) => Some("no proxy came for it within the grace period"),
     };
     // Removed only if still ours: a later keeper for the same record binds anew.
-    if let (Some(p), Some(was)) = (&path, placed) {
-        let same = std::fs::metadata(p).is_ok_and(|now| now.ino() == was.ino());
+    if let Some(was) = placed {
+        let same = std::fs::metadata(path).is_ok_and(|now| now.ino() == was.ino());
         if same {
-            let _ = std::fs::remove_file(p);
+            let _ = std::fs::remove_file(path);
         }
     }
     if let Some(why) = why {
@@ -206,7 +257,8 @@ fn send(stream: &tokio::net::UnixStream, link: &OwnedFd) -> Result<(), KeeperErr
 /// `socket`. An error says why there is none (no keeper: it could not be
 /// started, or it ended, killed or at the end of its grace).
 pub fn fetch(socket: &Path) -> Result<TcpListener, KeeperError> {
-    let stream = UnixStream::connect(socket).map_err(io(format!(
+    let (addr, _dir) = address(socket)?;
+    let stream = UnixStream::connect(&addr).map_err(io(format!(
         "no link keeper answers at {}",
         socket.display()
     )))?;

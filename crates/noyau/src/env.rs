@@ -160,9 +160,11 @@ fn show(notebook: &Path, cwd: &Path, cache: &Cache) -> anyhow::Result<i32> {
     }
     let store = noyau_env::data::Store::of(cache);
     for r in &d.data {
-        let state = match store.find(&r.sha256, &r.name, &r.url)? {
-            Some(f) => format!("fetched: {}", f.path().display()),
-            None => "not fetched yet".into(),
+        // A refused file is shown with its reason, not the end of the listing.
+        let state = match store.find(&r.sha256, &r.name, &r.url) {
+            Ok(Some(f)) => format!("fetched: {}", f.path().display()),
+            Ok(None) => "not fetched yet".into(),
+            Err(e) => format!("refused: {e}"),
         };
         println!(
             "data {}: {} sha256 {}: {state}",

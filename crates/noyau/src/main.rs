@@ -106,6 +106,9 @@ struct LinkKeeperArgs {
     /// Or once this process (a local agent) has ended
     #[arg(long, value_name = "PID")]
     while_pid: Option<u32>,
+    /// The path of the Unix socket given as stdout (removed at the end)
+    #[arg(long, value_name = "PATH")]
+    socket: std::path::PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -369,10 +372,13 @@ fn main() {
         Command::Ps(a) => block_on(jobs::ps(a.backend.as_deref())),
         Command::Cancel(a) => block_on(jobs::cancel(a.backend.as_deref(), &a.id)),
         Command::Extend(a) => block_on(jobs::extend(a.backend.as_deref(), &a.id, &a.duration)),
-        Command::LinkKeeper(a) => block_on(noyau_proxy::keeper::keep(noyau_proxy::keeper::Hold {
-            grace: std::time::Duration::from_secs(a.grace),
-            agent: a.while_pid,
-        }))
+        Command::LinkKeeper(a) => block_on(noyau_proxy::keeper::keep(
+            noyau_proxy::keeper::Hold {
+                grace: std::time::Duration::from_secs(a.grace),
+                agent: a.while_pid,
+            },
+            &a.socket,
+        ))
         .map(|()| 0)
         .map_err(Into::into),
         Command::HubSubmit => block_on(noyau_sched::serve_submit_request())
