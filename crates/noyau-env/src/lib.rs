@@ -77,10 +77,11 @@ pub enum EnvError {
     #[error(transparent)]
     Config(#[from] noyau_config::ConfigError),
     /// A notebook's or a project's source names code that would run while
-    /// the environment is prepared, and the project is not trusted.
+    /// the environment is prepared, or loosens the kernel's sandbox, and
+    /// the project is not trusted.
     #[error(
-        "{what} sets `{key}`: {why}. That code would run while the environment is prepared, \
-         outside the sandbox, and the notebook or project it comes from is not trusted. \
+        "{what} sets `{key}`: {why}. {risk}, and the notebook or project it comes from \
+         is not trusted. \
          If you trust everyone who can write in {dir}, run `noyau trust {dir}` (it adds \
          `trusted_projects = [\"{dir}\"]` to {user_file}); or give the environment yourself: `noyau run --env FILE_OR_TABLE` \
          (e.g. --env {dir}/noyau.toml), or NOYAU_ENV in the kernelspec", dir = dir.display()
@@ -90,6 +91,8 @@ pub enum EnvError {
         what: String,
         key: String,
         why: String,
+        /// What it would do: run code outside the sandbox, loosen it.
+        risk: &'static str,
         /// The project's directory, the one to trust.
         dir: std::path::PathBuf,
         /// The user's config file, or how it is found.

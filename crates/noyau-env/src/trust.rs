@@ -65,6 +65,30 @@ pub fn names_code(key: &str, value: &Value) -> Option<String> {
     }
 }
 
+/// What it would do that [`names_code`] refuses, for the error.
+pub const RUNS_CODE: &str =
+    "That code would run while the environment is prepared, outside the sandbox";
+/// What it would do that [`loosens_sandbox`] refuses, for the error.
+pub const LOOSENS: &str = "That loosens the sandbox the kernel runs in";
+
+/// Why `key = value` from a project's noyau.toml loosens the sandbox of
+/// `isolation = "container"`, or None when it does not: a cloned project
+/// may tighten it (`isolation = "container"`, `network = false`), not
+/// show the user's files, make them writable, open the network or switch
+/// the sandbox off. (A notebook's metadata never sets these keys, nor a
+/// cell: [`crate::sources::SANDBOX_KEYS`].)
+pub fn loosens_sandbox(key: &str, value: &Value) -> Option<&'static str> {
+    match (key, value) {
+        ("isolation", Value::String(s)) if s == "none" => Some("the kernel would run unsandboxed"),
+        ("network", Value::Bool(true)) => Some("the kernel would reach the network"),
+        ("scratch", Value::String(_)) => Some("that directory would be writable in the sandbox"),
+        ("ro_bind", Value::Array(a)) if !a.is_empty() => {
+            Some("those paths would be shown in the sandbox")
+        }
+        _ => None,
+    }
+}
+
 /// A module name the tool would take as a path.
 fn module_by_path(m: &str) -> bool {
     let m = m.trim();
