@@ -84,19 +84,18 @@ pub enum EnvError {
          is not trusted. \
          If you trust everyone who can write in {dir}, run `noyau trust {dir}` (it adds \
          `trusted_projects = [\"{dir}\"]` to {user_file}); or give the environment yourself: `noyau run --env FILE_OR_TABLE` \
-         (e.g. --env {dir}/noyau.toml), or NOYAU_ENV in the kernelspec", dir = dir.display()
+         (e.g. --env {dir}/noyau.toml), or NOYAU_ENV in the kernelspec", dir = dir.display(),
+        user_file = user_file_shown()
     )]
     UntrustedCode {
         /// The source (`[environment] in /p/noyau.toml`, `%noyau env …`).
         what: String,
         key: String,
         why: String,
-        /// What it would do: run code outside the sandbox, loosen it.
-        risk: &'static str,
+        /// What it would do.
+        risk: trust::Risk,
         /// The project's directory, the one to trust.
         dir: std::path::PathBuf,
-        /// The user's config file, or how it is found.
-        user_file: String,
     },
     /// A data file whose bytes are not the ones declared; nothing was kept.
     #[error("{url}: its sha256 is {got}, not the expected {expected}; the file was not kept (check the URL and the hash)")]
@@ -114,6 +113,14 @@ pub enum EnvError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// The user's config file (where `noyau trust` writes), or how it is found.
+fn user_file_shown() -> String {
+    noyau_config::user_file().map_or_else(
+        || "your config file (~/.config/noyau/config.toml)".into(),
+        |f| f.display().to_string(),
+    )
 }
 
 impl EnvError {

@@ -227,10 +227,10 @@ pub fn merge(sources: &[Source], notebook_dir: &Path) -> Result<Option<EnvSpec>,
     }
     for (k, v) in &merged {
         if let Some(why) = crate::trust::names_code(k, v) {
-            refuse_untrusted(from[k], k, why, crate::trust::RUNS_CODE)?;
+            refuse_untrusted(from[k], k, why, crate::trust::Risk::RunsCode)?;
         }
         if let Some(why) = crate::trust::loosens_sandbox(k, v) {
-            refuse_untrusted(from[k], k, why.into(), crate::trust::LOOSENS)?;
+            refuse_untrusted(from[k], k, why.into(), crate::trust::Risk::Loosens)?;
         }
     }
     merged
@@ -246,7 +246,7 @@ pub fn merge(sources: &[Source], notebook_dir: &Path) -> Result<Option<EnvSpec>,
     // A lock_file is checked once read, as a lock.
     if let (Some(s), Some(lock)) = (from.get("lock_file"), &spec.lock) {
         if let Some(why) = crate::trust::lock_names_code(lock) {
-            refuse_untrusted(s, "lock_file", why, crate::trust::RUNS_CODE)?;
+            refuse_untrusted(s, "lock_file", why, crate::trust::Risk::RunsCode)?;
         }
     }
     for k in ["requirements", "lock", "lock_file"] {
@@ -272,7 +272,7 @@ fn refuse_untrusted(
     s: &Source,
     key: &str,
     why: String,
-    risk: &'static str,
+    risk: crate::trust::Risk,
 ) -> Result<(), EnvError> {
     let Some(dir) = untrusted_dir(s)? else {
         return Ok(());
@@ -283,10 +283,6 @@ fn refuse_untrusted(
         why,
         risk,
         dir: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.into()),
-        user_file: noyau_config::user_file().map_or_else(
-            || "your config file (~/.config/noyau/config.toml)".into(),
-            |f| f.display().to_string(),
-        ),
     })
 }
 

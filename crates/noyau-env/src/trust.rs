@@ -65,11 +65,25 @@ pub fn names_code(key: &str, value: &Value) -> Option<String> {
     }
 }
 
-/// What it would do that [`names_code`] refuses, for the error.
-pub const RUNS_CODE: &str =
-    "That code would run while the environment is prepared, outside the sandbox";
-/// What it would do that [`loosens_sandbox`] refuses, for the error.
-pub const LOOSENS: &str = "That loosens the sandbox the kernel runs in";
+/// What a refused key would do, for [`crate::EnvError::UntrustedCode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Risk {
+    /// [`names_code`]
+    RunsCode,
+    /// [`loosens_sandbox`]
+    Loosens,
+}
+
+impl std::fmt::Display for Risk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Risk::RunsCode => {
+                "That code would run while the environment is prepared, outside the sandbox"
+            }
+            Risk::Loosens => "That loosens the sandbox the kernel runs in",
+        })
+    }
+}
 
 /// Why `key = value` from a project's noyau.toml loosens the sandbox of
 /// `isolation = "container"`, or None when it does not: a cloned project
