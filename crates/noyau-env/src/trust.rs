@@ -111,6 +111,11 @@ fn module_by_path(m: &str) -> bool {
 
 /// Why a requirement line is not a plain name from the index, if it is not.
 pub fn requirement_names_code(line: &str) -> Option<&'static str> {
+    // One line: uv ends a line (and a comment) at a `\n` or a bare `\r`,
+    // so what follows one would be a requirement of its own, unchecked.
+    if line.chars().any(|c| c.is_control() && c != '\t') {
+        return Some("it holds a control character (a line break would start another line)");
+    }
     let line = line.trim();
     if line.starts_with('-') {
         return Some("a pip option (an index, a link page, an editable or a file to read)");
@@ -119,6 +124,17 @@ pub fn requirement_names_code(line: &str) -> Option<&'static str> {
     // and its versions hold no `/`, `\`, `:` or `@`; a direct reference
     // (`name @ URL`), a URL or a path does.
     let req = line.split(';').next().unwrap_or_default().trim();
+    // The markers (`; python_version >= "3.10"`) are names, operators,
+    // quoted versions: nothing there may be a URL, a path, an option or a
+    // comment hiding one.
+    if let Some((_, markers)) = line.split_once(';') {
+        if !markers
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || " \t_.-<>=!~()'\",*".contains(c))
+        {
+            return Some("its markers hold more than names, operators and quoted versions");
+        }
+    }
     if req.contains("://") || req.contains('@') || req.starts_with("git+") {
         return Some("a direct reference (a URL or a VCS checkout), built or installed as it is");
     }
@@ -140,6 +156,18 @@ pub fn requirement_names_code(line: &str) -> Option<&'static str> {
 /// it does: each requirement (continuation lines joined, comments removed)
 /// must be a plain name whose only options are `--hash`.
 pub fn lock_names_code(lock: &str) -> Option<String> {
+    // Lines end at `\n` or `\r\n` only: a bare `\r` ends one for uv (and
+    // its comment with it), not for `str::lines`.
+    let bare_control = lock
+        .replace("\r\n", "\n")
+        .lines()
+        .find(|l| l.chars().any(|c| c.is_control() && c != '\t'))
+        .map(str::to_string);
+    if let Some(l) = bare_control {
+        return Some(format!(
+            "lock line {l:?} holds a control character (a bare carriage return starts another line)"
+        ));
+    }
     let joined = lock.replace("\\\r\n", " ").replace("\\\n", " ");
     for line in joined.lines() {
         let line = match line
@@ -255,6 +283,27 @@ mod tests {
         ] {
             assert_eq!(requirement_names_code(r), None, "{r}");
         }
+    }
+
+    /// A line break in a requirement, or a bare carriage return in a lock
+    /// (ending its comment for uv), would start a line that is not checked.
+    #[test]
+    fn control_characters_and_markers_cannot_hide_a_line() {
+        let req = "six ; python_version>'0'\nevil @ https://e/x-1.0-py3-none-any.whl";
+        assert!(requirement_names_code(req).is_some(), "{req}");
+        assert!(names_code("requirements", &json!([req])).is_some(), "{req}");
+        let lock = "six==1.16.0 --hash=sha256:ab # x\revil @ https://e/x-1.0-py3-none-any.whl --hash=sha256:cd\n";
+        assert!(lock_names_code(lock).is_some(), "{lock}");
+        for marker in [
+            "six ; python_version > '0' # evil @ https://e/x.whl",
+            "six ; sys_platform == 'linux' --index-url=https://e/simple",
+            "six ; extra == 'a/b'",
+        ] {
+            assert!(requirement_names_code(marker).is_some(), "{marker}");
+        }
+        // A lock with CRLF line ends, tabs, and markers, is fine.
+        let lock = "six==1.16.0 ; python_version >= \"3.8\" and platform_machine != 'x86_64' \\\r\n\t--hash=sha256:ab\r\n";
+        assert_eq!(lock_names_code(lock), None);
     }
 
     #[test]
