@@ -46,10 +46,13 @@ pub fn names_code(key: &str, value: &Value) -> Option<String> {
         }
     };
     match key {
-        "python" => strings()
-            .into_iter()
-            .any(|p| p.contains('/'))
-            .then(|| "`uv venv --python` runs the interpreter at that path".to_string()),
+        "python" => strings().into_iter().find(|p| !version_shaped(p)).map(|p| {
+            format!(
+                "{p:?} is not a Python version (`3.12`, `python3.12`, `cpython@3.12`, \
+                     `pypy3.10`): `uv venv --python` runs the interpreter it names, found by \
+                     path or on PATH"
+            )
+        }),
         "module_use" => Some("the modulefiles in those directories are run".into()),
         "modules_init" => Some("that shell file is sourced".into()),
         "modules" => strings()
@@ -101,6 +104,30 @@ pub fn loosens_sandbox(key: &str, value: &Value) -> Option<&'static str> {
         }
         _ => None,
     }
+}
+
+/// A Python request that names a version, which uv finds among the
+/// user's own interpreters: `3`, `3.12`, `3.12.1`, `3.13t`, optionally
+/// after `python`, `cpython`, `pypy` or `graalpy` (with `@` or `-` between
+/// for the last three). Anything else (`pyx`, `.venv`, a path) is a name
+/// uv resolves in its directory or on PATH.
+fn version_shaped(p: &str) -> bool {
+    let rest = ["cpython", "pypy", "graalpy", "python"]
+        .iter()
+        .find_map(|impl_| {
+            let r = p.strip_prefix(impl_)?;
+            Some(match r.strip_prefix(['@', '-']) {
+                Some(v) if *impl_ != "python" => v,
+                _ => r,
+            })
+        })
+        .unwrap_or(p);
+    let version = rest.strip_suffix('t').unwrap_or(rest);
+    let parts: Vec<&str> = version.split('.').collect();
+    parts.len() <= 3
+        && parts
+            .iter()
+            .all(|n| !n.is_empty() && n.len() <= 3 && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// A module name the tool would take as a path.
@@ -221,6 +248,14 @@ mod tests {
         for (key, value) in [
             ("python", json!("/home/attacker/bin/python")),
             ("python", json!("./python")),
+            ("python", json!("pyx")),
+            ("python", json!(".venv")),
+            ("python", json!("python")),
+            ("python", json!("cpython")),
+            ("python", json!("3.12/x")),
+            ("python", json!("python-3.12")),
+            ("python", json!("3..12")),
+            ("python", json!(">=3.11")),
             ("module_use", json!(["/home/attacker/mf"])),
             ("modules_init", json!("/home/attacker/init.sh")),
             ("modules", json!(["gcc/12", "/home/x/mf"])),
@@ -236,6 +271,14 @@ mod tests {
             ("python", json!("3.11")),
             ("python", json!("python3.12")),
             ("python", json!("cpython@3.12")),
+            ("python", json!("3")),
+            ("python", json!("3.12.1")),
+            ("python", json!("3.13t")),
+            ("python", json!("python3")),
+            ("python", json!("cpython-3.12")),
+            ("python", json!("pypy3.10")),
+            ("python", json!("pypy@3.10")),
+            ("python", json!("graalpy-24.1")),
             ("modules", json!(["gcc/12", "cuda/12.4", "py-numpy/1.26.4-x"])),
             ("prefix", json!("/home/someone/venv")),
             ("packages", json!(["python", "python-numpy"])),
