@@ -696,6 +696,14 @@ mod tests {
         let spec = for_notebook(d, None, None, d).unwrap().unwrap();
         assert_eq!(spec.isolation, crate::Isolation::Container);
         assert_eq!(spec.notebook_dir.as_deref(), Some(d));
+        // A prefix is shown by the sandbox: the notebook's or a cell's too.
+        std::fs::remove_file(d.join("noyau.toml")).unwrap();
+        let meta = json!({"noyau": {"environment": {"prefix": "/home/victim"}}});
+        let e = for_notebook(d, Some(&meta), None, d).unwrap_err();
+        assert!(e.to_string().contains("sets `prefix`"), "{e}");
+        let e = for_cell(d, None, "prefix /home").unwrap_err();
+        assert!(matches!(e, EnvError::UntrustedCode { .. }), "{e}");
+        assert!(for_notebook(d, None, Some(r#"{prefix = "/home/me/venv"}"#), d).is_ok());
     }
 
     #[test]

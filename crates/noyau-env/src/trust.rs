@@ -36,7 +36,7 @@ use serde_json::Value;
 ///   archive, or a pip option (`-e`, `-i`, `--find-links`, `-r`…).
 ///
 /// `prefix` is not here: preparing a prefix reads its files and runs
-/// nothing; the kernel then runs in it inside the sandbox, if any.
+/// nothing. But the sandbox shows it, so it is in [`loosens_sandbox`].
 pub fn names_code(key: &str, value: &Value) -> Option<String> {
     let strings = || -> Vec<&str> {
         match value {
@@ -88,9 +88,9 @@ impl std::fmt::Display for Risk {
     }
 }
 
-/// Why `key = value` from a project's noyau.toml loosens the sandbox of
-/// `isolation = "container"`, or None when it does not: a cloned project
-/// may tighten it (`isolation = "container"`, `network = false`), not
+/// Why `key = value` from a project's noyau.toml (or, for `prefix`, its
+/// notebook) loosens the sandbox of `isolation = "container"`, or None
+/// when it does not: a cloned project may tighten it (`isolation = "container"`, `network = false`), not
 /// show the user's files, make them writable, open the network or switch
 /// the sandbox off. (A notebook's metadata never sets these keys, nor a
 /// cell: [`crate::sources::SANDBOX_KEYS`].)
@@ -102,6 +102,12 @@ pub fn loosens_sandbox(key: &str, value: &Value) -> Option<&'static str> {
         ("ro_bind", Value::Array(a)) if !a.is_empty() => {
             Some("those paths would be shown in the sandbox")
         }
+        // Any source may name one (metadata, a cell): the sandbox shows
+        // it read-only, and the interpreter its pyvenv.cfg names.
+        ("prefix", Value::String(_)) => Some(
+            "the sandbox would show that directory, and the interpreter its pyvenv.cfg names \
+             (a home, `/home`), to the notebook's code",
+        ),
         _ => None,
     }
 }
@@ -347,6 +353,27 @@ mod tests {
         // A lock with CRLF line ends, tabs, and markers, is fine.
         let lock = "six==1.16.0 ; python_version >= \"3.8\" and platform_machine != 'x86_64' \\\r\n\t--hash=sha256:ab\r\n";
         assert_eq!(lock_names_code(lock), None);
+    }
+
+    #[test]
+    fn keys_that_loosen_the_sandbox_are_named() {
+        for (key, value) in [
+            ("prefix", json!("/home/victim")),
+            ("ro_bind", json!(["/home/victim/.ssh"])),
+            ("scratch", json!("/home/victim")),
+            ("network", json!(true)),
+            ("isolation", json!("none")),
+        ] {
+            assert!(loosens_sandbox(key, &value).is_some(), "{key} = {value}");
+        }
+        for (key, value) in [
+            ("ro_bind", json!([])),
+            ("network", json!(false)),
+            ("isolation", json!("container")),
+            ("image", json!("/p/img.sif")),
+        ] {
+            assert_eq!(loosens_sandbox(key, &value), None, "{key} = {value}");
+        }
     }
 
     #[test]
