@@ -82,9 +82,11 @@ pub enum EnvError {
     #[error(
         "{what} sets `{key}`: {why}. {risk}, and the notebook or project it comes from \
          is not trusted. \
-         If you trust everyone who can write in {dir}, run `noyau trust {dir}` (it adds \
-         `trusted_projects = [\"{dir}\"]` to {user_file}); or give the environment yourself: `noyau run --env FILE_OR_TABLE` \
-         (e.g. --env {dir}/noyau.toml), or NOYAU_ENV in the kernelspec", dir = dir.display(),
+         Read what it sets first. If you trust everyone who can write in {dir}, run \
+         `noyau trust {dir}` (it adds `trusted_projects = [\"{dir}\"]` to {user_file}); or \
+         copy the keys you have read and want into an environment of your own: a file or \
+         table of yours given with `noyau run --env FILE_OR_TABLE`, or NOYAU_ENV in your \
+         kernelspec (not the project's own file, which would be run as yours)", dir = dir.display(),
         user_file = user_file_shown()
     )]
     UntrustedCode {

@@ -892,7 +892,10 @@ mod tests {
                     && e.contains(what)
                     && e.contains("outside the sandbox")
                     && e.contains(&format!("trusted_projects = [\"{}\"]", real.display()))
-                    && e.contains("--env"),
+                    && e.contains("--env FILE_OR_TABLE")
+                    && e.contains("copy the keys you have read")
+                    // Not "--env DIR/noyau.toml": that runs the untrusted file as the user's.
+                    && !e.contains(&format!("--env {}/noyau.toml", real.display())),
                 "{e}"
             );
         };
