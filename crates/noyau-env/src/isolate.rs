@@ -5,7 +5,8 @@
 //! * the home directory and `/run/user` (the user's D-Bus and systemd
 //!   sockets) hidden under empty tmpfs mounts (the environment and the
 //!   interpreter it needs are shown again read-only when they live there,
-//!   as are the paths in `ro_bind`);
+//!   as are the paths in `ro_bind`; never the home itself or a directory
+//!   holding it);
 //! * writable: the notebook's directory, `scratch`, and the agent's runtime
 //!   directory (the kernel's ipc sockets and connection file);
 //! * no network (`--unshare-net`: only a loopback of its own) unless
@@ -60,6 +61,16 @@ fn check_writable_in(spec: &EnvSpec, home: Option<&Path>) -> Result<(), EnvError
         ("the notebook's directory", Some(&nb)),
         ("scratch", spec.scratch.as_ref()),
     ];
+    for dir in &spec.ro_bind {
+        if home.starts_with(real(dir)) {
+            return Err(EnvError::Invalid(format!(
+                "isolation = \"container\": ro_bind {} is your home directory or holds it, \
+                 and would show the whole home (keys, tokens) to the notebook's code; name \
+                 the directories it needs instead",
+                dir.display()
+            )));
+        }
+    }
     for (what, dir) in dirs {
         let Some(dir) = dir else { continue };
         if home.starts_with(real(dir)) {
@@ -119,7 +130,7 @@ pub fn wrap(
     };
     let mut ro: Vec<PathBuf> = ro_binds
         .iter()
-        .filter(|p| p.exists())
+        .filter(|p| p.exists() && !holds_home(p, home.as_deref()))
         .map(|p| match std::fs::canonicalize(p) {
             // A symlink the sandbox shows (`/` is bound) cannot be a mount
             // point: show what it points to, where it is. One under a
@@ -163,6 +174,25 @@ pub fn wrap(
     v
 }
 
+/// True when `p` is the home or holds it (`/home`, `/`): bound over the
+/// tmpfs that hides the home, it would show all of it. What the spec's
+/// `ro_bind` names is refused before ([`check_writable`]); a path found
+/// from the environment (a prefix, the interpreter a pyvenv.cfg names, the
+/// kernel's executable) is not shown, and the kernel fails to start
+/// rather than see the home.
+fn holds_home(p: &Path, home: Option<&Path>) -> bool {
+    let Some(home) = home else { return false };
+    let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let held = real(home).starts_with(real(p));
+    if held {
+        tracing::warn!(
+            "not showing {} in the sandbox: it is the home directory or holds it",
+            p.display()
+        );
+    }
+    held
+}
+
 /// The installation prefixes of an executable, as written and with
 /// symlinks followed (`/x/.venv/bin/python` → `/x/.venv`, and the prefix of
 /// the interpreter the venv links to): what a sandbox must show for it to
@@ -198,6 +228,57 @@ mod tests {
             v["scratch"] = json!(s);
         }
         EnvSpec::from_value(v).unwrap()
+    }
+
+    /// Nothing bound read-only shows the hidden home: a `ro_bind` naming
+    /// it or a parent is refused, and a path found from the environment
+    /// (the parent of a pyvenv.cfg's `home = /home/bin`) is left out.
+    #[test]
+    fn the_home_or_what_holds_it_is_never_shown() {
+        let t = tempfile::tempdir().unwrap();
+        let home = t.path().join("home/u");
+        let nb = home.join("notebooks");
+        std::fs::create_dir_all(&nb).unwrap();
+        for bind in [home.clone(), t.path().join("home"), PathBuf::from("/")] {
+            let mut s = spec(&nb, None);
+            s.ro_bind = vec![bind.clone()];
+            let e = check_writable_in(&s, Some(&home)).unwrap_err().to_string();
+            assert!(e.contains("ro_bind") && e.contains("home directory"), "{e}");
+        }
+        let mut s = spec(&nb, None);
+        s.ro_bind = vec![home.join(".data")];
+        assert!(check_writable_in(&s, Some(&home)).is_ok());
+
+        let real_home = home_dir_or_skip();
+        let parent = real_home.parent().unwrap().to_path_buf();
+        let shown = t.path().join("shown");
+        std::fs::create_dir(&shown).unwrap();
+        let argv = wrap(
+            &spec(&nb, None),
+            t.path(),
+            &[parent.clone(), real_home.clone(), shown.clone()],
+            vec!["k".into()],
+        );
+        // (after the home's tmpfs: `/` itself is bound first, before it)
+        let after = argv
+            .iter()
+            .position(|a| a == &real_home.display().to_string());
+        let binds: Vec<&String> = argv[after.expect("the home is hidden")..]
+            .windows(2)
+            .filter(|w| w[0] == "--ro-bind")
+            .map(|w| &w[1])
+            .collect();
+        let s = |p: &Path| p.display().to_string();
+        assert!(binds.contains(&&s(&shown)), "{argv:?}");
+        assert!(
+            !binds.contains(&&s(&parent)) && !binds.contains(&&s(&real_home)),
+            "{argv:?}"
+        );
+    }
+
+    /// This process's home, as [`wrap`] hides it (HOME is set under test).
+    fn home_dir_or_skip() -> PathBuf {
+        home().expect("HOME is a directory other than /")
     }
 
     #[test]

@@ -77,23 +77,27 @@ pub enum EnvError {
     #[error(transparent)]
     Config(#[from] noyau_config::ConfigError),
     /// A notebook's or a project's source names code that would run while
-    /// the environment is prepared, and the project is not trusted.
+    /// the environment is prepared, or loosens the kernel's sandbox, and
+    /// the project is not trusted.
     #[error(
-        "{what} sets `{key}`: {why}. That code would run while the environment is prepared, \
-         outside the sandbox, and the notebook or project it comes from is not trusted. \
-         If you trust everyone who can write in {dir}, run `noyau trust {dir}` (it adds \
-         `trusted_projects = [\"{dir}\"]` to {user_file}); or give the environment yourself: `noyau run --env FILE_OR_TABLE` \
-         (e.g. --env {dir}/noyau.toml), or NOYAU_ENV in the kernelspec", dir = dir.display()
+        "{what} sets `{key}`: {why}. {risk}, and the notebook or project it comes from \
+         is not trusted. \
+         Read what it sets first. If you trust everyone who can write in {dir}, run \
+         `noyau trust {dir}` (it adds `trusted_projects = [\"{dir}\"]` to {user_file}); or \
+         copy the keys you have read and want into an environment of your own: a file or \
+         table of yours given with `noyau run --env FILE_OR_TABLE`, or NOYAU_ENV in your \
+         kernelspec (not the project's own file, which would be run as yours)", dir = dir.display(),
+        user_file = user_file_shown()
     )]
     UntrustedCode {
         /// The source (`[environment] in /p/noyau.toml`, `%noyau env …`).
         what: String,
         key: String,
         why: String,
+        /// What it would do.
+        risk: trust::Risk,
         /// The project's directory, the one to trust.
         dir: std::path::PathBuf,
-        /// The user's config file, or how it is found.
-        user_file: String,
     },
     /// A data file whose bytes are not the ones declared; nothing was kept.
     #[error("{url}: its sha256 is {got}, not the expected {expected}; the file was not kept (check the URL and the hash)")]
@@ -111,6 +115,14 @@ pub enum EnvError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// The user's config file (where `noyau trust` writes), or how it is found.
+fn user_file_shown() -> String {
+    noyau_config::user_file().map_or_else(
+        || "your config file (~/.config/noyau/config.toml)".into(),
+        |f| f.display().to_string(),
+    )
 }
 
 impl EnvError {

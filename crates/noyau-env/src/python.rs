@@ -27,7 +27,9 @@
 //! share, so its sha256 is checked against the one pinned here before each
 //! use: a uv replaced there is refused ([`crate::cache::Untrusted`]).
 
+use noyau_trust::{Expect, Mode, Owner};
 use noyau_vars::EnvVars;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -111,8 +113,14 @@ pub fn find_uv(cache: &Cache, progress: crate::Progress<'_>) -> Result<PathBuf, 
             output: "neither uv nor python3 is on PATH; install uv (https://docs.astral.sh/uv/) or python3".into(),
         })?;
         let venv = tmp.join("venv");
+        // In a directory of noyau's own and isolated (`-I`): with `-m`,
+        // the current directory comes first on sys.path, and a project's
+        // `venv/` or `pip/` there would be run instead of the stdlib's.
         cmd::run(
-            Command::new(&python).arg("-m").arg("venv").arg(&venv),
+            Command::new(&python)
+                .current_dir(tmp)
+                .args(["-I", "-m", "venv"])
+                .arg(&venv),
             "making a venv for uv failed",
             progress,
         )?;
@@ -125,7 +133,8 @@ pub fn find_uv(cache: &Cache, progress: crate::Progress<'_>) -> Result<PathBuf, 
             .map_err(|e| EnvError::io(format!("writing {}", pins.display()), e))?;
         cmd::run(
             Command::new(venv.join("bin/python"))
-                .args(["-m", "pip", "install", "--disable-pip-version-check", "-q"])
+                .current_dir(tmp)
+                .args(["-I", "-m", "pip", "install", "--disable-pip-version-check", "-q"])
                 .args(["--require-hashes", "--no-deps", "--only-binary=:all:", "-r"])
                 .arg(&pins),
             &format!(
@@ -140,6 +149,43 @@ pub fn find_uv(cache: &Cache, progress: crate::Progress<'_>) -> Result<PathBuf, 
     let uv = dir.join("venv/bin/uv");
     check_uv(&uv, want)?;
     Ok(uv)
+}
+
+/// uv's configuration flags for every uv noyau runs: the user's own
+/// settings (a site's mirror) are kept, a project's never read.
+///
+/// uv reads `uv.toml` and `pyproject.toml`'s `[tool.uv]` from its current
+/// directory and every parent: run in a cloned project, those would set
+/// `compile-bytecode`, an index or builds, whatever noyau asked. So noyau
+/// runs uv in a directory of its own (see [`Uv::cmd`]) and turns discovery
+/// off: `UV_CONFIG_FILE`, if set, is left to uv; else the user's
+/// `$XDG_CONFIG_HOME/uv/uv.toml` (or `~/.config/uv/uv.toml`), theirs and
+/// not writable by others, else the site's `/etc/uv/uv.toml` (not writable
+/// by others), is named with `--config-file` (which stops discovery: one
+/// file only, so the site's is not read when the user has one); else
+/// `--no-config`.
+pub fn uv_config_args() -> Result<Vec<OsString>, noyau_trust::TrustError> {
+    if std::env::var_os("UV_CONFIG_FILE").is_some_and(|v| !v.is_empty()) {
+        return Ok(Vec::new());
+    }
+    let user_dir = noyau_vars::absolute(std::env::var_os(EnvVars::XDG_CONFIG_HOME))
+        .or_else(|| std::env::var_os(EnvVars::HOME).map(|h| PathBuf::from(h).join(".config")));
+    let candidates = user_dir
+        .map(|d| (d.join("uv/uv.toml"), Owner::Me))
+        .into_iter()
+        .chain([(PathBuf::from("/etc/uv/uv.toml"), Owner::Any)]);
+    for (file, owner) in candidates {
+        let expect = Expect::file()
+            .owner(owner)
+            .mode(Mode::NoOthersWrite)
+            .follow_links();
+        match expect.check(&file) {
+            Ok(_) => return Ok(vec!["--config-file".into(), file.into()]),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(vec!["--no-config".into()])
 }
 
 /// True when a requirement line names ipykernel.
@@ -174,9 +220,17 @@ impl Uv {
         }
     }
 
-    fn cmd(&self) -> Command {
+    /// uv run in `cwd`, a directory of noyau's own, with
+    /// [`uv_config_args`] (so no project's configuration is read).
+    fn cmd(&self, cwd: &Path) -> Result<Command, EnvError> {
+        let config = uv_config_args().map_err(|e| EnvError::Build {
+            summary: "your uv configuration file is not used".into(),
+            output: e.to_string(),
+        })?;
         let mut c = Command::new(&self.path);
-        c.env("UV_LINK_MODE", "copy")
+        c.current_dir(cwd)
+            .args(config)
+            .env("UV_LINK_MODE", "copy")
             .env("UV_NO_PROGRESS", "1")
             .env_remove("VIRTUAL_ENV");
         for v in self.network.uv_env_removed() {
@@ -186,18 +240,18 @@ impl Uv {
         if self.offline {
             c.env("UV_OFFLINE", "1");
         }
-        c
+        Ok(c)
     }
 
     /// `uv pip SUB`, wheels only when asked. (A flag: uv 0.13's `pip`
     /// commands read no `UV_NO_BUILD`, so the variable would do nothing.)
-    fn pip(&self, sub: &str) -> Command {
-        let mut c = self.cmd();
+    fn pip(&self, sub: &str, cwd: &Path) -> Result<Command, EnvError> {
+        let mut c = self.cmd(cwd)?;
         c.args(["pip", sub]);
         if self.wheels_only {
             c.arg("--no-build");
         }
-        c
+        Ok(c)
     }
 
     /// What to do when a package has no wheel here, for an error.
@@ -241,7 +295,7 @@ pub fn build(
     let python = spec.python.clone().unwrap_or_else(|| "python3".into());
     progress(&format!("creating a Python {python} venv with uv"));
     cmd::run(
-        uv.cmd()
+        uv.cmd(dir)?
             .args(["venv", "--relocatable", "--no-project", "--python"])
             .arg(&python)
             .arg(&venv),
@@ -271,8 +325,7 @@ pub fn build(
             // temporary path, so the same spec gives the same lock (and
             // lock_sha256) whatever the cache's path, on any node.
             cmd::run(
-                uv.pip("compile")
-                    .current_dir(dir)
+                uv.pip("compile", dir)?
                     .args(["--generate-hashes", "--no-header", "--quiet"])
                     .arg("--python")
                     .arg(&interp)
@@ -291,15 +344,18 @@ pub fn build(
         }
     };
     progress("installing the locked packages with uv");
-    let mut sync = uv.pip("sync");
+    let mut sync = uv.pip("sync", dir)?;
     sync.arg("--require-hashes");
     // Compiling runs the venv's python here, outside any sandbox, and its
     // start runs the `.pth` files the wheels just installed: not for
     // packages a notebook or project chose that the user has not trusted
     // (their kernels then compile in memory at each start).
-    if !uv.wheels_only {
-        sync.arg("--compile-bytecode");
-    }
+    // (Said either way: the user's own uv.toml may ask for it.)
+    sync.arg(if uv.wheels_only {
+        "--no-compile-bytecode"
+    } else {
+        "--compile-bytecode"
+    });
     cmd::run(
         sync.arg("--python").arg(&interp).arg(&lock_path),
         &format!(
@@ -310,7 +366,9 @@ pub fn build(
         progress,
     )?;
     let freeze = cmd::run(
-        uv.cmd().args(["pip", "freeze", "--python"]).arg(&interp),
+        uv.cmd(dir)?
+            .args(["pip", "freeze", "--python"])
+            .arg(&interp),
         "uv pip freeze failed",
         progress,
     )?;
@@ -336,7 +394,7 @@ pub fn build(
         "built_at": crate::now_secs(),
         "built_on": crate::hostname(),
         "build_id": format!("{}-{}", std::process::id(), now_nanos()),
-        "uv": uv_version(&uv.path),
+        "uv": uv_version(&uv.path, dir),
     });
     if uv.offline {
         record["offline"] = json!(true);
@@ -355,9 +413,10 @@ pub fn pyvenv_cfg(venv: &Path, key: &str) -> Option<String> {
     })
 }
 
-fn uv_version(uv: &Path) -> String {
+fn uv_version(uv: &Path, cwd: &Path) -> String {
     Command::new(uv)
-        .arg("--version")
+        .current_dir(cwd)
+        .args(["--no-config", "--version"])
         .output()
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())

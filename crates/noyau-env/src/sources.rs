@@ -121,8 +121,9 @@ pub fn from_metadata(metadata: &Value, notebook_dir: &Path) -> Result<Option<Sou
 
 /// Keys that decide the sandbox of `isolation = "container"`: whether
 /// there is one, the network, what is writable or shown. A notebook may
-/// come from anyone, so these are never read from its metadata: only the
-/// user's own `noyau.toml` and `--env` set them.
+/// come from anyone, so these are never read from its metadata: only
+/// `--env`, `NOYAU_ENV` and a trusted project's `noyau.toml` set them (an
+/// untrusted one may only tighten them, [`crate::trust::loosens_sandbox`]).
 pub const SANDBOX_KEYS: &[&str] = &["isolation", "network", "scratch", "ro_bind"];
 
 /// Removes [`SANDBOX_KEYS`] from a notebook's table, saying which.
@@ -258,14 +259,23 @@ pub fn merge(sources: &[Source], notebook_dir: &Path) -> Result<Option<EnvSpec>,
     // Which source each key's value comes from.
     let mut from: std::collections::BTreeMap<String, &Source> = Default::default();
     for s in sources {
+        // An untrusted project does not place its notebook (its directory
+        // is writable in the sandbox), as the notebook's metadata does not.
+        let untrusted = untrusted_dir(s)?.is_some();
         for (k, v) in resolve_paths(&s.table, &s.base) {
+            if untrusted && k == "notebook_dir" {
+                continue;
+            }
             from.insert(k.clone(), s);
             merged.insert(k, v);
         }
     }
     for (k, v) in &merged {
         if let Some(why) = crate::trust::names_code(k, v) {
-            refuse_untrusted(from[k], k, why)?;
+            refuse_untrusted(from[k], k, why, crate::trust::Risk::RunsCode)?;
+        }
+        if let Some(why) = crate::trust::loosens_sandbox(k, v) {
+            refuse_untrusted(from[k], k, why.into(), crate::trust::Risk::Loosens)?;
         }
     }
     merged
@@ -281,7 +291,7 @@ pub fn merge(sources: &[Source], notebook_dir: &Path) -> Result<Option<EnvSpec>,
     // A lock_file is checked once read, as a lock.
     if let (Some(s), Some(lock)) = (from.get("lock_file"), &spec.lock) {
         if let Some(why) = crate::trust::lock_names_code(lock) {
-            refuse_untrusted(s, "lock_file", why)?;
+            refuse_untrusted(s, "lock_file", why, crate::trust::Risk::RunsCode)?;
         }
     }
     for k in ["requirements", "lock", "lock_file"] {
@@ -301,8 +311,14 @@ fn untrusted_dir(s: &Source) -> Result<Option<&Path>, EnvError> {
     }
 }
 
-/// Refuses `key` of `s` (which names code, `why`) unless the user trusts `s`.
-fn refuse_untrusted(s: &Source, key: &str, why: String) -> Result<(), EnvError> {
+/// Refuses `key` of `s` (which names code or loosens the sandbox: `why`,
+/// `risk`) unless the user trusts `s`.
+fn refuse_untrusted(
+    s: &Source,
+    key: &str,
+    why: String,
+    risk: crate::trust::Risk,
+) -> Result<(), EnvError> {
     let Some(dir) = untrusted_dir(s)? else {
         return Ok(());
     };
@@ -310,11 +326,8 @@ fn refuse_untrusted(s: &Source, key: &str, why: String) -> Result<(), EnvError> 
         what: s.what.clone(),
         key: key.into(),
         why,
+        risk,
         dir: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.into()),
-        user_file: noyau_config::user_file().map_or_else(
-            || "your config file (~/.config/noyau/config.toml)".into(),
-            |f| f.display().to_string(),
-        ),
     })
 }
 
@@ -667,14 +680,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("noyau.toml"),
-            "[environment]\nrequirements = [\"six==1.16.0\"]\nisolation = \"container\"\nscratch = \"work\"\n",
+            "[environment]\nrequirements = [\"six==1.16.0\"]\nisolation = \"container\"\nlock_file = \"r.lock\"\n",
         )
         .unwrap();
+        std::fs::write(dir.path().join("r.lock"), "six==1.16.0 --hash=sha256:ab\n").unwrap();
         let meta = json!({"noyau": {"environment": {"python": "3.11"}}});
         let spec = for_notebook(
             dir.path(),
             Some(&meta),
-            Some(r#"{isolation = "none", network = true}"#),
+            Some(r#"{isolation = "none", network = true, scratch = "work"}"#),
             Path::new("/elsewhere"),
         )
         .unwrap()
@@ -683,8 +697,58 @@ mod tests {
         assert_eq!(spec.python.as_deref(), Some("3.11"));
         assert_eq!(spec.isolation, crate::Isolation::None);
         assert!(spec.network);
-        assert_eq!(spec.scratch, Some(dir.path().join("work")));
+        assert_eq!(spec.scratch, Some(PathBuf::from("/elsewhere/work")));
+        // (read from the project's directory)
+        assert_eq!(spec.lock.as_deref(), Some("six==1.16.0 --hash=sha256:ab\n"));
         assert_eq!(spec.notebook_dir.as_deref(), Some(dir.path()));
+    }
+
+    /// A cloned project's noyau.toml may tighten the sandbox, not loosen
+    /// it (show a secret, make the home writable, open the network, switch
+    /// it off), nor move the notebook's directory (writable in the
+    /// sandbox), unless the user trusts the project; `--env` may.
+    #[test]
+    fn an_untrusted_project_cannot_loosen_its_sandbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for (line, key) in [
+            ("ro_bind = [\"/home/victim/.ssh\"]", "ro_bind"),
+            ("scratch = \"/home/victim/.config/noyau\"", "scratch"),
+            ("network = true", "network"),
+            ("isolation = \"none\"", "isolation"),
+        ] {
+            std::fs::write(
+                d.join("noyau.toml"),
+                format!("[environment]\nkind = \"system\"\n{line}\n"),
+            )
+            .unwrap();
+            let e = for_notebook(d, None, None, d).unwrap_err();
+            assert!(matches!(e, EnvError::UntrustedCode { .. }), "{line}: {e}");
+            let e = e.to_string();
+            assert!(
+                e.contains(&format!("sets `{key}`")) && e.contains("loosens the sandbox"),
+                "{e}"
+            );
+            let spec = for_notebook(d, None, Some(&format!("{{{line}}}")), d);
+            assert!(spec.is_ok(), "from --env: {spec:?}");
+        }
+        std::fs::write(
+            d.join("noyau.toml"),
+            "[environment]\nkind = \"system\"\nisolation = \"container\"\nnetwork = false\n\
+             notebook_dir = \"../../.config/noyau\"\n",
+        )
+        .unwrap();
+        let spec = for_notebook(d, None, None, d).unwrap().unwrap();
+        assert_eq!(spec.isolation, crate::Isolation::Container);
+        assert_eq!(spec.notebook_dir.as_deref(), Some(d));
+        // A prefix is shown by the sandbox: the notebook's or a cell's too.
+        std::fs::remove_file(d.join("noyau.toml")).unwrap();
+        let meta = json!({"noyau": {"environment": {"prefix": "/home/victim"}}});
+        let e = for_notebook(d, Some(&meta), None, d).unwrap_err();
+        assert!(e.to_string().contains("sets `prefix`"), "{e}");
+        let e = for_cell(d, None, "prefix /home").unwrap_err();
+        assert!(matches!(e, EnvError::UntrustedCode { .. }), "{e}");
+        assert!(for_notebook(d, None, Some(r#"{prefix = "/home/me/venv"}"#), d).is_ok());
     }
 
     #[test]
@@ -873,7 +937,10 @@ mod tests {
                     && e.contains(what)
                     && e.contains("outside the sandbox")
                     && e.contains(&format!("trusted_projects = [\"{}\"]", real.display()))
-                    && e.contains("--env"),
+                    && e.contains("--env FILE_OR_TABLE")
+                    && e.contains("copy the keys you have read")
+                    // Not "--env DIR/noyau.toml": that runs the untrusted file as the user's.
+                    && !e.contains(&format!("--env {}/noyau.toml", real.display())),
                 "{e}"
             );
         };

@@ -241,6 +241,11 @@ impl EnvSpec {
         self.requirements.dedup();
         self.packages.sort();
         self.packages.dedup();
+        if let Some(p) = self.packages.iter().find(|p| !guix_package_spec(p)) {
+            return Err(EnvError::Invalid(format!(
+                "`packages` item {p:?} is not a Guix package (`name`, `name@version`,                  `name:output`): each is passed to `guix shell` as a package, and one                  starting with `-` would be an option (an expression to evaluate, a file                  to load, a directory to share)"
+            )));
+        }
         let need = |ok: bool, what: &str| -> Result<(), EnvError> {
             if ok {
                 Ok(())
@@ -308,10 +313,52 @@ pub(crate) fn absolute(base: &Path, p: &Path) -> PathBuf {
     }
 }
 
+/// A Guix package spec (`name[@version][:output]`): letters, digits and
+/// `+._@:-`, starting with a letter or digit. `guix shell` takes options
+/// anywhere before the command's `--` and has no separator for packages,
+/// so this is what keeps an item from being one.
+fn guix_package_spec(p: &str) -> bool {
+    p.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && p.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+._@:-".contains(c))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A `packages` item is a package, from any source: one that `guix
+    /// shell` would read as an option (evaluate Scheme, load a file,
+    /// share a home, the network) is refused.
+    #[test]
+    fn a_guix_package_item_is_never_an_option() {
+        for bad in [
+            "--expression=(system \"touch /tmp/x\")",
+            "-e(system \"x\")",
+            "--file=/home/attacker/x.scm",
+            "--load-path=/home/attacker",
+            "--share=/home/victim",
+            "--network",
+            "-C",
+            "python numpy",
+            "",
+        ] {
+            let e = EnvSpec::from_value(json!({"kind": "guix", "packages": ["python", bad]}))
+                .unwrap()
+                .normalise()
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("not a Guix package"), "{bad}: {e}");
+        }
+        let ok = EnvSpec::from_value(json!({
+            "kind": "guix",
+            "packages": ["python", "python-numpy@1.26.4", "gcc-toolchain@12:debug", "gtk+"],
+        }))
+        .unwrap()
+        .normalise();
+        assert!(ok.is_ok(), "{ok:?}");
+    }
 
     #[test]
     fn kind_is_inferred_and_keys_checked() {

@@ -36,7 +36,7 @@ use serde_json::Value;
 ///   archive, or a pip option (`-e`, `-i`, `--find-links`, `-r`…).
 ///
 /// `prefix` is not here: preparing a prefix reads its files and runs
-/// nothing; the kernel then runs in it inside the sandbox, if any.
+/// nothing. But the sandbox shows it, so it is in [`loosens_sandbox`].
 pub fn names_code(key: &str, value: &Value) -> Option<String> {
     let strings = || -> Vec<&str> {
         match value {
@@ -46,10 +46,13 @@ pub fn names_code(key: &str, value: &Value) -> Option<String> {
         }
     };
     match key {
-        "python" => strings()
-            .into_iter()
-            .any(|p| p.contains('/'))
-            .then(|| "`uv venv --python` runs the interpreter at that path".to_string()),
+        "python" => strings().into_iter().find(|p| !version_shaped(p)).map(|p| {
+            format!(
+                "{p:?} is not a Python version (`3.12`, `python3.12`, `cpython@3.12`, \
+                     `pypy3.10`): `uv venv --python` runs the interpreter it names, found by \
+                     path or on PATH"
+            )
+        }),
         "module_use" => Some("the modulefiles in those directories are run".into()),
         "modules_init" => Some("that shell file is sourced".into()),
         "modules" => strings()
@@ -65,6 +68,74 @@ pub fn names_code(key: &str, value: &Value) -> Option<String> {
     }
 }
 
+/// What a refused key would do, for [`crate::EnvError::UntrustedCode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Risk {
+    /// [`names_code`]
+    RunsCode,
+    /// [`loosens_sandbox`]
+    Loosens,
+}
+
+impl std::fmt::Display for Risk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Risk::RunsCode => {
+                "That code would run while the environment is prepared, outside the sandbox"
+            }
+            Risk::Loosens => "That loosens the sandbox the kernel runs in",
+        })
+    }
+}
+
+/// Why `key = value` from a project's noyau.toml (or, for `prefix`, its
+/// notebook) loosens the sandbox of `isolation = "container"`, or None
+/// when it does not: a cloned project may tighten it (`isolation = "container"`, `network = false`), not
+/// show the user's files, make them writable, open the network or switch
+/// the sandbox off. (A notebook's metadata never sets these keys, nor a
+/// cell: [`crate::sources::SANDBOX_KEYS`].)
+pub fn loosens_sandbox(key: &str, value: &Value) -> Option<&'static str> {
+    match (key, value) {
+        ("isolation", Value::String(s)) if s == "none" => Some("the kernel would run unsandboxed"),
+        ("network", Value::Bool(true)) => Some("the kernel would reach the network"),
+        ("scratch", Value::String(_)) => Some("that directory would be writable in the sandbox"),
+        ("ro_bind", Value::Array(a)) if !a.is_empty() => {
+            Some("those paths would be shown in the sandbox")
+        }
+        // Any source may name one (metadata, a cell): the sandbox shows
+        // it read-only, and the interpreter its pyvenv.cfg names.
+        ("prefix", Value::String(_)) => Some(
+            "the sandbox would show that directory, and the interpreter its pyvenv.cfg names \
+             (a home, `/home`), to the notebook's code",
+        ),
+        _ => None,
+    }
+}
+
+/// A Python request that names a version, which uv finds among the
+/// user's own interpreters: `3`, `3.12`, `3.12.1`, `3.13t`, optionally
+/// after `python`, `cpython`, `pypy` or `graalpy` (with `@` or `-` between
+/// for the last three). Anything else (`pyx`, `.venv`, a path) is a name
+/// uv resolves in its directory or on PATH.
+fn version_shaped(p: &str) -> bool {
+    let rest = ["cpython", "pypy", "graalpy", "python"]
+        .iter()
+        .find_map(|impl_| {
+            let r = p.strip_prefix(impl_)?;
+            Some(match r.strip_prefix(['@', '-']) {
+                Some(v) if *impl_ != "python" => v,
+                _ => r,
+            })
+        })
+        .unwrap_or(p);
+    let version = rest.strip_suffix('t').unwrap_or(rest);
+    let parts: Vec<&str> = version.split('.').collect();
+    parts.len() <= 3
+        && parts
+            .iter()
+            .all(|n| !n.is_empty() && n.len() <= 3 && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// A module name the tool would take as a path.
 fn module_by_path(m: &str) -> bool {
     let m = m.trim();
@@ -73,6 +144,11 @@ fn module_by_path(m: &str) -> bool {
 
 /// Why a requirement line is not a plain name from the index, if it is not.
 pub fn requirement_names_code(line: &str) -> Option<&'static str> {
+    // One line: uv ends a line (and a comment) at a `\n` or a bare `\r`,
+    // so what follows one would be a requirement of its own, unchecked.
+    if line.chars().any(|c| c.is_control() && c != '\t') {
+        return Some("it holds a control character (a line break would start another line)");
+    }
     let line = line.trim();
     if line.starts_with('-') {
         return Some("a pip option (an index, a link page, an editable or a file to read)");
@@ -81,6 +157,17 @@ pub fn requirement_names_code(line: &str) -> Option<&'static str> {
     // and its versions hold no `/`, `\`, `:` or `@`; a direct reference
     // (`name @ URL`), a URL or a path does.
     let req = line.split(';').next().unwrap_or_default().trim();
+    // The markers (`; python_version >= "3.10"`) are names, operators,
+    // quoted versions: nothing there may be a URL, a path, an option or a
+    // comment hiding one.
+    if let Some((_, markers)) = line.split_once(';') {
+        if !markers
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || " \t_.-<>=!~()'\",*".contains(c))
+        {
+            return Some("its markers hold more than names, operators and quoted versions");
+        }
+    }
     if req.contains("://") || req.contains('@') || req.starts_with("git+") {
         return Some("a direct reference (a URL or a VCS checkout), built or installed as it is");
     }
@@ -102,6 +189,18 @@ pub fn requirement_names_code(line: &str) -> Option<&'static str> {
 /// it does: each requirement (continuation lines joined, comments removed)
 /// must be a plain name whose only options are `--hash`.
 pub fn lock_names_code(lock: &str) -> Option<String> {
+    // Lines end at `\n` or `\r\n` only: a bare `\r` ends one for uv (and
+    // its comment with it), not for `str::lines`.
+    let bare_control = lock
+        .replace("\r\n", "\n")
+        .lines()
+        .find(|l| l.chars().any(|c| c.is_control() && c != '\t'))
+        .map(str::to_string);
+    if let Some(l) = bare_control {
+        return Some(format!(
+            "lock line {l:?} holds a control character (a bare carriage return starts another line)"
+        ));
+    }
     let joined = lock.replace("\\\r\n", " ").replace("\\\n", " ");
     for line in joined.lines() {
         let line = match line
@@ -155,6 +254,14 @@ mod tests {
         for (key, value) in [
             ("python", json!("/home/attacker/bin/python")),
             ("python", json!("./python")),
+            ("python", json!("pyx")),
+            ("python", json!(".venv")),
+            ("python", json!("python")),
+            ("python", json!("cpython")),
+            ("python", json!("3.12/x")),
+            ("python", json!("python-3.12")),
+            ("python", json!("3..12")),
+            ("python", json!(">=3.11")),
             ("module_use", json!(["/home/attacker/mf"])),
             ("modules_init", json!("/home/attacker/init.sh")),
             ("modules", json!(["gcc/12", "/home/x/mf"])),
@@ -170,6 +277,14 @@ mod tests {
             ("python", json!("3.11")),
             ("python", json!("python3.12")),
             ("python", json!("cpython@3.12")),
+            ("python", json!("3")),
+            ("python", json!("3.12.1")),
+            ("python", json!("3.13t")),
+            ("python", json!("python3")),
+            ("python", json!("cpython-3.12")),
+            ("python", json!("pypy3.10")),
+            ("python", json!("pypy@3.10")),
+            ("python", json!("graalpy-24.1")),
             ("modules", json!(["gcc/12", "cuda/12.4", "py-numpy/1.26.4-x"])),
             ("prefix", json!("/home/someone/venv")),
             ("packages", json!(["python", "python-numpy"])),
@@ -216,6 +331,48 @@ mod tests {
             "x ; sys_platform == 'linux'",
         ] {
             assert_eq!(requirement_names_code(r), None, "{r}");
+        }
+    }
+
+    /// A line break in a requirement, or a bare carriage return in a lock
+    /// (ending its comment for uv), would start a line that is not checked.
+    #[test]
+    fn control_characters_and_markers_cannot_hide_a_line() {
+        let req = "six ; python_version>'0'\nevil @ https://e/x-1.0-py3-none-any.whl";
+        assert!(requirement_names_code(req).is_some(), "{req}");
+        assert!(names_code("requirements", &json!([req])).is_some(), "{req}");
+        let lock = "six==1.16.0 --hash=sha256:ab # x\revil @ https://e/x-1.0-py3-none-any.whl --hash=sha256:cd\n";
+        assert!(lock_names_code(lock).is_some(), "{lock}");
+        for marker in [
+            "six ; python_version > '0' # evil @ https://e/x.whl",
+            "six ; sys_platform == 'linux' --index-url=https://e/simple",
+            "six ; extra == 'a/b'",
+        ] {
+            assert!(requirement_names_code(marker).is_some(), "{marker}");
+        }
+        // A lock with CRLF line ends, tabs, and markers, is fine.
+        let lock = "six==1.16.0 ; python_version >= \"3.8\" and platform_machine != 'x86_64' \\\r\n\t--hash=sha256:ab\r\n";
+        assert_eq!(lock_names_code(lock), None);
+    }
+
+    #[test]
+    fn keys_that_loosen_the_sandbox_are_named() {
+        for (key, value) in [
+            ("prefix", json!("/home/victim")),
+            ("ro_bind", json!(["/home/victim/.ssh"])),
+            ("scratch", json!("/home/victim")),
+            ("network", json!(true)),
+            ("isolation", json!("none")),
+        ] {
+            assert!(loosens_sandbox(key, &value).is_some(), "{key} = {value}");
+        }
+        for (key, value) in [
+            ("ro_bind", json!([])),
+            ("network", json!(false)),
+            ("isolation", json!("container")),
+            ("image", json!("/p/img.sif")),
+        ] {
+            assert_eq!(loosens_sandbox(key, &value), None, "{key} = {value}");
         }
     }
 

@@ -250,3 +250,56 @@ fn an_untrusted_source_distribution_is_not_built() {
     );
     assert!(!marker.exists());
 }
+
+/// A cloned project is where noyau is started (JupyterLab's proxy, `noyau
+/// run`): its `uv.toml` asks uv to compile bytecode (which would run a
+/// wheel's `.pth` file here, outside the sandbox), and its `venv/` and
+/// `pip/` packages would shadow the stdlib's when noyau installs uv with
+/// `python3 -m venv` and `-m pip` (this test's cache has no uv, and uv is
+/// not on PATH here, so noyau installs it). None of them is run: uv and
+/// python run in noyau's own directories, uv without config discovery,
+/// python isolated. Changes the process's directory: nextest runs each
+/// test in a process of its own.
+#[test]
+fn a_projects_uv_toml_and_modules_in_the_current_directory_are_not_used() {
+    let t = tempfile::tempdir().unwrap();
+    let project = t.path().join("project");
+    let shadowed = t.path().join("shadowed");
+    for module in ["venv", "pip"] {
+        let pkg = project.join(module);
+        std::fs::create_dir_all(&pkg).unwrap();
+        std::fs::write(pkg.join("__init__.py"), "").unwrap();
+        std::fs::write(
+            pkg.join("__main__.py"),
+            format!(
+                "open({:?}, 'a').write('{module}')\n",
+                shadowed.display().to_string()
+            ),
+        )
+        .unwrap();
+    }
+    std::fs::write(project.join("uv.toml"), "[pip]\ncompile-bytecode = true\n").unwrap();
+    let marker = t.path().join("ran");
+    let (wheel, sha) = pth_wheel(t.path(), &marker);
+    let lock = format!("evilpth @ file://{} --hash=sha256:{sha}\n", wheel.display());
+    let spec = EnvSpec::from_value(json!({
+        "kind": "python", "lock": lock, "wheels_only": true, "notebook_dir": project,
+    }))
+    .unwrap()
+    .normalise()
+    .unwrap();
+    std::env::set_current_dir(&project).unwrap();
+    let e = realise(
+        &spec,
+        &Cache::new(t.path().join("cache")),
+        &mut |_: &str| {},
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("no ipykernel"), "{e}");
+    assert!(!marker.exists(), "the project's uv.toml compiled the wheel");
+    assert!(
+        !shadowed.exists(),
+        "the project's {} ran",
+        std::fs::read_to_string(&shadowed).unwrap_or_default()
+    );
+}

@@ -17,9 +17,9 @@ pub fn usage() -> String {
          the kernel is then restarted in the new environment (variables are lost). \
          The kernel keeps its sandbox (isolation/network/scratch/ro_bind from noyau.toml or \
          NOYAU_ENV): a cell may not set it. What would run code while the environment is \
-         prepared (python by path, module_use, modules_init, modules by path, guix channels or \
-         manifest, requirements that are URLs, paths or pip options) needs a trusted project \
-         (`noyau trust DIR`).\n\
+         prepared (python other than a version, module_use, modules_init, modules by path, guix \
+         channels or manifest, requirements that are URLs, paths or pip options), and a prefix \
+         (the sandbox shows it), need a trusted project (`noyau trust DIR`).\n\
          examples:\n  %noyau env six==1.16.0\n  %noyau env python 3.11 numpy==2.1.3\n  \
          %noyau env modules gcc/12 cuda/12.4\n  %noyau env prefix /path/to/venv\n  \
          %noyau env file other/noyau.toml\n  %noyau env system\n",

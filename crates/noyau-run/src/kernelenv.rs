@@ -199,20 +199,45 @@ fn run(cmd: &mut Command) -> Result<(), RunError> {
     Ok(())
 }
 
+/// Makes the kernel's venv in `tmp`. Every command runs in its parent
+/// (noyau's cache), not in
+/// the directory `noyau run` was started in (a cloned project's): uv reads
+/// a `uv.toml`, `pyproject.toml` or `.python-version` from its current
+/// directory and its parents (so it is also told its configuration and
+/// its python), and `python -m` puts the current directory first on
+/// sys.path, where a project's `venv/` or `pip/` would shadow the stdlib's
+/// (so also `-I`).
 fn build(tmp: &Path) -> Result<(), RunError> {
     let pin = format!("ipykernel=={IPYKERNEL_VERSION}");
     let python = tmp.join("bin").join("python");
+    let cwd = tmp.parent().expect("made in noyau's cache");
     if on_path("uv") {
-        run(Command::new("uv").arg("venv").arg("--quiet").arg(tmp))?;
-        run(Command::new("uv")
+        let config = noyau_env::python::uv_config_args().map_err(|source| RunError::Untrusted {
+            what: "your uv configuration file is not used".into(),
+            source,
+        })?;
+        let uv = || {
+            let mut c = Command::new("uv");
+            c.current_dir(cwd).args(&config);
+            c
+        };
+        run(uv()
+            .args(["venv", "--quiet", "--no-project", "--python", "python3"])
+            .arg(tmp))?;
+        run(uv()
             .args(["pip", "install", "--quiet", "--python"])
             .arg(&python)
             .arg(&pin))?;
     } else {
-        run(Command::new("python3").arg("-m").arg("venv").arg(tmp)).map_err(|e| {
+        run(Command::new("python3")
+            .current_dir(cwd)
+            .args(["-I", "-m", "venv"])
+            .arg(tmp))
+        .map_err(|e| {
             RunError::Input(format!("{e}\nnoyau needs python3 with the venv module (Debian: apt install python3-venv), or uv"))
         })?;
-        run(Command::new(&python).args([
+        run(Command::new(&python).current_dir(cwd).args([
+            "-I",
             "-m",
             "pip",
             "install",
