@@ -313,7 +313,7 @@ def test_tasks_run_as_srun_steps_in_a_slurm_allocation(km) -> None:  # type: ign
     assert reply["status"] == "ok" and text == f"--- task 0 ---\n{hidden}\n--- task 1 ---\n{hidden}\n", text
 
 
-def test_an_interrupted_tasks_cell_ends_its_srun_step(km, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_an_interrupted_tasks_cell_ends_its_slurm_step(km, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """An interrupted `--tasks` cell on a Slurm target answers
     KeyboardInterrupt and ends its srun step and its tasks (one SIGINT only
     makes srun report its tasks' status): a step left running would hold
