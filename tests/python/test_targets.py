@@ -313,6 +313,50 @@ def test_tasks_run_as_srun_steps_in_a_slurm_allocation(km) -> None:  # type: ign
     assert reply["status"] == "ok" and text == f"--- task 0 ---\n{hidden}\n--- task 1 ---\n{hidden}\n", text
 
 
+def test_an_interrupted_tasks_cell_ends_its_slurm_step(km, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """An interrupted `--tasks` cell on a Slurm target answers
+    KeyboardInterrupt and ends its srun step and its tasks (one SIGINT only
+    makes srun report its tasks' status): a step left running would hold
+    the job's cores, and the next cell's srun would wait for them."""
+    lib.require_slurm()
+    reply, text, _ = run(km, "%%noyau on test --quiet --tasks 2\nimport os\nprint(os.environ['SLURM_JOB_ID'])",
+                         timeout=180)
+    assert reply["status"] == "ok", (reply, text)
+    job = text.splitlines()[1]
+
+    def steps() -> set[str]:
+        """The job's steps as squeue lists them (with its batch step, and
+        the previous cell's if it is still ending)."""
+        out = subprocess.run(["squeue", "-h", "-s", "-j", job, "-o", "%i"], capture_output=True, text=True,
+                             check=True, timeout=30)
+        return set(out.stdout.split())
+
+    before = steps()
+    # Each task leaves its pid here once it runs the body (which it reads
+    # from srun once the kernel has handed srun all of it).
+    started = tmp_path / "started"
+    started.mkdir()
+    body = f"import os, pathlib, time\npathlib.Path({str(started)!r}, str(os.getpid())).touch()\ntime.sleep(600)"
+    msg_id = km.kc.execute(f"%%noyau on test --quiet --tasks 2\n{body}")
+
+    def running() -> tuple[set[str], set[int]] | None:
+        tasks = {int(p.name) for p in started.iterdir()}
+        new = steps() - before
+        return (new, tasks) if len(tasks) == 2 and new else None
+
+    new, tasks = lib.wait_until(running, 120, "the cell's two tasks in a new step", interval=0.2)
+    assert all(lib.alive(p) for p in tasks), tasks
+    km.interrupt_kernel()
+    while (r := km.kc.get_shell_msg(timeout=120))["parent_header"].get("msg_id") != msg_id:
+        pass
+    assert r["content"]["status"] == "error" and r["content"]["ename"] == "KeyboardInterrupt", r["content"]
+    lib.wait_until(lambda: not (steps() & new) and not any(lib.alive(p) for p in tasks), 60,
+                   f"the interrupted cell's step {sorted(new)} and its tasks {sorted(tasks)} to end", interval=0.2)
+    # The job's cores are free for the next cell's step.
+    reply, text, _ = run(km, "%%noyau on test --quiet --tasks 2\nprint('again')", timeout=120)
+    assert reply["status"] == "ok" and text == "--- task 0 ---\nagain\n--- task 1 ---\nagain\n", (reply, text)
+
+
 def test_idle_slurm_target_leaves_the_queue(noyau_kernelspec: str, tmp_path: Path) -> None:
     lib.require_slurm()
     global _tag

@@ -402,11 +402,42 @@ pub(crate) fn fuzz(text: &str) {
 /// step's `SubmitLine` in Slurm's accounting, for every user to read.
 const TASKS_PYTHON: &str = r#"
 if os.environ.get("SLURM_JOB_ID") and shutil.which("srun"):
+    def read_all(p):
+        # The interrupt's SIGINT may be taken by another thread of the
+        # kernel, which leaves this one blocked in its read: the signal's
+        # wakeup fd (written by whichever thread takes it) ends the wait,
+        # and the handler then raises KeyboardInterrupt here.
+        import selectors, signal, socket
+        r, w = socket.socketpair()
+        try:
+            w.setblocking(False)
+            try:
+                old = signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+            except ValueError:  # not the main thread: no handler runs here anyway
+                return p.stdout.read()
+            try:
+                chunks = []
+                with selectors.DefaultSelector() as sel:
+                    sel.register(p.stdout, selectors.EVENT_READ)
+                    sel.register(r, selectors.EVENT_READ)
+                    while True:
+                        for key, _ in sel.select():
+                            if key.fileobj is r:
+                                r.recv(64)
+                            elif chunk := os.read(p.stdout.fileno(), 65536):
+                                chunks.append(chunk)
+                            else:
+                                return b"".join(chunks).decode(p.stdout.encoding, p.stdout.errors)
+            finally:
+                signal.set_wakeup_fd(old)
+        finally:
+            r.close()
+            w.close()
     def run_all():
         task_id = "import os as _o; _o.environ['NOYAU_TASK_ID'] = _o.environ.get('SLURM_PROCID', '0'); del _o\n"
         p = start(["srun", f"--ntasks={n}", "--label", "--input=all", sys.executable, "-c", task_id + runner], body, env=env)
         try:
-            text = p.stdout.read()
+            text = read_all(p)
         except BaseException:
             # An interrupted cell ends its step (srun takes one SIGINT as a
             # request for its tasks' status), as subprocess.run would.
