@@ -38,11 +38,18 @@ exec(__noyau_cell())
     failed = []
     def start(cmd, data, **kw):
         p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
-        # (one that ends before reading it all says why in its status and output)
-        with contextlib.suppress(BrokenPipeError):
-            p.stdin.buffer.write(data.encode())
-        with contextlib.suppress(BrokenPipeError):
-            p.stdin.close()
+        try:
+            # (one that ends before reading it all says why in its status and output)
+            with contextlib.suppress(BrokenPipeError):
+                p.stdin.buffer.write(data.encode())
+            with contextlib.suppress(BrokenPipeError):
+                p.stdin.close()
+        except BaseException:
+            # Interrupted while a body larger than the pipe waits for a
+            # step still pending: it is not started, so nothing of it stays.
+            p.kill()
+            p.wait()
+            raise
         return p
     def spawn(i, task_env):
         return start(argv, body, env=task_env), ""
