@@ -160,33 +160,58 @@ pub fn find_uv(cache: &Cache, progress: crate::Progress<'_>) -> Result<PathBuf, 
 /// runs uv in a directory of its own (see [`Uv::cmd`]) and turns discovery
 /// off: `UV_CONFIG_FILE`, if set, is left to uv; else the user's
 /// `$XDG_CONFIG_HOME/uv/uv.toml` (or `~/.config/uv/uv.toml`), theirs and
-/// not writable by others, else the site's `/etc/uv/uv.toml` (not writable
-/// by others), is named with `--config-file` (which stops discovery: one
-/// file only, so the site's is not read when the user has one); else
+/// not writable by others, else the site's `/etc/xdg/uv/uv.toml` or
+/// `/etc/uv/uv.toml` (not writable by others), is named with
+/// `--config-file` (which stops discovery: one file only, so a site file
+/// after the chosen one is not read, and a warning says so); else
 /// `--no-config`.
 pub fn uv_config_args() -> Result<Vec<OsString>, noyau_trust::TrustError> {
-    if std::env::var_os("UV_CONFIG_FILE").is_some_and(|v| !v.is_empty()) {
+    if std::env::var_os(EnvVars::UV_CONFIG_FILE).is_some_and(|v| !v.is_empty()) {
         return Ok(Vec::new());
     }
-    let user_dir = noyau_vars::absolute(std::env::var_os(EnvVars::XDG_CONFIG_HOME))
-        .or_else(|| std::env::var_os(EnvVars::HOME).map(|h| PathBuf::from(h).join(".config")));
+    // A relative XDG_CONFIG_HOME or HOME would name a file wherever noyau
+    // runs: ignored, as noyau-config ignores them.
+    let user_dir = noyau_vars::absolute(std::env::var_os(EnvVars::XDG_CONFIG_HOME)).or_else(|| {
+        noyau_vars::absolute(std::env::var_os(EnvVars::HOME)).map(|h| h.join(".config"))
+    });
     let candidates = user_dir
         .map(|d| (d.join("uv/uv.toml"), Owner::Me))
         .into_iter()
-        .chain([(PathBuf::from("/etc/uv/uv.toml"), Owner::Any)]);
+        .chain(
+            SITE_UV_CONFIGS
+                .iter()
+                .map(|f| (PathBuf::from(f), Owner::Any)),
+        );
+    let mut chosen = None;
     for (file, owner) in candidates {
         let expect = Expect::file()
             .owner(owner)
             .mode(Mode::NoOthersWrite)
             .follow_links();
         match expect.check(&file) {
-            Ok(_) => return Ok(vec!["--config-file".into(), file.into()]),
+            Ok(_) if chosen.is_none() => chosen = Some(file),
+            Ok(_) => tracing::warn!(
+                "uv's {} is not read: uv is given one config file, and {} comes first \
+                 (copy the site's settings you need, such as its index, into it)",
+                file.display(),
+                chosen
+                    .as_ref()
+                    .map_or(String::new(), |c| c.display().to_string())
+            ),
             Err(e) if e.is_not_found() => {}
+            Err(e) if chosen.is_some() => tracing::warn!("{e}"),
             Err(e) => return Err(e),
         }
     }
-    Ok(vec!["--no-config".into()])
+    Ok(match chosen {
+        Some(file) => vec!["--config-file".into(), file.into()],
+        None => vec!["--no-config".into()],
+    })
 }
+
+/// The site's uv config files, in uv's own order (its system-level
+/// `$XDG_CONFIG_DIRS` default, then `/etc`).
+const SITE_UV_CONFIGS: [&str; 2] = ["/etc/xdg/uv/uv.toml", "/etc/uv/uv.toml"];
 
 /// True when a requirement line names ipykernel.
 fn names_ipykernel(req: &str) -> bool {
@@ -259,9 +284,8 @@ impl Uv {
         if self.wheels_only {
             " (only wheels are installed: the requirements come from a notebook or project you \
              have not trusted, and building a source distribution runs its code outside the \
-             sandbox. If a package has no wheel for this machine, trust the project, \
-             `trusted_projects = [\"DIR\"]` in your ~/.config/noyau/config.toml, or give the \
-             requirements yourself with --env)"
+             sandbox. If a package has no wheel for this machine, read the project and trust \
+             it with `noyau trust DIR`, or give the requirements yourself with --env)"
         } else {
             ""
         }

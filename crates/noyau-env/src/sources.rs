@@ -649,6 +649,13 @@ fn resolve_paths(table: &Map<String, Value>, base: &Path) -> Map<String, Value> 
                     Value::String(s) if !s.contains("://") => abs(v),
                     other => other.clone(),
                 }
+            } else if k == "python" {
+                // an interpreter by path (`.venv/bin/python`), not a
+                // version: uv runs in a directory of noyau's own
+                match v {
+                    Value::String(s) if s.contains('/') && !s.starts_with('~') => abs(v),
+                    other => other.clone(),
+                }
             } else {
                 v.clone()
             };
@@ -701,6 +708,33 @@ mod tests {
         // (read from the project's directory)
         assert_eq!(spec.lock.as_deref(), Some("six==1.16.0 --hash=sha256:ab\n"));
         assert_eq!(spec.notebook_dir.as_deref(), Some(dir.path()));
+    }
+
+    /// An interpreter given by a relative path is the one next to its
+    /// source (uv runs elsewhere); a version stays a version.
+    #[test]
+    fn a_relative_python_path_is_resolved_against_its_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = |python: &str| {
+            for_notebook(
+                dir.path(),
+                None,
+                Some(&format!(r#"{{python = "{python}"}}"#)),
+                Path::new("/work/proj"),
+            )
+            .unwrap()
+            .unwrap()
+            .python
+        };
+        assert_eq!(
+            spec(".venv/bin/python").as_deref(),
+            Some("/work/proj/.venv/bin/python")
+        );
+        assert_eq!(
+            spec("/opt/py/bin/python3").as_deref(),
+            Some("/opt/py/bin/python3")
+        );
+        assert_eq!(spec("3.12").as_deref(), Some("3.12"));
     }
 
     /// A cloned project's noyau.toml may tighten the sandbox, not loosen

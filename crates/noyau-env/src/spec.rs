@@ -243,7 +243,10 @@ impl EnvSpec {
         self.packages.dedup();
         if let Some(p) = self.packages.iter().find(|p| !guix_package_spec(p)) {
             return Err(EnvError::Invalid(format!(
-                "`packages` item {p:?} is not a Guix package (`name`, `name@version`,                  `name:output`): each is passed to `guix shell` as a package, and one                  starting with `-` would be an option (an expression to evaluate, a file                  to load, a directory to share)"
+                "`packages` item {p:?} is not a Guix package (`name`, `name@version`, \
+                 `name:output`): each is passed to `guix shell` as a package, and one \
+                 starting with `-` would be an option (an expression to evaluate, a file \
+                 to load, a directory to share)"
             )));
         }
         let need = |ok: bool, what: &str| -> Result<(), EnvError> {

@@ -149,17 +149,27 @@ with zipfile.ZipFile(wheel, "w") as z:
     for name, text in files.items():
         z.writestr(name, text)
 "#;
+    written(script, &wheel, marker)
+}
+
+/// Runs `script` (given the file to write and the marker) and returns the
+/// file it wrote with its sha256.
+fn written(
+    script: &str,
+    path: &std::path::Path,
+    marker: &std::path::Path,
+) -> (std::path::PathBuf, String) {
     let ok = Command::new("python3")
         .arg("-c")
         .arg(script)
-        .arg(&wheel)
+        .arg(path)
         .arg(marker)
         .status()
         .unwrap()
         .success();
-    assert!(ok, "could not write the test wheel");
-    let sha = noyau_env::sha256_hex(&std::fs::read(&wheel).unwrap());
-    (wheel, sha)
+    assert!(ok, "could not write the test file {}", path.display());
+    let sha = noyau_env::sha256_hex(&std::fs::read(path).unwrap());
+    (path.to_path_buf(), sha)
 }
 
 /// Requirements a notebook chose (`wheels_only`) are installed without
@@ -206,17 +216,7 @@ with tarfile.open(path, "w:gz") as t:
         info.size = len(data)
         t.addfile(info, io.BytesIO(data))
 "#;
-    let ok = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(&path)
-        .arg(marker)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "could not write the test sdist");
-    let sha = noyau_env::sha256_hex(&std::fs::read(&path).unwrap());
-    (path, sha)
+    written(script, &path, marker)
 }
 
 /// With `wheels_only` (requirements from a notebook or project the user

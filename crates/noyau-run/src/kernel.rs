@@ -174,8 +174,10 @@ pub fn record(
     if let Some(record) = &kernel.environment {
         // spec, resolved lock and its hash: running this output again
         // rebuilds the same environment (sources::from_metadata reads it
-        // back), but not its sandbox: the sandbox keys are dropped there,
-        // so the one who runs it again chooses it with their own config.
+        // back) as notebook content: not its sandbox (those keys are
+        // dropped there), and what names code (an interpreter by path,
+        // module_use…) only in a trusted project; its lock is installed
+        // from wheels.
         nb.metadata["noyau"]["environment"] = record.clone();
     }
     crate::environment::record(nb, prepared);

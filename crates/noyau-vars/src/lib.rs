@@ -153,6 +153,9 @@ impl EnvVars {
     pub const JUPYTER_CONFIG_PATH: &'static str = "JUPYTER_CONFIG_PATH";
     /// An active virtualenv (its `pip.conf` is read).
     pub const VIRTUAL_ENV: &'static str = "VIRTUAL_ENV";
+    /// The uv config file the user chose: left to uv, which then reads no
+    /// other (noyau names one itself only when this is unset).
+    pub const UV_CONFIG_FILE: &'static str = "UV_CONFIG_FILE";
 }
 
 /// The value of `name`, a variable that holds seconds: None when unset,

@@ -36,6 +36,18 @@ fn keep(socket: &Path, grace: Duration) -> SocketAddr {
     addr
 }
 
+/// The kept listener, fetched from the keeper at `socket` as the next
+/// proxy does; it must be the one listening on `addr`.
+async fn fetched(socket: &Path, addr: SocketAddr) -> TcpListener {
+    let path = socket.to_path_buf();
+    let taken = tokio::task::spawn_blocking(move || keeper::fetch(&path))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(taken.local_addr().unwrap(), addr);
+    taken
+}
+
 #[tokio::test]
 async fn a_keeper_holds_the_port_through_its_grace_then_lets_it_go() {
     let dir = tempfile::tempdir().unwrap();
@@ -55,12 +67,7 @@ async fn the_next_proxy_fetches_the_kept_socket_and_the_keeper_ends() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("handover-b.sock");
     let addr = keep(&socket, Duration::from_secs(60));
-    let path = socket.clone();
-    let taken = tokio::task::spawn_blocking(move || keeper::fetch(&path))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(taken.local_addr().unwrap(), addr);
+    let taken = fetched(&socket, addr).await;
     wait_until("the keeper ends once it has handed the socket over", || {
         !socket.exists()
     });
@@ -86,12 +93,7 @@ async fn a_keeper_in_a_runtime_dir_too_long_for_a_socket_address_still_hands_the
         TcpListener::bind(addr).is_err(),
         "the port is free while kept"
     );
-    let path = socket.clone();
-    let taken = tokio::task::spawn_blocking(move || keeper::fetch(&path))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(taken.local_addr().unwrap(), addr);
+    let _taken = fetched(&socket, addr).await;
     wait_until(
         "the keeper removes its socket once it has handed over",
         || !socket.exists(),
