@@ -390,3 +390,16 @@ fn an_untrusted_projects_code_is_refused_only_in_the_profile_that_is_used() {
     // No override makes it usable: nothing of the profile was kept.
     assert!(c.profile(Some("a"), &["sbatch=[]".into()]).is_err());
 }
+
+/// `noyau trust DIR` is seen by a process that already looked (a running
+/// kernel told to run it): the site's `trusted_projects` is not cached.
+#[test]
+fn a_trust_added_after_a_first_look_is_seen() {
+    let d = tempfile::tempdir().unwrap();
+    let (user, project) = setup(d.path(), &[]);
+    let dir = project.parent().unwrap();
+    let site = [user.clone()];
+    assert!(!crate::site_trusted(&site).unwrap().trusts(dir));
+    setup(d.path(), &[dir.display().to_string()]);
+    assert!(crate::site_trusted(&site).unwrap().trusts(dir));
+}
