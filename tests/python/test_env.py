@@ -647,3 +647,59 @@ def test_a_cloned_projects_profile_cannot_set_the_agents_variables(tmp_path):
     p, out = run(tmp_path, nb, "--profile", "side", cache=tmp_path / "cache", env={"XDG_CONFIG_HOME": str(xdg)})
     assert p.returncode == 0 and "reached" in text(out["cells"][0]), p.stderr[-3000:]
     assert marker.exists(), p.stderr[-3000:]
+
+
+def test_a_cloned_projects_profile_with_code_is_refused_only_when_used(tmp_path, prefix):
+    """A project's noyau.toml whose directory is not trusted, with a profile
+    that sets `env` (code for the agent) and one that does not: a kernel
+    started with the first stays up and answers kernel_info and every cell
+    with the reason, and runs nothing (not a dead kernel, the reason only in
+    the server's log); a kernel with the other profile, and `noyau ps`, work
+    there as before (the refusal was raised for the whole file)."""
+    lib.require_noyau()
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "sitecustomize.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (tmp_path / "noyau.toml").write_text(
+        'scheduler = "slurm"\n'
+        f'[profiles.side]\nbackend = "local"\nenv = {{ PYTHONPATH = "{evil}" }}\n'
+        '[profiles.plain]\nbackend = "local"\ncpus_per_task = 1\n')
+    xdg = tmp_path / "xdg"
+    env = {"NOYAU_ENV_CACHE": str(tmp_path / "cache"), "XDG_CONFIG_HOME": str(xdg)}
+    for profile in ["side", "plain"]:
+        subprocess.run([NOYAU, "install", "--name", f"noyau-profrefuse-{profile}", "--inner", "python3",
+                        "--backend", "local", "--profile", profile, "--prefix", str(prefix)],
+                       check=True, capture_output=True, timeout=60)
+
+    def run_cell(kc, code: str) -> tuple[dict, str]:  # type: ignore[no-untyped-def]
+        out: list[dict] = []
+        reply = kc.execute_interactive(code, timeout=120, output_hook=out.append)["content"]
+        return reply, "".join(lib.message_text(m) for m in out)
+
+    km = lib.kernel_in("noyau-profrefuse-side", tmp_path, env=env)
+    try:
+        info = km.kc.kernel_info(reply=True, timeout=30)["content"]
+        assert "[profiles.side] env (line 4, column 1)" in info["banner"], info
+        for _ in range(2):  # every cell, not only the first
+            reply, said = run_cell(km.kc, "print('ran')")
+            assert reply["status"] == "error" and reply["ename"] == "NoyauEnvError", reply
+            assert "[profiles.side] env" in said and f"noyau trust {tmp_path.resolve()}" in said, said
+            assert "restart the kernel" in said and "ran\n" not in said, said
+        assert km.is_alive()
+    finally:
+        lib.stop_kernel(km)
+    assert not marker.exists()
+    km = lib.kernel_in("noyau-profrefuse-plain", tmp_path, env=env)
+    try:
+        reply, said = run_cell(km.kc, "print('ran', 6 * 7)")
+        assert reply["status"] == "ok" and "ran 42" in said, (reply, said)
+    finally:
+        lib.stop_kernel(km)
+    assert not marker.exists()
+    # A command that uses no profile: it asks the scheduler (the test Slurm,
+    # when up), never refuses the file.
+    p = subprocess.run([NOYAU, "ps"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, **env))
+    assert "[profiles.side]" not in p.stderr and "noyau trust" not in p.stderr, p.stderr
+    assert p.returncode == 0 or "listing your Slurm jobs" in p.stderr, p.stderr

@@ -34,6 +34,9 @@
 //! A project's file whose directory is not so trusted may choose
 //! resources but not code: its profiles may not set `prologue`, `env` or
 //! a scheduler's options (`sbatch`, `oarsub`, `qsub`): see `code_key`.
+//! Such a profile is refused when it is used ([`Config::profile`]), not
+//! when the file is read: its other profiles, and commands that use none
+//! (`noyau ps`, `cancel`, `extend`), still work there.
 //!
 //! A top-level `[idle]` table says when an idle allocation is given back
 //! ([`IdleLimits`]): the site's default in the system file, the user's
@@ -120,7 +123,7 @@ pub enum ConfigError {
 
 /// A profile key of an untrusted project's file that makes noyau run
 /// what the file says ([`code_key`]).
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error(
     "{}: [profiles.{profile}] {key} ({at}): {why}. The project's directory is not trusted, so \
      its noyau.toml may choose resources, not code to run. If you trust everyone who can \
@@ -423,6 +426,11 @@ pub struct Config {
     /// (top-level `trusted_projects`, the system's and the user's lists
     /// together; a project's own is ignored).
     pub trusted_projects: TrustedProjects,
+    /// The profiles of an untrusted project's file that name code, by
+    /// name: refused when used ([`Config::profile`]), not when the file is
+    /// read, so a command or kernel that uses another profile, or none,
+    /// still works there.
+    refused: BTreeMap<String, UntrustedKey>,
     /// The files read, in order.
     pub sources: Vec<PathBuf>,
 }
@@ -478,21 +486,15 @@ pub fn project_file(dir: &Path) -> Result<Option<(PathBuf, String)>, ConfigError
 /// project's `[environment]` names that noyau reads itself (`lock_file`).
 pub fn project_text(path: &Path, limit: u64) -> Result<Option<String>, ConfigError> {
     let site = site_paths();
-    read_project(path, site_trusted(&site)?, &site, limit)
+    read_project(path, &site_trusted(&site)?, &site, limit)
 }
 
-/// The site files' `trusted_projects`, read once per process: one kernel
-/// start reads a project's noyau.toml, its `[environment]`, `[data]` and
-/// lock file, and each would read and parse the site files again. (A
-/// change to them takes effect at the next command or kernel start, as
-/// every other setting there.)
-fn site_trusted(site: &[PathBuf]) -> Result<&'static TrustedProjects, ConfigError> {
-    static TRUSTED: std::sync::OnceLock<TrustedProjects> = std::sync::OnceLock::new();
-    if let Some(t) = TRUSTED.get() {
-        return Ok(t);
-    }
-    let t = Config::load_from(site)?.trusted_projects;
-    Ok(TRUSTED.get_or_init(|| t))
+/// The site files' `trusted_projects`, read at each call, as
+/// [`Config::load`] reads them: a running kernel that was refused a
+/// project's code sees `noyau trust DIR` at its next look, as the message
+/// says. (Two small files: a few reads per kernel start or cell.)
+fn site_trusted(site: &[PathBuf]) -> Result<TrustedProjects, ConfigError> {
+    Ok(Config::load_from(site)?.trusted_projects)
 }
 
 /// The project file at `path`, trusted if its directory is in `trusted`;
@@ -522,20 +524,20 @@ struct ProjectFile {
 }
 
 impl ProjectFile {
-    /// Refuses a key of profile `name` that names code ([`code_key`]).
-    fn refuse_code(
+    /// The first key of profile `name` that names code ([`code_key`]).
+    fn code_in(
         &self,
         path: &Path,
         name: &str,
         table: &BTreeMap<Spanned<String>, Spanned<toml::Value>>,
         text: &str,
-    ) -> Result<(), ConfigError> {
+    ) -> Option<UntrustedKey> {
         for k in table.keys() {
             let Some(key) = noyau_sched::find_key(k.get_ref()) else {
                 continue; // unknown: named by merge_table
             };
             if let Some(why) = code_key(&key) {
-                return Err(ConfigError::UntrustedProjectKey(Box::new(UntrustedKey {
+                return Some(UntrustedKey {
                     path: path.into(),
                     profile: name.into(),
                     key: k.get_ref().clone(),
@@ -543,10 +545,10 @@ impl ProjectFile {
                     why,
                     dir: self.dir.clone(),
                     user_file: self.user_file.clone(),
-                })));
+                });
             }
         }
-        Ok(())
+        None
     }
 }
 
@@ -651,8 +653,11 @@ impl Config {
             self.trusted_projects.extend(dirs).map_err(bad)?;
         }
         for (name, table) in &file.profiles {
-            if let Some(project) = project.filter(|p| !p.trusted) {
-                project.refuse_code(path, name, table, text)?;
+            let untrusted = project.filter(|p| !p.trusted);
+            if let Some(refusal) = untrusted.and_then(|p| p.code_in(path, name, table, text)) {
+                // Kept out of the profiles: nothing of it is used.
+                self.refused.insert(name.clone(), refusal);
+                continue;
             }
             let p = self.profiles.entry(name.clone()).or_default();
             merge_table(p, name, table, text).map_err(bad)?;
@@ -679,17 +684,26 @@ impl Config {
         Ok(())
     }
 
+    /// The profiles' names, a refused one's included.
     pub fn names(&self) -> Vec<String> {
-        self.profiles.keys().cloned().collect()
+        let mut names: Vec<String> = self.profiles.keys().cloned().collect();
+        names.extend(self.refused.keys().cloned());
+        names.sort();
+        names.dedup();
+        names
     }
 
     /// The named profile (or an empty one for `None`) with the overrides
-    /// applied, validated.
+    /// applied, validated; refused if an untrusted project's file set code
+    /// in it ([`ConfigError::UntrustedProjectKey`]).
     pub fn profile(
         &self,
         name: Option<&str>,
         overrides: &[String],
     ) -> Result<Profile, ConfigError> {
+        if let Some(refusal) = name.and_then(|n| self.refused.get(n)) {
+            return Err(ConfigError::UntrustedProjectKey(Box::new(refusal.clone())));
+        }
         let mut p = match name {
             None => Profile::default(),
             Some(n) => {

@@ -301,7 +301,11 @@ fn an_untrusted_project_may_choose_resources_but_not_code() {
     for (line, key, why) in code {
         let text = format!("[profiles.p]\ncpus_per_task = 2\n{line}\n");
         write(&project, &text);
-        let e = load(&user, &project).unwrap_err();
+        let e = load(&user, &project)
+            .unwrap()
+            .profile(Some("p"), &[])
+            .unwrap_err()
+            .to_string();
         assert!(
             e.starts_with(&format!(
                 "{}: [profiles.p] {key} (line 3, column 1): ",
@@ -315,7 +319,8 @@ fn an_untrusted_project_may_choose_resources_but_not_code() {
         write(&user, &text);
         assert!(Config::load_from(std::slice::from_ref(&user)).is_ok());
         let (trusting, _) = setup(d.path(), &[dir.display().to_string()]);
-        assert!(load(&trusting, &project).is_ok(), "{key}");
+        let trusted = load(&trusting, &project).unwrap().profile(Some("p"), &[]);
+        assert!(trusted.is_ok(), "{key}: {trusted:?}");
         setup(d.path(), &[]);
     }
     write(
@@ -355,4 +360,46 @@ fn a_profiles_environment_records_the_project_that_set_it() {
     assert_eq!(p.environment_from.as_deref(), Some(dir.as_path()));
     let p = c.profile(Some("p"), &["environment={}".into()]).unwrap();
     assert_eq!(p.environment_from, None, "-o is the user's");
+}
+
+/// A refused profile fails when used, not when the file is read: the
+/// project's other profiles, and commands that use none, still work (a
+/// user's own project with `[profiles.gpu] sbatch = [...]` broke every
+/// kernel and `noyau ps` there).
+#[test]
+fn an_untrusted_projects_code_is_refused_only_in_the_profile_that_is_used() {
+    let d = tempfile::tempdir().unwrap();
+    let (user, project) = setup(d.path(), &[]);
+    write(
+        &project,
+        "scheduler = \"slurm\"\n[profiles.a]\nsbatch = [\"--exclusive\"]\n\
+         [profiles.b]\ncpus_per_task = 2\n",
+    );
+    let c = load(&user, &project).expect("the file loads");
+    assert_eq!(c.scheduler.as_deref(), Some("slurm"));
+    assert_eq!(c.names(), ["a", "b"]);
+    let b = c.profile(Some("b"), &[]).unwrap();
+    assert_eq!(b.cpus_per_task, Some(2));
+    assert!(c.profile(None, &[]).is_ok());
+    let e = c.profile(Some("a"), &[]).unwrap_err();
+    assert!(
+        matches!(e, ConfigError::UntrustedProjectKey(ref k) if k.profile == "a" && k.key == "sbatch"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("noyau trust"), "{e}");
+    // No override makes it usable: nothing of the profile was kept.
+    assert!(c.profile(Some("a"), &["sbatch=[]".into()]).is_err());
+}
+
+/// `noyau trust DIR` is seen by a process that already looked (a running
+/// kernel told to run it): the site's `trusted_projects` is not cached.
+#[test]
+fn a_trust_added_after_a_first_look_is_seen() {
+    let d = tempfile::tempdir().unwrap();
+    let (user, project) = setup(d.path(), &[]);
+    let dir = project.parent().unwrap();
+    let site = [user.clone()];
+    assert!(!crate::site_trusted(&site).unwrap().trusts(dir));
+    setup(d.path(), &[dir.display().to_string()]);
+    assert!(crate::site_trusted(&site).unwrap().trusts(dir));
 }

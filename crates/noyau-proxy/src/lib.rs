@@ -96,24 +96,32 @@ fn check_key(info: &ConnectionInfo, cfg: &ProxyConfig) -> Result<(), ProxyError>
     Ok(())
 }
 
-/// Runs the proxy until its kernel is gone; returns the exit code.
-pub async fn run(cfg: ProxyConfig) -> Result<i32, ProxyError> {
-    let started = chrono::Utc::now();
+/// The frontend's sockets, bound as the connection file says.
+async fn answers(cfg: &ProxyConfig) -> Result<answer::Answers, ProxyError> {
     let info = ConnectionInfo::read(&cfg.connection_file)?;
-    check_key(&info, &cfg)?;
+    check_key(&info, cfg)?;
     let signer = Signer::new(info.key.as_bytes());
     let fe = frontend::Frontend::bind(&info, signer.clone()).await?;
-    let out = answer::Answers {
+    Ok(answer::Answers {
         fe,
         signer,
         session: uuid::Uuid::new_v4().to_string(),
         exec_count: 0,
         delegated: 0,
-    };
+    })
+}
+
+/// Runs the proxy until its kernel is gone; returns the exit code.
+pub async fn run(cfg: ProxyConfig) -> Result<i32, ProxyError> {
+    let started = chrono::Utc::now();
+    let out = answers(&cfg).await?;
     let agent = match agent::AgentSide::start(&cfg).await {
         Ok(a) => a,
         // Said to the frontend, not only to a log it may not show.
-        Err(e @ ProxyError::Env(_)) => return Ok(unprepared::serve(out, &cfg, &e).await),
+        Err(e @ ProxyError::Env(_)) => {
+            let why = format!("its environment could not be prepared: {e}");
+            return Ok(unprepared::serve(out, &cfg, &why).await);
+        }
         Err(e) => return Err(e),
     };
     let mut proxy = relay::Proxy::new(cfg, out, agent, started);
@@ -124,4 +132,14 @@ pub async fn run(cfg: ProxyConfig) -> Result<i32, ProxyError> {
     // moment ZMQ_LINGER would, so last replies and errors reach the frontend.
     tokio::time::sleep(Duration::from_millis(150)).await;
     Ok(code)
+}
+
+/// A kernel whose profile cannot be used (`why`: an untrusted project's
+/// file set code in it): it stays, answers the frontend with the reason
+/// (as one whose environment could not be prepared) and starts nothing.
+/// `cfg.resources` is not used.
+pub async fn refuse(cfg: ProxyConfig, why: &noyau_config::ConfigError) -> Result<i32, ProxyError> {
+    let out = answers(&cfg).await?;
+    let why = format!("its profile cannot be used: {why}");
+    Ok(unprepared::serve(out, &cfg, &why).await)
 }

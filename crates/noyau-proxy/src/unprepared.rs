@@ -1,6 +1,7 @@
 //! A kernel whose own environment could not be prepared (a notebook or
 //! project that names code the user has not trusted, a spec uv cannot
-//! resolve). Exiting would leave the frontend (JupyterLab, the hub's) with
+//! resolve), or whose profile cannot be used (an untrusted project's file
+//! set code in it). Exiting would leave the frontend (JupyterLab, the hub's) with
 //! a kernel that died without a word, the reason in a server log the user
 //! may not see: instead the proxy stays, answers `kernel_info` with the
 //! reason as its banner and every cell with it as an error, submits
@@ -14,14 +15,11 @@ use zeromq::SocketRecv;
 
 use crate::answer::{Answers, Cell};
 use crate::queued::kernel_info_content;
-use crate::{ProxyConfig, ProxyError};
+use crate::ProxyConfig;
 
 /// Answers the frontend with `why` until it shuts the kernel down.
-pub(crate) async fn serve(mut out: Answers, cfg: &ProxyConfig, why: &ProxyError) -> i32 {
-    let text = format!(
-        "noyau: the kernel cannot start: its environment could not be prepared: {why}. \
-         Fix it, then restart the kernel."
-    );
+pub(crate) async fn serve(mut out: Answers, cfg: &ProxyConfig, why: &str) -> i32 {
+    let text = format!("noyau: the kernel cannot start: {why}. Fix it, then restart the kernel.");
     tracing::error!("{text}");
     loop {
         tokio::select! {

@@ -289,8 +289,16 @@ fn block_on_task<T: Send + 'static>(
 }
 
 fn kernel(a: KernelArgs) -> anyhow::Result<i32> {
-    let (backend, resources) =
-        noyau_config::resolve(a.backend.as_deref(), a.profile.as_deref(), &a.options)?;
+    let resolved = noyau_config::resolve(a.backend.as_deref(), a.profile.as_deref(), &a.options);
+    let (refused, (backend, resources)) = match resolved {
+        Ok(r) => (None, r),
+        // The kernel stays and says why: JupyterLab shows one that exits as
+        // dead, the reason only in the server's log. (--dry-run fails.)
+        Err(e @ noyau_config::ConfigError::UntrustedProjectKey(_)) if !a.dry_run => {
+            (Some(e), ("local".into(), Default::default()))
+        }
+        Err(e) => return Err(e.into()),
+    };
     let noyau_exe = std::env::current_exe().unwrap_or_else(|_| "noyau".into());
     if a.dry_run {
         return block_on(jobs::dry_run(&backend, &a.inner, noyau_exe, resources));
@@ -310,8 +318,13 @@ fn kernel(a: KernelArgs) -> anyhow::Result<i32> {
         resources,
         allow_unsigned: a.allow_unsigned,
     };
-    block_on_task(async move { Ok(noyau_proxy::run(cfg).await?) })
-        .with_context(|| format!("the kernel for {shown} could not start"))
+    block_on_task(async move {
+        Ok(match refused {
+            Some(why) => noyau_proxy::refuse(cfg, &why).await?,
+            None => noyau_proxy::run(cfg).await?,
+        })
+    })
+    .with_context(|| format!("the kernel for {shown} could not start"))
 }
 
 fn hub(a: HubArgs) -> anyhow::Result<i32> {
