@@ -703,3 +703,66 @@ def test_a_cloned_projects_profile_with_code_is_refused_only_when_used(tmp_path,
                        env=dict(os.environ, **env))
     assert "[profiles.side]" not in p.stderr and "noyau trust" not in p.stderr, p.stderr
     assert p.returncode == 0 or "listing your Slurm jobs" in p.stderr, p.stderr
+
+
+def evil_pythonpath(tmp: Path) -> tuple[Path, Path]:
+    """A directory whose sitecustomize.py writes a marker when any Python
+    started with it on PYTHONPATH runs; (the directory, the marker)."""
+    marker = tmp / "ran"
+    evil = tmp / "evil"
+    evil.mkdir()
+    (evil / "sitecustomize.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    return evil, marker
+
+
+def test_a_cells_target_words_cannot_name_code(tmp_path):
+    """A cell's `%%noyau on T key=value` words are the notebook's, not the
+    user's `-o`: `env.PYTHONPATH=` (code run by the target's agent and
+    kernel, outside any sandbox) is refused, saying the key and what to do,
+    and nothing runs; `environment=` may not set the sandbox, as `--env`
+    may not. Trusted, the same cell sets the variable (the marker is
+    written)."""
+    evil, marker = evil_pythonpath(tmp_path)
+    (tmp_path / "noyau.toml").write_text('[profiles.side]\nbackend = "local"\n')
+    xdg = tmp_path / "xdg"
+    env = {"NOYAU_ENV_CACHE": str(tmp_path / "cache"), "XDG_CONFIG_HOME": str(xdg)}
+    km = lib.kernel_in(lib.NOYAU_KERNEL_NAME, tmp_path, env=env)
+    try:
+        trust = f"noyau trust {tmp_path.resolve()}"
+        for cell, keys in [(f"%%noyau on side env.PYTHONPATH={evil}\nprint('reached')",
+                            ["a notebook cell may not set `env.PYTHONPATH`", trust, "your own config file"]),
+                           ('%%noyau on side environment={"kind":"system","isolation":"none"}\nprint(1)',
+                            ["may not set isolation"])]:
+            out: list[dict] = []
+            reply = km.kc.execute_interactive(cell, timeout=120, output_hook=out.append)["content"]
+            said = "".join(lib.message_text(m) for m in out)
+            assert reply["status"] == "error" and all(k in said for k in keys), (reply, said)
+            assert "reached" not in said, said
+        assert not marker.exists()
+    finally:
+        lib.stop_kernel(km)
+    km = lib.kernel_in(lib.NOYAU_KERNEL_NAME, tmp_path, env={**env, **trusting(tmp_path, xdg)})
+    try:
+        out = []
+        reply = km.kc.execute_interactive(f"%%noyau on side env.PYTHONPATH={evil}\nprint('reached')",
+                                          timeout=120, output_hook=out.append)["content"]
+        said = "".join(lib.message_text(m) for m in out)
+        assert reply["status"] == "ok" and "reached" in said, (reply, said)
+        assert marker.exists()
+    finally:
+        lib.stop_kernel(km)
+
+
+def test_a_headless_runs_target_cell_cannot_name_code(tmp_path):
+    """The same in `noyau run`: a cell's `%%noyau on T env.PYTHONPATH=…`
+    is refused, naming the key and both ways out, and nothing runs; the
+    user's own `-o env.NAME=` is theirs (test_run_noyau)."""
+    evil, marker = evil_pythonpath(tmp_path)
+    (tmp_path / "noyau.toml").write_text('[profiles.side]\nbackend = "local"\n')
+    xdg = tmp_path / "xdg"
+    nb = notebook(f"%%noyau on side env.PYTHONPATH={evil}\nprint('reached')")
+    p = run_only(tmp_path, nb, cache=tmp_path / "cache", env={"XDG_CONFIG_HOME": str(xdg)})
+    said = p.stderr + (tmp_path / "nb.ipynb.out.ipynb").read_text()
+    assert p.returncode != 0 and "a notebook cell may not set `env.PYTHONPATH`" in said, said[-3000:]
+    assert f"noyau trust {tmp_path.resolve()}" in said and str(xdg / "noyau" / "config.toml") in said, said[-3000:]
+    assert not marker.exists()

@@ -107,6 +107,24 @@ pub enum ConfigError {
     /// what the file says ([`code_key`]).
     #[error(transparent)]
     UntrustedProjectKey(Box<UntrustedKey>),
+    /// A profile key a notebook cell's `%%noyau on T key=value` word may
+    /// not set: it names code ([`code_key`]) and the notebook's directory
+    /// is not trusted.
+    #[error(
+        "%%noyau on … {key}=…: a notebook cell may not set `{key}` ({why}), unless you trust \
+         the notebook's directory. Put it in this profile in your own config file \
+         ({user_file}), or, if you trust everyone who can write in {dir}, run \
+         `noyau trust {dir}`",
+        dir = dir.display()
+    )]
+    CellKey {
+        key: String,
+        why: String,
+        /// The notebook's directory, the one to trust.
+        dir: PathBuf,
+        /// The user's config file, or how it is found.
+        user_file: String,
+    },
     #[error("{} is {size} bytes, more than noyau reads from such a file ({limit} bytes): is it the file you meant?", path.display())]
     TooBig {
         path: PathBuf,
@@ -693,13 +711,25 @@ impl Config {
         names
     }
 
-    /// The named profile (or an empty one for `None`) with the overrides
-    /// applied, validated; refused if an untrusted project's file set code
-    /// in it ([`ConfigError::UntrustedProjectKey`]).
+    /// The named profile (or an empty one for `None`) with the user's
+    /// overrides applied, validated; refused if an untrusted project's
+    /// file set code in it ([`ConfigError::UntrustedProjectKey`]).
     pub fn profile(
         &self,
         name: Option<&str>,
         overrides: &[String],
+    ) -> Result<Profile, ConfigError> {
+        self.profile_from(name, overrides, OverridesFrom::User)
+    }
+
+    /// The named profile with overrides that `origin` gave: a cell's may
+    /// not name code ([`code_key`]) unless its notebook's directory is
+    /// trusted, and its `environment` is the notebook's.
+    pub fn profile_from(
+        &self,
+        name: Option<&str>,
+        overrides: &[String],
+        origin: OverridesFrom<'_>,
     ) -> Result<Profile, ConfigError> {
         if let Some(refusal) = name.and_then(|n| self.refused.get(n)) {
             return Err(ConfigError::UntrustedProjectKey(Box::new(refusal.clone())));
@@ -717,10 +747,20 @@ impl Config {
             }
         };
         for o in overrides {
+            if let OverridesFrom::Cell(dir) = origin {
+                self.refuse_cell_code(o, dir)?;
+            }
             p.apply_override(o).map_err(|e| ConfigError::Override {
                 arg: o.clone(),
                 message: e.message,
             })?;
+            let key = o.split_once('=').map(|(k, _)| k.trim());
+            if let (OverridesFrom::Cell(dir), Some("environment")) =
+                (origin, key.and_then(noyau_sched::canonical_key))
+            {
+                p.environment_from = Some(dir.to_path_buf());
+                p.environment_from_cell = true;
+            }
         }
         p.validate().map_err(|e| ConfigError::Invalid {
             profile: name.unwrap_or("(none)").into(),
@@ -728,6 +768,44 @@ impl Config {
         })?;
         Ok(p)
     }
+}
+
+impl Config {
+    /// Refuses a cell's override `o` that names code ([`code_key`]) unless
+    /// the notebook's directory `dir` is trusted.
+    fn refuse_cell_code(&self, o: &str, dir: &Path) -> Result<(), ConfigError> {
+        let key = o.split_once('=').map_or(o, |(k, _)| k).trim();
+        let found = if key.starts_with("env.") {
+            noyau_sched::find_key("env")
+        } else {
+            noyau_sched::find_key(key)
+        };
+        let Some(why) = found.as_ref().and_then(code_key) else {
+            return Ok(());
+        };
+        if self.trusted_projects.trusts(dir) {
+            return Ok(());
+        }
+        Err(ConfigError::CellKey {
+            key: key.into(),
+            why,
+            dir: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.into()),
+            user_file: user_file().map_or_else(
+                || "~/.config/noyau/config.toml".into(),
+                |f| f.display().to_string(),
+            ),
+        })
+    }
+}
+
+/// Who gave a profile's overrides (`key=value` words).
+#[derive(Debug, Clone, Copy)]
+pub enum OverridesFrom<'a> {
+    /// The user: `noyau run -o key=value`, their kernelspec's options.
+    User,
+    /// A notebook cell in this directory (`%%noyau on T key=value`):
+    /// anyone may have written it, so it is held to a project's rules.
+    Cell(&'a Path),
 }
 
 /// What the command line and the config files in effect at the current
@@ -738,11 +816,21 @@ pub fn resolve(
     name: Option<&str>,
     overrides: &[String],
 ) -> Result<(String, Profile), ConfigError> {
+    resolve_from(backend, name, overrides, OverridesFrom::User)
+}
+
+/// [`resolve`] with overrides that `origin` gave ([`Config::profile_from`]).
+pub fn resolve_from(
+    backend: Option<&str>,
+    name: Option<&str>,
+    overrides: &[String],
+    origin: OverridesFrom<'_>,
+) -> Result<(String, Profile), ConfigError> {
     let cwd = std::env::current_dir().map_err(|source| ConfigError::Read {
         path: ".".into(),
         source,
     })?;
-    let profile = Config::load(&cwd)?.profile(name, overrides)?;
+    let profile = Config::load(&cwd)?.profile_from(name, overrides, origin)?;
     let backend = backend
         .map(str::to_string)
         .or_else(|| profile.backend.clone())

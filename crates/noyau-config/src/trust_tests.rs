@@ -403,3 +403,75 @@ fn a_trust_added_after_a_first_look_is_seen() {
     setup(d.path(), &[dir.display().to_string()]);
     assert!(crate::site_trusted(&site).unwrap().trusts(dir));
 }
+
+/// A cell's `%%noyau on T key=value` words are the notebook's: one that
+/// names code (prologue, env.NAME, scheduler options) is refused, naming
+/// the key and both ways out, unless the notebook's directory is trusted;
+/// resources stay the cell's to choose, and the user's own `-o` keeps all.
+#[test]
+fn a_cells_overrides_may_choose_resources_but_not_code() {
+    use crate::OverridesFrom;
+    let d = tempfile::tempdir().unwrap();
+    let (user, project) = setup(d.path(), &[]);
+    let nb = project.parent().unwrap();
+    write(&project, PROFILE);
+    let c = load(&user, &project).unwrap();
+    for (word, key) in [
+        ("prologue=touch /tmp/x", "prologue"),
+        ("env.LD_PRELOAD=/tmp/x.so", "env.LD_PRELOAD"),
+        ("sbatch=--output=/home/u/.bashrc", "sbatch"),
+        ("oarsub=-O /home/u/.bashrc", "oarsub"),
+        ("qsub=-o /home/u/.bashrc", "qsub"),
+    ] {
+        let words = [word.to_string()];
+        let e = c
+            .profile_from(Some("p"), &words, OverridesFrom::Cell(nb))
+            .unwrap_err();
+        assert!(matches!(e, ConfigError::CellKey { .. }), "{e}");
+        let e = e.to_string();
+        let dir = std::fs::canonicalize(nb).unwrap();
+        assert!(
+            e.contains(&format!("a notebook cell may not set `{key}`"))
+                && e.contains("your own config file")
+                && e.contains(&format!("noyau trust {}", dir.display())),
+            "{e}"
+        );
+        assert!(c.profile(Some("p"), &words).is_ok(), "-o {word}");
+        let (trusting, _) = setup(d.path(), &[dir.display().to_string()]);
+        let t = load(&trusting, &project).unwrap();
+        assert!(
+            t.profile_from(Some("p"), &words, OverridesFrom::Cell(nb))
+                .is_ok(),
+            "{word}"
+        );
+        setup(d.path(), &[]);
+    }
+    let resources = ["mem=4G".to_string(), "cpus_per_task=3".into()];
+    let p = c
+        .profile_from(Some("p"), &resources, OverridesFrom::Cell(nb))
+        .unwrap();
+    assert_eq!(p.cpus_per_task, Some(3));
+}
+
+/// A cell's `environment=` is the notebook's (held to a cell's rules, as
+/// its `--env` is); the user's `-o environment=` is the user's.
+#[test]
+fn a_cells_environment_is_the_notebooks() {
+    use crate::OverridesFrom;
+    let d = tempfile::tempdir().unwrap();
+    let (user, project) = setup(d.path(), &[]);
+    let nb = project.parent().unwrap();
+    write(&project, PROFILE);
+    let c = load(&user, &project).unwrap();
+    let words = [r#"environment={"isolation": "none"}"#.to_string()];
+    let p = c
+        .profile_from(Some("p"), &words, OverridesFrom::Cell(nb))
+        .unwrap();
+    assert!(p.environment_from_cell, "{p:?}");
+    assert_eq!(p.environment_from.as_deref(), Some(nb));
+    let p = c.profile(Some("p"), &words).unwrap();
+    assert!(
+        !p.environment_from_cell && p.environment_from.is_none(),
+        "{p:?}"
+    );
+}

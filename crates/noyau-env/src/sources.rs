@@ -222,10 +222,16 @@ pub enum TargetSpec<'a> {
 }
 
 impl<'a> TargetSpec<'a> {
-    /// A profile's `environment`, if it has one.
+    /// A profile's `environment`, if it has one, held to the rules of
+    /// who set it.
     pub fn profile(p: &'a noyau_config::Profile) -> Option<Self> {
         let e = p.environment.as_deref()?;
-        Some(TargetSpec::Profile(e, p.environment_from.as_deref()))
+        // A cell's `%%noyau on T environment=…` is its `--env`.
+        Some(if p.environment_from_cell {
+            TargetSpec::Cell(e)
+        } else {
+            TargetSpec::Profile(e, p.environment_from.as_deref())
+        })
     }
 
     /// Its source, relative paths from `cwd`.
@@ -245,7 +251,7 @@ pub fn from_cell_env(arg: &str, notebook_dir: &Path) -> Result<Source, EnvError>
         author: Author::Project(notebook_dir.to_path_buf()),
         ..from_cli(arg, notebook_dir)?
     };
-    refuse_sandbox_keys(&s, "`%%noyau on … --env`")?;
+    refuse_sandbox_keys(&s, "`%%noyau on … --env` (or `environment=`)")?;
     Ok(s)
 }
 
@@ -1067,6 +1073,26 @@ mod tests {
         let six = r#"{"requirements": ["six"]}"#;
         assert!(spec(six, Some(d)).unwrap().unwrap().wheels_only);
         assert!(!spec(six, None).unwrap().unwrap().wheels_only);
+    }
+
+    /// A cell's `%%noyau on T environment=…` word is held to the rules of
+    /// its `--env`: no sandbox key at all, even from a trusted directory.
+    #[test]
+    fn a_cells_environment_word_may_not_set_the_sandbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let p = noyau_config::Profile {
+            environment: Some(r#"{"isolation": "none"}"#.into()),
+            environment_from: Some(d.to_path_buf()),
+            environment_from_cell: true,
+            ..Default::default()
+        };
+        let e = TargetSpec::profile(&p).unwrap().source(d).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("(or `environment=`) may not set isolation"),
+            "{e}"
+        );
     }
 
     /// Requirements by name are the notebook's to choose, but installed

@@ -33,8 +33,11 @@ impl Proxy {
         let err = |e: &dyn std::fmt::Display| {
             MagicError::Target(format!("cannot start target {name:?}: {e}"))
         };
-        let (_, profile) =
-            noyau_config::resolve(None, Some(name), overrides).map_err(|e| err(&e))?;
+        // The overrides are a cell's `key=value` words: the notebook's.
+        let cwd = std::env::current_dir().map_err(|e| err(&e))?;
+        let origin = noyau_config::OverridesFrom::Cell(&cwd);
+        let (backend, profile) =
+            noyau_config::resolve_from(None, Some(name), overrides, origin).map_err(|e| err(&e))?;
         let spec = cell_env
             .map(noyau_env::sources::TargetSpec::Cell)
             .or_else(|| noyau_env::sources::TargetSpec::profile(&profile));
@@ -46,7 +49,13 @@ impl Proxy {
             .await
             .map_err(|e| err(&e))?;
         self.targets
-            .start(name, overrides, &self.cfg.inner, &self.cfg.noyau_exe, env)
+            .start(
+                name,
+                (backend, profile),
+                &self.cfg.inner,
+                &self.cfg.noyau_exe,
+                env,
+            )
             .await?;
         if let Some(at) = self.targets.idle_released.remove(name) {
             let text = format!(

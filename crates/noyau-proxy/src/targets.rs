@@ -370,7 +370,7 @@ impl Targets {
     pub async fn start(
         &mut self,
         name: &str,
-        overrides: &[String],
+        (backend, profile): (String, noyau_config::Profile),
         inner: &str,
         noyau_exe: &std::path::Path,
         env: BTreeMap<String, String>,
@@ -381,8 +381,6 @@ impl Targets {
         let err = |e: &dyn std::fmt::Display| {
             noyau_magic::MagicError::Target(format!("cannot start target {name:?}: {e}"))
         };
-        let (backend, profile) =
-            noyau_config::resolve(None, Some(name), overrides).map_err(|e| err(&e))?;
         let launch = AgentLaunch {
             backend,
             inner: profile.kernel.clone().unwrap_or_else(|| inner.to_string()),

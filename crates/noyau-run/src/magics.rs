@@ -344,8 +344,12 @@ impl Runner<'_> {
 
     async fn start_target(&mut self, m: &OnMagic) -> Result<(), MagicError> {
         let bad = |e: &dyn std::fmt::Display| MagicError::Target(e.to_string());
+        // The overrides are the cell's `key=value` words: the notebook's.
+        let cwd = std::env::current_dir().map_err(|e| bad(&e))?;
+        let origin = noyau_config::OverridesFrom::Cell(&cwd);
         let (backend, profile) =
-            noyau_config::resolve(None, Some(&m.target), &m.overrides).map_err(|e| bad(&e))?;
+            noyau_config::resolve_from(None, Some(&m.target), &m.overrides, origin)
+                .map_err(|e| bad(&e))?;
         let inner = profile
             .kernel
             .clone()

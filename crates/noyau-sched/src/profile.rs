@@ -130,6 +130,11 @@ pub struct Profile {
     /// project's spec to what a project may name unless it is trusted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub environment_from: Option<std::path::PathBuf>,
+    /// `environment` came from a cell's `%%noyau on T environment=…` word
+    /// (the notebook in `environment_from`): held to a cell's rules, as
+    /// `--env` in a cell is (no sandbox key at all).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub environment_from_cell: bool,
     /// The keys only some schedulers know, by name (declared in their files).
     #[serde(default)]
     pub scheduler_keys: BTreeMap<String, Value>,
@@ -249,6 +254,7 @@ impl Profile {
             "environment" => {
                 self.environment = Some(text(v)?);
                 self.environment_from = None;
+                self.environment_from_cell = false;
             }
             _ => {
                 let value = match (k.kind, v) {
