@@ -24,9 +24,10 @@ use serde_json::Value;
 /// not. `lock` is checked line by line ([`lock_names_code`]); a
 /// `lock_file` is checked once it is read, as `lock`.
 ///
-/// * `python` with a `/`: `uv venv --python PATH` runs that interpreter
-///   (a version such as `3.11` or a name such as `python3.12` is found by
-///   uv among the user's own interpreters);
+/// * `python` that is not a version: `uv venv --python X` runs the
+///   interpreter X names, by path or found on PATH (a version such as
+///   `3.11` or `python3.12` is found by uv among the user's own
+///   interpreters);
 /// * `module_use`, `modules_init`: the modules check sources the init
 ///   file and runs the modulefiles it finds;
 /// * a module named by a path (`/x/mf`, `./mf`, `a/../../mf`): Lmod and
