@@ -54,15 +54,13 @@ pub fn check_writable(spec: &EnvSpec) -> Result<(), EnvError> {
 
 fn check_writable_in(spec: &EnvSpec, home: Option<&Path>) -> Result<(), EnvError> {
     let Some(home) = home else { return Ok(()) };
-    let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-    let home = real(home);
     let nb = spec.notebook_dir();
     let dirs = [
         ("the notebook's directory", Some(&nb)),
         ("scratch", spec.scratch.as_ref()),
     ];
     for dir in &spec.ro_bind {
-        if home.starts_with(real(dir)) {
+        if is_or_holds(dir, home) {
             return Err(EnvError::Invalid(format!(
                 "isolation = \"container\": ro_bind {} is your home directory or holds it, \
                  and would show the whole home (keys, tokens) to the notebook's code; name \
@@ -73,7 +71,7 @@ fn check_writable_in(spec: &EnvSpec, home: Option<&Path>) -> Result<(), EnvError
     }
     for (what, dir) in dirs {
         let Some(dir) = dir else { continue };
-        if home.starts_with(real(dir)) {
+        if is_or_holds(dir, home) {
             return Err(EnvError::Invalid(format!(
                 "isolation = \"container\": {what} {} is your home directory or holds it, and \
                  the sandbox would make it writable, opening the whole home to the notebook's \
@@ -174,6 +172,13 @@ pub fn wrap(
     v
 }
 
+/// True when `dir` is `home` or holds it, links followed on both sides
+/// (a path that cannot be resolved is taken as written).
+fn is_or_holds(dir: &Path, home: &Path) -> bool {
+    let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    real(home).starts_with(real(dir))
+}
+
 /// True when `p` is the home or holds it (`/home`, `/`): bound over the
 /// tmpfs that hides the home, it would show all of it. What the spec's
 /// `ro_bind` names is refused before ([`check_writable`]); a path found
@@ -182,8 +187,7 @@ pub fn wrap(
 /// rather than see the home.
 fn holds_home(p: &Path, home: Option<&Path>) -> bool {
     let Some(home) = home else { return false };
-    let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-    let held = real(home).starts_with(real(p));
+    let held = is_or_holds(p, home);
     if held {
         tracing::warn!(
             "not showing {} in the sandbox: it is the home directory or holds it",
