@@ -76,15 +76,6 @@ def run(tmp: Path, nb: dict, *args: str, cache: Path, name: str = "nb.ipynb",
     return p, json.loads(out.read_text())
 
 
-def trusting(project: Path, xdg: Path) -> dict[str, str]:
-    """The environment of a user whose own config file (under `xdg`)
-    trusts `project`."""
-    cfg = xdg / "noyau" / "config.toml"
-    cfg.parent.mkdir(parents=True, exist_ok=True)
-    cfg.write_text(f'trusted_projects = ["{project.resolve()}"]\n')
-    return {"XDG_CONFIG_HOME": str(xdg)}
-
-
 def text(cell: dict) -> str:
     return "".join("".join(o.get("text", "")) + o.get("evalue", "") for o in cell["outputs"])
 
@@ -216,7 +207,7 @@ def test_modules_from_noyau_toml_set_the_kernels_environment(modules, tmp_path):
     nb = notebook("import os; print(os.environ['NOYAU_TEST_MODULE'])")
     # (module_use runs modulefiles while the environment is prepared: only
     # from a project the user trusts)
-    p, out = run(tmp_path, nb, cache=tmp_path / "cache", env=trusting(tmp_path, tmp_path / "xdg"))
+    p, out = run(tmp_path, nb, cache=tmp_path / "cache", env=lib.trusting(tmp_path))
     assert p.returncode == 0, p.stderr
     assert text(out["cells"][0]).strip() == "loaded-1.0"
     assert "noyautest/1.0" in out["metadata"]["noyau"]["environment"]["module_list"]
@@ -542,7 +533,7 @@ def test_a_notebooks_metadata_cannot_load_modulefiles_of_its_choice(modules, tmp
     p = run_only(tmp_path, nb, cache=tmp_path / "cache", env={"XDG_CONFIG_HOME": str(xdg)})
     refused_untrusted(p, "modules", tmp_path, xdg)
     assert not marker.exists()
-    p, out = run(tmp_path, nb, cache=tmp_path / "cache", env=trusting(tmp_path, xdg))
+    p, out = run(tmp_path, nb, cache=tmp_path / "cache", env=lib.trusting(tmp_path, xdg))
     assert p.returncode == 0, p.stderr[-3000:]
     assert marker.exists()
 
@@ -797,7 +788,7 @@ def test_a_cells_target_words_cannot_name_code(tmp_path):
         assert not marker.exists()
     finally:
         lib.stop_kernel(km)
-    km = lib.kernel_in(lib.NOYAU_KERNEL_NAME, tmp_path, env={**env, **trusting(tmp_path, xdg)})
+    km = lib.kernel_in(lib.NOYAU_KERNEL_NAME, tmp_path, env={**env, **lib.trusting(tmp_path, xdg)})
     try:
         out = []
         reply = km.kc.execute_interactive(f"%%noyau on side env.PYTHONPATH={evil}\nprint('reached')",
