@@ -29,9 +29,11 @@ use zeromq::{
     SocketSend, XPubSocket,
 };
 
-/// How long [`Frontend::close`] waits for the replies to be written. Only
-/// a frontend that stopped reading (hung, or cut off without a reset) is
-/// waited for this long: a gone one fails the writes at once.
+/// How long [`Frontend::close`] waits for the replies to be written: a
+/// safety net, not the normal path. Only a frontend that stopped reading
+/// (hung, or cut off without a reset), or a connection that never finished
+/// its ZMTP greeting, is waited for this long: a gone frontend fails the
+/// writes at once.
 const LINGER: Duration = Duration::from_secs(2);
 
 /// How often [`Frontend::close`] looks whether the writers are done: the
@@ -142,7 +144,7 @@ impl Frontend {
         };
         if tokio::time::timeout(LINGER, written).await.is_err() {
             tracing::warn!(
-                "the frontend did not take the last replies within {LINGER:?}; ending without them"
+                "replies to the frontend still unwritten after {LINGER:?} (a frontend that stopped reading, or a connection still in its handshake); ending without them"
             );
         }
     }
