@@ -90,6 +90,21 @@ def require_noyau() -> None:
         pytest.fail(f"noyau install failed: {noyau_install_error}", pytrace=False)
 
 
+def trusting(project: Path, xdg: Path | None = None) -> dict[str, str]:
+    """The variables of a user whose own config file (under `xdg`, by default
+    `project/xdg`) trusts `project` and keeps what this session's says (its
+    cluster profiles): a project's noyau.toml that names code (a profile's
+    `env`, an `[environment]` python) is used only from a trusted
+    directory. Merged into the environment of what runs as that user."""
+    session = Path(os.environ["XDG_CONFIG_HOME"]) / "noyau" / "config.toml"
+    xdg = xdg or project / "xdg"
+    own = xdg / "noyau" / "config.toml"
+    own.parent.mkdir(parents=True, exist_ok=True)
+    own.write_text(f'trusted_projects = ["{project.resolve()}"]\n'
+                   + (session.read_text() if session.exists() else ""))
+    return {"XDG_CONFIG_HOME": str(xdg)}
+
+
 # --------------------------------------------------------------------------
 # ports
 

@@ -380,14 +380,8 @@ def test_dask_up_needs_distributed_in_the_environment(kernel, tmp_path: Path) ->
     bare = tmp_path / "bare"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
     (tmp_path / "noyau.toml").write_text(PROFILE + f'env = {{ NOYAU_DASK_PYTHON = "{bare}/bin/python" }}\n')
-    # A project's `env` names code (here the Dask python): the user trusts
-    # this one, in a config file of their own that keeps the session's.
-    session = Path(os.environ["XDG_CONFIG_HOME"]) / "noyau" / "config.toml"
-    own = tmp_path / "xdg" / "noyau" / "config.toml"
-    own.parent.mkdir(parents=True)
-    own.write_text(f'trusted_projects = ["{tmp_path.resolve()}"]\n'
-                   + (session.read_text() if session.exists() else ""))
-    km = kernel({"XDG_CONFIG_HOME": str(own.parent.parent)})
+    # A project's `env` names code (here the Dask python): the user trusts this one.
+    km = kernel(lib.trusting(tmp_path))
     reply, text, errors = run(km, "%noyau dask up 1 --target hpc", timeout=180)
     assert reply["status"] == "error", text
     assert "no usable `distributed`" in errors[0]["evalue"], errors

@@ -76,15 +76,6 @@ def run(tmp: Path, nb: dict, *args: str, cache: Path, name: str = "nb.ipynb",
     return p, json.loads(out.read_text())
 
 
-def trusting(project: Path, xdg: Path) -> dict[str, str]:
-    """The environment of a user whose own config file (under `xdg`)
-    trusts `project`."""
-    cfg = xdg / "noyau" / "config.toml"
-    cfg.parent.mkdir(parents=True, exist_ok=True)
-    cfg.write_text(f'trusted_projects = ["{project.resolve()}"]\n')
-    return {"XDG_CONFIG_HOME": str(xdg)}
-
-
 def text(cell: dict) -> str:
     return "".join("".join(o.get("text", "")) + o.get("evalue", "") for o in cell["outputs"])
 
@@ -216,7 +207,7 @@ def test_modules_from_noyau_toml_set_the_kernels_environment(modules, tmp_path):
     nb = notebook("import os; print(os.environ['NOYAU_TEST_MODULE'])")
     # (module_use runs modulefiles while the environment is prepared: only
     # from a project the user trusts)
-    p, out = run(tmp_path, nb, cache=tmp_path / "cache", env=trusting(tmp_path, tmp_path / "xdg"))
+    p, out = run(tmp_path, nb, cache=tmp_path / "cache", env=lib.trusting(tmp_path))
     assert p.returncode == 0, p.stderr
     assert text(out["cells"][0]).strip() == "loaded-1.0"
     assert "noyautest/1.0" in out["metadata"]["noyau"]["environment"]["module_list"]
@@ -542,7 +533,7 @@ def test_a_notebooks_metadata_cannot_load_modulefiles_of_its_choice(modules, tmp
     p = run_only(tmp_path, nb, cache=tmp_path / "cache", env={"XDG_CONFIG_HOME": str(xdg)})
     refused_untrusted(p, "modules", tmp_path, xdg)
     assert not marker.exists()
-    p, out = run(tmp_path, nb, cache=tmp_path / "cache", env=trusting(tmp_path, xdg))
+    p, out = run(tmp_path, nb, cache=tmp_path / "cache", env=lib.trusting(tmp_path, xdg))
     assert p.returncode == 0, p.stderr[-3000:]
     assert marker.exists()
 
@@ -705,6 +696,62 @@ def test_a_cloned_projects_profile_with_code_is_refused_only_when_used(tmp_path,
     assert p.returncode == 0 or "listing your Slurm jobs" in p.stderr, p.stderr
 
 
+def test_a_refused_kernel_writes_its_last_replies_before_it_exits(tmp_path, prefix):
+    """A refused kernel (its profile cannot be used) ends at the frontend's
+    shutdown_request. A proxy's ROUTER replies are queued and written by
+    background tasks, which the process's exit would drop: the proxy waits
+    for them before it exits. Here the frontend has not yet read many
+    replies on shell (they fill the connection) when it asks for the
+    shutdown: the shutdown_reply comes, then every shell reply, each time
+    (a few rounds), and the process exits."""
+    import zmq
+    lib.require_noyau()
+    (tmp_path / "noyau.toml").write_text(
+        f'[profiles.side]\nbackend = "local"\nenv = {{ PYTHONPATH = "{tmp_path}" }}\n')
+    env = {"NOYAU_ENV_CACHE": str(tmp_path / "cache"), "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    subprocess.run([NOYAU, "install", "--name", "noyau-shutrefuse", "--inner", "python3",
+                    "--backend", "local", "--profile", "side", "--prefix", str(prefix)],
+                   check=True, capture_output=True, timeout=60)
+    for attempt in range(3):
+        km = lib.kernel_in("noyau-shutrefuse", tmp_path, env=env)
+        shell = zmq.Context.instance().socket(zmq.DEALER)
+        try:
+            unread = requests_left_unread(km, shell)
+            msg_id = km.kc.shutdown()
+            reply = km.kc.get_control_msg(timeout=30)
+            assert (reply["parent_header"]["msg_id"], reply["msg_type"]) == (msg_id, "shutdown_reply"), reply
+            for want in unread:
+                assert shell.poll(30_000), f"round {attempt}: shell replies lost from {want}"
+                got = km.kc.session.recv(shell)[1]
+                assert got["parent_header"]["msg_id"] == want, (attempt, got["parent_header"])
+            assert km.provisioner.process.wait(timeout=30) == 0, attempt
+        finally:
+            shell.close(linger=0)
+            lib.stop_kernel(km)
+
+
+def requests_left_unread(km, shell, n: int = 600) -> list[str]:  # type: ignore[no-untyped-def]
+    """Sends `n` requests on `shell` (a DEALER that reads as little as it
+    can) whose replies, 32 kB each by their parent header, are more than the
+    connection buffers; returns their ids once the kernel answered them all
+    (the last one's idle came on IOPub)."""
+    import zmq
+    shell.setsockopt(zmq.RCVHWM, 1)
+    shell.setsockopt(zmq.RCVBUF, 4096)
+    c = km.get_connection_info()
+    shell.connect(f"{c['transport']}://{c['ip']}:{c['shell_port']}")
+    sent = []
+    for _ in range(n):
+        msg = km.kc.session.msg("is_complete_request", {"code": "1"})
+        msg["header"]["padding"] = "x" * 32_000
+        km.kc.session.send(shell, msg)
+        sent.append(msg["header"]["msg_id"])
+    while True:
+        m = km.kc.get_iopub_msg(timeout=60)
+        if m["parent_header"].get("msg_id") == sent[-1] and lib.is_idle(m):
+            return sent
+
+
 def evil_pythonpath(tmp: Path) -> tuple[Path, Path]:
     """A directory whose sitecustomize.py writes a marker when any Python
     started with it on PYTHONPATH runs; (the directory, the marker)."""
@@ -741,7 +788,7 @@ def test_a_cells_target_words_cannot_name_code(tmp_path):
         assert not marker.exists()
     finally:
         lib.stop_kernel(km)
-    km = lib.kernel_in(lib.NOYAU_KERNEL_NAME, tmp_path, env={**env, **trusting(tmp_path, xdg)})
+    km = lib.kernel_in(lib.NOYAU_KERNEL_NAME, tmp_path, env={**env, **lib.trusting(tmp_path, xdg)})
     try:
         out = []
         reply = km.kc.execute_interactive(f"%%noyau on side env.PYTHONPATH={evil}\nprint('reached')",

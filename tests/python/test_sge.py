@@ -36,18 +36,6 @@ def run(noyau_bin: str, args: list[str], cwd: Path, timeout: float = 180,
                           timeout=timeout, env=env)
 
 
-def trusting(project: Path) -> dict[str, str]:
-    """This session's environment with a user config file of its own that
-    keeps the session's and trusts `project`: its noyau.toml profile sets
-    `env` (this session's directories), which an untrusted project may not."""
-    session = Path(os.environ["XDG_CONFIG_HOME"]) / "noyau" / "config.toml"
-    own = project / "xdg" / "noyau" / "config.toml"
-    own.parent.mkdir(parents=True)
-    own.write_text(f'trusted_projects = ["{project.resolve()}"]\n'
-                   + (session.read_text() if session.exists() else ""))
-    return dict(os.environ, XDG_CONFIG_HOME=str(project / "xdg"))
-
-
 def no_process_of(job: str) -> None:
     """Nothing of the job runs any more: no process with its JOB_ID (Grid
     Engine kills the job's process group; noyau's agent and kernel each run
@@ -200,7 +188,8 @@ def test_target_cell_and_tasks_in_a_grid_engine_job(sge: lib.Cluster, noyau_bin:
                   f"%%noyau on big --quiet --tasks 2\n{show}",
                   "%%noyau on big --quiet\nimport os\nprint(os.environ.get('JOB_ID'))")
     out = tmp_path / "t.out.ipynb"
-    r = run(noyau_bin, ["run", str(nb), str(out)], tmp_path, timeout=240, env=trusting(tmp_path))
+    r = run(noyau_bin, ["run", str(nb), str(out)], tmp_path, timeout=240,
+            env=dict(os.environ, **lib.trusting(tmp_path)))
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     here, tasks, there = (stdout_of(c) for c in res["cells"])
@@ -250,7 +239,7 @@ def test_a_run_with_a_dask_cluster_on_grid_engine(sge: lib.Cluster, noyau_bin: s
                   "print(' '.join(sorted(client.run(lambda: os.environ.get('JOB_ID', '-')).values())))")
     out = tmp_path / "d.out.ipynb"
     r = run(noyau_bin, ["run", "--no-progress", str(nb), str(out)], tmp_path, timeout=300,
-            env=trusting(tmp_path))
+            env=dict(os.environ, **lib.trusting(tmp_path)))
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     up, computed = stdout_of(res["cells"][0]), stdout_of(res["cells"][1])

@@ -55,7 +55,6 @@ mod unprepared;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use noyau_wire::{ConnectionInfo, Signer};
 
@@ -128,9 +127,8 @@ pub async fn run(cfg: ProxyConfig) -> Result<i32, ProxyError> {
     let code = proxy.relay().await;
     proxy.targets.release_all();
     proxy.release_dask("the kernel ended").await;
-    // Socket writers drain their queues in background tasks; give them the
-    // moment ZMQ_LINGER would, so last replies and errors reach the frontend.
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // The last replies and errors are still queued for the frontend.
+    proxy.out.fe.close().await;
     Ok(code)
 }
 

@@ -21,11 +21,18 @@ use crate::ProxyConfig;
 pub(crate) async fn serve(mut out: Answers, cfg: &ProxyConfig, why: &str) -> i32 {
     let text = format!("noyau: the kernel cannot start: {why}. Fix it, then restart the kernel.");
     tracing::error!("{text}");
+    let code = answer_until_shutdown(&mut out, cfg, &text).await;
+    // The shutdown_reply is still queued for the frontend.
+    out.fe.close().await;
+    code
+}
+
+async fn answer_until_shutdown(out: &mut Answers, cfg: &ProxyConfig, text: &str) -> i32 {
     loop {
         tokio::select! {
             m = out.fe.incoming.recv() => {
                 let Some((lane, msg)) = m else { return 0 };
-                if let Some(code) = answer(&mut out, cfg, &text, lane, &msg).await {
+                if let Some(code) = answer(out, cfg, text, lane, &msg).await {
                     return code;
                 }
             }
@@ -71,8 +78,6 @@ async fn answer(
             let restart = msg.restart_requested();
             let content = json!({"status": "ok", "restart": restart});
             reply(out, lane, msg, "shutdown_reply", content).await;
-            // (socket writers drain in the background, as in `run`)
-            tokio::time::sleep(std::time::Duration::from_millis(150)).await;
             return Some(0);
         }
         k if k.ends_with("_request") => {
