@@ -35,12 +35,16 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 const ENDED_MAX: usize = 1024;
 
 /// The hub's link listener's settings: agents come back within two
-/// minutes of a break, and a link carries only a tunnel, so its frames
-/// are small.
+/// minutes of a break; a link carries only a tunnel, so its frames are
+/// small; and what waits to go to an agent is bounded below the default
+/// (an agent that grants credit and never acknowledges would otherwise
+/// hold 256 MiB of its user's uploads in the hub: past the limit a
+/// stream's send fails and the stream is reset).
 pub(crate) fn link_config() -> LinkConfig {
     LinkConfig {
         give_up_after: Duration::from_secs(120),
         max_frame: tunnel::MAX_FRAME,
+        buffer_limit: 64 * 1024 * 1024,
         ..LinkConfig::default()
     }
 }
