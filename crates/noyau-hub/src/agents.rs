@@ -10,19 +10,44 @@
 //! restarted hub accepts it. The agent acknowledges it; until then the
 //! database keeps the token it used too, so that a hub restarting right
 //! after handing out a token does not lock out an agent that never got it.
-//! Within one hub process a used token never works again.
+//! Within one hub process a used token never works again, and the token in
+//! an agent's hello must be the one it dialled with.
+//!
+//! The agent runs in the user's job, so whoever holds the job's token can
+//! run an agent of their own making: the hub holds it to the tunnel's
+//! limits (flow control on every stream, frames of at most
+//! [`tunnel::MAX_FRAME`], a bounded backlog), closes its link when it breaks
+//! them, and bounds what it stores of its notices.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use noyau_link::tunnel::{Delivered, Tunnel};
-use noyau_link::{Incoming, LinkEvent, LinkListener};
+use noyau_link::tunnel::{self, Delivered, Tunnel};
+use noyau_link::{Incoming, Link, LinkConfig, LinkEvent, LinkListener};
 
 use crate::db::{State, Update};
 use crate::{auth, proxy, Hub};
 
 /// How long an agent gets to say which session it serves.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most bytes of the reason an agent gives for its server's end (stored,
+/// and shown on the owner's cards and the admin page).
+const ENDED_MAX: usize = 1024;
+
+/// The hub's link listener's settings: agents come back within two
+/// minutes of a break; a link carries only a tunnel, so its frames are
+/// small; and what waits to go to an agent is bounded below the default
+/// (an agent that grants credit and never acknowledges would otherwise
+/// hold 256 MiB of its user's uploads in the hub: past the limit a
+/// stream's send fails and the stream is reset).
+pub(crate) fn link_config() -> LinkConfig {
+    LinkConfig {
+        give_up_after: Duration::from_secs(120),
+        max_frame: tunnel::MAX_FRAME,
+        buffer_limit: 64 * 1024 * 1024,
+        ..LinkConfig::default()
+    }
+}
 
 impl Hub {
     /// The link token of generation `gen` of a session's agent.
@@ -73,8 +98,8 @@ pub(crate) async fn accept(hub: Arc<Hub>, mut listener: LinkListener) {
     }
 }
 
-/// The agent's hello: `{"hello": session, "token": …}`.
-async fn hello(link: &mut noyau_link::Link, tunnel: &Tunnel) -> Option<serde_json::Value> {
+/// The agent's hello: `{"hello": session, "token": …, "credit": true}`.
+async fn hello(link: &mut Link, tunnel: &Tunnel) -> Option<serde_json::Value> {
     tokio::time::timeout(HELLO_TIMEOUT, async {
         loop {
             match link.recv().await? {
@@ -90,6 +115,25 @@ async fn hello(link: &mut noyau_link::Link, tunnel: &Tunnel) -> Option<serde_jso
     .await
     .ok()
     .flatten()
+}
+
+/// The session a hello names and the token it shows, once the hello passes
+/// what needs no database: the agent grants credit (flow control is not the
+/// agent's to turn off: the agent shipped with this hub always says so),
+/// and its token is the one it dialled with.
+fn read_hello<'a>(
+    link: &Link,
+    hello: &'a serde_json::Value,
+) -> Result<(&'a str, &'a str), &'static str> {
+    let session = hello["hello"].as_str().unwrap_or_default();
+    let token = hello["token"].as_str().unwrap_or_default();
+    if hello["credit"] != true {
+        return Err("its hello does not grant flow-control credit (an agent older than this hub?): relaunch the session so that its job runs this hub's noyau");
+    }
+    if !link.dialled_with(token) {
+        return Err("the token in its hello is not the one it dialled with");
+    }
+    Ok((session, token))
 }
 
 /// Checks the hello's token against the session's; on success retires the
@@ -131,14 +175,22 @@ fn admit(hub: &Hub, tunnel: &Tunnel, session: &str, token: &str) -> Option<(Stri
 }
 
 /// One agent: checks which session it serves, then feeds its tunnel.
-async fn serve(hub: Arc<Hub>, mut link: noyau_link::Link) {
+async fn serve(hub: Arc<Hub>, mut link: Link) {
     let tunnel = Tunnel::new(link.sender());
     let Some(hello) = hello(&mut link, &tunnel).await else {
         tracing::warn!("an agent connected but never said which session it serves");
         return;
     };
-    let session = hello["hello"].as_str().unwrap_or_default().to_string();
-    let token = hello["token"].as_str().unwrap_or_default();
+    let (session, token) = match read_hello(&link, &hello) {
+        Ok((s, t)) => (s.to_string(), t),
+        Err(why) => {
+            let session = hello["hello"].as_str().unwrap_or_default();
+            tracing::warn!(session, "refused an agent: {why}");
+            hub.db
+                .audit("-", "agent-refused", &format!("session {session}: {why}"));
+            return;
+        }
+    };
     let Some((owner, fresh)) = admit(&hub, &tunnel, &session, token) else {
         tracing::warn!(
             session,
@@ -148,7 +200,6 @@ async fn serve(hub: Arc<Hub>, mut link: noyau_link::Link) {
             .audit("-", "agent-refused", &format!("session {session}"));
         return;
     };
-    tunnel.set_peer_credit(hello["credit"] == true);
     tracing::info!(session, host = hello["host"].as_str(), "agent connected");
     let upstream = proxy::Upstream::new(owner.clone(), tunnel.clone());
     hub.upstreams
@@ -165,11 +216,18 @@ async fn serve(hub: Arc<Hub>, mut link: noyau_link::Link) {
     hub.db.audit(&owner, "running", &session);
     while let Some(m) = link.recv().await {
         match m {
-            Incoming::Message(_, frames) => {
-                if let Delivered::Notice(v) = tunnel.deliver(&frames) {
-                    notice(&hub, &session, fresh, &v);
+            Incoming::Message(_, frames) => match tunnel.deliver(&frames) {
+                Delivered::Notice(v) => notice(&hub, &session, fresh, &v),
+                Delivered::Violation(why) => {
+                    tracing::warn!(session, "closing the agent's link: {why}");
+                    hub.db
+                        .audit(&owner, "agent-closed", &format!("session {session}: {why}"));
+                    break;
                 }
-            }
+                // Streams are the hub's to open; a malformed message is
+                // dropped.
+                Delivered::Handled | Delivered::Opened { .. } | Delivered::Malformed => {}
+            },
             Incoming::Event(LinkEvent::Closed(reason)) => {
                 tracing::info!(session, "agent link closed: {reason}");
                 break;
@@ -177,13 +235,18 @@ async fn serve(hub: Arc<Hub>, mut link: noyau_link::Link) {
             Incoming::Event(_) => {}
         }
     }
-    let mut upstreams = hub.upstreams.lock().unwrap_or_else(|e| e.into_inner());
-    if upstreams
-        .get(&session)
-        .is_some_and(|u| Arc::ptr_eq(u, &upstream))
     {
-        upstreams.remove(&session);
+        let mut upstreams = hub.upstreams.lock().unwrap_or_else(|e| e.into_inner());
+        if upstreams
+            .get(&session)
+            .is_some_and(|u| Arc::ptr_eq(u, &upstream))
+        {
+            upstreams.remove(&session);
+        }
     }
+    // Requests still on the tunnel end now rather than wait for an agent
+    // that is gone (or was cut off); dropping the link closes it.
+    tunnel.reset_all();
 }
 
 /// What a connected agent tells the hub.
@@ -192,7 +255,7 @@ fn notice(hub: &Hub, session: &str, fresh: i64, v: &serde_json::Value) {
         let _ = hub.db.update(
             session,
             &Update {
-                ended_why: Some(why.into()),
+                ended_why: Some(ended_why(why)),
                 ..Default::default()
             },
         );
@@ -202,5 +265,82 @@ fn notice(hub: &Hub, session: &str, fresh: i64, v: &serde_json::Value) {
         if let Err(e) = hub.db.set_link_gens(session, fresh, None) {
             tracing::error!(session, "recording the agent's link token: {e:#}");
         }
+    }
+}
+
+/// The agent's reason for its server's end, as stored and shown: without
+/// control characters, and at most [`ENDED_MAX`] bytes (cut on a character
+/// boundary).
+fn ended_why(why: &str) -> String {
+    let mut out = String::new();
+    for c in why.chars().filter(|c| !c.is_control()) {
+        if out.len() + c.len_utf8() > ENDED_MAX {
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use noyau_link::ServerIdentity;
+
+    /// The hub's end of a real link, and the token its agent dialled with.
+    async fn dialled() -> (Link, Link, String) {
+        let id = ServerIdentity::generate(&["localhost".into()]).unwrap();
+        let mut l = LinkListener::bind("127.0.0.1:0".parse().unwrap(), id, link_config())
+            .await
+            .unwrap();
+        let token = l.issue_token();
+        let (addr, pin) = (l.local_addr().to_string(), l.pin());
+        let (agent, hub) = tokio::join!(
+            noyau_link::dial(&addr, &pin, &token, LinkConfig::default()),
+            l.accept()
+        );
+        (agent.unwrap(), hub.unwrap(), token)
+    }
+
+    /// An agent in the user's job may be the user's own program: it cannot
+    /// turn off flow control by leaving `credit` out of its hello, nor show
+    /// in its hello a token other than the one it dialled with (another
+    /// session's, read from that job's environment).
+    #[tokio::test]
+    async fn a_hello_must_grant_credit_and_show_the_token_it_dialled_with() {
+        let (_agent, hub, token) = dialled().await;
+        let good = serde_json::json!({"hello": "s1", "token": token, "credit": true});
+        assert_eq!(read_hello(&hub, &good), Ok(("s1", token.as_str())));
+        for credit in [serde_json::json!(false), serde_json::json!("true")] {
+            let h = serde_json::json!({"hello": "s1", "token": token, "credit": credit});
+            let e = read_hello(&hub, &h).unwrap_err();
+            assert!(
+                e.contains("flow-control credit") && e.contains("relaunch"),
+                "{e}"
+            );
+        }
+        let no_credit = serde_json::json!({"hello": "s1", "token": token});
+        assert!(read_hello(&hub, &no_credit).is_err());
+        let other = "b".repeat(64);
+        let h = serde_json::json!({"hello": "s2", "token": other, "credit": true});
+        let e = read_hello(&hub, &h).unwrap_err();
+        assert!(e.contains("not the one it dialled with"), "{e}");
+    }
+
+    #[test]
+    fn an_agents_ended_reason_is_bounded_and_has_no_control_characters() {
+        assert_eq!(
+            ended_why("the Jupyter server exited with status 1"),
+            "the Jupyter server exited with status 1"
+        );
+        assert_eq!(ended_why("a\nb\r\u{1b}[31mc\u{7f}\u{85}d"), "ab[31mcd");
+        let long = "é".repeat(4000);
+        let cut = ended_why(&long);
+        assert!(
+            cut.len() <= ENDED_MAX && cut.len() > ENDED_MAX - 2,
+            "{}",
+            cut.len()
+        );
+        assert!(cut.chars().all(|c| c == 'é'));
     }
 }

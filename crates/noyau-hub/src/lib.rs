@@ -63,7 +63,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::Router;
-use noyau_link::{LinkConfig, LinkListener, ServerIdentity};
+use noyau_link::{LinkListener, ServerIdentity};
 use noyau_trust::Expect;
 use serde::Deserialize;
 
@@ -215,11 +215,7 @@ pub async fn run(config: PathBuf) -> anyhow::Result<()> {
         "the hub's link identity file is damaged; remove it (running sessions will then be lost)",
     )?;
     let db = Db::open(&db_path)?;
-    let link_cfg = LinkConfig {
-        give_up_after: Duration::from_secs(120),
-        ..LinkConfig::default()
-    };
-    let listener = LinkListener::bind(cfg.link_bind, identity, link_cfg)
+    let listener = LinkListener::bind(cfg.link_bind, identity, agents::link_config())
         .await
         .context("the hub's link listener (link_bind)")?;
     let link_advertise = cfg

@@ -11,9 +11,9 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::{Lane, LinkError};
 
-/// Largest frame we accept or send. Jupyter messages can carry big binary
-/// buffers, but a bound keeps a hostile or broken peer from making us allocate
-/// without limit.
+/// Largest frame we accept or send by default (`LinkConfig::max_frame`).
+/// Jupyter messages can carry big binary buffers, but a bound keeps a hostile
+/// or broken peer from making us allocate without limit.
 pub(crate) const MAX_FRAME: usize = 512 * 1024 * 1024;
 
 /// Largest handshake frame (hello, resume, welcome, refused). Anyone can open

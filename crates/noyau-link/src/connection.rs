@@ -192,7 +192,7 @@ async fn read_loop<S: AsyncRead>(
     tokio::pin!(quiet);
     loop {
         let mut delivered = false;
-        while let Some(frame) = codec::decode(&mut rbuf, codec::MAX_FRAME)? {
+        while let Some(frame) = codec::decode(&mut rbuf, shared.cfg.max_frame)? {
             match frame {
                 Frame::Data { lane, seq, parts } => {
                     let last = shared.recv().last[lane as usize];

@@ -70,7 +70,7 @@ pub async fn dial(addr: &str, pin: &str, token: &str, cfg: LinkConfig) -> Result
         secret,
         give_up_after: cfg.give_up_after,
     };
-    Ok(session::start(session::new_shared(cfg), conn, side))
+    Ok(session::start(session::new_shared(cfg), conn, side, None))
 }
 
 async fn timed<T>(

@@ -62,6 +62,9 @@ pub enum LinkError {
     /// A single message is larger than one frame may be.
     #[error("message of {len} bytes exceeds the {max}-byte frame limit")]
     MessageTooLarge { len: usize, max: usize },
+    /// A tunnel has as many streams open as it may.
+    #[error("{0} streams are open on this tunnel, the most it carries: close some of the session's tabs, notebooks or terminals")]
+    TooManyStreams(usize),
     /// The link is closed for good.
     #[error("link closed: {0}")]
     Closed(CloseReason),

@@ -11,7 +11,8 @@
 //!   agent pins its SHA-256 fingerprint and still checks the handshake
 //!   signature. TLS 1.3 only.
 //! * `codec`: length-prefixed frames (hello, resume, welcome, refused, data,
-//!   ack, ping, goodbye), decoded defensively with a 512 MiB cap.
+//!   ack, ping, goodbye), decoded defensively with a cap per link
+//!   ([`LinkConfig::max_frame`], 512 MiB by default).
 //! * `listener`/`dial`: authentication. A new session needs a one-time token
 //!   from [`LinkListener::issue_token`]; the proxy answers with a session id
 //!   and a resume secret. Each reconnect hands out a new one; the old one
@@ -121,6 +122,11 @@ pub struct LinkConfig {
     /// Send a ping after this long without sending anything. Rare, so that
     /// an idle link costs its processes no wake-ups to speak of.
     pub ping_interval: Duration,
+    /// Largest frame read or sent once the handshake is over: a peer can
+    /// make us hold this much for one frame. Jupyter messages may carry
+    /// big buffers; a link that carries only a tunnel needs
+    /// [`tunnel::MAX_FRAME`].
+    pub max_frame: usize,
 }
 
 impl Default for LinkConfig {
@@ -130,6 +136,7 @@ impl Default for LinkConfig {
             give_up_after: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(90),
             ping_interval: Duration::from_secs(30),
+            max_frame: codec::MAX_FRAME,
         }
     }
 }

@@ -281,7 +281,7 @@ async fn handshake(
                 .await;
             match first {
                 Ok(conn) => {
-                    let link = session::start(shared, conn, side);
+                    let link = session::start(shared, conn, side, Some(digest));
                     new_links
                         .send(link)
                         .await

@@ -12,6 +12,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -27,6 +28,8 @@ pub struct Link {
     rx: mpsc::Receiver<Incoming>,
     shared: Arc<Shared>,
     task: Option<JoinHandle<()>>,
+    /// Proxy side: the SHA-256 of the one-time token the agent dialled with.
+    token_digest: Option<[u8; 32]>,
 }
 
 /// Queues messages on a link; cheap to clone, usable from any thread.
@@ -60,6 +63,15 @@ impl Link {
         LinkSender {
             shared: self.shared.clone(),
         }
+    }
+
+    /// Proxy side: whether `token` is the one-time token this link's agent
+    /// dialled with (the listener consumed it), so that what the agent
+    /// says over the link can be held to the token it proved it had.
+    pub fn dialled_with(&self, token: &str) -> bool {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        self.token_digest
+            .is_some_and(|d| crate::tls::ct_eq(&d, &digest))
     }
 
     /// Next message or event; `None` once the link is closed for good (after
@@ -122,14 +134,21 @@ pub(crate) fn new_shared(cfg: LinkConfig) -> Arc<Shared> {
     Arc::new(Shared::new(cfg))
 }
 
-/// Creates the `Link` and spawns its session task, starting on `first`.
-pub(crate) fn start<R: Reconnect>(shared: Arc<Shared>, first: Conn, side: R) -> Link {
+/// Creates the `Link` and spawns its session task, starting on `first`;
+/// `token_digest`: the token the agent dialled with (proxy side).
+pub(crate) fn start<R: Reconnect>(
+    shared: Arc<Shared>,
+    first: Conn,
+    side: R,
+    token_digest: Option<[u8; 32]>,
+) -> Link {
     let (tx, rx) = mpsc::channel(INCOMING_CAPACITY);
     let task = tokio::spawn(drive(shared.clone(), first, side, tx));
     Link {
         rx,
         shared,
         task: Some(task),
+        token_digest,
     }
 }
 

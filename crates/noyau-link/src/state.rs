@@ -15,7 +15,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use crate::codec::{LaneSeqs, MAX_FRAME};
+use crate::codec::LaneSeqs;
 use crate::{CloseReason, Lane, LinkConfig, LinkError};
 
 /// Bookkeeping cost charged per message on top of its payload, so that a
@@ -62,11 +62,9 @@ impl Shared {
 
     pub(crate) fn enqueue(&self, lane: Lane, parts: Vec<Bytes>) -> Result<(), LinkError> {
         let payload: usize = parts.iter().map(|p| 4 + p.len()).sum();
-        if payload + 32 > MAX_FRAME {
-            return Err(LinkError::MessageTooLarge {
-                len: payload,
-                max: MAX_FRAME,
-            });
+        let max = self.cfg.max_frame;
+        if payload + 32 > max {
+            return Err(LinkError::MessageTooLarge { len: payload, max });
         }
         let cost = payload + MSG_OVERHEAD;
         {

@@ -13,10 +13,18 @@
 //! WebSocket) would queue without bound in the receiver. Each stream
 //! therefore has a window of [`WINDOW`] bytes: the sender waits for credit
 //! before sending more, and the receiver grants credit (`Credit`) as its
-//! local reader consumes. A stream uses credit when both ends know it: the
-//! agent says `"credit": true` in its hello, and the hub then opens streams
-//! with a `credit` payload, so an agent started by an older hub keeps
-//! working after the hub is upgraded and restarted.
+//! local reader consumes. The hub opens every stream with a `credit`
+//! payload, and its agent must say `"credit": true` in its hello (the hub
+//! refuses one that does not): the agent runs in the user's job, so the
+//! window must not be the agent's to turn off.
+//!
+//! The receiving side holds a hostile peer to its limits: data beyond a
+//! stream's window, or more than [`MAX_QUEUED`] bytes waiting on all
+//! streams together, is a [`Delivered::Violation`], after which the caller
+//! closes the link; at most [`MAX_STREAMS`] streams are open at once; and
+//! a link that carries a tunnel needs frames of at most [`MAX_FRAME`]
+//! bytes (every message holds at most 64 KiB of a stream), which the hub
+//! sets as its links' `LinkConfig::max_frame`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,6 +49,16 @@ pub const WINDOW: usize = 1024 * 1024;
 const GRANT: usize = WINDOW / 4;
 /// The `Open` payload that asks for flow control.
 const CREDIT: &[u8] = b"credit";
+/// Streams open at once on one tunnel: a browser keeps a few HTTP
+/// connections and one WebSocket per open notebook, kernel or terminal.
+pub const MAX_STREAMS: usize = 128;
+/// Bytes received on all streams of a tunnel and not yet consumed: beyond
+/// this the peer is flooding (each stream's window is 1 MiB, and it takes
+/// this many stalled readers at once to reach it honestly).
+pub const MAX_QUEUED: u64 = 32 * 1024 * 1024;
+/// The largest link frame a tunnel needs: a message holds at most
+/// [`CHUNK`] bytes of a stream, or a small JSON notice.
+pub const MAX_FRAME: usize = 1024 * 1024;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -115,8 +133,6 @@ pub struct Tunnel {
     sender: LinkSender,
     streams: Mutex<HashMap<u64, Stream>>,
     next_id: AtomicU64,
-    /// Whether the peer grants credit (hub side: its agent said so).
-    peer_credit: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -133,14 +149,7 @@ impl Tunnel {
             sender,
             streams: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
-            peer_credit: Default::default(),
         })
-    }
-
-    /// Hub side: the agent's hello said it grants credit, so the streams
-    /// opened from now on use flow control.
-    pub fn set_peer_credit(&self, yes: bool) {
-        self.peer_credit.store(yes, Ordering::Relaxed);
     }
 
     /// Sends a JSON notice (agent → hub).
@@ -151,21 +160,21 @@ impl Tunnel {
         )
     }
 
-    /// Opens a stream to the peer's server (hub side): what is written to
-    /// the returned end reaches the server, what the server answers is read
-    /// from it.
+    /// Opens a stream to the peer's server (hub side), with flow control:
+    /// what is written to the returned end reaches the server, what the
+    /// server answers is read from it.
     pub fn open(self: &Arc<Self>) -> Result<DuplexStream, LinkError> {
+        let open = self.open_streams();
+        if open >= MAX_STREAMS {
+            return Err(LinkError::TooManyStreams(open));
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (ours, theirs) = tokio::io::duplex(CHUNK);
-        let credit = self.peer_credit.load(Ordering::Relaxed);
-        let payload = if credit {
-            Bytes::from_static(CREDIT)
-        } else {
-            Bytes::new()
-        };
-        self.sender
-            .send(TUNNEL_LANE, encode(Op::Open, id, payload))?;
-        self.attach(id, theirs, credit);
+        self.sender.send(
+            TUNNEL_LANE,
+            encode(Op::Open, id, Bytes::from_static(CREDIT)),
+        )?;
+        self.attach(id, theirs, true);
         Ok(ours)
     }
 
@@ -187,8 +196,11 @@ impl Tunnel {
                 let n = <[u8; 8]>::try_from(&payload[..]).map(u64::from_be_bytes);
                 let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
                 match (n, streams.get(&id).and_then(|s| s.window.as_ref())) {
+                    // An honest peer never grants more than was sent: a
+                    // window never holds more than WINDOW, whatever it says.
                     (Ok(n), Some(w)) => {
-                        w.add_permits(usize::try_from(n).unwrap_or(WINDOW).min(WINDOW))
+                        let room = WINDOW.saturating_sub(w.available_permits());
+                        w.add_permits(usize::try_from(n).unwrap_or(WINDOW).min(room))
                     }
                     (Err(_), _) => return Delivered::Malformed,
                     _ => {}
@@ -205,28 +217,39 @@ impl Tunnel {
             Op::Eof => Chunk::Eof,
             Op::Reset => Chunk::Reset,
         };
-        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
         let Some(s) = streams.get(&id) else {
             return Delivered::Handled;
         };
         if let Chunk::Data(d) = &chunk {
             let queued = s.queued.fetch_add(d.len() as u64, Ordering::Relaxed) + d.len() as u64;
-            // A peer that ignores the window: drop the stream rather than
-            // queue without bound.
-            if s.window.is_some() && queued > 2 * WINDOW as u64 {
-                tracing::warn!(
-                    stream = id,
-                    queued,
-                    "the peer overran the stream's window; resetting it"
-                );
-                let s = streams.remove(&id).expect("present");
-                let _ = s.tx.send(Chunk::Reset);
-                if let Some(w) = &s.window {
-                    w.close();
-                }
+            // The sender may have WINDOW bytes sent and not credited, and
+            // what waits here was sent and not consumed, hence not
+            // credited: an honest peer never passes WINDOW. A stream
+            // without flow control (agent side, opened by a hub that did
+            // not ask for it) is the hub's to fill.
+            let overrun = s.window.is_some() && queued > WINDOW as u64;
+            let total = || {
+                streams
+                    .values()
+                    .map(|s| s.queued.load(Ordering::Relaxed))
+                    .sum::<u64>()
+            };
+            let why = if overrun {
+                Some(format!(
+                    "stream {id} has {queued} bytes waiting, over its {WINDOW}-byte window"
+                ))
+            } else if s.window.is_some() && total() > MAX_QUEUED {
+                Some(format!(
+                    "its streams have more than {MAX_QUEUED} bytes waiting together"
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = why {
                 drop(streams);
-                self.reset(id);
-                return Delivered::Handled;
+                self.reset_all();
+                return Delivered::Violation(why);
             }
         }
         if matches!(chunk, Chunk::Reset) {
@@ -244,6 +267,20 @@ impl Tunnel {
         let _ = self
             .sender
             .send(TUNNEL_LANE, encode(Op::Reset, id, Bytes::new()));
+    }
+
+    /// Ends every stream at once (the link is being closed): their readers
+    /// see a reset, their writers' waits for credit end, and what was
+    /// queued for them is dropped with them.
+    pub fn reset_all(&self) {
+        let streams = std::mem::take(&mut *self.streams.lock().unwrap_or_else(|e| e.into_inner()));
+        for (id, s) in streams {
+            let _ = s.tx.send(Chunk::Reset);
+            if let Some(w) = &s.window {
+                w.close();
+            }
+            self.reset(id);
+        }
     }
 
     /// Number of open streams.
@@ -375,6 +412,9 @@ pub enum Delivered {
     },
     Notice(serde_json::Value),
     Malformed,
+    /// The peer broke the tunnel's limits (said why): every stream was
+    /// reset, and the caller should close the link.
+    Violation(String),
 }
 
 #[cfg(test)]

@@ -409,3 +409,54 @@ async fn a_slow_consumer_is_not_an_idle_peer() {
         "link events while a slow consumer caught up: {events:?}"
     );
 }
+
+/// The proxy side knows which one-time token its agent dialled with, so
+/// that what the agent says later can be held to it; the agent's side knows
+/// none.
+#[tokio::test]
+async fn the_proxy_side_knows_the_token_its_agent_dialled_with() {
+    let mut l = listener(LinkConfig::default()).await;
+    let (addr, pin) = (l.local_addr().to_string(), l.pin());
+    let token = l.issue_token();
+    let other = l.issue_token();
+    let (a, p) = tokio::join!(dial(&addr, &pin, &token, LinkConfig::default()), l.accept());
+    let (agent, proxy) = (a.unwrap(), p.unwrap());
+    assert!(proxy.dialled_with(&token));
+    assert!(!proxy.dialled_with(&other));
+    assert!(!proxy.dialled_with(""));
+    assert!(!agent.dialled_with(&token));
+}
+
+/// A link whose `max_frame` is small (the hub's, which carries only a
+/// tunnel) never takes a bigger frame from its peer, whatever the peer's
+/// own setting: the connection is dropped instead, and the message never
+/// delivered. Its own sends are held to it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_over_the_links_max_frame_is_refused() {
+    let small = LinkConfig {
+        max_frame: 64 * 1024,
+        give_up_after: Duration::from_secs(5),
+        ..LinkConfig::default()
+    };
+    let mut l = listener(small).await;
+    let a = l.local_addr();
+    let (agent, mut proxy) = pair(&mut l, a, LinkConfig::default()).await;
+    agent
+        .sender()
+        .send(Lane::Shell, vec![b(&[1; 128 * 1024])])
+        .unwrap();
+    match recv(&mut proxy).await {
+        Incoming::Event(LinkEvent::Disconnected) => {}
+        other => panic!("the big frame was not refused: {other:?}"),
+    }
+    let e = proxy
+        .sender()
+        .send(Lane::Shell, vec![b(&[1; 128 * 1024])])
+        .unwrap_err();
+    assert!(
+        matches!(e, LinkError::MessageTooLarge { max, .. } if max == 64 * 1024),
+        "{e}"
+    );
+    // What fits goes through.
+    proxy.sender().send(Lane::Shell, vec![b(b"small")]).unwrap();
+}

@@ -7,23 +7,23 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use common::{listener, pair};
-use noyau_link::tunnel::{Delivered, Tunnel, WINDOW};
-use noyau_link::{Incoming, Link, LinkConfig};
+use noyau_link::tunnel::{self, Delivered, Op, Tunnel, MAX_QUEUED, MAX_STREAMS, WINDOW};
+use noyau_link::{Incoming, Link, LinkConfig, LinkError, LinkSender};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
-/// The agent side: says hello (granting credit or not, as an older agent
-/// does not) and hands every stream the hub opens to `server`.
+/// The agent side: says hello and hands every stream the hub opens to
+/// `server`.
 async fn serve(
     mut agent: Link,
-    credit: bool,
     tunnel_out: tokio::sync::oneshot::Sender<Arc<Tunnel>>,
     server: fn(DuplexStream),
 ) {
     let tunnel = Tunnel::new(agent.sender());
     let _ = tunnel_out.send(tunnel.clone());
     tunnel
-        .notice(&serde_json::json!({"hello": "s1", "credit": credit}))
+        .notice(&serde_json::json!({"hello": "s1", "credit": true}))
         .unwrap();
     while let Some(m) = agent.recv().await {
         if let Incoming::Message(_, frames) = m {
@@ -46,37 +46,113 @@ fn echo(mut server: DuplexStream) {
     });
 }
 
-/// A hub tunnel and an agent tunnel over a real link, the agent's streams
-/// served by `server`.
-async fn tunnels(credit: bool, server: fn(DuplexStream)) -> (Arc<Tunnel>, Arc<Tunnel>) {
-    let mut l = listener(LinkConfig::default()).await;
-    let a = l.local_addr();
-    let (agent, mut hub) = pair(&mut l, a, LinkConfig::default()).await;
-    let (agent_tx, agent_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(serve(agent, credit, agent_tx, server));
+/// The hub's end of a link: its tunnel, with what the agent said in its
+/// hello and what the tunnel reported of the agent's breaking its limits.
+struct Hub {
+    tunnel: Arc<Tunnel>,
+    hello: serde_json::Value,
+    violations: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+/// Feeds the hub's link to its tunnel, as the hub does.
+async fn hub_side(mut hub: Link) -> Hub {
     let tunnel = Tunnel::new(hub.sender());
     let t = tunnel.clone();
     let (hello_tx, hello_rx) = tokio::sync::oneshot::channel();
+    let (bad_tx, violations) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut hello = Some(hello_tx);
         while let Some(m) = hub.recv().await {
             if let Incoming::Message(_, frames) = m {
-                if let Delivered::Notice(v) = t.deliver(&frames) {
-                    if let Some(tx) = hello.take() {
-                        let _ = tx.send(v);
+                match t.deliver(&frames) {
+                    Delivered::Notice(v) => {
+                        if let Some(tx) = hello.take() {
+                            let _ = tx.send(v);
+                        }
                     }
+                    Delivered::Violation(why) => {
+                        let _ = bad_tx.send(why);
+                        return;
+                    }
+                    _ => {}
                 }
             }
         }
     });
     let hello = hello_rx.await.unwrap();
     assert_eq!(hello["hello"], "s1");
-    tunnel.set_peer_credit(hello["credit"] == true);
-    (tunnel, agent_rx.await.unwrap())
+    Hub {
+        tunnel,
+        hello,
+        violations,
+    }
 }
 
-async fn streams_carry_bytes_both_ways_with_half_close(credit: bool) {
-    let (tunnel, _agent) = tunnels(credit, echo).await;
+/// A link: (agent, hub).
+async fn link() -> (Link, Link) {
+    let mut l = listener(LinkConfig::default()).await;
+    let a = l.local_addr();
+    pair(&mut l, a, LinkConfig::default()).await
+}
+
+/// A hub tunnel and an agent tunnel over a real link, the agent's streams
+/// served by `server`.
+async fn tunnels(server: fn(DuplexStream)) -> (Arc<Tunnel>, Arc<Tunnel>) {
+    let (agent, hub) = link().await;
+    let (agent_tx, agent_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(serve(agent, agent_tx, server));
+    let hub = hub_side(hub).await;
+    assert_eq!(hub.hello["credit"], true);
+    (hub.tunnel, agent_rx.await.unwrap())
+}
+
+/// A hostile agent: says hello (without granting credit), then hands the
+/// id of every stream the hub opens to the test, which sends what it likes
+/// on the agent's link.
+async fn hostile(mut agent: Link) -> (LinkSender, tokio::sync::mpsc::UnboundedReceiver<u64>) {
+    let sender = agent.sender();
+    let (opened_tx, opened) = tokio::sync::mpsc::unbounded_channel();
+    sender
+        .send(
+            tunnel::NOTICE_LANE,
+            tunnel::encode(Op::Notice, 0, Bytes::from_static(br#"{"hello": "s1"}"#)),
+        )
+        .unwrap();
+    tokio::spawn(async move {
+        while let Some(m) = agent.recv().await {
+            if let Incoming::Message(_, frames) = m {
+                if let Some((Op::Open, id, _)) = tunnel::decode(&frames) {
+                    let _ = opened_tx.send(id);
+                }
+            }
+        }
+    });
+    (sender, opened)
+}
+
+/// Sends `bytes` of data on stream `id` in 64 KiB messages, ignoring the
+/// window, until the hub closes the link.
+fn flood(agent: &LinkSender, id: u64, bytes: usize) {
+    for _ in 0..bytes / (64 * 1024) {
+        let data = tunnel::encode(Op::Data, id, Bytes::from(vec![b'x'; 64 * 1024]));
+        if let Err(e) = agent.send(tunnel::TUNNEL_LANE, data) {
+            assert!(matches!(e, LinkError::Closed(_)), "{e}");
+            return;
+        }
+    }
+}
+
+/// Waits for the hub's tunnel to report the agent.
+async fn violation(hub: &mut Hub) -> String {
+    tokio::time::timeout(Duration::from_secs(30), hub.violations.recv())
+        .await
+        .expect("the hub never cut the agent off")
+        .expect("the hub's link ended")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_carry_bytes_both_ways_with_half_close() {
+    let (tunnel, _agent) = tunnels(echo).await;
     // Several streams at once, bigger than the link's chunks, the duplex
     // buffers and the credit window, each answered on its own stream.
     let mut tasks = Vec::new();
@@ -109,22 +185,12 @@ async fn streams_carry_bytes_both_ways_with_half_close(credit: bool) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streams_with_credit_carry_bytes_both_ways() {
-    streams_carry_bytes_both_ways_with_half_close(true).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streams_to_an_agent_without_credit_still_work() {
-    streams_carry_bytes_both_ways_with_half_close(false).await;
-}
-
 /// The agent's server reads nothing until told to.
 static HELD: std::sync::Mutex<Option<DuplexStream>> = std::sync::Mutex::new(None);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_reader_holds_at_most_a_window_then_gets_everything() {
-    let (tunnel, agent) = tunnels(true, |s| *HELD.lock().unwrap() = Some(s)).await;
+    let (tunnel, agent) = tunnels(|s| *HELD.lock().unwrap() = Some(s)).await;
     let mut s = tunnel.open().unwrap();
     let total = 20 * WINDOW;
     let sent = Arc::new(AtomicUsize::new(0));
@@ -169,4 +235,73 @@ async fn a_stalled_reader_holds_at_most_a_window_then_gets_everything() {
     assert_eq!(got.len(), total);
     assert!(got.iter().all(|b| *b == 7));
     drop(writer.await.unwrap());
+}
+
+/// An agent that never granted credit in its hello, and sends on a stream
+/// whose reader (the browser) reads nothing, as fast as it can: the hub
+/// holds the window whatever the hello said, and cuts the agent off once
+/// it passes it, dropping what it had queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_ignores_the_window_is_cut_off() {
+    let (agent, hub) = link().await;
+    let (agent, mut opened) = hostile(agent).await;
+    let mut hub = hub_side(hub).await;
+    let mut browser = hub.tunnel.open().unwrap();
+    let id = opened.recv().await.unwrap();
+    flood(&agent, id, 3 * WINDOW);
+    let why = violation(&mut hub).await;
+    assert!(why.contains("window"), "{why}");
+    assert_eq!(hub.tunnel.queued_bytes(), 0);
+    assert_eq!(hub.tunnel.open_streams(), 0);
+    // The browser's request ends (a reset) instead of waiting for more.
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), browser.read_to_end(&mut got))
+        .await
+        .expect("the stream was left open");
+    assert!(
+        got.len() <= WINDOW,
+        "{} bytes reached the browser",
+        got.len()
+    );
+}
+
+/// Within each stream's window, but on many streams whose readers all
+/// stall: past MAX_QUEUED bytes in all the hub cuts the agent off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_fills_many_windows_at_once_is_cut_off() {
+    let (agent, hub) = link().await;
+    let (agent, mut opened) = hostile(agent).await;
+    let mut hub = hub_side(hub).await;
+    let streams = MAX_QUEUED as usize / WINDOW + 8;
+    let mut browsers = Vec::new();
+    for _ in 0..streams {
+        // (once the hub has cut the agent off, it opens no more)
+        let Ok(b) = hub.tunnel.open() else { break };
+        browsers.push(b);
+        let id = opened.recv().await.unwrap();
+        flood(&agent, id, WINDOW);
+    }
+    let why = violation(&mut hub).await;
+    assert!(why.contains("together"), "{why}");
+    assert_eq!(hub.tunnel.queued_bytes(), 0);
+    assert_eq!(hub.tunnel.open_streams(), 0);
+}
+
+/// However many connections the user's browser opens, a tunnel carries at
+/// most MAX_STREAMS streams, and says why it refuses one more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_opens_at_most_max_streams() {
+    let (agent, hub) = link().await;
+    let (_agent, _opened) = hostile(agent).await;
+    let hub = hub_side(hub).await;
+    let held: Vec<_> = (0..MAX_STREAMS)
+        .map(|_| hub.tunnel.open().unwrap())
+        .collect();
+    let e = hub.tunnel.open().unwrap_err();
+    assert!(
+        matches!(e, LinkError::TooManyStreams(n) if n == MAX_STREAMS),
+        "{e}"
+    );
+    assert!(e.to_string().contains("close some"), "{e}");
+    drop(held);
 }

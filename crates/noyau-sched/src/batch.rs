@@ -179,6 +179,14 @@ pub(crate) trait Batch: Send + Sync + 'static {
         false
     }
 
+    /// Whether `id` has the form of one job's id (not an array's or a
+    /// task's) as its submission prints it: what `noyau hub-submit`, which
+    /// runs as the user, may answer before the hub follows and cancels it.
+    /// Slurm, OAR and Grid Engine number their jobs.
+    fn is_single_job_id(&self, id: &str) -> bool {
+        is_job_number(id)
+    }
+
     /// What `submit` would run (script and arguments), for `--dry-run`;
     /// checks what only the scheduler knows (a partition's name).
     async fn dry_run(&self, spec: &JobSpec) -> Result<String, SchedError>;

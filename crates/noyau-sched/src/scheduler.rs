@@ -392,14 +392,15 @@ pub(crate) async fn submit_through(
         .output()
         .await
         .map_err(SchedError::Submit)?;
-    out.lines()
-        .find_map(|l| l.trim().strip_prefix("id="))
-        .filter(|id| !id.is_empty())
-        .map(str::to_string)
-        .ok_or(SchedError::NoJobId {
+    // It runs as the user, who may have changed it: its answer is a job
+    // id of this scheduler's, or nothing the hub will act on.
+    match out.lines().find_map(|l| l.trim().strip_prefix("id=")) {
+        Some(id) if imp.is_single_job_id(id) => Ok(id.to_string()),
+        _ => Err(SchedError::NoJobId {
             command: "noyau hub-submit",
             output: out,
-        })
+        }),
+    }
 }
 
 /// `noyau hub-submit`: the job on stdin (see [`submit_through`]), submitted

@@ -987,26 +987,15 @@ mod tests {
     /// carries the hub's command paths; `SLURM_CONF` is kept.
     #[tokio::test]
     async fn as_another_user_the_whole_submission_is_the_users_hub_submit() {
-        use std::os::unix::fs::PermissionsExt;
         let t = tempfile::tempdir().unwrap();
-        let noyau = t.path().join("noyau");
         let d = t.path().display();
-        std::fs::write(
-            &noyau,
-            format!(
-                "#!/bin/sh\necho \"$*\" > {d}/args\ncat > {d}/request\nenv > {d}/env\necho id=42\n"
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&noyau, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let u = fake_hub_submit(
+            t.path(),
+            &format!("echo \"$*\" > {d}/args\ncat > {d}/request\nenv > {d}/env\necho id=42"),
+        );
         std::env::set_var("SLURM_CONF", "/etc/slurm-test/slurm.conf");
         let mut cmds = Commands::default();
         cmds.set("sbatch", "/opt/slurm/bin/sbatch".into());
-        let u = AsUser {
-            prefix: Vec::new(),
-            home: t.path().into(),
-            noyau,
-        };
         let slurm = Slurm {
             cmds,
             raises: tokio::sync::OnceCell::new(),
@@ -1021,6 +1010,45 @@ mod tests {
         assert_eq!(req["spec"]["env"]["NOYAU_LINK_TOKEN"], "s3cret-token");
         assert!(read("env").contains("SLURM_CONF=/etc/slurm-test/slurm.conf"));
         assert!(!read("env").contains("s3cret"), "the secrets come on stdin");
+    }
+
+    /// A user to submit as, whose `noyau hub-submit` runs `script` (sh).
+    fn fake_hub_submit(dir: &Path, script: &str) -> AsUser {
+        use std::os::unix::fs::PermissionsExt;
+        let noyau = dir.join("noyau");
+        std::fs::write(&noyau, format!("#!/bin/sh\n{script}\n")).unwrap();
+        std::fs::set_permissions(&noyau, std::fs::Permissions::from_mode(0o755)).unwrap();
+        AsUser {
+            prefix: Vec::new(),
+            home: dir.into(),
+            noyau,
+        }
+    }
+
+    /// `noyau hub-submit` runs as the user, who may have replaced it: an id
+    /// that is not one Slurm job's (two jobs for `scancel`, an option, a
+    /// task of another's array) is not taken.
+    #[tokio::test]
+    async fn only_a_job_id_from_hub_submit_is_taken() {
+        for bad in ["42,43", "--me", "42_1", "42 43", "", "x42"] {
+            let t = tempfile::tempdir().unwrap();
+            let u = fake_hub_submit(t.path(), &format!("cat >/dev/null\necho 'id={bad}'"));
+            let slurm = Slurm {
+                cmds: Commands::default(),
+                raises: tokio::sync::OnceCell::new(),
+            };
+            let e = slurm.submit(&spec(), Some(&u)).await.unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    SchedError::NoJobId {
+                        command: "noyau hub-submit",
+                        ..
+                    }
+                ),
+                "{bad:?}: {e}"
+            );
+        }
     }
 
     #[test]
