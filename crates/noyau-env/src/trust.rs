@@ -8,8 +8,9 @@
 //! prepares its environment before any cell runs. So what the notebook's
 //! metadata, its `%noyau env` cells and the project's `noyau.toml`
 //! `[environment]` declare is checked against [`names_code`]; when one of
-//! them names code and the project's directory is not in the user's or
-//! the site's `trusted_projects` (noyau-config), the environment is
+//! them names code and the user's own `trusted_projects` does not trust
+//! the project's directory (noyau-config's `trusts_project`: the site's
+//! entries only let its noyau.toml be read), the environment is
 //! refused with [`EnvError::UntrustedCode`], never silently changed. The
 //! user's own sources (`--env`, `NOYAU_ENV`) are not checked.
 //!
