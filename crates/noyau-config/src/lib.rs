@@ -35,8 +35,8 @@
 //! `DIR/*` only over directories no one else could have written: see
 //! [`trusted`]). A project's file whose directory is not so trusted may
 //! choose resources but not code: its profiles may not set `prologue`,
-//! `env` or a scheduler's options (`sbatch`, `oarsub`, `qsub`): see
-//! `code_key`.
+//! `env` (but thread counts, `OMP_NUM_THREADS = "8"`…) or a scheduler's
+//! options (`sbatch`, `oarsub`, `qsub`): see `code_key`.
 //! Such a profile is refused when it is used ([`Config::profile`]), not
 //! when the file is read: its other profiles, and commands that use none
 //! (`noyau ps`, `cancel`, `extend`), still work there.
@@ -391,18 +391,48 @@ fn code_key(key: &noyau_sched::Key) -> Option<String> {
              sandbox"
                 .into(),
         ),
-        ("env", _) => Some(
+        ("env", _) => Some(format!(
             "its variables are set for noyau's agent and the kernel before they start, outside \
              any sandbox, and a variable can name code to run (LD_PRELOAD, PATH, PYTHONPATH, \
-             BASH_ENV, NOYAU_DASK_PYTHON…)"
-                .into(),
-        ),
+             BASH_ENV, NOYAU_DASK_PYTHON…); only thread counts ({} = a whole number) are a \
+             project's to set",
+            THREAD_VARS.join(", ")
+        )),
         (name, Kind::Options | Kind::Args) => Some(format!(
             "its items go as they are to the scheduler's submit command (`{name}` options), \
              which can name a script to run, a file of yours to overwrite or variables to export"
         )),
         _ => None,
     }
+}
+
+/// The variables a project's profile, or a cell, may set without trust:
+/// thread counts, whose value is a number that names nothing to run.
+const THREAD_VARS: [&str; 4] = [
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+];
+
+/// Whether `NAME=value` is a thread count ([`THREAD_VARS`], a whole
+/// number of at most four digits).
+fn thread_count(name: &str, value: &str) -> bool {
+    THREAD_VARS.contains(&name)
+        && (1..=4).contains(&value.len())
+        && value.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Whether a profile's `env` table holds thread counts only (a number
+/// not written as a string is one too: [`given`] then says how to write it).
+fn thread_counts_only(env: &toml::Value) -> bool {
+    env.as_table().is_some_and(|t| {
+        t.iter().all(|(k, v)| match v {
+            toml::Value::String(v) => thread_count(k, v),
+            toml::Value::Integer(n) => thread_count(k, &n.to_string()),
+            _ => false,
+        })
+    })
 }
 
 /// Sets one file's `[profiles.NAME]` table over `p`; an error names the
@@ -605,10 +635,13 @@ impl ProjectFile {
         table: &BTreeMap<Spanned<String>, Spanned<toml::Value>>,
         text: &str,
     ) -> Option<UntrustedKey> {
-        for k in table.keys() {
+        for (k, v) in table {
             let Some(key) = noyau_sched::find_key(k.get_ref()) else {
                 continue; // unknown: named by merge_table
             };
+            if key.name == "env" && thread_counts_only(v.get_ref()) {
+                continue;
+            }
             if let Some(why) = code_key(&key) {
                 return Some(UntrustedKey {
                     path: path.into(),
@@ -822,11 +855,12 @@ impl Config {
     /// Refuses a cell's override `o` that names code ([`code_key`]) unless
     /// the notebook's directory `dir` is trusted.
     fn refuse_cell_code(&self, o: &str, dir: &Path) -> Result<(), ConfigError> {
-        let key = o.split_once('=').map_or(o, |(k, _)| k).trim();
-        let found = if key.starts_with("env.") {
-            noyau_sched::find_key("env")
-        } else {
-            noyau_sched::find_key(key)
+        let (key, value) = o.split_once('=').unwrap_or((o, ""));
+        let key = key.trim();
+        let found = match key.strip_prefix("env.") {
+            Some(var) if thread_count(var.trim(), value.trim()) => return Ok(()),
+            Some(_) => noyau_sched::find_key("env"),
+            None => noyau_sched::find_key(key),
         };
         let Some(why) = found.as_ref().and_then(code_key) else {
             return Ok(());

@@ -632,3 +632,63 @@ fn a_users_wildcard_does_not_trust_another_users_directory() {
     setup(d.path(), &[dir.display().to_string()]);
     assert_eq!(code_refusal(&site, &project), None, "exact entry");
 }
+
+/// Thread counts (`OMP_NUM_THREADS = "8"`…, a whole number) are a
+/// project's or a cell's to set without trust; any other variable, or a
+/// value that is not a number, still needs it.
+#[test]
+fn thread_counts_need_no_trust_and_nothing_else_in_env_does() {
+    use crate::OverridesFrom;
+    let d = tempfile::tempdir().unwrap();
+    let (user, project) = setup(d.path(), &[]);
+    let nb = project.parent().unwrap();
+    write(
+        &project,
+        "[profiles.p]\nenv = { OMP_NUM_THREADS = \"8\", MKL_NUM_THREADS = \"2\", \
+         OPENBLAS_NUM_THREADS = \"1\", NUMEXPR_NUM_THREADS = \"16\" }\n",
+    );
+    let p = load(&user, &project)
+        .unwrap()
+        .profile(Some("p"), &[])
+        .unwrap();
+    assert_eq!(p.env["OMP_NUM_THREADS"], "8");
+    assert_eq!(p.env.len(), 4);
+    for env in [
+        "{ OMP_NUM_THREADS = \"8\", LD_PRELOAD = \"/tmp/x.so\" }",
+        "{ OMP_NUM_THREADS = \"8 \" }",
+        "{ OMP_NUM_THREADS = \"$(id)\" }",
+        "{ OMP_NUM_THREADS = \"\" }",
+        "{ OMP_NUM_THREADS = \"12345\" }",
+        "{ OMP_NUM_THREADS = \"-1\" }",
+        "{ GOMP_CPU_AFFINITY = \"0\" }",
+    ] {
+        write(&project, &format!("[profiles.p]\nenv = {env}\n"));
+        let e = load(&user, &project)
+            .unwrap()
+            .profile(Some("p"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("[profiles.p] env") && e.contains("only thread counts (OMP_NUM_THREADS"),
+            "{env}: {e}"
+        );
+    }
+    write(&project, PROFILE);
+    let c = load(&user, &project).unwrap();
+    let cell = |word: &str| c.profile_from(Some("p"), &[word.into()], OverridesFrom::Cell(nb));
+    assert_eq!(
+        cell("env.OMP_NUM_THREADS=4").unwrap().env["OMP_NUM_THREADS"],
+        "4"
+    );
+    assert!(cell("env.MKL_NUM_THREADS = 2").is_ok());
+    for word in [
+        "env.OMP_NUM_THREADS=4x",
+        "env.LD_PRELOAD=4",
+        "env.OMP_NUM_THREADS=",
+    ] {
+        assert!(
+            matches!(cell(word), Err(ConfigError::CellKey { .. })),
+            "{word}"
+        );
+    }
+}
