@@ -580,7 +580,11 @@ fn a_users_wildcard_trusts_code_only_where_no_one_else_could_write() {
     chmod(&under, 0o777);
     let e = code_refusal(&site, &project).expect("its parent is open: refused");
     assert!(
-        e.contains(&shown) && e.contains(&format!("{} above it is writable", under.display())),
+        e.contains(&shown)
+            && e.contains(&format!(
+                "{} on the way to it is writable by its group or others (mode 0777)",
+                under.display()
+            )),
         "{e}"
     );
     chmod(&under, 0o1777);
@@ -594,8 +598,9 @@ fn a_users_wildcard_trusts_code_only_where_no_one_else_could_write() {
     std::os::unix::fs::symlink(&dir, &link).unwrap();
     let c = Config::load_with(&site, &link.join("noyau.toml")).unwrap();
     let trust = c.trusted_projects.code(&link);
+    let why = format!("{} on the way to it is writable", open.display());
     assert!(
-        !trust.is_trusted() && trust.note().contains("it is reached through the link"),
+        !trust.is_trusted() && trust.note().contains(&why),
         "{trust:?}"
     );
     assert!(c.trusted_projects.code(&dir).is_trusted());
@@ -631,6 +636,24 @@ fn a_users_wildcard_does_not_trust_another_users_directory() {
     );
     setup(d.path(), &[dir.display().to_string()]);
     assert_eq!(code_refusal(&site, &project), None, "exact entry");
+    // The user's own directory, reached through another user's link
+    // (which they could point elsewhere after the check).
+    std::os::unix::fs::chown(dir, Some(noyau_trust::me()), None).unwrap();
+    setup(d.path(), &[format!("{}/*", d.path().display())]);
+    let link = d.path().join("link");
+    std::os::unix::fs::symlink(dir, &link).unwrap();
+    let c = Config::load_with(&site, &link.join("noyau.toml")).unwrap();
+    assert!(c.trusted_projects.code(&link).is_trusted(), "my own link");
+    std::os::unix::fs::lchown(&link, Some(NOBODY), None).unwrap();
+    let trust = c.trusted_projects.code(&link);
+    let why = format!(
+        "{} on the way to it belongs to uid {NOBODY}, who could point it elsewhere",
+        link.display()
+    );
+    assert!(
+        !trust.is_trusted() && trust.note().contains(&why),
+        "{trust:?}"
+    );
 }
 
 /// Thread counts (`OMP_NUM_THREADS = "8"`…, a whole number) are a

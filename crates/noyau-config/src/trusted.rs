@@ -159,82 +159,98 @@ fn resolved(p: &Path) -> PathBuf {
 }
 
 /// Why no one but the user (or root) can be said to have written `dir`,
-/// or put it where it is, if that is not so. `dir` is resolved and what
-/// was resolved is examined without following links: the directory must
-/// be the user's or root's and not writable by group or others; and so
-/// must each directory above it (one another user could write could have
-/// the project swapped for theirs between this check and noyau's reads),
-/// except a sticky one (`/tmp`, `/scratch`: only an entry's owner may
-/// rename it there). A link met on the way to `dir` as given must be the
-/// user's or root's, in such a directory, or another user could point it
-/// elsewhere after the check.
+/// or put it where it is, if that is not so. `dir` is resolved here, one
+/// component at a time, each examined without following it: every
+/// directory passed through must be the user's or root's and not writable
+/// by group or others, unless sticky (`/tmp`, `/scratch`: there only an
+/// entry's owner may rename it), and every link followed the user's or
+/// root's; `dir` itself must be the user's or root's and not writable by
+/// others at all. Else another user could have made it, or swap it (or a
+/// link on the way) for theirs between this check and noyau's reads.
 pub(crate) fn secure_dir(dir: &Path) -> Result<(), String> {
-    let real = std::fs::canonicalize(dir)
-        .map_err(|e| format!("{} cannot be resolved ({e})", dir.display()))?;
+    let abs = std::path::absolute(dir).map_err(|e| format!("{} ({e})", dir.display()))?;
+    let mut todo: Vec<std::ffi::OsString> = Vec::new();
+    push_front(&mut todo, &abs);
+    let mut real = PathBuf::from("/");
+    passable(&real)?;
+    let mut links = 0;
+    while let Some(name) = todo.pop() {
+        match name.to_str() {
+            Some("/") => real = PathBuf::from("/"),
+            Some(".") => {}
+            Some("..") => {
+                real.pop();
+            }
+            _ => {
+                let next = real.join(&name);
+                let meta = std::fs::symlink_metadata(&next)
+                    .map_err(|e| format!("cannot examine {} ({e})", next.display()))?;
+                if meta.file_type().is_symlink() {
+                    links += 1;
+                    if links > 40 {
+                        return Err(format!("{} leads through too many links", dir.display()));
+                    }
+                    ours(&next, meta.uid(), "could point it elsewhere")?;
+                    let target = std::fs::read_link(&next)
+                        .map_err(|e| format!("cannot read the link {} ({e})", next.display()))?;
+                    push_front(&mut todo, &target);
+                    continue;
+                }
+                real = next;
+                if !todo.is_empty() {
+                    passable(&real)?;
+                }
+            }
+        }
+    }
     Expect::dir()
         .owner(Owner::MeOr(0, "root"))
         .mode(Mode::NoOthersWrite)
         .check(&real)
+        .map(drop)
         .map_err(|e| match e.problem() {
             Some(p) => format!("{} {p}", real.display()),
             None => e.to_string(),
-        })?;
-    if let Some(parent) = real.parent() {
-        secure_chain(parent)?;
-    }
-    links_on_the_way(dir)
+        })
 }
 
-/// `from` (resolved) and each directory above it: see [`secure_dir`].
-fn secure_chain(from: &Path) -> Result<(), String> {
-    for above in from.ancestors() {
-        let meta = std::fs::symlink_metadata(above)
-            .map_err(|e| format!("cannot examine {} ({e})", above.display()))?;
-        let (uid, mode) = (meta.uid(), meta.permissions().mode());
-        if !meta.is_dir() {
-            return Err(format!("{} is no longer a directory", above.display()));
-        }
-        if uid != noyau_trust::me() && uid != 0 {
-            return Err(format!(
-                "{} above it belongs to uid {uid}, who could replace what is in it",
-                above.display()
-            ));
-        }
-        if mode & 0o022 != 0 && mode & 0o1000 == 0 {
-            return Err(format!(
-                "{} above it is writable by its group or others (mode {:04o}), who could \
-                 replace what is in it",
-                above.display(),
-                mode & 0o7777
-            ));
-        }
+/// Puts `path`'s components before those still `todo` (a stack: the
+/// next one last).
+fn push_front(todo: &mut Vec<std::ffi::OsString>, path: &Path) {
+    todo.extend(
+        path.components()
+            .rev()
+            .map(|c| c.as_os_str().to_os_string()),
+    );
+}
+
+/// A directory passed through on the way: see [`secure_dir`].
+fn passable(d: &Path) -> Result<(), String> {
+    let meta = std::fs::symlink_metadata(d)
+        .map_err(|e| format!("cannot examine {} ({e})", d.display()))?;
+    if !meta.is_dir() {
+        return Err(format!("{} is not a directory", d.display()));
+    }
+    ours(d, meta.uid(), "could replace what is in it")?;
+    let mode = meta.permissions().mode();
+    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        return Err(format!(
+            "{} on the way to it is writable by its group or others (mode {:04o}), who could \
+             replace what is in it",
+            d.display(),
+            mode & 0o7777
+        ));
     }
     Ok(())
 }
 
-/// Each link on the way to `dir` as given (`/home` to `/gpfs/home`): the
-/// user's or root's, in a directory that passes [`secure_chain`].
-fn links_on_the_way(dir: &Path) -> Result<(), String> {
-    let abs = std::path::absolute(dir).map_err(|e| format!("{} ({e})", dir.display()))?;
-    for p in abs.ancestors() {
-        let Ok(meta) = std::fs::symlink_metadata(p) else {
-            continue;
-        };
-        if !meta.file_type().is_symlink() {
-            continue;
-        }
-        let uid = meta.uid();
-        if uid != noyau_trust::me() && uid != 0 {
-            return Err(format!(
-                "it is reached through the link {}, which belongs to uid {uid}, who could point \
-                 it elsewhere",
-                p.display()
-            ));
-        }
-        if let Some(parent) = p.parent() {
-            secure_chain(&resolved(parent))
-                .map_err(|why| format!("it is reached through the link {}: {why}", p.display()))?;
-        }
+/// `uid`, the owner of `p`, is the user or root; else who could do `what`.
+fn ours(p: &Path, uid: u32, what: &str) -> Result<(), String> {
+    if uid == noyau_trust::me() || uid == 0 {
+        return Ok(());
     }
-    Ok(())
+    Err(format!(
+        "{} on the way to it belongs to uid {uid}, who {what}",
+        p.display()
+    ))
 }
