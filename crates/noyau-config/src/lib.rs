@@ -512,7 +512,7 @@ const PROJECT_FILE: &str = "noyau.toml";
 /// The site's and the user's config files (not the project's), read in
 /// this order: kept apart, since only the user's trusts a project's code
 /// ([`trusted`]).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SiteFiles {
     /// `/etc/noyau/config.toml`, or `$NOYAU_SYSTEM_CONFIG`.
     pub system: Option<PathBuf>,
