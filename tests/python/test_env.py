@@ -504,6 +504,15 @@ def test_a_cloned_projects_noyau_toml_cannot_run_an_interpreter_while_preparing(
     refused_untrusted(p, "python", tmp_path, xdg)
     assert "noyau.toml" in p.stderr, p.stderr[-3000:]
     assert not marker.exists()
+    # The site's trusted_projects lets the file be read, not name code:
+    # only the user's own file trusts a project's code.
+    site = tmp_path / "site.toml"
+    site.write_text(f'trusted_projects = ["{tmp_path.parent.resolve()}/*"]\n')
+    p = run_only(tmp_path, nb, cache=tmp_path / "cache",
+                 env={"XDG_CONFIG_HOME": str(xdg), "NOYAU_SYSTEM_CONFIG": str(site)})
+    refused_untrusted(p, "python", tmp_path, xdg)
+    assert "The site's trusted_projects entry" in p.stderr, p.stderr[-3000:]
+    assert not marker.exists()
     # `noyau trust DIR` (what the message suggests) trusts it.
     env = dict(os.environ, XDG_CONFIG_HOME=str(xdg))
     t = subprocess.run([NOYAU, "trust", str(tmp_path)], capture_output=True, text=True, env=env, timeout=60)

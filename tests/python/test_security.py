@@ -1035,8 +1035,11 @@ def test_a_project_file_another_user_planted_is_refused_until_trusted(noyau_bin:
     sticky bit: a shared scratch space) whose profile sets the kernel's
     environment. User B's `noyau run` there (local backend) refuses it,
     naming the file, its owner and `trusted_projects`, and runs nothing:
-    the notebook is untouched, no output is written. Once B's own config
-    trusts the directory, the run goes through and the profile counts."""
+    the notebook is untouched, no output is written. A site's wildcard
+    over it lets the file be read but not set the environment, nor does
+    B's own wildcard (the directory is open to others). Once B's own
+    config trusts the directory, the run goes through and the profile
+    counts."""
     if os.geteuid() != 0:
         lib.missing("running noyau as two Unix users needs root")
     if not (hl.JUPYTER_VENV / "bin" / "python").exists():
@@ -1076,9 +1079,29 @@ def test_a_project_file_another_user_planted_is_refused_until_trusted(noyau_bin:
         assert f'trusted_projects = ["{shared}"]' in r.stderr, r.stderr[-3000:]
         assert nb.read_bytes() == before and not (shared / "out.ipynb").exists()
 
-        # B trusts the directory, in B's own config.
+        # The site's wildcard lets A's file be read, not set the kernel's
+        # environment (code): only B's own config can trust that.
+        site = bin_dir / "site.toml"
+        site.write_text('trusted_projects = ["/tmp/*"]\n')
+        site.chmod(0o644)
+        r = _as_user(b, run, shared, {**env, "NOYAU_SYSTEM_CONFIG": str(site)})
+        assert r.returncode != 0, r.stdout + r.stderr
+        assert "[profiles.p] env" in r.stderr, r.stderr[-3000:]
+        assert "The site's trusted_projects entry \"/tmp/*\"" in r.stderr, r.stderr[-3000:]
+        assert nb.read_bytes() == before and not (shared / "out.ipynb").exists()
+
+        # B's own wildcard over it does not trust a directory others can write.
         conf = Path(pwd.getpwnam(b.name).pw_dir) / ".config" / "noyau"
         _as_user(b, ["mkdir", "-p", str(conf)], shared, {})
+        _as_user(b, ["sh", "-c", "umask 022; echo 'trusted_projects = [\"/tmp/*\"]' > "
+                     f"{conf}/config.toml"], shared, {})
+        r = _as_user(b, run, shared, env)
+        assert r.returncode != 0, r.stdout + r.stderr
+        assert f"{shared} is writable by its group or others" in r.stderr, r.stderr[-3000:]
+        assert "a wildcard trusts only directories" in r.stderr, r.stderr[-3000:]
+        assert nb.read_bytes() == before and not (shared / "out.ipynb").exists()
+
+        # B trusts the directory itself, in B's own config.
         _as_user(b, ["sh", "-c", f"umask 022; echo 'trusted_projects = [\"{shared}\"]' > "
                      f"{conf}/config.toml"], shared, {})
         r = _as_user(b, run, shared, env)

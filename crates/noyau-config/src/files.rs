@@ -22,7 +22,7 @@
 //! owns; what they could put is theirs, and refused.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use noyau_trust::{Expect, Mode, Owner, Problem, TrustError};
 
@@ -151,43 +151,4 @@ fn project_fix(path: &Path, problem: &Problem, user_file: Option<&Path>) -> Stri
          to {user}",
         d = dir.display()
     )
-}
-
-/// The directories whose project file is read whoever wrote it:
-/// `trusted_projects` of the site's and the user's files. Each entry is an
-/// absolute directory, or one ending in `/*` for every directory under it
-/// (as git's `safe.directory`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TrustedProjects(Vec<PathBuf>);
-
-impl TrustedProjects {
-    /// Adds a file's list; a relative entry is refused (against which
-    /// directory would it be?).
-    pub(crate) fn extend(&mut self, entries: Vec<String>) -> Result<(), String> {
-        for e in entries {
-            if !Path::new(&e).is_absolute() {
-                return Err(format!(
-                    "trusted_projects: {e:?} is not an absolute path; write the directory in \
-                     full, e.g. \"/scratch/team/project\""
-                ));
-            }
-            self.0.push(e.into());
-        }
-        Ok(())
-    }
-
-    /// Whether the project file in `dir` is trusted. Both sides are
-    /// compared as the filesystem resolves them (the working directory is
-    /// already resolved; a notebook's path or an entry may go through a
-    /// link).
-    pub fn trusts(&self, dir: &Path) -> bool {
-        let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.into());
-        let dir = real(dir);
-        self.0
-            .iter()
-            .any(|t| match t.to_str().and_then(|s| s.strip_suffix("/*")) {
-                Some(under) => dir.starts_with(real(Path::new(under))),
-                None => dir == real(t),
-            })
-    }
 }

@@ -31,9 +31,12 @@
 //! is read whoever wrote it. Elsewhere a project's file is read only if it
 //! is a regular file that the user or root owns and that no one else can
 //! write; the site's and the user's files must be so too (see [`files`]).
-//! A project's file whose directory is not so trusted may choose
-//! resources but not code: its profiles may not set `prologue`, `env` or
-//! a scheduler's options (`sbatch`, `oarsub`, `qsub`): see `code_key`.
+//! Only the user's own entries also trust a project's code (a wildcard
+//! `DIR/*` only over directories no one else could have written: see
+//! [`trusted`]). A project's file whose directory is not so trusted may
+//! choose resources but not code: its profiles may not set `prologue`,
+//! `env` (but thread counts, `OMP_NUM_THREADS = "8"`…) or a scheduler's
+//! options (`sbatch`, `oarsub`, `qsub`): see `code_key`.
 //! Such a profile is refused when it is used ([`Config::profile`]), not
 //! when the file is read: its other profiles, and commands that use none
 //! (`noyau ps`, `cancel`, `extend`), still work there.
@@ -68,6 +71,7 @@
 
 mod files;
 mod trust;
+mod trusted;
 
 use noyau_vars::EnvVars;
 use std::collections::BTreeMap;
@@ -77,9 +81,10 @@ use noyau_sched::Given;
 use serde::Deserialize;
 use toml::Spanned;
 
-pub use files::{TrustedProjects, MAX_LOCK_SIZE, MAX_SIZE};
+pub use files::{MAX_LOCK_SIZE, MAX_SIZE};
 pub use noyau_sched::{parse_size, parse_time, suggest, Profile, ProfileError};
 pub use trust::trust_project;
+pub use trusted::{CodeTrust, TrustedProjects};
 
 use files::Origin;
 
@@ -114,12 +119,16 @@ pub enum ConfigError {
         "%%noyau on … {key}=…: a notebook cell may not set `{key}` ({why}), unless you trust \
          the notebook's directory. Put it in this profile in your own config file \
          ({user_file}), or, if you trust everyone who can write in {dir}, run \
-         `noyau trust {dir}`",
+         `noyau trust {dir}`{}",
+        spaced(note),
         dir = dir.display()
     )]
     CellKey {
         key: String,
         why: String,
+        /// Why the entries that name the directory do not trust it
+        /// ([`CodeTrust::note`]).
+        note: String,
         /// The notebook's directory, the one to trust.
         dir: PathBuf,
         /// The user's config file, or how it is found.
@@ -146,8 +155,8 @@ pub enum ConfigError {
     "{}: [profiles.{profile}] {key} ({at}): {why}. The project's directory is not trusted, so \
      its noyau.toml may choose resources, not code to run. If you trust everyone who can \
      write in {dir}, run `noyau trust {dir}` (it adds `trusted_projects = [\"{dir}\"]` to \
-     {user_file}); or set this profile in {user_file} yourself",
-    path.display(), dir = dir.display()
+     {user_file}); or set this profile in {user_file} yourself{}",
+    path.display(), spaced(note), dir = dir.display()
 )]
 pub struct UntrustedKey {
     pub path: PathBuf,
@@ -156,10 +165,23 @@ pub struct UntrustedKey {
     /// `line L, column C`.
     pub at: String,
     pub why: String,
+    /// Why the entries that name the directory do not trust it
+    /// ([`CodeTrust::note`]).
+    pub note: String,
     /// The project's directory, the one to trust.
     pub dir: PathBuf,
     /// The user's config file, or how it is found.
     pub user_file: String,
+}
+
+/// `note` as the last sentence of a message: after a `.` and a space,
+/// or nothing.
+fn spaced(note: &str) -> String {
+    if note.is_empty() {
+        String::new()
+    } else {
+        format!(". {note}")
+    }
 }
 
 fn available(known: &[String]) -> String {
@@ -369,18 +391,48 @@ fn code_key(key: &noyau_sched::Key) -> Option<String> {
              sandbox"
                 .into(),
         ),
-        ("env", _) => Some(
+        ("env", _) => Some(format!(
             "its variables are set for noyau's agent and the kernel before they start, outside \
              any sandbox, and a variable can name code to run (LD_PRELOAD, PATH, PYTHONPATH, \
-             BASH_ENV, NOYAU_DASK_PYTHON…)"
-                .into(),
-        ),
+             BASH_ENV, NOYAU_DASK_PYTHON…); only thread counts ({} = a whole number) are a \
+             project's to set",
+            THREAD_VARS.join(", ")
+        )),
         (name, Kind::Options | Kind::Args) => Some(format!(
             "its items go as they are to the scheduler's submit command (`{name}` options), \
              which can name a script to run, a file of yours to overwrite or variables to export"
         )),
         _ => None,
     }
+}
+
+/// The variables a project's profile, or a cell, may set without trust:
+/// thread counts, whose value is a number that names nothing to run.
+const THREAD_VARS: [&str; 4] = [
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+];
+
+/// Whether `NAME=value` is a thread count ([`THREAD_VARS`], a whole
+/// number of at most four digits).
+fn thread_count(name: &str, value: &str) -> bool {
+    THREAD_VARS.contains(&name)
+        && (1..=4).contains(&value.len())
+        && value.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Whether a profile's `env` table holds thread counts only (a number
+/// not written as a string is one too: [`given`] then says how to write it).
+fn thread_counts_only(env: &toml::Value) -> bool {
+    env.as_table().is_some_and(|t| {
+        t.iter().all(|(k, v)| match v {
+            toml::Value::String(v) => thread_count(k, v),
+            toml::Value::Integer(n) => thread_count(k, &n.to_string()),
+            _ => false,
+        })
+    })
 }
 
 /// Sets one file's `[profiles.NAME]` table over `p`; an error names the
@@ -440,9 +492,10 @@ pub struct Config {
     pub concurrent_submissions: Option<usize>,
     /// `[idle]`, key by key over the defaults.
     pub idle: IdleLimits,
-    /// The directories whose project file is read whoever wrote it
-    /// (top-level `trusted_projects`, the system's and the user's lists
-    /// together; a project's own is ignored).
+    /// The directories whose project file is read whoever wrote it, and
+    /// whose code is trusted (top-level `trusted_projects`, the system's
+    /// and the user's lists, each entry knowing whose it is; a project's
+    /// own is ignored).
     pub trusted_projects: TrustedProjects,
     /// The profiles of an untrusted project's file that name code, by
     /// name: refused when used ([`Config::profile`]), not when the file is
@@ -456,14 +509,47 @@ pub struct Config {
 /// The project's file, in the working directory.
 const PROJECT_FILE: &str = "noyau.toml";
 
-/// The site's and the user's files (not the project's), in order.
-pub fn site_paths() -> Vec<PathBuf> {
+/// The site's and the user's config files (not the project's), read in
+/// this order: kept apart, since only the user's trusts a project's code
+/// ([`trusted`]).
+#[derive(Debug, Clone)]
+pub struct SiteFiles {
+    /// `/etc/noyau/config.toml`, or `$NOYAU_SYSTEM_CONFIG`.
+    pub system: Option<PathBuf>,
+    /// [`user_file`].
+    pub user: Option<PathBuf>,
+}
+
+impl SiteFiles {
+    /// The files in the order they are read, each with what its
+    /// `trusted_projects` grants.
+    fn each(&self) -> impl Iterator<Item = (&Path, trusted::Grantor)> {
+        let system = self.system.as_deref().map(|p| (p, trusted::Grantor::Site));
+        let user = self.user.as_deref().map(|p| (p, trusted::Grantor::User));
+        system.into_iter().chain(user)
+    }
+}
+
+#[cfg(test)]
+impl SiteFiles {
+    /// Only a user's file, at `user`.
+    pub(crate) fn user_only(user: &Path) -> Self {
+        SiteFiles {
+            system: None,
+            user: Some(user.into()),
+        }
+    }
+}
+
+/// The site's and the user's files, as the environment names them.
+pub fn site_paths() -> SiteFiles {
     let system = std::env::var_os(EnvVars::NOYAU_SYSTEM_CONFIG)
         .map(PathBuf::from)
         .unwrap_or_else(|| "/etc/noyau/config.toml".into());
-    let mut v = vec![system];
-    v.extend(user_path(&|name| std::env::var_os(name)));
-    v
+    SiteFiles {
+        system: Some(system),
+        user: user_path(&|name| std::env::var_os(name)),
+    }
 }
 
 /// The user's file: `$XDG_CONFIG_HOME/noyau/config.toml`, else
@@ -483,12 +569,12 @@ pub fn user_file() -> Option<PathBuf> {
     user_path(&|name| std::env::var_os(name))
 }
 
-/// Whether the site's or the user's `trusted_projects` trusts the project
-/// in `dir`: its noyau.toml is read whoever wrote it, and what it and its
-/// notebooks declare may name code that runs outside the sandbox while
-/// their environment is prepared (noyau-env's `trust`).
-pub fn trusts_project(dir: &Path) -> Result<bool, ConfigError> {
-    Ok(site_trusted(&site_paths())?.trusts(dir))
+/// Whether the user trusts the code of the project in `dir`: what its
+/// noyau.toml and its notebooks declare may name code that runs outside
+/// the sandbox while their environment is prepared (noyau-env's `trust`).
+/// Only the user's own `trusted_projects` grants it ([`trusted`]).
+pub fn trusts_project(dir: &Path) -> Result<CodeTrust, ConfigError> {
+    Ok(site_trusted(&site_paths())?.code(dir))
 }
 
 /// The text of the project file in `dir` (`dir/noyau.toml`), if there is
@@ -511,32 +597,31 @@ pub fn project_text(path: &Path, limit: u64) -> Result<Option<String>, ConfigErr
 /// [`Config::load`] reads them: a running kernel that was refused a
 /// project's code sees `noyau trust DIR` at its next look, as the message
 /// says. (Two small files: a few reads per kernel start or cell.)
-fn site_trusted(site: &[PathBuf]) -> Result<TrustedProjects, ConfigError> {
+fn site_trusted(site: &SiteFiles) -> Result<TrustedProjects, ConfigError> {
     Ok(Config::load_from(site)?.trusted_projects)
 }
 
 /// The project file at `path`, trusted if its directory is in `trusted`;
-/// a refusal names the last of the `site` files (the user's) as where to
-/// trust it.
+/// a refusal names the user's file as where to trust it.
 fn read_project(
     path: &Path,
     trusted: &TrustedProjects,
-    site: &[PathBuf],
+    site: &SiteFiles,
     limit: u64,
 ) -> Result<Option<String>, ConfigError> {
     let dir = files::dir_of(path);
     let origin = Origin::Project {
-        trusted: trusted.trusts(dir),
+        trusted: trusted.reads(dir),
     };
-    files::read(path, origin, limit, site.last().map(PathBuf::as_path))
+    files::read(path, origin, limit, site.user.as_deref())
 }
 
-/// A project's file being read: whether its directory is trusted, and
-/// what a refusal names.
+/// A project's file being read: whether its directory's code is trusted,
+/// and what a refusal names.
 struct ProjectFile {
     /// Its directory, resolved (the one to trust).
     dir: PathBuf,
-    trusted: bool,
+    trusted: CodeTrust,
     /// The user's config file, where a profile of theirs would go.
     user_file: String,
 }
@@ -550,10 +635,13 @@ impl ProjectFile {
         table: &BTreeMap<Spanned<String>, Spanned<toml::Value>>,
         text: &str,
     ) -> Option<UntrustedKey> {
-        for k in table.keys() {
+        for (k, v) in table {
             let Some(key) = noyau_sched::find_key(k.get_ref()) else {
                 continue; // unknown: named by merge_table
             };
+            if key.name == "env" && thread_counts_only(v.get_ref()) {
+                continue;
+            }
             if let Some(why) = code_key(&key) {
                 return Some(UntrustedKey {
                     path: path.into(),
@@ -561,6 +649,7 @@ impl ProjectFile {
                     key: k.get_ref().clone(),
                     at: position(text, k.span().start),
                     why,
+                    note: self.trusted.note().into(),
                     dir: self.dir.clone(),
                     user_file: self.user_file.clone(),
                 });
@@ -583,67 +672,51 @@ impl Config {
     }
 
     /// Reads the `site` files then the `project` one (checked as
-    /// [`files`] says, trusted if its directory is in the site files'
-    /// `trusted_projects`), whose `concurrent_submissions` and
+    /// [`files`] says, read whoever wrote it if its directory is in the
+    /// site files' `trusted_projects`), whose `concurrent_submissions` and
     /// `trusted_projects` are ignored with a warning: a project's
     /// directory may be another user's, and the settings pace every
     /// command of the user's on the host and say whose files are trusted.
-    fn load_with(site: &[PathBuf], project: &Path) -> Result<Self, ConfigError> {
+    fn load_with(site: &SiteFiles, project: &Path) -> Result<Self, ConfigError> {
         let mut c = Self::load_from(site)?;
         let theirs = c.concurrent_submissions.take();
-        let trusted = c.trusted_projects.clone();
-        if let Some(text) = read_project(project, &trusted, site, MAX_SIZE)? {
+        if let Some(text) = read_project(project, &c.trusted_projects, site, MAX_SIZE)? {
             let dir = files::dir_of(project);
             let author = ProjectFile {
                 dir: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.into()),
-                trusted: trusted.trusts(dir),
-                user_file: site.last().map_or_else(
+                trusted: c.trusted_projects.code(dir),
+                user_file: site.user.as_ref().map_or_else(
                     || "your config file (~/.config/noyau/config.toml)".into(),
                     |f| f.display().to_string(),
                 ),
             };
-            c.add(project, &text, Some(&author))?;
+            c.add(project, &text, Role::Project(&author))?;
         }
-        let ignored = |key: &str| {
-            tracing::warn!(
-                "{}: {key} is ignored in a project's file; set it in \
-                 ~/.config/noyau/config.toml (yours) or /etc/noyau/config.toml (the site's)",
-                project.display()
-            )
-        };
         if let Some(n) = std::mem::replace(&mut c.concurrent_submissions, theirs) {
-            ignored(&format!("concurrent_submissions = {n}"));
-        }
-        if std::mem::replace(&mut c.trusted_projects, trusted) != c.trusted_projects {
-            ignored("trusted_projects");
+            ignored_in_project(project, &format!("concurrent_submissions = {n}"));
         }
         Ok(c)
     }
 
-    /// Reads the site's and the user's files (`paths`, in order).
-    pub fn load_from(paths: &[PathBuf]) -> Result<Self, ConfigError> {
+    /// Reads the site's and the user's files, in order.
+    pub fn load_from(site: &SiteFiles) -> Result<Self, ConfigError> {
         let mut c = Config::default();
-        for p in paths {
+        for (p, grantor) in site.each() {
             if let Some(text) = files::read(p, Origin::Site, MAX_SIZE, None)? {
-                c.add_str(p, &text)?;
+                c.add(p, &text, Role::Site(grantor))?;
             }
         }
         Ok(c)
     }
 
-    /// Adds one file's text (named `path` in errors): a site's or the
-    /// user's.
-    pub fn add_str(&mut self, path: &Path, text: &str) -> Result<(), ConfigError> {
-        self.add(path, text, None)
+    /// Adds one file's text (named `path` in errors), as the system's.
+    #[cfg(test)]
+    fn add_str(&mut self, path: &Path, text: &str) -> Result<(), ConfigError> {
+        self.add(path, text, Role::Site(trusted::Grantor::Site))
     }
 
-    /// Adds one file's text; `project`: it is the project's file.
-    fn add(
-        &mut self,
-        path: &Path,
-        text: &str,
-        project: Option<&ProjectFile>,
-    ) -> Result<(), ConfigError> {
+    /// Adds one file's text, whose file it is saying what it may set.
+    fn add(&mut self, path: &Path, text: &str, role: Role<'_>) -> Result<(), ConfigError> {
         let file: File = toml::from_str(text).map_err(|e| ConfigError::File {
             path: path.into(),
             message: explain(&e),
@@ -667,11 +740,19 @@ impl Config {
             let n = noyau_sched::check_slots(n).map_err(|e| bad(e.to_string()))?;
             self.concurrent_submissions = Some(n);
         }
-        if let Some(dirs) = file.trusted_projects {
-            self.trusted_projects.extend(dirs).map_err(bad)?;
+        match (file.trusted_projects, role) {
+            (Some(dirs), Role::Site(grantor)) => {
+                self.trusted_projects.extend(dirs, grantor).map_err(bad)?
+            }
+            (Some(_), Role::Project(_)) => ignored_in_project(path, "trusted_projects"),
+            (None, _) => {}
         }
+        let project = match role {
+            Role::Project(p) => Some(p),
+            Role::Site(_) => None,
+        };
         for (name, table) in &file.profiles {
-            let untrusted = project.filter(|p| !p.trusted);
+            let untrusted = project.filter(|p| !p.trusted.is_trusted());
             if let Some(refusal) = untrusted.and_then(|p| p.code_in(path, name, table, text)) {
                 // Kept out of the profiles: nothing of it is used.
                 self.refused.insert(name.clone(), refusal);
@@ -774,21 +855,24 @@ impl Config {
     /// Refuses a cell's override `o` that names code ([`code_key`]) unless
     /// the notebook's directory `dir` is trusted.
     fn refuse_cell_code(&self, o: &str, dir: &Path) -> Result<(), ConfigError> {
-        let key = o.split_once('=').map_or(o, |(k, _)| k).trim();
-        let found = if key.starts_with("env.") {
-            noyau_sched::find_key("env")
-        } else {
-            noyau_sched::find_key(key)
+        let (key, value) = o.split_once('=').unwrap_or((o, ""));
+        let key = key.trim();
+        let found = match key.strip_prefix("env.") {
+            Some(var) if thread_count(var.trim(), value.trim()) => return Ok(()),
+            Some(_) => noyau_sched::find_key("env"),
+            None => noyau_sched::find_key(key),
         };
         let Some(why) = found.as_ref().and_then(code_key) else {
             return Ok(());
         };
-        if self.trusted_projects.trusts(dir) {
+        let trust = self.trusted_projects.code(dir);
+        if trust.is_trusted() {
             return Ok(());
         }
         Err(ConfigError::CellKey {
             key: key.into(),
             why,
+            note: trust.note().into(),
             dir: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.into()),
             user_file: user_file().map_or_else(
                 || "~/.config/noyau/config.toml".into(),
@@ -796,6 +880,24 @@ impl Config {
             ),
         })
     }
+}
+
+/// Whose file [`Config::add`] reads.
+#[derive(Clone, Copy)]
+enum Role<'a> {
+    /// The system's or the user's: what its `trusted_projects` grants.
+    Site(trusted::Grantor),
+    /// The project's, whose directory may be another user's.
+    Project(&'a ProjectFile),
+}
+
+/// Warns that `key` of the project file `path` is ignored.
+fn ignored_in_project(path: &Path, key: &str) {
+    tracing::warn!(
+        "{}: {key} is ignored in a project's file; set it in ~/.config/noyau/config.toml \
+         (yours) or /etc/noyau/config.toml (the site's)",
+        path.display()
+    )
 }
 
 /// Who gave a profile's overrides (`key=value` words).
@@ -944,21 +1046,23 @@ mod tests {
             &project,
             "concurrent_submissions = 1\n[profiles.p]\ncpus_per_task = 2\n",
         );
-        let c = Config::load_with(std::slice::from_ref(&user), &project).unwrap();
+        let c = Config::load_with(&SiteFiles::user_only(&user), &project).unwrap();
         assert_eq!(c.concurrent_submissions, None);
         assert!(
             c.names().contains(&"p".to_string()),
             "the project's profiles are read"
         );
         write(&user, "concurrent_submissions = 3\n");
-        let c = Config::load_with(std::slice::from_ref(&user), &project).unwrap();
+        let c = Config::load_with(&SiteFiles::user_only(&user), &project).unwrap();
         assert_eq!(
             c.concurrent_submissions,
             Some(3),
             "the user's, not the project's"
         );
         assert_eq!(
-            Config::load_from(&[user]).unwrap().concurrent_submissions,
+            Config::load_from(&SiteFiles::user_only(&user))
+                .unwrap()
+                .concurrent_submissions,
             Some(3)
         );
     }

@@ -100,9 +100,10 @@ mod tests {
             text.contains("# mine") && text.contains("# the big one"),
             "{text}"
         );
-        let c = crate::Config::load_from(std::slice::from_ref(&file)).unwrap();
-        assert!(c.trusted_projects.trusts(&a) && c.trusted_projects.trusts(&b));
-        assert!(!c.trusted_projects.trusts(t.path()));
+        let c = crate::Config::load_from(&crate::SiteFiles::user_only(&file)).unwrap();
+        let code = |d: &Path| c.trusted_projects.code(d).is_trusted();
+        assert!(code(&a) && code(&b) && c.trusted_projects.reads(&a));
+        assert!(!code(t.path()) && !c.trusted_projects.reads(t.path()));
         assert_eq!(c.profiles.len(), 1);
         // Not a list: said, the file left alone.
         std::fs::write(&file, "trusted_projects = \"/x\"\n").unwrap();

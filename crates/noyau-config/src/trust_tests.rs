@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::{user_path, Config, ConfigError, MAX_SIZE};
+use crate::{user_path, Config, ConfigError, SiteFiles, MAX_SIZE};
 
 const NOBODY: u32 = 65534;
 
@@ -37,7 +37,8 @@ fn load(user: &Path, project: &Path) -> Result<Config, String> {
     let (user, project) = (user.to_path_buf(), project.to_path_buf());
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let r = Config::load_with(&[user], &project).map_err(|e| e.to_string());
+        let r =
+            Config::load_with(&SiteFiles::user_only(&user), &project).map_err(|e| e.to_string());
         let _ = tx.send(r);
     });
     rx.recv_timeout(Duration::from_secs(20))
@@ -160,7 +161,9 @@ fn another_users_project_file_is_refused_naming_its_owner() {
     assert_eq!(c.names(), ["p"]);
     assert_eq!(
         c.trusted_projects,
-        Config::load_from(&[user]).unwrap().trusted_projects,
+        Config::load_from(&SiteFiles::user_only(&user))
+            .unwrap()
+            .trusted_projects,
         "the user's list, not the project's"
     );
 }
@@ -171,14 +174,14 @@ fn the_site_files_must_be_ours_or_roots_and_not_open_to_others() {
     let site = d.path().join("config.toml");
     write(&site, "scheduler = \"slurm\"\n");
     assert_eq!(
-        Config::load_from(std::slice::from_ref(&site))
+        Config::load_from(&SiteFiles::user_only(&site))
             .unwrap()
             .scheduler
             .as_deref(),
         Some("slurm")
     );
     chmod(&site, 0o666);
-    let e = Config::load_from(std::slice::from_ref(&site))
+    let e = Config::load_from(&SiteFiles::user_only(&site))
         .unwrap_err()
         .to_string();
     assert!(
@@ -189,9 +192,12 @@ fn the_site_files_must_be_ours_or_roots_and_not_open_to_others() {
     chmod(&site, 0o644);
     let link = d.path().join("link.toml");
     std::os::unix::fs::symlink(&site, &link).unwrap();
-    assert!(Config::load_from(&[link]).unwrap().scheduler.is_some());
+    assert!(Config::load_from(&SiteFiles::user_only(&link))
+        .unwrap()
+        .scheduler
+        .is_some());
     // A missing file is no file.
-    assert!(Config::load_from(&[d.path().join("none.toml")]).is_ok());
+    assert!(Config::load_from(&SiteFiles::user_only(&d.path().join("none.toml"))).is_ok());
 }
 
 #[test]
@@ -213,7 +219,9 @@ fn a_config_file_over_the_size_limit_is_refused() {
 fn trusted_projects_entries_must_be_absolute() {
     let d = tempfile::tempdir().unwrap();
     let (user, _) = setup(d.path(), &["proj".into()]);
-    let e = Config::load_from(&[user]).unwrap_err().to_string();
+    let e = Config::load_from(&SiteFiles::user_only(&user))
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("trusted_projects: \"proj\" is not an absolute path"),
         "{e}"
@@ -263,7 +271,7 @@ fn errors_are_typed() {
     let (user, project) = setup(d.path(), &[]);
     write(&project, PROFILE);
     chmod(&project, 0o666);
-    let e = Config::load_with(&[user], &project).unwrap_err();
+    let e = Config::load_with(&SiteFiles::user_only(&user), &project).unwrap_err();
     assert!(
         matches!(e, ConfigError::UntrustedProject { ref path, .. } if path == &project),
         "{e}"
@@ -317,7 +325,7 @@ fn an_untrusted_project_may_choose_resources_but_not_code() {
         );
         // The same lines in the user's own file, or a trusted project's.
         write(&user, &text);
-        assert!(Config::load_from(std::slice::from_ref(&user)).is_ok());
+        assert!(Config::load_from(&SiteFiles::user_only(&user)).is_ok());
         let (trusting, _) = setup(d.path(), &[dir.display().to_string()]);
         let trusted = load(&trusting, &project).unwrap().profile(Some("p"), &[]);
         assert!(trusted.is_ok(), "{key}: {trusted:?}");
@@ -398,10 +406,10 @@ fn a_trust_added_after_a_first_look_is_seen() {
     let d = tempfile::tempdir().unwrap();
     let (user, project) = setup(d.path(), &[]);
     let dir = project.parent().unwrap();
-    let site = [user.clone()];
-    assert!(!crate::site_trusted(&site).unwrap().trusts(dir));
+    let site = SiteFiles::user_only(&user);
+    assert!(!crate::site_trusted(&site).unwrap().code(dir).is_trusted());
     setup(d.path(), &[dir.display().to_string()]);
-    assert!(crate::site_trusted(&site).unwrap().trusts(dir));
+    assert!(crate::site_trusted(&site).unwrap().code(dir).is_trusted());
 }
 
 /// A cell's `%%noyau on T key=value` words are the notebook's: one that
@@ -474,4 +482,236 @@ fn a_cells_environment_is_the_notebooks() {
         !p.environment_from_cell && p.environment_from.is_none(),
         "{p:?}"
     );
+}
+
+/// A `[profiles.p]` that names code (a prologue), for the code-trust tests.
+const CODE: &str = "[profiles.p]\ncpus_per_task = 2\nprologue = \"touch /tmp/x\"\n";
+
+/// Whether profile `p` of `project` is usable with `site`'s files, and
+/// the refusal's text if not.
+fn code_refusal(site: &SiteFiles, project: &Path) -> Option<String> {
+    let c = Config::load_with(site, project).unwrap();
+    c.profile(Some("p"), &[]).err().map(|e| e.to_string())
+}
+
+/// The site's `trusted_projects` lets a project's file be read whoever
+/// wrote it, but not name code: a site entry such as `/scratch/*` would
+/// run, for every user, what anyone who can make a directory there
+/// writes. The user's own entry trusts both.
+#[test]
+fn a_site_entry_lets_the_file_be_read_but_not_name_code() {
+    let d = tempfile::tempdir().unwrap();
+    let (user, project) = setup(d.path(), &[]);
+    let dir = std::fs::canonicalize(project.parent().unwrap()).unwrap();
+    let system = d.path().join("system.toml");
+    let site = SiteFiles {
+        system: Some(system.clone()),
+        user: Some(user.clone()),
+    };
+    write(&project, CODE);
+    chmod(&project, 0o666);
+    for entry in [
+        dir.display().to_string(),
+        format!("{}/*", d.path().display()),
+    ] {
+        write(&system, &format!("trusted_projects = [\"{entry}\"]\n"));
+        let c = Config::load_with(&site, &project).expect("read: the site trusts it");
+        assert_eq!(c.names(), ["p"]);
+        assert!(!c.trusted_projects.code(&dir).is_trusted(), "{entry}");
+        let e = code_refusal(&site, &project).expect("the prologue is refused");
+        assert!(
+            e.contains("[profiles.p] prologue")
+                && e.contains(&format!("noyau trust {}", dir.display()))
+                && e.contains(&format!(
+                    "The site's trusted_projects entry \"{entry}\" lets noyau read its \
+                     noyau.toml, not run what it names"
+                )),
+            "{e}"
+        );
+        // A cell's code-naming word too.
+        let e = c
+            .profile_from(
+                Some("p"),
+                &["env.LD_PRELOAD=/x.so".into()],
+                crate::OverridesFrom::Cell(&dir),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("The site's trusted_projects entry"), "{e}");
+    }
+    // The user's own exact entry: the code is theirs to trust.
+    setup(d.path(), &[dir.display().to_string()]);
+    assert_eq!(code_refusal(&site, &project), None);
+}
+
+/// A user's wildcard trusts the code of a directory under it only if no
+/// one else could have written it or put it there; an exact entry (what
+/// `noyau trust DIR` writes) trusts it whatever its mode.
+#[test]
+fn a_users_wildcard_trusts_code_only_where_no_one_else_could_write() {
+    let d = tempfile::tempdir().unwrap();
+    let under = d.path().join("team");
+    std::fs::create_dir(&under).unwrap();
+    chmod(&under, 0o755);
+    let (user, _) = setup(d.path(), &[format!("{}/*", under.display())]);
+    let dir = under.join("proj");
+    std::fs::create_dir(&dir).unwrap();
+    let project = dir.join("noyau.toml");
+    write(&project, CODE);
+    let site = SiteFiles::user_only(&user);
+    chmod(&dir, 0o755);
+    assert_eq!(code_refusal(&site, &project), None, "mine, closed");
+    let shown = format!("Your trusted_projects entry \"{}/*\"", under.display());
+    // The project's directory open to the group: refused, saying why.
+    chmod(&dir, 0o775);
+    let e = code_refusal(&site, &project).expect("group-writable: refused");
+    assert!(
+        e.contains(&shown)
+            && e.contains(&format!(
+                "{} is writable by its group or others (mode 0775)",
+                dir.display()
+            ))
+            && e.contains("a wildcard trusts only directories"),
+        "{e}"
+    );
+    // A directory above it open to others (the project could be swapped
+    // for theirs after the check), unless sticky.
+    chmod(&dir, 0o755);
+    chmod(&under, 0o777);
+    let e = code_refusal(&site, &project).expect("its parent is open: refused");
+    assert!(
+        e.contains(&shown)
+            && e.contains(&format!(
+                "{} on the way to it is writable by its group or others (mode 0777)",
+                under.display()
+            )),
+        "{e}"
+    );
+    chmod(&under, 0o1777);
+    assert_eq!(code_refusal(&site, &project), None, "sticky parent");
+    // Reached through a link in a directory others can write (not sticky).
+    chmod(&under, 0o755);
+    let open = d.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    chmod(&open, 0o777);
+    let link = open.join("l");
+    std::os::unix::fs::symlink(&dir, &link).unwrap();
+    let c = Config::load_with(&site, &link.join("noyau.toml")).unwrap();
+    let trust = c.trusted_projects.code(&link);
+    let why = format!("{} on the way to it is writable", open.display());
+    assert!(
+        !trust.is_trusted() && trust.note().contains(&why),
+        "{trust:?}"
+    );
+    assert!(c.trusted_projects.code(&dir).is_trusted());
+    // The exact entry: trusted whatever the directory's mode.
+    chmod(&dir, 0o777);
+    chmod(&under, 0o777);
+    setup(d.path(), &[dir.display().to_string()]);
+    assert_eq!(code_refusal(&site, &project), None, "exact entry");
+}
+
+/// A directory another user made under the user's wildcard (theirs, so
+/// its noyau.toml is read: the wildcard still reads) does not get its
+/// code trusted; an exact entry trusts it.
+#[test]
+fn a_users_wildcard_does_not_trust_another_users_directory() {
+    if !root() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (user, project) = setup(d.path(), &[format!("{}/*", d.path().display())]);
+    let dir = project.parent().unwrap();
+    write(&project, CODE);
+    std::os::unix::fs::chown(&project, Some(NOBODY), None).unwrap();
+    std::os::unix::fs::chown(dir, Some(NOBODY), None).unwrap();
+    let site = SiteFiles::user_only(&user);
+    let e = code_refusal(&site, &project).expect("theirs: refused");
+    assert!(
+        e.contains(&format!(
+            "{} belongs to uid {NOBODY}, not to you",
+            std::fs::canonicalize(dir).unwrap().display()
+        )) && e.contains("does not trust its code"),
+        "{e}"
+    );
+    setup(d.path(), &[dir.display().to_string()]);
+    assert_eq!(code_refusal(&site, &project), None, "exact entry");
+    // The user's own directory, reached through another user's link
+    // (which they could point elsewhere after the check).
+    std::os::unix::fs::chown(dir, Some(noyau_trust::me()), None).unwrap();
+    setup(d.path(), &[format!("{}/*", d.path().display())]);
+    let link = d.path().join("link");
+    std::os::unix::fs::symlink(dir, &link).unwrap();
+    let c = Config::load_with(&site, &link.join("noyau.toml")).unwrap();
+    assert!(c.trusted_projects.code(&link).is_trusted(), "my own link");
+    std::os::unix::fs::lchown(&link, Some(NOBODY), None).unwrap();
+    let trust = c.trusted_projects.code(&link);
+    let why = format!(
+        "{} on the way to it belongs to uid {NOBODY}, who could point it elsewhere",
+        link.display()
+    );
+    assert!(
+        !trust.is_trusted() && trust.note().contains(&why),
+        "{trust:?}"
+    );
+}
+
+/// Thread counts (`OMP_NUM_THREADS = "8"`…, a whole number) are a
+/// project's or a cell's to set without trust; any other variable, or a
+/// value that is not a number, still needs it.
+#[test]
+fn thread_counts_need_no_trust_and_nothing_else_in_env_does() {
+    use crate::OverridesFrom;
+    let d = tempfile::tempdir().unwrap();
+    let (user, project) = setup(d.path(), &[]);
+    let nb = project.parent().unwrap();
+    write(
+        &project,
+        "[profiles.p]\nenv = { OMP_NUM_THREADS = \"8\", MKL_NUM_THREADS = \"2\", \
+         OPENBLAS_NUM_THREADS = \"1\", NUMEXPR_NUM_THREADS = \"16\" }\n",
+    );
+    let p = load(&user, &project)
+        .unwrap()
+        .profile(Some("p"), &[])
+        .unwrap();
+    assert_eq!(p.env["OMP_NUM_THREADS"], "8");
+    assert_eq!(p.env.len(), 4);
+    for env in [
+        "{ OMP_NUM_THREADS = \"8\", LD_PRELOAD = \"/tmp/x.so\" }",
+        "{ OMP_NUM_THREADS = \"8 \" }",
+        "{ OMP_NUM_THREADS = \"$(id)\" }",
+        "{ OMP_NUM_THREADS = \"\" }",
+        "{ OMP_NUM_THREADS = \"12345\" }",
+        "{ OMP_NUM_THREADS = \"-1\" }",
+        "{ GOMP_CPU_AFFINITY = \"0\" }",
+    ] {
+        write(&project, &format!("[profiles.p]\nenv = {env}\n"));
+        let e = load(&user, &project)
+            .unwrap()
+            .profile(Some("p"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("[profiles.p] env") && e.contains("only thread counts (OMP_NUM_THREADS"),
+            "{env}: {e}"
+        );
+    }
+    write(&project, PROFILE);
+    let c = load(&user, &project).unwrap();
+    let cell = |word: &str| c.profile_from(Some("p"), &[word.into()], OverridesFrom::Cell(nb));
+    assert_eq!(
+        cell("env.OMP_NUM_THREADS=4").unwrap().env["OMP_NUM_THREADS"],
+        "4"
+    );
+    assert!(cell("env.MKL_NUM_THREADS = 2").is_ok());
+    for word in [
+        "env.OMP_NUM_THREADS=4x",
+        "env.LD_PRELOAD=4",
+        "env.OMP_NUM_THREADS=",
+    ] {
+        assert!(
+            matches!(cell(word), Err(ConfigError::CellKey { .. })),
+            "{word}"
+        );
+    }
 }

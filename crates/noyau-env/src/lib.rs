@@ -79,26 +79,8 @@ pub enum EnvError {
     /// A notebook's or a project's source names code that would run while
     /// the environment is prepared, or loosens the kernel's sandbox, and
     /// the project is not trusted.
-    #[error(
-        "{what} sets `{key}`: {why}. {risk}, and the notebook or project it comes from \
-         is not trusted. \
-         Read what it sets first. If you trust everyone who can write in {dir}, run \
-         `noyau trust {dir}` (it adds `trusted_projects = [\"{dir}\"]` to {user_file}); or \
-         copy the keys you have read and want into an environment of your own: a file or \
-         table of yours given with `noyau run --env FILE_OR_TABLE`, or NOYAU_ENV in your \
-         kernelspec (not the project's own file, which would be run as yours)", dir = dir.display(),
-        user_file = user_file_shown()
-    )]
-    UntrustedCode {
-        /// The source (`[environment] in /p/noyau.toml`, `%noyau env …`).
-        what: String,
-        key: String,
-        why: String,
-        /// What it would do.
-        risk: trust::Risk,
-        /// The project's directory, the one to trust.
-        dir: std::path::PathBuf,
-    },
+    #[error(transparent)]
+    UntrustedCode(Box<UntrustedCode>),
     /// A data file whose bytes are not the ones declared; nothing was kept.
     #[error("{url}: its sha256 is {got}, not the expected {expected}; the file was not kept (check the URL and the hash)")]
     HashMismatch {
@@ -115,6 +97,34 @@ pub enum EnvError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// What [`EnvError::UntrustedCode`] refused, and why.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{what} sets `{key}`: {why}. {risk}, and the notebook or project it comes from \
+     is not trusted. \
+     Read what it sets first. If you trust everyone who can write in {dir}, run \
+     `noyau trust {dir}` (it adds `trusted_projects = [\"{dir}\"]` to {user_file}); or \
+     copy the keys you have read and want into an environment of your own: a file or \
+     table of yours given with `noyau run --env FILE_OR_TABLE`, or NOYAU_ENV in your \
+     kernelspec (not the project's own file, which would be run as yours){}",
+    if note.is_empty() { String::new() } else { format!(". {note}") },
+    dir = dir.display(),
+    user_file = user_file_shown()
+)]
+pub struct UntrustedCode {
+    /// The source (`[environment] in /p/noyau.toml`, `%noyau env …`).
+    pub what: String,
+    pub key: String,
+    pub why: String,
+    /// What it would do.
+    pub risk: trust::Risk,
+    /// Why the `trusted_projects` entries that name the directory do not
+    /// trust it (`noyau_config::CodeTrust::note`), or empty.
+    pub note: String,
+    /// The project's directory, the one to trust.
+    pub dir: std::path::PathBuf,
 }
 
 /// The user's config file (where `noyau trust` writes), or how it is found.

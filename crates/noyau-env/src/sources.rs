@@ -308,12 +308,16 @@ pub fn merge(sources: &[Source], notebook_dir: &Path) -> Result<Option<EnvSpec>,
     Ok(Some(spec))
 }
 
-/// The project directory of a source the user does not trust, if it is one.
-fn untrusted_dir(s: &Source) -> Result<Option<&Path>, EnvError> {
+/// The project directory of a source the user does not trust, if it is
+/// one, with why the entries that name it do not trust it
+/// ([`noyau_config::CodeTrust::note`]).
+fn untrusted_dir(s: &Source) -> Result<Option<(&Path, String)>, EnvError> {
     match &s.author {
         Author::User => Ok(None),
-        Author::Project(dir) if noyau_config::trusts_project(dir)? => Ok(None),
-        Author::Project(dir) => Ok(Some(dir)),
+        Author::Project(dir) => Ok(match noyau_config::trusts_project(dir)? {
+            noyau_config::CodeTrust::Trusted => None,
+            noyau_config::CodeTrust::Untrusted { note } => Some((dir.as_path(), note)),
+        }),
     }
 }
 
@@ -325,16 +329,17 @@ fn refuse_untrusted(
     why: String,
     risk: crate::trust::Risk,
 ) -> Result<(), EnvError> {
-    let Some(dir) = untrusted_dir(s)? else {
+    let Some((dir, note)) = untrusted_dir(s)? else {
         return Ok(());
     };
-    Err(EnvError::UntrustedCode {
+    Err(EnvError::UntrustedCode(Box::new(crate::UntrustedCode {
         what: s.what.clone(),
         key: key.into(),
         why,
         risk,
+        note,
         dir: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.into()),
-    })
+    })))
 }
 
 /// Everything `noyau run` looks at, in order: noyau.toml, the notebook's
@@ -763,7 +768,7 @@ mod tests {
             )
             .unwrap();
             let e = for_notebook(d, None, None, d).unwrap_err();
-            assert!(matches!(e, EnvError::UntrustedCode { .. }), "{line}: {e}");
+            assert!(matches!(e, EnvError::UntrustedCode(_)), "{line}: {e}");
             let e = e.to_string();
             assert!(
                 e.contains(&format!("sets `{key}`")) && e.contains("loosens the sandbox"),
@@ -787,7 +792,7 @@ mod tests {
         let e = for_notebook(d, Some(&meta), None, d).unwrap_err();
         assert!(e.to_string().contains("sets `prefix`"), "{e}");
         let e = for_cell(d, None, "prefix /home").unwrap_err();
-        assert!(matches!(e, EnvError::UntrustedCode { .. }), "{e}");
+        assert!(matches!(e, EnvError::UntrustedCode(_)), "{e}");
         assert!(for_notebook(d, None, Some(r#"{prefix = "/home/me/venv"}"#), d).is_ok());
     }
 
@@ -969,7 +974,7 @@ mod tests {
         let d = dir.path();
         let refused = |r: Result<Option<EnvSpec>, EnvError>, key: &str, what: &str| {
             let e = r.unwrap_err();
-            assert!(matches!(e, EnvError::UntrustedCode { .. }), "{e}");
+            assert!(matches!(e, EnvError::UntrustedCode(_)), "{e}");
             let e = e.to_string();
             let real = std::fs::canonicalize(d).unwrap();
             assert!(
@@ -1038,7 +1043,7 @@ mod tests {
             "python=/home/attacker/python six",
         ] {
             let e = for_cell(d, None, args).unwrap_err();
-            assert!(matches!(e, EnvError::UntrustedCode { .. }), "{args}: {e}");
+            assert!(matches!(e, EnvError::UntrustedCode(_)), "{args}: {e}");
         }
         std::fs::write(
             d.join("e.toml"),
@@ -1046,7 +1051,7 @@ mod tests {
         )
         .unwrap();
         let e = for_cell(d, None, "file e.toml").unwrap_err();
-        assert!(matches!(e, EnvError::UntrustedCode { .. }), "{e}");
+        assert!(matches!(e, EnvError::UntrustedCode(_)), "{e}");
     }
 
     /// A profile's `environment` that an untrusted project's noyau.toml
@@ -1061,7 +1066,7 @@ mod tests {
         };
         let evil = r#"{"python": "/home/attacker/bin/python"}"#;
         let e = spec(evil, Some(d)).unwrap_err();
-        assert!(matches!(e, EnvError::UntrustedCode { .. }), "{e}");
+        assert!(matches!(e, EnvError::UntrustedCode(_)), "{e}");
         let e = e.to_string();
         assert!(
             e.contains("the environment of a profile in")

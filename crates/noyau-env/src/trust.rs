@@ -8,8 +8,9 @@
 //! prepares its environment before any cell runs. So what the notebook's
 //! metadata, its `%noyau env` cells and the project's `noyau.toml`
 //! `[environment]` declare is checked against [`names_code`]; when one of
-//! them names code and the project's directory is not in the user's or
-//! the site's `trusted_projects` (noyau-config), the environment is
+//! them names code and the user's own `trusted_projects` does not trust
+//! the project's directory (noyau-config's `trusts_project`: the site's
+//! entries only let its noyau.toml be read), the environment is
 //! refused with [`EnvError::UntrustedCode`], never silently changed. The
 //! user's own sources (`--env`, `NOYAU_ENV`) are not checked.
 //!
@@ -18,6 +19,8 @@
 //! distribution by running its build backend.
 
 use serde_json::Value;
+
+mod requirement;
 
 /// Why `key = value` (as a source writes it, paths made absolute) names
 /// code that runs while the environment is prepared, or None when it does
@@ -33,8 +36,9 @@ use serde_json::Value;
 /// * a module named by a path (`/x/mf`, `./mf`, `a/../../mf`): Lmod and
 ///   Environment Modules load a modulefile by path;
 /// * `channels`, `manifest`: Scheme the guix client evaluates;
-/// * a requirement that is not a name from the index: a URL, a path, an
-///   archive, or a pip option (`-e`, `-i`, `--find-links`, `-r`…).
+/// * a requirement that is not a package by name from the index (an
+///   allowlist, [`requirement_names_code`]): a URL, a path, an archive, a
+///   pip option (`-e`, `-i`, `--find-links`, `-r`…), a `${VAR}`…
 ///
 /// `prefix` is not here: preparing a prefix reads its files and runs
 /// nothing. But the sandbox shows it, so it is in [`loosens_sandbox`].
@@ -143,47 +147,10 @@ fn module_by_path(m: &str) -> bool {
     m.starts_with('/') || m.starts_with('.') || m.starts_with('~') || m.contains("..")
 }
 
-/// Why a requirement line is not a plain name from the index, if it is not.
-pub fn requirement_names_code(line: &str) -> Option<&'static str> {
-    // One line: uv ends a line (and a comment) at a `\n` or a bare `\r`,
-    // so what follows one would be a requirement of its own, unchecked.
-    if line.chars().any(|c| c.is_control() && c != '\t') {
-        return Some("it holds a control character (a line break would start another line)");
-    }
-    let line = line.trim();
-    if line.starts_with('-') {
-        return Some("a pip option (an index, a link page, an editable or a file to read)");
-    }
-    // Before the markers: `name[extras] (specifiers)`. A name, its extras
-    // and its versions hold no `/`, `\`, `:` or `@`; a direct reference
-    // (`name @ URL`), a URL or a path does.
-    let req = line.split(';').next().unwrap_or_default().trim();
-    // The markers (`; python_version >= "3.10"`) are names, operators,
-    // quoted versions: nothing there may be a URL, a path, an option or a
-    // comment hiding one.
-    if let Some((_, markers)) = line.split_once(';') {
-        if !markers
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || " \t_.-<>=!~()'\",*".contains(c))
-        {
-            return Some("its markers hold more than names, operators and quoted versions");
-        }
-    }
-    if req.contains("://") || req.contains('@') || req.starts_with("git+") {
-        return Some("a direct reference (a URL or a VCS checkout), built or installed as it is");
-    }
-    if req.contains('/')
-        || req.contains('\\')
-        || req.starts_with('.')
-        || req.starts_with('~')
-        || req.contains(':')
-        || [".whl", ".tar.gz", ".zip", ".tar.bz2", ".tgz"]
-            .iter()
-            .any(|ext| req.ends_with(ext))
-    {
-        return Some("a local path or archive, built or installed as it is");
-    }
-    None
+/// Why a requirement line is not a plain name from the index, if it is
+/// not: an allowlist ([`requirement`]).
+pub fn requirement_names_code(line: &str) -> Option<String> {
+    requirement::not_by_name(line)
 }
 
 /// Why a lock (`uv pip compile --generate-hashes` output) names code, if
@@ -211,6 +178,13 @@ pub fn lock_names_code(lock: &str) -> Option<String> {
             Some(i) => &line[..i],
             None => line,
         };
+        // (Before the words are split: Unicode spaces would split them.)
+        if let Some(c) = line.chars().find(|c| !c.is_ascii()) {
+            return Some(format!(
+                "lock line {line:?} holds {c:?}, not ASCII: a lock's requirements and hashes are \
+                 ASCII"
+            ));
+        }
         let mut words = line.split_whitespace();
         let Some(first) = words.next() else { continue };
         let rest: Vec<&str> = words.collect();
@@ -228,21 +202,26 @@ pub fn lock_names_code(lock: &str) -> Option<String> {
         if let Some(why) = requirement_names_code(&req) {
             return Some(format!("lock line {req:?}: {why}"));
         }
-        let mut i = 0;
-        while i < options.len() {
-            match options[i] {
-                o if o.starts_with("--hash=") => {}
-                "--hash" => i += 1,
-                o => {
-                    return Some(format!(
-                        "lock line {req:?} has the option {o:?}: only --hash is allowed"
-                    ))
-                }
+        let mut options = options.iter();
+        while let Some(&o) = options.next() {
+            let hash = match o {
+                "--hash" => options.next().copied().unwrap_or_default(),
+                o => o.strip_prefix("--hash=").unwrap_or(o),
+            };
+            if !sha256(hash) {
+                return Some(format!(
+                    "lock line {req:?} has the option {o:?}: only --hash=sha256:HEX is allowed"
+                ));
             }
-            i += 1;
         }
     }
     None
+}
+
+/// `sha256:` and hexadecimal digits: what `--hash` may say.
+fn sha256(h: &str) -> bool {
+    h.strip_prefix("sha256:")
+        .is_some_and(|hex| !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 #[cfg(test)]
@@ -354,6 +333,118 @@ mod tests {
         // A lock with CRLF line ends, tabs, and markers, is fine.
         let lock = "six==1.16.0 ; python_version >= \"3.8\" and platform_machine != 'x86_64' \\\r\n\t--hash=sha256:ab\r\n";
         assert_eq!(lock_names_code(lock), None);
+    }
+
+    /// Requirement lines are held to an allowlist (a package by name from
+    /// the index): what a blocklist of URLs, paths and options let through
+    /// is refused, with a reason.
+    #[test]
+    fn only_a_requirement_by_name_is_allowed() {
+        for (r, why) in [
+            // An archive by path, whatever its extension (a valid name by
+            // PEP 508, but uv installs it as a file).
+            ("pkg-1.0.tar.xz", "archive"),
+            ("pkg-1.0.tar.zst", "archive"),
+            ("pkg-1.0.TXZ", "archive"),
+            ("pkg-1.0.egg", "archive"),
+            // uv expands variables in a requirements file.
+            ("${HOME}/x", "expand the variable"),
+            ("pkg @ ${URL}", "expand the variable"),
+            ("six==${V}", "expand the variable"),
+            ("$PKG", "expand the variable"),
+            ("six ; python_version > \"${X}\"", "expand the variable"),
+            // Markers: names, operators, quoted versions only.
+            (
+                "pkg==1.0 ; extra == \"x\" and os_name == \"$(id)\"",
+                "expand the variable",
+            ),
+            ("six ; os_name == 'a#b'", "not a package by name"),
+            ("six ; evil == '1'", "not a package by name"),
+            ("six ; python_version", "not a package by name"),
+            ("six ; (python_version > '3'", "not a package by name"),
+            ("six ; python_version > '3' or", "not a package by name"),
+            // Extras and versions.
+            ("pkg[$(x)]", "expand the variable"),
+            ("pkg[a b]", "not a package by name"),
+            ("pkg[-x]", "not a package by name"),
+            ("six==1.0 --hash=sha256:ab", "pip option"),
+            ("six==1.0 -i https://e/simple", "pip option"),
+            ("six==", "not a package by name"),
+            ("six==1.0,", "not a package by name"),
+            ("six=1.0", "not a package by name"),
+            ("six 1.0", "not a package by name"),
+            ("six==1.0 # comment", "not a package by name"),
+            ("six==1.0 \\", "path or archive"),
+            ("six==1.0)", "not a package by name"),
+            // Names: ASCII, no look-alike letters or spaces.
+            ("nump\u{0443}", "not ASCII"),
+            ("s\u{0131}x", "not ASCII"),
+            ("six\u{00a0}", "not ASCII"),
+            ("\u{ff53}ix", "not ASCII"),
+            ("-six", "pip option"),
+            ("six-", "not a package by name"),
+            ("_six", "not a package by name"),
+            ("", "not a package by name"),
+            ("six\x0b", "control character"),
+        ] {
+            let e = requirement_names_code(r).unwrap_or_else(|| panic!("{r:?} was allowed"));
+            assert!(e.contains(why), "{r:?}: {e}");
+            assert!(names_code("requirements", &json!([r])).is_some(), "{r:?}");
+            // (A lock may hold a hash and a comment.)
+            if !r.contains("--hash") && !r.contains(" #") {
+                let lock = format!("{r} --hash=sha256:ab\n");
+                assert!(lock_names_code(&lock).is_some(), "lock {r:?}");
+            }
+        }
+        let e = requirement_names_code("six==1.0 @").unwrap();
+        assert!(e.contains("\"@\" at column 10"), "{e}");
+        for r in [
+            "six",
+            "  six  ",
+            "Six_2.x-y",
+            "six==1.16.0",
+            "six===1.16.0-local",
+            "six (>=1.0, <2)",
+            "six[]",
+            "six [ a , b ] ~= 1.0.0",
+            "torch==2.1.0+cpu",
+            "numpy!=1.*,>=1.2rc1",
+            "x ; sys_platform == 'linux'",
+            "x;python_version>='3.8'and(os_name!=\"nt\"or extra=='a-b')",
+            "x ; 'linux' in sys_platform and extra not in \"a b\"",
+            "six ; platform_release >= \"5.10.0-1~bpo+1\"",
+        ] {
+            assert_eq!(requirement_names_code(r), None, "{r}");
+        }
+    }
+
+    /// A lock's options are `--hash=sha256:HEX` (or `--hash sha256:HEX`)
+    /// and nothing else; what `uv pip compile --generate-hashes` writes
+    /// passes.
+    #[test]
+    fn a_lock_may_hold_only_sha256_hashes() {
+        let uv = "# This file was autogenerated by uv via the following command:\n\
+                  #    uv pip compile --generate-hashes requirements.in -o requirements.txt\n\
+                  numpy==2.1.3 ; python_version >= \"3.10\" \\\n    \
+                  --hash=sha256:016d0f6f5e77b0f0d45d77387ffa4bb89816b57c835580c3ce8e099ef830befe \\\n    \
+                  --hash=sha256:02135ade8b8a84011cbb67dc44e07c58f28575cf9ecf8ab304e51c05528c19f0\n    \
+                  # via -r requirements.in\n\
+                  six==1.16.0 \\\n    --hash=sha256:1E61C374\n    # via\n    #   -r requirements.in\n";
+        assert_eq!(lock_names_code(uv), None);
+        for lock in [
+            "six==1.16.0 --hash=md5:ab\n",
+            "six==1.16.0 --hash=sha256:\n",
+            "six==1.16.0 --hash=sha256:xyz\n",
+            "six==1.16.0 --hash\n",
+            "six==1.16.0 --hash=sha256:ab --hash=${H}\n",
+            "six==1.16.0 --hash=sha256:ab --no-binary=:all:\n",
+        ] {
+            let e = lock_names_code(lock).unwrap_or_else(|| panic!("{lock:?} was allowed"));
+            assert!(
+                e.contains("only --hash=sha256:HEX is allowed"),
+                "{lock:?}: {e}"
+            );
+        }
     }
 
     #[test]

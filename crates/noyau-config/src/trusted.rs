@@ -1,0 +1,256 @@
+//! `trusted_projects`: which project directories are trusted, and for
+//! what. An entry grants one of two things, depending on whose file holds
+//! it:
+//!
+//! * reading: the project's `noyau.toml` (and the lock file it names) is
+//!   read whoever wrote it, as git's `safe.directory`. Any entry grants it,
+//!   the site's or the user's.
+//! * code: what the project's `noyau.toml` and notebooks declare may name
+//!   code that runs outside the sandbox (a profile's `prologue`, `env`,
+//!   scheduler options; an environment's `python`, `module_use`,
+//!   requirement URLs…). Only the user's own file grants it (the one
+//!   `noyau trust DIR` writes): a site entry such as `/scratch/*` would
+//!   run, for every user, what anyone who can make a directory there
+//!   writes. An exact entry trusts that directory whoever owns it (the
+//!   user looked and chose); an entry `DIR/*` trusts a directory under
+//!   DIR only if no one but the user (or root) can have written it or put
+//!   it there ([`secure_dir`]).
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use noyau_trust::{Expect, Mode, Owner};
+
+/// Whose config file an entry is in, which decides what it grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grantor {
+    /// The system's file: reading only.
+    Site,
+    /// The user's own file: reading and code.
+    User,
+}
+
+/// One `trusted_projects` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    /// The directory as written, without a trailing `/*`.
+    dir: PathBuf,
+    /// Written `DIR/*`: every directory under DIR (and DIR itself).
+    wildcard: bool,
+    from: Grantor,
+}
+
+impl Entry {
+    /// Whether the entry names `real`, a resolved directory. The entry is
+    /// resolved too: it may go through a link.
+    fn names(&self, real: &Path) -> bool {
+        let dir = resolved(&self.dir);
+        if self.wildcard {
+            real.starts_with(dir)
+        } else {
+            real == dir
+        }
+    }
+
+    fn shown(&self) -> String {
+        let star = if self.wildcard { "/*" } else { "" };
+        format!("{}{star}", self.dir.display())
+    }
+}
+
+/// The `trusted_projects` entries of the site's and the user's files,
+/// each knowing whose file it came from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProjects(Vec<Entry>);
+
+/// Whether a project's directory is trusted to name code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CodeTrust {
+    Trusted,
+    /// Not trusted; `note` says why the entries that name the directory do
+    /// not trust it (a site's entry, a wildcard over a directory others
+    /// could have written), for the refusal. Empty when none names it.
+    Untrusted {
+        note: String,
+    },
+}
+
+impl CodeTrust {
+    pub fn is_trusted(&self) -> bool {
+        matches!(self, CodeTrust::Trusted)
+    }
+
+    /// The note, as a sentence to append to a refusal (empty when none).
+    pub fn note(&self) -> &str {
+        match self {
+            CodeTrust::Trusted => "",
+            CodeTrust::Untrusted { note } => note,
+        }
+    }
+}
+
+impl TrustedProjects {
+    /// Adds a file's list, `from` whose file it is; a relative entry is
+    /// refused (against which directory would it be?).
+    pub(crate) fn extend(&mut self, entries: Vec<String>, from: Grantor) -> Result<(), String> {
+        for e in entries {
+            if !Path::new(&e).is_absolute() {
+                return Err(format!(
+                    "trusted_projects: {e:?} is not an absolute path; write the directory in \
+                     full, e.g. \"/scratch/team/project\""
+                ));
+            }
+            let (dir, wildcard) = match e.strip_suffix("/*") {
+                Some(under) => (under, true),
+                None => (e.as_str(), false),
+            };
+            self.0.push(Entry {
+                dir: dir.into(),
+                wildcard,
+                from,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the project files in `dir` are read whoever wrote them:
+    /// any entry that names it. Both sides are compared as the filesystem
+    /// resolves them (the working directory is already resolved; a
+    /// notebook's path or an entry may go through a link).
+    pub fn reads(&self, dir: &Path) -> bool {
+        let real = resolved(dir);
+        self.0.iter().any(|e| e.names(&real))
+    }
+
+    /// Whether what the project in `dir` declares may name code: an exact
+    /// entry of the user's, or a wildcard of the user's over a directory
+    /// only the user or root can have made ([`secure_dir`]).
+    pub fn code(&self, dir: &Path) -> CodeTrust {
+        let real = resolved(dir);
+        let mut notes = Vec::new();
+        for e in self.0.iter().filter(|e| e.names(&real)) {
+            match (e.from, e.wildcard) {
+                (Grantor::User, false) => return CodeTrust::Trusted,
+                (Grantor::User, true) => match secure_dir(dir) {
+                    Ok(()) => return CodeTrust::Trusted,
+                    Err(why) => notes.push(format!(
+                        "Your trusted_projects entry \"{}\" does not trust its code: {why}; a \
+                         wildcard trusts only directories that you or root own and that no one \
+                         else could have written or put there.",
+                        e.shown()
+                    )),
+                },
+                (Grantor::Site, _) => notes.push(format!(
+                    "The site's trusted_projects entry \"{}\" lets noyau read its noyau.toml, \
+                     not run what it names: only your own config file can trust that.",
+                    e.shown()
+                )),
+            }
+        }
+        CodeTrust::Untrusted {
+            note: notes.join(" "),
+        }
+    }
+}
+
+/// `p` as the filesystem resolves it (as given when it cannot be).
+fn resolved(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.into())
+}
+
+/// Why no one but the user (or root) can be said to have written `dir`,
+/// or put it where it is, if that is not so. `dir` is resolved here, one
+/// component at a time, each examined without following it: every
+/// directory passed through must be the user's or root's and not writable
+/// by group or others, unless sticky (`/tmp`, `/scratch`: there only an
+/// entry's owner may rename it), and every link followed the user's or
+/// root's; `dir` itself must be the user's or root's and not writable by
+/// others at all. Else another user could have made it, or swap it (or a
+/// link on the way) for theirs between this check and noyau's reads.
+pub(crate) fn secure_dir(dir: &Path) -> Result<(), String> {
+    let abs = std::path::absolute(dir).map_err(|e| format!("{} ({e})", dir.display()))?;
+    let mut todo: Vec<std::ffi::OsString> = Vec::new();
+    push_front(&mut todo, &abs);
+    let mut real = PathBuf::from("/");
+    passable(&real)?;
+    let mut links = 0;
+    while let Some(name) = todo.pop() {
+        match name.to_str() {
+            Some("/") => real = PathBuf::from("/"),
+            Some(".") => {}
+            Some("..") => {
+                real.pop();
+            }
+            _ => {
+                let next = real.join(&name);
+                let meta = std::fs::symlink_metadata(&next)
+                    .map_err(|e| format!("cannot examine {} ({e})", next.display()))?;
+                if meta.file_type().is_symlink() {
+                    links += 1;
+                    if links > 40 {
+                        return Err(format!("{} leads through too many links", dir.display()));
+                    }
+                    ours(&next, meta.uid(), "could point it elsewhere")?;
+                    let target = std::fs::read_link(&next)
+                        .map_err(|e| format!("cannot read the link {} ({e})", next.display()))?;
+                    push_front(&mut todo, &target);
+                    continue;
+                }
+                real = next;
+                if !todo.is_empty() {
+                    passable(&real)?;
+                }
+            }
+        }
+    }
+    Expect::dir()
+        .owner(Owner::MeOr(0, "root"))
+        .mode(Mode::NoOthersWrite)
+        .check(&real)
+        .map(drop)
+        .map_err(|e| match e.problem() {
+            Some(p) => format!("{} {p}", real.display()),
+            None => e.to_string(),
+        })
+}
+
+/// Puts `path`'s components before those still `todo` (a stack: the
+/// next one last).
+fn push_front(todo: &mut Vec<std::ffi::OsString>, path: &Path) {
+    todo.extend(
+        path.components()
+            .rev()
+            .map(|c| c.as_os_str().to_os_string()),
+    );
+}
+
+/// A directory passed through on the way: see [`secure_dir`].
+fn passable(d: &Path) -> Result<(), String> {
+    let meta = std::fs::symlink_metadata(d)
+        .map_err(|e| format!("cannot examine {} ({e})", d.display()))?;
+    if !meta.is_dir() {
+        return Err(format!("{} is not a directory", d.display()));
+    }
+    ours(d, meta.uid(), "could replace what is in it")?;
+    let mode = meta.permissions().mode();
+    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        return Err(format!(
+            "{} on the way to it is writable by its group or others (mode {:04o}), who could \
+             replace what is in it",
+            d.display(),
+            mode & 0o7777
+        ));
+    }
+    Ok(())
+}
+
+/// `uid`, the owner of `p`, is the user or root; else who could do `what`.
+fn ours(p: &Path, uid: u32, what: &str) -> Result<(), String> {
+    if uid == noyau_trust::me() || uid == 0 {
+        return Ok(());
+    }
+    Err(format!(
+        "{} on the way to it belongs to uid {uid}, who {what}",
+        p.display()
+    ))
+}
