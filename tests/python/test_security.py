@@ -399,20 +399,22 @@ def _secret_file(tmp_path: Path, mode: int = 0o600) -> tuple[Path, str]:
 
 
 def test_hub_header_mode_needs_the_proxys_secret(tmp_path: Path, hub_users, slurm) -> None:  # type: ignore[no-untyped-def]
-    """`auth = "header"` trusts a user-name header: on an address other hosts
-    reach, the hub refuses to start without a secret header that the SSO
-    proxy adds; with one, a client that lacks it cannot log in as anyone,
+    """`auth = "header"` trusts a user-name header: on any address (loopback
+    too: every local account reaches it), the hub refuses to start without a
+    secret header that the SSO proxy adds; with one, a client that lacks it cannot log in as anyone,
     and a client not among proxy_addresses neither."""
     import requests
 
     u = hub_users[0]
-    # Public address, no secret: refused, saying why and what to set.
-    bare = hl.Hub(tmp_path / "bare", admins=[], auth="header", listen_host="0.0.0.0")
-    try:
-        out = bare.start_refused()
-    finally:
-        bare.close()
-    assert "0.0.0.0" in out and "auth_secret_header" in out and "auth_secret_file" in out, out
+    # No secret: refused, saying why and what to set, on a public address
+    # and on loopback too (every account of this host reaches that).
+    for host in ("0.0.0.0", "127.0.0.1"):
+        bare = hl.Hub(tmp_path / f"bare-{host}", admins=[], auth="header", listen_host=host, proxy_secret=False)
+        try:
+            out = bare.start_refused()
+        finally:
+            bare.close()
+        assert host in out and "auth_secret_header" in out and "auth_secret_file" in out, out
     # A secret file others can read is refused too.
     loose, _ = _secret_file(tmp_path, 0o644)
     open_file = hl.Hub(tmp_path / "open", admins=[], auth="header", listen_host="0.0.0.0",
@@ -504,10 +506,10 @@ def test_hub_refuses_root_and_system_accounts(tmp_path: Path, hub_users, slurm) 
         try:
             header.start()
             for user, why in (("root", "root"), (system.name, "system account")):
-                r = requests.get(header.url + "/hub/home", headers={"X-Remote-User": user}, timeout=10)
+                r = requests.get(header.url + "/hub/home", headers=header.as_user(user), timeout=10)
                 assert r.status_code == 403 and "may not log in" in r.text and why in r.text, \
                     (user, r.status_code, r.text[:500])
-            r = requests.get(header.url + "/hub/home", headers={"X-Remote-User": inside.name}, timeout=10)
+            r = requests.get(header.url + "/hub/home", headers=header.as_user(inside.name), timeout=10)
             assert r.status_code == 200, r.text[:300]
         finally:
             header.close()

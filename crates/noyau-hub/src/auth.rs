@@ -2,9 +2,10 @@
 //! SSO reverse proxy; and the CSRF tokens every form carries.
 //!
 //! In header mode, [`gate`] runs before every handler: the user header
-//! counts only on a request that carries the proxy's secret header (when
-//! one is configured) and comes from one of `proxy_addresses` (when they
-//! are listed), and appears once; otherwise it is removed, so the request
+//! counts only on a request that carries the proxy's secret header (always
+//! configured in that mode, loopback or not: every local account can reach
+//! a loopback port) and comes from one of `proxy_addresses` (when they are
+//! listed), and appears once; otherwise it is removed, so the request
 //! is nobody's. The secret header is always removed: neither the handlers
 //! nor the users' Jupyter servers ever see it. Every account named, in
 //! either mode, must also pass [`crate::access`].
@@ -173,8 +174,8 @@ fn trusted_header(cfg: &HubConfig, peer: IpAddr, headers: &mut HeaderMap) -> boo
             headers.remove(h.as_str());
             matches!(&sent[..], [v] if ct_eq(v.as_bytes(), secret.as_bytes()))
         }
-        (Some(_), None) | (None, Some(_)) => false,
-        (None, None) => true,
+        // No secret configured (refused at start): no one to trust.
+        _ => false,
     };
     let from_proxy = cfg.proxy_addresses.is_empty() || cfg.proxy_addresses.contains(&peer);
     let names = headers.get_all(cfg.auth_header.as_str()).iter().count();
@@ -298,6 +299,15 @@ mod tests {
         );
         // No user header: nothing to distrust.
         assert_eq!(ask("10.0.0.2".parse().unwrap(), &[]), (true, false));
+    }
+
+    #[test]
+    fn without_a_secret_no_user_header_counts_even_from_loopback() {
+        let cfg = header_cfg("");
+        let mut h = HeaderMap::new();
+        h.insert("x-remote-user", "bob".parse().unwrap());
+        assert!(!trusted_header(&cfg, "127.0.0.1".parse().unwrap(), &mut h));
+        assert!(h.get("x-remote-user").is_none());
     }
 
     #[test]
