@@ -68,9 +68,7 @@ use noyau_trust::Expect;
 use serde::Deserialize;
 
 use crate::access::Refusal;
-use crate::auth::{
-    cookie, random_hex, sha256_hex, Denied, Who, LOGIN_COOKIE, LOGIN_SECS, PRE_COOKIE,
-};
+use crate::auth::{cookie, random_hex, sha256_hex, Denied, Who, LOGIN_SECS};
 use crate::config::{Auth, HubConfig};
 use crate::db::{now, Choice, Db, Session, State, Update};
 
@@ -391,11 +389,12 @@ fn login_form(
     msg: Option<&str>,
     status: StatusCode,
 ) -> Response {
-    let pre = cookie(headers, PRE_COOKIE)
+    let name = hub.cookie_names().pre;
+    let pre = cookie(headers, name)
         .filter(|p| p.len() == 64)
         .unwrap_or_else(random_hex);
     (
-        [(header::SET_COOKIE, hub.set_cookie(PRE_COOKIE, &pre, 3600))],
+        [(header::SET_COOKIE, hub.set_cookie(name, &pre, 3600))],
         pages::login(
             &hub.site,
             status,
@@ -429,7 +428,7 @@ async fn login(
             "This hub logs users in through its SSO proxy.",
         );
     }
-    let pre = cookie(&headers, PRE_COOKIE).unwrap_or_default();
+    let pre = cookie(&headers, hub.cookie_names().pre).unwrap_or_default();
     let refuse =
         |msg: &str, status| login_form(&hub, &headers, f.next.as_deref(), Some(msg), status);
     if pre.is_empty() || !auth::ct_eq(hub.login_csrf(&pre).as_bytes(), f.csrf.as_bytes()) {
@@ -461,7 +460,7 @@ async fn login(
         [
             (
                 header::SET_COOKIE,
-                hub.set_cookie(LOGIN_COOKIE, &id, LOGIN_SECS),
+                hub.set_cookie(hub.cookie_names().login, &id, LOGIN_SECS),
             ),
             (header::LOCATION, safe_next(f.next.as_deref())),
         ],
@@ -559,14 +558,15 @@ async fn logout(
     Form(f): Form<CsrfForm>,
 ) -> Result<Response, Response> {
     let who = csrf_checked(&hub, &headers, &f.csrf)?;
-    if let Some(c) = cookie(&headers, LOGIN_COOKIE) {
+    let name = hub.cookie_names().login;
+    if let Some(c) = cookie(&headers, name) {
         let _ = hub.db.remove_login(&sha256_hex(&c));
     }
     hub.db.audit(&who.name, "logout", "");
     Ok((
         StatusCode::SEE_OTHER,
         [
-            (header::SET_COOKIE, hub.set_cookie(LOGIN_COOKIE, "", 0)),
+            (header::SET_COOKIE, hub.set_cookie(name, "", 0)),
             (header::LOCATION, "/hub/login".to_string()),
         ],
     )
