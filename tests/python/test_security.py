@@ -652,6 +652,35 @@ def test_hub_throttles_password_guessing(tmp_path: Path, hub_users, slurm) -> No
         Path("/etc/pam.d", service).unlink(missing_ok=True)
 
 
+def test_hub_login_floods_are_bounded_escaped_and_throttled_first(tmp_path: Path, slurm) -> None:  # type: ignore[no-untyped-def]
+    """A login form's user name that is no user name is recorded bounded and
+    escaped, under no user's name; once an address must wait, its attempts
+    record nothing more (not even a refused account's); the form's body is
+    bounded; `noyau hub audit` prints no terminal escape."""
+    hub = hl.Hub(tmp_path / "hub", admins=[], extra='login_delay = 60\nproxy_addresses = ["127.0.0.1"]')
+    try:
+        hub.start()
+        evil = "\x1b]0;owned\x07\x1b[2J\u202e" + "x" * 4000
+        for _ in range(5):
+            r = _try_login(hub, evil, "guess", "192.0.2.1")
+            assert r.status_code == 401 and "Wrong user name or password" in r.text, r.status_code
+        for _ in range(5):
+            _retry_after(_try_login(hub, evil, "guess", "192.0.2.1"))
+            _retry_after(_try_login(hub, "root", "guess", "192.0.2.1"))
+        rows = hub.audit()
+        assert [r[2] for r in rows] == ["login-failed"] * 5 + ["login-throttled"], rows
+        for r in rows[:5]:
+            assert r[1] == "(invalid)" and len(r[3]) < 200 and "\\u{1b}]0;owned\\u{7}" in r[3], r
+        out = subprocess.run([str(hub.noyau), "hub", "--config", str(hub.config), "audit"],
+                             capture_output=True, text=True, check=True).stdout
+        assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out, repr(out[:500])
+        # The form's body is bounded: a megabyte is refused before it is read.
+        r = _try_login(hub, "someone", "p" * (1 << 20), "192.0.2.3")
+        assert r.status_code == 413, r.status_code
+    finally:
+        hub.close()
+
+
 def _agent_env(user: str) -> dict[str, str]:
     """The environment the user's `noyau agent --serve` was started with
     (what Slurm gave the job)."""
