@@ -462,8 +462,10 @@ def test_hub_header_mode_needs_the_proxys_secret(tmp_path: Path, hub_users, slur
 def test_hub_refuses_root_and_system_accounts(tmp_path: Path, hub_users, slurm) -> None:  # type: ignore[no-untyped-def]
     """No login for root (whatever the password), for a system account
     (uid below min_uid) even with its right password, nor for an account
-    outside allowed_groups; in PAM and in header mode, with a page saying
-    why."""
+    outside allowed_groups; in PAM and in header mode. A PAM login's page
+    says only "Wrong user name or password" (it must not tell a stranger an
+    account's uid, min_uid or the allowed groups): the audit table says
+    why. Behind the SSO proxy, the user it names is told why."""
     import requests
 
     group = f"nsg{os.urandom(3).hex()}"
@@ -482,9 +484,13 @@ def test_hub_refuses_root_and_system_accounts(tmp_path: Path, hub_users, slurm) 
             r = s.post(hub.url + "/hub/login", data={"user": user, "password": password,
                                                      "_csrf": hl.login_csrf(s, hub.url)},
                        allow_redirects=False, timeout=30)
-            assert r.status_code == 403 and "may not log in" in r.text and why in r.text, \
+            assert r.status_code == 401 and "Wrong user name or password" in r.text, \
                 (user, r.status_code, r.text[:500])
+            # (every refusal's message says "may not log in")
+            assert "may not log in" not in r.text and "uid" not in r.text, r.text[:500]
             assert "noyau_hub" not in s.cookies
+            said = [row[3] for row in hub.audit("--user", user) if row[2] == "login-refused"]
+            assert said and "may not log in" in said[-1] and why in said[-1], said
 
         pam = hl.Hub(tmp_path / "pam", admins=[])
         try:

@@ -484,7 +484,8 @@ async fn login(
 /// neither the user nor the address is waiting, the account may log in at
 /// all (a system account's right password opens nothing, and PAM is not
 /// asked), a PAM slot is free, and PAM takes the password. The refusal's
-/// message and status otherwise. Every refusal but a wait counts as a
+/// message and status otherwise: the same "wrong user name or password"
+/// for a refused account as for a wrong password. Every refusal but a wait counts as a
 /// failure for the throttle.
 async fn check_password(
     hub: &Arc<Hub>,
@@ -527,10 +528,12 @@ async fn check_password(
             .unwrap_or_else(|e| Err(Refusal::Unknown(format!("the account lookup failed: {e}"))))
     };
     if let Err(Refusal::Rule(why)) = &account {
+        // Why (the account's uid, min_uid, the allowed groups) is for the
+        // admins: whoever typed the name has proved nothing yet.
         hub.db
             .audit(user, "login-refused", &format!("{why} (from {client})"));
         login_failed(hub, &keys, user, client);
-        return Err((why.clone(), StatusCode::FORBIDDEN));
+        return Err(wrong());
     }
     let Ok(Ok(slot)) = tokio::time::timeout(PAM_WAIT, hub.pam_slots.acquire()).await else {
         return Err((
