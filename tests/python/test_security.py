@@ -575,7 +575,7 @@ def _pam_service_counting_calls(tmp_path: Path) -> tuple[str, Path]:
     calls = tmp_path / "pam-calls"
     calls.touch()
     script = tmp_path / "count-pam"
-    script.write_text(f'#!/bin/sh\necho "$PAM_TYPE $PAM_USER" >> {calls}\n')
+    script.write_text(f'#!/bin/sh\necho "$PAM_TYPE $PAM_USER $PAM_RHOST" >> {calls}\n')
     script.chmod(0o755)
     name = f"noyau-hub-test-{os.urandom(3).hex()}"
     Path("/etc/pam.d", name).write_text(f"auth optional pam_exec.so quiet {script}\n"
@@ -629,6 +629,8 @@ def test_hub_throttles_password_guessing(tmp_path: Path, hub_users, slurm) -> No
         r = _try_login(hub, u.name, u.password, "192.0.2.2")
         assert r.status_code == 303, r.text[:300]
         assert pam_calls() == 6
+        # PAM's modules (pam_faillock, fail2ban on the auth log) see the client's address.
+        assert calls.read_text().splitlines()[-1] == f"auth {u.name} 192.0.2.2", calls.read_text()
 
         # One user guessed from five addresses: the sixth address is refused too.
         for i in range(5):

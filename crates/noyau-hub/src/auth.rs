@@ -271,9 +271,11 @@ pub fn valid_user_name(name: &str) -> bool {
         && name != ".."
 }
 
-/// Checks a password with PAM (blocking: run it off the async threads).
-pub fn pam_check(service: &str, user: &str, password: &str) -> Result<(), String> {
-    crate::pam::authenticate(service, user, password).map_err(|e| e.to_string())
+/// Checks a password with PAM, for a login from `client` (blocking: run it
+/// off the async threads).
+pub fn pam_check(service: &str, user: &str, password: &str, client: IpAddr) -> Result<(), String> {
+    crate::pam::authenticate(service, user, password, &client.to_string())
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

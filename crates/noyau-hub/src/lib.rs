@@ -546,7 +546,7 @@ async fn check_password(
         user.to_string(),
         password.to_string(),
     );
-    let checked = tokio::task::spawn_blocking(move || auth::pam_check(&service, &u, &p))
+    let checked = tokio::task::spawn_blocking(move || auth::pam_check(&service, &u, &p, client))
         .await
         .unwrap_or_else(|e| Err(e.to_string()));
     drop(slot);
