@@ -401,8 +401,8 @@ def _secret_file(tmp_path: Path, mode: int = 0o600) -> tuple[Path, str]:
 def test_hub_header_mode_needs_the_proxys_secret(tmp_path: Path, hub_users, slurm) -> None:  # type: ignore[no-untyped-def]
     """`auth = "header"` trusts a user-name header: on any address (loopback
     too: every local account reaches it), the hub refuses to start without a
-    secret header that the SSO proxy adds; with one, a client that lacks it cannot log in as anyone,
-    and a client not among proxy_addresses neither."""
+    secret header that the SSO proxy adds; with one, a client that lacks it
+    cannot log in as anyone, and a client not among proxy_addresses neither."""
     import requests
 
     u = hub_users[0]
