@@ -743,6 +743,45 @@ def test_hub_link_token_works_once(tmp_path: Path, hub_users, slurm) -> None:  #
         hub.close()
 
 
+def test_hub_secure_cookies_are_host_only_and_count_once(tmp_path: Path, hub_users, slurm) -> None:  # type: ignore[no-untyped-def]
+    """With `cookie_secure` (the default) the hub's cookies are `__Host-`
+    ones (Secure, `Path=/`, no `Domain`: no other host of the site can plant
+    one); a request carrying the login cookie twice (the hub's and a planted
+    one) is not logged in, nor one carrying the old name. The cookies are
+    sent by hand: requests keeps Secure cookies off plain HTTP, as browsers do."""
+    import requests
+
+    u = hub_users[0]
+    hub = hl.Hub(tmp_path, admins=[])
+    hub.config.write_text(hub.config.read_text().replace("cookie_secure = false", "cookie_secure = true"))
+    try:
+        hub.start()
+        page = requests.get(hub.url + "/hub/login", timeout=10)
+        pre = page.headers["Set-Cookie"]
+        m = re.fullmatch(r"__Host-noyau_hub_pre=([0-9a-f]{64}); Path=/; HttpOnly; SameSite=Lax; Max-Age=\d+; Secure", pre)
+        assert m, pre
+        r = requests.post(hub.url + "/hub/login", headers={"Cookie": f"__Host-noyau_hub_pre={m.group(1)}"},
+                          data={"user": u.name, "password": u.password, "_csrf": hl.csrf_of(page.text)},
+                          allow_redirects=False, timeout=30)
+        assert r.status_code == 303, (r.status_code, r.text[:300])
+        login = r.headers["Set-Cookie"]
+        m = re.fullmatch(r"__Host-noyau_hub=([0-9a-f]{64}); Path=/; HttpOnly; SameSite=Lax; Max-Age=\d+; Secure", login)
+        assert m, login
+        mine = m.group(1)
+
+        def home(cookie: str) -> int:
+            return requests.get(hub.url + "/hub/home", headers={"Cookie": cookie}, allow_redirects=False,
+                                timeout=10).status_code
+
+        assert home(f"__Host-noyau_hub={mine}") == 200
+        planted = "0" * 64
+        assert home(f"__Host-noyau_hub={planted}; __Host-noyau_hub={mine}") == 303
+        assert home(f"__Host-noyau_hub={mine}; __Host-noyau_hub={planted}") == 303
+        assert home(f"noyau_hub={mine}") == 303
+    finally:
+        hub.close()
+
+
 def test_hub_login_next_stays_on_the_hub(tmp_path: Path, hub_users, slurm) -> None:  # type: ignore[no-untyped-def]
     """`next=` after login is a path on the hub: whatever a link sends there
     (a tab that browsers drop, `//`, a backslash, a scheme, an encoded `//`)
