@@ -84,14 +84,19 @@ class UnixUser:
             shutil.rmtree(f"/tmp/noyau-{uid}", ignore_errors=True)
 
 
+PROXY_SECRET_HEADER = "X-Proxy-Secret"
+
+
 class Hub:
     """One `noyau hub` with its own configuration and state directory."""
 
     def __init__(self, workdir: Path, admins: list[str], poll: float = 1.0, squeue: str = "squeue",
                  auth: str = "pam", scheduler: str = "slurm", submit_as: list[str] | None = None,
                  oarstat: str = "oarstat", run_as: str | None = None, listen_host: str = "127.0.0.1",
-                 extra: str = "") -> None:
-        """`extra`: more top-level hub.toml lines (the test's own keys)."""
+                 extra: str = "", proxy_secret: bool = True) -> None:
+        """`extra`: more top-level hub.toml lines (the test's own keys);
+        `proxy_secret`: header mode gets the SSO proxy's secret header (a
+        hub without one refuses to start)."""
         self.run_as = run_as
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -108,6 +113,15 @@ class Hub:
         self.log = self.dir / "hub.log"
         self.config = self.dir / "hub.toml"
         path = f"{JUPYTER_VENV}/bin:/usr/local/bin:/usr/bin:/bin"
+        # Header mode always needs the SSO proxy's secret (loopback too):
+        # the test plays the proxy, sending it with the user header.
+        self.proxy_secret = ""
+        if auth == "header" and proxy_secret and "auth_secret_header" not in extra:
+            self.proxy_secret = secrets.token_hex(32)
+            secret_file = self.dir / "proxy-secret"
+            secret_file.write_text(self.proxy_secret)
+            secret_file.chmod(0o600)
+            extra = f'auth_secret_header = "{PROXY_SECRET_HEADER}"\nauth_secret_file = "{secret_file}"\n{extra}'
         # OAR and Grid Engine: queues instead of partitions, and no memory request.
         queues, mem = {"slurm": (["debug", "batch"], "mem_gb = {{ min = 1, max = {}, default = 1 }}"),
                        "oar": (["default", "batch"], ""),
@@ -149,6 +163,10 @@ minutes = {{ min = 1, max = 5, default = 5 }}
 env = {{ PATH = "/nonexistent:/usr/bin:/bin" }}
 """)
         self.proc: subprocess.Popen | None = None
+
+    def as_user(self, user: str) -> dict[str, str]:
+        """The headers the SSO proxy sends for `user` (header mode)."""
+        return {"X-Remote-User": user, PROXY_SECRET_HEADER: self.proxy_secret}
 
     def start(self) -> None:
         env = dict(os.environ, NOYAU_LOG="info")
@@ -372,7 +390,8 @@ def run_cell(s, url: str, user: str, code: str, timeout: float = 60,  # type: ig
     ws = websocket.create_connection(f"ws://{url.removeprefix('http://')}/user/{user}/api/kernels/{kid}/channels",
                                      cookie=cookie, timeout=timeout, origin=url,
                                      # the trusted-header mode's user, as the SSO proxy would set it
-                                     header=[f"{k}: {v}" for k, v in s.headers.items() if k.lower() == "x-remote-user"])
+                                     header=[f"{k}: {v}" for k, v in s.headers.items()
+                                             if k.lower() in ("x-remote-user", PROXY_SECRET_HEADER.lower())])
     try:
         msg_id = uuid.uuid4().hex
         ws.send(json.dumps({

@@ -286,19 +286,19 @@ def test_trusted_header_mode(tmp_path: Path, users, slurm) -> None:  # type: ign
     try:
         hub.start()
         assert requests.get(hub.url + "/hub/home").status_code == 401
-        assert requests.get(hub.url + "/hub/home", headers={"X-Remote-User": "../root"}).status_code == 401
-        r = requests.get(hub.url + "/hub/home", headers={"X-Remote-User": "nosuchaccount"})
+        assert requests.get(hub.url + "/hub/home", headers=hub.as_user("../root")).status_code == 401
+        r = requests.get(hub.url + "/hub/home", headers=hub.as_user("nosuchaccount"))
         assert r.status_code == 403 and "no account nosuchaccount" in r.text
-        home = requests.get(hub.url + "/hub/home", headers={"X-Remote-User": alice})
+        home = requests.get(hub.url + "/hub/home", headers=hub.as_user(alice))
         assert home.status_code == 200 and f'<b id="who">{alice}</b>' in home.text
         csrf = hl.csrf_of(home.text)
         form = {"profile": "cpu", "partition": "debug", "cores": 99, "mem_gb": 1, "gpus": 0, "minutes": 5}
         # Bob cannot use Alice's token; Alice's (over-limit) form gets past CSRF to the limits.
-        r = requests.post(hub.url + "/hub/spawn", data=dict(form, _csrf=csrf), headers={"X-Remote-User": bob})
+        r = requests.post(hub.url + "/hub/spawn", data=dict(form, _csrf=csrf), headers=hub.as_user(bob))
         assert r.status_code == 403
-        r = requests.post(hub.url + "/hub/spawn", data=dict(form, _csrf=csrf), headers={"X-Remote-User": alice})
+        r = requests.post(hub.url + "/hub/spawn", data=dict(form, _csrf=csrf), headers=hub.as_user(alice))
         assert r.status_code == 400 and "cores must be between" in r.text
-        assert requests.get(f"{hub.url}/user/{bob}/lab", headers={"X-Remote-User": alice}).status_code == 403
+        assert requests.get(f"{hub.url}/user/{bob}/lab", headers=hub.as_user(alice)).status_code == 403
         # There is no password login in this mode.
         assert requests.post(hub.url + "/hub/login", data={"user": alice, "password": "x", "_csrf": "0"}).status_code == 404
     finally:
@@ -320,7 +320,7 @@ def test_free_gpus_per_partition_fake_gpu_devices(tmp_path: Path, users, slurm) 
         hub.start()
 
         def gpus_cell() -> str | None:
-            home = requests.get(hub.url + "/hub/home", headers={"X-Remote-User": users[0].name}, timeout=10).text
+            home = requests.get(hub.url + "/hub/home", headers=hub.as_user(users[0].name), timeout=10).text
             m = re.search(r'<tr><td>debug</td>.*?<td class="gpus">([^<]*)</td>', home)
             return m.group(1) if m else None
 

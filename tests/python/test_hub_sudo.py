@@ -71,7 +71,7 @@ def run_non_root_hub(scheduler: str, queue: str, mem_gb: int, job_user_of) -> No
                               text=True).stdout.strip() == svc.name
 
         s = requests.Session()
-        s.headers["X-Remote-User"] = u.name
+        s.headers.update(hub.as_user(u.name))
         csrf = hl.csrf_of(s.get(hub.url + "/hub/home").text)
         r = s.post(hub.url + "/hub/spawn", data={"_csrf": csrf, "profile": "cpu", "partition": queue, "cores": 1,
                                                  "mem_gb": mem_gb, "gpus": 0, "minutes": 10})

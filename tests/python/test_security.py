@@ -399,20 +399,22 @@ def _secret_file(tmp_path: Path, mode: int = 0o600) -> tuple[Path, str]:
 
 
 def test_hub_header_mode_needs_the_proxys_secret(tmp_path: Path, hub_users, slurm) -> None:  # type: ignore[no-untyped-def]
-    """`auth = "header"` trusts a user-name header: on an address other hosts
-    reach, the hub refuses to start without a secret header that the SSO
-    proxy adds; with one, a client that lacks it cannot log in as anyone,
-    and a client not among proxy_addresses neither."""
+    """`auth = "header"` trusts a user-name header: on any address (loopback
+    too: every local account reaches it), the hub refuses to start without a
+    secret header that the SSO proxy adds; with one, a client that lacks it
+    cannot log in as anyone, and a client not among proxy_addresses neither."""
     import requests
 
     u = hub_users[0]
-    # Public address, no secret: refused, saying why and what to set.
-    bare = hl.Hub(tmp_path / "bare", admins=[], auth="header", listen_host="0.0.0.0")
-    try:
-        out = bare.start_refused()
-    finally:
-        bare.close()
-    assert "0.0.0.0" in out and "auth_secret_header" in out and "auth_secret_file" in out, out
+    # No secret: refused, saying why and what to set, on a public address
+    # and on loopback too (every account of this host reaches that).
+    for host in ("0.0.0.0", "127.0.0.1"):
+        bare = hl.Hub(tmp_path / f"bare-{host}", admins=[], auth="header", listen_host=host, proxy_secret=False)
+        try:
+            out = bare.start_refused()
+        finally:
+            bare.close()
+        assert host in out and "auth_secret_header" in out and "auth_secret_file" in out, out
     # A secret file others can read is refused too.
     loose, _ = _secret_file(tmp_path, 0o644)
     open_file = hl.Hub(tmp_path / "open", admins=[], auth="header", listen_host="0.0.0.0",
@@ -460,8 +462,10 @@ def test_hub_header_mode_needs_the_proxys_secret(tmp_path: Path, hub_users, slur
 def test_hub_refuses_root_and_system_accounts(tmp_path: Path, hub_users, slurm) -> None:  # type: ignore[no-untyped-def]
     """No login for root (whatever the password), for a system account
     (uid below min_uid) even with its right password, nor for an account
-    outside allowed_groups; in PAM and in header mode, with a page saying
-    why."""
+    outside allowed_groups; in PAM and in header mode. A PAM login's page
+    says only "Wrong user name or password" (it must not tell a stranger an
+    account's uid, min_uid or the allowed groups): the audit table says
+    why. Behind the SSO proxy, the user it names is told why."""
     import requests
 
     group = f"nsg{os.urandom(3).hex()}"
@@ -480,9 +484,13 @@ def test_hub_refuses_root_and_system_accounts(tmp_path: Path, hub_users, slurm) 
             r = s.post(hub.url + "/hub/login", data={"user": user, "password": password,
                                                      "_csrf": hl.login_csrf(s, hub.url)},
                        allow_redirects=False, timeout=30)
-            assert r.status_code == 403 and "may not log in" in r.text and why in r.text, \
+            assert r.status_code == 401 and "Wrong user name or password" in r.text, \
                 (user, r.status_code, r.text[:500])
+            # (every refusal's message says "may not log in")
+            assert "may not log in" not in r.text and "uid" not in r.text, r.text[:500]
             assert "noyau_hub" not in s.cookies
+            said = [row[3] for row in hub.audit("--user", user) if row[2] == "login-refused"]
+            assert said and "may not log in" in said[-1] and why in said[-1], said
 
         pam = hl.Hub(tmp_path / "pam", admins=[])
         try:
@@ -504,10 +512,10 @@ def test_hub_refuses_root_and_system_accounts(tmp_path: Path, hub_users, slurm) 
         try:
             header.start()
             for user, why in (("root", "root"), (system.name, "system account")):
-                r = requests.get(header.url + "/hub/home", headers={"X-Remote-User": user}, timeout=10)
+                r = requests.get(header.url + "/hub/home", headers=header.as_user(user), timeout=10)
                 assert r.status_code == 403 and "may not log in" in r.text and why in r.text, \
                     (user, r.status_code, r.text[:500])
-            r = requests.get(header.url + "/hub/home", headers={"X-Remote-User": inside.name}, timeout=10)
+            r = requests.get(header.url + "/hub/home", headers=header.as_user(inside.name), timeout=10)
             assert r.status_code == 200, r.text[:300]
         finally:
             header.close()
@@ -567,7 +575,7 @@ def _pam_service_counting_calls(tmp_path: Path) -> tuple[str, Path]:
     calls = tmp_path / "pam-calls"
     calls.touch()
     script = tmp_path / "count-pam"
-    script.write_text(f'#!/bin/sh\necho "$PAM_TYPE $PAM_USER" >> {calls}\n')
+    script.write_text(f'#!/bin/sh\necho "$PAM_TYPE $PAM_USER $PAM_RHOST" >> {calls}\n')
     script.chmod(0o755)
     name = f"noyau-hub-test-{os.urandom(3).hex()}"
     Path("/etc/pam.d", name).write_text(f"auth optional pam_exec.so quiet {script}\n"
@@ -621,6 +629,8 @@ def test_hub_throttles_password_guessing(tmp_path: Path, hub_users, slurm) -> No
         r = _try_login(hub, u.name, u.password, "192.0.2.2")
         assert r.status_code == 303, r.text[:300]
         assert pam_calls() == 6
+        # PAM's modules (pam_faillock, fail2ban on the auth log) see the client's address.
+        assert calls.read_text().splitlines()[-1] == f"auth {u.name} 192.0.2.2", calls.read_text()
 
         # One user guessed from five addresses: the sixth address is refused too.
         for i in range(5):
@@ -648,6 +658,35 @@ def test_hub_throttles_password_guessing(tmp_path: Path, hub_users, slurm) -> No
         if hub:
             hub.close()
         Path("/etc/pam.d", service).unlink(missing_ok=True)
+
+
+def test_hub_login_floods_are_bounded_escaped_and_throttled_first(tmp_path: Path, slurm) -> None:  # type: ignore[no-untyped-def]
+    """A login form's user name that is no user name is recorded bounded and
+    escaped, under no user's name; once an address must wait, its attempts
+    record nothing more (not even a refused account's); the form's body is
+    bounded; `noyau hub audit` prints no terminal escape."""
+    hub = hl.Hub(tmp_path / "hub", admins=[], extra='login_delay = 60\nproxy_addresses = ["127.0.0.1"]')
+    try:
+        hub.start()
+        evil = "\x1b]0;owned\x07\x1b[2J\u202e" + "x" * 4000
+        for _ in range(5):
+            r = _try_login(hub, evil, "guess", "192.0.2.1")
+            assert r.status_code == 401 and "Wrong user name or password" in r.text, r.status_code
+        for _ in range(5):
+            _retry_after(_try_login(hub, evil, "guess", "192.0.2.1"))
+            _retry_after(_try_login(hub, "root", "guess", "192.0.2.1"))
+        rows = hub.audit()
+        assert [r[2] for r in rows] == ["login-failed"] * 5 + ["login-throttled"], rows
+        for r in rows[:5]:
+            assert r[1] == "(invalid)" and len(r[3]) < 200 and "\\u{1b}]0;owned\\u{7}" in r[3], r
+        out = subprocess.run([str(hub.noyau), "hub", "--config", str(hub.config), "audit"],
+                             capture_output=True, text=True, check=True).stdout
+        assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out, repr(out[:500])
+        # The form's body is bounded: a megabyte is refused before it is read.
+        r = _try_login(hub, "someone", "p" * (1 << 20), "192.0.2.3")
+        assert r.status_code == 413, r.status_code
+    finally:
+        hub.close()
 
 
 def _agent_env(user: str) -> dict[str, str]:
@@ -700,6 +739,45 @@ def test_hub_link_token_works_once(tmp_path: Path, hub_users, slurm) -> None:  #
                 hl.wait_state(s, hub.url, "running", timeout=60)
         s.post(f"{hub.url}/hub/sessions/{st['id']}/cancel", data={"_csrf": csrf})
         hl.wait_state(s, hub.url, "ended", timeout=60)
+    finally:
+        hub.close()
+
+
+def test_hub_secure_cookies_are_host_only_and_count_once(tmp_path: Path, hub_users, slurm) -> None:  # type: ignore[no-untyped-def]
+    """With `cookie_secure` (the default) the hub's cookies are `__Host-`
+    ones (Secure, `Path=/`, no `Domain`: no other host of the site can plant
+    one); a request carrying the login cookie twice (the hub's and a planted
+    one) is not logged in, nor one carrying the old name. The cookies are
+    sent by hand: requests keeps Secure cookies off plain HTTP, as browsers do."""
+    import requests
+
+    u = hub_users[0]
+    hub = hl.Hub(tmp_path, admins=[])
+    hub.config.write_text(hub.config.read_text().replace("cookie_secure = false", "cookie_secure = true"))
+    try:
+        hub.start()
+        page = requests.get(hub.url + "/hub/login", timeout=10)
+        pre = page.headers["Set-Cookie"]
+        m = re.fullmatch(r"__Host-noyau_hub_pre=([0-9a-f]{64}); Path=/; HttpOnly; SameSite=Lax; Max-Age=\d+; Secure", pre)
+        assert m, pre
+        r = requests.post(hub.url + "/hub/login", headers={"Cookie": f"__Host-noyau_hub_pre={m.group(1)}"},
+                          data={"user": u.name, "password": u.password, "_csrf": hl.csrf_of(page.text)},
+                          allow_redirects=False, timeout=30)
+        assert r.status_code == 303, (r.status_code, r.text[:300])
+        login = r.headers["Set-Cookie"]
+        m = re.fullmatch(r"__Host-noyau_hub=([0-9a-f]{64}); Path=/; HttpOnly; SameSite=Lax; Max-Age=\d+; Secure", login)
+        assert m, login
+        mine = m.group(1)
+
+        def home(cookie: str) -> int:
+            return requests.get(hub.url + "/hub/home", headers={"Cookie": cookie}, allow_redirects=False,
+                                timeout=10).status_code
+
+        assert home(f"__Host-noyau_hub={mine}") == 200
+        planted = "0" * 64
+        assert home(f"__Host-noyau_hub={planted}; __Host-noyau_hub={mine}") == 303
+        assert home(f"__Host-noyau_hub={mine}; __Host-noyau_hub={planted}") == 303
+        assert home(f"noyau_hub={mine}") == 303
     finally:
         hub.close()
 

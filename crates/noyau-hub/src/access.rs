@@ -28,7 +28,9 @@ const KEPT: usize = 10_000;
 pub enum Refusal {
     /// No account of that name on this host (or NSS failed to say).
     Unknown(String),
-    /// The account exists; the hub's rules keep it out. Said to the user.
+    /// The account exists; the hub's rules keep it out. Said to a user the
+    /// SSO proxy names or who is logged in; a PAM login's form says only
+    /// "wrong user name or password" (the audit table says why).
     Rule(String),
 }
 

@@ -12,6 +12,31 @@ use chrono::{Local, NaiveDate, NaiveDateTime, TimeZone};
 use crate::config::HubConfig;
 use crate::db::{AuditRow, Db};
 
+/// The user column of an event with no valid user name (a login form's
+/// garbage): never a name useradd accepts, so no `--user` selects it.
+pub const NO_USER: &str = "(invalid)";
+
+/// `s` as a line of the audit table or of its records can hold it: at most
+/// `max` characters, and characters that could move a terminal's cursor,
+/// change its colours or reorder the text (controls, bidirectional
+/// overrides) written as escapes (`\n`, `\u{1b}`).
+pub fn shown(s: &str, max: usize) -> String {
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i == max {
+            out.push('…');
+            break;
+        }
+        let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if c.is_control() || bidi {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// What to print.
 pub struct AuditQuery<'a> {
     pub user: Option<&'a str>,
@@ -32,6 +57,11 @@ pub fn print(config: &Path, q: &AuditQuery, out: &mut impl Write) -> anyhow::Res
     Ok(())
 }
 
+/// The widest user or action cell (a user name is at most 32 bytes).
+const CELL_MAX: usize = 32;
+/// The longest detail printed.
+const DETAIL_MAX: usize = 1000;
+
 fn write_table(rows: &[AuditRow], out: &mut impl Write) -> std::io::Result<()> {
     let time = |ts: i64| {
         Local
@@ -40,32 +70,34 @@ fn write_table(rows: &[AuditRow], out: &mut impl Write) -> std::io::Result<()> {
             .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
             .unwrap_or_else(|| ts.to_string())
     };
-    // A column as wide as its widest value or its header.
-    let width = |cell: fn(&AuditRow) -> &str, header: &str| {
+    // Every cell escaped; the padded ones bounded, so that one long value
+    // (older hubs recorded a login form's name raw) does not pad every line.
+    let rows: Vec<[String; 4]> = rows
+        .iter()
+        .map(|r| {
+            [
+                time(r.ts),
+                shown(&r.user, CELL_MAX),
+                shown(&r.action, CELL_MAX),
+                shown(&r.detail, DETAIL_MAX),
+            ]
+        })
+        .collect();
+    let width = |i: usize, header: &str| {
         rows.iter()
-            .map(|r| cell(r).len())
+            .map(|r| r[i].chars().count())
             .fold(header.len(), usize::max)
     };
-    let user_w = width(|r| &r.user, "USER");
-    let action_w = width(|r| &r.action, "ACTION");
+    let (user_w, action_w) = (width(1, "USER"), width(2, "ACTION"));
     writeln!(
         out,
         "{:19}  {:user_w$}  {:action_w$}  DETAIL",
         "TIME", "USER", "ACTION"
     )?;
-    for r in rows {
-        // One event a line, whatever a detail holds.
-        let detail: String = r
-            .detail
-            .chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
-            .collect();
+    for [time, user, action, detail] in &rows {
         writeln!(
             out,
-            "{:19}  {:user_w$}  {:action_w$}  {detail}",
-            time(r.ts),
-            r.user,
-            r.action
+            "{time:19}  {user:user_w$}  {action:action_w$}  {detail}"
         )?;
     }
     Ok(())
@@ -156,8 +188,47 @@ mod tests {
             text.lines()
                 .nth(1)
                 .unwrap()
-                .ends_with("alice  login-failed  bad password"),
+                .ends_with("alice  login-failed  bad\\npassword"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn no_cell_reaches_the_terminal_raw_nor_pads_every_line() {
+        let evil = format!(
+            "\u{1b}]0;owned\u{7}\u{1b}[2J\u{202e}{}",
+            "x".repeat(100_000)
+        );
+        let rows = [
+            AuditRow {
+                ts: 0,
+                user: evil.clone(),
+                action: "login-failed\u{1b}[31m".into(),
+                detail: evil.clone(),
+            },
+            AuditRow {
+                ts: 0,
+                user: "alice".into(),
+                action: "login".into(),
+                detail: "pam".into(),
+            },
+        ];
+        let mut out = Vec::new();
+        write_table(&rows, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            !text
+                .chars()
+                .any(|c| (c.is_control() && c != '\n') || c == '\u{202e}'),
+            "{text:?}"
+        );
+        assert!(text.contains("\\u{1b}]0;owned\\u{7}"), "{text}");
+        assert_eq!(text.lines().count(), 3);
+        assert!(
+            text.lines().all(|l| l.chars().count() < 1200),
+            "{}",
+            text.len()
+        );
+        assert!(shown("abcdef", 3) == "abc…" && shown("abc", 3) == "abc");
     }
 }

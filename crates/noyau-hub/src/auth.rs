@@ -2,9 +2,10 @@
 //! SSO reverse proxy; and the CSRF tokens every form carries.
 //!
 //! In header mode, [`gate`] runs before every handler: the user header
-//! counts only on a request that carries the proxy's secret header (when
-//! one is configured) and comes from one of `proxy_addresses` (when they
-//! are listed), and appears once; otherwise it is removed, so the request
+//! counts only on a request that carries the proxy's secret header (always
+//! configured in that mode, loopback or not: every local account can reach
+//! a loopback port) and comes from one of `proxy_addresses` (when they are
+//! listed), and appears once; otherwise it is removed, so the request
 //! is nobody's. The secret header is always removed: neither the handlers
 //! nor the users' Jupyter servers ever see it. Every account named, in
 //! either mode, must also pass [`crate::access`].
@@ -29,8 +30,32 @@ use crate::access::Refusal;
 use crate::config::{Auth, HubConfig};
 use crate::Hub;
 
-pub const LOGIN_COOKIE: &str = "noyau_hub";
-pub const PRE_COOKIE: &str = "noyau_hub_pre";
+/// The names of the hub's two cookies: the login's and the login form's.
+pub struct CookieNames {
+    pub login: &'static str,
+    pub pre: &'static str,
+}
+
+/// With `Secure`: the `__Host-` prefix makes browsers refuse such a cookie
+/// unless it is Secure, `Path=/` and has no `Domain`, so another host of
+/// the site (`evil.example.org` beside `hub.example.org`) cannot plant one.
+pub const SECURE_COOKIES: CookieNames = CookieNames {
+    login: "__Host-noyau_hub",
+    pre: "__Host-noyau_hub_pre",
+};
+/// Without `Secure` (plain-HTTP tests) browsers refuse `__Host-` cookies.
+pub const PLAIN_COOKIES: CookieNames = CookieNames {
+    login: "noyau_hub",
+    pre: "noyau_hub_pre",
+};
+
+/// Whether `name` is one of the hub's cookies, in either mode (as browsers
+/// read the `__Host-` prefix: in any case).
+pub fn is_hub_cookie(name: &str) -> bool {
+    [SECURE_COOKIES, PLAIN_COOKIES]
+        .iter()
+        .any(|c| name.eq_ignore_ascii_case(c.login) || name.eq_ignore_ascii_case(c.pre))
+}
 /// How long a login lasts.
 pub const LOGIN_SECS: i64 = 12 * 3600;
 
@@ -109,7 +134,7 @@ impl Hub {
                 valid_user_name(&name).then_some((name, None))
             }
             Auth::Pam => {
-                let cookie = cookie(headers, LOGIN_COOKIE)?;
+                let cookie = cookie(headers, self.cookie_names().login)?;
                 let name = self.db.login_user(&sha256_hex(&cookie)).ok()??;
                 Some((name, Some(cookie)))
             }
@@ -126,8 +151,18 @@ impl Hub {
         self.mac(&format!("login:{pre}"))
     }
 
-    /// A `Set-Cookie` value (HttpOnly, SameSite=Lax, Secure unless the
-    /// configuration says the hub is tested over plain HTTP).
+    /// The cookies' names: `__Host-` ones when they are `Secure`.
+    pub fn cookie_names(&self) -> &'static CookieNames {
+        if self.cfg.cookie_secure {
+            &SECURE_COOKIES
+        } else {
+            &PLAIN_COOKIES
+        }
+    }
+
+    /// A `Set-Cookie` value (HttpOnly, SameSite=Lax, `Path=/` and no
+    /// `Domain`, as `__Host-` needs; Secure unless the configuration says
+    /// the hub is tested over plain HTTP).
     pub fn set_cookie(&self, name: &str, value: &str, max_age: i64) -> String {
         format!(
             "{name}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age}{}",
@@ -173,8 +208,8 @@ fn trusted_header(cfg: &HubConfig, peer: IpAddr, headers: &mut HeaderMap) -> boo
             headers.remove(h.as_str());
             matches!(&sent[..], [v] if ct_eq(v.as_bytes(), secret.as_bytes()))
         }
-        (Some(_), None) | (None, Some(_)) => false,
-        (None, None) => true,
+        // No secret configured (refused at start): no one to trust.
+        _ => false,
     };
     let from_proxy = cfg.proxy_addresses.is_empty() || cfg.proxy_addresses.contains(&peer);
     let names = headers.get_all(cfg.auth_header.as_str()).iter().count();
@@ -205,16 +240,22 @@ pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// A cookie's value from the request.
+/// A cookie's value from the request, if it carries that cookie once. Two
+/// of one name are the hub's and one planted by another host of the site
+/// or for a path under the hub (browsers send both): the hub cannot tell
+/// which is its own, so the request has none (logged in again, the user
+/// is at least never in the planter's session).
 pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
+    let mut found = headers
         .get_all(axum::http::header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.to_string())
+        .filter(|(k, _)| *k == name)
+        .map(|(_, v)| v);
+    let first = found.next()?;
+    found.next().is_none().then(|| first.to_string())
 }
 
 /// A Unix user name as useradd accepts it: also what keeps names safe in
@@ -230,9 +271,11 @@ pub fn valid_user_name(name: &str) -> bool {
         && name != ".."
 }
 
-/// Checks a password with PAM (blocking: run it off the async threads).
-pub fn pam_check(service: &str, user: &str, password: &str) -> Result<(), String> {
-    crate::pam::authenticate(service, user, password).map_err(|e| e.to_string())
+/// Checks a password with PAM, for a login from `client` (blocking: run it
+/// off the async threads).
+pub fn pam_check(service: &str, user: &str, password: &str, client: IpAddr) -> Result<(), String> {
+    crate::pam::authenticate(service, user, password, &client.to_string())
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -301,6 +344,15 @@ mod tests {
     }
 
     #[test]
+    fn without_a_secret_no_user_header_counts_even_from_loopback() {
+        let cfg = header_cfg("");
+        let mut h = HeaderMap::new();
+        h.insert("x-remote-user", "bob".parse().unwrap());
+        assert!(!trusted_header(&cfg, "127.0.0.1".parse().unwrap(), &mut h));
+        assert!(h.get("x-remote-user").is_none());
+    }
+
+    #[test]
     fn the_client_address_comes_from_the_proxy_only() {
         let cfg = header_cfg("proxy_addresses = [\"10.0.0.1\"]");
         let mut h = HeaderMap::new();
@@ -318,7 +370,35 @@ mod tests {
     fn cookies_are_found_by_name() {
         let mut h = HeaderMap::new();
         h.insert("cookie", "x=1; noyau_hub=abc; _xsrf=2".parse().unwrap());
-        assert_eq!(cookie(&h, LOGIN_COOKIE).as_deref(), Some("abc"));
+        assert_eq!(cookie(&h, PLAIN_COOKIES.login).as_deref(), Some("abc"));
         assert_eq!(cookie(&h, "nope"), None);
+    }
+
+    #[test]
+    fn a_cookie_sent_twice_is_none() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "cookie",
+            "noyau_hub=planted; noyau_hub=mine".parse().unwrap(),
+        );
+        assert_eq!(cookie(&h, "noyau_hub"), None);
+        let mut h = HeaderMap::new();
+        h.append("cookie", "noyau_hub=planted".parse().unwrap());
+        h.append("cookie", "noyau_hub=mine".parse().unwrap());
+        assert_eq!(cookie(&h, "noyau_hub"), None);
+    }
+
+    #[test]
+    fn hub_cookies_in_either_mode() {
+        for name in [
+            "noyau_hub",
+            "noyau_hub_pre",
+            "__Host-noyau_hub",
+            "__host-noyau_hub_pre",
+        ] {
+            assert!(is_hub_cookie(name), "{name}");
+        }
+        assert!(!is_hub_cookie("_xsrf") && !is_hub_cookie("noyau_hubx"));
+        assert!(SECURE_COOKIES.login.starts_with("__Host-"));
     }
 }

@@ -64,8 +64,9 @@ pub struct HubConfig {
     #[serde(default = "default_auth_header")]
     pub auth_header: String,
     /// A header the SSO proxy adds to every request with a secret value
-    /// (`auth = "header"`): a request without it is nobody's. Needed unless
-    /// `listen` is a loopback address.
+    /// (`auth = "header"`): a request without it is nobody's. Needed in
+    /// header mode, even on a loopback address (every local account reaches
+    /// that).
     pub auth_secret_header: Option<String>,
     /// The file holding that secret (0600, the hub's own).
     pub auth_secret_file: Option<PathBuf>,
@@ -458,18 +459,21 @@ impl HubConfig {
             Auth::Pam if self.auth_secret_header.is_some() => {
                 bail!("auth_secret_header is for auth = \"header\"; with PAM logins remove it")
             }
-            Auth::Header
-                if self.auth_secret_header.is_none() && !self.listen.ip().is_loopback() =>
-            {
+            Auth::Header if self.auth_secret_header.is_none() => {
                 bail!(
-                    "auth = \"header\" trusts the {} header of every request, and listen = {} \
-                     is reachable from other hosts: anyone there could log in as anyone. \
-                     Listen on 127.0.0.1 behind the SSO proxy on this host, or set \
-                     auth_secret_header and auth_secret_file to a header the SSO proxy adds \
-                     to every request and the secret it sets it to (optionally also \
-                     proxy_addresses, the proxy's addresses)",
+                    "auth = \"header\" trusts the {} header only on requests that prove they \
+                     came through the SSO proxy: without a secret, anyone who can reach \
+                     listen = {} could log in as anyone ({}). Set auth_secret_header and \
+                     auth_secret_file to a header the SSO proxy adds to every request and \
+                     the secret it sets it to (`openssl rand -hex 32`, in a 0600 file of the \
+                     hub's account); optionally also proxy_addresses, the proxy's addresses",
                     self.auth_header,
-                    self.listen
+                    self.listen,
+                    if self.listen.ip().is_loopback() {
+                        "on a loopback address: every account of this host"
+                    } else {
+                        "other hosts too"
+                    }
                 )
             }
             _ => {}
@@ -515,26 +519,37 @@ mod tests {
     }
 
     #[test]
-    fn header_mode_on_a_public_address_needs_the_proxys_secret() {
-        let public = |extra: &str| {
-            parse(&format!("auth = \"header\"\n{extra}"), "").map(|mut c| {
-                c.listen = "0.0.0.0:1".parse().unwrap();
-                c.validate()
-            })
+    fn header_mode_needs_the_proxys_secret_on_every_address() {
+        let on = |listen: &str, extra: &str| {
+            let mut c: HubConfig = toml::from_str(&format!(
+                "listen = \"{listen}\"\nlink_bind = \"127.0.0.1:2\"\nstate_dir = \"/x\"\n\
+                 auth = \"header\"\n{extra}\n[profiles.p]\npartitions = [\"q\"]\n\
+                 cores = {{ min = 1, max = 2, default = 1 }}\n\
+                 minutes = {{ min = 1, max = 9, default = 5 }}\n"
+            ))
+            .unwrap();
+            c.listen = listen.parse().unwrap();
+            c.validate().map_err(|e| e.to_string())
         };
-        let e = public("").unwrap().unwrap_err().to_string();
+        let e = on("0.0.0.0:1", "").unwrap_err();
         assert!(
-            e.contains("0.0.0.0:1") && e.contains("auth_secret_header"),
+            e.contains("0.0.0.0:1")
+                && e.contains("auth_secret_header")
+                && e.contains("other hosts"),
+            "{e}"
+        );
+        // Loopback too: every account of this host reaches it.
+        let e = on("127.0.0.1:1", "").unwrap_err();
+        assert!(
+            e.contains("127.0.0.1:1")
+                && e.contains("every account of this host")
+                && e.contains("auth_secret_file"),
             "{e}"
         );
         let with_secret = "auth_secret_header = \"X-S\"\nauth_secret_file = \"/s\"";
-        assert!(public(with_secret).unwrap().is_ok());
-        assert!(!matches!(
-            public("auth_secret_header = \"X-S\""),
-            Ok(Ok(()))
-        ));
-        // Loopback: the SSO proxy is on this host.
-        assert!(parse("auth = \"header\"", "").is_ok());
+        assert!(on("0.0.0.0:1", with_secret).is_ok());
+        assert!(on("127.0.0.1:1", with_secret).is_ok());
+        assert!(on("127.0.0.1:1", "auth_secret_header = \"X-S\"").is_err());
         assert!(
             parse(with_secret, "").is_err(),
             "a secret header is for header mode"

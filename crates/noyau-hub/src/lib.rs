@@ -58,7 +58,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use axum::extract::{ConnectInfo, Form, Path as UrlPath, Query, State as AxState};
+use axum::extract::{
+    ConnectInfo, DefaultBodyLimit, Form, Path as UrlPath, Query, State as AxState,
+};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
@@ -68,12 +70,13 @@ use noyau_trust::Expect;
 use serde::Deserialize;
 
 use crate::access::Refusal;
-use crate::auth::{
-    cookie, random_hex, sha256_hex, Denied, Who, LOGIN_COOKIE, LOGIN_SECS, PRE_COOKIE,
-};
+use crate::auth::{cookie, random_hex, sha256_hex, Denied, Who, LOGIN_SECS};
 use crate::config::{Auth, HubConfig};
 use crate::db::{now, Choice, Db, Session, State, Update};
 
+/// The login form's largest body: a name, a password, a token and a `next`
+/// path fit; a flood of megabyte forms does not.
+const LOGIN_BODY_MAX: usize = 8 * 1024;
 /// How long a login waits for a free PAM slot before a 503.
 const PAM_WAIT: Duration = Duration::from_secs(5);
 
@@ -288,7 +291,12 @@ fn routes(hub: Arc<Hub>) -> Router {
             "/hub/logo",
             get(|AxState(hub): AxState<Arc<Hub>>| async move { hub.site.logo() }),
         )
-        .route("/hub/login", get(login_page).post(login))
+        .route(
+            "/hub/login",
+            get(login_page)
+                .post(login)
+                .layer(DefaultBodyLimit::max(LOGIN_BODY_MAX)),
+        )
         .route("/hub/logout", get(logout_page).post(logout))
         .route("/hub/home", get(home))
         .route("/hub/cards", get(cards))
@@ -387,11 +395,12 @@ fn login_form(
     msg: Option<&str>,
     status: StatusCode,
 ) -> Response {
-    let pre = cookie(headers, PRE_COOKIE)
+    let name = hub.cookie_names().pre;
+    let pre = cookie(headers, name)
         .filter(|p| p.len() == 64)
         .unwrap_or_else(random_hex);
     (
-        [(header::SET_COOKIE, hub.set_cookie(PRE_COOKIE, &pre, 3600))],
+        [(header::SET_COOKIE, hub.set_cookie(name, &pre, 3600))],
         pages::login(
             &hub.site,
             status,
@@ -425,7 +434,7 @@ async fn login(
             "This hub logs users in through its SSO proxy.",
         );
     }
-    let pre = cookie(&headers, PRE_COOKIE).unwrap_or_default();
+    let pre = cookie(&headers, hub.cookie_names().pre).unwrap_or_default();
     let refuse =
         |msg: &str, status| login_form(&hub, &headers, f.next.as_deref(), Some(msg), status);
     if pre.is_empty() || !auth::ct_eq(hub.login_csrf(&pre).as_bytes(), f.csrf.as_bytes()) {
@@ -457,7 +466,7 @@ async fn login(
         [
             (
                 header::SET_COOKIE,
-                hub.set_cookie(LOGIN_COOKIE, &id, LOGIN_SECS),
+                hub.set_cookie(hub.cookie_names().login, &id, LOGIN_SECS),
             ),
             (header::LOCATION, safe_next(f.next.as_deref())),
         ],
@@ -465,13 +474,17 @@ async fn login(
         .into_response()
 }
 
-/// The login's checks, in order: the account may log in at all (a system
-/// account's right password opens nothing, and PAM is not asked), neither
-/// the user nor the client address is waiting after failed logins, a PAM
-/// slot is free, and PAM takes the password. The refusal's message and
-/// status otherwise.
+/// The login's checks, in order: the client address is not waiting after
+/// failed logins (checked before anything is recorded or looked up, so a
+/// flood of attempts costs one map lookup each), the name is a user name,
+/// neither the user nor the address is waiting, the account may log in at
+/// all (a system account's right password opens nothing, and PAM is not
+/// asked), a PAM slot is free, and PAM takes the password. The refusal's
+/// message and status otherwise: the same "wrong user name or password"
+/// for a refused account as for a wrong password. Every refusal but a wait counts as a
+/// failure for the throttle.
 async fn check_password(
-    hub: &Hub,
+    hub: &Arc<Hub>,
     user: &str,
     password: &str,
     client: std::net::IpAddr,
@@ -482,24 +495,41 @@ async fn check_password(
             StatusCode::UNAUTHORIZED,
         )
     };
+    let addr = format!("addr:{client}");
+    if let Some(wait) = hub.throttle.wait(std::slice::from_ref(&addr)) {
+        return Err(too_many(wait));
+    }
     if !auth::valid_user_name(user) {
-        hub.db.audit(user, "login-failed", "not a valid user name");
+        // Whatever was typed, bounded and escaped, under no user's name.
+        hub.db.audit(
+            audit::NO_USER,
+            "login-failed",
+            &format!(
+                "not a valid user name: {} (from {client})",
+                audit::shown(user, 64)
+            ),
+        );
+        login_failed(hub, &[addr], audit::NO_USER, client);
         return Err(wrong());
     }
-    let account = hub.access.check(&hub.cfg, user);
-    if let Err(Refusal::Rule(why)) = &account {
-        hub.db.audit(user, "login-refused", why);
-        return Err((why.clone(), StatusCode::FORBIDDEN));
-    }
-    let keys = [format!("user:{user}"), format!("addr:{client}")];
+    let keys = [format!("user:{user}"), addr];
     if let Some(wait) = hub.throttle.wait(&keys) {
-        return Err((
-            format!(
-                "Too many failed logins for this user or from this address: try again in {} s.",
-                wait.as_secs_f64().ceil() as u64
-            ),
-            StatusCode::TOO_MANY_REQUESTS,
-        ));
+        return Err(too_many(wait));
+    }
+    // NSS (getpwnam, getgrouplist) may be LDAP: off the async threads.
+    let account = {
+        let (hub, user) = (hub.clone(), user.to_string());
+        tokio::task::spawn_blocking(move || hub.access.check(&hub.cfg, &user))
+            .await
+            .unwrap_or_else(|e| Err(Refusal::Unknown(format!("the account lookup failed: {e}"))))
+    };
+    if let Err(Refusal::Rule(why)) = &account {
+        // Why (the account's uid, min_uid, the allowed groups) is for the
+        // admins: whoever typed the name has proved nothing yet.
+        hub.db
+            .audit(user, "login-refused", &format!("{why} (from {client})"));
+        login_failed(hub, &keys, user, client);
+        return Err(wrong());
     }
     let Ok(Ok(slot)) = tokio::time::timeout(PAM_WAIT, hub.pam_slots.acquire()).await else {
         return Err((
@@ -512,25 +542,40 @@ async fn check_password(
         user.to_string(),
         password.to_string(),
     );
-    let checked = tokio::task::spawn_blocking(move || auth::pam_check(&service, &u, &p))
+    let checked = tokio::task::spawn_blocking(move || auth::pam_check(&service, &u, &p, client))
         .await
         .unwrap_or_else(|e| Err(e.to_string()));
     drop(slot);
     if let Err(why) = checked {
         hub.db
             .audit(user, "login-failed", &format!("{why} (from {client})"));
-        if let Some(wait) = hub.throttle.failed(&keys) {
-            hub.db.audit(
-                user,
-                "login-throttled",
-                &format!("from {client}: next try in {} s", wait.as_secs()),
-            );
-        }
+        login_failed(hub, &keys, user, client);
         return Err(wrong());
     }
     hub.throttle.succeeded(&keys[0]);
     // PAM knows an account NSS does not: the hub could not run its jobs.
     account.map_err(|r| (r.message().to_string(), StatusCode::FORBIDDEN))
+}
+
+fn too_many(wait: Duration) -> (String, StatusCode) {
+    (
+        format!(
+            "Too many failed logins for this user or from this address: try again in {} s.",
+            wait.as_secs_f64().ceil() as u64
+        ),
+        StatusCode::TOO_MANY_REQUESTS,
+    )
+}
+
+/// Counts a failed login for the throttle, and records the wait it imposes.
+fn login_failed(hub: &Hub, keys: &[String], user: &str, client: std::net::IpAddr) {
+    if let Some(wait) = hub.throttle.failed(keys) {
+        hub.db.audit(
+            user,
+            "login-throttled",
+            &format!("from {client}: next try in {} s", wait.as_secs()),
+        );
+    }
 }
 
 #[derive(Deserialize)]
@@ -555,14 +600,15 @@ async fn logout(
     Form(f): Form<CsrfForm>,
 ) -> Result<Response, Response> {
     let who = csrf_checked(&hub, &headers, &f.csrf)?;
-    if let Some(c) = cookie(&headers, LOGIN_COOKIE) {
+    let name = hub.cookie_names().login;
+    if let Some(c) = cookie(&headers, name) {
         let _ = hub.db.remove_login(&sha256_hex(&c));
     }
     hub.db.audit(&who.name, "logout", "");
     Ok((
         StatusCode::SEE_OTHER,
         [
-            (header::SET_COOKIE, hub.set_cookie(LOGIN_COOKIE, "", 0)),
+            (header::SET_COOKIE, hub.set_cookie(name, "", 0)),
             (header::LOCATION, "/hub/login".to_string()),
         ],
     )

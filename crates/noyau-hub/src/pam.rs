@@ -33,6 +33,8 @@ const PAM_SILENT: c_int = 0x8000;
 const PAM_DISALLOW_NULL_AUTHTOK: c_int = 0x0001;
 /// The most messages one conversation call may carry.
 const PAM_MAX_NUM_MSG: c_int = 32;
+/// `pam_set_item`'s item: the remote host the login comes from.
+const PAM_RHOST: c_int = 4;
 
 #[repr(C)]
 struct PamMessage {
@@ -73,6 +75,7 @@ type StartFn = unsafe extern "C" fn(
 ) -> c_int;
 /// `pam_authenticate`, `pam_acct_mgmt` and `pam_end` share this shape.
 type HandleFn = unsafe extern "C" fn(*mut PamHandle, c_int) -> c_int;
+type SetItemFn = unsafe extern "C" fn(*mut PamHandle, c_int, *const c_void) -> c_int;
 type StrerrorFn = unsafe extern "C" fn(*mut PamHandle, c_int) -> *const c_char;
 
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +102,7 @@ struct Library {
     acct_mgmt: HandleFn,
     end: HandleFn,
     strerror: StrerrorFn,
+    set_item: SetItemFn,
 }
 
 static LOADED: OnceLock<Result<Library, String>> = OnceLock::new();
@@ -141,7 +145,8 @@ impl Library {
         }
         // SAFETY: each type is the C prototype of that symbol in Linux-PAM's
         // <security/pam_appl.h> (pam_start, pam_authenticate, pam_acct_mgmt,
-        // pam_end, pam_strerror), with the structures laid out #[repr(C)].
+        // pam_end, pam_strerror, pam_set_item), with the structures laid
+        // out #[repr(C)].
         unsafe {
             Ok(Library {
                 start: symbol(handle, c"pam_start")?,
@@ -149,6 +154,7 @@ impl Library {
                 acct_mgmt: symbol(handle, c"pam_acct_mgmt")?,
                 end: symbol(handle, c"pam_end")?,
                 strerror: symbol(handle, c"pam_strerror")?,
+                set_item: symbol(handle, c"pam_set_item")?,
             })
         }
     }
@@ -222,12 +228,20 @@ struct Credentials<'a> {
 }
 
 /// Checks `user`'s `password` with the PAM `service` (authentication, then
-/// the account's validity: expired or locked accounts are refused). Blocks
-/// (PAM modules sleep after a failure): call it off the async threads.
-pub fn authenticate(service: &str, user: &str, password: &str) -> Result<(), PamError> {
+/// the account's validity: expired or locked accounts are refused), for a
+/// login from `rhost` (`PAM_RHOST`: pam_faillock, pam_access and the
+/// auth log, hence fail2ban, see where it comes from). Blocks (PAM modules
+/// sleep after a failure): call it off the async threads.
+pub fn authenticate(
+    service: &str,
+    user: &str,
+    password: &str,
+    rhost: &str,
+) -> Result<(), PamError> {
     let lib = library()?;
     let service_c = CString::new(service).map_err(|_| PamError::Nul)?;
     let user_c = CString::new(user).map_err(|_| PamError::Nul)?;
+    let rhost_c = CString::new(rhost).map_err(|_| PamError::Nul)?;
     let secret = Secret::new(password)?;
     let creds = Credentials {
         user: &user_c,
@@ -254,6 +268,11 @@ pub fn authenticate(service: &str, user: &str, password: &str) -> Result<(), Pam
         status: PAM_SUCCESS,
         _creds: PhantomData,
     };
+    // SAFETY: a live handle; PAM copies the NUL-terminated string.
+    t.status = unsafe { (lib.set_item)(handle, PAM_RHOST, rhost_c.as_ptr().cast()) };
+    if t.status != PAM_SUCCESS {
+        return Err(PamError::Refused(lib.message(handle, t.status)));
+    }
     t.step(lib.authenticate, PAM_SILENT | PAM_DISALLOW_NULL_AUTHTOK)?;
     t.step(lib.acct_mgmt, PAM_SILENT)
 }
@@ -470,7 +489,7 @@ mod tests {
     fn nul_bytes_are_refused_before_pam() {
         assert!(matches!(Secret::new("a\0b"), Err(PamError::Nul)));
         assert!(matches!(
-            authenticate("login", "al\0ice", "x"),
+            authenticate("login", "al\0ice", "x", "192.0.2.1"),
             Err(PamError::Nul) | Err(PamError::Unavailable(_))
         ));
     }
@@ -480,10 +499,48 @@ mod tests {
     #[test]
     fn the_system_pam_refuses_an_unknown_user() {
         load().expect("libpam.so.0 on this host");
-        let r = authenticate("noyau-test-no-such-service", "noyau-no-such-user", "x");
+        let r = authenticate(
+            "noyau-test-no-such-service",
+            "noyau-no-such-user",
+            "x",
+            "192.0.2.1",
+        );
         assert!(
             matches!(r, Err(PamError::Refused(_)) | Err(PamError::Start { .. })),
             "{r:?}"
         );
+    }
+
+    /// PAM's modules see where the login comes from: a service of the
+    /// test's own whose pam_exec writes `PAM_RHOST`, then denies.
+    #[test]
+    #[ignore = "needs root: writes a PAM service in /etc/pam.d"]
+    fn pam_modules_see_the_client_address() {
+        let tag = format!("noyau-hub-rhost-test-{}", std::process::id());
+        let dir = std::env::temp_dir().join(&tag);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (script, seen) = (dir.join("rhost"), dir.join("seen"));
+        std::fs::write(
+            &script,
+            format!("#!/bin/sh\necho \"$PAM_RHOST\" > {}\n", seen.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let service = std::path::Path::new("/etc/pam.d").join(&tag);
+        std::fs::write(
+            &service,
+            format!(
+                "auth required pam_exec.so quiet {}\nauth requisite pam_deny.so\n",
+                script.display()
+            ),
+        )
+        .unwrap();
+        let r = authenticate(&tag, "root", "x", "192.0.2.7");
+        let _ = std::fs::remove_file(&service);
+        assert!(matches!(r, Err(PamError::Refused(_))), "{r:?}");
+        let seen = std::fs::read_to_string(&seen).unwrap_or_default();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(seen.trim(), "192.0.2.7");
     }
 }

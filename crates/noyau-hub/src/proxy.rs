@@ -20,7 +20,7 @@ use std::task::{Context, Poll};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
@@ -28,7 +28,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use noyau_link::tunnel::Tunnel;
 
-use crate::auth::{LOGIN_COOKIE, PRE_COOKIE};
+use crate::auth::is_hub_cookie;
 use crate::Hub;
 
 pub async fn user_route(State(hub): State<Arc<Hub>>, req: Request) -> Response {
@@ -126,7 +126,7 @@ fn strip_hub_cookies(req: &mut Request) {
         .map(str::trim);
     for kv in cookies {
         let k = kv.split('=').next().unwrap_or("");
-        if kv.is_empty() || k == LOGIN_COOKIE || k == PRE_COOKIE {
+        if kv.is_empty() || is_hub_cookie(k.trim()) {
             continue;
         }
         if !kept.is_empty() {
@@ -139,6 +139,29 @@ fn strip_hub_cookies(req: &mut Request) {
         if let Ok(v) = HeaderValue::from_str(&kept) {
             req.headers_mut().insert(header::COOKIE, v);
         }
+    }
+}
+
+/// What a user's server may not tell the browser: to set one of the hub's
+/// cookies (a user's server could log its visitor in or out, or plant a
+/// cookie under its path), nor `Service-Worker-Allowed` (a service worker
+/// of `/user/NAME/` whose scope covers the hub's pages would see and
+/// answer every request to them).
+fn strip_upstream_headers(headers: &mut HeaderMap) {
+    headers.remove("service-worker-allowed");
+    let set: Vec<HeaderValue> = headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter(|v| {
+            let name = v.to_str().ok().and_then(|v| v.split_once('='));
+            // An unreadable one cannot be checked: dropped too.
+            name.is_some_and(|(k, _)| !is_hub_cookie(k.trim()))
+        })
+        .cloned()
+        .collect();
+    headers.remove(header::SET_COOKIE);
+    for v in set {
+        headers.append(header::SET_COOKIE, v);
     }
 }
 
@@ -258,6 +281,7 @@ async fn forward(up: &Arc<Upstream>, mut req: Request) -> anyhow::Result<Respons
         .contains_key(header::UPGRADE)
         .then(|| hyper::upgrade::on(&mut req));
     let mut resp = sender.send_request(req).await?;
+    strip_upstream_headers(resp.headers_mut());
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         let (parts, inner) = resp.into_parts();
         let mut body = Reusing {
@@ -300,7 +324,10 @@ mod tests {
         let mut r = Request::builder()
             .uri("/user/a/lab")
             .header(header::COOKIE, "noyau_hub=secret; _xsrf=x1")
-            .header(header::COOKIE, "noyau_hub_pre=p;; theme=dark")
+            .header(
+                header::COOKIE,
+                "noyau_hub_pre=p;; theme=dark; __Host-noyau_hub=s",
+            )
             .body(Body::empty())
             .unwrap();
         strip_hub_cookies(&mut r);
@@ -313,6 +340,28 @@ mod tests {
             .unwrap();
         strip_hub_cookies(&mut r);
         assert!(r.headers().get(header::COOKIE).is_none());
+    }
+
+    #[test]
+    fn a_users_server_sets_no_hub_cookie_nor_a_wider_service_worker() {
+        let mut h = HeaderMap::new();
+        for v in [
+            "_xsrf=x1; Path=/user/a/",
+            "noyau_hub=planted; Path=/",
+            "__Host-noyau_hub=planted; Path=/; Secure",
+            " noyau_hub_pre=p; Path=/user/a/",
+            "__HOST-NOYAU_HUB_PRE=p",
+            "theme=dark",
+        ] {
+            h.append(header::SET_COOKIE, v.parse().unwrap());
+        }
+        h.insert("service-worker-allowed", "/".parse().unwrap());
+        h.insert(header::CONTENT_TYPE, "text/html".parse().unwrap());
+        strip_upstream_headers(&mut h);
+        let set: Vec<_> = h.get_all(header::SET_COOKIE).iter().collect();
+        assert_eq!(set, ["_xsrf=x1; Path=/user/a/", "theme=dark"]);
+        assert!(h.get("service-worker-allowed").is_none());
+        assert_eq!(h.get(header::CONTENT_TYPE).unwrap(), "text/html");
     }
 
     #[test]
