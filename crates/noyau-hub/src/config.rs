@@ -8,9 +8,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use serde::Deserialize;
 
+use crate::listen::Listen;
+
 /// hub.toml's keys, for suggestions.
 const KEYS: &[&str] = &[
     "listen",
+    "listen_group",
     "link_bind",
     "link_advertise",
     "state_dir",
@@ -46,8 +49,11 @@ const KEYS: &[&str] = &[
 // command paths is a key serde cannot know).
 #[derive(Debug, Clone, Deserialize)]
 pub struct HubConfig {
-    /// The web server's address (put TLS in front, e.g. nginx, for a centre).
-    pub listen: SocketAddr,
+    /// The web server's address, or `unix:PATH` (put TLS in front, e.g.
+    /// nginx, for a centre; see [`crate::listen`]).
+    pub listen: Listen,
+    /// The group given the unix socket of `listen` (the web server's).
+    pub listen_group: Option<String>,
     /// Where agents dial in: a fixed port, so that they find the hub again
     /// after a restart.
     pub link_bind: SocketAddr,
@@ -390,6 +396,9 @@ impl HubConfig {
     fn validate(&self) -> anyhow::Result<()> {
         self.validate_login()?;
         self.validate_scheduler()?;
+        if self.listen_group.is_some() && !matches!(self.listen, Listen::Unix(_)) {
+            bail!("listen_group is the group of a unix socket: it needs listen = \"unix:PATH\"");
+        }
         let sched = noyau_sched::Scheduler::named(&self.scheduler)?;
         if self.profiles.is_empty() {
             bail!("no [profiles.NAME]: the spawn form needs at least one");
@@ -458,9 +467,7 @@ impl HubConfig {
             Auth::Pam if self.auth_secret_header.is_some() => {
                 bail!("auth_secret_header is for auth = \"header\"; with PAM logins remove it")
             }
-            Auth::Header
-                if self.auth_secret_header.is_none() && !self.listen.ip().is_loopback() =>
-            {
+            Auth::Header if self.auth_secret_header.is_none() && !self.listen.is_local() => {
                 bail!(
                     "auth = \"header\" trusts the {} header of every request, and listen = {} \
                      is reachable from other hosts: anyone there could log in as anyone. \

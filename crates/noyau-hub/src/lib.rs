@@ -43,6 +43,7 @@ pub mod config;
 mod cull;
 pub mod db;
 pub mod jobs;
+pub mod listen;
 pub mod logs;
 pub mod pages;
 pub mod pam;
@@ -262,24 +263,12 @@ pub async fn run(config: PathBuf) -> anyhow::Result<()> {
         tokio::spawn(cull::run(hub.clone(), limit));
     }
     let app = routes(hub.clone());
-    let tcp = tokio::net::TcpListener::bind(hub.cfg.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", hub.cfg.listen))?;
+    let web = listen::Web::bind(&hub.cfg.listen, hub.cfg.listen_group.as_deref()).await?;
     eprintln!(
-        "noyau hub: listening on http://{} (agents dial {})",
-        tcp.local_addr()?,
+        "noyau hub: listening on {web} (agents dial {})",
         hub.link_advertise
     );
-    // Responses go out as headers then body: without NODELAY, Nagle and
-    // the client's delayed ACK add 40 ms to every proxied request.
-    let tcp = axum::serve::ListenerExt::tap_io(tcp, |t| {
-        if let Err(e) = t.set_nodelay(true) {
-            tracing::debug!("TCP_NODELAY: {e}");
-        }
-    });
-    axum::serve(tcp, app.into_make_service_with_connect_info::<SocketAddr>())
-        .await
-        .context("the web server stopped")
+    web.serve(app).await.context("the web server stopped")
 }
 
 /// The web server's routes; in header mode behind [`auth::gate`].
