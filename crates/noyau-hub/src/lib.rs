@@ -194,7 +194,12 @@ fn private_file(
 
 /// Runs the hub until it is killed.
 pub async fn run(config: PathBuf) -> anyhow::Result<()> {
+    // First: this takes LISTEN_FDS out of the environment before anything
+    // could read it, and the socket systemd passed, made close-on-exec, out
+    // of the reach of the commands the hub runs.
+    let systemd = listenfd::ListenFd::from_env();
     let cfg = HubConfig::load(&config)?;
+    let web = listen::Web::bind(&cfg.listen, cfg.listen_group.as_deref(), systemd).await?;
     let site = site::Site::load(&cfg).with_context(|| format!("in {}", config.display()))?;
     if cfg.auth == Auth::Pam {
         pam::load().context("auth = \"pam\" in hub.toml")?;
@@ -263,7 +268,6 @@ pub async fn run(config: PathBuf) -> anyhow::Result<()> {
         tokio::spawn(cull::run(hub.clone(), limit));
     }
     let app = routes(hub.clone());
-    let web = listen::Web::bind(&hub.cfg.listen, hub.cfg.listen_group.as_deref()).await?;
     eprintln!(
         "noyau hub: listening on {web} (agents dial {})",
         hub.link_advertise

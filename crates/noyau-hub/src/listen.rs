@@ -11,12 +11,14 @@
 
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use anyhow::Context;
 use axum::extract::ConnectInfo;
 use axum::Router;
+use listenfd::ListenFd;
 use noyau_trust::{Expect, Mode, Owner, TrustError};
 use serde::Deserialize;
 
@@ -129,8 +131,17 @@ pub enum Web {
 }
 
 impl Web {
-    /// Binds `listen`; a unix socket is given to `group` (a name).
-    pub async fn bind(listen: &Listen, group: Option<&str>) -> anyhow::Result<Web> {
+    /// The listener systemd passed (socket activation: `noyau-hub.socket`
+    /// holds it while the hub restarts), else `listen` bound; a unix
+    /// socket the hub makes is given to `group` (a name).
+    pub async fn bind(
+        listen: &Listen,
+        group: Option<&str>,
+        mut systemd: ListenFd,
+    ) -> anyhow::Result<Web> {
+        if systemd.len() > 0 {
+            return passed(listen, &mut systemd);
+        }
         match listen {
             Listen::Tcp(addr) => {
                 let tcp = tokio::net::TcpListener::bind(addr)
@@ -177,6 +188,72 @@ impl fmt::Display for Web {
     }
 }
 
+/// The socket systemd passed, if it is the one `listen` names: the same
+/// address, or the same path in a directory no one else can write, with a
+/// mode that does not let every local user connect (systemd's default
+/// `SocketMode` is 0666).
+fn passed(listen: &Listen, systemd: &mut ListenFd) -> anyhow::Result<Web> {
+    let mismatch = |found: String| {
+        anyhow::anyhow!(
+            "systemd passed the hub {found}, but hub.toml says listen = \"{listen}\": \
+             give the socket unit's ListenStream= the same address"
+        )
+    };
+    let web = match listen {
+        Listen::Tcp(addr) => {
+            let tcp = systemd
+                .take_tcp_listener(0)
+                .map_err(|e| mismatch(e.to_string()))?
+                .context("systemd passed no socket")?;
+            let local = tcp.local_addr()?;
+            if local != *addr {
+                return Err(mismatch(local.to_string()));
+            }
+            tcp.set_nonblocking(true)?;
+            Web::Tcp(tokio::net::TcpListener::from_std(tcp)?)
+        }
+        Listen::Unix(path) => {
+            let unix = systemd
+                .take_unix_listener(0)
+                .map_err(|e| mismatch(e.to_string()))?
+                .context("systemd passed no socket")?;
+            let local = unix.local_addr()?;
+            if local.as_pathname() != Some(path.as_path()) {
+                return Err(mismatch(format!("{local:?}")));
+            }
+            check_dir(path)?;
+            let meta = Expect::socket()
+                .owner(Owner::MeOr(0, "root"))
+                .check(path)
+                .map_err(ListenError::Stale)?;
+            if meta.mode() & 0o002 != 0 {
+                anyhow::bail!(
+                    "{}: every local user can connect (mode {:04o}): give the socket unit \
+                     SocketMode=0660 and SocketGroup= the web server's group",
+                    path.display(),
+                    meta.mode() & 0o7777
+                );
+            }
+            unix.set_nonblocking(true)?;
+            Web::Unix(tokio::net::UnixListener::from_std(unix)?, path.clone())
+        }
+    };
+    tracing::info!("listening on the socket systemd passed");
+    Ok(web)
+}
+
+/// `path`'s directory: root's or the hub's, writable by no one else.
+fn check_dir(path: &Path) -> Result<(), ListenError> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    Expect::dir()
+        .owner(Owner::MeOr(0, "root"))
+        .mode(Mode::NoOthersWrite)
+        .follow_links()
+        .check(dir)
+        .map(drop)
+        .map_err(ListenError::Dir)
+}
+
 /// Makes the socket at `path`: its directory checked, a stale socket of the
 /// hub's replaced, mode [`SOCKET_MODE`] and its group set before it listens
 /// (no one connects through a wider mode meanwhile).
@@ -184,13 +261,7 @@ pub fn bind_unix(
     path: &Path,
     group: Option<&str>,
 ) -> Result<tokio::net::UnixListener, ListenError> {
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    Expect::dir()
-        .owner(Owner::MeOr(0, "root"))
-        .mode(Mode::NoOthersWrite)
-        .follow_links()
-        .check(dir)
-        .map_err(ListenError::Dir)?;
+    check_dir(path)?;
     let gid = group
         .map(|g| match nix::unistd::Group::from_name(g) {
             Ok(Some(grp)) => Ok(grp.gid),
@@ -242,7 +313,7 @@ fn remove_stale(path: &Path) -> Result<(), ListenError> {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    use std::os::unix::fs::FileTypeExt;
 
     use axum::routing::get;
 
@@ -311,7 +382,7 @@ mod tests {
         // The group the web server is in: here, this process's own.
         let gid = nix::unistd::getegid();
         let group = nix::unistd::Group::from_gid(gid).unwrap().unwrap().name;
-        let web = Web::bind(&Listen::Unix(path.clone()), Some(&group))
+        let web = Web::bind(&Listen::Unix(path.clone()), Some(&group), ListenFd::empty())
             .await
             .unwrap();
         assert_eq!(web.to_string(), format!("unix:{}", path.display()));
@@ -327,7 +398,7 @@ mod tests {
     async fn a_directory_others_can_write_is_refused() {
         let d = dir(0o777);
         let path = d.path().join("web.sock");
-        let e = Web::bind(&Listen::Unix(path.clone()), None)
+        let e = Web::bind(&Listen::Unix(path.clone()), None, ListenFd::empty())
             .await
             .err()
             .unwrap();
@@ -354,7 +425,9 @@ mod tests {
         // (binding over it fails with EADDRINUSE)
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let web = Web::bind(&Listen::Unix(path.clone()), None).await.unwrap();
+        let web = Web::bind(&Listen::Unix(path.clone()), None, ListenFd::empty())
+            .await
+            .unwrap();
         let meta = std::fs::symlink_metadata(&path).unwrap();
         assert_eq!(meta.mode() & 0o7777, SOCKET_MODE, "a new socket");
         tokio::spawn(web.serve(app()));
