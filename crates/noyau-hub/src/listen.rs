@@ -225,7 +225,7 @@ fn passed(listen: &Listen, systemd: &mut ListenFd) -> anyhow::Result<Web> {
             let meta = Expect::socket()
                 .owner(Owner::MeOr(0, "root"))
                 .check(path)
-                .map_err(ListenError::Stale)?;
+                .context("the socket systemd passed")?;
             if meta.mode() & 0o002 != 0 {
                 anyhow::bail!(
                     "{}: every local user can connect (mode {:04o}): give the socket unit \
