@@ -349,13 +349,19 @@ mod tests {
         (status, String::from_utf8_lossy(&body).into_owned())
     }
 
-    /// The hub's handlers take the peer's address (`ConnectInfo`): on the
-    /// socket they get [`UNIX_PEER`].
+    /// The hub's handlers, and header mode's `auth::gate` layer, take the
+    /// peer's address (`ConnectInfo`, a 500 if missing): on the socket they
+    /// get [`UNIX_PEER`].
     fn app() -> Router {
-        Router::new().route(
-            "/peer",
-            get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { peer.to_string() }),
-        )
+        let gate = |ConnectInfo(_): ConnectInfo<SocketAddr>,
+                    req: axum::extract::Request,
+                    next: axum::middleware::Next| next.run(req);
+        Router::new()
+            .route(
+                "/peer",
+                get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { peer.to_string() }),
+            )
+            .layer(axum::middleware::from_fn(gate))
     }
 
     #[test]
