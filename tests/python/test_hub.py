@@ -484,3 +484,88 @@ def test_the_first_example_of_docs_hub_md_runs(tmp_path: Path, users, slurm) -> 
     finally:
         hub.close()
         Path("/etc/pam.d", service).unlink(missing_ok=True)
+
+
+def test_the_hub_on_a_unix_socket(tmp_path: Path, users) -> None:  # type: ignore[no-untyped-def]
+    """listen = "unix:PATH" (no TCP port a local user could take while the
+    hub restarts): a PAM login through curl --unix-socket, as nginx's
+    proxy_pass to it would; killed, the hub's next run replaces the socket
+    it left; under socket activation, the hub serves the socket systemd
+    passed, and refuses one every local user can connect to."""
+    import grp
+
+    run = tmp_path / "run"
+    run.mkdir()
+    run.chmod(0o755)
+    sock = run / "web.sock"
+    hub = hl.Hub(tmp_path / "hub", admins=[])
+    group = grp.getgrgid(os.getegid()).gr_name
+    tcp_toml = hub.config.read_text()
+
+    def listen_on(path: Path, more: str = "") -> None:
+        hub.config.write_text(tcp_toml.replace(f'listen = "127.0.0.1:{hub.port}"', f'listen = "unix:{path}"\n{more}'))
+
+    def curl(path: Path, url: str, *args: str) -> tuple[int, str]:
+        r = subprocess.run(["curl", "-sS", "--unix-socket", str(path), "-w", "\n%{http_code}", *args,
+                            f"http://hub{url}"], capture_output=True, text=True, timeout=30)
+        body, _, code = r.stdout.rpartition("\n")
+        return int(code), body
+
+    def start(path: Path, *wrapper: str) -> subprocess.Popen:
+        with open(hub.log, "ab") as log:
+            p = subprocess.Popen([*wrapper, str(hub.noyau), "hub", "--config", str(hub.config)],
+                                 stdout=log, stderr=subprocess.STDOUT, cwd=hub.dir,
+                                 env=dict(os.environ, NOYAU_LOG="info"))
+
+        def answers() -> bool:
+            assert p.poll() is None, f"the hub exited: {hub.log.read_text()[-2000:]}"
+            return path.exists() and curl(path, "/hub/login")[0] == 200
+        lib.wait_until(answers, 30, f"the hub to answer on {path}", interval=0.1)
+        return p
+
+    def stop(p: subprocess.Popen) -> None:
+        p.kill()
+        p.wait(10)
+
+    listen_on(sock, f'listen_group = "{group}"')
+    p = start(sock)
+    try:
+        st = sock.lstat()
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660, oct(st.st_mode)
+        jar = str(tmp_path / "cookies")
+        code, page = curl(sock, "/hub/login", "-c", jar)
+        csrf = hl.csrf_of(page)
+        u = users[0]
+        code, _ = curl(sock, "/hub/login", "-b", jar, "-c", jar, "--data-urlencode", f"user={u.name}",
+                       "--data-urlencode", f"password={u.password}", "--data-urlencode", f"_csrf={csrf}")
+        assert code == 303, hub.log.read_text()[-2000:]
+        code, home = curl(sock, "/hub/home", "-b", jar)
+        assert code == 200 and u.name in home, home[:500]
+        stop(p)
+        assert sock.exists(), "SIGKILL leaves the socket"
+        p = start(sock)
+        assert curl(sock, "/hub/home", "-b", jar)[0] == 200
+        stop(p)
+
+        # Socket activation: systemd (here systemd-socket-activate) holds the
+        # socket; the hub takes it instead of making its own.
+        passed = run / "passed.sock"
+        listen_on(passed)
+        p = start(passed, "systemd-socket-activate", "-l", str(passed))
+        assert "the socket systemd passed" in hub.log.read_text()
+        stop(p)
+        passed.unlink()
+        # systemd's default SocketMode=0666: every local user could connect.
+        # (systemd-socket-activate makes it 0644, and starts the hub at the
+        # first connection.)
+        p = subprocess.Popen(["systemd-socket-activate", "-l", str(passed), str(hub.noyau), "hub", "--config",
+                              str(hub.config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lib.wait_until(passed.exists, 30, "systemd-socket-activate's socket")
+        passed.chmod(0o666)
+        assert curl(passed, "/hub/login")[0] != 200
+        out, _ = p.communicate(timeout=30)
+        assert p.returncode != 0 and "every local user can connect (mode 0666)" in out, out
+    finally:
+        if p.poll() is None:
+            stop(p)
+        hub.close()

@@ -8,9 +8,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use serde::Deserialize;
 
+use crate::listen::Listen;
+
 /// hub.toml's keys, for suggestions.
 const KEYS: &[&str] = &[
     "listen",
+    "listen_group",
     "link_bind",
     "link_advertise",
     "state_dir",
@@ -46,8 +49,11 @@ const KEYS: &[&str] = &[
 // command paths is a key serde cannot know).
 #[derive(Debug, Clone, Deserialize)]
 pub struct HubConfig {
-    /// The web server's address (put TLS in front, e.g. nginx, for a centre).
-    pub listen: SocketAddr,
+    /// The web server's address, or `unix:PATH` (put TLS in front, e.g.
+    /// nginx, for a centre; see [`crate::listen`]).
+    pub listen: Listen,
+    /// The group given the unix socket of `listen` (the web server's).
+    pub listen_group: Option<String>,
     /// Where agents dial in: a fixed port, so that they find the hub again
     /// after a restart.
     pub link_bind: SocketAddr,
@@ -391,6 +397,9 @@ impl HubConfig {
     fn validate(&self) -> anyhow::Result<()> {
         self.validate_login()?;
         self.validate_scheduler()?;
+        if self.listen_group.is_some() && !matches!(self.listen, Listen::Unix(_)) {
+            bail!("listen_group is the group of a unix socket: it needs listen = \"unix:PATH\"");
+        }
         let sched = noyau_sched::Scheduler::named(&self.scheduler)?;
         if self.profiles.is_empty() {
             bail!("no [profiles.NAME]: the spawn form needs at least one");
@@ -469,10 +478,12 @@ impl HubConfig {
                      hub's account); optionally also proxy_addresses, the proxy's addresses",
                     self.auth_header,
                     self.listen,
-                    if self.listen.ip().is_loopback() {
-                        "on a loopback address: every account of this host"
-                    } else {
-                        "other hosts too"
+                    match &self.listen {
+                        Listen::Unix(_) => "on a unix socket: every account that may connect to it",
+                        Listen::Tcp(a) if a.ip().is_loopback() => {
+                            "on a loopback address: every account of this host"
+                        }
+                        Listen::Tcp(_) => "other hosts too",
                     }
                 )
             }

@@ -43,6 +43,7 @@ pub mod config;
 mod cull;
 pub mod db;
 pub mod jobs;
+pub mod listen;
 pub mod logs;
 pub mod pages;
 pub mod pam;
@@ -196,7 +197,12 @@ fn private_file(
 
 /// Runs the hub until it is killed.
 pub async fn run(config: PathBuf) -> anyhow::Result<()> {
+    // First: this takes LISTEN_FDS out of the environment before anything
+    // could read it, and the socket systemd passed, made close-on-exec, out
+    // of the reach of the commands the hub runs.
+    let systemd = listenfd::ListenFd::from_env();
     let cfg = HubConfig::load(&config)?;
+    let web = listen::Web::bind(&cfg.listen, cfg.listen_group.as_deref(), systemd).await?;
     let site = site::Site::load(&cfg).with_context(|| format!("in {}", config.display()))?;
     if cfg.auth == Auth::Pam {
         pam::load().context("auth = \"pam\" in hub.toml")?;
@@ -261,24 +267,11 @@ pub async fn run(config: PathBuf) -> anyhow::Result<()> {
         tokio::spawn(cull::run(hub.clone(), limit));
     }
     let app = routes(hub.clone());
-    let tcp = tokio::net::TcpListener::bind(hub.cfg.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", hub.cfg.listen))?;
     eprintln!(
-        "noyau hub: listening on http://{} (agents dial {})",
-        tcp.local_addr()?,
+        "noyau hub: listening on {web} (agents dial {})",
         hub.link_advertise
     );
-    // Responses go out as headers then body: without NODELAY, Nagle and
-    // the client's delayed ACK add 40 ms to every proxied request.
-    let tcp = axum::serve::ListenerExt::tap_io(tcp, |t| {
-        if let Err(e) = t.set_nodelay(true) {
-            tracing::debug!("TCP_NODELAY: {e}");
-        }
-    });
-    axum::serve(tcp, app.into_make_service_with_connect_info::<SocketAddr>())
-        .await
-        .context("the web server stopped")
+    web.serve(app).await.context("the web server stopped")
 }
 
 /// The web server's routes; in header mode behind [`auth::gate`].

@@ -12,6 +12,7 @@ use crate::{Problem, TrustError};
 pub enum Kind {
     Dir,
     File,
+    Socket,
 }
 
 impl std::fmt::Display for Kind {
@@ -19,6 +20,7 @@ impl std::fmt::Display for Kind {
         f.write_str(match self {
             Kind::Dir => "a directory",
             Kind::File => "a regular file",
+            Kind::Socket => "a socket",
         })
     }
 }
@@ -101,6 +103,17 @@ impl Expect {
         }
     }
 
+    /// A unix socket of ours, any mode, not a symlink (one to replace: its
+    /// mode is set when it is made again).
+    pub fn socket() -> Self {
+        Expect {
+            kind: Kind::Socket,
+            owner: Owner::Me,
+            mode: Mode::Any,
+            follow: false,
+        }
+    }
+
     pub fn owner(self, owner: Owner) -> Self {
         Expect { owner, ..self }
     }
@@ -151,6 +164,7 @@ impl Expect {
         let right_kind = match self.kind {
             Kind::Dir => kind.is_dir(),
             Kind::File => kind.is_file(),
+            Kind::Socket => kind.is_socket(),
         };
         if !right_kind {
             return refuse(Problem::WrongKind {
