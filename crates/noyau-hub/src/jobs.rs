@@ -10,7 +10,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use noyau_sched::{AsUser, Job, JobSpec, JobState, PartitionLoad, Scheduler, Scope};
+use axum::http::StatusCode;
+use noyau_sched::{AsUser, Job, JobSpec, JobState, PartitionLoad, SchedError, Scheduler, Scope};
 
 use crate::config::HubConfig;
 use crate::db::{Session, State, Update};
@@ -35,6 +36,7 @@ pub fn scheduler(cfg: &HubConfig) -> anyhow::Result<Scheduler> {
 /// How the hub runs commands as `user`: `submit_as`, `{user}` replaced.
 fn as_user(hub: &Hub, user: &nix::unistd::User) -> AsUser {
     AsUser {
+        user: user.name.clone(),
         prefix: hub
             .cfg
             .submit_as
@@ -52,8 +54,66 @@ fn account(name: &str) -> Result<nix::unistd::User, String> {
         .ok_or_else(|| format!("{name} is not a user of this system"))
 }
 
+/// Why a job was not submitted or cancelled.
+#[derive(Debug)]
+pub enum Refused {
+    /// The scheduler was not asked now: another command of this user's
+    /// still runs (one at a time per user), the same cancel is under way,
+    /// or every permit of the hub's pool stayed taken. The words say so.
+    NotNow(StatusCode, String),
+    /// The scheduler (or the account lookup) said no.
+    Failed(String),
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::NotNow(_, why) | Refused::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
+impl Refused {
+    /// The answer to the user who asked: `failed` (e.g. "Slurm refused
+    /// the job") in front of what the scheduler said.
+    pub fn answer(&self, failed: &str) -> (StatusCode, String) {
+        match self {
+            Refused::NotNow(status, why) => (*status, why.clone()),
+            Refused::Failed(why) => (StatusCode::BAD_GATEWAY, format!("{failed}: {why}")),
+        }
+    }
+}
+
+impl From<String> for Refused {
+    fn from(why: String) -> Refused {
+        Refused::Failed(why)
+    }
+}
+
+impl From<SchedError> for Refused {
+    fn from(e: SchedError) -> Refused {
+        let not_now = |status, why: &str| Refused::NotNow(status, why.to_string());
+        match e {
+            SchedError::UserBusy(_) => not_now(
+                StatusCode::CONFLICT,
+                "A request of yours to the scheduler is still running; try again in a moment.",
+            ),
+            SchedError::CancelUnderWay(_) => not_now(
+                StatusCode::CONFLICT,
+                "This session's cancel is already under way; its card says it ended once the \
+                 scheduler has ended the job.",
+            ),
+            SchedError::Busy(_) => not_now(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The cluster's scheduler is busy; try again in a moment.",
+            ),
+            e => Refused::Failed(e.to_string()),
+        }
+    }
+}
+
 /// Submits the session's job as its user; returns the job id and log path.
-pub async fn submit(hub: &Hub, s: &Session) -> Result<(String, String), String> {
+pub async fn submit(hub: &Hub, s: &Session) -> Result<(String, String), Refused> {
     let user = account(&s.user)?;
     let prof = hub
         .cfg
@@ -80,7 +140,7 @@ pub async fn submit(hub: &Hub, s: &Session) -> Result<(String, String), String> 
         if let Some(v) = value {
             profile
                 .apply_override(&format!("{key}={v}"))
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| Refused::Failed(e.to_string()))?;
         }
     }
     let home = user.dir.display().to_string();
@@ -115,8 +175,7 @@ pub async fn submit(hub: &Hub, s: &Session) -> Result<(String, String), String> 
         .sched
         .as_user(as_user(hub, &user))
         .submit_detached(&spec)
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     let log = spec.log_path(&id).display().to_string();
     tracing::info!(user = s.user, job = id, log, "submitted");
     Ok((id, log))
@@ -124,12 +183,12 @@ pub async fn submit(hub: &Hub, s: &Session) -> Result<(String, String), String> 
 
 /// Cancels `user`'s job as that user (through `submit_as`, as it was
 /// submitted): the hub needs no scheduler operator rights.
-pub async fn cancel(hub: &Hub, user: &str, job: &str) -> Result<(), String> {
+pub async fn cancel(hub: &Hub, user: &str, job: &str) -> Result<(), Refused> {
     hub.sched
         .as_user(as_user(hub, &account(user)?))
         .cancel(&[job.to_string()])
-        .await
-        .map_err(|e| e.to_string())
+        .await?;
+    Ok(())
 }
 
 /// A session's job, as the watcher follows it.
@@ -260,6 +319,32 @@ pub async fn partitions(hub: &Hub) -> Result<Vec<PartitionLoad>, String> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// The gate's refusals reach the user as what to do (try again, the
+    /// cancel is under way), not as the scheduler's failure; a failure
+    /// keeps the scheduler's words.
+    #[test]
+    fn refusals_of_the_gate_say_to_try_again() {
+        let r = Refused::from(SchedError::UserBusy("alice".into()));
+        let (status, text) = r.answer("X did not cancel the job");
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert!(text.contains("still running; try again"), "{text}");
+        let r = Refused::from(SchedError::CancelUnderWay(vec!["12".into()]));
+        assert!(r.to_string().contains("cancel is already under way"), "{r}");
+        let r = Refused::from(SchedError::Busy(Duration::from_secs(30)));
+        let (status, text) = r.answer("X refused the job");
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            text,
+            "The cluster's scheduler is busy; try again in a moment."
+        );
+        let r = Refused::from(SchedError::Invalid("no such partition".into()));
+        let (status, text) = r.answer("X refused the job");
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+        assert!(text.starts_with("X refused the job: "), "{text}");
+    }
+
     #[test]
     fn slurm_durations() {
         let secs_of = noyau_sched::parse_duration;

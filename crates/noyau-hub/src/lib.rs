@@ -728,11 +728,8 @@ async fn start_session(
                     ..Default::default()
                 },
             );
-            hub.db.audit(&who.name, "spawn-failed", &why);
-            Err((
-                StatusCode::BAD_GATEWAY,
-                format!("{} refused the job: {why}", hub.sched.display()),
-            ))
+            hub.db.audit(&who.name, "spawn-failed", &why.to_string());
+            Err(why.answer(&format!("{} refused the job", hub.sched.display())))
         }
     }
 }
@@ -794,11 +791,9 @@ async fn cancel(
     if s.state != State::Ended {
         if let Some(job) = &s.job_id {
             if let Err(e) = jobs::cancel(&hub, &s.user, job).await {
-                return Err(pages::error(
-                    &hub.site,
-                    StatusCode::BAD_GATEWAY,
-                    &format!("{} did not cancel the job: {e}", hub.sched.display()),
-                ));
+                let (status, msg) =
+                    e.answer(&format!("{} did not cancel the job", hub.sched.display()));
+                return Err(pages::error(&hub.site, status, &msg));
             }
         }
         let mut u = Update {

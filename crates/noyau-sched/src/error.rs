@@ -73,6 +73,23 @@ pub enum SchedError {
         def = crate::DEFAULT_SLOTS
     )]
     BadSlots(i64),
+    /// A call as another user (the hub's) while one of theirs still runs:
+    /// one at a time per user (`throttle::Turns`).
+    #[error(
+        "a scheduler command run as {0} is still running; try again once it has ended \
+         (it is killed at its timeout)"
+    )]
+    UserBusy(String),
+    /// A cancel as another user of jobs whose cancel is already running.
+    #[error("a cancel of job {} is already under way", .0.join(" "))]
+    CancelUnderWay(Vec<String>),
+    /// A submission as another user found no free permit of the hub's
+    /// pool (`concurrent_submissions` in hub.toml) within its wait.
+    #[error(
+        "the scheduler is busy: every one of the hub's concurrent_submissions was taken for \
+         {0:?}; try again in a moment"
+    )]
+    Busy(std::time::Duration),
     /// What this scheduler does not let a user do (e.g. extend a job).
     #[error("{0}")]
     Unsupported(String),

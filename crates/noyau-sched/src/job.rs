@@ -83,8 +83,8 @@ pub(crate) struct Cancel {
 impl Cancel {
     /// Cancels `ids` (as the submitting user), through the throttle.
     async fn ids(&self, ids: &[String]) -> Result<(), SchedError> {
-        let cancel = self.imp.cancel(ids, self.as_user.as_deref());
-        crate::throttle::throttled_cancel(self.as_user.is_some(), cancel).await
+        let u = self.as_user.as_deref();
+        crate::throttle::throttled_cancel(u, ids, self.imp.cancel(ids, u)).await
     }
 }
 
@@ -171,8 +171,8 @@ impl ArrayJob {
             return Ok(());
         }
         let ids: Vec<String> = next.iter().map(|i| self.states[*i].0.clone()).collect();
-        let as_other = self.cancel.as_user.is_some();
-        crate::throttle::throttled(as_other, self.cancel.imp.release(&ids)).await?;
+        let u = self.cancel.as_user.as_deref();
+        crate::throttle::throttled(u, self.cancel.imp.release(&ids)).await?;
         for i in next {
             self.held[i] = false;
         }

@@ -60,6 +60,9 @@ impl CommandError {
 /// and cancel a user's job without operator rights.
 #[derive(Debug, Clone)]
 pub struct AsUser {
+    /// The user's account name: one call as them at a time (see
+    /// `throttle::Turns`).
+    pub user: String,
     /// The prefix, the user's name already in it.
     pub prefix: Vec<String>,
     /// The user's home directory.
@@ -323,6 +326,7 @@ mod tests {
     #[tokio::test]
     async fn as_another_user_through_the_prefix_with_a_clean_environment() {
         let u = AsUser {
+            user: "u".into(),
             prefix: vec!["env".into(), "A=1".into()],
             home: "/".into(),
             noyau: "noyau".into(),

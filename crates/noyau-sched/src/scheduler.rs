@@ -205,7 +205,7 @@ impl Scheduler {
     }
 
     async fn submit_raw(&self, spec: &JobSpec) -> Result<crate::batch::Submission, SchedError> {
-        throttled(self.as_user.is_some(), self.submit_now(spec)).await
+        throttled(self.user(), self.submit_now(spec)).await
     }
 
     /// Submits without waiting for a slot: `noyau hub-submit`'s, whose hub
@@ -244,7 +244,7 @@ impl Scheduler {
 
     /// Cancels jobs by id.
     pub async fn cancel(&self, ids: &[String]) -> Result<(), SchedError> {
-        throttled_cancel(self.as_user.is_some(), self.imp().cancel(ids, self.user())).await
+        throttled_cancel(self.user(), ids, self.imp().cancel(ids, self.user())).await
     }
 
     /// The noyau jobs (names `noyau-…`) of this user's that have not

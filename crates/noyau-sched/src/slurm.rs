@@ -1019,6 +1019,7 @@ mod tests {
         std::fs::write(&noyau, format!("#!/bin/sh\n{script}\n")).unwrap();
         std::fs::set_permissions(&noyau, std::fs::Permissions::from_mode(0o755)).unwrap();
         AsUser {
+            user: "u".into(),
             prefix: Vec::new(),
             home: dir.into(),
             noyau,

@@ -30,18 +30,27 @@
 //! `noyau hub-submit`, which the hub runs as the user, takes no slot: its
 //! hub holds one. A cancel waits for a slot at most [`CANCEL_WAIT`], then
 //! runs anyway: a job left running holds its allocation.
+//!
+//! A command run as a user is the user's process, which they can stop
+//! (SIGSTOP) so that it holds its permit until its timeout kills it. So
+//! such calls take first a turn of their user's ([`Turns`]): one call as
+//! a user at a time, a second refused at once, before any permit is
+//! waited for. One user then holds at most one permit, and the pool
+//! (first come, first served) is never theirs alone.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use nix::fcntl::{Flock, FlockArg};
 
+use crate::run::AsUser;
 use crate::SchedError;
 
 mod queue;
@@ -97,40 +106,155 @@ enum Held {
 /// seconds after asking it to shut down.
 pub(crate) const CANCEL_WAIT: Duration = Duration::from_secs(2);
 
-/// Runs `call` once a slot is free; `as_other`: the call is made as
-/// another user (see [`Pool::of`]).
+/// How long a submission as another user (the hub's) waits for a permit
+/// before it is refused ([`SchedError::Busy`]). Users' turns already make
+/// an endless wait impossible for one user to cause: each holds at most
+/// one permit, for at most its command's timeout (then the command is
+/// killed and the permit given back), and the pool serves waiters in the
+/// order they came, so a user who stops their command again and again
+/// queues behind those who waited. The bound is for when the commands of
+/// several users are slow at once (a stalled scheduler, or hostile users
+/// together): the person at the spawn form is told to try again rather
+/// than left before a page that never loads (a reverse proxy gives up
+/// after 60 s).
+pub(crate) const SUBMIT_WAIT: Duration = Duration::from_secs(30);
+
+/// Runs `call` once a slot is free; `as_user`: the call is made as
+/// another user (see [`Pool::of`]), in their turn ([`Turns`]).
 pub(crate) async fn throttled<T>(
-    as_other: bool,
+    as_user: Option<&AsUser>,
     call: impl Future<Output = Result<T, SchedError>>,
 ) -> Result<T, SchedError> {
-    gated(Pool::of(as_other), None, call).await
+    match as_user {
+        None => gated(Pool::of(false), Wait::Always, call).await,
+        Some(u) => {
+            let wait = Wait::ThenRefuse(SUBMIT_WAIT);
+            let turns = Turns::of_process();
+            turn_gated(turns, &u.user, None, Pool::of(true), wait, call).await
+        }
+    }
 }
 
-/// [`throttled`] for a cancel: it waits for a slot at most
-/// [`CANCEL_WAIT`], then cancels anyway.
+/// [`throttled`] for a cancel of `ids`: it waits for a slot at most
+/// [`CANCEL_WAIT`], then cancels anyway. As another user, a cancel of the
+/// same jobs as one under way is answered [`SchedError::CancelUnderWay`],
+/// without a second command.
 pub(crate) async fn throttled_cancel<T>(
-    as_other: bool,
+    as_user: Option<&AsUser>,
+    ids: &[String],
     call: impl Future<Output = Result<T, SchedError>>,
 ) -> Result<T, SchedError> {
-    gated(Pool::of(as_other), Some(CANCEL_WAIT), call).await
+    let wait = Wait::ThenRun(CANCEL_WAIT);
+    match as_user {
+        None => gated(Pool::of(false), wait, call).await,
+        Some(u) => {
+            let turns = Turns::of_process();
+            turn_gated(turns, &u.user, Some(ids), Pool::of(true), wait, call).await
+        }
+    }
 }
 
-/// Runs `call` holding a slot of `pool`, waited for at most `most` (None:
-/// as long as it takes); past `most` the call runs unthrottled.
+/// Runs `call` as `user` in their turn of `turns` (a cancel of `cancel`,
+/// or another call), then holding a slot of `pool`: the turn is taken
+/// first, so a user's calls refused hold no permit nor wait for one.
+async fn turn_gated<T>(
+    turns: &Turns,
+    user: &str,
+    cancel: Option<&[String]>,
+    pool: Pool,
+    wait: Wait,
+    call: impl Future<Output = Result<T, SchedError>>,
+) -> Result<T, SchedError> {
+    let _turn = turns.take(user, cancel)?;
+    gated(pool, wait, call).await
+}
+
+/// How long a call waits for a slot.
+#[derive(Debug, Clone, Copy)]
+enum Wait {
+    /// As long as it takes.
+    Always,
+    /// At most this long, then it runs unthrottled (a cancel).
+    ThenRun(Duration),
+    /// At most this long, then it is refused ([`SchedError::Busy`]).
+    ThenRefuse(Duration),
+}
+
+/// Runs `call` holding a slot of `pool`, waited for as `wait` says.
 async fn gated<T>(
     pool: Pool,
-    most: Option<Duration>,
+    wait: Wait,
     call: impl Future<Output = Result<T, SchedError>>,
 ) -> Result<T, SchedError> {
     let take = pool.hold();
-    let _held = match most {
-        None => take.await,
-        Some(most) => tokio::time::timeout(most, take).await.unwrap_or_else(|_| {
+    let _held = match wait {
+        Wait::Always => take.await,
+        Wait::ThenRun(most) => tokio::time::timeout(most, take).await.unwrap_or_else(|_| {
             tracing::info!("no submission slot within {most:?}: going on anyway");
             Held::Nothing
         }),
+        Wait::ThenRefuse(most) => tokio::time::timeout(most, take)
+            .await
+            .map_err(|_| SchedError::Busy(most))?,
     };
     call.await
+}
+
+/// The users with a call made as them running in this process (the
+/// hub's), and which: a cancel's job ids, or None for any other call.
+///
+/// A second call as a user while one runs is refused at once rather than
+/// queued: a queued call is a task and an open request that the user can
+/// multiply at will, and the hub has no second call of one user's to make
+/// (one live session per user: a second spawn is refused by its database
+/// before any command; a second cancel is of the same session's job, and
+/// is answered that it is under way, not run again).
+#[derive(Debug, Default)]
+pub(crate) struct Turns(Mutex<HashMap<String, Option<Vec<String>>>>);
+
+/// A user's turn: given back when dropped (the call ended, or its caller
+/// gave it up).
+#[derive(Debug)]
+pub(crate) struct Turn<'a> {
+    turns: &'a Turns,
+    user: String,
+}
+
+impl Turns {
+    fn of_process() -> &'static Turns {
+        static TURNS: OnceLock<Turns> = OnceLock::new();
+        TURNS.get_or_init(Turns::default)
+    }
+
+    /// `user`'s turn, for a cancel of `cancel` or (None) another call;
+    /// refused while another call as `user` runs.
+    pub(crate) fn take(
+        &self,
+        user: &str,
+        cancel: Option<&[String]>,
+    ) -> Result<Turn<'_>, SchedError> {
+        let mut running = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(now) = running.get(user) {
+            return Err(match (now, cancel) {
+                (Some(under_way), Some(ids)) if ids.iter().all(|i| under_way.contains(i)) => {
+                    SchedError::CancelUnderWay(ids.to_vec())
+                }
+                _ => SchedError::UserBusy(user.to_string()),
+            });
+        }
+        running.insert(user.to_string(), cancel.map(<[String]>::to_vec));
+        Ok(Turn {
+            turns: self,
+            user: user.to_string(),
+        })
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut running = self.turns.0.lock().unwrap_or_else(|e| e.into_inner());
+        running.remove(&self.user);
+    }
 }
 
 /// Where a call's slot comes from.

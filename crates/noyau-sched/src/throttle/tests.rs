@@ -237,7 +237,7 @@ async fn a_cancel_with_every_slot_held_runs_after_its_bound() {
     for pool in [Pool::Files(slots.clone()), Pool::Process(empty)] {
         let flag = Arc::new(AtomicBool::new(false));
         let start = Instant::now();
-        let cancel = gated(pool, Some(CANCEL_WAIT), ran(flag.clone()));
+        let cancel = gated(pool, Wait::ThenRun(CANCEL_WAIT), ran(flag.clone()));
         tokio::time::timeout(Duration::from_secs(20), cancel)
             .await
             .expect("the cancel waited past its bound")
@@ -264,7 +264,7 @@ async fn a_refused_slot_directory_leaves_the_call_unthrottled() {
         "the planted directory was used"
     );
     let flag = Arc::new(AtomicBool::new(false));
-    let call = gated(Pool::Files(slots), None, ran(flag.clone()));
+    let call = gated(Pool::Files(slots), Wait::Always, ran(flag.clone()));
     tokio::time::timeout(Duration::from_secs(20), call)
         .await
         .expect("the submission waited on a refused directory")
@@ -281,7 +281,7 @@ async fn calls_as_another_user_wait_for_the_process_pool() {
     let pool: &'static Semaphore = Box::leak(Box::new(Semaphore::new(1)));
     let first = pool.acquire().await.unwrap();
     let flag = Arc::new(AtomicBool::new(false));
-    let second = gated(Pool::Process(pool), None, ran(flag.clone()));
+    let second = gated(Pool::Process(pool), Wait::Always, ran(flag.clone()));
     let waited = tokio::time::timeout(Duration::from_millis(300), second).await;
     assert!(waited.is_err(), "a call ran with the pool taken");
     assert!(
@@ -289,10 +289,179 @@ async fn calls_as_another_user_wait_for_the_process_pool() {
         "a call ran with the pool taken"
     );
     drop(first);
-    let third = gated(Pool::Process(pool), None, ran(flag.clone()));
+    let third = gated(Pool::Process(pool), Wait::Always, ran(flag.clone()));
     tokio::time::timeout(Duration::from_secs(20), third)
         .await
         .expect("no permit once the first was given back")
         .unwrap();
     assert!(flag.load(Ordering::SeqCst));
+}
+
+/// A stand-in for a scheduler command run as a user that they stopped
+/// (SIGSTOP): it holds whatever it was given until `go` is notified. The
+/// thing under test is the gate, not the scheduler.
+async fn stopped(go: Arc<tokio::sync::Notify>) -> Result<(), SchedError> {
+    go.notified().await;
+    Ok(())
+}
+
+/// A call as `user` through the hub's gate (their turn of `turns`, then a
+/// permit of `pool`), spawned; `cancel`: the job ids it cancels.
+fn spawn_as(
+    turns: &'static Turns,
+    pool: &'static Semaphore,
+    user: &'static str,
+    cancel: Option<Vec<String>>,
+    call: impl Future<Output = Result<(), SchedError>> + Send + 'static,
+) -> tokio::task::JoinHandle<Result<(), SchedError>> {
+    tokio::spawn(async move {
+        let wait = Wait::ThenRefuse(SUBMIT_WAIT);
+        turn_gated(
+            turns,
+            user,
+            cancel.as_deref(),
+            Pool::Process(pool),
+            wait,
+            call,
+        )
+        .await
+    })
+}
+
+/// The hole: a user whose commands the hub runs as them stops each one;
+/// eight at once took every permit of the hub's pool (four), and every
+/// other user's spawn waited. Now one user's calls hold at most one permit
+/// (the others are refused at once, a cancel of the same job said to be
+/// under way) and another user's call runs.
+#[tokio::test]
+async fn one_users_concurrent_calls_hold_one_permit_and_another_user_proceeds() {
+    let turns: &'static Turns = Box::leak(Box::default());
+    let pool: &'static Semaphore = Box::leak(Box::new(Semaphore::new(4)));
+    let go = Arc::new(tokio::sync::Notify::new());
+    let job = || Some(vec!["12".to_string()]);
+    let first = spawn_as(turns, pool, "mallory", job(), stopped(go.clone()));
+    eventually("the first call takes a permit", || {
+        pool.available_permits() == 3
+    })
+    .await;
+    let more: Vec<_> = (0..8)
+        .map(|i| {
+            let cancel = if i % 2 == 0 { job() } else { None };
+            spawn_as(turns, pool, "mallory", cancel, stopped(go.clone()))
+        })
+        .collect();
+    for (i, call) in more.into_iter().enumerate() {
+        let e = tokio::time::timeout(Duration::from_secs(20), call)
+            .await
+            .expect("a second call of the same user's waited")
+            .unwrap()
+            .unwrap_err();
+        match i % 2 {
+            0 => assert!(matches!(e, SchedError::CancelUnderWay(_)), "{e:?}"),
+            _ => assert!(
+                matches!(e, SchedError::UserBusy(ref u) if u == "mallory"),
+                "{e:?}"
+            ),
+        }
+    }
+    assert_eq!(
+        pool.available_permits(),
+        3,
+        "one user holds more than one permit"
+    );
+    let flag = Arc::new(AtomicBool::new(false));
+    let other = spawn_as(turns, pool, "alice", None, ran(flag.clone()));
+    tokio::time::timeout(Duration::from_secs(20), other)
+        .await
+        .expect("another user's call waited behind the stopped one")
+        .unwrap()
+        .unwrap();
+    assert!(
+        flag.load(Ordering::SeqCst),
+        "another user's call did not run"
+    );
+    go.notify_one();
+    first.await.unwrap().unwrap();
+    assert_eq!(pool.available_permits(), 4, "the permit was not given back");
+    let again = spawn_as(turns, pool, "mallory", None, ran(flag.clone()));
+    again
+        .await
+        .unwrap()
+        .expect("the user's turn was not given back");
+}
+
+/// A submission as another user with every permit of the pool taken (by
+/// several users' slow commands) is refused with a clear word once its
+/// wait is over, holding no turn after; a cancel runs anyway.
+#[tokio::test]
+async fn a_submission_as_another_user_is_refused_when_the_pool_stays_taken() {
+    let turns = Turns::default();
+    let empty: &'static Semaphore = Box::leak(Box::new(Semaphore::new(0)));
+    let flag = Arc::new(AtomicBool::new(false));
+    let wait = Wait::ThenRefuse(Duration::from_millis(100));
+    let call = turn_gated(
+        &turns,
+        "alice",
+        None,
+        Pool::Process(empty),
+        wait,
+        ran(flag.clone()),
+    );
+    let e = tokio::time::timeout(Duration::from_secs(20), call)
+        .await
+        .expect("the submission waited past its bound")
+        .unwrap_err();
+    assert!(matches!(e, SchedError::Busy(_)), "{e:?}");
+    assert!(e.to_string().contains("try again"), "{e}");
+    assert!(!flag.load(Ordering::SeqCst), "the refused submission ran");
+    let ids = ["7".to_string()];
+    let wait = Wait::ThenRun(Duration::from_millis(100));
+    let cancel = turn_gated(
+        &turns,
+        "alice",
+        Some(&ids),
+        Pool::Process(empty),
+        wait,
+        ran(flag.clone()),
+    );
+    tokio::time::timeout(Duration::from_secs(20), cancel)
+        .await
+        .expect("the cancel waited past its bound")
+        .expect("the refused submission kept the user's turn");
+    assert!(flag.load(Ordering::SeqCst), "the cancel did not run");
+}
+
+/// A real command run through the hub's gate that stops itself (as a user
+/// would stop theirs) is killed at its timeout, and its permit and turn
+/// are given back.
+#[tokio::test]
+async fn a_stopped_command_is_killed_at_its_timeout_and_frees_its_permit() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("pid");
+    let turns = Turns::default();
+    let pool: &'static Semaphore = Box::leak(Box::new(Semaphore::new(1)));
+    let script = format!("echo $$ > {}; kill -STOP $$", pidfile.display());
+    // long enough for sh to write its pid under load
+    let cmd = crate::run::Cmd::new(Path::new("sh"), Duration::from_secs(3)).args(["-c", &script]);
+    let call = async { Ok(cmd.output().await?) };
+    let wait = Wait::ThenRefuse(SUBMIT_WAIT);
+    let e = turn_gated(&turns, "mallory", None, Pool::Process(pool), wait, call)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, SchedError::Command(crate::CommandError::Timeout { .. })),
+        "{e:?}"
+    );
+    assert_eq!(pool.available_permits(), 1, "the permit was not given back");
+    assert!(
+        turns.take("mallory", None).is_ok(),
+        "the turn was not given back"
+    );
+    let pid = std::fs::read_to_string(&pidfile).unwrap();
+    let stat = format!("/proc/{}/stat", pid.trim());
+    // gone, or a zombie waiting for its reaper
+    eventually("the stopped command is killed", || {
+        !std::fs::read_to_string(&stat).is_ok_and(|s| !s.contains(") Z "))
+    })
+    .await;
 }
