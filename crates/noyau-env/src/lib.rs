@@ -47,6 +47,7 @@ pub mod index;
 pub mod isolate;
 pub mod manage;
 pub mod modules;
+mod named;
 pub mod prefix;
 pub mod prepare;
 pub mod python;
@@ -97,6 +98,23 @@ pub enum EnvError {
         /// What it would do.
         risk: trust::Risk,
         /// The project's directory, the one to trust.
+        dir: std::path::PathBuf,
+    },
+    /// A file a notebook, a cell or a project names that is not in its
+    /// directory ([`named`]).
+    #[error(
+        "{what} names {}, which {why}: a notebook, a cell or a project may name only files in \
+         its own directory ({}), since noyau reads them on this host, outside any sandbox, and \
+         what it reads may be shown. Copy the file into that directory; or, if the file is \
+         yours and you meant it, give it yourself: `noyau run --env FILE`, or NOYAU_ENV in \
+         your kernelspec", path.display(), dir.display()
+    )]
+    OutsideProject {
+        /// The source and key (`%noyau env file`, `lock_file in …`).
+        what: String,
+        path: std::path::PathBuf,
+        why: String,
+        /// The project's directory, resolved.
         dir: std::path::PathBuf,
     },
     /// A data file whose bytes are not the ones declared; nothing was kept.

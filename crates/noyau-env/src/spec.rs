@@ -224,6 +224,9 @@ impl EnvSpec {
             }
             // What it pins is what gets installed: read as the project's
             // noyau.toml is (refused if another user could have written it).
+            // (A spec from sources has its lock_file read already, where
+            // who named it is known: `sources::merge`. This is a spec
+            // built by the user's own code or tests.)
             let text =
                 noyau_config::project_text(&f, noyau_config::MAX_LOCK_SIZE)?.ok_or_else(|| {
                     EnvError::Invalid(format!(

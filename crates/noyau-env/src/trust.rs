@@ -38,7 +38,14 @@ use serde_json::Value;
 ///
 /// `prefix` is not here: preparing a prefix reads its files and runs
 /// nothing. But the sandbox shows it, so it is in [`loosens_sandbox`].
-pub fn names_code(key: &str, value: &Value) -> Option<String> {
+///
+/// `show` says whether the offending value is quoted: not one read from a
+/// file, which may be a file of the user's a notebook named.
+pub fn names_code(key: &str, value: &Value, show: Show) -> Option<String> {
+    let quoted = |v: &str| match show {
+        Show::Text => format!("{v:?}"),
+        Show::LineNumbers => "one".to_string(),
+    };
     let strings = || -> Vec<&str> {
         match value {
             Value::String(s) => vec![s.as_str()],
@@ -49,9 +56,10 @@ pub fn names_code(key: &str, value: &Value) -> Option<String> {
     match key {
         "python" => strings().into_iter().find(|p| !version_shaped(p)).map(|p| {
             format!(
-                "{p:?} is not a Python version (`3.12`, `python3.12`, `cpython@3.12`, \
+                "{} is not a Python version (`3.12`, `python3.12`, `cpython@3.12`, \
                      `pypy3.10`): `uv venv --python` runs the interpreter it names, found by \
-                     path or on PATH"
+                     path or on PATH",
+                quoted(p)
             )
         }),
         "module_use" => Some("the modulefiles in those directories are run".into()),
@@ -59,14 +67,27 @@ pub fn names_code(key: &str, value: &Value) -> Option<String> {
         "modules" => strings()
             .into_iter()
             .find(|m| module_by_path(m))
-            .map(|m| format!("module {m:?} is a modulefile by path, which is run")),
+            .map(|m| format!("module {} is a modulefile by path, which is run", quoted(m))),
         "channels" | "manifest" => Some("guix evaluates that Scheme file".into()),
         "requirements" => strings()
             .into_iter()
-            .find_map(|r| requirement_names_code(r).map(|why| format!("{r:?}: {why}"))),
-        "lock" => value.as_str().and_then(lock_names_code),
+            .find_map(|r| requirement_names_code(r).map(|why| format!("{}: {why}", quoted(r)))),
+        "lock" => value.as_str().and_then(|l| lock_names_code(l, show)),
         _ => None,
     }
+}
+
+/// How a refusal points at what it refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Show {
+    /// Quoted: a value the notebook or the project wrote inline (a cell's
+    /// words, metadata, noyau.toml), already visible to its writer.
+    Text,
+    /// Not quoted: a lock line by its number, a value as "one". For what
+    /// noyau read from a file a source named, which may be one of the
+    /// user's that a notebook named (`~/.git-credentials`): its text must
+    /// not reach the cell's output or the log.
+    LineNumbers,
 }
 
 /// What a refused key would do, for [`crate::EnvError::UntrustedCode`].
@@ -188,22 +209,41 @@ pub fn requirement_names_code(line: &str) -> Option<&'static str> {
 
 /// Why a lock (`uv pip compile --generate-hashes` output) names code, if
 /// it does: each requirement (continuation lines joined, comments removed)
-/// must be a plain name whose only options are `--hash`.
-pub fn lock_names_code(lock: &str) -> Option<String> {
+/// must be a plain name whose only options are `--hash`. The line is
+/// pointed at as `show` says.
+pub fn lock_names_code(lock: &str, show: Show) -> Option<String> {
+    let at = |number: usize, text: &str| match show {
+        Show::Text => format!("lock line {text:?}"),
+        Show::LineNumbers => format!("lock line {number}"),
+    };
     // Lines end at `\n` or `\r\n` only: a bare `\r` ends one for uv (and
     // its comment with it), not for `str::lines`.
-    let bare_control = lock
-        .replace("\r\n", "\n")
-        .lines()
-        .find(|l| l.chars().any(|c| c.is_control() && c != '\t'))
-        .map(str::to_string);
-    if let Some(l) = bare_control {
+    let lock = lock.replace("\r\n", "\n");
+    let lines = || lock.lines().enumerate().map(|(i, l)| (i + 1, l));
+    if let Some((n, l)) = lines().find(|(_, l)| l.chars().any(|c| c.is_control() && c != '\t')) {
         return Some(format!(
-            "lock line {l:?} holds a control character (a bare carriage return starts another line)"
+            "{} holds a control character (a bare carriage return starts another line)",
+            at(n, l)
         ));
     }
-    let joined = lock.replace("\\\r\n", " ").replace("\\\n", " ");
-    for line in joined.lines() {
+    // A requirement and the line it starts on, continuation lines joined.
+    let mut logical: Vec<(usize, String)> = Vec::new();
+    let mut open = false;
+    for (n, l) in lines() {
+        let (text, continued) = match l.strip_suffix('\\') {
+            Some(head) => (head, true),
+            None => (l, false),
+        };
+        match logical.last_mut() {
+            Some((_, joined)) if open => {
+                joined.push(' ');
+                joined.push_str(text);
+            }
+            _ => logical.push((n, text.to_string())),
+        }
+        open = continued;
+    }
+    for (n, line) in &logical {
         let line = match line
             .find(" #")
             .or_else(|| line.find('#').filter(|&i| i == 0))
@@ -226,7 +266,7 @@ pub fn lock_names_code(lock: &str) -> Option<String> {
             .collect::<Vec<_>>()
             .join(" ");
         if let Some(why) = requirement_names_code(&req) {
-            return Some(format!("lock line {req:?}: {why}"));
+            return Some(format!("{}: {why}", at(*n, &req)));
         }
         let mut i = 0;
         while i < options.len() {
@@ -234,9 +274,14 @@ pub fn lock_names_code(lock: &str) -> Option<String> {
                 o if o.starts_with("--hash=") => {}
                 "--hash" => i += 1,
                 o => {
+                    let option = match show {
+                        Show::Text => format!("the option {o:?}"),
+                        Show::LineNumbers => "an option other than --hash".into(),
+                    };
                     return Some(format!(
-                        "lock line {req:?} has the option {o:?}: only --hash is allowed"
-                    ))
+                        "{} has {option}: only --hash is allowed",
+                        at(*n, &req)
+                    ));
                 }
             }
             i += 1;
@@ -272,7 +317,10 @@ mod tests {
             ("channels", json!("/p/channels.scm")),
             ("manifest", json!("/p/manifest.scm")),
         ] {
-            assert!(names_code(key, &value).is_some(), "{key} = {value}");
+            assert!(
+                names_code(key, &value, Show::Text).is_some(),
+                "{key} = {value}"
+            );
         }
         for (key, value) in [
             ("python", json!("3.11")),
@@ -294,7 +342,7 @@ mod tests {
             ("requirements", json!(["six==1.16.0", "numpy>=2; python_version >= \"3.10\""])),
             ("lock", json!("six==1.16.0 \\\n    --hash=sha256:1e61c374 \\\n    --hash sha256:8abb2f1d\n    # via -r requirements.in\n")),
         ] {
-            assert_eq!(names_code(key, &value), None, "{key} = {value}");
+            assert_eq!(names_code(key, &value, Show::Text), None, "{key} = {value}");
         }
     }
 
@@ -322,8 +370,14 @@ mod tests {
             "C:\\pkg",
         ] {
             assert!(requirement_names_code(r).is_some(), "{r}");
-            assert!(names_code("requirements", &json!([r])).is_some(), "{r}");
-            assert!(lock_names_code(&format!("{r}\n")).is_some(), "lock {r}");
+            assert!(
+                names_code("requirements", &json!([r]), Show::Text).is_some(),
+                "{r}"
+            );
+            assert!(
+                lock_names_code(&format!("{r}\n"), Show::Text).is_some(),
+                "lock {r}"
+            );
         }
         for r in [
             "six",
@@ -341,9 +395,12 @@ mod tests {
     fn control_characters_and_markers_cannot_hide_a_line() {
         let req = "six ; python_version>'0'\nevil @ https://e/x-1.0-py3-none-any.whl";
         assert!(requirement_names_code(req).is_some(), "{req}");
-        assert!(names_code("requirements", &json!([req])).is_some(), "{req}");
+        assert!(
+            names_code("requirements", &json!([req]), Show::Text).is_some(),
+            "{req}"
+        );
         let lock = "six==1.16.0 --hash=sha256:ab # x\revil @ https://e/x-1.0-py3-none-any.whl --hash=sha256:cd\n";
-        assert!(lock_names_code(lock).is_some(), "{lock}");
+        assert!(lock_names_code(lock, Show::Text).is_some(), "{lock}");
         for marker in [
             "six ; python_version > '0' # evil @ https://e/x.whl",
             "six ; sys_platform == 'linux' --index-url=https://e/simple",
@@ -353,7 +410,7 @@ mod tests {
         }
         // A lock with CRLF line ends, tabs, and markers, is fine.
         let lock = "six==1.16.0 ; python_version >= \"3.8\" and platform_machine != 'x86_64' \\\r\n\t--hash=sha256:ab\r\n";
-        assert_eq!(lock_names_code(lock), None);
+        assert_eq!(lock_names_code(lock, Show::Text), None);
     }
 
     #[test]
@@ -385,7 +442,7 @@ mod tests {
             "--extra-index-url https://evil.example/simple\nsix==1.16.0 --hash=sha256:ab\n",
             "six==1.16.0 --hash=sha256:ab\n-e ./pkg\n",
         ] {
-            assert!(lock_names_code(lock).is_some(), "{lock}");
+            assert!(lock_names_code(lock, Show::Text).is_some(), "{lock}");
         }
     }
 }
