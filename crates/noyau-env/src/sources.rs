@@ -205,9 +205,11 @@ fn from_spec(arg: &str, cwd: &Path, author: Author) -> Result<Source, EnvError> 
                 .unwrap_or(toml::Value::Table(doc)),
         )
     };
+    let table = as_table(v, &path.display().to_string())?;
+    check_file_table(&path, &table)?;
     Ok(Source {
         what: format!("--env {}", path.display()),
-        table: as_table(v, &path.display().to_string())?,
+        table,
         base,
         author,
         file: Some(path),
@@ -736,10 +738,38 @@ fn resolve_paths(table: &Map<String, Value>, base: &Path) -> Map<String, Value> 
 fn as_table(v: Value, what: &str) -> Result<Map<String, Value>, EnvError> {
     match v {
         Value::Object(m) => Ok(m),
+        // (Its kind, not its text: it may be a file's.)
         other => Err(EnvError::Invalid(format!(
-            "{what} must be a table of keys, not {other}"
+            "{what} must be a table of keys, not {}",
+            match other {
+                Value::Null => "null",
+                Value::Bool(_) => "a boolean",
+                Value::Number(_) => "a number",
+                Value::String(_) => "a string",
+                Value::Array(_) => "a list",
+                Value::Object(_) => unreachable!("matched above"),
+            }
         ))),
     }
+}
+
+/// Checks each key of a table read from `path` as a spec key, so that a
+/// wrong one is named by its key alone: serde's message quotes the value
+/// (`invalid type: string "…"`), and the file may be one of the user's
+/// that a notebook named.
+fn check_file_table(path: &Path, table: &Map<String, Value>) -> Result<(), EnvError> {
+    for (k, v) in table {
+        let one = Map::from_iter([(k.clone(), v.clone())]);
+        if EnvSpec::from_value(Value::Object(one)).is_err() {
+            return Err(EnvError::Invalid(format!(
+                "{}: `{k}` is not a spec key, or its value is not of the kind that key takes \
+                 (a string, a list of strings, a boolean); known keys: {}",
+                path.display(),
+                crate::spec::KNOWN_KEYS
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn toml_to_json(v: toml::Value) -> Value {
@@ -1246,6 +1276,18 @@ mod tests {
         hidden(user, "line 1, column");
         std::fs::write(d.join("creds.json"), format!("{{\"a\": {SECRET}}}")).unwrap();
         hidden(for_cell(d, None, "file creds.json"), "line 1 column");
+        // Parsed, but not a table, or a key of the wrong kind: named, not quoted.
+        std::fs::write(d.join("list.json"), format!("[\"{SECRET}\"]")).unwrap();
+        hidden(for_cell(d, None, "file list.json"), "not a list");
+        std::fs::write(
+            d.join("kind.toml"),
+            format!("requirements = \"{SECRET}\"\n"),
+        )
+        .unwrap();
+        hidden(
+            for_cell(d, None, "file kind.toml"),
+            "`requirements` is not a spec key, or",
+        );
         std::fs::write(
             d.join("e.toml"),
             format!("requirements = [\"six\", \"{SECRET}/x.whl\"]\n"),

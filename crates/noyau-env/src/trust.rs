@@ -44,7 +44,7 @@ use serde_json::Value;
 pub fn names_code(key: &str, value: &Value, show: Show) -> Option<String> {
     let quoted = |v: &str| match show {
         Show::Text => format!("{v:?}"),
-        Show::LineNumbers => "one".to_string(),
+        Show::LineNumbers => "one (not shown: it was read from a file)".to_string(),
     };
     let strings = || -> Vec<&str> {
         match value {
