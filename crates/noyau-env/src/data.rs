@@ -37,7 +37,7 @@
 //! In the job, the kernel's runtime directory gets a `data/` directory of
 //! symlinks, one per name, to the store ([`expose`]); `NOYAU_DATA` names it.
 
-use noyau_trust::{Expect, Mode, TrustError};
+use noyau_trust::{Expect, Mode, Owner, TrustError};
 use noyau_vars::EnvVars;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -203,6 +203,11 @@ impl DataRef {
             url: url.to_string(),
             base: base.to_path_buf(),
         })
+    }
+
+    /// Fetched over HTTP(S), not copied from a path on this host.
+    fn is_remote(&self) -> bool {
+        self.url.starts_with("http://") || self.url.starts_with("https://")
     }
 
     fn from_value(
@@ -488,7 +493,10 @@ impl Store {
             return Err(EnvError::HashMismatch {
                 url: redact(&r.url),
                 expected: r.sha256.clone(),
-                got,
+                // A local file's hash is not told: the notebook may have
+                // named a file of the user's (a hash of a short secret
+                // is as good as the secret).
+                got: r.is_remote().then_some(got),
             });
         }
         let stored = self.store_part(r, &out, &part)?;
@@ -662,7 +670,7 @@ fn fetch_to(
     let shown = redact(&r.url);
     let t0 = Instant::now();
     let writing = |e| EnvError::io(format!("writing {}", part.display()), e);
-    let resumed = if r.url.starts_with("http://") || r.url.starts_with("https://") {
+    let resumed = if r.is_remote() {
         download(r, net, out, part, progress)?
     } else {
         let src = match r.url.strip_prefix("file://") {
@@ -676,7 +684,17 @@ fn fetch_to(
                 e,
             )
         };
-        let mut from = File::open(&src).map_err(copying)?;
+        // Opened once and checked: a FIFO would hang the kernel's start,
+        // a device (`/dev/zero`) fill the store without end.
+        let mut from = Expect::file()
+            .owner(Owner::Any)
+            .mode(Mode::Any)
+            .follow_links()
+            .open(&src)
+            .map_err(|e| match e {
+                TrustError::Io { source, .. } => copying(source),
+                refused => refused.into(),
+            })?;
         rewind(out, 0).map_err(writing)?;
         std::io::copy(&mut from, out).map_err(copying)?;
         out.sync_all().map_err(writing)?;

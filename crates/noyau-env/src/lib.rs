@@ -118,11 +118,15 @@ pub enum EnvError {
         dir: std::path::PathBuf,
     },
     /// A data file whose bytes are not the ones declared; nothing was kept.
-    #[error("{url}: its sha256 is {got}, not the expected {expected}; the file was not kept (check the URL and the hash)")]
+    #[error(
+        "{url}: its sha256 is {}, not the expected {expected}; the file was not kept (check the \
+         URL and the hash)", got.as_deref().unwrap_or("another (`sha256sum` it, if it is yours)")
+    )]
     HashMismatch {
         url: String,
         expected: String,
-        got: String,
+        /// None for a local file ([`data`]).
+        got: Option<String>,
     },
     /// A data file could not be fetched.
     #[error("cannot fetch {url}: {why}")]
