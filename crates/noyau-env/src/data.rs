@@ -37,7 +37,7 @@
 //! In the job, the kernel's runtime directory gets a `data/` directory of
 //! symlinks, one per name, to the store ([`expose`]); `NOYAU_DATA` names it.
 
-use noyau_trust::{Expect, Mode, Owner, TrustError};
+use noyau_trust::{Expect, Mode, TrustError};
 use noyau_vars::EnvVars;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -684,17 +684,10 @@ fn fetch_to(
                 e,
             )
         };
-        // Opened once and checked: a FIFO would hang the kernel's start,
-        // a device (`/dev/zero`) fill the store without end.
-        let mut from = Expect::file()
-            .owner(Owner::Any)
-            .mode(Mode::Any)
-            .follow_links()
-            .open(&src)
-            .map_err(|e| match e {
-                TrustError::Io { source, .. } => copying(source),
-                refused => refused.into(),
-            })?;
+        let mut from = open_local(&src).map_err(|e| match e {
+            TrustError::Io { source, .. } => copying(source),
+            refused => refused.into(),
+        })?;
         rewind(out, 0).map_err(writing)?;
         std::io::copy(&mut from, out).map_err(copying)?;
         out.sync_all().map_err(writing)?;
@@ -786,9 +779,25 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// sha256 of a file, streamed.
 pub fn sha256_file(path: &Path) -> Result<String, EnvError> {
-    let mut f =
-        File::open(path).map_err(|e| EnvError::io(format!("reading {}", path.display()), e))?;
+    let mut f = open_local(path).map_err(|e| match e {
+        TrustError::Io { source, .. } => {
+            EnvError::io(format!("reading {}", path.display()), source)
+        }
+        refused => refused.into(),
+    })?;
     sha256_open(&mut f, path)
+}
+
+/// A local file a notebook may name (a data file, an image), opened once
+/// and checked: anyone's (a team's data, a site's image), but a regular
+/// file: a FIFO would hang the kernel's start, a device (`/dev/zero`) be
+/// read without end.
+fn open_local(path: &Path) -> Result<File, TrustError> {
+    Expect::file()
+        .owner(noyau_trust::Owner::Any)
+        .mode(Mode::Any)
+        .follow_links()
+        .open(path)
 }
 
 /// sha256 of the open file `f` (at `path`), from its start.
