@@ -134,6 +134,12 @@ pub enum ConfigError {
         /// The user's config file, or how it is found.
         user_file: String,
     },
+    /// A file the user named that is not a regular file (a FIFO, a device).
+    #[error("{} {problem}: noyau reads only a regular file there", path.display())]
+    NotAFile {
+        path: PathBuf,
+        problem: noyau_trust::Problem,
+    },
     #[error("{} is {size} bytes, more than noyau reads from such a file ({limit} bytes): is it the file you meant?", path.display())]
     TooBig {
         path: PathBuf,
@@ -591,6 +597,13 @@ pub fn project_file(dir: &Path) -> Result<Option<(PathBuf, String)>, ConfigError
 pub fn project_text(path: &Path, limit: u64) -> Result<Option<String>, ConfigError> {
     let site = site_paths();
     read_project(path, &site_trusted(&site)?, &site, limit)
+}
+
+/// The text of a file the user named themselves (at most `limit` bytes),
+/// None when there is none: whoever's it is, but a regular file, opened
+/// without blocking (a FIFO is refused, not waited on), for `--env FILE`.
+pub fn named_text(path: &Path, limit: u64) -> Result<Option<String>, ConfigError> {
+    files::read(path, Origin::Named, limit, None)
 }
 
 /// The site files' `trusted_projects`, read at each call, as
