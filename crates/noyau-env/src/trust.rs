@@ -194,13 +194,26 @@ pub fn lock_names_code(lock: &str, show: Show) -> Option<String> {
             at(n, l)
         ));
     }
-    // A requirement and the line it starts on, continuation lines joined.
+    // A requirement and the line it starts on, continuation lines joined,
+    // read one line at a time as uv reads them: a comment ends at the end
+    // of its line, backslash or not, so its comment is cut from each line
+    // before a `\` at its end is taken to continue it.
     let mut logical: Vec<(usize, String)> = Vec::new();
     let mut open = false;
     for (n, l) in lines() {
-        let (text, continued) = match l.strip_suffix('\\') {
+        let (code, comment) = split_comment(l);
+        if comment.is_some_and(|c| c.ends_with('\\')) {
+            // pip joins such a line with the next (into the comment), uv
+            // does not: which the next line is, is not clear.
+            return Some(format!(
+                "{} has a comment that ends in a backslash: uv ends a comment at its line's end, \
+                 so the next line would not be a continuation (remove the backslash)",
+                at(n, l)
+            ));
+        }
+        let (text, continued) = match code.strip_suffix('\\') {
             Some(head) => (head, true),
-            None => (l, false),
+            None => (code, false),
         };
         match logical.last_mut() {
             Some((_, joined)) if open => {
@@ -212,13 +225,7 @@ pub fn lock_names_code(lock: &str, show: Show) -> Option<String> {
         open = continued;
     }
     for (n, line) in &logical {
-        let line = match line
-            .find(" #")
-            .or_else(|| line.find('#').filter(|&i| i == 0))
-        {
-            Some(i) => &line[..i],
-            None => line,
-        };
+        let line = line.as_str();
         // (Before the words are split: Unicode spaces would split them.)
         if let Some(c) = line.chars().find(|c| !c.is_ascii()) {
             let c = match show {
@@ -266,6 +273,19 @@ pub fn lock_names_code(lock: &str, show: Show) -> Option<String> {
         }
     }
     None
+}
+
+/// `line` and its comment, if it has one: from a `#` first on the line or
+/// after a space or a tab, to the end of the line (uv's requirements.txt
+/// rule).
+fn split_comment(line: &str) -> (&str, Option<&str>) {
+    let b = line.as_bytes();
+    let start =
+        (0..b.len()).find(|&i| b[i] == b'#' && (i == 0 || b[i - 1] == b' ' || b[i - 1] == b'\t'));
+    match start {
+        Some(i) => (&line[..i], Some(&line[i..])),
+        None => (line, None),
+    }
 }
 
 /// `sha256:` and hexadecimal digits: what `--hash` may say.
@@ -570,5 +590,44 @@ mod tests {
         ] {
             assert!(lock_names_code(lock, Show::Text).is_some(), "{lock}");
         }
+    }
+
+    /// uv ends a comment at its line's end even when it ends in `\`: the
+    /// next line is read as a line of its own (an option), not joined into
+    /// the comment and dropped with it.
+    #[test]
+    fn a_comment_ending_in_a_backslash_does_not_hide_the_next_line() {
+        for (lock, line) in [
+            ("# pinned \\\n-e /tmp/x\n", 1),
+            (
+                "six==1.16.0 --hash=sha256:ab # via \\\n--index-url https://evil/simple\n",
+                1,
+            ),
+            (
+                "six==1.16.0 \\\n\t--hash=sha256:ab\n\t# via \\\n-e /tmp/x\n",
+                3,
+            ),
+        ] {
+            let e = lock_names_code(lock, Show::LineNumbers)
+                .unwrap_or_else(|| panic!("{lock:?} was allowed"));
+            assert!(
+                e.starts_with(&format!(
+                    "lock line {line} has a comment that ends in a backslash"
+                )),
+                "{lock:?}: {e}"
+            );
+        }
+        // The line after a comment is its own, backslash or not.
+        for lock in [
+            "# pinned \\ \n-e /tmp/x\n",
+            "six==1.16.0 --hash=sha256:ab # via \\ \n--index-url https://evil/simple\n",
+        ] {
+            let e = lock_names_code(lock, Show::LineNumbers)
+                .unwrap_or_else(|| panic!("{lock:?} was allowed"));
+            assert!(e.starts_with("lock line 2: a pip option"), "{lock:?}: {e}");
+        }
+        // Comments after a tab, or on continued lines, are still comments.
+        let lock = "six==1.16.0 \\\n\t--hash=sha256:ab \\\n\t# via x\n\t# via -r r.in\n";
+        assert_eq!(lock_names_code(lock, Show::Text), None);
     }
 }
