@@ -430,6 +430,15 @@ mod tests {
             // PEP 508, but uv installs it as a file).
             ("pkg-1.0.tar.xz", "archive"),
             ("pkg-1.0.tar.zst", "archive"),
+            ("pkg-1.0.tar.lz", "archive"),
+            ("pkg-1.0.tar.lzma", "archive"),
+            ("pkg-1.0.tar.bz2", "archive"),
+            ("pkg-1.0.tar.gz", "archive"),
+            ("pkg-1.0.tbz", "archive"),
+            ("pkg-1.0.tlz", "archive"),
+            ("pkg-1.0.tgz", "archive"),
+            ("pkg-1.0.zip", "archive"),
+            ("pkg-1.0-py3-none-any.whl", "archive"),
             ("pkg-1.0.TXZ", "archive"),
             ("pkg-1.0.egg", "archive"),
             // uv expands variables in a requirements file.

@@ -98,8 +98,10 @@ const MARKER_NAMES: [&str; 12] = [
 
 /// What uv takes a name ending in `.EXT` for: a wheel or a source
 /// distribution by path (`pkg-1.0.tar.xz` is a valid name by PEP 508).
-const ARCHIVES: [&str; 13] = [
-    "whl", "zip", "tar", "gz", "tgz", "bz2", "tbz", "xz", "txz", "zst", "lzma", "tlz", "egg",
+/// uv's `looks_like_archive`: `.whl`, `.zip`, `.tar.{gz,bz2,xz,zst,lz,lzma}`,
+/// `.tgz`, `.tbz`, `.txz`, `.tlz`; and a bare `.tar`, `.egg`, to be safe.
+const ARCHIVES: [&str; 14] = [
+    "whl", "zip", "tar", "gz", "tgz", "bz2", "tbz", "xz", "txz", "zst", "lz", "lzma", "tlz", "egg",
 ];
 
 /// The version comparisons, longest first (`===` before `==`).
