@@ -583,6 +583,14 @@ pub fn trusts_project(dir: &Path) -> Result<CodeTrust, ConfigError> {
     Ok(site_trusted(&site_paths())?.code(dir))
 }
 
+/// [`trusts_project`], for the code in `file`, a file of the project's
+/// that noyau reads (its `lock_file`): under a wildcard entry, the file
+/// must be one no one but the user or root could have written
+/// ([`TrustedProjects::code_with`]).
+pub fn trusts_project_file(dir: &Path, file: &Path) -> Result<CodeTrust, ConfigError> {
+    Ok(site_trusted(&site_paths())?.code_with(dir, Some(file)))
+}
+
 /// The text of the project file in `dir` (`dir/noyau.toml`), if there is
 /// one, checked as [`Config::load`] checks it: for the other readers of
 /// that file (noyau-env's `[environment]` and `[data]`).

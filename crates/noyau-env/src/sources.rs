@@ -292,7 +292,7 @@ pub fn merge(sources: &[Source], notebook_dir: &Path) -> Result<Option<EnvSpec>,
     for s in sources {
         // An untrusted project does not place its notebook (its directory
         // is writable in the sandbox), as the notebook's metadata does not.
-        let untrusted = untrusted_dir(s)?.is_some();
+        let untrusted = untrusted_dir(s, None)?.is_some();
         for (k, v) in resolve_paths(&s.table, &s.base) {
             if untrusted && k == "notebook_dir" {
                 continue;
@@ -303,18 +303,19 @@ pub fn merge(sources: &[Source], notebook_dir: &Path) -> Result<Option<EnvSpec>,
     }
     for (k, v) in &merged {
         if let Some(why) = crate::trust::names_code(k, v, show(from[k])) {
-            refuse_untrusted(from[k], k, why, crate::trust::Risk::RunsCode)?;
+            refuse_untrusted(from[k], None, k, why, crate::trust::Risk::RunsCode)?;
         }
         if let Some(why) = crate::trust::loosens_sandbox(k, v) {
-            refuse_untrusted(from[k], k, why.into(), crate::trust::Risk::Loosens)?;
+            refuse_untrusted(from[k], None, k, why.into(), crate::trust::Risk::Loosens)?;
         }
     }
     merged
         .entry("notebook_dir")
         .or_insert_with(|| Value::String(notebook_dir.display().to_string()));
-    if let Some(s) = from.get("lock_file") {
-        read_lock_file(&mut merged, s)?;
-    }
+    let lock_file = match from.get("lock_file") {
+        Some(s) => Some(read_lock_file(&mut merged, s)?),
+        None => None,
+    };
     let names: Vec<&str> = sources.iter().map(|s| s.what.as_str()).collect();
     let mut spec = EnvSpec::from_value(Value::Object(merged))
         .and_then(EnvSpec::normalise)
@@ -324,14 +325,18 @@ pub fn merge(sources: &[Source], notebook_dir: &Path) -> Result<Option<EnvSpec>,
         })?;
     // A lock_file is checked once read, as a lock (its lines by number:
     // the file may not be the project's own).
+    // (Its trust is the file's: under a wildcard entry, a lock file others
+    // could have written is not trusted, [`noyau_config::trusts_project_file`].)
+    let lock_file = lock_file.as_deref();
     if let (Some(s), Some(lock)) = (from.get("lock_file"), &spec.lock) {
         if let Some(why) = crate::trust::lock_names_code(lock, crate::trust::Show::LineNumbers) {
-            refuse_untrusted(s, "lock_file", why, crate::trust::Risk::RunsCode)?;
+            refuse_untrusted(s, lock_file, "lock_file", why, crate::trust::Risk::RunsCode)?;
         }
     }
     for k in ["requirements", "lock", "lock_file"] {
         if let Some(s) = from.get(k) {
-            spec.wheels_only |= untrusted_dir(s)?.is_some();
+            let file = if k == "lock_file" { lock_file } else { None };
+            spec.wheels_only |= untrusted_dir(s, file)?.is_some();
         }
     }
     Ok(Some(spec))
@@ -347,7 +352,7 @@ fn show(s: &Source) -> crate::trust::Show {
 
 /// Replaces `lock_file` in `merged` (set by `s`) with the `lock` it
 /// holds, read as `s`'s author may name it ([`crate::named`]).
-fn read_lock_file(merged: &mut Map<String, Value>, s: &Source) -> Result<(), EnvError> {
+fn read_lock_file(merged: &mut Map<String, Value>, s: &Source) -> Result<PathBuf, EnvError> {
     let Some(Value::String(f)) = merged.remove("lock_file") else {
         return Err(EnvError::Invalid("`lock_file` is a path".into()));
     };
@@ -369,31 +374,46 @@ fn read_lock_file(merged: &mut Map<String, Value>, s: &Source) -> Result<(), Env
     )?
     .ok_or_else(|| EnvError::Invalid(format!("cannot read {what} ({f}): it does not exist")))?;
     merged.insert("lock".into(), Value::String(text));
-    Ok(())
+    Ok(path)
 }
 
 /// The project directory of a source the user does not trust, if it is
 /// one, with why the entries that name it do not trust it
-/// ([`noyau_config::CodeTrust::note`]).
-fn untrusted_dir(s: &Source) -> Result<Option<(&Path, String)>, EnvError> {
+/// ([`noyau_config::CodeTrust::note`]); for the code in `file`, a file
+/// of the project's, when given.
+fn untrusted_dir<'a>(
+    s: &'a Source,
+    file: Option<&Path>,
+) -> Result<Option<(&'a Path, String)>, EnvError> {
     match &s.author {
         Author::User => Ok(None),
-        Author::Project(dir) => Ok(match noyau_config::trusts_project(dir)? {
+        Author::Project(dir) => Ok(match trust(dir, file)? {
             noyau_config::CodeTrust::Trusted => None,
             noyau_config::CodeTrust::Untrusted { note } => Some((dir.as_path(), note)),
         }),
     }
 }
 
+/// Whether the user trusts the code of the project in `dir` (in `file`,
+/// if given).
+fn trust(dir: &Path, file: Option<&Path>) -> Result<noyau_config::CodeTrust, EnvError> {
+    Ok(match file {
+        Some(f) => noyau_config::trusts_project_file(dir, f)?,
+        None => noyau_config::trusts_project(dir)?,
+    })
+}
+
 /// Refuses `key` of `s` (which names code or loosens the sandbox: `why`,
-/// `risk`) unless the user trusts `s`.
+/// `risk`) unless the user trusts `s` (and `file`, the file of `s`'s it
+/// was read from, if any).
 fn refuse_untrusted(
     s: &Source,
+    file: Option<&Path>,
     key: &str,
     why: String,
     risk: crate::trust::Risk,
 ) -> Result<(), EnvError> {
-    let Some((dir, note)) = untrusted_dir(s)? else {
+    let Some((dir, note)) = untrusted_dir(s, file)? else {
         return Ok(());
     };
     Err(EnvError::UntrustedCode(Box::new(crate::UntrustedCode {
