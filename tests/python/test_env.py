@@ -611,6 +611,51 @@ def test_opening_a_cloned_projects_notebook_runs_nothing_and_says_why(tmp_path):
         lib.stop_kernel(km)
 
 
+def test_a_notebook_cannot_have_noyau_read_a_file_outside_its_directory(tmp_path):
+    """A cloned project's noyau.toml names as its lock_file, and a cell names
+    with `%noyau env file`, a file of the user's outside the project's
+    directory (here a git credential, which is neither a lock nor TOML).
+    noyau would read it on this host and quote it in the refusal, which
+    the kernel shows in its banner and each cell's error (and an output
+    notebook keeps). Refused without reading it: the banner and the cell
+    say why and what to do, and the secret appears nowhere."""
+    lib.require_noyau()
+    secret = "ghp_noyauTestSecret0123456789"
+    creds = tmp_path / "git-credentials"
+    creds.write_text(f"https://user:{secret}@git.example\n")
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "noyau.toml").write_text('[environment]\nkind = "python"\nlock_file = "../git-credentials"\n')
+    env = {"NOYAU_ENV_CACHE": str(tmp_path / "cache"), "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+
+    def says_why(text: str) -> None:
+        assert secret not in text, text
+        assert "may name only files in its own directory" in text, text
+        assert "Copy the file into that directory" in text and "--env FILE" in text, text
+
+    km = lib.kernel_in(lib.NOYAU_KERNEL_NAME, proj, env=env)
+    try:
+        info = km.kc.kernel_info(reply=True, timeout=30)["content"]
+        says_why(info["banner"])
+        assert "lock_file" in info["banner"], info
+        out: list[dict] = []
+        reply = km.kc.execute_interactive("print('ran')", timeout=30, output_hook=out.append)["content"]
+        assert reply["status"] == "error", reply
+        says_why("".join(lib.message_text(m) for m in out))
+    finally:
+        lib.stop_kernel(km)
+    (proj / "noyau.toml").unlink()
+    km = lib.kernel_in(lib.NOYAU_KERNEL_NAME, proj, env=env)
+    try:
+        for magic in ["%noyau env file ../git-credentials", f"%noyau env file {creds}"]:
+            out = []
+            reply = km.kc.execute_interactive(magic, timeout=60, output_hook=out.append)["content"]
+            assert reply["status"] == "error", (magic, reply)
+            says_why("".join(lib.message_text(m) for m in out))
+    finally:
+        lib.stop_kernel(km)
+
+
 def test_a_cloned_projects_profile_cannot_set_the_agents_variables(tmp_path):
     """A cloned project's noyau.toml profile sets variables for the local
     agent and its kernel (here PYTHONPATH to a sitecustomize.py of the

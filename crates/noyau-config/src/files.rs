@@ -42,6 +42,10 @@ pub(crate) enum Origin {
     Site,
     /// A project's `noyau.toml`, in a directory that may be shared.
     Project { trusted: bool },
+    /// A file the user named themselves (`--env FILE`): anyone's, where
+    /// they said, but a regular file (a FIFO would hang the reader, a
+    /// device fill its memory) of bounded size.
+    Named,
 }
 
 impl Origin {
@@ -52,7 +56,7 @@ impl Origin {
         match self {
             Origin::Site => ours.follow_links(),
             Origin::Project { trusted: false } => ours,
-            Origin::Project { trusted: true } => Expect::file()
+            Origin::Project { trusted: true } | Origin::Named => Expect::file()
                 .owner(Owner::Any)
                 .mode(Mode::Any)
                 .follow_links(),
@@ -89,6 +93,7 @@ pub(crate) fn read(
         Err(TrustError::Refused { path, problem }) => {
             return Err(match origin {
                 Origin::Site => ConfigError::Untrusted(TrustError::Refused { path, problem }),
+                Origin::Named => ConfigError::NotAFile { path, problem },
                 Origin::Project { .. } => ConfigError::UntrustedProject {
                     fix: project_fix(&path, &problem, user_file),
                     path,

@@ -134,6 +134,12 @@ pub enum ConfigError {
         /// The user's config file, or how it is found.
         user_file: String,
     },
+    /// A file the user named that is not a regular file (a FIFO, a device).
+    #[error("{} {problem}: noyau reads only a regular file there", path.display())]
+    NotAFile {
+        path: PathBuf,
+        problem: noyau_trust::Problem,
+    },
     #[error("{} is {size} bytes, more than noyau reads from such a file ({limit} bytes): is it the file you meant?", path.display())]
     TooBig {
         path: PathBuf,
@@ -577,6 +583,14 @@ pub fn trusts_project(dir: &Path) -> Result<CodeTrust, ConfigError> {
     Ok(site_trusted(&site_paths())?.code(dir))
 }
 
+/// [`trusts_project`], for the code in `file`, a file of the project's
+/// that noyau reads (its `lock_file`): under a wildcard entry, the file
+/// must be one no one but the user or root could have written
+/// ([`TrustedProjects::code_with`]).
+pub fn trusts_project_file(dir: &Path, file: &Path) -> Result<CodeTrust, ConfigError> {
+    Ok(site_trusted(&site_paths())?.code_with(dir, Some(file)))
+}
+
 /// The text of the project file in `dir` (`dir/noyau.toml`), if there is
 /// one, checked as [`Config::load`] checks it: for the other readers of
 /// that file (noyau-env's `[environment]` and `[data]`).
@@ -591,6 +605,13 @@ pub fn project_file(dir: &Path) -> Result<Option<(PathBuf, String)>, ConfigError
 pub fn project_text(path: &Path, limit: u64) -> Result<Option<String>, ConfigError> {
     let site = site_paths();
     read_project(path, &site_trusted(&site)?, &site, limit)
+}
+
+/// The text of a file the user named themselves (at most `limit` bytes),
+/// None when there is none: whoever's it is, but a regular file, opened
+/// without blocking (a FIFO is refused, not waited on), for `--env FILE`.
+pub fn named_text(path: &Path, limit: u64) -> Result<Option<String>, ConfigError> {
+    files::read(path, Origin::Named, limit, None)
 }
 
 /// The site files' `trusted_projects`, read at each call, as

@@ -571,7 +571,9 @@ fn a_users_wildcard_trusts_code_only_where_no_one_else_could_write() {
                 "{} is writable by its group or others (mode 0775)",
                 dir.display()
             ))
-            && e.contains("a wildcard trusts only directories"),
+            && e.contains("a wildcard trusts only directories")
+            && e.contains(&format!("`chmod g-w {}`", dir.display()))
+            && e.contains(&format!("`noyau trust {}`", dir.display())),
         "{e}"
     );
     // A directory above it open to others (the project could be swapped
@@ -611,6 +613,77 @@ fn a_users_wildcard_trusts_code_only_where_no_one_else_could_write() {
     assert_eq!(code_refusal(&site, &project), None, "exact entry");
 }
 
+/// Under a wildcard, the files whose code is trusted are held to the
+/// directory's rule: a noyau.toml (or a lock file) the group or others can
+/// write, or a link (to a file others can write), is not trusted for code,
+/// and the refusal says why; an exact entry trusts them.
+#[test]
+fn a_users_wildcard_trusts_only_files_no_one_else_could_write() {
+    let d = tempfile::tempdir().unwrap();
+    let under = d.path().join("src");
+    std::fs::create_dir(&under).unwrap();
+    chmod(&under, 0o755);
+    let (user, _) = setup(d.path(), &[format!("{}/*", under.display())]);
+    let site = SiteFiles::user_only(&user);
+    let dir = under.join("proj");
+    std::fs::create_dir(&dir).unwrap();
+    chmod(&dir, 0o755);
+    let project = dir.join("noyau.toml");
+    write(&project, CODE);
+    chmod(&project, 0o644);
+    let lock = dir.join("r.lock");
+    write(&lock, "six==1.16.0\n");
+    chmod(&lock, 0o644);
+    let trusted = || Config::load_from(&site).unwrap().trusted_projects;
+    assert_eq!(code_refusal(&site, &project), None, "mine, closed");
+    assert!(trusted().code_with(&dir, Some(&lock)).is_trusted());
+    // A group-writable noyau.toml: its profiles' code, and the project's.
+    chmod(&project, 0o664);
+    let e = code_refusal(&site, &project).expect("group-writable noyau.toml: refused");
+    assert!(
+        e.contains(&format!(
+            "{} is writable by its group or others (mode 0664)",
+            project.display()
+        )) && e.contains(&format!("`chmod g-w {}`", project.display())),
+        "{e}"
+    );
+    assert!(!trusted().code(&dir).is_trusted());
+    // A noyau.toml that is a link to a file the team can write.
+    let team = d.path().join("team.toml");
+    write(&team, CODE);
+    chmod(&team, 0o666);
+    std::fs::remove_file(&project).unwrap();
+    std::os::unix::fs::symlink(&team, &project).unwrap();
+    let trust = trusted().code(&dir);
+    assert!(
+        !trust.is_trusted()
+            && trust
+                .note()
+                .contains(&format!("{} is a symlink", project.display())),
+        "{trust:?}"
+    );
+    // A lock file (the project's noyau.toml fine): its code is not trusted.
+    std::fs::remove_file(&project).unwrap();
+    write(&project, CODE);
+    chmod(&project, 0o644);
+    chmod(&lock, 0o666);
+    let trust = trusted().code_with(&dir, Some(&lock));
+    assert!(
+        !trust.is_trusted()
+            && trust.note().contains(&format!(
+                "{} is writable by its group or others (mode 0666)",
+                lock.display()
+            )),
+        "{trust:?}"
+    );
+    assert!(trusted().code(&dir).is_trusted(), "the rest of the project");
+    // The exact entry trusts them as they are.
+    chmod(&project, 0o666);
+    setup(d.path(), &[dir.display().to_string()]);
+    assert_eq!(code_refusal(&site, &project), None, "exact entry");
+    assert!(trusted().code_with(&dir, Some(&lock)).is_trusted());
+}
+
 /// A directory another user made under the user's wildcard (theirs, so
 /// its noyau.toml is read: the wildcard still reads) does not get its
 /// code trusted; an exact entry trusts it.
@@ -639,6 +712,7 @@ fn a_users_wildcard_does_not_trust_another_users_directory() {
     // The user's own directory, reached through another user's link
     // (which they could point elsewhere after the check).
     std::os::unix::fs::chown(dir, Some(noyau_trust::me()), None).unwrap();
+    std::os::unix::fs::chown(&project, Some(noyau_trust::me()), None).unwrap();
     setup(d.path(), &[format!("{}/*", d.path().display())]);
     let link = d.path().join("link");
     std::os::unix::fs::symlink(dir, &link).unwrap();

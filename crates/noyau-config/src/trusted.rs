@@ -124,20 +124,37 @@ impl TrustedProjects {
 
     /// Whether what the project in `dir` declares may name code: an exact
     /// entry of the user's, or a wildcard of the user's over a directory
-    /// only the user or root can have made ([`secure_dir`]).
+    /// only the user or root can have made ([`secure_dir`]), whose
+    /// noyau.toml only they can have written ([`secure_file`]).
     pub fn code(&self, dir: &Path) -> CodeTrust {
+        self.code_with(dir, None)
+    }
+
+    /// [`code`](Self::code), and under a wildcard the project's `file`
+    /// too (a lock file it names), held to noyau.toml's rule: what a
+    /// wildcard trusts is what no one else could have written, the files
+    /// whose code is run as much as their directory.
+    pub fn code_with(&self, dir: &Path, file: Option<&Path>) -> CodeTrust {
         let real = resolved(dir);
         let mut notes = Vec::new();
+        let secure = || {
+            secure_dir(dir)?;
+            secure_file(&dir.join(crate::PROJECT_FILE))?;
+            file.map_or(Ok(()), secure_file)
+        };
         for e in self.0.iter().filter(|e| e.names(&real)) {
             match (e.from, e.wildcard) {
                 (Grantor::User, false) => return CodeTrust::Trusted,
-                (Grantor::User, true) => match secure_dir(dir) {
+                (Grantor::User, true) => match secure() {
                     Ok(()) => return CodeTrust::Trusted,
                     Err(why) => notes.push(format!(
                         "Your trusted_projects entry \"{}\" does not trust its code: {why}; a \
-                         wildcard trusts only directories that you or root own and that no one \
-                         else could have written or put there.",
-                        e.shown()
+                         wildcard trusts only directories, and the noyau.toml and lock file in \
+                         them, that you or root own and that no one else could have written or \
+                         put there (no link followed). Or trust this one directory by an exact \
+                         entry, if you trust everyone who can write in it: `noyau trust {}`.",
+                        e.shown(),
+                        real.display()
                     )),
                 },
                 (Grantor::Site, _) => notes.push(format!(
@@ -208,10 +225,50 @@ pub(crate) fn secure_dir(dir: &Path) -> Result<(), String> {
         .mode(Mode::NoOthersWrite)
         .check(&real)
         .map(drop)
-        .map_err(|e| match e.problem() {
-            Some(p) => format!("{} {p}", real.display()),
-            None => e.to_string(),
-        })
+        .map_err(|e| refused(&real, e))
+}
+
+/// Why `file`, a project's file under a wildcard entry, could have been
+/// written by someone other than the user or root, if it could: it must
+/// be theirs, not writable by group or others, and not a link (the
+/// directory it is in was checked by [`secure_dir`]). No file: nothing to
+/// check.
+fn secure_file(file: &Path) -> Result<(), String> {
+    if std::fs::symlink_metadata(file).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
+        return Ok(());
+    }
+    Expect::file()
+        .owner(Owner::MeOr(0, "root"))
+        .mode(Mode::NoOthersWrite)
+        .check(file)
+        .map(drop)
+        .map_err(|e| refused(file, e))
+}
+
+/// `e`, a refusal of `p`, as a reason; a directory or file writable by
+/// its group alone gets the way out of a private group's umask (002).
+fn refused(p: &Path, e: noyau_trust::TrustError) -> String {
+    match e.problem() {
+        Some(problem @ noyau_trust::Problem::OthersWrite { mode }) => {
+            format!("{} {problem}{}", p.display(), group_hint(p, *mode))
+        }
+        Some(problem) => format!("{} {problem}", p.display()),
+        None => e.to_string(),
+    }
+}
+
+/// For `p` of `mode`, writable by its group and not by others: what to do
+/// if that group is the user's own (a umask of 002, as Debian's
+/// USERGROUPS_ENAB gives every user), which a wildcard cannot know.
+fn group_hint(p: &Path, mode: u32) -> String {
+    if mode & 0o020 == 0 || mode & 0o002 != 0 {
+        return String::new();
+    }
+    format!(
+        " (if that group is you alone, as with a umask of 002, make it writable by you only: \
+         `chmod g-w {}`)",
+        p.display()
+    )
 }
 
 /// Puts `path`'s components before those still `todo` (a stack: the
@@ -236,9 +293,10 @@ fn passable(d: &Path) -> Result<(), String> {
     if mode & 0o022 != 0 && mode & 0o1000 == 0 {
         return Err(format!(
             "{} on the way to it is writable by its group or others (mode {:04o}), who could \
-             replace what is in it",
+             replace what is in it{}",
             d.display(),
-            mode & 0o7777
+            mode & 0o7777,
+            group_hint(d, mode)
         ));
     }
     Ok(())

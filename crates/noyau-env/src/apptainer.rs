@@ -265,6 +265,22 @@ mod tests {
         assert!(!argv(true).iter().any(|a| a.starts_with("--net")));
     }
 
+    /// An image a notebook names that is a FIFO or a device is refused at
+    /// once: hashing it would block the kernel's start, or never end.
+    #[test]
+    fn an_image_that_is_a_fifo_or_a_device_is_refused_without_waiting() {
+        let t = tempfile::tempdir().unwrap();
+        let cache = Cache::new(t.path().join("cache"));
+        let fifo = t.path().join("img.sif");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo on a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        for image in [fifo.display().to_string(), "/dev/zero".into()] {
+            let e = file_digest(&image, &cache, &mut |_: &str| {}).unwrap_err();
+            assert!(e.to_string().contains("not a regular file"), "{image}: {e}");
+        }
+    }
+
     #[test]
     fn a_planted_memo_is_never_trusted_nor_waited_on() {
         let t = tempfile::tempdir().unwrap();

@@ -205,6 +205,11 @@ impl DataRef {
         })
     }
 
+    /// Fetched over HTTP(S), not copied from a path on this host.
+    fn is_remote(&self) -> bool {
+        self.url.starts_with("http://") || self.url.starts_with("https://")
+    }
+
     fn from_value(
         v: &Value,
         name: Option<&str>,
@@ -488,7 +493,10 @@ impl Store {
             return Err(EnvError::HashMismatch {
                 url: redact(&r.url),
                 expected: r.sha256.clone(),
-                got,
+                // A local file's hash is not told: the notebook may have
+                // named a file of the user's (a hash of a short secret
+                // is as good as the secret).
+                got: r.is_remote().then_some(got),
             });
         }
         let stored = self.store_part(r, &out, &part)?;
@@ -662,7 +670,7 @@ fn fetch_to(
     let shown = redact(&r.url);
     let t0 = Instant::now();
     let writing = |e| EnvError::io(format!("writing {}", part.display()), e);
-    let resumed = if r.url.starts_with("http://") || r.url.starts_with("https://") {
+    let resumed = if r.is_remote() {
         download(r, net, out, part, progress)?
     } else {
         let src = match r.url.strip_prefix("file://") {
@@ -676,7 +684,10 @@ fn fetch_to(
                 e,
             )
         };
-        let mut from = File::open(&src).map_err(copying)?;
+        let mut from = open_local(&src).map_err(|e| match e {
+            TrustError::Io { source, .. } => copying(source),
+            refused => refused.into(),
+        })?;
         rewind(out, 0).map_err(writing)?;
         std::io::copy(&mut from, out).map_err(copying)?;
         out.sync_all().map_err(writing)?;
@@ -768,9 +779,25 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// sha256 of a file, streamed.
 pub fn sha256_file(path: &Path) -> Result<String, EnvError> {
-    let mut f =
-        File::open(path).map_err(|e| EnvError::io(format!("reading {}", path.display()), e))?;
+    let mut f = open_local(path).map_err(|e| match e {
+        TrustError::Io { source, .. } => {
+            EnvError::io(format!("reading {}", path.display()), source)
+        }
+        refused => refused.into(),
+    })?;
     sha256_open(&mut f, path)
+}
+
+/// A local file a notebook may name (a data file, an image), opened once
+/// and checked: anyone's (a team's data, a site's image), but a regular
+/// file: a FIFO would hang the kernel's start, a device (`/dev/zero`) be
+/// read without end.
+fn open_local(path: &Path) -> Result<File, TrustError> {
+    Expect::file()
+        .owner(noyau_trust::Owner::Any)
+        .mode(Mode::Any)
+        .follow_links()
+        .open(path)
 }
 
 /// sha256 of the open file `f` (at `path`), from its start.

@@ -47,6 +47,7 @@ pub mod index;
 pub mod isolate;
 pub mod manage;
 pub mod modules;
+mod named;
 pub mod prefix;
 pub mod prepare;
 pub mod python;
@@ -81,12 +82,33 @@ pub enum EnvError {
     /// the project is not trusted.
     #[error(transparent)]
     UntrustedCode(Box<UntrustedCode>),
+    /// A file a notebook, a cell or a project names that is not in its
+    /// directory ([`named`]).
+    #[error(
+        "{what} names {}, which {why}: a notebook, a cell or a project may name only files in \
+         its own directory ({}), since noyau reads them on this host, outside any sandbox, and \
+         what it reads may be shown. Copy the file into that directory; or, if the file is \
+         yours and you meant it, give it yourself: `noyau run --env FILE`, or NOYAU_ENV in \
+         your kernelspec", path.display(), dir.display()
+    )]
+    OutsideProject {
+        /// The source and key (`%noyau env file`, `lock_file in …`).
+        what: String,
+        path: std::path::PathBuf,
+        why: String,
+        /// The project's directory, resolved.
+        dir: std::path::PathBuf,
+    },
     /// A data file whose bytes are not the ones declared; nothing was kept.
-    #[error("{url}: its sha256 is {got}, not the expected {expected}; the file was not kept (check the URL and the hash)")]
+    #[error(
+        "{url}: its sha256 is {}, not the expected {expected}; the file was not kept (check the \
+         URL and the hash)", got.as_deref().unwrap_or("another (`sha256sum` it, if it is yours)")
+    )]
     HashMismatch {
         url: String,
         expected: String,
-        got: String,
+        /// None for a local file ([`data`]).
+        got: Option<String>,
     },
     /// A data file could not be fetched.
     #[error("cannot fetch {url}: {why}")]

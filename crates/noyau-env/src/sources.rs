@@ -42,6 +42,10 @@ pub struct Source {
     pub table: Map<String, Value>,
     pub base: PathBuf,
     pub author: Author,
+    /// The file the table was read from, if one was (`--env FILE`): a
+    /// refusal then names its keys, not their values, which may be a
+    /// file's the notebook had noyau read ([`crate::named`]).
+    pub file: Option<PathBuf>,
 }
 
 /// Who wrote a source, which decides whether it may name code that runs
@@ -64,7 +68,7 @@ pub(crate) fn noyau_toml(dir: &Path) -> Result<Option<(PathBuf, toml::Table)>, E
         return Ok(None);
     };
     let doc: toml::Table =
-        toml::from_str(&text).map_err(|e| EnvError::Invalid(format!("{}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| crate::named::toml_error(&path, &text, &e))?;
     Ok(Some((path, doc)))
 }
 
@@ -80,6 +84,7 @@ pub fn from_noyau_toml(dir: &Path) -> Result<Option<Source>, EnvError> {
             table: as_table(toml_to_json(v.clone()), &path.display().to_string())?,
             base: dir.to_path_buf(),
             author: Author::Project(dir.to_path_buf()),
+            file: None,
         })),
     }
 }
@@ -114,6 +119,7 @@ pub fn from_metadata(metadata: &Value, notebook_dir: &Path) -> Result<Option<Sou
                 table,
                 base: notebook_dir.to_path_buf(),
                 author: Author::Project(notebook_dir.to_path_buf()),
+                file: None,
             }))
         }
     }
@@ -144,6 +150,12 @@ fn drop_sandbox_keys(table: &mut Map<String, Value>) {
 
 /// The value of `--env`: an inline TOML/JSON table, or a file.
 pub fn from_cli(arg: &str, cwd: &Path) -> Result<Source, EnvError> {
+    from_spec(arg, cwd, Author::User)
+}
+
+/// A spec in the forms `--env` takes, by `author`: a file a project
+/// names must be in its directory ([`crate::named`]).
+fn from_spec(arg: &str, cwd: &Path, author: Author) -> Result<Source, EnvError> {
     let t = arg.trim();
     if t.starts_with('{') {
         let v = match serde_json::from_str::<Value>(t) {
@@ -162,33 +174,45 @@ pub fn from_cli(arg: &str, cwd: &Path) -> Result<Source, EnvError> {
             what: "--env".into(),
             table: as_table(v, "--env")?,
             base: cwd.to_path_buf(),
-            author: Author::User,
+            author,
+            file: None,
         });
     }
     let path = absolute(cwd, Path::new(t));
-    let text = std::fs::read_to_string(&path).map_err(|e| {
+    let what = format!("--env {t:?}");
+    let text = crate::named::read(
+        &path,
+        &author,
+        &what,
+        noyau_config::MAX_SIZE,
+        noyau_config::named_text,
+    )?
+    .ok_or_else(|| {
         EnvError::Invalid(format!(
-            "--env {t:?}: not an inline table (starting with `{{`) and not a readable file: {e}"
+            "{what}: not an inline table (starting with `{{`) and not a readable file: {} does not exist",
+            path.display()
         ))
     })?;
     let base = path.parent().unwrap_or(cwd).to_path_buf();
     let v = if path.extension().is_some_and(|e| e == "json") {
-        serde_json::from_str::<Value>(&text)
-            .map_err(|e| EnvError::Invalid(format!("{}: {e}", path.display())))?
+        serde_json::from_str::<Value>(&text).map_err(|e| crate::named::json_error(&path, &e))?
     } else {
-        let doc: toml::Table = toml::from_str(&text)
-            .map_err(|e| EnvError::Invalid(format!("{}: {e}", path.display())))?;
+        let doc: toml::Table =
+            toml::from_str(&text).map_err(|e| crate::named::toml_error(&path, &text, &e))?;
         toml_to_json(
             doc.get("environment")
                 .cloned()
                 .unwrap_or(toml::Value::Table(doc)),
         )
     };
+    let table = as_table(v, &path.display().to_string())?;
+    check_file_table(&path, &table)?;
     Ok(Source {
         what: format!("--env {}", path.display()),
-        table: as_table(v, &path.display().to_string())?,
+        table,
         base,
-        author: Author::User,
+        author,
+        file: Some(path),
     })
 }
 
@@ -197,16 +221,14 @@ pub fn from_cli(arg: &str, cwd: &Path) -> Result<Source, EnvError> {
 /// directory whose noyau.toml set it, and it is held to what that
 /// project's `[environment]` may name.
 pub fn from_profile(spec: &str, project: Option<&Path>, cwd: &Path) -> Result<Source, EnvError> {
-    let s = from_cli(spec, cwd)?;
     Ok(match project {
-        None => s,
+        None => from_cli(spec, cwd)?,
         Some(dir) => Source {
             what: format!(
                 "the environment of a profile in {}",
                 dir.join("noyau.toml").display()
             ),
-            author: Author::Project(dir.to_path_buf()),
-            ..s
+            ..from_spec(spec, cwd, Author::Project(dir.to_path_buf()))?
         },
     })
 }
@@ -248,8 +270,11 @@ impl<'a> TargetSpec<'a> {
 pub fn from_cell_env(arg: &str, notebook_dir: &Path) -> Result<Source, EnvError> {
     let s = Source {
         what: format!("--env {arg} in a cell"),
-        author: Author::Project(notebook_dir.to_path_buf()),
-        ..from_cli(arg, notebook_dir)?
+        ..from_spec(
+            arg,
+            notebook_dir,
+            Author::Project(notebook_dir.to_path_buf()),
+        )?
     };
     refuse_sandbox_keys(&s, "`%%noyau on … --env` (or `environment=`)")?;
     Ok(s)
@@ -267,7 +292,7 @@ pub fn merge(sources: &[Source], notebook_dir: &Path) -> Result<Option<EnvSpec>,
     for s in sources {
         // An untrusted project does not place its notebook (its directory
         // is writable in the sandbox), as the notebook's metadata does not.
-        let untrusted = untrusted_dir(s)?.is_some();
+        let untrusted = untrusted_dir(s, None)?.is_some();
         for (k, v) in resolve_paths(&s.table, &s.base) {
             if untrusted && k == "notebook_dir" {
                 continue;
@@ -277,16 +302,20 @@ pub fn merge(sources: &[Source], notebook_dir: &Path) -> Result<Option<EnvSpec>,
         }
     }
     for (k, v) in &merged {
-        if let Some(why) = crate::trust::names_code(k, v) {
-            refuse_untrusted(from[k], k, why, crate::trust::Risk::RunsCode)?;
+        if let Some(why) = crate::trust::names_code(k, v, show(from[k])) {
+            refuse_untrusted(from[k], None, k, why, crate::trust::Risk::RunsCode)?;
         }
         if let Some(why) = crate::trust::loosens_sandbox(k, v) {
-            refuse_untrusted(from[k], k, why.into(), crate::trust::Risk::Loosens)?;
+            refuse_untrusted(from[k], None, k, why.into(), crate::trust::Risk::Loosens)?;
         }
     }
     merged
         .entry("notebook_dir")
         .or_insert_with(|| Value::String(notebook_dir.display().to_string()));
+    let lock_file = match from.get("lock_file") {
+        Some(s) => Some(read_lock_file(&mut merged, s)?),
+        None => None,
+    };
     let names: Vec<&str> = sources.iter().map(|s| s.what.as_str()).collect();
     let mut spec = EnvSpec::from_value(Value::Object(merged))
         .and_then(EnvSpec::normalise)
@@ -294,42 +323,97 @@ pub fn merge(sources: &[Source], notebook_dir: &Path) -> Result<Option<EnvSpec>,
             EnvError::Invalid(m) => EnvError::Invalid(format!("{m} (from {})", names.join(", "))),
             other => other,
         })?;
-    // A lock_file is checked once read, as a lock.
+    // A lock_file is checked once read, as a lock (its lines by number:
+    // the file may not be the project's own).
+    // (Its trust is the file's: under a wildcard entry, a lock file others
+    // could have written is not trusted, [`noyau_config::trusts_project_file`].)
+    let lock_file = lock_file.as_deref();
     if let (Some(s), Some(lock)) = (from.get("lock_file"), &spec.lock) {
-        if let Some(why) = crate::trust::lock_names_code(lock) {
-            refuse_untrusted(s, "lock_file", why, crate::trust::Risk::RunsCode)?;
+        if let Some(why) = crate::trust::lock_names_code(lock, crate::trust::Show::LineNumbers) {
+            refuse_untrusted(s, lock_file, "lock_file", why, crate::trust::Risk::RunsCode)?;
         }
     }
     for k in ["requirements", "lock", "lock_file"] {
         if let Some(s) = from.get(k) {
-            spec.wheels_only |= untrusted_dir(s)?.is_some();
+            let file = if k == "lock_file" { lock_file } else { None };
+            spec.wheels_only |= untrusted_dir(s, file)?.is_some();
         }
     }
     Ok(Some(spec))
 }
 
+/// How a refusal shows the values of `s`: not a file's ([`Source::file`]).
+fn show(s: &Source) -> crate::trust::Show {
+    match s.file {
+        Some(_) => crate::trust::Show::LineNumbers,
+        None => crate::trust::Show::Text,
+    }
+}
+
+/// Replaces `lock_file` in `merged` (set by `s`) with the `lock` it
+/// holds, read as `s`'s author may name it ([`crate::named`]).
+fn read_lock_file(merged: &mut Map<String, Value>, s: &Source) -> Result<PathBuf, EnvError> {
+    let Some(Value::String(f)) = merged.remove("lock_file") else {
+        return Err(EnvError::Invalid("`lock_file` is a path".into()));
+    };
+    if merged.contains_key("lock") {
+        return Err(EnvError::Invalid(format!(
+            "both `lock` and `lock_file` are given (lock_file from {}); keep one",
+            s.what
+        )));
+    }
+    let path = PathBuf::from(&f);
+    let what = format!("lock_file in {}", s.what);
+    let text = crate::named::read(
+        &path,
+        &s.author,
+        &what,
+        noyau_config::MAX_LOCK_SIZE,
+        // The user's own lock, read as before: theirs or root's.
+        noyau_config::project_text,
+    )?
+    .ok_or_else(|| EnvError::Invalid(format!("cannot read {what} ({f}): it does not exist")))?;
+    merged.insert("lock".into(), Value::String(text));
+    Ok(path)
+}
+
 /// The project directory of a source the user does not trust, if it is
 /// one, with why the entries that name it do not trust it
-/// ([`noyau_config::CodeTrust::note`]).
-fn untrusted_dir(s: &Source) -> Result<Option<(&Path, String)>, EnvError> {
+/// ([`noyau_config::CodeTrust::note`]); for the code in `file`, a file
+/// of the project's, when given.
+fn untrusted_dir<'a>(
+    s: &'a Source,
+    file: Option<&Path>,
+) -> Result<Option<(&'a Path, String)>, EnvError> {
     match &s.author {
         Author::User => Ok(None),
-        Author::Project(dir) => Ok(match noyau_config::trusts_project(dir)? {
+        Author::Project(dir) => Ok(match trust(dir, file)? {
             noyau_config::CodeTrust::Trusted => None,
             noyau_config::CodeTrust::Untrusted { note } => Some((dir.as_path(), note)),
         }),
     }
 }
 
+/// Whether the user trusts the code of the project in `dir` (in `file`,
+/// if given).
+fn trust(dir: &Path, file: Option<&Path>) -> Result<noyau_config::CodeTrust, EnvError> {
+    Ok(match file {
+        Some(f) => noyau_config::trusts_project_file(dir, f)?,
+        None => noyau_config::trusts_project(dir)?,
+    })
+}
+
 /// Refuses `key` of `s` (which names code or loosens the sandbox: `why`,
-/// `risk`) unless the user trusts `s`.
+/// `risk`) unless the user trusts `s` (and `file`, the file of `s`'s it
+/// was read from, if any).
 fn refuse_untrusted(
     s: &Source,
+    file: Option<&Path>,
     key: &str,
     why: String,
     risk: crate::trust::Risk,
 ) -> Result<(), EnvError> {
-    let Some((dir, note)) = untrusted_dir(s)? else {
+    let Some((dir, note)) = untrusted_dir(s, file)? else {
         return Ok(());
     };
     Err(EnvError::UntrustedCode(Box::new(crate::UntrustedCode {
@@ -478,8 +562,7 @@ pub const MAGIC_USAGE: &str = "%noyau env [python] REQUIREMENT… [key=value…]
 /// ([`SANDBOX_KEYS`]; the kernel keeps the one it was started with), and
 /// what it names is checked as the notebook's ([`Author::Project`]).
 pub fn from_magic(args: &str, cwd: &Path) -> Result<Source, EnvError> {
-    let mut s = magic_source(args, cwd)?;
-    s.author = Author::Project(cwd.to_path_buf());
+    let s = magic_source(args, cwd)?;
     refuse_sandbox_keys(&s, "`%noyau env`")?;
     Ok(s)
 }
@@ -508,14 +591,15 @@ fn magic_source(args: &str, cwd: &Path) -> Result<Source, EnvError> {
     let args = args.trim();
     let what = format!("%noyau env {args}");
     let invalid = |m: String| EnvError::Invalid(format!("{m}; usage: {MAGIC_USAGE}"));
+    let ours = || Author::Project(cwd.to_path_buf());
     if args.starts_with('{') {
-        return from_cli(args, cwd).map(|s| Source { what, ..s });
+        return from_spec(args, cwd, ours()).map(|s| Source { what, ..s });
     }
     let mut words = args.split_whitespace().peekable();
     if words.peek() == Some(&"file") {
         words.next();
         return match (words.next(), words.next()) {
-            (Some(path), None) => from_cli(path, cwd).map(|s| Source { what, ..s }),
+            (Some(path), None) => from_spec(path, cwd, ours()).map(|s| Source { what, ..s }),
             _ => Err(invalid("`%noyau env file` takes one path".into())),
         };
     }
@@ -613,7 +697,8 @@ fn magic_source(args: &str, cwd: &Path) -> Result<Source, EnvError> {
         what,
         table,
         base: cwd.to_path_buf(),
-        author: Author::Project(cwd.to_path_buf()),
+        author: ours(),
+        file: None,
     })
 }
 
@@ -678,10 +763,38 @@ fn resolve_paths(table: &Map<String, Value>, base: &Path) -> Map<String, Value> 
 fn as_table(v: Value, what: &str) -> Result<Map<String, Value>, EnvError> {
     match v {
         Value::Object(m) => Ok(m),
+        // (Its kind, not its text: it may be a file's.)
         other => Err(EnvError::Invalid(format!(
-            "{what} must be a table of keys, not {other}"
+            "{what} must be a table of keys, not {}",
+            match other {
+                Value::Null => "null",
+                Value::Bool(_) => "a boolean",
+                Value::Number(_) => "a number",
+                Value::String(_) => "a string",
+                Value::Array(_) => "a list",
+                Value::Object(_) => unreachable!("matched above"),
+            }
         ))),
     }
+}
+
+/// Checks each key of a table read from `path` as a spec key, so that a
+/// wrong one is named by its key alone: serde's message quotes the value
+/// (`invalid type: string "…"`), and the file may be one of the user's
+/// that a notebook named.
+fn check_file_table(path: &Path, table: &Map<String, Value>) -> Result<(), EnvError> {
+    for (k, v) in table {
+        let one = Map::from_iter([(k.clone(), v.clone())]);
+        if EnvSpec::from_value(Value::Object(one)).is_err() {
+            return Err(EnvError::Invalid(format!(
+                "{}: `{k}` is not a spec key, or its value is not of the kind that key takes \
+                 (a string, a list of strings, a boolean); known keys: {}",
+                path.display(),
+                crate::spec::KNOWN_KEYS
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn toml_to_json(v: toml::Value) -> Value {
@@ -1052,6 +1165,184 @@ mod tests {
         .unwrap();
         let e = for_cell(d, None, "file e.toml").unwrap_err();
         assert!(matches!(e, EnvError::UntrustedCode(_)), "{e}");
+    }
+
+    /// What a test's refusal must not show: a secret line of a file the
+    /// notebook named.
+    const SECRET: &str = "https://user:ghp_SECRET0123@git.example";
+
+    /// A file of the user's outside the notebook's directory (`dir/../`),
+    /// holding [`SECRET`] (not TOML, not a lock).
+    fn secret_outside(d: &Path) -> PathBuf {
+        let f = d.parent().unwrap().join(format!(
+            "{}.git-credentials",
+            d.file_name().unwrap().to_string_lossy()
+        ));
+        std::fs::write(&f, format!("{SECRET}\n")).unwrap();
+        f
+    }
+
+    fn outside(r: Result<impl std::fmt::Debug, EnvError>, what: &str) {
+        let e = r.unwrap_err();
+        assert!(matches!(e, EnvError::OutsideProject { .. }), "{what}: {e}");
+        let e = e.to_string();
+        assert!(
+            !e.contains("ghp_SECRET")
+                && e.contains("may name only files in its own directory")
+                && e.contains("Copy the file into that directory")
+                && e.contains("--env FILE"),
+            "{what}: {e}"
+        );
+    }
+
+    /// A file a notebook, a cell or a project names (a lock_file, an
+    /// `--env` file) must be in its directory, symlinks followed: else
+    /// noyau would read, say, ~/.git-credentials for it and show it. The
+    /// user's own `--env` names files anywhere.
+    #[test]
+    fn a_file_a_notebook_names_must_be_in_its_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let secret = secret_outside(d);
+        let _gone = scopeguard(&secret);
+        let relative = format!("../{}", secret.file_name().unwrap().to_string_lossy());
+        for f in [secret.display().to_string(), relative.clone()] {
+            let meta = json!({"noyau": {"environment": {"kind": "python", "lock_file": f}}});
+            outside(for_notebook(d, Some(&meta), None, d), "metadata lock_file");
+            std::fs::write(
+                d.join("noyau.toml"),
+                format!("[environment]\nlock_file = {f:?}\n"),
+            )
+            .unwrap();
+            outside(for_notebook(d, None, None, d), "noyau.toml lock_file");
+            std::fs::remove_file(d.join("noyau.toml")).unwrap();
+            outside(for_cell(d, None, &format!("file {f}")), "%noyau env file");
+            outside(from_cell_env(&f, d), "%%noyau on --env");
+            outside(
+                TargetSpec::Profile(&f, Some(d)).source(d),
+                "a project's profile environment",
+            );
+        }
+        // A link in the directory to a file out of it is out of it.
+        std::os::unix::fs::symlink(&secret, d.join("env.toml")).unwrap();
+        outside(for_cell(d, None, "file env.toml"), "a link out");
+        let meta = json!({"noyau": {"environment": {"kind": "python", "lock_file": "env.toml"}}});
+        outside(
+            for_notebook(d, Some(&meta), None, d),
+            "a lock_file link out",
+        );
+        // Whether a file out of it exists is not told.
+        outside(for_cell(d, None, "file ../none/x.toml"), "missing, outside");
+        let e = for_cell(d, None, "file none.toml").unwrap_err().to_string();
+        assert!(e.contains("does not exist"), "{e}");
+        // The user's own --env reads a file anywhere (here, and its
+        // lock_file next to it).
+        let theirs = tempfile::tempdir().unwrap();
+        std::fs::write(theirs.path().join("r.lock"), "six==1.16.0\n").unwrap();
+        std::fs::write(
+            theirs.path().join("env.toml"),
+            "requirements = [\"six\"]\nlock_file = \"r.lock\"\n",
+        )
+        .unwrap();
+        let env = theirs.path().join("env.toml").display().to_string();
+        let spec = for_notebook(d, None, Some(&env), d).unwrap().unwrap();
+        assert_eq!(spec.lock.as_deref(), Some("six==1.16.0\n"));
+    }
+
+    /// Removes a file left next to a temporary directory, at the end of a test.
+    fn scopeguard(p: &Path) -> impl Drop + '_ {
+        struct Rm<'a>(&'a Path);
+        impl Drop for Rm<'_> {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(self.0);
+            }
+        }
+        Rm(p)
+    }
+
+    /// A FIFO or a device where a file is named is refused at once, from
+    /// a cell or from the user's own --env: never waited on (the kernel
+    /// would hang) or read without end.
+    #[test]
+    fn a_fifo_or_a_device_is_refused_without_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let fifo = d.join("env.toml");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let e = for_cell(d, None, "file env.toml").unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        for f in [fifo.as_path(), Path::new("/dev/zero")] {
+            let e = for_notebook(d, None, Some(&f.display().to_string()), d)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("not a regular file"), "{f:?}: {e}");
+        }
+    }
+
+    /// What a file a source names holds is never quoted in an error: not
+    /// when it is not TOML or JSON (the parser's message quotes the line),
+    /// nor when a lock line or a requirement from it is refused (its
+    /// number, not its text). A cell's own words are still quoted.
+    #[test]
+    fn a_files_text_is_not_quoted_in_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let hidden = |r: Result<EnvSpec, EnvError>, want: &str| {
+            let e = r.unwrap_err().to_string();
+            assert!(!e.contains("ghp_SECRET") && e.contains(want), "{e}");
+        };
+        std::fs::write(d.join("creds.toml"), format!("{SECRET}\n")).unwrap();
+        hidden(for_cell(d, None, "file creds.toml"), "line 1, column");
+        let user = for_notebook(d, None, Some("creds.toml"), d).map(|s| s.unwrap());
+        hidden(user, "line 1, column");
+        std::fs::write(d.join("creds.json"), format!("{{\"a\": {SECRET}}}")).unwrap();
+        hidden(for_cell(d, None, "file creds.json"), "line 1 column");
+        // Parsed, but not a table, or a key of the wrong kind: named, not quoted.
+        std::fs::write(d.join("list.json"), format!("[\"{SECRET}\"]")).unwrap();
+        hidden(for_cell(d, None, "file list.json"), "not a list");
+        std::fs::write(
+            d.join("kind.toml"),
+            format!("requirements = \"{SECRET}\"\n"),
+        )
+        .unwrap();
+        hidden(
+            for_cell(d, None, "file kind.toml"),
+            "`requirements` is not a spec key, or",
+        );
+        std::fs::write(
+            d.join("e.toml"),
+            format!("requirements = [\"six\", \"{SECRET}/x.whl\"]\n"),
+        )
+        .unwrap();
+        hidden(for_cell(d, None, "file e.toml"), "a direct reference");
+        std::fs::write(
+            d.join("creds.lock"),
+            format!("six==1.16.0 \\\n    --hash=sha256:ab\n{SECRET}\n"),
+        )
+        .unwrap();
+        let meta = json!({"noyau": {"environment": {"kind": "python", "lock_file": "creds.lock"}}});
+        hidden(
+            for_notebook(d, Some(&meta), None, d).map(|s| s.unwrap()),
+            "lock line 3: a direct reference",
+        );
+        std::fs::write(
+            d.join("opt.lock"),
+            format!("six==1.16.0 --index-url={SECRET}\n"),
+        )
+        .unwrap();
+        let meta = json!({"noyau": {"environment": {"kind": "python", "lock_file": "opt.lock"}}});
+        hidden(
+            for_notebook(d, Some(&meta), None, d).map(|s| s.unwrap()),
+            "lock line 1 has an option that is not --hash=sha256:HEX",
+        );
+        let e = for_cell(d, None, "python=/home/attacker/python six")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"/home/attacker/python\""), "{e}");
     }
 
     /// A profile's `environment` that an untrusted project's noyau.toml

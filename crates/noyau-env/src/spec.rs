@@ -156,6 +156,11 @@ fn is_submit(b: &BuildAt) -> bool {
     *b == BuildAt::Submit
 }
 
+/// The keys a spec takes, for messages.
+pub(crate) const KNOWN_KEYS: &str = "kind, python, requirements, lock, lock_file, modules, \
+     module_use, modules_init, prefix, channels, manifest, packages, image, nv, wheels_only, \
+     build, isolation, network, scratch, ro_bind";
+
 /// Keys holding paths, resolved against their source's directory.
 pub(crate) const PATH_KEYS: &[&str] = &[
     "lock_file",
@@ -171,13 +176,8 @@ pub(crate) const PATH_LIST_KEYS: &[&str] = &["module_use", "ro_bind"];
 impl EnvSpec {
     /// Reads a spec from a JSON value (the merged sources).
     pub fn from_value(v: Value) -> Result<Self, EnvError> {
-        serde_json::from_value(v).map_err(|e| {
-            EnvError::Invalid(format!(
-                "{e}. Known keys: kind, python, requirements, lock, lock_file, modules, module_use, \
-                 modules_init, prefix, channels, manifest, packages, image, nv, wheels_only, build, \
-                 isolation, network, scratch, ro_bind"
-            ))
-        })
+        serde_json::from_value(v)
+            .map_err(|e| EnvError::Invalid(format!("{e}. Known keys: {KNOWN_KEYS}")))
     }
 
     pub fn to_value(&self) -> Value {
@@ -224,6 +224,9 @@ impl EnvSpec {
             }
             // What it pins is what gets installed: read as the project's
             // noyau.toml is (refused if another user could have written it).
+            // (A spec from sources has its lock_file read already, where
+            // who named it is known: `sources::merge`. This is a spec
+            // built by the user's own code or tests.)
             let text =
                 noyau_config::project_text(&f, noyau_config::MAX_LOCK_SIZE)?.ok_or_else(|| {
                     EnvError::Invalid(format!(

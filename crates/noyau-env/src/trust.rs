@@ -42,7 +42,14 @@ mod requirement;
 ///
 /// `prefix` is not here: preparing a prefix reads its files and runs
 /// nothing. But the sandbox shows it, so it is in [`loosens_sandbox`].
-pub fn names_code(key: &str, value: &Value) -> Option<String> {
+///
+/// `show` says whether the offending value is quoted: not one read from a
+/// file, which may be a file of the user's a notebook named.
+pub fn names_code(key: &str, value: &Value, show: Show) -> Option<String> {
+    let quoted = |v: &str| match show {
+        Show::Text => format!("{v:?}"),
+        Show::LineNumbers => "one (not shown: it was read from a file)".to_string(),
+    };
     let strings = || -> Vec<&str> {
         match value {
             Value::String(s) => vec![s.as_str()],
@@ -53,9 +60,10 @@ pub fn names_code(key: &str, value: &Value) -> Option<String> {
     match key {
         "python" => strings().into_iter().find(|p| !version_shaped(p)).map(|p| {
             format!(
-                "{p:?} is not a Python version (`3.12`, `python3.12`, `cpython@3.12`, \
+                "{} is not a Python version (`3.12`, `python3.12`, `cpython@3.12`, \
                      `pypy3.10`): `uv venv --python` runs the interpreter it names, found by \
-                     path or on PATH"
+                     path or on PATH",
+                quoted(p)
             )
         }),
         "module_use" => Some("the modulefiles in those directories are run".into()),
@@ -63,14 +71,27 @@ pub fn names_code(key: &str, value: &Value) -> Option<String> {
         "modules" => strings()
             .into_iter()
             .find(|m| module_by_path(m))
-            .map(|m| format!("module {m:?} is a modulefile by path, which is run")),
+            .map(|m| format!("module {} is a modulefile by path, which is run", quoted(m))),
         "channels" | "manifest" => Some("guix evaluates that Scheme file".into()),
-        "requirements" => strings()
-            .into_iter()
-            .find_map(|r| requirement_names_code(r).map(|why| format!("{r:?}: {why}"))),
-        "lock" => value.as_str().and_then(lock_names_code),
+        "requirements" => strings().into_iter().find_map(|r| {
+            requirement_names_code(r, show).map(|why| format!("{}: {why}", quoted(r)))
+        }),
+        "lock" => value.as_str().and_then(|l| lock_names_code(l, show)),
         _ => None,
     }
+}
+
+/// How a refusal points at what it refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Show {
+    /// Quoted: a value the notebook or the project wrote inline (a cell's
+    /// words, metadata, noyau.toml), already visible to its writer.
+    Text,
+    /// Not quoted: a lock line by its number, a value as "one". For what
+    /// noyau read from a file a source named, which may be one of the
+    /// user's that a notebook named (`~/.git-credentials`): its text must
+    /// not reach the cell's output or the log.
+    LineNumbers,
 }
 
 /// What a refused key would do, for [`crate::EnvError::UntrustedCode`].
@@ -148,41 +169,72 @@ fn module_by_path(m: &str) -> bool {
 }
 
 /// Why a requirement line is not a plain name from the index, if it is
-/// not: an allowlist ([`requirement`]).
-pub fn requirement_names_code(line: &str) -> Option<String> {
-    requirement::not_by_name(line)
+/// not: an allowlist ([`requirement`]). What in the line stopped it is
+/// quoted only as `show` says.
+pub fn requirement_names_code(line: &str, show: Show) -> Option<String> {
+    requirement::not_by_name(line, show)
 }
 
 /// Why a lock (`uv pip compile --generate-hashes` output) names code, if
 /// it does: each requirement (continuation lines joined, comments removed)
-/// must be a plain name whose only options are `--hash`.
-pub fn lock_names_code(lock: &str) -> Option<String> {
+/// must be a plain name whose only options are `--hash`. The line is
+/// pointed at as `show` says.
+pub fn lock_names_code(lock: &str, show: Show) -> Option<String> {
+    let at = |number: usize, text: &str| match show {
+        Show::Text => format!("lock line {text:?}"),
+        Show::LineNumbers => format!("lock line {number}"),
+    };
     // Lines end at `\n` or `\r\n` only: a bare `\r` ends one for uv (and
     // its comment with it), not for `str::lines`.
-    let bare_control = lock
-        .replace("\r\n", "\n")
-        .lines()
-        .find(|l| l.chars().any(|c| c.is_control() && c != '\t'))
-        .map(str::to_string);
-    if let Some(l) = bare_control {
+    let lock = lock.replace("\r\n", "\n");
+    let lines = || lock.lines().enumerate().map(|(i, l)| (i + 1, l));
+    if let Some((n, l)) = lines().find(|(_, l)| l.chars().any(|c| c.is_control() && c != '\t')) {
         return Some(format!(
-            "lock line {l:?} holds a control character (a bare carriage return starts another line)"
+            "{} holds a control character (a bare carriage return starts another line)",
+            at(n, l)
         ));
     }
-    let joined = lock.replace("\\\r\n", " ").replace("\\\n", " ");
-    for line in joined.lines() {
-        let line = match line
-            .find(" #")
-            .or_else(|| line.find('#').filter(|&i| i == 0))
-        {
-            Some(i) => &line[..i],
-            None => line,
+    // A requirement and the line it starts on, continuation lines joined,
+    // read one line at a time as uv reads them: a comment ends at the end
+    // of its line, backslash or not, so its comment is cut from each line
+    // before a `\` at its end is taken to continue it.
+    let mut logical: Vec<(usize, String)> = Vec::new();
+    let mut open = false;
+    for (n, l) in lines() {
+        let (code, comment) = split_comment(l);
+        if comment.is_some_and(|c| c.ends_with('\\')) {
+            // pip joins such a line with the next (into the comment), uv
+            // does not: which the next line is, is not clear.
+            return Some(format!(
+                "{} has a comment that ends in a backslash: uv ends a comment at its line's end, \
+                 so the next line would not be a continuation (remove the backslash)",
+                at(n, l)
+            ));
+        }
+        let (text, continued) = match code.strip_suffix('\\') {
+            Some(head) => (head, true),
+            None => (code, false),
         };
+        match logical.last_mut() {
+            Some((_, joined)) if open => {
+                joined.push(' ');
+                joined.push_str(text);
+            }
+            _ => logical.push((n, text.to_string())),
+        }
+        open = continued;
+    }
+    for (n, line) in &logical {
+        let line = line.as_str();
         // (Before the words are split: Unicode spaces would split them.)
         if let Some(c) = line.chars().find(|c| !c.is_ascii()) {
+            let c = match show {
+                Show::Text => format!("{c:?}"),
+                Show::LineNumbers => "a character".into(),
+            };
             return Some(format!(
-                "lock line {line:?} holds {c:?}, not ASCII: a lock's requirements and hashes are \
-                 ASCII"
+                "{} holds {c}, not ASCII: a lock's requirements and hashes are ASCII",
+                at(*n, line)
             ));
         }
         let mut words = line.split_whitespace();
@@ -199,8 +251,8 @@ pub fn lock_names_code(lock: &str) -> Option<String> {
             .chain(req_words.iter().copied())
             .collect::<Vec<_>>()
             .join(" ");
-        if let Some(why) = requirement_names_code(&req) {
-            return Some(format!("lock line {req:?}: {why}"));
+        if let Some(why) = requirement_names_code(&req, show) {
+            return Some(format!("{}: {why}", at(*n, &req)));
         }
         let mut options = options.iter();
         while let Some(&o) = options.next() {
@@ -209,13 +261,31 @@ pub fn lock_names_code(lock: &str) -> Option<String> {
                 o => o.strip_prefix("--hash=").unwrap_or(o),
             };
             if !sha256(hash) {
+                let option = match show {
+                    Show::Text => format!("the option {o:?}"),
+                    Show::LineNumbers => "an option that is not --hash=sha256:HEX".into(),
+                };
                 return Some(format!(
-                    "lock line {req:?} has the option {o:?}: only --hash=sha256:HEX is allowed"
+                    "{} has {option}: only --hash=sha256:HEX is allowed",
+                    at(*n, &req)
                 ));
             }
         }
     }
     None
+}
+
+/// `line` and its comment, if it has one: from a `#` first on the line or
+/// after a space or a tab, to the end of the line (uv's requirements.txt
+/// rule).
+fn split_comment(line: &str) -> (&str, Option<&str>) {
+    let b = line.as_bytes();
+    let start =
+        (0..b.len()).find(|&i| b[i] == b'#' && (i == 0 || b[i - 1] == b' ' || b[i - 1] == b'\t'));
+    match start {
+        Some(i) => (&line[..i], Some(&line[i..])),
+        None => (line, None),
+    }
 }
 
 /// `sha256:` and hexadecimal digits: what `--hash` may say.
@@ -251,7 +321,10 @@ mod tests {
             ("channels", json!("/p/channels.scm")),
             ("manifest", json!("/p/manifest.scm")),
         ] {
-            assert!(names_code(key, &value).is_some(), "{key} = {value}");
+            assert!(
+                names_code(key, &value, Show::Text).is_some(),
+                "{key} = {value}"
+            );
         }
         for (key, value) in [
             ("python", json!("3.11")),
@@ -273,7 +346,7 @@ mod tests {
             ("requirements", json!(["six==1.16.0", "numpy>=2; python_version >= \"3.10\""])),
             ("lock", json!("six==1.16.0 \\\n    --hash=sha256:1e61c374 \\\n    --hash sha256:8abb2f1d\n    # via -r requirements.in\n")),
         ] {
-            assert_eq!(names_code(key, &value), None, "{key} = {value}");
+            assert_eq!(names_code(key, &value, Show::Text), None, "{key} = {value}");
         }
     }
 
@@ -300,9 +373,15 @@ mod tests {
             "-r other.txt",
             "C:\\pkg",
         ] {
-            assert!(requirement_names_code(r).is_some(), "{r}");
-            assert!(names_code("requirements", &json!([r])).is_some(), "{r}");
-            assert!(lock_names_code(&format!("{r}\n")).is_some(), "lock {r}");
+            assert!(requirement_names_code(r, Show::Text).is_some(), "{r}");
+            assert!(
+                names_code("requirements", &json!([r]), Show::Text).is_some(),
+                "{r}"
+            );
+            assert!(
+                lock_names_code(&format!("{r}\n"), Show::Text).is_some(),
+                "lock {r}"
+            );
         }
         for r in [
             "six",
@@ -310,7 +389,7 @@ mod tests {
             "Foo_Bar[extra1,extra2]>=1.0,<2",
             "x ; sys_platform == 'linux'",
         ] {
-            assert_eq!(requirement_names_code(r), None, "{r}");
+            assert_eq!(requirement_names_code(r, Show::Text), None, "{r}");
         }
     }
 
@@ -319,20 +398,26 @@ mod tests {
     #[test]
     fn control_characters_and_markers_cannot_hide_a_line() {
         let req = "six ; python_version>'0'\nevil @ https://e/x-1.0-py3-none-any.whl";
-        assert!(requirement_names_code(req).is_some(), "{req}");
-        assert!(names_code("requirements", &json!([req])).is_some(), "{req}");
+        assert!(requirement_names_code(req, Show::Text).is_some(), "{req}");
+        assert!(
+            names_code("requirements", &json!([req]), Show::Text).is_some(),
+            "{req}"
+        );
         let lock = "six==1.16.0 --hash=sha256:ab # x\revil @ https://e/x-1.0-py3-none-any.whl --hash=sha256:cd\n";
-        assert!(lock_names_code(lock).is_some(), "{lock}");
+        assert!(lock_names_code(lock, Show::Text).is_some(), "{lock}");
         for marker in [
             "six ; python_version > '0' # evil @ https://e/x.whl",
             "six ; sys_platform == 'linux' --index-url=https://e/simple",
             "six ; extra == 'a/b'",
         ] {
-            assert!(requirement_names_code(marker).is_some(), "{marker}");
+            assert!(
+                requirement_names_code(marker, Show::Text).is_some(),
+                "{marker}"
+            );
         }
         // A lock with CRLF line ends, tabs, and markers, is fine.
         let lock = "six==1.16.0 ; python_version >= \"3.8\" and platform_machine != 'x86_64' \\\r\n\t--hash=sha256:ab\r\n";
-        assert_eq!(lock_names_code(lock), None);
+        assert_eq!(lock_names_code(lock, Show::Text), None);
     }
 
     /// Requirement lines are held to an allowlist (a package by name from
@@ -345,6 +430,15 @@ mod tests {
             // PEP 508, but uv installs it as a file).
             ("pkg-1.0.tar.xz", "archive"),
             ("pkg-1.0.tar.zst", "archive"),
+            ("pkg-1.0.tar.lz", "archive"),
+            ("pkg-1.0.tar.lzma", "archive"),
+            ("pkg-1.0.tar.bz2", "archive"),
+            ("pkg-1.0.tar.gz", "archive"),
+            ("pkg-1.0.tbz", "archive"),
+            ("pkg-1.0.tlz", "archive"),
+            ("pkg-1.0.tgz", "archive"),
+            ("pkg-1.0.zip", "archive"),
+            ("pkg-1.0-py3-none-any.whl", "archive"),
             ("pkg-1.0.TXZ", "archive"),
             ("pkg-1.0.egg", "archive"),
             // uv expands variables in a requirements file.
@@ -387,17 +481,37 @@ mod tests {
             ("", "not a package by name"),
             ("six\x0b", "control character"),
         ] {
-            let e = requirement_names_code(r).unwrap_or_else(|| panic!("{r:?} was allowed"));
+            let e = requirement_names_code(r, Show::Text)
+                .unwrap_or_else(|| panic!("{r:?} was allowed"));
             assert!(e.contains(why), "{r:?}: {e}");
-            assert!(names_code("requirements", &json!([r])).is_some(), "{r:?}");
+            assert!(
+                names_code("requirements", &json!([r]), Show::Text).is_some(),
+                "{r:?}"
+            );
             // (A lock may hold a hash and a comment.)
             if !r.contains("--hash") && !r.contains(" #") {
                 let lock = format!("{r} --hash=sha256:ab\n");
-                assert!(lock_names_code(&lock).is_some(), "lock {r:?}");
+                assert!(lock_names_code(&lock, Show::Text).is_some(), "lock {r:?}");
             }
         }
-        let e = requirement_names_code("six==1.0 @").unwrap();
+        let e = requirement_names_code("six==1.0 @", Show::Text).unwrap();
         assert!(e.contains("\"@\" at column 10"), "{e}");
+        // Read from a file, what stopped it is pointed at, not quoted.
+        let e = requirement_names_code("six==1.0 @ab", Show::LineNumbers).unwrap();
+        assert!(
+            e.contains("what is at column 10 is not") && !e.contains("@ab"),
+            "{e}"
+        );
+        let e = requirement_names_code("nump\u{0443}", Show::LineNumbers).unwrap();
+        assert!(
+            e.contains("a character at column 5, not ASCII") && !e.contains('\u{0443}'),
+            "{e}"
+        );
+        let e = lock_names_code("nump\u{0443}\n", Show::LineNumbers).unwrap();
+        assert!(
+            e.starts_with("lock line 1 holds a character, not ASCII"),
+            "{e}"
+        );
         for r in [
             "six",
             "  six  ",
@@ -414,7 +528,7 @@ mod tests {
             "x ; 'linux' in sys_platform and extra not in \"a b\"",
             "six ; platform_release >= \"5.10.0-1~bpo+1\"",
         ] {
-            assert_eq!(requirement_names_code(r), None, "{r}");
+            assert_eq!(requirement_names_code(r, Show::Text), None, "{r}");
         }
     }
 
@@ -430,7 +544,7 @@ mod tests {
                   --hash=sha256:02135ade8b8a84011cbb67dc44e07c58f28575cf9ecf8ab304e51c05528c19f0\n    \
                   # via -r requirements.in\n\
                   six==1.16.0 \\\n    --hash=sha256:1E61C374\n    # via\n    #   -r requirements.in\n";
-        assert_eq!(lock_names_code(uv), None);
+        assert_eq!(lock_names_code(uv, Show::Text), None);
         for lock in [
             "six==1.16.0 --hash=md5:ab\n",
             "six==1.16.0 --hash=sha256:\n",
@@ -439,9 +553,16 @@ mod tests {
             "six==1.16.0 --hash=sha256:ab --hash=${H}\n",
             "six==1.16.0 --hash=sha256:ab --no-binary=:all:\n",
         ] {
-            let e = lock_names_code(lock).unwrap_or_else(|| panic!("{lock:?} was allowed"));
+            let e =
+                lock_names_code(lock, Show::Text).unwrap_or_else(|| panic!("{lock:?} was allowed"));
             assert!(
                 e.contains("only --hash=sha256:HEX is allowed"),
+                "{lock:?}: {e}"
+            );
+            let e = lock_names_code(lock, Show::LineNumbers).unwrap();
+            assert!(
+                e == "lock line 1 has an option that is not --hash=sha256:HEX: only \
+                      --hash=sha256:HEX is allowed",
                 "{lock:?}: {e}"
             );
         }
@@ -476,7 +597,46 @@ mod tests {
             "--extra-index-url https://evil.example/simple\nsix==1.16.0 --hash=sha256:ab\n",
             "six==1.16.0 --hash=sha256:ab\n-e ./pkg\n",
         ] {
-            assert!(lock_names_code(lock).is_some(), "{lock}");
+            assert!(lock_names_code(lock, Show::Text).is_some(), "{lock}");
         }
+    }
+
+    /// uv ends a comment at its line's end even when it ends in `\`: the
+    /// next line is read as a line of its own (an option), not joined into
+    /// the comment and dropped with it.
+    #[test]
+    fn a_comment_ending_in_a_backslash_does_not_hide_the_next_line() {
+        for (lock, line) in [
+            ("# pinned \\\n-e /tmp/x\n", 1),
+            (
+                "six==1.16.0 --hash=sha256:ab # via \\\n--index-url https://evil/simple\n",
+                1,
+            ),
+            (
+                "six==1.16.0 \\\n\t--hash=sha256:ab\n\t# via \\\n-e /tmp/x\n",
+                3,
+            ),
+        ] {
+            let e = lock_names_code(lock, Show::LineNumbers)
+                .unwrap_or_else(|| panic!("{lock:?} was allowed"));
+            assert!(
+                e.starts_with(&format!(
+                    "lock line {line} has a comment that ends in a backslash"
+                )),
+                "{lock:?}: {e}"
+            );
+        }
+        // The line after a comment is its own, backslash or not.
+        for lock in [
+            "# pinned \\ \n-e /tmp/x\n",
+            "six==1.16.0 --hash=sha256:ab # via \\ \n--index-url https://evil/simple\n",
+        ] {
+            let e = lock_names_code(lock, Show::LineNumbers)
+                .unwrap_or_else(|| panic!("{lock:?} was allowed"));
+            assert!(e.starts_with("lock line 2: a pip option"), "{lock:?}: {e}");
+        }
+        // Comments after a tab, or on continued lines, are still comments.
+        let lock = "six==1.16.0 \\\n\t--hash=sha256:ab \\\n\t# via x\n\t# via -r r.in\n";
+        assert_eq!(lock_names_code(lock, Show::Text), None);
     }
 }

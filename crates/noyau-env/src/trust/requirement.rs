@@ -21,28 +21,35 @@
 //! state directly; and uv reads more than PEP 508 in a requirements file
 //! (variables, options, continuations), which no PEP 508 parser knows.
 
-/// Why `line` is not a requirement by name, if it is not.
-pub(crate) fn not_by_name(line: &str) -> Option<String> {
+use super::Show;
+
+/// Why `line` is not a requirement by name, if it is not; what stopped
+/// it is quoted only if `show` is [`Show::Text`] (a column otherwise).
+pub(crate) fn not_by_name(line: &str, show: Show) -> Option<String> {
     // One line: uv ends a line (and a comment) at a `\n` or a bare `\r`,
     // so what follows one would be a requirement of its own, unchecked.
     if line.chars().any(|c| c.is_control() && c != '\t') {
         return Some("it holds a control character (a line break would start another line)".into());
     }
-    if let Some(c) = line.chars().find(|c| !c.is_ascii()) {
+    if let Some((i, c)) = line.char_indices().find(|(_, c)| !c.is_ascii()) {
+        let c = match show {
+            Show::Text => format!("{c:?}"),
+            Show::LineNumbers => format!("a character at column {}", i + 1),
+        };
         return Some(format!(
-            "it holds {c:?}, not ASCII: a package's name, extras and versions are ASCII (a \
+            "it holds {c}, not ASCII: a package's name, extras and versions are ASCII (a \
              look-alike letter would name another package, or none)"
         ));
     }
     let mut c = Cursor { s: line, i: 0 };
     match c.requirement() {
         Ok(()) => None,
-        Err(at) => Some(why_not(line, at)),
+        Err(at) => Some(why_not(line, at, show)),
     }
 }
 
 /// What `line`, which failed to parse at byte `at`, looks like instead.
-fn why_not(line: &str, at: usize) -> String {
+fn why_not(line: &str, at: usize, show: Show) -> String {
     let req = line.split(';').next().unwrap_or_default().trim();
     let what = if req.split_whitespace().any(|w| w.starts_with('-')) {
         "a pip option (an index, a link page, an editable or a file to read)"
@@ -61,10 +68,10 @@ fn why_not(line: &str, at: usize) -> String {
         "it is not a package by name from the index"
     };
     let rest: String = line[at..].chars().take(20).collect();
-    let found = if rest.is_empty() {
-        "its end".to_string()
-    } else {
-        format!("{rest:?}")
+    let found = match show {
+        _ if rest.is_empty() => "its end".to_string(),
+        Show::Text => format!("{rest:?}"),
+        Show::LineNumbers => "what is".to_string(),
     };
     format!(
         "{what} (only `name[extras] specifiers ; markers` is allowed, e.g. \
@@ -91,8 +98,10 @@ const MARKER_NAMES: [&str; 12] = [
 
 /// What uv takes a name ending in `.EXT` for: a wheel or a source
 /// distribution by path (`pkg-1.0.tar.xz` is a valid name by PEP 508).
-const ARCHIVES: [&str; 13] = [
-    "whl", "zip", "tar", "gz", "tgz", "bz2", "tbz", "xz", "txz", "zst", "lzma", "tlz", "egg",
+/// uv's `looks_like_archive`: `.whl`, `.zip`, `.tar.{gz,bz2,xz,zst,lz,lzma}`,
+/// `.tgz`, `.tbz`, `.txz`, `.tlz`; and a bare `.tar`, `.egg`, to be safe.
+const ARCHIVES: [&str; 14] = [
+    "whl", "zip", "tar", "gz", "tgz", "bz2", "tbz", "xz", "txz", "zst", "lz", "lzma", "tlz", "egg",
 ];
 
 /// The version comparisons, longest first (`===` before `==`).

@@ -1,0 +1,113 @@
+//! Files a source names that noyau reads itself, on the submitting host and
+//! outside any sandbox: an `--env FILE` (also `%noyau env file PATH`,
+//! `%%noyau on … --env PATH`, a profile's `environment = "PATH"`) and a
+//! `lock_file`.
+//!
+//! What noyau reads can reach the cell's error, the kernel's banner, the
+//! log, and (a lock) the output notebook's metadata. So a file that a
+//! notebook, a cell or a project names ([`Author::Project`]) must be in
+//! that project's directory once symlinks are followed: a notebook from
+//! anyone must not have noyau read `~/.git-credentials` for it. Every such
+//! file is opened once and checked on what was opened (noyau-config's
+//! readers: a regular file, never waited on, of bounded size), and what
+//! it holds is never quoted when it cannot be parsed ([`toml_error`],
+//! [`json_error`]): the file and the line, not the line's text.
+//!
+//! The user's own `--env FILE` and `NOYAU_ENV` may name a file anywhere.
+//!
+//! The directory check resolves the path, then opens what it resolved to
+//! (its last component without following a link): someone who can write
+//! in a directory on that path could swap a directory for a link in
+//! between. In a project only its owner writes (the case of a notebook
+//! sent to the user) there is no one to do so.
+
+use std::path::{Path, PathBuf};
+
+use crate::sources::Author;
+use crate::EnvError;
+
+/// The text of the file at `path` (absolute) that `what` names for
+/// `author`, None when there is none. `user` reads a file of the user's
+/// own source (the `--env` file's reader, or the lock's).
+pub(crate) fn read(
+    path: &Path,
+    author: &Author,
+    what: &str,
+    limit: u64,
+    user: fn(&Path, u64) -> Result<Option<String>, noyau_config::ConfigError>,
+) -> Result<Option<String>, EnvError> {
+    match author {
+        Author::User => Ok(user(path, limit)?),
+        Author::Project(dir) => match inside(path, dir, what)? {
+            Some(real) => Ok(noyau_config::project_text(&real, limit)?),
+            None => Ok(None),
+        },
+    }
+}
+
+/// `path` resolved, if it is in `dir` (resolved too); None when it does
+/// not exist but its directory is in `dir`; else a refusal.
+fn inside(path: &Path, dir: &Path, what: &str) -> Result<Option<PathBuf>, EnvError> {
+    let real_dir = std::fs::canonicalize(dir)
+        .map_err(|e| EnvError::io(format!("resolving {}", dir.display()), e))?;
+    let outside = |why: String| EnvError::OutsideProject {
+        what: what.into(),
+        path: path.into(),
+        why,
+        dir: real_dir.clone(),
+    };
+    match std::fs::canonicalize(path) {
+        Ok(real) if real.starts_with(&real_dir) => Ok(Some(real)),
+        Ok(real) if real == path => Err(outside("is not in it".into())),
+        Ok(real) => Err(outside(format!("leads out of it (to {})", real.display()))),
+        // A missing file is said to be missing only where the project may
+        // name one: elsewhere that would tell whether a file exists.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let parent = path.parent().and_then(|p| std::fs::canonicalize(p).ok());
+            match parent {
+                Some(p) if p.starts_with(&real_dir) => Ok(None),
+                _ => Err(outside("is not in it".into())),
+            }
+        }
+        Err(e) => Err(EnvError::io(format!("resolving {}", path.display()), e)),
+    }
+}
+
+/// A TOML file that does not parse: where, and the parser's reason, but
+/// not the offending text (toml's own message quotes the line).
+pub(crate) fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> EnvError {
+    let at = e.span().map_or_else(String::new, |s| {
+        let (line, col) = line_col(text, s.start);
+        format!(" at line {line}, column {col}")
+    });
+    EnvError::Invalid(format!(
+        "{} is not valid TOML{at}: {}",
+        path.display(),
+        e.message().trim_end()
+    ))
+}
+
+/// A JSON file that does not parse: where, and why when that is about
+/// the syntax (serde_json's syntax errors quote nothing).
+pub(crate) fn json_error(path: &Path, e: &serde_json::Error) -> EnvError {
+    use serde_json::error::Category;
+    let why = match e.classify() {
+        Category::Syntax | Category::Eof => e.to_string(),
+        _ => format!("at line {} column {}", e.line(), e.column()),
+    };
+    EnvError::Invalid(format!("{} is not valid JSON: {why}", path.display()))
+}
+
+/// The line and column (from 1, in characters) of byte `at` of `text`.
+fn line_col(text: &str, at: usize) -> (usize, usize) {
+    let mut at = at.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    let before = &text[..at];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (
+        before.matches('\n').count() + 1,
+        before[line_start..].chars().count() + 1,
+    )
+}

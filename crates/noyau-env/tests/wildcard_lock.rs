@@ -1,0 +1,86 @@
+//! A lock file under the user's own `trusted_projects` wildcard: its code
+//! is trusted only if no one but the user or root could have written it
+//! (theirs, not writable by group or others, not a link), as the
+//! project's noyau.toml and directory must be. One test in its own
+//! binary: it sets `XDG_CONFIG_HOME` and `NOYAU_SYSTEM_CONFIG` for the
+//! process.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use noyau_env::sources::for_notebook;
+use noyau_env::EnvError;
+
+fn chmod(p: &Path, mode: u32) {
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[test]
+fn a_lock_file_others_could_write_is_not_trusted_under_a_wildcard() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src");
+    let dir = src.join("proj");
+    std::fs::create_dir_all(&dir).unwrap();
+    chmod(&src, 0o755);
+    chmod(&dir, 0o755);
+    let config = d.path().join("config");
+    std::fs::create_dir_all(config.join("noyau")).unwrap();
+    std::fs::write(
+        config.join("noyau/config.toml"),
+        format!("trusted_projects = [\"{}/*\"]\n", src.display()),
+    )
+    .unwrap();
+    std::env::set_var("XDG_CONFIG_HOME", &config);
+    std::env::set_var("NOYAU_SYSTEM_CONFIG", d.path().join("none.toml"));
+    let project = dir.join("noyau.toml");
+    std::fs::write(
+        &project,
+        "[environment]\nkind = \"python\"\nlock_file = \"r.lock\"\n",
+    )
+    .unwrap();
+    chmod(&project, 0o644);
+    let lock = dir.join("r.lock");
+    std::fs::write(
+        &lock,
+        "pkg @ https://example.invalid/pkg-1.0-py3-none-any.whl\n",
+    )
+    .unwrap();
+    chmod(&lock, 0o644);
+    // All of it the user's and closed: the lock's direct reference is trusted.
+    let spec = for_notebook(&dir, None, None, &dir).unwrap().unwrap();
+    assert!(!spec.wheels_only);
+    // The lock writable by the group: refused, saying why and what to do.
+    chmod(&lock, 0o664);
+    let e = for_notebook(&dir, None, None, &dir).unwrap_err();
+    assert!(matches!(e, EnvError::UntrustedCode(_)), "{e}");
+    let e = e.to_string();
+    assert!(
+        e.contains(&format!(
+            "{} is writable by its group or others (mode 0664)",
+            lock.display()
+        )) && e.contains(&format!("`chmod g-w {}`", lock.display()))
+            && e.contains("a wildcard trusts only directories, and the noyau.toml and lock file"),
+        "{e}"
+    );
+    // A link to a lock elsewhere (the team's), even a closed one.
+    let team = d.path().join("team.lock");
+    std::fs::write(&team, "six==1.16.0\n").unwrap();
+    chmod(&team, 0o644);
+    std::fs::remove_file(&lock).unwrap();
+    std::os::unix::fs::symlink("../../team.lock", &lock).unwrap();
+    // (The link leads out of the project: refused as outside it first.)
+    let e = for_notebook(&dir, None, None, &dir).unwrap_err();
+    assert!(matches!(e, EnvError::OutsideProject { .. }), "{e}");
+    let inside = dir.join("team.lock");
+    std::fs::rename(&team, &inside).unwrap();
+    std::fs::remove_file(&lock).unwrap();
+    std::os::unix::fs::symlink("team.lock", &lock).unwrap();
+    // A lock naming no code, by a link: not trusted, so wheels only.
+    let spec = for_notebook(&dir, None, None, &dir).unwrap().unwrap();
+    assert!(spec.wheels_only, "a linked lock is not trusted");
+    std::fs::remove_file(&lock).unwrap();
+    std::fs::write(&lock, "six==1.16.0\n").unwrap();
+    chmod(&lock, 0o644);
+    let spec = for_notebook(&dir, None, None, &dir).unwrap().unwrap();
+    assert!(!spec.wheels_only, "the user's own closed lock is trusted");
+}
