@@ -21,7 +21,13 @@
 //! The receiving side holds a hostile peer to its limits: data beyond a
 //! stream's window, or more than [`MAX_QUEUED`] bytes waiting on all
 //! streams together, is a [`Delivered::Violation`], after which the caller
-//! closes the link; at most [`MAX_STREAMS`] streams are open at once; and
+//! closes the link; so is an empty `Data` message (an honest sender never
+//! sends one, and it would cost the receiver memory while counting as no
+//! bytes). What a stream receives is copied into one buffer per stream
+//! rather than queued as messages, so its memory is the bytes it counts:
+//! no cost per message, and no slice keeping the link's read buffer it was
+//! cut from alive (a 1-byte message would otherwise pin 32 KiB or more).
+//! At most [`MAX_STREAMS`] streams are open at once; and
 //! a link that carries a tunnel needs frames of at most [`MAX_FRAME`]
 //! bytes (every message holds at most 64 KiB of a stream), which the hub
 //! sets as its links' `LinkConfig::max_frame`.
@@ -32,7 +38,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{Notify, Semaphore};
 
 use crate::{Lane, LinkError, LinkSender};
 
@@ -112,20 +118,56 @@ pub fn decode(frames: &[Bytes]) -> Option<(Op, u64, Bytes)> {
     Some((op, id, payload.clone()))
 }
 
-/// What the peer sent a stream: bytes, or the end of them.
-enum Chunk {
-    Data(Bytes),
+/// How the peer ended a stream.
+#[derive(Clone, Copy)]
+enum End {
     Eof,
     Reset,
 }
 
+/// What the peer sent a stream and its reader has not consumed yet: the
+/// bytes in one buffer (their count is all they cost), then their end.
+#[derive(Default)]
+struct Inbox {
+    data: BytesMut,
+    /// Bytes the reader took and is still writing out (still not credited).
+    writing: usize,
+    end: Option<End>,
+}
+
+/// A stream's inbox, and the wake-up of its reader.
+#[derive(Default)]
+struct Shared {
+    inbox: Mutex<Inbox>,
+    ready: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inbox> {
+        self.inbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Bytes delivered and not yet consumed.
+    fn queued(&self) -> u64 {
+        let inbox = self.lock();
+        (inbox.data.len() + inbox.writing) as u64
+    }
+
+    /// Ends the stream at once: what waits is dropped.
+    fn reset(&self) {
+        let mut inbox = self.lock();
+        inbox.data = BytesMut::new();
+        inbox.end = Some(End::Reset);
+        drop(inbox);
+        self.ready.notify_one();
+    }
+}
+
 /// The receiving end of one stream, as `deliver` reaches it.
 struct Stream {
-    tx: mpsc::UnboundedSender<Chunk>,
+    shared: Arc<Shared>,
     /// Credit for sending on this stream, when it uses flow control.
     window: Option<Arc<Semaphore>>,
-    /// Bytes delivered and not yet consumed.
-    queued: Arc<AtomicU64>,
 }
 
 /// The streams of one link. Cheap to share; one per link session.
@@ -185,7 +227,7 @@ impl Tunnel {
         let Some((op, id, payload)) = decode(frames) else {
             return Delivered::Malformed;
         };
-        let chunk = match op {
+        let end = match op {
             Op::Open => {
                 return Delivered::Opened {
                     id,
@@ -213,53 +255,70 @@ impl Tunnel {
                     Err(_) => Delivered::Malformed,
                 }
             }
-            Op::Data => Chunk::Data(payload),
-            Op::Eof => Chunk::Eof,
-            Op::Reset => Chunk::Reset,
+            Op::Data if payload.is_empty() => {
+                self.reset_all();
+                return Delivered::Violation(format!("an empty data message on stream {id}"));
+            }
+            Op::Data => None,
+            Op::Eof => Some(End::Eof),
+            Op::Reset => Some(End::Reset),
         };
         let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
         let Some(s) = streams.get(&id) else {
             return Delivered::Handled;
         };
-        if let Chunk::Data(d) = &chunk {
-            let queued = s.queued.fetch_add(d.len() as u64, Ordering::Relaxed) + d.len() as u64;
-            // The sender may have WINDOW bytes sent and not credited, and
-            // what waits here was sent and not consumed, hence not
-            // credited: an honest peer never passes WINDOW. A stream
-            // without flow control (agent side, opened by a hub that did
-            // not ask for it) is the hub's to fill.
-            let overrun = s.window.is_some() && queued > WINDOW as u64;
-            let total = || {
-                streams
-                    .values()
-                    .map(|s| s.queued.load(Ordering::Relaxed))
-                    .sum::<u64>()
-            };
-            let why = if overrun {
-                Some(format!(
-                    "stream {id} has {queued} bytes waiting, over its {WINDOW}-byte window"
-                ))
-            } else if s.window.is_some() && total() > MAX_QUEUED {
-                Some(format!(
-                    "its streams have more than {MAX_QUEUED} bytes waiting together"
-                ))
-            } else {
-                None
-            };
-            if let Some(why) = why {
-                drop(streams);
-                self.reset_all();
-                return Delivered::Violation(why);
+        let mut inbox = s.shared.lock();
+        match end {
+            // A stream ends once: what comes after is dropped (a reset
+            // after an end of data is honest, the writer may still fail).
+            _ if inbox.end.is_some() => return Delivered::Handled,
+            Some(end) => {
+                inbox.end = Some(end);
+                if let (End::Reset, Some(w)) = (end, &s.window) {
+                    // The sender may be waiting for credit that will never come.
+                    w.close();
+                }
+            }
+            None => {
+                inbox.data.extend_from_slice(&payload);
+                let queued = (inbox.data.len() + inbox.writing) as u64;
+                drop(inbox);
+                if let Some(why) = self.over_limits(&streams, s, id, queued) {
+                    drop(streams);
+                    self.reset_all();
+                    return Delivered::Violation(why);
+                }
+                s.shared.ready.notify_one();
+                return Delivered::Handled;
             }
         }
-        if matches!(chunk, Chunk::Reset) {
-            // The sender may be waiting for credit that will never come.
-            if let Some(w) = &s.window {
-                w.close();
-            }
-        }
-        let _ = s.tx.send(chunk);
+        drop(inbox);
+        s.shared.ready.notify_one();
         Delivered::Handled
+    }
+
+    /// Why stream `id` (`s`, now holding `queued` bytes) breaks the
+    /// tunnel's limits, if it does. The sender may have WINDOW bytes sent
+    /// and not credited, and what waits here was sent and not consumed,
+    /// hence not credited: an honest peer never passes WINDOW. A stream
+    /// without flow control (agent side, opened by a hub that did not ask
+    /// for it) is the hub's to fill.
+    fn over_limits(
+        &self,
+        streams: &HashMap<u64, Stream>,
+        s: &Stream,
+        id: u64,
+        queued: u64,
+    ) -> Option<String> {
+        s.window.as_ref()?;
+        if queued > WINDOW as u64 {
+            return Some(format!(
+                "stream {id} has {queued} bytes waiting, over its {WINDOW}-byte window"
+            ));
+        }
+        let total: u64 = streams.values().map(|s| s.shared.queued()).sum();
+        (total > MAX_QUEUED)
+            .then(|| format!("its streams have more than {MAX_QUEUED} bytes waiting together"))
     }
 
     /// Refuses a stream the peer opened (the server cannot be reached).
@@ -275,7 +334,7 @@ impl Tunnel {
     pub fn reset_all(&self) {
         let streams = std::mem::take(&mut *self.streams.lock().unwrap_or_else(|e| e.into_inner()));
         for (id, s) in streams {
-            let _ = s.tx.send(Chunk::Reset);
+            s.shared.reset();
             if let Some(w) = &s.window {
                 w.close();
             }
@@ -292,7 +351,7 @@ impl Tunnel {
     pub fn queued_bytes(&self) -> u64 {
         self.streams
             .lock()
-            .map(|s| s.values().map(|s| s.queued.load(Ordering::Relaxed)).sum())
+            .map(|s| s.values().map(|s| s.shared.queued()).sum())
             .unwrap_or(0)
     }
 
@@ -302,18 +361,16 @@ impl Tunnel {
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared::default());
         let window = credit.then(|| Arc::new(Semaphore::new(WINDOW)));
-        let queued = Arc::new(AtomicU64::new(0));
         self.streams
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(
                 id,
                 Stream {
-                    tx,
+                    shared: shared.clone(),
                     window: window.clone(),
-                    queued: queued.clone(),
                 },
             );
         let me = self.clone();
@@ -353,34 +410,43 @@ impl Tunnel {
             };
             let inbound = async {
                 let mut consumed = 0usize;
-                while let Some(chunk) = rx.recv().await {
-                    match chunk {
-                        Chunk::Data(d) => {
-                            if w.write_all(&d).await.is_err() {
+                loop {
+                    let (data, end) = {
+                        let mut inbox = shared.lock();
+                        inbox.writing = inbox.data.len();
+                        (inbox.data.split().freeze(), inbox.end)
+                    };
+                    if data.is_empty() && end.is_none() {
+                        shared.ready.notified().await;
+                        continue;
+                    }
+                    if !data.is_empty() {
+                        if w.write_all(&data).await.is_err() {
+                            return false;
+                        }
+                        shared.lock().writing = 0;
+                        consumed += data.len();
+                        if credit && consumed >= GRANT {
+                            let grant = Bytes::copy_from_slice(&(consumed as u64).to_be_bytes());
+                            consumed = 0;
+                            if sender
+                                .send(TUNNEL_LANE, encode(Op::Credit, id, grant))
+                                .is_err()
+                            {
                                 return false;
                             }
-                            queued.fetch_sub(d.len() as u64, Ordering::Relaxed);
-                            consumed += d.len();
-                            if credit && consumed >= GRANT {
-                                let grant =
-                                    Bytes::copy_from_slice(&(consumed as u64).to_be_bytes());
-                                consumed = 0;
-                                if sender
-                                    .send(TUNNEL_LANE, encode(Op::Credit, id, grant))
-                                    .is_err()
-                                {
-                                    return false;
-                                }
-                            }
                         }
-                        Chunk::Eof => {
+                    }
+                    match end {
+                        // The data taken with the end was all there was.
+                        Some(End::Eof) => {
                             let _ = w.shutdown().await;
                             return true;
                         }
-                        Chunk::Reset => return false,
+                        Some(End::Reset) => return false,
+                        None => {}
                     }
                 }
-                false
             };
             tokio::pin!(outbound, inbound);
             // Either direction failing ends the stream; a clean end of one

@@ -305,3 +305,23 @@ async fn a_tunnel_opens_at_most_max_streams() {
     assert!(e.to_string().contains("close some"), "{e}");
     drop(held);
 }
+
+/// An empty data message counts no bytes against any limit, yet a reader
+/// that stalls would keep every one: the hub cuts off the agent at the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_sends_empty_data_is_cut_off() {
+    let (agent, hub) = link().await;
+    let (agent, mut opened) = hostile(agent).await;
+    let mut hub = hub_side(hub).await;
+    let _browser = hub.tunnel.open().unwrap();
+    let id = opened.recv().await.unwrap();
+    for _ in 0..1000 {
+        let empty = tunnel::encode(Op::Data, id, Bytes::new());
+        if agent.send(tunnel::TUNNEL_LANE, empty).is_err() {
+            break;
+        }
+    }
+    let why = violation(&mut hub).await;
+    assert!(why.contains("empty"), "{why}");
+    assert_eq!(hub.tunnel.open_streams(), 0);
+}
