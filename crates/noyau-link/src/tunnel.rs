@@ -33,7 +33,7 @@
 //! sets as its links' `LinkConfig::max_frame`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -175,6 +175,8 @@ pub struct Tunnel {
     sender: LinkSender,
     streams: Mutex<HashMap<u64, Stream>>,
     next_id: AtomicU64,
+    /// Every stream was reset (the link is closing): open no more.
+    closed: AtomicBool,
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -191,6 +193,7 @@ impl Tunnel {
             sender,
             streams: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -206,18 +209,50 @@ impl Tunnel {
     /// what is written to the returned end reaches the server, what the
     /// server answers is read from it.
     pub fn open(self: &Arc<Self>) -> Result<DuplexStream, LinkError> {
-        let open = self.open_streams();
-        if open >= MAX_STREAMS {
-            return Err(LinkError::TooManyStreams(open));
-        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (shared, window) = {
+            // Counted and taken in one step, so that concurrent opens do
+            // not pass MAX_STREAMS together.
+            let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+            if self.closed.load(Ordering::Relaxed) {
+                return Err(LinkError::Closed(crate::CloseReason::LocalClose));
+            }
+            if streams.len() >= MAX_STREAMS {
+                return Err(LinkError::TooManyStreams(streams.len()));
+            }
+            Self::register(&mut streams, id, true)
+        };
+        let open = encode(Op::Open, id, Bytes::from_static(CREDIT));
+        if let Err(e) = self.sender.send(TUNNEL_LANE, open) {
+            self.forget(id);
+            return Err(e);
+        }
         let (ours, theirs) = tokio::io::duplex(CHUNK);
-        self.sender.send(
-            TUNNEL_LANE,
-            encode(Op::Open, id, Bytes::from_static(CREDIT)),
-        )?;
-        self.attach(id, theirs, true);
+        self.pump(id, theirs, shared, window);
         Ok(ours)
+    }
+
+    /// Makes stream `id` reachable by `deliver`.
+    fn register(
+        streams: &mut HashMap<u64, Stream>,
+        id: u64,
+        credit: bool,
+    ) -> (Arc<Shared>, Option<Arc<Semaphore>>) {
+        let shared = Arc::new(Shared::default());
+        let window = credit.then(|| Arc::new(Semaphore::new(WINDOW)));
+        let stream = Stream {
+            shared: shared.clone(),
+            window: window.clone(),
+        };
+        streams.insert(id, stream);
+        (shared, window)
+    }
+
+    fn forget(&self, id: u64) {
+        self.streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
     }
 
     /// Takes one message from the link. Returns a stream the peer opened
@@ -330,9 +365,13 @@ impl Tunnel {
 
     /// Ends every stream at once (the link is being closed): their readers
     /// see a reset, their writers' waits for credit end, and what was
-    /// queued for them is dropped with them.
+    /// queued for them is dropped with them. The tunnel opens no more.
     pub fn reset_all(&self) {
-        let streams = std::mem::take(&mut *self.streams.lock().unwrap_or_else(|e| e.into_inner()));
+        let streams = {
+            let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+            self.closed.store(true, Ordering::Relaxed);
+            std::mem::take(&mut *streams)
+        };
         for (id, s) in streams {
             s.shared.reset();
             if let Some(w) = &s.window {
@@ -361,18 +400,25 @@ impl Tunnel {
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
-        let shared = Arc::new(Shared::default());
-        let window = credit.then(|| Arc::new(Semaphore::new(WINDOW)));
-        self.streams
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                id,
-                Stream {
-                    shared: shared.clone(),
-                    window: window.clone(),
-                },
-            );
+        let (shared, window) = Self::register(
+            &mut self.streams.lock().unwrap_or_else(|e| e.into_inner()),
+            id,
+            credit,
+        );
+        self.pump(id, io, shared, window);
+    }
+
+    /// Runs stream `id`'s two directions between the link and `io`.
+    fn pump<S>(
+        self: &Arc<Self>,
+        id: u64,
+        io: S,
+        shared: Arc<Shared>,
+        window: Option<Arc<Semaphore>>,
+    ) where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let credit = window.is_some();
         let me = self.clone();
         tokio::spawn(async move {
             let (mut r, mut w) = tokio::io::split(io);
@@ -458,10 +504,7 @@ impl Tunnel {
             if !ok {
                 me.reset(id);
             }
-            me.streams
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
+            me.forget(id);
         });
     }
 }

@@ -253,6 +253,8 @@ async fn an_agent_that_ignores_the_window_is_cut_off() {
     assert!(why.contains("window"), "{why}");
     assert_eq!(hub.tunnel.queued_bytes(), 0);
     assert_eq!(hub.tunnel.open_streams(), 0);
+    // A request arriving before the hub forgets the agent opens nothing.
+    assert!(matches!(hub.tunnel.open(), Err(LinkError::Closed(_))));
     // The browser's request ends (a reset) instead of waiting for more.
     let mut got = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(30), browser.read_to_end(&mut got))
