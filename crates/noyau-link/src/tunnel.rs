@@ -313,18 +313,21 @@ impl Tunnel {
             return Delivered::Handled;
         };
         let mut inbox = s.shared.lock();
-        match end {
-            // A stream ends once: what comes after is dropped (a reset
-            // after an end of data is honest, the writer may still fail).
-            _ if inbox.end.is_some() => return Delivered::Handled,
-            Some(end) => {
+        match (inbox.end, end) {
+            // After its end a stream takes nothing but one reset (its
+            // writer may fail after the end of its data, and our sender
+            // may be waiting for its credit): the rest is dropped.
+            (Some(End::Reset), _) | (Some(End::Eof), None | Some(End::Eof)) => {
+                return Delivered::Handled
+            }
+            (_, Some(end)) => {
                 inbox.end = Some(end);
                 if let (End::Reset, Some(w)) = (end, &s.window) {
                     // The sender may be waiting for credit that will never come.
                     w.close();
                 }
             }
-            None => {
+            (None, None) => {
                 inbox.data.extend_from_slice(&payload);
                 let queued = (inbox.data.len() + inbox.writing) as u64;
                 drop(inbox);

@@ -327,3 +327,29 @@ async fn an_agent_that_sends_empty_data_is_cut_off() {
     assert!(why.contains("empty"), "{why}");
     assert_eq!(hub.tunnel.open_streams(), 0);
 }
+
+/// The agent's server ends its answer, then goes (a write to it fails): the
+/// agent resets the stream after its end of data, and the hub's writer,
+/// waiting for credit that will never come, stops instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_after_the_end_of_data_stops_the_writer() {
+    let (tunnel, _agent) = tunnels(|mut s| {
+        tokio::spawn(async move {
+            s.shutdown().await.unwrap();
+            drop(s);
+        });
+    })
+    .await;
+    let mut s = tunnel.open().unwrap();
+    let chunk = vec![1u8; 64 * 1024];
+    let write = async {
+        for _ in 0..4 * WINDOW / chunk.len() {
+            if s.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), write)
+        .await
+        .expect("the writer waits for credit forever");
+}
