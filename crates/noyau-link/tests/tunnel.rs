@@ -88,11 +88,15 @@ async fn hub_side(mut hub: Link) -> Hub {
     }
 }
 
-/// A link: (agent, hub).
+/// A link: (agent, hub), with frames no bigger than the hub's links take.
 async fn link() -> (Link, Link) {
-    let mut l = listener(LinkConfig::default()).await;
+    let cfg = LinkConfig {
+        max_frame: tunnel::MAX_FRAME,
+        ..LinkConfig::default()
+    };
+    let mut l = listener(cfg).await;
     let a = l.local_addr();
-    pair(&mut l, a, LinkConfig::default()).await
+    pair(&mut l, a, cfg).await
 }
 
 /// A hub tunnel and an agent tunnel over a real link, the agent's streams
