@@ -357,3 +357,16 @@ async fn a_reset_after_the_end_of_data_stops_the_writer() {
         .await
         .expect("the writer waits for credit forever");
 }
+
+/// A notice is a small JSON object: a bigger one is not even parsed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notice_over_max_notice_is_malformed() {
+    let (_agent, hub) = link().await;
+    let t = Tunnel::new(hub.sender());
+    let notice = |n: usize| {
+        let v = serde_json::json!({ "ended": "x".repeat(n) }).to_string();
+        t.deliver(&tunnel::encode(Op::Notice, 0, Bytes::from(v)))
+    };
+    assert!(matches!(notice(100), Delivered::Notice(_)));
+    assert!(matches!(notice(tunnel::MAX_NOTICE), Delivered::Malformed));
+}
