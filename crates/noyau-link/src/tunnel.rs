@@ -51,8 +51,9 @@ pub const NOTICE_LANE: Lane = Lane::Control;
 const CHUNK: usize = 64 * 1024;
 /// Bytes a stream may have in flight (sent and not yet consumed).
 pub const WINDOW: usize = 1024 * 1024;
-/// Buffer room a stream keeps for what it receives, once written out.
-const KEEP: usize = 4 * CHUNK;
+/// Buffer room each of a stream's two receive buffers keeps once written
+/// out (at rest, 256 KiB a stream, 32 MiB for a tunnel's 128 streams).
+const KEEP: usize = 2 * CHUNK;
 /// Credit is granted back once this much has been consumed.
 const GRANT: usize = WINDOW / 4;
 /// The `Open` payload that asks for flow control.
