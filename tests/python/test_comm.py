@@ -475,6 +475,9 @@ def test_slurm_comm_and_noyau_extend_raise_the_time_limit_of_an_operator(slurm: 
         assert slurm_limit(unlimited) == "UNLIMITED"
     finally:
         subprocess.run(["scancel", unlimited], check=True, timeout=30)
+        # scancel only asks: the job stays listed (COMPLETING) a moment, and
+        # the fixture refuses a test that leaves one behind.
+        lib.wait_until(lambda: not lib.squeue_noyau(), 60, "the unlimited job to leave the queue", interval=0.5)
 
 
 def test_two_slurm_extends_of_one_job_at_once_both_count(slurm: None) -> None:
