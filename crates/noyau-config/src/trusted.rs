@@ -140,7 +140,12 @@ impl TrustedProjects {
         let secure = || {
             secure_dir(dir)?;
             secure_file(&dir.join(crate::PROJECT_FILE))?;
-            file.map_or(Ok(()), secure_file)
+            // Every directory down to the file too (`deps/r.lock`,
+            // `envs/gpu.toml`): one others could write in could hold theirs.
+            file.map_or(Ok(()), |f| {
+                f.parent().map_or(Ok(()), secure_dir)?;
+                secure_file(f)
+            })
         };
         for e in self.0.iter().filter(|e| e.names(&real)) {
             match (e.from, e.wildcard) {

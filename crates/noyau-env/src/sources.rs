@@ -380,11 +380,14 @@ fn read_lock_file(merged: &mut Map<String, Value>, s: &Source) -> Result<PathBuf
 /// The project directory of a source the user does not trust, if it is
 /// one, with why the entries that name it do not trust it
 /// ([`noyau_config::CodeTrust::note`]); for the code in `file`, a file
-/// of the project's, when given.
+/// of the project's, when given, else in the file `s` was read from
+/// ([`Source::file`]: under a wildcard, a settings file others could
+/// have written is no more trusted than such a lock file).
 fn untrusted_dir<'a>(
     s: &'a Source,
     file: Option<&Path>,
 ) -> Result<Option<(&'a Path, String)>, EnvError> {
+    let file = file.or(s.file.as_deref());
     match &s.author {
         Author::User => Ok(None),
         Author::Project(dir) => Ok(match trust(dir, file)? {

@@ -83,4 +83,20 @@ fn a_lock_file_others_could_write_is_not_trusted_under_a_wildcard() {
     chmod(&lock, 0o644);
     let spec = for_notebook(&dir, None, None, &dir).unwrap().unwrap();
     assert!(!spec.wheels_only, "the user's own closed lock is trusted");
+    // A closed lock in a subdirectory the group may write in: its
+    // directory is checked too (the group could have put it there).
+    let deps = dir.join("deps");
+    std::fs::create_dir(&deps).unwrap();
+    chmod(&deps, 0o775);
+    std::fs::rename(&lock, deps.join("r.lock")).unwrap();
+    std::fs::write(
+        &project,
+        "[environment]\nkind = \"python\"\nlock_file = \"deps/r.lock\"\n",
+    )
+    .unwrap();
+    let spec = for_notebook(&dir, None, None, &dir).unwrap().unwrap();
+    assert!(spec.wheels_only, "a lock in a group-writable directory");
+    chmod(&deps, 0o755);
+    let spec = for_notebook(&dir, None, None, &dir).unwrap().unwrap();
+    assert!(!spec.wheels_only, "a closed lock in a closed directory");
 }
