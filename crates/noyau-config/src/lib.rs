@@ -584,11 +584,17 @@ pub fn trusts_project(dir: &Path) -> Result<CodeTrust, ConfigError> {
 }
 
 /// [`trusts_project`], for the code in `file`, a file of the project's
-/// that noyau reads (its `lock_file`): under a wildcard entry, the file
-/// must be one no one but the user or root could have written
-/// ([`TrustedProjects::code_with`]).
-pub fn trusts_project_file(dir: &Path, file: &Path) -> Result<CodeTrust, ConfigError> {
-    Ok(site_trusted(&site_paths())?.code_with(dir, Some(file)))
+/// that noyau reads (its `lock_file`, a settings file a notebook names),
+/// decided on what was read: under a wildcard entry, the file read here
+/// must be one no one but the user or root could have written, and its
+/// text comes with the trust (`Some`); else read it with
+/// [`project_text`] ([`TrustedProjects::code_read`]).
+pub fn trusts_project_file(
+    dir: &Path,
+    file: &Path,
+    limit: u64,
+) -> Result<(CodeTrust, Option<Option<String>>), ConfigError> {
+    Ok(site_trusted(&site_paths())?.code_read(dir, file, limit))
 }
 
 /// The text of the project file in `dir` (`dir/noyau.toml`), if there is

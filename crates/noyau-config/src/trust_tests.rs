@@ -636,7 +636,11 @@ fn a_users_wildcard_trusts_only_files_no_one_else_could_write() {
     chmod(&lock, 0o644);
     let trusted = || Config::load_from(&site).unwrap().trusted_projects;
     assert_eq!(code_refusal(&site, &project), None, "mine, closed");
-    assert!(trusted().code_with(&dir, Some(&lock)).is_trusted());
+    // The trust is decided on what was read, and that text is the one
+    // used (not a second read, which a swap in between could change).
+    let (trust, text) = trusted().code_read(&dir, &lock, 1 << 20);
+    assert!(trust.is_trusted());
+    assert_eq!(text, Some(Some("six==1.16.0\n".to_string())));
     // A group-writable noyau.toml: its profiles' code, and the project's.
     chmod(&project, 0o664);
     let e = code_refusal(&site, &project).expect("group-writable noyau.toml: refused");
@@ -667,7 +671,8 @@ fn a_users_wildcard_trusts_only_files_no_one_else_could_write() {
     write(&project, CODE);
     chmod(&project, 0o644);
     chmod(&lock, 0o666);
-    let trust = trusted().code_with(&dir, Some(&lock));
+    let (trust, text) = trusted().code_read(&dir, &lock, 1 << 20);
+    assert_eq!(text, None, "read again as any project file, untrusted");
     assert!(
         !trust.is_trusted()
             && trust.note().contains(&format!(
@@ -681,7 +686,7 @@ fn a_users_wildcard_trusts_only_files_no_one_else_could_write() {
     chmod(&project, 0o666);
     setup(d.path(), &[dir.display().to_string()]);
     assert_eq!(code_refusal(&site, &project), None, "exact entry");
-    assert!(trusted().code_with(&dir, Some(&lock)).is_trusted());
+    assert!(trusted().code_read(&dir, &lock, 1 << 20).0.is_trusted());
 }
 
 /// A directory another user made under the user's wildcard (theirs, so

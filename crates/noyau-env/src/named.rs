@@ -23,23 +23,36 @@
 
 use std::path::{Path, PathBuf};
 
+use noyau_config::CodeTrust;
+
 use crate::sources::Author;
 use crate::EnvError;
 
 /// The text of the file at `path` (absolute) that `what` names for
-/// `author`, None when there is none. `user` reads a file of the user's
-/// own source (the `--env` file's reader, or the lock's).
+/// `author`, None when there is none, and whether the code it names is
+/// trusted, decided on the text read ([`noyau_config::trusts_project_file`]:
+/// under a wildcard, what a strict read of the file gave; else the file is
+/// read as any project file, its code trusted as its directory's). `user`
+/// reads a file of the user's own source (the `--env` file's reader, or
+/// the lock's).
 pub(crate) fn read(
     path: &Path,
     author: &Author,
     what: &str,
     limit: u64,
     user: fn(&Path, u64) -> Result<Option<String>, noyau_config::ConfigError>,
-) -> Result<Option<String>, EnvError> {
+) -> Result<Option<(String, CodeTrust)>, EnvError> {
     match author {
-        Author::User => Ok(user(path, limit)?),
+        Author::User => Ok(user(path, limit)?.map(|t| (t, CodeTrust::Trusted))),
         Author::Project(dir) => match inside(path, dir, what)? {
-            Some(real) => Ok(noyau_config::project_text(&real, limit)?),
+            Some(real) => {
+                let (trust, strict) = noyau_config::trusts_project_file(dir, path, limit)?;
+                let text = match strict {
+                    Some(text) => text,
+                    None => noyau_config::project_text(&real, limit)?,
+                };
+                Ok(text.map(|t| (t, trust)))
+            }
             None => Ok(None),
         },
     }

@@ -44,8 +44,10 @@ pub struct Source {
     pub author: Author,
     /// The file the table was read from, if one was (`--env FILE`): a
     /// refusal then names its keys, not their values, which may be a
-    /// file's the notebook had noyau read ([`crate::named`]).
-    pub file: Option<PathBuf>,
+    /// file's the notebook had noyau read ([`crate::named`]). With
+    /// whether its code is trusted, decided on what was read: every key
+    /// of the source is trusted as that file.
+    pub file: Option<(PathBuf, noyau_config::CodeTrust)>,
 }
 
 /// Who wrote a source, which decides whether it may name code that runs
@@ -180,7 +182,7 @@ fn from_spec(arg: &str, cwd: &Path, author: Author) -> Result<Source, EnvError> 
     }
     let path = absolute(cwd, Path::new(t));
     let what = format!("--env {t:?}");
-    let text = crate::named::read(
+    let (text, trust) = crate::named::read(
         &path,
         &author,
         &what,
@@ -212,7 +214,7 @@ fn from_spec(arg: &str, cwd: &Path, author: Author) -> Result<Source, EnvError> 
         table,
         base,
         author,
-        file: Some(path),
+        file: Some((path, trust)),
     })
 }
 
@@ -312,7 +314,7 @@ pub fn merge(sources: &[Source], notebook_dir: &Path) -> Result<Option<EnvSpec>,
     merged
         .entry("notebook_dir")
         .or_insert_with(|| Value::String(notebook_dir.display().to_string()));
-    let lock_file = match from.get("lock_file") {
+    let lock_trust = match from.get("lock_file") {
         Some(s) => Some(read_lock_file(&mut merged, s)?),
         None => None,
     };
@@ -325,17 +327,24 @@ pub fn merge(sources: &[Source], notebook_dir: &Path) -> Result<Option<EnvSpec>,
         })?;
     // A lock_file is checked once read, as a lock (its lines by number:
     // the file may not be the project's own).
-    // (Its trust is the file's: under a wildcard entry, a lock file others
-    // could have written is not trusted, [`noyau_config::trusts_project_file`].)
-    let lock_file = lock_file.as_deref();
+    // (Its trust is the file's, decided on what was read: under a wildcard
+    // entry, a lock file others could have written is not trusted,
+    // [`noyau_config::trusts_project_file`].)
+    let lock_trust = lock_trust.as_ref();
     if let (Some(s), Some(lock)) = (from.get("lock_file"), &spec.lock) {
         if let Some(why) = crate::trust::lock_names_code(lock, crate::trust::Show::LineNumbers) {
-            refuse_untrusted(s, lock_file, "lock_file", why, crate::trust::Risk::RunsCode)?;
+            refuse_untrusted(
+                s,
+                lock_trust,
+                "lock_file",
+                why,
+                crate::trust::Risk::RunsCode,
+            )?;
         }
     }
     for k in ["requirements", "lock", "lock_file"] {
         if let Some(s) = from.get(k) {
-            let file = if k == "lock_file" { lock_file } else { None };
+            let file = if k == "lock_file" { lock_trust } else { None };
             spec.wheels_only |= untrusted_dir(s, file)?.is_some();
         }
     }
@@ -351,8 +360,12 @@ fn show(s: &Source) -> crate::trust::Show {
 }
 
 /// Replaces `lock_file` in `merged` (set by `s`) with the `lock` it
-/// holds, read as `s`'s author may name it ([`crate::named`]).
-fn read_lock_file(merged: &mut Map<String, Value>, s: &Source) -> Result<PathBuf, EnvError> {
+/// holds, read as `s`'s author may name it ([`crate::named`]); whether
+/// its code is trusted, decided on what was read.
+fn read_lock_file(
+    merged: &mut Map<String, Value>,
+    s: &Source,
+) -> Result<noyau_config::CodeTrust, EnvError> {
     let Some(Value::String(f)) = merged.remove("lock_file") else {
         return Err(EnvError::Invalid("`lock_file` is a path".into()));
     };
@@ -364,7 +377,7 @@ fn read_lock_file(merged: &mut Map<String, Value>, s: &Source) -> Result<PathBuf
     }
     let path = PathBuf::from(&f);
     let what = format!("lock_file in {}", s.what);
-    let text = crate::named::read(
+    let (text, trust) = crate::named::read(
         &path,
         &s.author,
         &what,
@@ -374,44 +387,39 @@ fn read_lock_file(merged: &mut Map<String, Value>, s: &Source) -> Result<PathBuf
     )?
     .ok_or_else(|| EnvError::Invalid(format!("cannot read {what} ({f}): it does not exist")))?;
     merged.insert("lock".into(), Value::String(text));
-    Ok(path)
+    Ok(trust)
 }
 
 /// The project directory of a source the user does not trust, if it is
 /// one, with why the entries that name it do not trust it
-/// ([`noyau_config::CodeTrust::note`]); for the code in `file`, a file
-/// of the project's, when given, else in the file `s` was read from
-/// ([`Source::file`]: under a wildcard, a settings file others could
-/// have written is no more trusted than such a lock file).
+/// ([`noyau_config::CodeTrust::note`]); for the code in a file of the
+/// project's, `file` its trust when given (a lock file's), else that of
+/// the file `s` was read from ([`Source::file`]: under a wildcard, a
+/// settings file others could have written is no more trusted than such
+/// a lock file).
 fn untrusted_dir<'a>(
     s: &'a Source,
-    file: Option<&Path>,
+    file: Option<&noyau_config::CodeTrust>,
 ) -> Result<Option<(&'a Path, String)>, EnvError> {
-    let file = file.or(s.file.as_deref());
-    match &s.author {
-        Author::User => Ok(None),
-        Author::Project(dir) => Ok(match trust(dir, file)? {
-            noyau_config::CodeTrust::Trusted => None,
-            noyau_config::CodeTrust::Untrusted { note } => Some((dir.as_path(), note)),
-        }),
-    }
-}
-
-/// Whether the user trusts the code of the project in `dir` (in `file`,
-/// if given).
-fn trust(dir: &Path, file: Option<&Path>) -> Result<noyau_config::CodeTrust, EnvError> {
-    Ok(match file {
-        Some(f) => noyau_config::trusts_project_file(dir, f)?,
+    let Author::Project(dir) = &s.author else {
+        return Ok(None);
+    };
+    let trust = match file.or(s.file.as_ref().map(|(_, t)| t)) {
+        Some(t) => t.clone(),
         None => noyau_config::trusts_project(dir)?,
+    };
+    Ok(match trust {
+        noyau_config::CodeTrust::Trusted => None,
+        noyau_config::CodeTrust::Untrusted { note } => Some((dir.as_path(), note)),
     })
 }
 
 /// Refuses `key` of `s` (which names code or loosens the sandbox: `why`,
-/// `risk`) unless the user trusts `s` (and `file`, the file of `s`'s it
-/// was read from, if any).
+/// `risk`) unless the user trusts `s` (and `file`, the trust of the file
+/// of `s`'s it was read from, if any).
 fn refuse_untrusted(
     s: &Source,
-    file: Option<&Path>,
+    file: Option<&noyau_config::CodeTrust>,
     key: &str,
     why: String,
     risk: crate::trust::Risk,
