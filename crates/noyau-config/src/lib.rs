@@ -108,6 +108,16 @@ pub enum ConfigError {
         problem: noyau_trust::Problem,
         fix: String,
     },
+    /// A project's file that is a link leading out of its directory
+    /// (read whoever wrote it, under `trusted_projects`): what it leads to
+    /// may be a file of the user's that an error would show.
+    #[error(
+        "{} is a link that leads out of its directory ({}): noyau does not read a project's \
+         file from elsewhere; put the file itself in the directory",
+        path.display(),
+        dir.display()
+    )]
+    LinkOut { path: PathBuf, dir: PathBuf },
     /// A profile key of an untrusted project's file that makes noyau run
     /// what the file says ([`code_key`]).
     #[error(transparent)]
@@ -746,7 +756,9 @@ impl Config {
     fn add(&mut self, path: &Path, text: &str, role: Role<'_>) -> Result<(), ConfigError> {
         let file: File = toml::from_str(text).map_err(|e| ConfigError::File {
             path: path.into(),
-            message: explain(&e),
+            // A project's file may be anyone's, or a link to one of the
+            // user's (the banner would show its line): not quoted.
+            message: explain(&e, text, !matches!(role, Role::Project(_))),
         })?;
         let bad = |message: String| ConfigError::File {
             path: path.into(),
@@ -967,9 +979,19 @@ pub fn resolve_from(
     Ok((backend, profile))
 }
 
-/// toml's message with its position, plus the closest valid key for an unknown one.
-fn explain(e: &toml::de::Error) -> String {
-    let mut s = e.to_string().trim_end().to_string();
+/// toml's message with its position, plus the closest valid key for an
+/// unknown one; the offending line of `text` quoted only when `quote`
+/// (the site's or the user's own file), else its line and column.
+fn explain(e: &toml::de::Error, text: &str, quote: bool) -> String {
+    let mut s = if quote {
+        e.to_string().trim_end().to_string()
+    } else {
+        let at = e.span().map_or_else(String::new, |s| {
+            let (line, col) = line_col(text, s.start);
+            format!("TOML parse error at line {line}, column {col}: ")
+        });
+        format!("{at}{}", e.message().trim_end())
+    };
     let msg = e.message();
     if let Some(rest) = msg.strip_prefix("unknown field `") {
         if let Some(word) = rest.split('`').next() {
@@ -996,6 +1018,20 @@ fn explain(e: &toml::de::Error) -> String {
         }
     }
     s
+}
+
+/// The line and column (from 1, in characters) of byte `at` of `text`.
+fn line_col(text: &str, at: usize) -> (usize, usize) {
+    let mut at = at.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    let before = &text[..at];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (
+        before.matches('\n').count() + 1,
+        before[line_start..].chars().count() + 1,
+    )
 }
 
 #[cfg(test)]

@@ -124,7 +124,35 @@ fn a_symlinked_project_file_is_refused_unless_its_directory_is_trusted() {
     assert_refused(&e, &project, "is a symlink");
     assert!(e.contains("replace the link with a copy"), "{e}");
     let (user, _) = setup(d.path(), &[project.parent().unwrap().display().to_string()]);
+    // Trusted for reading, but a link out of the directory is not
+    // followed: it could lead to a file of the user's an error would show.
+    let e = load(&user, &project).unwrap_err();
+    assert!(
+        e.contains("is a link that leads out of its directory"),
+        "{e}"
+    );
+    std::fs::remove_file(&project).unwrap();
+    let inside = project.with_file_name("team.toml");
+    write(&inside, PROFILE);
+    std::os::unix::fs::symlink("team.toml", &project).unwrap();
     assert_eq!(load(&user, &project).unwrap().names(), ["p"]);
+}
+
+/// A project's file that does not parse (read whoever wrote it, under a
+/// site's wildcard: perhaps a link to a file of the user's) is reported
+/// by line and column, its text not quoted; the user's own file is.
+#[test]
+fn a_project_files_text_is_not_quoted_in_a_parse_error() {
+    let d = tempfile::tempdir().unwrap();
+    let project = d.path().join("proj/noyau.toml");
+    let (user, _) = setup(d.path(), &[project.parent().unwrap().display().to_string()]);
+    write(&project, "[profiles.p]\nhttps://me:s3cret@example.org\n");
+    let e = load(&user, &project).unwrap_err();
+    assert!(!e.contains("s3cret"), "{e}");
+    assert!(e.contains("at line 2, column"), "{e}");
+    write(&user, "https://me:mine@example.org\n");
+    let e = load(&user, &project).unwrap_err();
+    assert!(e.contains("me:mine@example.org"), "the user's own: {e}");
 }
 
 #[test]
