@@ -99,6 +99,21 @@ pub enum EnvError {
         /// The project's directory, resolved.
         dir: std::path::PathBuf,
     },
+    /// A file a notebook, a cell or a project names, when its directory
+    /// is `/`, the user's home or above it: every file of theirs is in it.
+    #[error(
+        "{what}: the notebook's or project's directory is {}, which holds all your files: a \
+         notebook there may not name files for noyau to read. To use it, move the notebook \
+         into a directory of its own (with the files it names); or, if the file is yours and \
+         you meant it, give it yourself: `noyau run --env FILE`, or NOYAU_ENV in your \
+         kernelspec", dir.display()
+    )]
+    ProjectTooBroad {
+        /// The source and key (`%noyau env file`, `lock_file in …`).
+        what: String,
+        /// The directory, resolved.
+        dir: std::path::PathBuf,
+    },
     /// A data file whose bytes are not the ones declared; nothing was kept.
     #[error(
         "{url}: its sha256 is {}, not the expected {expected}; the file was not kept (check the \

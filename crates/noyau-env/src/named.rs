@@ -61,28 +61,51 @@ pub(crate) fn read(
 /// `path` resolved, if it is in `dir` (resolved too); None when it does
 /// not exist but its directory is in `dir`; else a refusal.
 fn inside(path: &Path, dir: &Path, what: &str) -> Result<Option<PathBuf>, EnvError> {
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    inside_home(path, dir, what, home.as_deref())
+}
+
+/// [`inside`], `home` the user's home directory. A project directory
+/// that is `/`, `home` or above it holds every file of the user's: a
+/// notebook there (downloaded into `~`, a console started in `~`) may
+/// name none.
+fn inside_home(
+    path: &Path,
+    dir: &Path,
+    what: &str,
+    home: Option<&Path>,
+) -> Result<Option<PathBuf>, EnvError> {
     let real_dir = std::fs::canonicalize(dir)
         .map_err(|e| EnvError::io(format!("resolving {}", dir.display()), e))?;
-    let outside = |why: String| EnvError::OutsideProject {
+    let home = home.and_then(|h| std::fs::canonicalize(h).ok());
+    if real_dir == Path::new("/") || home.is_some_and(|h| h.starts_with(&real_dir)) {
+        return Err(EnvError::ProjectTooBroad {
+            what: what.into(),
+            dir: real_dir,
+        });
+    }
+    // One answer for every file outside, missing or not, linked or not,
+    // and never where it leads: else a notebook could learn whether a
+    // file of the user's exists, or where a link of theirs points.
+    let outside = || EnvError::OutsideProject {
         what: what.into(),
         path: path.into(),
-        why,
+        why: "is not in it".into(),
         dir: real_dir.clone(),
     };
     match std::fs::canonicalize(path) {
         Ok(real) if real.starts_with(&real_dir) => Ok(Some(real)),
-        Ok(real) if real == path => Err(outside("is not in it".into())),
-        Ok(real) => Err(outside(format!("leads out of it (to {})", real.display()))),
+        Ok(_) => Err(outside()),
         // A missing file is said to be missing only where the project may
-        // name one: elsewhere that would tell whether a file exists.
+        // name one.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let parent = path.parent().and_then(|p| std::fs::canonicalize(p).ok());
             match parent {
                 Some(p) if p.starts_with(&real_dir) => Ok(None),
-                _ => Err(outside("is not in it".into())),
+                _ => Err(outside()),
             }
         }
-        Err(e) => Err(EnvError::io(format!("resolving {}", path.display()), e)),
+        Err(_) => Err(outside()),
     }
 }
 
@@ -123,4 +146,55 @@ fn line_col(text: &str, at: usize) -> (usize, usize) {
         before.matches('\n').count() + 1,
         before[line_start..].chars().count() + 1,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A notebook in `/`, in the home directory or above it may not name
+    /// a file for noyau to read: every file of the user's is "in" it.
+    #[test]
+    fn a_notebook_in_the_home_directory_or_above_names_no_file() {
+        let d = tempfile::tempdir().unwrap();
+        let home = d.path().join("home/me");
+        std::fs::create_dir_all(home.join("proj")).unwrap();
+        std::fs::write(home.join(".netrc"), "machine x password p\n").unwrap();
+        std::fs::write(home.join("proj/env.toml"), "").unwrap();
+        for dir in [home.clone(), d.path().join("home"), PathBuf::from("/")] {
+            let e = inside_home(&home.join(".netrc"), &dir, "lock_file", Some(&home)).unwrap_err();
+            assert!(matches!(e, EnvError::ProjectTooBroad { .. }), "{e}");
+            let e = e.to_string();
+            assert!(
+                e.contains("move the notebook into a directory of its own")
+                    && e.contains("--env FILE"),
+                "{e}"
+            );
+        }
+        let proj = home.join("proj");
+        let ok = inside_home(&proj.join("env.toml"), &proj, "lock_file", Some(&home)).unwrap();
+        assert!(ok.is_some());
+    }
+
+    /// Every file outside gets one answer: whether it exists, and where a
+    /// link leads, is not told.
+    #[test]
+    fn every_file_outside_gets_one_answer() {
+        let d = tempfile::tempdir().unwrap();
+        let proj = d.path().join("proj");
+        std::fs::create_dir(&proj).unwrap();
+        let secret = d.path().join("secret");
+        std::fs::write(&secret, "x").unwrap();
+        std::os::unix::fs::symlink(&secret, proj.join("link")).unwrap();
+        let said = |p: &Path| {
+            inside_home(p, &proj, "lock_file", None)
+                .unwrap_err()
+                .to_string()
+                .replace(&p.display().to_string(), "PATH")
+        };
+        let existing = said(&secret);
+        assert_eq!(existing, said(&d.path().join("missing")));
+        assert_eq!(existing, said(&proj.join("link")));
+        assert!(!said(&proj.join("link")).contains(&secret.display().to_string()));
+    }
 }
