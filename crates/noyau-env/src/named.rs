@@ -58,6 +58,17 @@ pub(crate) fn read(
     }
 }
 
+/// Refuses `path` (absolute), a file `what` names for `author` that noyau
+/// uses but does not read as text (a local image, which it hashes: the
+/// sha256 of any file of the user's would be shown and recorded), unless
+/// the user named it or it is in the project's directory ([`inside`]).
+pub(crate) fn check(path: &Path, author: &Author, what: &str) -> Result<(), EnvError> {
+    match author {
+        Author::User => Ok(()),
+        Author::Project(dir) => inside(path, dir, what).map(drop),
+    }
+}
+
 /// `path` resolved, if it is in `dir` (resolved too); None when it does
 /// not exist but its directory is in `dir`; else a refusal.
 fn inside(path: &Path, dir: &Path, what: &str) -> Result<Option<PathBuf>, EnvError> {

@@ -311,6 +311,12 @@ pub fn merge(sources: &[Source], notebook_dir: &Path) -> Result<Option<EnvSpec>,
             refuse_untrusted(from[k], None, k, why.into(), crate::trust::Risk::Loosens)?;
         }
     }
+    if let Some(Value::String(image)) = merged.get("image") {
+        if !image.contains("://") {
+            let s = from["image"];
+            crate::named::check(Path::new(image), &s.author, &format!("image in {}", s.what))?;
+        }
+    }
     merged
         .entry("notebook_dir")
         .or_insert_with(|| Value::String(notebook_dir.display().to_string()));
@@ -1086,6 +1092,37 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("may not set isolation"), "{e}");
+    }
+
+    /// A notebook's local image must be in its directory: noyau hashes it
+    /// and records (and shows) the sha256 of whatever file it names.
+    #[test]
+    fn a_notebooks_image_must_be_in_its_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("nb");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(d.path().join(".pgpass"), "x").unwrap();
+        std::fs::write(dir.join("img.sif"), "x").unwrap();
+        let source = |image: &str| Source {
+            what: "the notebook's metadata".into(),
+            table: serde_json::from_value(json!({"kind": "apptainer", "image": image})).unwrap(),
+            base: dir.clone(),
+            author: Author::Project(dir.clone()),
+            file: None,
+        };
+        let e = merge(&[source("../.pgpass")], &dir).unwrap_err();
+        assert!(matches!(e, EnvError::OutsideProject { .. }), "{e}");
+        let spec = merge(&[source("img.sif")], &dir).unwrap().unwrap();
+        assert_eq!(
+            spec.image.as_deref(),
+            Some(dir.join("img.sif").to_str().unwrap())
+        );
+        // The user's own may be anywhere.
+        let mut mine = source("../.pgpass");
+        mine.author = Author::User;
+        assert!(merge(&[mine], &dir).is_ok());
+        // A URI is not a file.
+        assert!(merge(&[source("docker://x/y@sha256:00")], &dir).is_ok());
     }
 
     /// What the project's noyau.toml, the notebook's metadata and a cell
