@@ -565,6 +565,20 @@ def test_the_hub_on_a_unix_socket(tmp_path: Path, users) -> None:  # type: ignor
         assert curl(passed, "/hub/login")[0] != 200
         out, _ = p.communicate(timeout=30)
         assert p.returncode != 0 and "every local user can connect (mode 0666)" in out, out
+        passed.unlink()
+        # Two sockets: the hub serves one, and a second (not taken, so not
+        # made close-on-exec) would be inherited by the commands it runs as
+        # users.
+        listen_on(passed)
+        other = run / "other.sock"
+        p = subprocess.Popen(["systemd-socket-activate", "-l", str(passed), "-l", str(other), str(hub.noyau),
+                              "hub", "--config", str(hub.config)], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+        lib.wait_until(passed.exists, 30, "systemd-socket-activate's socket")
+        passed.chmod(0o660)
+        assert curl(passed, "/hub/login")[0] != 200
+        out, _ = p.communicate(timeout=30)
+        assert p.returncode != 0 and "systemd passed the hub 2 sockets" in out, out
     finally:
         if p.poll() is None:
             stop(p)

@@ -187,7 +187,13 @@ async fn from_hub(tunnel: &Arc<Tunnel>, frames: &[bytes::Bytes], sock: &Path, to
                 let _ = tunnel.notice(&serde_json::json!({"next_token_ack": true}));
             }
         }
-        _ => {}
+        // The hub is trusted: a hub this agent's tunnel finds at fault is
+        // a bug to report, not a peer to cut off.
+        Delivered::Violation(why) => {
+            tracing::warn!("the hub broke the tunnel's limits ({why}): its streams were reset");
+        }
+        Delivered::Malformed => tracing::warn!("the hub sent a malformed tunnel message"),
+        Delivered::Handled => {}
     }
 }
 

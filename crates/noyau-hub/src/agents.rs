@@ -16,8 +16,9 @@
 //! The agent runs in the user's job, so whoever holds the job's token can
 //! run an agent of their own making: the hub holds it to the tunnel's
 //! limits (flow control on every stream, frames of at most
-//! [`tunnel::MAX_FRAME`], a bounded backlog), closes its link when it breaks
-//! them, and bounds what it stores of its notices.
+//! [`tunnel::MAX_FRAME`], notices of at most [`tunnel::MAX_NOTICE`], a
+//! bounded backlog), closes its link when it breaks them, acts on each
+//! kind of notice once per link, and bounds what it stores of them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -214,10 +215,11 @@ async fn serve(hub: Arc<Hub>, mut link: Link) {
         },
     );
     hub.db.audit(&owner, "running", &session);
+    let mut seen = Seen::default();
     while let Some(m) = link.recv().await {
         match m {
             Incoming::Message(_, frames) => match tunnel.deliver(&frames) {
-                Delivered::Notice(v) => notice(&hub, &session, fresh, &v),
+                Delivered::Notice(v) => notice(&hub, &session, fresh, seen.news(&v)),
                 Delivered::Violation(why) => {
                     tracing::warn!(session, "closing the agent's link: {why}");
                     hub.db
@@ -249,9 +251,36 @@ async fn serve(hub: Arc<Hub>, mut link: Link) {
     tunnel.reset_all();
 }
 
+/// What an agent told the hub on this link so far. Each notice the hub
+/// acts on costs it a database write, and an agent has one thing to say of
+/// each kind per link: repeats are dropped, so that an agent cannot keep
+/// the hub busy writing (and its link's backlog full) with them.
+#[derive(Default)]
+struct Seen {
+    ended: bool,
+    acked: bool,
+}
+
+/// What a notice says that the hub has not heard on this link.
+#[derive(Debug, Default, PartialEq)]
+struct News<'a> {
+    ended: Option<&'a str>,
+    acked: bool,
+}
+
+impl Seen {
+    fn news<'a>(&mut self, v: &'a serde_json::Value) -> News<'a> {
+        let ended = v["ended"].as_str().filter(|_| !self.ended);
+        let acked = v["next_token_ack"] == true && !self.acked;
+        self.ended |= ended.is_some();
+        self.acked |= acked;
+        News { ended, acked }
+    }
+}
+
 /// What a connected agent tells the hub.
-fn notice(hub: &Hub, session: &str, fresh: i64, v: &serde_json::Value) {
-    if let Some(why) = v["ended"].as_str() {
+fn notice(hub: &Hub, session: &str, fresh: i64, news: News) {
+    if let Some(why) = news.ended {
         let _ = hub.db.update(
             session,
             &Update {
@@ -261,7 +290,7 @@ fn notice(hub: &Hub, session: &str, fresh: i64, v: &serde_json::Value) {
         );
     }
     // The agent holds its next token: the one it used is forgotten.
-    if v["next_token_ack"] == true {
+    if news.acked {
         if let Err(e) = hub.db.set_link_gens(session, fresh, None) {
             tracing::error!(session, "recording the agent's link token: {e:#}");
         }
@@ -325,6 +354,32 @@ mod tests {
         let h = serde_json::json!({"hello": "s2", "token": other, "credit": true});
         let e = read_hello(&hub, &h).unwrap_err();
         assert!(e.contains("not the one it dialled with"), "{e}");
+    }
+
+    /// An agent repeating its notices gets no more database writes.
+    #[test]
+    fn an_agent_is_heard_once_per_kind_of_notice() {
+        let mut seen = Seen::default();
+        let ended = serde_json::json!({"ended": "exited"});
+        let ack = serde_json::json!({"next_token_ack": true});
+        assert_eq!(
+            seen.news(&ack),
+            News {
+                ended: None,
+                acked: true
+            }
+        );
+        assert_eq!(
+            seen.news(&ended),
+            News {
+                ended: Some("exited"),
+                acked: false
+            }
+        );
+        for _ in 0..3 {
+            assert_eq!(seen.news(&ended), News::default());
+            assert_eq!(seen.news(&ack), News::default());
+        }
     }
 
     #[test]

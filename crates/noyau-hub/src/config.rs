@@ -294,6 +294,7 @@ impl HubConfig {
             .with_context(|| format!("{} is not a valid hub configuration", path.display()))?;
         cfg.validate()
             .with_context(|| format!("in {}", path.display()))?;
+        cfg.unix_peer_is_the_proxy();
         cfg.proxy_secret = cfg.read_proxy_secret(path)?;
         Ok(cfg)
     }
@@ -392,6 +393,18 @@ impl HubConfig {
                 .try_fold(builder, |b, (name, path)| b.command(name, path))?;
         }
         Ok(())
+    }
+
+    /// On a unix socket every request comes from the web server (only
+    /// `listen_group` connects) and shows as [`crate::listen::UNIX_PEER`]:
+    /// it is a proxy whether or not `proxy_addresses` says so. Else the
+    /// login throttle would key every client on that one address, and one
+    /// guesser would make all users wait.
+    fn unix_peer_is_the_proxy(&mut self) {
+        let peer = crate::listen::UNIX_PEER.ip();
+        if matches!(self.listen, Listen::Unix(_)) && !self.proxy_addresses.contains(&peer) {
+            self.proxy_addresses.push(peer);
+        }
     }
 
     fn validate(&self) -> anyhow::Result<()> {

@@ -128,8 +128,16 @@ impl Web {
         group: Option<&str>,
         mut systemd: ListenFd,
     ) -> anyhow::Result<Web> {
-        if systemd.len() > 0 {
-            return passed(listen, &mut systemd);
+        match systemd.len() {
+            0 => {}
+            1 => return passed(listen, &mut systemd),
+            // listenfd makes a socket close-on-exec only when it is taken:
+            // a second one would be inherited by the commands the hub runs
+            // as users (runuser closes nothing), who could accept on it.
+            n => anyhow::bail!(
+                "systemd passed the hub {n} sockets; it serves one: give its socket unit a \
+                 single ListenStream= (the one hub.toml's listen names)"
+            ),
         }
         match listen {
             Listen::Tcp(addr) => {
@@ -471,6 +479,17 @@ mod tests {
             load("listen = \"unix:/run/noyau-hub/web.sock\"\nlisten_group = \"www-data\"").unwrap();
         assert_eq!(cfg.listen, Listen::Unix("/run/noyau-hub/web.sock".into()));
         assert_eq!(cfg.listen_group.as_deref(), Some("www-data"));
+        // Its one peer is the web server: the client's address (for the
+        // login throttle) comes from its X-Forwarded-For.
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert("x-forwarded-for", "192.0.2.7".parse().unwrap());
+        let client = crate::auth::client_addr(&cfg, UNIX_PEER.ip(), &headers);
+        assert_eq!(client.to_string(), "192.0.2.7");
+        let tcp = load("listen = \"127.0.0.1:8000\"").unwrap();
+        assert_eq!(
+            crate::auth::client_addr(&tcp, UNIX_PEER.ip(), &headers),
+            UNIX_PEER.ip()
+        );
         // Only listen_group connects, but header mode still needs the
         // proxy's secret: a member of that group must not name a user.
         let e = format!(

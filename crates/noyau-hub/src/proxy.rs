@@ -65,8 +65,24 @@ pub async fn user_route(State(hub): State<Arc<Hub>>, req: Request) -> Response {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(user = name, "forwarding {path}: {e:#}");
-            crate::pages::error(&hub.site, StatusCode::BAD_GATEWAY, "Your Jupyter server did not answer; it may be stopping. Try again, or relaunch the session from /hub/home.")
+            let (status, why) = failure(&e);
+            crate::pages::error(&hub.site, status, why)
         }
+    }
+}
+
+/// What the user is told when forwarding failed.
+fn failure(e: &anyhow::Error) -> (StatusCode, &'static str) {
+    match e.downcast_ref() {
+        // Not the server's fault: relaunching the session would not help.
+        Some(noyau_link::LinkError::TooManyStreams(_)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Too many open connections to your Jupyter server: close some of its tabs, notebooks or terminals, then try again.",
+        ),
+        _ => (
+            StatusCode::BAD_GATEWAY,
+            "Your Jupyter server did not answer; it may be stopping. Try again, or relaunch the session from /hub/home.",
+        ),
     }
 }
 
@@ -362,6 +378,21 @@ mod tests {
         assert_eq!(set, ["_xsrf=x1; Path=/user/a/", "theme=dark"]);
         assert!(h.get("service-worker-allowed").is_none());
         assert_eq!(h.get(header::CONTENT_TYPE).unwrap(), "text/html");
+    }
+
+    /// A tunnel at its most streams is the user's many tabs, not a server
+    /// to relaunch: the user is told which.
+    #[test]
+    fn too_many_connections_is_told_as_such() {
+        let full = anyhow::Error::from(noyau_link::LinkError::TooManyStreams(128));
+        let (status, why) = failure(&full);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            why.contains("close some") && !why.contains("relaunch"),
+            "{why}"
+        );
+        let gone = anyhow::anyhow!("connection reset");
+        assert_eq!(failure(&gone).0, StatusCode::BAD_GATEWAY);
     }
 
     #[test]

@@ -21,18 +21,24 @@
 //! The receiving side holds a hostile peer to its limits: data beyond a
 //! stream's window, or more than [`MAX_QUEUED`] bytes waiting on all
 //! streams together, is a [`Delivered::Violation`], after which the caller
-//! closes the link; at most [`MAX_STREAMS`] streams are open at once; and
+//! closes the link; so is an empty `Data` message (an honest sender never
+//! sends one, and it would cost the receiver memory while counting as no
+//! bytes). What a stream receives is copied into one buffer per stream
+//! rather than queued as messages, so its memory is the bytes it counts:
+//! no cost per message, and no slice keeping the link's read buffer it was
+//! cut from alive (a 1-byte message would otherwise pin 32 KiB or more).
+//! At most [`MAX_STREAMS`] streams are open at once; and
 //! a link that carries a tunnel needs frames of at most [`MAX_FRAME`]
 //! bytes (every message holds at most 64 KiB of a stream), which the hub
 //! sets as its links' `LinkConfig::max_frame`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{Notify, Semaphore};
 
 use crate::{Lane, LinkError, LinkSender};
 
@@ -45,6 +51,9 @@ pub const NOTICE_LANE: Lane = Lane::Control;
 const CHUNK: usize = 64 * 1024;
 /// Bytes a stream may have in flight (sent and not yet consumed).
 pub const WINDOW: usize = 1024 * 1024;
+/// Buffer room each of a stream's two receive buffers keeps once written
+/// out (at rest, 256 KiB a stream, 32 MiB for a tunnel's 128 streams).
+const KEEP: usize = 2 * CHUNK;
 /// Credit is granted back once this much has been consumed.
 const GRANT: usize = WINDOW / 4;
 /// The `Open` payload that asks for flow control.
@@ -57,8 +66,15 @@ pub const MAX_STREAMS: usize = 128;
 /// this many stalled readers at once to reach it honestly).
 pub const MAX_QUEUED: u64 = 32 * 1024 * 1024;
 /// The largest link frame a tunnel needs: a message holds at most
-/// [`CHUNK`] bytes of a stream, or a small JSON notice.
-pub const MAX_FRAME: usize = 1024 * 1024;
+/// [`CHUNK`] bytes of a stream (a frame of 65,571 bytes with its headers),
+/// or a notice of at most [`MAX_NOTICE`] bytes. A peer that may send
+/// bigger frames could make a receiver that falls behind hold its link's
+/// backlog (1024 messages) of them.
+pub const MAX_FRAME: usize = CHUNK + 16 * 1024;
+/// The largest notice: a small JSON object (the agent's hello, with its
+/// token and host name, is the biggest, a few hundred bytes). A bigger
+/// one is malformed, and not parsed.
+pub const MAX_NOTICE: usize = 4 * 1024;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -112,20 +128,56 @@ pub fn decode(frames: &[Bytes]) -> Option<(Op, u64, Bytes)> {
     Some((op, id, payload.clone()))
 }
 
-/// What the peer sent a stream: bytes, or the end of them.
-enum Chunk {
-    Data(Bytes),
+/// How the peer ended a stream.
+#[derive(Clone, Copy)]
+enum End {
     Eof,
     Reset,
 }
 
+/// What the peer sent a stream and its reader has not consumed yet: the
+/// bytes in one buffer (their count is all they cost), then their end.
+#[derive(Default)]
+struct Inbox {
+    data: BytesMut,
+    /// Bytes the reader took and is still writing out (still not credited).
+    writing: usize,
+    end: Option<End>,
+}
+
+/// A stream's inbox, and the wake-up of its reader.
+#[derive(Default)]
+struct Shared {
+    inbox: Mutex<Inbox>,
+    ready: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inbox> {
+        self.inbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Bytes delivered and not yet consumed.
+    fn queued(&self) -> u64 {
+        let inbox = self.lock();
+        (inbox.data.len() + inbox.writing) as u64
+    }
+
+    /// Ends the stream at once: what waits is dropped.
+    fn reset(&self) {
+        let mut inbox = self.lock();
+        inbox.data = BytesMut::new();
+        inbox.end = Some(End::Reset);
+        drop(inbox);
+        self.ready.notify_one();
+    }
+}
+
 /// The receiving end of one stream, as `deliver` reaches it.
 struct Stream {
-    tx: mpsc::UnboundedSender<Chunk>,
+    shared: Arc<Shared>,
     /// Credit for sending on this stream, when it uses flow control.
     window: Option<Arc<Semaphore>>,
-    /// Bytes delivered and not yet consumed.
-    queued: Arc<AtomicU64>,
 }
 
 /// The streams of one link. Cheap to share; one per link session.
@@ -133,6 +185,8 @@ pub struct Tunnel {
     sender: LinkSender,
     streams: Mutex<HashMap<u64, Stream>>,
     next_id: AtomicU64,
+    /// Every stream was reset (the link is closing): open no more.
+    closed: AtomicBool,
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -149,6 +203,7 @@ impl Tunnel {
             sender,
             streams: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -164,18 +219,50 @@ impl Tunnel {
     /// what is written to the returned end reaches the server, what the
     /// server answers is read from it.
     pub fn open(self: &Arc<Self>) -> Result<DuplexStream, LinkError> {
-        let open = self.open_streams();
-        if open >= MAX_STREAMS {
-            return Err(LinkError::TooManyStreams(open));
-        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (shared, window) = {
+            // Counted and taken in one step, so that concurrent opens do
+            // not pass MAX_STREAMS together.
+            let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+            if self.closed.load(Ordering::Relaxed) {
+                return Err(LinkError::Closed(crate::CloseReason::LocalClose));
+            }
+            if streams.len() >= MAX_STREAMS {
+                return Err(LinkError::TooManyStreams(streams.len()));
+            }
+            Self::register(&mut streams, id, true)
+        };
+        let open = encode(Op::Open, id, Bytes::from_static(CREDIT));
+        if let Err(e) = self.sender.send(TUNNEL_LANE, open) {
+            self.forget(id);
+            return Err(e);
+        }
         let (ours, theirs) = tokio::io::duplex(CHUNK);
-        self.sender.send(
-            TUNNEL_LANE,
-            encode(Op::Open, id, Bytes::from_static(CREDIT)),
-        )?;
-        self.attach(id, theirs, true);
+        self.pump(id, theirs, shared, window);
         Ok(ours)
+    }
+
+    /// Makes stream `id` reachable by `deliver`.
+    fn register(
+        streams: &mut HashMap<u64, Stream>,
+        id: u64,
+        credit: bool,
+    ) -> (Arc<Shared>, Option<Arc<Semaphore>>) {
+        let shared = Arc::new(Shared::default());
+        let window = credit.then(|| Arc::new(Semaphore::new(WINDOW)));
+        let stream = Stream {
+            shared: shared.clone(),
+            window: window.clone(),
+        };
+        streams.insert(id, stream);
+        (shared, window)
+    }
+
+    fn forget(&self, id: u64) {
+        self.streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
     }
 
     /// Takes one message from the link. Returns a stream the peer opened
@@ -185,7 +272,7 @@ impl Tunnel {
         let Some((op, id, payload)) = decode(frames) else {
             return Delivered::Malformed;
         };
-        let chunk = match op {
+        let end = match op {
             Op::Open => {
                 return Delivered::Opened {
                     id,
@@ -207,59 +294,80 @@ impl Tunnel {
                 }
                 return Delivered::Handled;
             }
+            Op::Notice if payload.len() > MAX_NOTICE => return Delivered::Malformed,
             Op::Notice => {
                 return match serde_json::from_slice(&payload) {
                     Ok(v) => Delivered::Notice(v),
                     Err(_) => Delivered::Malformed,
                 }
             }
-            Op::Data => Chunk::Data(payload),
-            Op::Eof => Chunk::Eof,
-            Op::Reset => Chunk::Reset,
+            Op::Data if payload.is_empty() => {
+                self.reset_all();
+                return Delivered::Violation(format!("an empty data message on stream {id}"));
+            }
+            Op::Data => None,
+            Op::Eof => Some(End::Eof),
+            Op::Reset => Some(End::Reset),
         };
         let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
         let Some(s) = streams.get(&id) else {
             return Delivered::Handled;
         };
-        if let Chunk::Data(d) = &chunk {
-            let queued = s.queued.fetch_add(d.len() as u64, Ordering::Relaxed) + d.len() as u64;
-            // The sender may have WINDOW bytes sent and not credited, and
-            // what waits here was sent and not consumed, hence not
-            // credited: an honest peer never passes WINDOW. A stream
-            // without flow control (agent side, opened by a hub that did
-            // not ask for it) is the hub's to fill.
-            let overrun = s.window.is_some() && queued > WINDOW as u64;
-            let total = || {
-                streams
-                    .values()
-                    .map(|s| s.queued.load(Ordering::Relaxed))
-                    .sum::<u64>()
-            };
-            let why = if overrun {
-                Some(format!(
-                    "stream {id} has {queued} bytes waiting, over its {WINDOW}-byte window"
-                ))
-            } else if s.window.is_some() && total() > MAX_QUEUED {
-                Some(format!(
-                    "its streams have more than {MAX_QUEUED} bytes waiting together"
-                ))
-            } else {
-                None
-            };
-            if let Some(why) = why {
-                drop(streams);
-                self.reset_all();
-                return Delivered::Violation(why);
+        let mut inbox = s.shared.lock();
+        match (inbox.end, end) {
+            // After its end a stream takes nothing but one reset (its
+            // writer may fail after the end of its data, and our sender
+            // may be waiting for its credit): the rest is dropped.
+            (Some(End::Reset), _) | (Some(End::Eof), None | Some(End::Eof)) => {
+                return Delivered::Handled
+            }
+            (_, Some(end)) => {
+                inbox.end = Some(end);
+                if let (End::Reset, Some(w)) = (end, &s.window) {
+                    // The sender may be waiting for credit that will never come.
+                    w.close();
+                }
+            }
+            (None, None) => {
+                inbox.data.extend_from_slice(&payload);
+                let queued = (inbox.data.len() + inbox.writing) as u64;
+                drop(inbox);
+                if let Some(why) = self.over_limits(&streams, s, id, queued) {
+                    drop(streams);
+                    self.reset_all();
+                    return Delivered::Violation(why);
+                }
+                s.shared.ready.notify_one();
+                return Delivered::Handled;
             }
         }
-        if matches!(chunk, Chunk::Reset) {
-            // The sender may be waiting for credit that will never come.
-            if let Some(w) = &s.window {
-                w.close();
-            }
-        }
-        let _ = s.tx.send(chunk);
+        drop(inbox);
+        s.shared.ready.notify_one();
         Delivered::Handled
+    }
+
+    /// Why stream `id` (`s`, now holding `queued` bytes) breaks the
+    /// tunnel's limits, if it does. The sender may have WINDOW bytes sent
+    /// and not credited, and what waits here was sent and not consumed,
+    /// hence not credited: an honest peer never passes WINDOW. A stream
+    /// without flow control (agent side, opened by a hub that did not ask
+    /// for it) is the hub's to fill.
+    fn over_limits(
+        &self,
+        streams: &HashMap<u64, Stream>,
+        s: &Stream,
+        id: u64,
+        queued: u64,
+    ) -> Option<String> {
+        s.window.as_ref()?;
+        if queued > WINDOW as u64 {
+            return Some(format!(
+                "stream {id} has {queued} bytes waiting, over its {WINDOW}-byte window"
+            ));
+        }
+        let total: u64 = streams.values().map(|s| s.shared.queued()).sum();
+        (total > MAX_QUEUED)
+            .then(|| format!("its streams have more than {MAX_QUEUED} bytes waiting together"))
     }
 
     /// Refuses a stream the peer opened (the server cannot be reached).
@@ -271,11 +379,15 @@ impl Tunnel {
 
     /// Ends every stream at once (the link is being closed): their readers
     /// see a reset, their writers' waits for credit end, and what was
-    /// queued for them is dropped with them.
+    /// queued for them is dropped with them. The tunnel opens no more.
     pub fn reset_all(&self) {
-        let streams = std::mem::take(&mut *self.streams.lock().unwrap_or_else(|e| e.into_inner()));
+        let streams = {
+            let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+            self.closed.store(true, Ordering::Relaxed);
+            std::mem::take(&mut *streams)
+        };
         for (id, s) in streams {
-            let _ = s.tx.send(Chunk::Reset);
+            s.shared.reset();
             if let Some(w) = &s.window {
                 w.close();
             }
@@ -292,7 +404,7 @@ impl Tunnel {
     pub fn queued_bytes(&self) -> u64 {
         self.streams
             .lock()
-            .map(|s| s.values().map(|s| s.queued.load(Ordering::Relaxed)).sum())
+            .map(|s| s.values().map(|s| s.shared.queued()).sum())
             .unwrap_or(0)
     }
 
@@ -302,20 +414,25 @@ impl Tunnel {
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let window = credit.then(|| Arc::new(Semaphore::new(WINDOW)));
-        let queued = Arc::new(AtomicU64::new(0));
-        self.streams
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                id,
-                Stream {
-                    tx,
-                    window: window.clone(),
-                    queued: queued.clone(),
-                },
-            );
+        let (shared, window) = Self::register(
+            &mut self.streams.lock().unwrap_or_else(|e| e.into_inner()),
+            id,
+            credit,
+        );
+        self.pump(id, io, shared, window);
+    }
+
+    /// Runs stream `id`'s two directions between the link and `io`.
+    fn pump<S>(
+        self: &Arc<Self>,
+        id: u64,
+        io: S,
+        shared: Arc<Shared>,
+        window: Option<Arc<Semaphore>>,
+    ) where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let credit = window.is_some();
         let me = self.clone();
         tokio::spawn(async move {
             let (mut r, mut w) = tokio::io::split(io);
@@ -353,34 +470,54 @@ impl Tunnel {
             };
             let inbound = async {
                 let mut consumed = 0usize;
-                while let Some(chunk) = rx.recv().await {
-                    match chunk {
-                        Chunk::Data(d) => {
-                            if w.write_all(&d).await.is_err() {
+                // The two buffers swap: the inbox fills one while this
+                // writes the other, and neither is allocated anew per
+                // message (a fresh one per message took a third more
+                // time on bulk transfers).
+                let mut data = BytesMut::new();
+                loop {
+                    let end = {
+                        let mut inbox = shared.lock();
+                        data.clear();
+                        std::mem::swap(&mut inbox.data, &mut data);
+                        inbox.writing = data.len();
+                        inbox.end
+                    };
+                    if data.is_empty() && end.is_none() {
+                        shared.ready.notified().await;
+                        continue;
+                    }
+                    if !data.is_empty() {
+                        if w.write_all(&data).await.is_err() {
+                            return false;
+                        }
+                        shared.lock().writing = 0;
+                        consumed += data.len();
+                        if data.capacity() > KEEP {
+                            // (a stalled reader's backlog is not kept)
+                            data = BytesMut::new();
+                        }
+                        if credit && consumed >= GRANT {
+                            let grant = Bytes::copy_from_slice(&(consumed as u64).to_be_bytes());
+                            consumed = 0;
+                            if sender
+                                .send(TUNNEL_LANE, encode(Op::Credit, id, grant))
+                                .is_err()
+                            {
                                 return false;
                             }
-                            queued.fetch_sub(d.len() as u64, Ordering::Relaxed);
-                            consumed += d.len();
-                            if credit && consumed >= GRANT {
-                                let grant =
-                                    Bytes::copy_from_slice(&(consumed as u64).to_be_bytes());
-                                consumed = 0;
-                                if sender
-                                    .send(TUNNEL_LANE, encode(Op::Credit, id, grant))
-                                    .is_err()
-                                {
-                                    return false;
-                                }
-                            }
                         }
-                        Chunk::Eof => {
+                    }
+                    match end {
+                        // The data taken with the end was all there was.
+                        Some(End::Eof) => {
                             let _ = w.shutdown().await;
                             return true;
                         }
-                        Chunk::Reset => return false,
+                        Some(End::Reset) => return false,
+                        None => {}
                     }
                 }
-                false
             };
             tokio::pin!(outbound, inbound);
             // Either direction failing ends the stream; a clean end of one
@@ -392,10 +529,7 @@ impl Tunnel {
             if !ok {
                 me.reset(id);
             }
-            me.streams
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
+            me.forget(id);
         });
     }
 }

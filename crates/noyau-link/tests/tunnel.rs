@@ -88,11 +88,15 @@ async fn hub_side(mut hub: Link) -> Hub {
     }
 }
 
-/// A link: (agent, hub).
+/// A link: (agent, hub), with frames no bigger than the hub's links take.
 async fn link() -> (Link, Link) {
-    let mut l = listener(LinkConfig::default()).await;
+    let cfg = LinkConfig {
+        max_frame: tunnel::MAX_FRAME,
+        ..LinkConfig::default()
+    };
+    let mut l = listener(cfg).await;
     let a = l.local_addr();
-    pair(&mut l, a, LinkConfig::default()).await
+    pair(&mut l, a, cfg).await
 }
 
 /// A hub tunnel and an agent tunnel over a real link, the agent's streams
@@ -253,6 +257,8 @@ async fn an_agent_that_ignores_the_window_is_cut_off() {
     assert!(why.contains("window"), "{why}");
     assert_eq!(hub.tunnel.queued_bytes(), 0);
     assert_eq!(hub.tunnel.open_streams(), 0);
+    // A request arriving before the hub forgets the agent opens nothing.
+    assert!(matches!(hub.tunnel.open(), Err(LinkError::Closed(_))));
     // The browser's request ends (a reset) instead of waiting for more.
     let mut got = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(30), browser.read_to_end(&mut got))
@@ -304,4 +310,63 @@ async fn a_tunnel_opens_at_most_max_streams() {
     );
     assert!(e.to_string().contains("close some"), "{e}");
     drop(held);
+}
+
+/// An empty data message counts no bytes against any limit, yet a reader
+/// that stalls would keep every one: the hub cuts off the agent at the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_sends_empty_data_is_cut_off() {
+    let (agent, hub) = link().await;
+    let (agent, mut opened) = hostile(agent).await;
+    let mut hub = hub_side(hub).await;
+    let _browser = hub.tunnel.open().unwrap();
+    let id = opened.recv().await.unwrap();
+    for _ in 0..1000 {
+        let empty = tunnel::encode(Op::Data, id, Bytes::new());
+        if agent.send(tunnel::TUNNEL_LANE, empty).is_err() {
+            break;
+        }
+    }
+    let why = violation(&mut hub).await;
+    assert!(why.contains("empty"), "{why}");
+    assert_eq!(hub.tunnel.open_streams(), 0);
+}
+
+/// The agent's server ends its answer, then goes (a write to it fails): the
+/// agent resets the stream after its end of data, and the hub's writer,
+/// waiting for credit that will never come, stops instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_after_the_end_of_data_stops_the_writer() {
+    let (tunnel, _agent) = tunnels(|mut s| {
+        tokio::spawn(async move {
+            s.shutdown().await.unwrap();
+            drop(s);
+        });
+    })
+    .await;
+    let mut s = tunnel.open().unwrap();
+    let chunk = vec![1u8; 64 * 1024];
+    let write = async {
+        for _ in 0..4 * WINDOW / chunk.len() {
+            if s.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), write)
+        .await
+        .expect("the writer waits for credit forever");
+}
+
+/// A notice is a small JSON object: a bigger one is not even parsed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notice_over_max_notice_is_malformed() {
+    let (_agent, hub) = link().await;
+    let t = Tunnel::new(hub.sender());
+    let notice = |n: usize| {
+        let v = serde_json::json!({ "ended": "x".repeat(n) }).to_string();
+        t.deliver(&tunnel::encode(Op::Notice, 0, Bytes::from(v)))
+    };
+    assert!(matches!(notice(100), Delivered::Notice(_)));
+    assert!(matches!(notice(tunnel::MAX_NOTICE), Delivered::Malformed));
 }

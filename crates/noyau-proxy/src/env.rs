@@ -129,7 +129,9 @@ impl Env {
         let spec =
             noyau_env::sources::for_cell(&cwd()?, crate::agent::kernel_env_var().as_deref(), args)
                 .map_err(|e| MagicError::Env(e.to_string()))?;
-        tracing::info!(spec = %spec.to_value(), "a cell chose the kernel's environment");
+        // Its key, not the spec: a lock it holds may be a file the notebook
+        // named, whose text is never shown (noyau-env's `named`).
+        tracing::info!(key = %spec.cache_key(), "a cell chose the kernel's environment");
         let what = What::Switch(spec.to_value());
         self.start(
             cell,
