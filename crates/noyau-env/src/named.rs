@@ -58,15 +58,47 @@ pub(crate) fn read(
     }
 }
 
-/// Refuses `path` (absolute), a file `what` names for `author` that noyau
-/// uses but does not read as text (a local image, which it hashes: the
-/// sha256 of any file of the user's would be shown and recorded), unless
-/// the user named it or it is in the project's directory ([`inside`]).
-pub(crate) fn check(path: &Path, author: &Author, what: &str) -> Result<(), EnvError> {
-    match author {
-        Author::User => Ok(()),
-        Author::Project(dir) => inside(path, dir, what).map(drop),
+/// Refuses `path` (absolute), a local image `what` names for `author`
+/// (noyau hashes it, and shows and records the sha256), unless the user
+/// named it, `trusted` (the source's code is), it is readable by everyone
+/// on this host ([`readable_by_all`]: a site's shared image, whose hash
+/// anyone can take), or it is in the project's directory ([`inside`]).
+/// A private file of the user's elsewhere is refused: its hash would be
+/// shown to the notebook's author.
+pub(crate) fn check_image(
+    path: &Path,
+    author: &Author,
+    what: &str,
+    trusted: bool,
+) -> Result<(), EnvError> {
+    let Author::Project(dir) = author else {
+        return Ok(());
+    };
+    if trusted || readable_by_all(path) {
+        return Ok(());
     }
+    match inside(path, dir, what) {
+        Ok(_) => Ok(()),
+        Err(EnvError::OutsideProject { what, path, dir }) => {
+            Err(EnvError::PrivateImage { what, path, dir })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether `path` is a regular file that anyone on this host may read:
+/// readable by others, in directories others may search.
+fn readable_by_all(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(real) = std::fs::canonicalize(path) else {
+        return false;
+    };
+    let mode = |p: &Path| std::fs::metadata(p).map(|m| (m.is_file(), m.permissions().mode()));
+    matches!(mode(&real), Ok((true, m)) if m & 0o004 != 0)
+        && real
+            .ancestors()
+            .skip(1)
+            .all(|d| matches!(mode(d), Ok((false, m)) if m & 0o001 != 0))
 }
 
 /// `path` resolved, if it is in `dir` (resolved too); None when it does
@@ -101,7 +133,6 @@ fn inside_home(
     let outside = || EnvError::OutsideProject {
         what: what.into(),
         path: path.into(),
-        why: "is not in it".into(),
         dir: real_dir.clone(),
     };
     match std::fs::canonicalize(path) {

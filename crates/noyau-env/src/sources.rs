@@ -314,7 +314,9 @@ pub fn merge(sources: &[Source], notebook_dir: &Path) -> Result<Option<EnvSpec>,
     if let Some(Value::String(image)) = merged.get("image") {
         if !image.contains("://") {
             let s = from["image"];
-            crate::named::check(Path::new(image), &s.author, &format!("image in {}", s.what))?;
+            let trusted = untrusted_dir(s, None)?.is_none();
+            let what = format!("image in {}", s.what);
+            crate::named::check_image(Path::new(image), &s.author, &what, trusted)?;
         }
     }
     merged
@@ -1094,15 +1096,28 @@ mod tests {
         assert!(e.contains("may not set isolation"), "{e}");
     }
 
-    /// A notebook's local image must be in its directory: noyau hashes it
-    /// and records (and shows) the sha256 of whatever file it names.
+    /// A notebook's local image must be in its directory, or readable by
+    /// everyone (a site's shared image): noyau hashes it and records (and
+    /// shows) the sha256 of whatever file it names.
     #[test]
-    fn a_notebooks_image_must_be_in_its_directory() {
+    fn a_notebooks_image_must_be_in_its_directory_or_shared() {
+        use std::os::unix::fs::PermissionsExt;
         let d = tempfile::tempdir().unwrap();
         let dir = d.path().join("nb");
         std::fs::create_dir(&dir).unwrap();
         std::fs::write(d.path().join(".pgpass"), "x").unwrap();
         std::fs::write(dir.join("img.sif"), "x").unwrap();
+        let chmod =
+            |p: &Path, m| std::fs::set_permissions(p, PermissionsExt::from_mode(m)).unwrap();
+        // /apps/containers: others may search it and read its images.
+        let apps = d.path().join("apps");
+        std::fs::create_dir(&apps).unwrap();
+        for (f, m) in [("pytorch.sif", 0o644), ("mine.sif", 0o600)] {
+            std::fs::write(apps.join(f), "x").unwrap();
+            chmod(&apps.join(f), m);
+        }
+        chmod(d.path(), 0o755);
+        chmod(&apps, 0o755);
         let source = |image: &str| Source {
             what: "the notebook's metadata".into(),
             table: serde_json::from_value(json!({"kind": "apptainer", "image": image})).unwrap(),
@@ -1110,8 +1125,25 @@ mod tests {
             author: Author::Project(dir.clone()),
             file: None,
         };
-        let e = merge(&[source("../.pgpass")], &dir).unwrap_err();
-        assert!(matches!(e, EnvError::OutsideProject { .. }), "{e}");
+        chmod(&d.path().join(".pgpass"), 0o600);
+        let shared = apps.join("pytorch.sif");
+        let spec = merge(&[source(shared.to_str().unwrap())], &dir)
+            .unwrap()
+            .unwrap();
+        assert_eq!(spec.image.as_deref(), shared.to_str());
+        for private in ["../.pgpass", "../apps/mine.sif"] {
+            let e = merge(&[source(private)], &dir).unwrap_err();
+            assert!(matches!(e, EnvError::PrivateImage { .. }), "{e}");
+            let e = e.to_string();
+            assert!(
+                e.contains("readable by everyone") && !e.contains("Copy the file"),
+                "{e}"
+            );
+        }
+        // Readable, but in a directory others may not search.
+        chmod(&apps, 0o700);
+        let e = merge(&[source(shared.to_str().unwrap())], &dir).unwrap_err();
+        assert!(matches!(e, EnvError::PrivateImage { .. }), "{e}");
         let spec = merge(&[source("img.sif")], &dir).unwrap().unwrap();
         assert_eq!(
             spec.image.as_deref(),
