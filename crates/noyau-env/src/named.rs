@@ -139,11 +139,15 @@ fn inside_home(
         Ok(real) if real.starts_with(&real_dir) => Ok(Some(real)),
         Ok(_) => Err(outside()),
         // A missing file is said to be missing only where the project may
-        // name one.
+        // name one, and only if nothing is there: a dangling link in the
+        // directory (git stores links) would else tell whether its target
+        // (`/home/victim/.ssh/id_rsa`) exists.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let parent = path.parent().and_then(|p| std::fs::canonicalize(p).ok());
+            let nothing = matches!(std::fs::symlink_metadata(path),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound);
             match parent {
-                Some(p) if p.starts_with(&real_dir) => Ok(None),
+                Some(p) if p.starts_with(&real_dir) && nothing => Ok(None),
                 _ => Err(outside()),
             }
         }
@@ -234,9 +238,16 @@ mod tests {
                 .to_string()
                 .replace(&p.display().to_string(), "PATH")
         };
+        // A link in the directory to a file outside, existing or not.
+        std::os::unix::fs::symlink(d.path().join("missing"), proj.join("dangling")).unwrap();
         let existing = said(&secret);
         assert_eq!(existing, said(&d.path().join("missing")));
         assert_eq!(existing, said(&proj.join("link")));
+        assert_eq!(existing, said(&proj.join("dangling")));
+        // A file missing in the directory is said to be missing.
+        assert!(inside_home(&proj.join("none"), &proj, "lock_file", None)
+            .unwrap()
+            .is_none());
         assert!(!said(&proj.join("link")).contains(&secret.display().to_string()));
     }
 }
