@@ -390,8 +390,10 @@ fn read_lock_file(
         &s.author,
         &what,
         noyau_config::MAX_LOCK_SIZE,
-        // The user's own lock, read as before: theirs or root's.
-        noyau_config::project_text,
+        // The user's own lock (their `--env` file's): anyone's, as the
+        // `--env` file itself, but a regular file of bounded size; not
+        // held to a trusted directory's rules (a wildcard's link check).
+        noyau_config::named_text,
     )?
     .ok_or_else(|| EnvError::Invalid(format!("cannot read {what} ({f}): it does not exist")))?;
     merged.insert("lock".into(), Value::String(text));

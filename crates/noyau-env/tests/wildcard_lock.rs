@@ -99,4 +99,17 @@ fn a_lock_file_others_could_write_is_not_trusted_under_a_wildcard() {
     chmod(&deps, 0o755);
     let spec = for_notebook(&dir, None, None, &dir).unwrap().unwrap();
     assert!(!spec.wheels_only, "a closed lock in a closed directory");
+    // The user's own `--env` file may name a lock anywhere, by a link out
+    // of its directory too (the wildcard's rules are for what a project
+    // names, not for what the user gives).
+    let mine = d.path().join("mine.lock");
+    std::fs::write(&mine, "six==1.16.0\n").unwrap();
+    std::os::unix::fs::symlink(&mine, dir.join("mine.lock")).unwrap();
+    let env = dir.join("env.toml");
+    std::fs::write(&env, "kind = \"python\"\nlock_file = \"mine.lock\"\n").unwrap();
+    std::fs::write(&project, "[environment]\nkind = \"python\"\n").unwrap();
+    let spec = for_notebook(&dir, None, Some(env.to_str().unwrap()), &dir)
+        .unwrap()
+        .unwrap();
+    assert_eq!(spec.lock.as_deref(), Some("six==1.16.0\n"));
 }
