@@ -403,7 +403,8 @@ fn read_lock_file(
 /// The project directory of a source the user does not trust, if it is
 /// one, with why the entries that name it do not trust it
 /// ([`noyau_config::CodeTrust::note`]); for the code in a file of the
-/// project's, `file` its trust when given (a lock file's), else that of
+/// project's, `file` its trust when given (a lock file's: trusted only
+/// if the file `s` was read from, which named it, is too), else that of
 /// the file `s` was read from ([`Source::file`]: under a wildcard, a
 /// settings file others could have written is no more trusted than such
 /// a lock file).
@@ -414,9 +415,13 @@ fn untrusted_dir<'a>(
     let Author::Project(dir) = &s.author else {
         return Ok(None);
     };
-    let trust = match file.or(s.file.as_ref().map(|(_, t)| t)) {
-        Some(t) => t.clone(),
-        None => noyau_config::trusts_project(dir)?,
+    // A lock a settings file names is trusted only if both are: the
+    // settings file chose which lock.
+    let trust = match (file, s.file.as_ref().map(|(_, t)| t)) {
+        (Some(noyau_config::CodeTrust::Trusted), Some(t)) | (Some(t), _) | (None, Some(t)) => {
+            t.clone()
+        }
+        (None, None) => noyau_config::trusts_project(dir)?,
     };
     Ok(match trust {
         noyau_config::CodeTrust::Trusted => None,
@@ -1096,6 +1101,34 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("may not set isolation"), "{e}");
+    }
+
+    /// A lock a settings file names is trusted only if the settings file
+    /// is too (it chose the lock).
+    #[test]
+    fn a_lock_is_no_more_trusted_than_the_settings_file_naming_it() {
+        use noyau_config::CodeTrust;
+        let d = tempfile::tempdir().unwrap();
+        let untrusted = CodeTrust::Untrusted {
+            note: "writable by its group".into(),
+        };
+        let source = |file: Option<CodeTrust>| Source {
+            what: "%noyau env file e.toml".into(),
+            table: Map::new(),
+            base: d.path().into(),
+            author: Author::Project(d.path().into()),
+            file: file.map(|t| (d.path().join("e.toml"), t)),
+        };
+        let s = source(Some(untrusted.clone()));
+        let (_, note) = untrusted_dir(&s, Some(&CodeTrust::Trusted))
+            .unwrap()
+            .unwrap();
+        assert_eq!(note, "writable by its group");
+        let s = source(Some(CodeTrust::Trusted));
+        assert!(untrusted_dir(&s, Some(&untrusted)).unwrap().is_some());
+        assert!(untrusted_dir(&s, Some(&CodeTrust::Trusted))
+            .unwrap()
+            .is_none());
     }
 
     /// A notebook's local image must be in its directory, or readable by
