@@ -104,24 +104,36 @@ fn readable_by_all(path: &Path) -> bool {
 /// `path` resolved, if it is in `dir` (resolved too); None when it does
 /// not exist but its directory is in `dir`; else a refusal.
 fn inside(path: &Path, dir: &Path, what: &str) -> Result<Option<PathBuf>, EnvError> {
-    let home = std::env::var_os("HOME").map(PathBuf::from);
-    inside_home(path, dir, what, home.as_deref())
+    inside_home(path, dir, what, &homes())
 }
 
-/// [`inside`], `home` the user's home directory. A project directory
-/// that is `/`, `home` or above it holds every file of the user's: a
+/// The user's home directories: `$HOME` and their passwd entry's (`$HOME`
+/// may be unset, or not the one their files are in).
+fn homes() -> Vec<PathBuf> {
+    let passwd = nix::unistd::User::from_uid(nix::unistd::getuid())
+        .ok()
+        .flatten();
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(passwd.map(|u| u.dir))
+        .collect()
+}
+
+/// [`inside`], `homes` the user's home directories. A project directory
+/// that is `/`, a home or above it holds every file of the user's: a
 /// notebook there (downloaded into `~`, a console started in `~`) may
 /// name none.
 fn inside_home(
     path: &Path,
     dir: &Path,
     what: &str,
-    home: Option<&Path>,
+    homes: &[PathBuf],
 ) -> Result<Option<PathBuf>, EnvError> {
     let real_dir = std::fs::canonicalize(dir)
         .map_err(|e| EnvError::io(format!("resolving {}", dir.display()), e))?;
-    let home = home.and_then(|h| std::fs::canonicalize(h).ok());
-    if real_dir == Path::new("/") || home.is_some_and(|h| h.starts_with(&real_dir)) {
+    let under_dir = |h: &PathBuf| std::fs::canonicalize(h).is_ok_and(|h| h.starts_with(&real_dir));
+    if real_dir == Path::new("/") || homes.iter().any(under_dir) {
         return Err(EnvError::ProjectTooBroad {
             what: what.into(),
             dir: real_dir,
@@ -207,8 +219,10 @@ mod tests {
         std::fs::create_dir_all(home.join("proj")).unwrap();
         std::fs::write(home.join(".netrc"), "machine x password p\n").unwrap();
         std::fs::write(home.join("proj/env.toml"), "").unwrap();
+        // $HOME elsewhere (or unset): the passwd entry's home counts too.
+        let homes = [d.path().join("elsewhere"), home.clone()];
         for dir in [home.clone(), d.path().join("home"), PathBuf::from("/")] {
-            let e = inside_home(&home.join(".netrc"), &dir, "lock_file", Some(&home)).unwrap_err();
+            let e = inside_home(&home.join(".netrc"), &dir, "lock_file", &homes).unwrap_err();
             assert!(matches!(e, EnvError::ProjectTooBroad { .. }), "{e}");
             let e = e.to_string();
             assert!(
@@ -218,7 +232,7 @@ mod tests {
             );
         }
         let proj = home.join("proj");
-        let ok = inside_home(&proj.join("env.toml"), &proj, "lock_file", Some(&home)).unwrap();
+        let ok = inside_home(&proj.join("env.toml"), &proj, "lock_file", &homes).unwrap();
         assert!(ok.is_some());
     }
 
@@ -233,7 +247,7 @@ mod tests {
         std::fs::write(&secret, "x").unwrap();
         std::os::unix::fs::symlink(&secret, proj.join("link")).unwrap();
         let said = |p: &Path| {
-            inside_home(p, &proj, "lock_file", None)
+            inside_home(p, &proj, "lock_file", &[])
                 .unwrap_err()
                 .to_string()
                 .replace(&p.display().to_string(), "PATH")
@@ -245,7 +259,7 @@ mod tests {
         assert_eq!(existing, said(&proj.join("link")));
         assert_eq!(existing, said(&proj.join("dangling")));
         // A file missing in the directory is said to be missing.
-        assert!(inside_home(&proj.join("none"), &proj, "lock_file", None)
+        assert!(inside_home(&proj.join("none"), &proj, "lock_file", &[])
             .unwrap()
             .is_none());
         assert!(!said(&proj.join("link")).contains(&secret.display().to_string()));
