@@ -176,8 +176,8 @@ impl TrustedProjects {
                     Ok(()) => return CodeTrust::Trusted,
                     Err(why) => notes.push(format!(
                         "Your trusted_projects entry \"{}\" does not trust its code: {why}; a \
-                         wildcard trusts only directories, and the noyau.toml and lock file in \
-                         them, that you or root own and that no one else could have written or \
+                         wildcard trusts only directories, and the noyau.toml, lock file and \
+                         settings files in them, that you or root own and that no one else could have written or \
                          put there (no link followed). Or trust this one directory by an exact \
                          entry, if you trust everyone who can write in it: `noyau trust {}`.",
                         e.shown(),

@@ -59,7 +59,7 @@ fn a_lock_file_others_could_write_is_not_trusted_under_a_wildcard() {
             "{} is writable by its group or others (mode 0664)",
             lock.display()
         )) && e.contains(&format!("`chmod g-w {}`", lock.display()))
-            && e.contains("a wildcard trusts only directories, and the noyau.toml and lock file"),
+            && e.contains("a wildcard trusts only directories, and the noyau.toml, lock file and settings files"),
         "{e}"
     );
     // A link to a lock elsewhere (the team's), even a closed one.
