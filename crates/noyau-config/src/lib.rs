@@ -986,8 +986,7 @@ fn explain(e: &toml::de::Error, text: &str, quote: bool) -> String {
     let mut s = if quote {
         e.to_string().trim_end().to_string()
     } else {
-        let at = e.span().map_or_else(String::new, |s| {
-            let (line, col) = line_col(text, s.start);
+        let at = toml_error_at(e, text).map_or_else(String::new, |(line, col)| {
             format!("TOML parse error at line {line}, column {col}: ")
         });
         format!("{at}{}", e.message().trim_end())
@@ -1018,6 +1017,13 @@ fn explain(e: &toml::de::Error, text: &str, quote: bool) -> String {
         }
     }
     s
+}
+
+/// Where in `text` toml's error `e` is, as a line and a column, if toml
+/// says: for messages that place an error in a file whose text must not be
+/// quoted (toml's own message quotes the line).
+pub fn toml_error_at(e: &toml::de::Error, text: &str) -> Option<(usize, usize)> {
+    e.span().map(|s| line_col(text, s.start))
 }
 
 /// The line and column (from 1, in characters) of byte `at` of `text`.

@@ -170,8 +170,7 @@ fn inside_home(
 /// A TOML file that does not parse: where, and the parser's reason, but
 /// not the offending text (toml's own message quotes the line).
 pub(crate) fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> EnvError {
-    let at = e.span().map_or_else(String::new, |s| {
-        let (line, col) = line_col(text, s.start);
+    let at = noyau_config::toml_error_at(e, text).map_or_else(String::new, |(line, col)| {
         format!(" at line {line}, column {col}")
     });
     EnvError::Invalid(format!(
@@ -190,20 +189,6 @@ pub(crate) fn json_error(path: &Path, e: &serde_json::Error) -> EnvError {
         _ => format!("at line {} column {}", e.line(), e.column()),
     };
     EnvError::Invalid(format!("{} is not valid JSON: {why}", path.display()))
-}
-
-/// The line and column (from 1, in characters) of byte `at` of `text`.
-fn line_col(text: &str, at: usize) -> (usize, usize) {
-    let mut at = at.min(text.len());
-    while !text.is_char_boundary(at) {
-        at -= 1;
-    }
-    let before = &text[..at];
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    (
-        before.matches('\n').count() + 1,
-        before[line_start..].chars().count() + 1,
-    )
 }
 
 #[cfg(test)]

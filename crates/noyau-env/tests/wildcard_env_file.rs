@@ -5,35 +5,17 @@
 //! is. One test in its own binary: it sets `XDG_CONFIG_HOME` and
 //! `NOYAU_SYSTEM_CONFIG` for the process.
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+mod common;
 
+use common::{chmod, wildcard_project};
 use noyau_env::sources::{from_cell_env, merge};
 use noyau_env::EnvError;
-
-fn chmod(p: &Path, mode: u32) {
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
-}
 
 #[test]
 fn an_env_file_others_could_write_is_not_trusted_under_a_wildcard() {
     let d = tempfile::tempdir().unwrap();
-    let src = d.path().join("src");
-    let dir = src.join("proj");
+    let dir = wildcard_project(d.path(), &["envs"]);
     let envs = dir.join("envs");
-    std::fs::create_dir_all(&envs).unwrap();
-    for p in [&src, &dir, &envs] {
-        chmod(p, 0o755);
-    }
-    let config = d.path().join("config");
-    std::fs::create_dir_all(config.join("noyau")).unwrap();
-    std::fs::write(
-        config.join("noyau/config.toml"),
-        format!("trusted_projects = [\"{}/*\"]\n", src.display()),
-    )
-    .unwrap();
-    std::env::set_var("XDG_CONFIG_HOME", &config);
-    std::env::set_var("NOYAU_SYSTEM_CONFIG", d.path().join("none.toml"));
     let file = envs.join("gpu.toml");
     std::fs::write(
         &file,

@@ -5,33 +5,16 @@
 //! binary: it sets `XDG_CONFIG_HOME` and `NOYAU_SYSTEM_CONFIG` for the
 //! process.
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+mod common;
 
+use common::{chmod, wildcard_project};
 use noyau_env::sources::for_notebook;
 use noyau_env::EnvError;
-
-fn chmod(p: &Path, mode: u32) {
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
-}
 
 #[test]
 fn a_lock_file_others_could_write_is_not_trusted_under_a_wildcard() {
     let d = tempfile::tempdir().unwrap();
-    let src = d.path().join("src");
-    let dir = src.join("proj");
-    std::fs::create_dir_all(&dir).unwrap();
-    chmod(&src, 0o755);
-    chmod(&dir, 0o755);
-    let config = d.path().join("config");
-    std::fs::create_dir_all(config.join("noyau")).unwrap();
-    std::fs::write(
-        config.join("noyau/config.toml"),
-        format!("trusted_projects = [\"{}/*\"]\n", src.display()),
-    )
-    .unwrap();
-    std::env::set_var("XDG_CONFIG_HOME", &config);
-    std::env::set_var("NOYAU_SYSTEM_CONFIG", d.path().join("none.toml"));
+    let dir = wildcard_project(d.path(), &[]);
     let project = dir.join("noyau.toml");
     std::fs::write(
         &project,
