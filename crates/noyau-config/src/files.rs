@@ -103,6 +103,9 @@ pub(crate) fn read(
         }
         Err(TrustError::Io { path, source, .. }) => return Err(ConfigError::Read { path, source }),
     };
+    if origin == (Origin::Project { trusted: true }) {
+        inside_dir(path, &file)?;
+    }
     let read_err = |source| ConfigError::Read {
         path: path.into(),
         source,
@@ -121,6 +124,34 @@ pub(crate) fn read(
         });
     }
     Ok(Some(text))
+}
+
+/// Refuses `opened`, the project file at `path` read whoever wrote it
+/// (links followed), if what was opened is not in `path`'s directory:
+/// a link there to a file of the user's elsewhere would have noyau show
+/// it. Judged on the descriptor (`/proc/self/fd`), not the path, which
+/// could be swapped in between.
+fn inside_dir(path: &Path, opened: &std::fs::File) -> Result<(), ConfigError> {
+    use std::os::fd::AsRawFd;
+    let dir = dir_of(path);
+    let real_dir = std::fs::canonicalize(dir).map_err(|source| ConfigError::Read {
+        path: dir.into(),
+        source,
+    })?;
+    let real =
+        std::fs::read_link(format!("/proc/self/fd/{}", opened.as_raw_fd())).map_err(|source| {
+            ConfigError::Read {
+                path: path.into(),
+                source,
+            }
+        })?;
+    if real.starts_with(&real_dir) {
+        return Ok(());
+    }
+    Err(ConfigError::LinkOut {
+        path: path.into(),
+        dir: real_dir,
+    })
 }
 
 /// What to do about a project file refused for `problem`: fix it, or trust

@@ -108,6 +108,16 @@ pub enum ConfigError {
         problem: noyau_trust::Problem,
         fix: String,
     },
+    /// A project's file that is a link leading out of its directory
+    /// (read whoever wrote it, under `trusted_projects`): what it leads to
+    /// may be a file of the user's that an error would show.
+    #[error(
+        "{} is a link that leads out of its directory ({}): noyau does not read a project's \
+         file from elsewhere; put the file itself in the directory",
+        path.display(),
+        dir.display()
+    )]
+    LinkOut { path: PathBuf, dir: PathBuf },
     /// A profile key of an untrusted project's file that makes noyau run
     /// what the file says ([`code_key`]).
     #[error(transparent)]
@@ -584,11 +594,17 @@ pub fn trusts_project(dir: &Path) -> Result<CodeTrust, ConfigError> {
 }
 
 /// [`trusts_project`], for the code in `file`, a file of the project's
-/// that noyau reads (its `lock_file`): under a wildcard entry, the file
-/// must be one no one but the user or root could have written
-/// ([`TrustedProjects::code_with`]).
-pub fn trusts_project_file(dir: &Path, file: &Path) -> Result<CodeTrust, ConfigError> {
-    Ok(site_trusted(&site_paths())?.code_with(dir, Some(file)))
+/// that noyau reads (its `lock_file`, a settings file a notebook names),
+/// decided on what was read: under a wildcard entry, the file read here
+/// must be one no one but the user or root could have written, and its
+/// text comes with the trust (`Some`); else read it with
+/// [`project_text`] ([`TrustedProjects::code_read`]).
+pub fn trusts_project_file(
+    dir: &Path,
+    file: &Path,
+    limit: u64,
+) -> Result<(CodeTrust, Option<Option<String>>), ConfigError> {
+    Ok(site_trusted(&site_paths())?.code_read(dir, file, limit))
 }
 
 /// The text of the project file in `dir` (`dir/noyau.toml`), if there is
@@ -740,7 +756,9 @@ impl Config {
     fn add(&mut self, path: &Path, text: &str, role: Role<'_>) -> Result<(), ConfigError> {
         let file: File = toml::from_str(text).map_err(|e| ConfigError::File {
             path: path.into(),
-            message: explain(&e),
+            // A project's file may be anyone's, or a link to one of the
+            // user's (the banner would show its line): not quoted.
+            message: explain(&e, text, !matches!(role, Role::Project(_))),
         })?;
         let bad = |message: String| ConfigError::File {
             path: path.into(),
@@ -961,9 +979,18 @@ pub fn resolve_from(
     Ok((backend, profile))
 }
 
-/// toml's message with its position, plus the closest valid key for an unknown one.
-fn explain(e: &toml::de::Error) -> String {
-    let mut s = e.to_string().trim_end().to_string();
+/// toml's message with its position, plus the closest valid key for an
+/// unknown one; the offending line of `text` quoted only when `quote`
+/// (the site's or the user's own file), else its line and column.
+fn explain(e: &toml::de::Error, text: &str, quote: bool) -> String {
+    let mut s = if quote {
+        e.to_string().trim_end().to_string()
+    } else {
+        let at = toml_error_at(e, text).map_or_else(String::new, |(line, col)| {
+            format!("TOML parse error at line {line}, column {col}: ")
+        });
+        format!("{at}{}", e.message().trim_end())
+    };
     let msg = e.message();
     if let Some(rest) = msg.strip_prefix("unknown field `") {
         if let Some(word) = rest.split('`').next() {
@@ -990,6 +1017,27 @@ fn explain(e: &toml::de::Error) -> String {
         }
     }
     s
+}
+
+/// Where in `text` toml's error `e` is, as a line and a column, if toml
+/// says: for messages that place an error in a file whose text must not be
+/// quoted (toml's own message quotes the line).
+pub fn toml_error_at(e: &toml::de::Error, text: &str) -> Option<(usize, usize)> {
+    e.span().map(|s| line_col(text, s.start))
+}
+
+/// The line and column (from 1, in characters) of byte `at` of `text`.
+fn line_col(text: &str, at: usize) -> (usize, usize) {
+    let mut at = at.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    let before = &text[..at];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (
+        before.matches('\n').count() + 1,
+        before[line_start..].chars().count() + 1,
+    )
 }
 
 #[cfg(test)]

@@ -124,7 +124,35 @@ fn a_symlinked_project_file_is_refused_unless_its_directory_is_trusted() {
     assert_refused(&e, &project, "is a symlink");
     assert!(e.contains("replace the link with a copy"), "{e}");
     let (user, _) = setup(d.path(), &[project.parent().unwrap().display().to_string()]);
+    // Trusted for reading, but a link out of the directory is not
+    // followed: it could lead to a file of the user's an error would show.
+    let e = load(&user, &project).unwrap_err();
+    assert!(
+        e.contains("is a link that leads out of its directory"),
+        "{e}"
+    );
+    std::fs::remove_file(&project).unwrap();
+    let inside = project.with_file_name("team.toml");
+    write(&inside, PROFILE);
+    std::os::unix::fs::symlink("team.toml", &project).unwrap();
     assert_eq!(load(&user, &project).unwrap().names(), ["p"]);
+}
+
+/// A project's file that does not parse (read whoever wrote it, under a
+/// site's wildcard: perhaps a link to a file of the user's) is reported
+/// by line and column, its text not quoted; the user's own file is.
+#[test]
+fn a_project_files_text_is_not_quoted_in_a_parse_error() {
+    let d = tempfile::tempdir().unwrap();
+    let project = d.path().join("proj/noyau.toml");
+    let (user, _) = setup(d.path(), &[project.parent().unwrap().display().to_string()]);
+    write(&project, "[profiles.p]\nhttps://me:s3cret@example.org\n");
+    let e = load(&user, &project).unwrap_err();
+    assert!(!e.contains("s3cret"), "{e}");
+    assert!(e.contains("at line 2, column"), "{e}");
+    write(&user, "https://me:mine@example.org\n");
+    let e = load(&user, &project).unwrap_err();
+    assert!(e.contains("me:mine@example.org"), "the user's own: {e}");
 }
 
 #[test]
@@ -636,7 +664,11 @@ fn a_users_wildcard_trusts_only_files_no_one_else_could_write() {
     chmod(&lock, 0o644);
     let trusted = || Config::load_from(&site).unwrap().trusted_projects;
     assert_eq!(code_refusal(&site, &project), None, "mine, closed");
-    assert!(trusted().code_with(&dir, Some(&lock)).is_trusted());
+    // The trust is decided on what was read, and that text is the one
+    // used (not a second read, which a swap in between could change).
+    let (trust, text) = trusted().code_read(&dir, &lock, 1 << 20);
+    assert!(trust.is_trusted());
+    assert_eq!(text, Some(Some("six==1.16.0\n".to_string())));
     // A group-writable noyau.toml: its profiles' code, and the project's.
     chmod(&project, 0o664);
     let e = code_refusal(&site, &project).expect("group-writable noyau.toml: refused");
@@ -667,7 +699,8 @@ fn a_users_wildcard_trusts_only_files_no_one_else_could_write() {
     write(&project, CODE);
     chmod(&project, 0o644);
     chmod(&lock, 0o666);
-    let trust = trusted().code_with(&dir, Some(&lock));
+    let (trust, text) = trusted().code_read(&dir, &lock, 1 << 20);
+    assert_eq!(text, None, "read again as any project file, untrusted");
     assert!(
         !trust.is_trusted()
             && trust.note().contains(&format!(
@@ -681,7 +714,7 @@ fn a_users_wildcard_trusts_only_files_no_one_else_could_write() {
     chmod(&project, 0o666);
     setup(d.path(), &[dir.display().to_string()]);
     assert_eq!(code_refusal(&site, &project), None, "exact entry");
-    assert!(trusted().code_with(&dir, Some(&lock)).is_trusted());
+    assert!(trusted().code_read(&dir, &lock, 1 << 20).0.is_trusted());
 }
 
 /// A directory another user made under the user's wildcard (theirs, so

@@ -21,6 +21,8 @@ use std::path::{Path, PathBuf};
 
 use noyau_trust::{Expect, Mode, Owner};
 
+use crate::files::Origin;
+
 /// Whose config file an entry is in, which decides what it grants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Grantor {
@@ -127,20 +129,45 @@ impl TrustedProjects {
     /// only the user or root can have made ([`secure_dir`]), whose
     /// noyau.toml only they can have written ([`secure_file`]).
     pub fn code(&self, dir: &Path) -> CodeTrust {
-        self.code_with(dir, None)
+        self.code_if(dir, &mut || Ok(()))
     }
 
-    /// [`code`](Self::code), and under a wildcard the project's `file`
-    /// too (a lock file it names), held to noyau.toml's rule: what a
-    /// wildcard trusts is what no one else could have written, the files
-    /// whose code is run as much as their directory.
-    pub fn code_with(&self, dir: &Path, file: Option<&Path>) -> CodeTrust {
+    /// [`code`](Self::code), for the code in `file` too, a file of the
+    /// project's that noyau reads (its lock file, a settings file a
+    /// notebook names), decided on what was read: under a wildcard,
+    /// `file` is read here, opened without following a link and checked
+    /// on what was opened (the user's or root's, closed to group and
+    /// others), in directories from the project's down to it that are
+    /// closed too ([`secure_dir`]); a file checked by its path after it
+    /// was read could have been swapped in between. The text comes with
+    /// the trust when this read decided it (`Some(None)`: there is no
+    /// file); else (an exact entry, no trust, or a file that failed) the
+    /// caller reads it as any project file, its code untrusted if so.
+    pub fn code_read(
+        &self,
+        dir: &Path,
+        file: &Path,
+        limit: u64,
+    ) -> (CodeTrust, Option<Option<String>>) {
+        let mut text = None;
+        let trust = self.code_if(dir, &mut || {
+            file.parent().map_or(Ok(()), secure_dir)?;
+            text = Some(secure_text(file, limit)?);
+            Ok(())
+        });
+        let text = text.filter(|_| trust.is_trusted());
+        (trust, text)
+    }
+
+    /// [`code`](Self::code), where a wildcard's trust also needs
+    /// `file_ok` (what it says: why not).
+    fn code_if(&self, dir: &Path, file_ok: &mut dyn FnMut() -> Result<(), String>) -> CodeTrust {
         let real = resolved(dir);
         let mut notes = Vec::new();
-        let secure = || {
+        let mut secure = || {
             secure_dir(dir)?;
             secure_file(&dir.join(crate::PROJECT_FILE))?;
-            file.map_or(Ok(()), secure_file)
+            file_ok()
         };
         for e in self.0.iter().filter(|e| e.names(&real)) {
             match (e.from, e.wildcard) {
@@ -149,8 +176,8 @@ impl TrustedProjects {
                     Ok(()) => return CodeTrust::Trusted,
                     Err(why) => notes.push(format!(
                         "Your trusted_projects entry \"{}\" does not trust its code: {why}; a \
-                         wildcard trusts only directories, and the noyau.toml and lock file in \
-                         them, that you or root own and that no one else could have written or \
+                         wildcard trusts only directories, and the noyau.toml, lock file and \
+                         settings files in them, that you or root own and that no one else could have written or \
                          put there (no link followed). Or trust this one directory by an exact \
                          entry, if you trust everyone who can write in it: `noyau trust {}`.",
                         e.shown(),
@@ -245,15 +272,36 @@ fn secure_file(file: &Path) -> Result<(), String> {
         .map_err(|e| refused(file, e))
 }
 
-/// `e`, a refusal of `p`, as a reason; a directory or file writable by
-/// its group alone gets the way out of a private group's umask (002).
+/// The text of `file` (None: there is none), a project's file under a
+/// wildcard entry, if no one but the user or root could have written
+/// what was read: opened without following a link, the user's or
+/// root's, not writable by group or others; else why not.
+fn secure_text(file: &Path, limit: u64) -> Result<Option<String>, String> {
+    match crate::files::read(file, Origin::Project { trusted: false }, limit, None) {
+        Ok(text) => Ok(text),
+        Err(crate::ConfigError::UntrustedProject { path, problem, .. }) => {
+            Err(problem_text(&path, &problem))
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `e`, a refusal of `p`, as a reason ([`problem_text`]).
 fn refused(p: &Path, e: noyau_trust::TrustError) -> String {
     match e.problem() {
-        Some(problem @ noyau_trust::Problem::OthersWrite { mode }) => {
+        Some(problem) => problem_text(p, problem),
+        None => e.to_string(),
+    }
+}
+
+/// `problem` of `p` as a reason; a directory or file writable by its
+/// group alone gets the way out of a private group's umask (002).
+fn problem_text(p: &Path, problem: &noyau_trust::Problem) -> String {
+    match problem {
+        noyau_trust::Problem::OthersWrite { mode } => {
             format!("{} {problem}{}", p.display(), group_hint(p, *mode))
         }
-        Some(problem) => format!("{} {problem}", p.display()),
-        None => e.to_string(),
+        _ => format!("{} {problem}", p.display()),
     }
 }
 

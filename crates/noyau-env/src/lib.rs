@@ -85,8 +85,8 @@ pub enum EnvError {
     /// A file a notebook, a cell or a project names that is not in its
     /// directory ([`named`]).
     #[error(
-        "{what} names {}, which {why}: a notebook, a cell or a project may name only files in \
-         its own directory ({}), since noyau reads them on this host, outside any sandbox, and \
+        "{what} names {}, which is not in the notebook's or project's directory ({}): a \
+         notebook, a cell or a project may name only files in its own directory, since noyau reads them on this host, outside any sandbox, and \
          what it reads may be shown. Copy the file into that directory; or, if the file is \
          yours and you meant it, give it yourself: `noyau run --env FILE`, or NOYAU_ENV in \
          your kernelspec", path.display(), dir.display()
@@ -95,8 +95,40 @@ pub enum EnvError {
         /// The source and key (`%noyau env file`, `lock_file in …`).
         what: String,
         path: std::path::PathBuf,
-        why: String,
         /// The project's directory, resolved.
+        dir: std::path::PathBuf,
+    },
+    /// A local image a notebook, a cell or a project names that is not in
+    /// its directory, nor readable by everyone ([`named::check_image`]).
+    #[error(
+        "{what} names {}, which is neither in the notebook's or project's directory ({}) nor \
+         readable by everyone on this host (or does not exist): noyau hashes a local image and \
+         shows and records its sha256, so an untrusted notebook may name only such an image. \
+         If the image is meant to be shared, make it readable by others (`chmod o+r`, and its \
+         directories `o+x`); if you trust this project, `noyau trust {}`; or give the image \
+         yourself: `noyau run --env FILE`, or NOYAU_ENV in your kernelspec",
+        path.display(), dir.display(), dir.display()
+    )]
+    PrivateImage {
+        /// The source and key (`image in …`).
+        what: String,
+        path: std::path::PathBuf,
+        /// The project's directory, resolved.
+        dir: std::path::PathBuf,
+    },
+    /// A file a notebook, a cell or a project names, when its directory
+    /// is `/`, the user's home or above it: every file of theirs is in it.
+    #[error(
+        "{what}: the notebook's or project's directory is {}, which holds all your files: a \
+         notebook there may not name files for noyau to read. To use it, move the notebook \
+         into a directory of its own (with the files it names); or, if the file is yours and \
+         you meant it, give it yourself: `noyau run --env FILE`, or NOYAU_ENV in your \
+         kernelspec", dir.display()
+    )]
+    ProjectTooBroad {
+        /// The source and key (`%noyau env file`, `lock_file in …`).
+        what: String,
+        /// The directory, resolved.
         dir: std::path::PathBuf,
     },
     /// A data file whose bytes are not the ones declared; nothing was kept.

@@ -23,61 +23,154 @@
 
 use std::path::{Path, PathBuf};
 
+use noyau_config::CodeTrust;
+
 use crate::sources::Author;
 use crate::EnvError;
 
 /// The text of the file at `path` (absolute) that `what` names for
-/// `author`, None when there is none. `user` reads a file of the user's
-/// own source (the `--env` file's reader, or the lock's).
+/// `author`, None when there is none, and whether the code it names is
+/// trusted, decided on the text read ([`noyau_config::trusts_project_file`]:
+/// under a wildcard, what a strict read of the file gave; else the file is
+/// read as any project file, its code trusted as its directory's). `user`
+/// reads a file of the user's own source (the `--env` file's reader, or
+/// the lock's).
 pub(crate) fn read(
     path: &Path,
     author: &Author,
     what: &str,
     limit: u64,
     user: fn(&Path, u64) -> Result<Option<String>, noyau_config::ConfigError>,
-) -> Result<Option<String>, EnvError> {
+) -> Result<Option<(String, CodeTrust)>, EnvError> {
     match author {
-        Author::User => Ok(user(path, limit)?),
+        Author::User => Ok(user(path, limit)?.map(|t| (t, CodeTrust::Trusted))),
         Author::Project(dir) => match inside(path, dir, what)? {
-            Some(real) => Ok(noyau_config::project_text(&real, limit)?),
+            Some(real) => {
+                let (trust, strict) = noyau_config::trusts_project_file(dir, path, limit)?;
+                let text = match strict {
+                    Some(text) => text,
+                    None => noyau_config::project_text(&real, limit)?,
+                };
+                Ok(text.map(|t| (t, trust)))
+            }
             None => Ok(None),
         },
     }
 }
 
+/// Refuses `path` (absolute), a local image `what` names for `author`
+/// (noyau hashes it, and shows and records the sha256), unless the user
+/// named it, `trusted` (the source's code is), it is readable by everyone
+/// on this host ([`readable_by_all`]: a site's shared image, whose hash
+/// anyone can take), or it is in the project's directory ([`inside`]).
+/// A private file of the user's elsewhere is refused: its hash would be
+/// shown to the notebook's author.
+pub(crate) fn check_image(
+    path: &Path,
+    author: &Author,
+    what: &str,
+    trusted: bool,
+) -> Result<(), EnvError> {
+    let Author::Project(dir) = author else {
+        return Ok(());
+    };
+    if trusted || readable_by_all(path) {
+        return Ok(());
+    }
+    match inside(path, dir, what) {
+        Ok(_) => Ok(()),
+        Err(EnvError::OutsideProject { what, path, dir }) => {
+            Err(EnvError::PrivateImage { what, path, dir })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether `path` is a regular file that anyone on this host may read:
+/// readable by others, in directories others may search.
+fn readable_by_all(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(real) = std::fs::canonicalize(path) else {
+        return false;
+    };
+    let mode = |p: &Path| std::fs::metadata(p).map(|m| (m.is_file(), m.permissions().mode()));
+    matches!(mode(&real), Ok((true, m)) if m & 0o004 != 0)
+        && real
+            .ancestors()
+            .skip(1)
+            .all(|d| matches!(mode(d), Ok((false, m)) if m & 0o001 != 0))
+}
+
 /// `path` resolved, if it is in `dir` (resolved too); None when it does
 /// not exist but its directory is in `dir`; else a refusal.
 fn inside(path: &Path, dir: &Path, what: &str) -> Result<Option<PathBuf>, EnvError> {
+    inside_home(path, dir, what, &homes())
+}
+
+/// The user's home directories: `$HOME` and their passwd entry's (`$HOME`
+/// may be unset, or not the one their files are in).
+fn homes() -> Vec<PathBuf> {
+    let passwd = nix::unistd::User::from_uid(nix::unistd::getuid())
+        .ok()
+        .flatten();
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(passwd.map(|u| u.dir))
+        .collect()
+}
+
+/// [`inside`], `homes` the user's home directories. A project directory
+/// that is `/`, a home or above it holds every file of the user's: a
+/// notebook there (downloaded into `~`, a console started in `~`) may
+/// name none.
+fn inside_home(
+    path: &Path,
+    dir: &Path,
+    what: &str,
+    homes: &[PathBuf],
+) -> Result<Option<PathBuf>, EnvError> {
     let real_dir = std::fs::canonicalize(dir)
         .map_err(|e| EnvError::io(format!("resolving {}", dir.display()), e))?;
-    let outside = |why: String| EnvError::OutsideProject {
+    let under_dir = |h: &PathBuf| std::fs::canonicalize(h).is_ok_and(|h| h.starts_with(&real_dir));
+    if real_dir == Path::new("/") || homes.iter().any(under_dir) {
+        return Err(EnvError::ProjectTooBroad {
+            what: what.into(),
+            dir: real_dir,
+        });
+    }
+    // One answer for every file outside, missing or not, linked or not,
+    // and never where it leads: else a notebook could learn whether a
+    // file of the user's exists, or where a link of theirs points.
+    let outside = || EnvError::OutsideProject {
         what: what.into(),
         path: path.into(),
-        why,
         dir: real_dir.clone(),
     };
     match std::fs::canonicalize(path) {
         Ok(real) if real.starts_with(&real_dir) => Ok(Some(real)),
-        Ok(real) if real == path => Err(outside("is not in it".into())),
-        Ok(real) => Err(outside(format!("leads out of it (to {})", real.display()))),
+        Ok(_) => Err(outside()),
         // A missing file is said to be missing only where the project may
-        // name one: elsewhere that would tell whether a file exists.
+        // name one, and only if nothing is there: a dangling link in the
+        // directory (git stores links) would else tell whether its target
+        // (`/home/victim/.ssh/id_rsa`) exists.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let parent = path.parent().and_then(|p| std::fs::canonicalize(p).ok());
+            let nothing = matches!(std::fs::symlink_metadata(path),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound);
             match parent {
-                Some(p) if p.starts_with(&real_dir) => Ok(None),
-                _ => Err(outside("is not in it".into())),
+                Some(p) if p.starts_with(&real_dir) && nothing => Ok(None),
+                _ => Err(outside()),
             }
         }
-        Err(e) => Err(EnvError::io(format!("resolving {}", path.display()), e)),
+        Err(_) => Err(outside()),
     }
 }
 
 /// A TOML file that does not parse: where, and the parser's reason, but
 /// not the offending text (toml's own message quotes the line).
 pub(crate) fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> EnvError {
-    let at = e.span().map_or_else(String::new, |s| {
-        let (line, col) = line_col(text, s.start);
+    let at = noyau_config::toml_error_at(e, text).map_or_else(String::new, |(line, col)| {
         format!(" at line {line}, column {col}")
     });
     EnvError::Invalid(format!(
@@ -98,16 +191,62 @@ pub(crate) fn json_error(path: &Path, e: &serde_json::Error) -> EnvError {
     EnvError::Invalid(format!("{} is not valid JSON: {why}", path.display()))
 }
 
-/// The line and column (from 1, in characters) of byte `at` of `text`.
-fn line_col(text: &str, at: usize) -> (usize, usize) {
-    let mut at = at.min(text.len());
-    while !text.is_char_boundary(at) {
-        at -= 1;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A notebook in `/`, in the home directory or above it may not name
+    /// a file for noyau to read: every file of the user's is "in" it.
+    #[test]
+    fn a_notebook_in_the_home_directory_or_above_names_no_file() {
+        let d = tempfile::tempdir().unwrap();
+        let home = d.path().join("home/me");
+        std::fs::create_dir_all(home.join("proj")).unwrap();
+        std::fs::write(home.join(".netrc"), "machine x password p\n").unwrap();
+        std::fs::write(home.join("proj/env.toml"), "").unwrap();
+        // $HOME elsewhere (or unset): the passwd entry's home counts too.
+        let homes = [d.path().join("elsewhere"), home.clone()];
+        for dir in [home.clone(), d.path().join("home"), PathBuf::from("/")] {
+            let e = inside_home(&home.join(".netrc"), &dir, "lock_file", &homes).unwrap_err();
+            assert!(matches!(e, EnvError::ProjectTooBroad { .. }), "{e}");
+            let e = e.to_string();
+            assert!(
+                e.contains("move the notebook into a directory of its own")
+                    && e.contains("--env FILE"),
+                "{e}"
+            );
+        }
+        let proj = home.join("proj");
+        let ok = inside_home(&proj.join("env.toml"), &proj, "lock_file", &homes).unwrap();
+        assert!(ok.is_some());
     }
-    let before = &text[..at];
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    (
-        before.matches('\n').count() + 1,
-        before[line_start..].chars().count() + 1,
-    )
+
+    /// Every file outside gets one answer: whether it exists, and where a
+    /// link leads, is not told.
+    #[test]
+    fn every_file_outside_gets_one_answer() {
+        let d = tempfile::tempdir().unwrap();
+        let proj = d.path().join("proj");
+        std::fs::create_dir(&proj).unwrap();
+        let secret = d.path().join("secret");
+        std::fs::write(&secret, "x").unwrap();
+        std::os::unix::fs::symlink(&secret, proj.join("link")).unwrap();
+        let said = |p: &Path| {
+            inside_home(p, &proj, "lock_file", &[])
+                .unwrap_err()
+                .to_string()
+                .replace(&p.display().to_string(), "PATH")
+        };
+        // A link in the directory to a file outside, existing or not.
+        std::os::unix::fs::symlink(d.path().join("missing"), proj.join("dangling")).unwrap();
+        let existing = said(&secret);
+        assert_eq!(existing, said(&d.path().join("missing")));
+        assert_eq!(existing, said(&proj.join("link")));
+        assert_eq!(existing, said(&proj.join("dangling")));
+        // A file missing in the directory is said to be missing.
+        assert!(inside_home(&proj.join("none"), &proj, "lock_file", &[])
+            .unwrap()
+            .is_none());
+        assert!(!said(&proj.join("link")).contains(&secret.display().to_string()));
+    }
 }

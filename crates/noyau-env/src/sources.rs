@@ -44,8 +44,10 @@ pub struct Source {
     pub author: Author,
     /// The file the table was read from, if one was (`--env FILE`): a
     /// refusal then names its keys, not their values, which may be a
-    /// file's the notebook had noyau read ([`crate::named`]).
-    pub file: Option<PathBuf>,
+    /// file's the notebook had noyau read ([`crate::named`]). With
+    /// whether its code is trusted, decided on what was read: every key
+    /// of the source is trusted as that file.
+    pub file: Option<(PathBuf, noyau_config::CodeTrust)>,
 }
 
 /// Who wrote a source, which decides whether it may name code that runs
@@ -180,7 +182,7 @@ fn from_spec(arg: &str, cwd: &Path, author: Author) -> Result<Source, EnvError> 
     }
     let path = absolute(cwd, Path::new(t));
     let what = format!("--env {t:?}");
-    let text = crate::named::read(
+    let (text, trust) = crate::named::read(
         &path,
         &author,
         &what,
@@ -212,7 +214,7 @@ fn from_spec(arg: &str, cwd: &Path, author: Author) -> Result<Source, EnvError> 
         table,
         base,
         author,
-        file: Some(path),
+        file: Some((path, trust)),
     })
 }
 
@@ -309,10 +311,18 @@ pub fn merge(sources: &[Source], notebook_dir: &Path) -> Result<Option<EnvSpec>,
             refuse_untrusted(from[k], None, k, why.into(), crate::trust::Risk::Loosens)?;
         }
     }
+    if let Some(Value::String(image)) = merged.get("image") {
+        if !image.contains("://") {
+            let s = from["image"];
+            let trusted = untrusted_dir(s, None)?.is_none();
+            let what = format!("image in {}", s.what);
+            crate::named::check_image(Path::new(image), &s.author, &what, trusted)?;
+        }
+    }
     merged
         .entry("notebook_dir")
         .or_insert_with(|| Value::String(notebook_dir.display().to_string()));
-    let lock_file = match from.get("lock_file") {
+    let lock_trust = match from.get("lock_file") {
         Some(s) => Some(read_lock_file(&mut merged, s)?),
         None => None,
     };
@@ -325,17 +335,24 @@ pub fn merge(sources: &[Source], notebook_dir: &Path) -> Result<Option<EnvSpec>,
         })?;
     // A lock_file is checked once read, as a lock (its lines by number:
     // the file may not be the project's own).
-    // (Its trust is the file's: under a wildcard entry, a lock file others
-    // could have written is not trusted, [`noyau_config::trusts_project_file`].)
-    let lock_file = lock_file.as_deref();
+    // (Its trust is the file's, decided on what was read: under a wildcard
+    // entry, a lock file others could have written is not trusted,
+    // [`noyau_config::trusts_project_file`].)
+    let lock_trust = lock_trust.as_ref();
     if let (Some(s), Some(lock)) = (from.get("lock_file"), &spec.lock) {
         if let Some(why) = crate::trust::lock_names_code(lock, crate::trust::Show::LineNumbers) {
-            refuse_untrusted(s, lock_file, "lock_file", why, crate::trust::Risk::RunsCode)?;
+            refuse_untrusted(
+                s,
+                lock_trust,
+                "lock_file",
+                why,
+                crate::trust::Risk::RunsCode,
+            )?;
         }
     }
     for k in ["requirements", "lock", "lock_file"] {
         if let Some(s) = from.get(k) {
-            let file = if k == "lock_file" { lock_file } else { None };
+            let file = if k == "lock_file" { lock_trust } else { None };
             spec.wheels_only |= untrusted_dir(s, file)?.is_some();
         }
     }
@@ -351,8 +368,12 @@ fn show(s: &Source) -> crate::trust::Show {
 }
 
 /// Replaces `lock_file` in `merged` (set by `s`) with the `lock` it
-/// holds, read as `s`'s author may name it ([`crate::named`]).
-fn read_lock_file(merged: &mut Map<String, Value>, s: &Source) -> Result<PathBuf, EnvError> {
+/// holds, read as `s`'s author may name it ([`crate::named`]); whether
+/// its code is trusted, decided on what was read.
+fn read_lock_file(
+    merged: &mut Map<String, Value>,
+    s: &Source,
+) -> Result<noyau_config::CodeTrust, EnvError> {
     let Some(Value::String(f)) = merged.remove("lock_file") else {
         return Err(EnvError::Invalid("`lock_file` is a path".into()));
     };
@@ -364,51 +385,56 @@ fn read_lock_file(merged: &mut Map<String, Value>, s: &Source) -> Result<PathBuf
     }
     let path = PathBuf::from(&f);
     let what = format!("lock_file in {}", s.what);
-    let text = crate::named::read(
+    let (text, trust) = crate::named::read(
         &path,
         &s.author,
         &what,
         noyau_config::MAX_LOCK_SIZE,
-        // The user's own lock, read as before: theirs or root's.
-        noyau_config::project_text,
+        // The user's own lock (their `--env` file's): anyone's, as the
+        // `--env` file itself, but a regular file of bounded size; not
+        // held to a trusted directory's rules (a wildcard's link check).
+        noyau_config::named_text,
     )?
     .ok_or_else(|| EnvError::Invalid(format!("cannot read {what} ({f}): it does not exist")))?;
     merged.insert("lock".into(), Value::String(text));
-    Ok(path)
+    Ok(trust)
 }
 
 /// The project directory of a source the user does not trust, if it is
 /// one, with why the entries that name it do not trust it
-/// ([`noyau_config::CodeTrust::note`]); for the code in `file`, a file
-/// of the project's, when given.
+/// ([`noyau_config::CodeTrust::note`]); for the code in a file of the
+/// project's, `file` its trust when given (a lock file's: trusted only
+/// if the file `s` was read from, which named it, is too), else that of
+/// the file `s` was read from ([`Source::file`]: under a wildcard, a
+/// settings file others could have written is no more trusted than such
+/// a lock file).
 fn untrusted_dir<'a>(
     s: &'a Source,
-    file: Option<&Path>,
+    file: Option<&noyau_config::CodeTrust>,
 ) -> Result<Option<(&'a Path, String)>, EnvError> {
-    match &s.author {
-        Author::User => Ok(None),
-        Author::Project(dir) => Ok(match trust(dir, file)? {
-            noyau_config::CodeTrust::Trusted => None,
-            noyau_config::CodeTrust::Untrusted { note } => Some((dir.as_path(), note)),
-        }),
-    }
-}
-
-/// Whether the user trusts the code of the project in `dir` (in `file`,
-/// if given).
-fn trust(dir: &Path, file: Option<&Path>) -> Result<noyau_config::CodeTrust, EnvError> {
-    Ok(match file {
-        Some(f) => noyau_config::trusts_project_file(dir, f)?,
-        None => noyau_config::trusts_project(dir)?,
+    let Author::Project(dir) = &s.author else {
+        return Ok(None);
+    };
+    // A lock a settings file names is trusted only if both are: the
+    // settings file chose which lock.
+    let trust = match (file, s.file.as_ref().map(|(_, t)| t)) {
+        (Some(noyau_config::CodeTrust::Trusted), Some(t)) | (Some(t), _) | (None, Some(t)) => {
+            t.clone()
+        }
+        (None, None) => noyau_config::trusts_project(dir)?,
+    };
+    Ok(match trust {
+        noyau_config::CodeTrust::Trusted => None,
+        noyau_config::CodeTrust::Untrusted { note } => Some((dir.as_path(), note)),
     })
 }
 
 /// Refuses `key` of `s` (which names code or loosens the sandbox: `why`,
-/// `risk`) unless the user trusts `s` (and `file`, the file of `s`'s it
-/// was read from, if any).
+/// `risk`) unless the user trusts `s` (and `file`, the trust of the file
+/// of `s`'s it was read from, if any).
 fn refuse_untrusted(
     s: &Source,
-    file: Option<&Path>,
+    file: Option<&noyau_config::CodeTrust>,
     key: &str,
     why: String,
     risk: crate::trust::Risk,
@@ -1075,6 +1101,95 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("may not set isolation"), "{e}");
+    }
+
+    /// A lock a settings file names is trusted only if the settings file
+    /// is too (it chose the lock).
+    #[test]
+    fn a_lock_is_no_more_trusted_than_the_settings_file_naming_it() {
+        use noyau_config::CodeTrust;
+        let d = tempfile::tempdir().unwrap();
+        let untrusted = CodeTrust::Untrusted {
+            note: "writable by its group".into(),
+        };
+        let source = |file: Option<CodeTrust>| Source {
+            what: "%noyau env file e.toml".into(),
+            table: Map::new(),
+            base: d.path().into(),
+            author: Author::Project(d.path().into()),
+            file: file.map(|t| (d.path().join("e.toml"), t)),
+        };
+        let s = source(Some(untrusted.clone()));
+        let (_, note) = untrusted_dir(&s, Some(&CodeTrust::Trusted))
+            .unwrap()
+            .unwrap();
+        assert_eq!(note, "writable by its group");
+        let s = source(Some(CodeTrust::Trusted));
+        assert!(untrusted_dir(&s, Some(&untrusted)).unwrap().is_some());
+        assert!(untrusted_dir(&s, Some(&CodeTrust::Trusted))
+            .unwrap()
+            .is_none());
+    }
+
+    /// A notebook's local image must be in its directory, or readable by
+    /// everyone (a site's shared image): noyau hashes it and records (and
+    /// shows) the sha256 of whatever file it names.
+    #[test]
+    fn a_notebooks_image_must_be_in_its_directory_or_shared() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("nb");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(d.path().join(".pgpass"), "x").unwrap();
+        std::fs::write(dir.join("img.sif"), "x").unwrap();
+        let chmod =
+            |p: &Path, m| std::fs::set_permissions(p, PermissionsExt::from_mode(m)).unwrap();
+        // /apps/containers: others may search it and read its images.
+        let apps = d.path().join("apps");
+        std::fs::create_dir(&apps).unwrap();
+        for (f, m) in [("pytorch.sif", 0o644), ("mine.sif", 0o600)] {
+            std::fs::write(apps.join(f), "x").unwrap();
+            chmod(&apps.join(f), m);
+        }
+        chmod(d.path(), 0o755);
+        chmod(&apps, 0o755);
+        let source = |image: &str| Source {
+            what: "the notebook's metadata".into(),
+            table: serde_json::from_value(json!({"kind": "apptainer", "image": image})).unwrap(),
+            base: dir.clone(),
+            author: Author::Project(dir.clone()),
+            file: None,
+        };
+        chmod(&d.path().join(".pgpass"), 0o600);
+        let shared = apps.join("pytorch.sif");
+        let spec = merge(&[source(shared.to_str().unwrap())], &dir)
+            .unwrap()
+            .unwrap();
+        assert_eq!(spec.image.as_deref(), shared.to_str());
+        for private in ["../.pgpass", "../apps/mine.sif"] {
+            let e = merge(&[source(private)], &dir).unwrap_err();
+            assert!(matches!(e, EnvError::PrivateImage { .. }), "{e}");
+            let e = e.to_string();
+            assert!(
+                e.contains("readable by everyone") && !e.contains("Copy the file"),
+                "{e}"
+            );
+        }
+        // Readable, but in a directory others may not search.
+        chmod(&apps, 0o700);
+        let e = merge(&[source(shared.to_str().unwrap())], &dir).unwrap_err();
+        assert!(matches!(e, EnvError::PrivateImage { .. }), "{e}");
+        let spec = merge(&[source("img.sif")], &dir).unwrap().unwrap();
+        assert_eq!(
+            spec.image.as_deref(),
+            Some(dir.join("img.sif").to_str().unwrap())
+        );
+        // The user's own may be anywhere.
+        let mut mine = source("../.pgpass");
+        mine.author = Author::User;
+        assert!(merge(&[mine], &dir).is_ok());
+        // A URI is not a file.
+        assert!(merge(&[source("docker://x/y@sha256:00")], &dir).is_ok());
     }
 
     /// What the project's noyau.toml, the notebook's metadata and a cell

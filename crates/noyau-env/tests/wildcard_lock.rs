@@ -5,33 +5,16 @@
 //! binary: it sets `XDG_CONFIG_HOME` and `NOYAU_SYSTEM_CONFIG` for the
 //! process.
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+mod common;
 
+use common::{chmod, wildcard_project};
 use noyau_env::sources::for_notebook;
 use noyau_env::EnvError;
-
-fn chmod(p: &Path, mode: u32) {
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
-}
 
 #[test]
 fn a_lock_file_others_could_write_is_not_trusted_under_a_wildcard() {
     let d = tempfile::tempdir().unwrap();
-    let src = d.path().join("src");
-    let dir = src.join("proj");
-    std::fs::create_dir_all(&dir).unwrap();
-    chmod(&src, 0o755);
-    chmod(&dir, 0o755);
-    let config = d.path().join("config");
-    std::fs::create_dir_all(config.join("noyau")).unwrap();
-    std::fs::write(
-        config.join("noyau/config.toml"),
-        format!("trusted_projects = [\"{}/*\"]\n", src.display()),
-    )
-    .unwrap();
-    std::env::set_var("XDG_CONFIG_HOME", &config);
-    std::env::set_var("NOYAU_SYSTEM_CONFIG", d.path().join("none.toml"));
+    let dir = wildcard_project(d.path(), &[]);
     let project = dir.join("noyau.toml");
     std::fs::write(
         &project,
@@ -59,7 +42,7 @@ fn a_lock_file_others_could_write_is_not_trusted_under_a_wildcard() {
             "{} is writable by its group or others (mode 0664)",
             lock.display()
         )) && e.contains(&format!("`chmod g-w {}`", lock.display()))
-            && e.contains("a wildcard trusts only directories, and the noyau.toml and lock file"),
+            && e.contains("a wildcard trusts only directories, and the noyau.toml, lock file and settings files"),
         "{e}"
     );
     // A link to a lock elsewhere (the team's), even a closed one.
@@ -83,4 +66,33 @@ fn a_lock_file_others_could_write_is_not_trusted_under_a_wildcard() {
     chmod(&lock, 0o644);
     let spec = for_notebook(&dir, None, None, &dir).unwrap().unwrap();
     assert!(!spec.wheels_only, "the user's own closed lock is trusted");
+    // A closed lock in a subdirectory the group may write in: its
+    // directory is checked too (the group could have put it there).
+    let deps = dir.join("deps");
+    std::fs::create_dir(&deps).unwrap();
+    chmod(&deps, 0o775);
+    std::fs::rename(&lock, deps.join("r.lock")).unwrap();
+    std::fs::write(
+        &project,
+        "[environment]\nkind = \"python\"\nlock_file = \"deps/r.lock\"\n",
+    )
+    .unwrap();
+    let spec = for_notebook(&dir, None, None, &dir).unwrap().unwrap();
+    assert!(spec.wheels_only, "a lock in a group-writable directory");
+    chmod(&deps, 0o755);
+    let spec = for_notebook(&dir, None, None, &dir).unwrap().unwrap();
+    assert!(!spec.wheels_only, "a closed lock in a closed directory");
+    // The user's own `--env` file may name a lock anywhere, by a link out
+    // of its directory too (the wildcard's rules are for what a project
+    // names, not for what the user gives).
+    let mine = d.path().join("mine.lock");
+    std::fs::write(&mine, "six==1.16.0\n").unwrap();
+    std::os::unix::fs::symlink(&mine, dir.join("mine.lock")).unwrap();
+    let env = dir.join("env.toml");
+    std::fs::write(&env, "kind = \"python\"\nlock_file = \"mine.lock\"\n").unwrap();
+    std::fs::write(&project, "[environment]\nkind = \"python\"\n").unwrap();
+    let spec = for_notebook(&dir, None, Some(env.to_str().unwrap()), &dir)
+        .unwrap()
+        .unwrap();
+    assert_eq!(spec.lock.as_deref(), Some("six==1.16.0\n"));
 }

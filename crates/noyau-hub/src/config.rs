@@ -294,7 +294,6 @@ impl HubConfig {
             .with_context(|| format!("{} is not a valid hub configuration", path.display()))?;
         cfg.validate()
             .with_context(|| format!("in {}", path.display()))?;
-        cfg.unix_peer_is_the_proxy();
         cfg.proxy_secret = cfg.read_proxy_secret(path)?;
         Ok(cfg)
     }
@@ -395,16 +394,19 @@ impl HubConfig {
         Ok(())
     }
 
-    /// On a unix socket every request comes from the web server (only
-    /// `listen_group` connects) and shows as [`crate::listen::UNIX_PEER`]:
-    /// it is a proxy whether or not `proxy_addresses` says so. Else the
-    /// login throttle would key every client on that one address, and one
-    /// guesser would make all users wait.
-    fn unix_peer_is_the_proxy(&mut self) {
+    /// A warning for the hub's start, when `listen` is a unix socket and
+    /// the web server's address there ([`crate::listen::UNIX_PEER`]) is
+    /// not in `proxy_addresses`: every client then has that one address.
+    /// The hub does not trust its `X-Forwarded-For` unasked, since nginx
+    /// passes a client's own header on unless told to set it.
+    pub fn unix_peer_warning(&self) -> Option<&'static str> {
         let peer = crate::listen::UNIX_PEER.ip();
-        if matches!(self.listen, Listen::Unix(_)) && !self.proxy_addresses.contains(&peer) {
-            self.proxy_addresses.push(peer);
-        }
+        (matches!(self.listen, Listen::Unix(_)) && !self.proxy_addresses.contains(&peer)).then_some(
+            "listen is a unix socket and 127.0.0.1 is not in proxy_addresses: every client \
+             counts as 127.0.0.1 for the login throttle (one guesser makes every user wait): \
+             set proxy_addresses = [\"127.0.0.1\"] and have the web server set \
+             X-Forwarded-For ($remote_addr)",
+        )
     }
 
     fn validate(&self) -> anyhow::Result<()> {

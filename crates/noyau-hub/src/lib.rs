@@ -202,6 +202,9 @@ pub async fn run(config: PathBuf) -> anyhow::Result<()> {
     // of the reach of the commands the hub runs.
     let systemd = listenfd::ListenFd::from_env();
     let cfg = HubConfig::load(&config)?;
+    if let Some(warning) = cfg.unix_peer_warning() {
+        tracing::warn!("{warning}");
+    }
     let web = listen::Web::bind(&cfg.listen, cfg.listen_group.as_deref(), systemd).await?;
     let site = site::Site::load(&cfg).with_context(|| format!("in {}", config.display()))?;
     if cfg.auth == Auth::Pam {

@@ -479,17 +479,26 @@ mod tests {
             load("listen = \"unix:/run/noyau-hub/web.sock\"\nlisten_group = \"www-data\"").unwrap();
         assert_eq!(cfg.listen, Listen::Unix("/run/noyau-hub/web.sock".into()));
         assert_eq!(cfg.listen_group.as_deref(), Some("www-data"));
-        // Its one peer is the web server: the client's address (for the
-        // login throttle) comes from its X-Forwarded-For.
+        // Its one peer is the web server, whose X-Forwarded-For is taken
+        // only when proxy_addresses lists it (nginx passes a client's own
+        // header on unless told to set it); else a warning at start.
         let mut headers = axum::http::HeaderMap::new();
         headers.insert("x-forwarded-for", "192.0.2.7".parse().unwrap());
         let client = crate::auth::client_addr(&cfg, UNIX_PEER.ip(), &headers);
+        assert_eq!(client, UNIX_PEER.ip());
+        let warning = cfg.unix_peer_warning().unwrap();
+        assert!(
+            warning.contains("proxy_addresses = [\"127.0.0.1\"]"),
+            "{warning}"
+        );
+        let proxied =
+            load("listen = \"unix:/run/noyau-hub/web.sock\"\nproxy_addresses = [\"127.0.0.1\"]")
+                .unwrap();
+        assert_eq!(proxied.unix_peer_warning(), None);
+        let client = crate::auth::client_addr(&proxied, UNIX_PEER.ip(), &headers);
         assert_eq!(client.to_string(), "192.0.2.7");
         let tcp = load("listen = \"127.0.0.1:8000\"").unwrap();
-        assert_eq!(
-            crate::auth::client_addr(&tcp, UNIX_PEER.ip(), &headers),
-            UNIX_PEER.ip()
-        );
+        assert_eq!(tcp.unix_peer_warning(), None);
         // Only listen_group connects, but header mode still needs the
         // proxy's secret: a member of that group must not name a user.
         let e = format!(
