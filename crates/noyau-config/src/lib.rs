@@ -192,7 +192,7 @@ pub struct UntrustedKey {
 
 /// `note` as the last sentence of a message: after a `.` and a space,
 /// or nothing.
-fn spaced(note: &str) -> String {
+pub fn spaced(note: &str) -> String {
     if note.is_empty() {
         String::new()
     } else {

@@ -163,7 +163,7 @@ pub enum EnvError {
      copy the keys you have read and want into an environment of your own: a file or \
      table of yours given with `noyau run --env FILE_OR_TABLE`, or NOYAU_ENV in your \
      kernelspec (not the project's own file, which would be run as yours){}",
-    if note.is_empty() { String::new() } else { format!(". {note}") },
+    noyau_config::spaced(note),
     dir = dir.display(),
     user_file = user_file_shown()
 )]

@@ -42,12 +42,12 @@ pub struct Source {
     pub table: Map<String, Value>,
     pub base: PathBuf,
     pub author: Author,
-    /// The file the table was read from, if one was (`--env FILE`): a
-    /// refusal then names its keys, not their values, which may be a
-    /// file's the notebook had noyau read ([`crate::named`]). With
-    /// whether its code is trusted, decided on what was read: every key
-    /// of the source is trusted as that file.
-    pub file: Option<(PathBuf, noyau_config::CodeTrust)>,
+    /// Whether its code is trusted, if the table was read from a file
+    /// (`--env FILE`), decided on what was read: every key of the source
+    /// is trusted as that file, and a refusal names its keys, not their
+    /// values, which may be a file's the notebook had noyau read
+    /// ([`crate::named`]).
+    pub file: Option<noyau_config::CodeTrust>,
 }
 
 /// Who wrote a source, which decides whether it may name code that runs
@@ -214,7 +214,7 @@ fn from_spec(arg: &str, cwd: &Path, author: Author) -> Result<Source, EnvError> 
         table,
         base,
         author,
-        file: Some((path, trust)),
+        file: Some(trust),
     })
 }
 
@@ -417,7 +417,7 @@ fn untrusted_dir<'a>(
     };
     // A lock a settings file names is trusted only if both are: the
     // settings file chose which lock.
-    let trust = match (file, s.file.as_ref().map(|(_, t)| t)) {
+    let trust = match (file, s.file.as_ref()) {
         (Some(noyau_config::CodeTrust::Trusted), Some(t)) | (Some(t), _) | (None, Some(t)) => {
             t.clone()
         }
@@ -1117,7 +1117,7 @@ mod tests {
             table: Map::new(),
             base: d.path().into(),
             author: Author::Project(d.path().into()),
-            file: file.map(|t| (d.path().join("e.toml"), t)),
+            file,
         };
         let s = source(Some(untrusted.clone()));
         let (_, note) = untrusted_dir(&s, Some(&CodeTrust::Trusted))

@@ -365,8 +365,7 @@ impl Tunnel {
                 "stream {id} has {queued} bytes waiting, over its {WINDOW}-byte window"
             ));
         }
-        let total: u64 = streams.values().map(|s| s.shared.queued()).sum();
-        (total > MAX_QUEUED)
+        (queued_total(streams) > MAX_QUEUED)
             .then(|| format!("its streams have more than {MAX_QUEUED} bytes waiting together"))
     }
 
@@ -402,10 +401,7 @@ impl Tunnel {
 
     /// Bytes received on all streams and not yet consumed by their readers.
     pub fn queued_bytes(&self) -> u64 {
-        self.streams
-            .lock()
-            .map(|s| s.values().map(|s| s.shared.queued()).sum())
-            .unwrap_or(0)
+        self.streams.lock().map(|s| queued_total(&s)).unwrap_or(0)
     }
 
     /// Pumps bytes between stream `id` and `io` until both directions end;
@@ -549,6 +545,11 @@ pub enum Delivered {
     /// The peer broke the tunnel's limits (said why): every stream was
     /// reset, and the caller should close the link.
     Violation(String),
+}
+
+/// Bytes received on all of `streams` and not yet consumed.
+fn queued_total(streams: &HashMap<u64, Stream>) -> u64 {
+    streams.values().map(|s| s.shared.queued()).sum()
 }
 
 #[cfg(test)]
