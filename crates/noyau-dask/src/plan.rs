@@ -102,8 +102,13 @@ impl Plan {
         };
         let (worker, extra) = self.worker_profile()?;
         let lifetime = self.lifetime(&worker)?;
+        let mut scheduler = spec("scheduler", self.scheduler_profile()?, vec![]);
+        scheduler.env.insert(
+            EnvVars::NOYAU_DASK_FIRST_WORKERS.into(),
+            self.size.first().to_string(),
+        );
         Ok(Specs {
-            scheduler: spec("scheduler", self.scheduler_profile()?, vec![]),
+            scheduler,
             worker: spec("worker", worker, extra),
             lifetime,
         })

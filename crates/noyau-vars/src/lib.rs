@@ -112,6 +112,9 @@ impl EnvVars {
     pub const NOYAU_DASK_PYTHON: &'static str = "NOYAU_DASK_PYTHON";
     /// The grace period (seconds) the cluster's jobs give a silent owner.
     pub const NOYAU_DASK_OWNER_GRACE: &'static str = "NOYAU_DASK_OWNER_GRACE";
+    /// How many workers were submitted with the scheduler: its dashboard
+    /// loads once they are in (or at its first page), not while they register.
+    pub const NOYAU_DASK_FIRST_WORKERS: &'static str = "NOYAU_DASK_FIRST_WORKERS";
     /// The local port the proxy forwards the Dask dashboard to.
     pub const NOYAU_DASK_DASHBOARD_PORT: &'static str = "NOYAU_DASK_DASHBOARD_PORT";
 
