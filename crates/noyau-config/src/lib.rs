@@ -599,12 +599,15 @@ pub fn trusted_projects() -> Result<TrustedProjects, ConfigError> {
     site_trusted(&site_paths())
 }
 
-/// The text of the project file in `dir` (`dir/noyau.toml`), if there is
-/// one, checked as [`Config::load`] checks it: for the other readers of
+/// The project file in `dir` (`dir/noyau.toml`), if there is one: its
+/// path, its text, checked as [`Config::load`] checks it, and whether its
+/// code is trusted, decided on what was read; for the other readers of
 /// that file (noyau-env's `[environment]` and `[data]`).
-pub fn project_file(dir: &Path) -> Result<Option<(PathBuf, String)>, ConfigError> {
-    let path = dir.join(PROJECT_FILE);
-    Ok(project_text(&path, MAX_SIZE)?.map(|text| (path, text)))
+pub fn project_file(dir: &Path) -> Result<Option<(PathBuf, String, CodeTrust)>, ConfigError> {
+    let site = site_paths();
+    let name = Path::new(PROJECT_FILE);
+    let read = site_trusted(&site)?.read_in(dir, name, MAX_SIZE, false, site.user.as_deref())?;
+    Ok(read.map(|(text, trust)| (dir.join(name), text, trust)))
 }
 
 /// The text of a file of a project's (at most `limit` bytes), checked as

@@ -860,6 +860,8 @@ fn a_projects_noyau_toml_is_trusted_on_what_was_read() {
                 renameat2(AT_FDCWD, &project, AT_FDCWD, &other, flags).unwrap();
             }
         });
+        // (A failed assertion stops the swapping too: the scope waits for it.)
+        let stopper = StopOnDrop(&stop);
         let (mut ours, mut refused) = (0, 0);
         for _ in 0..2000 {
             let c = Config::load_with(&site, &project).unwrap();
@@ -872,7 +874,16 @@ fn a_projects_noyau_toml_is_trusted_on_what_was_read() {
                 Err(e) => panic!("{e}"),
             }
         }
-        stop.store(true, Ordering::Relaxed);
+        drop(stopper);
         assert!(ours > 0 && refused > 0, "ours {ours}, refused {refused}");
     });
+}
+
+/// Sets its flag when dropped, as a panic unwinds too.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }

@@ -179,7 +179,11 @@ impl TrustedProjects {
         } else {
             origin.expect()
         };
-        let beneath = Beneath::open(dir).map_err(|e| files::refusal(e, origin, user_file))?;
+        let beneath = match Beneath::open(dir) {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(files::refusal(e, origin, user_file)),
+        };
         let file = match beneath.open_file(&expect, rel) {
             Ok(f) => f,
             Err(e) if e.is_not_found() => return Ok(None),

@@ -48,6 +48,10 @@ pub struct Source {
     /// values, which may be a file's the notebook had noyau read
     /// ([`crate::named`]).
     pub file: Option<noyau_config::CodeTrust>,
+    /// Whether its code is trusted, when that was decided as it was read
+    /// (the project's noyau.toml: under a wildcard, on the file read, not
+    /// the one at its path afterwards); its values are still quoted.
+    pub read: Option<noyau_config::CodeTrust>,
 }
 
 /// Who wrote a source, which decides whether it may name code that runs
@@ -62,21 +66,24 @@ pub enum Author {
     Project(PathBuf),
 }
 
-/// `dir/noyau.toml`, its path and its TOML, if there is one: read as
-/// noyau-config reads a project's file (refused if another user could
-/// have written it, unless the user trusts `dir`).
-pub(crate) fn noyau_toml(dir: &Path) -> Result<Option<(PathBuf, toml::Table)>, EnvError> {
-    let Some((path, text)) = noyau_config::project_file(dir)? else {
+/// `dir/noyau.toml`, its path, its TOML and whether its code is trusted
+/// (decided on what was read), if there is one: read as noyau-config
+/// reads a project's file (refused if another user could have written
+/// it, unless the user trusts `dir`).
+pub(crate) fn noyau_toml(
+    dir: &Path,
+) -> Result<Option<(PathBuf, toml::Table, noyau_config::CodeTrust)>, EnvError> {
+    let Some((path, text, trust)) = noyau_config::project_file(dir)? else {
         return Ok(None);
     };
     let doc: toml::Table =
         toml::from_str(&text).map_err(|e| crate::named::toml_error(&path, &text, &e))?;
-    Ok(Some((path, doc)))
+    Ok(Some((path, doc, trust)))
 }
 
 /// The `[environment]` table of `dir/noyau.toml`, if there is one.
 pub fn from_noyau_toml(dir: &Path) -> Result<Option<Source>, EnvError> {
-    let Some((path, doc)) = noyau_toml(dir)? else {
+    let Some((path, doc, trust)) = noyau_toml(dir)? else {
         return Ok(None);
     };
     match doc.get("environment") {
@@ -87,6 +94,7 @@ pub fn from_noyau_toml(dir: &Path) -> Result<Option<Source>, EnvError> {
             base: dir.to_path_buf(),
             author: Author::Project(dir.to_path_buf()),
             file: None,
+            read: Some(trust),
         })),
     }
 }
@@ -122,6 +130,7 @@ pub fn from_metadata(metadata: &Value, notebook_dir: &Path) -> Result<Option<Sou
                 base: notebook_dir.to_path_buf(),
                 author: Author::Project(notebook_dir.to_path_buf()),
                 file: None,
+                read: None,
             }))
         }
     }
@@ -178,6 +187,7 @@ fn from_spec(arg: &str, cwd: &Path, author: Author) -> Result<Source, EnvError> 
             base: cwd.to_path_buf(),
             author,
             file: None,
+            read: None,
         });
     }
     let path = absolute(cwd, Path::new(t));
@@ -216,6 +226,7 @@ fn from_spec(arg: &str, cwd: &Path, author: Author) -> Result<Source, EnvError> 
         base,
         author,
         file: Some(trust),
+        read: None,
     })
 }
 
@@ -392,7 +403,7 @@ struct Judged<'a> {
 
 impl<'a> Judged<'a> {
     fn new(s: &'a Source, site: &mut Site) -> Result<Self, EnvError> {
-        let trust = match (&s.file, &s.author) {
+        let trust = match (s.file.as_ref().or(s.read.as_ref()), &s.author) {
             (Some(t), _) => t.clone(),
             (None, Author::Project(dir)) => site.get()?.code(dir),
             (None, Author::User) => noyau_config::CodeTrust::Trusted,
@@ -767,6 +778,7 @@ fn magic_source(args: &str, cwd: &Path) -> Result<Source, EnvError> {
         base: cwd.to_path_buf(),
         author: ours(),
         file: None,
+        read: None,
     })
 }
 
@@ -1160,6 +1172,7 @@ mod tests {
             base: d.path().into(),
             author: Author::Project(d.path().into()),
             file,
+            read: None,
         };
         let s = source(Some(untrusted.clone()));
         let j = Judged::new(&s, &mut Site::default()).unwrap();
@@ -1199,6 +1212,7 @@ mod tests {
             base: dir.clone(),
             author: Author::Project(dir.clone()),
             file: None,
+            read: None,
         };
         chmod(&d.path().join(".pgpass"), 0o600);
         let shared = apps.join("pytorch.sif");

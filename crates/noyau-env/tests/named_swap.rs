@@ -47,6 +47,8 @@ fn a_directory_swapped_for_a_link_out_while_a_file_is_read_is_never_followed() {
                 .unwrap();
             }
         });
+        // (A failed assertion stops the swapping too: the scope waits for it.)
+        let stopper = StopOnDrop(&stop);
         let (mut read, mut refused) = (0, 0);
         for _ in 0..3000 {
             match from_cell_env("sub/env.toml", &proj) {
@@ -62,8 +64,17 @@ fn a_directory_swapped_for_a_link_out_while_a_file_is_read_is_never_followed() {
                 Err(e) => panic!("{e}"),
             }
         }
-        stop.store(true, Ordering::Relaxed);
+        drop(stopper);
         // Both happened: the swap raced the reads.
         assert!(read > 0 && refused > 0, "read {read}, refused {refused}");
     });
+}
+
+/// Sets its flag when dropped, as a panic unwinds too.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }

@@ -75,7 +75,7 @@ impl Beneath {
     }
 
     /// The fallback of [`Beneath::open_file`] without `openat2`.
-    fn open_by_path(&self, flags: OFlag, shown: &Path) -> Result<File, TrustError> {
+    pub(crate) fn open_by_path(&self, flags: OFlag, shown: &Path) -> Result<File, TrustError> {
         let fd = nix::fcntl::open(shown, flags, nix::sys::stat::Mode::empty())
             .map_err(|e| TrustError::io("open", shown, e.into()))?;
         let real =

@@ -441,3 +441,29 @@ fn beneath_a_held_directory_nothing_leads_out_of_it() {
     assert!(matches!(problem(&e), Problem::WrongKind { .. }), "{e}");
     assert!(read("none").unwrap_err().is_not_found());
 }
+
+/// Without `openat2` (a kernel before Linux 5.6), a file is opened by its
+/// path and refused unless what was opened is under the held directory.
+#[test]
+fn without_openat2_what_was_opened_must_be_under_the_directory() {
+    use crate::Beneath;
+    use nix::fcntl::OFlag;
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("proj");
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    std::fs::write(dir.join("sub/f"), "mine").unwrap();
+    std::fs::write(t.path().join("f"), "secret").unwrap();
+    std::os::unix::fs::symlink("../f", dir.join("out")).unwrap();
+    std::os::unix::fs::symlink("sub/f", dir.join("in")).unwrap();
+    let held = Beneath::open(&dir).unwrap();
+    let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+    let e = held.open_by_path(flags, &dir.join("out")).unwrap_err();
+    assert_eq!(problem(&e), Problem::Outside, "{e}");
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut held.open_by_path(flags, &dir.join("in")).unwrap(),
+        &mut text,
+    )
+    .unwrap();
+    assert_eq!(text, "mine");
+}
