@@ -583,44 +583,38 @@ fn a_site_entry_lets_the_file_be_read_but_not_name_code() {
 #[test]
 fn a_users_wildcard_trusts_code_only_where_no_one_else_could_write() {
     let d = tempfile::tempdir().unwrap();
-    let under = d.path().join("team");
-    std::fs::create_dir(&under).unwrap();
-    chmod(&under, 0o755);
-    let (user, _) = setup(d.path(), &[format!("{}/*", under.display())]);
-    let dir = under.join("proj");
-    std::fs::create_dir(&dir).unwrap();
+    let (site, dir) = wildcard_project(d.path());
+    let under = dir.parent().unwrap().to_path_buf();
     let project = dir.join("noyau.toml");
     write(&project, CODE);
-    let site = SiteFiles::user_only(&user);
-    chmod(&dir, 0o755);
     assert_eq!(code_refusal(&site, &project), None, "mine, closed");
     let shown = format!("Your trusted_projects entry \"{}/*\"", under.display());
     // The project's directory open to the group: refused, saying why.
     chmod(&dir, 0o775);
-    let e = code_refusal(&site, &project).expect("group-writable: refused");
-    assert!(
-        e.contains(&shown)
-            && e.contains(&format!(
-                "{} is writable by its group or others (mode 0775)",
-                dir.display()
-            ))
-            && e.contains("a wildcard trusts only directories")
-            && e.contains(&format!("`chmod g-w {}`", dir.display()))
-            && e.contains(&format!("`noyau trust {}`", dir.display())),
-        "{e}"
+    let open =
+        |d: &Path, mode: &str| format!("{} {mode}writable by its group or others", d.display());
+    refused_saying(
+        &site,
+        &project,
+        &[
+            shown.clone(),
+            format!("{} (mode 0775)", open(&dir, "is ")),
+            "a wildcard trusts only directories".into(),
+            format!("`chmod g-w {}`", dir.display()),
+            format!("`noyau trust {}`", dir.display()),
+        ],
     );
     // A directory above it open to others (the project could be swapped
     // for theirs after the check), unless sticky.
     chmod(&dir, 0o755);
     chmod(&under, 0o777);
-    let e = code_refusal(&site, &project).expect("its parent is open: refused");
-    assert!(
-        e.contains(&shown)
-            && e.contains(&format!(
-                "{} on the way to it is writable by its group or others (mode 0777)",
-                under.display()
-            )),
-        "{e}"
+    refused_saying(
+        &site,
+        &project,
+        &[
+            shown.clone(),
+            format!("{} (mode 0777)", open(&under, "on the way to it is ")),
+        ],
     );
     chmod(&under, 0o1777);
     assert_eq!(code_refusal(&site, &project), None, "sticky parent");
@@ -646,6 +640,26 @@ fn a_users_wildcard_trusts_code_only_where_no_one_else_could_write() {
     assert_eq!(code_refusal(&site, &project), None, "exact entry");
 }
 
+/// Asserts that profile `p` of `project` is refused with `site`'s files,
+/// the refusal saying each of `parts`.
+fn refused_saying(site: &SiteFiles, project: &Path, parts: &[String]) {
+    let e = code_refusal(site, project).expect("refused");
+    assert!(parts.iter().all(|p| e.contains(p.as_str())), "{e}");
+}
+
+/// `d/src/proj`, 0755 as `d/src`, under the user's wildcard `d/src/*`
+/// (their config file in `d`): the site files and the project directory.
+fn wildcard_project(d: &Path) -> (SiteFiles, PathBuf) {
+    let under = d.join("src");
+    std::fs::create_dir(&under).unwrap();
+    chmod(&under, 0o755);
+    let (user, _) = setup(d, &[format!("{}/*", under.display())]);
+    let dir = under.join("proj");
+    std::fs::create_dir(&dir).unwrap();
+    chmod(&dir, 0o755);
+    (SiteFiles::user_only(&user), dir)
+}
+
 /// Under a wildcard, the files whose code is trusted are held to the
 /// directory's rule: a noyau.toml (or a lock file) the group or others can
 /// write, or a link (to a file others can write), is not trusted for code,
@@ -653,14 +667,7 @@ fn a_users_wildcard_trusts_code_only_where_no_one_else_could_write() {
 #[test]
 fn a_users_wildcard_trusts_only_files_no_one_else_could_write() {
     let d = tempfile::tempdir().unwrap();
-    let under = d.path().join("src");
-    std::fs::create_dir(&under).unwrap();
-    chmod(&under, 0o755);
-    let (user, _) = setup(d.path(), &[format!("{}/*", under.display())]);
-    let site = SiteFiles::user_only(&user);
-    let dir = under.join("proj");
-    std::fs::create_dir(&dir).unwrap();
-    chmod(&dir, 0o755);
+    let (site, dir) = wildcard_project(d.path());
     let project = dir.join("noyau.toml");
     write(&project, CODE);
     chmod(&project, 0o644);
@@ -840,14 +847,7 @@ fn a_projects_noyau_toml_is_trusted_on_what_was_read() {
     use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
     use std::sync::atomic::{AtomicBool, Ordering};
     let d = tempfile::tempdir().unwrap();
-    let under = d.path().join("src");
-    std::fs::create_dir(&under).unwrap();
-    chmod(&under, 0o755);
-    let (user, _) = setup(d.path(), &[format!("{}/*", under.display())]);
-    let site = SiteFiles::user_only(&user);
-    let dir = under.join("proj");
-    std::fs::create_dir(&dir).unwrap();
-    chmod(&dir, 0o755);
+    let (site, dir) = wildcard_project(d.path());
     let (project, other) = (dir.join("noyau.toml"), dir.join("other.toml"));
     write(&project, CODE);
     write(&other, &CODE.replace("touch /tmp/x", "touch /tmp/group"));
