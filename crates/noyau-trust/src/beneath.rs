@@ -46,9 +46,10 @@ impl Beneath {
     /// link on the way leads out of it (`openat2`'s `RESOLVE_BENEATH`, and
     /// no /proc magic link: [`Problem::Outside`]); a link at the last
     /// component is followed only with [`Expect::follow_links`]. A kernel
-    /// without `openat2` (before Linux 5.6, still on some clusters) has
-    /// the file opened by its path and then refused if the descriptor's
-    /// path (`/proc/self/fd`) is not under the directory's.
+    /// without `openat2` (before Linux 5.6, still on some clusters), or a
+    /// path `openat2` will not resolve beneath (a step out, an absolute
+    /// link), has the file opened by its path and then refused if the
+    /// descriptor's path (`/proc/self/fd`) is not under the directory's.
     pub fn open_file(&self, expect: &Expect, rel: &Path) -> Result<File, TrustError> {
         let shown = self.path.join(rel);
         let mut flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
@@ -60,8 +61,11 @@ impl Beneath {
             .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
         let file = match nix::fcntl::openat2(self.fd(), rel, how) {
             Ok(fd) => File::from(fd),
-            Err(Errno::ENOSYS) => self.open_by_path(flags, &shown)?,
-            Err(Errno::EXDEV) => return Err(TrustError::refused(&shown, Problem::Outside)),
+            // EXDEV: a step leads out, or is an absolute link, which
+            // RESOLVE_BENEATH refuses even when it names a file inside
+            // (`ln -s /home/me/project/envs/a.toml`): judged as without
+            // openat2, on where the descriptor opened is.
+            Err(Errno::ENOSYS | Errno::EXDEV) => self.open_by_path(flags, rel)?,
             Err(Errno::ELOOP) if !expect.follow => {
                 return Err(TrustError::refused(&shown, Problem::Symlink))
             }
@@ -74,9 +78,12 @@ impl Beneath {
         Ok(file)
     }
 
-    /// The fallback of [`Beneath::open_file`] without `openat2`.
-    pub(crate) fn open_by_path(&self, flags: OFlag, shown: &Path) -> Result<File, TrustError> {
-        let fd = nix::fcntl::open(shown, flags, nix::sys::stat::Mode::empty())
+    /// The fallback of [`Beneath::open_file`]: `rel` opened from the held
+    /// directory (not its path, which may have been swapped since), links
+    /// followed wherever they lead, then judged on where it is.
+    pub(crate) fn open_by_path(&self, flags: OFlag, rel: &Path) -> Result<File, TrustError> {
+        let shown = &self.path.join(rel);
+        let fd = nix::fcntl::openat(self.fd(), rel, flags, nix::sys::stat::Mode::empty())
             .map_err(|e| TrustError::io("open", shown, e.into()))?;
         let real =
             |fd: BorrowedFd<'_>| std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()));

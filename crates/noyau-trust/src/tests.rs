@@ -429,6 +429,12 @@ fn beneath_a_held_directory_nothing_leads_out_of_it() {
         assert_eq!(problem(&e), Problem::Outside, "{out}: {e}");
     }
     assert_eq!(read("inside").unwrap(), "mine", "a link inside is followed");
+    std::os::unix::fs::symlink(moved.join("sub/f"), moved.join("absin")).unwrap();
+    assert_eq!(
+        read("absin").unwrap(),
+        "mine",
+        "an absolute link to a file inside is followed"
+    );
     let e = held
         .open_file(
             &Expect::file().owner(Owner::Any).mode(Mode::Any),
