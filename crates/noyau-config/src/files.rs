@@ -24,7 +24,7 @@
 use std::io::Read;
 use std::path::Path;
 
-use noyau_trust::{Expect, Mode, Owner, Problem, TrustError};
+use noyau_trust::{Beneath, Expect, Mode, Owner, Problem, TrustError};
 
 use crate::ConfigError;
 
@@ -49,7 +49,7 @@ pub(crate) enum Origin {
 }
 
 impl Origin {
-    fn expect(self) -> Expect {
+    pub(crate) fn expect(self) -> Expect {
         let ours = Expect::file()
             .owner(Owner::MeOr(0, "root"))
             .mode(Mode::NoOthersWrite);
@@ -80,7 +80,19 @@ pub(crate) fn read(
     limit: u64,
     user_file: Option<&Path>,
 ) -> Result<Option<String>, ConfigError> {
-    let file = match origin.expect().open(path) {
+    let opened = if origin == (Origin::Project { trusted: true }) {
+        // Links followed, but only beneath its directory: a link there to a
+        // file of the user's elsewhere would have noyau show it.
+        Beneath::open(dir_of(path)).and_then(|d| {
+            d.open_file(
+                &origin.expect(),
+                Path::new(path.file_name().unwrap_or_default()),
+            )
+        })
+    } else {
+        origin.expect().open(path)
+    };
+    let file = match opened {
         Ok(f) => f,
         Err(e) if e.is_not_found() => {
             // A link to nothing (into a filesystem not mounted here) is no
@@ -90,22 +102,45 @@ pub(crate) fn read(
             }
             return Ok(None);
         }
-        Err(TrustError::Refused { path, problem }) => {
-            return Err(match origin {
-                Origin::Site => ConfigError::Untrusted(TrustError::Refused { path, problem }),
-                Origin::Named => ConfigError::NotAFile { path, problem },
-                Origin::Project { .. } => ConfigError::UntrustedProject {
-                    fix: project_fix(&path, &problem, user_file),
-                    path,
-                    problem,
-                },
-            })
-        }
-        Err(TrustError::Io { path, source, .. }) => return Err(ConfigError::Read { path, source }),
+        Err(e) => return Err(refusal(e, origin, user_file)),
     };
-    if origin == (Origin::Project { trusted: true }) {
-        inside_dir(path, &file)?;
+    read_text(path, file, limit).map(Some)
+}
+
+/// `e`, the refusal of a file of `origin`, as the error that says what to
+/// do about it.
+pub(crate) fn refusal(e: TrustError, origin: Origin, user_file: Option<&Path>) -> ConfigError {
+    match e {
+        TrustError::Refused {
+            path,
+            problem: Problem::Outside,
+        } => {
+            let dir = dir_of(&path);
+            ConfigError::LinkOut {
+                dir: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.into()),
+                path,
+            }
+        }
+        TrustError::Refused { path, problem } => match origin {
+            Origin::Site => ConfigError::Untrusted(TrustError::Refused { path, problem }),
+            Origin::Named => ConfigError::NotAFile { path, problem },
+            Origin::Project { .. } => ConfigError::UntrustedProject {
+                fix: project_fix(&path, &problem, user_file),
+                path,
+                problem,
+            },
+        },
+        TrustError::Io { path, source, .. } => ConfigError::Read { path, source },
     }
+}
+
+/// The text of `file`, opened and checked from `path`, if it holds at
+/// most `limit` bytes.
+pub(crate) fn read_text(
+    path: &Path,
+    file: std::fs::File,
+    limit: u64,
+) -> Result<String, ConfigError> {
     let read_err = |source| ConfigError::Read {
         path: path.into(),
         source,
@@ -123,35 +158,7 @@ pub(crate) fn read(
             limit,
         });
     }
-    Ok(Some(text))
-}
-
-/// Refuses `opened`, the project file at `path` read whoever wrote it
-/// (links followed), if what was opened is not in `path`'s directory:
-/// a link there to a file of the user's elsewhere would have noyau show
-/// it. Judged on the descriptor (`/proc/self/fd`), not the path, which
-/// could be swapped in between.
-fn inside_dir(path: &Path, opened: &std::fs::File) -> Result<(), ConfigError> {
-    use std::os::fd::AsRawFd;
-    let dir = dir_of(path);
-    let real_dir = std::fs::canonicalize(dir).map_err(|source| ConfigError::Read {
-        path: dir.into(),
-        source,
-    })?;
-    let real =
-        std::fs::read_link(format!("/proc/self/fd/{}", opened.as_raw_fd())).map_err(|source| {
-            ConfigError::Read {
-                path: path.into(),
-                source,
-            }
-        })?;
-    if real.starts_with(&real_dir) {
-        return Ok(());
-    }
-    Err(ConfigError::LinkOut {
-        path: path.into(),
-        dir: real_dir,
-    })
+    Ok(text)
 }
 
 /// What to do about a project file refused for `problem`: fix it, or trust

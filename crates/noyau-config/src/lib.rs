@@ -585,34 +585,29 @@ pub fn user_file() -> Option<PathBuf> {
     user_path(&|name| std::env::var_os(name))
 }
 
-/// Whether the user trusts the code of the project in `dir`: what its
-/// noyau.toml and its notebooks declare may name code that runs outside
-/// the sandbox while their environment is prepared (noyau-env's `trust`).
-/// Only the user's own `trusted_projects` grants it ([`trusted`]).
-pub fn trusts_project(dir: &Path) -> Result<CodeTrust, ConfigError> {
-    Ok(site_trusted(&site_paths())?.code(dir))
+/// The site's and the user's `trusted_projects`, read now, as
+/// [`Config::load`] reads them (at each call, not cached: a running kernel
+/// that was refused a project's code sees `noyau trust DIR` at its next
+/// look, as the message says): whether the user trusts the code of a
+/// project ([`TrustedProjects::code`]: what its noyau.toml and its
+/// notebooks declare may name code that runs outside the sandbox while
+/// their environment is prepared, noyau-env's `trust`), and the files it
+/// names ([`TrustedProjects::read_named`]). Only the user's own
+/// `trusted_projects` grants code ([`trusted`]). Read once for all the
+/// sources of one decision.
+pub fn trusted_projects() -> Result<TrustedProjects, ConfigError> {
+    site_trusted(&site_paths())
 }
 
-/// [`trusts_project`], for the code in `file`, a file of the project's
-/// that noyau reads (its `lock_file`, a settings file a notebook names),
-/// decided on what was read: under a wildcard entry, the file read here
-/// must be one no one but the user or root could have written, and its
-/// text comes with the trust (`Some`); else read it with
-/// [`project_text`] ([`TrustedProjects::code_read`]).
-pub fn trusts_project_file(
-    dir: &Path,
-    file: &Path,
-    limit: u64,
-) -> Result<(CodeTrust, Option<Option<String>>), ConfigError> {
-    Ok(site_trusted(&site_paths())?.code_read(dir, file, limit))
-}
-
-/// The text of the project file in `dir` (`dir/noyau.toml`), if there is
-/// one, checked as [`Config::load`] checks it: for the other readers of
+/// The project file in `dir` (`dir/noyau.toml`), if there is one: its
+/// path, its text, checked as [`Config::load`] checks it, and whether its
+/// code is trusted, decided on what was read; for the other readers of
 /// that file (noyau-env's `[environment]` and `[data]`).
-pub fn project_file(dir: &Path) -> Result<Option<(PathBuf, String)>, ConfigError> {
-    let path = dir.join(PROJECT_FILE);
-    Ok(project_text(&path, MAX_SIZE)?.map(|text| (path, text)))
+pub fn project_file(dir: &Path) -> Result<Option<(PathBuf, String, CodeTrust)>, ConfigError> {
+    let site = site_paths();
+    let name = Path::new(PROJECT_FILE);
+    let read = site_trusted(&site)?.read_in(dir, name, MAX_SIZE, false, site.user.as_deref())?;
+    Ok(read.map(|(text, trust)| (dir.join(name), text, trust)))
 }
 
 /// The text of a file of a project's (at most `limit` bytes), checked as
@@ -717,11 +712,17 @@ impl Config {
     fn load_with(site: &SiteFiles, project: &Path) -> Result<Self, ConfigError> {
         let mut c = Self::load_from(site)?;
         let theirs = c.concurrent_submissions.take();
-        if let Some(text) = read_project(project, &c.trusted_projects, site, MAX_SIZE)? {
-            let dir = files::dir_of(project);
+        let dir = files::dir_of(project);
+        let name = Path::new(project.file_name().unwrap_or_default());
+        // Its code trusted on what was read (under a wildcard, the file
+        // opened, not the one at its path afterwards).
+        let read = c
+            .trusted_projects
+            .read_in(dir, name, MAX_SIZE, false, site.user.as_deref())?;
+        if let Some((text, trusted)) = read {
             let author = ProjectFile {
                 dir: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.into()),
-                trusted: c.trusted_projects.code(dir),
+                trusted,
                 user_file: site.user.as_ref().map_or_else(
                     || "your config file (~/.config/noyau/config.toml)".into(),
                     |f| f.display().to_string(),

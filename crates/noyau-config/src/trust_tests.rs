@@ -440,6 +440,17 @@ fn a_trust_added_after_a_first_look_is_seen() {
     assert!(crate::site_trusted(&site).unwrap().code(dir).is_trusted());
 }
 
+/// For the tests of a cell's words: a project whose noyau.toml has
+/// [`PROFILE`], loaded with no `trusted_projects` (the directory, the
+/// project file, the config).
+fn cell_project() -> (tempfile::TempDir, PathBuf, Config) {
+    let d = tempfile::tempdir().unwrap();
+    let (user, project) = setup(d.path(), &[]);
+    write(&project, PROFILE);
+    let c = load(&user, &project).unwrap();
+    (d, project, c)
+}
+
 /// A cell's `%%noyau on T key=value` words are the notebook's: one that
 /// names code (prologue, env.NAME, scheduler options) is refused, naming
 /// the key and both ways out, unless the notebook's directory is trusted;
@@ -447,11 +458,8 @@ fn a_trust_added_after_a_first_look_is_seen() {
 #[test]
 fn a_cells_overrides_may_choose_resources_but_not_code() {
     use crate::OverridesFrom;
-    let d = tempfile::tempdir().unwrap();
-    let (user, project) = setup(d.path(), &[]);
+    let (d, project, c) = cell_project();
     let nb = project.parent().unwrap();
-    write(&project, PROFILE);
-    let c = load(&user, &project).unwrap();
     for (word, key) in [
         ("prologue=touch /tmp/x", "prologue"),
         ("env.LD_PRELOAD=/tmp/x.so", "env.LD_PRELOAD"),
@@ -494,11 +502,8 @@ fn a_cells_overrides_may_choose_resources_but_not_code() {
 #[test]
 fn a_cells_environment_is_the_notebooks() {
     use crate::OverridesFrom;
-    let d = tempfile::tempdir().unwrap();
-    let (user, project) = setup(d.path(), &[]);
+    let (_d, project, c) = cell_project();
     let nb = project.parent().unwrap();
-    write(&project, PROFILE);
-    let c = load(&user, &project).unwrap();
     let words = [r#"environment={"isolation": "none"}"#.to_string()];
     let p = c
         .profile_from(Some("p"), &words, OverridesFrom::Cell(nb))
@@ -578,44 +583,38 @@ fn a_site_entry_lets_the_file_be_read_but_not_name_code() {
 #[test]
 fn a_users_wildcard_trusts_code_only_where_no_one_else_could_write() {
     let d = tempfile::tempdir().unwrap();
-    let under = d.path().join("team");
-    std::fs::create_dir(&under).unwrap();
-    chmod(&under, 0o755);
-    let (user, _) = setup(d.path(), &[format!("{}/*", under.display())]);
-    let dir = under.join("proj");
-    std::fs::create_dir(&dir).unwrap();
+    let (site, dir) = wildcard_project(d.path());
+    let under = dir.parent().unwrap().to_path_buf();
     let project = dir.join("noyau.toml");
     write(&project, CODE);
-    let site = SiteFiles::user_only(&user);
-    chmod(&dir, 0o755);
     assert_eq!(code_refusal(&site, &project), None, "mine, closed");
     let shown = format!("Your trusted_projects entry \"{}/*\"", under.display());
     // The project's directory open to the group: refused, saying why.
     chmod(&dir, 0o775);
-    let e = code_refusal(&site, &project).expect("group-writable: refused");
-    assert!(
-        e.contains(&shown)
-            && e.contains(&format!(
-                "{} is writable by its group or others (mode 0775)",
-                dir.display()
-            ))
-            && e.contains("a wildcard trusts only directories")
-            && e.contains(&format!("`chmod g-w {}`", dir.display()))
-            && e.contains(&format!("`noyau trust {}`", dir.display())),
-        "{e}"
+    let open =
+        |d: &Path, mode: &str| format!("{} {mode}writable by its group or others", d.display());
+    refused_saying(
+        &site,
+        &project,
+        &[
+            shown.clone(),
+            format!("{} (mode 0775)", open(&dir, "is ")),
+            "a wildcard trusts only directories".into(),
+            format!("`chmod g-w {}`", dir.display()),
+            format!("`noyau trust {}`", dir.display()),
+        ],
     );
     // A directory above it open to others (the project could be swapped
     // for theirs after the check), unless sticky.
     chmod(&dir, 0o755);
     chmod(&under, 0o777);
-    let e = code_refusal(&site, &project).expect("its parent is open: refused");
-    assert!(
-        e.contains(&shown)
-            && e.contains(&format!(
-                "{} on the way to it is writable by its group or others (mode 0777)",
-                under.display()
-            )),
-        "{e}"
+    refused_saying(
+        &site,
+        &project,
+        &[
+            shown.clone(),
+            format!("{} (mode 0777)", open(&under, "on the way to it is ")),
+        ],
     );
     chmod(&under, 0o1777);
     assert_eq!(code_refusal(&site, &project), None, "sticky parent");
@@ -641,6 +640,26 @@ fn a_users_wildcard_trusts_code_only_where_no_one_else_could_write() {
     assert_eq!(code_refusal(&site, &project), None, "exact entry");
 }
 
+/// Asserts that profile `p` of `project` is refused with `site`'s files,
+/// the refusal saying each of `parts`.
+fn refused_saying(site: &SiteFiles, project: &Path, parts: &[String]) {
+    let e = code_refusal(site, project).expect("refused");
+    assert!(parts.iter().all(|p| e.contains(p.as_str())), "{e}");
+}
+
+/// `d/src/proj`, 0755 as `d/src`, under the user's wildcard `d/src/*`
+/// (their config file in `d`): the site files and the project directory.
+fn wildcard_project(d: &Path) -> (SiteFiles, PathBuf) {
+    let under = d.join("src");
+    std::fs::create_dir(&under).unwrap();
+    chmod(&under, 0o755);
+    let (user, _) = setup(d, &[format!("{}/*", under.display())]);
+    let dir = under.join("proj");
+    std::fs::create_dir(&dir).unwrap();
+    chmod(&dir, 0o755);
+    (SiteFiles::user_only(&user), dir)
+}
+
 /// Under a wildcard, the files whose code is trusted are held to the
 /// directory's rule: a noyau.toml (or a lock file) the group or others can
 /// write, or a link (to a file others can write), is not trusted for code,
@@ -648,14 +667,7 @@ fn a_users_wildcard_trusts_code_only_where_no_one_else_could_write() {
 #[test]
 fn a_users_wildcard_trusts_only_files_no_one_else_could_write() {
     let d = tempfile::tempdir().unwrap();
-    let under = d.path().join("src");
-    std::fs::create_dir(&under).unwrap();
-    chmod(&under, 0o755);
-    let (user, _) = setup(d.path(), &[format!("{}/*", under.display())]);
-    let site = SiteFiles::user_only(&user);
-    let dir = under.join("proj");
-    std::fs::create_dir(&dir).unwrap();
-    chmod(&dir, 0o755);
+    let (site, dir) = wildcard_project(d.path());
     let project = dir.join("noyau.toml");
     write(&project, CODE);
     chmod(&project, 0o644);
@@ -666,9 +678,10 @@ fn a_users_wildcard_trusts_only_files_no_one_else_could_write() {
     assert_eq!(code_refusal(&site, &project), None, "mine, closed");
     // The trust is decided on what was read, and that text is the one
     // used (not a second read, which a swap in between could change).
-    let (trust, text) = trusted().code_read(&dir, &lock, 1 << 20);
+    let lock_read = || trusted().read_named(&dir, Path::new("r.lock"), 1 << 20);
+    let (text, trust) = lock_read().unwrap().unwrap();
     assert!(trust.is_trusted());
-    assert_eq!(text, Some(Some("six==1.16.0\n".to_string())));
+    assert_eq!(text, "six==1.16.0\n");
     // A group-writable noyau.toml: its profiles' code, and the project's.
     chmod(&project, 0o664);
     let e = code_refusal(&site, &project).expect("group-writable noyau.toml: refused");
@@ -699,8 +712,8 @@ fn a_users_wildcard_trusts_only_files_no_one_else_could_write() {
     write(&project, CODE);
     chmod(&project, 0o644);
     chmod(&lock, 0o666);
-    let (trust, text) = trusted().code_read(&dir, &lock, 1 << 20);
-    assert_eq!(text, None, "read again as any project file, untrusted");
+    // (Read, as the wildcard reads any file of the project's, untrusted.)
+    let (_, trust) = lock_read().unwrap().unwrap();
     assert!(
         !trust.is_trusted()
             && trust.note().contains(&format!(
@@ -714,7 +727,7 @@ fn a_users_wildcard_trusts_only_files_no_one_else_could_write() {
     chmod(&project, 0o666);
     setup(d.path(), &[dir.display().to_string()]);
     assert_eq!(code_refusal(&site, &project), None, "exact entry");
-    assert!(trusted().code_read(&dir, &lock, 1 << 20).0.is_trusted());
+    assert!(lock_read().unwrap().unwrap().1.is_trusted());
 }
 
 /// A directory another user made under the user's wildcard (theirs, so
@@ -820,5 +833,57 @@ fn thread_counts_need_no_trust_and_nothing_else_in_env_does() {
             matches!(cell(word), Err(ConfigError::CellKey { .. })),
             "{word}"
         );
+    }
+}
+
+/// Under a wildcard, a project's noyau.toml has its code trusted on what
+/// was read, not on what is at its path afterwards: with the file swapped,
+/// over and over, for one its group can write (another prologue), a
+/// profile whose prologue came from that one is never usable. (Checked
+/// against the check of before, by the path once read: the group's
+/// prologue was accepted within the first few hundred loads.)
+#[test]
+fn a_projects_noyau_toml_is_trusted_on_what_was_read() {
+    use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let d = tempfile::tempdir().unwrap();
+    let (site, dir) = wildcard_project(d.path());
+    let (project, other) = (dir.join("noyau.toml"), dir.join("other.toml"));
+    write(&project, CODE);
+    write(&other, &CODE.replace("touch /tmp/x", "touch /tmp/group"));
+    chmod(&other, 0o664);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                let flags = RenameFlags::RENAME_EXCHANGE;
+                renameat2(AT_FDCWD, &project, AT_FDCWD, &other, flags).unwrap();
+            }
+        });
+        // (A failed assertion stops the swapping too: the scope waits for it.)
+        let stopper = StopOnDrop(&stop);
+        let (mut ours, mut refused) = (0, 0);
+        for _ in 0..2000 {
+            let c = Config::load_with(&site, &project).unwrap();
+            match c.profile(Some("p"), &[]) {
+                Ok(p) => {
+                    assert_eq!(p.prologue.as_deref(), Some("touch /tmp/x"));
+                    ours += 1;
+                }
+                Err(ConfigError::UntrustedProjectKey(_)) => refused += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        drop(stopper);
+        assert!(ours > 0 && refused > 0, "ours {ours}, refused {refused}");
+    });
+}
+
+/// Sets its flag when dropped, as a panic unwinds too.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }

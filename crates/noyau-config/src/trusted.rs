@@ -16,12 +16,14 @@
 //!   DIR only if no one but the user (or root) can have written it or put
 //!   it there ([`secure_dir`]).
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::fs::Metadata;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use noyau_trust::{Expect, Mode, Owner};
+use noyau_trust::{Beneath, Expect, Mode, Owner, Problem, TrustError};
 
-use crate::files::Origin;
+use crate::files::{self, Origin};
+use crate::ConfigError;
 
 /// Whose config file an entry is in, which decides what it grants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,45 +131,143 @@ impl TrustedProjects {
     /// only the user or root can have made ([`secure_dir`]), whose
     /// noyau.toml only they can have written ([`secure_file`]).
     pub fn code(&self, dir: &Path) -> CodeTrust {
-        self.code_if(dir, &mut || Ok(()))
+        self.code_if(dir, false, &mut |_| Ok(()))
     }
 
-    /// [`code`](Self::code), for the code in `file` too, a file of the
-    /// project's that noyau reads (its lock file, a settings file a
-    /// notebook names), decided on what was read: under a wildcard,
-    /// `file` is read here, opened without following a link and checked
-    /// on what was opened (the user's or root's, closed to group and
-    /// others), in directories from the project's down to it that are
-    /// closed too ([`secure_dir`]); a file checked by its path after it
-    /// was read could have been swapped in between. The text comes with
-    /// the trust when this read decided it (`Some(None)`: there is no
-    /// file); else (an exact entry, no trust, or a file that failed) the
-    /// caller reads it as any project file, its code untrusted if so.
-    pub fn code_read(
+    /// [`read_in`](Self::read_in) for a file the project in `dir` names
+    /// (`rel` beneath it: a lock file, a settings file), a refusal naming
+    /// the user's config file.
+    pub fn read_named(
         &self,
         dir: &Path,
-        file: &Path,
+        rel: &Path,
         limit: u64,
-    ) -> (CodeTrust, Option<Option<String>>) {
-        let mut text = None;
-        let trust = self.code_if(dir, &mut || {
-            file.parent().map_or(Ok(()), secure_dir)?;
-            text = Some(secure_text(file, limit)?);
-            Ok(())
-        });
-        let text = text.filter(|_| trust.is_trusted());
-        (trust, text)
+    ) -> Result<Option<(String, CodeTrust)>, ConfigError> {
+        self.read_in(dir, rel, limit, true, crate::user_file().as_deref())
+    }
+
+    /// The text of `rel`, a file of the project in `dir` that noyau reads
+    /// (a lock file, a settings file a notebook, cell or profile names, its
+    /// noyau.toml: `named` says which), None when there is none, and
+    /// whether its code is trusted, both judged on what was opened: the
+    /// file is opened beneath `dir` (held open; no `..` nor link leads out
+    /// of it: [`noyau_trust::Problem::Outside`]), checked on the descriptor
+    /// as any project file, and under a wildcard its code is trusted only
+    /// if that descriptor is the file reached from `dir`'s through no link,
+    /// in closed directories, a file only the user or root could have
+    /// written ([`Self::code_opened`]). A named file is read because it is
+    /// in the project's directory, so one with other names (a hard link
+    /// another user made, where `fs.protected_hardlinks` is 0, to a file of
+    /// the user's they cannot read) is refused. `user_file` is named in a
+    /// refusal.
+    pub(crate) fn read_in(
+        &self,
+        dir: &Path,
+        rel: &Path,
+        limit: u64,
+        named: bool,
+        user_file: Option<&Path>,
+    ) -> Result<Option<(String, CodeTrust)>, ConfigError> {
+        let origin = Origin::Project {
+            trusted: self.reads(dir),
+        };
+        // A named file may be reached through links in the directory (it
+        // is opened beneath it, wherever they lead); noyau.toml as
+        // noyau-config always read it.
+        let expect = if named {
+            origin.expect().follow_links()
+        } else {
+            origin.expect()
+        };
+        let beneath = match Beneath::open(dir) {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(files::refusal(e, origin, user_file)),
+        };
+        let file = match beneath.open_file(&expect, rel) {
+            Ok(f) => f,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(files::refusal(e, origin, user_file)),
+        };
+        let path = dir.join(rel);
+        let meta = file.metadata().map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        if named && meta.nlink() > 1 {
+            let e = TrustError::Refused {
+                path: path.clone(),
+                problem: Problem::HardLinked {
+                    links: meta.nlink(),
+                },
+            };
+            return Err(files::refusal(e, origin, user_file));
+        }
+        let trust = self.code_opened(&beneath, rel, &meta);
+        Ok(Some((files::read_text(&path, file, limit)?, trust)))
+    }
+
+    /// [`code`](Self::code), for the code in `rel` too, a file of the
+    /// project's opened beneath `dir` whose descriptor's metadata is
+    /// `opened`: under a wildcard, `dir` must be the directory
+    /// [`secure_dir`] judged (the same inode), and `opened` the file
+    /// reached from it through closed directories and no link
+    /// ([`secure_below`]), the user's or root's, closed to group and
+    /// others, with one name.
+    fn code_opened(&self, dir: &Beneath, rel: &Path, opened: &Metadata) -> CodeTrust {
+        let shown = dir.path().join(rel);
+        self.code_if(
+            dir.path(),
+            rel == Path::new(crate::PROJECT_FILE),
+            &mut |judged| {
+                let held = nix::sys::stat::fstat(dir.fd())
+                    .map_err(|e| format!("cannot examine {} ({e})", dir.path().display()))?;
+                if (held.st_dev, held.st_ino) != (judged.dev(), judged.ino()) {
+                    return Err(format!(
+                        "{} was replaced while it was read",
+                        dir.path().display()
+                    ));
+                }
+                let found = secure_below(dir, rel)?;
+                if (found.st_dev, found.st_ino) != (opened.dev(), opened.ino()) {
+                    return Err(format!(
+                        "{} was replaced while it was read",
+                        shown.display()
+                    ));
+                }
+                secure_expect()
+                    .check_meta(&shown, opened)
+                    .map_err(|e| refused(&shown, e))?;
+                if opened.nlink() > 1 {
+                    return Err(format!(
+                        "{} has {} names (hard links)",
+                        shown.display(),
+                        opened.nlink()
+                    ));
+                }
+                Ok(())
+            },
+        )
     }
 
     /// [`code`](Self::code), where a wildcard's trust also needs
-    /// `file_ok` (what it says: why not).
-    fn code_if(&self, dir: &Path, file_ok: &mut dyn FnMut() -> Result<(), String>) -> CodeTrust {
+    /// `file_ok` of the project directory's metadata as [`secure_dir`]
+    /// judged it (what it says: why not); `read_toml`: the project's
+    /// noyau.toml is the file `file_ok` judges.
+    fn code_if(
+        &self,
+        dir: &Path,
+        read_toml: bool,
+        file_ok: &mut dyn FnMut(&Metadata) -> Result<(), String>,
+    ) -> CodeTrust {
         let real = resolved(dir);
         let mut notes = Vec::new();
         let mut secure = || {
-            secure_dir(dir)?;
-            secure_file(&dir.join(crate::PROJECT_FILE))?;
-            file_ok()
+            let judged = secure_dir(dir)?;
+            if !read_toml {
+                secure_file(&dir.join(crate::PROJECT_FILE))?;
+            }
+            file_ok(&judged)
         };
         for e in self.0.iter().filter(|e| e.names(&real)) {
             match (e.from, e.wildcard) {
@@ -211,7 +311,7 @@ fn resolved(p: &Path) -> PathBuf {
 /// root's; `dir` itself must be the user's or root's and not writable by
 /// others at all. Else another user could have made it, or swap it (or a
 /// link on the way) for theirs between this check and noyau's reads.
-pub(crate) fn secure_dir(dir: &Path) -> Result<(), String> {
+pub(crate) fn secure_dir(dir: &Path) -> Result<Metadata, String> {
     let abs = std::path::absolute(dir).map_err(|e| format!("{} ({e})", dir.display()))?;
     let mut todo: Vec<std::ffi::OsString> = Vec::new();
     push_front(&mut todo, &abs);
@@ -251,8 +351,71 @@ pub(crate) fn secure_dir(dir: &Path) -> Result<(), String> {
         .owner(Owner::MeOr(0, "root"))
         .mode(Mode::NoOthersWrite)
         .check(&real)
-        .map(drop)
         .map_err(|e| refused(&real, e))
+}
+
+/// Why `rel`, beneath `dir` (judged by [`secure_dir`]), could have been
+/// put there by someone other than the user or root, if it could: each
+/// directory down to it is opened from the one above without following a
+/// link and judged on what was opened ([`passable`]; its own directory not
+/// writable by others at all), and what is at `rel` there is no link.
+/// Its metadata, to compare with what was opened by `rel`.
+fn secure_below(dir: &Beneath, rel: &Path) -> Result<nix::sys::stat::FileStat, String> {
+    use nix::fcntl::{AtFlags, OFlag};
+    use std::os::fd::AsFd;
+    let names: Vec<_> = rel.components().collect();
+    let Some((last, on_the_way)) = names.split_last() else {
+        return Err(format!("{} names no file", rel.display()));
+    };
+    let mut here = dir.path().to_path_buf();
+    let mut held: Option<std::os::fd::OwnedFd> = None;
+    for (i, c) in on_the_way.iter().enumerate() {
+        let std::path::Component::Normal(name) = c else {
+            return Err(format!("{} leaves its directory on the way", rel.display()));
+        };
+        here.push(name);
+        let at = held.as_ref().map_or(dir.fd(), |f| f.as_fd());
+        let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let next =
+            nix::fcntl::openat(at, *name, flags, nix::sys::stat::Mode::empty()).map_err(|e| {
+                format!(
+                    "{} is not a directory reached through no link ({e})",
+                    here.display()
+                )
+            })?;
+        let meta = nix::sys::stat::fstat(&next)
+            .map_err(|e| format!("cannot examine {} ({e})", here.display()))?;
+        // The file's own directory may not be writable by others even if
+        // sticky: a sticky directory's others may add names to it.
+        let its_own = i + 1 == on_the_way.len();
+        closed_dir(&here, meta.st_uid, meta.st_mode, its_own)?;
+        held = Some(next);
+    }
+    let at = held.as_ref().map_or(dir.fd(), |f| f.as_fd());
+    let file = dir.path().join(rel);
+    let meta = nix::sys::stat::fstatat(at, last.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+        .map_err(|e| format!("cannot examine {} ({e})", file.display()))?;
+    if nix::sys::stat::SFlag::from_bits_truncate(meta.st_mode) & nix::sys::stat::SFlag::S_IFMT
+        == nix::sys::stat::SFlag::S_IFLNK
+    {
+        return Err(problem_text(&file, &Problem::Symlink));
+    }
+    Ok(meta)
+}
+
+/// A directory of `uid` and `mode` at `d`, below a project's, on the way
+/// to a file whose code a wildcard trusts: [`passable`]'s rule, and not
+/// writable by others even if sticky when it is the file's own (`own`).
+fn closed_dir(d: &Path, uid: u32, mode: u32, own: bool) -> Result<(), String> {
+    if own && mode & 0o022 != 0 {
+        return Err(problem_text(
+            d,
+            &noyau_trust::Problem::OthersWrite {
+                mode: mode & 0o7777,
+            },
+        ));
+    }
+    passable_mode(d, uid, mode)
 }
 
 /// Why `file`, a project's file under a wildcard entry, could have been
@@ -264,26 +427,18 @@ fn secure_file(file: &Path) -> Result<(), String> {
     if std::fs::symlink_metadata(file).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
         return Ok(());
     }
-    Expect::file()
-        .owner(Owner::MeOr(0, "root"))
-        .mode(Mode::NoOthersWrite)
+    secure_expect()
         .check(file)
         .map(drop)
         .map_err(|e| refused(file, e))
 }
 
-/// The text of `file` (None: there is none), a project's file under a
-/// wildcard entry, if no one but the user or root could have written
-/// what was read: opened without following a link, the user's or
-/// root's, not writable by group or others; else why not.
-fn secure_text(file: &Path, limit: u64) -> Result<Option<String>, String> {
-    match crate::files::read(file, Origin::Project { trusted: false }, limit, None) {
-        Ok(text) => Ok(text),
-        Err(crate::ConfigError::UntrustedProject { path, problem, .. }) => {
-            Err(problem_text(&path, &problem))
-        }
-        Err(e) => Err(e.to_string()),
-    }
+/// A file whose code a wildcard trusts: the user's or root's, closed to
+/// group and others, not a link.
+fn secure_expect() -> Expect {
+    Expect::file()
+        .owner(Owner::MeOr(0, "root"))
+        .mode(Mode::NoOthersWrite)
 }
 
 /// `e`, a refusal of `p`, as a reason ([`problem_text`]).
@@ -336,8 +491,12 @@ fn passable(d: &Path) -> Result<(), String> {
     if !meta.is_dir() {
         return Err(format!("{} is not a directory", d.display()));
     }
-    ours(d, meta.uid(), "could replace what is in it")?;
-    let mode = meta.permissions().mode();
+    passable_mode(d, meta.uid(), meta.mode())
+}
+
+/// [`passable`], for the directory `d` of `uid` and `mode`.
+fn passable_mode(d: &Path, uid: u32, mode: u32) -> Result<(), String> {
+    ours(d, uid, "could replace what is in it")?;
     if mode & 0o022 != 0 && mode & 0o1000 == 0 {
         return Err(format!(
             "{} on the way to it is writable by its group or others (mode {:04o}), who could \

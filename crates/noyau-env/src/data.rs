@@ -307,7 +307,7 @@ pub fn declared(
 }
 
 fn from_noyau_toml(dir: &Path) -> Result<Vec<DataRef>, EnvError> {
-    let Some((path, doc)) = crate::sources::noyau_toml(dir)? else {
+    let Some((path, doc, _)) = crate::sources::noyau_toml(dir)? else {
         return Ok(Vec::new());
     };
     let Some(data) = doc.get("data") else {

@@ -15,46 +15,69 @@
 //!
 //! The user's own `--env FILE` and `NOYAU_ENV` may name a file anywhere.
 //!
-//! The directory check resolves the path, then opens what it resolved to
-//! (its last component without following a link): someone who can write
-//! in a directory on that path could swap a directory for a link in
-//! between. In a project only its owner writes (the case of a notebook
-//! sent to the user) there is no one to do so.
+//! The file is opened beneath the project's directory, held open
+//! (`openat2`'s `RESOLVE_BENEATH`: no `..` nor link, however swapped in,
+//! leads out of it), and judged on what was opened
+//! ([`noyau_config::TrustedProjects::read_named`]); one with other names
+//! (a hard link) is refused: it may be a file of the user's that another
+//! user linked there.
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use noyau_config::CodeTrust;
 
-use crate::sources::Author;
+use crate::sources::{Author, Site};
 use crate::EnvError;
 
 /// The text of the file at `path` (absolute) that `what` names for
 /// `author`, None when there is none, and whether the code it names is
-/// trusted, decided on the text read ([`noyau_config::trusts_project_file`]:
-/// under a wildcard, what a strict read of the file gave; else the file is
-/// read as any project file, its code trusted as its directory's). `user`
-/// reads a file of the user's own source (the `--env` file's reader, or
-/// the lock's).
+/// trusted, both judged on the file opened beneath the project's
+/// directory ([`noyau_config::TrustedProjects::read_named`], `site` the
+/// site's and user's entries). `user` reads a file of the user's own
+/// source (the `--env` file's reader, or the lock's).
 pub(crate) fn read(
     path: &Path,
     author: &Author,
     what: &str,
     limit: u64,
     user: fn(&Path, u64) -> Result<Option<String>, noyau_config::ConfigError>,
+    site: &mut Site,
 ) -> Result<Option<(String, CodeTrust)>, EnvError> {
-    match author {
-        Author::User => Ok(user(path, limit)?.map(|t| (t, CodeTrust::Trusted))),
-        Author::Project(dir) => match inside(path, dir, what)? {
-            Some(real) => {
-                let (trust, strict) = noyau_config::trusts_project_file(dir, path, limit)?;
-                let text = match strict {
-                    Some(text) => text,
-                    None => noyau_config::project_text(&real, limit)?,
-                };
-                Ok(text.map(|t| (t, trust)))
+    let Author::Project(dir) = author else {
+        return Ok(user(path, limit)?.map(|t| (t, CodeTrust::Trusted)));
+    };
+    let real_dir = project_dir(dir, what, &homes())?;
+    // Where it is said to be missing, or outside: never read.
+    let missing = || inside_home(path, dir, what, &[]).map(|_| None);
+    let rel = match path.strip_prefix(dir) {
+        Ok(rel) if rel.components().all(|c| matches!(c, Component::Normal(_))) => rel.to_path_buf(),
+        // `..`, or a path to the directory through another name: as the
+        // kernel resolves it (what is then opened is still opened beneath).
+        _ => {
+            match std::fs::canonicalize(path).map(|p| p.strip_prefix(&real_dir).map(PathBuf::from))
+            {
+                Ok(Ok(rel)) => rel,
+                Ok(Err(_)) => return Err(outside(path, what, &real_dir)),
+                Err(_) => return missing(),
             }
-            None => Ok(None),
-        },
+        }
+    };
+    match site.get()?.read_named(&real_dir, &rel, limit) {
+        Ok(Some(read)) => Ok(Some(read)),
+        Ok(None) => missing(),
+        Err(noyau_config::ConfigError::LinkOut { .. }) => Err(outside(path, what, &real_dir)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The one answer for every file outside `real_dir`, missing or not,
+/// linked or not, and never where it leads: else a notebook could learn
+/// whether a file of the user's exists, or where a link of theirs points.
+fn outside(path: &Path, what: &str, real_dir: &Path) -> EnvError {
+    EnvError::OutsideProject {
+        what: what.into(),
+        path: path.into(),
+        dir: real_dir.into(),
     }
 }
 
@@ -101,6 +124,22 @@ fn readable_by_all(path: &Path) -> bool {
             .all(|d| matches!(mode(d), Ok((false, m)) if m & 0o001 != 0))
 }
 
+/// `dir` resolved, unless it is `/`, one of `homes` or above one: a
+/// project directory there holds every file of the user's, and a notebook
+/// there (downloaded into `~`, a console started in `~`) may name none.
+fn project_dir(dir: &Path, what: &str, homes: &[PathBuf]) -> Result<PathBuf, EnvError> {
+    let real_dir = std::fs::canonicalize(dir)
+        .map_err(|e| EnvError::io(format!("resolving {}", dir.display()), e))?;
+    let under_dir = |h: &PathBuf| std::fs::canonicalize(h).is_ok_and(|h| h.starts_with(&real_dir));
+    if real_dir == Path::new("/") || homes.iter().any(under_dir) {
+        return Err(EnvError::ProjectTooBroad {
+            what: what.into(),
+            dir: real_dir,
+        });
+    }
+    Ok(real_dir)
+}
+
 /// `path` resolved, if it is in `dir` (resolved too); None when it does
 /// not exist but its directory is in `dir`; else a refusal.
 fn inside(path: &Path, dir: &Path, what: &str) -> Result<Option<PathBuf>, EnvError> {
@@ -120,33 +159,15 @@ fn homes() -> Vec<PathBuf> {
         .collect()
 }
 
-/// [`inside`], `homes` the user's home directories. A project directory
-/// that is `/`, a home or above it holds every file of the user's: a
-/// notebook there (downloaded into `~`, a console started in `~`) may
-/// name none.
+/// [`inside`], `homes` the user's home directories ([`project_dir`]).
 fn inside_home(
     path: &Path,
     dir: &Path,
     what: &str,
     homes: &[PathBuf],
 ) -> Result<Option<PathBuf>, EnvError> {
-    let real_dir = std::fs::canonicalize(dir)
-        .map_err(|e| EnvError::io(format!("resolving {}", dir.display()), e))?;
-    let under_dir = |h: &PathBuf| std::fs::canonicalize(h).is_ok_and(|h| h.starts_with(&real_dir));
-    if real_dir == Path::new("/") || homes.iter().any(under_dir) {
-        return Err(EnvError::ProjectTooBroad {
-            what: what.into(),
-            dir: real_dir,
-        });
-    }
-    // One answer for every file outside, missing or not, linked or not,
-    // and never where it leads: else a notebook could learn whether a
-    // file of the user's exists, or where a link of theirs points.
-    let outside = || EnvError::OutsideProject {
-        what: what.into(),
-        path: path.into(),
-        dir: real_dir.clone(),
-    };
+    let real_dir = project_dir(dir, what, homes)?;
+    let outside = || outside(path, what, &real_dir);
     match std::fs::canonicalize(path) {
         Ok(real) if real.starts_with(&real_dir) => Ok(Some(real)),
         Ok(_) => Err(outside()),

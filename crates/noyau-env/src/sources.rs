@@ -48,6 +48,10 @@ pub struct Source {
     /// values, which may be a file's the notebook had noyau read
     /// ([`crate::named`]).
     pub file: Option<noyau_config::CodeTrust>,
+    /// Whether its code is trusted, when that was decided as it was read
+    /// (the project's noyau.toml: under a wildcard, on the file read, not
+    /// the one at its path afterwards); its values are still quoted.
+    pub read: Option<noyau_config::CodeTrust>,
 }
 
 /// Who wrote a source, which decides whether it may name code that runs
@@ -62,21 +66,24 @@ pub enum Author {
     Project(PathBuf),
 }
 
-/// `dir/noyau.toml`, its path and its TOML, if there is one: read as
-/// noyau-config reads a project's file (refused if another user could
-/// have written it, unless the user trusts `dir`).
-pub(crate) fn noyau_toml(dir: &Path) -> Result<Option<(PathBuf, toml::Table)>, EnvError> {
-    let Some((path, text)) = noyau_config::project_file(dir)? else {
+/// `dir/noyau.toml`, its path, its TOML and whether its code is trusted
+/// (decided on what was read), if there is one: read as noyau-config
+/// reads a project's file (refused if another user could have written
+/// it, unless the user trusts `dir`).
+pub(crate) fn noyau_toml(
+    dir: &Path,
+) -> Result<Option<(PathBuf, toml::Table, noyau_config::CodeTrust)>, EnvError> {
+    let Some((path, text, trust)) = noyau_config::project_file(dir)? else {
         return Ok(None);
     };
     let doc: toml::Table =
         toml::from_str(&text).map_err(|e| crate::named::toml_error(&path, &text, &e))?;
-    Ok(Some((path, doc)))
+    Ok(Some((path, doc, trust)))
 }
 
 /// The `[environment]` table of `dir/noyau.toml`, if there is one.
 pub fn from_noyau_toml(dir: &Path) -> Result<Option<Source>, EnvError> {
-    let Some((path, doc)) = noyau_toml(dir)? else {
+    let Some((path, doc, trust)) = noyau_toml(dir)? else {
         return Ok(None);
     };
     match doc.get("environment") {
@@ -87,6 +94,7 @@ pub fn from_noyau_toml(dir: &Path) -> Result<Option<Source>, EnvError> {
             base: dir.to_path_buf(),
             author: Author::Project(dir.to_path_buf()),
             file: None,
+            read: Some(trust),
         })),
     }
 }
@@ -122,6 +130,7 @@ pub fn from_metadata(metadata: &Value, notebook_dir: &Path) -> Result<Option<Sou
                 base: notebook_dir.to_path_buf(),
                 author: Author::Project(notebook_dir.to_path_buf()),
                 file: None,
+                read: None,
             }))
         }
     }
@@ -178,6 +187,7 @@ fn from_spec(arg: &str, cwd: &Path, author: Author) -> Result<Source, EnvError> 
             base: cwd.to_path_buf(),
             author,
             file: None,
+            read: None,
         });
     }
     let path = absolute(cwd, Path::new(t));
@@ -188,6 +198,7 @@ fn from_spec(arg: &str, cwd: &Path, author: Author) -> Result<Source, EnvError> 
         &what,
         noyau_config::MAX_SIZE,
         noyau_config::named_text,
+        &mut Site::default(),
     )?
     .ok_or_else(|| {
         EnvError::Invalid(format!(
@@ -215,6 +226,7 @@ fn from_spec(arg: &str, cwd: &Path, author: Author) -> Result<Source, EnvError> 
         base,
         author,
         file: Some(trust),
+        read: None,
     })
 }
 
@@ -288,23 +300,30 @@ pub fn merge(sources: &[Source], notebook_dir: &Path) -> Result<Option<EnvSpec>,
     if sources.is_empty() {
         return Ok(None);
     }
+    // Each source's trust, decided once (the site's and user's files read
+    // at most once, and only for a project's source).
+    let mut site = Site::default();
+    let judged = sources
+        .iter()
+        .map(|s| Judged::new(s, &mut site))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut merged = Map::new();
     // Which source each key's value comes from.
-    let mut from: std::collections::BTreeMap<String, &Source> = Default::default();
-    for s in sources {
+    let mut from: std::collections::BTreeMap<String, &Judged> = Default::default();
+    for j in &judged {
         // An untrusted project does not place its notebook (its directory
         // is writable in the sandbox), as the notebook's metadata does not.
-        let untrusted = untrusted_dir(s, None)?.is_some();
-        for (k, v) in resolve_paths(&s.table, &s.base) {
+        let untrusted = untrusted_dir(j, None).is_some();
+        for (k, v) in resolve_paths(&j.s.table, &j.s.base) {
             if untrusted && k == "notebook_dir" {
                 continue;
             }
-            from.insert(k.clone(), s);
+            from.insert(k.clone(), j);
             merged.insert(k, v);
         }
     }
     for (k, v) in &merged {
-        if let Some(why) = crate::trust::names_code(k, v, show(from[k])) {
+        if let Some(why) = crate::trust::names_code(k, v, show(from[k].s)) {
             refuse_untrusted(from[k], None, k, why, crate::trust::Risk::RunsCode)?;
         }
         if let Some(why) = crate::trust::loosens_sandbox(k, v) {
@@ -313,17 +332,17 @@ pub fn merge(sources: &[Source], notebook_dir: &Path) -> Result<Option<EnvSpec>,
     }
     if let Some(Value::String(image)) = merged.get("image") {
         if !image.contains("://") {
-            let s = from["image"];
-            let trusted = untrusted_dir(s, None)?.is_none();
-            let what = format!("image in {}", s.what);
-            crate::named::check_image(Path::new(image), &s.author, &what, trusted)?;
+            let j = from["image"];
+            let trusted = untrusted_dir(j, None).is_none();
+            let what = format!("image in {}", j.s.what);
+            crate::named::check_image(Path::new(image), &j.s.author, &what, trusted)?;
         }
     }
     merged
         .entry("notebook_dir")
         .or_insert_with(|| Value::String(notebook_dir.display().to_string()));
     let lock_trust = match from.get("lock_file") {
-        Some(s) => Some(read_lock_file(&mut merged, s)?),
+        Some(j) => Some(read_lock_file(&mut merged, j.s, &mut site)?),
         None => None,
     };
     let names: Vec<&str> = sources.iter().map(|s| s.what.as_str()).collect();
@@ -337,12 +356,12 @@ pub fn merge(sources: &[Source], notebook_dir: &Path) -> Result<Option<EnvSpec>,
     // the file may not be the project's own).
     // (Its trust is the file's, decided on what was read: under a wildcard
     // entry, a lock file others could have written is not trusted,
-    // [`noyau_config::trusts_project_file`].)
+    // [`noyau_config::TrustedProjects::read_named`].)
     let lock_trust = lock_trust.as_ref();
-    if let (Some(s), Some(lock)) = (from.get("lock_file"), &spec.lock) {
+    if let (Some(j), Some(lock)) = (from.get("lock_file"), &spec.lock) {
         if let Some(why) = crate::trust::lock_names_code(lock, crate::trust::Show::LineNumbers) {
             refuse_untrusted(
-                s,
+                j,
                 lock_trust,
                 "lock_file",
                 why,
@@ -351,12 +370,46 @@ pub fn merge(sources: &[Source], notebook_dir: &Path) -> Result<Option<EnvSpec>,
         }
     }
     for k in ["requirements", "lock", "lock_file"] {
-        if let Some(s) = from.get(k) {
+        if let Some(j) = from.get(k) {
             let file = if k == "lock_file" { lock_trust } else { None };
-            spec.wheels_only |= untrusted_dir(s, file)?.is_some();
+            spec.wheels_only |= untrusted_dir(j, file).is_some();
         }
     }
     Ok(Some(spec))
+}
+
+/// The site's and the user's `trusted_projects`, read at most once for
+/// one decision, and only when a project's source asks.
+#[derive(Default)]
+pub(crate) struct Site(Option<noyau_config::TrustedProjects>);
+
+impl Site {
+    pub(crate) fn get(&mut self) -> Result<&noyau_config::TrustedProjects, EnvError> {
+        let t = match self.0.take() {
+            Some(t) => t,
+            None => noyau_config::trusted_projects()?,
+        };
+        Ok(self.0.insert(t))
+    }
+}
+
+/// A source and whether its code is trusted, decided once: its file's
+/// trust if it was read from one ([`Source::file`]), else its project
+/// directory's; the user's own sources are.
+struct Judged<'a> {
+    s: &'a Source,
+    trust: noyau_config::CodeTrust,
+}
+
+impl<'a> Judged<'a> {
+    fn new(s: &'a Source, site: &mut Site) -> Result<Self, EnvError> {
+        let trust = match (s.file.as_ref().or(s.read.as_ref()), &s.author) {
+            (Some(t), _) => t.clone(),
+            (None, Author::Project(dir)) => site.get()?.code(dir),
+            (None, Author::User) => noyau_config::CodeTrust::Trusted,
+        };
+        Ok(Judged { s, trust })
+    }
 }
 
 /// How a refusal shows the values of `s`: not a file's ([`Source::file`]).
@@ -373,6 +426,7 @@ fn show(s: &Source) -> crate::trust::Show {
 fn read_lock_file(
     merged: &mut Map<String, Value>,
     s: &Source,
+    site: &mut Site,
 ) -> Result<noyau_config::CodeTrust, EnvError> {
     let Some(Value::String(f)) = merged.remove("lock_file") else {
         return Err(EnvError::Invalid("`lock_file` is a path".into()));
@@ -394,6 +448,7 @@ fn read_lock_file(
         // `--env` file itself, but a regular file of bounded size; not
         // held to a trusted directory's rules (a wildcard's link check).
         noyau_config::named_text,
+        site,
     )?
     .ok_or_else(|| EnvError::Invalid(format!("cannot read {what} ({f}): it does not exist")))?;
     merged.insert("lock".into(), Value::String(text));
@@ -404,50 +459,48 @@ fn read_lock_file(
 /// one, with why the entries that name it do not trust it
 /// ([`noyau_config::CodeTrust::note`]); for the code in a file of the
 /// project's, `file` its trust when given (a lock file's: trusted only
-/// if the file `s` was read from, which named it, is too), else that of
-/// the file `s` was read from ([`Source::file`]: under a wildcard, a
-/// settings file others could have written is no more trusted than such
-/// a lock file).
+/// if the file `j` was read from, which named it, is too), else `j`'s
+/// ([`Source::file`]: under a wildcard, a settings file others could have
+/// written is no more trusted than such a lock file).
 fn untrusted_dir<'a>(
-    s: &'a Source,
-    file: Option<&noyau_config::CodeTrust>,
-) -> Result<Option<(&'a Path, String)>, EnvError> {
-    let Author::Project(dir) = &s.author else {
-        return Ok(None);
+    j: &'a Judged,
+    file: Option<&'a noyau_config::CodeTrust>,
+) -> Option<(&'a Path, &'a str)> {
+    let Author::Project(dir) = &j.s.author else {
+        return None;
     };
     // A lock a settings file names is trusted only if both are: the
     // settings file chose which lock.
-    let trust = match (file, s.file.as_ref()) {
-        (Some(noyau_config::CodeTrust::Trusted), Some(t)) | (Some(t), _) | (None, Some(t)) => {
-            t.clone()
-        }
-        (None, None) => noyau_config::trusts_project(dir)?,
+    let trust = match file {
+        Some(noyau_config::CodeTrust::Trusted) if j.s.file.is_some() => &j.trust,
+        Some(t) => t,
+        None => &j.trust,
     };
-    Ok(match trust {
+    match trust {
         noyau_config::CodeTrust::Trusted => None,
-        noyau_config::CodeTrust::Untrusted { note } => Some((dir.as_path(), note)),
-    })
+        noyau_config::CodeTrust::Untrusted { note } => Some((dir.as_path(), note.as_str())),
+    }
 }
 
-/// Refuses `key` of `s` (which names code or loosens the sandbox: `why`,
-/// `risk`) unless the user trusts `s` (and `file`, the trust of the file
-/// of `s`'s it was read from, if any).
+/// Refuses `key` of `j` (which names code or loosens the sandbox: `why`,
+/// `risk`) unless the user trusts `j` (and `file`, the trust of the file
+/// of `j`'s it was read from, if any).
 fn refuse_untrusted(
-    s: &Source,
+    j: &Judged,
     file: Option<&noyau_config::CodeTrust>,
     key: &str,
     why: String,
     risk: crate::trust::Risk,
 ) -> Result<(), EnvError> {
-    let Some((dir, note)) = untrusted_dir(s, file)? else {
+    let Some((dir, note)) = untrusted_dir(j, file) else {
         return Ok(());
     };
     Err(EnvError::UntrustedCode(Box::new(crate::UntrustedCode {
-        what: s.what.clone(),
+        what: j.s.what.clone(),
         key: key.into(),
         why,
         risk,
-        note,
+        note: note.into(),
         dir: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.into()),
     })))
 }
@@ -725,6 +778,7 @@ fn magic_source(args: &str, cwd: &Path) -> Result<Source, EnvError> {
         base: cwd.to_path_buf(),
         author: ours(),
         file: None,
+        read: None,
     })
 }
 
@@ -1118,17 +1172,16 @@ mod tests {
             base: d.path().into(),
             author: Author::Project(d.path().into()),
             file,
+            read: None,
         };
         let s = source(Some(untrusted.clone()));
-        let (_, note) = untrusted_dir(&s, Some(&CodeTrust::Trusted))
-            .unwrap()
-            .unwrap();
+        let j = Judged::new(&s, &mut Site::default()).unwrap();
+        let (_, note) = untrusted_dir(&j, Some(&CodeTrust::Trusted)).unwrap();
         assert_eq!(note, "writable by its group");
         let s = source(Some(CodeTrust::Trusted));
-        assert!(untrusted_dir(&s, Some(&untrusted)).unwrap().is_some());
-        assert!(untrusted_dir(&s, Some(&CodeTrust::Trusted))
-            .unwrap()
-            .is_none());
+        let j = Judged::new(&s, &mut Site::default()).unwrap();
+        assert!(untrusted_dir(&j, Some(&untrusted)).is_some());
+        assert!(untrusted_dir(&j, Some(&CodeTrust::Trusted)).is_none());
     }
 
     /// A notebook's local image must be in its directory, or readable by
@@ -1159,6 +1212,7 @@ mod tests {
             base: dir.clone(),
             author: Author::Project(dir.clone()),
             file: None,
+            read: None,
         };
         chmod(&d.path().join(".pgpass"), 0o600);
         let shared = apps.join("pytorch.sif");
@@ -1361,6 +1415,41 @@ mod tests {
         .unwrap();
         let env = theirs.path().join("env.toml").display().to_string();
         let spec = for_notebook(d, None, Some(&env), d).unwrap().unwrap();
+        assert_eq!(spec.lock.as_deref(), Some("six==1.16.0\n"));
+    }
+
+    /// A file a notebook names is read because it is in its directory; a
+    /// hard link there to a file of the user's elsewhere (which another
+    /// user can make where `fs.protected_hardlinks` is 0, to a file they
+    /// cannot read) is in it too, so a file with other names is refused,
+    /// saying so, and its text is not read.
+    #[test]
+    fn a_hard_linked_file_a_notebook_names_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let secret = secret_outside(d);
+        let _gone = scopeguard(&secret);
+        std::fs::hard_link(&secret, d.join("r.lock")).unwrap();
+        std::fs::hard_link(&secret, d.join("env.toml")).unwrap();
+        let meta = json!({"noyau": {"environment": {"kind": "python", "lock_file": "r.lock"}}});
+        let refused = |r: Result<(), EnvError>, what: &str| {
+            let e = r.unwrap_err().to_string();
+            assert!(
+                e.contains("has 3 names (hard links)") && !e.contains("ghp_SECRET"),
+                "{what}: {e}"
+            );
+        };
+        refused(for_notebook(d, Some(&meta), None, d).map(drop), "lock_file");
+        refused(
+            for_cell(d, None, "file env.toml").map(drop),
+            "%noyau env file",
+        );
+        refused(from_cell_env("env.toml", d).map(drop), "%%noyau on --env");
+        // One name: read.
+        std::fs::remove_file(&secret).unwrap();
+        std::fs::remove_file(d.join("env.toml")).unwrap();
+        std::fs::write(d.join("r.lock"), "six==1.16.0\n").unwrap();
+        let spec = for_notebook(d, Some(&meta), None, d).unwrap().unwrap();
         assert_eq!(spec.lock.as_deref(), Some("six==1.16.0\n"));
     }
 

@@ -9,7 +9,7 @@
 //! metadata, its `%noyau env` cells and the project's `noyau.toml`
 //! `[environment]` declare is checked against [`names_code`]; when one of
 //! them names code and the user's own `trusted_projects` does not trust
-//! the project's directory (noyau-config's `trusts_project`: the site's
+//! the project's directory (noyau-config's `TrustedProjects::code`: the site's
 //! entries only let its noyau.toml be read), the environment is
 //! refused with [`EnvError::UntrustedCode`], never silently changed. The
 //! user's own sources (`--env`, `NOYAU_ENV`) are not checked.

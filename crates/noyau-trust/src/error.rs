@@ -20,9 +20,14 @@ pub enum Problem {
     OthersWrite { mode: u32 },
     #[error("has mode {mode:04o}; it must be {want:04o} (only its owner may use it)")]
     TooOpen { mode: u32, want: u32 },
-    /// A file about to be rewritten that has other names.
+    /// A file about to be rewritten, or read for a notebook, that has
+    /// other names.
     #[error("has {links} names (hard links)")]
     HardLinked { links: u64 },
+    /// A path opened beneath a directory that leads out of it (`..`, an
+    /// absolute path, or a link to elsewhere).
+    #[error("leads out of its directory")]
+    Outside,
 }
 
 impl Problem {
@@ -39,9 +44,11 @@ impl Problem {
             Problem::OthersWrite { .. } => format!("`chmod go-w {p}`, or remove it"),
             Problem::TooOpen { want, .. } => format!("`chmod {want:o} {p}`, or remove it"),
             Problem::HardLinked { .. } => format!(
-                "another user may have linked it to a file of yours, which writing would \
-                 overwrite: remove it (`rm {p}`)"
+                "another user may have linked it to a file of yours elsewhere, which noyau \
+                 would write or show: remove it (`rm {p}`), or, if it is yours, make it a \
+                 copy (`cp {p} {p}.new && mv {p}.new {p}`)"
             ),
+            Problem::Outside => "copy what it leads to into the directory".into(),
         }
     }
 }

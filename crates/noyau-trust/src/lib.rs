@@ -10,11 +10,13 @@
 //! [`TrustError`] naming the path, what was wrong ([`Problem`]) and what to
 //! do about it.
 
+mod beneath;
 mod error;
 mod expect;
 mod open;
 mod replace;
 
+pub use beneath::Beneath;
 pub use error::{Problem, TrustError};
 pub use expect::{Expect, Kind, Mode, Owner};
 pub use open::create_private;

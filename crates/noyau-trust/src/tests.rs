@@ -387,3 +387,89 @@ fn replace_writes_a_new_file_never_through_what_was_there() {
     names.sort();
     assert_eq!(names, ["canary", "fifo", "noyau.lock"]);
 }
+
+/// A file opened beneath a held directory is the one in that directory,
+/// even after the directory's path was swapped for a link elsewhere (what
+/// a path checked and then opened would follow); no `..`, absolute path
+/// or link leads out of it, and a FIFO is refused without waiting.
+#[test]
+fn beneath_a_held_directory_nothing_leads_out_of_it() {
+    use crate::Beneath;
+    use std::io::Read;
+    let t = tempfile::tempdir().unwrap();
+    let (dir, elsewhere) = (t.path().join("proj"), t.path().join("elsewhere"));
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::fs::write(dir.join("sub/f"), "mine").unwrap();
+    std::fs::write(elsewhere.join("f"), "secret").unwrap();
+    std::fs::create_dir(elsewhere.join("sub")).unwrap();
+    std::fs::write(elsewhere.join("sub/f"), "secret").unwrap();
+    let held = Beneath::open(&dir).unwrap();
+    let any = Expect::file()
+        .owner(Owner::Any)
+        .mode(Mode::Any)
+        .follow_links();
+    let read = |rel: &str| -> Result<String, TrustError> {
+        let mut text = String::new();
+        held.open_file(&any, Path::new(rel))?
+            .read_to_string(&mut text)
+            .unwrap();
+        Ok(text)
+    };
+    // Swapped: the path now leads elsewhere; the held directory does not.
+    std::fs::rename(&dir, t.path().join("moved")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &dir).unwrap();
+    assert_eq!(read("sub/f").unwrap(), "mine");
+    let moved = t.path().join("moved");
+    std::os::unix::fs::symlink(elsewhere.join("f"), moved.join("abs")).unwrap();
+    std::os::unix::fs::symlink("../elsewhere/f", moved.join("rel")).unwrap();
+    std::os::unix::fs::symlink("sub/f", moved.join("inside")).unwrap();
+    for out in ["../elsewhere/f", "abs", "rel", "/proc/self/root/etc/passwd"] {
+        let e = read(out).unwrap_err();
+        assert_eq!(problem(&e), Problem::Outside, "{out}: {e}");
+    }
+    assert_eq!(read("inside").unwrap(), "mine", "a link inside is followed");
+    std::os::unix::fs::symlink(moved.join("sub/f"), moved.join("absin")).unwrap();
+    assert_eq!(
+        read("absin").unwrap(),
+        "mine",
+        "an absolute link to a file inside is followed"
+    );
+    let e = held
+        .open_file(
+            &Expect::file().owner(Owner::Any).mode(Mode::Any),
+            Path::new("inside"),
+        )
+        .unwrap_err();
+    assert_eq!(problem(&e), Problem::Symlink, "not followed unless asked");
+    nix::unistd::mkfifo(&moved.join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let e = read("fifo").unwrap_err();
+    assert!(matches!(problem(&e), Problem::WrongKind { .. }), "{e}");
+    assert!(read("none").unwrap_err().is_not_found());
+}
+
+/// Without `openat2` (a kernel before Linux 5.6), a file is opened by its
+/// path and refused unless what was opened is under the held directory.
+#[test]
+fn without_openat2_what_was_opened_must_be_under_the_directory() {
+    use crate::Beneath;
+    use nix::fcntl::OFlag;
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("proj");
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    std::fs::write(dir.join("sub/f"), "mine").unwrap();
+    std::fs::write(t.path().join("f"), "secret").unwrap();
+    std::os::unix::fs::symlink("../f", dir.join("out")).unwrap();
+    std::os::unix::fs::symlink("sub/f", dir.join("in")).unwrap();
+    let held = Beneath::open(&dir).unwrap();
+    let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+    let e = held.open_by_path(flags, &dir.join("out")).unwrap_err();
+    assert_eq!(problem(&e), Problem::Outside, "{e}");
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut held.open_by_path(flags, &dir.join("in")).unwrap(),
+        &mut text,
+    )
+    .unwrap();
+    assert_eq!(text, "mine");
+}
