@@ -810,10 +810,13 @@ def test_hub_secure_cookies_are_host_only_and_count_once(tmp_path: Path, hub_use
                           data={"user": u.name, "password": u.password, "_csrf": hl.csrf_of(page.text)},
                           allow_redirects=False, timeout=30)
         assert r.status_code == 303, (r.status_code, r.text[:300])
-        login = r.headers["Set-Cookie"]
+        login, device = r.raw.headers.getlist("Set-Cookie")
         m = re.fullmatch(r"__Host-noyau_hub=([0-9a-f]{64}); Path=/; HttpOnly; SameSite=Lax; Max-Age=\d+; Secure", login)
         assert m, login
         mine = m.group(1)
+        # The device cookie (see test_hub_device_cookie_keeps_the_user_out_of_others_lockout) too.
+        assert re.fullmatch(rf"__Host-noyau_hub_device={u.name}:\d+:[0-9a-f]{{32}}:[0-9a-f]{{64}}; Path=/; HttpOnly; "
+                            r"SameSite=Lax; Max-Age=2592000; Secure", device), device
 
         def home(cookie: str) -> int:
             return requests.get(hub.url + "/hub/home", headers={"Cookie": cookie}, allow_redirects=False,
