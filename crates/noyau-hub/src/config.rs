@@ -514,22 +514,28 @@ impl HubConfig {
     }
 
     /// `cookie_secure = false` is for plain-HTTP tests on the hub's own
-    /// host. On an address other hosts reach, the hub is either served in
-    /// plain HTTP over the network (passwords and cookies readable on the
-    /// way) or reached through a TLS proxy elsewhere: either way the
-    /// setting is wrong, and the hub says so rather than start. (Behind a
-    /// web server on this host, requests that come over HTTPS get Secure
-    /// cookies whatever it says: [`crate::auth::secure_cookies`].)
+    /// host. With PAM logins (header mode sets no cookie: the SSO proxy
+    /// names the user on every request), on an address other hosts reach,
+    /// the hub is either served in plain HTTP over the network (passwords
+    /// and cookies readable on the way) or reached through a TLS proxy
+    /// elsewhere: either way the setting is wrong, and the hub says so
+    /// rather than start. (Behind a web server on this host, requests that
+    /// come over HTTPS get Secure cookies whatever it says:
+    /// [`crate::auth::secure_cookies`].)
     fn validate_cookie_secure(&self) -> anyhow::Result<()> {
         match &self.listen {
-            Listen::Tcp(a) if !self.cookie_secure && !a.ip().is_loopback() => bail!(
-                "cookie_secure = false sends the login cookie without Secure, for plain-HTTP \
+            Listen::Tcp(a)
+                if !self.cookie_secure && self.auth == Auth::Pam && !a.ip().is_loopback() =>
+            {
+                bail!(
+                    "cookie_secure = false sends the login cookie without Secure, for plain-HTTP \
                  tests on 127.0.0.1 only; listen = {} is reached from other hosts (through \
                  HTTPS, or worse in plain HTTP, where anyone on the path reads passwords and \
                  cookies). Remove cookie_secure (its default, true) and serve the hub through \
                  a web server with TLS (docs/hub.md, \"For a real site\")",
-                self.listen
-            ),
+                    self.listen
+                )
+            }
             _ => Ok(()),
         }
     }
@@ -632,6 +638,10 @@ mod tests {
         for listen in ["127.0.0.1:8000", "[::1]:8000", "unix:/run/hub/web.sock"] {
             assert!(on(listen, plain).is_ok(), "{listen}");
         }
+        // Header mode logs no one in with a cookie: nothing to refuse.
+        let header = "cookie_secure = false\nauth = \"header\"\n\
+                      auth_secret_header = \"X-S\"\nauth_secret_file = \"/s\"";
+        assert!(on("0.0.0.0:8000", header).is_ok());
     }
 
     #[test]
