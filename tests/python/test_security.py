@@ -789,6 +789,41 @@ def test_hub_link_token_works_once(tmp_path: Path, hub_users, slurm) -> None:  #
         hub.close()
 
 
+def test_hub_link_token_opens_nothing_while_the_job_is_queued(tmp_path: Path, hub_users, slurm) -> None:  # type: ignore[no-untyped-def]
+    """A session's first link token is in its job's environment from
+    submission (Slurm keeps it, its operators can read it), but the hub takes
+    it only once the scheduler says the job runs: while the job waits, a
+    hello with it is refused (and it is not used up); then the job's own
+    agent connects with it."""
+    import hmac
+
+    u = hub_users[0]
+    hub = hl.Hub(tmp_path, admins=[])
+    blocker = None
+    try:
+        hub.start()
+        blocker = lib.fill_the_node()
+        s, csrf, form = _spawn_form(hub, u)
+        assert s.post(hub.url + "/hub/spawn", data=dict(form, partition="batch")).status_code == 200
+        queued = hl.sessions(s, hub.url)[0]
+        assert queued["state"] == "queued" and queued["job_id"], queued
+        key = (hub.state / "hub.key").read_bytes()
+        token = hmac.new(key, f"link:{queued['id']}".encode(), hashlib.sha256).hexdigest()
+        _, kind, body = _link_hello(f"127.0.0.1:{hub.link_port}", token)
+        assert kind == REFUSED, (kind, body)
+        subprocess.run(["scancel", blocker], check=True)
+        blocker = None
+        st = hl.wait_state(s, hub.url, "running")
+        assert _agent_env(u.name)["NOYAU_LINK_TOKEN"] == token
+        assert hl.run_cell(s, hub.url, u.name, "6 * 7") == "42"
+        s.post(f"{hub.url}/hub/sessions/{st['id']}/cancel", data={"_csrf": csrf})
+        hl.wait_state(s, hub.url, "ended", timeout=60)
+    finally:
+        if blocker:
+            subprocess.run(["scancel", blocker], check=False)
+        hub.close()
+
+
 def test_hub_secure_cookies_are_host_only_and_count_once(tmp_path: Path, hub_users, slurm) -> None:  # type: ignore[no-untyped-def]
     """With `cookie_secure` (the default) the hub's cookies are `__Host-`
     ones (Secure, `Path=/`, no `Domain`: no other host of the site can plant

@@ -68,8 +68,12 @@ impl Hub {
         let live = self.db.live_sessions()?;
         for s in &live {
             let (gen, next) = self.db.link_gens(&s.id)?;
-            for g in std::iter::once(gen).chain(next) {
-                self.tokens.add(&self.link_token_gen(&s.id, g));
+            // An agent that never connected: its first token waits for
+            // the job to leave the queue (`jobs::follow`).
+            if (gen, next) != (0, None) {
+                for g in std::iter::once(gen).chain(next) {
+                    self.tokens.add(&self.link_token_gen(&s.id, g));
+                }
             }
             if s.state == State::Running {
                 self.db.update(
@@ -83,6 +87,31 @@ impl Hub {
         }
         Ok(live.len())
     }
+}
+
+impl Hub {
+    /// Lets the listener take a session's first link token (the one in its
+    /// job's environment) if no agent has used it yet. Called once the
+    /// scheduler no longer says the job waits ([`first_token_due`]): the
+    /// job's environment is kept by the scheduler (and shown to its
+    /// operators) from submission, but no agent can run before the job
+    /// does, so the token opens nothing while the job is queued.
+    pub(crate) fn admit_first_token(&self, session: &str) -> anyhow::Result<()> {
+        if self.db.link_gens(session)? == (0, None) {
+            self.tokens.add(&self.link_token(session));
+        }
+        Ok(())
+    }
+}
+
+/// Whether a session's first link token is due, by what the scheduler says
+/// of its job: once it runs; also when the scheduler cannot say (a
+/// listing failing while the job starts must not keep its agent out until
+/// the agent gives up, `NOYAU_LINK_GIVE_UP`). Not while it waits, nor
+/// once it ended.
+pub(crate) fn first_token_due(state: &noyau_sched::JobState) -> bool {
+    use noyau_sched::JobState;
+    matches!(state, JobState::Running { .. } | JobState::Unknown { .. })
 }
 
 pub(crate) async fn accept(hub: Arc<Hub>, mut listener: LinkListener) {
@@ -428,5 +457,28 @@ mod tests {
         // A job queued again (requeued) with its old node: not running.
         s.state = State::Queued;
         assert_eq!(connected_state(&s), None);
+    }
+
+    #[test]
+    fn the_first_token_is_due_once_the_job_left_the_queue() {
+        use noyau_sched::{JobEnd, JobState};
+        let pending = JobState::Pending {
+            reason: "Resources".into(),
+            start: None,
+            partition: None,
+        };
+        let running = JobState::Running {
+            node: "n1".into(),
+            ends_at: None,
+        };
+        let unknown = JobState::Unknown {
+            why: "squeue failed".into(),
+        };
+        let ended = JobState::Ended(JobEnd {
+            description: "cancelled".into(),
+            success: false,
+        });
+        assert!(!first_token_due(&pending) && !first_token_due(&ended));
+        assert!(first_token_due(&running) && first_token_due(&unknown));
     }
 }

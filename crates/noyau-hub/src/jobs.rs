@@ -203,6 +203,9 @@ struct Followed {
     /// The watcher has given its first answer (until then the state is
     /// only "submitted", which says nothing of a job adopted after a restart).
     heard: bool,
+    /// The session's first link token was offered to the listener (once:
+    /// the listener forgets a token once used, and it must stay so).
+    token_offered: bool,
 }
 
 /// Follows every live session's job: each is adopted by the hub's
@@ -233,6 +236,7 @@ fn sync(hub: &Hub, followed: &mut HashMap<String, Followed>) -> anyhow::Result<(
         let f = followed.entry(s.id.clone()).or_insert_with(|| Followed {
             job: hub.sched.adopt(job),
             heard: false,
+            token_offered: false,
         });
         // (closed: the watcher's last word, an end, is there to read)
         f.heard = f.heard || f.job.state.has_changed().unwrap_or(true);
@@ -240,6 +244,10 @@ fn sync(hub: &Hub, followed: &mut HashMap<String, Followed>) -> anyhow::Result<(
             continue;
         }
         let state = f.job.state.borrow_and_update().clone();
+        if !f.token_offered && crate::agents::first_token_due(&state) {
+            hub.admit_first_token(&s.id)?;
+            f.token_offered = true;
+        }
         let u = match state {
             JobState::Pending { reason, start, .. } => Update {
                 state: Some(State::Queued),

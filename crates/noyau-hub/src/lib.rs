@@ -725,7 +725,8 @@ async fn start_session(
             "You already have a session: cancel it before starting another.".into(),
         ));
     }
-    hub.tokens.add(&hub.link_token(&s.id));
+    // (its first link token is taken once the job leaves the queue:
+    // `jobs::follow`)
     match jobs::submit(hub, &s).await {
         Ok((job, log)) => {
             let _ = hub.db.set_job(&s.id, &job, &log);
