@@ -78,6 +78,9 @@ def test_login_spawn_run_a_cell_cancel(hub, users, slurm) -> None:  # type: igno
     lines = hl.card_lines_until(sa, hub.url, "running")
     assert any(line.startswith("Queued: ") for line in lines) and lines[-1].startswith("Running on "), lines
     assert not [line for line in lines if "?" in line or "1 cores" in line], lines
+    # Running says where: an agent that connects before the hub's listing
+    # has seen its job start leaves the card as it was until that listing.
+    assert not [line for line in lines if line.startswith("Running") and not line.startswith("Running on ")], lines
     s = hl.wait_state(sa, hub.url, "running")
     assert s["node"] and s["job_id"]
     assert s["choice"]["cores"] == 2

@@ -584,11 +584,14 @@ def _pam_service_counting_calls(tmp_path: Path) -> tuple[str, Path]:
     return name, calls
 
 
-def _try_login(hub: hl.Hub, user: str, password: str, client: str) -> Any:
+def _try_login(hub: hl.Hub, user: str, password: str, client: str, device: str | None = None) -> Any:
+    """A login as `user` from `client`, with the device cookie `device` if given."""
     import requests
 
     s = requests.Session()
     s.headers["X-Forwarded-For"] = client
+    if device is not None:
+        s.cookies.set("noyau_hub_device", device)
     return s.post(hub.url + "/hub/login", data={"user": user, "password": password,
                                                 "_csrf": hl.login_csrf(s, hub.url)},
                   allow_redirects=False, timeout=30)
@@ -658,6 +661,49 @@ def test_hub_throttles_password_guessing(tmp_path: Path, hub_users, slurm) -> No
         if hub:
             hub.close()
         Path("/etc/pam.d", service).unlink(missing_ok=True)
+
+
+def _device_cookie(r) -> str:  # type: ignore[no-untyped-def]
+    """The device cookie a successful login set: HttpOnly, for 30 days."""
+    header = next(h for h in r.raw.headers.getlist("Set-Cookie") if h.startswith("noyau_hub_device="))
+    assert "HttpOnly" in header and "Max-Age=2592000" in header, header
+    return header.split(";")[0].split("=", 1)[1]
+
+
+def test_hub_device_cookie_keeps_the_user_out_of_others_lockout(tmp_path: Path, hub_users, slurm) -> None:  # type: ignore[no-untyped-def]
+    """Guesses at a user's password make the user wait (anyone may guess),
+    but not on a browser the user logged in from before: its device cookie
+    (signed by the hub, naming the user) counts its own failures instead.
+    Without it, with another user's, or with a forged one, the wait holds;
+    the guessing address's own wait holds whatever cookie it shows."""
+    u, other = hub_users[0], hub_users[1]
+    hub = hl.Hub(tmp_path / "hub", admins=[], extra='login_delay = 60\nproxy_addresses = ["127.0.0.1"]')
+    try:
+        hub.start()
+        r = _try_login(hub, u.name, u.password, "192.0.2.10")
+        assert r.status_code == 303, r.text[:300]
+        mine = _device_cookie(r)
+        r = _try_login(hub, other.name, other.password, "192.0.2.11")
+        assert r.status_code == 303, r.text[:300]
+        others = _device_cookie(r)
+        # Someone guesses the user's password from one address: the user waits.
+        for _ in range(5):
+            assert _try_login(hub, u.name, "guess", "203.0.113.1").status_code == 401
+        _retry_after(_try_login(hub, u.name, u.password, "198.51.100.1"))
+        # Not so on the user's own browser, from another address.
+        r = _try_login(hub, u.name, u.password, "192.0.2.10", device=mine)
+        assert r.status_code == 303, r.text[:300]
+        # Another user's device cookie, or one forged from it or from the
+        # user's own (renamed, extended, re-signed at random), is worth nothing.
+        user, until, nonce, mac = mine.split(":")
+        _, _, o_nonce, o_mac = others.split(":")
+        for forged in (others, f"{u.name}:{until}:{o_nonce}:{o_mac}", f"{u.name}:{int(until) + 86400}:{nonce}:{mac}",
+                       f"{u.name}:{until}:{nonce}:{'0' * 64}", f"{u.name}:{until}:{nonce}"):
+            _retry_after(_try_login(hub, u.name, u.password, "198.51.100.2", device=forged))
+        # The guessing address waits, device cookie or not.
+        _retry_after(_try_login(hub, u.name, u.password, "203.0.113.1", device=mine))
+    finally:
+        hub.close()
 
 
 def test_hub_login_floods_are_bounded_escaped_and_throttled_first(tmp_path: Path, slurm) -> None:  # type: ignore[no-untyped-def]
@@ -743,6 +789,41 @@ def test_hub_link_token_works_once(tmp_path: Path, hub_users, slurm) -> None:  #
         hub.close()
 
 
+def test_hub_link_token_opens_nothing_while_the_job_is_queued(tmp_path: Path, hub_users, slurm) -> None:  # type: ignore[no-untyped-def]
+    """A session's first link token is in its job's environment from
+    submission (Slurm keeps it, its operators can read it), but the hub takes
+    it only once the scheduler says the job runs: while the job waits, a
+    hello with it is refused (and it is not used up); then the job's own
+    agent connects with it."""
+    import hmac
+
+    u = hub_users[0]
+    hub = hl.Hub(tmp_path, admins=[])
+    blocker = None
+    try:
+        hub.start()
+        blocker = lib.fill_the_node()
+        s, csrf, form = _spawn_form(hub, u)
+        assert s.post(hub.url + "/hub/spawn", data=dict(form, partition="batch")).status_code == 200
+        queued = hl.sessions(s, hub.url)[0]
+        assert queued["state"] == "queued" and queued["job_id"], queued
+        key = (hub.state / "hub.key").read_bytes()
+        token = hmac.new(key, f"link:{queued['id']}".encode(), hashlib.sha256).hexdigest()
+        _, kind, body = _link_hello(f"127.0.0.1:{hub.link_port}", token)
+        assert kind == REFUSED, (kind, body)
+        subprocess.run(["scancel", blocker], check=True)
+        blocker = None
+        st = hl.wait_state(s, hub.url, "running")
+        assert _agent_env(u.name)["NOYAU_LINK_TOKEN"] == token
+        assert hl.run_cell(s, hub.url, u.name, "6 * 7") == "42"
+        s.post(f"{hub.url}/hub/sessions/{st['id']}/cancel", data={"_csrf": csrf})
+        hl.wait_state(s, hub.url, "ended", timeout=60)
+    finally:
+        if blocker:
+            subprocess.run(["scancel", blocker], check=False)
+        hub.close()
+
+
 def test_hub_secure_cookies_are_host_only_and_count_once(tmp_path: Path, hub_users, slurm) -> None:  # type: ignore[no-untyped-def]
     """With `cookie_secure` (the default) the hub's cookies are `__Host-`
     ones (Secure, `Path=/`, no `Domain`: no other host of the site can plant
@@ -764,10 +845,13 @@ def test_hub_secure_cookies_are_host_only_and_count_once(tmp_path: Path, hub_use
                           data={"user": u.name, "password": u.password, "_csrf": hl.csrf_of(page.text)},
                           allow_redirects=False, timeout=30)
         assert r.status_code == 303, (r.status_code, r.text[:300])
-        login = r.headers["Set-Cookie"]
+        login, device = r.raw.headers.getlist("Set-Cookie")
         m = re.fullmatch(r"__Host-noyau_hub=([0-9a-f]{64}); Path=/; HttpOnly; SameSite=Lax; Max-Age=\d+; Secure", login)
         assert m, login
         mine = m.group(1)
+        # The device cookie (see test_hub_device_cookie_keeps_the_user_out_of_others_lockout) too.
+        assert re.fullmatch(rf"__Host-noyau_hub_device={u.name}:\d+:[0-9a-f]{{32}}:[0-9a-f]{{64}}; Path=/; HttpOnly; "
+                            r"SameSite=Lax; Max-Age=2592000; Secure", device), device
 
         def home(cookie: str) -> int:
             return requests.get(hub.url + "/hub/home", headers={"Cookie": cookie}, allow_redirects=False,

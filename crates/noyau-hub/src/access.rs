@@ -7,11 +7,13 @@
 //! password opens nothing), and every request is checked again, since in
 //! header mode the proxy names the user each time and an admin may narrow
 //! the rules. Answers are kept a minute: with LDAP behind NSS a lookup may
-//! cost a network round trip.
+//! cost a network round trip, and it runs on the blocking pool, never on
+//! the hub's one async thread (a slow directory would stall every page
+//! and every proxied request with it).
 
 use std::collections::HashMap;
 use std::ffi::CString;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::unistd::{Group, User};
@@ -45,33 +47,90 @@ impl Refusal {
 /// An answer, and when it was given.
 type Answer = (Instant, Result<(), Refusal>);
 
+/// What decides who may log in: hub.toml's rules, and how an account is
+/// judged under them (NSS, blocking).
+type Lookup = fn(&Rules, &str) -> Result<(), Refusal>;
+
+/// hub.toml's keys that say who may log in.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    min_uid: u32,
+    allowed_users: Vec<String>,
+    allowed_groups: Vec<String>,
+    admins: Vec<String>,
+}
+
+impl Rules {
+    pub fn of(cfg: &HubConfig) -> Rules {
+        Rules {
+            min_uid: cfg.min_uid,
+            allowed_users: cfg.allowed_users.clone(),
+            allowed_groups: cfg.allowed_groups.clone(),
+            admins: cfg.admins.clone(),
+        }
+    }
+}
+
 /// The rules, with their answers of the last minute.
-#[derive(Default)]
 pub struct Access {
+    rules: Arc<Rules>,
+    lookup: Lookup,
     answers: Mutex<HashMap<String, Answer>>,
 }
 
 impl Access {
-    /// Whether `name` may log in under `cfg`'s rules.
-    pub fn check(&self, cfg: &HubConfig, name: &str) -> Result<(), Refusal> {
-        let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((at, r)) = answers.get(name) {
-            if at.elapsed() < TTL {
-                return r.clone();
-            }
+    pub fn new(cfg: &HubConfig) -> Access {
+        Access::with_lookup(cfg, decide)
+    }
+
+    fn with_lookup(cfg: &HubConfig, lookup: Lookup) -> Access {
+        Access {
+            rules: Arc::new(Rules::of(cfg)),
+            lookup,
+            answers: Mutex::new(HashMap::new()),
         }
-        let r = decide(cfg, name);
+    }
+
+    /// Whether `name` may log in: the answer of the last minute, or one
+    /// looked up on the blocking pool.
+    pub async fn check(&self, name: &str) -> Result<(), Refusal> {
+        if let Some(r) = self.cached(name) {
+            return r;
+        }
+        let (rules, lookup, who) = (self.rules.clone(), self.lookup, name.to_string());
+        let r = tokio::task::spawn_blocking(move || lookup(&rules, &who))
+            .await
+            .unwrap_or_else(|e| {
+                Err(Refusal::Unknown(format!(
+                    "The hub cannot look up the account {name} ({e}); try again later."
+                )))
+            });
+        self.remember(name, &r);
+        r
+    }
+
+    fn answers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Answer>> {
+        self.answers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn cached(&self, name: &str) -> Option<Result<(), Refusal>> {
+        let answers = self.answers();
+        let (at, r) = answers.get(name)?;
+        (at.elapsed() < TTL).then(|| r.clone())
+    }
+
+    fn remember(&self, name: &str, r: &Result<(), Refusal>) {
+        let mut answers = self.answers();
         if answers.len() >= KEPT {
             answers.retain(|_, (at, _)| at.elapsed() < TTL);
         }
         if answers.len() < KEPT {
             answers.insert(name.to_string(), (Instant::now(), r.clone()));
         }
-        r
     }
 }
 
-fn decide(cfg: &HubConfig, name: &str) -> Result<(), Refusal> {
+fn decide(cfg: &Rules, name: &str) -> Result<(), Refusal> {
     let user = match User::from_name(name) {
         Ok(Some(u)) => u,
         Ok(None) => {
@@ -150,7 +209,7 @@ mod tests {
 
     #[test]
     fn root_system_accounts_and_strangers_are_refused() {
-        let check = |extra: &str, name: &str| Access::default().check(&cfg(extra), name);
+        let check = |extra: &str, name: &str| decide(&Rules::of(&cfg(extra)), name);
         let r = check("min_uid = 0", "root");
         assert!(
             matches!(&r, Err(Refusal::Rule(m)) if m.contains("root")),
@@ -172,5 +231,30 @@ mod tests {
         let grouped = "min_uid = 0\nallowed_groups = [\"daemon\"]";
         assert!(check(grouped, "daemon").is_ok());
         assert!(check(grouped, "bin").is_err());
+    }
+
+    /// The thread the last lookup ran on.
+    static LOOKED_UP_ON: Mutex<Option<std::thread::ThreadId>> = Mutex::new(None);
+
+    fn recording(_: &Rules, _: &str) -> Result<(), Refusal> {
+        *LOOKED_UP_ON.lock().unwrap() = Some(std::thread::current().id());
+        Ok(())
+    }
+
+    #[test]
+    fn accounts_are_looked_up_off_the_async_thread_and_kept_a_minute() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let access = Access::with_lookup(&cfg(""), recording);
+        assert_eq!(rt.block_on(access.check("alice")), Ok(()));
+        let on = LOOKED_UP_ON.lock().unwrap().take();
+        assert!(
+            on.is_some_and(|t| t != std::thread::current().id()),
+            "the lookup ran on the runtime's thread"
+        );
+        // The answer is kept: no second lookup.
+        assert_eq!(rt.block_on(access.check("alice")), Ok(()));
+        assert_eq!(LOOKED_UP_ON.lock().unwrap().take(), None);
     }
 }

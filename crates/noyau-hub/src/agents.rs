@@ -26,12 +26,12 @@ use std::time::Duration;
 use noyau_link::tunnel::{self, Delivered, Tunnel};
 use noyau_link::{Incoming, Link, LinkConfig, LinkEvent, LinkListener};
 
-use crate::db::{State, Update};
+use crate::db::{Session, State, Update};
 use crate::{auth, proxy, Hub};
 
 /// How long an agent gets to say which session it serves.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
-/// Most bytes of the reason an agent gives for its server's end (stored,
+/// Most characters of the reason an agent gives for its server's end (stored,
 /// and shown on the owner's cards and the admin page).
 const ENDED_MAX: usize = 1024;
 
@@ -68,8 +68,12 @@ impl Hub {
         let live = self.db.live_sessions()?;
         for s in &live {
             let (gen, next) = self.db.link_gens(&s.id)?;
-            for g in std::iter::once(gen).chain(next) {
-                self.tokens.add(&self.link_token_gen(&s.id, g));
+            // An agent that never connected: its first token waits for
+            // the job to leave the queue (`jobs::follow`).
+            if (gen, next) != (0, None) {
+                for g in std::iter::once(gen).chain(next) {
+                    self.tokens.add(&self.link_token_gen(&s.id, g));
+                }
             }
             if s.state == State::Running {
                 self.db.update(
@@ -83,6 +87,31 @@ impl Hub {
         }
         Ok(live.len())
     }
+}
+
+impl Hub {
+    /// Lets the listener take a session's first link token (the one in its
+    /// job's environment) if no agent has used it yet. Called once the
+    /// scheduler no longer says the job waits ([`first_token_due`]): the
+    /// job's environment is kept by the scheduler (and shown to its
+    /// operators) from submission, but no agent can run before the job
+    /// does, so the token opens nothing while the job is queued.
+    pub(crate) fn admit_first_token(&self, session: &str) -> anyhow::Result<()> {
+        if self.db.link_gens(session)? == (0, None) {
+            self.tokens.add(&self.link_token(session));
+        }
+        Ok(())
+    }
+}
+
+/// Whether a session's first link token is due, by what the scheduler says
+/// of its job: once it runs; also when the scheduler cannot say (a
+/// listing failing while the job starts must not keep its agent out until
+/// the agent gives up, `NOYAU_LINK_GIVE_UP`). Not while it waits, nor
+/// once it ended.
+pub(crate) fn first_token_due(state: &noyau_sched::JobState) -> bool {
+    use noyau_sched::JobState;
+    matches!(state, JobState::Running { .. } | JobState::Unknown { .. })
 }
 
 pub(crate) async fn accept(hub: Arc<Hub>, mut listener: LinkListener) {
@@ -139,15 +168,14 @@ fn read_hello<'a>(
 
 /// Checks the hello's token against the session's; on success retires the
 /// session's other token and hands the agent the one for its next dial.
-/// Returns the session's owner and the generation handed out.
-fn admit(hub: &Hub, tunnel: &Tunnel, session: &str, token: &str) -> Option<(String, i64)> {
-    let owner = hub
+/// Returns the session (as it was before) and the generation handed out.
+fn admit(hub: &Hub, tunnel: &Tunnel, session: &str, token: &str) -> Option<(Session, i64)> {
+    let s = hub
         .db
         .session(session)
         .ok()
         .flatten()
-        .filter(|s| s.state != State::Ended)?
-        .user;
+        .filter(|s| s.state != State::Ended)?;
     let (gen, next) = hub.db.link_gens(session).ok()?;
     let valid: Vec<i64> = std::iter::once(gen).chain(next).collect();
     let used = valid
@@ -172,7 +200,19 @@ fn admit(hub: &Hub, tunnel: &Tunnel, session: &str, token: &str) -> Option<(Stri
     {
         return None;
     }
-    Some((owner, fresh))
+    Some((s, fresh))
+}
+
+/// The state a session's card takes when its agent connects: Running if
+/// the scheduler has said the job runs (and on which node: Starting, or
+/// Running before a restart of the hub); otherwise none yet. An agent can
+/// dial before the hub's next listing of the scheduler has seen its job
+/// start; the card then stays Queued until that listing, which makes it
+/// Running with its node ([`crate::jobs`] sees the agent connected), so
+/// no card says Running without saying where.
+fn connected_state(s: &Session) -> Option<State> {
+    let said_running = matches!(s.state, State::Starting | State::Running) && s.node.is_some();
+    said_running.then_some(State::Running)
 }
 
 /// One agent: checks which session it serves, then feeds its tunnel.
@@ -192,7 +232,7 @@ async fn serve(hub: Arc<Hub>, mut link: Link) {
             return;
         }
     };
-    let Some((owner, fresh)) = admit(&hub, &tunnel, &session, token) else {
+    let Some((s, fresh)) = admit(&hub, &tunnel, &session, token) else {
         tracing::warn!(
             session,
             "refused an agent: unknown or ended session, or a token not (or no longer) its own"
@@ -202,18 +242,19 @@ async fn serve(hub: Arc<Hub>, mut link: Link) {
         return;
     };
     tracing::info!(session, host = hello["host"].as_str(), "agent connected");
+    let owner = s.user.clone();
     let upstream = proxy::Upstream::new(owner.clone(), tunnel.clone());
     hub.upstreams
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(session.clone(), upstream.clone());
-    let _ = hub.db.update(
-        &session,
-        &Update {
-            state: Some(State::Running),
+    if let Some(state) = connected_state(&s) {
+        let running = Update {
+            state: Some(state),
             ..Default::default()
-        },
-    );
+        };
+        let _ = hub.db.update(&session, &running);
+    }
     hub.db.audit(&owner, "running", &session);
     let mut seen = Seen::default();
     while let Some(m) = link.recv().await {
@@ -297,18 +338,11 @@ fn notice(hub: &Hub, session: &str, fresh: i64, news: News) {
     }
 }
 
-/// The agent's reason for its server's end, as stored and shown: without
-/// control characters, and at most [`ENDED_MAX`] bytes (cut on a character
-/// boundary).
+/// The agent's reason for its server's end, as stored and shown on the
+/// owner's cards and the admin page: without control characters nor
+/// bidirectional overrides, and at most [`ENDED_MAX`] characters.
 fn ended_why(why: &str) -> String {
-    let mut out = String::new();
-    for c in why.chars().filter(|c| !c.is_control()) {
-        if out.len() + c.len_utf8() > ENDED_MAX {
-            break;
-        }
-        out.push(c);
-    }
-    out
+    crate::text::clean(why, ENDED_MAX, crate::text::Unsafe::Strip)
 }
 
 #[cfg(test)]
@@ -389,13 +423,62 @@ mod tests {
             "the Jupyter server exited with status 1"
         );
         assert_eq!(ended_why("a\nb\r\u{1b}[31mc\u{7f}\u{85}d"), "ab[31mcd");
+        // Nor bidi overrides: "cancelled \u{202e}tixe" would read "exit".
+        assert_eq!(
+            ended_why("x\u{202a}\u{202e}y\u{2066}\u{2069}z\u{200f}"),
+            "xyz"
+        );
         let long = "é".repeat(4000);
         let cut = ended_why(&long);
-        assert!(
-            cut.len() <= ENDED_MAX && cut.len() > ENDED_MAX - 2,
-            "{}",
-            cut.len()
-        );
-        assert!(cut.chars().all(|c| c == 'é'));
+        assert_eq!(cut.chars().count(), ENDED_MAX + 1, "{}", cut.len());
+        assert!(cut.starts_with('é') && cut.ends_with('…'));
+    }
+
+    #[test]
+    fn an_agent_makes_its_card_running_only_once_the_scheduler_said_where() {
+        let choice = crate::db::Choice {
+            profile: "p".into(),
+            partition: "q".into(),
+            cores: 1,
+            mem_gb: 0,
+            gpus: 0,
+            minutes: 10,
+        };
+        let mut s = Session::submitting("s1".into(), "alice".into(), choice);
+        // Submitted, or queued in the hub's last listing: the agent came
+        // first; the next listing makes the card Running, with its node.
+        assert_eq!(s.state, State::Queued);
+        assert_eq!(connected_state(&s), None);
+        s.node = Some("n1".into());
+        for state in [State::Starting, State::Running] {
+            s.state = state;
+            assert_eq!(connected_state(&s), Some(State::Running), "{state:?}");
+        }
+        // A job queued again (requeued) with its old node: not running.
+        s.state = State::Queued;
+        assert_eq!(connected_state(&s), None);
+    }
+
+    #[test]
+    fn the_first_token_is_due_once_the_job_left_the_queue() {
+        use noyau_sched::{JobEnd, JobState};
+        let pending = JobState::Pending {
+            reason: "Resources".into(),
+            start: None,
+            partition: None,
+        };
+        let running = JobState::Running {
+            node: "n1".into(),
+            ends_at: None,
+        };
+        let unknown = JobState::Unknown {
+            why: "squeue failed".into(),
+        };
+        let ended = JobState::Ended(JobEnd {
+            description: "cancelled".into(),
+            success: false,
+        });
+        assert!(!first_token_due(&pending) && !first_token_due(&ended));
+        assert!(first_token_due(&running) && first_token_due(&unknown));
     }
 }

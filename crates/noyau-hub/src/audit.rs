@@ -17,24 +17,11 @@ use crate::db::{AuditRow, Db};
 pub const NO_USER: &str = "(invalid)";
 
 /// `s` as a line of the audit table or of its records can hold it: at most
-/// `max` characters, and characters that could move a terminal's cursor,
-/// change its colours or reorder the text (controls, bidirectional
-/// overrides) written as escapes (`\n`, `\u{1b}`).
+/// `max` characters, controls and bidirectional overrides escaped
+/// (`\n`, `\u{1b}`), so that no cell moves a terminal's cursor, recolours
+/// it or reorders the text.
 pub fn shown(s: &str, max: usize) -> String {
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i == max {
-            out.push('…');
-            break;
-        }
-        let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
-        if c.is_control() || bidi {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    crate::text::clean(s, max, crate::text::Unsafe::Escape)
 }
 
 /// What to print.

@@ -30,10 +30,12 @@ use crate::access::Refusal;
 use crate::config::{Auth, HubConfig};
 use crate::Hub;
 
-/// The names of the hub's two cookies: the login's and the login form's.
+/// The names of the hub's cookies: the login's, the login form's, and the
+/// device's (see [`device_cookie`]).
 pub struct CookieNames {
     pub login: &'static str,
     pub pre: &'static str,
+    pub device: &'static str,
 }
 
 /// With `Secure`: the `__Host-` prefix makes browsers refuse such a cookie
@@ -42,22 +44,28 @@ pub struct CookieNames {
 pub const SECURE_COOKIES: CookieNames = CookieNames {
     login: "__Host-noyau_hub",
     pre: "__Host-noyau_hub_pre",
+    device: "__Host-noyau_hub_device",
 };
 /// Without `Secure` (plain-HTTP tests) browsers refuse `__Host-` cookies.
 pub const PLAIN_COOKIES: CookieNames = CookieNames {
     login: "noyau_hub",
     pre: "noyau_hub_pre",
+    device: "noyau_hub_device",
 };
 
 /// Whether `name` is one of the hub's cookies, in either mode (as browsers
 /// read the `__Host-` prefix: in any case).
 pub fn is_hub_cookie(name: &str) -> bool {
-    [SECURE_COOKIES, PLAIN_COOKIES]
-        .iter()
-        .any(|c| name.eq_ignore_ascii_case(c.login) || name.eq_ignore_ascii_case(c.pre))
+    [SECURE_COOKIES, PLAIN_COOKIES].iter().any(|c| {
+        [c.login, c.pre, c.device]
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n))
+    })
 }
 /// How long a login lasts.
 pub const LOGIN_SECS: i64 = 12 * 3600;
+/// How long a device cookie lasts (each login on the device renews it).
+pub const DEVICE_SECS: i64 = 30 * 86400;
 
 /// A user the request is made for.
 #[derive(Debug, Clone)]
@@ -78,19 +86,31 @@ pub fn random_hex() -> String {
 
 impl Hub {
     pub fn mac(&self, what: &str) -> String {
-        let mut m = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
-        m.update(what.as_bytes());
-        hex::encode(m.finalize().into_bytes())
+        mac_with(&self.key, what)
+    }
+
+    /// A new device cookie's value for `user` (see [`device_cookie`]).
+    pub fn device_cookie(&self, user: &str) -> String {
+        let nonce = hex::encode(rand::random::<[u8; 16]>());
+        device_cookie(&self.key, user, crate::db::now() + DEVICE_SECS, &nonce)
+    }
+
+    /// The device a login as `user` comes from: the nonce of the request's
+    /// device cookie, if it carries one (once) that the hub gave `user`
+    /// and that has not expired.
+    pub fn device_of(&self, headers: &HeaderMap, user: &str) -> Option<String> {
+        let value = cookie(headers, self.cookies(headers).names.device)?;
+        device_nonce(&self.key, &value, user, crate::db::now())
     }
 
     /// The user this request is made for, if logged in and allowed.
-    pub fn who(&self, headers: &HeaderMap) -> Option<Who> {
-        self.identify(headers).ok()
+    pub async fn who(&self, headers: &HeaderMap) -> Option<Who> {
+        self.identify(headers).await.ok()
     }
 
     /// The user this request is made for, or why there is none.
-    pub fn identify(&self, headers: &HeaderMap) -> Result<Who, Denied> {
-        let (name, cookie) = self.allowed(headers)?;
+    pub async fn identify(&self, headers: &HeaderMap) -> Result<Who, Denied> {
+        let (name, cookie) = self.allowed(headers).await?;
         let csrf = match cookie {
             Some(c) => self.mac(&format!("csrf:{c}")),
             None => self.mac(&format!("csrf-user:{name}")),
@@ -106,15 +126,15 @@ impl Hub {
     /// the same checks as [`Hub::identify`], without the CSRF token, which
     /// only the hub's forms need. The proxy's check, on every request to a
     /// user's server.
-    pub fn identify_name(&self, headers: &HeaderMap) -> Result<String, Denied> {
-        self.allowed(headers).map(|(name, _)| name)
+    pub async fn identify_name(&self, headers: &HeaderMap) -> Result<String, Denied> {
+        self.allowed(headers).await.map(|(name, _)| name)
     }
 
     /// The claimed user (and, in PAM mode, the login cookie), once the
     /// access rules let them in.
-    fn allowed(&self, headers: &HeaderMap) -> Result<(String, Option<String>), Denied> {
+    async fn allowed(&self, headers: &HeaderMap) -> Result<(String, Option<String>), Denied> {
         let (name, cookie) = self.claimed(headers).ok_or(Denied::Anonymous)?;
-        match self.access.check(&self.cfg, &name) {
+        match self.access.check(&name).await {
             Ok(()) => Ok((name, cookie)),
             Err(r) => Err(Denied::Refused(r)),
         }
@@ -134,7 +154,7 @@ impl Hub {
                 valid_user_name(&name).then_some((name, None))
             }
             Auth::Pam => {
-                let cookie = cookie(headers, self.cookie_names().login)?;
+                let cookie = cookie(headers, self.cookies(headers).names.login)?;
                 let name = self.db.login_user(&sha256_hex(&cookie)).ok()??;
                 Some((name, Some(cookie)))
             }
@@ -151,28 +171,78 @@ impl Hub {
         self.mac(&format!("login:{pre}"))
     }
 
-    /// The cookies' names: `__Host-` ones when they are `Secure`.
-    pub fn cookie_names(&self) -> &'static CookieNames {
-        if self.cfg.cookie_secure {
-            &SECURE_COOKIES
-        } else {
-            &PLAIN_COOKIES
+    /// The cookies this request is answered with and carries: `Secure`
+    /// `__Host-` ones, unless hub.toml says `cookie_secure = false` and
+    /// the request did not come over HTTPS (see [`secure_cookies`]).
+    pub fn cookies(&self, headers: &HeaderMap) -> Cookies {
+        let secure = secure_cookies(self.cfg.cookie_secure, headers);
+        if secure && !self.cfg.cookie_secure {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    "hub.toml says cookie_secure = false, but requests come over HTTPS \
+                     (X-Forwarded-Proto): they get Secure __Host- cookies all the same. \
+                     Remove cookie_secure from hub.toml (it is for plain-HTTP tests on \
+                     127.0.0.1)"
+                );
+            });
+        }
+        Cookies {
+            names: if secure {
+                &SECURE_COOKIES
+            } else {
+                &PLAIN_COOKIES
+            },
+            secure,
         }
     }
+}
 
+/// The cookies of one request: their names, and whether they are `Secure`.
+pub struct Cookies {
+    pub names: &'static CookieNames,
+    secure: bool,
+}
+
+impl Cookies {
     /// A `Set-Cookie` value (HttpOnly, SameSite=Lax, `Path=/` and no
-    /// `Domain`, as `__Host-` needs; Secure unless the configuration says
-    /// the hub is tested over plain HTTP).
-    pub fn set_cookie(&self, name: &str, value: &str, max_age: i64) -> String {
+    /// `Domain`, as `__Host-` needs; Secure unless plain HTTP is allowed
+    /// and used).
+    pub fn set(&self, name: &str, value: &str, max_age: i64) -> String {
         format!(
             "{name}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age}{}",
-            if self.cfg.cookie_secure {
-                "; Secure"
-            } else {
-                ""
-            }
+            if self.secure { "; Secure" } else { "" }
         )
     }
+}
+
+/// Whether a request's cookies are `Secure`: always with `cookie_secure`
+/// (hub.toml's default); without it, when the request came over HTTPS all
+/// the same (its web server's `X-Forwarded-Proto: https` or `Forwarded:
+/// proto=https`): a `cookie_secure = false` left from a plain-HTTP test
+/// must not make the cookies of a TLS site unsafe, and Secure cookies
+/// always work over HTTPS. The header is the requester's own word, but it
+/// only ever makes their own cookies stricter.
+pub fn secure_cookies(cookie_secure: bool, headers: &HeaderMap) -> bool {
+    let says_https = |name: &str, is_https: &dyn Fn(&str) -> bool| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(is_https)
+    };
+    cookie_secure
+        || says_https("x-forwarded-proto", &|v| {
+            v.split(',').any(|p| p.trim().eq_ignore_ascii_case("https"))
+        })
+        || says_https("forwarded", &|v| {
+            v.split([',', ';'])
+                .filter_map(|kv| kv.trim().split_once('='))
+                .any(|(k, p)| {
+                    k.eq_ignore_ascii_case("proto")
+                        && p.trim_matches('"').eq_ignore_ascii_case("https")
+                })
+        })
 }
 
 /// Why a request is nobody's.
@@ -234,6 +304,42 @@ pub fn client_addr(cfg: &HubConfig, peer: IpAddr, headers: &HeaderMap) -> IpAddr
         .next_back()
         .and_then(|v| v.to_str().ok()?.rsplit(',').next()?.trim().parse().ok())
         .unwrap_or(peer)
+}
+
+/// HMAC-SHA256 of `what` under `key`, in hex.
+fn mac_with(key: &[u8], what: &str) -> String {
+    let mut m = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    m.update(what.as_bytes());
+    hex::encode(m.finalize().into_bytes())
+}
+
+/// A device cookie (OWASP's "device cookies" against lockout by
+/// guessing): `USER:UNTIL:NONCE:MAC`, the MAC under the hub's key over the
+/// rest, given at each successful login. A login carrying a valid one for
+/// its user is held by that device's own failure count instead of the
+/// user's, so that others' guesses (which lock the user out) do not keep
+/// the user from their own browser. Only the hub can make one (the key),
+/// it names its user (another user's is worth nothing) and its end
+/// (`UNTIL`, seconds since the epoch, inside the MAC: the browser's
+/// `Max-Age` is no limit to whoever copies the value).
+fn device_cookie(key: &[u8], user: &str, until: i64, nonce: &str) -> String {
+    let body = format!("{user}:{until}:{nonce}");
+    let mac = mac_with(key, &format!("device:{body}"));
+    format!("{body}:{mac}")
+}
+
+/// The nonce of device cookie `value` if it is one the hub made for `user`
+/// and it is still valid at `now`.
+fn device_nonce(key: &[u8], value: &str, user: &str, now: i64) -> Option<String> {
+    let (body, mac) = value.rsplit_once(':')?;
+    let expected = mac_with(key, &format!("device:{body}"));
+    if !ct_eq(expected.as_bytes(), mac.as_bytes()) {
+        return None;
+    }
+    let mut parts = body.split(':');
+    let (who, until, nonce) = (parts.next()?, parts.next()?, parts.next()?);
+    let valid = who == user && until.parse::<i64>().is_ok_and(|t| t > now);
+    (valid && parts.next().is_none()).then(|| nonce.to_string())
 }
 
 pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
@@ -393,12 +499,67 @@ mod tests {
         for name in [
             "noyau_hub",
             "noyau_hub_pre",
+            "noyau_hub_device",
             "__Host-noyau_hub",
             "__host-noyau_hub_pre",
+            "__Host-noyau_hub_device",
         ] {
             assert!(is_hub_cookie(name), "{name}");
         }
         assert!(!is_hub_cookie("_xsrf") && !is_hub_cookie("noyau_hubx"));
         assert!(SECURE_COOKIES.login.starts_with("__Host-"));
+    }
+
+    #[test]
+    fn a_device_cookie_is_the_hubs_for_its_user_until_it_expires() {
+        let (key, now) = ([7u8; 32], 1_000_000);
+        let value = device_cookie(&key, "alice", now + 60, "n0nce");
+        assert_eq!(
+            device_nonce(&key, &value, "alice", now).as_deref(),
+            Some("n0nce")
+        );
+        // Another user's is worth nothing for alice, and alice's for bob.
+        let bobs = device_cookie(&key, "bob", now + 60, "n0nce");
+        assert_eq!(device_nonce(&key, &bobs, "alice", now), None);
+        assert_eq!(device_nonce(&key, &value, "bob", now), None);
+        // Forged: renamed, extended, made under another key, or no MAC.
+        let mac = value.rsplit_once(':').unwrap().1;
+        for forged in [
+            format!("bob:{}:n0nce:{mac}", now + 60),
+            format!("alice:{}:n0nce:{mac}", now + 999_999),
+            device_cookie(&[8u8; 32], "alice", now + 60, "n0nce"),
+            format!("alice:{}:n0nce", now + 60),
+            format!("alice:{}:n0nce:x:{mac}", now + 60),
+            String::new(),
+        ] {
+            assert_eq!(device_nonce(&key, &forged, "alice", now), None, "{forged}");
+        }
+        // Expired.
+        assert_eq!(device_nonce(&key, &value, "alice", now + 60), None);
+    }
+
+    #[test]
+    fn cookies_are_secure_over_https_whatever_hub_toml_says() {
+        let with = |name: &str, value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+            h
+        };
+        assert!(secure_cookies(true, &HeaderMap::new()));
+        assert!(!secure_cookies(false, &HeaderMap::new()));
+        assert!(!secure_cookies(false, &with("x-forwarded-proto", "http")));
+        assert!(secure_cookies(false, &with("x-forwarded-proto", "https")));
+        assert!(secure_cookies(false, &with("X-Forwarded-Proto", "HTTPS")));
+        assert!(secure_cookies(
+            false,
+            &with("forwarded", "for=192.0.2.1;proto=https;host=hub")
+        ));
+        assert!(!secure_cookies(
+            false,
+            &with("forwarded", "for=192.0.2.1;proto=http")
+        ));
     }
 }

@@ -510,7 +510,34 @@ impl HubConfig {
         if self.pam_in_flight == 0 {
             bail!("pam_in_flight must be at least 1");
         }
-        Ok(())
+        self.validate_cookie_secure()
+    }
+
+    /// `cookie_secure = false` is for plain-HTTP tests on the hub's own
+    /// host. With PAM logins (header mode sets no cookie: the SSO proxy
+    /// names the user on every request), on an address other hosts reach,
+    /// the hub is either served in plain HTTP over the network (passwords
+    /// and cookies readable on the way) or reached through a TLS proxy
+    /// elsewhere: either way the setting is wrong, and the hub says so
+    /// rather than start. (Behind a web server on this host, requests that
+    /// come over HTTPS get Secure cookies whatever it says:
+    /// [`crate::auth::secure_cookies`].)
+    fn validate_cookie_secure(&self) -> anyhow::Result<()> {
+        match &self.listen {
+            Listen::Tcp(a)
+                if !self.cookie_secure && self.auth == Auth::Pam && !a.ip().is_loopback() =>
+            {
+                bail!(
+                    "cookie_secure = false sends the login cookie without Secure, for plain-HTTP \
+                 tests on 127.0.0.1 only; listen = {} is reached from other hosts (through \
+                 HTTPS, or worse in plain HTTP, where anyone on the path reads passwords and \
+                 cookies). Remove cookie_secure (its default, true) and serve the hub through \
+                 a web server with TLS (docs/hub.md, \"For a real site\")",
+                    self.listen
+                )
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -585,6 +612,36 @@ mod tests {
         )
         .unwrap();
         assert!(!format!("{c:?}").contains("abcdefghijklmnopqrs"));
+    }
+
+    #[test]
+    fn cookie_secure_false_only_where_other_hosts_do_not_reach() {
+        let on = |listen: &str, extra: &str| {
+            let c: HubConfig = toml::from_str(&format!(
+                "listen = \"{listen}\"\nlink_bind = \"127.0.0.1:2\"\nstate_dir = \"/x\"\n\
+                 {extra}\n[profiles.p]\npartitions = [\"q\"]\n\
+                 cores = {{ min = 1, max = 2, default = 1 }}\n\
+                 minutes = {{ min = 1, max = 9, default = 5 }}\n"
+            ))
+            .unwrap();
+            c.validate().map_err(|e| e.to_string())
+        };
+        let plain = "cookie_secure = false";
+        for listen in ["0.0.0.0:8000", "192.0.2.1:8000", "[::]:8000"] {
+            let e = on(listen, plain).unwrap_err();
+            assert!(
+                e.contains(listen) && e.contains("Remove cookie_secure"),
+                "{e}"
+            );
+            assert!(on(listen, "").is_ok());
+        }
+        for listen in ["127.0.0.1:8000", "[::1]:8000", "unix:/run/hub/web.sock"] {
+            assert!(on(listen, plain).is_ok(), "{listen}");
+        }
+        // Header mode logs no one in with a cookie: nothing to refuse.
+        let header = "cookie_secure = false\nauth = \"header\"\n\
+                      auth_secret_header = \"X-S\"\nauth_secret_file = \"/s\"";
+        assert!(on("0.0.0.0:8000", header).is_ok());
     }
 
     #[test]

@@ -48,8 +48,13 @@ fn as_user(hub: &Hub, user: &nix::unistd::User) -> AsUser {
     }
 }
 
-fn account(name: &str) -> Result<nix::unistd::User, String> {
-    nix::unistd::User::from_name(name)
+/// `name`'s account, looked up on the blocking pool (NSS may be LDAP: not
+/// on the hub's one async thread).
+async fn account(name: &str) -> Result<nix::unistd::User, String> {
+    let who = name.to_string();
+    tokio::task::spawn_blocking(move || nix::unistd::User::from_name(&who))
+        .await
+        .map_err(|e| format!("cannot look up user {name}: {e}"))?
         .map_err(|e| format!("cannot look up user {name}: {e}"))?
         .ok_or_else(|| format!("{name} is not a user of this system"))
 }
@@ -114,7 +119,7 @@ impl From<SchedError> for Refused {
 
 /// Submits the session's job as its user; returns the job id and log path.
 pub async fn submit(hub: &Hub, s: &Session) -> Result<(String, String), Refused> {
-    let user = account(&s.user)?;
+    let user = account(&s.user).await?;
     let prof = hub
         .cfg
         .profiles
@@ -184,8 +189,9 @@ pub async fn submit(hub: &Hub, s: &Session) -> Result<(String, String), Refused>
 /// Cancels `user`'s job as that user (through `submit_as`, as it was
 /// submitted): the hub needs no scheduler operator rights.
 pub async fn cancel(hub: &Hub, user: &str, job: &str) -> Result<(), Refused> {
+    let account = account(user).await?;
     hub.sched
-        .as_user(as_user(hub, &account(user)?))
+        .as_user(as_user(hub, &account))
         .cancel(&[job.to_string()])
         .await?;
     Ok(())
@@ -197,6 +203,9 @@ struct Followed {
     /// The watcher has given its first answer (until then the state is
     /// only "submitted", which says nothing of a job adopted after a restart).
     heard: bool,
+    /// The session's first link token was offered to the listener (once:
+    /// the listener forgets a token once used, and it must stay so).
+    token_offered: bool,
 }
 
 /// Follows every live session's job: each is adopted by the hub's
@@ -227,6 +236,7 @@ fn sync(hub: &Hub, followed: &mut HashMap<String, Followed>) -> anyhow::Result<(
         let f = followed.entry(s.id.clone()).or_insert_with(|| Followed {
             job: hub.sched.adopt(job),
             heard: false,
+            token_offered: false,
         });
         // (closed: the watcher's last word, an end, is there to read)
         f.heard = f.heard || f.job.state.has_changed().unwrap_or(true);
@@ -234,6 +244,10 @@ fn sync(hub: &Hub, followed: &mut HashMap<String, Followed>) -> anyhow::Result<(
             continue;
         }
         let state = f.job.state.borrow_and_update().clone();
+        if !f.token_offered && crate::agents::first_token_due(&state) {
+            hub.admit_first_token(&s.id)?;
+            f.token_offered = true;
+        }
         let u = match state {
             JobState::Pending { reason, start, .. } => Update {
                 state: Some(State::Queued),

@@ -49,6 +49,7 @@ pub mod pages;
 pub mod pam;
 pub mod proxy;
 pub mod site;
+pub mod text;
 pub mod throttle;
 
 use std::collections::HashMap;
@@ -63,7 +64,7 @@ use axum::extract::{
     ConnectInfo, DefaultBodyLimit, Form, Path as UrlPath, Query, State as AxState,
 };
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::{AppendHeaders, IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::Router;
 use noyau_link::{LinkListener, ServerIdentity};
@@ -71,7 +72,7 @@ use noyau_trust::Expect;
 use serde::Deserialize;
 
 use crate::access::Refusal;
-use crate::auth::{cookie, random_hex, sha256_hex, Denied, Who, LOGIN_SECS};
+use crate::auth::{cookie, random_hex, sha256_hex, Denied, Who, DEVICE_SECS, LOGIN_SECS};
 use crate::config::{Auth, HubConfig};
 use crate::db::{now, Choice, Db, Session, State, Update};
 
@@ -245,6 +246,7 @@ pub async fn run(config: PathBuf) -> anyhow::Result<()> {
     // (before any submission: the pool is sized at the first)
     noyau_sched::set_concurrent_submissions(cfg.concurrent_submissions)?;
     let sched = jobs::scheduler(&cfg)?;
+    let access = access::Access::new(&cfg);
     let hub = Arc::new(Hub {
         sched,
         pin: listener.pin(),
@@ -257,7 +259,7 @@ pub async fn run(config: PathBuf) -> anyhow::Result<()> {
         agent_exe,
         upstreams: Mutex::new(HashMap::new()),
         sinfo_cache: tokio::sync::Mutex::new(None),
-        access: access::Access::default(),
+        access,
         throttle,
         pam_slots,
         tails: logs::Tails::default(),
@@ -315,8 +317,9 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
-fn need_login(hub: &Hub, headers: &HeaderMap) -> Result<Who, Response> {
+async fn need_login(hub: &Hub, headers: &HeaderMap) -> Result<Who, Response> {
     hub.identify(headers)
+        .await
         .map_err(|d| denied(hub, d, "/hub/login".into()))
 }
 
@@ -337,8 +340,8 @@ pub(crate) fn denied(hub: &Hub, d: Denied, login: String) -> Response {
     }
 }
 
-fn csrf_checked(hub: &Hub, headers: &HeaderMap, token: &str) -> Result<Who, Response> {
-    let who = need_login(hub, headers)?;
+async fn csrf_checked(hub: &Hub, headers: &HeaderMap, token: &str) -> Result<Who, Response> {
+    let who = need_login(hub, headers).await?;
     if !hub.csrf_ok(&who, token) {
         return Err(pages::error(
             &hub.site,
@@ -378,7 +381,7 @@ async fn login_page(
     headers: HeaderMap,
     Query(q): Query<NextQuery>,
 ) -> Response {
-    if hub.who(&headers).is_some() || hub.cfg.auth == Auth::Header {
+    if hub.who(&headers).await.is_some() || hub.cfg.auth == Auth::Header {
         return pages::redirect(&safe_next(q.next.as_deref()));
     }
     login_form(&hub, &headers, q.next.as_deref(), None, StatusCode::OK)
@@ -391,12 +394,13 @@ fn login_form(
     msg: Option<&str>,
     status: StatusCode,
 ) -> Response {
-    let name = hub.cookie_names().pre;
+    let cookies = hub.cookies(headers);
+    let name = cookies.names.pre;
     let pre = cookie(headers, name)
         .filter(|p| p.len() == 64)
         .unwrap_or_else(random_hex);
     (
-        [(header::SET_COOKIE, hub.set_cookie(name, &pre, 3600))],
+        [(header::SET_COOKIE, cookies.set(name, &pre, 3600))],
         pages::login(
             &hub.site,
             status,
@@ -430,7 +434,7 @@ async fn login(
             "This hub logs users in through its SSO proxy.",
         );
     }
-    let pre = cookie(&headers, hub.cookie_names().pre).unwrap_or_default();
+    let pre = cookie(&headers, hub.cookies(&headers).names.pre).unwrap_or_default();
     let refuse =
         |msg: &str, status| login_form(&hub, &headers, f.next.as_deref(), Some(msg), status);
     if pre.is_empty() || !auth::ct_eq(hub.login_csrf(&pre).as_bytes(), f.csrf.as_bytes()) {
@@ -441,7 +445,9 @@ async fn login(
     }
     let user = f.user.trim().to_string();
     let client = auth::client_addr(&hub.cfg, peer.ip(), &headers);
-    if let Err((msg, status)) = check_password(&hub, &user, &f.password, client).await {
+    let device = hub.device_of(&headers, &user);
+    let known = device.is_some();
+    if let Err((msg, status)) = check_password(&hub, &user, &f.password, client, device).await {
         return refuse(&msg, status);
     }
     let id = random_hex();
@@ -456,16 +462,23 @@ async fn login(
             "The hub cannot record your login; tell the administrators.",
         );
     }
-    hub.db.audit(&user, "login", "pam");
+    let how = if known { "pam, known device" } else { "pam" };
+    hub.db.audit(&user, "login", how);
+    let cookies = hub.cookies(&headers);
+    let names = cookies.names;
     (
         StatusCode::SEE_OTHER,
-        [
+        AppendHeaders([
             (
                 header::SET_COOKIE,
-                hub.set_cookie(hub.cookie_names().login, &id, LOGIN_SECS),
+                cookies.set(names.login, &id, LOGIN_SECS),
+            ),
+            (
+                header::SET_COOKIE,
+                cookies.set(names.device, &hub.device_cookie(&user), DEVICE_SECS),
             ),
             (header::LOCATION, safe_next(f.next.as_deref())),
-        ],
+        ]),
     )
         .into_response()
 }
@@ -473,7 +486,8 @@ async fn login(
 /// The login's checks, in order: the client address is not waiting after
 /// failed logins (checked before anything is recorded or looked up, so a
 /// flood of attempts costs one map lookup each), the name is a user name,
-/// neither the user nor the address is waiting, the account may log in at
+/// neither the user (or, from a `device` of the user's, that device: see
+/// [`auth::device_cookie`]) nor the address is waiting, the account may log in at
 /// all (a system account's right password opens nothing, and PAM is not
 /// asked), a PAM slot is free, and PAM takes the password. The refusal's
 /// message and status otherwise: the same "wrong user name or password"
@@ -484,6 +498,7 @@ async fn check_password(
     user: &str,
     password: &str,
     client: std::net::IpAddr,
+    device: Option<String>,
 ) -> Result<(), (String, StatusCode)> {
     let wrong = || {
         (
@@ -508,18 +523,19 @@ async fn check_password(
         login_failed(hub, &[addr], audit::NO_USER, client);
         return Err(wrong());
     }
-    let keys = [format!("user:{user}"), addr];
+    // A browser the user logged in from is counted apart: others' guesses,
+    // which make the user wait, do not lock the user out of it.
+    let who = match device {
+        Some(nonce) => format!("device:{nonce}"),
+        None => format!("user:{user}"),
+    };
+    let keys = [who, addr];
     // (The address's wait was looked at above; nothing awaited since.)
     if let Some(wait) = hub.throttle.wait(&keys[..1]) {
         return Err(too_many(wait));
     }
-    // NSS (getpwnam, getgrouplist) may be LDAP: off the async threads.
-    let account = {
-        let (hub, user) = (hub.clone(), user.to_string());
-        tokio::task::spawn_blocking(move || hub.access.check(&hub.cfg, &user))
-            .await
-            .unwrap_or_else(|e| Err(Refusal::Unknown(format!("the account lookup failed: {e}"))))
-    };
+    // NSS (getpwnam, getgrouplist) may be LDAP: off the async thread.
+    let account = hub.access.check(user).await;
     if let Err(Refusal::Rule(why)) = &account {
         // Why (the account's uid, min_uid, the allowed groups) is for the
         // admins: whoever typed the name has proved nothing yet.
@@ -585,7 +601,7 @@ struct CsrfForm {
 /// one button that posts the logout form with its CSRF token, so that no
 /// other site can log a user out with a mere link.
 async fn logout_page(AxState(hub): AxState<Arc<Hub>>, headers: HeaderMap) -> Response {
-    match hub.who(&headers) {
+    match hub.who(&headers).await {
         Some(who) => pages::logout(&hub.site, &who),
         None => pages::redirect("/hub/login"),
     }
@@ -596,8 +612,9 @@ async fn logout(
     headers: HeaderMap,
     Form(f): Form<CsrfForm>,
 ) -> Result<Response, Response> {
-    let who = csrf_checked(&hub, &headers, &f.csrf)?;
-    let name = hub.cookie_names().login;
+    let who = csrf_checked(&hub, &headers, &f.csrf).await?;
+    let cookies = hub.cookies(&headers);
+    let name = cookies.names.login;
     if let Some(c) = cookie(&headers, name) {
         let _ = hub.db.remove_login(&sha256_hex(&c));
     }
@@ -605,7 +622,7 @@ async fn logout(
     Ok((
         StatusCode::SEE_OTHER,
         [
-            (header::SET_COOKIE, hub.set_cookie(name, "", 0)),
+            (header::SET_COOKIE, cookies.set(name, "", 0)),
             (header::LOCATION, "/hub/login".to_string()),
         ],
     )
@@ -629,14 +646,14 @@ async fn render_home(hub: &Hub, who: &Who, message: Option<&str>, status: Status
 }
 
 async fn home(AxState(hub): AxState<Arc<Hub>>, headers: HeaderMap) -> Response {
-    match need_login(&hub, &headers) {
+    match need_login(&hub, &headers).await {
         Ok(who) => render_home(&hub, &who, None, StatusCode::OK).await,
         Err(r) => r,
     }
 }
 
 async fn cards(AxState(hub): AxState<Arc<Hub>>, headers: HeaderMap) -> Response {
-    let Some(who) = hub.who(&headers) else {
+    let Some(who) = hub.who(&headers).await else {
         return StatusCode::UNAUTHORIZED.into_response();
     };
     let sessions = hub
@@ -708,7 +725,8 @@ async fn start_session(
             "You already have a session: cancel it before starting another.".into(),
         ));
     }
-    hub.tokens.add(&hub.link_token(&s.id));
+    // (its first link token is taken once the job leaves the queue:
+    // `jobs::follow`)
     match jobs::submit(hub, &s).await {
         Ok((job, log)) => {
             let _ = hub.db.set_job(&s.id, &job, &log);
@@ -743,7 +761,7 @@ async fn spawn(
     headers: HeaderMap,
     Form(f): Form<SpawnForm>,
 ) -> Result<Response, Response> {
-    let who = csrf_checked(&hub, &headers, &f.csrf)?;
+    let who = csrf_checked(&hub, &headers, &f.csrf).await?;
     let choice = Choice {
         profile: f.profile,
         partition: f.partition,
@@ -785,7 +803,7 @@ async fn cancel(
     UrlPath(id): UrlPath<String>,
     Form(f): Form<CsrfForm>,
 ) -> Result<Response, Response> {
-    let who = csrf_checked(&hub, &headers, &f.csrf)?;
+    let who = csrf_checked(&hub, &headers, &f.csrf).await?;
     let s = owned(&hub, &who, &id)?;
     let why = if s.user == who.name {
         "cancelled".to_string()
@@ -826,7 +844,7 @@ async fn relaunch(
     UrlPath(id): UrlPath<String>,
     Form(f): Form<CsrfForm>,
 ) -> Result<Response, Response> {
-    let who = csrf_checked(&hub, &headers, &f.csrf)?;
+    let who = csrf_checked(&hub, &headers, &f.csrf).await?;
     let s = owned(&hub, &who, &id)?;
     if s.user != who.name {
         return Err(pages::error(
@@ -852,7 +870,7 @@ async fn api_sessions(
     headers: HeaderMap,
     Query(q): Query<AllQuery>,
 ) -> Response {
-    let Some(who) = hub.who(&headers) else {
+    let Some(who) = hub.who(&headers).await else {
         return StatusCode::UNAUTHORIZED.into_response();
     };
     if q.all && !who.admin {
@@ -871,7 +889,7 @@ async fn api_sessions(
 }
 
 async fn admin(AxState(hub): AxState<Arc<Hub>>, headers: HeaderMap) -> Result<Response, Response> {
-    let who = need_login(&hub, &headers)?;
+    let who = need_login(&hub, &headers).await?;
     if !who.admin {
         hub.db.audit(&who.name, "forbidden", "/hub/admin");
         return Err(pages::error(

@@ -35,7 +35,7 @@ pub async fn user_route(State(hub): State<Arc<Hub>>, req: Request) -> Response {
     let path = req.uri().path().to_string();
     let rest = path.strip_prefix("/user/").unwrap_or_default();
     let (name, sub) = rest.split_once('/').unwrap_or((rest, ""));
-    let who = match hub.identify_name(req.headers()) {
+    let who = match hub.identify_name(req.headers()).await {
         Ok(w) => w,
         Err(d) => {
             let login = format!("/hub/login?next={}", crate::pages::url_encode(&path));

@@ -7,8 +7,11 @@
 //!
 //! Per user and per address: an attacker spreading guesses over many names
 //! is slowed by the address, one spreading them over many addresses by the
-//! user. The price is that guesses lock the real user out for the delay,
-//! which stays short at first.
+//! user. Guesses would then lock the real user out (up to an hour, again
+//! and again): a login from a browser the user logged in from before,
+//! carrying its device cookie ([`crate::auth`]), is counted under that
+//! device (`device:NONCE`) instead of the user, so others' guesses do not
+//! hold it, while the address's count holds it as any other.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -98,7 +101,7 @@ impl Throttle {
         imposed
     }
 
-    /// A right password: the user starts afresh.
+    /// A right password: the user (or the device) starts afresh.
     pub fn succeeded(&self, key: &str) {
         self.entries().remove(key);
     }

@@ -84,7 +84,8 @@ impl Cancel {
     /// Cancels `ids` (as the submitting user), through the throttle.
     async fn ids(&self, ids: &[String]) -> Result<(), SchedError> {
         let u = self.as_user.as_deref();
-        crate::throttle::throttled_cancel(u, ids, self.imp.cancel(ids, u)).await
+        let what = crate::throttle::Call::Cancel(ids);
+        crate::throttle::throttled(u, what, self.imp.cancel(ids, u)).await
     }
 }
 
@@ -172,7 +173,8 @@ impl ArrayJob {
         }
         let ids: Vec<String> = next.iter().map(|i| self.states[*i].0.clone()).collect();
         let u = self.cancel.as_user.as_deref();
-        crate::throttle::throttled(u, self.cancel.imp.release(&ids)).await?;
+        let what = crate::throttle::Call::Other;
+        crate::throttle::throttled(u, what, self.cancel.imp.release(&ids)).await?;
         for i in next {
             self.held[i] = false;
         }

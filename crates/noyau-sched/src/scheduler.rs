@@ -14,7 +14,7 @@ use crate::batch::{Batch, Commands, JobInfo, PartitionLoad, Scope};
 use crate::job::{ArrayJob, Cancel, Job};
 use crate::profile::{Profile, GENERIC};
 use crate::run::{AsUser, Cmd};
-use crate::throttle::{throttled, throttled_cancel};
+use crate::throttle::{throttled, Call};
 use crate::watcher::Watcher;
 use crate::{registered, JobSpec, SchedError};
 
@@ -205,7 +205,7 @@ impl Scheduler {
     }
 
     async fn submit_raw(&self, spec: &JobSpec) -> Result<crate::batch::Submission, SchedError> {
-        throttled(self.user(), self.submit_now(spec)).await
+        throttled(self.user(), Call::Other, self.submit_now(spec)).await
     }
 
     /// Submits without waiting for a slot: `noyau hub-submit`'s, whose hub
@@ -244,7 +244,8 @@ impl Scheduler {
 
     /// Cancels jobs by id.
     pub async fn cancel(&self, ids: &[String]) -> Result<(), SchedError> {
-        throttled_cancel(self.user(), ids, self.imp().cancel(ids, self.user())).await
+        let call = self.imp().cancel(ids, self.user());
+        throttled(self.user(), Call::Cancel(ids), call).await
     }
 
     /// The noyau jobs (names `noyau-…`) of this user's that have not

@@ -119,37 +119,37 @@ pub(crate) const CANCEL_WAIT: Duration = Duration::from_secs(2);
 /// after 60 s).
 pub(crate) const SUBMIT_WAIT: Duration = Duration::from_secs(30);
 
+/// What a throttled call is: it says how long the call waits for a slot
+/// and what a second call of the same user's while it runs is told.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Call<'a> {
+    /// A submission or a release: it waits for its slot (as another user,
+    /// at most [`SUBMIT_WAIT`], then it is refused).
+    Other,
+    /// A cancel of these jobs: it waits for a slot at most
+    /// [`CANCEL_WAIT`], then cancels anyway. As another user, a cancel of
+    /// the same jobs as one under way is answered
+    /// [`SchedError::CancelUnderWay`], without a second command.
+    Cancel(&'a [String]),
+}
+
 /// Runs `call` once a slot is free; `as_user`: the call is made as
 /// another user (see [`Pool::of`]), in their turn ([`Turns`]).
 pub(crate) async fn throttled<T>(
     as_user: Option<&AsUser>,
+    what: Call<'_>,
     call: impl Future<Output = Result<T, SchedError>>,
 ) -> Result<T, SchedError> {
-    match as_user {
-        None => gated(Pool::of(false), Wait::Always, call).await,
-        Some(u) => {
-            let wait = Wait::ThenRefuse(SUBMIT_WAIT);
-            let turns = Turns::of_process();
-            turn_gated(turns, &u.user, None, Pool::of(true), wait, call).await
-        }
-    }
-}
-
-/// [`throttled`] for a cancel of `ids`: it waits for a slot at most
-/// [`CANCEL_WAIT`], then cancels anyway. As another user, a cancel of the
-/// same jobs as one under way is answered [`SchedError::CancelUnderWay`],
-/// without a second command.
-pub(crate) async fn throttled_cancel<T>(
-    as_user: Option<&AsUser>,
-    ids: &[String],
-    call: impl Future<Output = Result<T, SchedError>>,
-) -> Result<T, SchedError> {
-    let wait = Wait::ThenRun(CANCEL_WAIT);
+    let (wait, cancel) = match what {
+        Call::Cancel(ids) => (Wait::ThenRun(CANCEL_WAIT), Some(ids)),
+        Call::Other if as_user.is_some() => (Wait::ThenRefuse(SUBMIT_WAIT), None),
+        Call::Other => (Wait::Always, None),
+    };
     match as_user {
         None => gated(Pool::of(false), wait, call).await,
         Some(u) => {
             let turns = Turns::of_process();
-            turn_gated(turns, &u.user, Some(ids), Pool::of(true), wait, call).await
+            turn_gated(turns, &u.user, cancel, Pool::of(true), wait, call).await
         }
     }
 }

@@ -1,0 +1,78 @@
+//! Text from users (a login form's name, an agent's "ended" reason) on its
+//! way to a terminal or a page: one sanitizer, so that every such text is
+//! held to the same characters and bound.
+
+/// Whether `c` could move a terminal's cursor, change its colours, break a
+/// line, or reorder the text around it: a control character (C0, DEL,
+/// C1), or a bidirectional mark, embedding, override or isolate (an
+/// override makes `gpj.exe` read `exe.jpg`).
+pub fn is_unsafe(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+        )
+}
+
+/// What [`clean`] makes of an unsafe character.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unsafe {
+    /// Written as its escape (`\n`, `\u{1b}`): for the audit table, where
+    /// an admin must see what was sent.
+    Escape,
+    /// Left out: for what a page shows (a card's reason).
+    Strip,
+}
+
+/// `s` with its unsafe characters ([`is_unsafe`]) escaped or left out, and
+/// at most `max` characters of it kept (then `…`).
+pub fn clean(s: &str, max: usize, unsafe_chars: Unsafe) -> String {
+    let mut out = String::new();
+    let mut kept = 0;
+    for c in s.chars() {
+        let bad = is_unsafe(c);
+        if bad && unsafe_chars == Unsafe::Strip {
+            continue;
+        }
+        if kept == max {
+            out.push('…');
+            break;
+        }
+        kept += 1;
+        match bad {
+            true => out.extend(c.escape_default()),
+            false => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn controls_and_bidi_overrides_are_escaped_or_stripped() {
+        let evil = "a\nb\r\u{1b}[31mc\u{7f}\u{85}d\u{202e}e\u{2066}f\u{2069}\u{200f}g";
+        assert_eq!(clean(evil, 100, Unsafe::Strip), "ab[31mcdefg");
+        let escaped = clean(evil, 100, Unsafe::Escape);
+        assert!(!escaped.chars().any(is_unsafe), "{escaped:?}");
+        assert!(
+            escaped.contains("\\u{1b}[31m") && escaped.contains("\\u{202e}e"),
+            "{escaped}"
+        );
+        // Every override and isolate, one by one.
+        for c in ('\u{202a}'..='\u{202e}').chain('\u{2066}'..='\u{2069}') {
+            assert_eq!(clean(&format!("x{c}y"), 10, Unsafe::Strip), "xy", "{c:?}");
+        }
+        assert!(
+            clean("abcdef", 3, Unsafe::Escape) == "abc…" && clean("abc", 3, Unsafe::Strip) == "abc"
+        );
+        assert_eq!(
+            clean("é".repeat(5000).as_str(), 1024, Unsafe::Strip)
+                .chars()
+                .count(),
+            1025
+        );
+    }
+}
