@@ -400,12 +400,16 @@ impl Db {
         Ok(())
     }
 
-    pub fn set_job(&self, id: &str, job_id: &str, log_path: &str) -> anyhow::Result<()> {
-        self.conn().execute(
-            "UPDATE sessions SET job_id = ?2, log_path = ?3 WHERE id = ?1",
+    /// Records the session's job; false when the session had ended
+    /// meanwhile (cancelled while its job was being submitted: the job is
+    /// recorded all the same, for the caller to cancel it).
+    pub fn set_job(&self, id: &str, job_id: &str, log_path: &str) -> anyhow::Result<bool> {
+        let state: String = self.conn().query_row(
+            "UPDATE sessions SET job_id = ?2, log_path = ?3 WHERE id = ?1 RETURNING state",
             params![id, job_id, log_path],
+            |r| r.get(0),
         )?;
-        Ok(())
+        Ok(State::parse(&state) != State::Ended)
     }
 
     /// Applies `u` in one statement (one transaction).
