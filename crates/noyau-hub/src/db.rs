@@ -525,4 +525,24 @@ mod tests {
         assert!(db.new_session(&session("s4", "alice")).unwrap());
         assert_eq!(db.link_gens("s4").unwrap(), (0, None));
     }
+
+    /// A job id that comes after its session was cancelled is recorded on
+    /// it, and `set_job` says so: the caller cancels that job.
+    #[test]
+    fn a_job_given_to_a_cancelled_session_is_recorded_and_said() {
+        let db = Db::open(Path::new(":memory:")).unwrap();
+        assert!(db.new_session(&session("s1", "alice")).unwrap());
+        assert!(db.set_job("s1", "41", "/log41").unwrap());
+        assert!(db.new_session(&session("s2", "bob")).unwrap());
+        let ended = Update {
+            state: Some(State::Ended),
+            ..Default::default()
+        };
+        db.update("s2", &ended).unwrap();
+        assert!(!db.set_job("s2", "42", "/log42").unwrap());
+        assert_eq!(
+            db.session("s2").unwrap().unwrap().job_id.as_deref(),
+            Some("42")
+        );
+    }
 }
