@@ -147,7 +147,11 @@ pub async fn run(cfg: ProxyConfig) -> Result<i32, ProxyError> {
         // Said to the frontend, not only to a log it may not show.
         Some(Err(e @ ProxyError::Env(_))) => {
             let why = format!("its environment could not be prepared: {e}");
-            return Ok(unprepared::serve(out, &cfg, &why).await);
+            // SIGTERM is ours now: it still ends the process, at once.
+            return Ok(tokio::select! {
+                code = unprepared::serve(out, &cfg, &why) => code,
+                _ = sigterm.recv() => 143,
+            });
         }
         Some(Err(e)) => return Err(e),
     };
