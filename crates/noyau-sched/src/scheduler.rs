@@ -218,6 +218,7 @@ impl Scheduler {
         let (me, spec) = (self.clone(), spec.clone());
         let in_flight = InFlight::enter();
         tokio::spawn(async move {
+            let _counted = in_flight;
             let started = AtomicBool::new(false);
             let answer = {
                 let submit = throttled(me.user(), async {
@@ -232,20 +233,15 @@ impl Scheduler {
                 };
                 tokio::select! {
                     r = submit => r,
-                    () = gone => return drop(in_flight),
+                    () = gone => return,
                 }
             };
             if let Err(Ok(sub)) = tx.send(answer) {
                 tracing::warn!(job = %sub.id, "{} job {} was submitted after its caller gave up (a cancel, a shutdown): cancelling it", me.display(), sub.id);
                 me.canceller(sub.files).end(&sub.id).await;
             }
-            drop(in_flight);
         });
-        rx.await.unwrap_or_else(|_| {
-            Err(SchedError::Invalid(
-                "the submission ended without an answer".into(),
-            ))
-        })
+        rx.await.unwrap_or(Err(SchedError::NoAnswer))
     }
 
     /// Submits without waiting for a slot: `noyau hub-submit`'s, whose hub
