@@ -108,6 +108,23 @@ def _inner_pid(k: lib.Kernel, noyau: bool) -> int:
     return next(iter(inner))
 
 
+def test_output_sent_just_before_the_kernel_exits_all_arrives(noyau_kernelspec: str) -> None:
+    """A cell writes 4 MB and ends its kernel (`exit()`: ipykernel stops
+    0.1 s after the cell): what the kernel sent before it exited, still in
+    the agent's sockets when the agent sees the exit, reaches the frontend
+    whole and before the news of the death (the reply is the kernel's
+    own, not the error the proxy gives cells the death left waiting)."""
+    k = lib.Kernel(noyau_kernelspec)
+    n = 4_000_000
+    try:
+        reply, iopub = k.run(f"import sys\nsys.stdout.write('x' * {n})\nsys.stdout.flush()\nexit()")
+        assert reply["content"]["status"] == "ok", reply["content"]
+        assert lib.stream_text(iopub) == "x" * n, len(lib.stream_text(iopub))
+        lib.wait_until(lambda: not k.km.is_alive(), 30, "the kernel's proxy to end with its kernel")
+    finally:
+        _give_up(k)
+
+
 def test_kill_inner_kernel(kernel_name: str) -> None:
     noyau = kernel_name == lib.NOYAU_KERNEL_NAME
     k = lib.Kernel(kernel_name)

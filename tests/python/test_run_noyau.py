@@ -206,6 +206,22 @@ def test_kernel_death_mid_notebook(tmp_path):
     assert cells[2]["outputs"] == []
 
 
+def test_output_sent_just_before_the_kernel_exits_is_saved_whole(tmp_path):
+    """A cell writes 4 MB and ends its kernel (`exit()`: ipykernel stops
+    0.1 s after the cell): what it sent before the exit, which may still be
+    on its way when the agent's job is seen to end, is in the output
+    notebook whole. (The next cell, sent ahead, may run before the stop
+    or fail for the dead kernel: either way the run ends.)"""
+    n = 4_000_000
+    nb = notebook(f"import sys\nsys.stdout.write('x' * {n})\nsys.stdout.flush()\nexit()", "print('after')")
+    src = write(tmp_path / "in.ipynb", nb)
+    r = run(src, tmp_path / "out.ipynb")
+    assert r.returncode in (0, 3), r.stderr
+    out = json.loads((tmp_path / "out.ipynb").read_text())
+    cells = [c for c in out["cells"] if "papermill-error-cell-tag" not in c["metadata"].get("tags", [])]
+    assert text_of(cells[0]) == "x" * n, len(text_of(cells[0]))
+
+
 def test_timeout(tmp_path):
     src = write(tmp_path / "in.ipynb", notebook("import time\ntime.sleep(60)", "print('no')"))
     t = time.monotonic()

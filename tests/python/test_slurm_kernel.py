@@ -128,6 +128,55 @@ def test_interrupt_while_queued_cancels_the_job_and_says_so(slurm: None) -> None
     no_noyau_job(30, "no noyau job left")
 
 
+def test_sigterm_while_sbatch_runs_cancels_the_job_it_gives(slurm: None, tmp_path: Path) -> None:
+    """Jupyter's SIGTERM (its shutdown of a kernel that cannot answer yet)
+    while the kernel's sbatch runs: the proxy waits for sbatch's answer,
+    cancels the job it names at once, says so, and ends; no job is left.
+    sbatch is held by a wrapper on PATH until the test, having seen the
+    proxy take the signal, opens a FIFO: the job id comes after the cancel."""
+    import os
+    import shutil
+    from jupyter_client.manager import KernelManager
+
+    cluster = lib.CLUSTERS["slurm"]
+    real = shutil.which("sbatch")
+    assert real, "sbatch is not on PATH"
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    gate, began = tmp_path / "gate", tmp_path / "began"
+    os.mkfifo(gate)
+    wrapper = bindir / "sbatch"
+    wrapper.write_text(f'#!/bin/sh\ntouch {began}\ncat {gate} >/dev/null\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    log = tmp_path / "proxy.log"
+    km = KernelManager(kernel_name=cluster.kernel_name)
+    with log.open("w") as err:
+        km.start_kernel(env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}, stderr=err)
+    try:
+        lib.wait_until(began.exists, 60, "the kernel's sbatch to start")
+        proxy = km.provisioner.process  # type: ignore[union-attr]
+        proxy.send_signal(signal.SIGTERM)
+        lib.wait_until(lambda: "terminated while" in log.read_text() or proxy.poll() is not None, 30,
+                       "the proxy to take the SIGTERM")
+        with gate.open("w"):
+            pass  # sbatch goes on, and submits
+        lib.wait_until(lambda: proxy.poll() is not None, 60, "the proxy to end")
+        text = log.read_text()
+        said = re.search(r"Slurm job (\d+) was submitted after its caller gave up", text)
+        assert said, text
+        lib.wait_until(lambda: not any(j["name"] == "noyau-kernel-python3" for j in cluster.jobs()), 30,
+                       f"job {said.group(1)}, given after the SIGTERM, to be cancelled")
+        assert proxy.returncode == 143, (proxy.returncode, text)
+    finally:
+        try:  # a held sbatch is let go (it reads the FIFO), else nothing
+            os.close(os.open(gate, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
+    no_noyau_job(30, "no noyau job left")
+
+
 def _statuses(msgs: list[dict]) -> list[tuple[str, str | None]]:
     return [(m["content"]["execution_state"], m["parent_header"].get("msg_id"))
             for m in msgs if m["msg_type"] == "status"]

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
+use futures::channel::mpsc;
+use futures::StreamExt;
 use nix::sys::signal::Signal;
 use noyau_client::process::{expand_argv, ExitDescription, KernelProcess};
 use noyau_client::sockets::{to_zmq, KernelSockets};
@@ -17,7 +19,7 @@ use noyau_wire::kernelspec::FoundSpec;
 use noyau_wire::{build, ConnectionInfo, RawMessage, Signer};
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
-use zeromq::{DealerSendHalf, SocketRecv, SocketSend, ZmqMessage};
+use zeromq::{DealerSendHalf, Socket, SocketEvent, SocketRecv, SocketSend, ZmqMessage};
 
 use crate::outbox::Outbox;
 
@@ -81,7 +83,7 @@ pub struct Kernel {
     control: DealerSendHalf,
     stdin: DealerSendHalf,
     readers: Vec<JoinHandle<()>>,
-    activity: Arc<Activity>,
+    ends: Ends,
     interrupt_by_message: bool,
     /// The kernel leads a session of its own inside a sandbox: SIGINT goes
     /// to that session's group, not to the one we made.
@@ -136,11 +138,17 @@ impl Kernel {
             d = process.wait() => bail!("the kernel {d} before it opened its sockets (command: {})", argv.join(" ")),
         };
         let KernelSockets {
-            shell,
-            control,
-            stdin,
+            mut shell,
+            mut control,
+            mut stdin,
             mut iopub,
         } = sockets;
+        let monitors = vec![
+            shell.monitor(),
+            control.monitor(),
+            stdin.monitor(),
+            iopub.monitor(),
+        ];
         let (mut shell_tx, mut shell_rx) = shell.split();
         let (control_tx, control_rx) = control.split();
         let (stdin_tx, stdin_rx) = stdin.split();
@@ -182,7 +190,7 @@ impl Kernel {
             control: control_tx,
             stdin: stdin_tx,
             readers,
-            activity,
+            ends: Ends { monitors, activity },
             interrupt_by_message: l.spec.spec.interrupt_by_message(),
             own_session: l.env.is_some_and(noyau_env::Realised::own_session),
             kernel_info,
@@ -243,7 +251,7 @@ impl Kernel {
     /// the process exits must reach the frontend before the news of the death.
     pub async fn wait(&mut self) -> ExitDescription {
         let d = self.process.wait().await;
-        self.activity.settle().await;
+        self.ends.drained().await;
         d
     }
 
@@ -386,11 +394,6 @@ struct Activity {
 }
 
 impl Activity {
-    /// Quiet time after which the sockets are taken as drained.
-    const QUIET: Duration = Duration::from_millis(30);
-    /// Never wait longer than this for a dead kernel's last words.
-    const MAX: Duration = Duration::from_millis(500);
-
     fn new() -> Self {
         Activity {
             base: std::time::Instant::now(),
@@ -403,16 +406,54 @@ impl Activity {
         self.last_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
-    async fn settle(&self) {
-        let give_up = std::time::Instant::now() + Self::MAX;
+    /// How long since a reader last got a message (or since the start).
+    fn quiet_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(std::sync::atomic::Ordering::Relaxed));
+        self.base.elapsed().saturating_sub(last)
+    }
+}
+
+/// The ends of the kernel's side of the agent's sockets: a monitor of each
+/// socket, which reports the kernel's side closing (`Disconnected`) when
+/// the socket's reader reads past the last message that came before: by
+/// then that reader has passed each of them on.
+struct Ends {
+    monitors: Vec<mpsc::Receiver<SocketEvent>>,
+    activity: Arc<Activity>,
+}
+
+impl Ends {
+    /// A socket the kernel's exit does not close (held by a process it
+    /// left behind) never ends: given up once no reader got anything for
+    /// this long since the exit.
+    const STALE: Duration = Duration::from_secs(2);
+
+    /// Waits until every socket has seen the kernel's side close.
+    async fn drained(&mut self) {
+        let ended = async {
+            for m in &mut self.monitors {
+                while let Some(ev) = m.next().await {
+                    if matches!(ev, SocketEvent::Disconnected(_)) {
+                        break;
+                    }
+                }
+            }
+        };
+        tokio::pin!(ended);
+        let exited = std::time::Instant::now();
         loop {
-            let last =
-                Duration::from_millis(self.last_ms.load(std::sync::atomic::Ordering::Relaxed));
-            let quiet_for = self.base.elapsed().saturating_sub(last);
-            if quiet_for >= Self::QUIET || std::time::Instant::now() >= give_up {
+            let quiet = self.activity.quiet_for().min(exited.elapsed());
+            if quiet >= Self::STALE {
+                tracing::warn!(
+                    "a socket of the kernel's stayed open after its exit, with nothing on it for {} s; going on",
+                    Self::STALE.as_secs()
+                );
                 return;
             }
-            tokio::time::sleep(Self::QUIET - quiet_for).await;
+            tokio::select! {
+                () = &mut ended => return,
+                () = tokio::time::sleep(Self::STALE - quiet) => {}
+            }
         }
     }
 }
@@ -436,6 +477,57 @@ pub fn with_hist_file(mut spec: FoundSpec, file: Option<&str>) -> FoundSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The kernel's last messages still wait in the agent's socket when
+    /// its exit is seen, and their reader is held up (by the probes' lock,
+    /// which another thread holds a while): the wait for the kernel's end
+    /// returns only once every one of them was passed on. (A wait for a
+    /// quiet spell, as before, returned with none of them passed on.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_end_waits_for_every_message_sent_before_it() {
+        const N: usize = 50;
+        let dir = tempfile::tempdir().unwrap();
+        let endpoint = format!("ipc://{}", dir.path().join("shell").display());
+        let mut kernel = zeromq::RouterSocket::new();
+        kernel.bind(&endpoint).await.unwrap();
+        let mut shell = zeromq::DealerSocket::new();
+        let monitors = vec![shell.monitor()];
+        shell.connect(&endpoint).await.unwrap();
+        shell.send(ZmqMessage::from("hello")).await.unwrap();
+        let id = kernel.recv().await.unwrap().get(0).unwrap().clone();
+        let signer = Signer::new(b"key");
+        for i in 0..N {
+            let content = json!({ "i": i });
+            let m = build::message(&signer, vec![], "stream", "s", &Bytes::new(), content);
+            let mut z = to_zmq(m.into_frames()).unwrap();
+            z.push_front(id.clone());
+            kernel.send(z).await.unwrap();
+        }
+        drop(kernel); // the kernel exits
+        let probes: Probes = Arc::default();
+        let (locked_tx, locked) = std::sync::mpsc::channel();
+        let held = probes.clone();
+        let holder = std::thread::spawn(move || {
+            let _held = held.lock().unwrap();
+            locked_tx.send(()).unwrap();
+            // the reader is held up (the fault), far longer than a quiet spell
+            std::thread::sleep(Duration::from_millis(300));
+        });
+        locked.recv().unwrap();
+        let outbox = Outbox::new(signer.clone(), "s".into(), usize::MAX);
+        let activity = Arc::new(Activity::new());
+        let reader = Reader {
+            lane: Lane::Shell,
+            signer,
+            outbox: outbox.clone(),
+            probes,
+            activity: activity.clone(),
+        };
+        tokio::spawn(reader.run(shell.split().1));
+        Ends { monitors, activity }.drained().await;
+        assert_eq!(outbox.waiting(), N);
+        holder.join().unwrap();
+    }
 
     fn spec(argv: &[&str]) -> FoundSpec {
         let json = serde_json::json!({"argv": argv, "display_name": "k", "language": "python"});

@@ -167,6 +167,12 @@ impl Outbox {
         self.queued.notify_one();
     }
 
+    /// How many messages wait for a link.
+    #[cfg(test)]
+    pub(crate) fn waiting(&self) -> usize {
+        self.lock().queue.len()
+    }
+
     /// Moves what it can from the queue into the link.
     pub fn flush(&self) {
         let mut inner = self.lock();

@@ -177,6 +177,10 @@ pub struct RemoteKernel {
     early: VecDeque<Walltime>,
 }
 
+/// How long the last messages of an agent that ended are waited for when
+/// it said no goodbye (it was killed): its link broke, nothing more comes.
+const LAST_WORDS: Duration = Duration::from_secs(2);
+
 impl RemoteKernel {
     /// Submits the agent, accepts its link and waits until the kernel
     /// answered `kernel_info` with IOPub subscribed; given up (and the agent job cancelled) when
@@ -382,9 +386,15 @@ impl RemoteKernel {
                 return Err(e.clone());
             }
             let incoming = if let Some(desc) = self.agent_gone.clone() {
-                // The agent is gone: take what it sent before, then report.
-                match tokio::time::timeout(Duration::from_millis(300), self.link.recv()).await {
-                    Ok(Some(m)) => Some(m),
+                // The agent is gone: what it sent comes first, then its
+                // goodbye (the link's `Closed`), after which nothing can
+                // come. An agent killed said none: its link only broke,
+                // and waits for a redial that will not come, hence the bound.
+                match tokio::time::timeout(LAST_WORDS, self.link.recv()).await {
+                    Ok(Some(m @ Incoming::Message(..))) => Some(m),
+                    Ok(Some(Incoming::Event(LinkEvent::Disconnected | LinkEvent::Reconnected))) => {
+                        continue
+                    }
                     _ => {
                         self.dead = Some(KernelError::Died(format!("(its noyau agent) {desc}")));
                         continue;

@@ -400,12 +400,16 @@ impl Db {
         Ok(())
     }
 
-    pub fn set_job(&self, id: &str, job_id: &str, log_path: &str) -> anyhow::Result<()> {
-        self.conn().execute(
-            "UPDATE sessions SET job_id = ?2, log_path = ?3 WHERE id = ?1",
+    /// Records the session's job; false when the session had ended
+    /// meanwhile (cancelled while its job was being submitted: the job is
+    /// recorded all the same, for the caller to cancel it).
+    pub fn set_job(&self, id: &str, job_id: &str, log_path: &str) -> anyhow::Result<bool> {
+        let state: String = self.conn().query_row(
+            "UPDATE sessions SET job_id = ?2, log_path = ?3 WHERE id = ?1 RETURNING state",
             params![id, job_id, log_path],
+            |r| r.get(0),
         )?;
-        Ok(())
+        Ok(State::parse(&state) != State::Ended)
     }
 
     /// Applies `u` in one statement (one transaction).
@@ -520,5 +524,25 @@ mod tests {
         .unwrap();
         assert!(db.new_session(&session("s4", "alice")).unwrap());
         assert_eq!(db.link_gens("s4").unwrap(), (0, None));
+    }
+
+    /// A job id that comes after its session was cancelled is recorded on
+    /// it, and `set_job` says so: the caller cancels that job.
+    #[test]
+    fn a_job_given_to_a_cancelled_session_is_recorded_and_said() {
+        let db = Db::open(Path::new(":memory:")).unwrap();
+        assert!(db.new_session(&session("s1", "alice")).unwrap());
+        assert!(db.set_job("s1", "41", "/log41").unwrap());
+        assert!(db.new_session(&session("s2", "bob")).unwrap());
+        let ended = Update {
+            state: Some(State::Ended),
+            ..Default::default()
+        };
+        db.update("s2", &ended).unwrap();
+        assert!(!db.set_job("s2", "42", "/log42").unwrap());
+        assert_eq!(
+            db.session("s2").unwrap().unwrap().job_id.as_deref(),
+            Some("42")
+        );
     }
 }

@@ -729,7 +729,10 @@ async fn start_session(
     // `jobs::follow`)
     match jobs::submit(hub, &s).await {
         Ok((job, log)) => {
-            let _ = hub.db.set_job(&s.id, &job, &log);
+            if let Ok(false) = hub.db.set_job(&s.id, &job, &log) {
+                cancel_late_job(hub, &s, &job).await;
+                return Ok(());
+            }
             hub.db.audit(
                 &who.name,
                 "spawn",
@@ -756,6 +759,24 @@ async fn start_session(
     }
 }
 
+/// The session was cancelled while its job was being submitted: the job
+/// the scheduler gave after that has no session to follow it, so it is
+/// cancelled at once, and said in the audit table.
+async fn cancel_late_job(hub: &Hub, s: &Session, job: &str) {
+    let done = match jobs::cancel(hub, &s.user, job).await {
+        Ok(()) => "cancelled".to_string(),
+        Err(e) => format!("not cancelled: {e}"),
+    };
+    hub.db.audit(
+        &s.user,
+        "cancel",
+        &format!(
+            "session {}: its job {job} was submitted after the session was cancelled; {done}",
+            s.id
+        ),
+    );
+}
+
 async fn spawn(
     AxState(hub): AxState<Arc<Hub>>,
     headers: HeaderMap,
@@ -770,7 +791,19 @@ async fn spawn(
         gpus: f.gpus,
         minutes: f.minutes,
     };
-    Ok(match start_session(&hub, &who, choice).await {
+    // In a task of its own: a request dropped (the browser gone) must not
+    // leave a session whose submission was abandoned half-way.
+    let started = tokio::spawn({
+        let (hub, who) = (hub.clone(), who.clone());
+        async move { start_session(&hub, &who, choice).await }
+    });
+    let started = started.await.unwrap_or_else(|e| {
+        Err((
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the session's start failed: {e}"),
+        ))
+    });
+    Ok(match started {
         Ok(()) => pages::redirect("/hub/home"),
         Err((status, msg)) => render_home(&hub, &who, Some(&msg), status).await,
     })
@@ -826,6 +859,16 @@ async fn cancel(
             u.state = Some(State::Ended);
         }
         let _ = hub.db.update(&id, &u);
+        if s.job_id.is_none() {
+            // Its job may have been given since the session was read (its
+            // submission ended in between, and saw it not ended yet).
+            if let Ok(Some(Session {
+                job_id: Some(job), ..
+            })) = hub.db.session(&id)
+            {
+                cancel_late_job(&hub, &s, &job).await;
+            }
+        }
         hub.db
             .audit(&who.name, "cancel", &format!("session {id} of {}", s.user));
     }

@@ -137,35 +137,92 @@ enum End {
 
 /// What the peer sent a stream and its reader has not consumed yet: the
 /// bytes in one buffer (their count is all they cost), then their end.
-#[derive(Default)]
+/// Its bytes (`data` and `writing`) are counted in the tunnel's total
+/// while it is `counted` (the stream is among the tunnel's), and change
+/// only through these methods, which keep that total.
 struct Inbox {
     data: BytesMut,
     /// Bytes the reader took and is still writing out (still not credited).
     writing: usize,
     end: Option<End>,
+    /// The tunnel's bytes waiting on all of its streams.
+    total: Arc<AtomicU64>,
+    counted: bool,
+}
+
+impl Inbox {
+    fn queued(&self) -> usize {
+        self.data.len() + self.writing
+    }
+
+    /// Takes `bytes` from the peer: the tunnel's total after them.
+    fn add(&mut self, bytes: &[u8]) -> u64 {
+        self.data.extend_from_slice(bytes);
+        let n = bytes.len() as u64;
+        match self.counted {
+            true => self.total.fetch_add(n, Ordering::Relaxed) + n,
+            false => self.total.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Drops `n` bytes from the count (consumed, or thrown away).
+    fn uncount(&self, n: usize) {
+        if self.counted {
+            self.total.fetch_sub(n as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// The reader takes what waits into `buf` (emptied first: what it
+    /// held was written) to write it out, still counted; and the end.
+    fn take(&mut self, buf: &mut BytesMut) -> Option<End> {
+        buf.clear();
+        std::mem::swap(&mut self.data, buf);
+        self.writing = buf.len();
+        self.end
+    }
+
+    /// The reader wrote out what it took.
+    fn written(&mut self) {
+        self.uncount(self.writing);
+        self.writing = 0;
+    }
+
+    /// The stream leaves the tunnel: its bytes no longer count.
+    fn leave(&mut self) {
+        self.uncount(self.queued());
+        self.counted = false;
+    }
 }
 
 /// A stream's inbox, and the wake-up of its reader.
-#[derive(Default)]
 struct Shared {
     inbox: Mutex<Inbox>,
     ready: Notify,
 }
 
 impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inbox> {
-        self.inbox.lock().unwrap_or_else(|e| e.into_inner())
+    fn new(total: Arc<AtomicU64>) -> Shared {
+        let inbox = Inbox {
+            data: BytesMut::new(),
+            writing: 0,
+            end: None,
+            total,
+            counted: true,
+        };
+        Shared {
+            inbox: Mutex::new(inbox),
+            ready: Notify::new(),
+        }
     }
 
-    /// Bytes delivered and not yet consumed.
-    fn queued(&self) -> u64 {
-        let inbox = self.lock();
-        (inbox.data.len() + inbox.writing) as u64
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inbox> {
+        self.inbox.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Ends the stream at once: what waits is dropped.
     fn reset(&self) {
         let mut inbox = self.lock();
+        inbox.uncount(inbox.data.len());
         inbox.data = BytesMut::new();
         inbox.end = Some(End::Reset);
         drop(inbox);
@@ -184,6 +241,10 @@ struct Stream {
 pub struct Tunnel {
     sender: LinkSender,
     streams: Mutex<HashMap<u64, Stream>>,
+    /// Bytes received on all streams and not yet consumed, kept by the
+    /// streams' inboxes as they change (summing them on each message would
+    /// take every stream's lock).
+    queued: Arc<AtomicU64>,
     next_id: AtomicU64,
     /// Every stream was reset (the link is closing): open no more.
     closed: AtomicBool,
@@ -202,6 +263,7 @@ impl Tunnel {
         Arc::new(Tunnel {
             sender,
             streams: Mutex::new(HashMap::new()),
+            queued: Arc::default(),
             next_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
         })
@@ -230,7 +292,7 @@ impl Tunnel {
             if streams.len() >= MAX_STREAMS {
                 return Err(LinkError::TooManyStreams(streams.len()));
             }
-            Self::register(&mut streams, id, true)
+            self.register(&mut streams, id, true)
         };
         let open = encode(Op::Open, id, Bytes::from_static(CREDIT));
         if let Err(e) = self.sender.send(TUNNEL_LANE, open) {
@@ -244,11 +306,12 @@ impl Tunnel {
 
     /// Makes stream `id` reachable by `deliver`.
     fn register(
+        &self,
         streams: &mut HashMap<u64, Stream>,
         id: u64,
         credit: bool,
     ) -> (Arc<Shared>, Option<Arc<Semaphore>>) {
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared::new(self.queued.clone()));
         let window = credit.then(|| Arc::new(Semaphore::new(WINDOW)));
         let stream = Stream {
             shared: shared.clone(),
@@ -259,10 +322,10 @@ impl Tunnel {
     }
 
     fn forget(&self, id: u64) {
-        self.streams
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
+        let gone = (self.streams.lock().unwrap_or_else(|e| e.into_inner())).remove(&id);
+        if let Some(s) = gone {
+            s.shared.lock().leave();
+        }
     }
 
     /// Takes one message from the link. Returns a stream the peer opened
@@ -329,10 +392,10 @@ impl Tunnel {
                 }
             }
             (None, None) => {
-                inbox.data.extend_from_slice(&payload);
-                let queued = (inbox.data.len() + inbox.writing) as u64;
+                let total = inbox.add(&payload);
+                let queued = inbox.queued() as u64;
                 drop(inbox);
-                if let Some(why) = self.over_limits(&streams, s, id, queued) {
+                if let Some(why) = over_limits(s, id, queued, total) {
                     drop(streams);
                     self.reset_all();
                     return Delivered::Violation(why);
@@ -344,29 +407,6 @@ impl Tunnel {
         drop(inbox);
         s.shared.ready.notify_one();
         Delivered::Handled
-    }
-
-    /// Why stream `id` (`s`, now holding `queued` bytes) breaks the
-    /// tunnel's limits, if it does. The sender may have WINDOW bytes sent
-    /// and not credited, and what waits here was sent and not consumed,
-    /// hence not credited: an honest peer never passes WINDOW. A stream
-    /// without flow control (agent side, opened by a hub that did not ask
-    /// for it) is the hub's to fill.
-    fn over_limits(
-        &self,
-        streams: &HashMap<u64, Stream>,
-        s: &Stream,
-        id: u64,
-        queued: u64,
-    ) -> Option<String> {
-        s.window.as_ref()?;
-        if queued > WINDOW as u64 {
-            return Some(format!(
-                "stream {id} has {queued} bytes waiting, over its {WINDOW}-byte window"
-            ));
-        }
-        (queued_total(streams) > MAX_QUEUED)
-            .then(|| format!("its streams have more than {MAX_QUEUED} bytes waiting together"))
     }
 
     /// Refuses a stream the peer opened (the server cannot be reached).
@@ -387,6 +427,7 @@ impl Tunnel {
         };
         for (id, s) in streams {
             s.shared.reset();
+            s.shared.lock().leave();
             if let Some(w) = &s.window {
                 w.close();
             }
@@ -401,7 +442,7 @@ impl Tunnel {
 
     /// Bytes received on all streams and not yet consumed by their readers.
     pub fn queued_bytes(&self) -> u64 {
-        self.streams.lock().map(|s| queued_total(&s)).unwrap_or(0)
+        self.queued.load(Ordering::Relaxed)
     }
 
     /// Pumps bytes between stream `id` and `io` until both directions end;
@@ -410,7 +451,7 @@ impl Tunnel {
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
-        let (shared, window) = Self::register(
+        let (shared, window) = self.register(
             &mut self.streams.lock().unwrap_or_else(|e| e.into_inner()),
             id,
             credit,
@@ -472,13 +513,7 @@ impl Tunnel {
                 // time on bulk transfers).
                 let mut data = BytesMut::new();
                 loop {
-                    let end = {
-                        let mut inbox = shared.lock();
-                        data.clear();
-                        std::mem::swap(&mut inbox.data, &mut data);
-                        inbox.writing = data.len();
-                        inbox.end
-                    };
+                    let end = shared.lock().take(&mut data);
                     if data.is_empty() && end.is_none() {
                         shared.ready.notified().await;
                         continue;
@@ -487,7 +522,7 @@ impl Tunnel {
                         if w.write_all(&data).await.is_err() {
                             return false;
                         }
-                        shared.lock().writing = 0;
+                        shared.lock().written();
                         consumed += data.len();
                         if data.capacity() > KEEP {
                             // (a stalled reader's backlog is not kept)
@@ -547,9 +582,21 @@ pub enum Delivered {
     Violation(String),
 }
 
-/// Bytes received on all of `streams` and not yet consumed.
-fn queued_total(streams: &HashMap<u64, Stream>) -> u64 {
-    streams.values().map(|s| s.shared.queued()).sum()
+/// Why stream `id` (`s`, now holding `queued` bytes, its tunnel's streams
+/// `total`) breaks the tunnel's limits, if it does. The sender may have
+/// WINDOW bytes sent and not credited, and what waits here was sent and
+/// not consumed, hence not credited: an honest peer never passes WINDOW.
+/// A stream without flow control (agent side, opened by a hub that did
+/// not ask for it) is the hub's to fill.
+fn over_limits(s: &Stream, id: u64, queued: u64, total: u64) -> Option<String> {
+    s.window.as_ref()?;
+    if queued > WINDOW as u64 {
+        return Some(format!(
+            "stream {id} has {queued} bytes waiting, over its {WINDOW}-byte window"
+        ));
+    }
+    (total > MAX_QUEUED)
+        .then(|| format!("its streams have more than {MAX_QUEUED} bytes waiting together"))
 }
 
 #[cfg(test)]

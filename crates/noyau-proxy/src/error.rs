@@ -33,6 +33,8 @@ pub enum ProxyError {
         why: Box<crate::keeper::KeeperError>,
         source: noyau_link::LinkError,
     },
+    #[error("cannot handle SIGTERM and SIGINT: {0}")]
+    Signals(std::io::Error),
     #[error("the kernel's working directory: {0}")]
     Cwd(std::io::Error),
     #[error(transparent)]

@@ -55,6 +55,7 @@ mod unprepared;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use tokio::signal::unix::{signal, SignalKind};
 
 use noyau_wire::{ConnectionInfo, Signer};
 
@@ -113,23 +114,67 @@ async fn answers(cfg: &ProxyConfig) -> Result<answer::Answers, ProxyError> {
 /// Runs the proxy until its kernel is gone; returns the exit code.
 pub async fn run(cfg: ProxyConfig) -> Result<i32, ProxyError> {
     let started = chrono::Utc::now();
+    // Handled from the start: Jupyter's SIGTERM, or a terminal's SIGINT to
+    // our process group, while the job is being submitted must not end
+    // the process before the scheduler answers (see `relay` for later).
+    let signals = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    );
+    let (mut sigterm, mut sigint) = match signals {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => return Err(ProxyError::Signals(e)),
+    };
     let out = answers(&cfg).await?;
-    let agent = match agent::AgentSide::start(&cfg).await {
-        Ok(a) => a,
-        // Said to the frontend, not only to a log it may not show.
-        Err(e @ ProxyError::Env(_)) => {
-            let why = format!("its environment could not be prepared: {e}");
-            return Ok(unprepared::serve(out, &cfg, &why).await);
+    let starting = {
+        let start = agent::AgentSide::start(&cfg);
+        tokio::pin!(start);
+        loop {
+            tokio::select! {
+                // A signal that came while the submission ran wins over its end.
+                biased;
+                _ = sigterm.recv() => break None,
+                _ = sigint.recv() => tracing::info!("SIGINT ignored; interrupts go to the kernel by message"),
+                a = &mut start => break Some(a),
+            }
         }
-        Err(e) => return Err(e),
+        // The start, given up, is dropped here: a submission under way
+        // learns that no one waits for its job.
+    };
+    let agent = match starting {
+        None => return Ok(terminated_while_starting(&cfg).await),
+        Some(Ok(a)) => a,
+        // Said to the frontend, not only to a log it may not show.
+        Some(Err(e @ ProxyError::Env(_))) => {
+            let why = format!("its environment could not be prepared: {e}");
+            // SIGTERM is ours now: it still ends the process, at once.
+            return Ok(tokio::select! {
+                code = unprepared::serve(out, &cfg, &why) => code,
+                _ = sigterm.recv() => 143,
+            });
+        }
+        Some(Err(e)) => return Err(e),
     };
     let mut proxy = relay::Proxy::new(cfg, out, agent, started);
-    let code = proxy.relay().await;
+    let code = proxy.relay(sigterm, sigint).await;
     proxy.targets.release_all();
     proxy.release_dask("the kernel ended").await;
     // The last replies and errors are still queued for the frontend.
     proxy.out.fe.close().await;
     Ok(code)
+}
+
+/// SIGTERM came while the kernel's job was prepared or submitted: the
+/// start is given up and the process waits for a submission under way,
+/// whose job noyau-sched cancels as soon as the scheduler gives its id
+/// (no one would follow it). The exit code.
+async fn terminated_while_starting(cfg: &ProxyConfig) -> i32 {
+    tracing::info!(
+        "terminated while the kernel's {} job was being submitted; a job the scheduler still gives is cancelled",
+        cfg.backend
+    );
+    noyau_sched::submissions_settled().await;
+    143
 }
 
 /// A kernel whose profile cannot be used (`why`: an untrusted project's

@@ -12,7 +12,7 @@ use noyau_link::{Incoming, Lane, Link, LinkEvent};
 use noyau_magic::Magics;
 use noyau_wire::{HeaderPeek, RawMessage};
 use serde_json::json;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::Signal;
 use zeromq::SocketRecv;
 
 use crate::agent::{AgentSide, FromAgent};
@@ -106,18 +106,9 @@ impl Proxy {
         }
     }
 
-    /// Relays until the kernel is gone; the exit code.
-    pub async fn relay(&mut self) -> i32 {
-        let (mut sigterm, mut sigint) = match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(t), Ok(i)) => (t, i),
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::error!("cannot handle SIGTERM and SIGINT: {e}");
-                return 1;
-            }
-        };
+    /// Relays until the kernel is gone; the exit code. The signals are
+    /// handled since the proxy began (`crate::run`).
+    pub async fn relay(&mut self, mut sigterm: Signal, mut sigint: Signal) -> i32 {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
         let mut idle_tick = tokio::time::interval(crate::idle::CHECK_EVERY);
         // Not polled while no clock runs: no burst of missed ticks after.

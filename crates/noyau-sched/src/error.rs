@@ -15,6 +15,8 @@ pub enum SchedError {
     Profile(#[from] crate::ProfileError),
     #[error("cannot submit the job: {0}")]
     Submit(CommandError),
+    #[error("the submission ended without an answer (its task failed); see noyau's log")]
+    NoAnswer,
     #[error("cannot submit the job: {command} printed no job id: {output:?}")]
     NoJobId {
         command: &'static str,

@@ -5,13 +5,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::batch::{Batch, Commands, JobInfo, PartitionLoad, Scope};
-use crate::job::{ArrayJob, Cancel, Job};
+use crate::job::{ArrayJob, Cancel, Ending, Job};
 use crate::profile::{Profile, GENERIC};
 use crate::run::{AsUser, Cmd};
 use crate::throttle::{throttled, Call};
@@ -204,8 +205,43 @@ impl Scheduler {
         Ok(self.submit_raw(spec).await?.id)
     }
 
+    /// Submits through the throttle, in a task of its own that finishes
+    /// whatever its caller does. A caller may give up while the command
+    /// runs (a kernel shut down, a hub request dropped); the scheduler may
+    /// have taken the job all the same, even from a command killed then,
+    /// and its id would come to no one: the task waits for the answer and
+    /// cancels that job at once, saying so. A caller gone before the
+    /// command started (waiting for a slot) submits nothing.
+    /// [`submissions_settled`] waits for these tasks.
     async fn submit_raw(&self, spec: &JobSpec) -> Result<crate::batch::Submission, SchedError> {
-        throttled(self.user(), Call::Other, self.submit_now(spec)).await
+        let (mut tx, rx) = tokio::sync::oneshot::channel();
+        let (me, spec) = (self.clone(), spec.clone());
+        let in_flight = InFlight::enter();
+        tokio::spawn(async move {
+            let _counted = in_flight;
+            let started = AtomicBool::new(false);
+            let answer = {
+                let submit = throttled(me.user(), Call::Other, async {
+                    started.store(true, Ordering::Relaxed);
+                    me.submit_now(&spec).await
+                });
+                let gone = async {
+                    tx.closed().await;
+                    if started.load(Ordering::Relaxed) {
+                        std::future::pending::<()>().await;
+                    }
+                };
+                tokio::select! {
+                    r = submit => r,
+                    () = gone => return,
+                }
+            };
+            if let Err(Ok(sub)) = tx.send(answer) {
+                tracing::warn!(job = %sub.id, "{} job {} was submitted after its caller gave up (a cancel, a shutdown): cancelling it", me.display(), sub.id);
+                me.canceller(sub.files).end(&sub.id).await;
+            }
+        });
+        rx.await.unwrap_or(Err(SchedError::NoAnswer))
     }
 
     /// Submits without waiting for a slot: `noyau hub-submit`'s, whose hub
@@ -286,6 +322,39 @@ impl Scheduler {
     pub async fn partitions(&self) -> Result<Vec<PartitionLoad>, SchedError> {
         self.imp().partitions().await
     }
+}
+
+/// How many submissions of this process are under way (see
+/// [`Scheduler::submit`]'s task).
+fn in_flight() -> &'static tokio::sync::watch::Sender<usize> {
+    static N: OnceLock<tokio::sync::watch::Sender<usize>> = OnceLock::new();
+    N.get_or_init(|| tokio::sync::watch::Sender::new(0))
+}
+
+/// One submission under way, counted while it lives.
+struct InFlight;
+
+impl InFlight {
+    fn enter() -> InFlight {
+        in_flight().send_modify(|n| *n += 1);
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        in_flight().send_modify(|n| *n -= 1);
+    }
+}
+
+/// Waits until no submission of this process is under way: a process that
+/// ends (a kernel shut down while its job was being submitted) lets the
+/// scheduler answer first, so that a job it took is cancelled rather than
+/// left with no one to follow it. Bounded by the submit command's timeout
+/// and a cancel's.
+pub async fn submissions_settled() {
+    let mut rx = in_flight().subscribe();
+    let _ = rx.wait_for(|n| *n == 0).await;
 }
 
 /// A walltime extension noyau asks for: at most [`crate::MAX_EXTEND_SECS`]
