@@ -155,11 +155,11 @@ impl TrustedProjects {
     /// as any project file, and under a wildcard its code is trusted only
     /// if that descriptor is the file reached from `dir`'s through no link,
     /// in closed directories, a file only the user or root could have
-    /// written ([`Self::code_opened`]). A named file is read because it is
-    /// in the project's directory, so one with other names (a hard link
+    /// written ([`Self::code_opened`]). A project's file is read because it
+    /// is in the project's directory, so one with other names (a hard link
     /// another user made, where `fs.protected_hardlinks` is 0, to a file of
-    /// the user's they cannot read) is refused. `user_file` is named in a
-    /// refusal.
+    /// the user's they cannot read, whose text a parse error could quote)
+    /// is refused, its noyau.toml too. `user_file` is named in a refusal.
     pub(crate) fn read_in(
         &self,
         dir: &Path,
@@ -182,26 +182,26 @@ impl TrustedProjects {
         let beneath = match Beneath::open(dir) {
             Ok(b) => b,
             Err(e) if e.is_not_found() => return Ok(None),
-            Err(e) => return Err(files::refusal(e, origin, user_file)),
+            Err(e) => return Err(files::refusal(e, origin, dir, user_file)),
         };
         let file = match beneath.open_file(&expect, rel) {
             Ok(f) => f,
             Err(e) if e.is_not_found() => return Ok(None),
-            Err(e) => return Err(files::refusal(e, origin, user_file)),
+            Err(e) => return Err(files::refusal(e, origin, dir, user_file)),
         };
         let path = dir.join(rel);
         let meta = file.metadata().map_err(|source| ConfigError::Read {
             path: path.clone(),
             source,
         })?;
-        if named && meta.nlink() > 1 {
+        if meta.nlink() > 1 {
             let e = TrustError::Refused {
                 path: path.clone(),
                 problem: Problem::HardLinked {
                     links: meta.nlink(),
                 },
             };
-            return Err(files::refusal(e, origin, user_file));
+            return Err(files::refusal(e, origin, dir, user_file));
         }
         let trust = self.code_opened(&beneath, rel, &meta);
         Ok(Some((files::read_text(&path, file, limit)?, trust)))
