@@ -17,7 +17,9 @@
 //!
 //! The file is opened beneath the project's directory, held open
 //! (`openat2`'s `RESOLVE_BENEATH`: no `..` nor link, however swapped in,
-//! leads out of it), and judged on what was opened
+//! leads out of it, and no absolute link is followed; noyau-trust's
+//! `Beneath` says what is done without `openat2`), and judged on what was
+//! opened
 //! ([`noyau_config::TrustedProjects::read_named`]); one with other names
 //! (a hard link) is refused: it may be a file of the user's that another
 //! user linked there.
