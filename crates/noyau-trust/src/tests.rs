@@ -566,3 +566,92 @@ fn without_openat2_nothing_outside_is_told_or_opened() {
         .unwrap_err();
     assert_eq!(problem(&e), Problem::Outside, "{e}");
 }
+
+/// Where `openat2` is refused by a seccomp filter written before it
+/// (EPERM: Docker before 20.10, systemd's `SystemCallFilter`) or missing
+/// (ENOSYS: before Linux 5.6), a project's file is still read beneath
+/// its directory, and a link out still refused: through the fallback.
+#[test]
+fn where_openat2_is_refused_or_missing_the_fallback_reads_beneath() {
+    use crate::Beneath;
+    use std::io::Read;
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("proj");
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    std::fs::write(dir.join("sub/f"), "mine").unwrap();
+    std::fs::write(t.path().join("f"), "secret").unwrap();
+    std::os::unix::fs::symlink("../f", dir.join("out")).unwrap();
+    for errno in [nix::errno::Errno::EPERM, nix::errno::Errno::ENOSYS] {
+        let dir = dir.clone();
+        // The filter is this thread's only (no TSYNC), and ends with it.
+        std::thread::spawn(move || {
+            deny_openat2(errno);
+            let held = Beneath::open(&dir).unwrap();
+            let how = nix::fcntl::OpenHow::new().flags(nix::fcntl::OFlag::O_RDONLY);
+            let direct = nix::fcntl::openat2(held.fd(), "sub/f", how);
+            assert_eq!(direct.unwrap_err(), errno, "the filter answers");
+            let any = Expect::file()
+                .owner(Owner::Any)
+                .mode(Mode::Any)
+                .follow_links();
+            let mut text = String::new();
+            held.open_file(&any, Path::new("sub/f"))
+                .unwrap_or_else(|e| panic!("{errno}: {e}"))
+                .read_to_string(&mut text)
+                .unwrap();
+            assert_eq!(text, "mine", "{errno}");
+            let e = held.open_file(&any, Path::new("out")).unwrap_err();
+            assert_eq!(problem(&e), Problem::Outside, "{errno}: {e}");
+        })
+        .join()
+        .unwrap();
+    }
+}
+
+/// Makes `openat2` fail with `errno` in the calling thread (a seccomp
+/// filter, as a container runtime's that predates it).
+fn deny_openat2(errno: nix::errno::Errno) {
+    use nix::libc;
+    let filter = [
+        // The syscall number (seccomp_data.nr, at offset 0).
+        libc::sock_filter {
+            code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 1,
+            k: libc::SYS_openat2 as u32,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ERRNO | errno as u32,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ALLOW,
+        },
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr().cast_mut(),
+    };
+    // SAFETY: prctl with a valid program that outlives the call; it only
+    // changes this thread's syscall filter (no TSYNC flag).
+    let rc = unsafe {
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+        libc::prctl(
+            libc::PR_SET_SECCOMP,
+            libc::SECCOMP_MODE_FILTER,
+            &prog as *const libc::sock_fprog,
+        )
+    };
+    assert_eq!(rc, 0, "seccomp: {}", std::io::Error::last_os_error());
+}
