@@ -104,7 +104,8 @@ impl Beneath {
         Ok(file)
     }
 
-    /// The fallback of [`Beneath::open_file`] without `openat2`, judged on
+    /// The fallback of [`Beneath::open_file`] where `openat2` cannot be
+    /// used (missing, or refused by a seccomp filter), judged on
     /// no path string (a path read from `/proc/self/fd` is stale once
     /// anything on it is renamed, and `/` on a detached mount): what `rel`
     /// leads to from the held directory is opened as a place only
@@ -159,13 +160,10 @@ impl Beneath {
         if is_link(&opened) {
             return Err(TrustError::refused(&shown, Problem::Symlink));
         }
-        let meta = File::from(
-            place
-                .try_clone()
-                .map_err(|e| TrustError::io("examine", &shown, e))?,
-        )
-        .metadata()
-        .map_err(|e| TrustError::io("examine", &shown, e))?;
+        let place = File::from(place);
+        let meta = place
+            .metadata()
+            .map_err(|e| TrustError::io("examine", &shown, e))?;
         expect.check_meta(&shown, &meta)?;
         let read = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
         let proc = format!("/proc/self/fd/{}", place.as_raw_fd());
