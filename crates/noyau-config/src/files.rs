@@ -12,19 +12,24 @@
 //! ways out: fix the file, or trust its directory in the user's own
 //! config (`trusted_projects`), as git's `safe.directory` does for a
 //! repository. In a trusted directory the file may be anyone's (and a
-//! symlink there is followed), but it is still a regular file of bounded
-//! size.
+//! symlink there is followed, beneath the directory only), but it is
+//! still a regular file of bounded size, with one name (a hard link
+//! another user made to a file of the user's is refused). A project's
+//! files are opened beneath its directory held open
+//! ([`crate::TrustedProjects`]); this module says what is expected of
+//! them and what a refusal says.
 //!
 //! The directory itself is not checked: the file is opened once and its
 //! owner and mode checked on the open descriptor, and another user who can
 //! write the directory (a world-writable one without the sticky bit) can
 //! remove or rename the user's file but cannot put there a file the user
-//! owns; what they could put is theirs, and refused.
+//! owns (save a hard link, refused); what they could put is theirs, and
+//! refused.
 
 use std::io::Read;
 use std::path::Path;
 
-use noyau_trust::{Beneath, Expect, Mode, Owner, Problem, TrustError};
+use noyau_trust::{Expect, Mode, Owner, Problem, TrustError};
 
 use crate::ConfigError;
 
@@ -71,28 +76,11 @@ pub(crate) fn dir_of(path: &Path) -> &Path {
         .unwrap_or(Path::new("."))
 }
 
-/// The text of the config file at `path` (at most `limit` bytes), None
-/// when there is none. `user_file` is named in a project file's refusal
-/// (where `trusted_projects` goes).
-pub(crate) fn read(
-    path: &Path,
-    origin: Origin,
-    limit: u64,
-    user_file: Option<&Path>,
-) -> Result<Option<String>, ConfigError> {
-    let opened = if origin == (Origin::Project { trusted: true }) {
-        // Links followed, but only beneath its directory: a link there to a
-        // file of the user's elsewhere would have noyau show it.
-        Beneath::open(dir_of(path)).and_then(|d| {
-            d.open_file(
-                &origin.expect(),
-                Path::new(path.file_name().unwrap_or_default()),
-            )
-        })
-    } else {
-        origin.expect().open(path)
-    };
-    let file = match opened {
+/// The text of the site's, the user's or a named config file at `path`
+/// (at most `limit` bytes), None when there is none. (A project's files
+/// are read beneath its directory: [`crate::TrustedProjects`]'s `read_in`.)
+pub(crate) fn read(path: &Path, origin: Origin, limit: u64) -> Result<Option<String>, ConfigError> {
+    let file = match origin.expect().open(path) {
         Ok(f) => f,
         Err(e) if e.is_not_found() => {
             // A link to nothing (into a filesystem not mounted here) is no
@@ -102,30 +90,33 @@ pub(crate) fn read(
             }
             return Ok(None);
         }
-        Err(e) => return Err(refusal(e, origin, user_file)),
+        Err(e) => return Err(refusal(e, origin, dir_of(path), None)),
     };
     read_text(path, file, limit).map(Some)
 }
 
-/// `e`, the refusal of a file of `origin`, as the error that says what to
-/// do about it.
-pub(crate) fn refusal(e: TrustError, origin: Origin, user_file: Option<&Path>) -> ConfigError {
+/// `e`, the refusal of a file of `origin` read in `dir` (a project's
+/// directory: the one to trust, or the one a link led out of), as the
+/// error that says what to do about it.
+pub(crate) fn refusal(
+    e: TrustError,
+    origin: Origin,
+    dir: &Path,
+    user_file: Option<&Path>,
+) -> ConfigError {
     match e {
         TrustError::Refused {
             path,
             problem: Problem::Outside,
-        } => {
-            let dir = dir_of(&path);
-            ConfigError::LinkOut {
-                dir: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.into()),
-                path,
-            }
-        }
+        } => ConfigError::LinkOut {
+            dir: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.into()),
+            path,
+        },
         TrustError::Refused { path, problem } => match origin {
             Origin::Site => ConfigError::Untrusted(TrustError::Refused { path, problem }),
             Origin::Named => ConfigError::NotAFile { path, problem },
             Origin::Project { .. } => ConfigError::UntrustedProject {
-                fix: project_fix(&path, &problem, user_file),
+                fix: project_fix(&path, &problem, dir, user_file),
                 path,
                 problem,
             },
@@ -162,9 +153,9 @@ pub(crate) fn read_text(
 }
 
 /// What to do about a project file refused for `problem`: fix it, or trust
-/// its directory (not when it is not a file at all: no setting makes a
-/// FIFO a config file).
-fn project_fix(path: &Path, problem: &Problem, user_file: Option<&Path>) -> String {
+/// its project's directory `dir` (not when it is not a file at all: no
+/// setting makes a FIFO a config file).
+fn project_fix(path: &Path, problem: &Problem, dir: &Path, user_file: Option<&Path>) -> String {
     let p = path.display();
     let fix = match problem {
         Problem::WrongKind { .. } => {
@@ -181,7 +172,6 @@ fn project_fix(path: &Path, problem: &Problem, user_file: Option<&Path>) -> Stri
               file of yours in a directory of yours (or ask its owner to remove it)"
             .to_string(),
     };
-    let dir = dir_of(path);
     let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.into());
     let user = user_file.map_or_else(
         || "your own config file (~/.config/noyau/config.toml)".into(),

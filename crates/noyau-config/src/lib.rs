@@ -112,8 +112,9 @@ pub enum ConfigError {
     /// (read whoever wrote it, under `trusted_projects`): what it leads to
     /// may be a file of the user's that an error would show.
     #[error(
-        "{} is a link that leads out of its directory ({}): noyau does not read a project's \
-         file from elsewhere; put the file itself in the directory",
+        "{} is a link that leads out of its directory ({}), or an absolute link: noyau does \
+         not read a project's file from elsewhere; put the file itself in the directory (a \
+         link to a file in it must be relative: `ln -sr`)",
         path.display(),
         dir.display()
     )]
@@ -593,8 +594,10 @@ pub fn user_file() -> Option<PathBuf> {
 /// notebooks declare may name code that runs outside the sandbox while
 /// their environment is prepared, noyau-env's `trust`), and the files it
 /// names ([`TrustedProjects::read_named`]). Only the user's own
-/// `trusted_projects` grants code ([`trusted`]). Read once for all the
-/// sources of one decision.
+/// `trusted_projects` grants code ([`trusted`]). noyau-env's `merge`
+/// reads them once for all its sources and the lock file it reads; the
+/// readers of a project's noyau.toml ([`project_file`], [`Config::load`])
+/// and of a file a source names read them again, each for itself.
 pub fn trusted_projects() -> Result<TrustedProjects, ConfigError> {
     site_trusted(&site_paths())
 }
@@ -611,18 +614,26 @@ pub fn project_file(dir: &Path) -> Result<Option<(PathBuf, String, CodeTrust)>, 
 }
 
 /// The text of a file of a project's (at most `limit` bytes), checked as
-/// its noyau.toml is, against the file's own directory: for a file the
+/// its noyau.toml is, in the file's own directory: for a file the
 /// project's `[environment]` names that noyau reads itself (`lock_file`).
 pub fn project_text(path: &Path, limit: u64) -> Result<Option<String>, ConfigError> {
     let site = site_paths();
-    read_project(path, &site_trusted(&site)?, &site, limit)
+    let name = Path::new(path.file_name().unwrap_or_default());
+    let read = site_trusted(&site)?.read_in(
+        files::dir_of(path),
+        name,
+        limit,
+        false,
+        site.user.as_deref(),
+    )?;
+    Ok(read.map(|(text, _)| text))
 }
 
 /// The text of a file the user named themselves (at most `limit` bytes),
 /// None when there is none: whoever's it is, but a regular file, opened
 /// without blocking (a FIFO is refused, not waited on), for `--env FILE`.
 pub fn named_text(path: &Path, limit: u64) -> Result<Option<String>, ConfigError> {
-    files::read(path, Origin::Named, limit, None)
+    files::read(path, Origin::Named, limit)
 }
 
 /// The site files' `trusted_projects`, read at each call, as
@@ -631,21 +642,6 @@ pub fn named_text(path: &Path, limit: u64) -> Result<Option<String>, ConfigError
 /// says. (Two small files: a few reads per kernel start or cell.)
 fn site_trusted(site: &SiteFiles) -> Result<TrustedProjects, ConfigError> {
     Ok(Config::load_from(site)?.trusted_projects)
-}
-
-/// The project file at `path`, trusted if its directory is in `trusted`;
-/// a refusal names the user's file as where to trust it.
-fn read_project(
-    path: &Path,
-    trusted: &TrustedProjects,
-    site: &SiteFiles,
-    limit: u64,
-) -> Result<Option<String>, ConfigError> {
-    let dir = files::dir_of(path);
-    let origin = Origin::Project {
-        trusted: trusted.reads(dir),
-    };
-    files::read(path, origin, limit, site.user.as_deref())
 }
 
 /// A project's file being read: whether its directory's code is trusted,
@@ -740,7 +736,7 @@ impl Config {
     pub fn load_from(site: &SiteFiles) -> Result<Self, ConfigError> {
         let mut c = Config::default();
         for (p, grantor) in site.each() {
-            if let Some(text) = files::read(p, Origin::Site, MAX_SIZE, None)? {
+            if let Some(text) = files::read(p, Origin::Site, MAX_SIZE)? {
                 c.add(p, &text, Role::Site(grantor))?;
             }
         }

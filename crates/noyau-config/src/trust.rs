@@ -46,7 +46,7 @@ pub(crate) fn add_trusted(file: &Path, dir: &Path) -> Result<bool, ConfigError> 
         )));
     }
     // Read as noyau reads it: yours (or root's), and no one else can write it.
-    let text = files::read(file, Origin::Site, MAX_SIZE, None)?.unwrap_or_default();
+    let text = files::read(file, Origin::Site, MAX_SIZE)?.unwrap_or_default();
     let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e| bad(format!("{e}")))?;
     let list = doc
         .entry("trusted_projects")

@@ -138,6 +138,63 @@ fn a_symlinked_project_file_is_refused_unless_its_directory_is_trusted() {
     assert_eq!(load(&user, &project).unwrap().names(), ["p"]);
 }
 
+/// A project's noyau.toml with other names is refused, its directory
+/// trusted or not: another user may have hard-linked a file of the
+/// user's there (where `fs.protected_hardlinks` is 0), whose keys an
+/// error could quote.
+#[test]
+fn a_hard_linked_project_file_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let (user, project) = setup(d.path(), &[]);
+    let mine = d.path().join("private.toml");
+    write(&mine, "ghp_SECRET = 1\n");
+    std::fs::hard_link(&mine, &project).unwrap();
+    let refused = |user: &Path| {
+        let e = load(user, &project).unwrap_err();
+        assert!(
+            e.contains(&format!("{} has 2 names (hard links)", project.display()))
+                && !e.contains("ghp_SECRET"),
+            "{e}"
+        );
+    };
+    refused(&user);
+    let (user, _) = setup(d.path(), &[project.parent().unwrap().display().to_string()]);
+    refused(&user);
+    // One name: read.
+    std::fs::remove_file(&mine).unwrap();
+    write(&project, PROFILE);
+    assert_eq!(load(&user, &project).unwrap().names(), ["p"]);
+}
+
+/// A file the project names in a subdirectory, refused, names the
+/// project's directory (the one to trust, or the one a link leads out
+/// of), not the subdirectory.
+#[test]
+fn a_refused_file_in_a_subdirectory_names_the_projects_directory() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("proj");
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    let real = std::fs::canonicalize(&dir).unwrap();
+    write(&d.path().join("secret"), "x");
+    std::os::unix::fs::symlink(d.path().join("secret"), dir.join("sub/out")).unwrap();
+    write(&dir.join("sub/r.lock"), "six==1.16.0\n");
+    chmod(&dir.join("sub/r.lock"), 0o666);
+    let read = |rel: &str| {
+        crate::TrustedProjects::default()
+            .read_named(&dir, Path::new(rel), MAX_SIZE)
+            .unwrap_err()
+    };
+    match read("sub/out") {
+        ConfigError::LinkOut { dir, .. } => assert_eq!(dir, real),
+        e => panic!("not a link out: {e}"),
+    }
+    let e = read("sub/r.lock").to_string();
+    assert!(
+        e.contains(&format!("trusted_projects = [\"{}\"]", real.display())),
+        "{e}"
+    );
+}
+
 /// A project's file that does not parse (read whoever wrote it, under a
 /// site's wildcard: perhaps a link to a file of the user's) is reported
 /// by line and column, its text not quoted; the user's own file is.

@@ -20,7 +20,7 @@ use std::fs::Metadata;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use noyau_trust::{Beneath, Expect, Mode, Owner, Problem, TrustError};
+use noyau_trust::{Beneath, Expect, Mode, Owner, Problem, TrustError, WalkError};
 
 use crate::files::{self, Origin};
 use crate::ConfigError;
@@ -155,11 +155,11 @@ impl TrustedProjects {
     /// as any project file, and under a wildcard its code is trusted only
     /// if that descriptor is the file reached from `dir`'s through no link,
     /// in closed directories, a file only the user or root could have
-    /// written ([`Self::code_opened`]). A named file is read because it is
-    /// in the project's directory, so one with other names (a hard link
+    /// written ([`Self::code_opened`]). A project's file is read because it
+    /// is in the project's directory, so one with other names (a hard link
     /// another user made, where `fs.protected_hardlinks` is 0, to a file of
-    /// the user's they cannot read) is refused. `user_file` is named in a
-    /// refusal.
+    /// the user's they cannot read, whose text a parse error could quote)
+    /// is refused, its noyau.toml too. `user_file` is named in a refusal.
     pub(crate) fn read_in(
         &self,
         dir: &Path,
@@ -182,26 +182,26 @@ impl TrustedProjects {
         let beneath = match Beneath::open(dir) {
             Ok(b) => b,
             Err(e) if e.is_not_found() => return Ok(None),
-            Err(e) => return Err(files::refusal(e, origin, user_file)),
+            Err(e) => return Err(files::refusal(e, origin, dir, user_file)),
         };
         let file = match beneath.open_file(&expect, rel) {
             Ok(f) => f,
             Err(e) if e.is_not_found() => return Ok(None),
-            Err(e) => return Err(files::refusal(e, origin, user_file)),
+            Err(e) => return Err(files::refusal(e, origin, dir, user_file)),
         };
         let path = dir.join(rel);
         let meta = file.metadata().map_err(|source| ConfigError::Read {
             path: path.clone(),
             source,
         })?;
-        if named && meta.nlink() > 1 {
+        if meta.nlink() > 1 {
             let e = TrustError::Refused {
                 path: path.clone(),
                 problem: Problem::HardLinked {
                     links: meta.nlink(),
                 },
             };
-            return Err(files::refusal(e, origin, user_file));
+            return Err(files::refusal(e, origin, dir, user_file));
         }
         let trust = self.code_opened(&beneath, rel, &meta);
         Ok(Some((files::read_text(&path, file, limit)?, trust)))
@@ -358,47 +358,26 @@ pub(crate) fn secure_dir(dir: &Path) -> Result<Metadata, String> {
 /// put there by someone other than the user or root, if it could: each
 /// directory down to it is opened from the one above without following a
 /// link and judged on what was opened ([`passable`]; its own directory not
-/// writable by others at all), and what is at `rel` there is no link.
-/// Its metadata, to compare with what was opened by `rel`.
+/// writable by others at all: [`Beneath::walk`]), and what is at `rel`
+/// there is no link. Its metadata, to compare with what was opened by
+/// `rel`.
 fn secure_below(dir: &Beneath, rel: &Path) -> Result<nix::sys::stat::FileStat, String> {
-    use nix::fcntl::{AtFlags, OFlag};
-    use std::os::fd::AsFd;
-    let names: Vec<_> = rel.components().collect();
-    let Some((last, on_the_way)) = names.split_last() else {
-        return Err(format!("{} names no file", rel.display()));
+    // The file's own directory may not be writable by others even if
+    // sticky: a sticky directory's others may add names to it.
+    let closed = |d: &Path, meta: &nix::sys::stat::FileStat, its_own: bool| {
+        closed_dir(d, meta.st_uid, meta.st_mode, its_own)
     };
-    let mut here = dir.path().to_path_buf();
-    let mut held: Option<std::os::fd::OwnedFd> = None;
-    for (i, c) in on_the_way.iter().enumerate() {
-        let std::path::Component::Normal(name) = c else {
-            return Err(format!("{} leaves its directory on the way", rel.display()));
-        };
-        here.push(name);
-        let at = held.as_ref().map_or(dir.fd(), |f| f.as_fd());
-        let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-        let next =
-            nix::fcntl::openat(at, *name, flags, nix::sys::stat::Mode::empty()).map_err(|e| {
-                format!(
-                    "{} is not a directory reached through no link ({e})",
-                    here.display()
-                )
-            })?;
-        let meta = nix::sys::stat::fstat(&next)
-            .map_err(|e| format!("cannot examine {} ({e})", here.display()))?;
-        // The file's own directory may not be writable by others even if
-        // sticky: a sticky directory's others may add names to it.
-        let its_own = i + 1 == on_the_way.len();
-        closed_dir(&here, meta.st_uid, meta.st_mode, its_own)?;
-        held = Some(next);
-    }
-    let at = held.as_ref().map_or(dir.fd(), |f| f.as_fd());
-    let file = dir.path().join(rel);
-    let meta = nix::sys::stat::fstatat(at, last.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
-        .map_err(|e| format!("cannot examine {} ({e})", file.display()))?;
-    if nix::sys::stat::SFlag::from_bits_truncate(meta.st_mode) & nix::sys::stat::SFlag::S_IFMT
-        == nix::sys::stat::SFlag::S_IFLNK
-    {
-        return Err(problem_text(&file, &Problem::Symlink));
+    let meta = dir.walk(rel, closed).map_err(|e| match e {
+        WalkError::NotPlain => format!("{} leaves its directory on the way", rel.display()),
+        WalkError::Dir { at, errno } => format!(
+            "{} is not a directory reached through no link ({errno})",
+            at.display()
+        ),
+        WalkError::Last { at, errno } => format!("cannot examine {} ({errno})", at.display()),
+        WalkError::Refused(why) => why,
+    })?;
+    if noyau_trust::is_link(&meta) {
+        return Err(problem_text(&dir.path().join(rel), &Problem::Symlink));
     }
     Ok(meta)
 }

@@ -87,7 +87,8 @@ pub enum EnvError {
     #[error(
         "{what} names {}, which is not in the notebook's or project's directory ({}): a \
          notebook, a cell or a project may name only files in its own directory, since noyau reads them on this host, outside any sandbox, and \
-         what it reads may be shown. Copy the file into that directory; or, if the file is \
+         what it reads may be shown (a link to a file in it must be relative: noyau follows \
+         no absolute link there). Copy the file into that directory; or, if the file is \
          yours and you meant it, give it yourself: `noyau run --env FILE`, or NOYAU_ENV in \
          your kernelspec", path.display(), dir.display()
     )]

@@ -17,7 +17,9 @@
 //!
 //! The file is opened beneath the project's directory, held open
 //! (`openat2`'s `RESOLVE_BENEATH`: no `..` nor link, however swapped in,
-//! leads out of it), and judged on what was opened
+//! leads out of it, and no absolute link is followed; noyau-trust's
+//! `Beneath` says what is done without `openat2`), and judged on what was
+//! opened
 //! ([`noyau_config::TrustedProjects::read_named`]); one with other names
 //! (a hard link) is refused: it may be a file of the user's that another
 //! user linked there.
@@ -48,7 +50,7 @@ pub(crate) fn read(
     };
     let real_dir = project_dir(dir, what, &homes())?;
     // Where it is said to be missing, or outside: never read.
-    let missing = || inside_home(path, dir, what, &[]).map(|_| None);
+    let missing = || inside_resolved(path, &real_dir, what).map(|_| None);
     let rel = match path.strip_prefix(dir) {
         Ok(rel) if rel.components().all(|c| matches!(c, Component::Normal(_))) => rel.to_path_buf(),
         // `..`, or a path to the directory through another name: as the
@@ -166,10 +168,15 @@ fn inside_home(
     what: &str,
     homes: &[PathBuf],
 ) -> Result<Option<PathBuf>, EnvError> {
-    let real_dir = project_dir(dir, what, homes)?;
-    let outside = || outside(path, what, &real_dir);
+    inside_resolved(path, &project_dir(dir, what, homes)?, what)
+}
+
+/// [`inside`], `real_dir` the project's directory resolved
+/// ([`project_dir`]).
+fn inside_resolved(path: &Path, real_dir: &Path, what: &str) -> Result<Option<PathBuf>, EnvError> {
+    let outside = || outside(path, what, real_dir);
     match std::fs::canonicalize(path) {
-        Ok(real) if real.starts_with(&real_dir) => Ok(Some(real)),
+        Ok(real) if real.starts_with(real_dir) => Ok(Some(real)),
         Ok(_) => Err(outside()),
         // A missing file is said to be missing only where the project may
         // name one, and only if nothing is there: a dangling link in the
@@ -180,7 +187,7 @@ fn inside_home(
             let nothing = matches!(std::fs::symlink_metadata(path),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound);
             match parent {
-                Some(p) if p.starts_with(&real_dir) && nothing => Ok(None),
+                Some(p) if p.starts_with(real_dir) && nothing => Ok(None),
                 _ => Err(outside()),
             }
         }

@@ -301,7 +301,8 @@ pub fn merge(sources: &[Source], notebook_dir: &Path) -> Result<Option<EnvSpec>,
         return Ok(None);
     }
     // Each source's trust, decided once (the site's and user's files read
-    // at most once, and only for a project's source).
+    // at most once here, and only for a project's source; reading a
+    // source, its noyau.toml or `--env` file, read them for itself).
     let mut site = Site::default();
     let judged = sources
         .iter()

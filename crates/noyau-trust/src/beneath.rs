@@ -2,28 +2,49 @@
 //! checked to resolve into a directory and then opened could be swapped
 //! in between by anyone who can write a directory on the way.
 
+use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use nix::errno::Errno;
-use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::{FileStat, Mode, SFlag};
 
 use crate::{Expect, Problem, TrustError};
+
+/// How many times `openat2` is asked again when it answers EAGAIN (a
+/// `..` on the way raced a rename or a mount anywhere on the system).
+const RETRIES: usize = 3;
 
 /// A directory held open, to open what it holds beneath it.
 #[derive(Debug)]
 pub struct Beneath {
     dir: OwnedFd,
-    /// The directory as named, for messages and the fallback.
+    /// The directory as named, for messages.
     path: PathBuf,
+}
+
+/// Why [`Beneath::walk`] stopped.
+#[derive(Debug)]
+pub enum WalkError<E> {
+    /// The relative path is empty or has a component other than a name
+    /// (`..`, `.` first, `/`).
+    NotPlain,
+    /// The directory `at` on the way could not be opened as a directory
+    /// reached through no link.
+    Dir { at: PathBuf, errno: Errno },
+    /// The last name, `at`, could not be examined.
+    Last { at: PathBuf, errno: Errno },
+    /// The visitor refused a directory on the way.
+    Refused(E),
 }
 
 impl Beneath {
     /// Opens the directory `dir` (links followed: the directory as named).
     pub fn open(dir: &Path) -> Result<Self, TrustError> {
         let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
-        let fd = nix::fcntl::open(dir, flags, nix::sys::stat::Mode::empty())
+        let fd = nix::fcntl::open(dir, flags, Mode::empty())
             .map_err(|e| TrustError::io("open", dir, e.into()))?;
         Ok(Beneath {
             dir: fd,
@@ -43,13 +64,12 @@ impl Beneath {
 
     /// Opens `rel` beneath the directory for reading, never blocking, and
     /// checks what was opened with `expect`: no `..`, absolute path or
-    /// link on the way leads out of it (`openat2`'s `RESOLVE_BENEATH`, and
-    /// no /proc magic link: [`Problem::Outside`]); a link at the last
-    /// component is followed only with [`Expect::follow_links`]. A kernel
-    /// without `openat2` (before Linux 5.6, still on some clusters), or a
-    /// path `openat2` will not resolve beneath (a step out, an absolute
-    /// link), has the file opened by its path and then refused if the
-    /// descriptor's path (`/proc/self/fd`) is not under the directory's.
+    /// link on the way leads out of it, and no absolute link at all, even
+    /// to a file inside (`openat2`'s `RESOLVE_BENEATH`, and no /proc
+    /// magic link: [`Problem::Outside`]); a link at the last component is
+    /// followed only with [`Expect::follow_links`]. Where `openat2` cannot
+    /// be used (a kernel before Linux 5.6, still on some clusters, or a
+    /// seccomp filter that predates it), see [`Beneath::open_walked`].
     pub fn open_file(&self, expect: &Expect, rel: &Path) -> Result<File, TrustError> {
         let shown = self.path.join(rel);
         let mut flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
@@ -59,17 +79,23 @@ impl Beneath {
         let how = OpenHow::new()
             .flags(flags)
             .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-        let file = match nix::fcntl::openat2(self.fd(), rel, how) {
-            Ok(fd) => File::from(fd),
-            // EXDEV: a step leads out, or is an absolute link, which
-            // RESOLVE_BENEATH refuses even when it names a file inside
-            // (`ln -s /home/me/project/envs/a.toml`): judged as without
-            // openat2, on where the descriptor opened is.
-            Err(Errno::ENOSYS | Errno::EXDEV) => self.open_by_path(flags, rel)?,
-            Err(Errno::ELOOP) if !expect.follow => {
-                return Err(TrustError::refused(&shown, Problem::Symlink))
+        let mut tries = 0;
+        let file = loop {
+            match nix::fcntl::openat2(self.fd(), rel, how) {
+                Ok(fd) => break File::from(fd),
+                Err(Errno::EAGAIN) if tries < RETRIES => tries += 1,
+                // No openat2 (ENOSYS), or a seccomp filter written before
+                // it (Docker before 20.10, systemd's SystemCallFilter)
+                // answering EPERM.
+                Err(Errno::ENOSYS | Errno::EPERM) => break self.open_walked(expect, rel, || {})?,
+                // A step out, or an absolute link even to a file inside:
+                // refused, never judged afterwards on where it led.
+                Err(Errno::EXDEV) => return Err(TrustError::refused(&shown, Problem::Outside)),
+                Err(Errno::ELOOP) if !expect.follow => {
+                    return Err(TrustError::refused(&shown, Problem::Symlink))
+                }
+                Err(e) => return Err(TrustError::io("open", &shown, e.into())),
             }
-            Err(e) => return Err(TrustError::io("open", &shown, e.into())),
         };
         let meta = file
             .metadata()
@@ -78,20 +104,126 @@ impl Beneath {
         Ok(file)
     }
 
-    /// The fallback of [`Beneath::open_file`]: `rel` opened from the held
-    /// directory (not its path, which may have been swapped since), links
-    /// followed wherever they lead, then judged on where it is.
-    pub(crate) fn open_by_path(&self, flags: OFlag, rel: &Path) -> Result<File, TrustError> {
-        let shown = &self.path.join(rel);
-        let fd = nix::fcntl::openat(self.fd(), rel, flags, nix::sys::stat::Mode::empty())
-            .map_err(|e| TrustError::io("open", shown, e.into()))?;
-        let real =
-            |fd: BorrowedFd<'_>| std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()));
-        let (dir, file) = (real(self.fd()), real(fd.as_fd()));
-        match (dir, file) {
-            (Ok(dir), Ok(file)) if file.starts_with(&dir) => Ok(File::from(fd)),
-            (Ok(_), Ok(_)) => Err(TrustError::refused(shown, Problem::Outside)),
-            (Err(e), _) | (_, Err(e)) => Err(TrustError::io("examine", shown, e)),
+    /// The fallback of [`Beneath::open_file`] where `openat2` cannot be
+    /// used (missing, or refused by a seccomp filter), judged on
+    /// no path string (a path read from `/proc/self/fd` is stale once
+    /// anything on it is renamed, and `/` on a detached mount): what `rel`
+    /// leads to from the held directory is opened as a place only
+    /// (`O_PATH`: a device or FIFO is not opened), and accepted only if it
+    /// is the very file (device and inode) at its own path beneath the
+    /// held directory, reached from it by names through no link
+    /// ([`Beneath::walk`]); then checked with `expect` and only then
+    /// opened for reading. Any failure past the held directory gets the
+    /// one answer [`Problem::Outside`] (whether and why it failed out
+    /// there is not told); a name missing inside, reached through no link,
+    /// is missing. `between` runs after the place is opened (for tests:
+    /// a rename then).
+    pub(crate) fn open_walked(
+        &self,
+        expect: &Expect,
+        rel: &Path,
+        between: impl FnOnce(),
+    ) -> Result<File, TrustError> {
+        let shown = self.path.join(rel);
+        let outside = || TrustError::refused(&shown, Problem::Outside);
+        let no_visit = |_: &Path, _: &FileStat, _: bool| Ok::<(), std::convert::Infallible>(());
+        // Missing where nothing was followed: said before anything is.
+        if let Err(
+            WalkError::Dir {
+                errno: Errno::ENOENT,
+                ..
+            }
+            | WalkError::Last {
+                errno: Errno::ENOENT,
+                ..
+            },
+        ) = self.walk(rel, no_visit)
+        {
+            return Err(TrustError::io("open", &shown, Errno::ENOENT.into()));
         }
+        let held = proc_path(self.fd()).ok_or_else(outside)?;
+        let mut flags = OFlag::O_PATH | OFlag::O_CLOEXEC;
+        if !expect.follow {
+            flags |= OFlag::O_NOFOLLOW;
+        }
+        let place =
+            nix::fcntl::openat(self.fd(), rel, flags, Mode::empty()).map_err(|_| outside())?;
+        between();
+        let at = proc_path(place.as_fd()).ok_or_else(outside)?;
+        let at = at.strip_prefix(&held).map_err(|_| outside())?;
+        let found = self.walk(at, no_visit).map_err(|_| outside())?;
+        let opened = nix::sys::stat::fstat(&place).map_err(|_| outside())?;
+        if (found.st_dev, found.st_ino) != (opened.st_dev, opened.st_ino) {
+            return Err(outside());
+        }
+        // Inside: judged as openat2's answer would be.
+        if is_link(&opened) {
+            return Err(TrustError::refused(&shown, Problem::Symlink));
+        }
+        let place = File::from(place);
+        let meta = place
+            .metadata()
+            .map_err(|e| TrustError::io("examine", &shown, e))?;
+        expect.check_meta(&shown, &meta)?;
+        let read = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+        let proc = format!("/proc/self/fd/{}", place.as_raw_fd());
+        nix::fcntl::open(proc.as_str(), read, Mode::empty())
+            .map(File::from)
+            .map_err(|e| TrustError::io("open", &shown, e.into()))
     }
+
+    /// What is at `rel` beneath the directory, reached through no link:
+    /// each directory on the way opened from the one above without
+    /// following a link and given to `visit` (its path as shown, its
+    /// metadata, whether it is the last one), then the last name examined
+    /// without following it (a link there is what is returned).
+    pub fn walk<E>(
+        &self,
+        rel: &Path,
+        mut visit: impl FnMut(&Path, &FileStat, bool) -> Result<(), E>,
+    ) -> Result<FileStat, WalkError<E>> {
+        let names: Vec<&OsStr> = rel
+            .components()
+            .map(|c| match c {
+                Component::Normal(n) => Some(n),
+                _ => None,
+            })
+            .collect::<Option<_>>()
+            .ok_or(WalkError::NotPlain)?;
+        let Some((last, on_the_way)) = names.split_last() else {
+            return Err(WalkError::NotPlain);
+        };
+        let mut here = self.path.clone();
+        let mut held: Option<OwnedFd> = None;
+        for (i, name) in on_the_way.iter().enumerate() {
+            here.push(name);
+            let at = held.as_ref().map_or(self.fd(), |f| f.as_fd());
+            let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+            let dir_err = |errno| WalkError::Dir {
+                at: here.clone(),
+                errno,
+            };
+            let next = nix::fcntl::openat(at, *name, flags, Mode::empty()).map_err(dir_err)?;
+            let meta = nix::sys::stat::fstat(&next).map_err(dir_err)?;
+            visit(&here, &meta, i + 1 == on_the_way.len()).map_err(WalkError::Refused)?;
+            held = Some(next);
+        }
+        let at = held.as_ref().map_or(self.fd(), |f| f.as_fd());
+        nix::sys::stat::fstatat(at, *last, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|errno| {
+            WalkError::Last {
+                at: self.path.join(rel),
+                errno,
+            }
+        })
+    }
+}
+
+/// Whether `meta` is a symlink's.
+pub fn is_link(meta: &FileStat) -> bool {
+    SFlag::from_bits_truncate(meta.st_mode) & SFlag::S_IFMT == SFlag::S_IFLNK
+}
+
+/// Where the kernel says `fd` is (`/proc/self/fd`), if it can.
+fn proc_path(fd: BorrowedFd<'_>) -> Option<PathBuf> {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()
 }

@@ -25,7 +25,7 @@ pub enum Problem {
     #[error("has {links} names (hard links)")]
     HardLinked { links: u64 },
     /// A path opened beneath a directory that leads out of it (`..`, an
-    /// absolute path, or a link to elsewhere).
+    /// absolute path, a link to elsewhere, or any absolute link).
     #[error("leads out of its directory")]
     Outside,
 }
@@ -48,7 +48,9 @@ impl Problem {
                  would write or show: remove it (`rm {p}`), or, if it is yours, make it a \
                  copy (`cp {p} {p}.new && mv {p}.new {p}`)"
             ),
-            Problem::Outside => "copy what it leads to into the directory".into(),
+            Problem::Outside => "copy what it leads to into the directory (a link to a file \
+                                 in it must be relative)"
+                .into(),
         }
     }
 }

@@ -16,7 +16,7 @@ mod expect;
 mod open;
 mod replace;
 
-pub use beneath::Beneath;
+pub use beneath::{is_link, Beneath, WalkError};
 pub use error::{Problem, TrustError};
 pub use expect::{Expect, Kind, Mode, Owner};
 pub use open::create_private;

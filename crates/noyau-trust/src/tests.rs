@@ -429,12 +429,12 @@ fn beneath_a_held_directory_nothing_leads_out_of_it() {
         assert_eq!(problem(&e), Problem::Outside, "{out}: {e}");
     }
     assert_eq!(read("inside").unwrap(), "mine", "a link inside is followed");
+    // An absolute link, even to a file inside, is refused: what it leads
+    // to is not judged afterwards on a path (which can be stale, or `/`
+    // on a detached mount).
     std::os::unix::fs::symlink(moved.join("sub/f"), moved.join("absin")).unwrap();
-    assert_eq!(
-        read("absin").unwrap(),
-        "mine",
-        "an absolute link to a file inside is followed"
-    );
+    let e = read("absin").unwrap_err();
+    assert_eq!(problem(&e), Problem::Outside, "absolute link inside: {e}");
     let e = held
         .open_file(
             &Expect::file().owner(Owner::Any).mode(Mode::Any),
@@ -448,12 +448,13 @@ fn beneath_a_held_directory_nothing_leads_out_of_it() {
     assert!(read("none").unwrap_err().is_not_found());
 }
 
-/// Without `openat2` (a kernel before Linux 5.6), a file is opened by its
-/// path and refused unless what was opened is under the held directory.
+/// Without `openat2` (a kernel before Linux 5.6, or a seccomp filter
+/// refusing it), what a path leads to is opened as a place only, and
+/// read only if it is the file found at its own path beneath the held
+/// directory through no link: a link inside is followed, one out refused.
 #[test]
-fn without_openat2_what_was_opened_must_be_under_the_directory() {
+fn without_openat2_what_was_opened_must_be_beneath_the_directory() {
     use crate::Beneath;
-    use nix::fcntl::OFlag;
     let t = tempfile::tempdir().unwrap();
     let dir = t.path().join("proj");
     std::fs::create_dir_all(dir.join("sub")).unwrap();
@@ -461,15 +462,196 @@ fn without_openat2_what_was_opened_must_be_under_the_directory() {
     std::fs::write(t.path().join("f"), "secret").unwrap();
     std::os::unix::fs::symlink("../f", dir.join("out")).unwrap();
     std::os::unix::fs::symlink("sub/f", dir.join("in")).unwrap();
+    std::os::unix::fs::symlink(dir.join("sub/f"), dir.join("absin")).unwrap();
     let held = Beneath::open(&dir).unwrap();
-    let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
-    let e = held.open_by_path(flags, &dir.join("out")).unwrap_err();
+    let any = Expect::file()
+        .owner(Owner::Any)
+        .mode(Mode::Any)
+        .follow_links();
+    let e = held.open_walked(&any, Path::new("out"), || {}).unwrap_err();
     assert_eq!(problem(&e), Problem::Outside, "{e}");
-    let mut text = String::new();
-    std::io::Read::read_to_string(
-        &mut held.open_by_path(flags, &dir.join("in")).unwrap(),
-        &mut text,
-    )
-    .unwrap();
-    assert_eq!(text, "mine");
+    for inside in ["in", "absin", "sub/f"] {
+        let mut text = String::new();
+        let mut f = held.open_walked(&any, Path::new(inside), || {}).unwrap();
+        std::io::Read::read_to_string(&mut f, &mut text).unwrap();
+        assert_eq!(text, "mine", "{inside}");
+    }
+    let e = held
+        .open_walked(
+            &Expect::file().owner(Owner::Any).mode(Mode::Any),
+            Path::new("in"),
+            || {},
+        )
+        .unwrap_err();
+    assert_eq!(problem(&e), Problem::Symlink, "not followed unless asked");
+    let e = held
+        .open_walked(&any, Path::new("none"), || {})
+        .unwrap_err();
+    assert!(e.is_not_found(), "missing inside: {e}");
+}
+
+/// Without `openat2`, a file opened outside is refused even when the
+/// paths seem to agree: here the project (held) is renamed away after its
+/// path was read, and the victim's directory, into which a link led, is
+/// renamed to the project's old name (a group-writable parent without
+/// the sticky bit allows both), so the file's path now starts with the
+/// project's path as it was read. On the path strings alone it was read.
+#[test]
+fn without_openat2_a_rename_does_not_make_a_file_outside_look_inside() {
+    use crate::Beneath;
+    let t = tempfile::tempdir().unwrap();
+    let (demo, keys) = (t.path().join("demo"), t.path().join("keys"));
+    std::fs::create_dir(&demo).unwrap();
+    std::fs::create_dir(&keys).unwrap();
+    std::fs::write(keys.join("id"), "secret").unwrap();
+    std::os::unix::fs::symlink(keys.join("id"), demo.join("x")).unwrap();
+    let held = Beneath::open(&demo).unwrap();
+    let any = Expect::file()
+        .owner(Owner::Any)
+        .mode(Mode::Any)
+        .follow_links();
+    let swap = || {
+        std::fs::rename(&demo, t.path().join("demo2")).unwrap();
+        std::fs::rename(&keys, &demo).unwrap();
+    };
+    let e = held.open_walked(&any, Path::new("x"), swap).unwrap_err();
+    assert_eq!(problem(&e), Problem::Outside, "{e}");
+}
+
+/// Without `openat2`, every failure past the held directory gets one
+/// answer (not whether a file of the user's exists), and a FIFO or device
+/// a link leads to is never opened for reading (a tty's open can toggle
+/// its modem lines; a FIFO's tells its writer).
+#[test]
+fn without_openat2_nothing_outside_is_told_or_opened() {
+    use crate::Beneath;
+    let t = tempfile::tempdir().unwrap();
+    let (dir, home) = (t.path().join("proj"), t.path().join("home"));
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::create_dir(&home).unwrap();
+    std::fs::write(home.join("id_rsa"), "secret").unwrap();
+    let fifo = home.join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    // One through a file (ENOTDIR), one through nothing (ENOENT).
+    std::os::unix::fs::symlink(home.join("id_rsa/z"), dir.join("exists")).unwrap();
+    std::os::unix::fs::symlink(home.join("none/z"), dir.join("missing")).unwrap();
+    std::os::unix::fs::symlink(&fifo, dir.join("fifo")).unwrap();
+    let held = Beneath::open(&dir).unwrap();
+    let any = Expect::file()
+        .owner(Owner::Any)
+        .mode(Mode::Any)
+        .follow_links();
+    let said = |rel: &str| {
+        let e = held.open_walked(&any, Path::new(rel), || {}).unwrap_err();
+        assert_eq!(problem(&e), Problem::Outside, "{rel}: {e}");
+        e.to_string().replace(rel, "NAME")
+    };
+    assert_eq!(said("exists"), said("missing"));
+    // With no reader, a writer's non-blocking open fails with ENXIO.
+    let no_reader = || {
+        use nix::fcntl::OFlag;
+        let w = nix::fcntl::open(
+            &fifo,
+            OFlag::O_WRONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        );
+        assert_eq!(
+            w.unwrap_err(),
+            nix::errno::Errno::ENXIO,
+            "opened for reading"
+        );
+    };
+    let e = held
+        .open_walked(&any, Path::new("fifo"), no_reader)
+        .unwrap_err();
+    assert_eq!(problem(&e), Problem::Outside, "{e}");
+}
+
+/// Where `openat2` is refused by a seccomp filter written before it
+/// (EPERM: Docker before 20.10, systemd's `SystemCallFilter`) or missing
+/// (ENOSYS: before Linux 5.6), a project's file is still read beneath
+/// its directory, and a link out still refused: through the fallback.
+#[test]
+fn where_openat2_is_refused_or_missing_the_fallback_reads_beneath() {
+    use crate::Beneath;
+    use std::io::Read;
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("proj");
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    std::fs::write(dir.join("sub/f"), "mine").unwrap();
+    std::fs::write(t.path().join("f"), "secret").unwrap();
+    std::os::unix::fs::symlink("../f", dir.join("out")).unwrap();
+    for errno in [nix::errno::Errno::EPERM, nix::errno::Errno::ENOSYS] {
+        let dir = dir.clone();
+        // The filter is this thread's only (no TSYNC), and ends with it.
+        std::thread::spawn(move || {
+            deny_openat2(errno);
+            let held = Beneath::open(&dir).unwrap();
+            let how = nix::fcntl::OpenHow::new().flags(nix::fcntl::OFlag::O_RDONLY);
+            let direct = nix::fcntl::openat2(held.fd(), "sub/f", how);
+            assert_eq!(direct.unwrap_err(), errno, "the filter answers");
+            let any = Expect::file()
+                .owner(Owner::Any)
+                .mode(Mode::Any)
+                .follow_links();
+            let mut text = String::new();
+            held.open_file(&any, Path::new("sub/f"))
+                .unwrap_or_else(|e| panic!("{errno}: {e}"))
+                .read_to_string(&mut text)
+                .unwrap();
+            assert_eq!(text, "mine", "{errno}");
+            let e = held.open_file(&any, Path::new("out")).unwrap_err();
+            assert_eq!(problem(&e), Problem::Outside, "{errno}: {e}");
+        })
+        .join()
+        .unwrap();
+    }
+}
+
+/// Makes `openat2` fail with `errno` in the calling thread (a seccomp
+/// filter, as a container runtime's that predates it).
+fn deny_openat2(errno: nix::errno::Errno) {
+    use nix::libc;
+    let filter = [
+        // The syscall number (seccomp_data.nr, at offset 0).
+        libc::sock_filter {
+            code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 1,
+            k: libc::SYS_openat2 as u32,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ERRNO | errno as u32,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ALLOW,
+        },
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr().cast_mut(),
+    };
+    // SAFETY: prctl with a valid program that outlives the call; it only
+    // changes this thread's syscall filter (no TSYNC flag).
+    let rc = unsafe {
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+        libc::prctl(
+            libc::PR_SET_SECCOMP,
+            libc::SECCOMP_MODE_FILTER,
+            &prog as *const libc::sock_fprog,
+        )
+    };
+    assert_eq!(rc, 0, "seccomp: {}", std::io::Error::last_os_error());
 }
