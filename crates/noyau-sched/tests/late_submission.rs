@@ -25,47 +25,101 @@ async fn exists(path: &Path) {
     }
 }
 
-#[tokio::test]
-async fn a_job_given_after_its_caller_gave_up_is_cancelled_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let run = d.join("run");
-    std::fs::create_dir(&run).unwrap();
-    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).unwrap();
-    // (this test binary runs alone: no other thread reads the environment)
-    std::env::set_var("XDG_STATE_HOME", d.join("state"));
-    std::env::set_var("XDG_RUNTIME_DIR", &run);
-    let (gate, began, cancelled) = (d.join("gate"), d.join("began"), d.join("cancelled"));
-    nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).unwrap();
-    let (sbatch, scancel) = (d.join("sbatch"), d.join("scancel"));
-    let (g, b, c) = (gate.display(), began.display(), cancelled.display());
-    script(
-        &sbatch,
-        &format!("cat >/dev/null; touch {b}; cat {g} >/dev/null; echo 4242"),
-    );
-    script(&scancel, &format!("echo \"$@\" >> {c}"));
-    let s = Scheduler::builder("slurm")
-        .unwrap()
-        .command("sbatch", sbatch.to_str().unwrap())
-        .unwrap()
-        .command("scancel", scancel.to_str().unwrap())
-        .unwrap()
-        .interval(Duration::from_secs(3600))
-        .build();
-    let spec = JobSpec {
+/// A Slurm whose `sbatch` answers 4242 once `gate` is opened (or at once
+/// without one), and whose `scancel` writes its arguments to `cancelled`.
+struct Fake {
+    dir: tempfile::TempDir,
+    s: Scheduler,
+}
+
+impl Fake {
+    fn new(gated: bool) -> Fake {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let run = d.join("run");
+        std::fs::create_dir(&run).unwrap();
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).unwrap();
+        // (each test runs in a process of its own: no other thread reads the environment)
+        std::env::set_var("XDG_STATE_HOME", d.join("state"));
+        std::env::set_var("XDG_RUNTIME_DIR", &run);
+        let (gate, began, cancelled) = (d.join("gate"), d.join("began"), d.join("cancelled"));
+        let (g, b, c) = (gate.display(), began.display(), cancelled.display());
+        let held = match gated {
+            true => {
+                nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).unwrap();
+                format!("cat {g} >/dev/null; ")
+            }
+            false => String::new(),
+        };
+        let (sbatch, scancel) = (d.join("sbatch"), d.join("scancel"));
+        script(
+            &sbatch,
+            &format!("cat >/dev/null; touch {b}; {held}echo 4242"),
+        );
+        script(&scancel, &format!("echo \"$@\" >> {c}"));
+        let s = Scheduler::builder("slurm")
+            .unwrap()
+            .command("sbatch", sbatch.to_str().unwrap())
+            .unwrap()
+            .command("scancel", scancel.to_str().unwrap())
+            .unwrap()
+            .interval(Duration::from_secs(3600))
+            .build();
+        Fake { dir, s }
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn cancelled(&self) -> String {
+        std::fs::read_to_string(self.path("cancelled")).unwrap_or_default()
+    }
+}
+
+fn spec() -> JobSpec {
+    JobSpec {
         name: "noyau-late".into(),
         program: "/bin/true".into(),
         ..Default::default()
-    };
+    }
+}
+
+#[tokio::test]
+async fn a_job_given_after_its_caller_gave_up_is_cancelled_at_once() {
+    let f = Fake::new(true);
+    let (spec, began) = (spec(), f.path("began"));
     tokio::select! {
-        r = s.submit(&spec) => panic!("submitted before sbatch could answer: {r:?}"),
+        r = f.s.submit(&spec) => panic!("submitted before sbatch could answer: {r:?}"),
         () = exists(&began) => {}
     }
     // The caller is gone; sbatch answers now.
+    let gate = f.path("gate");
     tokio::task::spawn_blocking(move || std::fs::write(&gate, b""))
         .await
         .unwrap()
         .unwrap();
     noyau_sched::submissions_settled().await;
-    assert_eq!(std::fs::read_to_string(&cancelled).unwrap(), "4242\n");
+    assert_eq!(f.cancelled(), "4242\n");
+}
+
+/// The caller gives up with the job's id already sent to it, before it
+/// read it (two events in one turn of a select): that job is cancelled
+/// too. (Before, the id was dropped with the caller, the job left queued.)
+#[tokio::test]
+async fn a_job_whose_id_the_caller_dropped_unread_is_cancelled() {
+    let f = Fake::new(false);
+    let spec = spec();
+    let mut submit = Box::pin(f.s.submit(&spec));
+    tokio::select! {
+        biased;
+        r = &mut submit => panic!("answered before its task ran: {r:?}"),
+        () = std::future::ready(()) => {}
+    }
+    // The submission's task answers and ends; its caller is not polled.
+    noyau_sched::submissions_settled().await;
+    assert_eq!(f.cancelled(), "");
+    drop(submit);
+    noyau_sched::submissions_settled().await;
+    assert_eq!(f.cancelled(), "4242\n");
 }
