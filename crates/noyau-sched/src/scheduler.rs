@@ -243,6 +243,7 @@ impl Scheduler {
         let mut answer = Answer {
             rx,
             me: self.clone(),
+            _counted: InFlight::enter(),
         };
         (&mut answer.rx).await.unwrap_or(Err(SchedError::NoAnswer))
     }
@@ -341,10 +342,12 @@ impl Scheduler {
 /// The answer of a submission's task, as its caller waits for it. A caller
 /// that gives up with the job's id already sent (the task ended, the
 /// caller not polled since) drops it here: that job is cancelled like one
-/// given after the caller left.
+/// given after the caller left. Counted in flight until its caller has it
+/// (an id sent but not yet read, or not yet recorded, is still under way).
 struct Answer {
     rx: tokio::sync::oneshot::Receiver<Result<crate::batch::Submission, SchedError>>,
     me: Scheduler,
+    _counted: InFlight,
 }
 
 impl Drop for Answer {

@@ -3,8 +3,10 @@
 //! is cancelled at once, not left with no one to follow it. `sbatch` here
 //! answers only once the test opens a FIFO, after it has given up.
 
+use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use noyau_sched::{JobSpec, Scheduler};
@@ -77,6 +79,15 @@ impl Fake {
     }
 }
 
+/// A waker that tells the test.
+struct Woken(tokio::sync::Notify);
+
+impl std::task::Wake for Woken {
+    fn wake(self: Arc<Self>) {
+        self.0.notify_one();
+    }
+}
+
 fn spec() -> JobSpec {
     JobSpec {
         name: "noyau-late".into(),
@@ -111,13 +122,15 @@ async fn a_job_whose_id_the_caller_dropped_unread_is_cancelled() {
     let f = Fake::new(false);
     let spec = spec();
     let mut submit = Box::pin(f.s.submit(&spec));
-    tokio::select! {
-        biased;
-        r = &mut submit => panic!("answered before its task ran: {r:?}"),
-        () = std::future::ready(()) => {}
-    }
-    // The submission's task answers and ends; its caller is not polled.
-    noyau_sched::submissions_settled().await;
+    // Polled once, with a waker of the test's: woken when the answer is
+    // sent, and then not polled again.
+    let woken = Arc::new(Woken(tokio::sync::Notify::new()));
+    let waker = std::task::Waker::from(woken.clone());
+    let polled = submit
+        .as_mut()
+        .poll(&mut std::task::Context::from_waker(&waker));
+    assert!(polled.is_pending(), "answered before its task ran");
+    woken.0.notified().await;
     assert_eq!(f.cancelled(), "");
     drop(submit);
     noyau_sched::submissions_settled().await;
