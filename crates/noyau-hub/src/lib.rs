@@ -276,7 +276,18 @@ pub async fn run(config: PathBuf) -> anyhow::Result<()> {
         "noyau hub: listening on {web} (agents dial {})",
         hub.link_advertise
     );
-    web.serve(app).await.context("the web server stopped")
+    // SIGTERM (systemd's stop) ends the serving; the caller's runtime then
+    // waits for the submissions under way (`noyau_sched::settled`), whose
+    // sessions record their job, rather than killing their commands.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot handle SIGTERM")?;
+    tokio::select! {
+        served = web.serve(app) => served.context("the web server stopped"),
+        _ = term.recv() => {
+            tracing::info!("terminated: ending once the submissions under way have their answer");
+            Ok(())
+        }
+    }
 }
 
 /// The web server's routes; in header mode behind [`auth::gate`].
