@@ -36,6 +36,12 @@ struct Fake {
 
 impl Fake {
     fn new(gated: bool) -> Fake {
+        Fake::of("slurm", ["sbatch", "scancel"], "echo 4242", gated)
+    }
+
+    /// Scheduler `name`, whose submit command prints `answer` and whose
+    /// cancel command writes its arguments to `cancelled`.
+    fn of(name: &str, [submit, cancel]: [&str; 2], answer: &str, gated: bool) -> Fake {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let run = d.join("run");
@@ -53,17 +59,17 @@ impl Fake {
             }
             false => String::new(),
         };
-        let (sbatch, scancel) = (d.join("sbatch"), d.join("scancel"));
+        let (submit_path, cancel_path) = (d.join(submit), d.join(cancel));
         script(
-            &sbatch,
-            &format!("cat >/dev/null; touch {b}; {held}echo 4242"),
+            &submit_path,
+            &format!("cat >/dev/null; touch {b}; {held}{answer}"),
         );
-        script(&scancel, &format!("echo \"$@\" >> {c}"));
-        let s = Scheduler::builder("slurm")
+        script(&cancel_path, &format!("echo \"$@\" >> {c}"));
+        let s = Scheduler::builder(name)
             .unwrap()
-            .command("sbatch", sbatch.to_str().unwrap())
+            .command(submit, submit_path.to_str().unwrap())
             .unwrap()
-            .command("scancel", scancel.to_str().unwrap())
+            .command(cancel, cancel_path.to_str().unwrap())
             .unwrap()
             .interval(Duration::from_secs(3600))
             .build();
@@ -135,4 +141,30 @@ async fn a_job_whose_id_the_caller_dropped_unread_is_cancelled() {
     drop(submit);
     noyau_sched::submissions_settled().await;
     assert_eq!(f.cancelled(), "4242\n");
+}
+
+/// An OAR array (whose id is its first task's) given to a caller that gave
+/// up: every task of it is cancelled. (Before, only the first one.)
+#[tokio::test]
+async fn every_task_of_an_unwanted_oar_array_is_cancelled() {
+    let answer = "printf 'OAR_JOB_ID=100\\nOAR_JOB_ID=101\\n'";
+    let f = Fake::of("oar", ["oarsub", "oardel"], answer, false);
+    let spec = JobSpec {
+        array: Some(noyau_sched::ArrayTasks {
+            ids: vec![0, 1],
+            max_parallel: 2,
+        }),
+        ..spec()
+    };
+    let mut submit = Box::pin(f.s.submit_array(&spec));
+    let woken = Arc::new(Woken(tokio::sync::Notify::new()));
+    let waker = std::task::Waker::from(woken.clone());
+    let polled = submit
+        .as_mut()
+        .poll(&mut std::task::Context::from_waker(&waker));
+    assert!(polled.is_pending(), "answered before its task ran");
+    woken.0.notified().await;
+    drop(submit);
+    noyau_sched::submissions_settled().await;
+    assert_eq!(f.cancelled(), "100 101\n");
 }
