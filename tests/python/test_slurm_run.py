@@ -234,6 +234,53 @@ def test_sweep_is_one_job_array_and_retry_reruns_only_failed(slurm: None, noyau_
     lib.wait_until(lambda: not lib.squeue_noyau(), 30, "the sweep's jobs to leave the queue", 0.5)
 
 
+def test_sweep_ctrl_c_while_sbatch_runs_leaves_no_job(slurm: None, noyau_bin: str, tmp_path: Path) -> None:
+    """A Ctrl-C while the sweep's sbatch runs (in its own process group,
+    out of the Ctrl-C's reach, it still submits): the sweep waits for the
+    array's id, cancels it, says so and exits 130; no job is left. sbatch is
+    held by a wrapper on PATH until the test, having seen the sweep take the
+    signal, opens a FIFO. (Before, the Ctrl-C ended noyau at once and the
+    array stayed queued, followed by no one.)"""
+    import os
+    import re
+    import shutil
+    import signal
+
+    real = shutil.which("sbatch")
+    assert real, "sbatch is not on PATH"
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    gate, began = tmp_path / "gate", tmp_path / "began"
+    os.mkfifo(gate)
+    wrapper = bindir / "sbatch"
+    wrapper.write_text(f'#!/bin/sh\ntouch {began}\ncat {gate} >/dev/null\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    nb, _ = sweep_notebook(tmp_path)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+    proc = Proc([noyau_bin, "sweep", str(nb), "--grid", "x=1,2", "--profile", "test",
+                 "-o", str(tmp_path / "out")], cwd=tmp_path, env=env)
+    try:
+        lib.wait_until(began.exists, 60, "the sweep's sbatch to start")
+        proc.p.send_signal(signal.SIGINT)
+        lib.wait_until(lambda: "interrupted while submitting" in proc.stderr or proc.p.poll() is not None,
+                       30, "the sweep to take the Ctrl-C")
+        with gate.open("w"):
+            pass  # sbatch goes on, and submits
+        rc = proc.wait(60)
+        said = re.search(r"Slurm job (\S+) was submitted after its caller gave up", proc.stderr)
+        assert said, (rc, proc.stderr)
+        assert rc == 130, (rc, proc.stderr)
+        lib.wait_until(lambda: not lib.squeue_noyau(), 30,
+                       f"job array {said.group(1)}, given after the Ctrl-C, to be cancelled", 0.5)
+    finally:
+        try:  # a held sbatch is let go (it reads the FIFO), else nothing
+            os.close(os.open(gate, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+        if proc.p.poll() is None:
+            proc.p.kill()
+
+
 def test_local_sweep_runs_k_at_a_time(noyau_bin: str, tmp_path: Path) -> None:
     nb, _ = sweep_notebook(tmp_path)
     r = subprocess.run([noyau_bin, "sweep", str(nb), "--grid", "x=1,2", "--grid", "y=a,b",

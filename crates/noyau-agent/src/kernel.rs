@@ -190,7 +190,7 @@ impl Kernel {
             control: control_tx,
             stdin: stdin_tx,
             readers,
-            ends: Ends { monitors, activity },
+            ends: Ends::new(monitors, activity),
             interrupt_by_message: l.spec.spec.interrupt_by_message(),
             own_session: l.env.is_some_and(noyau_env::Realised::own_session),
             kernel_info,
@@ -417,9 +417,15 @@ impl Activity {
 /// socket, which reports the kernel's side closing (`Disconnected`) when
 /// the socket's reader reads past the last message that came before: by
 /// then that reader has passed each of them on.
+///
+/// The wait is one branch of the agent's main loop, dropped and built
+/// again whenever another branch fires: what it saw is kept here (a
+/// monitor is dropped in the poll that reads its end, the clock starts
+/// once), never in the future.
 struct Ends {
     monitors: Vec<mpsc::Receiver<SocketEvent>>,
     activity: Arc<Activity>,
+    exited: Option<std::time::Instant>,
 }
 
 impl Ends {
@@ -428,19 +434,18 @@ impl Ends {
     /// this long since the exit.
     const STALE: Duration = Duration::from_secs(2);
 
+    fn new(monitors: Vec<mpsc::Receiver<SocketEvent>>, activity: Arc<Activity>) -> Self {
+        Ends {
+            monitors,
+            activity,
+            exited: None,
+        }
+    }
+
     /// Waits until every socket has seen the kernel's side close.
+    /// Cancel-safe.
     async fn drained(&mut self) {
-        let ended = async {
-            for m in &mut self.monitors {
-                while let Some(ev) = m.next().await {
-                    if matches!(ev, SocketEvent::Disconnected(_)) {
-                        break;
-                    }
-                }
-            }
-        };
-        tokio::pin!(ended);
-        let exited = std::time::Instant::now();
+        let exited = *self.exited.get_or_insert_with(std::time::Instant::now);
         loop {
             let quiet = self.activity.quiet_for().min(exited.elapsed());
             if quiet >= Self::STALE {
@@ -448,12 +453,35 @@ impl Ends {
                     "a socket of the kernel's stayed open after its exit, with nothing on it for {} s; going on",
                     Self::STALE.as_secs()
                 );
+                self.monitors.clear();
                 return;
             }
+            let monitors = &mut self.monitors;
             tokio::select! {
-                () = &mut ended => return,
+                () = std::future::poll_fn(|cx| Self::poll_ended(monitors, cx)) => return,
                 () = tokio::time::sleep(Self::STALE - quiet) => {}
             }
+        }
+    }
+
+    /// Reads every monitor's waiting events, dropping each monitor whose
+    /// socket ended (or whose socket is gone); ready once none is left.
+    fn poll_ended(
+        monitors: &mut Vec<mpsc::Receiver<SocketEvent>>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        use std::task::Poll;
+        monitors.retain_mut(|m| loop {
+            match m.poll_next_unpin(cx) {
+                Poll::Ready(Some(SocketEvent::Disconnected(_)) | None) => break false,
+                Poll::Ready(Some(_)) => {}
+                Poll::Pending => break true,
+            }
+        });
+        if monitors.is_empty() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
         }
     }
 }
@@ -524,9 +552,30 @@ mod tests {
             activity: activity.clone(),
         };
         tokio::spawn(reader.run(shell.split().1));
-        Ends { monitors, activity }.drained().await;
+        Ends::new(monitors, activity).drained().await;
         assert_eq!(outbox.waiting(), N);
         holder.join().unwrap();
+    }
+
+    /// The wait for the sockets' ends is dropped after it read one
+    /// socket's end (another branch of the agent's loop fired) and built
+    /// again: it still knows that socket ended, and returns as soon as the
+    /// other one does. (Before, the end read by the dropped wait was lost,
+    /// and the new one waited for it again until it gave up.)
+    #[tokio::test]
+    async fn an_end_read_by_a_dropped_wait_is_not_lost() {
+        use futures::FutureExt;
+        let (mut shell, shell_monitor) = mpsc::channel(4);
+        let (mut iopub, iopub_monitor) = mpsc::channel(4);
+        let mut ends = Ends::new(
+            vec![shell_monitor, iopub_monitor],
+            Arc::new(Activity::new()),
+        );
+        let end = || SocketEvent::Disconnected(zeromq::util::PeerIdentity::new());
+        shell.try_send(end()).unwrap();
+        assert!(ends.drained().now_or_never().is_none());
+        iopub.try_send(end()).unwrap();
+        assert!(ends.drained().now_or_never().is_some());
     }
 
     fn spec(argv: &[&str]) -> FoundSpec {

@@ -172,7 +172,8 @@ pub struct RemoteKernel {
     /// The environment the agent made for the kernel (noyau-env's record).
     pub environment: Option<Value>,
     dead: Option<KernelError>,
-    agent_gone: Option<String>,
+    /// The agent's job ended (how), and until when its last words may come.
+    agent_gone: Option<(String, tokio::time::Instant)>,
     /// Walltime notices that came while the kernel started.
     early: VecDeque<Walltime>,
 }
@@ -385,12 +386,13 @@ impl RemoteKernel {
             if let Some(e) = &self.dead {
                 return Err(e.clone());
             }
-            let incoming = if let Some(desc) = self.agent_gone.clone() {
+            let incoming = if let Some((desc, deadline)) = self.agent_gone.clone() {
                 // The agent is gone: what it sent comes first, then its
                 // goodbye (the link's `Closed`), after which nothing can
                 // come. An agent killed said none: its link only broke,
-                // and waits for a redial that will not come, hence the bound.
-                match tokio::time::timeout(LAST_WORDS, self.link.recv()).await {
+                // and waits for a redial that will not come, hence the
+                // bound (from the end seen, not from each call).
+                match tokio::time::timeout_at(deadline, self.link.recv()).await {
                     Ok(Some(m @ Incoming::Message(..))) => Some(m),
                     Ok(Some(Incoming::Event(LinkEvent::Disconnected | LinkEvent::Reconnected))) => {
                         continue
@@ -405,7 +407,7 @@ impl RemoteKernel {
                     biased;
                     m = self.link.recv() => m,
                     desc = self.watch.ended() => {
-                        self.agent_gone = Some(desc);
+                        self.agent_gone = Some((desc, tokio::time::Instant::now() + LAST_WORDS));
                         continue;
                     }
                 }

@@ -412,6 +412,19 @@ impl Db {
         Ok(State::parse(&state) != State::Ended)
     }
 
+    /// Ends a session cancelled while it had no job yet; the job its
+    /// submission recorded since, if any, for the caller to cancel. One
+    /// statement, as `set_job`'s: of the two, exactly one sees the other
+    /// (the submission's `set_job` returns false when this came first).
+    pub fn end_jobless(&self, id: &str, why: &str) -> anyhow::Result<Option<String>> {
+        Ok(self.conn().query_row(
+            "UPDATE sessions SET state = ?2, ended_why = COALESCE(ended_why, ?3)
+             WHERE id = ?1 RETURNING job_id",
+            params![id, State::Ended.as_str(), why],
+            |r| r.get(0),
+        )?)
+    }
+
     /// Applies `u` in one statement (one transaction).
     pub fn update(&self, id: &str, u: &Update) -> anyhow::Result<()> {
         let set = |v: &Option<Option<String>>| (v.is_some(), v.clone().flatten());
@@ -544,5 +557,26 @@ mod tests {
             db.session("s2").unwrap().unwrap().job_id.as_deref(),
             Some("42")
         );
+    }
+
+    /// A session cancelled with no job yet, and its submission's job id,
+    /// in either order: exactly one of the two is told to cancel the job.
+    #[test]
+    fn a_cancel_and_a_late_job_id_cancel_the_job_once() {
+        let db = Db::open(Path::new(":memory:")).unwrap();
+        assert!(db.new_session(&session("s1", "alice")).unwrap());
+        assert!(db.set_job("s1", "41", "/log41").unwrap()); // the submission: not to cancel
+        assert_eq!(
+            db.end_jobless("s1", "cancelled").unwrap().as_deref(),
+            Some("41")
+        );
+        let s1 = db.session("s1").unwrap().unwrap();
+        assert_eq!(
+            (s1.state, s1.ended_why.as_deref()),
+            (State::Ended, Some("cancelled"))
+        );
+        assert!(db.new_session(&session("s2", "bob")).unwrap());
+        assert_eq!(db.end_jobless("s2", "cancelled").unwrap(), None);
+        assert!(!db.set_job("s2", "42", "/log42").unwrap()); // the submission cancels it
     }
 }

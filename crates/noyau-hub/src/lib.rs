@@ -276,7 +276,18 @@ pub async fn run(config: PathBuf) -> anyhow::Result<()> {
         "noyau hub: listening on {web} (agents dial {})",
         hub.link_advertise
     );
-    web.serve(app).await.context("the web server stopped")
+    // SIGTERM (systemd's stop) ends the serving; the caller's runtime then
+    // waits for the submissions under way (`noyau_sched::settled`), whose
+    // sessions record their job, rather than killing their commands.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot handle SIGTERM")?;
+    tokio::select! {
+        served = web.serve(app) => served.context("the web server stopped"),
+        _ = term.recv() => {
+            tracing::info!("terminated: ending once the submissions under way have their answer");
+            Ok(())
+        }
+    }
 }
 
 /// The web server's routes; in header mode behind [`auth::gate`].
@@ -730,7 +741,7 @@ async fn start_session(
     match jobs::submit(hub, &s).await {
         Ok((job, log)) => {
             if let Ok(false) = hub.db.set_job(&s.id, &job, &log) {
-                cancel_late_job(hub, &s, &job).await;
+                cancel_late_job(hub, &s, &who.name, &job).await;
                 return Ok(());
             }
             hub.db.audit(
@@ -762,16 +773,27 @@ async fn start_session(
 /// The session was cancelled while its job was being submitted: the job
 /// the scheduler gave after that has no session to follow it, so it is
 /// cancelled at once, and said in the audit table.
-async fn cancel_late_job(hub: &Hub, s: &Session, job: &str) {
-    let done = match jobs::cancel(hub, &s.user, job).await {
-        Ok(()) => "cancelled".to_string(),
-        Err(e) => format!("not cancelled: {e}"),
+/// Cancels the job of a session cancelled while it was being submitted,
+/// and says so in the audit log as `by` (the session's user, or the
+/// administrator who cancelled it). The user's turn may be another call's
+/// (their next spawn): asked again until it is free, a while.
+async fn cancel_late_job(hub: &Hub, s: &Session, by: &str, job: &str) {
+    const PAUSE: std::time::Duration = std::time::Duration::from_millis(500);
+    const TRIES: u32 = 90; // 45 s: a submission's command, and a margin
+    let mut tries = 0;
+    let done = loop {
+        match jobs::cancel(hub, &s.user, job).await {
+            Ok(()) => break "cancelled".to_string(),
+            Err(jobs::Refused::NotNow(..)) if tries < TRIES => tries += 1,
+            Err(e) => break format!("not cancelled: {e}"),
+        }
+        tokio::time::sleep(PAUSE).await;
     };
     hub.db.audit(
-        &s.user,
+        by,
         "cancel",
         &format!(
-            "session {}: its job {job} was submitted after the session was cancelled; {done}",
+            "session {}: its job {job} was given while the session was being cancelled; {done}",
             s.id
         ),
     );
@@ -791,8 +813,13 @@ async fn spawn(
         gpus: f.gpus,
         minutes: f.minutes,
     };
-    // In a task of its own: a request dropped (the browser gone) must not
-    // leave a session whose submission was abandoned half-way.
+    Ok(start_in_task(&hub, &who, choice).await)
+}
+
+/// Starts a session in a task of its own (a request dropped, the browser
+/// gone, must not leave a session whose submission was abandoned
+/// half-way); the page to answer with.
+async fn start_in_task(hub: &Arc<Hub>, who: &Who, choice: Choice) -> Response {
     let started = tokio::spawn({
         let (hub, who) = (hub.clone(), who.clone());
         async move { start_session(&hub, &who, choice).await }
@@ -803,10 +830,10 @@ async fn spawn(
             format!("the session's start failed: {e}"),
         ))
     });
-    Ok(match started {
+    match started {
         Ok(()) => pages::redirect("/hub/home"),
-        Err((status, msg)) => render_home(&hub, &who, Some(&msg), status).await,
-    })
+        Err((status, msg)) => render_home(hub, who, Some(&msg), status).await,
+    }
 }
 
 /// The session, if `who` may act on it (its owner, or an admin).
@@ -844,29 +871,26 @@ async fn cancel(
         format!("cancelled by the administrator {}", who.name)
     };
     if s.state != State::Ended {
-        if let Some(job) = &s.job_id {
-            if let Err(e) = jobs::cancel(&hub, &s.user, job).await {
-                let (status, msg) =
-                    e.answer(&format!("{} did not cancel the job", hub.sched.display()));
-                return Err(pages::error(&hub.site, status, &msg));
+        match &s.job_id {
+            Some(job) => {
+                if let Err(e) = jobs::cancel(&hub, &s.user, job).await {
+                    let (status, msg) =
+                        e.answer(&format!("{} did not cancel the job", hub.sched.display()));
+                    return Err(pages::error(&hub.site, status, &msg));
+                }
+                let u = Update {
+                    ended_why: Some(why),
+                    ..Default::default()
+                };
+                let _ = hub.db.update(&id, &u);
             }
-        }
-        let mut u = Update {
-            ended_why: Some(why),
-            ..Default::default()
-        };
-        if s.job_id.is_none() {
-            u.state = Some(State::Ended);
-        }
-        let _ = hub.db.update(&id, &u);
-        if s.job_id.is_none() {
-            // Its job may have been given since the session was read (its
-            // submission ended in between, and saw it not ended yet).
-            if let Ok(Some(Session {
-                job_id: Some(job), ..
-            })) = hub.db.session(&id)
-            {
-                cancel_late_job(&hub, &s, &job).await;
+            // Its job may have been given since the session was read: the
+            // end and the job id in one statement, so that either this
+            // cancels it or its submission does (`set_job`), never both.
+            None => {
+                if let Ok(Some(job)) = hub.db.end_jobless(&id, &why) {
+                    cancel_late_job(&hub, &s, &who.name, &job).await;
+                }
             }
         }
         hub.db
@@ -896,10 +920,7 @@ async fn relaunch(
             "Only its owner can relaunch a session.",
         ));
     }
-    Ok(match start_session(&hub, &who, s.choice).await {
-        Ok(()) => pages::redirect("/hub/home"),
-        Err((status, msg)) => render_home(&hub, &who, Some(&msg), status).await,
-    })
+    Ok(start_in_task(&hub, &who, s.choice).await)
 }
 
 #[derive(Deserialize)]

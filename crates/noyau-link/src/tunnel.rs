@@ -155,14 +155,14 @@ impl Inbox {
         self.data.len() + self.writing
     }
 
-    /// Takes `bytes` from the peer: the tunnel's total after them.
+    /// Takes `bytes` from the peer: the tunnel's total after them. Only a
+    /// stream among the tunnel's takes any (looked up under the lock its
+    /// removal holds), and it is counted.
     fn add(&mut self, bytes: &[u8]) -> u64 {
+        debug_assert!(self.counted, "bytes for a stream that left the tunnel");
         self.data.extend_from_slice(bytes);
         let n = bytes.len() as u64;
-        match self.counted {
-            true => self.total.fetch_add(n, Ordering::Relaxed) + n,
-            false => self.total.load(Ordering::Relaxed),
-        }
+        self.total.fetch_add(n, Ordering::Relaxed) + n
     }
 
     /// Drops `n` bytes from the count (consumed, or thrown away).

@@ -75,7 +75,7 @@ pub fn main(mut opts: RunOptions) -> i32 {
             return exit::KERNEL_START;
         }
     };
-    match rt.block_on(runner::run(opts)) {
+    match rt.block_on(noyau_sched::settled(runner::run(opts))) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("noyau run: error: {e}");

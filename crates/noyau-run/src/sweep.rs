@@ -432,7 +432,7 @@ pub fn main(args: SweepOptions) -> i32 {
             return sweep_exit::BAD_INPUT;
         }
     };
-    match rt.block_on(sweep(args)) {
+    match rt.block_on(noyau_sched::settled(sweep(args))) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("noyau sweep: error: {e}");
@@ -978,7 +978,19 @@ async fn run_array(
     todo: &[usize],
 ) -> Result<(bool, Option<String>), RunError> {
     let sched = noyau_sched::Scheduler::named(backend)?;
-    let mut array = sched.submit_array(&spec).await?;
+    // Ours from before the submission: a Ctrl-C while it waits for a slot
+    // submits nothing; one while the command runs (in its own process
+    // group, out of the Ctrl-C's reach) lets noyau-sched cancel the array
+    // it gives, before the process ends (`settled` in `main`).
+    let mut stop = Stop::new()?;
+    let submitted = tokio::select! {
+        r = sched.submit_array(&spec) => r,
+        () = stop.recv() => {
+            eprintln!("noyau sweep: interrupted while submitting the job array: an array the scheduler still takes is cancelled");
+            return Ok((true, None));
+        }
+    };
+    let mut array = submitted?;
     let id = array.id.clone();
     eprintln!(
         "noyau sweep: submitted {} job array {id} ({} tasks, {} at a time; {}), job name {}",
@@ -988,16 +1000,6 @@ async fn run_array(
         array.note,
         spec.name
     );
-    // (after the submission, which may wait for a slot: a Ctrl-C then
-    // still stops noyau at once) An error here returns, and the plan the
-    // queued tasks read goes with it: so do they.
-    let mut stop = match Stop::new() {
-        Ok(stop) => stop,
-        Err(e) => {
-            let _ = array.cancel().await;
-            return Err(e);
-        }
-    };
     let mut interrupted = false;
     let mut shown = String::new();
     let mut tally = Tally::new(todo);

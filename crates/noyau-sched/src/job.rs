@@ -87,17 +87,22 @@ impl Cancel {
         let what = crate::throttle::Call::Cancel(ids);
         crate::throttle::throttled(u, what, self.imp.cancel(ids, u)).await
     }
-}
 
-#[async_trait]
-impl Ending for Cancel {
-    async fn end(&self, id: &str) {
-        if let Err(e) = self.ids(&[id.to_string()]).await {
+    /// Cancels `ids`, saying why not, and removes the submission's files.
+    pub(crate) async fn end_all(&self, ids: &[String]) {
+        if let Err(e) = self.ids(ids).await {
             tracing::warn!("{e}");
         }
         for f in &self.files {
             let _ = std::fs::remove_file(f);
         }
+    }
+}
+
+#[async_trait]
+impl Ending for Cancel {
+    async fn end(&self, id: &str) {
+        self.end_all(&[id.to_string()]).await
     }
 }
 

@@ -64,7 +64,7 @@ pub use profile::{
 };
 pub use quote::sh_quote;
 pub use run::{AsUser, CommandError};
-pub use scheduler::{serve_submit_request, submissions_settled, Builder, Scheduler};
+pub use scheduler::{serve_submit_request, settled, submissions_settled, Builder, Scheduler};
 pub use state::{
     duration_text, local_time, parse_duration, parse_local_time, seconds_until, walltime_warnings,
     JobEnd, JobState,

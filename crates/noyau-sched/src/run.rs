@@ -6,7 +6,7 @@
 //! freed. Only then: a signal to noyau's own group (Jupyter's kill of a
 //! kernel's proxy) no longer reaches a command in flight, so an `sbatch`
 //! under way still submits (and the submission's task cancels its job when
-//! its caller is gone: `Scheduler::submit`; after a SIGKILL of noyau, its
+//! its caller is gone: `Scheduler::submit_raw`; after a SIGKILL of noyau, its
 //! job's agent finds no proxy and ends) and a `scancel` under way still
 //! cancels. A failure is a [`CommandError`] that names the command (as it would be
 //! typed), its exit status and what it wrote on stderr.

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::batch::{Batch, Commands, JobInfo, PartitionLoad, Scope};
-use crate::job::{ArrayJob, Cancel, Ending, Job};
+use crate::job::{ArrayJob, Cancel, Job};
 use crate::profile::{Profile, GENERIC};
 use crate::run::{AsUser, Cmd};
 use crate::throttle::{throttled, Call};
@@ -237,11 +237,26 @@ impl Scheduler {
                 }
             };
             if let Err(Ok(sub)) = tx.send(answer) {
-                tracing::warn!(job = %sub.id, "{} job {} was submitted after its caller gave up (a cancel, a shutdown): cancelling it", me.display(), sub.id);
-                me.canceller(sub.files).end(&sub.id).await;
+                me.cancel_unwanted(sub).await;
             }
         });
-        rx.await.unwrap_or(Err(SchedError::NoAnswer))
+        let mut answer = Answer {
+            rx,
+            me: self.clone(),
+            _counted: InFlight::enter(),
+        };
+        (&mut answer.rx).await.unwrap_or(Err(SchedError::NoAnswer))
+    }
+
+    /// Cancels a job given to a caller that gave up, saying so: every
+    /// task of an array (an OAR array's id is its first task's).
+    async fn cancel_unwanted(&self, sub: crate::batch::Submission) {
+        tracing::warn!(job = %sub.id, "{} job {} was submitted after its caller gave up (a cancel, a shutdown): cancelling it", self.display(), sub.id);
+        let ids = match sub.tasks.is_empty() {
+            true => vec![sub.id],
+            false => sub.tasks,
+        };
+        self.canceller(sub.files).end_all(&ids).await;
     }
 
     /// Submits without waiting for a slot: `noyau hub-submit`'s, whose hub
@@ -324,8 +339,41 @@ impl Scheduler {
     }
 }
 
-/// How many submissions of this process are under way (see
-/// [`Scheduler::submit`]'s task).
+/// The answer of a submission's task, as its caller waits for it. A caller
+/// that gives up with the job's id already sent (the task ended, the
+/// caller not polled since) drops it here: that job is cancelled like one
+/// given after the caller left. Counted in flight until its caller has it
+/// (an id sent but not yet read, or not yet recorded, is still under way).
+struct Answer {
+    rx: tokio::sync::oneshot::Receiver<Result<crate::batch::Submission, SchedError>>,
+    me: Scheduler,
+    _counted: InFlight,
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        // Closed first: the task then either sent already (read here) or
+        // finds the caller gone (and cancels): never both, never neither.
+        self.rx.close();
+        let Ok(Ok(sub)) = self.rx.try_recv() else {
+            return;
+        };
+        let me = self.me.clone();
+        let counted = InFlight::enter();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn(async move {
+                let _counted = counted;
+                me.cancel_unwanted(sub).await;
+            })),
+            Err(_) => {
+                tracing::warn!(job = %sub.id, "{} job {} was submitted after its caller gave up, and cannot be cancelled now (no runtime)", me.display(), sub.id)
+            }
+        }
+    }
+}
+
+/// How many submissions of this process are under way (see the task of
+/// `Scheduler::submit_raw`, which every submission goes through).
 fn in_flight() -> &'static tokio::sync::watch::Sender<usize> {
     static N: OnceLock<tokio::sync::watch::Sender<usize>> = OnceLock::new();
     N.get_or_init(|| tokio::sync::watch::Sender::new(0))
@@ -355,6 +403,27 @@ impl Drop for InFlight {
 pub async fn submissions_settled() {
     let mut rx = in_flight().subscribe();
     let _ = rx.wait_for(|n| *n == 0).await;
+}
+
+/// How long a process that ends waits for its submissions under way: the
+/// submit command's timeout, then a cancel's, and a few seconds more.
+const SETTLE: Duration = Duration::from_secs(2 * crate::batch::COMMAND_TIMEOUT.as_secs() + 5);
+
+/// `f`, then [`submissions_settled`] (at most [`SETTLE`]): what a command
+/// runs on its runtime, whose end drops every task on it, a submission's
+/// too (its command killed, a job the scheduler took left to no one).
+pub async fn settled<F: std::future::Future>(f: F) -> F::Output {
+    let out = f.await;
+    if tokio::time::timeout(SETTLE, submissions_settled())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "a submission still had no answer after {} s; ending without it (a job it gives is not cancelled)",
+            SETTLE.as_secs()
+        );
+    }
+    out
 }
 
 /// A walltime extension noyau asks for: at most [`crate::MAX_EXTEND_SECS`]

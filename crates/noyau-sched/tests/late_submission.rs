@@ -3,8 +3,10 @@
 //! is cancelled at once, not left with no one to follow it. `sbatch` here
 //! answers only once the test opens a FIFO, after it has given up.
 
+use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use noyau_sched::{JobSpec, Scheduler};
@@ -25,47 +27,144 @@ async fn exists(path: &Path) {
     }
 }
 
-#[tokio::test]
-async fn a_job_given_after_its_caller_gave_up_is_cancelled_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let run = d.join("run");
-    std::fs::create_dir(&run).unwrap();
-    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).unwrap();
-    // (this test binary runs alone: no other thread reads the environment)
-    std::env::set_var("XDG_STATE_HOME", d.join("state"));
-    std::env::set_var("XDG_RUNTIME_DIR", &run);
-    let (gate, began, cancelled) = (d.join("gate"), d.join("began"), d.join("cancelled"));
-    nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).unwrap();
-    let (sbatch, scancel) = (d.join("sbatch"), d.join("scancel"));
-    let (g, b, c) = (gate.display(), began.display(), cancelled.display());
-    script(
-        &sbatch,
-        &format!("cat >/dev/null; touch {b}; cat {g} >/dev/null; echo 4242"),
-    );
-    script(&scancel, &format!("echo \"$@\" >> {c}"));
-    let s = Scheduler::builder("slurm")
-        .unwrap()
-        .command("sbatch", sbatch.to_str().unwrap())
-        .unwrap()
-        .command("scancel", scancel.to_str().unwrap())
-        .unwrap()
-        .interval(Duration::from_secs(3600))
-        .build();
-    let spec = JobSpec {
+/// A Slurm whose `sbatch` answers 4242 once `gate` is opened (or at once
+/// without one), and whose `scancel` writes its arguments to `cancelled`.
+struct Fake {
+    dir: tempfile::TempDir,
+    s: Scheduler,
+}
+
+impl Fake {
+    fn new(gated: bool) -> Fake {
+        Fake::of("slurm", ["sbatch", "scancel"], "echo 4242", gated)
+    }
+
+    /// Scheduler `name`, whose submit command prints `answer` and whose
+    /// cancel command writes its arguments to `cancelled`.
+    fn of(name: &str, [submit, cancel]: [&str; 2], answer: &str, gated: bool) -> Fake {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let run = d.join("run");
+        std::fs::create_dir(&run).unwrap();
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).unwrap();
+        // (each test runs in a process of its own: no other thread reads the environment)
+        std::env::set_var("XDG_STATE_HOME", d.join("state"));
+        std::env::set_var("XDG_RUNTIME_DIR", &run);
+        let (gate, began, cancelled) = (d.join("gate"), d.join("began"), d.join("cancelled"));
+        let (g, b, c) = (gate.display(), began.display(), cancelled.display());
+        let held = match gated {
+            true => {
+                nix::unistd::mkfifo(&gate, nix::sys::stat::Mode::S_IRWXU).unwrap();
+                format!("cat {g} >/dev/null; ")
+            }
+            false => String::new(),
+        };
+        let (submit_path, cancel_path) = (d.join(submit), d.join(cancel));
+        script(
+            &submit_path,
+            &format!("cat >/dev/null; touch {b}; {held}{answer}"),
+        );
+        script(&cancel_path, &format!("echo \"$@\" >> {c}"));
+        let s = Scheduler::builder(name)
+            .unwrap()
+            .command(submit, submit_path.to_str().unwrap())
+            .unwrap()
+            .command(cancel, cancel_path.to_str().unwrap())
+            .unwrap()
+            .interval(Duration::from_secs(3600))
+            .build();
+        Fake { dir, s }
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn cancelled(&self) -> String {
+        std::fs::read_to_string(self.path("cancelled")).unwrap_or_default()
+    }
+}
+
+/// A waker that tells the test.
+struct Woken(tokio::sync::Notify);
+
+impl std::task::Wake for Woken {
+    fn wake(self: Arc<Self>) {
+        self.0.notify_one();
+    }
+}
+
+fn spec() -> JobSpec {
+    JobSpec {
         name: "noyau-late".into(),
         program: "/bin/true".into(),
         ..Default::default()
-    };
+    }
+}
+
+#[tokio::test]
+async fn a_job_given_after_its_caller_gave_up_is_cancelled_at_once() {
+    let f = Fake::new(true);
+    let (spec, began) = (spec(), f.path("began"));
     tokio::select! {
-        r = s.submit(&spec) => panic!("submitted before sbatch could answer: {r:?}"),
+        r = f.s.submit(&spec) => panic!("submitted before sbatch could answer: {r:?}"),
         () = exists(&began) => {}
     }
     // The caller is gone; sbatch answers now.
+    let gate = f.path("gate");
     tokio::task::spawn_blocking(move || std::fs::write(&gate, b""))
         .await
         .unwrap()
         .unwrap();
     noyau_sched::submissions_settled().await;
-    assert_eq!(std::fs::read_to_string(&cancelled).unwrap(), "4242\n");
+    assert_eq!(f.cancelled(), "4242\n");
+}
+
+/// The caller gives up with the job's id already sent to it, before it
+/// read it (two events in one turn of a select): that job is cancelled
+/// too. (Before, the id was dropped with the caller, the job left queued.)
+#[tokio::test]
+async fn a_job_whose_id_the_caller_dropped_unread_is_cancelled() {
+    let f = Fake::new(false);
+    let spec = spec();
+    let mut submit = Box::pin(f.s.submit(&spec));
+    // Polled once, with a waker of the test's: woken when the answer is
+    // sent, and then not polled again.
+    let woken = Arc::new(Woken(tokio::sync::Notify::new()));
+    let waker = std::task::Waker::from(woken.clone());
+    let polled = submit
+        .as_mut()
+        .poll(&mut std::task::Context::from_waker(&waker));
+    assert!(polled.is_pending(), "answered before its task ran");
+    woken.0.notified().await;
+    assert_eq!(f.cancelled(), "");
+    drop(submit);
+    noyau_sched::submissions_settled().await;
+    assert_eq!(f.cancelled(), "4242\n");
+}
+
+/// An OAR array (whose id is its first task's) given to a caller that gave
+/// up: every task of it is cancelled. (Before, only the first one.)
+#[tokio::test]
+async fn every_task_of_an_unwanted_oar_array_is_cancelled() {
+    let answer = "printf 'OAR_JOB_ID=100\\nOAR_JOB_ID=101\\n'";
+    let f = Fake::of("oar", ["oarsub", "oardel"], answer, false);
+    let spec = JobSpec {
+        array: Some(noyau_sched::ArrayTasks {
+            ids: vec![0, 1],
+            max_parallel: 2,
+        }),
+        ..spec()
+    };
+    let mut submit = Box::pin(f.s.submit_array(&spec));
+    let woken = Arc::new(Woken(tokio::sync::Notify::new()));
+    let waker = std::task::Waker::from(woken.clone());
+    let polled = submit
+        .as_mut()
+        .poll(&mut std::task::Context::from_waker(&waker));
+    assert!(polled.is_pending(), "answered before its task ran");
+    woken.0.notified().await;
+    drop(submit);
+    noyau_sched::submissions_settled().await;
+    assert_eq!(f.cancelled(), "100 101\n");
 }

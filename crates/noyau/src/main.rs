@@ -271,12 +271,14 @@ fn init_logging(default: &str) {
 
 /// A single-threaded runtime: the proxy and the agent are relays whose work
 /// is mostly waiting, and one thread keeps their latency and memory low.
+/// The runtime is dropped only once no submission is under way (see
+/// [`noyau_sched::settled`]).
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime")
-        .block_on(f)
+        .block_on(noyau_sched::settled(f))
 }
 
 /// [`block_on`] for a relay on the latency path: `f` runs as a task, since
