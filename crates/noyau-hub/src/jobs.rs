@@ -52,9 +52,11 @@ fn as_user(hub: &Hub, user: &nix::unistd::User) -> AsUser {
 /// on the hub's one async thread).
 async fn account(name: &str) -> Result<nix::unistd::User, String> {
     let who = name.to_string();
-    tokio::task::spawn_blocking(move || nix::unistd::User::from_name(&who))
+    let found = tokio::task::spawn_blocking(move || nix::unistd::User::from_name(&who))
         .await
-        .map_err(|e| format!("cannot look up user {name}: {e}"))?
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    found
         .map_err(|e| format!("cannot look up user {name}: {e}"))?
         .ok_or_else(|| format!("{name} is not a user of this system"))
 }
