@@ -49,8 +49,7 @@ pub enum Unsafe {
 }
 
 /// `s` with its unsafe characters ([`is_unsafe`]) escaped or left out, and
-/// at most `max` characters of it kept (then `…`, one more). Escaped, a
-/// backslash is written `\\`, so that no text passes for an escape.
+/// at most `max` characters of it kept (then `…`, one more).
 pub fn clean(s: &str, max: usize, unsafe_chars: Unsafe) -> String {
     let mut out = String::new();
     let mut kept = 0;
@@ -64,10 +63,9 @@ pub fn clean(s: &str, max: usize, unsafe_chars: Unsafe) -> String {
             break;
         }
         kept += 1;
-        match (bad, c, unsafe_chars) {
-            (true, _, _) => out.extend(c.escape_default()),
-            (false, '\\', Unsafe::Escape) => out.push_str("\\\\"),
-            _ => out.push(c),
+        match bad {
+            true => out.extend(c.escape_default()),
+            false => out.push(c),
         }
     }
     out
@@ -114,9 +112,6 @@ mod tests {
                 "{escaped}"
             );
         }
-        // A backslash typed is not an escape read.
-        assert_eq!(clean("a\\u{1b}b", 20, Unsafe::Escape), "a\\\\u{1b}b");
-        assert_eq!(clean("a\\b", 20, Unsafe::Strip), "a\\b");
         assert!(
             clean("abcdef", 3, Unsafe::Escape) == "abc…" && clean("abc", 3, Unsafe::Strip) == "abc"
         );

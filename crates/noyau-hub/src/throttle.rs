@@ -162,14 +162,15 @@ impl Throttle {
             .contains(key)
     }
 
-    /// An attempt for `key` (a user or a device), unless its recent
-    /// failures and the attempts under way reach `login_failures`.
+    /// An attempt for `key` (a user or a device), unless attempts are under
+    /// way and they and its recent failures reach `login_failures` (at the
+    /// threshold, one at a time: as many as one after another would get).
     pub fn attempt(&self, key: &str) -> Option<Attempt<'_>> {
         let now = Instant::now();
         let mut entries = self.entries();
         let e = entries.entry(key.to_string()).or_default();
         let recent = e.recent.iter().filter(|&&t| now - t < WINDOW).count();
-        if recent + e.in_flight >= self.failures {
+        if e.in_flight > 0 && recent + e.in_flight >= self.failures {
             return None;
         }
         e.in_flight += 1;
@@ -246,7 +247,10 @@ mod tests {
             drop(attempt);
         }
         assert!(t.wait(std::slice::from_ref(&user)).is_some());
+        // At the threshold (once the wait is over), one at a time.
+        let one = t.attempt(&user).unwrap();
         assert!(t.attempt(&user).is_none());
+        drop(one);
         // Another user is not held; a finished attempt frees its place.
         let b = "user:b".to_string();
         drop(t.attempt(&b).unwrap());
