@@ -10,6 +10,14 @@
 //! cost a network round trip, and it runs on the blocking pool, never on
 //! the hub's one async thread (a slow directory would stall every page
 //! and every proxied request with it).
+//!
+//! A name typed in the login form has proved nothing: anyone can send a
+//! flood of made-up ones. Their answers are kept apart (a small table of
+//! their own, so they never crowd out the answers for the users logged
+//! in), at most [`TYPED_LOOKUPS`] of their lookups run at once (the next
+//! is refused, not queued, so that they never fill the blocking pool the
+//! hub's other work runs on), and a name is looked up once at a time
+//! whoever asks (the others wait for that answer).
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -17,13 +25,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::unistd::{Group, User};
+use tokio::sync::{OnceCell, Semaphore};
 
 use crate::config::HubConfig;
 
 /// How long an answer is reused.
 const TTL: Duration = Duration::from_secs(60);
-/// Answers kept at most (the oldest go first).
+/// Answers kept at most for logged-in users (the expired go first; past
+/// this, a new answer is not kept).
 const KEPT: usize = 10_000;
+/// Answers kept at most for names typed in the login form.
+const KEPT_TYPED: usize = 1_000;
+/// Lookups of typed names at once, at most.
+pub const TYPED_LOOKUPS: usize = 8;
 
 /// Why an account may not log in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,16 +58,19 @@ impl Refusal {
     }
 }
 
-/// An answer, and when it was given.
-type Answer = (Instant, Result<(), Refusal>);
+/// Every lookup of a typed name is under way: the login is refused (try
+/// again shortly), not queued.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Busy;
 
-/// What decides who may log in: hub.toml's rules, and how an account is
-/// judged under them (NSS, blocking).
-type Lookup = fn(&Rules, &str) -> Result<(), Refusal>;
+type Verdict = Result<(), Refusal>;
+
+/// How an account is judged under the rules (NSS, blocking).
+type Lookup = Arc<dyn Fn(&Rules, &str) -> Verdict + Send + Sync>;
 
 /// hub.toml's keys that say who may log in.
 #[derive(Debug, Clone)]
-pub struct Rules {
+struct Rules {
     min_uid: u32,
     allowed_users: Vec<String>,
     allowed_groups: Vec<String>,
@@ -61,7 +78,7 @@ pub struct Rules {
 }
 
 impl Rules {
-    pub fn of(cfg: &HubConfig) -> Rules {
+    fn of(cfg: &HubConfig) -> Rules {
         Rules {
             min_uid: cfg.min_uid,
             allowed_users: cfg.allowed_users.clone(),
@@ -71,66 +88,152 @@ impl Rules {
     }
 }
 
+/// Answers of the last minute, at most `kept` of them.
+struct Answers {
+    kept: usize,
+    by_name: Mutex<HashMap<String, (Instant, Verdict)>>,
+}
+
+impl Answers {
+    fn new(kept: usize) -> Answers {
+        Answers {
+            kept,
+            by_name: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, Verdict)>> {
+        self.by_name.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn get(&self, name: &str) -> Option<Verdict> {
+        let answers = self.lock();
+        let (at, r) = answers.get(name)?;
+        (at.elapsed() < TTL).then(|| r.clone())
+    }
+
+    fn put(&self, name: &str, r: &Verdict) {
+        let mut answers = self.lock();
+        if answers.len() >= self.kept {
+            answers.retain(|_, (at, _)| at.elapsed() < TTL);
+        }
+        if answers.len() < self.kept || answers.contains_key(name) {
+            answers.insert(name.to_string(), (Instant::now(), r.clone()));
+        }
+    }
+}
+
 /// The rules, with their answers of the last minute.
 pub struct Access {
     rules: Arc<Rules>,
     lookup: Lookup,
-    answers: Mutex<HashMap<String, Answer>>,
+    /// For the users logged in (or named by the SSO proxy).
+    answers: Answers,
+    /// For the names typed in the login form.
+    typed: Answers,
+    typed_slots: Arc<Semaphore>,
+    /// The lookups under way, one per name.
+    pending: Mutex<HashMap<String, Arc<OnceCell<Verdict>>>>,
 }
 
 impl Access {
     pub fn new(cfg: &HubConfig) -> Access {
-        Access::with_lookup(cfg, decide)
+        Access::with_lookup(cfg, Arc::new(decide))
     }
 
     fn with_lookup(cfg: &HubConfig, lookup: Lookup) -> Access {
         Access {
             rules: Arc::new(Rules::of(cfg)),
             lookup,
-            answers: Mutex::new(HashMap::new()),
+            answers: Answers::new(KEPT),
+            typed: Answers::new(KEPT_TYPED),
+            typed_slots: Arc::new(Semaphore::new(TYPED_LOOKUPS)),
+            pending: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Whether `name` may log in: the answer of the last minute, or one
-    /// looked up on the blocking pool.
-    pub async fn check(&self, name: &str) -> Result<(), Refusal> {
-        if let Some(r) = self.cached(name) {
+    /// Whether `name`, logged in or named by the SSO proxy, may log in:
+    /// the answer of the last minute, or one looked up on the blocking pool.
+    pub async fn check(&self, name: &str) -> Verdict {
+        if let Some(r) = self.answers.get(name) {
             return r;
         }
-        let (rules, lookup, who) = (self.rules.clone(), self.lookup, name.to_string());
-        let r = tokio::task::spawn_blocking(move || lookup(&rules, &who))
+        // (Only a lookup that takes a slot can be busy.)
+        self.look_up(name, None, &self.answers)
             .await
-            .unwrap_or_else(|e| {
-                Err(Refusal::Unknown(format!(
-                    "The hub cannot look up the account {name} ({e}); try again later."
-                )))
-            });
-        self.remember(name, &r);
+            .unwrap_or_else(|Busy| Err(cannot_look_up(name, "busy")))
+    }
+
+    /// Whether `name`, typed in the login form, may log in: as
+    /// [`Access::check`], but its answer kept apart, and [`Busy`] if
+    /// [`TYPED_LOOKUPS`] lookups of typed names are under way.
+    pub async fn check_typed(&self, name: &str) -> Result<Verdict, Busy> {
+        if let Some(r) = self.answers.get(name).or_else(|| self.typed.get(name)) {
+            return Ok(r);
+        }
+        self.look_up(name, Some(&self.typed_slots), &self.typed)
+            .await
+    }
+
+    /// `name` logged in: its answer is kept with the logged-in users'.
+    pub fn logged_in(&self, name: &str) {
+        if let Some(r) = self.typed.get(name) {
+            self.answers.put(name, &r);
+        }
+    }
+
+    /// `name` looked up on the blocking pool, and its answer kept `into`;
+    /// once at a time: a second caller waits for the first one's answer
+    /// (and takes over if the first goes away, or was busy). With `slots`,
+    /// the lookup takes one of them, held until NSS answers (a caller that
+    /// goes away leaves it taken until then), or is [`Busy`].
+    async fn look_up(
+        &self,
+        name: &str,
+        slots: Option<&Arc<Semaphore>>,
+        into: &Answers,
+    ) -> Result<Verdict, Busy> {
+        let cell = self.pending().entry(name.to_string()).or_default().clone();
+        let r = cell
+            .get_or_try_init(|| async {
+                let slot = match slots {
+                    Some(s) => Some(s.clone().try_acquire_owned().map_err(|_| Busy)?),
+                    None => None,
+                };
+                let (rules, lookup, who) =
+                    (self.rules.clone(), self.lookup.clone(), name.to_string());
+                let r = tokio::task::spawn_blocking(move || {
+                    let r = lookup(&rules, &who);
+                    drop(slot);
+                    r
+                })
+                .await
+                .unwrap_or_else(|e| Err(cannot_look_up(name, e)));
+                into.put(name, &r);
+                Ok(r)
+            })
+            .await
+            .cloned();
+        // Answered (and kept), or busy: the next caller starts afresh.
+        let mut pending = self.pending();
+        if pending.get(name).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            pending.remove(name);
+        }
         r
     }
 
-    fn answers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Answer>> {
-        self.answers.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn cached(&self, name: &str) -> Option<Result<(), Refusal>> {
-        let answers = self.answers();
-        let (at, r) = answers.get(name)?;
-        (at.elapsed() < TTL).then(|| r.clone())
-    }
-
-    fn remember(&self, name: &str, r: &Result<(), Refusal>) {
-        let mut answers = self.answers();
-        if answers.len() >= KEPT {
-            answers.retain(|_, (at, _)| at.elapsed() < TTL);
-        }
-        if answers.len() < KEPT {
-            answers.insert(name.to_string(), (Instant::now(), r.clone()));
-        }
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<OnceCell<Verdict>>>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-fn decide(cfg: &Rules, name: &str) -> Result<(), Refusal> {
+fn cannot_look_up(name: &str, e: impl std::fmt::Display) -> Refusal {
+    Refusal::Unknown(format!(
+        "The hub cannot look up the account {name} ({e}); try again later."
+    ))
+}
+
+fn decide(cfg: &Rules, name: &str) -> Verdict {
     let user = match User::from_name(name) {
         Ok(Some(u)) => u,
         Ok(None) => {
@@ -138,11 +241,7 @@ fn decide(cfg: &Rules, name: &str) -> Result<(), Refusal> {
                 "There is no account {name} on this host."
             )))
         }
-        Err(e) => {
-            return Err(Refusal::Unknown(format!(
-                "The hub cannot look up the account {name} ({e}); try again later."
-            )))
-        }
+        Err(e) => return Err(cannot_look_up(name, e)),
     };
     let uid = user.uid.as_raw();
     if uid == 0 {
@@ -233,12 +332,15 @@ mod tests {
         assert!(check(grouped, "bin").is_err());
     }
 
-    /// The thread the last lookup ran on.
-    static LOOKED_UP_ON: Mutex<Option<std::thread::ThreadId>> = Mutex::new(None);
-
-    fn recording(_: &Rules, _: &str) -> Result<(), Refusal> {
-        *LOOKED_UP_ON.lock().unwrap() = Some(std::thread::current().id());
-        Ok(())
+    /// A lookup that counts its calls and records the thread it ran on.
+    fn recording() -> (Lookup, Arc<Mutex<Vec<std::thread::ThreadId>>>) {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let c = calls.clone();
+        let lookup: Lookup = Arc::new(move |_: &Rules, _: &str| {
+            c.lock().unwrap().push(std::thread::current().id());
+            Ok(())
+        });
+        (lookup, calls)
     }
 
     #[test]
@@ -246,15 +348,111 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let access = Access::with_lookup(&cfg(""), recording);
+        let (lookup, calls) = recording();
+        let access = Access::with_lookup(&cfg(""), lookup);
         assert_eq!(rt.block_on(access.check("alice")), Ok(()));
-        let on = LOOKED_UP_ON.lock().unwrap().take();
+        let on = calls.lock().unwrap().clone();
         assert!(
-            on.is_some_and(|t| t != std::thread::current().id()),
-            "the lookup ran on the runtime's thread"
+            on.len() == 1 && on[0] != std::thread::current().id(),
+            "the lookup ran on the runtime's thread, or not once: {on:?}"
         );
         // The answer is kept: no second lookup.
         assert_eq!(rt.block_on(access.check("alice")), Ok(()));
-        assert_eq!(LOOKED_UP_ON.lock().unwrap().take(), None);
+        assert_eq!(calls.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn typed_names_are_kept_apart_and_looked_up_once_at_a_time() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (lookup, calls) = recording();
+        let access = Access::with_lookup(&cfg(""), lookup);
+        let n = || calls.lock().unwrap().len();
+        // Three logins with one name at once: one lookup. (join! polls all
+        // three before the first can see its answer.)
+        let (a, b, c) = rt.block_on(async {
+            tokio::join!(
+                access.check_typed("mallory"),
+                access.check_typed("mallory"),
+                access.check_typed("mallory")
+            )
+        });
+        assert_eq!((a, b, c), (Ok(Ok(())), Ok(Ok(())), Ok(Ok(()))));
+        assert_eq!(n(), 1, "a name was looked up more than once at a time");
+        assert_eq!(rt.block_on(access.check_typed("mallory")), Ok(Ok(())));
+        assert_eq!(n(), 1);
+        // A typed name's answer is not one for the logged-in users...
+        assert_eq!(rt.block_on(access.check("mallory")), Ok(()));
+        assert_eq!(
+            n(),
+            2,
+            "a typed name's answer filled the logged-in users' table"
+        );
+        // ...until its login succeeds.
+        assert_eq!(rt.block_on(access.check_typed("alice")), Ok(Ok(())));
+        access.logged_in("alice");
+        assert_eq!(rt.block_on(access.check("alice")), Ok(()));
+        assert_eq!(n(), 3);
+    }
+
+    #[test]
+    fn typed_names_take_a_few_lookups_at_most_and_others_go_on() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        // Lookups of typed names (t0, t1, …) hang until the gate opens,
+        // as a directory that stopped answering would.
+        let gate = Arc::new((Mutex::new((0usize, false)), std::sync::Condvar::new()));
+        let g = gate.clone();
+        let lookup: Lookup = Arc::new(move |_: &Rules, name: &str| {
+            if name.starts_with('t') {
+                let (m, cv) = &*g;
+                let mut s = m.lock().unwrap();
+                s.0 += 1;
+                cv.notify_all();
+                let _s = cv.wait_while(s, |s| !s.1).unwrap();
+            }
+            Ok(())
+        });
+        let access = Arc::new(Access::with_lookup(&cfg(""), lookup));
+        // Opens the gate however the test ends (the runtime waits for its
+        // blocking threads when dropped, a failed assert included).
+        struct Opens(Arc<(Mutex<(usize, bool)>, std::sync::Condvar)>);
+        impl Drop for Opens {
+            fn drop(&mut self) {
+                self.0 .0.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+                self.0 .1.notify_all();
+            }
+        }
+        let opens = Opens(gate.clone());
+        rt.block_on(async {
+            let hanging: Vec<_> = (0..TYPED_LOOKUPS)
+                .map(|i| {
+                    let a = access.clone();
+                    tokio::spawn(async move { a.check_typed(&format!("t{i}")).await })
+                })
+                .collect();
+            let g = gate.clone();
+            tokio::task::spawn_blocking(move || {
+                let (m, cv) = &*g;
+                let _s = cv.wait_while(m.lock().unwrap(), |s| s.0 < TYPED_LOOKUPS);
+            })
+            .await
+            .unwrap();
+            // Every slot taken: the next typed name is refused at once (its
+            // lookup would not hang)...
+            assert_eq!(access.check_typed("u-next").await, Err(Busy));
+            // ...a logged-in user's lookup goes on.
+            assert_eq!(access.check("bob").await, Ok(()));
+            drop(opens);
+            for h in hanging {
+                assert_eq!(h.await.unwrap(), Ok(Ok(())));
+            }
+        });
+        assert_eq!(rt.block_on(access.check_typed("u-next")), Ok(Ok(())));
     }
 }

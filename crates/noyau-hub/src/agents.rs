@@ -74,6 +74,8 @@ impl Hub {
                 for g in std::iter::once(gen).chain(next) {
                     self.tokens.add(&self.link_token_gen(&s.id, g));
                 }
+            } else {
+                self.tokens.expect(&self.link_token(&s.id));
             }
             if s.state == State::Running {
                 self.db.update(
@@ -99,6 +101,15 @@ impl Hub {
     pub(crate) fn admit_first_token(&self, session: &str) -> anyhow::Result<()> {
         if self.db.link_gens(session)? == (0, None) {
             self.tokens.add(&self.link_token(session));
+        }
+        Ok(())
+    }
+
+    /// Takes back a session's first link token if no agent has used it:
+    /// its job is said to wait again (the scheduler could not say before).
+    pub(crate) fn revoke_first_token(&self, session: &str) -> anyhow::Result<()> {
+        if self.db.link_gens(session)? == (0, None) {
+            self.tokens.revoke(&self.link_token(session));
         }
         Ok(())
     }
@@ -203,16 +214,24 @@ fn admit(hub: &Hub, tunnel: &Tunnel, session: &str, token: &str) -> Option<(Sess
     Some((s, fresh))
 }
 
-/// The state a session's card takes when its agent connects: Running if
-/// the scheduler has said the job runs (and on which node: Starting, or
-/// Running before a restart of the hub); otherwise none yet. An agent can
-/// dial before the hub's next listing of the scheduler has seen its job
-/// start; the card then stays Queued until that listing, which makes it
-/// Running with its node ([`crate::jobs`] sees the agent connected), so
-/// no card says Running without saying where.
-fn connected_state(s: &Session) -> Option<State> {
-    let said_running = matches!(s.state, State::Starting | State::Running) && s.node.is_some();
-    said_running.then_some(State::Running)
+/// Whether a session's card turns Running when its agent connects: if
+/// the scheduler has said the job runs, and on which node (Starting, or
+/// Running before a restart of the hub). An agent can dial before the
+/// hub's next listing of the scheduler has seen its job start; the card
+/// then stays Queued until that listing, which makes it Running with its
+/// node ([`crate::jobs`] sees the agent connected; if the listing cannot
+/// say, with the node the agent's hello named), so no card says Running
+/// without saying where.
+fn said_running(s: &Session) -> bool {
+    matches!(s.state, State::Starting | State::Running)
+        && s.node.as_deref().is_some_and(|n| !n.is_empty())
+}
+
+/// The node an agent's hello names, fit for a card (it is the job's
+/// owner's to write): cleaned, bounded, and none if empty.
+fn hello_node(hello: &serde_json::Value) -> Option<String> {
+    let host = hello["host"].as_str()?;
+    Some(crate::text::clean(host, 255, crate::text::Unsafe::Strip)).filter(|h| !h.is_empty())
 }
 
 /// One agent: checks which session it serves, then feeds its tunnel.
@@ -243,14 +262,14 @@ async fn serve(hub: Arc<Hub>, mut link: Link) {
     };
     tracing::info!(session, host = hello["host"].as_str(), "agent connected");
     let owner = s.user.clone();
-    let upstream = proxy::Upstream::new(owner.clone(), tunnel.clone());
+    let upstream = proxy::Upstream::new(owner.clone(), hello_node(&hello), tunnel.clone());
     hub.upstreams
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(session.clone(), upstream.clone());
-    if let Some(state) = connected_state(&s) {
+    if said_running(&s) {
         let running = Update {
-            state: Some(state),
+            state: Some(State::Running),
             ..Default::default()
         };
         let _ = hub.db.update(&session, &running);
@@ -448,15 +467,24 @@ mod tests {
         // Submitted, or queued in the hub's last listing: the agent came
         // first; the next listing makes the card Running, with its node.
         assert_eq!(s.state, State::Queued);
-        assert_eq!(connected_state(&s), None);
+        assert!(!said_running(&s));
         s.node = Some("n1".into());
         for state in [State::Starting, State::Running] {
             s.state = state;
-            assert_eq!(connected_state(&s), Some(State::Running), "{state:?}");
+            assert!(said_running(&s), "{state:?}");
         }
+        // A node with no name is none.
+        s.node = Some(String::new());
+        assert!(!said_running(&s));
         // A job queued again (requeued) with its old node: not running.
+        s.node = Some("n1".into());
         s.state = State::Queued;
-        assert_eq!(connected_state(&s), None);
+        assert!(!said_running(&s));
+        // The hello's node, as a card may show it.
+        let node = |h: serde_json::Value| hello_node(&serde_json::json!({ "host": h }));
+        assert_eq!(node("n1\u{202e}\n".into()), Some("n1".into()));
+        assert_eq!(node("\u{1b}".into()), None);
+        assert_eq!(node(serde_json::Value::Null), None);
     }
 
     #[test]

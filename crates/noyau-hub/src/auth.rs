@@ -98,8 +98,8 @@ impl Hub {
     /// The device a login as `user` comes from: the nonce of the request's
     /// device cookie, if it carries one (once) that the hub gave `user`
     /// and that has not expired.
-    pub fn device_of(&self, headers: &HeaderMap, user: &str) -> Option<String> {
-        let value = cookie(headers, self.cookies(headers).names.device)?;
+    pub fn device_of(&self, headers: &HeaderMap, cookies: &Cookies, user: &str) -> Option<String> {
+        let value = cookie(headers, cookies.names.device)?;
         device_nonce(&self.key, &value, user, crate::db::now())
     }
 

@@ -52,9 +52,11 @@ fn as_user(hub: &Hub, user: &nix::unistd::User) -> AsUser {
 /// on the hub's one async thread).
 async fn account(name: &str) -> Result<nix::unistd::User, String> {
     let who = name.to_string();
-    tokio::task::spawn_blocking(move || nix::unistd::User::from_name(&who))
+    let found = tokio::task::spawn_blocking(move || nix::unistd::User::from_name(&who))
         .await
-        .map_err(|e| format!("cannot look up user {name}: {e}"))?
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    found
         .map_err(|e| format!("cannot look up user {name}: {e}"))?
         .ok_or_else(|| format!("{name} is not a user of this system"))
 }
@@ -164,7 +166,17 @@ pub async fn submit(hub: &Hub, s: &Session) -> Result<(String, String), Refused>
                 format!("/user/{}/", s.user),
             ),
         ]
-        .into(),
+        .into_iter()
+        // (A profile's own `env` may say longer, for maintenance: it wins.)
+        .chain(
+            (!prof.env.contains_key(EnvVars::NOYAU_LINK_GIVE_UP)).then(|| {
+                (
+                    EnvVars::NOYAU_LINK_GIVE_UP.into(),
+                    give_up_secs(hub.cfg.poll_interval).to_string(),
+                )
+            }),
+        )
+        .collect(),
         cwd: Some(user.dir.clone()),
         profile,
         log_dir: Some(
@@ -176,6 +188,8 @@ pub async fn submit(hub: &Hub, s: &Session) -> Result<(String, String), Refused>
         ),
         ..Default::default()
     };
+    // Its agent may dial before the watcher lets the token in: quietly refused.
+    hub.tokens.expect(&hub.link_token(&s.id));
     let id = hub
         .sched
         .as_user(as_user(hub, &user))
@@ -184,6 +198,15 @@ pub async fn submit(hub: &Hub, s: &Session) -> Result<(String, String), Refused>
     let log = spec.log_path(&id).display().to_string();
     tracing::info!(user = s.user, job = id, log, "submitted");
     Ok((id, log))
+}
+
+/// How long a session's agent keeps dialling the hub before it gives up
+/// (`NOYAU_LINK_GIVE_UP`; the agent's own default is 120 s): its first
+/// token is let in only once a listing of the scheduler sees the job run
+/// (or cannot say), and a listing may fail or come late, so it outlasts
+/// three polls with a minute to spare.
+fn give_up_secs(poll_interval: f64) -> u64 {
+    ((3.0 * poll_interval).ceil() as u64 + 60).max(120)
 }
 
 /// Cancels `user`'s job as that user (through `submit_as`, as it was
@@ -244,10 +267,8 @@ fn sync(hub: &Hub, followed: &mut HashMap<String, Followed>) -> anyhow::Result<(
             continue;
         }
         let state = f.job.state.borrow_and_update().clone();
-        if !f.token_offered && crate::agents::first_token_due(&state) {
-            hub.admit_first_token(&s.id)?;
-            f.token_offered = true;
-        }
+        offer_first_token(hub, &s.id, &state, f);
+        let connected = hub.upstream(&s.id);
         let u = match state {
             JobState::Pending { reason, start, .. } => Update {
                 state: Some(State::Queued),
@@ -256,24 +277,34 @@ fn sync(hub: &Hub, followed: &mut HashMap<String, Followed>) -> anyhow::Result<(
                 ..Default::default()
             },
             JobState::Running { node, ends_at } => Update {
-                state: Some(if hub.upstream(&s.id).is_some() {
-                    State::Running
-                } else {
-                    State::Starting
+                state: Some(match &connected {
+                    Some(_) if !node.is_empty() => State::Running,
+                    _ => State::Starting,
                 }),
                 reason: Some(None),
-                node: Some(Some(node)),
+                node: Some(Some(node).filter(|n| !n.is_empty())),
                 time_left: Some(
                     ends_at.map(|t| noyau_sched::duration_text(noyau_sched::seconds_until(t))),
                 ),
                 ..Default::default()
             },
             JobState::Ended(end) => ended(&s, end.description, slack),
-            // The scheduler may be restarting: that says nothing about the job.
-            JobState::Unknown { .. } => continue,
+            // The scheduler may be restarting: that says nothing about the
+            // job, unless its agent is connected (then it runs, on the node
+            // its hello named).
+            JobState::Unknown { .. } => match connected.and_then(|u| u.node.clone()) {
+                Some(node) => Update {
+                    state: Some(State::Running),
+                    reason: Some(None),
+                    node: Some(Some(node)),
+                    ..Default::default()
+                },
+                None => continue,
+            },
         };
         if u.state == Some(State::Ended) {
             hub.drop_upstream(&s.id);
+            hub.tokens.forget(&hub.link_token(&s.id));
             // (a cancel or the culler wrote its reason first, and it stays)
             let why = s.ended_why.as_ref().or(u.ended_why.as_ref());
             hub.db.audit(
@@ -291,6 +322,24 @@ fn sync(hub: &Hub, followed: &mut HashMap<String, Followed>) -> anyhow::Result<(
         }
     }
     Ok(())
+}
+
+/// Lets the listener take a session's first link token once its job left
+/// the queue ([`crate::agents::first_token_due`]), and takes it back if the
+/// job is said to wait again before any agent used it (the scheduler could
+/// not say, then it could: the token opens nothing while the job waits).
+fn offer_first_token(hub: &Hub, session: &str, state: &JobState, f: &mut Followed) {
+    let due = crate::agents::first_token_due(state);
+    let waits = matches!(state, JobState::Pending { .. });
+    let r = match (f.token_offered, due, waits) {
+        (false, true, _) => hub.admit_first_token(session).map(|()| true),
+        (true, _, true) => hub.revoke_first_token(session).map(|()| false),
+        _ => return,
+    };
+    match r {
+        Ok(offered) => f.token_offered = offered,
+        Err(e) => tracing::error!(session, "admitting the agent's first link token: {e:#}"),
+    }
 }
 
 fn ended(s: &Session, description: String, slack: u64) -> Update {
@@ -334,6 +383,15 @@ pub async fn partitions(hub: &Hub) -> Result<Vec<PartitionLoad>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An agent outlasts three listings of the scheduler, with a minute to
+    /// spare, and never gives up sooner than by itself (120 s).
+    #[test]
+    fn the_agent_dials_for_three_polls_and_a_minute() {
+        assert_eq!(give_up_secs(5.0), 120);
+        assert_eq!(give_up_secs(30.0), 150);
+        assert_eq!(give_up_secs(100.5), 362);
+    }
 
     /// The gate's refusals reach the user as what to do (try again, the
     /// cancel is under way), not as the scheduler's failure; a failure

@@ -456,7 +456,13 @@ async fn login(
     }
     let user = f.user.trim().to_string();
     let client = auth::client_addr(&hub.cfg, peer.ip(), &headers);
-    let device = hub.device_of(&headers, &user);
+    let cookies = hub.cookies(&headers);
+    // A device whose own count reached a wait is one no more: a shared
+    // browser's next person guesses under the user's count, where the
+    // lockout shows (not under a device the user may never use again).
+    let device = hub
+        .device_of(&headers, &cookies, &user)
+        .filter(|nonce| !hub.throttle.spent(&device_key(nonce)));
     let known = device.is_some();
     if let Err((msg, status)) = check_password(&hub, &user, &f.password, client, device).await {
         return refuse(&msg, status);
@@ -475,7 +481,6 @@ async fn login(
     }
     let how = if known { "pam, known device" } else { "pam" };
     hub.db.audit(&user, "login", how);
-    let cookies = hub.cookies(&headers);
     let names = cookies.names;
     (
         StatusCode::SEE_OTHER,
@@ -537,7 +542,7 @@ async fn check_password(
     // A browser the user logged in from is counted apart: others' guesses,
     // which make the user wait, do not lock the user out of it.
     let who = match device {
-        Some(nonce) => format!("device:{nonce}"),
+        Some(nonce) => device_key(&nonce),
         None => format!("user:{user}"),
     };
     let keys = [who, addr];
@@ -545,8 +550,11 @@ async fn check_password(
     if let Some(wait) = hub.throttle.wait(&keys[..1]) {
         return Err(too_many(wait));
     }
-    // NSS (getpwnam, getgrouplist) may be LDAP: off the async thread.
-    let account = hub.access.check(user).await;
+    // NSS (getpwnam, getgrouplist) may be LDAP: off the async thread, and
+    // a few typed names at a time.
+    let Ok(account) = hub.access.check_typed(user).await else {
+        return Err(busy());
+    };
     if let Err(Refusal::Rule(why)) = &account {
         // Why (the account's uid, min_uid, the allowed groups) is for the
         // admins: whoever typed the name has proved nothing yet.
@@ -556,10 +564,17 @@ async fn check_password(
         return Err(wrong());
     }
     let Ok(Ok(slot)) = tokio::time::timeout(PAM_WAIT, hub.pam_slots.acquire()).await else {
-        return Err((
-            "The hub is checking many passwords at once: try again in a few seconds.".into(),
-            StatusCode::SERVICE_UNAVAILABLE,
-        ));
+        return Err(busy());
+    };
+    // Failures recorded while this login waited (a burst of guesses all
+    // passed the checks above before the first was counted) hold it too;
+    // and the user's (or device's) attempts under way count as failures
+    // until they end, so a burst gets no more guesses than one at a time.
+    if let Some(wait) = hub.throttle.wait(&keys) {
+        return Err(too_many(wait));
+    }
+    let Some(_attempt) = hub.throttle.attempt(&keys[0]) else {
+        return Err(too_many(Duration::from_secs(1)));
     };
     let (service, u, p) = (
         hub.cfg.pam_service.clone(),
@@ -577,8 +592,21 @@ async fn check_password(
         return Err(wrong());
     }
     hub.throttle.succeeded(&keys[0]);
+    hub.access.logged_in(user);
     // PAM knows an account NSS does not: the hub could not run its jobs.
     account.map_err(|r| (r.message().to_string(), StatusCode::FORBIDDEN))
+}
+
+/// A device's key for the throttle.
+fn device_key(nonce: &str) -> String {
+    format!("{}{nonce}", throttle::DEVICE)
+}
+
+fn busy() -> (String, StatusCode) {
+    (
+        "The hub is checking many logins at once: try again in a few seconds.".into(),
+        StatusCode::SERVICE_UNAVAILABLE,
+    )
 }
 
 fn too_many(wait: Duration) -> (String, StatusCode) {

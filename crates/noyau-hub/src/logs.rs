@@ -26,6 +26,8 @@ pub const DEADLINE: Duration = Duration::from_millis(300);
 const LINES: usize = 12;
 /// Bytes read from the end of the log.
 const TAIL_BYTES: u64 = 16 * 1024;
+/// A tail's line's characters kept at most.
+const LINE_MAX: usize = 1024;
 /// Reads in flight at once (each on a blocking thread).
 const READERS: usize = 4;
 /// Tails kept; past this the cache starts again.
@@ -108,10 +110,16 @@ impl Tails {
 }
 
 /// The last lines of the log at `path`, if it is a regular file of `user`'s
-/// (blocking).
+/// (blocking); each line without control or invisible characters
+/// ([`crate::text::clean`]): the user writes the log, an admin reads it too.
 fn tail(path: &str, user: &str) -> Option<String> {
     let uid = nix::unistd::User::from_name(user).ok()??.uid.as_raw();
-    noyau_sched::tail_log(path.as_ref(), uid, TAIL_BYTES, LINES).ok()?
+    let t = noyau_sched::tail_log(path.as_ref(), uid, TAIL_BYTES, LINES).ok()??;
+    let lines: Vec<String> = t
+        .lines()
+        .map(|l| crate::text::clean(l, LINE_MAX, crate::text::Unsafe::Strip))
+        .collect();
+    Some(lines.join("\n"))
 }
 
 #[cfg(test)]
@@ -131,9 +139,13 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join("job.log");
         let lines: String = (0..20).map(|i| format!("line {i}\n")).collect();
-        std::fs::write(&log, lines).unwrap();
+        std::fs::write(&log, lines + "x\u{1b}[2J\u{202e}\ry\n").unwrap();
         let t = tail(log.to_str().unwrap(), &me()).unwrap();
-        assert!(t.starts_with("line 8\n") && t.ends_with("line 19"), "{t}");
+        // (The user's own escapes and overrides: not on the page.)
+        assert!(
+            t.starts_with("line 9\n") && t.ends_with("line 19\nx[2Jy"),
+            "{t:?}"
+        );
         let link = dir.join("link.log");
         std::os::unix::fs::symlink(&log, &link).unwrap();
         assert_eq!(tail(link.to_str().unwrap(), &me()), None);

@@ -188,14 +188,17 @@ const IDLE_MAX: usize = 8;
 /// idle HTTP connections over it.
 pub struct Upstream {
     pub user: String,
+    /// The node its agent's hello named (cleaned; never empty).
+    pub node: Option<String>,
     pub tunnel: Arc<Tunnel>,
     idle: Mutex<Vec<SendRequest<Body>>>,
 }
 
 impl Upstream {
-    pub fn new(user: String, tunnel: Arc<Tunnel>) -> Arc<Self> {
+    pub fn new(user: String, node: Option<String>, tunnel: Arc<Tunnel>) -> Arc<Self> {
         Arc::new(Upstream {
             user,
+            node,
             tunnel,
             idle: Mutex::new(Vec::new()),
         })

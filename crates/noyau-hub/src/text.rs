@@ -3,14 +3,38 @@
 //! held to the same characters and bound.
 
 /// Whether `c` could move a terminal's cursor, change its colours, break a
-/// line, or reorder the text around it: a control character (C0, DEL,
-/// C1), or a bidirectional mark, embedding, override or isolate (an
-/// override makes `gpj.exe` read `exe.jpg`).
+/// line, reorder the text around it, or hide in it: a control character
+/// (C0, DEL, C1), a line or paragraph separator (U+2028, U+2029), or a
+/// format character (Unicode's general category Cf, as of Unicode 15: the
+/// bidirectional marks, embeddings, overrides and isolates, where an
+/// override makes `gpj.exe` read `exe.jpg`; zero-width spaces and joiners,
+/// the soft hyphen, the byte order mark, invisible operators, interlinear
+/// annotations, tags).
 pub fn is_unsafe(c: char) -> bool {
     c.is_control()
         || matches!(
             c,
-            '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+            '\u{00ad}'
+                | '\u{0600}'..='\u{0605}'
+                | '\u{061c}'
+                | '\u{06dd}'
+                | '\u{070f}'
+                | '\u{0890}'..='\u{0891}'
+                | '\u{08e2}'
+                | '\u{180e}'
+                | '\u{200b}'..='\u{200f}'
+                | '\u{2028}'..='\u{202e}'
+                | '\u{2060}'..='\u{2064}'
+                | '\u{2066}'..='\u{206f}'
+                | '\u{feff}'
+                | '\u{fff9}'..='\u{fffb}'
+                | '\u{110bd}'
+                | '\u{110cd}'
+                | '\u{13430}'..='\u{1343f}'
+                | '\u{1bca0}'..='\u{1bca3}'
+                | '\u{1d173}'..='\u{1d17a}'
+                | '\u{e0001}'
+                | '\u{e0020}'..='\u{e007f}'
         )
 }
 
@@ -25,7 +49,7 @@ pub enum Unsafe {
 }
 
 /// `s` with its unsafe characters ([`is_unsafe`]) escaped or left out, and
-/// at most `max` characters of it kept (then `…`).
+/// at most `max` characters of it kept (then `…`, one more).
 pub fn clean(s: &str, max: usize, unsafe_chars: Unsafe) -> String {
     let mut out = String::new();
     let mut kept = 0;
@@ -64,6 +88,29 @@ mod tests {
         // Every override and isolate, one by one.
         for c in ('\u{202a}'..='\u{202e}').chain('\u{2066}'..='\u{2069}') {
             assert_eq!(clean(&format!("x{c}y"), 10, Unsafe::Strip), "xy", "{c:?}");
+        }
+        // Separators and invisible format characters, one by one.
+        let hidden = [
+            '\u{2028}',
+            '\u{2029}',
+            '\u{00ad}',
+            '\u{180e}',
+            '\u{feff}',
+            '\u{e0001}',
+        ]
+        .into_iter()
+        .chain('\u{200b}'..='\u{200d}')
+        .chain('\u{2060}'..='\u{2064}')
+        .chain('\u{206a}'..='\u{206f}')
+        .chain('\u{fff9}'..='\u{fffb}')
+        .chain('\u{e0020}'..='\u{e007f}');
+        for c in hidden {
+            assert_eq!(clean(&format!("x{c}y"), 10, Unsafe::Strip), "xy", "{c:?}");
+            let escaped = clean(&format!("x{c}y"), 20, Unsafe::Escape);
+            assert!(
+                escaped.starts_with("x\\u{") && escaped.ends_with("}y"),
+                "{escaped}"
+            );
         }
         assert!(
             clean("abcdef", 3, Unsafe::Escape) == "abc…" && clean("abc", 3, Unsafe::Strip) == "abc"

@@ -50,6 +50,8 @@ struct SessionEntry {
 #[derive(Default)]
 struct Registry {
     tokens: Mutex<HashSet<[u8; 32]>>,
+    /// Tokens announced but not accepted yet ([`Tokens::expect`]).
+    expected: Mutex<HashSet<[u8; 32]>>,
     sessions: Mutex<HashMap<SessionId, SessionEntry>>,
 }
 
@@ -190,6 +192,21 @@ impl Tokens {
     pub fn revoke(&self, token: &str) {
         lock(&self.0.tokens).remove(&<[u8; 32]>::from(Sha256::digest(token.as_bytes())));
     }
+
+    /// Announces a token that will be accepted later ([`Tokens::add`]):
+    /// a dial with it is refused as any unknown token, but logged at debug
+    /// level, not as a warning (an agent may dial before the hub lets its
+    /// token in: it dials again). Until used or [`Tokens::forget`]-ten.
+    pub fn expect(&self, token: &str) {
+        lock(&self.0.expected).insert(Sha256::digest(token.as_bytes()).into());
+    }
+
+    /// Neither accepts nor expects a token any more.
+    pub fn forget(&self, token: &str) {
+        let digest = <[u8; 32]>::from(Sha256::digest(token.as_bytes()));
+        lock(&self.0.tokens).remove(&digest);
+        lock(&self.0.expected).remove(&digest);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -249,8 +266,16 @@ async fn handshake(
         Frame::Hello { token } => {
             let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
             if !lock(&registry.tokens).remove(&digest) {
-                return refuse(conn, "unknown or already used token").await;
+                let refused = refuse(conn, "unknown or already used token").await;
+                if lock(&registry.expected).contains(&digest) {
+                    tracing::debug!(
+                        "link: refused an agent that dialled before its token was let in"
+                    );
+                    return Ok(());
+                }
+                return refused;
             }
+            lock(&registry.expected).remove(&digest);
             let session: SessionId = rand::random();
             let secret: Secret = rand::random();
             let (tx, rx) = mpsc::channel(4);

@@ -460,3 +460,26 @@ async fn a_frame_over_the_links_max_frame_is_refused() {
     // What fits goes through.
     proxy.sender().send(Lane::Shell, vec![b(b"small")]).unwrap();
 }
+
+#[tokio::test]
+async fn an_expected_token_is_refused_until_added_then_works_once() {
+    let l = listener(LinkConfig::default()).await;
+    let (addr, pin) = (l.local_addr().to_string(), l.pin());
+    let token = "b".repeat(64);
+    l.tokens().expect(&token);
+    let err = dial(&addr, &pin, &token, LinkConfig::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, LinkError::Refused(r) if r.contains("token")),
+        "{err}"
+    );
+    l.tokens().add(&token);
+    dial(&addr, &pin, &token, LinkConfig::default())
+        .await
+        .unwrap();
+    let err = dial(&addr, &pin, &token, LinkConfig::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(&err, LinkError::Refused(_)), "{err}");
+}
