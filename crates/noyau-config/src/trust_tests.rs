@@ -944,3 +944,34 @@ impl Drop for StopOnDrop<'_> {
         self.0.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+/// A notebook's directory, swapped after the notebook was read (its
+/// anchor) for a link to a directory the user trusts by an exact entry,
+/// is not trusted: the entry is matched on the directory the notebook
+/// was read from, not on where its path leads now. (On the code of
+/// before, which matched the path resolved at each use, it was trusted.)
+#[test]
+fn a_notebooks_directory_swapped_for_a_link_to_a_trusted_one_is_not_trusted() {
+    let d = tempfile::tempdir().unwrap();
+    let d = std::fs::canonicalize(d.path()).unwrap();
+    let trusted = d.join("trusted");
+    std::fs::create_dir(&trusted).unwrap();
+    let (user, _) = setup(&d, &[trusted.display().to_string()]);
+    let proj = d.join("proj");
+    let c = Config::load_with(&SiteFiles::user_only(&user), &trusted.join("noyau.toml")).unwrap();
+    let id = noyau_trust::anchor::identity_of(&proj).unwrap();
+    noyau_trust::anchor::anchor(&proj, id);
+    assert!(!c.trusted_projects.code(&proj).is_trusted());
+    std::fs::rename(&proj, d.join("proj.x")).unwrap();
+    std::os::unix::fs::symlink(&trusted, &proj).unwrap();
+    let trust = c.trusted_projects.code(&proj);
+    assert!(
+        !trust.is_trusted() && trust.note().contains("changed while noyau used it"),
+        "{trust:?}"
+    );
+    assert!(!c.trusted_projects.reads(&proj));
+    // The trusted directory itself, anchored, still is.
+    let id = noyau_trust::anchor::identity_of(&trusted).unwrap();
+    noyau_trust::anchor::anchor(&trusted, id);
+    assert!(c.trusted_projects.code(&trusted).is_trusted());
+}

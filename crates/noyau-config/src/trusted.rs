@@ -20,6 +20,7 @@ use std::fs::Metadata;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use noyau_trust::anchor::{anchored, identity_of, Identity};
 use noyau_trust::{Beneath, Expect, Mode, Owner, Problem, TrustError, WalkError};
 
 use crate::files::{self, Origin};
@@ -47,12 +48,14 @@ struct Entry {
 impl Entry {
     /// Whether the entry names `real`, a resolved directory. The entry is
     /// resolved too: it may go through a link.
-    fn names(&self, real: &Path) -> bool {
+    /// `anchor`: the identity the project's directory was anchored to
+    /// (noyau-trust's anchor), which an exact entry must have too.
+    fn names(&self, real: &Path, anchor: Option<Identity>) -> bool {
         let dir = resolved(&self.dir);
         if self.wildcard {
             real.starts_with(dir)
         } else {
-            real == dir
+            real == dir && anchor.is_none_or(|id| identity_of(&self.dir).is_ok_and(|e| e == id))
         }
     }
 
@@ -122,8 +125,10 @@ impl TrustedProjects {
     /// resolves them (the working directory is already resolved; a
     /// notebook's path or an entry may go through a link).
     pub fn reads(&self, dir: &Path) -> bool {
-        let real = resolved(dir);
-        self.0.iter().any(|e| e.names(&real))
+        let Ok((real, anchor)) = resolved_anchored(dir) else {
+            return false;
+        };
+        self.0.iter().any(|e| e.names(&real, anchor))
     }
 
     /// Whether what the project in `dir` declares may name code: an exact
@@ -260,16 +265,22 @@ impl TrustedProjects {
         read_toml: bool,
         file_ok: &mut dyn FnMut(&Metadata) -> Result<(), String>,
     ) -> CodeTrust {
-        let real = resolved(dir);
+        let (real, anchor) = match resolved_anchored(dir) {
+            Ok(r) => r,
+            Err(note) => return CodeTrust::Untrusted { note },
+        };
         let mut notes = Vec::new();
         let mut secure = || {
             let judged = secure_dir(dir)?;
+            if anchor.is_some_and(|id| id != (judged.dev(), judged.ino())) {
+                return Err(moved(dir));
+            }
             if !read_toml {
                 secure_file(&dir.join(crate::PROJECT_FILE))?;
             }
             file_ok(&judged)
         };
-        for e in self.0.iter().filter(|e| e.names(&real)) {
+        for e in self.0.iter().filter(|e| e.names(&real, anchor)) {
             match (e.from, e.wildcard) {
                 (Grantor::User, false) => return CodeTrust::Trusted,
                 (Grantor::User, true) => match secure() {
@@ -295,6 +306,28 @@ impl TrustedProjects {
             note: notes.join(" "),
         }
     }
+}
+
+/// `dir` resolved ([`resolved`]) and the identity it was anchored to
+/// (noyau-trust's anchor), which what it resolved to must have: else the
+/// directory changed while noyau used it (why not, as a note).
+fn resolved_anchored(dir: &Path) -> Result<(PathBuf, Option<Identity>), String> {
+    let real = resolved(dir);
+    let anchor = anchored(dir);
+    match anchor {
+        Some(id) if identity_of(&real).ok() != Some(id) => Err(moved(dir)),
+        _ => Ok((real, anchor)),
+    }
+}
+
+/// Why a project's directory is not trusted when it is no longer the one
+/// its notebook was read from.
+fn moved(dir: &Path) -> String {
+    format!(
+        "the notebook's directory {} changed while noyau used it (moved, or replaced by a \
+         link): no entry trusts it",
+        dir.display()
+    )
 }
 
 /// `p` as the filesystem resolves it (as given when it cannot be).

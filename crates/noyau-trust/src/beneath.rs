@@ -41,11 +41,14 @@ pub enum WalkError<E> {
 }
 
 impl Beneath {
-    /// Opens the directory `dir` (links followed: the directory as named).
+    /// Opens the directory `dir` (links followed: the directory as named),
+    /// refused if it is not the directory `dir` was anchored to
+    /// ([`crate::anchor`]: [`Problem::Moved`]).
     pub fn open(dir: &Path) -> Result<Self, TrustError> {
         let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
         let fd = nix::fcntl::open(dir, flags, Mode::empty())
             .map_err(|e| TrustError::io("open", dir, e.into()))?;
+        crate::anchor::check(dir, fd.as_fd())?;
         Ok(Beneath {
             dir: fd,
             path: dir.into(),

@@ -28,6 +28,10 @@ pub enum Problem {
     /// absolute path, a link to elsewhere, or any absolute link).
     #[error("leads out of its directory")]
     Outside,
+    /// The notebook's directory, resolved again from its path, is not the
+    /// directory the notebook was read from ([`crate::anchor`]).
+    #[error("is no longer the directory the notebook was read from (the notebook's directory changed while noyau used it)")]
+    Moved,
 }
 
 impl Problem {
@@ -50,6 +54,10 @@ impl Problem {
             ),
             Problem::Outside => "copy what it leads to into the directory (a link to a file \
                                  in it must be relative)"
+                .into(),
+            Problem::Moved => "someone who can write its parent directory may have moved it \
+                               or replaced it by a link: keep the notebook in a directory \
+                               whose parents only you (or root) can write, and run it again"
                 .into(),
         }
     }
