@@ -79,9 +79,11 @@ impl Beneath {
         if !expect.follow {
             flags |= OFlag::O_NOFOLLOW;
         }
-        let how = OpenHow::new()
-            .flags(flags)
-            .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        let how = OpenHow::new().flags(flags).resolve(
+            ResolveFlag::RESOLVE_BENEATH
+                | ResolveFlag::RESOLVE_NO_MAGICLINKS
+                | ResolveFlag::RESOLVE_NO_XDEV,
+        );
         let mut tries = 0;
         let file = loop {
             match nix::fcntl::openat2(self.fd(), rel, how) {
@@ -130,6 +132,13 @@ impl Beneath {
         let shown = self.path.join(rel);
         let outside = || TrustError::refused(&shown, Problem::Outside);
         let no_visit = |_: &Path, _: &FileStat, _: bool| Ok::<(), std::convert::Infallible>(());
+        // No mount crossed on the way (as `RESOLVE_NO_XDEV`): a FUSE
+        // mounted there could say anything of its files, or hang.
+        let dev = nix::sys::stat::fstat(self.fd())
+            .map_err(|_| outside())?
+            .st_dev;
+        let same_dev =
+            |_: &Path, m: &FileStat, _: bool| if m.st_dev == dev { Ok(()) } else { Err(()) };
         // Missing where nothing was followed: said before anything is.
         if let Err(
             WalkError::Dir {
@@ -154,9 +163,9 @@ impl Beneath {
         between();
         let at = proc_path(place.as_fd()).ok_or_else(outside)?;
         let at = at.strip_prefix(&held).map_err(|_| outside())?;
-        let found = self.walk(at, no_visit).map_err(|_| outside())?;
+        let found = self.walk(at, same_dev).map_err(|_| outside())?;
         let opened = nix::sys::stat::fstat(&place).map_err(|_| outside())?;
-        if (found.st_dev, found.st_ino) != (opened.st_dev, opened.st_ino) {
+        if (found.st_dev, found.st_ino) != (opened.st_dev, opened.st_ino) || found.st_dev != dev {
             return Err(outside());
         }
         // Inside: judged as openat2's answer would be.
