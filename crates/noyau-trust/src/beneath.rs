@@ -67,15 +67,20 @@ impl Beneath {
 
     /// Opens `rel` beneath the directory for reading, never blocking, and
     /// checks what was opened with `expect`: no `..`, absolute path or
-    /// link on the way leads out of it, and no absolute link at all, even
-    /// to a file inside (`openat2`'s `RESOLVE_BENEATH`, and no /proc
-    /// magic link: [`Problem::Outside`]); a link at the last component is
-    /// followed only with [`Expect::follow_links`]. Where `openat2` cannot
-    /// be used (a kernel before Linux 5.6, still on some clusters, or a
-    /// seccomp filter that predates it), see [`Beneath::open_walked`].
+    /// link on the way leads out of it, no mount is crossed, and with
+    /// `openat2` no absolute link is followed at all, even to a file
+    /// inside (`RESOLVE_BENEATH | RESOLVE_NO_XDEV`, and no /proc magic
+    /// link: [`Problem::Outside`]); a link at the last component is
+    /// followed only with [`Expect::follow_links`]. What `rel` leads to
+    /// is opened as a place only (`O_PATH`: a device's driver or a FIFO is
+    /// not opened), checked, and only then reopened for reading. Where
+    /// `openat2` cannot be used (a kernel before Linux 5.6, still on some
+    /// clusters, or a seccomp filter that predates it), see
+    /// [`Beneath::open_walked`], which reads an absolute link that leads
+    /// to a file inside.
     pub fn open_file(&self, expect: &Expect, rel: &Path) -> Result<File, TrustError> {
         let shown = self.path.join(rel);
-        let mut flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+        let mut flags = OFlag::O_PATH | OFlag::O_CLOEXEC;
         if !expect.follow {
             flags |= OFlag::O_NOFOLLOW;
         }
@@ -85,33 +90,27 @@ impl Beneath {
                 | ResolveFlag::RESOLVE_NO_XDEV,
         );
         let mut tries = 0;
-        let file = loop {
+        let place = loop {
             match nix::fcntl::openat2(self.fd(), rel, how) {
-                Ok(fd) => break File::from(fd),
+                Ok(fd) => break fd,
                 Err(Errno::EAGAIN) if tries < RETRIES => tries += 1,
                 // No openat2 (ENOSYS), or a seccomp filter written before
                 // it (Docker before 20.10, systemd's SystemCallFilter)
                 // answering EPERM.
-                Err(Errno::ENOSYS | Errno::EPERM) => break self.open_walked(expect, rel, || {})?,
-                // A step out, or an absolute link even to a file inside:
-                // refused, never judged afterwards on where it led.
+                Err(Errno::ENOSYS | Errno::EPERM) => return self.open_walked(expect, rel, || {}),
+                // A step out, a mount, or an absolute link even to a file
+                // inside: refused, never judged afterwards on where it led.
                 Err(Errno::EXDEV) => return Err(TrustError::refused(&shown, Problem::Outside)),
-                Err(Errno::ELOOP) if !expect.follow => {
-                    return Err(TrustError::refused(&shown, Problem::Symlink))
-                }
                 Err(e) => return Err(TrustError::io("open", &shown, e.into())),
             }
         };
-        let meta = file
-            .metadata()
-            .map_err(|e| TrustError::io("examine", &shown, e))?;
-        expect.check_meta(&shown, &meta)?;
-        Ok(file)
+        reopen(place, expect, &shown)
     }
 
     /// The fallback of [`Beneath::open_file`] where `openat2` cannot be
-    /// used (missing, or refused by a seccomp filter), judged on
-    /// no path string (a path read from `/proc/self/fd` is stale once
+    /// used (missing, or refused by a seccomp filter). The path
+    /// `/proc/self/fd` gives of what was opened is only where to walk
+    /// from the held directory, never trusted itself (it is stale once
     /// anything on it is renamed, and `/` on a detached mount): what `rel`
     /// leads to from the held directory is opened as a place only
     /// (`O_PATH`: a device or FIFO is not opened), and accepted only if it
@@ -120,7 +119,10 @@ impl Beneath {
     /// ([`Beneath::walk`]); then checked with `expect` and only then
     /// opened for reading. Any failure past the held directory gets the
     /// one answer [`Problem::Outside`] (whether and why it failed out
-    /// there is not told); a name missing inside, reached through no link,
+    /// there is not told), as does a failure inside that the walk cannot
+    /// tell from one outside (EACCES, ENOTDIR, a relative link to a
+    /// missing file); an absolute link to a file inside is read (it is
+    /// judged on where it led, unlike with `openat2`); a name missing inside, reached through no link,
     /// is missing. `between` runs after the place is opened (for tests:
     /// a rename then).
     pub(crate) fn open_walked(
@@ -169,19 +171,7 @@ impl Beneath {
             return Err(outside());
         }
         // Inside: judged as openat2's answer would be.
-        if is_link(&opened) {
-            return Err(TrustError::refused(&shown, Problem::Symlink));
-        }
-        let place = File::from(place);
-        let meta = place
-            .metadata()
-            .map_err(|e| TrustError::io("examine", &shown, e))?;
-        expect.check_meta(&shown, &meta)?;
-        let read = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
-        let proc = format!("/proc/self/fd/{}", place.as_raw_fd());
-        nix::fcntl::open(proc.as_str(), read, Mode::empty())
-            .map(File::from)
-            .map_err(|e| TrustError::io("open", &shown, e.into()))
+        reopen(place, expect, &shown)
     }
 
     /// What is at `rel` beneath the directory, reached through no link:
@@ -228,6 +218,22 @@ impl Beneath {
             }
         })
     }
+}
+
+/// `place`, opened `O_PATH` as `shown`, checked with `expect` (a link
+/// there is refused) and only then opened for reading, never blocking,
+/// through `/proc/self/fd` (the same inode, whatever its path is now).
+fn reopen(place: OwnedFd, expect: &Expect, shown: &Path) -> Result<File, TrustError> {
+    let place = File::from(place);
+    let meta = place
+        .metadata()
+        .map_err(|e| TrustError::io("examine", shown, e))?;
+    expect.check_meta(shown, &meta)?;
+    let read = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+    let proc = format!("/proc/self/fd/{}", place.as_raw_fd());
+    nix::fcntl::open(proc.as_str(), read, Mode::empty())
+        .map(File::from)
+        .map_err(|e| TrustError::io("open", shown, e.into()))
 }
 
 /// Whether `meta` is a symlink's.
