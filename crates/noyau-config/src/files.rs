@@ -112,6 +112,14 @@ pub(crate) fn refusal(
             dir: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.into()),
             path,
         },
+        // Not a file's fault: no setting or trust makes it right.
+        TrustError::Refused {
+            path,
+            problem: Problem::Moved,
+        } => ConfigError::Untrusted(TrustError::Refused {
+            path,
+            problem: Problem::Moved,
+        }),
         TrustError::Refused { path, problem } => match origin {
             Origin::Site => ConfigError::Untrusted(TrustError::Refused { path, problem }),
             Origin::Named => ConfigError::NotAFile { path, problem },

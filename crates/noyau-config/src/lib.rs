@@ -964,7 +964,7 @@ pub fn resolve_from(
     overrides: &[String],
     origin: OverridesFrom<'_>,
 ) -> Result<(String, Profile), ConfigError> {
-    let cwd = std::env::current_dir().map_err(|source| ConfigError::Read {
+    let cwd = noyau_trust::anchor::cwd().map_err(|source| ConfigError::Read {
         path: ".".into(),
         source,
     })?;

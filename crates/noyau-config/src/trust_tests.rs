@@ -921,7 +921,18 @@ fn a_projects_noyau_toml_is_trusted_on_what_was_read() {
         let stopper = StopOnDrop(&stop);
         let (mut ours, mut refused) = (0, 0);
         for _ in 0..2000 {
-            let c = Config::load_with(&site, &project).unwrap();
+            let c = match Config::load_with(&site, &project) {
+                Ok(c) => c,
+                // Swapped between the read and the name's second look.
+                Err(e)
+                    if e.to_string()
+                        .contains("replaced or removed while it was read") =>
+                {
+                    refused += 1;
+                    continue;
+                }
+                Err(e) => panic!("{e}"),
+            };
             match c.profile(Some("p"), &[]) {
                 Ok(p) => {
                     assert_eq!(p.prologue.as_deref(), Some("touch /tmp/x"));
@@ -943,4 +954,52 @@ impl Drop for StopOnDrop<'_> {
     fn drop(&mut self) {
         self.0.store(true, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// A notebook's directory, swapped after the notebook was read (its
+/// anchor) for a link to a directory the user trusts by an exact entry,
+/// is not trusted: the entry is matched on the directory the notebook
+/// was read from, not on where its path leads now. (On the code of
+/// before, which matched the path resolved at each use, it was trusted.)
+#[test]
+fn a_notebooks_directory_swapped_for_a_link_to_a_trusted_one_is_not_trusted() {
+    let d = tempfile::tempdir().unwrap();
+    let d = std::fs::canonicalize(d.path()).unwrap();
+    let trusted = d.join("trusted");
+    std::fs::create_dir(&trusted).unwrap();
+    let (user, _) = setup(&d, &[trusted.display().to_string()]);
+    let proj = d.join("proj");
+    let c = Config::load_with(&SiteFiles::user_only(&user), &trusted.join("noyau.toml")).unwrap();
+    let id = noyau_trust::anchor::identity_of(&proj).unwrap();
+    noyau_trust::anchor::anchor(&proj, id);
+    assert!(!c.trusted_projects.code(&proj).is_trusted());
+    std::fs::rename(&proj, d.join("proj.x")).unwrap();
+    std::os::unix::fs::symlink(&trusted, &proj).unwrap();
+    let trust = c.trusted_projects.code(&proj);
+    assert!(
+        !trust.is_trusted() && trust.note().contains("changed while noyau used it"),
+        "{trust:?}"
+    );
+    assert!(!c.trusted_projects.reads(&proj));
+    // The trusted directory itself, anchored, still is.
+    let id = noyau_trust::anchor::identity_of(&trusted).unwrap();
+    noyau_trust::anchor::anchor(&trusted, id);
+    assert!(c.trusted_projects.code(&trusted).is_trusted());
+}
+
+/// A user's wildcard does not trust a directory below it on another
+/// filesystem: a mount there (a FUSE another user mounted) says what it
+/// likes of its files. /dev/shm, a tmpfs, is mounted below /dev.
+#[test]
+fn a_users_wildcard_does_not_trust_a_mount_below_it() {
+    let d = tempfile::tempdir().unwrap();
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let (user, _) = setup(d.path(), &["/dev/*".to_string()]);
+    let c =
+        Config::load_with(&SiteFiles::user_only(&user), &shm.path().join("noyau.toml")).unwrap();
+    let trust = c.trusted_projects.code(shm.path());
+    assert!(
+        !trust.is_trusted() && trust.note().contains("is on another filesystem than /dev"),
+        "{trust:?}"
+    );
 }

@@ -20,6 +20,7 @@ use std::fs::Metadata;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use noyau_trust::anchor::{anchored, identity_of, Identity};
 use noyau_trust::{Beneath, Expect, Mode, Owner, Problem, TrustError, WalkError};
 
 use crate::files::{self, Origin};
@@ -47,12 +48,14 @@ struct Entry {
 impl Entry {
     /// Whether the entry names `real`, a resolved directory. The entry is
     /// resolved too: it may go through a link.
-    fn names(&self, real: &Path) -> bool {
+    /// `anchor`: the identity the project's directory was anchored to
+    /// (noyau-trust's anchor), which an exact entry must have too.
+    fn names(&self, real: &Path, anchor: Option<Identity>) -> bool {
         let dir = resolved(&self.dir);
         if self.wildcard {
             real.starts_with(dir)
         } else {
-            real == dir
+            real == dir && anchor.is_none_or(|id| identity_of(&self.dir).is_ok_and(|e| e == id))
         }
     }
 
@@ -122,8 +125,10 @@ impl TrustedProjects {
     /// resolves them (the working directory is already resolved; a
     /// notebook's path or an entry may go through a link).
     pub fn reads(&self, dir: &Path) -> bool {
-        let real = resolved(dir);
-        self.0.iter().any(|e| e.names(&real))
+        let Ok((real, anchor)) = resolved_anchored(dir) else {
+            return false;
+        };
+        self.0.iter().any(|e| e.names(&real, anchor))
     }
 
     /// Whether what the project in `dir` declares may name code: an exact
@@ -204,7 +209,34 @@ impl TrustedProjects {
             return Err(files::refusal(e, origin, dir, user_file));
         }
         let trust = self.code_opened(&beneath, rel, &meta);
-        Ok(Some((files::read_text(&path, file, limit)?, trust)))
+        let text = files::read_text(&path, file, limit)?;
+        // The one-name check above could be raced: a name another user
+        // linked to a file of the user's and removed before the fstat.
+        // The file read must still be at its name, with that one name.
+        let again = nix::sys::stat::fstatat(beneath.fd(), rel, nix::fcntl::AtFlags::empty());
+        match again {
+            Ok(st) if (st.st_dev, st.st_ino) == (meta.dev(), meta.ino()) && st.st_nlink == 1 => {}
+            Ok(st) if (st.st_dev, st.st_ino) == (meta.dev(), meta.ino()) => {
+                // (nlink_t is u32 on some targets.)
+                #[allow(clippy::unnecessary_cast)]
+                let links = st.st_nlink as u64;
+                let e = TrustError::Refused {
+                    path: path.clone(),
+                    problem: Problem::HardLinked { links },
+                };
+                return Err(files::refusal(e, origin, dir, user_file));
+            }
+            _ => {
+                return Err(ConfigError::Read {
+                    path,
+                    source: std::io::Error::other(
+                        "it was replaced or removed while it was read (if it was being \
+                         edited, run again)",
+                    ),
+                })
+            }
+        }
+        Ok(Some((text, trust)))
     }
 
     /// [`code`](Self::code), for the code in `rel` too, a file of the
@@ -260,19 +292,25 @@ impl TrustedProjects {
         read_toml: bool,
         file_ok: &mut dyn FnMut(&Metadata) -> Result<(), String>,
     ) -> CodeTrust {
-        let real = resolved(dir);
+        let (real, anchor) = match resolved_anchored(dir) {
+            Ok(r) => r,
+            Err(note) => return CodeTrust::Untrusted { note },
+        };
         let mut notes = Vec::new();
         let mut secure = || {
             let judged = secure_dir(dir)?;
+            if anchor.is_some_and(|id| id != (judged.dev(), judged.ino())) {
+                return Err(moved(dir));
+            }
             if !read_toml {
                 secure_file(&dir.join(crate::PROJECT_FILE))?;
             }
             file_ok(&judged)
         };
-        for e in self.0.iter().filter(|e| e.names(&real)) {
+        for e in self.0.iter().filter(|e| e.names(&real, anchor)) {
             match (e.from, e.wildcard) {
                 (Grantor::User, false) => return CodeTrust::Trusted,
-                (Grantor::User, true) => match secure() {
+                (Grantor::User, true) => match secure().and_then(|()| one_filesystem(&e.dir, dir)) {
                     Ok(()) => return CodeTrust::Trusted,
                     Err(why) => notes.push(format!(
                         "Your trusted_projects entry \"{}\" does not trust its code: {why}; a \
@@ -295,6 +333,54 @@ impl TrustedProjects {
             note: notes.join(" "),
         }
     }
+}
+
+/// Why `dir`, under a wildcard entry's `top`, could be a mount's, if it
+/// could: every directory from `top` down to `dir` (resolved) must be on
+/// `top`'s filesystem. Where `/etc/fuse.conf` allows `user_allow_other`,
+/// another user can mount a FUSE on a directory of theirs, and it says
+/// what it likes of its files (owner, mode, links), or hangs the reader.
+fn one_filesystem(top: &Path, dir: &Path) -> Result<(), String> {
+    let (top, real) = (resolved(top), resolved(dir));
+    let dev = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.dev())
+            .map_err(|e| format!("cannot examine {} ({e})", p.display()))
+    };
+    let want = dev(&top)?;
+    for d in real.ancestors().take_while(|a| a.starts_with(&top)) {
+        if dev(d)? != want {
+            return Err(format!(
+                "{} is on another filesystem than {} (a mount, whose files say what its \
+                 mounter likes)",
+                d.display(),
+                top.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `dir` resolved ([`resolved`]) and the identity it was anchored to
+/// (noyau-trust's anchor), which what it resolved to must have: else the
+/// directory changed while noyau used it (why not, as a note).
+fn resolved_anchored(dir: &Path) -> Result<(PathBuf, Option<Identity>), String> {
+    let real = resolved(dir);
+    let anchor = anchored(dir);
+    match anchor {
+        Some(id) if identity_of(&real).ok() != Some(id) => Err(moved(dir)),
+        _ => Ok((real, anchor)),
+    }
+}
+
+/// Why a project's directory is not trusted when it is no longer the one
+/// its notebook was read from.
+fn moved(dir: &Path) -> String {
+    format!(
+        "the notebook's directory {} changed while noyau used it (moved, or replaced by a \
+         link): no entry trusts it",
+        dir.display()
+    )
 }
 
 /// `p` as the filesystem resolves it (as given when it cannot be).
@@ -364,7 +450,14 @@ pub(crate) fn secure_dir(dir: &Path) -> Result<Metadata, String> {
 fn secure_below(dir: &Beneath, rel: &Path) -> Result<nix::sys::stat::FileStat, String> {
     // The file's own directory may not be writable by others even if
     // sticky: a sticky directory's others may add names to it.
+    let dev = nix::sys::stat::fstat(dir.fd())
+        .map_err(|e| format!("cannot examine {} ({e})", dir.path().display()))?
+        .st_dev;
+    let other_fs = |d: &Path| format!("{} is on another filesystem (a mount)", d.display());
     let closed = |d: &Path, meta: &nix::sys::stat::FileStat, its_own: bool| {
+        if meta.st_dev != dev {
+            return Err(other_fs(d));
+        }
         closed_dir(d, meta.st_uid, meta.st_mode, its_own)
     };
     let meta = dir.walk(rel, closed).map_err(|e| match e {
@@ -378,6 +471,9 @@ fn secure_below(dir: &Beneath, rel: &Path) -> Result<nix::sys::stat::FileStat, S
     })?;
     if noyau_trust::is_link(&meta) {
         return Err(problem_text(&dir.path().join(rel), &Problem::Symlink));
+    }
+    if meta.st_dev != dev {
+        return Err(other_fs(&dir.path().join(rel)));
     }
     Ok(meta)
 }

@@ -16,10 +16,12 @@
 //! The user's own `--env FILE` and `NOYAU_ENV` may name a file anywhere.
 //!
 //! The file is opened beneath the project's directory, held open
-//! (`openat2`'s `RESOLVE_BENEATH`: no `..` nor link, however swapped in,
-//! leads out of it, and no absolute link is followed; noyau-trust's
-//! `Beneath` says what is done without `openat2`), and judged on what was
-//! opened
+//! (`openat2`'s `RESOLVE_BENEATH`: no `..` nor link on the way, however
+//! swapped in, leads out of it, and no absolute link is followed;
+//! noyau-trust's `Beneath` says what is done without `openat2`), that
+//! directory being the one the notebook was read from (noyau-trust's
+//! anchor: the directory itself swapped for a link is refused), and
+//! judged on what was opened
 //! ([`noyau_config::TrustedProjects::read_named`]); one with other names
 //! (a hard link) is refused: it may be a file of the user's that another
 //! user linked there.
@@ -49,6 +51,11 @@ pub(crate) fn read(
         return Ok(user(path, limit)?.map(|t| (t, CodeTrust::Trusted)));
     };
     let real_dir = project_dir(dir, what, &homes())?;
+    // The directory judged is the one the notebook was read from; the
+    // file is then opened beneath `dir` itself, which must still be it
+    // (noyau-trust's anchor).
+    noyau_trust::anchor::check_path(dir, &real_dir)
+        .map_err(|e| EnvError::from(noyau_config::ConfigError::Untrusted(e)))?;
     // Where it is said to be missing, or outside: never read.
     let missing = || inside_resolved(path, &real_dir, what).map(|_| None);
     let rel = match path.strip_prefix(dir) {
@@ -64,7 +71,7 @@ pub(crate) fn read(
             }
         }
     };
-    match site.get()?.read_named(&real_dir, &rel, limit) {
+    match site.get()?.read_named(dir, &rel, limit) {
         Ok(Some(read)) => Ok(Some(read)),
         Ok(None) => missing(),
         Err(noyau_config::ConfigError::LinkOut { .. }) => Err(outside(path, what, &real_dir)),

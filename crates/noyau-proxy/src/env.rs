@@ -106,8 +106,10 @@ fn send(agent: Option<LinkSender>, ev: &Event) -> Result<(), String> {
     }
 }
 
+/// The kernel's working directory, anchored to its inode (noyau-trust's
+/// anchor): `getcwd`'s string may resolve elsewhere when it is used.
 fn cwd() -> Result<std::path::PathBuf, MagicError> {
-    std::env::current_dir()
+    noyau_trust::anchor::cwd()
         .map_err(|e| MagicError::Env(format!("the kernel's working directory: {e}")))
 }
 

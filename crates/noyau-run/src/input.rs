@@ -51,7 +51,9 @@ pub fn read_input(input: &str) -> Result<Notebook, RunError> {
     let res = if input == "-" {
         std::io::stdin().read_to_end(&mut bytes).map(|_| ())
     } else {
-        std::fs::read(input).map(|b| bytes = b)
+        // Its directory anchored: the project's directory is the one it
+        // was read from at each later use.
+        noyau_trust::anchor::read_notebook(Path::new(input)).map(|b| bytes = b)
     };
     res.map_err(RunError::io("cannot read", input))?;
     let what = if input == "-" { "stdin" } else { input };
@@ -140,7 +142,7 @@ pub fn prepare(opts: &RunOptions, output: &Output) -> Result<Notebook, RunError>
 
 /// The notebook's directory (where its noyau.toml is), the current one for stdin.
 pub fn notebook_dir(input: &str) -> PathBuf {
-    let cwd = std::env::current_dir().unwrap_or_else(|_| ".".into());
+    let cwd = noyau_trust::anchor::cwd().unwrap_or_else(|_| ".".into());
     if input == "-" {
         return cwd;
     }

@@ -41,11 +41,14 @@ pub enum WalkError<E> {
 }
 
 impl Beneath {
-    /// Opens the directory `dir` (links followed: the directory as named).
+    /// Opens the directory `dir` (links followed: the directory as named),
+    /// refused if it is not the directory `dir` was anchored to
+    /// ([`crate::anchor`]: [`Problem::Moved`]).
     pub fn open(dir: &Path) -> Result<Self, TrustError> {
         let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
         let fd = nix::fcntl::open(dir, flags, Mode::empty())
             .map_err(|e| TrustError::io("open", dir, e.into()))?;
+        crate::anchor::check(dir, fd.as_fd())?;
         Ok(Beneath {
             dir: fd,
             path: dir.into(),
@@ -64,49 +67,50 @@ impl Beneath {
 
     /// Opens `rel` beneath the directory for reading, never blocking, and
     /// checks what was opened with `expect`: no `..`, absolute path or
-    /// link on the way leads out of it, and no absolute link at all, even
-    /// to a file inside (`openat2`'s `RESOLVE_BENEATH`, and no /proc
-    /// magic link: [`Problem::Outside`]); a link at the last component is
-    /// followed only with [`Expect::follow_links`]. Where `openat2` cannot
-    /// be used (a kernel before Linux 5.6, still on some clusters, or a
-    /// seccomp filter that predates it), see [`Beneath::open_walked`].
+    /// link on the way leads out of it, no mount is crossed, and with
+    /// `openat2` no absolute link is followed at all, even to a file
+    /// inside (`RESOLVE_BENEATH | RESOLVE_NO_XDEV`, and no /proc magic
+    /// link: [`Problem::Outside`]); a link at the last component is
+    /// followed only with [`Expect::follow_links`]. What `rel` leads to
+    /// is opened as a place only (`O_PATH`: a device's driver or a FIFO is
+    /// not opened), checked, and only then reopened for reading. Where
+    /// `openat2` cannot be used (a kernel before Linux 5.6, still on some
+    /// clusters, or a seccomp filter that predates it), see
+    /// [`Beneath::open_walked`], which reads an absolute link that leads
+    /// to a file inside.
     pub fn open_file(&self, expect: &Expect, rel: &Path) -> Result<File, TrustError> {
         let shown = self.path.join(rel);
-        let mut flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+        let mut flags = OFlag::O_PATH | OFlag::O_CLOEXEC;
         if !expect.follow {
             flags |= OFlag::O_NOFOLLOW;
         }
-        let how = OpenHow::new()
-            .flags(flags)
-            .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        let how = OpenHow::new().flags(flags).resolve(
+            ResolveFlag::RESOLVE_BENEATH
+                | ResolveFlag::RESOLVE_NO_MAGICLINKS
+                | ResolveFlag::RESOLVE_NO_XDEV,
+        );
         let mut tries = 0;
-        let file = loop {
+        let place = loop {
             match nix::fcntl::openat2(self.fd(), rel, how) {
-                Ok(fd) => break File::from(fd),
+                Ok(fd) => break fd,
                 Err(Errno::EAGAIN) if tries < RETRIES => tries += 1,
                 // No openat2 (ENOSYS), or a seccomp filter written before
                 // it (Docker before 20.10, systemd's SystemCallFilter)
                 // answering EPERM.
-                Err(Errno::ENOSYS | Errno::EPERM) => break self.open_walked(expect, rel, || {})?,
-                // A step out, or an absolute link even to a file inside:
-                // refused, never judged afterwards on where it led.
+                Err(Errno::ENOSYS | Errno::EPERM) => return self.open_walked(expect, rel, || {}),
+                // A step out, a mount, or an absolute link even to a file
+                // inside: refused, never judged afterwards on where it led.
                 Err(Errno::EXDEV) => return Err(TrustError::refused(&shown, Problem::Outside)),
-                Err(Errno::ELOOP) if !expect.follow => {
-                    return Err(TrustError::refused(&shown, Problem::Symlink))
-                }
                 Err(e) => return Err(TrustError::io("open", &shown, e.into())),
             }
         };
-        let meta = file
-            .metadata()
-            .map_err(|e| TrustError::io("examine", &shown, e))?;
-        expect.check_meta(&shown, &meta)?;
-        Ok(file)
+        reopen(place, expect, &shown)
     }
 
     /// The fallback of [`Beneath::open_file`] where `openat2` cannot be
-    /// used (missing, or refused by a seccomp filter), judged on
-    /// no path string (a path read from `/proc/self/fd` is stale once
+    /// used (missing, or refused by a seccomp filter). The path
+    /// `/proc/self/fd` gives of what was opened is only where to walk
+    /// from the held directory, never trusted itself (it is stale once
     /// anything on it is renamed, and `/` on a detached mount): what `rel`
     /// leads to from the held directory is opened as a place only
     /// (`O_PATH`: a device or FIFO is not opened), and accepted only if it
@@ -115,7 +119,10 @@ impl Beneath {
     /// ([`Beneath::walk`]); then checked with `expect` and only then
     /// opened for reading. Any failure past the held directory gets the
     /// one answer [`Problem::Outside`] (whether and why it failed out
-    /// there is not told); a name missing inside, reached through no link,
+    /// there is not told), as does a failure inside that the walk cannot
+    /// tell from one outside (EACCES, ENOTDIR, a relative link to a
+    /// missing file); an absolute link to a file inside is read (it is
+    /// judged on where it led, unlike with `openat2`); a name missing inside, reached through no link,
     /// is missing. `between` runs after the place is opened (for tests:
     /// a rename then).
     pub(crate) fn open_walked(
@@ -127,6 +134,13 @@ impl Beneath {
         let shown = self.path.join(rel);
         let outside = || TrustError::refused(&shown, Problem::Outside);
         let no_visit = |_: &Path, _: &FileStat, _: bool| Ok::<(), std::convert::Infallible>(());
+        // No mount crossed on the way (as `RESOLVE_NO_XDEV`): a FUSE
+        // mounted there could say anything of its files, or hang.
+        let dev = nix::sys::stat::fstat(self.fd())
+            .map_err(|_| outside())?
+            .st_dev;
+        let same_dev =
+            |_: &Path, m: &FileStat, _: bool| if m.st_dev == dev { Ok(()) } else { Err(()) };
         // Missing where nothing was followed: said before anything is.
         if let Err(
             WalkError::Dir {
@@ -151,25 +165,13 @@ impl Beneath {
         between();
         let at = proc_path(place.as_fd()).ok_or_else(outside)?;
         let at = at.strip_prefix(&held).map_err(|_| outside())?;
-        let found = self.walk(at, no_visit).map_err(|_| outside())?;
+        let found = self.walk(at, same_dev).map_err(|_| outside())?;
         let opened = nix::sys::stat::fstat(&place).map_err(|_| outside())?;
-        if (found.st_dev, found.st_ino) != (opened.st_dev, opened.st_ino) {
+        if (found.st_dev, found.st_ino) != (opened.st_dev, opened.st_ino) || found.st_dev != dev {
             return Err(outside());
         }
         // Inside: judged as openat2's answer would be.
-        if is_link(&opened) {
-            return Err(TrustError::refused(&shown, Problem::Symlink));
-        }
-        let place = File::from(place);
-        let meta = place
-            .metadata()
-            .map_err(|e| TrustError::io("examine", &shown, e))?;
-        expect.check_meta(&shown, &meta)?;
-        let read = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
-        let proc = format!("/proc/self/fd/{}", place.as_raw_fd());
-        nix::fcntl::open(proc.as_str(), read, Mode::empty())
-            .map(File::from)
-            .map_err(|e| TrustError::io("open", &shown, e.into()))
+        reopen(place, expect, &shown)
     }
 
     /// What is at `rel` beneath the directory, reached through no link:
@@ -216,6 +218,22 @@ impl Beneath {
             }
         })
     }
+}
+
+/// `place`, opened `O_PATH` as `shown`, checked with `expect` (a link
+/// there is refused) and only then opened for reading, never blocking,
+/// through `/proc/self/fd` (the same inode, whatever its path is now).
+fn reopen(place: OwnedFd, expect: &Expect, shown: &Path) -> Result<File, TrustError> {
+    let place = File::from(place);
+    let meta = place
+        .metadata()
+        .map_err(|e| TrustError::io("examine", shown, e))?;
+    expect.check_meta(shown, &meta)?;
+    let read = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+    let proc = format!("/proc/self/fd/{}", place.as_raw_fd());
+    nix::fcntl::open(proc.as_str(), read, Mode::empty())
+        .map(File::from)
+        .map_err(|e| TrustError::io("open", shown, e.into()))
 }
 
 /// Whether `meta` is a symlink's.

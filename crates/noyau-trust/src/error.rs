@@ -25,9 +25,16 @@ pub enum Problem {
     #[error("has {links} names (hard links)")]
     HardLinked { links: u64 },
     /// A path opened beneath a directory that leads out of it (`..`, an
-    /// absolute path, a link to elsewhere, or any absolute link).
-    #[error("leads out of its directory")]
+    /// absolute path, a link to elsewhere, a mount; with `openat2` any
+    /// absolute link, without it one leading out), or, without `openat2`,
+    /// that could not be reached inside it in a way the walk can tell from
+    /// outside (EACCES, ENOTDIR, a relative link to nothing).
+    #[error("leads out of its directory, or cannot be reached inside it")]
     Outside,
+    /// The notebook's directory, resolved again from its path, is not the
+    /// directory the notebook was read from ([`crate::anchor`]).
+    #[error("is no longer the directory the notebook was read from (the notebook's directory changed while noyau used it)")]
+    Moved,
 }
 
 impl Problem {
@@ -48,8 +55,14 @@ impl Problem {
                  would write or show: remove it (`rm {p}`), or, if it is yours, make it a \
                  copy (`cp {p} {p}.new && mv {p}.new {p}`)"
             ),
-            Problem::Outside => "copy what it leads to into the directory (a link to a file \
-                                 in it must be relative)"
+            Problem::Outside => "noyau reads only a file reached inside the directory, on \
+                                 its filesystem: put the file itself there (a link to a file \
+                                 in it must be relative: `ln -sr`), and check that it can be \
+                                 read"
+                .into(),
+            Problem::Moved => "someone who can write its parent directory may have moved it \
+                               or replaced it by a link: keep the notebook in a directory \
+                               whose parents only you (or root) can write, and run it again"
                 .into(),
         }
     }

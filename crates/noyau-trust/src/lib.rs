@@ -10,6 +10,7 @@
 //! [`TrustError`] naming the path, what was wrong ([`Problem`]) and what to
 //! do about it.
 
+pub mod anchor;
 mod beneath;
 mod error;
 mod expect;

@@ -655,3 +655,34 @@ fn deny_openat2(errno: nix::errno::Errno) {
     };
     assert_eq!(rc, 0, "seccomp: {}", std::io::Error::last_os_error());
 }
+
+/// Nothing beneath a held directory is reached across a mount, with
+/// `openat2` (`RESOLVE_NO_XDEV`) or without: a FUSE mounted there could
+/// say anything of its files. /dev/shm is a tmpfs mounted below /dev (a
+/// devtmpfs), so a file there, named beneath /dev, crosses one.
+#[test]
+fn beneath_a_held_directory_no_mount_is_crossed() {
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let dev = |p: &Path| nix::sys::stat::stat(p).unwrap().st_dev;
+    assert_ne!(
+        dev(Path::new("/dev")),
+        dev(shm.path()),
+        "/dev/shm is no mount here"
+    );
+    std::fs::write(shm.path().join("f"), "x").unwrap();
+    let rel = Path::new("shm")
+        .join(shm.path().file_name().unwrap())
+        .join("f");
+    let held = crate::Beneath::open(Path::new("/dev")).unwrap();
+    let any = Expect::file().owner(Owner::Any).mode(Mode::Any);
+    for e in [
+        held.open_file(&any, &rel).unwrap_err(),
+        held.open_walked(&any, &rel, || {}).unwrap_err(),
+    ] {
+        assert_eq!(e.problem(), Some(&Problem::Outside), "{e}");
+    }
+    // On one filesystem the same file is read.
+    let held = crate::Beneath::open(shm.path()).unwrap();
+    held.open_file(&any, Path::new("f")).unwrap();
+    held.open_walked(&any, Path::new("f"), || {}).unwrap();
+}
