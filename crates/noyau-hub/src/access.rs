@@ -15,9 +15,12 @@
 //! flood of made-up ones. Their answers are kept apart (a small table of
 //! their own, so they never crowd out the answers for the users logged
 //! in), at most [`TYPED_LOOKUPS`] of their lookups run at once (the next
-//! is refused, not queued, so that they never fill the blocking pool the
-//! hub's other work runs on), and a name is looked up once at a time
-//! whoever asks (the others wait for that answer).
+//! waits [`TYPED_WAIT`] at most for one to end, then is refused, so that
+//! they never fill the blocking pool the hub's other work runs on), and a
+//! name is looked up once at a time whoever asks (the others wait for that
+//! answer). The login counts a refusal against the address that sent it,
+//! so a flood of made-up names soon waits out its throttle instead of
+//! keeping the slots from real users.
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -38,6 +41,9 @@ const KEPT: usize = 10_000;
 const KEPT_TYPED: usize = 1_000;
 /// Lookups of typed names at once, at most.
 pub const TYPED_LOOKUPS: usize = 8;
+/// How long a typed name waits for a lookup slot before it is [`Busy`]:
+/// long enough for a lookup to end, short enough for a login form.
+const TYPED_WAIT: Duration = Duration::from_secs(3);
 
 /// Why an account may not log in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,8 +64,8 @@ impl Refusal {
     }
 }
 
-/// Every lookup of a typed name is under way: the login is refused (try
-/// again shortly), not queued.
+/// Every lookup of a typed name was under way for [`TYPED_WAIT`]: the
+/// login is refused (try again shortly).
 #[derive(Debug, PartialEq, Eq)]
 pub struct Busy;
 
@@ -166,7 +172,8 @@ impl Access {
 
     /// Whether `name`, typed in the login form, may log in: as
     /// [`Access::check`], but its answer kept apart, and [`Busy`] if
-    /// [`TYPED_LOOKUPS`] lookups of typed names are under way.
+    /// [`TYPED_LOOKUPS`] lookups of typed names stay under way for
+    /// [`TYPED_WAIT`].
     pub async fn check_typed(&self, name: &str) -> Result<Verdict, Busy> {
         if let Some(r) = self.answers.get(name).or_else(|| self.typed.get(name)) {
             return Ok(r);
@@ -186,7 +193,8 @@ impl Access {
     /// once at a time: a second caller waits for the first one's answer
     /// (and takes over if the first goes away, or was busy). With `slots`,
     /// the lookup takes one of them, held until NSS answers (a caller that
-    /// goes away leaves it taken until then), or is [`Busy`].
+    /// goes away leaves it taken until then), or is [`Busy`] when none is
+    /// free within [`TYPED_WAIT`].
     async fn look_up(
         &self,
         name: &str,
@@ -197,7 +205,12 @@ impl Access {
         let r = cell
             .get_or_try_init(|| async {
                 let slot = match slots {
-                    Some(s) => Some(s.clone().try_acquire_owned().map_err(|_| Busy)?),
+                    Some(s) => Some(
+                        tokio::time::timeout(TYPED_WAIT, s.clone().acquire_owned())
+                            .await
+                            .map_err(|_| Busy)?
+                            .map_err(|_| Busy)?,
+                    ),
                     None => None,
                 };
                 let (rules, lookup, who) =
@@ -296,6 +309,8 @@ fn in_groups(user: &User, groups: &[String]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::Future;
+    use std::task::Poll;
 
     fn cfg(extra: &str) -> HubConfig {
         toml::from_str(&format!(
@@ -443,15 +458,21 @@ mod tests {
             })
             .await
             .unwrap();
-            // Every slot taken: the next typed name is refused at once (its
+            // Every slot taken: the next typed name waits for one (its
             // lookup would not hang)...
+            let mut waits = std::pin::pin!(access.check_typed("u-wait"));
+            let first = std::future::poll_fn(|cx| Poll::Ready(waits.as_mut().poll(cx))).await;
+            assert!(first.is_pending(), "refused at once: {first:?}");
+            // ...and is refused if none frees in time...
             assert_eq!(access.check_typed("u-next").await, Err(Busy));
-            // ...a logged-in user's lookup goes on.
+            // ...while a logged-in user's lookup goes on.
             assert_eq!(access.check("bob").await, Ok(()));
             drop(opens);
             for h in hanging {
                 assert_eq!(h.await.unwrap(), Ok(Ok(())));
             }
+            // A slot freed: the waiting name is looked up.
+            assert_eq!(waits.await, Ok(Ok(())));
         });
         assert_eq!(rt.block_on(access.check_typed("u-next")), Ok(Ok(())));
     }

@@ -460,12 +460,30 @@ async fn login(
     // A device whose own count reached a wait is one no more: a shared
     // browser's next person guesses under the user's count, where the
     // lockout shows (not under a device the user may never use again).
-    let device = hub
-        .device_of(&headers, &cookies, &user)
-        .filter(|nonce| !hub.throttle.spent(&device_key(nonce)));
+    let from = hub.device_of(&headers, &cookies, &user);
+    let device = from
+        .clone()
+        .filter(|nonce| !hub.throttle.is_spent(&device_key(nonce)));
     let known = device.is_some();
-    if let Err((msg, status)) = check_password(&hub, &user, &f.password, client, device).await {
-        return refuse(&msg, status);
+    // In a task of its own: a client that hangs up drops this request, not
+    // the check, so that its failure is counted all the same (and the PAM
+    // slot and the attempt are held until PAM answers).
+    let check = {
+        let (hub, user, password) = (hub.clone(), user.clone(), f.password);
+        tokio::spawn(async move { check_password(&hub, &user, &password, client, device).await })
+    };
+    match check.await {
+        Ok(Ok(())) => {}
+        Ok(Err((msg, status))) => return refuse(&msg, status),
+        Err(e) => {
+            tracing::error!("checking a login: {e}");
+            let (msg, status) = busy();
+            return refuse(&msg, status);
+        }
+    }
+    // A right password from a spent device makes it one again.
+    if let Some(nonce) = from.filter(|_| !known) {
+        hub.throttle.succeeded(&device_key(&nonce));
     }
     let id = random_hex();
     if let Err(e) = hub
@@ -507,8 +525,9 @@ async fn login(
 /// all (a system account's right password opens nothing, and PAM is not
 /// asked), a PAM slot is free, and PAM takes the password. The refusal's
 /// message and status otherwise: the same "wrong user name or password"
-/// for a refused account as for a wrong password. Every refusal but a wait counts as a
-/// failure for the throttle.
+/// for a refused account as for a wrong password. Every refusal but a wait
+/// or a busy PAM slot counts as a failure for the throttle (a busy lookup
+/// of the typed name, for the address only).
 async fn check_password(
     hub: &Arc<Hub>,
     user: &str,
@@ -551,8 +570,10 @@ async fn check_password(
         return Err(too_many(wait));
     }
     // NSS (getpwnam, getgrouplist) may be LDAP: off the async thread, and
-    // a few typed names at a time.
+    // a few typed names at a time. A flood of made-up names keeps them all
+    // busy: the address that sent this one is counted, as for any refusal.
     let Ok(account) = hub.access.check_typed(user).await else {
+        login_failed(hub, &keys[1..], user, client);
         return Err(busy());
     };
     if let Err(Refusal::Rule(why)) = &account {

@@ -12,14 +12,15 @@
 //! carrying its device cookie ([`crate::auth`]), is counted under that
 //! device (`device:NONCE`) instead of the user, so others' guesses do not
 //! hold it, while the address's count holds it as any other. A device
-//! whose own count reaches a wait is spent: it counts under the user again.
+//! whose own count reaches a wait is spent: it counts under the user again,
+//! until a right password from it or `FORGET` without a failure from it.
 //!
 //! A burst of guesses sent at once would all pass the check before the
 //! first failure is counted: a user's (or device's) attempts under way
 //! count as failures until they end ([`Throttle::attempt`]), so a burst
 //! gets no more guesses than one attempt after another would.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -30,7 +31,7 @@ const MAX_DELAY: Duration = Duration::from_secs(3600);
 /// A key with no failure for this long starts again from the first delay:
 /// longer than the longest wait, so that waiting it out does not.
 const FORGET: Duration = MAX_DELAY.saturating_mul(2);
-/// The keys of devices: one whose count reaches a wait is spent for good
+/// The keys of devices: one whose count reaches a wait is spent
 /// ([`Throttle::spent`]).
 pub const DEVICE: &str = "device:";
 /// Keys kept at most; past this, those with no wait left are dropped.
@@ -74,9 +75,9 @@ impl Drop for Attempt<'_> {
 
 pub struct Throttle {
     entries: Mutex<HashMap<String, Entry>>,
-    /// Devices whose count reached a wait (few: each is a browser a user
-    /// logged in from).
-    spent: Mutex<HashSet<String>>,
+    /// Devices whose count reached a wait, and when it last did (few: each
+    /// is a browser a user logged in from; the older than `FORGET` go).
+    spent: Mutex<HashMap<String, Instant>>,
     failures: usize,
     delay: Duration,
 }
@@ -85,7 +86,7 @@ impl Throttle {
     pub fn new(failures: u32, delay: Duration) -> Self {
         Throttle {
             entries: Mutex::new(HashMap::new()),
-            spent: Mutex::new(HashSet::new()),
+            spent: Mutex::new(HashMap::new()),
             failures: failures.max(1) as usize,
             delay,
         }
@@ -146,20 +147,27 @@ impl Throttle {
             }
         }
         drop(entries);
-        self.spent
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(spent);
+        let mut marks = self.spent();
+        marks.retain(|_, &mut at| now - at < FORGET);
+        marks.extend(spent.into_iter().map(|k| (k, now)));
         imposed
     }
 
+    fn spent(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.spent.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Whether a device's count has reached a wait: from then on, its
-    /// logins count under the user (until the hub restarts).
-    pub fn spent(&self, key: &str) -> bool {
-        self.spent
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(key)
+    /// logins count under the user, until a right password from it or
+    /// `FORGET` after it last reached one.
+    pub fn is_spent(&self, key: &str) -> bool {
+        self.spent_at(key, Instant::now())
+    }
+
+    fn spent_at(&self, key: &str, now: Instant) -> bool {
+        self.spent()
+            .get(key)
+            .is_some_and(|&at| now.saturating_duration_since(at) < FORGET)
     }
 
     /// An attempt for `key` (a user or a device), unless attempts are under
@@ -180,12 +188,15 @@ impl Throttle {
         })
     }
 
-    /// A right password: the user (or the device) starts afresh.
+    /// A right password: the user (or the device) starts afresh, and a
+    /// spent device is one again.
     pub fn succeeded(&self, key: &str) {
         let mut entries = self.entries();
         if let Some(e) = entries.get_mut(key) {
             *e = e.afresh();
         }
+        drop(entries);
+        self.spent().remove(key);
     }
 }
 
@@ -222,16 +233,26 @@ mod tests {
         let t = Throttle::new(2, Duration::from_secs(30));
         let device = format!("{DEVICE}n1");
         t.failed(std::slice::from_ref(&device));
-        assert!(!t.spent(&device));
+        assert!(!t.is_spent(&device));
         t.failed(std::slice::from_ref(&device));
-        assert!(t.spent(&device));
-        // A right password from it later does not make it one again.
-        t.succeeded(&device);
-        assert!(t.spent(&device));
+        assert!(t.is_spent(&device));
         // Users are never spent.
         let user = "user:a".to_string();
         t.failed(&[user.clone(), user.clone()]);
-        assert!(!t.spent(&user));
+        assert!(!t.is_spent(&user));
+        // A right password from it makes it a device again.
+        t.succeeded(&device);
+        assert!(!t.is_spent(&device));
+    }
+
+    #[test]
+    fn a_spent_device_is_forgotten_after_forget() {
+        let t = Throttle::new(1, Duration::from_secs(30));
+        let device = format!("{DEVICE}n1");
+        t.failed(std::slice::from_ref(&device));
+        let now = Instant::now();
+        assert!(t.spent_at(&device, now + FORGET - Duration::from_secs(1)));
+        assert!(!t.spent_at(&device, now + FORGET + Duration::from_secs(1)));
     }
 
     #[test]
