@@ -970,8 +970,8 @@ fn a_notebooks_directory_swapped_for_a_link_to_a_trusted_one_is_not_trusted() {
     let (user, _) = setup(&d, &[trusted.display().to_string()]);
     let proj = d.join("proj");
     let c = Config::load_with(&SiteFiles::user_only(&user), &trusted.join("noyau.toml")).unwrap();
-    let id = noyau_trust::anchor::identity_of(&proj).unwrap();
-    noyau_trust::anchor::anchor(&proj, id);
+    let held = noyau_trust::anchor::open_dir(&proj).unwrap();
+    noyau_trust::anchor::anchor(&proj, held).unwrap();
     assert!(!c.trusted_projects.code(&proj).is_trusted());
     std::fs::rename(&proj, d.join("proj.x")).unwrap();
     std::os::unix::fs::symlink(&trusted, &proj).unwrap();
@@ -982,8 +982,8 @@ fn a_notebooks_directory_swapped_for_a_link_to_a_trusted_one_is_not_trusted() {
     );
     assert!(!c.trusted_projects.reads(&proj));
     // The trusted directory itself, anchored, still is.
-    let id = noyau_trust::anchor::identity_of(&trusted).unwrap();
-    noyau_trust::anchor::anchor(&trusted, id);
+    let held = noyau_trust::anchor::open_dir(&trusted).unwrap();
+    noyau_trust::anchor::anchor(&trusted, held).unwrap();
     assert!(c.trusted_projects.code(&trusted).is_trusted());
 }
 

@@ -377,8 +377,8 @@ fn resolved_anchored(dir: &Path) -> Result<(PathBuf, Option<Identity>), String> 
 /// its notebook was read from.
 fn moved(dir: &Path) -> String {
     format!(
-        "the notebook's directory {} changed while noyau used it (moved, or replaced by a \
-         link): no entry trusts it",
+        "the notebook's directory {} changed while noyau used it (moved, replaced by a \
+         link, or remounted): no entry trusts it",
         dir.display()
     )
 }

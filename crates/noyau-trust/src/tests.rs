@@ -686,3 +686,27 @@ fn beneath_a_held_directory_no_mount_is_crossed() {
     held.open_file(&any, Path::new("f")).unwrap();
     held.open_walked(&any, Path::new("f"), || {}).unwrap();
 }
+
+/// The anchor holds the notebook's directory open, not just its device
+/// and inode: removed, the directory is still there to `fstat` through
+/// the anchor, the same inode (not freed, so its number not reused).
+/// That it keeps an automounted directory from expiring (and coming
+/// back on another device) cannot be tested here: it needs autofs.
+#[test]
+fn an_anchor_holds_the_notebooks_directory_open() {
+    let d = tempfile::tempdir().unwrap();
+    let proj = d.path().join("proj");
+    std::fs::create_dir(&proj).unwrap();
+    std::fs::write(proj.join("nb.ipynb"), "{}").unwrap();
+    let id = crate::anchor::identity_of(&proj).unwrap();
+    assert_eq!(
+        crate::anchor::read_notebook(&proj.join("nb.ipynb")).unwrap(),
+        b"{}"
+    );
+    std::fs::remove_dir_all(&proj).unwrap();
+    let held = crate::anchor::held_identity(&proj)
+        .expect("anchored")
+        .unwrap();
+    assert_eq!(held, id);
+    assert_eq!(crate::anchor::anchored(&proj), Some(id));
+}
