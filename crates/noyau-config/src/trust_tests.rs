@@ -970,8 +970,8 @@ fn a_notebooks_directory_swapped_for_a_link_to_a_trusted_one_is_not_trusted() {
     let (user, _) = setup(&d, &[trusted.display().to_string()]);
     let proj = d.join("proj");
     let c = Config::load_with(&SiteFiles::user_only(&user), &trusted.join("noyau.toml")).unwrap();
-    let id = noyau_trust::anchor::identity_of(&proj).unwrap();
-    noyau_trust::anchor::anchor(&proj, id);
+    let held = noyau_trust::anchor::open_dir(&proj).unwrap();
+    noyau_trust::anchor::anchor(&proj, held).unwrap();
     assert!(!c.trusted_projects.code(&proj).is_trusted());
     std::fs::rename(&proj, d.join("proj.x")).unwrap();
     std::os::unix::fs::symlink(&trusted, &proj).unwrap();
@@ -982,8 +982,8 @@ fn a_notebooks_directory_swapped_for_a_link_to_a_trusted_one_is_not_trusted() {
     );
     assert!(!c.trusted_projects.reads(&proj));
     // The trusted directory itself, anchored, still is.
-    let id = noyau_trust::anchor::identity_of(&trusted).unwrap();
-    noyau_trust::anchor::anchor(&trusted, id);
+    let held = noyau_trust::anchor::open_dir(&trusted).unwrap();
+    noyau_trust::anchor::anchor(&trusted, held).unwrap();
     assert!(c.trusted_projects.code(&trusted).is_trusted());
 }
 
@@ -1001,5 +1001,52 @@ fn a_users_wildcard_does_not_trust_a_mount_below_it() {
     assert!(
         !trust.is_trusted() && trust.note().contains("is on another filesystem than /dev"),
         "{trust:?}"
+    );
+}
+
+/// A project's file and a read of it whose `between` saves it by rename
+/// (as vim or `git pull` do) the first `saves` times it runs.
+fn read_saved_by_rename(saves: usize) -> Result<Option<String>, ConfigError> {
+    let d = tempfile::tempdir().unwrap();
+    let (user, project) = setup(d.path(), &[]);
+    let dir = project.parent().unwrap().to_path_buf();
+    write(&dir.join("env.toml"), "a = 0\n");
+    let c = Config::load_with(&SiteFiles::user_only(&user), &project).unwrap();
+    let mut saved = 0;
+    let mut save = || {
+        if saved < saves {
+            saved += 1;
+            let new = dir.join(".env.toml.swp");
+            write(&new, &format!("a = {saved}\n"));
+            std::fs::rename(&new, dir.join("env.toml")).unwrap();
+        }
+    };
+    let read = c.trusted_projects.read_in_with(
+        &dir,
+        Path::new("env.toml"),
+        MAX_SIZE,
+        true,
+        None,
+        &mut save,
+    )?;
+    Ok(read.map(|(text, _)| text))
+}
+
+/// A project's file saved by rename while it was read is read again: once
+/// saved, the new text is read. (On the code of before, the one read was
+/// refused, "replaced or removed while it was read".)
+#[test]
+fn a_project_file_saved_while_it_was_read_is_read_again() {
+    assert_eq!(read_saved_by_rename(1).unwrap().as_deref(), Some("a = 1\n"));
+    assert_eq!(read_saved_by_rename(2).unwrap().as_deref(), Some("a = 2\n"));
+}
+
+/// One saved at every read is refused after the third, saying so.
+#[test]
+fn a_project_file_replaced_at_every_read_is_refused() {
+    let e = read_saved_by_rename(usize::MAX).unwrap_err().to_string();
+    assert!(
+        e.contains("replaced or removed while it was read, 3 times"),
+        "{e}"
     );
 }

@@ -173,6 +173,22 @@ impl TrustedProjects {
         named: bool,
         user_file: Option<&Path>,
     ) -> Result<Option<(String, CodeTrust)>, ConfigError> {
+        self.read_in_with(dir, rel, limit, named, user_file, &mut || {})
+    }
+
+    /// [`read_in`](Self::read_in), `between` run after each read, before
+    /// the name is looked up again (for tests: a save by rename then). A
+    /// file replaced while it was read (an editor or `git pull` saving by
+    /// rename) is read again, [`READS`] times in all, before giving up.
+    pub(crate) fn read_in_with(
+        &self,
+        dir: &Path,
+        rel: &Path,
+        limit: u64,
+        named: bool,
+        user_file: Option<&Path>,
+        between: &mut dyn FnMut(),
+    ) -> Result<Option<(String, CodeTrust)>, ConfigError> {
         let origin = Origin::Project {
             trusted: self.reads(dir),
         };
@@ -189,54 +205,79 @@ impl TrustedProjects {
             Err(e) if e.is_not_found() => return Ok(None),
             Err(e) => return Err(files::refusal(e, origin, dir, user_file)),
         };
-        let file = match beneath.open_file(&expect, rel) {
+        let mut reads = 0;
+        loop {
+            reads += 1;
+            match self.read_once(&beneath, &expect, rel, limit, between) {
+                Ok(Read::Replaced) if reads < READS => {}
+                Ok(Read::Replaced) => {
+                    return Err(ConfigError::Read {
+                        path: dir.join(rel),
+                        source: std::io::Error::other(format!(
+                            "it was replaced or removed while it was read, {READS} times \
+                             (if it is being edited, run again once it is saved)"
+                        )),
+                    })
+                }
+                Ok(Read::Missing) => return Ok(None),
+                Ok(Read::Text(text, trust)) => return Ok(Some((text, trust))),
+                Err(Refused::Trust(e)) => return Err(files::refusal(e, origin, dir, user_file)),
+                Err(Refused::Config(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// One read of `rel` beneath `dir` for [`read_in_with`](Self::read_in_with).
+    fn read_once(
+        &self,
+        dir: &Beneath,
+        expect: &noyau_trust::Expect,
+        rel: &Path,
+        limit: u64,
+        between: &mut dyn FnMut(),
+    ) -> Result<Read, Refused> {
+        let file = match dir.open_file(expect, rel) {
             Ok(f) => f,
-            Err(e) if e.is_not_found() => return Ok(None),
-            Err(e) => return Err(files::refusal(e, origin, dir, user_file)),
+            Err(e) if e.is_not_found() => return Ok(Read::Missing),
+            Err(e) => return Err(Refused::Trust(e)),
         };
-        let path = dir.join(rel);
+        let path = dir.path().join(rel);
         let meta = file.metadata().map_err(|source| ConfigError::Read {
             path: path.clone(),
             source,
         })?;
         if meta.nlink() > 1 {
-            let e = TrustError::Refused {
-                path: path.clone(),
+            return Err(Refused::Trust(TrustError::Refused {
+                path,
                 problem: Problem::HardLinked {
                     links: meta.nlink(),
                 },
-            };
-            return Err(files::refusal(e, origin, dir, user_file));
+            }));
         }
-        let trust = self.code_opened(&beneath, rel, &meta);
+        let trust = self.code_opened(dir, rel, &meta);
         let text = files::read_text(&path, file, limit)?;
+        between();
         // The one-name check above could be raced: a name another user
         // linked to a file of the user's and removed before the fstat.
         // The file read must still be at its name, with that one name.
-        let again = nix::sys::stat::fstatat(beneath.fd(), rel, nix::fcntl::AtFlags::empty());
+        let again = nix::sys::stat::fstatat(dir.fd(), rel, nix::fcntl::AtFlags::empty());
         match again {
-            Ok(st) if (st.st_dev, st.st_ino) == (meta.dev(), meta.ino()) && st.st_nlink == 1 => {}
+            Ok(st) if (st.st_dev, st.st_ino) == (meta.dev(), meta.ino()) && st.st_nlink == 1 => {
+                Ok(Read::Text(text, trust))
+            }
             Ok(st) if (st.st_dev, st.st_ino) == (meta.dev(), meta.ino()) => {
                 // (nlink_t is u32 on some targets.)
                 #[allow(clippy::unnecessary_cast)]
                 let links = st.st_nlink as u64;
-                let e = TrustError::Refused {
-                    path: path.clone(),
-                    problem: Problem::HardLinked { links },
-                };
-                return Err(files::refusal(e, origin, dir, user_file));
-            }
-            _ => {
-                return Err(ConfigError::Read {
+                Err(Refused::Trust(TrustError::Refused {
                     path,
-                    source: std::io::Error::other(
-                        "it was replaced or removed while it was read (if it was being \
-                         edited, run again)",
-                    ),
-                })
+                    problem: Problem::HardLinked { links },
+                }))
             }
+            // Replaced by another file, or removed (a save by rename
+            // leaves the name to the new file).
+            _ => Ok(Read::Replaced),
         }
-        Ok(Some((text, trust)))
     }
 
     /// [`code`](Self::code), for the code in `rel` too, a file of the
@@ -373,12 +414,36 @@ fn resolved_anchored(dir: &Path) -> Result<(PathBuf, Option<Identity>), String> 
     }
 }
 
+/// How many times a project's file replaced while it was read is read.
+const READS: usize = 3;
+
+/// What one read of a project's file found.
+enum Read {
+    Text(String, CodeTrust),
+    Missing,
+    /// Its name no longer led to the file read, after the read.
+    Replaced,
+}
+
+/// Why one read of a project's file failed: refused (to be told as the
+/// project's file is), or it could not be read.
+enum Refused {
+    Trust(TrustError),
+    Config(ConfigError),
+}
+
+impl From<ConfigError> for Refused {
+    fn from(e: ConfigError) -> Self {
+        Refused::Config(e)
+    }
+}
+
 /// Why a project's directory is not trusted when it is no longer the one
 /// its notebook was read from.
 fn moved(dir: &Path) -> String {
     format!(
-        "the notebook's directory {} changed while noyau used it (moved, or replaced by a \
-         link): no entry trusts it",
+        "the notebook's directory {} changed while noyau used it (moved, replaced by a \
+         link, or remounted): no entry trusts it",
         dir.display()
     )
 }

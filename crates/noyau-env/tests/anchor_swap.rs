@@ -40,7 +40,7 @@ fn a_notebooks_directory_swapped_after_it_was_read_is_refused() {
         .expect_err("the swapped directory's file was read")
         .to_string();
     assert!(
-        e.contains("changed while noyau used it") && !e.contains("SECRET"),
+        e.contains("changed or was remounted while noyau used it") && !e.contains("SECRET"),
         "{e}"
     );
 }

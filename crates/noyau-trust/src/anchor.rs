@@ -9,11 +9,15 @@
 //!
 //! The anchors are kept per process, by the directory's absolute path as
 //! given (the one that travels with the project): noyau reads one
-//! notebook per process, or works in a kernel's working directory.
+//! notebook per process, or works in a kernel's working directory. Each
+//! keeps the directory's `O_PATH` descriptor open beside its identity:
+//! held, an automounted directory (autofs, an NFS submount) is busy and
+//! not expired while a job waits, to come back on another device, and
+//! its inode number is not given to another directory.
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -25,7 +29,15 @@ use crate::{Problem, TrustError};
 /// A directory's device and inode.
 pub type Identity = (u64, u64);
 
-static ANCHORS: Mutex<BTreeMap<PathBuf, Identity>> = Mutex::new(BTreeMap::new());
+/// A directory's identity and its descriptor, held for as long as the
+/// process runs.
+struct Anchor {
+    id: Identity,
+    #[allow(dead_code)] // Only held: its being open is what counts.
+    held: OwnedFd,
+}
+
+static ANCHORS: Mutex<BTreeMap<PathBuf, Anchor>> = Mutex::new(BTreeMap::new());
 
 /// The key of `dir`: absolute, without `.` or a trailing separator.
 fn key(dir: &Path) -> PathBuf {
@@ -44,16 +56,32 @@ pub fn identity_of(path: &Path) -> std::io::Result<Identity> {
     Ok((st.st_dev, st.st_ino))
 }
 
-/// Records that the project in `dir` is the directory of `id`.
-pub fn anchor(dir: &Path, id: Identity) {
+/// Opens the directory `dir` as a place only (`O_PATH`), links followed.
+pub fn open_dir(dir: &Path) -> std::io::Result<OwnedFd> {
+    let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    Ok(nix::fcntl::open(dir, flags, Mode::empty())?)
+}
+
+/// Records that the project in `dir` is the directory `held` (a
+/// descriptor of it, kept open), and returns its identity.
+pub fn anchor(dir: &Path, held: OwnedFd) -> std::io::Result<Identity> {
+    let id = identity(held.as_fd())?;
     let mut anchors = ANCHORS.lock().unwrap_or_else(|p| p.into_inner());
-    anchors.insert(key(dir), id);
+    anchors.insert(key(dir), Anchor { id, held });
+    Ok(id)
 }
 
 /// The identity `dir` was anchored to, if it was.
 pub fn anchored(dir: &Path) -> Option<Identity> {
     let anchors = ANCHORS.lock().unwrap_or_else(|p| p.into_inner());
-    anchors.get(&key(dir)).copied()
+    anchors.get(&key(dir)).map(|a| a.id)
+}
+
+/// The identity of the descriptor held for `dir`, as `fstat` says now.
+#[cfg(test)]
+pub(crate) fn held_identity(dir: &Path) -> Option<std::io::Result<Identity>> {
+    let anchors = ANCHORS.lock().unwrap_or_else(|p| p.into_inner());
+    anchors.get(&key(dir)).map(|a| identity(a.held.as_fd()))
 }
 
 /// Reads the notebook at `path`, anchoring its directory: the directory
@@ -66,9 +94,7 @@ pub fn read_notebook(path: &Path) -> std::io::Result<Vec<u8>> {
     let (Some(dir), Some(name)) = (abs.parent(), abs.file_name()) else {
         return std::fs::read(path);
     };
-    let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
-    let held = nix::fcntl::open(dir, flags, Mode::empty())?;
-    let id = identity(held.as_fd())?;
+    let held = open_dir(dir)?;
     let fd = nix::fcntl::openat(
         &held,
         name,
@@ -77,7 +103,7 @@ pub fn read_notebook(path: &Path) -> std::io::Result<Vec<u8>> {
     )?;
     let mut bytes = Vec::new();
     File::from(fd).read_to_end(&mut bytes)?;
-    anchor(dir, id);
+    anchor(dir, held)?;
     Ok(bytes)
 }
 
@@ -86,9 +112,7 @@ pub fn read_notebook(path: &Path) -> std::io::Result<Vec<u8>> {
 /// elsewhere by the time it is used.
 pub fn cwd() -> std::io::Result<PathBuf> {
     let here = std::env::current_dir()?;
-    let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
-    let held = nix::fcntl::open(".", flags, Mode::empty())?;
-    anchor(&here, identity(held.as_fd())?);
+    anchor(&here, open_dir(Path::new("."))?)?;
     Ok(here)
 }
 

@@ -220,20 +220,47 @@ impl Beneath {
     }
 }
 
+/// Where a descriptor is reopened from: its magic link there.
+const PROC_FD: &str = "/proc/self/fd";
+
 /// `place`, opened `O_PATH` as `shown`, checked with `expect` (a link
 /// there is refused) and only then opened for reading, never blocking,
 /// through `/proc/self/fd` (the same inode, whatever its path is now).
 fn reopen(place: OwnedFd, expect: &Expect, shown: &Path) -> Result<File, TrustError> {
+    reopen_through(PROC_FD, place, expect, shown)
+}
+
+/// [`reopen`] through `proc_fd` (another one in tests: /proc missing).
+/// A descriptor's magic link always opens, even to a removed file, so
+/// ENOENT there means `proc_fd` itself is missing (a chroot or sandbox
+/// without /proc): said so, and not as a missing file, which callers
+/// take for "there is none" (a project's noyau.toml skipped).
+pub(crate) fn reopen_through(
+    proc_fd: &str,
+    place: OwnedFd,
+    expect: &Expect,
+    shown: &Path,
+) -> Result<File, TrustError> {
     let place = File::from(place);
     let meta = place
         .metadata()
         .map_err(|e| TrustError::io("examine", shown, e))?;
     expect.check_meta(shown, &meta)?;
     let read = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
-    let proc = format!("/proc/self/fd/{}", place.as_raw_fd());
+    let proc = format!("{proc_fd}/{}", place.as_raw_fd());
     nix::fcntl::open(proc.as_str(), read, Mode::empty())
         .map(File::from)
-        .map_err(|e| TrustError::io("open", shown, e.into()))
+        .map_err(|e| {
+            let source = match e {
+                Errno::ENOENT => std::io::Error::other(format!(
+                    "{proc} is missing: noyau reads a file it checked through it, so /proc \
+                     must be mounted (mount it in the chroot or container: `mount -t proc \
+                     proc /proc`, or bwrap's --proc /proc)"
+                )),
+                e => e.into(),
+            };
+            TrustError::io("open", shown, source)
+        })
 }
 
 /// Whether `meta` is a symlink's.

@@ -33,7 +33,7 @@ pub enum Problem {
     Outside,
     /// The notebook's directory, resolved again from its path, is not the
     /// directory the notebook was read from ([`crate::anchor`]).
-    #[error("is no longer the directory the notebook was read from (the notebook's directory changed while noyau used it)")]
+    #[error("is no longer the directory the notebook was read from (it changed or was remounted while noyau used it)")]
     Moved,
 }
 
@@ -60,9 +60,10 @@ impl Problem {
                                  in it must be relative: `ln -sr`), and check that it can be \
                                  read"
                 .into(),
-            Problem::Moved => "someone who can write its parent directory may have moved it \
-                               or replaced it by a link: keep the notebook in a directory \
-                               whose parents only you (or root) can write, and run it again"
+            Problem::Moved => "if it was moved or replaced by a link, someone who can write \
+                               its parent directory may have done it: keep the notebook in a \
+                               directory whose parents only you (or root) can write, and run \
+                               it again"
                 .into(),
         }
     }

@@ -686,3 +686,48 @@ fn beneath_a_held_directory_no_mount_is_crossed() {
     held.open_file(&any, Path::new("f")).unwrap();
     held.open_walked(&any, Path::new("f"), || {}).unwrap();
 }
+
+/// The anchor holds the notebook's directory open, not just its device
+/// and inode: removed, the directory is still there to `fstat` through
+/// the anchor, the same inode (not freed, so its number not reused).
+/// That it keeps an automounted directory from expiring (and coming
+/// back on another device) cannot be tested here: it needs autofs.
+#[test]
+fn an_anchor_holds_the_notebooks_directory_open() {
+    let d = tempfile::tempdir().unwrap();
+    let proj = d.path().join("proj");
+    std::fs::create_dir(&proj).unwrap();
+    std::fs::write(proj.join("nb.ipynb"), "{}").unwrap();
+    let id = crate::anchor::identity_of(&proj).unwrap();
+    assert_eq!(
+        crate::anchor::read_notebook(&proj.join("nb.ipynb")).unwrap(),
+        b"{}"
+    );
+    std::fs::remove_dir_all(&proj).unwrap();
+    let held = crate::anchor::held_identity(&proj)
+        .expect("anchored")
+        .unwrap();
+    assert_eq!(held, id);
+    assert_eq!(crate::anchor::anchored(&proj), Some(id));
+}
+
+/// Without /proc (a chroot, a bwrap sandbox without --proc) the reopen
+/// of a checked file fails: that is said, and is not a missing file
+/// (which a caller takes for "there is none": a project's noyau.toml
+/// silently skipped). On the code of before it was ENOENT, NotFound.
+#[test]
+fn a_reopen_without_proc_is_not_a_missing_file() {
+    use std::os::fd::OwnedFd;
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("noyau.toml");
+    std::fs::write(&f, "").unwrap();
+    chmod(&f, 0o600);
+    let flags = nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC;
+    let place: OwnedFd = nix::fcntl::open(&f, flags, nix::sys::stat::Mode::empty()).unwrap();
+    let no_proc = d.path().join("proc/self/fd");
+    let e = crate::beneath::reopen_through(no_proc.to_str().unwrap(), place, &Expect::file(), &f)
+        .unwrap_err();
+    assert!(!e.is_not_found(), "{e}");
+    assert!(e.to_string().contains("/proc must be mounted"), "{e}");
+    assert!(e.to_string().contains("noyau.toml"), "{e}");
+}
