@@ -119,6 +119,25 @@ def _ephemeral_low() -> int:
 _given_ports: set[int] = set()
 
 
+def held_sbatch(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A `sbatch` wrapper (in the returned bin directory, to put first on
+    PATH) that touches `began` when it is called, then waits until the test
+    opens the FIFO `gate` before it runs the real sbatch: a submission the
+    test holds while it cancels or signals, with no sleep."""
+    import shutil
+
+    real = shutil.which("sbatch")
+    assert real, "sbatch is not on PATH"
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    gate, began = tmp_path / "gate", tmp_path / "began"
+    os.mkfifo(gate)
+    wrapper = bindir / "sbatch"
+    wrapper.write_text(f'#!/bin/sh\ntouch {began}\ncat {gate} >/dev/null\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    return bindir, gate, began
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 for a process a test starts to listen on.
 

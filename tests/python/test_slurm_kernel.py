@@ -135,19 +135,10 @@ def test_sigterm_while_sbatch_runs_cancels_the_job_it_gives(slurm: None, tmp_pat
     sbatch is held by a wrapper on PATH until the test, having seen the
     proxy take the signal, opens a FIFO: the job id comes after the cancel."""
     import os
-    import shutil
     from jupyter_client.manager import KernelManager
 
     cluster = lib.CLUSTERS["slurm"]
-    real = shutil.which("sbatch")
-    assert real, "sbatch is not on PATH"
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    gate, began = tmp_path / "gate", tmp_path / "began"
-    os.mkfifo(gate)
-    wrapper = bindir / "sbatch"
-    wrapper.write_text(f'#!/bin/sh\ntouch {began}\ncat {gate} >/dev/null\nexec {real} "$@"\n')
-    wrapper.chmod(0o755)
+    bindir, gate, began = lib.held_sbatch(tmp_path)
     log = tmp_path / "proxy.log"
     km = KernelManager(kernel_name=cluster.kernel_name)
     with log.open("w") as err:

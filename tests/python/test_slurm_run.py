@@ -243,18 +243,9 @@ def test_sweep_ctrl_c_while_sbatch_runs_leaves_no_job(slurm: None, noyau_bin: st
     array stayed queued, followed by no one.)"""
     import os
     import re
-    import shutil
     import signal
 
-    real = shutil.which("sbatch")
-    assert real, "sbatch is not on PATH"
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    gate, began = tmp_path / "gate", tmp_path / "began"
-    os.mkfifo(gate)
-    wrapper = bindir / "sbatch"
-    wrapper.write_text(f'#!/bin/sh\ntouch {began}\ncat {gate} >/dev/null\nexec {real} "$@"\n')
-    wrapper.chmod(0o755)
+    bindir, gate, began = lib.held_sbatch(tmp_path)
     nb, _ = sweep_notebook(tmp_path)
     env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
     proc = Proc([noyau_bin, "sweep", str(nb), "--grid", "x=1,2", "--profile", "test",
