@@ -120,6 +120,17 @@ async fn a_job_given_after_its_caller_gave_up_is_cancelled_at_once() {
     assert_eq!(f.cancelled(), "4242\n");
 }
 
+/// Polls `submit` once, with a waker of the test's, and returns once it is
+/// woken (its answer sent), without polling it again: an answer the
+/// caller has not read.
+async fn answered_unread<F: Future + ?Sized>(submit: std::pin::Pin<&mut F>) {
+    let woken = Arc::new(Woken(tokio::sync::Notify::new()));
+    let waker = std::task::Waker::from(woken.clone());
+    let polled = submit.poll(&mut std::task::Context::from_waker(&waker));
+    assert!(polled.is_pending(), "answered before its task ran");
+    woken.0.notified().await;
+}
+
 /// The caller gives up with the job's id already sent to it, before it
 /// read it (two events in one turn of a select): that job is cancelled
 /// too. (Before, the id was dropped with the caller, the job left queued.)
@@ -128,15 +139,7 @@ async fn a_job_whose_id_the_caller_dropped_unread_is_cancelled() {
     let f = Fake::new(false);
     let spec = spec();
     let mut submit = Box::pin(f.s.submit(&spec));
-    // Polled once, with a waker of the test's: woken when the answer is
-    // sent, and then not polled again.
-    let woken = Arc::new(Woken(tokio::sync::Notify::new()));
-    let waker = std::task::Waker::from(woken.clone());
-    let polled = submit
-        .as_mut()
-        .poll(&mut std::task::Context::from_waker(&waker));
-    assert!(polled.is_pending(), "answered before its task ran");
-    woken.0.notified().await;
+    answered_unread(submit.as_mut()).await;
     assert_eq!(f.cancelled(), "");
     drop(submit);
     noyau_sched::submissions_settled().await;
@@ -157,13 +160,7 @@ async fn every_task_of_an_unwanted_oar_array_is_cancelled() {
         ..spec()
     };
     let mut submit = Box::pin(f.s.submit_array(&spec));
-    let woken = Arc::new(Woken(tokio::sync::Notify::new()));
-    let waker = std::task::Waker::from(woken.clone());
-    let polled = submit
-        .as_mut()
-        .poll(&mut std::task::Context::from_waker(&waker));
-    assert!(polled.is_pending(), "answered before its task ran");
-    woken.0.notified().await;
+    answered_unread(submit.as_mut()).await;
     drop(submit);
     noyau_sched::submissions_settled().await;
     assert_eq!(f.cancelled(), "100 101\n");
