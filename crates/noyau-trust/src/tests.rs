@@ -448,6 +448,18 @@ fn beneath_a_held_directory_nothing_leads_out_of_it() {
     assert!(read("none").unwrap_err().is_not_found());
 }
 
+/// `proj/sub/f` ("mine") in a temporary directory, and `proj/out`, a
+/// link to `f` ("secret") beside `proj`.
+fn project_with_a_link_out() -> (tempfile::TempDir, std::path::PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("proj");
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    std::fs::write(dir.join("sub/f"), "mine").unwrap();
+    std::fs::write(t.path().join("f"), "secret").unwrap();
+    std::os::unix::fs::symlink("../f", dir.join("out")).unwrap();
+    (t, dir)
+}
+
 /// Without `openat2` (a kernel before Linux 5.6, or a seccomp filter
 /// refusing it), what a path leads to is opened as a place only, and
 /// read only if it is the file found at its own path beneath the held
@@ -455,12 +467,7 @@ fn beneath_a_held_directory_nothing_leads_out_of_it() {
 #[test]
 fn without_openat2_what_was_opened_must_be_beneath_the_directory() {
     use crate::Beneath;
-    let t = tempfile::tempdir().unwrap();
-    let dir = t.path().join("proj");
-    std::fs::create_dir_all(dir.join("sub")).unwrap();
-    std::fs::write(dir.join("sub/f"), "mine").unwrap();
-    std::fs::write(t.path().join("f"), "secret").unwrap();
-    std::os::unix::fs::symlink("../f", dir.join("out")).unwrap();
+    let (_t, dir) = project_with_a_link_out(); // (_t: removed when dropped)
     std::os::unix::fs::symlink("sub/f", dir.join("in")).unwrap();
     std::os::unix::fs::symlink(dir.join("sub/f"), dir.join("absin")).unwrap();
     let held = Beneath::open(&dir).unwrap();
@@ -575,12 +582,7 @@ fn without_openat2_nothing_outside_is_told_or_opened() {
 fn where_openat2_is_refused_or_missing_the_fallback_reads_beneath() {
     use crate::Beneath;
     use std::io::Read;
-    let t = tempfile::tempdir().unwrap();
-    let dir = t.path().join("proj");
-    std::fs::create_dir_all(dir.join("sub")).unwrap();
-    std::fs::write(dir.join("sub/f"), "mine").unwrap();
-    std::fs::write(t.path().join("f"), "secret").unwrap();
-    std::os::unix::fs::symlink("../f", dir.join("out")).unwrap();
+    let (_t, dir) = project_with_a_link_out(); // (_t: removed when dropped)
     for errno in [nix::errno::Errno::EPERM, nix::errno::Errno::ENOSYS] {
         let dir = dir.clone();
         // The filter is this thread's only (no TSYNC), and ends with it.
