@@ -41,7 +41,9 @@ async fn a_directory_with_a_line_break_never_reaches_sbatch() {
         };
         let dry = s.dry_run(&spec).await;
         assert!(matches!(dry, Err(SchedError::Invalid(_))), "{dry:?}");
-        let err = s.submit(&spec).await.err().expect("refused");
+        let Err(err) = s.submit(&spec).await else {
+            panic!("submitted: {spec:?}")
+        };
         let text = err.to_string();
         assert!(text.contains("control character"), "{text}");
         assert!(!ran.exists(), "sbatch ran for {spec:?}");
