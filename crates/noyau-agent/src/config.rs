@@ -26,7 +26,7 @@ pub struct AgentConfig {
     /// What the link may hold while the proxy is unreachable.
     pub buffer_limit: usize,
     /// The environment to realise before the kernel starts, from
-    /// `NOYAU_ENV_SPEC` (JSON) or the 0600 file `NOYAU_ENV_SPEC_FILE`.
+    /// `NOYAU_ENV_SPEC` (JSON).
     pub env_spec: Option<noyau_env::EnvSpec>,
     /// What the submitting host built and fetched for it
     /// (`NOYAU_ENV_PREPARED`): checked and used here, offline.
@@ -91,27 +91,15 @@ impl AgentConfig {
         let inner = inner
             .or_else(|| take_env(EnvVars::NOYAU_INNER))
             .unwrap_or_else(|| "python3".into());
-        let env_spec = match (
-            take_env(EnvVars::NOYAU_ENV_SPEC),
-            take_env(EnvVars::NOYAU_ENV_SPEC_FILE),
-        ) {
-            (Some(json), _) => Some(json),
-            (None, Some(f)) => {
-                let text = std::fs::read_to_string(&f)
-                    .with_context(|| format!("cannot read the environment spec file {f}"))?;
-                let _ = std::fs::remove_file(&f);
-                Some(text)
-            }
-            (None, None) => None,
-        }
-        .map(|json| {
-            serde_json::from_str(&json)
-                .map_err(|e| anyhow::anyhow!("{e}"))
-                .and_then(|v| noyau_env::EnvSpec::from_value(v).map_err(Into::into))
-                .and_then(|s| s.normalise().map_err(Into::into))
-                .context("the kernel's environment spec")
-        })
-        .transpose()?;
+        let env_spec = take_env(EnvVars::NOYAU_ENV_SPEC)
+            .map(|json| {
+                serde_json::from_str(&json)
+                    .map_err(|e| anyhow::anyhow!("{e}"))
+                    .and_then(|v| noyau_env::EnvSpec::from_value(v).map_err(Into::into))
+                    .and_then(|s| s.normalise().map_err(Into::into))
+                    .context("the kernel's environment spec")
+            })
+            .transpose()?;
         let prepared = take_env(EnvVars::NOYAU_ENV_PREPARED)
             .map(|json| noyau_env::Prepared::from_json(&json))
             .transpose()?;

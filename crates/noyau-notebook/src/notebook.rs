@@ -11,7 +11,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
@@ -648,7 +648,8 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
 
 /// Writes a temporary file in the target's directory with `fill`, fsyncs it,
 /// gives it the permissions of the file it replaces if that is the user's
-/// (else, and for new files, 0666 less the umask), renames it over the
+/// (else, and for new files, 0666 less the umask; it is 0600 until then),
+/// renames it over the
 /// target and fsyncs the directory. A symlink target is followed (the link
 /// stays) when each link on the way is the user's own or root's, else
 /// refused ([`followed`]). If anything fails the
@@ -671,17 +672,19 @@ pub fn write_atomic_with(
     };
     // Another user's file (in a shared directory) lends no mode: a 0666
     // one would leave the user's notebook writable by all.
-    let old_perms = there
+    let perms = there
         .filter(|m| m.is_file() && m.uid() == me)
-        .map(|m| m.permissions());
+        .map(|m| m.permissions())
+        .unwrap_or_else(new_file_permissions);
 
+    // Made 0600 and given its mode only once full: one that others may
+    // read while it is written would hand each saved version of a private
+    // notebook to whoever opens it then (an open file stays readable).
     let (mut file, tmp) = create_temp(&dir, &name)?;
     let result = (|| {
         fill(&mut file)?;
         file.flush()?;
-        if let Some(p) = old_perms {
-            file.set_permissions(p)?;
-        }
+        file.set_permissions(perms)?;
         file.sync_all()?;
         drop(file);
         fs::rename(&tmp, &target)
@@ -696,6 +699,17 @@ pub fn write_atomic_with(
     Ok(())
 }
 
+/// A new file's mode: 0666 less the umask, as a plain `open` would give.
+/// The umask is read from /proc (setting it to learn it would race with
+/// other threads); without /proc, 0600.
+fn new_file_permissions() -> fs::Permissions {
+    let umask = fs::read_to_string("/proc/self/status").ok().and_then(|s| {
+        let line = s.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+        u32::from_str_radix(line.trim(), 8).ok()
+    });
+    fs::Permissions::from_mode(umask.map_or(0o600, |m| 0o666 & !m))
+}
+
 fn create_temp(dir: &Path, name: &str) -> io::Result<(File, PathBuf)> {
     let pid = std::process::id();
     let mut last = None;
@@ -707,7 +721,7 @@ fn create_temp(dir: &Path, name: &str) -> io::Result<(File, PathBuf)> {
         #[cfg(unix)]
         {
             use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o666);
+            opts.mode(0o600);
         }
         match opts.open(&tmp) {
             Ok(f) => return Ok((f, tmp)),

@@ -160,6 +160,25 @@ fn atomic_save_keeps_permissions_and_replaces() {
     assert_ne!(mode(&q) & 0o044, 0, "mode {:o}", mode(&q));
 }
 
+/// While it is written, the next version of a notebook is the user's
+/// alone, whatever mode it gets once full: a neighbour who opened it then
+/// would keep reading every saved version of a private notebook.
+#[test]
+fn a_save_is_private_until_it_is_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("out.ipynb");
+    fs::write(&p, "old").unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+    write_atomic_with(&p, |f| {
+        use std::io::Write;
+        let m = f.metadata()?.permissions().mode() & 0o7777;
+        assert_eq!(m, 0o600, "the file being written is {m:o}");
+        f.write_all(b"new")
+    })
+    .unwrap();
+    assert_eq!(mode(&p), 0o644, "the mode it replaces, once full");
+}
+
 #[test]
 fn failed_write_leaves_previous_file_intact() {
     let dir = tempfile::tempdir().unwrap();

@@ -224,4 +224,37 @@ impl JobSpec {
     pub fn log_path(&self, id: &str) -> PathBuf {
         self.logs().join(format!("{}-{id}.log", self.name))
     }
+
+    /// Refuses a name or directory with a control character: a job
+    /// script's directives are lines (`#SBATCH --chdir=DIR`), and a line
+    /// break in a directory's name (a cloned repository can hold one)
+    /// would end the directive and run the rest as a command of the job.
+    pub(crate) fn check_lines(&self) -> Result<(), SchedError> {
+        let dirs = [
+            ("working directory", &self.cwd),
+            ("log directory", &self.log_dir),
+        ];
+        let paths = dirs
+            .iter()
+            .filter_map(|(what, p)| Some((*what, p.as_ref()?)));
+        for (what, p) in paths {
+            if p.as_os_str()
+                .as_encoded_bytes()
+                .iter()
+                .any(u8::is_ascii_control)
+            {
+                return Err(SchedError::Invalid(format!(
+                    "the job's {what} {p:?} has a line break or another control character in its \
+                     name, which a job script cannot carry: rename it, or run from another directory"
+                )));
+            }
+        }
+        match self.name.chars().any(char::is_control) {
+            true => Err(SchedError::Invalid(format!(
+                "the job name {:?} has a control character: name it without one",
+                self.name
+            ))),
+            false => Ok(()),
+        }
+    }
 }

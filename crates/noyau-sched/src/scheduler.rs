@@ -175,6 +175,7 @@ impl Scheduler {
     /// What `submit` would run, for `--dry-run`.
     pub async fn dry_run(&self, spec: &JobSpec) -> Result<String, SchedError> {
         self.check(&spec.profile)?;
+        spec.check_lines()?;
         self.imp().dry_run(spec).await
     }
 
@@ -264,6 +265,7 @@ impl Scheduler {
     /// mercy of the user's own slot files).
     async fn submit_now(&self, spec: &JobSpec) -> Result<crate::batch::Submission, SchedError> {
         self.check(&spec.profile)?;
+        spec.check_lines()?;
         let sub = self.imp().submit(spec, self.user()).await?;
         tracing::info!(job = %sub.id, log = %spec.log_path(&sub.id).display(), "submitted to {}", self.display());
         Ok(sub)

@@ -23,9 +23,11 @@
 //! past [`PATIENCE`], a file being rewritten), the watcher asks the
 //! scheduler itself: sharing saves calls, it never decides a job's fate.
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -157,16 +159,8 @@ fn try_lock((lock, f): (PathBuf, File)) -> Result<Option<Flock<File>>, (PathBuf,
 /// The lock file, checked (see [`take_lock`]); None, with a warning when
 /// it was refused, where there is none to be had.
 fn open_lock(lock: &Path) -> Option<File> {
-    let open = || ours_alone().open_with(lock, &mut crate::paths::lock_file());
-    // the directory is made once, not at every poll
-    let f = match open() {
-        Err(e) if e.is_not_found() => {
-            private_dir(lock.parent()?).ok()?;
-            open()
-        }
-        other => other,
-    };
-    match f {
+    checked_dir(lock.parent()?)?;
+    match ours_alone().open_with(lock, &mut crate::paths::lock_file()) {
         Ok(f) => Some(f),
         Err(e @ noyau_trust::TrustError::Refused { .. }) => {
             tracing::warn!("{e}: not used");
@@ -174,6 +168,24 @@ fn open_lock(lock: &Path) -> Option<File> {
         }
         Err(_) => None,
     }
+}
+
+/// `dir` made or checked by [`private_dir`] (ours, 0700; in the state
+/// directory of /tmp, that one too) the first time this process uses it,
+/// not at every poll: a directory another user made first (with the
+/// usual name in /tmp) is refused before a lock or a listing goes in it,
+/// and once checked it is ours, which no one else can swap.
+fn checked_dir(dir: &Path) -> Option<()> {
+    static CHECKED: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+    let mut checked = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+    if !checked.contains(dir) {
+        if let Err(e) = private_dir(dir) {
+            tracing::warn!("{e}: no shared listing");
+            return None;
+        }
+        checked.insert(dir.to_path_buf());
+    }
+    Some(())
 }
 
 /// Asked less than `fresh` before `since` (when the watcher began waiting
@@ -244,6 +256,21 @@ mod tests {
         );
         drop(holder);
         assert!(rt().block_on(take_lock(path, Duration::ZERO)).is_some());
+    }
+
+    /// A listings directory that was already there (made first by another,
+    /// under the usual name in /tmp) is checked before a lock goes in it:
+    /// one of ours is made 0700 again (another user's would be refused).
+    #[test]
+    fn the_listings_directory_is_checked_even_when_it_exists() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let listings = dir.path().join("listings");
+        std::fs::create_dir(&listings).unwrap();
+        std::fs::set_permissions(&listings, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(open_lock(&listings.join("x.lock")).is_some());
+        let mode = std::fs::metadata(&listings).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "a lock was made in an open directory");
     }
 
     #[test]

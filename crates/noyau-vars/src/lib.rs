@@ -69,8 +69,6 @@ impl EnvVars {
     pub const NOYAU_ENV: &'static str = "NOYAU_ENV";
     /// A spec (normalised JSON) carried to the agent.
     pub const NOYAU_ENV_SPEC: &'static str = "NOYAU_ENV_SPEC";
-    /// A 0600 file holding the spec (read and deleted by the agent).
-    pub const NOYAU_ENV_SPEC_FILE: &'static str = "NOYAU_ENV_SPEC_FILE";
     /// What the submitting host prepared (JSON) for the job to check.
     pub const NOYAU_ENV_PREPARED: &'static str = "NOYAU_ENV_PREPARED";
     /// The environment cache's root (default `$XDG_CACHE_HOME/noyau/envs`).
