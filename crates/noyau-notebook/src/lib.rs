@@ -26,4 +26,6 @@ mod pyjson;
 
 pub use notebook::{new_cell_id, write_atomic, write_atomic_with, Cell, Notebook, NotebookError};
 pub use outputs::{DisplayIndex, OutputBuilder, OutputError, OutputEvent, StreamMode};
-pub use params::{inject, InjectOptions, Injected, Language, Param, ParamError, Parameters};
+pub use params::{
+    check_name, inject, InjectOptions, Injected, Language, Param, ParamError, Parameters,
+};

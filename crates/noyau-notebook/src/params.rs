@@ -47,6 +47,26 @@ pub enum ParamError {
     Unsupported { name: String, problem: String },
     #[error("parameters must be a mapping of names to values, got {0}")]
     NotAMapping(String),
+    /// A name that is not a plain identifier: the parameters cell writes
+    /// `NAME = VALUE`, and anything else in NAME would be code.
+    #[error(
+        "parameter name {0:?} is not a plain identifier (letters, digits and `_`, not starting \
+         with a digit; `.` too for R): rename it"
+    )]
+    BadName(String),
+}
+
+/// Refuses a parameter name that is not an identifier in any of the
+/// languages (letters, digits, `_` and, for R's `my.param`, `.`; not
+/// starting with a digit or `.`): a name is written as code, unquoted,
+/// and a sweep file or parameters file may come from someone else.
+pub fn check_name(name: &str) -> Result<(), ParamError> {
+    let mut chars = name.chars();
+    let first = chars.next().is_some_and(|c| c.is_alphabetic() || c == '_');
+    match first && chars.all(|c| c.is_alphanumeric() || c == '_' || c == '.') {
+        true => Ok(()),
+        false => Err(ParamError::BadName(name.into())),
+    }
 }
 
 /// papermill's `_is_int`: Python's `int(str)` grammar (surrounding
@@ -264,6 +284,7 @@ impl Parameters {
             Param::None => Ok(()),
             Param::Dict(d) => {
                 for (k, v) in d {
+                    check_name(&k)?;
                     self.set(k, v);
                 }
                 Ok(())
@@ -339,6 +360,17 @@ impl Language {
     /// The comment line (`# Parameters`).
     pub fn comment(self, text: &str) -> String {
         format!("# {text}").trim().to_string()
+    }
+
+    /// `name` as this language reads an identifier: [`check_name`]'s
+    /// rule, and `.` only in R (elsewhere it would assign to an attribute
+    /// or a field of something that exists).
+    fn check_name(self, name: &str) -> Result<(), ParamError> {
+        check_name(name)?;
+        match self != Language::R && name.contains('.') {
+            true => Err(ParamError::BadName(name.into())),
+            false => Ok(()),
+        }
     }
 
     /// One assignment line, without its newline.
@@ -472,6 +504,7 @@ impl Language {
         let mut s = self.comment(comment);
         s.push('\n');
         for (name, v) in params.iter() {
+            self.check_name(name)?;
             s.push_str(&self.assign(name, &self.translate(name, v)?));
             s.push('\n');
         }

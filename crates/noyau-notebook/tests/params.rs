@@ -262,3 +262,41 @@ fn language_resolution_and_unknown_language() {
     );
     assert_eq!(n, before, "unchanged on error");
 }
+
+/// A parameter's name is written unquoted (`NAME = VALUE`): one from a
+/// parameters or sweep file someone else wrote must not carry code.
+#[test]
+fn a_name_that_is_not_an_identifier_is_never_written() {
+    let evil = "lr = 0.1; __import__('os').system('id'); lr";
+    let mut p = Parameters::new();
+    let merged = p.merge(Param::from_json(&json!({ evil: 1 })));
+    assert!(
+        matches!(merged, Err(ParamError::BadName(ref n)) if n == evil),
+        "{merged:?}"
+    );
+    // the cell's writer refuses it too, whatever filled the parameters
+    p.set(evil, Param::Int(1));
+    for lang in [
+        Language::Python,
+        Language::R,
+        Language::Julia,
+        Language::Bash,
+    ] {
+        let e = lang.codify(&p, "Parameters").unwrap_err();
+        assert!(e.to_string().contains("not a plain identifier"), "{e}");
+    }
+    for bad in ["", "1x", ".x", "a b", "a-b", "x\ny", "$(id)", "a;b"] {
+        assert!(noyau_notebook::check_name(bad).is_err(), "{bad:?}");
+    }
+    for good in ["lr", "_under", "alpha2", "été", "my.param"] {
+        noyau_notebook::check_name(good).unwrap();
+    }
+    // `.` is R's: elsewhere it assigns to an attribute of something there
+    let mut dotted = Parameters::new();
+    dotted.set("os.sep", Param::Int(1));
+    assert!(Language::Python.codify(&dotted, "Parameters").is_err());
+    assert_eq!(
+        Language::R.codify(&dotted, "Parameters").unwrap(),
+        "# Parameters\nos.sep = 1\n"
+    );
+}

@@ -93,9 +93,7 @@ impl RunOptions {
                 let [name, value] = pair else {
                     return Err(bad("-p/-r take a NAME and a VALUE"));
                 };
-                if name.is_empty() {
-                    return Err(bad("a parameter name cannot be empty"));
-                }
+                noyau_notebook::check_name(name).map_err(|e| bad(format!("-p/-r: {e}")))?;
                 let v = if raw {
                     Param::raw(value)
                 } else {

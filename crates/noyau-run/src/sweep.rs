@@ -122,9 +122,7 @@ pub fn parse_grid(arg: &str) -> Result<(String, Vec<Param>), RunError> {
         .split_once('=')
         .ok_or_else(|| bad(format!("--grid {arg:?}: expected NAME=V1,V2,...")))?;
     let name = name.trim();
-    if name.is_empty() {
-        return Err(bad(format!("--grid {arg:?}: the parameter name is empty")));
-    }
+    noyau_notebook::check_name(name).map_err(|e| bad(format!("--grid {arg:?}: {e}")))?;
     if values.is_empty() {
         return Err(bad(format!("--grid {arg:?}: no values")));
     }
@@ -159,6 +157,7 @@ pub fn parse_file(text: &str) -> Result<SweepSpec, RunError> {
                 .map_err(|e| bad(format!("parameters: {e}")))?,
             ("grid", Param::Dict(g)) => {
                 for (name, values) in g {
+                    noyau_notebook::check_name(&name).map_err(|e| bad(format!("grid: {e}")))?;
                     let values = match values {
                         Param::List(l) if !l.is_empty() => l,
                         Param::List(_) => return Err(bad(format!("grid: {name} has no values"))),
@@ -1062,6 +1061,27 @@ mod tests {
     fn mode_of(p: &Path) -> u32 {
         use std::os::unix::fs::PermissionsExt;
         std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    /// A sweep file or `--grid` from someone else: a name that is not an
+    /// identifier is refused before anything runs (it would be code in
+    /// every point's parameters cell).
+    #[test]
+    fn a_parameter_name_that_is_code_is_refused_wherever_it_comes() {
+        let evil = "lr = 1; __import__('os').system('id'); lr";
+        for text in [
+            format!("grid:\n  \"{evil}\": [1, 2]\n"),
+            format!("points:\n  - \"{evil}\": 1\n"),
+            format!("parameters:\n  \"{evil}\": 1\n"),
+        ] {
+            let e = parse_file(&text).unwrap_err().to_string();
+            assert!(e.contains("not a plain identifier"), "{text}: {e}");
+        }
+        let e = parse_grid("x; import os; os.system('id'); x=1,2")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a plain identifier"), "{e}");
+        assert_eq!(parse_grid("lr=1,2").unwrap().0, "lr");
     }
 
     #[test]
