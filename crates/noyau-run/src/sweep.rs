@@ -188,6 +188,10 @@ pub fn parse_file(text: &str) -> Result<SweepSpec, RunError> {
     Ok(spec)
 }
 
+/// The most points one sweep expands to (its plan and tally hold them all
+/// on the login node).
+const MAX_POINTS: usize = 100_000;
+
 /// Every point: the grid's product (first name varies slowest), or the
 /// explicit points, each with the common parameters first.
 pub fn expand(spec: &SweepSpec) -> Result<Vec<Parameters>, RunError> {
@@ -209,6 +213,15 @@ pub fn expand(spec: &SweepSpec) -> Result<Vec<Parameters>, RunError> {
     }
     if spec.grid.is_empty() {
         return Ok(vec![]);
+    }
+    // Counted before it is made: ten names of ten values are 10^10 points.
+    let n = (spec.grid.iter()).try_fold(1usize, |n, (_, values)| n.checked_mul(values.len()));
+    if n.is_none_or(|n| n > MAX_POINTS) {
+        let sizes: Vec<_> = spec.grid.iter().map(|(_, v)| v.len().to_string()).collect();
+        return Err(bad(format!(
+            "the grid makes {} points, more than a sweep takes ({MAX_POINTS}): split it",
+            sizes.join(" × ")
+        )));
     }
     let mut acc = vec![spec.common.clone()];
     for (name, values) in &spec.grid {
@@ -1082,6 +1095,19 @@ mod tests {
             .to_string();
         assert!(e.contains("not a plain identifier"), "{e}");
         assert_eq!(parse_grid("lr=1,2").unwrap().0, "lr");
+    }
+
+    #[test]
+    fn a_grid_too_large_is_refused_before_it_is_made() {
+        let values: Vec<Param> = (0..10).map(Param::Int).collect();
+        let mut spec = SweepSpec::default();
+        for name in ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"] {
+            spec.grid.push((name.into(), values.clone()));
+        }
+        let e = expand(&spec).unwrap_err().to_string();
+        assert!(e.contains("10 × 10 × 10"), "{e}");
+        spec.grid.truncate(4);
+        assert_eq!(expand(&spec).unwrap().len(), 10_000);
     }
 
     #[test]

@@ -22,7 +22,24 @@ pub enum YamlError {
     Tag(String),
     #[error("invalid YAML: the value {0:?} does not fit its tag")]
     BadValue(String),
+    /// Aliases copy what they name: a few lines that alias an alias of an
+    /// alias would fill the login node's memory.
+    #[error(
+        "the YAML holds more than {MAX_VALUES} values once its aliases are expanded: \
+         a parameters or sweep file this large is refused (split it)"
+    )]
+    TooLarge,
+    /// Values nested deeper than a parameter needs would overflow the
+    /// stack of what reads and writes them.
+    #[error("the YAML nests lists or mappings more than {MAX_DEPTH} deep: flatten it")]
+    TooDeep,
 }
+
+/// The most values (scalars, lists, mappings), aliases expanded, a file
+/// may hold: a sweep of 100,000 points of 9 parameters fits.
+const MAX_VALUES: usize = 1_000_000;
+/// The deepest nesting of lists and mappings.
+const MAX_DEPTH: usize = 64;
 
 enum Frame {
     Seq(usize, Vec<Param>),
@@ -33,14 +50,32 @@ enum Frame {
 struct Builder {
     stack: Vec<Frame>,
     root: Option<Param>,
-    anchors: HashMap<usize, Param>,
+    /// Each anchor's value, and how many values it holds.
+    anchors: HashMap<usize, (Param, usize)>,
+    /// Values made so far, aliases counted at their full size.
+    values: usize,
+    /// The values held by each open list or mapping, itself included.
+    sizes: Vec<usize>,
     error: Option<YamlError>,
 }
 
 impl Builder {
-    fn push_value(&mut self, v: Param, anchor: usize) {
+    /// Counts `n` more values, and whether the budget still holds.
+    fn count(&mut self, n: usize) -> bool {
+        self.values = self.values.saturating_add(n);
+        if let Some(open) = self.sizes.last_mut() {
+            *open = open.saturating_add(n);
+        }
+        if self.values > MAX_VALUES {
+            self.error = Some(YamlError::TooLarge);
+        }
+        self.error.is_none()
+    }
+
+    /// `v`, which holds `size` values, into what is open.
+    fn push_value(&mut self, v: Param, anchor: usize, size: usize) {
         if anchor > 0 {
-            self.anchors.insert(anchor, v.clone());
+            self.anchors.insert(anchor, (v.clone(), size));
         }
         match self.stack.last_mut() {
             None => {
@@ -77,6 +112,16 @@ fn key_string(v: &Param) -> String {
     }
 }
 
+impl Builder {
+    /// A list or mapping begins: one value, and what it will hold.
+    fn open(&mut self, frame: Frame) {
+        if self.count(1) {
+            self.stack.push(frame);
+            self.sizes.push(1);
+        }
+    }
+}
+
 impl MarkedEventReceiver for Builder {
     fn on_event(&mut self, ev: Event, _mark: Marker) {
         if self.error.is_some() {
@@ -84,22 +129,34 @@ impl MarkedEventReceiver for Builder {
         }
         match ev {
             Event::Scalar(value, style, anchor, tag) => match scalar(&value, style, tag.as_ref()) {
-                Ok(v) => self.push_value(v, anchor),
+                Ok(v) if self.count(1) => self.push_value(v, anchor, 1),
+                Ok(_) => {}
                 Err(e) => self.error = Some(e),
             },
             Event::Alias(id) => {
-                let v = self.anchors.get(&id).cloned().unwrap_or(Param::None);
-                self.push_value(v, 0);
+                let size = self.anchors.get(&id).map_or(1, |(_, n)| *n);
+                // counted before it is copied: the copy is what fills memory
+                if self.count(size) {
+                    let v = self
+                        .anchors
+                        .get(&id)
+                        .map_or(Param::None, |(v, _)| v.clone());
+                    self.push_value(v, 0, size);
+                }
             }
-            Event::SequenceStart(anchor, _) => self.stack.push(Frame::Seq(anchor, vec![])),
-            Event::MappingStart(anchor, _) => self.stack.push(Frame::Map(anchor, vec![], None)),
+            Event::SequenceStart(..) | Event::MappingStart(..) if self.stack.len() >= MAX_DEPTH => {
+                self.error = Some(YamlError::TooDeep)
+            }
+            Event::SequenceStart(anchor, _) => self.open(Frame::Seq(anchor, vec![])),
+            Event::MappingStart(anchor, _) => self.open(Frame::Map(anchor, vec![], None)),
             Event::SequenceEnd | Event::MappingEnd => {
                 let (anchor, v) = match self.stack.pop() {
                     Some(Frame::Seq(a, items)) => (a, Param::List(items)),
                     Some(Frame::Map(a, entries, _)) => (a, Param::Dict(entries)),
                     None => return,
                 };
-                self.push_value(v, anchor);
+                let size = self.sizes.pop().unwrap_or(1);
+                self.push_value(v, anchor, size);
             }
             _ => {}
         }
@@ -110,11 +167,20 @@ impl MarkedEventReceiver for Builder {
 pub fn parse(text: &str) -> Result<Param, YamlError> {
     let mut b = Builder::default();
     let mut parser = Parser::new_from_str(text);
-    parser
-        .load(&mut b, false)
-        .map_err(|e| YamlError::Syntax(e.to_string()))?;
-    if let Some(e) = b.error {
-        return Err(e);
+    // The events one at a time, up to the first document's end:
+    // yaml-rust2's own `load` recurses once per level of nesting, and a
+    // deep file overflowed its stack before the builder could refuse it.
+    loop {
+        let (ev, mark) = parser
+            .next_token()
+            .map_err(|e| YamlError::Syntax(e.to_string()))?;
+        if matches!(ev, Event::DocumentEnd | Event::StreamEnd) {
+            break;
+        }
+        b.on_event(ev, mark);
+        if let Some(e) = b.error.take() {
+            return Err(e);
+        }
     }
     Ok(b.root.unwrap_or(Param::None))
 }
@@ -301,6 +367,37 @@ mod tests {
 
     fn one(s: &str) -> Param {
         parse(s).unwrap()
+    }
+
+    /// A few lines whose aliases name aliases ("billion laughs") are
+    /// refused before they are copied out, and so is a nesting too deep
+    /// to read and write back without overflowing the stack.
+    #[test]
+    fn aliases_that_multiply_and_deep_nesting_are_refused() {
+        let mut laughs = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
+        for (n, prev) in ["b", "c", "d", "e", "f", "g", "h"]
+            .iter()
+            .zip(["a", "b", "c", "d", "e", "f", "g"])
+        {
+            let row = vec![format!("*{prev}"); 10].join(", ");
+            laughs.push_str(&format!("{n}: &{n} [{row}]\n"));
+        }
+        assert!(matches!(parse(&laughs), Err(YamlError::TooLarge)));
+        // aliases that stay small are read as before
+        let small = parse("a: &a [1, 2]\nb: [*a, *a]\n").unwrap();
+        let want = Param::List(vec![Param::Int(1), Param::Int(2)]);
+        assert_eq!(
+            small,
+            Param::Dict(vec![
+                ("a".into(), want.clone()),
+                ("b".into(), Param::List(vec![want.clone(), want]))
+            ])
+        );
+        let deep = "- ".repeat(100_000) + "x\n";
+        assert!(matches!(parse(&deep), Err(YamlError::TooDeep)));
+        let flow = "[".repeat(100_000);
+        assert!(parse(&flow).is_err());
+        assert!(parse(&("- ".repeat(MAX_DEPTH) + "x\n")).is_ok());
     }
 
     #[test]
