@@ -586,12 +586,11 @@ def _pam_service_counting_calls(tmp_path: Path) -> tuple[str, Path]:
 
 def _try_login(hub: hl.Hub, user: str, password: str, client: str, device: str | None = None) -> Any:
     """A login as `user` from `client`, with the device cookie `device` if given."""
-    import requests
-
-    s = requests.Session()
+    # The test is the TLS web server in front (proxy_addresses).
+    s = hl.behind_tls()
     s.headers["X-Forwarded-For"] = client
     if device is not None:
-        s.cookies.set("noyau_hub_device", device)
+        s.cookies.set("__Host-noyau_hub_device", device)
     return s.post(hub.url + "/hub/login", data={"user": user, "password": password,
                                                 "_csrf": hl.login_csrf(s, hub.url)},
                   allow_redirects=False, timeout=30)
@@ -619,7 +618,7 @@ def test_hub_throttles_password_guessing(tmp_path: Path, hub_users, slurm) -> No
     try:
         # The hub believes X-Forwarded-For from the proxy (here the test itself, on 127.0.0.1).
         hub = hl.Hub(tmp_path / "hub", admins=[], extra=f'pam_service = "{service}"\nlogin_delay = 2\n'
-                                                           'proxy_addresses = ["127.0.0.1"]')
+                                                           'proxy_addresses = ["127.0.0.1"]', behind_tls=True)
         hub.start()
         # One address guessing five names: its sixth try is refused, not checked.
         for i in range(5):
@@ -664,9 +663,9 @@ def test_hub_throttles_password_guessing(tmp_path: Path, hub_users, slurm) -> No
 
 
 def _device_cookie(r) -> str:  # type: ignore[no-untyped-def]
-    """The device cookie a successful login set: HttpOnly, for 30 days."""
-    header = next(h for h in r.raw.headers.getlist("Set-Cookie") if h.startswith("noyau_hub_device="))
-    assert "HttpOnly" in header and "Max-Age=2592000" in header, header
+    """The device cookie a successful login set: HttpOnly, Secure, for 30 days."""
+    header = next(h for h in r.raw.headers.getlist("Set-Cookie") if h.startswith("__Host-noyau_hub_device="))
+    assert "HttpOnly" in header and "Max-Age=2592000" in header and "Secure" in header, header
     return header.split(";")[0].split("=", 1)[1]
 
 
@@ -677,7 +676,8 @@ def test_hub_device_cookie_keeps_the_user_out_of_others_lockout(tmp_path: Path, 
     Without it, with another user's, or with a forged one, the wait holds;
     the guessing address's own wait holds whatever cookie it shows."""
     u, other = hub_users[0], hub_users[1]
-    hub = hl.Hub(tmp_path / "hub", admins=[], extra='login_delay = 60\nproxy_addresses = ["127.0.0.1"]')
+    hub = hl.Hub(tmp_path / "hub", admins=[], extra='login_delay = 60\nproxy_addresses = ["127.0.0.1"]',
+                 behind_tls=True)
     try:
         hub.start()
         r = _try_login(hub, u.name, u.password, "192.0.2.10")
@@ -711,7 +711,8 @@ def test_hub_login_floods_are_bounded_escaped_and_throttled_first(tmp_path: Path
     escaped, under no user's name; once an address must wait, its attempts
     record nothing more (not even a refused account's); the form's body is
     bounded; `noyau hub audit` prints no terminal escape."""
-    hub = hl.Hub(tmp_path / "hub", admins=[], extra='login_delay = 60\nproxy_addresses = ["127.0.0.1"]')
+    hub = hl.Hub(tmp_path / "hub", admins=[], extra='login_delay = 60\nproxy_addresses = ["127.0.0.1"]',
+                 behind_tls=True)
     try:
         hub.start()
         evil = "\x1b]0;owned\x07\x1b[2J\u202e" + "x" * 4000
