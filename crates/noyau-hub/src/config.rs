@@ -528,14 +528,18 @@ impl HubConfig {
         if self.cookie_secure || self.auth != Auth::Pam {
             return Ok(());
         }
-        let why = match &self.listen {
-            Listen::Tcp(a) if !a.ip().is_loopback() => "other hosts reach it".to_string(),
-            Listen::Unix(_) => {
-                "it is a unix socket, for a web server that users reach over the network"
-                    .to_string()
+        let listen = &self.listen;
+        let why = match listen {
+            Listen::Tcp(a) if !a.ip().is_loopback() => {
+                format!("listen = {listen} is reached from other hosts")
             }
+            Listen::Unix(_) => format!(
+                "listen = {listen} is a unix socket, for a web server that users reach over \
+                 the network"
+            ),
             Listen::Tcp(_) if !self.proxy_addresses.is_empty() => format!(
-                "proxy_addresses ({}) says a reverse proxy forwards users' requests to it",
+                "proxy_addresses ({}) says a reverse proxy forwards users' requests to \
+                 listen = {listen}",
                 self.proxy_addresses
                     .iter()
                     .map(IpAddr::to_string)
@@ -545,12 +549,11 @@ impl HubConfig {
             Listen::Tcp(_) => return Ok(()),
         };
         bail!(
-            "cookie_secure = false sends the login cookie without Secure, which is for plain-HTTP \
-             tests on a loopback address with no proxy_addresses only; listen = {} is not that: \
-             {why}, and a cookie without Secure goes to anyone on the path of a plain-HTTP \
-             request. Remove cookie_secure (its default, true) and terminate TLS at the web \
-             server, which sends X-Forwarded-Proto: https (docs/hub.md, \"For a real site\")",
-            self.listen
+            "cookie_secure = false sends the login cookie without Secure, for plain-HTTP tests \
+             on a loopback address with no proxy_addresses only; here {why}, and a cookie \
+             without Secure goes to anyone on the path of a plain-HTTP request. Remove \
+             cookie_secure (its default, true) and terminate TLS at the web server, which \
+             sends X-Forwarded-Proto: https (docs/hub.md, \"For a real site\")"
         )
     }
 }
