@@ -12,6 +12,7 @@ from a venv outside /root (NOYAU_HUB_JUPYTER_VENV, made by scripts/test:
 from __future__ import annotations
 
 import html as html_module
+import http.cookiejar
 import json
 import os
 import re
@@ -93,10 +94,14 @@ class Hub:
     def __init__(self, workdir: Path, admins: list[str], poll: float = 1.0, squeue: str = "squeue",
                  auth: str = "pam", scheduler: str = "slurm", submit_as: list[str] | None = None,
                  oarstat: str = "oarstat", run_as: str | None = None, listen_host: str = "127.0.0.1",
-                 extra: str = "", proxy_secret: bool = True) -> None:
+                 extra: str = "", proxy_secret: bool = True, behind_tls: bool = False) -> None:
         """`extra`: more top-level hub.toml lines (the test's own keys);
         `proxy_secret`: header mode gets the SSO proxy's secret header (a
-        hub without one refuses to start)."""
+        hub without one refuses to start); `behind_tls`: the hub is set up
+        as behind a web server with TLS (Secure cookies, hub.toml's
+        default: the hub refuses `cookie_secure = false` with
+        proxy_addresses or a unix-socket listen); the test then plays that
+        web server with `behind_tls()` sessions."""
         self.run_as = run_as
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -134,7 +139,7 @@ state_dir = "{self.state}"
 auth = "{auth}"
 admins = {json.dumps(admins)}
 poll_interval = {poll}
-cookie_secure = false
+{"" if behind_tls else "cookie_secure = false"}
 agent = "{noyau}"
 scheduler = "{scheduler}"
 {f"submit_as = {json.dumps(submit_as)}" if submit_as else ""}
@@ -280,6 +285,37 @@ env = {{ PATH = "/nonexistent:/usr/bin:/bin" }}
         rows = db.execute("SELECT reason FROM sessions WHERE id LIKE 'sim%'").fetchall()
         db.close()
         return [r[0] or "" for r in rows]
+
+
+class _CookiesOverTheProxysHop(http.cookiejar.DefaultCookiePolicy):
+    """Secure cookies sent over plain HTTP: the hop from a TLS web server
+    to the hub, where the browser's cookies (sent over HTTPS) go on."""
+
+    def return_ok_secure(self, cookie, request) -> bool:  # type: ignore[no-untyped-def]
+        return True
+
+
+def behind_tls():  # type: ignore[no-untyped-def]
+    """A requests.Session as the site's TLS web server forwards a
+    browser's requests to a `Hub(behind_tls=True)`: saying
+    `X-Forwarded-Proto: https`, and carrying the browser's Secure
+    cookies on the plain-HTTP hop (requests, as browsers, keeps them off
+    plain HTTP: each request's cookies are picked again under the hop's
+    policy)."""
+    import requests
+
+    class Session(requests.Session):
+        def prepare_request(self, request):  # type: ignore[no-untyped-def]
+            prepared = super().prepare_request(request)
+            jar = requests.cookies.RequestsCookieJar(policy=_CookiesOverTheProxysHop())
+            jar.update(self.cookies)
+            prepared.headers.pop("Cookie", None)
+            prepared.prepare_cookies(jar)
+            return prepared
+
+    s = Session()
+    s.headers["X-Forwarded-Proto"] = "https"
+    return s
 
 
 def login_csrf(s, url: str) -> str:  # type: ignore[no-untyped-def]

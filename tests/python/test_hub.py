@@ -501,16 +501,33 @@ def test_the_hub_on_a_unix_socket(tmp_path: Path, users) -> None:  # type: ignor
     run.mkdir()
     run.chmod(0o755)
     sock = run / "web.sock"
-    hub = hl.Hub(tmp_path / "hub", admins=[])
+    # A web server with TLS in front (nginx's proxy_pass to the socket):
+    # Secure cookies, which the hub requires on a unix socket.
+    hub = hl.Hub(tmp_path / "hub", admins=[], behind_tls=True)
     group = grp.getgrgid(os.getegid()).gr_name
     tcp_toml = hub.config.read_text()
 
     def listen_on(path: Path, more: str = "") -> None:
         hub.config.write_text(tcp_toml.replace(f'listen = "127.0.0.1:{hub.port}"', f'listen = "unix:{path}"\n{more}'))
 
-    def curl(path: Path, url: str, *args: str) -> tuple[int, str]:
-        r = subprocess.run(["curl", "-sS", "--unix-socket", str(path), "-w", "\n%{http_code}", *args,
-                            f"http://hub{url}"], capture_output=True, text=True, timeout=30)
+    # The browser's cookies, kept by hand: curl keeps Secure cookies off
+    # plain HTTP, and here the web server's plain hop is the test's.
+    cookies: dict[str, str] = {}
+    headers = tmp_path / "headers"
+
+    def curl(path: Path, url: str, *args: str, browser: bool = True) -> tuple[int, str]:
+        """A request as the web server forwards it: `X-Forwarded-Proto:
+        https` and, from the `browser`, its cookies; the cookies it sets
+        are kept."""
+        headers.unlink(missing_ok=True)
+        cookie = "; ".join(f"{k}={v}" for k, v in cookies.items()) if browser else ""
+        r = subprocess.run(["curl", "-sS", "--unix-socket", str(path), "-D", str(headers), "-w", "\n%{http_code}",
+                            "-H", "X-Forwarded-Proto: https", *(["-H", f"Cookie: {cookie}"] if cookie else []),
+                            *args, f"http://hub{url}"], capture_output=True, text=True, timeout=30)
+        for line in headers.read_text().splitlines() if browser and headers.exists() else []:
+            if line.lower().startswith("set-cookie:"):
+                name, _, value = line.split(":", 1)[1].strip().split(";")[0].partition("=")
+                cookies[name] = value
         body, _, code = r.stdout.rpartition("\n")
         return int(code), body
 
@@ -522,7 +539,7 @@ def test_the_hub_on_a_unix_socket(tmp_path: Path, users) -> None:  # type: ignor
 
         def answers() -> bool:
             assert p.poll() is None, f"the hub exited: {hub.log.read_text()[-2000:]}"
-            return path.exists() and curl(path, "/hub/login")[0] == 200
+            return path.exists() and curl(path, "/hub/login", browser=False)[0] == 200
         lib.wait_until(answers, 30, f"the hub to answer on {path}", interval=0.1)
         return p
 
@@ -535,19 +552,19 @@ def test_the_hub_on_a_unix_socket(tmp_path: Path, users) -> None:  # type: ignor
     try:
         st = sock.lstat()
         assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660, oct(st.st_mode)
-        jar = str(tmp_path / "cookies")
-        code, page = curl(sock, "/hub/login", "-c", jar)
+        code, page = curl(sock, "/hub/login")
         csrf = hl.csrf_of(page)
         u = users[0]
-        code, _ = curl(sock, "/hub/login", "-b", jar, "-c", jar, "--data-urlencode", f"user={u.name}",
+        code, _ = curl(sock, "/hub/login", "--data-urlencode", f"user={u.name}",
                        "--data-urlencode", f"password={u.password}", "--data-urlencode", f"_csrf={csrf}")
         assert code == 303, hub.log.read_text()[-2000:]
-        code, home = curl(sock, "/hub/home", "-b", jar)
+        assert "__Host-noyau_hub" in cookies, cookies
+        code, home = curl(sock, "/hub/home")
         assert code == 200 and u.name in home, home[:500]
         stop(p)
         assert sock.exists(), "SIGKILL leaves the socket"
         p = start(sock)
-        assert curl(sock, "/hub/home", "-b", jar)[0] == 200
+        assert curl(sock, "/hub/home")[0] == 200
         stop(p)
 
         # Socket activation: systemd (here systemd-socket-activate) holds the
@@ -582,6 +599,10 @@ def test_the_hub_on_a_unix_socket(tmp_path: Path, users) -> None:  # type: ignor
         assert curl(passed, "/hub/login")[0] != 200
         out, _ = p.communicate(timeout=30)
         assert p.returncode != 0 and "systemd passed the hub 2 sockets" in out, out
+        # Cookies without Secure where the web server's users reach the hub: refused.
+        listen_on(sock, "cookie_secure = false")
+        out = hub.start_refused()
+        assert "cookie_secure = false" in out and "unix socket" in out and "X-Forwarded-Proto: https" in out, out
     finally:
         if p.poll() is None:
             stop(p)

@@ -11,6 +11,7 @@ in a shared directory is refused until the user trusts that directory."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import json
@@ -25,7 +26,8 @@ import struct
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+from urllib.parse import urlencode
 
 import pytest
 
@@ -586,12 +588,11 @@ def _pam_service_counting_calls(tmp_path: Path) -> tuple[str, Path]:
 
 def _try_login(hub: hl.Hub, user: str, password: str, client: str, device: str | None = None) -> Any:
     """A login as `user` from `client`, with the device cookie `device` if given."""
-    import requests
-
-    s = requests.Session()
+    # The test is the TLS web server in front (proxy_addresses).
+    s = hl.behind_tls()
     s.headers["X-Forwarded-For"] = client
     if device is not None:
-        s.cookies.set("noyau_hub_device", device)
+        s.cookies.set("__Host-noyau_hub_device", device)
     return s.post(hub.url + "/hub/login", data={"user": user, "password": password,
                                                 "_csrf": hl.login_csrf(s, hub.url)},
                   allow_redirects=False, timeout=30)
@@ -619,7 +620,7 @@ def test_hub_throttles_password_guessing(tmp_path: Path, hub_users, slurm) -> No
     try:
         # The hub believes X-Forwarded-For from the proxy (here the test itself, on 127.0.0.1).
         hub = hl.Hub(tmp_path / "hub", admins=[], extra=f'pam_service = "{service}"\nlogin_delay = 2\n'
-                                                           'proxy_addresses = ["127.0.0.1"]')
+                                                           'proxy_addresses = ["127.0.0.1"]', behind_tls=True)
         hub.start()
         # One address guessing five names: its sixth try is refused, not checked.
         for i in range(5):
@@ -663,10 +664,93 @@ def test_hub_throttles_password_guessing(tmp_path: Path, hub_users, slurm) -> No
         Path("/etc/pam.d", service).unlink(missing_ok=True)
 
 
+def _pam_service_waiting_for(tmp_path: Path) -> tuple[str, Path, Callable[[], bool]]:
+    """A PAM service for the test whose pam_exec line (before pam_unix)
+    writes a line per authentication, then waits until the test opens
+    `gate` (a FIFO) for writing and closes it: real PAM, as slow as the
+    test says, with no timing. Returns the service, the file of lines,
+    and `release()`, which lets every waiting check on (False while no
+    check waits yet)."""
+    started, gate = tmp_path / "pam-started", tmp_path / "pam-gate"
+    started.touch()
+    os.mkfifo(gate)
+    script = tmp_path / "slow-pam"
+    # `timeout`: a check left waiting by a failed test ends all the same.
+    script.write_text(f'#!/bin/sh\necho "$PAM_USER" >> {started}\nexec timeout 120 cat {gate} > /dev/null\n')
+    script.chmod(0o755)
+    name = f"noyau-hub-test-{os.urandom(3).hex()}"
+    Path("/etc/pam.d", name).write_text(f"auth required pam_exec.so quiet {script}\n"
+                                        "auth required pam_unix.so nodelay\n"
+                                        "account required pam_unix.so\n")
+
+    def release() -> bool:
+        try:
+            os.close(os.open(gate, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no reader: no check waits yet
+                return False
+            raise
+        return True
+    return name, started, release
+
+
+def test_hub_counts_a_guess_whose_client_hung_up_during_pam(tmp_path: Path, hub_users, slurm) -> None:  # type: ignore[no-untyped-def]
+    """A guesser who hangs up while PAM checks the password has the guess
+    counted all the same: the check runs in a task of its own, not in the
+    request's future, which the server drops with the connection; and the
+    guess holds its PAM slot until PAM answers. After login_failures such
+    guesses the user waits, and PAM is not asked. (PAM
+    is real, kept inside the check until the client is gone: see
+    _pam_service_waiting_for.)"""
+    import requests
+
+    u, other = hub_users
+    service, started, release = _pam_service_waiting_for(tmp_path)
+
+    def pam_calls() -> int:
+        return len(started.read_text().splitlines())
+
+    hub = hl.Hub(tmp_path / "hub", admins=[], extra=f'pam_service = "{service}"\nlogin_failures = 3\n'
+                                                       'login_delay = 60\npam_in_flight = 1')
+    try:
+        hub.start()
+        for i in range(3):
+            s = requests.Session()
+            body = urlencode({"user": u.name, "password": "guess", "_csrf": hl.login_csrf(s, hub.url)})
+            cookie = "; ".join(f"{c.name}={c.value}" for c in s.cookies)
+            with socket.create_connection(("127.0.0.1", hub.port), timeout=10) as conn:
+                conn.sendall(f"POST /hub/login HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {cookie}\r\n"
+                             "Content-Type: application/x-www-form-urlencoded\r\n"
+                             f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+                lib.wait_until(lambda: pam_calls() == i + 1, 30, f"PAM to check guess {i + 1}")
+            if i == 0:
+                # Hung up, the guess still holds the one PAM slot: another
+                # login waits for it, then is told the hub is busy.
+                o = requests.Session()
+                r = o.post(hub.url + "/hub/login", data={"user": other.name, "password": other.password,
+                                                         "_csrf": hl.login_csrf(o, hub.url)},
+                           allow_redirects=False, timeout=30)
+                assert r.status_code == 503 and "checking many logins" in r.text, (r.status_code, r.text[:300])
+                assert pam_calls() == 1
+            # Hung up; now PAM answers.
+            lib.wait_until(release, 30, "the waiting PAM check")
+            lib.wait_until(lambda: [r[2] for r in hub.audit()].count("login-failed") == i + 1, 30,
+                           f"guess {i + 1}, whose client hung up, to be counted")
+        s = requests.Session()
+        _retry_after(s.post(hub.url + "/hub/login", data={"user": u.name, "password": u.password,
+                                                          "_csrf": hl.login_csrf(s, hub.url)},
+                            allow_redirects=False, timeout=30))
+        assert pam_calls() == 3
+    finally:
+        hub.close()
+        release()
+        Path("/etc/pam.d", service).unlink(missing_ok=True)
+
+
 def _device_cookie(r) -> str:  # type: ignore[no-untyped-def]
-    """The device cookie a successful login set: HttpOnly, for 30 days."""
-    header = next(h for h in r.raw.headers.getlist("Set-Cookie") if h.startswith("noyau_hub_device="))
-    assert "HttpOnly" in header and "Max-Age=2592000" in header, header
+    """The device cookie a successful login set: HttpOnly, Secure, for 30 days."""
+    header = next(h for h in r.raw.headers.getlist("Set-Cookie") if h.startswith("__Host-noyau_hub_device="))
+    assert "HttpOnly" in header and "Max-Age=2592000" in header and "Secure" in header, header
     return header.split(";")[0].split("=", 1)[1]
 
 
@@ -677,7 +761,8 @@ def test_hub_device_cookie_keeps_the_user_out_of_others_lockout(tmp_path: Path, 
     Without it, with another user's, or with a forged one, the wait holds;
     the guessing address's own wait holds whatever cookie it shows."""
     u, other = hub_users[0], hub_users[1]
-    hub = hl.Hub(tmp_path / "hub", admins=[], extra='login_delay = 60\nproxy_addresses = ["127.0.0.1"]')
+    hub = hl.Hub(tmp_path / "hub", admins=[], extra='login_delay = 60\nproxy_addresses = ["127.0.0.1"]',
+                 behind_tls=True)
     try:
         hub.start()
         r = _try_login(hub, u.name, u.password, "192.0.2.10")
@@ -711,7 +796,8 @@ def test_hub_login_floods_are_bounded_escaped_and_throttled_first(tmp_path: Path
     escaped, under no user's name; once an address must wait, its attempts
     record nothing more (not even a refused account's); the form's body is
     bounded; `noyau hub audit` prints no terminal escape."""
-    hub = hl.Hub(tmp_path / "hub", admins=[], extra='login_delay = 60\nproxy_addresses = ["127.0.0.1"]')
+    hub = hl.Hub(tmp_path / "hub", admins=[], extra='login_delay = 60\nproxy_addresses = ["127.0.0.1"]',
+                 behind_tls=True)
     try:
         hub.start()
         evil = "\x1b]0;owned\x07\x1b[2J\u202e" + "x" * 4000

@@ -16,12 +16,21 @@ use crate::db::{AuditRow, Db};
 /// garbage): never a name useradd accepts, so no `--user` selects it.
 pub const NO_USER: &str = "(invalid)";
 
-/// `s` as a line of the audit table or of its records can hold it: at most
-/// `max` characters, controls and bidirectional overrides escaped
-/// (`\n`, `\u{1b}`), so that no cell moves a terminal's cursor, recolours
-/// it or reorders the text.
+/// `s` as the audit table records it: at most `max` characters, controls
+/// and bidirectional overrides escaped (`\n`, `\u{1b}`) and `\` as `\\`,
+/// so that no cell moves a terminal's cursor, recolours it or reorders the
+/// text, and a typed `\n` does not read as a newline. The one place text
+/// is escaped for the audit table ([`crate::db::Db::audit`]).
+pub fn recorded(s: &str, max: usize) -> String {
+    crate::text::clean(s, max, crate::text::Unsafe::Record)
+}
+
+/// A recorded cell as `noyau hub audit` prints it: as recorded (escaping
+/// again would double every backslash), at most `max` characters; a row
+/// an older hub recorded raw has its unsafe characters escaped all the
+/// same.
 pub fn shown(s: &str, max: usize) -> String {
-    crate::text::clean(s, max, crate::text::Unsafe::Escape)
+    crate::text::clean(s, max, crate::text::Unsafe::Show)
 }
 
 /// What to print.
@@ -217,5 +226,35 @@ mod tests {
             text.len()
         );
         assert!(shown("abcdef", 3) == "abc…" && shown("abc", 3) == "abc");
+    }
+
+    #[test]
+    fn a_backslash_and_a_newline_are_recorded_apart_and_shown_once_escaped() {
+        let db = Db::open(Path::new(":memory:")).unwrap();
+        // A name with a typed backslash-n, a reason with a real newline.
+        db.audit("a\\nb", "login-failed", "ended:\nbye \\ 1");
+        db.audit("a\nb", "login-failed", "ended:\\nbye");
+        let rows = db.audit_rows(None, None).unwrap();
+        let stored: Vec<(&str, &str)> = rows
+            .iter()
+            .map(|r| (r.user.as_str(), r.detail.as_str()))
+            .collect();
+        assert_eq!(
+            stored,
+            [
+                ("a\\\\nb", "ended:\\nbye \\\\ 1"),
+                ("a\\nb", "ended:\\\\nbye"),
+            ]
+        );
+        let mut out = Vec::new();
+        write_table(&rows, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(
+            lines[1].ends_with("  a\\\\nb  login-failed  ended:\\nbye \\\\ 1")
+                && lines[2].ends_with("  a\\nb   login-failed  ended:\\\\nbye"),
+            "{text}"
+        );
     }
 }

@@ -514,30 +514,47 @@ impl HubConfig {
     }
 
     /// `cookie_secure = false` is for plain-HTTP tests on the hub's own
-    /// host. With PAM logins (header mode sets no cookie: the SSO proxy
-    /// names the user on every request), on an address other hosts reach,
-    /// the hub is either served in plain HTTP over the network (passwords
-    /// and cookies readable on the way) or reached through a TLS proxy
-    /// elsewhere: either way the setting is wrong, and the hub says so
-    /// rather than start. (Behind a web server on this host, requests that
-    /// come over HTTPS get Secure cookies whatever it says:
-    /// [`crate::auth::secure_cookies`].)
+    /// host: with PAM logins (header mode sets no cookie: the SSO proxy
+    /// names the user on every request) it is accepted only on a loopback
+    /// TCP `listen` with no `proxy_addresses`. Anything else means users
+    /// reach the hub over the network, directly or through a web server
+    /// (a unix socket, or trusted proxies): a login cookie without Secure
+    /// then goes over plain HTTP to anyone on the path (a link to
+    /// `http://` the web server answers, or one that serves both). The
+    /// hub says so rather than start. ([`crate::auth::secure_cookies`]
+    /// makes requests that came over HTTPS Secure whatever hub.toml says;
+    /// this refusal is what covers the others.)
     fn validate_cookie_secure(&self) -> anyhow::Result<()> {
-        match &self.listen {
-            Listen::Tcp(a)
-                if !self.cookie_secure && self.auth == Auth::Pam && !a.ip().is_loopback() =>
-            {
-                bail!(
-                    "cookie_secure = false sends the login cookie without Secure, for plain-HTTP \
-                 tests on 127.0.0.1 only; listen = {} is reached from other hosts (through \
-                 HTTPS, or worse in plain HTTP, where anyone on the path reads passwords and \
-                 cookies). Remove cookie_secure (its default, true) and serve the hub through \
-                 a web server with TLS (docs/hub.md, \"For a real site\")",
-                    self.listen
-                )
-            }
-            _ => Ok(()),
+        if self.cookie_secure || self.auth != Auth::Pam {
+            return Ok(());
         }
+        let listen = &self.listen;
+        let why = match listen {
+            Listen::Tcp(a) if !a.ip().is_loopback() => {
+                format!("listen = {listen} is reached from other hosts")
+            }
+            Listen::Unix(_) => format!(
+                "listen = {listen} is a unix socket, for a web server that users reach over \
+                 the network"
+            ),
+            Listen::Tcp(_) if !self.proxy_addresses.is_empty() => format!(
+                "proxy_addresses ({}) says a reverse proxy forwards users' requests to \
+                 listen = {listen}",
+                self.proxy_addresses
+                    .iter()
+                    .map(IpAddr::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Listen::Tcp(_) => return Ok(()),
+        };
+        bail!(
+            "cookie_secure = false sends the login cookie without Secure, for plain-HTTP tests \
+             on a loopback address with no proxy_addresses only; here {why}, and a cookie \
+             without Secure goes to anyone on the path of a plain-HTTP request. Remove \
+             cookie_secure (its default, true) and terminate TLS at the web server, which \
+             sends X-Forwarded-Proto: https (docs/hub.md, \"For a real site\")"
+        )
     }
 }
 
@@ -615,7 +632,7 @@ mod tests {
     }
 
     #[test]
-    fn cookie_secure_false_only_where_other_hosts_do_not_reach() {
+    fn cookie_secure_false_only_on_loopback_without_a_proxy() {
         let on = |listen: &str, extra: &str| {
             let c: HubConfig = toml::from_str(&format!(
                 "listen = \"{listen}\"\nlink_bind = \"127.0.0.1:2\"\nstate_dir = \"/x\"\n\
@@ -635,8 +652,30 @@ mod tests {
             );
             assert!(on(listen, "").is_ok());
         }
-        for listen in ["127.0.0.1:8000", "[::1]:8000", "unix:/run/hub/web.sock"] {
+        for listen in ["127.0.0.1:8000", "[::1]:8000"] {
             assert!(on(listen, plain).is_ok(), "{listen}");
+        }
+        // Behind a web server users reach over the network: refused too.
+        let e = on("unix:/run/hub/web.sock", plain).unwrap_err();
+        assert!(
+            e.contains("unix:/run/hub/web.sock")
+                && e.contains("unix socket")
+                && e.contains("X-Forwarded-Proto: https")
+                && e.contains("Remove cookie_secure"),
+            "{e}"
+        );
+        assert!(on("unix:/run/hub/web.sock", "").is_ok());
+        for listen in ["127.0.0.1:8000", "[::1]:8000"] {
+            let proxied = format!("{plain}\nproxy_addresses = [\"127.0.0.1\"]");
+            let e = on(listen, &proxied).unwrap_err();
+            assert!(
+                e.contains(listen)
+                    && e.contains("proxy_addresses (127.0.0.1)")
+                    && e.contains("X-Forwarded-Proto: https")
+                    && e.contains("Remove cookie_secure"),
+                "{e}"
+            );
+            assert!(on(listen, "proxy_addresses = [\"127.0.0.1\"]").is_ok());
         }
         // Header mode logs no one in with a cookie: nothing to refuse.
         let header = "cookie_secure = false\nauth = \"header\"\n\

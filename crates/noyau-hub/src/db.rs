@@ -217,6 +217,12 @@ impl Update {
     }
 }
 
+/// The longest user or action an audit record keeps (a user name is at
+/// most 32 bytes).
+const AUDIT_CELL_MAX: usize = 64;
+/// The longest detail an audit record keeps.
+const AUDIT_DETAIL_MAX: usize = 2000;
+
 impl Db {
     pub fn open(path: &Path) -> anyhow::Result<Self> {
         let conn = Connection::open(path)
@@ -252,8 +258,13 @@ impl Db {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records an event in the audit table, and logs it (info).
+    /// Records an event in the audit table, and logs it (info): every
+    /// field escaped and bounded ([`crate::audit::recorded`]; the one
+    /// place that escapes it), since users choose parts of them.
     pub fn audit(&self, user: &str, action: &str, detail: &str) {
+        let user = crate::audit::recorded(user, AUDIT_CELL_MAX);
+        let action = crate::audit::recorded(action, AUDIT_CELL_MAX);
+        let detail = crate::audit::recorded(detail, AUDIT_DETAIL_MAX);
         tracing::info!(user, action, detail, "audit");
         if let Err(e) = self.conn().execute(
             "INSERT INTO audit (ts, user, action, detail) VALUES (?1, ?2, ?3, ?4)",

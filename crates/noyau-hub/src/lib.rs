@@ -546,13 +546,14 @@ async fn check_password(
         return Err(too_many(wait));
     }
     if !auth::valid_user_name(user) {
-        // Whatever was typed, bounded and escaped, under no user's name.
+        // Whatever was typed, bounded (the record escapes it), under no
+        // user's name.
         hub.db.audit(
             audit::NO_USER,
             "login-failed",
             &format!(
                 "not a valid user name: {} (from {client})",
-                audit::shown(user, 64)
+                text::bounded(user, 64)
             ),
         );
         login_failed(hub, &[addr], audit::NO_USER, client);

@@ -41,11 +41,24 @@ pub fn is_unsafe(c: char) -> bool {
 /// What [`clean`] makes of an unsafe character.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unsafe {
-    /// Written as its escape (`\n`, `\u{1b}`): for the audit table, where
-    /// an admin must see what was sent.
-    Escape,
+    /// Written as its escape (`\n`, `\u{1b}`), and `\` as `\\`: for the
+    /// audit table's records, where an admin must see what was sent, and a
+    /// typed backslash-n must not read as an escaped newline.
+    Record,
+    /// Written as its escape, `\` left as it is: for showing what
+    /// [`Unsafe::Record`] made (a no-op on it), where a row recorded raw
+    /// by an older hub must still not reach the terminal raw.
+    Show,
     /// Left out: for what a page shows (a card's reason).
     Strip,
+}
+
+/// At most `max` characters of `s` (then `…`), as it is.
+pub fn bounded(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((end, _)) => format!("{}…", &s[..end]),
+        None => s.to_string(),
+    }
 }
 
 /// `s` with its unsafe characters ([`is_unsafe`]) escaped or left out, and
@@ -63,9 +76,10 @@ pub fn clean(s: &str, max: usize, unsafe_chars: Unsafe) -> String {
             break;
         }
         kept += 1;
-        match bad {
-            true => out.extend(c.escape_default()),
-            false => out.push(c),
+        match (bad, c, unsafe_chars) {
+            (true, _, _) => out.extend(c.escape_default()),
+            (false, '\\', Unsafe::Record) => out.push_str("\\\\"),
+            (false, _, _) => out.push(c),
         }
     }
     out
@@ -79,7 +93,7 @@ mod tests {
     fn controls_and_bidi_overrides_are_escaped_or_stripped() {
         let evil = "a\nb\r\u{1b}[31mc\u{7f}\u{85}d\u{202e}e\u{2066}f\u{2069}\u{200f}g";
         assert_eq!(clean(evil, 100, Unsafe::Strip), "ab[31mcdefg");
-        let escaped = clean(evil, 100, Unsafe::Escape);
+        let escaped = clean(evil, 100, Unsafe::Record);
         assert!(!escaped.chars().any(is_unsafe), "{escaped:?}");
         assert!(
             escaped.contains("\\u{1b}[31m") && escaped.contains("\\u{202e}e"),
@@ -106,14 +120,14 @@ mod tests {
         .chain('\u{e0020}'..='\u{e007f}');
         for c in hidden {
             assert_eq!(clean(&format!("x{c}y"), 10, Unsafe::Strip), "xy", "{c:?}");
-            let escaped = clean(&format!("x{c}y"), 20, Unsafe::Escape);
+            let escaped = clean(&format!("x{c}y"), 20, Unsafe::Record);
             assert!(
                 escaped.starts_with("x\\u{") && escaped.ends_with("}y"),
                 "{escaped}"
             );
         }
         assert!(
-            clean("abcdef", 3, Unsafe::Escape) == "abc…" && clean("abc", 3, Unsafe::Strip) == "abc"
+            clean("abcdef", 3, Unsafe::Record) == "abc…" && clean("abc", 3, Unsafe::Strip) == "abc"
         );
         assert_eq!(
             clean("é".repeat(5000).as_str(), 1024, Unsafe::Strip)
@@ -121,5 +135,21 @@ mod tests {
                 .count(),
             1025
         );
+    }
+
+    #[test]
+    fn a_record_is_unambiguous_and_showing_it_adds_nothing() {
+        let typed = "a\\nb"; // a backslash and an n, as typed
+        let newline = "a\nb";
+        let (t, n) = (
+            clean(typed, 99, Unsafe::Record),
+            clean(newline, 99, Unsafe::Record),
+        );
+        assert_eq!((t.as_str(), n.as_str()), ("a\\\\nb", "a\\nb"));
+        assert_eq!(clean(&t, 99, Unsafe::Show), t);
+        assert_eq!(clean(&n, 99, Unsafe::Show), n);
+        assert_eq!(clean(newline, 99, Unsafe::Show), "a\\nb");
+        assert_eq!(bounded("abcdef", 3), "abc…");
+        assert_eq!(bounded("é\u{1b}", 2), "é\u{1b}");
     }
 }
