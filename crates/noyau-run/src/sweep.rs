@@ -756,6 +756,10 @@ pub fn csv(rows: &[Value]) -> String {
     fn field(v: &Value) -> String {
         let s = match v {
             Value::Null => String::new(),
+            // A text a spreadsheet would read as a formula (a grid value
+            // from someone else's sweep file: `=HYPERLINK(…)`) is written
+            // as text, after a `'`, as OWASP advises for CSV files.
+            Value::String(s) if s.starts_with(['=', '+', '-', '@', '\t', '\r']) => format!("'{s}"),
             Value::String(s) => s.clone(),
             other => other.to_string(),
         };
@@ -1095,6 +1099,20 @@ mod tests {
             .to_string();
         assert!(e.contains("not a plain identifier"), "{e}");
         assert_eq!(parse_grid("lr=1,2").unwrap().0, "lr");
+    }
+
+    #[test]
+    fn a_text_a_spreadsheet_would_run_is_written_as_text() {
+        let rows = [serde_json::json!({
+            "index": 0, "status": "ok", "exit_code": 0, "duration_s": 1.5, "output": "o.ipynb",
+            "parameters": {"f": "=HYPERLINK(\"http://x\",\"y\")", "g": "@SUM(A1)", "n": -3, "s": "plain"}
+        })];
+        let text = csv(&rows);
+        let line = text.lines().nth(1).unwrap();
+        assert_eq!(
+            line,
+            "0,\"'=HYPERLINK(\"\"http://x\"\",\"\"y\"\")\",'@SUM(A1),-3,plain,ok,0,1.5,o.ipynb"
+        );
     }
 
     #[test]
