@@ -57,7 +57,7 @@ pub use error::SchedError;
 pub use estimate::start_estimate;
 pub use job::{ArrayJob, ArrayTasks, Job};
 pub use local::LocalBackend;
-pub use paths::{log_dir, private_dir, state_dir, tail_log};
+pub use paths::{log_dir, private_dir, runtime_dir_from, state_dir, tail_log};
 pub use profile::{
     canonical_key, find_key, key_names, parse_size, parse_time, suggest, Given, Key, Kind, Profile,
     ProfileError, Value,
