@@ -474,6 +474,8 @@ struct Where {
     notebook: PathBuf,
     /// The notebook as read (what it declares is prepared here).
     nb: noyau_notebook::Notebook,
+    /// The directory it was read from, anchored.
+    project: noyau_trust::anchor::ProjectDir,
     stem: String,
     outdir: PathBuf,
 }
@@ -495,7 +497,7 @@ async fn sweep(a: SweepOptions) -> Result<i32, RunError> {
     let plan = write_plan(&a, &w, &p)?;
     let plan_path = &plan.0;
     // Built and fetched once, here, for every point.
-    let env = crate::environment::for_job(&w.nb, &w.notebook, None, true).await?;
+    let env = crate::environment::for_job(&w.nb, &w.project, None, true).await?;
     let (backend, profile) =
         crate::kernel::backend_and_profile(a.backend.as_deref(), a.profile.as_deref(), &a.options)?;
     eprintln!(
@@ -540,7 +542,7 @@ async fn sweep(a: SweepOptions) -> Result<i32, RunError> {
 /// submitted), its stem and the output directory.
 fn where_of(a: &SweepOptions) -> Result<Where, RunError> {
     let notebook = abs(&a.notebook);
-    let nb = crate::input::read_input(&notebook.display().to_string())?;
+    let (nb, project) = crate::input::read_input(&notebook.display().to_string())?;
     let stem = notebook
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -553,6 +555,7 @@ fn where_of(a: &SweepOptions) -> Result<Where, RunError> {
     Ok(Where {
         notebook,
         nb,
+        project,
         stem,
         outdir,
     })
