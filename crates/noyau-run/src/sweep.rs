@@ -762,7 +762,11 @@ pub fn csv(rows: &[Value]) -> String {
             // A text a spreadsheet would read as a formula (a grid value
             // from someone else's sweep file: `=HYPERLINK(…)`) is written
             // as text, after a `'`, as OWASP advises for CSV files.
-            Value::String(s) if s.starts_with(['=', '+', '-', '@', '\t', '\r']) => format!("'{s}"),
+            Value::String(s)
+                if s.starts_with(['=', '+', '-', '@', '\t', '\r']) && s.parse::<f64>().is_err() =>
+            {
+                format!("'{s}")
+            }
             Value::String(s) => s.clone(),
             other => other.to_string(),
         };
@@ -1108,13 +1112,13 @@ mod tests {
     fn a_text_a_spreadsheet_would_run_is_written_as_text() {
         let rows = [serde_json::json!({
             "index": 0, "status": "ok", "exit_code": 0, "duration_s": 1.5, "output": "o.ipynb",
-            "parameters": {"f": "=HYPERLINK(\"http://x\",\"y\")", "g": "@SUM(A1)", "n": -3, "s": "plain"}
+            "parameters": {"f": "=HYPERLINK(\"http://x\",\"y\")", "g": "@SUM(A1)", "n": -3, "s": "plain", "t": "-1e-3"}
         })];
         let text = csv(&rows);
         let line = text.lines().nth(1).unwrap();
         assert_eq!(
             line,
-            "0,\"'=HYPERLINK(\"\"http://x\"\",\"\"y\"\")\",'@SUM(A1),-3,plain,ok,0,1.5,o.ipynb"
+            "0,\"'=HYPERLINK(\"\"http://x\"\",\"\"y\"\")\",'@SUM(A1),-3,plain,-1e-3,ok,0,1.5,o.ipynb"
         );
     }
 
