@@ -444,7 +444,7 @@ pub fn main(args: SweepOptions) -> i32 {
             return sweep_exit::BAD_INPUT;
         }
     };
-    match rt.block_on(noyau_sched::settled(sweep(args))) {
+    match rt.block_on(crate::settled(sweep(args))) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("noyau sweep: error: {e}");
@@ -1004,7 +1004,7 @@ async fn run_array(
     // Ours from before the submission: a Ctrl-C while it waits for a slot
     // submits nothing; one while the command runs (in its own process
     // group, out of the Ctrl-C's reach) lets noyau-sched cancel the array
-    // it gives, before the process ends (`settled` in `main`).
+    // it gives, before the process ends (`crate::settled` in `main`).
     let mut stop = Stop::new()?;
     let submitted = tokio::select! {
         r = sched.submit_array(&spec) => r,

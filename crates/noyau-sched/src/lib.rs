@@ -64,7 +64,10 @@ pub use profile::{
 };
 pub use quote::sh_quote;
 pub use run::{AsUser, CommandError};
-pub use scheduler::{serve_submit_request, settled, submissions_settled, Builder, Scheduler};
+pub use scheduler::{
+    serve_submit_request, settled, settled_or, submissions_settled, Builder, Scheduler,
+    CANCEL_PATIENCE,
+};
 pub use state::{
     duration_text, local_time, parse_duration, parse_local_time, seconds_until, walltime_warnings,
     JobEnd, JobState,
