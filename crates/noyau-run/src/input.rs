@@ -47,6 +47,11 @@ pub fn output_for(input: &str, output: Option<&str>) -> Output {
 
 /// Reads and parses the input (upgrading nbformat 3 and 4.0–4.4).
 pub fn read_input(input: &str) -> Result<Notebook, RunError> {
+    parse_input(input, &read_bytes(input)?)
+}
+
+/// The input's bytes as read now (stdin for `-`).
+pub fn read_bytes(input: &str) -> Result<Vec<u8>, RunError> {
     let mut bytes = Vec::new();
     let res = if input == "-" {
         std::io::stdin().read_to_end(&mut bytes).map(|_| ())
@@ -56,8 +61,13 @@ pub fn read_input(input: &str) -> Result<Notebook, RunError> {
         noyau_trust::anchor::read_notebook(Path::new(input)).map(|b| bytes = b)
     };
     res.map_err(RunError::io("cannot read", input))?;
+    Ok(bytes)
+}
+
+/// The notebook in `bytes`, read from `input` (named in errors).
+pub fn parse_input(input: &str, bytes: &[u8]) -> Result<Notebook, RunError> {
     let what = if input == "-" { "stdin" } else { input };
-    let b = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&bytes);
+    let b = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes);
     let mut v: Value = serde_json::from_slice(b).map_err(|e| {
         bad(format!(
             "{what} is not a notebook: invalid JSON ({e}); pass a Jupyter .ipynb file"
@@ -70,6 +80,49 @@ pub fn read_input(input: &str) -> Result<Notebook, RunError> {
     let mut nb = Notebook::from_value(v).map_err(|e| bad(format!("{what}: {e}")))?;
     nb.upgrade_minor();
     Ok(nb)
+}
+
+/// Keeps `bytes`, the notebook as read at submission, in `path`: a 0600
+/// file of the user's in a private directory, which the job runs. The
+/// notebook's own path may sit in a directory others can write (a team's
+/// project): one of them could replace it by a rename while the job
+/// waits in the queue, and have their cells run as the user.
+pub fn keep_copy(path: &Path, bytes: &[u8]) -> Result<(), RunError> {
+    noyau_trust::replace(path, bytes, 0o600).map_err(|e| {
+        bad(format!(
+            "cannot keep the notebook's copy for the job in {}: {e}",
+            path.display()
+        ))
+    })
+}
+
+/// The notebook this run executes: the submitter's private copy when
+/// there is one (a sweep's task, a detached run), read only if still a
+/// 0600 file of the user's (not a link, nor a FIFO); else the input.
+/// With a copy, the input's directory is still anchored here (the
+/// project the notebook belongs to, as when the input itself is read).
+fn read_run_input(opts: &RunOptions) -> Result<Notebook, RunError> {
+    let Some(copy) = &opts.input_copy else {
+        return read_input(&opts.input);
+    };
+    let dir = notebook_dir(&opts.input);
+    noyau_trust::anchor::open_dir(&dir)
+        .and_then(|held| noyau_trust::anchor::anchor(&dir, held))
+        .map_err(RunError::io(
+            "cannot open the notebook's directory",
+            dir.clone(),
+        ))?;
+    let mut bytes = Vec::new();
+    noyau_trust::Expect::file()
+        .open(copy)
+        .map_err(|e| {
+            bad(format!(
+                "the notebook's copy kept at submission: {e}; submit the run again"
+            ))
+        })?
+        .read_to_end(&mut bytes)
+        .map_err(RunError::io("cannot read", copy.clone()))?;
+    parse_input(&opts.input, &bytes)
 }
 
 /// What tells that a file was rewritten (an editor's atomic save makes a new
@@ -118,7 +171,7 @@ pub fn output_of(opts: &RunOptions) -> Result<Output, RunError> {
 /// The input with the parameters injected and papermill's metadata.
 pub fn prepare(opts: &RunOptions, output: &Output) -> Result<Notebook, RunError> {
     let params = opts.parameters()?;
-    let mut nb = read_input(&opts.input)?;
+    let mut nb = read_run_input(opts)?;
     pm::on_load(&mut nb);
     if !params.is_empty() {
         let injected = noyau_notebook::inject(
