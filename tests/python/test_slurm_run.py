@@ -10,6 +10,7 @@ notebooks.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
 import time
@@ -481,6 +482,11 @@ def test_queued_sweep_and_detached_run_run_the_notebook_as_submitted(slurm: None
         ran.append(stdout_of(json.loads(det_out.read_text())["cells"][-1]))
         assert ran == ["submitted 1\n", "submitted 2\n", "submitted 3\n"], ran
         assert "print('replaced', x)" in nb.read_text()  # the file was replaced, and left alone
+        state = Path(os.environ["XDG_STATE_HOME"]) / "noyau"
+        assert not list((state / "sweeps").glob("sub-*")), "the sweep's plan or copy outlived it"
+        # (a detached job cancelled before it starts leaves its copy: only this one's is looked for)
+        assert not [f for f in (state / "runs").glob("input-*") if "submitted" in f.read_text()], \
+            "the detached run's copy outlived it"
     finally:
         subprocess.run(["scancel", blocker], check=False)
         if sweep and sweep.p.poll() is None:
