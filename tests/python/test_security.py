@@ -1211,31 +1211,6 @@ def test_a_sweep_runs_the_notebook_as_submitted_not_one_renamed_over_it(
     assert not list(plans.glob("swap-*")), "the plan or its notebook outlived the sweep"
 
 
-def test_a_sweep_refuses_an_output_directory_others_could_move(noyau_bin: str, tmp_path: Path) -> None:
-    """The output directory in a directory others can write, not sticky (a
-    team's project, where a group member could rename it after any check
-    and put theirs in its place while the tasks queue): refused before
-    anything runs, naming the directory on the way and the way out. Under
-    a sticky directory (/scratch's 1777) it is used."""
-    from test_slurm_run import notebook, stdout_of
-
-    nb = notebook(tmp_path / "mv.ipynb", "print('ran', x)", params="x = 0")
-    for mode, refused in [(0o777, True), (0o1777, False)]:
-        team = tmp_path / f"team-{mode:o}"
-        team.mkdir()
-        team.chmod(mode)
-        out = team / "out"
-        r = subprocess.run([noyau_bin, "sweep", str(nb), "--grid", "x=1", "--backend", "local",
-                            "-o", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-        if refused:
-            assert r.returncode == 2, r.stderr
-            assert f"{team} on the way to it is writable by its group or others (mode 0777)" in r.stderr
-            assert "no one else can move" in r.stderr and "give -o" in r.stderr, r.stderr
-            assert not (out / "mv-0.ipynb").exists()
-        else:
-            assert r.returncode == 0, r.stderr
-            assert stdout_of(json.loads((out / "mv-0.ipynb").read_text())["cells"][-1]) == "ran 1\n"
-
 
 # --------------------------------------------------------------------------
 # A project's noyau.toml in a shared directory: its profiles say what a

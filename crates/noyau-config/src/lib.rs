@@ -84,7 +84,7 @@ use toml::Spanned;
 pub use files::{MAX_LOCK_SIZE, MAX_SIZE};
 pub use noyau_sched::{parse_size, parse_time, suggest, Profile, ProfileError};
 pub use trust::trust_project;
-pub use trusted::{secure_dir, CodeTrust, TrustedProjects};
+pub use trusted::{CodeTrust, TrustedProjects};
 
 use files::Origin;
 

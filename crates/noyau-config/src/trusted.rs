@@ -462,7 +462,7 @@ fn resolved(p: &Path) -> PathBuf {
 /// root's; `dir` itself must be the user's or root's and not writable by
 /// others at all. Else another user could have made it, or swap it (or a
 /// link on the way) for theirs between this check and noyau's reads.
-pub fn secure_dir(dir: &Path) -> Result<Metadata, String> {
+pub(crate) fn secure_dir(dir: &Path) -> Result<Metadata, String> {
     let abs = std::path::absolute(dir).map_err(|e| format!("{} ({e})", dir.display()))?;
     let mut todo: Vec<std::ffi::OsString> = Vec::new();
     push_front(&mut todo, &abs);

@@ -283,21 +283,6 @@ fn check_dir(dir: &Path) -> Result<(), RunError> {
         ))
 }
 
-/// `dir`, the output directory, must also be where no one else can move
-/// it: a directory on the way that another user could write (not sticky)
-/// would let them rename it after any check and put theirs in its place,
-/// and the tasks write there by path, maybe hours later. Checked here,
-/// that condition cannot come undone without the user.
-fn fixed_dir(dir: &Path) -> Result<(), RunError> {
-    noyau_config::secure_dir(dir).map(drop).map_err(|why| {
-        bad(format!(
-            "{why}: a sweep writes only in an output directory no one else can move (its tasks \
-             write there long after this check); give -o a directory in a place only you or root \
-             can write, or under a sticky one (/scratch)"
-        ))
-    })
-}
-
 fn abs(p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_path_buf()
@@ -389,7 +374,6 @@ impl TaskPoint {
         let output = point["output"].as_str().unwrap_or_default().to_string();
         let outdir = PathBuf::from(plan["output_dir"].as_str().unwrap_or_default());
         check_dir(&outdir)?;
-        fixed_dir(&outdir)?;
         own_dir(&results_dir(&outdir))?;
         check_output(Path::new(&output))?;
         Ok(TaskPoint {
@@ -693,7 +677,6 @@ impl Drop for Plan {
 /// round's old results are removed first.
 fn write_plan(a: &SweepOptions, w: &Where, p: &Points) -> Result<Plan, RunError> {
     own_dir(&w.outdir)?;
-    fixed_dir(&w.outdir)?;
     own_dir(&results_dir(&w.outdir))?;
     for &i in &p.todo {
         let _ = std::fs::remove_file(result_path(&w.outdir, i));
