@@ -1263,6 +1263,41 @@ def test_a_sweep_runs_only_its_own_plan_and_trusts_nothing_planted_in_its_output
     assert not [f for f in plans.iterdir() if str(out) in f.read_text()]
 
 
+def test_a_sweep_runs_the_notebook_as_submitted_not_one_renamed_over_it(
+        noyau_bin: str, tmp_path: Path) -> None:
+    """The notebook in a directory others can write (a team's project: the
+    file's own mode does not matter to a rename over it) is replaced while
+    the sweep's first point runs (local backend; on a batch backend the
+    tasks may wait hours): the next point still runs the notebook as the
+    sweep read it, from the private copy kept beside its plan, which goes
+    with the sweep. (`test_slurm_run.py::test_queued_sweep_and_detached_run_
+    run_the_notebook_as_submitted`: the same for queued jobs and --detach.)"""
+    from test_slurm_run import notebook, stdout_of
+
+    go = tmp_path / "go"
+    wait = f"import os, time\nwhile x == 0 and not os.path.exists({str(go)!r}):\n    time.sleep(0.05)\nprint('submitted', x)"
+    nb = notebook(tmp_path / "swap.ipynb", wait, params="x = 0")
+    replaced = notebook(tmp_path / ".swap.ipynb", "print('replaced', x)", params="x = 0")
+    out = tmp_path / "out"
+    p = subprocess.Popen([noyau_bin, "sweep", str(nb), "--grid", "x=0,1", "--backend", "local",
+                          "--max-parallel", "1", "-o", str(out)], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    try:
+        lib.wait_until(lambda: (out / "logs" / "0.log").exists(), 60, "the first point to start")
+        replaced.rename(nb)
+        go.touch()
+        _, err = p.communicate(timeout=240)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, err
+    ran = [stdout_of(json.loads((out / f"swap-{i}.ipynb").read_text())["cells"][-1]) for i in (0, 1)]
+    assert ran == ["submitted 0\n", "submitted 1\n"], ran
+    plans = Path(os.environ["XDG_STATE_HOME"]) / "noyau" / "sweeps"
+    assert not list(plans.glob("swap-*")), "the plan or its notebook outlived the sweep"
+
+
+
 # --------------------------------------------------------------------------
 # A project's noyau.toml in a shared directory: its profiles say what a
 # job runs, so one another user wrote is code run as whoever runs there.

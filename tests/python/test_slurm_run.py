@@ -10,6 +10,7 @@ notebooks.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
 import time
@@ -518,3 +519,46 @@ def test_detached_run_is_the_job_and_ps_shows_its_cells(slurm: None, noyau_bin: 
     assert runners, "the detached runner was never seen running"
     assert stdout_of(res["cells"][-1]).split() == ["7", tok, where, job]
     assert res["metadata"]["noyau"]["allocation"] == job
+
+
+def test_queued_sweep_and_detached_run_run_the_notebook_as_submitted(slurm: None, noyau_bin: str,
+                                                                     tmp_path: Path) -> None:
+    """The notebook replaced by a rename while the jobs wait in the queue
+    (anyone who can write a shared project's directory can, the file's own
+    mode notwithstanding) is not what runs: a sweep's tasks and a detached
+    run execute the copy kept, private, when they were submitted."""
+    blocker = lib.fill_the_node()
+    sweep = None
+    try:
+        nb = notebook(tmp_path / "sub.ipynb", "print('submitted', x)", params="x = 0")
+        replaced = notebook(tmp_path / ".sub.ipynb", "print('replaced', x)", params="x = 0")
+        outdir = tmp_path / "out"
+        sweep = Proc([noyau_bin, "sweep", str(nb), "--grid", "x=1,2", "--profile", "test",
+                      "-o", str(outdir)], cwd=tmp_path)
+        det_out = tmp_path / "det.out.ipynb"
+        r = subprocess.run([noyau_bin, "run", str(nb), str(det_out), "--detach", "--profile", "test",
+                            "-p", "x", "3"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        det = r.stdout.strip()
+        lib.wait_until(lambda: {j["name"] for j in lib.squeue_noyau() if j["state"] == "PENDING"}
+                       >= {"noyau-sweep-sub", "noyau-run-sub"}, 60, "the sweep and the run to queue")
+        replaced.rename(nb)
+        subprocess.run(["scancel", blocker], check=True)
+        assert sweep.wait(300) == 0, sweep.stderr
+        lib.wait_until(lambda: not any(j["id"] == det for j in lib.squeue_noyau()), 120,
+                       "the detached run to end", 0.5)
+        summary = json.loads((outdir / "summary.json").read_text())
+        assert [p["status"] for p in summary["points"]] == ["ok", "ok"], summary
+        ran = [stdout_of(json.loads(Path(p["output"]).read_text())["cells"][-1]) for p in summary["points"]]
+        ran.append(stdout_of(json.loads(det_out.read_text())["cells"][-1]))
+        assert ran == ["submitted 1\n", "submitted 2\n", "submitted 3\n"], ran
+        assert "print('replaced', x)" in nb.read_text()  # the file was replaced, and left alone
+        state = Path(os.environ["XDG_STATE_HOME"]) / "noyau"
+        assert not list((state / "sweeps").glob("sub-*")), "the sweep's plan or copy outlived it"
+        # (a detached job cancelled before it starts leaves its copy: only this one's is looked for)
+        assert not [f for f in (state / "runs").glob("input-*") if "submitted" in f.read_text()], \
+            "the detached run's copy outlived it"
+    finally:
+        subprocess.run(["scancel", blocker], check=False)
+        if sweep and sweep.p.poll() is None:
+            sweep.p.kill()

@@ -14,7 +14,7 @@ use serde_json::json;
 
 use crate::error::{bad, RunError};
 use crate::exit;
-use crate::input::{job_name, output_for, read_input, Output};
+use crate::input::{job_name, output_for, parse_input, read_bytes, Output};
 use crate::options::RunOptions;
 
 /// Where a detached run in job `id` reports its progress (`noyau ps` reads it).
@@ -202,6 +202,48 @@ pub fn take_parameters(opts: &mut RunOptions) -> Result<(), RunError> {
     Ok(())
 }
 
+/// The notebook as read at submission, which the detached job runs: a
+/// 0600 file in `STATE/runs` (0700), removed here if the submission
+/// fails, else by the job's runner when its run ends ([`take_input`]).
+pub(crate) struct InputCopy(PathBuf);
+
+impl InputCopy {
+    fn keep(bytes: &[u8]) -> Result<InputCopy, RunError> {
+        let dir = noyau_sched::state_dir().join("runs");
+        noyau_sched::private_dir(&dir)?;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let path = dir.join(format!("input-{}-{nanos}.ipynb", std::process::id()));
+        crate::input::keep_copy(&path, bytes)?;
+        Ok(InputCopy(path))
+    }
+}
+
+impl Drop for InputCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// In a detached run's job: the notebook its submitter kept
+/// (`NOYAU_RUN_INPUT`), set as the run's input copy, the variable taken
+/// out of this process's environment (a run the kernel starts must not
+/// take it for its own). Returns the guard that removes the copy when
+/// the run ends, for a copy where [`InputCopy::keep`] makes them only
+/// (the variable set by hand never has a file of the user's removed).
+/// Call it before any thread starts (it changes the environment).
+pub(crate) fn take_input(opts: &mut RunOptions) -> Option<InputCopy> {
+    let var = EnvVars::NOYAU_RUN_INPUT;
+    let path = PathBuf::from(std::env::var_os(var)?);
+    std::env::remove_var(var);
+    opts.input_copy = Some(path.clone());
+    let ours = path.parent() == Some(&noyau_sched::state_dir().join("runs"))
+        && (path.file_name().and_then(|n| n.to_str())).is_some_and(|n| n.starts_with("input-"));
+    ours.then_some(InputCopy(path))
+}
+
 /// Submits the run as the job; returns once it is submitted.
 pub async fn detach(
     opts: &RunOptions,
@@ -219,7 +261,8 @@ pub async fn detach(
             "--detach needs an input and an output file, not stdin/stdout",
         ));
     }
-    let (nb, project) = read_input(&opts.input)?;
+    let (bytes, project) = read_bytes(&opts.input)?;
+    let nb = parse_input(&opts.input, &bytes)?;
     let kernel = crate::kernel::kernel_name(opts, &nb);
     let kernel_env = crate::kernelenv::job_env(&kernel, backend)?;
     let Output::File(out) = output_for(&opts.input, opts.output.as_deref()) else {
@@ -234,6 +277,11 @@ pub async fn detach(
     if let Some(params) = parameters_value(opts) {
         env.insert(EnvVars::NOYAU_RUN_PARAMETERS.to_string(), params);
     }
+    let copy = InputCopy::keep(&bytes)?;
+    env.insert(
+        EnvVars::NOYAU_RUN_INPUT.to_string(),
+        copy.0.display().to_string(),
+    );
     let spec = noyau_sched::JobSpec {
         name: job_name(&opts.input),
         program: std::env::current_exe().unwrap_or_else(|_| "noyau".into()),
@@ -246,6 +294,8 @@ pub async fn detach(
     let id = noyau_sched::Scheduler::named(backend)?
         .submit_detached(&spec)
         .await?;
+    // Submitted: the job removes the copy when its run ends.
+    std::mem::forget(copy);
     // A status file left by an earlier job with the same id (another or a
     // reset cluster) must not pass for this run's progress.
     let _ = std::fs::remove_file(status_path(&id));

@@ -50,6 +50,13 @@ pub fn output_for(input: &str, output: Option<&str>) -> Output {
 /// its project: the directory it was read from, anchored (the working
 /// directory for stdin), which every later use of the project judges.
 pub fn read_input(input: &str) -> Result<(Notebook, ProjectDir), RunError> {
+    let (bytes, project) = read_bytes(input)?;
+    Ok((parse_input(input, &bytes)?, project))
+}
+
+/// The input's bytes as read now (stdin for `-`), and its project
+/// ([`read_input`]).
+pub fn read_bytes(input: &str) -> Result<(Vec<u8>, ProjectDir), RunError> {
     let mut bytes = Vec::new();
     let res = if input == "-" {
         std::io::stdin()
@@ -62,8 +69,13 @@ pub fn read_input(input: &str) -> Result<(Notebook, ProjectDir), RunError> {
         })
     };
     let project = res.map_err(RunError::io("cannot read", input))?;
+    Ok((bytes, project))
+}
+
+/// The notebook in `bytes`, read from `input` (named in errors).
+pub fn parse_input(input: &str, bytes: &[u8]) -> Result<Notebook, RunError> {
     let what = if input == "-" { "stdin" } else { input };
-    let b = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&bytes);
+    let b = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes);
     let mut v: Value = serde_json::from_slice(b).map_err(|e| {
         bad(format!(
             "{what} is not a notebook: invalid JSON ({e}); pass a Jupyter .ipynb file"
@@ -75,7 +87,47 @@ pub fn read_input(input: &str) -> Result<(Notebook, ProjectDir), RunError> {
     }
     let mut nb = Notebook::from_value(v).map_err(|e| bad(format!("{what}: {e}")))?;
     nb.upgrade_minor();
-    Ok((nb, project))
+    Ok(nb)
+}
+
+/// Keeps `bytes`, the notebook as read at submission, in `path`: a 0600
+/// file of the user's in a private directory, which the job runs. The
+/// notebook's own path may sit in a directory others can write (a team's
+/// project): one of them could replace it by a rename while the job
+/// waits in the queue, and have their cells run as the user.
+pub fn keep_copy(path: &Path, bytes: &[u8]) -> Result<(), RunError> {
+    noyau_trust::replace(path, bytes, 0o600).map_err(|e| {
+        bad(format!(
+            "cannot keep the notebook's copy for the job in {}: {e}",
+            path.display()
+        ))
+    })
+}
+
+/// The notebook this run executes, with its project: the submitter's
+/// private copy when there is one (a sweep's task, a detached run), read
+/// only if still a 0600 file of the user's (not a link, nor a FIFO), its
+/// project the input's directory, anchored here; else the input.
+fn read_run_input(opts: &RunOptions) -> Result<(Notebook, ProjectDir), RunError> {
+    let Some(copy) = &opts.input_copy else {
+        return read_input(&opts.input);
+    };
+    let dir = notebook_dir(&opts.input);
+    let project = ProjectDir::open(&dir).map_err(RunError::io(
+        "cannot open the notebook's directory",
+        dir.clone(),
+    ))?;
+    let mut bytes = Vec::new();
+    noyau_trust::Expect::file()
+        .open(copy)
+        .map_err(|e| {
+            bad(format!(
+                "the notebook's copy kept at submission: {e}; submit the run again"
+            ))
+        })?
+        .read_to_end(&mut bytes)
+        .map_err(RunError::io("cannot read", copy.clone()))?;
+    Ok((parse_input(&opts.input, &bytes)?, project))
 }
 
 /// What tells that a file was rewritten (an editor's atomic save makes a new
@@ -125,7 +177,7 @@ pub fn output_of(opts: &RunOptions) -> Result<Output, RunError> {
 /// its project ([`read_input`]).
 pub fn prepare(opts: &RunOptions, output: &Output) -> Result<(Notebook, ProjectDir), RunError> {
     let params = opts.parameters()?;
-    let (mut nb, project) = read_input(&opts.input)?;
+    let (mut nb, project) = read_run_input(opts)?;
     pm::on_load(&mut nb);
     if !params.is_empty() {
         let injected = noyau_notebook::inject(

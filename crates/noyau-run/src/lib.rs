@@ -90,6 +90,7 @@ pub fn main(mut opts: RunOptions) -> i32 {
         eprintln!("noyau run: error: {e}");
         return e.code();
     }
+    let _input_copy = detach::take_input(&mut opts);
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -69,6 +69,11 @@ pub struct RunOptions {
     pub detach: bool,
     /// Parameters set before the command line's (a sweep's point).
     pub preset: Parameters,
+    /// The notebook's content kept at submission (a sweep's task, a
+    /// detached run): a private copy run instead of what INPUT holds now.
+    /// INPUT still names the notebook (its directory, the default output,
+    /// papermill's metadata).
+    pub input_copy: Option<PathBuf>,
 }
 
 impl RunOptions {

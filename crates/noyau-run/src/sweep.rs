@@ -378,6 +378,11 @@ impl TaskPoint {
             .and_then(|p| p.iter().find(|p| p["index"].as_u64() == Some(index as u64)))
             .cloned()
             .ok_or_else(|| bad(format!("the plan has no point {index}")))?;
+        if plan["notebook_copy"].as_str().is_none() {
+            return Err(bad(
+                "the sweep's plan keeps no copy of the notebook (an older noyau wrote it): run the sweep again",
+            ));
+        }
         let output = point["output"].as_str().unwrap_or_default().to_string();
         let outdir = PathBuf::from(plan["output_dir"].as_str().unwrap_or_default());
         check_dir(&outdir)?;
@@ -417,6 +422,7 @@ fn point_run(plan: &Value, point: &Value, output: &str) -> RunOptions {
     }
     RunOptions {
         input: plan["notebook"].as_str().unwrap_or_default().to_string(),
+        input_copy: plan["notebook_copy"].as_str().map(PathBuf::from),
         output: Some(output.to_string()),
         no_progress: true,
         backend: Some("local".into()),
@@ -476,6 +482,8 @@ struct Where {
     nb: noyau_notebook::Notebook,
     /// The directory it was read from, anchored.
     project: noyau_trust::anchor::ProjectDir,
+    /// Its bytes as read: the copy the tasks run.
+    bytes: Vec<u8>,
     stem: String,
     outdir: PathBuf,
 }
@@ -495,7 +503,7 @@ async fn sweep(a: SweepOptions) -> Result<i32, RunError> {
         return Ok(sweep_exit::OK);
     }
     let plan = write_plan(&a, &w, &p)?;
-    let plan_path = &plan.0;
+    let plan_path = &plan.path;
     // Built and fetched once, here, for every point.
     let env = crate::environment::for_job(&w.nb, &w.project, None, true).await?;
     let (backend, profile) =
@@ -542,7 +550,9 @@ async fn sweep(a: SweepOptions) -> Result<i32, RunError> {
 /// submitted), its stem and the output directory.
 fn where_of(a: &SweepOptions) -> Result<Where, RunError> {
     let notebook = abs(&a.notebook);
-    let (nb, project) = crate::input::read_input(&notebook.display().to_string())?;
+    let shown = notebook.display().to_string();
+    let (bytes, project) = crate::input::read_bytes(&shown)?;
+    let nb = crate::input::parse_input(&shown, &bytes)?;
     let stem = notebook
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -556,6 +566,7 @@ fn where_of(a: &SweepOptions) -> Result<Where, RunError> {
         notebook,
         nb,
         project,
+        bytes,
         stem,
         outdir,
     })
@@ -662,13 +673,18 @@ fn points(a: &SweepOptions, w: &Where, summary_path: &Path) -> Result<Points, Ru
     })
 }
 
-/// The plan each task reads, a 0600 file in `STATE/sweeps` (0700), removed
-/// when the sweep ends.
-struct Plan(PathBuf);
+/// The plan each task reads, a 0600 file in `STATE/sweeps` (0700), and
+/// beside it the notebook as read at submission (0600), which the tasks
+/// run; both removed when the sweep ends.
+struct Plan {
+    path: PathBuf,
+    notebook: PathBuf,
+}
 
 impl Drop for Plan {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_file(&self.notebook);
     }
 }
 
@@ -686,9 +702,15 @@ fn write_plan(a: &SweepOptions, w: &Where, p: &Points) -> Result<Plan, RunError>
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_nanos();
-    let plan_path = dir.join(format!("{}-{}-{nanos}.json", w.stem, std::process::id()));
-    let plan = json!({
+    let name = format!("{}-{}-{nanos}", w.stem, std::process::id());
+    let plan = Plan {
+        path: dir.join(format!("{name}.json")),
+        notebook: dir.join(format!("{name}.ipynb")),
+    };
+    crate::input::keep_copy(&plan.notebook, &w.bytes)?;
+    let text = json!({
         "notebook": w.notebook,
+        "notebook_copy": plan.notebook,
         "output_dir": w.outdir,
         "kernel": a.kernel,
         "timeout": a.timeout,
@@ -698,9 +720,9 @@ fn write_plan(a: &SweepOptions, w: &Where, p: &Points) -> Result<Plan, RunError>
             "index": p.index, "parameters": p.params, "output": p.output,
         })).collect::<Vec<_>>(),
     });
-    let text = serde_json::to_string_pretty(&plan).unwrap_or_default();
-    write_file(&plan_path, &text, 0o600)?;
-    Ok(Plan(plan_path))
+    let text = serde_json::to_string_pretty(&text).unwrap_or_default();
+    write_file(&plan.path, &text, 0o600)?;
+    Ok(plan)
 }
 
 /// `summary.json` and `summary.csv`: this round's results, the previous
@@ -1187,8 +1209,8 @@ mod tests {
         assert_eq!(mode_of(&outdir) & 0o022, 0);
         let output = outdir.join("nb-0.ipynb");
         let plan = t.path().join("plan.json");
-        let text = json!({"notebook": "/nb.ipynb", "output_dir": outdir,
-                          "points": [{"index": 0, "parameters": {}, "output": output}]})
+        let text = json!({"notebook": "/nb.ipynb", "notebook_copy": "/copy.ipynb",
+                          "output_dir": outdir, "points": [{"index": 0, "parameters": {}, "output": output}]})
         .to_string();
         write_file(&plan, &text, 0o600).unwrap();
         let ok = task(&plan).unwrap();
@@ -1197,6 +1219,14 @@ mod tests {
             (outdir.clone(), output.display().to_string())
         );
         assert!(results_dir(&outdir).is_dir());
+
+        // An older noyau's plan (no copy of the notebook): refused, not
+        // run from the notebook's path.
+        let old = t.path().join("old.json");
+        let old_text = json!({"notebook": "/nb.ipynb", "output_dir": outdir,
+                              "points": [{"index": 0, "parameters": {}, "output": output}]});
+        write_file(&old, &old_text.to_string(), 0o600).unwrap();
+        assert!(task(&old).unwrap_err().contains("keeps no copy"));
 
         let link = t.path().join("link.json");
         std::os::unix::fs::symlink(&plan, &link).unwrap();

@@ -90,6 +90,9 @@ impl EnvVars {
     /// A detached run's `-p`, `-r`, `-y` values (JSON), in its job's
     /// environment rather than on the runner's argv (taken out by the runner).
     pub const NOYAU_RUN_PARAMETERS: &'static str = "NOYAU_RUN_PARAMETERS";
+    /// A detached run's notebook as read at submission: the path of its
+    /// private copy (0600, in `STATE/runs`), which the job runs and removes.
+    pub const NOYAU_RUN_INPUT: &'static str = "NOYAU_RUN_INPUT";
     /// Exported by a job array's script: the task's id (a sweep's point).
     pub const NOYAU_ARRAY_TASK_ID: &'static str = "NOYAU_ARRAY_TASK_ID";
     /// Exported by a Grid Engine job's script: when `h_rt` comes (seconds

@@ -179,6 +179,7 @@ impl From<RunArgs> for RunOptions {
             stream_mode: a.stream_mode,
             detach: a.detach,
             preset: Default::default(),
+            input_copy: None,
         }
     }
 }
