@@ -57,12 +57,18 @@ pub use error::RunError;
 pub use options::RunOptions;
 pub use sweep::{SweepOptions, SweepTask};
 
+/// An error as printed: it may quote a notebook, a parameter file or a
+/// kernel, so its lines go without escape sequences or controls.
+pub fn shown(e: &dyn std::fmt::Display) -> String {
+    noyau_text::for_terminal(&e.to_string(), noyau_text::Keep::Lines)
+}
+
 /// Runs `noyau run` to the end; returns the process exit code. Errors are
 /// printed to stderr here.
 pub fn main(mut opts: RunOptions) -> i32 {
     // (before the runtime's threads: it changes the environment)
     if let Err(e) = detach::take_parameters(&mut opts) {
-        eprintln!("noyau run: error: {e}");
+        eprintln!("noyau run: error: {}", shown(&e));
         return e.code();
     }
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -78,7 +84,7 @@ pub fn main(mut opts: RunOptions) -> i32 {
     match rt.block_on(noyau_sched::settled(runner::run(opts))) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("noyau run: error: {e}");
+            eprintln!("noyau run: error: {}", shown(&e));
             e.code()
         }
     }
