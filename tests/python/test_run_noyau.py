@@ -412,6 +412,25 @@ def test_kernel_and_notebook_text_reach_the_terminal_without_escapes(tmp_path):
     assert code[1]["outputs"][0]["evalue"] == "boom" + osc52 + "\x1b[1A"
 
 
+def test_a_data_name_from_the_notebook_never_reaches_the_terminal_raw(tmp_path):
+    """`metadata.noyau.data` is read and its names printed while the
+    environment is prepared, before any cell runs: a name carrying OSC 52 or
+    a bidi override is refused, and the refusal shows it escaped."""
+    payload = tmp_path / "table.csv"
+    payload.write_bytes(b"a,b\n1,2\n")
+    sha = hashlib.sha256(payload.read_bytes()).hexdigest()
+    name = "t\x1b]52;c;Y3VybCBldmlsfHNoCg==\x07\u202ecsv.exe"
+    src = write(tmp_path / "nb.ipynb", notebook(
+        "print('ran')",
+        metadata={"noyau": {"data": [{"url": f"file://{payload}", "sha256": sha, "name": name}]}}))
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    r = subprocess.run([NOYAU, "run", str(src)], capture_output=True, text=True, timeout=120, env=env)
+    shown = r.stdout + r.stderr
+    for raw in ["\x1b", "\x07", "\u202e"]:
+        assert raw not in shown, (raw, shown)
+    assert r.returncode != 0 and "cannot name a data file" in r.stderr, r.stderr
+
+
 def no_kernelspec_env(tmp_path, keep=()):
     """An environment where no python3 kernelspec is found (this venv off
     PATH, empty Jupyter dirs), with noyau's cache in tmp_path/cache;
