@@ -11,9 +11,12 @@ import re
 import signal
 import socket
 import ssl
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 import urllib.request
 from pathlib import Path
 
@@ -227,6 +230,117 @@ def test_dask_up_compute_status_down_and_shutdown(km) -> None:  # type: ignore[n
     assert text.splitlines() == ["[True]", "42"], text
     km.shutdown_kernel()
     lib.wait_until(lambda: not dask_jobs(), 30, "the cluster's jobs to leave the queue after shutdown", interval=0.5)
+
+
+# Another user's `distributed` package: it notes who imported it, then hands
+# over to the real one (as an attacker's would, so that nothing looks wrong).
+PLANTED_DISTRIBUTED = """\
+import os, sys
+with open({marker!r}, "a") as f:
+    f.write(f"{{os.getuid()}} {{os.getpid()}} {{sys.argv}}\\n")
+here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+del sys.modules["distributed"]
+import distributed
+"""
+
+PLANT = """\
+import os, sys
+scratch, code = sys.argv[1], sys.argv[2]
+os.mkdir(scratch)
+os.chmod(scratch, 0o777)
+os.mkdir(os.path.join(scratch, "distributed"))
+with open(os.path.join(scratch, "distributed", "__init__.py"), "w") as f:
+    f.write(code)
+"""
+
+WHERE_DASK_WORKS = (
+    "import json, sys\n"
+    "from dask.distributed import Client\n"
+    "client = Client()\n"
+    "client.wait_for_workers(1, timeout=120)\n"
+    "where = lambda dask_worker: [dask_worker.local_directory, sys.path]\n"
+    "seen = [client.run_on_scheduler(lambda dask_scheduler: where(dask_scheduler)),\n"
+    "        *client.run(where).values()]\n"
+    "if NANNY:\n"
+    "    seen += client.run(where, nanny=True).values()\n"
+    "print(json.dumps(seen))\n"
+    "print(client.submit(lambda: 6 * 7).result())\n"
+    "client.close()\n"
+)
+
+
+@pytest.fixture
+def planted_scratch(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Dask's default scratch directory ($TMPDIR/dask-scratch-space), made
+    first by another user (noyau-test), open to all, with a `distributed`
+    package that writes `marker` when imported. A directory already there
+    (this user's, from earlier Dask runs) is put aside meanwhile."""
+    if os.geteuid() != 0:
+        lib.missing("planting a directory as another local user (runuser -u noyau-test) needs root")
+    scratch = Path(tempfile.gettempdir()) / "dask-scratch-space"
+    aside = scratch.with_name(f"dask-scratch-space.aside-{uuid.uuid4().hex[:8]}")
+    if scratch.exists():
+        scratch.rename(aside)
+    marker = tmp_path / "planted-distributed-ran"
+    code = PLANTED_DISTRIBUTED.format(marker=str(marker))
+    try:
+        r = subprocess.run(["runuser", "-u", "noyau-test", "--", "/usr/bin/python3", "-c", PLANT, str(scratch), code],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert scratch.stat().st_uid != 0 and scratch.stat().st_mode & 0o777 == 0o777
+        # the plant works: a Python with that directory first on its path
+        # (where Dask puts its scratch directory) runs it, and goes on
+        probe = subprocess.run([sys.executable, "-c", "import distributed; print(distributed.Client.__name__)"],
+                               env={**os.environ, "PYTHONPATH": str(scratch)}, capture_output=True, text=True,
+                               timeout=120)
+        assert probe.stdout.strip() == "Client" and marker.exists(), (probe.stdout, probe.stderr)
+        marker.unlink()
+        yield scratch, marker
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if aside.exists():
+            if scratch.exists():
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                aside.rename(scratch)
+
+
+def test_dask_never_uses_a_scratch_directory_another_user_made(km, planted_scratch) -> None:  # type: ignore[no-untyped-def]
+    """Dask puts its scratch directory first on `sys.path` and spills pickled
+    data into it; by default that is $TMPDIR/dask-scratch-space, whoever made
+    it. With another user's there (open to all, holding a `distributed`
+    package), a cluster with the nanny and one without still compute, no
+    Dask process imports the plant or has it on its path, and Dask's files
+    are in a private directory of the job's, removed when it ends."""
+    scratch, marker = planted_scratch
+    private_base = Path(os.environ["XDG_RUNTIME_DIR"]) / "noyau"
+    for nanny in (True, False):
+        up = "%noyau dask up 1 --target hpc" + (" --nanny" if nanny else "")
+        reply, text, errors = run(km, up, timeout=180)
+        assert reply["status"] == "ok", (text, errors)
+        reply, text, errors = run(km, f"NANNY = {nanny}\n" + WHERE_DASK_WORKS, timeout=180)
+        assert reply["status"] == "ok", (text, errors)
+        seen_text, answer = text.splitlines()[-2:]
+        assert answer == "42", text
+        assert not marker.exists(), (nanny, marker.read_text())
+        seen = json.loads(seen_text)
+        assert len(seen) == (3 if nanny else 2), seen
+        for local_dir, path in seen:
+            assert [p for p in path if p.startswith(str(scratch))] == [], (nanny, path)
+            # $XDG_RUNTIME_DIR/noyau/dask-PID-RAND/dask-scratch-space[/worker-…]
+            rel = Path(local_dir).relative_to(private_base)
+            assert rel.parts[0].startswith("dask-") and rel.parts[1] == "dask-scratch-space", local_dir
+            private = private_base / rel.parts[0]
+            st = private.lstat()
+            assert st.st_uid == os.geteuid() and st.st_mode & 0o777 == 0o700, (private, oct(st.st_mode))
+        reply, text, _ = run(km, "%noyau dask down")
+        assert reply["status"] == "ok", text
+        end_cluster_jobs()
+        lib.wait_until(lambda: not list(private_base.glob("dask-*")), 30,
+                       "the cluster's jobs to remove their private Dask directories", interval=0.2)
+    # nothing of the user's went into the other user's directory
+    assert [p.name for p in scratch.iterdir()] == ["distributed"], list(scratch.iterdir())
 
 
 NOBODY_GET = """\

@@ -100,6 +100,23 @@ def _give_up(k: lib.Kernel) -> None:
     k.km.shutdown_kernel(now=True)
 
 
+# Signals `nohup` (SIGHUP) and a non-interactive shell's `&` (SIGQUIT,
+# SIGINT) leave ignored for every program started below them.
+INHERITED_IGNORED = (signal.SIGHUP, signal.SIGQUIT)
+
+
+def _started_with_ignored(kernel_name: str, sig: int | None) -> lib.Kernel:
+    """A kernel started by a process that ignores `sig` (its proxy, and the
+    agent the proxy starts, inherit that)."""
+    if sig is None:
+        return lib.Kernel(kernel_name)
+    before = signal.signal(sig, signal.SIG_IGN)
+    try:
+        return lib.Kernel(kernel_name)
+    finally:
+        signal.signal(sig, before)
+
+
 def _inner_pid(k: lib.Kernel, noyau: bool) -> int:
     if not noyau:
         return k.launched_pid
@@ -146,8 +163,10 @@ def test_kill_inner_kernel(kernel_name: str) -> None:
                          ids=lambda s: signal.Signals(s).name)
 def test_inner_kernel_killed_by_each_signal(noyau_kernelspec: str, sig: int) -> None:
     """Whatever signal ends the kernel, the cell fails naming it, and the
-    next start works (a restart keeps the agent)."""
-    k = lib.Kernel(noyau_kernelspec)
+    next start works (a restart keeps the agent). SIGHUP and SIGQUIT end it
+    even when whatever started Jupyter ignored them (`nohup`, a script's
+    `&`), as a kernel inherits an ignored signal unless noyau resets it."""
+    k = _started_with_ignored(noyau_kernelspec, sig if sig in INHERITED_IGNORED else None)
     pids: set[int] = set()
     try:
         msg_id = _sleeping_cell(k)

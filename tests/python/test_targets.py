@@ -4,6 +4,7 @@ routes interrupts to it, and ends with the notebook's kernel."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -170,6 +171,31 @@ def test_cell_runs_in_a_slurm_job(km) -> None:  # type: ignore[no-untyped-def]
     km.shutdown_kernel()
     lib.wait_until(lambda: not any(j["id"] == job for j in lib.squeue_noyau()), 30,
                    "the target's job to end with the notebook's kernel", interval=0.5)
+
+
+@pytest.mark.parametrize("end", ["shutdown", "sigterm"])
+def test_a_slurm_targets_job_is_cancelled_before_the_kernel_exits(km, end: str) -> None:  # type: ignore[no-untyped-def]
+    """The kernel's end waits for its targets' cancels: once its process has
+    exited, the target's job has left the queue (not left running to its
+    agent, which would end it only when it gives up redialling). A shutdown
+    request releases the targets while the kernel still ends; Jupyter's
+    SIGTERM (to a kernel that did not end after its request) only as the
+    process ends."""
+    lib.require_slurm()
+    reply, text, _ = run(km, "%%noyau on test --quiet\nimport os\nprint('job', os.environ['SLURM_JOB_ID'])",
+                         timeout=120)
+    assert reply["status"] == "ok", reply
+    job = next(line.split()[1] for line in text.splitlines() if line.startswith("job "))
+    proxy = km.provisioner.process
+    km.kc.stop_channels()
+    if end == "shutdown":
+        km.shutdown_kernel()
+        assert proxy.poll() == 0, f"the kernel's process did not end by itself: {proxy.returncode}"
+    else:
+        proxy.send_signal(signal.SIGTERM)
+        assert proxy.wait(timeout=60) == 143
+    held = [j for j in lib.squeue_noyau() if j["id"] == job and j["state"] != "COMPLETING"]
+    assert not held, f"the target's job is still in the queue after the kernel exited: {held}"
 
 
 def test_queued_target_shows_its_reason_and_the_notebook_stays_usable(km) -> None:  # type: ignore[no-untyped-def]

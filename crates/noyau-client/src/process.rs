@@ -1,5 +1,6 @@
-//! The kernel process: started in its own process group, signalled as a
-//! group, killed with its parent, and described in words when it ends.
+//! The kernel process: started in its own process group with every signal
+//! at its default action, signalled as a group, killed with its parent, and
+//! described in words when it ends.
 
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
@@ -110,7 +111,7 @@ impl KernelProcess {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                Ok(())
+                default_signals()
             });
         }
         let oom_kills_at_start = oom_kill_count();
@@ -174,6 +175,22 @@ impl KernelProcess {
         let _ = self.signal(Signal::SIGKILL);
         self.wait().await
     }
+}
+
+/// Gives every signal its default action (between fork and exec). A signal
+/// ignored in the process that started noyau stays ignored across exec:
+/// `nohup` ignores SIGHUP, a script's `&` SIGINT and SIGQUIT, and a kernel
+/// would then survive the signal that should end it, or never see an
+/// interrupt. A kernel starts as a fresh program would, whatever started us.
+/// (Handlers installed here are reset by exec anyway; sigaction is
+/// async-signal-safe.)
+fn default_signals() -> std::io::Result<()> {
+    use nix::sys::signal::{signal, SigHandler};
+    for sig in Signal::iterator().filter(|s| !matches!(s, Signal::SIGKILL | Signal::SIGSTOP)) {
+        // SAFETY: SIG_DFL installs no handler of ours.
+        unsafe { signal(sig, SigHandler::SigDfl) }.map_err(std::io::Error::from)?;
+    }
+    Ok(())
 }
 
 /// One process as its `/proc/PID/stat` line shows it: the fields noyau reads.
@@ -331,6 +348,36 @@ mod tests {
         let d = p.wait().await;
         assert_eq!(d.signal, Some(9));
         assert!(d.text.contains("SIGKILL"), "{}", d.text);
+    }
+
+    /// Signals ignored where noyau was started (as `nohup` and a script's
+    /// `&` leave SIGHUP, SIGINT, SIGQUIT) are not ignored by the kernel.
+    /// (Before, the kernel inherited them: a SIGHUP left it running.)
+    #[tokio::test]
+    async fn the_kernel_ignores_no_signal_its_starter_ignored() {
+        use nix::sys::signal::{signal, SigHandler};
+        let ignored = [Signal::SIGHUP, Signal::SIGINT, Signal::SIGQUIT];
+        // SAFETY: SIG_IGN and the handlers read back install no code of ours.
+        let before: Vec<_> = ignored
+            .iter()
+            .map(|&s| unsafe { signal(s, SigHandler::SigIgn) }.unwrap())
+            .collect();
+        let launched =
+            KernelProcess::launch(&["sleep".into(), "30".into()], &BTreeMap::new(), None);
+        for (&s, &h) in ignored.iter().zip(&before) {
+            unsafe { signal(s, h) }.unwrap();
+        }
+        let mut p = launched.unwrap();
+        // (spawn returns once exec succeeded: this is the kernel's own state)
+        let status = std::fs::read_to_string(format!("/proc/{}/status", p.pid())).unwrap();
+        let sig_ign = status.lines().find(|l| l.starts_with("SigIgn:")).unwrap();
+        let mask = u64::from_str_radix(sig_ign.split_whitespace().nth(1).unwrap(), 16).unwrap();
+        p.kill().await;
+        let still: Vec<Signal> = ignored
+            .into_iter()
+            .filter(|&s| mask & (1 << (s as u64 - 1)) != 0)
+            .collect();
+        assert!(still.is_empty(), "{still:?} still ignored ({sig_ign})");
     }
 
     #[tokio::test]

@@ -185,7 +185,9 @@ const LAST_WORDS: Duration = Duration::from_secs(2);
 impl RemoteKernel {
     /// Submits the agent, accepts its link and waits until the kernel
     /// answered `kernel_info` with IOPub subscribed; given up (and the agent job cancelled) when
-    /// `cancel` resolves first: fails with [`KernelError::Cancelled`].
+    /// `cancel` resolves first, while the job is submitted too (noyau-sched
+    /// then cancels the job the scheduler still gives): fails with
+    /// [`KernelError::Cancelled`].
     pub async fn start_until(
         launch: AgentLaunch,
         timeout: Duration,
@@ -205,7 +207,13 @@ impl RemoteKernel {
         mut on_state: impl FnMut(&JobState),
     ) -> Result<RemoteKernel, KernelError> {
         let backend = launch.backend.clone();
-        let started = start_agent(launch, LinkConfig::default()).await?;
+        tokio::pin!(cancel);
+        let started = tokio::select! {
+            s = start_agent(launch, LinkConfig::default()) => s?,
+            // Given up while the job is submitted: the submission goes on
+            // in noyau-sched, which cancels the job it gives.
+            () = &mut cancel => return Err(KernelError::Cancelled),
+        };
         let mut listener = started.listener;
         let mut watch = started.watch;
         let mut states = watch.state();
@@ -280,7 +288,7 @@ impl RemoteKernel {
         };
         let result = tokio::select! {
             r = waiting => r,
-            () = cancel => Err(KernelError::Cancelled),
+            () = &mut cancel => Err(KernelError::Cancelled),
         };
         let (link, host, kernel_info, environment, early) = match result {
             Ok(v) => v,

@@ -1,6 +1,8 @@
 //! Private runtime directories (0700) for connection files and ipc sockets.
 //!
-//! The base directory is `$NOYAU_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/noyau`,
+//! The base directory is `$NOYAU_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/noyau`
+//! (when that runtime directory exists and is ours and private: a job gets
+//! the login node's value, which may name nothing on the compute node),
 //! else `$TMPDIR/noyau-<uid>`. That last one is a name anyone can take
 //! first in a directory every user writes to: when it is not ours and
 //! private (another user's, a symlink, or open), noyau uses a private
@@ -28,7 +30,7 @@ pub struct RuntimeDir {
 }
 
 /// The base directory for noyau's runtime files, made and checked private:
-/// `$NOYAU_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/noyau`, else
+/// `$NOYAU_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/noyau` (see [`chosen`]), else
 /// `$TMPDIR/noyau-<uid>` or, when someone else took that name, a private
 /// fallback beside it ([`tmp_base`]).
 pub fn base_dir() -> Result<PathBuf, RuntimeDirError> {
@@ -42,11 +44,26 @@ pub fn base_dir() -> Result<PathBuf, RuntimeDirError> {
     }
 }
 
-/// The base directory these variables' values name, if any: a relative
-/// XDG_RUNTIME_DIR is ignored, as the XDG spec says.
+/// The base directory these variables' values name, if any. An
+/// XDG_RUNTIME_DIR that is relative (the XDG spec says to ignore it), or
+/// that is not a directory of ours closed to others (the login node's,
+/// carried into a job on a node without it, or someone else's), counts as
+/// unset: the caller falls back to `$TMPDIR`, with a warning for the latter.
 fn chosen(noyau: Option<OsString>, xdg: Option<OsString>) -> Option<PathBuf> {
-    let noyau = noyau.filter(|v| !v.is_empty()).map(PathBuf::from);
-    noyau.or_else(|| noyau_vars::absolute(xdg).map(|d| d.join("noyau")))
+    if let Some(n) = noyau.filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(n));
+    }
+    let named = noyau_vars::absolute(xdg)?;
+    match noyau_sched::runtime_dir_from(Some(named.clone().into_os_string())) {
+        Some(d) => Some(d.join("noyau")),
+        None => {
+            tracing::warn!(
+                "ignoring XDG_RUNTIME_DIR={}: not a private directory of yours on this host",
+                named.display()
+            );
+            None
+        }
+    }
 }
 
 /// `TMP/noyau-<uid>` if it is (or can be made) ours and private, else the
@@ -131,14 +148,38 @@ mod tests {
     #[test]
     fn a_relative_xdg_runtime_dir_is_ignored() {
         let some = |v: &str| Some(OsString::from(v));
+        let run = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(run.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let run_s = run.path().to_str().unwrap();
         assert_eq!(chosen(None, some("run")), None);
         assert_eq!(chosen(None, some("")), None);
-        assert_eq!(
-            chosen(None, some("/run/user/1")),
-            Some("/run/user/1/noyau".into())
-        );
-        assert_eq!(chosen(some("/x"), some("/run/user/1")), Some("/x".into()));
+        assert_eq!(chosen(None, some(run_s)), Some(run.path().join("noyau")));
+        assert_eq!(chosen(some("/x"), some(run_s)), Some("/x".into()));
         assert_eq!(chosen(some(""), some("rel")), None);
+    }
+
+    /// A job inherits the login node's XDG_RUNTIME_DIR: on a compute node
+    /// where it does not exist, or is not ours and private, it is unset
+    /// (base_dir then falls back to $TMPDIR) rather than a directory the
+    /// agent fails to make.
+    #[test]
+    fn an_xdg_runtime_dir_missing_or_not_private_here_is_unset() {
+        let t = tempfile::tempdir().unwrap();
+        let missing = t.path().join("run-user-1000");
+        assert_eq!(chosen(None, Some(missing.into_os_string())), None);
+        let open = t.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(chosen(None, Some(open.into_os_string())), None);
+        let link = t.path().join("link");
+        let private = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(private.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::os::unix::fs::symlink(private.path(), &link).unwrap();
+        assert_eq!(chosen(None, Some(link.into_os_string())), None);
+        assert_eq!(
+            chosen(None, Some(private.path().into())),
+            Some(private.path().join("noyau"))
+        );
     }
 
     #[test]

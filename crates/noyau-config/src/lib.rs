@@ -78,6 +78,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use noyau_sched::Given;
+use noyau_trust::anchor::ProjectDir;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -606,7 +607,7 @@ pub fn trusted_projects() -> Result<TrustedProjects, ConfigError> {
 /// path, its text, checked as [`Config::load`] checks it, and whether its
 /// code is trusted, decided on what was read; for the other readers of
 /// that file (noyau-env's `[environment]` and `[data]`).
-pub fn project_file(dir: &Path) -> Result<Option<(PathBuf, String, CodeTrust)>, ConfigError> {
+pub fn project_file(dir: &ProjectDir) -> Result<Option<(PathBuf, String, CodeTrust)>, ConfigError> {
     let site = site_paths();
     let name = Path::new(PROJECT_FILE);
     let read = site_trusted(&site)?.read_in(dir, name, MAX_SIZE, false, site.user.as_deref())?;
@@ -615,17 +616,23 @@ pub fn project_file(dir: &Path) -> Result<Option<(PathBuf, String, CodeTrust)>, 
 
 /// The text of a file of a project's (at most `limit` bytes), checked as
 /// its noyau.toml is, in the file's own directory: for a file the
-/// project's `[environment]` names that noyau reads itself (`lock_file`).
+/// project's `[environment]` names that noyau reads itself (`lock_file`)
+/// in a spec the user's own code built, where no project was read: its
+/// directory is anchored here.
 pub fn project_text(path: &Path, limit: u64) -> Result<Option<String>, ConfigError> {
     let site = site_paths();
     let name = Path::new(path.file_name().unwrap_or_default());
-    let read = site_trusted(&site)?.read_in(
-        files::dir_of(path),
-        name,
-        limit,
-        false,
-        site.user.as_deref(),
-    )?;
+    let dir = match ProjectDir::open(files::dir_of(path)) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(ConfigError::Read {
+                path: path.into(),
+                source,
+            })
+        }
+    };
+    let read = site_trusted(&site)?.read_in(&dir, name, limit, false, site.user.as_deref())?;
     Ok(read.map(|(text, _)| text))
 }
 
@@ -695,21 +702,36 @@ pub fn site_concurrent_submissions() -> Result<Option<usize>, ConfigError> {
 
 impl Config {
     /// Reads the system, user and project files.
-    pub fn load(cwd: &Path) -> Result<Self, ConfigError> {
-        Self::load_with(&site_paths(), &cwd.join(PROJECT_FILE))
+    pub fn load(cwd: &ProjectDir) -> Result<Self, ConfigError> {
+        Self::load_in(&site_paths(), cwd, Path::new(PROJECT_FILE))
     }
 
-    /// Reads the `site` files then the `project` one (checked as
+    /// [`load_in`](Self::load_in) of the file `project`, its directory
+    /// anchored now.
+    #[cfg(test)]
+    fn load_with(site: &SiteFiles, project: &Path) -> Result<Self, ConfigError> {
+        let dir = files::dir_of(project);
+        let dir = ProjectDir::open(dir).map_err(|source| ConfigError::Read {
+            path: dir.into(),
+            source,
+        })?;
+        Self::load_in(
+            site,
+            &dir,
+            Path::new(project.file_name().unwrap_or_default()),
+        )
+    }
+
+    /// Reads the `site` files then the project's `name` in `dir` (checked as
     /// [`files`] says, read whoever wrote it if its directory is in the
     /// site files' `trusted_projects`), whose `concurrent_submissions` and
     /// `trusted_projects` are ignored with a warning: a project's
     /// directory may be another user's, and the settings pace every
     /// command of the user's on the host and say whose files are trusted.
-    fn load_with(site: &SiteFiles, project: &Path) -> Result<Self, ConfigError> {
+    fn load_in(site: &SiteFiles, dir: &ProjectDir, name: &Path) -> Result<Self, ConfigError> {
         let mut c = Self::load_from(site)?;
         let theirs = c.concurrent_submissions.take();
-        let dir = files::dir_of(project);
-        let name = Path::new(project.file_name().unwrap_or_default());
+        let project = &dir.join(name);
         // Its code trusted on what was read (under a wildcard, the file
         // opened, not the one at its path afterwards).
         let read = c
@@ -717,7 +739,7 @@ impl Config {
             .read_in(dir, name, MAX_SIZE, false, site.user.as_deref())?;
         if let Some((text, trusted)) = read {
             let author = ProjectFile {
-                dir: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.into()),
+                dir: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()),
                 trusted,
                 user_file: site.user.as_ref().map_or_else(
                     || "your config file (~/.config/noyau/config.toml)".into(),
@@ -890,7 +912,7 @@ impl Config {
 impl Config {
     /// Refuses a cell's override `o` that names code ([`code_key`]) unless
     /// the notebook's directory `dir` is trusted.
-    fn refuse_cell_code(&self, o: &str, dir: &Path) -> Result<(), ConfigError> {
+    fn refuse_cell_code(&self, o: &str, dir: &ProjectDir) -> Result<(), ConfigError> {
         let (key, value) = o.split_once('=').unwrap_or((o, ""));
         let key = key.trim();
         let found = match key.strip_prefix("env.") {
@@ -909,7 +931,7 @@ impl Config {
             key: key.into(),
             why,
             note: trust.note().into(),
-            dir: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.into()),
+            dir: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()),
             user_file: user_file().map_or_else(
                 || "~/.config/noyau/config.toml".into(),
                 |f| f.display().to_string(),
@@ -943,7 +965,7 @@ pub enum OverridesFrom<'a> {
     User,
     /// A notebook cell in this directory (`%%noyau on T key=value`):
     /// anyone may have written it, so it is held to a project's rules.
-    Cell(&'a Path),
+    Cell(&'a ProjectDir),
 }
 
 /// What the command line and the config files in effect at the current
@@ -964,7 +986,7 @@ pub fn resolve_from(
     overrides: &[String],
     origin: OverridesFrom<'_>,
 ) -> Result<(String, Profile), ConfigError> {
-    let cwd = noyau_trust::anchor::cwd().map_err(|source| ConfigError::Read {
+    let cwd = ProjectDir::cwd().map_err(|source| ConfigError::Read {
         path: ".".into(),
         source,
     })?;

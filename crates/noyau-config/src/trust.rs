@@ -101,9 +101,14 @@ mod tests {
             "{text}"
         );
         let c = crate::Config::load_from(&crate::SiteFiles::user_only(&file)).unwrap();
-        let code = |d: &Path| c.trusted_projects.code(d).is_trusted();
-        assert!(code(&a) && code(&b) && c.trusted_projects.reads(&a));
-        assert!(!code(t.path()) && !c.trusted_projects.reads(t.path()));
+        // Projects are directories that exist (each anchored).
+        std::fs::create_dir(&a).unwrap();
+        std::fs::create_dir(&b).unwrap();
+        let project = crate::trust_tests::anchored_dir;
+        let code = |d: &Path| c.trusted_projects.code(&project(d)).is_trusted();
+        let reads = |d: &Path| c.trusted_projects.reads(&project(d));
+        assert!(code(&a) && code(&b) && reads(&a));
+        assert!(!code(t.path()) && !reads(t.path()));
         assert_eq!(c.profiles.len(), 1);
         // Not a list: said, the file left alone.
         std::fs::write(&file, "trusted_projects = \"/x\"\n").unwrap();

@@ -7,7 +7,14 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use noyau_trust::anchor::ProjectDir;
+
 use crate::{user_path, Config, ConfigError, SiteFiles, MAX_SIZE};
+
+/// The project `dir`, anchored now.
+pub(crate) fn anchored_dir(dir: &Path) -> ProjectDir {
+    ProjectDir::open(dir).unwrap()
+}
 
 const NOBODY: u32 = 65534;
 
@@ -181,7 +188,7 @@ fn a_refused_file_in_a_subdirectory_names_the_projects_directory() {
     chmod(&dir.join("sub/r.lock"), 0o666);
     let read = |rel: &str| {
         crate::TrustedProjects::default()
-            .read_named(&dir, Path::new(rel), MAX_SIZE)
+            .read_named(&anchored_dir(&dir), Path::new(rel), MAX_SIZE)
             .unwrap_err()
     };
     match read("sub/out") {
@@ -492,9 +499,15 @@ fn a_trust_added_after_a_first_look_is_seen() {
     let (user, project) = setup(d.path(), &[]);
     let dir = project.parent().unwrap();
     let site = SiteFiles::user_only(&user);
-    assert!(!crate::site_trusted(&site).unwrap().code(dir).is_trusted());
+    assert!(!crate::site_trusted(&site)
+        .unwrap()
+        .code(&anchored_dir(dir))
+        .is_trusted());
     setup(d.path(), &[dir.display().to_string()]);
-    assert!(crate::site_trusted(&site).unwrap().code(dir).is_trusted());
+    assert!(crate::site_trusted(&site)
+        .unwrap()
+        .code(&anchored_dir(dir))
+        .is_trusted());
 }
 
 /// For the tests of a cell's words: a project whose noyau.toml has
@@ -526,7 +539,7 @@ fn a_cells_overrides_may_choose_resources_but_not_code() {
     ] {
         let words = [word.to_string()];
         let e = c
-            .profile_from(Some("p"), &words, OverridesFrom::Cell(nb))
+            .profile_from(Some("p"), &words, OverridesFrom::Cell(&anchored_dir(nb)))
             .unwrap_err();
         assert!(matches!(e, ConfigError::CellKey { .. }), "{e}");
         let e = e.to_string();
@@ -541,7 +554,7 @@ fn a_cells_overrides_may_choose_resources_but_not_code() {
         let (trusting, _) = setup(d.path(), &[dir.display().to_string()]);
         let t = load(&trusting, &project).unwrap();
         assert!(
-            t.profile_from(Some("p"), &words, OverridesFrom::Cell(nb))
+            t.profile_from(Some("p"), &words, OverridesFrom::Cell(&anchored_dir(nb)))
                 .is_ok(),
             "{word}"
         );
@@ -549,7 +562,11 @@ fn a_cells_overrides_may_choose_resources_but_not_code() {
     }
     let resources = ["mem=4G".to_string(), "cpus_per_task=3".into()];
     let p = c
-        .profile_from(Some("p"), &resources, OverridesFrom::Cell(nb))
+        .profile_from(
+            Some("p"),
+            &resources,
+            OverridesFrom::Cell(&anchored_dir(nb)),
+        )
         .unwrap();
     assert_eq!(p.cpus_per_task, Some(3));
 }
@@ -563,7 +580,7 @@ fn a_cells_environment_is_the_notebooks() {
     let nb = project.parent().unwrap();
     let words = [r#"environment={"isolation": "none"}"#.to_string()];
     let p = c
-        .profile_from(Some("p"), &words, OverridesFrom::Cell(nb))
+        .profile_from(Some("p"), &words, OverridesFrom::Cell(&anchored_dir(nb)))
         .unwrap();
     assert!(p.environment_from_cell, "{p:?}");
     assert_eq!(p.environment_from.as_deref(), Some(nb));
@@ -607,7 +624,10 @@ fn a_site_entry_lets_the_file_be_read_but_not_name_code() {
         write(&system, &format!("trusted_projects = [\"{entry}\"]\n"));
         let c = Config::load_with(&site, &project).expect("read: the site trusts it");
         assert_eq!(c.names(), ["p"]);
-        assert!(!c.trusted_projects.code(&dir).is_trusted(), "{entry}");
+        assert!(
+            !c.trusted_projects.code(&anchored_dir(&dir)).is_trusted(),
+            "{entry}"
+        );
         let e = code_refusal(&site, &project).expect("the prologue is refused");
         assert!(
             e.contains("[profiles.p] prologue")
@@ -623,7 +643,7 @@ fn a_site_entry_lets_the_file_be_read_but_not_name_code() {
             .profile_from(
                 Some("p"),
                 &["env.LD_PRELOAD=/x.so".into()],
-                crate::OverridesFrom::Cell(&dir),
+                crate::OverridesFrom::Cell(&anchored_dir(&dir)),
             )
             .unwrap_err()
             .to_string();
@@ -683,13 +703,13 @@ fn a_users_wildcard_trusts_code_only_where_no_one_else_could_write() {
     let link = open.join("l");
     std::os::unix::fs::symlink(&dir, &link).unwrap();
     let c = Config::load_with(&site, &link.join("noyau.toml")).unwrap();
-    let trust = c.trusted_projects.code(&link);
+    let trust = c.trusted_projects.code(&anchored_dir(&link));
     let why = format!("{} on the way to it is writable", open.display());
     assert!(
         !trust.is_trusted() && trust.note().contains(&why),
         "{trust:?}"
     );
-    assert!(c.trusted_projects.code(&dir).is_trusted());
+    assert!(c.trusted_projects.code(&anchored_dir(&dir)).is_trusted());
     // The exact entry: trusted whatever the directory's mode.
     chmod(&dir, 0o777);
     chmod(&under, 0o777);
@@ -735,7 +755,7 @@ fn a_users_wildcard_trusts_only_files_no_one_else_could_write() {
     assert_eq!(code_refusal(&site, &project), None, "mine, closed");
     // The trust is decided on what was read, and that text is the one
     // used (not a second read, which a swap in between could change).
-    let lock_read = || trusted().read_named(&dir, Path::new("r.lock"), 1 << 20);
+    let lock_read = || trusted().read_named(&anchored_dir(&dir), Path::new("r.lock"), 1 << 20);
     let (text, trust) = lock_read().unwrap().unwrap();
     assert!(trust.is_trusted());
     assert_eq!(text, "six==1.16.0\n");
@@ -749,14 +769,14 @@ fn a_users_wildcard_trusts_only_files_no_one_else_could_write() {
         )) && e.contains(&format!("`chmod g-w {}`", project.display())),
         "{e}"
     );
-    assert!(!trusted().code(&dir).is_trusted());
+    assert!(!trusted().code(&anchored_dir(&dir)).is_trusted());
     // A noyau.toml that is a link to a file the team can write.
     let team = d.path().join("team.toml");
     write(&team, CODE);
     chmod(&team, 0o666);
     std::fs::remove_file(&project).unwrap();
     std::os::unix::fs::symlink(&team, &project).unwrap();
-    let trust = trusted().code(&dir);
+    let trust = trusted().code(&anchored_dir(&dir));
     assert!(
         !trust.is_trusted()
             && trust
@@ -779,7 +799,10 @@ fn a_users_wildcard_trusts_only_files_no_one_else_could_write() {
             )),
         "{trust:?}"
     );
-    assert!(trusted().code(&dir).is_trusted(), "the rest of the project");
+    assert!(
+        trusted().code(&anchored_dir(&dir)).is_trusted(),
+        "the rest of the project"
+    );
     // The exact entry trusts them as they are.
     chmod(&project, 0o666);
     setup(d.path(), &[dir.display().to_string()]);
@@ -820,9 +843,12 @@ fn a_users_wildcard_does_not_trust_another_users_directory() {
     let link = d.path().join("link");
     std::os::unix::fs::symlink(dir, &link).unwrap();
     let c = Config::load_with(&site, &link.join("noyau.toml")).unwrap();
-    assert!(c.trusted_projects.code(&link).is_trusted(), "my own link");
+    assert!(
+        c.trusted_projects.code(&anchored_dir(&link)).is_trusted(),
+        "my own link"
+    );
     std::os::unix::fs::lchown(&link, Some(NOBODY), None).unwrap();
-    let trust = c.trusted_projects.code(&link);
+    let trust = c.trusted_projects.code(&anchored_dir(&link));
     let why = format!(
         "{} on the way to it belongs to uid {NOBODY}, who could point it elsewhere",
         link.display()
@@ -875,7 +901,13 @@ fn thread_counts_need_no_trust_and_nothing_else_in_env_does() {
     }
     write(&project, PROFILE);
     let c = load(&user, &project).unwrap();
-    let cell = |word: &str| c.profile_from(Some("p"), &[word.into()], OverridesFrom::Cell(nb));
+    let cell = |word: &str| {
+        c.profile_from(
+            Some("p"),
+            &[word.into()],
+            OverridesFrom::Cell(&anchored_dir(nb)),
+        )
+    };
     assert_eq!(
         cell("env.OMP_NUM_THREADS=4").unwrap().env["OMP_NUM_THREADS"],
         "4"
@@ -970,21 +1002,25 @@ fn a_notebooks_directory_swapped_for_a_link_to_a_trusted_one_is_not_trusted() {
     let (user, _) = setup(&d, &[trusted.display().to_string()]);
     let proj = d.join("proj");
     let c = Config::load_with(&SiteFiles::user_only(&user), &trusted.join("noyau.toml")).unwrap();
-    let held = noyau_trust::anchor::open_dir(&proj).unwrap();
-    noyau_trust::anchor::anchor(&proj, held).unwrap();
-    assert!(!c.trusted_projects.code(&proj).is_trusted());
+    let anchored = anchored_dir(&proj);
+    assert!(!c.trusted_projects.code(&anchored).is_trusted());
     std::fs::rename(&proj, d.join("proj.x")).unwrap();
     std::os::unix::fs::symlink(&trusted, &proj).unwrap();
-    let trust = c.trusted_projects.code(&proj);
+    let trust = c.trusted_projects.code(&anchored);
     assert!(
         !trust.is_trusted() && trust.note().contains("changed while noyau used it"),
         "{trust:?}"
     );
-    assert!(!c.trusted_projects.reads(&proj));
-    // The trusted directory itself, anchored, still is.
-    let held = noyau_trust::anchor::open_dir(&trusted).unwrap();
-    noyau_trust::anchor::anchor(&trusted, held).unwrap();
-    assert!(c.trusted_projects.code(&trusted).is_trusted());
+    assert!(!c.trusted_projects.reads(&anchored));
+    // The trusted directory, anchored by its path or by the link, is;
+    // the project anchored before the swap still is not (each value
+    // keeps its own directory).
+    assert!(c
+        .trusted_projects
+        .code(&anchored_dir(&trusted))
+        .is_trusted());
+    assert!(c.trusted_projects.code(&anchored_dir(&proj)).is_trusted());
+    assert!(!c.trusted_projects.code(&anchored).is_trusted());
 }
 
 /// A user's wildcard does not trust a directory below it on another
@@ -997,7 +1033,7 @@ fn a_users_wildcard_does_not_trust_a_mount_below_it() {
     let (user, _) = setup(d.path(), &["/dev/*".to_string()]);
     let c =
         Config::load_with(&SiteFiles::user_only(&user), &shm.path().join("noyau.toml")).unwrap();
-    let trust = c.trusted_projects.code(shm.path());
+    let trust = c.trusted_projects.code(&anchored_dir(shm.path()));
     assert!(
         !trust.is_trusted() && trust.note().contains("is on another filesystem than /dev"),
         "{trust:?}"
@@ -1022,7 +1058,7 @@ fn read_saved_by_rename(saves: usize) -> Result<Option<String>, ConfigError> {
         }
     };
     let read = c.trusted_projects.read_in_with(
-        &dir,
+        &anchored_dir(&dir),
         Path::new("env.toml"),
         MAX_SIZE,
         true,

@@ -20,7 +20,7 @@ use std::fs::Metadata;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use noyau_trust::anchor::{anchored, identity_of, Identity};
+use noyau_trust::anchor::{identity_of, Identity, ProjectDir};
 use noyau_trust::{Beneath, Expect, Mode, Owner, Problem, TrustError, WalkError};
 
 use crate::files::{self, Origin};
@@ -50,12 +50,12 @@ impl Entry {
     /// resolved too: it may go through a link.
     /// `anchor`: the identity the project's directory was anchored to
     /// (noyau-trust's anchor), which an exact entry must have too.
-    fn names(&self, real: &Path, anchor: Option<Identity>) -> bool {
+    fn names(&self, real: &Path, anchor: Identity) -> bool {
         let dir = resolved(&self.dir);
         if self.wildcard {
             real.starts_with(dir)
         } else {
-            real == dir && anchor.is_none_or(|id| identity_of(&self.dir).is_ok_and(|e| e == id))
+            real == dir && identity_of(&self.dir).is_ok_and(|e| e == anchor)
         }
     }
 
@@ -124,7 +124,7 @@ impl TrustedProjects {
     /// any entry that names it. Both sides are compared as the filesystem
     /// resolves them (the working directory is already resolved; a
     /// notebook's path or an entry may go through a link).
-    pub fn reads(&self, dir: &Path) -> bool {
+    pub fn reads(&self, dir: &ProjectDir) -> bool {
         let Ok((real, anchor)) = resolved_anchored(dir) else {
             return false;
         };
@@ -135,7 +135,7 @@ impl TrustedProjects {
     /// entry of the user's, or a wildcard of the user's over a directory
     /// only the user or root can have made ([`secure_dir`]), whose
     /// noyau.toml only they can have written ([`secure_file`]).
-    pub fn code(&self, dir: &Path) -> CodeTrust {
+    pub fn code(&self, dir: &ProjectDir) -> CodeTrust {
         self.code_if(dir, false, &mut |_| Ok(()))
     }
 
@@ -144,7 +144,7 @@ impl TrustedProjects {
     /// the user's config file.
     pub fn read_named(
         &self,
-        dir: &Path,
+        dir: &ProjectDir,
         rel: &Path,
         limit: u64,
     ) -> Result<Option<(String, CodeTrust)>, ConfigError> {
@@ -167,7 +167,7 @@ impl TrustedProjects {
     /// is refused, its noyau.toml too. `user_file` is named in a refusal.
     pub(crate) fn read_in(
         &self,
-        dir: &Path,
+        dir: &ProjectDir,
         rel: &Path,
         limit: u64,
         named: bool,
@@ -182,7 +182,7 @@ impl TrustedProjects {
     /// rename) is read again, [`READS`] times in all, before giving up.
     pub(crate) fn read_in_with(
         &self,
-        dir: &Path,
+        dir: &ProjectDir,
         rel: &Path,
         limit: u64,
         named: bool,
@@ -200,7 +200,7 @@ impl TrustedProjects {
         } else {
             origin.expect()
         };
-        let beneath = match Beneath::open(dir) {
+        let beneath = match Beneath::project(dir) {
             Ok(b) => b,
             Err(e) if e.is_not_found() => return Ok(None),
             Err(e) => return Err(files::refusal(e, origin, dir, user_file)),
@@ -208,7 +208,7 @@ impl TrustedProjects {
         let mut reads = 0;
         loop {
             reads += 1;
-            match self.read_once(&beneath, &expect, rel, limit, between) {
+            match self.read_once(dir, &beneath, &expect, rel, limit, between) {
                 Ok(Read::Replaced) if reads < READS => {}
                 Ok(Read::Replaced) => {
                     return Err(ConfigError::Read {
@@ -230,6 +230,7 @@ impl TrustedProjects {
     /// One read of `rel` beneath `dir` for [`read_in_with`](Self::read_in_with).
     fn read_once(
         &self,
+        project: &ProjectDir,
         dir: &Beneath,
         expect: &noyau_trust::Expect,
         rel: &Path,
@@ -254,7 +255,7 @@ impl TrustedProjects {
                 },
             }));
         }
-        let trust = self.code_opened(dir, rel, &meta);
+        let trust = self.code_opened(project, dir, rel, &meta);
         let text = files::read_text(&path, file, limit)?;
         between();
         // The one-name check above could be raced: a name another user
@@ -287,10 +288,16 @@ impl TrustedProjects {
     /// reached from it through closed directories and no link
     /// ([`secure_below`]), the user's or root's, closed to group and
     /// others, with one name.
-    fn code_opened(&self, dir: &Beneath, rel: &Path, opened: &Metadata) -> CodeTrust {
+    fn code_opened(
+        &self,
+        project: &ProjectDir,
+        dir: &Beneath,
+        rel: &Path,
+        opened: &Metadata,
+    ) -> CodeTrust {
         let shown = dir.path().join(rel);
         self.code_if(
-            dir.path(),
+            project,
             rel == Path::new(crate::PROJECT_FILE),
             &mut |judged| {
                 let held = nix::sys::stat::fstat(dir.fd())
@@ -329,7 +336,7 @@ impl TrustedProjects {
     /// noyau.toml is the file `file_ok` judges.
     fn code_if(
         &self,
-        dir: &Path,
+        dir: &ProjectDir,
         read_toml: bool,
         file_ok: &mut dyn FnMut(&Metadata) -> Result<(), String>,
     ) -> CodeTrust {
@@ -340,7 +347,7 @@ impl TrustedProjects {
         let mut notes = Vec::new();
         let mut secure = || {
             let judged = secure_dir(dir)?;
-            if anchor.is_some_and(|id| id != (judged.dev(), judged.ino())) {
+            if anchor != (judged.dev(), judged.ino()) {
                 return Err(moved(dir));
             }
             if !read_toml {
@@ -405,12 +412,12 @@ fn one_filesystem(top: &Path, dir: &Path) -> Result<(), String> {
 /// `dir` resolved ([`resolved`]) and the identity it was anchored to
 /// (noyau-trust's anchor), which what it resolved to must have: else the
 /// directory changed while noyau used it (why not, as a note).
-fn resolved_anchored(dir: &Path) -> Result<(PathBuf, Option<Identity>), String> {
+fn resolved_anchored(dir: &ProjectDir) -> Result<(PathBuf, Identity), String> {
     let real = resolved(dir);
-    let anchor = anchored(dir);
-    match anchor {
-        Some(id) if identity_of(&real).ok() != Some(id) => Err(moved(dir)),
-        _ => Ok((real, anchor)),
+    let anchor = dir.identity();
+    match identity_of(&real) {
+        Ok(id) if id == anchor => Ok((real, anchor)),
+        _ => Err(moved(dir)),
     }
 }
 

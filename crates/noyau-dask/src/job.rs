@@ -7,10 +7,12 @@
 //! When it cannot, it writes the reason into the cluster directory's
 //! `error` file, which the proxy shows in the notebook.
 
+use noyau_client::RuntimeDir;
+use noyau_trust::{Expect, Mode};
 use noyau_vars::EnvVars;
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -25,6 +27,10 @@ use crate::ClusterDir;
 /// default routes (`/metrics`, `/health`) would tell anyone who reaches it
 /// about the worker's tasks and memory; no one of noyau's uses it.
 const WORKER_HTTP_ROUTES: (&str, &str) = ("DASK_DISTRIBUTED__WORKER__HTTP__ROUTES", "[]");
+
+/// Dask's configuration variable for where it keeps its files (the
+/// `temporary-directory` setting).
+const DASK_TEMPORARY_DIRECTORY: &str = "DASK_TEMPORARY_DIRECTORY";
 
 /// Set by SIGTERM (the job cancelled, or at its walltime).
 static TERMINATED: AtomicBool = AtomicBool::new(false);
@@ -296,8 +302,9 @@ pub struct JobArgs {
     pub nanny: bool,
 }
 
-/// The Dask command line (before the environment wraps it).
-pub fn dask_argv(a: &JobArgs, python: &str) -> Vec<String> {
+/// The Dask command line (before the environment wraps it); `scratch` is
+/// the job's private directory for Dask's files ([`prepare`]).
+pub fn dask_argv(a: &JobArgs, python: &str, scratch: &Path) -> Vec<String> {
     let d = ClusterDir(a.dir.clone());
     let p = |p: PathBuf| p.display().to_string();
     let mut argv = vec![python.to_string(), "-m".into()];
@@ -317,7 +324,12 @@ pub fn dask_argv(a: &JobArgs, python: &str) -> Vec<String> {
         }
         Role::Worker => {
             argv.push("distributed.cli.dask_worker".into());
-            argv.extend(["--preload".into(), p(d.worker_preload())]);
+            argv.extend([
+                "--preload".into(),
+                p(d.worker_preload()),
+                "--local-directory".into(),
+                p(scratch.to_path_buf()),
+            ]);
             if !a.nanny {
                 argv.push("--no-nanny".into());
             }
@@ -363,6 +375,9 @@ pub fn dask_argv(a: &JobArgs, python: &str) -> Vec<String> {
 /// cluster's owner ([`crate::owner`]); returns Dask's exit code.
 pub fn run(a: JobArgs) -> anyhow::Result<i32> {
     let d = ClusterDir(a.dir.clone());
+    // Before anything is read from the directory or written into it (an
+    // error file written into someone else's could follow their link).
+    check_cluster_dir(&d)?;
     let fail = |msg: String| {
         report(&d, &msg);
         anyhow::anyhow!(msg)
@@ -426,6 +441,28 @@ pub fn run(a: JobArgs) -> anyhow::Result<i32> {
         }
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+/// The cluster directory gives Dask its code (the preloads) and its TLS
+/// key, and names the jobs to cancel: it must be ours and closed to others
+/// (not a link), the key a 0600 regular file of ours, the preloads regular
+/// files of ours no one else can write. The proxy makes them so; anything
+/// else was made or changed by someone else.
+fn check_cluster_dir(d: &ClusterDir) -> anyhow::Result<()> {
+    let what = "the Dask cluster's directory";
+    Expect::dir().check(d.path()).with_context(|| {
+        format!("{what} (from `noyau dask-job --dir`; `%noyau dask up` makes it 0700, yours)")
+    })?;
+    Expect::file()
+        .check(&d.key())
+        .context("the Dask cluster's TLS key (a 0600 file of yours in its directory)")?;
+    for preload in [d.preload(), d.worker_preload()] {
+        Expect::file()
+            .mode(Mode::NoOthersWrite)
+            .check(&preload)
+            .context("a Dask preload noyau wrote (a file of yours no one else can write)")?;
+    }
+    Ok(())
 }
 
 /// The owner is gone: cancels every job of the cluster (this one last) and
@@ -494,11 +531,29 @@ struct Prepared {
     python: String,
     /// Held while Dask runs: its entry and data are in use.
     _env: Option<noyau_env::Realised>,
+    /// Dask's scratch directory, removed when Dask has ended.
+    _scratch: RuntimeDir,
+}
+
+/// A private directory (0700, ours, made fresh under noyau's runtime
+/// directory on this node) for Dask's files: without one, Dask takes
+/// `$TMPDIR/dask-scratch-space` whoever made it, puts it (or a directory
+/// in it) first on `sys.path`, and spills task data there as pickles, so
+/// another user on the node who made it first would run code as this user.
+fn scratch_dir() -> anyhow::Result<RuntimeDir> {
+    RuntimeDir::create("dask").context("Dask's private scratch directory")
 }
 
 fn prepare(a: &JobArgs) -> anyhow::Result<Prepared> {
     let mut env: BTreeMap<String, String> = std::env::vars().collect();
     env.insert(EnvVars::NOYAU_DASK_DIR.into(), a.dir.display().to_string());
+    let scratch = scratch_dir()?;
+    // Dask's scheduler has no --local-directory: its configuration, read
+    // from this variable by the scheduler, the nanny and the worker alike.
+    env.insert(
+        DASK_TEMPORARY_DIRECTORY.into(),
+        scratch.path().display().to_string(),
+    );
     if a.role == Role::Worker {
         let (name, routes) = WORKER_HTTP_ROUTES;
         env.insert(name.into(), routes.into());
@@ -509,7 +564,7 @@ fn prepare(a: &JobArgs) -> anyhow::Result<Prepared> {
         .map(|j| noyau_env::Prepared::from_json(&j))
         .transpose()?;
     let python = python_of(&a.inner);
-    let mut argv = dask_argv(a, &python);
+    let mut argv = dask_argv(a, &python, scratch.path());
     let mut check = vec![
         python.clone(),
         "-c".into(),
@@ -543,6 +598,7 @@ fn prepare(a: &JobArgs) -> anyhow::Result<Prepared> {
         check,
         python,
         _env: realised,
+        _scratch: scratch,
     })
 }
 
@@ -605,9 +661,10 @@ mod tests {
             lifetime: Some(90),
             nanny: false,
         };
-        let argv = dask_argv(&a, "py").join(" ");
+        let scratch = Path::new("/s");
+        let argv = dask_argv(&a, "py", scratch).join(" ");
         assert!(
-            argv.starts_with("py -m distributed.cli.dask_worker --preload /d/noyau_dask_wait.py --no-nanny --no-dashboard --dashboard-address 127.0.0.1:0 --nthreads 2 --memory-limit 1GB --name w3 --lifetime 90s"),
+            argv.starts_with("py -m distributed.cli.dask_worker --preload /d/noyau_dask_wait.py --local-directory /s --no-nanny --no-dashboard --dashboard-address 127.0.0.1:0 --nthreads 2 --memory-limit 1GB --name w3 --lifetime 90s"),
             "{argv}"
         );
         let with_nanny = dask_argv(
@@ -616,6 +673,7 @@ mod tests {
                 ..a.clone()
             },
             "py",
+            scratch,
         )
         .join(" ");
         assert!(!with_nanny.contains("-nanny"), "{with_nanny}");
@@ -627,12 +685,45 @@ mod tests {
                 ..a
             },
             "py",
+            scratch,
         )
         .join(" ");
         assert!(
             sched.contains("--dashboard-address :0 --no-dashboard --preload /d/noyau_dask_preload.py --scheduler-file /d/scheduler.json"),
             "{sched}"
         );
+    }
+
+    /// `noyau dask-job` refuses a cluster directory, key or preload that
+    /// someone else could have made or changed, naming it, before Dask
+    /// starts; the proxy's own directory passes.
+    #[test]
+    fn a_cluster_dir_or_key_open_to_others_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let chmod = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        let root = tempfile::tempdir().unwrap();
+        let d = ClusterDir::create(root.path(), "c1").unwrap();
+        check_cluster_dir(&d).unwrap();
+        let refused = |d: &ClusterDir, path: &Path| {
+            let e = format!("{:#}", check_cluster_dir(d).unwrap_err());
+            assert!(e.contains(&path.display().to_string()), "{e}");
+        };
+        chmod(d.path(), 0o777);
+        refused(&d, d.path());
+        chmod(d.path(), 0o700);
+        chmod(&d.key(), 0o644);
+        refused(&d, &d.key());
+        chmod(&d.key(), 0o600);
+        chmod(&d.preload(), 0o666);
+        refused(&d, &d.preload());
+        chmod(&d.preload(), 0o644);
+        check_cluster_dir(&d).unwrap();
+        // a link to the user's own directory is not the directory
+        let link = ClusterDir(root.path().join("link"));
+        std::os::unix::fs::symlink(d.path(), link.path()).unwrap();
+        refused(&link, link.path());
     }
 
     /// The workers' preload returns once the scheduler's file holds its

@@ -37,6 +37,7 @@
 //! In the job, the kernel's runtime directory gets a `data/` directory of
 //! symlinks, one per name, to the store ([`expose`]); `NOYAU_DATA` names it.
 
+use noyau_trust::anchor::ProjectDir;
 use noyau_trust::{Expect, Mode, TrustError};
 use noyau_vars::EnvVars;
 use std::fs::File;
@@ -281,7 +282,7 @@ pub fn magic_lines<'a>(sources: impl IntoIterator<Item = &'a str>) -> Vec<String
 /// Every data file a notebook declares: `[data]` of `dir/noyau.toml`, its
 /// `metadata.noyau.data`, then its `%noyau data` lines; later wins by name.
 pub fn declared(
-    dir: &Path,
+    dir: &ProjectDir,
     metadata: Option<&Value>,
     magics: &[String],
 ) -> Result<Vec<DataRef>, EnvError> {
@@ -309,7 +310,7 @@ pub fn declared(
     Ok(out)
 }
 
-fn from_noyau_toml(dir: &Path) -> Result<Vec<DataRef>, EnvError> {
+fn from_noyau_toml(dir: &ProjectDir) -> Result<Vec<DataRef>, EnvError> {
     let Some((path, doc, _)) = crate::sources::noyau_toml(dir)? else {
         return Ok(Vec::new());
     };
@@ -910,6 +911,7 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sources::tests::pd;
 
     const H: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
 
@@ -956,7 +958,7 @@ mod tests {
         .unwrap();
         let meta =
             json!({"noyau": {"data": [{"url": "file:///x/other", "sha256": H, "name": "b"}]}});
-        let all = declared(t.path(), Some(&meta), &[format!("c.txt --sha256 {H}")]).unwrap();
+        let all = declared(&pd(t.path()), Some(&meta), &[format!("c.txt --sha256 {H}")]).unwrap();
         let names: Vec<(&str, &str)> = all
             .iter()
             .map(|r| (r.name.as_str(), r.url.as_str()))
@@ -970,7 +972,7 @@ mod tests {
             ]
         );
         let e = declared(
-            t.path(),
+            &pd(t.path()),
             Some(&json!({"noyau": {"data": [{"url": "x"}]}})),
             &[],
         )

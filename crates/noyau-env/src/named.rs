@@ -54,7 +54,7 @@ pub(crate) fn read(
     // The directory judged is the one the notebook was read from; the
     // file is then opened beneath `dir` itself, which must still be it
     // (noyau-trust's anchor).
-    noyau_trust::anchor::check_path(dir, &real_dir)
+    dir.check_path(&real_dir)
         .map_err(|e| EnvError::from(noyau_config::ConfigError::Untrusted(e)))?;
     // Where it is said to be missing, or outside: never read.
     let missing = || inside_resolved(path, &real_dir, what).map(|_| None);

@@ -30,6 +30,7 @@
 
 use std::path::{Path, PathBuf};
 
+use noyau_trust::anchor::ProjectDir;
 use serde_json::{Map, Value};
 
 use crate::spec::{absolute, PATH_KEYS, PATH_LIST_KEYS};
@@ -62,8 +63,10 @@ pub enum Author {
     User,
     /// The project or notebook in this directory (its noyau.toml, the
     /// notebook's metadata, a cell): anyone may have written it; trusted
-    /// only if the directory is in `trusted_projects`.
-    Project(PathBuf),
+    /// only if the directory is in `trusted_projects`. The directory is the
+    /// one anchored when the project was read (noyau-trust's anchor): each
+    /// use judges that directory, not wherever its path leads by then.
+    Project(ProjectDir),
 }
 
 /// `dir/noyau.toml`, its path, its TOML and whether its code is trusted
@@ -71,7 +74,7 @@ pub enum Author {
 /// reads a project's file (refused if another user could have written
 /// it, unless the user trusts `dir`).
 pub(crate) fn noyau_toml(
-    dir: &Path,
+    dir: &ProjectDir,
 ) -> Result<Option<(PathBuf, toml::Table, noyau_config::CodeTrust)>, EnvError> {
     let Some((path, text, trust)) = noyau_config::project_file(dir)? else {
         return Ok(None);
@@ -82,7 +85,7 @@ pub(crate) fn noyau_toml(
 }
 
 /// The `[environment]` table of `dir/noyau.toml`, if there is one.
-pub fn from_noyau_toml(dir: &Path) -> Result<Option<Source>, EnvError> {
+pub fn from_noyau_toml(dir: &ProjectDir) -> Result<Option<Source>, EnvError> {
     let Some((path, doc, trust)) = noyau_toml(dir)? else {
         return Ok(None);
     };
@@ -92,7 +95,7 @@ pub fn from_noyau_toml(dir: &Path) -> Result<Option<Source>, EnvError> {
             what: format!("[environment] in {}", path.display()),
             table: as_table(toml_to_json(v.clone()), &path.display().to_string())?,
             base: dir.to_path_buf(),
-            author: Author::Project(dir.to_path_buf()),
+            author: Author::Project(dir.clone()),
             file: None,
             read: Some(trust),
         })),
@@ -100,7 +103,10 @@ pub fn from_noyau_toml(dir: &Path) -> Result<Option<Source>, EnvError> {
 }
 
 /// `metadata.noyau.environment` of a notebook's metadata, if present.
-pub fn from_metadata(metadata: &Value, notebook_dir: &Path) -> Result<Option<Source>, EnvError> {
+pub fn from_metadata(
+    metadata: &Value,
+    notebook_dir: &ProjectDir,
+) -> Result<Option<Source>, EnvError> {
     match metadata.get("noyau").and_then(|n| n.get("environment")) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => {
@@ -128,7 +134,7 @@ pub fn from_metadata(metadata: &Value, notebook_dir: &Path) -> Result<Option<Sou
                 what: "metadata.noyau.environment in the notebook".into(),
                 table,
                 base: notebook_dir.to_path_buf(),
-                author: Author::Project(notebook_dir.to_path_buf()),
+                author: Author::Project(notebook_dir.clone()),
                 file: None,
                 read: None,
             }))
@@ -234,7 +240,11 @@ fn from_spec(arg: &str, cwd: &Path, author: Author) -> Result<Source, EnvError> 
 /// the site's or the user's file (or `-o`) set it; else `project`, the
 /// directory whose noyau.toml set it, and it is held to what that
 /// project's `[environment]` may name.
-pub fn from_profile(spec: &str, project: Option<&Path>, cwd: &Path) -> Result<Source, EnvError> {
+pub fn from_profile(
+    spec: &str,
+    project: Option<&ProjectDir>,
+    cwd: &Path,
+) -> Result<Source, EnvError> {
     Ok(match project {
         None => from_cli(spec, cwd)?,
         Some(dir) => Source {
@@ -242,7 +252,7 @@ pub fn from_profile(spec: &str, project: Option<&Path>, cwd: &Path) -> Result<So
                 "the environment of a profile in {}",
                 dir.join("noyau.toml").display()
             ),
-            ..from_spec(spec, cwd, Author::Project(dir.to_path_buf()))?
+            ..from_spec(spec, cwd, Author::Project(dir.clone()))?
         },
     })
 }
@@ -270,25 +280,29 @@ impl<'a> TargetSpec<'a> {
         })
     }
 
-    /// Its source, relative paths from `cwd`.
-    pub fn source(self, cwd: &Path) -> Result<Source, EnvError> {
+    /// Its source, relative paths from `cwd`. A profile's project is the
+    /// one its noyau.toml was read from, `cwd`'s (noyau-config reads the
+    /// working directory's): its path must still lead to `cwd`'s anchor,
+    /// else what that file set would be judged as another directory's.
+    pub fn source(self, cwd: &ProjectDir) -> Result<Source, EnvError> {
         match self {
             TargetSpec::Cell(e) => from_cell_env(e, cwd),
-            TargetSpec::Profile(e, project) => from_profile(e, project, cwd),
+            TargetSpec::Profile(e, None) => from_profile(e, None, cwd),
+            TargetSpec::Profile(e, Some(dir)) => {
+                cwd.check_path(dir)
+                    .map_err(|e| EnvError::from(noyau_config::ConfigError::Untrusted(e)))?;
+                from_profile(e, Some(cwd), cwd)
+            }
         }
     }
 }
 
 /// A spec a cell gives (`%%noyau on TARGET --env SPEC`), in the forms
 /// `--env` takes: the notebook's, not the user's.
-pub fn from_cell_env(arg: &str, notebook_dir: &Path) -> Result<Source, EnvError> {
+pub fn from_cell_env(arg: &str, notebook_dir: &ProjectDir) -> Result<Source, EnvError> {
     let s = Source {
         what: format!("--env {arg} in a cell"),
-        ..from_spec(
-            arg,
-            notebook_dir,
-            Author::Project(notebook_dir.to_path_buf()),
-        )?
+        ..from_spec(arg, notebook_dir, Author::Project(notebook_dir.clone()))?
     };
     refuse_sandbox_keys(&s, "`%%noyau on … --env` (or `environment=`)")?;
     Ok(s)
@@ -479,7 +493,7 @@ fn untrusted_dir<'a>(
     };
     match trust {
         noyau_config::CodeTrust::Trusted => None,
-        noyau_config::CodeTrust::Untrusted { note } => Some((dir.as_path(), note.as_str())),
+        noyau_config::CodeTrust::Untrusted { note } => Some((dir.path(), note.as_str())),
     }
 }
 
@@ -509,7 +523,7 @@ fn refuse_untrusted(
 /// Everything `noyau run` looks at, in order: noyau.toml, the notebook's
 /// metadata, `--env`.
 pub fn for_notebook(
-    notebook_dir: &Path,
+    notebook_dir: &ProjectDir,
     metadata: Option<&Value>,
     cli: Option<&str>,
     cwd: &Path,
@@ -536,7 +550,7 @@ pub struct Declared {
 /// reads it, and the data files of `noyau.toml`, its metadata and its
 /// `%noyau data` cells ([`crate::data::declared`]).
 pub fn declared<'a>(
-    notebook_dir: &Path,
+    notebook_dir: &ProjectDir,
     metadata: Option<&Value>,
     cell_sources: impl IntoIterator<Item = &'a str>,
     cli: Option<&str>,
@@ -552,8 +566,9 @@ pub fn declared<'a>(
 /// [`declared`] for a notebook file (`.ipynb`).
 pub fn declared_in_file(path: &Path, cli: Option<&str>, cwd: &Path) -> Result<Declared, EnvError> {
     let path = absolute(cwd, path);
-    let text =
-        std::fs::read(&path).map_err(|e| EnvError::io(format!("reading {}", path.display()), e))?;
+    // Its directory anchored: the project is the directory it was read from.
+    let (text, dir) = noyau_trust::anchor::read_notebook(&path)
+        .map_err(|e| EnvError::io(format!("reading {}", path.display()), e))?;
     let nb: Value = serde_json::from_slice(&text)
         .map_err(|e| EnvError::Invalid(format!("{} is not a notebook: {e}", path.display())))?;
     let sources: Vec<String> = nb["cells"]
@@ -569,9 +584,8 @@ pub fn declared_in_file(path: &Path, cli: Option<&str>, cwd: &Path) -> Result<De
                 .collect()
         })
         .unwrap_or_default();
-    let dir = path.parent().unwrap_or(cwd);
     declared(
-        dir,
+        &dir,
         nb.get("metadata"),
         sources.iter().map(String::as_str),
         cli,
@@ -641,7 +655,7 @@ pub const MAGIC_USAGE: &str = "%noyau env [python] REQUIREMENT… [key=value…]
 /// A cell is the notebook's, whoever sent it: it may not set the sandbox
 /// ([`SANDBOX_KEYS`]; the kernel keeps the one it was started with), and
 /// what it names is checked as the notebook's ([`Author::Project`]).
-pub fn from_magic(args: &str, cwd: &Path) -> Result<Source, EnvError> {
+pub fn from_magic(args: &str, cwd: &ProjectDir) -> Result<Source, EnvError> {
     let s = magic_source(args, cwd)?;
     refuse_sandbox_keys(&s, "`%noyau env`")?;
     Ok(s)
@@ -667,11 +681,11 @@ fn refuse_sandbox_keys(s: &Source, what: &str) -> Result<(), EnvError> {
     )))
 }
 
-fn magic_source(args: &str, cwd: &Path) -> Result<Source, EnvError> {
+fn magic_source(args: &str, cwd: &ProjectDir) -> Result<Source, EnvError> {
     let args = args.trim();
     let what = format!("%noyau env {args}");
     let invalid = |m: String| EnvError::Invalid(format!("{m}; usage: {MAGIC_USAGE}"));
-    let ours = || Author::Project(cwd.to_path_buf());
+    let ours = || Author::Project(cwd.clone());
     if args.starts_with('{') {
         return from_spec(args, cwd, ours()).map(|s| Source { what, ..s });
     }
@@ -787,7 +801,7 @@ fn magic_source(args: &str, cwd: &Path) -> Result<Source, EnvError> {
 /// in `notebook_dir` with `kernel_env` (its `NOYAU_ENV`): the cell's spec,
 /// with the run keys of the kernel's start sources it does not set.
 pub fn for_cell(
-    notebook_dir: &Path,
+    notebook_dir: &ProjectDir,
     kernel_env: Option<&str>,
     args: &str,
 ) -> Result<EnvSpec, EnvError> {
@@ -883,9 +897,14 @@ fn toml_to_json(v: toml::Value) -> Value {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
+
+    /// The project `dir`, anchored now.
+    pub(crate) fn pd(dir: &Path) -> ProjectDir {
+        ProjectDir::open(dir).unwrap()
+    }
 
     #[test]
     fn later_sources_win_key_by_key_and_paths_are_resolved() {
@@ -898,7 +917,7 @@ mod tests {
         std::fs::write(dir.path().join("r.lock"), "six==1.16.0 --hash=sha256:ab\n").unwrap();
         let meta = json!({"noyau": {"environment": {"python": "3.11"}}});
         let spec = for_notebook(
-            dir.path(),
+            &pd(dir.path()),
             Some(&meta),
             Some(r#"{isolation = "none", network = true, scratch = "work"}"#),
             Path::new("/elsewhere"),
@@ -922,7 +941,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spec = |python: &str| {
             for_notebook(
-                dir.path(),
+                &pd(dir.path()),
                 None,
                 Some(&format!(r#"{{python = "{python}"}}"#)),
                 Path::new("/work/proj"),
@@ -961,14 +980,14 @@ mod tests {
                 format!("[environment]\nkind = \"system\"\n{line}\n"),
             )
             .unwrap();
-            let e = for_notebook(d, None, None, d).unwrap_err();
+            let e = for_notebook(&pd(d), None, None, d).unwrap_err();
             assert!(matches!(e, EnvError::UntrustedCode(_)), "{line}: {e}");
             let e = e.to_string();
             assert!(
                 e.contains(&format!("sets `{key}`")) && e.contains("loosens the sandbox"),
                 "{e}"
             );
-            let spec = for_notebook(d, None, Some(&format!("{{{line}}}")), d);
+            let spec = for_notebook(&pd(d), None, Some(&format!("{{{line}}}")), d);
             assert!(spec.is_ok(), "from --env: {spec:?}");
         }
         std::fs::write(
@@ -977,17 +996,17 @@ mod tests {
              notebook_dir = \"../../.config/noyau\"\n",
         )
         .unwrap();
-        let spec = for_notebook(d, None, None, d).unwrap().unwrap();
+        let spec = for_notebook(&pd(d), None, None, d).unwrap().unwrap();
         assert_eq!(spec.isolation, crate::Isolation::Container);
         assert_eq!(spec.notebook_dir.as_deref(), Some(d));
         // A prefix is shown by the sandbox: the notebook's or a cell's too.
         std::fs::remove_file(d.join("noyau.toml")).unwrap();
         let meta = json!({"noyau": {"environment": {"prefix": "/home/victim"}}});
-        let e = for_notebook(d, Some(&meta), None, d).unwrap_err();
+        let e = for_notebook(&pd(d), Some(&meta), None, d).unwrap_err();
         assert!(e.to_string().contains("sets `prefix`"), "{e}");
-        let e = for_cell(d, None, "prefix /home").unwrap_err();
+        let e = for_cell(&pd(d), None, "prefix /home").unwrap_err();
         assert!(matches!(e, EnvError::UntrustedCode(_)), "{e}");
-        assert!(for_notebook(d, None, Some(r#"{prefix = "/home/me/venv"}"#), d).is_ok());
+        assert!(for_notebook(&pd(d), None, Some(r#"{prefix = "/home/me/venv"}"#), d).is_ok());
     }
 
     #[test]
@@ -1007,7 +1026,7 @@ mod tests {
             json!({"noyau": {"environment": open.clone()}}),
             json!({"noyau": {"environment": {"spec": open.clone()}}}),
         ] {
-            let spec = for_notebook(d, Some(&meta), None, d).unwrap().unwrap();
+            let spec = for_notebook(&pd(d), Some(&meta), None, d).unwrap().unwrap();
             assert_eq!(spec.isolation, crate::Isolation::Container);
             assert!(!spec.network);
             assert_eq!(spec.scratch, None);
@@ -1018,7 +1037,7 @@ mod tests {
             // With isolation from --env alone, the notebook still adds nothing.
             let other = tempfile::tempdir().unwrap();
             let spec = for_notebook(
-                other.path(),
+                &pd(other.path()),
                 Some(&meta),
                 Some(r#"{isolation = "container"}"#),
                 d,
@@ -1033,7 +1052,7 @@ mod tests {
     /// A cell's spec as its forms parse, trusted as the user's own (what
     /// an untrusted cell may name is checked below).
     fn cell(args: &str, dir: &Path) -> Result<EnvSpec, EnvError> {
-        let s = magic_source(args, dir)?;
+        let s = magic_source(args, &pd(dir))?;
         Ok(merge(
             &[Source {
                 author: Author::User,
@@ -1113,12 +1132,12 @@ mod tests {
             "[environment]\nrequirements = [\"numpy\"]\nisolation = \"container\"\n",
         )
         .unwrap();
-        let s = for_cell(dir.path(), Some("{network = true}"), "modules gcc/12").unwrap();
+        let s = for_cell(&pd(dir.path()), Some("{network = true}"), "modules gcc/12").unwrap();
         assert_eq!(s.kind, Some(crate::Kind::Modules));
         assert!(s.requirements.is_empty());
         assert_eq!(s.isolation, crate::Isolation::Container);
         assert!(s.network);
-        let s = for_cell(dir.path(), None, "six build=node").unwrap();
+        let s = for_cell(&pd(dir.path()), None, "six build=node").unwrap();
         assert_eq!(s.isolation, crate::Isolation::Container);
         assert_eq!(s.build, crate::BuildAt::Node);
         assert_eq!(s.requirements, vec!["six"]);
@@ -1144,7 +1163,7 @@ mod tests {
             r#"{kind = "system", notebook_dir = "/home/victim/.ssh"}"#,
             "file open.toml",
         ] {
-            let e = for_cell(d, Some(r#"{isolation = "container"}"#), args)
+            let e = for_cell(&pd(d), Some(r#"{isolation = "container"}"#), args)
                 .unwrap_err()
                 .to_string();
             assert!(
@@ -1152,7 +1171,7 @@ mod tests {
                 "{args}: {e}"
             );
         }
-        let e = from_cell_env(r#"{isolation = "none"}"#, d)
+        let e = from_cell_env(r#"{isolation = "none"}"#, &pd(d))
             .unwrap_err()
             .to_string();
         assert!(e.contains("may not set isolation"), "{e}");
@@ -1171,7 +1190,7 @@ mod tests {
             what: "%noyau env file e.toml".into(),
             table: Map::new(),
             base: d.path().into(),
-            author: Author::Project(d.path().into()),
+            author: Author::Project(pd(d.path())),
             file,
             read: None,
         };
@@ -1211,7 +1230,7 @@ mod tests {
             what: "the notebook's metadata".into(),
             table: serde_json::from_value(json!({"kind": "apptainer", "image": image})).unwrap(),
             base: dir.clone(),
-            author: Author::Project(dir.clone()),
+            author: Author::Project(pd(&dir)),
             file: None,
             read: None,
         };
@@ -1277,8 +1296,8 @@ mod tests {
             "[environment]\npython = \"/home/attacker/bin/python\"\n",
         )
         .unwrap();
-        refused(for_notebook(d, None, None, d), "python", "noyau.toml");
-        let spec = for_notebook(d, None, Some(r#"{python = "3.11"}"#), d)
+        refused(for_notebook(&pd(d), None, None, d), "python", "noyau.toml");
+        let spec = for_notebook(&pd(d), None, Some(r#"{python = "3.11"}"#), d)
             .unwrap()
             .unwrap();
         assert_eq!(spec.python.as_deref(), Some("3.11"));
@@ -1309,14 +1328,14 @@ mod tests {
             ),
         ] {
             let meta = json!({"noyau": {"environment": table.clone()}});
-            refused(for_notebook(d, Some(&meta), None, d), key, "metadata");
+            refused(for_notebook(&pd(d), Some(&meta), None, d), key, "metadata");
             let cli = table.to_string();
-            assert!(for_notebook(d, None, Some(&cli), d).is_ok(), "{cli}");
+            assert!(for_notebook(&pd(d), None, Some(&cli), d).is_ok(), "{cli}");
         }
         std::fs::write(d.join("evil.lock"), "-e ./pkg\n").unwrap();
         let meta = json!({"noyau": {"environment": {"kind": "python", "lock_file": "evil.lock"}}});
         refused(
-            for_notebook(d, Some(&meta), None, d),
+            for_notebook(&pd(d), Some(&meta), None, d),
             "lock_file",
             "metadata",
         );
@@ -1325,7 +1344,7 @@ mod tests {
             "modules x module_use=mf",
             "python=/home/attacker/python six",
         ] {
-            let e = for_cell(d, None, args).unwrap_err();
+            let e = for_cell(&pd(d), None, args).unwrap_err();
             assert!(matches!(e, EnvError::UntrustedCode(_)), "{args}: {e}");
         }
         std::fs::write(
@@ -1333,7 +1352,7 @@ mod tests {
             "[environment]\nmodules_init = \"i.sh\"\nmodules = [\"x\"]\n",
         )
         .unwrap();
-        let e = for_cell(d, None, "file e.toml").unwrap_err();
+        let e = for_cell(&pd(d), None, "file e.toml").unwrap_err();
         assert!(matches!(e, EnvError::UntrustedCode(_)), "{e}");
     }
 
@@ -1378,32 +1397,43 @@ mod tests {
         let relative = format!("../{}", secret.file_name().unwrap().to_string_lossy());
         for f in [secret.display().to_string(), relative.clone()] {
             let meta = json!({"noyau": {"environment": {"kind": "python", "lock_file": f}}});
-            outside(for_notebook(d, Some(&meta), None, d), "metadata lock_file");
+            outside(
+                for_notebook(&pd(d), Some(&meta), None, d),
+                "metadata lock_file",
+            );
             std::fs::write(
                 d.join("noyau.toml"),
                 format!("[environment]\nlock_file = {f:?}\n"),
             )
             .unwrap();
-            outside(for_notebook(d, None, None, d), "noyau.toml lock_file");
+            outside(for_notebook(&pd(d), None, None, d), "noyau.toml lock_file");
             std::fs::remove_file(d.join("noyau.toml")).unwrap();
-            outside(for_cell(d, None, &format!("file {f}")), "%noyau env file");
-            outside(from_cell_env(&f, d), "%%noyau on --env");
             outside(
-                TargetSpec::Profile(&f, Some(d)).source(d),
+                for_cell(&pd(d), None, &format!("file {f}")),
+                "%noyau env file",
+            );
+            outside(from_cell_env(&f, &pd(d)), "%%noyau on --env");
+            outside(
+                TargetSpec::Profile(&f, Some(d)).source(&pd(d)),
                 "a project's profile environment",
             );
         }
         // A link in the directory to a file out of it is out of it.
         std::os::unix::fs::symlink(&secret, d.join("env.toml")).unwrap();
-        outside(for_cell(d, None, "file env.toml"), "a link out");
+        outside(for_cell(&pd(d), None, "file env.toml"), "a link out");
         let meta = json!({"noyau": {"environment": {"kind": "python", "lock_file": "env.toml"}}});
         outside(
-            for_notebook(d, Some(&meta), None, d),
+            for_notebook(&pd(d), Some(&meta), None, d),
             "a lock_file link out",
         );
         // Whether a file out of it exists is not told.
-        outside(for_cell(d, None, "file ../none/x.toml"), "missing, outside");
-        let e = for_cell(d, None, "file none.toml").unwrap_err().to_string();
+        outside(
+            for_cell(&pd(d), None, "file ../none/x.toml"),
+            "missing, outside",
+        );
+        let e = for_cell(&pd(d), None, "file none.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("does not exist"), "{e}");
         // The user's own --env reads a file anywhere (here, and its
         // lock_file next to it).
@@ -1415,7 +1445,7 @@ mod tests {
         )
         .unwrap();
         let env = theirs.path().join("env.toml").display().to_string();
-        let spec = for_notebook(d, None, Some(&env), d).unwrap().unwrap();
+        let spec = for_notebook(&pd(d), None, Some(&env), d).unwrap().unwrap();
         assert_eq!(spec.lock.as_deref(), Some("six==1.16.0\n"));
     }
 
@@ -1440,17 +1470,23 @@ mod tests {
                 "{what}: {e}"
             );
         };
-        refused(for_notebook(d, Some(&meta), None, d).map(drop), "lock_file");
         refused(
-            for_cell(d, None, "file env.toml").map(drop),
+            for_notebook(&pd(d), Some(&meta), None, d).map(drop),
+            "lock_file",
+        );
+        refused(
+            for_cell(&pd(d), None, "file env.toml").map(drop),
             "%noyau env file",
         );
-        refused(from_cell_env("env.toml", d).map(drop), "%%noyau on --env");
+        refused(
+            from_cell_env("env.toml", &pd(d)).map(drop),
+            "%%noyau on --env",
+        );
         // One name: read.
         std::fs::remove_file(&secret).unwrap();
         std::fs::remove_file(d.join("env.toml")).unwrap();
         std::fs::write(d.join("r.lock"), "six==1.16.0\n").unwrap();
-        let spec = for_notebook(d, Some(&meta), None, d).unwrap().unwrap();
+        let spec = for_notebook(&pd(d), Some(&meta), None, d).unwrap().unwrap();
         assert_eq!(spec.lock.as_deref(), Some("six==1.16.0\n"));
     }
 
@@ -1478,10 +1514,12 @@ mod tests {
             .status()
             .unwrap();
         assert!(made.success());
-        let e = for_cell(d, None, "file env.toml").unwrap_err().to_string();
+        let e = for_cell(&pd(d), None, "file env.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not a regular file"), "{e}");
         for f in [fifo.as_path(), Path::new("/dev/zero")] {
-            let e = for_notebook(d, None, Some(&f.display().to_string()), d)
+            let e = for_notebook(&pd(d), None, Some(&f.display().to_string()), d)
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("not a regular file"), "{f:?}: {e}");
@@ -1501,21 +1539,21 @@ mod tests {
             assert!(!e.contains("ghp_SECRET") && e.contains(want), "{e}");
         };
         std::fs::write(d.join("creds.toml"), format!("{SECRET}\n")).unwrap();
-        hidden(for_cell(d, None, "file creds.toml"), "line 1, column");
-        let user = for_notebook(d, None, Some("creds.toml"), d).map(|s| s.unwrap());
+        hidden(for_cell(&pd(d), None, "file creds.toml"), "line 1, column");
+        let user = for_notebook(&pd(d), None, Some("creds.toml"), d).map(|s| s.unwrap());
         hidden(user, "line 1, column");
         std::fs::write(d.join("creds.json"), format!("{{\"a\": {SECRET}}}")).unwrap();
-        hidden(for_cell(d, None, "file creds.json"), "line 1 column");
+        hidden(for_cell(&pd(d), None, "file creds.json"), "line 1 column");
         // Parsed, but not a table, or a key of the wrong kind: named, not quoted.
         std::fs::write(d.join("list.json"), format!("[\"{SECRET}\"]")).unwrap();
-        hidden(for_cell(d, None, "file list.json"), "not a list");
+        hidden(for_cell(&pd(d), None, "file list.json"), "not a list");
         std::fs::write(
             d.join("kind.toml"),
             format!("requirements = \"{SECRET}\"\n"),
         )
         .unwrap();
         hidden(
-            for_cell(d, None, "file kind.toml"),
+            for_cell(&pd(d), None, "file kind.toml"),
             "`requirements` is not a spec key, or",
         );
         std::fs::write(
@@ -1523,7 +1561,7 @@ mod tests {
             format!("requirements = [\"six\", \"{SECRET}/x.whl\"]\n"),
         )
         .unwrap();
-        hidden(for_cell(d, None, "file e.toml"), "a direct reference");
+        hidden(for_cell(&pd(d), None, "file e.toml"), "a direct reference");
         std::fs::write(
             d.join("creds.lock"),
             format!("six==1.16.0 \\\n    --hash=sha256:ab\n{SECRET}\n"),
@@ -1531,7 +1569,7 @@ mod tests {
         .unwrap();
         let meta = json!({"noyau": {"environment": {"kind": "python", "lock_file": "creds.lock"}}});
         hidden(
-            for_notebook(d, Some(&meta), None, d).map(|s| s.unwrap()),
+            for_notebook(&pd(d), Some(&meta), None, d).map(|s| s.unwrap()),
             "lock line 3: a direct reference",
         );
         std::fs::write(
@@ -1541,10 +1579,10 @@ mod tests {
         .unwrap();
         let meta = json!({"noyau": {"environment": {"kind": "python", "lock_file": "opt.lock"}}});
         hidden(
-            for_notebook(d, Some(&meta), None, d).map(|s| s.unwrap()),
+            for_notebook(&pd(d), Some(&meta), None, d).map(|s| s.unwrap()),
             "lock line 1 has an option that is not --hash=sha256:HEX",
         );
-        let e = for_cell(d, None, "python=/home/attacker/python six")
+        let e = for_cell(&pd(d), None, "python=/home/attacker/python six")
             .unwrap_err()
             .to_string();
         assert!(e.contains("\"/home/attacker/python\""), "{e}");
@@ -1558,7 +1596,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let spec = |s: &str, project: Option<&Path>| {
-            merge(&[TargetSpec::Profile(s, project).source(d)?], d)
+            merge(&[TargetSpec::Profile(s, project).source(&pd(d))?], d)
         };
         let evil = r#"{"python": "/home/attacker/bin/python"}"#;
         let e = spec(evil, Some(d)).unwrap_err();
@@ -1588,7 +1626,7 @@ mod tests {
             environment_from_cell: true,
             ..Default::default()
         };
-        let e = TargetSpec::profile(&p).unwrap().source(d).unwrap_err();
+        let e = TargetSpec::profile(&p).unwrap().source(&pd(d)).unwrap_err();
         assert!(
             e.to_string()
                 .contains("(or `environment=`) may not set isolation"),
@@ -1603,14 +1641,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let meta = json!({"noyau": {"environment": {"requirements": ["six==1.16.0"]}}});
-        let spec = for_notebook(d, Some(&meta), None, d).unwrap().unwrap();
+        let spec = for_notebook(&pd(d), Some(&meta), None, d).unwrap().unwrap();
         assert!(spec.wheels_only);
-        let spec = for_notebook(d, Some(&meta), Some(r#"{requirements = ["six"]}"#), d)
+        let spec = for_notebook(&pd(d), Some(&meta), Some(r#"{requirements = ["six"]}"#), d)
             .unwrap()
             .unwrap();
         assert!(!spec.wheels_only);
-        assert!(for_cell(d, None, "six").unwrap().wheels_only);
-        let spec = for_notebook(d, None, Some(r#"{requirements = ["six"]}"#), d)
+        assert!(for_cell(&pd(d), None, "six").unwrap().wheels_only);
+        let spec = for_notebook(&pd(d), None, Some(r#"{requirements = ["six"]}"#), d)
             .unwrap()
             .unwrap();
         assert!(!spec.wheels_only);
@@ -1631,7 +1669,7 @@ mod tests {
         assert_eq!(spec.prefix, Some(dir.path().join("venv")));
         let e = from_cli("nope.toml", dir.path()).unwrap_err();
         assert!(e.to_string().contains("not a readable file"), "{e}");
-        assert!(for_notebook(dir.path(), None, None, dir.path())
+        assert!(for_notebook(&pd(dir.path()), None, None, dir.path())
             .unwrap()
             .is_none());
     }

@@ -29,13 +29,13 @@ fn a_notebooks_directory_swapped_after_it_was_read_is_refused() {
         "kind = \"python\"\nrequirements = [\"ghp-SECRET\"]\n",
     )
     .unwrap();
-    noyau_trust::anchor::read_notebook(&proj.join("nb.ipynb")).unwrap();
+    let (_, project) = noyau_trust::anchor::read_notebook(&proj.join("nb.ipynb")).unwrap();
     // Before the swap the project's file is read.
-    let source = from_cell_env("env.toml", &proj).unwrap();
+    let source = from_cell_env("env.toml", &project).unwrap();
     assert!(source.table.get("requirements").is_none());
     std::fs::rename(&proj, d.path().join("proj.x")).unwrap();
     std::os::unix::fs::symlink(&victim, &proj).unwrap();
-    let e = from_cell_env("env.toml", &proj)
+    let e = from_cell_env("env.toml", &project)
         .map(|s| s.table)
         .expect_err("the swapped directory's file was read")
         .to_string();

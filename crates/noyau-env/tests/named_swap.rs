@@ -33,6 +33,7 @@ fn a_directory_swapped_for_a_link_out_while_a_file_is_read_is_never_followed() {
     )
     .unwrap();
     std::os::unix::fs::symlink(&out, proj.join("alt")).unwrap();
+    let project = noyau_trust::anchor::ProjectDir::open(&proj).unwrap();
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         s.spawn(|| {
@@ -51,7 +52,7 @@ fn a_directory_swapped_for_a_link_out_while_a_file_is_read_is_never_followed() {
         let stopper = StopOnDrop(&stop);
         let (mut read, mut refused) = (0, 0);
         for _ in 0..3000 {
-            match from_cell_env("sub/env.toml", &proj) {
+            match from_cell_env("sub/env.toml", &project) {
                 Ok(source) => {
                     read += 1;
                     assert!(

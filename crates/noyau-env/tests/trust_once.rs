@@ -6,6 +6,11 @@
 
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use noyau_env::sources::{from_metadata, from_noyau_toml, merge};
+use noyau_trust::anchor::ProjectDir;
+
+fn pd(dir: &std::path::Path) -> ProjectDir {
+    ProjectDir::open(dir).unwrap()
+}
 use serde_json::json;
 
 /// Two project sources (noyau.toml, the notebook's metadata) and the lock
@@ -30,8 +35,8 @@ fn merging_a_notebooks_sources_reads_the_trust_config_once() {
     std::fs::write(proj.join("r.lock"), "six==1.16.0\n").unwrap();
     let meta = json!({"noyau": {"environment": {"requirements": ["six"]}}});
     let sources: Vec<_> = [
-        from_noyau_toml(&proj).unwrap(),
-        from_metadata(&meta, &proj).unwrap(),
+        from_noyau_toml(&pd(&proj)).unwrap(),
+        from_metadata(&meta, &pd(&proj)).unwrap(),
     ]
     .into_iter()
     .flatten()

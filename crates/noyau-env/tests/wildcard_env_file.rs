@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{chmod, wildcard_project};
+use common::{chmod, pd, wildcard_project};
 use noyau_env::sources::{from_cell_env, merge};
 use noyau_env::EnvError;
 
@@ -24,7 +24,7 @@ fn an_env_file_others_could_write_is_not_trusted_under_a_wildcard() {
     .unwrap();
     chmod(&file, 0o644);
     let run = || {
-        let s = from_cell_env("envs/gpu.toml", &dir)?;
+        let s = from_cell_env("envs/gpu.toml", &pd(&dir))?;
         merge(&[s], &dir)
     };
     // All of it the user's and closed: its direct reference is trusted.

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{chmod, wildcard_project};
+use common::{chmod, pd, wildcard_project};
 use noyau_env::sources::for_notebook;
 use noyau_env::EnvError;
 
@@ -30,11 +30,11 @@ fn a_lock_file_others_could_write_is_not_trusted_under_a_wildcard() {
     .unwrap();
     chmod(&lock, 0o644);
     // All of it the user's and closed: the lock's direct reference is trusted.
-    let spec = for_notebook(&dir, None, None, &dir).unwrap().unwrap();
+    let spec = for_notebook(&pd(&dir), None, None, &dir).unwrap().unwrap();
     assert!(!spec.wheels_only);
     // The lock writable by the group: refused, saying why and what to do.
     chmod(&lock, 0o664);
-    let e = for_notebook(&dir, None, None, &dir).unwrap_err();
+    let e = for_notebook(&pd(&dir), None, None, &dir).unwrap_err();
     assert!(matches!(e, EnvError::UntrustedCode(_)), "{e}");
     let e = e.to_string();
     assert!(
@@ -52,19 +52,19 @@ fn a_lock_file_others_could_write_is_not_trusted_under_a_wildcard() {
     std::fs::remove_file(&lock).unwrap();
     std::os::unix::fs::symlink("../../team.lock", &lock).unwrap();
     // (The link leads out of the project: refused as outside it first.)
-    let e = for_notebook(&dir, None, None, &dir).unwrap_err();
+    let e = for_notebook(&pd(&dir), None, None, &dir).unwrap_err();
     assert!(matches!(e, EnvError::OutsideProject { .. }), "{e}");
     let inside = dir.join("team.lock");
     std::fs::rename(&team, &inside).unwrap();
     std::fs::remove_file(&lock).unwrap();
     std::os::unix::fs::symlink("team.lock", &lock).unwrap();
     // A lock naming no code, by a link: not trusted, so wheels only.
-    let spec = for_notebook(&dir, None, None, &dir).unwrap().unwrap();
+    let spec = for_notebook(&pd(&dir), None, None, &dir).unwrap().unwrap();
     assert!(spec.wheels_only, "a linked lock is not trusted");
     std::fs::remove_file(&lock).unwrap();
     std::fs::write(&lock, "six==1.16.0\n").unwrap();
     chmod(&lock, 0o644);
-    let spec = for_notebook(&dir, None, None, &dir).unwrap().unwrap();
+    let spec = for_notebook(&pd(&dir), None, None, &dir).unwrap().unwrap();
     assert!(!spec.wheels_only, "the user's own closed lock is trusted");
     // A closed lock in a subdirectory the group may write in: its
     // directory is checked too (the group could have put it there).
@@ -77,10 +77,10 @@ fn a_lock_file_others_could_write_is_not_trusted_under_a_wildcard() {
         "[environment]\nkind = \"python\"\nlock_file = \"deps/r.lock\"\n",
     )
     .unwrap();
-    let spec = for_notebook(&dir, None, None, &dir).unwrap().unwrap();
+    let spec = for_notebook(&pd(&dir), None, None, &dir).unwrap().unwrap();
     assert!(spec.wheels_only, "a lock in a group-writable directory");
     chmod(&deps, 0o755);
-    let spec = for_notebook(&dir, None, None, &dir).unwrap().unwrap();
+    let spec = for_notebook(&pd(&dir), None, None, &dir).unwrap().unwrap();
     assert!(!spec.wheels_only, "a closed lock in a closed directory");
     // The user's own `--env` file may name a lock anywhere, by a link out
     // of its directory too (the wildcard's rules are for what a project
@@ -91,7 +91,7 @@ fn a_lock_file_others_could_write_is_not_trusted_under_a_wildcard() {
     let env = dir.join("env.toml");
     std::fs::write(&env, "kind = \"python\"\nlock_file = \"mine.lock\"\n").unwrap();
     std::fs::write(&project, "[environment]\nkind = \"python\"\n").unwrap();
-    let spec = for_notebook(&dir, None, Some(env.to_str().unwrap()), &dir)
+    let spec = for_notebook(&pd(&dir), None, Some(env.to_str().unwrap()), &dir)
         .unwrap()
         .unwrap();
     assert_eq!(spec.lock.as_deref(), Some("six==1.16.0\n"));

@@ -154,7 +154,7 @@ fn read_up(words: &[&str], defaults: &noyau_config::DaskSettings) -> Result<UpAr
 /// The target `dask up` with these words runs on (`--target`, else
 /// `[dask] target`), when it names one.
 pub fn target_of(words: &[String]) -> Option<String> {
-    let cwd = std::env::current_dir().ok()?;
+    let cwd = noyau_trust::anchor::ProjectDir::cwd().ok()?;
     let cfg = noyau_config::Config::load(&cwd).ok()?;
     parse_up(words, &cfg.dask).ok()?.target
 }
@@ -341,7 +341,8 @@ impl<C: Clone + PartialEq> Dask<C> {
         if self.cluster.is_some() {
             return Err(MagicError::Dask("this kernel already has a Dask cluster; `%noyau dask status` shows it, `%noyau dask down` ends it".into()));
         }
-        let cwd = std::env::current_dir().map_err(|e| MagicError::Usage(e.to_string()))?;
+        let cwd =
+            noyau_trust::anchor::ProjectDir::cwd().map_err(|e| MagicError::Usage(e.to_string()))?;
         let cfg = noyau_config::Config::load(&cwd).map_err(|e| MagicError::Usage(e.to_string()))?;
         let a = parse_up(words, &cfg.dask)?;
         let plan = plan(&a, &cfg.dask, k)?;

@@ -672,25 +672,33 @@ pub fn write_atomic_with(
     };
     // Another user's file (in a shared directory) lends no mode: a 0666
     // one would leave the user's notebook writable by all.
-    let perms = there
+    let old_perms = there
         .filter(|m| m.is_file() && m.uid() == me)
-        .map(|m| m.permissions())
-        .unwrap_or_else(new_file_permissions);
+        .map(|m| m.permissions());
 
-    // Made 0600 and given its mode only once full: one that others may
-    // read while it is written would hand each saved version of a private
-    // notebook to whoever opens it then (an open file stays readable).
-    let (mut file, tmp) = create_temp(&dir, &name)?;
+    // No one else may open the next version while it is written: one that
+    // others may read then would hand each saved version of a private
+    // notebook to whoever opened it (an open file stays readable).
+    let (mut file, mut tmp) = create_temp(&dir, &name)?;
     let result = (|| {
         fill(&mut file)?;
         file.flush()?;
-        file.set_permissions(perms)?;
+        match (&old_perms, &tmp) {
+            (Some(p), _) => file.set_permissions(p.clone())?,
+            (None, None) => {} // unnamed: it has a new file's mode already
+            (None, Some(_)) => file.set_permissions(new_file_permissions())?,
+        }
         file.sync_all()?;
+        if tmp.is_none() {
+            tmp = Some(name_unnamed(&file, &dir, &name)?);
+        }
         drop(file);
-        fs::rename(&tmp, &target)
+        fs::rename(tmp.as_ref().expect("named above"), &target)
     })();
     if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
+        if let Some(tmp) = tmp {
+            let _ = fs::remove_file(tmp);
+        }
         return Err(e);
     }
     if let Ok(d) = File::open(&dir) {
@@ -699,9 +707,11 @@ pub fn write_atomic_with(
     Ok(())
 }
 
-/// A new file's mode: 0666 less the umask, as a plain `open` would give.
-/// The umask is read from /proc (setting it to learn it would race with
-/// other threads); without /proc, 0600.
+/// A new file's mode where the temporary file had a name (no
+/// `O_TMPFILE`): 0666 less the umask, as a plain `open` would give (a
+/// directory's default ACL is not applied then). The umask is read from
+/// /proc (setting it to learn it would race with other threads); without
+/// /proc, 0600.
 fn new_file_permissions() -> fs::Permissions {
     let umask = fs::read_to_string("/proc/self/status").ok().and_then(|s| {
         let line = s.lines().find_map(|l| l.strip_prefix("Umask:"))?;
@@ -710,24 +720,71 @@ fn new_file_permissions() -> fs::Permissions {
     fs::Permissions::from_mode(umask.map_or(0o600, |m| 0o666 & !m))
 }
 
-fn create_temp(dir: &Path, name: &str) -> io::Result<(File, PathBuf)> {
-    let pid = std::process::id();
+/// The file the next version is written to: unnamed (`O_TMPFILE`, no
+/// path: None) where the filesystem has them, made with the mode a new
+/// file gets in `dir` (its umask, and a project directory's default ACL,
+/// which a team's group access often comes from); else named, 0600 (NFS
+/// and some Lustre have no `O_TMPFILE`).
+fn create_temp(dir: &Path, name: &str) -> io::Result<(File, Option<PathBuf>)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let unnamed = OpenOptions::new()
+        .write(true)
+        .mode(0o666)
+        .custom_flags(libc_o_tmpfile())
+        .open(dir);
+    match unnamed {
+        Ok(f) => return Ok((f, None)),
+        // unsupported there (EOPNOTSUPP, or EISDIR/EINVAL from older kernels)
+        Err(e) if !matches!(e.raw_os_error(), Some(code) if unsupported(code)) => return Err(e),
+        Err(_) => {}
+    }
     let mut last = None;
     for _ in 0..64 {
-        let tag = &uuid::Uuid::new_v4().simple().to_string()[..12];
-        let tmp = dir.join(format!(".{name}.{pid}.{tag}.tmp"));
+        let tmp = temp_name(dir, name);
         let mut opts = OpenOptions::new();
-        opts.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
+        opts.write(true).create_new(true).mode(0o600);
         match opts.open(&tmp) {
-            Ok(f) => return Ok((f, tmp)),
+            Ok(f) => return Ok((f, Some(tmp))),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
             Err(e) => return Err(e),
         }
     }
     Err(last.unwrap_or_else(|| io::Error::other("cannot create a temporary file")))
+}
+
+/// `O_TMPFILE`'s flags (it includes `O_DIRECTORY`).
+fn libc_o_tmpfile() -> i32 {
+    nix::fcntl::OFlag::O_TMPFILE.bits()
+}
+
+/// An `O_TMPFILE` error that means "not here", not "cannot".
+fn unsupported(code: i32) -> bool {
+    use nix::errno::Errno;
+    [Errno::EOPNOTSUPP, Errno::EISDIR, Errno::EINVAL]
+        .iter()
+        .any(|e| *e as i32 == code)
+}
+
+/// A fresh temporary name beside the output.
+fn temp_name(dir: &Path, name: &str) -> PathBuf {
+    let tag = &uuid::Uuid::new_v4().simple().to_string()[..12];
+    dir.join(format!(".{name}.{}.{tag}.tmp", std::process::id()))
+}
+
+/// Gives the unnamed, complete `file` a temporary name in `dir` (through
+/// /proc/self/fd: linking an open file needs no privilege that way), to
+/// be renamed over the output.
+fn name_unnamed(file: &File, dir: &Path, name: &str) -> io::Result<PathBuf> {
+    use std::os::fd::AsRawFd;
+    let from = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    let at = nix::fcntl::AT_FDCWD;
+    for _ in 0..64 {
+        let tmp = temp_name(dir, name);
+        match nix::unistd::linkat(at, &from, at, &tmp, nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW) {
+            Ok(()) => return Ok(tmp),
+            Err(nix::errno::Errno::EEXIST) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(io::Error::other("cannot name the temporary file"))
 }

@@ -54,6 +54,13 @@ pub enum ParamError {
          with a digit; `.` too for R): rename it"
     )]
     BadName(String),
+    /// In bash an upper-case name is the shell's or the environment's
+    /// (`PATH`, `PROMPT_COMMAND`, `LD_PRELOAD`): setting it runs code.
+    #[error(
+        "parameter name {0:?} is upper case: in bash that is a shell or environment variable \
+         (PATH, PROMPT_COMMAND, LD_PRELOAD…), which a parameter must not set: use lower case"
+    )]
+    ShellName(String),
 }
 
 /// Refuses a parameter name that is not an identifier in any of the
@@ -283,8 +290,9 @@ impl Parameters {
         match mapping {
             Param::None => Ok(()),
             Param::Dict(d) => {
+                // all or nothing: no name set when one is refused
+                d.iter().try_for_each(|(k, _)| check_name(k))?;
                 for (k, v) in d {
-                    check_name(&k)?;
                     self.set(k, v);
                 }
                 Ok(())
@@ -367,8 +375,11 @@ impl Language {
     /// or a field of something that exists).
     fn check_name(self, name: &str) -> Result<(), ParamError> {
         check_name(name)?;
-        match self != Language::R && name.contains('.') {
-            true => Err(ParamError::BadName(name.into())),
+        if self != Language::R && name.contains('.') {
+            return Err(ParamError::BadName(name.into()));
+        }
+        match self == Language::Bash && !name.chars().any(char::is_lowercase) {
+            true => Err(ParamError::ShellName(name.into())),
             false => Ok(()),
         }
     }

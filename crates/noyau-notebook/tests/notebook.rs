@@ -162,7 +162,9 @@ fn atomic_save_keeps_permissions_and_replaces() {
 
 /// While it is written, the next version of a notebook is the user's
 /// alone, whatever mode it gets once full: a neighbour who opened it then
-/// would keep reading every saved version of a private notebook.
+/// would keep reading every saved version of a private notebook. It has
+/// no name at all (`O_TMPFILE`), or a 0600 one where the filesystem has
+/// no unnamed files.
 #[test]
 fn a_save_is_private_until_it_is_full() {
     let dir = tempfile::tempdir().unwrap();
@@ -171,12 +173,21 @@ fn a_save_is_private_until_it_is_full() {
     fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
     write_atomic_with(&p, |f| {
         use std::io::Write;
-        let m = f.metadata()?.permissions().mode() & 0o7777;
-        assert_eq!(m, 0o600, "the file being written is {m:o}");
+        for entry in fs::read_dir(dir.path())? {
+            let entry = entry?;
+            let m = entry.metadata()?.permissions().mode() & 0o7777;
+            let named = entry.file_name() != "out.ipynb";
+            assert!(
+                !named || m == 0o600,
+                "{:?} is {m:o} while written",
+                entry.file_name()
+            );
+        }
         f.write_all(b"new")
     })
     .unwrap();
     assert_eq!(mode(&p), 0o644, "the mode it replaces, once full");
+    assert_eq!(fs::read_to_string(&p).unwrap(), "new");
 }
 
 #[test]

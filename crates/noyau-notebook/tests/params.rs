@@ -291,6 +291,18 @@ fn a_name_that_is_not_an_identifier_is_never_written() {
     for good in ["lr", "_under", "alpha2", "été", "my.param"] {
         noyau_notebook::check_name(good).unwrap();
     }
+    // in bash an upper-case name is the shell's: PROMPT_COMMAND runs code
+    let mut shell = Parameters::new();
+    shell.set("PROMPT_COMMAND", Param::Str("id".into()));
+    let e = Language::Bash.codify(&shell, "Parameters").unwrap_err();
+    assert!(matches!(e, ParamError::ShellName(_)), "{e}");
+    assert!(Language::Python.codify(&shell, "Parameters").is_ok());
+    // a mapping with a refused name sets none of its names
+    let mut p = Parameters::new();
+    assert!(p
+        .merge(Param::from_json(&json!({"a": 1, "b c": 2})))
+        .is_err());
+    assert!(p.is_empty(), "{p:?}");
     // `.` is R's: elsewhere it assigns to an attribute of something there
     let mut dotted = Parameters::new();
     dotted.set("os.sep", Param::Int(1));

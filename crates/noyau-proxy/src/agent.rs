@@ -67,7 +67,7 @@ pub(crate) async fn job_env(
     mut lines: Lines<'_>,
 ) -> Result<BTreeMap<String, String>, ProxyError> {
     // Anchored to the working directory's inode, not `getcwd`'s string.
-    let cwd = noyau_trust::anchor::cwd().map_err(ProxyError::Cwd)?;
+    let cwd = noyau_trust::anchor::ProjectDir::cwd().map_err(ProxyError::Cwd)?;
     let spec = match spec {
         Some(s) => noyau_env::sources::merge(&[s.source(&cwd)?], &cwd)?,
         None => noyau_env::sources::for_notebook(&cwd, None, kernel_env_var().as_deref(), &cwd)?,

@@ -34,7 +34,7 @@ impl Proxy {
             MagicError::Target(format!("cannot start target {name:?}: {e}"))
         };
         // The overrides are a cell's `key=value` words: the notebook's.
-        let cwd = noyau_trust::anchor::cwd().map_err(|e| err(&e))?;
+        let cwd = noyau_trust::anchor::ProjectDir::cwd().map_err(|e| err(&e))?;
         let origin = noyau_config::OverridesFrom::Cell(&cwd);
         let (backend, profile) =
             noyau_config::resolve_from(None, Some(name), overrides, origin).map_err(|e| err(&e))?;

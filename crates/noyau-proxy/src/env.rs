@@ -108,8 +108,8 @@ fn send(agent: Option<LinkSender>, ev: &Event) -> Result<(), String> {
 
 /// The kernel's working directory, anchored to its inode (noyau-trust's
 /// anchor): `getcwd`'s string may resolve elsewhere when it is used.
-fn cwd() -> Result<std::path::PathBuf, MagicError> {
-    noyau_trust::anchor::cwd()
+fn cwd() -> Result<noyau_trust::anchor::ProjectDir, MagicError> {
+    noyau_trust::anchor::ProjectDir::cwd()
         .map_err(|e| MagicError::Env(format!("the kernel's working directory: {e}")))
 }
 

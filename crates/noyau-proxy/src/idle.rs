@@ -79,7 +79,7 @@ pub(crate) type Limits = noyau_config::IdleLimits;
 /// `[idle]` of the config files in effect here, the environment over it;
 /// the kernel's own job only on a batch scheduler.
 pub(crate) fn limits(backend: &str) -> Limits {
-    let files = std::env::current_dir()
+    let files = noyau_trust::anchor::ProjectDir::cwd()
         .map_err(|e| e.to_string())
         .and_then(|d| noyau_config::Config::load(&d).map_err(|e| e.to_string()));
     let mut l = match files {

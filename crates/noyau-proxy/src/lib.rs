@@ -161,6 +161,9 @@ pub async fn run(cfg: ProxyConfig) -> Result<i32, ProxyError> {
     proxy.release_dask("the kernel ended").await;
     // The last replies and errors are still queued for the frontend.
     proxy.out.fe.close().await;
+    // The targets' cancels ran meanwhile: each in its task, which the
+    // runtime's end would drop.
+    proxy.targets.end_all(noyau_sched::CANCEL_PATIENCE).await;
     Ok(code)
 }
 

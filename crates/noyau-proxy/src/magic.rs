@@ -185,7 +185,8 @@ impl Proxy {
     /// A `%noyau …` cell: busy, then what the command says.
     async fn line_magic(&mut self, cmd: Command, cell: Cell) {
         self.out.status(&cell.header, "busy").await;
-        let cwd = || noyau_trust::anchor::cwd().map_err(|e| MagicError::Env(e.to_string()));
+        let cwd =
+            || noyau_trust::anchor::ProjectDir::cwd().map_err(|e| MagicError::Env(e.to_string()));
         let result = match cmd {
             Command::Targets => Ok(self.targets.table()),
             Command::Release(name) | Command::Cancel(name) => self.release_target(&name),

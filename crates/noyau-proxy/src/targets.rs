@@ -24,6 +24,7 @@ use noyau_link::{Incoming, Lane, LinkConfig, LinkEvent, LinkListener, LinkSender
 use noyau_magic::note::Note;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 
 /// What a target's task tells the proxy.
 pub struct TargetEvent {
@@ -131,12 +132,13 @@ impl RunningCell {
 }
 
 impl Target {
-    /// Submits the target's agent and spawns the task that follows it.
+    /// Submits the target's agent and spawns the task that follows it
+    /// (its handle: that task ends the job once released).
     pub async fn start(
         name: &str,
         launch: AgentLaunch,
         events: mpsc::Sender<TargetEvent>,
-    ) -> Result<Target, StartError> {
+    ) -> Result<(Target, JoinHandle<()>), StartError> {
         let backend = launch.backend.clone();
         let started = start_agent(launch, LinkConfig::default()).await?;
         let job = started.watch.job_id().unwrap_or("?").to_string();
@@ -149,8 +151,8 @@ impl Target {
             id,
         };
         let job_state = started.watch.state();
-        tokio::spawn(follow(tell, started.listener, started.watch, release_rx));
-        Ok(Target {
+        let task = tokio::spawn(follow(tell, started.listener, started.watch, release_rx));
+        let target = Target {
             name: name.to_string(),
             id,
             backend,
@@ -165,7 +167,8 @@ impl Target {
             note: None,
             submitted: Instant::now(),
             release: Some(release_tx),
-        })
+        };
+        Ok((target, task))
     }
 
     pub fn attach(&mut self, sender: LinkSender) {
@@ -346,6 +349,9 @@ pub(crate) struct Targets {
     pub idle_released: BTreeMap<String, std::time::SystemTime>,
     tx: mpsc::Sender<TargetEvent>,
     rx: mpsc::Receiver<TargetEvent>,
+    /// The tasks of the targets started (a released one's too, gone from
+    /// `map` while its job ends), that [`Targets::end_all`] waits for.
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Default for Targets {
@@ -356,6 +362,7 @@ impl Default for Targets {
             idle_released: BTreeMap::new(),
             tx,
             rx,
+            tasks: Vec::new(),
         }
     }
 }
@@ -392,11 +399,13 @@ impl Targets {
             env,
             profile,
         };
-        let t = Target::start(name, launch, self.tx.clone())
+        let (t, task) = Target::start(name, launch, self.tx.clone())
             .await
             .map_err(|e| err(&e))?;
         tracing::info!(target = %name, job = %t.job, "target submitted");
         self.map.insert(name.to_string(), t);
+        self.tasks.retain(|t| !t.is_finished());
+        self.tasks.push(task);
         Ok(())
     }
 
@@ -437,6 +446,30 @@ impl Targets {
     pub fn release_all(&mut self) {
         for t in self.map.values_mut() {
             t.release();
+        }
+    }
+
+    /// The proxy's end: ends every target's job and waits, at most
+    /// `bound`, until each target's task has ended. A released target's
+    /// job is cancelled by its task, which the runtime's end would drop,
+    /// killing the cancel's command: the job would then be left to its
+    /// agent, which ends only when it gives up redialling. The targets'
+    /// events are no longer read: the channel is closed first, so that no
+    /// task waits for room in it.
+    pub async fn end_all(&mut self, bound: Duration) {
+        self.release_all();
+        self.rx.close();
+        let tasks = std::mem::take(&mut self.tasks);
+        let all = async {
+            for task in tasks {
+                let _ = task.await;
+            }
+        };
+        if tokio::time::timeout(bound, all).await.is_err() {
+            tracing::warn!(
+                "a target's job was not ended within {} s; leaving it to its agent, which ends when it finds no proxy",
+                bound.as_secs()
+            );
         }
     }
 

@@ -219,7 +219,7 @@ pub async fn detach(
             "--detach needs an input and an output file, not stdin/stdout",
         ));
     }
-    let nb = read_input(&opts.input)?;
+    let (nb, project) = read_input(&opts.input)?;
     let kernel = crate::kernel::kernel_name(opts, &nb);
     let kernel_env = crate::kernelenv::job_env(&kernel, backend)?;
     let Output::File(out) = output_for(&opts.input, opts.output.as_deref()) else {
@@ -227,9 +227,8 @@ pub async fn detach(
     };
     // Built and fetched here, before the job is submitted; the job's runner
     // finds it in NOYAU_ENV_PREPARED.
-    let input = Path::new(&opts.input);
     let mut env =
-        crate::environment::for_job(&nb, input, opts.env.as_deref(), !opts.no_progress).await?;
+        crate::environment::for_job(&nb, &project, opts.env.as_deref(), !opts.no_progress).await?;
     env.extend(kernel_env);
     env.insert(EnvVars::NOYAU_DETACHED.to_string(), "1".to_string());
     if let Some(params) = parameters_value(opts) {

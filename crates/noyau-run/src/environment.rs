@@ -16,6 +16,7 @@ use std::path::Path;
 use noyau_env::sources::Declared;
 use noyau_env::Prepared;
 use noyau_notebook::Notebook;
+use noyau_trust::anchor::ProjectDir;
 use serde_json::Value;
 
 use crate::error::{bad, RunError};
@@ -24,7 +25,7 @@ use crate::progress::Progress;
 /// Everything the notebook declares for its kernel.
 pub fn declared(
     nb: &Notebook,
-    nb_dir: &Path,
+    nb_dir: &ProjectDir,
     env_arg: Option<&str>,
     cwd: &Path,
 ) -> Result<Declared, noyau_env::EnvError> {
@@ -71,14 +72,12 @@ pub async fn prepare(
 /// runner finds the result in `NOYAU_ENV_PREPARED`.
 pub async fn for_job(
     nb: &Notebook,
-    input: &Path,
+    nb_dir: &ProjectDir,
     env_arg: Option<&str>,
     show: bool,
 ) -> Result<std::collections::BTreeMap<String, String>, RunError> {
     let cwd =
         std::env::current_dir().map_err(RunError::io("cannot read", "the current directory"))?;
-    let input = std::path::absolute(input).map_err(RunError::io("cannot read", input))?;
-    let nb_dir = input.parent().unwrap_or(&cwd);
     let d = declared(nb, nb_dir, env_arg, &cwd).map_err(|e| bad(e.to_string()))?;
     let (_, mut env) = prepare(&d, &Progress::new(show, 0)).await?;
     env.retain(|k, _| k == EnvVars::NOYAU_ENV_PREPARED);

@@ -6,6 +6,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use noyau_notebook::{InjectOptions, Notebook, StreamMode};
+use noyau_trust::anchor::ProjectDir;
 use serde_json::Value;
 
 use crate::error::{bad, RunError};
@@ -45,17 +46,22 @@ pub fn output_for(input: &str, output: Option<&str>) -> Output {
     }
 }
 
-/// Reads and parses the input (upgrading nbformat 3 and 4.0–4.4).
-pub fn read_input(input: &str) -> Result<Notebook, RunError> {
+/// Reads and parses the input (upgrading nbformat 3 and 4.0–4.4), with
+/// its project: the directory it was read from, anchored (the working
+/// directory for stdin), which every later use of the project judges.
+pub fn read_input(input: &str) -> Result<(Notebook, ProjectDir), RunError> {
     let mut bytes = Vec::new();
     let res = if input == "-" {
-        std::io::stdin().read_to_end(&mut bytes).map(|_| ())
+        std::io::stdin()
+            .read_to_end(&mut bytes)
+            .and_then(|_| ProjectDir::cwd())
     } else {
-        // Its directory anchored: the project's directory is the one it
-        // was read from at each later use.
-        noyau_trust::anchor::read_notebook(Path::new(input)).map(|b| bytes = b)
+        noyau_trust::anchor::read_notebook(Path::new(input)).map(|(b, dir)| {
+            bytes = b;
+            dir
+        })
     };
-    res.map_err(RunError::io("cannot read", input))?;
+    let project = res.map_err(RunError::io("cannot read", input))?;
     let what = if input == "-" { "stdin" } else { input };
     let b = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&bytes);
     let mut v: Value = serde_json::from_slice(b).map_err(|e| {
@@ -69,7 +75,7 @@ pub fn read_input(input: &str) -> Result<Notebook, RunError> {
     }
     let mut nb = Notebook::from_value(v).map_err(|e| bad(format!("{what}: {e}")))?;
     nb.upgrade_minor();
-    Ok(nb)
+    Ok((nb, project))
 }
 
 /// What tells that a file was rewritten (an editor's atomic save makes a new
@@ -115,10 +121,11 @@ pub fn output_of(opts: &RunOptions) -> Result<Output, RunError> {
     Ok(output)
 }
 
-/// The input with the parameters injected and papermill's metadata.
-pub fn prepare(opts: &RunOptions, output: &Output) -> Result<Notebook, RunError> {
+/// The input with the parameters injected and papermill's metadata, and
+/// its project ([`read_input`]).
+pub fn prepare(opts: &RunOptions, output: &Output) -> Result<(Notebook, ProjectDir), RunError> {
     let params = opts.parameters()?;
-    let mut nb = read_input(&opts.input)?;
+    let (mut nb, project) = read_input(&opts.input)?;
     pm::on_load(&mut nb);
     if !params.is_empty() {
         let injected = noyau_notebook::inject(
@@ -137,12 +144,14 @@ pub fn prepare(opts: &RunOptions, output: &Output) -> Result<Notebook, RunError>
         }
     }
     pm::prepare(&mut nb, &opts.input, &output.shown(), opts.report_mode);
-    Ok(nb)
+    Ok((nb, project))
 }
 
-/// The notebook's directory (where its noyau.toml is), the current one for stdin.
+/// The notebook's directory (where its noyau.toml is), the current one
+/// for stdin: where a lock is written, not a project judged (that is
+/// [`read_input`]'s).
 pub fn notebook_dir(input: &str) -> PathBuf {
-    let cwd = noyau_trust::anchor::cwd().unwrap_or_else(|_| ".".into());
+    let cwd = std::env::current_dir().unwrap_or_else(|_| ".".into());
     if input == "-" {
         return cwd;
     }

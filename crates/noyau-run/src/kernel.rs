@@ -49,11 +49,11 @@ pub fn kernel_name(opts: &RunOptions, nb: &Notebook) -> String {
 pub async fn prepared_env(
     opts: &RunOptions,
     nb: &Notebook,
+    project: &noyau_trust::anchor::ProjectDir,
     progress: &crate::progress::Progress,
 ) -> Result<(noyau_env::Prepared, BTreeMap<String, String>), RunError> {
     let cwd = std::env::current_dir().unwrap_or_else(|_| ".".into());
-    let nb_dir = crate::input::notebook_dir(&opts.input);
-    let declared = crate::environment::declared(nb, &nb_dir, opts.env.as_deref(), &cwd)
+    let declared = crate::environment::declared(nb, project, opts.env.as_deref(), &cwd)
         .map_err(|e| bad(format!("{e}")))?;
     crate::environment::prepare(&declared, progress).await
 }

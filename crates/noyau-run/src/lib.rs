@@ -53,6 +53,8 @@ pub mod upgrade;
 mod widgets;
 pub mod yaml;
 
+use tokio::signal::unix::{signal, SignalKind};
+
 pub use error::RunError;
 pub use options::RunOptions;
 pub use sweep::{SweepOptions, SweepTask};
@@ -61,6 +63,29 @@ pub use sweep::{SweepOptions, SweepTask};
 /// kernel, so its lines go without escape sequences or controls.
 pub fn shown(e: &dyn std::fmt::Display) -> String {
     noyau_text::for_terminal(&e.to_string(), noyau_text::Keep::Lines)
+}
+
+/// `f`, then the wait for the submissions still under way
+/// ([`noyau_sched::settled_or`]), which can last until the scheduler
+/// answers (two command timeouts): said on stderr, and a second Ctrl-C
+/// leaves at once, saying how to find a job then left.
+async fn settled<F: std::future::Future>(f: F) -> F::Output {
+    let notice = || {
+        eprintln!(
+            "noyau: waiting for the scheduler to answer a submission, to cancel the job it gives; Ctrl-C again to leave now"
+        )
+    };
+    // Made once the wait begins: a Ctrl-C that ended `f` is not this one.
+    let leave = async {
+        let Ok(mut int) = signal(SignalKind::interrupt()) else {
+            return std::future::pending().await;
+        };
+        int.recv().await;
+        eprintln!(
+            "noyau: warning: left without the scheduler's answer: a job it gives is not cancelled; `noyau ps` lists your noyau jobs, `noyau cancel ID` cancels one"
+        );
+    };
+    noyau_sched::settled_or(f, notice, leave).await
 }
 
 /// Runs `noyau run` to the end; returns the process exit code. Errors are
@@ -81,7 +106,7 @@ pub fn main(mut opts: RunOptions) -> i32 {
             return exit::KERNEL_START;
         }
     };
-    match rt.block_on(noyau_sched::settled(runner::run(opts))) {
+    match rt.block_on(settled(runner::run(opts))) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("noyau run: error: {}", shown(&e));

@@ -345,7 +345,7 @@ impl Runner<'_> {
     async fn start_target(&mut self, m: &OnMagic) -> Result<(), MagicError> {
         let bad = |e: &dyn std::fmt::Display| MagicError::Target(e.to_string());
         // The overrides are the cell's `key=value` words: the notebook's.
-        let cwd = noyau_trust::anchor::cwd().map_err(|e| bad(&e))?;
+        let cwd = noyau_trust::anchor::ProjectDir::cwd().map_err(|e| bad(&e))?;
         let origin = noyau_config::OverridesFrom::Cell(&cwd);
         let (backend, profile) =
             noyau_config::resolve_from(None, Some(&m.target), &m.overrides, origin)
@@ -400,7 +400,7 @@ impl Runner<'_> {
     ) -> Result<BTreeMap<String, String>, MagicError> {
         // Anchored to the process's working directory (an inode), not
         // to `getcwd`'s string, which may resolve elsewhere when used.
-        let cwd = noyau_trust::anchor::cwd().map_err(env_error)?;
+        let cwd = noyau_trust::anchor::ProjectDir::cwd().map_err(env_error)?;
         let from = spec.source(&cwd).map_err(env_error)?;
         let declared = noyau_env::sources::Declared {
             spec: noyau_env::sources::merge(&[from], &cwd).map_err(env_error)?,

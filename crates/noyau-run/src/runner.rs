@@ -37,7 +37,7 @@ pub async fn run(opts: RunOptions) -> Result<i32, RunError> {
     // The run uses the input as read now; an edit saved meanwhile (a user
     // in JupyterLab) is left alone and reported at the end.
     let input_stamp = file_stamp(&opts.input);
-    let mut nb = prepare(&opts, &output)?;
+    let (mut nb, project) = prepare(&opts, &output)?;
     let out_path = match &output {
         Output::File(p) => Some(p.clone()),
         Output::Stdout => None,
@@ -56,7 +56,7 @@ pub async fn run(opts: RunOptions) -> Result<i32, RunError> {
         .save(&nb)
         .map_err(|e| bad(format!("cannot write the output {}: {e}", output.shown())))?;
     let progress = Progress::new(!opts.no_progress, nb.cells.len());
-    let (prepared, job_env) = prepared_env(&opts, &nb, &progress).await?;
+    let (prepared, job_env) = prepared_env(&opts, &nb, &project, &progress).await?;
     env.extend(job_env);
     let launch = launch(&opts, &name, &backend, &env, &profile)?;
     let mut signals = Signals::new()?;

@@ -444,7 +444,7 @@ pub fn main(args: SweepOptions) -> i32 {
             return sweep_exit::BAD_INPUT;
         }
     };
-    match rt.block_on(noyau_sched::settled(sweep(args))) {
+    match rt.block_on(crate::settled(sweep(args))) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("noyau sweep: error: {}", crate::shown(&e));
@@ -474,6 +474,8 @@ struct Where {
     notebook: PathBuf,
     /// The notebook as read (what it declares is prepared here).
     nb: noyau_notebook::Notebook,
+    /// The directory it was read from, anchored.
+    project: noyau_trust::anchor::ProjectDir,
     stem: String,
     outdir: PathBuf,
 }
@@ -495,7 +497,7 @@ async fn sweep(a: SweepOptions) -> Result<i32, RunError> {
     let plan = write_plan(&a, &w, &p)?;
     let plan_path = &plan.0;
     // Built and fetched once, here, for every point.
-    let env = crate::environment::for_job(&w.nb, &w.notebook, None, true).await?;
+    let env = crate::environment::for_job(&w.nb, &w.project, None, true).await?;
     let (backend, profile) =
         crate::kernel::backend_and_profile(a.backend.as_deref(), a.profile.as_deref(), &a.options)?;
     eprintln!(
@@ -540,7 +542,7 @@ async fn sweep(a: SweepOptions) -> Result<i32, RunError> {
 /// submitted), its stem and the output directory.
 fn where_of(a: &SweepOptions) -> Result<Where, RunError> {
     let notebook = abs(&a.notebook);
-    let nb = crate::input::read_input(&notebook.display().to_string())?;
+    let (nb, project) = crate::input::read_input(&notebook.display().to_string())?;
     let stem = notebook
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -553,6 +555,7 @@ fn where_of(a: &SweepOptions) -> Result<Where, RunError> {
     Ok(Where {
         notebook,
         nb,
+        project,
         stem,
         outdir,
     })
@@ -756,6 +759,14 @@ pub fn csv(rows: &[Value]) -> String {
     fn field(v: &Value) -> String {
         let s = match v {
             Value::Null => String::new(),
+            // A text a spreadsheet would read as a formula (a grid value
+            // from someone else's sweep file: `=HYPERLINK(…)`) is written
+            // as text, after a `'`, as OWASP advises for CSV files.
+            Value::String(s)
+                if s.starts_with(['=', '+', '-', '@', '\t', '\r']) && s.parse::<f64>().is_err() =>
+            {
+                format!("'{s}")
+            }
             Value::String(s) => s.clone(),
             other => other.to_string(),
         };
@@ -993,7 +1004,7 @@ async fn run_array(
     // Ours from before the submission: a Ctrl-C while it waits for a slot
     // submits nothing; one while the command runs (in its own process
     // group, out of the Ctrl-C's reach) lets noyau-sched cancel the array
-    // it gives, before the process ends (`settled` in `main`).
+    // it gives, before the process ends (`crate::settled` in `main`).
     let mut stop = Stop::new()?;
     let submitted = tokio::select! {
         r = sched.submit_array(&spec) => r,
@@ -1095,6 +1106,20 @@ mod tests {
             .to_string();
         assert!(e.contains("not a plain identifier"), "{e}");
         assert_eq!(parse_grid("lr=1,2").unwrap().0, "lr");
+    }
+
+    #[test]
+    fn a_text_a_spreadsheet_would_run_is_written_as_text() {
+        let rows = [serde_json::json!({
+            "index": 0, "status": "ok", "exit_code": 0, "duration_s": 1.5, "output": "o.ipynb",
+            "parameters": {"f": "=HYPERLINK(\"http://x\",\"y\")", "g": "@SUM(A1)", "n": -3, "s": "plain", "t": "-1e-3"}
+        })];
+        let text = csv(&rows);
+        let line = text.lines().nth(1).unwrap();
+        assert_eq!(
+            line,
+            "0,\"'=HYPERLINK(\"\"http://x\"\",\"\"y\"\")\",'@SUM(A1),-3,plain,-1e-3,ok,0,1.5,o.ipynb"
+        );
     }
 
     #[test]

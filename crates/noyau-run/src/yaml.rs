@@ -25,8 +25,9 @@ pub enum YamlError {
     /// Aliases copy what they name: a few lines that alias an alias of an
     /// alias would fill the login node's memory.
     #[error(
-        "the YAML holds more than {MAX_VALUES} values once its aliases are expanded: \
-         a parameters or sweep file this large is refused (split it)"
+        "the YAML would take more than {} MiB once its aliases are expanded: \
+         a parameters or sweep file this large is refused (split it)",
+        MAX_WEIGHT >> 20
     )]
     TooLarge,
     /// Values nested deeper than a parameter needs would overflow the
@@ -35,9 +36,12 @@ pub enum YamlError {
     TooDeep,
 }
 
-/// The most values (scalars, lists, mappings), aliases expanded, a file
-/// may hold: a sweep of 100,000 points of 9 parameters fits.
-const MAX_VALUES: usize = 1_000_000;
+/// The most a file may weigh, aliases expanded: about the memory its
+/// values take ([`VALUE_WEIGHT`] each, and a text its length more). A
+/// sweep of 100,000 points of 9 parameters weighs about 60 MiB.
+const MAX_WEIGHT: usize = 256 << 20;
+/// What one value (a scalar, a key, a list or a mapping) weighs.
+const VALUE_WEIGHT: usize = 32;
 /// The deepest nesting of lists and mappings.
 const MAX_DEPTH: usize = 64;
 
@@ -50,29 +54,34 @@ enum Frame {
 struct Builder {
     stack: Vec<Frame>,
     root: Option<Param>,
-    /// Each anchor's value, and how many values it holds.
+    /// Each anchor's value, and its weight.
     anchors: HashMap<usize, (Param, usize)>,
-    /// Values made so far, aliases counted at their full size.
-    values: usize,
-    /// The values held by each open list or mapping, itself included.
+    /// The weight of all made so far, aliases counted at their full weight.
+    weight: usize,
+    /// The weight of each open list or mapping, itself and all it holds.
     sizes: Vec<usize>,
     error: Option<YamlError>,
 }
 
 impl Builder {
-    /// Counts `n` more values, and whether the budget still holds.
-    fn count(&mut self, n: usize) -> bool {
-        self.values = self.values.saturating_add(n);
-        if let Some(open) = self.sizes.last_mut() {
-            *open = open.saturating_add(n);
-        }
-        if self.values > MAX_VALUES {
+    /// Counts `w` more weight, and whether the budget still holds.
+    fn count(&mut self, w: usize) -> bool {
+        self.weight = self.weight.saturating_add(w);
+        if self.weight > MAX_WEIGHT {
             self.error = Some(YamlError::TooLarge);
         }
         self.error.is_none()
     }
 
-    /// `v`, which holds `size` values, into what is open.
+    /// Counts a value of weight `w` that goes into what is open.
+    fn add(&mut self, w: usize) -> bool {
+        if let Some(open) = self.sizes.last_mut() {
+            *open = open.saturating_add(w);
+        }
+        self.count(w)
+    }
+
+    /// `v`, which weighs `size`, into what is open.
     fn push_value(&mut self, v: Param, anchor: usize, size: usize) {
         if anchor > 0 {
             self.anchors.insert(anchor, (v.clone(), size));
@@ -113,11 +122,11 @@ fn key_string(v: &Param) -> String {
 }
 
 impl Builder {
-    /// A list or mapping begins: one value, and what it will hold.
+    /// A list or mapping begins: its own weight, and what it will hold.
     fn open(&mut self, frame: Frame) {
-        if self.count(1) {
+        if self.count(VALUE_WEIGHT) {
             self.stack.push(frame);
-            self.sizes.push(1);
+            self.sizes.push(VALUE_WEIGHT);
         }
     }
 }
@@ -129,14 +138,16 @@ impl MarkedEventReceiver for Builder {
         }
         match ev {
             Event::Scalar(value, style, anchor, tag) => match scalar(&value, style, tag.as_ref()) {
-                Ok(v) if self.count(1) => self.push_value(v, anchor, 1),
+                Ok(v) if self.add(VALUE_WEIGHT + value.len()) => {
+                    self.push_value(v, anchor, VALUE_WEIGHT + value.len())
+                }
                 Ok(_) => {}
                 Err(e) => self.error = Some(e),
             },
             Event::Alias(id) => {
-                let size = self.anchors.get(&id).map_or(1, |(_, n)| *n);
+                let size = self.anchors.get(&id).map_or(VALUE_WEIGHT, |(_, n)| *n);
                 // counted before it is copied: the copy is what fills memory
-                if self.count(size) {
+                if self.add(size) {
                     let v = self
                         .anchors
                         .get(&id)
@@ -155,7 +166,11 @@ impl MarkedEventReceiver for Builder {
                     Some(Frame::Map(a, entries, _)) => (a, Param::Dict(entries)),
                     None => return,
                 };
-                let size = self.sizes.pop().unwrap_or(1);
+                // what it holds weighs in the list or mapping that holds it
+                let size = self.sizes.pop().unwrap_or(VALUE_WEIGHT);
+                if let Some(open) = self.sizes.last_mut() {
+                    *open = open.saturating_add(size);
+                }
                 self.push_value(v, anchor, size);
             }
             _ => {}
@@ -383,6 +398,23 @@ mod tests {
             laughs.push_str(&format!("{n}: &{n} [{row}]\n"));
         }
         assert!(matches!(parse(&laughs), Err(YamlError::TooLarge)));
+        // nested: an anchor on [[…]] weighs what its inner list holds
+        let mut nested = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
+        for (n, prev) in ["b", "c", "d", "e", "f", "g", "h", "i"]
+            .iter()
+            .zip(["a", "b", "c", "d", "e", "f", "g", "h"])
+        {
+            let row = vec![format!("*{prev}"); 10].join(", ");
+            nested.push_str(&format!("{n}: &{n} [[{row}]]\n"));
+        }
+        assert!(matches!(parse(&nested), Err(YamlError::TooLarge)));
+        // one long text, aliased: its length weighs at every copy
+        let mut long = format!("a: &a {}\n", "x".repeat(100_000));
+        for (n, prev) in ["b", "c", "d", "e"].iter().zip(["a", "b", "c", "d"]) {
+            let row = vec![format!("*{prev}"); 10].join(", ");
+            long.push_str(&format!("{n}: &{n} [{row}]\n"));
+        }
+        assert!(matches!(parse(&long), Err(YamlError::TooLarge)));
         // aliases that stay small are read as before
         let small = parse("a: &a [1, 2]\nb: [*a, *a]\n").unwrap();
         let want = Param::List(vec![Param::Int(1), Param::Int(2)]);
@@ -398,6 +430,20 @@ mod tests {
         let flow = "[".repeat(100_000);
         assert!(parse(&flow).is_err());
         assert!(parse(&("- ".repeat(MAX_DEPTH) + "x\n")).is_ok());
+    }
+
+    /// A large sweep a user may well write: 100,000 points of 9 parameters.
+    #[test]
+    fn a_large_legitimate_points_file_is_read() {
+        let point = "  - {alpha: 0.5, beta: 12, gamma: x, delta: true, eps: 1e-3, zeta: 7, eta: abc, theta: 0, iota: 9}\n";
+        let text = format!("points:\n{}", point.repeat(100_000));
+        let Param::Dict(top) = parse(&text).unwrap() else {
+            panic!("not a mapping")
+        };
+        let Param::List(points) = &top[0].1 else {
+            panic!("not a list")
+        };
+        assert_eq!(points.len(), 100_000);
     }
 
     #[test]

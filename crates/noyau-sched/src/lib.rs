@@ -57,14 +57,17 @@ pub use error::SchedError;
 pub use estimate::start_estimate;
 pub use job::{ArrayJob, ArrayTasks, Job};
 pub use local::LocalBackend;
-pub use paths::{log_dir, private_dir, state_dir, tail_log};
+pub use paths::{log_dir, private_dir, runtime_dir_from, state_dir, tail_log};
 pub use profile::{
     canonical_key, find_key, key_names, parse_size, parse_time, suggest, Given, Key, Kind, Profile,
     ProfileError, Value,
 };
 pub use quote::sh_quote;
 pub use run::{AsUser, CommandError};
-pub use scheduler::{serve_submit_request, settled, submissions_settled, Builder, Scheduler};
+pub use scheduler::{
+    serve_submit_request, settled, settled_or, submissions_settled, Builder, Scheduler,
+    CANCEL_PATIENCE,
+};
 pub use state::{
     duration_text, local_time, parse_duration, parse_local_time, seconds_until, walltime_warnings,
     JobEnd, JobState,

@@ -59,8 +59,11 @@ pub(crate) fn host_dir(name: &str) -> PathBuf {
 }
 
 /// The runtime directory XDG_RUNTIME_DIR's value names, if it is absolute
-/// (a relative one is ignored, as the XDG spec says) and this user's only.
-fn runtime_dir_from(xdg_runtime: Option<OsString>) -> Option<PathBuf> {
+/// (a relative one is ignored, as the XDG spec says) and a directory of
+/// this user's only (the spec's 0700, not a link). One exported from a
+/// login node into a job may not exist on the compute node, or belong to
+/// someone else there: it is then unset, and callers fall back.
+pub fn runtime_dir_from(xdg_runtime: Option<OsString>) -> Option<PathBuf> {
     noyau_vars::absolute(xdg_runtime).filter(|d| Expect::dir().check(d).is_ok())
 }
 

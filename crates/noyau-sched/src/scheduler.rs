@@ -411,19 +411,42 @@ pub async fn submissions_settled() {
 /// submit command's timeout, then a cancel's, and a few seconds more.
 const SETTLE: Duration = Duration::from_secs(2 * crate::batch::COMMAND_TIMEOUT.as_secs() + 5);
 
+/// How long a process that ends waits for a cancel it asked for: the
+/// cancel's wait for a slot, its command's timeout, and a few seconds more.
+pub const CANCEL_PATIENCE: Duration = Duration::from_secs(
+    crate::throttle::CANCEL_WAIT.as_secs() + crate::batch::COMMAND_TIMEOUT.as_secs() + 3,
+);
+
 /// `f`, then [`submissions_settled`] (at most [`SETTLE`]): what a command
 /// runs on its runtime, whose end drops every task on it, a submission's
 /// too (its command killed, a job the scheduler took left to no one).
+/// Quiet: [`settled_or`] for a command that may say what it waits for.
 pub async fn settled<F: std::future::Future>(f: F) -> F::Output {
+    settled_or(f, || {}, std::future::pending()).await
+}
+
+/// [`settled`], for a command whose user watches: when `f` ends with a
+/// submission still under way, `notice` is called once (to say what the
+/// process waits for), and the wait ends at once when `leave` resolves (a
+/// second Ctrl-C: a job the scheduler still gives is then left).
+pub async fn settled_or<F, L>(f: F, notice: impl FnOnce(), leave: L) -> F::Output
+where
+    F: std::future::Future,
+    L: std::future::Future<Output = ()>,
+{
     let out = f.await;
-    if tokio::time::timeout(SETTLE, submissions_settled())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "a submission still had no answer after {} s; ending without it (a job it gives is not cancelled)",
-            SETTLE.as_secs()
-        );
+    if *in_flight().borrow() == 0 {
+        return out;
+    }
+    notice();
+    tokio::select! {
+        settled = tokio::time::timeout(SETTLE, submissions_settled()) => if settled.is_err() {
+            tracing::warn!(
+                "a submission still had no answer after {} s; ending without it (a job it gives is not cancelled)",
+                SETTLE.as_secs()
+            );
+        },
+        () = leave => {}
     }
     out
 }

@@ -165,3 +165,32 @@ async fn every_task_of_an_unwanted_oar_array_is_cancelled() {
     noyau_sched::submissions_settled().await;
     assert_eq!(f.cancelled(), "100 101\n");
 }
+
+/// A command's end with a submission under way: `notice` is called once as
+/// the wait begins, and `leave` ends the wait at once, before the
+/// scheduler answers (the CLI's second Ctrl-C). With none under way the
+/// end is quiet.
+#[tokio::test]
+async fn settled_or_says_it_waits_and_leaves_when_asked() {
+    noyau_sched::settled_or(
+        async {},
+        || panic!("noticed with nothing under way"),
+        async {},
+    )
+    .await;
+    let f = Fake::new(true);
+    let (spec, began) = (spec(), f.path("began"));
+    let gave_up = async {
+        tokio::select! {
+            r = f.s.submit(&spec) => panic!("submitted before sbatch could answer: {r:?}"),
+            () = exists(&began) => 7,
+        }
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let leave = async {
+        let _ = rx.await;
+    };
+    let out = noyau_sched::settled_or(gave_up, || tx.send(()).unwrap(), leave).await;
+    assert_eq!(out, 7);
+    assert_eq!(f.cancelled(), "", "left before the scheduler answered");
+}

@@ -1,25 +1,30 @@
 //! A project's directory anchored to what it was when the notebook was
-//! read: its device and inode. A directory named by a path is
-//! re-resolved at each use, so anyone who can write its parent could
-//! swap it, after noyau read the notebook, for a link to a directory of
-//! the user's (their `~/.ssh`, a project they trust) and have a notebook
-//! of theirs read a file there, or run its code as trusted. Each later
-//! use of the directory ([`crate::Beneath::open`], trusted_projects'
-//! matching) compares what it resolved to with the anchor.
+//! read (or the working directory taken): its device and inode. A
+//! directory named by a path is re-resolved at each use, so anyone who
+//! can write its parent could swap it, after noyau read the notebook, for
+//! a link to a directory of the user's (their `~/.ssh`, a project they
+//! trust) and have a notebook of theirs read a file there, or run its
+//! code as trusted.
 //!
-//! The anchors are kept per process, by the directory's absolute path as
-//! given (the one that travels with the project): noyau reads one
-//! notebook per process, or works in a kernel's working directory. Each
-//! keeps the directory's `O_PATH` descriptor open beside its identity:
-//! held, an automounted directory (autofs, an NFS submount) is busy and
-//! not expired while a job waits, to come back on another device, and
-//! its inode number is not given to another directory.
+//! The anchor travels with the value that names the project, a
+//! [`ProjectDir`]: its path, for messages and trusted_projects' matching,
+//! and the directory's `O_PATH` descriptor with its identity. Each use of
+//! the project ([`crate::Beneath::project`], trusted_projects' matching,
+//! the home check) compares what its path resolves to now with the
+//! identity of the value it was given: there is no table by path, so
+//! another value for the same path (made later, after a swap) has its
+//! own directory and cannot change what this one checks against. Every
+//! way to make one opens the directory; there is no unanchored project.
+//!
+//! The descriptor is held as long as a value (or a clone) lives: held, an
+//! automounted directory (autofs, an NFS submount) is busy and not
+//! expired while a job waits, to come back on another device, and its
+//! inode number is not given to another directory.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::Arc;
 
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
@@ -28,21 +33,6 @@ use crate::{Problem, TrustError};
 
 /// A directory's device and inode.
 pub type Identity = (u64, u64);
-
-/// A directory's identity and its descriptor, held for as long as the
-/// process runs.
-struct Anchor {
-    id: Identity,
-    #[allow(dead_code)] // Only held: its being open is what counts.
-    held: OwnedFd,
-}
-
-static ANCHORS: Mutex<BTreeMap<PathBuf, Anchor>> = Mutex::new(BTreeMap::new());
-
-/// The key of `dir`: absolute, without `.` or a trailing separator.
-fn key(dir: &Path) -> PathBuf {
-    std::path::absolute(dir).map_or_else(|_| crate::plain(dir), |p| crate::plain(&p))
-}
 
 /// The device and inode of what `fd` is.
 pub fn identity(fd: BorrowedFd<'_>) -> std::io::Result<Identity> {
@@ -62,37 +52,113 @@ pub fn open_dir(dir: &Path) -> std::io::Result<OwnedFd> {
     Ok(nix::fcntl::open(dir, flags, Mode::empty())?)
 }
 
-/// Records that the project in `dir` is the directory `held` (a
-/// descriptor of it, kept open), and returns its identity.
-pub fn anchor(dir: &Path, held: OwnedFd) -> std::io::Result<Identity> {
-    let id = identity(held.as_fd())?;
-    let mut anchors = ANCHORS.lock().unwrap_or_else(|p| p.into_inner());
-    anchors.insert(key(dir), Anchor { id, held });
-    Ok(id)
+/// A project's directory: the path it was named by, and the directory
+/// that path led to when the value was made, held open. Derefs to the
+/// path, for messages and for resolving relative paths against it; what
+/// judges the directory takes the value itself.
+#[derive(Debug, Clone)]
+pub struct ProjectDir {
+    /// Absolute, as given (the one that travels with the project).
+    path: PathBuf,
+    id: Identity,
+    held: Arc<OwnedFd>,
 }
 
-/// The identity `dir` was anchored to, if it was.
-pub fn anchored(dir: &Path) -> Option<Identity> {
-    let anchors = ANCHORS.lock().unwrap_or_else(|p| p.into_inner());
-    anchors.get(&key(dir)).map(|a| a.id)
+impl ProjectDir {
+    /// Anchors the directory `dir` names now (links followed: a project
+    /// named through a link of the user's is that link's directory).
+    pub fn open(dir: &Path) -> std::io::Result<Self> {
+        let path = std::path::absolute(dir)?;
+        Self::held(path, open_dir(dir)?)
+    }
+
+    /// The working directory, anchored to the process's own (an inode,
+    /// which others can rename but not swap): `getcwd`'s string may
+    /// resolve elsewhere by the time it is used.
+    pub fn cwd() -> std::io::Result<Self> {
+        Self::held(std::env::current_dir()?, open_dir(Path::new("."))?)
+    }
+
+    /// The project `path` names, anchored to `held`, a descriptor of it.
+    fn held(path: PathBuf, held: OwnedFd) -> std::io::Result<Self> {
+        Ok(ProjectDir {
+            path: crate::plain(&path),
+            id: identity(held.as_fd())?,
+            held: Arc::new(held),
+        })
+    }
+
+    /// The directory as named.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The identity it was anchored to.
+    pub fn identity(&self) -> Identity {
+        self.id
+    }
+
+    /// The held directory's descriptor.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.held.as_fd()
+    }
+
+    /// Refuses `fd`, the directory its path was opened as, if it is not
+    /// the anchored directory ([`Problem::Moved`]).
+    pub fn check(&self, fd: BorrowedFd<'_>) -> Result<(), TrustError> {
+        let found = identity(fd).map_err(|e| TrustError::io("examine", &self.path, e))?;
+        if found != self.id {
+            return Err(TrustError::refused(&self.path, Problem::Moved));
+        }
+        Ok(())
+    }
+
+    /// [`check`](Self::check) for the directory as it resolves now
+    /// (`path`, resolved from its path).
+    pub fn check_path(&self, path: &Path) -> Result<(), TrustError> {
+        match identity_of(path) {
+            Ok(found) if found == self.id => Ok(()),
+            Ok(_) => Err(TrustError::refused(&self.path, Problem::Moved)),
+            Err(e) => Err(TrustError::io("examine", path, e)),
+        }
+    }
 }
 
-/// The identity of the descriptor held for `dir`, as `fstat` says now.
-#[cfg(test)]
-pub(crate) fn held_identity(dir: &Path) -> Option<std::io::Result<Identity>> {
-    let anchors = ANCHORS.lock().unwrap_or_else(|p| p.into_inner());
-    anchors.get(&key(dir)).map(|a| identity(a.held.as_fd()))
+/// Two values name the same project when they have the same path and
+/// were anchored to the same directory.
+impl PartialEq for ProjectDir {
+    fn eq(&self, other: &Self) -> bool {
+        self.path == other.path && self.id == other.id
+    }
+}
+
+impl Eq for ProjectDir {}
+
+impl std::ops::Deref for ProjectDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<Path> for ProjectDir {
+    fn as_ref(&self) -> &Path {
+        &self.path
+    }
 }
 
 /// Reads the notebook at `path`, anchoring its directory: the directory
-/// is opened once (`O_PATH`), its identity recorded, and the notebook
-/// opened from that descriptor, so the anchor is the directory the
-/// notebook was read from.
-pub fn read_notebook(path: &Path) -> std::io::Result<Vec<u8>> {
+/// is opened once (`O_PATH`), and the notebook opened from that
+/// descriptor, so the project returned is the directory the notebook was
+/// read from.
+pub fn read_notebook(path: &Path) -> std::io::Result<(Vec<u8>, ProjectDir)> {
     use std::io::Read;
     let abs = std::path::absolute(path)?;
     let (Some(dir), Some(name)) = (abs.parent(), abs.file_name()) else {
-        return std::fs::read(path);
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a file's path",
+        ));
     };
     let held = open_dir(dir)?;
     let fd = nix::fcntl::openat(
@@ -103,40 +169,5 @@ pub fn read_notebook(path: &Path) -> std::io::Result<Vec<u8>> {
     )?;
     let mut bytes = Vec::new();
     File::from(fd).read_to_end(&mut bytes)?;
-    anchor(dir, held)?;
-    Ok(bytes)
-}
-
-/// The working directory, anchored to the process's own (an inode, which
-/// others can rename but not swap): `getcwd`'s string may resolve
-/// elsewhere by the time it is used.
-pub fn cwd() -> std::io::Result<PathBuf> {
-    let here = std::env::current_dir()?;
-    anchor(&here, open_dir(Path::new("."))?)?;
-    Ok(here)
-}
-
-/// Refuses `fd`, the directory `dir` was opened as, if `dir` was anchored
-/// to another directory.
-pub fn check(dir: &Path, fd: BorrowedFd<'_>) -> Result<(), TrustError> {
-    let Some(want) = anchored(dir) else {
-        return Ok(());
-    };
-    let found = identity(fd).map_err(|e| TrustError::io("examine", dir, e))?;
-    if found != want {
-        return Err(TrustError::refused(dir, Problem::Moved));
-    }
-    Ok(())
-}
-
-/// [`check`] for `dir` as it resolves now (`path`, resolved from `dir`).
-pub fn check_path(dir: &Path, path: &Path) -> Result<(), TrustError> {
-    let Some(want) = anchored(dir) else {
-        return Ok(());
-    };
-    match identity_of(path) {
-        Ok(found) if found == want => Ok(()),
-        Ok(_) => Err(TrustError::refused(dir, Problem::Moved)),
-        Err(e) => Err(TrustError::io("examine", path, e)),
-    }
+    Ok((bytes, ProjectDir::held(dir.into(), held)?))
 }

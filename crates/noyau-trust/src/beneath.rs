@@ -11,6 +11,7 @@ use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::{FileStat, Mode, SFlag};
 
+use crate::anchor::ProjectDir;
 use crate::{Expect, Problem, TrustError};
 
 /// How many times `openat2` is asked again when it answers EAGAIN (a
@@ -41,17 +42,29 @@ pub enum WalkError<E> {
 }
 
 impl Beneath {
-    /// Opens the directory `dir` (links followed: the directory as named),
-    /// refused if it is not the directory `dir` was anchored to
-    /// ([`crate::anchor`]: [`Problem::Moved`]).
+    /// Opens the directory `dir` (links followed: the directory as named).
     pub fn open(dir: &Path) -> Result<Self, TrustError> {
-        let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
-        let fd = nix::fcntl::open(dir, flags, Mode::empty())
-            .map_err(|e| TrustError::io("open", dir, e.into()))?;
-        crate::anchor::check(dir, fd.as_fd())?;
+        let fd = crate::anchor::open_dir(dir).map_err(|e| TrustError::io("open", dir, e))?;
         Ok(Beneath {
             dir: fd,
             path: dir.into(),
+        })
+    }
+
+    /// The project's directory, as held since it was anchored
+    /// ([`crate::anchor`]), refused if its path no longer leads there
+    /// ([`Problem::Moved`]: what is read for the project must be what its
+    /// path, by which it is trusted and shown, names).
+    pub fn project(dir: &ProjectDir) -> Result<Self, TrustError> {
+        let now = Self::open(dir)?;
+        dir.check(now.fd())?;
+        let held = dir
+            .fd()
+            .try_clone_to_owned()
+            .map_err(|e| TrustError::io("open", dir, e))?;
+        Ok(Beneath {
+            dir: held,
+            path: dir.path().into(),
         })
     }
 

@@ -4,6 +4,7 @@
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
 
+use crate::anchor::ProjectDir;
 use crate::{create_private, replace, Expect, Mode, Owner, Problem, TrustError};
 
 const NOBODY: u32 = 65534;
@@ -701,16 +702,54 @@ fn an_anchor_holds_the_notebooks_directory_open() {
     std::fs::create_dir(&proj).unwrap();
     std::fs::write(proj.join("nb.ipynb"), "{}").unwrap();
     let id = crate::anchor::identity_of(&proj).unwrap();
-    assert_eq!(
-        crate::anchor::read_notebook(&proj.join("nb.ipynb")).unwrap(),
-        b"{}"
-    );
+    let (bytes, anchored) = crate::anchor::read_notebook(&proj.join("nb.ipynb")).unwrap();
+    assert_eq!(bytes, b"{}");
     std::fs::remove_dir_all(&proj).unwrap();
-    let held = crate::anchor::held_identity(&proj)
-        .expect("anchored")
-        .unwrap();
-    assert_eq!(held, id);
-    assert_eq!(crate::anchor::anchored(&proj), Some(id));
+    assert_eq!(crate::anchor::identity(anchored.fd()).unwrap(), id);
+    assert_eq!(anchored.identity(), id);
+    assert_eq!(anchored.path(), proj);
+}
+
+/// Two projects of the same path made at different times in one process
+/// each keep their own directory: the first, made before its path was
+/// swapped for another directory, is refused as moved (what is read for
+/// it is never the new directory's), even after the second was made for
+/// the new one, which reads its own file. (On the code of before, which
+/// kept one anchor per path for the process, anchoring the second
+/// replaced the first's, and the first then read the new directory's
+/// file.)
+#[test]
+fn a_project_keeps_its_directory_when_another_is_made_for_its_path() {
+    let d = tempfile::tempdir().unwrap();
+    let proj = d.path().join("proj");
+    std::fs::create_dir(&proj).unwrap();
+    std::fs::write(proj.join("f"), "first").unwrap();
+    chmod(&proj.join("f"), 0o600);
+    let first = ProjectDir::open(&proj).unwrap();
+    std::fs::rename(&proj, d.path().join("proj.x")).unwrap();
+    std::fs::create_dir(&proj).unwrap();
+    std::fs::write(proj.join("f"), "second").unwrap();
+    chmod(&proj.join("f"), 0o600);
+    let second = ProjectDir::open(&proj).unwrap();
+    assert_ne!(first, second);
+    let read = |p: &ProjectDir| -> Result<String, TrustError> {
+        let mut f = crate::Beneath::project(p)?.open_file(&Expect::file(), Path::new("f"))?;
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut f, &mut s).unwrap();
+        Ok(s)
+    };
+    assert_eq!(read(&second).unwrap(), "second");
+    let e = read(&first).expect_err("the first project read the second's file");
+    assert!(matches!(e.problem(), Some(Problem::Moved)), "{e}");
+    assert!(first.check_path(&proj).is_err());
+    // Its path led back to it: read again, from the directory held.
+    std::fs::rename(&proj, d.path().join("proj.y")).unwrap();
+    std::fs::rename(d.path().join("proj.x"), &proj).unwrap();
+    assert_eq!(read(&first).unwrap(), "first");
+    assert!(matches!(
+        read(&second).unwrap_err().problem(),
+        Some(Problem::Moved)
+    ));
 }
 
 /// Without /proc (a chroot, a bwrap sandbox without --proc) the reopen

@@ -13,7 +13,7 @@ fn batch(flag: Option<&str>) -> anyhow::Result<Scheduler> {
     let configured = match flag {
         Some(b) => Some(b.to_string()),
         None => {
-            let cwd = std::env::current_dir().context("the working directory")?;
+            let cwd = noyau_trust::anchor::ProjectDir::cwd().context("the working directory")?;
             noyau_config::Config::load(&cwd)?.scheduler
         }
     };

@@ -33,3 +33,8 @@ pub fn wildcard_project(d: &Path, subs: &[&str]) -> PathBuf {
     std::env::set_var("NOYAU_SYSTEM_CONFIG", d.join("none.toml"));
     dir
 }
+
+/// The project `dir`, anchored now.
+pub fn pd(dir: &std::path::Path) -> noyau_trust::anchor::ProjectDir {
+    noyau_trust::anchor::ProjectDir::open(dir).unwrap()
+}
