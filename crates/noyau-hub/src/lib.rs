@@ -49,7 +49,8 @@ pub mod pages;
 pub mod pam;
 pub mod proxy;
 pub mod site;
-pub mod text;
+/// The shared sanitizer, where the hub first had it (`crate::text::clean`).
+use noyau_text as text;
 pub mod throttle;
 
 use std::collections::HashMap;

@@ -9,6 +9,7 @@ use noyau_client::remote::{KernelMessage, RemoteKernel};
 use noyau_magic::dask::KernelSide;
 use noyau_magic::{Magic, Magics};
 use noyau_notebook::{Notebook, OutputBuilder};
+use noyau_text::{for_terminal, Keep};
 use serde_json::json;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -252,10 +253,13 @@ impl Runner<'_> {
                 if sys_exit {
                     (exit::OK, true, None, None)
                 } else {
+                    // The kernel's text: one line, no escape sequence.
                     eprintln!(
-                        "noyau: cell {} (In [{}]) raised {ename}: {evalue}",
+                        "noyau: cell {} (In [{}]) raised {}: {}",
                         i + 1,
-                        exec_count.map_or("None".into(), |n| n.to_string())
+                        exec_count.map_or("None".into(), |n| n.to_string()),
+                        for_terminal(&ename, Keep::Nothing),
+                        for_terminal(&evalue, Keep::Nothing)
                     );
                     (exit::CELL_ERROR, true, None, None)
                 }

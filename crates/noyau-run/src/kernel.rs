@@ -137,7 +137,10 @@ pub(crate) async fn start(
             }
             let note = queue_note(st);
             if show_queue && !note.is_empty() && note != last_note {
-                eprintln!("noyau: {note}");
+                eprintln!(
+                    "noyau: {}",
+                    noyau_text::for_terminal(&note, noyau_text::Keep::Nothing)
+                );
                 last_note = note;
             }
         },

@@ -59,6 +59,12 @@ pub use error::RunError;
 pub use options::RunOptions;
 pub use sweep::{SweepOptions, SweepTask};
 
+/// An error as printed: it may quote a notebook, a parameter file or a
+/// kernel, so its lines go without escape sequences or controls.
+pub fn shown(e: &dyn std::fmt::Display) -> String {
+    noyau_text::for_terminal(&e.to_string(), noyau_text::Keep::Lines)
+}
+
 /// `f`, then the wait for the submissions still under way
 /// ([`noyau_sched::settled_or`]), which can last until the scheduler
 /// answers (two command timeouts): said on stderr, and a second Ctrl-C
@@ -87,7 +93,7 @@ async fn settled<F: std::future::Future>(f: F) -> F::Output {
 pub fn main(mut opts: RunOptions) -> i32 {
     // (before the runtime's threads: it changes the environment)
     if let Err(e) = detach::take_parameters(&mut opts) {
-        eprintln!("noyau run: error: {e}");
+        eprintln!("noyau run: error: {}", shown(&e));
         return e.code();
     }
     let _input_copy = detach::take_input(&mut opts);
@@ -104,7 +110,7 @@ pub fn main(mut opts: RunOptions) -> i32 {
     match rt.block_on(settled(runner::run(opts))) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("noyau run: error: {e}");
+            eprintln!("noyau run: error: {}", shown(&e));
             e.code()
         }
     }

@@ -166,7 +166,12 @@ impl Runner<'_> {
             _ => None,
         };
         if let Some(t) = text {
-            self.doc.progress.log(&t);
+            // Colours stay (ipykernel's tracebacks); cursor moves, OSC
+            // (clipboard, links, title) and the rest do not reach the
+            // terminal. The notebook keeps what the kernel sent.
+            self.doc
+                .progress
+                .log(&noyau_text::for_terminal(&t, noyau_text::Keep::Colours));
         }
     }
 }

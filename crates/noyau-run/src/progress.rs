@@ -6,6 +6,7 @@
 use std::io::{IsTerminal, Write};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use noyau_text::{for_terminal, Keep};
 
 pub enum Progress {
     Bar(ProgressBar),
@@ -39,7 +40,11 @@ impl Progress {
             .map(str::trim)
             .find(|l| !l.is_empty())
             .unwrap_or("");
-        let first: String = first.chars().take(60).collect();
+        // The notebook's text: no escape sequence, no control.
+        let first: String = for_terminal(first, Keep::Nothing)
+            .chars()
+            .take(60)
+            .collect();
         match self {
             Progress::Bar(b) => {
                 b.set_prefix("Executing");
@@ -53,6 +58,8 @@ impl Progress {
     /// A line of the environment's preparation, before the first cell:
     /// the bar's message, and a line above it (as on a plain stderr).
     pub fn environment(&self, line: &str) {
+        // It may quote the notebook's metadata (a data file's name).
+        let line = &for_terminal(line, Keep::Nothing);
         let text = format!("noyau: environment: {line}");
         match self {
             Progress::Bar(b) => {

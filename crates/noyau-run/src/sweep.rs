@@ -330,7 +330,7 @@ pub fn task_main(a: SweepTask) -> i32 {
     let t = match TaskPoint::read(&a) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("noyau sweep-task: {e}");
+            eprintln!("noyau sweep-task: {}", crate::shown(&e));
             return exit::BAD_INPUT;
         }
     };
@@ -453,7 +453,7 @@ pub fn main(args: SweepOptions) -> i32 {
     match rt.block_on(crate::settled(sweep(args))) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("noyau sweep: error: {e}");
+            eprintln!("noyau sweep: error: {}", crate::shown(&e));
             sweep_exit::BAD_INPUT
         }
     }
@@ -1055,7 +1055,7 @@ async fn run_array(
                 eprintln!("noyau sweep: interrupted: cancelling job array {id} (running points save what they finished)");
                 interrupted = true;
                 if let Err(e) = array.cancel().await {
-                    eprintln!("noyau sweep: {e}");
+                    eprintln!("noyau sweep: {}", crate::shown(&e));
                 }
             }
             _ = tokio::time::sleep(array.interval()) => {}

@@ -252,9 +252,11 @@ impl JobSpec {
                 )));
             }
         }
-        match self.name.chars().any(char::is_control) {
+        // Also a bidi, zero-width or other format character: the name is
+        // shown by `noyau ps` and the scheduler's own listings.
+        match self.name.chars().any(noyau_text::is_unsafe) {
             true => Err(SchedError::Invalid(format!(
-                "the job name {:?} has a control character: name it without one",
+                "the job name {:?} has a control character (or a bidi or other invisible one): name it without one",
                 self.name
             ))),
             false => Ok(()),

@@ -30,6 +30,7 @@ async fn a_directory_with_a_line_break_never_reaches_sbatch() {
         (Some(d.join("data\ntouch /tmp/pwned\n#")), None, "noyau-run"),
         (None, Some(d.join("logs\r")), "noyau-run"),
         (None, None, "noyau-run\nx"),
+        (None, None, "noyau-run-\u{202e}txt.exe"),
     ];
     for (cwd, log_dir, name) in cases {
         let spec = JobSpec {

@@ -16,6 +16,7 @@ use anyhow::Context;
 use noyau_env::manage;
 use noyau_env::sources::{self, Declared};
 use noyau_env::{Cache, EnvSpec};
+use noyau_text::{for_terminal, Keep};
 
 #[derive(clap::Subcommand)]
 pub enum EnvCommand {
@@ -80,7 +81,8 @@ fn declared(what: &str, cwd: &Path) -> anyhow::Result<Declared> {
 }
 
 fn progress() -> impl FnMut(&str) {
-    |l: &str| eprintln!("noyau: {l}")
+    // A line may quote the notebook's metadata (a data file's URL).
+    |l: &str| eprintln!("noyau: {}", for_terminal(l, Keep::Nothing))
 }
 
 fn build(what: &str, cwd: &Path, cache: &Cache) -> anyhow::Result<i32> {
@@ -145,8 +147,8 @@ fn list(cache: &Cache) {
                 &f.sha256[..16],
                 size(f.size),
                 ago(f.last_use),
-                f.about["name"].as_str().unwrap_or("?"),
-                f.about["url"].as_str().unwrap_or("?")
+                for_terminal(f.about["name"].as_str().unwrap_or("?"), Keep::Nothing),
+                for_terminal(f.about["url"].as_str().unwrap_or("?"), Keep::Nothing)
             );
         }
     }
@@ -167,10 +169,11 @@ fn show(notebook: &Path, cwd: &Path, cache: &Cache) -> anyhow::Result<i32> {
             Err(e) => format!("refused: {e}"),
         };
         println!(
-            "data {}: {} sha256 {}: {state}",
-            r.name,
-            noyau_env::index::redact(&r.url),
-            r.sha256
+            "data {}: {} sha256 {}: {}",
+            for_terminal(&r.name, Keep::Nothing),
+            for_terminal(&noyau_env::index::redact(&r.url), Keep::Nothing),
+            r.sha256,
+            for_terminal(&state, Keep::Nothing)
         );
     }
     Ok(0)
@@ -179,7 +182,9 @@ fn show(notebook: &Path, cwd: &Path, cache: &Cache) -> anyhow::Result<i32> {
 fn show_spec(spec: &EnvSpec, cache: &Cache) -> anyhow::Result<()> {
     let mut shown = spec.clone();
     shown.notebook_dir = None;
-    println!("environment: {}", shown.to_value());
+    // From the notebook: JSON escapes controls, not bidi characters.
+    let value = shown.to_value().to_string();
+    println!("environment: {}", for_terminal(&value, Keep::Nothing));
     if !noyau_env::prepare::builds_here(spec) {
         println!(
             "built: where the kernel runs (kind {}, build = {:?})",

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use noyau_sched::{Backend, JobInfo, JobSpec, JobState, Scheduler};
+use noyau_text::{for_terminal, Keep};
 
 /// The scheduler the job commands ask: `--backend`, else the config files'
 /// `scheduler`, else the one whose commands are installed.
@@ -58,11 +59,14 @@ pub async fn ps(backend: Option<&str>) -> anyhow::Result<i32> {
         // A detached run reports its cells in a status file.
         let cells = noyau_run::detach::cells(&j.id).unwrap_or_default();
         let (reason, node, time_left) = columns(&j);
+        // What the scheduler reports, names included: one line each.
+        let [name, reason, node] =
+            [&j.name, &reason, &node].map(|s| for_terminal(s, Keep::Nothing));
         println!(
             "{:<10} {:<7} {:<28} {:<10} {:<16} {:<12} {:<10} {}",
             j.id,
             kind(&j.name),
-            j.name,
+            name,
             j.word,
             reason,
             node,

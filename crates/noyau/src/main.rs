@@ -413,7 +413,9 @@ fn main() {
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("noyau: error: {e:#}");
+            // The chain may quote files, notebooks and what a scheduler said.
+            let text = noyau_text::for_terminal(&format!("{e:#}"), noyau_text::Keep::Lines);
+            eprintln!("noyau: error: {text}");
             std::process::exit(2);
         }
     }

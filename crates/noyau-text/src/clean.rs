@@ -1,6 +1,5 @@
-//! Text from users (a login form's name, an agent's "ended" reason) on its
-//! way to a terminal or a page: one sanitizer, so that every such text is
-//! held to the same characters and bound.
+//! Character-by-character cleaning: a text held to safe characters and a
+//! bound, its unsafe ones escaped (for a record) or left out (for a page).
 
 /// Whether `c` could move a terminal's cursor, change its colours, break a
 /// line, reorder the text around it, or hide in it: a control character
