@@ -55,10 +55,12 @@ pub enum ParamError {
     )]
     BadName(String),
     /// In bash an upper-case name is the shell's or the environment's
-    /// (`PATH`, `PROMPT_COMMAND`, `LD_PRELOAD`): setting it runs code.
+    /// (`PATH`, `PROMPT_COMMAND`, `LD_PRELOAD`): setting it runs code;
+    /// `https_proxy` would send the notebook's traffic elsewhere.
     #[error(
-        "parameter name {0:?} is upper case: in bash that is a shell or environment variable \
-         (PATH, PROMPT_COMMAND, LD_PRELOAD…), which a parameter must not set: use lower case"
+        "parameter name {0:?} is a shell or environment variable in bash (an upper-case name: \
+         PATH, PROMPT_COMMAND, LD_PRELOAD…; or a proxy's, https_proxy), which a parameter \
+         must not set: name it otherwise"
     )]
     ShellName(String),
 }
@@ -378,7 +380,10 @@ impl Language {
         if self != Language::R && name.contains('.') {
             return Err(ParamError::BadName(name.into()));
         }
-        match self == Language::Bash && !name.chars().any(char::is_lowercase) {
+        // and the lower-case ones the environment exports: `https_proxy`
+        let shell =
+            !name.chars().any(char::is_lowercase) || name.to_ascii_lowercase().ends_with("_proxy");
+        match self == Language::Bash && shell {
             true => Err(ParamError::ShellName(name.into())),
             false => Ok(()),
         }

@@ -297,6 +297,9 @@ fn a_name_that_is_not_an_identifier_is_never_written() {
     let e = Language::Bash.codify(&shell, "Parameters").unwrap_err();
     assert!(matches!(e, ParamError::ShellName(_)), "{e}");
     assert!(Language::Python.codify(&shell, "Parameters").is_ok());
+    let mut proxy = Parameters::new();
+    proxy.set("https_proxy", Param::Str("http://evil:3128".into()));
+    assert!(Language::Bash.codify(&proxy, "Parameters").is_err());
     // a mapping with a refused name sets none of its names
     let mut p = Parameters::new();
     assert!(p

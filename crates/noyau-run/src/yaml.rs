@@ -50,16 +50,29 @@ enum Frame {
     Map(usize, Vec<(String, Param)>, Option<String>),
 }
 
+/// What a value costs: its weight, and how many lists or mappings deep
+/// it nests (0 for a scalar). An alias copies both.
+#[derive(Clone, Copy)]
+struct Shape {
+    weight: usize,
+    height: usize,
+}
+
+const SCALAR: Shape = Shape {
+    weight: VALUE_WEIGHT,
+    height: 0,
+};
+
 #[derive(Default)]
 struct Builder {
     stack: Vec<Frame>,
     root: Option<Param>,
-    /// Each anchor's value, and its weight.
-    anchors: HashMap<usize, (Param, usize)>,
+    /// Each anchor's value, and its shape.
+    anchors: HashMap<usize, (Param, Shape)>,
     /// The weight of all made so far, aliases counted at their full weight.
     weight: usize,
-    /// The weight of each open list or mapping, itself and all it holds.
-    sizes: Vec<usize>,
+    /// Each open list or mapping's shape so far: itself and all it holds.
+    open: Vec<Shape>,
     error: Option<YamlError>,
 }
 
@@ -73,18 +86,20 @@ impl Builder {
         self.error.is_none()
     }
 
-    /// Counts a value of weight `w` that goes into what is open.
-    fn add(&mut self, w: usize) -> bool {
-        if let Some(open) = self.sizes.last_mut() {
-            *open = open.saturating_add(w);
+    /// Counts a value of shape `s` that goes into what is open, and
+    /// whether the budget still holds.
+    fn add(&mut self, s: Shape) -> bool {
+        if let Some(open) = self.open.last_mut() {
+            open.weight = open.weight.saturating_add(s.weight);
+            open.height = open.height.max(s.height);
         }
-        self.count(w)
+        self.count(s.weight)
     }
 
-    /// `v`, which weighs `size`, into what is open.
-    fn push_value(&mut self, v: Param, anchor: usize, size: usize) {
+    /// `v`, of shape `s`, into what is open.
+    fn push_value(&mut self, v: Param, anchor: usize, s: Shape) {
         if anchor > 0 {
-            self.anchors.insert(anchor, (v.clone(), size));
+            self.anchors.insert(anchor, (v.clone(), s));
         }
         match self.stack.last_mut() {
             None => {
@@ -126,7 +141,7 @@ impl Builder {
     fn open(&mut self, frame: Frame) {
         if self.count(VALUE_WEIGHT) {
             self.stack.push(frame);
-            self.sizes.push(VALUE_WEIGHT);
+            self.open.push(SCALAR);
         }
     }
 }
@@ -138,21 +153,29 @@ impl MarkedEventReceiver for Builder {
         }
         match ev {
             Event::Scalar(value, style, anchor, tag) => match scalar(&value, style, tag.as_ref()) {
-                Ok(v) if self.add(VALUE_WEIGHT + value.len()) => {
-                    self.push_value(v, anchor, VALUE_WEIGHT + value.len())
+                Ok(v) => {
+                    let s = Shape {
+                        weight: VALUE_WEIGHT + value.len(),
+                        height: 0,
+                    };
+                    if self.add(s) {
+                        self.push_value(v, anchor, s)
+                    }
                 }
-                Ok(_) => {}
                 Err(e) => self.error = Some(e),
             },
             Event::Alias(id) => {
-                let size = self.anchors.get(&id).map_or(VALUE_WEIGHT, |(_, n)| *n);
+                let s = self.anchors.get(&id).map_or(SCALAR, |(_, s)| *s);
+                // an alias nests what it names where it stands
+                if self.stack.len() + s.height > MAX_DEPTH {
+                    self.error = Some(YamlError::TooDeep);
                 // counted before it is copied: the copy is what fills memory
-                if self.add(size) {
+                } else if self.add(s) {
                     let v = self
                         .anchors
                         .get(&id)
                         .map_or(Param::None, |(v, _)| v.clone());
-                    self.push_value(v, 0, size);
+                    self.push_value(v, 0, s);
                 }
             }
             Event::SequenceStart(..) | Event::MappingStart(..) if self.stack.len() >= MAX_DEPTH => {
@@ -167,11 +190,13 @@ impl MarkedEventReceiver for Builder {
                     None => return,
                 };
                 // what it holds weighs in the list or mapping that holds it
-                let size = self.sizes.pop().unwrap_or(VALUE_WEIGHT);
-                if let Some(open) = self.sizes.last_mut() {
-                    *open = open.saturating_add(size);
+                let mut s = self.open.pop().unwrap_or(SCALAR);
+                s.height += 1;
+                if let Some(open) = self.open.last_mut() {
+                    open.weight = open.weight.saturating_add(s.weight);
+                    open.height = open.height.max(s.height);
                 }
-                self.push_value(v, anchor, size);
+                self.push_value(v, anchor, s);
             }
             _ => {}
         }
@@ -430,6 +455,12 @@ mod tests {
         let flow = "[".repeat(100_000);
         assert!(parse(&flow).is_err());
         assert!(parse(&("- ".repeat(MAX_DEPTH) + "x\n")).is_ok());
+        // aliases of aliases, each nesting the last a level deeper
+        let mut chain = String::from("a0: &a0 [x]\n");
+        for i in 1..200 {
+            chain.push_str(&format!("a{i}: &a{i} [[*a{}]]\n", i - 1));
+        }
+        assert!(matches!(parse(&chain), Err(YamlError::TooDeep)));
     }
 
     /// A large sweep a user may well write: 100,000 points of 9 parameters.
