@@ -57,10 +57,14 @@ fn chosen(noyau: Option<OsString>, xdg: Option<OsString>) -> Option<PathBuf> {
     match noyau_sched::runtime_dir_from(Some(named.clone().into_os_string())) {
         Some(d) => Some(d.join("noyau")),
         None => {
-            tracing::warn!(
-                "ignoring XDG_RUNTIME_DIR={}: not a private directory of yours on this host",
-                named.display()
-            );
+            // once: every socket and record path asks again
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                tracing::warn!(
+                    "ignoring XDG_RUNTIME_DIR={}: not a private directory of yours on this host",
+                    named.display()
+                )
+            });
             None
         }
     }

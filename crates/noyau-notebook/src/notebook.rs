@@ -727,17 +727,26 @@ fn new_file_permissions() -> fs::Permissions {
 /// and some Lustre have no `O_TMPFILE`).
 fn create_temp(dir: &Path, name: &str) -> io::Result<(File, Option<PathBuf>)> {
     use std::os::unix::fs::OpenOptionsExt;
+    // naming it later goes through /proc/self/fd: without /proc, a name now
+    if !Path::new("/proc/self/fd").is_dir() {
+        return create_named(dir, name);
+    }
     let unnamed = OpenOptions::new()
         .write(true)
         .mode(0o666)
         .custom_flags(libc_o_tmpfile())
         .open(dir);
     match unnamed {
-        Ok(f) => return Ok((f, None)),
+        Ok(f) => Ok((f, None)),
         // unsupported there (EOPNOTSUPP, or EISDIR/EINVAL from older kernels)
-        Err(e) if !matches!(e.raw_os_error(), Some(code) if unsupported(code)) => return Err(e),
-        Err(_) => {}
+        Err(e) if !matches!(e.raw_os_error(), Some(code) if unsupported(code)) => Err(e),
+        Err(_) => create_named(dir, name),
     }
+}
+
+/// A named temporary file beside the output, 0600.
+fn create_named(dir: &Path, name: &str) -> io::Result<(File, Option<PathBuf>)> {
+    use std::os::unix::fs::OpenOptionsExt;
     let mut last = None;
     for _ in 0..64 {
         let tmp = temp_name(dir, name);
