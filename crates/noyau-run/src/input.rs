@@ -200,8 +200,8 @@ pub fn prepare(opts: &RunOptions, output: &Output) -> Result<(Notebook, ProjectD
 }
 
 /// The notebook's directory (where its noyau.toml is), the current one
-/// for stdin: where a lock is written, not a project judged (that is
-/// [`read_input`]'s).
+/// for stdin, as a path: what a job anchors again for the copy it runs
+/// ([`read_run_input`]).
 pub fn notebook_dir(input: &str) -> PathBuf {
     let cwd = std::env::current_dir().unwrap_or_else(|_| ".".into());
     if input == "-" {

@@ -97,10 +97,7 @@ impl Runner<'_> {
             Command::Targets => Ok(self.target_table()),
             Command::Release(name) | Command::Cancel(name) => self.release_target(&name).await,
             Command::EnvShow => Ok(noyau_magic::env::show(env.as_ref())),
-            Command::EnvLock => {
-                let dir = crate::input::notebook_dir(&self.opts.input);
-                noyau_magic::env::lock(env.as_ref(), &dir)
-            }
+            Command::EnvLock => noyau_magic::env::lock(env.as_ref(), &self.ctx.project),
             Command::EnvHelp => Ok(noyau_magic::env::usage()),
             Command::EnvSwitch(_) => Err(MagicError::NotHere(
                 "`%noyau env SPEC` restarts an interactive kernel; `noyau run` takes the environment from \
