@@ -867,3 +867,54 @@ def test_a_headless_runs_target_cell_cannot_name_code(tmp_path):
     assert p.returncode != 0 and "a notebook cell may not set `env.PYTHONPATH`" in said, said[-3000:]
     assert f"noyau trust {tmp_path.resolve()}" in said and str(xdg / "noyau" / "config.toml") in said, said[-3000:]
     assert not marker.exists()
+
+
+def test_a_cells_code_settings_are_judged_by_the_notebooks_directory_not_the_working_one(tmp_path):
+    """`noyau run` judges what a `%%noyau on T key=value` cell may set by
+    the directory its notebook was read from, not the working directory.
+    The user trusts their project and, from there, runs a notebook from a
+    directory they do not trust (another user's) whose cell sets the
+    target's PYTHONPATH to a sitecustomize.py (code run as the user,
+    outside any sandbox): refused, naming the notebook's directory, and
+    nothing runs; so is a cell's `--env` naming an interpreter by path
+    (run on this host while preparing). The first notebook in the trusted
+    project, run from the untrusted directory, is accepted and the setting
+    applies (the code writes its marker). (On the code of before, all went
+    by the working directory: the first two ran their code, the last was
+    refused.)"""
+    evil, marker = evil_pythonpath(tmp_path)
+    proj, other = tmp_path / "proj", tmp_path / "other"
+    proj.mkdir()
+    other.mkdir()
+    xdg = tmp_path / "xdg"
+    env = lib.trusting(proj, xdg)
+    user_config = xdg / "noyau" / "config.toml"
+    user_config.write_text(user_config.read_text() + '\n[profiles.nbside]\nbackend = "local"\n')
+    nb = notebook(f"%%noyau on nbside env.PYTHONPATH={evil}\nprint('on the target')")
+
+    def run_from(cwd: Path, nb_dir: Path, nb: dict = nb) -> tuple[subprocess.CompletedProcess, str]:
+        src, out = nb_dir / "nb.ipynb", tmp_path / "out.ipynb"
+        src.write_text(json.dumps(nb))
+        p = subprocess.run([NOYAU, "run", str(src), str(out), "--no-progress", "--start-timeout", "300"],
+                           capture_output=True, text=True, timeout=600, cwd=cwd,
+                           env=dict(os.environ, NOYAU_ENV_CACHE=str(tmp_path / "cache"), **env))
+        assert out.exists(), p.stderr[-3000:]
+        cells = [c for c in json.loads(out.read_text())["cells"] if c["cell_type"] == "code"]
+        return p, text(cells[-1])
+
+    p, said = run_from(proj, other)
+    assert p.returncode != 0, p.stderr[-3000:]
+    assert "a notebook cell may not set `env.PYTHONPATH`" in said, said
+    assert f"noyau trust {other.resolve()}" in said, said
+    assert not marker.exists()
+    # A cell's `--env` is the notebook's too: an interpreter it names by
+    # path (run by uv on this host) is not run.
+    py_marker, evil_py = tmp_path / "py-ran", tmp_path / "evil-python"
+    evil_py.write_text(f"#!/bin/sh\ntouch {py_marker}\nexit 1\n")
+    evil_py.chmod(0o755)
+    p, said = run_from(proj, other, notebook(f'%%noyau on nbside --env {{python="{evil_py}"}}\nprint(1)'))
+    assert p.returncode != 0 and "sets `python`" in said and "outside the sandbox" in said, said
+    assert not py_marker.exists()
+    p, said = run_from(other, proj)
+    assert p.returncode == 0 and "on the target" in said, (said, p.stderr[-3000:])
+    assert marker.exists(), p.stderr[-3000:]

@@ -563,8 +563,13 @@ pub fn declared<'a>(
     })
 }
 
-/// [`declared`] for a notebook file (`.ipynb`).
-pub fn declared_in_file(path: &Path, cli: Option<&str>, cwd: &Path) -> Result<Declared, EnvError> {
+/// [`declared`] for a notebook file (`.ipynb`), with its project: the
+/// directory it was read from, anchored (where its lock is written).
+pub fn declared_in_file(
+    path: &Path,
+    cli: Option<&str>,
+    cwd: &Path,
+) -> Result<(Declared, ProjectDir), EnvError> {
     let path = absolute(cwd, path);
     // Its directory anchored: the project is the directory it was read from.
     let (text, dir) = noyau_trust::anchor::read_notebook(&path)
@@ -584,13 +589,14 @@ pub fn declared_in_file(path: &Path, cli: Option<&str>, cwd: &Path) -> Result<De
                 .collect()
         })
         .unwrap_or_default();
-    declared(
+    let d = declared(
         &dir,
         nb.get("metadata"),
         sources.iter().map(String::as_str),
         cli,
         cwd,
-    )
+    )?;
+    Ok((d, dir))
 }
 
 /// Keys saying how the kernel runs rather than what is built: a cell's

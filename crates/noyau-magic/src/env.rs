@@ -3,8 +3,7 @@
 //! record: spec, lock, lock hash, versions). Choosing another environment
 //! (`%noyau env SPEC`) restarts the kernel: the proxy does it.
 
-use std::path::Path;
-
+use noyau_trust::anchor::ProjectDir;
 use serde_json::Value;
 
 use crate::MagicError;
@@ -50,8 +49,12 @@ pub fn show(record: Option<&Value>) -> String {
     )
 }
 
-/// `%noyau env lock`: writes the resolved lock to `dir/noyau.lock`.
-pub fn lock(record: Option<&Value>, dir: &Path) -> Result<String, MagicError> {
+/// `%noyau env lock`: writes the resolved lock to `noyau.lock` in `dir`,
+/// the notebook's directory as anchored: written beneath the directory
+/// held, never where its path leads now (a directory others can rename
+/// could have been swapped for a link to a trusted project of the
+/// user's, whose next run would install these pins).
+pub fn lock(record: Option<&Value>, dir: &ProjectDir) -> Result<String, MagicError> {
     let lock = record
         .and_then(|r| r.get("lock"))
         .and_then(|l| l.as_str())
@@ -61,14 +64,13 @@ pub fn lock(record: Option<&Value>, dir: &Path) -> Result<String, MagicError> {
                     .into(),
             )
         })?;
-    let path = dir.join("noyau.lock");
-    // The kernel's directory may be shared: a link planted there is
+    // The kernel's directory may be shared: a link planted at the name is
     // replaced, never written through.
-    noyau_trust::replace(&path, lock.as_bytes(), 0o644)
+    noyau_trust::replace_at(dir, "noyau.lock", lock.as_bytes(), 0o644)
         .map_err(|e| MagicError::Env(e.to_string()))?;
     Ok(format!(
         "[noyau] wrote {} ({} lines); `lock_file = \"noyau.lock\"` under [environment] in noyau.toml reproduces it\n",
-        path.display(),
+        dir.join("noyau.lock").display(),
         lock.lines().count()
     ))
 }
@@ -83,12 +85,13 @@ mod tests {
         assert!(show(Some(&rec)).contains("\"lock\": \"(2 lines)\""));
         assert!(show(None).contains("kernelspec's own environment"));
         let d = tempfile::tempdir().unwrap();
-        assert!(lock(Some(&rec), d.path()).unwrap().contains("(2 lines)"));
+        let dir = ProjectDir::open(d.path()).unwrap();
+        assert!(lock(Some(&rec), &dir).unwrap().contains("(2 lines)"));
         assert_eq!(
             std::fs::read_to_string(d.path().join("noyau.lock")).unwrap(),
             "a==1\nb==2\n"
         );
-        assert_eq!(lock(None, d.path()).unwrap_err().ename(), "NoyauEnvError");
+        assert_eq!(lock(None, &dir).unwrap_err().ename(), "NoyauEnvError");
     }
 
     /// The kernel's directory may be shared: a link another user planted
@@ -103,7 +106,7 @@ mod tests {
         for name in ["noyau.lock", "noyau.lock.tmp"] {
             std::os::unix::fs::symlink(&canary, d.path().join(name)).unwrap();
         }
-        lock(Some(&rec), d.path()).unwrap();
+        lock(Some(&rec), &ProjectDir::open(d.path()).unwrap()).unwrap();
         assert_eq!(
             std::fs::read_to_string(&canary).unwrap(),
             "the user's key\n"
@@ -111,5 +114,29 @@ mod tests {
         let written = d.path().join("noyau.lock");
         assert!(std::fs::symlink_metadata(&written).unwrap().is_file());
         assert_eq!(std::fs::read_to_string(&written).unwrap(), "a==1\n");
+    }
+
+    /// The lock goes into the notebook's directory as anchored, even after
+    /// its path was swapped for a link to another directory (a trusted
+    /// project of the user's), which is left as it was.
+    #[test]
+    fn lock_goes_into_the_anchored_directory_not_a_swapped_in_one() {
+        let rec = serde_json::json!({"kind": "python", "lock": "mallory==6.6.6\n"});
+        let d = tempfile::tempdir().unwrap();
+        let (proj, trusted) = (d.path().join("proj"), d.path().join("trusted"));
+        std::fs::create_dir(&proj).unwrap();
+        std::fs::create_dir(&trusted).unwrap();
+        let dir = ProjectDir::open(&proj).unwrap();
+        std::fs::rename(&proj, d.path().join("proj.x")).unwrap();
+        std::os::unix::fs::symlink(&trusted, &proj).unwrap();
+        lock(Some(&rec), &dir).unwrap();
+        assert!(
+            !trusted.join("noyau.lock").exists(),
+            "written into the swapped-in directory"
+        );
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("proj.x/noyau.lock")).unwrap(),
+            "mallory==6.6.6\n"
+        );
     }
 }

@@ -173,6 +173,12 @@ pub(crate) struct Context {
     /// The environment and data files prepared before the kernel started
     /// (`%noyau data` cells are answered from it; targets get its data).
     pub prepared: noyau_env::Prepared,
+    /// The notebook's directory, anchored when it was read: what its
+    /// cells may do is judged by it (`%%noyau on T key=value`, `--env`),
+    /// and `%noyau env lock` writes there. Not the working directory,
+    /// which is the user's (a trusted project run on someone else's
+    /// notebook would lend it its trust).
+    pub project: noyau_trust::anchor::ProjectDir,
 }
 
 pub(crate) fn runnable(cell: &noyau_notebook::Cell) -> bool {

@@ -228,9 +228,10 @@ impl Drop for InputCopy {
 }
 
 /// In a detached run's job: the notebook its submitter kept
-/// (`NOYAU_RUN_INPUT`), set as the run's input copy, the variable taken
-/// out of this process's environment (a run the kernel starts must not
-/// take it for its own). Returns the guard that removes the copy when
+/// (`NOYAU_RUN_INPUT`), set as the run's input copy, with its directory's
+/// identity (`NOYAU_RUN_INPUT_DIR`), the variables taken out of this
+/// process's environment (a run the kernel starts must not take them for
+/// its own). Returns the guard that removes the copy when
 /// the run ends, for a copy where [`InputCopy::keep`] makes them only
 /// (the variable set by hand never has a file of the user's removed).
 /// Call it before any thread starts (it changes the environment).
@@ -239,9 +240,18 @@ pub(crate) fn take_input(opts: &mut RunOptions) -> Option<InputCopy> {
     let path = PathBuf::from(std::env::var_os(var)?);
     std::env::remove_var(var);
     opts.input_copy = Some(path.clone());
+    let dir = EnvVars::NOYAU_RUN_INPUT_DIR;
+    opts.input_dir = std::env::var(dir).ok().as_deref().and_then(identity_of);
+    std::env::remove_var(dir);
     let ours = path.parent() == Some(&noyau_sched::state_dir().join("runs"))
         && (path.file_name().and_then(|n| n.to_str())).is_some_and(|n| n.starts_with("input-"));
     ours.then_some(InputCopy(path))
+}
+
+/// A directory's identity written as `DEV:INO`.
+fn identity_of(s: &str) -> Option<noyau_trust::anchor::Identity> {
+    let (dev, ino) = s.split_once(':')?;
+    Some((dev.parse().ok()?, ino.parse().ok()?))
 }
 
 /// Submits the run as the job; returns once it is submitted.
@@ -281,6 +291,11 @@ pub async fn detach(
     env.insert(
         EnvVars::NOYAU_RUN_INPUT.to_string(),
         copy.0.display().to_string(),
+    );
+    let (dev, ino) = project.identity();
+    env.insert(
+        EnvVars::NOYAU_RUN_INPUT_DIR.to_string(),
+        format!("{dev}:{ino}"),
     );
     let spec = noyau_sched::JobSpec {
         name: job_name(&opts.input),

@@ -107,7 +107,8 @@ pub fn keep_copy(path: &Path, bytes: &[u8]) -> Result<(), RunError> {
 /// The notebook this run executes, with its project: the submitter's
 /// private copy when there is one (a sweep's task, a detached run), read
 /// only if still a 0600 file of the user's (not a link, nor a FIFO), its
-/// project the input's directory, anchored here; else the input.
+/// project the input's directory, anchored here and refused unless it is
+/// the one the notebook was read from at submission; else the input.
 fn read_run_input(opts: &RunOptions) -> Result<(Notebook, ProjectDir), RunError> {
     let Some(copy) = &opts.input_copy else {
         return read_input(&opts.input);
@@ -117,6 +118,7 @@ fn read_run_input(opts: &RunOptions) -> Result<(Notebook, ProjectDir), RunError>
         "cannot open the notebook's directory",
         dir.clone(),
     ))?;
+    check_submitted_dir(&project, opts.input_dir)?;
     let mut bytes = Vec::new();
     noyau_trust::Expect::file()
         .open(copy)
@@ -128,6 +130,27 @@ fn read_run_input(opts: &RunOptions) -> Result<(Notebook, ProjectDir), RunError>
         .read_to_end(&mut bytes)
         .map_err(RunError::io("cannot read", copy.clone()))?;
     Ok((parse_input(&opts.input, &bytes)?, project))
+}
+
+/// Refuses `project` unless it is the directory the notebook was read
+/// from at submission (`submitted`, its device and inode).
+fn check_submitted_dir(
+    project: &ProjectDir,
+    submitted: Option<noyau_trust::anchor::Identity>,
+) -> Result<(), RunError> {
+    match submitted {
+        Some(id) if id == project.identity() => Ok(()),
+        Some(_) => Err(bad(format!(
+            "the notebook's directory {} is not the one the run was submitted from (it was moved \
+             or replaced while the job waited); its cells are not run as that directory's: \
+             submit the run again",
+            project.display()
+        ))),
+        None => Err(bad(
+            "the job does not say which directory its notebook was read from (an older noyau \
+             submitted it): submit the run again",
+        )),
+    }
 }
 
 /// What tells that a file was rewritten (an editor's atomic save makes a new
@@ -200,8 +223,8 @@ pub fn prepare(opts: &RunOptions, output: &Output) -> Result<(Notebook, ProjectD
 }
 
 /// The notebook's directory (where its noyau.toml is), the current one
-/// for stdin: where a lock is written, not a project judged (that is
-/// [`read_input`]'s).
+/// for stdin, as a path: what a job anchors again for the copy it runs
+/// ([`read_run_input`]).
 pub fn notebook_dir(input: &str) -> PathBuf {
     let cwd = std::env::current_dir().unwrap_or_else(|_| ".".into());
     if input == "-" {
@@ -236,5 +259,43 @@ pub fn job_name(input: &str) -> String {
         "noyau-run-stdin".into()
     } else {
         format!("noyau-run-{clean}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A job runs its copy of the notebook with the notebook's directory
+    /// anchored again by its path: refused when that path now leads to
+    /// another directory (the notebook's renamed away and a link to a
+    /// trusted project of the user's put in its place while the job
+    /// waited), or when the job does not say which directory it was.
+    #[test]
+    fn a_job_refuses_a_notebook_directory_swapped_while_it_waited() {
+        let d = tempfile::tempdir().unwrap();
+        let (proj, trusted) = (d.path().join("proj"), d.path().join("trusted"));
+        std::fs::create_dir(&proj).unwrap();
+        std::fs::create_dir(&trusted).unwrap();
+        let nb = r#"{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}"#;
+        std::fs::write(proj.join("nb.ipynb"), nb).unwrap();
+        let copy = d.path().join("copy.ipynb");
+        keep_copy(&copy, nb.as_bytes()).unwrap();
+        let (_, submitted) = read_bytes(proj.join("nb.ipynb").to_str().unwrap()).unwrap();
+        let mut opts = RunOptions {
+            input: proj.join("nb.ipynb").display().to_string(),
+            input_copy: Some(copy),
+            input_dir: Some(submitted.identity()),
+            ..Default::default()
+        };
+        let (_, project) = read_run_input(&opts).unwrap();
+        assert_eq!(project.identity(), submitted.identity());
+        std::fs::rename(&proj, d.path().join("proj.x")).unwrap();
+        std::os::unix::fs::symlink(&trusted, &proj).unwrap();
+        let e = read_run_input(&opts).unwrap_err().to_string();
+        assert!(e.contains("not the one the run was submitted from"), "{e}");
+        opts.input_dir = None;
+        let e = read_run_input(&opts).unwrap_err().to_string();
+        assert!(e.contains("submit the run again"), "{e}");
     }
 }

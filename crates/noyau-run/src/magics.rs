@@ -97,10 +97,7 @@ impl Runner<'_> {
             Command::Targets => Ok(self.target_table()),
             Command::Release(name) | Command::Cancel(name) => self.release_target(&name).await,
             Command::EnvShow => Ok(noyau_magic::env::show(env.as_ref())),
-            Command::EnvLock => {
-                let dir = crate::input::notebook_dir(&self.opts.input);
-                noyau_magic::env::lock(env.as_ref(), &dir)
-            }
+            Command::EnvLock => noyau_magic::env::lock(env.as_ref(), &self.ctx.project),
             Command::EnvHelp => Ok(noyau_magic::env::usage()),
             Command::EnvSwitch(_) => Err(MagicError::NotHere(
                 "`%noyau env SPEC` restarts an interactive kernel; `noyau run` takes the environment from \
@@ -344,9 +341,10 @@ impl Runner<'_> {
 
     async fn start_target(&mut self, m: &OnMagic) -> Result<(), MagicError> {
         let bad = |e: &dyn std::fmt::Display| MagicError::Target(e.to_string());
-        // The overrides are the cell's `key=value` words: the notebook's.
-        let cwd = noyau_trust::anchor::ProjectDir::cwd().map_err(|e| bad(&e))?;
-        let origin = noyau_config::OverridesFrom::Cell(&cwd);
+        // The overrides are the cell's `key=value` words: the notebook's,
+        // judged by its directory (the profiles are the user's, read from
+        // the working directory's configuration).
+        let origin = noyau_config::OverridesFrom::Cell(&self.ctx.project);
         let (backend, profile) =
             noyau_config::resolve_from(None, Some(&m.target), &m.overrides, origin)
                 .map_err(|e| bad(&e))?;
@@ -393,17 +391,28 @@ impl Runner<'_> {
 
     /// A target's own environment (`%%noyau on T --env SPEC`, else its
     /// profile's), prepared here like the kernel's; the kernel's data files.
-    /// Who gave `spec` decides what it may name (noyau-env's `trust`).
+    /// Who gave `spec` decides what it may name (noyau-env's `trust`): a
+    /// cell's is the notebook's, judged by its directory; a profile's is
+    /// the working directory's noyau.toml's, judged by that directory,
+    /// anchored to the process's own (an inode, not `getcwd`'s string,
+    /// which may resolve elsewhere when used).
     async fn target_env(
         &self,
         spec: noyau_env::sources::TargetSpec<'_>,
     ) -> Result<BTreeMap<String, String>, MagicError> {
-        // Anchored to the process's working directory (an inode), not
-        // to `getcwd`'s string, which may resolve elsewhere when used.
-        let cwd = noyau_trust::anchor::ProjectDir::cwd().map_err(env_error)?;
-        let from = spec.source(&cwd).map_err(env_error)?;
+        let project = &self.ctx.project;
+        let from = match spec {
+            noyau_env::sources::TargetSpec::Cell(_) => spec.source(project),
+            noyau_env::sources::TargetSpec::Profile(..) => {
+                let cwd = noyau_trust::anchor::ProjectDir::cwd().map_err(env_error)?;
+                spec.source(&cwd)
+            }
+        }
+        .map_err(env_error)?;
+        // The target's kernel runs the notebook's cells: its directory is
+        // the notebook's, as the notebook's own kernel's is.
         let declared = noyau_env::sources::Declared {
-            spec: noyau_env::sources::merge(&[from], &cwd).map_err(env_error)?,
+            spec: noyau_env::sources::merge(&[from], project).map_err(env_error)?,
             data: Vec::new(),
         };
         let progress = &self.doc.progress;

@@ -74,6 +74,12 @@ pub struct RunOptions {
     /// INPUT still names the notebook (its directory, the default output,
     /// papermill's metadata).
     pub input_copy: Option<PathBuf>,
+    /// With `input_copy`: the device and inode of the notebook's directory
+    /// when it was read at submission. The job anchors the directory again
+    /// by its path, and refuses it if it is no longer that one: moved or
+    /// swapped (for a link to a trusted project of the user's) while the
+    /// job waited, it would lend its trust to the notebook's cells.
+    pub input_dir: Option<noyau_trust::anchor::Identity>,
 }
 
 impl RunOptions {

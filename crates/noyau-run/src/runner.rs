@@ -82,6 +82,7 @@ pub async fn run(opts: RunOptions) -> Result<i32, RunError> {
         side,
         own: Default::default(),
         prepared,
+        project,
     };
     let doc = Doc::new(nb, saver, mode, progress);
     let code = run_kernel(doc, kernel, ctx, &opts, &mut signals, run_start, &output).await?;

@@ -21,7 +21,7 @@ pub use beneath::{is_link, Beneath, WalkError};
 pub use error::{Problem, TrustError};
 pub use expect::{Expect, Kind, Mode, Owner};
 pub use open::create_private;
-pub use replace::replace;
+pub use replace::{replace, replace_at};
 
 /// What the tests of noyau's crates share about who runs them.
 #[cfg(any(test, feature = "testing"))]

@@ -389,6 +389,36 @@ fn replace_writes_a_new_file_never_through_what_was_there() {
     assert_eq!(names, ["canary", "fifo", "noyau.lock"]);
 }
 
+/// A file replaced in an anchored project lands in the directory the
+/// project was anchored to, even after its path was swapped for a link to
+/// another directory (a trusted project of the user's), which is left as
+/// it was; a name that is not one component is refused.
+#[test]
+fn replace_at_writes_into_the_anchored_directory_not_a_swapped_in_one() {
+    let d = tempfile::tempdir().unwrap();
+    let proj = d.path().join("proj");
+    let trusted = d.path().join("trusted");
+    std::fs::create_dir(&proj).unwrap();
+    std::fs::create_dir(&trusted).unwrap();
+    let anchored = ProjectDir::open(&proj).unwrap();
+    std::fs::rename(&proj, d.path().join("proj.x")).unwrap();
+    std::os::unix::fs::symlink(&trusted, &proj).unwrap();
+    crate::replace_at(&anchored, "noyau.lock", b"pins", 0o644).unwrap();
+    let landed = d.path().join("proj.x/noyau.lock");
+    assert_eq!(std::fs::read_to_string(&landed).unwrap(), "pins");
+    assert_eq!(mode_of(&landed), 0o644);
+    assert_eq!(std::fs::read_dir(&trusted).unwrap().count(), 0);
+    for bad in ["../noyau.lock", "a/b", "/etc/x", "..", ""] {
+        let e = crate::replace_at(&anchored, bad, b"x", 0o644).unwrap_err();
+        assert!(e.to_string().contains("one component"), "{bad}: {e}");
+    }
+    let names: Vec<_> = std::fs::read_dir(d.path().join("proj.x"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["noyau.lock"]);
+}
+
 /// A file opened beneath a held directory is the one in that directory,
 /// even after the directory's path was swapped for a link elsewhere (what
 /// a path checked and then opened would follow); no `..`, absolute path

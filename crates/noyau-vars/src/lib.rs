@@ -93,6 +93,9 @@ impl EnvVars {
     /// A detached run's notebook as read at submission: the path of its
     /// private copy (0600, in `STATE/runs`), which the job runs and removes.
     pub const NOYAU_RUN_INPUT: &'static str = "NOYAU_RUN_INPUT";
+    /// A detached run's notebook directory as anchored at submission, its
+    /// `DEV:INO`: the job's runner refuses a directory that is no longer it.
+    pub const NOYAU_RUN_INPUT_DIR: &'static str = "NOYAU_RUN_INPUT_DIR";
     /// Exported by a job array's script: the task's id (a sweep's point).
     pub const NOYAU_ARRAY_TASK_ID: &'static str = "NOYAU_ARRAY_TASK_ID";
     /// Exported by a Grid Engine job's script: when `h_rt` comes (seconds

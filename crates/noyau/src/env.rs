@@ -71,7 +71,7 @@ pub fn main(cmd: EnvCommand) -> anyhow::Result<i32> {
 /// A notebook's declarations, or a spec's (with no data).
 fn declared(what: &str, cwd: &Path) -> anyhow::Result<Declared> {
     if what.ends_with(".ipynb") {
-        return Ok(sources::declared_in_file(Path::new(what), None, cwd)?);
+        return Ok(sources::declared_in_file(Path::new(what), None, cwd)?.0);
     }
     let spec = sources::merge(&[sources::from_cli(what, cwd)?], cwd)?;
     Ok(Declared {
@@ -155,7 +155,7 @@ fn list(cache: &Cache) {
 }
 
 fn show(notebook: &Path, cwd: &Path, cache: &Cache) -> anyhow::Result<i32> {
-    let d = sources::declared_in_file(notebook, None, cwd)?;
+    let (d, _) = sources::declared_in_file(notebook, None, cwd)?;
     match &d.spec {
         None => println!("environment: none (the kernelspec's own)"),
         Some(spec) => show_spec(spec, cache)?,
@@ -235,7 +235,7 @@ fn gc(cache: &Cache, older_than: &str, dry_run: bool) -> anyhow::Result<i32> {
 }
 
 fn lock(notebook: &Path, cwd: &Path, cache: &Cache) -> anyhow::Result<i32> {
-    let d = sources::declared_in_file(notebook, None, cwd)?;
+    let (d, dir) = sources::declared_in_file(notebook, None, cwd)?;
     let mut spec = d
         .spec
         .with_context(|| format!("{} declares no environment", notebook.display()))?;
@@ -248,14 +248,12 @@ fn lock(notebook: &Path, cwd: &Path, cache: &Cache) -> anyhow::Result<i32> {
     }
     let prepared = noyau_env::prepare(Some(&spec), &[], cache, &mut progress())?;
     let entry = prepared.entry.expect("a python spec is prepared");
-    let dir = std::path::absolute(notebook)?
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| cwd.to_path_buf());
     let path = dir.join("noyau.lock");
-    // The notebook's directory may be shared: a link planted there is
-    // replaced, never written through.
-    noyau_trust::replace(&path, entry.lock.as_bytes(), 0o644)
+    // The notebook's directory may be shared: written beneath the
+    // directory it was read from (not where its path leads after the
+    // build, which may take minutes), a link planted there replaced,
+    // never written through.
+    noyau_trust::replace_at(&dir, "noyau.lock", entry.lock.as_bytes(), 0o644)
         .with_context(|| format!("writing {}", path.display()))?;
     println!(
         "wrote {} ({} lines, sha256 {}); `lock_file = \"noyau.lock\"` under [environment] in noyau.toml reproduces it",

@@ -180,6 +180,7 @@ impl From<RunArgs> for RunOptions {
             detach: a.detach,
             preset: Default::default(),
             input_copy: None,
+            input_dir: None,
         }
     }
 }
