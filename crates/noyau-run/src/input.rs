@@ -133,13 +133,17 @@ fn read_run_input(opts: &RunOptions) -> Result<(Notebook, ProjectDir), RunError>
 }
 
 /// Refuses `project` unless it is the directory the notebook was read
-/// from at submission (`submitted`, its device and inode).
+/// from at submission (`submitted`, its device and inode). Only the inode
+/// is compared: the job runs on another host, where a network
+/// filesystem's device number is whatever that host gave its mount
+/// (NFS's anonymous devices differ from node to node), while its inode
+/// numbers are the server's, the same on every node.
 fn check_submitted_dir(
     project: &ProjectDir,
     submitted: Option<noyau_trust::anchor::Identity>,
 ) -> Result<(), RunError> {
     match submitted {
-        Some(id) if id == project.identity() => Ok(()),
+        Some((_, ino)) if ino == project.identity().1 => Ok(()),
         Some(_) => Err(bad(format!(
             "the notebook's directory {} is not the one the run was submitted from (it was moved \
              or replaced while the job waited); its cells are not run as that directory's: \
@@ -290,6 +294,11 @@ mod tests {
         };
         let (_, project) = read_run_input(&opts).unwrap();
         assert_eq!(project.identity(), submitted.identity());
+        // the same directory as another node numbers its network mount
+        let (dev, ino) = submitted.identity();
+        opts.input_dir = Some((dev + 1, ino));
+        read_run_input(&opts).unwrap();
+        opts.input_dir = Some(submitted.identity());
         std::fs::rename(&proj, d.path().join("proj.x")).unwrap();
         std::os::unix::fs::symlink(&trusted, &proj).unwrap();
         let e = read_run_input(&opts).unwrap_err().to_string();
