@@ -431,6 +431,22 @@ def test_a_data_name_from_the_notebook_never_reaches_the_terminal_raw(tmp_path):
     assert r.returncode != 0 and "cannot name a data file" in r.stderr, r.stderr
 
 
+def test_a_module_name_from_the_notebook_never_reaches_the_terminal_raw(tmp_path):
+    """The agent prepares the kernel's environment and sends its progress
+    lines back (`loading modules: …`), which `noyau run` prints: a module
+    name from the notebook carrying OSC 52 or a bidi override is shown
+    without them, whatever becomes of the load."""
+    name = "m\x1b]52;c;Y3VybCBldmlsfHNoCg==\x07\u202eod"
+    src = write(tmp_path / "nb.ipynb", notebook(
+        "print('ran')", metadata={"noyau": {"environment": {"modules": [name]}}}))
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    r = subprocess.run([NOYAU, "run", str(src)], capture_output=True, text=True, timeout=120, env=env)
+    shown = r.stdout + r.stderr
+    assert "loading modules: m" in r.stderr, r.stderr
+    for raw in ["\x1b", "\x07", "\u202e"]:
+        assert raw not in shown, (raw, [line for line in shown.splitlines() if raw in line])
+
+
 def no_kernelspec_env(tmp_path, keep=()):
     """An environment where no python3 kernelspec is found (this venv off
     PATH, empty Jupyter dirs), with noyau's cache in tmp_path/cache;

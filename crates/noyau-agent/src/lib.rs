@@ -335,13 +335,12 @@ async fn realise_env(
         }
     };
     noyau_client::prepare::with_lines(work, |line| {
+        // A notebook's own words come back in these lines (its modules,
+        // its image, a tool quoting them): cleaned once here, for this log
+        // and every terminal or page the line is shown on.
+        let line = noyau_text::for_terminal(line, noyau_text::Keep::Nothing);
         tracing::info!("environment: {line}");
-        outbox.event(
-            Lane::Iopub,
-            &Event::EnvProgress {
-                line: line.to_string(),
-            },
-        );
+        outbox.event(Lane::Iopub, &Event::EnvProgress { line });
     })
     .await
     .map_err(|e: noyau_env::EnvError| anyhow::anyhow!("the kernel's environment: {e}"))

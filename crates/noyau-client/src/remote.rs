@@ -269,6 +269,10 @@ impl RemoteKernel {
                             early.push_back(Walltime::Near { job, seconds_left })
                         }
                         Ok(Payload::Event(Event::EnvProgress { line })) => {
+                            // A notebook's own words (its modules, its image)
+                            // come back in these lines: no escape reaches the
+                            // terminal.
+                            let line = noyau_text::for_terminal(&line, noyau_text::Keep::Nothing);
                             tracing::info!("environment: {line}");
                             eprintln!("noyau: environment: {line}");
                         }
