@@ -241,17 +241,12 @@ pub(crate) fn take_input(opts: &mut RunOptions) -> Option<InputCopy> {
     std::env::remove_var(var);
     opts.input_copy = Some(path.clone());
     let dir = EnvVars::NOYAU_RUN_INPUT_DIR;
-    opts.input_dir = std::env::var(dir).ok().as_deref().and_then(identity_of);
+    opts.input_dir =
+        (std::env::var(dir).ok().as_deref()).and_then(crate::input::SubmittedDir::parse);
     std::env::remove_var(dir);
     let ours = path.parent() == Some(&noyau_sched::state_dir().join("runs"))
         && (path.file_name().and_then(|n| n.to_str())).is_some_and(|n| n.starts_with("input-"));
     ours.then_some(InputCopy(path))
-}
-
-/// A directory's identity written as `DEV:INO`.
-fn identity_of(s: &str) -> Option<noyau_trust::anchor::Identity> {
-    let (dev, ino) = s.split_once(':')?;
-    Some((dev.parse().ok()?, ino.parse().ok()?))
 }
 
 /// Submits the run as the job; returns once it is submitted.
@@ -292,10 +287,9 @@ pub async fn detach(
         EnvVars::NOYAU_RUN_INPUT.to_string(),
         copy.0.display().to_string(),
     );
-    let (dev, ino) = project.identity();
     env.insert(
         EnvVars::NOYAU_RUN_INPUT_DIR.to_string(),
-        format!("{dev}:{ino}"),
+        crate::input::SubmittedDir::of(&project)?.to_string(),
     );
     let spec = noyau_sched::JobSpec {
         name: job_name(&opts.input),

@@ -132,18 +132,60 @@ fn read_run_input(opts: &RunOptions) -> Result<(Notebook, ProjectDir), RunError>
     Ok((parse_input(&opts.input, &bytes)?, project))
 }
 
+/// The notebook's directory as the submitter read it, which a queued
+/// sweep task or detached run checks it still is when it starts: moved,
+/// or swapped for a link to a trusted project of the user's, it would
+/// lend that trust to the notebook's cells. Its inode and owner, written
+/// `INO:UID`: not its device, which on another node is whatever that host
+/// numbered its network mount (NFS's anonymous devices differ from node to
+/// node, the server's inode numbers do not); the owner, so that a
+/// directory someone else made, with the inode number they ground out of
+/// a filesystem to match one of the user's, is not taken for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubmittedDir {
+    ino: u64,
+    uid: u32,
+}
+
+impl SubmittedDir {
+    /// What `project`'s held directory is now.
+    pub fn of(project: &ProjectDir) -> Result<Self, RunError> {
+        let st = nix::sys::stat::fstat(project.fd()).map_err(|e| {
+            RunError::io(
+                "cannot read the notebook's directory",
+                project.to_path_buf(),
+            )(e.into())
+        })?;
+        Ok(SubmittedDir {
+            ino: st.st_ino,
+            uid: st.st_uid,
+        })
+    }
+
+    /// `INO:UID`, as written.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (ino, uid) = s.split_once(':')?;
+        Some(SubmittedDir {
+            ino: ino.parse().ok()?,
+            uid: uid.parse().ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for SubmittedDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.ino, self.uid)
+    }
+}
+
 /// Refuses `project` unless it is the directory the notebook was read
-/// from at submission (`submitted`, its device and inode). Only the inode
-/// is compared: the job runs on another host, where a network
-/// filesystem's device number is whatever that host gave its mount
-/// (NFS's anonymous devices differ from node to node), while its inode
-/// numbers are the server's, the same on every node.
+/// from at submission ([`SubmittedDir`]).
 fn check_submitted_dir(
     project: &ProjectDir,
-    submitted: Option<noyau_trust::anchor::Identity>,
+    submitted: Option<SubmittedDir>,
 ) -> Result<(), RunError> {
     match submitted {
-        Some((_, ino)) if ino == project.identity().1 => Ok(()),
+        Some(id) if id == SubmittedDir::of(project)? => Ok(()),
         Some(_) => Err(bad(format!(
             "the notebook's directory {} is not the one the run was submitted from (it was moved \
              or replaced while the job waited); its cells are not run as that directory's: \
@@ -289,16 +331,21 @@ mod tests {
         let mut opts = RunOptions {
             input: proj.join("nb.ipynb").display().to_string(),
             input_copy: Some(copy),
-            input_dir: Some(submitted.identity()),
+            input_dir: Some(SubmittedDir::of(&submitted).unwrap()),
             ..Default::default()
         };
         let (_, project) = read_run_input(&opts).unwrap();
         assert_eq!(project.identity(), submitted.identity());
-        // the same directory as another node numbers its network mount
-        let (dev, ino) = submitted.identity();
-        opts.input_dir = Some((dev + 1, ino));
-        read_run_input(&opts).unwrap();
-        opts.input_dir = Some(submitted.identity());
+        // written and read back as the job's environment or plan has it
+        let id = SubmittedDir::of(&submitted).unwrap();
+        assert_eq!(SubmittedDir::parse(&id.to_string()), Some(id));
+        // another owner's directory with the same inode number is not it
+        opts.input_dir = Some(SubmittedDir {
+            uid: id.uid + 1,
+            ..id
+        });
+        assert!(read_run_input(&opts).is_err());
+        opts.input_dir = Some(id);
         std::fs::rename(&proj, d.path().join("proj.x")).unwrap();
         std::os::unix::fs::symlink(&trusted, &proj).unwrap();
         let e = read_run_input(&opts).unwrap_err().to_string();

@@ -79,7 +79,7 @@ pub struct RunOptions {
     /// by its path, and refuses it if it is no longer that one: moved or
     /// swapped (for a link to a trusted project of the user's) while the
     /// job waited, it would lend its trust to the notebook's cells.
-    pub input_dir: Option<noyau_trust::anchor::Identity>,
+    pub input_dir: Option<crate::input::SubmittedDir>,
 }
 
 impl RunOptions {

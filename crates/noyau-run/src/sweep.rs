@@ -423,7 +423,7 @@ fn point_run(plan: &Value, point: &Value, output: &str) -> RunOptions {
     RunOptions {
         input: plan["notebook"].as_str().unwrap_or_default().to_string(),
         input_copy: plan["notebook_copy"].as_str().map(PathBuf::from),
-        input_dir: serde_json::from_value(plan["notebook_dir_id"].clone()).ok(),
+        input_dir: (plan["notebook_dir_id"].as_str()).and_then(crate::input::SubmittedDir::parse),
         output: Some(output.to_string()),
         no_progress: true,
         backend: Some("local".into()),
@@ -712,7 +712,7 @@ fn write_plan(a: &SweepOptions, w: &Where, p: &Points) -> Result<Plan, RunError>
     let text = json!({
         "notebook": w.notebook,
         "notebook_copy": plan.notebook,
-        "notebook_dir_id": w.project.identity(),
+        "notebook_dir_id": crate::input::SubmittedDir::of(&w.project)?.to_string(),
         "output_dir": w.outdir,
         "kernel": a.kernel,
         "timeout": a.timeout,
