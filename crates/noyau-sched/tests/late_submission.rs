@@ -4,17 +4,14 @@
 //! answers only once the test opens a FIFO, after it has given up.
 
 use std::future::Future;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use noyau_sched::{JobSpec, Scheduler};
 
-fn script(path: &Path, text: &str) {
-    std::fs::write(path, format!("#!/bin/sh\n{text}\n")).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
-}
+mod fake;
+use fake::script;
 
 async fn exists(path: &Path) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -44,12 +41,7 @@ impl Fake {
     fn of(name: &str, [submit, cancel]: [&str; 2], answer: &str, gated: bool) -> Fake {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let run = d.join("run");
-        std::fs::create_dir(&run).unwrap();
-        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).unwrap();
-        // (each test runs in a process of its own: no other thread reads the environment)
-        std::env::set_var("XDG_STATE_HOME", d.join("state"));
-        std::env::set_var("XDG_RUNTIME_DIR", &run);
+        fake::private_dirs(d);
         let (gate, began, cancelled) = (d.join("gate"), d.join("began"), d.join("cancelled"));
         let (g, b, c) = (gate.display(), began.display(), cancelled.display());
         let held = match gated {

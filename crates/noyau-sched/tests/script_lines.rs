@@ -3,24 +3,17 @@
 //! script, and a line break in `DIR` (a directory cloned from a repository
 //! can have one) would end it and run the rest as a command of the job.
 
-use std::os::unix::fs::PermissionsExt;
-
 use noyau_sched::{JobSpec, SchedError, Scheduler};
+
+mod fake;
 
 #[tokio::test]
 async fn a_directory_with_a_line_break_never_reaches_sbatch() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let run = d.join("run");
-    std::fs::create_dir(&run).unwrap();
-    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).unwrap();
-    // (each test runs in a process of its own: no other thread reads the environment)
-    std::env::set_var("XDG_STATE_HOME", d.join("state"));
-    std::env::set_var("XDG_RUNTIME_DIR", &run);
+    fake::private_dirs(d);
     let (sbatch, ran) = (d.join("sbatch"), d.join("ran"));
-    let text = format!("#!/bin/sh\ntouch {}\necho 7\n", ran.display());
-    std::fs::write(&sbatch, text).unwrap();
-    std::fs::set_permissions(&sbatch, std::fs::Permissions::from_mode(0o755)).unwrap();
+    fake::script(&sbatch, &format!("touch {}\necho 7", ran.display()));
     let s = Scheduler::builder("slurm")
         .unwrap()
         .command("sbatch", sbatch.to_str().unwrap())
