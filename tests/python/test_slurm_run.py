@@ -9,12 +9,14 @@ notebooks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import noyau_testlib as lib
@@ -273,12 +275,14 @@ def test_sweep_ctrl_c_while_sbatch_runs_leaves_no_job(slurm: None, noyau_bin: st
             proc.p.kill()
 
 
-def test_run_ctrl_c_while_sbatch_runs_leaves_no_job(slurm: None, noyau_bin: str, tmp_path: Path) -> None:
-    """A Ctrl-C while the kernel's sbatch runs gives the start up at once
-    (not once sbatch has answered); the job sbatch still gives is cancelled
-    before the run exits 130. sbatch is held until the run has said it waits."""
+@contextlib.contextmanager
+def _run_told_ctrl_c_while_sbatch_runs(noyau_bin: str, tmp_path: Path) -> Iterator[tuple[Proc, Path]]:
+    """A `noyau run` on Slurm whose sbatch a wrapper holds (until the test
+    opens the FIFO `gate`), sent one Ctrl-C once sbatch has begun, and
+    still alive once it has said that it waits for the scheduler's answer.
+    Yields the run and `gate`; a held sbatch is let go and the run killed
+    at the end, whatever the test did."""
     import os
-    import re
     import signal
 
     bindir, gate, began = lib.held_sbatch(tmp_path)
@@ -292,6 +296,23 @@ def test_run_ctrl_c_while_sbatch_runs_leaves_no_job(slurm: None, noyau_bin: str,
         lib.wait_until(lambda: "waiting for the scheduler to answer a submission" in proc.stderr
                        or proc.p.poll() is not None, 30, f"the run to say what it waits for: {proc.stderr}")
         assert proc.p.poll() is None, proc.stderr
+        yield proc, gate
+    finally:
+        try:  # a held sbatch is let go (it reads the FIFO), else nothing
+            os.close(os.open(gate, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+        if proc.p.poll() is None:
+            proc.p.kill()
+
+
+def test_run_ctrl_c_while_sbatch_runs_leaves_no_job(slurm: None, noyau_bin: str, tmp_path: Path) -> None:
+    """A Ctrl-C while the kernel's sbatch runs gives the start up at once
+    (not once sbatch has answered); the job sbatch still gives is cancelled
+    before the run exits 130. sbatch is held until the run has said it waits."""
+    import re
+
+    with _run_told_ctrl_c_while_sbatch_runs(noyau_bin, tmp_path) as (proc, gate):
         with gate.open("w"):
             pass  # sbatch goes on, and submits
         rc = proc.wait(60)
@@ -300,13 +321,6 @@ def test_run_ctrl_c_while_sbatch_runs_leaves_no_job(slurm: None, noyau_bin: str,
         assert rc == 130, (rc, proc.stderr)
         lib.wait_until(lambda: not any(j["id"] == said.group(1) for j in lib.squeue_noyau()), 30,
                        f"job {said.group(1)}, given after the Ctrl-C, to be cancelled", 0.5)
-    finally:
-        try:  # a held sbatch is let go (it reads the FIFO), else nothing
-            os.close(os.open(gate, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError:
-            pass
-        if proc.p.poll() is None:
-            proc.p.kill()
 
 
 def test_run_says_it_waits_for_a_submission_and_a_second_ctrl_c_leaves(slurm: None, noyau_bin: str,
@@ -316,32 +330,14 @@ def test_run_says_it_waits_for_a_submission_and_a_second_ctrl_c_leaves(slurm: No
     so; a second Ctrl-C leaves at once, warning that a job may be left and
     how to find it. sbatch is held by a wrapper until the end. (Before, the
     wait was silent and the second Ctrl-C ignored.)"""
-    import os
     import signal
 
-    bindir, gate, began = lib.held_sbatch(tmp_path)
-    nb = notebook(tmp_path / "in.ipynb", "print(1)")
-    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
-    proc = Proc([noyau_bin, "run", str(nb), str(tmp_path / "out.ipynb"), "--backend", "slurm",
-                 "--profile", "test", "--no-progress"], cwd=tmp_path, env=env)
-    try:
-        lib.wait_until(began.exists, 60, "the run's sbatch to start")
-        proc.p.send_signal(signal.SIGINT)
-        lib.wait_until(lambda: "waiting for the scheduler to answer a submission" in proc.stderr
-                       or proc.p.poll() is not None, 30, f"the run to say what it waits for: {proc.stderr}")
-        assert proc.p.poll() is None, proc.stderr
+    with _run_told_ctrl_c_while_sbatch_runs(noyau_bin, tmp_path) as (proc, _gate):
         assert "Ctrl-C again to leave now" in proc.stderr, proc.stderr
         proc.p.send_signal(signal.SIGINT)
         rc = proc.wait(30)
         assert rc == 130, (rc, proc.stderr)
         assert "a job it gives is not cancelled" in proc.stderr and "noyau ps" in proc.stderr, proc.stderr
-    finally:
-        try:  # a held sbatch is let go (it reads the FIFO), else nothing
-            os.close(os.open(gate, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError:
-            pass
-        if proc.p.poll() is None:
-            proc.p.kill()
 
 
 def test_local_sweep_runs_k_at_a_time(noyau_bin: str, tmp_path: Path) -> None:
