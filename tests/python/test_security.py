@@ -576,14 +576,21 @@ def _pam_service_counting_calls(tmp_path: Path) -> tuple[str, Path]:
     line per authentication it is asked for."""
     calls = tmp_path / "pam-calls"
     calls.touch()
-    script = tmp_path / "count-pam"
-    script.write_text(f'#!/bin/sh\necho "$PAM_TYPE $PAM_USER $PAM_RHOST" >> {calls}\n')
+    script = f'echo "$PAM_TYPE $PAM_USER $PAM_RHOST" >> {calls}\n'
+    return _pam_service(tmp_path / "count-pam", script, "optional"), calls
+
+
+def _pam_service(script: Path, text: str, control: str) -> str:
+    """A PAM service for a test, named at random in /etc/pam.d: a
+    pam_exec of `script` (a shell script of `text`, with `control`), then
+    pam_unix. Its name."""
+    script.write_text(f"#!/bin/sh\n{text}")
     script.chmod(0o755)
     name = f"noyau-hub-test-{os.urandom(3).hex()}"
-    Path("/etc/pam.d", name).write_text(f"auth optional pam_exec.so quiet {script}\n"
+    Path("/etc/pam.d", name).write_text(f"auth {control} pam_exec.so quiet {script}\n"
                                         "auth required pam_unix.so nodelay\n"
                                         "account required pam_unix.so\n")
-    return name, calls
+    return name
 
 
 def _try_login(hub: hl.Hub, user: str, password: str, client: str, device: str | None = None) -> Any:
@@ -674,14 +681,9 @@ def _pam_service_waiting_for(tmp_path: Path) -> tuple[str, Path, Callable[[], bo
     started, gate = tmp_path / "pam-started", tmp_path / "pam-gate"
     started.touch()
     os.mkfifo(gate)
-    script = tmp_path / "slow-pam"
     # `timeout`: a check left waiting by a failed test ends all the same.
-    script.write_text(f'#!/bin/sh\necho "$PAM_USER" >> {started}\nexec timeout 120 cat {gate} > /dev/null\n')
-    script.chmod(0o755)
-    name = f"noyau-hub-test-{os.urandom(3).hex()}"
-    Path("/etc/pam.d", name).write_text(f"auth required pam_exec.so quiet {script}\n"
-                                        "auth required pam_unix.so nodelay\n"
-                                        "account required pam_unix.so\n")
+    text = f'echo "$PAM_USER" >> {started}\nexec timeout 120 cat {gate} > /dev/null\n'
+    name = _pam_service(tmp_path / "slow-pam", text, "required")
 
     def release() -> bool:
         try:
