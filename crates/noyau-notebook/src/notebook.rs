@@ -689,11 +689,12 @@ pub fn write_atomic_with(
             (None, Some(_)) => file.set_permissions(new_file_permissions())?,
         }
         file.sync_all()?;
-        if tmp.is_none() {
-            tmp = Some(name_unnamed(&file, &dir, &name)?);
-        }
+        let named = match &tmp {
+            Some(p) => p.clone(),
+            None => tmp.insert(name_unnamed(&file, &dir, &name)?).clone(),
+        };
         drop(file);
-        fs::rename(tmp.as_ref().expect("named above"), &target)
+        fs::rename(named, &target)
     })();
     if let Err(e) = result {
         if let Some(tmp) = tmp {
