@@ -93,11 +93,7 @@ impl AgentConfig {
             .unwrap_or_else(|| "python3".into());
         let env_spec = take_env(EnvVars::NOYAU_ENV_SPEC)
             .map(|json| {
-                serde_json::from_str(&json)
-                    .map_err(|e| anyhow::anyhow!("{e}"))
-                    .and_then(|v| noyau_env::EnvSpec::from_value(v).map_err(Into::into))
-                    .and_then(|s| s.normalise().map_err(Into::into))
-                    .context("the kernel's environment spec")
+                noyau_env::EnvSpec::from_json(&json).context("the kernel's environment spec")
             })
             .transpose()?;
         let prepared = take_env(EnvVars::NOYAU_ENV_PREPARED)

@@ -571,13 +571,7 @@ fn prepare(a: &JobArgs) -> anyhow::Result<Prepared> {
         "import distributed, sys; print(distributed.__version__)".into(),
     ];
     let spec = spec_json
-        .map(|json| {
-            serde_json::from_str(&json)
-                .map_err(|e| anyhow::anyhow!("{e}"))
-                .and_then(|v| noyau_env::EnvSpec::from_value(v).map_err(Into::into))
-                .and_then(|s| s.normalise().map_err(Into::into))
-                .context("the environment spec")
-        })
+        .map(|json| noyau_env::EnvSpec::from_json(&json).context("the environment spec"))
         .transpose()?;
     // What the proxy's host prepared is checked and used as it is (offline).
     let cache = noyau_env::Cache::at_default();

@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
+use noyau_vars::EnvVars;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -174,6 +175,14 @@ pub(crate) const PATH_KEYS: &[&str] = &[
 pub(crate) const PATH_LIST_KEYS: &[&str] = &["module_use", "ro_bind"];
 
 impl EnvSpec {
+    /// A spec as it travels to a job (`NOYAU_ENV_SPEC`), normalised.
+    pub fn from_json(s: &str) -> Result<Self, EnvError> {
+        let v = serde_json::from_str(s).map_err(|e| {
+            EnvError::Invalid(format!("{}: not JSON: {e}", EnvVars::NOYAU_ENV_SPEC))
+        })?;
+        Self::from_value(v)?.normalise()
+    }
+
     /// Reads a spec from a JSON value (the merged sources).
     pub fn from_value(v: Value) -> Result<Self, EnvError> {
         serde_json::from_value(v)
