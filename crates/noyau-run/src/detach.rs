@@ -209,13 +209,7 @@ pub(crate) struct InputCopy(PathBuf);
 
 impl InputCopy {
     fn keep(bytes: &[u8]) -> Result<InputCopy, RunError> {
-        let dir = noyau_sched::state_dir().join("runs");
-        noyau_sched::private_dir(&dir)?;
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        let path = dir.join(format!("input-{}-{nanos}.ipynb", std::process::id()));
+        let [path] = crate::input::private_names("runs", "input", [".ipynb"])?;
         crate::input::keep_copy(&path, bytes)?;
         Ok(InputCopy(path))
     }

@@ -104,6 +104,24 @@ pub fn keep_copy(path: &Path, bytes: &[u8]) -> Result<(), RunError> {
     })
 }
 
+/// A new name `STATE/SUB/STEM-PID-NANOS` followed by each of `suffixes`
+/// (`.json`) for what a job takes from its submitter (a sweep's plan, a
+/// notebook's copy), its directory made private (0700, the user's).
+pub fn private_names<const N: usize>(
+    sub: &str,
+    stem: &str,
+    suffixes: [&str; N],
+) -> Result<[PathBuf; N], RunError> {
+    let dir = noyau_sched::state_dir().join(sub);
+    noyau_sched::private_dir(&dir)?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let name = format!("{stem}-{}-{nanos}", std::process::id());
+    Ok(suffixes.map(|s| dir.join(format!("{name}{s}"))))
+}
+
 /// The notebook this run executes, with its project: the submitter's
 /// private copy when there is one (a sweep's task, a detached run), read
 /// only if still a 0600 file of the user's (not a link, nor a FIFO), its

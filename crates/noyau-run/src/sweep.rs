@@ -697,17 +697,8 @@ fn write_plan(a: &SweepOptions, w: &Where, p: &Points) -> Result<Plan, RunError>
     for &i in &p.todo {
         let _ = std::fs::remove_file(result_path(&w.outdir, i));
     }
-    let dir = noyau_sched::state_dir().join("sweeps");
-    noyau_sched::private_dir(&dir)?;
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos();
-    let name = format!("{}-{}-{nanos}", w.stem, std::process::id());
-    let plan = Plan {
-        path: dir.join(format!("{name}.json")),
-        notebook: dir.join(format!("{name}.ipynb")),
-    };
+    let [path, notebook] = crate::input::private_names("sweeps", &w.stem, [".json", ".ipynb"])?;
+    let plan = Plan { path, notebook };
     crate::input::keep_copy(&plan.notebook, &w.bytes)?;
     let text = json!({
         "notebook": w.notebook,
