@@ -267,12 +267,21 @@ def test_sweep_ctrl_c_while_sbatch_runs_leaves_no_job(slurm: None, noyau_bin: st
         lib.wait_until(lambda: not lib.squeue_noyau(), 30,
                        f"job array {said.group(1)}, given after the Ctrl-C, to be cancelled", 0.5)
     finally:
-        try:  # a held sbatch is let go (it reads the FIFO), else nothing
-            os.close(os.open(gate, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError:
-            pass
-        if proc.p.poll() is None:
-            proc.p.kill()
+        _let_go(gate, proc)
+
+
+def _let_go(gate: Path, proc: Proc) -> None:
+    """The end of a test that held sbatch on the FIFO `gate`: a held sbatch
+    is let go (it reads the FIFO), else nothing; the command is killed if
+    it still runs."""
+    import os
+
+    try:
+        os.close(os.open(gate, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass
+    if proc.p.poll() is None:
+        proc.p.kill()
 
 
 @contextlib.contextmanager
@@ -298,12 +307,7 @@ def _run_told_ctrl_c_while_sbatch_runs(noyau_bin: str, tmp_path: Path) -> Iterat
         assert proc.p.poll() is None, proc.stderr
         yield proc, gate
     finally:
-        try:  # a held sbatch is let go (it reads the FIFO), else nothing
-            os.close(os.open(gate, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError:
-            pass
-        if proc.p.poll() is None:
-            proc.p.kill()
+        _let_go(gate, proc)
 
 
 def test_run_ctrl_c_while_sbatch_runs_leaves_no_job(slurm: None, noyau_bin: str, tmp_path: Path) -> None:
