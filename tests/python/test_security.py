@@ -1236,21 +1236,15 @@ def test_a_sweep_runs_only_its_own_plan_and_trusts_nothing_planted_in_its_output
     canary = tmp_path / "authorized_keys"
     canary.write_text("the user's key\n")
     p = subprocess.Popen(sweep(out, "x=0,1"), cwd=tmp_path, stderr=subprocess.PIPE, text=True)
-    try:
-        lib.wait_until(lambda: (out / "logs" / "0.log").exists(), 60, "the first point to start")
-        planted = out / "sweep.json"
+    planted, link = out / "sweep.json", out / "logs" / "1.log"
+
+    def plant() -> None:
         planted.write_text(json.dumps({"notebook": str(evil), "output_dir": str(out), "points": [
             {"index": i, "parameters": {"x": i}, "output": str(out / f"sw-{i}.ipynb")} for i in (0, 1)]}))
-        link = out / "logs" / "1.log"
         link.symlink_to(canary)
         for path in (planted, link):
             os.lchown(path, nobody, nobody)
-        go.touch()
-        _, err = p.communicate(timeout=240)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    err = _while_point_0_runs(p, out, go, plant)
     assert p.returncode == 0, err
     assert not marker.exists(), "the planted plan's notebook ran"
     assert canary.read_text() == "the user's key\n", "the planted log link was written through"
@@ -1263,6 +1257,22 @@ def test_a_sweep_runs_only_its_own_plan_and_trusts_nothing_planted_in_its_output
     # The plan went with the sweep; it was never in DIR.
     plans = Path(os.environ["XDG_STATE_HOME"]) / "noyau" / "sweeps"
     assert not [f for f in plans.iterdir() if str(out) in f.read_text()]
+
+
+def _while_point_0_runs(p: subprocess.Popen[str], out: Path, go: Path, act: Callable[[], object]) -> str:
+    """`act()` while the local sweep `p`'s first point runs (its log is
+    there and it waits for the file `go`), then `go` made; the sweep's
+    stderr once it has ended (killed if a step failed)."""
+    try:
+        lib.wait_until(lambda: (out / "logs" / "0.log").exists(), 60, "the first point to start")
+        act()
+        go.touch()
+        _, err = p.communicate(timeout=240)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return err
 
 
 def test_a_sweep_runs_the_notebook_as_submitted_not_one_renamed_over_it(
@@ -1283,15 +1293,7 @@ def test_a_sweep_runs_the_notebook_as_submitted_not_one_renamed_over_it(
     out = tmp_path / "out"
     p = subprocess.Popen([noyau_bin, "sweep", str(nb), "--grid", "x=0,1", "--backend", "local",
                           "--max-parallel", "1", "-o", str(out)], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
-    try:
-        lib.wait_until(lambda: (out / "logs" / "0.log").exists(), 60, "the first point to start")
-        replaced.rename(nb)
-        go.touch()
-        _, err = p.communicate(timeout=240)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    err = _while_point_0_runs(p, out, go, lambda: replaced.rename(nb))
     assert p.returncode == 0, err
     ran = [stdout_of(json.loads((out / f"swap-{i}.ipynb").read_text())["cells"][-1]) for i in (0, 1)]
     assert ran == ["submitted 0\n", "submitted 1\n"], ran
